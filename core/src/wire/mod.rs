@@ -1,0 +1,22 @@
+//! The wire layer of protocol v0.3 as the reference 0.6.0 speaks it (semantics §1).
+//!
+//! Everything here is data and pure functions: parsing and formatting subjects, validating names,
+//! encoding and decoding the JSON records, building `Nats-Msg-Id` values, and describing the
+//! streams, consumers, KV buckets and permission sets a driver applies. Decoders accept unknown
+//! JSON fields (SPEC §11) and never panic on hostile input; they return typed errors.
+
+pub mod config;
+pub mod control;
+pub mod json;
+pub mod message;
+pub mod msgid;
+pub mod permissions;
+pub mod records;
+pub mod shard;
+pub mod subject;
+pub mod token;
+
+pub use token::{
+    AgentId, Channel, ChannelError, ConcreteChannel, Role, Space, TokenError, channel_path,
+    is_concrete_channel, route_token, token, validate_channel,
+};
