@@ -8,6 +8,7 @@
 pub mod config;
 pub mod control;
 pub mod json;
+pub mod keys;
 pub mod message;
 pub mod msgid;
 pub mod permissions;
