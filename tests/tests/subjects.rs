@@ -919,7 +919,8 @@ proptest! {
     ) {
         let request = delivery_request_subject(&space, &requester);
         let reply = delivery_reply_subject(&space, &requester, &uuid).unwrap();
-        prop_assert_eq!(request.accept_reply(&reply.to_string()).map(|r| r.to_string()), Some(uuid.clone()));
+        let accepted = request.accept_reply(&reply.to_string()).map(|r| r.to_string());
+        prop_assert_eq!(accepted, Some(uuid.clone()));
         let foreign = delivery_reply_subject(&space, &other, &uuid).unwrap();
         prop_assert_eq!(request.accept_reply(&foreign.to_string()).is_some(), other == requester);
         let extended = format!("{reply}.{junk}");

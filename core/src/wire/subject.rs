@@ -8,8 +8,9 @@
 //!   space and the `rest` tokens, so a Rust peer reads the same sender out of a subject as a
 //!   TypeScript peer does. It is stricter in exactly one place, documented on the function.
 //! - [`Subject::parse`] is the strict, typed grammar: every token is validated with the types of
-//!   [`super::token`], and formatting a [`Subject`] and parsing it back gives the same value. Use it
-//!   for subjects this crate builds and for everything that is not sender authentication.
+//!   [`token`](mod@super::token), and formatting a [`Subject`] and parsing it back gives the
+//!   same value. Use it for subjects this crate builds and for everything that is not sender
+//!   authentication.
 //!
 //! Nothing here panics, whatever the input.
 
@@ -115,6 +116,8 @@ impl fmt::Display for SubjectKind {
 
 /// The authenticated delivery kind a receiver reports (`MessageMeta.kind`, SPEC §4). It comes only
 /// from the delivering subject, never from payload fields.
+///
+/// Exhaustive on purpose: protocol v0.3 has exactly these three, and a receiver must handle each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeliveryKind {
@@ -144,6 +147,8 @@ impl fmt::Display for DeliveryKind {
 }
 
 /// The delivery pattern of a subject kind, the reference's `deliveryOf` result.
+///
+/// Exhaustive on purpose, like [`DeliveryKind`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Delivery {
