@@ -108,6 +108,10 @@ pub const READER_MAX_REDELIVERIES: u64 = 10;
 /// and reader naks after an exception have no delay.
 pub const READER_NAK_DELAY: Duration = Duration::from_millis(2000);
 
+/// The nak delay after an exception in the fan-out or reader handler: none, the message is
+/// redelivered at once (`EP:runFanout`, `EP:runReader`; gap G4).
+pub const EXCEPTION_NAK_DELAY: Duration = Duration::ZERO;
+
 /// The `generation` of a `live-mention` dinbox entry, and of its msg-id suffix
 /// (`EP:fanOutMessage`).
 pub const LIVE_MENTION_GENERATION: u64 = 0;

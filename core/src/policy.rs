@@ -667,8 +667,10 @@ pub enum ReplayWindow {
 }
 
 /// What a join should replay, decided once from an [`EffectivePolicy`].
+///
+/// Not `#[non_exhaustive]`: a driver acts on every variant, and a new one must not fall into a
+/// wildcard arm unnoticed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum Backfill {
     /// Replay nothing: replay is off, or the configured window is invalid.
     Skip,
