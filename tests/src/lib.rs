@@ -4,6 +4,8 @@
 //! `tests/fixtures/reference-0.6.0/` so a fresh clone is self-contained; `fixtures_match_shared`
 //! checks the copy against `../shared/spec/wire-fixtures/` whenever that folder is present.
 
+pub mod fuzz_entry;
+
 use std::path::{Path, PathBuf};
 
 /// The folder holding the vendored reference fixtures.
