@@ -13,7 +13,9 @@ use std::fmt;
 use std::ops::{Add, AddAssign, Sub};
 
 /// A point on the driver's monotonic clock, in milliseconds since the driver's epoch.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Instant(u64);
 
@@ -44,7 +46,9 @@ impl fmt::Display for Instant {
 }
 
 /// A span of monotonic time in milliseconds.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct Duration(u64);
 
@@ -69,7 +73,10 @@ impl Duration {
 
     /// `self * 2^exp`, saturating; used by the bounded exponential backoffs.
     pub fn saturating_mul_pow2(self, exp: u32) -> Duration {
-        Duration(self.0.saturating_mul(1u64.checked_shl(exp).unwrap_or(u64::MAX)))
+        Duration(
+            self.0
+                .saturating_mul(1u64.checked_shl(exp).unwrap_or(u64::MAX)),
+        )
     }
 
     /// The smaller of two durations.
@@ -115,7 +122,9 @@ impl Add for Duration {
 /// Wall-clock milliseconds since the Unix epoch, as the reference writes them (`Date.now()`).
 ///
 /// Only for stamping and reading record fields; never for deadlines.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(transparent)]
 pub struct UnixMillis(pub u64);
 
@@ -133,14 +142,29 @@ mod tests {
     fn arithmetic_saturates_instead_of_panicking() {
         let t = Instant::from_millis(5);
         assert_eq!(t - Instant::from_millis(9), Duration::ZERO);
-        assert_eq!(Instant::from_millis(u64::MAX) + Duration::from_millis(1), Instant::from_millis(u64::MAX));
-        assert_eq!(Duration::from_secs(1).saturating_mul_pow2(5), Duration::from_millis(32_000));
-        assert_eq!(Duration::from_secs(1).saturating_mul_pow2(200).as_millis(), u64::MAX);
+        assert_eq!(
+            Instant::from_millis(u64::MAX) + Duration::from_millis(1),
+            Instant::from_millis(u64::MAX)
+        );
+        assert_eq!(
+            Duration::from_secs(1).saturating_mul_pow2(5),
+            Duration::from_millis(32_000)
+        );
+        assert_eq!(
+            Duration::from_secs(1).saturating_mul_pow2(200).as_millis(),
+            u64::MAX
+        );
     }
 
     #[test]
     fn instants_serialize_as_plain_numbers() {
-        assert_eq!(serde_json::to_string(&Instant::from_millis(42)).unwrap(), "42");
-        assert_eq!(serde_json::from_str::<UnixMillis>("1710000000000").unwrap(), UnixMillis(1_710_000_000_000));
+        assert_eq!(
+            serde_json::to_string(&Instant::from_millis(42)).unwrap(),
+            "42"
+        );
+        assert_eq!(
+            serde_json::from_str::<UnixMillis>("1710000000000").unwrap(),
+            UnixMillis(1_710_000_000_000)
+        );
     }
 }

@@ -34,7 +34,11 @@ pub fn token(s: &str) -> String {
         .chars()
         .map(|c| if is_token_char(c) { c } else { '_' })
         .collect();
-    if mapped.is_empty() { "_".to_owned() } else { mapped }
+    if mapped.is_empty() {
+        "_".to_owned()
+    } else {
+        mapped
+    }
 }
 
 /// The reference's `routeToken(s)`: `"*"` passes unchanged (for allow rules such as `inst.*.<id>`),
@@ -52,7 +56,11 @@ pub fn route_token(s: &str) -> String {
 ///
 /// [`ChannelError::MisplacedFullWildcard`] when `>` is not the last (non-empty) segment.
 pub fn channel_path(ch: &str) -> Result<String, ChannelError> {
-    let segments: Vec<&str> = ch.split('.').map(str::trim).filter(|s| !s.is_empty()).collect();
+    let segments: Vec<&str> = ch
+        .split('.')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
     if segments.is_empty() {
         return Ok("_".to_owned());
     }
@@ -108,7 +116,10 @@ impl fmt::Display for ChannelError {
         match self {
             ChannelError::Empty => write!(f, "invalid channel: empty name"),
             ChannelError::TooLong { len } => {
-                write!(f, "invalid channel: {len} bytes is longer than the {MAX_CHANNEL_BYTES}-byte limit")
+                write!(
+                    f,
+                    "invalid channel: {len} bytes is longer than the {MAX_CHANNEL_BYTES}-byte limit"
+                )
             }
             ChannelError::EmptySegment { index } => write!(
                 f,
@@ -157,7 +168,10 @@ pub fn validate_channel(ch: &str) -> Result<(), ChannelError> {
             "*" | ">" => {}
             s if s.chars().all(is_token_char) => {}
             s => {
-                return Err(ChannelError::InvalidSegment { index, segment: s.to_owned() });
+                return Err(ChannelError::InvalidSegment {
+                    index,
+                    segment: s.to_owned(),
+                });
             }
         }
     }
@@ -268,7 +282,10 @@ impl fmt::Display for TokenError {
         match self {
             TokenError::Empty { what } => write!(f, "invalid {what}: empty"),
             TokenError::TooLong { what, len } => {
-                write!(f, "invalid {what}: {len} bytes is longer than the {MAX_TOKEN_BYTES}-byte limit")
+                write!(
+                    f,
+                    "invalid {what}: {len} bytes is longer than the {MAX_TOKEN_BYTES}-byte limit"
+                )
             }
             TokenError::InvalidChar { what, ch, at } => write!(
                 f,
@@ -451,19 +468,40 @@ mod tests {
         assert!(validate_channel("team.>").is_ok());
         assert!(validate_channel(">").is_ok());
         assert_eq!(validate_channel(""), Err(ChannelError::Empty));
-        assert_eq!(validate_channel(".a"), Err(ChannelError::EmptySegment { index: 0 }));
-        assert_eq!(validate_channel("a."), Err(ChannelError::EmptySegment { index: 1 }));
-        assert_eq!(validate_channel("a..b"), Err(ChannelError::EmptySegment { index: 1 }));
-        assert_eq!(validate_channel(">.a"), Err(ChannelError::MisplacedFullWildcard { index: 0 }));
+        assert_eq!(
+            validate_channel(".a"),
+            Err(ChannelError::EmptySegment { index: 0 })
+        );
+        assert_eq!(
+            validate_channel("a."),
+            Err(ChannelError::EmptySegment { index: 1 })
+        );
+        assert_eq!(
+            validate_channel("a..b"),
+            Err(ChannelError::EmptySegment { index: 1 })
+        );
+        assert_eq!(
+            validate_channel(">.a"),
+            Err(ChannelError::MisplacedFullWildcard { index: 0 })
+        );
         assert_eq!(
             validate_channel("foo/bar"),
-            Err(ChannelError::InvalidSegment { index: 0, segment: "foo/bar".into() })
+            Err(ChannelError::InvalidSegment {
+                index: 0,
+                segment: "foo/bar".into()
+            })
         );
         assert_eq!(
             validate_channel("a* "),
-            Err(ChannelError::InvalidSegment { index: 0, segment: "a* ".into() })
+            Err(ChannelError::InvalidSegment {
+                index: 0,
+                segment: "a* ".into()
+            })
         );
-        assert!(matches!(validate_channel(&"a".repeat(513)), Err(ChannelError::TooLong { len: 513 })));
+        assert!(matches!(
+            validate_channel(&"a".repeat(513)),
+            Err(ChannelError::TooLong { len: 513 })
+        ));
         assert!(validate_channel(&"a".repeat(512)).is_ok());
     }
 
@@ -475,11 +513,17 @@ mod tests {
         assert!(is_concrete_channel("a*"), "reference counts a* as concrete");
         assert_eq!(
             ConcreteChannel::new("team.>"),
-            Err(ChannelError::NotConcrete { channel: "team.>".into() })
+            Err(ChannelError::NotConcrete {
+                channel: "team.>".into()
+            })
         );
         assert_eq!(Channel::new("team.>").unwrap().to_concrete(), None);
         assert_eq!(
-            Channel::new("team.x").unwrap().to_concrete().unwrap().as_str(),
+            Channel::new("team.x")
+                .unwrap()
+                .to_concrete()
+                .unwrap()
+                .as_str(),
             "team.x"
         );
     }
@@ -487,13 +531,26 @@ mod tests {
     #[test]
     fn identifiers_are_single_tokens() {
         assert!(AgentId::new("UAQGWOEVJKMIO4WXSYOTLARXYOZTCXFK67JASEH6AFFFYK6FOPSKQCAD").is_ok());
-        assert_eq!(AgentId::new(""), Err(TokenError::Empty { what: "agent id" }));
+        assert_eq!(
+            AgentId::new(""),
+            Err(TokenError::Empty { what: "agent id" })
+        );
         assert_eq!(
             AgentId::new("a.b"),
-            Err(TokenError::InvalidChar { what: "agent id", ch: '.', at: 1 })
+            Err(TokenError::InvalidChar {
+                what: "agent id",
+                ch: '.',
+                at: 1
+            })
         );
-        assert!(matches!(Role::new("*"), Err(TokenError::InvalidChar { .. })));
-        assert!(matches!(Space::new("x".repeat(257)), Err(TokenError::TooLong { .. })));
+        assert!(matches!(
+            Role::new("*"),
+            Err(TokenError::InvalidChar { .. })
+        ));
+        assert!(matches!(
+            Space::new("x".repeat(257)),
+            Err(TokenError::TooLong { .. })
+        ));
         assert_eq!(Space::new("main").unwrap().subject_prefix(), "cotal.main");
         assert_eq!(AgentId::new("U1").unwrap().inbox_prefix(), "_INBOX_U1");
     }
