@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 
 /// The folder holding the vendored reference fixtures.
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("reference-0.6.0")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join("reference-0.6.0")
 }
 
 /// The path of one vendored fixture file.

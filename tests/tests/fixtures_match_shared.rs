@@ -16,8 +16,14 @@ fn vendored_fixtures_match_the_shared_spec() {
         let ours = std::fs::read(fixtures_dir().join(&name))
             .unwrap_or_else(|e| panic!("vendored fixture {name:?} missing: {e}"));
         let theirs = std::fs::read(entry.path()).expect("read shared fixture");
-        assert!(ours == theirs, "vendored fixture {name:?} differs from ../shared");
+        assert!(
+            ours == theirs,
+            "vendored fixture {name:?} differs from ../shared"
+        );
         compared += 1;
     }
-    assert!(compared >= 20, "expected the full fixture set, compared {compared}");
+    assert!(
+        compared >= 20,
+        "expected the full fixture set, compared {compared}"
+    );
 }

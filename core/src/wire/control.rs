@@ -65,6 +65,7 @@ pub struct ControlRequest {
 /// of the typed payloads ([`DurableJoinReply`] …) when encoding, so `data` keeps the reference's
 /// key order (a [`Value`] object is written in sorted key order).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(bound(deserialize = "T: Deserialize<'de>"))]
 pub struct ControlReply<T = Value> {
     /// Success flag.
     pub ok: bool,
