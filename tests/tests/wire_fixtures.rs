@@ -2,6 +2,11 @@
 //! records, re-encodes to the same JSON value (and, where the exact bytes were recorded, to the same
 //! bytes), and carries the `Nats-Msg-Id` that `wire::msgid` builds for it.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers: a panic is the test failing"
+)]
+
 use cotal_core::wire::control::{
     ControlReply, ControlRequest, DeliveryRefusal, DeliveryRequest, DeliveryRequestError,
     DurableJoinReply, DurableLeaveReply, ListMembershipsReply,
