@@ -1,1 +1,464 @@
-//! (in progress)
+//! NATS permission sets per credential profile, as data (semantics §1.10).
+//!
+//! A [`Permissions`] value is what goes into a user JWT's `nats.pub` / `nats.sub` claims. The
+//! entries are NATS subject patterns (`*` one token, `>` the rest). NATS evaluates them as
+//! "allowed if some allow entry matches (or the allow list is empty) and no deny entry matches";
+//! an entirely empty [`Permissions`] therefore means *no restriction*, which is exactly what the
+//! reference's allow-all `manager` profile is.
+//!
+//! Profiles:
+//!
+//! - [`Permissions::agent`] (`PROV:permissionsFor`): an agent's least-privilege set, bound to its
+//!   own id and its read/publish ACL. Recorded claims of the reference are the truth (tests).
+//! - [`Permissions::delivery`] (`PROV:deliveryPermissions`): the Plane-3 daemon.
+//! - [`Permissions::manager`]: the reference 0.6.0 provisioner/manager profile, allow-all.
+//! - [`Permissions::observer`] and [`Permissions::admin`]: not specified by the reference; the
+//!   minimal sets this crate defines are documented on each constructor.
+//!
+//! Sets are ordered ([`BTreeSet`]) so every rendering is deterministic; the reference's own order
+//! carries no meaning to the server.
+
+use crate::wire::config::{ConsumerSpec, DeliverPolicy, SpaceBucket, SpaceStream, names};
+use crate::wire::token::{AgentId, Channel, Role, Space, route_token};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use std::collections::BTreeSet;
+
+/// One credential's publish and subscribe permissions.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Permissions {
+    /// `pub.allow`: subjects the holder may publish to (empty: any).
+    pub publish_allow: BTreeSet<String>,
+    /// `pub.deny`: subjects the holder may never publish to.
+    pub publish_deny: BTreeSet<String>,
+    /// `sub.allow`: subjects the holder may subscribe to (empty: any).
+    pub subscribe_allow: BTreeSet<String>,
+    /// `sub.deny`: subjects the holder may never subscribe to.
+    pub subscribe_deny: BTreeSet<String>,
+}
+
+/// What the provisioner knows about an agent when it mints its credential.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AgentPolicy {
+    /// The agent's id (its user nkey in auth mode).
+    pub id: AgentId,
+    /// `allowSubscribe`: the read ACL; patterns allowed.
+    pub allow_subscribe: Vec<Channel>,
+    /// `allowPublish`: channels the agent may post to (default none).
+    pub allow_publish: Vec<Channel>,
+    /// The anycast role it serves, if any (grants the `svc_<role>` consumer).
+    pub role: Option<Role>,
+    /// The `spawn` capability (grants requests on `ctl.manager.<id>`).
+    pub spawn: bool,
+}
+
+/// The JetStream API verbs of the grants below.
+const JS_API: &str = "$JS.API";
+
+fn api(verb: &str, rest: &str) -> String {
+    format!("{JS_API}.{verb}.{rest}")
+}
+
+/// Read grants on one KV bucket stream for a client that reads keys and watches.
+fn kv_read(stream: &str) -> [String; 5] {
+    [
+        api("STREAM.INFO", stream),
+        api("STREAM.MSG.GET", stream),
+        api("CONSUMER.CREATE", &format!("{stream}.>")),
+        api("CONSUMER.INFO", &format!("{stream}.>")),
+        api("CONSUMER.DELETE", &format!("{stream}.>")),
+    ]
+}
+
+/// Bind-only grants on a pre-created pull consumer: info, pull, ack.
+fn bind_only(consumer: &ConsumerSpec) -> [String; 3] {
+    [
+        consumer.info_subject(),
+        consumer.next_subject(),
+        consumer.ack_pattern(),
+    ]
+}
+
+impl Permissions {
+    fn with(
+        publish_allow: impl IntoIterator<Item = String>,
+        publish_deny: impl IntoIterator<Item = String>,
+        subscribe_allow: impl IntoIterator<Item = String>,
+    ) -> Self {
+        Permissions {
+            publish_allow: publish_allow.into_iter().collect(),
+            publish_deny: publish_deny.into_iter().collect(),
+            subscribe_allow: subscribe_allow.into_iter().collect(),
+            subscribe_deny: BTreeSet::new(),
+        }
+    }
+
+    /// An agent credential (`PROV:permissionsFor`, semantics §1.10).
+    ///
+    /// `pub.allow`:
+    /// - `chat.<id>.<ch>` per `allowPublish` entry, `inst.*.<id>`, `svc.*.<id>`, `ctl.self.<id>`,
+    ///   `ctl.delivery.<id>`, and `ctl.manager.<id>` only with `spawn` (sender token = own id, I1);
+    /// - `$JS.API.INFO`; `STREAM.INFO` on CHAT, presence and channels;
+    /// - one pinned `CONSUMER.CREATE.CHAT_<s>.chathist_<id>.cotal.<s>.chat.*.<ch>` per
+    ///   `allowSubscribe` entry, plus INFO, MSG.NEXT and DELETE on `chathist_<id>` (I29);
+    /// - INFO, MSG.NEXT and ACK on its own `dm_<id>`, `dlv_<id>` and, with a role, `svc_<role>`;
+    /// - KV: watch presence and channels (`CONSUMER.CREATE`/`INFO` on the bucket stream, `$JS.FC.>`),
+    ///   write only `$KV.cotal_presence_<s>.<id>`, `STREAM.MSG.GET` on channels, and read-only
+    ///   `STREAM.INFO`/`STREAM.MSG.GET` on the delivery lease bucket.
+    ///
+    /// `pub.deny`: every consumer-create form on DM, TASK and DLV. There is no grant of any kind on
+    /// INBOX (I28).
+    ///
+    /// `sub.allow`: `_INBOX_<id>.>`, `ctl.delivery.<id>.>` and `chat.*.<ch>` per `allowSubscribe`
+    /// entry (wildcards preserved).
+    pub fn agent(space: &Space, policy: &AgentPolicy) -> Self {
+        let id = route_token(policy.id.as_str());
+        let chat = SpaceStream::Chat.name(space);
+        let presence = SpaceBucket::Presence.stream_name(space);
+        let channels = SpaceBucket::Channels.stream_name(space);
+        let delivery = SpaceBucket::Delivery.stream_name(space);
+        let ctl = |service: &str| names::space_subject(space, &format!("ctl.{service}.{id}"));
+
+        let mut publish: Vec<String> = policy
+            .allow_publish
+            .iter()
+            .map(|ch| names::chat_subject(space, &id, ch.as_str()))
+            .collect();
+        publish.push(names::space_subject(space, &format!("inst.*.{id}")));
+        publish.push(names::space_subject(space, &format!("svc.*.{id}")));
+        publish.push(ctl("self"));
+        if policy.spawn {
+            publish.push(ctl("manager"));
+        }
+        publish.push(ctl("delivery"));
+        publish.push(format!("{JS_API}.INFO"));
+        publish.extend([&chat, &presence, &channels].map(|s| api("STREAM.INFO", s)));
+
+        // History reads: one create grant pinned per readable channel, then INFO / MSG.NEXT /
+        // DELETE on `chathist_<id>`, which do not depend on the channel.
+        publish.extend(policy.allow_subscribe.iter().map(|ch| {
+            ConsumerSpec::chathist(space, &policy.id, ch, DeliverPolicy::All)
+                .create_request()
+                .subject
+        }));
+        let hist = format!(
+            "{chat}.{}",
+            names::per_agent_consumer("chathist", &policy.id)
+        );
+        publish.extend(
+            ["CONSUMER.INFO", "CONSUMER.MSG.NEXT", "CONSUMER.DELETE"].map(|verb| api(verb, &hist)),
+        );
+        publish.extend(bind_only(&ConsumerSpec::dm(space, &policy.id)));
+        publish.extend(bind_only(&ConsumerSpec::dlv(space, &policy.id)));
+        publish.push(api("CONSUMER.CREATE", &format!("{presence}.>")));
+        publish.push(api("CONSUMER.INFO", &format!("{presence}.>")));
+        publish.push("$JS.FC.>".to_owned());
+        publish.push(format!("$KV.{}.{id}", SpaceBucket::Presence.name(space)));
+        publish.push(api("STREAM.MSG.GET", &channels));
+        publish.push(api("CONSUMER.CREATE", &format!("{channels}.>")));
+        publish.push(api("CONSUMER.INFO", &format!("{channels}.>")));
+        publish.push(api("STREAM.INFO", &delivery));
+        publish.push(api("STREAM.MSG.GET", &delivery));
+        if let Some(role) = &policy.role {
+            publish.extend(bind_only(&ConsumerSpec::svc(space, role)));
+        }
+
+        let deny = [SpaceStream::Dm, SpaceStream::Task, SpaceStream::Dlv]
+            .into_iter()
+            .flat_map(|s| consumer_create_forms(&s.name(space)));
+
+        let mut subscribe = vec![
+            format!("{}.>", policy.id.inbox_prefix()),
+            names::space_subject(space, &format!("ctl.delivery.{id}.>")),
+        ];
+        subscribe.extend(
+            policy
+                .allow_subscribe
+                .iter()
+                .map(|ch| names::chat_subject(space, "*", ch.as_str())),
+        );
+        Permissions::with(publish, deny, subscribe)
+    }
+
+    /// The delivery daemon credential (`PROV:deliveryPermissions`, semantics §1.10).
+    ///
+    /// - CHAT: consumer create, durable create, INFO, MSG.NEXT, DELETE (CHAT-wide: `fanout` and
+    ///   the dynamic `cu_<owner>_<gen>` names), and ACK; `STREAM.INFO` on CHAT, INBOX, DLV.
+    /// - INBOX: consumer verbs name-pinned to `reader`.
+    /// - KV: read (info, get, watch) presence, channels, members and acl; write
+    ///   `$KV.cotal_members_<s>.>`; info/get on the delivery bucket and write only its
+    ///   `lease.*` keys.
+    /// - Publish `dinbox.*`, `dlv.*`, and `ctl.delivery.*.reply.>` (replies only, I27).
+    /// - Subscribe only `_INBOX_<id>.>` and `ctl.delivery.*`: no native subscription on chat,
+    ///   dinbox or dlv, and no create grant on DLV.
+    pub fn delivery(space: &Space, id: &AgentId) -> Self {
+        let chat = SpaceStream::Chat.name(space);
+        let inbox = SpaceStream::Inbox.name(space);
+        let dlv = SpaceStream::Dlv.name(space);
+        let reader = ConsumerSpec::reader(space, 0, 1);
+        let delivery = SpaceBucket::Delivery.stream_name(space);
+
+        let mut publish = vec![format!("{JS_API}.INFO")];
+        publish.extend([&chat, &inbox, &dlv].map(|s| api("STREAM.INFO", s)));
+        for verb in [
+            "CONSUMER.CREATE",
+            "CONSUMER.DURABLE.CREATE",
+            "CONSUMER.INFO",
+            "CONSUMER.MSG.NEXT",
+        ] {
+            publish.push(api(verb, &format!("{chat}.>")));
+        }
+        publish.push(api("CONSUMER.DELETE", &format!("{chat}.>")));
+        publish.push(format!("$JS.ACK.{chat}.>"));
+        publish.push(api(
+            "CONSUMER.CREATE",
+            &format!("{inbox}.{}.>", reader.name),
+        ));
+        publish.push(api(
+            "CONSUMER.DURABLE.CREATE",
+            &format!("{inbox}.{}", reader.name),
+        ));
+        publish.extend([
+            reader.info_subject(),
+            reader.next_subject(),
+            reader.delete_subject(),
+        ]);
+        publish.push(reader.ack_pattern());
+        publish.push("$JS.FC.>".to_owned());
+        for bucket in [
+            SpaceBucket::Presence,
+            SpaceBucket::Channels,
+            SpaceBucket::Members,
+            SpaceBucket::Acl,
+        ] {
+            publish.extend(kv_read(&bucket.stream_name(space)));
+        }
+        publish.push(format!("$KV.{}.>", SpaceBucket::Members.name(space)));
+        publish.push(api("STREAM.INFO", &delivery));
+        publish.push(api("STREAM.MSG.GET", &delivery));
+        publish.push(format!("$KV.{}.lease.*", SpaceBucket::Delivery.name(space)));
+        publish.push(names::space_subject(space, "dinbox.*"));
+        publish.push(names::space_subject(space, "dlv.*"));
+        publish.push(names::space_subject(space, "ctl.delivery.*.reply.>"));
+
+        let subscribe = [
+            format!("{}.>", id.inbox_prefix()),
+            names::space_subject(space, "ctl.delivery.*"),
+        ];
+        Permissions::with(publish, [], subscribe)
+    }
+
+    /// The reference 0.6.0 `manager` profile (the provisioner in the fixtures): no `pub`/`sub`
+    /// claims at all, which NATS reads as allow-all.
+    pub fn manager() -> Self {
+        Permissions::default()
+    }
+
+    /// A read-only watcher (a dashboard or `cotal status`-style viewer). The reference defines no
+    /// such profile; this crate's minimal set:
+    ///
+    /// - publish only JetStream API *reads*: `$JS.API.INFO`; watch and read the presence and
+    ///   channels buckets (STREAM.INFO, STREAM.MSG.GET, ordered-consumer CREATE/INFO/DELETE,
+    ///   `$JS.FC.>` flow control); STREAM.INFO and STREAM.MSG.GET on the delivery lease bucket
+    ///   (daemon health);
+    /// - subscribe only its own `_INBOX_<id>.>` (every API reply and watch delivery lands there);
+    /// - explicitly deny publishing any application subject (`cotal.<s>.>`) and any KV write
+    ///   (`$KV.>`), so a future widening of the allow list cannot turn it into a writer.
+    ///
+    /// It reads no message content: no CHAT/DM/TASK/INBOX/DLV grant, no members or ACL read.
+    pub fn observer(space: &Space, id: &AgentId) -> Self {
+        let mut publish = vec![format!("{JS_API}.INFO"), "$JS.FC.>".to_owned()];
+        for bucket in [SpaceBucket::Presence, SpaceBucket::Channels] {
+            publish.extend(kv_read(&bucket.stream_name(space)));
+        }
+        let delivery = SpaceBucket::Delivery.stream_name(space);
+        publish.push(api("STREAM.INFO", &delivery));
+        publish.push(api("STREAM.MSG.GET", &delivery));
+        let deny = [names::space_subject(space, ">"), "$KV.>".to_owned()];
+        Permissions::with(publish, deny, [format!("{}.>", id.inbox_prefix())])
+    }
+
+    /// A human operator's console. The reference 0.6.0 has no separate admin profile (its
+    /// operator tooling uses the allow-all `manager` cred); this crate's minimal set is the
+    /// [`observer`](Permissions::observer) set plus:
+    ///
+    /// - requests on the privileged control tiers as itself: `ctl.admin.<id>` and
+    ///   `ctl.manager.<id>` (replies come back on its `_INBOX_<id>`);
+    /// - writes to the channel registry (`$KV.cotal_channels_<s>.>`, channel class and
+    ///   descriptions).
+    ///
+    /// It posts no chat/DM/anycast message, reads no message content, holds no grant on INBOX, DLV
+    /// or the members/ACL/lease buckets, and keeps the observer's deny of every other KV write.
+    pub fn admin(space: &Space, id: &AgentId) -> Self {
+        let mut p = Permissions::observer(space, id);
+        let own = route_token(id.as_str());
+        for tier in ["admin", "manager"] {
+            p.publish_allow
+                .insert(names::space_subject(space, &format!("ctl.{tier}.{own}")));
+        }
+        let registry = format!("$KV.{}.>", SpaceBucket::Channels.name(space));
+        p.publish_allow.insert(registry);
+        // The application-subject deny must not cover the control requests just granted, and the
+        // KV deny must not cover the registry: narrow both.
+        p.publish_deny.clear();
+        for kind in ["chat", "inst", "svc", "dinbox", "dlv", "trace", "control"] {
+            p.publish_deny
+                .insert(names::space_subject(space, &format!("{kind}.>")));
+        }
+        for bucket in [
+            SpaceBucket::Presence,
+            SpaceBucket::Members,
+            SpaceBucket::Acl,
+            SpaceBucket::Delivery,
+        ] {
+            p.publish_deny
+                .insert(format!("$KV.{}.>", bucket.name(space)));
+        }
+        p
+    }
+
+    /// True when nothing is restricted (all four sets empty): NATS allows everything.
+    pub fn is_unrestricted(&self) -> bool {
+        self.publish_allow.is_empty()
+            && self.publish_deny.is_empty()
+            && self.subscribe_allow.is_empty()
+            && self.subscribe_deny.is_empty()
+    }
+
+    /// The `pub` / `sub` part of a user JWT's `nats` claims: `{"pub": {"allow": [...], "deny":
+    /// [...]}, "sub": {...}}`, omitting empty lists and empty sections as the reference does.
+    pub fn to_nats_claims(&self) -> Value {
+        fn section(allow: &BTreeSet<String>, deny: &BTreeSet<String>) -> Option<Value> {
+            let mut m = Map::new();
+            for (key, set) in [("allow", allow), ("deny", deny)] {
+                if !set.is_empty() {
+                    m.insert(
+                        key.into(),
+                        Value::from(set.iter().cloned().collect::<Vec<_>>()),
+                    );
+                }
+            }
+            (!m.is_empty()).then_some(Value::Object(m))
+        }
+        let mut claims = Map::new();
+        if let Some(p) = section(&self.publish_allow, &self.publish_deny) {
+            claims.insert("pub".into(), p);
+        }
+        if let Some(s) = section(&self.subscribe_allow, &self.subscribe_deny) {
+            claims.insert("sub".into(), s);
+        }
+        Value::Object(claims)
+    }
+}
+
+/// Every subject form that creates a consumer on `stream`: the bare legacy create, the named and
+/// filtered create, and the legacy durable create.
+fn consumer_create_forms(stream: &str) -> [String; 3] {
+    [
+        api("CONSUMER.CREATE", stream),
+        api("CONSUMER.CREATE", &format!("{stream}.>")),
+        api("CONSUMER.DURABLE.CREATE", &format!("{stream}.>")),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn space() -> Space {
+        Space::new("main").unwrap()
+    }
+
+    fn policy(spawn: bool, role: Option<&str>) -> AgentPolicy {
+        AgentPolicy {
+            id: AgentId::new("UAQGWOEVJKMIO4WXSYOTLARXYOZTCXFK67JASEH6AFFFYK6FOPSKQCAD").unwrap(),
+            allow_subscribe: vec![
+                Channel::new("general").unwrap(),
+                Channel::new("team.>").unwrap(),
+            ],
+            allow_publish: vec![Channel::new("general").unwrap()],
+            role: role.map(|r| Role::new(r).unwrap()),
+            spawn,
+        }
+    }
+
+    #[test]
+    fn spawn_and_role_add_exactly_their_grants() {
+        let base = Permissions::agent(&space(), &policy(false, None));
+        let spawn = Permissions::agent(&space(), &policy(true, None));
+        let added: Vec<_> = spawn
+            .publish_allow
+            .difference(&base.publish_allow)
+            .collect();
+        assert_eq!(
+            added,
+            ["cotal.main.ctl.manager.UAQGWOEVJKMIO4WXSYOTLARXYOZTCXFK67JASEH6AFFFYK6FOPSKQCAD"]
+        );
+        let role = Permissions::agent(&space(), &policy(false, Some("reviewer")));
+        let added: Vec<_> = role.publish_allow.difference(&base.publish_allow).collect();
+        assert_eq!(
+            added,
+            [
+                "$JS.ACK.TASK_main.svc_reviewer.>",
+                "$JS.API.CONSUMER.INFO.TASK_main.svc_reviewer",
+                "$JS.API.CONSUMER.MSG.NEXT.TASK_main.svc_reviewer",
+            ]
+        );
+        assert_eq!(base.subscribe_allow, role.subscribe_allow);
+        assert_eq!(base.publish_deny, spawn.publish_deny);
+    }
+
+    #[test]
+    fn history_grants_are_pinned_per_acl_entry() {
+        let p = Permissions::agent(&space(), &policy(false, None));
+        let creates: Vec<_> = p
+            .publish_allow
+            .iter()
+            .filter(|s| s.starts_with("$JS.API.CONSUMER.CREATE.CHAT_main."))
+            .collect();
+        let id = "UAQGWOEVJKMIO4WXSYOTLARXYOZTCXFK67JASEH6AFFFYK6FOPSKQCAD";
+        assert_eq!(
+            creates,
+            [
+                &format!(
+                    "$JS.API.CONSUMER.CREATE.CHAT_main.chathist_{id}.cotal.main.chat.*.general"
+                ),
+                &format!(
+                    "$JS.API.CONSUMER.CREATE.CHAT_main.chathist_{id}.cotal.main.chat.*.team.>"
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_agent_without_read_acl_still_manages_its_history_consumer_name() {
+        let mut pol = policy(false, None);
+        pol.allow_subscribe.clear();
+        let p = Permissions::agent(&space(), &pol);
+        assert!(
+            !p.publish_allow
+                .iter()
+                .any(|s| s.starts_with("$JS.API.CONSUMER.CREATE.CHAT_"))
+        );
+        assert!(!p.subscribe_allow.iter().any(|s| s.contains(".chat.")));
+        assert!(
+            p.publish_allow
+                .iter()
+                .any(|s| s.starts_with("$JS.API.CONSUMER.DELETE.CHAT_main.chathist_"))
+        );
+    }
+
+    #[test]
+    fn claims_omit_empty_sections() {
+        assert_eq!(
+            Permissions::manager().to_nats_claims(),
+            serde_json::json!({})
+        );
+        assert!(Permissions::manager().is_unrestricted());
+        let d = Permissions::delivery(&space(), &policy(false, None).id);
+        let claims = d.to_nats_claims();
+        assert!(claims["pub"].get("deny").is_none());
+        assert!(claims["sub"]["allow"].is_array());
+        assert!(!d.is_unrestricted());
+    }
+}
