@@ -22,7 +22,9 @@ pub fn subject(data: &[u8]) {
         assert_eq!(Subject::parse(&typed.to_string()).as_ref(), Ok(&typed));
         // Where the strict grammar names a sender, the authentication parser names the same one.
         if let Some(sender) = typed.sender() {
-            let parsed = parsed.as_ref().expect("strict sender but no authenticated sender");
+            let parsed = parsed
+                .as_ref()
+                .expect("strict sender but no authenticated sender");
             assert_eq!(parsed.sender(), sender);
         }
         // The confused-deputy guard never accepts a reply outside the request's own subtree.
@@ -43,7 +45,11 @@ pub fn channel(data: &[u8]) {
         Ok(ch) => {
             assert_eq!(ch.as_str(), s);
             // The lenient builder leaves a strictly valid name unchanged.
-            assert_eq!(lenient.as_deref(), Ok(s), "channel_path rewrote a valid channel");
+            assert_eq!(
+                lenient.as_deref(),
+                Ok(s),
+                "channel_path rewrote a valid channel"
+            );
             assert_eq!(ch.is_concrete(), concrete_flag);
             assert_eq!(ConcreteChannel::new(s).is_ok(), concrete_flag);
             // Every valid pattern covers itself, and `>` covers every pattern.

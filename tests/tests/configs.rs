@@ -25,9 +25,9 @@
 
 use cotal_core::time::{Duration, UnixMillis};
 use cotal_core::wire::config::{
-    ApiRequest, ConsumerSpec, DeliverPolicy, KvBucketSpec, SpaceBucket, SpaceConfig, SpaceStream,
-    StreamSpec,
+    ApiRequest, ConsumerSpec, DeliverPolicy, KvBucketSpec, SpaceConfig, SpaceStream, StreamSpec,
 };
+use cotal_core::wire::keys::KvBucket;
 use cotal_core::wire::{AgentId, Channel, ConcreteChannel, Role, Space};
 use cotal_tests::{fixture_json, fixture_text};
 use serde_json::{Value, json};
@@ -153,7 +153,7 @@ fn kv_buckets_are_not_delete_protected_like_client_library_buckets() {
     // The reference's buckets hold deny_delete=false; a bucket created by a client helper that sets
     // deny_delete=true would be "a different configuration" (10058) for the same stream name.
     let info = fixture_json("stream-info.json");
-    for bucket in SpaceBucket::ALL {
+    for bucket in KvBucket::ALL {
         let name = bucket.stream_name(&wirefix());
         assert_eq!(info[&name]["config"]["deny_delete"], json!(false), "{name}");
         assert_eq!(info[&name]["config"]["allow_direct"], json!(true), "{name}");

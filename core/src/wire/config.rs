@@ -25,30 +25,19 @@ use crate::wire::token::{AgentId, Channel, ConcreteChannel, Role, Space, route_t
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
-// ---------------------------------------------------------------------------------------------
-// Local builders.
-//
-// SHARED-BUILDERS: the subject and bucket-name helpers below duplicate, minimally, what
-// `wire::subject`, `wire::keys` and `constants` will provide. Replace them with the shared
-// builders once those land; keep the strings identical (the fixture tests pin them).
-// ---------------------------------------------------------------------------------------------
+use crate::constants::{
+    DEFAULT_ACK_WAIT, DINBOX_MAX_ACK_PENDING, HISTORY_INACTIVE_THRESHOLD, LEASE_TTL,
+    MAX_MSGS_PER_SUBJECT, PLANE3_DEDUP_WINDOW, PRESENCE_TTL,
+};
+use crate::wire::keys::{KvBucket, kv_stream_name};
+use crate::wire::shard::{fanout_durable, reader_durable};
+use crate::wire::subject::{
+    anycast_role_pattern, chat_subscribe_pattern, chat_wildcard, dinbox_wildcard,
+    unicast_inbox_pattern,
+};
 
-/// SHARED-BUILDERS: `MAX_MSGS_PER_SUBJECT` (semantics §5).
-const MAX_MSGS_PER_SUBJECT: i64 = 1000;
-/// SHARED-BUILDERS: `PLANE3_DEDUP_WINDOW_MS` (semantics §5), 2 h.
-const PLANE3_DEDUP_WINDOW: Duration = Duration::from_millis(7_200_000);
-/// SHARED-BUILDERS: default `ackWaitMs` (semantics §5).
-const DEFAULT_ACK_WAIT: Duration = Duration::from_millis(60_000);
-/// SHARED-BUILDERS: `DINBOX_MAX_ACK_PENDING` (semantics §5).
-const DINBOX_MAX_ACK_PENDING: i64 = 1000;
-/// SHARED-BUILDERS: `PRESENCE_TTL_MS` (semantics §5).
-const PRESENCE_TTL: Duration = Duration::from_millis(6000);
-/// SHARED-BUILDERS: `LEASE_TTL_MS` (semantics §5).
-const LEASE_TTL: Duration = Duration::from_millis(30_000);
-/// SHARED-BUILDERS: `inactive_threshold` of the `chathist_` and `cu_` readers (semantics §5).
-const HISTORY_INACTIVE_THRESHOLD: Duration = Duration::from_millis(30_000);
-
-/// SHARED-BUILDERS: the subject builders of semantics §1.2 that configs and grants need.
+/// Grant and consumer-name builders that are patterns rather than typed subjects (for typed
+/// subjects and the common patterns see [`crate::wire::subject`]).
 pub(crate) mod names {
     use crate::wire::token::{AgentId, Space, route_token};
 
@@ -65,16 +54,6 @@ pub(crate) mod names {
     /// `CHAT_<space>` and its siblings.
     pub(crate) fn stream_name(prefix: &str, space: &Space) -> String {
         format!("{prefix}_{}", space.as_str())
-    }
-
-    /// `cotal_<kind>_<space>`.
-    pub(crate) fn bucket_name(kind: &str, space: &Space) -> String {
-        format!("cotal_{kind}_{}", space.as_str())
-    }
-
-    /// `KV_<bucket>`, the stream backing a KV bucket.
-    pub(crate) fn kv_stream_name(bucket: &str) -> String {
-        format!("KV_{bucket}")
     }
 
     /// `<prefix>_<token(id)>`: `dm_`, `dlv_`, `chathist_` consumer names.
@@ -134,54 +113,6 @@ impl SpaceStream {
     /// The stream's name in `space`, e.g. `CHAT_main`.
     pub fn name(self, space: &Space) -> String {
         names::stream_name(self.prefix(), space)
-    }
-}
-
-/// The KV buckets of a space, for [`KvBucketSpec::for_space`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[non_exhaustive]
-pub enum SpaceBucket {
-    /// `cotal_presence_<space>`, TTL 6 s.
-    Presence,
-    /// `cotal_channels_<space>`, the channel registry.
-    Channels,
-    /// `cotal_members_<space>`, the durable membership registry.
-    Members,
-    /// `cotal_acl_<space>`, the read ACLs.
-    Acl,
-    /// `cotal_delivery_<space>`, the delivery lease, TTL 30 s.
-    Delivery,
-}
-
-impl SpaceBucket {
-    /// All five, in the order `STRM:setupSpaceStreams` creates them.
-    pub const ALL: [SpaceBucket; 5] = [
-        SpaceBucket::Presence,
-        SpaceBucket::Channels,
-        SpaceBucket::Members,
-        SpaceBucket::Acl,
-        SpaceBucket::Delivery,
-    ];
-
-    /// The kind token inside the bucket name (`presence`, `channels`, …).
-    pub fn kind(self) -> &'static str {
-        match self {
-            SpaceBucket::Presence => "presence",
-            SpaceBucket::Channels => "channels",
-            SpaceBucket::Members => "members",
-            SpaceBucket::Acl => "acl",
-            SpaceBucket::Delivery => "delivery",
-        }
-    }
-
-    /// The bucket's name in `space`, e.g. `cotal_presence_main`.
-    pub fn name(self, space: &Space) -> String {
-        names::bucket_name(self.kind(), space)
-    }
-
-    /// The name of the stream backing the bucket, e.g. `KV_cotal_presence_main`.
-    pub fn stream_name(self, space: &Space) -> String {
-        names::kv_stream_name(&self.name(space))
     }
 }
 
@@ -499,11 +430,11 @@ impl KvBucketSpec {
     /// One of the five space buckets as `STRM:setupSpaceStreams` creates it: history 1, presence
     /// with TTL 6 s (`PRESENCE_TTL_MS`), delivery with TTL 30 s (`LEASE_TTL_MS`), the others
     /// without TTL.
-    pub fn for_space(space: &Space, bucket: SpaceBucket) -> Self {
+    pub fn for_space(space: &Space, bucket: KvBucket) -> Self {
         let ttl = match bucket {
-            SpaceBucket::Presence => Some(PRESENCE_TTL),
-            SpaceBucket::Delivery => Some(LEASE_TTL),
-            SpaceBucket::Channels | SpaceBucket::Members | SpaceBucket::Acl => None,
+            KvBucket::Presence => Some(PRESENCE_TTL),
+            KvBucket::Delivery => Some(LEASE_TTL),
+            KvBucket::Channels | KvBucket::Members | KvBucket::Acl => None,
         };
         KvBucketSpec {
             bucket: bucket.name(space),
@@ -516,7 +447,7 @@ impl KvBucketSpec {
     pub fn presence_with_ttl(space: &Space, ttl: Duration) -> Self {
         KvBucketSpec {
             ttl: Some(ttl),
-            ..KvBucketSpec::for_space(space, SpaceBucket::Presence)
+            ..KvBucketSpec::for_space(space, KvBucket::Presence)
         }
     }
 
@@ -527,7 +458,7 @@ impl KvBucketSpec {
     /// default (false), which is what the reference's buckets hold.
     pub fn stream(&self) -> StreamSpec {
         StreamSpec {
-            name: names::kv_stream_name(&self.bucket),
+            name: kv_stream_name(&self.bucket),
             subjects: vec![format!("$KV.{}.>", self.bucket)],
             retention: RetentionPolicy::Limits,
             storage: StorageType::File,
@@ -624,8 +555,8 @@ impl ConsumerSpec {
             deliver_policy: Some(DeliverPolicy::New),
             ..ConsumerSpec::durable_pull(
                 SpaceStream::Chat.name(space),
-                sharded_name("fanout", shard, shards),
-                names::space_subject(space, "chat.>"),
+                fanout_durable(shard, shards),
+                chat_wildcard(space),
             )
         }
     }
@@ -638,8 +569,8 @@ impl ConsumerSpec {
             max_ack_pending: Some(DINBOX_MAX_ACK_PENDING),
             ..ConsumerSpec::durable_pull(
                 SpaceStream::Inbox.name(space),
-                sharded_name("reader", shard, shards),
-                names::space_subject(space, "dinbox.>"),
+                reader_durable(shard, shards),
+                dinbox_wildcard(space),
             )
         }
     }
@@ -661,7 +592,7 @@ impl ConsumerSpec {
         ConsumerSpec::durable_pull(
             SpaceStream::Dm.name(space),
             names::per_agent_consumer("dm", id),
-            names::space_subject(space, &format!("inst.{}.*", route_token(id.as_str()))),
+            unicast_inbox_pattern(space, id),
         )
     }
 
@@ -669,13 +600,12 @@ impl ConsumerSpec {
     /// `cotal.<space>.svc.<role>.*`, explicit ack, 60 s. The reference sends no `deliver_policy`
     /// here (the server default is `all`).
     pub fn svc(space: &Space, role: &Role) -> Self {
-        let role = route_token(role.as_str());
         ConsumerSpec {
             deliver_policy: None,
             ..ConsumerSpec::durable_pull(
                 SpaceStream::Task.name(space),
                 format!("svc_{role}"),
-                names::space_subject(space, &format!("svc.{role}.*")),
+                anycast_role_pattern(space, role),
             )
         }
     }
@@ -688,7 +618,7 @@ impl ConsumerSpec {
         ConsumerSpec::history_reader(
             SpaceStream::Chat.name(space),
             names::per_agent_consumer("chathist", id),
-            names::chat_subject(space, "*", channel.as_str()),
+            chat_subscribe_pattern(space, channel),
             start,
         )
     }
@@ -705,7 +635,7 @@ impl ConsumerSpec {
         ConsumerSpec::history_reader(
             SpaceStream::Chat.name(space),
             format!("cu_{}_{generation}", route_token(owner.as_str())),
-            names::chat_subject(space, "*", channel.as_str()),
+            chat_subscribe_pattern(space, &channel.as_channel()),
             DeliverPolicy::ByStartSequence(join_cursor.saturating_add(1)),
         )
     }
@@ -798,14 +728,6 @@ impl ConsumerSpec {
     }
 }
 
-fn sharded_name(base: &str, shard: u32, shards: u32) -> String {
-    if shards <= 1 {
-        base.to_owned()
-    } else {
-        format!("{base}_{shard}")
-    }
-}
-
 /// Everything `cotal up` provisions for a space, in creation order: the five streams, then the
 /// five KV buckets (semantics §1.4, §1.6).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -824,7 +746,7 @@ impl SpaceConfig {
                 .iter()
                 .map(|s| StreamSpec::for_space(space, *s))
                 .collect(),
-            kv_buckets: SpaceBucket::ALL
+            kv_buckets: KvBucket::ALL
                 .iter()
                 .map(|b| KvBucketSpec::for_space(space, *b))
                 .collect(),

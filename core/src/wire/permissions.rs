@@ -18,7 +18,8 @@
 //! Sets are ordered ([`BTreeSet`]) so every rendering is deterministic; the reference's own order
 //! carries no meaning to the server.
 
-use crate::wire::config::{ConsumerSpec, DeliverPolicy, SpaceBucket, SpaceStream, names};
+use crate::wire::config::{ConsumerSpec, DeliverPolicy, SpaceStream, names};
+use crate::wire::keys::KvBucket;
 use crate::wire::token::{AgentId, Channel, Role, Space, route_token};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -114,9 +115,9 @@ impl Permissions {
     pub fn agent(space: &Space, policy: &AgentPolicy) -> Self {
         let id = route_token(policy.id.as_str());
         let chat = SpaceStream::Chat.name(space);
-        let presence = SpaceBucket::Presence.stream_name(space);
-        let channels = SpaceBucket::Channels.stream_name(space);
-        let delivery = SpaceBucket::Delivery.stream_name(space);
+        let presence = KvBucket::Presence.stream_name(space);
+        let channels = KvBucket::Channels.stream_name(space);
+        let delivery = KvBucket::Delivery.stream_name(space);
         let ctl = |service: &str| names::space_subject(space, &format!("ctl.{service}.{id}"));
 
         let mut publish: Vec<String> = policy
@@ -153,7 +154,7 @@ impl Permissions {
         publish.push(api("CONSUMER.CREATE", &format!("{presence}.>")));
         publish.push(api("CONSUMER.INFO", &format!("{presence}.>")));
         publish.push("$JS.FC.>".to_owned());
-        publish.push(format!("$KV.{}.{id}", SpaceBucket::Presence.name(space)));
+        publish.push(format!("$KV.{}.{id}", KvBucket::Presence.name(space)));
         publish.push(api("STREAM.MSG.GET", &channels));
         publish.push(api("CONSUMER.CREATE", &format!("{channels}.>")));
         publish.push(api("CONSUMER.INFO", &format!("{channels}.>")));
@@ -196,7 +197,7 @@ impl Permissions {
         let inbox = SpaceStream::Inbox.name(space);
         let dlv = SpaceStream::Dlv.name(space);
         let reader = ConsumerSpec::reader(space, 0, 1);
-        let delivery = SpaceBucket::Delivery.stream_name(space);
+        let delivery = KvBucket::Delivery.stream_name(space);
 
         let mut publish = vec![format!("{JS_API}.INFO")];
         publish.extend([&chat, &inbox, &dlv].map(|s| api("STREAM.INFO", s)));
@@ -226,17 +227,17 @@ impl Permissions {
         publish.push(reader.ack_pattern());
         publish.push("$JS.FC.>".to_owned());
         for bucket in [
-            SpaceBucket::Presence,
-            SpaceBucket::Channels,
-            SpaceBucket::Members,
-            SpaceBucket::Acl,
+            KvBucket::Presence,
+            KvBucket::Channels,
+            KvBucket::Members,
+            KvBucket::Acl,
         ] {
             publish.extend(kv_read(&bucket.stream_name(space)));
         }
-        publish.push(format!("$KV.{}.>", SpaceBucket::Members.name(space)));
+        publish.push(format!("$KV.{}.>", KvBucket::Members.name(space)));
         publish.push(api("STREAM.INFO", &delivery));
         publish.push(api("STREAM.MSG.GET", &delivery));
-        publish.push(format!("$KV.{}.lease.*", SpaceBucket::Delivery.name(space)));
+        publish.push(format!("$KV.{}.lease.*", KvBucket::Delivery.name(space)));
         publish.push(names::space_subject(space, "dinbox.*"));
         publish.push(names::space_subject(space, "dlv.*"));
         publish.push(names::space_subject(space, "ctl.delivery.*.reply.>"));
@@ -268,10 +269,10 @@ impl Permissions {
     /// It reads no message content: no CHAT/DM/TASK/INBOX/DLV grant, no members or ACL read.
     pub fn observer(space: &Space, id: &AgentId) -> Self {
         let mut publish = vec![format!("{JS_API}.INFO"), "$JS.FC.>".to_owned()];
-        for bucket in [SpaceBucket::Presence, SpaceBucket::Channels] {
+        for bucket in [KvBucket::Presence, KvBucket::Channels] {
             publish.extend(kv_read(&bucket.stream_name(space)));
         }
-        let delivery = SpaceBucket::Delivery.stream_name(space);
+        let delivery = KvBucket::Delivery.stream_name(space);
         publish.push(api("STREAM.INFO", &delivery));
         publish.push(api("STREAM.MSG.GET", &delivery));
         let deny = [names::space_subject(space, ">"), "$KV.>".to_owned()];
@@ -296,7 +297,7 @@ impl Permissions {
             p.publish_allow
                 .insert(names::space_subject(space, &format!("ctl.{tier}.{own}")));
         }
-        let registry = format!("$KV.{}.>", SpaceBucket::Channels.name(space));
+        let registry = format!("$KV.{}.>", KvBucket::Channels.name(space));
         p.publish_allow.insert(registry);
         // The application-subject deny must not cover the control requests just granted, and the
         // KV deny must not cover the registry: narrow both.
@@ -306,10 +307,10 @@ impl Permissions {
                 .insert(names::space_subject(space, &format!("{kind}.>")));
         }
         for bucket in [
-            SpaceBucket::Presence,
-            SpaceBucket::Members,
-            SpaceBucket::Acl,
-            SpaceBucket::Delivery,
+            KvBucket::Presence,
+            KvBucket::Members,
+            KvBucket::Acl,
+            KvBucket::Delivery,
         ] {
             p.publish_deny
                 .insert(format!("$KV.{}.>", bucket.name(space)));
