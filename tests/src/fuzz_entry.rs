@@ -64,3 +64,150 @@ pub fn channel(data: &[u8]) {
         Err(_) => assert!(ConcreteChannel::new(s).is_err()),
     }
 }
+
+use cotal_core::policy::{ChannelConfig, ChannelDefaults, effective_policy};
+use cotal_core::wire::control::{
+    ControlReply, ControlRequest, DeliveryRequest, DurableJoinReply, DurableLeaveReply,
+    ListMembershipsReply,
+};
+use cotal_core::wire::json::{WireRecord, decode, encode};
+use cotal_core::wire::message::{CotalMessage, Presence};
+use cotal_core::wire::msgid::Plane3MsgId;
+use cotal_core::wire::records::{AclRecord, DeliveryLease, MembershipRecord, Plane3Entry};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::fmt::Debug;
+
+/// Decodes `data` as `T`; whatever decodes must re-encode to bytes that decode to the same value,
+/// and re-encoding that value must give the same bytes (our own output is a fixed point).
+fn wire_round_trip<T>(data: &[u8]) -> Option<T>
+where
+    T: DeserializeOwned + WireRecord + PartialEq + Debug,
+{
+    let value: T = decode(data).ok()?;
+    let bytes = encode(&value);
+    let again: T = decode(&bytes)
+        .unwrap_or_else(|e| panic!("our own encoding of {value:?} does not decode: {e}"));
+    assert_eq!(again, value, "decode(encode(v)) != v");
+    assert_eq!(encode(&again), bytes, "encoding is not stable");
+    Some(value)
+}
+
+/// The same round trip for records that are plain serde types (the channel registry entries).
+fn serde_round_trip<T>(data: &[u8]) -> Option<T>
+where
+    T: DeserializeOwned + Serialize + PartialEq + Debug,
+{
+    let value: T = decode(data).ok()?;
+    let bytes = serde_json::to_vec(&value).expect("serializing a decoded record cannot fail");
+    let again: T = decode(&bytes)
+        .unwrap_or_else(|e| panic!("our own encoding of {value:?} does not decode: {e}"));
+    assert_eq!(again, value, "decode(encode(v)) != v");
+    Some(value)
+}
+
+/// The message envelope (chat, DM, anycast, and the bare DLV copy).
+pub fn message(data: &[u8]) {
+    let typed = CotalMessage::decode(data);
+    let generic = wire_round_trip::<CotalMessage>(data);
+    assert_eq!(
+        typed.as_ref().ok(),
+        generic.as_ref(),
+        "the two decode paths disagree"
+    );
+    if let Ok(m) = typed {
+        assert!(m.mentions.iter().all(|n| !n.is_empty() && n.trim() == n));
+    }
+}
+
+/// The dinbox payload, and the msg-id it is stored under.
+pub fn plane3_entry(data: &[u8]) {
+    if let Some(entry) = wire_round_trip::<Plane3Entry>(data) {
+        let owner = entry.msg.from.id.clone();
+        let id = Plane3MsgId::for_entry(&entry, &owner);
+        assert_eq!(Plane3MsgId::parse(&id.to_string()).as_ref(), Ok(&id));
+    }
+}
+
+/// A membership registry record, through the KV reading rule and the plain decoder.
+pub fn membership_record(data: &[u8]) {
+    let from_kv = MembershipRecord::from_kv(Some(data));
+    let plain = wire_round_trip::<MembershipRecord>(data);
+    assert_eq!(from_kv, plain, "KV reading rule and decoder disagree");
+    if let Some(r) = plain {
+        assert_eq!(r.is_tombstone(), r.leave_cursor.is_some());
+    }
+}
+
+/// An ACL record through the reference's "absent unless well formed" reading rule.
+pub fn acl_record(data: &[u8]) {
+    if let Some(acl) = AclRecord::from_kv(Some(data)) {
+        let again = AclRecord::from_kv(Some(&encode(&acl)));
+        assert_eq!(again.as_ref(), Some(&acl));
+    }
+    assert_eq!(AclRecord::from_kv(None), None);
+}
+
+/// The delivery lease record.
+pub fn delivery_lease(data: &[u8]) {
+    let from_kv = DeliveryLease::from_kv(Some(data));
+    if let Some(lease) = &from_kv {
+        assert_eq!(
+            DeliveryLease::from_kv(Some(&encode(lease))).as_ref(),
+            Some(lease)
+        );
+    }
+}
+
+/// A presence record, and the offline scrub (I34).
+pub fn presence(data: &[u8]) {
+    if let Some(p) = wire_round_trip::<Presence>(data) {
+        let offline = p.to_offline();
+        assert!(offline.is_scrubbed_offline());
+        assert_eq!(offline.to_offline(), offline, "the scrub is idempotent");
+    }
+}
+
+/// Channel registry entries and the one policy resolver.
+pub fn channel_config(data: &[u8]) {
+    let config = serde_round_trip::<ChannelConfig>(data);
+    let defaults = serde_round_trip::<ChannelDefaults>(data);
+    let channel = cotal_core::wire::Channel::new("team.backend").expect("valid channel");
+    let _ = effective_policy(&channel, config.as_ref(), defaults.as_ref());
+    if let Some(c) = &config {
+        let _ = c.validate_for_write();
+    }
+    if let Some(d) = &defaults {
+        let _ = d.validate_for_write();
+    }
+}
+
+/// A `ctl.delivery` request, decoded and then validated into a typed operation.
+pub fn control_request(data: &[u8]) {
+    let Some(request) = wire_round_trip::<ControlRequest>(data) else {
+        return;
+    };
+    if let Ok(op) = DeliveryRequest::from_request(&request) {
+        // What we accept, we can re-send, and it means the same thing.
+        let resent = op.to_request(request.from.clone());
+        assert_eq!(DeliveryRequest::from_request(&resent).as_ref(), Ok(&op));
+    }
+}
+
+/// The `ctl.delivery` replies an agent decodes.
+pub fn control_reply(data: &[u8]) {
+    let _ = wire_round_trip::<ControlReply<DurableJoinReply>>(data);
+    let _ = wire_round_trip::<ControlReply<DurableLeaveReply>>(data);
+    let _ = wire_round_trip::<ControlReply<ListMembershipsReply>>(data);
+    if let Some(generic) = wire_round_trip::<ControlReply>(data) {
+        let _ = generic.data_as::<DurableJoinReply>();
+    }
+}
+
+/// The backstop msg-id `<msg.id>:<owner>:<generation>`.
+pub fn msg_id(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    if let Ok(id) = Plane3MsgId::parse(&text) {
+        assert_eq!(id.to_string(), text.as_ref(), "format(parse(s)) != s");
+    }
+}

@@ -17,6 +17,12 @@ pub mod shard;
 pub mod subject;
 pub mod token;
 
+pub use control::{ControlReply, ControlRequest, DeliveryRequest, DeliveryRequestError};
+pub use json::{DecodeError, decode, encode};
+pub use message::{CotalMessage, Part, Presence, Route, Sender};
+pub use msgid::Plane3MsgId;
+pub use records::{AclRecord, DeliveryLease, MembershipRecord, Plane3Entry};
+pub use subject::{ParsedSubject, Subject, SubjectError, SubjectKind, parse_subject};
 pub use token::{
     AgentId, Channel, ChannelError, ConcreteChannel, Role, Space, TokenError, channel_path,
     is_concrete_channel, route_token, token, validate_channel,

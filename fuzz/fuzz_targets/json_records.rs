@@ -1,8 +1,0 @@
-#![no_main]
-//! cargo-fuzz target: see `cotal_tests::fuzz_entry::json_records`.
-
-use libfuzzer_sys::fuzz_target;
-
-fuzz_target!(|data: &[u8]| {
-    cotal_tests::fuzz_entry::json_records(data);
-});
