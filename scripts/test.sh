@@ -8,4 +8,11 @@ cd "$root"
 COTAL_NATS_SERVER="$("$root/scripts/ensure-nats-server.sh")"
 export COTAL_NATS_SERVER
 echo "using nats-server at $COTAL_NATS_SERVER"
-cargo test --workspace --locked "$@"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
+# One closing line for the whole workspace (cargo prints one `test result` per test binary, and the
+# last of those is often a doc-test run with nothing in it).
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"
+exit "$status"
