@@ -17,7 +17,8 @@
 //!   permission sets, as data;
 //! - [`acl`]: NATS subject matching and read-ACL coverage;
 //! - [`policy`]: the one effective-channel-policy resolver;
-//! - [`constants`]: the protocol's numeric constants (semantics §5).
+//! - [`constants`]: the protocol's numeric constants (semantics §5);
+//! - [`op`]: the operation contract (op ids, success / typed failure / unknown outcomes, timers).
 
 #![forbid(unsafe_code)]
 #![deny(clippy::print_stdout)]
@@ -25,6 +26,7 @@
 
 pub mod acl;
 pub mod constants;
+pub mod op;
 pub mod policy;
 pub mod time;
 pub mod wire;
