@@ -25,6 +25,7 @@
 
 pub mod acl;
 pub mod constants;
+pub mod ledger;
 pub mod policy;
 pub mod time;
 pub mod wire;
