@@ -237,7 +237,9 @@ pub struct DurableDelivery {
     /// The driver's handle for this delivery.
     pub handle: DeliveryId,
     /// The stream sequence of the underlying message, if known. Two deliveries with the same stream
-    /// sequence are the same JetStream message (a redelivery).
+    /// sequence are treated as the same JetStream message (a redelivery). Sequences of different
+    /// streams (DLV and DM) may collide; a collision only makes the ledger choose the safe
+    /// [`Action::Forget`] over an ack, so the driver may pass them unqualified.
     pub stream_seq: Option<u64>,
     /// JetStream's delivery count, if known (1 = first delivery, more = redelivery).
     pub delivery_count: Option<u64>,
