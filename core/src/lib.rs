@@ -18,6 +18,7 @@
 //! - [`acl`]: NATS subject matching and read-ACL coverage;
 //! - [`policy`]: the one effective-channel-policy resolver;
 //! - [`constants`]: the protocol's numeric constants (semantics §5);
+//! - [`ledger`]: receiver dedup and ack ownership across live, backfill and durable copies;
 //! - [`op`]: the operation contract (op ids, success / typed failure / unknown outcomes, timers).
 
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@
 
 pub mod acl;
 pub mod constants;
+pub mod ledger;
 pub mod op;
 pub mod policy;
 pub mod time;
