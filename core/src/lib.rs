@@ -25,6 +25,8 @@
 
 pub mod acl;
 pub mod constants;
+pub mod delivery;
 pub mod policy;
+pub mod registry;
 pub mod time;
 pub mod wire;
