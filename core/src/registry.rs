@@ -625,7 +625,7 @@ pub enum RegistryError {
         /// The record's key.
         found: String,
     },
-    /// The driver's CAS loop gave up ("members CAS exhausted retries for <key>").
+    /// The driver's CAS loop gave up (`members CAS exhausted retries for <key>`).
     CasExhausted {
         /// The key.
         key: String,
