@@ -19,7 +19,11 @@
 //! - [`policy`]: the one effective-channel-policy resolver;
 //! - [`constants`]: the protocol's numeric constants (semantics §5);
 //! - [`ledger`]: receiver dedup and ack ownership across live, backfill and durable copies;
-//! - [`op`]: the operation contract (op ids, success / typed failure / unknown outcomes, timers).
+//! - [`op`]: the operation contract (op ids, success / typed failure / unknown outcomes, timers);
+//! - [`registry`]: membership records as a pure FSM: the one interval check, join / tombstone /
+//!   activate plans with generation guard, fencing token and per-generation interval history;
+//! - [`delivery`]: the daemon's pure decisions: fan-out routing and the trusted reader's
+//!   authorization.
 
 #![forbid(unsafe_code)]
 #![deny(clippy::print_stdout)]
@@ -27,8 +31,10 @@
 
 pub mod acl;
 pub mod constants;
+pub mod delivery;
 pub mod ledger;
 pub mod op;
 pub mod policy;
+pub mod registry;
 pub mod time;
 pub mod wire;

@@ -1,0 +1,24 @@
+//! The delivery daemon's pure pieces (semantics §2j, §2k).
+//!
+//! The daemon moves every durable-class CHAT message into a per-member store in two steps, and
+//! both steps are decisions that need no IO once their inputs are read:
+//!
+//! 1. **Fan-out** ([`route()`]): for one CHAT message (channel taken from the subject, its stream
+//!    sequence, the channel's effective class resolved fresh), which owners get a dinbox entry,
+//!    with which reason and generation. Durable class: every member whose current interval
+//!    admits the sequence ([`crate::registry::durable_eligible`]), never the sender. Live class:
+//!    each `@mention` resolved to exactly one owner whose read ACL covers the channel.
+//! 2. **The trusted reader** ([`authorize()`]): for one dinbox entry, whether to transfer it to the
+//!    owner's DLV store, drop it, defer it, give up on it (an explicit, reportable loss, G3), or
+//!    terminate it as a permanent anomaly (G32). A `durable-channel` entry is judged against the
+//!    interval of **its own** generation (G2, [`crate::registry::generation_eligible`]).
+//!
+//! The registry transitions the daemon drives around these (join, leave, activation) are in
+//! [`crate::registry`]. The state machine that reads KV, publishes, acks and retries is built on
+//! top of these functions; nothing here holds state between calls.
+
+pub mod authorize;
+pub mod route;
+
+pub use authorize::{Decision, authorize};
+pub use route::{RouteDecision, Routed, route};
