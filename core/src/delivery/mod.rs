@@ -18,6 +18,7 @@
 //! top of these functions; nothing here holds state between calls.
 
 pub mod authorize;
+pub mod lease;
 pub mod route;
 
 pub use authorize::{Decision, authorize};
