@@ -652,3 +652,35 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn release_during_acquisition_deletes_what_the_create_won() {
+    let mut kv = FakeKv::default();
+    let mut l = lease("d1");
+    l.acquire(t(0)).ok();
+    let c = one_command(&mut l);
+    l.release(t(1));
+    let out = kv.exec(1, &c);
+    l.handle_completion(t(2), c.op(), out).ok();
+    let d = one_command(&mut l);
+    assert!(matches!(
+        d,
+        LeaseCommand::Delete {
+            expected_revision: 1,
+            ..
+        }
+    ));
+    assert_eq!(l.fencing_token(Instant::from_millis(2)), None);
+    let out = kv.exec(2, &d);
+    l.handle_completion(t(3), d.op(), out).ok();
+    assert_eq!(
+        events(&mut l),
+        vec![
+            LeaseEvent::Acquired {
+                token: FencingToken(1)
+            },
+            LeaseEvent::Released
+        ]
+    );
+    assert!(kv.entry.is_none());
+}
