@@ -19,6 +19,7 @@
 
 pub mod authorize;
 pub mod control;
+pub mod lease;
 pub mod route;
 
 pub use authorize::{Decision, authorize};
