@@ -19,6 +19,9 @@
 //! - [`policy`]: the one effective-channel-policy resolver;
 //! - [`constants`]: the protocol's numeric constants (semantics §5);
 //! - [`ledger`]: receiver dedup and ack ownership across live, backfill and durable copies;
+//! - [`io`]: the effect vocabulary every machine and driver shares (commands, completions,
+//!   inbound messages, the [`io::Machine`] trait);
+//! - [`entropy`]: seeded uuids and jitter (randomness as an input);
 //! - [`op`]: the operation contract (op ids, success / typed failure / unknown outcomes, timers);
 //! - [`registry`]: membership records as a pure FSM: the one interval check, join / tombstone /
 //!   activate plans with generation guard, fencing token and per-generation interval history;
@@ -32,6 +35,8 @@
 pub mod acl;
 pub mod constants;
 pub mod delivery;
+pub mod entropy;
+pub mod io;
 pub mod ledger;
 pub mod op;
 pub mod policy;

@@ -134,6 +134,22 @@ impl fmt::Display for UnixMillis {
     }
 }
 
+/// The current time: the core's monotonic clock for deadlines, and the wall clock for stamps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic time; every deadline of the machine is on this clock.
+    pub at: Instant,
+    /// Wall-clock time, only written into records (`since`, `acquiredAt`).
+    pub wall: UnixMillis,
+}
+
+impl Now {
+    /// A time pair.
+    pub const fn new(at: Instant, wall: UnixMillis) -> Self {
+        Now { at, wall }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

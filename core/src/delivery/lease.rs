@@ -63,21 +63,7 @@ pub const ACQUIRED_AT_FIELD: &str = "acquiredAt";
 /// (1, 2, 4, 8, 16 s …) far fewer are reached; the cap only bounds odd configurations.
 pub const MAX_ACQUIRE_ATTEMPTS: u32 = 32;
 
-/// The current time: the core's monotonic clock for deadlines, and the wall clock for stamps.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Now {
-    /// Monotonic time; every deadline of the machine is on this clock.
-    pub at: Instant,
-    /// Wall-clock time, only written into records (`since`, `acquiredAt`).
-    pub wall: UnixMillis,
-}
-
-impl Now {
-    /// A time pair.
-    pub const fn new(at: Instant, wall: UnixMillis) -> Self {
-        Now { at, wall }
-    }
-}
+pub use crate::time::Now;
 
 /// Why a [`LeaseConfig`] was refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
