@@ -18,6 +18,8 @@
 //! - [`acl`]: NATS subject matching and read-ACL coverage;
 //! - [`policy`]: the one effective-channel-policy resolver;
 //! - [`constants`]: the protocol's numeric constants (semantics §5);
+//! - [`agent`]: the agent endpoint machine (join, leave, watermark, backstop, refusal, reconnect,
+//!   presence, receiving);
 //! - [`ledger`]: receiver dedup and ack ownership across live, backfill and durable copies;
 //! - [`io`]: the effect vocabulary every machine and driver shares (commands, completions,
 //!   inbound messages, the [`io::Machine`] trait);
@@ -33,6 +35,7 @@
 #![warn(missing_docs)]
 
 pub mod acl;
+pub mod agent;
 pub mod constants;
 pub mod delivery;
 pub mod entropy;

@@ -1,0 +1,2408 @@
+//! The agent endpoint machine: channels, join / leave, watermark, backfill, the durable backstop,
+//! refusal cleanup, boot self-join, reconnect, presence, and the receiver ledger (semantics §2
+//! (a)–(f), (n)).
+//!
+//! [`Agent`] is a sans-IO [`Machine`]: the host calls [`Agent::join`], [`Agent::leave`],
+//! [`Agent::send`], [`Agent::take_messages`] and [`Agent::handled`], feeds every [`Input`] with
+//! the current [`Now`], executes every [`Command`], and shows every [`AgentEvent`].
+//!
+//! # The join, step by step (§2(a))
+//!
+//! 1. **Arm the watermark**: read the CHAT frontier `F` ([`Command::StreamInfo`]).
+//! 2. **Subscribe live** to `cotal.<s>.chat.*.<ch>`.
+//! 3. **Confirm** with a server round trip ([`Command::Barrier`]). A refusal of the SUB arrives
+//!    before the barrier's completion; a refused or unconfirmable join is undone (unsubscribe,
+//!    watermark dropped) and reported as [`AgentEvent::JoinFailed`]: fail closed, nothing left.
+//! 4. **Commit**: the channel is joined now, and only now (SPEC §12 item 13).
+//! 5. **Durable backstop** for a channel the one resolver ([`ChannelRegistry::policy_for`]) calls
+//!    durable: `ctl.delivery durableJoin {channel, joinCursor: F}`. The cursor is our fix for G1: a
+//!    daemon that honours it echoes it back, and the report says whether it did
+//!    ([`JoinReport::cursor_honoured`]). If the backstop is not established the report carries a
+//!    `reason`, the channel's health is degraded, and a reconcile loop retries with backoff (the
+//!    reference does this for boot joins only, G13).
+//! 6. **Backfill** messages `≤ F` ([`Command::ReadStream`], paged), through the same authenticity
+//!    filter as the live path, as [`CopySource::Backfill`] copies.
+//! 7. Report [`AgentEvent::Joined`] once steps 5 and 6 both finished (they run concurrently).
+//!
+//! # Leave (§2(b))
+//!
+//! A channel that has, or had in this life of the agent, a durable membership, or that the
+//! resolver calls durable, is tombstoned first: the generation comes from the local mirror, or
+//! from `listMemberships` when the mirror has none. Only a confirmed tombstone unsubscribes. A
+//! refused, failed or unknown tombstone leaves the channel joined and reports
+//! [`AgentEvent::LeaveFailed`]: the caller retries (fail closed). "No responders" counts as
+//! "nothing to tombstone" only when the agent never held a membership of the channel (G42).
+//!
+//! # Late refusal (§2(c))
+//!
+//! A refusal of an already joined channel's subscription drops the channel at once
+//! ([`AgentEvent::ChannelRefused`]) and, when a membership exists, closes it with
+//! `durableLeave` retried with `min(30 s, 1 s · 2^attempt)` backoff until confirmed, visible in
+//! [`AgentHealth::unclosed`] while pending. A later durable rejoin of the channel supersedes it.
+//!
+//! # Connection (§2(e))
+//!
+//! On [`Connection::Restored`] the first time, the boot channels are joined like runtime joins
+//! (watermark, subscribe, confirm, backfill, durable self-join). On later restores the joined
+//! channels are re-subscribed and confirmed; no watermark, no backfill: durable channels catch up
+//! through DLV, live channels have a gap. The joined set, the membership mirror, pending closes and
+//! reconciles survive; the registry cache, subscriptions and in-flight joins do not (a join in
+//! flight when the connection drops fails closed). The endpoint refuses joins and leaves until the
+//! channel registry watch has loaded: the cache must not answer before it is complete (G10).
+//!
+//! # Receiving (§2(f))
+//!
+//! Every copy (live, backfill, DLV) goes through the authenticity filter and then the
+//! [`Ledger`]: one surfacing per id, the durable copy owns the ack, acks only after
+//! [`Agent::handled`], anomalies terminated.
+
+use crate::constants::{
+    DEFAULT_HEARTBEAT, DURABLE_JOIN_TIMEOUT, HISTORY_FETCH_MAX_BATCH, REQUEST_DELIVERY_TIMEOUT,
+    backoff,
+};
+use crate::entropy::IdGen;
+use crate::io::{
+    AckKind, Command, Completion, Connection, Inbound, Input, KvCondition, KvOperation, Machine,
+    ReadStart, Reply, StoredMessage, SubId, SubIds,
+};
+use crate::ledger::{
+    Action, CopySource, Decision, DeliveryId, DurableDelivery, Ledger, LedgerConfig,
+    LedgerCounters, LedgerError, MessageId, Rejection, Resolution, Surfaced,
+};
+use crate::op::{Failure, OpId, OpIds, Outcome, TimerTable};
+use crate::policy::{Backfill, ChannelRegistry};
+use crate::time::{Duration, Instant, Now, UnixMillis};
+use crate::wire::config::{ConsumerSpec, SpaceStream};
+use crate::wire::control::{ControlReply, DeliveryRequest, DurableJoinReply, ListMembershipsReply};
+use crate::wire::json;
+use crate::wire::keys::KvBucket;
+use crate::wire::message::{
+    AgentCard, CotalMessage, Part, Presence, PresenceStatus, Route, Sender, normalize_mentions,
+};
+use crate::wire::subject::{
+    Subject, chat_subscribe_pattern, delivery_reply_subject, delivery_request_subject,
+};
+use crate::wire::token::{Channel, ConcreteChannel, Space};
+use bytes::Bytes;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+
+#[cfg(test)]
+mod tests;
+
+// ---------------------------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------------------------
+
+/// How an agent is set up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// The space.
+    pub space: Space,
+    /// Who we are: `from` of everything we send, the sender token of our subjects.
+    pub me: Sender,
+    /// Channels joined at first connect (boot channels).
+    pub channels: Vec<Channel>,
+    /// Use the durable backstop (auth mode with a delivery daemon): durable joins, tombstones,
+    /// the DLV consumer. Off, the agent is live-only (the reference's open mode).
+    pub durable_backstop: bool,
+    /// Create the DLV consumer if missing (open mode / privileged agent) rather than only bind.
+    pub create_dlv_consumer: bool,
+    /// Presence heartbeat interval; `None` disables presence.
+    pub heartbeat: Option<Duration>,
+    /// The receiver ledger's bounds.
+    pub ledger: LedgerConfig,
+    /// Seed of the agent's uuids (reply subjects, message ids). The host seeds it from the OS;
+    /// tests and the simulator from their run seed.
+    pub seed: u64,
+}
+
+impl AgentConfig {
+    /// A config with the defaults: durable backstop on, bind-only DLV, 2 s heartbeat.
+    pub fn new(space: Space, me: Sender, channels: Vec<Channel>, seed: u64) -> Self {
+        AgentConfig {
+            space,
+            me,
+            channels,
+            durable_backstop: true,
+            create_dlv_consumer: false,
+            heartbeat: Some(DEFAULT_HEARTBEAT),
+            ledger: LedgerConfig::default(),
+            seed,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Public vocabulary
+// ---------------------------------------------------------------------------------------------
+
+/// The id of one application request (join, leave, send); its result event carries it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+impl fmt::Display for RequestId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "req#{}", self.0)
+    }
+}
+
+/// Why an application call was refused at once (nothing changed).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// Not connected, or the channel registry is not loaded yet: "reconnecting — try again
+    /// shortly".
+    NotReady,
+    /// The agent was stopped.
+    Stopped,
+    /// The channel is not joined.
+    NotJoined(Channel),
+    /// A join or leave of this channel is in progress.
+    Busy(Channel),
+    /// A wildcard channel cannot be posted to.
+    NotConcrete(Channel),
+    /// The id given is not pending (not surfaced, or already settled).
+    Ledger(LedgerError),
+}
+
+impl fmt::Display for AgentError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AgentError::NotReady => f.write_str("reconnecting — try again shortly"),
+            AgentError::Stopped => f.write_str("endpoint stopped"),
+            AgentError::NotJoined(c) => write!(f, "channel \"{c}\" is not joined"),
+            AgentError::Busy(c) => write!(f, "a join or leave of \"{c}\" is in progress"),
+            AgentError::NotConcrete(c) => {
+                write!(f, "cannot publish to wildcard channel \"{c}\"")
+            }
+            AgentError::Ledger(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for AgentError {}
+
+/// Why a join failed. Nothing of it is left behind (no subscription, no watermark).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JoinError {
+    /// The broker refused the subscription: not within this agent's read ACL.
+    Refused {
+        /// The broker's words.
+        detail: String,
+    },
+    /// The watermark, subscription or confirmation failed, or its outcome is unknown
+    /// (connection lost mid-join).
+    Unconfirmed {
+        /// What failed.
+        detail: String,
+    },
+}
+
+impl fmt::Display for JoinError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            JoinError::Refused { detail } => {
+                write!(
+                    f,
+                    "not within this agent's read ACL (allowSubscribe): {detail}"
+                )
+            }
+            JoinError::Unconfirmed { detail } => {
+                write!(f, "live subscription could not be confirmed ({detail})")
+            }
+        }
+    }
+}
+
+/// Why a leave failed. The channel stays joined; retry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LeaveError {
+    /// The memberships could not be listed (an error other than no responders).
+    MembershipsUnknown {
+        /// What failed.
+        detail: String,
+    },
+    /// The tombstone was refused or failed.
+    TombstoneFailed {
+        /// What failed.
+        detail: String,
+    },
+    /// The tombstone's outcome is unknown (timeout, connection lost).
+    TombstoneUnknown,
+}
+
+impl fmt::Display for LeaveError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LeaveError::MembershipsUnknown { detail } => {
+                write!(f, "durable memberships could not be listed: {detail}")
+            }
+            LeaveError::TombstoneFailed { detail } => write!(f, "tombstone failed: {detail}"),
+            LeaveError::TombstoneUnknown => f.write_str("tombstone outcome unknown"),
+        }
+    }
+}
+
+/// The result of a join (the reference's `{joined, backfilled, durable, reason}`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JoinReport {
+    /// False when the channel was already joined (an idempotent no-op, scenario A4).
+    pub joined: bool,
+    /// The watermark armed before the subscription (`F`); `None` on a re-subscribe.
+    pub watermark: Option<u64>,
+    /// How many historical copies the backfill read (before dedup).
+    pub backfilled: u64,
+    /// Whether a durable backstop is established.
+    pub durable: bool,
+    /// The membership generation, when durable.
+    pub generation: Option<u64>,
+    /// Whether the daemon used our watermark as the join cursor (G1 fix): `Some(true)` when it
+    /// echoed it, `Some(false)` when it used another, `None` when it did not say (an old daemon)
+    /// or there was no durable join.
+    pub cursor_honoured: Option<bool>,
+    /// Why the backstop is not established, when the channel is durable and it is not; or why the
+    /// backfill failed. Never absent when something is missing.
+    pub reason: Option<String>,
+}
+
+/// Where a channel's durable backstop stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BackstopState {
+    /// The channel is live (or the backstop is off): nothing to establish.
+    NotApplicable,
+    /// Not decided yet (the join is in progress or the registry is loading).
+    Pending,
+    /// A durable join request is in flight.
+    Requesting,
+    /// Established with this generation.
+    Established {
+        /// The membership generation.
+        generation: u64,
+    },
+    /// Not established; a reconcile retries after the backoff.
+    Degraded {
+        /// Why.
+        reason: String,
+        /// Reconcile attempts so far.
+        attempts: u32,
+    },
+}
+
+/// One joined channel in [`AgentHealth`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelHealth {
+    /// The channel.
+    pub channel: Channel,
+    /// The live subscription is confirmed on the current connection.
+    pub live: bool,
+    /// The durable backstop.
+    pub backstop: BackstopState,
+}
+
+/// A membership whose close is still pending after a refusal (the reference's `durableUnclosed`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unclosed {
+    /// The channel.
+    pub channel: ConcreteChannel,
+    /// The generation to tombstone.
+    pub generation: u64,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// The last error.
+    pub last_error: Option<String>,
+}
+
+/// Monotone counters (saturating).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentCounters {
+    /// Copies dropped by the authenticity filter as spoofed.
+    pub spoofed: u64,
+    /// Copies dropped as malformed.
+    pub malformed: u64,
+    /// Own echoes dropped.
+    pub own_echoes: u64,
+    /// Settles (ack / nak / term) whose outcome was unknown or failed.
+    pub settles_unconfirmed: u64,
+    /// Late refusals of joined channels.
+    pub late_refusals: u64,
+    /// Backfill reads that failed.
+    pub backfill_failures: u64,
+    /// Durable join reconcile attempts.
+    pub reconcile_attempts: u64,
+    /// Refusal-close attempts that failed.
+    pub close_failures: u64,
+    /// Connection losses seen.
+    pub connection_losses: u64,
+}
+
+/// What the agent can say about itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentHealth {
+    /// Connected and the registry loaded.
+    pub ready: bool,
+    /// The joined channels.
+    pub channels: Vec<ChannelHealth>,
+    /// Memberships still to close after a refusal.
+    pub unclosed: Vec<Unclosed>,
+    /// The DLV consumer is bound.
+    pub dlv_bound: bool,
+    /// The agent's counters.
+    pub counters: AgentCounters,
+    /// The ledger's counters.
+    pub ledger: LedgerCounters,
+}
+
+/// Where a received copy came from, as the application sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Arrival {
+    /// The message.
+    pub message: CotalMessage,
+    /// The channel, from the subject (never the payload label, G18); `None` for a DLV copy whose
+    /// payload route is not a channel.
+    pub channel: Option<ConcreteChannel>,
+    /// A historical (backfill) copy.
+    pub historical: bool,
+    /// Whether the message mentions us.
+    pub mentions_me: bool,
+}
+
+/// What the application sees.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AgentEvent {
+    /// Connected and ready (registry loaded). `first` on the first connect of this life.
+    Connected {
+        /// First connect.
+        first: bool,
+    },
+    /// The connection is gone.
+    Disconnected,
+    /// A join completed (`request` is `None` for a boot channel).
+    Joined {
+        /// The application's request.
+        request: Option<RequestId>,
+        /// The channel.
+        channel: Channel,
+        /// The result.
+        report: JoinReport,
+    },
+    /// A join failed; nothing was left behind.
+    JoinFailed {
+        /// The application's request.
+        request: Option<RequestId>,
+        /// The channel.
+        channel: Channel,
+        /// Why.
+        error: JoinError,
+    },
+    /// A leave completed.
+    Left {
+        /// The application's request.
+        request: RequestId,
+        /// The channel.
+        channel: Channel,
+        /// The generation tombstoned, if any.
+        tombstoned: Option<u64>,
+    },
+    /// A leave failed; the channel stays joined.
+    LeaveFailed {
+        /// The application's request.
+        request: RequestId,
+        /// The channel.
+        channel: Channel,
+        /// Why.
+        error: LeaveError,
+    },
+    /// The broker refused the subscription of a joined channel: it is no longer joined.
+    ChannelRefused {
+        /// The channel.
+        channel: Channel,
+        /// The broker's words.
+        detail: String,
+        /// The membership generation being closed, if any.
+        closing: Option<u64>,
+    },
+    /// A durable backstop was established (also after a reconcile).
+    BackstopEstablished {
+        /// The channel.
+        channel: ConcreteChannel,
+        /// Generation.
+        generation: u64,
+    },
+    /// A durable backstop is not established: the channel is live-only for now.
+    BackstopDegraded {
+        /// The channel.
+        channel: ConcreteChannel,
+        /// Why.
+        reason: String,
+    },
+    /// A membership left open by a refusal was tombstoned.
+    MembershipClosed {
+        /// The channel.
+        channel: ConcreteChannel,
+        /// Generation.
+        generation: u64,
+    },
+    /// A refusal close failed and will be retried (first failure, then every 5th).
+    MembershipCloseRetrying {
+        /// The channel.
+        channel: ConcreteChannel,
+        /// Generation.
+        generation: u64,
+        /// Attempts so far.
+        attempts: u32,
+        /// The error.
+        error: String,
+    },
+    /// New messages wait in [`Agent::take_messages`].
+    MessagesReady {
+        /// How many are queued.
+        queued: usize,
+    },
+    /// A copy was refused before dedup (spoofed or malformed); durable copies were terminated.
+    Anomaly {
+        /// The subject it came on.
+        subject: String,
+        /// Why.
+        rejection: Rejection,
+    },
+    /// A copy was lost (a live or backfill copy refused by a full ledger).
+    Lost {
+        /// The message id.
+        id: String,
+        /// Why.
+        reason: String,
+    },
+    /// A send was stored by the stream.
+    Sent {
+        /// The application's request.
+        request: RequestId,
+        /// The message id.
+        id: String,
+        /// Its CHAT sequence.
+        seq: u64,
+        /// The stream had it already (a resend).
+        duplicate: bool,
+    },
+    /// A send failed, or its outcome is unknown (`unknown`: resend with the same id, the
+    /// stream's duplicate window makes that safe).
+    SendFailed {
+        /// The application's request.
+        request: RequestId,
+        /// The message id.
+        id: String,
+        /// What happened.
+        error: String,
+        /// Whether the outcome is unknown rather than a refusal.
+        unknown: bool,
+    },
+}
+
+// ---------------------------------------------------------------------------------------------
+// Internal state
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Arming,
+    Subscribing,
+    Confirming,
+    Joined,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct JoinProgress {
+    request: Option<RequestId>,
+    /// Decided after the commit, once the registry is loaded.
+    started: bool,
+    backfill_pending: bool,
+    durable_pending: bool,
+    report: JoinReport,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ChannelEntry {
+    channel: Channel,
+    phase: Phase,
+    /// Distinguishes this subscribe attempt from earlier ones (stale completions are ignored).
+    epoch: u64,
+    sub: Option<SubId>,
+    watermark: Option<u64>,
+    refused: Option<String>,
+    /// A join (or re-confirm after reconnect) in progress.
+    join: Option<JoinProgress>,
+    /// Whether a re-subscribe after reconnect is being confirmed (no report).
+    resubscribe: bool,
+    backstop: BackstopState,
+    /// A leave in progress.
+    leave: Option<RequestId>,
+    /// A backfill page read in flight.
+    backfill_next: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Pending {
+    RegistryWatch,
+    DlvConsume,
+    Presence,
+    Arm {
+        channel: Channel,
+        epoch: u64,
+    },
+    Subscribe {
+        channel: Channel,
+        epoch: u64,
+    },
+    Barrier {
+        channel: Channel,
+        epoch: u64,
+    },
+    Backfill {
+        channel: Channel,
+        epoch: u64,
+        until: u64,
+    },
+    DurableJoin {
+        channel: ConcreteChannel,
+        cursor: Option<u64>,
+    },
+    ListForLeave {
+        channel: Channel,
+    },
+    DurableLeave {
+        channel: ConcreteChannel,
+        generation: u64,
+    },
+    Settle,
+    Send {
+        request: RequestId,
+        id: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Heartbeat,
+    Reconcile(u64),
+    Close(u64),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Feed {
+    Registry,
+    Dlv,
+    Chat(u64),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Link {
+    Down,
+    /// Connected; the registry watch has not loaded yet.
+    Loading,
+    Ready,
+}
+
+/// The agent endpoint machine. See the module docs.
+#[derive(Debug)]
+pub struct Agent {
+    config: AgentConfig,
+    ops: OpIds,
+    subs: SubIds,
+    ids: IdGen,
+    next_request: u64,
+    next_epoch: u64,
+    commands: VecDeque<Command>,
+    events: VecDeque<AgentEvent>,
+    timers: TimerTable<Timer>,
+    pending: BTreeMap<OpId, Pending>,
+    feeds: BTreeMap<SubId, Feed>,
+    /// Channel entries by a stable key (their epoch-independent slot).
+    channels: BTreeMap<Channel, ChannelEntry>,
+    /// Timer keys for per-channel timers.
+    slots: BTreeMap<u64, ConcreteChannel>,
+    slot_of: BTreeMap<ConcreteChannel, u64>,
+    /// The local mirror of established memberships (`plane3Channels`).
+    memberships: BTreeMap<ConcreteChannel, u64>,
+    /// Channels that held a membership in this life (a leave never skips their tombstone).
+    ever_durable: BTreeSet<ConcreteChannel>,
+    /// Memberships to close after a refusal (`pendingDurableLeave`).
+    unclosed: BTreeMap<ConcreteChannel, Unclosed>,
+    /// Closes and reconciles with a request in flight.
+    close_in_flight: BTreeSet<ConcreteChannel>,
+    reconcile_in_flight: BTreeSet<ConcreteChannel>,
+    registry: ChannelRegistry,
+    link: Link,
+    first_connect: bool,
+    stopped: bool,
+    dlv: Option<SubId>,
+    dlv_bound: bool,
+    registry_feed: Option<SubId>,
+    ledger: Ledger<Arrival>,
+    deliveries: u64,
+    counters: AgentCounters,
+    /// The latest `now` seen (timers set outside an input use it).
+    last_at: Instant,
+    last_wall: UnixMillis,
+}
+
+fn bump(c: &mut u64) {
+    *c = c.saturating_add(1);
+}
+
+impl Agent {
+    /// A new agent, disconnected. The boot channels are joined at the first
+    /// [`Connection::Restored`].
+    ///
+    /// # Errors
+    ///
+    /// The ledger's configuration error.
+    pub fn new(config: AgentConfig) -> Result<Self, LedgerError> {
+        let ledger = Ledger::new(config.ledger)?;
+        Ok(Agent {
+            ids: IdGen::from_seed(config.seed),
+            config,
+            ops: OpIds::new(),
+            subs: SubIds::new(),
+            next_request: 0,
+            next_epoch: 0,
+            commands: VecDeque::new(),
+            events: VecDeque::new(),
+            timers: TimerTable::new(),
+            pending: BTreeMap::new(),
+            feeds: BTreeMap::new(),
+            channels: BTreeMap::new(),
+            slots: BTreeMap::new(),
+            slot_of: BTreeMap::new(),
+            memberships: BTreeMap::new(),
+            ever_durable: BTreeSet::new(),
+            unclosed: BTreeMap::new(),
+            close_in_flight: BTreeSet::new(),
+            reconcile_in_flight: BTreeSet::new(),
+            registry: ChannelRegistry::default(),
+            link: Link::Down,
+            first_connect: true,
+            stopped: false,
+            dlv: None,
+            dlv_bound: false,
+            registry_feed: None,
+            ledger,
+            deliveries: 0,
+            counters: AgentCounters::default(),
+            last_at: Instant::ZERO,
+            last_wall: UnixMillis(0),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AgentConfig {
+        &self.config
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Application calls
+    // -----------------------------------------------------------------------------------------
+
+    /// Joins `channel` at runtime. The result is [`AgentEvent::Joined`] or
+    /// [`AgentEvent::JoinFailed`] with the returned id.
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError::NotReady`] while disconnected or loading, [`AgentError::Busy`] while a join or
+    /// leave of the exact channel is in progress; nothing changes. Joining a joined channel is not
+    /// an error: it reports `joined: false` at once (A4).
+    pub fn join(&mut self, now: Now, channel: Channel) -> Result<RequestId, AgentError> {
+        let _ = now;
+        self.check_ready()?;
+        if let Some(entry) = self.channels.get(&channel) {
+            if entry.phase != Phase::Joined || entry.join.is_some() || entry.leave.is_some() {
+                return Err(AgentError::Busy(channel));
+            }
+            // Already joined: an idempotent no-op that reports the mirror (A4).
+            let generation = channel
+                .to_concrete()
+                .and_then(|c| self.memberships.get(&c).copied());
+            let request = self.next_request_id();
+            self.events.push_back(AgentEvent::Joined {
+                request: Some(request),
+                channel,
+                report: JoinReport {
+                    joined: false,
+                    watermark: None,
+                    backfilled: 0,
+                    durable: generation.is_some(),
+                    generation,
+                    cursor_honoured: None,
+                    reason: None,
+                },
+            });
+            return Ok(request);
+        }
+        let request = self.next_request_id();
+        self.start_join(channel, Some(request));
+        Ok(request)
+    }
+
+    /// Leaves `channel`. The result is [`AgentEvent::Left`] or [`AgentEvent::LeaveFailed`].
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError::NotReady`], [`AgentError::NotJoined`], or [`AgentError::Busy`] while a join
+    /// or leave of it is in progress; nothing changes.
+    pub fn leave(&mut self, now: Now, channel: &Channel) -> Result<RequestId, AgentError> {
+        let _ = now;
+        self.check_ready()?;
+        let Some(entry) = self.channels.get(channel) else {
+            return Err(AgentError::NotJoined(channel.clone()));
+        };
+        if entry.phase != Phase::Joined || entry.leave.is_some() || entry.join.is_some() {
+            return Err(AgentError::Busy(channel.clone()));
+        }
+        let request = self.next_request_id();
+        self.start_leave(channel.clone(), request);
+        Ok(request)
+    }
+
+    /// Posts `parts` to a concrete channel with the given mentions (normalized here). The message
+    /// id is drawn from the agent's seeded generator; the result is [`AgentEvent::Sent`] or
+    /// [`AgentEvent::SendFailed`].
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError::NotReady`] or [`AgentError::NotConcrete`].
+    pub fn send(
+        &mut self,
+        now: Now,
+        channel: &Channel,
+        parts: Vec<Part>,
+        mentions: &[String],
+    ) -> Result<(RequestId, String), AgentError> {
+        let id = self.ids.uuid();
+        let request = self.send_with_id(now, channel, parts, mentions, id.clone())?;
+        Ok((request, id))
+    }
+
+    /// [`Agent::send`] with a caller-chosen id (for a resend after an unknown outcome).
+    ///
+    /// # Errors
+    ///
+    /// As [`Agent::send`].
+    pub fn send_with_id(
+        &mut self,
+        now: Now,
+        channel: &Channel,
+        parts: Vec<Part>,
+        mentions: &[String],
+        id: String,
+    ) -> Result<RequestId, AgentError> {
+        if self.stopped {
+            return Err(AgentError::Stopped);
+        }
+        if self.link == Link::Down {
+            return Err(AgentError::NotReady);
+        }
+        let Some(concrete) = channel.to_concrete() else {
+            return Err(AgentError::NotConcrete(channel.clone()));
+        };
+        let mut msg = CotalMessage::new(
+            id.clone(),
+            now.wall,
+            self.config.space.clone(),
+            self.config.me.clone(),
+            Route::Channel(concrete.clone()),
+            parts,
+        );
+        msg.mentions = normalize_mentions(mentions.iter().map(String::as_str));
+        let subject = Subject::Chat {
+            space: self.config.space.clone(),
+            sender: self.config.me.id.clone(),
+            channel: concrete,
+        };
+        let request = self.next_request_id();
+        let op = self.op(Pending::Send {
+            request,
+            id: id.clone(),
+        });
+        self.commands.push_back(Command::JsPublish {
+            op,
+            subject: subject.to_string(),
+            msg_id: Some(id),
+            headers: Vec::new(),
+            payload: json::encode(&msg),
+        });
+        Ok(request)
+    }
+
+    /// Takes up to `limit` queued messages, oldest first. Report each with [`Agent::handled`]
+    /// (or [`Agent::decline`]) once the application is done with it: only then is its durable
+    /// copy acked.
+    pub fn take_messages(&mut self, now: Now, limit: usize) -> Vec<Surfaced<Arrival>> {
+        self.ledger.surface(now.at, limit)
+    }
+
+    /// Reports a surfaced message as handled: its durable copy, if any, is acked now.
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError::Ledger`] for an id that is not pending; nothing changes.
+    pub fn handled(&mut self, now: Now, id: &MessageId) -> Result<(), AgentError> {
+        let settled = self
+            .ledger
+            .handled(now.at, id)
+            .map_err(AgentError::Ledger)?;
+        if let Some(r) = settled.ack {
+            self.resolve(r);
+        }
+        Ok(())
+    }
+
+    /// Declines a pending message (mute, focus …): acked, remembered, not surfaced again.
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError::Ledger`] for an id that is not pending.
+    pub fn decline(&mut self, now: Now, id: &MessageId) -> Result<(), AgentError> {
+        let settled = self
+            .ledger
+            .decline(now.at, id)
+            .map_err(AgentError::Ledger)?;
+        if let Some(r) = settled.ack {
+            self.resolve(r);
+        }
+        Ok(())
+    }
+
+    /// Stops the agent: publishes an offline presence (best effort), closes every feed, clears
+    /// timers. Memberships are not tombstoned: a relaunch resumes them (§2(e) `stop()`).
+    pub fn stop(&mut self, now: Now) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        self.timers = TimerTable::new();
+        if self.link != Link::Down && self.config.heartbeat.is_some() {
+            let record = self.presence(now, PresenceStatus::Offline).to_offline();
+            let op = self.op(Pending::Presence);
+            self.commands.push_back(Command::KvPut {
+                op,
+                bucket: KvBucket::Presence.name(&self.config.space),
+                key: self.config.me.id.as_str().to_owned(),
+                value: json::encode(&record),
+                condition: KvCondition::Any,
+            });
+        }
+        let feeds: Vec<(SubId, Feed)> = self.feeds.iter().map(|(s, f)| (*s, *f)).collect();
+        for (sub, feed) in feeds {
+            self.commands.push_back(match feed {
+                Feed::Registry => Command::KvUnwatch { sub },
+                Feed::Dlv => Command::StopConsume { sub },
+                Feed::Chat(_) => Command::Unsubscribe { sub },
+            });
+        }
+        self.feeds.clear();
+    }
+
+    /// The joined channels (committed joins), in order.
+    pub fn joined(&self) -> Vec<Channel> {
+        self.channels
+            .values()
+            .filter(|e| e.phase == Phase::Joined)
+            .map(|e| e.channel.clone())
+            .collect()
+    }
+
+    /// The membership mirror: channel → generation.
+    pub fn memberships(&self) -> &BTreeMap<ConcreteChannel, u64> {
+        &self.memberships
+    }
+
+    /// The health surface.
+    pub fn health(&self) -> AgentHealth {
+        AgentHealth {
+            ready: self.link == Link::Ready,
+            channels: self
+                .channels
+                .values()
+                .filter(|e| e.phase == Phase::Joined)
+                .map(|e| ChannelHealth {
+                    channel: e.channel.clone(),
+                    live: e.sub.is_some() && !e.resubscribe,
+                    backstop: e.backstop.clone(),
+                })
+                .collect(),
+            unclosed: self.unclosed.values().cloned().collect(),
+            dlv_bound: self.dlv_bound,
+            counters: self.counters,
+            ledger: *self.ledger.counters(),
+        }
+    }
+
+    /// The receiver ledger (read-only), for hosts that persist its horizon.
+    pub fn ledger(&self) -> &Ledger<Arrival> {
+        &self.ledger
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Plumbing
+    // -----------------------------------------------------------------------------------------
+
+    fn check_ready(&self) -> Result<(), AgentError> {
+        if self.stopped {
+            return Err(AgentError::Stopped);
+        }
+        if self.link != Link::Ready {
+            return Err(AgentError::NotReady);
+        }
+        Ok(())
+    }
+
+    fn next_request_id(&mut self) -> RequestId {
+        self.next_request += 1;
+        RequestId(self.next_request)
+    }
+
+    fn op(&mut self, pending: Pending) -> OpId {
+        let op = self.ops.next_id();
+        self.pending.insert(op, pending);
+        op
+    }
+
+    fn epoch(&mut self) -> u64 {
+        self.next_epoch += 1;
+        self.next_epoch
+    }
+
+    fn slot(&mut self, channel: &ConcreteChannel) -> u64 {
+        if let Some(s) = self.slot_of.get(channel) {
+            return *s;
+        }
+        let s = self.slots.len() as u64 + 1;
+        self.slots.insert(s, channel.clone());
+        self.slot_of.insert(channel.clone(), s);
+        s
+    }
+
+    fn chat_stream(&self) -> String {
+        SpaceStream::Chat.name(&self.config.space)
+    }
+
+    fn presence(&self, now: Now, status: PresenceStatus) -> Presence {
+        Presence {
+            card: AgentCard {
+                id: self.config.me.id.clone(),
+                name: self.config.me.name.clone(),
+                kind: Some("agent".into()),
+                role: self.config.me.role.clone(),
+                protocol_version: Some(crate::constants::ADVERTISED_PROTOCOL_VERSION.into()),
+                extra: Default::default(),
+            },
+            status,
+            activity: None,
+            attention: None,
+            channel_modes: None,
+            ts: now.wall,
+            extra: Default::default(),
+        }
+    }
+
+    fn resolve(&mut self, r: Resolution) {
+        let kind = match r.action {
+            Action::Ack => AckKind::Ack,
+            Action::Nak { delay } => AckKind::Nak { delay },
+            Action::Term => AckKind::Term,
+            Action::Forget => return,
+            #[allow(unreachable_patterns)]
+            _ => return,
+        };
+        let op = self.op(Pending::Settle);
+        self.commands.push_back(Command::Settle {
+            op,
+            delivery: r.delivery,
+            kind,
+        });
+    }
+
+    fn control_request(&mut self, request: &DeliveryRequest, pending: Pending, timeout: Duration) {
+        let uuid = self.ids.uuid();
+        let space = self.config.space.clone();
+        let me = self.config.me.id.clone();
+        let reply = match delivery_reply_subject(&space, &me, &uuid) {
+            Ok(s) => s.to_string(),
+            // A uuid is always one token; this cannot happen.
+            Err(_) => {
+                debug_assert!(false, "uuid is not a subject token");
+                return;
+            }
+        };
+        let payload = json::encode(&request.to_request(self.config.me.clone()));
+        let op = self.op(pending);
+        self.commands.push_back(Command::Request {
+            op,
+            subject: delivery_request_subject(&space, &me).to_string(),
+            reply,
+            payload,
+            timeout,
+        });
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Connection
+    // -----------------------------------------------------------------------------------------
+
+    fn on_connection(&mut self, now: Now, change: Connection) {
+        match change {
+            Connection::Lost => self.on_lost(),
+            Connection::Restored => self.on_restored(now),
+        }
+    }
+
+    fn on_lost(&mut self) {
+        if self.link == Link::Down {
+            return;
+        }
+        bump(&mut self.counters.connection_losses);
+        self.link = Link::Down;
+        self.feeds.clear();
+        self.dlv = None;
+        self.dlv_bound = false;
+        self.registry_feed = None;
+        self.registry = ChannelRegistry::default();
+        self.timers.cancel(&Timer::Heartbeat);
+        // In-flight joins fail closed; joined channels lose their subscription.
+        let names: Vec<Channel> = self.channels.keys().cloned().collect();
+        for name in names {
+            let Some(entry) = self.channels.get_mut(&name) else {
+                continue;
+            };
+            entry.sub = None;
+            entry.backfill_next = None;
+            if entry.phase != Phase::Joined {
+                let request = entry.join.as_ref().and_then(|j| j.request);
+                self.channels.remove(&name);
+                self.events.push_back(AgentEvent::JoinFailed {
+                    request,
+                    channel: name,
+                    error: JoinError::Unconfirmed {
+                        detail: "connection lost".into(),
+                    },
+                });
+                continue;
+            }
+            entry.resubscribe = false;
+            if let Some(join) = entry.join.take() {
+                // Committed already: report what we have.
+                let mut report = join.report;
+                if join.backfill_pending && report.reason.is_none() {
+                    report.reason = Some("backfill interrupted: connection lost".into());
+                }
+                self.events.push_back(AgentEvent::Joined {
+                    request: join.request,
+                    channel: name,
+                    report,
+                });
+            }
+        }
+        self.events.push_back(AgentEvent::Disconnected);
+    }
+
+    fn on_restored(&mut self, now: Now) {
+        if self.stopped {
+            return;
+        }
+        if self.link != Link::Down {
+            // A restore without a loss: treat as loss + restore (feeds may be gone).
+            self.on_lost();
+        }
+        self.link = Link::Loading;
+        let sub = self.subs.next_id();
+        self.feeds.insert(sub, Feed::Registry);
+        self.registry_feed = Some(sub);
+        let op = self.op(Pending::RegistryWatch);
+        self.commands.push_back(Command::KvWatch {
+            op,
+            sub,
+            bucket: KvBucket::Channels.name(&self.config.space),
+            filter: ">".into(),
+        });
+        if self.config.durable_backstop {
+            let sub = self.subs.next_id();
+            self.feeds.insert(sub, Feed::Dlv);
+            self.dlv = Some(sub);
+            let op = self.op(Pending::DlvConsume);
+            self.commands.push_back(Command::Consume {
+                op,
+                sub,
+                consumer: ConsumerSpec::dlv(&self.config.space, &self.config.me.id),
+                create: self.config.create_dlv_consumer,
+                max_in_flight: self.config.ledger.max_pending as u32,
+            });
+        }
+        if self.first_connect {
+            let boot: Vec<Channel> = self.config.channels.clone();
+            for channel in boot {
+                if !self.channels.contains_key(&channel) {
+                    self.start_join(channel, None);
+                }
+            }
+        } else {
+            let names: Vec<Channel> = self.channels.keys().cloned().collect();
+            for name in names {
+                self.resubscribe(&name);
+            }
+        }
+        if let Some(every) = self.config.heartbeat {
+            self.heartbeat(now);
+            self.timers.set(Timer::Heartbeat, now.at + every);
+        }
+    }
+
+    fn on_registry_loaded(&mut self) {
+        if self.link != Link::Loading {
+            return;
+        }
+        self.link = Link::Ready;
+        let first = self.first_connect;
+        self.first_connect = false;
+        self.events.push_back(AgentEvent::Connected { first });
+        let names: Vec<Channel> = self.channels.keys().cloned().collect();
+        for name in names {
+            self.maybe_start_post_commit(&name);
+        }
+    }
+
+    fn heartbeat(&mut self, now: Now) {
+        let record = self.presence(now, PresenceStatus::Idle);
+        let op = self.op(Pending::Presence);
+        self.commands.push_back(Command::KvPut {
+            op,
+            bucket: KvBucket::Presence.name(&self.config.space),
+            key: self.config.me.id.as_str().to_owned(),
+            value: json::encode(&record),
+            condition: KvCondition::Any,
+        });
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Join
+    // -----------------------------------------------------------------------------------------
+
+    fn start_join(&mut self, channel: Channel, request: Option<RequestId>) {
+        let epoch = self.epoch();
+        let entry = ChannelEntry {
+            channel: channel.clone(),
+            phase: Phase::Arming,
+            epoch,
+            sub: None,
+            watermark: None,
+            refused: None,
+            join: Some(JoinProgress {
+                request,
+                started: false,
+                backfill_pending: false,
+                durable_pending: false,
+                report: JoinReport {
+                    joined: true,
+                    watermark: None,
+                    backfilled: 0,
+                    durable: false,
+                    generation: None,
+                    cursor_honoured: None,
+                    reason: None,
+                },
+            }),
+            resubscribe: false,
+            backstop: BackstopState::Pending,
+            leave: None,
+            backfill_next: None,
+        };
+        self.channels.insert(channel.clone(), entry);
+        let op = self.op(Pending::Arm { channel, epoch });
+        self.commands.push_back(Command::StreamInfo {
+            op,
+            stream: self.chat_stream(),
+        });
+    }
+
+    fn subscribe(&mut self, channel: &Channel) {
+        let Some(entry) = self.channels.get(channel) else {
+            return;
+        };
+        let epoch = entry.epoch;
+        let sub = self.subs.next_id();
+        self.feeds.insert(sub, Feed::Chat(epoch));
+        let subject = chat_subscribe_pattern(&self.config.space, channel);
+        if let Some(entry) = self.channels.get_mut(channel) {
+            entry.sub = Some(sub);
+            entry.refused = None;
+            if entry.phase == Phase::Arming {
+                entry.phase = Phase::Subscribing;
+            }
+        }
+        let op = self.op(Pending::Subscribe {
+            channel: channel.clone(),
+            epoch,
+        });
+        self.commands
+            .push_back(Command::Subscribe { op, sub, subject });
+        let op = self.op(Pending::Barrier {
+            channel: channel.clone(),
+            epoch,
+        });
+        self.commands.push_back(Command::Barrier { op });
+    }
+
+    fn resubscribe(&mut self, channel: &Channel) {
+        let epoch = self.epoch();
+        if let Some(entry) = self.channels.get_mut(channel) {
+            entry.epoch = epoch;
+            entry.resubscribe = true;
+            entry.refused = None;
+        }
+        self.subscribe(channel);
+    }
+
+    /// A join attempt failed before its commit: undo everything and report.
+    fn fail_join(&mut self, channel: &Channel, error: JoinError) {
+        let Some(entry) = self.channels.remove(channel) else {
+            return;
+        };
+        if let Some(sub) = entry.sub {
+            self.feeds.remove(&sub);
+            self.commands.push_back(Command::Unsubscribe { sub });
+        }
+        let request = entry.join.and_then(|j| j.request);
+        self.events.push_back(AgentEvent::JoinFailed {
+            request,
+            channel: channel.clone(),
+            error,
+        });
+    }
+
+    fn on_arm(&mut self, channel: Channel, epoch: u64, outcome: Outcome<Reply>) {
+        if !self.is_current(&channel, epoch, Phase::Arming) {
+            return;
+        }
+        match outcome {
+            Outcome::Success(Reply::StreamState(state)) => {
+                if let Some(entry) = self.channels.get_mut(&channel) {
+                    entry.watermark = Some(state.last_seq);
+                    if let Some(join) = entry.join.as_mut() {
+                        join.report.watermark = Some(state.last_seq);
+                    }
+                }
+                self.subscribe(&channel);
+            }
+            Outcome::Success(other) => self.fail_join(
+                &channel,
+                JoinError::Unconfirmed {
+                    detail: format!("unexpected reply to the frontier read: {other:?}"),
+                },
+            ),
+            Outcome::Failed(f) => self.fail_join(
+                &channel,
+                JoinError::Unconfirmed {
+                    detail: format!("CHAT frontier unreadable: {f}"),
+                },
+            ),
+            Outcome::Unknown => self.fail_join(
+                &channel,
+                JoinError::Unconfirmed {
+                    detail: "CHAT frontier read outcome unknown".into(),
+                },
+            ),
+        }
+    }
+
+    fn is_current(&self, channel: &Channel, epoch: u64, phase: Phase) -> bool {
+        self.channels
+            .get(channel)
+            .is_some_and(|e| e.epoch == epoch && e.phase == phase)
+    }
+
+    fn on_subscribe(&mut self, channel: Channel, epoch: u64, outcome: Outcome<Reply>) {
+        let Some(entry) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        if entry.epoch != epoch {
+            return;
+        }
+        if entry.phase == Phase::Subscribing {
+            entry.phase = Phase::Confirming;
+        }
+        match outcome {
+            Outcome::Success(_) => {}
+            Outcome::Failed(f) => {
+                // The barrier decides; remember the failure as a refusal reason.
+                entry.refused.get_or_insert_with(|| f.to_string());
+            }
+            Outcome::Unknown => {
+                entry
+                    .refused
+                    .get_or_insert_with(|| "subscribe outcome unknown".into());
+            }
+        }
+    }
+
+    fn on_barrier(&mut self, now: Now, channel: Channel, epoch: u64, outcome: Outcome<Reply>) {
+        let Some(entry) = self.channels.get(&channel) else {
+            return;
+        };
+        if entry.epoch != epoch {
+            return;
+        }
+        let refused = entry.refused.clone();
+        let resubscribe = entry.resubscribe;
+        let confirmed = matches!(outcome, Outcome::Success(_));
+        if resubscribe {
+            // A re-subscribe after reconnect: a refusal here is a late refusal.
+            if let Some(detail) = refused {
+                self.late_refusal(now, &channel, detail);
+            } else if !confirmed {
+                // The connection is going down again; the next restore re-subscribes.
+            } else if let Some(entry) = self.channels.get_mut(&channel) {
+                entry.resubscribe = false;
+            }
+            return;
+        }
+        if entry.phase != Phase::Confirming && entry.phase != Phase::Subscribing {
+            return;
+        }
+        if let Some(detail) = refused {
+            let error = if detail.to_ascii_lowercase().contains("permission") {
+                JoinError::Refused { detail }
+            } else {
+                JoinError::Unconfirmed { detail }
+            };
+            self.fail_join(&channel, error);
+            return;
+        }
+        match outcome {
+            Outcome::Success(_) => {
+                if let Some(entry) = self.channels.get_mut(&channel) {
+                    entry.phase = Phase::Joined;
+                }
+                self.maybe_start_post_commit(&channel);
+            }
+            Outcome::Failed(f) => self.fail_join(
+                &channel,
+                JoinError::Unconfirmed {
+                    detail: f.to_string(),
+                },
+            ),
+            Outcome::Unknown => self.fail_join(
+                &channel,
+                JoinError::Unconfirmed {
+                    detail: "confirmation outcome unknown".into(),
+                },
+            ),
+        }
+    }
+
+    /// After the commit, once the registry is loaded: durable step and backfill.
+    fn maybe_start_post_commit(&mut self, channel: &Channel) {
+        if self.link != Link::Ready {
+            return;
+        }
+        let Some(entry) = self.channels.get(channel) else {
+            return;
+        };
+        if entry.phase != Phase::Joined {
+            return;
+        }
+        let Some(join) = entry.join.as_ref() else {
+            return;
+        };
+        if join.started {
+            return;
+        }
+        let watermark = entry.watermark;
+        let policy = self.registry.policy_for(channel);
+        let durable_class = policy.is_durable() && self.config.durable_backstop;
+        let concrete = channel.to_concrete();
+        // Durable step.
+        let mut durable_pending = false;
+        let mut backstop = BackstopState::NotApplicable;
+        let mut reason = None;
+        if durable_class {
+            match &concrete {
+                Some(c) if self.memberships.contains_key(c) => {
+                    // Already a member (a relaunch's boot join finds it idempotently too).
+                    let generation = self.memberships[c];
+                    backstop = BackstopState::Established { generation };
+                }
+                Some(c) => {
+                    durable_pending = true;
+                    backstop = BackstopState::Requesting;
+                    let request = DeliveryRequest::DurableJoin {
+                        channel: c.clone(),
+                        join_cursor: watermark,
+                    };
+                    self.control_request(
+                        &request,
+                        Pending::DurableJoin {
+                            channel: c.clone(),
+                            cursor: watermark,
+                        },
+                        DURABLE_JOIN_TIMEOUT,
+                    );
+                }
+                None => {
+                    reason = Some(
+                        "durable backstop unavailable (a wildcard channel has no membership)"
+                            .to_owned(),
+                    );
+                    backstop = BackstopState::Degraded {
+                        reason: reason.clone().unwrap_or_default(),
+                        attempts: 0,
+                    };
+                }
+            }
+        }
+        // Backfill.
+        let mut backfill_pending = false;
+        let mut next = None;
+        if let Some(f) = watermark {
+            let start = match policy.backfill() {
+                Backfill::Skip => None,
+                Backfill::Full => Some(ReadStart::Seq(1)),
+                Backfill::Window(w) => Some(ReadStart::Time(UnixMillis(
+                    self.last_wall.0.saturating_sub(w.as_millis()),
+                ))),
+            };
+            if let (Some(start), true) = (start, f > 0) {
+                backfill_pending = true;
+                next = Some(start);
+            }
+        }
+        let Some(entry) = self.channels.get_mut(channel) else {
+            return;
+        };
+        entry.backstop = backstop;
+        if let Some(join) = entry.join.as_mut() {
+            join.started = true;
+            join.durable_pending = durable_pending;
+            join.backfill_pending = backfill_pending;
+            if reason.is_some() {
+                join.report.reason = reason;
+            }
+            if let BackstopState::Established { generation } = entry.backstop {
+                join.report.durable = true;
+                join.report.generation = Some(generation);
+            }
+        }
+        if let (Some(start), Some(f)) = (next, watermark) {
+            self.read_backfill(channel, start, f);
+        }
+        self.maybe_report_join(channel);
+    }
+
+    fn read_backfill(&mut self, channel: &Channel, start: ReadStart, until: u64) {
+        let Some(entry) = self.channels.get_mut(channel) else {
+            return;
+        };
+        let epoch = entry.epoch;
+        if let ReadStart::Seq(s) = start {
+            entry.backfill_next = Some(s);
+        }
+        let op = self.op(Pending::Backfill {
+            channel: channel.clone(),
+            epoch,
+            until,
+        });
+        self.commands.push_back(Command::ReadStream {
+            op,
+            stream: SpaceStream::Chat.name(&self.config.space),
+            filter: chat_subscribe_pattern(&self.config.space, channel),
+            start,
+            last_seq: Some(until),
+            max: HISTORY_FETCH_MAX_BATCH,
+        });
+    }
+
+    fn on_backfill(
+        &mut self,
+        now: Now,
+        channel: Channel,
+        epoch: u64,
+        until: u64,
+        outcome: Outcome<Reply>,
+    ) {
+        let Some(entry) = self.channels.get(&channel) else {
+            return;
+        };
+        if entry.epoch != epoch || entry.phase != Phase::Joined {
+            return;
+        }
+        match outcome {
+            Outcome::Success(Reply::Stored(messages)) => {
+                let full = messages.len() >= HISTORY_FETCH_MAX_BATCH as usize;
+                let mut last = None;
+                let mut count = 0u64;
+                for m in messages {
+                    if m.seq > until {
+                        break;
+                    }
+                    last = Some(m.seq);
+                    count += 1;
+                    self.ingest_stored(now, &m);
+                }
+                if let Some(join) = self
+                    .channels
+                    .get_mut(&channel)
+                    .and_then(|e| e.join.as_mut())
+                {
+                    join.report.backfilled = join.report.backfilled.saturating_add(count);
+                }
+                match last {
+                    Some(l) if full && l < until => {
+                        self.read_backfill(&channel, ReadStart::Seq(l + 1), until)
+                    }
+                    _ => self.finish_backfill(&channel, None),
+                }
+            }
+            Outcome::Success(other) => self.finish_backfill(
+                &channel,
+                Some(format!("backfill failed: unexpected reply {other:?}")),
+            ),
+            Outcome::Failed(f) => {
+                self.finish_backfill(&channel, Some(format!("backfill failed: {f}")))
+            }
+            Outcome::Unknown => {
+                self.finish_backfill(&channel, Some("backfill interrupted".to_owned()))
+            }
+        }
+    }
+
+    fn finish_backfill(&mut self, channel: &Channel, error: Option<String>) {
+        if error.is_some() {
+            bump(&mut self.counters.backfill_failures);
+        }
+        if let Some(entry) = self.channels.get_mut(channel) {
+            entry.backfill_next = None;
+            if let Some(join) = entry.join.as_mut() {
+                join.backfill_pending = false;
+                if let Some(e) = error {
+                    join.report.reason = Some(match join.report.reason.take() {
+                        Some(r) => format!("{r}; {e}"),
+                        None => e,
+                    });
+                }
+            }
+        }
+        self.maybe_report_join(channel);
+    }
+
+    fn maybe_report_join(&mut self, channel: &Channel) {
+        let Some(entry) = self.channels.get_mut(channel) else {
+            return;
+        };
+        let done = entry
+            .join
+            .as_ref()
+            .is_some_and(|j| j.started && !j.backfill_pending && !j.durable_pending);
+        if !done {
+            return;
+        }
+        let Some(join) = entry.join.take() else {
+            return;
+        };
+        self.events.push_back(AgentEvent::Joined {
+            request: join.request,
+            channel: channel.clone(),
+            report: join.report,
+        });
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Durable join, reconcile
+    // -----------------------------------------------------------------------------------------
+
+    fn on_durable_join(
+        &mut self,
+        now: Now,
+        channel: ConcreteChannel,
+        cursor: Option<u64>,
+        outcome: Outcome<Reply>,
+    ) {
+        self.reconcile_in_flight.remove(&channel);
+        let result = decode_join_reply(outcome);
+        let key = channel.as_channel();
+        let joined = self
+            .channels
+            .get(&key)
+            .is_some_and(|e| e.phase == Phase::Joined && e.leave.is_none());
+        match result {
+            Ok(reply) if reply.durable => {
+                let generation = reply.generation.unwrap_or(0);
+                if !joined {
+                    // Left or refused while the request was in flight: the membership the daemon
+                    // just opened must be closed (G11), not mirrored.
+                    self.start_close(now, channel, generation);
+                    return;
+                }
+                self.memberships.insert(channel.clone(), generation);
+                self.ever_durable.insert(channel.clone());
+                // A rejoin supersedes a pending refusal close of an older generation.
+                if self
+                    .unclosed
+                    .get(&channel)
+                    .is_some_and(|u| u.generation < generation)
+                {
+                    self.unclosed.remove(&channel);
+                }
+                let honoured = match (cursor, reply.join_cursor) {
+                    (Some(ours), Some(used)) => Some(ours == used),
+                    _ => None,
+                };
+                let slot = self.slot(&channel);
+                self.timers.cancel(&Timer::Reconcile(slot));
+                if let Some(entry) = self.channels.get_mut(&key) {
+                    entry.backstop = BackstopState::Established { generation };
+                    if let Some(join) = entry.join.as_mut() {
+                        join.durable_pending = false;
+                        join.report.durable = true;
+                        join.report.generation = Some(generation);
+                        join.report.cursor_honoured = honoured;
+                    }
+                }
+                self.events.push_back(AgentEvent::BackstopEstablished {
+                    channel: channel.clone(),
+                    generation,
+                });
+                self.maybe_report_join(&key);
+            }
+            other => {
+                if !joined {
+                    return;
+                }
+                let reason = match other {
+                    Ok(reply) => reply
+                        .reason
+                        .unwrap_or_else(|| "durable backstop unavailable".to_owned()),
+                    Err(e) => format!("durable backstop unavailable ({e})"),
+                };
+                let attempts = match self.channels.get(&key).map(|e| &e.backstop) {
+                    Some(BackstopState::Degraded { attempts, .. }) => *attempts,
+                    _ => 0,
+                };
+                let slot = self.slot(&channel);
+                self.timers
+                    .set(Timer::Reconcile(slot), now.at + backoff(attempts));
+                if let Some(entry) = self.channels.get_mut(&key) {
+                    entry.backstop = BackstopState::Degraded {
+                        reason: reason.clone(),
+                        attempts,
+                    };
+                    if let Some(join) = entry.join.as_mut() {
+                        join.durable_pending = false;
+                        join.report.reason = Some(reason.clone());
+                    }
+                }
+                if attempts == 0 {
+                    self.events.push_back(AgentEvent::BackstopDegraded {
+                        channel: channel.clone(),
+                        reason,
+                    });
+                }
+                self.maybe_report_join(&key);
+            }
+        }
+    }
+
+    fn reconcile(&mut self, channel: ConcreteChannel) {
+        let key = channel.as_channel();
+        let Some(entry) = self.channels.get_mut(&key) else {
+            return;
+        };
+        if entry.phase != Phase::Joined || entry.leave.is_some() {
+            return;
+        }
+        if self.memberships.contains_key(&channel) || self.reconcile_in_flight.contains(&channel) {
+            return;
+        }
+        if self.link != Link::Ready {
+            // Retry after the next backoff step; the connection decides when.
+            let slot = self.slot(&channel);
+            let at = self.last_at + backoff(0);
+            self.timers.set(Timer::Reconcile(slot), at);
+            return;
+        }
+        // The backstop stays `Degraded` (with one more attempt counted) while the request is in
+        // flight: the channel is not protected until the daemon says so.
+        if let BackstopState::Degraded { attempts, .. } = &mut entry.backstop {
+            *attempts = attempts.saturating_add(1);
+        }
+        // The armed watermark is still the right join cursor: everything above it reached us only
+        // live (at-most-once), so the daemon's catch-up from it closes that window (G1).
+        let join_cursor = entry.watermark;
+        bump(&mut self.counters.reconcile_attempts);
+        self.reconcile_in_flight.insert(channel.clone());
+        let request = DeliveryRequest::DurableJoin {
+            channel: channel.clone(),
+            join_cursor,
+        };
+        self.control_request(
+            &request,
+            Pending::DurableJoin {
+                channel,
+                cursor: join_cursor,
+            },
+            DURABLE_JOIN_TIMEOUT,
+        );
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Leave
+    // -----------------------------------------------------------------------------------------
+
+    fn start_leave(&mut self, channel: Channel, request: RequestId) {
+        if let Some(entry) = self.channels.get_mut(&channel) {
+            entry.leave = Some(request);
+        }
+        let concrete = channel.to_concrete();
+        let needs_tombstone = self.config.durable_backstop
+            && concrete.as_ref().is_some_and(|c| {
+                self.memberships.contains_key(c)
+                    || self.ever_durable.contains(c)
+                    || self.registry.policy_for(&channel).is_durable()
+            });
+        match (needs_tombstone, concrete) {
+            (true, Some(c)) => {
+                if let Some(generation) = self.memberships.get(&c).copied() {
+                    self.send_leave(c, generation);
+                } else {
+                    self.control_request(
+                        &DeliveryRequest::ListMemberships,
+                        Pending::ListForLeave {
+                            channel: channel.clone(),
+                        },
+                        REQUEST_DELIVERY_TIMEOUT,
+                    );
+                }
+            }
+            _ => self.finish_leave(&channel, None),
+        }
+    }
+
+    fn send_leave(&mut self, channel: ConcreteChannel, generation: u64) {
+        let request = DeliveryRequest::DurableLeave {
+            channel: channel.clone(),
+            generation,
+        };
+        self.control_request(
+            &request,
+            Pending::DurableLeave {
+                channel,
+                generation,
+            },
+            REQUEST_DELIVERY_TIMEOUT,
+        );
+    }
+
+    fn finish_leave(&mut self, channel: &Channel, tombstoned: Option<u64>) {
+        let Some(entry) = self.channels.remove(channel) else {
+            return;
+        };
+        if let Some(sub) = entry.sub {
+            self.feeds.remove(&sub);
+            self.commands.push_back(Command::Unsubscribe { sub });
+        }
+        if let Some(c) = channel.to_concrete()
+            && let Some(slot) = self.slot_of.get(&c).copied()
+        {
+            self.timers.cancel(&Timer::Reconcile(slot));
+        }
+        if let Some(request) = entry.leave {
+            self.events.push_back(AgentEvent::Left {
+                request,
+                channel: channel.clone(),
+                tombstoned,
+            });
+        }
+    }
+
+    fn fail_leave(&mut self, channel: &Channel, error: LeaveError) {
+        let Some(entry) = self.channels.get_mut(channel) else {
+            return;
+        };
+        let Some(request) = entry.leave.take() else {
+            return;
+        };
+        self.events.push_back(AgentEvent::LeaveFailed {
+            request,
+            channel: channel.clone(),
+            error,
+        });
+    }
+
+    fn on_list_for_leave(&mut self, channel: Channel, outcome: Outcome<Reply>) {
+        let Some(concrete) = channel.to_concrete() else {
+            return;
+        };
+        if self
+            .channels
+            .get(&channel)
+            .is_none_or(|e| e.leave.is_none())
+        {
+            return;
+        }
+        match outcome {
+            Outcome::Failed(Failure::NoResponders) if !self.ever_durable.contains(&concrete) => {
+                // No daemon and no membership ever known here: nothing to tombstone (§2(b)).
+                self.finish_leave(&channel, None);
+            }
+            outcome => match decode_list_reply(outcome) {
+                Ok(list) => match list.memberships.iter().find(|m| m.channel == concrete) {
+                    Some(m) => self.send_leave(concrete, m.generation),
+                    None => self.finish_leave(&channel, None),
+                },
+                Err(detail) => self.fail_leave(&channel, LeaveError::MembershipsUnknown { detail }),
+            },
+        }
+    }
+
+    fn on_durable_leave(
+        &mut self,
+        now: Now,
+        channel: ConcreteChannel,
+        generation: u64,
+        outcome: Outcome<Reply>,
+    ) {
+        self.close_in_flight.remove(&channel);
+        let result = decode_leave_reply(outcome);
+        let key = channel.as_channel();
+        let leaving = self.channels.get(&key).is_some_and(|e| e.leave.is_some());
+        match result {
+            Ok(()) => {
+                if self.memberships.get(&channel) == Some(&generation) {
+                    self.memberships.remove(&channel);
+                }
+                if let Some(u) = self.unclosed.get(&channel)
+                    && u.generation == generation
+                {
+                    self.unclosed.remove(&channel);
+                    if let Some(slot) = self.slot_of.get(&channel).copied() {
+                        self.timers.cancel(&Timer::Close(slot));
+                    }
+                    self.events.push_back(AgentEvent::MembershipClosed {
+                        channel: channel.clone(),
+                        generation,
+                    });
+                }
+                if leaving {
+                    self.finish_leave(&key, Some(generation));
+                }
+            }
+            Err((error, detail)) => {
+                if leaving {
+                    self.fail_leave(&key, error);
+                }
+                if self.unclosed.contains_key(&channel) {
+                    self.close_failed(now, &channel, detail);
+                }
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Late refusal and the refusal close
+    // -----------------------------------------------------------------------------------------
+
+    fn on_refused(&mut self, now: Now, sub: SubId, detail: String) {
+        let Some(Feed::Chat(epoch)) = self.feeds.remove(&sub) else {
+            return;
+        };
+        let Some(channel) = self
+            .channels
+            .iter()
+            .find(|(_, e)| e.epoch == epoch && e.sub == Some(sub))
+            .map(|(c, _)| c.clone())
+        else {
+            return;
+        };
+        let Some(entry) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        entry.sub = None;
+        if entry.phase == Phase::Joined && !entry.resubscribe {
+            self.late_refusal(now, &channel, detail);
+        } else {
+            // During a join's (or re-subscribe's) confirm window: the barrier decides.
+            entry.refused = Some(detail);
+        }
+    }
+
+    fn late_refusal(&mut self, now: Now, channel: &Channel, detail: String) {
+        bump(&mut self.counters.late_refusals);
+        let Some(entry) = self.channels.remove(channel) else {
+            return;
+        };
+        if let Some(sub) = entry.sub {
+            self.feeds.remove(&sub);
+            self.commands.push_back(Command::Unsubscribe { sub });
+        }
+        if let Some(request) = entry.leave {
+            self.events.push_back(AgentEvent::LeaveFailed {
+                request,
+                channel: channel.clone(),
+                error: LeaveError::TombstoneFailed {
+                    detail: "the live subscription was refused; the membership is being closed"
+                        .into(),
+                },
+            });
+        }
+        if let Some(join) = entry.join {
+            self.events.push_back(AgentEvent::Joined {
+                request: join.request,
+                channel: channel.clone(),
+                report: join.report,
+            });
+        }
+        let concrete = channel.to_concrete();
+        if let Some(c) = &concrete
+            && let Some(slot) = self.slot_of.get(c).copied()
+        {
+            self.timers.cancel(&Timer::Reconcile(slot));
+        }
+        let closing = concrete
+            .as_ref()
+            .and_then(|c| self.memberships.get(c).copied());
+        self.events.push_back(AgentEvent::ChannelRefused {
+            channel: channel.clone(),
+            detail,
+            closing,
+        });
+        if let (Some(c), Some(generation)) = (concrete, closing) {
+            self.start_close(now, c, generation);
+        }
+    }
+
+    fn start_close(&mut self, now: Now, channel: ConcreteChannel, generation: u64) {
+        let _ = now;
+        self.unclosed.insert(
+            channel.clone(),
+            Unclosed {
+                channel: channel.clone(),
+                generation,
+                attempts: 0,
+                last_error: None,
+            },
+        );
+        self.try_close(channel);
+    }
+
+    fn try_close(&mut self, channel: ConcreteChannel) {
+        let Some(u) = self.unclosed.get(&channel) else {
+            return;
+        };
+        if self.close_in_flight.contains(&channel) {
+            return;
+        }
+        let generation = u.generation;
+        self.close_in_flight.insert(channel.clone());
+        self.send_leave(channel, generation);
+    }
+
+    fn close_failed(&mut self, now: Now, channel: &ConcreteChannel, detail: String) {
+        bump(&mut self.counters.close_failures);
+        let slot = self.slot(channel);
+        let Some(u) = self.unclosed.get_mut(channel) else {
+            return;
+        };
+        let attempt = u.attempts;
+        u.attempts = u.attempts.saturating_add(1);
+        u.last_error = Some(detail.clone());
+        let (generation, attempts) = (u.generation, u.attempts);
+        self.timers
+            .set(Timer::Close(slot), now.at + backoff(attempt));
+        if attempt == 0 || attempts % 5 == 0 {
+            self.events.push_back(AgentEvent::MembershipCloseRetrying {
+                channel: channel.clone(),
+                generation,
+                attempts,
+                error: detail,
+            });
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Receiving
+    // -----------------------------------------------------------------------------------------
+
+    fn ingest_stored(&mut self, now: Now, m: &StoredMessage) {
+        self.ingest_chat(now, &m.subject, &m.payload, CopySource::Backfill);
+    }
+
+    /// The authenticity filter of the live and backfill paths, then the ledger.
+    fn ingest_chat(&mut self, now: Now, subject: &str, payload: &Bytes, source: CopySource) {
+        let Ok(Subject::Chat {
+            sender, channel, ..
+        }) = Subject::parse(subject)
+        else {
+            // Not a chat subject: dropped silently, as the reference does.
+            return;
+        };
+        let msg = match CotalMessage::decode(payload) {
+            Ok(m) => m,
+            Err(_) => {
+                bump(&mut self.counters.malformed);
+                self.events.push_back(AgentEvent::Anomaly {
+                    subject: subject.to_owned(),
+                    rejection: Rejection::Malformed,
+                });
+                return;
+            }
+        };
+        if msg.from.id != sender {
+            bump(&mut self.counters.spoofed);
+            self.events.push_back(AgentEvent::Anomaly {
+                subject: subject.to_owned(),
+                rejection: Rejection::Spoofed,
+            });
+            return;
+        }
+        if sender == self.config.me.id {
+            bump(&mut self.counters.own_echoes);
+            return;
+        }
+        let historical = matches!(source, CopySource::Backfill);
+        self.ingest(now, msg, Some(channel), historical, source);
+    }
+
+    fn ingest(
+        &mut self,
+        now: Now,
+        msg: CotalMessage,
+        channel: Option<ConcreteChannel>,
+        historical: bool,
+        source: CopySource,
+    ) {
+        let me = self.config.me.name.to_lowercase();
+        let mentions_me = msg.mentions.contains(&me);
+        let id = MessageId::new(msg.id.clone());
+        let arrival = Arrival {
+            message: msg,
+            channel,
+            historical,
+            mentions_me,
+        };
+        match self.ledger.ingest(now.at, id.clone(), source, arrival) {
+            Ok(decision) => {
+                if let Some(r) = decision.resolution() {
+                    self.resolve(r);
+                }
+                if decision == Decision::OverflowLost {
+                    self.events.push_back(AgentEvent::Lost {
+                        id: id.as_str().to_owned(),
+                        reason: "receiver inbox full".into(),
+                    });
+                }
+                if decision.is_buffered() {
+                    self.events.push_back(AgentEvent::MessagesReady {
+                        queued: self.ledger.queued_len(),
+                    });
+                }
+            }
+            Err(e) => {
+                debug_assert!(false, "ledger misuse: {e}");
+            }
+        }
+    }
+
+    fn on_delivery(&mut self, now: Now, d: DlvDelivery) {
+        self.deliveries += 1;
+        let durable = DurableDelivery::new(d.delivery)
+            .with_stream_seq(d.stream_seq)
+            .with_delivery_count(d.delivery_count);
+        let msg = match CotalMessage::decode(&d.payload) {
+            Ok(m) => m,
+            Err(_) => {
+                bump(&mut self.counters.malformed);
+                self.reject(now, d.delivery, &d.subject, Rejection::Malformed);
+                return;
+            }
+        };
+        if msg.from.id == self.config.me.id {
+            bump(&mut self.counters.own_echoes);
+            self.reject(now, d.delivery, &d.subject, Rejection::OwnEcho);
+            return;
+        }
+        // DLV is written only by the daemon: trusted, no spoof check (§2(f)). The channel label
+        // is the payload's route, which the daemon took from the authenticated subject.
+        let channel = match &msg.route {
+            Route::Channel(c) => Some(c.clone()),
+            _ => None,
+        };
+        self.ingest(now, msg, channel, false, CopySource::Durable(durable));
+    }
+
+    fn reject(&mut self, now: Now, delivery: DeliveryId, subject: &str, rejection: Rejection) {
+        let durable = DurableDelivery::new(delivery);
+        match self
+            .ledger
+            .reject(now.at, CopySource::Durable(durable), rejection)
+        {
+            Ok(Some(r)) => self.resolve(r),
+            Ok(None) => {}
+            Err(e) => debug_assert!(false, "ledger misuse: {e}"),
+        }
+        if rejection != Rejection::OwnEcho {
+            self.events.push_back(AgentEvent::Anomaly {
+                subject: subject.to_owned(),
+                rejection,
+            });
+        }
+    }
+
+    fn on_registry_change(&mut self, entry: crate::io::KvEntry) {
+        let value = match entry.operation {
+            KvOperation::Put => Some(entry.value.as_ref()),
+            KvOperation::Delete | KvOperation::Purge => None,
+        };
+        // A key that is neither `=defaults` nor a concrete channel is not ours to judge.
+        let _ = self.registry.apply(&entry.key, value);
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Completions
+    // -----------------------------------------------------------------------------------------
+
+    fn on_completion(&mut self, now: Now, completion: Completion) {
+        let Some(pending) = self.pending.remove(&completion.op) else {
+            debug_assert!(false, "completion for an unknown {}", completion.op);
+            return;
+        };
+        let outcome = completion.outcome;
+        match pending {
+            Pending::RegistryWatch => match outcome {
+                Outcome::Success(_) => self.on_registry_loaded(),
+                // The watch failed: stay loading; a reconnect retries. Joins are refused
+                // meanwhile (NotReady), never answered from an incomplete cache.
+                Outcome::Failed(_) | Outcome::Unknown => {}
+            },
+            Pending::DlvConsume => {
+                self.dlv_bound = outcome.is_success();
+            }
+            Pending::Presence => {}
+            Pending::Arm { channel, epoch } => self.on_arm(channel, epoch, outcome),
+            Pending::Subscribe { channel, epoch } => self.on_subscribe(channel, epoch, outcome),
+            Pending::Barrier { channel, epoch } => self.on_barrier(now, channel, epoch, outcome),
+            Pending::Backfill {
+                channel,
+                epoch,
+                until,
+            } => self.on_backfill(now, channel, epoch, until, outcome),
+            Pending::DurableJoin { channel, cursor } => {
+                self.on_durable_join(now, channel, cursor, outcome)
+            }
+            Pending::ListForLeave { channel } => self.on_list_for_leave(channel, outcome),
+            Pending::DurableLeave {
+                channel,
+                generation,
+            } => self.on_durable_leave(now, channel, generation, outcome),
+            Pending::Settle => {
+                if !outcome.is_success() {
+                    // The delivery comes back after ack_wait; the ledger's horizon settles it.
+                    bump(&mut self.counters.settles_unconfirmed);
+                }
+            }
+            Pending::Send { request, id } => match outcome {
+                Outcome::Success(Reply::PubAck(ack)) => self.events.push_back(AgentEvent::Sent {
+                    request,
+                    id,
+                    seq: ack.seq,
+                    duplicate: ack.duplicate,
+                }),
+                Outcome::Success(other) => self.events.push_back(AgentEvent::SendFailed {
+                    request,
+                    id,
+                    error: format!("unexpected reply {other:?}"),
+                    unknown: true,
+                }),
+                Outcome::Failed(f) => self.events.push_back(AgentEvent::SendFailed {
+                    request,
+                    id,
+                    error: f.to_string(),
+                    unknown: false,
+                }),
+                Outcome::Unknown => self.events.push_back(AgentEvent::SendFailed {
+                    request,
+                    id,
+                    error: "outcome unknown; resend with the same id".into(),
+                    unknown: true,
+                }),
+            },
+        }
+    }
+
+    fn on_inbound(&mut self, now: Now, inbound: Inbound) {
+        let sub = inbound.sub();
+        let Some(feed) = self.feeds.get(&sub).copied() else {
+            // A feed we closed: anything still in flight is dropped. A durable delivery on a
+            // closed consumer is redelivered after ack_wait.
+            return;
+        };
+        match (feed, inbound) {
+            (Feed::Registry, Inbound::KvChange { entry, .. }) => self.on_registry_change(entry),
+            (
+                Feed::Dlv,
+                Inbound::Delivery {
+                    delivery,
+                    stream_seq,
+                    delivery_count,
+                    subject,
+                    payload,
+                    ..
+                },
+            ) => self.on_delivery(
+                now,
+                DlvDelivery {
+                    delivery,
+                    stream_seq,
+                    delivery_count,
+                    subject,
+                    payload,
+                },
+            ),
+            (Feed::Dlv, Inbound::ConsumerEnded { .. }) => {
+                self.dlv_bound = false;
+                self.feeds.remove(&sub);
+                self.dlv = None;
+            }
+            (
+                Feed::Chat(_),
+                Inbound::Message {
+                    subject, payload, ..
+                },
+            ) => {
+                self.ingest_chat(now, &subject, &payload, CopySource::Live);
+            }
+            (_, Inbound::Refused { detail, .. }) => self.on_refused(now, sub, detail),
+            _ => {}
+        }
+    }
+
+    fn on_timer(&mut self, now: Now, timer: Timer) {
+        match timer {
+            Timer::Heartbeat => {
+                if self.link != Link::Down
+                    && let Some(every) = self.config.heartbeat
+                {
+                    self.heartbeat(now);
+                    self.timers.set(Timer::Heartbeat, now.at + every);
+                }
+            }
+            Timer::Reconcile(slot) => {
+                if let Some(c) = self.slots.get(&slot).cloned() {
+                    self.reconcile(c);
+                }
+            }
+            Timer::Close(slot) => {
+                if let Some(c) = self.slots.get(&slot).cloned() {
+                    if self.link == Link::Ready {
+                        self.try_close(c);
+                    } else {
+                        self.timers.set(Timer::Close(slot), now.at + backoff(0));
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct DlvDelivery {
+    delivery: DeliveryId,
+    stream_seq: u64,
+    delivery_count: u64,
+    subject: String,
+    payload: Bytes,
+}
+
+fn control_reply(outcome: Outcome<Reply>) -> Result<ControlReply, String> {
+    match outcome {
+        Outcome::Success(Reply::Response(r)) => {
+            let reply: ControlReply =
+                json::decode(&r.payload).map_err(|e| format!("malformed reply: {e}"))?;
+            if reply.ok {
+                Ok(reply)
+            } else {
+                Err(reply.error.unwrap_or_else(|| "request rejected".to_owned()))
+            }
+        }
+        Outcome::Success(other) => Err(format!("unexpected reply {other:?}")),
+        Outcome::Failed(f) => Err(f.to_string()),
+        Outcome::Unknown => Err("outcome unknown".into()),
+    }
+}
+
+fn decode_join_reply(outcome: Outcome<Reply>) -> Result<DurableJoinReply, String> {
+    let reply = control_reply(outcome)?;
+    reply
+        .data_as::<DurableJoinReply>()
+        .map_err(|e| format!("malformed durableJoin reply: {e}"))?
+        .ok_or_else(|| "durableJoin reply without data".to_owned())
+}
+
+fn decode_list_reply(outcome: Outcome<Reply>) -> Result<ListMembershipsReply, String> {
+    let reply = control_reply(outcome)?;
+    reply
+        .data_as::<ListMembershipsReply>()
+        .map_err(|e| format!("malformed listMemberships reply: {e}"))?
+        .ok_or_else(|| "listMemberships reply without data".to_owned())
+}
+
+fn decode_leave_reply(outcome: Outcome<Reply>) -> Result<(), (LeaveError, String)> {
+    let unknown = matches!(outcome, Outcome::Unknown);
+    match control_reply(outcome) {
+        Ok(_) => Ok(()),
+        Err(detail) if unknown => Err((LeaveError::TombstoneUnknown, detail)),
+        Err(detail) => Err((
+            LeaveError::TombstoneFailed {
+                detail: detail.clone(),
+            },
+            detail,
+        )),
+    }
+}
+
+impl Machine for Agent {
+    type Event = AgentEvent;
+
+    fn handle_input(&mut self, now: Now, input: Input) {
+        self.observe(now);
+        match input {
+            Input::Completed(c) => self.on_completion(now, c),
+            Input::Inbound(i) => self.on_inbound(now, i),
+            Input::Connection(c) => self.on_connection(now, c),
+        }
+    }
+
+    fn handle_timeout(&mut self, now: Now) {
+        self.observe(now);
+        while let Some(timer) = self.timers.pop_expired(now.at) {
+            self.on_timer(now, timer);
+        }
+    }
+
+    fn poll_command(&mut self) -> Option<Command> {
+        self.commands.pop_front()
+    }
+
+    fn poll_event(&mut self) -> Option<AgentEvent> {
+        self.events.pop_front()
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.next().map(|(at, _)| at)
+    }
+}
+
+impl Agent {
+    fn observe(&mut self, now: Now) {
+        self.last_at = self.last_at.max(now.at);
+        self.last_wall = now.wall;
+    }
+}

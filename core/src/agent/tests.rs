@@ -1,0 +1,1379 @@
+//! Agent machine tests: a scripted fake broker and fake daemon answer the agent's commands, and
+//! every step is logged as a transcript line (`>` command, `<` input, `!` event) that the flow
+//! tests pin with insta.
+
+use super::*;
+use crate::io::{PubAck, Response, StreamState};
+use crate::wire::control::{ControlRequest, DurableLeaveReply, MembershipSummary};
+use crate::wire::message::Sender;
+use crate::wire::token::AgentId;
+use std::fmt::Write as _;
+
+const SPACE: &str = "main";
+
+fn ch(s: &str) -> Channel {
+    Channel::new(s).unwrap()
+}
+
+fn cc(s: &str) -> ConcreteChannel {
+    ConcreteChannel::new(s).unwrap()
+}
+
+fn sender(id: &str) -> Sender {
+    Sender::new(AgentId::new(id).unwrap(), id)
+}
+
+/// The fake delivery daemon.
+#[derive(Default)]
+struct FakeDaemon {
+    up: bool,
+    /// channel → (generation, open)
+    members: BTreeMap<String, (u64, bool)>,
+    honour_cursor: bool,
+    /// Answer durableJoin with `durable:false` and this reason.
+    join_not_durable: Option<String>,
+    /// Answer durableLeave with `ok:false` and this error.
+    leave_error: Option<String>,
+    /// Answer listMemberships with `ok:false`.
+    list_error: Option<String>,
+    /// Answer requests whose op is in here with `Unknown` (timeout / connection lost).
+    unknown_ops: BTreeSet<String>,
+    frontier: u64,
+    requests: Vec<String>,
+}
+
+impl FakeDaemon {
+    fn answer(&mut self, payload: &Bytes) -> Outcome<Reply> {
+        let req: ControlRequest = json::decode(payload).unwrap();
+        self.requests.push(format!("{} {}", req.op, req.args));
+        if !self.up {
+            return Outcome::Failed(Failure::NoResponders);
+        }
+        if self.unknown_ops.contains(&req.op) {
+            return Outcome::Unknown;
+        }
+        let reply = match DeliveryRequest::from_request(&req).unwrap() {
+            DeliveryRequest::DurableJoin {
+                channel,
+                join_cursor,
+            } => {
+                if let Some(reason) = &self.join_not_durable {
+                    json::encode(&ControlReply::success(DurableJoinReply {
+                        durable: false,
+                        reason: Some(reason.clone()),
+                        generation: None,
+                        join_cursor: None,
+                        extra: Default::default(),
+                    }))
+                } else {
+                    let e = self
+                        .members
+                        .entry(channel.as_str().to_owned())
+                        .or_insert((0, false));
+                    if !e.1 {
+                        e.0 += 1;
+                        e.1 = true;
+                    }
+                    let cursor = if self.honour_cursor {
+                        join_cursor
+                    } else {
+                        None
+                    };
+                    json::encode(&ControlReply::success(DurableJoinReply {
+                        durable: true,
+                        reason: None,
+                        generation: Some(e.0),
+                        join_cursor: cursor.or(if self.honour_cursor {
+                            Some(self.frontier)
+                        } else {
+                            None
+                        }),
+                        extra: Default::default(),
+                    }))
+                }
+            }
+            DeliveryRequest::DurableLeave {
+                channel,
+                generation,
+            } => {
+                if let Some(err) = &self.leave_error {
+                    json::encode(&ControlReply::<DurableLeaveReply>::failure(err))
+                } else {
+                    let already_left = match self.members.get_mut(channel.as_str()) {
+                        Some(e) if e.1 && e.0 == generation => {
+                            e.1 = false;
+                            false
+                        }
+                        _ => true,
+                    };
+                    json::encode(&ControlReply::success(DurableLeaveReply {
+                        channel,
+                        already_left,
+                        extra: Default::default(),
+                    }))
+                }
+            }
+            DeliveryRequest::ListMemberships => {
+                if let Some(err) = &self.list_error {
+                    json::encode(&ControlReply::<ListMembershipsReply>::failure(err))
+                } else {
+                    json::encode(&ControlReply::success(ListMembershipsReply {
+                        memberships: self
+                            .members
+                            .iter()
+                            .filter(|(_, (_, open))| *open)
+                            .map(|(c, (g, _))| MembershipSummary {
+                                channel: cc(c),
+                                generation: *g,
+                                activated: true,
+                                extra: Default::default(),
+                            })
+                            .collect(),
+                        extra: Default::default(),
+                    }))
+                }
+            }
+        };
+        Outcome::Success(Reply::Response(Response {
+            headers: Vec::new(),
+            payload: reply,
+        }))
+    }
+}
+
+/// The fake broker: CHAT history, per-pattern subscription refusals, registry entries, and a
+/// daemon. Answers every command at once (completions queued in command order).
+struct World {
+    agent: Agent,
+    now: Now,
+    log: String,
+    chat: Vec<StoredMessage>,
+    /// Subjects whose subscription the broker refuses.
+    denied: BTreeSet<String>,
+    registry: Vec<(String, String)>,
+    daemon: FakeDaemon,
+    /// Commands whose completion the test holds back (by a predicate on the command).
+    hold: Option<fn(&Command) -> bool>,
+    held: Vec<Command>,
+    settles: Vec<(DeliveryId, AckKind)>,
+    next_delivery: u64,
+    dlv_sub: Option<SubId>,
+    chat_subs: BTreeMap<SubId, String>,
+    /// Fail `StreamInfo` with this.
+    frontier_fails: bool,
+}
+
+impl World {
+    fn new(channels: &[&str]) -> World {
+        let mut config = AgentConfig::new(
+            Space::new(SPACE).unwrap(),
+            sender("bob"),
+            channels.iter().map(|c| ch(c)).collect(),
+            7,
+        );
+        config.heartbeat = None;
+        World {
+            agent: Agent::new(config).unwrap(),
+            now: Now::new(Instant::from_millis(1_000), UnixMillis(1_700_000_000_000)),
+            log: String::new(),
+            chat: Vec::new(),
+            denied: BTreeSet::new(),
+            registry: Vec::new(),
+            daemon: FakeDaemon {
+                up: true,
+                honour_cursor: true,
+                ..FakeDaemon::default()
+            },
+            hold: None,
+            held: Vec::new(),
+            settles: Vec::new(),
+            next_delivery: 0,
+            dlv_sub: None,
+            chat_subs: BTreeMap::new(),
+            frontier_fails: false,
+        }
+    }
+
+    fn post(&mut self, from: &str, channel: &str, id: &str) -> StoredMessage {
+        let seq = self.chat.len() as u64 + 1;
+        let msg = CotalMessage::new(
+            id,
+            self.now.wall,
+            Space::new(SPACE).unwrap(),
+            sender(from),
+            Route::Channel(cc(channel)),
+            vec![Part::text(format!("text of {id}"))],
+        );
+        let stored = StoredMessage {
+            seq,
+            subject: format!("cotal.{SPACE}.chat.{from}.{channel}"),
+            headers: Vec::new(),
+            payload: json::encode(&msg),
+            stored_at: self.now.wall,
+        };
+        self.chat.push(stored.clone());
+        self.daemon.frontier = seq;
+        stored
+    }
+
+    /// Delivers a stored message live to every matching subscription of the agent.
+    fn live(&mut self, m: &StoredMessage) {
+        let subs: Vec<SubId> = self
+            .chat_subs
+            .iter()
+            .filter(|(_, pat)| crate::acl::subject_matches(pat, &m.subject))
+            .map(|(s, _)| *s)
+            .collect();
+        for sub in subs {
+            self.input(Input::Inbound(Inbound::Message {
+                sub,
+                subject: m.subject.clone(),
+                reply: None,
+                headers: Vec::new(),
+                payload: m.payload.clone(),
+            }));
+        }
+    }
+
+    /// Delivers a DLV copy of a stored message (as the reader would transfer it).
+    fn dlv(&mut self, m: &StoredMessage, count: u64) -> DeliveryId {
+        self.next_delivery += 1;
+        let delivery = DeliveryId(self.next_delivery);
+        let sub = self.dlv_sub.expect("DLV bound");
+        self.input(Input::Inbound(Inbound::Delivery {
+            sub,
+            delivery,
+            stream_seq: 1000 + m.seq,
+            delivery_count: count,
+            subject: format!("cotal.{SPACE}.dlv.bob"),
+            headers: Vec::new(),
+            payload: m.payload.clone(),
+        }));
+        delivery
+    }
+
+    fn advance(&mut self, ms: u64) {
+        self.now = Now::new(
+            self.now.at + Duration::from_millis(ms),
+            UnixMillis(self.now.wall.0 + ms),
+        );
+        while let Some(at) = self.agent.poll_timeout() {
+            if at > self.now.at {
+                break;
+            }
+            let _ = writeln!(self.log, "~ timeout");
+            self.agent.handle_timeout(self.now);
+            self.run();
+        }
+    }
+
+    fn input(&mut self, input: Input) {
+        let _ = writeln!(self.log, "< {}", show_input(&input));
+        self.agent.handle_input(self.now, input);
+        self.run();
+    }
+
+    fn connect(&mut self) {
+        self.input(Input::Connection(Connection::Restored));
+    }
+
+    fn drop_connection(&mut self) {
+        self.input(Input::Connection(Connection::Lost));
+    }
+
+    /// Answers held commands (as unknown: the connection died) and clears the hold.
+    fn release_held_as_unknown(&mut self) {
+        self.hold = None;
+        let held = std::mem::take(&mut self.held);
+        for c in held {
+            if let Some(op) = c.op() {
+                self.input(Input::Completed(Completion::unknown(op)));
+            }
+        }
+    }
+
+    /// Drains commands and events; answers each command; repeats until quiet.
+    fn run(&mut self) {
+        loop {
+            let mut inputs = Vec::new();
+            while let Some(c) = self.agent.poll_command() {
+                let _ = writeln!(self.log, "> {}", show_command(&c));
+                if self.hold.is_some_and(|h| h(&c)) {
+                    self.held.push(c);
+                    continue;
+                }
+                inputs.extend(self.answer(&c));
+            }
+            while let Some(e) = self.agent.poll_event() {
+                let _ = writeln!(self.log, "! {}", show_event(&e));
+            }
+            if inputs.is_empty() {
+                return;
+            }
+            for i in inputs {
+                let _ = writeln!(self.log, "< {}", show_input(&i));
+                self.agent.handle_input(self.now, i);
+            }
+        }
+    }
+
+    fn answer(&mut self, c: &Command) -> Vec<Input> {
+        let done = |op| Input::Completed(Completion::success(op, Reply::Done));
+        match c {
+            Command::KvWatch { op, sub, .. } => {
+                let mut v: Vec<Input> = self
+                    .registry
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (k, val))| {
+                        Input::Inbound(Inbound::KvChange {
+                            sub: *sub,
+                            entry: crate::io::KvEntry {
+                                key: k.clone(),
+                                revision: i as u64 + 1,
+                                operation: KvOperation::Put,
+                                value: Bytes::from(val.clone()),
+                            },
+                        })
+                    })
+                    .collect();
+                v.push(done(*op));
+                v
+            }
+            Command::Consume { op, sub, .. } => {
+                self.dlv_sub = Some(*sub);
+                vec![done(*op)]
+            }
+            Command::StreamInfo { op, .. } => {
+                if self.frontier_fails {
+                    return vec![Input::Completed(Completion::failed(*op, Failure::Timeout))];
+                }
+                vec![Input::Completed(Completion::success(
+                    *op,
+                    Reply::StreamState(StreamState {
+                        first_seq: 1,
+                        last_seq: self.chat.len() as u64,
+                        messages: self.chat.len() as u64,
+                    }),
+                ))]
+            }
+            Command::Subscribe { op, sub, subject } => {
+                if self.denied.contains(subject) {
+                    vec![
+                        done(*op),
+                        Input::Inbound(Inbound::Refused {
+                            sub: *sub,
+                            detail: format!(
+                                "Permissions Violation for Subscription to \"{subject}\""
+                            ),
+                        }),
+                    ]
+                } else {
+                    self.chat_subs.insert(*sub, subject.clone());
+                    vec![done(*op)]
+                }
+            }
+            Command::Unsubscribe { sub } => {
+                self.chat_subs.remove(sub);
+                vec![]
+            }
+            Command::Barrier { op } => vec![done(*op)],
+            Command::ReadStream {
+                op,
+                filter,
+                start,
+                last_seq,
+                max,
+                ..
+            } => {
+                let from = match start {
+                    ReadStart::Seq(s) => *s,
+                    ReadStart::Time(_) => 1,
+                };
+                let v: Vec<StoredMessage> = self
+                    .chat
+                    .iter()
+                    .filter(|m| m.seq >= from && last_seq.is_none_or(|l| m.seq <= l))
+                    .filter(|m| crate::acl::subject_matches(filter, &m.subject))
+                    .take(*max as usize)
+                    .cloned()
+                    .collect();
+                vec![Input::Completed(Completion::success(*op, Reply::Stored(v)))]
+            }
+            Command::Request { op, payload, .. } => {
+                let outcome = self.daemon.answer(payload);
+                vec![Input::Completed(Completion { op: *op, outcome })]
+            }
+            Command::Settle { op, delivery, kind } => {
+                self.settles.push((*delivery, *kind));
+                vec![done(*op)]
+            }
+            Command::KvPut { op, .. } => vec![Input::Completed(Completion::success(
+                *op,
+                Reply::KvWritten { revision: 1 },
+            ))],
+            Command::JsPublish { op, .. } => {
+                vec![Input::Completed(Completion::success(
+                    *op,
+                    Reply::PubAck(PubAck {
+                        stream: "CHAT_main".into(),
+                        seq: self.chat.len() as u64 + 1,
+                        duplicate: false,
+                    }),
+                ))]
+            }
+            _ => c.op().map(|op| vec![done(op)]).unwrap_or_default(),
+        }
+    }
+
+    fn events_since(&self, mark: usize) -> String {
+        self.log[mark..]
+            .lines()
+            .filter(|l| l.starts_with('!'))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn surfaced_ids(&mut self) -> Vec<String> {
+        let items = self.agent.take_messages(self.now, 1000);
+        let ids: Vec<String> = items.iter().map(|s| s.id.as_str().to_owned()).collect();
+        for s in items {
+            self.agent.handled(self.now, &s.id).unwrap();
+        }
+        self.run();
+        ids
+    }
+}
+
+fn show_command(c: &Command) -> String {
+    match c {
+        Command::Subscribe { sub, subject, .. } => format!("subscribe {sub} {subject}"),
+        Command::Unsubscribe { sub } => format!("unsubscribe {sub}"),
+        Command::Barrier { .. } => "barrier".into(),
+        Command::Request { payload, .. } => {
+            let req: ControlRequest = json::decode(payload).unwrap();
+            format!("request ctl.delivery {} {}", req.op, req.args)
+        }
+        Command::StreamInfo { stream, .. } => format!("stream-info {stream}"),
+        Command::ReadStream {
+            filter,
+            start,
+            last_seq,
+            ..
+        } => format!("read {filter} from {start:?} to {last_seq:?}"),
+        Command::Consume { consumer, .. } => format!("consume {}", consumer.name),
+        Command::Settle { delivery, kind, .. } => format!("settle {delivery:?} {kind}"),
+        Command::KvWatch { bucket, .. } => format!("kv-watch {bucket}"),
+        Command::KvPut { bucket, key, .. } => format!("kv-put {bucket} {key}"),
+        Command::JsPublish {
+            subject, msg_id, ..
+        } => {
+            format!(
+                "js-publish {subject} msg-id={}",
+                msg_id.as_deref().unwrap_or("-")
+            )
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+fn show_input(i: &Input) -> String {
+    match i {
+        Input::Completed(c) => match &c.outcome {
+            Outcome::Success(Reply::Response(r)) => {
+                format!("{} ok {}", c.op, String::from_utf8_lossy(&r.payload))
+            }
+            Outcome::Success(Reply::Stored(v)) => format!(
+                "{} ok stored {:?}",
+                c.op,
+                v.iter().map(|m| m.seq).collect::<Vec<_>>()
+            ),
+            Outcome::Success(Reply::StreamState(s)) => {
+                format!("{} ok frontier {}", c.op, s.last_seq)
+            }
+            Outcome::Success(r) => format!("{} ok {r:?}", c.op),
+            Outcome::Failed(f) => format!("{} failed: {f}", c.op),
+            Outcome::Unknown => format!("{} unknown", c.op),
+        },
+        Input::Inbound(Inbound::Message { sub, subject, .. }) => {
+            format!("message {sub} {subject}")
+        }
+        Input::Inbound(Inbound::Delivery {
+            delivery,
+            delivery_count,
+            ..
+        }) => format!("dlv delivery {delivery:?} count {delivery_count}"),
+        Input::Inbound(Inbound::Refused { sub, .. }) => format!("refused {sub}"),
+        Input::Inbound(Inbound::KvChange { entry, .. }) => format!("kv-change {}", entry.key),
+        Input::Connection(c) => format!("connection {c:?}"),
+        other => format!("{other:?}"),
+    }
+}
+
+fn show_event(e: &AgentEvent) -> String {
+    match e {
+        AgentEvent::Joined {
+            channel,
+            report,
+            request,
+        } => format!(
+            "joined {channel} joined={} watermark={:?} backfilled={} durable={} generation={:?} cursor_honoured={:?} reason={:?} ({request:?})",
+            report.joined,
+            report.watermark,
+            report.backfilled,
+            report.durable,
+            report.generation,
+            report.cursor_honoured,
+            report.reason
+        ),
+        other => format!("{other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transcripts of the main flows
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn transcript_join_live_channel() {
+    let mut w = World::new(&[]);
+    w.registry
+        .push(("ops".into(), r#"{"deliveryClass":"live"}"#.into()));
+    w.connect();
+    w.post("alice", "ops", "m1");
+    w.post("alice", "ops", "m2");
+    let mark = w.log.len();
+    w.agent.join(w.now, ch("ops")).unwrap();
+    w.run();
+    insta::assert_snapshot!(&w.log[mark..]);
+    assert_eq!(w.surfaced_ids(), ["m1", "m2"]);
+    assert!(
+        w.daemon.requests.is_empty(),
+        "a live channel never asks the daemon"
+    );
+}
+
+#[test]
+fn transcript_join_durable_channel() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.post("alice", "review", "m1");
+    let mark = w.log.len();
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    insta::assert_snapshot!(&w.log[mark..]);
+    assert_eq!(w.agent.memberships().get(&cc("review")), Some(&1));
+    // The durable join carried the armed watermark (G1 fix).
+    assert!(
+        w.daemon.requests[0].contains(r#""joinCursor":1"#),
+        "{:?}",
+        w.daemon.requests
+    );
+}
+
+#[test]
+fn transcript_refused_join() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.denied.insert(format!("cotal.{SPACE}.chat.*.secret"));
+    let mark = w.log.len();
+    w.agent.join(w.now, ch("secret")).unwrap();
+    w.run();
+    insta::assert_snapshot!(&w.log[mark..]);
+}
+
+#[test]
+fn transcript_late_refusal_closes_membership_with_backoff() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    w.daemon.up = false;
+    let mark = w.log.len();
+    let sub = *w.chat_subs.keys().next().unwrap();
+    w.input(Input::Inbound(Inbound::Refused {
+        sub,
+        detail: "Permissions Violation for Subscription".into(),
+    }));
+    w.advance(1_000);
+    w.advance(2_000);
+    w.daemon.up = true;
+    w.advance(4_000);
+    insta::assert_snapshot!(&w.log[mark..]);
+    assert!(w.agent.health().unclosed.is_empty());
+    assert!(w.agent.memberships().is_empty());
+}
+
+#[test]
+fn transcript_leave_durable_tombstone_confirmed() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    let mark = w.log.len();
+    w.agent.leave(w.now, &ch("review")).unwrap();
+    w.run();
+    insta::assert_snapshot!(&w.log[mark..]);
+    assert!(w.agent.joined().is_empty());
+}
+
+#[test]
+fn transcript_leave_durable_tombstone_refused() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    w.daemon.leave_error = Some("StaleMembershipWrite".into());
+    let mark = w.log.len();
+    w.agent.leave(w.now, &ch("review")).unwrap();
+    w.run();
+    insta::assert_snapshot!(&w.log[mark..]);
+    assert_eq!(
+        w.agent.joined(),
+        [ch("review")],
+        "fail closed: still joined"
+    );
+    assert_eq!(w.chat_subs.len(), 1, "the live subscription stays");
+}
+
+#[test]
+fn transcript_leave_durable_tombstone_unknown() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    w.daemon.unknown_ops.insert("durableLeave".into());
+    let mark = w.log.len();
+    w.agent.leave(w.now, &ch("review")).unwrap();
+    w.run();
+    insta::assert_snapshot!(&w.log[mark..]);
+    assert_eq!(w.agent.joined(), [ch("review")]);
+    // A retry once the daemon answers succeeds.
+    w.daemon.unknown_ops.clear();
+    w.agent.leave(w.now, &ch("review")).unwrap();
+    w.run();
+    assert!(w.agent.joined().is_empty());
+}
+
+#[test]
+fn transcript_boot_join_daemon_down_then_up() {
+    let mut w = World::new(&["review"]);
+    w.daemon.up = false;
+    w.connect();
+    w.advance(1_000);
+    w.advance(2_000);
+    w.daemon.up = true;
+    w.advance(4_000);
+    insta::assert_snapshot!(w.log.clone());
+    assert_eq!(w.agent.memberships().get(&cc("review")), Some(&1));
+    assert!(matches!(
+        w.agent.health().channels[0].backstop,
+        BackstopState::Established { generation: 1 }
+    ));
+}
+
+#[test]
+fn transcript_reconnect_resubscribes_without_backfill() {
+    let mut w = World::new(&["general"]);
+    w.post("alice", "general", "m1");
+    w.connect();
+    assert_eq!(w.surfaced_ids(), ["m1"]);
+    w.drop_connection();
+    w.chat_subs.clear();
+    w.post("alice", "general", "m2"); // during the gap: lost on the live path
+    let mark = w.log.len();
+    w.connect();
+    insta::assert_snapshot!(&w.log[mark..]);
+    let m3 = w.post("alice", "general", "m3");
+    w.live(&m3);
+    assert_eq!(w.surfaced_ids(), ["m3"], "no re-backfill after a reconnect");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scenarios (group A and E) that need no broker
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a1_self_serve_join_with_no_daemon_is_live_with_a_reason() {
+    let mut w = World::new(&[]);
+    w.daemon.up = false;
+    w.connect();
+    let mark = w.log.len();
+    w.agent.join(w.now, ch("review.api")).unwrap();
+    w.run();
+    let events = w.events_since(mark);
+    assert!(events.contains("joined review.api joined=true"), "{events}");
+    assert!(
+        events.contains(r#"reason=Some("durable backstop unavailable (no responders)")"#),
+        "{events}"
+    );
+    let m = w.post("alice", "review.api", "x");
+    w.live(&m);
+    assert_eq!(w.surfaced_ids(), ["x"]);
+    assert!(matches!(
+        w.agent.health().channels[0].backstop,
+        BackstopState::Degraded { .. }
+    ));
+}
+
+#[test]
+fn a1_live_class_channel_reports_no_reason() {
+    let mut w = World::new(&[]);
+    w.registry
+        .push(("chat".into(), r#"{"deliveryClass":"live"}"#.into()));
+    w.daemon.up = false;
+    w.connect();
+    let mark = w.log.len();
+    w.agent.join(w.now, ch("chat")).unwrap();
+    w.run();
+    let events = w.events_since(mark);
+    assert!(
+        events.contains("durable=false generation=None cursor_honoured=None reason=None"),
+        "{events}"
+    );
+}
+
+#[test]
+fn a2_out_of_acl_join_is_refused_and_leaves_nothing() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.denied.insert(format!("cotal.{SPACE}.chat.*.secret"));
+    let mark = w.log.len();
+    let req = w.agent.join(w.now, ch("secret")).unwrap();
+    w.run();
+    let events = w.events_since(mark);
+    assert!(events.contains("JoinFailed"), "{events}");
+    assert!(events.contains(&format!("{req:?}")), "{events}");
+    assert!(w.agent.joined().is_empty());
+    assert!(w.chat_subs.is_empty());
+    assert!(w.daemon.requests.is_empty(), "no durable join is attempted");
+    // A retry is possible (nothing left behind).
+    w.denied.clear();
+    w.agent.join(w.now, ch("secret")).unwrap();
+    w.run();
+    assert_eq!(w.agent.joined(), [ch("secret")]);
+}
+
+#[test]
+fn a3_leave_stops_delivery_and_the_last_channel_may_be_left() {
+    let mut w = World::new(&["general"]);
+    w.registry
+        .push(("=defaults".into(), r#"{"deliveryClass":"live"}"#.into()));
+    w.connect();
+    w.agent.leave(w.now, &ch("general")).unwrap();
+    w.run();
+    assert!(w.agent.joined().is_empty());
+    let m = w.post("alice", "general", "after");
+    w.live(&m);
+    assert!(w.surfaced_ids().is_empty());
+    assert_eq!(
+        w.agent.leave(w.now, &ch("general")),
+        Err(AgentError::NotJoined(ch("general")))
+    );
+}
+
+#[test]
+fn a4_rejoin_is_an_idempotent_no_op() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.agent.join(w.now, ch("incident")).unwrap();
+    w.run();
+    let requests = w.daemon.requests.len();
+    let mark = w.log.len();
+    w.agent.join(w.now, ch("incident")).unwrap();
+    w.run();
+    let events = w.events_since(mark);
+    assert!(
+        events.contains("joined incident joined=false watermark=None backfilled=0 durable=true generation=Some(1)"),
+        "{events}"
+    );
+    assert_eq!(w.daemon.requests.len(), requests);
+}
+
+#[test]
+fn a5_leave_then_rejoin_resumes_delivery_exactly_once() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.agent.join(w.now, ch("rev.api")).unwrap();
+    w.run();
+    w.agent.leave(w.now, &ch("rev.api")).unwrap();
+    w.run();
+    w.agent.join(w.now, ch("rev.api")).unwrap();
+    w.run();
+    assert_eq!(w.agent.memberships().get(&cc("rev.api")), Some(&2));
+    let m = w.post("alice", "rev.api", "rejoined-live");
+    w.live(&m);
+    w.dlv(&m, 1);
+    assert_eq!(w.surfaced_ids(), ["rejoined-live"]);
+    assert_eq!(w.settles.last().map(|s| s.1), Some(AckKind::Ack));
+}
+
+#[test]
+fn a6_wildcard_join_is_live_only_and_never_asks_for_a_membership() {
+    let mut w = World::new(&[]);
+    w.connect();
+    let mark = w.log.len();
+    w.agent.join(w.now, ch("team.>")).unwrap();
+    w.run();
+    let events = w.events_since(mark);
+    assert!(events.contains("joined team.> joined=true"), "{events}");
+    assert!(events.contains("durable=false"), "{events}");
+    assert!(w.daemon.requests.is_empty());
+    for (c, id) in [("team.security", "a"), ("team.deep.x", "b")] {
+        let m = w.post("alice", c, id);
+        w.live(&m);
+    }
+    assert_eq!(w.surfaced_ids(), ["a", "b"]);
+}
+
+#[test]
+fn a8_spoofed_and_own_copies_are_dropped_on_the_live_path() {
+    let mut w = World::new(&["general"]);
+    w.connect();
+    let sub = *w.chat_subs.keys().next().unwrap();
+    // `from.id` says carol, the subject says alice.
+    let msg = CotalMessage::new(
+        "spoof",
+        w.now.wall,
+        Space::new(SPACE).unwrap(),
+        sender("carol"),
+        Route::To(AgentId::new("bob").unwrap()),
+        vec![Part::text("hi")],
+    );
+    w.input(Input::Inbound(Inbound::Message {
+        sub,
+        subject: format!("cotal.{SPACE}.chat.alice.general"),
+        reply: None,
+        headers: Vec::new(),
+        payload: json::encode(&msg),
+    }));
+    let own = w.post("bob", "general", "mine");
+    w.live(&own);
+    // A valid message whose payload carries `to:` is still a channel message (kind by subject).
+    let mut routed = CotalMessage::new(
+        "routed",
+        w.now.wall,
+        Space::new(SPACE).unwrap(),
+        sender("alice"),
+        Route::To(AgentId::new("bob").unwrap()),
+        vec![Part::text("hi")],
+    );
+    routed.mentions = vec![];
+    w.input(Input::Inbound(Inbound::Message {
+        sub,
+        subject: format!("cotal.{SPACE}.chat.alice.general"),
+        reply: None,
+        headers: Vec::new(),
+        payload: json::encode(&routed),
+    }));
+    let items = w.agent.take_messages(w.now, 10);
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].item.message.id, "routed");
+    assert_eq!(items[0].item.channel, Some(cc("general")));
+    let h = w.agent.health();
+    assert_eq!((h.counters.spoofed, h.counters.own_echoes), (1, 1));
+}
+
+#[test]
+fn a9_boot_backfill_respects_replay_per_channel() {
+    let mut w = World::new(&["log", "chat"]);
+    w.registry
+        .push(("=defaults".into(), r#"{"replay":false}"#.into()));
+    w.registry.push(("log".into(), r#"{"replay":true}"#.into()));
+    w.post("alice", "log", "l1");
+    w.post("alice", "log", "l2");
+    w.post("alice", "chat", "c1");
+    w.connect();
+    let items = w.agent.take_messages(w.now, 10);
+    let ids: Vec<&str> = items.iter().map(|s| s.id.as_str()).collect();
+    assert_eq!(ids, ["l1", "l2"]);
+    assert!(items.iter().all(|s| s.item.historical));
+}
+
+#[test]
+fn a10_backfill_stops_at_the_watermark_and_live_is_disjoint() {
+    let mut w = World::new(&[]);
+    w.post("alice", "general", "before");
+    w.connect();
+    // Hold the frontier read's successors: a post lands after the watermark is armed.
+    w.agent.join(w.now, ch("general")).unwrap();
+    w.run();
+    let after = w.post("alice", "general", "after");
+    w.live(&after);
+    let ids = w.surfaced_ids();
+    assert_eq!(ids, ["before", "after"]);
+    let log = &w.log;
+    assert!(
+        log.contains("to Some(1)"),
+        "backfill bounded by the watermark: {log}"
+    );
+}
+
+#[test]
+fn a13_join_report_counts_backfill_and_backstop() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.post("alice", "ops", "o1");
+    w.post("alice", "ops", "o2");
+    w.post("alice", "general", "g1");
+    let mark = w.log.len();
+    w.agent.join(w.now, ch("ops")).unwrap();
+    w.run();
+    let events = w.events_since(mark);
+    assert!(
+        events.contains("joined ops joined=true watermark=Some(3) backfilled=2 durable=true generation=Some(1) cursor_honoured=Some(true) reason=None"),
+        "{events}"
+    );
+}
+
+#[test]
+fn a15_reconnect_reopens_every_live_sub_and_joins_work_after() {
+    let mut w = World::new(&[]);
+    w.connect();
+    for c in ["ops.c1", "ops.c2"] {
+        w.agent.join(w.now, ch(c)).unwrap();
+        w.run();
+    }
+    w.drop_connection();
+    assert_eq!(
+        w.agent.join(w.now, ch("ops.c3")),
+        Err(AgentError::NotReady),
+        "reconnecting — try again shortly"
+    );
+    w.chat_subs.clear();
+    w.connect();
+    assert_eq!(w.chat_subs.len(), 2, "both channels re-subscribed");
+    w.agent.join(w.now, ch("ops.c3")).unwrap();
+    w.run();
+    for (c, id) in [("ops.c1", "a"), ("ops.c2", "b"), ("ops.c3", "c")] {
+        let m = w.post("alice", c, id);
+        w.live(&m);
+    }
+    assert_eq!(w.surfaced_ids(), ["a", "b", "c"]);
+    assert!(w.agent.health().channels.iter().all(|c| c.live));
+}
+
+#[test]
+fn a16_dual_path_surfaces_once_and_the_durable_copy_owns_the_ack() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.agent.join(w.now, ch("review.db")).unwrap();
+    w.run();
+    let m = w.post("alice", "review.db", "once");
+    w.live(&m);
+    let d = w.dlv(&m, 1);
+    let items = w.agent.take_messages(w.now, 10);
+    assert_eq!(items.len(), 1);
+    assert!(items[0].durable);
+    assert!(
+        w.settles.is_empty(),
+        "no ack before the application handled it (I22)"
+    );
+    w.agent.handled(w.now, &items[0].id).unwrap();
+    w.run();
+    assert_eq!(w.settles, [(d, AckKind::Ack)]);
+}
+
+#[test]
+fn a19_boot_self_join_reconciles_when_the_daemon_comes_up() {
+    let mut w = World::new(&["review"]);
+    w.daemon.up = false;
+    w.connect();
+    assert!(w.agent.memberships().is_empty());
+    let h = w.agent.health();
+    assert!(matches!(
+        h.channels[0].backstop,
+        BackstopState::Degraded { .. }
+    ));
+    w.daemon.up = true;
+    w.advance(10_000);
+    assert_eq!(w.agent.memberships().get(&cc("review")), Some(&1));
+}
+
+#[test]
+fn a21_leave_without_mirror_finds_the_generation_by_listing() {
+    let mut w = World::new(&["ops"]);
+    // The daemon holds a membership from an earlier life; this agent's mirror is empty because
+    // the boot join is answered not-durable.
+    w.daemon.members.insert("ops".into(), (4, true));
+    w.daemon.join_not_durable = Some("catching up".into());
+    w.connect();
+    assert!(w.agent.memberships().is_empty());
+    let mark = w.log.len();
+    w.agent.leave(w.now, &ch("ops")).unwrap();
+    w.run();
+    let log = &w.log[mark..];
+    assert!(log.contains("listMemberships"), "{log}");
+    assert!(
+        log.contains(r#"durableLeave {"channel":"ops","generation":4}"#),
+        "{log}"
+    );
+    assert!(log.contains("Left"), "{log}");
+    assert_eq!(w.daemon.members["ops"], (4, false));
+}
+
+#[test]
+fn a23_connection_lost_mid_join_is_fail_closed() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.hold = Some(|c| matches!(c, Command::Barrier { .. }));
+    let mark = w.log.len();
+    w.agent.join(w.now, ch("ops")).unwrap();
+    w.run();
+    w.drop_connection();
+    w.release_held_as_unknown();
+    let events = w.events_since(mark);
+    assert!(events.contains("JoinFailed"), "{events}");
+    assert!(events.contains("connection lost"), "{events}");
+    assert!(w.agent.joined().is_empty());
+    assert!(w.daemon.requests.is_empty());
+}
+
+#[test]
+fn a23_unknown_barrier_outcome_undoes_the_join() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.hold = Some(|c| matches!(c, Command::Barrier { .. }));
+    w.agent.join(w.now, ch("ops")).unwrap();
+    w.run();
+    w.release_held_as_unknown();
+    assert!(w.agent.joined().is_empty());
+    assert!(
+        w.log.contains("unsubscribe"),
+        "the half-open subscription is removed"
+    );
+}
+
+#[test]
+fn a24_late_refusal_drops_the_channel_and_closes_the_membership() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    w.daemon.up = false;
+    let sub = *w.chat_subs.keys().next().unwrap();
+    w.input(Input::Inbound(Inbound::Refused {
+        sub,
+        detail: "Permissions Violation".into(),
+    }));
+    assert!(w.agent.joined().is_empty());
+    let unclosed = w.agent.health().unclosed;
+    assert_eq!(unclosed.len(), 1);
+    assert_eq!(unclosed[0].generation, 1);
+    // Backoff: 1 s, 2 s, 4 s … each attempt after the previous one's delay.
+    let before = w.daemon.requests.len();
+    w.advance(999);
+    assert_eq!(w.daemon.requests.len(), before);
+    w.advance(1);
+    assert_eq!(w.daemon.requests.len(), before + 1);
+    w.advance(1_999);
+    assert_eq!(w.daemon.requests.len(), before + 1);
+    w.advance(1);
+    assert_eq!(w.daemon.requests.len(), before + 2);
+    w.daemon.up = true;
+    w.advance(4_000);
+    assert!(w.agent.health().unclosed.is_empty());
+    assert_eq!(w.daemon.members["review"], (1, false));
+}
+
+#[test]
+fn a25_leave_is_fail_closed_when_listing_fails_or_the_daemon_is_gone() {
+    // (a) the generation is unknown and listMemberships errors.
+    let mut w = World::new(&["ops"]);
+    w.daemon.join_not_durable = Some("no".into());
+    w.connect();
+    w.daemon.list_error = Some("boom".into());
+    w.agent.leave(w.now, &ch("ops")).unwrap();
+    w.run();
+    assert_eq!(w.agent.joined(), [ch("ops")]);
+    assert!(w.log.contains("MembershipsUnknown"));
+    // (b) the generation is known and the daemon is gone: no responders on the leave itself.
+    let mut w = World::new(&[]);
+    w.connect();
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    w.daemon.up = false;
+    w.agent.leave(w.now, &ch("review")).unwrap();
+    w.run();
+    assert_eq!(w.agent.joined(), [ch("review")]);
+    assert_eq!(w.chat_subs.len(), 1);
+    w.daemon.up = true;
+    w.agent.leave(w.now, &ch("review")).unwrap();
+    w.run();
+    assert!(w.agent.joined().is_empty());
+}
+
+#[test]
+fn g42_no_responders_never_skips_the_tombstone_of_a_known_membership() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    // The mirror loses the generation (as after a refusal close raced a rejoin) but the agent
+    // knows it held a membership in this life.
+    w.agent.memberships.clear();
+    w.daemon.up = false;
+    w.agent.leave(w.now, &ch("review")).unwrap();
+    w.run();
+    assert_eq!(
+        w.agent.joined(),
+        [ch("review")],
+        "fail closed, not 'nothing to tombstone'"
+    );
+}
+
+#[test]
+fn g11_a_join_reply_after_leave_closes_the_fresh_membership() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.hold = Some(|c| matches!(c, Command::Request { .. }));
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    // The durable join is in flight; the broker refuses the live sub.
+    let sub = *w.chat_subs.keys().next().unwrap();
+    w.input(Input::Inbound(Inbound::Refused {
+        sub,
+        detail: "Permissions Violation".into(),
+    }));
+    // Now the daemon answers the held join: durable, generation 1.
+    w.hold = None;
+    let held = std::mem::take(&mut w.held);
+    for c in held {
+        let inputs = w.answer(&c);
+        for i in inputs {
+            w.input(i);
+        }
+    }
+    assert!(
+        w.agent.memberships().is_empty(),
+        "not mirrored for a channel no longer joined"
+    );
+    assert_eq!(
+        w.daemon.members["review"],
+        (1, false),
+        "closed, not a zombie"
+    );
+}
+
+#[test]
+fn g1_old_daemon_that_ignores_the_cursor_is_reported() {
+    let mut w = World::new(&[]);
+    w.daemon.honour_cursor = false;
+    w.connect();
+    let mark = w.log.len();
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    assert!(w.events_since(mark).contains("cursor_honoured=None"));
+}
+
+#[test]
+fn e1_to_e6_cross_path_dedup_through_the_agent() {
+    let mut w = World::new(&["general"]);
+    w.connect();
+    let m = w.post("alice", "general", "e2");
+    w.live(&m);
+    let d1 = w.dlv(&m, 1);
+    let d2 = w.dlv(&m, 2); // redelivery of the same stream message
+    assert_eq!(w.surfaced_ids(), ["e2"]);
+    assert_eq!(
+        w.settles,
+        [(d2, AckKind::Ack)],
+        "only the freshest handle is acked"
+    );
+    let _ = d1;
+    // E5: after handling, a durable copy is acked and not re-surfaced; E6: a live one dropped.
+    let d3 = w.dlv(&m, 3);
+    w.live(&m);
+    assert!(w.surfaced_ids().is_empty());
+    assert_eq!(w.settles.last(), Some(&(d3, AckKind::Ack)));
+}
+
+#[test]
+fn e10_dlv_anomalies_are_terminated_and_own_echo_acked() {
+    let mut w = World::new(&[]);
+    w.connect();
+    let sub = w.dlv_sub.unwrap();
+    w.input(Input::Inbound(Inbound::Delivery {
+        sub,
+        delivery: DeliveryId(50),
+        stream_seq: 9,
+        delivery_count: 1,
+        subject: format!("cotal.{SPACE}.dlv.bob"),
+        headers: Vec::new(),
+        payload: Bytes::from_static(b"{not json"),
+    }));
+    let own = w.post("bob", "general", "mine");
+    let d = w.dlv(&own, 1);
+    assert_eq!(
+        w.settles,
+        [(DeliveryId(50), AckKind::Term), (d, AckKind::Ack)]
+    );
+    assert!(w.log.contains("Malformed"));
+}
+
+#[test]
+fn send_reports_seq_and_unknown_outcomes_keep_the_id() {
+    let mut w = World::new(&[]);
+    w.connect();
+    let (req, id) = w
+        .agent
+        .send(
+            w.now,
+            &ch("general"),
+            vec![Part::text("hi")],
+            &[" BOB ".into(), "".into()],
+        )
+        .unwrap();
+    w.run();
+    assert!(w.log.contains(&format!("msg-id={id}")));
+    assert!(w.log.contains(&format!("Sent {{ request: {req:?}")));
+    assert_eq!(
+        w.agent.send(w.now, &ch("team.>"), vec![], &[]),
+        Err(AgentError::NotConcrete(ch("team.>")))
+    );
+    w.hold = Some(|c| matches!(c, Command::JsPublish { .. }));
+    let (_, id2) = w
+        .agent
+        .send(w.now, &ch("general"), vec![Part::text("again")], &[])
+        .unwrap();
+    w.run();
+    w.release_held_as_unknown();
+    assert!(w.log.contains("unknown: true"));
+    // The resend uses the same id, so the stream's duplicate window collapses it.
+    w.agent
+        .send_with_id(
+            w.now,
+            &ch("general"),
+            vec![Part::text("again")],
+            &[],
+            id2.clone(),
+        )
+        .unwrap();
+    w.run();
+    assert!(w.log.matches(&format!("msg-id={id2}")).count() == 2);
+}
+
+#[test]
+fn stop_publishes_a_scrubbed_offline_presence_and_closes_feeds() {
+    let mut config = AgentConfig::new(
+        Space::new(SPACE).unwrap(),
+        sender("bob"),
+        vec![ch("general")],
+        1,
+    );
+    config.heartbeat = Some(Duration::from_millis(2_000));
+    let mut w = World::new(&[]);
+    w.agent = Agent::new(config).unwrap();
+    w.connect();
+    w.advance(2_000);
+    assert_eq!(
+        w.log.matches("kv-put KV_cotal_presence").count()
+            + w.log.matches("kv-put cotal_presence_main bob").count(),
+        2
+    );
+    w.agent.stop(w.now);
+    let mut offline = None;
+    while let Some(c) = w.agent.poll_command() {
+        if let Command::KvPut { value, .. } = &c {
+            offline = Some(json::decode::<Presence>(value).unwrap());
+        }
+    }
+    let p = offline.expect("an offline presence");
+    assert!(p.is_scrubbed_offline());
+    assert_eq!(w.agent.poll_timeout(), None);
+    assert_eq!(w.agent.join(w.now, ch("x")), Err(AgentError::Stopped));
+}
+
+#[test]
+fn joins_wait_for_the_registry_and_unknown_watch_keeps_them_refused() {
+    let mut w = World::new(&[]);
+    w.hold = Some(|c| matches!(c, Command::KvWatch { .. }));
+    w.connect();
+    assert_eq!(w.agent.join(w.now, ch("a")), Err(AgentError::NotReady));
+    w.release_held_as_unknown();
+    assert_eq!(w.agent.join(w.now, ch("a")), Err(AgentError::NotReady));
+    assert!(!w.agent.health().ready);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Property: under any interleaving of joins, leaves, refusals, daemon outages and connection
+// drops, the agent never reports a channel joined without a confirmed subscription on the current
+// connection, never holds a mirror entry for a channel it is not joined to unless it is closing
+// it, and every application request gets exactly one answer.
+// ---------------------------------------------------------------------------------------------
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        Join(u8),
+        Leave(u8),
+        Refuse(u8),
+        DaemonUp(bool),
+        Drop,
+        Advance(u16),
+        Post(u8),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0u8..3).prop_map(Step::Join),
+            (0u8..3).prop_map(Step::Leave),
+            (0u8..3).prop_map(Step::Refuse),
+            any::<bool>().prop_map(Step::DaemonUp),
+            Just(Step::Drop),
+            (0u16..20_000).prop_map(Step::Advance),
+            (0u8..3).prop_map(Step::Post),
+        ]
+    }
+
+    const NAMES: [&str; 3] = ["a", "b", "c"];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn requests_are_answered_once_and_joined_means_confirmed(steps in proptest::collection::vec(step(), 1..40)) {
+            let mut w = World::new(&["a"]);
+            w.connect();
+            let mut asked: BTreeSet<RequestId> = BTreeSet::new();
+            for s in steps {
+                match s {
+                    Step::Join(i) => if let Ok(r) = w.agent.join(w.now, ch(NAMES[i as usize])) { asked.insert(r); },
+                    Step::Leave(i) => if let Ok(r) = w.agent.leave(w.now, &ch(NAMES[i as usize])) { asked.insert(r); },
+                    Step::Refuse(i) => {
+                        let pat = format!("cotal.{SPACE}.chat.*.{}", NAMES[i as usize]);
+                        let subs: Vec<SubId> = w.chat_subs.iter().filter(|(_, p)| **p == pat).map(|(s, _)| *s).collect();
+                        for sub in subs {
+                            w.chat_subs.remove(&sub);
+                            w.input(Input::Inbound(Inbound::Refused { sub, detail: "Permissions Violation".into() }));
+                        }
+                    }
+                    Step::DaemonUp(up) => w.daemon.up = up,
+                    Step::Drop => { w.drop_connection(); w.chat_subs.clear(); w.connect(); }
+                    Step::Advance(ms) => w.advance(u64::from(ms)),
+                    Step::Post(i) => { let m = w.post("alice", NAMES[i as usize], &format!("p{}", w.chat.len())); w.live(&m); }
+                }
+                w.run();
+                // Joined ⇒ a subscription on the broker for it.
+                for c in w.agent.joined() {
+                    let pat = format!("cotal.{SPACE}.chat.*.{c}");
+                    prop_assert!(w.chat_subs.values().any(|p| *p == pat), "{c} joined without a live sub\n{}", w.log);
+                }
+                // Mirror ⊆ joined ∪ closing.
+                let joined: BTreeSet<Channel> = w.agent.joined().into_iter().collect();
+                let closing: BTreeSet<ConcreteChannel> = w.agent.health().unclosed.into_iter().map(|u| u.channel).collect();
+                for c in w.agent.memberships().keys() {
+                    prop_assert!(joined.contains(&c.as_channel()) || closing.contains(c), "mirror holds {c}\n{}", w.log);
+                }
+            }
+            // Every request answered exactly once.
+            for r in &asked {
+                let needle = format!("{r:?}");
+                let n = w.log.lines().filter(|l| l.starts_with('!') && l.contains(&needle)).count();
+                prop_assert_eq!(n, 1, "{} answered {} times\n{}", r, n, w.log);
+            }
+        }
+    }
+}
