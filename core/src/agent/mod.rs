@@ -308,8 +308,9 @@ pub struct ChannelHealth {
 pub struct Unclosed {
     /// The channel.
     pub channel: ConcreteChannel,
-    /// The generation to tombstone.
-    pub generation: u64,
+    /// The generation to tombstone; `None` when a durable join's outcome was unknown, so whether a
+    /// membership exists (and its generation) is found by listing first.
+    pub generation: Option<u64>,
     /// Attempts so far.
     pub attempts: u32,
     /// The last error.
@@ -451,8 +452,8 @@ pub enum AgentEvent {
     MembershipCloseRetrying {
         /// The channel.
         channel: ConcreteChannel,
-        /// Generation.
-        generation: u64,
+        /// Generation, when known.
+        generation: Option<u64>,
         /// Attempts so far.
         attempts: u32,
         /// The error.
@@ -573,6 +574,9 @@ enum Pending {
     ListForLeave {
         channel: Channel,
     },
+    ListForClose {
+        channel: ConcreteChannel,
+    },
     DurableLeave {
         channel: ConcreteChannel,
         generation: u64,
@@ -627,8 +631,10 @@ pub struct Agent {
     slot_of: BTreeMap<ConcreteChannel, u64>,
     /// The local mirror of established memberships (`plane3Channels`).
     memberships: BTreeMap<ConcreteChannel, u64>,
-    /// Channels that held a membership in this life (a leave never skips their tombstone).
-    ever_durable: BTreeSet<ConcreteChannel>,
+    /// Channels that held, or may hold, a membership in this life: established once, or a durable
+    /// join whose outcome was unknown (it may have been applied, R10). A leave never skips their
+    /// tombstone, and a refusal closes them even without a mirrored generation (G41, G42).
+    maybe_member: BTreeSet<ConcreteChannel>,
     /// Memberships to close after a refusal (`pendingDurableLeave`).
     unclosed: BTreeMap<ConcreteChannel, Unclosed>,
     /// Closes and reconciles with a request in flight.
@@ -678,7 +684,7 @@ impl Agent {
             slots: BTreeMap::new(),
             slot_of: BTreeMap::new(),
             memberships: BTreeMap::new(),
-            ever_durable: BTreeSet::new(),
+            maybe_member: BTreeSet::new(),
             unclosed: BTreeMap::new(),
             close_in_flight: BTreeSet::new(),
             reconcile_in_flight: BTreeSet::new(),
@@ -1640,18 +1646,24 @@ impl Agent {
                 if !joined {
                     // Left or refused while the request was in flight: the membership the daemon
                     // just opened must be closed (G11), not mirrored.
-                    self.start_close(now, channel, generation);
+                    self.start_close(now, channel, Some(generation));
                     return;
                 }
                 self.memberships.insert(channel.clone(), generation);
-                self.ever_durable.insert(channel.clone());
-                // A rejoin supersedes a pending refusal close of an older generation.
+                self.maybe_member.insert(channel.clone());
+                // A rejoin supersedes a pending refusal close: of an older generation (the daemon
+                // already replaced it), and of this very generation (the daemon never closed it,
+                // and it is ours again). A close already in flight may still land; its success
+                // handler re-establishes the membership (see `on_durable_leave`).
                 if self
                     .unclosed
                     .get(&channel)
-                    .is_some_and(|u| u.generation < generation)
+                    .is_some_and(|u| u.generation.is_none_or(|g| g <= generation))
                 {
                     self.unclosed.remove(&channel);
+                    if let Some(slot) = self.slot_of.get(&channel).copied() {
+                        self.timers.cancel(&Timer::Close(slot));
+                    }
                 }
                 let honoured = match (cursor, reply.join_cursor) {
                     (Some(ours), Some(used)) => Some(ours == used),
@@ -1675,7 +1687,19 @@ impl Agent {
                 self.maybe_report_join(&key);
             }
             other => {
+                if other.as_ref().is_err_and(|e| e == OUTCOME_UNKNOWN) {
+                    // The daemon may have opened a membership we do not know about; a pending
+                    // close must look it up rather than close an older generation only.
+                    self.maybe_member.insert(channel.clone());
+                    if let Some(u) = self.unclosed.get_mut(&channel) {
+                        u.generation = None;
+                    }
+                }
                 if !joined {
+                    if self.maybe_member.contains(&channel) && !self.unclosed.contains_key(&channel)
+                    {
+                        self.start_close(now, channel, None);
+                    }
                     return;
                 }
                 let reason = match other {
@@ -1766,7 +1790,7 @@ impl Agent {
         let needs_tombstone = self.config.durable_backstop
             && concrete.as_ref().is_some_and(|c| {
                 self.memberships.contains_key(c)
-                    || self.ever_durable.contains(c)
+                    || self.maybe_member.contains(c)
                     || self.registry.policy_for(&channel).is_durable()
             });
         match (needs_tombstone, concrete) {
@@ -1850,7 +1874,7 @@ impl Agent {
             return;
         }
         match outcome {
-            Outcome::Failed(Failure::NoResponders) if !self.ever_durable.contains(&concrete) => {
+            Outcome::Failed(Failure::NoResponders) if !self.maybe_member.contains(&concrete) => {
                 // No daemon and no membership ever known here: nothing to tombstone (§2(b)).
                 self.finish_leave(&channel, None);
             }
@@ -1877,11 +1901,24 @@ impl Agent {
         let leaving = self.channels.get(&key).is_some_and(|e| e.leave.is_some());
         match result {
             Ok(()) => {
-                if self.memberships.get(&channel) == Some(&generation) {
+                let mirrored = self.memberships.get(&channel) == Some(&generation);
+                if mirrored {
                     self.memberships.remove(&channel);
                 }
+                if mirrored && !leaving && self.channels.contains_key(&key) {
+                    // A refusal close landed after a rejoin had adopted the same generation: the
+                    // channel is joined but its membership is gone. Establish a new one now.
+                    let slot = self.slot(&channel);
+                    self.timers.set(Timer::Reconcile(slot), now.at);
+                    if let Some(entry) = self.channels.get_mut(&key) {
+                        entry.backstop = BackstopState::Degraded {
+                            reason: "membership closed by an earlier refusal; rejoining".into(),
+                            attempts: 0,
+                        };
+                    }
+                }
                 if let Some(u) = self.unclosed.get(&channel)
-                    && u.generation == generation
+                    && u.generation == Some(generation)
                 {
                     self.unclosed.remove(&channel);
                     if let Some(slot) = self.slot_of.get(&channel).copied() {
@@ -1895,9 +1932,36 @@ impl Agent {
                 if leaving {
                     self.finish_leave(&key, Some(generation));
                 }
+                if self.unclosed.contains_key(&channel) {
+                    // A close whose target changed while this leave was in flight (a newer
+                    // generation may exist): go on with it.
+                    self.try_close(channel);
+                }
             }
             Err((error, detail)) => {
                 if leaving {
+                    if error == LeaveError::TombstoneUnknown
+                        && self.memberships.get(&channel) == Some(&generation)
+                    {
+                        // The tombstone may have landed: the mirror can no longer vouch for the
+                        // membership. The channel stays joined (fail closed) but degraded; a
+                        // retried leave lists first, and without one the reconcile re-establishes
+                        // the backstop (reported, never silent).
+                        self.memberships.remove(&channel);
+                        let slot = self.slot(&channel);
+                        self.timers.set(Timer::Reconcile(slot), now.at + backoff(0));
+                        let reason = "durable leave outcome unknown; the membership may be closed";
+                        if let Some(entry) = self.channels.get_mut(&key) {
+                            entry.backstop = BackstopState::Degraded {
+                                reason: reason.into(),
+                                attempts: 0,
+                            };
+                        }
+                        self.events.push_back(AgentEvent::BackstopDegraded {
+                            channel: channel.clone(),
+                            reason: reason.into(),
+                        });
+                    }
                     self.fail_leave(&key, error);
                 }
                 if self.unclosed.contains_key(&channel) {
@@ -1975,12 +2039,21 @@ impl Agent {
             detail,
             closing,
         });
-        if let (Some(c), Some(generation)) = (concrete, closing) {
-            self.start_close(now, c, generation);
+        if let Some(c) = concrete {
+            if let Some(generation) = closing {
+                self.start_close(now, c, Some(generation));
+            } else if let Some(u) = self.unclosed.get_mut(&c) {
+                // A close is pending already, but a join since may have opened a newer
+                // generation: find out by listing before closing.
+                u.generation = None;
+            } else if self.maybe_member.contains(&c) {
+                // Not mirrored, but a membership may exist (G41): list, then close.
+                self.start_close(now, c, None);
+            }
         }
     }
 
-    fn start_close(&mut self, now: Now, channel: ConcreteChannel, generation: u64) {
+    fn start_close(&mut self, now: Now, channel: ConcreteChannel, generation: Option<u64>) {
         let _ = now;
         self.unclosed.insert(
             channel.clone(),
@@ -2003,7 +2076,36 @@ impl Agent {
         }
         let generation = u.generation;
         self.close_in_flight.insert(channel.clone());
-        self.send_leave(channel, generation);
+        match generation {
+            Some(generation) => self.send_leave(channel, generation),
+            None => self.control_request(
+                &DeliveryRequest::ListMemberships,
+                Pending::ListForClose { channel },
+                REQUEST_DELIVERY_TIMEOUT,
+            ),
+        }
+    }
+
+    fn on_list_for_close(&mut self, now: Now, channel: ConcreteChannel, outcome: Outcome<Reply>) {
+        self.close_in_flight.remove(&channel);
+        if !self.unclosed.contains_key(&channel) {
+            return;
+        }
+        match decode_list_reply(outcome) {
+            Ok(list) => match list.memberships.iter().find(|m| m.channel == channel) {
+                Some(m) => {
+                    if let Some(u) = self.unclosed.get_mut(&channel) {
+                        u.generation = Some(m.generation);
+                    }
+                    self.try_close(channel);
+                }
+                None => {
+                    // Nothing open: the unknown join was not applied, or was closed already.
+                    self.unclosed.remove(&channel);
+                }
+            },
+            Err(detail) => self.close_failed(now, &channel, detail),
+        }
     }
 
     fn close_failed(&mut self, now: Now, channel: &ConcreteChannel, detail: String) {
@@ -2018,7 +2120,7 @@ impl Agent {
         let (generation, attempts) = (u.generation, u.attempts);
         self.timers
             .set(Timer::Close(slot), now.at + backoff(attempt));
-        if attempt == 0 || attempts % 5 == 0 {
+        if attempt == 0 || attempts.is_multiple_of(5) {
             self.events.push_back(AgentEvent::MembershipCloseRetrying {
                 channel: channel.clone(),
                 generation,
@@ -2199,6 +2301,7 @@ impl Agent {
                 self.on_durable_join(now, channel, cursor, outcome)
             }
             Pending::ListForLeave { channel } => self.on_list_for_leave(channel, outcome),
+            Pending::ListForClose { channel } => self.on_list_for_close(now, channel, outcome),
             Pending::DurableLeave {
                 channel,
                 generation,
@@ -2334,9 +2437,12 @@ fn control_reply(outcome: Outcome<Reply>) -> Result<ControlReply, String> {
         }
         Outcome::Success(other) => Err(format!("unexpected reply {other:?}")),
         Outcome::Failed(f) => Err(f.to_string()),
-        Outcome::Unknown => Err("outcome unknown".into()),
+        Outcome::Unknown => Err(OUTCOME_UNKNOWN.into()),
     }
 }
+
+/// The error text of a control request whose outcome is unknown.
+const OUTCOME_UNKNOWN: &str = "outcome unknown";
 
 fn decode_join_reply(outcome: Outcome<Reply>) -> Result<DurableJoinReply, String> {
     let reply = control_reply(outcome)?;

@@ -38,6 +38,8 @@ struct FakeDaemon {
     list_error: Option<String>,
     /// Answer requests whose op is in here with `Unknown` (timeout / connection lost).
     unknown_ops: BTreeSet<String>,
+    /// With `unknown_ops`: apply the request, then lose the answer.
+    apply_then_unknown: bool,
     frontier: u64,
     requests: Vec<String>,
 }
@@ -49,7 +51,7 @@ impl FakeDaemon {
         if !self.up {
             return Outcome::Failed(Failure::NoResponders);
         }
-        if self.unknown_ops.contains(&req.op) {
+        if self.unknown_ops.contains(&req.op) && !self.apply_then_unknown {
             return Outcome::Unknown;
         }
         let reply = match DeliveryRequest::from_request(&req).unwrap() {
@@ -134,6 +136,10 @@ impl FakeDaemon {
                 }
             }
         };
+        if self.unknown_ops.contains(&req.op) {
+            // Applied, but the answer is lost (the worst case of an unknown outcome).
+            return Outcome::Unknown;
+        }
         Outcome::Success(Reply::Response(Response {
             headers: Vec::new(),
             payload: reply,
@@ -1059,7 +1065,7 @@ fn a24_late_refusal_drops_the_channel_and_closes_the_membership() {
     assert!(w.agent.joined().is_empty());
     let unclosed = w.agent.health().unclosed;
     assert_eq!(unclosed.len(), 1);
-    assert_eq!(unclosed[0].generation, 1);
+    assert_eq!(unclosed[0].generation, Some(1));
     // Backoff: 1 s, 2 s, 4 s … each attempt after the previous one's delay.
     let before = w.daemon.requests.len();
     w.advance(999);
@@ -1212,6 +1218,29 @@ fn e10_dlv_anomalies_are_terminated_and_own_echo_acked() {
 }
 
 #[test]
+fn connection_lost_mid_ack_is_counted_and_the_redelivery_is_acked_by_the_horizon() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    let m = w.post("alice", "review", "acked-once");
+    let first = w.dlv(&m, 1);
+    w.hold = Some(|c| matches!(c, Command::Settle { .. }));
+    assert_eq!(w.surfaced_ids(), ["acked-once"]);
+    assert_eq!(w.held.len(), 1, "the ack was sent after handling");
+    w.drop_connection();
+    w.release_held_as_unknown();
+    assert_eq!(w.agent.health().counters.settles_unconfirmed, 1);
+    // JetStream redelivers after ack_wait on the new connection: acked at once, not surfaced.
+    w.chat_subs.clear();
+    w.connect();
+    let again = w.dlv(&m, 2);
+    assert!(w.surfaced_ids().is_empty());
+    assert_eq!(w.settles.last(), Some(&(again, AckKind::Ack)));
+    assert_ne!(first, again);
+}
+
+#[test]
 fn send_reports_seq_and_unknown_outcomes_keep_the_id() {
     let mut w = World::new(&[]);
     w.connect();
@@ -1312,6 +1341,8 @@ mod props {
         Leave(u8),
         Refuse(u8),
         DaemonUp(bool),
+        /// Every control request's outcome is unknown (timeouts) while on.
+        DaemonFlaky(bool),
         Drop,
         Advance(u16),
         Post(u8),
@@ -1323,6 +1354,7 @@ mod props {
             (0u8..3).prop_map(Step::Leave),
             (0u8..3).prop_map(Step::Refuse),
             any::<bool>().prop_map(Step::DaemonUp),
+            any::<bool>().prop_map(Step::DaemonFlaky),
             Just(Step::Drop),
             (0u16..20_000).prop_map(Step::Advance),
             (0u8..3).prop_map(Step::Post),
@@ -1351,6 +1383,14 @@ mod props {
                         }
                     }
                     Step::DaemonUp(up) => w.daemon.up = up,
+                    Step::DaemonFlaky(on) => {
+                        w.daemon.apply_then_unknown = w.chat.len().is_multiple_of(2);
+                        w.daemon.unknown_ops = if on {
+                            ["durableJoin", "durableLeave", "listMemberships"].iter().map(|s| s.to_string()).collect()
+                        } else {
+                            BTreeSet::new()
+                        };
+                    }
                     Step::Drop => { w.drop_connection(); w.chat_subs.clear(); w.connect(); }
                     Step::Advance(ms) => w.advance(u64::from(ms)),
                     Step::Post(i) => { let m = w.post("alice", NAMES[i as usize], &format!("p{}", w.chat.len())); w.live(&m); }
@@ -1368,6 +1408,21 @@ mod props {
                     prop_assert!(joined.contains(&c.as_channel()) || closing.contains(c), "mirror holds {c}\n{}", w.log);
                 }
             }
+            // Heal: the daemon comes back and answers; time passes. Then no membership is open on
+            // the daemon for a channel the agent is not joined to (no zombie, G11/G41), and every
+            // joined concrete channel is a member (the reconcile got there).
+            w.daemon.up = true;
+            w.daemon.unknown_ops.clear();
+            for _ in 0..12 {
+                w.advance(30_000);
+            }
+            let joined: BTreeSet<String> = w.agent.joined().iter().map(|c| c.as_str().to_owned()).collect();
+            for (c, (g, open)) in &w.daemon.members {
+                prop_assert!(!*open || joined.contains(c), "zombie membership {c} gen {g}\n{}", w.log);
+            }
+            for c in &joined {
+                prop_assert!(w.daemon.members.get(c).is_some_and(|m| m.1), "{c} joined but not a member\n{}", w.log);
+            }
             // Every request answered exactly once.
             for r in &asked {
                 let needle = format!("{r:?}");
@@ -1376,4 +1431,41 @@ mod props {
             }
         }
     }
+}
+
+#[test]
+fn frontier_read_failure_fails_the_join_before_any_subscription() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.frontier_fails = true;
+    let mark = w.log.len();
+    w.agent.join(w.now, ch("ops")).unwrap();
+    w.run();
+    assert!(w.events_since(mark).contains("CHAT frontier unreadable"));
+    assert!(
+        !w.log[mark..].contains("subscribe"),
+        "no subscription without a watermark"
+    );
+    assert!(w.agent.joined().is_empty());
+}
+
+#[test]
+fn backfill_with_unknown_outcome_still_joins_and_says_why() {
+    let mut w = World::new(&[]);
+    w.registry
+        .push(("ops".into(), r#"{"deliveryClass":"live"}"#.into()));
+    w.connect();
+    w.post("alice", "ops", "old");
+    w.hold = Some(|c| matches!(c, Command::ReadStream { .. }));
+    let mark = w.log.len();
+    w.agent.join(w.now, ch("ops")).unwrap();
+    w.run();
+    w.release_held_as_unknown();
+    let events = w.events_since(mark);
+    assert!(
+        events.contains(r#"reason=Some("backfill interrupted")"#),
+        "{events}"
+    );
+    assert_eq!(w.agent.joined(), [ch("ops")], "the live join stands");
+    assert_eq!(w.agent.health().counters.backfill_failures, 1);
 }
