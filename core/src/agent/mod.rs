@@ -338,6 +338,8 @@ pub struct AgentCounters {
     pub close_failures: u64,
     /// Connection losses seen.
     pub connection_losses: u64,
+    /// DLV consumer binds that failed, or consumers that ended (each retried with backoff).
+    pub dlv_bind_failures: u64,
 }
 
 /// What the agent can say about itself.
@@ -591,6 +593,7 @@ enum Pending {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     Heartbeat,
+    DlvBind,
     Reconcile(u64),
     Close(u64),
 }
@@ -646,6 +649,7 @@ pub struct Agent {
     stopped: bool,
     dlv: Option<SubId>,
     dlv_bound: bool,
+    dlv_attempts: u32,
     registry_feed: Option<SubId>,
     ledger: Ledger<Arrival>,
     deliveries: u64,
@@ -694,6 +698,7 @@ impl Agent {
             stopped: false,
             dlv: None,
             dlv_bound: false,
+            dlv_attempts: 0,
             registry_feed: None,
             ledger,
             deliveries: 0,
@@ -1134,17 +1139,9 @@ impl Agent {
             filter: ">".into(),
         });
         if self.config.durable_backstop {
-            let sub = self.subs.next_id();
-            self.feeds.insert(sub, Feed::Dlv);
-            self.dlv = Some(sub);
-            let op = self.op(Pending::DlvConsume);
-            self.commands.push_back(Command::Consume {
-                op,
-                sub,
-                consumer: ConsumerSpec::dlv(&self.config.space, &self.config.me.id),
-                create: self.config.create_dlv_consumer,
-                max_in_flight: self.config.ledger.max_pending as u32,
-            });
+            self.dlv_attempts = 0;
+            self.timers.cancel(&Timer::DlvBind);
+            self.bind_dlv();
         }
         if self.first_connect {
             let boot: Vec<Channel> = self.config.channels.clone();
@@ -1163,6 +1160,36 @@ impl Agent {
             self.heartbeat(now);
             self.timers.set(Timer::Heartbeat, now.at + every);
         }
+    }
+
+    /// Binds the DLV consumer. Unlike the reference (G20), a failed bind or an ended consumer is
+    /// retried with backoff and shows in [`AgentHealth::dlv_bound`] meanwhile.
+    fn bind_dlv(&mut self) {
+        if let Some(old) = self.dlv.take() {
+            self.feeds.remove(&old);
+        }
+        let sub = self.subs.next_id();
+        self.feeds.insert(sub, Feed::Dlv);
+        self.dlv = Some(sub);
+        let op = self.op(Pending::DlvConsume);
+        self.commands.push_back(Command::Consume {
+            op,
+            sub,
+            consumer: ConsumerSpec::dlv(&self.config.space, &self.config.me.id),
+            create: self.config.create_dlv_consumer,
+            max_in_flight: u32::try_from(self.config.ledger.max_pending).unwrap_or(u32::MAX),
+        });
+    }
+
+    fn dlv_unbound(&mut self, now: Now) {
+        self.dlv_bound = false;
+        if let Some(old) = self.dlv.take() {
+            self.feeds.remove(&old);
+        }
+        bump(&mut self.counters.dlv_bind_failures);
+        self.timers
+            .set(Timer::DlvBind, now.at + backoff(self.dlv_attempts));
+        self.dlv_attempts = self.dlv_attempts.saturating_add(1);
     }
 
     fn on_registry_loaded(&mut self) {
@@ -2286,7 +2313,12 @@ impl Agent {
                 Outcome::Failed(_) | Outcome::Unknown => {}
             },
             Pending::DlvConsume => {
-                self.dlv_bound = outcome.is_success();
+                if outcome.is_success() {
+                    self.dlv_bound = true;
+                    self.dlv_attempts = 0;
+                } else if self.link != Link::Down && !self.stopped {
+                    self.dlv_unbound(now);
+                }
             }
             Pending::Presence => {}
             Pending::Arm { channel, epoch } => self.on_arm(channel, epoch, outcome),
@@ -2370,11 +2402,7 @@ impl Agent {
                     payload,
                 },
             ),
-            (Feed::Dlv, Inbound::ConsumerEnded { .. }) => {
-                self.dlv_bound = false;
-                self.feeds.remove(&sub);
-                self.dlv = None;
-            }
+            (Feed::Dlv, Inbound::ConsumerEnded { .. }) => self.dlv_unbound(now),
             (
                 Feed::Chat(_),
                 Inbound::Message {
@@ -2396,6 +2424,11 @@ impl Agent {
                 {
                     self.heartbeat(now);
                     self.timers.set(Timer::Heartbeat, now.at + every);
+                }
+            }
+            Timer::DlvBind => {
+                if self.link != Link::Down && !self.stopped && self.config.durable_backstop {
+                    self.bind_dlv();
                 }
             }
             Timer::Reconcile(slot) => {

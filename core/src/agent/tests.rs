@@ -1469,3 +1469,34 @@ fn backfill_with_unknown_outcome_still_joins_and_says_why() {
     assert_eq!(w.agent.joined(), [ch("ops")], "the live join stands");
     assert_eq!(w.agent.health().counters.backfill_failures, 1);
 }
+
+#[test]
+fn g20_a_failed_dlv_bind_is_retried_with_backoff() {
+    let mut w = World::new(&[]);
+    w.hold = Some(|c| matches!(c, Command::Consume { .. }));
+    w.connect();
+    // The bind fails (consumer not provisioned yet).
+    w.hold = None;
+    let held = std::mem::take(&mut w.held);
+    for c in held {
+        if let Some(op) = c.op() {
+            w.input(Input::Completed(Completion::failed(op, Failure::NotFound)));
+        }
+    }
+    assert!(!w.agent.health().dlv_bound);
+    assert_eq!(w.agent.health().counters.dlv_bind_failures, 1);
+    w.advance(999);
+    assert_eq!(w.log.matches("> consume dlv_bob").count(), 1);
+    w.advance(1);
+    assert_eq!(w.log.matches("> consume dlv_bob").count(), 2);
+    assert!(w.agent.health().dlv_bound);
+    // A consumer that ends is rebound too.
+    let sub = w.dlv_sub.unwrap();
+    w.input(Input::Inbound(Inbound::ConsumerEnded {
+        sub,
+        detail: "consumer deleted".into(),
+    }));
+    assert!(!w.agent.health().dlv_bound);
+    w.advance(1_000);
+    assert!(w.agent.health().dlv_bound);
+}
