@@ -16,4 +16,6 @@
 #![warn(missing_docs)]
 
 pub mod broker;
+pub mod host;
 pub mod net;
+pub mod sched;
