@@ -19,3 +19,4 @@ pub mod broker;
 pub mod host;
 pub mod net;
 pub mod sched;
+pub mod script;

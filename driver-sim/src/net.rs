@@ -391,7 +391,8 @@ impl Net {
         state.connected = false;
         state.epoch += 1;
         state.open_feeds.clear();
-        let unknown: Vec<OpId> = std::mem::take(&mut state.inflight).into_iter().collect();
+        // They stay in flight until the Unknown completions below reach the client.
+        let unknown: Vec<OpId> = state.inflight.iter().copied().collect();
         self.core_subs.retain(|(c, _), _| *c != client);
         self.feeds.retain(|(c, _), _| *c != client);
         self.watches.retain(|(c, _), _| *c != client);
@@ -819,14 +820,15 @@ impl Net {
         headers: &[Header],
         payload: &Bytes,
     ) -> usize {
+        // A requester that may not subscribe to its reply subject never sees the answer: its
+        // request stays pending until it times out.
         let answered = self
             .requests
             .iter()
-            .find(|(_, r)| r.reply == subject)
+            .find(|(_, r)| r.reply == subject && r.can_receive)
             .map(|(k, _)| *k);
         if let Some(key) = answered
             && let Some(r) = self.requests.remove(&key)
-            && r.can_receive
         {
             let response = Response {
                 headers: headers.to_vec(),
