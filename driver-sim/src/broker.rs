@@ -49,10 +49,10 @@ use cotal_core::io::{AckKind, Header, KvCondition, KvEntry, KvOperation, PubAck,
 use cotal_core::io::{StoredMessage, StreamState};
 use cotal_core::op::Failure;
 use cotal_core::time::{Duration, Instant, Now, UnixMillis};
+use cotal_core::wire::config::ConsumerSpec;
 use cotal_core::wire::config::{
     AckPolicy, DeliverPolicy, DiscardPolicy, KvBucketSpec, RetentionPolicy, StreamSpec,
 };
-use cotal_core::wire::config::ConsumerSpec;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The header carrying a publish's msg-id.
@@ -224,7 +224,10 @@ impl Stream {
     }
 
     fn captures(&self, subject: &str) -> bool {
-        self.spec.subjects.iter().any(|p| subject_matches(p, subject))
+        self.spec
+            .subjects
+            .iter()
+            .any(|p| subject_matches(p, subject))
     }
 
     fn duplicate_window(&self) -> Duration {
@@ -416,8 +419,7 @@ impl Broker {
             } else {
                 Err(Failure::Rejected {
                     code: Some(err_code::STREAM_NAME_IN_USE),
-                    description: "stream name already in use with a different configuration"
-                        .into(),
+                    description: "stream name already in use with a different configuration".into(),
                 })
             };
         }
@@ -894,14 +896,12 @@ impl Broker {
         {
             return false;
         }
-        s.messages
-            .range(c.next_seq..)
-            .any(|(seq, m)| {
-                subject_matches(&c.spec.filter_subject, &m.stored.subject)
-                    && c.last_per_subject
-                        .as_ref()
-                        .is_none_or(|(cut, set)| *seq > *cut || set.contains(seq))
-            })
+        s.messages.range(c.next_seq..).any(|(seq, m)| {
+            subject_matches(&c.spec.filter_subject, &m.stored.subject)
+                && c.last_per_subject
+                    .as_ref()
+                    .is_none_or(|(cut, set)| *seq > *cut || set.contains(seq))
+        })
     }
 
     /// Resolves a delivered message by its stream sequence (an ack reply subject names the
@@ -1072,10 +1072,10 @@ impl Broker {
     /// A KV write under a condition ([`cotal_core::io::Command::KvPut`]); returns the stored
     /// message, whose sequence is the new revision.
     ///
-    /// - [`KvCondition::Any`]: unconditional;
-    /// - [`KvCondition::CreateOnly`]: [`Failure::AlreadyExists`] unless the key holds nothing or a
+    /// - [`KvCondition::Any`]\: unconditional;
+    /// - [`KvCondition::CreateOnly`]\: [`Failure::AlreadyExists`] unless the key holds nothing or a
     ///   delete / purge marker (then a CAS on the marker's revision, as async-nats does);
-    /// - [`KvCondition::Revision`]: [`Failure::WrongLastRevision`] with the current revision
+    /// - [`KvCondition::Revision`]\: [`Failure::WrongLastRevision`] with the current revision
     ///   unless the key is at exactly that revision (0: must not exist).
     pub fn kv_put(
         &mut self,

@@ -298,7 +298,7 @@ impl Host {
             let mut at = now;
             if out.kind != OutKind::Local {
                 let (lo, hi) = self.config.latency;
-                at = at + self.chooser.latency.between(lo, hi);
+                at += self.chooser.latency.between(lo, hi);
             }
             if faulty
                 && out.kind == OutKind::CoreMessage
@@ -310,10 +310,13 @@ impl Host {
             }
             if faulty
                 && out.kind == OutKind::Delivery
-                && self.chooser.faults.chance(self.config.faults.slow_consumer_ppm)
+                && self
+                    .chooser
+                    .faults
+                    .chance(self.config.faults.slow_consumer_ppm)
             {
                 let (lo, hi) = self.config.faults.slow_consumer_delay;
-                at = at + self.chooser.faults.between(lo, hi);
+                at += self.chooser.faults.between(lo, hi);
             }
             let lane = Lane::Down(out.client.0);
             self.queue.push(lane, at, SimEvent::Down(out));

@@ -72,8 +72,7 @@ use crate::broker::{Broker, Publish, kv_stream};
 use bytes::Bytes;
 use cotal_core::acl::{pattern_covers, patterns_cover, subject_matches};
 use cotal_core::io::{
-    Command, Completion, Connection, Header, Inbound, Input, KvCondition,
-    Reply, Response, SubId,
+    Command, Completion, Connection, Header, Inbound, Input, KvCondition, Reply, Response, SubId,
 };
 use cotal_core::ledger::DeliveryId;
 use cotal_core::op::{Failure, OpId, Outcome};
@@ -319,10 +318,10 @@ impl Net {
         match &cmd {
             Command::Subscribe { sub, .. }
             | Command::Consume { sub, .. }
-            | Command::KvWatch { sub, .. } => {
-                if state.connected {
-                    state.open_feeds.insert(*sub);
-                }
+            | Command::KvWatch { sub, .. }
+                if state.connected =>
+            {
+                state.open_feeds.insert(*sub);
             }
             Command::Unsubscribe { sub }
             | Command::StopConsume { sub }
@@ -416,7 +415,11 @@ impl Net {
             return;
         }
         state.connected = true;
-        self.emit(client, OutKind::Local, Input::Connection(Connection::Restored));
+        self.emit(
+            client,
+            OutKind::Local,
+            Input::Connection(Connection::Restored),
+        );
     }
 
     // ----- time -----------------------------------------------------------------------------
@@ -758,7 +761,11 @@ impl Net {
             if let Err(f) = self.broker.add_consumer(spec.clone()) {
                 return Outcome::Failed(f);
             }
-        } else if self.broker.consumer_spec(&spec.stream, &spec.name).is_none() {
+        } else if self
+            .broker
+            .consumer_spec(&spec.stream, &spec.name)
+            .is_none()
+        {
             return Outcome::Failed(Failure::NotFound);
         }
         let acks = self
@@ -801,11 +808,7 @@ impl Net {
             Ok(stored) => {
                 let revision = stored.seq;
                 self.notify_watches(&kv_stream(bucket), Some(&stored));
-                self.complete(
-                    client,
-                    op,
-                    Outcome::Success(Reply::KvWritten { revision }),
-                );
+                self.complete(client, op, Outcome::Success(Reply::KvWritten { revision }));
             }
             Err(f) => self.complete(client, op, Outcome::Failed(f)),
         }
@@ -979,7 +982,10 @@ fn may_read_stream(p: &Permissions, stream: &str, filter: &str) -> bool {
         return true;
     }
     if p.publish_allow.is_empty() {
-        return may_publish(p, &format!("$JS.API.CONSUMER.CREATE.{stream}.read.{filter}"));
+        return may_publish(
+            p,
+            &format!("$JS.API.CONSUMER.CREATE.{stream}.read.{filter}"),
+        );
     }
     let prefix = format!("$JS.API.CONSUMER.CREATE.{stream}.");
     p.publish_allow.iter().any(|grant| {

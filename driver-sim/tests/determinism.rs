@@ -1,14 +1,15 @@
 //! Determinism: the same seed gives the same transcript, bit for bit, under every fault.
 
+// Test helpers outside `#[test]` functions unwrap set-up results too.
+#![allow(clippy::unwrap_used)]
+
 use bytes::Bytes;
-use cotal_core::io::{
-    AckKind, Command, Connection, Inbound, Input, KvCondition, Machine, SubIds,
-};
+use cotal_core::io::{AckKind, Command, Connection, Inbound, Input, KvCondition, Machine, SubIds};
 use cotal_core::op::{OpIds, Outcome};
 use cotal_core::time::{Duration, Instant, Now};
 use cotal_core::wire::config::{
-    AckPolicy, ConsumerSpec, DeliverPolicy, Durability, KvBucketSpec, RetentionPolicy,
-    StorageType, StreamSpec,
+    AckPolicy, ConsumerSpec, DeliverPolicy, Durability, KvBucketSpec, RetentionPolicy, StorageType,
+    StreamSpec,
 };
 use cotal_core::wire::permissions::Permissions;
 use cotal_driver_sim::host::{Host, hosted};
@@ -168,7 +169,8 @@ struct Run {
 }
 
 fn run(seed: u64) -> Run {
-    let config = SimConfig::new(seed).with_faults(FaultConfig::chaos(), Instant::from_millis(5_000));
+    let config =
+        SimConfig::new(seed).with_faults(FaultConfig::chaos(), Instant::from_millis(5_000));
     let mut host = Host::new(config, true);
     host.broker_mut()
         .add_stream(StreamSpec {
@@ -195,7 +197,11 @@ fn run(seed: u64) -> Run {
         })
         .unwrap();
     for name in ["ann", "bob", "cy"] {
-        host.add_machine(name, Permissions::default(), hosted(Chatter::new(name), |e| e));
+        host.add_machine(
+            name,
+            Permissions::default(),
+            hosted(Chatter::new(name), |e| e),
+        );
     }
     let stats = host.run_until(Instant::from_millis(10_000));
     assert!(!stats.exhausted, "seed {seed}: step budget exhausted");
@@ -216,9 +222,12 @@ fn the_same_seed_gives_the_same_transcript_hash() {
         let b = run(seed);
         assert_eq!((a.hash, a.lines), (b.hash, b.lines), "seed {seed}");
         assert_ne!(a.hash, run(seed + 1000).hash, "seed {seed} vs another seed");
-        assert!(a.events > 100, "seed {seed}: the workload ran ({} events)", a.events);
+        assert!(
+            a.events > 100,
+            "seed {seed}: the workload ran ({} events)",
+            a.events
+        );
         faults += a.faults;
     }
     assert!(faults > 0, "the fault phase fired some faults");
 }
-

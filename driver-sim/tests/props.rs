@@ -1,13 +1,16 @@
 //! Stream, consumer and KV invariants under random operation sequences.
 
+// Test helpers outside `#[test]` functions unwrap set-up results too.
+#![allow(clippy::unwrap_used)]
+
 use bytes::Bytes;
 use cotal_core::acl::subject_matches;
 use cotal_core::io::{AckKind, KvCondition, KvOperation};
 use cotal_core::op::Failure;
 use cotal_core::time::{Duration, Instant, Now, UnixMillis};
 use cotal_core::wire::config::{
-    AckPolicy, ConsumerSpec, DeliverPolicy, Durability, KvBucketSpec, RetentionPolicy,
-    StorageType, StreamSpec,
+    AckPolicy, ConsumerSpec, DeliverPolicy, Durability, KvBucketSpec, RetentionPolicy, StorageType,
+    StreamSpec,
 };
 use cotal_driver_sim::broker::{Broker, ConsumerLimits, Publish};
 use proptest::prelude::*;
@@ -20,13 +23,33 @@ const WINDOW_MS: u64 = 2_000;
 
 #[derive(Clone, Debug)]
 enum Op {
-    Publish { subject: usize, msg_id: Option<u8> },
-    KvPut { key: usize, cond: u8, stale: u64 },
-    KvDelete { key: usize, expected: Option<u64> },
-    KvPurge { key: usize },
-    Next { consumer: usize },
-    Settle { consumer: usize, pick: usize, kind: u8 },
-    Advance { ms: u64 },
+    Publish {
+        subject: usize,
+        msg_id: Option<u8>,
+    },
+    KvPut {
+        key: usize,
+        cond: u8,
+        stale: u64,
+    },
+    KvDelete {
+        key: usize,
+        expected: Option<u64>,
+    },
+    KvPurge {
+        key: usize,
+    },
+    Next {
+        consumer: usize,
+    },
+    Settle {
+        consumer: usize,
+        pick: usize,
+        kind: u8,
+    },
+    Advance {
+        ms: u64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -70,7 +93,13 @@ fn setup() -> Broker {
     .unwrap();
     for (i, filter) in FILTERS.iter().enumerate() {
         let name = format!("c{i}");
-        b.set_consumer_limits("P", &name, ConsumerLimits { max_deliver: Some(4) });
+        b.set_consumer_limits(
+            "P",
+            &name,
+            ConsumerLimits {
+                max_deliver: Some(4),
+            },
+        );
         b.add_consumer(ConsumerSpec {
             stream: "P".into(),
             name,

@@ -62,7 +62,13 @@ fn bucket(b: &mut Broker, name: &str, ttl: Option<Duration>) {
     .expect("bucket");
 }
 
-fn put(b: &mut Broker, bucket: &str, key: &str, v: &'static str, c: KvCondition) -> Result<u64, Failure> {
+fn put(
+    b: &mut Broker,
+    bucket: &str,
+    key: &str,
+    v: &'static str,
+    c: KvCondition,
+) -> Result<u64, Failure> {
     b.kv_put(bucket, key, Bytes::from_static(v.as_bytes()), c)
         .map(|m| m.seq)
 }
@@ -154,9 +160,16 @@ fn stream_create_is_idempotent_and_refuses_another_config() {
     b.add_stream(stream("S", "s.>")).unwrap();
     b.add_stream(stream("S", "s.>")).unwrap();
     let err = b.add_stream(stream("S", "other.>")).unwrap_err();
-    assert!(matches!(err, Failure::Rejected { code: Some(10058), .. }));
+    assert!(matches!(
+        err,
+        Failure::Rejected {
+            code: Some(10058),
+            ..
+        }
+    ));
     assert_eq!(
-        b.publish(Publish::new("nowhere", Bytes::new())).unwrap_err(),
+        b.publish(Publish::new("nowhere", Bytes::new()))
+            .unwrap_err(),
         Failure::NotFound
     );
 }
@@ -275,27 +288,60 @@ fn next(b: &mut Broker, c: &str) -> Option<(u64, u64)> {
 #[test]
 fn ack_nak_term_ack_wait_and_max_deliver_as_observed() {
     let mut b = ord();
-    b.set_consumer_limits("ORD", "c", ConsumerLimits { max_deliver: Some(3) });
-    b.add_consumer(consumer("ORD", "c", "ord.a", DeliverPolicy::ByStartSequence(3)))
-        .unwrap();
+    b.set_consumer_limits(
+        "ORD",
+        "c",
+        ConsumerLimits {
+            max_deliver: Some(3),
+        },
+    );
+    b.add_consumer(consumer(
+        "ORD",
+        "c",
+        "ord.a",
+        DeliverPolicy::ByStartSequence(3),
+    ))
+    .unwrap();
     let info = b.consumer_info("ORD", "c").unwrap();
     assert_eq!((info.delivered_stream_seq, info.num_pending), (2, 4));
     let batch: Vec<_> = std::iter::from_fn(|| next(&mut b, "c")).collect();
     assert_eq!(batch, vec![(3, 1), (5, 1), (7, 1), (9, 1)]);
     b.settle("ORD", "c", 3, AckKind::Ack).unwrap();
-    b.settle("ORD", "c", 5, AckKind::Nak { delay: Duration::ZERO }).unwrap();
-    b.settle("ORD", "c", 7, AckKind::Nak { delay: Duration::from_millis(700) })
-        .unwrap();
+    b.settle(
+        "ORD",
+        "c",
+        5,
+        AckKind::Nak {
+            delay: Duration::ZERO,
+        },
+    )
+    .unwrap();
+    b.settle(
+        "ORD",
+        "c",
+        7,
+        AckKind::Nak {
+            delay: Duration::from_millis(700),
+        },
+    )
+    .unwrap();
     b.settle("ORD", "c", 9, AckKind::Term).unwrap();
     let info = b.consumer_info("ORD", "c").unwrap();
     assert_eq!(
-        (info.delivered_stream_seq, info.ack_floor, info.num_ack_pending),
+        (
+            info.delivered_stream_seq,
+            info.ack_floor,
+            info.num_ack_pending
+        ),
         (9, 4, 2)
     );
     // Plain nak: redelivered at once.
     assert_eq!(next(&mut b, "c"), Some((5, 2)));
     assert_eq!(next(&mut b, "c"), None);
-    assert_eq!(b.consumer_next_due("ORD", "c"), Some(Instant::from_millis(700)));
+    assert_eq!(
+        b.consumer_next_due("ORD", "c"),
+        Some(Instant::from_millis(700))
+    );
     // Nak delay honoured.
     b.advance(at(699));
     assert_eq!(next(&mut b, "c"), None);
@@ -326,9 +372,19 @@ fn an_acked_message_is_never_redelivered_and_a_late_ack_is_a_no_op() {
     assert_eq!(next(&mut b, "c"), Some((1, 1)));
     b.settle("ORD", "c", 1, AckKind::Ack).unwrap();
     b.settle("ORD", "c", 1, AckKind::Ack).unwrap();
-    b.settle("ORD", "c", 1, AckKind::Nak { delay: Duration::ZERO }).unwrap();
+    b.settle(
+        "ORD",
+        "c",
+        1,
+        AckKind::Nak {
+            delay: Duration::ZERO,
+        },
+    )
+    .unwrap();
     b.advance(at(10_000));
-    let seqs: Vec<u64> = std::iter::from_fn(|| next(&mut b, "c")).map(|d| d.0).collect();
+    let seqs: Vec<u64> = std::iter::from_fn(|| next(&mut b, "c"))
+        .map(|d| d.0)
+        .collect();
     assert!(!seqs.contains(&1), "{seqs:?}");
     assert_eq!(
         b.settle("ORD", "gone", 1, AckKind::Ack),
@@ -356,8 +412,13 @@ fn deliver_policies_pick_their_start() {
         .unwrap();
     b.add_consumer(consumer("ORD", "last", "ord.a", DeliverPolicy::Last))
         .unwrap();
-    b.add_consumer(consumer("ORD", "lps", "ord.>", DeliverPolicy::LastPerSubject))
-        .unwrap();
+    b.add_consumer(consumer(
+        "ORD",
+        "lps",
+        "ord.>",
+        DeliverPolicy::LastPerSubject,
+    ))
+    .unwrap();
     b.add_consumer(consumer(
         "ORD",
         "time",
@@ -368,7 +429,9 @@ fn deliver_policies_pick_their_start() {
     assert_eq!(next(&mut b, "new"), None);
     assert_eq!(next(&mut b, "last"), Some((9, 1)));
     assert_eq!(next(&mut b, "last"), None);
-    let lps: Vec<u64> = std::iter::from_fn(|| next(&mut b, "lps")).map(|d| d.0).collect();
+    let lps: Vec<u64> = std::iter::from_fn(|| next(&mut b, "lps"))
+        .map(|d| d.0)
+        .collect();
     assert_eq!(lps, vec![9, 10]);
     assert_eq!(next(&mut b, "time"), Some((1, 1)));
     let s11 = pub_(&mut b, "ord.a");
@@ -377,7 +440,10 @@ fn deliver_policies_pick_their_start() {
     // A changed deliver policy cannot be applied to an existing consumer.
     assert!(matches!(
         b.add_consumer(consumer("ORD", "new", "ord.>", DeliverPolicy::All)),
-        Err(Failure::Rejected { code: Some(10012), .. })
+        Err(Failure::Rejected {
+            code: Some(10012),
+            ..
+        })
     ));
 }
 
@@ -391,7 +457,10 @@ fn work_queue_ack_removes_and_overlapping_filters_are_refused() {
         .unwrap();
     assert!(matches!(
         b.add_consumer(consumer("WQ", "two", "wq.>", DeliverPolicy::All)),
-        Err(Failure::Rejected { code: Some(10100), .. })
+        Err(Failure::Rejected {
+            code: Some(10100),
+            ..
+        })
     ));
     b.add_consumer(consumer("WQ", "three", "wq.b.*", DeliverPolicy::All))
         .unwrap();
@@ -414,13 +483,19 @@ fn interest_stream_without_consumers_keeps_nothing() {
     assert_eq!((p.ack.seq, p.stored), (1, None));
     let st = b.stream_state("I").unwrap();
     assert_eq!((st.messages, st.last_seq), (0, 1));
-    b.add_consumer(consumer("I", "c1", "i.>", DeliverPolicy::New)).unwrap();
-    b.add_consumer(consumer("I", "c2", "i.>", DeliverPolicy::New)).unwrap();
+    b.add_consumer(consumer("I", "c1", "i.>", DeliverPolicy::New))
+        .unwrap();
+    b.add_consumer(consumer("I", "c2", "i.>", DeliverPolicy::New))
+        .unwrap();
     let seq = pub_(&mut b, "i.a");
     b.next_delivery("I", "c1").unwrap();
     b.next_delivery("I", "c2").unwrap();
     b.settle("I", "c1", seq, AckKind::Ack).unwrap();
-    assert_eq!(b.stream_state("I").unwrap().messages, 1, "c2 still has interest");
+    assert_eq!(
+        b.stream_state("I").unwrap().messages,
+        1,
+        "c2 still has interest"
+    );
     b.settle("I", "c2", seq, AckKind::Ack).unwrap();
     assert_eq!(b.stream_state("I").unwrap().messages, 0);
 }
@@ -447,10 +522,16 @@ fn reads_by_sequence_time_filter_and_bound() {
         vec![1, 2]
     );
     assert_eq!(
-        seqs(b.read("R", "r.>", ReadStart::Time(UnixMillis(1_000_030)), None, 10).unwrap()),
+        seqs(
+            b.read("R", "r.>", ReadStart::Time(UnixMillis(1_000_030)), None, 10)
+                .unwrap()
+        ),
         vec![4, 5, 6]
     );
-    assert_eq!(b.read("nope", ">", ReadStart::Seq(1), None, 1), Err(Failure::NotFound));
+    assert_eq!(
+        b.read("nope", ">", ReadStart::Seq(1), None, 1),
+        Err(Failure::NotFound)
+    );
 }
 
 #[test]
