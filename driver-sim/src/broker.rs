@@ -51,9 +51,9 @@ use cotal_core::op::Failure;
 use cotal_core::time::{Duration, Instant, Now, UnixMillis};
 use cotal_core::wire::config::ConsumerSpec;
 use cotal_core::wire::config::{
-    AckPolicy, DeliverPolicy, DiscardPolicy, KvBucketSpec, RetentionPolicy, StreamSpec,
+    AckPolicy, DeliverPolicy, DiscardPolicy, KvBucketSpec, RetentionPolicy, SpaceConfig, StreamSpec,
 };
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 /// The header carrying a publish's msg-id.
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
@@ -207,6 +207,8 @@ struct Stream {
     last_seq: u64,
     bytes: u64,
     dedup: BTreeMap<String, (u64, Instant)>,
+    /// Msg-ids in the order they entered the window (publish times never decrease).
+    dedup_order: VecDeque<(Instant, String)>,
     consumers: BTreeMap<String, Consumer>,
 }
 
@@ -219,6 +221,7 @@ impl Stream {
             last_seq: 0,
             bytes: 0,
             dedup: BTreeMap::new(),
+            dedup_order: VecDeque::new(),
             consumers: BTreeMap::new(),
         }
     }
@@ -287,7 +290,15 @@ impl Stream {
             }
         }
         let window = self.duplicate_window();
-        self.dedup.retain(|_, (_, at)| *at + window > now);
+        while let Some((at, _)) = self.dedup_order.front()
+            && *at + window <= now
+        {
+            if let Some((at, id)) = self.dedup_order.pop_front()
+                && self.dedup.get(&id).is_some_and(|(_, t)| *t == at)
+            {
+                self.dedup.remove(&id);
+            }
+        }
     }
 
     /// Removes messages nothing has interest in any more (interest / work-queue retention).
@@ -434,6 +445,17 @@ impl Broker {
         Ok(())
     }
 
+    /// Provisions a space as `cotal up` does: its five streams, then its five KV buckets.
+    pub fn provision(&mut self, space: &SpaceConfig) -> Result<(), Failure> {
+        for stream in &space.streams {
+            self.add_stream(stream.clone())?;
+        }
+        for bucket in &space.kv_buckets {
+            self.add_kv_bucket(bucket)?;
+        }
+        Ok(())
+    }
+
     /// Names of all streams.
     pub fn stream_names(&self) -> impl Iterator<Item = &str> + '_ {
         self.streams.keys().map(String::as_str)
@@ -529,6 +551,7 @@ impl Broker {
         stream.last_seq = seq;
         if let Some(id) = &publish.msg_id {
             stream.dedup.insert(id.clone(), (seq, now.at));
+            stream.dedup_order.push_back((now.at, id.clone()));
         }
         let rollup = stream.spec.allow_rollup_hdrs == Some(true)
             && header(&stored.headers, ROLLUP_HEADER) == Some("sub");
