@@ -493,6 +493,15 @@ impl Host {
             .push(Lane::Control, at, SimEvent::Restore(client));
     }
 
+    /// Deletes a consumer now (an operator's `CONSUMER.DELETE`): its feeds end with
+    /// [`cotal_core::io::Inbound::ConsumerEnded`]. False if it did not exist.
+    pub fn delete_consumer(&mut self, stream: &str, name: &str) -> bool {
+        self.record(format!("server delete-consumer {stream} {name}"));
+        let deleted = self.net.delete_consumer(stream, name);
+        self.flush_outgoing();
+        deleted
+    }
+
     /// Runs until nothing is due up to `until` (then the clock reads `until`), or the step
     /// budget runs out.
     pub fn run_until(&mut self, until: Instant) -> RunStats {

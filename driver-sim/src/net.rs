@@ -56,7 +56,10 @@
 //! Several feeds on one consumer share it round-robin. Every delivery gets a fresh
 //! [`DeliveryId`]; a settle names the stream sequence, so it is valid across reconnects, after a
 //! redelivery, and twice (a second ack is a no-op). A sequence leaves its feed's window when it is
-//! settled or redelivered.
+//! settled or redelivered. Deliveries of an ack-none consumer cannot be settled (`NotFound`).
+//! An ephemeral consumer (`name`, not `durable_name`) with no feed bound for its
+//! `inactive_threshold` is deleted by the server; a deleted consumer ends its feeds with
+//! [`Inbound::ConsumerEnded`].
 //!
 //! # Connection loss
 //!
@@ -77,7 +80,7 @@ use cotal_core::io::{
 use cotal_core::ledger::DeliveryId;
 use cotal_core::op::{Failure, OpId, Outcome};
 use cotal_core::time::{Instant, Now};
-use cotal_core::wire::config::{AckPolicy, ConsumerSpec};
+use cotal_core::wire::config::{AckPolicy, ConsumerSpec, Durability};
 use cotal_core::wire::permissions::Permissions;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -185,6 +188,8 @@ pub struct Net {
     next_request: u64,
     deliveries: BTreeMap<DeliveryId, DeliveryRecord>,
     next_delivery: u64,
+    /// Ephemeral consumers with no feed bound, since when (removed after `inactive_threshold`).
+    idle: BTreeMap<(String, String), Instant>,
     out: VecDeque<Outgoing>,
 }
 
@@ -393,7 +398,15 @@ impl Net {
         // They stay in flight until the Unknown completions below reach the client.
         let unknown: Vec<OpId> = state.inflight.iter().copied().collect();
         self.core_subs.retain(|(c, _), _| *c != client);
-        self.feeds.retain(|(c, _), _| *c != client);
+        let unbound: Vec<(ClientId, SubId)> = self
+            .feeds
+            .keys()
+            .filter(|(c, _)| *c == client)
+            .copied()
+            .collect();
+        for key in unbound {
+            self.unbind(key);
+        }
         self.watches.retain(|(c, _), _| *c != client);
         self.requests.retain(|_, r| r.requester != client);
         self.emit(client, OutKind::Local, Input::Connection(Connection::Lost));
@@ -433,7 +446,14 @@ impl Net {
             .values()
             .filter(|f| !f.acks || (f.unsettled.len() as u64) < u64::from(f.max_in_flight))
             .filter_map(|f| self.broker.consumer_next_due(&f.stream, &f.consumer));
-        requests.chain(redeliveries).min()
+        let idle = self.idle.iter().filter_map(|((stream, name), since)| {
+            let threshold = self
+                .broker
+                .consumer_spec(stream, name)?
+                .inactive_threshold?;
+            Some(*since + threshold)
+        });
+        requests.chain(redeliveries).chain(idle).min()
     }
 
     /// Lets time pass on the server: expiry, request timeouts, due redeliveries.
@@ -450,7 +470,68 @@ impl Net {
                 self.complete(r.requester, r.op, Outcome::Unknown);
             }
         }
+        let inactive: Vec<(String, String)> = self
+            .idle
+            .iter()
+            .filter(|((stream, name), since)| {
+                self.broker
+                    .consumer_spec(stream, name)
+                    .and_then(|c| c.inactive_threshold)
+                    .is_none_or(|t| **since + t <= now.at)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for (stream, name) in inactive {
+            self.idle.remove(&(stream.clone(), name.clone()));
+            self.delete_consumer(&stream, &name);
+        }
         self.pump();
+    }
+
+    /// Deletes a consumer (`CONSUMER.DELETE`, or the server removing an inactive ephemeral):
+    /// every feed bound to it ends with [`Inbound::ConsumerEnded`]. False if it did not exist.
+    pub fn delete_consumer(&mut self, stream: &str, name: &str) -> bool {
+        if self.broker.delete_consumer(stream, name).is_err() {
+            return false;
+        }
+        let bound: Vec<(ClientId, SubId)> = self
+            .feeds
+            .iter()
+            .filter(|(_, f)| f.stream == stream && f.consumer == name)
+            .map(|(k, _)| *k)
+            .collect();
+        for (client, sub) in bound {
+            self.feeds.remove(&(client, sub));
+            self.emit(
+                client,
+                OutKind::Reply,
+                Input::Inbound(Inbound::ConsumerEnded {
+                    sub,
+                    detail: format!("consumer {stream} > {name} deleted"),
+                }),
+            );
+        }
+        self.idle.remove(&(stream.to_owned(), name.to_owned()));
+        true
+    }
+
+    /// Removes a feed; an ephemeral consumer left with no feed starts its inactivity clock.
+    fn unbind(&mut self, key: (ClientId, SubId)) {
+        let Some(feed) = self.feeds.remove(&key) else {
+            return;
+        };
+        let still_bound = self
+            .feeds
+            .values()
+            .any(|f| f.stream == feed.stream && f.consumer == feed.consumer);
+        let ephemeral = self
+            .broker
+            .consumer_spec(&feed.stream, &feed.consumer)
+            .is_some_and(|c| c.durability == Durability::Ephemeral);
+        if !still_bound && ephemeral {
+            let now = self.broker.now().at;
+            self.idle.insert((feed.stream, feed.consumer), now);
+        }
     }
 
     // ----- server side ----------------------------------------------------------------------
@@ -626,9 +707,7 @@ impl Net {
                 let outcome = self.consume(client, sub, consumer, create, max_in_flight, &perms);
                 self.complete(client, op, outcome);
             }
-            Command::StopConsume { sub } => {
-                self.feeds.remove(&(client, sub));
-            }
+            Command::StopConsume { sub } => self.unbind((client, sub)),
             Command::Settle { op, delivery, kind } => {
                 let outcome = match self.deliveries.get(&delivery).cloned() {
                     None => Outcome::Failed(Failure::NotFound),
@@ -772,6 +851,8 @@ impl Net {
             .broker
             .consumer_spec(&spec.stream, &spec.name)
             .is_some_and(|s| s.ack_policy != AckPolicy::None);
+        self.idle.remove(&(spec.stream.clone(), spec.name.clone()));
+        self.unbind((client, sub));
         self.feeds.insert(
             (client, sub),
             Feed {

@@ -564,3 +564,44 @@ fn kv_watch_delivers_current_values_then_done_then_changes() {
     .unwrap();
     assert!(last_initial < done && done < first_live);
 }
+
+#[test]
+fn an_idle_ephemeral_consumer_is_removed_and_a_deleted_consumer_ends_its_feeds() {
+    let mut host = Host::new(SimConfig::new(14), false);
+    host.broker_mut().add_stream(stream("D", "d.>")).unwrap();
+    let ephemeral = ConsumerSpec {
+        durability: Durability::Ephemeral,
+        ack_policy: AckPolicy::None,
+        inactive_threshold: Some(Duration::from_millis(30_000)),
+        ..consumer("D", "hist", "d.>")
+    };
+    add(
+        &mut host,
+        "reader",
+        Permissions::default(),
+        Script::new()
+            .at(1, consume(1, 1, ephemeral, true))
+            .at(100, Command::StopConsume { sub: sub(1) }),
+    );
+    let durable = add(
+        &mut host,
+        "durable",
+        Permissions::default(),
+        Script::new().at(1, consume(1, 1, consumer("D", "dur", "d.>"), true)),
+    );
+    host.run_until(Instant::from_millis(30_000));
+    assert!(host.broker().consumer_spec("D", "hist").is_some());
+    host.run_until(Instant::from_millis(30_200));
+    assert!(
+        host.broker().consumer_spec("D", "hist").is_none(),
+        "inactive for 30 s"
+    );
+    assert!(
+        host.broker().consumer_spec("D", "dur").is_some(),
+        "durables stay"
+    );
+    assert!(host.delete_consumer("D", "dur"));
+    host.run_until(Instant::from_millis(31_000));
+    assert!(durable.borrow().iter().any(|(_, i)| matches!(i,
+        Input::Inbound(Inbound::ConsumerEnded { sub: s, .. }) if *s == sub(1))));
+}
