@@ -49,6 +49,13 @@
 //! request may have been processed). A requester not allowed to subscribe to its reply subject
 //! never sees the answer (it times out, as with a real server).
 //!
+//! # KV watches
+//!
+//! A watch delivers the latest entry of every matching key first (delete and purge markers
+//! included, as async-nats' `last_per_subject` watcher does), then its `Done`, then every later
+//! write, marker and purge of a matching key, in revision order on the client's ordered lane.
+//! Bucket TTL expiry is silent (the specs set no limit markers, nats-notes §6).
+//!
 //! # Durable feeds
 //!
 //! `Consume` binds a feed to a consumer; [`Net::pump`] hands out what the consumer has while the
