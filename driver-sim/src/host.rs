@@ -22,9 +22,11 @@
 use crate::broker::Broker;
 use crate::net::{ClientId, ExecFaults, Net, OutKind, Outgoing};
 use crate::sched::{Chooser, Clock, Lane, Queue, SimConfig};
-use cotal_core::io::{Command, Input, Machine};
+use cotal_core::io::{Command, Inbound, Input, KvCondition, Machine, Reply};
+use cotal_core::op::{Failure, Outcome};
 use cotal_core::time::{Instant, Now};
 use cotal_core::wire::permissions::Permissions;
+use std::collections::BTreeMap;
 
 /// A machine as the host drives it: [`Machine`] with its events already turned into text.
 pub trait HostedMachine {
@@ -185,6 +187,7 @@ pub struct Host {
     nodes: Vec<Node>,
     transcript: Transcript,
     events: Vec<EventRecord>,
+    probes: BTreeMap<&'static str, u64>,
     /// Step budget per [`Host::run_until`] call.
     pub max_steps: u64,
 }
@@ -204,6 +207,7 @@ impl Host {
             nodes: Vec::new(),
             transcript: Transcript::new(keep_lines),
             events: Vec::new(),
+            probes: BTreeMap::new(),
             max_steps: 1_000_000,
         };
         let line = format!("seed={} config={:?}", host.config.seed, host.config);
@@ -234,6 +238,42 @@ impl Host {
     /// The transcript.
     pub fn transcript(&self) -> &Transcript {
         &self.transcript
+    }
+
+    /// Coverage probes (design rule R30): how often each fault fired and each "sometimes"
+    /// outcome reached a machine. Keys: `fault.core-drop`, `fault.slow-consumer`,
+    /// `fault.connection-loss`, `fault.inflight-reached`, `fault.inflight-lost`,
+    /// `fault.kv-conflict`, `fault.ambiguous`; `in.refused`, `in.redelivery`,
+    /// `in.consumer-ended`, `in.duplicate-ack`, `in.unknown`, `in.no-responders`,
+    /// `in.wrong-last-revision`, `in.already-exists`, `in.permission-denied`, `in.not-found`.
+    pub fn probes(&self) -> &BTreeMap<&'static str, u64> {
+        &self.probes
+    }
+
+    fn probe(&mut self, name: &'static str) {
+        *self.probes.entry(name).or_insert(0) += 1;
+    }
+
+    fn probe_input(&mut self, input: &Input) {
+        let name = match input {
+            Input::Inbound(Inbound::Refused { .. }) => "in.refused",
+            Input::Inbound(Inbound::Delivery { delivery_count, .. }) if *delivery_count > 1 => {
+                "in.redelivery"
+            }
+            Input::Inbound(Inbound::ConsumerEnded { .. }) => "in.consumer-ended",
+            Input::Completed(c) => match &c.outcome {
+                Outcome::Success(Reply::PubAck(ack)) if ack.duplicate => "in.duplicate-ack",
+                Outcome::Unknown => "in.unknown",
+                Outcome::Failed(Failure::NoResponders) => "in.no-responders",
+                Outcome::Failed(Failure::WrongLastRevision { .. }) => "in.wrong-last-revision",
+                Outcome::Failed(Failure::AlreadyExists) => "in.already-exists",
+                Outcome::Failed(Failure::PermissionDenied { .. }) => "in.permission-denied",
+                Outcome::Failed(Failure::NotFound) => "in.not-found",
+                _ => return,
+            },
+            _ => return,
+        };
+        self.probe(name);
     }
 
     /// Every application event so far.
@@ -306,6 +346,7 @@ impl Host {
             {
                 let who = self.net.client_name(out.client).to_owned();
                 self.record(format!("fault drop-core {who} {:?}", out.input));
+                self.probe("fault.core-drop");
                 continue;
             }
             if faulty
@@ -315,6 +356,7 @@ impl Host {
                     .faults
                     .chance(self.config.faults.slow_consumer_ppm)
             {
+                self.probe("fault.slow-consumer");
                 let (lo, hi) = self.config.faults.slow_consumer_delay;
                 at += self.chooser.faults.between(lo, hi);
             }
@@ -429,6 +471,23 @@ impl Host {
                 if faults != ExecFaults::default() {
                     let who = self.net.client_name(client).to_owned();
                     self.record(format!("fault {faults:?} on {who} {:?}", cmd.op()));
+                    if faults.ambiguous && cmd.op().is_some() {
+                        self.probe("fault.ambiguous");
+                    }
+                    if faults.kv_conflict
+                        && matches!(
+                            cmd,
+                            Command::KvPut {
+                                condition: KvCondition::Revision(_) | KvCondition::CreateOnly,
+                                ..
+                            } | Command::KvDelete {
+                                expected_revision: Some(_),
+                                ..
+                            }
+                        )
+                    {
+                        self.probe("fault.kv-conflict");
+                    }
                 }
                 self.net.execute(now, client, epoch, cmd, faults);
                 self.flush_outgoing();
@@ -444,6 +503,7 @@ impl Host {
                 };
                 let line = format!("{} in {:?}", self.nodes[idx].name, out.input);
                 self.record(line);
+                self.probe_input(&out.input);
                 self.nodes[idx].machine.handle_input(now, out.input);
                 self.drain(idx);
             }
@@ -468,6 +528,7 @@ impl Host {
         let now = self.clock.now();
         let who = self.net.client_name(client).to_owned();
         self.record(format!("fault lose {who}"));
+        self.probe("fault.connection-loss");
         let travelling = self
             .queue
             .drain_where(|_, e| matches!(e, SimEvent::Up { client: c, .. } if *c == client));
@@ -478,6 +539,11 @@ impl Host {
                     .faults
                     .chance(self.config.faults.inflight_reached_ppm);
                 self.record(format!("in-flight reached={reached} {:?}", cmd.op()));
+                self.probe(if reached {
+                    "fault.inflight-reached"
+                } else {
+                    "fault.inflight-lost"
+                });
                 if reached {
                     self.net
                         .execute(now, client, epoch, cmd, ExecFaults::default());

@@ -205,6 +205,18 @@ fn run(seed: u64) -> Run {
     }
     let stats = host.run_until(Instant::from_millis(10_000));
     assert!(!stats.exhausted, "seed {seed}: step budget exhausted");
+    for probe in [
+        "fault.core-drop",
+        "fault.kv-conflict",
+        "in.redelivery",
+        "in.wrong-last-revision",
+    ] {
+        assert!(
+            host.probes().contains_key(probe),
+            "seed {seed}: probe {probe} never hit: {:?}",
+            host.probes()
+        );
+    }
     let t = host.transcript();
     Run {
         hash: t.hash(),
