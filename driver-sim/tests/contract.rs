@@ -53,7 +53,7 @@ fn command(kind: u8, n: u64, arg: u8) -> Command {
         },
         6 => Command::StreamInfo {
             op,
-            stream: if arg % 5 == 0 {
+            stream: if arg.is_multiple_of(5) {
                 "NOPE".into()
             } else {
                 "S".into()
