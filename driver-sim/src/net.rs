@@ -47,7 +47,9 @@
 //! subject, and the first publish to that reply subject completes the request with
 //! [`Reply::Response`]. No answer within the timeout completes it [`Outcome::Unknown`] (the
 //! request may have been processed). A requester not allowed to subscribe to its reply subject
-//! never sees the answer (it times out, as with a real server).
+//! never sees the answer (it times out, as with a real server). A request is never stored by a
+//! stream that captures its subject (a real server would store it and answer with a stream ack;
+//! the machines never request on stream subjects).
 //!
 //! # KV watches
 //!

@@ -121,7 +121,8 @@ pub struct FaultConfig {
     /// When a connection is lost, the chance that each command still travelling to the server had
     /// already reached it (its effect happens; its answer is lost).
     pub inflight_reached_ppm: u32,
-    /// A durable delivery is held back by a slow consumer.
+    /// A durable delivery is held back by a slow consumer. The client's downlink is one ordered
+    /// path, so everything queued behind the held delivery waits too (head-of-line blocking).
     pub slow_consumer_ppm: u32,
     /// How long a slow consumer holds a delivery back.
     pub slow_consumer_delay: (Duration, Duration),
