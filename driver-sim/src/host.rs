@@ -188,6 +188,7 @@ pub struct Host {
     transcript: Transcript,
     events: Vec<EventRecord>,
     probes: BTreeMap<&'static str, u64>,
+    dead: Vec<ClientId>,
     /// Step budget per [`Host::run_until`] call.
     pub max_steps: u64,
 }
@@ -208,6 +209,7 @@ impl Host {
             transcript: Transcript::new(keep_lines),
             events: Vec::new(),
             probes: BTreeMap::new(),
+            dead: Vec::new(),
             max_steps: 1_000_000,
         };
         let line = format!("seed={} config={:?}", host.config.seed, host.config);
@@ -508,6 +510,7 @@ impl Host {
                 self.drain(idx);
             }
             SimEvent::Lose(client) => self.lose(client),
+            SimEvent::Restore(client) if self.dead.contains(&client) => {}
             SimEvent::Restore(client) => {
                 let who = self.net.client_name(client).to_owned();
                 self.record(format!("fault restore {who}"));
@@ -557,6 +560,59 @@ impl Host {
         let at = now.at + self.chooser.faults.between(lo, hi);
         self.queue
             .push(Lane::Control, at, SimEvent::Restore(client));
+    }
+
+    /// Writes a line of the caller's into the transcript (a workload step, an operator act).
+    pub fn note(&mut self, line: String) {
+        self.record(line);
+    }
+
+    /// Drains a machine's commands and events now: call it after an application call on a
+    /// machine the host runs (a join, a send) so what the call emitted starts travelling.
+    pub fn drain_client(&mut self, client: ClientId) {
+        if let Some(idx) = self.node_of(client) {
+            self.drain(idx);
+        }
+    }
+
+    /// Kills a machine's process: its connection is lost for good (commands still travelling
+    /// reach the server or not as the seed says; no reconnect), and the machine is removed, so
+    /// nothing reaches it any more. A restarted process is a new machine with a new client
+    /// ([`Host::add_machine`]).
+    pub fn kill(&mut self, client: ClientId) {
+        let who = self.net.client_name(client).to_owned();
+        self.record(format!("kill {who}"));
+        self.dead.push(client);
+        if let Some(idx) = self.node_of(client) {
+            self.nodes.remove(idx);
+        }
+        self.lose(client);
+    }
+
+    /// Re-issues a client's credential with new permissions ([`Net::set_permissions`]):
+    /// subscriptions no longer allowed are refused asynchronously.
+    pub fn set_permissions(&mut self, client: ClientId, permissions: Permissions) {
+        let who = self.net.client_name(client).to_owned();
+        self.record(format!("server set-permissions {who}"));
+        self.net.set_permissions(client, permissions);
+        self.flush_outgoing();
+    }
+
+    /// An operator's KV put ([`Net::operator_kv_put`]): watches are told.
+    ///
+    /// # Errors
+    ///
+    /// The broker's failure.
+    pub fn operator_kv_put(
+        &mut self,
+        bucket: &str,
+        key: &str,
+        value: bytes::Bytes,
+    ) -> Result<u64, Failure> {
+        self.record(format!("server kv-put {bucket} {key}"));
+        let revision = self.net.operator_kv_put(bucket, key, value);
+        self.flush_outgoing();
+        revision
     }
 
     /// Deletes a consumer now (an operator's `CONSUMER.DELETE`): its feeds end with

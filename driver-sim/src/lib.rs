@@ -14,7 +14,11 @@
 //!   transcript whose hash is the determinism check;
 //! - [`script`]: a scripted machine for tests.
 //!
-//! The oracle and the `cotal-sim` binary come later and build on these.
+//! - [`mesh`]: a provisioned space with agents (and delivery daemons), a seeded workload, and the
+//!   ground-truth journal;
+//! - [`oracle`]: the invariants checked after every step and after the heal phase;
+//! - [`explore`]: seeds, replay, determinism and shrinking, behind the `cotal-sim` binary;
+//! - [`demo`]: the demo mesh (`cotal-sim demo`).
 //!
 //! ```
 //! use cotal_core::io::{Command, Input, Inbound, SubId};
@@ -48,7 +52,11 @@
 #![warn(missing_docs)]
 
 pub mod broker;
+pub mod demo;
+pub mod explore;
 pub mod host;
+pub mod mesh;
 pub mod net;
+pub mod oracle;
 pub mod sched;
 pub mod script;

@@ -390,6 +390,57 @@ impl Net {
         }
     }
 
+    // ----- operator actions -------------------------------------------------------------------
+
+    /// Re-issues a client's credential with new permissions, as an operator's config reload does:
+    /// every core subscription the new permissions no longer allow is removed server-side and
+    /// refused asynchronously ([`Inbound::Refused`], nats-server re-checks existing subscriptions
+    /// on reload). Later commands are checked against the new permissions.
+    pub fn set_permissions(&mut self, client: ClientId, permissions: Permissions) {
+        let Some(state) = self.client_mut(client) else {
+            return;
+        };
+        state.permissions = permissions.clone();
+        let revoked: Vec<(SubId, String)> = self
+            .core_subs
+            .iter()
+            .filter(|((c, _), subject)| *c == client && !may_subscribe(&permissions, subject))
+            .map(|((_, sub), subject)| (*sub, subject.clone()))
+            .collect();
+        for (sub, subject) in revoked {
+            self.core_subs.remove(&(client, sub));
+            let detail = format!("Permissions Violation for Subscription to \"{subject}\"");
+            self.emit(
+                client,
+                OutKind::Refusal,
+                Input::Inbound(Inbound::Refused { sub, detail }),
+            );
+        }
+    }
+
+    /// The client's core subscriptions held by the server: `(sub, subject pattern)`.
+    pub fn core_subscriptions(&self, client: ClientId) -> Vec<(SubId, String)> {
+        self.core_subs
+            .iter()
+            .filter(|((c, _), _)| *c == client)
+            .map(|((_, sub), subject)| (*sub, subject.clone()))
+            .collect()
+    }
+
+    /// A KV put by an operator (the provisioner), outside any client: stored, and every watch of
+    /// the key is told. Returns the revision.
+    ///
+    /// # Errors
+    ///
+    /// The broker's failure (unknown bucket, invalid key).
+    pub fn operator_kv_put(&mut self, bucket: &str, key: &str, value: Bytes) -> Result<u64, Failure> {
+        let stored = self.broker.kv_put(bucket, key, value, KvCondition::Any)?;
+        let revision = stored.seq;
+        let stream = kv_stream(bucket);
+        self.notify_watches(&stream, Some(&stored));
+        Ok(revision)
+    }
+
     // ----- connection -----------------------------------------------------------------------
 
     /// Drops the client's connection (see the module docs). The host has already executed the

@@ -1,0 +1,236 @@
+//! Seed exploration, replay, determinism checks and shrinking, shared by `cotal-sim` and the
+//! tests.
+//!
+//! A run is a function of a [`RunSpec`]: the seed (which derives the mesh size, the ACLs, the boot
+//! channels, the workload and every scheduler choice), the number of workload steps, the fault
+//! families switched on, the number of daemons, a [`Mutation`], and the workload steps a shrinker
+//! dropped. [`RunSpec::replay_args`] prints the arguments that reproduce it.
+
+use crate::mesh::{Mesh, MeshConfig, Mutation, RunReport, Workload};
+use crate::sched::FaultConfig;
+use std::collections::BTreeSet;
+use std::fmt;
+
+/// One fault family of [`FaultConfig`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Fault {
+    /// Core messages dropped.
+    Drop,
+    /// Connection losses (each client, about every 20 s).
+    Loss,
+    /// Slow consumers.
+    Slow,
+    /// KV write conflicts.
+    Kv,
+    /// Effects whose answers are lost.
+    Ambiguous,
+}
+
+impl Fault {
+    /// Every family.
+    pub const ALL: [Fault; 5] = [
+        Fault::Drop,
+        Fault::Loss,
+        Fault::Slow,
+        Fault::Kv,
+        Fault::Ambiguous,
+    ];
+
+    /// Its name on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Drop => "drop",
+            Fault::Loss => "loss",
+            Fault::Slow => "slow",
+            Fault::Kv => "kv",
+            Fault::Ambiguous => "ambiguous",
+        }
+    }
+}
+
+/// A set of fault families.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FaultSet(pub BTreeSet<Fault>);
+
+impl FaultSet {
+    /// Every family.
+    pub fn all() -> Self {
+        FaultSet(Fault::ALL.into_iter().collect())
+    }
+
+    /// `none`, `all`, or a comma-separated list of `drop,loss,slow,kv,ambiguous`.
+    ///
+    /// # Errors
+    ///
+    /// The unknown name.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "none" | "" => return Ok(FaultSet::default()),
+            "all" => return Ok(FaultSet::all()),
+            _ => {}
+        }
+        let mut set = BTreeSet::new();
+        for part in s.split(',') {
+            let f = Fault::ALL
+                .into_iter()
+                .find(|f| f.name() == part)
+                .ok_or_else(|| format!("unknown fault {part:?} (drop, loss, slow, kv, ambiguous)"))?;
+            set.insert(f);
+        }
+        Ok(FaultSet(set))
+    }
+
+    /// The fault config: [`FaultConfig::chaos`] rates for the families in the set.
+    pub fn config(&self) -> FaultConfig {
+        let chaos = FaultConfig::chaos();
+        let mut c = FaultConfig::default();
+        for f in &self.0 {
+            match f {
+                Fault::Drop => c.core_drop_ppm = chaos.core_drop_ppm,
+                Fault::Loss => c.connection_loss_every = chaos.connection_loss_every,
+                Fault::Slow => c.slow_consumer_ppm = chaos.slow_consumer_ppm,
+                Fault::Kv => c.kv_conflict_ppm = chaos.kv_conflict_ppm,
+                Fault::Ambiguous => c.ambiguous_ppm = chaos.ambiguous_ppm,
+            }
+        }
+        c
+    }
+}
+
+impl fmt::Display for FaultSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            return f.write_str("none");
+        }
+        let names: Vec<&str> = self.0.iter().map(|f| f.name()).collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+/// Everything one run depends on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunSpec {
+    /// The seed.
+    pub seed: u64,
+    /// Workload steps generated.
+    pub steps: usize,
+    /// Fault families.
+    pub faults: FaultSet,
+    /// Delivery daemons.
+    pub daemons: usize,
+    /// A fix switched off.
+    pub mutation: Mutation,
+    /// Indices of generated steps dropped (by the shrinker).
+    pub skip: BTreeSet<usize>,
+}
+
+impl RunSpec {
+    /// A spec with `steps` steps, every fault, the default daemon count, no mutation.
+    pub fn new(seed: u64, steps: usize, faults: FaultSet) -> Self {
+        RunSpec {
+            seed,
+            steps,
+            faults,
+            daemons: default_daemons(),
+            mutation: Mutation::None,
+            skip: BTreeSet::new(),
+        }
+    }
+
+    /// The mesh config and workload of this spec.
+    pub fn build(&self, keep_transcript: bool) -> (MeshConfig, Workload) {
+        let mut config = MeshConfig::new(self.seed).with_faults(self.faults.config());
+        config.daemons = self.daemons;
+        config.mutation = self.mutation;
+        config.keep_transcript = keep_transcript;
+        let mut workload = Workload::generate(self.seed, &config, self.steps);
+        let mut i = 0;
+        workload.steps.retain(|_| {
+            i += 1;
+            !self.skip.contains(&(i - 1))
+        });
+        (config, workload)
+    }
+
+    /// Runs it.
+    pub fn run(&self, keep_transcript: bool) -> (RunReport, Mesh) {
+        let (config, workload) = self.build(keep_transcript);
+        let mut mesh = Mesh::new(config, workload);
+        let report = mesh.run();
+        (report, mesh)
+    }
+
+    /// The `cotal-sim` arguments that reproduce this run.
+    pub fn replay_args(&self) -> String {
+        let mut s = format!(
+            "replay --seed {} --steps {} --faults {} --daemons {}",
+            self.seed, self.steps, self.faults, self.daemons
+        );
+        if self.mutation == Mutation::NoJoinCursor {
+            s.push_str(" --mutation no-join-cursor");
+        }
+        if !self.skip.is_empty() {
+            let skip: Vec<String> = self.skip.iter().map(|i| i.to_string()).collect();
+            s.push_str(&format!(" --skip {}", skip.join(",")));
+        }
+        s
+    }
+}
+
+/// How many daemons a mesh runs by default: one once the daemon machine exists, else none.
+pub fn default_daemons() -> usize {
+    0
+}
+
+/// Runs the same spec twice and compares transcript hashes.
+pub fn check_determinism(spec: &RunSpec) -> (u64, u64) {
+    let (a, _) = spec.run(false);
+    let (b, _) = spec.run(false);
+    (a.hash, b.hash)
+}
+
+/// Shrinks a failing spec: drops workload steps (halves, then one at a time) and fault families
+/// while some violation of the same invariant persists. Bounded by `budget` runs.
+pub fn shrink(spec: &RunSpec, invariant: &str, budget: usize) -> RunSpec {
+    let mut best = spec.clone();
+    let mut runs = 0;
+    let fails = |s: &RunSpec, runs: &mut usize| {
+        *runs += 1;
+        let (r, _) = s.run(false);
+        r.violation.is_some_and(|v| v.invariant == invariant)
+    };
+    // Fault families first: a run with fewer faults is easier to read.
+    for f in Fault::ALL {
+        if runs >= budget || !best.faults.0.contains(&f) {
+            continue;
+        }
+        let mut candidate = best.clone();
+        candidate.faults.0.remove(&f);
+        if fails(&candidate, &mut runs) {
+            best = candidate;
+        }
+    }
+    let mut chunk = spec.steps.div_ceil(2).max(1);
+    while chunk >= 1 && runs < budget {
+        let live: Vec<usize> = (0..best.steps).filter(|i| !best.skip.contains(i)).collect();
+        let mut progressed = false;
+        for window in live.chunks(chunk) {
+            if runs >= budget {
+                break;
+            }
+            let mut candidate = best.clone();
+            candidate.skip.extend(window.iter().copied());
+            if fails(&candidate, &mut runs) {
+                best = candidate;
+                progressed = true;
+            }
+        }
+        if !progressed {
+            if chunk == 1 {
+                break;
+            }
+            chunk /= 2;
+        }
+    }
+    best
+}

@@ -1,0 +1,920 @@
+//! The delivery oracle: checks a mesh run against the invariants of semantics §3 and the SPEC §7
+//! boundaries, from ground truth the machines cannot forge.
+//!
+//! # Ground truth
+//!
+//! - **CHAT**, read from the broker: every stored message's sequence, channel (from the subject),
+//!   sender and id.
+//! - **The members bucket**, read from the broker revision by revision: every membership
+//!   generation's join cursor `J`, leave cursor `L`, and whether it was ever activated.
+//! - **The journal** the mesh keeps ([`crate::mesh::Journal`]): what each agent life surfaced
+//!   (id, channel, source, time), every agent event, every accepted application request,
+//!   narrowings and process deaths.
+//!
+//! # Checks after every host step (safety)
+//!
+//! | id | check |
+//! | --- | --- |
+//! | `I23` | no agent life surfaces one id twice (every run stays far inside the ledger horizon) |
+//! | `I4` | nothing an agent posted itself is surfaced to it |
+//! | `I2` | a surfaced message was stored in CHAT, on the channel and by the sender it claims |
+//! | `S7-window` | a live or backfill copy surfaces only inside a join window of its channel in this life (from the join request to the leave, refusal or failure): nothing on a channel never joined, nothing past a leave |
+//! | `I5` | for a join armed at watermark `F`: backfill copies have `s ≤ F`, live copies `s > F` (checked when the join reports `F`, over every copy since its request, and for every later copy) |
+//! | `S7-interval` | a DLV copy's sequence lies in one of the member's intervals `(J_g, L_g]` of that channel, or it is a live-mention of the agent on a live channel (I8) |
+//! | `I16` | per member key, the generation never decreases from one revision to the next |
+//! | `I17` | within one generation the join cursor never changes and a leave cursor is never cleared or raised |
+//! | `API1` | an application request gets at most one answer event, and only a request the agent accepted |
+//! | `I1` | a `Sent` event names the CHAT sequence that stored that id |
+//!
+//! # Checks at the end of the heal phase (liveness)
+//!
+//! | id | check |
+//! | --- | --- |
+//! | `API1` | every request of a living process got exactly one answer |
+//! | `I6` | the server holds a chat subscription for exactly the channels the agent has joined: a refused or failed join, a leave or a refusal left none behind |
+//! | `I12` | with no daemon, no joined durable channel claims an established backstop |
+//! | `I11` | with a daemon, every joined durable channel's backstop is established after healing |
+//! | `S7-complete` | with a daemon: a join reported `durable:true` at watermark `F` (generation `g`) gets every message of its channel with `F < s ≤ L_g` (or the frontier while open) not its own, surfaced at least once in some life, unless the agent reported it lost or its ACL was narrowed on that channel |
+//! | `I22` | every `handled` call of the application was accepted |
+//!
+//! A [`Violation`] names the invariant, the agent (with its life), the message (with its
+//! sequence and channel) and the seed.
+
+use crate::host::Host;
+use crate::mesh::{Act, AgentSlot, Asked, Journal, MeshConfig};
+use cotal_core::agent::{AgentEvent, BackstopState};
+use cotal_core::ledger::SourceKind;
+use cotal_core::time::Instant;
+use cotal_core::wire::config::SpaceStream;
+use cotal_core::wire::keys::{KvBucket, parse_member_key};
+use cotal_core::wire::message::CotalMessage;
+use cotal_core::wire::json;
+use cotal_core::wire::records::MembershipRecord;
+use cotal_core::wire::subject::{SubjectKind, chat_subscribe_pattern, parse_subject};
+use cotal_core::wire::token::Space;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+/// A broken invariant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Violation {
+    /// The invariant's id (semantics §3 `I…`, `S7-…` for the SPEC §7 boundaries, `API1`, `R29`).
+    pub invariant: &'static str,
+    /// The run seed.
+    pub seed: u64,
+    /// The agent (`name` or `name#life`).
+    pub agent: Option<String>,
+    /// The message (`id (seq s on channel c)`).
+    pub message: Option<String>,
+    /// Simulated time.
+    pub at: Instant,
+    /// What happened.
+    pub detail: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invariant {} violated at {} ms (seed {})",
+            self.invariant,
+            self.at.as_millis(),
+            self.seed
+        )?;
+        if let Some(a) = &self.agent {
+            write!(f, ", agent {a}")?;
+        }
+        if let Some(m) = &self.message {
+            write!(f, ", message {m}")?;
+        }
+        write!(f, ": {}", self.detail)
+    }
+}
+
+/// One stored CHAT message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatMsg {
+    /// Its sequence.
+    pub seq: u64,
+    /// Its channel (from the subject).
+    pub channel: String,
+    /// The sender token of the subject.
+    pub sender: String,
+    /// Its id.
+    pub id: String,
+    /// Its mentions.
+    pub mentions: Vec<String>,
+}
+
+/// One membership generation as the members bucket recorded it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Interval {
+    /// `J`.
+    pub join_cursor: u64,
+    /// `L`, once tombstoned.
+    pub leave_cursor: Option<u64>,
+    /// Ever activated.
+    pub activated: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Window {
+    start: Instant,
+    end: Option<Instant>,
+    request: Option<u64>,
+    watermark: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct LifeState {
+    surfaced: BTreeMap<String, usize>,
+    count: usize,
+    windows: BTreeMap<String, Vec<Window>>,
+}
+
+#[derive(Clone, Debug)]
+struct ReqState {
+    answers: u32,
+    asked: Asked,
+}
+
+/// A durable join the agent reported established, to check for completeness at the end.
+#[derive(Clone, Debug)]
+struct DurableJoin {
+    agent: usize,
+    life: u32,
+    channel: String,
+    watermark: u64,
+    generation: u64,
+}
+
+/// The oracle of one run. See the module docs.
+#[derive(Clone, Debug)]
+pub struct Oracle {
+    seed: u64,
+    space: Space,
+    names: Vec<String>,
+    boot: Vec<Vec<String>>,
+    channel_names: Vec<String>,
+    durable_channels: BTreeSet<String>,
+    daemons: usize,
+    horizon: usize,
+    chat_stream: String,
+    members_bucket: String,
+    members_stream: String,
+    chat: BTreeMap<String, ChatMsg>,
+    by_seq: BTreeMap<u64, String>,
+    chat_scanned: u64,
+    members_scanned: u64,
+    intervals: BTreeMap<(String, String), BTreeMap<u64, Interval>>,
+    last_generation: BTreeMap<(String, String), u64>,
+    lives: BTreeMap<(usize, u32), LifeState>,
+    requests: BTreeMap<(usize, u32, u64), ReqState>,
+    killed: BTreeSet<(usize, u32)>,
+    narrowed: BTreeSet<(usize, String)>,
+    lost: BTreeSet<(usize, String)>,
+    durable_joins: Vec<DurableJoin>,
+    seen_surfacings: usize,
+    seen_events: usize,
+    seen_requests: usize,
+    seen_acts: usize,
+}
+
+fn who(names: &[String], agent: usize, life: u32) -> String {
+    let name = names.get(agent).map_or("?", String::as_str);
+    if life == 0 {
+        name.to_owned()
+    } else {
+        format!("{name}#{life}")
+    }
+}
+
+impl Oracle {
+    /// The oracle of a mesh with this config.
+    pub fn new(config: &MeshConfig, space: &Space) -> Self {
+        let members_bucket = KvBucket::Members.name(space);
+        Oracle {
+            seed: config.seed,
+            space: space.clone(),
+            names: crate::mesh::AGENT_NAMES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect(),
+            boot: Vec::new(),
+            channel_names: config
+                .channels
+                .iter()
+                .map(|c| c.channel.as_str().to_owned())
+                .collect(),
+            durable_channels: config
+                .channels
+                .iter()
+                .filter(|c| c.durable)
+                .map(|c| c.channel.as_str().to_owned())
+                .collect(),
+            daemons: config.daemons,
+            horizon: cotal_core::ledger::LedgerConfig::default().horizon_capacity,
+            chat_stream: SpaceStream::Chat.name(space),
+            members_stream: crate::broker::kv_stream(&members_bucket),
+            members_bucket,
+            chat: BTreeMap::new(),
+            by_seq: BTreeMap::new(),
+            chat_scanned: 0,
+            members_scanned: 0,
+            intervals: BTreeMap::new(),
+            last_generation: BTreeMap::new(),
+            lives: BTreeMap::new(),
+            requests: BTreeMap::new(),
+            killed: BTreeSet::new(),
+            narrowed: BTreeSet::new(),
+            lost: BTreeSet::new(),
+            durable_joins: Vec::new(),
+            seen_surfacings: 0,
+            seen_events: 0,
+            seen_requests: 0,
+            seen_acts: 0,
+        }
+    }
+
+    /// How many CHAT messages the oracle has seen stored.
+    pub fn chat_messages(&self) -> u64 {
+        self.chat.len() as u64
+    }
+
+    /// The ground truth of CHAT, by id.
+    pub fn chat(&self) -> &BTreeMap<String, ChatMsg> {
+        &self.chat
+    }
+
+    /// The membership intervals seen, by `(channel, owner)` then generation.
+    pub fn intervals(&self) -> &BTreeMap<(String, String), BTreeMap<u64, Interval>> {
+        &self.intervals
+    }
+
+    /// A violation of this run.
+    pub fn violation(
+        &self,
+        invariant: &'static str,
+        agent: Option<String>,
+        message: Option<String>,
+        at: Instant,
+        detail: String,
+    ) -> Violation {
+        Violation {
+            invariant,
+            seed: self.seed,
+            agent,
+            message,
+            at,
+            detail,
+        }
+    }
+
+    fn describe_msg(&self, id: &str) -> String {
+        match self.chat.get(id) {
+            Some(m) => format!("{id} (seq {} on {} from {})", m.seq, m.channel, m.sender),
+            None => format!("{id} (not in CHAT)"),
+        }
+    }
+
+    fn scan_chat(&mut self, host: &Host) {
+        let Ok(state) = host.broker().stream_state(&self.chat_stream) else {
+            return;
+        };
+        let from = (self.chat_scanned + 1).max(state.first_seq);
+        for seq in from..=state.last_seq {
+            let Ok(Some(stored)) = host.broker().message(&self.chat_stream, seq) else {
+                continue;
+            };
+            let Some(parsed) = parse_subject(&stored.subject) else {
+                continue;
+            };
+            if parsed.kind() != SubjectKind::Chat {
+                continue;
+            }
+            let Ok(msg) = json::decode::<CotalMessage>(&stored.payload) else {
+                continue;
+            };
+            self.by_seq.insert(seq, msg.id.clone());
+            self.chat.insert(
+                msg.id.clone(),
+                ChatMsg {
+                    seq,
+                    channel: parsed.rest().to_owned(),
+                    sender: parsed.sender().as_str().to_owned(),
+                    id: msg.id,
+                    mentions: msg.mentions,
+                },
+            );
+        }
+        self.chat_scanned = self.chat_scanned.max(state.last_seq);
+    }
+
+    fn scan_members(&mut self, host: &Host) -> Result<(), Violation> {
+        let Ok(state) = host.broker().stream_state(&self.members_stream) else {
+            return Ok(());
+        };
+        let from = (self.members_scanned + 1).max(state.first_seq);
+        let at = host.now().at;
+        for seq in from..=state.last_seq {
+            let Ok(Some(stored)) = host.broker().message(&self.members_stream, seq) else {
+                continue;
+            };
+            let Some(entry) = crate::broker::Broker::kv_entry_of(&self.members_bucket, &stored)
+            else {
+                continue;
+            };
+            let Ok(key) = parse_member_key(&entry.key) else {
+                continue;
+            };
+            let Some(record) = MembershipRecord::from_kv(Some(&entry.value)) else {
+                continue;
+            };
+            let k = (
+                key.channel.as_str().to_owned(),
+                key.owner.as_str().to_owned(),
+            );
+            let message = Some(format!("member key {} revision {seq}", entry.key));
+            let owner = Some(k.1.clone());
+            if let Some(last) = self.last_generation.get(&k)
+                && record.generation < *last
+            {
+                return Err(self.violation(
+                    "I16",
+                    owner,
+                    message,
+                    at,
+                    format!(
+                        "a generation {} write followed generation {last}: a stale-generation write won",
+                        record.generation
+                    ),
+                ));
+            }
+            self.last_generation.insert(k.clone(), record.generation);
+            let gens = self.intervals.entry(k).or_default();
+            match gens.get_mut(&record.generation) {
+                None => {
+                    gens.insert(
+                        record.generation,
+                        Interval {
+                            join_cursor: record.join_cursor,
+                            leave_cursor: record.leave_cursor,
+                            activated: record.is_activated(),
+                        },
+                    );
+                }
+                Some(iv) => {
+                    let problem = if iv.join_cursor != record.join_cursor {
+                        Some(format!(
+                            "generation {} changed its join cursor {} -> {}",
+                            record.generation, iv.join_cursor, record.join_cursor
+                        ))
+                    } else {
+                        match (iv.leave_cursor, record.leave_cursor) {
+                            (Some(l), None) => Some(format!(
+                                "generation {} was resurrected after its tombstone at {l}",
+                                record.generation
+                            )),
+                            (Some(l), Some(l2)) if l2 > l => Some(format!(
+                                "generation {} raised its leave cursor {l} -> {l2}",
+                                record.generation
+                            )),
+                            _ => None,
+                        }
+                    };
+                    if let Some(detail) = problem {
+                        return Err(self.violation("I17", owner, message, at, detail));
+                    }
+                    iv.leave_cursor = record.leave_cursor;
+                    iv.activated |= record.is_activated();
+                }
+            }
+        }
+        self.members_scanned = self.members_scanned.max(state.last_seq);
+        Ok(())
+    }
+
+    fn life<'a>(
+        lives: &'a mut BTreeMap<(usize, u32), LifeState>,
+        boot: &[Vec<String>],
+        agent: usize,
+        life: u32,
+    ) -> &'a mut LifeState {
+        lives.entry((agent, life)).or_insert_with(|| {
+            let mut state = LifeState::default();
+            for ch in boot.get(agent).into_iter().flatten() {
+                state.windows.insert(
+                    ch.clone(),
+                    vec![Window {
+                        start: Instant::ZERO,
+                        end: None,
+                        request: None,
+                        watermark: None,
+                    }],
+                );
+            }
+            state
+        })
+    }
+
+    /// Checks everything new in the journal and the broker. Call after every host step.
+    ///
+    /// # Errors
+    ///
+    /// The first violation.
+    pub fn check_step(
+        &mut self,
+        host: &Host,
+        journal: &Journal,
+        agents: &[AgentSlot],
+    ) -> Result<(), Violation> {
+        if self.boot.is_empty() {
+            self.boot = agents
+                .iter()
+                .map(|a| {
+                    a.boot
+                        .iter()
+                        .filter_map(|c| self.channel_names.get(*c).cloned())
+                        .collect()
+                })
+                .collect();
+        }
+        self.scan_chat(host);
+        self.scan_members(host)?;
+        // Acts first: a kill or narrowing is noted before anything that follows it.
+        while self.seen_acts < journal.acts.len() {
+            match &journal.acts[self.seen_acts] {
+                Act::Narrowed { agent, channel, .. } => {
+                    self.narrowed.insert((*agent, channel.clone()));
+                }
+                Act::Killed { agent, life, .. } => {
+                    self.killed.insert((*agent, *life));
+                }
+            }
+            self.seen_acts += 1;
+        }
+        while self.seen_requests < journal.requests.len() {
+            let r = &journal.requests[self.seen_requests];
+            self.seen_requests += 1;
+            self.requests.insert(
+                (r.agent, r.life, r.request.0),
+                ReqState {
+                    answers: 0,
+                    asked: r.asked.clone(),
+                },
+            );
+            if let Asked::Join(ch) = &r.asked {
+                let state = Self::life(&mut self.lives, &self.boot, r.agent, r.life);
+                let windows = state.windows.entry(ch.clone()).or_default();
+                if !windows.iter().any(|w| w.end.is_none()) {
+                    windows.push(Window {
+                        start: r.at,
+                        end: None,
+                        request: Some(r.request.0),
+                        watermark: None,
+                    });
+                }
+            }
+        }
+        // Surfacings and events are interleaved in time; take them in time order (surfacings
+        // first at equal times: a message surfaces inside the event that announced it).
+        loop {
+            let s = journal.surfacings.get(self.seen_surfacings);
+            let e = journal.events.get(self.seen_events);
+            match (s, e) {
+                (Some(s), Some(e)) if s.at <= e.at => {
+                    self.seen_surfacings += 1;
+                    self.check_surfacing(journal, self.seen_surfacings - 1)?;
+                }
+                (Some(_), None) => {
+                    self.seen_surfacings += 1;
+                    self.check_surfacing(journal, self.seen_surfacings - 1)?;
+                }
+                (_, Some(_)) => {
+                    self.seen_events += 1;
+                    self.check_event(journal, self.seen_events - 1)?;
+                }
+                (None, None) => break,
+            }
+        }
+        Ok(())
+    }
+
+    fn check_surfacing(&mut self, journal: &Journal, index: usize) -> Result<(), Violation> {
+        let s = &journal.surfacings[index];
+        let agent = Some(who(&self.names, s.agent, s.life));
+        let message = Some(self.describe_msg(&s.id));
+        let truth = self.chat.get(&s.id).cloned();
+        let me = self.names.get(s.agent).cloned().unwrap_or_default();
+        let duplicate = {
+            let state = Self::life(&mut self.lives, &self.boot, s.agent, s.life);
+            let dup = state
+                .surfaced
+                .get(&s.id)
+                .is_some_and(|first| state.count - first < self.horizon);
+            state.surfaced.insert(s.id.clone(), state.count);
+            state.count += 1;
+            dup
+        };
+        if duplicate {
+            return Err(self.violation(
+                "I23",
+                agent,
+                message,
+                s.at,
+                format!("surfaced twice in one life (second copy via {})", s.origin),
+            ));
+        }
+        if s.from == me {
+            return Err(self.violation(
+                "I4",
+                agent,
+                message,
+                s.at,
+                "an agent's own post surfaced to it".into(),
+            ));
+        }
+        let Some(truth) = truth else {
+            return Err(self.violation(
+                "I2",
+                agent,
+                message,
+                s.at,
+                "surfaced a message CHAT never stored".into(),
+            ));
+        };
+        if truth.sender != s.from {
+            return Err(self.violation(
+                "I2",
+                agent,
+                message,
+                s.at,
+                format!("from.id {} but the subject's sender is {}", s.from, truth.sender),
+            ));
+        }
+        if s.channel.as_deref() != Some(truth.channel.as_str()) {
+            return Err(self.violation(
+                "I2",
+                agent,
+                message,
+                s.at,
+                format!(
+                    "surfaced on channel {:?} but stored on {}",
+                    s.channel, truth.channel
+                ),
+            ));
+        }
+        if s.historical != (s.origin == SourceKind::Backfill) {
+            return Err(self.violation(
+                "I5",
+                agent,
+                message,
+                s.at,
+                format!("historical={} for a {} copy", s.historical, s.origin),
+            ));
+        }
+        match s.origin {
+            SourceKind::Live | SourceKind::Backfill => {
+                let window = Self::life(&mut self.lives, &self.boot, s.agent, s.life)
+                    .windows
+                    .get(&truth.channel)
+                    .and_then(|ws| {
+                        ws.iter()
+                            .rev()
+                            .find(|w| w.start <= s.at && w.end.is_none_or(|e| e >= s.at))
+                            .cloned()
+                    });
+                let Some(window) = window else {
+                    return Err(self.violation(
+                        "S7-window",
+                        agent,
+                        message,
+                        s.at,
+                        format!(
+                            "a {} copy surfaced outside every join window of {} in this life",
+                            s.origin, truth.channel
+                        ),
+                    ));
+                };
+                if let Some(f) = window.watermark {
+                    disjoint(s.origin, truth.seq, f).map_err(|detail| {
+                        self.violation("I5", agent.clone(), message.clone(), s.at, detail)
+                    })?;
+                }
+            }
+            _ => {
+                let key = (truth.channel.clone(), me.clone());
+                let in_interval = self.intervals.get(&key).is_some_and(|gens| {
+                    gens.values().any(|iv| {
+                        iv.join_cursor < truth.seq && iv.leave_cursor.is_none_or(|l| truth.seq <= l)
+                    })
+                });
+                let mention = !self.durable_channels.contains(&truth.channel)
+                    && truth.mentions.iter().any(|m| *m == me);
+                if !in_interval && !mention {
+                    return Err(self.violation(
+                        "S7-interval",
+                        agent,
+                        message,
+                        s.at,
+                        format!(
+                            "a DLV copy outside every membership interval of {} ({:?})",
+                            truth.channel,
+                            self.intervals.get(&key)
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn answer(&mut self, agent: usize, life: u32, request: u64, at: Instant) -> Result<(), Violation> {
+        let a = Some(who(&self.names, agent, life));
+        match self.requests.get_mut(&(agent, life, request)) {
+            None => Err(self.violation(
+                "API1",
+                a,
+                None,
+                at,
+                format!("an answer to req#{request}, which the agent never accepted"),
+            )),
+            Some(r) => {
+                r.answers += 1;
+                if r.answers > 1 {
+                    let detail = format!("req#{request} ({:?}) answered twice", r.asked);
+                    return Err(self.violation("API1", a, None, at, detail));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn close_window(&mut self, agent: usize, life: u32, channel: &str, at: Instant) {
+        let state = Self::life(&mut self.lives, &self.boot, agent, life);
+        if let Some(ws) = state.windows.get_mut(channel) {
+            for w in ws.iter_mut().filter(|w| w.end.is_none()) {
+                w.end = Some(at);
+            }
+        }
+    }
+
+    fn check_event(&mut self, journal: &Journal, index: usize) -> Result<(), Violation> {
+        let n = &journal.events[index];
+        let (agent, life, at) = (n.agent, n.life, n.at);
+        match &n.event {
+            AgentEvent::Joined {
+                request,
+                channel,
+                report,
+            } => {
+                if let Some(r) = request {
+                    self.answer(agent, life, r.0, at)?;
+                }
+                let ch = channel.as_str().to_owned();
+                if let Some(f) = report.watermark {
+                    self.arm_window(journal, agent, life, &ch, request.map(|r| r.0), f, at)?;
+                    if report.durable
+                        && let Some(g) = report.generation
+                    {
+                        self.durable_joins.push(DurableJoin {
+                            agent,
+                            life,
+                            channel: ch,
+                            watermark: f,
+                            generation: g,
+                        });
+                    }
+                }
+            }
+            AgentEvent::JoinFailed {
+                request, channel, ..
+            } => {
+                if let Some(r) = request {
+                    self.answer(agent, life, r.0, at)?;
+                }
+                self.close_window(agent, life, channel.as_str(), at);
+            }
+            AgentEvent::Left {
+                request, channel, ..
+            } => {
+                self.answer(agent, life, request.0, at)?;
+                self.close_window(agent, life, channel.as_str(), at);
+            }
+            AgentEvent::LeaveFailed { request, .. } => {
+                self.answer(agent, life, request.0, at)?;
+            }
+            AgentEvent::ChannelRefused { channel, .. } => {
+                self.close_window(agent, life, channel.as_str(), at);
+            }
+            AgentEvent::Sent {
+                request, id, seq, ..
+            } => {
+                self.answer(agent, life, request.0, at)?;
+                if let Some(truth) = self.chat.get(id)
+                    && truth.seq != *seq
+                {
+                    let detail = format!("Sent reports seq {seq}, CHAT stored it at {}", truth.seq);
+                    let a = Some(who(&self.names, agent, life));
+                    return Err(self.violation("I1", a, Some(self.describe_msg(id)), at, detail));
+                }
+            }
+            AgentEvent::SendFailed { request, .. } => {
+                self.answer(agent, life, request.0, at)?;
+            }
+            AgentEvent::Lost { id, .. } => {
+                self.lost.insert((agent, id.clone()));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// A join reported its watermark `F`: every copy of the channel surfaced since the join's
+    /// request must be on the right side of it (I5), and so must every later one.
+    #[allow(clippy::too_many_arguments)]
+    fn arm_window(
+        &mut self,
+        journal: &Journal,
+        agent: usize,
+        life: u32,
+        channel: &str,
+        request: Option<u64>,
+        f: u64,
+        at: Instant,
+    ) -> Result<(), Violation> {
+        let state = Self::life(&mut self.lives, &self.boot, agent, life);
+        let Some(window) = state.windows.get_mut(channel).and_then(|ws| {
+            ws.iter_mut()
+                .rev()
+                .find(|w| w.request == request && w.end.is_none())
+        }) else {
+            return Ok(());
+        };
+        window.watermark = Some(f);
+        let start = window.start;
+        for s in journal.surfacings[..self.seen_surfacings].iter().rev() {
+            if s.at < start {
+                break;
+            }
+            if s.agent != agent || s.life != life || s.origin == SourceKind::Durable {
+                continue;
+            }
+            let Some(truth) = self.chat.get(&s.id) else {
+                continue;
+            };
+            if truth.channel != channel {
+                continue;
+            }
+            if let Err(detail) = disjoint(s.origin, truth.seq, f) {
+                let a = Some(who(&self.names, agent, life));
+                return Err(self.violation("I5", a, Some(self.describe_msg(&s.id)), at, detail));
+            }
+        }
+        Ok(())
+    }
+
+    /// The end-of-heal checks (see the module docs).
+    ///
+    /// # Errors
+    ///
+    /// The first violation.
+    pub fn finish(
+        &mut self,
+        host: &Host,
+        journal: &Journal,
+        agents: &[AgentSlot],
+    ) -> Result<(), Violation> {
+        self.check_step(host, journal, agents)?;
+        let at = host.now().at;
+        if let Some((agent, life, id)) = journal.handled_rejected.first() {
+            return Err(self.violation(
+                "I22",
+                Some(who(&self.names, *agent, *life)),
+                Some(self.describe_msg(id)),
+                at,
+                "the agent rejected `handled` for a message it surfaced".into(),
+            ));
+        }
+        for ((agent, life, request), r) in &self.requests {
+            if r.answers == 0 && !self.killed.contains(&(*agent, *life)) {
+                return Err(self.violation(
+                    "API1",
+                    Some(who(&self.names, *agent, *life)),
+                    None,
+                    at,
+                    format!("req#{request} ({:?}) never answered after healing", r.asked),
+                ));
+            }
+        }
+        for (index, slot) in agents.iter().enumerate() {
+            let a = Some(who(&self.names, index, slot.life));
+            let p = slot.proc.borrow();
+            let agent = p.agent();
+            let joined: BTreeSet<String> = agent
+                .joined()
+                .iter()
+                .map(|c| chat_subscribe_pattern(&self.space, c))
+                .collect();
+            let held: BTreeSet<String> = host
+                .net()
+                .core_subscriptions(slot.client)
+                .into_iter()
+                .map(|(_, s)| s)
+                .filter(|s| s.starts_with(&format!("cotal.{}.chat.", self.space)))
+                .collect();
+            if host.net().is_connected(slot.client) && joined != held {
+                return Err(self.violation(
+                    "I6",
+                    a,
+                    None,
+                    at,
+                    format!("joined {joined:?} but the server holds chat subscriptions {held:?}"),
+                ));
+            }
+            for ch in agent.health().channels {
+                if !self.durable_channels.contains(ch.channel.as_str()) {
+                    continue;
+                }
+                let established = matches!(ch.backstop, BackstopState::Established { .. });
+                if self.daemons == 0 && established {
+                    return Err(self.violation(
+                        "I12",
+                        a,
+                        None,
+                        at,
+                        format!("{} claims a backstop with no daemon", ch.channel),
+                    ));
+                }
+                if self.daemons > 0
+                    && !established
+                    && !self.narrowed.contains(&(index, ch.channel.as_str().to_owned()))
+                {
+                    return Err(self.violation(
+                        "I11",
+                        a,
+                        None,
+                        at,
+                        format!(
+                            "{} has no established backstop after healing: {:?}",
+                            ch.channel, ch.backstop
+                        ),
+                    ));
+                }
+            }
+        }
+        self.check_complete(journal, at)
+    }
+
+    fn check_complete(&self, journal: &Journal, at: Instant) -> Result<(), Violation> {
+        let mut got: BTreeSet<(usize, &str)> = BTreeSet::new();
+        for s in &journal.surfacings {
+            got.insert((s.agent, s.id.as_str()));
+        }
+        let frontier = self.by_seq.keys().next_back().copied().unwrap_or(0);
+        for j in &self.durable_joins {
+            if self.narrowed.contains(&(j.agent, j.channel.clone())) {
+                continue;
+            }
+            let me = self.names.get(j.agent).cloned().unwrap_or_default();
+            let key = (j.channel.clone(), me.clone());
+            let end = self
+                .intervals
+                .get(&key)
+                .and_then(|g| g.get(&j.generation))
+                .map_or(frontier, |iv| iv.leave_cursor.unwrap_or(frontier));
+            for (seq, id) in self.by_seq.range(j.watermark + 1..=end) {
+                let Some(m) = self.chat.get(id) else { continue };
+                if m.channel != j.channel || m.sender == me {
+                    continue;
+                }
+                if got.contains(&(j.agent, id.as_str())) || self.lost.contains(&(j.agent, id.clone())) {
+                    continue;
+                }
+                return Err(self.violation(
+                    "S7-complete",
+                    Some(who(&self.names, j.agent, j.life)),
+                    Some(self.describe_msg(id)),
+                    at,
+                    format!(
+                        "durable join of {} at watermark {} (generation {}) never surfaced seq {seq} (interval ends at {end})",
+                        j.channel, j.watermark, j.generation
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn disjoint(origin: SourceKind, seq: u64, f: u64) -> Result<(), String> {
+    match origin {
+        SourceKind::Backfill if seq > f => Err(format!(
+            "a backfill copy at seq {seq} above the watermark {f}"
+        )),
+        SourceKind::Live if seq <= f => Err(format!(
+            "a live copy at seq {seq} at or below the watermark {f}"
+        )),
+        _ => Ok(()),
+    }
+}
