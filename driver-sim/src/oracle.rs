@@ -722,6 +722,23 @@ impl Oracle {
             AgentEvent::SendFailed { request, .. } => {
                 self.answer(agent, life, request.0, at)?;
             }
+            AgentEvent::Connected { first: true } => {
+                // The boot channels are joined at the first connect that loads the registry; a
+                // boot join cut short by a loss before it is tried again then.
+                let boot = self.boot.get(agent).cloned().unwrap_or_default();
+                let state = Self::life(&mut self.lives, &self.boot, agent, life);
+                for ch in boot {
+                    let windows = state.windows.entry(ch).or_default();
+                    if !windows.iter().any(|w| w.end.is_none()) {
+                        windows.push(Window {
+                            start: at,
+                            end: None,
+                            request: None,
+                            watermark: None,
+                        });
+                    }
+                }
+            }
             AgentEvent::Lost { id, .. } => {
                 self.lost.insert((agent, id.clone()));
             }

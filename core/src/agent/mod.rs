@@ -1394,7 +1394,20 @@ impl Agent {
             if let Some(detail) = refused {
                 self.late_refusal(now, &channel, detail);
             } else if !confirmed {
-                // The connection is going down again; the next restore re-subscribes.
+                // Not confirmed. When the connection is going down, the next restore
+                // re-subscribes. On a live connection (a timeout, or an answer lost after the
+                // effect), confirm again: until a barrier succeeds, a refusal of the new
+                // subscription may still be on its way, and the channel must not be reported
+                // live (found by the simulator, seed 1677: a later refusal was parked for a
+                // barrier that had already completed, so the channel stayed joined with no
+                // subscription).
+                if self.link != Link::Down {
+                    let op = self.op(Pending::Barrier {
+                        channel: channel.clone(),
+                        epoch,
+                    });
+                    self.commands.push_back(Command::Barrier { op });
+                }
             } else if let Some(entry) = self.channels.get_mut(&channel) {
                 entry.resubscribe = false;
             }

@@ -1051,6 +1051,49 @@ fn a23_unknown_barrier_outcome_undoes_the_join() {
 }
 
 #[test]
+fn a15_unknown_resubscribe_barrier_on_a_live_connection_is_confirmed_again() {
+    // Found by the simulator (seed 1677): the barrier after a re-subscribe came back unknown on
+    // a connection that stayed up; a later refusal of the subscription was then parked for that
+    // barrier forever, and the channel stayed joined with no subscription.
+    let mut w = World::new(&["lobby"]);
+    w.connect();
+    assert_eq!(w.agent.joined(), [ch("lobby")]);
+    w.drop_connection();
+    w.chat_subs.clear();
+    w.hold = Some(|c| matches!(c, Command::Barrier { .. }));
+    w.connect();
+    let held = std::mem::take(&mut w.held);
+    assert_eq!(held.len(), 1);
+    for c in held {
+        w.input(Input::Completed(Completion::unknown(c.op().unwrap())));
+    }
+    assert!(
+        !w.agent.health().channels[0].live,
+        "an unconfirmed re-subscribe is not live"
+    );
+    assert_eq!(w.held.len(), 1, "a fresh barrier was sent: {}", w.log);
+    // The refusal arrives before the new barrier's answer.
+    let sub = *w.chat_subs.keys().next().unwrap();
+    w.input(Input::Inbound(Inbound::Refused {
+        sub,
+        detail: "Permissions Violation for Subscription".into(),
+    }));
+    w.hold = None;
+    let held = std::mem::take(&mut w.held);
+    for c in held {
+        w.input(Input::Completed(Completion::success(
+            c.op().unwrap(),
+            Reply::Done,
+        )));
+    }
+    assert!(
+        w.agent.joined().is_empty(),
+        "the refused channel is dropped: {}",
+        w.log
+    );
+}
+
+#[test]
 fn a24_late_refusal_drops_the_channel_and_closes_the_membership() {
     let mut w = World::new(&[]);
     w.connect();

@@ -110,6 +110,7 @@ fn explore(args: &Args) -> Result<ExitCode, String> {
     let started = WallClock::now();
     let mut messages = 0u64;
     let mut surfaced = 0u64;
+    let mut last_progress = -1.0f64;
     for (i, seed) in (start..start.saturating_add(seeds)).enumerate() {
         let spec = args.spec(seed)?;
         if args.flag("check-determinism") && !determinism(&spec) {
@@ -119,13 +120,17 @@ fn explore(args: &Args) -> Result<ExitCode, String> {
         messages += report.messages;
         surfaced += report.surfaced;
         let secs = started.elapsed().as_secs_f64().max(1e-9);
-        eprint!(
+        let due = secs - last_progress >= 0.2 || i as u64 + 1 == seeds;
+        if due || report.violation.is_some() {
+            last_progress = secs;
+            eprint!(
             "\rexplore: {}/{seeds} seeds  {:.1} seeds/s  {messages} messages ({:.0}/s)  {surfaced} surfaced  ",
             i + 1,
             (i + 1) as f64 / secs,
             messages as f64 / secs,
         );
-        let _ = std::io::stderr().flush();
+            let _ = std::io::stderr().flush();
+        }
         if let Some(v) = report.violation {
             eprintln!();
             println!("VIOLATION {v}");
