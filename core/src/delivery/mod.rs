@@ -19,6 +19,7 @@
 
 pub mod authorize;
 pub mod control;
+pub mod daemon;
 pub mod lease;
 pub mod route;
 
