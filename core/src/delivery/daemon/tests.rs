@@ -395,3 +395,667 @@ fn c8_live_channel_mentions_route_within_the_acl_only() {
     assert!(w.inbox_ids("carol").is_empty());
     assert!(w.inbox_ids("dave").is_empty());
 }
+
+/// Stores a dinbox entry directly; returns its INBOX sequence.
+fn plant_entry(w: &mut World, owner: &str, entry: &Plane3Entry) -> u64 {
+    let seq = w.b.inbox.len() as u64 + 1;
+    let id = crate::wire::msgid::Plane3MsgId::for_entry(entry, &id(owner)).to_string();
+    w.b.inbox.push((
+        seq,
+        format!("cotal.main.dinbox.{owner}"),
+        id,
+        json::encode(entry),
+    ));
+    seq
+}
+
+fn chat_msg(w: &World, seq: u64) -> CotalMessage {
+    let m = w.b.chat.iter().find(|m| m.seq == seq).unwrap();
+    CotalMessage::decode(&m.payload).unwrap()
+}
+
+#[test]
+fn c6_reader_matrix_transfer_deny_defer_give_up() {
+    let mut w = served();
+    w.acl("alice", &["review"]);
+    w.acl("erin", &[]);
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    let s = w.post("bob", "review", &[]);
+    let msg = chat_msg(&w, s);
+    let ok = plant_entry(
+        &mut w,
+        "alice",
+        &Plane3Entry::durable_channel(msg.clone(), ch("review"), s, 1),
+    );
+    let revoked = plant_entry(
+        &mut w,
+        "erin",
+        &Plane3Entry::live_mention(msg.clone(), ch("review"), s),
+    );
+    let unknown = plant_entry(
+        &mut w,
+        "frank",
+        &Plane3Entry::live_mention(msg.clone(), ch("review"), s),
+    );
+    let outside = plant_entry(
+        &mut w,
+        "alice",
+        &Plane3Entry::durable_channel(msg.clone(), ch("review"), 0, 1),
+    );
+
+    let d = w.reader(ok, 1);
+    assert_eq!(w.settled(d), vec![AckKind::Ack]);
+    assert_eq!(w.dlv_ids("alice"), vec![format!("m{s}:alice:1")]);
+    let d = w.reader(revoked, 1);
+    assert_eq!(w.settled(d), vec![AckKind::Ack]);
+    assert!(w.dlv_ids("erin").is_empty());
+    let d = w.reader(unknown, 1);
+    assert_eq!(
+        w.settled(d),
+        vec![AckKind::Nak {
+            delay: crate::constants::READER_NAK_DELAY
+        }]
+    );
+    let d = w.reader(unknown, 10);
+    assert_eq!(w.settled(d), vec![AckKind::Term]);
+    assert!(
+        w.events
+            .iter()
+            .any(|e| matches!(e, DeliveryEvent::EntryLost(g) if g.owner == id("frank")))
+    );
+    let d = w.reader(outside, 1);
+    assert_eq!(w.settled(d), vec![AckKind::Ack]);
+    let c = w.d.counters();
+    assert_eq!(
+        (c.transferred, c.dropped, c.deferred, c.terminated, c.lost),
+        (1, 2, 1, 1, 1)
+    );
+}
+
+#[test]
+fn reader_acks_only_after_the_dlv_pub_ack_and_gives_up_reported_at_the_ceiling() {
+    let mut w = served();
+    w.acl("alice", &["review"]);
+    let s = w.post("bob", "review", &[]);
+    let msg = chat_msg(&w, s);
+    let e = plant_entry(
+        &mut w,
+        "alice",
+        &Plane3Entry::live_mention(msg, ch("review"), s),
+    );
+    w.rule(is_dlv_pub, Effect::Hold, 1);
+    let d = w.reader(e, 1);
+    assert!(w.settled(d).is_empty(), "I21: not before the PubAck");
+    w.release(0, Some(Outcome::Unknown));
+    assert_eq!(
+        w.settled(d),
+        vec![AckKind::Nak {
+            delay: crate::constants::READER_NAK_DELAY
+        }]
+    );
+    w.rule(
+        is_dlv_pub,
+        Effect::Answer(Outcome::Failed(Failure::Timeout)),
+        1,
+    );
+    let d = w.reader(e, 10);
+    assert_eq!(w.settled(d), vec![AckKind::Term]);
+    assert!(
+        w.events
+            .iter()
+            .any(|e| matches!(e, DeliveryEvent::EntryLost(g) if g.seq == s))
+    );
+}
+
+#[test]
+fn reader_terminates_malformed_entries_and_acks_other_shards_owners() {
+    let mut w = World::with_config(DeliveryConfig::new(
+        space(),
+        crate::wire::shard::ShardMap::new(2)
+            .unwrap()
+            .shard(0)
+            .unwrap(),
+        "D1",
+    ));
+    w.boot();
+    assert!(w.d.serving());
+    let d = w.reader_raw(
+        1,
+        1,
+        "cotal.main.dinbox.alice",
+        "x",
+        bytes::Bytes::from_static(b"nope"),
+    );
+    assert_eq!(w.settled(d), vec![AckKind::Term]);
+    let other = ["a", "b", "c", "d", "e", "f"]
+        .into_iter()
+        .find(|o| !w.d.config().shard.owns(&id(o)))
+        .unwrap();
+    w.acl(other, &[]);
+    let s = w.post("bob", "review", &[]);
+    let msg = chat_msg(&w, s);
+    let e = plant_entry(
+        &mut w,
+        other,
+        &Plane3Entry::live_mention(msg, ch("review"), s),
+    );
+    let d = w.reader(e, 1);
+    assert_eq!(w.settled(d), vec![AckKind::Ack]);
+    assert_eq!(w.d.counters().dropped, 0, "not judged by this shard");
+}
+
+#[test]
+fn g36_a_shard_routes_and_answers_only_its_own_owners() {
+    let map = crate::wire::shard::ShardMap::new(2).unwrap();
+    let mut w = World::with_config(DeliveryConfig::new(space(), map.shard(1).unwrap(), "D2"));
+    w.boot();
+    assert_eq!(
+        w.b.consumers.keys().cloned().collect::<Vec<_>>(),
+        vec!["fanout_1", "reader_1"]
+    );
+    assert!(w.b.kv_value(&lease_bucket(), "lease.1").is_some());
+    let owners = ["a", "b", "c", "d", "e", "f", "g", "h"];
+    let mine: Vec<&str> = owners
+        .iter()
+        .copied()
+        .filter(|o| w.d.config().shard.owns(&id(o)))
+        .collect();
+    let theirs: Vec<&str> = owners
+        .iter()
+        .copied()
+        .filter(|o| !w.d.config().shard.owns(&id(o)))
+        .collect();
+    assert!(!mine.is_empty() && !theirs.is_empty());
+    for o in owners {
+        plant_member(&mut w, &record("review", o, 0, 1), None);
+    }
+    let s = w.post("zed", "review", &[]);
+    w.fanout(s, 1);
+    for o in &mine {
+        assert_eq!(w.inbox_ids(o).len(), 1);
+    }
+    for o in &theirs {
+        assert!(w.inbox_ids(o).is_empty());
+    }
+    w.request(
+        theirs[0],
+        &crate::wire::control::DeliveryRequest::ListMemberships,
+        "l1",
+    );
+    assert!(w.reply("l1").is_none(), "the owner's shard answers");
+    w.request(
+        mine[0],
+        &crate::wire::control::DeliveryRequest::ListMemberships,
+        "l2",
+    );
+    assert!(w.reply("l2").is_some());
+}
+
+#[test]
+fn g2_rejoin_over_a_tombstone_keeps_pending_entries_of_the_previous_generation() {
+    let mut w = served();
+    w.acl("alice", &["review"]);
+    w.join("alice", "review", None, "j1");
+    let g1 = ok_data(&w, "j1")["generation"].as_u64().unwrap();
+    let s1 = w.post("bob", "review", &[]);
+    w.fanout(s1, 1);
+    w.leave("alice", "review", g1, "l1");
+    assert_eq!(
+        w.b.member("review", "alice").unwrap().leave_cursor,
+        Some(s1)
+    );
+    let gap = w.post("bob", "review", &[]);
+    w.fanout(gap, 1);
+    w.join("alice", "review", Some(0), "j2");
+    let d2 = ok_data(&w, "j2");
+    let g2 = d2["generation"].as_u64().unwrap();
+    assert!(g2 > g1);
+    assert_eq!(
+        d2["joinCursor"], s1,
+        "raised to the leave cursor (disjoint generations)"
+    );
+    let rec = w.b.member("review", "alice").unwrap();
+    assert_eq!(
+        crate::registry::closed_intervals(&rec),
+        vec![crate::registry::ClosedInterval {
+            generation: g1,
+            join_cursor: 0,
+            leave_cursor: s1
+        }]
+    );
+    // The gap message was copied under g2 by catch-up; the gen-1 entry of s1 still transfers.
+    let first =
+        w.b.inbox
+            .iter()
+            .find(|e| e.2 == format!("m{s1}:alice:{g1}"))
+            .unwrap()
+            .0;
+    let d = w.reader(first, 1);
+    assert_eq!(w.settled(d), vec![AckKind::Ack]);
+    assert_eq!(
+        w.dlv_ids("alice"),
+        vec![format!("m{s1}:alice:{g1}")],
+        "{}",
+        w.log
+    );
+    assert!(w.inbox_ids("alice").contains(&format!("m{gap}:alice:{g2}")));
+}
+
+#[test]
+fn b24_b7_a_stale_generation_leave_cannot_tombstone_a_rejoin() {
+    let mut w = served();
+    w.acl("alice", &["review"]);
+    w.join("alice", "review", None, "j1");
+    let g1 = ok_data(&w, "j1")["generation"].as_u64().unwrap();
+    w.leave("alice", "review", g1, "l1");
+    w.post("bob", "review", &[]);
+    w.join("alice", "review", None, "j2");
+    let g2 = ok_data(&w, "j2")["generation"].as_u64().unwrap();
+    w.leave("alice", "review", g1, "late");
+    let e = err_text(&w, "late");
+    assert!(e.contains("stale membership write"), "{e}");
+    let rec = w.b.member("review", "alice").unwrap();
+    assert_eq!((rec.generation, rec.leave_cursor), (g2, None));
+    w.leave("alice", "review", g2, "l2");
+    assert_eq!(ok_data(&w, "l2")["channel"], "review");
+    w.leave("alice", "nowhere", 1, "l3");
+    assert_eq!(ok_data(&w, "l3")["alreadyLeft"], true);
+}
+
+#[test]
+fn b22_b23_join_is_acl_gated_fresh_and_leave_is_not() {
+    let mut w = served();
+    w.join("alice", "review", None, "no-acl");
+    assert!(err_text(&w, "no-acl").contains("no read ACL on record for alice"));
+    w.acl("alice", &["review"]);
+    w.join("alice", "review", None, "j1");
+    let g = ok_data(&w, "j1")["generation"].as_u64().unwrap();
+    // Narrowed in KV, not yet seen by any watch: the gate reads fresh.
+    let rec = AclRecordLike::empty();
+    w.b.kv_write(
+        &KvBucket::Acl.name(&space()),
+        "alice",
+        KvOperation::Put,
+        rec,
+    );
+    w.join("alice", "review", None, "j2");
+    assert!(err_text(&w, "j2").contains("is not within your read ACL"));
+    w.leave("alice", "review", g, "l1");
+    assert_eq!(ok_data(&w, "l1")["channel"], "review");
+    assert!(w.b.member("review", "alice").unwrap().is_tombstone());
+}
+
+struct AclRecordLike;
+impl AclRecordLike {
+    fn empty() -> bytes::Bytes {
+        bytes::Bytes::from_static(br#"{"allowSubscribe":[],"revision":2,"updatedAt":2}"#)
+    }
+}
+
+#[test]
+fn d1_replies_only_to_the_bound_reply_subject() {
+    let mut w = served();
+    let body = json::encode(
+        &crate::wire::control::DeliveryRequest::DurableJoin {
+            channel: ch("review"),
+            join_cursor: None,
+        }
+        .to_request(crate::wire::message::Sender::new(id("mallory"), "m")),
+    );
+    w.request_raw(
+        "cotal.main.ctl.delivery.mallory",
+        Some("cotal.main.ctl.delivery.victim.reply.x"),
+        body.clone(),
+    );
+    assert!(w.b.replies.is_empty(), "{}", w.log);
+    assert!(
+        w.events
+            .iter()
+            .any(|e| matches!(e, DeliveryEvent::ControlIgnored(_)))
+    );
+    w.request_raw(
+        "cotal.main.ctl.delivery.mallory",
+        Some("cotal.main.ctl.delivery.mallory.reply.y"),
+        body,
+    );
+    assert_eq!(w.b.replies.len(), 1);
+    assert_eq!(w.b.replies[0].0, "cotal.main.ctl.delivery.mallory.reply.y");
+    // D2: sender mismatch and bad JSON are answered with errors.
+    w.request_raw(
+        "cotal.main.ctl.delivery.eve",
+        Some("cotal.main.ctl.delivery.eve.reply.z"),
+        bytes::Bytes::from_static(b"{not json"),
+    );
+    assert!(!w.reply("z").unwrap().ok);
+}
+
+#[test]
+fn b13_list_memberships_is_the_callers_open_records_from_the_index() {
+    let mut w = served();
+    w.acl("alice", &[">"]);
+    w.join("alice", "review", None, "j1");
+    w.join("alice", "ops", None, "j2");
+    let g = ok_data(&w, "j2")["generation"].as_u64().unwrap();
+    w.leave("alice", "ops", g, "l1");
+    plant_member(&mut w, &record("zeta", "alice", 0, 1), None); // pending, watched
+    plant_member(&mut w, &record("review", "bob", 0, 1), None);
+    w.request(
+        "alice",
+        &crate::wire::control::DeliveryRequest::ListMemberships,
+        "ls",
+    );
+    let data = ok_data(&w, "ls");
+    let got: Vec<(String, bool)> = data["memberships"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            (
+                m["channel"].as_str().unwrap().to_owned(),
+                m["activated"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got, vec![("review".into(), true), ("zeta".into(), false)]);
+}
+
+#[test]
+fn lost_cas_race_is_re_read_and_re_planned_then_exhausts_after_five() {
+    let mut w = served();
+    w.acl("alice", &["review"]);
+    w.rule(
+        is_member_put,
+        Effect::Answer(Outcome::Failed(Failure::AlreadyExists)),
+        1,
+    );
+    w.join("alice", "review", None, "j1");
+    assert_eq!(ok_data(&w, "j1")["durable"], true, "{}", w.log);
+    assert_eq!(w.d.counters().cas_retries, 1);
+    w.rule(
+        is_member_put,
+        Effect::Answer(Outcome::Failed(Failure::WrongLastRevision {
+            current: Some(99),
+        })),
+        5,
+    );
+    w.acl("bob", &["review"]);
+    w.join("bob", "review", None, "j2");
+    assert!(err_text(&w, "j2").contains("members CAS exhausted retries for review/bob"));
+    assert!(w.b.member("review", "bob").is_none());
+}
+
+#[test]
+fn a_concurrent_same_generation_writer_is_seen_by_the_re_read() {
+    let mut w = served();
+    w.acl("alice", &["review"]);
+    w.post("bob", "review", &[]);
+    w.rule(is_catch_up_read, Effect::Hold, 1);
+    w.join("alice", "review", Some(0), "j1");
+    // Another writer (same fence) tombstones the record behind our back.
+    let mut rec = w.b.member("review", "alice").unwrap();
+    rec.state = crate::wire::records::MemberState::LiveConfirmed;
+    rec.leave_cursor = Some(1);
+    plant_member(&mut w, &rec, None);
+    w.release(0, None);
+    assert_eq!(ok_data(&w, "j1")["reason"], REASON_SUPERSEDED);
+}
+
+#[test]
+fn unknown_commit_outcome_resumes_from_what_landed() {
+    let mut w = served();
+    w.acl("alice", &["review"]);
+    w.post("bob", "review", &[]);
+    w.rule(is_member_put, Effect::ExecuteThenUnknown, 1);
+    w.join("alice", "review", Some(0), "j1");
+    let data = ok_data(&w, "j1");
+    assert_eq!(data["durable"], true, "{}", w.log);
+    assert_eq!(w.inbox_ids("alice").len(), 1);
+    let rec = w.b.member("review", "alice").unwrap();
+    assert_eq!(rec.generation, data["generation"].as_u64().unwrap());
+    assert!(rec.is_activated());
+}
+
+#[test]
+fn unknown_activation_outcome_is_confirmed_by_the_re_read() {
+    let mut w = served();
+    w.acl("alice", &["review"]);
+    w.acl("bob", &["review"]);
+    // The second member write is the activation.
+    let n = std::cell::Cell::new(0);
+    w.rule(
+        move |c| {
+            if is_member_put(c) {
+                n.set(n.get() + 1);
+                n.get() == 2
+            } else {
+                false
+            }
+        },
+        Effect::ExecuteThenUnknown,
+        1,
+    );
+    w.join("bob", "review", None, "j1");
+    assert_eq!(ok_data(&w, "j1")["durable"], true, "{}", w.log);
+}
+
+#[test]
+fn g23_a_record_fenced_by_a_newer_daemon_is_never_written_and_never_answered() {
+    let mut w = served();
+    w.acl("alice", &["review"]);
+    plant_member(&mut w, &record("review", "alice", 0, 3), Some(50));
+    w.leave("alice", "review", 3, "l1");
+    assert!(w.reply("l1").is_none(), "the successor answers\n{}", w.log);
+    assert!(w.events.iter().any(|e| matches!(
+        e,
+        DeliveryEvent::Abandoned {
+            reason: AbandonReason::Fenced(_),
+            ..
+        }
+    )));
+    assert!(!w.b.member("review", "alice").unwrap().is_tombstone());
+    assert_eq!(w.d.counters().fenced, 1);
+}
+
+#[test]
+fn losing_the_lease_stops_all_work_and_withdraws_the_fencing_token() {
+    let mut w = served();
+    w.acl("alice", &["review"]);
+    w.post("bob", "review", &[]);
+    w.rule(is_catch_up_read, Effect::Hold, 1);
+    w.join("alice", "review", Some(0), "j1");
+    // A successor took the key: our renewal's CAS fails.
+    let successor =
+        crate::wire::records::DeliveryLease::new("D2", crate::time::UnixMillis(1), true);
+    w.b.kv_write(
+        &lease_bucket(),
+        "lease.0",
+        KvOperation::Put,
+        json::encode(&successor),
+    );
+    w.advance(15_000);
+    assert_eq!(w.d.lease_state(), LeaseState::Lost, "{}", w.log);
+    assert!(
+        matches!(w.d.health(), DeliveryHealth::Degraded(r) if r.contains(&DegradedReason::Stopped))
+    );
+    assert!(w.log.contains("kv.unwatch") && w.log.contains("stop-consume"));
+    let writes_before = w.b.kv_seq[&member_bucket()];
+    w.release(0, None);
+    assert_eq!(
+        w.b.kv_seq[&member_bucket()],
+        writes_before,
+        "no write after the loss"
+    );
+    assert!(w.reply("j1").is_none());
+    assert!(w.queue.is_empty());
+    assert_eq!(w.d.counters().lease_lost, 1);
+}
+
+#[test]
+fn a_job_past_the_lease_deadline_abandons_instead_of_writing() {
+    let mut w = served();
+    w.acl("alice", &["review"]);
+    // Every renewal's outcome is unknown and the re-reads fail: the deadline passes.
+    w.rule(
+        |c| matches!(c, Command::KvPut { key, .. } | Command::KvGet { key, .. } if key == "lease.0"),
+        Effect::Answer(Outcome::Unknown),
+        u32::MAX,
+    );
+    w.rule(
+        |c| matches!(c, Command::KvGet { key, .. } if key == "alice"),
+        Effect::Hold,
+        1,
+    );
+    w.join("alice", "review", None, "j1");
+    for _ in 0..30 {
+        w.advance(1_000);
+    }
+    assert_eq!(w.d.lease_state(), LeaseState::Lost, "{}", w.log);
+    assert!(w.events.iter().any(|e| matches!(
+        e,
+        DeliveryEvent::Abandoned {
+            reason: AbandonReason::LeaseNotHeld,
+            ..
+        }
+    )));
+    w.release(0, None);
+    assert!(w.b.member("review", "alice").is_none());
+    assert!(w.reply("j1").is_none());
+}
+
+#[test]
+fn i35_reconnect_reopens_every_feed_and_abandons_jobs() {
+    let mut w = served();
+    w.acl("alice", &["review"]);
+    w.rule(is_catch_up_read, Effect::Hold, 1);
+    w.post("bob", "review", &[]);
+    w.join("alice", "review", Some(0), "j1");
+    w.line("in", "connection lost");
+    w.feed(Input::Connection(Connection::Lost));
+    assert!(
+        matches!(w.d.health(), DeliveryHealth::Degraded(r) if r.contains(&DegradedReason::Disconnected))
+    );
+    assert!(w.events.iter().any(|e| matches!(
+        e,
+        DeliveryEvent::Abandoned {
+            reason: AbandonReason::ConnectionLost,
+            ..
+        }
+    )));
+    // The held read completes Unknown; nothing happens.
+    let op = w.held[0].op().unwrap();
+    w.held.clear();
+    w.feed(Input::Completed(Completion::unknown(op)));
+    assert!(w.queue.is_empty());
+    w.boot();
+    assert!(w.d.serving(), "{}", w.log);
+    assert_eq!(w.d.health(), &DeliveryHealth::Active);
+    // The retried join resumes the pending record (same generation) and activates.
+    let g = w.b.member("review", "alice").unwrap().generation;
+    w.join("alice", "review", Some(0), "j2");
+    assert_eq!(ok_data(&w, "j2")["generation"], g);
+    assert_eq!(ok_data(&w, "j2")["durable"], true);
+}
+
+#[test]
+fn feeds_that_fail_or_end_are_reopened_with_backoff() {
+    let mut w = World::new();
+    w.rule(
+        |c| matches!(c, Command::Subscribe { .. }),
+        Effect::Answer(Outcome::Failed(Failure::Other {
+            description: "boom".into(),
+        })),
+        1,
+    );
+    w.boot();
+    assert!(!w.d.serving());
+    w.advance(1_000);
+    assert!(w.d.serving(), "{}", w.log);
+    let sub = w.b.consumer("reader");
+    w.feed(Input::Inbound(Inbound::ConsumerEnded {
+        sub,
+        detail: "deleted".into(),
+    }));
+    assert!(!w.d.serving());
+    w.advance(1_000);
+    assert!(w.d.serving(), "{}", w.log);
+}
+
+#[test]
+fn catch_up_write_failures_fail_the_join_and_leave_it_resumable_g24() {
+    let mut w = served();
+    w.acl("alice", &["review"]);
+    w.post("bob", "review", &[]);
+    w.rule(
+        is_dinbox_pub,
+        Effect::Answer(Outcome::Failed(Failure::Timeout)),
+        3,
+    );
+    w.join("alice", "review", Some(0), "j1");
+    assert!(err_text(&w, "j1").contains("could not store the copy of review seq 1"));
+    let rec = w.b.member("review", "alice").unwrap();
+    assert!(
+        !rec.is_activated() && !rec.is_tombstone(),
+        "pending, still routing"
+    );
+    w.join("alice", "review", Some(0), "j2");
+    assert_eq!(ok_data(&w, "j2")["durable"], true);
+    assert_eq!(w.inbox_ids("alice").len(), 1);
+}
+
+#[test]
+fn dinbox_cap_reached_is_reported_g6() {
+    let mut w = served();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    for _ in 0..1000 {
+        let s = w.post("bob", "review", &[]);
+        let m = w.b.chat.iter().find(|m| m.seq == s).cloned().unwrap();
+        let sub = w.b.consumer("fanout");
+        w.feed(Input::Inbound(Inbound::Delivery {
+            sub,
+            delivery: DeliveryId(s),
+            stream_seq: s,
+            delivery_count: 1,
+            subject: m.subject,
+            headers: Vec::new(),
+            payload: m.payload,
+        }));
+        w.run();
+    }
+    assert!(
+        w.events
+            .iter()
+            .any(|e| matches!(e, DeliveryEvent::DinboxCapReached { backlog: 1000, .. }))
+    );
+    assert_eq!(w.d.counters().cap_reached, 1);
+}
+
+#[test]
+fn the_fence_covers_what_fan_out_received_before_the_commit_i10() {
+    let mut w = served();
+    w.acl("alice", &["review"]);
+    // Fan-out received seq 2 (held in flight) before the join; the stream frontier read by the
+    // join says 1 (the fake answers StreamInfo with a stale frontier once).
+    let s1 = w.post("bob", "review", &[]);
+    let s2 = w.post("bob", "review", &[]);
+    w.fanout(s2, 1);
+    assert!(w.inbox_ids("alice").is_empty());
+    w.rule(
+        |c| matches!(c, Command::StreamInfo { .. }),
+        Effect::Answer(Outcome::Success(Reply::StreamState(
+            crate::io::StreamState {
+                first_seq: 1,
+                last_seq: 0,
+                messages: 2,
+            },
+        ))),
+        2,
+    );
+    w.join("alice", "review", Some(0), "j1");
+    assert_eq!(ok_data(&w, "j1")["durable"], true);
+    assert_eq!(w.d.fanout_progress(), s2);
+    let g = ok_data(&w, "j1")["generation"].as_u64().unwrap();
+    assert_eq!(
+        w.inbox_ids("alice"),
+        vec![format!("m{s1}:alice:{g}"), format!("m{s2}:alice:{g}")]
+    );
+}

@@ -117,6 +117,15 @@ impl Broker {
             .collect()
     }
 
+    pub fn consumer(&self, prefix: &str) -> SubId {
+        *self
+            .consumers
+            .iter()
+            .find(|(n, _)| n.starts_with(prefix))
+            .expect("consumer bound")
+            .1
+    }
+
     pub fn kv_value(&self, bucket: &str, key: &str) -> Option<&KvEntry> {
         self.kv
             .get(bucket)?
@@ -585,7 +594,7 @@ impl World {
             .find(|m| m.seq == seq)
             .cloned()
             .expect("posted");
-        let sub = self.b.consumers["fanout"];
+        let sub = self.b.consumer("fanout");
         let delivery = self.next_delivery();
         self.line(
             "in",
@@ -624,7 +633,7 @@ impl World {
         msg_id: &str,
         payload: Bytes,
     ) -> DeliveryId {
-        let sub = self.b.consumers["reader"];
+        let sub = self.b.consumer("reader");
         let delivery = self.next_delivery();
         self.line(
             "in",
