@@ -106,11 +106,12 @@ use crate::wire::control::{REASON_PARTIALLY_EVICTED, REASON_SUPERSEDED};
 use crate::wire::json;
 use crate::wire::keys::{KvBucket, acl_key, member_key};
 use crate::wire::message::CotalMessage;
-use crate::wire::records::{DeliveryLease, Plane3Entry};
+use crate::wire::records::{DeliveryLease, MemberState, MembershipRecord, Plane3Entry};
 use crate::wire::shard::Shard;
 use crate::wire::subject::{Subject, chat_subscribe_pattern, delivery_control_pattern};
 use crate::wire::token::{AgentId, ConcreteChannel, Space};
 use index::{AclIndex, MemberIndex, Roster};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
@@ -2027,10 +2028,8 @@ impl Delivery {
         let Some(key) = self.jobs.get(&id).map(|job| job.key.clone()) else {
             return;
         };
-        let Some(lane) = self.lanes.get_mut(&key) else {
-            return;
-        };
-        if lane.active.is_some() {
+        let lane = self.lanes.entry(key).or_default();
+        if lane.active.is_some_and(|a| a != id) {
             // A leave of the same key is running: the activation waits for it (B9/B21).
             lane.finish_waiting = true;
         } else {
@@ -2292,12 +2291,17 @@ impl Delivery {
             .delivery_class;
         let roster = &self.roster;
         let acls = &self.acls;
+        let views: Vec<Cow<'_, MembershipRecord>> = self
+            .members
+            .channel(&channel)
+            .map(|r| routing_view(r, seq))
+            .collect();
         let decision = route(
             &msg,
             &channel,
             seq,
             class,
-            self.members.channel(&channel),
+            views.iter().map(|v| v.as_ref()),
             |name| roster.resolve(name),
             |owner| acls.get(owner).map(|v| &v.read),
         );
@@ -2581,6 +2585,33 @@ impl Delivery {
                 }
             }
         }
+    }
+}
+
+/// The record fan-out routes `seq` by: the record itself when its current interval admits `seq`,
+/// else a view of the closed generation whose interval does (G2 on the fan-out side).
+///
+/// Without it, a message that fan-out reaches only after its member left **and rejoined** would be
+/// judged by the new generation's interval alone and never routed, although it lies in the old
+/// generation's window (the reference loses it). The view carries the old generation, so the
+/// entry's msg-id and the reader's check both use that generation.
+fn routing_view(rec: &MembershipRecord, seq: u64) -> Cow<'_, MembershipRecord> {
+    if crate::registry::durable_eligible(rec, seq) {
+        return Cow::Borrowed(rec);
+    }
+    let closed = crate::registry::closed_intervals(rec)
+        .into_iter()
+        .find(|c| c.interval().contains(seq));
+    match closed {
+        Some(c) => {
+            let mut view = rec.clone();
+            view.generation = c.generation;
+            view.join_cursor = c.join_cursor;
+            view.leave_cursor = Some(c.leave_cursor);
+            view.state = MemberState::LiveConfirmed;
+            Cow::Owned(view)
+        }
+        None => Cow::Borrowed(rec),
     }
 }
 

@@ -1059,3 +1059,258 @@ fn the_fence_covers_what_fan_out_received_before_the_commit_i10() {
         vec![format!("m{s1}:alice:{g}"), format!("m{s2}:alice:{g}")]
     );
 }
+
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+
+    const OWNERS: [&str; 3] = ["a", "b", "c"];
+    const CHANNELS: [&str; 2] = ["x", "y"];
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Join {
+            o: usize,
+            c: usize,
+            watermark: Option<u64>,
+            forged: bool,
+        },
+        Leave {
+            o: usize,
+            c: usize,
+            stale: bool,
+        },
+        Post {
+            o: usize,
+            c: usize,
+        },
+        Fanout,
+        Reader,
+        Conflict,
+        Unknown,
+        Blip,
+        List {
+            o: usize,
+        },
+        Interleave {
+            o: usize,
+            c: usize,
+            what: u8,
+        },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (0..3usize, 0..2usize, proptest::option::of(0..6u64), proptest::bool::weighted(0.1))
+                .prop_map(|(o, c, watermark, forged)| Op::Join { o, c, watermark, forged }),
+            2 => (0..3usize, 0..2usize, proptest::bool::weighted(0.2))
+                .prop_map(|(o, c, stale)| Op::Leave { o, c, stale }),
+            4 => (0..4usize, 0..2usize).prop_map(|(o, c)| Op::Post { o, c }),
+            2 => Just(Op::Fanout),
+            2 => Just(Op::Reader),
+            1 => Just(Op::Conflict),
+            1 => Just(Op::Unknown),
+            1 => Just(Op::Blip),
+            1 => (0..3usize).prop_map(|o| Op::List { o }),
+            2 => (0..3usize, 0..2usize, 0..3u8).prop_map(|(o, c, what)| Op::Interleave { o, c, what }),
+        ]
+    }
+
+    fn sender(o: usize) -> &'static str {
+        ["a", "b", "c", "z"][o]
+    }
+
+    /// Every interval a record knows: the current one and the closed history.
+    fn intervals(rec: &MembershipRecord) -> Vec<crate::registry::Interval> {
+        let mut v: Vec<_> = crate::registry::closed_intervals(rec)
+            .iter()
+            .map(|c| c.interval())
+            .collect();
+        v.extend(crate::registry::current_interval(rec));
+        v
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Model-based run of the daemon against the fake broker with CAS conflicts, unknown
+        /// outcomes and reconnects: I27, generation/interval monotonicity (I14, I16, I17), I11,
+        /// reader soundness (I7 by the entry's own generation) and routing completeness
+        /// (I9 + I10: every in-interval message of every generation reaches DLV).
+        #[test]
+        fn daemon_keeps_the_invariants(ops in proptest::collection::vec(op(), 1..40)) {
+            let mut w = World::new();
+            w.boot();
+            for o in OWNERS {
+                w.acl(o, &["x", "y"]);
+            }
+            let mut history: BTreeMap<(usize, usize), Vec<MembershipRecord>> = BTreeMap::new();
+            let mut fanned: BTreeSet<u64> = BTreeSet::new();
+            let mut settled_inbox: BTreeSet<u64> = BTreeSet::new();
+            let mut n = 0u64;
+            for op in ops {
+                n += 1;
+                let uuid = format!("r{n}");
+                match op {
+                    Op::Join { o, c, watermark, forged } => {
+                        if forged {
+                            let body = json::encode(&crate::wire::control::DeliveryRequest::DurableJoin {
+                                channel: ch(CHANNELS[c]),
+                                join_cursor: watermark,
+                            }.to_request(crate::wire::message::Sender::new(id(OWNERS[o]), "n")));
+                            let victim = OWNERS[(o + 1) % 3];
+                            let reply = format!("cotal.main.ctl.delivery.{victim}.reply.{uuid}");
+                            w.request_raw(&format!("cotal.main.ctl.delivery.{}", OWNERS[o]), Some(&reply), body);
+                            prop_assert!(w.reply(&uuid).is_none(), "I27");
+                            continue;
+                        }
+                        w.join(OWNERS[o], CHANNELS[c], watermark, &uuid);
+                        if let Some(r) = w.reply(&uuid).filter(|r| r.ok) {
+                            let data = r.data.unwrap();
+                            if data["durable"] == true {
+                                let rec = w.b.member(CHANNELS[c], OWNERS[o]).unwrap();
+                                prop_assert!(rec.is_activated() && rec.leave_cursor.is_none(), "I11");
+                                prop_assert_eq!(Some(rec.generation), data["generation"].as_u64());
+                            }
+                        }
+                    }
+                    Op::Leave { o, c, stale } => {
+                        let g = w.b.member(CHANNELS[c], OWNERS[o]).map_or(1, |r| r.generation);
+                        let g = if stale { g.saturating_sub(1) } else { g };
+                        w.leave(OWNERS[o], CHANNELS[c], g, &uuid);
+                    }
+                    Op::Post { o, c } => {
+                        w.post(sender(o), CHANNELS[c], &[]);
+                    }
+                    Op::Fanout => {
+                        let seqs: Vec<u64> = w.b.chat.iter().map(|m| m.seq).filter(|s| !fanned.contains(s)).collect();
+                        for s in seqs {
+                            let d = w.fanout(s, 1);
+                            if w.settled(d) == vec![AckKind::Ack] {
+                                fanned.insert(s);
+                            }
+                        }
+                    }
+                    Op::Reader => {
+                        let seqs: Vec<u64> = w.b.inbox.iter().map(|e| e.0).filter(|s| !settled_inbox.contains(s)).collect();
+                        for s in seqs {
+                            let d = w.reader(s, 1);
+                            if matches!(w.settled(d).as_slice(), [AckKind::Ack] | [AckKind::Term]) {
+                                settled_inbox.insert(s);
+                            }
+                        }
+                        // Soundness: every DLV copy lies in the interval of its own generation.
+                        for (_, subject, msg_id, _) in &w.b.dlv {
+                            let owner = subject.rsplit('.').next().unwrap();
+                            let p = crate::wire::msgid::Plane3MsgId::parse(msg_id).unwrap();
+                            let seq: u64 = p.message_id.trim_start_matches('m').parse().unwrap();
+                            let m = w.b.chat.iter().find(|m| m.seq == seq).unwrap();
+                            let channel = m.subject.rsplit('.').next().unwrap();
+                            let rec = w.b.member(channel, owner).unwrap();
+                            prop_assert!(crate::registry::generation_eligible(&rec, p.generation, seq),
+                                "I7: {} outside generation {} of {:?}", msg_id, p.generation, rec);
+                        }
+                    }
+                    Op::Conflict => w.rule(
+                        is_member_put,
+                        Effect::Answer(Outcome::Failed(Failure::WrongLastRevision { current: None })),
+                        1,
+                    ),
+                    Op::Unknown => w.rule(is_member_put, Effect::ExecuteThenUnknown, 1),
+                    Op::Blip => {
+                        w.feed(Input::Connection(Connection::Lost));
+                        w.boot();
+                        prop_assert!(w.d.serving(), "I35");
+                    }
+                    Op::Interleave { o, c, what } => {
+                        // A join whose catch-up read is held while something else happens.
+                        w.rule(is_catch_up_read, Effect::Hold, 1);
+                        w.join(OWNERS[o], CHANNELS[c], Some(0), &uuid);
+                        match what {
+                            0 => {
+                                let s = w.post(sender((o + 1) % 4), CHANNELS[c], &[]);
+                                let d = w.fanout(s, 1);
+                                if w.settled(d) == vec![AckKind::Ack] {
+                                    fanned.insert(s);
+                                }
+                            }
+                            1 => {
+                                let g = w.b.member(CHANNELS[c], OWNERS[o]).map_or(1, |r| r.generation);
+                                w.leave(OWNERS[o], CHANNELS[c], g, &format!("{uuid}-leave"));
+                            }
+                            _ => w.join(OWNERS[o], CHANNELS[c], None, &format!("{uuid}-again")),
+                        }
+                        w.rules.retain(|r| r.times == 0 || !matches!(r.effect, Effect::Hold));
+                        while !w.held.is_empty() {
+                            w.release(0, None);
+                        }
+                        if let Some(r) = w.reply(&uuid).filter(|r| r.ok) {
+                            let data = r.data.unwrap();
+                            if data["durable"] == true {
+                                let rec = w.b.member(CHANNELS[c], OWNERS[o]).unwrap();
+                                prop_assert!(rec.is_activated(), "I11");
+                                prop_assert_eq!(Some(rec.generation), data["generation"].as_u64());
+                            }
+                        }
+                    }
+                    Op::List { o } => {
+                        w.request(OWNERS[o], &crate::wire::control::DeliveryRequest::ListMemberships, &uuid);
+                        prop_assert!(w.reply(&uuid).unwrap().ok);
+                    }
+                }
+                prop_assert!(w.held.is_empty() && w.queue.is_empty());
+                // Monotone records (I14, I16, I17).
+                for (oi, o) in OWNERS.iter().enumerate() {
+                    for (ci, c) in CHANNELS.iter().enumerate() {
+                        let Some(rec) = w.b.member(c, o) else { continue };
+                        let h = history.entry((oi, ci)).or_default();
+                        if let Some(prev) = h.last() {
+                            prop_assert!(rec.generation >= prev.generation, "generation went back");
+                            if rec.generation == prev.generation {
+                                prop_assert_eq!(rec.join_cursor, prev.join_cursor);
+                                if let Some(l) = prev.leave_cursor {
+                                    prop_assert!(rec.leave_cursor.is_some_and(|n| n <= l), "I14/I17");
+                                }
+                            }
+                        }
+                        if h.last() != Some(&rec) {
+                            h.push(rec);
+                        }
+                    }
+                }
+            }
+            // Heal: fan out and read everything, then check completeness.
+            w.rules.clear();
+            for _ in 0..2 {
+                let seqs: Vec<u64> = w.b.chat.iter().map(|m| m.seq).filter(|s| !fanned.contains(s)).collect();
+                for s in seqs {
+                    let d = w.fanout(s, 1);
+                    if w.settled(d) == vec![AckKind::Ack] {
+                        fanned.insert(s);
+                    }
+                }
+                let seqs: Vec<u64> = w.b.inbox.iter().map(|e| e.0).filter(|s| !settled_inbox.contains(s)).collect();
+                for s in seqs {
+                    w.reader(s, 1);
+                    settled_inbox.insert(s);
+                }
+            }
+            let dlv: BTreeSet<String> = w.b.dlv.iter().map(|e| e.2.clone()).collect();
+            for o in OWNERS {
+                for c in CHANNELS {
+                    let Some(rec) = w.b.member(c, o) else { continue };
+                    for i in intervals(&rec) {
+                        for m in &w.b.chat {
+                            let from_subject = m.subject.split('.').nth(3).unwrap();
+                            if !m.subject.ends_with(&format!(".{c}")) || from_subject == o || !i.contains(m.seq) {
+                                continue;
+                            }
+                            let want = format!("m{}:{o}:{}", m.seq, i.generation);
+                            prop_assert!(dlv.contains(&want), "I9/I10: {} missing; rec {:?}\n{}", want, rec, w.log);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

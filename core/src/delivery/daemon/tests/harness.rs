@@ -430,6 +430,9 @@ impl World {
                         self.line("ans", &describe_outcome(&c.outcome));
                     }
                     self.feed(Input::Completed(c));
+                } else if let Command::KvWatch { .. } = cmd {
+                    let values = after.len().saturating_sub(1);
+                    self.line("ans", &format!("ok after {values} current value(s)"));
                 }
                 for i in after {
                     self.feed(i);
@@ -742,10 +745,6 @@ impl World {
             .filter(|e| e.1 == subject)
             .map(|e| e.2.clone())
             .collect()
-    }
-
-    pub fn take_events(&mut self) -> Vec<DeliveryEvent> {
-        std::mem::take(&mut self.events)
     }
 }
 
