@@ -1314,3 +1314,253 @@ mod model {
         }
     }
 }
+
+#[test]
+fn d6_shutdown_after_a_successor_acquired_never_deletes_its_lease() {
+    // The lease machine's own race test is
+    // `delivery::lease::tests::d6_release_racing_a_successor_never_deletes_the_successors_lease`;
+    // here the daemon's translation of the release carries the expected revision.
+    let mut w = served();
+    let successor =
+        crate::wire::records::DeliveryLease::new("D2", crate::time::UnixMillis(1), false);
+    w.b.kv_write(
+        &lease_bucket(),
+        "lease.0",
+        KvOperation::Put,
+        json::encode(&successor),
+    );
+    let now = w.now();
+    w.d.shutdown(now);
+    w.collect();
+    w.run();
+    let held = w.b.kv_value(&lease_bucket(), "lease.0").unwrap();
+    let lease = crate::wire::records::DeliveryLease::from_kv(Some(&held.value)).unwrap();
+    assert_eq!(lease.holder, "D2", "{}", w.log);
+    assert!(w.log.contains("kv.del delivery/lease.0 rev=2"), "{}", w.log);
+    assert!(w.events.iter().any(|e| matches!(
+        e,
+        DeliveryEvent::Lease(crate::delivery::lease::LeaseEvent::ReleaseSkipped { .. })
+    )));
+    assert!(!w.d.serving());
+}
+
+#[test]
+fn clean_shutdown_releases_our_own_lease() {
+    let mut w = served();
+    let now = w.now();
+    w.d.shutdown(now);
+    w.collect();
+    w.run();
+    assert!(
+        w.b.kv_value(&lease_bucket(), "lease.0").is_none(),
+        "{}",
+        w.log
+    );
+    assert!(
+        matches!(w.d.health(), DeliveryHealth::Degraded(r) if r.contains(&DegradedReason::Stopped))
+    );
+}
+
+#[test]
+fn d7_a_held_lease_means_no_binding_until_acquired() {
+    let mut w = World::new();
+    let held = crate::wire::records::DeliveryLease::new("D0", crate::time::UnixMillis(1), true);
+    w.b.kv_write(
+        &lease_bucket(),
+        "lease.0",
+        KvOperation::Put,
+        json::encode(&held),
+    );
+    w.boot();
+    assert!(!w.log.contains("kv.watch") && !w.log.contains("consume") && !w.log.contains(" sub "));
+    assert!(
+        matches!(w.d.health(), DeliveryHealth::Degraded(r) if r.contains(&DegradedReason::LeaseNotHeld))
+    );
+    // Contended for the whole window (TTL + 1 s): acquisition gives up, reported.
+    for _ in 0..40 {
+        w.advance(1_000);
+    }
+    assert_eq!(w.d.lease_state(), LeaseState::NotAcquired, "{}", w.log);
+    assert!(w.events.iter().any(|e| matches!(
+        e,
+        DeliveryEvent::Lease(crate::delivery::lease::LeaseEvent::AcquireFailed { .. })
+    )));
+    assert!(!w.log.contains("kv.watch"));
+}
+
+#[test]
+fn c2_b17_leave_is_a_hard_cut_and_the_rejoin_gap_is_not_redelivered() {
+    let mut w = served();
+    w.acl("alice", &["review"]);
+    w.join("alice", "review", None, "j1");
+    let g1 = ok_data(&w, "j1")["generation"].as_u64().unwrap();
+    let before = w.post("bob", "review", &[]);
+    w.leave("alice", "review", g1, "l1");
+    let m1 = w.post("bob", "review", &[]);
+    w.fanout(before, 1);
+    w.fanout(m1, 1);
+    w.join("alice", "review", None, "j2");
+    let g2 = ok_data(&w, "j2")["generation"].as_u64().unwrap();
+    let m2 = w.post("bob", "review", &[]);
+    w.fanout(m2, 1);
+    for s in 1..=w.b.inbox.len() as u64 {
+        w.reader(s, 1);
+    }
+    assert_eq!(
+        w.dlv_ids("alice"),
+        vec![format!("m{before}:alice:{g1}"), format!("m{m2}:alice:{g2}")],
+        "{}",
+        w.log
+    );
+}
+
+#[test]
+fn c7_the_class_is_read_per_message_from_the_watched_registry() {
+    let mut w = served();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    w.channel_class("review", "live");
+    let s1 = w.post("bob", "review", &[]);
+    w.fanout(s1, 1);
+    assert!(
+        w.inbox_ids("alice").is_empty(),
+        "live: memberships are inert (G38)"
+    );
+    w.channel_class("review", "durable");
+    let s2 = w.post("bob", "review", &[]);
+    w.fanout(s2, 1);
+    assert_eq!(w.inbox_ids("alice"), vec![format!("m{s2}:alice:1")]);
+}
+
+#[test]
+fn own_writes_feed_the_index_before_the_watch_echo_arrives() {
+    let mut w = served();
+    w.acl("alice", &["review"]);
+    // Drop the watch: the index must still learn our commit from the write itself.
+    let members_watch =
+        *w.b.watches
+            .iter()
+            .find(|(_, b)| b.starts_with("cotal_members_"))
+            .unwrap()
+            .0;
+    w.b.watches.remove(&members_watch);
+    w.join("alice", "review", None, "j1");
+    assert_eq!(ok_data(&w, "j1")["durable"], true);
+    let rec = w.d.members().get(&ch("review"), &id("alice")).unwrap();
+    assert!(rec.is_activated());
+    let s = w.post("bob", "review", &[]);
+    w.fanout(s, 1);
+    assert_eq!(w.inbox_ids("alice").len(), 1);
+}
+
+#[test]
+fn too_many_requests_are_refused_with_an_error_reply() {
+    let mut config = DeliveryConfig::new(space(), shard0(), "D1");
+    config.max_requests = 1;
+    let mut w = World::with_config(config);
+    w.boot();
+    w.acl("alice", &["review"]);
+    w.rule(
+        |c| matches!(c, Command::KvGet { key, .. } if key == "alice"),
+        Effect::Hold,
+        1,
+    );
+    w.join("alice", "review", None, "j1");
+    w.join("alice", "other", None, "j2");
+    assert!(err_text(&w, "j2").contains("busy"));
+    w.release(0, None);
+    assert_eq!(ok_data(&w, "j1")["durable"], true);
+    w.join("alice", "review", None, "j3");
+    assert_eq!(ok_data(&w, "j3")["durable"], true, "the bound frees up");
+}
+
+mod index_views {
+    use super::*;
+    use crate::delivery::daemon::index::{AclIndex, MemberIndex, Roster};
+    use crate::delivery::route::MentionResolution;
+
+    fn put(key: &str, revision: u64, value: bytes::Bytes) -> KvEntry {
+        KvEntry {
+            key: key.into(),
+            revision,
+            operation: KvOperation::Put,
+            value,
+        }
+    }
+
+    #[test]
+    fn member_index_only_moves_forward() {
+        let mut ix = MemberIndex::new();
+        let r1 = record("review", "alice", 0, 1);
+        let mut r2 = r1.clone();
+        r2.activated = Some(true);
+        assert!(ix.put(r2.clone(), 5));
+        assert!(
+            !ix.put(r1.clone(), 4),
+            "a late, older confirmation is ignored"
+        );
+        assert!(
+            !ix.apply(&put("review/alice", 5, json::encode(&r1))),
+            "same revision"
+        );
+        assert!(ix.get(&ch("review"), &id("alice")).unwrap().is_activated());
+        let del = KvEntry {
+            key: "review/alice".into(),
+            revision: 6,
+            operation: KvOperation::Delete,
+            value: bytes::Bytes::new(),
+        };
+        assert!(ix.apply(&del));
+        assert!(ix.get(&ch("review"), &id("alice")).is_none());
+        assert!(!ix.put(r2, 5), "a delete remembers its revision");
+        assert!(!ix.apply(&put("not-a-member-key", 7, bytes::Bytes::new())));
+        // A record naming another key reads as absent.
+        assert!(ix.apply(&put("other/alice", 8, json::encode(&r1))));
+        assert!(ix.get(&ch("other"), &id("alice")).is_none());
+        assert!(ix.is_empty());
+    }
+
+    #[test]
+    fn acl_index_fails_closed_on_invalid_patterns_and_garbage() {
+        let mut ix = AclIndex::new();
+        ix.apply(&put(
+            "alice",
+            1,
+            bytes::Bytes::from_static(
+                br#"{"allowSubscribe":["review","bad..x"],"revision":1,"updatedAt":1}"#,
+            ),
+        ));
+        let v = ix.get(&id("alice")).unwrap();
+        assert!(v.read.covers(&ch("review")));
+        assert_eq!(v.read.entries().len(), 1);
+        ix.apply(&put("alice", 2, bytes::Bytes::from_static(b"garbage")));
+        assert!(ix.get(&id("alice")).is_none());
+    }
+
+    #[test]
+    fn roster_resolves_case_insensitively_keeps_ghosts_and_flags_ambiguity() {
+        let mut r = Roster::new();
+        let p = |id: &str, name: &str| {
+            bytes::Bytes::from(
+                serde_json::json!({"card": {"id": id, "name": name}, "status": "idle", "ts": 1})
+                    .to_string(),
+            )
+        };
+        r.apply(&put("bob", 1, p("bob", "Bob")));
+        assert_eq!(r.resolve("bob"), MentionResolution::Owner(id("bob")));
+        r.apply(&KvEntry {
+            key: "bob".into(),
+            revision: 2,
+            operation: KvOperation::Delete,
+            value: bytes::Bytes::new(),
+        });
+        assert_eq!(
+            r.resolve("BOB"),
+            MentionResolution::Owner(id("bob")),
+            "ghost kept"
+        );
+        r.apply(&put("bob2", 3, p("bob2", "bob")));
+        assert_eq!(r.resolve("bob"), MentionResolution::Ambiguous);
+        assert_eq!(r.resolve("nobody"), MentionResolution::Unknown);
+        assert_eq!(r.len(), 2);
+    }
+}
