@@ -3,9 +3,9 @@
 //! G40).
 //!
 //! [`Delivery`] is an [`io::Machine`](crate::io::Machine). It composes the pure pieces of this
-//! module tree: the [`Lease`](super::lease::Lease) machine, the control gate
-//! ([`admit`](super::control::admit)), the registry plans ([`crate::registry`]), the fan-out
-//! router ([`route`](super::route())) and the reader's decision ([`authorize`](super::authorize())).
+//! module tree: the [`Lease`] machine, the control gate ([`admit`]), the registry plans
+//! ([`crate::registry`]), the fan-out router ([`route()`]) and the reader's decision
+//! ([`authorize()`]).
 //!
 //! # Life cycle
 //!
