@@ -51,6 +51,9 @@ pub enum Effect {
     Hold,
 }
 
+/// A fault injector: the effect for a command no rule matched, if any.
+pub type Chaos = Box<dyn FnMut(&Command) -> Option<Effect>>;
+
 pub struct Rule {
     pub matches: Box<dyn Fn(&Command) -> bool>,
     pub effect: Effect,
@@ -320,6 +323,8 @@ pub struct World {
     pub log: String,
     /// Leave renewals out of the transcript.
     pub quiet_lease: bool,
+    /// Chooses an effect for commands no rule matched (fault injection).
+    pub chaos: Option<Chaos>,
 }
 
 pub fn now_at(t: u64) -> Now {
@@ -342,6 +347,7 @@ impl World {
             events: Vec::new(),
             log: String::new(),
             quiet_lease: true,
+            chaos: None,
         }
     }
 
@@ -398,7 +404,8 @@ impl World {
             .map(|r| {
                 r.times = r.times.saturating_sub(1);
                 r.effect.clone()
-            });
+            })
+            .or_else(|| self.chaos.as_mut().and_then(|c| c(&cmd)));
         match effect {
             Some(Effect::Hold) => {
                 self.line("hold", &describe_command(&cmd));
