@@ -1767,3 +1767,39 @@ mod chaos {
         }
     }
 }
+
+#[test]
+fn g2_rejoins_past_the_history_cap_report_the_forgotten_intervals() {
+    let mut w = served();
+    w.acl("alice", &["review"]);
+    let cap = crate::registry::INTERVAL_HISTORY_CAP;
+    for i in 0..=cap {
+        w.join("alice", "review", None, &format!("j{i}"));
+        let g = ok_data(&w, &format!("j{i}"))["generation"]
+            .as_u64()
+            .unwrap();
+        w.post("bob", "review", &[]);
+        w.leave("alice", "review", g, &format!("l{i}"));
+        w.post("bob", "review", &[]);
+    }
+    assert!(
+        !w.events
+            .iter()
+            .any(|e| matches!(e, DeliveryEvent::HistoryForgotten { .. }))
+    );
+    w.join("alice", "review", None, "last");
+    let forgotten: Vec<_> = w
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            DeliveryEvent::HistoryForgotten { intervals, .. } => Some(intervals.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(forgotten.len(), 1, "{}", w.log);
+    assert_eq!(forgotten[0].len(), 1);
+    assert_eq!(
+        forgotten[0][0].join_cursor, 0,
+        "the oldest interval goes first"
+    );
+}
