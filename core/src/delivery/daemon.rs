@@ -87,7 +87,7 @@ use crate::delivery::control::{
     encode_reply, failure_reply, list_memberships_reply,
 };
 use crate::delivery::lease::{
-    Lease, LeaseCommand, LeaseConfig, LeaseEntry, LeaseEvent, LeaseReply, LeaseState,
+    HEALTH_FIELD, Lease, LeaseCommand, LeaseConfig, LeaseEntry, LeaseEvent, LeaseReply, LeaseState,
 };
 use crate::delivery::route::{Routed, route};
 use crate::io::{
@@ -266,17 +266,38 @@ impl fmt::Display for DeliveryHealth {
                     if i > 0 {
                         f.write_str(",")?;
                     }
-                    match r {
-                        DegradedReason::Disconnected => f.write_str("disconnected")?,
-                        DegradedReason::LeaseNotHeld => f.write_str("lease-not-held")?,
-                        DegradedReason::LeaseNotReady => f.write_str("lease-not-ready")?,
-                        DegradedReason::Stopped => f.write_str("stopped")?,
-                        DegradedReason::FeedDown(feed) => write!(f, "{feed}-down")?,
-                        DegradedReason::WritesFailing => f.write_str("writes-failing")?,
-                    }
+                    write!(f, "{r}")?;
                 }
                 f.write_str(")")
             }
+        }
+    }
+}
+
+impl fmt::Display for DegradedReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DegradedReason::Disconnected => f.write_str("disconnected"),
+            DegradedReason::LeaseNotHeld => f.write_str("lease-not-held"),
+            DegradedReason::LeaseNotReady => f.write_str("lease-not-ready"),
+            DegradedReason::Stopped => f.write_str("stopped"),
+            DegradedReason::FeedDown(feed) => write!(f, "{feed}-down"),
+            DegradedReason::WritesFailing => f.write_str("writes-failing"),
+        }
+    }
+}
+
+impl DeliveryHealth {
+    /// The published form, written into the lease record's [`HEALTH_FIELD`] so that agents (who
+    /// may read the lease key) see it: `{"state":"active"}` or
+    /// `{"state":"degraded","reasons":["fanout-down", …]}`. Reference peers ignore the field.
+    pub fn to_published(&self) -> serde_json::Value {
+        match self {
+            DeliveryHealth::Active => serde_json::json!({ "state": "active" }),
+            DeliveryHealth::Degraded(reasons) => serde_json::json!({
+                "state": "degraded",
+                "reasons": reasons.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            }),
         }
     }
 }
@@ -861,6 +882,8 @@ impl Delivery {
         }
         let health = self.compute_health();
         if health != self.health {
+            // Published with the next lease write (every renew interval), for agents to read.
+            self.lease.annotate(HEALTH_FIELD, health.to_published());
             self.health = health.clone();
             self.emit(DeliveryEvent::HealthChanged(health));
         }

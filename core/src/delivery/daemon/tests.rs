@@ -1803,3 +1803,50 @@ fn g2_rejoins_past_the_history_cap_report_the_forgotten_intervals() {
         "the oldest interval goes first"
     );
 }
+
+#[test]
+fn health_is_published_in_the_lease_record_for_agents() {
+    use crate::delivery::lease::{
+        DegradedReason as LeaseDegraded, HEALTH_FIELD, LeaseHealth, judge_health,
+    };
+    use crate::wire::keys::KvBucket;
+    let read = |w: &World| {
+        let entry =
+            w.b.kv_value(&KvBucket::Delivery.name(&space()), "lease.0")
+                .expect("lease written")
+                .clone();
+        json::decode::<DeliveryLease>(&entry.value).unwrap()
+    };
+    let mut w = served();
+    // Serving: the renew carries `active`.
+    w.advance(crate::constants::LEASE_RENEW_INTERVAL.as_millis());
+    let rec = read(&w);
+    assert_eq!(
+        rec.extra.get(HEALTH_FIELD),
+        Some(&serde_json::json!({"state": "active"})),
+        "{}",
+        w.log
+    );
+    // A consumer ends: degraded locally at once, and on the lease at the next renew.
+    let sub = w.b.consumer("reader");
+    w.rule(
+        |c| matches!(c, Command::Consume { .. }),
+        Effect::Answer(Outcome::Failed(Failure::NotFound)),
+        1_000,
+    );
+    w.feed(Input::Inbound(Inbound::ConsumerEnded {
+        sub,
+        detail: "deleted".into(),
+    }));
+    w.advance(crate::constants::LEASE_RENEW_INTERVAL.as_millis());
+    let rec = read(&w);
+    match judge_health(Some(&rec), rec.since, crate::constants::LEASE_TTL) {
+        LeaseHealth::Degraded(LeaseDegraded::Reported { reasons }) => {
+            assert!(reasons.iter().any(|r| r.contains("reader")), "{reasons:?}");
+        }
+        other => panic!(
+            "expected the published degradation, got {other:?}\n{}",
+            w.log
+        ),
+    }
+}
