@@ -106,7 +106,8 @@ pub fn failure_for_code(err_code: u32, description: String) -> Failure {
 
 /// The revision named in `wrong last sequence: N`, if the text says one.
 pub fn current_revision(text: &str) -> Option<u64> {
-    let (_, rest) = text.split_once("wrong last sequence: ")?;
+    // The client nests the server's words: `wrong last sequence: wrong last sequence: 2 (…)`.
+    let (_, rest) = text.rsplit_once("wrong last sequence: ")?;
     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
 }
@@ -159,6 +160,10 @@ mod tests {
         assert_eq!(
             current_revision("wrong last sequence: 12 (code 400, error code 10071)"),
             Some(12)
+        );
+        assert_eq!(
+            current_revision("wrong last sequence: wrong last sequence: 2 (code 400)"),
+            Some(2)
         );
         assert_eq!(current_revision("something else"), None);
         assert_eq!(

@@ -1197,10 +1197,18 @@ async fn stream_info(client: Client, subject: String, timeout: Duration) -> Outc
         Ok(v) => {
             let state = &v["state"];
             let n = |k: &str| state.get(k).and_then(Value::as_u64).unwrap_or(0);
+            let (last_seq, messages) = (n("last_seq"), n("messages"));
+            // The io contract: an empty stream's first sequence is `last_seq + 1` (the server
+            // says 0 for a stream that never stored anything).
+            let first_seq = if messages == 0 {
+                last_seq.saturating_add(1)
+            } else {
+                n("first_seq")
+            };
             Outcome::Success(Reply::StreamState(StreamState {
-                first_seq: n("first_seq"),
-                last_seq: n("last_seq"),
-                messages: n("messages"),
+                first_seq,
+                last_seq,
+                messages,
             }))
         }
         Err(e) => e.into_failure(false),
