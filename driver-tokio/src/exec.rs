@@ -244,9 +244,9 @@ enum Internal {
 }
 
 enum FeedItem {
-    Message(async_nats::Message),
+    Message(Box<async_nats::Message>),
     Delivery {
-        msg: jetstream::Message,
+        msg: Box<jetstream::Message>,
         needs_ack: bool,
     },
     Kv(KvEntry),
@@ -388,10 +388,8 @@ impl Actor {
 
     fn complete(&mut self, op: OpId, outcome: Outcome<Reply>) {
         if let Some(f) = self.inflight.remove(&op) {
-            if !outcome.is_success() {
-                if let Some((sub, generation)) = f.feed {
-                    self.close_feed_if(sub, generation);
-                }
+            if let (false, Some((sub, generation))) = (outcome.is_success(), f.feed) {
+                self.close_feed_if(sub, generation);
             }
             self.emit(Input::Completed(Completion { op, outcome }));
         }
@@ -612,15 +610,18 @@ impl Actor {
                     return;
                 }
                 match item {
-                    FeedItem::Message(m) => self.emit(Input::Inbound(Inbound::Message {
-                        sub,
-                        subject: m.subject.to_string(),
-                        reply: m.reply.map(|r| r.to_string()),
-                        headers: headers_of(m.headers.as_ref()),
-                        payload: m.payload,
-                    })),
+                    FeedItem::Message(m) => {
+                        let m = *m;
+                        self.emit(Input::Inbound(Inbound::Message {
+                            sub,
+                            subject: m.subject.to_string(),
+                            reply: m.reply.map(|r| r.to_string()),
+                            headers: headers_of(m.headers.as_ref()),
+                            payload: m.payload,
+                        }));
+                    }
                     FeedItem::Delivery { msg, needs_ack } => {
-                        self.on_delivery(sub, generation, msg, needs_ack)
+                        self.on_delivery(sub, generation, *msg, needs_ack)
                     }
                     FeedItem::Kv(entry) => {
                         self.emit(Input::Inbound(Inbound::KvChange { sub, entry }))
@@ -693,12 +694,13 @@ impl Actor {
             | Command::StopConsume { sub }
             | Command::KvUnwatch { sub } => {
                 let sub = *sub;
-                if let Some(feed) = self.close_feed(sub) {
-                    if feed.kind == FeedKind::Consumer {
-                        // Unsettled deliveries of an ack-less consumer need nothing more.
-                        self.deliveries
-                            .retain(|_, h| !(h.sub == sub && h.msg.is_none()));
-                    }
+                if self
+                    .close_feed(sub)
+                    .is_some_and(|feed| feed.kind == FeedKind::Consumer)
+                {
+                    // Unsettled deliveries of an ack-less consumer need nothing more.
+                    self.deliveries
+                        .retain(|_, h| !(h.sub == sub && h.msg.is_none()));
                 }
                 return;
             }
@@ -718,7 +720,7 @@ impl Actor {
                         let tx = self.internal_tx.clone();
                         let handle = tokio::spawn(async move {
                             while let Some(m) = subscriber.next().await {
-                                let item = FeedItem::Message(m);
+                                let item = FeedItem::Message(Box::new(m));
                                 if tx
                                     .send(Internal::Feed {
                                         sub,
@@ -980,12 +982,13 @@ impl Actor {
             return;
         };
         // The machine no longer holds it: free one slot of the consumer's window.
-        if let Some(feed) = self.feeds.get(&held.sub) {
-            if feed.generation == held.generation {
-                if let Some(flow) = &feed.flow {
-                    flow.add_permits(1);
-                }
-            }
+        if let Some(flow) = self
+            .feeds
+            .get(&held.sub)
+            .filter(|f| f.generation == held.generation)
+            .and_then(|f| f.flow.as_ref())
+        {
+            flow.add_permits(1);
         }
         let Some(msg) = held.msg else {
             // AckNone: nothing to tell the server.
@@ -1422,7 +1425,10 @@ async fn consume(job: ConsumeJob, sink: FeedSink) {
                     match m {
                         Ok(msg) => {
                             got += 1;
-                            if !sink.item(FeedItem::Delivery { msg, needs_ack }) {
+                            if !sink.item(FeedItem::Delivery {
+                                msg: Box::new(msg),
+                                needs_ack,
+                            }) {
                                 return;
                             }
                         }

@@ -179,6 +179,46 @@ async fn subscribe_refusal_arrives_before_the_barrier_completion() {
         other => panic!("expected the message, got {other:?}"),
     }
     assert_eq!(d.exec.stats().refusals, 10);
+    // Publishes outside the grants fail at once as PermissionDenied (the broker's words), not
+    // after a timeout: a JetStream publish, a request, and a KV read of a bucket it may not read.
+    let started = tokio::time::Instant::now();
+    let denied = d
+        .run(|op| js_publish(op, "cotal.main.chat.alice.secret", Some("x"), "no"))
+        .await;
+    assert!(
+        matches!(&denied, Outcome::Failed(Failure::PermissionDenied { detail })
+            if detail.contains("Publish to \"cotal.main.chat.alice.secret\"")),
+        "{denied:?}"
+    );
+    let denied = d
+        .run(|op| Command::Request {
+            op,
+            subject: "cotal.main.ctl.manager.alice".into(),
+            reply: "_INBOX_alice.r1".into(),
+            payload: Bytes::new(),
+            timeout: CoreDuration::from_secs(5),
+        })
+        .await;
+    assert!(
+        matches!(denied, Outcome::Failed(Failure::PermissionDenied { .. })),
+        "{denied:?}"
+    );
+    let denied = d
+        .run(|op| Command::KvGet {
+            op,
+            bucket: "cotal_members_main".into(),
+            key: "k".into(),
+        })
+        .await;
+    assert!(
+        matches!(denied, Outcome::Failed(Failure::PermissionDenied { .. })),
+        "{denied:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test]

@@ -117,10 +117,12 @@ impl NatsServer {
             if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
                 break;
             }
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!("nats-server exited early ({status}): {}", self.log());
-                }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                panic!("nats-server exited early ({status}): {}", self.log());
             }
             assert!(
                 std::time::Instant::now() < deadline,
@@ -241,14 +243,12 @@ impl Driver {
 
     /// Waits for the completion of `op` (buffered inputs are searched first).
     pub async fn completion(&mut self, op: OpId) -> Outcome<Reply> {
-        if let Some(pos) = self
+        let pos = self
             .seen
             .iter()
-            .position(|i| matches!(i, Input::Completed(c) if c.op == op))
-        {
-            if let Some(Input::Completed(c)) = self.seen.remove(pos) {
-                return c.outcome;
-            }
+            .position(|i| matches!(i, Input::Completed(c) if c.op == op));
+        if let Some(Input::Completed(c)) = pos.and_then(|p| self.seen.remove(p)) {
+            return c.outcome;
         }
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
@@ -268,14 +268,12 @@ impl Driver {
 
     /// Waits for the next inbound item (buffered first); other inputs stay buffered.
     pub async fn inbound(&mut self, d: Duration) -> Option<Inbound> {
-        if let Some(pos) = self
+        let pos = self
             .seen
             .iter()
-            .position(|i| matches!(i, Input::Inbound(_)))
-        {
-            if let Some(Input::Inbound(i)) = self.seen.remove(pos) {
-                return Some(i);
-            }
+            .position(|i| matches!(i, Input::Inbound(_)));
+        if let Some(Input::Inbound(i)) = pos.and_then(|p| self.seen.remove(p)) {
+            return Some(i);
         }
         let deadline = tokio::time::Instant::now() + d;
         loop {
