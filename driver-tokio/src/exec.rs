@@ -280,7 +280,8 @@ struct InFlight {
 struct Held {
     sub: SubId,
     generation: u64,
-    msg: Option<jetstream::Message>,
+    /// The `$JS.ACK.…` subject to settle on; `None` for an ack-less consumer.
+    ack_subject: Option<String>,
 }
 
 struct LaneJob {
@@ -304,6 +305,23 @@ struct Actor {
     next_delivery: u64,
     next_gen: u64,
     subscribed_since_barrier: bool,
+}
+
+impl Drop for Actor {
+    /// Stops every task the actor started (a feed task waiting for window slots would otherwise
+    /// outlive its executor).
+    fn drop(&mut self) {
+        for f in self.inflight.values() {
+            if let Some(a) = &f.abort {
+                a.abort();
+            }
+        }
+        for feed in self.feeds.values() {
+            if let Some(a) = &feed.abort {
+                a.abort();
+            }
+        }
+    }
 }
 
 /// A parsed `Permissions Violation …` server error.
@@ -370,16 +388,7 @@ impl Actor {
                 },
             }
         }
-        for (_, f) in self.inflight.drain() {
-            if let Some(a) = f.abort {
-                a.abort();
-            }
-        }
-        for (_, feed) in self.feeds.drain() {
-            if let Some(a) = feed.abort {
-                a.abort();
-            }
-        }
+        // Drop (below) stops every task still running.
     }
 
     fn emit(&self, input: Input) {
@@ -669,7 +678,11 @@ impl Actor {
             Held {
                 sub,
                 generation,
-                msg: needs_ack.then_some(msg),
+                ack_subject: if needs_ack {
+                    msg.reply.as_ref().map(|r| r.to_string())
+                } else {
+                    None
+                },
             },
         );
         self.emit(Input::Inbound(inbound));
@@ -700,7 +713,7 @@ impl Actor {
                 {
                     // Unsettled deliveries of an ack-less consumer need nothing more.
                     self.deliveries
-                        .retain(|_, h| !(h.sub == sub && h.msg.is_none()));
+                        .retain(|_, h| !(h.sub == sub && h.ack_subject.is_none()));
                 }
                 return;
             }
@@ -990,7 +1003,7 @@ impl Actor {
         {
             flow.add_permits(1);
         }
-        let Some(msg) = held.msg else {
+        let Some(ack_subject) = held.ack_subject else {
             // AckNone: nothing to tell the server.
             self.emit(Input::Completed(Completion::success(op, Reply::Done)));
             return;
@@ -1000,15 +1013,10 @@ impl Actor {
             AckKind::Nak { delay } => jetstream::AckKind::Nak(Some(to_std(delay))),
             AckKind::Term => jetstream::AckKind::Term,
         };
-        let pubs = msg.reply.iter().map(|r| r.to_string()).collect();
-        self.spawn_op(op, pubs, None, async move {
-            match msg.double_ack_with(ack).await {
-                Ok(()) => Outcome::Success(Reply::Done),
-                Err(e) => {
-                    tracing::debug!(error = %e, "double ack without confirmation: unknown");
-                    Outcome::Unknown
-                }
-            }
+        let client = self.client.clone();
+        let timeout = self.config.api_timeout;
+        self.spawn_op(op, vec![ack_subject.clone()], None, async move {
+            double_ack(client, ack_subject, ack, timeout).await
         });
     }
 }
@@ -1138,6 +1146,30 @@ async fn js_publish(
             Err(e) => publish_failure(&e),
         },
         Err(e) => publish_failure(&e),
+    }
+}
+
+/// A double ack as a request: the server confirms an ack it applied. Not async-nats'
+/// `double_ack`, which takes *any* answer as confirmation, including the no-responders status
+/// the server sends when the consumer no longer exists.
+async fn double_ack(
+    client: Client,
+    ack_subject: String,
+    ack: jetstream::AckKind,
+    timeout: Duration,
+) -> Outcome<Reply> {
+    use async_nats::RequestErrorKind as K;
+    let req = async_nats::Request::new()
+        .payload(Bytes::from(ack))
+        .timeout(Some(timeout));
+    match client.send_request(ack_subject, req).await {
+        Ok(_) => Outcome::Success(Reply::Done),
+        // Nobody behind the ack subject: the consumer is gone, the ack was not applied.
+        Err(e) if e.kind() == K::NoResponders => Outcome::Failed(Failure::NotFound),
+        Err(e) => {
+            tracing::debug!(error = %e, "settle without confirmation: unknown");
+            Outcome::Unknown
+        }
     }
 }
 
@@ -1392,8 +1424,19 @@ async fn consume(job: ConsumeJob, sink: FeedSink) {
         // How many messages this pull may ask for: the free part of the window.
         let asked = match &job.flow {
             Some(flow) => {
-                let Ok(first) = flow.acquire().await else {
-                    return;
+                // While the window is full no pull is outstanding, so nothing would tell us the
+                // consumer is gone: look every `pull_expires`.
+                let first = loop {
+                    match tokio::time::timeout(job.pull_expires, flow.acquire()).await {
+                        Ok(Ok(permit)) => break permit,
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            if let Some(detail) = consumer_gone(&job).await {
+                                sink.item(FeedItem::Ended(detail));
+                                return;
+                            }
+                        }
+                    }
                 };
                 first.forget();
                 let mut n = 1;
@@ -1450,13 +1493,38 @@ async fn consume(job: ConsumeJob, sink: FeedSink) {
         }
         // A pull that ended early and empty: make sure the consumer still exists, and never spin.
         if got == 0 && started.elapsed() < job.pull_expires / 2 {
-            let mut c = consumer.clone();
-            if let Err(e) = c.info().await {
-                sink.item(FeedItem::Ended(format!("consumer {}: {e}", job.spec.name)));
+            if let Some(detail) = consumer_gone(&job).await {
+                sink.item(FeedItem::Ended(detail));
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// `Some(why)` when the server says the consumer (or its stream) no longer exists; `None` when
+/// it exists or the check itself failed (a transient fault is not an end).
+async fn consumer_gone(job: &ConsumeJob) -> Option<String> {
+    match api::request(
+        &job.client,
+        &job.spec.info_subject(),
+        Bytes::new(),
+        job.api_timeout,
+    )
+    .await
+    {
+        Err(e)
+            if matches!(
+                e.err_code(),
+                Some(api::CONSUMER_NOT_FOUND | api::STREAM_NOT_FOUND)
+            ) =>
+        {
+            Some(format!(
+                "consumer {}/{}: {e}",
+                job.spec.stream, job.spec.name
+            ))
+        }
+        _ => None,
     }
 }
 

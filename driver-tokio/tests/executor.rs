@@ -562,7 +562,54 @@ async fn consume_holds_at_most_max_in_flight_unsettled() {
     let c = delivery(d.inbound(WAIT).await);
     assert_eq!(c.1, 3);
     assert_eq!(d.inbound(Duration::from_millis(300)).await, None);
-    d.send(Command::StopConsume { sub });
+    // Settle b: one slot frees, so a pull is outstanding when the consumer goes away.
+    let settled = d
+        .run(|op| Command::Settle {
+            op,
+            delivery: b.0,
+            kind: AckKind::Ack,
+        })
+        .await;
+    assert_eq!(settled, Outcome::Success(Reply::Done));
+    let d4 = delivery(d.inbound(WAIT).await);
+    assert_eq!(d4.1, 4);
+    let settled = d
+        .run(|op| Command::Settle {
+            op,
+            delivery: c.0,
+            kind: AckKind::Ack,
+        })
+        .await;
+    assert_eq!(settled, Outcome::Success(Reply::Done));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The consumer is deleted under the feed: the feed ends and says so.
+    let admin = connect(&server.config()).await.expect("connect");
+    let spec = ConsumerSpec::dlv(&space(), &owner);
+    cotal_driver_tokio::api::request(
+        &admin.client,
+        &spec.delete_subject(),
+        Bytes::new(),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("delete consumer");
+    match d.inbound(WAIT).await {
+        Some(Inbound::ConsumerEnded { sub: s, detail }) => {
+            assert_eq!(s, sub);
+            assert!(!detail.is_empty());
+        }
+        other => panic!("expected the feed to end, got {other:?}"),
+    }
+    // Its deliveries can no longer be settled with the server, and the settle says so.
+    let late = d
+        .run(|op| Command::Settle {
+            op,
+            delivery: d4.0,
+            kind: AckKind::Ack,
+        })
+        .await;
+    assert_eq!(late, Outcome::Failed(Failure::NotFound));
+    assert_eq!(d.exec.stats().consumers_ended, 1);
 }
 
 #[tokio::test]
