@@ -3,7 +3,7 @@
 //! The core machines speak only the effect vocabulary of [`cotal_core::io`]. This crate executes
 //! that vocabulary against a real nats-server:
 //!
-//! - [`connect`]: connection options (URL list, creds / nkey / user+password / token, TLS, inbox
+//! - [`connect`](mod@connect): connection options (URL list, creds / nkey / user+password / token, TLS, inbox
 //!   prefix, reconnect backoff) and one-line connect errors;
 //! - [`exec`]: the [`exec::Executor`], which runs every [`cotal_core::io::Command`] and reports
 //!   every result, feed item and connection change as a [`cotal_core::io::Input`];

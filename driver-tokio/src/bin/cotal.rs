@@ -149,7 +149,7 @@ enum ProvisionCmd {
         /// The anycast role it serves.
         #[arg(long)]
         role: Option<String>,
-        /// Grant the spawn capability (requests on ctl.manager.<id>).
+        /// Grant the spawn capability (requests on ctl.manager.ID).
         #[arg(long)]
         spawn: bool,
     },
