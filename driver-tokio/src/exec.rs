@@ -26,8 +26,12 @@
 //!    server writes a SUB's `-ERR` before it answers anything sent later, so when the answer
 //!    arrives the refusal event is already queued inside async-nats; its callback task may still
 //!    be a few microseconds behind (measured ≤ 74 µs, nats-notes §4.2), so a barrier that follows
-//!    a subscribe waits [`ExecutorConfig::refusal_grace`] more before it completes. Events are
-//!    processed before completions (a biased select), so the refusal reaches the machine first.
+//!    a subscribe waits [`ExecutorConfig::refusal_grace`] (50 ms) more before it completes. Events
+//!    are processed before completions (a biased select), so the refusal reaches the machine
+//!    first. That grace is a bound on a scheduling delay, not a proof; for a restricted
+//!    credential set [`ExecutorConfig::refusal_sentinel`] and the barrier becomes exact: it
+//!    subscribes to a subject known to be refused and completes on *that* refusal, which the
+//!    server writes after every earlier one.
 //! 5. **Connection loss.** On `Disconnected` the actor emits [`Connection::Lost`], answers every
 //!    in-flight operation with `Unknown`, and closes every feed (core subscriptions are
 //!    unsubscribed, so the client does not silently restore them), forgetting held deliveries.
@@ -81,6 +85,13 @@ pub struct ExecutorConfig {
     pub barrier_timeout: Duration,
     /// Extra wait after a barrier's round trip when subscribes preceded it (see module docs, 4).
     pub refusal_grace: Duration,
+    /// A subject prefix this connection is known to be refused to subscribe to (for an agent
+    /// credential, e.g. `_cotal_barrier`: its `sub.allow` covers nothing outside its inbox, its
+    /// delivery replies and its channels). When set, a barrier is deterministic: it subscribes to
+    /// `<prefix>.<op>` and completes when that refusal arrives, which the server sends after the
+    /// refusal of every earlier subscribe (violations keep wire order, nats-notes §4.2 item 4).
+    /// Must stay `None` for an unrestricted user, whose barrier would otherwise time out.
+    pub refusal_sentinel: Option<String>,
     /// Timeout of JetStream API calls (info, get, consumer create, double ack).
     pub api_timeout: Duration,
     /// `expires` of each pull request of a durable consumer.
@@ -92,7 +103,8 @@ impl Default for ExecutorConfig {
         ExecutorConfig {
             barrier_subject: "$JS.API.INFO".to_owned(),
             barrier_timeout: Duration::from_secs(5),
-            refusal_grace: Duration::from_millis(20),
+            refusal_grace: Duration::from_millis(50),
+            refusal_sentinel: None,
             api_timeout: Duration::from_secs(5),
             pull_expires: Duration::from_secs(30),
         }
@@ -195,6 +207,7 @@ impl Executor {
             next_delivery: 0,
             next_gen: 0,
             subscribed_since_barrier: false,
+            sentinels: HashMap::new(),
         };
         let _ = actor.out.send(Input::Connection(Connection::Restored));
         let task = tokio::spawn(actor.run(command_rx, internal_rx, conn.events));
@@ -305,6 +318,8 @@ struct Actor {
     next_delivery: u64,
     next_gen: u64,
     subscribed_since_barrier: bool,
+    /// Sentinel subscriptions of barriers waiting for their refusal: subject → (barrier, sub).
+    sentinels: HashMap<String, (OpId, async_nats::Subscriber)>,
 }
 
 impl Drop for Actor {
@@ -396,6 +411,7 @@ impl Actor {
     }
 
     fn complete(&mut self, op: OpId, outcome: Outcome<Reply>) {
+        self.sentinels.retain(|_, (o, _)| *o != op);
         if let Some(f) = self.inflight.remove(&op) {
             if let (false, Some((sub, generation))) = (outcome.is_success(), f.feed) {
                 self.close_feed_if(sub, generation);
@@ -543,9 +559,16 @@ impl Actor {
             }
         }
         self.deliveries.clear();
+        self.sentinels.clear();
     }
 
     fn on_refused(&mut self, subject: &str, text: &str) {
+        if let Some((op, sentinel)) = self.sentinels.remove(subject) {
+            // Every refusal of an earlier subscribe has been handled before this one.
+            drop(sentinel);
+            self.complete(op, Outcome::Success(Reply::Done));
+            return;
+        }
         let mut refused: Vec<SubId> = self
             .feeds
             .iter()
@@ -766,6 +789,11 @@ impl Actor {
                 }
             }
             Command::Barrier { op } => {
+                if let Some(prefix) = self.config.refusal_sentinel.clone() {
+                    self.sentinel_barrier(op, format!("{prefix}.{}", op.get()))
+                        .await;
+                    return;
+                }
                 let grace = if std::mem::take(&mut self.subscribed_since_barrier) {
                     self.config.refusal_grace
                 } else {
@@ -986,6 +1014,27 @@ impl Actor {
                     )));
                 }
             }
+        }
+    }
+
+    /// A barrier that completes on the refusal of a subscription known to be refused.
+    async fn sentinel_barrier(&mut self, op: OpId, subject: String) {
+        self.subscribed_since_barrier = false;
+        match self.client.subscribe(subject.clone()).await {
+            Ok(sub) => {
+                let timeout = self.config.barrier_timeout;
+                self.spawn_op(op, Vec::new(), None, async move {
+                    tokio::time::sleep(timeout).await;
+                    Outcome::Failed(Failure::Timeout)
+                });
+                self.sentinels.insert(subject, (op, sub));
+            }
+            Err(e) => self.emit(Input::Completed(Completion::failed(
+                op,
+                Failure::Other {
+                    description: format!("barrier sentinel {subject}: {e}"),
+                },
+            ))),
         }
     }
 

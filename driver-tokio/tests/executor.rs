@@ -15,6 +15,7 @@ use cotal_core::wire::config::ConsumerSpec;
 use cotal_core::wire::permissions::{AgentPolicy, Permissions};
 use cotal_core::wire::token::{AgentId, Channel, Space};
 use cotal_driver_tokio::connect::connect;
+use cotal_driver_tokio::exec::ExecutorConfig;
 use cotal_driver_tokio::provision::{nats_server_permissions, provision_space};
 use futures::StreamExt;
 use std::time::Duration;
@@ -66,36 +67,9 @@ fn revision(outcome: Outcome<Reply>) -> u64 {
     }
 }
 
-#[tokio::test]
-async fn subscribe_refusal_arrives_before_the_barrier_completion() {
-    // The agent profile from the core, rendered into the server config: it may subscribe to
-    // `chat.*.general` but not `chat.*.secret`.
-    let id = AgentId::new("alice").expect("id");
-    let policy = AgentPolicy {
-        id: id.clone(),
-        allow_subscribe: vec![Channel::new("general").expect("channel")],
-        allow_publish: vec![Channel::new("general").expect("channel")],
-        role: None,
-        spawn: false,
-    };
-    let perms = nats_server_permissions(&Permissions::agent(&space(), &policy));
-    let Some(server) = NatsServer::start_with_users(vec![
-        User {
-            name: "alice".into(),
-            password: "pw".into(),
-            permissions: Some(perms),
-        },
-        User {
-            name: "admin".into(),
-            password: "adminpw".into(),
-            permissions: None,
-        },
-    ]) else {
-        return;
-    };
-    let mut cfg = server.config_as("alice", "pw");
-    cfg.inbox_prefix = Some(id.inbox_prefix());
-    let mut d = Driver::start(cfg).await;
+/// Ten rounds of: subscribe granted, subscribe refused, barrier. The refusal (and only it) must
+/// arrive before the barrier's completion.
+async fn refusals_precede_barriers(d: &mut Driver) {
     for round in 0..10u64 {
         let (ok_sub, bad_sub) = (
             SubId::from_raw(round * 2 + 1),
@@ -144,6 +118,49 @@ async fn subscribe_refusal_arrives_before_the_barrier_completion() {
         );
         d.send(Command::Unsubscribe { sub: ok_sub });
     }
+}
+
+#[tokio::test]
+async fn subscribe_refusal_arrives_before_the_barrier_completion() {
+    // The agent profile from the core, rendered into the server config: it may subscribe to
+    // `chat.*.general` but not `chat.*.secret`.
+    let id = AgentId::new("alice").expect("id");
+    let policy = AgentPolicy {
+        id: id.clone(),
+        allow_subscribe: vec![Channel::new("general").expect("channel")],
+        allow_publish: vec![Channel::new("general").expect("channel")],
+        role: None,
+        spawn: false,
+    };
+    let perms = nats_server_permissions(&Permissions::agent(&space(), &policy));
+    let Some(server) = NatsServer::start_with_users(vec![
+        User {
+            name: "alice".into(),
+            password: "pw".into(),
+            permissions: Some(perms),
+        },
+        User {
+            name: "admin".into(),
+            password: "adminpw".into(),
+            permissions: None,
+        },
+    ]) else {
+        return;
+    };
+    let mut cfg = server.config_as("alice", "pw");
+    cfg.inbox_prefix = Some(id.inbox_prefix());
+    let mut d = Driver::start(cfg.clone()).await;
+    refusals_precede_barriers(&mut d).await;
+    // Both barrier kinds: the round trip plus grace, and the exact sentinel barrier.
+    let sentinel = ExecutorConfig {
+        refusal_sentinel: Some("_cotal_barrier".into()),
+        ..ExecutorConfig::default()
+    };
+    let mut exact = Driver::start_with(cfg.clone(), sentinel).await;
+    refusals_precede_barriers(&mut exact).await;
+    assert_eq!(exact.exec.stats().refusals, 10);
+    // The sentinel's own refusals are not reported as refusals of a machine's subscription.
+    assert!(exact.seen.is_empty(), "{:?}", exact.seen);
     // The granted subscription delivers.
     let sub = SubId::from_raw(100);
     assert_eq!(

@@ -193,8 +193,13 @@ pub struct Driver {
 impl Driver {
     /// Connects with `config` and starts an executor; consumes the initial `Restored`.
     pub async fn start(config: ConnectConfig) -> Driver {
+        Driver::start_with(config, ExecutorConfig::default()).await
+    }
+
+    /// The same with executor tunables.
+    pub async fn start_with(config: ConnectConfig, exec_config: ExecutorConfig) -> Driver {
         let conn = connect(&config).await.expect("connect");
-        let (exec, inputs) = Executor::start(conn, ExecutorConfig::default());
+        let (exec, inputs) = Executor::start(conn, exec_config);
         let mut d = Driver {
             exec,
             inputs,
