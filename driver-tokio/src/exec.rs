@@ -282,7 +282,8 @@ struct Feed {
 
 struct InFlight {
     abort: Option<AbortHandle>,
-    /// Subjects this operation publishes to (for publish violations).
+    /// Subjects this operation publishes to (for publish violations); one ending in `.` stands
+    /// for every subject with that prefix.
     publishes: Vec<String>,
     /// The subject it subscribes to for its answer, if its own (a request's reply subject).
     reply_sub: Option<String>,
@@ -566,6 +567,9 @@ impl Actor {
         if let Some((op, sentinel)) = self.sentinels.remove(subject) {
             // Every refusal of an earlier subscribe has been handled before this one.
             drop(sentinel);
+            if let Some(timer) = self.inflight.get(&op).and_then(|f| f.abort.clone()) {
+                timer.abort();
+            }
             self.complete(op, Outcome::Success(Reply::Done));
             return;
         }
@@ -601,7 +605,11 @@ impl Actor {
         let mut ops: Vec<OpId> = self
             .inflight
             .iter()
-            .filter(|(_, f)| f.publishes.iter().any(|s| s == subject))
+            .filter(|(_, f)| {
+                f.publishes
+                    .iter()
+                    .any(|p| p == subject || (p.ends_with('.') && subject.starts_with(p.as_str())))
+            })
             .map(|(op, _)| *op)
             .collect();
         ops.sort();
@@ -895,7 +903,7 @@ impl Actor {
                 let js = self.js.clone();
                 let client = self.client.clone();
                 let timeout = self.config.api_timeout;
-                let pubs = vec![format!("$JS.API.CONSUMER.CREATE.{stream}")];
+                let pubs = vec![format!("$JS.API.CONSUMER.CREATE.{stream}.")];
                 self.spawn_op(op, pubs, None, async move {
                     read_stream(
                         js,
@@ -995,7 +1003,7 @@ impl Actor {
                     bucket,
                     filter,
                 };
-                let pubs = vec![format!("$JS.API.CONSUMER.CREATE.KV_{}", job.bucket)];
+                let pubs = vec![format!("$JS.API.CONSUMER.CREATE.KV_{}.", job.bucket)];
                 self.spawn_feed(op, sub, FeedKind::Watch, None, pubs, move |sink| {
                     watch(job, sink)
                 });

@@ -231,6 +231,21 @@ async fn subscribe_refusal_arrives_before_the_barrier_completion() {
         matches!(denied, Outcome::Failed(Failure::PermissionDenied { .. })),
         "{denied:?}"
     );
+    // A stream read creates a consumer, which the agent may not do on DLV.
+    let denied = d
+        .run(|op| Command::ReadStream {
+            op,
+            stream: "DLV_main".into(),
+            filter: "cotal.main.dlv.alice".into(),
+            start: ReadStart::Seq(1),
+            last_seq: None,
+            max: 10,
+        })
+        .await;
+    assert!(
+        matches!(denied, Outcome::Failed(Failure::PermissionDenied { .. })),
+        "{denied:?}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "{:?}",
