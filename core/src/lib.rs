@@ -27,8 +27,9 @@
 //! - [`op`]: the operation contract (op ids, success / typed failure / unknown outcomes, timers);
 //! - [`registry`]: membership records as a pure FSM: the one interval check, join / tombstone /
 //!   activate plans with generation guard, fencing token and per-generation interval history;
-//! - [`delivery`]: the daemon's pure decisions: fan-out routing and the trusted reader's
-//!   authorization.
+//! - [`delivery`]: the daemon's pure decisions (fan-out routing, the trusted reader's
+//!   authorization, the control gate, the lease) and the daemon machine that drives them,
+//!   [`delivery::daemon::Delivery`].
 
 #![forbid(unsafe_code)]
 #![deny(clippy::print_stdout)]

@@ -1,4 +1,24 @@
-//! `cotal-driver-tokio`: the production driver.
+//! `cotal-driver-tokio`: the production driver of Cotal on tokio + async-nats.
 //!
-//! Not built yet (issue 7): this crate will execute core commands with async-nats against a real
-//! nats-server and host the `cotal` command.
+//! The core machines speak only the effect vocabulary of [`cotal_core::io`]. This crate executes
+//! that vocabulary against a real nats-server:
+//!
+//! - [`connect`](mod@connect): connection options (URL list, creds / nkey / user+password / token, TLS, inbox
+//!   prefix, reconnect backoff) and one-line connect errors;
+//! - [`exec`]: the [`exec::Executor`], which runs every [`cotal_core::io::Command`] and reports
+//!   every result, feed item and connection change as a [`cotal_core::io::Input`];
+//! - [`provision`]: idempotent creation of a space's streams, KV buckets and the daemon's
+//!   consumers from the core's config data (`cotal up`);
+//! - [`api`]: raw JetStream API requests and their error mapping.
+//!
+//! The `cotal` binary (`src/bin/cotal.rs`) is the command line on top.
+
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod connect;
+pub mod exec;
+pub mod provision;
+
+pub use connect::{Auth, ConnectConfig, ConnectError, NatsConnection, TlsConfig, connect};
+pub use exec::{Executor, ExecutorConfig, ExecutorStats};

@@ -59,6 +59,11 @@ use std::fmt;
 /// of this crate. The reference ignores unknown fields and preserves nothing, so it is harmless.
 pub const ACQUIRED_AT_FIELD: &str = "acquiredAt";
 
+/// The extra record field carrying the holder's delivery health (`{"state":"active"}` or
+/// `{"state":"degraded","reasons":[…]}`), written by this crate's daemon with every renew so that
+/// agents, who may read the lease key, can see it ([`judge_health`]). The reference ignores it.
+pub const HEALTH_FIELD: &str = "health";
+
 /// The most create attempts one acquisition makes (R18). With the default window and backoff
 /// (1, 2, 4, 8, 16 s …) far fewer are reached; the cap only bounds odd configurations.
 pub const MAX_ACQUIRE_ATTEMPTS: u32 = 32;
@@ -519,6 +524,8 @@ pub struct Lease {
     events: VecDeque<LeaseEvent>,
     ready_wanted: bool,
     release_wanted: bool,
+    /// Extra fields written with every lease record (see [`Lease::annotate`]).
+    annotations: Extra,
 }
 
 impl Lease {
@@ -538,7 +545,20 @@ impl Lease {
             events: VecDeque::new(),
             ready_wanted: false,
             release_wanted: false,
+            annotations: Extra::new(),
         }
+    }
+
+    /// Sets an extra field written with every later lease record (the next renew, at most one
+    /// renew interval away): how the daemon publishes its health ([`HEALTH_FIELD`]) where agents
+    /// can read it. The record's own fields (`holder`, `since`, `ready`, [`ACQUIRED_AT_FIELD`])
+    /// cannot be overridden.
+    pub fn annotate(&mut self, key: &str, value: Value) {
+        if matches!(key, "holder" | "since" | "ready" | ACQUIRED_AT_FIELD) {
+            debug_assert!(false, "lease annotation {key} would shadow a record field");
+            return;
+        }
+        self.annotations.insert(key.to_owned(), value);
     }
 
     /// The shard this lease is for.
@@ -1158,7 +1178,7 @@ impl Lease {
     }
 
     fn record(&self, since: UnixMillis, acquired: UnixMillis, ready: bool) -> DeliveryLease {
-        let mut extra = Extra::new();
+        let mut extra = self.annotations.clone();
         extra.insert(ACQUIRED_AT_FIELD.to_owned(), Value::from(acquired.0));
         DeliveryLease {
             holder: self.holder.clone(),
@@ -1200,6 +1220,11 @@ pub enum DegradedReason {
     Absent,
     /// A daemon holds the lease but has not bound Plane-3 yet (`ready:false`).
     NotReady,
+    /// The holder is ready but published its own health as degraded ([`HEALTH_FIELD`]).
+    Reported {
+        /// The holder's reasons, as it wrote them (`fanout-down`, `writes-failing` …).
+        reasons: Vec<String>,
+    },
     /// The last write is older than the TTL: the holder stopped renewing (crashed or stalled),
     /// and the record is only waiting for the bucket's `max_age` to remove it.
     Stale {
@@ -1222,6 +1247,8 @@ pub fn judge_health(record: Option<&DeliveryLease>, now: UnixMillis, ttl: Durati
         LeaseHealth::Degraded(DegradedReason::Stale { age })
     } else if !record.ready {
         LeaseHealth::Degraded(DegradedReason::NotReady)
+    } else if let Some(reasons) = reported_degraded(record) {
+        LeaseHealth::Degraded(DegradedReason::Reported { reasons })
     } else {
         LeaseHealth::Active {
             holder: record.holder.clone(),
@@ -1231,3 +1258,23 @@ pub fn judge_health(record: Option<&DeliveryLease>, now: UnixMillis, ttl: Durati
 
 #[cfg(test)]
 mod tests;
+
+/// The reasons of a record whose [`HEALTH_FIELD`] says `degraded`; `None` when the field is
+/// absent (a reference daemon), says anything else, or does not parse.
+fn reported_degraded(record: &DeliveryLease) -> Option<Vec<String>> {
+    let health = record.extra.get(HEALTH_FIELD)?;
+    if health.get("state").and_then(Value::as_str) != Some("degraded") {
+        return None;
+    }
+    Some(
+        health
+            .get("reasons")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| r.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    )
+}

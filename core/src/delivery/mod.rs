@@ -1,4 +1,4 @@
-//! The delivery daemon's pure pieces (semantics §2j, §2k).
+//! The delivery daemon: its pure pieces (semantics §2j, §2k) and its machine (§2g–§2m).
 //!
 //! The daemon moves every durable-class CHAT message into a per-member store in two steps, and
 //! both steps are decisions that need no IO once their inputs are read:
@@ -14,11 +14,14 @@
 //!    interval of **its own** generation (G2, [`crate::registry::generation_eligible`]).
 //!
 //! The registry transitions the daemon drives around these (join, leave, activation) are in
-//! [`crate::registry`]. The state machine that reads KV, publishes, acks and retries is built on
-//! top of these functions; nothing here holds state between calls.
+//! [`crate::registry`]; the control gate is [`control`] and the per-shard lease is [`lease`].
+//! The state machine that reads KV, publishes, acks and retries is [`daemon::Delivery`]: it
+//! composes all of these and is the only module here that holds state between calls (besides the
+//! lease machine it wraps).
 
 pub mod authorize;
 pub mod control;
+pub mod daemon;
 pub mod lease;
 pub mod route;
 

@@ -684,3 +684,53 @@ fn release_during_acquisition_deletes_what_the_create_won() {
     );
     assert!(kv.entry.is_none());
 }
+
+#[test]
+fn published_health_rides_on_the_next_renew_and_agents_read_it() {
+    let mut kv = FakeKv::default();
+    let mut l = lease("d1");
+    l.acquire(t(0)).ok();
+    run(&mut l, &mut kv, 0);
+    l.mark_ready(t(1)).ok();
+    run(&mut l, &mut kv, 1);
+    let degraded = serde_json::json!({"state": "degraded", "reasons": ["fanout-down"]});
+    l.annotate(HEALTH_FIELD, degraded.clone());
+    // Not written until the next lease write: the renew.
+    assert!(
+        kv.entry
+            .as_ref()
+            .unwrap()
+            .1
+            .extra
+            .get(HEALTH_FIELD)
+            .is_none()
+    );
+    l.handle_timeout(t(16_000));
+    run(&mut l, &mut kv, 16_000);
+    let record = kv.entry.as_ref().unwrap().1.clone();
+    assert_eq!(record.extra.get(HEALTH_FIELD), Some(&degraded));
+    assert!(record.ready);
+    assert_eq!(
+        judge_health(Some(&record), UnixMillis(16_000), LEASE_TTL),
+        LeaseHealth::Degraded(DegradedReason::Reported {
+            reasons: vec!["fanout-down".into()]
+        })
+    );
+    // Healthy again: the field says so, and the judgement is active.
+    l.annotate(HEALTH_FIELD, serde_json::json!({"state": "active"}));
+    l.handle_timeout(t(31_000));
+    run(&mut l, &mut kv, 31_000);
+    let record = kv.entry.as_ref().unwrap().1.clone();
+    assert_eq!(
+        judge_health(Some(&record), UnixMillis(31_000), LEASE_TTL),
+        LeaseHealth::Active {
+            holder: "d1".into()
+        }
+    );
+    // A reference record (no field) is judged as before.
+    let reference = DeliveryLease::new("d0", UnixMillis(30_000), true);
+    assert!(matches!(
+        judge_health(Some(&reference), UnixMillis(30_000), LEASE_TTL),
+        LeaseHealth::Active { .. }
+    ));
+}

@@ -1,0 +1,400 @@
+//! Provisioning a space: its five streams, five KV buckets and the delivery daemon's consumers
+//! (`cotal up`, semantics §1.4–1.6).
+//!
+//! Every object comes from the core's data ([`StreamSpec::create_request`],
+//! [`KvBucketSpec::stream`], [`ConsumerSpec::create_request`]); the exact request bytes are sent
+//! as they are, so a space provisioned here is the one the reference creates (a KV bucket is its
+//! `KV_<bucket>` stream, created with the reference's fields, never through a client library's KV
+//! helper).
+//!
+//! Rules:
+//!
+//! - **Idempotent.** Each object is looked up first (`STREAM.INFO` / `CONSUMER.INFO`). Missing:
+//!   created ([`Applied::Created`]). Present with every field the spec sets equal:
+//!   [`Applied::Unchanged`], and nothing is sent. Present but different: reported as
+//!   [`ProvisionError::Drift`] with the differing fields, and **not** changed (a stream or
+//!   consumer in use is not reconfigured behind its users' backs).
+//! - **Per object.** A failure is recorded for that object and the run goes on; the report says
+//!   which objects failed and why.
+
+use crate::api::{self, ApiError};
+use async_nats::Client;
+use bytes::Bytes;
+use cotal_core::wire::config::{ApiRequest, ConsumerSpec, KvBucketSpec, SpaceConfig, StreamSpec};
+use cotal_core::wire::permissions::Permissions;
+use cotal_core::wire::token::Space;
+use serde_json::Value;
+use std::fmt;
+use std::time::Duration;
+
+/// What kind of object.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ObjectKind {
+    /// A JetStream stream.
+    Stream,
+    /// A KV bucket (its `KV_<bucket>` stream).
+    KvBucket,
+    /// A consumer (`<stream>/<name>`).
+    Consumer,
+}
+
+impl fmt::Display for ObjectKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ObjectKind::Stream => "stream",
+            ObjectKind::KvBucket => "kv bucket",
+            ObjectKind::Consumer => "consumer",
+        })
+    }
+}
+
+/// What was done to an object that is now as specified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Applied {
+    /// It did not exist and was created.
+    Created,
+    /// It existed with the specified configuration; nothing was sent.
+    Unchanged,
+}
+
+/// Why an object could not be brought to its specification.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProvisionError {
+    /// It exists with another configuration (left as it is).
+    #[error("exists with a different configuration: {}", .0.join("; "))]
+    Drift(Vec<String>),
+    /// The server refused or failed the request.
+    #[error("{0}")]
+    Api(ApiError),
+}
+
+/// The result for one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectReport {
+    /// Kind.
+    pub kind: ObjectKind,
+    /// Name (`CHAT_main`, `cotal_presence_main`, `CHAT_main/fanout`).
+    pub name: String,
+    /// What happened.
+    pub result: Result<Applied, ProvisionError>,
+}
+
+impl fmt::Display for ObjectReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.result {
+            Ok(Applied::Created) => write!(f, "created   {} {}", self.kind, self.name),
+            Ok(Applied::Unchanged) => write!(f, "unchanged {} {}", self.kind, self.name),
+            Err(e) => write!(f, "FAILED    {} {}: {e}", self.kind, self.name),
+        }
+    }
+}
+
+/// The result of a provisioning run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProvisionReport {
+    /// One entry per object, in creation order.
+    pub objects: Vec<ObjectReport>,
+}
+
+impl ProvisionReport {
+    /// Objects created by this run.
+    pub fn created(&self) -> usize {
+        self.count(|r| matches!(r, Ok(Applied::Created)))
+    }
+
+    /// Objects already as specified.
+    pub fn unchanged(&self) -> usize {
+        self.count(|r| matches!(r, Ok(Applied::Unchanged)))
+    }
+
+    /// Objects that failed.
+    pub fn failed(&self) -> usize {
+        self.count(Result::is_err)
+    }
+
+    fn count(&self, f: impl Fn(&Result<Applied, ProvisionError>) -> bool) -> usize {
+        self.objects.iter().filter(|o| f(&o.result)).count()
+    }
+
+    /// The closing line: what changed, or that nothing did.
+    pub fn summary(&self) -> String {
+        match (self.created(), self.failed()) {
+            (0, 0) => format!(
+                "nothing changed: all {} objects already as specified",
+                self.objects.len()
+            ),
+            (c, 0) => format!("{c} created, {} unchanged", self.unchanged()),
+            (c, f) => format!("{c} created, {} unchanged, {f} FAILED", self.unchanged()),
+        }
+    }
+}
+
+/// What `cotal up` applies to a space: its streams and buckets, then the daemon's consumers
+/// (`fanout` and `reader`, shard 0 of 1: the daemon runs unsharded).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SpacePlan {
+    /// The streams, including each bucket's.
+    pub streams: Vec<StreamSpec>,
+    /// The buckets.
+    pub kv_buckets: Vec<KvBucketSpec>,
+    /// The consumers.
+    pub consumers: Vec<ConsumerSpec>,
+}
+
+impl SpacePlan {
+    /// The plan of `space`.
+    pub fn new(space: &Space) -> Self {
+        let config = SpaceConfig::new(space);
+        SpacePlan {
+            streams: config.streams,
+            kv_buckets: config.kv_buckets,
+            consumers: vec![
+                ConsumerSpec::fanout(space, 0, 1),
+                ConsumerSpec::reader(space, 0, 1),
+            ],
+        }
+    }
+}
+
+/// Applies `plan`, object by object.
+pub async fn apply(client: &Client, plan: &SpacePlan, timeout: Duration) -> ProvisionReport {
+    let mut report = ProvisionReport::default();
+    for s in &plan.streams {
+        let result = apply_stream(client, s, timeout).await;
+        report.objects.push(ObjectReport {
+            kind: ObjectKind::Stream,
+            name: s.name.clone(),
+            result,
+        });
+    }
+    for b in &plan.kv_buckets {
+        let result = apply_stream(client, &b.stream(), timeout).await;
+        report.objects.push(ObjectReport {
+            kind: ObjectKind::KvBucket,
+            name: b.bucket.clone(),
+            result,
+        });
+    }
+    for c in &plan.consumers {
+        let result = apply_consumer(client, c, timeout).await;
+        report.objects.push(ObjectReport {
+            kind: ObjectKind::Consumer,
+            name: format!("{}/{}", c.stream, c.name),
+            result,
+        });
+    }
+    report
+}
+
+/// Provisions `space` (`cotal up`).
+pub async fn provision_space(client: &Client, space: &Space, timeout: Duration) -> ProvisionReport {
+    apply(client, &SpacePlan::new(space), timeout).await
+}
+
+/// Brings one stream to `spec`.
+pub async fn apply_stream(
+    client: &Client,
+    spec: &StreamSpec,
+    timeout: Duration,
+) -> Result<Applied, ProvisionError> {
+    let wanted = spec.to_api_config();
+    apply_object(
+        client,
+        &spec.info_subject(),
+        &spec.create_request(),
+        &wanted,
+        timeout,
+    )
+    .await
+}
+
+/// Brings one consumer to `spec` (created with the reference's `action: create`).
+pub async fn apply_consumer(
+    client: &Client,
+    spec: &ConsumerSpec,
+    timeout: Duration,
+) -> Result<Applied, ProvisionError> {
+    let wanted = spec.to_api_config();
+    apply_object(
+        client,
+        &spec.info_subject(),
+        &spec.create_request(),
+        &wanted,
+        timeout,
+    )
+    .await
+}
+
+async fn apply_object(
+    client: &Client,
+    info_subject: &str,
+    create: &ApiRequest,
+    wanted: &Value,
+    timeout: Duration,
+) -> Result<Applied, ProvisionError> {
+    match api::request(client, info_subject, Bytes::new(), timeout).await {
+        Ok(info) => {
+            let drift = differences(wanted, &info["config"]);
+            if drift.is_empty() {
+                Ok(Applied::Unchanged)
+            } else {
+                Err(ProvisionError::Drift(drift))
+            }
+        }
+        Err(e)
+            if matches!(
+                e.err_code(),
+                Some(api::STREAM_NOT_FOUND | api::CONSUMER_NOT_FOUND)
+            ) =>
+        {
+            api::request(
+                client,
+                &create.subject,
+                Bytes::from(create.body_bytes()),
+                timeout,
+            )
+            .await
+            .map(|_| Applied::Created)
+            .map_err(ProvisionError::Api)
+        }
+        Err(e) => Err(ProvisionError::Api(e)),
+    }
+}
+
+/// The fields of `wanted` that `actual` holds differently (`field: wanted X, found Y`).
+pub fn differences(wanted: &Value, actual: &Value) -> Vec<String> {
+    let Some(wanted) = wanted.as_object() else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (key, want) in wanted {
+        let found = actual.get(key).unwrap_or(&Value::Null);
+        if !same(want, found) {
+            out.push(format!("{key}: wanted {want}, found {found}"));
+        }
+    }
+    out
+}
+
+fn same(want: &Value, found: &Value) -> bool {
+    match (want, found) {
+        // Numbers compare by value (the server may echo 1000 where we sent 1000 as i64 or u64).
+        (Value::Number(a), Value::Number(b)) => {
+            a.as_i64()
+                .zip(b.as_i64())
+                .map(|(a, b)| a == b)
+                .unwrap_or(false)
+                || a.as_u64()
+                    .zip(b.as_u64())
+                    .map(|(a, b)| a == b)
+                    .unwrap_or(false)
+        }
+        _ => want == found,
+    }
+}
+
+/// A `permissions { … }` block for a user in a nats-server config file (`authorization { users
+/// = [ { user: …, password: …, permissions: <this> } ] }`), with every subject quoted so `$JS.…`
+/// is not read as a variable. An unrestricted set renders as `{}`.
+pub fn nats_server_permissions(p: &Permissions) -> String {
+    fn list(items: &std::collections::BTreeSet<String>) -> String {
+        let quoted: Vec<String> = items
+            .iter()
+            .map(|s| serde_json::to_string(s).unwrap_or_default())
+            .collect();
+        format!("[{}]", quoted.join(", "))
+    }
+    fn section(
+        name: &str,
+        allow: &std::collections::BTreeSet<String>,
+        deny: &std::collections::BTreeSet<String>,
+    ) -> Option<String> {
+        let mut parts = Vec::new();
+        if !allow.is_empty() {
+            parts.push(format!("    allow: {}", list(allow)));
+        }
+        if !deny.is_empty() {
+            parts.push(format!("    deny: {}", list(deny)));
+        }
+        (!parts.is_empty()).then(|| format!("  {name}: {{\n{}\n  }}", parts.join("\n")))
+    }
+    let sections: Vec<String> = [
+        section("publish", &p.publish_allow, &p.publish_deny),
+        section("subscribe", &p.subscribe_allow, &p.subscribe_deny),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if sections.is_empty() {
+        "{}".to_owned()
+    } else {
+        format!("{{\n{}\n}}", sections.join("\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn permissions_render_quoted_for_the_server_config() {
+        let mut p = Permissions::default();
+        assert_eq!(nats_server_permissions(&p), "{}");
+        p.publish_allow.insert("$JS.API.INFO".into());
+        p.subscribe_allow.insert("_INBOX_a.>".into());
+        assert_eq!(
+            nats_server_permissions(&p),
+            "{\n  publish: {\n    allow: [\"$JS.API.INFO\"]\n  }\n  subscribe: {\n    allow: [\"_INBOX_a.>\"]\n  }\n}"
+        );
+    }
+
+    #[test]
+    fn differences_name_only_the_fields_the_spec_sets() {
+        let wanted =
+            json!({"name": "CHAT_main", "max_msgs_per_subject": 1000, "allow_direct": true});
+        let same_cfg = json!({"name": "CHAT_main", "max_msgs_per_subject": 1000, "allow_direct": true, "max_age": 0});
+        assert!(differences(&wanted, &same_cfg).is_empty());
+        let other = json!({"name": "CHAT_main", "max_msgs_per_subject": 10});
+        assert_eq!(
+            differences(&wanted, &other),
+            [
+                "allow_direct: wanted true, found null",
+                "max_msgs_per_subject: wanted 1000, found 10"
+            ]
+        );
+    }
+
+    #[test]
+    fn the_plan_holds_five_streams_five_buckets_and_two_consumers() {
+        let plan = SpacePlan::new(&Space::new("main").expect("valid space"));
+        assert_eq!(plan.streams.len(), 5);
+        assert_eq!(plan.kv_buckets.len(), 5);
+        let names: Vec<_> = plan.consumers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["fanout", "reader"]);
+    }
+
+    #[test]
+    fn the_summary_says_when_nothing_changed() {
+        let mut r = ProvisionReport::default();
+        r.objects.push(ObjectReport {
+            kind: ObjectKind::Stream,
+            name: "CHAT_main".into(),
+            result: Ok(Applied::Unchanged),
+        });
+        assert_eq!(
+            r.summary(),
+            "nothing changed: all 1 objects already as specified"
+        );
+        r.objects.push(ObjectReport {
+            kind: ObjectKind::Consumer,
+            name: "CHAT_main/fanout".into(),
+            result: Err(ProvisionError::Drift(vec!["x".into()])),
+        });
+        assert_eq!(r.summary(), "0 created, 1 unchanged, 1 FAILED");
+        assert_eq!(
+            r.objects[1].to_string(),
+            "FAILED    consumer CHAT_main/fanout: exists with a different configuration: x"
+        );
+    }
+}

@@ -1,0 +1,300 @@
+//! Test harness: a real nats-server on a random loopback port, and a driver for the executor.
+//!
+//! The server binary comes from `COTAL_NATS_SERVER` (scripts/test.sh sets it; CI always does).
+//! When it is unset, [`NatsServer::start`] prints a note and returns `None`, and the test returns
+//! early: skipped, not failed. The server runs with JetStream on and a temporary store dir,
+//! optionally with users that carry per-user permissions, and is killed (by its own PID) on drop.
+
+#![allow(dead_code)]
+
+use cotal_core::io::Reply;
+use cotal_core::io::{Command, Completion, Connection, Inbound, Input};
+use cotal_core::op::{OpId, Outcome};
+use cotal_driver_tokio::connect::{Auth, ConnectConfig, connect};
+use cotal_driver_tokio::exec::{Executor, ExecutorConfig};
+use std::collections::VecDeque;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// How long any single wait in a test may take.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// One user of a server config.
+#[derive(Clone, Debug)]
+pub struct User {
+    /// Name.
+    pub name: String,
+    /// Password.
+    pub password: String,
+    /// A `permissions` block (nats-server config syntax), or `None` for no restriction.
+    pub permissions: Option<String>,
+}
+
+/// A running nats-server.
+pub struct NatsServer {
+    child: Option<Child>,
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    dir: tempfile::TempDir,
+    users: Vec<User>,
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+impl NatsServer {
+    /// The binary, if `COTAL_NATS_SERVER` is set.
+    pub fn binary() -> Option<PathBuf> {
+        std::env::var_os("COTAL_NATS_SERVER").map(PathBuf::from)
+    }
+
+    /// A server without authentication, or `None` (skip) when no binary is configured.
+    pub fn start() -> Option<Self> {
+        Self::start_with_users(Vec::new())
+    }
+
+    /// A server whose users are `users` (none: no authentication).
+    pub fn start_with_users(users: Vec<User>) -> Option<Self> {
+        if Self::binary().is_none() {
+            println!("skipping: COTAL_NATS_SERVER is not set (scripts/test.sh sets it)");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = NatsServer {
+            child: None,
+            port: free_port(),
+            dir,
+            users,
+        };
+        server.spawn();
+        Some(server)
+    }
+
+    fn spawn(&mut self) {
+        let bin = Self::binary().expect("COTAL_NATS_SERVER");
+        let conf = self.dir.path().join("server.conf");
+        let store = self.dir.path().join("js");
+        let mut text = format!(
+            "listen: \"127.0.0.1:{}\"\nserver_name: cotal_test\njetstream {{ store_dir: {:?}, max_memory_store: 256MB, max_file_store: 1GB }}\n",
+            self.port,
+            store.display().to_string()
+        );
+        if !self.users.is_empty() {
+            text.push_str("authorization {\n  users = [\n");
+            for u in &self.users {
+                text.push_str(&format!(
+                    "    {{ user: {:?}, password: {:?}",
+                    u.name, u.password
+                ));
+                if let Some(p) = &u.permissions {
+                    text.push_str(&format!(", permissions: {p}"));
+                }
+                text.push_str(" }\n");
+            }
+            text.push_str("  ]\n}\n");
+        }
+        std::fs::File::create(&conf)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .expect("write server config");
+        let log = std::fs::File::create(self.dir.path().join("server.log")).expect("log file");
+        let child = std::process::Command::new(bin)
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nats-server");
+        self.child = Some(child);
+        // Bounded wait until the port accepts.
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                break;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(status) = exited {
+                panic!("nats-server exited early ({status}): {}", self.log());
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not accept within {WAIT:?}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The server's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (by its PID) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port and store.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// A connect config for this server (no auth).
+    pub fn config(&self) -> ConnectConfig {
+        ConnectConfig::new([self.url()])
+    }
+
+    /// A connect config as `user`.
+    pub fn config_as(&self, user: &str, password: &str) -> ConnectConfig {
+        ConnectConfig {
+            auth: Auth::UserPassword {
+                user: user.to_owned(),
+                password: password.to_owned(),
+            },
+            ..self.config()
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An executor under test, with the inputs it produced.
+pub struct Driver {
+    /// The executor.
+    pub exec: Executor,
+    inputs: mpsc::UnboundedReceiver<Input>,
+    /// Inputs received but not yet consumed by a wait.
+    pub seen: VecDeque<Input>,
+    next_op: u64,
+}
+
+impl Driver {
+    /// Connects with `config` and starts an executor; consumes the initial `Restored`.
+    pub async fn start(config: ConnectConfig) -> Driver {
+        Driver::start_with(config, ExecutorConfig::default()).await
+    }
+
+    /// The same with executor tunables.
+    pub async fn start_with(config: ConnectConfig, exec_config: ExecutorConfig) -> Driver {
+        let conn = connect(&config).await.expect("connect");
+        let (exec, inputs) = Executor::start(conn, exec_config);
+        let mut d = Driver {
+            exec,
+            inputs,
+            seen: VecDeque::new(),
+            next_op: 0,
+        };
+        let first = d.next().await;
+        assert_eq!(first, Input::Connection(Connection::Restored));
+        d
+    }
+
+    /// A fresh operation id.
+    pub fn op(&mut self) -> OpId {
+        self.next_op += 1;
+        OpId::from_raw(self.next_op)
+    }
+
+    /// Sends a command.
+    pub fn send(&self, cmd: Command) {
+        self.exec.execute(cmd).expect("executor running");
+    }
+
+    /// The next input (buffered first), bounded by [`WAIT`].
+    pub async fn next(&mut self) -> Input {
+        if let Some(i) = self.seen.pop_front() {
+            return i;
+        }
+        self.recv(WAIT).await.expect("an input within the wait")
+    }
+
+    /// The next input from the executor within `d`, ignoring the buffer.
+    pub async fn recv(&mut self, d: Duration) -> Option<Input> {
+        tokio::time::timeout(d, self.inputs.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Runs a command built with a fresh op id and waits for its completion; every other input
+    /// seen meanwhile stays in [`Driver::seen`].
+    pub async fn run(&mut self, build: impl FnOnce(OpId) -> Command) -> Outcome<Reply> {
+        let op = self.op();
+        self.send(build(op));
+        self.completion(op).await
+    }
+
+    /// Waits for the completion of `op` (buffered inputs are searched first).
+    pub async fn completion(&mut self, op: OpId) -> Outcome<Reply> {
+        let pos = self
+            .seen
+            .iter()
+            .position(|i| matches!(i, Input::Completed(c) if c.op == op));
+        if let Some(Input::Completed(c)) = pos.and_then(|p| self.seen.remove(p)) {
+            return c.outcome;
+        }
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let input = self.recv(left).await.unwrap_or_else(|| {
+                panic!(
+                    "no completion of {op} within {WAIT:?}; seen {:?}",
+                    self.seen
+                )
+            });
+            match input {
+                Input::Completed(Completion { op: o, outcome }) if o == op => return outcome,
+                other => self.seen.push_back(other),
+            }
+        }
+    }
+
+    /// Waits for the next inbound item (buffered first); other inputs stay buffered.
+    pub async fn inbound(&mut self, d: Duration) -> Option<Inbound> {
+        let pos = self
+            .seen
+            .iter()
+            .position(|i| matches!(i, Input::Inbound(_)));
+        if let Some(Input::Inbound(i)) = pos.and_then(|p| self.seen.remove(p)) {
+            return Some(i);
+        }
+        let deadline = tokio::time::Instant::now() + d;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.recv(left).await? {
+                Input::Inbound(i) => return Some(i),
+                other => self.seen.push_back(other),
+            }
+        }
+    }
+}
+
+/// The reply, or a panic naming the outcome.
+pub fn ok(outcome: Outcome<Reply>) -> Reply {
+    match outcome {
+        Outcome::Success(r) => r,
+        other => panic!("expected success, got {other:?}"),
+    }
+}
