@@ -1103,6 +1103,12 @@ impl Agent {
                 continue;
             }
             entry.resubscribe = false;
+            if entry.join.as_ref().is_some_and(|j| !j.started) {
+                // Committed before the registry ever loaded (a boot join): its backfill and
+                // durable step have not begun. Keep them for the next ready connection, which
+                // re-subscribes first; the join is reported then, with its original watermark.
+                continue;
+            }
             if let Some(join) = entry.join.take() {
                 // Committed already: report what we have.
                 let mut report = join.report;
@@ -1143,17 +1149,20 @@ impl Agent {
             self.timers.cancel(&Timer::DlvBind);
             self.bind_dlv();
         }
+        // Every channel still held was committed on an earlier connection: re-subscribe it. This
+        // includes a boot channel committed before a loss that came before the registry ever
+        // loaded, so "first connect" is not "nothing to re-subscribe" (found by the simulator,
+        // seed 1979: such a channel stayed joined with no subscription).
+        let names: Vec<Channel> = self.channels.keys().cloned().collect();
+        for name in names {
+            self.resubscribe(&name);
+        }
         if self.first_connect {
             let boot: Vec<Channel> = self.config.channels.clone();
             for channel in boot {
                 if !self.channels.contains_key(&channel) {
                     self.start_join(channel, None);
                 }
-            }
-        } else {
-            let names: Vec<Channel> = self.channels.keys().cloned().collect();
-            for name in names {
-                self.resubscribe(&name);
             }
         }
         if let Some(every) = self.config.heartbeat {

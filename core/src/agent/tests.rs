@@ -1094,6 +1094,39 @@ fn a15_unknown_resubscribe_barrier_on_a_live_connection_is_confirmed_again() {
 }
 
 #[test]
+fn a18_boot_join_committed_before_the_registry_loaded_survives_a_loss() {
+    // Found by the simulator (seed 1979): the registry watch never loaded on the first
+    // connection, the boot join committed, and the connection dropped. The next connect was still
+    // "first", skipped the committed channel, and left it joined with no subscription, its
+    // backfill and durable step never run.
+    let mut w = World::new(&["ops"]);
+    w.post("alice", "ops", "old");
+    w.hold = Some(|c| matches!(c, Command::KvWatch { .. }));
+    w.connect();
+    assert_eq!(w.agent.joined(), [ch("ops")], "committed before the registry");
+    w.drop_connection();
+    assert!(
+        !w.log.contains("! joined"),
+        "not reported before its post-commit steps ran: {}",
+        w.log
+    );
+    w.held.clear();
+    w.hold = None;
+    w.chat_subs.clear();
+    w.connect();
+    assert_eq!(
+        w.chat_subs.values().collect::<Vec<_>>(),
+        ["cotal.main.chat.*.ops"],
+        "re-subscribed: {}",
+        w.log
+    );
+    assert!(w.agent.health().channels[0].live);
+    assert_eq!(w.daemon.members["ops"], (1, true), "the durable step ran");
+    assert_eq!(w.surfaced_ids(), ["old"], "the backfill ran");
+    assert_eq!(w.log.matches("! joined").count(), 1, "{}", w.log);
+}
+
+#[test]
 fn a24_late_refusal_drops_the_channel_and_closes_the_membership() {
     let mut w = World::new(&[]);
     w.connect();
