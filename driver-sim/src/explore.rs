@@ -177,9 +177,9 @@ impl RunSpec {
     }
 }
 
-/// How many daemons a mesh runs by default: one once the daemon machine exists, else none.
+/// How many delivery daemons a mesh runs by default.
 pub fn default_daemons() -> usize {
-    0
+    1
 }
 
 /// Runs the same spec twice and compares transcript hashes.

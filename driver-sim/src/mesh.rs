@@ -43,6 +43,8 @@ use crate::oracle::{Oracle, Violation};
 use crate::sched::{FaultConfig, Rng, SimConfig};
 use bytes::Bytes;
 use cotal_core::agent::{Agent, AgentConfig, AgentError, AgentEvent, RequestId};
+use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryEvent};
+use cotal_core::wire::shard::ShardMap;
 use cotal_core::io::{Command, Input, Machine};
 use cotal_core::ledger::{MessageId, SourceKind};
 use cotal_core::time::{Duration, Instant, Now};
@@ -197,6 +199,11 @@ pub enum Action {
         /// Agent index.
         agent: usize,
     },
+    /// A delivery daemon's process dies and a fresh one starts (it must win the lease again).
+    RestartDaemon {
+        /// Daemon index.
+        daemon: usize,
+    },
 }
 
 impl fmt::Display for Action {
@@ -215,6 +222,7 @@ impl fmt::Display for Action {
             Action::Narrow { agent, channel } => write!(f, "narrow a{agent} c{channel}"),
             Action::Restart { agent } => write!(f, "restart a{agent}"),
             Action::Lose { agent } => write!(f, "lose a{agent}"),
+            Action::RestartDaemon { daemon } => write!(f, "restart-daemon d{daemon}"),
         }
     }
 }
@@ -274,8 +282,12 @@ impl Workload {
                 },
                 45..=67 => Action::Join { agent, channel: ch },
                 68..=82 => Action::Leave { agent, channel: ch },
-                83..=87 => Action::Lose { agent },
-                88..=93 => Action::Restart { agent },
+                83..=86 => Action::Lose { agent },
+                87..=92 => Action::Restart { agent },
+                93 if config.daemons > 0 => Action::RestartDaemon {
+                    daemon: rng.below(config.daemons as u64) as usize,
+                },
+                93 => Action::Lose { agent },
                 _ => Action::Narrow { agent, channel: ch },
             };
             out.push(Step { at, action });
@@ -397,6 +409,86 @@ pub struct Journal {
     pub refused_calls: u64,
     /// `Agent::handled` calls the agent rejected (should be none).
     pub handled_rejected: Vec<(usize, u32, String)>,
+    /// Every delivery daemon event.
+    pub daemon_events: Vec<DaemonNoted>,
+}
+
+/// A delivery daemon event, typed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DaemonNoted {
+    /// When.
+    pub at: Instant,
+    /// Daemon index.
+    pub daemon: usize,
+    /// The daemon's life.
+    pub life: u32,
+    /// The event.
+    pub event: DeliveryEvent,
+}
+
+/// One delivery daemon process as the host runs it.
+pub struct DaemonProc {
+    daemon: Delivery,
+    index: usize,
+    life: u32,
+    now: Instant,
+    journal: Rc<RefCell<Journal>>,
+}
+
+impl DaemonProc {
+    /// The daemon machine.
+    pub fn daemon(&self) -> &Delivery {
+        &self.daemon
+    }
+}
+
+struct DaemonHandle(Rc<RefCell<DaemonProc>>);
+
+impl HostedMachine for DaemonHandle {
+    fn handle_input(&mut self, now: Now, input: Input) {
+        let mut p = self.0.borrow_mut();
+        p.now = now.at;
+        p.daemon.handle_input(now, input);
+    }
+
+    fn handle_timeout(&mut self, now: Now) {
+        let mut p = self.0.borrow_mut();
+        p.now = now.at;
+        p.daemon.handle_timeout(now);
+    }
+
+    fn poll_command(&mut self) -> Option<Command> {
+        self.0.borrow_mut().daemon.poll_command()
+    }
+
+    fn poll_event_line(&mut self) -> Option<String> {
+        let mut p = self.0.borrow_mut();
+        let event = p.daemon.poll_event()?;
+        let line = format!("{event:?}");
+        let (daemon, life) = (p.index, p.life);
+        let at = p.now;
+        p.journal.borrow_mut().daemon_events.push(DaemonNoted {
+            at,
+            daemon,
+            life,
+            event,
+        });
+        Some(line)
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.0.borrow().daemon.poll_timeout()
+    }
+}
+
+/// One delivery daemon across its lives.
+pub struct DaemonSlot {
+    /// The current life.
+    pub life: u32,
+    /// The current process's client.
+    pub client: ClientId,
+    /// The current process.
+    pub proc: Rc<RefCell<DaemonProc>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -614,6 +706,7 @@ pub struct Mesh {
     space: Space,
     host: Host,
     agents: Vec<AgentSlot>,
+    daemons: Vec<DaemonSlot>,
     journal: Rc<RefCell<Journal>>,
     oracle: Oracle,
     workload: Workload,
@@ -651,12 +744,22 @@ impl Mesh {
             space,
             host,
             agents: Vec::new(),
+            daemons: Vec::new(),
             journal,
             oracle,
             workload,
             host_steps: 0,
             posts: 0,
         };
+        for d in 0..mesh.config.daemons {
+            let proc = mesh.new_daemon(d, 0);
+            let client = mesh.start_daemon(d, 0, &proc);
+            mesh.daemons.push(DaemonSlot {
+                life: 0,
+                client,
+                proc,
+            });
+        }
         let mut rng = Rng::new(mesh.config.seed ^ 0x6167_656e_0000_0003);
         let n = mesh.config.agents.min(AGENT_NAMES.len());
         for i in 0..n {
@@ -688,6 +791,32 @@ impl Mesh {
             mesh.start_life(i);
         }
         mesh
+    }
+
+    fn daemon_id(index: usize, life: u32) -> String {
+        format!("dmn{index}-{life}")
+    }
+
+    fn new_daemon(&self, index: usize, life: u32) -> Rc<RefCell<DaemonProc>> {
+        let shard = ShardMap::SINGLE.shard(0).expect("shard 0 of 1 exists");
+        let config = DeliveryConfig::new(self.space.clone(), shard, Self::daemon_id(index, life));
+        Rc::new(RefCell::new(DaemonProc {
+            daemon: Delivery::new(config),
+            index,
+            life,
+            now: self.host.now().at,
+            journal: Rc::clone(&self.journal),
+        }))
+    }
+
+    fn start_daemon(&mut self, index: usize, life: u32, proc: &Rc<RefCell<DaemonProc>>) -> ClientId {
+        let id = AgentId::new(Self::daemon_id(index, life)).expect("a valid daemon id");
+        let perms = Permissions::delivery(&self.space, &id);
+        self.host.add_machine(
+            Self::daemon_id(index, life),
+            perms,
+            Box::new(DaemonHandle(Rc::clone(proc))),
+        )
     }
 
     fn agent_config(&self, index: usize, life: u32, boot: &[usize]) -> AgentConfig {
@@ -824,6 +953,11 @@ impl Mesh {
         &self.agents
     }
 
+    /// The delivery daemons.
+    pub fn daemons(&self) -> &[DaemonSlot] {
+        &self.daemons
+    }
+
     /// The journal.
     pub fn journal(&self) -> std::cell::Ref<'_, Journal> {
         self.journal.borrow()
@@ -954,6 +1088,16 @@ impl Mesh {
                     let client = slot.client;
                     self.host.lose(client);
                 }
+            }
+            Action::RestartDaemon { daemon } => {
+                let Some(slot) = self.daemons.get(daemon) else {
+                    return;
+                };
+                let (client, life) = (slot.client, slot.life + 1);
+                self.host.kill(client);
+                let proc = self.new_daemon(daemon, life);
+                let client = self.start_daemon(daemon, life, &proc);
+                self.daemons[daemon] = DaemonSlot { life, client, proc };
             }
         }
     }
