@@ -43,7 +43,9 @@ use crate::oracle::{Oracle, Violation};
 use crate::sched::{FaultConfig, Rng, SimConfig};
 use bytes::Bytes;
 use cotal_core::agent::{Agent, AgentConfig, AgentError, AgentEvent, RequestId};
-use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryEvent};
+use cotal_core::delivery::daemon::{
+    DegradedReason, Delivery, DeliveryConfig, DeliveryEvent, DeliveryHealth,
+};
 use cotal_core::wire::shard::ShardMap;
 use cotal_core::io::{Command, Input, Machine};
 use cotal_core::ledger::{MessageId, SourceKind};
@@ -1089,15 +1091,32 @@ impl Mesh {
                     self.host.lose(client);
                 }
             }
-            Action::RestartDaemon { daemon } => {
-                let Some(slot) = self.daemons.get(daemon) else {
-                    return;
-                };
-                let (client, life) = (slot.client, slot.life + 1);
-                self.host.kill(client);
-                let proc = self.new_daemon(daemon, life);
-                let client = self.start_daemon(daemon, life, &proc);
-                self.daemons[daemon] = DaemonSlot { life, client, proc };
+            Action::RestartDaemon { daemon } => self.restart_daemon(daemon),
+        }
+    }
+
+    fn restart_daemon(&mut self, daemon: usize) {
+        let Some(slot) = self.daemons.get(daemon) else {
+            return;
+        };
+        let (client, life) = (slot.client, slot.life + 1);
+        self.host.kill(client);
+        let proc = self.new_daemon(daemon, life);
+        let client = self.start_daemon(daemon, life, &proc);
+        self.daemons[daemon] = DaemonSlot { life, client, proc };
+    }
+
+    /// The supervisor of the daemons (systemd's `Restart=always`): a daemon that stopped (lost
+    /// its lease, or failed to acquire it within its window) is replaced by a fresh process.
+    fn supervise(&mut self) {
+        for d in 0..self.daemons.len() {
+            let stopped = matches!(
+                self.daemons[d].proc.borrow().daemon().health(),
+                DeliveryHealth::Degraded(reasons) if reasons.contains(&DegradedReason::Stopped)
+            );
+            if stopped {
+                self.host.note(format!("supervisor restarts d{d}"));
+                self.restart_daemon(d);
             }
         }
     }
@@ -1119,8 +1138,11 @@ impl Mesh {
                     format!("step budget of {} exhausted (livelock)", self.host.max_steps),
                 ));
             }
-            let journal = self.journal.borrow();
-            self.oracle.check_step(&self.host, &journal, &self.agents)?;
+            {
+                let journal = self.journal.borrow();
+                self.oracle.check_step(&self.host, &journal, &self.agents)?;
+            }
+            self.supervise();
         }
         self.host.run_until(until);
         Ok(())

@@ -900,6 +900,9 @@ impl Oracle {
                 .get(&key)
                 .and_then(|g| g.get(&j.generation))
                 .map_or(frontier, |iv| iv.leave_cursor.unwrap_or(frontier));
+            if end <= j.watermark {
+                continue;
+            }
             for (seq, id) in self.by_seq.range(j.watermark + 1..=end) {
                 let Some(m) = self.chat.get(id) else { continue };
                 if m.channel != j.channel || m.sender == me {

@@ -594,6 +594,7 @@ enum Pending {
 enum Timer {
     Heartbeat,
     DlvBind,
+    RegistryWatch,
     Reconcile(u64),
     Close(u64),
 }
@@ -650,6 +651,8 @@ pub struct Agent {
     dlv: Option<SubId>,
     dlv_bound: bool,
     dlv_attempts: u32,
+    /// Registry watches that failed or ended unknown on this connection (retried with backoff).
+    registry_attempts: u32,
     registry_feed: Option<SubId>,
     ledger: Ledger<Arrival>,
     deliveries: u64,
@@ -699,6 +702,7 @@ impl Agent {
             dlv: None,
             dlv_bound: false,
             dlv_attempts: 0,
+            registry_attempts: 0,
             registry_feed: None,
             ledger,
             deliveries: 0,
@@ -1134,16 +1138,9 @@ impl Agent {
             self.on_lost();
         }
         self.link = Link::Loading;
-        let sub = self.subs.next_id();
-        self.feeds.insert(sub, Feed::Registry);
-        self.registry_feed = Some(sub);
-        let op = self.op(Pending::RegistryWatch);
-        self.commands.push_back(Command::KvWatch {
-            op,
-            sub,
-            bucket: KvBucket::Channels.name(&self.config.space),
-            filter: ">".into(),
-        });
+        self.registry_attempts = 0;
+        self.timers.cancel(&Timer::RegistryWatch);
+        self.watch_registry();
         if self.config.durable_backstop {
             self.dlv_attempts = 0;
             self.timers.cancel(&Timer::DlvBind);
@@ -1169,6 +1166,20 @@ impl Agent {
             self.heartbeat(now);
             self.timers.set(Timer::Heartbeat, now.at + every);
         }
+    }
+
+    /// Opens the channel registry watch; the endpoint is ready once its initial values loaded.
+    fn watch_registry(&mut self) {
+        let sub = self.subs.next_id();
+        self.feeds.insert(sub, Feed::Registry);
+        self.registry_feed = Some(sub);
+        let op = self.op(Pending::RegistryWatch);
+        self.commands.push_back(Command::KvWatch {
+            op,
+            sub,
+            bucket: KvBucket::Channels.name(&self.config.space),
+            filter: ">".into(),
+        });
     }
 
     /// Binds the DLV consumer. Unlike the reference (G20), a failed bind or an ended consumer is
@@ -2329,10 +2340,29 @@ impl Agent {
         let outcome = completion.outcome;
         match pending {
             Pending::RegistryWatch => match outcome {
-                Outcome::Success(_) => self.on_registry_loaded(),
-                // The watch failed: stay loading; a reconnect retries. Joins are refused
-                // meanwhile (NotReady), never answered from an incomplete cache.
-                Outcome::Failed(_) | Outcome::Unknown => {}
+                Outcome::Success(_) => {
+                    self.registry_attempts = 0;
+                    self.on_registry_loaded();
+                }
+                // The watch failed or its outcome is unknown: stay loading (joins are refused
+                // meanwhile, never answered from an incomplete cache), drop what it delivered,
+                // and watch again after a backoff. A connection that stays up must not leave the
+                // endpoint loading forever (found by the simulator, seed 93: an ambiguous watch
+                // answer kept an agent unable to join, leave or reconcile for good).
+                Outcome::Failed(_) | Outcome::Unknown => {
+                    if self.link == Link::Loading && !self.stopped {
+                        if let Some(sub) = self.registry_feed.take() {
+                            self.feeds.remove(&sub);
+                            self.commands.push_back(Command::KvUnwatch { sub });
+                        }
+                        self.registry = ChannelRegistry::default();
+                        self.timers.set(
+                            Timer::RegistryWatch,
+                            now.at + backoff(self.registry_attempts),
+                        );
+                        self.registry_attempts = self.registry_attempts.saturating_add(1);
+                    }
+                }
             },
             Pending::DlvConsume => {
                 if outcome.is_success() {
@@ -2446,6 +2476,11 @@ impl Agent {
                 {
                     self.heartbeat(now);
                     self.timers.set(Timer::Heartbeat, now.at + every);
+                }
+            }
+            Timer::RegistryWatch => {
+                if self.link == Link::Loading && !self.stopped && self.registry_feed.is_none() {
+                    self.watch_registry();
                 }
             }
             Timer::DlvBind => {
