@@ -1205,6 +1205,9 @@ impl Agent {
         self.dlv_bound = false;
         if let Some(old) = self.dlv.take() {
             self.feeds.remove(&old);
+            // The bind may have happened all the same (an unknown outcome): stop that feed before
+            // the retry binds another, or it keeps taking deliveries nobody settles.
+            self.commands.push_back(Command::StopConsume { sub: old });
         }
         bump(&mut self.counters.dlv_bind_failures);
         self.timers

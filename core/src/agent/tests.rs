@@ -1582,3 +1582,17 @@ fn g20_a_failed_dlv_bind_is_retried_with_backoff() {
     w.advance(1_000);
     assert!(w.agent.health().dlv_bound);
 }
+
+#[test]
+fn g20_a_dlv_bind_with_an_unknown_outcome_is_stopped_before_the_retry() {
+    // The bind may have landed: its feed is stopped so it cannot keep taking deliveries nobody
+    // settles (the daemon's reader had this bug, found by the simulator, seed 128).
+    let mut w = World::new(&[]);
+    w.hold = Some(|c| matches!(c, Command::Consume { .. }));
+    w.connect();
+    w.release_held_as_unknown();
+    assert!(!w.agent.health().dlv_bound);
+    assert!(w.log.contains("StopConsume"), "{}", w.log);
+    w.advance(1_000);
+    assert!(w.agent.health().dlv_bound);
+}

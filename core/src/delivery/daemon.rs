@@ -1144,9 +1144,32 @@ impl Delivery {
                 }
                 self.maybe_ready(now);
             }
-            Outcome::Failed(f) => self.feed_failed(now, feed, f.to_string()),
-            Outcome::Unknown => self.feed_failed(now, feed, "outcome unknown".into()),
+            Outcome::Failed(f) => {
+                self.close_failed_feed(feed, sub);
+                self.feed_failed(now, feed, f.to_string());
+            }
+            Outcome::Unknown => {
+                self.close_failed_feed(feed, sub);
+                self.feed_failed(now, feed, "outcome unknown".into());
+            }
         }
+    }
+
+    /// A feed whose open failed or ended unknown may exist on the server all the same (the effect
+    /// happened, the answer was lost). Close it before the retry opens another: a forgotten
+    /// consumer feed keeps taking deliveries nobody settles (found by the simulator, seed 128: a
+    /// ghost reader feed starved an owner's dinbox entry forever).
+    fn close_failed_feed(&mut self, feed: Feed, sub: SubId) {
+        if !self.connected {
+            return;
+        }
+        self.commands.push_back(match feed {
+            Feed::Members | Feed::Acl | Feed::Channels | Feed::Presence => {
+                Command::KvUnwatch { sub }
+            }
+            Feed::Control => Command::Unsubscribe { sub },
+            Feed::Fanout | Feed::Reader => Command::StopConsume { sub },
+        });
     }
 
     fn feed_failed(&mut self, now: Now, feed: Feed, detail: String) {

@@ -38,6 +38,34 @@ fn boot_acquires_the_lease_before_anything_else_and_ready_after_binding() {
     assert_eq!(w.d.lease_state(), LeaseState::Ready);
 }
 
+#[test]
+fn a_consumer_feed_whose_open_ended_unknown_is_stopped_before_the_retry() {
+    // Found by the simulator (seed 128): the reader's bind landed but its answer was lost; the
+    // retry bound a second feed and the first, never stopped, kept taking deliveries that nobody
+    // settled.
+    let mut w = World::new();
+    w.rule(
+        |c| matches!(c, Command::Consume { consumer, .. } if consumer.name.starts_with("reader")),
+        Effect::ExecuteThenUnknown,
+        1,
+    );
+    w.boot();
+    w.advance(2_000);
+    let first = w
+        .log
+        .lines()
+        .find(|l| l.contains("consume reader"))
+        .and_then(|l| l.split_whitespace().find(|t| t.starts_with("sub#")))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("a reader consume: {}", w.log));
+    assert!(
+        w.log.contains(&format!("stop-consume {first}")),
+        "the ghost feed is stopped: {}",
+        w.log
+    );
+    assert!(w.d.serving(), "{}", w.log);
+}
+
 fn member_bucket() -> String {
     KvBucket::Members.name(&space())
 }
