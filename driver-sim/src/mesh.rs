@@ -834,7 +834,9 @@ impl Mesh {
             .wrapping_mul(0x9e37_79b9_7f4a_7c15)
             .wrapping_add((index as u64) << 32 | u64::from(life));
         let mut config = AgentConfig::new(self.space.clone(), me, channels, seed);
-        config.heartbeat = None;
+        // Presence (the daemon's mention roster) at connect and every 20 s: slower than the
+        // default 2 s to keep runs small, well inside the presence bucket's TTL.
+        config.heartbeat = Some(Duration::from_secs(20));
         config
     }
 

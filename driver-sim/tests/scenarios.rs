@@ -1,0 +1,332 @@
+//! Named scenarios of `shared/spec/scenarios.md` as deterministic simulator runs: real agents and
+//! (where named) the real delivery daemon on the broker model, a scripted workload, and the
+//! oracle's verdict, plus what each scenario promises about who received what, and how.
+
+// Test helpers unwrap set-up results and report through panics.
+#![allow(clippy::unwrap_used)]
+
+use cotal_core::agent::{AgentEvent, JoinError};
+use cotal_core::ledger::SourceKind;
+use cotal_core::time::Instant;
+use cotal_driver_sim::mesh::{
+    Action, Mesh, MeshConfig, RunReport, Step, Surfacing, Workload, default_channels,
+};
+use cotal_driver_sim::sched::FaultConfig;
+
+// Channel indices of `default_channels()`.
+const LOBBY: usize = 0; // live
+const OPS: usize = 1; // durable
+const SECRET: usize = 3; // durable
+
+// Agents.
+const ALICE: usize = 0;
+const BOB: usize = 1;
+const CAROL: usize = 2;
+
+struct Run {
+    mesh: Mesh,
+    report: RunReport,
+}
+
+/// Runs a scripted mesh of three agents (alice, bob, carol) with `daemons` daemons. `acl`
+/// defaults to every channel.
+fn run(
+    seed: u64,
+    daemons: usize,
+    boot: [&[usize]; 3],
+    acl: Option<[&[usize]; 3]>,
+    steps: &[(u64, Action)],
+) -> Run {
+    let mut config = MeshConfig::new(seed);
+    config.agents = 3;
+    config.channels = default_channels();
+    config.daemons = daemons;
+    config.faults = FaultConfig::default();
+    config.keep_transcript = true;
+    let all: &[usize] = &[0, 1, 2, 3];
+    let workload = Workload {
+        boot: boot.iter().map(|b| b.to_vec()).collect(),
+        acl: acl.unwrap_or([all, all, all]).iter().map(|a| a.to_vec()).collect(),
+        steps: steps
+            .iter()
+            .map(|(ms, action)| Step {
+                at: Instant::from_millis(*ms),
+                action: action.clone(),
+            })
+            .collect(),
+    };
+    let mut mesh = Mesh::new(config, workload);
+    let report = mesh.run();
+    if let Some(v) = &report.violation {
+        let lines = mesh.host().transcript().lines();
+        let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+        panic!("{v}\n{tail}");
+    }
+    Run { mesh, report }
+}
+
+fn post(agent: usize, channel: usize) -> Action {
+    Action::Post {
+        agent,
+        channel,
+        mention: None,
+    }
+}
+
+fn join(agent: usize, channel: usize) -> Action {
+    Action::Join { agent, channel }
+}
+
+fn leave(agent: usize, channel: usize) -> Action {
+    Action::Leave { agent, channel }
+}
+
+impl Run {
+    /// What `agent` surfaced, in order.
+    fn got(&self, agent: usize) -> Vec<Surfacing> {
+        self.mesh
+            .journal()
+            .surfacings
+            .iter()
+            .filter(|s| s.agent == agent)
+            .cloned()
+            .collect()
+    }
+
+    /// The id of the n-th post (1-based, in workload order) that CHAT stored.
+    fn posted(&self, n: usize) -> String {
+        let journal = self.mesh.journal();
+        journal
+            .requests
+            .iter()
+            .filter_map(|r| match &r.asked {
+                cotal_driver_sim::mesh::Asked::Send(_, id) => Some(id.clone()),
+                _ => None,
+            })
+            .nth(n - 1)
+            .unwrap()
+    }
+
+    fn received(&self, agent: usize, n: usize) -> Option<Surfacing> {
+        let id = self.posted(n);
+        self.got(agent).into_iter().find(|s| s.id == id)
+    }
+
+    fn events(&self, agent: usize) -> Vec<AgentEvent> {
+        self.mesh
+            .journal()
+            .events
+            .iter()
+            .filter(|e| e.agent == agent)
+            .map(|e| e.event.clone())
+            .collect()
+    }
+}
+
+#[test]
+fn a1_self_serve_live_join_with_no_daemon() {
+    let r = run(1, 0, [&[], &[], &[]], None, &[
+        (200, join(BOB, LOBBY)),
+        (400, post(ALICE, LOBBY)),
+    ]);
+    let got = r.received(BOB, 1).expect("bob gets alice's post");
+    assert_eq!(got.origin, SourceKind::Live);
+    assert!(r.events(BOB).iter().any(|e| matches!(
+        e,
+        AgentEvent::Joined { report, .. } if report.joined && !report.durable && report.reason.is_none()
+    )));
+}
+
+#[test]
+fn a2_out_of_acl_join_is_refused_cleanly() {
+    let no_secret: &[usize] = &[0, 1, 2];
+    let all: &[usize] = &[0, 1, 2, 3];
+    let r = run(2, 1, [&[], &[], &[]], Some([all, no_secret, all]), &[
+        (200, join(BOB, SECRET)),
+        (400, post(ALICE, SECRET)),
+    ]);
+    assert!(r.events(BOB).iter().any(|e| matches!(
+        e,
+        AgentEvent::JoinFailed { error: JoinError::Refused { .. }, .. }
+    )));
+    assert!(r.got(BOB).is_empty());
+    // The oracle's end checks (I6) found no subscription left behind; no membership either:
+    assert!(
+        !r.mesh
+            .host()
+            .broker()
+            .kv_keys("cotal_members_main")
+            .unwrap()
+            .iter()
+            .any(|k| k.starts_with("secret/")),
+    );
+}
+
+#[test]
+fn a3_leave_stops_live_delivery() {
+    let r = run(3, 0, [&[], &[LOBBY], &[]], None, &[
+        (300, post(ALICE, LOBBY)),
+        (600, leave(BOB, LOBBY)),
+        (900, post(ALICE, LOBBY)),
+    ]);
+    assert!(r.received(BOB, 1).is_some());
+    assert!(r.received(BOB, 2).is_none(), "nothing past the leave");
+}
+
+#[test]
+fn a4_rejoin_is_an_idempotent_no_op() {
+    let r = run(4, 0, [&[], &[LOBBY], &[]], None, &[(300, join(BOB, LOBBY))]);
+    assert!(r.events(BOB).iter().any(|e| matches!(
+        e,
+        AgentEvent::Joined { request: Some(_), report, .. } if !report.joined
+    )));
+}
+
+#[test]
+fn a5_leave_then_rejoin_resumes_delivery_exactly_once() {
+    let r = run(5, 0, [&[], &[LOBBY], &[]], None, &[
+        (300, leave(BOB, LOBBY)),
+        (600, join(BOB, LOBBY)),
+        (900, post(ALICE, LOBBY)),
+    ]);
+    let copies = r.got(BOB).iter().filter(|s| s.id == r.posted(1)).count();
+    assert_eq!(copies, 1);
+}
+
+#[test]
+fn a13_join_backfills_history_up_to_the_watermark_then_live() {
+    let r = run(13, 0, [&[], &[], &[]], None, &[
+        (200, post(ALICE, OPS)),
+        (300, post(CAROL, OPS)),
+        (500, join(BOB, OPS)),
+        (800, post(ALICE, OPS)),
+    ]);
+    assert_eq!(r.received(BOB, 1).unwrap().origin, SourceKind::Backfill);
+    assert_eq!(r.received(BOB, 2).unwrap().origin, SourceKind::Backfill);
+    assert_eq!(r.received(BOB, 3).unwrap().origin, SourceKind::Live);
+}
+
+#[test]
+fn a14_restart_of_the_same_identity_re_backfills() {
+    let r = run(14, 0, [&[], &[LOBBY], &[]], None, &[
+        (300, post(ALICE, LOBBY)),
+        (600, Action::Restart { agent: BOB }),
+    ]);
+    let copies: Vec<(u32, SourceKind)> = r
+        .got(BOB)
+        .iter()
+        .filter(|s| s.id == r.posted(1))
+        .map(|s| (s.life, s.origin))
+        .collect();
+    assert_eq!(copies, [(0, SourceKind::Live), (1, SourceKind::Backfill)]);
+}
+
+#[test]
+fn a15_reconnect_reopens_live_subs_without_re_backfill() {
+    let r = run(15, 0, [&[], &[LOBBY], &[]], None, &[
+        (300, post(ALICE, LOBBY)),
+        (600, Action::Lose { agent: BOB }),
+        (2_000, post(ALICE, LOBBY)),
+    ]);
+    assert_eq!(r.got(BOB).len(), 2, "no second copy of the first post");
+    assert_eq!(r.received(BOB, 2).unwrap().origin, SourceKind::Live);
+}
+
+#[test]
+fn a16_runtime_join_with_a_daemon_gets_a_backstop_and_surfaces_once() {
+    let r = run(16, 1, [&[], &[], &[]], None, &[
+        (1_000, join(BOB, OPS)),
+        (1_500, post(ALICE, OPS)),
+    ]);
+    assert!(r.events(BOB).iter().any(|e| matches!(
+        e,
+        AgentEvent::Joined { report, .. } if report.durable && report.cursor_honoured == Some(true)
+    )));
+    let copies = r.got(BOB).iter().filter(|s| s.id == r.posted(1)).count();
+    assert_eq!(copies, 1, "live and durable copies collapse");
+}
+
+#[test]
+fn a24_late_refusal_drops_the_channel() {
+    let r = run(24, 1, [&[], &[OPS], &[]], None, &[
+        (1_000, Action::Narrow { agent: BOB, channel: OPS }),
+        (1_500, post(ALICE, OPS)),
+    ]);
+    assert!(r
+        .events(BOB)
+        .iter()
+        .any(|e| matches!(e, AgentEvent::ChannelRefused { .. })));
+    assert!(r.received(BOB, 1).is_none());
+}
+
+#[test]
+fn a26_offline_catch_up_through_dlv() {
+    // Bob's connection is down while alice posts: the durable backstop delivers it.
+    let r = run(26, 1, [&[], &[OPS], &[]], None, &[
+        (1_000, Action::Lose { agent: BOB }),
+        (1_001, post(ALICE, OPS)),
+    ]);
+    let got = r.received(BOB, 1).expect("delivered after the reconnect");
+    assert_eq!(got.origin, SourceKind::Durable);
+}
+
+#[test]
+fn b17_rejoin_gap_is_not_durably_redelivered() {
+    let r = run(17, 1, [&[], &[OPS], &[]], None, &[
+        (1_000, leave(BOB, OPS)),
+        (1_500, post(ALICE, OPS)),
+        (2_000, join(BOB, OPS)),
+    ]);
+    // The gap message reaches the rejoin only through ACL-bounded history (replay is on).
+    let got = r.received(BOB, 1).expect("through the rejoin's backfill");
+    assert_eq!(got.origin, SourceKind::Backfill);
+}
+
+#[test]
+fn c2_leave_is_a_hard_backstop_cut() {
+    let r = run(2, 1, [&[], &[OPS], &[]], None, &[
+        (1_000, Action::Lose { agent: BOB }),
+        (1_001, post(ALICE, OPS)),
+        (3_000, leave(BOB, OPS)),
+        (3_500, post(ALICE, OPS)),
+    ]);
+    assert!(r.received(BOB, 1).is_some());
+    assert!(r.received(BOB, 2).is_none(), "nothing past the leave, on any path");
+}
+
+#[test]
+fn d6_two_daemons_hold_one_lease_and_deliver_once() {
+    let mut steps = vec![(1_000, Action::Lose { agent: BOB }), (1_001, post(ALICE, OPS))];
+    steps.push((5_000, Action::RestartDaemon { daemon: 0 }));
+    steps.push((5_001, Action::Lose { agent: BOB }));
+    steps.push((5_002, post(CAROL, OPS)));
+    let r = run(6, 2, [&[], &[OPS], &[]], None, &steps);
+    assert!(r.received(BOB, 1).is_some());
+    assert!(r.received(BOB, 2).is_some(), "the surviving daemon takes over");
+    assert!(r.report.messages >= 2);
+}
+
+#[test]
+fn demo_is_clean_and_reproducible() {
+    let a = cotal_driver_sim::demo::run(7);
+    assert!(a.clean(), "{a}");
+    assert!(a.received.iter().all(|(_, got)| !got.is_empty()), "{a}");
+    let b = cotal_driver_sim::demo::run(7);
+    assert_eq!(a, b);
+}
+
+#[test]
+fn c8_mention_on_a_live_channel_reaches_a_non_member_durably() {
+    let r = run(8, 1, [&[LOBBY], &[], &[]], None, &[(
+        1_000,
+        Action::Post {
+            agent: ALICE,
+            channel: LOBBY,
+            mention: Some(CAROL),
+        },
+    )]);
+    let got = r.received(CAROL, 1).expect("carol is mentioned");
+    assert_eq!(got.origin, SourceKind::Durable);
+    assert!(got.mentions_me);
+    assert!(r.received(BOB, 1).is_none(), "bob is neither a member nor mentioned");
+}
