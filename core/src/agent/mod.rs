@@ -1804,7 +1804,17 @@ impl Agent {
         let Some(entry) = self.channels.get_mut(&key) else {
             return;
         };
-        if entry.phase != Phase::Joined || entry.leave.is_some() {
+        if entry.phase != Phase::Joined {
+            return;
+        }
+        if entry.leave.is_some() {
+            // A leave is in flight: it decides. If it fails, the channel stays joined and the
+            // backstop must still be re-established, so look again after the backoff step (found
+            // by the simulator, seed 409: a reconcile that fired during a retried leave was
+            // dropped, and the failed leave left the channel degraded for good).
+            let slot = self.slot(&channel);
+            let at = self.last_at + backoff(0);
+            self.timers.set(Timer::Reconcile(slot), at);
             return;
         }
         if self.memberships.contains_key(&channel) || self.reconcile_in_flight.contains(&channel) {

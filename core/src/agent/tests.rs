@@ -1127,6 +1127,39 @@ fn a18_boot_join_committed_before_the_registry_loaded_survives_a_loss() {
 }
 
 #[test]
+fn a25_a_reconcile_due_during_a_retried_leave_is_not_lost() {
+    // Found by the simulator (seed 409): after an unknown tombstone the backstop is degraded and
+    // a reconcile is due; it fired while a retried leave was in flight and was dropped; that leave
+    // failed too, and the channel stayed joined and degraded for good.
+    let mut w = World::new(&[]);
+    w.connect();
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    w.daemon.unknown_ops.insert("durableLeave".into());
+    w.agent.leave(w.now, &ch("review")).unwrap();
+    w.run();
+    assert_eq!(w.agent.joined(), [ch("review")], "fail closed");
+    w.daemon.unknown_ops.clear();
+    // A retried leave is in flight when the reconcile comes due.
+    w.hold = Some(|c| matches!(c, Command::Request { .. }));
+    w.agent.leave(w.now, &ch("review")).unwrap();
+    w.run();
+    w.advance(1_000);
+    w.release_held_as_unknown();
+    assert_eq!(w.agent.joined(), [ch("review")], "the retried leave failed");
+    w.advance(2_000);
+    assert!(
+        matches!(
+            w.agent.health().channels[0].backstop,
+            BackstopState::Established { .. }
+        ),
+        "{:?}\n{}",
+        w.agent.health().channels[0].backstop,
+        w.log
+    );
+}
+
+#[test]
 fn a24_late_refusal_drops_the_channel_and_closes_the_membership() {
     let mut w = World::new(&[]);
     w.connect();
