@@ -108,15 +108,39 @@ pub fn workload() -> Workload {
         (500, post(alice, lobby, None)),
         (600, post(bob, ops, Some(carol))),
         (700, post(carol, ops, None)),
-        (900, Action::Join { agent: dave, channel: ops }),
-        (1_000, Action::Join { agent: bob, channel: secret }),
+        (
+            900,
+            Action::Join {
+                agent: dave,
+                channel: ops,
+            },
+        ),
+        (
+            1_000,
+            Action::Join {
+                agent: bob,
+                channel: secret,
+            },
+        ),
         (1_500, post(alice, ops, None)),
         (1_600, post(dave, lobby, Some(alice))),
-        (2_000, Action::Leave { agent: carol, channel: ops }),
+        (
+            2_000,
+            Action::Leave {
+                agent: carol,
+                channel: ops,
+            },
+        ),
         (2_300, post(alice, ops, None)),
         (2_500, Action::Restart { agent: bob }),
         (2_700, post(dave, ops, None)),
-        (3_000, Action::Join { agent: carol, channel: ops }),
+        (
+            3_000,
+            Action::Join {
+                agent: carol,
+                channel: ops,
+            },
+        ),
         (3_500, post(alice, ops, Some(carol))),
         (3_600, Action::Lose { agent: dave }),
         (3_700, post(carol, lobby, None)),
@@ -127,7 +151,12 @@ pub fn workload() -> Workload {
         // alice, bob, carol: lobby and ops at boot; dave: lobby only.
         boot: vec![vec![lobby, ops], vec![lobby, ops], vec![ops], vec![lobby]],
         // Nobody but alice may read `secret`.
-        acl: vec![vec![0, 1, 2, 3], vec![0, 1, 2], vec![0, 1, 2], vec![0, 1, 2]],
+        acl: vec![
+            vec![0, 1, 2, 3],
+            vec![0, 1, 2],
+            vec![0, 1, 2],
+            vec![0, 1, 2],
+        ],
         steps: steps
             .into_iter()
             .map(|(ms, action)| Step { at: at(ms), action })

@@ -74,7 +74,9 @@ impl FaultSet {
             let f = Fault::ALL
                 .into_iter()
                 .find(|f| f.name() == part)
-                .ok_or_else(|| format!("unknown fault {part:?} (drop, loss, slow, kv, ambiguous)"))?;
+                .ok_or_else(|| {
+                    format!("unknown fault {part:?} (drop, loss, slow, kv, ambiguous)")
+                })?;
             set.insert(f);
         }
         Ok(FaultSet(set))

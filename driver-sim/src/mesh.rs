@@ -46,7 +46,6 @@ use cotal_core::agent::{Agent, AgentConfig, AgentError, AgentEvent, RequestId};
 use cotal_core::delivery::daemon::{
     DegradedReason, Delivery, DeliveryConfig, DeliveryEvent, DeliveryHealth,
 };
-use cotal_core::wire::shard::ShardMap;
 use cotal_core::io::{Command, Input, Machine};
 use cotal_core::ledger::{MessageId, SourceKind};
 use cotal_core::time::{Duration, Instant, Now};
@@ -57,6 +56,7 @@ use cotal_core::wire::keys::{KvBucket, acl_key};
 use cotal_core::wire::message::{Part, Sender};
 use cotal_core::wire::permissions::{AgentPolicy, Permissions};
 use cotal_core::wire::records::AclRecord;
+use cotal_core::wire::shard::ShardMap;
 use cotal_core::wire::token::{AgentId, Channel, Space};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, VecDeque};
@@ -561,7 +561,8 @@ impl AgentProc {
                 self.handled(&m.id);
             } else {
                 self.handle_seq += 1;
-                self.to_handle.insert((now.at + delay, self.handle_seq), m.id);
+                self.to_handle
+                    .insert((now.at + delay, self.handle_seq), m.id);
             }
         }
     }
@@ -764,8 +765,8 @@ impl Mesh {
         }
         let mut rng = Rng::new(mesh.config.seed ^ 0x6167_656e_0000_0003);
         let n = mesh.config.agents.min(AGENT_NAMES.len());
-        for i in 0..n {
-            let id = AgentId::new(AGENT_NAMES[i]).expect("a valid agent id");
+        for (i, name) in AGENT_NAMES.iter().enumerate().take(n) {
+            let id = AgentId::new(*name).expect("a valid agent id");
             let acl = mesh.workload.acl.get(i).cloned().unwrap_or_default();
             let boot = mesh.workload.boot.get(i).cloned().unwrap_or_default();
             let consumer = ConsumerSpec::dlv(&mesh.space, &id);
@@ -811,7 +812,12 @@ impl Mesh {
         }))
     }
 
-    fn start_daemon(&mut self, index: usize, life: u32, proc: &Rc<RefCell<DaemonProc>>) -> ClientId {
+    fn start_daemon(
+        &mut self,
+        index: usize,
+        life: u32,
+        proc: &Rc<RefCell<DaemonProc>>,
+    ) -> ClientId {
         let id = AgentId::new(Self::daemon_id(index, life)).expect("a valid daemon id");
         let perms = Permissions::delivery(&self.space, &id);
         self.host.add_machine(
@@ -1040,7 +1046,12 @@ impl Mesh {
                     .into_iter()
                     .collect();
                 self.posts += 1;
-                let text = format!("{} post {} on {}", AGENT_NAMES[agent], self.posts, ch.as_str());
+                let text = format!(
+                    "{} post {} on {}",
+                    AGENT_NAMES[agent],
+                    self.posts,
+                    ch.as_str()
+                );
                 let result = {
                     let mut p = slot.proc.borrow_mut();
                     p.now = now;
@@ -1137,7 +1148,10 @@ impl Mesh {
                     None,
                     None,
                     self.host.now().at,
-                    format!("step budget of {} exhausted (livelock)", self.host.max_steps),
+                    format!(
+                        "step budget of {} exhausted (livelock)",
+                        self.host.max_steps
+                    ),
                 ));
             }
             {

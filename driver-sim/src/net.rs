@@ -433,7 +433,12 @@ impl Net {
     /// # Errors
     ///
     /// The broker's failure (unknown bucket, invalid key).
-    pub fn operator_kv_put(&mut self, bucket: &str, key: &str, value: Bytes) -> Result<u64, Failure> {
+    pub fn operator_kv_put(
+        &mut self,
+        bucket: &str,
+        key: &str,
+        value: Bytes,
+    ) -> Result<u64, Failure> {
         let stored = self.broker.kv_put(bucket, key, value, KvCondition::Any)?;
         let revision = stored.seq;
         let stream = kv_stream(bucket);

@@ -46,9 +46,9 @@ use cotal_core::agent::{AgentEvent, BackstopState};
 use cotal_core::ledger::SourceKind;
 use cotal_core::time::Instant;
 use cotal_core::wire::config::SpaceStream;
+use cotal_core::wire::json;
 use cotal_core::wire::keys::{KvBucket, parse_member_key};
 use cotal_core::wire::message::CotalMessage;
-use cotal_core::wire::json;
 use cotal_core::wire::records::MembershipRecord;
 use cotal_core::wire::subject::{SubjectKind, chat_subscribe_pattern, parse_subject};
 use cotal_core::wire::token::Space;
@@ -549,7 +549,10 @@ impl Oracle {
                 agent,
                 message,
                 s.at,
-                format!("from.id {} but the subject's sender is {}", s.from, truth.sender),
+                format!(
+                    "from.id {} but the subject's sender is {}",
+                    s.from, truth.sender
+                ),
             ));
         }
         if s.channel.as_deref() != Some(truth.channel.as_str()) {
@@ -610,7 +613,7 @@ impl Oracle {
                     })
                 });
                 let mention = !self.durable_channels.contains(&truth.channel)
-                    && truth.mentions.iter().any(|m| *m == me);
+                    && truth.mentions.contains(&me);
                 if !in_interval && !mention {
                     return Err(self.violation(
                         "S7-interval",
@@ -629,7 +632,13 @@ impl Oracle {
         Ok(())
     }
 
-    fn answer(&mut self, agent: usize, life: u32, request: u64, at: Instant) -> Result<(), Violation> {
+    fn answer(
+        &mut self,
+        agent: usize,
+        life: u32,
+        request: u64,
+        at: Instant,
+    ) -> Result<(), Violation> {
         let a = Some(who(&self.names, agent, life));
         match self.requests.get_mut(&(agent, life, request)) {
             None => Err(self.violation(
@@ -865,7 +874,9 @@ impl Oracle {
                 }
                 if self.daemons > 0
                     && !established
-                    && !self.narrowed.contains(&(index, ch.channel.as_str().to_owned()))
+                    && !self
+                        .narrowed
+                        .contains(&(index, ch.channel.as_str().to_owned()))
                 {
                     return Err(self.violation(
                         "I11",
@@ -908,7 +919,9 @@ impl Oracle {
                 if m.channel != j.channel || m.sender == me {
                     continue;
                 }
-                if got.contains(&(j.agent, id.as_str())) || self.lost.contains(&(j.agent, id.clone())) {
+                if got.contains(&(j.agent, id.as_str()))
+                    || self.lost.contains(&(j.agent, id.clone()))
+                {
                     continue;
                 }
                 return Err(self.violation(

@@ -69,5 +69,9 @@ fn g1_the_oracle_fails_when_the_join_cursor_is_switched_off() {
     let (seed, v) = caught.expect("the oracle sees the G1 gap within 200 seeds");
     assert_eq!(v.invariant, "S7-complete", "{v}");
     let fixed = RunSpec::new(seed, 60, FaultSet::default());
-    assert_eq!(fixed.run(false).0.violation, None, "seed {seed} passes with the fix");
+    assert_eq!(
+        fixed.run(false).0.violation,
+        None,
+        "seed {seed} passes with the fix"
+    );
 }

@@ -46,7 +46,11 @@ fn run(
     let all: &[usize] = &[0, 1, 2, 3];
     let workload = Workload {
         boot: boot.iter().map(|b| b.to_vec()).collect(),
-        acl: acl.unwrap_or([all, all, all]).iter().map(|a| a.to_vec()).collect(),
+        acl: acl
+            .unwrap_or([all, all, all])
+            .iter()
+            .map(|a| a.to_vec())
+            .collect(),
         steps: steps
             .iter()
             .map(|(ms, action)| Step {
@@ -125,10 +129,13 @@ impl Run {
 
 #[test]
 fn a1_self_serve_live_join_with_no_daemon() {
-    let r = run(1, 0, [&[], &[], &[]], None, &[
-        (200, join(BOB, LOBBY)),
-        (400, post(ALICE, LOBBY)),
-    ]);
+    let r = run(
+        1,
+        0,
+        [&[], &[], &[]],
+        None,
+        &[(200, join(BOB, LOBBY)), (400, post(ALICE, LOBBY))],
+    );
     let got = r.received(BOB, 1).expect("bob gets alice's post");
     assert_eq!(got.origin, SourceKind::Live);
     assert!(r.events(BOB).iter().any(|e| matches!(
@@ -141,13 +148,19 @@ fn a1_self_serve_live_join_with_no_daemon() {
 fn a2_out_of_acl_join_is_refused_cleanly() {
     let no_secret: &[usize] = &[0, 1, 2];
     let all: &[usize] = &[0, 1, 2, 3];
-    let r = run(2, 1, [&[], &[], &[]], Some([all, no_secret, all]), &[
-        (200, join(BOB, SECRET)),
-        (400, post(ALICE, SECRET)),
-    ]);
+    let r = run(
+        2,
+        1,
+        [&[], &[], &[]],
+        Some([all, no_secret, all]),
+        &[(200, join(BOB, SECRET)), (400, post(ALICE, SECRET))],
+    );
     assert!(r.events(BOB).iter().any(|e| matches!(
         e,
-        AgentEvent::JoinFailed { error: JoinError::Refused { .. }, .. }
+        AgentEvent::JoinFailed {
+            error: JoinError::Refused { .. },
+            ..
+        }
     )));
     assert!(r.got(BOB).is_empty());
     // The oracle's end checks (I6) found no subscription left behind; no membership either:
@@ -164,11 +177,17 @@ fn a2_out_of_acl_join_is_refused_cleanly() {
 
 #[test]
 fn a3_leave_stops_live_delivery() {
-    let r = run(3, 0, [&[], &[LOBBY], &[]], None, &[
-        (300, post(ALICE, LOBBY)),
-        (600, leave(BOB, LOBBY)),
-        (900, post(ALICE, LOBBY)),
-    ]);
+    let r = run(
+        3,
+        0,
+        [&[], &[LOBBY], &[]],
+        None,
+        &[
+            (300, post(ALICE, LOBBY)),
+            (600, leave(BOB, LOBBY)),
+            (900, post(ALICE, LOBBY)),
+        ],
+    );
     assert!(r.received(BOB, 1).is_some());
     assert!(r.received(BOB, 2).is_none(), "nothing past the leave");
 }
@@ -184,23 +203,35 @@ fn a4_rejoin_is_an_idempotent_no_op() {
 
 #[test]
 fn a5_leave_then_rejoin_resumes_delivery_exactly_once() {
-    let r = run(5, 0, [&[], &[LOBBY], &[]], None, &[
-        (300, leave(BOB, LOBBY)),
-        (600, join(BOB, LOBBY)),
-        (900, post(ALICE, LOBBY)),
-    ]);
+    let r = run(
+        5,
+        0,
+        [&[], &[LOBBY], &[]],
+        None,
+        &[
+            (300, leave(BOB, LOBBY)),
+            (600, join(BOB, LOBBY)),
+            (900, post(ALICE, LOBBY)),
+        ],
+    );
     let copies = r.got(BOB).iter().filter(|s| s.id == r.posted(1)).count();
     assert_eq!(copies, 1);
 }
 
 #[test]
 fn a13_join_backfills_history_up_to_the_watermark_then_live() {
-    let r = run(13, 0, [&[], &[], &[]], None, &[
-        (200, post(ALICE, OPS)),
-        (300, post(CAROL, OPS)),
-        (500, join(BOB, OPS)),
-        (800, post(ALICE, OPS)),
-    ]);
+    let r = run(
+        13,
+        0,
+        [&[], &[], &[]],
+        None,
+        &[
+            (200, post(ALICE, OPS)),
+            (300, post(CAROL, OPS)),
+            (500, join(BOB, OPS)),
+            (800, post(ALICE, OPS)),
+        ],
+    );
     assert_eq!(r.received(BOB, 1).unwrap().origin, SourceKind::Backfill);
     assert_eq!(r.received(BOB, 2).unwrap().origin, SourceKind::Backfill);
     assert_eq!(r.received(BOB, 3).unwrap().origin, SourceKind::Live);
@@ -208,10 +239,16 @@ fn a13_join_backfills_history_up_to_the_watermark_then_live() {
 
 #[test]
 fn a14_restart_of_the_same_identity_re_backfills() {
-    let r = run(14, 0, [&[], &[LOBBY], &[]], None, &[
-        (300, post(ALICE, LOBBY)),
-        (600, Action::Restart { agent: BOB }),
-    ]);
+    let r = run(
+        14,
+        0,
+        [&[], &[LOBBY], &[]],
+        None,
+        &[
+            (300, post(ALICE, LOBBY)),
+            (600, Action::Restart { agent: BOB }),
+        ],
+    );
     let copies: Vec<(u32, SourceKind)> = r
         .got(BOB)
         .iter()
@@ -223,21 +260,30 @@ fn a14_restart_of_the_same_identity_re_backfills() {
 
 #[test]
 fn a15_reconnect_reopens_live_subs_without_re_backfill() {
-    let r = run(15, 0, [&[], &[LOBBY], &[]], None, &[
-        (300, post(ALICE, LOBBY)),
-        (600, Action::Lose { agent: BOB }),
-        (2_000, post(ALICE, LOBBY)),
-    ]);
+    let r = run(
+        15,
+        0,
+        [&[], &[LOBBY], &[]],
+        None,
+        &[
+            (300, post(ALICE, LOBBY)),
+            (600, Action::Lose { agent: BOB }),
+            (2_000, post(ALICE, LOBBY)),
+        ],
+    );
     assert_eq!(r.got(BOB).len(), 2, "no second copy of the first post");
     assert_eq!(r.received(BOB, 2).unwrap().origin, SourceKind::Live);
 }
 
 #[test]
 fn a16_runtime_join_with_a_daemon_gets_a_backstop_and_surfaces_once() {
-    let r = run(16, 1, [&[], &[], &[]], None, &[
-        (1_000, join(BOB, OPS)),
-        (1_500, post(ALICE, OPS)),
-    ]);
+    let r = run(
+        16,
+        1,
+        [&[], &[], &[]],
+        None,
+        &[(1_000, join(BOB, OPS)), (1_500, post(ALICE, OPS))],
+    );
     assert!(r.events(BOB).iter().any(|e| matches!(
         e,
         AgentEvent::Joined { report, .. } if report.durable && report.cursor_honoured == Some(true)
@@ -248,35 +294,60 @@ fn a16_runtime_join_with_a_daemon_gets_a_backstop_and_surfaces_once() {
 
 #[test]
 fn a24_late_refusal_drops_the_channel() {
-    let r = run(24, 1, [&[], &[OPS], &[]], None, &[
-        (1_000, Action::Narrow { agent: BOB, channel: OPS }),
-        (1_500, post(ALICE, OPS)),
-    ]);
-    assert!(r
-        .events(BOB)
-        .iter()
-        .any(|e| matches!(e, AgentEvent::ChannelRefused { .. })));
+    let r = run(
+        24,
+        1,
+        [&[], &[OPS], &[]],
+        None,
+        &[
+            (
+                1_000,
+                Action::Narrow {
+                    agent: BOB,
+                    channel: OPS,
+                },
+            ),
+            (1_500, post(ALICE, OPS)),
+        ],
+    );
+    assert!(
+        r.events(BOB)
+            .iter()
+            .any(|e| matches!(e, AgentEvent::ChannelRefused { .. }))
+    );
     assert!(r.received(BOB, 1).is_none());
 }
 
 #[test]
 fn a26_offline_catch_up_through_dlv() {
     // Bob's connection is down while alice posts: the durable backstop delivers it.
-    let r = run(26, 1, [&[], &[OPS], &[]], None, &[
-        (1_000, Action::Lose { agent: BOB }),
-        (1_001, post(ALICE, OPS)),
-    ]);
+    let r = run(
+        26,
+        1,
+        [&[], &[OPS], &[]],
+        None,
+        &[
+            (1_000, Action::Lose { agent: BOB }),
+            (1_001, post(ALICE, OPS)),
+        ],
+    );
     let got = r.received(BOB, 1).expect("delivered after the reconnect");
     assert_eq!(got.origin, SourceKind::Durable);
 }
 
 #[test]
 fn b17_rejoin_gap_is_not_durably_redelivered() {
-    let r = run(17, 1, [&[], &[OPS], &[]], None, &[
-        (1_000, leave(BOB, OPS)),
-        (1_500, post(ALICE, OPS)),
-        (2_000, join(BOB, OPS)),
-    ]);
+    let r = run(
+        17,
+        1,
+        [&[], &[OPS], &[]],
+        None,
+        &[
+            (1_000, leave(BOB, OPS)),
+            (1_500, post(ALICE, OPS)),
+            (2_000, join(BOB, OPS)),
+        ],
+    );
     // The gap message reaches the rejoin only through ACL-bounded history (replay is on).
     let got = r.received(BOB, 1).expect("through the rejoin's backfill");
     assert_eq!(got.origin, SourceKind::Backfill);
@@ -284,25 +355,40 @@ fn b17_rejoin_gap_is_not_durably_redelivered() {
 
 #[test]
 fn c2_leave_is_a_hard_backstop_cut() {
-    let r = run(2, 1, [&[], &[OPS], &[]], None, &[
-        (1_000, Action::Lose { agent: BOB }),
-        (1_001, post(ALICE, OPS)),
-        (3_000, leave(BOB, OPS)),
-        (3_500, post(ALICE, OPS)),
-    ]);
+    let r = run(
+        2,
+        1,
+        [&[], &[OPS], &[]],
+        None,
+        &[
+            (1_000, Action::Lose { agent: BOB }),
+            (1_001, post(ALICE, OPS)),
+            (3_000, leave(BOB, OPS)),
+            (3_500, post(ALICE, OPS)),
+        ],
+    );
     assert!(r.received(BOB, 1).is_some());
-    assert!(r.received(BOB, 2).is_none(), "nothing past the leave, on any path");
+    assert!(
+        r.received(BOB, 2).is_none(),
+        "nothing past the leave, on any path"
+    );
 }
 
 #[test]
 fn d6_two_daemons_hold_one_lease_and_deliver_once() {
-    let mut steps = vec![(1_000, Action::Lose { agent: BOB }), (1_001, post(ALICE, OPS))];
+    let mut steps = vec![
+        (1_000, Action::Lose { agent: BOB }),
+        (1_001, post(ALICE, OPS)),
+    ];
     steps.push((5_000, Action::RestartDaemon { daemon: 0 }));
     steps.push((5_001, Action::Lose { agent: BOB }));
     steps.push((5_002, post(CAROL, OPS)));
     let r = run(6, 2, [&[], &[OPS], &[]], None, &steps);
     assert!(r.received(BOB, 1).is_some());
-    assert!(r.received(BOB, 2).is_some(), "the surviving daemon takes over");
+    assert!(
+        r.received(BOB, 2).is_some(),
+        "the surviving daemon takes over"
+    );
     assert!(r.report.messages >= 2);
 }
 
@@ -317,16 +403,25 @@ fn demo_is_clean_and_reproducible() {
 
 #[test]
 fn c8_mention_on_a_live_channel_reaches_a_non_member_durably() {
-    let r = run(8, 1, [&[LOBBY], &[], &[]], None, &[(
-        1_000,
-        Action::Post {
-            agent: ALICE,
-            channel: LOBBY,
-            mention: Some(CAROL),
-        },
-    )]);
+    let r = run(
+        8,
+        1,
+        [&[LOBBY], &[], &[]],
+        None,
+        &[(
+            1_000,
+            Action::Post {
+                agent: ALICE,
+                channel: LOBBY,
+                mention: Some(CAROL),
+            },
+        )],
+    );
     let got = r.received(CAROL, 1).expect("carol is mentioned");
     assert_eq!(got.origin, SourceKind::Durable);
     assert!(got.mentions_me);
-    assert!(r.received(BOB, 1).is_none(), "bob is neither a member nor mentioned");
+    assert!(
+        r.received(BOB, 1).is_none(),
+        "bob is neither a member nor mentioned"
+    );
 }

@@ -1103,7 +1103,11 @@ fn a18_boot_join_committed_before_the_registry_loaded_survives_a_loss() {
     w.post("alice", "ops", "old");
     w.hold = Some(|c| matches!(c, Command::KvWatch { .. }));
     w.connect();
-    assert_eq!(w.agent.joined(), [ch("ops")], "committed before the registry");
+    assert_eq!(
+        w.agent.joined(),
+        [ch("ops")],
+        "committed before the registry"
+    );
     w.drop_connection();
     assert!(
         !w.log.contains("! joined"),
@@ -1433,7 +1437,11 @@ fn joins_wait_for_the_registry_and_unknown_watch_keeps_them_refused() {
     assert!(!w.agent.health().ready);
     // On a connection that stays up, the watch is opened again after a backoff (found by the
     // simulator, seed 93: the endpoint stayed loading forever).
-    assert!(w.log.contains("KvUnwatch"), "the unknown watch is closed: {}", w.log);
+    assert!(
+        w.log.contains("KvUnwatch"),
+        "the unknown watch is closed: {}",
+        w.log
+    );
     w.advance(1_000);
     assert!(w.agent.health().ready, "{}", w.log);
     w.agent.join(w.now, ch("a")).unwrap();

@@ -93,7 +93,10 @@ impl Args {
 fn determinism(spec: &RunSpec) -> bool {
     let (a, b) = check_determinism(spec);
     if a == b {
-        println!("seed {}: deterministic, transcript hash {a:016x}", spec.seed);
+        println!(
+            "seed {}: deterministic, transcript hash {a:016x}",
+            spec.seed
+        );
         true
     } else {
         println!(
@@ -124,11 +127,11 @@ fn explore(args: &Args) -> Result<ExitCode, String> {
         if due || report.violation.is_some() {
             last_progress = secs;
             eprint!(
-            "\rexplore: {}/{seeds} seeds  {:.1} seeds/s  {messages} messages ({:.0}/s)  {surfaced} surfaced  ",
-            i + 1,
-            (i + 1) as f64 / secs,
-            messages as f64 / secs,
-        );
+                "\rexplore: {}/{seeds} seeds  {:.1} seeds/s  {messages} messages ({:.0}/s)  {surfaced} surfaced  ",
+                i + 1,
+                (i + 1) as f64 / secs,
+                messages as f64 / secs,
+            );
             let _ = std::io::stderr().flush();
         }
         if let Some(v) = report.violation {
@@ -151,7 +154,10 @@ fn explore(args: &Args) -> Result<ExitCode, String> {
             if let Some(v) = &report.violation {
                 println!("violated: {} — {v}", v.invariant);
             }
-            println!("replay: cargo run --release -p cotal-driver-sim --bin cotal-sim -- {}", spec.replay_args());
+            println!(
+                "replay: cargo run --release -p cotal-driver-sim --bin cotal-sim -- {}",
+                spec.replay_args()
+            );
             println!("last 40 transcript lines:");
             let lines = mesh.host().transcript().lines();
             for l in &lines[lines.len().saturating_sub(40)..] {
