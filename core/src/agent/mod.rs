@@ -1928,11 +1928,29 @@ impl Agent {
         let Some(request) = entry.leave.take() else {
             return;
         };
+        let durable = entry.backstop != BackstopState::NotApplicable;
         self.events.push_back(AgentEvent::LeaveFailed {
             request,
             channel: channel.clone(),
             error,
         });
+        // The channel stays joined, so it keeps (or gets back) its membership: a close queued
+        // while the leave was in flight (a join reply that came back during it, G11) must not
+        // tombstone the backstop of a joined channel, and a reconcile re-establishes a membership
+        // the mirror no longer vouches for (found by the simulator, seed 3326).
+        let Some(concrete) = channel.to_concrete() else {
+            return;
+        };
+        if !self.close_in_flight.contains(&concrete) && self.unclosed.remove(&concrete).is_some() {
+            if let Some(slot) = self.slot_of.get(&concrete).copied() {
+                self.timers.cancel(&Timer::Close(slot));
+            }
+        }
+        if durable && !self.memberships.contains_key(&concrete) {
+            let slot = self.slot(&concrete);
+            let at = self.last_at + backoff(0);
+            self.timers.set(Timer::Reconcile(slot), at);
+        }
     }
 
     fn on_list_for_leave(&mut self, channel: Channel, outcome: Outcome<Reply>) {
@@ -1978,9 +1996,14 @@ impl Agent {
                 if mirrored {
                     self.memberships.remove(&channel);
                 }
-                if mirrored && !leaving && self.channels.contains_key(&key) {
-                    // A refusal close landed after a rejoin had adopted the same generation: the
-                    // channel is joined but its membership is gone. Establish a new one now.
+                let joined = self
+                    .channels
+                    .get(&key)
+                    .is_some_and(|e| e.phase == Phase::Joined);
+                if !leaving && joined && !self.memberships.contains_key(&channel) {
+                    // A close landed while the channel is joined (a refusal close after a rejoin
+                    // adopted the same generation, or a close queued during a leave that then
+                    // failed): its membership is gone. Establish a new one now.
                     let slot = self.slot(&channel);
                     self.timers.set(Timer::Reconcile(slot), now.at);
                     if let Some(entry) = self.channels.get_mut(&key) {

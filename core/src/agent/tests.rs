@@ -1164,6 +1164,39 @@ fn a25_a_reconcile_due_during_a_retried_leave_is_not_lost() {
 }
 
 #[test]
+fn a25_a_failed_leave_cancels_the_close_queued_during_it() {
+    // Found by the simulator (seed 3326): a reconcile's durableJoin came back unknown while a leave
+    // was in flight, so a close was queued (G11); the leave then failed and the channel stayed
+    // joined, but the close went on and tombstoned the joined channel's membership for good.
+    let mut w = World::new(&[]);
+    w.connect();
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    w.daemon.unknown_ops.insert("durableLeave".into());
+    w.agent.leave(w.now, &ch("review")).unwrap();
+    w.run();
+    w.daemon.unknown_ops.clear();
+    // The reconcile is due in 1 s; a retried leave starts; both requests are held.
+    w.hold = Some(|c| matches!(c, Command::Request { .. }));
+    w.advance(1_000);
+    w.agent.leave(w.now, &ch("review")).unwrap();
+    w.run();
+    assert_eq!(w.held.len(), 2, "{}", w.log);
+    // Both answers are lost, and the daemon is unreachable for the close that follows.
+    w.daemon.up = false;
+    w.release_held_as_unknown();
+    assert_eq!(w.agent.joined(), [ch("review")], "the leave failed");
+    w.daemon.up = true;
+    w.advance(60_000);
+    assert_eq!(w.daemon.members["review"], (1, true), "never tombstoned: {}", w.log);
+    assert!(matches!(
+        w.agent.health().channels[0].backstop,
+        BackstopState::Established { generation: 1 }
+    ));
+    assert!(w.agent.health().unclosed.is_empty());
+}
+
+#[test]
 fn a24_late_refusal_drops_the_channel_and_closes_the_membership() {
     let mut w = World::new(&[]);
     w.connect();
