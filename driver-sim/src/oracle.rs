@@ -612,8 +612,8 @@ impl Oracle {
                         iv.join_cursor < truth.seq && iv.leave_cursor.is_none_or(|l| truth.seq <= l)
                     })
                 });
-                let mention = !self.durable_channels.contains(&truth.channel)
-                    && truth.mentions.contains(&me);
+                let mention =
+                    !self.durable_channels.contains(&truth.channel) && truth.mentions.contains(&me);
                 if !in_interval && !mention {
                     return Err(self.violation(
                         "S7-interval",

@@ -1712,6 +1712,14 @@ impl Agent {
                     self.start_close(now, channel, Some(generation));
                     return;
                 }
+                if self
+                    .memberships
+                    .get(&channel)
+                    .is_some_and(|current| *current > generation)
+                {
+                    // A late answer to an older request: a newer membership is established.
+                    return;
+                }
                 self.memberships.insert(channel.clone(), generation);
                 self.maybe_member.insert(channel.clone());
                 // A rejoin supersedes a pending refusal close: of an older generation (the daemon
@@ -1763,6 +1771,14 @@ impl Agent {
                     {
                         self.start_close(now, channel, None);
                     }
+                    return;
+                }
+                if self.memberships.contains_key(&channel) {
+                    // A late failure of an older request (a reconcile from before a leave and
+                    // rejoin, answered after its timeout): a durable join never closes anything,
+                    // and the membership the mirror holds was confirmed since. Degrading it here
+                    // left the backstop degraded for good, as the reconcile sees the mirror and
+                    // does nothing (found by the simulator, seed 4734).
                     return;
                 }
                 let reason = match other {

@@ -1188,12 +1188,59 @@ fn a25_a_failed_leave_cancels_the_close_queued_during_it() {
     assert_eq!(w.agent.joined(), [ch("review")], "the leave failed");
     w.daemon.up = true;
     w.advance(60_000);
-    assert_eq!(w.daemon.members["review"], (1, true), "never tombstoned: {}", w.log);
+    assert_eq!(
+        w.daemon.members["review"],
+        (1, true),
+        "never tombstoned: {}",
+        w.log
+    );
     assert!(matches!(
         w.agent.health().channels[0].backstop,
         BackstopState::Established { generation: 1 }
     ));
     assert!(w.agent.health().unclosed.is_empty());
+}
+
+#[test]
+fn a19_a_late_unknown_reconcile_does_not_degrade_a_newer_backstop() {
+    // Found by the simulator (seed 4734): a reconcile from before a leave and rejoin timed out
+    // after the rejoin had established a new generation; its unknown outcome degraded the
+    // backstop, and the reconcile it armed saw the mirror and did nothing, for good.
+    let mut w = World::new(&[]);
+    w.connect();
+    w.daemon.join_not_durable = Some("daemon busy".into());
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    w.daemon.join_not_durable = None;
+    // The reconcile's request is held (its answer will come back unknown much later).
+    w.hold = Some(
+        |c| matches!(c, Command::Request { payload, .. } if payload.windows(11).any(|x| x == b"durableJoin")),
+    );
+    w.advance(1_000);
+    assert_eq!(w.held.len(), 1, "{}", w.log);
+    w.hold = None;
+    let stale = std::mem::take(&mut w.held);
+    w.agent.leave(w.now, &ch("review")).unwrap();
+    w.run();
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    assert!(matches!(
+        w.agent.health().channels[0].backstop,
+        BackstopState::Established { .. }
+    ));
+    for c in stale {
+        w.input(Input::Completed(Completion::unknown(c.op().unwrap())));
+    }
+    w.advance(60_000);
+    assert!(
+        matches!(
+            w.agent.health().channels[0].backstop,
+            BackstopState::Established { .. }
+        ),
+        "{:?}\n{}",
+        w.agent.health().channels[0].backstop,
+        w.log
+    );
 }
 
 #[test]
