@@ -4,7 +4,8 @@
 //! Four agents (alice, bob, carol, dave) on `lobby` (live) and `ops` (durable), with the delivery
 //! daemon when the build has one. The script: boot joins, posts on both channels with a mention,
 //! a runtime join, a leave and a rejoin, a restart of an agent (a fresh process, same id), a
-//! connection loss, and an out-of-ACL join that the broker refuses. No random faults: the run is
+//! connection loss during which a durable post reaches the offline agent through the daemon, and
+//! an out-of-ACL join that the broker refuses. No random faults: the run is
 //! the same for a seed on every machine, and the seed only moves the scheduler's choices.
 
 use crate::explore::default_daemons;
@@ -143,6 +144,7 @@ pub fn workload() -> Workload {
         ),
         (3_500, post(alice, ops, Some(carol))),
         (3_600, Action::Lose { agent: dave }),
+        (3_602, post(carol, ops, None)),
         (3_700, post(carol, lobby, None)),
         (4_500, post(bob, ops, None)),
         (5_000, post(alice, lobby, None)),

@@ -48,14 +48,26 @@ impl Fault {
     }
 }
 
-/// A set of fault families.
+/// A set of fault families, or `swarm`: a subset drawn from each seed (design rule R28).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FaultSet(pub BTreeSet<Fault>);
+pub struct FaultSet(pub BTreeSet<Fault>, pub bool);
 
 impl FaultSet {
+    /// The families of a seed: the set itself, or for `swarm` each family with probability 1/2.
+    pub fn for_seed(&self, seed: u64) -> BTreeSet<Fault> {
+        if !self.1 {
+            return self.0.clone();
+        }
+        let mut rng = crate::sched::Rng::new(seed ^ 0x7377_6172_6d00_0005);
+        Fault::ALL
+            .into_iter()
+            .filter(|_| rng.below(2) == 0)
+            .collect()
+    }
+
     /// Every family.
     pub fn all() -> Self {
-        FaultSet(Fault::ALL.into_iter().collect())
+        FaultSet(Fault::ALL.into_iter().collect(), false)
     }
 
     /// `none`, `all`, or a comma-separated list of `drop,loss,slow,kv,ambiguous`.
@@ -67,6 +79,7 @@ impl FaultSet {
         match s {
             "none" | "" => return Ok(FaultSet::default()),
             "all" => return Ok(FaultSet::all()),
+            "swarm" => return Ok(FaultSet(BTreeSet::new(), true)),
             _ => {}
         }
         let mut set = BTreeSet::new();
@@ -79,14 +92,14 @@ impl FaultSet {
                 })?;
             set.insert(f);
         }
-        Ok(FaultSet(set))
+        Ok(FaultSet(set, false))
     }
 
-    /// The fault config: [`FaultConfig::chaos`] rates for the families in the set.
-    pub fn config(&self) -> FaultConfig {
+    /// The fault config of a seed: [`FaultConfig::chaos`] rates for the families in the set.
+    pub fn config(&self, seed: u64) -> FaultConfig {
         let chaos = FaultConfig::chaos();
         let mut c = FaultConfig::default();
-        for f in &self.0 {
+        for f in &self.for_seed(seed) {
             match f {
                 Fault::Drop => c.core_drop_ppm = chaos.core_drop_ppm,
                 Fault::Loss => c.connection_loss_every = chaos.connection_loss_every,
@@ -101,6 +114,9 @@ impl FaultSet {
 
 impl fmt::Display for FaultSet {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.1 {
+            return f.write_str("swarm");
+        }
         if self.0.is_empty() {
             return f.write_str("none");
         }
@@ -141,7 +157,7 @@ impl RunSpec {
 
     /// The mesh config and workload of this spec.
     pub fn build(&self, keep_transcript: bool) -> (MeshConfig, Workload) {
-        let mut config = MeshConfig::new(self.seed).with_faults(self.faults.config());
+        let mut config = MeshConfig::new(self.seed).with_faults(self.faults.config(self.seed));
         config.daemons = self.daemons;
         config.mutation = self.mutation;
         config.keep_transcript = keep_transcript;
@@ -172,8 +188,7 @@ impl RunSpec {
             s.push_str(" --mutation no-join-cursor");
         }
         if !self.skip.is_empty() {
-            let skip: Vec<String> = self.skip.iter().map(|i| i.to_string()).collect();
-            s.push_str(&format!(" --skip {}", skip.join(",")));
+            s.push_str(&format!(" --skip {}", ranges(&self.skip)));
         }
         s
     }
@@ -202,6 +217,9 @@ pub fn shrink(spec: &RunSpec, invariant: &str, budget: usize) -> RunSpec {
         r.violation.is_some_and(|v| v.invariant == invariant)
     };
     // Fault families first: a run with fewer faults is easier to read.
+    if best.faults.1 {
+        best.faults = FaultSet(best.faults.for_seed(best.seed), false);
+    }
     for f in Fault::ALL {
         if runs >= budget || !best.faults.0.contains(&f) {
             continue;
@@ -235,4 +253,46 @@ pub fn shrink(spec: &RunSpec, invariant: &str, budget: usize) -> RunSpec {
         }
     }
     best
+}
+
+/// `1,2,3,5,7,8` as `1-3,5,7-8`.
+pub fn ranges(set: &BTreeSet<usize>) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut iter = set.iter().copied().peekable();
+    while let Some(start) = iter.next() {
+        let mut end = start;
+        while iter.peek() == Some(&(end + 1)) {
+            end += 1;
+            iter.next();
+        }
+        out.push(if end == start {
+            start.to_string()
+        } else {
+            format!("{start}-{end}")
+        });
+    }
+    out.join(",")
+}
+
+/// Parses what [`ranges`] writes.
+///
+/// # Errors
+///
+/// The entry that is not a number or a range.
+pub fn parse_ranges(s: &str) -> Result<BTreeSet<usize>, String> {
+    let mut set = BTreeSet::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let bad = || format!("bad --skip entry {part:?}");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                set.extend(a..=b);
+            }
+            None => {
+                set.insert(part.parse().map_err(|_| bad())?);
+            }
+        }
+    }
+    Ok(set)
 }

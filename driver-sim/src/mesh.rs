@@ -701,6 +701,8 @@ pub struct RunReport {
     pub hash: u64,
     /// Simulated time at the end.
     pub end: Instant,
+    /// The host's coverage probes (faults fired, rare outcomes reached).
+    pub probes: BTreeMap<&'static str, u64>,
 }
 
 /// The simulated mesh. See the module docs.
@@ -1175,6 +1177,7 @@ impl Mesh {
             surfaced: journal.surfacings.len() as u64,
             hash: self.host.transcript().hash(),
             end: self.host.now().at,
+            probes: self.host.probes().clone(),
         }
     }
 

@@ -18,6 +18,7 @@ const CI_STEPS: usize = 30;
 fn explore_500_seeds_with_every_fault() {
     let started = Instant::now();
     let (mut messages, mut surfaced) = (0u64, 0u64);
+    let mut probes = std::collections::BTreeMap::new();
     for seed in 0..CI_SEEDS {
         let spec = RunSpec::new(seed, CI_STEPS, FaultSet::all());
         let (report, _) = spec.run(false);
@@ -29,6 +30,9 @@ fn explore_500_seeds_with_every_fault() {
         }
         messages += report.messages;
         surfaced += report.surfaced;
+        for (k, v) in report.probes {
+            *probes.entry(k).or_insert(0u64) += v;
+        }
     }
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
@@ -38,6 +42,24 @@ fn explore_500_seeds_with_every_fault() {
     );
     assert!(messages > CI_SEEDS * 5, "the workload posts");
     assert!(surfaced > messages, "messages reach other agents");
+    // Design rule R30: the sweep must reach the hard paths, not only pass.
+    for probe in [
+        "fault.core-drop",
+        "fault.connection-loss",
+        "fault.inflight-lost",
+        "fault.slow-consumer",
+        "fault.kv-conflict",
+        "fault.ambiguous",
+        "in.refused",
+        "in.unknown",
+        "in.no-responders",
+        "in.wrong-last-revision",
+    ] {
+        assert!(
+            probes.get(probe).copied().unwrap_or(0) > 0,
+            "probe {probe} never hit: {probes:?}"
+        );
+    }
 }
 
 #[test]

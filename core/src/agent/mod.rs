@@ -1957,10 +1957,11 @@ impl Agent {
         let Some(concrete) = channel.to_concrete() else {
             return;
         };
-        if !self.close_in_flight.contains(&concrete) && self.unclosed.remove(&concrete).is_some() {
-            if let Some(slot) = self.slot_of.get(&concrete).copied() {
-                self.timers.cancel(&Timer::Close(slot));
-            }
+        if !self.close_in_flight.contains(&concrete)
+            && self.unclosed.remove(&concrete).is_some()
+            && let Some(slot) = self.slot_of.get(&concrete).copied()
+        {
+            self.timers.cancel(&Timer::Close(slot));
         }
         if durable && !self.memberships.contains_key(&concrete) {
             let slot = self.slot(&concrete);

@@ -10,7 +10,9 @@
 
 #![allow(clippy::print_stderr)]
 
-use cotal_driver_sim::explore::{FaultSet, RunSpec, check_determinism, default_daemons, shrink};
+use cotal_driver_sim::explore::{
+    FaultSet, RunSpec, check_determinism, default_daemons, parse_ranges, shrink,
+};
 use cotal_driver_sim::mesh::Mutation;
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -23,7 +25,7 @@ const USAGE: &str = "usage:
   cotal-sim replay --seed S [--steps K] [--faults LIST|none|all] [--daemons D] [--skip I,J,...]
                    [--mutation no-join-cursor] [--check-determinism]
   cotal-sim demo [--seed S]
-faults: drop, loss, slow, kv, ambiguous (comma-separated), none, or all";
+faults: drop, loss, slow, kv, ambiguous (comma-separated), none, all, or swarm (a subset per seed)";
 
 struct Args {
     command: String,
@@ -81,10 +83,7 @@ impl Args {
             Some(m) => return Err(format!("unknown mutation {m:?}")),
         };
         if let Some(skip) = self.values.get("skip") {
-            for s in skip.split(',').filter(|s| !s.is_empty()) {
-                spec.skip
-                    .insert(s.parse().map_err(|_| format!("bad --skip entry {s:?}"))?);
-            }
+            spec.skip = parse_ranges(skip)?;
         }
         Ok(spec)
     }
@@ -113,6 +112,7 @@ fn explore(args: &Args) -> Result<ExitCode, String> {
     let started = WallClock::now();
     let mut messages = 0u64;
     let mut surfaced = 0u64;
+    let mut probes: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut last_progress = -1.0f64;
     for (i, seed) in (start..start.saturating_add(seeds)).enumerate() {
         let spec = args.spec(seed)?;
@@ -122,6 +122,9 @@ fn explore(args: &Args) -> Result<ExitCode, String> {
         let (report, _) = spec.run(false);
         messages += report.messages;
         surfaced += report.surfaced;
+        for (k, v) in &report.probes {
+            *probes.entry(k).or_insert(0) += v;
+        }
         let secs = started.elapsed().as_secs_f64().max(1e-9);
         let due = secs - last_progress >= 0.2 || i as u64 + 1 == seeds;
         if due || report.violation.is_some() {
@@ -173,6 +176,8 @@ fn explore(args: &Args) -> Result<ExitCode, String> {
         seeds as f64 / secs,
         messages as f64 / secs
     );
+    let probes: Vec<String> = probes.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("coverage probes: {}", probes.join(" "));
     Ok(ExitCode::SUCCESS)
 }
 
