@@ -1871,6 +1871,7 @@ impl Delivery {
             start: ReadStart::Seq(start),
             last_seq: Some(last),
             max,
+            reader: None,
         });
     }
 
