@@ -215,6 +215,12 @@ pub enum Command {
         last_seq: Option<u64>,
         /// Page size.
         max: u32,
+        /// The name the driver must give the short-lived consumer it reads through, when the
+        /// credential only grants a pinned name (an agent's `chathist_<id>`, I29); `None` lets
+        /// the driver choose. A machine never has two reads with the same name in flight, and
+        /// the driver removes a named reader before it completes the read, so the next page can
+        /// reuse the name.
+        reader: Option<String>,
     },
     /// Bind (and, when `create`, create or update) a durable pull consumer and start delivering
     /// from it as [`Inbound::Delivery`] on `sub`, with at most `max_in_flight` unsettled

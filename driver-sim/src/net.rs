@@ -748,8 +748,9 @@ impl Net {
                 start,
                 last_seq,
                 max,
+                reader,
             } => {
-                let outcome = if may_read_stream(&perms, &stream, &filter) {
+                let outcome = if may_read_stream(&perms, &stream, &filter, reader.as_deref()) {
                     to_outcome(
                         self.broker
                             .read(&stream, &filter, start, last_seq, max)
@@ -1121,11 +1122,18 @@ fn to_outcome(result: Result<Reply, Failure>) -> Outcome<Reply> {
 /// A stream read is allowed by `STREAM.MSG.GET` or `DIRECT.GET` on the stream, or by a
 /// `CONSUMER.CREATE` grant on the stream (under any consumer name it pins) whose filter covers
 /// the read's filter.
-fn may_read_stream(p: &Permissions, stream: &str, filter: &str) -> bool {
+fn may_read_stream(p: &Permissions, stream: &str, filter: &str, reader: Option<&str>) -> bool {
     if may_publish(p, &format!("$JS.API.STREAM.MSG.GET.{stream}"))
         || may_publish(p, &format!("$JS.API.DIRECT.GET.{stream}"))
     {
         return true;
+    }
+    if let Some(name) = reader {
+        // A pinned reader name: exactly the create the real driver sends.
+        return may_publish(
+            p,
+            &format!("$JS.API.CONSUMER.CREATE.{stream}.{name}.{filter}"),
+        );
     }
     if p.publish_allow.is_empty() {
         return may_publish(

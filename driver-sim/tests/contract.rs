@@ -66,6 +66,7 @@ fn command(kind: u8, n: u64, arg: u8) -> Command {
             start: ReadStart::Seq(1),
             last_seq: None,
             max: 3,
+            reader: None,
         },
         8 => Command::Consume {
             op,

@@ -78,6 +78,7 @@ fn agent_and_daemon_profiles_grant_what_semantics_1_10_says() {
         start: ReadStart::Seq(1),
         last_seq: None,
         max: 10,
+        reader: None,
     };
     let put = |o, bucket: String, key: &str| Command::KvPut {
         op: op(o),

@@ -899,6 +899,7 @@ impl Actor {
                 start,
                 last_seq,
                 max,
+                reader,
             } => {
                 let js = self.js.clone();
                 let client = self.client.clone();
@@ -914,6 +915,7 @@ impl Actor {
                             start,
                             last_seq,
                             max,
+                            reader,
                         },
                         timeout,
                     )
@@ -1313,6 +1315,7 @@ struct ReadSpec {
     start: ReadStart,
     last_seq: Option<u64>,
     max: u32,
+    reader: Option<String>,
 }
 
 fn unique_token(client: &Client) -> String {
@@ -1350,7 +1353,23 @@ async fn read_stream(
     {
         return Outcome::Success(Reply::Stored(Vec::new()));
     }
-    let name = format!("read_{}", unique_token(&client));
+    // A pinned name (the agent's `chathist_<id>`) is removed before the read completes, so the
+    // next page can create it again; a leftover of a crashed read is removed and the create
+    // retried once. A name of our own is removed in the background.
+    let pinned = spec.reader.is_some();
+    let name = spec
+        .reader
+        .clone()
+        .unwrap_or_else(|| format!("read_{}", unique_token(&client)));
+    let remove = |js: jetstream::Context, stream: String, name: String| async move {
+        if pinned {
+            if let Err(e) = js.delete_consumer_from_stream(&name, &stream).await {
+                tracing::debug!(error = %e, consumer = %name, "read consumer not deleted (expires by itself)");
+            }
+        } else {
+            delete_consumer_later(js, stream, name);
+        }
+    };
     let config = consumer::pull::Config {
         name: Some(name.clone()),
         filter_subject: spec.filter.clone(),
@@ -1360,8 +1379,20 @@ async fn read_stream(
         inactive_threshold: Duration::from_secs(30),
         ..Default::default()
     };
-    let created = match js.create_consumer_on_stream(config, &spec.stream).await {
+    let created = match js
+        .create_consumer_on_stream(config.clone(), &spec.stream)
+        .await
+    {
         Ok(c) => c,
+        Err(_) if pinned => {
+            // Most likely a leftover reader of the same name with another start: remove it and
+            // try once more.
+            let _ = js.delete_consumer_from_stream(&name, &spec.stream).await;
+            match js.create_consumer_on_stream(config, &spec.stream).await {
+                Ok(c) => c,
+                Err(e) => return consumer_error(&e),
+            }
+        }
         Err(e) => return consumer_error(&e),
     };
     let pending = created.cached_info().num_pending;
@@ -1393,7 +1424,7 @@ async fn read_stream(
                             });
                         }
                         Err(e) => {
-                            delete_consumer_later(js, spec.stream, name);
+                            remove(js, spec.stream, name).await;
                             return Outcome::Failed(Failure::Other {
                                 description: format!("read {}: {e}", spec.filter),
                             });
@@ -1402,14 +1433,14 @@ async fn read_stream(
                 }
             }
             Err(e) => {
-                delete_consumer_later(js, spec.stream, name);
+                remove(js, spec.stream, name).await;
                 return Outcome::Failed(Failure::Other {
                     description: format!("read {}: {e}", spec.filter),
                 });
             }
         }
     }
-    delete_consumer_later(js, spec.stream, name);
+    remove(js, spec.stream, name).await;
     Outcome::Success(Reply::Stored(out))
 }
 

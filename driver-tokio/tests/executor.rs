@@ -176,6 +176,8 @@ async fn subscribe_refusal_arrives_before_the_barrier_completion() {
     let admin = connect(&server.config_as("admin", "adminpw"))
         .await
         .expect("admin");
+    let report = provision_space(&admin.client, &space(), Duration::from_secs(5)).await;
+    assert_eq!(report.failed(), 0, "{report:?}");
     admin
         .client
         .publish("cotal.main.chat.bob.general", "hi".into())
@@ -240,6 +242,7 @@ async fn subscribe_refusal_arrives_before_the_barrier_completion() {
             start: ReadStart::Seq(1),
             last_seq: None,
             max: 10,
+            reader: None,
         })
         .await;
     assert!(
@@ -250,6 +253,46 @@ async fn subscribe_refusal_arrives_before_the_barrier_completion() {
         started.elapsed() < Duration::from_secs(2),
         "{:?}",
         started.elapsed()
+    );
+    // The agent may read CHAT history only through its pinned `chathist_<id>` reader (I29), and
+    // page after page with the same name (the driver removes it before completing each read).
+    for start in [1, 2] {
+        let read = d
+            .run(|op| Command::ReadStream {
+                op,
+                stream: "CHAT_main".into(),
+                filter: "cotal.main.chat.*.general".into(),
+                start: ReadStart::Seq(start),
+                last_seq: None,
+                max: 10,
+                reader: Some(format!("chathist_{id}")),
+            })
+            .await;
+        match read {
+            Outcome::Success(Reply::Stored(v)) => {
+                assert!(v.iter().all(|m| m.seq >= start), "{v:?}");
+                if start == 1 {
+                    assert_eq!(v.len(), 1, "{v:?}");
+                }
+            }
+            other => panic!("pinned history read from {start}: {other:?}"),
+        }
+    }
+    // Any other name is refused.
+    let denied = d
+        .run(|op| Command::ReadStream {
+            op,
+            stream: "CHAT_main".into(),
+            filter: "cotal.main.chat.*.general".into(),
+            start: ReadStart::Seq(1),
+            last_seq: None,
+            max: 10,
+            reader: None,
+        })
+        .await;
+    assert!(
+        matches!(denied, Outcome::Failed(Failure::PermissionDenied { .. })),
+        "{denied:?}"
     );
 }
 
@@ -401,6 +444,7 @@ async fn read_stream_honours_filter_start_bound_and_page_size() {
             start,
             last_seq,
             max,
+            reader: None,
         }
     };
     let general = "cotal.main.chat.*.general";
@@ -442,6 +486,7 @@ async fn read_stream_honours_filter_start_bound_and_page_size() {
             start: ReadStart::Seq(1),
             last_seq: None,
             max: 5,
+            reader: None,
         })
         .await;
     assert_eq!(no_stream, Outcome::Failed(Failure::NotFound));

@@ -653,6 +653,9 @@ pub struct Agent {
     dlv_attempts: u32,
     /// Registry watches that failed or ended unknown on this connection (retried with backoff).
     registry_attempts: u32,
+    /// A history read is in flight (one at a time: one pinned reader name).
+    backfill_busy: bool,
+    backfill_queue: VecDeque<(Channel, u64, ReadStart, u64)>,
     registry_feed: Option<SubId>,
     ledger: Ledger<Arrival>,
     deliveries: u64,
@@ -703,6 +706,8 @@ impl Agent {
             dlv_bound: false,
             dlv_attempts: 0,
             registry_attempts: 0,
+            backfill_busy: false,
+            backfill_queue: VecDeque::new(),
             registry_feed: None,
             ledger,
             deliveries: 0,
@@ -1497,8 +1502,9 @@ impl Agent {
         let mut reason = None;
         if durable_class {
             match &concrete {
-                Some(c) if self.memberships.contains_key(c) => {
-                    // Already a member (a relaunch's boot join finds it idempotently too).
+                Some(c) if self.memberships.contains_key(c) && !self.unclosed.contains_key(c) => {
+                    // Already a member (a relaunch's boot join finds it idempotently too). With a
+                    // close pending, the daemon is asked instead: the close may have landed.
                     let generation = self.memberships[c];
                     backstop = BackstopState::Established { generation };
                 }
@@ -1576,19 +1582,60 @@ impl Agent {
         if let ReadStart::Seq(s) = start {
             entry.backfill_next = Some(s);
         }
+        if self.backfill_busy {
+            // One history reader at a time: the agent's credential grants one pinned name.
+            self.backfill_queue
+                .push_back((channel.clone(), epoch, start, until));
+            return;
+        }
+        self.issue_backfill(channel.clone(), epoch, start, until);
+    }
+
+    fn issue_backfill(&mut self, channel: Channel, epoch: u64, start: ReadStart, until: u64) {
+        self.backfill_busy = true;
+        let filter = chat_subscribe_pattern(&self.config.space, &channel);
+        let reader = ConsumerSpec::chathist(
+            &self.config.space,
+            &self.config.me.id,
+            &channel,
+            crate::wire::config::DeliverPolicy::All,
+        )
+        .name;
         let op = self.op(Pending::Backfill {
-            channel: channel.clone(),
+            channel,
             epoch,
             until,
         });
         self.commands.push_back(Command::ReadStream {
             op,
             stream: SpaceStream::Chat.name(&self.config.space),
-            filter: chat_subscribe_pattern(&self.config.space, channel),
+            filter,
             start,
             last_seq: Some(until),
             max: HISTORY_FETCH_MAX_BATCH,
+            reader: Some(reader),
         });
+    }
+
+    /// The history reader is free again: start the next queued page of a channel still joined
+    /// in the same attempt.
+    fn next_backfill(&mut self) {
+        self.backfill_busy = false;
+        if self.link == Link::Down {
+            // The reads of this connection are over; a restore does not re-backfill.
+            self.backfill_queue.clear();
+            return;
+        }
+        while let Some((channel, epoch, start, until)) = self.backfill_queue.pop_front() {
+            if self
+                .channels
+                .get(&channel)
+                .is_some_and(|e| e.epoch == epoch && e.phase == Phase::Joined)
+            {
+                self.issue_backfill(channel, epoch, start, until);
+                return;
+            }
+        }
     }
 
     fn on_backfill(
@@ -2075,9 +2122,16 @@ impl Agent {
                             reason: reason.into(),
                         });
                     }
-                    self.fail_leave(&key, error);
+                    self.fail_leave(&key, error.clone());
                 }
                 if self.unclosed.contains_key(&channel) {
+                    if error == LeaveError::TombstoneUnknown
+                        && self.memberships.get(&channel) == Some(&generation)
+                    {
+                        // The close may have landed: the mirror can no longer vouch for this
+                        // generation (a rejoin must ask the daemon rather than adopt it).
+                        self.memberships.remove(&channel);
+                    }
                     self.close_failed(now, &channel, detail);
                 }
             }
@@ -2433,7 +2487,10 @@ impl Agent {
                 channel,
                 epoch,
                 until,
-            } => self.on_backfill(now, channel, epoch, until, outcome),
+            } => {
+                self.next_backfill();
+                self.on_backfill(now, channel, epoch, until, outcome)
+            }
             Pending::DurableJoin { channel, cursor } => {
                 self.on_durable_join(now, channel, cursor, outcome)
             }

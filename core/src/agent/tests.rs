@@ -1717,3 +1717,38 @@ fn g20_a_dlv_bind_with_an_unknown_outcome_is_stopped_before_the_retry() {
     w.advance(1_000);
     assert!(w.agent.health().dlv_bound);
 }
+
+#[test]
+fn backfills_are_serialized_through_the_pinned_history_reader() {
+    let mut w = World::new(&["log", "ops"]);
+    w.post("alice", "log", "l1");
+    w.post("alice", "ops", "o1");
+    let mut reads = Vec::new();
+    w.hold = Some(|c| matches!(c, Command::ReadStream { .. }));
+    w.connect();
+    // Both channels committed, but only one read is in flight.
+    assert_eq!(w.held.len(), 1);
+    if let Command::ReadStream { reader, .. } = &w.held[0] {
+        reads.push(reader.clone());
+    }
+    assert_eq!(reads, [Some("chathist_bob".to_owned())]);
+    // Answer it: the next one is issued only now.
+    w.hold = Some(|c| matches!(c, Command::ReadStream { .. }));
+    let first = w.held.remove(0);
+    let inputs = w.answer(&first);
+    for i in inputs {
+        w.input(i);
+    }
+    assert_eq!(
+        w.held.len(),
+        1,
+        "the second channel's read follows the first"
+    );
+    w.hold = None;
+    let second = w.held.remove(0);
+    let inputs = w.answer(&second);
+    for i in inputs {
+        w.input(i);
+    }
+    assert_eq!(w.surfaced_ids(), ["l1", "o1"]);
+}

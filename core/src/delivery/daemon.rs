@@ -1894,6 +1894,7 @@ impl Delivery {
             start: ReadStart::Seq(start),
             last_seq: Some(last),
             max,
+            reader: None,
         });
     }
 
