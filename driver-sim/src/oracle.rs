@@ -31,7 +31,7 @@
 //! | id | check |
 //! | --- | --- |
 //! | `API1` | every request of a living process got exactly one answer |
-//! | `I6` | the server holds a chat subscription for exactly the channels the agent has joined: a refused or failed join, a leave or a refusal left none behind |
+//! | `I6` | the server holds a chat subscription for exactly the channels the agent has joined: a refused or failed join, a leave or a refusal left none behind; and a channel whose join was refused and never succeeded in any life has no open membership |
 //! | `I12` | with no daemon, no joined durable channel claims an established backstop |
 //! | `I11` | with a daemon, every joined durable channel's backstop is established after healing |
 //! | `S7-complete` | with a daemon: a join reported `durable:true` at watermark `F` (generation `g`) gets every message of its channel with `F < s ≤ L_g` (or the frontier while open) not its own, surfaced at least once in some life, unless the agent reported it lost or its ACL was narrowed on that channel |
@@ -42,7 +42,7 @@
 
 use crate::host::Host;
 use crate::mesh::{Act, AgentSlot, Asked, Journal, MeshConfig};
-use cotal_core::agent::{AgentEvent, BackstopState};
+use cotal_core::agent::{AgentEvent, BackstopState, JoinError};
 use cotal_core::ledger::SourceKind;
 use cotal_core::time::Instant;
 use cotal_core::wire::config::SpaceStream;
@@ -174,6 +174,8 @@ pub struct Oracle {
     narrowed: BTreeSet<(usize, String)>,
     lost: BTreeSet<(usize, String)>,
     durable_joins: Vec<DurableJoin>,
+    ever_joined: BTreeSet<(usize, String)>,
+    refused: BTreeSet<(usize, String)>,
     seen_surfacings: usize,
     seen_events: usize,
     seen_requests: usize,
@@ -229,6 +231,8 @@ impl Oracle {
             narrowed: BTreeSet::new(),
             lost: BTreeSet::new(),
             durable_joins: Vec::new(),
+            ever_joined: BTreeSet::new(),
+            refused: BTreeSet::new(),
             seen_surfacings: 0,
             seen_events: 0,
             seen_requests: 0,
@@ -681,6 +685,7 @@ impl Oracle {
                     self.answer(agent, life, r.0, at)?;
                 }
                 let ch = channel.as_str().to_owned();
+                self.ever_joined.insert((agent, ch.clone()));
                 if let Some(f) = report.watermark {
                     self.arm_window(journal, agent, life, &ch, request.map(|r| r.0), f, at)?;
                     if report.durable
@@ -697,10 +702,15 @@ impl Oracle {
                 }
             }
             AgentEvent::JoinFailed {
-                request, channel, ..
+                request,
+                channel,
+                error,
             } => {
                 if let Some(r) = request {
                     self.answer(agent, life, r.0, at)?;
+                }
+                if matches!(error, JoinError::Refused { .. }) {
+                    self.refused.insert((agent, channel.as_str().to_owned()));
                 }
                 self.close_window(agent, life, channel.as_str(), at);
             }
@@ -889,6 +899,27 @@ impl Oracle {
                         ),
                     ));
                 }
+            }
+        }
+        // A refused join leaves no membership behind (A2): a channel an agent never joined in
+        // any life has no open membership record of it.
+        for (agent, channel) in &self.refused {
+            if self.ever_joined.contains(&(*agent, channel.clone())) {
+                continue;
+            }
+            let me = self.names.get(*agent).cloned().unwrap_or_default();
+            let open = self
+                .intervals
+                .get(&(channel.clone(), me))
+                .is_some_and(|g| g.values().any(|iv| iv.leave_cursor.is_none()));
+            if open {
+                return Err(self.violation(
+                    "I6",
+                    Some(who(&self.names, *agent, 0)),
+                    None,
+                    at,
+                    format!("a refused join of {channel} left an open membership behind"),
+                ));
             }
         }
         self.check_complete(journal, at)
