@@ -7,10 +7,13 @@ mod common;
 use bytes::Bytes;
 use common::{Driver, NatsServer, User, WAIT, ok};
 use cotal_core::agent::{Agent, AgentConfig, AgentEvent, JoinError};
+use cotal_core::constants::LEASE_TTL;
 use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryEvent};
+use cotal_core::delivery::lease::{ACQUIRED_AT_FIELD, HEALTH_FIELD, LeaseHealth, judge_health};
 use cotal_core::io::{Command, ReadStart, Reply, StoredMessage};
 use cotal_core::ledger::SourceKind;
 use cotal_core::time::UnixMillis;
+use cotal_core::registry::FENCE_FIELD;
 use cotal_core::wire::config::{ConsumerSpec, SpaceStream};
 use cotal_core::wire::keys::{KvBucket, acl_key, member_key};
 use cotal_core::wire::message::{CotalMessage, Sender};
@@ -476,7 +479,7 @@ async fn a0_interop_scenario_spec_12() {
         let presence = kv_get(&admin, KvBucket::Presence, a).await;
         let record: Value = serde_json::from_slice(&presence.expect("presence written"))
             .expect("presence json");
-        assert_eq!(record["id"], a, "{record}");
+        assert_eq!(record["card"]["id"], a, "{record}");
     }
     // 4. Alice multicasts; Bob receives it with kind channel (from the subject), live.
     let (m1, _) = alice.send(team, "hello backend").await;
@@ -619,6 +622,9 @@ async fn a26_c2_b17_durable_offline_catch_up_hard_cut_and_rejoin() {
     };
     let cfg = server.config();
     provision(&cfg).await;
+    for a in ["alice", "bob"] {
+        provision_agent(&cfg, &id(a), &[">"]).await;
+    }
     set_channel(
         &cfg,
         "general",
@@ -662,11 +668,14 @@ async fn a26_c2_b17_durable_offline_catch_up_hard_cut_and_rejoin() {
     let (gap_id, _) = alice.send("general", "after leave").await;
     bob.idle(Duration::from_millis(900)).await;
     assert!(!bob.got.iter().any(|g| g.id == gap_id), "{:?}", bob.texts());
-    // Rejoin: a new generation; the gap is not redelivered, later posts are.
+    // Rejoin: a new generation (`max(previous + 1, frontier + 1)`, G34); the gap is not
+    // redelivered, later posts are.
     let rejoined = bob.join("general").await;
-    assert_eq!(joined_durable(&rejoined), Some(2), "{rejoined:?}");
+    let generation = joined_durable(&rejoined).expect("durable rejoin");
+    assert!(generation > 1, "{rejoined:?}");
     let record = until_activated(&cfg, "general", "bob").await;
-    assert_eq!(record.generation, 2);
+    assert_eq!(record.generation, generation);
+    assert!(record.join_cursor >= 6, "the cursor skips the gap: {record:?}");
     bob.stop().await;
     alice.send("general", "after rejoin").await;
     let mut bob = Peer::start(cfg.clone(), agent_config("bob", &["general"], true, true)).await;
@@ -692,6 +701,9 @@ async fn a27_daemon_restart_mid_stream_loses_nothing() {
     };
     let cfg = server.config();
     provision(&cfg).await;
+    for a in ["alice", "bob"] {
+        provision_agent(&cfg, &id(a), &[">"]).await;
+    }
     set_channel(
         &cfg,
         "general",
@@ -810,6 +822,9 @@ async fn wire_records_written_by_our_daemon_match_the_reference_shapes() {
     };
     let cfg = server.config();
     provision(&cfg).await;
+    for a in ["alice", "bob"] {
+        provision_agent(&cfg, &id(a), &[">"]).await;
+    }
     let daemon = Daemon::start(&cfg, "daemon-1").await;
     let mut alice = Peer::start(cfg.clone(), agent_config("alice", &["general"], true, true)).await;
     let mut bob = Peer::start(cfg.clone(), agent_config("bob", &["general"], true, true)).await;
@@ -828,7 +843,12 @@ async fn wire_records_written_by_our_daemon_match_the_reference_shapes() {
     let ours: Value = serde_json::from_slice(&raw).expect("json");
     let theirs = &fixture("kv-members-records.json")["snapshots"]["1-after-alice-joined-review"][0]
         ["data"];
-    assert_eq!(keys(&ours), keys(theirs), "membership record keys: {ours}");
+    // Our one documented addition: the fencing token of the daemon that wrote it (G23).
+    let extra: Vec<String> = keys(&ours).difference(&keys(theirs)).cloned().collect();
+    assert!(keys(theirs).is_subset(&keys(&ours)), "{ours}");
+    assert_eq!(extra, vec![FENCE_FIELD.to_owned()], "{ours}");
+    let decoded: MembershipRecord = serde_json::from_slice(&raw).expect("record decodes");
+    assert_eq!(decoded, member);
     assert_eq!(member.writer_identity, "daemon-1");
 
     // Lease record: the reference's keys plus our health field (reference peers ignore it).
@@ -841,7 +861,18 @@ async fn wire_records_written_by_our_daemon_match_the_reference_shapes() {
     let theirs = &fixture("kv-delivery-lease.json")["stored_while_daemon_up"][0]["data"];
     let extra: Vec<String> = keys(&ours).difference(&keys(theirs)).cloned().collect();
     assert!(keys(theirs).is_subset(&keys(&ours)), "{ours}");
-    assert_eq!(extra, vec!["health".to_owned()], "{ours}");
+    // Our documented additions: `acquiredAt` (lease.rs, ACQUIRED_AT_FIELD) and the published
+    // health, which says `active` from the ready write on.
+    assert_eq!(
+        extra,
+        vec![ACQUIRED_AT_FIELD.to_owned(), HEALTH_FIELD.to_owned()],
+        "{ours}"
+    );
+    assert_eq!(ours[HEALTH_FIELD], serde_json::json!({"state": "active"}), "{ours}");
+    assert!(matches!(
+        judge_health(Some(&lease), lease.since, LEASE_TTL),
+        LeaseHealth::Active { .. }
+    ));
 
     // Dinbox entries and DLV copies, read back from the streams.
     let mut d = Driver::start(cfg.clone()).await;

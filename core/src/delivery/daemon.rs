@@ -1033,11 +1033,32 @@ impl Delivery {
     }
 
     /// Stops every piece of work: the lease is gone.
+    ///
+    /// Deliveries still held (a fan-out whose copies are not all stored, a transfer whose DLV
+    /// PubAck has not come) are handed back with a nak without delay, so the successor gets them
+    /// at once instead of after the consumer's `ack_wait` (60 s). Redoing them is safe: every copy
+    /// carries its msg-id, so the stream collapses a copy already stored.
     fn stop(&mut self) {
         self.close_feeds();
         self.abandon_jobs(AbandonReason::LeaseNotHeld);
+        let held: Vec<DeliveryId> = self
+            .batches
+            .values()
+            .map(|b| b.delivery)
+            .chain(self.transfers.keys().copied())
+            .collect();
         self.batches.clear();
         self.transfers.clear();
+        if self.connected {
+            for delivery in held {
+                self.settle(
+                    delivery,
+                    AckKind::Nak {
+                        delay: crate::time::Duration::ZERO,
+                    },
+                );
+            }
+        }
         self.stopped = true;
     }
 
@@ -1168,6 +1189,17 @@ impl Delivery {
             return;
         }
         if self.lease.state() == LeaseState::Held {
+            // The ready write publishes the health the daemon has once ready: without this it
+            // carried the pre-ready health (`lease-not-ready`, feeds down) until the next renew,
+            // and `judge_health` read a freshly ready daemon as degraded for a renew interval.
+            let mut once_ready = self.compute_health();
+            if let DeliveryHealth::Degraded(reasons) = &mut once_ready {
+                reasons.remove(&DegradedReason::LeaseNotReady);
+                if reasons.is_empty() {
+                    once_ready = DeliveryHealth::Active;
+                }
+            }
+            self.lease.annotate(HEALTH_FIELD, once_ready.to_published());
             let r = self.lease.mark_ready(now);
             debug_assert!(r.is_ok(), "mark_ready while held: {r:?}");
         }
