@@ -232,7 +232,7 @@ impl Peer {
 
     /// Pumps until `pred` holds, at most [`WAIT`].
     async fn until(&mut self, what: &str, pred: impl Fn(&[AgentEvent], &[Got]) -> bool) {
-        let deadline = tokio::time::Instant::now() + WAIT;
+        let deadline = tokio::time::Instant::now() + common::wait();
         while !pred(&self.log, &self.got) {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             assert!(

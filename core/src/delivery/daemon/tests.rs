@@ -1386,7 +1386,7 @@ fn a27_a_shutdown_hands_held_deliveries_back_at_once() {
     w.collect();
     w.run();
     let handed_back = vec![AckKind::Nak {
-        delay: crate::time::Duration::ZERO,
+        delay: super::HAND_BACK_DELAY,
     }];
     assert_eq!(w.settled(fanned), handed_back, "{}", w.log);
     assert_eq!(w.settled(read), handed_back, "{}", w.log);
@@ -1395,6 +1395,10 @@ fn a27_a_shutdown_hands_held_deliveries_back_at_once() {
     w.release(0, None);
     assert_eq!(w.settled(fanned), handed_back, "{}", w.log);
     assert_eq!(w.settled(read), handed_back, "{}", w.log);
+    // A delivery still in flight on the closed fan-out feed is handed back too.
+    let late = w.post("bob", "review", &[]);
+    let d = w.fanout(late, 1);
+    assert_eq!(w.settled(d), handed_back, "{}", w.log);
 }
 
 #[test]
