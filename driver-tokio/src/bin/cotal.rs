@@ -167,6 +167,12 @@ enum ProvisionCmd {
         /// Grant the spawn capability (requests on ctl.manager.ID).
         #[arg(long)]
         spawn: bool,
+        /// Also write the ACL record to the space's ACL bucket and create the agent's DLV
+        /// consumer (needs a privileged connection and a provisioned space).
+        #[arg(long)]
+        apply: bool,
+        #[command(flatten)]
+        nats: NatsArgs,
     },
 }
 
@@ -180,7 +186,7 @@ struct Stub {
 
 fn not_built(name: &str) -> ExitCode {
     println!(
-        "cotal {name}: not built yet (the agent and delivery machines are still being written)"
+        "cotal {name}: not built yet (the simulator demo is being written; see the README)"
     );
     ExitCode::from(2)
 }
@@ -218,7 +224,20 @@ async fn main() -> ExitCode {
             publish,
             role,
             spawn,
-        }) => provision_agent(&space, &id, &read, &publish, role.as_deref(), spawn),
+            apply,
+            nats,
+        }) => {
+            provision_agent(
+                &space,
+                &id,
+                &read,
+                &publish,
+                role.as_deref(),
+                spawn,
+                apply.then_some(&nats),
+            )
+            .await
+        }
         Cmd::Delivery(args) => commands::delivery(args).await,
         Cmd::Agent(args) => commands::agent(args).await,
         Cmd::Send(args) => commands::send(args).await,
@@ -254,13 +273,14 @@ async fn up(space: &str, nats: &NatsArgs) -> ExitCode {
     }
 }
 
-fn provision_agent(
+async fn provision_agent(
     space: &str,
     id: &str,
     read: &[String],
     publish: &[String],
     role: Option<&str>,
     spawn: bool,
+    apply: Option<&NatsArgs>,
 ) -> ExitCode {
     let space = match Space::new(space) {
         Ok(s) => s,
@@ -319,5 +339,57 @@ fn provision_agent(
     println!("{record_json}");
     println!("# nats-server user permissions (authorization.users[].permissions)");
     println!("{}", nats_server_permissions(&permissions));
-    ExitCode::SUCCESS
+    match apply {
+        None => ExitCode::SUCCESS,
+        Some(nats) => match apply_agent(nats, &space, &id, &record_json).await {
+            Ok(lines) => {
+                for l in lines {
+                    println!("{l}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+    }
+}
+
+/// Writes the ACL record and creates the DLV consumer of an agent.
+async fn apply_agent(
+    nats: &NatsArgs,
+    space: &Space,
+    id: &AgentId,
+    record_json: &str,
+) -> Result<Vec<String>, String> {
+    let config = nats.config()?;
+    let conn = connect(&config).await.map_err(|e| e.to_string())?;
+    let js = async_nats::jetstream::new(conn.client.clone());
+    let bucket = KvBucket::Acl.name(space);
+    let kv = js
+        .get_key_value(&bucket)
+        .await
+        .map_err(|e| format!("cannot open KV bucket {bucket} (run `cotal up` first): {e}"))?;
+    let revision = kv
+        .put(acl_key(id), bytes::Bytes::from(record_json.to_owned()))
+        .await
+        .map_err(|e| format!("cannot write the ACL record: {e}"))?;
+    let spec = cotal_core::wire::config::ConsumerSpec::dlv(space, id);
+    let applied = cotal_driver_tokio::provision::apply_consumer(
+        &conn.client,
+        &spec,
+        config.request_timeout,
+    )
+    .await
+    .map_err(|e| format!("consumer {}/{}: {e}", spec.stream, spec.name))?;
+    Ok(vec![
+        format!("applied: ACL record {bucket}/{} revision {revision}", acl_key(id)),
+        format!(
+            "applied: consumer {}/{} {}",
+            spec.stream,
+            spec.name,
+            match applied {
+                cotal_driver_tokio::provision::Applied::Created => "created",
+                cotal_driver_tokio::provision::Applied::Unchanged => "unchanged",
+            }
+        ),
+    ])
 }
