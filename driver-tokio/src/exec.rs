@@ -684,7 +684,9 @@ impl Actor {
                         // the consumer's ack_wait.
                         bump(&self.stats.handed_back);
                         tokio::spawn(async move {
-                            let _ = msg.ack_with(jetstream::AckKind::Nak(Some(HAND_BACK_DELAY))).await;
+                            let _ = msg
+                                .ack_with(jetstream::AckKind::Nak(Some(HAND_BACK_DELAY)))
+                                .await;
                         });
                     }
                     return;
@@ -1594,36 +1596,34 @@ async fn consume(job: ConsumeJob, sink: FeedSink) {
         let mut got = 0;
         let mut ended: Option<String> = None;
         match batch {
-            Ok(mut batch) => {
-                loop {
-                    let next = tokio::select! {
-                        biased;
-                        () = sink.stop.notified() => {
-                            if needs_ack {
-                                hand_back(&mut batch).await;
-                            }
+            Ok(mut batch) => loop {
+                let next = tokio::select! {
+                    biased;
+                    () = sink.stop.notified() => {
+                        if needs_ack {
+                            hand_back(&mut batch).await;
+                        }
+                        return;
+                    }
+                    m = batch.next() => m,
+                };
+                let Some(m) = next else { break };
+                match m {
+                    Ok(msg) => {
+                        got += 1;
+                        if !sink.item(FeedItem::Delivery {
+                            msg: Box::new(msg),
+                            needs_ack,
+                        }) {
                             return;
                         }
-                        m = batch.next() => m,
-                    };
-                    let Some(m) = next else { break };
-                    match m {
-                        Ok(msg) => {
-                            got += 1;
-                            if !sink.item(FeedItem::Delivery {
-                                msg: Box::new(msg),
-                                needs_ack,
-                            }) {
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            ended = Some(e.to_string());
-                            break;
-                        }
+                    }
+                    Err(e) => {
+                        ended = Some(e.to_string());
+                        break;
                     }
                 }
-            }
+            },
             Err(e) => ended = Some(e.to_string()),
         }
         if let Some(flow) = &job.flow {
@@ -1652,7 +1652,9 @@ where
 {
     let until = tokio::time::Instant::now() + HAND_BACK_GRACE / 2;
     while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(until, batch.next()).await {
-        let _ = msg.ack_with(jetstream::AckKind::Nak(Some(HAND_BACK_DELAY))).await;
+        let _ = msg
+            .ack_with(jetstream::AckKind::Nak(Some(HAND_BACK_DELAY)))
+            .await;
     }
 }
 

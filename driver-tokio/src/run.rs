@@ -351,7 +351,9 @@ impl MachineHandle<Agent> {
     ///
     /// The agent's refusal, or [`AgentCallError::Stopped`].
     pub async fn join(&self, channel: Channel) -> Result<RequestId, AgentCallError> {
-        self.call(move |a, now| a.join(now, channel)).await?.map_err(Into::into)
+        self.call(move |a, now| a.join(now, channel))
+            .await?
+            .map_err(Into::into)
     }
 
     /// [`Agent::leave`].

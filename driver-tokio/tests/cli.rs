@@ -291,10 +291,22 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
     assert!(up.status.success(), "{}", stdout(&up));
     for who in ["alice", "bob"] {
         let out = run(&[
-            "provision", "agent", "--space", "demo", "--id", who, "--read", ">", "--apply",
+            "provision",
+            "agent",
+            "--space",
+            "demo",
+            "--id",
+            who,
+            "--read",
+            ">",
+            "--apply",
         ]);
         assert!(out.status.success(), "{}", stdout(&out));
-        assert!(stdout(&out).contains("applied: ACL record"), "{}", stdout(&out));
+        assert!(
+            stdout(&out).contains("applied: ACL record"),
+            "{}",
+            stdout(&out)
+        );
     }
     let spawn = |name: &'static str, args: &[&str]| {
         let args = with(args);
@@ -303,8 +315,18 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
     };
     let mut daemon = spawn("daemon", &["delivery", "--space", "demo", "--id", "d1"]);
     daemon.expect("health active", |l| l.contains("health: active"));
-    let mut alice = spawn("alice", &["agent", "--space", "demo", "--id", "alice", "--join", "general"]);
-    let mut bob = spawn("bob", &["agent", "--space", "demo", "--id", "bob", "--join", "general"]);
+    let mut alice = spawn(
+        "alice",
+        &[
+            "agent", "--space", "demo", "--id", "alice", "--join", "general",
+        ],
+    );
+    let mut bob = spawn(
+        "bob",
+        &[
+            "agent", "--space", "demo", "--id", "bob", "--join", "general",
+        ],
+    );
     for p in [&mut alice, &mut bob] {
         let joined = json_line(&p.expect("durable join", |l| {
             let v = json_line(l);
@@ -322,22 +344,50 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
     assert_eq!(got["id"], sent["id"]);
     // Commands and a malformed line.
     bob.type_line("/frobnicate");
-    bob.expect("error line", |l| l.starts_with("cotal: error: unknown command '/frobnicate'"));
+    bob.expect("error line", |l| {
+        l.starts_with("cotal: error: unknown command '/frobnicate'")
+    });
     bob.type_line("/send general reply from bob");
     alice.expect("reply", |l| json_line(l)["text"] == "reply from bob");
     // One-shot commands.
-    let out = run(&["send", "--space", "demo", "--id", "carol", "--channel", "general", "from the shell"]);
+    let out = run(&[
+        "send",
+        "--space",
+        "demo",
+        "--id",
+        "carol",
+        "--channel",
+        "general",
+        "from the shell",
+    ]);
     assert!(out.status.success(), "{}", stdout(&out));
-    assert!(stdout(&out).trim().parse::<u64>().is_ok(), "{}", stdout(&out));
-    bob.expect("shell message", |l| json_line(l)["text"] == "from the shell");
+    assert!(
+        stdout(&out).trim().parse::<u64>().is_ok(),
+        "{}",
+        stdout(&out)
+    );
+    bob.expect("shell message", |l| {
+        json_line(l)["text"] == "from the shell"
+    });
     let out = run(&["members", "--space", "demo", "--channel", "general"]);
     let text = stdout(&out);
-    assert!(text.contains("general alice generation=") && text.contains("general bob generation="), "{text}");
+    assert!(
+        text.contains("general alice generation=") && text.contains("general bob generation="),
+        "{text}"
+    );
     assert!(text.contains("2 membership record(s)"), "{text}");
     let out = run(&["health", "--space", "demo"]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
-    assert!(stdout(&out).contains("lease.0: active (holder d1)"), "{}", stdout(&out));
-    assert!(stdout(&out).contains("{\"state\":\"active\"}"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("lease.0: active (holder d1)"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("{\"state\":\"active\"}"),
+        "{}",
+        stdout(&out)
+    );
     let out = run(&["channels", "--space", "demo"]);
     assert!(out.status.success(), "{}", stdout(&out));
     assert!(stdout(&out).contains("0 channel(s)"), "{}", stdout(&out));
@@ -358,5 +408,9 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
     assert_eq!(daemon.exit_code(), Some(0), "{:#?}", daemon.seen);
     let out = run(&["health", "--space", "demo"]);
     assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
-    assert!(stdout(&out).contains("no delivery lease"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("no delivery lease"),
+        "{}",
+        stdout(&out)
+    );
 }

@@ -12,8 +12,8 @@ use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryEvent};
 use cotal_core::delivery::lease::{ACQUIRED_AT_FIELD, HEALTH_FIELD, LeaseHealth, judge_health};
 use cotal_core::io::{Command, ReadStart, Reply, StoredMessage};
 use cotal_core::ledger::SourceKind;
-use cotal_core::time::UnixMillis;
 use cotal_core::registry::FENCE_FIELD;
+use cotal_core::time::UnixMillis;
 use cotal_core::wire::config::{ConsumerSpec, SpaceStream};
 use cotal_core::wire::keys::{KvBucket, acl_key, member_key};
 use cotal_core::wire::message::{CotalMessage, Sender};
@@ -122,7 +122,10 @@ fn agent_user(agent: &str, channels: &[&str]) -> User {
     User {
         name: agent.to_owned(),
         password: "pw".to_owned(),
-        permissions: Some(nats_server_permissions(&Permissions::agent(&space(), &policy))),
+        permissions: Some(nats_server_permissions(&Permissions::agent(
+            &space(),
+            &policy,
+        ))),
     }
 }
 
@@ -232,7 +235,7 @@ impl Peer {
 
     /// Pumps until `pred` holds, at most [`WAIT`].
     async fn until(&mut self, what: &str, pred: impl Fn(&[AgentEvent], &[Got]) -> bool) {
-        let deadline = tokio::time::Instant::now() + common::wait();
+        let deadline = tokio::time::Instant::now() + WAIT;
         while !pred(&self.log, &self.got) {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             assert!(
@@ -263,14 +266,14 @@ impl Peer {
         let find = |log: &[AgentEvent]| {
             log.iter()
                 .find(|e| match e {
-                    AgentEvent::Joined { request: r, .. } | AgentEvent::JoinFailed { request: r, .. } => {
-                        *r == Some(request)
-                    }
+                    AgentEvent::Joined { request: r, .. }
+                    | AgentEvent::JoinFailed { request: r, .. } => *r == Some(request),
                     _ => false,
                 })
                 .cloned()
         };
-        self.until("join result", |log, _| find(log).is_some()).await;
+        self.until("join result", |log, _| find(log).is_some())
+            .await;
         find(&self.log).expect("join result")
     }
 
@@ -289,7 +292,8 @@ impl Peer {
                 })
                 .cloned()
         };
-        self.until("leave result", |log, _| find(log).is_some()).await;
+        self.until("leave result", |log, _| find(log).is_some())
+            .await;
         find(&self.log).expect("leave result")
     }
 
@@ -302,14 +306,17 @@ impl Peer {
             .expect("send accepted");
         let find = |log: &[AgentEvent]| {
             log.iter().find_map(|e| match e {
-                AgentEvent::Sent { request: r, seq, .. } if *r == request => Some(Ok(*seq)),
+                AgentEvent::Sent {
+                    request: r, seq, ..
+                } if *r == request => Some(Ok(*seq)),
                 AgentEvent::SendFailed {
                     request: r, error, ..
                 } if *r == request => Some(Err(error.clone())),
                 _ => None,
             })
         };
-        self.until("send result", |log, _| find(log).is_some()).await;
+        self.until("send result", |log, _| find(log).is_some())
+            .await;
         match find(&self.log) {
             Some(Ok(seq)) => (msg_id, seq),
             other => panic!("{}: send failed: {other:?}", self.name),
@@ -351,9 +358,7 @@ impl Daemon {
     /// Starts a daemon for shard 0 of 1 and waits until it serves.
     async fn start(cfg: &ConnectConfig, daemon_id: &str) -> Daemon {
         let conn = connect(cfg).await.expect("connect");
-        let shard = ShardMap::new(1)
-            .and_then(|m| m.shard(0))
-            .expect("shard");
+        let shard = ShardMap::new(1).and_then(|m| m.shard(0)).expect("shard");
         let machine = Delivery::new(DeliveryConfig::new(space(), shard, daemon_id));
         let (exec, inputs) = Executor::start(conn, ExecutorConfig::default());
         let Runner {
@@ -477,8 +482,8 @@ async fn a0_interop_scenario_spec_12() {
     }
     for a in ["alice", "bob"] {
         let presence = kv_get(&admin, KvBucket::Presence, a).await;
-        let record: Value = serde_json::from_slice(&presence.expect("presence written"))
-            .expect("presence json");
+        let record: Value =
+            serde_json::from_slice(&presence.expect("presence written")).expect("presence json");
         assert_eq!(record["card"]["id"], a, "{record}");
     }
     // 4. Alice multicasts; Bob receives it with kind channel (from the subject), live.
@@ -582,8 +587,16 @@ async fn a2_a3_a24_live_join_leave_refused_and_late_refusal() {
     bob.send("ops", "o2").await;
     alice.receives(&["o2"]).await;
     alice.idle(Duration::from_millis(300)).await;
-    assert!(!alice.texts().contains(&"g2".to_owned()), "{:?}", alice.texts());
-    assert!(!alice.texts().contains(&"s1".to_owned()), "{:?}", alice.texts());
+    assert!(
+        !alice.texts().contains(&"g2".to_owned()),
+        "{:?}",
+        alice.texts()
+    );
+    assert!(
+        !alice.texts().contains(&"s1".to_owned()),
+        "{:?}",
+        alice.texts()
+    );
     // Late refusal: the server reloads Alice's profile without `ops`.
     users[0] = agent_user("alice", &["general"]);
     server.reload_with_users(users);
@@ -635,8 +648,10 @@ async fn a26_c2_b17_durable_offline_catch_up_hard_cut_and_rejoin() {
     let mut alice = Peer::start(cfg.clone(), agent_config("alice", &["general"], true, true)).await;
     let mut bob = Peer::start(cfg.clone(), agent_config("bob", &["general"], true, true)).await;
     for p in [&mut alice, &mut bob] {
-        p.until("boot join", |log, _| log.iter().any(|e| joined_durable(e).is_some()))
-            .await;
+        p.until("boot join", |log, _| {
+            log.iter().any(|e| joined_durable(e).is_some())
+        })
+        .await;
     }
     let first = until_activated(&cfg, "general", "bob").await;
     assert_eq!(first.generation, 1);
@@ -648,21 +663,35 @@ async fn a26_c2_b17_durable_offline_catch_up_hard_cut_and_rejoin() {
     }
     // Bob comes back: every post arrives through DLV, once.
     let mut bob = Peer::start(cfg.clone(), agent_config("bob", &["general"], true, true)).await;
-    bob.receives(&["offline 0", "offline 1", "offline 2", "offline 3", "offline 4"])
-        .await;
+    bob.receives(&[
+        "offline 0",
+        "offline 1",
+        "offline 2",
+        "offline 3",
+        "offline 4",
+    ])
+    .await;
     for m in &posted {
         let copies: Vec<&Got> = bob.got.iter().filter(|g| &g.id == m).collect();
         assert_eq!(copies.len(), 1, "{copies:?}");
         assert_eq!(copies[0].origin, SourceKind::Durable, "{copies:?}");
     }
-    bob.until("boot self-join", |log, _| log.iter().any(|e| joined_durable(e).is_some()))
-        .await;
+    bob.until("boot self-join", |log, _| {
+        log.iter().any(|e| joined_durable(e).is_some())
+    })
+    .await;
     let again = bob.log.iter().find_map(joined_durable);
     assert_eq!(again, Some(1), "the boot self-join resumes generation 1");
     // Leave: a hard cut.
     let left = bob.leave("general").await;
     assert!(
-        matches!(left, AgentEvent::Left { tombstoned: Some(1), .. }),
+        matches!(
+            left,
+            AgentEvent::Left {
+                tombstoned: Some(1),
+                ..
+            }
+        ),
         "{left:?}"
     );
     let (gap_id, _) = alice.send("general", "after leave").await;
@@ -675,7 +704,10 @@ async fn a26_c2_b17_durable_offline_catch_up_hard_cut_and_rejoin() {
     assert!(generation > 1, "{rejoined:?}");
     let record = until_activated(&cfg, "general", "bob").await;
     assert_eq!(record.generation, generation);
-    assert!(record.join_cursor >= 6, "the cursor skips the gap: {record:?}");
+    assert!(
+        record.join_cursor >= 6,
+        "the cursor skips the gap: {record:?}"
+    );
     bob.stop().await;
     alice.send("general", "after rejoin").await;
     let mut bob = Peer::start(cfg.clone(), agent_config("bob", &["general"], true, true)).await;
@@ -829,20 +861,26 @@ async fn wire_records_written_by_our_daemon_match_the_reference_shapes() {
     let mut alice = Peer::start(cfg.clone(), agent_config("alice", &["general"], true, true)).await;
     let mut bob = Peer::start(cfg.clone(), agent_config("bob", &["general"], true, true)).await;
     for p in [&mut alice, &mut bob] {
-        p.until("boot join", |log, _| log.iter().any(|e| joined_durable(e).is_some()))
-            .await;
+        p.until("boot join", |log, _| {
+            log.iter().any(|e| joined_durable(e).is_some())
+        })
+        .await;
     }
     let member = until_activated(&cfg, "general", "bob").await;
     let (sent_id, _) = alice.send("general", "wire shapes").await;
     bob.receives(&["wire shapes"]).await;
 
     // Membership record.
-    let raw = kv_get(&cfg, KvBucket::Members, &member_key(&concrete("general"), &id("bob")))
-        .await
-        .expect("member record");
+    let raw = kv_get(
+        &cfg,
+        KvBucket::Members,
+        &member_key(&concrete("general"), &id("bob")),
+    )
+    .await
+    .expect("member record");
     let ours: Value = serde_json::from_slice(&raw).expect("json");
-    let theirs = &fixture("kv-members-records.json")["snapshots"]["1-after-alice-joined-review"][0]
-        ["data"];
+    let theirs =
+        &fixture("kv-members-records.json")["snapshots"]["1-after-alice-joined-review"][0]["data"];
     // Our one documented addition: the fencing token of the daemon that wrote it (G23).
     let extra: Vec<String> = keys(&ours).difference(&keys(theirs)).cloned().collect();
     assert!(keys(theirs).is_subset(&keys(&ours)), "{ours}");
@@ -868,7 +906,11 @@ async fn wire_records_written_by_our_daemon_match_the_reference_shapes() {
         vec![ACQUIRED_AT_FIELD.to_owned(), HEALTH_FIELD.to_owned()],
         "{ours}"
     );
-    assert_eq!(ours[HEALTH_FIELD], serde_json::json!({"state": "active"}), "{ours}");
+    assert_eq!(
+        ours[HEALTH_FIELD],
+        serde_json::json!({"state": "active"}),
+        "{ours}"
+    );
     assert!(matches!(
         judge_health(Some(&lease), lease.since, LEASE_TTL),
         LeaseHealth::Active { .. }
@@ -876,7 +918,12 @@ async fn wire_records_written_by_our_daemon_match_the_reference_shapes() {
 
     // Dinbox entries and DLV copies, read back from the streams.
     let mut d = Driver::start(cfg.clone()).await;
-    let dinbox = read_all(&mut d, SpaceStream::Inbox, &format!("cotal.{SPACE}.dinbox.>")).await;
+    let dinbox = read_all(
+        &mut d,
+        SpaceStream::Inbox,
+        &format!("cotal.{SPACE}.dinbox.>"),
+    )
+    .await;
     let entry_msg = dinbox
         .iter()
         .find(|m| m.subject.ends_with(".bob"))
@@ -886,19 +933,30 @@ async fn wire_records_written_by_our_daemon_match_the_reference_shapes() {
     let ours: Value = serde_json::from_slice(&entry_msg.payload).expect("json");
     let theirs = &fixture("dinbox-entries.json")["messages"][0]["data"];
     assert_eq!(keys(&ours), keys(theirs), "dinbox entry keys: {ours}");
-    assert_eq!(keys(&ours["msg"]), keys(&theirs["msg"]), "message keys: {ours}");
+    assert_eq!(
+        keys(&ours["msg"]),
+        keys(&theirs["msg"]),
+        "message keys: {ours}"
+    );
     assert_eq!(
         msg_id_parts(&msg_id(entry_msg)),
         (sent_id.clone(), "bob".to_owned(), member.generation)
     );
     let dlv = read_all(&mut d, SpaceStream::Dlv, &format!("cotal.{SPACE}.dlv.bob")).await;
-    let copy = dlv.iter().find(|m| msg_id(m).starts_with(&sent_id)).expect("dlv copy");
+    let copy = dlv
+        .iter()
+        .find(|m| msg_id(m).starts_with(&sent_id))
+        .expect("dlv copy");
     let message: CotalMessage = serde_json::from_slice(&copy.payload).expect("dlv decodes");
     assert_eq!(message.id, sent_id);
     let ours: Value = serde_json::from_slice(&copy.payload).expect("json");
     let theirs = &fixture("dlv-messages.json")["messages"][0]["data"];
     assert_eq!(keys(&ours), keys(theirs), "dlv copy keys: {ours}");
-    assert_eq!(msg_id(copy), msg_id(entry_msg), "the DLV copy keeps the entry's msg-id");
+    assert_eq!(
+        msg_id(copy),
+        msg_id(entry_msg),
+        "the DLV copy keeps the entry's msg-id"
+    );
     alice.stop().await;
     bob.stop().await;
     daemon.stop().await;

@@ -185,9 +185,7 @@ struct Stub {
 }
 
 fn not_built(name: &str) -> ExitCode {
-    println!(
-        "cotal {name}: not built yet (the simulator demo is being written; see the README)"
-    );
+    println!("cotal {name}: not built yet (the simulator demo is being written; see the README)");
     ExitCode::from(2)
 }
 
@@ -373,15 +371,15 @@ async fn apply_agent(
         .await
         .map_err(|e| format!("cannot write the ACL record: {e}"))?;
     let spec = cotal_core::wire::config::ConsumerSpec::dlv(space, id);
-    let applied = cotal_driver_tokio::provision::apply_consumer(
-        &conn.client,
-        &spec,
-        config.request_timeout,
-    )
-    .await
-    .map_err(|e| format!("consumer {}/{}: {e}", spec.stream, spec.name))?;
+    let applied =
+        cotal_driver_tokio::provision::apply_consumer(&conn.client, &spec, config.request_timeout)
+            .await
+            .map_err(|e| format!("consumer {}/{}: {e}", spec.stream, spec.name))?;
     Ok(vec![
-        format!("applied: ACL record {bucket}/{} revision {revision}", acl_key(id)),
+        format!(
+            "applied: ACL record {bucket}/{} revision {revision}",
+            acl_key(id)
+        ),
         format!(
             "applied: consumer {}/{} {}",
             spec.stream,

@@ -22,8 +22,6 @@ use tokio::sync::mpsc;
 
 /// How long any single wait in a test may take.
 pub const WAIT: Duration = Duration::from_secs(10);
-/// Experiment override.
-pub fn wait() -> Duration { std::env::var("E2E_WAIT").ok().and_then(|s| s.parse().ok()).map_or(WAIT, Duration::from_secs) }
 
 /// One user of a server config.
 #[derive(Clone, Debug)]

@@ -130,7 +130,11 @@ async fn connect_with(config: &ConnectConfig) -> Result<NatsConnection, String> 
 }
 
 /// Fails with a clear line when the space's streams are missing.
-async fn check_provisioned(conn: &NatsConnection, space: &Space, t: Duration) -> Result<(), String> {
+async fn check_provisioned(
+    conn: &NatsConnection,
+    space: &Space,
+    t: Duration,
+) -> Result<(), String> {
     let stream = SpaceStream::Chat.name(space);
     let subject = format!("$JS.API.STREAM.INFO.{stream}");
     match cotal_driver_tokio::api::request(&conn.client, &subject, Bytes::new(), t).await {
@@ -655,7 +659,10 @@ async fn run_send(args: SendArgs) -> Result<ExitCode, String> {
     let me = sender_of(&args.id, args.name.as_deref())?;
     let channel = channel_of(&args.channel)?;
     if !channel.is_concrete() {
-        return Err(format!("cannot post to wildcard channel '{}'", args.channel));
+        return Err(format!(
+            "cannot post to wildcard channel '{}'",
+            args.channel
+        ));
     }
     let mut config = AgentConfig::new(space, me, Vec::new(), os_seed());
     config.durable_backstop = false;
@@ -702,10 +709,7 @@ async fn run_send(args: SendArgs) -> Result<ExitCode, String> {
     let _ = handle.stop(STOP_GRACE);
     let _ = task.await;
     let (seq, duplicate) = outcome?;
-    println!(
-        "{seq}{}",
-        if duplicate { " (duplicate)" } else { "" }
-    );
+    println!("{seq}{}", if duplicate { " (duplicate)" } else { "" });
     Ok(ExitCode::SUCCESS)
 }
 
@@ -827,7 +831,10 @@ pub(crate) async fn health(args: SpaceArgs) -> ExitCode {
             println!("{key}: {text}; published health {published}");
         }
         if shown == 0 {
-            println!("no delivery lease: no daemon serves space '{}'", space.as_str());
+            println!(
+                "no delivery lease: no daemon serves space '{}'",
+                space.as_str()
+            );
             all_active = false;
         }
         Ok::<_, String>(if all_active {
