@@ -6,7 +6,7 @@ use bytes::Bytes;
 use clap::Args;
 use cotal_core::agent::{Agent, AgentConfig, AgentEvent, Arrival};
 use cotal_core::constants::LEASE_TTL;
-use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryEvent};
+use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryEvent, DeliveryHealth};
 use cotal_core::delivery::lease::{HEALTH_FIELD, LeaseEvent, LeaseHealth, judge_health};
 use cotal_core::ledger::Surfaced;
 use cotal_core::policy::{ChannelRegistry, DeliveryClass};
@@ -215,6 +215,7 @@ async fn run_delivery(args: DeliveryArgs) -> Result<ExitCode, String> {
     let signal = terminate_signal();
     tokio::pin!(signal);
     let mut failure: Option<String> = None;
+    let mut report = DaemonReport::default();
     loop {
         tokio::select! {
             () = &mut signal => {
@@ -223,7 +224,7 @@ async fn run_delivery(args: DeliveryArgs) -> Result<ExitCode, String> {
             }
             event = events.recv() => match event {
                 Some(event) => {
-                    if let Some(reason) = report_delivery_event(&event) {
+                    if let Some(reason) = report.event(&event) {
                         failure = Some(reason);
                         break;
                     }
@@ -239,7 +240,7 @@ async fn run_delivery(args: DeliveryArgs) -> Result<ExitCode, String> {
     // The runner answers the release within the grace; drain what it reported meanwhile.
     let machine = task.await.map_err(|e| format!("daemon task failed: {e}"))?;
     while let Ok(event) = events.try_recv() {
-        let _ = report_delivery_event(&event);
+        let _ = report.event(&event);
     }
     let counters = machine.counters();
     tracing::info!(
@@ -256,35 +257,89 @@ async fn run_delivery(args: DeliveryArgs) -> Result<ExitCode, String> {
     }
 }
 
-/// Logs one daemon event; returns the reason to exit for a lease that is gone for good.
-fn report_delivery_event(event: &DeliveryEvent) -> Option<String> {
-    match event {
-        DeliveryEvent::HealthChanged(h) => tracing::info!(target: "cotal", "health: {h}"),
-        DeliveryEvent::Lease(LeaseEvent::Lost { .. }) => {
-            tracing::error!(target: "cotal", "lease: {event:?}");
-            return Some("the delivery lease was lost".to_owned());
+/// What `cotal delivery` prints of its daemon's events: one line each, quiet by default.
+#[derive(Default)]
+struct DaemonReport {
+    /// The daemon was active once: from then on every health change is printed (the boot's
+    /// step-by-step degraded states only with `-vv`).
+    was_active: bool,
+}
+
+impl DaemonReport {
+    /// Logs one daemon event; returns the reason to exit for a lease that is gone for good.
+    fn event(&mut self, event: &DeliveryEvent) -> Option<String> {
+        match event {
+            DeliveryEvent::HealthChanged(h) => {
+                let active = matches!(h, DeliveryHealth::Active);
+                if active || self.was_active {
+                    tracing::info!(target: "cotal", "health: {h}");
+                } else {
+                    tracing::debug!(target: "cotal", "health: {h}");
+                }
+                self.was_active |= active;
+            }
+            DeliveryEvent::Lease(LeaseEvent::Lost { .. }) => {
+                tracing::error!(target: "cotal", "lease: {event:?}");
+                return Some("the delivery lease was lost".to_owned());
+            }
+            DeliveryEvent::Lease(LeaseEvent::AcquireFailed { .. }) => {
+                tracing::error!(target: "cotal", "lease: {event:?}");
+                return Some(format!("could not acquire the delivery lease: {event:?}"));
+            }
+            DeliveryEvent::Lease(e @ LeaseEvent::Renewed { .. }) => {
+                tracing::debug!(target: "cotal", "lease: {e:?}");
+            }
+            DeliveryEvent::Lease(e) => tracing::info!(target: "cotal", "lease: {e:?}"),
+            DeliveryEvent::Joined {
+                owner,
+                channel,
+                generation,
+                join_cursor,
+                durable,
+                reason,
+                copied,
+                ..
+            } => tracing::info!(
+                target: "cotal",
+                "joined: {} {} generation {generation} cursor {join_cursor} durable {durable} \
+                 copied {copied}{}",
+                owner.as_str(),
+                channel.as_str(),
+                reason.as_ref().map_or_else(String::new, |r| format!(" ({r})"))
+            ),
+            DeliveryEvent::Left {
+                owner,
+                channel,
+                generation,
+                leave_cursor,
+            } => tracing::info!(
+                target: "cotal",
+                "left: {} {} generation {} leave cursor {}",
+                owner.as_str(),
+                channel.as_str(),
+                generation.map_or_else(|| "-".to_owned(), |g| g.to_string()),
+                leave_cursor.map_or_else(|| "-".to_owned(), |c| c.to_string())
+            ),
+            DeliveryEvent::Evicted { .. }
+            | DeliveryEvent::EntryLost(_)
+            | DeliveryEvent::HistoryForgotten { .. }
+            | DeliveryEvent::DinboxCapReached { .. }
+            | DeliveryEvent::CopyWriteFailed { .. }
+            | DeliveryEvent::FanoutTerminated { .. }
+            | DeliveryEvent::EntryTerminated { .. } => {
+                tracing::warn!(target: "cotal", "loss: {event:?}");
+            }
+            DeliveryEvent::FeedProblem { .. }
+            | DeliveryEvent::Abandoned { .. }
+            | DeliveryEvent::JoinFailed { .. }
+            | DeliveryEvent::LeaveFailed { .. }
+            | DeliveryEvent::ControlRefused { .. } => {
+                tracing::warn!(target: "cotal", "{event:?}");
+            }
+            other => tracing::debug!(target: "cotal", "{other:?}"),
         }
-        DeliveryEvent::Lease(LeaseEvent::AcquireFailed { .. }) => {
-            tracing::error!(target: "cotal", "lease: {event:?}");
-            return Some(format!("could not acquire the delivery lease: {event:?}"));
-        }
-        DeliveryEvent::Lease(e) => tracing::info!(target: "cotal", "lease: {e:?}"),
-        DeliveryEvent::Evicted { .. }
-        | DeliveryEvent::EntryLost(_)
-        | DeliveryEvent::HistoryForgotten { .. }
-        | DeliveryEvent::DinboxCapReached { .. }
-        | DeliveryEvent::CopyWriteFailed { .. }
-        | DeliveryEvent::FanoutTerminated { .. }
-        | DeliveryEvent::EntryTerminated { .. }
-        | DeliveryEvent::FeedProblem { .. }
-        | DeliveryEvent::Abandoned { .. } => tracing::warn!(target: "cotal", "loss: {event:?}"),
-        DeliveryEvent::Joined { .. }
-        | DeliveryEvent::Left { .. }
-        | DeliveryEvent::JoinFailed { .. }
-        | DeliveryEvent::LeaveFailed { .. } => tracing::info!(target: "cotal", "{event:?}"),
-        other => tracing::debug!(target: "cotal", "{other:?}"),
+        None
     }
-    None
 }
 
 // ---------------------------------------------------------------------------------------------
