@@ -8,7 +8,9 @@ use bytes::Bytes;
 use common::{Driver, NatsServer, User, WAIT, ok};
 use cotal_core::agent::{Agent, AgentConfig, AgentEvent, JoinError};
 use cotal_core::constants::LEASE_TTL;
-use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryEvent};
+use cotal_core::delivery::daemon::{
+    DegradedReason, Delivery, DeliveryConfig, DeliveryEvent, DeliveryHealth,
+};
 use cotal_core::delivery::lease::{ACQUIRED_AT_FIELD, HEALTH_FIELD, LeaseHealth, judge_health};
 use cotal_core::io::{Command, ReadStart, Reply, StoredMessage};
 use cotal_core::ledger::SourceKind;
@@ -372,21 +374,26 @@ impl Daemon {
             task,
             log: Vec::new(),
         };
+        d.until_serving().await;
+        d
+    }
+
+    /// Waits until every feed is open and control requests are served.
+    async fn until_serving(&mut self) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let (health, _, serving) = d.handle.status().await.expect("daemon runs");
+            let (health, _, serving) = self.handle.status().await.expect("daemon runs");
             if serving {
-                break;
+                return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "daemon not serving within {WAIT:?}: {health}; {:#?}",
-                d.log
+                self.log
             );
-            d.drain();
+            self.drain();
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        d
     }
 
     fn drain(&mut self) {
@@ -784,6 +791,70 @@ async fn a27_daemon_restart_mid_stream_loses_nothing() {
     bob.stop().await;
     alice.stop().await;
     let (machine, log) = successor.stop().await;
+    assert_eq!(machine.counters().lost, 0, "{log:#?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Broker restart mid-stream
+// ---------------------------------------------------------------------------------------------
+
+/// C4: the broker is killed and restarted (same port and store) under a daemon and two members;
+/// everything reconnects by itself, the daemon serves again, a live post arrives, and a post made
+/// while Bob is offline reaches him through the backstop.
+#[tokio::test]
+async fn c4_backstop_survives_a_broker_restart() {
+    let Some(mut server) = NatsServer::start() else {
+        return;
+    };
+    let cfg = server.config();
+    provision(&cfg).await;
+    for a in ["alice", "bob"] {
+        provision_agent(&cfg, &id(a), &[">"]).await;
+    }
+    set_channel(
+        &cfg,
+        "general",
+        serde_json::json!({"deliveryClass": "durable", "replay": false}),
+    )
+    .await;
+    let mut daemon = Daemon::start(&cfg, "daemon-1").await;
+    let mut alice = Peer::start(cfg.clone(), agent_config("alice", &["general"], true, true)).await;
+    let mut bob = Peer::start(cfg.clone(), agent_config("bob", &["general"], true, true)).await;
+    until_activated(&cfg, "general", "bob").await;
+    alice.send("general", "before restart").await;
+    bob.receives(&["before restart"]).await;
+
+    server.restart();
+    for p in [&mut alice, &mut bob] {
+        p.until("reconnect", |log, _| {
+            log.iter()
+                .any(|e| matches!(e, AgentEvent::Connected { first: false }))
+        })
+        .await;
+    }
+    // The daemon saw the loss, then serves again.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !daemon.log.iter().any(|e| {
+        matches!(e, DeliveryEvent::HealthChanged(DeliveryHealth::Degraded(r))
+            if r.contains(&DegradedReason::Disconnected))
+    }) {
+        assert!(tokio::time::Instant::now() < deadline, "{:#?}", daemon.log);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        daemon.drain();
+    }
+    daemon.until_serving().await;
+    let joined = alice.handle.call(|a, _| a.joined()).await.expect("runner");
+    assert_eq!(joined, vec![ch("general")], "joins survive a reconnect");
+    alice.send("general", "after restart").await;
+    bob.receives(&["after restart"]).await;
+    bob.stop().await;
+    alice.send("general", "while bob is away").await;
+    let mut bob = Peer::start(cfg.clone(), agent_config("bob", &["general"], true, true)).await;
+    bob.receives(&["while bob is away"]).await;
+    assert_eq!(bob.got[0].origin, SourceKind::Durable, "{:?}", bob.got);
+    bob.stop().await;
+    alice.stop().await;
+    let (machine, log) = daemon.stop().await;
     assert_eq!(machine.counters().lost, 0, "{log:#?}");
 }
 
