@@ -128,6 +128,45 @@ fn unreachable_server_and_stub_commands_fail_clearly() {
         "{}",
         stdout(&out)
     );
+    // Bad input fails before any connection, with one line and exit 1.
+    let out = cotal(&[
+        "agent",
+        "--space",
+        "main",
+        "--id",
+        "alice",
+        "--join",
+        "bad..name",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).starts_with("cotal: error: invalid channel 'bad..name'"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cotal(&[
+        "send",
+        "--space",
+        "main",
+        "--id",
+        "a",
+        "--channel",
+        "team.>",
+        "x",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains("cannot post to wildcard channel"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cotal(&["members", "--space", "bad space"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).starts_with("cotal: error: invalid space name"),
+        "{}",
+        stdout(&out)
+    );
     let out = cotal(&[
         "provision",
         "agent",
