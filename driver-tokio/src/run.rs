@@ -13,6 +13,11 @@
 //!    the host never touches the machine directly and never blocks the loop (every channel is
 //!    unbounded; a call that wants an answer gets it through a oneshot).
 //!
+//! Expired deadlines are handled before anything else; inputs and host calls that are ready at
+//! the same time are taken in random order (neither starves the other). A call made right after
+//! [`Runner::spawn`] may therefore run before the first [`Input`] (`Connection::Restored`) and
+//! find the machine not ready yet: a host waits for the machine's own "connected" event first.
+//!
 //! `Now { at, wall }` comes from tokio's clock (`at`, monotonic) and the system clock (`wall`).
 //!
 //! # Finishing
@@ -292,8 +297,20 @@ async fn run_loop<M: Machine>(
             break;
         }
         let deadline = l.machine.poll_timeout().map(|at| l.clock.deadline(at));
+        // Expired deadlines first, whatever else is ready: a busy input stream must never starve
+        // the timers (the daemon's lease renewals ride on them).
+        if deadline.is_some_and(|d| d <= Instant::now()) {
+            let now = l.clock.now();
+            l.machine.handle_timeout(now);
+            continue;
+        }
+        if finish_by.is_some_and(|f| f <= Instant::now()) {
+            tracing::debug!("finish grace ran out with commands unanswered");
+            break;
+        }
+        // Inputs and host calls are taken in random order when both are ready, so neither
+        // starves the other.
         tokio::select! {
-            biased;
             input = inputs.recv() => match input {
                 Some(input) => l.input(input),
                 None => {

@@ -728,11 +728,23 @@ async fn run_send(args: SendArgs) -> Result<ExitCode, String> {
         mut events,
         task,
     } = runner;
+    let wait = connect_config.request_timeout + Duration::from_secs(1);
+    let ready = tokio::time::timeout(wait, async {
+        while let Some(event) = events.recv().await {
+            if let AgentEvent::Connected { .. } = event {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    if ready != Ok(true) {
+        return Err(format!("the agent was not ready within {wait:?}"));
+    }
     let (request, id) = handle
         .send_text(channel, args.text.clone())
         .await
         .map_err(call_error)?;
-    let wait = connect_config.request_timeout + Duration::from_secs(1);
     let outcome = tokio::time::timeout(wait, async {
         while let Some(event) = events.recv().await {
             match event {
