@@ -73,7 +73,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Notify, Semaphore, mpsc};
 use tokio::task::{AbortHandle, JoinHandle};
 
 /// Tunables of an [`Executor`].
@@ -122,6 +122,7 @@ struct Stats {
     rejected_while_disconnected: AtomicU64,
     stale_feed_items: AtomicU64,
     consumers_ended: AtomicU64,
+    handed_back: AtomicU64,
 }
 
 /// A snapshot of the executor's counters (health surface).
@@ -143,6 +144,8 @@ pub struct ExecutorStats {
     pub stale_feed_items: u64,
     /// Consumer feeds that ended on their own.
     pub consumers_ended: u64,
+    /// Deliveries of a closed consumer feed naked back to the server (never seen by the machine).
+    pub handed_back: u64,
 }
 
 impl Stats {
@@ -157,6 +160,7 @@ impl Stats {
             rejected_while_disconnected: g(&self.rejected_while_disconnected),
             stale_feed_items: g(&self.stale_feed_items),
             consumers_ended: g(&self.consumers_ended),
+            handed_back: g(&self.handed_back),
         }
     }
 }
@@ -278,7 +282,18 @@ struct Feed {
     kind: FeedKind,
     abort: Option<AbortHandle>,
     flow: Option<Arc<Semaphore>>,
+    /// Tells the feed's task to stop (a consumer hands back what it still holds first).
+    stop: Arc<Notify>,
 }
+
+/// How long a stopped consumer feed may take to hand back (nak) the deliveries of its last pull
+/// before its task is aborted.
+const HAND_BACK_GRACE: Duration = Duration::from_millis(250);
+
+/// The nak delay of a handed-back delivery: long enough that the stopped feed's own pull request
+/// is gone from the server (our unsubscribe reached it), so the redelivery does not go back into
+/// that dead pull, which would hold it for the consumer's whole `ack_wait`.
+const HAND_BACK_DELAY: Duration = Duration::from_secs(1);
 
 struct InFlight {
     abort: Option<AbortHandle>,
@@ -433,8 +448,18 @@ impl Actor {
 
     fn close_feed(&mut self, sub: SubId) -> Option<Feed> {
         let feed = self.feeds.remove(&sub)?;
-        if let Some(a) = &feed.abort {
-            a.abort();
+        feed.stop.notify_one();
+        if let Some(a) = feed.abort.clone() {
+            if feed.kind == FeedKind::Consumer && feed.flow.is_some() && self.connected {
+                // An acked consumer naks what its last pull still brings (see `consume`), so
+                // the server redelivers it now rather than after the consumer's ack_wait.
+                tokio::spawn(async move {
+                    tokio::time::sleep(HAND_BACK_GRACE).await;
+                    a.abort();
+                });
+            } else {
+                a.abort();
+            }
         }
         Some(feed)
     }
@@ -480,11 +505,13 @@ impl Actor {
     {
         self.close_feed(sub);
         let generation = self.new_generation();
+        let stop = Arc::new(Notify::new());
         let sink = FeedSink {
             tx: self.internal_tx.clone(),
             op,
             sub,
             generation,
+            stop: stop.clone(),
         };
         let handle = tokio::spawn(task(sink));
         self.feeds.insert(
@@ -494,6 +521,7 @@ impl Actor {
                 kind,
                 abort: Some(handle.abort_handle()),
                 flow,
+                stop,
             },
         );
         self.inflight.insert(
@@ -647,6 +675,20 @@ impl Actor {
                     .is_some_and(|f| f.generation == generation);
                 if !live {
                     bump(&self.stats.stale_feed_items);
+                    if let FeedItem::Delivery {
+                        msg,
+                        needs_ack: true,
+                    } = item
+                    {
+                        // Nobody will settle it: hand it back for redelivery now, not after
+                        // the consumer's ack_wait.
+                        bump(&self.stats.handed_back);
+                        tokio::spawn(async move {
+                            let _ = msg
+                                .ack_with(jetstream::AckKind::Nak(Some(HAND_BACK_DELAY)))
+                                .await;
+                        });
+                    }
                     return;
                 }
                 match item {
@@ -784,6 +826,7 @@ impl Actor {
                                 kind: FeedKind::Core { subject },
                                 abort: Some(handle.abort_handle()),
                                 flow: None,
+                                stop: Arc::new(Notify::new()),
                             },
                         );
                         self.emit(Input::Completed(Completion::success(op, Reply::Done)));
@@ -1086,6 +1129,8 @@ struct FeedSink {
     op: OpId,
     sub: SubId,
     generation: u64,
+    /// Notified when the feed is closed.
+    stop: Arc<Notify>,
 }
 
 impl FeedSink {
@@ -1551,25 +1596,34 @@ async fn consume(job: ConsumeJob, sink: FeedSink) {
         let mut got = 0;
         let mut ended: Option<String> = None;
         match batch {
-            Ok(mut batch) => {
-                while let Some(m) = batch.next().await {
-                    match m {
-                        Ok(msg) => {
-                            got += 1;
-                            if !sink.item(FeedItem::Delivery {
-                                msg: Box::new(msg),
-                                needs_ack,
-                            }) {
-                                return;
-                            }
+            Ok(mut batch) => loop {
+                let next = tokio::select! {
+                    biased;
+                    () = sink.stop.notified() => {
+                        if needs_ack {
+                            hand_back(&mut batch).await;
                         }
-                        Err(e) => {
-                            ended = Some(e.to_string());
-                            break;
+                        return;
+                    }
+                    m = batch.next() => m,
+                };
+                let Some(m) = next else { break };
+                match m {
+                    Ok(msg) => {
+                        got += 1;
+                        if !sink.item(FeedItem::Delivery {
+                            msg: Box::new(msg),
+                            needs_ack,
+                        }) {
+                            return;
                         }
                     }
+                    Err(e) => {
+                        ended = Some(e.to_string());
+                        break;
+                    }
                 }
-            }
+            },
             Err(e) => ended = Some(e.to_string()),
         }
         if let Some(flow) = &job.flow {
@@ -1587,6 +1641,20 @@ async fn consume(job: ConsumeJob, sink: FeedSink) {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// Naks whatever the pull of a stopped feed still delivers within [`HAND_BACK_GRACE`], so the
+/// server redelivers it at once (to a successor) instead of after the consumer's `ack_wait`.
+async fn hand_back<S, E>(batch: &mut S)
+where
+    S: futures::Stream<Item = Result<jetstream::Message, E>> + Unpin,
+{
+    let until = tokio::time::Instant::now() + HAND_BACK_GRACE / 2;
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(until, batch.next()).await {
+        let _ = msg
+            .ack_with(jetstream::AckKind::Nak(Some(HAND_BACK_DELAY)))
+            .await;
     }
 }
 

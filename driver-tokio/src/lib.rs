@@ -9,7 +9,8 @@
 //!   every result, feed item and connection change as a [`cotal_core::io::Input`];
 //! - [`provision`]: idempotent creation of a space's streams, KV buckets and the daemon's
 //!   consumers from the core's config data (`cotal up`);
-//! - [`api`]: raw JetStream API requests and their error mapping.
+//! - [`api`]: raw JetStream API requests and their error mapping;
+//! - [`run`]: the [`run::Runner`] that owns one core machine and drives it with an executor.
 //!
 //! The `cotal` binary (`src/bin/cotal.rs`) is the command line on top.
 
@@ -19,6 +20,7 @@ pub mod api;
 pub mod connect;
 pub mod exec;
 pub mod provision;
+pub mod run;
 
 pub use connect::{Auth, ConnectConfig, ConnectError, NatsConnection, TlsConfig, connect};
 pub use exec::{Executor, ExecutorConfig, ExecutorStats};

@@ -112,9 +112,61 @@ fn unreachable_server_and_stub_commands_fail_clearly() {
     );
     let out = cotal(&["up", "--space", "main", "--nats", "nats://host:x"]);
     assert!(stdout(&out).starts_with("cotal: error: invalid NATS URL 'nats://host:x'"));
-    let out = cotal(&["delivery", "--space", "main"]);
+    let out = cotal(&["demo"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stdout(&out).contains("not built yet"));
+    let out = cotal(&[
+        "delivery",
+        "--space",
+        "main",
+        "--nats",
+        &format!("nats://127.0.0.1:{port}"),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).starts_with("cotal: error: cannot reach NATS server"),
+        "{}",
+        stdout(&out)
+    );
+    // Bad input fails before any connection, with one line and exit 1.
+    let out = cotal(&[
+        "agent",
+        "--space",
+        "main",
+        "--id",
+        "alice",
+        "--join",
+        "bad..name",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).starts_with("cotal: error: invalid channel 'bad..name'"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cotal(&[
+        "send",
+        "--space",
+        "main",
+        "--id",
+        "a",
+        "--channel",
+        "team.>",
+        "x",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains("cannot post to wildcard channel"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cotal(&["members", "--space", "bad space"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).starts_with("cotal: error: invalid space name"),
+        "{}",
+        stdout(&out)
+    );
     let out = cotal(&[
         "provision",
         "agent",
@@ -132,4 +184,272 @@ fn unreachable_server_and_stub_commands_fail_clearly() {
         "{text}"
     );
     assert!(text.contains("\"_INBOX_alice.>\""), "{text}");
+}
+
+/// A `cotal` process whose stdout lines are collected by a thread.
+struct Proc {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+    name: &'static str,
+}
+
+impl Proc {
+    fn spawn(name: &'static str, args: &[&str]) -> Proc {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cotal"))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn cotal");
+        let (tx, lines) = std::sync::mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Proc {
+            child,
+            lines,
+            seen: Vec::new(),
+            name,
+        }
+    }
+
+    /// Waits (bounded) for a line for which `pred` holds and returns it.
+    fn expect(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        if let Some(l) = self.seen.iter().find(|l| pred(l)) {
+            return l.clone();
+        }
+        let deadline = std::time::Instant::now() + common::WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("{}: no {what}; saw {:#?}", self.name, self.seen),
+            }
+        }
+    }
+
+    /// Collects what arrives within `d`.
+    fn settle(&mut self, d: Duration) {
+        let deadline = std::time::Instant::now() + d;
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        {
+            self.seen.push(line);
+        }
+    }
+
+    fn type_line(&mut self, text: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{text}").expect("write stdin");
+        stdin.flush().expect("flush");
+    }
+
+    fn signal(&self, sig: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits (bounded) for the exit code.
+    fn exit_code(&mut self) -> Option<i32> {
+        let deadline = std::time::Instant::now() + common::WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} did not exit; saw {:#?}",
+                self.name,
+                self.seen
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn json_line(line: &str) -> serde_json::Value {
+    serde_json::from_str(line).unwrap_or(serde_json::Value::Null)
+}
+
+/// The README's quick start, as a new user runs it: a server, `cotal up`, the agents' ACL
+/// records, a daemon, two agents talking through stdin / stdout, the one-shot commands, and clean
+/// exits (SIGTERM releases the lease, EOF and SIGINT stop the agents).
+#[test]
+fn quick_start_daemon_and_two_agents_over_the_cli() {
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let url = server.url();
+    let nats = ["--nats", url.as_str()];
+    let with = |args: &[&str]| -> Vec<String> {
+        args.iter()
+            .chain(nats.iter())
+            .map(|s| (*s).to_owned())
+            .collect()
+    };
+    let run = |args: &[&str]| -> Output {
+        let args = with(args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cotal(&args)
+    };
+    let up = run(&["up", "--space", "demo"]);
+    assert!(up.status.success(), "{}", stdout(&up));
+    for who in ["alice", "bob"] {
+        let out = run(&[
+            "provision",
+            "agent",
+            "--space",
+            "demo",
+            "--id",
+            who,
+            "--read",
+            ">",
+            "--apply",
+        ]);
+        assert!(out.status.success(), "{}", stdout(&out));
+        assert!(
+            stdout(&out).contains("applied: ACL record"),
+            "{}",
+            stdout(&out)
+        );
+    }
+    let spawn = |name: &'static str, args: &[&str]| {
+        let args = with(args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::spawn(name, &args)
+    };
+    let mut daemon = spawn("daemon", &["delivery", "--space", "demo", "--id", "d1"]);
+    daemon.expect("health active", |l| l.contains("health: active"));
+    let mut alice = spawn(
+        "alice",
+        &[
+            "agent", "--space", "demo", "--id", "alice", "--join", "general",
+        ],
+    );
+    let mut bob = spawn(
+        "bob",
+        &[
+            "agent", "--space", "demo", "--id", "bob", "--join", "general",
+        ],
+    );
+    for p in [&mut alice, &mut bob] {
+        let joined = json_line(&p.expect("durable join", |l| {
+            let v = json_line(l);
+            v["event"] == "joined" && v["channel"] == "general"
+        }));
+        assert_eq!(joined["durable"], true, "{joined}");
+    }
+    // Plain text posts to the first joined channel; bob prints it once.
+    alice.type_line("hello from alice");
+    let sent = json_line(&alice.expect("sent", |l| json_line(l)["event"] == "sent"));
+    let got = json_line(&bob.expect("message", |l| json_line(l)["text"] == "hello from alice"));
+    assert_eq!(got["from"], "alice");
+    assert_eq!(got["channel"], "general");
+    assert_eq!(got["historical"], false);
+    assert_eq!(got["id"], sent["id"]);
+    // Commands and a malformed line.
+    bob.type_line("/frobnicate");
+    bob.expect("error line", |l| {
+        l.starts_with("cotal: error: unknown command '/frobnicate'")
+    });
+    bob.type_line("/send general reply from bob");
+    alice.expect("reply", |l| json_line(l)["text"] == "reply from bob");
+    // One-shot commands.
+    let out = run(&[
+        "send",
+        "--space",
+        "demo",
+        "--id",
+        "carol",
+        "--channel",
+        "general",
+        "from the shell",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).trim().parse::<u64>().is_ok(),
+        "{}",
+        stdout(&out)
+    );
+    bob.expect("shell message", |l| {
+        json_line(l)["text"] == "from the shell"
+    });
+    let out = run(&["members", "--space", "demo", "--channel", "general"]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("general alice generation=") && text.contains("general bob generation="),
+        "{text}"
+    );
+    assert!(text.contains("2 membership record(s)"), "{text}");
+    let out = run(&["health", "--space", "demo"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("lease.0: active (holder d1)"),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stdout(&out).contains("{\"state\":\"active\"}"),
+        "{}",
+        stdout(&out)
+    );
+    let out = run(&["channels", "--space", "demo"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(stdout(&out).contains("0 channel(s)"), "{}", stdout(&out));
+    // Each message printed once although it came live and through DLV.
+    bob.settle(Duration::from_millis(500));
+    let copies = bob
+        .seen
+        .iter()
+        .filter(|l| json_line(l)["text"] == "hello from alice")
+        .count();
+    assert_eq!(copies, 1, "{:#?}", bob.seen);
+    // Clean exits: EOF stops alice, SIGINT bob, SIGTERM the daemon (its lease released).
+    drop(alice.child.stdin.take());
+    assert_eq!(alice.exit_code(), Some(0), "{:#?}", alice.seen);
+    bob.signal("INT");
+    assert_eq!(bob.exit_code(), Some(0), "{:#?}", bob.seen);
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit_code(), Some(0), "{:#?}", daemon.seen);
+    let out = run(&["health", "--space", "demo"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("no delivery lease"),
+        "{}",
+        stdout(&out)
+    );
 }

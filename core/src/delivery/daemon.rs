@@ -127,6 +127,12 @@ pub const DEFAULT_FANOUT_WINDOW: u32 = 64;
 /// Default flow-control window of the reader consumer.
 pub const DEFAULT_READER_WINDOW: u32 = 256;
 
+/// The nak delay of a delivery a stopping daemon hands back (or one that arrives on a feed it
+/// closed): long enough that the closed feed's own pull request is gone from the server, so the
+/// redelivery goes to a successor rather than back into the dead pull (which would hold it for
+/// the consumer's whole `ack_wait`); short next to that `ack_wait` (60 s).
+pub const HAND_BACK_DELAY: crate::time::Duration = crate::time::Duration::from_millis(1000);
+
 /// Default bound on control requests held at once (running and queued, R18). A request over it is
 /// refused with an error reply.
 pub const DEFAULT_MAX_REQUESTS: usize = 1024;
@@ -1033,11 +1039,32 @@ impl Delivery {
     }
 
     /// Stops every piece of work: the lease is gone.
+    ///
+    /// Deliveries still held (a fan-out whose copies are not all stored, a transfer whose DLV
+    /// PubAck has not come) are handed back with a nak after [`HAND_BACK_DELAY`], so the successor
+    /// gets them within a second instead of after the consumer's `ack_wait` (60 s). Redoing them is safe: every copy
+    /// carries its msg-id, so the stream collapses a copy already stored.
     fn stop(&mut self) {
         self.close_feeds();
         self.abandon_jobs(AbandonReason::LeaseNotHeld);
+        let held: Vec<DeliveryId> = self
+            .batches
+            .values()
+            .map(|b| b.delivery)
+            .chain(self.transfers.keys().copied())
+            .collect();
         self.batches.clear();
         self.transfers.clear();
+        if self.connected {
+            for delivery in held {
+                self.settle(
+                    delivery,
+                    AckKind::Nak {
+                        delay: HAND_BACK_DELAY,
+                    },
+                );
+            }
+        }
         self.stopped = true;
     }
 
@@ -1191,6 +1218,17 @@ impl Delivery {
             return;
         }
         if self.lease.state() == LeaseState::Held {
+            // The ready write publishes the health the daemon has once ready: without this it
+            // carried the pre-ready health (`lease-not-ready`, feeds down) until the next renew,
+            // and `judge_health` read a freshly ready daemon as degraded for a renew interval.
+            let mut once_ready = self.compute_health();
+            if let DeliveryHealth::Degraded(reasons) = &mut once_ready {
+                reasons.remove(&DegradedReason::LeaseNotReady);
+                if reasons.is_empty() {
+                    once_ready = DeliveryHealth::Active;
+                }
+            }
+            self.lease.annotate(HEALTH_FIELD, once_ready.to_published());
             let r = self.lease.mark_ready(now);
             debug_assert!(r.is_ok(), "mark_ready while held: {r:?}");
         }
@@ -1262,7 +1300,19 @@ impl Delivery {
 
     fn on_inbound(&mut self, now: Now, i: Inbound) {
         let Some(feed) = self.feed_of(i.sub()) else {
-            return; // a feed we closed
+            // A feed we closed. A delivery still in flight on it is handed back
+            // ([`HAND_BACK_DELAY`]), not left to the consumer's ack_wait (a successor takes it).
+            if let Inbound::Delivery { delivery, .. } = i
+                && self.connected
+            {
+                self.settle(
+                    delivery,
+                    AckKind::Nak {
+                        delay: HAND_BACK_DELAY,
+                    },
+                );
+            }
+            return;
         };
         match i {
             Inbound::KvChange { entry, .. } => self.on_kv_change(feed, &entry),

@@ -1,8 +1,15 @@
 //! `cotal`: the command line of Cotal on NATS.
 //!
-//! Built: `cotal up` (provision a space) and `cotal provision agent` (print an agent's ACL record
-//! and its nats-server permissions). The other subcommands exist so `--help` shows the whole
-//! surface; they exit with code 2 and say they are not built yet.
+//! - `cotal up`: provision a space; `cotal provision agent`: an agent's ACL record and its
+//!   nats-server permissions;
+//! - `cotal delivery`: run the delivery daemon until SIGINT / SIGTERM (releases its lease);
+//! - `cotal agent`: run an agent (JSON lines out, commands in on stdin);
+//! - `cotal send`, `cotal members`, `cotal health`, `cotal channels`: one-shot operations.
+//!
+//! `cotal demo` is not built yet: it exits with code 2 and says so.
+//!
+//! Exit codes: 0 success, 1 a runtime error (unreachable server, refused permission, missing
+//! stream, a failed send …), 2 bad usage or not built.
 
 use clap::{Args, Parser, Subcommand};
 use cotal_core::time::UnixMillis;
@@ -16,17 +23,23 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+#[path = "cotal/commands.rs"]
+mod commands;
+
 /// Cotal: an agent mesh with durable channels on NATS/JetStream.
 #[derive(Parser, Debug)]
 #[command(name = "cotal", version, about, propagate_version = true)]
 struct Cli {
+    /// More log output on stderr (-v info, -vv debug, -vvv trace). `RUST_LOG` overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
     #[command(subcommand)]
     command: Cmd,
 }
 
 /// How to reach and authenticate to NATS.
 #[derive(Args, Debug, Clone)]
-struct NatsArgs {
+pub(crate) struct NatsArgs {
     /// NATS server URL(s), comma-separated (nats://host:port, tls://host:port).
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats: String,
@@ -68,7 +81,7 @@ struct NatsArgs {
 }
 
 impl NatsArgs {
-    fn config(&self) -> Result<ConnectConfig, String> {
+    pub(crate) fn config(&self) -> Result<ConnectConfig, String> {
         let auth = if let Some(path) = &self.creds {
             Auth::CredsFile(path.clone())
         } else if let Some(path) = &self.nkey {
@@ -114,18 +127,20 @@ enum Cmd {
     /// Provision credentials-side data for a principal.
     #[command(subcommand)]
     Provision(ProvisionCmd),
-    /// Run the delivery daemon (not built yet).
-    Delivery(Stub),
-    /// Run an agent: join, leave, send, listen (not built yet).
-    Agent(Stub),
-    /// Send one message to a channel (not built yet).
-    Send(Stub),
-    /// List the durable members of a space (not built yet).
-    Members(Stub),
-    /// Show delivery health (not built yet).
-    Health(Stub),
-    /// List channels and their class (not built yet).
-    Channels(Stub),
+    /// Run the delivery daemon of a space (one shard) until SIGINT / SIGTERM, then release its
+    /// lease. Prints health changes and losses on stderr, one line each.
+    Delivery(commands::DeliveryArgs),
+    /// Run an agent. Every message is printed as one JSON line on stdout; stdin lines post to the
+    /// first joined channel, or are commands: `/join CH`, `/leave CH`, `/send CH text`.
+    Agent(commands::AgentArgs),
+    /// Send one message to a channel and print its CHAT sequence.
+    Send(commands::SendArgs),
+    /// List the durable membership records of a space (from KV).
+    Members(commands::MembersArgs),
+    /// Show the delivery health of each shard (from the lease records).
+    Health(commands::SpaceArgs),
+    /// List the channel registry entries and each channel's effective class.
+    Channels(commands::SpaceArgs),
     /// Run a demo mesh on the simulator (not built yet).
     Demo(Stub),
 }
@@ -152,6 +167,12 @@ enum ProvisionCmd {
         /// Grant the spawn capability (requests on ctl.manager.ID).
         #[arg(long)]
         spawn: bool,
+        /// Also write the ACL record to the space's ACL bucket and create the agent's DLV
+        /// consumer (needs a privileged connection and a provisioned space).
+        #[arg(long)]
+        apply: bool,
+        #[command(flatten)]
+        nats: NatsArgs,
     },
 }
 
@@ -164,27 +185,34 @@ struct Stub {
 }
 
 fn not_built(name: &str) -> ExitCode {
-    println!(
-        "cotal {name}: not built yet (the agent and delivery machines are still being written)"
-    );
+    println!("cotal {name}: not built yet (the simulator demo is being written; see the README)");
     ExitCode::from(2)
 }
 
-fn fail(msg: impl std::fmt::Display) -> ExitCode {
+pub(crate) fn fail(msg: impl std::fmt::Display) -> ExitCode {
     println!("cotal: error: {msg}");
     ExitCode::from(1)
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Quiet by default: warnings only, except that the daemon reports its health changes (info).
+    let base = match (cli.verbose, &cli.command) {
+        (0, Cmd::Delivery(_)) => "warn,cotal=info",
+        (0, _) => "warn",
+        (1, _) => "info",
+        (2, _) => "debug",
+        _ => "trace",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(base)),
         )
         .with_writer(std::io::stderr)
+        .with_target(false)
         .init();
-    let cli = Cli::parse();
     match cli.command {
         Cmd::Up { space, nats } => up(&space, &nats).await,
         Cmd::Provision(ProvisionCmd::Agent {
@@ -194,13 +222,26 @@ async fn main() -> ExitCode {
             publish,
             role,
             spawn,
-        }) => provision_agent(&space, &id, &read, &publish, role.as_deref(), spawn),
-        Cmd::Delivery(_) => not_built("delivery"),
-        Cmd::Agent(_) => not_built("agent"),
-        Cmd::Send(_) => not_built("send"),
-        Cmd::Members(_) => not_built("members"),
-        Cmd::Health(_) => not_built("health"),
-        Cmd::Channels(_) => not_built("channels"),
+            apply,
+            nats,
+        }) => {
+            provision_agent(
+                &space,
+                &id,
+                &read,
+                &publish,
+                role.as_deref(),
+                spawn,
+                apply.then_some(&nats),
+            )
+            .await
+        }
+        Cmd::Delivery(args) => commands::delivery(args).await,
+        Cmd::Agent(args) => commands::agent(args).await,
+        Cmd::Send(args) => commands::send(args).await,
+        Cmd::Members(args) => commands::members(args).await,
+        Cmd::Health(args) => commands::health(args).await,
+        Cmd::Channels(args) => commands::channels(args).await,
         Cmd::Demo(_) => not_built("demo"),
     }
 }
@@ -230,13 +271,14 @@ async fn up(space: &str, nats: &NatsArgs) -> ExitCode {
     }
 }
 
-fn provision_agent(
+async fn provision_agent(
     space: &str,
     id: &str,
     read: &[String],
     publish: &[String],
     role: Option<&str>,
     spawn: bool,
+    apply: Option<&NatsArgs>,
 ) -> ExitCode {
     let space = match Space::new(space) {
         Ok(s) => s,
@@ -295,5 +337,57 @@ fn provision_agent(
     println!("{record_json}");
     println!("# nats-server user permissions (authorization.users[].permissions)");
     println!("{}", nats_server_permissions(&permissions));
-    ExitCode::SUCCESS
+    match apply {
+        None => ExitCode::SUCCESS,
+        Some(nats) => match apply_agent(nats, &space, &id, &record_json).await {
+            Ok(lines) => {
+                for l in lines {
+                    println!("{l}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(e),
+        },
+    }
+}
+
+/// Writes the ACL record and creates the DLV consumer of an agent.
+async fn apply_agent(
+    nats: &NatsArgs,
+    space: &Space,
+    id: &AgentId,
+    record_json: &str,
+) -> Result<Vec<String>, String> {
+    let config = nats.config()?;
+    let conn = connect(&config).await.map_err(|e| e.to_string())?;
+    let js = async_nats::jetstream::new(conn.client.clone());
+    let bucket = KvBucket::Acl.name(space);
+    let kv = js
+        .get_key_value(&bucket)
+        .await
+        .map_err(|e| format!("cannot open KV bucket {bucket} (run `cotal up` first): {e}"))?;
+    let revision = kv
+        .put(acl_key(id), bytes::Bytes::from(record_json.to_owned()))
+        .await
+        .map_err(|e| format!("cannot write the ACL record: {e}"))?;
+    let spec = cotal_core::wire::config::ConsumerSpec::dlv(space, id);
+    let applied =
+        cotal_driver_tokio::provision::apply_consumer(&conn.client, &spec, config.request_timeout)
+            .await
+            .map_err(|e| format!("consumer {}/{}: {e}", spec.stream, spec.name))?;
+    Ok(vec![
+        format!(
+            "applied: ACL record {bucket}/{} revision {revision}",
+            acl_key(id)
+        ),
+        format!(
+            "applied: consumer {}/{} {}",
+            spec.stream,
+            spec.name,
+            match applied {
+                cotal_driver_tokio::provision::Applied::Created => "created",
+                cotal_driver_tokio::provision::Applied::Unchanged => "unchanged",
+            }
+        ),
+    ])
 }

@@ -76,8 +76,7 @@ impl NatsServer {
         Some(server)
     }
 
-    fn spawn(&mut self) {
-        let bin = Self::binary().expect("COTAL_NATS_SERVER");
+    fn write_config(&self) -> PathBuf {
         let conf = self.dir.path().join("server.conf");
         let store = self.dir.path().join("js");
         let mut text = format!(
@@ -102,6 +101,12 @@ impl NatsServer {
         std::fs::File::create(&conf)
             .and_then(|mut f| f.write_all(text.as_bytes()))
             .expect("write server config");
+        conf
+    }
+
+    fn spawn(&mut self) {
+        let bin = Self::binary().expect("COTAL_NATS_SERVER");
+        let conf = self.write_config();
         let log = std::fs::File::create(self.dir.path().join("server.log")).expect("log file");
         let child = std::process::Command::new(bin)
             .arg("-c")
@@ -149,6 +154,21 @@ impl NatsServer {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Rewrites the config with `users` and makes the running server reload it (SIGHUP, by
+    /// its PID). Permissions that got narrower apply to existing connections: the server
+    /// re-checks their subscriptions and refuses the ones no longer allowed.
+    pub fn reload_with_users(&mut self, users: Vec<User>) {
+        self.users = users;
+        self.write_config();
+        let pid = self.child.as_ref().expect("server running").id();
+        let status = std::process::Command::new("kill")
+            .arg("-HUP")
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill -HUP");
+        assert!(status.success(), "kill -HUP {pid} failed");
     }
 
     /// Starts it again on the same port and store.

@@ -1390,6 +1390,46 @@ fn clean_shutdown_releases_our_own_lease() {
 }
 
 #[test]
+fn a27_a_shutdown_hands_held_deliveries_back_at_once() {
+    // Found end to end (driver-tokio e2e a27): a fan-out delivery whose dinbox copy was still
+    // unconfirmed when the daemon shut down was neither acked nor naked, so the successor got it
+    // only after the fan-out consumer's ack_wait (60 s).
+    let mut w = served();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    w.acl("alice", &["review"]);
+    let s = w.post("bob", "review", &[]);
+    w.rule(is_dinbox_pub, Effect::Hold, 1);
+    let fanned = w.fanout(s, 1);
+    let msg = chat_msg(&w, s);
+    let e = plant_entry(
+        &mut w,
+        "alice",
+        &Plane3Entry::live_mention(msg, ch("review"), s),
+    );
+    w.rule(is_dlv_pub, Effect::Hold, 1);
+    let read = w.reader(e, 1);
+    assert_eq!(w.held.len(), 2, "{}", w.log);
+    let now = w.now();
+    w.d.shutdown(now);
+    w.collect();
+    w.run();
+    let handed_back = vec![AckKind::Nak {
+        delay: super::HAND_BACK_DELAY,
+    }];
+    assert_eq!(w.settled(fanned), handed_back, "{}", w.log);
+    assert_eq!(w.settled(read), handed_back, "{}", w.log);
+    // The late PubAcks change nothing more.
+    w.release(0, None);
+    w.release(0, None);
+    assert_eq!(w.settled(fanned), handed_back, "{}", w.log);
+    assert_eq!(w.settled(read), handed_back, "{}", w.log);
+    // A delivery still in flight on the closed fan-out feed is handed back too.
+    let late = w.post("bob", "review", &[]);
+    let d = w.fanout(late, 1);
+    assert_eq!(w.settled(d), handed_back, "{}", w.log);
+}
+
+#[test]
 fn d7_a_held_lease_means_no_binding_until_acquired() {
     let mut w = World::new();
     let held = crate::wire::records::DeliveryLease::new("D0", crate::time::UnixMillis(1), true);
@@ -1846,6 +1886,20 @@ fn health_is_published_in_the_lease_record_for_agents() {
         json::decode::<DeliveryLease>(&entry.value).unwrap()
     };
     let mut w = served();
+    // Found end to end (driver-tokio e2e): the ready write itself says `active`, not the
+    // pre-ready health a renew interval long.
+    let rec = read(&w);
+    assert!(rec.ready, "{}", w.log);
+    assert_eq!(
+        rec.extra.get(HEALTH_FIELD),
+        Some(&serde_json::json!({"state": "active"})),
+        "{}",
+        w.log
+    );
+    assert!(matches!(
+        judge_health(Some(&rec), rec.since, crate::constants::LEASE_TTL),
+        LeaseHealth::Active { .. }
+    ));
     // Serving: the renew carries `active`.
     w.advance(crate::constants::LEASE_RENEW_INTERVAL.as_millis());
     let rec = read(&w);

@@ -1,0 +1,975 @@
+//! The running and one-shot subcommands of `cotal`: delivery, agent, send, members, health,
+//! channels.
+
+use crate::{NatsArgs, fail};
+use bytes::Bytes;
+use clap::Args;
+use cotal_core::agent::{Agent, AgentConfig, AgentEvent, Arrival};
+use cotal_core::constants::LEASE_TTL;
+use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryEvent, DeliveryHealth};
+use cotal_core::delivery::lease::{HEALTH_FIELD, LeaseEvent, LeaseHealth, judge_health};
+use cotal_core::ledger::Surfaced;
+use cotal_core::policy::{ChannelRegistry, DeliveryClass};
+use cotal_core::wire::config::SpaceStream;
+use cotal_core::wire::keys::KvBucket;
+use cotal_core::wire::message::{Part, Sender};
+use cotal_core::wire::records::{DeliveryLease, MembershipRecord};
+use cotal_core::wire::shard::ShardMap;
+use cotal_core::wire::token::{AgentId, Channel, Space};
+use cotal_driver_tokio::connect::{Auth, ConnectConfig, NatsConnection, connect};
+use cotal_driver_tokio::exec::{Executor, ExecutorConfig};
+use cotal_driver_tokio::run::{AgentCallError, MachineHandle, Runner, os_seed, wall_clock};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// How long a stopping agent or daemon waits for its last writes (offline presence, lease
+/// release).
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+/// `--space` plus the connection.
+#[derive(Args, Debug)]
+pub(crate) struct SpaceArgs {
+    /// The space name.
+    #[arg(long)]
+    space: String,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+/// `cotal delivery`.
+#[derive(Args, Debug)]
+pub(crate) struct DeliveryArgs {
+    /// The space name.
+    #[arg(long)]
+    space: String,
+    /// The shard this daemon serves (0-based).
+    #[arg(long, default_value_t = 0)]
+    shard: u32,
+    /// How many shards the space's delivery is split into.
+    #[arg(long, default_value_t = 1)]
+    shards: u32,
+    /// The daemon id: the lease holder and every record's writerIdentity (default: a fresh id).
+    #[arg(long)]
+    id: Option<String>,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+/// `cotal agent`.
+#[derive(Args, Debug)]
+pub(crate) struct AgentArgs {
+    /// The space name.
+    #[arg(long)]
+    space: String,
+    /// The agent's id (its user nkey in auth mode).
+    #[arg(long)]
+    id: String,
+    /// Display name (default: the id).
+    #[arg(long)]
+    name: Option<String>,
+    /// Channels to join at start (repeat the flag or separate with commas).
+    #[arg(long, value_delimiter = ',')]
+    join: Vec<String>,
+    /// No durable backstop (no durable joins, no DLV consumer): live delivery only.
+    #[arg(long)]
+    live_only: bool,
+    /// Create the agent's DLV consumer if it is missing. Default: on without authentication (open
+    /// mode), off with credentials (the provisioner creates it; an agent credential may not).
+    #[arg(long)]
+    create_dlv_consumer: Option<bool>,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+/// `cotal send`.
+#[derive(Args, Debug)]
+pub(crate) struct SendArgs {
+    /// The space name.
+    #[arg(long)]
+    space: String,
+    /// The sender's id.
+    #[arg(long)]
+    id: String,
+    /// Display name (default: the id).
+    #[arg(long)]
+    name: Option<String>,
+    /// The channel to post to.
+    #[arg(long)]
+    channel: String,
+    /// The text.
+    text: String,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+/// `cotal members`.
+#[derive(Args, Debug)]
+pub(crate) struct MembersArgs {
+    /// The space name.
+    #[arg(long)]
+    space: String,
+    /// Only this channel's records.
+    #[arg(long)]
+    channel: Option<String>,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+fn space_of(name: &str) -> Result<Space, String> {
+    Space::new(name).map_err(|e| format!("invalid space name '{name}': {e}"))
+}
+
+fn channel_of(name: &str) -> Result<Channel, String> {
+    Channel::new(name).map_err(|e| format!("invalid channel '{name}': {e}"))
+}
+
+async fn connect_with(config: &ConnectConfig) -> Result<NatsConnection, String> {
+    connect(config).await.map_err(|e| e.to_string())
+}
+
+/// Fails with a clear line when the space's streams are missing.
+async fn check_provisioned(
+    conn: &NatsConnection,
+    space: &Space,
+    t: Duration,
+) -> Result<(), String> {
+    let stream = SpaceStream::Chat.name(space);
+    let subject = format!("$JS.API.STREAM.INFO.{stream}");
+    match cotal_driver_tokio::api::request(&conn.client, &subject, Bytes::new(), t).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.err_code() == Some(cotal_driver_tokio::api::STREAM_NOT_FOUND) => Err(format!(
+            "space '{}' is not provisioned: stream {stream} is missing (run `cotal up --space {}`)",
+            space.as_str(),
+            space.as_str()
+        )),
+        Err(e) => Err(format!("cannot read stream {stream}: {e}")),
+    }
+}
+
+async fn terminate_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// cotal delivery
+// ---------------------------------------------------------------------------------------------
+
+pub(crate) async fn delivery(args: DeliveryArgs) -> ExitCode {
+    match run_delivery(args).await {
+        Ok(code) => code,
+        Err(e) => fail(e),
+    }
+}
+
+async fn run_delivery(args: DeliveryArgs) -> Result<ExitCode, String> {
+    let space = space_of(&args.space)?;
+    let shard = ShardMap::new(args.shards)
+        .and_then(|s| s.shard(args.shard))
+        .map_err(|e| format!("invalid shard {} of {}: {e}", args.shard, args.shards))?;
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| format!("delivery-{:012x}", os_seed() & 0xffff_ffff_ffff));
+    let mut config = args.nats.config()?;
+    config.name = Some(format!("cotal-delivery-{id}"));
+    let conn = connect_with(&config).await?;
+    check_provisioned(&conn, &space, config.request_timeout).await?;
+    let machine = Delivery::new(DeliveryConfig::new(space.clone(), shard, id.clone()));
+    let exec_config = ExecutorConfig {
+        api_timeout: config.request_timeout,
+        ..ExecutorConfig::default()
+    };
+    let (executor, inputs) = Executor::start(conn, exec_config);
+    let Runner {
+        handle,
+        mut events,
+        task,
+    } = Runner::spawn(machine, executor, inputs);
+    tracing::info!(
+        target: "cotal",
+        "delivery {id}: space {}, shard {} of {}",
+        space.as_str(),
+        shard.index(),
+        shard.shards()
+    );
+    let signal = terminate_signal();
+    tokio::pin!(signal);
+    let mut failure: Option<String> = None;
+    let mut report = DaemonReport::default();
+    loop {
+        tokio::select! {
+            () = &mut signal => {
+                tracing::info!(target: "cotal", "signal: shutting down (releasing the lease)");
+                break;
+            }
+            event = events.recv() => match event {
+                Some(event) => {
+                    if let Some(reason) = report.event(&event) {
+                        failure = Some(reason);
+                        break;
+                    }
+                }
+                None => {
+                    failure = Some("the daemon's runner stopped".to_owned());
+                    break;
+                }
+            },
+        }
+    }
+    let _ = handle.shutdown(STOP_GRACE);
+    // The runner answers the release within the grace; drain what it reported meanwhile.
+    let machine = task.await.map_err(|e| format!("daemon task failed: {e}"))?;
+    while let Ok(event) = events.try_recv() {
+        let _ = report.event(&event);
+    }
+    let counters = machine.counters();
+    tracing::info!(
+        target: "cotal",
+        "stopped: {} copies written, {} transferred, {} lost, {} dropped",
+        counters.copies_written,
+        counters.transferred,
+        counters.lost,
+        counters.dropped
+    );
+    match failure {
+        Some(reason) => Err(reason),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// What `cotal delivery` prints of its daemon's events: one line each, quiet by default.
+#[derive(Default)]
+struct DaemonReport {
+    /// The daemon was active once: from then on every health change is printed (the boot's
+    /// step-by-step degraded states only with `-vv`).
+    was_active: bool,
+}
+
+impl DaemonReport {
+    /// Logs one daemon event; returns the reason to exit for a lease that is gone for good.
+    fn event(&mut self, event: &DeliveryEvent) -> Option<String> {
+        match event {
+            DeliveryEvent::HealthChanged(h) => {
+                let active = matches!(h, DeliveryHealth::Active);
+                if active || self.was_active {
+                    tracing::info!(target: "cotal", "health: {h}");
+                } else {
+                    tracing::debug!(target: "cotal", "health: {h}");
+                }
+                self.was_active |= active;
+            }
+            DeliveryEvent::Lease(LeaseEvent::Lost { .. }) => {
+                tracing::error!(target: "cotal", "lease: {event:?}");
+                return Some("the delivery lease was lost".to_owned());
+            }
+            DeliveryEvent::Lease(LeaseEvent::AcquireFailed { .. }) => {
+                tracing::error!(target: "cotal", "lease: {event:?}");
+                return Some(format!("could not acquire the delivery lease: {event:?}"));
+            }
+            DeliveryEvent::Lease(e @ LeaseEvent::Renewed { .. }) => {
+                tracing::debug!(target: "cotal", "lease: {e:?}");
+            }
+            DeliveryEvent::Lease(e) => tracing::info!(target: "cotal", "lease: {e:?}"),
+            DeliveryEvent::Joined {
+                owner,
+                channel,
+                generation,
+                join_cursor,
+                durable,
+                reason,
+                copied,
+                ..
+            } => tracing::info!(
+                target: "cotal",
+                "joined: {} {} generation {generation} cursor {join_cursor} durable {durable} \
+                 copied {copied}{}",
+                owner.as_str(),
+                channel.as_str(),
+                reason.as_ref().map_or_else(String::new, |r| format!(" ({r})"))
+            ),
+            DeliveryEvent::Left {
+                owner,
+                channel,
+                generation,
+                leave_cursor,
+            } => tracing::info!(
+                target: "cotal",
+                "left: {} {} generation {} leave cursor {}",
+                owner.as_str(),
+                channel.as_str(),
+                generation.map_or_else(|| "-".to_owned(), |g| g.to_string()),
+                leave_cursor.map_or_else(|| "-".to_owned(), |c| c.to_string())
+            ),
+            DeliveryEvent::Evicted { .. }
+            | DeliveryEvent::EntryLost(_)
+            | DeliveryEvent::HistoryForgotten { .. }
+            | DeliveryEvent::DinboxCapReached { .. }
+            | DeliveryEvent::CopyWriteFailed { .. }
+            | DeliveryEvent::FanoutTerminated { .. }
+            | DeliveryEvent::EntryTerminated { .. } => {
+                tracing::warn!(target: "cotal", "loss: {event:?}");
+            }
+            DeliveryEvent::FeedProblem { .. }
+            | DeliveryEvent::Abandoned { .. }
+            | DeliveryEvent::JoinFailed { .. }
+            | DeliveryEvent::LeaveFailed { .. }
+            | DeliveryEvent::ControlRefused { .. } => {
+                tracing::warn!(target: "cotal", "{event:?}");
+            }
+            other => tracing::debug!(target: "cotal", "{other:?}"),
+        }
+        None
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// cotal agent
+// ---------------------------------------------------------------------------------------------
+
+pub(crate) async fn agent(args: AgentArgs) -> ExitCode {
+    match run_agent(args).await {
+        Ok(code) => code,
+        Err(e) => fail(e),
+    }
+}
+
+fn sender_of(id: &str, name: Option<&str>) -> Result<Sender, String> {
+    let agent = AgentId::new(id).map_err(|e| format!("invalid agent id '{id}': {e}"))?;
+    Ok(Sender::new(agent, name.unwrap_or(id)))
+}
+
+/// Connects as `me` (inbox prefix `_INBOX_<id>` before any request) and starts `config`.
+async fn start_agent(
+    nats: &NatsArgs,
+    config: AgentConfig,
+) -> Result<(Runner<Agent>, ConnectConfig), String> {
+    let mut connect_config = nats.config()?;
+    connect_config.inbox_prefix = Some(config.me.id.inbox_prefix());
+    connect_config.name = Some(format!("cotal-agent-{}", config.me.id.as_str()));
+    let conn = connect_with(&connect_config).await?;
+    check_provisioned(&conn, &config.space, connect_config.request_timeout).await?;
+    let machine = Agent::new(config).map_err(|e| format!("agent config: {e:?}"))?;
+    let exec_config = ExecutorConfig {
+        api_timeout: connect_config.request_timeout,
+        ..ExecutorConfig::default()
+    };
+    let (executor, inputs) = Executor::start(conn, exec_config);
+    Ok((Runner::spawn(machine, executor, inputs), connect_config))
+}
+
+async fn run_agent(args: AgentArgs) -> Result<ExitCode, String> {
+    let space = space_of(&args.space)?;
+    let me = sender_of(&args.id, args.name.as_deref())?;
+    let channels = args
+        .join
+        .iter()
+        .filter(|c| !c.is_empty())
+        .map(|c| channel_of(c))
+        .collect::<Result<Vec<_>, _>>()?;
+    let open_mode = matches!(args.nats.config()?.auth, Auth::None);
+    let mut config = AgentConfig::new(space, me, channels.clone(), os_seed());
+    config.durable_backstop = !args.live_only;
+    config.create_dlv_consumer = args.create_dlv_consumer.unwrap_or(open_mode);
+    let (runner, _) = start_agent(&args.nats, config).await?;
+    let Runner {
+        handle,
+        mut events,
+        task,
+    } = runner;
+    let mut lines = stdin_lines();
+    let signal = terminate_signal();
+    tokio::pin!(signal);
+    let mut stdin_open = true;
+    loop {
+        tokio::select! {
+            () = &mut signal => break,
+            event = events.recv() => match event {
+                Some(AgentEvent::MessagesReady { .. }) => surface(&handle).await,
+                Some(event) => print_agent_event(&event),
+                None => return Err("the agent's runner stopped".to_owned()),
+            },
+            line = lines.recv(), if stdin_open => match line {
+                Some(line) => agent_line(&handle, &channels, &line).await,
+                None => stdin_open = false,
+            },
+        }
+        if !stdin_open {
+            break;
+        }
+    }
+    // Print what already arrived, then stop (offline presence) and wait for it.
+    while let Ok(event) = events.try_recv() {
+        if !matches!(event, AgentEvent::MessagesReady { .. }) {
+            print_agent_event(&event);
+        }
+    }
+    let _ = handle.stop(STOP_GRACE);
+    let _ = task.await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Lines of stdin, read on a plain thread (a blocking read cannot be cancelled, and a thread of
+/// its own does not hold the runtime's shutdown).
+fn stdin_lines() -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Takes every queued message, prints each as one JSON line, and reports it handled.
+async fn surface(handle: &MachineHandle<Agent>) {
+    loop {
+        let Ok(batch) = handle.take_messages(64).await else {
+            return;
+        };
+        if batch.is_empty() {
+            return;
+        }
+        for s in batch {
+            println!("{}", message_line(&s));
+            if let Err(e) = handle.handled(s.id.clone()).await {
+                eprintln_line(&format!("cannot report {} handled: {e}", s.id.as_str()));
+            }
+        }
+    }
+}
+
+/// One surfaced message as the JSON line `cotal agent` prints.
+pub(crate) fn message_line(s: &Surfaced<Arrival>) -> Value {
+    let m = &s.item.message;
+    let text: Vec<&str> = m
+        .parts
+        .iter()
+        .filter_map(|p| match p {
+            Part::Text { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    json!({
+        "id": m.id,
+        "from": m.from.id.as_str(),
+        "channel": s.item.channel.as_ref().map(|c| c.as_str().to_owned()),
+        "text": text.join("\n"),
+        "historical": s.item.historical,
+        "durable": s.durable,
+    })
+}
+
+#[allow(clippy::print_stderr)]
+fn eprintln_line(msg: &str) {
+    eprintln!("cotal: error: {msg}");
+}
+
+fn print_agent_event(event: &AgentEvent) {
+    let line = match event {
+        AgentEvent::Connected { first } => json!({"event": "connected", "first": first}),
+        AgentEvent::Disconnected => json!({"event": "disconnected"}),
+        AgentEvent::Joined {
+            request,
+            channel,
+            report,
+        } => json!({
+            "event": "joined",
+            "request": request.map(|r| r.0),
+            "channel": channel.as_str(),
+            "joined": report.joined,
+            "durable": report.durable,
+            "generation": report.generation,
+            "watermark": report.watermark,
+            "backfilled": report.backfilled,
+            "reason": report.reason,
+        }),
+        AgentEvent::JoinFailed {
+            request,
+            channel,
+            error,
+        } => json!({
+            "event": "join_failed",
+            "request": request.map(|r| r.0),
+            "channel": channel.as_str(),
+            "error": error.to_string(),
+        }),
+        AgentEvent::Left {
+            request,
+            channel,
+            tombstoned,
+        } => json!({
+            "event": "left",
+            "request": request.0,
+            "channel": channel.as_str(),
+            "tombstoned": tombstoned,
+        }),
+        AgentEvent::LeaveFailed {
+            request,
+            channel,
+            error,
+        } => json!({
+            "event": "leave_failed",
+            "request": request.0,
+            "channel": channel.as_str(),
+            "error": error.to_string(),
+        }),
+        AgentEvent::ChannelRefused {
+            channel,
+            detail,
+            closing,
+        } => json!({
+            "event": "channel_refused",
+            "channel": channel.as_str(),
+            "detail": detail,
+            "closing": closing,
+        }),
+        AgentEvent::BackstopEstablished {
+            channel,
+            generation,
+        } => json!({
+            "event": "backstop_established",
+            "channel": channel.as_str(),
+            "generation": generation,
+        }),
+        AgentEvent::BackstopDegraded { channel, reason } => json!({
+            "event": "backstop_degraded",
+            "channel": channel.as_str(),
+            "reason": reason,
+        }),
+        AgentEvent::MembershipClosed {
+            channel,
+            generation,
+        } => json!({
+            "event": "membership_closed",
+            "channel": channel.as_str(),
+            "generation": generation,
+        }),
+        AgentEvent::MembershipCloseRetrying {
+            channel,
+            generation,
+            attempts,
+            error,
+        } => json!({
+            "event": "membership_close_retrying",
+            "channel": channel.as_str(),
+            "generation": generation,
+            "attempts": attempts,
+            "error": error,
+        }),
+        AgentEvent::Anomaly { subject, rejection } => json!({
+            "event": "anomaly",
+            "subject": subject,
+            "rejection": format!("{rejection:?}"),
+        }),
+        AgentEvent::Lost { id, reason } => json!({"event": "lost", "id": id, "reason": reason}),
+        AgentEvent::Sent {
+            request,
+            id,
+            seq,
+            duplicate,
+        } => json!({
+            "event": "sent",
+            "request": request.0,
+            "id": id,
+            "seq": seq,
+            "duplicate": duplicate,
+        }),
+        AgentEvent::SendFailed {
+            request,
+            id,
+            error,
+            unknown,
+        } => json!({
+            "event": "send_failed",
+            "request": request.0,
+            "id": id,
+            "error": error,
+            "unknown": unknown,
+        }),
+        AgentEvent::MessagesReady { queued } => json!({"event": "messages", "queued": queued}),
+        other => json!({"event": "other", "detail": format!("{other:?}")}),
+    };
+    println!("{line}");
+}
+
+/// One stdin line: a command or a post to the first joined channel.
+async fn agent_line(handle: &MachineHandle<Agent>, boot: &[Channel], line: &str) {
+    let line = line.trim();
+    if line.is_empty() {
+        return;
+    }
+    let result = match parse_line(line) {
+        Err(e) => Err(e),
+        Ok(Line::Join(ch)) => handle.join(ch).await.map(drop).map_err(call_error),
+        Ok(Line::Leave(ch)) => handle.leave(ch).await.map(drop).map_err(call_error),
+        Ok(Line::Send(ch, text)) => handle
+            .send_text(ch, text)
+            .await
+            .map(drop)
+            .map_err(call_error),
+        Ok(Line::Post(text)) => match first_joined(handle, boot).await {
+            Some(ch) => handle
+                .send_text(ch, text)
+                .await
+                .map(drop)
+                .map_err(call_error),
+            None => Err("no joined channel to post to (use /join CH or /send CH text)".into()),
+        },
+    };
+    if let Err(e) = result {
+        eprintln_line(&e);
+    }
+}
+
+fn call_error(e: AgentCallError) -> String {
+    e.to_string()
+}
+
+/// The first of the `--join` channels still joined, else the first joined channel.
+async fn first_joined(handle: &MachineHandle<Agent>, boot: &[Channel]) -> Option<Channel> {
+    let joined = handle.call(|a, _| a.joined()).await.ok()?;
+    boot.iter()
+        .find(|c| joined.contains(c) && c.is_concrete())
+        .or_else(|| joined.iter().find(|c| c.is_concrete()))
+        .cloned()
+}
+
+/// A parsed stdin line.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Line {
+    Join(Channel),
+    Leave(Channel),
+    Send(Channel, String),
+    Post(String),
+}
+
+/// Parses one non-empty stdin line.
+pub(crate) fn parse_line(line: &str) -> Result<Line, String> {
+    let Some(rest) = line.strip_prefix('/') else {
+        return Ok(Line::Post(line.to_owned()));
+    };
+    let (cmd, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    let args = args.trim();
+    match cmd {
+        "join" | "leave" => {
+            if args.is_empty() || args.contains(char::is_whitespace) {
+                return Err(format!("usage: /{cmd} CHANNEL"));
+            }
+            let ch = channel_of(args)?;
+            Ok(if cmd == "join" {
+                Line::Join(ch)
+            } else {
+                Line::Leave(ch)
+            })
+        }
+        "send" => {
+            let Some((ch, text)) = args.split_once(char::is_whitespace) else {
+                return Err("usage: /send CHANNEL TEXT".to_owned());
+            };
+            Ok(Line::Send(channel_of(ch)?, text.trim().to_owned()))
+        }
+        other => Err(format!(
+            "unknown command '/{other}' (use /join CH, /leave CH, /send CH text, or plain text)"
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// cotal send
+// ---------------------------------------------------------------------------------------------
+
+pub(crate) async fn send(args: SendArgs) -> ExitCode {
+    match run_send(args).await {
+        Ok(code) => code,
+        Err(e) => fail(e),
+    }
+}
+
+async fn run_send(args: SendArgs) -> Result<ExitCode, String> {
+    let space = space_of(&args.space)?;
+    let me = sender_of(&args.id, args.name.as_deref())?;
+    let channel = channel_of(&args.channel)?;
+    if !channel.is_concrete() {
+        return Err(format!(
+            "cannot post to wildcard channel '{}'",
+            args.channel
+        ));
+    }
+    let mut config = AgentConfig::new(space, me, Vec::new(), os_seed());
+    config.durable_backstop = false;
+    config.heartbeat = None;
+    let (runner, connect_config) = start_agent(&args.nats, config).await?;
+    let Runner {
+        handle,
+        mut events,
+        task,
+    } = runner;
+    let wait = connect_config.request_timeout + Duration::from_secs(1);
+    let ready = tokio::time::timeout(wait, async {
+        while let Some(event) = events.recv().await {
+            if let AgentEvent::Connected { .. } = event {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    if ready != Ok(true) {
+        return Err(format!("the agent was not ready within {wait:?}"));
+    }
+    let (request, id) = handle
+        .send_text(channel, args.text.clone())
+        .await
+        .map_err(call_error)?;
+    let outcome = tokio::time::timeout(wait, async {
+        while let Some(event) = events.recv().await {
+            match event {
+                AgentEvent::Sent {
+                    request: r,
+                    seq,
+                    duplicate,
+                    ..
+                } if r == request => return Ok((seq, duplicate)),
+                AgentEvent::SendFailed {
+                    request: r,
+                    error,
+                    unknown,
+                    ..
+                } if r == request => {
+                    return Err(if unknown {
+                        format!("send of {id} outcome unknown: {error} (resend with the same id)")
+                    } else {
+                        format!("send of {id} failed: {error}")
+                    });
+                }
+                _ => {}
+            }
+        }
+        Err("the agent's runner stopped".to_owned())
+    })
+    .await
+    .unwrap_or_else(|_| Err(format!("send of {id}: no acknowledgement within {wait:?}")));
+    let _ = handle.stop(STOP_GRACE);
+    let _ = task.await;
+    let (seq, duplicate) = outcome?;
+    println!("{seq}{}", if duplicate { " (duplicate)" } else { "" });
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------------------------------------
+// cotal members / health / channels: KV reads
+// ---------------------------------------------------------------------------------------------
+
+/// Every live (not deleted) entry of a bucket, by key.
+async fn kv_entries(
+    nats: &NatsArgs,
+    space: &Space,
+    bucket: KvBucket,
+) -> Result<Vec<(String, Bytes)>, String> {
+    let config = nats.config()?;
+    let conn = connect_with(&config).await?;
+    check_provisioned(&conn, space, config.request_timeout).await?;
+    let name = bucket.name(space);
+    let js = async_nats::jetstream::new(conn.client.clone());
+    let kv = js
+        .get_key_value(&name)
+        .await
+        .map_err(|e| format!("cannot open KV bucket {name}: {e}"))?;
+    let work = async {
+        let mut keys = match kv.keys().await {
+            Ok(k) => k,
+            Err(e) => return Err(format!("cannot list keys of {name}: {e}")),
+        };
+        let mut names = Vec::new();
+        while let Some(key) = keys.next().await {
+            names.push(key.map_err(|e| format!("cannot list keys of {name}: {e}"))?);
+        }
+        names.sort();
+        let mut out = Vec::new();
+        for key in names {
+            match kv.get(&key).await {
+                Ok(Some(v)) => out.push((key, v)),
+                Ok(None) => {}
+                Err(e) => return Err(format!("cannot read {name}/{key}: {e}")),
+            }
+        }
+        Ok(out)
+    };
+    tokio::time::timeout(config.request_timeout * 4, work)
+        .await
+        .unwrap_or_else(|_| Err(format!("reading {name} timed out")))
+}
+
+pub(crate) async fn members(args: MembersArgs) -> ExitCode {
+    let run = async {
+        let space = space_of(&args.space)?;
+        let only = args.channel.as_deref().map(channel_of).transpose()?;
+        let entries = kv_entries(&args.nats, &space, KvBucket::Members).await?;
+        let mut shown = 0usize;
+        for (key, value) in entries {
+            let record: MembershipRecord = match serde_json::from_slice(&value) {
+                Ok(r) => r,
+                Err(e) => {
+                    println!("{key}: undecodable record: {e}");
+                    continue;
+                }
+            };
+            if let Some(ch) = &only
+                && ch.as_str() != record.channel.as_str()
+            {
+                continue;
+            }
+            shown += 1;
+            println!(
+                "{} {} generation={} joinCursor={} leaveCursor={} activated={} state={}",
+                record.channel.as_str(),
+                record.owner.as_str(),
+                record.generation,
+                record.join_cursor,
+                record
+                    .leave_cursor
+                    .map_or_else(|| "-".to_owned(), |c| c.to_string()),
+                record.activated.unwrap_or(false),
+                serde_json::to_value(record.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+            );
+        }
+        println!("{shown} membership record(s)");
+        Ok::<_, String>(ExitCode::SUCCESS)
+    };
+    run.await.unwrap_or_else(fail)
+}
+
+pub(crate) async fn health(args: SpaceArgs) -> ExitCode {
+    let run = async {
+        let space = space_of(&args.space)?;
+        let entries = kv_entries(&args.nats, &space, KvBucket::Delivery).await?;
+        let now = wall_clock();
+        let mut all_active = true;
+        let mut shown = 0usize;
+        for (key, value) in entries {
+            if !key.starts_with(cotal_core::constants::LEASE_KEY_PREFIX) {
+                continue;
+            }
+            shown += 1;
+            let record: Option<DeliveryLease> = serde_json::from_slice(&value).ok();
+            let verdict = judge_health(record.as_ref(), now, LEASE_TTL);
+            let published = record
+                .as_ref()
+                .and_then(|r| r.extra.get(HEALTH_FIELD))
+                .map_or_else(|| "-".to_owned(), Value::to_string);
+            let text = match &verdict {
+                LeaseHealth::Active { holder } => format!("active (holder {holder})"),
+                LeaseHealth::Degraded(reason) => {
+                    all_active = false;
+                    format!("degraded: {reason:?}")
+                }
+                other => {
+                    all_active = false;
+                    format!("{other:?}")
+                }
+            };
+            println!("{key}: {text}; published health {published}");
+        }
+        if shown == 0 {
+            println!(
+                "no delivery lease: no daemon serves space '{}'",
+                space.as_str()
+            );
+            all_active = false;
+        }
+        Ok::<_, String>(if all_active {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(3)
+        })
+    };
+    run.await.unwrap_or_else(fail)
+}
+
+pub(crate) async fn channels(args: SpaceArgs) -> ExitCode {
+    let run = async {
+        let space = space_of(&args.space)?;
+        let entries = kv_entries(&args.nats, &space, KvBucket::Channels).await?;
+        let mut registry = ChannelRegistry::default();
+        for (key, value) in &entries {
+            if let Err(e) = registry.apply(key, Some(value)) {
+                println!("{key}: ignored: {e}");
+            }
+        }
+        let class = |c: DeliveryClass| match c {
+            DeliveryClass::Live => "live",
+            DeliveryClass::Durable => "durable",
+        };
+        let defaults = registry.defaults.as_ref().map_or_else(
+            || "(none: durable)".to_owned(),
+            |d| serde_json::to_string(&d.to_object()).unwrap_or_default(),
+        );
+        println!("defaults {defaults}");
+        for (channel, config) in &registry.channels {
+            // A concrete channel is always a valid channel name.
+            let Ok(as_channel) = channel_of(channel.as_str()) else {
+                continue;
+            };
+            let policy = registry.policy_for(&as_channel);
+            println!(
+                "{} class={} replay={} config={}",
+                channel.as_str(),
+                class(policy.delivery_class),
+                policy.replay,
+                serde_json::to_string(&config.to_object()).unwrap_or_default()
+            );
+        }
+        println!("{} channel(s)", registry.channels.len());
+        Ok::<_, String>(ExitCode::SUCCESS)
+    };
+    run.await.unwrap_or_else(fail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stdin_lines_parse_into_commands_or_posts() {
+        let ch = |s: &str| Channel::new(s).expect("channel");
+        assert_eq!(parse_line("hello"), Ok(Line::Post("hello".into())));
+        assert_eq!(parse_line("/join general"), Ok(Line::Join(ch("general"))));
+        assert_eq!(parse_line("/leave  team.x"), Ok(Line::Leave(ch("team.x"))));
+        assert_eq!(
+            parse_line("/send general two words"),
+            Ok(Line::Send(ch("general"), "two words".into()))
+        );
+        assert!(parse_line("/join").is_err());
+        assert!(parse_line("/join a b").is_err());
+        assert!(parse_line("/send general").is_err());
+        assert!(parse_line("/frobnicate x").is_err());
+        assert!(parse_line("/join bad..name").is_err());
+    }
+}
