@@ -112,7 +112,11 @@ fn unreachable_server_and_stub_commands_fail_clearly() {
     );
     let out = cotal(&["up", "--space", "main", "--nats", "nats://host:x"]);
     assert!(stdout(&out).starts_with("cotal: error: invalid NATS URL 'nats://host:x'"));
-    let out = cotal(&["demo"]);
+    // The demo runs on the embedded simulator and reports a clean oracle verdict.
+    let out = cotal(&["demo", "--seed", "7"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(stdout(&out).contains("oracle: clean"), "{}", stdout(&out));
+    let out = cotal(&["demo", "--nats", "nats://127.0.0.1:1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stdout(&out).contains("not built yet"));
     let out = cotal(&[

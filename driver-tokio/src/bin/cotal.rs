@@ -6,7 +6,8 @@
 //! - `cotal agent`: run an agent (JSON lines out, commands in on stdin);
 //! - `cotal send`, `cotal members`, `cotal health`, `cotal channels`: one-shot operations.
 //!
-//! `cotal demo` is not built yet: it exits with code 2 and says so.
+//! `cotal demo` runs the demo mesh on the embedded simulator (`cotal_driver_sim::demo`); with
+//! `--nats` it says that the real-server demo is the README's quick start and exits 2.
 //!
 //! Exit codes: 0 success, 1 a runtime error (unreachable server, refused permission, missing
 //! stream, a failed send …), 2 bad usage or not built.
@@ -141,8 +142,10 @@ enum Cmd {
     Health(commands::SpaceArgs),
     /// List the channel registry entries and each channel's effective class.
     Channels(commands::SpaceArgs),
-    /// Run a demo mesh on the simulator (not built yet).
-    Demo(Stub),
+    /// Run a demo mesh (a delivery daemon and four agents on a live and a durable channel, with a
+    /// leave, a rejoin, a restart and a refused join) on the embedded simulator, and print what
+    /// each agent received and the oracle's verdict.
+    Demo(DemoArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -178,15 +181,29 @@ enum ProvisionCmd {
 
 /// Arguments of a subcommand that is not built yet.
 #[derive(Args, Debug)]
-struct Stub {
-    /// Accepted and ignored.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
+struct DemoArgs {
+    /// The simulator seed (the same seed gives the same run, bit for bit).
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Run on a real nats-server instead (not built: use the README's quick start).
+    #[arg(long)]
+    nats: Option<String>,
 }
 
-fn not_built(name: &str) -> ExitCode {
-    println!("cotal {name}: not built yet (the simulator demo is being written; see the README)");
-    ExitCode::from(2)
+fn demo(args: &DemoArgs) -> ExitCode {
+    if args.nats.is_some() {
+        println!(
+            "cotal demo --nats: not built yet; the README's quick start runs a daemon and two agents on a real server"
+        );
+        return ExitCode::from(2);
+    }
+    let report = cotal_driver_sim::demo::run(args.seed);
+    print!("{report}");
+    if report.clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 pub(crate) fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -242,7 +259,7 @@ async fn main() -> ExitCode {
         Cmd::Members(args) => commands::members(args).await,
         Cmd::Health(args) => commands::health(args).await,
         Cmd::Channels(args) => commands::channels(args).await,
-        Cmd::Demo(_) => not_built("demo"),
+        Cmd::Demo(args) => demo(&args),
     }
 }
 
