@@ -184,8 +184,8 @@ impl RunSpec {
             "replay --seed {} --steps {} --faults {} --daemons {}",
             self.seed, self.steps, self.faults, self.daemons
         );
-        if self.mutation == Mutation::NoJoinCursor {
-            s.push_str(" --mutation no-join-cursor");
+        if self.mutation != Mutation::None {
+            s.push_str(&format!(" --mutation {}", self.mutation.name()));
         }
         if !self.skip.is_empty() {
             s.push_str(&format!(" --skip {}", ranges(&self.skip)));

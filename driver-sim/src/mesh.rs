@@ -84,6 +84,39 @@ pub enum Mutation {
     /// G1 off: agents send `durableJoin` without their watermark as `joinCursor`, as the
     /// reference does, so the daemon picks its own later frontier.
     NoJoinCursor,
+    /// G2 off: the daemons' readers judge an entry by the record's current interval only
+    /// (`DeliveryConfig::reference_gap_g2`), so a rejoin drops the pending entries of the
+    /// previous generation.
+    ReferenceG2,
+    /// G10 off: the agents' leaves skip the tombstone as the reference does when its cached
+    /// class reads `live` (`AgentConfig::reference_gap_g10`), so the membership stays open.
+    ReferenceG10,
+}
+
+impl Mutation {
+    /// Every mutation but [`Mutation::None`].
+    pub const ALL: [Mutation; 3] = [
+        Mutation::NoJoinCursor,
+        Mutation::ReferenceG2,
+        Mutation::ReferenceG10,
+    ];
+
+    /// Its name on the command line (`none` for [`Mutation::None`]).
+    pub fn name(self) -> &'static str {
+        match self {
+            Mutation::None => "none",
+            Mutation::NoJoinCursor => "no-join-cursor",
+            Mutation::ReferenceG2 => "reference-g2",
+            Mutation::ReferenceG10 => "reference-g10",
+        }
+    }
+
+    /// The mutation named `s` (see [`Mutation::name`]).
+    pub fn parse(s: &str) -> Option<Mutation> {
+        std::iter::once(Mutation::None)
+            .chain(Mutation::ALL)
+            .find(|m| m.name() == s)
+    }
 }
 
 /// Everything a mesh run depends on besides its workload.
@@ -804,7 +837,9 @@ impl Mesh {
 
     fn new_daemon(&self, index: usize, life: u32) -> Rc<RefCell<DaemonProc>> {
         let shard = ShardMap::SINGLE.shard(0).expect("shard 0 of 1 exists");
-        let config = DeliveryConfig::new(self.space.clone(), shard, Self::daemon_id(index, life));
+        let mut config =
+            DeliveryConfig::new(self.space.clone(), shard, Self::daemon_id(index, life));
+        config.reference_gap_g2 = self.config.mutation == Mutation::ReferenceG2;
         Rc::new(RefCell::new(DaemonProc {
             daemon: Delivery::new(config),
             index,
@@ -845,6 +880,7 @@ impl Mesh {
         // Presence (the daemon's mention roster) at connect and every 20 s: slower than the
         // default 2 s to keep runs small, well inside the presence bucket's TTL.
         config.heartbeat = Some(Duration::from_secs(20));
+        config.reference_gap_g10 = self.config.mutation == Mutation::ReferenceG10;
         config
     }
 

@@ -25,6 +25,7 @@
 //! | `I17` | within one generation the join cursor never changes and a leave cursor is never cleared or raised |
 //! | `API1` | an application request gets at most one answer event, and only a request the agent accepted |
 //! | `I1` | a `Sent` event names the CHAT sequence that stored that id |
+//! | `I15` | a leave is answered (`Left`) only once the member key's latest generation, if any, carries a leave cursor: a known membership is tombstoned before the agent lets the channel go |
 //!
 //! # Checks at the end of the heal phase (liveness)
 //!
@@ -672,6 +673,37 @@ impl Oracle {
         }
     }
 
+    /// I15: a leave is answered only after the membership it knew of was tombstoned, so at the
+    /// `Left` event the member key's latest generation (if any) carries a leave cursor.
+    fn check_leave_closed(
+        &self,
+        agent: usize,
+        life: u32,
+        channel: &str,
+        at: Instant,
+    ) -> Result<(), Violation> {
+        let Some(owner) = self.names.get(agent) else {
+            return Ok(());
+        };
+        let key = (channel.to_owned(), owner.clone());
+        let Some(g) = self.last_generation.get(&key) else {
+            return Ok(());
+        };
+        let open = self
+            .intervals
+            .get(&key)
+            .and_then(|gens| gens.get(g))
+            .is_some_and(|i| i.leave_cursor.is_none());
+        if open {
+            let detail = format!(
+                "the leave of {channel} was answered while membership generation {g} is still open (no tombstone): DLV copies keep coming after the leave"
+            );
+            let a = Some(who(&self.names, agent, life));
+            return Err(self.violation("I15", a, None, at, detail));
+        }
+        Ok(())
+    }
+
     fn check_event(&mut self, journal: &Journal, index: usize) -> Result<(), Violation> {
         let n = &journal.events[index];
         let (agent, life, at) = (n.agent, n.life, n.at);
@@ -719,6 +751,7 @@ impl Oracle {
             } => {
                 self.answer(agent, life, request.0, at)?;
                 self.close_window(agent, life, channel.as_str(), at);
+                self.check_leave_closed(agent, life, channel.as_str(), at)?;
             }
             AgentEvent::LeaveFailed { request, .. } => {
                 self.answer(agent, life, request.0, at)?;

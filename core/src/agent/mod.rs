@@ -115,6 +115,12 @@ pub struct AgentConfig {
     /// Seed of the agent's uuids (reply subjects, message ids). The host seeds it from the OS;
     /// tests and the simulator from their run seed.
     pub seed: u64,
+    /// Test-only: restores the reference behaviour of gap G10 so the simulator can prove the
+    /// oracle sees it. A leave then resolves the class from a stale cache that reads `live` and
+    /// skips the tombstone even when a membership is known: the agent unsubscribes, the
+    /// membership stays open (semantics §4 G10, I15). Always `false` outside tests.
+    #[doc(hidden)]
+    pub reference_gap_g10: bool,
 }
 
 impl AgentConfig {
@@ -129,6 +135,7 @@ impl AgentConfig {
             heartbeat: Some(DEFAULT_HEARTBEAT),
             ledger: LedgerConfig::default(),
             seed,
+            reference_gap_g10: false,
         }
     }
 }
@@ -1923,7 +1930,10 @@ impl Agent {
             entry.leave = Some(request);
         }
         let concrete = channel.to_concrete();
+        // G10 fix: tombstone whenever a membership is known, whatever the class reads now. The
+        // test-only switch restores the reference's stale cached `live`, which skips it.
         let needs_tombstone = self.config.durable_backstop
+            && !self.config.reference_gap_g10
             && concrete.as_ref().is_some_and(|c| {
                 self.memberships.contains_key(c)
                     || self.maybe_member.contains(c)

@@ -98,7 +98,8 @@ use crate::ledger::DeliveryId;
 use crate::op::{Failure, OpId, OpIds, Outcome, TimerTable};
 use crate::registry::{
     ActivatePlan, ClosedInterval, JoinPlan, MemberSnapshot, Precondition, RegistryError,
-    TombstonePlan, WatermarkUse, WriteIntent, Writer, plan_activate, plan_join, plan_tombstone,
+    TombstonePlan, WatermarkUse, WriteIntent, Writer, current_interval, durable_eligible,
+    plan_activate, plan_join, plan_tombstone,
 };
 use crate::time::{Instant, Now};
 use crate::wire::config::{ConsumerSpec, SpaceStream};
@@ -106,7 +107,9 @@ use crate::wire::control::{REASON_PARTIALLY_EVICTED, REASON_SUPERSEDED};
 use crate::wire::json;
 use crate::wire::keys::{KvBucket, acl_key, member_key};
 use crate::wire::message::CotalMessage;
-use crate::wire::records::{DeliveryLease, MemberState, MembershipRecord, Plane3Entry};
+use crate::wire::records::{
+    DeliveryLease, MemberState, MembershipRecord, Plane3Entry, Plane3Reason,
+};
 use crate::wire::shard::Shard;
 use crate::wire::subject::{Subject, chat_subscribe_pattern, delivery_control_pattern};
 use crate::wire::token::{AgentId, ConcreteChannel, Space};
@@ -156,6 +159,13 @@ pub struct DeliveryConfig {
     pub reader_window: u32,
     /// Bound on control requests held at once.
     pub max_requests: usize,
+    /// Test-only: restores the reference behaviour of gap G2 so the simulator can prove the
+    /// oracle sees it. The reader then judges a `durable-channel` entry by the record's
+    /// **current** interval only, ignoring `entry.generation`: after a leave and a rejoin, the
+    /// pending entries of the previous generation are dropped (semantics §4 G2, I18). Always
+    /// `false` outside tests.
+    #[doc(hidden)]
+    pub reference_gap_g2: bool,
 }
 
 impl DeliveryConfig {
@@ -170,6 +180,7 @@ impl DeliveryConfig {
             fanout_window: DEFAULT_FANOUT_WINDOW,
             reader_window: DEFAULT_READER_WINDOW,
             max_requests: DEFAULT_MAX_REQUESTS,
+            reference_gap_g2: false,
         }
     }
 }
@@ -2572,7 +2583,21 @@ impl Delivery {
         }
         let acl = self.acls.get(&owner).map(|v| &v.read);
         let record = self.members.get(&entry.channel, &owner);
-        let decision = authorize(&entry, &owner, acl, record, delivery_count);
+        let mut decision = authorize(&entry, &owner, acl, record, delivery_count);
+        if self.config.reference_gap_g2
+            && entry.reason == Plane3Reason::DurableChannel
+            && matches!(decision, Decision::Transfer { .. })
+            && let Some(rec) = record
+            && !durable_eligible(rec, entry.seq)
+        {
+            // The reference's reader: the current interval only (G2 switched back on).
+            decision = Decision::Drop(match current_interval(rec) {
+                Some(interval) => DropReason::OutsideInterval(interval),
+                None => DropReason::InertGeneration {
+                    generation: rec.generation,
+                },
+            });
+        }
         self.apply_reader_decision(delivery, delivery_count, owner, entry, decision);
     }
 

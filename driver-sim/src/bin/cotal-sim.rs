@@ -2,9 +2,9 @@
 //!
 //! ```text
 //! cotal-sim explore --seeds N [--start S] [--steps K] [--faults LIST|none|all] [--daemons D]
-//!                   [--mutation no-join-cursor] [--no-shrink] [--check-determinism]
+//!                   [--mutation no-join-cursor|reference-g2|reference-g10] [--no-shrink] [--check-determinism]
 //! cotal-sim replay --seed S [--steps K] [--faults …] [--daemons D] [--skip I,J,…]
-//!                  [--mutation no-join-cursor] [--check-determinism]
+//!                  [--mutation no-join-cursor|reference-g2|reference-g10] [--check-determinism]
 //! cotal-sim demo [--seed S]
 //! ```
 
@@ -21,9 +21,9 @@ use std::time::Instant as WallClock;
 
 const USAGE: &str = "usage:
   cotal-sim explore --seeds N [--start S] [--steps K] [--faults LIST|none|all] [--daemons D]
-                    [--mutation no-join-cursor] [--no-shrink] [--check-determinism]
+                    [--mutation no-join-cursor|reference-g2|reference-g10] [--no-shrink] [--check-determinism]
   cotal-sim replay --seed S [--steps K] [--faults LIST|none|all] [--daemons D] [--skip I,J,...]
-                   [--mutation no-join-cursor] [--check-determinism]
+                   [--mutation no-join-cursor|reference-g2|reference-g10] [--check-determinism]
   cotal-sim demo [--seed S]
 faults: drop, loss, slow, kv, ambiguous (comma-separated), none, all, or swarm (a subset per seed)";
 
@@ -78,9 +78,8 @@ impl Args {
         let mut spec = RunSpec::new(seed, steps, faults);
         spec.daemons = self.num("daemons", default_daemons() as u64)? as usize;
         spec.mutation = match self.values.get("mutation").map(String::as_str) {
-            None | Some("none") => Mutation::None,
-            Some("no-join-cursor") => Mutation::NoJoinCursor,
-            Some(m) => return Err(format!("unknown mutation {m:?}")),
+            None => Mutation::None,
+            Some(m) => Mutation::parse(m).ok_or_else(|| format!("unknown mutation {m:?}"))?,
         };
         if let Some(skip) = self.values.get("skip") {
             spec.skip = parse_ranges(skip)?;
