@@ -25,7 +25,7 @@
 //! | `I17` | within one generation the join cursor never changes and a leave cursor is never cleared or raised |
 //! | `API1` | an application request gets at most one answer event, and only a request the agent accepted |
 //! | `I1` | a `Sent` event names the CHAT sequence that stored that id |
-//! | `I15` | a leave is answered (`Left`) only once the member key's latest generation, if any, carries a leave cursor: a known membership is tombstoned before the agent lets the channel go |
+//! | `I15` | a leave of a channel whose membership this life learnt of (durable join report, established backstop) is answered (`Left`) only once the member key's latest generation carries a leave cursor: a known membership is tombstoned before the agent lets the channel go |
 //!
 //! # Checks at the end of the heal phase (liveness)
 //!
@@ -177,6 +177,7 @@ pub struct Oracle {
     durable_joins: Vec<DurableJoin>,
     ever_joined: BTreeSet<(usize, String)>,
     refused: BTreeSet<(usize, String)>,
+    known_members: BTreeSet<(usize, u32, String)>,
     seen_surfacings: usize,
     seen_events: usize,
     seen_requests: usize,
@@ -236,6 +237,7 @@ impl Oracle {
             refused: BTreeSet::new(),
             seen_surfacings: 0,
             seen_events: 0,
+            known_members: BTreeSet::new(),
             seen_requests: 0,
             seen_acts: 0,
         }
@@ -674,14 +676,20 @@ impl Oracle {
     }
 
     /// I15: a leave is answered only after the membership it knew of was tombstoned, so at the
-    /// `Left` event the member key's latest generation (if any) carries a leave cursor.
+    /// `Left` event the member key's latest generation (if any) carries a leave cursor. Checked
+    /// for a membership this life learnt of (a durable join report or an established backstop).
     fn check_leave_closed(
-        &self,
+        &mut self,
         agent: usize,
         life: u32,
         channel: &str,
         at: Instant,
     ) -> Result<(), Violation> {
+        // A membership this life never learnt of is G42's business (a leave while the daemon is
+        // unreachable), not I15's.
+        if !self.known_members.remove(&(agent, life, channel.to_owned())) {
+            return Ok(());
+        }
         let Some(owner) = self.names.get(agent) else {
             return Ok(());
         };
@@ -718,6 +726,9 @@ impl Oracle {
                 }
                 let ch = channel.as_str().to_owned();
                 self.ever_joined.insert((agent, ch.clone()));
+                if report.generation.is_some() {
+                    self.known_members.insert((agent, life, ch.clone()));
+                }
                 if let Some(f) = report.watermark {
                     self.arm_window(journal, agent, life, &ch, request.map(|r| r.0), f, at)?;
                     if report.durable
@@ -752,6 +763,10 @@ impl Oracle {
                 self.answer(agent, life, request.0, at)?;
                 self.close_window(agent, life, channel.as_str(), at);
                 self.check_leave_closed(agent, life, channel.as_str(), at)?;
+            }
+            AgentEvent::BackstopEstablished { channel, .. } => {
+                self.known_members
+                    .insert((agent, life, channel.as_str().to_owned()));
             }
             AgentEvent::LeaveFailed { request, .. } => {
                 self.answer(agent, life, request.0, at)?;
