@@ -73,6 +73,8 @@ pub struct ChannelSpec {
     pub channel: Channel,
     /// Durable class (else live).
     pub durable: bool,
+    /// A join backfills history (`replay`, on by default; off writes `"replay":false`).
+    pub replay: bool,
 }
 
 /// A fix of the core switched off from outside, to prove the oracle sees the bug it prevents.
@@ -174,18 +176,22 @@ pub fn default_channels() -> Vec<ChannelSpec> {
         ChannelSpec {
             channel: channel("lobby"),
             durable: false,
+            replay: true,
         },
         ChannelSpec {
             channel: channel("ops"),
             durable: true,
+            replay: true,
         },
         ChannelSpec {
             channel: channel("review"),
             durable: true,
+            replay: true,
         },
         ChannelSpec {
             channel: channel("secret"),
             durable: true,
+            replay: true,
         },
     ]
 }
@@ -239,6 +245,12 @@ pub enum Action {
         /// Daemon index.
         daemon: usize,
     },
+    /// A delivery daemon's connection drops (it reconnects after the fault config's delay).
+    /// Scripted scenarios only: [`Workload::generate`] does not produce it.
+    LoseDaemon {
+        /// Daemon index.
+        daemon: usize,
+    },
 }
 
 impl fmt::Display for Action {
@@ -258,6 +270,7 @@ impl fmt::Display for Action {
             Action::Restart { agent } => write!(f, "restart a{agent}"),
             Action::Lose { agent } => write!(f, "lose a{agent}"),
             Action::RestartDaemon { daemon } => write!(f, "restart-daemon d{daemon}"),
+            Action::LoseDaemon { daemon } => write!(f, "lose-daemon d{daemon}"),
         }
     }
 }
@@ -765,7 +778,11 @@ impl Mesh {
         let channels_bucket = KvBucket::Channels.name(&space);
         for spec in &config.channels {
             let class = if spec.durable { "durable" } else { "live" };
-            let value = format!("{{\"deliveryClass\":\"{class}\"}}");
+            let value = if spec.replay {
+                format!("{{\"deliveryClass\":\"{class}\"}}")
+            } else {
+                format!("{{\"deliveryClass\":\"{class}\",\"replay\":false}}")
+            };
             host.broker_mut()
                 .kv_put(
                     &channels_bucket,
@@ -1143,6 +1160,12 @@ impl Mesh {
                 }
             }
             Action::RestartDaemon { daemon } => self.restart_daemon(daemon),
+            Action::LoseDaemon { daemon } => {
+                if let Some(slot) = self.daemons.get(daemon) {
+                    let client = slot.client;
+                    self.host.lose(client);
+                }
+            }
         }
     }
 

@@ -6,9 +6,14 @@
 // Test helpers report through panics and prints.
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
 
+use cotal_core::time::Instant;
+use cotal_core::wire::token::Channel;
 use cotal_driver_sim::explore::{FaultSet, RunSpec};
-use cotal_driver_sim::mesh::Mutation;
+use cotal_driver_sim::mesh::{
+    Action, ChannelSpec, Mesh, MeshConfig, Mutation, RunReport, Step, Workload,
+};
 use cotal_driver_sim::oracle::Violation;
+use cotal_driver_sim::sched::FaultConfig;
 
 /// Runs seeds `0..seeds` with `mutation` until the oracle reports a violation; then checks it
 /// names `invariant` and that the same seed passes with the fix on.
@@ -58,4 +63,91 @@ fn caught_within(
 #[test]
 fn g10_the_oracle_fails_when_the_leave_skips_the_tombstone() {
     caught_within(Mutation::ReferenceG10, &FaultSet::default(), 40, 200, "I15");
+}
+
+/// The G2 scenario, with the daemon's connection lost `offset` ms after alice's post: bob, a
+/// durable member of `ops` (replay off, so a rejoin backfills nothing), is disconnected while
+/// alice posts; the daemon fans the post out to bob's dinbox and then loses its connection, so
+/// the entry waits for redelivery; meanwhile bob reconnects, leaves and rejoins (generation 2,
+/// `J' ≥ s`). Only the redelivered generation-1 entry can bring the post to bob.
+fn g2_scenario(mutation: Mutation, offset: u64) -> RunReport {
+    let mut config = MeshConfig::new(2);
+    config.agents = 2;
+    config.channels = vec![
+        ChannelSpec {
+            channel: Channel::new("lobby").unwrap(),
+            durable: false,
+            replay: true,
+        },
+        ChannelSpec {
+            channel: Channel::new("ops").unwrap(),
+            durable: true,
+            replay: false,
+        },
+    ];
+    config.daemons = 1;
+    config.faults = FaultConfig::default();
+    config.mutation = mutation;
+    const OPS: usize = 1;
+    let (alice, bob) = (0, 1);
+    let steps = [
+        (1_000, Action::Lose { agent: bob }),
+        (
+            1_001,
+            Action::Post {
+                agent: alice,
+                channel: OPS,
+                mention: None,
+            },
+        ),
+        (1_001 + offset, Action::LoseDaemon { daemon: 0 }),
+        (
+            3_000,
+            Action::Leave {
+                agent: bob,
+                channel: OPS,
+            },
+        ),
+        (
+            3_500,
+            Action::Join {
+                agent: bob,
+                channel: OPS,
+            },
+        ),
+    ];
+    let workload = Workload {
+        boot: vec![vec![], vec![OPS]],
+        acl: vec![vec![0, 1], vec![0, 1]],
+        steps: steps
+            .iter()
+            .map(|(ms, action)| Step {
+                at: Instant::from_millis(*ms),
+                action: action.clone(),
+            })
+            .collect(),
+    };
+    Mesh::new(config, workload).run()
+}
+
+/// G2: with the reader judging entries by the record's current interval (the reference), the
+/// pending generation-1 entry is dropped after bob's rejoin and the post never reaches him; the
+/// oracle must see that (S7-complete). With the fix on, the same scenario is clean.
+#[test]
+fn g2_the_oracle_fails_when_the_reader_ignores_the_entry_generation() {
+    let mut caught = None;
+    for offset in 0..40 {
+        if let Some(v) = g2_scenario(Mutation::ReferenceG2, offset).violation {
+            caught = Some((offset, v));
+            break;
+        }
+    }
+    let (offset, v) = caught.expect("the oracle sees the G2 gap for some daemon-loss offset");
+    assert_eq!(v.invariant, "S7-complete", "offset {offset}: {v}");
+    assert_eq!(
+        g2_scenario(Mutation::None, offset).violation,
+        None,
+        "offset {offset} passes with the fix"
+    );
+    eprintln!("reference-g2: offset {offset}: {v}");
 }
