@@ -687,7 +687,10 @@ impl Oracle {
     ) -> Result<(), Violation> {
         // A membership this life never learnt of is G42's business (a leave while the daemon is
         // unreachable), not I15's.
-        if !self.known_members.remove(&(agent, life, channel.to_owned())) {
+        if !self
+            .known_members
+            .remove(&(agent, life, channel.to_owned()))
+        {
             return Ok(());
         }
         let Some(owner) = self.names.get(agent) else {

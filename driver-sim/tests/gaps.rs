@@ -35,12 +35,8 @@ fn caught_within(
             break;
         }
     }
-    let (seed, v) = caught.unwrap_or_else(|| {
-        panic!(
-            "the oracle sees {} within {seeds} seeds",
-            mutation.name()
-        )
-    });
+    let (seed, v) = caught
+        .unwrap_or_else(|| panic!("the oracle sees {} within {seeds} seeds", mutation.name()));
     let mut spec = RunSpec::new(seed, steps, faults.clone());
     spec.mutation = mutation;
     assert_eq!(
@@ -156,11 +152,17 @@ fn g2_the_oracle_fails_when_the_reader_ignores_the_entry_generation() {
     for offset in 0..20 {
         let (fixed, fixed_dropped) = g2_scenario(Mutation::None, offset);
         assert_eq!(fixed.violation, None, "offset {offset} passes with the fix");
-        assert!(!fixed_dropped, "offset {offset}: the fix keeps generation 1's entry");
+        assert!(
+            !fixed_dropped,
+            "offset {offset}: the fix keeps generation 1's entry"
+        );
         let (report, dropped) = g2_scenario(Mutation::ReferenceG2, offset);
         if let Some(v) = report.violation {
             assert_eq!(v.invariant, "S7-complete", "offset {offset}: {v}");
-            assert!(dropped, "offset {offset}: the loss is the reader's drop: {v}");
+            assert!(
+                dropped,
+                "offset {offset}: the loss is the reader's drop: {v}"
+            );
             caught.push(offset);
         }
     }
