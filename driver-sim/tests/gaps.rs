@@ -174,3 +174,19 @@ fn g2_the_oracle_fails_when_the_reader_ignores_the_entry_generation() {
     );
     eprintln!("reference-g2: caught at offsets {caught:?}");
 }
+
+/// Every mutation's command-line name parses back to it, and a replay of a mutated spec names it.
+#[test]
+fn mutation_names_round_trip() {
+    for m in Mutation::ALL {
+        assert_eq!(Mutation::parse(m.name()), Some(m));
+        let mut spec = RunSpec::new(1, 5, FaultSet::default());
+        spec.mutation = m;
+        assert!(
+            spec.replay_args()
+                .ends_with(&format!("--mutation {}", m.name()))
+        );
+    }
+    assert_eq!(Mutation::parse("none"), Some(Mutation::None));
+    assert_eq!(Mutation::parse("bogus"), None);
+}
