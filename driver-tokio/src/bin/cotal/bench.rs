@@ -18,6 +18,7 @@ use bytes::Bytes;
 use clap::Args;
 use cotal_core::agent::{Agent, AgentConfig, AgentEvent};
 use cotal_core::delivery::daemon::{Delivery, DeliveryConfig};
+use cotal_core::ledger::SourceKind;
 use cotal_core::wire::config::ConsumerSpec;
 use cotal_core::wire::keys::{KvBucket, acl_key, member_key};
 use cotal_core::wire::message::Sender;
@@ -177,6 +178,8 @@ struct MemberLog {
     duplicates: u64,
     /// Loss events the agent reported.
     lost_events: u64,
+    /// First surfacings whose copy came through DLV (the live copy did not arrive first).
+    via_dlv: u64,
 }
 
 struct Member {
@@ -445,6 +448,27 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         ));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The durable side: every copy written to a dinbox and handed off to DLV (the surfacing
+    // above is usually the live copy; the durable copy must land too).
+    let mut durable_done: Option<Duration> = None;
+    let mut daemon_polls = 0u32;
+    while start.elapsed() < timeout {
+        let (_, c, _) = daemon.status().await.map_err(|e| e.to_string())?;
+        if c.transferred >= total as u64 {
+            durable_done = Some(start.elapsed());
+            break;
+        }
+        daemon_polls += 1;
+        if daemon_polls % 10 == 0 {
+            progress(&format!(
+                "bench: daemon wrote {}/{total} dinbox copies, transferred {}/{total}, {:.1} s",
+                c.copies_written,
+                c.transferred,
+                start.elapsed().as_secs_f64()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     // A short grace to see duplicates that would follow the last copy.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = stop_tx.send(true);
@@ -494,17 +518,28 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     }
     all.sort_by(f64::total_cmp);
     first.sort_by(f64::total_cmp);
-    let elapsed = last
+    let surfaced_elapsed = last
         .saturating_duration_since(start)
         .as_secs_f64()
         .max(1e-9);
     let copies = all.len();
-    let copies_per_s = copies as f64 / elapsed;
-    let messages_per_s = if lost == 0 {
+    let surfaced_per_s = copies as f64 / surfaced_elapsed;
+    // Durable copies/s: every copy surfaced AND handed off to DLV by the daemon; 0 when the
+    // daemon did not hand off every copy within the timeout.
+    let elapsed = durable_done
+        .map_or(f64::INFINITY, |d| d.as_secs_f64())
+        .max(surfaced_elapsed);
+    let copies_per_s = if durable_done.is_some() {
+        copies as f64 / elapsed
+    } else {
+        0.0
+    };
+    let messages_per_s = if lost == 0 && durable_done.is_some() {
         args.messages as f64 / elapsed
     } else {
         0.0
     };
+    let via_dlv: u64 = logs.iter().map(|l| l.via_dlv).sum();
     let ratio = copies_per_s / (ceiling / 2.0);
     let counters = daemon_machine.as_ref().map(|d| d.counters().clone());
     let daemon_lost = counters.as_ref().map_or(0, |c| c.lost);
@@ -517,6 +552,8 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     );
     println!("  ceiling (pipelined JetStream publishes) {ceiling:>12.0} /s");
     println!("  durable copies surfaced                {copies:>12} of {total}");
+    println!("  copies surfaced/s (first surfacing)    {surfaced_per_s:>12.0} /s");
+    println!("  surfaced through DLV (not live)        {via_dlv:>12}");
     println!("  durable copies/s                       {copies_per_s:>12.0} /s");
     println!("  messages/s (every member)              {messages_per_s:>12.1} /s");
     println!("  copies/s / (ceiling / 2)               {ratio:>12.3}");
@@ -556,6 +593,11 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
             "first_p99_ms": percentile(&first, 99.0),
             "first_max_ms": first.last().copied().unwrap_or(0.0),
             "elapsed_s": elapsed,
+            "surfaced_elapsed_s": surfaced_elapsed,
+            "surfaced_copies_per_s": surfaced_per_s.round(),
+            "surfaced_via_dlv": via_dlv,
+            "durable_complete": durable_done.is_some(),
+            "daemon_transferred": counters.as_ref().map(|c| c.transferred),
             "publish_s": publish_done.as_secs_f64(),
             "lost": lost,
             "duplicates": duplicates,
@@ -566,7 +608,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         println!("{line}");
     }
     drop(server);
-    if lost == 0 && duplicates == 0 {
+    if lost == 0 && duplicates == 0 && durable_done.is_some() {
         Ok(ExitCode::SUCCESS)
     } else {
         Ok(ExitCode::from(1))
@@ -616,6 +658,9 @@ async fn start_member(
                                 log.duplicates += 1;
                             } else {
                                 log.first.insert(id, now);
+                                if s.origin == SourceKind::Durable {
+                                    log.via_dlv += 1;
+                                }
                                 surfaced.fetch_add(1, Ordering::Relaxed);
                             }
                             let mid = s.id;
