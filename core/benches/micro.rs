@@ -132,7 +132,7 @@ fn bench_ledger() {
         let now = Instant::from_millis(i / 1000);
         let id = ids[next].clone();
         next += 1;
-        black_box(ledger.ingest(now, id, CopySource::Live, i).unwrap());
+        let _ = black_box(ledger.ingest(now, id, CopySource::Live, i).unwrap());
         if next % 64 == 0 {
             for s in ledger.surface(now, 64) {
                 let _ = ledger.handled(now, &s.id);
@@ -144,7 +144,7 @@ fn bench_ledger() {
     let settled = ids[next - 100].clone();
     let ns = measure(1_000_000, |i| {
         let now = Instant::from_millis(1_000 + i / 1000);
-        black_box(
+        let _ = black_box(
             ledger
                 .ingest(now, settled.clone(), CopySource::Live, i)
                 .unwrap(),

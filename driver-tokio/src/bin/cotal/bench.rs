@@ -33,8 +33,8 @@ use serde_json::json;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::process::{Child, ExitCode, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -65,6 +65,9 @@ pub(crate) struct BenchArgs {
     /// Seconds to wait for every copy to surface before counting the rest as lost.
     #[arg(long, default_value_t = 120)]
     timeout_s: u64,
+    /// Seconds without any DLV hand-off by the daemon after which the durable wait gives up.
+    #[arg(long, default_value_t = 10)]
+    stall_s: u64,
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -180,6 +183,8 @@ struct MemberLog {
     lost_events: u64,
     /// First surfacings whose copy came through DLV (the live copy did not arrive first).
     via_dlv: u64,
+    /// The agent's loss events by reason.
+    lost_reasons: BTreeMap<String, u64>,
 }
 
 struct Member {
@@ -296,7 +301,23 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The daemon's events are not needed: drain them so the channel does not grow.
-    tokio::spawn(async move { while daemon_events.recv().await.is_some() {} });
+    // Tallied by kind for the report (where copies went when they did not arrive).
+    let daemon_tally: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    {
+        let tally = Arc::clone(&daemon_tally);
+        tokio::spawn(async move {
+            while let Some(e) = daemon_events.recv().await {
+                let text = format!("{e:?}");
+                let kind: String = text
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if let Ok(mut t) = tally.lock() {
+                    *t.entry(kind).or_default() += 1;
+                }
+            }
+        });
+    }
 
     // 4. The members, each on its own connection, and their tasks.
     let surfaced = Arc::new(AtomicUsize::new(0));
@@ -452,10 +473,22 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     // above is usually the live copy; the durable copy must land too).
     let mut durable_done: Option<Duration> = None;
     let mut daemon_polls = 0u32;
+    let mut progress_at = (0u64, Instant::now());
+    let stall = Duration::from_secs(args.stall_s);
     while start.elapsed() < timeout {
         let (_, c, _) = daemon.status().await.map_err(|e| e.to_string())?;
         if c.transferred >= total as u64 {
             durable_done = Some(start.elapsed());
+            break;
+        }
+        if c.transferred != progress_at.0 {
+            progress_at = (c.transferred, Instant::now());
+        } else if progress_at.1.elapsed() > stall {
+            progress_done();
+            progress(&format!(
+                "bench: the daemon made no progress for {stall:?} ({}/{total} transferred): giving up",
+                c.transferred
+            ));
             break;
         }
         daemon_polls += 1;
@@ -578,6 +611,19 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         "  lost {lost}, duplicates {duplicates}, send failures {}, agent loss events {lost_events}, daemon lost {daemon_lost}",
         send_failures.load(Ordering::Relaxed)
     );
+    let mut agent_losses: BTreeMap<String, u64> = BTreeMap::new();
+    for log in &logs {
+        for (r, n) in &log.lost_reasons {
+            *agent_losses.entry(r.clone()).or_default() += n;
+        }
+    }
+    let daemon_events: BTreeMap<String, u64> =
+        daemon_tally.lock().map(|t| t.clone()).unwrap_or_default();
+    println!("  agent loss events by reason            {agent_losses:?}");
+    println!("  daemon events by kind                  {daemon_events:?}");
+    if let Some(c) = &counters {
+        println!("  daemon counters                        {c:?}");
+    }
     if args.json {
         let line = json!({
             "members": args.members,
@@ -604,6 +650,8 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
             "send_failures": send_failures.load(Ordering::Relaxed),
             "daemon_copies_written": counters.as_ref().map(|c| c.copies_written),
             "daemon_lost": daemon_lost,
+            "agent_losses": agent_losses,
+            "daemon_events": daemon_events,
         });
         println!("{line}");
     }
@@ -672,7 +720,10 @@ async fn start_member(
                     Some(AgentEvent::Joined { report, .. }) if report.durable => {
                         joined.fetch_add(1, Ordering::Relaxed);
                     }
-                    Some(AgentEvent::Lost { .. }) => log.lost_events += 1,
+                    Some(AgentEvent::Lost { reason, .. }) => {
+                        log.lost_events += 1;
+                        *log.lost_reasons.entry(reason).or_default() += 1;
+                    }
                     Some(_) => {}
                     None => break,
                 },
