@@ -502,6 +502,22 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    // Where the fan-out consumer stands (for a stall: pending, unacked, redelivered).
+    let fanout = ConsumerSpec::fanout(&space, 0, 1);
+    let fanout_info =
+        cotal_driver_tokio::api::request(&admin.client, &fanout.info_subject(), Bytes::new(), t)
+            .await
+            .map(|v| {
+                json!({
+                    "num_pending": v["num_pending"],
+                    "num_ack_pending": v["num_ack_pending"],
+                    "num_redelivered": v["num_redelivered"],
+                    "num_waiting": v["num_waiting"],
+                    "delivered_stream_seq": v["delivered"]["stream_seq"],
+                    "ack_floor_stream_seq": v["ack_floor"]["stream_seq"],
+                })
+            })
+            .unwrap_or_else(|e| json!({"error": e.to_string()}));
     // A short grace to see duplicates that would follow the last copy.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = stop_tx.send(true);
@@ -624,6 +640,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     if let Some(c) = &counters {
         println!("  daemon counters                        {c:?}");
     }
+    println!("  fan-out consumer at the end            {fanout_info}");
     if args.json {
         let line = json!({
             "members": args.members,
@@ -651,6 +668,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
             "daemon_copies_written": counters.as_ref().map(|c| c.copies_written),
             "daemon_lost": daemon_lost,
             "agent_losses": agent_losses,
+            "fanout_consumer": fanout_info,
             "daemon_events": daemon_events,
         });
         println!("{line}");
