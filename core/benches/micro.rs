@@ -12,6 +12,7 @@
     clippy::unwrap_used,
     clippy::print_stdout,
     clippy::disallowed_types,
+    clippy::disallowed_methods,
     missing_docs
 )]
 
@@ -133,7 +134,7 @@ fn bench_ledger() {
         let id = ids[next].clone();
         next += 1;
         let _ = black_box(ledger.ingest(now, id, CopySource::Live, i).unwrap());
-        if next % 64 == 0 {
+        if next.is_multiple_of(64) {
             for s in ledger.surface(now, 64) {
                 let _ = ledger.handled(now, &s.id);
             }

@@ -30,6 +30,7 @@ use cotal_driver_tokio::exec::{Executor, ExecutorConfig};
 use cotal_driver_tokio::provision::{apply_consumer, provision_space};
 use cotal_driver_tokio::run::{MachineHandle, Runner, os_seed, wall_clock};
 use serde_json::json;
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::process::{Child, ExitCode, Stdio};
@@ -492,7 +493,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
             break;
         }
         daemon_polls += 1;
-        if daemon_polls % 10 == 0 {
+        if daemon_polls.is_multiple_of(10) {
             progress(&format!(
                 "bench: daemon wrote {}/{total} dinbox copies, transferred {}/{total}, {:.1} s",
                 c.copies_written,
@@ -720,14 +721,15 @@ async fn start_member(
                         let now = Instant::now();
                         for s in batch {
                             let id = s.item.message.id.clone();
-                            if log.first.contains_key(&id) {
-                                log.duplicates += 1;
-                            } else {
-                                log.first.insert(id, now);
-                                if s.origin == SourceKind::Durable {
-                                    log.via_dlv += 1;
+                            match log.first.entry(id) {
+                                Entry::Occupied(_) => log.duplicates += 1,
+                                Entry::Vacant(v) => {
+                                    v.insert(now);
+                                    if s.origin == SourceKind::Durable {
+                                        log.via_dlv += 1;
+                                    }
+                                    surfaced.fetch_add(1, Ordering::Relaxed);
                                 }
-                                surfaced.fetch_add(1, Ordering::Relaxed);
                             }
                             let mid = s.id;
                             let _ = h.cast(move |a, now| {
