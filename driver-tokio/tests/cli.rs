@@ -457,3 +457,43 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
         stdout(&out)
     );
 }
+
+/// `cotal bench` on a spawned server: two members, fifty messages, nothing lost or duplicated,
+/// and the last line is the JSON object scripts read.
+#[test]
+fn cotal_bench_small_run_loses_nothing() {
+    if NatsServer::binary().is_none() {
+        println!("skipping: COTAL_NATS_SERVER is not set (scripts/test.sh sets it)");
+        return;
+    }
+    let out = cotal(&[
+        "bench",
+        "--spawn-server",
+        "--members",
+        "2",
+        "--messages",
+        "50",
+        "--timeout-s",
+        "15",
+        "--json",
+    ]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    let last = text.lines().last().expect("a last line");
+    let v: serde_json::Value = serde_json::from_str(last).expect("JSON last line");
+    assert_eq!(v["lost"], 0, "{text}");
+    assert_eq!(v["duplicates"], 0, "{text}");
+    assert_eq!(v["members"], 2, "{text}");
+    assert_eq!(v["messages"], 50, "{text}");
+    assert_eq!(v["durable_complete"], true, "{text}");
+    for key in [
+        "ceiling_publish_per_s",
+        "durable_copies_per_s",
+        "messages_per_s",
+        "p50_ms",
+        "p99_ms",
+        "max_ms",
+    ] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {text}");
+    }
+}

@@ -6,6 +6,8 @@
 //! - `cotal agent`: run an agent (JSON lines out, commands in on stdin);
 //! - `cotal send`, `cotal members`, `cotal health`, `cotal channels`: one-shot operations.
 //!
+//! `cotal bench` measures durable fan-out end to end (see `cotal/bench.rs`).
+//!
 //! `cotal demo` runs the demo mesh on the embedded simulator (`cotal_driver_sim::demo`); with
 //! `--nats` it says that the real-server demo is the README's quick start and exits 2.
 //!
@@ -24,6 +26,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+#[path = "cotal/bench.rs"]
+mod bench;
 #[path = "cotal/commands.rs"]
 mod commands;
 
@@ -146,6 +150,9 @@ enum Cmd {
     /// leave, a rejoin, a restart and a refused join) on the embedded simulator, and print what
     /// each agent received and the oracle's verdict.
     Demo(DemoArgs),
+    /// Measure durable fan-out end to end: the JetStream publish ceiling, then one daemon and M
+    /// member agents on a fresh space and a durable channel; copies/s, latency, losses.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -260,6 +267,7 @@ async fn main() -> ExitCode {
         Cmd::Health(args) => commands::health(args).await,
         Cmd::Channels(args) => commands::channels(args).await,
         Cmd::Demo(args) => demo(&args),
+        Cmd::Bench(args) => bench::bench(args).await,
     }
 }
 
