@@ -67,7 +67,7 @@ use crate::io::{
 };
 use crate::ledger::{
     Action, CopySource, Decision, DeliveryId, DurableDelivery, Ledger, LedgerConfig,
-    LedgerCounters, LedgerError, MessageId, Rejection, Resolution, Surfaced,
+    LedgerCounters, LedgerError, MessageId, Rejection, Resolution, Settled, Surfaced,
 };
 use crate::op::{Failure, OpId, OpIds, Outcome, TimerTable};
 use crate::policy::{Backfill, ChannelRegistry};
@@ -665,7 +665,6 @@ pub struct Agent {
     backfill_queue: VecDeque<(Channel, u64, ReadStart, u64)>,
     registry_feed: Option<SubId>,
     ledger: Ledger<Arrival>,
-    deliveries: u64,
     counters: AgentCounters,
     /// The latest `now` seen (timers set outside an input use it).
     last_at: Instant,
@@ -717,7 +716,6 @@ impl Agent {
             backfill_queue: VecDeque::new(),
             registry_feed: None,
             ledger,
-            deliveries: 0,
             counters: AgentCounters::default(),
             last_at: Instant::ZERO,
             last_wall: UnixMillis(0),
@@ -876,14 +874,8 @@ impl Agent {
     ///
     /// [`AgentError::Ledger`] for an id that is not pending; nothing changes.
     pub fn handled(&mut self, now: Now, id: &MessageId) -> Result<(), AgentError> {
-        let settled = self
-            .ledger
-            .handled(now.at, id)
-            .map_err(AgentError::Ledger)?;
-        if let Some(r) = settled.ack {
-            self.resolve(r);
-        }
-        Ok(())
+        let settled = self.ledger.handled(now.at, id);
+        self.ack_settled(settled)
     }
 
     /// Declines a pending message (mute, focus …): acked, remembered, not surfaced again.
@@ -892,14 +884,8 @@ impl Agent {
     ///
     /// [`AgentError::Ledger`] for an id that is not pending.
     pub fn decline(&mut self, now: Now, id: &MessageId) -> Result<(), AgentError> {
-        let settled = self
-            .ledger
-            .decline(now.at, id)
-            .map_err(AgentError::Ledger)?;
-        if let Some(r) = settled.ack {
-            self.resolve(r);
-        }
-        Ok(())
+        let settled = self.ledger.decline(now.at, id);
+        self.ack_settled(settled)
     }
 
     /// Stops the agent: publishes an offline presence (best effort), closes every feed, clears
@@ -1035,14 +1021,20 @@ impl Agent {
         }
     }
 
+    /// Sends the ack a settlement carries (the durable copy's, if the entry held one).
+    fn ack_settled(&mut self, settled: Result<Settled, LedgerError>) -> Result<(), AgentError> {
+        if let Some(r) = settled.map_err(AgentError::Ledger)?.ack {
+            self.resolve(r);
+        }
+        Ok(())
+    }
+
     fn resolve(&mut self, r: Resolution) {
         let kind = match r.action {
             Action::Ack => AckKind::Ack,
             Action::Nak { delay } => AckKind::Nak { delay },
             Action::Term => AckKind::Term,
             Action::Forget => return,
-            #[allow(unreachable_patterns)]
-            _ => return,
         };
         let op = self.op(Pending::Settle);
         self.commands.push_back(Command::Settle {
@@ -1414,7 +1406,7 @@ impl Agent {
         }
     }
 
-    fn on_barrier(&mut self, now: Now, channel: Channel, epoch: u64, outcome: Outcome<Reply>) {
+    fn on_barrier(&mut self, channel: Channel, epoch: u64, outcome: Outcome<Reply>) {
         let Some(entry) = self.channels.get(&channel) else {
             return;
         };
@@ -1427,7 +1419,7 @@ impl Agent {
         if resubscribe {
             // A re-subscribe after reconnect: a refusal here is a late refusal.
             if let Some(detail) = refused {
-                self.late_refusal(now, &channel, detail);
+                self.late_refusal(&channel, detail);
             } else if !confirmed {
                 // Not confirmed. When the connection is going down, the next restore
                 // re-subscribes. On a live connection (a timeout, or an answer lost after the
@@ -1763,7 +1755,7 @@ impl Agent {
                 if !joined {
                     // Left or refused while the request was in flight: the membership the daemon
                     // just opened must be closed (G11), not mirrored.
-                    self.start_close(now, channel, Some(generation));
+                    self.start_close(channel, Some(generation));
                     return;
                 }
                 if self
@@ -1823,7 +1815,7 @@ impl Agent {
                 if !joined {
                     if self.maybe_member.contains(&channel) && !self.unclosed.contains_key(&channel)
                     {
-                        self.start_close(now, channel, None);
+                        self.start_close(channel, None);
                     }
                     return;
                 }
@@ -2152,7 +2144,7 @@ impl Agent {
     // Late refusal and the refusal close
     // -----------------------------------------------------------------------------------------
 
-    fn on_refused(&mut self, now: Now, sub: SubId, detail: String) {
+    fn on_refused(&mut self, sub: SubId, detail: String) {
         let Some(Feed::Chat(epoch)) = self.feeds.remove(&sub) else {
             return;
         };
@@ -2169,14 +2161,14 @@ impl Agent {
         };
         entry.sub = None;
         if entry.phase == Phase::Joined && !entry.resubscribe {
-            self.late_refusal(now, &channel, detail);
+            self.late_refusal(&channel, detail);
         } else {
             // During a join's (or re-subscribe's) confirm window: the barrier decides.
             entry.refused = Some(detail);
         }
     }
 
-    fn late_refusal(&mut self, now: Now, channel: &Channel, detail: String) {
+    fn late_refusal(&mut self, channel: &Channel, detail: String) {
         bump(&mut self.counters.late_refusals);
         let Some(entry) = self.channels.remove(channel) else {
             return;
@@ -2218,20 +2210,19 @@ impl Agent {
         });
         if let Some(c) = concrete {
             if let Some(generation) = closing {
-                self.start_close(now, c, Some(generation));
+                self.start_close(c, Some(generation));
             } else if let Some(u) = self.unclosed.get_mut(&c) {
                 // A close is pending already, but a join since may have opened a newer
                 // generation: find out by listing before closing.
                 u.generation = None;
             } else if self.maybe_member.contains(&c) {
                 // Not mirrored, but a membership may exist (G41): list, then close.
-                self.start_close(now, c, None);
+                self.start_close(c, None);
             }
         }
     }
 
-    fn start_close(&mut self, now: Now, channel: ConcreteChannel, generation: Option<u64>) {
-        let _ = now;
+    fn start_close(&mut self, channel: ConcreteChannel, generation: Option<u64>) {
         self.unclosed.insert(
             channel.clone(),
             Unclosed {
@@ -2392,7 +2383,6 @@ impl Agent {
     }
 
     fn on_delivery(&mut self, now: Now, d: DlvDelivery) {
-        self.deliveries += 1;
         let durable = DurableDelivery::new(d.delivery)
             .with_stream_seq(d.stream_seq)
             .with_delivery_count(d.delivery_count);
@@ -2492,7 +2482,7 @@ impl Agent {
             Pending::Presence => {}
             Pending::Arm { channel, epoch } => self.on_arm(channel, epoch, outcome),
             Pending::Subscribe { channel, epoch } => self.on_subscribe(channel, epoch, outcome),
-            Pending::Barrier { channel, epoch } => self.on_barrier(now, channel, epoch, outcome),
+            Pending::Barrier { channel, epoch } => self.on_barrier(channel, epoch, outcome),
             Pending::Backfill {
                 channel,
                 epoch,
@@ -2583,7 +2573,7 @@ impl Agent {
             ) => {
                 self.ingest_chat(now, &subject, &payload, CopySource::Live);
             }
-            (_, Inbound::Refused { detail, .. }) => self.on_refused(now, sub, detail),
+            (_, Inbound::Refused { detail, .. }) => self.on_refused(sub, detail),
             _ => {}
         }
     }
