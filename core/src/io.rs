@@ -224,7 +224,8 @@ pub enum Command {
     },
     /// Bind (and, when `create`, create or update) a durable pull consumer and start delivering
     /// from it as [`Inbound::Delivery`] on `sub`, with at most `max_in_flight` unsettled
-    /// deliveries. Completes with [`Reply::Done`] once bound.
+    /// deliveries. Completes once bound with [`Reply::ConsumerBound`] (the consumer's delivery
+    /// pointer at bind time), or [`Reply::Done`] from a driver that cannot tell.
     Consume {
         /// Operation id.
         op: OpId,
@@ -420,6 +421,13 @@ pub enum Reply {
     KvWritten {
         /// The revision.
         revision: u64,
+    },
+    /// A durable consumer bound: `delivered_stream_seq` is the last stream sequence it had
+    /// offered to anyone (its `delivered.stream_seq`; 0 when none). The next first delivery is
+    /// above it; see [`crate::delivery::gap`].
+    ConsumerBound {
+        /// The consumer's delivery pointer.
+        delivered_stream_seq: u64,
     },
 }
 

@@ -919,6 +919,10 @@ impl Net {
             .is_some_and(|s| s.ack_policy != AckPolicy::None);
         self.idle.remove(&(spec.stream.clone(), spec.name.clone()));
         self.unbind((client, sub));
+        let delivered_stream_seq = self
+            .broker
+            .consumer_info(&spec.stream, &spec.name)
+            .map_or(0, |i| i.delivered_stream_seq);
         self.feeds.insert(
             (client, sub),
             Feed {
@@ -929,7 +933,9 @@ impl Net {
                 unsettled: BTreeSet::new(),
             },
         );
-        Outcome::Success(Reply::Done)
+        Outcome::Success(Reply::ConsumerBound {
+            delivered_stream_seq,
+        })
     }
 
     /// Another writer rewrites the key's current value: its revision moves on, nothing else.

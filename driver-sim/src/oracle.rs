@@ -35,7 +35,7 @@
 //! | `I6` | the server holds a chat subscription for exactly the channels the agent has joined: a refused or failed join, a leave or a refusal left none behind; and a channel whose join was refused and never succeeded in any life has no open membership |
 //! | `I12` | with no daemon, no joined durable channel claims an established backstop |
 //! | `I11` | with a daemon, every joined durable channel's backstop is established after healing |
-//! | `S7-complete` | with a daemon: a join reported `durable:true` at watermark `F` (generation `g`) gets every message of its channel with `F < s ≤ L_g` (or the frontier while open) not its own, surfaced at least once in some life, unless the agent reported it lost or its ACL was narrowed on that channel |
+//! | `S7-complete` | with a daemon: a join reported `durable:true` at watermark `F` (generation `g`) gets every message of its channel with `F < s ≤ L_g` (or the frontier while open) not its own, surfaced at least once in some life, unless the agent reported it lost, a daemon reported it evicted from CHAT before fan-out saw it, or its ACL was narrowed on that channel |
 //! | `I22` | every `handled` call of the application was accepted |
 //!
 //! A [`Violation`] names the invariant, the agent (with its life), the message (with its
@@ -44,6 +44,7 @@
 use crate::host::Host;
 use crate::mesh::{Act, AgentSlot, Asked, Journal, MeshConfig};
 use cotal_core::agent::{AgentEvent, BackstopState, JoinError};
+use cotal_core::delivery::daemon::DeliveryEvent;
 use cotal_core::ledger::SourceKind;
 use cotal_core::time::Instant;
 use cotal_core::wire::config::SpaceStream;
@@ -982,6 +983,16 @@ impl Oracle {
             got.insert((s.agent, s.id.as_str()));
         }
         let frontier = self.by_seq.keys().next_back().copied().unwrap_or(0);
+        // CHAT sequences a daemon reported evicted before its fan-out saw them (checked or not):
+        // a reported loss, for every member.
+        let evicted: Vec<(u64, u64)> = journal
+            .daemon_events
+            .iter()
+            .filter_map(|n| match n.event {
+                DeliveryEvent::EvictedBeforeFanout { first, last, .. } => Some((first, last)),
+                _ => None,
+            })
+            .collect();
         for j in &self.durable_joins {
             if self.narrowed.contains(&(j.agent, j.channel.clone())) {
                 continue;
@@ -1003,6 +1014,7 @@ impl Oracle {
                 }
                 if got.contains(&(j.agent, id.as_str()))
                     || self.lost.contains(&(j.agent, id.clone()))
+                    || evicted.iter().any(|&(f, l)| (f..=l).contains(seq))
                 {
                     continue;
                 }

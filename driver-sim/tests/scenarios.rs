@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 use cotal_core::agent::{AgentEvent, JoinError};
+use cotal_core::delivery::daemon::DeliveryEvent;
 use cotal_core::ledger::SourceKind;
 use cotal_core::time::Instant;
 use cotal_driver_sim::mesh::{
@@ -37,11 +38,22 @@ fn run(
     acl: Option<[&[usize]; 3]>,
     steps: &[(u64, Action)],
 ) -> Run {
+    run_with(seed, daemons, boot, acl, steps, FaultConfig::default())
+}
+
+fn run_with(
+    seed: u64,
+    daemons: usize,
+    boot: [&[usize]; 3],
+    acl: Option<[&[usize]; 3]>,
+    steps: &[(u64, Action)],
+    faults: FaultConfig,
+) -> Run {
     let mut config = MeshConfig::new(seed);
     config.agents = 3;
     config.channels = default_channels();
     config.daemons = daemons;
-    config.faults = FaultConfig::default();
+    config.faults = faults;
     config.keep_transcript = true;
     let all: &[usize] = &[0, 1, 2, 3];
     let workload = Workload {
@@ -424,4 +436,71 @@ fn c8_mention_on_a_live_channel_reaches_a_non_member_durably() {
         r.received(BOB, 1).is_none(),
         "bob is neither a member nor mentioned"
     );
+}
+
+#[test]
+fn chat_evicting_ahead_of_a_stalled_fan_out_is_a_reported_loss() {
+    // Found by `cotal bench` on a real server: a sender that outruns fan-out by more than CHAT's
+    // 1000-per-subject cap loses its oldest messages before fan-out is offered them. Here the
+    // daemon's connection is down while alice posts 1,005 times on OPS and bob is offline too, so
+    // only the durable path could bring them: the 5 CHAT discarded reach nobody, and the daemon
+    // must say so (the oracle's S7-complete accepts nothing else).
+    let posts = 1_005;
+    let mut steps = vec![
+        (1_000, Action::LoseDaemon { daemon: 0 }),
+        (1_000, Action::Lose { agent: BOB }),
+    ];
+    for i in 0..posts {
+        steps.push((1_001 + i, post(ALICE, OPS)));
+    }
+    let faults = FaultConfig {
+        restore_after: (
+            cotal_core::time::Duration::from_millis(4_000),
+            cotal_core::time::Duration::from_millis(4_000),
+        ),
+        ..FaultConfig::default()
+    };
+    let r = run_with(31, 1, [&[OPS], &[OPS], &[]], None, &steps, faults);
+    let journal = r.mesh.journal();
+    // Ground truth: the sequences alice's sends were stored at, and which CHAT still holds.
+    let sent: Vec<(u64, String)> = journal
+        .events
+        .iter()
+        .filter_map(|e| match &e.event {
+            AgentEvent::Sent { seq, id, .. } => Some((*seq, id.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent.len(), posts as usize);
+    let broker = r.mesh.host().broker();
+    let chat = cotal_core::wire::config::SpaceStream::Chat.name(r.mesh.space());
+    let chat = chat.as_str();
+    let evicted: Vec<u64> = sent
+        .iter()
+        .filter(|(seq, _)| broker.message(chat, *seq).ok().flatten().is_none())
+        .map(|(seq, _)| *seq)
+        .collect();
+    assert_eq!(evicted.len(), 5, "CHAT keeps 1000 per subject");
+    let reported: Vec<u64> = journal
+        .daemon_events
+        .iter()
+        .filter_map(|n| match n.event {
+            DeliveryEvent::EvictedBeforeFanout {
+                first,
+                last,
+                verified: true,
+            } => Some(first..=last),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert_eq!(
+        reported, evicted,
+        "exactly the discarded messages, verified"
+    );
+    // Bob got every message CHAT still held, and none of the discarded ones.
+    let got: std::collections::BTreeSet<String> = r.got(BOB).into_iter().map(|s| s.id).collect();
+    for (seq, id) in &sent {
+        assert_eq!(got.contains(id), !evicted.contains(seq), "seq {seq}");
+    }
 }

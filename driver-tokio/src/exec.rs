@@ -1551,7 +1551,11 @@ async fn consume(job: ConsumeJob, sink: FeedSink) {
             return;
         }
     };
-    sink.done(Outcome::Success(Reply::Done));
+    // The delivery pointer as the bind read it: the machine's gap check starts there.
+    let delivered_stream_seq = consumer.cached_info().delivered.stream_sequence;
+    sink.done(Outcome::Success(Reply::ConsumerBound {
+        delivered_stream_seq,
+    }));
     let needs_ack = job.flow.is_some();
     loop {
         // How many messages this pull may ask for: the free part of the window.

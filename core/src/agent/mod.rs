@@ -347,6 +347,9 @@ pub struct AgentCounters {
     pub connection_losses: u64,
     /// DLV consumer binds that failed, or consumers that ended (each retried with backoff).
     pub dlv_bind_failures: u64,
+    /// Live copies a full ledger refused on a channel with an established backstop
+    /// ([`AgentEvent::LiveCopyShed`]): delayed, not lost.
+    pub live_copies_shed: u64,
 }
 
 /// What the agent can say about itself.
@@ -486,6 +489,15 @@ pub enum AgentEvent {
         id: String,
         /// Why.
         reason: String,
+    },
+    /// A full ledger refused a live copy of a channel whose durable backstop is established: not
+    /// a loss, the durable copy of the same id is still to come (and the ledger takes it once
+    /// the application drains). Counted in [`AgentCounters::live_copies_shed`].
+    LiveCopyShed {
+        /// The message id.
+        id: String,
+        /// The channel.
+        channel: ConcreteChannel,
     },
     /// A send was stored by the stream.
     Sent {
@@ -2353,6 +2365,15 @@ impl Agent {
         let me = self.config.me.name.to_lowercase();
         let mentions_me = msg.mentions.contains(&me);
         let id = MessageId::new(msg.id.clone());
+        // A live copy of a channel whose durable backstop is established has a durable twin on
+        // its way (the membership interval starts at the watermark, and live copies lie above
+        // it, I5): shedding it under overflow costs latency, not the message.
+        let twin_coming = matches!(source, CopySource::Live)
+            && channel
+                .as_ref()
+                .and_then(|c| self.channels.get(&c.as_channel()))
+                .is_some_and(|e| matches!(e.backstop, BackstopState::Established { .. }));
+        let shed_channel = channel.clone();
         let arrival = Arrival {
             message: msg,
             channel,
@@ -2365,10 +2386,19 @@ impl Agent {
                     self.resolve(r);
                 }
                 if decision == Decision::OverflowLost {
-                    self.events.push_back(AgentEvent::Lost {
-                        id: id.as_str().to_owned(),
-                        reason: "receiver inbox full".into(),
-                    });
+                    match shed_channel.filter(|_| twin_coming) {
+                        Some(channel) => {
+                            bump(&mut self.counters.live_copies_shed);
+                            self.events.push_back(AgentEvent::LiveCopyShed {
+                                id: id.as_str().to_owned(),
+                                channel,
+                            });
+                        }
+                        None => self.events.push_back(AgentEvent::Lost {
+                            id: id.as_str().to_owned(),
+                            reason: "receiver inbox full".into(),
+                        }),
+                    }
                 }
                 if decision.is_buffered() {
                     self.events.push_back(AgentEvent::MessagesReady {

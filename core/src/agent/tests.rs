@@ -1752,3 +1752,42 @@ fn backfills_are_serialized_through_the_pinned_history_reader() {
     }
     assert_eq!(w.surfaced_ids(), ["l1", "o1"]);
 }
+
+#[test]
+fn a_full_ledger_sheds_a_live_copy_with_a_durable_twin_and_loses_one_without() {
+    // The backstop is established on review.db: the shed live copy's durable copy follows, so it
+    // is no loss. review.api has no backstop (daemon down at its join): the same overflow is one.
+    let mut w = World::new(&[]);
+    w.connect();
+    w.agent.join(w.now, ch("review.db")).unwrap();
+    w.run();
+    w.daemon.up = false;
+    w.agent.join(w.now, ch("review.api")).unwrap();
+    w.run();
+    for i in 0..crate::constants::MAX_INBOX {
+        let m = w.post("alice", "review.db", &format!("fill{i}"));
+        w.live(&m);
+    }
+    let mark = w.log.len();
+    let twin = w.post("alice", "review.db", "twin");
+    w.live(&twin);
+    let alone = w.post("alice", "review.api", "alone");
+    w.live(&alone);
+    let events = w.events_since(mark);
+    assert!(events.contains(r#"LiveCopyShed { id: "twin""#), "{events}");
+    assert!(
+        events.contains(r#"Lost { id: "alone", reason: "receiver inbox full" }"#),
+        "{events}"
+    );
+    assert!(!events.contains(r#"Lost { id: "twin""#), "{events}");
+    assert_eq!(w.agent.health().counters.live_copies_shed, 1);
+    // The twin's durable copy is taken once the application drains.
+    let items = w.agent.take_messages(w.now, 1000);
+    for it in &items {
+        w.agent.handled(w.now, &it.id).unwrap();
+    }
+    w.run();
+    w.dlv(&twin, 1);
+    w.run();
+    assert_eq!(w.surfaced_ids(), ["twin"]);
+}

@@ -86,6 +86,7 @@ use crate::delivery::control::{
     Admission, SerialKey, Unanswerable, Work, admit, durable_join_reply, durable_leave_reply,
     encode_reply, failure_reply, list_memberships_reply,
 };
+use crate::delivery::gap::{SeqRange, SequenceCursor, missing};
 use crate::delivery::lease::{
     HEALTH_FIELD, Lease, LeaseCommand, LeaseConfig, LeaseEntry, LeaseEvent, LeaseReply, LeaseState,
 };
@@ -111,7 +112,9 @@ use crate::wire::records::{
     DeliveryLease, MemberState, MembershipRecord, Plane3Entry, Plane3Reason,
 };
 use crate::wire::shard::Shard;
-use crate::wire::subject::{Subject, chat_subscribe_pattern, delivery_control_pattern};
+use crate::wire::subject::{
+    Subject, chat_subscribe_pattern, chat_wildcard, delivery_control_pattern,
+};
 use crate::wire::token::{AgentId, ConcreteChannel, Space};
 use index::{AclIndex, MemberIndex, Roster};
 use std::borrow::Cow;
@@ -126,6 +129,10 @@ pub const DEFAULT_CATCHUP_PAGE: u32 = crate::constants::HISTORY_FETCH_MAX_BATCH;
 
 /// Default flow-control window of the fan-out consumer (CHAT messages in flight at once).
 pub const DEFAULT_FANOUT_WINDOW: u32 = 64;
+
+/// Reads of a skipped CHAT range tried before it is reported as possibly lost
+/// ([`DeliveryEvent::EvictedBeforeFanout`] with `verified: false`).
+pub const GAP_CHECK_ATTEMPTS: u32 = 3;
 
 /// Default flow-control window of the reader consumer.
 pub const DEFAULT_READER_WINDOW: u32 = 256;
@@ -348,6 +355,12 @@ pub struct DeliveryCounters {
     pub lease_lost: u64,
     /// Times an owner's dinbox backlog crossed the per-owner cap (G6).
     pub cap_reached: u64,
+    /// CHAT messages fan-out never saw because the stream evicted them first (verified by a
+    /// read): nobody got a durable copy of them.
+    pub evicted_before_fanout: u64,
+    /// CHAT messages fan-out stepped over whose loss could not be checked (reported as possibly
+    /// lost).
+    pub gaps_unverified: u64,
     /// CHAT messages fan-out terminated as anomalies (not chat, undecodable, spoofed).
     pub fanout_anomalies: u64,
     /// Control requests abandoned without a reply (lease or connection lost).
@@ -534,6 +547,18 @@ pub enum DeliveryEvent {
         /// Entries stored and not yet settled, as counted by this daemon.
         backlog: u64,
     },
+    /// CHAT messages the fan-out consumer stepped over because the stream no longer held them
+    /// (evicted by its per-subject cap, or deleted) before fan-out was offered them: nobody got a
+    /// durable copy of them ([`crate::delivery::gap`]). `verified: false` when the check could
+    /// not be made: the range is only possibly lost.
+    EvictedBeforeFanout {
+        /// First sequence.
+        first: u64,
+        /// Last sequence.
+        last: u64,
+        /// Whether CHAT was read and found not to hold them.
+        verified: bool,
+    },
     /// A feed failed to open, was refused or ended; it is retried.
     FeedProblem {
         /// The feed.
@@ -597,6 +622,10 @@ enum Pending {
     Transfer {
         delivery: DeliveryId,
     },
+    GapCheck {
+        range: SeqRange,
+        attempt: u32,
+    },
     Settle,
 }
 
@@ -610,6 +639,7 @@ enum FeedState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Timer {
     Reopen(Feed),
+    GapCheck,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -726,6 +756,11 @@ pub struct Delivery {
     channels: crate::policy::ChannelRegistry,
     roster: Roster,
     fanout_high: u64,
+    fanout_cursor: SequenceCursor,
+    /// Skipped CHAT ranges still to check, with the attempts made.
+    gap_queue: VecDeque<(SeqRange, u32)>,
+    /// The range whose check is in flight.
+    gap_inflight: Option<(OpId, SeqRange, u32)>,
     next_batch: BatchId,
     batches: BTreeMap<BatchId, FanoutBatch>,
     transfers: BTreeMap<DeliveryId, Transfer>,
@@ -763,6 +798,9 @@ impl Delivery {
             channels: crate::policy::ChannelRegistry::default(),
             roster: Roster::new(),
             fanout_high: 0,
+            fanout_cursor: SequenceCursor::new(),
+            gap_queue: VecDeque::new(),
+            gap_inflight: None,
             next_batch: 0,
             batches: BTreeMap::new(),
             transfers: BTreeMap::new(),
@@ -821,6 +859,7 @@ impl Delivery {
         self.observe(now);
         self.close_feeds();
         self.abandon_jobs(AbandonReason::LeaseNotHeld);
+        self.give_up_gap_checks("the daemon stopped before checking");
         self.stopped = true;
         self.lease.release(now);
         self.after(now);
@@ -1066,6 +1105,7 @@ impl Delivery {
             .collect();
         self.batches.clear();
         self.transfers.clear();
+        self.give_up_gap_checks("the daemon stopped before checking");
         if self.connected {
             for delivery in held {
                 self.settle(
@@ -1173,7 +1213,16 @@ impl Delivery {
             return; // superseded by a reconnect or a stop
         }
         match outcome {
-            Outcome::Success(_) => {
+            Outcome::Success(reply) => {
+                if let (
+                    Feed::Fanout,
+                    Reply::ConsumerBound {
+                        delivered_stream_seq,
+                    },
+                ) = (feed, reply)
+                {
+                    self.fanout_cursor.bound(delivered_stream_seq);
+                }
                 self.feeds.insert(feed, FeedState::Open(sub));
                 self.feed_failures.remove(&feed);
                 if feed.bucket().is_some() {
@@ -1263,6 +1312,9 @@ impl Delivery {
                 self.abandon_jobs(AbandonReason::ConnectionLost);
                 self.batches.clear();
                 self.transfers.clear();
+                if let Some((_, range, attempt)) = self.gap_inflight.take() {
+                    self.gap_queue.push_front((range, attempt));
+                }
                 // Only the lease's completions still matter; the rest are answered Unknown and
                 // ignored.
                 self.pending
@@ -1278,7 +1330,10 @@ impl Delivery {
                         let r = self.lease.acquire(now);
                         debug_assert!(r.is_ok(), "acquire from idle: {r:?}");
                     }
-                    LeaseState::Held | LeaseState::Ready => self.open_feeds(now),
+                    LeaseState::Held | LeaseState::Ready => {
+                        self.open_feeds(now);
+                        self.next_gap_check();
+                    }
                     _ => {}
                 }
             }
@@ -1303,6 +1358,9 @@ impl Delivery {
                 generation,
             } => self.on_fanout_publish(batch, owner, generation, c.outcome),
             Pending::Transfer { delivery } => self.on_transfer(delivery, c.outcome),
+            Pending::GapCheck { range, attempt } => {
+                self.on_gap_check(now, c.op, range, attempt, c.outcome);
+            }
             Pending::Settle => {}
         }
     }
@@ -2369,6 +2427,10 @@ impl Delivery {
         payload: &[u8],
     ) {
         self.fanout_high = self.fanout_high.max(seq);
+        if let Some(skipped) = self.fanout_cursor.offered(seq) {
+            self.gap_queue.push_back((skipped, 0));
+            self.next_gap_check();
+        }
         let space = &self.config.space;
         let (sender, channel) = match Subject::parse(subject) {
             Ok(Subject::Chat {
@@ -2557,6 +2619,116 @@ impl Delivery {
         }
     }
 
+    // ---- sequence continuity (gap) ----
+
+    /// Starts the check of the oldest skipped range, unless one is in flight.
+    fn next_gap_check(&mut self) {
+        if self.gap_inflight.is_some() || !self.connected || self.stopped {
+            return;
+        }
+        let Some((range, attempt)) = self.gap_queue.pop_front() else {
+            return;
+        };
+        let max = u32::try_from(range.len())
+            .unwrap_or(u32::MAX)
+            .min(self.config.catchup_page.max(1));
+        let op = self.op(Pending::GapCheck { range, attempt });
+        self.gap_inflight = Some((op, range, attempt));
+        self.commands.push_back(Command::ReadStream {
+            op,
+            stream: SpaceStream::Chat.name(&self.config.space),
+            filter: chat_wildcard(&self.config.space),
+            start: ReadStart::Seq(range.first),
+            last_seq: Some(range.last),
+            max,
+            reader: None,
+        });
+    }
+
+    /// A skipped range was read back from CHAT: what CHAT no longer holds is lost. A page that
+    /// came back full judges only up to its last message; the rest is checked next.
+    fn on_gap_check(
+        &mut self,
+        now: Now,
+        op: OpId,
+        range: SeqRange,
+        attempt: u32,
+        outcome: Outcome<Reply>,
+    ) {
+        if self.gap_inflight.is_some_and(|(o, _, _)| o == op) {
+            self.gap_inflight = None;
+        }
+        match outcome {
+            Outcome::Success(Reply::Stored(messages)) => {
+                let max = range.len().min(u64::from(self.config.catchup_page.max(1)));
+                let full = u64::try_from(messages.len()).unwrap_or(u64::MAX) >= max;
+                let judged_to = match messages.last() {
+                    Some(m) if full => m.seq.min(range.last),
+                    _ => range.last,
+                };
+                let judged = SeqRange::new(range.first, judged_to).unwrap_or(range);
+                for lost in missing(judged, messages.iter().map(|m| m.seq)) {
+                    self.counters.evicted_before_fanout += lost.len();
+                    self.emit(DeliveryEvent::EvictedBeforeFanout {
+                        first: lost.first,
+                        last: lost.last,
+                        verified: true,
+                    });
+                }
+                if let Some(rest) = SeqRange::new(judged.last + 1, range.last) {
+                    self.gap_queue.push_front((rest, 0));
+                }
+            }
+            other => {
+                let detail = match other {
+                    Outcome::Failed(f) => f.to_string(),
+                    Outcome::Unknown => "outcome unknown".to_owned(),
+                    Outcome::Success(r) => format!("unexpected reply {r:?}"),
+                };
+                let attempt = attempt.saturating_add(1);
+                if attempt >= GAP_CHECK_ATTEMPTS {
+                    self.give_up_gap_check(range, &detail);
+                } else {
+                    self.gap_queue.push_front((range, attempt));
+                    self.timers
+                        .set(Timer::GapCheck, now.at + backoff(attempt - 1));
+                    return;
+                }
+            }
+        }
+        self.next_gap_check();
+    }
+
+    /// A skipped range that cannot be checked is reported as possibly lost: a loss is never
+    /// silent, and a false alarm is the lesser error.
+    fn give_up_gap_check(&mut self, range: SeqRange, detail: &str) {
+        self.counters.gaps_unverified += range.len();
+        self.emit(DeliveryEvent::EvictedBeforeFanout {
+            first: range.first,
+            last: range.last,
+            verified: false,
+        });
+        self.emit(DeliveryEvent::FeedProblem {
+            feed: Feed::Fanout,
+            detail: format!(
+                "CHAT {}..={} skipped by fan-out and not checked: {detail}",
+                range.first, range.last
+            ),
+        });
+    }
+
+    fn give_up_gap_checks(&mut self, detail: &str) {
+        self.timers.cancel(&Timer::GapCheck);
+        let inflight = self.gap_inflight.take().map(|(_, r, a)| (r, a));
+        let queued: Vec<(SeqRange, u32)> = inflight
+            .into_iter()
+            .chain(self.gap_queue.drain(..))
+            .collect();
+        for (range, _) in queued {
+            self.give_up_gap_check(range, detail);
+        }
+    }
+
     // ---- reader ----
 
     fn on_reader(
@@ -2697,6 +2869,7 @@ impl Delivery {
 
     fn on_timer(&mut self, now: Now, timer: Timer) {
         match timer {
+            Timer::GapCheck => self.next_gap_check(),
             Timer::Reopen(feed) => {
                 if self.lease_held() {
                     if feed == Feed::Fanout || feed == Feed::Reader {

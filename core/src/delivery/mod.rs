@@ -13,6 +13,10 @@
 //!    terminate it as a permanent anomaly (G32). A `durable-channel` entry is judged against the
 //!    interval of **its own** generation (G2, [`crate::registry::generation_eligible`]).
 //!
+//! 3. **Sequence continuity** ([`gap`]): the fan-out is offered every CHAT sequence once; a jump
+//!    is checked against CHAT, and what the stream evicted before fan-out saw it is a reported
+//!    loss.
+//!
 //! The registry transitions the daemon drives around these (join, leave, activation) are in
 //! [`crate::registry`]; the control gate is [`control`] and the per-shard lease is [`lease`].
 //! The state machine that reads KV, publishes, acks and retries is [`daemon::Delivery`]: it
@@ -22,6 +26,7 @@
 pub mod authorize;
 pub mod control;
 pub mod daemon;
+pub mod gap;
 pub mod lease;
 pub mod route;
 

@@ -1932,3 +1932,166 @@ fn health_is_published_in_the_lease_record_for_agents() {
         ),
     }
 }
+
+// ---- sequence continuity: CHAT evicting ahead of fan-out ----
+
+fn evict_chat(w: &mut World, seqs: std::ops::RangeInclusive<u64>) {
+    w.b.chat.retain(|m| !seqs.contains(&m.seq));
+}
+
+fn skipped_events(w: &World) -> Vec<(u64, u64, bool)> {
+    w.events
+        .iter()
+        .filter_map(|e| match e {
+            DeliveryEvent::EvictedBeforeFanout {
+                first,
+                last,
+                verified,
+            } => Some((*first, *last, *verified)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn messages_chat_evicted_before_fan_out_saw_them_are_a_reported_loss() {
+    // Found by `cotal bench`: one sender's burst of 2,000 outran fan-out; CHAT's 1000-per-subject
+    // cap discarded the oldest, the consumer stepped over them, nobody got a copy, nothing said so.
+    let mut w = served();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    for _ in 0..6 {
+        w.post("bob", "review", &[]);
+    }
+    let d1 = w.fanout(1, 1);
+    evict_chat(&mut w, 2..=4);
+    let d5 = w.fanout(5, 1);
+    assert_eq!(skipped_events(&w), vec![(2, 4, true)], "{}", w.log);
+    assert_eq!(w.d.counters().evicted_before_fanout, 3);
+    assert_eq!(w.d.counters().gaps_unverified, 0);
+    // Routing goes on around the hole.
+    assert_eq!(w.settled(d1), vec![AckKind::Ack]);
+    assert_eq!(w.settled(d5), vec![AckKind::Ack]);
+    assert_eq!(w.inbox_ids("alice"), vec!["m1:alice:1", "m5:alice:1"]);
+    w.fanout(6, 1);
+    assert_eq!(skipped_events(&w).len(), 1, "no gap, no check");
+}
+
+#[test]
+fn a_skip_whose_messages_chat_still_holds_is_no_loss() {
+    // A feed that died holding 2..=3: they come back as redeliveries, CHAT still has them.
+    let mut w = served();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    for _ in 0..4 {
+        w.post("bob", "review", &[]);
+    }
+    w.fanout(1, 1);
+    w.fanout(4, 1);
+    assert!(
+        w.log.contains("read cotal.main.chat.> from=2 to=3"),
+        "the skip is checked\n{}",
+        w.log
+    );
+    assert_eq!(skipped_events(&w), vec![]);
+    w.fanout(2, 2);
+    w.fanout(3, 2);
+    assert_eq!(skipped_events(&w), vec![], "redeliveries are no skip");
+    assert_eq!(w.inbox_ids("alice").len(), 4);
+}
+
+#[test]
+fn the_bind_pointer_reveals_evictions_before_this_daemon_started() {
+    let mut w = World::new();
+    w.b.fanout_pointer = Some(2);
+    w.boot();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    for _ in 0..8 {
+        w.post("bob", "review", &[]);
+    }
+    // The durable offered 1..=2 to a predecessor; 3..=6 went while no daemon ran.
+    evict_chat(&mut w, 1..=6);
+    w.fanout(7, 1);
+    assert_eq!(skipped_events(&w), vec![(3, 6, true)], "{}", w.log);
+}
+
+#[test]
+fn a_skip_that_cannot_be_checked_is_reported_as_possibly_lost_after_bounded_retries() {
+    let mut w = served();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    for _ in 0..5 {
+        w.post("bob", "review", &[]);
+    }
+    w.fanout(1, 1);
+    w.rule(
+        is_catch_up_read,
+        Effect::Answer(Outcome::Failed(Failure::Timeout)),
+        u32::MAX,
+    );
+    w.fanout(5, 1);
+    assert_eq!(skipped_events(&w), vec![], "retried first\n{}", w.log);
+    for _ in 0..60 {
+        w.advance(1_000);
+    }
+    let reads = w.log.matches("read cotal.main.chat.> from=2").count();
+    assert_eq!(reads, GAP_CHECK_ATTEMPTS as usize, "{}", w.log);
+    assert_eq!(skipped_events(&w), vec![(2, 4, false)]);
+    assert_eq!(w.d.counters().gaps_unverified, 3);
+    assert_eq!(w.d.counters().evicted_before_fanout, 0);
+}
+
+#[test]
+fn a_check_cut_by_a_connection_loss_is_made_after_the_reconnect() {
+    let mut w = served();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    for _ in 0..5 {
+        w.post("bob", "review", &[]);
+    }
+    w.fanout(1, 1);
+    evict_chat(&mut w, 2..=3);
+    w.rule(is_catch_up_read, Effect::Hold, 1);
+    w.fanout(5, 1);
+    assert_eq!(w.held.len(), 1, "{}", w.log);
+    w.held.clear();
+    w.feed(Input::Connection(Connection::Lost));
+    w.run();
+    w.feed(Input::Connection(Connection::Restored));
+    w.run();
+    assert_eq!(skipped_events(&w), vec![(2, 3, true)], "{}", w.log);
+    assert_eq!(w.d.counters().evicted_before_fanout, 2);
+}
+
+#[test]
+fn a_wide_skip_is_judged_page_by_page() {
+    let mut config = DeliveryConfig::new(space(), shard0(), "d1");
+    config.catchup_page = 3;
+    let mut w = World::with_config(config);
+    w.boot();
+    for _ in 0..12 {
+        w.post("bob", "review", &[]);
+    }
+    w.fanout(1, 1);
+    // Held: 2, 3, 4 (a full page), 8; evicted: 5..=7, 9..=11.
+    w.b.chat.retain(|m| ![5, 6, 7, 9, 10, 11].contains(&m.seq));
+    w.fanout(12, 1);
+    assert_eq!(
+        skipped_events(&w),
+        vec![(5, 7, true), (9, 11, true)],
+        "{}",
+        w.log
+    );
+    assert_eq!(w.d.counters().evicted_before_fanout, 6);
+}
+
+#[test]
+fn a_stop_reports_the_skips_it_could_not_check() {
+    let mut w = served();
+    for _ in 0..5 {
+        w.post("bob", "review", &[]);
+    }
+    w.fanout(1, 1);
+    w.rule(is_catch_up_read, Effect::Hold, 1);
+    w.fanout(5, 1);
+    w.d.shutdown(w.now());
+    w.collect();
+    w.run();
+    assert_eq!(skipped_events(&w), vec![(2, 4, false)], "{}", w.log);
+}

@@ -17,7 +17,7 @@
 use bytes::Bytes;
 use clap::Args;
 use cotal_core::agent::{Agent, AgentConfig, AgentEvent};
-use cotal_core::delivery::daemon::{Delivery, DeliveryConfig};
+use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryEvent};
 use cotal_core::ledger::SourceKind;
 use cotal_core::wire::config::ConsumerSpec;
 use cotal_core::wire::keys::{KvBucket, acl_key, member_key};
@@ -63,6 +63,11 @@ pub(crate) struct BenchArgs {
     /// Messages published on the channel.
     #[arg(long, default_value_t = 2000)]
     messages: usize,
+    /// Sender agents the messages are spread over, round robin. CHAT keeps 1000 messages per
+    /// sender subject: one sender bursting more than 1000 ahead of fan-out has its oldest
+    /// discarded before fan-out reads them (the daemon reports them, `evicted_before_fanout`).
+    #[arg(long, default_value_t = 4)]
+    senders: usize,
     /// Seconds to wait for every copy to surface before counting the rest as lost.
     #[arg(long, default_value_t = 120)]
     timeout_s: u64,
@@ -186,6 +191,8 @@ struct MemberLog {
     via_dlv: u64,
     /// The agent's loss events by reason.
     lost_reasons: BTreeMap<String, u64>,
+    /// Live copies a full ledger shed on the durable channel (their DLV copy follows).
+    shed: u64,
 }
 
 struct Member {
@@ -203,8 +210,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 async fn run(args: BenchArgs) -> Result<ExitCode, String> {
-    if args.members == 0 || args.messages == 0 {
-        return Err("--members and --messages must be at least 1".to_owned());
+    if args.members == 0 || args.messages == 0 || args.senders == 0 {
+        return Err("--members, --messages and --senders must be at least 1".to_owned());
     }
     let server = if args.spawn_server {
         Some(SpawnedServer::start()?)
@@ -253,7 +260,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         .map_err(|e| format!("acl bucket: {e}"))?;
     let ids: Vec<AgentId> = (0..args.members)
         .map(|i| AgentId::new(format!("m{i}")))
-        .chain(std::iter::once(AgentId::new("sender")))
+        .chain((0..args.senders).map(|i| AgentId::new(format!("sender{i}"))))
         .collect::<Result<_, _>>()
         .map_err(|e| format!("agent id: {e}"))?;
     let record = AclRecord {
@@ -304,10 +311,17 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     // The daemon's events are not needed: drain them so the channel does not grow.
     // Tallied by kind for the report (where copies went when they did not arrive).
     let daemon_tally: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let evicted_ranges: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
     {
         let tally = Arc::clone(&daemon_tally);
+        let evicted = Arc::clone(&evicted_ranges);
         tokio::spawn(async move {
             while let Some(e) = daemon_events.recv().await {
+                if let DeliveryEvent::EvictedBeforeFanout { first, last, .. } = e
+                    && let Ok(mut v) = evicted.lock()
+                {
+                    v.push((first, last));
+                }
                 let text = format!("{e:?}");
                 let kind: String = text
                     .chars()
@@ -396,41 +410,45 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         }
     }
 
-    // 5. The sender (not a member) publishes N messages as fast as its loop takes them.
-    let mut sender_config = AgentConfig::new(
-        space.clone(),
-        Sender::new(ids[args.members].clone(), "sender"),
-        Vec::new(),
-        os_seed(),
-    );
-    sender_config.durable_backstop = false;
-    let sender_conn = connect_as(&cfg, &sender_config).await?;
-    let (exec, inputs) = Executor::start(sender_conn, ExecutorConfig::default());
-    let Runner {
-        handle: sender,
-        events: mut sender_events,
-        task: sender_task,
-    } = Runner::spawn(
-        Agent::new(sender_config).map_err(|e| format!("{e:?}"))?,
-        exec,
-        inputs,
-    );
-    loop {
-        match tokio::time::timeout(SETUP_WAIT, sender_events.recv()).await {
-            Ok(Some(AgentEvent::Connected { .. })) => break,
-            Ok(Some(_)) => {}
-            _ => return Err("the sender did not connect".to_owned()),
-        }
-    }
+    // 5. The senders (not members) publish N messages round robin, as fast as their loops take
+    //    them.
     let send_failures = Arc::new(AtomicUsize::new(0));
-    let sent_acked = Arc::new(AtomicUsize::new(0));
-    {
-        let (failures, acked) = (Arc::clone(&send_failures), Arc::clone(&sent_acked));
+    let sent_seqs: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let mut senders = Vec::with_capacity(args.senders);
+    for (i, id) in ids[args.members..].iter().enumerate() {
+        let mut sender_config = AgentConfig::new(
+            space.clone(),
+            Sender::new(id.clone(), id.as_str()),
+            Vec::new(),
+            os_seed() ^ (0x5e4d << 16) ^ (i as u64),
+        );
+        sender_config.durable_backstop = false;
+        let sender_conn = connect_as(&cfg, &sender_config).await?;
+        let (exec, inputs) = Executor::start(sender_conn, ExecutorConfig::default());
+        let Runner {
+            handle,
+            events: mut sender_events,
+            task,
+        } = Runner::spawn(
+            Agent::new(sender_config).map_err(|e| format!("{e:?}"))?,
+            exec,
+            inputs,
+        );
+        loop {
+            match tokio::time::timeout(SETUP_WAIT, sender_events.recv()).await {
+                Ok(Some(AgentEvent::Connected { .. })) => break,
+                Ok(Some(_)) => {}
+                _ => return Err(format!("sender {} did not connect", id.as_str())),
+            }
+        }
+        let (failures, seqs) = (Arc::clone(&send_failures), Arc::clone(&sent_seqs));
         tokio::spawn(async move {
             while let Some(e) = sender_events.recv().await {
                 match e {
-                    AgentEvent::Sent { .. } => {
-                        acked.fetch_add(1, Ordering::Relaxed);
+                    AgentEvent::Sent { id, seq, .. } => {
+                        if let Ok(mut m) = seqs.lock() {
+                            m.insert(id, seq);
+                        }
                     }
                     AgentEvent::SendFailed { .. } => {
                         failures.fetch_add(1, Ordering::Relaxed);
@@ -439,13 +457,15 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
                 }
             }
         });
+        senders.push((handle, task));
     }
     let total = args.members * args.messages;
     let mut published: BTreeMap<String, Instant> = BTreeMap::new();
     let start = Instant::now();
     for i in 0..args.messages {
         let at = Instant::now();
-        let (_, id) = sender
+        let (_, id) = senders[i % senders.len()]
+            .0
             .send_text(channel.clone(), format!("bench message {i}"))
             .await
             .map_err(|e| format!("send {i}: {e}"))?;
@@ -478,7 +498,9 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let stall = Duration::from_secs(args.stall_s);
     while start.elapsed() < timeout {
         let (_, c, _) = daemon.status().await.map_err(|e| e.to_string())?;
-        if c.transferred >= total as u64 {
+        // Copies of messages CHAT evicted before fan-out saw them can never be transferred.
+        let unreachable = c.evicted_before_fanout + c.gaps_unverified;
+        if c.transferred + unreachable * args.members as u64 >= total as u64 {
             durable_done = Some(start.elapsed());
             break;
         }
@@ -532,8 +554,10 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         let _ = tokio::time::timeout(Duration::from_secs(5), m.agent).await;
         logs.push(log);
     }
-    let _ = sender.stop(Duration::from_secs(2));
-    let _ = tokio::time::timeout(Duration::from_secs(5), sender_task).await;
+    for (sender, task) in senders {
+        let _ = sender.stop(Duration::from_secs(2));
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     let _ = daemon.shutdown(Duration::from_secs(2));
     let daemon_machine = tokio::time::timeout(Duration::from_secs(5), daemon_task)
         .await
@@ -543,12 +567,21 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let mut all = Vec::with_capacity(total);
     let mut first = Vec::with_capacity(args.messages);
     let mut lost = 0u64;
+    let mut lost_reported = 0u64;
+    let evicted: Vec<(u64, u64)> = evicted_ranges.lock().map(|v| v.clone()).unwrap_or_default();
+    let seqs: BTreeMap<String, u64> = sent_seqs.lock().map(|m| m.clone()).unwrap_or_default();
+    let reported = |id: &str| {
+        seqs.get(id)
+            .is_some_and(|s| evicted.iter().any(|&(f, l)| (f..=l).contains(s)))
+    };
     let mut duplicates = 0u64;
     let mut last = start;
     let mut lost_events = 0u64;
+    let mut shed = 0u64;
     for log in &logs {
         duplicates += log.duplicates;
         lost_events += log.lost_events;
+        shed += log.shed;
     }
     for (id, at) in &published {
         let mut earliest: Option<Instant> = None;
@@ -559,6 +592,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
                     earliest = Some(earliest.map_or(*s, |e| e.min(*s)));
                     last = last.max(*s);
                 }
+                None if reported(id) => lost_reported += 1,
                 None => lost += 1,
             }
         }
@@ -584,7 +618,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     } else {
         0.0
     };
-    let messages_per_s = if lost == 0 && durable_done.is_some() {
+    let messages_per_s = if lost + lost_reported == 0 && durable_done.is_some() {
         args.messages as f64 / elapsed
     } else {
         0.0
@@ -595,10 +629,11 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let daemon_lost = counters.as_ref().map_or(0, |c| c.lost);
 
     println!(
-        "cotal bench: space {}, {} members, {} messages, server {url}",
+        "cotal bench: space {}, {} members, {} messages from {} senders, server {url}",
         space.as_str(),
         args.members,
-        args.messages
+        args.messages,
+        args.senders
     );
     println!("  ceiling (pipelined JetStream publishes) {ceiling:>12.0} /s");
     println!("  durable copies surfaced                {copies:>12} of {total}");
@@ -625,8 +660,14 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         first.last().copied().unwrap_or(0.0)
     );
     println!(
-        "  lost {lost}, duplicates {duplicates}, send failures {}, agent loss events {lost_events}, daemon lost {daemon_lost}",
+        "  lost unreported {lost}, lost reported {lost_reported}, duplicates {duplicates}, send failures {}",
         send_failures.load(Ordering::Relaxed)
+    );
+    println!(
+        "  agent loss events {lost_events}, live copies shed {shed}, daemon lost {daemon_lost}, evicted before fan-out {}",
+        counters
+            .as_ref()
+            .map_or(0, |c| c.evicted_before_fanout + c.gaps_unverified)
     );
     let mut agent_losses: BTreeMap<String, u64> = BTreeMap::new();
     for log in &logs {
@@ -646,6 +687,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         let line = json!({
             "members": args.members,
             "messages": args.messages,
+            "senders": args.senders,
             "ceiling_publish_per_s": ceiling.round(),
             "durable_copies_per_s": copies_per_s.round(),
             "messages_per_s": (messages_per_s * 10.0).round() / 10.0,
@@ -663,7 +705,11 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
             "durable_complete": durable_done.is_some(),
             "daemon_transferred": counters.as_ref().map(|c| c.transferred),
             "publish_s": publish_done.as_secs_f64(),
-            "lost": lost,
+            "lost": lost + lost_reported,
+            "lost_unreported": lost,
+            "lost_reported": lost_reported,
+            "evicted_before_fanout": counters.as_ref().map(|c| c.evicted_before_fanout + c.gaps_unverified),
+            "live_copies_shed": shed,
             "duplicates": duplicates,
             "send_failures": send_failures.load(Ordering::Relaxed),
             "daemon_copies_written": counters.as_ref().map(|c| c.copies_written),
@@ -675,7 +721,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         println!("{line}");
     }
     drop(server);
-    if lost == 0 && duplicates == 0 && durable_done.is_some() {
+    if lost + lost_reported == 0 && duplicates == 0 && durable_done.is_some() {
         Ok(ExitCode::SUCCESS)
     } else {
         Ok(ExitCode::from(1))
@@ -719,6 +765,7 @@ async fn start_member(
                             break;
                         }
                         let now = Instant::now();
+                        let mut done = Vec::with_capacity(batch.len());
                         for s in batch {
                             let id = s.item.message.id.clone();
                             match log.first.entry(id) {
@@ -731,15 +778,19 @@ async fn start_member(
                                     surfaced.fetch_add(1, Ordering::Relaxed);
                                 }
                             }
-                            let mid = s.id;
-                            let _ = h.cast(move |a, now| {
-                                let _ = a.handled(now, &mid);
-                            });
+                            done.push(s.id);
                         }
+                        // One trip into the machine for the whole batch.
+                        let _ = h.cast(move |a, now| {
+                            for mid in &done {
+                                let _ = a.handled(now, mid);
+                            }
+                        });
                     },
                     Some(AgentEvent::Joined { report, .. }) if report.durable => {
                         joined.fetch_add(1, Ordering::Relaxed);
                     }
+                    Some(AgentEvent::LiveCopyShed { .. }) => log.shed += 1,
                     Some(AgentEvent::Lost { reason, .. }) => {
                         log.lost_events += 1;
                         *log.lost_reasons.entry(reason).or_default() += 1;

@@ -586,6 +586,9 @@ fn print_agent_event(event: &AgentEvent) {
             "rejection": format!("{rejection:?}"),
         }),
         AgentEvent::Lost { id, reason } => json!({"event": "lost", "id": id, "reason": reason}),
+        AgentEvent::LiveCopyShed { id, channel } => {
+            json!({"event": "live-copy-shed", "id": id, "channel": channel.as_str()})
+        }
         AgentEvent::Sent {
             request,
             id,

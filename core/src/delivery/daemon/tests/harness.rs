@@ -80,6 +80,9 @@ pub struct Broker {
     pub replies: Vec<(String, Bytes)>,
     pub settled: Vec<(DeliveryId, AckKind)>,
     pub next_delivery: u64,
+    /// The fan-out consumer's delivery pointer reported at bind (`None`: answer `Done`, as a
+    /// driver that cannot tell).
+    pub fanout_pointer: Option<u64>,
 }
 
 impl Broker {
@@ -228,7 +231,15 @@ impl Broker {
                 op, sub, consumer, ..
             } => {
                 self.consumers.insert(consumer.name.clone(), *sub);
-                done(*op, Reply::Done)
+                match self.fanout_pointer {
+                    Some(p) if consumer.name.starts_with("fanout") => done(
+                        *op,
+                        Reply::ConsumerBound {
+                            delivered_stream_seq: p,
+                        },
+                    ),
+                    _ => done(*op, Reply::Done),
+                }
             }
             Command::StreamInfo { op, .. } => done(
                 *op,
