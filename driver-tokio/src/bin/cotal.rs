@@ -9,7 +9,8 @@
 //! `cotal bench` measures durable fan-out end to end (see `cotal/bench.rs`).
 //!
 //! `cotal demo` runs the demo mesh on the embedded simulator (`cotal_driver_sim::demo`); with
-//! `--nats` it says that the real-server demo is the README's quick start and exits 2.
+//! `--nats URL` or `--spawn-server` it runs the same script on a real nats-server
+//! (`cotal_driver_tokio::demo`) and prints a verdict from real checks.
 //!
 //! Exit codes: 0 success, 1 a runtime error (unreachable server, refused permission, missing
 //! stream, a failed send …), 2 bad usage or not built.
@@ -147,8 +148,9 @@ enum Cmd {
     /// List the channel registry entries and each channel's effective class.
     Channels(commands::SpaceArgs),
     /// Run a demo mesh (a delivery daemon and four agents on a live and a durable channel, with a
-    /// leave, a rejoin, a restart and a refused join) on the embedded simulator, and print what
-    /// each agent received and the oracle's verdict.
+    /// leave, a rejoin, a restart, a connection loss and a refused join) on the embedded
+    /// simulator, or with --nats / --spawn-server on a real nats-server, and print what each
+    /// agent received and the verdict.
     Demo(DemoArgs),
     /// Measure durable fan-out end to end: the JetStream publish ceiling, then one daemon and M
     /// member agents on a fresh space and a durable channel; copies/s, latency, losses.
@@ -186,30 +188,57 @@ enum ProvisionCmd {
     },
 }
 
-/// Arguments of a subcommand that is not built yet.
+/// `cotal demo`.
 #[derive(Args, Debug)]
 struct DemoArgs {
     /// The simulator seed (the same seed gives the same run, bit for bit).
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// Run on a real nats-server instead (not built: use the README's quick start).
-    #[arg(long)]
+    /// Run the same script on this real nats-server (it must allow creating a fresh space)
+    /// instead of the simulator.
+    #[arg(long, conflicts_with = "spawn_server")]
     nats: Option<String>,
+    /// Run on a local nats-server started for the run (COTAL_NATS_SERVER, else
+    /// .venv/bin/nats-server), killed at the end.
+    #[arg(long)]
+    spawn_server: bool,
 }
 
-fn demo(args: &DemoArgs) -> ExitCode {
-    if args.nats.is_some() {
-        println!(
-            "cotal demo --nats: not built yet; the README's quick start runs a daemon and two agents on a real server"
-        );
-        return ExitCode::from(2);
-    }
-    let report = cotal_driver_sim::demo::run(args.seed);
-    print!("{report}");
-    if report.clean() {
-        ExitCode::SUCCESS
+async fn demo(args: &DemoArgs) -> ExitCode {
+    let server = if args.spawn_server {
+        match bench::SpawnedServer::start() {
+            Ok(s) => Some(s),
+            Err(e) => return fail(e),
+        }
     } else {
-        ExitCode::FAILURE
+        None
+    };
+    let url = match (&server, &args.nats) {
+        (Some(s), _) => s.url(),
+        (None, Some(u)) => u.clone(),
+        (None, None) => {
+            let report = cotal_driver_sim::demo::run(args.seed);
+            print!("{report}");
+            return if report.clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+    };
+    let config = ConnectConfig::new([url]);
+    let result = cotal_driver_tokio::demo::run(&config).await;
+    drop(server);
+    match result {
+        Ok(report) => {
+            print!("{report}");
+            if report.clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => fail(e),
     }
 }
 
@@ -266,7 +295,7 @@ async fn main() -> ExitCode {
         Cmd::Members(args) => commands::members(args).await,
         Cmd::Health(args) => commands::health(args).await,
         Cmd::Channels(args) => commands::channels(args).await,
-        Cmd::Demo(args) => demo(&args),
+        Cmd::Demo(args) => demo(&args).await,
         Cmd::Bench(args) => bench::bench(args).await,
     }
 }

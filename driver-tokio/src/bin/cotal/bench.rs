@@ -75,7 +75,7 @@ pub(crate) struct BenchArgs {
 }
 
 /// A nats-server started for the run, killed by its PID on drop.
-struct SpawnedServer {
+pub(crate) struct SpawnedServer {
     child: Child,
     dir: PathBuf,
     port: u16,
@@ -98,7 +98,7 @@ impl SpawnedServer {
         })
     }
 
-    fn start() -> Result<Self, String> {
+    pub(crate) fn start() -> Result<Self, String> {
         let bin = Self::binary()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -140,7 +140,7 @@ impl SpawnedServer {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 }
