@@ -383,6 +383,57 @@ struct Model {
     refused: BTreeSet<(usize, usize)>,
 }
 
+/// How the demo's agents authenticate.
+#[derive(Clone, Debug, Default)]
+pub struct DemoOptions {
+    /// The space to provision (a fresh random one when `None`).
+    pub space: Option<Space>,
+    /// When set, each agent connects as the user named after it with this password (the users of
+    /// [`server_authorization`], whose per-user permissions make the broker enforce each agent's
+    /// read ACL); `cfg` is then the privileged connection that provisions and runs the daemon.
+    pub agent_password: Option<String>,
+}
+
+/// A fresh space name for one demo run.
+pub fn fresh_space() -> Space {
+    // `demo` + 8 hex digits is always a valid space token.
+    Space::new(format!("demo{:08x}", os_seed() & 0xffff_ffff))
+        .expect("demo + hex digits is a valid space name")
+}
+
+/// An `authorization { users = [...] }` block for a nats-server config: `admin` (password
+/// `admin_password`, unrestricted: it provisions and runs the daemon) and one user per demo agent
+/// (password `agent_password`) whose permissions are the agent profile of its read ACL in the
+/// demo's workload, so the broker itself refuses the out-of-ACL join.
+pub fn server_authorization(space: &Space, admin_password: &str, agent_password: &str) -> String {
+    use cotal_core::wire::permissions::{AgentPolicy, Permissions};
+    let workload = cotal_driver_sim::demo::workload();
+    let channels = default_channels();
+    let mut text = format!(
+        "authorization {{\n  users = [\n    {{ user: \"admin\", password: {admin_password:?} }}\n"
+    );
+    for (i, acl) in workload.acl.iter().enumerate().take(AGENTS) {
+        let Ok(id) = AgentId::new(AGENT_NAMES[i]) else {
+            continue;
+        };
+        let list: Vec<Channel> = acl.iter().map(|c| channels[*c].channel.clone()).collect();
+        let policy = AgentPolicy {
+            id,
+            allow_subscribe: list.clone(),
+            allow_publish: list,
+            role: None,
+            spawn: false,
+        };
+        let perms = crate::provision::nats_server_permissions(&Permissions::agent(space, &policy));
+        text.push_str(&format!(
+            "    {{ user: {:?}, password: {agent_password:?}, permissions: {perms} }}\n",
+            AGENT_NAMES[i]
+        ));
+    }
+    text.push_str("  ]\n}\n");
+    text
+}
+
 /// Runs the demo mesh on the server of `cfg` (which must allow provisioning a space) and reports
 /// what each agent received and the verdict.
 ///
@@ -390,15 +441,21 @@ struct Model {
 ///
 /// A one-line reason when the run could not be set up (unreachable server, provisioning failed,
 /// the daemon never served). Faults during the script are not errors: the verdict reports them.
-pub async fn run(cfg: &ConnectConfig) -> Result<NatsDemoReport, String> {
+pub async fn run(cfg: &ConnectConfig, options: &DemoOptions) -> Result<NatsDemoReport, String> {
     let started = Instant::now();
     let workload = cotal_driver_sim::demo::workload();
     let channels = default_channels();
     let t = cfg.request_timeout;
     let admin = connect(cfg).await.map_err(|e| e.to_string())?;
     let url = cfg.urls.first().cloned().unwrap_or_default();
-    let space = Space::new(format!("demo{:08x}", os_seed() & 0xffff_ffff))
-        .map_err(|e| format!("space: {e}"))?;
+    let space = options.space.clone().unwrap_or_else(fresh_space);
+    let agent_cfg = match &options.agent_password {
+        None => cfg.clone(),
+        Some(_) => ConnectConfig {
+            auth: crate::connect::Auth::None,
+            ..cfg.clone()
+        },
+    };
     provision(&admin, &space, &channels, &workload, t).await?;
 
     // The daemon, until it serves.
@@ -424,7 +481,9 @@ pub async fn run(cfg: &ConnectConfig) -> Result<NatsDemoReport, String> {
             break;
         }
         if Instant::now() > deadline {
-            return Err(format!("the delivery daemon did not serve within {STEP_WAIT:?}: {health}"));
+            return Err(format!(
+                "the delivery daemon did not serve within {STEP_WAIT:?}: {health}"
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -433,9 +492,10 @@ pub async fn run(cfg: &ConnectConfig) -> Result<NatsDemoReport, String> {
     let target = first_socket_addr(&url).await?;
     let proxy = CutProxy::start(target).await?;
     let mut script = Script {
-        cfg: cfg.clone(),
+        cfg: agent_cfg.clone(),
+        agent_password: options.agent_password.clone(),
         proxied: {
-            let mut c = cfg.clone();
+            let mut c = agent_cfg.clone();
             c.urls = vec![format!("nats://127.0.0.1:{}", proxy.port)];
             c.tls.required = false;
             c
@@ -510,7 +570,28 @@ pub async fn run(cfg: &ConnectConfig) -> Result<NatsDemoReport, String> {
         .iter()
         .map(|c| c.channel.as_str().to_owned())
         .collect();
-    let (checks, problems) = verdict(&model, &received, &names, &mut notes);
+    let (checks, mut problems) = verdict(&model, &received, &names, &mut notes);
+    // The out-of-ACL joins of the script: refused by the broker when it enforces permissions.
+    for step in &workload.steps {
+        let Action::Join { agent, channel } = step.action else {
+            continue;
+        };
+        if workload.acl[agent].contains(&channel) || model.refused.contains(&(agent, channel)) {
+            continue;
+        }
+        let what = format!(
+            "{}'s join of #{} (outside its ACL) was accepted",
+            AGENT_NAMES[agent], names[channel]
+        );
+        if options.agent_password.is_some() {
+            problems.push(what);
+        } else {
+            notes.push(format!(
+                "{what}: the server enforces no per-user permissions for this run \
+                 (--spawn-server runs with them)"
+            ));
+        }
+    }
     let refused = model
         .refused
         .iter()
@@ -608,6 +689,7 @@ async fn provision(
 
 struct Script {
     cfg: ConnectConfig,
+    agent_password: Option<String>,
     proxied: ConnectConfig,
     proxy: CutProxy,
     space: Space,
@@ -633,13 +715,19 @@ impl Script {
             .iter()
             .map(|c| self.channels[*c].clone())
             .collect();
-        let cfg = if i == PROXIED {
-            &self.proxied
+        let mut cfg = if i == PROXIED {
+            self.proxied.clone()
         } else {
-            &self.cfg
+            self.cfg.clone()
         };
+        if let Some(password) = &self.agent_password {
+            cfg.auth = crate::connect::Auth::UserPassword {
+                user: AGENT_NAMES[i].to_owned(),
+                password: password.clone(),
+            };
+        }
         start_life(
-            cfg,
+            &cfg,
             &self.space,
             i,
             self.model.life[i],
@@ -756,10 +844,7 @@ impl Script {
                 let ch = self.channels[channel].clone();
                 match self.lives[agent].handle.leave(ch).await {
                     Ok(req) => {
-                        if !matches!(
-                            self.answer(agent, req).await,
-                            Some(AgentEvent::Left { .. })
-                        ) {
+                        if !matches!(self.answer(agent, req).await, Some(AgentEvent::Left { .. })) {
                             self.notes.push(format!(
                                 "{} leave #{}: not confirmed",
                                 AGENT_NAMES[agent],
@@ -815,7 +900,8 @@ impl Script {
                 }
             }
             Action::Narrow { .. } | Action::RestartDaemon { .. } | Action::LoseDaemon { .. } => {
-                self.notes.push(format!("{action}: not part of the demo; skipped"));
+                self.notes
+                    .push(format!("{action}: not part of the demo; skipped"));
             }
         }
         Ok(())
@@ -834,9 +920,9 @@ impl Script {
         self.lost = None;
         let life = self.model.life[agent];
         if !wait_for(&self.logs[agent], |l| {
-            l.events.iter().any(|(lf, e)| {
-                *lf == life && matches!(e, AgentEvent::Connected { first: false })
-            })
+            l.events
+                .iter()
+                .any(|(lf, e)| *lf == life && matches!(e, AgentEvent::Connected { first: false }))
         })
         .await
         {
@@ -870,10 +956,9 @@ impl Script {
             .call(move |a, now| a.send(now, &ch, vec![Part::text(text)], &mentions))
             .await;
         let acked = match sent {
-            Ok(Ok((req, _id))) => matches!(
-                self.answer(agent, req).await,
-                Some(AgentEvent::Sent { .. })
-            ),
+            Ok(Ok((req, _id))) => {
+                matches!(self.answer(agent, req).await, Some(AgentEvent::Sent { .. }))
+            }
             _ => false,
         };
         if !acked {

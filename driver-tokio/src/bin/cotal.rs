@@ -205,29 +205,44 @@ struct DemoArgs {
 }
 
 async fn demo(args: &DemoArgs) -> ExitCode {
-    let server = if args.spawn_server {
-        match bench::SpawnedServer::start() {
-            Ok(s) => Some(s),
+    if !args.spawn_server && args.nats.is_none() {
+        let report = cotal_driver_sim::demo::run(args.seed);
+        print!("{report}");
+        return if report.clean() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
+    let mut options = cotal_driver_tokio::demo::DemoOptions::default();
+    let mut server = None;
+    let config = if args.spawn_server {
+        // Per-user permissions: the broker itself enforces each agent's read ACL.
+        let space = cotal_driver_tokio::demo::fresh_space();
+        let admin_password = format!("{:016x}", cotal_driver_tokio::run::os_seed());
+        let agent_password = format!("{:016x}", cotal_driver_tokio::run::os_seed());
+        let auth = cotal_driver_tokio::demo::server_authorization(
+            &space,
+            &admin_password,
+            &agent_password,
+        );
+        let s = match bench::SpawnedServer::start_with(&auth) {
+            Ok(s) => s,
             Err(e) => return fail(e),
-        }
+        };
+        let mut config = ConnectConfig::new([s.url()]);
+        config.auth = Auth::UserPassword {
+            user: "admin".to_owned(),
+            password: admin_password,
+        };
+        server = Some(s);
+        options.space = Some(space);
+        options.agent_password = Some(agent_password);
+        config
     } else {
-        None
+        ConnectConfig::new(args.nats.clone())
     };
-    let url = match (&server, &args.nats) {
-        (Some(s), _) => s.url(),
-        (None, Some(u)) => u.clone(),
-        (None, None) => {
-            let report = cotal_driver_sim::demo::run(args.seed);
-            print!("{report}");
-            return if report.clean() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            };
-        }
-    };
-    let config = ConnectConfig::new([url]);
-    let result = cotal_driver_tokio::demo::run(&config).await;
+    let result = cotal_driver_tokio::demo::run(&config, &options).await;
     drop(server);
     match result {
         Ok(report) => {

@@ -99,6 +99,11 @@ impl SpawnedServer {
     }
 
     pub(crate) fn start() -> Result<Self, String> {
+        Self::start_with("")
+    }
+
+    /// [`SpawnedServer::start`] with `extra` appended to the server config.
+    pub(crate) fn start_with(extra: &str) -> Result<Self, String> {
         let bin = Self::binary()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -112,7 +117,7 @@ impl SpawnedServer {
         std::fs::create_dir_all(&dir).map_err(|e| format!("temp dir: {e}"))?;
         let conf = dir.join("server.conf");
         let text = format!(
-            "listen: \"127.0.0.1:{port}\"\nserver_name: cotal_bench\njetstream {{ store_dir: {:?}, max_memory_store: 256MB, max_file_store: 4GB }}\nmax_payload: 8MB\n",
+            "listen: \"127.0.0.1:{port}\"\nserver_name: cotal_bench\njetstream {{ store_dir: {:?}, max_memory_store: 256MB, max_file_store: 4GB }}\nmax_payload: 8MB\n{extra}",
             dir.join("js").display().to_string()
         );
         std::fs::write(&conf, text).map_err(|e| format!("server config: {e}"))?;
