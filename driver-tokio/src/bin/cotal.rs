@@ -53,7 +53,7 @@ pub(crate) struct NatsArgs {
     #[arg(long, env = "NATS_CREDS", conflicts_with_all = ["nkey", "user", "token"])]
     creds: Option<PathBuf>,
     /// File holding an nkey seed (SU…).
-    #[arg(long, conflicts_with_all = ["user", "token"])]
+    #[arg(long, env = "NATS_NKEY", conflicts_with_all = ["user", "token"])]
     nkey: Option<PathBuf>,
     /// User name (with --password).
     #[arg(
@@ -69,17 +69,17 @@ pub(crate) struct NatsArgs {
     /// Auth token.
     #[arg(long, env = "NATS_TOKEN")]
     token: Option<String>,
-    /// Require TLS.
-    #[arg(long)]
+    /// Require TLS (also implied by a tls:// URL).
+    #[arg(long, env = "NATS_TLS")]
     tls: bool,
-    /// Extra root CA (PEM) for TLS.
-    #[arg(long)]
+    /// Extra root CA (PEM) that the server's certificate may chain to.
+    #[arg(long, env = "NATS_TLS_CA")]
     tls_ca: Option<PathBuf>,
     /// Client certificate (PEM) for mutual TLS (with --tls-key).
-    #[arg(long, requires = "tls_key")]
+    #[arg(long, env = "NATS_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// Client key (PEM) for mutual TLS (with --tls-cert).
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long, env = "NATS_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Timeout of each request to the server, in milliseconds.
     #[arg(long, default_value_t = 5000)]
