@@ -1127,3 +1127,102 @@ fn model_durable(channel_names: &[String], channel: usize) -> bool {
         .find(|c| Some(c.channel.as_str()) == channel_names.get(channel).map(String::as_str))
         .is_some_and(|c| c.durable)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn got(life: u32, channel: &str, source: &str, text: &str) -> Received {
+        Received {
+            at_ms: 0,
+            life,
+            channel: channel.to_owned(),
+            from: "x".to_owned(),
+            source: source.to_owned(),
+            text: text.to_owned(),
+        }
+    }
+
+    fn names() -> Vec<String> {
+        default_channels()
+            .iter()
+            .map(|c| c.channel.as_str().to_owned())
+            .collect()
+    }
+
+    /// Two posts on `ops` (durable, index 1) by alice (0): bob (1) was a member for the first
+    /// only; carol (2) for both, but offline for the second (durable: still owed).
+    fn model() -> Model {
+        let mut m = Model {
+            joined: vec![BTreeSet::new(); AGENTS],
+            online: vec![true; AGENTS],
+            life: vec![0; AGENTS],
+            ..Model::default()
+        };
+        m.history_bound.insert((1, 0, 1), 0);
+        m.history_bound.insert((2, 0, 1), 0);
+        m.posts.push(Post {
+            text: "p1".into(),
+            channel: 1,
+            from: 0,
+            members: vec![(1, true), (2, true)],
+        });
+        m.posts.push(Post {
+            text: "p2".into(),
+            channel: 1,
+            from: 0,
+            members: vec![(2, false)],
+        });
+        m
+    }
+
+    fn run_verdict(received: Vec<(String, Vec<Received>)>) -> Vec<String> {
+        let mut notes = Vec::new();
+        verdict(&model(), &received, &names(), &mut notes).1
+    }
+
+    #[test]
+    fn a_clean_run_passes() {
+        let problems = run_verdict(vec![
+            ("alice".into(), vec![]),
+            ("bob".into(), vec![got(0, "ops", "live", "p1")]),
+            (
+                "carol".into(),
+                vec![got(0, "ops", "live", "p1"), got(0, "ops", "durable", "p2")],
+            ),
+        ]);
+        assert!(problems.is_empty(), "{problems:?}");
+    }
+
+    #[test]
+    fn loss_duplicates_and_surfacings_past_a_leave_are_violations() {
+        let problems = run_verdict(vec![
+            // Her own post.
+            ("alice".into(), vec![got(0, "ops", "live", "p1")]),
+            // Twice in one life, and p2 after he was no longer a member.
+            (
+                "bob".into(),
+                vec![
+                    got(0, "ops", "live", "p1"),
+                    got(0, "ops", "durable", "p1"),
+                    got(0, "ops", "live", "p2"),
+                ],
+            ),
+            // The durable p2 owed to her never came; p2 as history, posted after her join.
+            (
+                "carol".into(),
+                vec![got(0, "ops", "live", "p1"), got(0, "ops", "backfill", "p2")],
+            ),
+        ]);
+        let has = |needle: &str| problems.iter().any(|p| p.contains(needle));
+        assert!(has("alice surfaced its own post"), "{problems:?}");
+        assert!(has("bob (life 0) surfaced \"p1\" 2 times"), "{problems:?}");
+        assert!(
+            has("bob surfaced \"p2\" via live, but was not a member"),
+            "{problems:?}"
+        );
+        assert!(has("carol never surfaced \"p2\""), "{problems:?}");
+        assert!(has("posted after the join"), "{problems:?}");
+        assert_eq!(problems.len(), 5, "{problems:?}");
+    }
+}
