@@ -540,3 +540,49 @@ fn cotal_demo_on_a_spawned_server_passes_its_verdict() {
     );
     println!("cotal demo --spawn-server took {:?}", started.elapsed());
 }
+
+/// `cotal demo --nats URL` with credentials, against a server that authenticates but enforces no
+/// per-user permissions: the verdict passes, and the report says the out-of-ACL join went
+/// through because nothing enforced it (a note, not a violation). A wrong password fails in one
+/// line.
+#[test]
+fn cotal_demo_against_a_given_server_with_credentials() {
+    let Some(server) = NatsServer::start_with_users(vec![common::User {
+        name: "admin".into(),
+        password: "pw".into(),
+        permissions: None,
+    }]) else {
+        return;
+    };
+    let url = server.url();
+    let out = cotal(&[
+        "demo",
+        "--nats",
+        &url,
+        "--user",
+        "admin",
+        "--password",
+        "pw",
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.starts_with(&format!("cotal demo on {url} ")), "{text}");
+    assert!(text.contains("\nverdict: clean ("), "{text}");
+    assert!(
+        text.contains("note: bob's join of #secret (outside its ACL) was accepted"),
+        "{text}"
+    );
+    let out = cotal(&[
+        "demo",
+        "--nats",
+        &url,
+        "--user",
+        "admin",
+        "--password",
+        "no",
+    ]);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert_eq!(text.lines().count(), 1, "{text}");
+    assert!(text.contains("refused the credentials"), "{text}");
+}

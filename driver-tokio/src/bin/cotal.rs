@@ -49,6 +49,13 @@ pub(crate) struct NatsArgs {
     /// NATS server URL(s), comma-separated (nats://host:port, tls://host:port).
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats: String,
+    #[command(flatten)]
+    auth: AuthArgs,
+}
+
+/// How to authenticate to NATS (and TLS), without the URL.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct AuthArgs {
     /// Credentials file (user JWT + seed).
     #[arg(long, env = "NATS_CREDS", conflicts_with_all = ["nkey", "user", "token"])]
     creds: Option<PathBuf>,
@@ -88,6 +95,13 @@ pub(crate) struct NatsArgs {
 
 impl NatsArgs {
     pub(crate) fn config(&self) -> Result<ConnectConfig, String> {
+        self.auth.config(&self.nats)
+    }
+}
+
+impl AuthArgs {
+    /// The connect config for the comma-separated URL list `urls`.
+    pub(crate) fn config(&self, urls: &str) -> Result<ConnectConfig, String> {
         let auth = if let Some(path) = &self.creds {
             Auth::CredsFile(path.clone())
         } else if let Some(path) = &self.nkey {
@@ -105,7 +119,7 @@ impl NatsArgs {
             Auth::None
         };
         Ok(ConnectConfig {
-            urls: ConnectConfig::parse_url_list(&self.nats),
+            urls: ConnectConfig::parse_url_list(urls),
             auth,
             tls: TlsConfig {
                 required: self.tls,
@@ -199,9 +213,14 @@ struct DemoArgs {
     #[arg(long, conflicts_with = "spawn_server")]
     nats: Option<String>,
     /// Run on a local nats-server started for the run (COTAL_NATS_SERVER, else
-    /// .venv/bin/nats-server), killed at the end.
+    /// .venv/bin/nats-server), killed at the end. It runs with per-user permissions, so the
+    /// broker itself refuses the out-of-ACL join.
     #[arg(long)]
     spawn_server: bool,
+    /// With --nats: how the demo's privileged connection (provisioning, daemon, agents)
+    /// authenticates.
+    #[command(flatten)]
+    auth: AuthArgs,
 }
 
 async fn demo(args: &DemoArgs) -> ExitCode {
@@ -240,7 +259,10 @@ async fn demo(args: &DemoArgs) -> ExitCode {
         options.agent_password = Some(agent_password);
         config
     } else {
-        ConnectConfig::new(args.nats.clone())
+        match args.auth.config(args.nats.as_deref().unwrap_or_default()) {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        }
     };
     let result = cotal_driver_tokio::demo::run(&config, &options).await;
     drop(server);
