@@ -254,6 +254,12 @@ pub async fn connect(config: &ConnectConfig) -> Result<NatsConnection, ConnectEr
                 urls: urls.clone(),
                 reason,
             },
+            // async-nats reports a failed handshake (an untrusted or mismatched server
+            // certificate) as an IO error: it is a TLS failure, not an unreachable server.
+            ConnectErrorKind::Io if is_tls_failure(&reason) => ConnectError::Tls {
+                urls: urls.clone(),
+                reason,
+            },
             _ => ConnectError::Unreachable {
                 urls: urls.clone(),
                 reason,
@@ -268,6 +274,14 @@ pub async fn connect(config: &ConnectConfig) -> Result<NatsConnection, ConnectEr
         );
     }
     Ok(NatsConnection { client, events })
+}
+
+/// Whether an IO error's text is a TLS handshake failure (rustls words).
+fn is_tls_failure(reason: &str) -> bool {
+    let r = reason.to_ascii_lowercase();
+    ["certificate", "handshake", "tls"]
+        .iter()
+        .any(|w| r.contains(w))
 }
 
 #[cfg(test)]

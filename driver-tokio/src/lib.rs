@@ -10,7 +10,9 @@
 //! - [`provision`]: idempotent creation of a space's streams, KV buckets and the daemon's
 //!   consumers from the core's config data (`cotal up`);
 //! - [`api`]: raw JetStream API requests and their error mapping;
-//! - [`run`]: the [`run::Runner`] that owns one core machine and drives it with an executor.
+//! - [`run`]: the [`run::Runner`] that owns one core machine and drives it with an executor;
+//! - [`demo`]: the simulator's demo script run on a real nats-server, with a verdict from real
+//!   checks (`cotal demo --nats`).
 //!
 //! The `cotal` binary (`src/bin/cotal.rs`) is the command line on top.
 
@@ -18,6 +20,7 @@
 
 pub mod api;
 pub mod connect;
+pub mod demo;
 pub mod exec;
 pub mod provision;
 pub mod run;

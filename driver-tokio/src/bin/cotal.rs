@@ -9,7 +9,8 @@
 //! `cotal bench` measures durable fan-out end to end (see `cotal/bench.rs`).
 //!
 //! `cotal demo` runs the demo mesh on the embedded simulator (`cotal_driver_sim::demo`); with
-//! `--nats` it says that the real-server demo is the README's quick start and exits 2.
+//! `--nats URL` or `--spawn-server` it runs the same script on a real nats-server
+//! (`cotal_driver_tokio::demo`) and prints a verdict from real checks.
 //!
 //! Exit codes: 0 success, 1 a runtime error (unreachable server, refused permission, missing
 //! stream, a failed send …), 2 bad usage or not built.
@@ -48,11 +49,18 @@ pub(crate) struct NatsArgs {
     /// NATS server URL(s), comma-separated (nats://host:port, tls://host:port).
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats: String,
+    #[command(flatten)]
+    auth: AuthArgs,
+}
+
+/// How to authenticate to NATS (and TLS), without the URL.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct AuthArgs {
     /// Credentials file (user JWT + seed).
     #[arg(long, env = "NATS_CREDS", conflicts_with_all = ["nkey", "user", "token"])]
     creds: Option<PathBuf>,
     /// File holding an nkey seed (SU…).
-    #[arg(long, conflicts_with_all = ["user", "token"])]
+    #[arg(long, env = "NATS_NKEY", conflicts_with_all = ["user", "token"])]
     nkey: Option<PathBuf>,
     /// User name (with --password).
     #[arg(
@@ -68,17 +76,17 @@ pub(crate) struct NatsArgs {
     /// Auth token.
     #[arg(long, env = "NATS_TOKEN")]
     token: Option<String>,
-    /// Require TLS.
-    #[arg(long)]
+    /// Require TLS (also implied by a tls:// URL).
+    #[arg(long, env = "NATS_TLS")]
     tls: bool,
-    /// Extra root CA (PEM) for TLS.
-    #[arg(long)]
+    /// Extra root CA (PEM) that the server's certificate may chain to.
+    #[arg(long, env = "NATS_TLS_CA")]
     tls_ca: Option<PathBuf>,
     /// Client certificate (PEM) for mutual TLS (with --tls-key).
-    #[arg(long, requires = "tls_key")]
+    #[arg(long, env = "NATS_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
     /// Client key (PEM) for mutual TLS (with --tls-cert).
-    #[arg(long, requires = "tls_cert")]
+    #[arg(long, env = "NATS_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
     /// Timeout of each request to the server, in milliseconds.
     #[arg(long, default_value_t = 5000)]
@@ -87,6 +95,13 @@ pub(crate) struct NatsArgs {
 
 impl NatsArgs {
     pub(crate) fn config(&self) -> Result<ConnectConfig, String> {
+        self.auth.config(&self.nats)
+    }
+}
+
+impl AuthArgs {
+    /// The connect config for the comma-separated URL list `urls`.
+    pub(crate) fn config(&self, urls: &str) -> Result<ConnectConfig, String> {
         let auth = if let Some(path) = &self.creds {
             Auth::CredsFile(path.clone())
         } else if let Some(path) = &self.nkey {
@@ -104,7 +119,7 @@ impl NatsArgs {
             Auth::None
         };
         Ok(ConnectConfig {
-            urls: ConnectConfig::parse_url_list(&self.nats),
+            urls: ConnectConfig::parse_url_list(urls),
             auth,
             tls: TlsConfig {
                 required: self.tls,
@@ -147,8 +162,9 @@ enum Cmd {
     /// List the channel registry entries and each channel's effective class.
     Channels(commands::SpaceArgs),
     /// Run a demo mesh (a delivery daemon and four agents on a live and a durable channel, with a
-    /// leave, a rejoin, a restart and a refused join) on the embedded simulator, and print what
-    /// each agent received and the oracle's verdict.
+    /// leave, a rejoin, a restart, a connection loss and a refused join) on the embedded
+    /// simulator, or with --nats / --spawn-server on a real nats-server, and print what each
+    /// agent received and the verdict.
     Demo(DemoArgs),
     /// Measure durable fan-out end to end: the JetStream publish ceiling, then one daemon and M
     /// member agents on a fresh space and a durable channel; copies/s, latency, losses.
@@ -186,30 +202,80 @@ enum ProvisionCmd {
     },
 }
 
-/// Arguments of a subcommand that is not built yet.
+/// `cotal demo`.
 #[derive(Args, Debug)]
 struct DemoArgs {
     /// The simulator seed (the same seed gives the same run, bit for bit).
     #[arg(long, default_value_t = 7)]
     seed: u64,
-    /// Run on a real nats-server instead (not built: use the README's quick start).
-    #[arg(long)]
+    /// Run the same script on this real nats-server (it must allow creating a fresh space)
+    /// instead of the simulator.
+    #[arg(long, conflicts_with = "spawn_server")]
     nats: Option<String>,
+    /// Run on a local nats-server started for the run (COTAL_NATS_SERVER, else
+    /// .venv/bin/nats-server), killed at the end. It runs with per-user permissions, so the
+    /// broker itself refuses the out-of-ACL join.
+    #[arg(long)]
+    spawn_server: bool,
+    /// With --nats: how the demo's privileged connection (provisioning, daemon, agents)
+    /// authenticates.
+    #[command(flatten)]
+    auth: AuthArgs,
 }
 
-fn demo(args: &DemoArgs) -> ExitCode {
-    if args.nats.is_some() {
-        println!(
-            "cotal demo --nats: not built yet; the README's quick start runs a daemon and two agents on a real server"
-        );
-        return ExitCode::from(2);
+async fn demo(args: &DemoArgs) -> ExitCode {
+    if !args.spawn_server && args.nats.is_none() {
+        let report = cotal_driver_sim::demo::run(args.seed);
+        print!("{report}");
+        return if report.clean() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
     }
-    let report = cotal_driver_sim::demo::run(args.seed);
-    print!("{report}");
-    if report.clean() {
-        ExitCode::SUCCESS
+    let mut options = cotal_driver_tokio::demo::DemoOptions::default();
+    let mut server = None;
+    let config = if args.spawn_server {
+        // Per-user permissions: the broker itself enforces each agent's read ACL.
+        let space = cotal_driver_tokio::demo::fresh_space();
+        let admin_password = format!("{:016x}", cotal_driver_tokio::run::os_seed());
+        let agent_password = format!("{:016x}", cotal_driver_tokio::run::os_seed());
+        let auth = cotal_driver_tokio::demo::server_authorization(
+            &space,
+            &admin_password,
+            &agent_password,
+        );
+        let s = match bench::SpawnedServer::start_with(&auth) {
+            Ok(s) => s,
+            Err(e) => return fail(e),
+        };
+        let mut config = ConnectConfig::new([s.url()]);
+        config.auth = Auth::UserPassword {
+            user: "admin".to_owned(),
+            password: admin_password,
+        };
+        server = Some(s);
+        options.space = Some(space);
+        options.agent_password = Some(agent_password);
+        config
     } else {
-        ExitCode::FAILURE
+        match args.auth.config(args.nats.as_deref().unwrap_or_default()) {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        }
+    };
+    let result = cotal_driver_tokio::demo::run(&config, &options).await;
+    drop(server);
+    match result {
+        Ok(report) => {
+            print!("{report}");
+            if report.clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => fail(e),
     }
 }
 
@@ -266,7 +332,7 @@ async fn main() -> ExitCode {
         Cmd::Members(args) => commands::members(args).await,
         Cmd::Health(args) => commands::health(args).await,
         Cmd::Channels(args) => commands::channels(args).await,
-        Cmd::Demo(args) => demo(&args),
+        Cmd::Demo(args) => demo(&args).await,
         Cmd::Bench(args) => bench::bench(args).await,
     }
 }

@@ -80,7 +80,7 @@ pub(crate) struct BenchArgs {
 }
 
 /// A nats-server started for the run, killed by its PID on drop.
-struct SpawnedServer {
+pub(crate) struct SpawnedServer {
     child: Child,
     dir: PathBuf,
     port: u16,
@@ -103,7 +103,12 @@ impl SpawnedServer {
         })
     }
 
-    fn start() -> Result<Self, String> {
+    pub(crate) fn start() -> Result<Self, String> {
+        Self::start_with("")
+    }
+
+    /// [`SpawnedServer::start`] with `extra` appended to the server config.
+    pub(crate) fn start_with(extra: &str) -> Result<Self, String> {
         let bin = Self::binary()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
@@ -117,7 +122,7 @@ impl SpawnedServer {
         std::fs::create_dir_all(&dir).map_err(|e| format!("temp dir: {e}"))?;
         let conf = dir.join("server.conf");
         let text = format!(
-            "listen: \"127.0.0.1:{port}\"\nserver_name: cotal_bench\njetstream {{ store_dir: {:?}, max_memory_store: 256MB, max_file_store: 4GB }}\nmax_payload: 8MB\n",
+            "listen: \"127.0.0.1:{port}\"\nserver_name: cotal_bench\njetstream {{ store_dir: {:?}, max_memory_store: 256MB, max_file_store: 4GB }}\nmax_payload: 8MB\n{extra}",
             dir.join("js").display().to_string()
         );
         std::fs::write(&conf, text).map_err(|e| format!("server config: {e}"))?;
@@ -145,7 +150,7 @@ impl SpawnedServer {
         }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 }
