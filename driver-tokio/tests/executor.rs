@@ -530,7 +530,13 @@ async fn consume_and_settle_ack_nak_with_delay_and_term() {
             max_in_flight: 10,
         })
         .await;
-    assert_eq!(bound, Outcome::Success(Reply::Done));
+    assert_eq!(
+        bound,
+        Outcome::Success(Reply::ConsumerBound {
+            delivered_stream_seq: 0
+        }),
+        "a fresh consumer has offered nothing yet"
+    );
     let mut got = Vec::new();
     for _ in 0..3 {
         got.push(delivery(d.inbound(WAIT).await));
@@ -582,6 +588,22 @@ async fn consume_and_settle_ack_nak_with_delay_and_term() {
         .await,
         Outcome::Failed(Failure::NotFound)
     );
+    // A rebind reports the consumer's delivery pointer: everything up to 3 was offered.
+    let rebound = d
+        .run(|op| Command::Consume {
+            op,
+            sub: SubId::from_raw(9),
+            consumer: spec.clone(),
+            create: false,
+            max_in_flight: 1,
+        })
+        .await;
+    assert_eq!(
+        rebound,
+        Outcome::Success(Reply::ConsumerBound {
+            delivered_stream_seq: 3
+        })
+    );
     // Binding (create: false) a consumer that does not exist.
     let missing = d
         .run(|op| Command::Consume {
@@ -619,7 +641,13 @@ async fn consume_holds_at_most_max_in_flight_unsettled() {
             max_in_flight: 2,
         })
         .await;
-    assert_eq!(bound, Outcome::Success(Reply::Done));
+    assert_eq!(
+        bound,
+        Outcome::Success(Reply::ConsumerBound {
+            delivered_stream_seq: 0
+        }),
+        "a fresh consumer has offered nothing yet"
+    );
     let a = delivery(d.inbound(WAIT).await);
     let b = delivery(d.inbound(WAIT).await);
     assert_eq!((a.1, b.1), (1, 2));
