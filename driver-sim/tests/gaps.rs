@@ -275,3 +275,88 @@ fn mutation_names_round_trip() {
     assert_eq!(Mutation::parse("none"), Some(Mutation::None));
     assert_eq!(Mutation::parse("bogus"), None);
 }
+
+/// The shrinker on a planted violation (G10 switched off, seed 0, 40 steps): the shrunk spec is
+/// strictly smaller (fewer steps played, and fewer agents or fewer mentions: the reductions
+/// beyond dropping steps), still fails the same invariant, and replays bit for bit.
+#[test]
+fn shrink_makes_a_planted_violation_strictly_smaller() {
+    let mut spec = RunSpec::new(0, 40, FaultSet::default());
+    spec.mutation = Mutation::ReferenceG10;
+    let (report, _) = spec.run(false);
+    let v = report.violation.expect("seed 0 fails with G10 switched off");
+    let shrunk = cotal_driver_sim::explore::shrink(&spec, v.invariant, 60);
+    eprintln!(
+        "shrunk {} -> {}: {} -> {} steps, {} -> {} agents, {} mentions removed",
+        spec.replay_args(),
+        shrunk.replay_args(),
+        spec.live_steps(),
+        shrunk.live_steps(),
+        spec.agent_count(),
+        shrunk.agent_count(),
+        shrunk.plain.len()
+    );
+    assert!(shrunk.live_steps() < spec.live_steps(), "fewer steps");
+    assert!(
+        shrunk.agent_count() < spec.agent_count() || !shrunk.plain.is_empty(),
+        "a reduction beyond dropping steps applied"
+    );
+    let (a, _) = shrunk.run(false);
+    let (b, _) = shrunk.run(false);
+    assert_eq!(
+        a.violation.as_ref().map(|v| v.invariant),
+        Some(v.invariant),
+        "the shrunk case still fails the same invariant"
+    );
+    assert_eq!(a.hash, b.hash, "the shrunk case replays bit for bit");
+    assert_eq!(a.violation, b.violation);
+}
+
+/// The shrinker's reductions remove from the seed's own workload: fewer agents drops exactly
+/// the steps of the others and the mentions of them; a plain step loses only its mention.
+#[test]
+fn shrunk_specs_remove_from_the_seed_workload() {
+    let spec = RunSpec::new(7, 60, FaultSet::default());
+    let (config, full) = spec.build(false);
+    assert!(config.agents >= 2);
+    let mentioned = full
+        .steps
+        .iter()
+        .position(|s| matches!(s.action, Action::Post { mention: Some(_), .. }))
+        .expect("seed 7 has a post with a mention");
+    let mut plain = spec.clone();
+    plain.plain.insert(mentioned);
+    let (_, w) = plain.build(false);
+    assert_eq!(w.steps.len(), full.steps.len());
+    for (i, (a, b)) in full.steps.iter().zip(&w.steps).enumerate() {
+        match (&a.action, &b.action) {
+            (Action::Post { mention: Some(_), .. }, Action::Post { mention: None, .. })
+                if i == mentioned => {}
+            _ => assert_eq!(a, b, "step {i} unchanged"),
+        }
+    }
+    let mut one = spec.clone();
+    one.agents = Some(1);
+    let (c1, w1) = one.build(false);
+    assert_eq!((c1.agents, w1.acl.len(), w1.boot.len()), (1, 1, 1));
+    let kept: Vec<_> = full
+        .steps
+        .iter()
+        .filter(|s| match s.action {
+            Action::Join { agent, .. }
+            | Action::Leave { agent, .. }
+            | Action::Post { agent, .. }
+            | Action::Narrow { agent, .. }
+            | Action::Restart { agent }
+            | Action::Lose { agent } => agent == 0,
+            _ => true,
+        })
+        .collect();
+    assert_eq!(w1.steps.len(), kept.len());
+    assert!(w1.steps.len() < full.steps.len());
+    assert!(
+        w1.steps
+            .iter()
+            .all(|s| !matches!(s.action, Action::Post { mention: Some(m), .. } if m >= 1))
+    );
+}
