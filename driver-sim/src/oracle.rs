@@ -328,7 +328,7 @@ impl Oracle {
         while self.member_writes_seen < writes.len() {
             let w = &writes[self.member_writes_seen];
             self.member_writes_seen += 1;
-            if !w.lease_holders.iter().any(|h| *h == w.writer) {
+            if !w.lease_holders.contains(&w.writer) {
                 let holders = if w.lease_holders.is_empty() {
                     "no daemon".to_owned()
                 } else {

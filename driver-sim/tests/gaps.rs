@@ -284,7 +284,9 @@ fn shrink_makes_a_planted_violation_strictly_smaller() {
     let mut spec = RunSpec::new(0, 40, FaultSet::default());
     spec.mutation = Mutation::ReferenceG10;
     let (report, _) = spec.run(false);
-    let v = report.violation.expect("seed 0 fails with G10 switched off");
+    let v = report
+        .violation
+        .expect("seed 0 fails with G10 switched off");
     let shrunk = cotal_driver_sim::explore::shrink(&spec, v.invariant, 60);
     eprintln!(
         "shrunk {} -> {}: {} -> {} steps, {} -> {} agents, {} mentions removed",
@@ -322,7 +324,15 @@ fn shrunk_specs_remove_from_the_seed_workload() {
     let mentioned = full
         .steps
         .iter()
-        .position(|s| matches!(s.action, Action::Post { mention: Some(_), .. }))
+        .position(|s| {
+            matches!(
+                s.action,
+                Action::Post {
+                    mention: Some(_),
+                    ..
+                }
+            )
+        })
         .expect("seed 7 has a post with a mention");
     let mut plain = spec.clone();
     plain.plain.insert(mentioned);
@@ -330,8 +340,12 @@ fn shrunk_specs_remove_from_the_seed_workload() {
     assert_eq!(w.steps.len(), full.steps.len());
     for (i, (a, b)) in full.steps.iter().zip(&w.steps).enumerate() {
         match (&a.action, &b.action) {
-            (Action::Post { mention: Some(_), .. }, Action::Post { mention: None, .. })
-                if i == mentioned => {}
+            (
+                Action::Post {
+                    mention: Some(_), ..
+                },
+                Action::Post { mention: None, .. },
+            ) if i == mentioned => {}
             _ => assert_eq!(a, b, "step {i} unchanged"),
         }
     }
