@@ -254,7 +254,7 @@ impl Host {
     /// Coverage probes (design rule R30): how often each fault fired and each "sometimes"
     /// outcome reached a machine. Keys: `fault.core-drop`, `fault.slow-consumer`,
     /// `fault.connection-loss`, `fault.inflight-reached`, `fault.inflight-lost`,
-    /// `fault.kv-conflict`, `fault.ambiguous`; `in.refused`, `in.redelivery`,
+    /// `fault.kv-conflict`, `fault.ambiguous`, `fault.freeze`; `in.refused`, `in.redelivery`,
     /// `in.consumer-ended`, `in.duplicate-ack`, `in.unknown`, `in.no-responders`,
     /// `in.wrong-last-revision`, `in.already-exists`, `in.permission-denied`, `in.not-found`.
     pub fn probes(&self) -> &BTreeMap<&'static str, u64> {
