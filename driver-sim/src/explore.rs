@@ -3,10 +3,22 @@
 //!
 //! A run is a function of a [`RunSpec`]: the seed (which derives the mesh size, the ACLs, the boot
 //! channels, the workload and every scheduler choice), the number of workload steps, the fault
-//! families switched on, the number of daemons, a [`Mutation`], and the workload steps a shrinker
-//! dropped. [`RunSpec::replay_args`] prints the arguments that reproduce it.
+//! families switched on, the number of daemons, a [`Mutation`], and what a shrinker took away
+//! (workload steps, agents, mentions). [`RunSpec::replay_args`] prints the arguments that
+//! reproduce it.
+//!
+//! # Shrinking
+//!
+//! [`shrink`] only ever removes things from the run the seed generates, so a shrunk spec replays
+//! bit for bit from its arguments. In order, while the same invariant still fails:
+//!
+//! 1. fault families (a run with fewer faults is easier to read);
+//! 2. agents: the mesh keeps only its first `k` agents (the smallest `k` that still fails), with
+//!    every step of the others dropped and mentions of them removed;
+//! 3. workload steps: halves, then smaller chunks, then one at a time;
+//! 4. mentions: a post that mentions someone becomes a plain post.
 
-use crate::mesh::{Mesh, MeshConfig, Mutation, RunReport, Workload};
+use crate::mesh::{Action, Mesh, MeshConfig, Mutation, RunReport, Workload};
 use crate::sched::FaultConfig;
 use std::collections::BTreeSet;
 use std::fmt;
@@ -140,6 +152,26 @@ pub struct RunSpec {
     pub mutation: Mutation,
     /// Indices of generated steps dropped (by the shrinker).
     pub skip: BTreeSet<usize>,
+    /// Keep only the first this many agents (`None`: the seed's count). Steps of the others are
+    /// dropped and mentions of them removed (by the shrinker).
+    pub agents: Option<usize>,
+    /// Indices of generated post steps whose mention is removed (by the shrinker).
+    pub plain: BTreeSet<usize>,
+}
+
+/// The agent a workload action is about, if any.
+fn action_agent(action: &Action) -> Option<usize> {
+    match *action {
+        Action::Join { agent, .. }
+        | Action::Leave { agent, .. }
+        | Action::Post { agent, .. }
+        | Action::Narrow { agent, .. }
+        | Action::Restart { agent }
+        | Action::Lose { agent } => Some(agent),
+        Action::RestartDaemon { .. } | Action::LoseDaemon { .. } | Action::FreezeHolder { .. } => {
+            None
+        }
+    }
 }
 
 impl RunSpec {
@@ -152,21 +184,59 @@ impl RunSpec {
             daemons: default_daemons(),
             mutation: Mutation::None,
             skip: BTreeSet::new(),
+            agents: None,
+            plain: BTreeSet::new(),
         }
+    }
+
+    /// How many agents the run has: the seed's count, or fewer after shrinking.
+    pub fn agent_count(&self) -> usize {
+        let seeded = MeshConfig::new(self.seed).agents;
+        self.agents.map_or(seeded, |k| k.min(seeded))
+    }
+
+    /// How many workload steps the run plays (generated, minus those skipped or of dropped
+    /// agents).
+    pub fn live_steps(&self) -> usize {
+        self.build(false).1.steps.len()
+    }
+
+    /// The mesh config of the seed before any shrinking (what the workload is generated from).
+    fn build_config(&self) -> MeshConfig {
+        let mut config = MeshConfig::new(self.seed).with_faults(self.faults.config(self.seed));
+        config.daemons = self.daemons;
+        config
     }
 
     /// The mesh config and workload of this spec.
     pub fn build(&self, keep_transcript: bool) -> (MeshConfig, Workload) {
-        let mut config = MeshConfig::new(self.seed).with_faults(self.faults.config(self.seed));
-        config.daemons = self.daemons;
+        let mut config = self.build_config();
         config.mutation = self.mutation;
         config.keep_transcript = keep_transcript;
+        // Generated with the seed's agent count, so a shrunk spec removes from the same workload.
         let mut workload = Workload::generate(self.seed, &config, self.steps);
-        let mut i = 0;
-        workload.steps.retain(|_| {
-            i += 1;
-            !self.skip.contains(&(i - 1))
-        });
+        let keep = self.agent_count();
+        let steps = std::mem::take(&mut workload.steps);
+        workload.steps = steps
+            .into_iter()
+            .enumerate()
+            .filter(|(i, step)| {
+                !self.skip.contains(i) && action_agent(&step.action).is_none_or(|a| a < keep)
+            })
+            .map(|(i, mut step)| {
+                if let Action::Post { mention, .. } = &mut step.action
+                    && (self.plain.contains(&i) || mention.is_some_and(|m| m >= keep))
+                {
+                    *mention = None;
+                }
+                step
+            })
+            .collect();
+        if keep < config.agents {
+            config.agents = keep;
+            workload.acl.truncate(keep);
+            workload.boot.truncate(keep);
+        }
         (config, workload)
     }
 
@@ -190,6 +260,12 @@ impl RunSpec {
         if !self.skip.is_empty() {
             s.push_str(&format!(" --skip {}", ranges(&self.skip)));
         }
+        if let Some(k) = self.agents {
+            s.push_str(&format!(" --agents {k}"));
+        }
+        if !self.plain.is_empty() {
+            s.push_str(&format!(" --plain {}", ranges(&self.plain)));
+        }
         s
     }
 }
@@ -206,8 +282,8 @@ pub fn check_determinism(spec: &RunSpec) -> (u64, u64) {
     (a.hash, b.hash)
 }
 
-/// Shrinks a failing spec: drops workload steps (halves, then one at a time) and fault families
-/// while some violation of the same invariant persists. Bounded by `budget` runs.
+/// Shrinks a failing spec while some violation of the same invariant persists (see the module
+/// docs for the reductions and their order). Bounded by `budget` runs.
 pub fn shrink(spec: &RunSpec, invariant: &str, budget: usize) -> RunSpec {
     let mut best = spec.clone();
     let mut runs = 0;
@@ -230,6 +306,19 @@ pub fn shrink(spec: &RunSpec, invariant: &str, budget: usize) -> RunSpec {
             best = candidate;
         }
     }
+    // Fewer agents: the smallest prefix of the agents that still fails.
+    let count = best.agent_count();
+    for k in 1..count {
+        if runs >= budget {
+            break;
+        }
+        let mut candidate = best.clone();
+        candidate.agents = Some(k);
+        if fails(&candidate, &mut runs) {
+            best = candidate;
+            break;
+        }
+    }
     let mut chunk = spec.steps.div_ceil(2).max(1);
     while chunk >= 1 && runs < budget {
         let live: Vec<usize> = (0..best.steps).filter(|i| !best.skip.contains(i)).collect();
@@ -250,6 +339,30 @@ pub fn shrink(spec: &RunSpec, invariant: &str, budget: usize) -> RunSpec {
                 break;
             }
             chunk /= 2;
+        }
+    }
+    // Plain posts: drop each remaining mention.
+    let keep = best.agent_count();
+    let generated = Workload::generate(best.seed, &best.build_config(), best.steps);
+    let mentioned: Vec<usize> = generated
+        .steps
+        .iter()
+        .enumerate()
+        .filter(|(i, step)| {
+            !best.skip.contains(i)
+                && !best.plain.contains(i)
+                && matches!(step.action, Action::Post { agent, mention: Some(m), .. } if agent < keep && m < keep)
+        })
+        .map(|(i, _)| i)
+        .collect();
+    for i in mentioned {
+        if runs >= budget {
+            break;
+        }
+        let mut candidate = best.clone();
+        candidate.plain.insert(i);
+        if fails(&candidate, &mut runs) {
+            best = candidate;
         }
     }
     best

@@ -8,7 +8,13 @@
 //! - an input arriving at a client ([`Net::accept`], then [`Machine::handle_input`]);
 //! - a machine's deadline ([`Machine::handle_timeout`]);
 //! - the server's wake-up (request timeouts, redeliveries);
-//! - a scheduled fault (connection loss, reconnect).
+//! - a scheduled fault (connection loss, reconnect, the end of a freeze).
+//!
+//! A machine can be **frozen** ([`Host::freeze`]): a stalled process (a GC pause, a stopped VM).
+//! While frozen it gets no inputs and no timeouts; what reaches it is held in order, and the
+//! commands it sent before the freeze still execute at the server. At the thaw the held inputs
+//! are put back on its down lane, ahead of anything queued behind them, and its overdue
+//! timeouts fire.
 //!
 //! After a machine ran, every command it emits is handed to [`Net::client_send`] and travels up
 //! with latency; every input the server produces travels down with latency (core drops and slow
@@ -154,6 +160,7 @@ enum SimEvent {
     Down(Outgoing),
     Lose(ClientId),
     Restore(ClientId),
+    Thaw(ClientId),
 }
 
 struct Node {
@@ -189,6 +196,7 @@ pub struct Host {
     events: Vec<EventRecord>,
     probes: BTreeMap<&'static str, u64>,
     dead: Vec<ClientId>,
+    frozen: BTreeMap<ClientId, Vec<Outgoing>>,
     /// Step budget per [`Host::run_until`] call.
     pub max_steps: u64,
 }
@@ -210,6 +218,7 @@ impl Host {
             events: Vec::new(),
             probes: BTreeMap::new(),
             dead: Vec::new(),
+            frozen: BTreeMap::new(),
             max_steps: 1_000_000,
         };
         let line = format!("seed={} config={:?}", host.config.seed, host.config);
@@ -245,7 +254,7 @@ impl Host {
     /// Coverage probes (design rule R30): how often each fault fired and each "sometimes"
     /// outcome reached a machine. Keys: `fault.core-drop`, `fault.slow-consumer`,
     /// `fault.connection-loss`, `fault.inflight-reached`, `fault.inflight-lost`,
-    /// `fault.kv-conflict`, `fault.ambiguous`; `in.refused`, `in.redelivery`,
+    /// `fault.kv-conflict`, `fault.ambiguous`, `fault.freeze`; `in.refused`, `in.redelivery`,
     /// `in.consumer-ended`, `in.duplicate-ack`, `in.unknown`, `in.no-responders`,
     /// `in.wrong-last-revision`, `in.already-exists`, `in.permission-denied`, `in.not-found`.
     pub fn probes(&self) -> &BTreeMap<&'static str, u64> {
@@ -406,7 +415,11 @@ impl Host {
 
     /// The earliest instant anything is due.
     fn next_due(&self) -> Option<Instant> {
-        let machines = self.nodes.iter().filter_map(|n| n.machine.poll_timeout());
+        let machines = self
+            .nodes
+            .iter()
+            .filter(|n| !self.frozen.contains_key(&n.client))
+            .filter_map(|n| n.machine.poll_timeout());
         self.queue
             .next_time()
             .into_iter()
@@ -433,7 +446,9 @@ impl Host {
             .map(Due::Queued)
             .collect();
         for (i, n) in self.nodes.iter().enumerate() {
-            if n.machine.poll_timeout().is_some_and(|t| t <= now.at) {
+            if !self.frozen.contains_key(&n.client)
+                && n.machine.poll_timeout().is_some_and(|t| t <= now.at)
+            {
                 due.push(Due::Timeout(i));
             }
         }
@@ -495,6 +510,10 @@ impl Host {
                 self.flush_outgoing();
             }
             SimEvent::Down(out) => {
+                if let Some(held) = self.frozen.get_mut(&out.client) {
+                    held.push(out);
+                    return;
+                }
                 if !self.net.accept(&out) {
                     let who = self.net.client_name(out.client).to_owned();
                     self.record(format!("drop-stale {who} {:?}", out.input));
@@ -510,6 +529,7 @@ impl Host {
                 self.drain(idx);
             }
             SimEvent::Lose(client) => self.lose(client),
+            SimEvent::Thaw(client) => self.thaw(client),
             SimEvent::Restore(client) if self.dead.contains(&client) => {}
             SimEvent::Restore(client) => {
                 let who = self.net.client_name(client).to_owned();
@@ -562,6 +582,44 @@ impl Host {
             .push(Lane::Control, at, SimEvent::Restore(client));
     }
 
+    /// Freezes a machine's process for `d` (a stalled process): no inputs and no timeouts reach
+    /// it until then; inputs are held in order; its connection and the commands it already sent
+    /// carry on at the server. A frozen or unknown client is left alone.
+    pub fn freeze(&mut self, client: ClientId, d: cotal_core::time::Duration) {
+        if self.frozen.contains_key(&client) || self.node_of(client).is_none() {
+            return;
+        }
+        let who = self.net.client_name(client).to_owned();
+        self.record(format!("fault freeze {who} for {} ms", d.as_millis()));
+        self.probe("fault.freeze");
+        self.frozen.insert(client, Vec::new());
+        let at = self.clock.now().at + d;
+        self.queue.push(Lane::Control, at, SimEvent::Thaw(client));
+    }
+
+    /// Whether a client's process is frozen now.
+    pub fn is_frozen(&self, client: ClientId) -> bool {
+        self.frozen.contains_key(&client)
+    }
+
+    fn thaw(&mut self, client: ClientId) {
+        let Some(held) = self.frozen.remove(&client) else {
+            return;
+        };
+        let who = self.net.client_name(client).to_owned();
+        self.record(format!("fault thaw {who} ({} held inputs)", held.len()));
+        let now = self.clock.now().at;
+        let lane = Lane::Down(client.0);
+        let queued = self.queue.drain_lane(lane);
+        self.queue.reset_lane(lane);
+        for out in held {
+            self.queue.push(lane, now, SimEvent::Down(out));
+        }
+        for (at, event) in queued {
+            self.queue.push(lane, at, event);
+        }
+    }
+
     /// Writes a line of the caller's into the transcript (a workload step, an operator act).
     pub fn note(&mut self, line: String) {
         self.record(line);
@@ -583,6 +641,7 @@ impl Host {
         let who = self.net.client_name(client).to_owned();
         self.record(format!("kill {who}"));
         self.dead.push(client);
+        self.frozen.remove(&client);
         if let Some(idx) = self.node_of(client) {
             self.nodes.remove(idx);
         }

@@ -46,6 +46,7 @@ use cotal_core::agent::{Agent, AgentConfig, AgentError, AgentEvent, RequestId};
 use cotal_core::delivery::daemon::{
     DegradedReason, Delivery, DeliveryConfig, DeliveryEvent, DeliveryHealth,
 };
+use cotal_core::delivery::lease::LeaseState;
 use cotal_core::io::{Command, Input, Machine};
 use cotal_core::ledger::{MessageId, SourceKind};
 use cotal_core::time::{Duration, Instant, Now};
@@ -93,14 +94,19 @@ pub enum Mutation {
     /// G10 off: the agents' leaves skip the tombstone as the reference does when its cached
     /// class reads `live` (`AgentConfig::reference_gap_g10`), so the membership stays open.
     ReferenceG10,
+    /// G23 off: the daemons' leases keep no deadline of their own
+    /// (`DeliveryConfig::reference_gap_g23`), so a daemon stalled past the lease TTL keeps
+    /// writing the registry until a renew CAS fails, while its successor holds the lease.
+    ReferenceG23,
 }
 
 impl Mutation {
     /// Every mutation but [`Mutation::None`].
-    pub const ALL: [Mutation; 3] = [
+    pub const ALL: [Mutation; 4] = [
         Mutation::NoJoinCursor,
         Mutation::ReferenceG2,
         Mutation::ReferenceG10,
+        Mutation::ReferenceG23,
     ];
 
     /// Its name on the command line (`none` for [`Mutation::None`]).
@@ -110,6 +116,7 @@ impl Mutation {
             Mutation::NoJoinCursor => "no-join-cursor",
             Mutation::ReferenceG2 => "reference-g2",
             Mutation::ReferenceG10 => "reference-g10",
+            Mutation::ReferenceG23 => "reference-g23",
         }
     }
 
@@ -251,6 +258,13 @@ pub enum Action {
         /// Daemon index.
         daemon: usize,
     },
+    /// The daemon that holds the lease now (if any) stalls for `ms` milliseconds
+    /// ([`Host::freeze`]): its in-flight commands complete while it sleeps, and it resumes with
+    /// whatever it had in hands. Scripted scenarios only.
+    FreezeHolder {
+        /// How long, in milliseconds.
+        ms: u64,
+    },
 }
 
 impl fmt::Display for Action {
@@ -271,6 +285,7 @@ impl fmt::Display for Action {
             Action::Lose { agent } => write!(f, "lose a{agent}"),
             Action::RestartDaemon { daemon } => write!(f, "restart-daemon d{daemon}"),
             Action::LoseDaemon { daemon } => write!(f, "lose-daemon d{daemon}"),
+            Action::FreezeHolder { ms } => write!(f, "freeze-holder {ms}ms"),
         }
     }
 }
@@ -857,6 +872,7 @@ impl Mesh {
         let mut config =
             DeliveryConfig::new(self.space.clone(), shard, Self::daemon_id(index, life));
         config.reference_gap_g2 = self.config.mutation == Mutation::ReferenceG2;
+        config.reference_gap_g23 = self.config.mutation == Mutation::ReferenceG23;
         Rc::new(RefCell::new(DaemonProc {
             daemon: Delivery::new(config),
             index,
@@ -1160,6 +1176,17 @@ impl Mesh {
                 }
             }
             Action::RestartDaemon { daemon } => self.restart_daemon(daemon),
+            Action::FreezeHolder { ms } => {
+                let holder = self.daemons.iter().find(|d| {
+                    matches!(
+                        d.proc.borrow().daemon().lease_state(),
+                        LeaseState::Held | LeaseState::Ready
+                    )
+                });
+                if let Some(client) = holder.map(|d| d.client) {
+                    self.host.freeze(client, Duration::from_millis(ms));
+                }
+            }
             Action::LoseDaemon { daemon } => {
                 if let Some(slot) = self.daemons.get(daemon) {
                     let client = slot.client;

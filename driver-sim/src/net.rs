@@ -84,13 +84,17 @@ use crate::broker::{Broker, Publish, kv_stream};
 use bytes::Bytes;
 use cotal_core::acl::{pattern_covers, patterns_cover, subject_matches};
 use cotal_core::io::{
-    Command, Completion, Connection, Header, Inbound, Input, KvCondition, Reply, Response, SubId,
+    Command, Completion, Connection, Header, Inbound, Input, KvCondition, KvOperation, Reply,
+    Response, SubId,
 };
 use cotal_core::ledger::DeliveryId;
 use cotal_core::op::{Failure, OpId, Outcome};
 use cotal_core::time::{Instant, Now};
 use cotal_core::wire::config::{AckPolicy, ConsumerSpec, Durability};
+use cotal_core::wire::json;
+use cotal_core::wire::keys::KvBucket;
 use cotal_core::wire::permissions::Permissions;
+use cotal_core::wire::records::DeliveryLease;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
@@ -185,9 +189,29 @@ struct DeliveryRecord {
     seq: u64,
 }
 
+/// A membership-record write a client made, attributed (the oracle's ground truth for I30/G23).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberWrite {
+    /// When it landed.
+    pub at: Instant,
+    /// The writing client.
+    pub client: ClientId,
+    /// The writing client's name (a daemon's client is named after its daemon id).
+    pub writer: String,
+    /// The members bucket.
+    pub bucket: String,
+    /// The member key.
+    pub key: String,
+    /// The revision it was stored at.
+    pub revision: u64,
+    /// The holders of every live `lease.*` key of the space's delivery bucket at that moment.
+    pub lease_holders: Vec<String>,
+}
+
 /// The server's connection layer around a [`Broker`]. See the module docs.
 #[derive(Clone, Debug, Default)]
 pub struct Net {
+    member_writes: Vec<MemberWrite>,
     broker: Broker,
     clients: Vec<ClientState>,
     core_subs: BTreeMap<(ClientId, SubId), String>,
@@ -235,6 +259,13 @@ impl Net {
             broker,
             ..Net::default()
         }
+    }
+
+    /// Every membership-record write (put or delete into a `cotal_members_<space>` bucket) a
+    /// client made, in the order they landed, with the lease holders of that moment. Writes the
+    /// server makes itself (the KV-conflict fault's rival write, operator puts) are not listed.
+    pub fn member_writes(&self) -> &[MemberWrite] {
+        &self.member_writes
     }
 
     /// The broker (for setup, inspection and the oracle).
@@ -825,7 +856,7 @@ impl Net {
                     self.phantom_rewrite(&bucket, &key);
                 }
                 let result = self.broker.kv_put(&bucket, &key, value, condition);
-                self.kv_written(client, op, &bucket, result);
+                self.kv_written(client, op, &bucket, &key, result);
             }
             Command::KvDelete {
                 op,
@@ -842,7 +873,7 @@ impl Net {
                     self.phantom_rewrite(&bucket, &key);
                 }
                 let result = self.broker.kv_delete(&bucket, &key, expected_revision);
-                self.kv_written(client, op, &bucket, result);
+                self.kv_written(client, op, &bucket, &key, result);
             }
             Command::KvWatch {
                 op,
@@ -955,16 +986,45 @@ impl Net {
         client: ClientId,
         op: OpId,
         bucket: &str,
+        key: &str,
         result: Result<cotal_core::io::StoredMessage, Failure>,
     ) {
         match result {
             Ok(stored) => {
                 let revision = stored.seq;
+                self.attribute(client, bucket, key, revision);
                 self.notify_watches(&kv_stream(bucket), Some(&stored));
                 self.complete(client, op, Outcome::Success(Reply::KvWritten { revision }));
             }
             Err(f) => self.complete(client, op, Outcome::Failed(f)),
         }
+    }
+
+    /// Notes a membership-record write with the lease holders of this moment.
+    fn attribute(&mut self, client: ClientId, bucket: &str, key: &str, revision: u64) {
+        let members = KvBucket::Members.prefix();
+        let Some(space) = bucket.strip_prefix(members) else {
+            return;
+        };
+        let delivery = format!("{}{space}", KvBucket::Delivery.prefix());
+        let lease_holders = self
+            .broker
+            .kv_current(&delivery, "lease.*")
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| e.operation == KvOperation::Put)
+            .filter_map(|e| json::decode::<DeliveryLease>(&e.value).ok())
+            .map(|l| l.holder)
+            .collect();
+        self.member_writes.push(MemberWrite {
+            at: self.broker.now().at,
+            client,
+            writer: self.client_name(client).to_owned(),
+            bucket: bucket.to_owned(),
+            key: key.to_owned(),
+            revision,
+            lease_holders,
+        });
     }
 
     /// Core fan-out: completes a request waiting on `subject` as its reply subject, and delivers

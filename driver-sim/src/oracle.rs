@@ -21,6 +21,7 @@
 //! | `S7-window` | a live or backfill copy surfaces only inside a join window of its channel in this life (from the join request to the leave, refusal or failure): nothing on a channel never joined, nothing past a leave |
 //! | `I5` | for a join armed at watermark `F`: backfill copies have `s ≤ F`, live copies `s > F` (checked when the join reports `F`, over every copy since its request, and for every later copy) |
 //! | `S7-interval` | a DLV copy's sequence lies in one of the member's intervals `(J_g, L_g]` of that channel, or it is a live-mention of the agent on a live channel (I8) |
+//! | `I30` | every membership-record write that landed was made by the daemon holding the lease at that moment (the server attributes writes to connections): a deposed daemon never writes (G23's fencing) |
 //! | `I16` | per member key, the generation never decreases from one revision to the next |
 //! | `I17` | within one generation the join cursor never changes and a leave cursor is never cleared or raised |
 //! | `API1` | an application request gets at most one answer event, and only a request the agent accepted |
@@ -168,6 +169,7 @@ pub struct Oracle {
     by_seq: BTreeMap<u64, String>,
     chat_scanned: u64,
     members_scanned: u64,
+    member_writes_seen: usize,
     intervals: BTreeMap<(String, String), BTreeMap<u64, Interval>>,
     last_generation: BTreeMap<(String, String), u64>,
     lives: BTreeMap<(usize, u32), LifeState>,
@@ -226,6 +228,7 @@ impl Oracle {
             by_seq: BTreeMap::new(),
             chat_scanned: 0,
             members_scanned: 0,
+            member_writes_seen: 0,
             intervals: BTreeMap::new(),
             last_generation: BTreeMap::new(),
             lives: BTreeMap::new(),
@@ -316,6 +319,35 @@ impl Oracle {
             );
         }
         self.chat_scanned = self.chat_scanned.max(state.last_seq);
+    }
+
+    /// I30 with G23's fencing: every membership-record write that landed was made by the client
+    /// of the daemon holding the lease at that moment (the server attributes each write to its
+    /// connection, [`crate::net::Net::member_writes`]).
+    fn check_fenced_writes(&mut self, host: &Host) -> Result<(), Violation> {
+        let writes = host.net().member_writes();
+        while self.member_writes_seen < writes.len() {
+            let w = &writes[self.member_writes_seen];
+            self.member_writes_seen += 1;
+            if !w.lease_holders.contains(&w.writer) {
+                let holders = if w.lease_holders.is_empty() {
+                    "no daemon".to_owned()
+                } else {
+                    w.lease_holders.join(", ")
+                };
+                return Err(self.violation(
+                    "I30",
+                    None,
+                    Some(format!("member key {} revision {}", w.key, w.revision)),
+                    w.at,
+                    format!(
+                        "{} wrote a membership record while {holders} held the lease: a deposed daemon's write landed (G23)",
+                        w.writer
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn scan_members(&mut self, host: &Host) -> Result<(), Violation> {
@@ -448,6 +480,7 @@ impl Oracle {
                 .collect();
         }
         self.scan_chat(host);
+        self.check_fenced_writes(host)?;
         self.scan_members(host)?;
         // Acts first: a kill or narrowing is noted before anything that follows it.
         while self.seen_acts < journal.acts.len() {

@@ -295,6 +295,20 @@ impl<E> Queue<E> {
             .collect()
     }
 
+    /// Removes and returns, in order and with their instants, every event of `lane`. The lane's
+    /// FIFO bound is kept.
+    pub fn drain_lane(&mut self, lane: Lane) -> Vec<(Instant, E)> {
+        let keys: Vec<(Instant, u64)> = self
+            .items
+            .iter()
+            .filter(|(_, (l, _))| *l == lane)
+            .map(|(k, _)| *k)
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| self.items.remove(&k).map(|(_, e)| (k.0, e)))
+            .collect()
+    }
+
     /// How many events are scheduled.
     pub fn len(&self) -> usize {
         self.items.len()

@@ -1,8 +1,7 @@
 //! Proof that the oracle sees the reference gaps the core fixes: for each gap, a switch restores
 //! the reference's behaviour ([`Mutation`]), the oracle reports the right invariant (within a
 //! bounded number of seeds, or in a scripted scenario), and the same seed or scenario is clean
-//! with the fix on. G1 lives in `explore.rs`; G23 (the lease as a fencing token) is not proven
-//! here yet: it needs a stalled daemon, which the host cannot model.
+//! with the fix on. G1 lives in `explore.rs`.
 
 // Test helpers report through panics and prints.
 #![allow(clippy::unwrap_used, clippy::print_stderr)]
@@ -176,6 +175,91 @@ fn g2_the_oracle_fails_when_the_reader_ignores_the_entry_generation() {
     eprintln!("reference-g2: caught at offsets {caught:?}");
 }
 
+/// The G23 scenario, with the lease holder frozen `offset` ms after alice's leave: two daemons
+/// serve the space (one holds the lease, the other contends and is restarted by the supervisor
+/// until it wins); alice is a durable member of `ops` from boot and leaves it at 2 s; the holder
+/// receives the leave and starts its reads, then stalls for 45 s (longer than the 30 s lease
+/// TTL) with the job in its hands. The successor acquires the lease when the stalled holder's
+/// write expires. At the thaw the stalled daemon holds a read answer and may write the
+/// tombstone. Returns the report and whether a daemon abandoned a job (no fencing token).
+fn g23_scenario(mutation: Mutation, offset: u64) -> (RunReport, bool) {
+    const OPS: usize = 1;
+    let alice = 0;
+    let mut config = MeshConfig::new(23);
+    config.agents = 2;
+    config.daemons = 2;
+    config.faults = FaultConfig::default();
+    config.mutation = mutation;
+    let steps = [
+        (
+            2_000,
+            Action::Leave {
+                agent: alice,
+                channel: OPS,
+            },
+        ),
+        (2_000 + offset, Action::FreezeHolder { ms: 45_000 }),
+    ];
+    let workload = Workload {
+        boot: vec![vec![OPS], vec![]],
+        acl: vec![vec![0, 1], vec![0, 1]],
+        steps: steps
+            .iter()
+            .map(|(ms, action)| Step {
+                at: Instant::from_millis(*ms),
+                action: action.clone(),
+            })
+            .collect(),
+    };
+    let mut mesh = Mesh::new(config, workload);
+    let report = mesh.run();
+    let abandoned = mesh
+        .journal()
+        .daemon_events
+        .iter()
+        .any(|d| matches!(&d.event, DeliveryEvent::Abandoned { .. }));
+    (report, abandoned)
+}
+
+fn abandoned_here(abandons: &[u64], offset: u64) -> bool {
+    abandons.contains(&offset)
+}
+
+/// G23: with the lease keeping no deadline of its own (the reference: loss is noticed only when
+/// a renew CAS fails), a daemon stalled past the TTL resumes and writes alice's tombstone while
+/// its successor holds the lease; the oracle must see that (I30, from the server's attribution
+/// of the write to the stalled daemon's connection). With the fix on, every offset of the sweep
+/// is clean: the stalled daemon's token is withdrawn at its own deadline and the job is
+/// abandoned.
+#[test]
+fn g23_the_oracle_fails_when_a_stalled_daemon_keeps_its_fencing_token() {
+    let (mut caught, mut abandons) = (Vec::new(), Vec::new());
+    for offset in 0..20 {
+        let (fixed, abandoned) = g23_scenario(Mutation::None, offset);
+        assert_eq!(fixed.violation, None, "offset {offset} passes with the fix");
+        if abandoned {
+            abandons.push(offset);
+        }
+        let (report, _) = g23_scenario(Mutation::ReferenceG23, offset);
+        if let Some(v) = report.violation {
+            assert_eq!(v.invariant, "I30", "offset {offset}: {v}");
+            assert!(
+                abandoned_here(&abandons, offset),
+                "offset {offset}: with the fix the stalled daemon abandons the same job"
+            );
+            if caught.is_empty() {
+                eprintln!("reference-g23 offset {offset}: {v}");
+            }
+            caught.push(offset);
+        }
+    }
+    assert!(
+        !caught.is_empty(),
+        "the oracle sees the G23 gap for some freeze offset"
+    );
+    eprintln!("reference-g23: caught at offsets {caught:?}; the fix abandoned at {abandons:?}");
+}
+
 /// Every mutation's command-line name parses back to it, and a replay of a mutated spec names it.
 #[test]
 fn mutation_names_round_trip() {
@@ -190,4 +274,103 @@ fn mutation_names_round_trip() {
     }
     assert_eq!(Mutation::parse("none"), Some(Mutation::None));
     assert_eq!(Mutation::parse("bogus"), None);
+}
+
+/// The shrinker on a planted violation (G10 switched off, seed 0, 40 steps): the shrunk spec is
+/// strictly smaller (fewer steps played, and fewer agents or fewer mentions: the reductions
+/// beyond dropping steps), still fails the same invariant, and replays bit for bit.
+#[test]
+fn shrink_makes_a_planted_violation_strictly_smaller() {
+    let mut spec = RunSpec::new(0, 40, FaultSet::default());
+    spec.mutation = Mutation::ReferenceG10;
+    let (report, _) = spec.run(false);
+    let v = report
+        .violation
+        .expect("seed 0 fails with G10 switched off");
+    let shrunk = cotal_driver_sim::explore::shrink(&spec, v.invariant, 60);
+    eprintln!(
+        "shrunk {} -> {}: {} -> {} steps, {} -> {} agents, {} mentions removed",
+        spec.replay_args(),
+        shrunk.replay_args(),
+        spec.live_steps(),
+        shrunk.live_steps(),
+        spec.agent_count(),
+        shrunk.agent_count(),
+        shrunk.plain.len()
+    );
+    assert!(shrunk.live_steps() < spec.live_steps(), "fewer steps");
+    assert!(
+        shrunk.agent_count() < spec.agent_count() || !shrunk.plain.is_empty(),
+        "a reduction beyond dropping steps applied"
+    );
+    let (a, _) = shrunk.run(false);
+    let (b, _) = shrunk.run(false);
+    assert_eq!(
+        a.violation.as_ref().map(|v| v.invariant),
+        Some(v.invariant),
+        "the shrunk case still fails the same invariant"
+    );
+    assert_eq!(a.hash, b.hash, "the shrunk case replays bit for bit");
+    assert_eq!(a.violation, b.violation);
+}
+
+/// The shrinker's reductions remove from the seed's own workload: fewer agents drops exactly
+/// the steps of the others and the mentions of them; a plain step loses only its mention.
+#[test]
+fn shrunk_specs_remove_from_the_seed_workload() {
+    let spec = RunSpec::new(7, 60, FaultSet::default());
+    let (config, full) = spec.build(false);
+    assert!(config.agents >= 2);
+    let mentioned = full
+        .steps
+        .iter()
+        .position(|s| {
+            matches!(
+                s.action,
+                Action::Post {
+                    mention: Some(_),
+                    ..
+                }
+            )
+        })
+        .expect("seed 7 has a post with a mention");
+    let mut plain = spec.clone();
+    plain.plain.insert(mentioned);
+    let (_, w) = plain.build(false);
+    assert_eq!(w.steps.len(), full.steps.len());
+    for (i, (a, b)) in full.steps.iter().zip(&w.steps).enumerate() {
+        match (&a.action, &b.action) {
+            (
+                Action::Post {
+                    mention: Some(_), ..
+                },
+                Action::Post { mention: None, .. },
+            ) if i == mentioned => {}
+            _ => assert_eq!(a, b, "step {i} unchanged"),
+        }
+    }
+    let mut one = spec.clone();
+    one.agents = Some(1);
+    let (c1, w1) = one.build(false);
+    assert_eq!((c1.agents, w1.acl.len(), w1.boot.len()), (1, 1, 1));
+    let kept: Vec<_> = full
+        .steps
+        .iter()
+        .filter(|s| match s.action {
+            Action::Join { agent, .. }
+            | Action::Leave { agent, .. }
+            | Action::Post { agent, .. }
+            | Action::Narrow { agent, .. }
+            | Action::Restart { agent }
+            | Action::Lose { agent } => agent == 0,
+            _ => true,
+        })
+        .collect();
+    assert_eq!(w1.steps.len(), kept.len());
+    assert!(w1.steps.len() < full.steps.len());
+    assert!(
+        w1.steps
+            .iter()
+            .all(|s| !matches!(s.action, Action::Post { mention: Some(m), .. } if m >= 1))
+    );
 }

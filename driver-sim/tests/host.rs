@@ -605,3 +605,67 @@ fn an_idle_ephemeral_consumer_is_removed_and_a_deleted_consumer_ends_its_feeds()
     assert!(durable.borrow().iter().any(|(_, i)| matches!(i,
         Input::Inbound(Inbound::ConsumerEnded { sub: s, .. }) if *s == sub(1))));
 }
+
+/// A frozen machine gets nothing while it sleeps (no inputs, no timeouts); what reached it is
+/// held and handed over in order at the thaw, and its overdue timers fire then.
+#[test]
+fn a_frozen_machine_gets_its_held_inputs_in_order_at_the_thaw() {
+    let mut host = Host::new(SimConfig::new(11), true);
+    let watcher = Script::new()
+        .at(5, subscribe(1, 1, "x"))
+        .at(300, publish("y", "late"));
+    let wlog = watcher.log();
+    let wclient = host.add_machine("watcher", Permissions::default(), hosted(watcher, |e| e));
+    let ylog = add(
+        &mut host,
+        "y-reader",
+        Permissions::default(),
+        Script::new().at(1, subscribe(1, 1, "y")),
+    );
+    add(
+        &mut host,
+        "talker",
+        Permissions::default(),
+        Script::new()
+            .at(100, publish("x", "one"))
+            .at(200, publish("x", "two")),
+    );
+    host.run_until(Instant::from_millis(50));
+    let before = wlog.borrow().len();
+    host.freeze(wclient, Duration::from_millis(500));
+    assert!(host.is_frozen(wclient));
+    host.run_until(Instant::from_millis(540));
+    assert_eq!(
+        wlog.borrow().len(),
+        before,
+        "nothing reaches a frozen machine"
+    );
+    assert!(
+        ylog.borrow()
+            .iter()
+            .all(|(_, i)| !matches!(i, Input::Inbound(Inbound::Message { .. }))),
+        "its timer did not fire while frozen"
+    );
+    host.run_until(Instant::from_millis(1_000));
+    assert!(!host.is_frozen(wclient));
+    let bodies: Vec<(Instant, Bytes)> = wlog.borrow()[before..]
+        .iter()
+        .filter_map(|(t, i)| match i {
+            Input::Inbound(Inbound::Message { payload, .. }) => Some((*t, payload.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        bodies.iter().map(|(_, b)| b.clone()).collect::<Vec<_>>(),
+        [Bytes::from_static(b"one"), Bytes::from_static(b"two")]
+    );
+    assert!(bodies.iter().all(|(t, _)| *t >= Instant::from_millis(550)));
+    let late = ylog
+        .borrow()
+        .iter()
+        .find_map(|(t, i)| matches!(i, Input::Inbound(Inbound::Message { .. })).then_some(*t));
+    assert!(
+        late.is_some_and(|t| t >= Instant::from_millis(550)),
+        "the overdue timer fired after the thaw: {late:?}"
+    );
+}

@@ -504,3 +504,55 @@ fn chat_evicting_ahead_of_a_stalled_fan_out_is_a_reported_loss() {
         assert_eq!(got.contains(id), !evicted.contains(seq), "seq {seq}");
     }
 }
+
+/// G42 across a restart: bob is a durable member of `ops` from boot (generation 1). The daemon
+/// restarts (its successor waits out the lease TTL: no responders for about 30 s) and bob
+/// restarts too, so his new life knows nothing of generation 1. He leaves `ops` while no daemon
+/// answers, and the application retries the leave once the daemon is back. After healing, the
+/// membership must be closed: an open one is a zombie the daemon keeps copying posts into.
+#[test]
+fn g42_leave_after_restart_while_the_daemon_is_down_closes_the_old_membership() {
+    use cotal_core::wire::keys::{KvBucket, member_key};
+    use cotal_core::wire::records::MembershipRecord;
+    use cotal_core::wire::token::{AgentId, ConcreteChannel};
+    let r = run(
+        42,
+        1,
+        [&[], &[OPS], &[]],
+        None,
+        &[
+            (1_000, Action::RestartDaemon { daemon: 0 }),
+            (2_000, Action::Restart { agent: BOB }),
+            (4_000, leave(BOB, OPS)),
+            (45_000, leave(BOB, OPS)),
+            (50_000, post(ALICE, OPS)),
+        ],
+    );
+    let bucket = KvBucket::Members.name(r.mesh.space());
+    let key = member_key(
+        &ConcreteChannel::new("ops").unwrap(),
+        &AgentId::new("bob").unwrap(),
+    );
+    let entry = r
+        .mesh
+        .host()
+        .broker()
+        .kv_get(&bucket, &key)
+        .unwrap()
+        .expect("bob's ops membership record");
+    let record = MembershipRecord::from_kv(Some(&entry.value)).unwrap();
+    assert!(
+        record.leave_cursor.is_some(),
+        "bob left ops: generation {} must be tombstoned, not a zombie ({record:?})",
+        record.generation
+    );
+    let left = r
+        .events(BOB)
+        .iter()
+        .any(|e| matches!(e, AgentEvent::Left { .. }));
+    assert!(left, "one of bob's leaves succeeded");
+    assert!(
+        r.received(BOB, 1).is_none(),
+        "nothing past the leave reaches bob"
+    );
+}

@@ -31,7 +31,11 @@
 //! from `listMemberships` when the mirror has none. Only a confirmed tombstone unsubscribes. A
 //! refused, failed or unknown tombstone leaves the channel joined and reports
 //! [`AgentEvent::LeaveFailed`]: the caller retries (fail closed). "No responders" counts as
-//! "nothing to tombstone" only when the agent never held a membership of the channel (G42).
+//! "nothing to tombstone" only when the agent knows every membership that can exist: it listed
+//! its memberships successfully in this life, and no join of this life may have opened one of
+//! the channel. A restarted agent has an empty memory, so until its first successful list an
+//! earlier life's membership may still be open and "no responders" fails the leave (G42 across
+//! a restart).
 //!
 //! # Late refusal (§2(c))
 //!
@@ -658,6 +662,11 @@ pub struct Agent {
     /// join whose outcome was unknown (it may have been applied, R10). A leave never skips their
     /// tombstone, and a refusal closes them even without a mirrored generation (G41, G42).
     maybe_member: BTreeSet<ConcreteChannel>,
+    /// A `listMemberships` reply was decoded in this life: from then on every membership that
+    /// can exist is known (listed, or opened by a join of this life and so in `maybe_member`).
+    /// Until then an earlier life's membership may be open, so "no responders" proves nothing
+    /// (G42 across a restart).
+    memberships_listed: bool,
     /// Memberships to close after a refusal (`pendingDurableLeave`).
     unclosed: BTreeMap<ConcreteChannel, Unclosed>,
     /// Closes and reconciles with a request in flight.
@@ -713,6 +722,7 @@ impl Agent {
             slot_of: BTreeMap::new(),
             memberships: BTreeMap::new(),
             maybe_member: BTreeSet::new(),
+            memberships_listed: false,
             unclosed: BTreeMap::new(),
             close_in_flight: BTreeSet::new(),
             reconcile_in_flight: BTreeSet::new(),
@@ -2043,11 +2053,26 @@ impl Agent {
             return;
         }
         match outcome {
-            Outcome::Failed(Failure::NoResponders) if !self.maybe_member.contains(&concrete) => {
-                // No daemon and no membership ever known here: nothing to tombstone (§2(b)).
+            Outcome::Failed(Failure::NoResponders)
+                if self.memberships_listed && !self.maybe_member.contains(&concrete) =>
+            {
+                // No daemon, and every membership that can exist is known: nothing to tombstone
+                // (§2(b)).
                 self.finish_leave(&channel, None);
             }
-            outcome => match decode_list_reply(outcome) {
+            Outcome::Failed(Failure::NoResponders) => {
+                // G42: an earlier life (or this one) may have left a membership open, and no
+                // daemon can say: fail closed, the caller retries once the daemon is back.
+                self.fail_leave(
+                    &channel,
+                    LeaveError::MembershipsUnknown {
+                        detail: "no delivery daemon answered, and this life has not listed its \
+                                 memberships yet"
+                            .to_owned(),
+                    },
+                );
+            }
+            outcome => match self.decode_list(outcome) {
                 Ok(list) => match list.memberships.iter().find(|m| m.channel == concrete) {
                     Some(m) => self.send_leave(concrete, m.generation),
                     None => self.finish_leave(&channel, None),
@@ -2266,12 +2291,19 @@ impl Agent {
         }
     }
 
+    /// Decodes a `listMemberships` answer; a good one marks this life's memberships as listed.
+    fn decode_list(&mut self, outcome: Outcome<Reply>) -> Result<ListMembershipsReply, String> {
+        let list = decode_list_reply(outcome)?;
+        self.memberships_listed = true;
+        Ok(list)
+    }
+
     fn on_list_for_close(&mut self, now: Now, channel: ConcreteChannel, outcome: Outcome<Reply>) {
         self.close_in_flight.remove(&channel);
         if !self.unclosed.contains_key(&channel) {
             return;
         }
-        match decode_list_reply(outcome) {
+        match self.decode_list(outcome) {
             Ok(list) => match list.memberships.iter().find(|m| m.channel == channel) {
                 Some(m) => {
                     if let Some(u) = self.unclosed.get_mut(&channel) {

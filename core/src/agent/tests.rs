@@ -1322,6 +1322,59 @@ fn g42_no_responders_never_skips_the_tombstone_of_a_known_membership() {
 }
 
 #[test]
+fn g42_a_restarted_agent_does_not_trust_no_responders_before_it_listed() {
+    // A new life (empty memory) of an agent whose earlier life left `review` generation 1 open.
+    let mut w = World::new(&[]);
+    w.daemon.members.insert("review".to_owned(), (1, true));
+    w.daemon.up = false;
+    w.connect();
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    assert!(w.agent.memberships().is_empty(), "the join met no daemon");
+    w.agent.leave(w.now, &ch("review")).unwrap();
+    w.run();
+    assert_eq!(
+        w.agent.joined(),
+        [ch("review")],
+        "fail closed: the earlier life's membership may be open"
+    );
+    assert_eq!(w.daemon.members["review"], (1, true));
+    // The daemon is back: the retried leave lists, finds generation 1 and tombstones it.
+    w.daemon.up = true;
+    w.agent.leave(w.now, &ch("review")).unwrap();
+    w.run();
+    assert!(w.agent.joined().is_empty());
+    assert_eq!(
+        w.daemon.members["review"],
+        (1, false),
+        "closed, not a zombie"
+    );
+}
+
+#[test]
+fn g42_after_a_good_list_no_responders_means_nothing_to_tombstone() {
+    let mut w = World::new(&[]);
+    w.daemon.up = false;
+    w.connect();
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    // The daemon answers a list (nothing open), then goes away again.
+    w.daemon.up = true;
+    w.agent.leave(w.now, &ch("review")).unwrap();
+    w.run();
+    assert!(w.agent.joined().is_empty(), "listed: nothing open");
+    w.daemon.up = false;
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    w.agent.leave(w.now, &ch("review")).unwrap();
+    w.run();
+    assert!(
+        w.agent.joined().is_empty(),
+        "every membership that can exist is known: no responders means none"
+    );
+}
+
+#[test]
 fn g11_a_join_reply_after_leave_closes_the_fresh_membership() {
     let mut w = World::new(&[]);
     w.connect();

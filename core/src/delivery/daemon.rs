@@ -173,6 +173,13 @@ pub struct DeliveryConfig {
     /// `false` outside tests.
     #[doc(hidden)]
     pub reference_gap_g2: bool,
+    /// Test-only: restores the reference behaviour of gap G23 so the simulator can prove the
+    /// oracle sees it. The lease then keeps no deadline of its own
+    /// ([`LeaseConfig::with_reference_gap_g23`]): a daemon that was stalled past the lease TTL
+    /// keeps its fencing token and writes until a renew CAS fails (semantics §2(m), G23, I30).
+    /// Always `false` outside tests.
+    #[doc(hidden)]
+    pub reference_gap_g23: bool,
 }
 
 impl DeliveryConfig {
@@ -188,6 +195,7 @@ impl DeliveryConfig {
             reader_window: DEFAULT_READER_WINDOW,
             max_requests: DEFAULT_MAX_REQUESTS,
             reference_gap_g2: false,
+            reference_gap_g23: false,
         }
     }
 }
@@ -778,7 +786,12 @@ pub struct Delivery {
 impl Delivery {
     /// A daemon that does nothing until the first [`Connection::Restored`].
     pub fn new(config: DeliveryConfig) -> Self {
-        let lease = Lease::new(config.shard, config.daemon_id.clone(), config.lease);
+        let lease_config = if config.reference_gap_g23 {
+            config.lease.with_reference_gap_g23()
+        } else {
+            config.lease
+        };
+        let lease = Lease::new(config.shard, config.daemon_id.clone(), lease_config);
         let mut d = Delivery {
             config,
             lease,

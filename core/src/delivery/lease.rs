@@ -127,6 +127,7 @@ pub struct LeaseConfig {
     safety_margin: Duration,
     acquire_window: Duration,
     retry_step: Duration,
+    reference_gap_g23: bool,
 }
 
 impl Default for LeaseConfig {
@@ -138,6 +139,7 @@ impl Default for LeaseConfig {
             safety_margin: Duration::from_millis(LEASE_TTL.as_millis() / 6),
             acquire_window: LEASE_TTL + BACKOFF_BASE,
             retry_step: BACKOFF_BASE,
+            reference_gap_g23: false,
         }
     }
 }
@@ -181,6 +183,7 @@ impl LeaseConfig {
             safety_margin,
             acquire_window,
             retry_step: BACKOFF_BASE.min(renew_interval),
+            reference_gap_g23: false,
         })
     }
 
@@ -209,7 +212,23 @@ impl LeaseConfig {
         self.retry_step
     }
 
+    /// Test-only: the same timing with gap G23 restored, as the reference runs its lease: no
+    /// deadline of our own, so the fencing token is never withdrawn by time and the lease is lost
+    /// only when a renew CAS fails. The simulator uses it to prove its oracle sees a deposed
+    /// daemon's writes. Never used outside tests.
+    #[doc(hidden)]
+    pub fn with_reference_gap_g23(self) -> Self {
+        LeaseConfig {
+            reference_gap_g23: true,
+            ..self
+        }
+    }
+
     fn deadline_after(&self, confirmed: Instant) -> Instant {
+        if self.reference_gap_g23 {
+            // No deadline: far past any run (about 31 years).
+            return confirmed + Duration::from_secs(1_000_000_000);
+        }
         confirmed + Duration::from_millis(self.ttl.as_millis() - self.safety_margin.as_millis())
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! ```text
 //! cotal-sim explore --seeds N [--start S] [--steps K] [--faults LIST|none|all] [--daemons D]
-//!                   [--mutation no-join-cursor|reference-g2|reference-g10] [--no-shrink] [--check-determinism]
+//!                   [--mutation no-join-cursor|reference-g2|reference-g10|reference-g23] [--no-shrink] [--check-determinism]
 //! cotal-sim replay --seed S [--steps K] [--faults …] [--daemons D] [--skip I,J,…]
-//!                  [--mutation no-join-cursor|reference-g2|reference-g10] [--check-determinism]
+//!                  [--agents A] [--plain I,J,…]
+//!                  [--mutation no-join-cursor|reference-g2|reference-g10|reference-g23] [--check-determinism]
 //! cotal-sim demo [--seed S]
 //! ```
 
@@ -21,9 +22,10 @@ use std::time::Instant as WallClock;
 
 const USAGE: &str = "usage:
   cotal-sim explore --seeds N [--start S] [--steps K] [--faults LIST|none|all] [--daemons D]
-                    [--mutation no-join-cursor|reference-g2|reference-g10] [--no-shrink] [--check-determinism]
+                    [--mutation no-join-cursor|reference-g2|reference-g10|reference-g23] [--no-shrink] [--check-determinism]
   cotal-sim replay --seed S [--steps K] [--faults LIST|none|all] [--daemons D] [--skip I,J,...]
-                   [--mutation no-join-cursor|reference-g2|reference-g10] [--check-determinism]
+                   [--agents A] [--plain I,J,...]
+                   [--mutation no-join-cursor|reference-g2|reference-g10|reference-g23] [--check-determinism]
   cotal-sim demo [--seed S]
 faults: drop, loss, slow, kv, ambiguous (comma-separated), none, all, or swarm (a subset per seed)";
 
@@ -44,7 +46,8 @@ fn parse_args() -> Result<Args, String> {
         };
         match name {
             "no-shrink" | "check-determinism" => flags.push(name.to_owned()),
-            "seeds" | "start" | "steps" | "faults" | "daemons" | "seed" | "skip" | "mutation" => {
+            "seeds" | "start" | "steps" | "faults" | "daemons" | "seed" | "skip" | "mutation"
+            | "agents" | "plain" => {
                 let v = it.next().ok_or(format!("--{name} needs a value"))?;
                 values.insert(name.to_owned(), v);
             }
@@ -83,6 +86,12 @@ impl Args {
         };
         if let Some(skip) = self.values.get("skip") {
             spec.skip = parse_ranges(skip)?;
+        }
+        if self.values.contains_key("agents") {
+            spec.agents = Some(self.num("agents", 0)? as usize);
+        }
+        if let Some(plain) = self.values.get("plain") {
+            spec.plain = parse_ranges(plain)?;
         }
         Ok(spec)
     }
@@ -144,9 +153,12 @@ fn explore(args: &Args) -> Result<ExitCode, String> {
                 let shrunk = shrink(&spec, v.invariant, 60);
                 if shrunk != spec {
                     println!(
-                        "shrunk: {} of {} steps kept, faults {}",
-                        shrunk.steps - shrunk.skip.len(),
-                        shrunk.steps,
+                        "shrunk: {} of {} steps kept, {} of {} agents, {} mentions removed, faults {}",
+                        shrunk.live_steps(),
+                        spec.live_steps(),
+                        shrunk.agent_count(),
+                        spec.agent_count(),
+                        shrunk.plain.len(),
                         shrunk.faults
                     );
                     spec = shrunk;
