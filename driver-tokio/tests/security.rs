@@ -28,12 +28,14 @@ mod common;
 use async_nats::{Client, Event, ServerError};
 use bytes::Bytes;
 use common::{NatsServer, User, WAIT};
+use cotal_core::agent::{Agent, AgentConfig, AgentEvent};
 use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryCounters, DeliveryEvent};
 use cotal_core::time::UnixMillis;
 use cotal_core::wire::config::ConsumerSpec;
 use cotal_core::wire::keys::{KvBucket, acl_key, member_key};
+use cotal_core::wire::message::Sender;
 use cotal_core::wire::permissions::{AgentPolicy, Permissions};
-use cotal_core::wire::records::AclRecord;
+use cotal_core::wire::records::{AclRecord, MembershipRecord};
 use cotal_core::wire::shard::ShardMap;
 use cotal_core::wire::token::{AgentId, Channel, ConcreteChannel, Space};
 use cotal_driver_tokio::connect::{ConnectConfig, connect};
@@ -958,4 +960,228 @@ async fn sec_daemon_never_replies_to_a_subject_not_bound_to_the_requester() {
         .count();
     assert_eq!(ignored, targets.len() + 1, "{:#?}", daemon.log);
     daemon.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Claim 7: a member whose ACL is narrowed stops receiving backstop copies of the channel
+// ---------------------------------------------------------------------------------------------
+
+/// A running agent machine and what it surfaced.
+struct Peer {
+    handle: MachineHandle<Agent>,
+    events: UnboundedReceiver<AgentEvent>,
+    task: JoinHandle<Agent>,
+    log: Vec<AgentEvent>,
+    got: Vec<String>,
+}
+
+impl Peer {
+    async fn start(server: &NatsServer, name: &str) -> Peer {
+        let mut config = AgentConfig::new(space(), Sender::new(id(name), name), Vec::new(), 4242);
+        config.durable_backstop = true;
+        config.create_dlv_consumer = false;
+        let conn = connect(&config_of(server, name)).await.expect("connect");
+        let (exec, inputs) = Executor::start(conn, ExecutorConfig::default());
+        let Runner {
+            handle,
+            events,
+            task,
+        } = Runner::spawn(Agent::new(config).expect("agent"), exec, inputs);
+        let mut p = Peer {
+            handle,
+            events,
+            task,
+            log: Vec::new(),
+            got: Vec::new(),
+        };
+        p.until("connected", |log, _| {
+            log.iter()
+                .any(|e| matches!(e, AgentEvent::Connected { .. }))
+        })
+        .await;
+        p
+    }
+
+    async fn pump(&mut self, d: Duration) {
+        let Ok(Some(event)) = tokio::time::timeout(d, self.events.recv()).await else {
+            return;
+        };
+        if let AgentEvent::MessagesReady { .. } = event {
+            for s in self.handle.take_messages(256).await.expect("runner") {
+                self.got.push(s.item.message.id.clone());
+                self.handle.handled(s.id).await.expect("handled");
+            }
+        } else {
+            self.log.push(event);
+        }
+    }
+
+    async fn until(&mut self, what: &str, pred: impl Fn(&[AgentEvent], &[String]) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !pred(&self.log, &self.got) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            assert!(!left.is_zero(), "no {what}: {:#?} {:?}", self.log, self.got);
+            self.pump(left.min(Duration::from_millis(200))).await;
+        }
+    }
+
+    async fn idle(&mut self, d: Duration) {
+        let deadline = tokio::time::Instant::now() + d;
+        while tokio::time::Instant::now() < deadline {
+            self.pump(deadline.saturating_duration_since(tokio::time::Instant::now()))
+                .await;
+        }
+    }
+
+    async fn join_durable(&mut self, channel: &str) {
+        let request = self.handle.join(ch(channel)).await.expect("join");
+        self.until("join result", |log, _| {
+            log.iter().any(|e| matches!(e, AgentEvent::Joined { request: r, .. } | AgentEvent::JoinFailed { request: r, .. } if *r == Some(request)))
+        })
+        .await;
+        let joined = self.log.iter().find(|e| matches!(e, AgentEvent::Joined { request: r, report, .. } if *r == Some(request) && report.durable));
+        assert!(joined.is_some(), "{:#?}", self.log);
+    }
+
+    async fn stop(self) {
+        self.handle.stop(Duration::from_secs(3)).expect("stop");
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("agent stops in time")
+            .expect("agent task");
+    }
+}
+
+/// Alice's post on `team` through CHAT with its msg-id; returns the message id.
+async fn post(alice: &Probe, n: u32) -> String {
+    let mid = format!("00000000-0000-4000-8000-{n:012}");
+    let body = json!({"id": mid, "ts": 1, "space": SPACE, "from": {"id": "alice", "name": "alice"},
+                      "channel": "team", "parts": [{"kind": "text", "text": format!("m{n}")}]});
+    let js = async_nats::jetstream::new(alice.client.clone());
+    js.send_publish(
+        subj("chat.alice.team"),
+        async_nats::jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(body.to_string()))
+            .message_id(mid.clone()),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
+    mid
+}
+
+async fn until_activated(s: &Space9, channel: &str, owner: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some((v, _)) = s.member(channel, owner).await {
+            let r: MembershipRecord = serde_json::from_slice(&v).expect("record");
+            if r.activated == Some(true) {
+                return;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not activated");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Copies in `dlv_<owner>` not yet acked (pending, or delivered to a pull that is gone).
+async fn dlv_pending(s: &Space9, owner: &str) -> u64 {
+    let conn = connect(&s.admin).await.expect("admin");
+    let js = async_nats::jetstream::new(conn.client);
+    let stream = js.get_stream(format!("DLV_{SPACE}")).await.expect("dlv");
+    let info = stream
+        .consumer_info(format!("dlv_{owner}"))
+        .await
+        .expect("consumer info")
+        .clone();
+    info.num_pending + info.num_ack_pending as u64
+}
+
+/// Bob is a durable member of `team`, goes offline, and his read ACL (record and credential) is
+/// narrowed to `secret`. Copies not yet transferred to his DLV when the narrowing lands — posts
+/// fan-out had not routed yet, and posts after it — are dropped by the trusted reader (counted);
+/// Bob, back online, surfaces none of them.
+#[tokio::test]
+async fn sec_narrowed_acl_stops_backstop_copies_not_yet_transferred() {
+    let Some(mut s) = Space9::start().await else {
+        return;
+    };
+    let daemon = Daemon::start(&s.server).await;
+    let alice = Probe::connect(&s.server, "alice").await;
+    let mut bob = Peer::start(&s.server, "bob").await;
+    bob.join_durable("team").await;
+    until_activated(&s, "team", "bob").await;
+    let m1 = post(&alice, 1).await;
+    bob.until("m1", |_, got| got.contains(&m1)).await;
+    bob.stop().await;
+    // Queued in the pipeline: posted while no daemon routes them.
+    daemon.stop().await;
+    let queued = [post(&alice, 2).await, post(&alice, 3).await];
+    // The narrowing: the ACL record, and the credential (server reload).
+    s.put_acl("bob", &["secret"], 2).await;
+    s.server.reload_with_users(users(ALICE_READ, &["secret"]));
+    let mut daemon = Daemon::start(&s.server).await;
+    let after = post(&alice, 4).await;
+    // Every copy is judged and dropped by the reader: none lands in DLV.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while daemon.counters().await.dropped < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reader did not drop the copies: {:?}",
+            daemon.counters().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(daemon.counters().await.transferred, 0);
+    assert_eq!(dlv_pending(&s, "bob").await, 0);
+    let mut bob = Peer::start(&s.server, "bob").await;
+    bob.idle(Duration::from_secs(2)).await;
+    for m in queued.iter().chain([&after]) {
+        assert!(!bob.got.contains(m), "bob surfaced {m} after the narrowing");
+    }
+    bob.stop().await;
+    daemon.stop().await;
+}
+
+/// KNOWN GAP (issue 9, "including copies already queued for it"): copies the reader transferred
+/// to Bob's DLV *before* the narrowing are post-authorization and are still surfaced after it.
+/// DLV carries the bare message, nothing re-checks the ACL on the way out of DLV, the daemon has
+/// no purge grant on DLV, and the agent cannot see its own ACL record. Run with `--ignored` to
+/// see it fail.
+#[tokio::test]
+#[ignore = "known gap: copies already in DLV before an ACL narrowing are still surfaced"]
+async fn sec_narrowed_acl_stops_backstop_copies_already_in_dlv() {
+    let Some(mut s) = Space9::start().await else {
+        return;
+    };
+    let daemon = Daemon::start(&s.server).await;
+    let alice = Probe::connect(&s.server, "alice").await;
+    let mut bob = Peer::start(&s.server, "bob").await;
+    bob.join_durable("team").await;
+    until_activated(&s, "team", "bob").await;
+    bob.stop().await;
+    let in_dlv = [post(&alice, 2).await, post(&alice, 3).await];
+    let mut daemon = daemon;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while dlv_pending(&s, "bob").await < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not transferred: {:?} {:#?}",
+            daemon.counters().await,
+            daemon.log
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.put_acl("bob", &["secret"], 2).await;
+    s.server.reload_with_users(users(ALICE_READ, &["secret"]));
+    let mut bob = Peer::start(&s.server, "bob").await;
+    bob.idle(Duration::from_secs(2)).await;
+    let surfaced: Vec<_> = in_dlv.iter().filter(|m| bob.got.contains(m)).collect();
+    bob.stop().await;
+    daemon.stop().await;
+    assert!(
+        surfaced.is_empty(),
+        "bob surfaced {surfaced:?} from DLV after his ACL was narrowed"
+    );
 }
