@@ -1185,3 +1185,359 @@ async fn sec_narrowed_acl_stops_backstop_copies_already_in_dlv() {
         "bob surfaced {surfaced:?} from DLV after his ACL was narrowed"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Hostile input, over the real server
+// ---------------------------------------------------------------------------------------------
+
+/// Hostile `ctl.delivery` requests on Alice's own lane (the broker lets every one through):
+/// malformed JSON, non-object JSON, deep nesting, wrong types, unknown ops, invalid and wildcard
+/// channels, leave generations that are not finite integers, a payload near the server's
+/// `max_payload`. Each gets an `{ok:false, error}` reply within the wait, the daemon keeps
+/// serving, and no membership record changes. A replayed join is idempotent (same generation).
+#[tokio::test]
+async fn hostile_control_requests_get_an_error_reply_and_change_nothing() {
+    let Some(s) = Space9::start().await else {
+        return;
+    };
+    let mut daemon = Daemon::start(&s.server).await;
+    let mut alice = Probe::connect(&s.server, "alice").await;
+    let mut bob = Probe::connect(&s.server, "bob").await;
+    let joined = bob.control("durableJoin", json!({"channel": "team"})).await;
+    assert_eq!(joined["ok"], true, "{joined}");
+    let bob_team = s.member("team", "bob").await.expect("record");
+
+    let from = json!({"id": "alice", "name": "alice"});
+    let req = |op: Value, args: Value| json!({"op": op, "args": args, "from": from}).to_string();
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let huge = req(
+        json!("durableJoin"),
+        json!({"channel": "x".repeat(1_000_000)}),
+    );
+    let payloads: Vec<(&str, String)> = vec![
+        ("malformed", "{not json".to_owned()),
+        ("empty", String::new()),
+        ("null", "null".to_owned()),
+        ("array", "[]".to_owned()),
+        ("string", "\"durableJoin\"".to_owned()),
+        ("number", "42".to_owned()),
+        ("deep nesting", deep),
+        ("op type", req(json!(7), json!({"channel": "team"}))),
+        ("unknown op", req(json!("purgeAll"), json!({}))),
+        ("args type", req(json!("durableJoin"), json!(["team"]))),
+        (
+            "channel type",
+            req(json!("durableJoin"), json!({"channel": 42})),
+        ),
+        (
+            "channel null",
+            req(json!("durableJoin"), json!({"channel": null})),
+        ),
+        ("blank", req(json!("durableJoin"), json!({"channel": "  "}))),
+        (
+            "empty segment",
+            req(json!("durableJoin"), json!({"channel": "team..x"})),
+        ),
+        (
+            "unsafe segment",
+            req(json!("durableJoin"), json!({"channel": "te am"})),
+        ),
+        (
+            "wildcard *",
+            req(json!("durableJoin"), json!({"channel": "*"})),
+        ),
+        (
+            "wildcard team.*",
+            req(json!("durableJoin"), json!({"channel": "team.*"})),
+        ),
+        (
+            "wildcard >",
+            req(json!("durableJoin"), json!({"channel": ">"})),
+        ),
+        (
+            "wildcard news.>",
+            req(json!("durableJoin"), json!({"channel": "news.>"})),
+        ),
+        (
+            "misplaced >",
+            req(json!("durableJoin"), json!({"channel": ">.team"})),
+        ),
+        (
+            "leave wildcard",
+            req(
+                json!("durableLeave"),
+                json!({"channel": "team.*", "generation": 1}),
+            ),
+        ),
+        (
+            "leave no generation",
+            req(json!("durableLeave"), json!({"channel": "team"})),
+        ),
+        (
+            "leave generation string",
+            req(
+                json!("durableLeave"),
+                json!({"channel": "team", "generation": "1"}),
+            ),
+        ),
+        (
+            "leave generation fraction",
+            req(
+                json!("durableLeave"),
+                json!({"channel": "team", "generation": 1.5}),
+            ),
+        ),
+        (
+            "leave generation huge",
+            req(
+                json!("durableLeave"),
+                json!({"channel": "team", "generation": 1e308}),
+            ),
+        ),
+        (
+            "from type",
+            json!({"op": "listMemberships", "args": {}, "from": "alice"}).to_string(),
+        ),
+        ("huge", huge),
+    ];
+    for (name, payload) in &payloads {
+        let reply = alice
+            .control_raw(Bytes::from(payload.clone()), None, true)
+            .await
+            .unwrap_or_else(|| panic!("{name}: no reply"));
+        assert_eq!(reply["ok"], false, "{name}: {reply}");
+        assert!(
+            reply["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{name}: {reply}"
+        );
+    }
+    let raw = alice
+        .control_raw(Bytes::from_static(b"{\"op\":\"\xff\xfe\"}"), None, true)
+        .await
+        .expect("a reply to invalid UTF-8");
+    assert_eq!(raw["ok"], false, "{raw}");
+    // Subjects with extra tokens never reach the daemon: the broker refuses them on her lane.
+    for extra in [
+        "ctl.delivery.alice.extra",
+        "ctl.delivery.alice.reply",
+        "ctl.delivery.alice.a.b",
+    ] {
+        alice
+            .refused_pub(
+                &subj(extra),
+                Bytes::from(req(json!("listMemberships"), json!({}))),
+            )
+            .await;
+    }
+    // A replayed join: the same generation, no second membership.
+    let first = alice
+        .control("durableJoin", json!({"channel": "team"}))
+        .await;
+    let again = alice
+        .control("durableJoin", json!({"channel": "team"}))
+        .await;
+    assert_eq!(first["ok"], true, "{first}");
+    assert_eq!(
+        first["data"]["generation"], again["data"]["generation"],
+        "{first} {again}"
+    );
+    let list = alice.control("listMemberships", json!({})).await;
+    assert_eq!(
+        list["data"]["memberships"].as_array().map(Vec::len),
+        Some(1),
+        "{list}"
+    );
+    // Nothing else changed, and the daemon still serves.
+    assert_eq!(s.member("team", "bob").await, Some(bob_team));
+    for c in ["news", "x", "secret", "team.x"] {
+        assert_eq!(s.member(c, "alice").await, None, "{c}");
+    }
+    let (_, counters, serving) = daemon.handle.status().await.expect("daemon runs");
+    assert!(serving);
+    assert_eq!(counters.fenced + counters.writes_failed, 0, "{counters:?}");
+    daemon.drain();
+    let refused = daemon
+        .log
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                DeliveryEvent::ControlRefused { .. }
+                    | DeliveryEvent::JoinFailed { .. }
+                    | DeliveryEvent::LeaveFailed { .. }
+            )
+        })
+        .count();
+    assert!(refused >= payloads.len(), "{refused} < {}", payloads.len());
+    daemon.stop().await;
+}
+
+/// Hostile channel traffic to an agent, published on Alice's own (granted) subject: malformed
+/// JSON, wrong types, a spoofed `from.id`, a body near `max_payload`, a replayed msg-id (stored
+/// once by JetStream) and the same message re-sent on core NATS. Bob surfaces each good message
+/// exactly once, counts the spoofed and malformed copies, and keeps running.
+#[tokio::test]
+async fn hostile_channel_traffic_to_an_agent() {
+    let Some(s) = Space9::start().await else {
+        return;
+    };
+    let alice = Probe::connect(&s.server, "alice").await;
+    let mut bob = Peer::start(&s.server, "bob").await;
+    let request = bob.handle.join(ch("team")).await.expect("join");
+    bob.until("joined", |log, _| {
+        log.iter()
+            .any(|e| matches!(e, AgentEvent::Joined { request: r, .. } if *r == Some(request)))
+    })
+    .await;
+    let team = subj("chat.alice.team");
+    let msg = |id: &str, from: &str| {
+        json!({"id": id, "ts": 1, "space": SPACE, "from": {"id": from, "name": from},
+               "channel": "team", "parts": [{"kind": "text", "text": "ok"}]})
+        .to_string()
+    };
+    let bad = [
+        "{not json".to_owned(),
+        "null".to_owned(),
+        json!({"id": 5, "from": {"id": "alice"}}).to_string(),
+        json!({"id": "w1", "ts": "x", "space": SPACE, "from": {"id": "alice", "name": "a"}, "channel": "team", "parts": 5}).to_string(),
+    ];
+    for b in &bad {
+        alice
+            .client
+            .publish(team.clone(), Bytes::from(b.clone()))
+            .await
+            .expect("publish");
+    }
+    // Spoofed sender in the payload.
+    alice
+        .client
+        .publish(team.clone(), Bytes::from(msg("spoof-1", "carol")))
+        .await
+        .expect("publish");
+    // A big body (under max_payload) that is otherwise valid.
+    let big = json!({"id": "big-1", "ts": 1, "space": SPACE, "from": {"id": "alice", "name": "alice"},
+                     "channel": "team", "parts": [{"kind": "text", "text": "y".repeat(900_000)}]});
+    alice
+        .client
+        .publish(team.clone(), Bytes::from(big.to_string()))
+        .await
+        .expect("publish");
+    // Replayed msg-id through JetStream, and a core-NATS re-send of the same message.
+    let js = async_nats::jetstream::new(alice.client.clone());
+    let mut seqs = Vec::new();
+    for _ in 0..2 {
+        let ack = js
+            .send_publish(
+                team.clone(),
+                async_nats::jetstream::message::PublishMessage::build()
+                    .payload(Bytes::from(msg("replay-1", "alice")))
+                    .message_id("replay-1"),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+        seqs.push((ack.sequence, ack.duplicate));
+    }
+    assert_eq!(seqs[0].0, seqs[1].0, "{seqs:?}");
+    assert!(seqs[1].1, "{seqs:?}");
+    alice
+        .client
+        .publish(team.clone(), Bytes::from(msg("replay-1", "alice")))
+        .await
+        .expect("publish");
+    alice.client.flush().await.expect("flush");
+    bob.until("the good messages", |_, got| {
+        got.iter().any(|g| g == "big-1") && got.iter().any(|g| g == "replay-1")
+    })
+    .await;
+    bob.idle(QUIET).await;
+    assert_eq!(
+        bob.got.iter().filter(|g| *g == "replay-1").count(),
+        1,
+        "{:?}",
+        bob.got
+    );
+    assert!(
+        !bob.got.iter().any(|g| g == "spoof-1" || g == "w1"),
+        "{:?}",
+        bob.got
+    );
+    let health = bob.handle.health().await.expect("bob runs");
+    assert!(health.counters.spoofed >= 1, "{:?}", health.counters);
+    assert!(
+        health.counters.malformed >= bad.len() as u64,
+        "{:?}",
+        health.counters
+    );
+    bob.stop().await;
+}
+
+/// Hostile entries in INBOX (an agent cannot write there, so they stand for a buggy or
+/// compromised privileged writer): malformed JSON, wrong types, a wildcard channel, an entry for
+/// an owner with no ACL record, an entry whose channel lies outside the owner's ACL. The reader
+/// terminates the malformed ones at once (counted), drops the uncovered one, defers the unknown
+/// owner with its nak delay — never a hot redelivery loop — and transfers nothing to any DLV.
+#[tokio::test]
+async fn hostile_inbox_entries_are_terminated_or_dropped_never_hot_looped() {
+    let Some(s) = Space9::start().await else {
+        return;
+    };
+    let mut daemon = Daemon::start(&s.server).await;
+    let admin = connect(&s.admin).await.expect("admin").client;
+    let js = async_nats::jetstream::new(admin);
+    let entry = |owner_channel: &str, generation: Value| {
+        json!({"msg": {"id": format!("h-{owner_channel}"), "ts": 1, "space": SPACE,
+                       "from": {"id": "alice", "name": "alice"}, "channel": owner_channel,
+                       "parts": []},
+               "channel": owner_channel, "seq": 1, "reason": "durable-channel",
+               "generation": generation})
+        .to_string()
+    };
+    let inputs: Vec<(String, String)> = vec![
+        (subj("dinbox.bob"), "{not json".to_owned()),
+        (subj("dinbox.bob"), "[]".to_owned()),
+        (subj("dinbox.bob"), entry("team", json!("one"))),
+        (subj("dinbox.bob"), entry("team.*", json!(1))),
+        (subj("dinbox.bob"), entry("news.x", json!(1))),
+        (subj("dinbox.nobody"), entry("team", json!(1))),
+    ];
+    for (subject, body) in &inputs {
+        js.publish(subject.clone(), Bytes::from(body.clone()))
+            .await
+            .expect("publish")
+            .await
+            .expect("stored in INBOX");
+    }
+    // Bounded window: count the reader's deliveries.
+    let window = Duration::from_secs(5);
+    tokio::time::sleep(window).await;
+    let c = daemon.counters().await;
+    assert!(c.terminated >= 4, "{c:?}");
+    assert!(c.dropped >= 1, "{c:?}");
+    assert_eq!(c.transferred, 0, "{c:?}");
+    assert_eq!(dlv_pending(&s, "bob").await, 0);
+    let mut inbox = js
+        .get_stream(format!("INBOX_{SPACE}"))
+        .await
+        .expect("inbox");
+    let _ = inbox.info().await.expect("info");
+    let reader = inbox
+        .consumer_info("reader")
+        .await
+        .expect("reader info")
+        .clone();
+    // Six entries; only the unknown owner is redelivered, at most once per nak delay (2 s).
+    let redeliveries = reader
+        .delivered
+        .consumer_sequence
+        .saturating_sub(inputs.len() as u64);
+    assert!(
+        redeliveries <= 3,
+        "{redeliveries} redeliveries in {window:?}: a hot loop? {reader:?}"
+    );
+    assert!(c.deferred >= 1 && c.deferred <= 4, "{c:?}");
+    let (_, _, serving) = daemon.handle.status().await.expect("daemon runs");
+    assert!(serving);
+    daemon.stop().await;
+}
