@@ -250,10 +250,10 @@ impl Probe {
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(150);
         while let Ok(Some(e)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
-            if let Event::ServerError(ServerError::Other(s)) = e {
-                if s.contains("Permissions Violation") {
-                    out.push(s);
-                }
+            if let Event::ServerError(ServerError::Other(s)) = e
+                && s.contains("Permissions Violation")
+            {
+                out.push(s);
             }
         }
         out
@@ -329,13 +329,12 @@ impl Probe {
             self.client.request(subject.to_owned(), payload),
         )
         .await;
-        match r {
-            Ok(Ok(m)) => panic!(
+        if let Ok(Ok(m)) = r {
+            panic!(
                 "{}: {subject} answered: {:?}",
                 self.user,
                 String::from_utf8_lossy(&m.payload)
-            ),
-            Ok(Err(_)) | Err(_) => {}
+            );
         }
         self.refused("Publish", subject).await;
     }
