@@ -114,5 +114,25 @@ for t in ['message', 'plane3_entry', 'membership_record', 'acl_record', 'deliver
 for s in [b'a:b:0', b'a:b:c:1', b'::1', b'x:U1:01', b'x:U1:-1', b'x:U1:18446744073709551616']:
     put('msg_id', s)
 
+# The daemon's gate: "<subject>\n<reply>\n<payload>" (the request seeds on bound, unbound and
+# hostile reply subjects) and the reader: "<subject>\n<payload>" (plane3 entries on dinbox subjects).
+lane = f'cotal.main.ctl.delivery.{A}'
+replies = [f'{lane}.reply.r1', '', f'cotal.main.ctl.delivery.{B}.reply.x', f'{lane}.reply.a.b',
+           f'{lane}.reply.', f'_INBOX_{B}.x', f'{lane}x.reply.y']
+gate_payloads = [x['request']['payload'] for x in load('ctl-delivery-exchanges.json')][:4] + hostile
+for i, p in enumerate(gate_payloads):
+    body = p if isinstance(p, bytes) else json.dumps(p, separators=(',', ':')).encode()
+    for r in replies[: (len(replies) if i < 2 else 2)]:
+        put('control_gate', f'{lane}\n{r}\n'.encode() + body)
+for subj in [f'cotal.main.ctl.delivery.{A}.x', 'cotal.other.ctl.delivery.U1', f'cotal.main.ctl.manager.{A}']:
+    put('control_gate', f'{subj}\n{subj}.reply.r\n{{}}'.encode())
+entries = [p for p in os.listdir(os.path.join(ROOT, 'plane3_entry'))]
+for name in sorted(entries)[:8]:
+    with open(os.path.join(ROOT, 'plane3_entry', name), 'rb') as f:
+        body = f.read()
+    for subj in [f'cotal.main.dinbox.{A}', f'cotal.main.dinbox.{A}.x', 'cotal.main.dinbox.*',
+                 f'cotal.main.dlv.{A}']:
+        put('reader_entry', f'{subj}\n'.encode() + body)
+
 for t in sorted(os.listdir(ROOT)):
     print(t, len(os.listdir(os.path.join(ROOT, t))))

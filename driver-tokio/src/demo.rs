@@ -899,7 +899,10 @@ impl Script {
                     ));
                 }
             }
-            Action::Narrow { .. } | Action::RestartDaemon { .. } | Action::LoseDaemon { .. } => {
+            Action::Narrow { .. }
+            | Action::RestartDaemon { .. }
+            | Action::LoseDaemon { .. }
+            | Action::FreezeHolder { .. } => {
                 self.notes
                     .push(format!("{action}: not part of the demo; skipped"));
             }

@@ -211,3 +211,59 @@ pub fn msg_id(data: &[u8]) {
         assert_eq!(id.to_string(), text.as_ref(), "format(parse(s)) != s");
     }
 }
+
+use cotal_core::delivery::authorize::decode_entry;
+use cotal_core::delivery::control::{Admission, admit};
+use cotal_core::wire::token::Space;
+
+/// Splits a fuzz input into `<line 1>\n<line 2>\n<rest>` (missing parts are empty).
+fn three_parts(data: &[u8]) -> (String, String, &[u8]) {
+    let mut it = data.splitn(3, |b| *b == b'\n');
+    let a = String::from_utf8_lossy(it.next().unwrap_or_default()).into_owned();
+    let b = String::from_utf8_lossy(it.next().unwrap_or_default()).into_owned();
+    (a, b, it.next().unwrap_or_default())
+}
+
+/// The daemon's request gate on one `ctl.delivery` message of space `main`: input
+/// `<subject>\n<reply subject, empty: none>\n<payload>`.
+///
+/// Whatever the bytes, a reply only ever goes to `<subject>.reply.<one token>` (the
+/// confused-deputy guard, I27), and an admitted request's requester is the subject's sender.
+pub fn control_gate(data: &[u8]) {
+    let (subject, reply, payload) = three_parts(data);
+    let space = Space::new("main").expect("valid space");
+    let reply = (!reply.is_empty()).then_some(reply.as_str());
+    let admission = admit(&space, &subject, reply, payload);
+    if let Some(to) = admission.reply_to() {
+        let token = to
+            .strip_prefix(&format!("{subject}.reply."))
+            .unwrap_or_else(|| panic!("reply to {to} for a request on {subject}"));
+        assert!(
+            !token.is_empty() && !token.contains('.'),
+            "reply token {token}"
+        );
+        assert_eq!(
+            Some(to),
+            reply,
+            "a reply to a subject the requester did not name"
+        );
+    }
+    if let Admission::Admitted(a) = &admission {
+        assert_eq!(
+            subject.rsplit('.').next(),
+            Some(a.requester.as_str()),
+            "admitted requester is not the subject's sender"
+        );
+    }
+}
+
+/// The trusted reader's decoding of one INBOX message: input `<subject>\n<payload>`. A decoded
+/// entry's owner is the dinbox subject's owner token, never a payload field.
+pub fn reader_entry(data: &[u8]) {
+    let mut it = data.splitn(2, |b| *b == b'\n');
+    let subject = String::from_utf8_lossy(it.next().unwrap_or_default()).into_owned();
+    let payload = it.next().unwrap_or_default();
+    if let Ok((owner, _entry)) = decode_entry(&subject, payload) {
+        assert_eq!(parse_dinbox_owner(&subject).as_ref(), Some(&owner));
+    }
+}

@@ -94,3 +94,13 @@ fn control_reply_corpus() {
 fn msg_id_corpus() {
     replay("msg_id", fuzz_entry::msg_id, 15);
 }
+
+#[test]
+fn control_gate_corpus() {
+    replay("control_gate", fuzz_entry::control_gate, 15);
+}
+
+#[test]
+fn reader_entry_corpus() {
+    replay("reader_entry", fuzz_entry::reader_entry, 15);
+}

@@ -347,7 +347,24 @@ fn check_agent_invariants(space: &Space, policy: &AgentPolicy) {
             .map(|c| format!("cotal.{s}.chat.*.{c}")),
     );
     assert_eq!(p.subscribe_allow, expected);
-    assert!(p.subscribe_deny.is_empty());
+    // sub.deny: only the closure of a trailing `*` (`chat.*.<ch>.>`), and it never refuses a
+    // channel some read entry grants (deny beats allow on the server).
+    for d in &p.subscribe_deny {
+        let pattern = d
+            .strip_prefix(&format!("cotal.{s}.chat.*."))
+            .and_then(|rest| rest.strip_suffix(".>"))
+            .unwrap_or_else(|| panic!("unexpected sub.deny {d}"));
+        assert!(pattern == "*" || pattern.ends_with(".*"), "{d}");
+        assert!(
+            policy.allow_subscribe.iter().any(|c| c.as_str() == pattern),
+            "{d}"
+        );
+        for c in &policy.allow_subscribe {
+            let instance = c.as_str().replace('*', "x").replace('>', "x.y");
+            let subject = format!("cotal.{s}.chat.{id}.{instance}");
+            assert!(!matches(d, &subject), "{d} denies the granted {subject}");
+        }
+    }
     assert!(!may_subscribe(
         &p,
         &format!("cotal.{s}.ctl.delivery.UOTHER.reply.x")

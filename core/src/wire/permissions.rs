@@ -112,6 +112,11 @@ impl Permissions {
     ///
     /// `sub.allow`: `_INBOX_<id>.>`, `ctl.delivery.<id>.>` and `chat.*.<ch>` per `allowSubscribe`
     /// entry (wildcards preserved).
+    ///
+    /// `sub.deny` (not in the reference): `chat.*.<ch>.>` for an `allowSubscribe` entry ending in
+    /// `*`, which the server would otherwise let a `>` subscription widen (see
+    /// `deeper_than_trailing_star`). Empty for concrete and `>`-ending entries, so the recorded
+    /// reference claims are unchanged for them.
     pub fn agent(space: &Space, policy: &AgentPolicy) -> Self {
         let id = route_token(policy.id.as_str());
         let chat = SpaceStream::Chat.name(space);
@@ -178,7 +183,9 @@ impl Permissions {
                 .iter()
                 .map(|ch| names::chat_subject(space, "*", ch.as_str())),
         );
-        Permissions::with(publish, deny, subscribe)
+        let mut permissions = Permissions::with(publish, deny, subscribe);
+        permissions.subscribe_deny = deeper_than_trailing_star(space, &policy.allow_subscribe);
+        permissions
     }
 
     /// The delivery daemon credential (`PROV:deliveryPermissions`, semantics §1.10).
@@ -352,6 +359,44 @@ impl Permissions {
     }
 }
 
+/// `sub.deny` entries that close the trailing-`*` widening of a read grant (found by
+/// `driver-tokio/tests/security.rs` against nats-server 2.15).
+///
+/// The server checks a SUB by matching the *subscription subject*, token by token, against the
+/// allow list as if it were a literal subject, so an allow entry ending in `*` also matches a
+/// subscription whose last token is `>`: with `allowSubscribe: ["news.*"]` the grant
+/// `cotal.<s>.chat.*.news.*` admits a SUB to `cotal.<s>.chat.*.news.>`, and that subscription
+/// receives `news.a.b`, a channel outside the read ACL. For each such entry `P` this returns the
+/// deny entry `cotal.<s>.chat.*.P.>`: the server then filters every message delivered to a
+/// wildcard subscription against the deny list, so nothing deeper than `P` reaches the agent,
+/// while `P`'s own channels (and the agent's own subscription `chat.*.P`) stay allowed.
+///
+/// An entry is skipped when another read entry may cover a channel deeper than `P` (for example
+/// `news.*` beside `news.*.x` or `news.>`): denying there would refuse a granted channel, and deny
+/// beats allow. In that case the widening stays open for the channels neither entry grants; the
+/// agent's read ACL on the daemon side ([`crate::acl`]) is unaffected either way.
+fn deeper_than_trailing_star(space: &Space, read: &[Channel]) -> BTreeSet<String> {
+    fn segments(c: &Channel) -> Vec<&str> {
+        c.as_str().split('.').collect()
+    }
+    fn intersects(a: &str, b: &str) -> bool {
+        a == b || a == "*" || b == "*" || a == ">" || b == ">"
+    }
+    read.iter()
+        .filter(|p| segments(p).last() == Some(&"*"))
+        .filter(|p| {
+            let ps = segments(p);
+            !read.iter().any(|q| {
+                let qs = segments(q);
+                let deeper =
+                    qs.len() > ps.len() || (qs.last() == Some(&">") && qs.len() >= ps.len());
+                deeper && ps.iter().zip(&qs).all(|(a, b)| intersects(a, b))
+            })
+        })
+        .map(|p| format!("{}.>", names::chat_subject(space, "*", p.as_str())))
+        .collect()
+}
+
 /// Every subject form that creates a consumer on `stream`: the bare legacy create, the named and
 /// filtered create, and the legacy durable create.
 fn consumer_create_forms(stream: &str) -> [String; 3] {
@@ -381,6 +426,25 @@ mod tests {
             role: role.map(|r| Role::new(r).unwrap()),
             spawn,
         }
+    }
+
+    #[test]
+    fn a_trailing_star_read_grant_denies_what_lies_deeper() {
+        let mut p = policy(false, None);
+        assert!(
+            Permissions::agent(&space(), &p).subscribe_deny.is_empty(),
+            "no trailing `*`, no deny"
+        );
+        p.allow_subscribe = ["news.*", "*", "a.*.c", "ops.*", "ops.*.x"]
+            .into_iter()
+            .map(|c| Channel::new(c).unwrap())
+            .collect();
+        let deny = Permissions::agent(&space(), &p).subscribe_deny;
+        // `*` is skipped: `a.*.c` and `ops.*.x` lie deeper; `ops.*` is skipped for `ops.*.x`.
+        assert_eq!(
+            deny.into_iter().collect::<Vec<_>>(),
+            ["cotal.main.chat.*.news.*.>"]
+        );
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! - `cotal agent`: run an agent (JSON lines out, commands in on stdin);
 //! - `cotal send`, `cotal members`, `cotal health`, `cotal channels`: one-shot operations.
 //!
-//! `cotal bench` measures durable fan-out end to end (see `cotal/bench.rs`).
+//! `cotal bench` measures durable fan-out end to end (see `cotal/bench.rs`); `cotal chaos` kills
+//! the delivery daemon at seeded points while messages flow (see `cotal/chaos.rs`).
 //!
 //! `cotal demo` runs the demo mesh on the embedded simulator (`cotal_driver_sim::demo`); with
 //! `--nats URL` or `--spawn-server` it runs the same script on a real nats-server
@@ -29,6 +30,8 @@ use std::time::Duration;
 
 #[path = "cotal/bench.rs"]
 mod bench;
+#[path = "cotal/chaos.rs"]
+mod chaos;
 #[path = "cotal/commands.rs"]
 mod commands;
 
@@ -169,6 +172,9 @@ enum Cmd {
     /// Measure durable fan-out end to end: the JetStream publish ceiling, then one daemon and M
     /// member agents on a fresh space and a durable channel; copies/s, latency, losses.
     Bench(bench::BenchArgs),
+    /// Kill the delivery daemon (a child process) with SIGKILL at seeded points while messages
+    /// flow, start a successor, and check every member's durable copies: a summary table.
+    Chaos(chaos::ChaosArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -334,6 +340,7 @@ async fn main() -> ExitCode {
         Cmd::Channels(args) => commands::channels(args).await,
         Cmd::Demo(args) => demo(&args).await,
         Cmd::Bench(args) => bench::bench(args).await,
+        Cmd::Chaos(args) => chaos::chaos(args).await,
     }
 }
 

@@ -185,25 +185,25 @@ pub(crate) async fn bench(args: BenchArgs) -> ExitCode {
 
 /// What one member task saw.
 #[derive(Default)]
-struct MemberLog {
+pub(crate) struct MemberLog {
     /// First surfacing of each message id.
-    first: BTreeMap<String, Instant>,
+    pub(crate) first: BTreeMap<String, Instant>,
     /// Second (and later) surfacings.
-    duplicates: u64,
+    pub(crate) duplicates: u64,
     /// Loss events the agent reported.
-    lost_events: u64,
+    pub(crate) lost_events: u64,
     /// First surfacings whose copy came through DLV (the live copy did not arrive first).
-    via_dlv: u64,
+    pub(crate) via_dlv: u64,
     /// The agent's loss events by reason.
     lost_reasons: BTreeMap<String, u64>,
     /// Live copies a full ledger shed on the durable channel (their DLV copy follows).
     shed: u64,
 }
 
-struct Member {
-    handle: MachineHandle<Agent>,
-    task: tokio::task::JoinHandle<MemberLog>,
-    agent: tokio::task::JoinHandle<Agent>,
+pub(crate) struct Member {
+    pub(crate) handle: MachineHandle<Agent>,
+    pub(crate) task: tokio::task::JoinHandle<MemberLog>,
+    pub(crate) agent: tokio::task::JoinHandle<Agent>,
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -742,7 +742,7 @@ async fn connect_as(cfg: &ConnectConfig, config: &AgentConfig) -> Result<NatsCon
 }
 
 /// Starts one member and the task that surfaces its messages until `stop`.
-async fn start_member(
+pub(crate) async fn start_member(
     cfg: &ConnectConfig,
     config: AgentConfig,
     surfaced: Arc<AtomicUsize>,

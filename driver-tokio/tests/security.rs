@@ -1,0 +1,1542 @@
+//! Security on the real broker (issue 9, security half): a nats-server whose users carry exactly
+//! the permission blocks `cotal provision` writes — the delivery daemon's profile
+//! (`Permissions::delivery`), two agent profiles (`Permissions::agent`) and one unrestricted
+//! provisioner — and one test per claim of the issue:
+//!
+//! - an agent cannot subscribe outside its read ACL;
+//! - it cannot publish as another sender;
+//! - it cannot read or bind another agent's `dlv_<id>`;
+//! - it cannot touch the mixed backstop store (INBOX) at all;
+//! - it cannot write membership, lease or ACL records;
+//! - it cannot make the daemon reply to a subject not bound to the requester;
+//! - a member whose ACL is narrowed stops receiving backstop copies of the channel.
+//!
+//! Where the broker refuses, the test asserts the broker's refusal as the client sees it (a
+//! `Permissions Violation` server error naming the subject). Where the broker allows the message
+//! (the request reaches the daemon on the requester's own lane), the test asserts the daemon's
+//! refusal: an `{ok:false}` reply, or no reply at all for an unbound reply subject, and the KV
+//! record unchanged. Every refusal test also performs the allowed neighbour of the refused
+//! action, so a refusal cannot pass by the action being impossible for an unrelated reason.
+//!
+//! Hostile input (malformed JSON, huge payloads, wrong types, spoofed `from.id`, subjects with
+//! extra tokens, replayed msg-ids, wildcard channels) is in the `hostile_*` tests at the end.
+//!
+//! Skipped (returns early) when `COTAL_NATS_SERVER` is unset. Every wait is bounded.
+
+mod common;
+
+use async_nats::{Client, Event, ServerError};
+use bytes::Bytes;
+use common::{NatsServer, User, WAIT};
+use cotal_core::agent::{Agent, AgentConfig, AgentEvent};
+use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryCounters, DeliveryEvent};
+use cotal_core::time::UnixMillis;
+use cotal_core::wire::config::ConsumerSpec;
+use cotal_core::wire::keys::{KvBucket, acl_key, member_key};
+use cotal_core::wire::message::Sender;
+use cotal_core::wire::permissions::{AgentPolicy, Permissions};
+use cotal_core::wire::records::{AclRecord, MembershipRecord};
+use cotal_core::wire::shard::ShardMap;
+use cotal_core::wire::token::{AgentId, Channel, ConcreteChannel, Space};
+use cotal_driver_tokio::connect::{ConnectConfig, connect};
+use cotal_driver_tokio::exec::{Executor, ExecutorConfig};
+use cotal_driver_tokio::provision::{apply_consumer, nats_server_permissions, provision_space};
+use cotal_driver_tokio::run::{MachineHandle, Runner};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::task::JoinHandle;
+
+const SPACE: &str = "sec";
+const DAEMON: &str = "daemon";
+/// How long silence must last to count as "nothing came".
+const QUIET: Duration = Duration::from_millis(600);
+
+fn space() -> Space {
+    Space::new(SPACE).expect("space")
+}
+
+fn id(s: &str) -> AgentId {
+    AgentId::new(s).expect("agent id")
+}
+
+fn ch(s: &str) -> Channel {
+    Channel::new(s).expect("channel")
+}
+
+fn concrete(s: &str) -> ConcreteChannel {
+    ch(s).to_concrete().expect("concrete channel")
+}
+
+fn subj(rest: &str) -> String {
+    format!("cotal.{SPACE}.{rest}")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Users: exactly what `cotal provision agent` prints, plus the daemon profile
+// ---------------------------------------------------------------------------------------------
+
+/// Alice reads `team` and `news.*`, posts on `team`.
+const ALICE_READ: &[&str] = &["team", "news.*"];
+/// Bob reads and posts on `team` and `secret`.
+const BOB_READ: &[&str] = &["team", "secret"];
+
+fn agent_user(agent: &str, read: &[&str], publish: &[&str]) -> User {
+    let policy = AgentPolicy {
+        id: id(agent),
+        allow_subscribe: read.iter().map(|c| ch(c)).collect(),
+        allow_publish: publish.iter().map(|c| ch(c)).collect(),
+        role: None,
+        spawn: false,
+    };
+    User {
+        name: agent.to_owned(),
+        password: "pw".to_owned(),
+        permissions: Some(nats_server_permissions(&Permissions::agent(
+            &space(),
+            &policy,
+        ))),
+    }
+}
+
+fn daemon_user() -> User {
+    User {
+        name: DAEMON.to_owned(),
+        password: "pw".to_owned(),
+        permissions: Some(nats_server_permissions(&Permissions::delivery(
+            &space(),
+            &id(DAEMON),
+        ))),
+    }
+}
+
+fn admin_user() -> User {
+    User {
+        name: "admin".into(),
+        password: "adminpw".into(),
+        permissions: None,
+    }
+}
+
+fn users(alice_read: &[&str], bob_read: &[&str]) -> Vec<User> {
+    vec![
+        agent_user("alice", alice_read, &["team"]),
+        agent_user("bob", bob_read, bob_read),
+        daemon_user(),
+        admin_user(),
+    ]
+}
+
+/// The connect config of `user` (password `pw`) with its `_INBOX_<id>` prefix.
+fn config_of(server: &NatsServer, user: &str) -> ConnectConfig {
+    let mut c = server.config_as(user, "pw");
+    c.inbox_prefix = Some(id(user).inbox_prefix());
+    c
+}
+
+// ---------------------------------------------------------------------------------------------
+// The space: provisioned by the unrestricted user, as `cotal up` + `cotal provision agent --apply`
+// ---------------------------------------------------------------------------------------------
+
+struct Space9 {
+    server: NatsServer,
+    admin: ConnectConfig,
+}
+
+impl Space9 {
+    /// Starts a server with the standard users, provisions the space, the ACL records and DLV
+    /// consumers of both agents, and marks `team` and `secret` durable.
+    async fn start() -> Option<Space9> {
+        let server = NatsServer::start_with_users(users(ALICE_READ, BOB_READ))?;
+        let admin = server.config_as("admin", "adminpw");
+        let conn = connect(&admin).await.expect("connect admin");
+        let report = provision_space(&conn.client, &space(), Duration::from_secs(5)).await;
+        assert_eq!(report.failed(), 0, "{report:?}");
+        let s = Space9 { server, admin };
+        s.put_acl("alice", ALICE_READ, 1).await;
+        s.put_acl("bob", BOB_READ, 1).await;
+        for a in ["alice", "bob"] {
+            apply_consumer(
+                &conn.client,
+                &ConsumerSpec::dlv(&space(), &id(a)),
+                Duration::from_secs(5),
+            )
+            .await
+            .expect("dlv consumer");
+        }
+        Some(s)
+    }
+
+    async fn kv(&self, bucket: KvBucket) -> async_nats::jetstream::kv::Store {
+        let conn = connect(&self.admin).await.expect("connect admin");
+        async_nats::jetstream::new(conn.client.clone())
+            .get_key_value(bucket.name(&space()))
+            .await
+            .expect("bucket")
+    }
+
+    async fn put_acl(&self, agent: &str, read: &[&str], revision: u64) {
+        let record = AclRecord {
+            allow_subscribe: read.iter().map(|s| (*s).to_owned()).collect(),
+            revision,
+            updated_at: UnixMillis(revision),
+            extra: Default::default(),
+        };
+        self.kv(KvBucket::Acl)
+            .await
+            .put(
+                acl_key(&id(agent)),
+                Bytes::from(serde_json::to_vec(&record).expect("encode")),
+            )
+            .await
+            .expect("put acl");
+    }
+
+    /// The raw value and revision of a KV key (`None`: absent).
+    async fn kv_get(&self, bucket: KvBucket, key: &str) -> Option<(Bytes, u64)> {
+        self.kv(bucket)
+            .await
+            .entry(key)
+            .await
+            .expect("kv entry")
+            .filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
+            .map(|e| (e.value, e.revision))
+    }
+
+    async fn member(&self, channel: &str, owner: &str) -> Option<(Bytes, u64)> {
+        self.kv_get(
+            KvBucket::Members,
+            &member_key(&concrete(channel), &id(owner)),
+        )
+        .await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A raw client of one user, watching its server errors
+// ---------------------------------------------------------------------------------------------
+
+struct Probe {
+    user: String,
+    client: Client,
+    events: UnboundedReceiver<Event>,
+}
+
+impl Probe {
+    async fn connect(server: &NatsServer, user: &str) -> Probe {
+        let conn = connect(&config_of(server, user)).await.expect("connect");
+        Probe {
+            user: user.to_owned(),
+            client: conn.client,
+            events: conn.events,
+        }
+    }
+
+    /// A round trip on this connection (`$JS.API.INFO`, granted to every profile): the server
+    /// has processed everything sent before it, and any `-ERR` it wrote is queued as an event.
+    async fn barrier(&self) {
+        let r = self
+            .client
+            .request("$JS.API.INFO", Bytes::new())
+            .await
+            .expect("barrier round trip");
+        assert!(!r.payload.is_empty());
+    }
+
+    /// The permission violations seen so far (after a barrier and a short grace).
+    async fn violations(&mut self) -> Vec<String> {
+        self.barrier().await;
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(150);
+        while let Ok(Some(e)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
+            if let Event::ServerError(ServerError::Other(s)) = e
+                && s.contains("Permissions Violation")
+            {
+                out.push(s);
+            }
+        }
+        out
+    }
+
+    /// Waits for the broker's refusal naming `subject` (`Subscription to` or `Publish to`).
+    async fn refused(&mut self, kind: &str, subject: &str) {
+        let needle = format!("Permissions Violation for {kind} to \"{subject}\"");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut seen = Vec::new();
+        loop {
+            seen.extend(self.violations().await);
+            if seen.iter().any(|s| s.contains(&needle)) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}: no broker refusal `{needle}`; saw {seen:?}",
+                self.user
+            );
+        }
+    }
+
+    /// Asserts that the broker refuses a subscription to `subject`, and that nothing published
+    /// there (by the unrestricted user) reaches this client.
+    async fn refused_sub(&mut self, subject: &str, admin: &Client) {
+        let mut sub = self
+            .client
+            .subscribe(subject.to_owned())
+            .await
+            .expect("sub");
+        self.refused("Subscription", subject).await;
+        let concrete = subject.replace(">", "x").replace('*', "x");
+        admin
+            .publish(concrete, Bytes::from_static(b"{}"))
+            .await
+            .expect("admin publish");
+        admin.flush().await.expect("flush");
+        let got = tokio::time::timeout(QUIET, sub.next()).await;
+        assert!(
+            got.is_err(),
+            "{}: received on {subject}: {got:?}",
+            self.user
+        );
+    }
+
+    /// Asserts that a subscription to `subject` is granted (no violation).
+    async fn granted_sub(&mut self, subject: &str) -> async_nats::Subscriber {
+        let sub = self
+            .client
+            .subscribe(subject.to_owned())
+            .await
+            .expect("sub");
+        let v = self.violations().await;
+        assert!(v.is_empty(), "{}: {subject} refused: {v:?}", self.user);
+        sub
+    }
+
+    /// Asserts that the broker refuses a publish to `subject`.
+    async fn refused_pub(&mut self, subject: &str, payload: Bytes) {
+        self.client
+            .publish(subject.to_owned(), payload)
+            .await
+            .expect("publish queued");
+        self.refused("Publish", subject).await;
+    }
+
+    /// Asserts that a request to `subject` (a JetStream API call) is refused by the broker: no
+    /// answer, and a publish violation naming the subject.
+    async fn refused_request(&mut self, subject: &str, payload: Bytes) {
+        let r = tokio::time::timeout(
+            Duration::from_secs(1),
+            self.client.request(subject.to_owned(), payload),
+        )
+        .await;
+        if let Ok(Ok(m)) = r {
+            panic!(
+                "{}: {subject} answered: {:?}",
+                self.user,
+                String::from_utf8_lossy(&m.payload)
+            );
+        }
+        self.refused("Publish", subject).await;
+    }
+
+    /// A JetStream API request that the broker lets through; returns the JSON answer.
+    async fn api(&self, subject: &str, payload: Value) -> Value {
+        let m = self
+            .client
+            .request(subject.to_owned(), Bytes::from(payload.to_string()))
+            .await
+            .unwrap_or_else(|e| panic!("{}: {subject}: {e}", self.user));
+        serde_json::from_slice(&m.payload).expect("api json")
+    }
+
+    /// Sends `payload` to the daemon on this user's own `ctl.delivery` lane with reply subject
+    /// `reply` (default: the bound one, `<subject>.reply.<token>`), and returns the reply if one
+    /// comes within [`QUIET`] (or [`WAIT`] when `expect_reply`).
+    async fn control_raw(
+        &mut self,
+        payload: Bytes,
+        reply: Option<&str>,
+        expect_reply: bool,
+    ) -> Option<Value> {
+        let lane = subj(&format!("ctl.delivery.{}", self.user));
+        let bound = format!(
+            "{lane}.reply.r{}",
+            self.client.new_inbox().replace('.', "_")
+        );
+        let reply = reply.map(str::to_owned).unwrap_or(bound.clone());
+        let mut sub = self.client.subscribe(bound).await.expect("reply sub");
+        self.client
+            .publish_with_reply(lane, reply, payload)
+            .await
+            .expect("publish request");
+        let wait = if expect_reply { WAIT } else { QUIET };
+        let m = tokio::time::timeout(wait, sub.next())
+            .await
+            .ok()
+            .flatten()?;
+        Some(serde_json::from_slice(&m.payload).expect("reply json"))
+    }
+
+    /// A well-formed request of this user; the reply must come.
+    async fn control(&mut self, op: &str, args: Value) -> Value {
+        let body = json!({"op": op, "args": args, "from": {"id": self.user, "name": self.user}});
+        self.control_raw(Bytes::from(body.to_string()), None, true)
+            .await
+            .unwrap_or_else(|| panic!("{}: no reply to {op}", self.user))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The daemon, running under its own profile
+// ---------------------------------------------------------------------------------------------
+
+struct Daemon {
+    handle: MachineHandle<Delivery>,
+    events: UnboundedReceiver<DeliveryEvent>,
+    task: JoinHandle<Delivery>,
+    log: Vec<DeliveryEvent>,
+}
+
+impl Daemon {
+    async fn start(server: &NatsServer) -> Daemon {
+        let conn = connect(&config_of(server, DAEMON))
+            .await
+            .expect("connect daemon");
+        let shard = ShardMap::new(1).and_then(|m| m.shard(0)).expect("shard");
+        let machine = Delivery::new(DeliveryConfig::new(space(), shard, DAEMON));
+        let (exec, inputs) = Executor::start(conn, ExecutorConfig::default());
+        let Runner {
+            handle,
+            events,
+            task,
+        } = Runner::spawn(machine, exec, inputs);
+        let mut d = Daemon {
+            handle,
+            events,
+            task,
+            log: Vec::new(),
+        };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let (health, _, serving) = d.handle.status().await.expect("daemon runs");
+            if serving {
+                break;
+            }
+            d.drain();
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "daemon not serving under its profile within {WAIT:?}: {health}; {:#?}",
+                d.log
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        d
+    }
+
+    fn drain(&mut self) {
+        while let Ok(e) = self.events.try_recv() {
+            self.log.push(e);
+        }
+    }
+
+    async fn counters(&mut self) -> DeliveryCounters {
+        self.drain();
+        self.handle.status().await.expect("daemon runs").1
+    }
+
+    async fn stop(self) {
+        self.handle
+            .shutdown(Duration::from_secs(3))
+            .expect("shutdown");
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("daemon stops in time")
+            .expect("daemon task");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Claim 1: an agent cannot subscribe outside its read ACL
+// ---------------------------------------------------------------------------------------------
+
+/// Alice reads `team` and `news.*`. The broker refuses her `secret`, the CHAT wildcard, the whole
+/// space, another lane's delivery replies, another agent's inbox prefix, and the dinbox / dlv
+/// subjects; what is published there never reaches her. Her granted channels work.
+#[tokio::test]
+async fn sec_agent_cannot_subscribe_outside_its_read_acl() {
+    let Some(s) = Space9::start().await else {
+        return;
+    };
+    let admin = connect(&s.admin).await.expect("admin").client;
+    let mut alice = Probe::connect(&s.server, "alice").await;
+    let mut team = alice.granted_sub(&subj("chat.*.team")).await;
+    alice.granted_sub(&subj("chat.*.news.*")).await;
+    for refused in [
+        subj("chat.*.secret"),
+        subj("chat.bob.secret"),
+        subj("chat.>"),
+        subj("chat.*.*"),
+        subj(">"),
+        subj("ctl.delivery.bob.reply.>"),
+        subj("ctl.delivery.*"),
+        "_INBOX_bob.>".to_owned(),
+        subj("dinbox.alice"),
+        subj("dinbox.bob"),
+        subj("dlv.bob"),
+        subj("dlv.alice"),
+        "$KV.cotal_members_sec.>".to_owned(),
+        "$KV.cotal_acl_sec.>".to_owned(),
+        ">".to_owned(),
+    ] {
+        alice.refused_sub(&refused, &admin).await;
+    }
+    // `news.*` is granted; the broker's allow check lets `news.>` through as a subscription
+    // (its `*` matches the literal `>` token). What it must not deliver is a channel deeper than
+    // the grant: `news.deep.x` is outside Alice's read ACL.
+    let mut deep = alice
+        .client
+        .subscribe(subj("chat.*.news.>"))
+        .await
+        .expect("sub");
+    let mut deep2 = alice
+        .client
+        .subscribe(subj("chat.bob.news.>"))
+        .await
+        .expect("sub");
+    alice.violations().await;
+    admin
+        .publish(subj("chat.bob.news.deep.x"), Bytes::from_static(b"{}"))
+        .await
+        .expect("publish");
+    admin
+        .publish(subj("chat.bob.news.flat"), Bytes::from_static(b"{}"))
+        .await
+        .expect("publish");
+    admin.flush().await.expect("flush");
+    for sub in [&mut deep, &mut deep2] {
+        let mut got = Vec::new();
+        while let Ok(Some(m)) = tokio::time::timeout(QUIET, sub.next()).await {
+            got.push(m.subject.to_string());
+        }
+        assert!(
+            !got.iter().any(|s| s.contains("deep")),
+            "a channel outside the read ACL was delivered: {got:?}"
+        );
+    }
+    // The granted one still delivers on the same connection.
+    admin
+        .publish(subj("chat.bob.team"), Bytes::from_static(b"{}"))
+        .await
+        .expect("publish");
+    let got = tokio::time::timeout(WAIT, team.next()).await;
+    assert!(matches!(got, Ok(Some(_))), "{got:?}");
+
+    // The backstop path is gated by the daemon on the same read ACL: a durable join outside it
+    // (the broker lets the request through on her own lane) is refused and writes nothing.
+    let daemon = Daemon::start(&s.server).await;
+    let ok = alice
+        .control("durableJoin", json!({"channel": "news.x"}))
+        .await;
+    assert_eq!(ok["ok"], true, "{ok}");
+    for outside in ["secret", "news.deep.x", "newsx", "team.sub"] {
+        let r = alice
+            .control("durableJoin", json!({"channel": outside}))
+            .await;
+        assert_eq!(r["ok"], false, "{outside}: {r}");
+        assert!(
+            r["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("not within your read ACL")),
+            "{outside}: {r}"
+        );
+        assert_eq!(s.member(outside, "alice").await, None, "{outside}");
+    }
+    daemon.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Claim 2: an agent cannot publish as another sender
+// ---------------------------------------------------------------------------------------------
+
+/// The sender token is the authenticated identity: Alice may post `chat.alice.team` only. The
+/// broker refuses `chat.bob.team`, a channel she may not post to, and the DM / anycast / control
+/// lanes of another sender; a JetStream publish as Bob stores nothing. The daemon refuses a
+/// request on her own lane that claims `from.id = bob` ("sender mismatch"), and Bob's
+/// membership stays as it was.
+#[tokio::test]
+async fn sec_agent_cannot_publish_as_another_sender() {
+    let Some(s) = Space9::start().await else {
+        return;
+    };
+    let mut daemon = Daemon::start(&s.server).await;
+    let mut alice = Probe::connect(&s.server, "alice").await;
+    let mut bob = Probe::connect(&s.server, "bob").await;
+    let msg = |from: &str| {
+        Bytes::from(
+            json!({"id": format!("m-{from}"), "ts": 1, "space": SPACE,
+                   "from": {"id": from, "name": from}, "channel": "team",
+                   "parts": [{"kind": "text", "text": "x"}]})
+            .to_string(),
+        )
+    };
+    // Allowed neighbour: her own sender token.
+    let js = async_nats::jetstream::new(alice.client.clone());
+    let ack = js
+        .publish(subj("chat.alice.team"), msg("alice"))
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    assert!(ack.sequence >= 1);
+    for refused in [
+        subj("chat.bob.team"),
+        subj("chat.alice.secret"),
+        subj("inst.alice.bob"),
+        subj("svc.worker.bob"),
+        subj("ctl.self.bob"),
+        subj("ctl.delivery.bob"),
+        subj("ctl.manager.alice"),
+    ] {
+        alice.refused_pub(&refused, msg("bob")).await;
+    }
+    // A JetStream publish as Bob: no ack, and nothing stored.
+    let before = alice
+        .api(&format!("$JS.API.STREAM.INFO.CHAT_{SPACE}"), json!({}))
+        .await["state"]["messages"]
+        .clone();
+    let r = tokio::time::timeout(
+        Duration::from_secs(3),
+        js.publish(subj("chat.bob.team"), msg("bob")),
+    )
+    .await;
+    if let Ok(Ok(ack)) = r {
+        let stored = tokio::time::timeout(Duration::from_secs(3), ack).await;
+        assert!(!matches!(stored, Ok(Ok(_))), "stored as bob: {stored:?}");
+    }
+    alice.refused("Publish", &subj("chat.bob.team")).await;
+    let after = alice
+        .api(&format!("$JS.API.STREAM.INFO.CHAT_{SPACE}"), json!({}))
+        .await["state"]["messages"]
+        .clone();
+    assert_eq!(before, after);
+
+    // The daemon's refusal where the broker lets the request through (her own lane).
+    let joined = bob.control("durableJoin", json!({"channel": "team"})).await;
+    assert_eq!(joined["ok"], true, "{joined}");
+    let bob_record = s.member("team", "bob").await.expect("bob's record");
+    for op in [
+        json!({"op": "durableLeave", "args": {"channel": "team", "generation": 1}, "from": {"id": "bob", "name": "bob"}}),
+        json!({"op": "durableJoin", "args": {"channel": "secret"}, "from": {"id": "bob", "name": "bob"}}),
+        json!({"op": "listMemberships", "args": {}, "from": {"id": "bob", "name": "bob"}}),
+        json!({"op": "durableJoin", "args": {"channel": "team"}, "from": {"name": "bob"}}),
+        json!({"op": "durableJoin", "args": {"channel": "team"}}),
+    ] {
+        let reply = alice
+            .control_raw(Bytes::from(op.to_string()), None, true)
+            .await
+            .expect("a reply");
+        assert_eq!(reply["ok"], false, "{op} → {reply}");
+        assert!(
+            reply["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("sender mismatch")),
+            "{op} → {reply}"
+        );
+    }
+    assert_eq!(s.member("team", "bob").await, Some(bob_record));
+    assert_eq!(s.member("secret", "bob").await, None);
+    assert_eq!(s.member("team", "alice").await, None);
+    let c = daemon.counters().await;
+    assert_eq!(c.fenced, 0);
+    let refusals = daemon
+        .log
+        .iter()
+        .filter(|e| matches!(e, DeliveryEvent::ControlRefused { requester, error } if requester.as_str() == "alice" && error.contains("sender mismatch")))
+        .count();
+    assert_eq!(refusals, 5, "{:#?}", daemon.log);
+    daemon.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Claim 3: an agent cannot read or bind another agent's `dlv_<id>`
+// ---------------------------------------------------------------------------------------------
+
+/// Alice may bind her own `dlv_alice` (INFO, MSG.NEXT). Every verb on `dlv_bob`, every consumer
+/// create on DLV (her own name included: the provisioner creates it), a direct or stream get of
+/// DLV, and a delete of Bob's consumer are refused by the broker; Bob's copy stays pending for
+/// Bob.
+#[tokio::test]
+async fn sec_agent_cannot_read_or_bind_another_agents_dlv() {
+    let Some(s) = Space9::start().await else {
+        return;
+    };
+    let admin = connect(&s.admin).await.expect("admin").client;
+    let admin_js = async_nats::jetstream::new(admin.clone());
+    admin_js
+        .publish(subj("dlv.bob"), Bytes::from_static(b"{\"for\":\"bob\"}"))
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    let mut alice = Probe::connect(&s.server, "alice").await;
+    let dlv = format!("DLV_{SPACE}");
+    let own = alice
+        .api(&format!("$JS.API.CONSUMER.INFO.{dlv}.dlv_alice"), json!({}))
+        .await;
+    assert_eq!(own["name"], "dlv_alice", "{own}");
+    let spec = ConsumerSpec::dlv(&space(), &id("bob"));
+    let create = spec.create_request();
+    let mine = ConsumerSpec::dlv(&space(), &id("alice")).create_request();
+    let refused: Vec<(String, Value)> = vec![
+        (format!("$JS.API.CONSUMER.INFO.{dlv}.dlv_bob"), json!({})),
+        (
+            format!("$JS.API.CONSUMER.MSG.NEXT.{dlv}.dlv_bob"),
+            json!({"batch": 1, "expires": 500_000_000}),
+        ),
+        (format!("$JS.API.CONSUMER.DELETE.{dlv}.dlv_bob"), json!({})),
+        (
+            create.subject.clone(),
+            serde_json::from_slice(&create.body_bytes()).expect("json"),
+        ),
+        (
+            mine.subject.clone(),
+            serde_json::from_slice(&mine.body_bytes()).expect("json"),
+        ),
+        (
+            format!("$JS.API.CONSUMER.CREATE.{dlv}"),
+            json!({"stream_name": dlv, "config": {"filter_subject": subj("dlv.bob"), "ack_policy": "none"}}),
+        ),
+        (
+            format!("$JS.API.CONSUMER.DURABLE.CREATE.{dlv}.spy"),
+            json!({"stream_name": dlv, "config": {"durable_name": "spy", "filter_subject": subj("dlv.bob")}}),
+        ),
+        (
+            format!("$JS.API.STREAM.MSG.GET.{dlv}"),
+            json!({"last_by_subj": subj("dlv.bob")}),
+        ),
+        (
+            format!("$JS.API.DIRECT.GET.{dlv}"),
+            json!({"last_by_subj": subj("dlv.bob")}),
+        ),
+        (format!("$JS.API.STREAM.INFO.{dlv}"), json!({})),
+        (format!("$JS.API.STREAM.PURGE.{dlv}"), json!({})),
+    ];
+    for (subject, body) in refused {
+        alice
+            .refused_request(&subject, Bytes::from(body.to_string()))
+            .await;
+    }
+    // Bob's copy is still there for Bob.
+    let info = admin_js
+        .get_stream(&dlv)
+        .await
+        .expect("stream")
+        .consumer_info("dlv_bob")
+        .await
+        .expect("info")
+        .clone();
+    assert_eq!(info.num_pending, 1, "{info:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Claim 4: an agent cannot touch the mixed backstop store (INBOX)
+// ---------------------------------------------------------------------------------------------
+
+/// INBOX holds every member's pre-authorization copies. An agent has no grant of any kind on it:
+/// it cannot write a dinbox entry (which the reader would otherwise transfer into someone's DLV),
+/// inspect the stream, read a message, create or bind a consumer, or use the `reader`.
+#[tokio::test]
+async fn sec_agent_cannot_touch_inbox() {
+    let Some(s) = Space9::start().await else {
+        return;
+    };
+    let mut alice = Probe::connect(&s.server, "alice").await;
+    let inbox = format!("INBOX_{SPACE}");
+    let entry = Bytes::from(
+        json!({"msg": {"id": "forged", "ts": 1, "space": SPACE, "from": {"id": "bob", "name": "bob"},
+                       "channel": "team", "parts": []},
+               "channel": "team", "seq": 1, "reason": "durable-channel", "generation": 1})
+        .to_string(),
+    );
+    for target in ["alice", "bob"] {
+        alice
+            .refused_pub(&subj(&format!("dinbox.{target}")), entry.clone())
+            .await;
+    }
+    for (subject, body) in [
+        (format!("$JS.API.STREAM.INFO.{inbox}"), json!({})),
+        (format!("$JS.API.STREAM.MSG.GET.{inbox}"), json!({"seq": 1})),
+        (format!("$JS.API.DIRECT.GET.{inbox}"), json!({"seq": 1})),
+        (
+            format!("$JS.API.CONSUMER.CREATE.{inbox}"),
+            json!({"stream_name": inbox, "config": {"ack_policy": "none"}}),
+        ),
+        (format!("$JS.API.CONSUMER.INFO.{inbox}.reader"), json!({})),
+        (
+            format!("$JS.API.CONSUMER.MSG.NEXT.{inbox}.reader"),
+            json!({"batch": 1}),
+        ),
+        (format!("$JS.API.STREAM.PURGE.{inbox}"), json!({})),
+        (format!("$JS.API.STREAM.DELETE.{inbox}"), json!({})),
+    ] {
+        alice
+            .refused_request(&subject, Bytes::from(body.to_string()))
+            .await;
+    }
+    // Nothing forged landed.
+    let admin = connect(&s.admin).await.expect("admin").client;
+    let js = async_nats::jetstream::new(admin);
+    let mut stream = js.get_stream(&inbox).await.expect("inbox");
+    assert_eq!(stream.info().await.expect("info").state.messages, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Claim 5: an agent cannot write membership or lease records
+// ---------------------------------------------------------------------------------------------
+
+/// The members, lease and ACL buckets are written by the daemon (members, lease) and the
+/// provisioner (ACL) only. Alice's KV puts, deletes (a put with a delete marker is the same
+/// subject) and the stream-level delete / purge / raw publish paths are refused; every record
+/// keeps its revision. Her own presence key is the allowed neighbour.
+#[tokio::test]
+async fn sec_agent_cannot_write_membership_or_lease_records() {
+    let Some(s) = Space9::start().await else {
+        return;
+    };
+    let daemon = Daemon::start(&s.server).await;
+    let mut bob = Probe::connect(&s.server, "bob").await;
+    let joined = bob.control("durableJoin", json!({"channel": "team"})).await;
+    assert_eq!(joined["ok"], true, "{joined}");
+    let bob_team = s.member("team", "bob").await.expect("record");
+    let lease = s
+        .kv_get(KvBucket::Delivery, "lease.0")
+        .await
+        .expect("lease held");
+    let acl = s.kv_get(KvBucket::Acl, "alice").await.expect("acl");
+
+    let mut alice = Probe::connect(&s.server, "alice").await;
+    // Allowed neighbour: her own presence key.
+    let js = async_nats::jetstream::new(alice.client.clone());
+    js.publish(
+        format!("$KV.cotal_presence_{SPACE}.alice"),
+        Bytes::from_static(b"{}"),
+    )
+    .await
+    .expect("presence publish")
+    .await
+    .expect("presence stored");
+    let record = Bytes::from(
+        json!({"channel": "secret", "owner": "alice", "state": "durable-active", "joinCursor": 0,
+               "generation": 1, "activated": true, "writerIdentity": "alice", "updatedAt": 1})
+        .to_string(),
+    );
+    for subject in [
+        format!("$KV.cotal_members_{SPACE}.secret/alice"),
+        format!("$KV.cotal_members_{SPACE}.team/bob"),
+        format!("$KV.cotal_delivery_{SPACE}.lease.0"),
+        format!("$KV.cotal_acl_{SPACE}.alice"),
+        format!("$KV.cotal_channels_{SPACE}.team"),
+        format!("$KV.cotal_presence_{SPACE}.bob"),
+    ] {
+        alice.refused_pub(&subject, record.clone()).await;
+    }
+    for bucket in ["members", "delivery", "acl"] {
+        let stream = format!("KV_cotal_{bucket}_{SPACE}");
+        for (verb, body) in [
+            ("STREAM.PURGE", json!({})),
+            ("STREAM.MSG.DELETE", json!({"seq": 1})),
+            ("STREAM.DELETE", json!({})),
+            ("STREAM.UPDATE", json!({"name": stream})),
+        ] {
+            alice
+                .refused_request(
+                    &format!("$JS.API.{verb}.{stream}"),
+                    Bytes::from(body.to_string()),
+                )
+                .await;
+        }
+    }
+    assert_eq!(s.member("team", "bob").await, Some(bob_team));
+    assert_eq!(s.member("secret", "alice").await, None);
+    assert_eq!(s.kv_get(KvBucket::Acl, "alice").await, Some(acl));
+    let now = s
+        .kv_get(KvBucket::Delivery, "lease.0")
+        .await
+        .expect("lease");
+    // The daemon may have renewed meanwhile: the holder is still the daemon.
+    let holder =
+        |b: &Bytes| serde_json::from_slice::<Value>(b).expect("lease json")["holder"].clone();
+    assert_eq!(holder(&now.0), holder(&lease.0));
+    assert_eq!(holder(&now.0), DAEMON);
+    daemon.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Claim 6: an agent cannot make the daemon reply to a subject not bound to the requester
+// ---------------------------------------------------------------------------------------------
+
+/// The daemon may publish on every `ctl.delivery.*.reply.>` lane, and the broker does not check
+/// the reply subject a requester embeds. Alice's requests on her own lane with a reply aimed at
+/// Bob's lane, Bob's `_INBOX_bob`, a CHAT subject or an unbound suffix get no reply at all: Bob,
+/// listening on each target, receives nothing, and the daemon reports each as ignored. Her
+/// request on Bob's lane is refused by the broker. The bound form still works.
+#[tokio::test]
+async fn sec_daemon_never_replies_to_a_subject_not_bound_to_the_requester() {
+    let Some(s) = Space9::start().await else {
+        return;
+    };
+    let mut daemon = Daemon::start(&s.server).await;
+    let admin = connect(&s.admin).await.expect("admin").client;
+    let mut alice = Probe::connect(&s.server, "alice").await;
+    let mut bob = Probe::connect(&s.server, "bob").await;
+    let mut bob_lane = bob.granted_sub(&subj("ctl.delivery.bob.reply.>")).await;
+    let mut bob_inbox = bob.granted_sub("_INBOX_bob.x").await;
+    let mut bob_chat = bob.granted_sub(&subj("chat.*.team")).await;
+    // A spy without restrictions sees everything the daemon could be tricked into sending.
+    let mut spy = admin
+        .subscribe(format!("cotal.{SPACE}.>"))
+        .await
+        .expect("spy");
+    admin.flush().await.expect("flush");
+    let body =
+        json!({"op": "listMemberships", "args": {}, "from": {"id": "alice", "name": "alice"}});
+    let lane = subj("ctl.delivery.alice");
+    let targets = [
+        subj("ctl.delivery.bob.reply.x"),
+        "_INBOX_bob.x".to_owned(),
+        subj("chat.bob.team"),
+        format!("{lane}.reply"),
+        format!("{lane}.reply.a.b"),
+        format!("{lane}.other.x"),
+        format!("{lane}x.reply.y"),
+        lane.clone(),
+    ];
+    for target in &targets {
+        let r = alice
+            .control_raw(Bytes::from(body.to_string()), Some(target), false)
+            .await;
+        assert!(r.is_none(), "reply to {target}: {r:?}");
+    }
+    // No reply subject at all.
+    alice
+        .client
+        .publish(lane.clone(), Bytes::from(body.to_string()))
+        .await
+        .expect("publish");
+    // The request itself on Bob's lane: refused by the broker.
+    alice
+        .refused_pub(&subj("ctl.delivery.bob"), Bytes::from(body.to_string()))
+        .await;
+    // The bound form answers (and proves the daemon was listening all along).
+    let ok = alice.control("listMemberships", json!({})).await;
+    assert_eq!(ok["ok"], true, "{ok}");
+    for (name, sub) in [
+        ("bob lane", &mut bob_lane),
+        ("bob inbox", &mut bob_inbox),
+        ("bob chat", &mut bob_chat),
+    ] {
+        let got = tokio::time::timeout(QUIET, sub.next()).await;
+        assert!(got.is_err(), "{name} received {got:?}");
+    }
+    // Everything on the space's subjects: the requests and the one bound reply, nothing else.
+    let mut replies = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), spy.next()).await {
+        if m.subject.as_str() != lane
+            && !m
+                .subject
+                .as_str()
+                .starts_with("cotal.sec.ctl.delivery.alice.reply.r")
+        {
+            replies.push(m.subject.to_string());
+        }
+    }
+    assert!(replies.is_empty(), "daemon published {replies:?}");
+    daemon.drain();
+    let ignored = daemon
+        .log
+        .iter()
+        .filter(|e| matches!(e, DeliveryEvent::ControlIgnored(_)))
+        .count();
+    assert_eq!(ignored, targets.len() + 1, "{:#?}", daemon.log);
+    daemon.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Claim 7: a member whose ACL is narrowed stops receiving backstop copies of the channel
+// ---------------------------------------------------------------------------------------------
+
+/// A running agent machine and what it surfaced.
+struct Peer {
+    handle: MachineHandle<Agent>,
+    events: UnboundedReceiver<AgentEvent>,
+    task: JoinHandle<Agent>,
+    log: Vec<AgentEvent>,
+    got: Vec<String>,
+}
+
+impl Peer {
+    async fn start(server: &NatsServer, name: &str) -> Peer {
+        let mut config = AgentConfig::new(space(), Sender::new(id(name), name), Vec::new(), 4242);
+        config.durable_backstop = true;
+        config.create_dlv_consumer = false;
+        let conn = connect(&config_of(server, name)).await.expect("connect");
+        let (exec, inputs) = Executor::start(conn, ExecutorConfig::default());
+        let Runner {
+            handle,
+            events,
+            task,
+        } = Runner::spawn(Agent::new(config).expect("agent"), exec, inputs);
+        let mut p = Peer {
+            handle,
+            events,
+            task,
+            log: Vec::new(),
+            got: Vec::new(),
+        };
+        p.until("connected", |log, _| {
+            log.iter()
+                .any(|e| matches!(e, AgentEvent::Connected { .. }))
+        })
+        .await;
+        p
+    }
+
+    async fn pump(&mut self, d: Duration) {
+        let Ok(Some(event)) = tokio::time::timeout(d, self.events.recv()).await else {
+            return;
+        };
+        if let AgentEvent::MessagesReady { .. } = event {
+            for s in self.handle.take_messages(256).await.expect("runner") {
+                self.got.push(s.item.message.id.clone());
+                self.handle.handled(s.id).await.expect("handled");
+            }
+        } else {
+            self.log.push(event);
+        }
+    }
+
+    async fn until(&mut self, what: &str, pred: impl Fn(&[AgentEvent], &[String]) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !pred(&self.log, &self.got) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            assert!(!left.is_zero(), "no {what}: {:#?} {:?}", self.log, self.got);
+            self.pump(left.min(Duration::from_millis(200))).await;
+        }
+    }
+
+    async fn idle(&mut self, d: Duration) {
+        let deadline = tokio::time::Instant::now() + d;
+        while tokio::time::Instant::now() < deadline {
+            self.pump(deadline.saturating_duration_since(tokio::time::Instant::now()))
+                .await;
+        }
+    }
+
+    async fn join_durable(&mut self, channel: &str) {
+        let request = self.handle.join(ch(channel)).await.expect("join");
+        self.until("join result", |log, _| {
+            log.iter().any(|e| matches!(e, AgentEvent::Joined { request: r, .. } | AgentEvent::JoinFailed { request: r, .. } if *r == Some(request)))
+        })
+        .await;
+        let joined = self.log.iter().find(|e| matches!(e, AgentEvent::Joined { request: r, report, .. } if *r == Some(request) && report.durable));
+        assert!(joined.is_some(), "{:#?}", self.log);
+    }
+
+    async fn stop(self) {
+        self.handle.stop(Duration::from_secs(3)).expect("stop");
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("agent stops in time")
+            .expect("agent task");
+    }
+}
+
+/// Alice's post on `team` through CHAT with its msg-id; returns the message id.
+async fn post(alice: &Probe, n: u32) -> String {
+    let mid = format!("00000000-0000-4000-8000-{n:012}");
+    let body = json!({"id": mid, "ts": 1, "space": SPACE, "from": {"id": "alice", "name": "alice"},
+                      "channel": "team", "parts": [{"kind": "text", "text": format!("m{n}")}]});
+    let js = async_nats::jetstream::new(alice.client.clone());
+    js.send_publish(
+        subj("chat.alice.team"),
+        async_nats::jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(body.to_string()))
+            .message_id(mid.clone()),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
+    mid
+}
+
+async fn until_activated(s: &Space9, channel: &str, owner: &str) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some((v, _)) = s.member(channel, owner).await {
+            let r: MembershipRecord = serde_json::from_slice(&v).expect("record");
+            if r.activated == Some(true) {
+                return;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not activated");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Copies in `dlv_<owner>` not yet acked (pending, or delivered to a pull that is gone).
+async fn dlv_pending(s: &Space9, owner: &str) -> u64 {
+    let conn = connect(&s.admin).await.expect("admin");
+    let js = async_nats::jetstream::new(conn.client);
+    let stream = js.get_stream(format!("DLV_{SPACE}")).await.expect("dlv");
+    let info = stream
+        .consumer_info(format!("dlv_{owner}"))
+        .await
+        .expect("consumer info")
+        .clone();
+    info.num_pending + info.num_ack_pending as u64
+}
+
+/// Bob is a durable member of `team`, goes offline, and his read ACL (record and credential) is
+/// narrowed to `secret`. Copies not yet transferred to his DLV when the narrowing lands — posts
+/// fan-out had not routed yet, and posts after it — are dropped by the trusted reader (counted);
+/// Bob, back online, surfaces none of them.
+#[tokio::test]
+async fn sec_narrowed_acl_stops_backstop_copies_not_yet_transferred() {
+    let Some(mut s) = Space9::start().await else {
+        return;
+    };
+    let daemon = Daemon::start(&s.server).await;
+    let alice = Probe::connect(&s.server, "alice").await;
+    let mut bob = Peer::start(&s.server, "bob").await;
+    bob.join_durable("team").await;
+    until_activated(&s, "team", "bob").await;
+    let m1 = post(&alice, 1).await;
+    bob.until("m1", |_, got| got.contains(&m1)).await;
+    bob.stop().await;
+    // Queued in the pipeline: posted while no daemon routes them.
+    daemon.stop().await;
+    let queued = [post(&alice, 2).await, post(&alice, 3).await];
+    // The narrowing: the ACL record, and the credential (server reload).
+    s.put_acl("bob", &["secret"], 2).await;
+    s.server.reload_with_users(users(ALICE_READ, &["secret"]));
+    let mut daemon = Daemon::start(&s.server).await;
+    let after = post(&alice, 4).await;
+    // Every copy is judged and dropped by the reader: none lands in DLV.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while daemon.counters().await.dropped < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reader did not drop the copies: {:?}",
+            daemon.counters().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(daemon.counters().await.transferred, 0);
+    assert_eq!(dlv_pending(&s, "bob").await, 0);
+    let mut bob = Peer::start(&s.server, "bob").await;
+    bob.idle(Duration::from_secs(2)).await;
+    for m in queued.iter().chain([&after]) {
+        assert!(!bob.got.contains(m), "bob surfaced {m} after the narrowing");
+    }
+    bob.stop().await;
+    daemon.stop().await;
+}
+
+/// KNOWN GAP (issue 9, "including copies already queued for it"): copies the reader transferred
+/// to Bob's DLV *before* the narrowing are post-authorization and are still surfaced after it.
+/// DLV carries the bare message, nothing re-checks the ACL on the way out of DLV, the daemon has
+/// no purge grant on DLV, and the agent cannot see its own ACL record. Run with `--ignored` to
+/// see it fail.
+#[tokio::test]
+#[ignore = "known gap: copies already in DLV before an ACL narrowing are still surfaced"]
+async fn sec_narrowed_acl_stops_backstop_copies_already_in_dlv() {
+    let Some(mut s) = Space9::start().await else {
+        return;
+    };
+    let daemon = Daemon::start(&s.server).await;
+    let alice = Probe::connect(&s.server, "alice").await;
+    let mut bob = Peer::start(&s.server, "bob").await;
+    bob.join_durable("team").await;
+    until_activated(&s, "team", "bob").await;
+    bob.stop().await;
+    let in_dlv = [post(&alice, 2).await, post(&alice, 3).await];
+    let mut daemon = daemon;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while dlv_pending(&s, "bob").await < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not transferred: {:?} {:#?}",
+            daemon.counters().await,
+            daemon.log
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    s.put_acl("bob", &["secret"], 2).await;
+    s.server.reload_with_users(users(ALICE_READ, &["secret"]));
+    let mut bob = Peer::start(&s.server, "bob").await;
+    bob.idle(Duration::from_secs(2)).await;
+    let surfaced: Vec<_> = in_dlv.iter().filter(|m| bob.got.contains(m)).collect();
+    bob.stop().await;
+    daemon.stop().await;
+    assert!(
+        surfaced.is_empty(),
+        "bob surfaced {surfaced:?} from DLV after his ACL was narrowed"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile input, over the real server
+// ---------------------------------------------------------------------------------------------
+
+/// Hostile `ctl.delivery` requests on Alice's own lane (the broker lets every one through):
+/// malformed JSON, non-object JSON, deep nesting, wrong types, unknown ops, invalid and wildcard
+/// channels, leave generations that are not finite integers, a payload near the server's
+/// `max_payload`. Each gets an `{ok:false, error}` reply within the wait, the daemon keeps
+/// serving, and no membership record changes. A replayed join is idempotent (same generation).
+#[tokio::test]
+async fn hostile_control_requests_get_an_error_reply_and_change_nothing() {
+    let Some(s) = Space9::start().await else {
+        return;
+    };
+    let mut daemon = Daemon::start(&s.server).await;
+    let mut alice = Probe::connect(&s.server, "alice").await;
+    let mut bob = Probe::connect(&s.server, "bob").await;
+    let joined = bob.control("durableJoin", json!({"channel": "team"})).await;
+    assert_eq!(joined["ok"], true, "{joined}");
+    let bob_team = s.member("team", "bob").await.expect("record");
+
+    let from = json!({"id": "alice", "name": "alice"});
+    let req = |op: Value, args: Value| json!({"op": op, "args": args, "from": from}).to_string();
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    let huge = req(
+        json!("durableJoin"),
+        json!({"channel": "x".repeat(1_000_000)}),
+    );
+    let payloads: Vec<(&str, String)> = vec![
+        ("malformed", "{not json".to_owned()),
+        ("empty", String::new()),
+        ("null", "null".to_owned()),
+        ("array", "[]".to_owned()),
+        ("string", "\"durableJoin\"".to_owned()),
+        ("number", "42".to_owned()),
+        ("deep nesting", deep),
+        ("op type", req(json!(7), json!({"channel": "team"}))),
+        ("unknown op", req(json!("purgeAll"), json!({}))),
+        ("args type", req(json!("durableJoin"), json!(["team"]))),
+        (
+            "channel type",
+            req(json!("durableJoin"), json!({"channel": 42})),
+        ),
+        (
+            "channel null",
+            req(json!("durableJoin"), json!({"channel": null})),
+        ),
+        ("blank", req(json!("durableJoin"), json!({"channel": "  "}))),
+        (
+            "empty segment",
+            req(json!("durableJoin"), json!({"channel": "team..x"})),
+        ),
+        (
+            "unsafe segment",
+            req(json!("durableJoin"), json!({"channel": "te am"})),
+        ),
+        (
+            "wildcard *",
+            req(json!("durableJoin"), json!({"channel": "*"})),
+        ),
+        (
+            "wildcard team.*",
+            req(json!("durableJoin"), json!({"channel": "team.*"})),
+        ),
+        (
+            "wildcard >",
+            req(json!("durableJoin"), json!({"channel": ">"})),
+        ),
+        (
+            "wildcard news.>",
+            req(json!("durableJoin"), json!({"channel": "news.>"})),
+        ),
+        (
+            "misplaced >",
+            req(json!("durableJoin"), json!({"channel": ">.team"})),
+        ),
+        (
+            "leave wildcard",
+            req(
+                json!("durableLeave"),
+                json!({"channel": "team.*", "generation": 1}),
+            ),
+        ),
+        (
+            "leave no generation",
+            req(json!("durableLeave"), json!({"channel": "team"})),
+        ),
+        (
+            "leave generation string",
+            req(
+                json!("durableLeave"),
+                json!({"channel": "team", "generation": "1"}),
+            ),
+        ),
+        (
+            "leave generation fraction",
+            req(
+                json!("durableLeave"),
+                json!({"channel": "team", "generation": 1.5}),
+            ),
+        ),
+        (
+            "leave generation huge",
+            req(
+                json!("durableLeave"),
+                json!({"channel": "team", "generation": 1e308}),
+            ),
+        ),
+        (
+            "from type",
+            json!({"op": "listMemberships", "args": {}, "from": "alice"}).to_string(),
+        ),
+        ("huge", huge),
+    ];
+    for (name, payload) in &payloads {
+        let reply = alice
+            .control_raw(Bytes::from(payload.clone()), None, true)
+            .await
+            .unwrap_or_else(|| panic!("{name}: no reply"));
+        assert_eq!(reply["ok"], false, "{name}: {reply}");
+        assert!(
+            reply["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{name}: {reply}"
+        );
+    }
+    let raw = alice
+        .control_raw(Bytes::from_static(b"{\"op\":\"\xff\xfe\"}"), None, true)
+        .await
+        .expect("a reply to invalid UTF-8");
+    assert_eq!(raw["ok"], false, "{raw}");
+    // Subjects with extra tokens never reach the daemon: the broker refuses them on her lane.
+    for extra in [
+        "ctl.delivery.alice.extra",
+        "ctl.delivery.alice.reply",
+        "ctl.delivery.alice.a.b",
+    ] {
+        alice
+            .refused_pub(
+                &subj(extra),
+                Bytes::from(req(json!("listMemberships"), json!({}))),
+            )
+            .await;
+    }
+    // A replayed join: the same generation, no second membership.
+    let first = alice
+        .control("durableJoin", json!({"channel": "team"}))
+        .await;
+    let again = alice
+        .control("durableJoin", json!({"channel": "team"}))
+        .await;
+    assert_eq!(first["ok"], true, "{first}");
+    assert_eq!(
+        first["data"]["generation"], again["data"]["generation"],
+        "{first} {again}"
+    );
+    let list = alice.control("listMemberships", json!({})).await;
+    assert_eq!(
+        list["data"]["memberships"].as_array().map(Vec::len),
+        Some(1),
+        "{list}"
+    );
+    // Nothing else changed, and the daemon still serves.
+    assert_eq!(s.member("team", "bob").await, Some(bob_team));
+    for c in ["news", "x", "secret", "team.x"] {
+        assert_eq!(s.member(c, "alice").await, None, "{c}");
+    }
+    let (_, counters, serving) = daemon.handle.status().await.expect("daemon runs");
+    assert!(serving);
+    assert_eq!(counters.fenced + counters.writes_failed, 0, "{counters:?}");
+    daemon.drain();
+    let refused = daemon
+        .log
+        .iter()
+        .filter(|e| {
+            matches!(
+                e,
+                DeliveryEvent::ControlRefused { .. }
+                    | DeliveryEvent::JoinFailed { .. }
+                    | DeliveryEvent::LeaveFailed { .. }
+            )
+        })
+        .count();
+    assert!(refused >= payloads.len(), "{refused} < {}", payloads.len());
+    daemon.stop().await;
+}
+
+/// Hostile channel traffic to an agent, published on Alice's own (granted) subject: malformed
+/// JSON, wrong types, a spoofed `from.id`, a body near `max_payload`, a replayed msg-id (stored
+/// once by JetStream) and the same message re-sent on core NATS. Bob surfaces each good message
+/// exactly once, counts the spoofed and malformed copies, and keeps running.
+#[tokio::test]
+async fn hostile_channel_traffic_to_an_agent() {
+    let Some(s) = Space9::start().await else {
+        return;
+    };
+    let alice = Probe::connect(&s.server, "alice").await;
+    let mut bob = Peer::start(&s.server, "bob").await;
+    let request = bob.handle.join(ch("team")).await.expect("join");
+    bob.until("joined", |log, _| {
+        log.iter()
+            .any(|e| matches!(e, AgentEvent::Joined { request: r, .. } if *r == Some(request)))
+    })
+    .await;
+    let team = subj("chat.alice.team");
+    let msg = |id: &str, from: &str| {
+        json!({"id": id, "ts": 1, "space": SPACE, "from": {"id": from, "name": from},
+               "channel": "team", "parts": [{"kind": "text", "text": "ok"}]})
+        .to_string()
+    };
+    let bad = [
+        "{not json".to_owned(),
+        "null".to_owned(),
+        json!({"id": 5, "from": {"id": "alice"}}).to_string(),
+        json!({"id": "w1", "ts": "x", "space": SPACE, "from": {"id": "alice", "name": "a"}, "channel": "team", "parts": 5}).to_string(),
+    ];
+    for b in &bad {
+        alice
+            .client
+            .publish(team.clone(), Bytes::from(b.clone()))
+            .await
+            .expect("publish");
+    }
+    // Spoofed sender in the payload.
+    alice
+        .client
+        .publish(team.clone(), Bytes::from(msg("spoof-1", "carol")))
+        .await
+        .expect("publish");
+    // A big body (under max_payload) that is otherwise valid.
+    let big = json!({"id": "big-1", "ts": 1, "space": SPACE, "from": {"id": "alice", "name": "alice"},
+                     "channel": "team", "parts": [{"kind": "text", "text": "y".repeat(900_000)}]});
+    alice
+        .client
+        .publish(team.clone(), Bytes::from(big.to_string()))
+        .await
+        .expect("publish");
+    // Replayed msg-id through JetStream, and a core-NATS re-send of the same message.
+    let js = async_nats::jetstream::new(alice.client.clone());
+    let mut seqs = Vec::new();
+    for _ in 0..2 {
+        let ack = js
+            .send_publish(
+                team.clone(),
+                async_nats::jetstream::message::PublishMessage::build()
+                    .payload(Bytes::from(msg("replay-1", "alice")))
+                    .message_id("replay-1"),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+        seqs.push((ack.sequence, ack.duplicate));
+    }
+    assert_eq!(seqs[0].0, seqs[1].0, "{seqs:?}");
+    assert!(seqs[1].1, "{seqs:?}");
+    alice
+        .client
+        .publish(team.clone(), Bytes::from(msg("replay-1", "alice")))
+        .await
+        .expect("publish");
+    alice.client.flush().await.expect("flush");
+    bob.until("the good messages", |_, got| {
+        got.iter().any(|g| g == "big-1") && got.iter().any(|g| g == "replay-1")
+    })
+    .await;
+    bob.idle(QUIET).await;
+    assert_eq!(
+        bob.got.iter().filter(|g| *g == "replay-1").count(),
+        1,
+        "{:?}",
+        bob.got
+    );
+    assert!(
+        !bob.got.iter().any(|g| g == "spoof-1" || g == "w1"),
+        "{:?}",
+        bob.got
+    );
+    let health = bob.handle.health().await.expect("bob runs");
+    assert!(health.counters.spoofed >= 1, "{:?}", health.counters);
+    assert!(
+        health.counters.malformed >= bad.len() as u64,
+        "{:?}",
+        health.counters
+    );
+    bob.stop().await;
+}
+
+/// Hostile entries in INBOX (an agent cannot write there, so they stand for a buggy or
+/// compromised privileged writer): malformed JSON, wrong types, a wildcard channel, an entry for
+/// an owner with no ACL record, an entry whose channel lies outside the owner's ACL. The reader
+/// terminates the malformed ones at once (counted), drops the uncovered one, defers the unknown
+/// owner with its nak delay — never a hot redelivery loop — and transfers nothing to any DLV.
+#[tokio::test]
+async fn hostile_inbox_entries_are_terminated_or_dropped_never_hot_looped() {
+    let Some(s) = Space9::start().await else {
+        return;
+    };
+    let mut daemon = Daemon::start(&s.server).await;
+    let admin = connect(&s.admin).await.expect("admin").client;
+    let js = async_nats::jetstream::new(admin);
+    let entry = |owner_channel: &str, generation: Value| {
+        json!({"msg": {"id": format!("h-{owner_channel}"), "ts": 1, "space": SPACE,
+                       "from": {"id": "alice", "name": "alice"}, "channel": owner_channel,
+                       "parts": []},
+               "channel": owner_channel, "seq": 1, "reason": "durable-channel",
+               "generation": generation})
+        .to_string()
+    };
+    let inputs: Vec<(String, String)> = vec![
+        (subj("dinbox.bob"), "{not json".to_owned()),
+        (subj("dinbox.bob"), "[]".to_owned()),
+        (subj("dinbox.bob"), entry("team", json!("one"))),
+        (subj("dinbox.bob"), entry("team.*", json!(1))),
+        (subj("dinbox.bob"), entry("news.x", json!(1))),
+        (subj("dinbox.nobody"), entry("team", json!(1))),
+    ];
+    for (subject, body) in &inputs {
+        js.publish(subject.clone(), Bytes::from(body.clone()))
+            .await
+            .expect("publish")
+            .await
+            .expect("stored in INBOX");
+    }
+    // Bounded window: count the reader's deliveries.
+    let window = Duration::from_secs(5);
+    tokio::time::sleep(window).await;
+    let c = daemon.counters().await;
+    assert!(c.terminated >= 4, "{c:?}");
+    assert!(c.dropped >= 1, "{c:?}");
+    assert_eq!(c.transferred, 0, "{c:?}");
+    assert_eq!(dlv_pending(&s, "bob").await, 0);
+    let mut inbox = js
+        .get_stream(format!("INBOX_{SPACE}"))
+        .await
+        .expect("inbox");
+    let _ = inbox.info().await.expect("info");
+    let reader = inbox
+        .consumer_info("reader")
+        .await
+        .expect("reader info")
+        .clone();
+    // Six entries; only the unknown owner is redelivered, at most once per nak delay (2 s).
+    let redeliveries = reader
+        .delivered
+        .consumer_sequence
+        .saturating_sub(inputs.len() as u64);
+    assert!(
+        redeliveries <= 3,
+        "{redeliveries} redeliveries in {window:?}: a hot loop? {reader:?}"
+    );
+    assert!(c.deferred >= 1 && c.deferred <= 4, "{c:?}");
+    let (_, _, serving) = daemon.handle.status().await.expect("daemon runs");
+    assert!(serving);
+    daemon.stop().await;
+}
