@@ -130,6 +130,14 @@ pub const DEFAULT_CATCHUP_PAGE: u32 = crate::constants::HISTORY_FETCH_MAX_BATCH;
 /// Default flow-control window of the fan-out consumer (CHAT messages in flight at once).
 pub const DEFAULT_FANOUT_WINDOW: u32 = 64;
 
+/// An owner's dinbox backlog (entries stored and not yet settled by the reader) at which fan-out
+/// holds its copies back: half the stream's per-owner cap, leaving room for the copies already in
+/// flight (at most the fan-out window) and a catch-up page.
+pub const DINBOX_HIGH_WATER: u64 = MAX_MSGS_PER_SUBJECT as u64 / 2;
+
+/// The nak delay of a CHAT delivery with a held-back copy.
+pub const BACKPRESSURE_DELAY: crate::time::Duration = crate::time::Duration::from_millis(200);
+
 /// Reads of a skipped CHAT range tried before it is reported as possibly lost
 /// ([`DeliveryEvent::EvictedBeforeFanout`] with `verified: false`).
 pub const GAP_CHECK_ATTEMPTS: u32 = 3;
@@ -363,6 +371,8 @@ pub struct DeliveryCounters {
     pub lease_lost: u64,
     /// Times an owner's dinbox backlog crossed the per-owner cap (G6).
     pub cap_reached: u64,
+    /// CHAT deliveries naked because an owner's dinbox backlog was at [`DINBOX_HIGH_WATER`].
+    pub fanout_deferred: u64,
     /// CHAT messages fan-out never saw because the stream evicted them first (verified by a
     /// read): nobody got a durable copy of them.
     pub evicted_before_fanout: u64,
@@ -567,6 +577,14 @@ pub enum DeliveryEvent {
         /// Whether CHAT was read and found not to hold them.
         verified: bool,
     },
+    /// An owner's dinbox backlog reached [`DINBOX_HIGH_WATER`]: fan-out holds its copies back
+    /// (naks the CHAT messages for redelivery) until the reader drains. Once per episode.
+    DinboxBackpressure {
+        /// The owner.
+        owner: AgentId,
+        /// Entries stored and not yet settled, as counted by this daemon.
+        backlog: u64,
+    },
     /// A feed failed to open, was refused or ended; it is retried.
     FeedProblem {
         /// The feed.
@@ -658,6 +676,9 @@ struct FanoutBatch {
     channel: ConcreteChannel,
     outstanding: usize,
     failed: bool,
+    /// Some owner's copy was held back (its dinbox backlog is at the high water): nak the
+    /// message once the others are stored, so its redelivery writes the held copy.
+    deferred: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -778,6 +799,8 @@ pub struct Delivery {
     lanes: BTreeMap<SerialKey, Lane>,
     held_requests: usize,
     backlog: BTreeMap<AgentId, u64>,
+    /// Owners whose fan-out copies are held back (for one event per episode).
+    backpressured: BTreeSet<AgentId>,
     counters: DeliveryCounters,
     health: DeliveryHealth,
     last_now: Option<Instant>,
@@ -823,6 +846,7 @@ impl Delivery {
             lanes: BTreeMap::new(),
             held_requests: 0,
             backlog: BTreeMap::new(),
+            backpressured: BTreeSet::new(),
             counters: DeliveryCounters::default(),
             health: DeliveryHealth::Degraded(BTreeSet::new()),
             last_now: None,
@@ -2496,6 +2520,33 @@ impl Delivery {
         if entries.is_empty() {
             return self.settle(delivery, AckKind::Ack);
         }
+        // Per-owner back-pressure (G6): INBOX keeps the newest 1000 entries of an owner, so a
+        // copy written while 1000 newer ones wait for the reader is discarded unread. An owner at
+        // the high water gets its copy on a redelivery, after the reader drained.
+        let (entries, held): (Vec<Routed>, Vec<Routed>) = entries
+            .into_iter()
+            .partition(|r| self.backlog.get(&r.owner).copied().unwrap_or(0) < DINBOX_HIGH_WATER);
+        let deferred = !held.is_empty();
+        if deferred {
+            self.counters.fanout_deferred += 1;
+            for r in held {
+                if self.backpressured.insert(r.owner.clone()) {
+                    let backlog = self.backlog.get(&r.owner).copied().unwrap_or(0);
+                    self.emit(DeliveryEvent::DinboxBackpressure {
+                        owner: r.owner,
+                        backlog,
+                    });
+                }
+            }
+        }
+        if entries.is_empty() {
+            return self.settle(
+                delivery,
+                AckKind::Nak {
+                    delay: BACKPRESSURE_DELAY,
+                },
+            );
+        }
         self.next_batch += 1;
         let batch = self.next_batch;
         self.batches.insert(
@@ -2507,6 +2558,7 @@ impl Delivery {
                 channel,
                 outstanding: entries.len(),
                 failed: false,
+                deferred,
             },
         );
         for routed in entries {
@@ -2570,6 +2622,9 @@ impl Delivery {
     fn count_settled(&mut self, owner: &AgentId) {
         if let Some(n) = self.backlog.get_mut(owner) {
             *n = n.saturating_sub(1);
+            if *n < DINBOX_HIGH_WATER {
+                self.backpressured.remove(owner);
+            }
             if *n == 0 {
                 self.backlog.remove(owner);
             }
@@ -2624,6 +2679,14 @@ impl Delivery {
                 b.delivery,
                 AckKind::Nak {
                     delay: backoff(attempt),
+                },
+            );
+        } else if b.deferred {
+            self.writes_failing = false;
+            self.settle(
+                b.delivery,
+                AckKind::Nak {
+                    delay: BACKPRESSURE_DELAY,
                 },
             );
         } else {
