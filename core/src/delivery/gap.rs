@@ -93,7 +93,7 @@ impl SequenceCursor {
             return None;
         }
         self.next = Some(seq.saturating_add(1));
-        SeqRange::new(next, seq - 1)
+        SeqRange::new(next, seq.checked_sub(1)?)
     }
 }
 
@@ -139,6 +139,14 @@ mod tests {
         assert_eq!(c.offered(41), None);
         assert_eq!(c.offered(45), Some(r(42, 44)));
         assert_eq!(c.next(), Some(46));
+    }
+
+    #[test]
+    fn a_zero_sequence_from_a_broken_driver_is_no_gap_and_no_panic() {
+        let mut c = SequenceCursor::new();
+        assert_eq!(c.offered(0), None);
+        assert_eq!(c.offered(0), None);
+        assert_eq!(c.offered(2), Some(r(1, 1)));
     }
 
     #[test]
