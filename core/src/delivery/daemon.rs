@@ -786,10 +786,9 @@ pub struct Delivery {
     roster: Roster,
     fanout_high: u64,
     fanout_cursor: SequenceCursor,
-    /// Skipped CHAT ranges still to check, with the attempts made.
+    /// Skipped CHAT ranges still to check, with the attempts made (the one being read is a
+    /// [`Pending::GapCheck`]).
     gap_queue: VecDeque<(SeqRange, u32)>,
-    /// The range whose check is in flight.
-    gap_inflight: Option<(OpId, SeqRange, u32)>,
     next_batch: BatchId,
     batches: BTreeMap<BatchId, FanoutBatch>,
     transfers: BTreeMap<DeliveryId, Transfer>,
@@ -836,7 +835,6 @@ impl Delivery {
             fanout_high: 0,
             fanout_cursor: SequenceCursor::new(),
             gap_queue: VecDeque::new(),
-            gap_inflight: None,
             next_batch: 0,
             batches: BTreeMap::new(),
             transfers: BTreeMap::new(),
@@ -1349,8 +1347,8 @@ impl Delivery {
                 self.abandon_jobs(AbandonReason::ConnectionLost);
                 self.batches.clear();
                 self.transfers.clear();
-                if let Some((_, range, attempt)) = self.gap_inflight.take() {
-                    self.gap_queue.push_front((range, attempt));
+                if let Some(check) = self.take_gap_check_in_flight() {
+                    self.gap_queue.push_front(check);
                 }
                 // Only the lease's completions still matter; the rest are answered Unknown and
                 // ignored.
@@ -1396,7 +1394,7 @@ impl Delivery {
             } => self.on_fanout_publish(batch, owner, generation, c.outcome),
             Pending::Transfer { delivery } => self.on_transfer(delivery, c.outcome),
             Pending::GapCheck { range, attempt } => {
-                self.on_gap_check(now, c.op, range, attempt, c.outcome);
+                self.on_gap_check(now, range, attempt, c.outcome);
             }
             Pending::Settle => {}
         }
@@ -2699,17 +2697,18 @@ impl Delivery {
 
     /// Starts the check of the oldest skipped range, unless one is in flight.
     fn next_gap_check(&mut self) {
-        if self.gap_inflight.is_some() || !self.connected || self.stopped {
+        let in_flight = self
+            .pending
+            .values()
+            .any(|p| matches!(p, Pending::GapCheck { .. }));
+        if in_flight || !self.connected || self.stopped {
             return;
         }
         let Some((range, attempt)) = self.gap_queue.pop_front() else {
             return;
         };
-        let max = u32::try_from(range.len())
-            .unwrap_or(u32::MAX)
-            .min(self.config.catchup_page.max(1));
+        let max = u32::try_from(self.gap_page(range)).unwrap_or(u32::MAX);
         let op = self.op(Pending::GapCheck { range, attempt });
-        self.gap_inflight = Some((op, range, attempt));
         self.commands.push_back(Command::ReadStream {
             op,
             stream: SpaceStream::Chat.name(&self.config.space),
@@ -2723,21 +2722,11 @@ impl Delivery {
 
     /// A skipped range was read back from CHAT: what CHAT no longer holds is lost. A page that
     /// came back full judges only up to its last message; the rest is checked next.
-    fn on_gap_check(
-        &mut self,
-        now: Now,
-        op: OpId,
-        range: SeqRange,
-        attempt: u32,
-        outcome: Outcome<Reply>,
-    ) {
-        if self.gap_inflight.is_some_and(|(o, _, _)| o == op) {
-            self.gap_inflight = None;
-        }
+    fn on_gap_check(&mut self, now: Now, range: SeqRange, attempt: u32, outcome: Outcome<Reply>) {
         match outcome {
             Outcome::Success(Reply::Stored(messages)) => {
-                let max = range.len().min(u64::from(self.config.catchup_page.max(1)));
-                let full = u64::try_from(messages.len()).unwrap_or(u64::MAX) >= max;
+                let full =
+                    u64::try_from(messages.len()).unwrap_or(u64::MAX) >= self.gap_page(range);
                 let judged_to = match messages.last() {
                     Some(m) if full => m.seq.min(range.last),
                     _ => range.last,
@@ -2793,10 +2782,25 @@ impl Delivery {
         });
     }
 
+    /// How many messages one check of `range` reads at most.
+    fn gap_page(&self, range: SeqRange) -> u64 {
+        range.len().min(u64::from(self.config.catchup_page.max(1)))
+    }
+
+    /// Forgets the check in flight (its answer will be ignored) and returns its range.
+    fn take_gap_check_in_flight(&mut self) -> Option<(SeqRange, u32)> {
+        let (op, range, attempt) = self.pending.iter().find_map(|(op, p)| match p {
+            Pending::GapCheck { range, attempt } => Some((*op, *range, *attempt)),
+            _ => None,
+        })?;
+        self.pending.remove(&op);
+        Some((range, attempt))
+    }
+
     fn give_up_gap_checks(&mut self, detail: &str) {
         self.timers.cancel(&Timer::GapCheck);
-        let inflight = self.gap_inflight.take().map(|(_, r, a)| (r, a));
-        let queued: Vec<(SeqRange, u32)> = inflight
+        let queued: Vec<(SeqRange, u32)> = self
+            .take_gap_check_in_flight()
             .into_iter()
             .chain(self.gap_queue.drain(..))
             .collect();

@@ -206,6 +206,24 @@ pub(crate) struct Member {
     pub(crate) agent: tokio::task::JoinHandle<Agent>,
 }
 
+/// The server a run talks to and its URL: one spawned for the run, else `--nats`, else
+/// `NATS_URL`, else `nats://127.0.0.1:4222`.
+pub(crate) fn target_server(
+    spawn: bool,
+    nats: Option<&str>,
+) -> Result<(Option<SpawnedServer>, String), String> {
+    if spawn {
+        let server = SpawnedServer::start()?;
+        let url = server.url();
+        return Ok((Some(server), url));
+    }
+    let url = match nats {
+        Some(u) => u.to_owned(),
+        None => std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into()),
+    };
+    Ok((None, url))
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -218,18 +236,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     if args.members == 0 || args.messages == 0 || args.senders == 0 {
         return Err("--members, --messages and --senders must be at least 1".to_owned());
     }
-    let server = if args.spawn_server {
-        Some(SpawnedServer::start()?)
-    } else {
-        None
-    };
-    let url = match (&server, &args.nats) {
-        (Some(s), _) => s.url(),
-        (None, Some(u)) => u.clone(),
-        (None, None) => {
-            std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-        }
-    };
+    let (server, url) = target_server(args.spawn_server, args.nats.as_deref())?;
     let cfg = ConnectConfig::new([url.clone()]);
     let t = cfg.request_timeout;
     let admin = connect(&cfg).await.map_err(|e| e.to_string())?;

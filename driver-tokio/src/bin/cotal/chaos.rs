@@ -23,7 +23,7 @@
 //! Not built yet: members joining and leaving during the run, nats-server restarts, a cluster,
 //! agent crashes, SIGSTOP lease fights (see issue 9).
 
-use crate::bench::{SpawnedServer, start_member};
+use crate::bench::{start_member, target_server};
 use bytes::Bytes;
 use clap::Args;
 use cotal_core::agent::AgentConfig;
@@ -137,18 +137,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     if args.members == 0 || args.rate == 0 || args.duration < 10 {
         return Err("--members and --rate must be at least 1, --duration at least 10".into());
     }
-    let server = if args.spawn_server {
-        Some(SpawnedServer::start()?)
-    } else {
-        None
-    };
-    let url = match (&server, &args.nats) {
-        (Some(s), _) => s.url(),
-        (None, Some(u)) => u.clone(),
-        (None, None) => {
-            std::env::var("NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
-        }
-    };
+    let (server, url) = target_server(args.spawn_server, args.nats.as_deref())?;
     let cfg = ConnectConfig::new([url.clone()]);
     let t = cfg.request_timeout;
     let admin = connect(&cfg).await.map_err(|e| e.to_string())?;
