@@ -199,6 +199,16 @@ pub enum Command {
         /// Stream name.
         stream: String,
     },
+    /// Read a durable consumer's state (`CONSUMER.INFO`). Completes with
+    /// [`Reply::ConsumerState`], or [`Failure::NotFound`] when the consumer does not exist.
+    ConsumerInfo {
+        /// Operation id.
+        op: OpId,
+        /// Stream name.
+        stream: String,
+        /// Consumer (durable) name.
+        consumer: String,
+    },
     /// Read stored messages of a stream in sequence order: those matching `filter`, from `start`,
     /// none above `last_seq`, at most `max`. Completes with [`Reply::Stored`]; fewer than `max`
     /// messages (including none) means the range is exhausted.
@@ -316,6 +326,7 @@ impl Command {
             | Command::Request { op, .. }
             | Command::JsPublish { op, .. }
             | Command::StreamInfo { op, .. }
+            | Command::ConsumerInfo { op, .. }
             | Command::ReadStream { op, .. }
             | Command::Consume { op, .. }
             | Command::Settle { op, .. }
@@ -360,6 +371,24 @@ pub struct StreamState {
     pub last_seq: u64,
     /// Messages stored.
     pub messages: u64,
+}
+
+/// A durable consumer's state, as `CONSUMER.INFO` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConsumerState {
+    /// The last stream sequence it offered to anyone (`delivered.stream_seq`; 0 when none).
+    pub delivered_stream_seq: u64,
+    /// Stored messages matching its filter not yet delivered (`num_pending`).
+    pub num_pending: u64,
+    /// Delivered and not yet acked (`num_ack_pending`).
+    pub num_ack_pending: u64,
+}
+
+impl ConsumerState {
+    /// Stored messages of this consumer nobody has acked yet: undelivered plus unacked.
+    pub fn unread(&self) -> u64 {
+        self.num_pending.saturating_add(self.num_ack_pending)
+    }
 }
 
 /// One stored stream message.
@@ -415,6 +444,8 @@ pub enum Reply {
     StreamState(StreamState),
     /// Stored messages, ascending.
     Stored(Vec<StoredMessage>),
+    /// A durable consumer's state.
+    ConsumerState(ConsumerState),
     /// A KV read: `None` when absent or a marker.
     Kv(Option<KvEntry>),
     /// A KV write's new revision.

@@ -84,8 +84,8 @@ use crate::broker::{Broker, Publish, kv_stream};
 use bytes::Bytes;
 use cotal_core::acl::{pattern_covers, patterns_cover, subject_matches};
 use cotal_core::io::{
-    Command, Completion, Connection, Header, Inbound, Input, KvCondition, KvOperation, Reply,
-    Response, SubId,
+    Command, Completion, Connection, ConsumerState, Header, Inbound, Input, KvCondition,
+    KvOperation, Reply, Response, SubId,
 };
 use cotal_core::ledger::DeliveryId;
 use cotal_core::op::{Failure, OpId, Outcome};
@@ -767,6 +767,25 @@ impl Net {
                 let api = format!("$JS.API.STREAM.INFO.{stream}");
                 let outcome = if may_publish(&perms, &api) {
                     to_outcome(self.broker.stream_state(&stream).map(Reply::StreamState))
+                } else {
+                    Outcome::Failed(publish_violation(&api))
+                };
+                self.complete(client, op, outcome);
+            }
+            Command::ConsumerInfo {
+                op,
+                stream,
+                consumer,
+            } => {
+                let api = format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}");
+                let outcome = if may_publish(&perms, &api) {
+                    to_outcome(self.broker.consumer_info(&stream, &consumer).map(|i| {
+                        Reply::ConsumerState(ConsumerState {
+                            delivered_stream_seq: i.delivered_stream_seq,
+                            num_pending: i.num_pending,
+                            num_ack_pending: i.num_ack_pending,
+                        })
+                    }))
                 } else {
                     Outcome::Failed(publish_violation(&api))
                 };

@@ -1026,6 +1026,16 @@ impl Oracle {
                 _ => None,
             })
             .collect();
+        // Copies a reader shed because the member's DLV was full: a reported loss, for that
+        // member and sequence only.
+        let shed: BTreeSet<(&str, u64)> = journal
+            .daemon_events
+            .iter()
+            .filter_map(|n| match &n.event {
+                DeliveryEvent::CopyShed { owner, seq, .. } => Some((owner.as_str(), *seq)),
+                _ => None,
+            })
+            .collect();
         for j in &self.durable_joins {
             if self.narrowed.contains(&(j.agent, j.channel.clone())) {
                 continue;
@@ -1048,6 +1058,7 @@ impl Oracle {
                 if got.contains(&(j.agent, id.as_str()))
                     || self.lost.contains(&(j.agent, id.clone()))
                     || evicted.iter().any(|&(f, l)| (f..=l).contains(seq))
+                    || shed.contains(&(me.as_str(), *seq))
                 {
                     continue;
                 }

@@ -59,8 +59,8 @@ use async_nats::jetstream::{self, consumer};
 use async_nats::{Client, Event, HeaderMap, ServerError};
 use bytes::Bytes;
 use cotal_core::io::{
-    AckKind, Command, Completion, Connection, Header, Inbound, Input, KvCondition, KvEntry,
-    KvOperation, PubAck, ReadStart, Reply, Response, StoredMessage, StreamState, SubId,
+    AckKind, Command, Completion, Connection, ConsumerState, Header, Inbound, Input, KvCondition,
+    KvEntry, KvOperation, PubAck, ReadStart, Reply, Response, StoredMessage, StreamState, SubId,
 };
 use cotal_core::ledger::DeliveryId;
 use cotal_core::op::{Failure, OpId, Outcome};
@@ -935,6 +935,18 @@ impl Actor {
                     stream_info(client, subject, timeout).await
                 });
             }
+            Command::ConsumerInfo {
+                op,
+                stream,
+                consumer,
+            } => {
+                let client = self.client.clone();
+                let timeout = self.config.api_timeout;
+                let subject = format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}");
+                self.spawn_op(op, vec![subject.clone()], None, async move {
+                    consumer_info(client, subject, timeout).await
+                });
+            }
             Command::ReadStream {
                 op,
                 stream,
@@ -1348,6 +1360,24 @@ async fn stream_info(client: Client, subject: String, timeout: Duration) -> Outc
                 first_seq,
                 last_seq,
                 messages,
+            }))
+        }
+        Err(e) => e.into_failure(false),
+    }
+}
+
+async fn consumer_info(client: Client, subject: String, timeout: Duration) -> Outcome<Reply> {
+    match api::request(&client, &subject, Bytes::new(), timeout).await {
+        Ok(v) => {
+            let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+            let delivered_stream_seq = v["delivered"]
+                .get("stream_seq")
+                .and_then(Value::as_u64)
+                .unwrap_or(0);
+            Outcome::Success(Reply::ConsumerState(ConsumerState {
+                delivered_stream_seq,
+                num_pending: n("num_pending"),
+                num_ack_pending: n("num_ack_pending"),
             }))
         }
         Err(e) => e.into_failure(false),

@@ -1158,6 +1158,57 @@ async fn sec_narrowed_acl_stops_backstop_copies_not_yet_transferred() {
     daemon.stop().await;
 }
 
+/// G6, DLV side, with the daemon's provisioned credential (which must let it read the backlog of
+/// `dlv_bob`): Bob is offline while 1,010 copies fall due. His DLV takes the first 1,000; the ten
+/// newest are shed as reported losses (`CopyShed`, counter `dlv_shed`) instead of pushing ten of
+/// his oldest unread copies out of the stream without a word.
+#[tokio::test]
+async fn a_full_dlv_sheds_the_newest_copies_as_reported_losses() {
+    let Some(s) = Space9::start().await else {
+        return;
+    };
+    let mut daemon = Daemon::start(&s.server).await;
+    let alice = Probe::connect(&s.server, "alice").await;
+    let mut bob = Peer::start(&s.server, "bob").await;
+    bob.join_durable("team").await;
+    until_activated(&s, "team", "bob").await;
+    bob.stop().await;
+    let mut posted = Vec::new();
+    for n in 0..1010 {
+        posted.push(post(&alice, n).await);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT * 4;
+    loop {
+        let c = daemon.counters().await;
+        if c.transferred + c.dlv_shed >= 1010 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{c:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let c = daemon.counters().await;
+    assert_eq!((c.transferred, c.dlv_shed), (1000, 10), "{c:?}");
+    assert_eq!(
+        c.backlog_unverified, 0,
+        "{c:?}: the credential lacks the DLV read"
+    );
+    assert_eq!(
+        dlv_pending(&s, "bob").await,
+        1000,
+        "no unread copy was pushed out"
+    );
+    let shed: Vec<u64> = daemon
+        .log
+        .iter()
+        .filter_map(|e| match e {
+            DeliveryEvent::CopyShed { owner, seq, .. } if owner.as_str() == "bob" => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(shed.len(), 10, "{shed:?}");
+    daemon.stop().await;
+}
+
 /// KNOWN GAP (issue 9, "including copies already queued for it"): copies the reader transferred
 /// to Bob's DLV *before* the narrowing are post-authorization and are still surfaced after it.
 /// DLV carries the bare message, nothing re-checks the ACL on the way out of DLV, the daemon has

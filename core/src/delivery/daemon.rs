@@ -82,6 +82,7 @@ use crate::delivery::authorize::{
     Anomaly, Decision, DropReason, GiveUp, after_transfer_failure, authorize, decode_entry,
     dlv_payload,
 };
+use crate::delivery::backlog::{DlvAdmit, DlvBacklog, InboxBacklog, OWNER_CAP};
 use crate::delivery::control::{
     Admission, SerialKey, Unanswerable, Work, admit, durable_join_reply, durable_leave_reply,
     encode_reply, failure_reply, list_memberships_reply,
@@ -130,13 +131,24 @@ pub const DEFAULT_CATCHUP_PAGE: u32 = crate::constants::HISTORY_FETCH_MAX_BATCH;
 /// Default flow-control window of the fan-out consumer (CHAT messages in flight at once).
 pub const DEFAULT_FANOUT_WINDOW: u32 = 64;
 
-/// An owner's dinbox backlog (entries stored and not yet settled by the reader) at which fan-out
-/// holds its copies back: half the stream's per-owner cap, leaving room for the copies already in
-/// flight (at most the fan-out window) and a catch-up page.
-pub const DINBOX_HIGH_WATER: u64 = MAX_MSGS_PER_SUBJECT as u64 / 2;
+pub use super::backlog::DINBOX_HIGH_WATER;
 
-/// The nak delay of a CHAT delivery with a held-back copy.
+/// The first nak delay of a CHAT delivery with a held-back copy; each redelivery that is held
+/// again doubles it, up to [`BACKPRESSURE_MAX_DELAY`] ([`backpressure_delay`]).
 pub const BACKPRESSURE_DELAY: crate::time::Duration = crate::time::Duration::from_millis(200);
+
+/// The longest nak delay of a held-back CHAT delivery: a long hold costs one redelivery per
+/// message every few seconds, not a hot loop.
+pub const BACKPRESSURE_MAX_DELAY: crate::time::Duration = crate::time::Duration::from_millis(5000);
+
+/// The nak delay of a CHAT delivery held back on its `delivery_count`-th delivery.
+pub fn backpressure_delay(delivery_count: u64) -> crate::time::Duration {
+    let doublings = u32::try_from(delivery_count.saturating_sub(1).min(5)).unwrap_or(5);
+    let ms = BACKPRESSURE_DELAY
+        .as_millis()
+        .saturating_mul(1 << doublings);
+    crate::time::Duration::from_millis(ms.min(BACKPRESSURE_MAX_DELAY.as_millis()))
+}
 
 /// Reads of a skipped CHAT range tried before it is reported as possibly lost
 /// ([`DeliveryEvent::EvictedBeforeFanout`] with `verified: false`).
@@ -373,6 +385,12 @@ pub struct DeliveryCounters {
     pub cap_reached: u64,
     /// CHAT deliveries naked because an owner's dinbox backlog was at [`DINBOX_HIGH_WATER`].
     pub fanout_deferred: u64,
+    /// Copies the reader shed because the owner's DLV held the per-owner cap of unread copies
+    /// (each also counted in `lost` and reported as [`DeliveryEvent::CopyShed`]).
+    pub dlv_shed: u64,
+    /// Reads of an owner's DLV consumer (or of the reader consumer) that failed: the backlog
+    /// they would have checked is unverified ([`DeliveryEvent::BacklogUnverified`]).
+    pub backlog_unverified: u64,
     /// CHAT messages fan-out never saw because the stream evicted them first (verified by a
     /// read): nobody got a durable copy of them.
     pub evicted_before_fanout: u64,
@@ -585,6 +603,30 @@ pub enum DeliveryEvent {
         /// Entries stored and not yet settled, as counted by this daemon.
         backlog: u64,
     },
+    /// The owner's DLV already holds the per-owner cap of unread copies: this copy was not
+    /// transferred (storing it would have pushed out an older unread one) and is lost, reported
+    /// ([`crate::delivery::backlog`]). The dinbox entry is acked.
+    CopyShed {
+        /// The owner.
+        owner: AgentId,
+        /// The channel.
+        channel: ConcreteChannel,
+        /// The CHAT sequence.
+        seq: u64,
+        /// The membership generation of the copy.
+        generation: u64,
+        /// The owner's unread DLV copies as read.
+        unread: u64,
+    },
+    /// A backlog read failed, so a per-owner cap is not verified for now: `owner` is the DLV
+    /// owner, or `None` for the reader consumer (INBOX). Transfers and fan-out go on; the next
+    /// read is made later ([`crate::delivery::backlog`]).
+    BacklogUnverified {
+        /// The DLV owner, or `None` for INBOX.
+        owner: Option<AgentId>,
+        /// Why.
+        detail: String,
+    },
     /// A feed failed to open, was refused or ended; it is retried.
     FeedProblem {
         /// The feed.
@@ -652,6 +694,12 @@ enum Pending {
         range: SeqRange,
         attempt: u32,
     },
+    /// A read of the reader consumer's unread total.
+    InboxBacklog,
+    /// A read of an owner's `dlv_<owner>` consumer.
+    DlvBacklog {
+        owner: AgentId,
+    },
     Settle,
 }
 
@@ -686,6 +734,8 @@ struct Transfer {
     delivery_count: u64,
     owner: AgentId,
     entry: Plane3Entry,
+    /// The DLV copy's msg-id (the reader's decision).
+    msg_id: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -797,7 +847,8 @@ pub struct Delivery {
     jobs: BTreeMap<JobId, Job>,
     lanes: BTreeMap<SerialKey, Lane>,
     held_requests: usize,
-    backlog: BTreeMap<AgentId, u64>,
+    inbox: InboxBacklog,
+    dlv: DlvBacklog<DeliveryId>,
     /// Owners whose fan-out copies are held back (for one event per episode).
     backpressured: BTreeSet<AgentId>,
     counters: DeliveryCounters,
@@ -843,7 +894,8 @@ impl Delivery {
             jobs: BTreeMap::new(),
             lanes: BTreeMap::new(),
             held_requests: 0,
-            backlog: BTreeMap::new(),
+            inbox: InboxBacklog::default(),
+            dlv: DlvBacklog::default(),
             backpressured: BTreeSet::new(),
             counters: DeliveryCounters::default(),
             health: DeliveryHealth::Degraded(BTreeSet::new()),
@@ -1140,6 +1192,7 @@ impl Delivery {
             .collect();
         self.batches.clear();
         self.transfers.clear();
+        self.dlv.reset();
         self.give_up_gap_checks("the daemon stopped before checking");
         if self.connected {
             for delivery in held {
@@ -1166,8 +1219,12 @@ impl Delivery {
 
     fn maybe_open_consumers(&mut self, now: Now) {
         if Feed::WATCHES.iter().all(|f| self.loaded.contains(f)) {
-            self.open_feed(now, Feed::Fanout);
             self.open_feed(now, Feed::Reader);
+            // Fan-out writes dinbox entries: it starts once the reader consumer's unread total
+            // (what a predecessor left) is known ([`crate::delivery::backlog`]).
+            if self.inbox.legacy_known() {
+                self.open_feed(now, Feed::Fanout);
+            }
         }
     }
 
@@ -1259,6 +1316,9 @@ impl Delivery {
                     self.fanout_cursor.bound(delivered_stream_seq);
                 }
                 self.feeds.insert(feed, FeedState::Open(sub));
+                if feed == Feed::Reader {
+                    self.read_inbox_backlog(now);
+                }
                 self.feed_failures.remove(&feed);
                 if feed.bucket().is_some() {
                     self.loaded.insert(feed);
@@ -1347,6 +1407,8 @@ impl Delivery {
                 self.abandon_jobs(AbandonReason::ConnectionLost);
                 self.batches.clear();
                 self.transfers.clear();
+                self.dlv.reset();
+                self.inbox.check_abandoned();
                 if let Some(check) = self.take_gap_check_in_flight() {
                     self.gap_queue.push_front(check);
                 }
@@ -1396,6 +1458,8 @@ impl Delivery {
             Pending::GapCheck { range, attempt } => {
                 self.on_gap_check(now, range, attempt, c.outcome);
             }
+            Pending::InboxBacklog => self.on_inbox_backlog(now, c.outcome),
+            Pending::DlvBacklog { owner } => self.on_dlv_backlog(owner, c.outcome),
             Pending::Settle => {}
         }
     }
@@ -1437,7 +1501,14 @@ impl Delivery {
                 ..
             } => match feed {
                 Feed::Fanout => {
-                    self.on_fanout(delivery, stream_seq, delivery_count, &subject, &payload);
+                    self.on_fanout(
+                        now,
+                        delivery,
+                        stream_seq,
+                        delivery_count,
+                        &subject,
+                        &payload,
+                    );
                 }
                 Feed::Reader => self.on_reader(delivery, delivery_count, &subject, &payload),
                 _ => {}
@@ -1788,11 +1859,7 @@ impl Delivery {
 
     /// A failed or unknown read: the job fails with an error reply naming what could not be read.
     fn read_failed(&mut self, now: Now, id: JobId, what: &str, outcome: &Outcome<Reply>) {
-        let detail = match outcome {
-            Outcome::Failed(f) => f.to_string(),
-            Outcome::Unknown => "outcome unknown".into(),
-            Outcome::Success(r) => format!("unexpected reply {r:?}"),
-        };
+        let detail = outcome_detail(outcome);
         self.fail_job(
             now,
             id,
@@ -2455,6 +2522,7 @@ impl Delivery {
 
     fn on_fanout(
         &mut self,
+        now: Now,
         delivery: DeliveryId,
         seq: u64,
         delivery_count: u64,
@@ -2523,25 +2591,29 @@ impl Delivery {
         // the high water gets its copy on a redelivery, after the reader drained.
         let (entries, held): (Vec<Routed>, Vec<Routed>) = entries
             .into_iter()
-            .partition(|r| self.backlog.get(&r.owner).copied().unwrap_or(0) < DINBOX_HIGH_WATER);
+            .partition(|r| self.inbox.admits(&r.owner));
         let deferred = !held.is_empty();
         if deferred {
             self.counters.fanout_deferred += 1;
             for r in held {
                 if self.backpressured.insert(r.owner.clone()) {
-                    let backlog = self.backlog.get(&r.owner).copied().unwrap_or(0);
+                    let backlog = self.inbox.bound(&r.owner);
                     self.emit(DeliveryEvent::DinboxBackpressure {
                         owner: r.owner,
                         backlog,
                     });
                 }
             }
+            // A hold may rest on an over-count: read the truth (paced).
+            if self.inbox.needs_recheck(now.at) {
+                self.read_inbox_backlog(now);
+            }
         }
         if entries.is_empty() {
             return self.settle(
                 delivery,
                 AckKind::Nak {
-                    delay: BACKPRESSURE_DELAY,
+                    delay: backpressure_delay(delivery_count),
                 },
             );
         }
@@ -2604,11 +2676,9 @@ impl Delivery {
             return;
         }
         self.counters.copies_written += 1;
-        let cap = u64::try_from(MAX_MSGS_PER_SUBJECT).unwrap_or(u64::MAX);
-        let n = self.backlog.entry(owner.clone()).or_insert(0);
-        *n += 1;
-        if *n == cap {
-            let backlog = *n;
+        let n = self.inbox.stored(owner);
+        if n == OWNER_CAP {
+            let backlog = n;
             self.counters.cap_reached += 1;
             self.emit(DeliveryEvent::DinboxCapReached {
                 owner: owner.clone(),
@@ -2618,14 +2688,84 @@ impl Delivery {
     }
 
     fn count_settled(&mut self, owner: &AgentId) {
-        if let Some(n) = self.backlog.get_mut(owner) {
-            *n = n.saturating_sub(1);
-            if *n < DINBOX_HIGH_WATER {
-                self.backpressured.remove(owner);
+        self.inbox.settled(owner);
+        if self.inbox.admits(owner) {
+            self.backpressured.remove(owner);
+        }
+    }
+
+    /// Reads the reader consumer's unread total (at its bind, and when a hold may rest on an
+    /// over-count).
+    fn read_inbox_backlog(&mut self, now: Now) {
+        if !self.connected || self.stopped {
+            return;
+        }
+        self.inbox.check_started(now.at);
+        let op = self.op(Pending::InboxBacklog);
+        let reader = ConsumerSpec::reader(
+            &self.config.space,
+            self.config.shard.index(),
+            self.config.shard.shards(),
+        );
+        self.commands.push_back(Command::ConsumerInfo {
+            op,
+            stream: reader.stream,
+            consumer: reader.name,
+        });
+    }
+
+    fn on_inbox_backlog(&mut self, now: Now, outcome: Outcome<Reply>) {
+        match outcome {
+            Outcome::Success(Reply::ConsumerState(state)) => {
+                self.inbox.clamp(state.unread());
+                let inbox = &self.inbox;
+                self.backpressured.retain(|owner| !inbox.admits(owner));
             }
-            if *n == 0 {
-                self.backlog.remove(owner);
+            other => {
+                self.inbox.check_failed();
+                self.counters.backlog_unverified += 1;
+                self.emit(DeliveryEvent::BacklogUnverified {
+                    owner: None,
+                    detail: outcome_detail(&other),
+                });
             }
+        }
+        if self.lease_held() {
+            self.maybe_open_consumers(now);
+        }
+    }
+
+    fn on_dlv_backlog(&mut self, owner: AgentId, outcome: Outcome<Reply>) {
+        let unread = match outcome {
+            Outcome::Success(Reply::ConsumerState(state)) => Some(state.unread()),
+            other => {
+                self.counters.backlog_unverified += 1;
+                self.emit(DeliveryEvent::BacklogUnverified {
+                    owner: Some(owner.clone()),
+                    detail: outcome_detail(&other),
+                });
+                None
+            }
+        };
+        let verdict = self.dlv.read(&owner, unread);
+        for delivery in verdict.admitted {
+            self.start_transfer(delivery);
+        }
+        for delivery in verdict.shed {
+            let Some(t) = self.transfers.remove(&delivery) else {
+                continue;
+            };
+            self.counters.dlv_shed += 1;
+            self.counters.lost += 1;
+            self.count_settled(&t.owner);
+            self.settle(delivery, AckKind::Ack);
+            self.emit(DeliveryEvent::CopyShed {
+                owner: t.owner,
+                channel: t.entry.channel,
+                seq: t.entry.seq,
+                generation: t.entry.generation,
+                unread: verdict.unread.unwrap_or(0),
+            });
         }
     }
 
@@ -2684,7 +2824,7 @@ impl Delivery {
             self.settle(
                 b.delivery,
                 AckKind::Nak {
-                    delay: BACKPRESSURE_DELAY,
+                    delay: backpressure_delay(b.delivery_count),
                 },
             );
         } else {
@@ -2822,6 +2962,10 @@ impl Delivery {
             Ok(x) => x,
             Err(anomaly) => {
                 self.counters.terminated += 1;
+                if let Ok(Subject::Dinbox { owner, .. }) = Subject::parse(subject) {
+                    // Settled all the same: one fewer unread entry of that owner.
+                    self.count_settled(&owner);
+                }
                 self.settle(delivery, AckKind::Term);
                 return self.emit(DeliveryEvent::EntryTerminated {
                     subject: subject.to_owned(),
@@ -2863,28 +3007,30 @@ impl Delivery {
     ) {
         match decision {
             Decision::Transfer { msg_id } => {
-                let subject = Subject::Dlv {
-                    space: self.config.space.clone(),
-                    owner: owner.clone(),
-                }
-                .to_string();
-                let payload = dlv_payload(&entry);
-                let op = self.op(Pending::Transfer { delivery });
+                let (admit, _) = self.dlv.admit(&owner, delivery);
+                let dlv_owner = owner.clone();
                 self.transfers.insert(
                     delivery,
                     Transfer {
                         delivery_count,
                         owner,
                         entry,
+                        msg_id: msg_id.to_string(),
                     },
                 );
-                self.commands.push_back(Command::JsPublish {
-                    op,
-                    subject,
-                    msg_id: Some(msg_id.to_string()),
-                    headers: Vec::new(),
-                    payload,
-                });
+                match admit {
+                    DlvAdmit::Transfer => self.start_transfer(delivery),
+                    DlvAdmit::Wait { read: false } => {}
+                    DlvAdmit::Wait { read: true } => {
+                        let consumer = ConsumerSpec::dlv(&self.config.space, &dlv_owner);
+                        let op = self.op(Pending::DlvBacklog { owner: dlv_owner });
+                        self.commands.push_back(Command::ConsumerInfo {
+                            op,
+                            stream: consumer.stream,
+                            consumer: consumer.name,
+                        });
+                    }
+                }
             }
             Decision::Drop(reason) => {
                 self.counters.dropped += 1;
@@ -2914,6 +3060,7 @@ impl Delivery {
             }
             Decision::Terminate(anomaly) => {
                 self.counters.terminated += 1;
+                self.count_settled(&owner);
                 self.settle(delivery, AckKind::Term);
                 self.emit(DeliveryEvent::EntryTerminated {
                     subject: Subject::Dinbox {
@@ -2925,6 +3072,28 @@ impl Delivery {
                 });
             }
         }
+    }
+
+    /// Publishes an admitted transfer's DLV copy.
+    fn start_transfer(&mut self, delivery: DeliveryId) {
+        let Some(t) = self.transfers.get(&delivery) else {
+            return;
+        };
+        let subject = Subject::Dlv {
+            space: self.config.space.clone(),
+            owner: t.owner.clone(),
+        }
+        .to_string();
+        let payload = dlv_payload(&t.entry);
+        let msg_id = t.msg_id.clone();
+        let op = self.op(Pending::Transfer { delivery });
+        self.commands.push_back(Command::JsPublish {
+            op,
+            subject,
+            msg_id: Some(msg_id),
+            headers: Vec::new(),
+            payload,
+        });
     }
 
     fn on_transfer(&mut self, delivery: DeliveryId, outcome: Outcome<Reply>) {
@@ -2939,6 +3108,7 @@ impl Delivery {
             }
             _ => {
                 self.counters.writes_failed += 1;
+                self.dlv.unstored(&t.owner);
                 let decision = after_transfer_failure(&t.entry, &t.owner, t.delivery_count);
                 self.apply_reader_decision(delivery, t.delivery_count, t.owner, t.entry, decision);
             }
@@ -2960,6 +3130,15 @@ impl Delivery {
                 }
             }
         }
+    }
+}
+
+/// What a failed, unknown or unexpected outcome says, for an event or an error reply.
+fn outcome_detail(outcome: &Outcome<Reply>) -> String {
+    match outcome {
+        Outcome::Failed(f) => f.to_string(),
+        Outcome::Unknown => "outcome unknown".into(),
+        Outcome::Success(r) => format!("unexpected reply {r:?}"),
     }
 }
 

@@ -16,6 +16,9 @@
 //! 3. **Sequence continuity** ([`gap`]): the fan-out is offered every CHAT sequence once; a jump
 //!    is checked against CHAT, and what the stream evicted before fan-out saw it is a reported
 //!    loss.
+//! 4. **Per-owner caps** ([`backlog`]): INBOX and DLV keep 1000 entries per owner and discard
+//!    the oldest. Fan-out holds an owner's copies while its dinbox backlog is high, and the
+//!    reader sheds a copy (a reported loss) rather than push an unread DLV copy out.
 //!
 //! The registry transitions the daemon drives around these (join, leave, activation) are in
 //! [`crate::registry`]; the control gate is [`control`] and the per-shard lease is [`lease`].
@@ -24,6 +27,7 @@
 //! lease machine it wraps).
 
 pub mod authorize;
+pub mod backlog;
 pub mod control;
 pub mod daemon;
 pub mod gap;

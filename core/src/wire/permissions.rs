@@ -193,6 +193,8 @@ impl Permissions {
     /// - CHAT: consumer create, durable create, INFO, MSG.NEXT, DELETE (CHAT-wide: `fanout` and
     ///   the dynamic `cu_<owner>_<gen>` names), and ACK; `STREAM.INFO` on CHAT, INBOX, DLV.
     /// - INBOX: consumer verbs name-pinned to `reader`.
+    /// - DLV: `CONSUMER.INFO` on the agents' `dlv_<id>` durables (their unread backlog; no
+    ///   read, bind or create).
     /// - KV: read (info, get, watch) presence, channels, members and acl; write
     ///   `$KV.cotal_members_<s>.>`; info/get on the delivery bucket and write only its
     ///   `lease.*` keys.
@@ -232,6 +234,8 @@ impl Permissions {
             reader.delete_subject(),
         ]);
         publish.push(reader.ack_pattern());
+        // The per-owner DLV backlog read (`delivery::backlog`): info only, on any `dlv_<id>`.
+        publish.push(api("CONSUMER.INFO", &format!("{dlv}.*")));
         publish.push("$JS.FC.>".to_owned());
         for bucket in [
             KvBucket::Presence,

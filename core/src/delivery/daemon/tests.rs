@@ -4,8 +4,10 @@ mod harness;
 mod transcript;
 
 use super::*;
+use crate::delivery::backlog::BACKLOG_RECHECK;
 use crate::time::Duration;
 use crate::wire::records::MembershipRecord;
+use bytes::Bytes;
 use harness::*;
 
 fn served() -> World {
@@ -1085,6 +1087,185 @@ fn fan_out_holds_an_owners_copies_back_at_the_high_water_before_the_cap_g6() {
     // settle is the redelivery's.)
     assert_eq!(w.settled(d).last(), Some(&AckKind::Ack));
     assert_eq!(w.inbox_ids("alice").len() as u64, high + 1);
+}
+
+/// Delivers CHAT `seq` to fan-out without the transcript line (for long loops).
+fn fan_out_quietly(w: &mut World, seq: u64, count: u64) -> DeliveryId {
+    let m = w.b.chat.iter().find(|m| m.seq == seq).cloned().unwrap();
+    let sub = w.b.consumer("fanout");
+    w.b.next_delivery += 1;
+    let delivery = DeliveryId(w.b.next_delivery);
+    w.feed(Input::Inbound(Inbound::Delivery {
+        sub,
+        delivery,
+        stream_seq: seq,
+        delivery_count: count,
+        subject: m.subject,
+        headers: Vec::new(),
+        payload: m.payload,
+    }));
+    w.run();
+    delivery
+}
+
+#[test]
+fn a_hold_resting_on_an_over_count_is_released_by_the_reader_consumers_total_g6() {
+    // The counts only go down when this daemon's reader settles: an entry INBOX evicted, or one
+    // a predecessor settled, would hold the owner (and its channel's CHAT messages) forever.
+    let mut w = served();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    for _ in 0..DINBOX_HIGH_WATER {
+        let s = w.post("bob", "review", &[]);
+        fan_out_quietly(&mut w, s, 1);
+    }
+    let s = w.post("bob", "review", &[]);
+    let held = fan_out_quietly(&mut w, s, 1);
+    assert_eq!(
+        w.settled(held),
+        vec![AckKind::Nak {
+            delay: BACKPRESSURE_DELAY
+        }]
+    );
+    // The consumer now says nothing is unread (INBOX lost them, or someone else read them).
+    w.b.reader_unread = Some(0);
+    // Within the recheck pace no read is made.
+    let reads = |w: &World| w.log.matches("consumer.info INBOX_main.reader").count();
+    let before = reads(&w);
+    let again = fan_out_quietly(&mut w, s, 2);
+    assert_eq!(reads(&w), before, "paced: {}", w.log);
+    assert_eq!(
+        w.settled(again),
+        vec![AckKind::Nak {
+            delay: backpressure_delay(2)
+        }],
+        "held again, with a longer delay"
+    );
+    w.advance(BACKLOG_RECHECK.as_millis());
+    let third = fan_out_quietly(&mut w, s, 3);
+    assert_eq!(reads(&w), before + 1, "{}", w.log);
+    assert_eq!(w.settled(third).len(), 1);
+    // The read clamped the count: the next redelivery writes the copy.
+    let fourth = fan_out_quietly(&mut w, s, 4);
+    assert_eq!(w.settled(fourth), vec![AckKind::Ack], "{}", w.log);
+    assert_eq!(w.inbox_ids("alice").len() as u64, DINBOX_HIGH_WATER + 1);
+}
+
+#[test]
+fn fan_out_starts_after_the_reader_consumers_total_and_counts_a_predecessors_entries_g6() {
+    let mut w = World::new();
+    // A predecessor left DINBOX_HIGH_WATER entries unread (owner unknown to this daemon).
+    w.b.reader_unread = Some(DINBOX_HIGH_WATER);
+    w.boot();
+    assert!(w.d.serving(), "{}", w.log);
+    let cmds: Vec<&str> = w.log.lines().filter(|l| l.contains(" cmd ")).collect();
+    let info = cmds
+        .iter()
+        .position(|c| c.contains("consumer.info INBOX_main.reader"))
+        .expect("the reader consumer is read");
+    let fanout = cmds
+        .iter()
+        .position(|c| c.contains("consume fanout"))
+        .expect("fan-out opens");
+    assert!(info < fanout, "fan-out waits for the total: {}", w.log);
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    let s = w.post("bob", "review", &[]);
+    let d = fan_out_quietly(&mut w, s, 1);
+    assert!(
+        matches!(w.settled(d).as_slice(), [AckKind::Nak { .. }]),
+        "held: the legacy counts against every owner"
+    );
+    assert!(w.inbox_ids("alice").is_empty());
+    // The reader settles one of the predecessor's entries: room again.
+    w.b.inbox.push((
+        1,
+        "cotal.main.dinbox.carol".into(),
+        "junk".into(),
+        Bytes::new(),
+    ));
+    w.reader(1, 1);
+    let d = fan_out_quietly(&mut w, s, 2);
+    assert_eq!(w.settled(d), vec![AckKind::Ack], "{}", w.log);
+    assert_eq!(w.inbox_ids("alice").len(), 1);
+}
+
+#[test]
+fn a_full_dlv_sheds_the_newest_copy_with_a_reported_loss_instead_of_evicting_an_unread_one_g6() {
+    let mut w = served();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    w.acl("alice", &["review"]);
+    // Alice's agent is far behind: 999 unread copies already wait in her DLV.
+    for i in 0..999u64 {
+        w.b.dlv.push((
+            i + 1,
+            "cotal.main.dlv.alice".into(),
+            format!("old-{i}"),
+            Bytes::new(),
+        ));
+    }
+    let seqs: Vec<u64> = (0..3).map(|_| w.post("bob", "review", &[])).collect();
+    for &s in &seqs {
+        w.fanout(s, 1);
+    }
+    let first = w.reader(1, 1);
+    assert_eq!(w.settled(first), vec![AckKind::Ack]);
+    assert_eq!(w.dlv_ids("alice").len(), 1000, "room for exactly one");
+    let second = w.reader(2, 1);
+    assert_eq!(w.settled(second), vec![AckKind::Ack], "shed, not held");
+    assert_eq!(w.dlv_ids("alice").len(), 1000, "no unread copy pushed out");
+    assert_eq!(w.d.counters().dlv_shed, 1);
+    assert_eq!(w.d.counters().lost, 1);
+    assert!(
+        w.events.iter().any(|e| matches!(e,
+            DeliveryEvent::CopyShed { owner, seq, unread, .. }
+                if owner.as_str() == "alice" && *seq == seqs[1] && *unread == 1000)),
+        "{}",
+        w.log
+    );
+    // The agent catches up on 500 copies: transfers resume after one more read.
+    w.b.dlv_acked.insert("alice".into(), 500);
+    let third = w.reader(3, 1);
+    assert_eq!(w.settled(third), vec![AckKind::Ack]);
+    assert_eq!(w.dlv_ids("alice").len(), 1001);
+    assert_eq!(w.d.counters().dlv_shed, 1);
+}
+
+#[test]
+fn a_dlv_read_that_fails_transfers_and_reports_the_cap_as_unverified() {
+    // A credential written for the reference daemon has no CONSUMER.INFO on DLV.
+    let mut w = served();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    w.acl("alice", &["review"]);
+    w.rule(
+        |c| matches!(c, Command::ConsumerInfo { consumer, .. } if consumer.starts_with("dlv_")),
+        Effect::Answer(Outcome::Failed(Failure::PermissionDenied {
+            detail:
+                "Permissions Violation for Publish to \"$JS.API.CONSUMER.INFO.DLV_main.dlv_alice\""
+                    .into(),
+        })),
+        u32::MAX,
+    );
+    let s1 = w.post("bob", "review", &[]);
+    let s2 = w.post("bob", "review", &[]);
+    w.fanout(s1, 1);
+    w.fanout(s2, 1);
+    w.reader(1, 1);
+    w.reader(2, 1);
+    assert_eq!(w.dlv_ids("alice").len(), 2);
+    assert_eq!(
+        w.d.counters().backlog_unverified,
+        1,
+        "one read per cap, not per copy"
+    );
+    assert!(w.events.iter().any(|e| matches!(e,
+        DeliveryEvent::BacklogUnverified { owner: Some(o), .. } if o.as_str() == "alice")));
+}
+
+#[test]
+fn a_held_message_backs_off_to_a_bounded_delay() {
+    let delays: Vec<u64> = (1..=8).map(|n| backpressure_delay(n).as_millis()).collect();
+    assert_eq!(delays, vec![200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+    assert_eq!(backpressure_delay(0).as_millis(), 200);
+    assert_eq!(backpressure_delay(u64::MAX), BACKPRESSURE_MAX_DELAY);
 }
 
 #[test]

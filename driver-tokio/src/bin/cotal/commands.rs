@@ -324,6 +324,7 @@ impl DaemonReport {
             | DeliveryEvent::EntryLost(_)
             | DeliveryEvent::HistoryForgotten { .. }
             | DeliveryEvent::DinboxCapReached { .. }
+            | DeliveryEvent::CopyShed { .. }
             | DeliveryEvent::CopyWriteFailed { .. }
             | DeliveryEvent::FanoutTerminated { .. }
             | DeliveryEvent::EntryTerminated { .. } => {
@@ -333,7 +334,8 @@ impl DaemonReport {
             | DeliveryEvent::Abandoned { .. }
             | DeliveryEvent::JoinFailed { .. }
             | DeliveryEvent::LeaveFailed { .. }
-            | DeliveryEvent::ControlRefused { .. } => {
+            | DeliveryEvent::ControlRefused { .. }
+            | DeliveryEvent::BacklogUnverified { .. } => {
                 tracing::warn!(target: "cotal", "{event:?}");
             }
             other => tracing::debug!(target: "cotal", "{other:?}"),

@@ -13,7 +13,7 @@
 
 use super::super::*;
 use crate::delivery::lease::LeaseEvent;
-use crate::io::{PubAck, StreamState};
+use crate::io::{ConsumerState, PubAck, StreamState};
 use crate::time::UnixMillis;
 use crate::wire::control::{ControlReply, DeliveryRequest};
 use crate::wire::message::{Part, Route, Sender};
@@ -83,6 +83,15 @@ pub struct Broker {
     /// The fan-out consumer's delivery pointer reported at bind (`None`: answer `Done`, as a
     /// driver that cannot tell).
     pub fanout_pointer: Option<u64>,
+    /// The reader consumer's unread total a `CONSUMER.INFO` reports; `None`: INBOX entries
+    /// minus the reader deliveries acked or terminated.
+    pub reader_unread: Option<u64>,
+    /// Reader deliveries not yet acked or terminated.
+    pub reader_open: BTreeSet<DeliveryId>,
+    /// Reader deliveries acked or terminated.
+    pub reader_done: u64,
+    /// DLV copies each owner's agent acked (unread = stored for the owner minus these).
+    pub dlv_acked: BTreeMap<String, u64>,
 }
 
 impl Broker {
@@ -241,6 +250,27 @@ impl Broker {
                     _ => done(*op, Reply::Done),
                 }
             }
+            Command::ConsumerInfo { op, consumer, .. } => {
+                let unread = match consumer.strip_prefix("dlv_") {
+                    Some(owner) => {
+                        let suffix = format!(".dlv.{owner}");
+                        let stored = self.dlv.iter().filter(|e| e.1.ends_with(&suffix)).count();
+                        (stored as u64)
+                            .saturating_sub(self.dlv_acked.get(owner).copied().unwrap_or(0))
+                    }
+                    None => self.reader_unread.unwrap_or_else(|| {
+                        (self.inbox.len() as u64).saturating_sub(self.reader_done)
+                    }),
+                };
+                done(
+                    *op,
+                    Reply::ConsumerState(ConsumerState {
+                        delivered_stream_seq: 0,
+                        num_pending: unread,
+                        num_ack_pending: 0,
+                    }),
+                )
+            }
             Command::StreamInfo { op, .. } => done(
                 *op,
                 Reply::StreamState(StreamState {
@@ -304,6 +334,10 @@ impl Broker {
             }
             Command::Settle { op, delivery, kind } => {
                 self.settled.push((*delivery, *kind));
+                if matches!(kind, AckKind::Ack | AckKind::Term) && self.reader_open.remove(delivery)
+                {
+                    self.reader_done += 1;
+                }
                 done(*op, Reply::Done)
             }
             Command::Publish {
@@ -656,6 +690,7 @@ impl World {
     ) -> DeliveryId {
         let sub = self.b.consumer("reader");
         let delivery = self.next_delivery();
+        self.b.reader_open.insert(delivery);
         self.line(
             "in",
             &format!("reader {delivery} inbox#{seq} n={count} {subject} id={msg_id}"),
@@ -840,6 +875,9 @@ pub fn describe_command(c: &Command) -> String {
         } => format!("consume {} create={create} {sub}", consumer.name),
         Command::StopConsume { sub } => format!("stop-consume {sub}"),
         Command::StreamInfo { stream, .. } => format!("stream.info {stream}"),
+        Command::ConsumerInfo {
+            stream, consumer, ..
+        } => format!("consumer.info {stream}.{consumer}"),
         Command::ReadStream {
             filter,
             start,
@@ -873,6 +911,7 @@ pub fn describe_outcome(o: &Outcome<Reply>) -> String {
             Reply::Kv(None) => "ok none".into(),
             Reply::Kv(Some(e)) => format!("ok rev={} {:?}", e.revision, e.operation),
             Reply::StreamState(s) => format!("ok first={} last={}", s.first_seq, s.last_seq),
+            Reply::ConsumerState(c) => format!("ok unread={}", c.unread()),
             Reply::Stored(ms) => format!(
                 "ok stored [{}]",
                 ms.iter()
