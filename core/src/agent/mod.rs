@@ -3043,10 +3043,10 @@ impl Agent {
                     payload,
                 },
             ),
-            (Feed::Direct(d), Inbound::ConsumerEnded { .. }) => {
-                if self.link != Link::Down && !self.stopped {
-                    self.direct_unbound(now, d);
-                }
+            (Feed::Direct(d), Inbound::ConsumerEnded { .. })
+                if self.link != Link::Down && !self.stopped =>
+            {
+                self.direct_unbound(now, d);
             }
             (
                 Feed::Chat(_),
