@@ -602,7 +602,9 @@ fn dm_and_anycast_over_the_cli() {
     let out = run(&[
         "send", "--space", "demo", "--id", "dave", "--to", "bob", "--role", "reviewer", "x",
     ]);
-    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(out.status.code(), Some(2), "bad usage");
+    let out = run(&["send", "--space", "demo", "--id", "dave", "x"]);
+    assert_eq!(out.status.code(), Some(2), "a route is required");
     for p in [alice, bob, carol] {
         let mut p = p;
         p.signal("INT");

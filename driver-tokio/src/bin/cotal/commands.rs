@@ -89,8 +89,9 @@ pub(crate) struct AgentArgs {
     nats: NatsArgs,
 }
 
-/// `cotal send`.
+/// `cotal send`: exactly one of `--channel`, `--to`, `--role` (one routing field).
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("route").required(true).args(["channel", "to", "role"])))]
 pub(crate) struct SendArgs {
     /// The space name.
     #[arg(long)]
@@ -102,13 +103,13 @@ pub(crate) struct SendArgs {
     #[arg(long)]
     name: Option<String>,
     /// The channel to post to (multicast).
-    #[arg(long, group = "route", required_unless_present_any = ["to", "role"])]
+    #[arg(long)]
     channel: Option<String>,
     /// The instance id to unicast to (a DM, read by its `dm_<id>` consumer).
-    #[arg(long, group = "route")]
+    #[arg(long)]
     to: Option<String>,
     /// The role to anycast to (a task, taken by exactly one server of the role).
-    #[arg(long, group = "route")]
+    #[arg(long)]
     role: Option<String>,
     /// The text.
     text: String,
