@@ -2294,3 +2294,140 @@ fn stop_closes_the_direct_feeds() {
         "{tail}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Property: under any interleaving of DM / task deliveries (fresh, redelivered, spoofed,
+// malformed), handling, connection drops and time, the direct paths surface each id at most
+// once with the kind of its subject, never surface an anomaly, terminate every anomaly and nothing
+// else, settle each delivery at most once, and lose no valid message.
+// ---------------------------------------------------------------------------------------------
+
+mod direct_props {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Copy, Debug)]
+    enum Shape {
+        Valid,
+        Spoofed,
+        Malformed,
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        /// (task rather than DM, message index, shape, redeliver the last stream copy of it)
+        Deliver(bool, u8, Shape, bool),
+        Handle(u8),
+        Drop,
+        Advance(u16),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let shape = prop_oneof![
+            4 => Just(Shape::Valid),
+            1 => Just(Shape::Spoofed),
+            1 => Just(Shape::Malformed),
+        ];
+        prop_oneof![
+            6 => (any::<bool>(), 0u8..5, shape, any::<bool>())
+                .prop_map(|(t, i, s, r)| Step::Deliver(t, i, s, r)),
+            3 => (0u8..4).prop_map(Step::Handle),
+            1 => Just(Step::Drop),
+            1 => (0u16..5_000).prop_map(Step::Advance),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn direct_paths_surface_once_by_subject_kind_and_terminate_only_anomalies(
+            steps in proptest::collection::vec(step(), 1..60)
+        ) {
+            let mut w = direct_world(&["reviewer"]);
+            w.connect();
+            let mut anomalies: BTreeSet<DeliveryId> = BTreeSet::new();
+            let mut valid_ids: BTreeSet<String> = BTreeSet::new();
+            // The last stream sequence each (path, index, shape) was stored at.
+            let mut stored: BTreeMap<(bool, u8, u8), u64> = BTreeMap::new();
+            let mut next_seq = 0u64;
+            let mut surfaced: Vec<Surfaced<Arrival>> = Vec::new();
+            let handle = |w: &mut World, surfaced: &mut Vec<Surfaced<Arrival>>, n: usize| {
+                let items = w.agent.take_messages(w.now, n);
+                for s in &items {
+                    w.agent.handled(w.now, &s.id).unwrap();
+                }
+                w.run();
+                surfaced.extend(items);
+            };
+            for s in steps {
+                match s {
+                    Step::Deliver(task, i, shape, again) => {
+                        let key = (task, i, shape as u8);
+                        let seq = match stored.get(&key) {
+                            Some(seq) if again => *seq,
+                            _ => {
+                                next_seq += 1;
+                                stored.insert(key, next_seq);
+                                next_seq
+                            }
+                        };
+                        let id = match shape {
+                            Shape::Valid => format!("{}{i}", if task { "t" } else { "d" }),
+                            Shape::Spoofed => format!("s{i}"),
+                            Shape::Malformed => format!("m{i}"),
+                        };
+                        let (subject, payload) = match (task, shape) {
+                            (true, Shape::Spoofed) => (
+                                format!("cotal.{SPACE}.svc.reviewer.mallory"),
+                                message("alice", Route::ToService(role("reviewer")), &id),
+                            ),
+                            (false, Shape::Spoofed) => (
+                                format!("cotal.{SPACE}.inst.bob.mallory"),
+                                message("alice", Route::To(AgentId::new("bob").unwrap()), &id),
+                            ),
+                            (true, _) => task_for("reviewer", "alice", &id),
+                            (false, _) => dm_to_bob("alice", &id),
+                        };
+                        let payload = match shape {
+                            Shape::Malformed => Bytes::from_static(b"{\"id\":"),
+                            _ => payload,
+                        };
+                        let consumer = if task { "svc_reviewer" } else { "dm_bob" };
+                        let count = if again { 2 } else { 1 };
+                        let d = w.direct_seq(consumer, (subject, payload), seq, count);
+                        match shape {
+                            Shape::Valid => { valid_ids.insert(id); }
+                            _ => { anomalies.insert(d); }
+                        }
+                    }
+                    Step::Handle(n) => handle(&mut w, &mut surfaced, usize::from(n)),
+                    Step::Drop => { w.drop_connection(); w.connect(); }
+                    Step::Advance(ms) => w.advance(u64::from(ms)),
+                }
+                w.run();
+            }
+            handle(&mut w, &mut surfaced, 1000);
+            // Each id surfaced once, with its subject's kind; anomalies never.
+            let mut seen = BTreeSet::new();
+            for s in &surfaced {
+                let id = s.id.as_str().to_owned();
+                prop_assert!(seen.insert(id.clone()), "{id} surfaced twice\n{}", w.log);
+                let kind = if id.starts_with('t') { DeliveryKind::Anycast } else { DeliveryKind::Dm };
+                prop_assert!(id.starts_with('t') || id.starts_with('d'), "anomaly {id} surfaced");
+                prop_assert_eq!(s.item.kind, kind);
+            }
+            // Nothing valid lost (an id first sent as a DM and then as a task with the same index
+            // is two ids here: `d<i>` and `t<i>`).
+            prop_assert_eq!(&seen, &valid_ids, "{}", w.log);
+            // Each delivery settled at most once; term exactly for the anomalies.
+            let mut settled = BTreeSet::new();
+            for (d, kind) in &w.settles {
+                prop_assert!(settled.insert(*d), "{d:?} settled twice\n{}", w.log);
+                prop_assert_eq!(*kind == AckKind::Term, anomalies.contains(d), "{:?} {}", d, kind);
+            }
+            for d in &anomalies {
+                prop_assert!(settled.contains(d), "anomaly {d:?} not terminated");
+            }
+        }
+    }
+}
