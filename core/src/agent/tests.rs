@@ -447,7 +447,12 @@ impl World {
                 vec![Input::Completed(Completion::success(
                     *op,
                     Reply::PubAck(PubAck {
-                        stream: "CHAT_main".into(),
+                        stream: match subject.split('.').nth(2) {
+                            Some("inst") => "DM_main",
+                            Some("svc") => "TASK_main",
+                            _ => "CHAT_main",
+                        }
+                        .into(),
                         seq: self.chat.len() as u64 + 1,
                         duplicate: false,
                     }),
@@ -2430,4 +2435,36 @@ mod direct_props {
             }
         }
     }
+}
+
+#[test]
+fn transcript_dm_and_task_round_trip() {
+    let mut w = direct_world(&["reviewer"]);
+    w.connect();
+    let mark = w.log.len();
+    let (_, dm) = w
+        .agent
+        .send_dm(
+            w.now,
+            &AgentId::new("alice").unwrap(),
+            vec![Part::text("hi")],
+        )
+        .unwrap();
+    w.run();
+    w.direct_seq("dm_bob", dm_to_bob("alice", "d1"), 1, 1);
+    w.direct_seq(
+        "svc_reviewer",
+        (
+            format!("cotal.{SPACE}.svc.reviewer.mallory"),
+            message("alice", Route::ToService(role("reviewer")), "s1"),
+        ),
+        1,
+        1,
+    );
+    w.direct_seq("svc_reviewer", task_for("reviewer", "alice", "t1"), 2, 1);
+    for s in w.take_all() {
+        w.agent.handled(w.now, &s.id).unwrap();
+    }
+    w.run();
+    insta::assert_snapshot!(&w.log[mark..].replace(&dm, "<dm id>"));
 }
