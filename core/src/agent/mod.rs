@@ -134,6 +134,11 @@ pub struct AgentConfig {
     pub roles: Vec<Role>,
     /// Create `dm_<id>` / `svc_<role>` if missing (open mode) rather than only bind to them (auth
     /// mode: the provisioner creates them and agents hold no create grant, §1.10).
+    ///
+    /// Unlike the reference's open-mode self-creation, `dm_<id>` is created without an
+    /// `inactive_threshold`: a DM consumer the server deleted after ten idle minutes would be
+    /// recreated with deliver policy `all` and hand a restarted agent (whose ledger is new) every
+    /// DM the stream still holds once more.
     pub create_direct_consumers: bool,
     /// Presence heartbeat interval; `None` disables presence.
     pub heartbeat: Option<Duration>,
