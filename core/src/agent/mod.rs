@@ -537,6 +537,17 @@ pub enum AgentEvent {
         /// The error.
         error: String,
     },
+    /// A direct consumer (`dm_<id>` / `svc_<role>`) could not be bound, or its feed ended: no DM
+    /// or task of it arrives until a retry (after the backoff) binds it again. Emitted for the
+    /// first failure in a row and every fifth after it; [`AgentHealth::direct`] shows the state.
+    DirectUnbound {
+        /// The consumer's name.
+        consumer: String,
+        /// Failed binds in a row, this one included.
+        attempts: u32,
+        /// The driver's or the server's words.
+        detail: String,
+    },
     /// New messages wait in [`Agent::take_messages`].
     MessagesReady {
         /// How many are queued.
@@ -1521,7 +1532,9 @@ impl Agent {
     }
 
     /// A direct consumer's bind failed or its feed ended: stop it and retry after the backoff.
-    fn direct_unbound(&mut self, now: Now, d: Direct) {
+    /// The first failure in a row, and every fifth after it, is an [`AgentEvent::DirectUnbound`].
+    fn direct_unbound(&mut self, now: Now, d: Direct, detail: String) {
+        let consumer = self.direct_spec(d).name;
         let Some(feed) = self.direct.get_mut(&d) else {
             return;
         };
@@ -1535,6 +1548,13 @@ impl Agent {
             self.commands.push_back(Command::StopConsume { sub: old });
         }
         bump(&mut self.counters.direct_bind_failures);
+        if attempts.is_multiple_of(5) {
+            self.events.push_back(AgentEvent::DirectUnbound {
+                consumer,
+                attempts: attempts.saturating_add(1),
+                detail,
+            });
+        }
         self.timers
             .set(Timer::DirectBind(d), now.at + backoff(attempts));
     }
@@ -2938,7 +2958,11 @@ impl Agent {
                         feed.attempts = 0;
                     }
                 } else if self.link != Link::Down && !self.stopped {
-                    self.direct_unbound(now, direct);
+                    let detail = match outcome {
+                        Outcome::Failed(f) => f.to_string(),
+                        _ => "bind outcome unknown".to_owned(),
+                    };
+                    self.direct_unbound(now, direct, detail);
                 }
             }
             Pending::Presence => {}
@@ -3048,10 +3072,10 @@ impl Agent {
                     payload,
                 },
             ),
-            (Feed::Direct(d), Inbound::ConsumerEnded { .. })
+            (Feed::Direct(d), Inbound::ConsumerEnded { detail, .. })
                 if self.link != Link::Down && !self.stopped =>
             {
-                self.direct_unbound(now, d);
+                self.direct_unbound(now, d, detail);
             }
             (
                 Feed::Chat(_),

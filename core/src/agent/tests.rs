@@ -2256,6 +2256,13 @@ fn g20_a_failed_direct_bind_is_retried_with_backoff_and_shows_in_health() {
     assert_eq!(svc.attempts, 1);
     assert_eq!(h.counters.direct_bind_failures, 1);
     assert!(
+        w.log.contains(
+            "DirectUnbound { consumer: \"svc_reviewer\", attempts: 1, detail: \"not found\" }"
+        ),
+        "{}",
+        w.log
+    );
+    assert!(
         h.direct
             .iter()
             .find(|d| d.consumer == "dm_bob")

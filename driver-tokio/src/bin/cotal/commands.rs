@@ -646,6 +646,16 @@ fn print_agent_event(event: &AgentEvent) {
             "error": error,
             "unknown": unknown,
         }),
+        AgentEvent::DirectUnbound {
+            consumer,
+            attempts,
+            detail,
+        } => json!({
+            "event": "direct_unbound",
+            "consumer": consumer,
+            "attempts": attempts,
+            "detail": detail,
+        }),
         AgentEvent::MessagesReady { queued } => json!({"event": "messages", "queued": queued}),
         other => json!({"event": "other", "detail": format!("{other:?}")}),
     };
