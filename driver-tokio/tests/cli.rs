@@ -598,6 +598,14 @@ fn dm_and_anycast_over_the_cli() {
         "{:#?}",
         alice.seen
     );
+    // Open mode: an agent nobody provisioned creates its own `dm_<id>` and gets its DMs.
+    let mut erin = spawn("erin", &["agent", "--space", "demo", "--id", "erin"]);
+    erin.expect("connected", |l| json_line(l)["event"] == "connected");
+    alice.type_line("/dm erin hello erin");
+    let got = json_line(&erin.expect("dm", |l| json_line(l)["text"] == "hello erin"));
+    assert_eq!(got["kind"], "dm", "{got}");
+    erin.signal("INT");
+    assert_eq!(erin.exit_code(), Some(0), "{:#?}", erin.seen);
     // Exactly one routing flag.
     let out = run(&[
         "send", "--space", "demo", "--id", "dave", "--to", "bob", "--role", "reviewer", "x",
