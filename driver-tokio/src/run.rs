@@ -38,7 +38,7 @@ use cotal_core::ledger::{MessageId, Surfaced};
 use cotal_core::op::OpId;
 use cotal_core::time::{Instant as CoreInstant, Now, UnixMillis};
 use cotal_core::wire::message::Part;
-use cotal_core::wire::token::Channel;
+use cotal_core::wire::token::{AgentId, Channel, Role};
 use std::collections::BTreeSet;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -395,6 +395,36 @@ impl MachineHandle<Agent> {
         text: String,
     ) -> Result<(RequestId, String), AgentCallError> {
         self.call(move |a, now| a.send(now, &channel, vec![Part::text(text)], &[]))
+            .await?
+            .map_err(Into::into)
+    }
+
+    /// [`Agent::send_dm`] of one text part to `to`; returns the request and the message id.
+    ///
+    /// # Errors
+    ///
+    /// As [`MachineHandle::join`].
+    pub async fn send_dm_text(
+        &self,
+        to: AgentId,
+        text: String,
+    ) -> Result<(RequestId, String), AgentCallError> {
+        self.call(move |a, now| a.send_dm(now, &to, vec![Part::text(text)]))
+            .await?
+            .map_err(Into::into)
+    }
+
+    /// [`Agent::send_anycast`] of one text part to `role`; returns the request and the message id.
+    ///
+    /// # Errors
+    ///
+    /// As [`MachineHandle::join`].
+    pub async fn send_anycast_text(
+        &self,
+        role: Role,
+        text: String,
+    ) -> Result<(RequestId, String), AgentCallError> {
+        self.call(move |a, now| a.send_anycast(now, &role, vec![Part::text(text)]))
             .await?
             .map_err(Into::into)
     }

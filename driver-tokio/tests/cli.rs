@@ -462,6 +462,164 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
     );
 }
 
+/// Unicast and anycast over the CLI (SPEC §12 items 5 and 6): `provision agent --role` prints
+/// the `svc_<role>` grants and creates `dm_<id>` / `svc_<role>`; `/dm` and `cotal send --to`
+/// reach the one instance with kind `dm`; `cotal send --role` and `/anycast` reach exactly one of
+/// two `--role reviewer` agents with kind `anycast`.
+#[test]
+fn dm_and_anycast_over_the_cli() {
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let url = server.url();
+    let nats = ["--nats", url.as_str()];
+    let with = |args: &[&str]| -> Vec<String> {
+        args.iter()
+            .chain(nats.iter())
+            .map(|s| (*s).to_owned())
+            .collect()
+    };
+    let run = |args: &[&str]| -> Output {
+        let args = with(args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cotal(&args)
+    };
+    let up = run(&["up", "--space", "demo"]);
+    assert!(up.status.success(), "{}", stdout(&up));
+    for (who, role) in [
+        ("alice", None),
+        ("bob", Some("reviewer")),
+        ("carol", Some("reviewer")),
+    ] {
+        let mut args = vec![
+            "provision",
+            "agent",
+            "--space",
+            "demo",
+            "--id",
+            who,
+            "--apply",
+        ];
+        if let Some(role) = role {
+            args.extend(["--role", role]);
+        }
+        let out = run(&args);
+        let text = stdout(&out);
+        assert!(out.status.success(), "{text}");
+        assert!(
+            text.contains(&format!("consumer DM_demo/dm_{who}")),
+            "{text}"
+        );
+        if role.is_some() {
+            assert!(
+                text.contains("$JS.API.CONSUMER.MSG.NEXT.TASK_demo.svc_reviewer"),
+                "{text}"
+            );
+            assert!(text.contains("consumer TASK_demo/svc_reviewer"), "{text}");
+        }
+    }
+    let spawn = |name: &'static str, args: &[&str]| {
+        let args = with(args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::spawn(name, &args)
+    };
+    let mut alice = spawn("alice", &["agent", "--space", "demo", "--id", "alice"]);
+    let mut bob = spawn(
+        "bob",
+        &[
+            "agent", "--space", "demo", "--id", "bob", "--role", "reviewer",
+        ],
+    );
+    let mut carol = spawn(
+        "carol",
+        &[
+            "agent", "--space", "demo", "--id", "carol", "--role", "reviewer",
+        ],
+    );
+    for p in [&mut alice, &mut bob, &mut carol] {
+        p.expect("connected", |l| json_line(l)["event"] == "connected");
+    }
+    // A DM typed on stdin.
+    alice.type_line("/dm bob psst bob");
+    let sent = json_line(&alice.expect("sent", |l| json_line(l)["event"] == "sent"));
+    let got = json_line(&bob.expect("dm", |l| json_line(l)["text"] == "psst bob"));
+    assert_eq!(got["kind"], "dm", "{got}");
+    assert_eq!(got["from"], "alice", "{got}");
+    assert_eq!(got["channel"], serde_json::Value::Null, "{got}");
+    assert_eq!(got["id"], sent["id"]);
+    // A DM from the shell.
+    let out = run(&[
+        "send", "--space", "demo", "--id", "dave", "--to", "bob", "shell dm",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let got = json_line(&bob.expect("shell dm", |l| json_line(l)["text"] == "shell dm"));
+    assert_eq!(got["kind"], "dm", "{got}");
+    // Anycasts from the shell and from stdin: each reaches exactly one reviewer.
+    let out = run(&[
+        "send", "--space", "demo", "--id", "dave", "--role", "reviewer", "task one",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    alice.type_line("/anycast reviewer task two");
+    let count = |bob: &Proc, carol: &Proc, task: &str| {
+        bob.seen
+            .iter()
+            .chain(carol.seen.iter())
+            .filter(|l| json_line(l)["text"] == task)
+            .count()
+    };
+    let deadline = std::time::Instant::now() + common::WAIT;
+    while count(&bob, &carol, "task one") == 0 || count(&bob, &carol, "task two") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "tasks not received; bob {:#?} carol {:#?}",
+            bob.seen,
+            carol.seen
+        );
+        bob.settle(Duration::from_millis(50));
+        carol.settle(Duration::from_millis(50));
+    }
+    for p in [&mut bob, &mut carol] {
+        p.settle(Duration::from_millis(500));
+    }
+    for task in ["task one", "task two"] {
+        let lines: Vec<serde_json::Value> = bob
+            .seen
+            .iter()
+            .chain(carol.seen.iter())
+            .map(|l| json_line(l))
+            .filter(|v| v["text"] == task)
+            .collect();
+        assert_eq!(lines.len(), 1, "{task}: {lines:?}");
+        assert_eq!(lines[0]["kind"], "anycast", "{lines:?}");
+        assert_eq!(lines[0]["role"], "reviewer", "{lines:?}");
+    }
+    assert!(
+        !alice.seen.iter().any(|l| json_line(l)["kind"] == "anycast"),
+        "{:#?}",
+        alice.seen
+    );
+    // Open mode: an agent nobody provisioned creates its own `dm_<id>` and gets its DMs.
+    let mut erin = spawn("erin", &["agent", "--space", "demo", "--id", "erin"]);
+    erin.expect("connected", |l| json_line(l)["event"] == "connected");
+    alice.type_line("/dm erin hello erin");
+    let got = json_line(&erin.expect("dm", |l| json_line(l)["text"] == "hello erin"));
+    assert_eq!(got["kind"], "dm", "{got}");
+    erin.signal("INT");
+    assert_eq!(erin.exit_code(), Some(0), "{:#?}", erin.seen);
+    // Exactly one routing flag.
+    let out = run(&[
+        "send", "--space", "demo", "--id", "dave", "--to", "bob", "--role", "reviewer", "x",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "bad usage");
+    let out = run(&["send", "--space", "demo", "--id", "dave", "x"]);
+    assert_eq!(out.status.code(), Some(2), "a route is required");
+    for p in [alice, bob, carol] {
+        let mut p = p;
+        p.signal("INT");
+        assert_eq!(p.exit_code(), Some(0), "{:#?}", p.seen);
+    }
+}
+
 /// `cotal bench` on a spawned server: two members, fifty messages, nothing lost or duplicated,
 /// and the last line is the JSON object scripts read.
 #[test]

@@ -22,7 +22,8 @@ use cotal_core::wire::message::{CotalMessage, Sender};
 use cotal_core::wire::permissions::{AgentPolicy, Permissions};
 use cotal_core::wire::records::{AclRecord, DeliveryLease, MembershipRecord, Plane3Entry};
 use cotal_core::wire::shard::ShardMap;
-use cotal_core::wire::token::{AgentId, Channel, ConcreteChannel, Space};
+use cotal_core::wire::subject::DeliveryKind;
+use cotal_core::wire::token::{AgentId, Channel, ConcreteChannel, Role, Space};
 use cotal_driver_tokio::connect::{ConnectConfig, connect};
 use cotal_driver_tokio::exec::{Executor, ExecutorConfig};
 use cotal_driver_tokio::provision::{apply_consumer, nats_server_permissions, provision_space};
@@ -87,6 +88,21 @@ async fn provision_agent(cfg: &ConnectConfig, agent: &AgentId, read: &[&str]) {
     .expect("dlv consumer");
 }
 
+/// What the provisioner adds for unicast and anycast: the agent's `dm_<id>` consumer and, with a
+/// role, the role's shared `svc_<role>` work-queue consumer (agents may only bind them).
+async fn provision_direct(cfg: &ConnectConfig, agent: &AgentId, role: Option<&str>) {
+    let conn = connect(cfg).await.expect("connect");
+    let mut specs = vec![ConsumerSpec::dm(&space(), agent)];
+    if let Some(role) = role {
+        specs.push(ConsumerSpec::svc(&space(), &Role::new(role).expect("role")));
+    }
+    for spec in specs {
+        apply_consumer(&conn.client, &spec, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|e| panic!("consumer {}: {e}", spec.name));
+    }
+}
+
 /// Writes a channel registry entry.
 async fn set_channel(cfg: &ConnectConfig, channel: &str, config: Value) {
     let conn = connect(cfg).await.expect("connect");
@@ -113,12 +129,18 @@ async fn kv_get(cfg: &ConnectConfig, bucket: KvBucket, key: &str) -> Option<Byte
 
 /// The agent-profile user of `agent`, reading and posting on `channels`.
 fn agent_user(agent: &str, channels: &[&str]) -> User {
+    agent_user_with_role(agent, channels, None)
+}
+
+/// [`agent_user`] serving the anycast `role` (its `svc_<role>` bind grants), as
+/// `cotal provision agent --role` writes it.
+fn agent_user_with_role(agent: &str, channels: &[&str], role: Option<&str>) -> User {
     let list: Vec<Channel> = channels.iter().map(|c| ch(c)).collect();
     let policy = AgentPolicy {
         id: id(agent),
         allow_subscribe: list.clone(),
         allow_publish: list,
-        role: None,
+        role: role.map(|r| Role::new(r).expect("role")),
         spawn: false,
     };
     User {
@@ -147,6 +169,7 @@ struct Got {
     channel: Option<String>,
     historical: bool,
     origin: SourceKind,
+    kind: DeliveryKind,
 }
 
 /// A running agent and everything it reported.
@@ -226,6 +249,7 @@ impl Peer {
                     channel: s.item.channel.as_ref().map(|c| c.as_str().to_owned()),
                     historical: s.item.historical,
                     origin: s.origin,
+                    kind: s.item.kind,
                 });
                 self.handle.handled(s.id).await.expect("handled");
             }
@@ -301,11 +325,38 @@ impl Peer {
 
     /// Posts and waits for the stream's ack; returns (message id, CHAT seq).
     async fn send(&mut self, channel: &str, text: &str) -> (String, u64) {
-        let (request, msg_id) = self
+        let sent = self
             .handle
             .send_text(ch(channel), text.to_owned())
             .await
             .expect("send accepted");
+        self.until_sent(sent).await
+    }
+
+    /// Unicasts to `to` and waits for the DM stream's ack; returns (message id, DM seq).
+    async fn send_dm(&mut self, to: &str, text: &str) -> (String, u64) {
+        let sent = self
+            .handle
+            .send_dm_text(id(to), text.to_owned())
+            .await
+            .expect("dm accepted");
+        self.until_sent(sent).await
+    }
+
+    /// Anycasts to `role` and waits for the TASK stream's ack; returns (message id, TASK seq).
+    async fn send_anycast(&mut self, role: &str, text: &str) -> (String, u64) {
+        let sent = self
+            .handle
+            .send_anycast_text(Role::new(role).expect("role"), text.to_owned())
+            .await
+            .expect("anycast accepted");
+        self.until_sent(sent).await
+    }
+
+    async fn until_sent(
+        &mut self,
+        (request, msg_id): (cotal_core::agent::RequestId, String),
+    ) -> (String, u64) {
         let find = |log: &[AgentEvent]| {
             log.iter().find_map(|e| match e {
                 AgentEvent::Sent {
@@ -449,18 +500,21 @@ async fn until_activated(cfg: &ConnectConfig, channel: &str, owner: &str) -> Mem
 // SPEC §12 interop scenario (A0.1, presence, late joiner)
 // ---------------------------------------------------------------------------------------------
 
-/// SPEC §12 interop, items 1–4 and 7, under per-user permissions with a daemon: provision, both
-/// connect with `_INBOX_<id>`, write presence and join `team.backend` (durable by default: the
-/// daemon grants both memberships), Alice multicasts and Bob receives it as a channel message; a
-/// late joiner gets the earlier messages marked historical, each exactly once. Items 5 (unicast)
-/// and 6 (anycast) are outside the two machines (no DM or anycast path yet).
+/// SPEC §12 interop, all seven items, under per-user permissions as `cotal provision agent`
+/// writes them (Bob and Dave with `--role reviewer`) with a daemon: provision, both connect with
+/// `_INBOX_<id>`, write presence and join `team.backend` (durable by default: the daemon grants
+/// both memberships), Alice multicasts and Bob receives it as a channel message; Alice unicasts to
+/// Bob, who receives it with kind `dm`; Alice anycasts to `reviewer` and exactly one of the two
+/// reviewers receives it, with kind `anycast`; a late joiner gets the earlier messages marked
+/// historical, each exactly once.
 #[tokio::test]
 async fn a0_interop_scenario_spec_12() {
     let team = "team.backend";
     let Some(server) = NatsServer::start_with_users(vec![
         agent_user("alice", &[team]),
-        agent_user("bob", &[team]),
+        agent_user_with_role("bob", &[team], Some("reviewer")),
         agent_user("carol", &[team]),
+        agent_user_with_role("dave", &[], Some("reviewer")),
         admin_user(),
     ]) else {
         return;
@@ -471,18 +525,51 @@ async fn a0_interop_scenario_spec_12() {
     for a in ["alice", "bob", "carol"] {
         provision_agent(&admin, &id(a), &[team]).await;
     }
+    provision_agent(&admin, &id("dave"), &[]).await;
+    for (a, role) in [
+        ("alice", None),
+        ("bob", Some("reviewer")),
+        ("carol", None),
+        ("dave", Some("reviewer")),
+    ] {
+        provision_direct(&admin, &id(a), role).await;
+    }
     let daemon = Daemon::start(&admin, "daemon-1").await;
-    // 2.–3. Both connect with their inbox prefix, write presence, join.
+    // 2.–3. Both connect with their inbox prefix, write presence, join. Each pumps its `dm_<id>`;
+    // the reviewers also pump the shared `svc_reviewer` (bind only: agents cannot create them).
+    let direct = |mut c: AgentConfig, role: Option<&str>| {
+        c.unicast = true;
+        c.roles = role
+            .map(|r| Role::new(r).expect("role"))
+            .into_iter()
+            .collect();
+        c.me.role = role.map(str::to_owned);
+        c
+    };
     let mut alice = Peer::start(
         server.config_as("alice", "pw"),
-        agent_config("alice", &[], true, false),
+        direct(agent_config("alice", &[], true, false), None),
     )
     .await;
     let mut bob = Peer::start(
         server.config_as("bob", "pw"),
-        agent_config("bob", &[], true, false),
+        direct(agent_config("bob", &[], true, false), Some("reviewer")),
     )
     .await;
+    let mut dave = Peer::start(
+        server.config_as("dave", "pw"),
+        direct(agent_config("dave", &[], true, false), Some("reviewer")),
+    )
+    .await;
+    for p in [&alice, &bob, &dave] {
+        let health = p.handle.health().await.expect("health");
+        assert!(
+            health.direct.iter().all(|d| d.bound),
+            "{}: {:?}",
+            p.name,
+            health.direct
+        );
+    }
     for p in [&mut alice, &mut bob] {
         let joined = p.join(team).await;
         assert!(joined_durable(&joined).is_some(), "{joined:?}");
@@ -499,7 +586,77 @@ async fn a0_interop_scenario_spec_12() {
     bob.receives(&["hello backend", "second"]).await;
     let got = bob.got.iter().find(|g| g.id == m1).expect("m1");
     assert_eq!(got.channel.as_deref(), Some(team));
+    assert_eq!(got.kind, DeliveryKind::Channel);
     assert!(!got.historical);
+    // 5. Alice unicasts to Bob; Bob receives it with kind dm, as a durable (acked) copy.
+    let (dm, _) = alice.send_dm("bob", "psst, a direct message").await;
+    bob.receives(&["psst, a direct message"]).await;
+    let got = bob.got.iter().find(|g| g.id == dm).expect("dm");
+    assert_eq!(got.kind, DeliveryKind::Dm);
+    assert_eq!(got.channel, None);
+    assert_eq!(got.origin, SourceKind::Durable);
+    // On the wire: `cotal.<s>.inst.<target>.<sender>` with the id as Nats-Msg-Id and `to` as the
+    // one routing field.
+    let mut d = Driver::start(admin.clone()).await;
+    let stored = read_all(&mut d, SpaceStream::Dm, &format!("cotal.{SPACE}.inst.>")).await;
+    let copy = stored.iter().find(|m| msg_id(m) == dm).expect("DM stored");
+    assert_eq!(copy.subject, format!("cotal.{SPACE}.inst.bob.alice"));
+    let body: Value = serde_json::from_slice(&copy.payload).expect("json");
+    assert_eq!(body["to"], "bob", "{body}");
+    assert!(
+        body.get("channel").is_none() && body.get("toService").is_none(),
+        "{body}"
+    );
+    // 6. Alice anycasts to `reviewer`: exactly one of the two reviewers receives it.
+    let (task, _) = alice.send_anycast("reviewer", "please review").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let holds = |p: &Peer| p.got.iter().filter(|g| g.id == task).count();
+    while holds(&bob) + holds(&dave) == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reviewer received the task within {WAIT:?}"
+        );
+        bob.pump(Duration::from_millis(50)).await;
+        dave.pump(Duration::from_millis(50)).await;
+    }
+    bob.idle(Duration::from_millis(500)).await;
+    dave.idle(Duration::from_millis(500)).await;
+    assert_eq!(
+        holds(&bob) + holds(&dave),
+        1,
+        "bob {:?} dave {:?}",
+        bob.got,
+        dave.got
+    );
+    let got = bob
+        .got
+        .iter()
+        .chain(dave.got.iter())
+        .find(|g| g.id == task)
+        .expect("task");
+    assert_eq!(got.kind, DeliveryKind::Anycast);
+    assert_eq!(got.origin, SourceKind::Durable);
+    // The work queue removed it once acked (after the reviewer handled it).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        // Stream info, not a read: a work queue refuses a second consumer overlapping
+        // `svc_reviewer`'s filter.
+        let stream = SpaceStream::Task.name(&space());
+        let left = match ok(d.run(|op| Command::StreamInfo { op, stream }).await) {
+            Reply::StreamState(s) => s.messages,
+            other => panic!("{other:?}"),
+        };
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "TASK still holds {left} messages"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!alice.got.iter().any(|g| g.id == dm || g.id == task));
+    dave.stop().await;
     // 7. A late joiner: the earlier messages replay as historical copies, each once.
     let mut carol = Peer::start(
         server.config_as("carol", "pw"),

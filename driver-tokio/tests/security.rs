@@ -19,7 +19,8 @@
 //! action, so a refusal cannot pass by the action being impossible for an unrelated reason.
 //!
 //! Hostile input (malformed JSON, huge payloads, wrong types, spoofed `from.id`, subjects with
-//! extra tokens, replayed msg-ids, wildcard channels) is in the `hostile_*` tests at the end.
+//! extra tokens, replayed msg-ids, wildcard channels) is in the `hostile_*` tests at the end, for
+//! the channel path and for the direct (DM) path.
 //!
 //! Skipped (returns early) when `COTAL_NATS_SERVER` is unset. Every wait is bounded.
 
@@ -976,9 +977,15 @@ struct Peer {
 
 impl Peer {
     async fn start(server: &NatsServer, name: &str) -> Peer {
+        Peer::start_with(server, name, false).await
+    }
+
+    /// [`Peer::start`]; with `unicast` it also pumps its (provisioned) `dm_<id>`.
+    async fn start_with(server: &NatsServer, name: &str, unicast: bool) -> Peer {
         let mut config = AgentConfig::new(space(), Sender::new(id(name), name), Vec::new(), 4242);
         config.durable_backstop = true;
         config.create_dlv_consumer = false;
+        config.unicast = unicast;
         let conn = connect(&config_of(server, name)).await.expect("connect");
         let (exec, inputs) = Executor::start(conn, ExecutorConfig::default());
         let Runner {
@@ -1535,6 +1542,109 @@ async fn hostile_channel_traffic_to_an_agent() {
         "{:?}",
         health.counters
     );
+    bob.stop().await;
+}
+
+/// Hostile DMs through JetStream on Alice's own unicast lane `inst.bob.alice` (the broker lets her
+/// publish there): malformed JSON, wrong types and a payload claiming to be from Carol are
+/// terminated by Bob's agent (counted, an anomaly each, never surfaced, never redelivered); a
+/// replayed msg-id is stored once and a good DM surfaces once with kind `dm`. Alice cannot publish
+/// on Carol's lane `inst.bob.carol` at all (the broker refuses it).
+#[tokio::test]
+async fn hostile_direct_traffic_to_an_agent() {
+    let Some(s) = Space9::start().await else {
+        return;
+    };
+    let conn = connect(&s.admin).await.expect("connect admin");
+    apply_consumer(
+        &conn.client,
+        &ConsumerSpec::dm(&space(), &id("bob")),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("dm consumer");
+    let mut alice = Probe::connect(&s.server, "alice").await;
+    let mut bob = Peer::start_with(&s.server, "bob", true).await;
+    let health = bob.handle.health().await.expect("bob runs");
+    assert!(health.direct.iter().all(|d| d.bound), "{:?}", health.direct);
+    let lane = subj("inst.bob.alice");
+    let msg = |id: &str, from: &str| {
+        json!({"id": id, "ts": 1, "space": SPACE, "from": {"id": from, "name": from},
+               "to": "bob", "parts": [{"kind": "text", "text": "ok"}]})
+        .to_string()
+    };
+    let js = async_nats::jetstream::new(alice.client.clone());
+    let publish = |body: String, msg_id: &str| {
+        let js = js.clone();
+        let lane = lane.clone();
+        let msg_id = msg_id.to_owned();
+        async move {
+            js.send_publish(
+                lane,
+                async_nats::jetstream::message::PublishMessage::build()
+                    .payload(Bytes::from(body))
+                    .message_id(msg_id),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("stored")
+        }
+    };
+    let bad = [
+        "{not json".to_owned(),
+        "null".to_owned(),
+        json!({"id": "w1", "ts": "x", "space": SPACE, "from": {"id": "alice", "name": "a"}, "to": "bob", "parts": 5}).to_string(),
+    ];
+    for (i, b) in bad.iter().enumerate() {
+        publish(b.clone(), &format!("bad-{i}")).await;
+    }
+    publish(msg("spoof-1", "carol"), "spoof-1").await;
+    let first = publish(msg("dm-ok", "alice"), "dm-ok").await;
+    let again = publish(msg("dm-ok", "alice"), "dm-ok").await;
+    assert_eq!(first.sequence, again.sequence);
+    assert!(again.duplicate);
+    // Carol's lane is not Alice's to publish on.
+    alice
+        .client
+        .publish(subj("inst.bob.carol"), Bytes::from(msg("forged", "carol")))
+        .await
+        .expect("publish");
+    alice.refused("Publish", &subj("inst.bob.carol")).await;
+    bob.until("the good DM", |_, got| got.iter().any(|g| g == "dm-ok"))
+        .await;
+    bob.idle(QUIET).await;
+    assert_eq!(
+        bob.got,
+        vec!["dm-ok".to_owned()],
+        "only the good DM surfaces"
+    );
+    let health = bob.handle.health().await.expect("bob runs");
+    assert_eq!(health.counters.direct_spoofed, 1, "{:?}", health.counters);
+    assert_eq!(
+        health.counters.direct_malformed,
+        bad.len() as u64,
+        "{:?}",
+        health.counters
+    );
+    let anomalies = bob
+        .log
+        .iter()
+        .filter(|e| matches!(e, AgentEvent::Anomaly { .. }))
+        .count();
+    assert_eq!(anomalies, bad.len() + 1, "{:?}", bob.log);
+    // Terminated and acked: nothing pending, nothing waiting for a redelivery.
+    let stream = async_nats::jetstream::new(conn.client.clone())
+        .get_stream(format!("DM_{SPACE}"))
+        .await
+        .expect("DM stream");
+    let info = stream
+        .consumer_info("dm_bob")
+        .await
+        .expect("dm_bob info")
+        .clone();
+    assert_eq!(info.num_ack_pending, 0, "{info:?}");
+    assert_eq!(info.num_pending, 0, "{info:?}");
     bob.stop().await;
 }
 

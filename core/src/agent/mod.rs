@@ -56,9 +56,23 @@
 //!
 //! # Receiving (§2(f))
 //!
-//! Every copy (live, backfill, DLV) goes through the authenticity filter and then the
+//! Every copy (live, backfill, DLV, DM, TASK) goes through the authenticity filter and then the
 //! [`Ledger`]: one surfacing per id, the durable copy owns the ack, acks only after
 //! [`Agent::handled`], anomalies terminated.
+//!
+//! # Unicast and anycast (§1.2, §2(e), §2(f))
+//!
+//! [`Agent::send_dm`] publishes on `cotal.<s>.inst.<target>.<me>` (captured by `DM_<s>`) and
+//! [`Agent::send_anycast`] on `cotal.<s>.svc.<role>.<me>` (captured by the work queue `TASK_<s>`),
+//! through JetStream with `Nats-Msg-Id` = the message id, each message carrying exactly one
+//! routing field (`to` / `toService`). With [`AgentConfig::unicast`] the agent pumps its
+//! `dm_<id>` consumer, and one `svc_<role>` consumer per [`AgentConfig::roles`] entry; each is
+//! bound at every connect and rebound with backoff after a failed bind or an ended feed (no G20
+//! here), visible in [`AgentHealth::direct`]. A delivery's kind (`dm` / `anycast`) and sender come
+//! from its subject only; a subject the consumer never captures and bad JSON are terminated as
+//! malformed, a payload whose `from.id` is not the subject's sender is terminated as spoofed
+//! (both an [`AgentEvent::Anomaly`] and a counter), our own echo is acked, and the rest is a
+//! durable copy in the one ledger: deduplicated by id, acked only after [`Agent::handled`].
 
 use crate::constants::{
     DEFAULT_HEARTBEAT, DURABLE_JOIN_TIMEOUT, HISTORY_FETCH_MAX_BATCH, REQUEST_DELIVERY_TIMEOUT,
@@ -84,9 +98,9 @@ use crate::wire::message::{
     AgentCard, CotalMessage, Part, Presence, PresenceStatus, Route, Sender, normalize_mentions,
 };
 use crate::wire::subject::{
-    Subject, chat_subscribe_pattern, delivery_reply_subject, delivery_request_subject,
+    DeliveryKind, Subject, chat_subscribe_pattern, delivery_reply_subject, delivery_request_subject,
 };
-use crate::wire::token::{Channel, ConcreteChannel, Space};
+use crate::wire::token::{AgentId, Channel, ConcreteChannel, Role, Space};
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -112,6 +126,20 @@ pub struct AgentConfig {
     pub durable_backstop: bool,
     /// Create the DLV consumer if missing (open mode / privileged agent) rather than only bind.
     pub create_dlv_consumer: bool,
+    /// Pump the unicast consumer `dm_<id>` on `DM_<space>` (§2(e) step 1): DMs addressed to us.
+    /// Off by default so a host without the DM stream (the simulator) sees no bind retries.
+    pub unicast: bool,
+    /// The anycast roles served: one `svc_<role>` consumer on `TASK_<space>` is pumped for each
+    /// (§2(e) step 6). `TASK` is a work queue, so each task reaches one server of the role.
+    pub roles: Vec<Role>,
+    /// Create `dm_<id>` / `svc_<role>` if missing (open mode) rather than only bind to them (auth
+    /// mode: the provisioner creates them and agents hold no create grant, §1.10).
+    ///
+    /// Unlike the reference's open-mode self-creation, `dm_<id>` is created without an
+    /// `inactive_threshold`: a DM consumer the server deleted after ten idle minutes would be
+    /// recreated with deliver policy `all` and hand a restarted agent (whose ledger is new) every
+    /// DM the stream still holds once more.
+    pub create_direct_consumers: bool,
     /// Presence heartbeat interval; `None` disables presence.
     pub heartbeat: Option<Duration>,
     /// The receiver ledger's bounds.
@@ -136,6 +164,9 @@ impl AgentConfig {
             channels,
             durable_backstop: true,
             create_dlv_consumer: false,
+            unicast: false,
+            roles: Vec::new(),
+            create_direct_consumers: false,
             heartbeat: Some(DEFAULT_HEARTBEAT),
             ledger: LedgerConfig::default(),
             seed,
@@ -354,6 +385,28 @@ pub struct AgentCounters {
     /// Live copies a full ledger refused on a channel with an established backstop
     /// ([`AgentEvent::LiveCopyShed`]): delayed, not lost.
     pub live_copies_shed: u64,
+    /// `dm_<id>` / `svc_<role>` binds that failed, or consumers that ended (each retried with
+    /// backoff, unlike the reference's bind-once, G20).
+    pub direct_bind_failures: u64,
+    /// DM / TASK deliveries terminated as spoofed (`from.id` ≠ the subject's sender); also
+    /// counted in `spoofed`.
+    pub direct_spoofed: u64,
+    /// DM / TASK deliveries terminated as malformed (bad JSON, or a subject that is not the
+    /// consumer's); also counted in `malformed`.
+    pub direct_malformed: u64,
+}
+
+/// One direct consumer (`dm_<id>` or `svc_<role>`) in [`AgentHealth`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirectHealth {
+    /// The consumer's name (`dm_<id>` / `svc_<role>`).
+    pub consumer: String,
+    /// The delivery kind it carries.
+    pub kind: DeliveryKind,
+    /// Bound on the current connection.
+    pub bound: bool,
+    /// Failed binds since the last success (the retry backoff's attempt count).
+    pub attempts: u32,
 }
 
 /// What the agent can say about itself.
@@ -367,6 +420,9 @@ pub struct AgentHealth {
     pub unclosed: Vec<Unclosed>,
     /// The DLV consumer is bound.
     pub dlv_bound: bool,
+    /// The direct consumers: `dm_<id>` when [`AgentConfig::unicast`], then one `svc_<role>` per
+    /// configured role.
+    pub direct: Vec<DirectHealth>,
     /// The agent's counters.
     pub counters: AgentCounters,
     /// The ledger's counters.
@@ -385,6 +441,12 @@ pub struct Arrival {
     pub historical: bool,
     /// Whether the message mentions us.
     pub mentions_me: bool,
+    /// The delivery kind, from the delivering subject or path, never from the payload's routing
+    /// field (SPEC §12 item 6): `channel` for live, backfill and DLV copies, `dm` for `inst`,
+    /// `anycast` for `svc`.
+    pub kind: DeliveryKind,
+    /// The role an anycast was addressed to (from the subject); `None` for other kinds.
+    pub role: Option<Role>,
 }
 
 /// What the application sees.
@@ -475,6 +537,17 @@ pub enum AgentEvent {
         /// The error.
         error: String,
     },
+    /// A direct consumer (`dm_<id>` / `svc_<role>`) could not be bound, or its feed ended: no DM
+    /// or task of it arrives until a retry (after the backoff) binds it again. Emitted for the
+    /// first failure in a row and every fifth after it; [`AgentHealth::direct`] shows the state.
+    DirectUnbound {
+        /// The consumer's name.
+        consumer: String,
+        /// Failed binds in a row, this one included.
+        attempts: u32,
+        /// The driver's or the server's words.
+        detail: String,
+    },
     /// New messages wait in [`Agent::take_messages`].
     MessagesReady {
         /// How many are queued.
@@ -509,7 +582,7 @@ pub enum AgentEvent {
         request: RequestId,
         /// The message id.
         id: String,
-        /// Its CHAT sequence.
+        /// Its stream sequence (CHAT for a post, DM for a unicast, TASK for an anycast).
         seq: u64,
         /// The stream had it already (a resend).
         duplicate: bool,
@@ -574,6 +647,10 @@ struct ChannelEntry {
 enum Pending {
     RegistryWatch,
     DlvConsume,
+    DirectConsume {
+        direct: Direct,
+        sub: SubId,
+    },
     Presence,
     Arm {
         channel: Channel,
@@ -617,6 +694,7 @@ enum Pending {
 enum Timer {
     Heartbeat,
     DlvBind,
+    DirectBind(Direct),
     RegistryWatch,
     Reconcile(u64),
     Close(u64),
@@ -626,7 +704,25 @@ enum Timer {
 enum Feed {
     Registry,
     Dlv,
+    Direct(Direct),
     Chat(u64),
+}
+
+/// A direct (JetStream, acked) consumer: the unicast inbox or one role's task queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Direct {
+    /// `dm_<id>` on DM.
+    Dm,
+    /// `svc_<role>` on TASK; the index into [`AgentConfig::roles`].
+    Svc(usize),
+}
+
+/// The binding state of one direct consumer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct DirectFeed {
+    sub: Option<SubId>,
+    bound: bool,
+    attempts: u32,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -679,6 +775,8 @@ pub struct Agent {
     dlv: Option<SubId>,
     dlv_bound: bool,
     dlv_attempts: u32,
+    /// The direct consumers configured (`dm_<id>`, `svc_<role>`), fixed at construction.
+    direct: BTreeMap<Direct, DirectFeed>,
     /// Registry watches that failed or ended unknown on this connection (retried with backoff).
     registry_attempts: u32,
     /// A history read is in flight (one at a time: one pinned reader name).
@@ -705,7 +803,19 @@ impl Agent {
     /// The ledger's configuration error.
     pub fn new(config: AgentConfig) -> Result<Self, LedgerError> {
         let ledger = Ledger::new(config.ledger)?;
+        let mut direct = BTreeMap::new();
+        if config.unicast {
+            direct.insert(Direct::Dm, DirectFeed::default());
+        }
+        // A role listed twice is served once: one consumer per role.
+        let mut seen = BTreeSet::new();
+        for (i, role) in config.roles.iter().enumerate() {
+            if seen.insert(role.clone()) {
+                direct.insert(Direct::Svc(i), DirectFeed::default());
+            }
+        }
         Ok(Agent {
+            direct,
             ids: IdGen::from_seed(config.seed),
             config,
             ops: OpIds::new(),
@@ -854,20 +964,121 @@ impl Agent {
         let Some(concrete) = channel.to_concrete() else {
             return Err(AgentError::NotConcrete(channel.clone()));
         };
+        let mentions = normalize_mentions(mentions.iter().map(String::as_str));
+        Ok(self.publish(now, Route::Channel(concrete), parts, mentions, id))
+    }
+
+    /// Unicasts `parts` to the instance `to` on `cotal.<s>.inst.<to>.<me>` (captured by
+    /// `DM_<space>`; the target reads it through its `dm_<to>` consumer with kind `dm`). The
+    /// message carries exactly one routing field, `to`, and no mentions. The result is
+    /// [`AgentEvent::Sent`] (with the DM stream's sequence) or [`AgentEvent::SendFailed`].
+    ///
+    /// A DM to ourselves is stored like any other and acked as our own echo on arrival (§2(f)).
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError::NotReady`] while disconnected, [`AgentError::Stopped`].
+    pub fn send_dm(
+        &mut self,
+        now: Now,
+        to: &AgentId,
+        parts: Vec<Part>,
+    ) -> Result<(RequestId, String), AgentError> {
+        let id = self.ids.uuid();
+        let request = self.send_dm_with_id(now, to, parts, id.clone())?;
+        Ok((request, id))
+    }
+
+    /// [`Agent::send_dm`] with a caller-chosen id (for a resend after an unknown outcome: the DM
+    /// stream's duplicate window drops the second copy).
+    ///
+    /// # Errors
+    ///
+    /// As [`Agent::send_dm`].
+    pub fn send_dm_with_id(
+        &mut self,
+        now: Now,
+        to: &AgentId,
+        parts: Vec<Part>,
+        id: String,
+    ) -> Result<RequestId, AgentError> {
+        self.check_connected()?;
+        Ok(self.publish(now, Route::To(to.clone()), parts, Vec::new(), id))
+    }
+
+    /// Anycasts `parts` to `role` on `cotal.<s>.svc.<role>.<me>` (captured by the work queue
+    /// `TASK_<space>`: exactly one server of the role takes it, with kind `anycast`). The message
+    /// carries exactly one routing field, `toService`. The result is [`AgentEvent::Sent`] or
+    /// [`AgentEvent::SendFailed`].
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError::NotReady`] while disconnected, [`AgentError::Stopped`].
+    pub fn send_anycast(
+        &mut self,
+        now: Now,
+        role: &Role,
+        parts: Vec<Part>,
+    ) -> Result<(RequestId, String), AgentError> {
+        let id = self.ids.uuid();
+        let request = self.send_anycast_with_id(now, role, parts, id.clone())?;
+        Ok((request, id))
+    }
+
+    /// [`Agent::send_anycast`] with a caller-chosen id.
+    ///
+    /// # Errors
+    ///
+    /// As [`Agent::send_anycast`].
+    pub fn send_anycast_with_id(
+        &mut self,
+        now: Now,
+        role: &Role,
+        parts: Vec<Part>,
+        id: String,
+    ) -> Result<RequestId, AgentError> {
+        self.check_connected()?;
+        Ok(self.publish(now, Route::ToService(role.clone()), parts, Vec::new(), id))
+    }
+
+    /// Publishes one message through JetStream with `Nats-Msg-Id` = its id, on the subject its
+    /// one route names (SPEC §12 items 2–4: our own sender token, one routing field).
+    fn publish(
+        &mut self,
+        now: Now,
+        route: Route,
+        parts: Vec<Part>,
+        mentions: Vec<String>,
+        id: String,
+    ) -> RequestId {
+        let space = self.config.space.clone();
+        let sender = self.config.me.id.clone();
+        let subject = match &route {
+            Route::Channel(channel) => Subject::Chat {
+                space,
+                sender,
+                channel: channel.clone(),
+            },
+            Route::To(target) => Subject::Unicast {
+                space,
+                target: target.clone(),
+                sender,
+            },
+            Route::ToService(role) => Subject::Anycast {
+                space,
+                role: role.clone(),
+                sender,
+            },
+        };
         let mut msg = CotalMessage::new(
             id.clone(),
             now.wall,
             self.config.space.clone(),
             self.config.me.clone(),
-            Route::Channel(concrete.clone()),
+            route,
             parts,
         );
-        msg.mentions = normalize_mentions(mentions.iter().map(String::as_str));
-        let subject = Subject::Chat {
-            space: self.config.space.clone(),
-            sender: self.config.me.id.clone(),
-            channel: concrete,
-        };
+        msg.mentions = mentions;
         let request = self.next_request_id();
         let op = self.op(Pending::Send {
             request,
@@ -880,7 +1091,7 @@ impl Agent {
             headers: Vec::new(),
             payload: json::encode(&msg),
         });
-        Ok(request)
+        request
     }
 
     /// Takes up to `limit` queued messages, oldest first. Report each with [`Agent::handled`]
@@ -933,7 +1144,7 @@ impl Agent {
         for (sub, feed) in feeds {
             self.commands.push_back(match feed {
                 Feed::Registry => Command::KvUnwatch { sub },
-                Feed::Dlv => Command::StopConsume { sub },
+                Feed::Dlv | Feed::Direct(_) => Command::StopConsume { sub },
                 Feed::Chat(_) => Command::Unsubscribe { sub },
             });
         }
@@ -970,6 +1181,22 @@ impl Agent {
                 .collect(),
             unclosed: self.unclosed.values().cloned().collect(),
             dlv_bound: self.dlv_bound,
+            direct: self
+                .direct
+                .iter()
+                .map(|(d, f)| {
+                    let spec = self.direct_spec(*d);
+                    DirectHealth {
+                        consumer: spec.name,
+                        kind: match d {
+                            Direct::Dm => DeliveryKind::Dm,
+                            Direct::Svc(_) => DeliveryKind::Anycast,
+                        },
+                        bound: f.bound,
+                        attempts: f.attempts,
+                    }
+                })
+                .collect(),
             counters: self.counters,
             ledger: *self.ledger.counters(),
         }
@@ -983,6 +1210,16 @@ impl Agent {
     // -----------------------------------------------------------------------------------------
     // Plumbing
     // -----------------------------------------------------------------------------------------
+
+    fn check_connected(&self) -> Result<(), AgentError> {
+        if self.stopped {
+            return Err(AgentError::Stopped);
+        }
+        if self.link == Link::Down {
+            return Err(AgentError::NotReady);
+        }
+        Ok(())
+    }
 
     fn check_ready(&self) -> Result<(), AgentError> {
         if self.stopped {
@@ -1109,6 +1346,10 @@ impl Agent {
         self.feeds.clear();
         self.dlv = None;
         self.dlv_bound = false;
+        for feed in self.direct.values_mut() {
+            feed.sub = None;
+            feed.bound = false;
+        }
         self.registry_feed = None;
         self.registry = ChannelRegistry::default();
         self.timers.cancel(&Timer::Heartbeat);
@@ -1171,6 +1412,16 @@ impl Agent {
             self.dlv_attempts = 0;
             self.timers.cancel(&Timer::DlvBind);
             self.bind_dlv();
+        }
+        // The direct consumers are bound at every connect, first or not, and a failed bind is
+        // retried (the reference binds DLV once, G20; we treat DM and TASK the same way as DLV).
+        let directs: Vec<Direct> = self.direct.keys().copied().collect();
+        for d in directs {
+            self.timers.cancel(&Timer::DirectBind(d));
+            if let Some(feed) = self.direct.get_mut(&d) {
+                feed.attempts = 0;
+            }
+            self.bind_direct(d);
         }
         // Every channel still held was committed on an earlier connection: re-subscribe it. This
         // includes a boot channel committed before a loss that came before the registry ever
@@ -1239,6 +1490,73 @@ impl Agent {
         self.timers
             .set(Timer::DlvBind, now.at + backoff(self.dlv_attempts));
         self.dlv_attempts = self.dlv_attempts.saturating_add(1);
+    }
+
+    /// The consumer spec of a direct feed.
+    fn direct_spec(&self, d: Direct) -> ConsumerSpec {
+        match d {
+            Direct::Dm => ConsumerSpec::dm(&self.config.space, &self.config.me.id),
+            Direct::Svc(i) => match self.config.roles.get(i) {
+                Some(role) => ConsumerSpec::svc(&self.config.space, role),
+                None => {
+                    debug_assert!(false, "svc feed {i} without a role");
+                    ConsumerSpec::dm(&self.config.space, &self.config.me.id)
+                }
+            },
+        }
+    }
+
+    /// Binds (or, in open mode, creates and binds) one direct consumer.
+    fn bind_direct(&mut self, d: Direct) {
+        let Some(old) = self.direct.get_mut(&d).map(|f| f.sub.take()) else {
+            return;
+        };
+        if let Some(old) = old {
+            self.feeds.remove(&old);
+        }
+        let sub = self.subs.next_id();
+        self.feeds.insert(sub, Feed::Direct(d));
+        if let Some(feed) = self.direct.get_mut(&d) {
+            feed.sub = Some(sub);
+            feed.bound = false;
+        }
+        let op = self.op(Pending::DirectConsume { direct: d, sub });
+        let consumer = self.direct_spec(d);
+        self.commands.push_back(Command::Consume {
+            op,
+            sub,
+            consumer,
+            create: self.config.create_direct_consumers,
+            max_in_flight: u32::try_from(self.config.ledger.max_pending).unwrap_or(u32::MAX),
+        });
+    }
+
+    /// A direct consumer's bind failed or its feed ended: stop it and retry after the backoff.
+    /// The first failure in a row, and every fifth after it, is an [`AgentEvent::DirectUnbound`].
+    fn direct_unbound(&mut self, now: Now, d: Direct, detail: String) {
+        let consumer = self.direct_spec(d).name;
+        let Some(feed) = self.direct.get_mut(&d) else {
+            return;
+        };
+        feed.bound = false;
+        let old = feed.sub.take();
+        let attempts = feed.attempts;
+        feed.attempts = feed.attempts.saturating_add(1);
+        if let Some(old) = old {
+            self.feeds.remove(&old);
+            // As for DLV: an unknown bind may have happened; stop it before the retry.
+            self.commands.push_back(Command::StopConsume { sub: old });
+        }
+        bump(&mut self.counters.direct_bind_failures);
+        if attempts.is_multiple_of(5) {
+            self.events.push_back(AgentEvent::DirectUnbound {
+                consumer,
+                attempts: attempts.saturating_add(1),
+                detail,
+            });
+        }
+        self.timers
+            .set(Timer::DirectBind(d), now.at + backoff(attempts));
     }
 
     fn on_registry_loaded(&mut self) {
@@ -2383,7 +2701,14 @@ impl Agent {
             return;
         }
         let historical = matches!(source, CopySource::Backfill);
-        self.ingest(now, msg, Some(channel), historical, source);
+        self.ingest(
+            now,
+            msg,
+            Some(channel),
+            (DeliveryKind::Channel, None),
+            historical,
+            source,
+        );
     }
 
     fn ingest(
@@ -2391,6 +2716,7 @@ impl Agent {
         now: Now,
         msg: CotalMessage,
         channel: Option<ConcreteChannel>,
+        (kind, role): (DeliveryKind, Option<Role>),
         historical: bool,
         source: CopySource,
     ) {
@@ -2411,6 +2737,8 @@ impl Agent {
             channel,
             historical,
             mentions_me,
+            kind,
+            role,
         };
         match self.ledger.ingest(now.at, id.clone(), source, arrival) {
             Ok(decision) => {
@@ -2467,7 +2795,83 @@ impl Agent {
             Route::Channel(c) => Some(c.clone()),
             _ => None,
         };
-        self.ingest(now, msg, channel, false, CopySource::Durable(durable));
+        self.ingest(
+            now,
+            msg,
+            channel,
+            (DeliveryKind::Channel, None),
+            false,
+            CopySource::Durable(durable),
+        );
+    }
+
+    /// A DM or TASK delivery (§2(f) `pump`): the kind and the sender come from the subject, and
+    /// the subject must be the one this consumer's filter captures; bad JSON and a foreign
+    /// subject are terminated as malformed, a spoof (`from.id` ≠ the subject's sender) is
+    /// terminated, our own echo is acked; everything else goes to the ledger as a durable copy
+    /// that is acked only once the application handled it.
+    fn on_direct_delivery(&mut self, now: Now, d: Direct, dd: DlvDelivery) {
+        let expected = match (Subject::parse(&dd.subject), d) {
+            (
+                Ok(Subject::Unicast {
+                    space,
+                    target,
+                    sender,
+                }),
+                Direct::Dm,
+            ) if space == self.config.space && target == self.config.me.id => {
+                Some((sender, DeliveryKind::Dm, None))
+            }
+            (
+                Ok(Subject::Anycast {
+                    space,
+                    role,
+                    sender,
+                }),
+                Direct::Svc(i),
+            ) if space == self.config.space && self.config.roles.get(i) == Some(&role) => {
+                Some((sender, DeliveryKind::Anycast, Some(role)))
+            }
+            _ => None,
+        };
+        let Some((sender, kind, role)) = expected else {
+            // Our consumer's filter never captures this: nothing here can be authenticated.
+            bump(&mut self.counters.malformed);
+            bump(&mut self.counters.direct_malformed);
+            self.reject(now, dd.delivery, &dd.subject, Rejection::Malformed);
+            return;
+        };
+        let msg = match CotalMessage::decode(&dd.payload) {
+            Ok(m) => m,
+            Err(_) => {
+                bump(&mut self.counters.malformed);
+                bump(&mut self.counters.direct_malformed);
+                self.reject(now, dd.delivery, &dd.subject, Rejection::Malformed);
+                return;
+            }
+        };
+        if msg.from.id != sender {
+            bump(&mut self.counters.spoofed);
+            bump(&mut self.counters.direct_spoofed);
+            self.reject(now, dd.delivery, &dd.subject, Rejection::Spoofed);
+            return;
+        }
+        if sender == self.config.me.id {
+            bump(&mut self.counters.own_echoes);
+            self.reject(now, dd.delivery, &dd.subject, Rejection::OwnEcho);
+            return;
+        }
+        let durable = DurableDelivery::new(dd.delivery)
+            .with_stream_seq(dd.stream_seq)
+            .with_delivery_count(dd.delivery_count);
+        self.ingest(
+            now,
+            msg,
+            None,
+            (kind, role),
+            false,
+            CopySource::Durable(durable),
+        );
     }
 
     fn reject(&mut self, now: Now, delivery: DeliveryId, subject: &str, rejection: Rejection) {
@@ -2539,6 +2943,26 @@ impl Agent {
                     self.dlv_attempts = 0;
                 } else if self.link != Link::Down && !self.stopped {
                     self.dlv_unbound(now);
+                }
+            }
+            Pending::DirectConsume { direct, sub } => {
+                // A completion for a feed already replaced (a rebind) says nothing of the
+                // current one.
+                let current = self.direct.get(&direct).and_then(|f| f.sub) == Some(sub);
+                if !current {
+                    return;
+                }
+                if outcome.is_success() {
+                    if let Some(feed) = self.direct.get_mut(&direct) {
+                        feed.bound = true;
+                        feed.attempts = 0;
+                    }
+                } else if self.link != Link::Down && !self.stopped {
+                    let detail = match outcome {
+                        Outcome::Failed(f) => f.to_string(),
+                        _ => "bind outcome unknown".to_owned(),
+                    };
+                    self.direct_unbound(now, direct, detail);
                 }
             }
             Pending::Presence => {}
@@ -2628,6 +3052,32 @@ impl Agent {
             ),
             (Feed::Dlv, Inbound::ConsumerEnded { .. }) => self.dlv_unbound(now),
             (
+                Feed::Direct(d),
+                Inbound::Delivery {
+                    delivery,
+                    stream_seq,
+                    delivery_count,
+                    subject,
+                    payload,
+                    ..
+                },
+            ) => self.on_direct_delivery(
+                now,
+                d,
+                DlvDelivery {
+                    delivery,
+                    stream_seq,
+                    delivery_count,
+                    subject,
+                    payload,
+                },
+            ),
+            (Feed::Direct(d), Inbound::ConsumerEnded { detail, .. })
+                if self.link != Link::Down && !self.stopped =>
+            {
+                self.direct_unbound(now, d, detail);
+            }
+            (
                 Feed::Chat(_),
                 Inbound::Message {
                     subject, payload, ..
@@ -2658,6 +3108,11 @@ impl Agent {
             Timer::DlvBind => {
                 if self.link != Link::Down && !self.stopped && self.config.durable_backstop {
                     self.bind_dlv();
+                }
+            }
+            Timer::DirectBind(d) => {
+                if self.link != Link::Down && !self.stopped {
+                    self.bind_direct(d);
                 }
             }
             Timer::Reconcile(slot) => {

@@ -164,6 +164,12 @@ struct World {
     settles: Vec<(DeliveryId, AckKind)>,
     next_delivery: u64,
     dlv_sub: Option<SubId>,
+    /// Every consumer feed bound, by consumer name (the latest bind wins).
+    consumers: BTreeMap<String, SubId>,
+    /// Consumer names whose bind fails (not found).
+    consume_fails: BTreeSet<String>,
+    /// Every JetStream publish: (subject, msg-id, payload).
+    published: Vec<(String, Option<String>, Bytes)>,
     chat_subs: BTreeMap<SubId, String>,
     /// Fail `StreamInfo` with this.
     frontier_fails: bool,
@@ -195,6 +201,9 @@ impl World {
             settles: Vec::new(),
             next_delivery: 0,
             dlv_sub: None,
+            consumers: BTreeMap::new(),
+            consume_fails: BTreeSet::new(),
+            published: Vec::new(),
             chat_subs: BTreeMap::new(),
             frontier_fails: false,
         }
@@ -346,8 +355,16 @@ impl World {
                 v.push(done(*op));
                 v
             }
-            Command::Consume { op, sub, .. } => {
-                self.dlv_sub = Some(*sub);
+            Command::Consume {
+                op, sub, consumer, ..
+            } => {
+                if self.consume_fails.contains(&consumer.name) {
+                    return vec![Input::Completed(Completion::failed(*op, Failure::NotFound))];
+                }
+                if consumer.name.starts_with("dlv_") {
+                    self.dlv_sub = Some(*sub);
+                }
+                self.consumers.insert(consumer.name.clone(), *sub);
                 vec![done(*op)]
             }
             Command::StreamInfo { op, .. } => {
@@ -418,11 +435,24 @@ impl World {
                 *op,
                 Reply::KvWritten { revision: 1 },
             ))],
-            Command::JsPublish { op, .. } => {
+            Command::JsPublish {
+                op,
+                subject,
+                msg_id,
+                payload,
+                ..
+            } => {
+                self.published
+                    .push((subject.clone(), msg_id.clone(), payload.clone()));
                 vec![Input::Completed(Completion::success(
                     *op,
                     Reply::PubAck(PubAck {
-                        stream: "CHAT_main".into(),
+                        stream: match subject.split('.').nth(2) {
+                            Some("inst") => "DM_main",
+                            Some("svc") => "TASK_main",
+                            _ => "CHAT_main",
+                        }
+                        .into(),
                         seq: self.chat.len() as u64 + 1,
                         duplicate: false,
                     }),
@@ -1843,4 +1873,605 @@ fn a_full_ledger_sheds_a_live_copy_with_a_durable_twin_and_loses_one_without() {
     w.dlv(&twin, 1);
     w.run();
     assert_eq!(w.surfaced_ids(), ["twin"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Unicast (DM) and anycast (TASK) paths
+// ---------------------------------------------------------------------------------------------
+
+fn role(s: &str) -> Role {
+    Role::new(s).unwrap()
+}
+
+/// A world whose agent `bob` pumps `dm_bob` and one `svc_<role>` per role.
+fn direct_world(roles: &[&str]) -> World {
+    let mut w = World::new(&[]);
+    let mut config = w.agent.config().clone();
+    config.unicast = true;
+    config.roles = roles.iter().map(|r| role(r)).collect();
+    w.agent = Agent::new(config).unwrap();
+    w
+}
+
+fn message(from: &str, route: Route, id: &str) -> Bytes {
+    json::encode(&CotalMessage::new(
+        id,
+        UnixMillis(1_700_000_000_000),
+        Space::new(SPACE).unwrap(),
+        sender(from),
+        route,
+        vec![Part::text(format!("text of {id}"))],
+    ))
+}
+
+fn dm_to_bob(from: &str, id: &str) -> (String, Bytes) {
+    (
+        format!("cotal.{SPACE}.inst.bob.{from}"),
+        message(from, Route::To(AgentId::new("bob").unwrap()), id),
+    )
+}
+
+fn task_for(r: &str, from: &str, id: &str) -> (String, Bytes) {
+    (
+        format!("cotal.{SPACE}.svc.{r}.{from}"),
+        message(from, Route::ToService(role(r)), id),
+    )
+}
+
+impl World {
+    /// Delivers one message through the named direct consumer.
+    fn direct(&mut self, consumer: &str, m: (String, Bytes), count: u64) -> DeliveryId {
+        let seq = 500 + self.next_delivery;
+        self.direct_seq(consumer, m, seq, count)
+    }
+
+    /// Delivers stream message `seq` (again, when `count` > 1) through the named consumer.
+    fn direct_seq(
+        &mut self,
+        consumer: &str,
+        (subject, payload): (String, Bytes),
+        seq: u64,
+        count: u64,
+    ) -> DeliveryId {
+        self.next_delivery += 1;
+        let delivery = DeliveryId(self.next_delivery);
+        let sub = *self.consumers.get(consumer).expect("consumer bound");
+        self.input(Input::Inbound(Inbound::Delivery {
+            sub,
+            delivery,
+            stream_seq: seq,
+            delivery_count: count,
+            subject,
+            headers: Vec::new(),
+            payload,
+        }));
+        delivery
+    }
+
+    fn take_all(&mut self) -> Vec<Surfaced<Arrival>> {
+        self.agent.take_messages(self.now, 1000)
+    }
+}
+
+#[test]
+fn send_dm_and_anycast_publish_one_routing_field_with_the_id_as_msg_id() {
+    let mut w = direct_world(&[]);
+    assert_eq!(
+        w.agent.send_dm(
+            w.now,
+            &AgentId::new("alice").unwrap(),
+            vec![Part::text("hi")]
+        ),
+        Err(AgentError::NotReady),
+        "nothing is sent while disconnected"
+    );
+    assert!(w.published.is_empty());
+    w.connect();
+    let (dm_req, dm_id) = w
+        .agent
+        .send_dm(
+            w.now,
+            &AgentId::new("alice").unwrap(),
+            vec![Part::text("hi")],
+        )
+        .unwrap();
+    let (task_req, task_id) = w
+        .agent
+        .send_anycast(w.now, &role("reviewer"), vec![Part::text("review")])
+        .unwrap();
+    w.run();
+    assert_eq!(w.published.len(), 2);
+    let (subject, msg_id, payload) = &w.published[0];
+    assert_eq!(subject, &format!("cotal.{SPACE}.inst.alice.bob"));
+    assert_eq!(msg_id.as_deref(), Some(dm_id.as_str()));
+    let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+    assert_eq!(v["to"], "alice");
+    assert_eq!(v["id"], dm_id.as_str());
+    assert_eq!(v["from"]["id"], "bob");
+    for absent in ["channel", "toService", "mentions"] {
+        assert!(v.get(absent).is_none(), "{absent} in a DM: {v}");
+    }
+    let (subject, msg_id, payload) = &w.published[1];
+    assert_eq!(subject, &format!("cotal.{SPACE}.svc.reviewer.bob"));
+    assert_eq!(msg_id.as_deref(), Some(task_id.as_str()));
+    let v: serde_json::Value = serde_json::from_slice(payload).unwrap();
+    assert_eq!(v["toService"], "reviewer");
+    for absent in ["channel", "to", "mentions"] {
+        assert!(v.get(absent).is_none(), "{absent} in an anycast: {v}");
+    }
+    // Both completions are typed: a stored publish reports Sent with its request.
+    assert!(
+        w.log
+            .contains(&format!("Sent {{ request: {dm_req:?}, id: \"{dm_id}\""))
+    );
+    assert!(
+        w.log
+            .contains(&format!("Sent {{ request: {task_req:?}, id: \"{task_id}\""))
+    );
+}
+
+#[test]
+fn direct_send_failures_are_typed_and_an_unknown_outcome_keeps_the_id() {
+    let mut w = direct_world(&[]);
+    w.connect();
+    w.hold = Some(|c| matches!(c, Command::JsPublish { .. }));
+    let (req, id) = w
+        .agent
+        .send_dm(
+            w.now,
+            &AgentId::new("alice").unwrap(),
+            vec![Part::text("x")],
+        )
+        .unwrap();
+    w.run();
+    let held = std::mem::take(&mut w.held);
+    w.hold = None;
+    let op = held[0].op().unwrap();
+    w.input(Input::Completed(Completion::unknown(op)));
+    assert!(w.log.contains(&format!(
+        "SendFailed {{ request: {req:?}, id: \"{id}\", error: \"outcome unknown; resend with the same id\", unknown: true }}"
+    )));
+    // The resend carries the same msg-id, so the DM stream's duplicate window drops a repeat.
+    w.agent
+        .send_dm_with_id(
+            w.now,
+            &AgentId::new("alice").unwrap(),
+            vec![Part::text("x")],
+            id.clone(),
+        )
+        .unwrap();
+    w.run();
+    assert_eq!(w.published.last().unwrap().1.as_deref(), Some(id.as_str()));
+    // A refusal (permission violation) is a failure, not unknown.
+    w.hold = Some(|c| matches!(c, Command::JsPublish { .. }));
+    let (req, id) = w
+        .agent
+        .send_anycast(w.now, &role("reviewer"), vec![Part::text("y")])
+        .unwrap();
+    w.run();
+    let held = std::mem::take(&mut w.held);
+    w.hold = None;
+    w.input(Input::Completed(Completion::failed(
+        held[0].op().unwrap(),
+        Failure::PermissionDenied {
+            detail: "publish".into(),
+        },
+    )));
+    assert!(
+        w.log
+            .contains(&format!("SendFailed {{ request: {req:?}, id: \"{id}\""))
+    );
+    assert!(w.log.lines().last().unwrap().contains("unknown: false"));
+}
+
+#[test]
+fn dm_and_svc_consumers_bind_at_every_connect_and_kind_comes_from_the_subject() {
+    let mut w = direct_world(&["reviewer", "planner", "reviewer"]);
+    w.connect();
+    let binds: Vec<&str> = w
+        .log
+        .lines()
+        .filter(|l| l.starts_with("> consume"))
+        .collect();
+    assert_eq!(
+        binds,
+        [
+            "> consume dlv_bob",
+            "> consume dm_bob",
+            "> consume svc_reviewer",
+            "> consume svc_planner"
+        ],
+        "a role listed twice is served by one consumer"
+    );
+    let h = w.agent.health();
+    assert_eq!(h.direct.len(), 3);
+    assert!(h.direct.iter().all(|d| d.bound));
+    // A DM surfaces with kind dm; a task with kind anycast and its role. The payload's routing
+    // field says nothing about the kind: a DM whose payload claims a channel is still a dm.
+    let dm = w.direct("dm_bob", dm_to_bob("alice", "d1"), 1);
+    let task = w.direct("svc_planner", task_for("planner", "alice", "t1"), 1);
+    let lying = (
+        format!("cotal.{SPACE}.inst.bob.alice"),
+        message("alice", Route::Channel(cc("general")), "d2"),
+    );
+    w.direct("dm_bob", lying, 1);
+    let items = w.take_all();
+    let kinds: Vec<(String, DeliveryKind, Option<Role>, Option<ConcreteChannel>)> = items
+        .iter()
+        .map(|s| {
+            (
+                s.id.as_str().to_owned(),
+                s.item.kind,
+                s.item.role.clone(),
+                s.item.channel.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("d1".into(), DeliveryKind::Dm, None, None),
+            (
+                "t1".into(),
+                DeliveryKind::Anycast,
+                Some(role("planner")),
+                None
+            ),
+            ("d2".into(), DeliveryKind::Dm, None, None),
+        ]
+    );
+    // Reconnect: every direct consumer is bound again on the new connection.
+    w.drop_connection();
+    assert!(w.agent.health().direct.iter().all(|d| !d.bound));
+    let mark = w.log.len();
+    w.connect();
+    let rebinds = w.log[mark..]
+        .lines()
+        .filter(|l| l.starts_with("> consume"))
+        .count();
+    assert_eq!(rebinds, 4);
+    assert!(w.agent.health().direct.iter().all(|d| d.bound));
+    let _ = (dm, task);
+}
+
+#[test]
+fn direct_copies_are_acked_only_after_the_application_handled_them() {
+    let mut w = direct_world(&["reviewer"]);
+    w.connect();
+    let d = w.direct("dm_bob", dm_to_bob("alice", "d1"), 1);
+    let t = w.direct("svc_reviewer", task_for("reviewer", "alice", "t1"), 1);
+    assert!(w.settles.is_empty(), "nothing acked before surfacing");
+    let items = w.take_all();
+    assert_eq!(items.len(), 2);
+    w.run();
+    assert!(
+        w.settles.is_empty(),
+        "surfaced is not handled: still unacked"
+    );
+    w.agent.handled(w.now, &items[1].id).unwrap();
+    w.run();
+    assert_eq!(w.settles, [(t, AckKind::Ack)]);
+    w.agent.handled(w.now, &items[0].id).unwrap();
+    w.run();
+    assert_eq!(w.settles, [(t, AckKind::Ack), (d, AckKind::Ack)]);
+}
+
+#[test]
+fn direct_redeliveries_are_deduplicated_through_the_one_ledger() {
+    let mut w = direct_world(&["reviewer"]);
+    w.connect();
+    // A redelivery of the same stream message: only the freshest handle is acked.
+    let d1 = w.direct_seq("dm_bob", dm_to_bob("alice", "d1"), 7, 1);
+    let d2 = w.direct_seq("dm_bob", dm_to_bob("alice", "d1"), 7, 2);
+    assert_eq!(w.surfaced_ids(), ["d1"]);
+    assert_eq!(
+        w.settles,
+        [(d2, AckKind::Ack)],
+        "the freshest handle is acked"
+    );
+    let _ = d1;
+    // After handling, a redelivery is acked and not surfaced again.
+    let d3 = w.direct_seq("dm_bob", dm_to_bob("alice", "d1"), 7, 3);
+    assert!(w.surfaced_ids().is_empty());
+    assert_eq!(w.settles.last(), Some(&(d3, AckKind::Ack)));
+    // The same id on another path (a task with a reused id) is the same logical message.
+    let t = w.direct("svc_reviewer", task_for("reviewer", "alice", "d1"), 1);
+    assert!(w.surfaced_ids().is_empty());
+    assert_eq!(w.settles.last(), Some(&(t, AckKind::Ack)));
+}
+
+#[test]
+fn direct_spoofs_and_malformed_copies_are_terminated_and_counted() {
+    let mut w = direct_world(&["reviewer"]);
+    w.connect();
+    // Spoof: the payload claims alice, the subject's sender is mallory.
+    let spoof = (
+        format!("cotal.{SPACE}.inst.bob.mallory"),
+        message("alice", Route::To(AgentId::new("bob").unwrap()), "s1"),
+    );
+    let s = w.direct("dm_bob", spoof, 1);
+    let spoof_task = (
+        format!("cotal.{SPACE}.svc.reviewer.mallory"),
+        message("alice", Route::ToService(role("reviewer")), "s2"),
+    );
+    let s2 = w.direct("svc_reviewer", spoof_task, 1);
+    // Bad JSON.
+    let bad = w.direct(
+        "dm_bob",
+        (
+            format!("cotal.{SPACE}.inst.bob.alice"),
+            Bytes::from_static(b"{not json"),
+        ),
+        1,
+    );
+    // A subject the consumer never captures (a DM for carol on bob's DM feed).
+    let foreign = w.direct(
+        "dm_bob",
+        (
+            format!("cotal.{SPACE}.inst.carol.alice"),
+            message("alice", Route::To(AgentId::new("carol").unwrap()), "f1"),
+        ),
+        1,
+    );
+    // A task of another role on the reviewer feed.
+    let other_role = w.direct("svc_reviewer", task_for("planner", "alice", "f2"), 1);
+    // Our own echo (a DM to ourselves) is acked silently.
+    let own = w.direct("dm_bob", dm_to_bob("bob", "o1"), 1);
+    assert!(w.surfaced_ids().is_empty());
+    assert_eq!(
+        w.settles,
+        [
+            (s, AckKind::Term),
+            (s2, AckKind::Term),
+            (bad, AckKind::Term),
+            (foreign, AckKind::Term),
+            (other_role, AckKind::Term),
+            (own, AckKind::Ack),
+        ]
+    );
+    let c = w.agent.health().counters;
+    assert_eq!((c.spoofed, c.direct_spoofed), (2, 2));
+    assert_eq!((c.malformed, c.direct_malformed), (3, 3));
+    assert_eq!(c.own_echoes, 1);
+    let anomalies = w.log.lines().filter(|l| l.starts_with("! Anomaly")).count();
+    assert_eq!(
+        anomalies, 5,
+        "every spoof and malformed copy is an event; the echo is not"
+    );
+    assert!(w.log.contains("rejection: Spoofed"));
+}
+
+#[test]
+fn g20_a_failed_direct_bind_is_retried_with_backoff_and_shows_in_health() {
+    let mut w = direct_world(&["reviewer"]);
+    w.consume_fails.insert("svc_reviewer".into());
+    w.connect();
+    let h = w.agent.health();
+    let svc = h
+        .direct
+        .iter()
+        .find(|d| d.consumer == "svc_reviewer")
+        .unwrap();
+    assert!(!svc.bound);
+    assert_eq!(svc.attempts, 1);
+    assert_eq!(h.counters.direct_bind_failures, 1);
+    assert!(
+        w.log.contains(
+            "DirectUnbound { consumer: \"svc_reviewer\", attempts: 1, detail: \"not found\" }"
+        ),
+        "{}",
+        w.log
+    );
+    assert!(
+        h.direct
+            .iter()
+            .find(|d| d.consumer == "dm_bob")
+            .unwrap()
+            .bound
+    );
+    // The provisioner creates it later: the retry binds it without a reconnect.
+    w.consume_fails.clear();
+    w.advance(60_000);
+    let h = w.agent.health();
+    assert!(h.direct.iter().all(|d| d.bound), "{:?}", h.direct);
+    assert_eq!(h.counters.direct_bind_failures, 1);
+    // A feed that ends is rebound too.
+    let sub = w.consumers["svc_reviewer"];
+    w.input(Input::Inbound(Inbound::ConsumerEnded {
+        sub,
+        detail: "consumer deleted".into(),
+    }));
+    assert_eq!(w.agent.health().counters.direct_bind_failures, 2);
+    w.advance(60_000);
+    assert_ne!(w.consumers["svc_reviewer"], sub);
+    assert!(w.agent.health().direct.iter().all(|d| d.bound));
+}
+
+#[test]
+fn stop_closes_the_direct_feeds() {
+    let mut w = direct_world(&["reviewer"]);
+    w.connect();
+    let dm = w.consumers["dm_bob"];
+    let svc = w.consumers["svc_reviewer"];
+    let mark = w.log.len();
+    w.agent.stop(w.now);
+    w.run();
+    let tail = &w.log[mark..];
+    assert!(
+        tail.contains(&format!("StopConsume {{ sub: {dm:?} }}")),
+        "{tail}"
+    );
+    assert!(
+        tail.contains(&format!("StopConsume {{ sub: {svc:?} }}")),
+        "{tail}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Property: under any interleaving of DM / task deliveries (fresh, redelivered, spoofed,
+// malformed), handling, connection drops and time, the direct paths surface each id at most
+// once with the kind of its subject, never surface an anomaly, terminate every anomaly and nothing
+// else, settle each delivery at most once, and lose no valid message.
+// ---------------------------------------------------------------------------------------------
+
+mod direct_props {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Clone, Copy, Debug)]
+    enum Shape {
+        Valid,
+        Spoofed,
+        Malformed,
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        /// (task rather than DM, message index, shape, redeliver the last stream copy of it)
+        Deliver(bool, u8, Shape, bool),
+        Handle(u8),
+        Drop,
+        Advance(u16),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        let shape = prop_oneof![
+            4 => Just(Shape::Valid),
+            1 => Just(Shape::Spoofed),
+            1 => Just(Shape::Malformed),
+        ];
+        prop_oneof![
+            6 => (any::<bool>(), 0u8..5, shape, any::<bool>())
+                .prop_map(|(t, i, s, r)| Step::Deliver(t, i, s, r)),
+            3 => (0u8..4).prop_map(Step::Handle),
+            1 => Just(Step::Drop),
+            1 => (0u16..5_000).prop_map(Step::Advance),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+        #[test]
+        fn direct_paths_surface_once_by_subject_kind_and_terminate_only_anomalies(
+            steps in proptest::collection::vec(step(), 1..60)
+        ) {
+            let mut w = direct_world(&["reviewer"]);
+            w.connect();
+            let mut anomalies: BTreeSet<DeliveryId> = BTreeSet::new();
+            let mut valid_ids: BTreeSet<String> = BTreeSet::new();
+            // The last stream sequence each (path, index, shape) was stored at.
+            let mut stored: BTreeMap<(bool, u8, u8), u64> = BTreeMap::new();
+            let mut next_seq = 0u64;
+            let mut surfaced: Vec<Surfaced<Arrival>> = Vec::new();
+            let handle = |w: &mut World, surfaced: &mut Vec<Surfaced<Arrival>>, n: usize| {
+                let items = w.agent.take_messages(w.now, n);
+                for s in &items {
+                    w.agent.handled(w.now, &s.id).unwrap();
+                }
+                w.run();
+                surfaced.extend(items);
+            };
+            for s in steps {
+                match s {
+                    Step::Deliver(task, i, shape, again) => {
+                        let key = (task, i, shape as u8);
+                        let seq = match stored.get(&key) {
+                            Some(seq) if again => *seq,
+                            _ => {
+                                next_seq += 1;
+                                stored.insert(key, next_seq);
+                                next_seq
+                            }
+                        };
+                        let id = match shape {
+                            Shape::Valid => format!("{}{i}", if task { "t" } else { "d" }),
+                            Shape::Spoofed => format!("s{i}"),
+                            Shape::Malformed => format!("m{i}"),
+                        };
+                        let (subject, payload) = match (task, shape) {
+                            (true, Shape::Spoofed) => (
+                                format!("cotal.{SPACE}.svc.reviewer.mallory"),
+                                message("alice", Route::ToService(role("reviewer")), &id),
+                            ),
+                            (false, Shape::Spoofed) => (
+                                format!("cotal.{SPACE}.inst.bob.mallory"),
+                                message("alice", Route::To(AgentId::new("bob").unwrap()), &id),
+                            ),
+                            (true, _) => task_for("reviewer", "alice", &id),
+                            (false, _) => dm_to_bob("alice", &id),
+                        };
+                        let payload = match shape {
+                            Shape::Malformed => Bytes::from_static(b"{\"id\":"),
+                            _ => payload,
+                        };
+                        let consumer = if task { "svc_reviewer" } else { "dm_bob" };
+                        let count = if again { 2 } else { 1 };
+                        let d = w.direct_seq(consumer, (subject, payload), seq, count);
+                        match shape {
+                            Shape::Valid => { valid_ids.insert(id); }
+                            _ => { anomalies.insert(d); }
+                        }
+                    }
+                    Step::Handle(n) => handle(&mut w, &mut surfaced, usize::from(n)),
+                    Step::Drop => { w.drop_connection(); w.connect(); }
+                    Step::Advance(ms) => w.advance(u64::from(ms)),
+                }
+                w.run();
+            }
+            handle(&mut w, &mut surfaced, 1000);
+            // Each id surfaced once, with its subject's kind; anomalies never.
+            let mut seen = BTreeSet::new();
+            for s in &surfaced {
+                let id = s.id.as_str().to_owned();
+                prop_assert!(seen.insert(id.clone()), "{id} surfaced twice\n{}", w.log);
+                let kind = if id.starts_with('t') { DeliveryKind::Anycast } else { DeliveryKind::Dm };
+                prop_assert!(id.starts_with('t') || id.starts_with('d'), "anomaly {id} surfaced");
+                prop_assert_eq!(s.item.kind, kind);
+            }
+            // Nothing valid lost (an id first sent as a DM and then as a task with the same index
+            // is two ids here: `d<i>` and `t<i>`).
+            prop_assert_eq!(&seen, &valid_ids, "{}", w.log);
+            // Each delivery settled at most once; term exactly for the anomalies.
+            let mut settled = BTreeSet::new();
+            for (d, kind) in &w.settles {
+                prop_assert!(settled.insert(*d), "{d:?} settled twice\n{}", w.log);
+                prop_assert_eq!(*kind == AckKind::Term, anomalies.contains(d), "{:?} {}", d, kind);
+            }
+            for d in &anomalies {
+                prop_assert!(settled.contains(d), "anomaly {d:?} not terminated");
+            }
+        }
+    }
+}
+
+#[test]
+fn transcript_dm_and_task_round_trip() {
+    let mut w = direct_world(&["reviewer"]);
+    w.connect();
+    let mark = w.log.len();
+    let (_, dm) = w
+        .agent
+        .send_dm(
+            w.now,
+            &AgentId::new("alice").unwrap(),
+            vec![Part::text("hi")],
+        )
+        .unwrap();
+    w.run();
+    w.direct_seq("dm_bob", dm_to_bob("alice", "d1"), 1, 1);
+    w.direct_seq(
+        "svc_reviewer",
+        (
+            format!("cotal.{SPACE}.svc.reviewer.mallory"),
+            message("alice", Route::ToService(role("reviewer")), "s1"),
+        ),
+        1,
+        1,
+    );
+    w.direct_seq("svc_reviewer", task_for("reviewer", "alice", "t1"), 2, 1);
+    for s in w.take_all() {
+        w.agent.handled(w.now, &s.id).unwrap();
+    }
+    w.run();
+    insta::assert_snapshot!(&w.log[mark..].replace(&dm, "<dm id>"));
 }

@@ -153,10 +153,17 @@ enum Cmd {
     /// Run the delivery daemon of a space (one shard) until SIGINT / SIGTERM, then release its
     /// lease. Prints health changes and losses on stderr, one line each.
     Delivery(commands::DeliveryArgs),
-    /// Run an agent. Every message is printed as one JSON line on stdout; stdin lines post to the
-    /// first joined channel, or are commands: `/join CH`, `/leave CH`, `/send CH text`.
+    /// Run an agent. Every message is printed as one JSON line on stdout (with its `kind`:
+    /// channel, dm or anycast). Each stdin line is one of:
+    ///   `TEXT`                  post to the first joined channel;
+    ///   `/send CH TEXT`         post to channel CH;
+    ///   `/dm ID TEXT`           unicast to the instance ID;
+    ///   `/anycast ROLE TEXT`    anycast to ROLE (one server of the role takes it);
+    ///   `/join CH`, `/leave CH` join or leave a channel.
+    #[command(verbatim_doc_comment)]
     Agent(commands::AgentArgs),
-    /// Send one message to a channel and print its CHAT sequence.
+    /// Send one message (to a channel, an instance with --to, or a role with --role) and print
+    /// its stream sequence (CHAT, DM or TASK).
     Send(commands::SendArgs),
     /// List the durable membership records of a space (from KV).
     Members(commands::MembersArgs),
@@ -199,8 +206,9 @@ enum ProvisionCmd {
         /// Grant the spawn capability (requests on ctl.manager.ID).
         #[arg(long)]
         spawn: bool,
-        /// Also write the ACL record to the space's ACL bucket and create the agent's DLV
-        /// consumer (needs a privileged connection and a provisioned space).
+        /// Also write the ACL record to the space's ACL bucket and create the agent's DLV and
+        /// `dm_<id>` consumers, and `svc_<role>` with --role, as the reference's provisioner does
+        /// (needs a privileged connection and a provisioned space).
         #[arg(long)]
         apply: bool,
         #[command(flatten)]
@@ -437,23 +445,27 @@ async fn provision_agent(
     println!("{}", nats_server_permissions(&permissions));
     match apply {
         None => ExitCode::SUCCESS,
-        Some(nats) => match apply_agent(nats, &space, &id, &record_json).await {
-            Ok(lines) => {
-                for l in lines {
-                    println!("{l}");
+        Some(nats) => {
+            match apply_agent(nats, &space, &id, policy.role.as_ref(), &record_json).await {
+                Ok(lines) => {
+                    for l in lines {
+                        println!("{l}");
+                    }
+                    ExitCode::SUCCESS
                 }
-                ExitCode::SUCCESS
+                Err(e) => fail(e),
             }
-            Err(e) => fail(e),
-        },
+        }
     }
 }
 
-/// Writes the ACL record and creates the DLV consumer of an agent.
+/// Writes the ACL record and creates the agent's consumers: `dlv_<id>`, `dm_<id>` and, with a
+/// role, `svc_<role>` (agents hold bind grants only, §1.10).
 async fn apply_agent(
     nats: &NatsArgs,
     space: &Space,
     id: &AgentId,
+    role: Option<&Role>,
     record_json: &str,
 ) -> Result<Vec<String>, String> {
     let config = nats.config()?;
@@ -468,17 +480,24 @@ async fn apply_agent(
         .put(acl_key(id), bytes::Bytes::from(record_json.to_owned()))
         .await
         .map_err(|e| format!("cannot write the ACL record: {e}"))?;
-    let spec = cotal_core::wire::config::ConsumerSpec::dlv(space, id);
-    let applied =
-        cotal_driver_tokio::provision::apply_consumer(&conn.client, &spec, config.request_timeout)
-            .await
-            .map_err(|e| format!("consumer {}/{}: {e}", spec.stream, spec.name))?;
-    Ok(vec![
-        format!(
-            "applied: ACL record {bucket}/{} revision {revision}",
-            acl_key(id)
-        ),
-        format!(
+    use cotal_core::wire::config::ConsumerSpec;
+    let mut specs = vec![ConsumerSpec::dlv(space, id), ConsumerSpec::dm(space, id)];
+    if let Some(role) = role {
+        specs.push(ConsumerSpec::svc(space, role));
+    }
+    let mut lines = vec![format!(
+        "applied: ACL record {bucket}/{} revision {revision}",
+        acl_key(id)
+    )];
+    for spec in specs {
+        let applied = cotal_driver_tokio::provision::apply_consumer(
+            &conn.client,
+            &spec,
+            config.request_timeout,
+        )
+        .await
+        .map_err(|e| format!("consumer {}/{}: {e}", spec.stream, spec.name))?;
+        lines.push(format!(
             "applied: consumer {}/{} {}",
             spec.stream,
             spec.name,
@@ -486,6 +505,7 @@ async fn apply_agent(
                 cotal_driver_tokio::provision::Applied::Created => "created",
                 cotal_driver_tokio::provision::Applied::Unchanged => "unchanged",
             }
-        ),
-    ])
+        ));
+    }
+    Ok(lines)
 }

@@ -15,7 +15,7 @@ use cotal_core::wire::keys::KvBucket;
 use cotal_core::wire::message::{Part, Sender};
 use cotal_core::wire::records::{DeliveryLease, MembershipRecord};
 use cotal_core::wire::shard::ShardMap;
-use cotal_core::wire::token::{AgentId, Channel, Space};
+use cotal_core::wire::token::{AgentId, Channel, Role, Space};
 use cotal_driver_tokio::connect::{Auth, ConnectConfig, NatsConnection, connect};
 use cotal_driver_tokio::exec::{Executor, ExecutorConfig};
 use cotal_driver_tokio::run::{AgentCallError, MachineHandle, Runner, os_seed, wall_clock};
@@ -75,16 +75,23 @@ pub(crate) struct AgentArgs {
     /// No durable backstop (no durable joins, no DLV consumer): live delivery only.
     #[arg(long)]
     live_only: bool,
-    /// Create the agent's DLV consumer if it is missing. Default: on without authentication (open
-    /// mode), off with credentials (the provisioner creates it; an agent credential may not).
+    /// An anycast role this agent serves (repeat the flag or separate with commas): it takes
+    /// tasks from the role's work queue `svc_<role>`, each task reaching one server of the role.
+    /// The first role is also the `from.role` of what it sends.
+    #[arg(long, value_delimiter = ',')]
+    role: Vec<String>,
+    /// Create the agent's DLV, `dm_<id>` and `svc_<role>` consumers if they are missing.
+    /// Default: on without authentication (open mode), off with credentials (the provisioner
+    /// creates them; an agent credential may not).
     #[arg(long)]
     create_dlv_consumer: Option<bool>,
     #[command(flatten)]
     nats: NatsArgs,
 }
 
-/// `cotal send`.
+/// `cotal send`: exactly one of `--channel`, `--to`, `--role` (one routing field).
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("route").required(true).args(["channel", "to", "role"])))]
 pub(crate) struct SendArgs {
     /// The space name.
     #[arg(long)]
@@ -95,9 +102,15 @@ pub(crate) struct SendArgs {
     /// Display name (default: the id).
     #[arg(long)]
     name: Option<String>,
-    /// The channel to post to.
+    /// The channel to post to (multicast).
     #[arg(long)]
-    channel: String,
+    channel: Option<String>,
+    /// The instance id to unicast to (a DM, read by its `dm_<id>` consumer).
+    #[arg(long)]
+    to: Option<String>,
+    /// The role to anycast to (a task, taken by exactly one server of the role).
+    #[arg(long)]
+    role: Option<String>,
     /// The text.
     text: String,
     #[command(flatten)]
@@ -355,6 +368,14 @@ pub(crate) async fn agent(args: AgentArgs) -> ExitCode {
     }
 }
 
+fn role_of(name: &str) -> Result<Role, String> {
+    Role::new(name).map_err(|e| format!("invalid role '{name}': {e}"))
+}
+
+fn agent_of(id: &str) -> Result<AgentId, String> {
+    AgentId::new(id).map_err(|e| format!("invalid agent id '{id}': {e}"))
+}
+
 fn sender_of(id: &str, name: Option<&str>) -> Result<Sender, String> {
     let agent = AgentId::new(id).map_err(|e| format!("invalid agent id '{id}': {e}"))?;
     Ok(Sender::new(agent, name.unwrap_or(id)))
@@ -381,7 +402,14 @@ async fn start_agent(
 
 async fn run_agent(args: AgentArgs) -> Result<ExitCode, String> {
     let space = space_of(&args.space)?;
-    let me = sender_of(&args.id, args.name.as_deref())?;
+    let mut me = sender_of(&args.id, args.name.as_deref())?;
+    let roles = args
+        .role
+        .iter()
+        .filter(|r| !r.is_empty())
+        .map(|r| role_of(r))
+        .collect::<Result<Vec<_>, _>>()?;
+    me.role = roles.first().map(|r| r.as_str().to_owned());
     let channels = args
         .join
         .iter()
@@ -392,6 +420,9 @@ async fn run_agent(args: AgentArgs) -> Result<ExitCode, String> {
     let mut config = AgentConfig::new(space, me, channels.clone(), os_seed());
     config.durable_backstop = !args.live_only;
     config.create_dlv_consumer = args.create_dlv_consumer.unwrap_or(open_mode);
+    config.unicast = true;
+    config.roles = roles;
+    config.create_direct_consumers = args.create_dlv_consumer.unwrap_or(open_mode);
     let (runner, _) = start_agent(&args.nats, config).await?;
     let Runner {
         handle,
@@ -478,7 +509,9 @@ pub(crate) fn message_line(s: &Surfaced<Arrival>) -> Value {
     json!({
         "id": m.id,
         "from": m.from.id.as_str(),
+        "kind": s.item.kind.as_str(),
         "channel": s.item.channel.as_ref().map(|c| c.as_str().to_owned()),
+        "role": s.item.role.as_ref().map(|r| r.as_str().to_owned()),
         "text": text.join("\n"),
         "historical": s.item.historical,
         "durable": s.durable,
@@ -615,6 +648,16 @@ fn print_agent_event(event: &AgentEvent) {
             "error": error,
             "unknown": unknown,
         }),
+        AgentEvent::DirectUnbound {
+            consumer,
+            attempts,
+            detail,
+        } => json!({
+            "event": "direct_unbound",
+            "consumer": consumer,
+            "attempts": attempts,
+            "detail": detail,
+        }),
         AgentEvent::MessagesReady { queued } => json!({"event": "messages", "queued": queued}),
         other => json!({"event": "other", "detail": format!("{other:?}")}),
     };
@@ -633,6 +676,16 @@ async fn agent_line(handle: &MachineHandle<Agent>, boot: &[Channel], line: &str)
         Ok(Line::Leave(ch)) => handle.leave(ch).await.map(drop).map_err(call_error),
         Ok(Line::Send(ch, text)) => handle
             .send_text(ch, text)
+            .await
+            .map(drop)
+            .map_err(call_error),
+        Ok(Line::Dm(to, text)) => handle
+            .send_dm_text(to, text)
+            .await
+            .map(drop)
+            .map_err(call_error),
+        Ok(Line::Anycast(role, text)) => handle
+            .send_anycast_text(role, text)
             .await
             .map(drop)
             .map_err(call_error),
@@ -669,6 +722,8 @@ pub(crate) enum Line {
     Join(Channel),
     Leave(Channel),
     Send(Channel, String),
+    Dm(AgentId, String),
+    Anycast(Role, String),
     Post(String),
 }
 
@@ -697,8 +752,21 @@ pub(crate) fn parse_line(line: &str) -> Result<Line, String> {
             };
             Ok(Line::Send(channel_of(ch)?, text.trim().to_owned()))
         }
+        "dm" => {
+            let Some((to, text)) = args.split_once(char::is_whitespace) else {
+                return Err("usage: /dm ID TEXT".to_owned());
+            };
+            Ok(Line::Dm(agent_of(to)?, text.trim().to_owned()))
+        }
+        "anycast" => {
+            let Some((role, text)) = args.split_once(char::is_whitespace) else {
+                return Err("usage: /anycast ROLE TEXT".to_owned());
+            };
+            Ok(Line::Anycast(role_of(role)?, text.trim().to_owned()))
+        }
         other => Err(format!(
-            "unknown command '/{other}' (use /join CH, /leave CH, /send CH text, or plain text)"
+            "unknown command '/{other}' (use /join CH, /leave CH, /send CH text, /dm ID text, \
+             /anycast ROLE text, or plain text)"
         )),
     }
 }
@@ -714,16 +782,28 @@ pub(crate) async fn send(args: SendArgs) -> ExitCode {
     }
 }
 
+/// Where `cotal send` sends: exactly one routing field.
+enum SendRoute {
+    Channel(Channel),
+    Dm(AgentId),
+    Anycast(Role),
+}
+
 async fn run_send(args: SendArgs) -> Result<ExitCode, String> {
     let space = space_of(&args.space)?;
     let me = sender_of(&args.id, args.name.as_deref())?;
-    let channel = channel_of(&args.channel)?;
-    if !channel.is_concrete() {
-        return Err(format!(
-            "cannot post to wildcard channel '{}'",
-            args.channel
-        ));
-    }
+    let route = match (&args.channel, &args.to, &args.role) {
+        (Some(name), None, None) => {
+            let channel = channel_of(name)?;
+            if !channel.is_concrete() {
+                return Err(format!("cannot post to wildcard channel '{name}'"));
+            }
+            SendRoute::Channel(channel)
+        }
+        (None, Some(to), None) => SendRoute::Dm(agent_of(to)?),
+        (None, None, Some(role)) => SendRoute::Anycast(role_of(role)?),
+        _ => return Err("give exactly one of --channel, --to, --role".to_owned()),
+    };
     let mut config = AgentConfig::new(space, me, Vec::new(), os_seed());
     config.durable_backstop = false;
     config.heartbeat = None;
@@ -746,10 +826,13 @@ async fn run_send(args: SendArgs) -> Result<ExitCode, String> {
     if ready != Ok(true) {
         return Err(format!("the agent was not ready within {wait:?}"));
     }
-    let (request, id) = handle
-        .send_text(channel, args.text.clone())
-        .await
-        .map_err(call_error)?;
+    let text = args.text.clone();
+    let (request, id) = match route {
+        SendRoute::Channel(channel) => handle.send_text(channel, text).await,
+        SendRoute::Dm(to) => handle.send_dm_text(to, text).await,
+        SendRoute::Anycast(role) => handle.send_anycast_text(role, text).await,
+    }
+    .map_err(call_error)?;
     let outcome = tokio::time::timeout(wait, async {
         while let Some(event) = events.recv().await {
             match event {
@@ -976,5 +1059,29 @@ mod tests {
         assert!(parse_line("/send general").is_err());
         assert!(parse_line("/frobnicate x").is_err());
         assert!(parse_line("/join bad..name").is_err());
+    }
+
+    #[test]
+    fn stdin_lines_address_an_instance_or_a_role() {
+        let id = "UDI36ZKVNUM5WMO4QQ6HDQU7F4OH2RCXOJRX6GAIOS5SKVNNSKCDNLJA";
+        assert_eq!(
+            parse_line(&format!("/dm {id} a direct note")),
+            Ok(Line::Dm(
+                AgentId::new(id).expect("id"),
+                "a direct note".into()
+            ))
+        );
+        assert_eq!(
+            parse_line("/anycast reviewer please review"),
+            Ok(Line::Anycast(
+                Role::new("reviewer").expect("role"),
+                "please review".into()
+            ))
+        );
+        assert!(parse_line("/dm").is_err());
+        assert!(parse_line(&format!("/dm {id}")).is_err());
+        assert!(parse_line("/dm bad.id text").is_err(), "an id is one token");
+        assert!(parse_line("/anycast reviewer").is_err());
+        assert!(parse_line("/anycast re.viewer text").is_err());
     }
 }
