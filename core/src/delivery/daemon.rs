@@ -90,6 +90,7 @@ use crate::delivery::gap::{SeqRange, SequenceCursor, missing};
 use crate::delivery::lease::{
     HEALTH_FIELD, Lease, LeaseCommand, LeaseConfig, LeaseEntry, LeaseEvent, LeaseReply, LeaseState,
 };
+use crate::delivery::revoke::{DlvSweeper, SweepEvent};
 use crate::delivery::route::{Routed, route};
 use crate::io::{
     AckKind, Command, Completion, Connection, Inbound, Input, KvCondition, KvEntry, KvOperation,
@@ -383,6 +384,13 @@ pub struct DeliveryCounters {
     pub fanout_anomalies: u64,
     /// Control requests abandoned without a reply (lease or connection lost).
     pub abandoned: u64,
+    /// DLV copies deleted by the revocation sweep: their owner's ACL no longer admits them
+    /// ([`crate::delivery::revoke`]).
+    pub dlv_revoked: u64,
+    /// DLV sweeps (one owner each) that finished.
+    pub dlv_sweeps: u64,
+    /// DLV sweeps that gave up: revoked copies may still wait in the owner's DLV.
+    pub dlv_sweeps_failed: u64,
 }
 
 /// Why fan-out terminated a CHAT delivery without routing it (G32).
@@ -585,6 +593,9 @@ pub enum DeliveryEvent {
         /// Entries stored and not yet settled, as counted by this daemon.
         backlog: u64,
     },
+    /// The DLV revocation sweep deleted a copy, finished, retries or gave up
+    /// ([`crate::delivery::revoke`]).
+    DlvRevocation(SweepEvent),
     /// A feed failed to open, was refused or ended; it is retried.
     FeedProblem {
         /// The feed.
@@ -652,6 +663,7 @@ enum Pending {
         range: SeqRange,
         attempt: u32,
     },
+    Sweep,
     Settle,
 }
 
@@ -803,6 +815,8 @@ pub struct Delivery {
     counters: DeliveryCounters,
     health: DeliveryHealth,
     last_now: Option<Instant>,
+    /// The DLV revocation sweep ([`crate::delivery::revoke`]).
+    sweeper: DlvSweeper,
 }
 
 impl Delivery {
@@ -814,6 +828,7 @@ impl Delivery {
             config.lease
         };
         let lease = Lease::new(config.shard, config.daemon_id.clone(), lease_config);
+        let sweeper = DlvSweeper::new(&config.space, config.shard);
         let mut d = Delivery {
             config,
             lease,
@@ -848,6 +863,7 @@ impl Delivery {
             counters: DeliveryCounters::default(),
             health: DeliveryHealth::Degraded(BTreeSet::new()),
             last_now: None,
+            sweeper,
         };
         d.health = d.compute_health();
         d
@@ -876,6 +892,11 @@ impl Delivery {
     /// The in-memory membership index.
     pub fn members(&self) -> &MemberIndex {
         &self.members
+    }
+
+    /// The DLV revocation sweeper (its queue and running sweep).
+    pub fn sweeper(&self) -> &DlvSweeper {
+        &self.sweeper
     }
 
     /// The highest CHAT sequence fan-out has received (the fan-out part of the fence).
@@ -971,12 +992,53 @@ impl Delivery {
                 break;
             }
         }
+        self.drive_sweeps(now);
         let health = self.compute_health();
         if health != self.health {
             // Published with the next lease write (every renew interval), for agents to read.
             self.lease.annotate(HEALTH_FIELD, health.to_published());
             self.health = health.clone();
             self.emit(DeliveryEvent::HealthChanged(health));
+        }
+    }
+
+    /// Runs the DLV revocation sweep while this daemon may write and its ACL view is loaded
+    /// (a view still loading could lack an owner's record, which the sweep reads as "revoke
+    /// all"), and turns its events into counters.
+    fn drive_sweeps(&mut self, now: Now) {
+        if self.may_sweep() {
+            for cmd in self.sweeper.pump(now.at, &mut self.ops) {
+                if let Some(op) = cmd.op() {
+                    self.pending.insert(op, Pending::Sweep);
+                }
+                self.commands.push_back(cmd);
+            }
+        }
+        while let Some(e) = self.sweeper.poll_event() {
+            match &e {
+                SweepEvent::Revoked { .. } => self.counters.dlv_revoked += 1,
+                SweepEvent::Finished { .. } => self.counters.dlv_sweeps += 1,
+                SweepEvent::Failed { .. } => self.counters.dlv_sweeps_failed += 1,
+                _ => {}
+            }
+            self.emit(DeliveryEvent::DlvRevocation(e));
+        }
+    }
+
+    fn may_sweep(&self) -> bool {
+        self.connected && !self.stopped && self.lease_held() && self.loaded.contains(&Feed::Acl)
+    }
+
+    /// A transfer to `owner`'s DLV completed (in any outcome) for a channel its **current** ACL no
+    /// longer admits: the reader judged it under an older view, and the copy may have landed
+    /// after a sweep read past it. Sweep again.
+    fn sweep_if_revoked(&mut self, owner: &AgentId, channel: &ConcreteChannel) {
+        let admitted = self
+            .acls
+            .get(owner)
+            .is_some_and(|v| crate::delivery::authorize::acl_admits(&v.read, channel));
+        if !admitted {
+            self.sweeper.request(owner.clone());
         }
     }
 
@@ -1141,6 +1203,7 @@ impl Delivery {
         self.batches.clear();
         self.transfers.clear();
         self.give_up_gap_checks("the daemon stopped before checking");
+        self.sweeper.interrupt();
         if self.connected {
             for delivery in held {
                 self.settle(
@@ -1345,6 +1408,7 @@ impl Delivery {
                 }
                 self.loaded.clear();
                 self.abandon_jobs(AbandonReason::ConnectionLost);
+                self.sweeper.interrupt();
                 self.batches.clear();
                 self.transfers.clear();
                 if let Some(check) = self.take_gap_check_in_flight() {
@@ -1396,6 +1460,7 @@ impl Delivery {
             Pending::GapCheck { range, attempt } => {
                 self.on_gap_check(now, range, attempt, c.outcome);
             }
+            Pending::Sweep => self.sweeper.on_completion(c.op, c.outcome, &self.acls),
             Pending::Settle => {}
         }
     }
@@ -1458,7 +1523,12 @@ impl Delivery {
                 self.members.apply(entry);
             }
             Feed::Acl => {
-                self.acls.apply(entry);
+                if self.acls.apply(entry)
+                    && let Ok(owner) = AgentId::new(entry.key.as_str())
+                    && self.config.shard.owns(&owner)
+                {
+                    self.sweeper.request(owner);
+                }
             }
             Feed::Channels => {
                 let value = (entry.operation == KvOperation::Put && !entry.value.is_empty())
@@ -2931,6 +3001,7 @@ impl Delivery {
         let Some(t) = self.transfers.remove(&delivery) else {
             return;
         };
+        self.sweep_if_revoked(&t.owner, &t.entry.channel);
         match outcome {
             Outcome::Success(Reply::PubAck(_)) => {
                 self.counters.transferred += 1;
@@ -3023,10 +3094,12 @@ impl Machine for Delivery {
     fn poll_timeout(&self) -> Option<Instant> {
         let lease = self.lease.poll_timeout().map(|(at, _)| at);
         let own = self.timers.next().map(|(at, _)| at);
-        match (lease, own) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // The sweep's backoff only counts while it may run (else a past deadline spins).
+        let sweep = self
+            .may_sweep()
+            .then(|| self.sweeper.poll_timeout())
+            .flatten();
+        [lease, own, sweep].into_iter().flatten().min()
     }
 }
 

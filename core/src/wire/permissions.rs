@@ -20,6 +20,7 @@
 
 use crate::wire::config::{ConsumerSpec, DeliverPolicy, SpaceStream, names};
 use crate::wire::keys::KvBucket;
+use crate::wire::shard::dlv_sweep_reader;
 use crate::wire::token::{AgentId, Channel, Role, Space, route_token};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -197,8 +198,13 @@ impl Permissions {
     ///   `$KV.cotal_members_<s>.>`; info/get on the delivery bucket and write only its
     ///   `lease.*` keys.
     /// - Publish `dinbox.*`, `dlv.*`, and `ctl.delivery.*.reply.>` (replies only, I27).
+    /// - DLV, for the revocation sweep ([`crate::delivery::revoke`]): `STREAM.MSG.DELETE`, and
+    ///   the consumer verbs (create with a `cotal.<s>.dlv.*` filter, MSG.NEXT, DELETE) pinned to
+    ///   the one reader name [`dlv_sweep_reader`] of shard 0 of 1 (the same single-shard pinning as
+    ///   the INBOX `reader`). No other create grant on DLV: the daemon cannot create or update an
+    ///   agent's `dlv_<id>`.
     /// - Subscribe only `_INBOX_<id>.>` and `ctl.delivery.*`: no native subscription on chat,
-    ///   dinbox or dlv, and no create grant on DLV.
+    ///   dinbox or dlv.
     pub fn delivery(space: &Space, id: &AgentId) -> Self {
         let chat = SpaceStream::Chat.name(space);
         let inbox = SpaceStream::Inbox.name(space);
@@ -245,6 +251,14 @@ impl Permissions {
         publish.push(api("STREAM.INFO", &delivery));
         publish.push(api("STREAM.MSG.GET", &delivery));
         publish.push(format!("$KV.{}.lease.*", KvBucket::Delivery.name(space)));
+        let sweep = dlv_sweep_reader(0, 1);
+        publish.push(api("STREAM.MSG.DELETE", &dlv));
+        publish.push(api(
+            "CONSUMER.CREATE",
+            &format!("{dlv}.{sweep}.{}", names::space_subject(space, "dlv.*")),
+        ));
+        publish.push(api("CONSUMER.MSG.NEXT", &format!("{dlv}.{sweep}")));
+        publish.push(api("CONSUMER.DELETE", &format!("{dlv}.{sweep}")));
         publish.push(names::space_subject(space, "dinbox.*"));
         publish.push(names::space_subject(space, "dlv.*"));
         publish.push(names::space_subject(space, "ctl.delivery.*.reply.>"));
