@@ -69,6 +69,11 @@
 //! - **Sharding (G36).** Shard `i` of `N` owns the owners [`Shard::owns`] picks: it routes only
 //!   to them, answers only their control requests, and its reader (which sees every dinbox entry,
 //!   through its own durable) acks other shards' entries without looking at them.
+//! - **Revocation (issue 9).** Every ACL change the watch reports for an owner of this shard
+//!   (every record, once, at start or takeover) queues a sweep of that owner's DLV subject
+//!   ([`crate::delivery::revoke`]): copies the owner's current ACL no longer admits are deleted,
+//!   each one a [`DeliveryEvent::DlvRevocation`] and counted in `dlv_revoked`. The sweep runs only
+//!   while the lease is held, the connection is up and the ACL view is loaded.
 //! - **Reconnect (I35).** On [`Connection::Lost`] every feed is gone, control jobs are abandoned
 //!   (their requesters time out and retry; every step is idempotent), and unsettled deliveries are
 //!   forgotten (the broker redelivers them). On [`Connection::Restored`] watches, subscription and
@@ -189,6 +194,11 @@ pub struct DeliveryConfig {
     /// Always `false` outside tests.
     #[doc(hidden)]
     pub reference_gap_g23: bool,
+    /// Test-only: switches the DLV revocation sweep off ([`crate::delivery::revoke`]), as the
+    /// reference has none, so the simulator can prove the oracle sees copies of a narrowed
+    /// channel left in DLV (issue 9). Always `false` outside tests.
+    #[doc(hidden)]
+    pub reference_no_dlv_sweep: bool,
 }
 
 impl DeliveryConfig {
@@ -205,6 +215,7 @@ impl DeliveryConfig {
             max_requests: DEFAULT_MAX_REQUESTS,
             reference_gap_g2: false,
             reference_gap_g23: false,
+            reference_no_dlv_sweep: false,
         }
     }
 }
@@ -1026,7 +1037,11 @@ impl Delivery {
     }
 
     fn may_sweep(&self) -> bool {
-        self.connected && !self.stopped && self.lease_held() && self.loaded.contains(&Feed::Acl)
+        !self.config.reference_no_dlv_sweep
+            && self.connected
+            && !self.stopped
+            && self.lease_held()
+            && self.loaded.contains(&Feed::Acl)
     }
 
     /// A transfer to `owner`'s DLV completed (in any outcome) for a channel its **current** ACL no
