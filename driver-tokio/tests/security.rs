@@ -1191,8 +1191,9 @@ async fn sec_narrowed_acl_stops_backstop_copies_already_in_dlv() {
     }
     let admin = connect(&s.admin).await.expect("admin").client;
     assert_eq!(dlv_stored(&admin, "bob").await, 2);
-    let narrowed_at = tokio::time::Instant::now();
     s.put_acl("bob", &["secret"], 2).await;
+    // The window starts when the KV write is acknowledged (the daemon may already be sweeping).
+    let narrowed_at = tokio::time::Instant::now();
     let window = tokio::spawn({
         let admin = admin.clone();
         async move {
@@ -1209,7 +1210,7 @@ async fn sec_narrowed_acl_stops_backstop_copies_already_in_dlv() {
     let surfaced: Vec<_> = in_dlv.iter().filter(|m| bob.got.contains(m)).collect();
     bob.stop().await;
     let window = window.await.expect("window probe");
-    println!("revocation window (ACL write -> copies gone from DLV): {window:?}");
+    println!("revocation window (ACL write acked -> copies gone from DLV): {window:?}");
     let counters = daemon.counters().await;
     let revoked = daemon
         .log
