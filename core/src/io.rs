@@ -4,8 +4,8 @@
 //! driver (tokio + async-nats, the simulator, a test, a blocking loop in another runtime) answers
 //! with [`Input`]s. The vocabulary is exactly the NATS features the protocol uses, named as NATS
 //! names them: core subscriptions and publishes, request/reply, a server round-trip barrier,
-//! JetStream publishes with a msg-id, stream reads, durable pull consumers with ack / nak / term,
-//! and KV get / put / create / compare-and-set / delete / watch.
+//! JetStream publishes with a msg-id, stream reads and (privileged) message deletes, durable pull
+//! consumers with ack / nak / term, and KV get / put / create / compare-and-set / delete / watch.
 //!
 //! # The driver's contract
 //!
@@ -232,6 +232,19 @@ pub enum Command {
         /// reuse the name.
         reader: Option<String>,
     },
+    /// Delete one stored message of a stream by sequence (`STREAM.MSG.DELETE` with
+    /// `no_erase`), privileged. Completes with [`Reply::Done`] once the stream confirmed it;
+    /// [`Failure::NotFound`] when the stream no longer holds that sequence (already deleted or
+    /// evicted: the effect the caller wanted holds). Added for the DLV revocation sweep
+    /// ([`crate::delivery::revoke`]).
+    DeleteStreamMessage {
+        /// Operation id.
+        op: OpId,
+        /// Stream name.
+        stream: String,
+        /// The sequence to delete.
+        seq: u64,
+    },
     /// Bind (and, when `create`, create or update) a durable pull consumer and start delivering
     /// from it as [`Inbound::Delivery`] on `sub`, with at most `max_in_flight` unsettled
     /// deliveries. Completes once bound with [`Reply::ConsumerBound`] (the consumer's delivery
@@ -328,6 +341,7 @@ impl Command {
             | Command::StreamInfo { op, .. }
             | Command::ConsumerInfo { op, .. }
             | Command::ReadStream { op, .. }
+            | Command::DeleteStreamMessage { op, .. }
             | Command::Consume { op, .. }
             | Command::Settle { op, .. }
             | Command::KvGet { op, .. }

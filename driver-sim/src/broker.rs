@@ -777,6 +777,18 @@ impl Broker {
         Ok(())
     }
 
+    /// Deletes one stored message (`STREAM.MSG.DELETE`). [`Failure::NotFound`] when the stream
+    /// or the sequence is not there; consumers skip the gap as the server does.
+    pub fn delete_message(&mut self, stream: &str, seq: u64) -> Result<(), Failure> {
+        let s = self
+            .streams
+            .get_mut(stream)
+            .ok_or_else(|| not_found("no such stream"))?;
+        s.remove(seq)
+            .map(|_| ())
+            .ok_or_else(|| not_found("no message found"))
+    }
+
     /// Deletes a consumer (`CONSUMER.DELETE`).
     pub fn delete_consumer(&mut self, stream: &str, consumer: &str) -> Result<(), Failure> {
         let s = self

@@ -98,15 +98,20 @@ pub enum Mutation {
     /// (`DeliveryConfig::reference_gap_g23`), so a daemon stalled past the lease TTL keeps
     /// writing the registry until a renew CAS fails, while its successor holds the lease.
     ReferenceG23,
+    /// Issue 9 off: the daemons run no DLV revocation sweep
+    /// (`DeliveryConfig::reference_no_dlv_sweep`), so copies transferred before an ACL narrowing
+    /// stay in the member's DLV and are surfaced.
+    NoDlvSweep,
 }
 
 impl Mutation {
     /// Every mutation but [`Mutation::None`].
-    pub const ALL: [Mutation; 4] = [
+    pub const ALL: [Mutation; 5] = [
         Mutation::NoJoinCursor,
         Mutation::ReferenceG2,
         Mutation::ReferenceG10,
         Mutation::ReferenceG23,
+        Mutation::NoDlvSweep,
     ];
 
     /// Its name on the command line (`none` for [`Mutation::None`]).
@@ -117,6 +122,7 @@ impl Mutation {
             Mutation::ReferenceG2 => "reference-g2",
             Mutation::ReferenceG10 => "reference-g10",
             Mutation::ReferenceG23 => "reference-g23",
+            Mutation::NoDlvSweep => "no-dlv-sweep",
         }
     }
 
@@ -873,6 +879,7 @@ impl Mesh {
             DeliveryConfig::new(self.space.clone(), shard, Self::daemon_id(index, life));
         config.reference_gap_g2 = self.config.mutation == Mutation::ReferenceG2;
         config.reference_gap_g23 = self.config.mutation == Mutation::ReferenceG23;
+        config.reference_no_dlv_sweep = self.config.mutation == Mutation::NoDlvSweep;
         Rc::new(RefCell::new(DaemonProc {
             daemon: Delivery::new(config),
             index,

@@ -791,6 +791,19 @@ impl Net {
                 };
                 self.complete(client, op, outcome);
             }
+            Command::DeleteStreamMessage { op, stream, seq } => {
+                let api = format!("$JS.API.STREAM.MSG.DELETE.{stream}");
+                let outcome = if may_publish(&perms, &api) {
+                    to_outcome(
+                        self.broker
+                            .delete_message(&stream, seq)
+                            .map(|()| Reply::Done),
+                    )
+                } else {
+                    Outcome::Failed(publish_violation(&api))
+                };
+                self.complete(client, op, outcome);
+            }
             Command::ReadStream {
                 op,
                 stream,

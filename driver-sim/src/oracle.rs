@@ -38,6 +38,7 @@
 //! | `I11` | with a daemon, every joined durable channel's backstop is established after healing |
 //! | `S7-complete` | with a daemon: a join reported `durable:true` at watermark `F` (generation `g`) gets every message of its channel with `F < s ≤ L_g` (or the frontier while open) not its own, surfaced at least once in some life, unless the agent reported it lost, a daemon reported it evicted from CHAT before fan-out saw it, or its ACL was narrowed on that channel |
 //! | `I22` | every `handled` call of the application was accepted |
+//! | `ACL-revoke` | with a daemon: an agent's DLV subject holds no copy of a channel its ACL lost (issue 9: the daemon's revocation sweep took them back), unless a daemon reported giving up on that owner's sweep |
 //!
 //! A [`Violation`] names the invariant, the agent (with its life), the message (with its
 //! sequence and channel) and the seed.
@@ -46,6 +47,8 @@ use crate::host::Host;
 use crate::mesh::{Act, AgentSlot, Asked, Journal, MeshConfig};
 use cotal_core::agent::{AgentEvent, BackstopState, JoinError};
 use cotal_core::delivery::daemon::DeliveryEvent;
+use cotal_core::delivery::revoke::SweepEvent;
+use cotal_core::io::ReadStart;
 use cotal_core::ledger::SourceKind;
 use cotal_core::time::Instant;
 use cotal_core::wire::config::SpaceStream;
@@ -53,7 +56,7 @@ use cotal_core::wire::json;
 use cotal_core::wire::keys::{KvBucket, parse_member_key};
 use cotal_core::wire::message::CotalMessage;
 use cotal_core::wire::records::MembershipRecord;
-use cotal_core::wire::subject::{SubjectKind, chat_subscribe_pattern, parse_subject};
+use cotal_core::wire::subject::{Subject, SubjectKind, chat_subscribe_pattern, parse_subject};
 use cotal_core::wire::token::Space;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -1007,7 +1010,62 @@ impl Oracle {
                 ));
             }
         }
-        self.check_complete(journal, at)
+        self.check_complete(journal, at)?;
+        self.check_revoked(host, journal, agents, at)
+    }
+
+    /// `ACL-revoke` (issue 9): with a daemon, after healing, an agent's DLV subject holds no copy
+    /// of a channel its ACL lost, unless a daemon reported that it gave up sweeping that owner.
+    fn check_revoked(
+        &self,
+        host: &Host,
+        journal: &Journal,
+        agents: &[AgentSlot],
+        at: Instant,
+    ) -> Result<(), Violation> {
+        if self.daemons == 0 {
+            return Ok(());
+        }
+        let dlv = SpaceStream::Dlv.name(&self.space);
+        for (index, channel) in &self.narrowed {
+            let Some(slot) = agents.get(*index) else {
+                continue;
+            };
+            let gave_up = journal.daemon_events.iter().any(|n| {
+                matches!(&n.event, DeliveryEvent::DlvRevocation(SweepEvent::Failed { owner, .. })
+                    if *owner == slot.id)
+            });
+            if gave_up {
+                continue;
+            }
+            let subject = Subject::Dlv {
+                space: self.space.clone(),
+                owner: slot.id.clone(),
+            }
+            .to_string();
+            let stored = host
+                .broker()
+                .read(&dlv, &subject, ReadStart::Seq(1), None, u32::MAX)
+                .unwrap_or_default();
+            for m in stored {
+                let Ok(msg) = json::decode::<CotalMessage>(&m.payload) else {
+                    continue;
+                };
+                if msg.channel().map(|c| c.as_str()) == Some(channel.as_str()) {
+                    return Err(self.violation(
+                        "ACL-revoke",
+                        Some(who(&self.names, *index, slot.life)),
+                        Some(self.describe_msg(&msg.id)),
+                        at,
+                        format!(
+                            "DLV seq {} still holds a copy of {channel} after the ACL lost it",
+                            m.seq
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn check_complete(&self, journal: &Journal, at: Instant) -> Result<(), Violation> {

@@ -8,7 +8,8 @@
 //! Error rules (nats-notes §5):
 //!
 //! - an answer with an `error` object is the server's word: `err_code` 10059 (stream not found),
-//!   10014 (consumer not found) and 10037 (no message found) are [`Failure::NotFound`]; 10071
+//!   10014 (consumer not found), 10037 (no message found) and 10043 (sequence not found, a
+//!   `STREAM.MSG.DELETE` of a sequence already gone) are [`Failure::NotFound`]; 10071
 //!   (wrong last sequence) is [`Failure::WrongLastRevision`] with the revision the server named;
 //!   every other code is [`Failure::Rejected`] with the code and the description;
 //! - no responders (503) means no JetStream behind the subject;
@@ -27,6 +28,8 @@ pub const STREAM_NOT_FOUND: u32 = 10059;
 pub const CONSUMER_NOT_FOUND: u32 = 10014;
 /// JetStream `err_code`: no message found.
 pub const NO_MESSAGE_FOUND: u32 = 10037;
+/// JetStream `err_code`: sequence not found (`STREAM.MSG.DELETE` of a deleted or evicted one).
+pub const SEQUENCE_NOT_FOUND: u32 = 10043;
 /// JetStream `err_code`: wrong last sequence (a compare-and-set conflict).
 pub const WRONG_LAST_SEQUENCE: u32 = 10071;
 /// JetStream `err_code`: stream name already in use with a different configuration.
@@ -93,7 +96,9 @@ impl ApiError {
 /// The failure kind of a JetStream error code.
 pub fn failure_for_code(err_code: u32, description: String) -> Failure {
     match err_code {
-        STREAM_NOT_FOUND | CONSUMER_NOT_FOUND | NO_MESSAGE_FOUND => Failure::NotFound,
+        STREAM_NOT_FOUND | CONSUMER_NOT_FOUND | NO_MESSAGE_FOUND | SEQUENCE_NOT_FOUND => {
+            Failure::NotFound
+        }
         WRONG_LAST_SEQUENCE => Failure::WrongLastRevision {
             current: current_revision(&description),
         },
@@ -174,7 +179,12 @@ mod tests {
 
     #[test]
     fn not_found_codes_and_the_rest() {
-        for code in [STREAM_NOT_FOUND, CONSUMER_NOT_FOUND, NO_MESSAGE_FOUND] {
+        for code in [
+            STREAM_NOT_FOUND,
+            CONSUMER_NOT_FOUND,
+            NO_MESSAGE_FOUND,
+            SEQUENCE_NOT_FOUND,
+        ] {
             assert_eq!(failure_for_code(code, "x".into()), Failure::NotFound);
         }
         assert_eq!(

@@ -977,6 +977,25 @@ impl Actor {
                     .await
                 });
             }
+            Command::DeleteStreamMessage { op, stream, seq } => {
+                let client = self.client.clone();
+                let timeout = self.config.api_timeout;
+                let subject = format!("$JS.API.STREAM.MSG.DELETE.{stream}");
+                self.spawn_op(op, vec![subject.clone()], None, async move {
+                    // `no_erase`: a delete marker in the index, no overwrite of the bytes (the
+                    // cheap delete; the copy is unreadable either way).
+                    let body = serde_json::json!({"seq": seq, "no_erase": true});
+                    match api::request(&client, &subject, Bytes::from(body.to_string()), timeout)
+                        .await
+                    {
+                        Ok(v) if v["success"] == Value::Bool(true) => Outcome::Success(Reply::Done),
+                        Ok(v) => Outcome::Failed(Failure::Other {
+                            description: format!("delete {stream} seq {seq}: {v}"),
+                        }),
+                        Err(e) => e.into_failure(true),
+                    }
+                });
+            }
             Command::Consume {
                 op,
                 sub,

@@ -492,6 +492,83 @@ async fn read_stream_honours_filter_start_bound_and_page_size() {
     assert_eq!(no_stream, Outcome::Failed(Failure::NotFound));
 }
 
+/// `DeleteStreamMessage` under the delivery daemon's own credential: it reads a DLV subject
+/// through the pinned sweep reader (page after page with the same name), deletes a copy
+/// (`Done`), a second delete of it is `NotFound`, the re-read skips it; a read under any other
+/// reader name and a delete on another stream are refused.
+#[tokio::test]
+async fn delete_stream_message_under_the_daemon_credential() {
+    let daemon = AgentId::new("daemon").expect("id");
+    let perms = nats_server_permissions(&Permissions::delivery(&space(), &daemon));
+    let Some(server) = NatsServer::start_with_users(vec![
+        User {
+            name: "daemon".into(),
+            password: "pw".into(),
+            permissions: Some(perms),
+        },
+        User {
+            name: "admin".into(),
+            password: "adminpw".into(),
+            permissions: None,
+        },
+    ]) else {
+        return;
+    };
+    let admin = connect(&server.config_as("admin", "adminpw"))
+        .await
+        .expect("admin");
+    let report = provision_space(&admin.client, &space(), Duration::from_secs(5)).await;
+    assert_eq!(report.failed(), 0, "{report:?}");
+    let mut cfg = server.config_as("daemon", "pw");
+    cfg.inbox_prefix = Some(daemon.inbox_prefix());
+    let mut d = Driver::start(cfg).await;
+    for i in 1..=3u64 {
+        let ack = pub_ack(
+            d.run(|op| js_publish(op, "cotal.main.dlv.alice", Some(&format!("c{i}")), "m"))
+                .await,
+        );
+        assert_eq!(ack.seq, i);
+    }
+    let read = |start: u64, reader: &str| {
+        let reader = reader.to_owned();
+        move |op| Command::ReadStream {
+            op,
+            stream: "DLV_main".into(),
+            filter: "cotal.main.dlv.alice".into(),
+            start: ReadStart::Seq(start),
+            last_seq: None,
+            max: 2,
+            reader: Some(reader),
+        }
+    };
+    let seqs = |m: Vec<StoredMessage>| m.into_iter().map(|m| m.seq).collect::<Vec<_>>();
+    assert_eq!(seqs(stored(d.run(read(1, "dlvsweep")).await)), [1, 2]);
+    assert_eq!(seqs(stored(d.run(read(3, "dlvsweep")).await)), [3]);
+    let delete = |stream: &str, seq: u64| {
+        let stream = stream.to_owned();
+        move |op| Command::DeleteStreamMessage { op, stream, seq }
+    };
+    assert_eq!(
+        d.run(delete("DLV_main", 2)).await,
+        Outcome::Success(Reply::Done)
+    );
+    assert_eq!(
+        d.run(delete("DLV_main", 2)).await,
+        Outcome::Failed(Failure::NotFound)
+    );
+    assert_eq!(seqs(stored(d.run(read(1, "dlvsweep")).await)), [1, 3]);
+    let denied = d.run(read(1, "dlv_alice")).await;
+    assert!(
+        matches!(denied, Outcome::Failed(Failure::PermissionDenied { .. })),
+        "{denied:?}"
+    );
+    let denied = d.run(delete("CHAT_main", 1)).await;
+    assert!(
+        !denied.is_success() && denied != Outcome::Failed(Failure::NotFound),
+        "{denied:?}"
+    );
+}
+
 fn delivery(i: Option<Inbound>) -> (cotal_core::ledger::DeliveryId, u64, u64) {
     match i {
         Some(Inbound::Delivery {

@@ -31,6 +31,7 @@ use bytes::Bytes;
 use common::{NatsServer, User, WAIT};
 use cotal_core::agent::{Agent, AgentConfig, AgentEvent};
 use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryCounters, DeliveryEvent};
+use cotal_core::delivery::revoke::SweepEvent;
 use cotal_core::time::UnixMillis;
 use cotal_core::wire::config::ConsumerSpec;
 use cotal_core::wire::keys::{KvBucket, acl_key, member_key};
@@ -1216,13 +1217,14 @@ async fn a_full_dlv_sheds_the_newest_copies_as_reported_losses() {
     daemon.stop().await;
 }
 
-/// KNOWN GAP (issue 9, "including copies already queued for it"): copies the reader transferred
-/// to Bob's DLV *before* the narrowing are post-authorization and are still surfaced after it.
-/// DLV carries the bare message, nothing re-checks the ACL on the way out of DLV, the daemon has
-/// no purge grant on DLV, and the agent cannot see its own ACL record. Run with `--ignored` to
-/// see it fail.
+/// Issue 9, "including copies already queued for it": copies the reader transferred to Bob's DLV
+/// *before* the narrowing are taken back by the daemon's DLV revocation sweep
+/// (`cotal_core::delivery::revoke`): the ACL watch reports the change, the sweep reads
+/// `cotal.<s>.dlv.bob` and deletes every copy the narrowed ACL no longer admits. Bob, started
+/// right after the narrowing, surfaces neither. The window (ACL write → copies gone from DLV) is
+/// measured by a concurrent poll of the stream and printed; the daemon counted and reported both
+/// revocations, and no sweep failed.
 #[tokio::test]
-#[ignore = "known gap: copies already in DLV before an ACL narrowing are still surfaced"]
 async fn sec_narrowed_acl_stops_backstop_copies_already_in_dlv() {
     let Some(mut s) = Space9::start().await else {
         return;
@@ -1245,17 +1247,62 @@ async fn sec_narrowed_acl_stops_backstop_copies_already_in_dlv() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let admin = connect(&s.admin).await.expect("admin").client;
+    assert_eq!(dlv_stored(&admin, "bob").await, 2);
     s.put_acl("bob", &["secret"], 2).await;
+    // The window starts when the KV write is acknowledged (the daemon may already be sweeping).
+    let narrowed_at = tokio::time::Instant::now();
+    let window = tokio::spawn({
+        let admin = admin.clone();
+        async move {
+            let deadline = narrowed_at + WAIT;
+            while dlv_stored(&admin, "bob").await > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            narrowed_at.elapsed()
+        }
+    });
     s.server.reload_with_users(users(ALICE_READ, &["secret"]));
     let mut bob = Peer::start(&s.server, "bob").await;
     bob.idle(Duration::from_secs(2)).await;
     let surfaced: Vec<_> = in_dlv.iter().filter(|m| bob.got.contains(m)).collect();
     bob.stop().await;
+    let window = window.await.expect("window probe");
+    println!("revocation window (ACL write acked -> copies gone from DLV): {window:?}");
+    let counters = daemon.counters().await;
+    let revoked = daemon
+        .log
+        .iter()
+        .filter(|e| {
+            matches!(e, DeliveryEvent::DlvRevocation(SweepEvent::Revoked { owner, channel, .. })
+                if owner.as_str() == "bob" && channel.as_ref().map(ConcreteChannel::as_str) == Some("team"))
+        })
+        .count();
     daemon.stop().await;
     assert!(
         surfaced.is_empty(),
         "bob surfaced {surfaced:?} from DLV after his ACL was narrowed"
     );
+    assert_eq!(dlv_stored(&admin, "bob").await, 0, "copies left in DLV");
+    assert!(window < WAIT, "the copies stayed in DLV for {window:?}");
+    assert_eq!(counters.dlv_revoked, 2, "{counters:?}");
+    assert_eq!(counters.dlv_sweeps_failed, 0, "{counters:?}");
+    assert_eq!(revoked, 2, "one DlvRevocation event per copy");
+}
+
+/// Messages stored on `owner`'s DLV subject (acked or not), from `STREAM.INFO` with a subject
+/// filter.
+async fn dlv_stored(admin: &Client, owner: &str) -> u64 {
+    let subject = format!("cotal.{SPACE}.dlv.{owner}");
+    let reply = admin
+        .request(
+            format!("$JS.API.STREAM.INFO.DLV_{SPACE}"),
+            Bytes::from(json!({ "subjects_filter": subject }).to_string()),
+        )
+        .await
+        .expect("stream info");
+    let info: Value = serde_json::from_slice(&reply.payload).expect("stream info json");
+    info["state"]["subjects"][&subject].as_u64().unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------------

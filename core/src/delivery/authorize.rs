@@ -204,6 +204,14 @@ fn give_up(entry: &Plane3Entry, owner: &AgentId, reason: RetryReason, n: u64) ->
     })
 }
 
+/// The one read-access rule of the backstop: may a member holding `acl` have a copy of a message
+/// on `channel`? The reader applies it before a transfer ([`authorize`]) and the DLV revocation
+/// sweep applies it to copies already transferred ([`crate::delivery::revoke`]), so a narrowing
+/// means the same thing on both sides of the hand-off.
+pub fn acl_admits(acl: &ReadAcl, channel: &ConcreteChannel) -> bool {
+    acl.covers(channel)
+}
+
 /// Step 2: the reader's re-authorization of `entry` for `owner` (`readerHandle` steps 3–6).
 ///
 /// - `acl`: the owner's read ACL, read fresh; `None` when absent (an unknown owner).
@@ -233,7 +241,7 @@ pub fn authorize(
             }
         };
     };
-    if !acl.covers(&entry.channel) {
+    if !acl_admits(acl, &entry.channel) {
         return Decision::Drop(DropReason::NotCovered);
     }
     if entry.reason == Plane3Reason::DurableChannel {

@@ -69,6 +69,11 @@
 //! - **Sharding (G36).** Shard `i` of `N` owns the owners [`Shard::owns`] picks: it routes only
 //!   to them, answers only their control requests, and its reader (which sees every dinbox entry,
 //!   through its own durable) acks other shards' entries without looking at them.
+//! - **Revocation (issue 9).** Every ACL change the watch reports for an owner of this shard
+//!   (every record, once, at start or takeover) queues a sweep of that owner's DLV subject
+//!   ([`crate::delivery::revoke`]): copies the owner's current ACL no longer admits are deleted,
+//!   each one a [`DeliveryEvent::DlvRevocation`] and counted in `dlv_revoked`. The sweep runs only
+//!   while the lease is held, the connection is up and the ACL view is loaded.
 //! - **Reconnect (I35).** On [`Connection::Lost`] every feed is gone, control jobs are abandoned
 //!   (their requesters time out and retry; every step is idempotent), and unsettled deliveries are
 //!   forgotten (the broker redelivers them). On [`Connection::Restored`] watches, subscription and
@@ -91,6 +96,7 @@ use crate::delivery::gap::{SeqRange, SequenceCursor, missing};
 use crate::delivery::lease::{
     HEALTH_FIELD, Lease, LeaseCommand, LeaseConfig, LeaseEntry, LeaseEvent, LeaseReply, LeaseState,
 };
+use crate::delivery::revoke::{DlvSweeper, SweepEvent};
 use crate::delivery::route::{Routed, route};
 use crate::io::{
     AckKind, Command, Completion, Connection, Inbound, Input, KvCondition, KvEntry, KvOperation,
@@ -200,6 +206,11 @@ pub struct DeliveryConfig {
     /// Always `false` outside tests.
     #[doc(hidden)]
     pub reference_gap_g23: bool,
+    /// Test-only: switches the DLV revocation sweep off ([`crate::delivery::revoke`]), as the
+    /// reference has none, so the simulator can prove the oracle sees copies of a narrowed
+    /// channel left in DLV (issue 9). Always `false` outside tests.
+    #[doc(hidden)]
+    pub reference_no_dlv_sweep: bool,
 }
 
 impl DeliveryConfig {
@@ -216,6 +227,7 @@ impl DeliveryConfig {
             max_requests: DEFAULT_MAX_REQUESTS,
             reference_gap_g2: false,
             reference_gap_g23: false,
+            reference_no_dlv_sweep: false,
         }
     }
 }
@@ -401,6 +413,13 @@ pub struct DeliveryCounters {
     pub fanout_anomalies: u64,
     /// Control requests abandoned without a reply (lease or connection lost).
     pub abandoned: u64,
+    /// DLV copies deleted by the revocation sweep: their owner's ACL no longer admits them
+    /// ([`crate::delivery::revoke`]).
+    pub dlv_revoked: u64,
+    /// DLV sweeps (one owner each) that finished.
+    pub dlv_sweeps: u64,
+    /// DLV sweeps that gave up: revoked copies may still wait in the owner's DLV.
+    pub dlv_sweeps_failed: u64,
 }
 
 /// Why fan-out terminated a CHAT delivery without routing it (G32).
@@ -627,6 +646,9 @@ pub enum DeliveryEvent {
         /// Why.
         detail: String,
     },
+    /// The DLV revocation sweep deleted a copy, finished, retries or gave up
+    /// ([`crate::delivery::revoke`]).
+    DlvRevocation(SweepEvent),
     /// A feed failed to open, was refused or ended; it is retried.
     FeedProblem {
         /// The feed.
@@ -700,6 +722,7 @@ enum Pending {
     DlvBacklog {
         owner: AgentId,
     },
+    Sweep,
     Settle,
 }
 
@@ -854,6 +877,8 @@ pub struct Delivery {
     counters: DeliveryCounters,
     health: DeliveryHealth,
     last_now: Option<Instant>,
+    /// The DLV revocation sweep ([`crate::delivery::revoke`]).
+    sweeper: DlvSweeper,
 }
 
 impl Delivery {
@@ -865,6 +890,7 @@ impl Delivery {
             config.lease
         };
         let lease = Lease::new(config.shard, config.daemon_id.clone(), lease_config);
+        let sweeper = DlvSweeper::new(&config.space, config.shard);
         let mut d = Delivery {
             config,
             lease,
@@ -900,6 +926,7 @@ impl Delivery {
             counters: DeliveryCounters::default(),
             health: DeliveryHealth::Degraded(BTreeSet::new()),
             last_now: None,
+            sweeper,
         };
         d.health = d.compute_health();
         d
@@ -928,6 +955,11 @@ impl Delivery {
     /// The in-memory membership index.
     pub fn members(&self) -> &MemberIndex {
         &self.members
+    }
+
+    /// The DLV revocation sweeper (its queue and running sweep).
+    pub fn sweeper(&self) -> &DlvSweeper {
+        &self.sweeper
     }
 
     /// The highest CHAT sequence fan-out has received (the fan-out part of the fence).
@@ -1023,12 +1055,57 @@ impl Delivery {
                 break;
             }
         }
+        self.drive_sweeps(now);
         let health = self.compute_health();
         if health != self.health {
             // Published with the next lease write (every renew interval), for agents to read.
             self.lease.annotate(HEALTH_FIELD, health.to_published());
             self.health = health.clone();
             self.emit(DeliveryEvent::HealthChanged(health));
+        }
+    }
+
+    /// Runs the DLV revocation sweep while this daemon may write and its ACL view is loaded
+    /// (a view still loading could lack an owner's record, which the sweep reads as "revoke
+    /// all"), and turns its events into counters.
+    fn drive_sweeps(&mut self, now: Now) {
+        if self.may_sweep() {
+            for cmd in self.sweeper.pump(now.at, &mut self.ops) {
+                if let Some(op) = cmd.op() {
+                    self.pending.insert(op, Pending::Sweep);
+                }
+                self.commands.push_back(cmd);
+            }
+        }
+        while let Some(e) = self.sweeper.poll_event() {
+            match &e {
+                SweepEvent::Revoked { .. } => self.counters.dlv_revoked += 1,
+                SweepEvent::Finished { .. } => self.counters.dlv_sweeps += 1,
+                SweepEvent::Failed { .. } => self.counters.dlv_sweeps_failed += 1,
+                _ => {}
+            }
+            self.emit(DeliveryEvent::DlvRevocation(e));
+        }
+    }
+
+    fn may_sweep(&self) -> bool {
+        !self.config.reference_no_dlv_sweep
+            && self.connected
+            && !self.stopped
+            && self.lease_held()
+            && self.loaded.contains(&Feed::Acl)
+    }
+
+    /// A transfer to `owner`'s DLV completed (in any outcome) for a channel its **current** ACL no
+    /// longer admits: the reader judged it under an older view, and the copy may have landed
+    /// after a sweep read past it. Sweep again.
+    fn sweep_if_revoked(&mut self, owner: &AgentId, channel: &ConcreteChannel) {
+        let admitted = self
+            .acls
+            .get(owner)
+            .is_some_and(|v| crate::delivery::authorize::acl_admits(&v.read, channel));
+        if !admitted {
+            self.sweeper.request(owner.clone());
         }
     }
 
@@ -1194,6 +1271,7 @@ impl Delivery {
         self.transfers.clear();
         self.dlv.reset();
         self.give_up_gap_checks("the daemon stopped before checking");
+        self.sweeper.interrupt();
         if self.connected {
             for delivery in held {
                 self.settle(
@@ -1405,6 +1483,7 @@ impl Delivery {
                 }
                 self.loaded.clear();
                 self.abandon_jobs(AbandonReason::ConnectionLost);
+                self.sweeper.interrupt();
                 self.batches.clear();
                 self.transfers.clear();
                 self.dlv.reset();
@@ -1460,6 +1539,7 @@ impl Delivery {
             }
             Pending::InboxBacklog => self.on_inbox_backlog(now, c.outcome),
             Pending::DlvBacklog { owner } => self.on_dlv_backlog(owner, c.outcome),
+            Pending::Sweep => self.sweeper.on_completion(c.op, c.outcome, &self.acls),
             Pending::Settle => {}
         }
     }
@@ -1529,7 +1609,12 @@ impl Delivery {
                 self.members.apply(entry);
             }
             Feed::Acl => {
-                self.acls.apply(entry);
+                if self.acls.apply(entry)
+                    && let Ok(owner) = AgentId::new(entry.key.as_str())
+                    && self.config.shard.owns(&owner)
+                {
+                    self.sweeper.request(owner);
+                }
             }
             Feed::Channels => {
                 let value = (entry.operation == KvOperation::Put && !entry.value.is_empty())
@@ -3100,6 +3185,7 @@ impl Delivery {
         let Some(t) = self.transfers.remove(&delivery) else {
             return;
         };
+        self.sweep_if_revoked(&t.owner, &t.entry.channel);
         match outcome {
             Outcome::Success(Reply::PubAck(_)) => {
                 self.counters.transferred += 1;
@@ -3202,10 +3288,12 @@ impl Machine for Delivery {
     fn poll_timeout(&self) -> Option<Instant> {
         let lease = self.lease.poll_timeout().map(|(at, _)| at);
         let own = self.timers.next().map(|(at, _)| at);
-        match (lease, own) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        // The sweep's backoff only counts while it may run (else a past deadline spins).
+        let sweep = self
+            .may_sweep()
+            .then(|| self.sweeper.poll_timeout())
+            .flatten();
+        [lease, own, sweep].into_iter().flatten().min()
     }
 }
 

@@ -20,6 +20,10 @@
 //!    the oldest. Fan-out holds an owner's copies while its dinbox backlog is high, and the
 //!    reader sheds a copy (a reported loss) rather than push an unread DLV copy out.
 //!
+//! 4. **Revocation** ([`revoke`]): a read ACL narrowed after copies reached the owner's DLV
+//!    store takes them back: the daemon sweeps the owner's DLV subject and deletes every copy the
+//!    reader's rule ([`authorize::acl_admits`]) no longer admits.
+//!
 //! The registry transitions the daemon drives around these (join, leave, activation) are in
 //! [`crate::registry`]; the control gate is [`control`] and the per-shard lease is [`lease`].
 //! The state machine that reads KV, publishes, acks and retries is [`daemon::Delivery`]: it
@@ -32,6 +36,7 @@ pub mod control;
 pub mod daemon;
 pub mod gap;
 pub mod lease;
+pub mod revoke;
 pub mod route;
 
 pub use authorize::{Decision, authorize};

@@ -20,6 +20,7 @@
 
 use crate::wire::config::{ConsumerSpec, DeliverPolicy, SpaceStream, names};
 use crate::wire::keys::KvBucket;
+use crate::wire::shard::dlv_sweep_reader;
 use crate::wire::token::{AgentId, Channel, Role, Space, route_token};
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -51,6 +52,25 @@ pub struct AgentPolicy {
     pub role: Option<Role>,
     /// The `spawn` capability (grants requests on `ctl.manager.<id>`).
     pub spawn: bool,
+}
+
+/// The delivery credential's grants beyond the reference's `deliveryPermissions` (which holds
+/// nothing on DLV but its publish subject): what the DLV revocation sweep needs
+/// ([`crate::delivery::revoke`], issue 9). `STREAM.MSG.DELETE` on DLV, and create (filtered to
+/// `cotal.<s>.dlv.*`), MSG.NEXT and DELETE of the one pinned reader [`dlv_sweep_reader`] of
+/// shard 0 of 1. Nothing here creates, updates or reads through an agent's `dlv_<id>`.
+pub fn delivery_revocation_grants(space: &Space) -> Vec<String> {
+    let dlv = SpaceStream::Dlv.name(space);
+    let sweep = dlv_sweep_reader(0, 1);
+    vec![
+        api("STREAM.MSG.DELETE", &dlv),
+        api(
+            "CONSUMER.CREATE",
+            &format!("{dlv}.{sweep}.{}", names::space_subject(space, "dlv.*")),
+        ),
+        api("CONSUMER.MSG.NEXT", &format!("{dlv}.{sweep}")),
+        api("CONSUMER.DELETE", &format!("{dlv}.{sweep}")),
+    ]
 }
 
 /// The JetStream API verbs of the grants below.
@@ -199,8 +219,13 @@ impl Permissions {
     ///   `$KV.cotal_members_<s>.>`; info/get on the delivery bucket and write only its
     ///   `lease.*` keys.
     /// - Publish `dinbox.*`, `dlv.*`, and `ctl.delivery.*.reply.>` (replies only, I27).
+    /// - DLV, for the revocation sweep (a Cotal addition, [`delivery_revocation_grants`]):
+    ///   `STREAM.MSG.DELETE`, and the consumer verbs (create with a `cotal.<s>.dlv.*` filter,
+    ///   MSG.NEXT, DELETE) pinned to the one reader name [`dlv_sweep_reader`] of shard 0 of 1 (the
+    ///   same single-shard pinning as the INBOX `reader`). No other create grant on DLV: the daemon
+    ///   cannot create or update an agent's `dlv_<id>`.
     /// - Subscribe only `_INBOX_<id>.>` and `ctl.delivery.*`: no native subscription on chat,
-    ///   dinbox or dlv, and no create grant on DLV.
+    ///   dinbox or dlv.
     pub fn delivery(space: &Space, id: &AgentId) -> Self {
         let chat = SpaceStream::Chat.name(space);
         let inbox = SpaceStream::Inbox.name(space);
@@ -249,6 +274,7 @@ impl Permissions {
         publish.push(api("STREAM.INFO", &delivery));
         publish.push(api("STREAM.MSG.GET", &delivery));
         publish.push(format!("$KV.{}.lease.*", KvBucket::Delivery.name(space)));
+        publish.extend(delivery_revocation_grants(space));
         publish.push(names::space_subject(space, "dinbox.*"));
         publish.push(names::space_subject(space, "dlv.*"));
         publish.push(names::space_subject(space, "ctl.delivery.*.reply.>"));

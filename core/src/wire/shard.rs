@@ -63,6 +63,16 @@ pub fn reader_durable(shard: u32, shards: u32) -> String {
     sharded_name(INBOX_READER_DURABLE, shard, shards)
 }
 
+/// The base name of the pinned short-lived consumer the daemon's DLV revocation sweep reads
+/// through (a Cotal addition, not in the reference).
+pub const DLV_SWEEP_READER: &str = "dlvsweep";
+
+/// The DLV sweep reader name for shard `shard` of `shards`: `dlvsweep` when `shards ≤ 1`,
+/// otherwise `dlvsweep_<shard>` ([`crate::delivery::revoke`]).
+pub fn dlv_sweep_reader(shard: u32, shards: u32) -> String {
+    sharded_name(DLV_SWEEP_READER, shard, shards)
+}
+
 fn sharded_name(base: &str, shard: u32, shards: u32) -> String {
     if shards <= 1 {
         base.to_owned()

@@ -2,10 +2,10 @@
 //!
 //! ```text
 //! cotal-sim explore --seeds N [--start S] [--steps K] [--faults LIST|none|all] [--daemons D]
-//!                   [--mutation no-join-cursor|reference-g2|reference-g10|reference-g23] [--no-shrink] [--check-determinism]
+//!                   [--mutation no-join-cursor|reference-g2|reference-g10|reference-g23|no-dlv-sweep] [--no-shrink] [--check-determinism]
 //! cotal-sim replay --seed S [--steps K] [--faults …] [--daemons D] [--skip I,J,…]
 //!                  [--agents A] [--plain I,J,…]
-//!                  [--mutation no-join-cursor|reference-g2|reference-g10|reference-g23] [--check-determinism]
+//!                  [--mutation no-join-cursor|reference-g2|reference-g10|reference-g23|no-dlv-sweep] [--check-determinism]
 //! cotal-sim demo [--seed S]
 //! ```
 
@@ -22,10 +22,10 @@ use std::time::Instant as WallClock;
 
 const USAGE: &str = "usage:
   cotal-sim explore --seeds N [--start S] [--steps K] [--faults LIST|none|all] [--daemons D]
-                    [--mutation no-join-cursor|reference-g2|reference-g10|reference-g23] [--no-shrink] [--check-determinism]
+                    [--mutation no-join-cursor|reference-g2|reference-g10|reference-g23|no-dlv-sweep] [--no-shrink] [--check-determinism]
   cotal-sim replay --seed S [--steps K] [--faults LIST|none|all] [--daemons D] [--skip I,J,...]
                    [--agents A] [--plain I,J,...]
-                   [--mutation no-join-cursor|reference-g2|reference-g10|reference-g23] [--check-determinism]
+                   [--mutation no-join-cursor|reference-g2|reference-g10|reference-g23|no-dlv-sweep] [--check-determinism]
   cotal-sim demo [--seed S]
 faults: drop, loss, slow, kv, ambiguous (comma-separated), none, all, or swarm (a subset per seed)";
 

@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod harness;
+mod revoke;
 mod transcript;
 
 use super::*;

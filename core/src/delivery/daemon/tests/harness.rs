@@ -74,6 +74,8 @@ pub struct Broker {
     pub dlv: Vec<(u64, String, String, Bytes)>,
     pub inbox_ids: BTreeSet<String>,
     pub dlv_ids: BTreeSet<String>,
+    /// DLV sequences deleted (`STREAM.MSG.DELETE`, the revocation sweep).
+    pub dlv_deleted: BTreeSet<u64>,
     pub watches: BTreeMap<SubId, String>,
     pub consumers: BTreeMap<String, SubId>,
     pub control: Option<SubId>,
@@ -281,6 +283,40 @@ impl Broker {
                     messages: self.chat.len() as u64,
                 }),
             ),
+            Command::ReadStream {
+                op,
+                stream,
+                filter,
+                start,
+                max,
+                ..
+            } if stream == "DLV_main" => {
+                let ReadStart::Seq(from) = start else {
+                    panic!("time starts are not modelled")
+                };
+                let stored: Vec<StoredMessage> = self
+                    .dlv
+                    .iter()
+                    .filter(|e| e.0 >= *from && !self.dlv_deleted.contains(&e.0))
+                    .filter(|e| crate::acl::subject_matches(filter, &e.1))
+                    .take(*max as usize)
+                    .map(|e| StoredMessage {
+                        seq: e.0,
+                        subject: e.1.clone(),
+                        headers: Vec::new(),
+                        payload: e.3.clone(),
+                        stored_at: UnixMillis(1),
+                    })
+                    .collect();
+                done(*op, Reply::Stored(stored))
+            }
+            Command::DeleteStreamMessage { op, seq, .. } => {
+                if self.dlv.iter().any(|e| e.0 == *seq) && self.dlv_deleted.insert(*seq) {
+                    done(*op, Reply::Done)
+                } else {
+                    Some(Completion::failed(*op, Failure::NotFound))
+                }
+            }
             Command::ReadStream {
                 op,
                 filter,
@@ -790,12 +826,13 @@ impl World {
             .collect()
     }
 
+    /// The msg-ids still stored on `owner`'s DLV subject (revoked copies are gone).
     pub fn dlv_ids(&self, owner: &str) -> Vec<String> {
         let subject = format!("cotal.main.dlv.{owner}");
         self.b
             .dlv
             .iter()
-            .filter(|e| e.1 == subject)
+            .filter(|e| e.1 == subject && !self.b.dlv_deleted.contains(&e.0))
             .map(|e| e.2.clone())
             .collect()
     }
@@ -878,6 +915,7 @@ pub fn describe_command(c: &Command) -> String {
         Command::ConsumerInfo {
             stream, consumer, ..
         } => format!("consumer.info {stream}.{consumer}"),
+        Command::DeleteStreamMessage { stream, seq, .. } => format!("msg.delete {stream} {seq}"),
         Command::ReadStream {
             filter,
             start,
