@@ -1612,8 +1612,20 @@ async fn hostile_direct_traffic_to_an_agent() {
     .expect("dm consumer");
     let mut alice = Probe::connect(&s.server, "alice").await;
     let mut bob = Peer::start_with(&s.server, "bob", true).await;
-    let health = bob.handle.health().await.expect("bob runs");
-    assert!(health.direct.iter().all(|d| d.bound), "{:?}", health.direct);
+    // The DM feed binds after the agent starts: wait for it (bounded).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let health = bob.handle.health().await.expect("bob runs");
+        if !health.direct.is_empty() && health.direct.iter().all(|d| d.bound) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "dm_bob not bound: {:?}",
+            health.direct
+        );
+        bob.pump(Duration::from_millis(50)).await;
+    }
     let lane = subj("inst.bob.alice");
     let msg = |id: &str, from: &str| {
         json!({"id": id, "ts": 1, "space": SPACE, "from": {"id": from, "name": from},
