@@ -23,23 +23,24 @@
 //! Not built yet: members joining and leaving during the run, nats-server restarts, a cluster,
 //! agent crashes, SIGSTOP lease fights (see issue 9).
 
-use crate::bench::{start_member, target_server};
+use crate::bench::{SpawnedServer, start_member, target_server};
 use bytes::Bytes;
 use clap::Args;
 use cotal_core::agent::AgentConfig;
+use cotal_core::registry::{closed_intervals, current_interval, forgotten_intervals};
 use cotal_core::wire::config::ConsumerSpec;
-use cotal_core::wire::keys::{KvBucket, acl_key};
+use cotal_core::wire::keys::{KvBucket, acl_key, member_key};
 use cotal_core::wire::message::Sender;
-use cotal_core::wire::records::AclRecord;
-use cotal_core::wire::token::{AgentId, Channel, Space};
+use cotal_core::wire::records::{AclRecord, MembershipRecord};
+use cotal_core::wire::token::{AgentId, Channel, ConcreteChannel, Space};
 use cotal_driver_tokio::connect::{ConnectConfig, connect};
 use cotal_driver_tokio::provision::{apply_consumer, provision_space};
 use cotal_driver_tokio::run::wall_clock;
 use serde_json::json;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, ExitCode, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -69,6 +70,17 @@ pub(crate) struct ChaosArgs {
     /// Seconds the heal phase may take.
     #[arg(long, default_value_t = 120)]
     heal_s: u64,
+    /// The fault kinds, comma-separated: daemon-kill, server-stop (SIGTERM), server-kill
+    /// (SIGKILL). Each fault point picks one kind with the seed. Server faults need
+    /// --spawn-server.
+    #[arg(long, default_value = "daemon-kill,server-stop,server-kill")]
+    faults: String,
+    /// Fault points in the run (default: one per 30 s, at least one).
+    #[arg(long)]
+    fault_count: Option<u64>,
+    /// Leave/rejoin cycles of members (default: one per 15 s of run).
+    #[arg(long)]
+    churn: Option<u64>,
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -133,16 +145,194 @@ pub(crate) async fn chaos(args: ChaosArgs) -> ExitCode {
     }
 }
 
+/// One kind of infrastructure fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// SIGKILL of the delivery daemon child; a successor with a new id after a pause.
+    DaemonKill,
+    /// SIGTERM of nats-server (clean shutdown), restarted on the same port and store.
+    ServerStop,
+    /// SIGKILL of nats-server, restarted on the same port and store.
+    ServerKill,
+}
+
+impl Fault {
+    fn parse(s: &str) -> Result<Vec<Fault>, String> {
+        let mut out = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let f = match part {
+                "daemon-kill" => Fault::DaemonKill,
+                "server-stop" => Fault::ServerStop,
+                "server-kill" => Fault::ServerKill,
+                other => {
+                    return Err(format!(
+                        "unknown fault {other:?} (daemon-kill, server-stop, server-kill)"
+                    ));
+                }
+            };
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+        if out.is_empty() {
+            return Err("--faults names no fault".into());
+        }
+        Ok(out)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Fault::DaemonKill => "daemon-kill",
+            Fault::ServerStop => "server-stop",
+            Fault::ServerKill => "server-kill",
+        }
+    }
+}
+
+/// What the run does at one point of its schedule.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// Inject a fault.
+    Inject(Fault),
+    /// End the outage a fault started (start the successor daemon or the server again).
+    Restore(Fault),
+    /// Member `i` leaves the channel.
+    Leave(usize),
+    /// Member `i` joins the channel again.
+    Rejoin(usize),
+}
+
+/// One acked publish: the message id and its CHAT sequence.
+struct Published {
+    id: String,
+    seq: u64,
+}
+
+/// What the publisher task hands back.
+#[derive(Default)]
+struct PublishLog {
+    acked: Vec<Published>,
+    /// Publishes the broker never acked (error or timeout): not expected anywhere.
+    failed: u64,
+}
+
+/// Publishes at `rate` until `stop`, each with its msg-id, one at a time (the ack is awaited,
+/// bounded by the JetStream request timeout).
+async fn publisher(
+    js: async_nats::jetstream::Context,
+    space: Space,
+    seed: u64,
+    rate: u64,
+    mut stop: watch::Receiver<bool>,
+) -> PublishLog {
+    let interval = Duration::from_micros(1_000_000 / rate);
+    let mut log = PublishLog::default();
+    let mut n = 0u64;
+    while !*stop.borrow() {
+        let id = format!("{:08x}-0000-4000-8000-{:012}", seed & 0xffff_ffff, n);
+        n += 1;
+        let body = json!({"id": id, "ts": wall_clock().0, "space": space.as_str(),
+                          "from": {"id": "publisher", "name": "publisher"}, "channel": CHANNEL,
+                          "parts": [{"kind": "text", "text": format!("chaos {n}")}]});
+        let sent = js
+            .send_publish(
+                format!("cotal.{}.chat.publisher.{CHANNEL}", space.as_str()),
+                async_nats::jetstream::message::PublishMessage::build()
+                    .payload(Bytes::from(body.to_string()))
+                    .message_id(id.clone()),
+            )
+            .await;
+        let ack = match sent {
+            Ok(fut) => fut.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match ack {
+            Ok(a) if !a.duplicate => log.acked.push(Published {
+                id,
+                seq: a.sequence,
+            }),
+            _ => log.failed += 1,
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+    log
+}
+
+/// The seeded schedule: infrastructure faults with their restore points, and membership churn
+/// (a member leaves, then rejoins), all inside `[5 s, duration − 5 s)` except restores, which
+/// may run into the last seconds.
+fn schedule(args: &ChaosArgs, kinds: &[Fault]) -> Vec<(u64, Step)> {
+    let mut rng = Rng(args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let span = args.duration.saturating_sub(10) * 1000;
+    let mut steps = Vec::new();
+    // One fault per slot, its outage ending inside the slot: faults never overlap.
+    let faults = args
+        .fault_count
+        .unwrap_or((args.duration / 30).max(1))
+        .max(1);
+    let slot = span / faults;
+    for k in 0..faults {
+        let at = 5_000 + k * slot + rng.below(slot / 2);
+        let kind = kinds[rng.below(kinds.len() as u64) as usize];
+        let pause = match kind {
+            Fault::DaemonKill => rng.below(3000),
+            Fault::ServerStop | Fault::ServerKill => 1000 + rng.below(4000),
+        }
+        .min(slot / 2);
+        steps.push((at, Step::Inject(kind)));
+        steps.push((at + pause, Step::Restore(kind)));
+    }
+    // Churn: one leave/rejoin cycle per slot, member and times seeded, independent of faults
+    // (a leave may land in a server outage; the agent's refusal is recorded, not hidden).
+    let churn = args.churn.unwrap_or(args.duration / 15);
+    if churn > 0 {
+        let slot = span / churn;
+        for k in 0..churn {
+            let at = 5_000 + k * slot + rng.below(slot / 2);
+            let member = rng.below(args.members as u64) as usize;
+            steps.push((at, Step::Leave(member)));
+            steps.push((
+                at + (1000 + rng.below(4000)).min(slot / 2),
+                Step::Rejoin(member),
+            ));
+        }
+    }
+    steps.sort_by_key(|(at, _)| *at);
+    steps
+}
+
 async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     if args.members == 0 || args.rate == 0 || args.duration < 10 {
         return Err("--members and --rate must be at least 1, --duration at least 10".into());
     }
-    let (server, url) = target_server(args.spawn_server, args.nats.as_deref())?;
+    let kinds = Fault::parse(&args.faults)?;
+    let server_faults = kinds.iter().any(|k| *k != Fault::DaemonKill);
+    if server_faults && !args.spawn_server {
+        return Err(
+            "server-stop and server-kill need --spawn-server (the run owns the process); \
+                    use --faults daemon-kill with --nats"
+                .into(),
+        );
+    }
+    // `sync_interval: always`: an acked publish is on disk before the ack, so a SIGKILL of the
+    // server cannot take back a message the harness already counts as published (the default
+    // two-minute fsync would let it, by design of nats-server, not of Cotal).
+    let (mut server, url) = if args.spawn_server {
+        let s = SpawnedServer::start_with_js("sync_interval: always", "")?;
+        let url = s.url();
+        (Some(s), url)
+    } else {
+        target_server(false, args.nats.as_deref())?
+    };
     let cfg = ConnectConfig::new([url.clone()]);
     let t = cfg.request_timeout;
     let admin = connect(&cfg).await.map_err(|e| e.to_string())?;
     let space = Space::new(format!("chaos{}", args.seed)).map_err(|e| format!("space: {e}"))?;
     let channel = Channel::new(CHANNEL).map_err(|e| format!("channel: {e}"))?;
+    let concrete = ConcreteChannel::new(CHANNEL).map_err(|e| format!("channel: {e}"))?;
     let report = provision_space(&admin.client, &space, t).await;
     if report.failed() > 0 {
         return Err(format!("provisioning failed: {}", report.summary()));
@@ -182,13 +372,13 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     }
 
     let mut spawned = 0usize;
-    let mut daemon = spawn_daemon(&url, &space, spawned)?;
+    let mut daemon = Some(spawn_daemon(&url, &space, spawned)?);
     spawned += 1;
 
-    let surfaced = Arc::new(AtomicUsize::new(0));
     let joined = Arc::new(AtomicUsize::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut members = Vec::new();
+    let mut surfaced = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         let mut config = AgentConfig::new(
             space.clone(),
@@ -198,141 +388,316 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         );
         config.durable_backstop = true;
         config.create_dlv_consumer = false;
+        let count = Arc::new(AtomicUsize::new(0));
         members.push(
             start_member(
                 &cfg,
                 config,
-                Arc::clone(&surfaced),
+                Arc::clone(&count),
                 Arc::clone(&joined),
                 stop_rx.clone(),
             )
             .await?,
         );
+        surfaced.push(count);
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    while joined.load(std::sync::atomic::Ordering::Relaxed) < args.members {
+    while joined.load(Ordering::Relaxed) < args.members {
         if Instant::now() > deadline {
             return Err("members did not join durably within 60 s".into());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // The fault schedule: kill points in [5 s, duration − 5 s), one per 30 s of run (at least 1).
-    let mut rng = Rng(args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let faults = (args.duration / 30).max(1);
-    let mut kills: Vec<u64> = (0..faults)
-        .map(|_| 5_000 + rng.below(args.duration.saturating_sub(10) * 1000))
-        .collect();
-    kills.sort_unstable();
-    let pauses: Vec<u64> = kills.iter().map(|_| rng.below(3000)).collect();
-
+    let steps = schedule(&args, &kinds);
     let start = Instant::now();
-    let interval = Duration::from_micros(1_000_000 / args.rate);
-    let mut published: Vec<String> = Vec::new();
-    let mut next_kill = 0usize;
+    let (pub_stop_tx, pub_stop_rx) = watch::channel(false);
+    let pub_task = tokio::spawn(publisher(
+        js.clone(),
+        space.clone(),
+        args.seed,
+        args.rate,
+        pub_stop_rx,
+    ));
     let mut faults_injected = 0u64;
+    let mut fault_counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut churn_steps = 0u64;
     let mut timeline: Vec<String> = Vec::new();
-    while start.elapsed() < Duration::from_secs(args.duration) {
-        if next_kill < kills.len() && start.elapsed() >= Duration::from_millis(kills[next_kill]) {
-            let _ = daemon.child.kill();
-            let _ = daemon.child.wait();
-            timeline.push(format!(
-                "{:>6.1}s SIGKILL {} (pid {})",
-                start.elapsed().as_secs_f64(),
-                daemon.id,
-                daemon.child.id()
-            ));
-            faults_injected += 1;
-            tokio::time::sleep(Duration::from_millis(pauses[next_kill])).await;
-            daemon = spawn_daemon(&url, &space, spawned)?;
-            spawned += 1;
-            timeline.push(format!(
-                "{:>6.1}s start {}",
-                start.elapsed().as_secs_f64(),
-                daemon.id
-            ));
-            next_kill += 1;
+    let mut server_down = false;
+    let mut left = vec![false; args.members];
+    let stamp = |start: Instant| format!("{:>6.1}s", start.elapsed().as_secs_f64());
+    for (at, step) in steps {
+        let when = start + Duration::from_millis(at);
+        tokio::time::sleep_until(when.into()).await;
+        match step {
+            Step::Inject(Fault::DaemonKill) => {
+                let Some(mut d) = daemon.take() else {
+                    continue;
+                };
+                let _ = d.child.kill();
+                let _ = d.child.wait();
+                timeline.push(format!(
+                    "{} SIGKILL {} (pid {})",
+                    stamp(start),
+                    d.id,
+                    d.child.id()
+                ));
+                faults_injected += 1;
+                *fault_counts.entry(Fault::DaemonKill.name()).or_default() += 1;
+            }
+            Step::Restore(Fault::DaemonKill) => {
+                if daemon.is_none() {
+                    let d = spawn_daemon(&url, &space, spawned)?;
+                    spawned += 1;
+                    timeline.push(format!("{} start {}", stamp(start), d.id));
+                    daemon = Some(d);
+                }
+            }
+            Step::Inject(kind @ (Fault::ServerStop | Fault::ServerKill)) => {
+                let Some(s) = server.as_mut() else { continue };
+                if server_down {
+                    continue;
+                }
+                let pid = s.pid();
+                let kill = kind == Fault::ServerKill;
+                tokio::task::block_in_place(|| s.stop(kill))?;
+                server_down = true;
+                timeline.push(format!(
+                    "{} {} nats-server (pid {pid})",
+                    stamp(start),
+                    if kill { "SIGKILL" } else { "SIGTERM" }
+                ));
+                faults_injected += 1;
+                *fault_counts.entry(kind.name()).or_default() += 1;
+            }
+            Step::Restore(Fault::ServerStop | Fault::ServerKill) => {
+                let Some(s) = server.as_mut() else { continue };
+                if !server_down {
+                    continue;
+                }
+                tokio::task::block_in_place(|| s.restart())?;
+                server_down = false;
+                timeline.push(format!(
+                    "{} nats-server restarted (pid {})",
+                    stamp(start),
+                    s.pid()
+                ));
+            }
+            Step::Leave(i) => {
+                if left[i] {
+                    continue;
+                }
+                match members[i].handle.leave(channel.clone()).await {
+                    Ok(_) => {
+                        timeline.push(format!("{} {} leaves", stamp(start), ids[i]));
+                        left[i] = true;
+                        churn_steps += 1;
+                    }
+                    Err(e) => {
+                        timeline.push(format!("{} {} leave refused: {e}", stamp(start), ids[i]));
+                    }
+                }
+            }
+            Step::Rejoin(i) => {
+                if !left[i] {
+                    continue;
+                }
+                match members[i].handle.join(channel.clone()).await {
+                    Ok(_) => {
+                        timeline.push(format!("{} {} rejoins", stamp(start), ids[i]));
+                        left[i] = false;
+                        churn_steps += 1;
+                    }
+                    Err(e) => {
+                        timeline.push(format!("{} {} rejoin refused: {e}", stamp(start), ids[i]));
+                    }
+                }
+            }
         }
-        let n = published.len();
-        let id = format!("{:08x}-0000-4000-8000-{:012}", args.seed & 0xffff_ffff, n);
-        let body = json!({"id": id, "ts": wall_clock().0, "space": space.as_str(),
-                          "from": {"id": "publisher", "name": "publisher"}, "channel": CHANNEL,
-                          "parts": [{"kind": "text", "text": format!("chaos {n}")}]});
-        let ack = js
-            .send_publish(
-                format!("cotal.{}.chat.publisher.{CHANNEL}", space.as_str()),
-                async_nats::jetstream::message::PublishMessage::build()
-                    .payload(Bytes::from(body.to_string()))
-                    .message_id(id.clone()),
-            )
-            .await
-            .map_err(|e| format!("publish: {e}"))?
-            .await;
-        if ack.is_ok() {
-            published.push(id);
-        }
-        tokio::time::sleep(interval).await;
     }
+    tokio::time::sleep_until((start + Duration::from_secs(args.duration)).into()).await;
+    let _ = pub_stop_tx.send(true);
+    let published = pub_task.await.map_err(|e| format!("publisher: {e}"))?;
 
-    // Heal: until every member's DLV holds every message, or the timeout.
-    let expected = published.len() * args.members;
+    // Heal: every outage ends, then wait until each member has surfaced as many distinct
+    // messages as its intervals owe it and that count stood still for 3 s, or the timeout.
+    if server_down && let Some(s) = server.as_mut() {
+        tokio::task::block_in_place(|| s.restart())?;
+        timeline.push(format!("{} heal: nats-server restarted", stamp(start)));
+    }
+    if daemon.is_none() {
+        daemon = Some(spawn_daemon(&url, &space, spawned)?);
+        timeline.push(format!("{} heal: daemon started", stamp(start)));
+    }
     let heal_start = Instant::now();
-    let dlv = format!("DLV_{}", space.as_str());
-    let mut durable = dlv_counts(&js, &dlv, &space, &ids).await?;
-    while durable.iter().sum::<u64>() < expected as u64
-        && heal_start.elapsed() < Duration::from_secs(args.heal_s)
-    {
+    let mut owed = owed_copies(&js, &space, &concrete, &ids, &published.acked).await?;
+    let mut last: Vec<usize> = Vec::new();
+    let mut still_since = Instant::now();
+    while heal_start.elapsed() < Duration::from_secs(args.heal_s) {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        durable = dlv_counts(&js, &dlv, &space, &ids).await?;
+        let now: Vec<usize> = surfaced.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        if now != last {
+            last = now;
+            still_since = Instant::now();
+            // Records may still change in the heal (a join or leave that was in flight).
+            owed = owed_copies(&js, &space, &concrete, &ids, &published.acked).await?;
+            continue;
+        }
+        let caught_up = owed.iter().zip(&last).all(|(o, n)| *n >= o.expected.len());
+        if caught_up && still_since.elapsed() >= Duration::from_secs(3) {
+            // The application view is complete; the durable path must be too (a live copy
+            // can hide a durable copy the daemon has not written yet, or never will).
+            let durable = dlv_ids(&js, &space, &ids).await?;
+            let complete = owed
+                .iter()
+                .zip(&durable)
+                .all(|(o, d)| o.expected.iter().all(|(id, _)| d.contains(id)));
+            if complete {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
     }
     let heal_time = heal_start.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    owed = owed_copies(&js, &space, &concrete, &ids, &published.acked).await?;
+    let durable = dlv_ids(&js, &space, &ids).await?;
     let _ = stop_tx.send(true);
+
+    let mut expected = 0u64;
     let mut delivered = 0u64;
     let mut app_duplicates = 0u64;
     let mut via_dlv = 0u64;
     let mut losses_reported = 0u64;
-    let published_set: BTreeSet<&String> = published.iter().collect();
-    for m in members {
+    let mut losses_unreported = 0u64;
+    let mut forgotten = 0u64;
+    let mut missing_lines = Vec::new();
+    let mut durable_missing = 0u64;
+    let mut durable_outside = 0u64;
+    let mut durable_total = 0u64;
+    for ((m, owe), copies) in members.into_iter().zip(&owed).zip(&durable) {
         let log = m.task.await.map_err(|e| format!("member task: {e}"))?;
         let _ = m.handle.stop(Duration::from_secs(2));
         let _ = tokio::time::timeout(Duration::from_secs(5), m.agent).await;
-        delivered += log
-            .first
-            .keys()
-            .filter(|k| published_set.contains(k))
-            .count() as u64;
+        expected += owe.expected.len() as u64;
+        forgotten += owe.forgotten;
         app_duplicates += log.duplicates;
         via_dlv += log.via_dlv;
         losses_reported += log.lost_events;
+        let mut missing = Vec::new();
+        for (id, seq) in &owe.expected {
+            if log.first.contains_key(id) {
+                delivered += 1;
+            } else if !log.lost_ids.contains(id) {
+                missing.push(*seq);
+            }
+        }
+        losses_unreported += missing.len() as u64;
+        // The durable path alone: expected copies with no DLV copy (covered live, or lost on
+        // the durable path), and DLV copies of acked messages outside every interval (a leak).
+        durable_total += copies.len() as u64;
+        let owed_ids: BTreeSet<&String> = owe.expected.iter().map(|(id, _)| id).collect();
+        let not_in_dlv: Vec<u64> = owe
+            .expected
+            .iter()
+            .filter(|(id, _)| !copies.contains(id))
+            .map(|(_, seq)| *seq)
+            .collect();
+        durable_missing += not_in_dlv.len() as u64;
+        if !not_in_dlv.is_empty() {
+            missing_lines.push(format!(
+                "{}: no DLV copy for CHAT seqs {:?}{}",
+                owe.member,
+                &not_in_dlv[..not_in_dlv.len().min(20)],
+                if not_in_dlv.len() > 20 { " …" } else { "" },
+            ));
+        }
+        durable_outside += published
+            .acked
+            .iter()
+            .filter(|p| copies.contains(&p.id) && !owed_ids.contains(&p.id))
+            .count() as u64;
+        if !missing.is_empty() {
+            missing_lines.push(format!(
+                "{}: {} unreported, CHAT seqs {:?}{}; intervals {:?}",
+                owe.member,
+                missing.len(),
+                &missing[..missing.len().min(20)],
+                if missing.len() > 20 { " …" } else { "" },
+                owe.intervals
+            ));
+        }
+    }
+    if durable_missing > 0 {
+        let seqs: BTreeSet<u64> = owed
+            .iter()
+            .zip(&durable)
+            .flat_map(|(o, d)| {
+                o.expected
+                    .iter()
+                    .filter(|(id, _)| !d.contains(id))
+                    .map(|(_, seq)| *seq)
+            })
+            .collect();
+        missing_lines.extend(durable_diagnosis(&js, &space, &seqs).await);
     }
     drop(daemon);
-    let durable_total: u64 = durable.iter().sum();
-    let losses_unreported = (expected as u64)
-        .saturating_sub(durable_total)
-        .saturating_sub(losses_reported);
     let duplicates_suppressed = durable_total.saturating_sub(via_dlv);
 
+    let kinds_text: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
     println!(
-        "cotal chaos: seed {}, {} s, {} members, daemon SIGKILLed and replaced",
-        args.seed, args.duration, args.members
+        "cotal chaos: seed {}, {} s, {} members, faults {}, {} membership changes",
+        args.seed,
+        args.duration,
+        args.members,
+        kinds_text.join(","),
+        churn_steps
     );
     for line in &timeline {
         println!("  {line}");
     }
+    for line in &missing_lines {
+        println!("  MISSING {line}");
+    }
     println!("| figure | value |");
     println!("| --- | --- |");
-    for (name, value) in [
-        ("faults injected (daemon SIGKILL)", faults_injected),
-        ("messages published", published.len() as u64),
-        ("copies expected", expected as u64),
-        ("delivered (surfaced, distinct)", delivered),
-        ("durable copies in DLV", durable_total),
-        ("duplicates suppressed", duplicates_suppressed),
-        ("duplicates surfaced to the application", app_duplicates),
-        ("losses reported", losses_reported),
-        ("losses unreported", losses_unreported),
-    ] {
+    let mut rows = vec![("faults injected".to_owned(), faults_injected)];
+    for (k, v) in &fault_counts {
+        rows.push((format!("  of which {k}"), *v));
+    }
+    rows.extend([
+        ("membership changes (leave/rejoin)".to_owned(), churn_steps),
+        (
+            "messages published (acked)".to_owned(),
+            published.acked.len() as u64,
+        ),
+        (
+            "publishes not acked (not expected)".to_owned(),
+            published.failed,
+        ),
+        (
+            "copies expected (by the records' intervals)".to_owned(),
+            expected,
+        ),
+        ("delivered (surfaced, distinct)".to_owned(), delivered),
+        ("durable copies in DLV".to_owned(), durable_total),
+        (
+            "expected copies with no DLV copy".to_owned(),
+            durable_missing,
+        ),
+        (
+            "DLV copies outside the intervals".to_owned(),
+            durable_outside,
+        ),
+        ("duplicates suppressed".to_owned(), duplicates_suppressed),
+        (
+            "duplicates surfaced to the application".to_owned(),
+            app_duplicates,
+        ),
+        ("losses reported".to_owned(), losses_reported),
+        ("losses unreported".to_owned(), losses_unreported),
+        ("intervals forgotten by the records".to_owned(), forgotten),
+    ]);
+    for (name, value) in &rows {
         println!("| {name} | {value} |");
     }
     println!("heal took {:.1} s", heal_time.as_secs_f64());
@@ -340,13 +705,20 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         println!(
             "{}",
             json!({"seed": args.seed, "duration_s": args.duration, "members": args.members,
-                   "faults_injected": faults_injected, "messages": published.len(),
+                   "faults": kinds_text, "faults_injected": faults_injected,
+                   "fault_counts": fault_counts,
+                   "membership_changes": churn_steps,
+                   "messages": published.acked.len(),
+                   "publishes_failed": published.failed,
                    "copies_expected": expected, "delivered": delivered,
                    "durable_copies": durable_total,
+                   "durable_missing": durable_missing,
+                   "durable_outside_intervals": durable_outside,
                    "duplicates_suppressed": duplicates_suppressed,
                    "duplicates_surfaced": app_duplicates,
                    "losses_reported": losses_reported,
                    "losses_unreported": losses_unreported,
+                   "intervals_forgotten": forgotten,
                    "heal_s": heal_time.as_secs_f64()})
         );
     }
@@ -358,30 +730,215 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     })
 }
 
-/// Messages stored on each member's `dlv.<id>` subject (one per distinct copy: the DLV msg-id
-/// collapses a successor's rewrite of the same copy).
-async fn dlv_counts(
+/// What one member is owed, from its membership record.
+struct Owed {
+    member: AgentId,
+    /// The intervals of the record (current and closed), as `(join cursor, leave cursor)`.
+    intervals: Vec<(u64, Option<u64>)>,
+    /// Closed intervals the record no longer keeps (their messages cannot be judged).
+    forgotten: u64,
+    /// `(message id, CHAT seq)` of every acked message inside one of the intervals.
+    expected: Vec<(String, u64)>,
+}
+
+/// The copies each member is owed: an acked message is expected for a member if its CHAT
+/// sequence lies in one of the intervals its membership record holds (`join cursor < seq ≤
+/// leave cursor`, the record's current interval and its closed ones). The records are the
+/// judge: no boundary window is excused.
+async fn owed_copies(
     js: &async_nats::jetstream::Context,
-    dlv: &str,
     space: &Space,
+    channel: &ConcreteChannel,
     ids: &[AgentId],
-) -> Result<Vec<u64>, String> {
-    let stream = js
-        .get_stream(dlv)
+    acked: &[Published],
+) -> Result<Vec<Owed>, String> {
+    let kv = js
+        .get_key_value(KvBucket::Members.name(space))
         .await
-        .map_err(|e| format!("{dlv}: {e}"))?;
+        .map_err(|e| format!("members bucket: {e}"))?;
     let mut out = Vec::new();
     for id in ids {
-        let info = stream
-            .info_with_subjects(format!("cotal.{}.dlv.{}", space.as_str(), id.as_str()))
+        let value = kv
+            .get(member_key(channel, id))
             .await
-            .map_err(|e| format!("{dlv} info: {e}"))?;
-        use futures::TryStreamExt;
-        let subjects: Vec<(String, usize)> = info
-            .try_collect()
+            .map_err(|e| format!("membership record of {id}: {e}"))?;
+        let mut intervals = Vec::new();
+        let mut forgotten = 0;
+        if let Some(bytes) = value {
+            let rec: MembershipRecord = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("membership record of {id}: {e}"))?;
+            if let Some(i) = current_interval(&rec) {
+                intervals.push((i.join_cursor, i.leave_cursor));
+            }
+            for c in closed_intervals(&rec) {
+                intervals.push((c.join_cursor, Some(c.leave_cursor)));
+            }
+            forgotten = forgotten_intervals(&rec);
+        }
+        let inside = |seq: u64| {
+            intervals
+                .iter()
+                .any(|(j, l)| seq > *j && l.is_none_or(|l| seq <= l))
+        };
+        let expected = acked
+            .iter()
+            .filter(|p| inside(p.seq))
+            .map(|p| (p.id.clone(), p.seq))
+            .collect();
+        out.push(Owed {
+            member: id.clone(),
+            intervals,
+            forgotten,
+            expected,
+        });
+    }
+    Ok(out)
+}
+
+/// Where the durable path stopped for the `seqs` with no DLV copy: is the message in CHAT, does
+/// INBOX hold an entry for it, and where the fan-out consumer stands.
+async fn durable_diagnosis(
+    js: &async_nats::jetstream::Context,
+    space: &Space,
+    seqs: &BTreeSet<u64>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let chat = format!("CHAT_{}", space.as_str());
+    let inbox = format!("INBOX_{}", space.as_str());
+    let Ok(stream) = js.get_stream(&chat).await else {
+        return vec![format!("diagnosis: no {chat}")];
+    };
+    for seq in seqs.iter().take(10) {
+        let line = match stream.get_raw_message(*seq).await {
+            Ok(m) => {
+                let id = serde_json::from_slice::<serde_json::Value>(&m.payload)
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned))
+                    .unwrap_or_default();
+                let entries = inbox_entries(js, &inbox, &id).await;
+                format!("diagnosis: CHAT seq {seq} holds {id}; INBOX entries for it: {entries}")
+            }
+            Err(e) => format!("diagnosis: CHAT seq {seq} not readable: {e}"),
+        };
+        out.push(line);
+    }
+    if let Ok(mut c) = stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("fanout")
+        .await
+        && let Ok(info) = c.info().await
+    {
+        out.push(format!(
+            "diagnosis: fanout consumer: delivered stream seq {}, ack floor {}, pending {}, \
+             ack pending {}, redelivered {}",
+            info.delivered.stream_sequence,
+            info.ack_floor.stream_sequence,
+            info.num_pending,
+            info.num_ack_pending,
+            info.num_redelivered
+        ));
+    }
+    out
+}
+
+/// How many INBOX entries carry message `id` (a scan of the stream, bounded by 10 s).
+async fn inbox_entries(js: &async_nats::jetstream::Context, inbox: &str, id: &str) -> String {
+    use async_nats::jetstream::consumer;
+    use futures::StreamExt;
+    let Ok(mut stream) = js.get_stream(inbox).await else {
+        return "no stream".into();
+    };
+    let Ok(info) = stream.info().await else {
+        return "no info".into();
+    };
+    let total = info.state.messages;
+    let config = consumer::push::OrderedConfig {
+        deliver_subject: js.client().new_inbox(),
+        deliver_policy: consumer::DeliverPolicy::All,
+        ..Default::default()
+    };
+    let Ok(reader) = stream.create_consumer(config).await else {
+        return "no reader".into();
+    };
+    let Ok(mut messages) = reader.messages().await else {
+        return "no reader".into();
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (mut seen, mut hits) = (0u64, 0u64);
+    while seen < total {
+        match tokio::time::timeout_at(deadline, messages.next()).await {
+            Ok(Some(Ok(m))) => {
+                seen += 1;
+                if m.payload.windows(id.len()).any(|w| w == id.as_bytes()) {
+                    hits += 1;
+                }
+            }
+            _ => break,
+        }
+    }
+    format!("{hits} (of {seen} scanned)")
+}
+
+/// The message ids of the durable copies stored on each member's `dlv.<id>` subject (the DLV
+/// payload is the bare CotalMessage; the DLV msg-id collapses a successor's rewrite of the same
+/// copy). Read with an ordered push consumer, bounded by the stream's message count and 30 s.
+async fn dlv_ids(
+    js: &async_nats::jetstream::Context,
+    space: &Space,
+    ids: &[AgentId],
+) -> Result<Vec<BTreeSet<String>>, String> {
+    use async_nats::jetstream::consumer;
+    use futures::StreamExt;
+    let name = format!("DLV_{}", space.as_str());
+    let mut stream = js
+        .get_stream(&name)
+        .await
+        .map_err(|e| format!("{name}: {e}"))?;
+    let total = stream
+        .info()
+        .await
+        .map_err(|e| format!("{name} info: {e}"))?
+        .state
+        .messages;
+    let mut out = vec![BTreeSet::new(); ids.len()];
+    if total == 0 {
+        return Ok(out);
+    }
+    let prefix = format!("cotal.{}.dlv.", space.as_str());
+    let config = consumer::push::OrderedConfig {
+        deliver_subject: js.client().new_inbox(),
+        filter_subject: format!("{prefix}>"),
+        deliver_policy: consumer::DeliverPolicy::All,
+        replay_policy: consumer::ReplayPolicy::Instant,
+        ..Default::default()
+    };
+    let reader = stream
+        .create_consumer(config)
+        .await
+        .map_err(|e| format!("{name} reader: {e}"))?;
+    let mut messages = reader
+        .messages()
+        .await
+        .map_err(|e| format!("{name} reader: {e}"))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut seen = 0u64;
+    while seen < total {
+        let next = tokio::time::timeout_at(deadline, messages.next())
             .await
-            .map_err(|e| format!("{dlv} subjects: {e}"))?;
-        out.push(subjects.iter().map(|(_, n)| *n as u64).sum());
+            .map_err(|_| format!("{name}: read {seen} of {total} copies in 30 s"))?;
+        let Some(Ok(m)) = next else {
+            return Err(format!("{name}: reader ended after {seen} of {total}"));
+        };
+        seen += 1;
+        let owner = m.subject.as_str().strip_prefix(&prefix).unwrap_or_default();
+        let Some(slot) = ids.iter().position(|id| id.as_str() == owner) else {
+            continue;
+        };
+        let id = serde_json::from_slice::<serde_json::Value>(&m.payload)
+            .ok()
+            .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned));
+        if let Some(id) = id {
+            out[slot].insert(id);
+        }
     }
     Ok(out)
 }
