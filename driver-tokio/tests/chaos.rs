@@ -2,7 +2,11 @@
 //! one SIGKILL of the delivery daemon and a successor. The long runs are opt-in:
 //! `cotal chaos --spawn-server --seed S --duration 300 --json`.
 
+mod common;
+
+use common::{NatsServer, Proc};
 use std::process::Command;
+use std::time::Duration;
 
 /// Ten seconds of traffic, one daemon kill: every expected durable copy lands in DLV or is
 /// reported lost (losses unreported = 0), nothing is surfaced twice, and the last line is the
@@ -48,4 +52,261 @@ fn chaos_smoke_daemon_sigkill_leaves_no_unreported_loss() {
     for key in ["delivered", "duplicates_suppressed", "losses_reported"] {
         assert!(v[key].is_u64(), "{key}: {text}");
     }
+}
+
+/// The members bucket as a KV watch sees it: every put, in order, with the time it arrived.
+struct Revision {
+    at: std::time::Instant,
+    key: String,
+    revision: u64,
+    writer: String,
+    fence: Option<u64>,
+}
+
+/// Watches `cotal_members_<space>` from the start and collects every record written.
+fn watch_members(
+    rt: &tokio::runtime::Runtime,
+    url: String,
+    space: String,
+) -> std::sync::Arc<std::sync::Mutex<Vec<Revision>>> {
+    use futures::StreamExt;
+    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = std::sync::Arc::clone(&out);
+    let ready = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let started = std::sync::Arc::clone(&ready);
+    rt.spawn(async move {
+        let client = async_nats::connect(url).await.expect("connect the watcher");
+        let js = async_nats::jetstream::new(client);
+        let kv = js
+            .get_key_value(format!("cotal_members_{space}"))
+            .await
+            .expect("members bucket");
+        let mut watch = kv.watch_all().await.expect("watch members");
+        started.wait();
+        while let Some(next) = watch.next().await {
+            let entry = match next {
+                Ok(e) => e,
+                Err(e) => {
+                    println!("members watch error: {e}");
+                    continue;
+                }
+            };
+            let v: serde_json::Value =
+                serde_json::from_slice(&entry.value).unwrap_or(serde_json::Value::Null);
+            sink.lock().expect("watch log").push(Revision {
+                at: std::time::Instant::now(),
+                key: entry.key.clone(),
+                revision: entry.revision,
+                writer: v["writerIdentity"].as_str().unwrap_or_default().to_owned(),
+                fence: v["fence"].as_u64(),
+            });
+        }
+    });
+    ready.wait();
+    out
+}
+
+/// The fencing token in a daemon's `lease: Acquired { token: FencingToken(N) }` line: the
+/// revision of its acquiring create.
+fn acquired_token(line: &str) -> u64 {
+    line.split("FencingToken(")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no token in {line:?}"))
+}
+
+/// The lease key's revision (the fencing token) and holder, read through `cotal health`'s
+/// bucket directly.
+fn lease_of(rt: &tokio::runtime::Runtime, url: &str, space: &str) -> Option<(u64, String)> {
+    let url = url.to_owned();
+    let space = space.to_owned();
+    rt.block_on(async move {
+        let client = async_nats::connect(url).await.ok()?;
+        let js = async_nats::jetstream::new(client);
+        let kv = js
+            .get_key_value(format!("cotal_delivery_{space}"))
+            .await
+            .ok()?;
+        let entry = kv.entry("lease.0").await.ok()??;
+        let v: serde_json::Value = serde_json::from_slice(&entry.value).ok()?;
+        Some((entry.revision, v["holder"].as_str()?.to_owned()))
+    })
+}
+
+/// Issue 9, lease fight on a real server: daemon d1 holds the lease and is frozen with SIGSTOP
+/// past the lease TTL (30 s); d2, started at the freeze, takes the lease once the bucket's
+/// max_age removed d1's last renewal. While d1 is frozen, agents join and leave (their control
+/// requests may sit unread in d1's socket). Then d1 gets SIGCONT. Asserted:
+///
+/// - every membership record written after d2's takeover is written by d2 with d2's fencing
+///   token (the lease revision), none by d1 — d1's buffered requests found no fencing token;
+/// - d1 notices: it logs the lease as lost and exits with an error;
+/// - the lease record names d2 at the end.
+///
+/// Takes about 45 s (the protocol's 30 s lease TTL is not configurable from the CLI).
+#[test]
+fn lease_fight_sigstop_past_ttl_deposed_daemon_writes_nothing() {
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let url = server.url();
+    let space = "lease";
+    let with = |args: &[&str]| -> Vec<String> {
+        args.iter()
+            .map(|s| (*s).to_owned())
+            .chain(["--nats".to_owned(), url.clone()])
+            .collect()
+    };
+    let spawn = |name: &'static str, args: &[&str]| {
+        let args = with(args);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Proc::spawn(name, &args)
+    };
+    let up = Command::new(env!("CARGO_BIN_EXE_cotal"))
+        .args(with(&["up", "--space", space]))
+        .output()
+        .expect("cotal up");
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stdout)
+    );
+    for who in ["a1", "a2", "a3"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_cotal"))
+            .args(with(&[
+                "provision",
+                "agent",
+                "--space",
+                space,
+                "--id",
+                who,
+                "--read",
+                ">",
+                "--apply",
+            ]))
+            .output()
+            .expect("cotal provision agent");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let records = watch_members(&rt, url.clone(), space.to_owned());
+
+    let mut d1 = spawn("d1", &["delivery", "--space", space, "--id", "d1"]);
+    let fence1 = acquired_token(&d1.expect("d1 acquired", |l| l.contains("Acquired")));
+    d1.expect("d1 active", |l| l.contains("health: active"));
+    let (_, holder) = lease_of(&rt, &url, space).expect("d1's lease");
+    assert_eq!(holder, "d1");
+    let mut a1 = spawn(
+        "a1",
+        &["agent", "--space", space, "--id", "a1", "--join", "general"],
+    );
+    let joined = a1.expect("a1 joined", |l| l.contains("\"event\":\"joined\""));
+    assert!(joined.contains("\"durable\":true"), "{joined}");
+
+    // Freeze d1; d2 contends, then takes the lease when d1's entry expires.
+    d1.signal("STOP");
+    let frozen = std::time::Instant::now();
+    // Sent while d1 is the only responder: the request waits unread in d1's socket (the agent
+    // retries and, once d2 serves, gets its answer from d2).
+    a1.type_line("/leave general");
+    let mut d2 = spawn("d2", &["delivery", "--space", space, "--id", "d2"]);
+    let line = d2.wait_for(Duration::from_secs(45), |l| l.contains("health: active"));
+    assert!(line.is_some(), "d2 never became active: {:#?}", d2.seen);
+    let takeover = std::time::Instant::now();
+    assert!(
+        takeover - frozen >= Duration::from_secs(10),
+        "d2 took the lease {:?} after the freeze: d1's lease had not expired",
+        takeover - frozen
+    );
+    let fence2 = acquired_token(&d2.expect("d2 acquired", |l| l.contains("Acquired")));
+    let (_, holder) = lease_of(&rt, &url, space).expect("d2's lease");
+    assert_eq!(holder, "d2");
+    assert!(fence2 > fence1, "fence {fence2} after {fence1}");
+
+    // Membership traffic while d1 is still frozen: two joins (and a1's leave, sent at the freeze
+    // while d1 was still the only responder).
+    let mut a2 = spawn(
+        "a2",
+        &["agent", "--space", space, "--id", "a2", "--join", "general"],
+    );
+    let mut a3 = spawn(
+        "a3",
+        &["agent", "--space", space, "--id", "a3", "--join", "general"],
+    );
+    a1.expect("a1's leave ends", |l| {
+        l.contains("\"event\":\"left\"") || l.contains("\"event\":\"leave_failed\"")
+    });
+    for a in [&mut a2, &mut a3] {
+        let joined = a.expect("joined", |l| l.contains("\"event\":\"joined\""));
+        assert!(joined.contains("\"durable\":true"), "{joined}");
+    }
+
+    // Wake d1: it must see its lease gone and write nothing.
+    d1.signal("CONT");
+    let lost = d1.wait_for(Duration::from_secs(20), |l| l.contains("Lost {"));
+    let code = d1.exit_code();
+    d1.settle(Duration::from_millis(200));
+    // Quiet period for any write d1 might still attempt to land.
+    a2.type_line("/leave general");
+    a2.expect("a2 left", |l| l.contains("\"event\":\"left\""));
+    std::thread::sleep(Duration::from_secs(2));
+
+    let log = records.lock().expect("watch log");
+    let after: Vec<&Revision> = log.iter().filter(|r| r.at >= takeover).collect();
+    assert!(
+        after.len() >= 3,
+        "the joins and leaves after the takeover wrote records: {} seen; all: {:?}; members: {}; a1: {:#?}; d2: {:#?}",
+        after.len(),
+        log.iter()
+            .map(|r| (
+                r.key.as_str(),
+                r.revision,
+                r.writer.as_str(),
+                r.at >= takeover
+            ))
+            .collect::<Vec<_>>(),
+        String::from_utf8_lossy(
+            &Command::new(env!("CARGO_BIN_EXE_cotal"))
+                .args(with(&["members", "--space", space]))
+                .output()
+                .expect("cotal members")
+                .stdout
+        ),
+        a1.seen,
+        d2.seen
+    );
+    for r in &after {
+        assert_eq!(
+            r.writer, "d2",
+            "{} revision {} written by {} after the takeover",
+            r.key, r.revision, r.writer
+        );
+        assert_eq!(r.fence, Some(fence2), "{} revision {}", r.key, r.revision);
+    }
+    assert!(
+        log.iter()
+            .filter(|r| r.at < frozen)
+            .all(|r| r.writer == "d1" && r.fence == Some(fence1)),
+        "before the freeze every record is d1's"
+    );
+    drop(log);
+    assert!(
+        lost.as_deref()
+            .is_some_and(|l| l.contains("DeadlinePassed")),
+        "d1 did not report its lease lost: {:#?}",
+        d1.seen
+    );
+    assert_ne!(code, Some(0), "d1 exits with an error: {:#?}", d1.seen);
+
+    assert_eq!(
+        lease_of(&rt, &url, space).map(|l| l.1).as_deref(),
+        Some("d2")
+    );
+    d2.signal("TERM");
+    assert_eq!(d2.exit_code(), Some(0), "{:#?}", d2.seen);
 }
