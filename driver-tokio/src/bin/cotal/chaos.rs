@@ -108,11 +108,15 @@ impl Rng {
 struct DaemonChild {
     child: Child,
     id: String,
+    /// Its stderr (tracing lines).
+    log: std::path::PathBuf,
 }
 
 fn spawn_daemon(url: &str, space: &Space, n: usize) -> Result<DaemonChild, String> {
     let exe = std::env::current_exe().map_err(|e| format!("own binary: {e}"))?;
     let id = format!("chaos-daemon-{n}");
+    let log = log_dir()?.join(format!("{}-{id}.log", space.as_str()));
+    let file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
     let child = std::process::Command::new(exe)
         .args([
             "delivery",
@@ -123,12 +127,31 @@ fn spawn_daemon(url: &str, space: &Space, n: usize) -> Result<DaemonChild, Strin
             "--nats",
             url,
         ])
+        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(file)
         .spawn()
         .map_err(|e| format!("cannot start the daemon: {e}"))?;
-    Ok(DaemonChild { child, id })
+    Ok(DaemonChild { child, id, log })
+}
+
+/// The last ERROR line of a daemon log (why it exited), or its last line.
+fn last_error(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let pick = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("ERROR"))
+        .or_else(|| text.lines().last());
+    pick.unwrap_or("no log").trim().to_owned()
+}
+
+/// Where the daemons' logs go: `<temp>/cotal-chaos-<pid>/` (kept after the run).
+fn log_dir() -> Result<std::path::PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!("cotal-chaos-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
 }
 
 impl Drop for DaemonChild {
@@ -426,9 +449,41 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     let mut server_down = false;
     let mut left = vec![false; args.members];
     let stamp = |start: Instant| format!("{:>6.1}s", start.elapsed().as_secs_f64());
+    let mut daemon_exits = 0u64;
+    // The harness supervises the daemon as systemd would: a daemon that exits on its own (it
+    // does when its lease is lost, for example after a long server outage) is restarted and the
+    // exit is counted and shown.
+    let mut supervise = |daemon: &mut Option<DaemonChild>,
+                         spawned: &mut usize,
+                         timeline: &mut Vec<String>|
+     -> Result<(), String> {
+        let exited = match daemon.as_mut() {
+            Some(d) => d.child.try_wait().ok().flatten(),
+            None => return Ok(()),
+        };
+        if let Some(status) = exited
+            && let Some(d) = daemon.take()
+        {
+            daemon_exits += 1;
+            timeline.push(format!(
+                "{} {} exited on its own ({status}): {}",
+                stamp(start),
+                d.id,
+                last_error(&d.log)
+            ));
+            let next = spawn_daemon(&url, &space, *spawned)?;
+            *spawned += 1;
+            timeline.push(format!("{} supervisor starts {}", stamp(start), next.id));
+            *daemon = Some(next);
+        }
+        Ok(())
+    };
     for (at, step) in steps {
         let when = start + Duration::from_millis(at);
-        tokio::time::sleep_until(when.into()).await;
+        while Instant::now() < when {
+            supervise(&mut daemon, &mut spawned, &mut timeline)?;
+            tokio::time::sleep(Duration::from_millis(100).min(when - Instant::now())).await;
+        }
         match step {
             Step::Inject(Fault::DaemonKill) => {
                 let Some(mut d) = daemon.take() else {
@@ -515,7 +570,14 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
             }
         }
     }
-    tokio::time::sleep_until((start + Duration::from_secs(args.duration)).into()).await;
+    let end = start + Duration::from_secs(args.duration);
+    while Instant::now() < end {
+        supervise(&mut daemon, &mut spawned, &mut timeline)?;
+        tokio::time::sleep(
+            Duration::from_millis(100).min(end.saturating_duration_since(Instant::now())),
+        )
+        .await;
+    }
     let _ = pub_stop_tx.send(true);
     let published = pub_task.await.map_err(|e| format!("publisher: {e}"))?;
 
@@ -535,6 +597,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     let mut still_since = Instant::now();
     while heal_start.elapsed() < Duration::from_secs(args.heal_s) {
         tokio::time::sleep(Duration::from_millis(500)).await;
+        supervise(&mut daemon, &mut spawned, &mut timeline)?;
         let now: Vec<usize> = surfaced.iter().map(|c| c.load(Ordering::Relaxed)).collect();
         if now != last {
             last = now;
@@ -639,6 +702,9 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
             })
             .collect();
         missing_lines.extend(durable_diagnosis(&js, &space, &seqs).await);
+        if let Some(d) = &daemon {
+            missing_lines.push(format!("diagnosis: daemon log {}", d.log.display()));
+        }
     }
     drop(daemon);
     let duplicates_suppressed = durable_total.saturating_sub(via_dlv);
@@ -665,6 +731,10 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         rows.push((format!("  of which {k}"), *v));
     }
     rows.extend([
+        (
+            "daemon exits on its own (restarted)".to_owned(),
+            daemon_exits,
+        ),
         ("membership changes (leave/rejoin)".to_owned(), churn_steps),
         (
             "messages published (acked)".to_owned(),
@@ -708,6 +778,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
                    "faults": kinds_text, "faults_injected": faults_injected,
                    "fault_counts": fault_counts,
                    "membership_changes": churn_steps,
+                   "daemon_exits": daemon_exits,
                    "messages": published.acked.len(),
                    "publishes_failed": published.failed,
                    "copies_expected": expected, "delivered": delivered,
