@@ -139,6 +139,9 @@ pub struct SpacePlan {
     pub kv_buckets: Vec<KvBucketSpec>,
     /// The consumers.
     pub consumers: Vec<ConsumerSpec>,
+    /// Replicas of every stream and KV bucket (`num_replicas`); `None` keeps the specs' own
+    /// (one replica). Consumers follow their stream's replica count.
+    pub replicas: Option<u32>,
 }
 
 impl SpacePlan {
@@ -152,7 +155,18 @@ impl SpacePlan {
                 ConsumerSpec::fanout(space, 0, 1),
                 ConsumerSpec::reader(space, 0, 1),
             ],
+            replicas: None,
         }
+    }
+
+    /// The plan with `n` replicas for every stream and KV bucket (a JetStream cluster of at least
+    /// `n` nodes; 3 survives the loss of one node, and of a stream's leader).
+    pub fn with_replicas(mut self, n: u32) -> Self {
+        for s in &mut self.streams {
+            s.num_replicas = Some(n);
+        }
+        self.replicas = Some(n);
+        self
     }
 }
 
@@ -168,7 +182,11 @@ pub async fn apply(client: &Client, plan: &SpacePlan, timeout: Duration) -> Prov
         });
     }
     for b in &plan.kv_buckets {
-        let result = apply_stream(client, &b.stream(), timeout).await;
+        let mut stream = b.stream();
+        if let Some(n) = plan.replicas {
+            stream.num_replicas = Some(n);
+        }
+        let result = apply_stream(client, &stream, timeout).await;
         report.objects.push(ObjectReport {
             kind: ObjectKind::KvBucket,
             name: b.bucket.clone(),

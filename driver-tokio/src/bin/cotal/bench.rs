@@ -115,12 +115,19 @@ impl SpawnedServer {
     /// [`SpawnedServer::start_with`] with `js_extra` added inside the `jetstream { }` block (for
     /// example `sync_interval: always`).
     pub(crate) fn start_with_js(js_extra: &str, extra: &str) -> Result<Self, String> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("no free port: {e}"))?
-            .port();
+        Self::start_node(free_port()?, "cotal_bench", js_extra, extra)
+    }
+
+    /// Starts a server named `name` on client port `port` (a cluster node passes its
+    /// `cluster { }` block in `extra`), each with its own store directory.
+    pub(crate) fn start_node(
+        port: u16,
+        name: &str,
+        js_extra: &str,
+        extra: &str,
+    ) -> Result<Self, String> {
         let dir = std::env::temp_dir().join(format!(
-            "cotal-bench-{}-{:x}",
+            "cotal-bench-{}-{name}-{:x}",
             std::process::id(),
             os_seed() & 0xffff_ffff
         ));
@@ -132,7 +139,7 @@ impl SpawnedServer {
             format!(", {js_extra}")
         };
         let text = format!(
-            "listen: \"127.0.0.1:{port}\"\nserver_name: cotal_bench\njetstream {{ store_dir: {:?}, max_memory_store: 256MB, max_file_store: 4GB{js_extra} }}\nmax_payload: 8MB\n{extra}",
+            "listen: \"127.0.0.1:{port}\"\nserver_name: {name}\njetstream {{ store_dir: {:?}, max_memory_store: 256MB, max_file_store: 4GB{js_extra} }}\nmax_payload: 8MB\n{extra}",
             dir.join("js").display().to_string()
         );
         std::fs::write(&conf, text).map_err(|e| format!("server config: {e}"))?;
@@ -227,6 +234,14 @@ impl SpawnedServer {
     pub(crate) fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub(crate) fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
 }
 
 /// Sends `SIG<sig>` to the process `pid` with the system `kill` (no `unsafe` here).

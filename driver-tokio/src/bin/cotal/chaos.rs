@@ -1,29 +1,51 @@
-//! `cotal chaos`: the delivery daemon killed with SIGKILL at seeded random points while messages
-//! flow (issue 9, faults half; first fault only).
+//! `cotal chaos`: faults on real infrastructure while messages flow and members come and go
+//! (issue 9, faults half).
 //!
-//! The run: a fresh space with one durable channel, M member agents in this process (each with
-//! its ACL record and DLV consumer), a publisher posting at a steady rate for the duration, and
-//! the delivery daemon as a **child process** (`cotal delivery`, this same binary). At seeded
-//! points the daemon is killed with SIGKILL (by its PID) and, after a seeded pause, a successor
-//! with a new id is started; it takes the lease once the dead holder's entry expires
-//! (`LEASE_TTL`, 30 s) and resumes the durable fan-out consumer where the dead one left it.
+//! The run: a fresh space with one durable channel (`replay: false`), M member agents in this
+//! process (each with its ACL record and DLV consumer), a publisher task posting at a steady rate
+//! for the duration (one publish at a time, each with its msg-id and awaited ack), and the
+//! delivery daemon as a **child process** (`cotal delivery`, this same binary, its log kept under
+//! `<temp>/cotal-chaos-<pid>/`). A seeded schedule injects faults, one per slot so outages never
+//! overlap (`--faults`, default a seeded mix of all three):
 //!
-//! After the duration the run heals (no more faults, the last daemon keeps running) until every
-//! member holds every message through DLV, or the heal timeout. The check is on the durable path,
-//! which is the one the kills hit: for each member the distinct messages whose durable copy
-//! reached its `dlv.<member>` subject (the DLV msg-id dedups rewrites by a successor). Then:
+//! - `daemon-kill`: SIGKILL of the daemon by its PID; after a seeded pause (< 3 s) a successor
+//!   with a new id starts and takes the lease once the dead holder's entry expires (30 s);
+//! - `server-stop`: SIGTERM of nats-server (clean shutdown), restarted after 1–5 s on the same
+//!   port and file store;
+//! - `server-kill`: SIGKILL of nats-server, restarted the same way. The spawned server runs with
+//!   `sync_interval: always`, so an acked publish is on disk before its ack.
 //!
-//! - `copies_expected` = messages × members;
-//! - `delivered` = distinct (message, member) pairs the members surfaced (live or DLV);
-//! - `duplicates_suppressed` = durable copies that arrived for a message already surfaced live
-//!   (the ledger suppressed them), plus DLV rewrites collapsed by the msg-id;
-//! - `losses_reported` = loss events the members raised;
-//! - `losses_unreported` = expected durable copies neither in DLV nor reported: must be 0.
+//! and membership churn (`--churn`): a seeded member leaves the channel and rejoins 1–5 s later
+//! (a request the agent refuses, e.g. during an outage, is shown in the timeline and changes
+//! nothing). The harness also **supervises** the daemon like a service manager: a daemon that
+//! exits on its own (it does when its lease is lost, e.g. after outages longer than the lease's
+//! safety window) is restarted, counted and shown.
 //!
-//! Not built yet: members joining and leaving during the run, nats-server restarts, a cluster,
-//! agent crashes, SIGSTOP lease fights (see issue 9).
+//! # What is expected, and the check
+//!
+//! A publish the broker never acked (error or timeout during an outage) is not expected anywhere.
+//! An acked message with CHAT sequence `s` is owed to member `m` exactly when `s` lies in one of
+//! the intervals of `m`'s membership record after the run: `join cursor < s ≤ leave cursor` for
+//! the current interval (open while no leave cursor) and for every closed interval the record
+//! keeps (`closedIntervals`). The records are the judge; no boundary window is excused.
+//!
+//! After the duration the run heals (outages end, no more faults) until every member surfaced as
+//! many distinct messages as it is owed and that held for 3 s, **and** every owed copy is in the
+//! member's DLV subject, or `--heal-s` passes. Then, per member and by message id:
+//!
+//! - `copies_expected`: owed (message, member) pairs;
+//! - `delivered`: owed pairs the member surfaced (live, history or DLV);
+//! - `losses_reported`: loss events the members raised; `losses_unreported`: owed pairs neither
+//!   surfaced nor reported lost by id. Must be 0 (the exit code says so);
+//! - `durable_missing`: owed pairs with no DLV copy (the durable path alone, which a live copy
+//!   can hide), with a diagnosis of where the path stopped (CHAT, INBOX, the fan-out consumer);
+//!   `durable_outside_intervals`: DLV copies of acked messages outside every interval (a leak);
+//! - `duplicates_surfaced`: second surfacings to the application (must be 0);
+//!   `duplicates_suppressed`: DLV copies the ledger took as duplicates of a live copy.
+//!
+//! DLV keeps 1000 copies per member: runs longer than that per member undercount the DLV figures.
 
-use crate::bench::{SpawnedServer, start_member, target_server};
+use crate::bench::{SpawnedServer, free_port, start_member, target_server};
 use bytes::Bytes;
 use clap::Args;
 use cotal_core::agent::AgentConfig;
@@ -34,7 +56,7 @@ use cotal_core::wire::message::Sender;
 use cotal_core::wire::records::{AclRecord, MembershipRecord};
 use cotal_core::wire::token::{AgentId, Channel, ConcreteChannel, Space};
 use cotal_driver_tokio::connect::{ConnectConfig, connect};
-use cotal_driver_tokio::provision::{apply_consumer, provision_space};
+use cotal_driver_tokio::provision::{SpacePlan, apply, apply_consumer};
 use cotal_driver_tokio::run::wall_clock;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
@@ -71,10 +93,15 @@ pub(crate) struct ChaosArgs {
     #[arg(long, default_value_t = 120)]
     heal_s: u64,
     /// The fault kinds, comma-separated: daemon-kill, server-stop (SIGTERM), server-kill
-    /// (SIGKILL). Each fault point picks one kind with the seed. Server faults need
-    /// --spawn-server.
-    #[arg(long, default_value = "daemon-kill,server-stop,server-kill")]
-    faults: String,
+    /// (SIGKILL); with --cluster also node-stop (SIGTERM of a node that does not lead CHAT) and
+    /// leader-kill (SIGKILL of the node leading CHAT). Each fault point picks one kind with the
+    /// seed. Server faults need --spawn-server. Default: all that apply.
+    #[arg(long)]
+    faults: Option<String>,
+    /// Spawn a JetStream cluster of this many nodes (routes on loopback) instead of one server,
+    /// and provision every stream and KV bucket with min(N, 3) replicas.
+    #[arg(long, requires = "spawn_server")]
+    cluster: Option<usize>,
     /// Fault points in the run (default: one per 30 s, at least one).
     #[arg(long)]
     fault_count: Option<u64>,
@@ -177,6 +204,10 @@ enum Fault {
     ServerStop,
     /// SIGKILL of nats-server, restarted on the same port and store.
     ServerKill,
+    /// SIGTERM of a cluster node that does not lead the CHAT stream, restarted.
+    NodeStop,
+    /// SIGKILL of the cluster node leading the CHAT stream, restarted.
+    LeaderKill,
 }
 
 impl Fault {
@@ -187,9 +218,12 @@ impl Fault {
                 "daemon-kill" => Fault::DaemonKill,
                 "server-stop" => Fault::ServerStop,
                 "server-kill" => Fault::ServerKill,
+                "node-stop" => Fault::NodeStop,
+                "leader-kill" => Fault::LeaderKill,
                 other => {
                     return Err(format!(
-                        "unknown fault {other:?} (daemon-kill, server-stop, server-kill)"
+                        "unknown fault {other:?} (daemon-kill, server-stop, server-kill, \
+                         node-stop, leader-kill)"
                     ));
                 }
             };
@@ -208,6 +242,8 @@ impl Fault {
             Fault::DaemonKill => "daemon-kill",
             Fault::ServerStop => "server-stop",
             Fault::ServerKill => "server-kill",
+            Fault::NodeStop => "node-stop",
+            Fault::LeaderKill => "leader-kill",
         }
     }
 }
@@ -302,7 +338,9 @@ fn schedule(args: &ChaosArgs, kinds: &[Fault]) -> Vec<(u64, Step)> {
         let kind = kinds[rng.below(kinds.len() as u64) as usize];
         let pause = match kind {
             Fault::DaemonKill => rng.below(3000),
-            Fault::ServerStop | Fault::ServerKill => 1000 + rng.below(4000),
+            Fault::ServerStop | Fault::ServerKill | Fault::NodeStop | Fault::LeaderKill => {
+                1000 + rng.below(4000)
+            }
         }
         .min(slot / 2);
         steps.push((at, Step::Inject(kind)));
@@ -311,8 +349,7 @@ fn schedule(args: &ChaosArgs, kinds: &[Fault]) -> Vec<(u64, Step)> {
     // Churn: one leave/rejoin cycle per slot, member and times seeded, independent of faults
     // (a leave may land in a server outage; the agent's refusal is recorded, not hidden).
     let churn = args.churn.unwrap_or(args.duration / 15);
-    if churn > 0 {
-        let slot = span / churn;
+    if let Some(slot) = span.checked_div(churn) {
         for k in 0..churn {
             let at = 5_000 + k * slot + rng.below(slot / 2);
             let member = rng.below(args.members as u64) as usize;
@@ -331,7 +368,19 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     if args.members == 0 || args.rate == 0 || args.duration < 10 {
         return Err("--members and --rate must be at least 1, --duration at least 10".into());
     }
-    let kinds = Fault::parse(&args.faults)?;
+    let default_faults = if args.cluster.is_some() {
+        "daemon-kill,node-stop,leader-kill"
+    } else {
+        "daemon-kill,server-stop,server-kill"
+    };
+    let kinds = Fault::parse(args.faults.as_deref().unwrap_or(default_faults))?;
+    if args.cluster.is_none()
+        && kinds
+            .iter()
+            .any(|k| matches!(k, Fault::NodeStop | Fault::LeaderKill))
+    {
+        return Err("node-stop and leader-kill need --cluster".into());
+    }
     let server_faults = kinds.iter().any(|k| *k != Fault::DaemonKill);
     if server_faults && !args.spawn_server {
         return Err(
@@ -343,22 +392,43 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     // `sync_interval: always`: an acked publish is on disk before the ack, so a SIGKILL of the
     // server cannot take back a message the harness already counts as published (the default
     // two-minute fsync would let it, by design of nats-server, not of Cotal).
-    let (mut server, url) = if args.spawn_server {
-        let s = SpawnedServer::start_with_js("sync_interval: always", "")?;
-        let url = s.url();
-        (Some(s), url)
-    } else {
-        target_server(false, args.nats.as_deref())?
+    let (mut servers, url) = match (args.spawn_server, args.cluster) {
+        (true, Some(n)) => {
+            let nodes = start_cluster(n)?;
+            let urls: Vec<String> = nodes.iter().map(SpawnedServer::url).collect();
+            (nodes, urls.join(","))
+        }
+        (true, None) => {
+            let s = SpawnedServer::start_with_js("sync_interval: always", "")?;
+            let url = s.url();
+            (vec![s], url)
+        }
+        (false, _) => {
+            let (_, url) = target_server(false, args.nats.as_deref())?;
+            (Vec::new(), url)
+        }
     };
-    let cfg = ConnectConfig::new([url.clone()]);
+    let cfg = ConnectConfig::new(url.split(',').map(str::to_owned));
     let t = cfg.request_timeout;
     let admin = connect(&cfg).await.map_err(|e| e.to_string())?;
     let space = Space::new(format!("chaos{}", args.seed)).map_err(|e| format!("space: {e}"))?;
     let channel = Channel::new(CHANNEL).map_err(|e| format!("channel: {e}"))?;
     let concrete = ConcreteChannel::new(CHANNEL).map_err(|e| format!("channel: {e}"))?;
-    let report = provision_space(&admin.client, &space, t).await;
-    if report.failed() > 0 {
-        return Err(format!("provisioning failed: {}", report.summary()));
+    let mut plan = SpacePlan::new(&space);
+    if let Some(n) = args.cluster {
+        plan = plan.with_replicas(n.min(3) as u32);
+    }
+    // A fresh cluster elects its JetStream meta leader a few seconds after it accepts clients.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let report = apply(&admin.client, &plan, t).await;
+        if report.failed() == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("provisioning failed: {}", report.summary()));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let js = async_nats::jetstream::new(admin.client.clone());
     js.get_key_value(KvBucket::Channels.name(&space))
@@ -446,7 +516,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     let mut fault_counts: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut churn_steps = 0u64;
     let mut timeline: Vec<String> = Vec::new();
-    let mut server_down = false;
+    let mut server_down: Option<usize> = None;
     let mut left = vec![false; args.members];
     let stamp = |start: Instant| format!("{:>6.1}s", start.elapsed().as_secs_f64());
     let mut daemon_exits = 0u64;
@@ -508,32 +578,59 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
                     daemon = Some(d);
                 }
             }
-            Step::Inject(kind @ (Fault::ServerStop | Fault::ServerKill)) => {
-                let Some(s) = server.as_mut() else { continue };
-                if server_down {
+            Step::Inject(
+                kind
+                @ (Fault::ServerStop | Fault::ServerKill | Fault::NodeStop | Fault::LeaderKill),
+            ) => {
+                if servers.is_empty() || server_down.is_some() {
                     continue;
                 }
+                let leader = if servers.len() > 1 {
+                    chat_leader(&js, &space).await
+                } else {
+                    None
+                };
+                let index = match kind {
+                    Fault::LeaderKill => leader.unwrap_or(0),
+                    Fault::NodeStop => {
+                        let others: Vec<usize> =
+                            (0..servers.len()).filter(|i| Some(*i) != leader).collect();
+                        others[(at as usize) % others.len().max(1)]
+                    }
+                    _ => 0,
+                };
+                let Some(s) = servers.get_mut(index) else {
+                    continue;
+                };
                 let pid = s.pid();
-                let kill = kind == Fault::ServerKill;
+                let kill = matches!(kind, Fault::ServerKill | Fault::LeaderKill);
                 tokio::task::block_in_place(|| s.stop(kill))?;
-                server_down = true;
+                server_down = Some(index);
                 timeline.push(format!(
-                    "{} {} nats-server (pid {pid})",
+                    "{} {} nats-server n{index} (pid {pid}){}",
                     stamp(start),
-                    if kill { "SIGKILL" } else { "SIGTERM" }
+                    if kill { "SIGKILL" } else { "SIGTERM" },
+                    match leader {
+                        Some(l) if l == index => ", the CHAT leader",
+                        Some(_) => ", not the CHAT leader",
+                        None => "",
+                    }
                 ));
                 faults_injected += 1;
                 *fault_counts.entry(kind.name()).or_default() += 1;
             }
-            Step::Restore(Fault::ServerStop | Fault::ServerKill) => {
-                let Some(s) = server.as_mut() else { continue };
-                if !server_down {
+            Step::Restore(
+                Fault::ServerStop | Fault::ServerKill | Fault::NodeStop | Fault::LeaderKill,
+            ) => {
+                let Some(index) = server_down.take() else {
                     continue;
-                }
+                };
+                let Some(s) = servers.get_mut(index) else {
+                    continue;
+                };
                 tokio::task::block_in_place(|| s.restart())?;
-                server_down = false;
                 timeline.push(format!(
-                    "{} nats-server restarted (pid {})",
+                    "{} nats-server n{index} restarted (pid {})",
                     stamp(start),
                     s.pid()
                 ));
@@ -583,7 +680,9 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
 
     // Heal: every outage ends, then wait until each member has surfaced as many distinct
     // messages as its intervals owe it and that count stood still for 3 s, or the timeout.
-    if server_down && let Some(s) = server.as_mut() {
+    if let Some(index) = server_down.take()
+        && let Some(s) = servers.get_mut(index)
+    {
         tokio::task::block_in_place(|| s.restart())?;
         timeline.push(format!("{} heal: nats-server restarted", stamp(start)));
     }
@@ -793,12 +892,57 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
                    "heal_s": heal_time.as_secs_f64()})
         );
     }
-    drop(server);
+    drop(servers);
     Ok(if losses_unreported == 0 && app_duplicates == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Starts `n` nats-server nodes `n0..` on loopback, each routed to all others (cluster
+/// `cotal_chaos`), JetStream on with its own file store and `sync_interval: always`.
+fn start_cluster(n: usize) -> Result<Vec<SpawnedServer>, String> {
+    if !(1..=5).contains(&n) {
+        return Err("--cluster takes 1 to 5 nodes".into());
+    }
+    let client: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
+    let cluster: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
+    let routes: Vec<String> = cluster
+        .iter()
+        .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+        .collect();
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let extra = format!(
+            "cluster {{ name: cotal_chaos, listen: \"127.0.0.1:{}\", routes: [{}] }}\n",
+            cluster[i],
+            routes.join(", ")
+        );
+        nodes.push(SpawnedServer::start_node(
+            client[i],
+            &format!("n{i}"),
+            "sync_interval: always",
+            &extra,
+        )?);
+    }
+    Ok(nodes)
+}
+
+/// The index of the node leading the CHAT stream (its server name is `n<i>`), if known.
+async fn chat_leader(js: &async_nats::jetstream::Context, space: &Space) -> Option<usize> {
+    let mut stream = js
+        .get_stream(format!("CHAT_{}", space.as_str()))
+        .await
+        .ok()?;
+    let info = stream.info().await.ok()?;
+    info.cluster
+        .as_ref()?
+        .leader
+        .as_deref()?
+        .strip_prefix('n')?
+        .parse()
+        .ok()
 }
 
 /// What one member is owed, from its membership record.
