@@ -168,6 +168,15 @@ impl SpacePlan {
         self.replicas = Some(n);
         self
     }
+
+    /// The stream that holds bucket `b`, with the plan's replica count.
+    pub fn bucket_stream(&self, b: &KvBucketSpec) -> StreamSpec {
+        let mut stream = b.stream();
+        if let Some(n) = self.replicas {
+            stream.num_replicas = Some(n);
+        }
+        stream
+    }
 }
 
 /// Applies `plan`, object by object.
@@ -182,11 +191,7 @@ pub async fn apply(client: &Client, plan: &SpacePlan, timeout: Duration) -> Prov
         });
     }
     for b in &plan.kv_buckets {
-        let mut stream = b.stream();
-        if let Some(n) = plan.replicas {
-            stream.num_replicas = Some(n);
-        }
-        let result = apply_stream(client, &stream, timeout).await;
+        let result = apply_stream(client, &plan.bucket_stream(b), timeout).await;
         report.objects.push(ObjectReport {
             kind: ObjectKind::KvBucket,
             name: b.bucket.clone(),
@@ -390,6 +395,24 @@ mod tests {
         assert_eq!(plan.kv_buckets.len(), 5);
         let names: Vec<_> = plan.consumers.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["fanout", "reader"]);
+    }
+
+    #[test]
+    fn with_replicas_sets_every_stream_and_bucket_stream() {
+        let plan = SpacePlan::new(&Space::new("main").expect("valid space"));
+        assert!(plan.streams.iter().all(|s| s.num_replicas.is_none()));
+        assert!(
+            plan.kv_buckets
+                .iter()
+                .all(|b| plan.bucket_stream(b).num_replicas == Some(1))
+        );
+        let plan = plan.with_replicas(3);
+        assert!(plan.streams.iter().all(|s| s.num_replicas == Some(3)));
+        for b in &plan.kv_buckets {
+            let stream = plan.bucket_stream(b);
+            assert_eq!(stream.num_replicas, Some(3), "{}", stream.name);
+            assert_eq!(stream.to_api_config()["num_replicas"], json!(3));
+        }
     }
 
     #[test]
