@@ -17,7 +17,8 @@
 //!
 //! and membership churn (`--churn`): a seeded member leaves the channel and rejoins 1–5 s later
 //! (a request the agent refuses, e.g. during an outage, is shown in the timeline and changes
-//! nothing). The harness also **supervises** the daemon like a service manager: a daemon that
+//! nothing), and late joiners (`--late-joiners`, default one per three members) that start
+//! without the channel and join it in the first half of the run. The harness also **supervises** the daemon like a service manager: a daemon that
 //! exits on its own (it does when its lease is lost, e.g. after outages longer than the lease's
 //! safety window) is restarted, counted and shown.
 //!
@@ -108,6 +109,10 @@ pub(crate) struct ChaosArgs {
     /// Leave/rejoin cycles of members (default: one per 15 s of run).
     #[arg(long)]
     churn: Option<u64>,
+    /// Members that start without the channel and join it at a seeded point of the first half
+    /// of the run (default: one per three members).
+    #[arg(long)]
+    late_joiners: Option<usize>,
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -257,7 +262,7 @@ enum Step {
     Restore(Fault),
     /// Member `i` leaves the channel.
     Leave(usize),
-    /// Member `i` joins the channel again.
+    /// Member `i` joins the channel (again, or for the first time if it is a late joiner).
     Rejoin(usize),
 }
 
@@ -360,8 +365,19 @@ fn schedule(args: &ChaosArgs, kinds: &[Fault]) -> Vec<(u64, Step)> {
             ));
         }
     }
+    // Late joiners: the last members, each joining once in the first half of the run.
+    for i in args.members - late_joiners(args)..args.members {
+        steps.push((5_000 + rng.below(span / 2), Step::Rejoin(i)));
+    }
     steps.sort_by_key(|(at, _)| *at);
     steps
+}
+
+/// How many of the members start unjoined (at most all but one).
+fn late_joiners(args: &ChaosArgs) -> usize {
+    args.late_joiners
+        .unwrap_or(args.members / 3)
+        .min(args.members.saturating_sub(1))
 }
 
 async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
@@ -476,7 +492,11 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         let mut config = AgentConfig::new(
             space.clone(),
             Sender::new(id.clone(), id.as_str()),
-            vec![channel.clone()],
+            if i < args.members - late_joiners(&args) {
+                vec![channel.clone()]
+            } else {
+                Vec::new()
+            },
             args.seed ^ (i as u64 + 1),
         );
         config.durable_backstop = true;
@@ -495,7 +515,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         surfaced.push(count);
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    while joined.load(Ordering::Relaxed) < args.members {
+    while joined.load(Ordering::Relaxed) < args.members - late_joiners(&args) {
         if Instant::now() > deadline {
             return Err("members did not join durably within 60 s".into());
         }
@@ -517,7 +537,10 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     let mut churn_steps = 0u64;
     let mut timeline: Vec<String> = Vec::new();
     let mut server_down: Option<usize> = None;
-    let mut left = vec![false; args.members];
+    // A late joiner counts as "left" until its first join.
+    let mut left: Vec<bool> = (0..args.members)
+        .map(|i| i >= args.members - late_joiners(&args))
+        .collect();
     let stamp = |start: Instant| format!("{:>6.1}s", start.elapsed().as_secs_f64());
     let mut daemon_exits = 0u64;
     // The harness supervises the daemon as systemd would: a daemon that exits on its own (it
@@ -656,12 +679,12 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
                 }
                 match members[i].handle.join(channel.clone()).await {
                     Ok(_) => {
-                        timeline.push(format!("{} {} rejoins", stamp(start), ids[i]));
+                        timeline.push(format!("{} {} joins", stamp(start), ids[i]));
                         left[i] = false;
                         churn_steps += 1;
                     }
                     Err(e) => {
-                        timeline.push(format!("{} {} rejoin refused: {e}", stamp(start), ids[i]));
+                        timeline.push(format!("{} {} join refused: {e}", stamp(start), ids[i]));
                     }
                 }
             }
@@ -834,7 +857,10 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
             "daemon exits on its own (restarted)".to_owned(),
             daemon_exits,
         ),
-        ("membership changes (leave/rejoin)".to_owned(), churn_steps),
+        (
+            "membership changes (join/leave/rejoin)".to_owned(),
+            churn_steps,
+        ),
         (
             "messages published (acked)".to_owned(),
             published.acked.len() as u64,
@@ -1156,4 +1182,120 @@ async fn dlv_ids(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ChaosArgs,
+    }
+
+    fn args(extra: &[&str]) -> ChaosArgs {
+        let mut argv = vec!["chaos", "--spawn-server"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).expect("valid arguments").args
+    }
+
+    fn plan(extra: &[&str]) -> Vec<(u64, Step)> {
+        let a = args(extra);
+        let kinds = Fault::parse(a.faults.as_deref().unwrap_or("daemon-kill,server-stop"))
+            .expect("fault list");
+        schedule(&a, &kinds)
+    }
+
+    fn render(steps: &[(u64, Step)]) -> String {
+        format!("{steps:?}")
+    }
+
+    #[test]
+    fn the_schedule_is_a_function_of_the_seed() {
+        let run = ["--duration", "120", "--members", "3", "--seed", "9"];
+        assert_eq!(render(&plan(&run)), render(&plan(&run)));
+        let other = ["--duration", "120", "--members", "3", "--seed", "10"];
+        assert_ne!(render(&plan(&run)), render(&plan(&other)));
+    }
+
+    #[test]
+    fn outages_never_overlap_and_stay_inside_the_run() {
+        for seed in 0..50u64 {
+            let seed = seed.to_string();
+            let steps = plan(&[
+                "--duration",
+                "90",
+                "--members",
+                "4",
+                "--fault-count",
+                "6",
+                "--seed",
+                &seed,
+            ]);
+            let mut open: Option<Fault> = None;
+            let mut injected = 0;
+            for (at, step) in &steps {
+                assert!(*at >= 5_000 && *at < 90_000, "seed {seed}: {at}");
+                match step {
+                    Step::Inject(k) => {
+                        assert!(open.is_none(), "seed {seed}: {k:?} during {open:?}");
+                        open = Some(*k);
+                        injected += 1;
+                    }
+                    Step::Restore(k) => {
+                        assert_eq!(open.take(), Some(*k), "seed {seed}");
+                    }
+                    Step::Leave(i) | Step::Rejoin(i) => assert!(*i < 4),
+                }
+            }
+            assert_eq!(injected, 6, "seed {seed}");
+            assert!(open.is_none());
+        }
+    }
+
+    #[test]
+    fn late_joiners_join_once_in_the_first_half() {
+        let steps = plan(&[
+            "--duration",
+            "100",
+            "--members",
+            "6",
+            "--churn",
+            "0",
+            "--seed",
+            "3",
+        ]);
+        let joins: Vec<(u64, usize)> = steps
+            .iter()
+            .filter_map(|(at, s)| match s {
+                Step::Rejoin(i) => Some((*at, *i)),
+                _ => None,
+            })
+            .collect();
+        let mut who: Vec<usize> = joins.iter().map(|(_, i)| *i).collect();
+        who.sort_unstable();
+        assert_eq!(who, [4, 5], "the last two of six members join late");
+        assert!(joins.iter().all(|(at, _)| *at < 5_000 + 45_000));
+        assert_eq!(late_joiners(&args(&["--members", "1"])), 0);
+        assert_eq!(
+            late_joiners(&args(&["--members", "2", "--late-joiners", "5"])),
+            1
+        );
+    }
+
+    #[test]
+    fn fault_lists_parse_and_refuse_unknown_names() {
+        assert_eq!(
+            Fault::parse("server-kill, daemon-kill,server-kill").expect("valid"),
+            [Fault::ServerKill, Fault::DaemonKill]
+        );
+        assert!(Fault::parse("").is_err());
+        assert!(
+            Fault::parse("daemon-kill,meteor")
+                .expect_err("unknown")
+                .contains("meteor")
+        );
+    }
 }
