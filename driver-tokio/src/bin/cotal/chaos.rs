@@ -44,7 +44,8 @@
 //! - `duplicates_surfaced`: second surfacings to the application (must be 0);
 //!   `duplicates_suppressed`: DLV copies the ledger took as duplicates of a live copy.
 //!
-//! DLV keeps 1000 copies per member: runs longer than that per member undercount the DLV figures.
+//! DLV keeps 1000 copies per member (discard old): once a member's subject is at the cap, owed
+//! copies older than its oldest retained one are counted as `dlv_rotated`, not missing.
 
 use crate::bench::{SpawnedServer, free_port, start_member, target_server};
 use bytes::Bytes;
@@ -736,7 +737,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
             let complete = owed
                 .iter()
                 .zip(&durable)
-                .all(|(o, d)| o.expected.iter().all(|(id, _)| d.contains(id)));
+                .all(|(o, d)| no_dlv_copy(o, d).is_empty());
             if complete {
                 break;
             }
@@ -757,6 +758,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     let mut forgotten = 0u64;
     let mut missing_lines = Vec::new();
     let mut durable_missing = 0u64;
+    let mut dlv_rotated = 0u64;
     let mut durable_outside = 0u64;
     let mut durable_total = 0u64;
     for ((m, owe), copies) in members.into_iter().zip(&owed).zip(&durable) {
@@ -781,13 +783,15 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         // the durable path), and DLV copies of acked messages outside every interval (a leak).
         durable_total += copies.len() as u64;
         let owed_ids: BTreeSet<&String> = owe.expected.iter().map(|(id, _)| id).collect();
-        let not_in_dlv: Vec<u64> = owe
-            .expected
-            .iter()
-            .filter(|(id, _)| !copies.contains(id))
-            .map(|(_, seq)| *seq)
-            .collect();
+        let not_in_dlv = no_dlv_copy(owe, copies);
         durable_missing += not_in_dlv.len() as u64;
+        dlv_rotated += owe.expected.len() as u64
+            - owe
+                .expected
+                .iter()
+                .filter(|(id, _)| copies.contains(id))
+                .count() as u64
+            - not_in_dlv.len() as u64;
         if !not_in_dlv.is_empty() {
             missing_lines.push(format!(
                 "{}: no DLV copy for CHAT seqs {:?}{}",
@@ -880,6 +884,10 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
             durable_missing,
         ),
         (
+            "DLV copies rotated out by the 1000 cap".to_owned(),
+            dlv_rotated,
+        ),
+        (
             "DLV copies outside the intervals".to_owned(),
             durable_outside,
         ),
@@ -909,6 +917,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
                    "copies_expected": expected, "delivered": delivered,
                    "durable_copies": durable_total,
                    "durable_missing": durable_missing,
+                   "dlv_rotated": dlv_rotated,
                    "durable_outside_intervals": durable_outside,
                    "duplicates_suppressed": duplicates_suppressed,
                    "duplicates_surfaced": app_duplicates,
@@ -970,6 +979,28 @@ async fn chat_leader(js: &async_nats::jetstream::Context, space: &Space) -> Opti
         .parse()
         .ok()
 }
+
+/// The CHAT sequences of the copies owed to a member that have no DLV copy, leaving out those
+/// older than its oldest retained DLV copy when its DLV subject is at the stream's 1000-copy cap
+/// (rotated out with discard-old after their transfer, not missing).
+fn no_dlv_copy(owe: &Owed, copies: &BTreeSet<String>) -> Vec<u64> {
+    let at_cap = copies.len() >= DLV_CAP;
+    let oldest = owe
+        .expected
+        .iter()
+        .filter(|(id, _)| copies.contains(id))
+        .map(|(_, seq)| *seq)
+        .min()
+        .unwrap_or(0);
+    owe.expected
+        .iter()
+        .filter(|(id, seq)| !copies.contains(id) && !(at_cap && *seq < oldest))
+        .map(|(_, seq)| *seq)
+        .collect()
+}
+
+/// Copies `DLV_<space>` keeps per member subject (limits, discard old).
+const DLV_CAP: usize = 1000;
 
 /// What one member is owed, from its membership record.
 struct Owed {
