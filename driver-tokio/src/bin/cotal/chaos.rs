@@ -97,7 +97,8 @@ pub(crate) struct ChaosArgs {
     /// The fault kinds, comma-separated: daemon-kill, server-stop (SIGTERM), server-kill
     /// (SIGKILL); with --cluster also node-stop (SIGTERM of a node that does not lead CHAT) and
     /// leader-kill (SIGKILL of the node leading CHAT). Each fault point picks one kind with the
-    /// seed. Server faults need --spawn-server. Default: all that apply.
+    /// seed. Server faults need --spawn-server. Default: all that apply (daemon-kill alone with
+    /// --nats).
     #[arg(long)]
     faults: Option<String>,
     /// Spawn a JetStream cluster of this many nodes (routes on loopback) instead of one server,
@@ -387,8 +388,10 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     }
     let default_faults = if args.cluster.is_some() {
         "daemon-kill,node-stop,leader-kill"
-    } else {
+    } else if args.spawn_server {
         "daemon-kill,server-stop,server-kill"
+    } else {
+        "daemon-kill"
     };
     let kinds = Fault::parse(args.faults.as_deref().unwrap_or(default_faults))?;
     if args.cluster.is_none()
