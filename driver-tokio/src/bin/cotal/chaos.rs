@@ -997,7 +997,10 @@ fn no_dlv_copy(owe: &Owed, copies: &BTreeSet<String>) -> Vec<u64> {
         .unwrap_or(0);
     owe.expected
         .iter()
-        .filter(|(id, seq)| !copies.contains(id) && !(at_cap && *seq < oldest))
+        .filter(|(id, seq)| {
+            let rotated = at_cap && *seq < oldest;
+            !copies.contains(id) && !rotated
+        })
         .map(|(_, seq)| *seq)
         .collect()
 }
