@@ -139,6 +139,9 @@ pub struct SpacePlan {
     pub kv_buckets: Vec<KvBucketSpec>,
     /// The consumers.
     pub consumers: Vec<ConsumerSpec>,
+    /// Replicas of every stream and KV bucket (`num_replicas`); `None` keeps the specs' own
+    /// (one replica). Consumers follow their stream's replica count.
+    pub replicas: Option<u32>,
 }
 
 impl SpacePlan {
@@ -152,7 +155,27 @@ impl SpacePlan {
                 ConsumerSpec::fanout(space, 0, 1),
                 ConsumerSpec::reader(space, 0, 1),
             ],
+            replicas: None,
         }
+    }
+
+    /// The plan with `n` replicas for every stream and KV bucket (a JetStream cluster of at least
+    /// `n` nodes; 3 survives the loss of one node, and of a stream's leader).
+    pub fn with_replicas(mut self, n: u32) -> Self {
+        for s in &mut self.streams {
+            s.num_replicas = Some(n);
+        }
+        self.replicas = Some(n);
+        self
+    }
+
+    /// The stream that holds bucket `b`, with the plan's replica count.
+    pub fn bucket_stream(&self, b: &KvBucketSpec) -> StreamSpec {
+        let mut stream = b.stream();
+        if let Some(n) = self.replicas {
+            stream.num_replicas = Some(n);
+        }
+        stream
     }
 }
 
@@ -168,7 +191,7 @@ pub async fn apply(client: &Client, plan: &SpacePlan, timeout: Duration) -> Prov
         });
     }
     for b in &plan.kv_buckets {
-        let result = apply_stream(client, &b.stream(), timeout).await;
+        let result = apply_stream(client, &plan.bucket_stream(b), timeout).await;
         report.objects.push(ObjectReport {
             kind: ObjectKind::KvBucket,
             name: b.bucket.clone(),
@@ -372,6 +395,24 @@ mod tests {
         assert_eq!(plan.kv_buckets.len(), 5);
         let names: Vec<_> = plan.consumers.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["fanout", "reader"]);
+    }
+
+    #[test]
+    fn with_replicas_sets_every_stream_and_bucket_stream() {
+        let plan = SpacePlan::new(&Space::new("main").expect("valid space"));
+        assert!(plan.streams.iter().all(|s| s.num_replicas.is_none()));
+        assert!(
+            plan.kv_buckets
+                .iter()
+                .all(|b| plan.bucket_stream(b).num_replicas == Some(1))
+        );
+        let plan = plan.with_replicas(3);
+        assert!(plan.streams.iter().all(|s| s.num_replicas == Some(3)));
+        for b in &plan.kv_buckets {
+            let stream = plan.bucket_stream(b);
+            assert_eq!(stream.num_replicas, Some(3), "{}", stream.name);
+            assert_eq!(stream.to_api_config()["num_replicas"], json!(3));
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::NatsServer;
+use common::{NatsServer, Proc};
 use cotal_core::wire::token::Space;
 use cotal_driver_tokio::api;
 use cotal_driver_tokio::connect::connect;
@@ -192,121 +192,6 @@ fn unreachable_server_and_stub_commands_fail_clearly() {
         "{text}"
     );
     assert!(text.contains("\"_INBOX_alice.>\""), "{text}");
-}
-
-/// A `cotal` process whose stdout lines are collected by a thread.
-struct Proc {
-    child: std::process::Child,
-    lines: std::sync::mpsc::Receiver<String>,
-    seen: Vec<String>,
-    name: &'static str,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, args: &[&str]) -> Proc {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cotal"))
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn cotal");
-        let (tx, lines) = std::sync::mpsc::channel();
-        for stream in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let tx = tx.clone();
-            std::thread::spawn(move || {
-                use std::io::BufRead;
-                for line in std::io::BufReader::new(stream).lines() {
-                    let Ok(line) = line else { break };
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        Proc {
-            child,
-            lines,
-            seen: Vec::new(),
-            name,
-        }
-    }
-
-    /// Waits (bounded) for a line for which `pred` holds and returns it.
-    fn expect(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        if let Some(l) = self.seen.iter().find(|l| pred(l)) {
-            return l.clone();
-        }
-        let deadline = std::time::Instant::now() + common::WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if pred(&line) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!("{}: no {what}; saw {:#?}", self.name, self.seen),
-            }
-        }
-    }
-
-    /// Collects what arrives within `d`.
-    fn settle(&mut self, d: Duration) {
-        let deadline = std::time::Instant::now() + d;
-        while let Ok(line) = self
-            .lines
-            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-        {
-            self.seen.push(line);
-        }
-    }
-
-    fn type_line(&mut self, text: &str) {
-        use std::io::Write;
-        let stdin = self.child.stdin.as_mut().expect("stdin");
-        writeln!(stdin, "{text}").expect("write stdin");
-        stdin.flush().expect("flush");
-    }
-
-    fn signal(&self, sig: &str) {
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-
-    /// Waits (bounded) for the exit code.
-    fn exit_code(&mut self) -> Option<i32> {
-        let deadline = std::time::Instant::now() + common::WAIT;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status.code();
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{} did not exit; saw {:#?}",
-                self.name,
-                self.seen
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 fn json_line(line: &str) -> serde_json::Value {

@@ -23,7 +23,7 @@ use cotal_core::wire::permissions::{AgentPolicy, Permissions};
 use cotal_core::wire::records::AclRecord;
 use cotal_core::wire::token::{AgentId, Channel, Role, Space};
 use cotal_driver_tokio::connect::{Auth, ConnectConfig, TlsConfig, connect};
-use cotal_driver_tokio::provision::{nats_server_permissions, provision_space};
+use cotal_driver_tokio::provision::{SpacePlan, apply, nats_server_permissions};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -144,6 +144,9 @@ enum Cmd {
         /// The space name.
         #[arg(long)]
         space: String,
+        /// Replicas of every stream and KV bucket (3 on a 3-node JetStream cluster).
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
         #[command(flatten)]
         nats: NatsArgs,
     },
@@ -179,8 +182,9 @@ enum Cmd {
     /// Measure durable fan-out end to end: the JetStream publish ceiling, then one daemon and M
     /// member agents on a fresh space and a durable channel; copies/s, latency, losses.
     Bench(bench::BenchArgs),
-    /// Kill the delivery daemon (a child process) with SIGKILL at seeded points while messages
-    /// flow, start a successor, and check every member's durable copies: a summary table.
+    /// Inject seeded faults while messages flow and members leave and rejoin: SIGKILL of the
+    /// delivery daemon (a child process), SIGTERM / SIGKILL and restart of nats-server; then
+    /// check every member's copies against its membership intervals: a summary table.
     Chaos(chaos::ChaosArgs),
 }
 
@@ -318,7 +322,11 @@ async fn main() -> ExitCode {
         .with_target(false)
         .init();
     match cli.command {
-        Cmd::Up { space, nats } => up(&space, &nats).await,
+        Cmd::Up {
+            space,
+            replicas,
+            nats,
+        } => up(&space, replicas, &nats).await,
         Cmd::Provision(ProvisionCmd::Agent {
             space,
             id,
@@ -352,7 +360,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn up(space: &str, nats: &NatsArgs) -> ExitCode {
+async fn up(space: &str, replicas: u32, nats: &NatsArgs) -> ExitCode {
     let space = match Space::new(space) {
         Ok(s) => s,
         Err(e) => return fail(format!("invalid space name '{space}': {e}")),
@@ -365,7 +373,11 @@ async fn up(space: &str, nats: &NatsArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let report = provision_space(&conn.client, &space, config.request_timeout).await;
+    let mut plan = SpacePlan::new(&space);
+    if replicas != 1 {
+        plan = plan.with_replicas(replicas);
+    }
+    let report = apply(&conn.client, &plan, config.request_timeout).await;
     for object in &report.objects {
         println!("{object}");
     }

@@ -318,3 +318,146 @@ pub fn ok(outcome: Outcome<Reply>) -> Reply {
         other => panic!("expected success, got {other:?}"),
     }
 }
+
+/// A `cotal` process whose stdout lines are collected by a thread.
+pub struct Proc {
+    /// The child process.
+    pub child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every line read so far (stdout and stderr).
+    pub seen: Vec<String>,
+    name: &'static str,
+}
+
+impl Proc {
+    /// Starts `cotal ARGS` with piped stdin, stdout and stderr.
+    pub fn spawn(name: &'static str, args: &[&str]) -> Proc {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cotal"))
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn cotal");
+        let (tx, lines) = std::sync::mpsc::channel();
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Proc {
+            child,
+            lines,
+            seen: Vec::new(),
+            name,
+        }
+    }
+
+    /// Waits up to `d` for a line for which `pred` holds.
+    pub fn wait_for(&mut self, d: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = std::time::Instant::now() + d;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return Some(line);
+                    }
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// SIGKILL by its PID, then reaps it.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits (bounded) for a line for which `pred` holds and returns it.
+    pub fn expect(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        if let Some(l) = self.seen.iter().find(|l| pred(l)) {
+            return l.clone();
+        }
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if pred(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!("{}: no {what}; saw {:#?}", self.name, self.seen),
+            }
+        }
+    }
+
+    /// Collects what arrives within `d`.
+    pub fn settle(&mut self, d: Duration) {
+        let deadline = std::time::Instant::now() + d;
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+        {
+            self.seen.push(line);
+        }
+    }
+
+    /// Writes one line to its stdin.
+    pub fn type_line(&mut self, text: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "{text}").expect("write stdin");
+        stdin.flush().expect("flush");
+    }
+
+    /// Sends `SIG<sig>` by its PID.
+    pub fn signal(&self, sig: &str) {
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits (bounded) for the exit code.
+    pub fn exit_code(&mut self) -> Option<i32> {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} did not exit; saw {:#?}",
+                self.name,
+                self.seen
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

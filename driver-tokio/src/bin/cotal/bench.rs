@@ -31,7 +31,7 @@ use cotal_driver_tokio::provision::{apply_consumer, provision_space};
 use cotal_driver_tokio::run::{MachineHandle, Runner, os_seed, wall_clock};
 use serde_json::json;
 use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
 use std::process::{Child, ExitCode, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -109,38 +109,71 @@ impl SpawnedServer {
 
     /// [`SpawnedServer::start`] with `extra` appended to the server config.
     pub(crate) fn start_with(extra: &str) -> Result<Self, String> {
-        let bin = Self::binary()?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("no free port: {e}"))?
-            .port();
+        Self::start_with_js("", extra)
+    }
+
+    /// [`SpawnedServer::start_with`] with `js_extra` added inside the `jetstream { }` block (for
+    /// example `sync_interval: always`).
+    pub(crate) fn start_with_js(js_extra: &str, extra: &str) -> Result<Self, String> {
+        Self::start_node(free_port()?, "cotal_bench", js_extra, extra)
+    }
+
+    /// Starts a server named `name` on client port `port` (a cluster node passes its
+    /// `cluster { }` block in `extra`), each with its own store directory.
+    pub(crate) fn start_node(
+        port: u16,
+        name: &str,
+        js_extra: &str,
+        extra: &str,
+    ) -> Result<Self, String> {
         let dir = std::env::temp_dir().join(format!(
-            "cotal-bench-{}-{:x}",
+            "cotal-bench-{}-{name}-{:x}",
             std::process::id(),
             os_seed() & 0xffff_ffff
         ));
         std::fs::create_dir_all(&dir).map_err(|e| format!("temp dir: {e}"))?;
         let conf = dir.join("server.conf");
+        let js_extra = if js_extra.is_empty() {
+            String::new()
+        } else {
+            format!(", {js_extra}")
+        };
         let text = format!(
-            "listen: \"127.0.0.1:{port}\"\nserver_name: cotal_bench\njetstream {{ store_dir: {:?}, max_memory_store: 256MB, max_file_store: 4GB }}\nmax_payload: 8MB\n{extra}",
+            "listen: \"127.0.0.1:{port}\"\nserver_name: {name}\njetstream {{ store_dir: {:?}, max_memory_store: 256MB, max_file_store: 4GB{js_extra} }}\nmax_payload: 8MB\n{extra}",
             dir.join("js").display().to_string()
         );
         std::fs::write(&conf, text).map_err(|e| format!("server config: {e}"))?;
-        let log = std::fs::File::create(dir.join("server.log")).map_err(|e| e.to_string())?;
-        let child = std::process::Command::new(&bin)
+        let child = Self::spawn_process(&dir)?;
+        let mut server = SpawnedServer { child, dir, port };
+        server.await_accept()?;
+        Ok(server)
+    }
+
+    /// Starts nats-server on the config in `dir` (its log appended to `dir/server.log`).
+    fn spawn_process(dir: &std::path::Path) -> Result<Child, String> {
+        let bin = Self::binary()?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("server.log"))
+            .map_err(|e| e.to_string())?;
+        std::process::Command::new(&bin)
             .arg("-c")
-            .arg(&conf)
+            .arg(dir.join("server.conf"))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-        let mut server = SpawnedServer { child, dir, port };
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))
+    }
+
+    /// Waits (at most 10 s) until the server accepts TCP connections on its port.
+    fn await_accept(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(server);
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return Ok(());
             }
-            if let Ok(Some(status)) = server.child.try_wait() {
+            if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("nats-server exited early ({status})"));
             }
             if Instant::now() > deadline {
@@ -150,8 +183,78 @@ impl SpawnedServer {
         }
     }
 
+    /// The server process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the server process by its PID: `kill = false` sends SIGTERM (a clean shutdown,
+    /// JetStream flushes its store) and waits up to 15 s before a SIGKILL; `kill = true` sends
+    /// SIGKILL at once. The store directory and port are kept for [`SpawnedServer::restart`].
+    pub(crate) fn stop(&mut self, kill: bool) -> Result<(), String> {
+        if kill {
+            let _ = self.child.kill();
+        } else {
+            signal(self.child.id(), "TERM")?;
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = self.child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.child.wait();
+        Ok(())
+    }
+
+    /// Starts the server again on the same config, port and store directory (file storage: the
+    /// streams and KV buckets come back with what the stopped server had synced).
+    pub(crate) fn restart(&mut self) -> Result<(), String> {
+        // The port may linger for a moment after the old process; retry the start briefly.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            self.child = Self::spawn_process(&self.dir)?;
+            match self.await_accept() {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+
     pub(crate) fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub(crate) fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| format!("no free port: {e}"))
+}
+
+/// Sends `SIG<sig>` to the process `pid` with the system `kill` (no `unsafe` here).
+pub(crate) fn signal(pid: u32, sig: &str) -> Result<(), String> {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .map_err(|e| format!("kill -{sig} {pid}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("kill -{sig} {pid}: {status}"))
     }
 }
 
@@ -192,6 +295,8 @@ pub(crate) struct MemberLog {
     pub(crate) duplicates: u64,
     /// Loss events the agent reported.
     pub(crate) lost_events: u64,
+    /// The message ids of those loss events.
+    pub(crate) lost_ids: BTreeSet<String>,
     /// First surfacings whose copy came through DLV (the live copy did not arrive first).
     pub(crate) via_dlv: u64,
     /// The agent's loss events by reason.
@@ -803,8 +908,9 @@ pub(crate) async fn start_member(
                         joined.fetch_add(1, Ordering::Relaxed);
                     }
                     Some(AgentEvent::LiveCopyShed { .. }) => log.shed += 1,
-                    Some(AgentEvent::Lost { reason, .. }) => {
+                    Some(AgentEvent::Lost { id, reason }) => {
                         log.lost_events += 1;
+                        log.lost_ids.insert(id);
                         *log.lost_reasons.entry(reason).or_default() += 1;
                     }
                     Some(_) => {}

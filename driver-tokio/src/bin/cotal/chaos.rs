@@ -1,45 +1,70 @@
-//! `cotal chaos`: the delivery daemon killed with SIGKILL at seeded random points while messages
-//! flow (issue 9, faults half; first fault only).
+//! `cotal chaos`: faults on real infrastructure while messages flow and members come and go
+//! (issue 9, faults half).
 //!
-//! The run: a fresh space with one durable channel, M member agents in this process (each with
-//! its ACL record and DLV consumer), a publisher posting at a steady rate for the duration, and
-//! the delivery daemon as a **child process** (`cotal delivery`, this same binary). At seeded
-//! points the daemon is killed with SIGKILL (by its PID) and, after a seeded pause, a successor
-//! with a new id is started; it takes the lease once the dead holder's entry expires
-//! (`LEASE_TTL`, 30 s) and resumes the durable fan-out consumer where the dead one left it.
+//! The run: a fresh space with one durable channel (`replay: false`), M member agents in this
+//! process (each with its ACL record and DLV consumer), a publisher task posting at a steady rate
+//! for the duration (one publish at a time, each with its msg-id and awaited ack), and the
+//! delivery daemon as a **child process** (`cotal delivery`, this same binary, its log kept under
+//! `<temp>/cotal-chaos-<pid>/`). A seeded schedule injects faults, one per slot so outages never
+//! overlap (`--faults`, default a seeded mix of all three):
 //!
-//! After the duration the run heals (no more faults, the last daemon keeps running) until every
-//! member holds every message through DLV, or the heal timeout. The check is on the durable path,
-//! which is the one the kills hit: for each member the distinct messages whose durable copy
-//! reached its `dlv.<member>` subject (the DLV msg-id dedups rewrites by a successor). Then:
+//! - `daemon-kill`: SIGKILL of the daemon by its PID; after a seeded pause (< 3 s) a successor
+//!   with a new id starts and takes the lease once the dead holder's entry expires (30 s);
+//! - `server-stop`: SIGTERM of nats-server (clean shutdown), restarted after 1–5 s on the same
+//!   port and file store;
+//! - `server-kill`: SIGKILL of nats-server, restarted the same way. The spawned server runs with
+//!   `sync_interval: always`, so an acked publish is on disk before its ack.
 //!
-//! - `copies_expected` = messages × members;
-//! - `delivered` = distinct (message, member) pairs the members surfaced (live or DLV);
-//! - `duplicates_suppressed` = durable copies that arrived for a message already surfaced live
-//!   (the ledger suppressed them), plus DLV rewrites collapsed by the msg-id;
-//! - `losses_reported` = loss events the members raised;
-//! - `losses_unreported` = expected durable copies neither in DLV nor reported: must be 0.
+//! and membership churn (`--churn`): a seeded member leaves the channel and rejoins 1–5 s later
+//! (a request the agent refuses, e.g. during an outage, is shown in the timeline and changes
+//! nothing), and late joiners (`--late-joiners`, default one per three members) that start
+//! without the channel and join it in the first half of the run. The harness also **supervises** the daemon like a service manager: a daemon that
+//! exits on its own (it does when its lease is lost, e.g. after outages longer than the lease's
+//! safety window) is restarted, counted and shown.
 //!
-//! Not built yet: members joining and leaving during the run, nats-server restarts, a cluster,
-//! agent crashes, SIGSTOP lease fights (see issue 9).
+//! # What is expected, and the check
+//!
+//! A publish the broker never acked (error or timeout during an outage) is not expected anywhere.
+//! An acked message with CHAT sequence `s` is owed to member `m` exactly when `s` lies in one of
+//! the intervals of `m`'s membership record after the run: `join cursor < s ≤ leave cursor` for
+//! the current interval (open while no leave cursor) and for every closed interval the record
+//! keeps (`closedIntervals`). The records are the judge; no boundary window is excused.
+//!
+//! After the duration the run heals (outages end, no more faults) until every member surfaced as
+//! many distinct messages as it is owed and that held for 3 s, **and** every owed copy is in the
+//! member's DLV subject, or `--heal-s` passes. Then, per member and by message id:
+//!
+//! - `copies_expected`: owed (message, member) pairs;
+//! - `delivered`: owed pairs the member surfaced (live, history or DLV);
+//! - `losses_reported`: loss events the members raised; `losses_unreported`: owed pairs neither
+//!   surfaced nor reported lost by id. Must be 0 (the exit code says so);
+//! - `durable_missing`: owed pairs with no DLV copy (the durable path alone, which a live copy
+//!   can hide), with a diagnosis of where the path stopped (CHAT, INBOX, the fan-out consumer);
+//!   `durable_outside_intervals`: DLV copies of acked messages outside every interval (a leak);
+//! - `duplicates_surfaced`: second surfacings to the application (must be 0);
+//!   `duplicates_suppressed`: DLV copies the ledger took as duplicates of a live copy.
+//!
+//! DLV keeps 1000 copies per member (discard old): once a member's subject is at the cap, owed
+//! copies older than its oldest retained one are counted as `dlv_rotated`, not missing.
 
-use crate::bench::{start_member, target_server};
+use crate::bench::{SpawnedServer, free_port, start_member, target_server};
 use bytes::Bytes;
 use clap::Args;
 use cotal_core::agent::AgentConfig;
+use cotal_core::registry::{closed_intervals, current_interval, forgotten_intervals};
 use cotal_core::wire::config::ConsumerSpec;
-use cotal_core::wire::keys::{KvBucket, acl_key};
+use cotal_core::wire::keys::{KvBucket, acl_key, member_key};
 use cotal_core::wire::message::Sender;
-use cotal_core::wire::records::AclRecord;
-use cotal_core::wire::token::{AgentId, Channel, Space};
+use cotal_core::wire::records::{AclRecord, MembershipRecord};
+use cotal_core::wire::token::{AgentId, Channel, ConcreteChannel, Space};
 use cotal_driver_tokio::connect::{ConnectConfig, connect};
-use cotal_driver_tokio::provision::{apply_consumer, provision_space};
+use cotal_driver_tokio::provision::{SpacePlan, apply, apply_consumer};
 use cotal_driver_tokio::run::wall_clock;
 use serde_json::json;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, ExitCode, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
@@ -69,6 +94,27 @@ pub(crate) struct ChaosArgs {
     /// Seconds the heal phase may take.
     #[arg(long, default_value_t = 120)]
     heal_s: u64,
+    /// The fault kinds, comma-separated: daemon-kill, server-stop (SIGTERM), server-kill
+    /// (SIGKILL); with --cluster also node-stop (SIGTERM of a node that does not lead CHAT) and
+    /// leader-kill (SIGKILL of the node leading CHAT). Each fault point picks one kind with the
+    /// seed. Server faults need --spawn-server. Default: all that apply (daemon-kill alone with
+    /// --nats).
+    #[arg(long)]
+    faults: Option<String>,
+    /// Spawn a JetStream cluster of this many nodes (routes on loopback) instead of one server,
+    /// and provision every stream and KV bucket with min(N, 3) replicas.
+    #[arg(long, requires = "spawn_server")]
+    cluster: Option<usize>,
+    /// Fault points in the run (default: one per 30 s, at least one).
+    #[arg(long)]
+    fault_count: Option<u64>,
+    /// Leave/rejoin cycles of members (default: one per 15 s of run).
+    #[arg(long)]
+    churn: Option<u64>,
+    /// Members that start without the channel and join it at a seeded point of the first half
+    /// of the run (default: one per three members).
+    #[arg(long)]
+    late_joiners: Option<usize>,
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -96,11 +142,15 @@ impl Rng {
 struct DaemonChild {
     child: Child,
     id: String,
+    /// Its stderr (tracing lines).
+    log: std::path::PathBuf,
 }
 
 fn spawn_daemon(url: &str, space: &Space, n: usize) -> Result<DaemonChild, String> {
     let exe = std::env::current_exe().map_err(|e| format!("own binary: {e}"))?;
     let id = format!("chaos-daemon-{n}");
+    let log = log_dir()?.join(format!("{}-{id}.log", space.as_str()));
+    let file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
     let child = std::process::Command::new(exe)
         .args([
             "delivery",
@@ -111,12 +161,31 @@ fn spawn_daemon(url: &str, space: &Space, n: usize) -> Result<DaemonChild, Strin
             "--nats",
             url,
         ])
+        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(file)
         .spawn()
         .map_err(|e| format!("cannot start the daemon: {e}"))?;
-    Ok(DaemonChild { child, id })
+    Ok(DaemonChild { child, id, log })
+}
+
+/// The last ERROR line of a daemon log (why it exited), or its last line.
+fn last_error(log: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let pick = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("ERROR"))
+        .or_else(|| text.lines().last());
+    pick.unwrap_or("no log").trim().to_owned()
+}
+
+/// Where the daemons' logs go: `<temp>/cotal-chaos-<pid>/` (kept after the run).
+fn log_dir() -> Result<std::path::PathBuf, String> {
+    let dir = std::env::temp_dir().join(format!("cotal-chaos-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(dir)
 }
 
 impl Drop for DaemonChild {
@@ -133,19 +202,253 @@ pub(crate) async fn chaos(args: ChaosArgs) -> ExitCode {
     }
 }
 
+/// One kind of infrastructure fault.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    /// SIGKILL of the delivery daemon child; a successor with a new id after a pause.
+    DaemonKill,
+    /// SIGTERM of nats-server (clean shutdown), restarted on the same port and store.
+    ServerStop,
+    /// SIGKILL of nats-server, restarted on the same port and store.
+    ServerKill,
+    /// SIGTERM of a cluster node that does not lead the CHAT stream, restarted.
+    NodeStop,
+    /// SIGKILL of the cluster node leading the CHAT stream, restarted.
+    LeaderKill,
+}
+
+impl Fault {
+    fn parse(s: &str) -> Result<Vec<Fault>, String> {
+        let mut out = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let f = match part {
+                "daemon-kill" => Fault::DaemonKill,
+                "server-stop" => Fault::ServerStop,
+                "server-kill" => Fault::ServerKill,
+                "node-stop" => Fault::NodeStop,
+                "leader-kill" => Fault::LeaderKill,
+                other => {
+                    return Err(format!(
+                        "unknown fault {other:?} (daemon-kill, server-stop, server-kill, \
+                         node-stop, leader-kill)"
+                    ));
+                }
+            };
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+        if out.is_empty() {
+            return Err("--faults names no fault".into());
+        }
+        Ok(out)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Fault::DaemonKill => "daemon-kill",
+            Fault::ServerStop => "server-stop",
+            Fault::ServerKill => "server-kill",
+            Fault::NodeStop => "node-stop",
+            Fault::LeaderKill => "leader-kill",
+        }
+    }
+}
+
+/// What the run does at one point of its schedule.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// Inject a fault.
+    Inject(Fault),
+    /// End the outage a fault started (start the successor daemon or the server again).
+    Restore(Fault),
+    /// Member `i` leaves the channel.
+    Leave(usize),
+    /// Member `i` joins the channel (again, or for the first time if it is a late joiner).
+    Rejoin(usize),
+}
+
+/// One acked publish: the message id and its CHAT sequence.
+struct Published {
+    id: String,
+    seq: u64,
+}
+
+/// What the publisher task hands back.
+#[derive(Default)]
+struct PublishLog {
+    acked: Vec<Published>,
+    /// Publishes the broker never acked (error or timeout): not expected anywhere.
+    failed: u64,
+}
+
+/// Publishes at `rate` until `stop`, each with its msg-id, one at a time (the ack is awaited,
+/// bounded by the JetStream request timeout).
+async fn publisher(
+    js: async_nats::jetstream::Context,
+    space: Space,
+    seed: u64,
+    rate: u64,
+    mut stop: watch::Receiver<bool>,
+) -> PublishLog {
+    let interval = Duration::from_micros(1_000_000 / rate);
+    let mut log = PublishLog::default();
+    let mut n = 0u64;
+    while !*stop.borrow() {
+        let id = format!("{:08x}-0000-4000-8000-{:012}", seed & 0xffff_ffff, n);
+        n += 1;
+        let body = json!({"id": id, "ts": wall_clock().0, "space": space.as_str(),
+                          "from": {"id": "publisher", "name": "publisher"}, "channel": CHANNEL,
+                          "parts": [{"kind": "text", "text": format!("chaos {n}")}]});
+        let sent = js
+            .send_publish(
+                format!("cotal.{}.chat.publisher.{CHANNEL}", space.as_str()),
+                async_nats::jetstream::message::PublishMessage::build()
+                    .payload(Bytes::from(body.to_string()))
+                    .message_id(id.clone()),
+            )
+            .await;
+        let ack = match sent {
+            Ok(fut) => fut.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match ack {
+            Ok(a) if !a.duplicate => log.acked.push(Published {
+                id,
+                seq: a.sequence,
+            }),
+            _ => log.failed += 1,
+        }
+        tokio::select! {
+            _ = stop.changed() => {}
+            () = tokio::time::sleep(interval) => {}
+        }
+    }
+    log
+}
+
+/// The seeded schedule: infrastructure faults with their restore points, and membership churn
+/// (a member leaves, then rejoins), all inside `[5 s, duration − 5 s)` except restores, which
+/// may run into the last seconds.
+fn schedule(args: &ChaosArgs, kinds: &[Fault]) -> Vec<(u64, Step)> {
+    let mut rng = Rng(args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+    let span = args.duration.saturating_sub(10) * 1000;
+    let mut steps = Vec::new();
+    // One fault per slot, its outage ending inside the slot: faults never overlap.
+    let faults = args
+        .fault_count
+        .unwrap_or((args.duration / 30).max(1))
+        .max(1);
+    let slot = span / faults;
+    for k in 0..faults {
+        let at = 5_000 + k * slot + rng.below(slot / 2);
+        let kind = kinds[rng.below(kinds.len() as u64) as usize];
+        let pause = match kind {
+            Fault::DaemonKill => rng.below(3000),
+            Fault::ServerStop | Fault::ServerKill | Fault::NodeStop | Fault::LeaderKill => {
+                1000 + rng.below(4000)
+            }
+        }
+        .min(slot / 2);
+        steps.push((at, Step::Inject(kind)));
+        steps.push((at + pause, Step::Restore(kind)));
+    }
+    // Churn: one leave/rejoin cycle per slot, member and times seeded, independent of faults
+    // (a leave may land in a server outage; the agent's refusal is recorded, not hidden).
+    let churn = args.churn.unwrap_or(args.duration / 15);
+    if let Some(slot) = span.checked_div(churn) {
+        for k in 0..churn {
+            let at = 5_000 + k * slot + rng.below(slot / 2);
+            let member = rng.below(args.members as u64) as usize;
+            steps.push((at, Step::Leave(member)));
+            steps.push((
+                at + (1000 + rng.below(4000)).min(slot / 2),
+                Step::Rejoin(member),
+            ));
+        }
+    }
+    // Late joiners: the last members, each joining once in the first half of the run.
+    for i in args.members - late_joiners(args)..args.members {
+        steps.push((5_000 + rng.below(span / 2), Step::Rejoin(i)));
+    }
+    steps.sort_by_key(|(at, _)| *at);
+    steps
+}
+
+/// How many of the members start unjoined (at most all but one).
+fn late_joiners(args: &ChaosArgs) -> usize {
+    args.late_joiners
+        .unwrap_or(args.members / 3)
+        .min(args.members.saturating_sub(1))
+}
+
 async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     if args.members == 0 || args.rate == 0 || args.duration < 10 {
         return Err("--members and --rate must be at least 1, --duration at least 10".into());
     }
-    let (server, url) = target_server(args.spawn_server, args.nats.as_deref())?;
-    let cfg = ConnectConfig::new([url.clone()]);
+    let default_faults = if args.cluster.is_some() {
+        "daemon-kill,node-stop,leader-kill"
+    } else if args.spawn_server {
+        "daemon-kill,server-stop,server-kill"
+    } else {
+        "daemon-kill"
+    };
+    let kinds = Fault::parse(args.faults.as_deref().unwrap_or(default_faults))?;
+    if args.cluster.is_none()
+        && kinds
+            .iter()
+            .any(|k| matches!(k, Fault::NodeStop | Fault::LeaderKill))
+    {
+        return Err("node-stop and leader-kill need --cluster".into());
+    }
+    let server_faults = kinds.iter().any(|k| *k != Fault::DaemonKill);
+    if server_faults && !args.spawn_server {
+        return Err(
+            "server-stop and server-kill need --spawn-server (the run owns the process); \
+                    use --faults daemon-kill with --nats"
+                .into(),
+        );
+    }
+    // `sync_interval: always`: an acked publish is on disk before the ack, so a SIGKILL of the
+    // server cannot take back a message the harness already counts as published (the default
+    // two-minute fsync would let it, by design of nats-server, not of Cotal).
+    let (mut servers, url) = match (args.spawn_server, args.cluster) {
+        (true, Some(n)) => {
+            let nodes = start_cluster(n)?;
+            let urls: Vec<String> = nodes.iter().map(SpawnedServer::url).collect();
+            (nodes, urls.join(","))
+        }
+        (true, None) => {
+            let s = SpawnedServer::start_with_js("sync_interval: always", "")?;
+            let url = s.url();
+            (vec![s], url)
+        }
+        (false, _) => {
+            let (_, url) = target_server(false, args.nats.as_deref())?;
+            (Vec::new(), url)
+        }
+    };
+    let cfg = ConnectConfig::new(url.split(',').map(str::to_owned));
     let t = cfg.request_timeout;
     let admin = connect(&cfg).await.map_err(|e| e.to_string())?;
     let space = Space::new(format!("chaos{}", args.seed)).map_err(|e| format!("space: {e}"))?;
     let channel = Channel::new(CHANNEL).map_err(|e| format!("channel: {e}"))?;
-    let report = provision_space(&admin.client, &space, t).await;
-    if report.failed() > 0 {
-        return Err(format!("provisioning failed: {}", report.summary()));
+    let concrete = ConcreteChannel::new(CHANNEL).map_err(|e| format!("channel: {e}"))?;
+    let mut plan = SpacePlan::new(&space);
+    if let Some(n) = args.cluster {
+        plan = plan.with_replicas(n.min(3) as u32);
+    }
+    // A fresh cluster elects its JetStream meta leader a few seconds after it accepts clients.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let report = apply(&admin.client, &plan, t).await;
+        if report.failed() == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("provisioning failed: {}", report.summary()));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     let js = async_nats::jetstream::new(admin.client.clone());
     js.get_key_value(KvBucket::Channels.name(&space))
@@ -182,157 +485,425 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     }
 
     let mut spawned = 0usize;
-    let mut daemon = spawn_daemon(&url, &space, spawned)?;
+    let mut daemon = Some(spawn_daemon(&url, &space, spawned)?);
     spawned += 1;
 
-    let surfaced = Arc::new(AtomicUsize::new(0));
     let joined = Arc::new(AtomicUsize::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut members = Vec::new();
+    let mut surfaced = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         let mut config = AgentConfig::new(
             space.clone(),
             Sender::new(id.clone(), id.as_str()),
-            vec![channel.clone()],
+            if i < args.members - late_joiners(&args) {
+                vec![channel.clone()]
+            } else {
+                Vec::new()
+            },
             args.seed ^ (i as u64 + 1),
         );
         config.durable_backstop = true;
         config.create_dlv_consumer = false;
+        let count = Arc::new(AtomicUsize::new(0));
         members.push(
             start_member(
                 &cfg,
                 config,
-                Arc::clone(&surfaced),
+                Arc::clone(&count),
                 Arc::clone(&joined),
                 stop_rx.clone(),
             )
             .await?,
         );
+        surfaced.push(count);
     }
     let deadline = Instant::now() + Duration::from_secs(60);
-    while joined.load(std::sync::atomic::Ordering::Relaxed) < args.members {
+    while joined.load(Ordering::Relaxed) < args.members - late_joiners(&args) {
         if Instant::now() > deadline {
             return Err("members did not join durably within 60 s".into());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // The fault schedule: kill points in [5 s, duration − 5 s), one per 30 s of run (at least 1).
-    let mut rng = Rng(args.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let faults = (args.duration / 30).max(1);
-    let mut kills: Vec<u64> = (0..faults)
-        .map(|_| 5_000 + rng.below(args.duration.saturating_sub(10) * 1000))
-        .collect();
-    kills.sort_unstable();
-    let pauses: Vec<u64> = kills.iter().map(|_| rng.below(3000)).collect();
-
+    let steps = schedule(&args, &kinds);
     let start = Instant::now();
-    let interval = Duration::from_micros(1_000_000 / args.rate);
-    let mut published: Vec<String> = Vec::new();
-    let mut next_kill = 0usize;
+    let (pub_stop_tx, pub_stop_rx) = watch::channel(false);
+    let pub_task = tokio::spawn(publisher(
+        js.clone(),
+        space.clone(),
+        args.seed,
+        args.rate,
+        pub_stop_rx,
+    ));
     let mut faults_injected = 0u64;
+    let mut fault_counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut churn_steps = 0u64;
     let mut timeline: Vec<String> = Vec::new();
-    while start.elapsed() < Duration::from_secs(args.duration) {
-        if next_kill < kills.len() && start.elapsed() >= Duration::from_millis(kills[next_kill]) {
-            let _ = daemon.child.kill();
-            let _ = daemon.child.wait();
+    let mut server_down: Option<usize> = None;
+    // A late joiner counts as "left" until its first join.
+    let mut left: Vec<bool> = (0..args.members)
+        .map(|i| i >= args.members - late_joiners(&args))
+        .collect();
+    let stamp = |start: Instant| format!("{:>6.1}s", start.elapsed().as_secs_f64());
+    let mut daemon_exits = 0u64;
+    // The harness supervises the daemon as systemd would: a daemon that exits on its own (it
+    // does when its lease is lost, for example after a long server outage) is restarted and the
+    // exit is counted and shown.
+    let mut supervise = |daemon: &mut Option<DaemonChild>,
+                         spawned: &mut usize,
+                         timeline: &mut Vec<String>|
+     -> Result<(), String> {
+        let exited = match daemon.as_mut() {
+            Some(d) => d.child.try_wait().ok().flatten(),
+            None => return Ok(()),
+        };
+        if let Some(status) = exited
+            && let Some(d) = daemon.take()
+        {
+            daemon_exits += 1;
             timeline.push(format!(
-                "{:>6.1}s SIGKILL {} (pid {})",
-                start.elapsed().as_secs_f64(),
-                daemon.id,
-                daemon.child.id()
+                "{} {} exited on its own ({status}): {}",
+                stamp(start),
+                d.id,
+                last_error(&d.log)
             ));
-            faults_injected += 1;
-            tokio::time::sleep(Duration::from_millis(pauses[next_kill])).await;
-            daemon = spawn_daemon(&url, &space, spawned)?;
-            spawned += 1;
-            timeline.push(format!(
-                "{:>6.1}s start {}",
-                start.elapsed().as_secs_f64(),
-                daemon.id
-            ));
-            next_kill += 1;
+            let next = spawn_daemon(&url, &space, *spawned)?;
+            *spawned += 1;
+            timeline.push(format!("{} supervisor starts {}", stamp(start), next.id));
+            *daemon = Some(next);
         }
-        let n = published.len();
-        let id = format!("{:08x}-0000-4000-8000-{:012}", args.seed & 0xffff_ffff, n);
-        let body = json!({"id": id, "ts": wall_clock().0, "space": space.as_str(),
-                          "from": {"id": "publisher", "name": "publisher"}, "channel": CHANNEL,
-                          "parts": [{"kind": "text", "text": format!("chaos {n}")}]});
-        let ack = js
-            .send_publish(
-                format!("cotal.{}.chat.publisher.{CHANNEL}", space.as_str()),
-                async_nats::jetstream::message::PublishMessage::build()
-                    .payload(Bytes::from(body.to_string()))
-                    .message_id(id.clone()),
-            )
-            .await
-            .map_err(|e| format!("publish: {e}"))?
-            .await;
-        if ack.is_ok() {
-            published.push(id);
+        Ok(())
+    };
+    for (at, step) in steps {
+        let when = start + Duration::from_millis(at);
+        while Instant::now() < when {
+            supervise(&mut daemon, &mut spawned, &mut timeline)?;
+            tokio::time::sleep(Duration::from_millis(100).min(when - Instant::now())).await;
         }
-        tokio::time::sleep(interval).await;
+        match step {
+            Step::Inject(Fault::DaemonKill) => {
+                let Some(mut d) = daemon.take() else {
+                    continue;
+                };
+                let _ = d.child.kill();
+                let _ = d.child.wait();
+                timeline.push(format!(
+                    "{} SIGKILL {} (pid {})",
+                    stamp(start),
+                    d.id,
+                    d.child.id()
+                ));
+                faults_injected += 1;
+                *fault_counts.entry(Fault::DaemonKill.name()).or_default() += 1;
+            }
+            Step::Restore(Fault::DaemonKill) => {
+                if daemon.is_none() {
+                    let d = spawn_daemon(&url, &space, spawned)?;
+                    spawned += 1;
+                    timeline.push(format!("{} start {}", stamp(start), d.id));
+                    daemon = Some(d);
+                }
+            }
+            Step::Inject(
+                kind
+                @ (Fault::ServerStop | Fault::ServerKill | Fault::NodeStop | Fault::LeaderKill),
+            ) => {
+                if servers.is_empty() || server_down.is_some() {
+                    continue;
+                }
+                let leader = if servers.len() > 1 {
+                    chat_leader(&js, &space).await
+                } else {
+                    None
+                };
+                let index = match kind {
+                    Fault::LeaderKill => leader.unwrap_or(0),
+                    Fault::NodeStop => {
+                        let others: Vec<usize> =
+                            (0..servers.len()).filter(|i| Some(*i) != leader).collect();
+                        others[(at as usize) % others.len().max(1)]
+                    }
+                    _ => 0,
+                };
+                let Some(s) = servers.get_mut(index) else {
+                    continue;
+                };
+                let pid = s.pid();
+                let kill = matches!(kind, Fault::ServerKill | Fault::LeaderKill);
+                tokio::task::block_in_place(|| s.stop(kill))?;
+                server_down = Some(index);
+                timeline.push(format!(
+                    "{} {} nats-server n{index} (pid {pid}){}",
+                    stamp(start),
+                    if kill { "SIGKILL" } else { "SIGTERM" },
+                    match leader {
+                        Some(l) if l == index => ", the CHAT leader",
+                        Some(_) => ", not the CHAT leader",
+                        None => "",
+                    }
+                ));
+                faults_injected += 1;
+                *fault_counts.entry(kind.name()).or_default() += 1;
+            }
+            Step::Restore(
+                Fault::ServerStop | Fault::ServerKill | Fault::NodeStop | Fault::LeaderKill,
+            ) => {
+                let Some(index) = server_down.take() else {
+                    continue;
+                };
+                let Some(s) = servers.get_mut(index) else {
+                    continue;
+                };
+                tokio::task::block_in_place(|| s.restart())?;
+                timeline.push(format!(
+                    "{} nats-server n{index} restarted (pid {})",
+                    stamp(start),
+                    s.pid()
+                ));
+            }
+            Step::Leave(i) => {
+                if left[i] {
+                    continue;
+                }
+                match members[i].handle.leave(channel.clone()).await {
+                    Ok(_) => {
+                        timeline.push(format!("{} {} leaves", stamp(start), ids[i]));
+                        left[i] = true;
+                        churn_steps += 1;
+                    }
+                    Err(e) => {
+                        timeline.push(format!("{} {} leave refused: {e}", stamp(start), ids[i]));
+                    }
+                }
+            }
+            Step::Rejoin(i) => {
+                if !left[i] {
+                    continue;
+                }
+                match members[i].handle.join(channel.clone()).await {
+                    Ok(_) => {
+                        timeline.push(format!("{} {} joins", stamp(start), ids[i]));
+                        left[i] = false;
+                        churn_steps += 1;
+                    }
+                    Err(e) => {
+                        timeline.push(format!("{} {} join refused: {e}", stamp(start), ids[i]));
+                    }
+                }
+            }
+        }
     }
+    let end = start + Duration::from_secs(args.duration);
+    while Instant::now() < end {
+        supervise(&mut daemon, &mut spawned, &mut timeline)?;
+        tokio::time::sleep(
+            Duration::from_millis(100).min(end.saturating_duration_since(Instant::now())),
+        )
+        .await;
+    }
+    let _ = pub_stop_tx.send(true);
+    let published = pub_task.await.map_err(|e| format!("publisher: {e}"))?;
 
-    // Heal: until every member's DLV holds every message, or the timeout.
-    let expected = published.len() * args.members;
-    let heal_start = Instant::now();
-    let dlv = format!("DLV_{}", space.as_str());
-    let mut durable = dlv_counts(&js, &dlv, &space, &ids).await?;
-    while durable.iter().sum::<u64>() < expected as u64
-        && heal_start.elapsed() < Duration::from_secs(args.heal_s)
+    // Heal: every outage ends, then wait until each member has surfaced as many distinct
+    // messages as its intervals owe it and that count stood still for 3 s, or the timeout.
+    if let Some(index) = server_down.take()
+        && let Some(s) = servers.get_mut(index)
     {
+        tokio::task::block_in_place(|| s.restart())?;
+        timeline.push(format!("{} heal: nats-server restarted", stamp(start)));
+    }
+    if daemon.is_none() {
+        daemon = Some(spawn_daemon(&url, &space, spawned)?);
+        timeline.push(format!("{} heal: daemon started", stamp(start)));
+    }
+    let heal_start = Instant::now();
+    let mut owed = owed_copies(&js, &space, &concrete, &ids, &published.acked).await?;
+    let mut last: Vec<usize> = Vec::new();
+    let mut still_since = Instant::now();
+    while heal_start.elapsed() < Duration::from_secs(args.heal_s) {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        durable = dlv_counts(&js, &dlv, &space, &ids).await?;
+        supervise(&mut daemon, &mut spawned, &mut timeline)?;
+        let now: Vec<usize> = surfaced.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        if now != last {
+            last = now;
+            still_since = Instant::now();
+            // Records may still change in the heal (a join or leave that was in flight).
+            owed = owed_copies(&js, &space, &concrete, &ids, &published.acked).await?;
+            continue;
+        }
+        let caught_up = owed.iter().zip(&last).all(|(o, n)| *n >= o.expected.len());
+        if caught_up && still_since.elapsed() >= Duration::from_secs(3) {
+            // The application view is complete; the durable path must be too (a live copy
+            // can hide a durable copy the daemon has not written yet, or never will).
+            let durable = dlv_ids(&js, &space, &ids).await?;
+            let complete = owed
+                .iter()
+                .zip(&durable)
+                .all(|(o, d)| no_dlv_copy(o, d).is_empty());
+            if complete {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
     }
     let heal_time = heal_start.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    owed = owed_copies(&js, &space, &concrete, &ids, &published.acked).await?;
+    let durable = dlv_ids(&js, &space, &ids).await?;
     let _ = stop_tx.send(true);
+
+    let mut expected = 0u64;
     let mut delivered = 0u64;
     let mut app_duplicates = 0u64;
     let mut via_dlv = 0u64;
     let mut losses_reported = 0u64;
-    let published_set: BTreeSet<&String> = published.iter().collect();
-    for m in members {
+    let mut losses_unreported = 0u64;
+    let mut forgotten = 0u64;
+    let mut missing_lines = Vec::new();
+    let mut durable_missing = 0u64;
+    let mut dlv_rotated = 0u64;
+    let mut durable_outside = 0u64;
+    let mut durable_total = 0u64;
+    for ((m, owe), copies) in members.into_iter().zip(&owed).zip(&durable) {
         let log = m.task.await.map_err(|e| format!("member task: {e}"))?;
         let _ = m.handle.stop(Duration::from_secs(2));
         let _ = tokio::time::timeout(Duration::from_secs(5), m.agent).await;
-        delivered += log
-            .first
-            .keys()
-            .filter(|k| published_set.contains(k))
-            .count() as u64;
+        expected += owe.expected.len() as u64;
+        forgotten += owe.forgotten;
         app_duplicates += log.duplicates;
         via_dlv += log.via_dlv;
         losses_reported += log.lost_events;
+        let mut missing = Vec::new();
+        for (id, seq) in &owe.expected {
+            if log.first.contains_key(id) {
+                delivered += 1;
+            } else if !log.lost_ids.contains(id) {
+                missing.push(*seq);
+            }
+        }
+        losses_unreported += missing.len() as u64;
+        // The durable path alone: expected copies with no DLV copy (covered live, or lost on
+        // the durable path), and DLV copies of acked messages outside every interval (a leak).
+        durable_total += copies.len() as u64;
+        let owed_ids: BTreeSet<&String> = owe.expected.iter().map(|(id, _)| id).collect();
+        let not_in_dlv = no_dlv_copy(owe, copies);
+        durable_missing += not_in_dlv.len() as u64;
+        dlv_rotated += owe.expected.len() as u64
+            - owe
+                .expected
+                .iter()
+                .filter(|(id, _)| copies.contains(id))
+                .count() as u64
+            - not_in_dlv.len() as u64;
+        if !not_in_dlv.is_empty() {
+            missing_lines.push(format!(
+                "{}: no DLV copy for CHAT seqs {:?}{}",
+                owe.member,
+                &not_in_dlv[..not_in_dlv.len().min(20)],
+                if not_in_dlv.len() > 20 { " …" } else { "" },
+            ));
+        }
+        durable_outside += published
+            .acked
+            .iter()
+            .filter(|p| copies.contains(&p.id) && !owed_ids.contains(&p.id))
+            .count() as u64;
+        if !missing.is_empty() {
+            missing_lines.push(format!(
+                "{}: {} unreported, CHAT seqs {:?}{}; intervals {:?}",
+                owe.member,
+                missing.len(),
+                &missing[..missing.len().min(20)],
+                if missing.len() > 20 { " …" } else { "" },
+                owe.intervals
+            ));
+        }
+    }
+    if durable_missing > 0 {
+        let seqs: BTreeSet<u64> = owed
+            .iter()
+            .zip(&durable)
+            .flat_map(|(o, d)| {
+                o.expected
+                    .iter()
+                    .filter(|(id, _)| !d.contains(id))
+                    .map(|(_, seq)| *seq)
+            })
+            .collect();
+        missing_lines.extend(durable_diagnosis(&js, &space, &seqs).await);
+        if let Some(d) = &daemon {
+            missing_lines.push(format!("diagnosis: daemon log {}", d.log.display()));
+        }
     }
     drop(daemon);
-    let durable_total: u64 = durable.iter().sum();
-    let losses_unreported = (expected as u64)
-        .saturating_sub(durable_total)
-        .saturating_sub(losses_reported);
     let duplicates_suppressed = durable_total.saturating_sub(via_dlv);
 
+    let kinds_text: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
     println!(
-        "cotal chaos: seed {}, {} s, {} members, daemon SIGKILLed and replaced",
-        args.seed, args.duration, args.members
+        "cotal chaos: seed {}, {} s, {} members, faults {}, {} membership changes",
+        args.seed,
+        args.duration,
+        args.members,
+        kinds_text.join(","),
+        churn_steps
     );
     for line in &timeline {
         println!("  {line}");
     }
+    for line in &missing_lines {
+        println!("  MISSING {line}");
+    }
     println!("| figure | value |");
     println!("| --- | --- |");
-    for (name, value) in [
-        ("faults injected (daemon SIGKILL)", faults_injected),
-        ("messages published", published.len() as u64),
-        ("copies expected", expected as u64),
-        ("delivered (surfaced, distinct)", delivered),
-        ("durable copies in DLV", durable_total),
-        ("duplicates suppressed", duplicates_suppressed),
-        ("duplicates surfaced to the application", app_duplicates),
-        ("losses reported", losses_reported),
-        ("losses unreported", losses_unreported),
-    ] {
+    let mut rows = vec![("faults injected".to_owned(), faults_injected)];
+    for (k, v) in &fault_counts {
+        rows.push((format!("  of which {k}"), *v));
+    }
+    rows.extend([
+        (
+            "daemon exits on its own (restarted)".to_owned(),
+            daemon_exits,
+        ),
+        (
+            "membership changes (join/leave/rejoin)".to_owned(),
+            churn_steps,
+        ),
+        (
+            "messages published (acked)".to_owned(),
+            published.acked.len() as u64,
+        ),
+        (
+            "publishes not acked (not expected)".to_owned(),
+            published.failed,
+        ),
+        (
+            "copies expected (by the records' intervals)".to_owned(),
+            expected,
+        ),
+        ("delivered (surfaced, distinct)".to_owned(), delivered),
+        ("durable copies in DLV".to_owned(), durable_total),
+        (
+            "expected copies with no DLV copy".to_owned(),
+            durable_missing,
+        ),
+        (
+            "DLV copies rotated out by the 1000 cap".to_owned(),
+            dlv_rotated,
+        ),
+        (
+            "DLV copies outside the intervals".to_owned(),
+            durable_outside,
+        ),
+        ("duplicates suppressed".to_owned(), duplicates_suppressed),
+        (
+            "duplicates surfaced to the application".to_owned(),
+            app_duplicates,
+        ),
+        ("losses reported".to_owned(), losses_reported),
+        ("losses unreported".to_owned(), losses_unreported),
+        ("intervals forgotten by the records".to_owned(), forgotten),
+    ]);
+    for (name, value) in &rows {
         println!("| {name} | {value} |");
     }
     println!("heal took {:.1} s", heal_time.as_secs_f64());
@@ -340,17 +911,26 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         println!(
             "{}",
             json!({"seed": args.seed, "duration_s": args.duration, "members": args.members,
-                   "faults_injected": faults_injected, "messages": published.len(),
+                   "faults": kinds_text, "faults_injected": faults_injected,
+                   "fault_counts": fault_counts,
+                   "membership_changes": churn_steps,
+                   "daemon_exits": daemon_exits,
+                   "messages": published.acked.len(),
+                   "publishes_failed": published.failed,
                    "copies_expected": expected, "delivered": delivered,
                    "durable_copies": durable_total,
+                   "durable_missing": durable_missing,
+                   "dlv_rotated": dlv_rotated,
+                   "durable_outside_intervals": durable_outside,
                    "duplicates_suppressed": duplicates_suppressed,
                    "duplicates_surfaced": app_duplicates,
                    "losses_reported": losses_reported,
                    "losses_unreported": losses_unreported,
+                   "intervals_forgotten": forgotten,
                    "heal_s": heal_time.as_secs_f64()})
         );
     }
-    drop(server);
+    drop(servers);
     Ok(if losses_unreported == 0 && app_duplicates == 0 {
         ExitCode::SUCCESS
     } else {
@@ -358,30 +938,401 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     })
 }
 
-/// Messages stored on each member's `dlv.<id>` subject (one per distinct copy: the DLV msg-id
-/// collapses a successor's rewrite of the same copy).
-async fn dlv_counts(
-    js: &async_nats::jetstream::Context,
-    dlv: &str,
-    space: &Space,
-    ids: &[AgentId],
-) -> Result<Vec<u64>, String> {
-    let stream = js
-        .get_stream(dlv)
+/// Starts `n` nats-server nodes `n0..` on loopback, each routed to all others (cluster
+/// `cotal_chaos`), JetStream on with its own file store and `sync_interval: always`.
+fn start_cluster(n: usize) -> Result<Vec<SpawnedServer>, String> {
+    if !(1..=5).contains(&n) {
+        return Err("--cluster takes 1 to 5 nodes".into());
+    }
+    let client: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
+    let cluster: Vec<u16> = (0..n).map(|_| free_port()).collect::<Result<_, _>>()?;
+    let routes: Vec<String> = cluster
+        .iter()
+        .map(|p| format!("\"nats-route://127.0.0.1:{p}\""))
+        .collect();
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let extra = format!(
+            "cluster {{ name: cotal_chaos, listen: \"127.0.0.1:{}\", routes: [{}] }}\n",
+            cluster[i],
+            routes.join(", ")
+        );
+        nodes.push(SpawnedServer::start_node(
+            client[i],
+            &format!("n{i}"),
+            "sync_interval: always",
+            &extra,
+        )?);
+    }
+    Ok(nodes)
+}
+
+/// The index of the node leading the CHAT stream (its server name is `n<i>`), if known.
+async fn chat_leader(js: &async_nats::jetstream::Context, space: &Space) -> Option<usize> {
+    let mut stream = js
+        .get_stream(format!("CHAT_{}", space.as_str()))
         .await
-        .map_err(|e| format!("{dlv}: {e}"))?;
+        .ok()?;
+    let info = stream.info().await.ok()?;
+    info.cluster
+        .as_ref()?
+        .leader
+        .as_deref()?
+        .strip_prefix('n')?
+        .parse()
+        .ok()
+}
+
+/// The CHAT sequences of the copies owed to a member that have no DLV copy, leaving out those
+/// older than its oldest retained DLV copy when its DLV subject is at the stream's 1000-copy cap
+/// (rotated out with discard-old after their transfer, not missing).
+fn no_dlv_copy(owe: &Owed, copies: &BTreeSet<String>) -> Vec<u64> {
+    let at_cap = copies.len() >= DLV_CAP;
+    let oldest = owe
+        .expected
+        .iter()
+        .filter(|(id, _)| copies.contains(id))
+        .map(|(_, seq)| *seq)
+        .min()
+        .unwrap_or(0);
+    owe.expected
+        .iter()
+        .filter(|(id, seq)| {
+            let rotated = at_cap && *seq < oldest;
+            !copies.contains(id) && !rotated
+        })
+        .map(|(_, seq)| *seq)
+        .collect()
+}
+
+/// Copies `DLV_<space>` keeps per member subject (limits, discard old).
+const DLV_CAP: usize = 1000;
+
+/// What one member is owed, from its membership record.
+struct Owed {
+    member: AgentId,
+    /// The intervals of the record (current and closed), as `(join cursor, leave cursor)`.
+    intervals: Vec<(u64, Option<u64>)>,
+    /// Closed intervals the record no longer keeps (their messages cannot be judged).
+    forgotten: u64,
+    /// `(message id, CHAT seq)` of every acked message inside one of the intervals.
+    expected: Vec<(String, u64)>,
+}
+
+/// The copies each member is owed: an acked message is expected for a member if its CHAT
+/// sequence lies in one of the intervals its membership record holds (`join cursor < seq ≤
+/// leave cursor`, the record's current interval and its closed ones). The records are the
+/// judge: no boundary window is excused.
+async fn owed_copies(
+    js: &async_nats::jetstream::Context,
+    space: &Space,
+    channel: &ConcreteChannel,
+    ids: &[AgentId],
+    acked: &[Published],
+) -> Result<Vec<Owed>, String> {
+    let kv = js
+        .get_key_value(KvBucket::Members.name(space))
+        .await
+        .map_err(|e| format!("members bucket: {e}"))?;
     let mut out = Vec::new();
     for id in ids {
-        let info = stream
-            .info_with_subjects(format!("cotal.{}.dlv.{}", space.as_str(), id.as_str()))
+        let value = kv
+            .get(member_key(channel, id))
             .await
-            .map_err(|e| format!("{dlv} info: {e}"))?;
-        use futures::TryStreamExt;
-        let subjects: Vec<(String, usize)> = info
-            .try_collect()
-            .await
-            .map_err(|e| format!("{dlv} subjects: {e}"))?;
-        out.push(subjects.iter().map(|(_, n)| *n as u64).sum());
+            .map_err(|e| format!("membership record of {id}: {e}"))?;
+        let mut intervals = Vec::new();
+        let mut forgotten = 0;
+        if let Some(bytes) = value {
+            let rec: MembershipRecord = serde_json::from_slice(&bytes)
+                .map_err(|e| format!("membership record of {id}: {e}"))?;
+            if let Some(i) = current_interval(&rec) {
+                intervals.push((i.join_cursor, i.leave_cursor));
+            }
+            for c in closed_intervals(&rec) {
+                intervals.push((c.join_cursor, Some(c.leave_cursor)));
+            }
+            forgotten = forgotten_intervals(&rec);
+        }
+        let inside = |seq: u64| {
+            intervals
+                .iter()
+                .any(|(j, l)| seq > *j && l.is_none_or(|l| seq <= l))
+        };
+        let expected = acked
+            .iter()
+            .filter(|p| inside(p.seq))
+            .map(|p| (p.id.clone(), p.seq))
+            .collect();
+        out.push(Owed {
+            member: id.clone(),
+            intervals,
+            forgotten,
+            expected,
+        });
     }
     Ok(out)
+}
+
+/// Where the durable path stopped for the `seqs` with no DLV copy: is the message in CHAT, does
+/// INBOX hold an entry for it, and where the fan-out consumer stands.
+async fn durable_diagnosis(
+    js: &async_nats::jetstream::Context,
+    space: &Space,
+    seqs: &BTreeSet<u64>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let chat = format!("CHAT_{}", space.as_str());
+    let inbox = format!("INBOX_{}", space.as_str());
+    let Ok(stream) = js.get_stream(&chat).await else {
+        return vec![format!("diagnosis: no {chat}")];
+    };
+    for seq in seqs.iter().take(10) {
+        let line = match stream.get_raw_message(*seq).await {
+            Ok(m) => {
+                let id = serde_json::from_slice::<serde_json::Value>(&m.payload)
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned))
+                    .unwrap_or_default();
+                let entries = inbox_entries(js, &inbox, &id).await;
+                format!("diagnosis: CHAT seq {seq} holds {id}; INBOX entries for it: {entries}")
+            }
+            Err(e) => format!("diagnosis: CHAT seq {seq} not readable: {e}"),
+        };
+        out.push(line);
+    }
+    if let Ok(mut c) = stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>("fanout")
+        .await
+        && let Ok(info) = c.info().await
+    {
+        out.push(format!(
+            "diagnosis: fanout consumer: delivered stream seq {}, ack floor {}, pending {}, \
+             ack pending {}, redelivered {}",
+            info.delivered.stream_sequence,
+            info.ack_floor.stream_sequence,
+            info.num_pending,
+            info.num_ack_pending,
+            info.num_redelivered
+        ));
+    }
+    out
+}
+
+/// How many INBOX entries carry message `id` (a scan of the stream, bounded by 10 s).
+async fn inbox_entries(js: &async_nats::jetstream::Context, inbox: &str, id: &str) -> String {
+    use async_nats::jetstream::consumer;
+    use futures::StreamExt;
+    let Ok(mut stream) = js.get_stream(inbox).await else {
+        return "no stream".into();
+    };
+    let Ok(info) = stream.info().await else {
+        return "no info".into();
+    };
+    let total = info.state.messages;
+    let config = consumer::push::OrderedConfig {
+        deliver_subject: js.client().new_inbox(),
+        deliver_policy: consumer::DeliverPolicy::All,
+        ..Default::default()
+    };
+    let Ok(reader) = stream.create_consumer(config).await else {
+        return "no reader".into();
+    };
+    let Ok(mut messages) = reader.messages().await else {
+        return "no reader".into();
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let (mut seen, mut hits) = (0u64, 0u64);
+    while seen < total {
+        match tokio::time::timeout_at(deadline, messages.next()).await {
+            Ok(Some(Ok(m))) => {
+                seen += 1;
+                if m.payload.windows(id.len()).any(|w| w == id.as_bytes()) {
+                    hits += 1;
+                }
+            }
+            _ => break,
+        }
+    }
+    format!("{hits} (of {seen} scanned)")
+}
+
+/// The message ids of the durable copies stored on each member's `dlv.<id>` subject (the DLV
+/// payload is the bare CotalMessage; the DLV msg-id collapses a successor's rewrite of the same
+/// copy). Read with an ordered push consumer, bounded by the stream's message count and 30 s.
+async fn dlv_ids(
+    js: &async_nats::jetstream::Context,
+    space: &Space,
+    ids: &[AgentId],
+) -> Result<Vec<BTreeSet<String>>, String> {
+    use async_nats::jetstream::consumer;
+    use futures::StreamExt;
+    let name = format!("DLV_{}", space.as_str());
+    let mut stream = js
+        .get_stream(&name)
+        .await
+        .map_err(|e| format!("{name}: {e}"))?;
+    let total = stream
+        .info()
+        .await
+        .map_err(|e| format!("{name} info: {e}"))?
+        .state
+        .messages;
+    let mut out = vec![BTreeSet::new(); ids.len()];
+    if total == 0 {
+        return Ok(out);
+    }
+    let prefix = format!("cotal.{}.dlv.", space.as_str());
+    let config = consumer::push::OrderedConfig {
+        deliver_subject: js.client().new_inbox(),
+        filter_subject: format!("{prefix}>"),
+        deliver_policy: consumer::DeliverPolicy::All,
+        replay_policy: consumer::ReplayPolicy::Instant,
+        ..Default::default()
+    };
+    let reader = stream
+        .create_consumer(config)
+        .await
+        .map_err(|e| format!("{name} reader: {e}"))?;
+    let mut messages = reader
+        .messages()
+        .await
+        .map_err(|e| format!("{name} reader: {e}"))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut seen = 0u64;
+    while seen < total {
+        let next = tokio::time::timeout_at(deadline, messages.next())
+            .await
+            .map_err(|_| format!("{name}: read {seen} of {total} copies in 30 s"))?;
+        let Some(Ok(m)) = next else {
+            return Err(format!("{name}: reader ended after {seen} of {total}"));
+        };
+        seen += 1;
+        let owner = m.subject.as_str().strip_prefix(&prefix).unwrap_or_default();
+        let Some(slot) = ids.iter().position(|id| id.as_str() == owner) else {
+            continue;
+        };
+        let id = serde_json::from_slice::<serde_json::Value>(&m.payload)
+            .ok()
+            .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned));
+        if let Some(id) = id {
+            out[slot].insert(id);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: ChaosArgs,
+    }
+
+    fn args(extra: &[&str]) -> ChaosArgs {
+        let mut argv = vec!["chaos", "--spawn-server"];
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).expect("valid arguments").args
+    }
+
+    fn plan(extra: &[&str]) -> Vec<(u64, Step)> {
+        let a = args(extra);
+        let kinds = Fault::parse(a.faults.as_deref().unwrap_or("daemon-kill,server-stop"))
+            .expect("fault list");
+        schedule(&a, &kinds)
+    }
+
+    fn render(steps: &[(u64, Step)]) -> String {
+        format!("{steps:?}")
+    }
+
+    #[test]
+    fn the_schedule_is_a_function_of_the_seed() {
+        let run = ["--duration", "120", "--members", "3", "--seed", "9"];
+        assert_eq!(render(&plan(&run)), render(&plan(&run)));
+        let other = ["--duration", "120", "--members", "3", "--seed", "10"];
+        assert_ne!(render(&plan(&run)), render(&plan(&other)));
+    }
+
+    #[test]
+    fn outages_never_overlap_and_stay_inside_the_run() {
+        for seed in 0..50u64 {
+            let seed = seed.to_string();
+            let steps = plan(&[
+                "--duration",
+                "90",
+                "--members",
+                "4",
+                "--fault-count",
+                "6",
+                "--seed",
+                &seed,
+            ]);
+            let mut open: Option<Fault> = None;
+            let mut injected = 0;
+            for (at, step) in &steps {
+                assert!(*at >= 5_000 && *at < 90_000, "seed {seed}: {at}");
+                match step {
+                    Step::Inject(k) => {
+                        assert!(open.is_none(), "seed {seed}: {k:?} during {open:?}");
+                        open = Some(*k);
+                        injected += 1;
+                    }
+                    Step::Restore(k) => {
+                        assert_eq!(open.take(), Some(*k), "seed {seed}");
+                    }
+                    Step::Leave(i) | Step::Rejoin(i) => assert!(*i < 4),
+                }
+            }
+            assert_eq!(injected, 6, "seed {seed}");
+            assert!(open.is_none());
+        }
+    }
+
+    #[test]
+    fn late_joiners_join_once_in_the_first_half() {
+        let steps = plan(&[
+            "--duration",
+            "100",
+            "--members",
+            "6",
+            "--churn",
+            "0",
+            "--seed",
+            "3",
+        ]);
+        let joins: Vec<(u64, usize)> = steps
+            .iter()
+            .filter_map(|(at, s)| match s {
+                Step::Rejoin(i) => Some((*at, *i)),
+                _ => None,
+            })
+            .collect();
+        let mut who: Vec<usize> = joins.iter().map(|(_, i)| *i).collect();
+        who.sort_unstable();
+        assert_eq!(who, [4, 5], "the last two of six members join late");
+        assert!(joins.iter().all(|(at, _)| *at < 5_000 + 45_000));
+        assert_eq!(late_joiners(&args(&["--members", "1"])), 0);
+        assert_eq!(
+            late_joiners(&args(&["--members", "2", "--late-joiners", "5"])),
+            1
+        );
+    }
+
+    #[test]
+    fn fault_lists_parse_and_refuse_unknown_names() {
+        assert_eq!(
+            Fault::parse("server-kill, daemon-kill,server-kill").expect("valid"),
+            [Fault::ServerKill, Fault::DaemonKill]
+        );
+        assert!(Fault::parse("").is_err());
+        assert!(
+            Fault::parse("daemon-kill,meteor")
+                .expect_err("unknown")
+                .contains("meteor")
+        );
+    }
 }
