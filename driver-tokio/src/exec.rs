@@ -34,7 +34,10 @@
 //!    server writes after every earlier one.
 //! 5. **Connection loss.** On `Disconnected` the actor emits [`Connection::Lost`], answers every
 //!    in-flight operation with `Unknown`, and closes every feed (core subscriptions are
-//!    unsubscribed, so the client does not silently restore them), forgetting held deliveries.
+//!    unsubscribed, so the client does not silently restore them). Deliveries the machine still
+//!    held are forgotten by the machine and naked back at the reconnect (counted in
+//!    `handed_back`): without that, a server restart left them ack-pending until the consumer's
+//!    60 s `ack_wait` (found by `cotal chaos`: durable copies up to a minute late).
 //!    Nothing more arrives on any old feed: feed items carry a generation and stale ones are
 //!    dropped. On `Connected` it emits [`Connection::Restored`]; the machine reopens what it needs.
 //! 6. **Order and concurrency.** Subscribes, unsubscribes and core publishes are handed to the
@@ -208,6 +211,7 @@ impl Executor {
             inflight: HashMap::new(),
             feeds: HashMap::new(),
             deliveries: HashMap::new(),
+            orphaned: Vec::new(),
             next_delivery: 0,
             next_gen: 0,
             subscribed_since_barrier: false,
@@ -331,6 +335,9 @@ struct Actor {
     inflight: HashMap<OpId, InFlight>,
     feeds: HashMap<SubId, Feed>,
     deliveries: HashMap<DeliveryId, Held>,
+    /// Ack subjects of deliveries the machine held when the connection was lost: naked back at
+    /// the reconnect, so the server redelivers them then rather than after `ack_wait`.
+    orphaned: Vec<String>,
     next_delivery: u64,
     next_gen: u64,
     subscribed_since_barrier: bool,
@@ -542,6 +549,7 @@ impl Actor {
                     self.connected = true;
                     tracing::info!("NATS connection restored");
                     self.emit(Input::Connection(Connection::Restored));
+                    self.hand_back_orphans();
                 }
             }
             Event::Disconnected | Event::Closed => {
@@ -587,8 +595,29 @@ impl Actor {
                 a.abort();
             }
         }
-        self.deliveries.clear();
+        self.orphaned
+            .extend(self.deliveries.drain().filter_map(|(_, h)| h.ack_subject));
         self.sentinels.clear();
+    }
+
+    /// Naks the deliveries forgotten at the last connection loss (best effort: a nak the server
+    /// no longer knows, after a restart that lost the consumer's state, is ignored by it).
+    fn hand_back_orphans(&mut self) {
+        let subjects = std::mem::take(&mut self.orphaned);
+        if subjects.is_empty() {
+            return;
+        }
+        let n = u64::try_from(subjects.len()).unwrap_or(u64::MAX);
+        self.stats.handed_back.fetch_add(n, Ordering::Relaxed);
+        let client = self.client.clone();
+        let nak = jetstream::AckKind::Nak(Some(HAND_BACK_DELAY));
+        let payload = Bytes::from(nak);
+        tokio::spawn(async move {
+            for subject in subjects {
+                let _ = client.publish(subject, payload.clone()).await;
+            }
+            let _ = client.flush().await;
+        });
     }
 
     fn on_refused(&mut self, subject: &str, text: &str) {

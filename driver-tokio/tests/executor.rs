@@ -1021,3 +1021,43 @@ async fn connection_loss_makes_in_flight_requests_unknown_and_reconnect_restores
     assert_eq!(d.inbound(Duration::from_millis(500)).await, None);
     assert_eq!(d.exec.stats().disconnects, 1);
 }
+
+/// Found by `cotal chaos`: a delivery the machine still held when the connection dropped stayed
+/// ack-pending on the restarted server until the consumer's 60 s `ack_wait`. The executor now naks
+/// it at the reconnect, so it comes back within seconds.
+#[tokio::test]
+async fn deliveries_held_at_a_connection_loss_are_handed_back_at_the_reconnect() {
+    let Some(mut server) = NatsServer::start() else {
+        return;
+    };
+    provision(&server).await;
+    let mut d = Driver::start(server.config()).await;
+    let owner = AgentId::new("alice").expect("id");
+    let spec = ConsumerSpec::dlv(&space(), &owner);
+    pub_ack(
+        d.run(|op| js_publish(op, "cotal.main.dlv.alice", None, "m1"))
+            .await,
+    );
+    let consume = |op, sub| Command::Consume {
+        op,
+        sub,
+        consumer: spec.clone(),
+        create: true,
+        max_in_flight: 10,
+    };
+    let bound = d.run(|op| consume(op, SubId::from_raw(11))).await;
+    assert!(bound.is_success(), "{bound:?}");
+    let (_, seq, count) = delivery(d.inbound(WAIT).await);
+    assert_eq!((seq, count), (1, 1));
+    // Held, never settled; the server goes down cleanly (it keeps the pending state) and back.
+    server.stop();
+    while d.next().await != Input::Connection(Connection::Lost) {}
+    server.restart();
+    while d.next().await != Input::Connection(Connection::Restored) {}
+    let bound = d.run(|op| consume(op, SubId::from_raw(12))).await;
+    assert!(bound.is_success(), "{bound:?}");
+    // Well inside the 60 s ack_wait: the hand-back nak (1 s delay) made it redeliverable.
+    let (_, seq, count) = delivery(d.inbound(Duration::from_secs(10)).await);
+    assert_eq!((seq, count), (1, 2), "redelivered after the hand-back");
+    assert_eq!(d.exec.stats().handed_back, 1);
+}

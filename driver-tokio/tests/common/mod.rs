@@ -156,6 +156,18 @@ impl NatsServer {
         }
     }
 
+    /// Stops the server cleanly (SIGTERM, by its PID: it writes its state out) and waits.
+    #[allow(dead_code)]
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
+    }
+
     /// Rewrites the config with `users` and makes the running server reload it (SIGHUP, by
     /// its PID). Permissions that got narrower apply to existing connections: the server
     /// re-checks their subscriptions and refuses the ones no longer allowed.
