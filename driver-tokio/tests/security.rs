@@ -1195,14 +1195,17 @@ async fn a_full_dlv_sheds_the_newest_copies_as_reported_losses() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let c = daemon.counters().await;
-    assert_eq!((c.transferred, c.dlv_shed), (1000, 10), "{c:?}");
+    // At least the ten that do not fit; a transfer in flight at a read counts against the room,
+    // so a copy or two more may be shed, never fewer.
+    assert_eq!(c.transferred + c.dlv_shed, 1010, "{c:?}");
+    assert!(c.dlv_shed >= 10 && c.transferred <= 1000, "{c:?}");
     assert_eq!(
         c.backlog_unverified, 0,
         "{c:?}: the credential lacks the DLV read"
     );
     assert_eq!(
         dlv_pending(&s, "bob").await,
-        1000,
+        c.transferred,
         "no unread copy was pushed out"
     );
     let shed: Vec<u64> = daemon
@@ -1213,7 +1216,7 @@ async fn a_full_dlv_sheds_the_newest_copies_as_reported_losses() {
             _ => None,
         })
         .collect();
-    assert_eq!(shed.len(), 10, "{shed:?}");
+    assert_eq!(shed.len() as u64, c.dlv_shed, "{shed:?}");
     daemon.stop().await;
 }
 

@@ -35,6 +35,14 @@
 //! transfers are admitted, the owner is counted as unverified, and the next read is due after
 //! another cap's worth of transfers, never per copy.
 //!
+//! **A read races the writes in flight.** The server computes a total while some of this
+//! daemon's own writes for the owner may still be in flight, so the total may miss them. On the
+//! DLV side the gate works at the cap itself, so the transfers in flight when the read is
+//! sent are added to what it reports ([`DlvBacklog::read`]'s `in_flight`). One already
+//! counted by the server is then counted twice, which errs toward shedding, never toward
+//! eviction. On the INBOX side a clamp can miss at most what fan-out writes in one round trip,
+//! far inside the half-cap margin of [`DINBOX_HIGH_WATER`].
+//!
 //! [`MAX_MSGS_PER_SUBJECT`]: crate::constants::MAX_MSGS_PER_SUBJECT
 
 use std::collections::{BTreeMap, VecDeque};
@@ -207,10 +215,12 @@ impl<T> DlvBacklog<T> {
         }
     }
 
-    /// The owner's read ended: `Some(unread)` from the consumer, `None` when it failed. The
-    /// waiting transfers are admitted oldest first while they fit; the rest are shed. After a
-    /// failure every waiting transfer is admitted and the next read is due a cap's worth later.
-    pub fn read(&mut self, owner: &AgentId, unread: Option<u64>) -> DlvVerdict<T> {
+    /// The owner's read ended: `Some(unread)` from the consumer, `None` when it failed;
+    /// `in_flight` transfers of the owner were published and not yet acknowledged when the read
+    /// was sent (it may not have seen them; no transfer of the owner starts while it reads). The waiting transfers are admitted oldest first while
+    /// they fit; the rest are shed. After a failure every waiting transfer is admitted and the
+    /// next read is due a cap's worth later.
+    pub fn read(&mut self, owner: &AgentId, unread: Option<u64>, in_flight: u64) -> DlvVerdict<T> {
         let waiting = match self.owners.remove(owner) {
             Some(DlvOwner::Reading(w)) => w,
             other => {
@@ -232,7 +242,10 @@ impl<T> DlvBacklog<T> {
             unread,
         };
         let (room, base) = match unread {
-            Some(u) => (OWNER_CAP.saturating_sub(u), u),
+            Some(u) => {
+                let taken = u.saturating_add(in_flight);
+                (OWNER_CAP.saturating_sub(taken), taken)
+            }
             None => (u64::MAX, 0),
         };
         let mut admitted = 0u64;
@@ -296,7 +309,7 @@ mod tests {
             d.admit(&a("bob"), 2),
             (DlvAdmit::Wait { read: false }, None)
         );
-        let v = d.read(&a("bob"), Some(0));
+        let v = d.read(&a("bob"), Some(0), 0);
         assert_eq!(v.admitted, vec![1, 2]);
         assert!(v.shed.is_empty());
         assert_eq!(d.admit(&a("bob"), 3), (DlvAdmit::Transfer, Some(3)));
@@ -308,20 +321,32 @@ mod tests {
         for i in 0..5 {
             d.admit(&a("bob"), i);
         }
-        let v = d.read(&a("bob"), Some(OWNER_CAP - 2));
+        let v = d.read(&a("bob"), Some(OWNER_CAP - 2), 0);
         assert_eq!(v.admitted, vec![0, 1]);
         assert_eq!(v.shed, vec![2, 3, 4]);
         // Now at the cap: the next one reads again.
         assert_eq!(d.admit(&a("bob"), 9), (DlvAdmit::Wait { read: true }, None));
-        let v = d.read(&a("bob"), Some(10));
+        let v = d.read(&a("bob"), Some(10), 0);
         assert_eq!(v.admitted, vec![9]);
+    }
+
+    #[test]
+    fn transfers_in_flight_at_the_read_count_against_the_room() {
+        let mut d = DlvBacklog::default();
+        for i in 0..3 {
+            d.admit(&a("bob"), i);
+        }
+        // 997 read, 2 more published but maybe not seen: room for one.
+        let v = d.read(&a("bob"), Some(OWNER_CAP - 3), 2);
+        assert_eq!(v.admitted, vec![0]);
+        assert_eq!(v.shed, vec![1, 2]);
     }
 
     #[test]
     fn a_failed_read_admits_and_defers_the_next_read_by_a_cap() {
         let mut d = DlvBacklog::default();
         d.admit(&a("bob"), 0);
-        let v = d.read(&a("bob"), None);
+        let v = d.read(&a("bob"), None, 0);
         assert_eq!(v.admitted, vec![0]);
         for i in 1..OWNER_CAP {
             assert_eq!(d.admit(&a("bob"), i), (DlvAdmit::Transfer, Some(i)), "{i}");
@@ -336,7 +361,7 @@ mod tests {
     fn owners_are_independent_and_reset_returns_the_waiting() {
         let mut d = DlvBacklog::default();
         d.admit(&a("bob"), 1);
-        d.read(&a("bob"), Some(0));
+        d.read(&a("bob"), Some(0), 0);
         d.admit(&a("carol"), 2);
         assert_eq!(d.admit(&a("bob"), 3), (DlvAdmit::Transfer, Some(3)));
         assert_eq!(d.reading().cloned().collect::<Vec<_>>(), vec![a("carol")]);
@@ -413,7 +438,7 @@ mod tests {
                     }
                     next += 1;
                 } else if waiting > 0 {
-                    let v = d.read(&bob, Some(unread));
+                    let v = d.read(&bob, Some(unread), 0);
                     prop_assert_eq!(v.admitted.len() + v.shed.len(), waiting);
                     prop_assert!(unread + v.admitted.len() as u64 <= OWNER_CAP.max(unread));
                     if !v.shed.is_empty() {

@@ -718,9 +718,11 @@ enum Pending {
     },
     /// A read of the reader consumer's unread total.
     InboxBacklog,
-    /// A read of an owner's `dlv_<owner>` consumer.
+    /// A read of an owner's `dlv_<owner>` consumer; `in_flight` of the owner's transfers were
+    /// published and unacknowledged when it was sent (the read may or may not see them).
     DlvBacklog {
         owner: AgentId,
+        in_flight: u64,
     },
     Sweep,
     Settle,
@@ -1538,7 +1540,9 @@ impl Delivery {
                 self.on_gap_check(now, range, attempt, c.outcome);
             }
             Pending::InboxBacklog => self.on_inbox_backlog(now, c.outcome),
-            Pending::DlvBacklog { owner } => self.on_dlv_backlog(owner, c.outcome),
+            Pending::DlvBacklog { owner, in_flight } => {
+                self.on_dlv_backlog(owner, in_flight, c.outcome);
+            }
             Pending::Sweep => self.sweeper.on_completion(c.op, c.outcome, &self.acls),
             Pending::Settle => {}
         }
@@ -2820,7 +2824,7 @@ impl Delivery {
         }
     }
 
-    fn on_dlv_backlog(&mut self, owner: AgentId, outcome: Outcome<Reply>) {
+    fn on_dlv_backlog(&mut self, owner: AgentId, in_flight: u64, outcome: Outcome<Reply>) {
         let unread = match outcome {
             Outcome::Success(Reply::ConsumerState(state)) => Some(state.unread()),
             other => {
@@ -2832,7 +2836,7 @@ impl Delivery {
                 None
             }
         };
-        let verdict = self.dlv.read(&owner, unread);
+        let verdict = self.dlv.read(&owner, unread, in_flight);
         for delivery in verdict.admitted {
             self.start_transfer(delivery);
         }
@@ -3108,7 +3112,19 @@ impl Delivery {
                     DlvAdmit::Wait { read: false } => {}
                     DlvAdmit::Wait { read: true } => {
                         let consumer = ConsumerSpec::dlv(&self.config.space, &dlv_owner);
-                        let op = self.op(Pending::DlvBacklog { owner: dlv_owner });
+                        let transfers = &self.transfers;
+                        let in_flight = self
+                            .pending
+                            .values()
+                            .filter(|p| {
+                                matches!(p, Pending::Transfer { delivery }
+                                    if transfers.get(delivery).is_some_and(|t| t.owner == dlv_owner))
+                            })
+                            .count();
+                        let op = self.op(Pending::DlvBacklog {
+                            owner: dlv_owner,
+                            in_flight: u64::try_from(in_flight).unwrap_or(u64::MAX),
+                        });
                         self.commands.push_back(Command::ConsumerInfo {
                             op,
                             stream: consumer.stream,
