@@ -13,7 +13,7 @@
 #![allow(clippy::unwrap_used)]
 
 use cotal_core::wire::config::{ConsumerSpec, DeliverPolicy, SpaceStream};
-use cotal_core::wire::permissions::{AgentPolicy, Permissions, delivery_revocation_grants};
+use cotal_core::wire::permissions::{AgentPolicy, Permissions, delivery_additions};
 use cotal_core::wire::{AgentId, Channel, ConcreteChannel, Role, Space};
 use cotal_tests::fixture_json;
 use proptest::prelude::*;
@@ -184,13 +184,13 @@ fn delivery_equals_its_recorded_claims() {
     let id = AgentId::new(ids["deliveryDaemon"].as_str().unwrap()).unwrap();
     let claims = fixture_json("jwt-user-claims.json");
     assert_eq!(claims["delivery"]["sub"].as_str(), Some(id.as_str()));
-    // The reference's grants, plus exactly the DLV revocation sweep's (issue 9), which the
-    // reference does not have.
+    // The reference's grants, plus exactly our additions (the DLV revocation sweep's, issue 9,
+    // and the per-owner DLV backlog read, G6), which the reference does not have.
     let mut ours = Permissions::delivery(&space(), &id);
     let recorded = claims["delivery"]["nats"]["pub"]["allow"]
         .as_array()
         .unwrap();
-    for grant in delivery_revocation_grants(&space()) {
+    for grant in delivery_additions(&space()) {
         assert!(ours.publish_allow.remove(&grant), "{grant} not granted");
         assert!(
             !recorded.iter().any(|g| g == grant.as_str()),

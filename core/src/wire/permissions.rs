@@ -73,6 +73,25 @@ pub fn delivery_revocation_grants(space: &Space) -> Vec<String> {
     ]
 }
 
+/// The delivery credential's grant for the per-owner DLV backlog read
+/// ([`crate::delivery::backlog`], G6): `CONSUMER.INFO` on the agents' `dlv_<id>` durables, and
+/// nothing that reads, binds or creates them. Not in the reference's `deliveryPermissions`.
+pub fn delivery_backlog_grants(space: &Space) -> Vec<String> {
+    vec![api(
+        "CONSUMER.INFO",
+        &format!("{}.*", SpaceStream::Dlv.name(space)),
+    )]
+}
+
+/// Every grant of the delivery credential beyond the reference's `deliveryPermissions`:
+/// [`delivery_revocation_grants`] and [`delivery_backlog_grants`]. A daemon run with a credential
+/// the reference wrote lacks them; it still runs, and reports each refused sweep or backlog read.
+pub fn delivery_additions(space: &Space) -> Vec<String> {
+    let mut grants = delivery_revocation_grants(space);
+    grants.extend(delivery_backlog_grants(space));
+    grants
+}
+
 /// The JetStream API verbs of the grants below.
 const JS_API: &str = "$JS.API";
 
@@ -213,8 +232,8 @@ impl Permissions {
     /// - CHAT: consumer create, durable create, INFO, MSG.NEXT, DELETE (CHAT-wide: `fanout` and
     ///   the dynamic `cu_<owner>_<gen>` names), and ACK; `STREAM.INFO` on CHAT, INBOX, DLV.
     /// - INBOX: consumer verbs name-pinned to `reader`.
-    /// - DLV: `CONSUMER.INFO` on the agents' `dlv_<id>` durables (their unread backlog; no
-    ///   read, bind or create).
+    /// - DLV, for the per-owner backlog read (a Cotal addition, [`delivery_backlog_grants`]):
+    ///   `CONSUMER.INFO` on the agents' `dlv_<id>` durables (no read, bind or create).
     /// - KV: read (info, get, watch) presence, channels, members and acl; write
     ///   `$KV.cotal_members_<s>.>`; info/get on the delivery bucket and write only its
     ///   `lease.*` keys.
@@ -259,8 +278,6 @@ impl Permissions {
             reader.delete_subject(),
         ]);
         publish.push(reader.ack_pattern());
-        // The per-owner DLV backlog read (`delivery::backlog`): info only, on any `dlv_<id>`.
-        publish.push(api("CONSUMER.INFO", &format!("{dlv}.*")));
         publish.push("$JS.FC.>".to_owned());
         for bucket in [
             KvBucket::Presence,
@@ -274,7 +291,7 @@ impl Permissions {
         publish.push(api("STREAM.INFO", &delivery));
         publish.push(api("STREAM.MSG.GET", &delivery));
         publish.push(format!("$KV.{}.lease.*", KvBucket::Delivery.name(space)));
-        publish.extend(delivery_revocation_grants(space));
+        publish.extend(delivery_additions(space));
         publish.push(names::space_subject(space, "dinbox.*"));
         publish.push(names::space_subject(space, "dlv.*"));
         publish.push(names::space_subject(space, "ctl.delivery.*.reply.>"));
