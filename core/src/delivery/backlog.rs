@@ -282,14 +282,6 @@ impl<T> DlvBacklog<T> {
             })
             .collect()
     }
-
-    /// Owners with a read in flight.
-    pub fn reading(&self) -> impl Iterator<Item = &AgentId> {
-        self.owners
-            .iter()
-            .filter(|(_, o)| matches!(o, DlvOwner::Reading(_)))
-            .map(|(k, _)| k)
-    }
 }
 
 #[cfg(test)]
@@ -364,7 +356,6 @@ mod tests {
         d.read(&a("bob"), Some(0), 0);
         d.admit(&a("carol"), 2);
         assert_eq!(d.admit(&a("bob"), 3), (DlvAdmit::Transfer, Some(3)));
-        assert_eq!(d.reading().cloned().collect::<Vec<_>>(), vec![a("carol")]);
         assert_eq!(d.reset(), vec![2]);
         assert_eq!(d.admit(&a("bob"), 4), (DlvAdmit::Wait { read: true }, None));
     }

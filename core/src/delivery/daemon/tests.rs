@@ -1040,23 +1040,12 @@ fn fan_out_holds_an_owners_copies_back_at_the_high_water_before_the_cap_g6() {
     let mut w = served();
     plant_member(&mut w, &record("review", "alice", 0, 1), None);
     let high = DINBOX_HIGH_WATER;
-    let mut last = DeliveryId(0);
+    let mut last = (0, DeliveryId(0));
     for _ in 0..high + 20 {
         let s = w.post("bob", "review", &[]);
-        let m = w.b.chat.iter().find(|m| m.seq == s).cloned().unwrap();
-        let sub = w.b.consumer("fanout");
-        last = DeliveryId(s);
-        w.feed(Input::Inbound(Inbound::Delivery {
-            sub,
-            delivery: last,
-            stream_seq: s,
-            delivery_count: 1,
-            subject: m.subject,
-            headers: Vec::new(),
-            payload: m.payload,
-        }));
-        w.run();
+        last = (s, w.fanout_unlogged(s, 1));
     }
+    let (seq, last) = last;
     assert_eq!(
         w.inbox_ids("alice").len() as u64,
         high,
@@ -1082,31 +1071,9 @@ fn fan_out_holds_an_owners_copies_back_at_the_high_water_before_the_cap_g6() {
     // The reader drains one entry: the held message's redelivery writes its copy.
     w.acl("alice", &["review"]);
     w.reader(1, 1);
-    let seq = last.0;
     let d = w.fanout(seq, 2);
-    // (The harness numbers its own deliveries from 1, which this test also used: the last
-    // settle is the redelivery's.)
-    assert_eq!(w.settled(d).last(), Some(&AckKind::Ack));
+    assert_eq!(w.settled(d), vec![AckKind::Ack]);
     assert_eq!(w.inbox_ids("alice").len() as u64, high + 1);
-}
-
-/// Delivers CHAT `seq` to fan-out without the transcript line (for long loops).
-fn fan_out_quietly(w: &mut World, seq: u64, count: u64) -> DeliveryId {
-    let m = w.b.chat.iter().find(|m| m.seq == seq).cloned().unwrap();
-    let sub = w.b.consumer("fanout");
-    w.b.next_delivery += 1;
-    let delivery = DeliveryId(w.b.next_delivery);
-    w.feed(Input::Inbound(Inbound::Delivery {
-        sub,
-        delivery,
-        stream_seq: seq,
-        delivery_count: count,
-        subject: m.subject,
-        headers: Vec::new(),
-        payload: m.payload,
-    }));
-    w.run();
-    delivery
 }
 
 #[test]
@@ -1117,10 +1084,10 @@ fn a_hold_resting_on_an_over_count_is_released_by_the_reader_consumers_total_g6(
     plant_member(&mut w, &record("review", "alice", 0, 1), None);
     for _ in 0..DINBOX_HIGH_WATER {
         let s = w.post("bob", "review", &[]);
-        fan_out_quietly(&mut w, s, 1);
+        w.fanout_unlogged(s, 1);
     }
     let s = w.post("bob", "review", &[]);
-    let held = fan_out_quietly(&mut w, s, 1);
+    let held = w.fanout_unlogged(s, 1);
     assert_eq!(
         w.settled(held),
         vec![AckKind::Nak {
@@ -1132,7 +1099,7 @@ fn a_hold_resting_on_an_over_count_is_released_by_the_reader_consumers_total_g6(
     // Within the recheck pace no read is made.
     let reads = |w: &World| w.log.matches("consumer.info INBOX_main.reader").count();
     let before = reads(&w);
-    let again = fan_out_quietly(&mut w, s, 2);
+    let again = w.fanout_unlogged(s, 2);
     assert_eq!(reads(&w), before, "paced: {}", w.log);
     assert_eq!(
         w.settled(again),
@@ -1142,11 +1109,11 @@ fn a_hold_resting_on_an_over_count_is_released_by_the_reader_consumers_total_g6(
         "held again, with a longer delay"
     );
     w.advance(BACKLOG_RECHECK.as_millis());
-    let third = fan_out_quietly(&mut w, s, 3);
+    let third = w.fanout_unlogged(s, 3);
     assert_eq!(reads(&w), before + 1, "{}", w.log);
     assert_eq!(w.settled(third).len(), 1);
     // The read clamped the count: the next redelivery writes the copy.
-    let fourth = fan_out_quietly(&mut w, s, 4);
+    let fourth = w.fanout_unlogged(s, 4);
     assert_eq!(w.settled(fourth), vec![AckKind::Ack], "{}", w.log);
     assert_eq!(w.inbox_ids("alice").len() as u64, DINBOX_HIGH_WATER + 1);
 }
@@ -1170,7 +1137,7 @@ fn fan_out_starts_after_the_reader_consumers_total_and_counts_a_predecessors_ent
     assert!(info < fanout, "fan-out waits for the total: {}", w.log);
     plant_member(&mut w, &record("review", "alice", 0, 1), None);
     let s = w.post("bob", "review", &[]);
-    let d = fan_out_quietly(&mut w, s, 1);
+    let d = w.fanout_unlogged(s, 1);
     assert!(
         matches!(w.settled(d).as_slice(), [AckKind::Nak { .. }]),
         "held: the legacy counts against every owner"
@@ -1184,7 +1151,7 @@ fn fan_out_starts_after_the_reader_consumers_total_and_counts_a_predecessors_ent
         Bytes::new(),
     ));
     w.reader(1, 1);
-    let d = fan_out_quietly(&mut w, s, 2);
+    let d = w.fanout_unlogged(s, 2);
     assert_eq!(w.settled(d), vec![AckKind::Ack], "{}", w.log);
     assert_eq!(w.inbox_ids("alice").len(), 1);
 }

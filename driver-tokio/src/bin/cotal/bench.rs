@@ -359,42 +359,13 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     if report.failed() > 0 {
         return Err(format!("provisioning failed: {}", report.summary()));
     }
-    let js = async_nats::jetstream::new(admin.client.clone());
-    let channels = js
-        .get_key_value(KvBucket::Channels.name(&space))
-        .await
-        .map_err(|e| format!("channels bucket: {e}"))?;
-    channels
-        .put(
-            CHANNEL,
-            Bytes::from(json!({"deliveryClass": "durable", "replay": false}).to_string()),
-        )
-        .await
-        .map_err(|e| format!("channel entry: {e}"))?;
-    let acl = js
-        .get_key_value(KvBucket::Acl.name(&space))
-        .await
-        .map_err(|e| format!("acl bucket: {e}"))?;
     let ids: Vec<AgentId> = (0..args.members)
         .map(|i| AgentId::new(format!("m{i}")))
         .chain((0..args.senders).map(|i| AgentId::new(format!("sender{i}"))))
         .collect::<Result<_, _>>()
         .map_err(|e| format!("agent id: {e}"))?;
-    let record = AclRecord {
-        allow_subscribe: vec![">".to_owned()],
-        revision: 1,
-        updated_at: wall_clock(),
-        extra: Default::default(),
-    };
-    let record = Bytes::from(serde_json::to_vec(&record).map_err(|e| e.to_string())?);
-    for id in &ids {
-        acl.put(acl_key(id), record.clone())
-            .await
-            .map_err(|e| format!("ACL record of {}: {e}", id.as_str()))?;
-        apply_consumer(&admin.client, &ConsumerSpec::dlv(&space, id), t)
-            .await
-            .map_err(|e| format!("DLV consumer of {}: {e}", id.as_str()))?;
-    }
+    durable_channel_for(&admin.client, &space, CHANNEL, &ids, t).await?;
+    let js = async_nats::jetstream::new(admin.client.clone());
 
     // 3. The daemon, until it serves.
     let shard = ShardMap::new(1)
@@ -963,4 +934,45 @@ async fn measure_ceiling(admin: &NatsConnection, tag: &str) -> Result<f64, Strin
     let rate = CEILING_PUBLISHES as f64 / start.elapsed().as_secs_f64().max(1e-9);
     let _ = js.delete_stream(&name).await;
     Ok(rate)
+}
+
+/// Makes `channel` durable (no replay) in `space` and gives every agent of `ids` a read-all ACL
+/// record and its `dlv_<id>` consumer: the setup `cotal bench` and `cotal chaos` share.
+pub(crate) async fn durable_channel_for(
+    client: &async_nats::Client,
+    space: &Space,
+    channel: &str,
+    ids: &[AgentId],
+    t: Duration,
+) -> Result<(), String> {
+    let js = async_nats::jetstream::new(client.clone());
+    js.get_key_value(KvBucket::Channels.name(space))
+        .await
+        .map_err(|e| format!("channels bucket: {e}"))?
+        .put(
+            channel,
+            Bytes::from(json!({"deliveryClass": "durable", "replay": false}).to_string()),
+        )
+        .await
+        .map_err(|e| format!("channel entry: {e}"))?;
+    let acl = js
+        .get_key_value(KvBucket::Acl.name(space))
+        .await
+        .map_err(|e| format!("acl bucket: {e}"))?;
+    let record = AclRecord {
+        allow_subscribe: vec![">".to_owned()],
+        revision: 1,
+        updated_at: wall_clock(),
+        extra: Default::default(),
+    };
+    let record = Bytes::from(serde_json::to_vec(&record).map_err(|e| e.to_string())?);
+    for id in ids {
+        acl.put(acl_key(id), record.clone())
+            .await
+            .map_err(|e| format!("ACL record of {}: {e}", id.as_str()))?;
+        apply_consumer(client, &ConsumerSpec::dlv(space, id), t)
+            .await
+            .map_err(|e| format!("DLV consumer of {}: {e}", id.as_str()))?;
+    }
+    Ok(())
 }

@@ -47,18 +47,17 @@
 //! DLV keeps 1000 copies per member (discard old): once a member's subject is at the cap, owed
 //! copies older than its oldest retained one are counted as `dlv_rotated`, not missing.
 
-use crate::bench::{SpawnedServer, free_port, start_member, target_server};
+use crate::bench::{SpawnedServer, durable_channel_for, free_port, start_member, target_server};
 use bytes::Bytes;
 use clap::Args;
 use cotal_core::agent::AgentConfig;
 use cotal_core::registry::{closed_intervals, current_interval, forgotten_intervals};
-use cotal_core::wire::config::ConsumerSpec;
-use cotal_core::wire::keys::{KvBucket, acl_key, member_key};
+use cotal_core::wire::keys::{KvBucket, member_key};
 use cotal_core::wire::message::Sender;
-use cotal_core::wire::records::{AclRecord, MembershipRecord};
+use cotal_core::wire::records::MembershipRecord;
 use cotal_core::wire::token::{AgentId, Channel, ConcreteChannel, Space};
 use cotal_driver_tokio::connect::{ConnectConfig, connect};
-use cotal_driver_tokio::provision::{SpacePlan, apply, apply_consumer};
+use cotal_driver_tokio::provision::{SpacePlan, apply};
 use cotal_driver_tokio::run::wall_clock;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
@@ -450,39 +449,12 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let js = async_nats::jetstream::new(admin.client.clone());
-    js.get_key_value(KvBucket::Channels.name(&space))
-        .await
-        .map_err(|e| format!("channels bucket: {e}"))?
-        .put(
-            CHANNEL,
-            Bytes::from(json!({"deliveryClass": "durable", "replay": false}).to_string()),
-        )
-        .await
-        .map_err(|e| format!("channel entry: {e}"))?;
-    let acl = js
-        .get_key_value(KvBucket::Acl.name(&space))
-        .await
-        .map_err(|e| format!("acl bucket: {e}"))?;
     let ids: Vec<AgentId> = (0..args.members)
         .map(|i| AgentId::new(format!("m{i}")))
         .collect::<Result<_, _>>()
         .map_err(|e| format!("agent id: {e}"))?;
-    let record = AclRecord {
-        allow_subscribe: vec![">".to_owned()],
-        revision: 1,
-        updated_at: wall_clock(),
-        extra: Default::default(),
-    };
-    let record = Bytes::from(serde_json::to_vec(&record).map_err(|e| e.to_string())?);
-    for id in &ids {
-        acl.put(acl_key(id), record.clone())
-            .await
-            .map_err(|e| format!("ACL record: {e}"))?;
-        apply_consumer(&admin.client, &ConsumerSpec::dlv(&space, id), t)
-            .await
-            .map_err(|e| format!("DLV consumer: {e}"))?;
-    }
+    durable_channel_for(&admin.client, &space, CHANNEL, &ids, t).await?;
+    let js = async_nats::jetstream::new(admin.client.clone());
 
     let mut spawned = 0usize;
     let mut daemon = Some(spawn_daemon(&url, &space, spawned)?);

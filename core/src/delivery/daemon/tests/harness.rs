@@ -678,6 +678,15 @@ impl World {
 
     /// Delivers CHAT `seq` to the fan-out consumer; returns the delivery id.
     pub fn fanout(&mut self, seq: u64, count: u64) -> DeliveryId {
+        self.fanout_with(seq, count, true)
+    }
+
+    /// [`World::fanout`] without its transcript line (for long loops).
+    pub fn fanout_unlogged(&mut self, seq: u64, count: u64) -> DeliveryId {
+        self.fanout_with(seq, count, false)
+    }
+
+    fn fanout_with(&mut self, seq: u64, count: u64, logged: bool) -> DeliveryId {
         let m = self
             .b
             .chat
@@ -687,10 +696,12 @@ impl World {
             .expect("posted");
         let sub = self.b.consumer("fanout");
         let delivery = self.next_delivery();
-        self.line(
-            "in",
-            &format!("fanout {delivery} seq={seq} n={count} {}", m.subject),
-        );
+        if logged {
+            self.line(
+                "in",
+                &format!("fanout {delivery} seq={seq} n={count} {}", m.subject),
+            );
+        }
         self.feed(Input::Inbound(Inbound::Delivery {
             sub,
             delivery,
