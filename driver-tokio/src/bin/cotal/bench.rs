@@ -843,6 +843,10 @@ pub(crate) async fn start_member(
     let h = handle.clone();
     let task = tokio::spawn(async move {
         let mut log = MemberLog::default();
+        // Counted in `joined` once, at its first established backstop: a join whose durableJoin
+        // failed (no daemon answering yet) reports `durable: false`, and the reconcile that
+        // establishes it later says so only with `BackstopEstablished`.
+        let mut established = false;
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
@@ -875,7 +879,12 @@ pub(crate) async fn start_member(
                             }
                         });
                     },
-                    Some(AgentEvent::Joined { report, .. }) if report.durable => {
+                    Some(AgentEvent::Joined { report, .. }) if report.durable && !established => {
+                        established = true;
+                        joined.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Some(AgentEvent::BackstopEstablished { .. }) if !established => {
+                        established = true;
                         joined.fetch_add(1, Ordering::Relaxed);
                     }
                     Some(AgentEvent::LiveCopyShed { .. }) => log.shed += 1,
