@@ -96,16 +96,22 @@ impl InboxBacklog {
         *n
     }
 
-    /// The reader settled one of the owner's entries (transferred, dropped, given up).
-    pub fn settled(&mut self, owner: &AgentId) {
+    /// The reader settled one of the owner's entries (transferred, dropped, given up). Returns
+    /// true when it was counted as one of the predecessor's (the legacy, which bounds every
+    /// owner, went down).
+    pub fn settled(&mut self, owner: &AgentId) -> bool {
         if let Some(n) = self.counts.get_mut(owner) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 self.counts.remove(owner);
             }
-        } else if let Some(l) = &mut self.legacy {
+            false
+        } else if let Some(l) = self.legacy.as_mut().filter(|l| **l > 0) {
             // Not one this life stored: one of the predecessor's.
-            *l = l.saturating_sub(1);
+            *l -= 1;
+            true
+        } else {
+            false
         }
     }
 

@@ -26,7 +26,12 @@
 //!    dinbox, checks for eviction, then tombstones (eviction) or activates.
 //! 4. **Fan-out**: every CHAT delivery is routed against the in-memory membership index (fed by
 //!    the watch **and** by our own confirmed writes), every entry is published at once, and the
-//!    CHAT delivery is acked only after every PubAck; any failure naks it with backoff.
+//!    CHAT delivery is acked only after every PubAck; any failure naks it with backoff. A copy
+//!    whose owner's dinbox backlog is at [`DINBOX_HIGH_WATER`] is **held** in memory with its
+//!    CHAT delivery unsettled and written, in CHAT order, as soon as the reader has drained the
+//!    owner below the mark; the held deliveries fill the fan-out window, which pauses fan-out.
+//!    A hold older than [`FANOUT_HOLD_LIMIT`] gives up and naks the message instead (its
+//!    redelivery writes the held copies).
 //! 5. **Reader**: every dinbox entry is authorized against the in-memory ACL and membership views,
 //!    transferred to `dlv.<owner>` and acked only after the DLV PubAck (I21).
 //!
@@ -87,7 +92,7 @@ use crate::delivery::authorize::{
     Anomaly, Decision, DropReason, GiveUp, after_transfer_failure, authorize, decode_entry,
     dlv_payload,
 };
-use crate::delivery::backlog::{DlvAdmit, DlvBacklog, InboxBacklog, OWNER_CAP};
+use crate::delivery::backlog::{BACKLOG_RECHECK, DlvAdmit, DlvBacklog, InboxBacklog, OWNER_CAP};
 use crate::delivery::control::{
     Admission, SerialKey, Unanswerable, Work, admit, durable_join_reply, durable_leave_reply,
     encode_reply, failure_reply, list_memberships_reply,
@@ -139,8 +144,15 @@ pub const DEFAULT_FANOUT_WINDOW: u32 = 64;
 
 pub use super::backlog::DINBOX_HIGH_WATER;
 
-/// The first nak delay of a CHAT delivery with a held-back copy; each redelivery that is held
-/// again doubles it, up to [`BACKPRESSURE_MAX_DELAY`] ([`backpressure_delay`]).
+/// The longest fan-out keeps a CHAT delivery unsettled while some of its copies are held back
+/// (their owner's dinbox backlog is at [`DINBOX_HIGH_WATER`]): a third of the fan-out consumer's
+/// `ack_wait` (60 s), so the server never redelivers a message the daemon still holds. Past it
+/// the delivery is naked with [`backpressure_delay`] and its redelivery writes the held copies.
+pub const FANOUT_HOLD_LIMIT: crate::time::Duration = crate::time::Duration::from_millis(20_000);
+
+/// The first nak delay of a CHAT delivery whose hold gave up ([`FANOUT_HOLD_LIMIT`]); each
+/// redelivery that gives up again doubles it, up to [`BACKPRESSURE_MAX_DELAY`]
+/// ([`backpressure_delay`]).
 pub const BACKPRESSURE_DELAY: crate::time::Duration = crate::time::Duration::from_millis(200);
 
 /// The longest nak delay of a held-back CHAT delivery: a long hold costs one redelivery per
@@ -395,8 +407,11 @@ pub struct DeliveryCounters {
     pub lease_lost: u64,
     /// Times an owner's dinbox backlog crossed the per-owner cap (G6).
     pub cap_reached: u64,
-    /// CHAT deliveries naked because an owner's dinbox backlog was at [`DINBOX_HIGH_WATER`].
+    /// CHAT deliveries with a copy held back because its owner's dinbox backlog was at
+    /// [`DINBOX_HIGH_WATER`].
     pub fanout_deferred: u64,
+    /// Held CHAT deliveries naked because the hold reached [`FANOUT_HOLD_LIMIT`].
+    pub fanout_hold_expired: u64,
     /// Copies the reader shed because the owner's DLV held the per-owner cap of unread copies
     /// (each also counted in `lost` and reported as [`DeliveryEvent::CopyShed`]).
     pub dlv_shed: u64,
@@ -615,7 +630,7 @@ pub enum DeliveryEvent {
         verified: bool,
     },
     /// An owner's dinbox backlog reached [`DINBOX_HIGH_WATER`]: fan-out holds its copies back
-    /// (naks the CHAT messages for redelivery) until the reader drains. Once per episode.
+    /// (their CHAT deliveries stay unsettled) until the reader drains. Once per episode.
     DinboxBackpressure {
         /// The owner.
         owner: AgentId,
@@ -739,6 +754,9 @@ enum FeedState {
 enum Timer {
     Reopen(Feed),
     GapCheck,
+    /// While fan-out holds copies: reread the reader consumer's total (a hold may rest on an
+    /// over-count) and give up holds older than [`FANOUT_HOLD_LIMIT`].
+    HeldCopies,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -749,8 +767,14 @@ struct FanoutBatch {
     channel: ConcreteChannel,
     outstanding: usize,
     failed: bool,
-    /// Some owner's copy was held back (its dinbox backlog is at the high water): nak the
-    /// message once the others are stored, so its redelivery writes the held copy.
+    /// Copies held back because their owner's dinbox backlog is at the high water, written by
+    /// [`Delivery::release_held`] once the reader drained it. The delivery is settled only when
+    /// none is left.
+    held: Vec<Routed>,
+    /// When the copies were held ([`FANOUT_HOLD_LIMIT`]).
+    held_since: Option<Instant>,
+    /// The hold gave up: nak the message once the others are stored, so its redelivery writes
+    /// the copies that were held.
     deferred: bool,
 }
 
@@ -876,6 +900,8 @@ pub struct Delivery {
     dlv: DlvBacklog<DeliveryId>,
     /// Owners whose fan-out copies are held back (for one event per episode).
     backpressured: BTreeSet<AgentId>,
+    /// The fan-out batches holding a copy for each owner, oldest first.
+    held_for: BTreeMap<AgentId, BTreeSet<BatchId>>,
     counters: DeliveryCounters,
     health: DeliveryHealth,
     last_now: Option<Instant>,
@@ -925,6 +951,7 @@ impl Delivery {
             inbox: InboxBacklog::default(),
             dlv: DlvBacklog::default(),
             backpressured: BTreeSet::new(),
+            held_for: BTreeMap::new(),
             counters: DeliveryCounters::default(),
             health: DeliveryHealth::Degraded(BTreeSet::new()),
             last_now: None,
@@ -1270,6 +1297,8 @@ impl Delivery {
             .chain(self.transfers.keys().copied())
             .collect();
         self.batches.clear();
+        self.held_for.clear();
+        self.timers.cancel(&Timer::HeldCopies);
         self.transfers.clear();
         self.dlv.reset();
         self.give_up_gap_checks("the daemon stopped before checking");
@@ -1487,6 +1516,8 @@ impl Delivery {
                 self.abandon_jobs(AbandonReason::ConnectionLost);
                 self.sweeper.interrupt();
                 self.batches.clear();
+                self.held_for.clear();
+                self.timers.cancel(&Timer::HeldCopies);
                 self.transfers.clear();
                 self.dlv.reset();
                 self.inbox.check_abandoned();
@@ -2677,37 +2708,36 @@ impl Delivery {
         }
         // Per-owner back-pressure (G6): INBOX keeps the newest 1000 entries of an owner, so a
         // copy written while 1000 newer ones wait for the reader is discarded unread. An owner at
-        // the high water gets its copy on a redelivery, after the reader drained.
+        // the high water gets its copy from this very delivery, held until the reader drained.
         let (entries, held): (Vec<Routed>, Vec<Routed>) = entries
             .into_iter()
             .partition(|r| self.inbox.admits(&r.owner));
-        let deferred = !held.is_empty();
-        if deferred {
+        self.next_batch += 1;
+        let batch = self.next_batch;
+        if !held.is_empty() {
             self.counters.fanout_deferred += 1;
-            for r in held {
+            for r in &held {
+                self.held_for
+                    .entry(r.owner.clone())
+                    .or_default()
+                    .insert(batch);
                 if self.backpressured.insert(r.owner.clone()) {
                     let backlog = self.inbox.bound(&r.owner);
                     self.emit(DeliveryEvent::DinboxBackpressure {
-                        owner: r.owner,
+                        owner: r.owner.clone(),
                         backlog,
                     });
                 }
+            }
+            if self.timers.get(&Timer::HeldCopies).is_none() {
+                self.timers.set(Timer::HeldCopies, now.at + BACKLOG_RECHECK);
             }
             // A hold may rest on an over-count: read the truth (paced).
             if self.inbox.needs_recheck(now.at) {
                 self.read_inbox_backlog(now);
             }
         }
-        if entries.is_empty() {
-            return self.settle(
-                delivery,
-                AckKind::Nak {
-                    delay: backpressure_delay(delivery_count),
-                },
-            );
-        }
-        self.next_batch += 1;
-        let batch = self.next_batch;
+        let held_since = (!held.is_empty()).then_some(now.at);
         self.batches.insert(
             batch,
             FanoutBatch {
@@ -2715,31 +2745,124 @@ impl Delivery {
                 seq,
                 delivery_count,
                 channel,
-                outstanding: entries.len(),
+                outstanding: 0,
                 failed: false,
-                deferred,
+                held,
+                held_since,
+                deferred: false,
             },
         );
         for routed in entries {
-            let subject = Subject::Dinbox {
-                space: self.config.space.clone(),
-                owner: routed.owner.clone(),
+            self.publish_copy(batch, routed);
+        }
+    }
+
+    /// Writes one routed copy of fan-out batch `batch` to its owner's dinbox.
+    fn publish_copy(&mut self, batch: BatchId, routed: Routed) {
+        let Some(b) = self.batches.get_mut(&batch) else {
+            return;
+        };
+        b.outstanding += 1;
+        let subject = Subject::Dinbox {
+            space: self.config.space.clone(),
+            owner: routed.owner.clone(),
+        }
+        .to_string();
+        let msg_id = routed.msg_id().to_string();
+        let payload = json::encode(&routed.entry);
+        let op = self.op(Pending::Fanout {
+            batch,
+            owner: routed.owner,
+            generation: routed.entry.generation,
+        });
+        self.commands.push_back(Command::JsPublish {
+            op,
+            subject,
+            msg_id: Some(msg_id),
+            headers: Vec::new(),
+            payload,
+        });
+    }
+
+    /// Writes the copies held for `owner`, oldest CHAT message first, as many as its backlog has
+    /// room for under the high water. (A copy counts once stored; the few in flight meanwhile fit
+    /// in the margin between the high water and the cap.)
+    fn release_held(&mut self, owner: &AgentId) {
+        let room = DINBOX_HIGH_WATER.saturating_sub(self.inbox.bound(owner));
+        for _ in 0..room {
+            let Some(batches) = self.held_for.get_mut(owner) else {
+                return;
+            };
+            let Some(batch) = batches.pop_first() else {
+                self.held_for.remove(owner);
+                return;
+            };
+            if batches.is_empty() {
+                self.held_for.remove(owner);
             }
-            .to_string();
-            let msg_id = routed.msg_id().to_string();
-            let payload = json::encode(&routed.entry);
-            let op = self.op(Pending::Fanout {
-                batch,
-                owner: routed.owner,
-                generation: routed.entry.generation,
-            });
-            self.commands.push_back(Command::JsPublish {
-                op,
-                subject,
-                msg_id: Some(msg_id),
-                headers: Vec::new(),
-                payload,
-            });
+            let Some(b) = self.batches.get_mut(&batch) else {
+                continue;
+            };
+            let Some(at) = b.held.iter().position(|r| &r.owner == owner) else {
+                continue;
+            };
+            let routed = b.held.swap_remove(at);
+            if b.held.is_empty() {
+                b.held_since = None;
+            }
+            self.publish_copy(batch, routed);
+        }
+    }
+
+    /// Every hold whose owner the reader has drained below the high water is released.
+    fn release_all_held(&mut self) {
+        let owners: Vec<AgentId> = self
+            .held_for
+            .keys()
+            .filter(|o| self.inbox.admits(o))
+            .cloned()
+            .collect();
+        for owner in owners {
+            self.release_held(&owner);
+        }
+    }
+
+    /// [`Timer::HeldCopies`]: holds older than [`FANOUT_HOLD_LIMIT`] give up (their message is
+    /// naked once its other copies are stored), the reader consumer is read again if a hold may
+    /// rest on an over-count, and the timer is set again while anything is held.
+    fn on_held_timer(&mut self, now: Now) {
+        let expired: Vec<BatchId> = self
+            .batches
+            .iter()
+            .filter(|(_, b)| {
+                b.held_since
+                    .is_some_and(|t| now.at.saturating_since(t) >= FANOUT_HOLD_LIMIT)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for batch in expired {
+            let Some(b) = self.batches.get_mut(&batch) else {
+                continue;
+            };
+            let held = std::mem::take(&mut b.held);
+            b.held_since = None;
+            b.deferred = true;
+            self.counters.fanout_hold_expired += 1;
+            for r in held {
+                if let Some(set) = self.held_for.get_mut(&r.owner) {
+                    set.remove(&batch);
+                    if set.is_empty() {
+                        self.held_for.remove(&r.owner);
+                    }
+                }
+            }
+            self.finish_batch_if_done(batch);
+        }
+        if !self.held_for.is_empty() {
+            if self.inbox.needs_recheck(now.at) {
+                self.read_inbox_backlog(now);
+            }
+            self.timers.set(Timer::HeldCopies, now.at + BACKLOG_RECHECK);
         }
     }
 
@@ -2777,9 +2900,15 @@ impl Delivery {
     }
 
     fn count_settled(&mut self, owner: &AgentId) {
-        self.inbox.settled(owner);
+        if self.inbox.settled(owner) && !self.held_for.is_empty() {
+            // A predecessor's entry: the legacy bounds every owner.
+            self.release_all_held();
+        }
         if self.inbox.admits(owner) {
             self.backpressured.remove(owner);
+            if self.held_for.contains_key(owner) {
+                self.release_held(owner);
+            }
         }
     }
 
@@ -2809,6 +2938,7 @@ impl Delivery {
                 self.inbox.clamp(state.unread());
                 let inbox = &self.inbox;
                 self.backpressured.retain(|owner| !inbox.admits(owner));
+                self.release_all_held();
             }
             other => {
                 self.inbox.check_failed();
@@ -2889,17 +3019,32 @@ impl Delivery {
                 failure,
             });
         }
+        self.finish_batch_if_done(batch);
+    }
+
+    /// Settles a fan-out batch's CHAT delivery once no copy is in flight or held: acked when
+    /// every copy is stored, naked with backoff after a failed write (the msg-id collapses the
+    /// copies already stored), naked with [`backpressure_delay`] after a hold gave up. A failed
+    /// write ends the holds too (the redelivery writes everything again).
+    fn finish_batch_if_done(&mut self, batch: BatchId) {
         let Some(b) = self.batches.get(&batch) else {
             return;
         };
-        if b.outstanding > 0 {
+        if b.outstanding > 0 || (!b.held.is_empty() && !b.failed) {
             return;
         }
         let Some(b) = self.batches.remove(&batch) else {
             return;
         };
+        for r in &b.held {
+            if let Some(set) = self.held_for.get_mut(&r.owner) {
+                set.remove(&batch);
+                if set.is_empty() {
+                    self.held_for.remove(&r.owner);
+                }
+            }
+        }
         if b.failed {
-            // Retry the whole message later: the msg-id collapses the copies already stored.
             self.writes_failing = true;
             let attempt = u32::try_from(b.delivery_count.saturating_sub(1)).unwrap_or(u32::MAX);
             self.settle(
@@ -3222,6 +3367,7 @@ impl Delivery {
     fn on_timer(&mut self, now: Now, timer: Timer) {
         match timer {
             Timer::GapCheck => self.next_gap_check(),
+            Timer::HeldCopies => self.on_held_timer(now),
             Timer::Reopen(feed) => {
                 if self.lease_held() {
                     if feed == Feed::Fanout || feed == Feed::Reader {

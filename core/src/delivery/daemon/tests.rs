@@ -1033,6 +1033,14 @@ fn catch_up_write_failures_fail_the_join_and_leave_it_resumable_g24() {
     assert_eq!(w.inbox_ids("alice").len(), 1);
 }
 
+/// The CHAT sequence the newest dinbox entry of `owner` copies.
+fn newest_inbox_seq(w: &World, owner: &str) -> Option<u64> {
+    let subject = format!("cotal.main.dinbox.{owner}");
+    let (_, _, _, payload) = w.b.inbox.iter().rev().find(|e| e.1 == subject)?;
+    let v: serde_json::Value = json::decode(payload).ok()?;
+    v["seq"].as_u64()
+}
+
 #[test]
 fn fan_out_holds_an_owners_copies_back_at_the_high_water_before_the_cap_g6() {
     // Found by `cotal bench` with 10 members: fan-out outran the reader, every owner's backlog
@@ -1040,24 +1048,25 @@ fn fan_out_holds_an_owners_copies_back_at_the_high_water_before_the_cap_g6() {
     let mut w = served();
     plant_member(&mut w, &record("review", "alice", 0, 1), None);
     let high = DINBOX_HIGH_WATER;
-    let mut last = (0, DeliveryId(0));
-    for _ in 0..high + 20 {
+    let mut held = Vec::new();
+    for i in 0..high + 20 {
         let s = w.post("bob", "review", &[]);
-        last = (s, w.fanout_unlogged(s, 1));
+        let d = w.fanout_unlogged(s, 1);
+        if i >= high {
+            held.push((s, d));
+        }
     }
-    let (seq, last) = last;
     assert_eq!(
         w.inbox_ids("alice").len() as u64,
         high,
         "nothing past the high water"
     );
-    assert_eq!(
-        w.settled(last),
-        vec![AckKind::Nak {
-            delay: BACKPRESSURE_DELAY
-        }],
-        "held back for a redelivery, not acked"
-    );
+    for (_, d) in &held {
+        assert!(
+            w.settled(*d).is_empty(),
+            "held in memory, neither acked nor naked"
+        );
+    }
     assert_eq!(w.d.counters().fanout_deferred, 20);
     let episodes = w
         .events
@@ -1068,12 +1077,23 @@ fn fan_out_holds_an_owners_copies_back_at_the_high_water_before_the_cap_g6() {
         .count();
     assert_eq!(episodes, 1, "one event per episode");
     assert_eq!(w.d.counters().cap_reached, 0);
-    // The reader drains one entry: the held message's redelivery writes its copy.
+    // The reader drains one entry: the oldest held copy is written from the delivery it came
+    // with (no redelivery) and that CHAT message is acked; the others still wait.
     w.acl("alice", &["review"]);
     w.reader(1, 1);
-    let d = w.fanout(seq, 2);
-    assert_eq!(w.settled(d), vec![AckKind::Ack]);
+    assert_eq!(w.settled(held[0].1), vec![AckKind::Ack], "{}", w.log);
+    assert!(w.settled(held[1].1).is_empty());
     assert_eq!(w.inbox_ids("alice").len() as u64, high + 1);
+    assert_eq!(newest_inbox_seq(&w, "alice"), Some(held[0].0));
+    // Draining the rest writes the held copies in CHAT order.
+    for n in 2..=20 {
+        w.reader(n, 1);
+        assert_eq!(newest_inbox_seq(&w, "alice"), Some(held[n as usize - 1].0));
+    }
+    for (_, d) in &held {
+        assert_eq!(w.settled(*d), vec![AckKind::Ack]);
+    }
+    assert_eq!(w.d.counters().fanout_hold_expired, 0);
 }
 
 #[test]
@@ -1088,34 +1108,60 @@ fn a_hold_resting_on_an_over_count_is_released_by_the_reader_consumers_total_g6(
     }
     let s = w.post("bob", "review", &[]);
     let held = w.fanout_unlogged(s, 1);
-    assert_eq!(
-        w.settled(held),
-        vec![AckKind::Nak {
-            delay: BACKPRESSURE_DELAY
-        }]
-    );
+    assert!(w.settled(held).is_empty(), "held");
     // The consumer now says nothing is unread (INBOX lost them, or someone else read them).
     w.b.reader_unread = Some(0);
     // Within the recheck pace no read is made.
     let reads = |w: &World| w.log.matches("consumer.info INBOX_main.reader").count();
     let before = reads(&w);
-    let again = w.fanout_unlogged(s, 2);
+    w.advance(BACKLOG_RECHECK.as_millis() / 2);
     assert_eq!(reads(&w), before, "paced: {}", w.log);
-    assert_eq!(
-        w.settled(again),
-        vec![AckKind::Nak {
-            delay: backpressure_delay(2)
-        }],
-        "held again, with a longer delay"
-    );
-    w.advance(BACKLOG_RECHECK.as_millis());
-    let third = w.fanout_unlogged(s, 3);
+    assert!(w.settled(held).is_empty());
+    // The hold's own timer rereads the total; the clamp releases the copy.
+    w.advance(BACKLOG_RECHECK.as_millis() / 2);
     assert_eq!(reads(&w), before + 1, "{}", w.log);
-    assert_eq!(w.settled(third).len(), 1);
-    // The read clamped the count: the next redelivery writes the copy.
-    let fourth = w.fanout_unlogged(s, 4);
-    assert_eq!(w.settled(fourth), vec![AckKind::Ack], "{}", w.log);
+    assert_eq!(w.settled(held), vec![AckKind::Ack], "{}", w.log);
     assert_eq!(w.inbox_ids("alice").len() as u64, DINBOX_HIGH_WATER + 1);
+    // Nothing is held any more: the timer stops reading.
+    w.advance(BACKLOG_RECHECK.as_millis() * 3);
+    assert_eq!(reads(&w), before + 1, "{}", w.log);
+}
+
+#[test]
+fn a_hold_that_outlasts_its_limit_naks_the_message_for_a_redelivery_g6() {
+    // A reader that truly cannot drain (its feed is down): the hold must end well before the
+    // fan-out consumer's ack_wait, or the server would redeliver a message the daemon holds.
+    let mut w = served();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    for _ in 0..DINBOX_HIGH_WATER {
+        let s = w.post("bob", "review", &[]);
+        w.fanout_unlogged(s, 1);
+    }
+    w.b.reader_unread = Some(DINBOX_HIGH_WATER);
+    let s = w.post("bob", "review", &[]);
+    let held = w.fanout_unlogged(s, 1);
+    let mut waited = 0;
+    while waited < FANOUT_HOLD_LIMIT.as_millis() - BACKLOG_RECHECK.as_millis() {
+        w.advance(BACKLOG_RECHECK.as_millis());
+        waited += BACKLOG_RECHECK.as_millis();
+        assert!(w.settled(held).is_empty(), "still held at {waited} ms");
+    }
+    w.advance(BACKLOG_RECHECK.as_millis());
+    assert_eq!(
+        w.settled(held),
+        vec![AckKind::Nak {
+            delay: BACKPRESSURE_DELAY
+        }],
+        "{}",
+        w.log
+    );
+    assert_eq!(w.d.counters().fanout_hold_expired, 1);
+    // Once the reader drained, the redelivery writes the copy.
+    w.acl("alice", &["review"]);
+    w.reader(1, 1);
+    let again = w.fanout_unlogged(s, 2);
+    assert_eq!(w.settled(again), vec![AckKind::Ack], "{}", w.log);
+    assert_eq!(newest_inbox_seq(&w, "alice"), Some(s));
 }
 
 #[test]
@@ -1139,7 +1185,7 @@ fn fan_out_starts_after_the_reader_consumers_total_and_counts_a_predecessors_ent
     let s = w.post("bob", "review", &[]);
     let d = w.fanout_unlogged(s, 1);
     assert!(
-        matches!(w.settled(d).as_slice(), [AckKind::Nak { .. }]),
+        w.settled(d).is_empty(),
         "held: the legacy counts against every owner"
     );
     assert!(w.inbox_ids("alice").is_empty());
@@ -1151,8 +1197,7 @@ fn fan_out_starts_after_the_reader_consumers_total_and_counts_a_predecessors_ent
         Bytes::new(),
     ));
     w.reader(1, 1);
-    let d = w.fanout_unlogged(s, 2);
-    assert_eq!(w.settled(d), vec![AckKind::Ack], "{}", w.log);
+    assert_eq!(w.settled(d), vec![AckKind::Ack], "released: {}", w.log);
     assert_eq!(w.inbox_ids("alice").len(), 1);
 }
 
