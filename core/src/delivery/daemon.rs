@@ -2905,9 +2905,12 @@ impl Delivery {
             self.release_all_held();
         }
         if self.inbox.admits(owner) {
-            self.backpressured.remove(owner);
             if self.held_for.contains_key(owner) {
                 self.release_held(owner);
+            }
+            // The episode ends when nothing of the owner's is held any more.
+            if !self.held_for.contains_key(owner) {
+                self.backpressured.remove(owner);
             }
         }
     }
@@ -2936,9 +2939,10 @@ impl Delivery {
         match outcome {
             Outcome::Success(Reply::ConsumerState(state)) => {
                 self.inbox.clamp(state.unread());
-                let inbox = &self.inbox;
-                self.backpressured.retain(|owner| !inbox.admits(owner));
                 self.release_all_held();
+                let (inbox, held_for) = (&self.inbox, &self.held_for);
+                self.backpressured
+                    .retain(|owner| !inbox.admits(owner) || held_for.contains_key(owner));
             }
             other => {
                 self.inbox.check_failed();
