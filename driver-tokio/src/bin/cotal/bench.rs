@@ -11,6 +11,19 @@
 //! id is a duplicate). The run ends when every member surfaced every message, or at the timeout;
 //! what is missing then is lost.
 //!
+//! Then, unless `--no-live`, the **live path**: the same members join a live channel (no
+//! backstop, no backfill), the same senders publish N more messages on it, and the same surfacing
+//! counts; what did not surface when no copy came for `--stall-s` is a live loss, reported (live
+//! is at-most-once) but not a failure of the run.
+//!
+//! `--shards N` runs N daemons, shard i of N each (own connection, lease, fan-out and reader
+//! durables); their counters are summed where the report uses them and also given per shard.
+//!
+//! `--memory` is a separate mode: a space with many members, channels and membership records
+//! (written as the daemon writes them, with pipelined KV puts), `cotal delivery` on it as a child
+//! process, and its `VmRSS`/`VmHWM` once its views are loaded, against a daemon on an empty space
+//! measured the same way (Linux: `/proc/<pid>/status`).
+//!
 //! With `--spawn-server` a nats-server (from `COTAL_NATS_SERVER`, else `.venv/bin/nats-server`)
 //! is started on a free loopback port with a temporary store and killed (by its PID) at the end.
 
