@@ -545,6 +545,141 @@ fn cotal_bench_small_run_loses_nothing() {
     }
 }
 
+/// The JSON object on the last line of a `cotal bench` run that exited 0.
+fn bench_json(args: &[&str]) -> (serde_json::Value, String) {
+    let out = cotal(args);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    let last = text.lines().last().expect("a last line");
+    let v: serde_json::Value = serde_json::from_str(last).expect("JSON last line");
+    (v, text)
+}
+
+/// `cotal bench` measures the live path after the durable phase: every live key is there, the
+/// live figures are positive, and nothing was lost on loopback.
+#[test]
+fn cotal_bench_reports_the_live_path() {
+    if NatsServer::binary().is_none() {
+        println!("skipping: COTAL_NATS_SERVER is not set (scripts/test.sh sets it)");
+        return;
+    }
+    let (v, text) = bench_json(&[
+        "bench",
+        "--spawn-server",
+        "--members",
+        "2",
+        "--messages",
+        "50",
+        "--timeout-s",
+        "15",
+        "--json",
+    ]);
+    assert_eq!(v["lost"], 0, "{text}");
+    assert_eq!(v["live_lost"], 0, "{text}");
+    assert_eq!(v["live_duplicates"], 0, "{text}");
+    assert_eq!(v["live_copies"], 100, "{text}");
+    for key in [
+        "live_messages_per_s",
+        "live_copies_per_s",
+        "live_p50_ms",
+        "live_p99_ms",
+        "live_max_ms",
+    ] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {text}");
+    }
+    // --no-live skips it: no live key at all.
+    let (v, text) = bench_json(&[
+        "bench",
+        "--spawn-server",
+        "--members",
+        "1",
+        "--messages",
+        "10",
+        "--no-live",
+        "--json",
+    ]);
+    assert!(v.get("live_lost").is_none(), "{text}");
+    assert_eq!(v["lost"], 0, "{text}");
+}
+
+/// `cotal bench --shards 2`: two daemons, shard 0 and 1 of 2, in one process; every durable copy
+/// is written and handed off exactly once (the shards' counters sum to members × messages, each
+/// shard's to its own owners' share), nothing lost or duplicated.
+#[test]
+fn cotal_bench_with_two_shards_delivers_every_copy_once() {
+    if NatsServer::binary().is_none() {
+        println!("skipping: COTAL_NATS_SERVER is not set (scripts/test.sh sets it)");
+        return;
+    }
+    let (v, text) = bench_json(&[
+        "bench",
+        "--spawn-server",
+        "--members",
+        "6",
+        "--messages",
+        "50",
+        "--shards",
+        "2",
+        "--no-live",
+        "--timeout-s",
+        "20",
+        "--json",
+    ]);
+    assert_eq!(v["shards"], 2, "{text}");
+    assert_eq!(v["lost"], 0, "{text}");
+    assert_eq!(v["duplicates"], 0, "{text}");
+    assert_eq!(v["durable_complete"], true, "{text}");
+    assert_eq!(v["daemon_copies_written"], 300, "{text}");
+    assert_eq!(v["daemon_transferred"], 300, "{text}");
+    let owners: Vec<u64> = serde_json::from_value(v["shard_owners"].clone()).expect("owners");
+    let written: Vec<u64> =
+        serde_json::from_value(v["shard_copies_written"].clone()).expect("written");
+    let transferred: Vec<u64> =
+        serde_json::from_value(v["shard_transferred"].clone()).expect("transferred");
+    assert_eq!(owners.iter().sum::<u64>(), 6, "{text}");
+    for i in 0..2 {
+        assert_eq!(written[i], owners[i] * 50, "shard {i}: {text}");
+        assert_eq!(transferred[i], owners[i] * 50, "shard {i}: {text}");
+    }
+}
+
+/// `cotal bench --memory`: a daemon child on a space with 500 members in 20 channels holds more
+/// resident memory than one on an empty space, and both are measured.
+#[test]
+fn cotal_bench_memory_mode_measures_the_daemon() {
+    if NatsServer::binary().is_none() || !std::path::Path::new("/proc/self/status").exists() {
+        println!("skipping: COTAL_NATS_SERVER is not set or no /proc (Linux only)");
+        return;
+    }
+    let (v, text) = bench_json(&[
+        "bench",
+        "--spawn-server",
+        "--memory",
+        "--members",
+        "500",
+        "--channels",
+        "20",
+        "--json",
+    ]);
+    assert_eq!(v["mode"], "memory", "{text}");
+    assert_eq!(v["members"], 500, "{text}");
+    assert_eq!(v["channels"], 20, "{text}");
+    assert_eq!(v["memberships"], 500, "{text}");
+    let loaded = v["daemon_rss_kib"].as_u64().expect("daemon_rss_kib");
+    let empty = v["empty_daemon_rss_kib"]
+        .as_u64()
+        .expect("empty_daemon_rss_kib");
+    assert!(loaded > empty && empty > 0, "{text}");
+    assert!(
+        v["daemon_hwm_kib"].as_u64().is_some_and(|h| h >= loaded),
+        "{text}"
+    );
+    assert!(
+        v["bytes_per_membership"].as_f64().is_some_and(|b| b > 0.0),
+        "{text}"
+    );
+}
+
 /// `cotal demo --spawn-server`: the simulator demo's script on a real server with per-user
 /// permissions; the verdict passes and each agent's figures are the ones the script implies.
 #[test]

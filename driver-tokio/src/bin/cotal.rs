@@ -179,8 +179,10 @@ enum Cmd {
     /// simulator, or with --nats / --spawn-server on a real nats-server, and print what each
     /// agent received and the verdict.
     Demo(DemoArgs),
-    /// Measure durable fan-out end to end: the JetStream publish ceiling, then one daemon and M
-    /// member agents on a fresh space and a durable channel; copies/s, latency, losses.
+    /// Measure durable fan-out end to end: the JetStream publish ceiling, then one daemon (or
+    /// --shards N) and M member agents on a fresh space and a durable channel, then the live path
+    /// on a live channel; copies/s, latency, losses. --memory: the daemon's resident memory on a
+    /// large provisioned space (Linux only).
     Bench(bench::BenchArgs),
     /// Inject seeded faults while messages flow and members leave and rejoin: SIGKILL of the
     /// delivery daemon (a child process), SIGTERM / SIGKILL and restart of nats-server; then

@@ -11,25 +11,38 @@
 //! id is a duplicate). The run ends when every member surfaced every message, or at the timeout;
 //! what is missing then is lost.
 //!
+//! Then, unless `--no-live`, the **live path**: the same members join a live channel (no
+//! backstop, no backfill), the same senders publish N more messages on it, and the same surfacing
+//! counts; what did not surface when no copy came for `--stall-s` is a live loss, reported (live
+//! is at-most-once) but not a failure of the run.
+//!
+//! `--shards N` runs N daemons, shard i of N each (own connection, lease, fan-out and reader
+//! durables); their counters are summed where the report uses them and also given per shard.
+//!
+//! `--memory` is a separate mode: a space with many members, channels and membership records
+//! (written as the daemon writes them, with pipelined KV puts), `cotal delivery` on it as a child
+//! process, and its `VmRSS`/`VmHWM` once its views are loaded, against a daemon on an empty space
+//! measured the same way (Linux: `/proc/<pid>/status`).
+//!
 //! With `--spawn-server` a nats-server (from `COTAL_NATS_SERVER`, else `.venv/bin/nats-server`)
 //! is started on a free loopback port with a temporary store and killed (by its PID) at the end.
 
 use bytes::Bytes;
 use clap::Args;
 use cotal_core::agent::{Agent, AgentConfig, AgentEvent};
-use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryEvent};
+use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryCounters, DeliveryEvent};
 use cotal_core::ledger::SourceKind;
 use cotal_core::wire::config::ConsumerSpec;
 use cotal_core::wire::keys::{KvBucket, acl_key, member_key};
 use cotal_core::wire::message::Sender;
 use cotal_core::wire::records::{AclRecord, MembershipRecord};
-use cotal_core::wire::shard::ShardMap;
-use cotal_core::wire::token::{AgentId, Channel, Space};
+use cotal_core::wire::shard::{Shard, ShardMap};
+use cotal_core::wire::token::{AgentId, Channel, ConcreteChannel, Space};
 use cotal_driver_tokio::connect::{ConnectConfig, NatsConnection, connect};
 use cotal_driver_tokio::exec::{Executor, ExecutorConfig};
 use cotal_driver_tokio::provision::{apply_consumer, provision_space};
 use cotal_driver_tokio::run::{MachineHandle, Runner, os_seed, wall_clock};
-use serde_json::json;
+use serde_json::{Value, json};
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::path::PathBuf;
@@ -41,6 +54,8 @@ use tokio::sync::watch;
 
 /// The channel every member joins.
 const CHANNEL: &str = "bench";
+/// The live channel the members join after the durable phase.
+const LIVE_CHANNEL: &str = "benchlive";
 /// Publishes in flight while measuring the ceiling.
 const CEILING_WINDOW: usize = 1024;
 /// Publishes measured for the ceiling.
@@ -57,9 +72,10 @@ pub(crate) struct BenchArgs {
     /// Start a local nats-server (COTAL_NATS_SERVER, else .venv/bin/nats-server) for the run.
     #[arg(long)]
     spawn_server: bool,
-    /// Member agents joined to the durable channel.
-    #[arg(long, default_value_t = 10)]
-    members: usize,
+    /// Member agents joined to the durable channel (default 10); with `--memory`, the member
+    /// agents provisioned (default 10,000).
+    #[arg(long)]
+    members: Option<usize>,
     /// Messages published on the channel.
     #[arg(long, default_value_t = 2000)]
     messages: usize,
@@ -77,6 +93,27 @@ pub(crate) struct BenchArgs {
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
+    /// Skip the live-path phase (members join a live channel after the durable phase and the
+    /// senders publish `--messages` more on it).
+    #[arg(long)]
+    no_live: bool,
+    /// Delivery daemons run in this process, shard i of N each (one lease per shard, as
+    /// `cotal delivery --shard i --shards N` runs them).
+    #[arg(long, default_value_t = 1)]
+    shards: u32,
+    /// Memory mode (Linux only: reads /proc/<pid>/status), instead of the throughput run:
+    /// provision a space with `--members` agents (default 10,000), `--channels` durable channels
+    /// and their membership records, start `cotal delivery` on it as a child process, and report
+    /// its resident memory once its views are loaded, against a daemon on an empty space.
+    #[arg(long)]
+    memory: bool,
+    /// With `--memory`: durable channels provisioned.
+    #[arg(long, default_value_t = 1000)]
+    channels: usize,
+    /// With `--memory`: memberships each member holds (member i is in channels i·K … i·K+K−1,
+    /// modulo `--channels`, so every channel has members when members·K ≥ channels).
+    #[arg(long, default_value_t = 1)]
+    memberships_per_member: usize,
 }
 
 /// A nats-server started for the run, killed by its PID on drop.
@@ -293,14 +330,17 @@ pub(crate) struct MemberLog {
     pub(crate) first: BTreeMap<String, Instant>,
     /// Second (and later) surfacings.
     pub(crate) duplicates: u64,
+    /// The ids of those duplicates, with how often each came again (to tell the durable
+    /// phase's duplicates from the live phase's).
+    duplicate_ids: BTreeMap<String, u64>,
     /// Loss events the agent reported.
     pub(crate) lost_events: u64,
     /// The message ids of those loss events.
     pub(crate) lost_ids: BTreeSet<String>,
     /// First surfacings whose copy came through DLV (the live copy did not arrive first).
     pub(crate) via_dlv: u64,
-    /// The agent's loss events by reason.
-    lost_reasons: BTreeMap<String, u64>,
+    /// Every loss event as (message id, reason), to split them by phase.
+    lost_log: Vec<(String, String)>,
     /// Live copies a full ledger shed on the durable channel (their DLV copy follows).
     shed: u64,
 }
@@ -309,6 +349,8 @@ pub(crate) struct Member {
     pub(crate) handle: MachineHandle<Agent>,
     pub(crate) task: tokio::task::JoinHandle<MemberLog>,
     pub(crate) agent: tokio::task::JoinHandle<Agent>,
+    /// Every channel the agent reported [`AgentEvent::Joined`] for (live or durable).
+    pub(crate) joined_channels: Arc<Mutex<BTreeSet<String>>>,
 }
 
 /// The server a run talks to and its URL: one spawned for the run, else `--nats`, else
@@ -338,9 +380,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 async fn run(args: BenchArgs) -> Result<ExitCode, String> {
-    if args.members == 0 || args.messages == 0 || args.senders == 0 {
-        return Err("--members, --messages and --senders must be at least 1".to_owned());
+    if args.memory {
+        return run_memory(&args).await;
     }
+    let n_members = args.members.unwrap_or(10);
+    if n_members == 0 || args.messages == 0 || args.senders == 0 || args.shards == 0 {
+        return Err("--members, --messages, --senders and --shards must be at least 1".to_owned());
+    }
+    let daemons_n = args.shards as usize;
     let (server, url) = target_server(args.spawn_server, args.nats.as_deref())?;
     let cfg = ConnectConfig::new([url.clone()]);
     let t = cfg.request_timeout;
@@ -359,80 +406,36 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     if report.failed() > 0 {
         return Err(format!("provisioning failed: {}", report.summary()));
     }
-    let ids: Vec<AgentId> = (0..args.members)
+    let ids: Vec<AgentId> = (0..n_members)
         .map(|i| AgentId::new(format!("m{i}")))
         .chain((0..args.senders).map(|i| AgentId::new(format!("sender{i}"))))
         .collect::<Result<_, _>>()
         .map_err(|e| format!("agent id: {e}"))?;
     durable_channel_for(&admin.client, &space, CHANNEL, &ids, t).await?;
+    if !args.no_live {
+        live_channel_for(&admin.client, &space, LIVE_CHANNEL).await?;
+    }
+    // How the members split over the shards (the daemons route only to their own owners).
+    let map = ShardMap::new(args.shards).map_err(|e| format!("shards: {e}"))?;
+    let mut shard_owners = vec![0usize; daemons_n];
+    for id in ids.iter().take(n_members) {
+        shard_owners[map.shard_of(id).index() as usize] += 1;
+    }
     let js = async_nats::jetstream::new(admin.client.clone());
 
-    // 3. The daemon, until it serves.
-    let shard = ShardMap::new(1)
-        .and_then(|m| m.shard(0))
-        .map_err(|e| format!("shard: {e}"))?;
-    let daemon_conn = connect(&cfg).await.map_err(|e| e.to_string())?;
-    let (exec, inputs) = Executor::start(daemon_conn, ExecutorConfig::default());
-    let Runner {
-        handle: daemon,
-        events: mut daemon_events,
-        task: daemon_task,
-    } = Runner::spawn(
-        Delivery::new(DeliveryConfig::new(space.clone(), shard, "bench-daemon")),
-        exec,
-        inputs,
-    );
-    let deadline = Instant::now() + SETUP_WAIT;
-    loop {
-        let (health, _, serving) = daemon.status().await.map_err(|e| e.to_string())?;
-        while daemon_events.try_recv().is_ok() {}
-        if serving {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "daemon not serving within {SETUP_WAIT:?}: {health}"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    // The daemon's events are not needed: drain them so the channel does not grow.
-    // Tallied by kind for the report (where copies went when they did not arrive).
+    // 3. The daemons (shard i of N each), until every one serves. Their events are tallied by
+    //    kind for the report (where copies went when they did not arrive).
     let daemon_tally: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let evicted_ranges: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
-    {
-        let tally = Arc::clone(&daemon_tally);
-        let evicted = Arc::clone(&evicted_ranges);
-        tokio::spawn(async move {
-            while let Some(e) = daemon_events.recv().await {
-                if let DeliveryEvent::EvictedBeforeFanout { first, last, .. } = e
-                    && let Ok(mut v) = evicted.lock()
-                {
-                    v.push((first, last));
-                }
-                let text = format!("{e:?}");
-                let kind: String = text
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_')
-                    .collect();
-                if let Ok(mut t) = tally.lock() {
-                    *t.entry(kind).or_default() += 1;
-                }
-            }
-        });
-    }
+    let daemons = start_daemons(&cfg, &space, args.shards, &daemon_tally, &evicted_ranges).await?;
 
     // 4. The members, each on its own connection, and their tasks.
     let surfaced = Arc::new(AtomicUsize::new(0));
     let joined = Arc::new(AtomicUsize::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut members = Vec::with_capacity(args.members);
-    for (i, id) in ids.iter().take(args.members).enumerate() {
-        progress(&format!(
-            "bench: starting member {}/{}",
-            i + 1,
-            args.members
-        ));
+    let mut members = Vec::with_capacity(n_members);
+    for (i, id) in ids.iter().take(n_members).enumerate() {
+        progress(&format!("bench: starting member {}/{}", i + 1, n_members));
         let mut config = AgentConfig::new(
             space.clone(),
             Sender::new(id.clone(), id.as_str()),
@@ -453,12 +456,12 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         );
     }
     let deadline = Instant::now() + SETUP_WAIT;
-    while joined.load(Ordering::Relaxed) < args.members {
+    while joined.load(Ordering::Relaxed) < n_members {
         if Instant::now() > deadline {
             return Err(format!(
                 "only {} of {} members joined within {SETUP_WAIT:?}",
                 joined.load(Ordering::Relaxed),
-                args.members
+                n_members
             ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -471,11 +474,11 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let concrete = channel
         .to_concrete()
         .ok_or_else(|| "the bench channel is not concrete".to_owned())?;
-    for (i, id) in ids.iter().take(args.members).enumerate() {
+    for (i, id) in ids.iter().take(n_members).enumerate() {
         progress(&format!(
             "bench: waiting for activation {}/{}",
             i + 1,
-            args.members
+            n_members
         ));
         let key = member_key(&concrete, id);
         loop {
@@ -503,7 +506,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let send_failures = Arc::new(AtomicUsize::new(0));
     let sent_seqs: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let mut senders = Vec::with_capacity(args.senders);
-    for (i, id) in ids[args.members..].iter().enumerate() {
+    for (i, id) in ids[n_members..].iter().enumerate() {
         let mut sender_config = AgentConfig::new(
             space.clone(),
             Sender::new(id.clone(), id.as_str()),
@@ -547,7 +550,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         });
         senders.push((handle, task));
     }
-    let total = args.members * args.messages;
+    let total = n_members * args.messages;
     let mut published: BTreeMap<String, Instant> = BTreeMap::new();
     let start = Instant::now();
     for i in 0..args.messages {
@@ -585,10 +588,10 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let mut progress_at = (0u64, Instant::now());
     let stall = Duration::from_secs(args.stall_s);
     while start.elapsed() < timeout {
-        let (_, c, _) = daemon.status().await.map_err(|e| e.to_string())?;
+        let c = status_sum(&daemons).await?;
         // Copies of messages CHAT evicted before fan-out saw them can never be transferred.
         let unreachable = c.evicted_before_fanout + c.gaps_unverified;
-        if c.transferred + unreachable * args.members as u64 >= total as u64 {
+        if c.transferred + unreachable * n_members as u64 >= total as u64 {
             durable_done = Some(start.elapsed());
             break;
         }
@@ -613,10 +616,17 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    // Where the fan-out consumer stands (for a stall: pending, unacked, redelivered).
-    let fanout = ConsumerSpec::fanout(&space, 0, 1);
-    let fanout_info =
-        cotal_driver_tokio::api::request(&admin.client, &fanout.info_subject(), Bytes::new(), t)
+    // Where each shard's fan-out consumer stands (for a stall: pending, unacked, redelivered).
+    let mut fanout_infos = Vec::with_capacity(daemons.len());
+    for d in &daemons {
+        let fanout = ConsumerSpec::fanout(&space, d.shard.index(), d.shard.shards());
+        fanout_infos.push(
+            cotal_driver_tokio::api::request(
+                &admin.client,
+                &fanout.info_subject(),
+                Bytes::new(),
+                t,
+            )
             .await
             .map(|v| {
                 json!({
@@ -628,13 +638,24 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
                     "ack_floor_stream_seq": v["ack_floor"]["stream_seq"],
                 })
             })
-            .unwrap_or_else(|e| json!({"error": e.to_string()}));
+            .unwrap_or_else(|e| json!({"error": e.to_string()})),
+        );
+    }
+    let fanout_info = fanout_infos.first().cloned().unwrap_or(Value::Null);
     // A short grace to see duplicates that would follow the last copy.
     tokio::time::sleep(Duration::from_millis(300)).await;
+    progress_done();
+
+    // 6. The live path: the same members join a live channel, the same senders publish N more.
+    let live_run = if args.no_live {
+        None
+    } else {
+        Some(live_phase(&members, &senders, &surfaced, args.messages, timeout, stall).await?)
+    };
     let _ = stop_tx.send(true);
     progress_done();
 
-    // 6. Figures.
+    // 7. Figures.
     let mut logs = Vec::with_capacity(members.len());
     for m in members {
         let log = m.task.await.map_err(|e| format!("member task: {e}"))?;
@@ -646,11 +667,17 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         let _ = sender.stop(Duration::from_secs(2));
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
-    let _ = daemon.shutdown(Duration::from_secs(2));
-    let daemon_machine = tokio::time::timeout(Duration::from_secs(5), daemon_task)
-        .await
-        .ok()
-        .and_then(Result::ok);
+    // Every shard's counters, in shard order; `counters` is their sum when every daemon
+    // stopped within the grace.
+    let mut shard_counters = Vec::with_capacity(daemons.len());
+    for d in daemons {
+        let _ = d.handle.shutdown(Duration::from_secs(2));
+        let machine = tokio::time::timeout(Duration::from_secs(5), d.task)
+            .await
+            .ok()
+            .and_then(Result::ok);
+        shard_counters.push(machine.map(|m| m.counters().clone()));
+    }
 
     let mut all = Vec::with_capacity(total);
     let mut first = Vec::with_capacity(args.messages);
@@ -662,6 +689,11 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         seqs.get(id)
             .is_some_and(|s| evicted.iter().any(|&(f, l)| (f..=l).contains(s)))
     };
+    let is_live = |id: &str| {
+        live_run
+            .as_ref()
+            .is_some_and(|r| r.published.contains_key(id))
+    };
     let mut duplicates = 0u64;
     let mut last = start;
     let mut lost_events = 0u64;
@@ -669,8 +701,12 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     for log in &logs {
         duplicates += log.duplicates;
         lost_events += log.lost_events;
+        lost_events -= log.lost_log.iter().filter(|(id, _)| is_live(id)).count() as u64;
         shed += log.shed;
     }
+    // The live phase's figures; its duplicates are not the durable phase's.
+    let live = live_run.as_ref().map(|r| live_figures(&logs, r));
+    duplicates -= live.as_ref().map_or(0, |l| l.duplicates);
     for (id, at) in &published {
         let mut earliest: Option<Instant> = None;
         for log in &logs {
@@ -713,13 +749,17 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     };
     let via_dlv: u64 = logs.iter().map(|l| l.via_dlv).sum();
     let ratio = copies_per_s / (ceiling / 2.0);
-    let counters = daemon_machine.as_ref().map(|d| d.counters().clone());
+    let counters: Option<DeliveryCounters> = shard_counters
+        .iter()
+        .map(Option::as_ref)
+        .collect::<Option<Vec<_>>>()
+        .map(|all| sum_counters(all.into_iter()));
     let daemon_lost = counters.as_ref().map_or(0, |c| c.lost);
 
     println!(
         "cotal bench: space {}, {} members, {} messages from {} senders, server {url}",
         space.as_str(),
-        args.members,
+        n_members,
         args.messages,
         args.senders
     );
@@ -757,10 +797,17 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
             .as_ref()
             .map_or(0, |c| c.evicted_before_fanout + c.gaps_unverified)
     );
+    // The agents' loss events by reason, the durable phase's and the live phase's apart.
     let mut agent_losses: BTreeMap<String, u64> = BTreeMap::new();
+    let mut live_agent_losses: BTreeMap<String, u64> = BTreeMap::new();
     for log in &logs {
-        for (r, n) in &log.lost_reasons {
-            *agent_losses.entry(r.clone()).or_default() += n;
+        for (id, r) in &log.lost_log {
+            let tally = if is_live(id) {
+                &mut live_agent_losses
+            } else {
+                &mut agent_losses
+            };
+            *tally.entry(r.clone()).or_default() += 1;
         }
     }
     let daemon_events: BTreeMap<String, u64> =
@@ -770,10 +817,52 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     if let Some(c) = &counters {
         println!("  daemon counters                        {c:?}");
     }
-    println!("  fan-out consumer at the end            {fanout_info}");
+    if daemons_n > 1 {
+        println!("  shards                                 {daemons_n:>12}");
+        for (i, (c, info)) in shard_counters.iter().zip(&fanout_infos).enumerate() {
+            println!(
+                "  shard {i}: {} owners, {} copies written, {} transferred, {} lost; fan-out {info}",
+                shard_owners[i],
+                c.as_ref().map_or(0, |c| c.copies_written),
+                c.as_ref().map_or(0, |c| c.transferred),
+                c.as_ref().map_or(0, |c| c.lost),
+            );
+        }
+    } else {
+        println!("  fan-out consumer at the end            {fanout_info}");
+    }
+    if let Some(l) = &live {
+        println!(
+            "  live channel: {} messages, {} copies surfaced of {}",
+            args.messages,
+            l.copies,
+            args.messages * n_members
+        );
+        println!(
+            "  live messages/s (every member)         {:>12.1} /s",
+            l.messages_per_s
+        );
+        println!(
+            "  live copies/s                          {:>12.0} /s",
+            l.copies_per_s
+        );
+        println!(
+            "  live latency all copies   p50/p99/max  {:>8.2} / {:.2} / {:.2} ms",
+            l.p50, l.p99, l.max
+        );
+        println!(
+            "  live latency first member p50/p99/max  {:>8.2} / {:.2} / {:.2} ms",
+            l.first_p50, l.first_p99, l.first_max
+        );
+        println!(
+            "  live lost (not surfaced within the wait) {}, live duplicates {}",
+            l.lost, l.duplicates
+        );
+        println!("  live agent loss events by reason       {live_agent_losses:?}");
+    }
     if args.json {
         let line = json!({
-            "members": args.members,
+            "members": n_members,
             "messages": args.messages,
             "senders": args.senders,
             "ceiling_publish_per_s": ceiling.round(),
@@ -805,7 +894,31 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
             "agent_losses": agent_losses,
             "fanout_consumer": fanout_info,
             "daemon_events": daemon_events,
+            "shards": daemons_n,
+            "shard_owners": shard_owners,
+            "shard_copies_written": shard_counters.iter().map(|c| c.as_ref().map(|c| c.copies_written)).collect::<Vec<_>>(),
+            "shard_transferred": shard_counters.iter().map(|c| c.as_ref().map(|c| c.transferred)).collect::<Vec<_>>(),
+            "fanout_consumers": fanout_infos,
         });
+        let mut line = line;
+        if let (Some(l), Some(obj)) = (&live, line.as_object_mut()) {
+            obj.insert(
+                "live_messages_per_s".into(),
+                json!((l.messages_per_s * 10.0).round() / 10.0),
+            );
+            obj.insert("live_copies_per_s".into(), json!(l.copies_per_s.round()));
+            obj.insert("live_p50_ms".into(), json!(l.p50));
+            obj.insert("live_p99_ms".into(), json!(l.p99));
+            obj.insert("live_max_ms".into(), json!(l.max));
+            obj.insert("live_first_p50_ms".into(), json!(l.first_p50));
+            obj.insert("live_first_p99_ms".into(), json!(l.first_p99));
+            obj.insert("live_first_max_ms".into(), json!(l.first_max));
+            obj.insert("live_copies".into(), json!(l.copies));
+            obj.insert("live_lost".into(), json!(l.lost));
+            obj.insert("live_duplicates".into(), json!(l.duplicates));
+            obj.insert("live_elapsed_s".into(), json!(l.elapsed_s));
+            obj.insert("live_agent_losses".into(), json!(live_agent_losses));
+        }
         println!("{line}");
     }
     drop(server);
@@ -841,6 +954,8 @@ pub(crate) async fn start_member(
         task: agent,
     } = Runner::spawn(machine, exec, inputs);
     let h = handle.clone();
+    let joined_channels: Arc<Mutex<BTreeSet<String>>> = Arc::default();
+    let channels_seen = Arc::clone(&joined_channels);
     let task = tokio::spawn(async move {
         let mut log = MemberLog::default();
         // Counted in `joined` once, at its first established backstop: a join whose durableJoin
@@ -850,7 +965,13 @@ pub(crate) async fn start_member(
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
-                event = events.recv() => match event {
+                event = events.recv() => {
+                if let Some(AgentEvent::Joined { channel, .. }) = &event
+                    && let Ok(mut seen) = channels_seen.lock()
+                {
+                    seen.insert(channel.as_str().to_owned());
+                }
+                match event {
                     Some(AgentEvent::MessagesReady { .. }) => loop {
                         let Ok(batch) = h.take_messages(1024).await else { break };
                         if batch.is_empty() {
@@ -861,7 +982,10 @@ pub(crate) async fn start_member(
                         for s in batch {
                             let id = s.item.message.id.clone();
                             match log.first.entry(id) {
-                                Entry::Occupied(_) => log.duplicates += 1,
+                                Entry::Occupied(o) => {
+                                    log.duplicates += 1;
+                                    *log.duplicate_ids.entry(o.key().clone()).or_default() += 1;
+                                }
                                 Entry::Vacant(v) => {
                                     v.insert(now);
                                     if s.origin == SourceKind::Durable {
@@ -890,12 +1014,14 @@ pub(crate) async fn start_member(
                     Some(AgentEvent::LiveCopyShed { .. }) => log.shed += 1,
                     Some(AgentEvent::Lost { id, reason }) => {
                         log.lost_events += 1;
-                        log.lost_ids.insert(id);
-                        *log.lost_reasons.entry(reason).or_default() += 1;
+                        log.lost_ids.insert(id.clone());
+
+                        log.lost_log.push((id, reason));
                     }
                     Some(_) => {}
                     None => break,
-                },
+                }
+                }
             }
         }
         log
@@ -904,6 +1030,7 @@ pub(crate) async fn start_member(
         handle,
         task,
         agent,
+        joined_channels,
     })
 }
 
@@ -984,4 +1111,647 @@ pub(crate) async fn durable_channel_for(
             .map_err(|e| format!("DLV consumer of {}: {e}", id.as_str()))?;
     }
     Ok(())
+}
+
+/// Makes `channel` live in `space` (`{"deliveryClass":"live","replay":false}`): joins subscribe
+/// on core NATS only, no backstop, no backfill.
+async fn live_channel_for(
+    client: &async_nats::Client,
+    space: &Space,
+    channel: &str,
+) -> Result<(), String> {
+    async_nats::jetstream::new(client.clone())
+        .get_key_value(KvBucket::Channels.name(space))
+        .await
+        .map_err(|e| format!("channels bucket: {e}"))?
+        .put(
+            channel,
+            Bytes::from(json!({"deliveryClass": "live", "replay": false}).to_string()),
+        )
+        .await
+        .map_err(|e| format!("live channel entry: {e}"))?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Daemons (one per shard)
+// ---------------------------------------------------------------------------------------------
+
+/// One in-process delivery daemon of the run.
+struct BenchDaemon {
+    /// The shard it holds the lease of.
+    shard: Shard,
+    handle: MachineHandle<Delivery>,
+    task: tokio::task::JoinHandle<Delivery>,
+}
+
+/// Starts shard i of `shards` for every i, each on its own connection (as `cotal delivery
+/// --shard i --shards N` would), drains their events into `tally` and `evicted`, and waits
+/// (at most [`SETUP_WAIT`]) until every one serves.
+async fn start_daemons(
+    cfg: &ConnectConfig,
+    space: &Space,
+    shards: u32,
+    tally: &Arc<Mutex<BTreeMap<String, u64>>>,
+    evicted: &Arc<Mutex<Vec<(u64, u64)>>>,
+) -> Result<Vec<BenchDaemon>, String> {
+    let map = ShardMap::new(shards).map_err(|e| format!("shards: {e}"))?;
+    let mut daemons = Vec::with_capacity(shards as usize);
+    for shard in map.iter() {
+        let mut cfg = cfg.clone();
+        cfg.name = Some(format!("cotal-bench-daemon-{}", shard.index()));
+        let conn = connect(&cfg).await.map_err(|e| e.to_string())?;
+        let (exec, inputs) = Executor::start(conn, ExecutorConfig::default());
+        let Runner {
+            handle,
+            mut events,
+            task,
+        } = Runner::spawn(
+            Delivery::new(DeliveryConfig::new(
+                space.clone(),
+                shard,
+                format!("bench-daemon-{}", shard.index()),
+            )),
+            exec,
+            inputs,
+        );
+        let (tally, evicted) = (Arc::clone(tally), Arc::clone(evicted));
+        tokio::spawn(async move {
+            while let Some(e) = events.recv().await {
+                if let DeliveryEvent::EvictedBeforeFanout { first, last, .. } = e
+                    && let Ok(mut v) = evicted.lock()
+                {
+                    v.push((first, last));
+                }
+                let text = format!("{e:?}");
+                let kind: String = text
+                    .chars()
+                    .take_while(|c| c.is_alphanumeric() || *c == '_')
+                    .collect();
+                if let Ok(mut t) = tally.lock() {
+                    *t.entry(kind).or_default() += 1;
+                }
+            }
+        });
+        daemons.push(BenchDaemon {
+            shard,
+            handle,
+            task,
+        });
+    }
+    let deadline = Instant::now() + SETUP_WAIT;
+    for d in &daemons {
+        loop {
+            let (health, _, serving) = d.handle.status().await.map_err(|e| e.to_string())?;
+            if serving {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "daemon of shard {} of {} not serving within {SETUP_WAIT:?}: {health}",
+                    d.shard.index(),
+                    d.shard.shards()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok(daemons)
+}
+
+/// The sum of every daemon's counters right now.
+async fn status_sum(daemons: &[BenchDaemon]) -> Result<DeliveryCounters, String> {
+    let mut each = Vec::with_capacity(daemons.len());
+    for d in daemons {
+        let (_, c, _) = d.handle.status().await.map_err(|e| e.to_string())?;
+        each.push(c);
+    }
+    Ok(sum_counters(each.iter()))
+}
+
+/// Field-by-field sum of daemons' counters (what N shards did together).
+fn sum_counters<'a>(all: impl Iterator<Item = &'a DeliveryCounters>) -> DeliveryCounters {
+    let mut s = DeliveryCounters::default();
+    for c in all {
+        s.copies_written += c.copies_written;
+        s.copies_duplicate += c.copies_duplicate;
+        s.transferred += c.transferred;
+        s.dropped += c.dropped;
+        s.deferred += c.deferred;
+        s.terminated += c.terminated;
+        s.lost += c.lost;
+        s.evicted_ranges += c.evicted_ranges;
+        s.writes_failed += c.writes_failed;
+        s.cas_retries += c.cas_retries;
+        s.fenced += c.fenced;
+        s.lease_lost += c.lease_lost;
+        s.cap_reached += c.cap_reached;
+        s.fanout_deferred += c.fanout_deferred;
+        s.dlv_shed += c.dlv_shed;
+        s.backlog_unverified += c.backlog_unverified;
+        s.evicted_before_fanout += c.evicted_before_fanout;
+        s.gaps_unverified += c.gaps_unverified;
+        s.fanout_anomalies += c.fanout_anomalies;
+        s.abandoned += c.abandoned;
+        s.dlv_revoked += c.dlv_revoked;
+        s.dlv_sweeps += c.dlv_sweeps;
+        s.dlv_sweeps_failed += c.dlv_sweeps_failed;
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// The live path
+// ---------------------------------------------------------------------------------------------
+
+/// What the live phase published, and when it started.
+struct LiveRun {
+    /// Message id → publish time.
+    published: BTreeMap<String, Instant>,
+    /// When the first live message was published.
+    start: Instant,
+}
+
+/// Joins every member to [`LIVE_CHANNEL`], waits for every join, publishes `messages` on it from
+/// the senders round robin and waits until every member surfaced every one, or no copy surfaced
+/// for `stall`, or `timeout`. Live is at-most-once: what is missing then counts as lost, and is
+/// reported, not an error.
+async fn live_phase(
+    members: &[Member],
+    senders: &[(MachineHandle<Agent>, tokio::task::JoinHandle<Agent>)],
+    surfaced: &AtomicUsize,
+    messages: usize,
+    timeout: Duration,
+    stall: Duration,
+) -> Result<LiveRun, String> {
+    let live = Channel::new(LIVE_CHANNEL).map_err(|e| format!("live channel: {e}"))?;
+    for m in members {
+        m.handle
+            .join(live.clone())
+            .await
+            .map_err(|e| format!("live join: {e:?}"))?;
+    }
+    let deadline = Instant::now() + SETUP_WAIT;
+    for (i, m) in members.iter().enumerate() {
+        progress(&format!("bench: live join {}/{}", i + 1, members.len()));
+        while !m
+            .joined_channels
+            .lock()
+            .is_ok_and(|s| s.contains(LIVE_CHANNEL))
+        {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "member {i} did not join the live channel within {SETUP_WAIT:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let base = surfaced.load(Ordering::Relaxed);
+    let total = members.len() * messages;
+    let mut published = BTreeMap::new();
+    let start = Instant::now();
+    for i in 0..messages {
+        let at = Instant::now();
+        let (_, id) = senders[i % senders.len()]
+            .0
+            .send_text(live.clone(), format!("bench live message {i}"))
+            .await
+            .map_err(|e| format!("live send {i}: {e}"))?;
+        published.insert(id, at);
+        if i % 100 == 0 {
+            progress(&format!(
+                "bench: live published {i}/{messages}, surfaced {}/{total} copies",
+                surfaced.load(Ordering::Relaxed).saturating_sub(base)
+            ));
+        }
+    }
+    let mut seen = (0usize, Instant::now());
+    loop {
+        let n = surfaced.load(Ordering::Relaxed).saturating_sub(base);
+        if n >= total || start.elapsed() > timeout {
+            break;
+        }
+        if n != seen.0 {
+            seen = (n, Instant::now());
+        } else if seen.1.elapsed() > stall {
+            break;
+        }
+        progress(&format!(
+            "bench: live published {messages}/{messages}, surfaced {n}/{total} copies, {:.1} s",
+            start.elapsed().as_secs_f64()
+        ));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A short grace to see duplicates that would follow the last copy.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    Ok(LiveRun { published, start })
+}
+
+/// The live phase's figures.
+struct LiveFigures {
+    /// Live copies surfaced (first surfacings).
+    copies: usize,
+    /// Messages per second surfaced by every member (over the time to the last surfacing).
+    messages_per_s: f64,
+    copies_per_s: f64,
+    p50: f64,
+    p99: f64,
+    max: f64,
+    first_p50: f64,
+    first_p99: f64,
+    first_max: f64,
+    /// Copies not surfaced within the wait.
+    lost: u64,
+    /// Later surfacings of a live message already surfaced.
+    duplicates: u64,
+    /// First live publish → last live surfacing.
+    elapsed_s: f64,
+}
+
+fn live_figures(logs: &[MemberLog], run: &LiveRun) -> LiveFigures {
+    let mut all = Vec::with_capacity(logs.len() * run.published.len());
+    let mut first = Vec::with_capacity(run.published.len());
+    let mut lost = 0u64;
+    let mut last = run.start;
+    for (id, at) in &run.published {
+        let mut earliest: Option<Instant> = None;
+        for log in logs {
+            match log.first.get(id) {
+                Some(s) => {
+                    all.push(s.saturating_duration_since(*at).as_secs_f64() * 1e3);
+                    earliest = Some(earliest.map_or(*s, |e| e.min(*s)));
+                    last = last.max(*s);
+                }
+                None => lost += 1,
+            }
+        }
+        if let Some(e) = earliest {
+            first.push(e.saturating_duration_since(*at).as_secs_f64() * 1e3);
+        }
+    }
+    let duplicates = logs
+        .iter()
+        .flat_map(|l| &l.duplicate_ids)
+        .filter(|(id, _)| run.published.contains_key(*id))
+        .map(|(_, n)| n)
+        .sum();
+    all.sort_by(f64::total_cmp);
+    first.sort_by(f64::total_cmp);
+    let elapsed_s = last
+        .saturating_duration_since(run.start)
+        .as_secs_f64()
+        .max(1e-9);
+    LiveFigures {
+        copies: all.len(),
+        messages_per_s: if all.is_empty() {
+            0.0
+        } else {
+            run.published.len() as f64 / elapsed_s
+        },
+        copies_per_s: all.len() as f64 / elapsed_s,
+        p50: percentile(&all, 50.0),
+        p99: percentile(&all, 99.0),
+        max: all.last().copied().unwrap_or(0.0),
+        first_p50: percentile(&first, 50.0),
+        first_p99: percentile(&first, 99.0),
+        first_max: first.last().copied().unwrap_or(0.0),
+        lost,
+        duplicates,
+        elapsed_s,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory mode
+// ---------------------------------------------------------------------------------------------
+
+/// KV puts in flight while provisioning the memory space.
+const PUT_WINDOW: usize = 512;
+/// How long the daemon's RSS must not grow before it counts as settled.
+const RSS_QUIET: Duration = Duration::from_secs(2);
+/// The longest wait for the RSS to settle once the daemon is active.
+const RSS_SETTLE_WAIT: Duration = Duration::from_secs(60);
+/// The longest wait for a daemon child to report `health: active`.
+const DAEMON_ACTIVE_WAIT: Duration = Duration::from_secs(120);
+
+/// Memory of one daemon child, from `/proc/<pid>/status`.
+#[derive(Clone, Copy, Debug)]
+struct DaemonMemory {
+    /// `VmRSS` once settled, KiB.
+    rss_kib: u64,
+    /// `VmHWM` (peak resident) at the same moment, KiB.
+    hwm_kib: u64,
+    /// From spawn to `health: active`.
+    active_s: f64,
+    /// Whether the RSS stopped growing for [`RSS_QUIET`] within [`RSS_SETTLE_WAIT`].
+    settled: bool,
+}
+
+/// A `cotal delivery` child process; SIGKILLed by its PID on drop if still running.
+struct DaemonProcess {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `(VmRSS, VmHWM)` in KiB of process `pid`.
+fn proc_memory(pid: u32) -> Result<(u64, u64), String> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .ok_or_else(|| format!("{path}: no {name}"))
+    };
+    Ok((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+/// Starts `cotal delivery --space <space>` (this binary) as a child, waits until it logs
+/// `health: active` (every watch delivered its initial values, the consumers are bound), then
+/// until its RSS has not grown for [`RSS_QUIET`], and reads its memory. The child is stopped
+/// with SIGTERM (it releases its lease) afterwards.
+async fn measure_daemon(url: &str, space: &Space, tag: &str) -> Result<DaemonMemory, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("own binary: {e}"))?;
+    let log = std::env::temp_dir().join(format!(
+        "cotal-bench-{}-{}-{tag}.log",
+        std::process::id(),
+        space.as_str()
+    ));
+    let file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let started = Instant::now();
+    let child = std::process::Command::new(exe)
+        .args([
+            "delivery",
+            "--space",
+            space.as_str(),
+            "--id",
+            &format!("bench-memory-{tag}"),
+            "--nats",
+            url,
+        ])
+        .env("NO_COLOR", "1")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(file)
+        .spawn()
+        .map_err(|e| format!("cannot start the daemon: {e}"))?;
+    let mut daemon = DaemonProcess { child, log };
+    let pid = daemon.child.id();
+    loop {
+        let text = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+        if text.contains("health: active") {
+            break;
+        }
+        if let Ok(Some(status)) = daemon.child.try_wait() {
+            return Err(format!(
+                "the {tag} daemon exited ({status}) before it was active: {}",
+                text.lines().last().unwrap_or("no log")
+            ));
+        }
+        if started.elapsed() > DAEMON_ACTIVE_WAIT {
+            return Err(format!(
+                "the {tag} daemon was not active within {DAEMON_ACTIVE_WAIT:?} (log {})",
+                daemon.log.display()
+            ));
+        }
+        progress(&format!(
+            "bench: {tag} daemon loading, {:.1} s, RSS {} KiB",
+            started.elapsed().as_secs_f64(),
+            proc_memory(pid).map_or(0, |m| m.0)
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let active_s = started.elapsed().as_secs_f64();
+    let settle_start = Instant::now();
+    let (mut peak, _) = proc_memory(pid)?;
+    let mut grew_at = Instant::now();
+    let settled = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (rss, _) = proc_memory(pid)?;
+        if rss > peak {
+            peak = rss;
+            grew_at = Instant::now();
+        }
+        if grew_at.elapsed() >= RSS_QUIET {
+            break true;
+        }
+        if settle_start.elapsed() > RSS_SETTLE_WAIT {
+            break false;
+        }
+        progress(&format!(
+            "bench: {tag} daemon active, waiting for its RSS to settle: {rss} KiB"
+        ));
+    };
+    let (rss_kib, hwm_kib) = proc_memory(pid)?;
+    let _ = signal(pid, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !matches!(daemon.child.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(daemon);
+    Ok(DaemonMemory {
+        rss_kib,
+        hwm_kib,
+        active_s,
+        settled,
+    })
+}
+
+/// Stores `records` (KV key, value) in `bucket` of `space` as pipelined JetStream publishes on
+/// `$KV.<bucket>.<key>` (what a KV put is), at most [`PUT_WINDOW`] in flight.
+async fn pipelined_puts(
+    js: &async_nats::jetstream::Context,
+    bucket: &str,
+    records: impl Iterator<Item = (String, Bytes)>,
+    what: &str,
+) -> Result<usize, String> {
+    let mut inflight = VecDeque::with_capacity(PUT_WINDOW);
+    let mut n = 0usize;
+    for (key, value) in records {
+        let ack = js
+            .publish(format!("$KV.{bucket}.{key}"), value)
+            .await
+            .map_err(|e| format!("{what} {key}: {e}"))?;
+        inflight.push_back(ack);
+        n += 1;
+        if inflight.len() >= PUT_WINDOW
+            && let Some(a) = inflight.pop_front()
+        {
+            a.await.map_err(|e| format!("{what}: {e}"))?;
+        }
+        if n.is_multiple_of(1000) {
+            progress(&format!("bench: {n} {what} written"));
+        }
+    }
+    while let Some(a) = inflight.pop_front() {
+        a.await.map_err(|e| format!("{what}: {e}"))?;
+    }
+    Ok(n)
+}
+
+/// `cotal bench --memory`.
+async fn run_memory(args: &BenchArgs) -> Result<ExitCode, String> {
+    let members = args.members.unwrap_or(10_000);
+    let (channels, per_member) = (args.channels, args.memberships_per_member);
+    if members == 0 || channels == 0 || per_member == 0 || per_member > channels {
+        return Err(
+            "--members, --channels and --memberships-per-member must be at least 1, and \
+             --memberships-per-member at most --channels"
+                .to_owned(),
+        );
+    }
+    if !std::path::Path::new("/proc/self/status").exists() {
+        return Err("--memory reads /proc/<pid>/status: Linux only".to_owned());
+    }
+    let (server, url) = target_server(args.spawn_server, args.nats.as_deref())?;
+    let cfg = ConnectConfig::new([url.clone()]);
+    let t = cfg.request_timeout;
+    let admin = connect(&cfg).await.map_err(|e| e.to_string())?;
+    let js = async_nats::jetstream::new(admin.client.clone());
+    let tag = format!("{:08x}", os_seed() & 0xffff_ffff);
+
+    // The baseline: a daemon on a provisioned, empty space.
+    let empty_space = Space::new(format!("benchmem{tag}e")).map_err(|e| format!("space: {e}"))?;
+    progress(&format!(
+        "bench: provisioning space {}",
+        empty_space.as_str()
+    ));
+    let report = provision_space(&admin.client, &empty_space, t).await;
+    if report.failed() > 0 {
+        return Err(format!("provisioning failed: {}", report.summary()));
+    }
+    let empty = measure_daemon(&url, &empty_space, "empty").await?;
+
+    // The loaded space: ACL records, durable channels, membership records.
+    let space = Space::new(format!("benchmem{tag}")).map_err(|e| format!("space: {e}"))?;
+    progress(&format!("bench: provisioning space {}", space.as_str()));
+    let report = provision_space(&admin.client, &space, t).await;
+    if report.failed() > 0 {
+        return Err(format!("provisioning failed: {}", report.summary()));
+    }
+    let ids: Vec<AgentId> = (0..members)
+        .map(|i| AgentId::new(format!("m{i}")))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("agent id: {e}"))?;
+    let chans: Vec<ConcreteChannel> = (0..channels)
+        .map(|i| ConcreteChannel::new(format!("mem{i}")))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("channel: {e}"))?;
+    let acl = Bytes::from(
+        serde_json::to_vec(&AclRecord {
+            allow_subscribe: vec![">".to_owned()],
+            revision: 1,
+            updated_at: wall_clock(),
+            extra: Default::default(),
+        })
+        .map_err(|e| e.to_string())?,
+    );
+    pipelined_puts(
+        &js,
+        &KvBucket::Acl.name(&space),
+        ids.iter().map(|id| (acl_key(id), acl.clone())),
+        "ACL records",
+    )
+    .await?;
+    let durable = Bytes::from(json!({"deliveryClass": "durable", "replay": false}).to_string());
+    pipelined_puts(
+        &js,
+        &KvBucket::Channels.name(&space),
+        chans
+            .iter()
+            .map(|c| (c.as_str().to_owned(), durable.clone())),
+        "channel entries",
+    )
+    .await?;
+    // Member i holds channels i·K … i·K+K−1 (mod C): K distinct channels, round robin.
+    let now = wall_clock();
+    let mut records = Vec::with_capacity(members * per_member);
+    for (i, id) in ids.iter().enumerate() {
+        for k in 0..per_member {
+            let channel = &chans[(i * per_member + k) % channels];
+            let mut r = MembershipRecord::fresh_join(
+                channel.clone(),
+                id.clone(),
+                0,
+                1,
+                "bench-memory",
+                now,
+            );
+            r.activated = Some(true);
+            let value = serde_json::to_vec(&r).map_err(|e| e.to_string())?;
+            records.push((member_key(channel, id), Bytes::from(value)));
+        }
+    }
+    let memberships = pipelined_puts(
+        &js,
+        &KvBucket::Members.name(&space),
+        records.into_iter(),
+        "membership records",
+    )
+    .await?;
+    let loaded = measure_daemon(&url, &space, "loaded").await?;
+    progress_done();
+
+    let per_record =
+        (loaded.rss_kib.saturating_sub(empty.rss_kib) as f64 * 1024.0) / memberships.max(1) as f64;
+    println!(
+        "cotal bench --memory: space {}, {members} members, {channels} channels, {memberships} \
+         membership records, server {url}",
+        space.as_str()
+    );
+    println!(
+        "  daemon RSS, records loaded             {:>12} KiB (peak {} KiB, active after {:.1} s{})",
+        loaded.rss_kib,
+        loaded.hwm_kib,
+        loaded.active_s,
+        if loaded.settled {
+            ""
+        } else {
+            ", RSS still growing"
+        }
+    );
+    println!(
+        "  daemon RSS, empty space                {:>12} KiB (peak {} KiB, active after {:.1} s{})",
+        empty.rss_kib,
+        empty.hwm_kib,
+        empty.active_s,
+        if empty.settled {
+            ""
+        } else {
+            ", RSS still growing"
+        }
+    );
+    println!("  bytes per membership record            {per_record:>12.0}");
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "mode": "memory",
+                "members": members,
+                "channels": channels,
+                "memberships": memberships,
+                "acl_records": members,
+                "daemon_rss_kib": loaded.rss_kib,
+                "daemon_hwm_kib": loaded.hwm_kib,
+                "daemon_active_s": loaded.active_s,
+                "daemon_settled": loaded.settled,
+                "empty_daemon_rss_kib": empty.rss_kib,
+                "empty_daemon_hwm_kib": empty.hwm_kib,
+                "empty_daemon_settled": empty.settled,
+                "bytes_per_membership": per_record.round(),
+            })
+        );
+    }
+    drop(server);
+    Ok(ExitCode::SUCCESS)
 }
