@@ -437,6 +437,63 @@ pub struct DeliveryCounters {
     pub dlv_sweeps_failed: u64,
 }
 
+impl DeliveryCounters {
+    /// Adds `other` field by field (the counters of several shards' daemons as one). The
+    /// destructuring is exhaustive, so a new counter cannot be forgotten here.
+    pub fn add(&mut self, other: &DeliveryCounters) {
+        let DeliveryCounters {
+            copies_written,
+            copies_duplicate,
+            transferred,
+            dropped,
+            deferred,
+            terminated,
+            lost,
+            evicted_ranges,
+            writes_failed,
+            cas_retries,
+            fenced,
+            lease_lost,
+            cap_reached,
+            fanout_deferred,
+            fanout_hold_expired,
+            dlv_shed,
+            backlog_unverified,
+            evicted_before_fanout,
+            gaps_unverified,
+            fanout_anomalies,
+            abandoned,
+            dlv_revoked,
+            dlv_sweeps,
+            dlv_sweeps_failed,
+        } = other;
+        self.copies_written += copies_written;
+        self.copies_duplicate += copies_duplicate;
+        self.transferred += transferred;
+        self.dropped += dropped;
+        self.deferred += deferred;
+        self.terminated += terminated;
+        self.lost += lost;
+        self.evicted_ranges += evicted_ranges;
+        self.writes_failed += writes_failed;
+        self.cas_retries += cas_retries;
+        self.fenced += fenced;
+        self.lease_lost += lease_lost;
+        self.cap_reached += cap_reached;
+        self.fanout_deferred += fanout_deferred;
+        self.fanout_hold_expired += fanout_hold_expired;
+        self.dlv_shed += dlv_shed;
+        self.backlog_unverified += backlog_unverified;
+        self.evicted_before_fanout += evicted_before_fanout;
+        self.gaps_unverified += gaps_unverified;
+        self.fanout_anomalies += fanout_anomalies;
+        self.abandoned += abandoned;
+        self.dlv_revoked += dlv_revoked;
+        self.dlv_sweeps += dlv_sweeps;
+        self.dlv_sweeps_failed += dlv_sweeps_failed;
+    }
+}
+
 /// Why fan-out terminated a CHAT delivery without routing it (G32).
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]

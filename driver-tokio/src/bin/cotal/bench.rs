@@ -1233,29 +1233,7 @@ async fn status_sum(daemons: &[BenchDaemon]) -> Result<DeliveryCounters, String>
 fn sum_counters<'a>(all: impl Iterator<Item = &'a DeliveryCounters>) -> DeliveryCounters {
     let mut s = DeliveryCounters::default();
     for c in all {
-        s.copies_written += c.copies_written;
-        s.copies_duplicate += c.copies_duplicate;
-        s.transferred += c.transferred;
-        s.dropped += c.dropped;
-        s.deferred += c.deferred;
-        s.terminated += c.terminated;
-        s.lost += c.lost;
-        s.evicted_ranges += c.evicted_ranges;
-        s.writes_failed += c.writes_failed;
-        s.cas_retries += c.cas_retries;
-        s.fenced += c.fenced;
-        s.lease_lost += c.lease_lost;
-        s.cap_reached += c.cap_reached;
-        s.fanout_deferred += c.fanout_deferred;
-        s.dlv_shed += c.dlv_shed;
-        s.backlog_unverified += c.backlog_unverified;
-        s.evicted_before_fanout += c.evicted_before_fanout;
-        s.gaps_unverified += c.gaps_unverified;
-        s.fanout_anomalies += c.fanout_anomalies;
-        s.abandoned += c.abandoned;
-        s.dlv_revoked += c.dlv_revoked;
-        s.dlv_sweeps += c.dlv_sweeps;
-        s.dlv_sweeps_failed += c.dlv_sweeps_failed;
+        s.add(c);
     }
     s
 }
