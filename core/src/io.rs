@@ -266,8 +266,14 @@ pub enum Command {
         /// The feed.
         sub: SubId,
     },
-    /// Resolve one durable delivery. Completes with [`Reply::Done`] once the server confirmed it
-    /// (double ack), or [`Outcome::Unknown`].
+    /// Resolve one durable delivery.
+    ///
+    /// With `confirm`, a double ack: completes with [`Reply::Done`] once the server confirmed it,
+    /// or [`Outcome::Unknown`]. Without, a plain ack (what the reference sends): completes with
+    /// [`Reply::Sent`] once it was handed to the connection; the server answers nothing, so an ack
+    /// lost on the way shows only as a redelivery after `ack_wait`. A machine asks for the
+    /// confirmation only when its decision depends on it; the plain ack saves the server one reply
+    /// message and the client one request per settle.
     Settle {
         /// Operation id.
         op: OpId,
@@ -275,6 +281,8 @@ pub enum Command {
         delivery: DeliveryId,
         /// How.
         kind: AckKind,
+        /// Ask the server to confirm (double ack).
+        confirm: bool,
     },
     /// Read a KV key. Completes with [`Reply::Kv`] (`None` for absent or a delete marker).
     KvGet {
@@ -448,8 +456,11 @@ pub struct KvEntry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Reply {
-    /// Done, nothing to report (subscribe, barrier, consume, settle, watch).
+    /// Done, nothing to report (subscribe, barrier, consume, confirmed settle, watch).
     Done,
+    /// Handed to the connection, with no answer from the server to wait for (an unconfirmed
+    /// settle): sent, not known to be applied.
+    Sent,
     /// A request's response.
     Response(Response),
     /// A JetStream publish acknowledgement.

@@ -837,7 +837,12 @@ impl Net {
                 self.complete(client, op, outcome);
             }
             Command::StopConsume { sub } => self.unbind((client, sub)),
-            Command::Settle { op, delivery, kind } => {
+            Command::Settle {
+                op,
+                delivery,
+                kind,
+                confirm,
+            } => {
                 let outcome = match self.deliveries.get(&delivery).cloned() {
                     None => Outcome::Failed(Failure::NotFound),
                     Some(d) => {
@@ -858,6 +863,13 @@ impl Net {
                             }
                         }
                     }
+                };
+                // A plain ack: the server answers nothing, applied or not; the client only knows
+                // it sent it.
+                let outcome = if confirm {
+                    outcome
+                } else {
+                    Outcome::Success(Reply::Sent)
                 };
                 self.complete(client, op, outcome);
             }

@@ -92,6 +92,7 @@ impl Machine for Script {
                         op: OpId::from_raw(self.next_op),
                         delivery: *delivery,
                         kind,
+                        confirm: true,
                     });
                 }
             }

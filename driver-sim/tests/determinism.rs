@@ -105,7 +105,12 @@ impl Machine for Chatter {
                 } else {
                     AckKind::Ack
                 };
-                self.cmds.push_back(Command::Settle { op, delivery, kind });
+                self.cmds.push_back(Command::Settle {
+                    op,
+                    delivery,
+                    kind,
+                    confirm: true,
+                });
             }
             Input::Inbound(Inbound::KvChange { entry, .. }) => {
                 if entry.key == "counter" {

@@ -470,6 +470,7 @@ fn durable_feed_redelivers_after_ack_wait_until_settled() {
                     op: op(2),
                     delivery: DeliveryId(77),
                     kind: AckKind::Ack,
+                    confirm: true,
                 },
             ),
     );

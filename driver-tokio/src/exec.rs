@@ -1050,7 +1050,12 @@ impl Actor {
                     consume(job, sink)
                 });
             }
-            Command::Settle { op, delivery, kind } => self.settle(op, delivery, kind),
+            Command::Settle {
+                op,
+                delivery,
+                kind,
+                confirm,
+            } => self.settle(op, delivery, kind, confirm).await,
             Command::KvGet { op, bucket, key } => {
                 let js = self.js.clone();
                 let subject = format!("$JS.API.STREAM.MSG.GET.KV_{bucket}");
@@ -1151,7 +1156,7 @@ impl Actor {
         }
     }
 
-    fn settle(&mut self, op: OpId, delivery: DeliveryId, kind: AckKind) {
+    async fn settle(&mut self, op: OpId, delivery: DeliveryId, kind: AckKind, confirm: bool) {
         let Some(held) = self.deliveries.remove(&delivery) else {
             self.emit(Input::Completed(Completion::failed(op, Failure::NotFound)));
             return;
@@ -1175,6 +1180,18 @@ impl Actor {
             AckKind::Nak { delay } => jetstream::AckKind::Nak(Some(to_std(delay))),
             AckKind::Term => jetstream::AckKind::Term,
         };
+        if !confirm {
+            // A plain ack, as the reference sends it: handed to the connection, nothing awaited.
+            let outcome = match self.client.publish(ack_subject, Bytes::from(ack)).await {
+                Ok(()) => Outcome::Success(Reply::Sent),
+                Err(e) => {
+                    tracing::debug!(error = %e, "plain ack not sent: unknown");
+                    Outcome::Unknown
+                }
+            };
+            self.emit(Input::Completed(Completion { op, outcome }));
+            return;
+        }
         let client = self.client.clone();
         let timeout = self.config.api_timeout;
         self.spawn_op(op, vec![ack_subject.clone()], None, async move {

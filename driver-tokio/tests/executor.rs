@@ -633,6 +633,7 @@ async fn consume_and_settle_ack_nak_with_delay_and_term() {
                 op,
                 delivery: g.0,
                 kind,
+                confirm: true,
             })
             .await;
         assert_eq!(settled, Outcome::Success(Reply::Done), "{kind}");
@@ -644,14 +645,16 @@ async fn consume_and_settle_ack_nak_with_delay_and_term() {
         "redelivered after {:?}, before the nak delay",
         nak_at.elapsed()
     );
+    // A plain ack (unconfirmed): sent, and applied all the same.
     assert_eq!(
         d.run(|op| Command::Settle {
             op,
             delivery: again,
-            kind: AckKind::Ack
+            kind: AckKind::Ack,
+            confirm: false,
         })
         .await,
-        Outcome::Success(Reply::Done)
+        Outcome::Success(Reply::Sent)
     );
     // Nothing else comes back within two ack_waits: acked and termed messages stay settled.
     assert_eq!(d.inbound(Duration::from_millis(2200)).await, None);
@@ -660,7 +663,8 @@ async fn consume_and_settle_ack_nak_with_delay_and_term() {
         d.run(|op| Command::Settle {
             op,
             delivery: again,
-            kind: AckKind::Ack
+            kind: AckKind::Ack,
+            confirm: true,
         })
         .await,
         Outcome::Failed(Failure::NotFound)
@@ -738,6 +742,7 @@ async fn consume_holds_at_most_max_in_flight_unsettled() {
             op,
             delivery: a.0,
             kind: AckKind::Ack,
+            confirm: true,
         })
         .await;
     assert_eq!(settled, Outcome::Success(Reply::Done));
@@ -750,6 +755,7 @@ async fn consume_holds_at_most_max_in_flight_unsettled() {
             op,
             delivery: b.0,
             kind: AckKind::Ack,
+            confirm: true,
         })
         .await;
     assert_eq!(settled, Outcome::Success(Reply::Done));
@@ -760,6 +766,7 @@ async fn consume_holds_at_most_max_in_flight_unsettled() {
             op,
             delivery: c.0,
             kind: AckKind::Ack,
+            confirm: true,
         })
         .await;
     assert_eq!(settled, Outcome::Success(Reply::Done));
@@ -788,6 +795,7 @@ async fn consume_holds_at_most_max_in_flight_unsettled() {
             op,
             delivery: d4.0,
             kind: AckKind::Ack,
+            confirm: true,
         })
         .await;
     assert_eq!(late, Outcome::Failed(Failure::NotFound));

@@ -1296,10 +1296,13 @@ impl Agent {
             Action::Forget => return,
         };
         let op = self.op(Pending::Settle);
+        // Unconfirmed: no decision waits on it. A lost ack brings the copy back after ack_wait,
+        // and the dedup ledger's settled horizon acks it again without surfacing it.
         self.commands.push_back(Command::Settle {
             op,
             delivery: r.delivery,
             kind,
+            confirm: false,
         });
     }
 

@@ -427,9 +427,15 @@ impl World {
                 let outcome = self.daemon.answer(payload);
                 vec![Input::Completed(Completion { op: *op, outcome })]
             }
-            Command::Settle { op, delivery, kind } => {
+            Command::Settle {
+                op,
+                delivery,
+                kind,
+                confirm,
+            } => {
                 self.settles.push((*delivery, *kind));
-                vec![done(*op)]
+                let reply = if *confirm { Reply::Done } else { Reply::Sent };
+                vec![Input::Completed(Completion::success(*op, reply))]
             }
             Command::KvPut { op, .. } => vec![Input::Completed(Completion::success(
                 *op,

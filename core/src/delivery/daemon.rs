@@ -1098,10 +1098,17 @@ impl Delivery {
         });
     }
 
+    /// Settles a CHAT or dinbox delivery with a plain (unconfirmed) ack: nothing here waits on
+    /// the outcome. An ack lost on the way means a redelivery after `ack_wait`, and redoing a
+    /// fan-out or a transfer is collapsed by the copy's msg-id.
     fn settle(&mut self, delivery: DeliveryId, kind: AckKind) {
         let op = self.op(Pending::Settle);
-        self.commands
-            .push_back(Command::Settle { op, delivery, kind });
+        self.commands.push_back(Command::Settle {
+            op,
+            delivery,
+            kind,
+            confirm: false,
+        });
     }
 
     fn writer(&self, now: Now) -> Option<Writer> {

@@ -123,6 +123,23 @@ pub(crate) struct SpawnedServer {
     port: u16,
 }
 
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat` (Linux; `None`
+/// elsewhere). Clock ticks are taken as 100 per second, the value of every Linux target we run.
+fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let text = std::fs::read_to_string(path).ok()?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = text.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
 impl SpawnedServer {
     fn binary() -> Result<PathBuf, String> {
         if let Some(p) = std::env::var_os("COTAL_NATS_SERVER") {
@@ -552,6 +569,10 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     }
     let total = n_members * args.messages;
     let mut published: BTreeMap<String, Instant> = BTreeMap::new();
+    // CPU used during the durable phase, by the server (when this run spawned it) and by this
+    // process (daemon, members and senders): where the time goes, per copy.
+    let server_pid = server.as_ref().map(SpawnedServer::pid);
+    let cpu_at_start = (cpu_seconds(server_pid), cpu_seconds(None));
     let start = Instant::now();
     for i in 0..args.messages {
         let at = Instant::now();
@@ -642,6 +663,14 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         );
     }
     let fanout_info = fanout_infos.first().cloned().unwrap_or(Value::Null);
+    let per_copy_us = |at_start: Option<f64>, now: Option<f64>| {
+        at_start
+            .zip(now)
+            .filter(|_| durable_done.is_some())
+            .map(|(a, b)| ((b - a) * 1e6 / total.max(1) as f64).round())
+    };
+    let server_cpu_us_per_copy = per_copy_us(cpu_at_start.0, cpu_seconds(server_pid));
+    let process_cpu_us_per_copy = per_copy_us(cpu_at_start.1, cpu_seconds(None));
     // A short grace to see duplicates that would follow the last copy.
     tokio::time::sleep(Duration::from_millis(300)).await;
     progress_done();
@@ -895,6 +924,8 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
             "fanout_consumer": fanout_info,
             "daemon_events": daemon_events,
             "shards": daemons_n,
+            "server_cpu_us_per_copy": server_cpu_us_per_copy,
+            "process_cpu_us_per_copy": process_cpu_us_per_copy,
             "shard_owners": shard_owners,
             "shard_copies_written": shard_counters.iter().map(|c| c.as_ref().map(|c| c.copies_written)).collect::<Vec<_>>(),
             "shard_transferred": shard_counters.iter().map(|c| c.as_ref().map(|c| c.transferred)).collect::<Vec<_>>(),

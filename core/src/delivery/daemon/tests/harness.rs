@@ -368,13 +368,18 @@ impl Broker {
                     }),
                 )
             }
-            Command::Settle { op, delivery, kind } => {
+            Command::Settle {
+                op,
+                delivery,
+                kind,
+                confirm,
+            } => {
                 self.settled.push((*delivery, *kind));
                 if matches!(kind, AckKind::Ack | AckKind::Term) && self.reader_open.remove(delivery)
                 {
                     self.reader_done += 1;
                 }
-                done(*op, Reply::Done)
+                done(*op, if *confirm { Reply::Done } else { Reply::Sent })
             }
             Command::Publish {
                 subject, payload, ..
