@@ -6,7 +6,9 @@
 //! - the reader's re-authorization (`delivery::authorize`) of one durable entry;
 //! - the ledger: `ingest` of a new live copy (with the `surface` + `handled` that settle it,
 //!   amortized in batches of 64), and `ingest` of a copy already settled;
-//! - subject parse (`wire::subject::Subject::parse` and `parse_subject`) of a chat subject.
+//! - subject parse (`wire::subject::Subject::parse` and `parse_subject`) of a chat subject;
+//! - the wire codec: `CotalMessage::decode` of a chat message and `json::encode` of a dinbox
+//!   entry (what every copy costs the agent and the fan-out).
 
 #![allow(
     clippy::unwrap_used,
@@ -166,9 +168,28 @@ fn bench_subject() {
     report("parse_subject chat subject", ns);
 }
 
+fn bench_codec() {
+    let msg = message();
+    let bytes = cotal_core::wire::json::encode(&msg);
+    let ns = measure(100_000, |_| {
+        black_box(CotalMessage::decode(black_box(&bytes)).unwrap());
+    });
+    report(&format!("CotalMessage::decode ({} bytes)", bytes.len()), ns);
+    let entry = Plane3Entry::durable_channel(msg.clone(), channel(), 42, 1);
+    let ns = measure(100_000, |_| {
+        black_box(cotal_core::wire::json::encode(black_box(&entry)));
+    });
+    report("dinbox entry encode", ns);
+    let ns = measure(100_000, |_| {
+        black_box(black_box(&msg).clone());
+    });
+    report("CotalMessage clone", ns);
+}
+
 fn main() {
     bench_route();
     bench_authorize();
     bench_ledger();
     bench_subject();
+    bench_codec();
 }
