@@ -270,6 +270,9 @@ impl<M: Machine> Loop<M> {
     }
 }
 
+/// Inputs the runner hands the machine in one turn at most, when that many are queued.
+const INPUT_BATCH: usize = 64;
+
 async fn run_loop<M: Machine>(
     machine: M,
     executor: Executor,
@@ -286,6 +289,11 @@ async fn run_loop<M: Machine>(
     };
     let mut finish_by: Option<Instant> = None;
     let mut control_open = true;
+    // One timer for the machine's deadline, moved only when the deadline moves (a timer made
+    // and dropped per turn costs a timer-wheel registration per input).
+    let wake = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(wake);
+    let mut wake_at: Option<Instant> = None;
     loop {
         if !l.drain() {
             tracing::debug!("executor stopped: the runner ends");
@@ -308,11 +316,28 @@ async fn run_loop<M: Machine>(
             tracing::debug!("finish grace ran out with commands unanswered");
             break;
         }
+        if let Some(d) = deadline
+            && wake_at != Some(d)
+        {
+            wake.as_mut().reset(d);
+            wake_at = Some(d);
+        }
         // Inputs and host calls are taken in random order when both are ready, so neither
         // starves the other.
         tokio::select! {
             input = inputs.recv() => match input {
-                Some(input) => l.input(input),
+                Some(input) => {
+                    l.input(input);
+                    // Whatever else is already queued is taken in the same turn (bounded, so
+                    // timers and host calls still come round): one wakeup, one select and one
+                    // drain per batch instead of per input.
+                    for _ in 1..INPUT_BATCH {
+                        match inputs.try_recv() {
+                            Ok(input) => l.input(input),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 None => {
                     tracing::debug!("executor input channel closed: the runner ends");
                     break;
@@ -334,7 +359,8 @@ async fn run_loop<M: Machine>(
                 // Every handle dropped: keep running until the executor stops.
                 None => control_open = false,
             },
-            () = sleep_until_opt(deadline) => {
+            () = &mut wake, if deadline.is_some() => {
+                wake_at = None;
                 let now = l.clock.now();
                 l.machine.handle_timeout(now);
             }

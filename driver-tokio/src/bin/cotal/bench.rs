@@ -84,6 +84,10 @@ pub(crate) struct BenchArgs {
     /// discarded before fan-out reads them (the daemon reports them, `evicted_before_fanout`).
     #[arg(long, default_value_t = 4)]
     senders: usize,
+    /// Messages per second over all senders, in both phases; 0 (the default) publishes as fast
+    /// as the senders can. A paced run measures latency without the queueing of a burst.
+    #[arg(long, default_value_t = 0)]
+    rate: u32,
     /// Seconds to wait for every copy to surface before counting the rest as lost.
     #[arg(long, default_value_t = 120)]
     timeout_s: u64,
@@ -121,6 +125,15 @@ pub(crate) struct SpawnedServer {
     child: Child,
     dir: PathBuf,
     port: u16,
+}
+
+/// Waits until message `i` of a run started at `start` is due at `rate` messages per second
+/// (no wait when `rate` is 0).
+async fn pace(start: Instant, i: usize, rate: u32) {
+    if rate > 0 {
+        let due = start + Duration::from_secs_f64(i as f64 / f64::from(rate));
+        tokio::time::sleep_until(due.into()).await;
+    }
 }
 
 /// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat` (Linux; `None`
@@ -575,6 +588,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let cpu_at_start = (cpu_seconds(server_pid), cpu_seconds(None));
     let start = Instant::now();
     for i in 0..args.messages {
+        pace(start, i, args.rate).await;
         let at = Instant::now();
         let (_, id) = senders[i % senders.len()]
             .0
@@ -679,7 +693,18 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let live_run = if args.no_live {
         None
     } else {
-        Some(live_phase(&members, &senders, &surfaced, args.messages, timeout, stall).await?)
+        Some(
+            live_phase(
+                &members,
+                &senders,
+                &surfaced,
+                args.messages,
+                args.rate,
+                timeout,
+                stall,
+            )
+            .await?,
+        )
     };
     let _ = stop_tx.send(true);
     progress_done();
@@ -894,6 +919,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
             "members": n_members,
             "messages": args.messages,
             "senders": args.senders,
+            "rate": args.rate,
             "ceiling_publish_per_s": ceiling.round(),
             "durable_copies_per_s": copies_per_s.round(),
             "messages_per_s": (messages_per_s * 10.0).round() / 10.0,
@@ -1290,6 +1316,7 @@ async fn live_phase(
     senders: &[(MachineHandle<Agent>, tokio::task::JoinHandle<Agent>)],
     surfaced: &AtomicUsize,
     messages: usize,
+    rate: u32,
     timeout: Duration,
     stall: Duration,
 ) -> Result<LiveRun, String> {
@@ -1321,6 +1348,7 @@ async fn live_phase(
     let mut published = BTreeMap::new();
     let start = Instant::now();
     for i in 0..messages {
+        pace(start, i, rate).await;
         let at = Instant::now();
         let (_, id) = senders[i % senders.len()]
             .0
