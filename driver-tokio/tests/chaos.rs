@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{NatsServer, Proc};
+use common::{Cli, NatsServer, Proc};
 use std::process::Command;
 use std::time::Duration;
 
@@ -199,41 +199,26 @@ fn lease_fight_sigstop_past_ttl_deposed_daemon_writes_nothing() {
     };
     let url = server.url();
     let space = "lease";
-    let with = |args: &[&str]| -> Vec<String> {
-        args.iter()
-            .map(|s| (*s).to_owned())
-            .chain(["--nats".to_owned(), url.clone()])
-            .collect()
-    };
-    let spawn = |name: &'static str, args: &[&str]| {
-        let args = with(args);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Proc::spawn(name, &args)
-    };
-    let up = Command::new(env!("CARGO_BIN_EXE_cotal"))
-        .args(with(&["up", "--space", space]))
-        .output()
-        .expect("cotal up");
+    let cli = Cli::new(url.clone());
+    let spawn = |name: &'static str, args: &[&str]| cli.spawn(name, args);
+    let up = cli.run(&["up", "--space", space]);
     assert!(
         up.status.success(),
         "{}",
         String::from_utf8_lossy(&up.stdout)
     );
     for who in ["a1", "a2", "a3"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_cotal"))
-            .args(with(&[
-                "provision",
-                "agent",
-                "--space",
-                space,
-                "--id",
-                who,
-                "--read",
-                ">",
-                "--apply",
-            ]))
-            .output()
-            .expect("cotal provision agent");
+        let out = cli.run(&[
+            "provision",
+            "agent",
+            "--space",
+            space,
+            "--id",
+            who,
+            "--read",
+            ">",
+            "--apply",
+        ]);
         assert!(
             out.status.success(),
             "{}",
@@ -317,13 +302,7 @@ fn lease_fight_sigstop_past_ttl_deposed_daemon_writes_nothing() {
                 r.at >= takeover
             ))
             .collect::<Vec<_>>(),
-        String::from_utf8_lossy(
-            &Command::new(env!("CARGO_BIN_EXE_cotal"))
-                .args(with(&["members", "--space", space]))
-                .output()
-                .expect("cotal members")
-                .stdout
-        ),
+        String::from_utf8_lossy(&cli.run(&["members", "--space", space]).stdout),
         a1.seen,
         d2.seen
     );
@@ -508,17 +487,8 @@ fn agent_crash_between_surfacing_and_ack_resurfaces_only_unacked_copies() {
     };
     let url = server.url();
     let space = "ack";
-    let with = |args: &[&str]| -> Vec<String> {
-        args.iter()
-            .map(|s| (*s).to_owned())
-            .chain(["--nats".to_owned(), url.clone()])
-            .collect()
-    };
-    let spawn = |name: &'static str, args: &[&str]| {
-        let args = with(args);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Proc::spawn(name, &args)
-    };
+    let cli = Cli::new(url.clone());
+    let spawn = |name: &'static str, args: &[&str]| cli.spawn(name, args);
     for args in [
         vec!["up", "--space", space],
         vec![
@@ -533,10 +503,7 @@ fn agent_crash_between_surfacing_and_ack_resurfaces_only_unacked_copies() {
             "--apply",
         ],
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_cotal"))
-            .args(with(&args))
-            .output()
-            .expect("cotal");
+        let out = cli.run(&args);
         assert!(
             out.status.success(),
             "{}",

@@ -3,7 +3,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{NatsServer, Proc};
+use common::{Cli, NatsServer, Proc};
 use cotal_core::wire::token::Space;
 use cotal_driver_tokio::api;
 use cotal_driver_tokio::connect::connect;
@@ -206,19 +206,8 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
     let Some(server) = NatsServer::start() else {
         return;
     };
-    let url = server.url();
-    let nats = ["--nats", url.as_str()];
-    let with = |args: &[&str]| -> Vec<String> {
-        args.iter()
-            .chain(nats.iter())
-            .map(|s| (*s).to_owned())
-            .collect()
-    };
-    let run = |args: &[&str]| -> Output {
-        let args = with(args);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        cotal(&args)
-    };
+    let cli = Cli::new(server.url());
+    let run = |args: &[&str]| cli.run(args);
     let up = run(&["up", "--space", "demo"]);
     assert!(up.status.success(), "{}", stdout(&up));
     for who in ["alice", "bob"] {
@@ -240,11 +229,7 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
             stdout(&out)
         );
     }
-    let spawn = |name: &'static str, args: &[&str]| {
-        let args = with(args);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Proc::spawn(name, &args)
-    };
+    let spawn = |name: &'static str, args: &[&str]| cli.spawn(name, args);
     let mut daemon = spawn("daemon", &["delivery", "--space", "demo", "--id", "d1"]);
     daemon.expect("health active", |l| l.contains("health: active"));
     let mut alice = spawn(
@@ -356,19 +341,8 @@ fn dm_and_anycast_over_the_cli() {
     let Some(server) = NatsServer::start() else {
         return;
     };
-    let url = server.url();
-    let nats = ["--nats", url.as_str()];
-    let with = |args: &[&str]| -> Vec<String> {
-        args.iter()
-            .chain(nats.iter())
-            .map(|s| (*s).to_owned())
-            .collect()
-    };
-    let run = |args: &[&str]| -> Output {
-        let args = with(args);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        cotal(&args)
-    };
+    let cli = Cli::new(server.url());
+    let run = |args: &[&str]| cli.run(args);
     let up = run(&["up", "--space", "demo"]);
     assert!(up.status.success(), "{}", stdout(&up));
     for (who, role) in [
@@ -403,11 +377,7 @@ fn dm_and_anycast_over_the_cli() {
             assert!(text.contains("consumer TASK_demo/svc_reviewer"), "{text}");
         }
     }
-    let spawn = |name: &'static str, args: &[&str]| {
-        let args = with(args);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Proc::spawn(name, &args)
-    };
+    let spawn = |name: &'static str, args: &[&str]| cli.spawn(name, args);
     let mut alice = spawn("alice", &["agent", "--space", "demo", "--id", "alice"]);
     let mut bob = spawn(
         "bob",

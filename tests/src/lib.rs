@@ -51,3 +51,32 @@ pub fn shared_fixtures_dir() -> Option<PathBuf> {
         .join("wire-fixtures");
     p.is_dir().then_some(p)
 }
+
+/// Standard base64 with padding, enough for the fixtures' `raw_response` data.
+///
+/// # Panics
+///
+/// On a character outside the standard alphabet.
+pub fn b64(s: &str) -> Vec<u8> {
+    let val = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {c}"),
+        }
+    };
+    let bytes: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
+    let mut out = Vec::new();
+    for chunk in bytes.chunks(4) {
+        let mut acc = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            acc |= val(c) << (18 - 6 * i);
+        }
+        let [_, a, b, c] = acc.to_be_bytes();
+        out.extend_from_slice(&[a, b, c][..chunk.len() - 1]);
+    }
+    out
+}

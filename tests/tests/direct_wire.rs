@@ -17,33 +17,8 @@ use cotal_core::time::{Instant, Now, UnixMillis};
 use cotal_core::wire::message::{CotalMessage, Part, Route, Sender};
 use cotal_core::wire::subject::DeliveryKind;
 use cotal_core::wire::token::{AgentId, Role, Space};
-use cotal_tests::{fixture_json, fixture_text};
+use cotal_tests::{b64, fixture_json, fixture_text};
 use serde_json::Value;
-
-/// Standard base64 with padding (the fixtures' `raw_response` data).
-fn b64(s: &str) -> Vec<u8> {
-    let val = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => u32::from(c - b'A'),
-            b'a'..=b'z' => u32::from(c - b'a') + 26,
-            b'0'..=b'9' => u32::from(c - b'0') + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => panic!("not base64: {c}"),
-        }
-    };
-    let bytes: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
-    let mut out = Vec::new();
-    for chunk in bytes.chunks(4) {
-        let mut acc = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            acc |= val(c) << (18 - 6 * i);
-        }
-        let [_, a, b, c] = acc.to_be_bytes();
-        out.extend_from_slice(&[a, b, c][..chunk.len() - 1]);
-    }
-    out
-}
 
 /// One recorded message: its subject, `Nats-Msg-Id` and exact payload bytes.
 struct Recorded {

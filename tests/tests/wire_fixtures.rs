@@ -18,37 +18,12 @@ use cotal_core::wire::records::{
     AclRecord, DeliveryLease, MemberState, MembershipRecord, Plane3Entry, Plane3Reason,
 };
 use cotal_core::wire::{AgentId, ConcreteChannel};
-use cotal_tests::{fixture_json, fixture_text};
+use cotal_tests::{b64, fixture_json, fixture_text};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
 const SPACE_PREFIX: &str = "cotal.wirefix.";
-
-/// Standard base64 (with padding), enough for the fixtures' `raw_response` fields.
-fn b64(s: &str) -> Vec<u8> {
-    let val = |c: u8| -> u32 {
-        match c {
-            b'A'..=b'Z' => u32::from(c - b'A'),
-            b'a'..=b'z' => u32::from(c - b'a') + 26,
-            b'0'..=b'9' => u32::from(c - b'0') + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => panic!("not base64: {c}"),
-        }
-    };
-    let bytes: Vec<u8> = s.bytes().filter(|&c| c != b'=').collect();
-    let mut out = Vec::new();
-    for chunk in bytes.chunks(4) {
-        let mut acc = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            acc |= val(c) << (18 - 6 * i);
-        }
-        let [_, a, b, c] = acc.to_be_bytes();
-        out.extend_from_slice(&[a, b, c][..chunk.len() - 1]);
-    }
-    out
-}
 
 #[test]
 fn base64_helper_decodes() {

@@ -20,6 +20,37 @@ use std::process::{Child, Stdio};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// The `cotal` binary pointed at one server: every call gets `--nats <url>` appended.
+pub struct Cli {
+    url: String,
+}
+
+impl Cli {
+    /// Calls against `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Cli { url: url.into() }
+    }
+
+    fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all = args.to_vec();
+        all.extend(["--nats", self.url.as_str()]);
+        all
+    }
+
+    /// Runs `cotal <args> --nats <url>` to the end.
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_cotal"))
+            .args(self.args(args))
+            .output()
+            .expect("run cotal")
+    }
+
+    /// Starts `cotal <args> --nats <url>` as a long-running [`Proc`].
+    pub fn spawn(&self, name: &'static str, args: &[&str]) -> Proc {
+        Proc::spawn(name, &self.args(args))
+    }
+}
+
 /// How long any single wait in a test may take.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -403,18 +434,9 @@ impl Proc {
         if let Some(l) = self.seen.iter().find(|l| pred(l)) {
             return l.clone();
         }
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if pred(&line) {
-                        return line;
-                    }
-                }
-                Err(_) => panic!("{}: no {what}; saw {:#?}", self.name, self.seen),
-            }
+        match self.wait_for(WAIT, &pred) {
+            Some(line) => line,
+            None => panic!("{}: no {what}; saw {:#?}", self.name, self.seen),
         }
     }
 

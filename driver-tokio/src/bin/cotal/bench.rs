@@ -1512,26 +1512,24 @@ fn proc_memory(pid: u32) -> Result<(u64, u64), String> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
-/// Starts `cotal delivery --space <space>` (this binary) as a child, waits until it logs
-/// `health: active` (every watch delivered its initial values, the consumers are bound), then
-/// until its RSS has not grown for [`RSS_QUIET`], and reads its memory. The child is stopped
-/// with SIGTERM (it releases its lease) afterwards.
-async fn measure_daemon(url: &str, space: &Space, tag: &str) -> Result<DaemonMemory, String> {
+/// Starts `cotal delivery --space <space> --id <id> --nats <url>` (this binary) as a child
+/// process with its stderr (the tracing lines, at the default level) in `log`: how `cotal bench
+/// --memory` and `cotal chaos` run a daemon they can measure, stop or kill.
+pub(crate) fn spawn_daemon_process(
+    url: &str,
+    space: &Space,
+    id: &str,
+    log: &std::path::Path,
+) -> Result<std::process::Child, String> {
     let exe = std::env::current_exe().map_err(|e| format!("own binary: {e}"))?;
-    let log = std::env::temp_dir().join(format!(
-        "cotal-bench-{}-{}-{tag}.log",
-        std::process::id(),
-        space.as_str()
-    ));
-    let file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let started = Instant::now();
-    let child = std::process::Command::new(exe)
+    let file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
+    std::process::Command::new(exe)
         .args([
             "delivery",
             "--space",
             space.as_str(),
             "--id",
-            &format!("bench-memory-{tag}"),
+            id,
             "--nats",
             url,
         ])
@@ -1541,7 +1539,21 @@ async fn measure_daemon(url: &str, space: &Space, tag: &str) -> Result<DaemonMem
         .stdout(Stdio::null())
         .stderr(file)
         .spawn()
-        .map_err(|e| format!("cannot start the daemon: {e}"))?;
+        .map_err(|e| format!("cannot start the daemon: {e}"))
+}
+
+/// Starts `cotal delivery --space <space>` (this binary) as a child, waits until it logs
+/// `health: active` (every watch delivered its initial values, the consumers are bound), then
+/// until its RSS has not grown for [`RSS_QUIET`], and reads its memory. The child is stopped
+/// with SIGTERM (it releases its lease) afterwards.
+async fn measure_daemon(url: &str, space: &Space, tag: &str) -> Result<DaemonMemory, String> {
+    let log = std::env::temp_dir().join(format!(
+        "cotal-bench-{}-{}-{tag}.log",
+        std::process::id(),
+        space.as_str()
+    ));
+    let started = Instant::now();
+    let child = spawn_daemon_process(url, space, &format!("bench-memory-{tag}"), &log)?;
     let mut daemon = DaemonProcess { child, log };
     let pid = daemon.child.id();
     loop {

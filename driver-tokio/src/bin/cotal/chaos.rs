@@ -47,7 +47,10 @@
 //! DLV keeps 1000 copies per member (discard old): once a member's subject is at the cap, owed
 //! copies older than its oldest retained one are counted as `dlv_rotated`, not missing.
 
-use crate::bench::{SpawnedServer, durable_channel_for, free_port, start_member, target_server};
+use crate::bench::{
+    SpawnedServer, durable_channel_for, free_port, spawn_daemon_process, start_member,
+    target_server,
+};
 use bytes::Bytes;
 use clap::Args;
 use cotal_core::agent::AgentConfig;
@@ -61,7 +64,7 @@ use cotal_driver_tokio::provision::{SpacePlan, apply};
 use cotal_driver_tokio::run::wall_clock;
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, ExitCode, Stdio};
+use std::process::{Child, ExitCode};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -146,26 +149,9 @@ struct DaemonChild {
 }
 
 fn spawn_daemon(url: &str, space: &Space, n: usize) -> Result<DaemonChild, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("own binary: {e}"))?;
     let id = format!("chaos-daemon-{n}");
     let log = log_dir()?.join(format!("{}-{id}.log", space.as_str()));
-    let file = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-    let child = std::process::Command::new(exe)
-        .args([
-            "delivery",
-            "--space",
-            space.as_str(),
-            "--id",
-            &id,
-            "--nats",
-            url,
-        ])
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(file)
-        .spawn()
-        .map_err(|e| format!("cannot start the daemon: {e}"))?;
+    let child = spawn_daemon_process(url, space, &id, &log)?;
     Ok(DaemonChild { child, id, log })
 }
 
