@@ -95,6 +95,7 @@ use crate::delivery::authorize::{
 use crate::delivery::backlog::{BACKLOG_RECHECK, DlvAdmit, DlvBacklog, InboxBacklog, OWNER_CAP};
 use crate::delivery::control::{
     Admission, SerialKey, Unanswerable, Work, admit, durable_join_reply, durable_leave_reply,
+    live_class_join_reply,
     encode_reply, failure_reply, list_memberships_reply,
 };
 use crate::delivery::gap::{SeqRange, SequenceCursor, missing};
@@ -116,7 +117,7 @@ use crate::registry::{
 };
 use crate::time::{Instant, Now};
 use crate::wire::config::{ConsumerSpec, SpaceStream};
-use crate::wire::control::{REASON_PARTIALLY_EVICTED, REASON_SUPERSEDED};
+use crate::wire::control::{REASON_LIVE_CLASS, REASON_PARTIALLY_EVICTED, REASON_SUPERSEDED};
 use crate::wire::json;
 use crate::wire::keys::{KvBucket, acl_key, member_key};
 use crate::wire::message::CotalMessage;
@@ -435,6 +436,9 @@ pub struct DeliveryCounters {
     pub dlv_sweeps: u64,
     /// DLV sweeps that gave up: revoked copies may still wait in the owner's DLV.
     pub dlv_sweeps_failed: u64,
+    /// `durableJoin`s answered `durable:false` because the channel resolves live: no record was
+    /// written (G38, [`REASON_LIVE_CLASS`]).
+    pub live_class_joins: u64,
 }
 
 impl DeliveryCounters {
@@ -466,6 +470,7 @@ impl DeliveryCounters {
             dlv_revoked,
             dlv_sweeps,
             dlv_sweeps_failed,
+            live_class_joins,
         } = other;
         self.copies_written += copies_written;
         self.copies_duplicate += copies_duplicate;
@@ -491,6 +496,7 @@ impl DeliveryCounters {
         self.dlv_revoked += dlv_revoked;
         self.dlv_sweeps += dlv_sweeps;
         self.dlv_sweeps_failed += dlv_sweeps_failed;
+        self.live_class_joins += live_class_joins;
     }
 }
 
@@ -1980,6 +1986,41 @@ impl Delivery {
         self.end_job(now, id);
     }
 
+    /// Whether the channel of join `id` resolves live ([`crate::policy::ChannelRegistry::policy_for`],
+    /// the resolver fan-out routes by): a membership there would route nothing (G38).
+    fn join_is_live_class(&self, id: JobId) -> bool {
+        self.jobs.get(&id).is_some_and(|job| {
+            !self
+                .channels
+                .policy_for(&job.channel.as_channel())
+                .is_durable()
+        })
+    }
+
+    /// Answers a join on a live-class channel `{durable:false, reason}` without a generation and
+    /// writes nothing: the daemon does not claim a backstop fan-out will not give (issue 15
+    /// item 5, G38). A record the owner already holds is left as it is (its leave still works).
+    fn reply_live_class(&mut self, now: Now, id: JobId) {
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        self.counters.live_class_joins += 1;
+        let event = DeliveryEvent::Joined {
+            owner: job.owner.clone(),
+            channel: job.channel.clone(),
+            generation: 0,
+            join_cursor: 0,
+            watermark: None,
+            durable: false,
+            reason: Some(REASON_LIVE_CLASS.to_owned()),
+            copied: 0,
+        };
+        let to = job.reply_to.clone();
+        self.publish_reply(&to, live_class_join_reply());
+        self.emit(event);
+        self.end_job(now, id);
+    }
+
     fn fail_job(&mut self, now: Now, id: JobId, error: String) {
         let Some(job) = self.jobs.get(&id) else {
             return;
@@ -2086,6 +2127,9 @@ impl Delivery {
                     self.publish_reply(&to, encode_reply(&reply));
                     self.emit(ev);
                     return self.end_job(now, id);
+                }
+                if self.join_is_live_class(id) {
+                    return self.reply_live_class(now, id);
                 }
                 if let Some(j) = self.join_mut(id) {
                     j.phase = JoinPhase::ReadFrontier;

@@ -1724,6 +1724,43 @@ fn c7_the_class_is_read_per_message_from_the_watched_registry() {
 }
 
 #[test]
+fn a_durable_join_on_a_live_class_channel_answers_durable_false_and_writes_nothing_g38() {
+    // Issue 15 item 5: a reference agent with an empty class cache asks for a durable join on
+    // every channel. The daemon must not claim a backstop fan-out will never give.
+    let mut w = served();
+    w.acl("alice", &["review", "general"]);
+    w.channel_class("review", "live");
+    w.join("alice", "review", Some(0), "j1");
+    let data = ok_data(&w, "j1");
+    assert_eq!(data["durable"], false, "{}", w.log);
+    assert_eq!(data["reason"], REASON_LIVE_CLASS, "{}", w.log);
+    assert!(data.get("generation").is_none(), "no generation: {data}");
+    assert!(w.b.member("review", "alice").is_none(), "{}", w.log);
+    assert!(w.d.members().get(&ch("review"), &id("alice")).is_none());
+    assert!(
+        w.log.contains("joined alice review g=0 J=0 watermark=- durable=false reason="),
+        "the answer is an event: {}",
+        w.log
+    );
+    // The space default decides an unconfigured channel through the same resolver.
+    let defaults = json::encode(&serde_json::json!({"deliveryClass": "live"}));
+    let bucket = KvBucket::Channels.name(&space());
+    for i in w.b.kv_write(&bucket, "=defaults", KvOperation::Put, defaults) {
+        w.feed(i);
+    }
+    w.run();
+    w.join("alice", "general", Some(0), "j2");
+    assert_eq!(ok_data(&w, "j2")["durable"], false, "{}", w.log);
+    assert!(w.b.member("general", "alice").is_none(), "{}", w.log);
+    // Once the channel is durable, the same request establishes the backstop.
+    w.channel_class("review", "durable");
+    w.join("alice", "review", Some(0), "j3");
+    assert_eq!(ok_data(&w, "j3")["durable"], true, "{}", w.log);
+    assert!(w.b.member("review", "alice").is_some());
+    assert_eq!(w.d.counters().live_class_joins, 2);
+}
+
+#[test]
 fn own_writes_feed_the_index_before_the_watch_echo_arrives() {
     let mut w = served();
     w.acl("alice", &["review"]);
