@@ -132,6 +132,10 @@ pub const REQUEST_DELIVERY_TIMEOUT: Duration = Duration::from_millis(5000);
 /// (`EP:durableJoinChannel`).
 pub const DURABLE_JOIN_TIMEOUT: Duration = Duration::from_millis(30_000);
 
+/// How often an agent lists its memberships to re-validate its mirror (issue 15 item 4), besides
+/// once at every ready connection. Slow on purpose: one `listMemberships` per agent per period.
+pub const MEMBERSHIP_AUDIT_INTERVAL: Duration = Duration::from_millis(60_000);
+
 /// First step of the refusal-close / boot-reconcile backoff (`EP:closeRefusedMembership`,
 /// `EP:reconcileBootJoin`).
 pub const BACKOFF_BASE: Duration = Duration::from_millis(1000);

@@ -95,8 +95,7 @@ use crate::delivery::authorize::{
 use crate::delivery::backlog::{BACKLOG_RECHECK, DlvAdmit, DlvBacklog, InboxBacklog, OWNER_CAP};
 use crate::delivery::control::{
     Admission, SerialKey, Unanswerable, Work, admit, durable_join_reply, durable_leave_reply,
-    live_class_join_reply,
-    encode_reply, failure_reply, list_memberships_reply,
+    encode_reply, failure_reply, list_memberships_reply, live_class_join_reply,
 };
 use crate::delivery::gap::{SeqRange, SequenceCursor, missing};
 use crate::delivery::lease::{

@@ -1738,14 +1738,17 @@ fn a_durable_join_on_a_live_class_channel_answers_durable_false_and_writes_nothi
     assert!(w.b.member("review", "alice").is_none(), "{}", w.log);
     assert!(w.d.members().get(&ch("review"), &id("alice")).is_none());
     assert!(
-        w.log.contains("joined alice review g=0 J=0 watermark=- durable=false reason="),
+        w.log
+            .contains("joined alice review g=0 J=0 watermark=- durable=false reason="),
         "the answer is an event: {}",
         w.log
     );
     // The space default decides an unconfigured channel through the same resolver.
     let defaults = json::encode(&serde_json::json!({"deliveryClass": "live"}));
     let bucket = KvBucket::Channels.name(&space());
-    for i in w.b.kv_write(&bucket, "=defaults", KvOperation::Put, defaults) {
+    for i in
+        w.b.kv_write(&bucket, "=defaults", KvOperation::Put, defaults)
+    {
         w.feed(i);
     }
     w.run();
