@@ -1211,7 +1211,7 @@ impl Delivery {
         if self.watching_since.is_none() && self.serving() {
             self.watching_since = Some(now.at);
             self.timers
-                .set(Timer::OrphanScan, now.at + ORPHAN_SCAN_INTERVAL);
+                .set(Timer::OrphanScan, now.at + self.orphan_scan_interval());
         }
         let health = self.compute_health();
         if health != self.health {
@@ -2070,7 +2070,7 @@ impl Delivery {
     /// publishes the list in the lease record ([`ORPHANS_FIELD`]).
     fn scan_orphans(&mut self, now: Now) {
         self.timers
-            .set(Timer::OrphanScan, now.at + ORPHAN_SCAN_INTERVAL);
+            .set(Timer::OrphanScan, now.at + self.orphan_scan_interval());
         if !self.serving() {
             return;
         }
@@ -2169,6 +2169,13 @@ impl Delivery {
             "count": found.len(),
             "memberships": list,
         })
+    }
+
+    /// How often orphans are looked for: half the retention, within 1 s ..
+    /// [`ORPHAN_SCAN_INTERVAL`].
+    fn orphan_scan_interval(&self) -> Duration {
+        let half = self.config.orphan_retention.as_millis() / 2;
+        Duration::from_millis(half.clamp(1_000, ORPHAN_SCAN_INTERVAL.as_millis()))
     }
 
     /// The orphaned memberships of the last scan, `(owner, channel)` → generation.
