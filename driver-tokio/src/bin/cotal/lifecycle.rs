@@ -271,10 +271,7 @@ async fn leave_through_daemon(
         &request.to_request(Sender::new(owner.clone(), owner.as_str().to_owned())),
     )
     .map_err(|e| format!("cannot encode the leave of {what}: {e}"))?;
-    let token = format!(
-        "deprov{:016x}",
-        cotal_driver_tokio::run::os_seed() & 0xffff_ffff_ffff_ffff
-    );
+    let token = format!("deprov{:016x}", cotal_driver_tokio::run::os_seed());
     let reply = delivery_reply_subject(space, owner, &token)
         .map_err(|e| format!("cannot build the reply subject: {e}"))?
         .to_string();
