@@ -694,6 +694,22 @@ fn print_agent_event(event: &AgentEvent) {
             "detail": detail,
         }),
         AgentEvent::MessagesReady { queued } => json!({"event": "messages", "queued": queued}),
+        AgentEvent::MembershipLost {
+            channel,
+            generation,
+        } => json!({
+            "event": "membership_lost",
+            "channel": channel.as_str(),
+            "generation": generation,
+        }),
+        AgentEvent::MembershipOrphaned {
+            channel,
+            generation,
+        } => json!({
+            "event": "membership_orphaned",
+            "channel": channel.as_str(),
+            "generation": generation,
+        }),
         other => json!({"event": "other", "detail": format!("{other:?}")}),
     };
     println!("{line}");
