@@ -41,7 +41,7 @@
 //!
 //! The mirror is not trusted forever: at every ready connection and every
 //! [`AgentConfig::membership_audit`] the agent lists its memberships (`listMemberships`) and
-//! reconciles ([`Agent::on_audit`]):
+//! reconciles:
 //!
 //! - a joined channel whose mirrored generation has no open record any more (purged or
 //!   tombstoned out of band, a registry wipe) leaves the mirror, turns
