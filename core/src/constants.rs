@@ -132,6 +132,17 @@ pub const REQUEST_DELIVERY_TIMEOUT: Duration = Duration::from_millis(5000);
 /// (`EP:durableJoinChannel`).
 pub const DURABLE_JOIN_TIMEOUT: Duration = Duration::from_millis(30_000);
 
+/// How often an agent lists its memberships to re-validate its mirror (issue 15 item 4), besides
+/// once at every ready connection. Slow on purpose: one `listMemberships` per agent per period.
+pub const MEMBERSHIP_AUDIT_INTERVAL: Duration = Duration::from_millis(60_000);
+
+/// Default retention of a membership whose owner is offline: past it the daemon reports the
+/// membership as orphaned (and tombstones it when the operator opted in). Issue 15 item 7, G12.
+pub const DEFAULT_ORPHAN_RETENTION: Duration = Duration::from_millis(7 * 24 * 3600 * 1000);
+
+/// How often the daemon looks for orphaned memberships.
+pub const ORPHAN_SCAN_INTERVAL: Duration = Duration::from_millis(60_000);
+
 /// First step of the refusal-close / boot-reconcile backoff (`EP:closeRefusedMembership`,
 /// `EP:reconcileBootJoin`).
 pub const BACKOFF_BASE: Duration = Duration::from_millis(1000);

@@ -1189,3 +1189,83 @@ async fn wire_records_written_by_our_daemon_match_the_reference_shapes() {
     bob.stop().await;
     daemon.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Membership audit (issue 15 item 4)
+// ---------------------------------------------------------------------------------------------
+
+/// An operator purges Bob's membership record out of band while Bob runs. His periodic audit
+/// (1 s here) finds the mirror stale, reports it, and re-establishes a new generation; a post made
+/// while he is then offline reaches him through DLV when he comes back. Before the audit, Bob
+/// stayed `Established` on a record that no longer existed and the post never reached him.
+#[tokio::test]
+async fn a_membership_purged_out_of_band_is_found_and_re_established_by_the_agent() {
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let cfg = server.config();
+    provision(&cfg).await;
+    for a in ["alice", "bob"] {
+        provision_agent(&cfg, &id(a), &[">"]).await;
+    }
+    set_channel(
+        &cfg,
+        "general",
+        serde_json::json!({"deliveryClass": "durable", "replay": false}),
+    )
+    .await;
+    let daemon = Daemon::start(&cfg, "daemon-1").await;
+    let mut alice = Peer::start(cfg.clone(), agent_config("alice", &["general"], true, true)).await;
+    let bob_config = || {
+        let mut c = agent_config("bob", &["general"], true, true);
+        c.membership_audit = Some(cotal_core::time::Duration::from_millis(1000));
+        c
+    };
+    let mut bob = Peer::start(cfg.clone(), bob_config()).await;
+    for p in [&mut alice, &mut bob] {
+        p.until("boot join", |log, _| {
+            log.iter().any(|e| joined_durable(e).is_some())
+        })
+        .await;
+    }
+    let first = until_activated(&cfg, "general", "bob").await;
+    // The operator purges the record (a registry wipe would do the same).
+    {
+        let conn = connect(&cfg).await.expect("connect");
+        let js = async_nats::jetstream::new(conn.client.clone());
+        let kv = js
+            .get_key_value(KvBucket::Members.name(&space()))
+            .await
+            .expect("bucket");
+        kv.purge(member_key(&concrete("general"), &id("bob")))
+            .await
+            .expect("purge");
+    }
+    bob.until("membership lost", |log, _| {
+        log.iter().any(|e| {
+            matches!(e, AgentEvent::MembershipLost { generation, .. } if *generation == first.generation)
+        })
+    })
+    .await;
+    bob.until("re-established", |log, _| {
+        let lost = log
+            .iter()
+            .position(|e| matches!(e, AgentEvent::MembershipLost { .. }));
+        lost.is_some_and(|i| {
+            log[i..]
+                .iter()
+                .any(|e| matches!(e, AgentEvent::BackstopEstablished { .. }))
+        })
+    })
+    .await;
+    // A new record (its generation is `frontier + 1` again, G34, as nothing was posted).
+    until_activated(&cfg, "general", "bob").await;
+    bob.stop().await;
+    alice.send("general", "while bob is away").await;
+    let mut bob = Peer::start(cfg.clone(), bob_config()).await;
+    bob.receives(&["while bob is away"]).await;
+    bob.stop().await;
+    alice.stop().await;
+    let (machine, log) = daemon.stop().await;
+    assert_eq!(machine.counters().lost, 0, "{log:#?}");
+}

@@ -37,6 +37,24 @@
 //! earlier life's membership may still be open and "no responders" fails the leave (G42 across
 //! a restart).
 //!
+//! # Membership audit (issue 15 item 4, G12)
+//!
+//! The mirror is not trusted forever: at every ready connection and every
+//! [`AgentConfig::membership_audit`] the agent lists its memberships (`listMemberships`) and
+//! reconciles:
+//!
+//! - a joined channel whose mirrored generation has no open record any more (purged or
+//!   tombstoned out of band, a registry wipe) leaves the mirror, turns
+//!   [`BackstopState::Degraded`] with a reason, is reported ([`AgentEvent::MembershipLost`],
+//!   [`AgentCounters::memberships_lost`]) and is re-established by the reconcile (a new
+//!   generation, join cursor = the armed watermark, so the gap is caught up). `Established` is
+//!   never shown for a membership the daemon no longer has;
+//! - an open membership of a channel this life does not join (an earlier life's, G12) is
+//!   reported ([`AgentEvent::MembershipOrphaned`]) and tombstoned through the refusal-close path
+//!   (retried, visible in [`AgentHealth::unclosed`], [`AgentEvent::MembershipClosed`] at the end);
+//! - a channel whose mirror or membership changed while the list was in flight is not judged
+//!   from that (possibly older) snapshot; the next audit looks again.
+//!
 //! # Late refusal (§2(c))
 //!
 //! A refusal of an already joined channel's subscription drops the channel at once
@@ -75,8 +93,8 @@
 //! durable copy in the one ledger: deduplicated by id, acked only after [`Agent::handled`].
 
 use crate::constants::{
-    DEFAULT_HEARTBEAT, DURABLE_JOIN_TIMEOUT, HISTORY_FETCH_MAX_BATCH, REQUEST_DELIVERY_TIMEOUT,
-    backoff,
+    DEFAULT_HEARTBEAT, DURABLE_JOIN_TIMEOUT, HISTORY_FETCH_MAX_BATCH, MEMBERSHIP_AUDIT_INTERVAL,
+    REQUEST_DELIVERY_TIMEOUT, backoff,
 };
 use crate::entropy::IdGen;
 use crate::io::{
@@ -153,6 +171,10 @@ pub struct AgentConfig {
     /// membership stays open (semantics §4 G10, I15). Always `false` outside tests.
     #[doc(hidden)]
     pub reference_gap_g10: bool,
+    /// How often the membership mirror is re-validated against `listMemberships` (besides once
+    /// at every ready connection); `None` audits at connections only. Only with
+    /// [`AgentConfig::durable_backstop`].
+    pub membership_audit: Option<Duration>,
 }
 
 impl AgentConfig {
@@ -171,6 +193,7 @@ impl AgentConfig {
             ledger: LedgerConfig::default(),
             seed,
             reference_gap_g10: false,
+            membership_audit: Some(MEMBERSHIP_AUDIT_INTERVAL),
         }
     }
 }
@@ -394,6 +417,15 @@ pub struct AgentCounters {
     /// DM / TASK deliveries terminated as malformed (bad JSON, or a subject that is not the
     /// consumer's); also counted in `malformed`.
     pub direct_malformed: u64,
+    /// Membership audits answered (`listMemberships` on connect and periodically).
+    pub membership_audits: u64,
+    /// Membership audits that failed (no responders, timeout, error): the mirror stays unverified
+    /// until the next one.
+    pub membership_audit_failures: u64,
+    /// Mirrored memberships found gone from the registry ([`AgentEvent::MembershipLost`]).
+    pub memberships_lost: u64,
+    /// Open memberships of channels this life does not join ([`AgentEvent::MembershipOrphaned`]).
+    pub memberships_orphaned: u64,
 }
 
 /// One direct consumer (`dm_<id>` or `svc_<role>`) in [`AgentHealth`].
@@ -524,6 +556,24 @@ pub enum AgentEvent {
         /// The channel.
         channel: ConcreteChannel,
         /// Generation.
+        generation: u64,
+    },
+    /// The membership audit found the mirrored membership gone (no open record of that
+    /// generation: purged or tombstoned out of band). The backstop is degraded and being
+    /// re-established; copies posted while the record was missing come from the new
+    /// membership's catch-up.
+    MembershipLost {
+        /// The channel.
+        channel: ConcreteChannel,
+        /// The generation the mirror held.
+        generation: u64,
+    },
+    /// The membership audit found an open membership of a channel this life does not join (an
+    /// earlier life's, G12): it is being tombstoned (see [`AgentHealth::unclosed`]).
+    MembershipOrphaned {
+        /// The channel.
+        channel: ConcreteChannel,
+        /// Its generation.
         generation: u64,
     },
     /// A refusal close failed and will be retried (first failure, then every 5th).
@@ -679,6 +729,9 @@ enum Pending {
     ListForClose {
         channel: ConcreteChannel,
     },
+    ListForAudit {
+        audit: u64,
+    },
     DurableLeave {
         channel: ConcreteChannel,
         generation: u64,
@@ -698,6 +751,7 @@ enum Timer {
     RegistryWatch,
     Reconcile(u64),
     Close(u64),
+    Audit,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -763,6 +817,13 @@ pub struct Agent {
     /// Until then an earlier life's membership may be open, so "no responders" proves nothing
     /// (G42 across a restart).
     memberships_listed: bool,
+    /// The membership audit in flight (its number), if any.
+    audit_in_flight: Option<u64>,
+    /// Audits sent so far (numbers the in-flight one).
+    audits: u64,
+    /// Channels whose mirror or membership changed since the audit in flight was sent: its
+    /// snapshot may predate the change, so they are not judged from it.
+    touched_since_audit: BTreeSet<ConcreteChannel>,
     /// Memberships to close after a refusal (`pendingDurableLeave`).
     unclosed: BTreeMap<ConcreteChannel, Unclosed>,
     /// Closes and reconciles with a request in flight.
@@ -833,6 +894,9 @@ impl Agent {
             memberships: BTreeMap::new(),
             maybe_member: BTreeSet::new(),
             memberships_listed: false,
+            audit_in_flight: None,
+            audits: 0,
+            touched_since_audit: BTreeSet::new(),
             unclosed: BTreeMap::new(),
             close_in_flight: BTreeSet::new(),
             reconcile_in_flight: BTreeSet::new(),
@@ -1356,6 +1420,9 @@ impl Agent {
         self.registry_feed = None;
         self.registry = ChannelRegistry::default();
         self.timers.cancel(&Timer::Heartbeat);
+        // The audit in flight is moot (its answer is ignored); the next ready connection audits.
+        self.timers.cancel(&Timer::Audit);
+        self.audit_in_flight = None;
         // In-flight joins fail closed; joined channels lose their subscription.
         let names: Vec<Channel> = self.channels.keys().cloned().collect();
         for name in names {
@@ -1574,6 +1641,7 @@ impl Agent {
         for name in names {
             self.maybe_start_post_commit(&name);
         }
+        self.start_audit();
     }
 
     fn heartbeat(&mut self, now: Now) {
@@ -2111,6 +2179,7 @@ impl Agent {
                 }
                 self.memberships.insert(channel.clone(), generation);
                 self.maybe_member.insert(channel.clone());
+                self.touched_since_audit.insert(channel.clone());
                 // A rejoin supersedes a pending refusal close: of an older generation (the daemon
                 // already replaced it), and of this very generation (the daemon never closed it,
                 // and it is ours again). A close already in flight may still land; its success
@@ -2411,6 +2480,7 @@ impl Agent {
         outcome: Outcome<Reply>,
     ) {
         self.close_in_flight.remove(&channel);
+        self.touched_since_audit.insert(channel.clone());
         let result = decode_leave_reply(outcome);
         let key = channel.as_channel();
         let leaving = self.channels.get(&key).is_some_and(|e| e.leave.is_some());
@@ -2578,6 +2648,119 @@ impl Agent {
                 self.start_close(c, None);
             }
         }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Membership audit
+    // -----------------------------------------------------------------------------------------
+
+    /// Lists our memberships to re-validate the mirror (at every ready connection and every
+    /// [`AgentConfig::membership_audit`]). One audit at a time; a stale one's answer is ignored.
+    fn start_audit(&mut self) {
+        if !self.config.durable_backstop || self.stopped || self.link != Link::Ready {
+            return;
+        }
+        self.timers.cancel(&Timer::Audit);
+        self.audits = self.audits.saturating_add(1);
+        let audit = self.audits;
+        self.audit_in_flight = Some(audit);
+        self.touched_since_audit.clear();
+        self.control_request(
+            &DeliveryRequest::ListMemberships,
+            Pending::ListForAudit { audit },
+            REQUEST_DELIVERY_TIMEOUT,
+        );
+    }
+
+    /// Reconciles the mirror with a `listMemberships` answer (see the module docs).
+    fn on_audit(&mut self, now: Now, audit: u64, outcome: Outcome<Reply>) {
+        if self.audit_in_flight != Some(audit) {
+            return;
+        }
+        self.audit_in_flight = None;
+        if let Some(every) = self.config.membership_audit
+            && !self.stopped
+        {
+            self.timers.set(Timer::Audit, now.at + every);
+        }
+        let list = match self.decode_list(outcome) {
+            Ok(list) => list,
+            Err(_) => {
+                bump(&mut self.counters.membership_audit_failures);
+                return;
+            }
+        };
+        bump(&mut self.counters.membership_audits);
+        let open: BTreeMap<ConcreteChannel, u64> = list
+            .memberships
+            .iter()
+            .map(|m| (m.channel.clone(), m.generation))
+            .collect();
+        let touched = std::mem::take(&mut self.touched_since_audit);
+        let settled = |agent: &Agent, c: &ConcreteChannel| {
+            !touched.contains(c)
+                && !agent.reconcile_in_flight.contains(c)
+                && !agent.close_in_flight.contains(c)
+                && !agent.unclosed.contains_key(c)
+        };
+        // Mirrored memberships whose record is gone.
+        let lost: Vec<(ConcreteChannel, u64)> = self
+            .memberships
+            .iter()
+            .filter(|(c, g)| {
+                settled(self, c)
+                    && open.get(*c).is_none_or(|listed| *listed < **g)
+                    && self
+                        .channels
+                        .get(&c.as_channel())
+                        .is_some_and(|e| e.phase == Phase::Joined && e.leave.is_none())
+            })
+            .map(|(c, g)| (c.clone(), *g))
+            .collect();
+        for (channel, generation) in lost {
+            self.membership_lost(channel, generation);
+        }
+        // Open memberships of channels this life does not join.
+        let orphans: Vec<(ConcreteChannel, u64)> = open
+            .iter()
+            .filter(|(c, _)| settled(self, c) && !self.channels.contains_key(&c.as_channel()))
+            .map(|(c, g)| (c.clone(), *g))
+            .collect();
+        for (channel, generation) in orphans {
+            bump(&mut self.counters.memberships_orphaned);
+            self.maybe_member.insert(channel.clone());
+            self.events.push_back(AgentEvent::MembershipOrphaned {
+                channel: channel.clone(),
+                generation,
+            });
+            self.start_close(channel, Some(generation));
+        }
+    }
+
+    /// The audit found the mirrored membership `generation` of a joined channel gone: the mirror
+    /// forgets it, the backstop is degraded and reported, and the reconcile opens a new one.
+    fn membership_lost(&mut self, channel: ConcreteChannel, generation: u64) {
+        self.memberships.remove(&channel);
+        bump(&mut self.counters.memberships_lost);
+        let reason = format!(
+            "membership generation {generation} is gone from the registry (removed out of band); \
+             re-establishing"
+        );
+        if let Some(entry) = self.channels.get_mut(&channel.as_channel()) {
+            entry.backstop = BackstopState::Degraded {
+                reason: reason.clone(),
+                attempts: 0,
+            };
+        }
+        self.events.push_back(AgentEvent::MembershipLost {
+            channel: channel.clone(),
+            generation,
+        });
+        self.events.push_back(AgentEvent::BackstopDegraded {
+            channel: channel.clone(),
+            reason,
+        });
+        self.reconcile(channel);
     }
 
     fn start_close(&mut self, channel: ConcreteChannel, generation: Option<u64>) {
@@ -2985,6 +3168,7 @@ impl Agent {
             }
             Pending::ListForLeave { channel } => self.on_list_for_leave(channel, outcome),
             Pending::ListForClose { channel } => self.on_list_for_close(now, channel, outcome),
+            Pending::ListForAudit { audit } => self.on_audit(now, audit, outcome),
             Pending::DurableLeave {
                 channel,
                 generation,
@@ -3123,6 +3307,7 @@ impl Agent {
                     self.reconcile(c);
                 }
             }
+            Timer::Audit => self.start_audit(),
             Timer::Close(slot) => {
                 if let Some(c) = self.slots.get(&slot).cloned() {
                     if self.link == Link::Ready {

@@ -589,9 +589,10 @@ fn transcript_join_live_channel() {
     w.run();
     insta::assert_snapshot!(&w.log[mark..]);
     assert_eq!(w.surfaced_ids(), ["m1", "m2"]);
-    assert!(
-        w.daemon.requests.is_empty(),
-        "a live channel never asks the daemon"
+    assert_eq!(
+        w.daemon.requests,
+        ["listMemberships {}"],
+        "a live channel never asks the daemon (the connection's membership audit does)"
     );
 }
 
@@ -607,7 +608,7 @@ fn transcript_join_durable_channel() {
     assert_eq!(w.agent.memberships().get(&cc("review")), Some(&1));
     // The durable join carried the armed watermark (G1 fix).
     assert!(
-        w.daemon.requests[0].contains(r#""joinCursor":1"#),
+        w.daemon.requests[1].contains(r#""joinCursor":1"#),
         "{:?}",
         w.daemon.requests
     );
@@ -788,7 +789,14 @@ fn a2_out_of_acl_join_is_refused_and_leaves_nothing() {
     assert!(events.contains(&format!("{req:?}")), "{events}");
     assert!(w.agent.joined().is_empty());
     assert!(w.chat_subs.is_empty());
-    assert!(w.daemon.requests.is_empty(), "no durable join is attempted");
+    assert!(
+        !w.daemon
+            .requests
+            .iter()
+            .any(|r| r.starts_with("durableJoin")),
+        "no durable join is attempted: {:?}",
+        w.daemon.requests
+    );
     // A retry is possible (nothing left behind).
     w.denied.clear();
     w.agent.join(w.now, ch("secret")).unwrap();
@@ -860,7 +868,14 @@ fn a6_wildcard_join_is_live_only_and_never_asks_for_a_membership() {
     let events = w.events_since(mark);
     assert!(events.contains("joined team.> joined=true"), "{events}");
     assert!(events.contains("durable=false"), "{events}");
-    assert!(w.daemon.requests.is_empty());
+    assert!(
+        !w.daemon
+            .requests
+            .iter()
+            .any(|r| r.starts_with("durableJoin")),
+        "{:?}",
+        w.daemon.requests
+    );
     for (c, id) in [("team.security", "a"), ("team.deep.x", "b")] {
         let m = w.post("alice", c, id);
         w.live(&m);
@@ -1068,7 +1083,14 @@ fn a23_connection_lost_mid_join_is_fail_closed() {
     assert!(events.contains("JoinFailed"), "{events}");
     assert!(events.contains("connection lost"), "{events}");
     assert!(w.agent.joined().is_empty());
-    assert!(w.daemon.requests.is_empty());
+    assert!(
+        !w.daemon
+            .requests
+            .iter()
+            .any(|r| r.starts_with("durableJoin")),
+        "{:?}",
+        w.daemon.requests
+    );
 }
 
 #[test]
@@ -2480,4 +2502,146 @@ fn transcript_dm_and_task_round_trip() {
     }
     w.run();
     insta::assert_snapshot!(&w.log[mark..].replace(&dm, "<dm id>"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Membership audit (issue 15 item 4, G12)
+// ---------------------------------------------------------------------------------------------
+
+fn backstop_of(w: &World, channel: &str) -> BackstopState {
+    w.agent
+        .health()
+        .channels
+        .into_iter()
+        .find(|c| c.channel == ch(channel))
+        .map(|c| c.backstop)
+        .unwrap_or_else(|| panic!("{channel} not joined\n{}", w.log))
+}
+
+#[test]
+fn a_membership_removed_out_of_band_is_re_established_at_the_next_connection() {
+    let mut w = World::new(&["review"]);
+    w.connect();
+    assert_eq!(w.agent.memberships().get(&cc("review")), Some(&1));
+    // An operator purges the record (or the registry is wiped): the daemon knows nothing of it.
+    w.daemon.members.remove("review");
+    w.drop_connection();
+    let mark = w.log.len();
+    w.connect();
+    let log = w.log[mark..].to_owned();
+    assert!(log.contains("MembershipLost"), "{log}");
+    assert!(
+        log.contains("BackstopDegraded"),
+        "reported with a reason: {log}"
+    );
+    assert!(
+        log.contains(r#"durableJoin {"channel":"review","joinCursor":0}"#),
+        "re-established from the armed watermark: {log}"
+    );
+    assert_eq!(w.daemon.members["review"], (1, true), "{log}");
+    assert!(matches!(
+        backstop_of(&w, "review"),
+        BackstopState::Established { generation: 1 }
+    ));
+    assert_eq!(w.agent.health().counters.memberships_lost, 1);
+}
+
+#[test]
+fn a_membership_tombstoned_out_of_band_is_found_by_the_periodic_audit() {
+    let mut w = World::new(&["review"]);
+    w.connect();
+    assert_eq!(w.agent.memberships().get(&cc("review")), Some(&1));
+    // Tombstoned behind the agent's back, no reconnect: only the slow timer can notice.
+    w.daemon.members.insert("review".into(), (1, false));
+    w.advance(1_000);
+    assert!(
+        matches!(
+            backstop_of(&w, "review"),
+            BackstopState::Established { generation: 1 }
+        ),
+        "not audited yet"
+    );
+    let mark = w.log.len();
+    w.advance(MEMBERSHIP_AUDIT_INTERVAL.as_millis());
+    let log = w.log[mark..].to_owned();
+    assert!(log.contains("MembershipLost"), "{log}");
+    assert_eq!(w.agent.memberships().get(&cc("review")), Some(&2), "{log}");
+    assert!(matches!(
+        backstop_of(&w, "review"),
+        BackstopState::Established { generation: 2 }
+    ));
+}
+
+#[test]
+fn a_failed_audit_changes_nothing_and_is_counted() {
+    let mut w = World::new(&["review"]);
+    w.connect();
+    w.daemon.list_error = Some("boom".into());
+    w.daemon.members.remove("review");
+    w.advance(MEMBERSHIP_AUDIT_INTERVAL.as_millis());
+    assert!(matches!(
+        backstop_of(&w, "review"),
+        BackstopState::Established { generation: 1 }
+    ));
+    assert_eq!(w.agent.health().counters.membership_audit_failures, 1);
+    // The next good audit finds it.
+    w.daemon.list_error = None;
+    w.advance(MEMBERSHIP_AUDIT_INTERVAL.as_millis());
+    assert_eq!(w.agent.health().counters.memberships_lost, 1);
+    assert_eq!(w.daemon.members["review"], (1, true));
+}
+
+#[test]
+fn g12_an_earlier_lifes_membership_of_a_channel_not_joined_is_reported_and_tombstoned() {
+    // A new life joins `review` only; its earlier life left `ops` generation 3 open.
+    let mut w = World::new(&["review"]);
+    w.daemon.members.insert("ops".into(), (3, true));
+    w.connect();
+    assert!(w.log.contains("MembershipOrphaned"), "{}", w.log);
+    assert!(
+        w.log
+            .contains(r#"durableLeave {"channel":"ops","generation":3}"#),
+        "{}",
+        w.log
+    );
+    assert!(w.log.contains("MembershipClosed"), "{}", w.log);
+    assert_eq!(w.daemon.members["ops"], (3, false));
+    assert_eq!(
+        w.daemon.members["review"],
+        (1, true),
+        "the joined one stays"
+    );
+    assert!(w.agent.health().unclosed.is_empty());
+    assert_eq!(w.agent.health().counters.memberships_orphaned, 1);
+}
+
+#[test]
+fn a_mirror_set_while_the_audit_was_in_flight_is_not_judged_from_it() {
+    let mut w = World::new(&[]);
+    w.connect();
+    // The audit's list is held; a join establishes `review` meanwhile; the (older) snapshot
+    // then arrives without it.
+    w.hold = Some(
+        |c| matches!(c, Command::Request { payload, .. } if String::from_utf8_lossy(payload).contains("listMemberships")),
+    );
+    w.advance(MEMBERSHIP_AUDIT_INTERVAL.as_millis());
+    assert_eq!(w.held.len(), 1);
+    let held = w.held.pop().unwrap();
+    w.hold = None;
+    let Command::Request { op, payload, .. } = &held else {
+        unreachable!()
+    };
+    let stale = w.daemon.answer(payload);
+    w.agent.join(w.now, ch("review")).unwrap();
+    w.run();
+    assert_eq!(w.agent.memberships().get(&cc("review")), Some(&1));
+    w.input(Input::Completed(Completion {
+        op: *op,
+        outcome: stale,
+    }));
+    assert!(!w.log.contains("MembershipLost"), "{}", w.log);
+    assert!(matches!(
+        backstop_of(&w, "review"),
+        BackstopState::Established { generation: 1 }
+    ));
 }

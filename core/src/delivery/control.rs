@@ -32,12 +32,17 @@
 //!   run concurrently, so one long activation catch-up no longer blocks every other agent's leave.
 //!   A list is a read-only snapshot of the owner's records: running it beside a join of the same
 //!   owner is equivalent to the list having arrived just before or just after that join.
-//! - **G38, durable join on a live-class channel: accepted, inert.** The gate does not look at the
-//!   channel's class, as the reference does not. The record is created and fan-out ignores it
-//!   while the channel is live ([`crate::delivery::route()`]); if the channel later becomes durable,
-//!   the standing membership starts routing from then on, which is what the agent asked for. A
-//!   refusal would break every reference agent, whose `joinChannel` asks for a durable join on
-//!   every channel it joins (including its boot self-join) and treats an error as a failure.
+//! - **G38, durable join on a live-class channel: answered `durable:false`, nothing written.**
+//!   After the ACL gate, the daemon resolves the channel's class with the one resolver fan-out
+//!   routes by ([`crate::policy::ChannelRegistry::policy_for`] over its watched registry). A
+//!   live-class channel gets `{ok:true, data:{durable:false, reason}}` ([`live_class_join_reply`])
+//!   and no record: a membership there would route nothing, and `durable:true` would claim a
+//!   backstop fan-out never gives (issue 15 item 5). Not a refusal: a reference agent, whose empty
+//!   class cache makes it ask on every channel, treats `ok:false` as a failed backstop but
+//!   `durable:false` as "live only, reason" and keeps its live subscription either way, so the
+//!   answer it reports is the true one. If the channel later becomes durable, the agent must join
+//!   durably again (ours does: its reconcile follows the resolver); a record created before this
+//!   rule is left alone and still leaves normally.
 //! - **Stricter than the reference, deliberately.** A reply with more than one token after
 //!   `.reply.` is not answered (the reference answers any `startsWith`); a request subject that
 //!   does not parse as a `ctl.delivery.<id>` subject of this space is not answered (the reference
@@ -49,6 +54,7 @@ use crate::acl::ReadAcl;
 use crate::wire::control::{
     ControlReply, ControlRequest, DeliveryRefusal, DeliveryRequest, DeliveryRequestError,
     DurableJoinReply, DurableLeaveReply, ListMembershipsReply, MembershipSummary,
+    REASON_LIVE_CLASS,
 };
 use crate::wire::json::{self, DecodeError, MAX_RECORD_BYTES};
 use crate::wire::message::{Extra, Sender};
@@ -504,6 +510,19 @@ pub fn durable_join_reply(
         reason: reason.map(str::to_owned),
         generation: Some(generation),
         join_cursor,
+        extra: Extra::new(),
+    }))
+}
+
+/// The `durableJoin` reply for a live-class channel: `{ok:true, data:{durable:false, reason}}`
+/// with no generation, since no membership exists for it ([`REASON_LIVE_CLASS`]). A reference
+/// agent reports the reason and keeps its live subscription (semantics §2(a) step 7).
+pub fn live_class_join_reply() -> Bytes {
+    json::encode(&ControlReply::success(DurableJoinReply {
+        durable: false,
+        reason: Some(REASON_LIVE_CLASS.to_owned()),
+        generation: None,
+        join_cursor: None,
         extra: Extra::new(),
     }))
 }

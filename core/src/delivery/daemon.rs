@@ -87,7 +87,9 @@
 
 pub mod index;
 
-use crate::constants::{KV_CAS_ATTEMPTS, MAX_MSGS_PER_SUBJECT, backoff};
+use crate::constants::{
+    DEFAULT_ORPHAN_RETENTION, KV_CAS_ATTEMPTS, MAX_MSGS_PER_SUBJECT, ORPHAN_SCAN_INTERVAL, backoff,
+};
 use crate::delivery::authorize::{
     Anomaly, Decision, DropReason, GiveUp, after_transfer_failure, authorize, decode_entry,
     dlv_payload,
@@ -95,11 +97,12 @@ use crate::delivery::authorize::{
 use crate::delivery::backlog::{BACKLOG_RECHECK, DlvAdmit, DlvBacklog, InboxBacklog, OWNER_CAP};
 use crate::delivery::control::{
     Admission, SerialKey, Unanswerable, Work, admit, durable_join_reply, durable_leave_reply,
-    encode_reply, failure_reply, list_memberships_reply,
+    encode_reply, failure_reply, list_memberships_reply, live_class_join_reply,
 };
 use crate::delivery::gap::{SeqRange, SequenceCursor, missing};
 use crate::delivery::lease::{
     HEALTH_FIELD, Lease, LeaseCommand, LeaseConfig, LeaseEntry, LeaseEvent, LeaseReply, LeaseState,
+    ORPHANS_FIELD,
 };
 use crate::delivery::revoke::{DlvSweeper, SweepEvent};
 use crate::delivery::route::{Routed, route};
@@ -114,9 +117,9 @@ use crate::registry::{
     TombstonePlan, WatermarkUse, WriteIntent, Writer, current_interval, durable_eligible,
     plan_activate, plan_join, plan_tombstone,
 };
-use crate::time::{Instant, Now};
+use crate::time::{Duration, Instant, Now};
 use crate::wire::config::{ConsumerSpec, SpaceStream};
-use crate::wire::control::{REASON_PARTIALLY_EVICTED, REASON_SUPERSEDED};
+use crate::wire::control::{REASON_LIVE_CLASS, REASON_PARTIALLY_EVICTED, REASON_SUPERSEDED};
 use crate::wire::json;
 use crate::wire::keys::{KvBucket, acl_key, member_key};
 use crate::wire::message::CotalMessage;
@@ -185,6 +188,9 @@ pub const HAND_BACK_DELAY: crate::time::Duration = crate::time::Duration::from_m
 /// refused with an error reply.
 pub const DEFAULT_MAX_REQUESTS: usize = 1024;
 
+/// At most this many orphaned memberships are listed in the lease record (the count is exact).
+pub const MAX_PUBLISHED_ORPHANS: usize = 100;
+
 /// The configuration of one daemon.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeliveryConfig {
@@ -223,6 +229,14 @@ pub struct DeliveryConfig {
     /// channel left in DLV (issue 9). Always `false` outside tests.
     #[doc(hidden)]
     pub reference_no_dlv_sweep: bool,
+    /// How long an owner may be offline (no presence heartbeat seen by this daemon) before its
+    /// open memberships count as orphaned (issue 15 item 7, G12). They are reported
+    /// ([`DeliveryEvent::MembershipOrphaned`]) and published in the lease record's
+    /// [`ORPHANS_FIELD`] either way.
+    pub orphan_retention: Duration,
+    /// Tombstone orphaned memberships (through the daemon's own leave, fenced as any leave).
+    /// Off by default: only an operator opts in.
+    pub reap_orphans: bool,
 }
 
 impl DeliveryConfig {
@@ -240,6 +254,8 @@ impl DeliveryConfig {
             reference_gap_g2: false,
             reference_gap_g23: false,
             reference_no_dlv_sweep: false,
+            orphan_retention: DEFAULT_ORPHAN_RETENTION,
+            reap_orphans: false,
         }
     }
 }
@@ -435,6 +451,13 @@ pub struct DeliveryCounters {
     pub dlv_sweeps: u64,
     /// DLV sweeps that gave up: revoked copies may still wait in the owner's DLV.
     pub dlv_sweeps_failed: u64,
+    /// Memberships found orphaned: the owner offline beyond [`DeliveryConfig::orphan_retention`].
+    pub orphans_found: u64,
+    /// Orphaned memberships this daemon tombstoned ([`DeliveryConfig::reap_orphans`]).
+    pub orphans_reaped: u64,
+    /// `durableJoin`s answered `durable:false` because the channel resolves live: no record was
+    /// written (G38, [`REASON_LIVE_CLASS`]).
+    pub live_class_joins: u64,
 }
 
 impl DeliveryCounters {
@@ -466,6 +489,9 @@ impl DeliveryCounters {
             dlv_revoked,
             dlv_sweeps,
             dlv_sweeps_failed,
+            live_class_joins,
+            orphans_found,
+            orphans_reaped,
         } = other;
         self.copies_written += copies_written;
         self.copies_duplicate += copies_duplicate;
@@ -491,6 +517,9 @@ impl DeliveryCounters {
         self.dlv_revoked += dlv_revoked;
         self.dlv_sweeps += dlv_sweeps;
         self.dlv_sweeps_failed += dlv_sweeps_failed;
+        self.live_class_joins += live_class_joins;
+        self.orphans_found += orphans_found;
+        self.orphans_reaped += orphans_reaped;
     }
 }
 
@@ -539,6 +568,21 @@ pub enum DeliveryEvent {
         requester: AgentId,
         /// The error text sent.
         error: String,
+    },
+    /// An open membership whose owner has been offline (no presence heartbeat seen) longer than
+    /// [`DeliveryConfig::orphan_retention`] (G12). Reported once per episode; `reaping` says
+    /// whether the daemon tombstones it (its leave then reports [`DeliveryEvent::Left`]).
+    MembershipOrphaned {
+        /// The owner.
+        owner: AgentId,
+        /// The channel.
+        channel: ConcreteChannel,
+        /// The open generation.
+        generation: u64,
+        /// How long the owner has been offline as this daemon knows it (its own uptime at most).
+        offline_for: Duration,
+        /// Whether it is being tombstoned ([`DeliveryConfig::reap_orphans`]).
+        reaping: bool,
     },
     /// A durable join answered.
     Joined {
@@ -814,6 +858,8 @@ enum Timer {
     /// While fan-out holds copies: reread the reader consumer's total (a hold may rest on an
     /// over-count) and give up holds older than [`FANOUT_HOLD_LIMIT`].
     HeldCopies,
+    /// Look for orphaned memberships ([`ORPHAN_SCAN_INTERVAL`]).
+    OrphanScan,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -964,6 +1010,12 @@ pub struct Delivery {
     last_now: Option<Instant>,
     /// The DLV revocation sweep ([`crate::delivery::revoke`]).
     sweeper: DlvSweeper,
+    /// When this daemon started watching presence: an owner never seen is offline since then.
+    watching_since: Option<Instant>,
+    /// The last presence heartbeat (a put that is not `offline`) seen per owner key.
+    presence_seen: BTreeMap<AgentId, Instant>,
+    /// The orphaned memberships of the last scan: `(owner, channel)` → generation.
+    orphans: BTreeMap<(AgentId, ConcreteChannel), u64>,
 }
 
 impl Delivery {
@@ -1013,6 +1065,9 @@ impl Delivery {
             health: DeliveryHealth::Degraded(BTreeSet::new()),
             last_now: None,
             sweeper,
+            watching_since: None,
+            presence_seen: BTreeMap::new(),
+            orphans: BTreeMap::new(),
         };
         d.health = d.compute_health();
         d
@@ -1091,6 +1146,10 @@ impl Delivery {
     }
 
     fn publish_reply(&mut self, subject: &str, payload: bytes::Bytes) {
+        if subject.is_empty() {
+            // The daemon's own jobs (the orphan reaper's leaves) have no requester to answer.
+            return;
+        }
         self.commands.push_back(Command::Publish {
             subject: subject.to_owned(),
             headers: Vec::new(),
@@ -1149,6 +1208,11 @@ impl Delivery {
             }
         }
         self.drive_sweeps(now);
+        if self.watching_since.is_none() && self.serving() {
+            self.watching_since = Some(now.at);
+            self.timers
+                .set(Timer::OrphanScan, now.at + self.orphan_scan_interval());
+        }
         let health = self.compute_health();
         if health != self.health {
             // Published with the next lease write (every renew interval), for agents to read.
@@ -1723,6 +1787,7 @@ impl Delivery {
             }
             Feed::Presence => {
                 self.roster.apply(entry);
+                self.presence_heartbeat(entry);
             }
             _ => {}
         }
@@ -1980,6 +2045,179 @@ impl Delivery {
         self.end_job(now, id);
     }
 
+    // ---- orphaned memberships (issue 15 item 7, G12) ----
+
+    /// Records a presence heartbeat of the entry's key (the owner's id): a put whose status is
+    /// not `offline`. Expiry (the bucket's TTL) sends nothing, so an owner is offline since its
+    /// last heartbeat, however its record ended.
+    fn presence_heartbeat(&mut self, entry: &KvEntry) {
+        let Some(now) = self.last_now else {
+            return;
+        };
+        let Ok(owner) = AgentId::new(entry.key.as_str()) else {
+            return;
+        };
+        let online = entry.operation == KvOperation::Put
+            && json::decode::<crate::wire::message::Presence>(&entry.value)
+                .is_ok_and(|p| p.status != crate::wire::message::PresenceStatus::Offline);
+        if online {
+            self.presence_seen.insert(owner, now);
+        }
+    }
+
+    /// Finds the open memberships (of this shard's owners) whose owner has been offline longer
+    /// than the retention; reports each new one, tombstones it when the operator opted in, and
+    /// publishes the list in the lease record ([`ORPHANS_FIELD`]).
+    fn scan_orphans(&mut self, now: Now) {
+        self.timers
+            .set(Timer::OrphanScan, now.at + self.orphan_scan_interval());
+        if !self.serving() {
+            return;
+        }
+        let since = self.watching_since.unwrap_or(now.at);
+        let retention = self.config.orphan_retention;
+        let mut found: BTreeMap<(AgentId, ConcreteChannel), (u64, Duration)> = BTreeMap::new();
+        for r in self.members.open_records() {
+            if !self.config.shard.owns(&r.owner) {
+                continue;
+            }
+            let last = self
+                .presence_seen
+                .get(&r.owner)
+                .copied()
+                .unwrap_or(since)
+                .max(since);
+            let offline_for = now.at - last;
+            if offline_for > retention {
+                found.insert(
+                    (r.owner.clone(), r.channel.clone()),
+                    (r.generation, offline_for),
+                );
+            }
+        }
+        let reap = self.config.reap_orphans;
+        for ((owner, channel), (generation, offline_for)) in &found {
+            if self.orphans.get(&(owner.clone(), channel.clone())) == Some(generation) {
+                continue;
+            }
+            self.counters.orphans_found += 1;
+            self.emit(DeliveryEvent::MembershipOrphaned {
+                owner: owner.clone(),
+                channel: channel.clone(),
+                generation: *generation,
+                offline_for: *offline_for,
+                reaping: reap,
+            });
+        }
+        if reap {
+            for ((owner, channel), (generation, _)) in &found {
+                let key = SerialKey::Membership {
+                    owner: owner.clone(),
+                    channel: channel.clone(),
+                };
+                if self.lanes.contains_key(&key) {
+                    // A join or leave of this membership is running: it decides first; the next
+                    // scan looks again.
+                    continue;
+                }
+                self.counters.orphans_reaped += 1;
+                self.held_requests += 1;
+                self.lanes
+                    .entry(key.clone())
+                    .or_default()
+                    .queue
+                    .push_back(Work::Leave(crate::delivery::control::LeaveWork {
+                        owner: owner.clone(),
+                        channel: channel.clone(),
+                        generation: *generation,
+                        reply_to: String::new(),
+                    }));
+                self.pump(now, &key);
+            }
+        }
+        let orphans: BTreeMap<(AgentId, ConcreteChannel), u64> =
+            found.iter().map(|(k, (g, _))| (k.clone(), *g)).collect();
+        if orphans != self.orphans {
+            self.orphans = orphans;
+            self.lease
+                .annotate(ORPHANS_FIELD, self.published_orphans(&found, now));
+        }
+    }
+
+    /// The lease record's [`ORPHANS_FIELD`]: the retention, whether this daemon reaps, the count
+    /// and the first [`MAX_PUBLISHED_ORPHANS`] orphans.
+    fn published_orphans(
+        &self,
+        found: &BTreeMap<(AgentId, ConcreteChannel), (u64, Duration)>,
+        _now: Now,
+    ) -> serde_json::Value {
+        let list: Vec<serde_json::Value> = found
+            .iter()
+            .take(MAX_PUBLISHED_ORPHANS)
+            .map(|((owner, channel), (generation, offline_for))| {
+                serde_json::json!({
+                    "owner": owner.as_str(),
+                    "channel": channel.as_str(),
+                    "generation": generation,
+                    "offlineMs": offline_for.as_millis(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "retentionMs": self.config.orphan_retention.as_millis(),
+            "reap": self.config.reap_orphans,
+            "count": found.len(),
+            "memberships": list,
+        })
+    }
+
+    /// How often orphans are looked for: half the retention, within 1 s ..
+    /// [`ORPHAN_SCAN_INTERVAL`].
+    fn orphan_scan_interval(&self) -> Duration {
+        let half = self.config.orphan_retention.as_millis() / 2;
+        Duration::from_millis(half.clamp(1_000, ORPHAN_SCAN_INTERVAL.as_millis()))
+    }
+
+    /// The orphaned memberships of the last scan, `(owner, channel)` → generation.
+    pub fn orphans(&self) -> &BTreeMap<(AgentId, ConcreteChannel), u64> {
+        &self.orphans
+    }
+
+    /// Whether the channel of join `id` resolves live ([`crate::policy::ChannelRegistry::policy_for`],
+    /// the resolver fan-out routes by): a membership there would route nothing (G38).
+    fn join_is_live_class(&self, id: JobId) -> bool {
+        self.jobs.get(&id).is_some_and(|job| {
+            !self
+                .channels
+                .policy_for(&job.channel.as_channel())
+                .is_durable()
+        })
+    }
+
+    /// Answers a join on a live-class channel `{durable:false, reason}` without a generation and
+    /// writes nothing: the daemon does not claim a backstop fan-out will not give (issue 15
+    /// item 5, G38). A record the owner already holds is left as it is (its leave still works).
+    fn reply_live_class(&mut self, now: Now, id: JobId) {
+        let Some(job) = self.jobs.get(&id) else {
+            return;
+        };
+        self.counters.live_class_joins += 1;
+        let event = DeliveryEvent::Joined {
+            owner: job.owner.clone(),
+            channel: job.channel.clone(),
+            generation: 0,
+            join_cursor: 0,
+            watermark: None,
+            durable: false,
+            reason: Some(REASON_LIVE_CLASS.to_owned()),
+            copied: 0,
+        };
+        let to = job.reply_to.clone();
+        self.publish_reply(&to, live_class_join_reply());
+        self.emit(event);
+        self.end_job(now, id);
+    }
+
     fn fail_job(&mut self, now: Now, id: JobId, error: String) {
         let Some(job) = self.jobs.get(&id) else {
             return;
@@ -2086,6 +2324,9 @@ impl Delivery {
                     self.publish_reply(&to, encode_reply(&reply));
                     self.emit(ev);
                     return self.end_job(now, id);
+                }
+                if self.join_is_live_class(id) {
+                    return self.reply_live_class(now, id);
                 }
                 if let Some(j) = self.join_mut(id) {
                     j.phase = JoinPhase::ReadFrontier;
@@ -3436,6 +3677,7 @@ impl Delivery {
         match timer {
             Timer::GapCheck => self.next_gap_check(),
             Timer::HeldCopies => self.on_held_timer(now),
+            Timer::OrphanScan => self.scan_orphans(now),
             Timer::Reopen(feed) => {
                 if self.lease_held() {
                     if feed == Feed::Fanout || feed == Feed::Reader {

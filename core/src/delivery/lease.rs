@@ -64,6 +64,11 @@ pub const ACQUIRED_AT_FIELD: &str = "acquiredAt";
 /// agents, who may read the lease key, can see it ([`judge_health`]). The reference ignores it.
 pub const HEALTH_FIELD: &str = "health";
 
+/// The extra record field carrying the holder's orphaned memberships (`{retentionMs, reap, count,
+/// memberships:[{owner, channel, generation, offlineMs}]}`), for `cotal members --orphans`
+/// (issue 15 item 7). The reference ignores it.
+pub const ORPHANS_FIELD: &str = "orphans";
+
 /// The most create attempts one acquisition makes (R18). With the default window and backoff
 /// (1, 2, 4, 8, 16 s …) far fewer are reached; the cap only bounds odd configurations.
 pub const MAX_ACQUIRE_ATTEMPTS: u32 = 32;

@@ -37,6 +37,10 @@ pub const OP_LIST_MEMBERSHIPS: &str = "listMemberships";
 /// `durableJoin` `reason` when activation catch-up found part of the window evicted.
 pub const REASON_PARTIALLY_EVICTED: &str =
     "activation catch-up window partially evicted by retention";
+/// `durableJoin` `reason` when the channel's class resolves live: fan-out routes no membership
+/// there, so none is created (G38; issue 15 item 5).
+pub const REASON_LIVE_CLASS: &str =
+    "channel is live-class: no durable backstop (nothing is stored for offline members)";
 /// `durableJoin` `reason` when a concurrent leave or rejoin superseded the activation.
 pub const REASON_SUPERSEDED: &str = "activation superseded by a concurrent leave or rejoin";
 

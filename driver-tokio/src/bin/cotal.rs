@@ -34,6 +34,8 @@ mod bench;
 mod chaos;
 #[path = "cotal/commands.rs"]
 mod commands;
+#[path = "cotal/lifecycle.rs"]
+mod lifecycle;
 
 /// Cotal: an agent mesh with durable channels on NATS/JetStream.
 #[derive(Parser, Debug)]
@@ -153,6 +155,10 @@ enum Cmd {
     /// Provision credentials-side data for a principal.
     #[command(subcommand)]
     Provision(ProvisionCmd),
+    /// Undo a provisioning: `deprovision agent` tombstones the agent's memberships through the
+    /// delivery daemon and deletes its ACL record, consumers and presence. Idempotent.
+    #[command(subcommand)]
+    Deprovision(DeprovisionCmd),
     /// Run the delivery daemon of a space (one shard) until SIGINT / SIGTERM, then release its
     /// lease. Prints health changes and losses on stderr, one line each.
     Delivery(commands::DeliveryArgs),
@@ -220,6 +226,16 @@ enum ProvisionCmd {
         #[command(flatten)]
         nats: NatsArgs,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum DeprovisionCmd {
+    /// Remove an agent from a space: tombstone every open membership through the delivery daemon
+    /// (which must be running when any is open), then delete its ACL record, its `dlv_<id>` and
+    /// `dm_<id>` consumers (and `svc_<role>` per --role no other agent serves), and its presence.
+    /// Prints each change; a second run prints "nothing to do". Exit 1 at the first step that
+    /// fails (re-run to continue).
+    Agent(lifecycle::DeprovisionAgentArgs),
 }
 
 /// `cotal demo`.
@@ -350,6 +366,7 @@ async fn main() -> ExitCode {
             )
             .await
         }
+        Cmd::Deprovision(DeprovisionCmd::Agent(args)) => lifecycle::deprovision_agent(args).await,
         Cmd::Delivery(args) => commands::delivery(args).await,
         Cmd::Agent(args) => commands::agent(args).await,
         Cmd::Send(args) => commands::send(args).await,

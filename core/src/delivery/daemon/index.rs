@@ -127,6 +127,15 @@ impl MemberIndex {
             .collect()
     }
 
+    /// Every open record (no leave cursor), in channel then owner order.
+    pub fn open_records(&self) -> impl Iterator<Item = &MembershipRecord> {
+        self.by_channel
+            .values()
+            .flat_map(|m| m.values())
+            .filter_map(|s| s.value.as_ref())
+            .filter(|r| r.leave_cursor.is_none())
+    }
+
     /// How many records the index holds.
     pub fn len(&self) -> usize {
         self.by_channel

@@ -1724,6 +1724,46 @@ fn c7_the_class_is_read_per_message_from_the_watched_registry() {
 }
 
 #[test]
+fn a_durable_join_on_a_live_class_channel_answers_durable_false_and_writes_nothing_g38() {
+    // Issue 15 item 5: a reference agent with an empty class cache asks for a durable join on
+    // every channel. The daemon must not claim a backstop fan-out will never give.
+    let mut w = served();
+    w.acl("alice", &["review", "general"]);
+    w.channel_class("review", "live");
+    w.join("alice", "review", Some(0), "j1");
+    let data = ok_data(&w, "j1");
+    assert_eq!(data["durable"], false, "{}", w.log);
+    assert_eq!(data["reason"], REASON_LIVE_CLASS, "{}", w.log);
+    assert!(data.get("generation").is_none(), "no generation: {data}");
+    assert!(w.b.member("review", "alice").is_none(), "{}", w.log);
+    assert!(w.d.members().get(&ch("review"), &id("alice")).is_none());
+    assert!(
+        w.log
+            .contains("joined alice review g=0 J=0 watermark=- durable=false reason="),
+        "the answer is an event: {}",
+        w.log
+    );
+    // The space default decides an unconfigured channel through the same resolver.
+    let defaults = json::encode(&serde_json::json!({"deliveryClass": "live"}));
+    let bucket = KvBucket::Channels.name(&space());
+    for i in
+        w.b.kv_write(&bucket, "=defaults", KvOperation::Put, defaults)
+    {
+        w.feed(i);
+    }
+    w.run();
+    w.join("alice", "general", Some(0), "j2");
+    assert_eq!(ok_data(&w, "j2")["durable"], false, "{}", w.log);
+    assert!(w.b.member("general", "alice").is_none(), "{}", w.log);
+    // Once the channel is durable, the same request establishes the backstop.
+    w.channel_class("review", "durable");
+    w.join("alice", "review", Some(0), "j3");
+    assert_eq!(ok_data(&w, "j3")["durable"], true, "{}", w.log);
+    assert!(w.b.member("review", "alice").is_some());
+    assert_eq!(w.d.counters().live_class_joins, 2);
+}
+
+#[test]
 fn own_writes_feed_the_index_before_the_watch_echo_arrives() {
     let mut w = served();
     w.acl("alice", &["review"]);
@@ -2318,4 +2358,93 @@ fn a_stop_reports_the_skips_it_could_not_check() {
     w.collect();
     w.run();
     assert_eq!(skipped_events(&w), vec![(2, 4, false)], "{}", w.log);
+}
+
+// ---- orphaned memberships (issue 15 item 7, G12) ----
+
+fn orphan_world(reap: bool) -> World {
+    let mut config = DeliveryConfig::new(space(), shard0(), "D1");
+    config.orphan_retention = Duration::from_millis(120_000);
+    config.reap_orphans = reap;
+    let mut w = World::with_config(config);
+    w.boot();
+    assert!(w.d.serving(), "{}", w.log);
+    w.acl("alice", &["review"]);
+    w.acl("bob", &["review"]);
+    w.join("alice", "review", None, "ja");
+    w.join("bob", "review", None, "jb");
+    assert_eq!(ok_data(&w, "ja")["durable"], true, "{}", w.log);
+    assert_eq!(ok_data(&w, "jb")["durable"], true, "{}", w.log);
+    w
+}
+
+/// Advances `ms` in 5 s steps; bob heartbeats presence at every step, alice never.
+fn run_with_bob_present(w: &mut World, ms: u64) {
+    for _ in 0..ms / 5_000 {
+        w.presence("bob", "bob");
+        w.advance(5_000);
+    }
+}
+
+fn orphan_events(w: &World) -> Vec<String> {
+    w.log
+        .lines()
+        .filter(|l| l.contains("MembershipOrphaned"))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn an_offline_owners_membership_is_reported_and_published_as_orphaned_but_kept_by_default() {
+    let mut w = orphan_world(false);
+    run_with_bob_present(&mut w, 60_000);
+    assert!(
+        orphan_events(&w).is_empty(),
+        "within the retention: {}",
+        w.log
+    );
+    run_with_bob_present(&mut w, 180_000);
+    let events = orphan_events(&w);
+    assert_eq!(events.len(), 1, "one event, alice only: {events:?}");
+    assert!(events[0].contains("\"alice\"") && events[0].contains("reaping: false"));
+    assert_eq!(
+        w.d.orphans().keys().cloned().collect::<Vec<_>>(),
+        vec![(id("alice"), ch("review"))]
+    );
+    let rec = w.b.member("review", "alice").unwrap();
+    assert!(rec.leave_cursor.is_none(), "not opted in: kept open");
+    assert_eq!(w.d.counters().orphans_found, 1);
+    assert_eq!(w.d.counters().orphans_reaped, 0);
+    // Published for `cotal members --orphans` with the next lease write.
+    let lease = w.b.kv_value(&lease_bucket(), "lease.0").unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&lease.value).unwrap();
+    assert_eq!(v["orphans"]["count"], 1, "{v}");
+    assert_eq!(v["orphans"]["reap"], false, "{v}");
+    assert_eq!(v["orphans"]["memberships"][0]["owner"], "alice", "{v}");
+    // alice comes back: no longer orphaned.
+    w.presence("alice", "alice");
+    run_with_bob_present(&mut w, 70_000);
+    assert!(w.d.orphans().is_empty(), "{:?}", w.d.orphans());
+}
+
+#[test]
+fn with_the_operator_opt_in_an_orphaned_membership_is_tombstoned_with_an_event() {
+    let mut w = orphan_world(true);
+    run_with_bob_present(&mut w, 240_000);
+    let events = orphan_events(&w);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(events[0].contains("reaping: true"), "{events:?}");
+    let rec = w.b.member("review", "alice").unwrap();
+    assert!(rec.leave_cursor.is_some(), "tombstoned: {}", w.log);
+    assert!(w.log.contains("left alice review"), "{}", w.log);
+    let bob = w.b.member("review", "bob").unwrap();
+    assert!(
+        bob.leave_cursor.is_none(),
+        "a present owner is never reaped"
+    );
+    assert_eq!(w.d.counters().orphans_reaped, 1);
+    // Nothing left to reap: no further event.
+    run_with_bob_present(&mut w, 120_000);
+    assert_eq!(orphan_events(&w).len(), 1);
+    assert!(w.d.orphans().is_empty());
 }

@@ -53,8 +53,22 @@ pub(crate) struct DeliveryArgs {
     /// The daemon id: the lease holder and every record's writerIdentity (default: a fresh id).
     #[arg(long)]
     id: Option<String>,
+    /// How long a member may be offline (no presence heartbeat seen by this daemon) before its
+    /// open memberships are reported as orphaned, e.g. `7d`, `12h`, `90s` (shown by
+    /// `cotal members --orphans`). The clock starts when the daemon starts.
+    #[arg(long, default_value = "7d", value_parser = parse_retention)]
+    orphan_retention: cotal_core::time::Duration,
+    /// Tombstone orphaned memberships (each one logged), through the daemon's own leave. Off by
+    /// default: they are only reported.
+    #[arg(long)]
+    reap_orphans: bool,
     #[command(flatten)]
     nats: NatsArgs,
+}
+
+/// `--orphan-retention`: the channel registry's duration grammar (`90s`, `12h`, `7d` …).
+fn parse_retention(s: &str) -> Result<cotal_core::time::Duration, String> {
+    cotal_core::policy::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// `cotal agent`.
@@ -126,6 +140,10 @@ pub(crate) struct MembersArgs {
     /// Only this channel's records.
     #[arg(long)]
     channel: Option<String>,
+    /// List the memberships whose owner has been offline beyond the daemon's retention, as each
+    /// shard's daemon publishes them (see `cotal delivery --orphan-retention`).
+    #[arg(long, conflicts_with = "channel")]
+    orphans: bool,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -207,7 +225,10 @@ async fn run_delivery(args: DeliveryArgs) -> Result<ExitCode, String> {
     config.name = Some(format!("cotal-delivery-{id}"));
     let conn = connect_with(&config).await?;
     check_provisioned(&conn, &space, config.request_timeout).await?;
-    let machine = Delivery::new(DeliveryConfig::new(space.clone(), shard, id.clone()));
+    let mut delivery_config = DeliveryConfig::new(space.clone(), shard, id.clone());
+    delivery_config.orphan_retention = args.orphan_retention;
+    delivery_config.reap_orphans = args.reap_orphans;
+    let machine = Delivery::new(delivery_config);
     let exec_config = ExecutorConfig {
         api_timeout: config.request_timeout,
         ..ExecutorConfig::default()
@@ -332,6 +353,20 @@ impl DaemonReport {
                 channel.as_str(),
                 generation.map_or_else(|| "-".to_owned(), |g| g.to_string()),
                 leave_cursor.map_or_else(|| "-".to_owned(), |c| c.to_string())
+            ),
+            DeliveryEvent::MembershipOrphaned {
+                owner,
+                channel,
+                generation,
+                offline_for,
+                reaping,
+            } => tracing::warn!(
+                target: "cotal",
+                "orphaned membership: {} {} generation {generation}, owner offline {} s{}",
+                channel.as_str(),
+                owner.as_str(),
+                offline_for.as_millis() / 1000,
+                if *reaping { "; tombstoning it" } else { "; kept (no --reap-orphans)" }
             ),
             DeliveryEvent::Evicted { .. }
             | DeliveryEvent::EntryLost(_)
@@ -659,6 +694,22 @@ fn print_agent_event(event: &AgentEvent) {
             "detail": detail,
         }),
         AgentEvent::MessagesReady { queued } => json!({"event": "messages", "queued": queued}),
+        AgentEvent::MembershipLost {
+            channel,
+            generation,
+        } => json!({
+            "event": "membership_lost",
+            "channel": channel.as_str(),
+            "generation": generation,
+        }),
+        AgentEvent::MembershipOrphaned {
+            channel,
+            generation,
+        } => json!({
+            "event": "membership_orphaned",
+            "channel": channel.as_str(),
+            "generation": generation,
+        }),
         other => json!({"event": "other", "detail": format!("{other:?}")}),
     };
     println!("{line}");
@@ -913,6 +964,9 @@ async fn kv_entries(
 }
 
 pub(crate) async fn members(args: MembersArgs) -> ExitCode {
+    if args.orphans {
+        return crate::lifecycle::members_orphans(&args.nats, &args.space).await;
+    }
     let run = async {
         let space = space_of(&args.space)?;
         let only = args.channel.as_deref().map(channel_of).transpose()?;
