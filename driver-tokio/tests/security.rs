@@ -1777,3 +1777,305 @@ async fn hostile_inbox_entries_are_terminated_or_dropped_never_hot_looped() {
     assert!(serving);
     daemon.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 21 item 1: an agent that saw one of Alice's message ids cannot silence her later sends
+// ---------------------------------------------------------------------------------------------
+
+/// The old id generator's algorithm (splitmix64, `entropy.rs` before issue 21), run by an
+/// attacker: from one observed uuid, the generator's state and so every later uuid.
+mod splitmix_attack {
+    const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+    const C1: u64 = 0xBF58_476D_1CE4_E5B9;
+    const C2: u64 = 0x94D0_49BB_1331_11EB;
+
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(C1);
+        z = (z ^ (z >> 27)).wrapping_mul(C2);
+        z ^ (z >> 31)
+    }
+
+    fn inverse(c: u64) -> u64 {
+        let mut x = c;
+        for _ in 0..6 {
+            x = x.wrapping_mul(2u64.wrapping_sub(c.wrapping_mul(x)));
+        }
+        x
+    }
+
+    fn unxorshift(y: u64, k: u32) -> u64 {
+        let mut x = y;
+        let mut s = k;
+        while s < 64 {
+            x ^= y >> s;
+            s += k;
+        }
+        x
+    }
+
+    fn unmix(z: u64) -> u64 {
+        let z = unxorshift(z, 31).wrapping_mul(inverse(C2));
+        let z = unxorshift(z, 27).wrapping_mul(inverse(C1));
+        unxorshift(z, 30)
+    }
+
+    fn uuid(hi: u64, lo: u64) -> String {
+        let hi = (hi & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000;
+        let lo = (lo & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000;
+        format!(
+            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+            hi >> 32,
+            (hi >> 16) & 0xFFFF,
+            hi & 0xFFFF,
+            lo >> 48,
+            lo & 0xFFFF_FFFF_FFFF
+        )
+    }
+
+    /// The `n` uuids the old generator would make after `seen` (empty if `seen` is not one of
+    /// its outputs).
+    pub fn next_ids(seen: &str, n: usize) -> Vec<String> {
+        let hex: String = seen.chars().filter(|c| *c != '-').collect();
+        let (Ok(hi), Ok(lo)) = (
+            u64::from_str_radix(&hex[..16], 16),
+            u64::from_str_radix(&hex[16..], 16),
+        ) else {
+            return Vec::new();
+        };
+        for nibble in 0..16u64 {
+            let candidate = (hi & !0xF000) | (nibble << 12);
+            let state = unmix(candidate);
+            let next = mix(state.wrapping_add(GAMMA));
+            if next & 0x3FFF_FFFF_FFFF_FFFF == lo & 0x3FFF_FFFF_FFFF_FFFF {
+                let mut s = state.wrapping_add(GAMMA);
+                return (0..n)
+                    .map(|_| {
+                        s = s.wrapping_add(GAMMA);
+                        let hi = mix(s);
+                        s = s.wrapping_add(GAMMA);
+                        uuid(hi, mix(s))
+                    })
+                    .collect();
+            }
+        }
+        Vec::new()
+    }
+
+    #[test]
+    fn the_attack_predicts_the_old_generator() {
+        // The old generator, as it was: splitmix64 outputs, two per uuid.
+        let mut s = 0x1234_5678_9abc_def0u64;
+        let mut draw = || {
+            s = s.wrapping_add(GAMMA);
+            mix(s)
+        };
+        let ids: Vec<String> = (0..4).map(|_| uuid(draw(), draw())).collect();
+        assert_eq!(next_ids(&ids[0], 3), ids[1..]);
+    }
+}
+
+impl Peer {
+    /// A running agent of `config` (connected as its own user).
+    async fn start_config(server: &NatsServer, config: AgentConfig) -> Peer {
+        let name = config.me.id.as_str().to_owned();
+        let conn = connect(&config_of(server, &name)).await.expect("connect");
+        let (exec, inputs) = Executor::start(conn, ExecutorConfig::default());
+        let Runner {
+            handle,
+            events,
+            task,
+        } = Runner::spawn(Agent::new(config).expect("agent"), exec, inputs);
+        let mut p = Peer {
+            handle,
+            events,
+            task,
+            log: Vec::new(),
+            got: Vec::new(),
+        };
+        p.until("connected", |log, _| {
+            log.iter()
+                .any(|e| matches!(e, AgentEvent::Connected { .. }))
+        })
+        .await;
+        p
+    }
+
+    /// The `Sent` of `request` (asserts there is no `SendFailed`): `(id, duplicate)`.
+    async fn sent(&mut self, request: cotal_core::agent::RequestId) -> (String, bool) {
+        self.until("send result", |log, _| {
+            log.iter().any(|e| matches!(e, AgentEvent::Sent { request: r, .. } | AgentEvent::SendFailed { request: r, .. } if *r == request))
+        })
+        .await;
+        self.log
+            .iter()
+            .find_map(|e| match e {
+                AgentEvent::Sent {
+                    request: r,
+                    id,
+                    duplicate,
+                    ..
+                } if *r == request => Some((id.clone(), *duplicate)),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("send {request:?} failed: {:#?}", self.log))
+    }
+}
+
+/// Mallory reads and posts on `general` only (exactly `Permissions::agent`). She reads one of
+/// Alice's message ids there, computes the ids Alice would make next with the old generator's
+/// algorithm, and publishes each of them first with that `Nats-Msg-Id` on the subjects the broker
+/// lets her use: her own chat subject (CHAT), a DM to herself (DM) and a task of her own (TASK).
+/// Alice's agent is keyed as the `cotal` binary keys it (`run::os_key`). Her later post on
+/// `team` (which Mallory cannot read), her DM to Bob and her task are all stored, not answered as
+/// duplicates, and Bob receives the post and the DM. With the old splitmix64 generator the
+/// prediction is exact and all three come back `duplicate: true` with nothing stored.
+#[tokio::test]
+async fn sec_a_seen_message_id_does_not_let_another_agent_silence_later_sends() {
+    let Some(server) = NatsServer::start_with_users(vec![
+        agent_user("alice", &["team", "general"], &["team", "general"]),
+        agent_user("bob", &["team"], &["team"]),
+        agent_user("mallory", &["general"], &["general"]),
+        daemon_user(),
+        admin_user(),
+    ]) else {
+        return;
+    };
+    let admin = server.config_as("admin", "adminpw");
+    let conn = connect(&admin).await.expect("connect admin");
+    let report = provision_space(&conn.client, &space(), Duration::from_secs(5)).await;
+    assert_eq!(report.failed(), 0, "{report:?}");
+    apply_consumer(
+        &conn.client,
+        &ConsumerSpec::dm(&space(), &id("bob")),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("dm consumer");
+
+    let mut bob_config =
+        AgentConfig::new(space(), Sender::new(id("bob"), "bob"), vec![ch("team")], 1);
+    bob_config.durable_backstop = false;
+    bob_config.unicast = true;
+    let mut bob = Peer::start_config(&server, bob_config).await;
+    bob.until("bob on team", |log, _| {
+        log.iter()
+            .any(|e| matches!(e, AgentEvent::Joined { channel, .. } if channel.as_str() == "team"))
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let health = bob.handle.health().await.expect("bob runs");
+        if !health.direct.is_empty() && health.direct.iter().all(|d| d.bound) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "dm_bob not bound");
+        bob.pump(Duration::from_millis(50)).await;
+    }
+
+    // Alice, keyed as the binary keys every agent it runs.
+    let mut alice_config =
+        AgentConfig::new(space(), Sender::new(id("alice"), "alice"), Vec::new(), 0);
+    alice_config.durable_backstop = false;
+    alice_config.id_key = Some(cotal_driver_tokio::run::os_key());
+    let mut alice = Peer::start_config(&server, alice_config).await;
+
+    // Mallory sees one of Alice's ids on `general`.
+    let mallory = Probe::connect(&server, "mallory").await;
+    let mut general = mallory
+        .client
+        .subscribe(subj("chat.*.general"))
+        .await
+        .expect("mallory reads general");
+    mallory.barrier().await;
+    let (request, _) = alice
+        .handle
+        .send_text(ch("general"), "hello".into())
+        .await
+        .expect("send");
+    let (seen, _) = alice.sent(request).await;
+    let msg = tokio::time::timeout(WAIT, general.next())
+        .await
+        .expect("mallory sees the post")
+        .expect("subscription");
+    let body: Value = serde_json::from_slice(&msg.payload).expect("json");
+    assert_eq!(body["id"], json!(seen));
+
+    // She publishes the predicted ids first, on every stream Alice sends to.
+    let predicted = splitmix_attack::next_ids(&seen, 32);
+    let js = async_nats::jetstream::new(mallory.client.clone());
+    for (n, mid) in predicted.iter().enumerate() {
+        for subject in [
+            subj("chat.mallory.general"),
+            subj("inst.mallory.mallory"),
+            subj("svc.worker.mallory"),
+        ] {
+            let body = json!({"id": mid, "ts": 1, "space": SPACE,
+                              "from": {"id": "mallory", "name": "mallory"},
+                              "parts": [{"kind": "text", "text": format!("squat {n}")}]});
+            js.send_publish(
+                subject,
+                async_nats::jetstream::message::PublishMessage::build()
+                    .payload(Bytes::from(body.to_string()))
+                    .message_id(mid.clone()),
+            )
+            .await
+            .expect("mallory publishes")
+            .await
+            .expect("stored");
+        }
+    }
+
+    // Alice's later post on `team`, DM to Bob and task all land.
+    let (post, _) = alice
+        .handle
+        .send_text(ch("team"), "for the team".into())
+        .await
+        .expect("post");
+    let (dm, _) = alice
+        .handle
+        .send_dm_text(id("bob"), "for bob".into())
+        .await
+        .expect("dm");
+    let (task, _) = alice
+        .handle
+        .send_anycast_text(
+            cotal_core::wire::token::Role::new("worker").expect("role"),
+            "work".into(),
+        )
+        .await
+        .expect("task");
+    let (post_id, post_dup) = alice.sent(post).await;
+    let (dm_id, dm_dup) = alice.sent(dm).await;
+    let (task_id, task_dup) = alice.sent(task).await;
+    assert!(
+        !post_dup && !dm_dup && !task_dup,
+        "a send was swallowed as a duplicate of Mallory's publish: post {post_dup}, dm {dm_dup}, \
+         task {task_dup} (predicted {:?})",
+        &predicted[..4]
+    );
+    for mid in [&post_id, &dm_id, &task_id] {
+        assert!(!predicted.contains(mid), "{mid} was predicted");
+    }
+    bob.until("alice's post and DM", |_, got| {
+        got.contains(&post_id) && got.contains(&dm_id)
+    })
+    .await;
+    // The post is in CHAT (durable history), the task in TASK.
+    let js_admin = async_nats::jetstream::new(conn.client.clone());
+    for (stream, subject, mid) in [
+        (format!("CHAT_{SPACE}"), subj("chat.alice.team"), &post_id),
+        (format!("TASK_{SPACE}"), subj("svc.worker.alice"), &task_id),
+    ] {
+        let stored = js_admin
+            .get_stream(&stream)
+            .await
+            .expect("stream")
+            .get_last_raw_message_by_subject(&subject)
+            .await
+            .expect("stored message");
+        let body: Value = serde_json::from_slice(&stored.payload).expect("json");
+        assert_eq!(&body["id"], &json!(mid), "{stream}");
+    }
+    alice.stop().await;
+    bob.stop().await;
+}

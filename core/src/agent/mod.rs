@@ -78,7 +78,7 @@ use crate::constants::{
     DEFAULT_HEARTBEAT, DURABLE_JOIN_TIMEOUT, HISTORY_FETCH_MAX_BATCH, REQUEST_DELIVERY_TIMEOUT,
     backoff,
 };
-use crate::entropy::IdGen;
+use crate::entropy::{IdGen, IdKey};
 use crate::io::{
     AckKind, Command, Completion, Connection, Inbound, Input, KvCondition, KvOperation, Machine,
     ReadStart, Reply, StoredMessage, SubId, SubIds,
@@ -144,9 +144,14 @@ pub struct AgentConfig {
     pub heartbeat: Option<Duration>,
     /// The receiver ledger's bounds.
     pub ledger: LedgerConfig,
-    /// Seed of the agent's uuids (reply subjects, message ids). The host seeds it from the OS;
-    /// tests and the simulator from their run seed.
+    /// Seed of the agent's uuids (reply subjects, message ids) when [`AgentConfig::id_key`] is
+    /// `None`: reproducible, for the simulator and tests only.
     pub seed: u64,
+    /// 256 bits from the OS that key the agent's id generator (`entropy::IdGen::from_key`):
+    /// message ids are the `Nats-Msg-Id` of their publishes, and a predictable one lets another
+    /// agent publish it first and make ours vanish in the stream's duplicate window. Every host
+    /// on a shared broker sets it (the tokio driver's `run::os_key`); when set, `seed` is unused.
+    pub id_key: Option<IdKey>,
     /// Test-only: restores the reference behaviour of gap G10 so the simulator can prove the
     /// oracle sees it. A leave then resolves the class from a stale cache that reads `live` and
     /// skips the tombstone even when a membership is known: the agent unsubscribes, the
@@ -170,6 +175,7 @@ impl AgentConfig {
             heartbeat: Some(DEFAULT_HEARTBEAT),
             ledger: LedgerConfig::default(),
             seed,
+            id_key: None,
             reference_gap_g10: false,
         }
     }
@@ -816,7 +822,10 @@ impl Agent {
         }
         Ok(Agent {
             direct,
-            ids: IdGen::from_seed(config.seed),
+            ids: match config.id_key {
+                Some(key) => IdGen::from_key(key),
+                None => IdGen::from_seed(config.seed),
+            },
             config,
             ops: OpIds::new(),
             subs: SubIds::new(),

@@ -18,7 +18,7 @@ use cotal_core::wire::shard::ShardMap;
 use cotal_core::wire::token::{AgentId, Channel, Role, Space};
 use cotal_driver_tokio::connect::{Auth, ConnectConfig, NatsConnection, connect};
 use cotal_driver_tokio::exec::{Executor, ExecutorConfig};
-use cotal_driver_tokio::run::{AgentCallError, MachineHandle, Runner, os_seed, wall_clock};
+use cotal_driver_tokio::run::{AgentCallError, MachineHandle, Runner, os_key, os_seed, wall_clock};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use std::process::ExitCode;
@@ -384,8 +384,10 @@ fn sender_of(id: &str, name: Option<&str>) -> Result<Sender, String> {
 /// Connects as `me` (inbox prefix `_INBOX_<id>` before any request) and starts `config`.
 async fn start_agent(
     nats: &NatsArgs,
-    config: AgentConfig,
+    mut config: AgentConfig,
 ) -> Result<(Runner<Agent>, ConnectConfig), String> {
+    // Every agent the binary runs draws its message ids from an OS key (unguessable ids).
+    config.id_key = Some(os_key());
     let mut connect_config = nats.config()?;
     connect_config.inbox_prefix = Some(config.me.id.inbox_prefix());
     connect_config.name = Some(format!("cotal-agent-{}", config.me.id.as_str()));
