@@ -13,7 +13,10 @@
 //!   created ([`Applied::Created`]). Present with every field the spec sets equal:
 //!   [`Applied::Unchanged`], and nothing is sent. Present but different: reported as
 //!   [`ProvisionError::Drift`] with the differing fields, and **not** changed (a stream or
-//!   consumer in use is not reconfigured behind its users' backs).
+//!   consumer in use is not reconfigured behind its users' backs) — except a stream whose only
+//!   differences are security settings its users never depend on
+//!   ([`MIGRATED_STREAM_FIELDS`]): it is updated in place ([`Applied::Updated`]), so `cotal up`
+//!   closes a hole in a space provisioned before the fix.
 //! - **Per object.** A failure is recorded for that object and the run goes on; the report says
 //!   which objects failed and why.
 
@@ -55,7 +58,15 @@ pub enum Applied {
     Created,
     /// It existed with the specified configuration; nothing was sent.
     Unchanged,
+    /// It existed and differed only in [`MIGRATED_STREAM_FIELDS`]; it was updated in place.
+    Updated,
 }
+
+/// Stream fields `cotal up` brings to the spec in place on an existing stream (`STREAM.UPDATE`):
+/// hardening no client of the space relies on. `allow_rollup_hdrs` closes the presence bucket's
+/// rollup purge (issue 21 item 3): a bucket made by an older `cotal up`, or by a reference agent
+/// in open mode, allows rollups.
+pub const MIGRATED_STREAM_FIELDS: &[&str] = &["allow_rollup_hdrs"];
 
 /// Why an object could not be brought to its specification.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -84,6 +95,7 @@ impl fmt::Display for ObjectReport {
         match &self.result {
             Ok(Applied::Created) => write!(f, "created   {} {}", self.kind, self.name),
             Ok(Applied::Unchanged) => write!(f, "unchanged {} {}", self.kind, self.name),
+            Ok(Applied::Updated) => write!(f, "updated   {} {}", self.kind, self.name),
             Err(e) => write!(f, "FAILED    {} {}: {e}", self.kind, self.name),
         }
     }
@@ -107,6 +119,11 @@ impl ProvisionReport {
         self.count(|r| matches!(r, Ok(Applied::Unchanged)))
     }
 
+    /// Objects updated in place.
+    pub fn updated(&self) -> usize {
+        self.count(|r| matches!(r, Ok(Applied::Updated)))
+    }
+
     /// Objects that failed.
     pub fn failed(&self) -> usize {
         self.count(Result::is_err)
@@ -118,6 +135,15 @@ impl ProvisionReport {
 
     /// The closing line: what changed, or that nothing did.
     pub fn summary(&self) -> String {
+        if self.updated() > 0 {
+            return format!(
+                "{} created, {} updated, {} unchanged, {} FAILED",
+                self.created(),
+                self.updated(),
+                self.unchanged(),
+                self.failed()
+            );
+        }
         match (self.created(), self.failed()) {
             (0, 0) => format!(
                 "nothing changed: all {} objects already as specified",
@@ -221,7 +247,7 @@ pub async fn apply_stream(
     timeout: Duration,
 ) -> Result<Applied, ProvisionError> {
     let wanted = spec.to_api_config();
-    apply_object(
+    match apply_object(
         client,
         &spec.info_subject(),
         &spec.create_request(),
@@ -229,6 +255,56 @@ pub async fn apply_stream(
         timeout,
     )
     .await
+    {
+        Err(ProvisionError::Drift(drift)) => {
+            migrate_stream(client, spec, &wanted, drift, timeout).await
+        }
+        other => other,
+    }
+}
+
+/// Updates an existing stream in place when every field that differs from `wanted` is one of
+/// [`MIGRATED_STREAM_FIELDS`]; otherwise reports the drift and changes nothing.
+async fn migrate_stream(
+    client: &Client,
+    spec: &StreamSpec,
+    wanted: &Value,
+    drift: Vec<String>,
+    timeout: Duration,
+) -> Result<Applied, ProvisionError> {
+    let info = api::request(client, &spec.info_subject(), Bytes::new(), timeout)
+        .await
+        .map_err(ProvisionError::Api)?;
+    let (Some(actual), Some(wanted)) = (info["config"].as_object(), wanted.as_object()) else {
+        return Err(ProvisionError::Drift(drift));
+    };
+    let drifting: Vec<&String> = wanted
+        .iter()
+        .filter(|(k, w)| !same(w, actual.get(*k).unwrap_or(&Value::Null)))
+        .map(|(k, _)| k)
+        .collect();
+    if drifting.is_empty() {
+        return Ok(Applied::Unchanged);
+    }
+    if !drifting
+        .iter()
+        .all(|k| MIGRATED_STREAM_FIELDS.contains(&k.as_str()))
+    {
+        return Err(ProvisionError::Drift(drift));
+    }
+    let mut config = actual.clone();
+    for k in drifting {
+        config.insert(k.clone(), wanted[k].clone());
+    }
+    api::request(
+        client,
+        &format!("$JS.API.STREAM.UPDATE.{}", spec.name),
+        Bytes::from(Value::Object(config).to_string()),
+        timeout,
+    )
+    .await
+    .map(|_| Applied::Updated)
+    .map_err(ProvisionError::Api)
 }
 
 /// Brings one consumer to `spec` (created with the reference's `action: create`).

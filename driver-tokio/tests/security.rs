@@ -2079,3 +2079,110 @@ async fn sec_a_seen_message_id_does_not_let_another_agent_silence_later_sends() 
     alice.stop().await;
     bob.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 21 item 3: a rollup on one's own presence key cannot purge everyone's presence
+// ---------------------------------------------------------------------------------------------
+
+/// Mallory publishes `Nats-Rollup: all` on her own presence key (the only presence subject her
+/// grant allows). On a presence bucket as the reference and the old `cotal up` made it (rollups
+/// allowed) this deletes Alice's record. `cotal up` (`provision_space`) then updates the bucket in
+/// place; the same publish is refused, Alice's record stays, and what agents do on their own key
+/// — a put, a KV delete marker — still works.
+#[tokio::test]
+async fn sec_a_rollup_on_ones_own_presence_key_cannot_purge_others_after_cotal_up() {
+    use cotal_core::wire::config::KvBucketSpec;
+    let Some(server) = NatsServer::start_with_users(vec![
+        agent_user("alice", &["general"], &["general"]),
+        agent_user("mallory", &["general"], &["general"]),
+        daemon_user(),
+        admin_user(),
+    ]) else {
+        return;
+    };
+    let admin = connect(&server.config_as("admin", "adminpw"))
+        .await
+        .expect("connect admin");
+    let bucket = KvBucket::Presence.name(&space());
+    // The presence bucket of a space provisioned before the fix.
+    let mut old = KvBucketSpec::for_space(&space(), KvBucket::Presence).stream();
+    old.allow_rollup_hdrs = Some(true);
+    cotal_driver_tokio::provision::apply_stream(&admin.client, &old, Duration::from_secs(5))
+        .await
+        .expect("old presence bucket");
+    let alice = Probe::connect(&server, "alice").await;
+    let mallory = Probe::connect(&server, "mallory").await;
+    let kv = async_nats::jetstream::new(admin.client.clone())
+        .get_key_value(&bucket)
+        .await
+        .expect("bucket");
+    let put_own = |p: &Probe| {
+        let js = async_nats::jetstream::new(p.client.clone());
+        let subject = format!("$KV.{bucket}.{}", p.user);
+        async move {
+            js.publish(subject, Bytes::from_static(b"{\"status\":\"online\"}"))
+                .await
+                .expect("publish")
+                .await
+                .expect("own presence stored");
+        }
+    };
+    let rollup_all = |p: &Probe| {
+        let js = async_nats::jetstream::new(p.client.clone());
+        let subject = format!("$KV.{bucket}.{}", p.user);
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Rollup", "all");
+            js.publish_with_headers(subject, headers, Bytes::from_static(b"{}"))
+                .await
+                .expect("publish")
+                .await
+        }
+    };
+
+    // Before: the rollup purges Alice's record.
+    put_own(&alice).await;
+    put_own(&mallory).await;
+    assert!(kv.entry("alice").await.expect("entry").is_some());
+    rollup_all(&mallory).await.expect("rollup accepted before");
+    assert!(
+        kv.entry("alice").await.expect("entry").is_none(),
+        "the rollup did not purge alice before the fix"
+    );
+
+    // `cotal up` migrates the bucket in place.
+    let report = provision_space(&admin.client, &space(), Duration::from_secs(5)).await;
+    assert_eq!(report.failed(), 0, "{report:?}");
+    let presence = report
+        .objects
+        .iter()
+        .find(|o| o.name == bucket)
+        .expect("presence in the report");
+    assert_eq!(
+        presence.result,
+        Ok(cotal_driver_tokio::provision::Applied::Updated),
+        "{report:?}"
+    );
+    let again = provision_space(&admin.client, &space(), Duration::from_secs(5)).await;
+    assert_eq!(again.updated(), 0, "{again:?}");
+
+    // After: refused, and Alice's record stays.
+    put_own(&alice).await;
+    let refused = rollup_all(&mallory).await;
+    assert!(
+        refused.is_err(),
+        "rollup accepted after cotal up: {refused:?}"
+    );
+    let entry = kv.entry("alice").await.expect("entry").expect("alice kept");
+    assert_eq!(entry.operation, async_nats::jetstream::kv::Operation::Put);
+    // What an agent does on its own key still works: a put and a delete marker.
+    put_own(&mallory).await;
+    async_nats::jetstream::new(mallory.client.clone())
+        .get_key_value(&bucket)
+        .await
+        .expect("mallory binds the bucket")
+        .delete("mallory")
+        .await
+        .expect("a delete marker needs no rollup");
+    assert!(kv.entry("alice").await.expect("entry").is_some());
+}

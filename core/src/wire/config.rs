@@ -456,6 +456,9 @@ impl KvBucketSpec {
     /// `max_bytes`/`max_msg_size` −1, discard new, `allow_direct`, `allow_rollup_hdrs`, one
     /// replica, and `max_age` = TTL when set. `deny_delete`/`deny_purge` stay at the server
     /// default (false), which is what the reference's buckets hold.
+    ///
+    /// One deliberate difference: the presence bucket refuses rollup headers
+    /// ([`KvBucketSpec::allows_rollup`]).
     pub fn stream(&self) -> StreamSpec {
         StreamSpec {
             name: kv_stream_name(&self.bucket),
@@ -469,9 +472,22 @@ impl KvBucketSpec {
             duplicate_window: None,
             max_age: self.ttl,
             allow_direct: Some(true),
-            allow_rollup_hdrs: Some(true),
+            allow_rollup_hdrs: Some(self.allows_rollup()),
             num_replicas: Some(1),
         }
+    }
+
+    /// Whether the bucket's stream admits `Nats-Rollup` headers: every bucket but presence, as
+    /// the reference's nats.js buckets do (issue 21 item 3).
+    ///
+    /// Every agent may write its own presence key, and a publish grant cannot restrict headers:
+    /// with rollups allowed, one `Nats-Rollup: all` on one's own key deletes every other agent's
+    /// presence record. No Cotal agent (ours or the reference's) purges a presence key — they
+    /// put, and the TTL expires — and a KV delete is a `KV-Operation: DEL` marker without a
+    /// rollup, which still works; only `purge` (a `Nats-Rollup: sub`) is refused. The other
+    /// buckets are written only by the daemon and the operator, who keep the reference's setting.
+    pub fn allows_rollup(&self) -> bool {
+        !self.bucket.starts_with(KvBucket::Presence.prefix())
     }
 
     /// The KV put subject of `key`: `$KV.<bucket>.<key>`.
