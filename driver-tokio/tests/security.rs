@@ -2056,6 +2056,14 @@ async fn sec_a_seen_message_id_does_not_let_another_agent_silence_later_sends() 
     for mid in [&post_id, &dm_id, &task_id] {
         assert!(!predicted.contains(mid), "{mid} was predicted");
     }
+    assert!(
+        !alice
+            .log
+            .iter()
+            .any(|e| matches!(e, AgentEvent::MessageIdCollided { .. })),
+        "{:#?}",
+        alice.log
+    );
     bob.until("alice's post and DM", |_, got| {
         got.contains(&post_id) && got.contains(&dm_id)
     })

@@ -638,6 +638,12 @@ fn print_agent_event(event: &AgentEvent) {
             "seq": seq,
             "duplicate": duplicate,
         }),
+        AgentEvent::MessageIdCollided { request, old, new } => json!({
+            "event": "message_id_collided",
+            "request": request.0,
+            "old": old,
+            "new": new,
+        }),
         AgentEvent::SendFailed {
             request,
             id,
@@ -840,10 +846,17 @@ async fn run_send(args: SendArgs) -> Result<ExitCode, String> {
             match event {
                 AgentEvent::Sent {
                     request: r,
+                    id: stored,
                     seq,
                     duplicate,
-                    ..
-                } if r == request => return Ok((seq, duplicate)),
+                } if r == request => {
+                    if stored != id {
+                        eprintln!(
+                            "message id {id} was already taken in the stream; sent as {stored}"
+                        );
+                    }
+                    return Ok((seq, duplicate));
+                }
                 AgentEvent::SendFailed {
                     request: r,
                     error,
