@@ -66,7 +66,10 @@ pub enum Applied {
 /// hardening no client of the space relies on. `allow_rollup_hdrs` closes the presence bucket's
 /// rollup purge (issue 21 item 3): a bucket made by an older `cotal up`, or by a reference agent
 /// in open mode, allows rollups.
-pub const MIGRATED_STREAM_FIELDS: &[&str] = &["allow_rollup_hdrs"];
+/// `consumer_limits` bounds the life of consumers agents create on the presence and channels
+/// buckets (issue 21 item 4; the server adds it to an existing stream, and it applies to
+/// consumers created after it).
+pub const MIGRATED_STREAM_FIELDS: &[&str] = &["allow_rollup_hdrs", "consumer_limits"];
 
 /// Why an object could not be brought to its specification.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -2194,3 +2194,198 @@ async fn sec_a_rollup_on_ones_own_presence_key_cannot_purge_others_after_cotal_u
         .expect("a delete marker needs no rollup");
     assert!(kv.entry("alice").await.expect("entry").is_some());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 21 item 4: consumers an agent creates on the presence and channels buckets do not outlive
+// their use
+// ---------------------------------------------------------------------------------------------
+
+/// A `CONSUMER.CREATE` as `client`, in the named form (`.<name>.<filter>`) every KV watch uses;
+/// `durable` sets `durable_name`, `inactive` the threshold asked (nanoseconds).
+async fn create_consumer(
+    client: &Client,
+    stream: &str,
+    name: &str,
+    durable: bool,
+    inactive: Option<u64>,
+) -> Value {
+    let filter = format!("$KV.{}.>", stream.trim_start_matches("KV_"));
+    let mut config = json!({"name": name, "ack_policy": "none", "deliver_policy": "all",
+                            "filter_subject": filter});
+    if durable {
+        config["durable_name"] = json!(name);
+    }
+    if let Some(ns) = inactive {
+        config["inactive_threshold"] = json!(ns);
+    }
+    let body = json!({"stream_name": stream, "config": config, "action": "create"});
+    let reply = tokio::time::timeout(
+        WAIT,
+        client.request(
+            format!("$JS.API.CONSUMER.CREATE.{stream}.{name}.{filter}"),
+            Bytes::from(body.to_string()),
+        ),
+    )
+    .await
+    .expect("in time")
+    .expect("reply");
+    serde_json::from_slice(&reply.payload).expect("json")
+}
+
+/// Mallory (read/post on `general`, `Permissions::agent`) creates durable consumers on the
+/// presence and channels buckets. On buckets as the old `cotal up` made them a durable has no
+/// inactivity limit: it stays forever. After `cotal up` every stream of the two buckets carries
+/// `consumer_limits.inactive_threshold` = 5 min: her durables are created with that threshold
+/// (the server deletes them once unused), one asking a longer one is refused, and the server
+/// does delete an unused durable (shown on a bucket stream limited to 1 s). The watches agents
+/// need still work under the same grant: async-nats's KV watch, and the reference's exact
+/// ordered-consumer request from the wire fixtures (inactive_threshold 5 min).
+#[tokio::test]
+async fn sec_consumers_an_agent_creates_on_watched_buckets_do_not_outlive_their_use() {
+    use cotal_core::wire::config::{KvBucketSpec, WATCH_CONSUMER_INACTIVE_LIMIT};
+    use cotal_driver_tokio::provision::{Applied, apply_stream};
+    let Some(server) = NatsServer::start_with_users(vec![
+        agent_user("alice", &["general"], &["general"]),
+        agent_user("mallory", &["general"], &["general"]),
+        daemon_user(),
+        admin_user(),
+    ]) else {
+        return;
+    };
+    let admin = connect(&server.config_as("admin", "adminpw"))
+        .await
+        .expect("connect admin");
+    let t = Duration::from_secs(5);
+    let watched = [KvBucket::Presence, KvBucket::Channels];
+    // The two buckets as a space provisioned before the fix holds them.
+    for b in watched {
+        let mut old = KvBucketSpec::for_space(&space(), b).stream();
+        old.consumer_inactive_limit = None;
+        apply_stream(&admin.client, &old, t)
+            .await
+            .expect("old bucket");
+    }
+    let mallory = Probe::connect(&server, "mallory").await;
+    let limit_ns = WATCH_CONSUMER_INACTIVE_LIMIT.as_millis() * 1_000_000;
+    for b in watched {
+        let stream = b.stream_name(&space());
+        let r = create_consumer(&mallory.client, &stream, "squat0", true, None).await;
+        assert_eq!(r["config"]["durable_name"], json!("squat0"), "{r}");
+        assert!(
+            r["config"].get("inactive_threshold").is_none(),
+            "before the fix a durable lives forever: {r}"
+        );
+    }
+
+    let report = provision_space(&admin.client, &space(), t).await;
+    assert_eq!(report.failed(), 0, "{report:?}");
+    for b in watched {
+        let name = b.name(&space());
+        let o = report
+            .objects
+            .iter()
+            .find(|o| o.name == name)
+            .expect("in report");
+        assert_eq!(o.result, Ok(Applied::Updated), "{report:?}");
+    }
+
+    for b in watched {
+        let stream = b.stream_name(&space());
+        // A durable asking nothing gets the limit: the server deletes it once unused.
+        let r = create_consumer(&mallory.client, &stream, "squat1", true, None).await;
+        assert_eq!(r["config"]["durable_name"], json!("squat1"), "{r}");
+        assert_eq!(r["config"]["inactive_threshold"], json!(limit_ns), "{r}");
+        // One asking to live longer is refused.
+        let r = create_consumer(
+            &mallory.client,
+            &stream,
+            "squat2",
+            true,
+            Some(86_400_000_000_000),
+        )
+        .await;
+        assert_eq!(r["error"]["err_code"], json!(10153), "{r}");
+        // The reference's own watch request (wire fixture), under an agent's grant.
+        let filter = format!("$KV.{}.>", b.name(&space()));
+        let body = json!({"config": {"deliver_policy": "last_per_subject", "ack_policy": "none",
+            "filter_subject": filter, "flow_control": true, "idle_heartbeat": 30_000_000_000u64,
+            "headers_only": false, "name": "oc_ref_1", "inactive_threshold": 300_000_000_000u64,
+            "num_replicas": 1, "max_deliver": 1,
+            "deliver_subject": format!("{}.ref", id("alice").inbox_prefix())},
+            "stream_name": stream, "action": "create", "pedantic": false});
+        let alice = Probe::connect(&server, "alice").await;
+        let reply = alice
+            .client
+            .request(
+                format!("$JS.API.CONSUMER.CREATE.{stream}.oc_ref_1.{filter}"),
+                Bytes::from(body.to_string()),
+            )
+            .await
+            .expect("reply");
+        let r: Value = serde_json::from_slice(&reply.payload).expect("json");
+        assert!(
+            r.get("error").is_none(),
+            "the reference's watch is refused: {r}"
+        );
+    }
+
+    // Our own watch (the executor's named ordered consumer) under an agent's grant sees a put.
+    let alice = Probe::connect(&server, "alice").await;
+    let js = async_nats::jetstream::new(alice.client.clone());
+    let bucket = KvBucket::Presence.name(&space());
+    let stream = js
+        .get_stream_no_info(format!("KV_{bucket}"))
+        .await
+        .expect("presence stream");
+    let watch = stream
+        .create_consumer(async_nats::jetstream::consumer::push::OrderedConfig {
+            name: Some("watch_alice_test".to_owned()),
+            deliver_subject: alice.client.new_inbox(),
+            filter_subject: format!("$KV.{bucket}.>"),
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .expect("watch under the agent grant");
+    let mut changes = watch.messages().await.expect("watch messages");
+    js.publish(format!("$KV.{bucket}.alice"), Bytes::from_static(b"{}"))
+        .await
+        .expect("publish")
+        .await
+        .expect("own put");
+    let change = tokio::time::timeout(WAIT, changes.next())
+        .await
+        .expect("a change in time")
+        .expect("watch open")
+        .expect("message");
+    assert_eq!(change.subject.as_str(), format!("$KV.{bucket}.alice"));
+
+    // The server deletes an unused durable once the limit passes (a bucket stream limited to
+    // 1 s, so the test need not wait 5 minutes).
+    let mut short =
+        KvBucketSpec::for_space(&Space::new("reap").expect("space"), KvBucket::Presence).stream();
+    short.consumer_inactive_limit = Some(cotal_core::time::Duration::from_millis(1_000));
+    apply_stream(&admin.client, &short, t)
+        .await
+        .expect("short stream");
+    let r = create_consumer(&admin.client, &short.name, "gone", true, None).await;
+    assert_eq!(
+        r["config"]["inactive_threshold"],
+        json!(1_000_000_000u64),
+        "{r}"
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let info = async_nats::jetstream::new(admin.client.clone())
+            .get_stream(&short.name)
+            .await
+            .expect("stream")
+            .consumer_info("gone")
+            .await;
+        if info.is_err() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "durable not reaped");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

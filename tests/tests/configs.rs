@@ -78,13 +78,19 @@ fn all_stream_specs(space: &Space) -> Vec<StreamSpec> {
         .collect()
 }
 
-/// The one deliberate difference from the reference's stream configs: the presence bucket
-/// refuses rollup headers (issue 21 item 3; `KvBucketSpec::allows_rollup`). `config` is the
-/// reference's config of stream `name`, returned as ours should be.
+/// The deliberate differences from the reference's stream configs: the presence bucket refuses
+/// rollup headers (issue 21 item 3; `KvBucketSpec::allows_rollup`), and the presence and
+/// channels buckets limit their consumers' inactivity (item 4;
+/// `KvBucketSpec::consumer_inactive_limit`). `config` is the reference's config of stream
+/// `name`, returned as ours should be.
 fn with_our_hardening(name: &str, mut config: serde_json::Value) -> serde_json::Value {
     if name.starts_with("KV_cotal_presence_") {
         assert_eq!(config["allow_rollup_hdrs"], json!(true), "{name}");
         config["allow_rollup_hdrs"] = json!(false);
+    }
+    // And both watched buckets bound their consumers' inactivity (issue 21 item 4).
+    if name.starts_with("KV_cotal_presence_") || name.starts_with("KV_cotal_channels_") {
+        config["consumer_limits"] = json!({"inactive_threshold": 300_000_000_000u64});
     }
     config
 }
