@@ -29,9 +29,9 @@ const HOSTILE_TOKENS: &[&str] = &[
 ];
 
 const HOSTILE_CHANNELS: &[&str] = &[
-    "gen\u{0435}ral",      // Cyrillic e
-    "general\u{200d}",     // zero-width joiner
-    "general%2Esecret",    // percent-encoded dot
+    "gen\u{0435}ral",   // Cyrillic e
+    "general\u{200d}",  // zero-width joiner
+    "general%2Esecret", // percent-encoded dot
     "general\u{ff0e}secret",
     "general\u{3002}secret", // ideographic full stop
     "general..secret",
@@ -75,13 +75,19 @@ fn hostile_subjects_parse_to_nothing_valid() {
     for t in HOSTILE_TOKENS {
         // A sender token outside the alphabet never parses (it could only alias a real id).
         let chat = format!("cotal.main.chat.{t}.general");
-        assert!(parse_subject(&chat).is_none() || t.contains('.'), "{chat:?}");
+        assert!(
+            parse_subject(&chat).is_none() || t.contains('.'),
+            "{chat:?}"
+        );
         if let Some(p) = parse_subject(&chat) {
             // A dotted sender splits into tokens: the sender is the first, valid, token, and the
             // rest is the channel; nothing is rewritten.
             assert!(chat.contains(p.sender().as_str()));
         }
-        assert!(Subject::parse(&chat).is_err() || t.contains('.'), "{chat:?}");
+        assert!(
+            Subject::parse(&chat).is_err() || t.contains('.'),
+            "{chat:?}"
+        );
         let dm = format!("cotal.main.inst.bob.{t}");
         assert!(Subject::parse(&dm).is_err(), "{dm:?}");
         let dinbox = format!("cotal.main.dinbox.{t}");
@@ -92,7 +98,12 @@ fn hostile_subjects_parse_to_nothing_valid() {
         }
     }
     // A member key with the owner smuggled through percent-encoding or a second slash.
-    for key in ["general/al%69ce", "general/alice/evil", "general/", "/alice"] {
+    for key in [
+        "general/al%69ce",
+        "general/alice/evil",
+        "general/",
+        "/alice",
+    ] {
         assert!(parse_member_key(key).is_err(), "{key:?}");
     }
 }

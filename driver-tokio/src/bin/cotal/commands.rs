@@ -851,7 +851,8 @@ async fn run_send(args: SendArgs) -> Result<ExitCode, String> {
                     duplicate,
                 } if r == request => {
                     if stored != id {
-                        eprintln!(
+                        tracing::warn!(
+                            target: "cotal",
                             "message id {id} was already taken in the stream; sent as {stored}"
                         );
                     }
