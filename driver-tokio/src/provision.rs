@@ -220,7 +220,15 @@ pub async fn apply(client: &Client, plan: &SpacePlan, timeout: Duration) -> Prov
         });
     }
     for b in &plan.kv_buckets {
-        let result = apply_stream(client, &plan.bucket_stream(b), timeout).await;
+        let stream = plan.bucket_stream(b);
+        let mut result = apply_stream(client, &stream, timeout).await;
+        if result.is_ok() {
+            match reap_unbounded_consumers(client, &stream, timeout).await {
+                Ok(0) => {}
+                Ok(_) => result = Ok(Applied::Updated),
+                Err(e) => result = Err(e),
+            }
+        }
         report.objects.push(ObjectReport {
             kind: ObjectKind::KvBucket,
             name: b.bucket.clone(),
@@ -308,6 +316,59 @@ async fn migrate_stream(
     .await
     .map(|_| Applied::Updated)
     .map_err(ProvisionError::Api)
+}
+
+/// On a stream with a consumer inactivity limit (the presence and channels buckets), deletes the
+/// consumers that escape it: made before `cotal up` set the limit (the server applies it only to
+/// consumers created after), with no inactivity threshold or a longer one. Neither Cotal nor the
+/// reference ever makes such a consumer there (their watches are ordered consumers with a
+/// threshold), so each is a leftover of an agent's abuse of its watch grant. Returns how many.
+async fn reap_unbounded_consumers(
+    client: &Client,
+    spec: &StreamSpec,
+    timeout: Duration,
+) -> Result<usize, ProvisionError> {
+    let Some(limit) = spec.consumer_inactive_limit else {
+        return Ok(0);
+    };
+    let limit_ns = u128::from(limit.as_millis()) * 1_000_000;
+    let mut unbounded = Vec::new();
+    let mut offset = 0u64;
+    loop {
+        let page = api::request(
+            client,
+            &format!("$JS.API.CONSUMER.LIST.{}", spec.name),
+            Bytes::from(serde_json::json!({ "offset": offset }).to_string()),
+            timeout,
+        )
+        .await
+        .map_err(ProvisionError::Api)?;
+        let consumers = page["consumers"].as_array().cloned().unwrap_or_default();
+        for c in &consumers {
+            let threshold = c["config"]["inactive_threshold"].as_u64().unwrap_or(0);
+            if (threshold == 0 || u128::from(threshold) > limit_ns)
+                && let Some(name) = c["name"].as_str()
+            {
+                unbounded.push(name.to_owned());
+            }
+        }
+        offset += consumers.len() as u64;
+        let total = page["total"].as_u64().unwrap_or(0);
+        if consumers.is_empty() || offset >= total {
+            break;
+        }
+    }
+    for name in &unbounded {
+        api::request(
+            client,
+            &format!("$JS.API.CONSUMER.DELETE.{}.{name}", spec.name),
+            Bytes::new(),
+            timeout,
+        )
+        .await
+        .map_err(ProvisionError::Api)?;
+    }
+    Ok(unbounded.len())
 }
 
 /// Brings one consumer to `spec` (created with the reference's `action: create`).

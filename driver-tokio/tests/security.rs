@@ -2234,7 +2234,8 @@ async fn create_consumer(
 
 /// Mallory (read/post on `general`, `Permissions::agent`) creates durable consumers on the
 /// presence and channels buckets. On buckets as the old `cotal up` made them a durable has no
-/// inactivity limit: it stays forever. After `cotal up` every stream of the two buckets carries
+/// inactivity limit: it stays forever. `cotal up` deletes it (the server's limit does not reach
+/// consumers made before it), and afterwards every stream of the two buckets carries
 /// `consumer_limits.inactive_threshold` = 5 min: her durables are created with that threshold
 /// (the server deletes them once unused), one asking a longer one is refused, and the server
 /// does delete an unused durable (shown on a bucket stream limited to 1 s). The watches agents
@@ -2287,7 +2288,17 @@ async fn sec_consumers_an_agent_creates_on_watched_buckets_do_not_outlive_their_
             .find(|o| o.name == name)
             .expect("in report");
         assert_eq!(o.result, Ok(Applied::Updated), "{report:?}");
+        // The durable made before the limit (which the server does not apply to it) is gone.
+        let left = async_nats::jetstream::new(admin.client.clone())
+            .get_stream(b.stream_name(&space()))
+            .await
+            .expect("stream")
+            .consumer_info("squat0")
+            .await;
+        assert!(left.is_err(), "squat0 survived cotal up: {left:?}");
     }
+    let again = provision_space(&admin.client, &space(), t).await;
+    assert_eq!(again.updated(), 0, "{again:?}");
 
     for b in watched {
         let stream = b.stream_name(&space());
