@@ -16,28 +16,37 @@
 //!   never scheduled before the lane's previous event. Among the events due at the same instant,
 //!   the chooser picks which lane goes first.
 
-use cotal_core::entropy::IdGen;
 use cotal_core::time::{Duration, Instant, Now, UnixMillis};
 use std::collections::BTreeMap;
 
-/// A seeded generator (splitmix64, [`IdGen`]) with the draws the simulator needs.
+/// A seeded splitmix64 generator with the draws the simulator needs. The schedule's choices need
+/// speed and reproducibility, not secrecy (the agents' ids come from `cotal_core::entropy`).
 #[derive(Clone, Debug)]
-pub struct Rng(IdGen);
+pub struct Rng {
+    state: u64,
+}
 
 impl Rng {
     /// A generator from a seed.
     pub fn new(seed: u64) -> Self {
-        Rng(IdGen::from_seed(seed))
+        Rng { state: seed }
     }
 
     /// 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.0.next_u64()
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
     }
 
     /// A number in `0..bound` (0 when `bound` is 0).
     pub fn below(&mut self, bound: u64) -> u64 {
-        self.0.below(bound)
+        if bound == 0 {
+            return 0;
+        }
+        ((u128::from(self.next_u64()) * u128::from(bound)) >> 64) as u64
     }
 
     /// True with probability `ppm / 1_000_000` (never draws for 0, so a disabled fault costs

@@ -126,6 +126,7 @@ fn setup(host: &mut Host) {
             max_age: None,
             allow_direct: None,
             allow_rollup_hdrs: None,
+            consumer_inactive_limit: None,
             num_replicas: None,
         })
         .unwrap();

@@ -191,6 +191,7 @@ fn run(seed: u64) -> Run {
             max_age: None,
             allow_direct: None,
             allow_rollup_hdrs: None,
+            consumer_inactive_limit: None,
             num_replicas: None,
         })
         .unwrap();

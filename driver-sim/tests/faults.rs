@@ -205,6 +205,7 @@ fn a_slow_consumer_holds_deliveries_back() {
             max_age: None,
             allow_direct: None,
             allow_rollup_hdrs: None,
+            consumer_inactive_limit: None,
             num_replicas: None,
         })
         .unwrap();

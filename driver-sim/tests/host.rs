@@ -285,6 +285,7 @@ fn stream(name: &str, subject: &str) -> StreamSpec {
         max_age: None,
         allow_direct: None,
         allow_rollup_hdrs: None,
+        consumer_inactive_limit: None,
         num_replicas: None,
     }
 }

@@ -82,6 +82,7 @@ fn setup() -> Broker {
         max_age: None,
         allow_direct: None,
         allow_rollup_hdrs: None,
+        consumer_inactive_limit: None,
         num_replicas: None,
     })
     .unwrap();

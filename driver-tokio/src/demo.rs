@@ -33,7 +33,7 @@
 use crate::connect::{ConnectConfig, NatsConnection, connect};
 use crate::exec::{Executor, ExecutorConfig};
 use crate::provision::{apply_consumer, provision_space};
-use crate::run::{MachineHandle, Runner, os_seed, wall_clock};
+use crate::run::{MachineHandle, Runner, os_key, os_seed, wall_clock};
 use bytes::Bytes;
 use cotal_core::agent::{Agent, AgentConfig, AgentEvent, RequestId};
 use cotal_core::delivery::daemon::{Delivery, DeliveryConfig};
@@ -275,6 +275,7 @@ async fn start_life(
         boot,
         os_seed() ^ index as u64,
     );
+    config.id_key = Some(os_key());
     config.durable_backstop = true;
     config.create_dlv_consumer = false;
     let mut cfg = cfg.clone();

@@ -13,7 +13,10 @@
 //!   created ([`Applied::Created`]). Present with every field the spec sets equal:
 //!   [`Applied::Unchanged`], and nothing is sent. Present but different: reported as
 //!   [`ProvisionError::Drift`] with the differing fields, and **not** changed (a stream or
-//!   consumer in use is not reconfigured behind its users' backs).
+//!   consumer in use is not reconfigured behind its users' backs) — except a stream whose only
+//!   differences are security settings its users never depend on
+//!   ([`MIGRATED_STREAM_FIELDS`]): it is updated in place ([`Applied::Updated`]), so `cotal up`
+//!   closes a hole in a space provisioned before the fix.
 //! - **Per object.** A failure is recorded for that object and the run goes on; the report says
 //!   which objects failed and why.
 
@@ -55,7 +58,18 @@ pub enum Applied {
     Created,
     /// It existed with the specified configuration; nothing was sent.
     Unchanged,
+    /// It existed and differed only in [`MIGRATED_STREAM_FIELDS`]; it was updated in place.
+    Updated,
 }
+
+/// Stream fields `cotal up` brings to the spec in place on an existing stream (`STREAM.UPDATE`):
+/// hardening no client of the space relies on. `allow_rollup_hdrs` closes the presence bucket's
+/// rollup purge (issue 21 item 3): a bucket made by an older `cotal up`, or by a reference agent
+/// in open mode, allows rollups.
+/// `consumer_limits` bounds the life of consumers agents create on the presence and channels
+/// buckets (issue 21 item 4; the server adds it to an existing stream, and it applies to
+/// consumers created after it).
+pub const MIGRATED_STREAM_FIELDS: &[&str] = &["allow_rollup_hdrs", "consumer_limits"];
 
 /// Why an object could not be brought to its specification.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -84,6 +98,7 @@ impl fmt::Display for ObjectReport {
         match &self.result {
             Ok(Applied::Created) => write!(f, "created   {} {}", self.kind, self.name),
             Ok(Applied::Unchanged) => write!(f, "unchanged {} {}", self.kind, self.name),
+            Ok(Applied::Updated) => write!(f, "updated   {} {}", self.kind, self.name),
             Err(e) => write!(f, "FAILED    {} {}: {e}", self.kind, self.name),
         }
     }
@@ -107,6 +122,11 @@ impl ProvisionReport {
         self.count(|r| matches!(r, Ok(Applied::Unchanged)))
     }
 
+    /// Objects updated in place.
+    pub fn updated(&self) -> usize {
+        self.count(|r| matches!(r, Ok(Applied::Updated)))
+    }
+
     /// Objects that failed.
     pub fn failed(&self) -> usize {
         self.count(Result::is_err)
@@ -118,6 +138,15 @@ impl ProvisionReport {
 
     /// The closing line: what changed, or that nothing did.
     pub fn summary(&self) -> String {
+        if self.updated() > 0 {
+            return format!(
+                "{} created, {} updated, {} unchanged, {} FAILED",
+                self.created(),
+                self.updated(),
+                self.unchanged(),
+                self.failed()
+            );
+        }
         match (self.created(), self.failed()) {
             (0, 0) => format!(
                 "nothing changed: all {} objects already as specified",
@@ -191,7 +220,15 @@ pub async fn apply(client: &Client, plan: &SpacePlan, timeout: Duration) -> Prov
         });
     }
     for b in &plan.kv_buckets {
-        let result = apply_stream(client, &plan.bucket_stream(b), timeout).await;
+        let stream = plan.bucket_stream(b);
+        let mut result = apply_stream(client, &stream, timeout).await;
+        if result.is_ok() {
+            match reap_unbounded_consumers(client, &stream, timeout).await {
+                Ok(0) => {}
+                Ok(_) => result = Ok(Applied::Updated),
+                Err(e) => result = Err(e),
+            }
+        }
         report.objects.push(ObjectReport {
             kind: ObjectKind::KvBucket,
             name: b.bucket.clone(),
@@ -221,7 +258,7 @@ pub async fn apply_stream(
     timeout: Duration,
 ) -> Result<Applied, ProvisionError> {
     let wanted = spec.to_api_config();
-    apply_object(
+    match apply_object(
         client,
         &spec.info_subject(),
         &spec.create_request(),
@@ -229,6 +266,109 @@ pub async fn apply_stream(
         timeout,
     )
     .await
+    {
+        Err(ProvisionError::Drift(drift)) => {
+            migrate_stream(client, spec, &wanted, drift, timeout).await
+        }
+        other => other,
+    }
+}
+
+/// Updates an existing stream in place when every field that differs from `wanted` is one of
+/// [`MIGRATED_STREAM_FIELDS`]; otherwise reports the drift and changes nothing.
+async fn migrate_stream(
+    client: &Client,
+    spec: &StreamSpec,
+    wanted: &Value,
+    drift: Vec<String>,
+    timeout: Duration,
+) -> Result<Applied, ProvisionError> {
+    let info = api::request(client, &spec.info_subject(), Bytes::new(), timeout)
+        .await
+        .map_err(ProvisionError::Api)?;
+    let (Some(actual), Some(wanted)) = (info["config"].as_object(), wanted.as_object()) else {
+        return Err(ProvisionError::Drift(drift));
+    };
+    let drifting: Vec<&String> = wanted
+        .iter()
+        .filter(|(k, w)| !same(w, actual.get(*k).unwrap_or(&Value::Null)))
+        .map(|(k, _)| k)
+        .collect();
+    if drifting.is_empty() {
+        return Ok(Applied::Unchanged);
+    }
+    if !drifting
+        .iter()
+        .all(|k| MIGRATED_STREAM_FIELDS.contains(&k.as_str()))
+    {
+        return Err(ProvisionError::Drift(drift));
+    }
+    let mut config = actual.clone();
+    for k in drifting {
+        config.insert(k.clone(), wanted[k].clone());
+    }
+    api::request(
+        client,
+        &format!("$JS.API.STREAM.UPDATE.{}", spec.name),
+        Bytes::from(Value::Object(config).to_string()),
+        timeout,
+    )
+    .await
+    .map(|_| Applied::Updated)
+    .map_err(ProvisionError::Api)
+}
+
+/// On a stream with a consumer inactivity limit (the presence and channels buckets), deletes the
+/// consumers that escape it: made before `cotal up` set the limit (the server applies it only to
+/// consumers created after), with no inactivity threshold or a longer one. Neither Cotal nor the
+/// reference ever makes such a consumer there (their watches are ordered consumers with a
+/// threshold), so each is a leftover of an agent's abuse of its watch grant. Returns how many.
+async fn reap_unbounded_consumers(
+    client: &Client,
+    spec: &StreamSpec,
+    timeout: Duration,
+) -> Result<usize, ProvisionError> {
+    let Some(limit) = spec.consumer_inactive_limit else {
+        return Ok(0);
+    };
+    let limit_ns = u128::from(limit.as_millis()) * 1_000_000;
+    let mut unbounded = Vec::new();
+    let mut offset = 0u64;
+    loop {
+        let page = api::request(
+            client,
+            &format!("$JS.API.CONSUMER.LIST.{}", spec.name),
+            Bytes::from(serde_json::json!({ "offset": offset }).to_string()),
+            timeout,
+        )
+        .await
+        .map_err(ProvisionError::Api)?;
+        let consumers = page["consumers"].as_array().cloned().unwrap_or_default();
+        for c in &consumers {
+            let threshold = c["config"]["inactive_threshold"].as_u64().unwrap_or(0);
+            if (threshold == 0 || u128::from(threshold) > limit_ns)
+                && let Some(name) = c["name"].as_str()
+            {
+                unbounded.push(name.to_owned());
+            }
+        }
+        offset += consumers.len() as u64;
+        let total = page["total"].as_u64().unwrap_or(0);
+        if consumers.is_empty() || offset >= total {
+            break;
+        }
+    }
+    for name in &unbounded {
+        api::request(
+            client,
+            &format!("$JS.API.CONSUMER.DELETE.{}.{name}", spec.name),
+            Bytes::new(),
+            timeout,
+        )
+        .await
+        .map_err(ProvisionError::Api)?;
+    }
+    Ok(unbounded.len())
 }
 
 /// Brings one consumer to `spec` (created with the reference's `action: create`).

@@ -33,6 +33,7 @@
 use crate::exec::Executor;
 use cotal_core::agent::{Agent, AgentError, AgentHealth, RequestId};
 use cotal_core::delivery::daemon::{Delivery, DeliveryCounters, DeliveryHealth};
+use cotal_core::entropy::IdKey;
 use cotal_core::io::{Input, Machine};
 use cotal_core::ledger::{MessageId, Surfaced};
 use cotal_core::op::OpId;
@@ -102,17 +103,32 @@ pub fn wall_clock() -> UnixMillis {
     UnixMillis(ms)
 }
 
-/// A seed from the OS for an agent's uuids: std's randomly keyed hasher (seeded by the OS per
-/// process, and differently per `RandomState`), mixed with the wall clock and the process id.
-pub fn os_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(wall_clock().0);
-    h.write_u32(std::process::id());
-    if let Ok(d) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-        h.write_u32(d.subsec_nanos());
+/// 256 bits from the operating system's CSPRNG: the key of an agent's id generator
+/// ([`AgentConfig::id_key`](cotal_core::agent::AgentConfig::id_key)), so no other agent can
+/// predict its message ids (see `cotal_core::entropy`).
+///
+/// # Panics
+///
+/// When the OS has no randomness to give (`getrandom` fails): no id may be made then.
+pub fn os_key() -> IdKey {
+    let mut key = [0u8; 32];
+    if let Err(e) = getrandom::getrandom(&mut key) {
+        panic!("the operating system gave no randomness for the id key: {e}");
     }
-    h.finish()
+    IdKey(key)
+}
+
+/// 64 bits from the operating system's CSPRNG (passwords, names, tags). An agent's ids are
+/// keyed by [`os_key`]; the `seed` this also fills is then unused.
+///
+/// # Panics
+///
+/// As [`os_key`].
+pub fn os_seed() -> u64 {
+    let key = os_key().0;
+    u64::from_le_bytes([
+        key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7],
+    ])
 }
 
 /// The host's side of a running machine: calls into it, and the end of the run.

@@ -1777,3 +1777,626 @@ async fn hostile_inbox_entries_are_terminated_or_dropped_never_hot_looped() {
     assert!(serving);
     daemon.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 21 item 1: an agent that saw one of Alice's message ids cannot silence her later sends
+// ---------------------------------------------------------------------------------------------
+
+/// The old id generator's algorithm (splitmix64, `entropy.rs` before issue 21), run by an
+/// attacker: from one observed uuid, the generator's state and so every later uuid.
+mod splitmix_attack {
+    const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+    const C1: u64 = 0xBF58_476D_1CE4_E5B9;
+    const C2: u64 = 0x94D0_49BB_1331_11EB;
+
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(C1);
+        z = (z ^ (z >> 27)).wrapping_mul(C2);
+        z ^ (z >> 31)
+    }
+
+    fn inverse(c: u64) -> u64 {
+        let mut x = c;
+        for _ in 0..6 {
+            x = x.wrapping_mul(2u64.wrapping_sub(c.wrapping_mul(x)));
+        }
+        x
+    }
+
+    fn unxorshift(y: u64, k: u32) -> u64 {
+        let mut x = y;
+        let mut s = k;
+        while s < 64 {
+            x ^= y >> s;
+            s += k;
+        }
+        x
+    }
+
+    fn unmix(z: u64) -> u64 {
+        let z = unxorshift(z, 31).wrapping_mul(inverse(C2));
+        let z = unxorshift(z, 27).wrapping_mul(inverse(C1));
+        unxorshift(z, 30)
+    }
+
+    fn uuid(hi: u64, lo: u64) -> String {
+        let hi = (hi & 0xFFFF_FFFF_FFFF_0FFF) | 0x0000_0000_0000_4000;
+        let lo = (lo & 0x3FFF_FFFF_FFFF_FFFF) | 0x8000_0000_0000_0000;
+        format!(
+            "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+            hi >> 32,
+            (hi >> 16) & 0xFFFF,
+            hi & 0xFFFF,
+            lo >> 48,
+            lo & 0xFFFF_FFFF_FFFF
+        )
+    }
+
+    /// The `n` uuids the old generator would make after `seen` (empty if `seen` is not one of
+    /// its outputs).
+    pub fn next_ids(seen: &str, n: usize) -> Vec<String> {
+        let hex: String = seen.chars().filter(|c| *c != '-').collect();
+        let (Ok(hi), Ok(lo)) = (
+            u64::from_str_radix(&hex[..16], 16),
+            u64::from_str_radix(&hex[16..], 16),
+        ) else {
+            return Vec::new();
+        };
+        for nibble in 0..16u64 {
+            let candidate = (hi & !0xF000) | (nibble << 12);
+            let state = unmix(candidate);
+            let next = mix(state.wrapping_add(GAMMA));
+            if next & 0x3FFF_FFFF_FFFF_FFFF == lo & 0x3FFF_FFFF_FFFF_FFFF {
+                let mut s = state.wrapping_add(GAMMA);
+                return (0..n)
+                    .map(|_| {
+                        s = s.wrapping_add(GAMMA);
+                        let hi = mix(s);
+                        s = s.wrapping_add(GAMMA);
+                        uuid(hi, mix(s))
+                    })
+                    .collect();
+            }
+        }
+        Vec::new()
+    }
+
+    #[test]
+    fn the_attack_predicts_the_old_generator() {
+        // The old generator, as it was: splitmix64 outputs, two per uuid.
+        let mut s = 0x1234_5678_9abc_def0u64;
+        let mut draw = || {
+            s = s.wrapping_add(GAMMA);
+            mix(s)
+        };
+        let ids: Vec<String> = (0..4).map(|_| uuid(draw(), draw())).collect();
+        assert_eq!(next_ids(&ids[0], 3), ids[1..]);
+    }
+}
+
+impl Peer {
+    /// A running agent of `config` (connected as its own user).
+    async fn start_config(server: &NatsServer, config: AgentConfig) -> Peer {
+        let name = config.me.id.as_str().to_owned();
+        let conn = connect(&config_of(server, &name)).await.expect("connect");
+        let (exec, inputs) = Executor::start(conn, ExecutorConfig::default());
+        let Runner {
+            handle,
+            events,
+            task,
+        } = Runner::spawn(Agent::new(config).expect("agent"), exec, inputs);
+        let mut p = Peer {
+            handle,
+            events,
+            task,
+            log: Vec::new(),
+            got: Vec::new(),
+        };
+        p.until("connected", |log, _| {
+            log.iter()
+                .any(|e| matches!(e, AgentEvent::Connected { .. }))
+        })
+        .await;
+        p
+    }
+
+    /// The `Sent` of `request` (asserts there is no `SendFailed`): `(id, duplicate)`.
+    async fn sent(&mut self, request: cotal_core::agent::RequestId) -> (String, bool) {
+        self.until("send result", |log, _| {
+            log.iter().any(|e| matches!(e, AgentEvent::Sent { request: r, .. } | AgentEvent::SendFailed { request: r, .. } if *r == request))
+        })
+        .await;
+        self.log
+            .iter()
+            .find_map(|e| match e {
+                AgentEvent::Sent {
+                    request: r,
+                    id,
+                    duplicate,
+                    ..
+                } if *r == request => Some((id.clone(), *duplicate)),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("send {request:?} failed: {:#?}", self.log))
+    }
+}
+
+/// Mallory reads and posts on `general` only (exactly `Permissions::agent`). She reads one of
+/// Alice's message ids there, computes the ids Alice would make next with the old generator's
+/// algorithm, and publishes each of them first with that `Nats-Msg-Id` on the subjects the broker
+/// lets her use: her own chat subject (CHAT), a DM to herself (DM) and a task of her own (TASK).
+/// Alice's agent is keyed as the `cotal` binary keys it (`run::os_key`). Her later post on
+/// `team` (which Mallory cannot read), her DM to Bob and her task are all stored, not answered as
+/// duplicates, and Bob receives the post and the DM. With the old splitmix64 generator the
+/// prediction is exact and all three come back `duplicate: true` with nothing stored.
+#[tokio::test]
+async fn sec_a_seen_message_id_does_not_let_another_agent_silence_later_sends() {
+    let Some(server) = NatsServer::start_with_users(vec![
+        agent_user("alice", &["team", "general"], &["team", "general"]),
+        agent_user("bob", &["team"], &["team"]),
+        agent_user("mallory", &["general"], &["general"]),
+        daemon_user(),
+        admin_user(),
+    ]) else {
+        return;
+    };
+    let admin = server.config_as("admin", "adminpw");
+    let conn = connect(&admin).await.expect("connect admin");
+    let report = provision_space(&conn.client, &space(), Duration::from_secs(5)).await;
+    assert_eq!(report.failed(), 0, "{report:?}");
+    apply_consumer(
+        &conn.client,
+        &ConsumerSpec::dm(&space(), &id("bob")),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("dm consumer");
+
+    let mut bob_config =
+        AgentConfig::new(space(), Sender::new(id("bob"), "bob"), vec![ch("team")], 1);
+    bob_config.durable_backstop = false;
+    bob_config.unicast = true;
+    let mut bob = Peer::start_config(&server, bob_config).await;
+    bob.until("bob on team", |log, _| {
+        log.iter()
+            .any(|e| matches!(e, AgentEvent::Joined { channel, .. } if channel.as_str() == "team"))
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let health = bob.handle.health().await.expect("bob runs");
+        if !health.direct.is_empty() && health.direct.iter().all(|d| d.bound) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "dm_bob not bound");
+        bob.pump(Duration::from_millis(50)).await;
+    }
+
+    // Alice, keyed as the binary keys every agent it runs.
+    let mut alice_config =
+        AgentConfig::new(space(), Sender::new(id("alice"), "alice"), Vec::new(), 0);
+    alice_config.durable_backstop = false;
+    alice_config.id_key = Some(cotal_driver_tokio::run::os_key());
+    let mut alice = Peer::start_config(&server, alice_config).await;
+
+    // Mallory sees one of Alice's ids on `general`.
+    let mallory = Probe::connect(&server, "mallory").await;
+    let mut general = mallory
+        .client
+        .subscribe(subj("chat.*.general"))
+        .await
+        .expect("mallory reads general");
+    mallory.barrier().await;
+    let (request, _) = alice
+        .handle
+        .send_text(ch("general"), "hello".into())
+        .await
+        .expect("send");
+    let (seen, _) = alice.sent(request).await;
+    let msg = tokio::time::timeout(WAIT, general.next())
+        .await
+        .expect("mallory sees the post")
+        .expect("subscription");
+    let body: Value = serde_json::from_slice(&msg.payload).expect("json");
+    assert_eq!(body["id"], json!(seen));
+
+    // She publishes the predicted ids first, on every stream Alice sends to.
+    let predicted = splitmix_attack::next_ids(&seen, 32);
+    let js = async_nats::jetstream::new(mallory.client.clone());
+    for (n, mid) in predicted.iter().enumerate() {
+        for subject in [
+            subj("chat.mallory.general"),
+            subj("inst.mallory.mallory"),
+            subj("svc.worker.mallory"),
+        ] {
+            let body = json!({"id": mid, "ts": 1, "space": SPACE,
+                              "from": {"id": "mallory", "name": "mallory"},
+                              "parts": [{"kind": "text", "text": format!("squat {n}")}]});
+            js.send_publish(
+                subject,
+                async_nats::jetstream::message::PublishMessage::build()
+                    .payload(Bytes::from(body.to_string()))
+                    .message_id(mid.clone()),
+            )
+            .await
+            .expect("mallory publishes")
+            .await
+            .expect("stored");
+        }
+    }
+
+    // Alice's later post on `team`, DM to Bob and task all land.
+    let (post, _) = alice
+        .handle
+        .send_text(ch("team"), "for the team".into())
+        .await
+        .expect("post");
+    let (dm, _) = alice
+        .handle
+        .send_dm_text(id("bob"), "for bob".into())
+        .await
+        .expect("dm");
+    let (task, _) = alice
+        .handle
+        .send_anycast_text(
+            cotal_core::wire::token::Role::new("worker").expect("role"),
+            "work".into(),
+        )
+        .await
+        .expect("task");
+    let (post_id, post_dup) = alice.sent(post).await;
+    let (dm_id, dm_dup) = alice.sent(dm).await;
+    let (task_id, task_dup) = alice.sent(task).await;
+    assert!(
+        !post_dup && !dm_dup && !task_dup,
+        "a send was swallowed as a duplicate of Mallory's publish: post {post_dup}, dm {dm_dup}, \
+         task {task_dup} (predicted {:?})",
+        &predicted[..4]
+    );
+    for mid in [&post_id, &dm_id, &task_id] {
+        assert!(!predicted.contains(mid), "{mid} was predicted");
+    }
+    assert!(
+        !alice
+            .log
+            .iter()
+            .any(|e| matches!(e, AgentEvent::MessageIdCollided { .. })),
+        "{:#?}",
+        alice.log
+    );
+    bob.until("alice's post and DM", |_, got| {
+        got.contains(&post_id) && got.contains(&dm_id)
+    })
+    .await;
+    // The post is in CHAT (durable history), the task in TASK.
+    let js_admin = async_nats::jetstream::new(conn.client.clone());
+    for (stream, subject, mid) in [
+        (format!("CHAT_{SPACE}"), subj("chat.alice.team"), &post_id),
+        (format!("TASK_{SPACE}"), subj("svc.worker.alice"), &task_id),
+    ] {
+        let stored = js_admin
+            .get_stream(&stream)
+            .await
+            .expect("stream")
+            .get_last_raw_message_by_subject(&subject)
+            .await
+            .expect("stored message");
+        let body: Value = serde_json::from_slice(&stored.payload).expect("json");
+        assert_eq!(&body["id"], &json!(mid), "{stream}");
+    }
+    alice.stop().await;
+    bob.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 21 item 3: a rollup on one's own presence key cannot purge everyone's presence
+// ---------------------------------------------------------------------------------------------
+
+/// Mallory publishes `Nats-Rollup: all` on her own presence key (the only presence subject her
+/// grant allows). On a presence bucket as the reference and the old `cotal up` made it (rollups
+/// allowed) this deletes Alice's record. `cotal up` (`provision_space`) then updates the bucket in
+/// place; the same publish is refused, Alice's record stays, and what agents do on their own key
+/// — a put, a KV delete marker — still works.
+#[tokio::test]
+async fn sec_a_rollup_on_ones_own_presence_key_cannot_purge_others_after_cotal_up() {
+    use cotal_core::wire::config::KvBucketSpec;
+    let Some(server) = NatsServer::start_with_users(vec![
+        agent_user("alice", &["general"], &["general"]),
+        agent_user("mallory", &["general"], &["general"]),
+        daemon_user(),
+        admin_user(),
+    ]) else {
+        return;
+    };
+    let admin = connect(&server.config_as("admin", "adminpw"))
+        .await
+        .expect("connect admin");
+    let bucket = KvBucket::Presence.name(&space());
+    // The presence bucket of a space provisioned before the fix.
+    let mut old = KvBucketSpec::for_space(&space(), KvBucket::Presence).stream();
+    old.allow_rollup_hdrs = Some(true);
+    cotal_driver_tokio::provision::apply_stream(&admin.client, &old, Duration::from_secs(5))
+        .await
+        .expect("old presence bucket");
+    let alice = Probe::connect(&server, "alice").await;
+    let mallory = Probe::connect(&server, "mallory").await;
+    let kv = async_nats::jetstream::new(admin.client.clone())
+        .get_key_value(&bucket)
+        .await
+        .expect("bucket");
+    let put_own = |p: &Probe| {
+        let js = async_nats::jetstream::new(p.client.clone());
+        let subject = format!("$KV.{bucket}.{}", p.user);
+        async move {
+            js.publish(subject, Bytes::from_static(b"{\"status\":\"online\"}"))
+                .await
+                .expect("publish")
+                .await
+                .expect("own presence stored");
+        }
+    };
+    let rollup_all = |p: &Probe| {
+        let js = async_nats::jetstream::new(p.client.clone());
+        let subject = format!("$KV.{bucket}.{}", p.user);
+        async move {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Rollup", "all");
+            js.publish_with_headers(subject, headers, Bytes::from_static(b"{}"))
+                .await
+                .expect("publish")
+                .await
+        }
+    };
+
+    // Before: the rollup purges Alice's record.
+    put_own(&alice).await;
+    put_own(&mallory).await;
+    assert!(kv.entry("alice").await.expect("entry").is_some());
+    rollup_all(&mallory).await.expect("rollup accepted before");
+    assert!(
+        kv.entry("alice").await.expect("entry").is_none(),
+        "the rollup did not purge alice before the fix"
+    );
+
+    // `cotal up` migrates the bucket in place.
+    let report = provision_space(&admin.client, &space(), Duration::from_secs(5)).await;
+    assert_eq!(report.failed(), 0, "{report:?}");
+    let presence = report
+        .objects
+        .iter()
+        .find(|o| o.name == bucket)
+        .expect("presence in the report");
+    assert_eq!(
+        presence.result,
+        Ok(cotal_driver_tokio::provision::Applied::Updated),
+        "{report:?}"
+    );
+    let again = provision_space(&admin.client, &space(), Duration::from_secs(5)).await;
+    assert_eq!(again.updated(), 0, "{again:?}");
+
+    // After: refused, and Alice's record stays.
+    put_own(&alice).await;
+    let refused = rollup_all(&mallory).await;
+    assert!(
+        refused.is_err(),
+        "rollup accepted after cotal up: {refused:?}"
+    );
+    let entry = kv.entry("alice").await.expect("entry").expect("alice kept");
+    assert_eq!(entry.operation, async_nats::jetstream::kv::Operation::Put);
+    // What an agent does on its own key still works: a put and a delete marker.
+    put_own(&mallory).await;
+    async_nats::jetstream::new(mallory.client.clone())
+        .get_key_value(&bucket)
+        .await
+        .expect("mallory binds the bucket")
+        .delete("mallory")
+        .await
+        .expect("a delete marker needs no rollup");
+    assert!(kv.entry("alice").await.expect("entry").is_some());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Issue 21 item 4: consumers an agent creates on the presence and channels buckets do not outlive
+// their use
+// ---------------------------------------------------------------------------------------------
+
+/// A `CONSUMER.CREATE` as `client`, in the named form (`.<name>.<filter>`) every KV watch uses;
+/// `durable` sets `durable_name`, `inactive` the threshold asked (nanoseconds).
+async fn create_consumer(
+    client: &Client,
+    stream: &str,
+    name: &str,
+    durable: bool,
+    inactive: Option<u64>,
+) -> Value {
+    let filter = format!("$KV.{}.>", stream.trim_start_matches("KV_"));
+    let mut config = json!({"name": name, "ack_policy": "none", "deliver_policy": "all",
+                            "filter_subject": filter});
+    if durable {
+        config["durable_name"] = json!(name);
+    }
+    if let Some(ns) = inactive {
+        config["inactive_threshold"] = json!(ns);
+    }
+    let body = json!({"stream_name": stream, "config": config, "action": "create"});
+    let reply = tokio::time::timeout(
+        WAIT,
+        client.request(
+            format!("$JS.API.CONSUMER.CREATE.{stream}.{name}.{filter}"),
+            Bytes::from(body.to_string()),
+        ),
+    )
+    .await
+    .expect("in time")
+    .expect("reply");
+    serde_json::from_slice(&reply.payload).expect("json")
+}
+
+/// Mallory (read/post on `general`, `Permissions::agent`) creates durable consumers on the
+/// presence and channels buckets. On buckets as the old `cotal up` made them a durable has no
+/// inactivity limit: it stays forever. `cotal up` deletes it (the server's limit does not reach
+/// consumers made before it), and afterwards every stream of the two buckets carries
+/// `consumer_limits.inactive_threshold` = 5 min: her durables are created with that threshold
+/// (the server deletes them once unused), one asking a longer one is refused, and the server
+/// does delete an unused durable (shown on a bucket stream limited to 1 s). The watches agents
+/// need still work under the same grant: async-nats's KV watch, and the reference's exact
+/// ordered-consumer request from the wire fixtures (inactive_threshold 5 min).
+#[tokio::test]
+async fn sec_consumers_an_agent_creates_on_watched_buckets_do_not_outlive_their_use() {
+    use cotal_core::wire::config::{KvBucketSpec, WATCH_CONSUMER_INACTIVE_LIMIT};
+    use cotal_driver_tokio::provision::{Applied, apply_stream};
+    let Some(server) = NatsServer::start_with_users(vec![
+        agent_user("alice", &["general"], &["general"]),
+        agent_user("mallory", &["general"], &["general"]),
+        daemon_user(),
+        admin_user(),
+    ]) else {
+        return;
+    };
+    let admin = connect(&server.config_as("admin", "adminpw"))
+        .await
+        .expect("connect admin");
+    let t = Duration::from_secs(5);
+    let watched = [KvBucket::Presence, KvBucket::Channels];
+    // The two buckets as a space provisioned before the fix holds them.
+    for b in watched {
+        let mut old = KvBucketSpec::for_space(&space(), b).stream();
+        old.consumer_inactive_limit = None;
+        apply_stream(&admin.client, &old, t)
+            .await
+            .expect("old bucket");
+    }
+    let mallory = Probe::connect(&server, "mallory").await;
+    let limit_ns = WATCH_CONSUMER_INACTIVE_LIMIT.as_millis() * 1_000_000;
+    for b in watched {
+        let stream = b.stream_name(&space());
+        let r = create_consumer(&mallory.client, &stream, "squat0", true, None).await;
+        assert_eq!(r["config"]["durable_name"], json!("squat0"), "{r}");
+        assert!(
+            r["config"].get("inactive_threshold").is_none(),
+            "before the fix a durable lives forever: {r}"
+        );
+    }
+
+    let report = provision_space(&admin.client, &space(), t).await;
+    assert_eq!(report.failed(), 0, "{report:?}");
+    for b in watched {
+        let name = b.name(&space());
+        let o = report
+            .objects
+            .iter()
+            .find(|o| o.name == name)
+            .expect("in report");
+        assert_eq!(o.result, Ok(Applied::Updated), "{report:?}");
+        // The durable made before the limit (which the server does not apply to it) is gone.
+        let left = async_nats::jetstream::new(admin.client.clone())
+            .get_stream(b.stream_name(&space()))
+            .await
+            .expect("stream")
+            .consumer_info("squat0")
+            .await;
+        assert!(left.is_err(), "squat0 survived cotal up: {left:?}");
+    }
+    let again = provision_space(&admin.client, &space(), t).await;
+    assert_eq!(again.updated(), 0, "{again:?}");
+
+    for b in watched {
+        let stream = b.stream_name(&space());
+        // A durable asking nothing gets the limit: the server deletes it once unused.
+        let r = create_consumer(&mallory.client, &stream, "squat1", true, None).await;
+        assert_eq!(r["config"]["durable_name"], json!("squat1"), "{r}");
+        assert_eq!(r["config"]["inactive_threshold"], json!(limit_ns), "{r}");
+        // One asking to live longer is refused.
+        let r = create_consumer(
+            &mallory.client,
+            &stream,
+            "squat2",
+            true,
+            Some(86_400_000_000_000),
+        )
+        .await;
+        assert_eq!(r["error"]["err_code"], json!(10153), "{r}");
+        // The reference's own watch request (wire fixture), under an agent's grant.
+        let filter = format!("$KV.{}.>", b.name(&space()));
+        let body = json!({"config": {"deliver_policy": "last_per_subject", "ack_policy": "none",
+            "filter_subject": filter, "flow_control": true, "idle_heartbeat": 30_000_000_000u64,
+            "headers_only": false, "name": "oc_ref_1", "inactive_threshold": 300_000_000_000u64,
+            "num_replicas": 1, "max_deliver": 1,
+            "deliver_subject": format!("{}.ref", id("alice").inbox_prefix())},
+            "stream_name": stream, "action": "create", "pedantic": false});
+        let alice = Probe::connect(&server, "alice").await;
+        let reply = alice
+            .client
+            .request(
+                format!("$JS.API.CONSUMER.CREATE.{stream}.oc_ref_1.{filter}"),
+                Bytes::from(body.to_string()),
+            )
+            .await
+            .expect("reply");
+        let r: Value = serde_json::from_slice(&reply.payload).expect("json");
+        assert!(
+            r.get("error").is_none(),
+            "the reference's watch is refused: {r}"
+        );
+    }
+
+    // Our own watch (the executor's named ordered consumer) under an agent's grant sees a put.
+    let alice = Probe::connect(&server, "alice").await;
+    let js = async_nats::jetstream::new(alice.client.clone());
+    let bucket = KvBucket::Presence.name(&space());
+    let stream = js
+        .get_stream_no_info(format!("KV_{bucket}"))
+        .await
+        .expect("presence stream");
+    let watch = stream
+        .create_consumer(async_nats::jetstream::consumer::push::OrderedConfig {
+            name: Some("watch_alice_test".to_owned()),
+            deliver_subject: alice.client.new_inbox(),
+            filter_subject: format!("$KV.{bucket}.>"),
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await
+        .expect("watch under the agent grant");
+    let mut changes = watch.messages().await.expect("watch messages");
+    js.publish(format!("$KV.{bucket}.alice"), Bytes::from_static(b"{}"))
+        .await
+        .expect("publish")
+        .await
+        .expect("own put");
+    let change = tokio::time::timeout(WAIT, changes.next())
+        .await
+        .expect("a change in time")
+        .expect("watch open")
+        .expect("message");
+    assert_eq!(change.subject.as_str(), format!("$KV.{bucket}.alice"));
+
+    // The server deletes an unused durable once the limit passes (a bucket stream limited to
+    // 1 s, so the test need not wait 5 minutes).
+    let mut short =
+        KvBucketSpec::for_space(&Space::new("reap").expect("space"), KvBucket::Presence).stream();
+    short.consumer_inactive_limit = Some(cotal_core::time::Duration::from_millis(1_000));
+    apply_stream(&admin.client, &short, t)
+        .await
+        .expect("short stream");
+    let r = create_consumer(&admin.client, &short.name, "gone", true, None).await;
+    assert_eq!(
+        r["config"]["inactive_threshold"],
+        json!(1_000_000_000u64),
+        "{r}"
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let info = async_nats::jetstream::new(admin.client.clone())
+            .get_stream(&short.name)
+            .await
+            .expect("stream")
+            .consumer_info("gone")
+            .await;
+        if info.is_err() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "durable not reaped");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

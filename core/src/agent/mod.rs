@@ -96,7 +96,7 @@ use crate::constants::{
     DEFAULT_HEARTBEAT, DURABLE_JOIN_TIMEOUT, HISTORY_FETCH_MAX_BATCH, MEMBERSHIP_AUDIT_INTERVAL,
     REQUEST_DELIVERY_TIMEOUT, backoff,
 };
-use crate::entropy::IdGen;
+use crate::entropy::{IdGen, IdKey};
 use crate::io::{
     AckKind, Command, Completion, Connection, Inbound, Input, KvCondition, KvOperation, Machine,
     ReadStart, Reply, StoredMessage, SubId, SubIds,
@@ -162,9 +162,14 @@ pub struct AgentConfig {
     pub heartbeat: Option<Duration>,
     /// The receiver ledger's bounds.
     pub ledger: LedgerConfig,
-    /// Seed of the agent's uuids (reply subjects, message ids). The host seeds it from the OS;
-    /// tests and the simulator from their run seed.
+    /// Seed of the agent's uuids (reply subjects, message ids) when [`AgentConfig::id_key`] is
+    /// `None`: reproducible, for the simulator and tests only.
     pub seed: u64,
+    /// 256 bits from the OS that key the agent's id generator (`entropy::IdGen::from_key`):
+    /// message ids are the `Nats-Msg-Id` of their publishes, and a predictable one lets another
+    /// agent publish it first and make ours vanish in the stream's duplicate window. Every host
+    /// on a shared broker sets it (the tokio driver's `run::os_key`); when set, `seed` is unused.
+    pub id_key: Option<IdKey>,
     /// Test-only: restores the reference behaviour of gap G10 so the simulator can prove the
     /// oracle sees it. A leave then resolves the class from a stale cache that reads `live` and
     /// skips the tombstone even when a membership is known: the agent unsubscribes, the
@@ -192,6 +197,7 @@ impl AgentConfig {
             heartbeat: Some(DEFAULT_HEARTBEAT),
             ledger: LedgerConfig::default(),
             seed,
+            id_key: None,
             reference_gap_g10: false,
             membership_audit: Some(MEMBERSHIP_AUDIT_INTERVAL),
         }
@@ -426,7 +432,16 @@ pub struct AgentCounters {
     pub memberships_lost: u64,
     /// Open memberships of channels this life does not join ([`AgentEvent::MembershipOrphaned`]).
     pub memberships_orphaned: u64,
+    /// Fresh sends the stream answered `duplicate: true` (another publish already held the new
+    /// id); each was republished under a new id ([`AgentEvent::MessageIdCollided`]).
+    pub message_id_collisions: u64,
 }
+
+/// How many times a fresh send is republished under a new id after a `duplicate: true` PubAck
+/// before it fails ([`AgentEvent::SendFailed`], not unknown). With unguessable ids one collision
+/// is already an anomaly (someone published an id of ours first); several mean the ids are being
+/// raced, and retrying forever would only feed the attacker.
+pub const MAX_ID_COLLISIONS: u32 = 3;
 
 /// One direct consumer (`dm_<id>` or `svc_<role>`) in [`AgentHealth`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -626,15 +641,30 @@ pub enum AgentEvent {
         /// The channel.
         channel: ConcreteChannel,
     },
+    /// The stream answered the first publish of a fresh send with `duplicate: true`: a message
+    /// with our new id was already in its duplicate window (an id published ahead of us), so
+    /// ours was not stored. The send goes on under the id `new`; its `Sent` or `SendFailed`
+    /// carries the final id. A resend with a caller-chosen id (`send_with_id` and friends, after
+    /// an unknown outcome) is not fresh: there `duplicate: true` means our own first attempt was
+    /// stored, and it is a success. Counted in [`AgentCounters::message_id_collisions`].
+    MessageIdCollided {
+        /// The application's request.
+        request: RequestId,
+        /// The id the stream already held.
+        old: String,
+        /// The id the send is republished under.
+        new: String,
+    },
     /// A send was stored by the stream.
     Sent {
         /// The application's request.
         request: RequestId,
-        /// The message id.
+        /// The message id: the one the send returned, or the last `new` of a
+        /// [`AgentEvent::MessageIdCollided`].
         id: String,
         /// Its stream sequence (CHAT for a post, DM for a unicast, TASK for an anycast).
         seq: u64,
-        /// The stream had it already (a resend).
+        /// The stream had it already (only for a resend with a caller-chosen id).
         duplicate: bool,
     },
     /// A send failed, or its outcome is unknown (`unknown`: resend with the same id, the
@@ -740,7 +770,18 @@ enum Pending {
     Send {
         request: RequestId,
         id: String,
+        /// For a send whose id we drew (not a caller-chosen resend): what to republish under a
+        /// new id if the stream answers `duplicate: true`.
+        fresh: Option<Box<FreshSend>>,
     },
+}
+
+/// A fresh send kept until its PubAck, to republish under a new id on an id collision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FreshSend {
+    subject: String,
+    msg: CotalMessage,
+    collisions: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -877,7 +918,10 @@ impl Agent {
         }
         Ok(Agent {
             direct,
-            ids: IdGen::from_seed(config.seed),
+            ids: match config.id_key {
+                Some(key) => IdGen::from_key(key),
+                None => IdGen::from_seed(config.seed),
+            },
             config,
             ops: OpIds::new(),
             subs: SubIds::new(),
@@ -1002,7 +1046,7 @@ impl Agent {
         mentions: &[String],
     ) -> Result<(RequestId, String), AgentError> {
         let id = self.ids.uuid();
-        let request = self.send_with_id(now, channel, parts, mentions, id.clone())?;
+        let request = self.send_channel(now, channel, parts, mentions, id.clone(), true)?;
         Ok((request, id))
     }
 
@@ -1019,6 +1063,19 @@ impl Agent {
         mentions: &[String],
         id: String,
     ) -> Result<RequestId, AgentError> {
+        self.send_channel(now, channel, parts, mentions, id, false)
+    }
+
+    /// [`Agent::send_with_id`]; `fresh` when the id was drawn here (see [`FreshSend`]).
+    fn send_channel(
+        &mut self,
+        now: Now,
+        channel: &Channel,
+        parts: Vec<Part>,
+        mentions: &[String],
+        id: String,
+        fresh: bool,
+    ) -> Result<RequestId, AgentError> {
         if self.stopped {
             return Err(AgentError::Stopped);
         }
@@ -1029,7 +1086,7 @@ impl Agent {
             return Err(AgentError::NotConcrete(channel.clone()));
         };
         let mentions = normalize_mentions(mentions.iter().map(String::as_str));
-        Ok(self.publish(now, Route::Channel(concrete), parts, mentions, id))
+        Ok(self.publish(now, Route::Channel(concrete), parts, mentions, id, fresh))
     }
 
     /// Unicasts `parts` to the instance `to` on `cotal.<s>.inst.<to>.<me>` (captured by
@@ -1049,7 +1106,15 @@ impl Agent {
         parts: Vec<Part>,
     ) -> Result<(RequestId, String), AgentError> {
         let id = self.ids.uuid();
-        let request = self.send_dm_with_id(now, to, parts, id.clone())?;
+        self.check_connected()?;
+        let request = self.publish(
+            now,
+            Route::To(to.clone()),
+            parts,
+            Vec::new(),
+            id.clone(),
+            true,
+        );
         Ok((request, id))
     }
 
@@ -1067,7 +1132,7 @@ impl Agent {
         id: String,
     ) -> Result<RequestId, AgentError> {
         self.check_connected()?;
-        Ok(self.publish(now, Route::To(to.clone()), parts, Vec::new(), id))
+        Ok(self.publish(now, Route::To(to.clone()), parts, Vec::new(), id, false))
     }
 
     /// Anycasts `parts` to `role` on `cotal.<s>.svc.<role>.<me>` (captured by the work queue
@@ -1085,7 +1150,9 @@ impl Agent {
         parts: Vec<Part>,
     ) -> Result<(RequestId, String), AgentError> {
         let id = self.ids.uuid();
-        let request = self.send_anycast_with_id(now, role, parts, id.clone())?;
+        self.check_connected()?;
+        let route = Route::ToService(role.clone());
+        let request = self.publish(now, route, parts, Vec::new(), id.clone(), true);
         Ok((request, id))
     }
 
@@ -1102,11 +1169,13 @@ impl Agent {
         id: String,
     ) -> Result<RequestId, AgentError> {
         self.check_connected()?;
-        Ok(self.publish(now, Route::ToService(role.clone()), parts, Vec::new(), id))
+        let route = Route::ToService(role.clone());
+        Ok(self.publish(now, route, parts, Vec::new(), id, false))
     }
 
     /// Publishes one message through JetStream with `Nats-Msg-Id` = its id, on the subject its
-    /// one route names (SPEC §12 items 2–4: our own sender token, one routing field).
+    /// one route names (SPEC §12 items 2–4: our own sender token, one routing field). `fresh`:
+    /// the id was drawn here, so `duplicate: true` is a collision ([`FreshSend`]).
     fn publish(
         &mut self,
         now: Now,
@@ -1114,6 +1183,7 @@ impl Agent {
         parts: Vec<Part>,
         mentions: Vec<String>,
         id: String,
+        fresh: bool,
     ) -> RequestId {
         let space = self.config.space.clone();
         let sender = self.config.me.id.clone();
@@ -1144,18 +1214,67 @@ impl Agent {
         );
         msg.mentions = mentions;
         let request = self.next_request_id();
+        let subject = subject.to_string();
+        let fresh = fresh.then(|| {
+            Box::new(FreshSend {
+                subject: subject.clone(),
+                msg: msg.clone(),
+                collisions: 0,
+            })
+        });
+        self.publish_message(request, subject, msg, fresh);
+        request
+    }
+
+    /// Sends the `JsPublish` of `msg` (its id is the `Nats-Msg-Id`) for `request`.
+    fn publish_message(
+        &mut self,
+        request: RequestId,
+        subject: String,
+        msg: CotalMessage,
+        fresh: Option<Box<FreshSend>>,
+    ) {
+        let payload = json::encode(&msg);
         let op = self.op(Pending::Send {
             request,
-            id: id.clone(),
+            id: msg.id.clone(),
+            fresh,
         });
         self.commands.push_back(Command::JsPublish {
             op,
-            subject: subject.to_string(),
-            msg_id: Some(id),
+            subject,
+            msg_id: Some(msg.id),
             headers: Vec::new(),
-            payload: json::encode(&msg),
+            payload,
         });
-        request
+    }
+
+    /// A fresh send answered `duplicate: true`: republish under a new id (bounded).
+    fn on_id_collision(&mut self, request: RequestId, old: String, mut fresh: Box<FreshSend>) {
+        bump(&mut self.counters.message_id_collisions);
+        fresh.collisions += 1;
+        if fresh.collisions > MAX_ID_COLLISIONS {
+            self.events.push_back(AgentEvent::SendFailed {
+                request,
+                id: old,
+                error: format!(
+                    "message id collided {MAX_ID_COLLISIONS} times: ids published ahead of ours"
+                ),
+                unknown: false,
+            });
+            return;
+        }
+        let new = self.ids.uuid();
+        self.events.push_back(AgentEvent::MessageIdCollided {
+            request,
+            old,
+            new: new.clone(),
+        });
+        let mut msg = fresh.msg.clone();
+        msg.id = new;
+        fresh.msg = msg.clone();
+        let subject = fresh.subject.clone();
+        self.publish_message(request, subject, msg, Some(fresh));
     }
 
     /// Takes up to `limit` queued messages, oldest first. Report each with [`Agent::handled`]
@@ -3179,7 +3298,12 @@ impl Agent {
                     bump(&mut self.counters.settles_unconfirmed);
                 }
             }
-            Pending::Send { request, id } => match outcome {
+            Pending::Send { request, id, fresh } => match outcome {
+                Outcome::Success(Reply::PubAck(ack)) if ack.duplicate && fresh.is_some() => {
+                    if let Some(fresh) = fresh {
+                        self.on_id_collision(request, id, fresh);
+                    }
+                }
                 Outcome::Success(Reply::PubAck(ack)) => self.events.push_back(AgentEvent::Sent {
                     request,
                     id,

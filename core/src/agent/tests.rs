@@ -2645,3 +2645,168 @@ fn a_mirror_set_while_the_audit_was_in_flight_is_not_judged_from_it() {
         BackstopState::Established { generation: 1 }
     ));
 }
+
+/// Answers every held publish with a PubAck; `duplicate` as given. Returns their msg-ids and
+/// records each in `w.published`.
+fn ack_held(w: &mut World, duplicate: bool) -> Vec<String> {
+    let held = std::mem::take(&mut w.held);
+    let mut ids = Vec::new();
+    for c in held {
+        if let Command::JsPublish {
+            op,
+            subject,
+            msg_id,
+            payload,
+            ..
+        } = c
+        {
+            ids.push(msg_id.clone().unwrap_or_default());
+            w.published.push((subject, msg_id, payload));
+            w.input(Input::Completed(Completion::success(
+                op,
+                Reply::PubAck(PubAck {
+                    stream: "CHAT_main".into(),
+                    seq: 7,
+                    duplicate,
+                }),
+            )));
+        }
+    }
+    ids
+}
+
+fn drain_events(w: &mut World) -> Vec<AgentEvent> {
+    std::iter::from_fn(|| w.agent.poll_event()).collect()
+}
+
+/// Issue 21 item 1: `duplicate: true` on the first publish of a fresh id means someone published
+/// that id first; the send is republished under a new id (event, counter) and its `Sent`
+/// carries the final id. For a post, a DM and a task alike.
+#[test]
+fn a_fresh_send_answered_duplicate_is_republished_under_a_new_id() {
+    for kind in ["post", "dm", "task"] {
+        let mut w = World::new(&["general"]);
+        w.connect();
+        w.hold = Some(|c| matches!(c, Command::JsPublish { .. }));
+        let (request, first) = match kind {
+            "post" => w
+                .agent
+                .send(w.now, &ch("general"), vec![Part::text("hi")], &[])
+                .unwrap(),
+            "dm" => w
+                .agent
+                .send_dm(w.now, &AgentId::new("bob").unwrap(), vec![Part::text("hi")])
+                .unwrap(),
+            _ => w
+                .agent
+                .send_anycast(w.now, &Role::new("worker").unwrap(), vec![Part::text("hi")])
+                .unwrap(),
+        };
+        w.run();
+        let _ = drain_events(&mut w);
+        assert_eq!(ack_held(&mut w, true), vec![first.clone()], "{kind}");
+        // Republished: a new id, in the msg-id and in the body, on the same subject.
+        let (subject, _, _) = w.published[0].clone();
+        let Some(Command::JsPublish {
+            subject: subject2,
+            msg_id: msg_id2,
+            payload: payload2,
+            ..
+        }) = w.held.first().cloned()
+        else {
+            panic!("{kind}: no republish: {}", w.log)
+        };
+        let second = msg_id2.unwrap();
+        assert_ne!(second, first, "{kind}");
+        assert_eq!(subject2, subject, "{kind}");
+        let body: serde_json::Value = serde_json::from_slice(&payload2).unwrap();
+        assert_eq!(body["id"], serde_json::json!(second), "{kind}");
+        assert!(
+            w.log.contains(&format!(
+                "MessageIdCollided {{ request: {request:?}, old: {first:?}, new: {second:?} }}"
+            )),
+            "{kind}: {}",
+            w.log
+        );
+        assert_eq!(w.agent.health().counters.message_id_collisions, 1);
+        assert!(!w.log.contains("Sent {"), "{kind}: no Sent yet");
+        assert_eq!(ack_held(&mut w, false), vec![second.clone()]);
+        assert!(
+            w.log.contains(&format!(
+                "Sent {{ request: {request:?}, id: {second:?}, seq: 7, duplicate: false }}"
+            )),
+            "{kind}: {}",
+            w.log
+        );
+    }
+}
+
+/// A resend with a caller-chosen id (after an unknown outcome) is not fresh: `duplicate: true`
+/// means our first attempt was stored, and it is a success, not a collision.
+#[test]
+fn a_resend_with_the_same_id_answered_duplicate_is_a_success() {
+    let mut w = World::new(&["general"]);
+    w.connect();
+    w.hold = Some(|c| matches!(c, Command::JsPublish { .. }));
+    let request = w
+        .agent
+        .send_with_id(
+            w.now,
+            &ch("general"),
+            vec![Part::text("hi")],
+            &[],
+            "id-1".into(),
+        )
+        .unwrap();
+    let dm = w
+        .agent
+        .send_dm_with_id(w.now, &AgentId::new("bob").unwrap(), vec![], "id-2".into())
+        .unwrap();
+    w.run();
+    assert_eq!(ack_held(&mut w, true), vec!["id-1", "id-2"]);
+    for (r, id) in [(request, "id-1"), (dm, "id-2")] {
+        assert!(
+            w.log.contains(&format!(
+                "Sent {{ request: {r:?}, id: {id:?}, seq: 7, duplicate: true }}"
+            )),
+            "{}",
+            w.log
+        );
+    }
+    assert!(!w.log.contains("MessageIdCollided"));
+    assert_eq!(w.agent.health().counters.message_id_collisions, 0);
+    assert_eq!(w.published.len(), 2);
+}
+
+/// Collisions are retried at most `MAX_ID_COLLISIONS` times; then the send fails, typed (not
+/// unknown), with the last id.
+#[test]
+fn repeated_id_collisions_end_in_a_typed_failure() {
+    let mut w = World::new(&["general"]);
+    w.connect();
+    w.hold = Some(|c| matches!(c, Command::JsPublish { .. }));
+    let (request, _) = w
+        .agent
+        .send(w.now, &ch("general"), vec![Part::text("hi")], &[])
+        .unwrap();
+    w.run();
+    let mut ids = Vec::new();
+    for _ in 0..=MAX_ID_COLLISIONS {
+        ids.extend(ack_held(&mut w, true));
+    }
+    assert_eq!(ids.len(), MAX_ID_COLLISIONS as usize + 1);
+    assert!(w.held.is_empty(), "no further publish");
+    let last = ids.last().unwrap();
+    assert!(
+        w.log
+            .contains(&format!("SendFailed {{ request: {request:?}, id: {last:?}")),
+        "{}",
+        w.log
+    );
+    assert!(w.log.contains("unknown: false"), "{}", w.log);
+    assert!(!w.log.contains("Sent {"));
+    assert_eq!(
+        w.agent.health().counters.message_id_collisions,
+        u64::from(MAX_ID_COLLISIONS) + 1
+    );
+}

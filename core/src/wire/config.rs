@@ -30,6 +30,11 @@ use crate::constants::{
     MAX_MSGS_PER_SUBJECT, PLANE3_DEDUP_WINDOW, PRESENCE_TTL,
 };
 use crate::wire::keys::{KvBucket, kv_stream_name};
+
+/// `consumer_limits.inactive_threshold` of the presence and channels KV streams: 5 min, the
+/// `inactive_threshold` the reference's nats.js ordered consumer asks for its KV watch (the
+/// server refuses a consumer asking more than the limit; async-nats asks 30 s).
+pub const WATCH_CONSUMER_INACTIVE_LIMIT: Duration = Duration::from_millis(300_000);
 use crate::wire::shard::{fanout_durable, reader_durable};
 use crate::wire::subject::{
     anycast_role_pattern, chat_subscribe_pattern, chat_wildcard, dinbox_wildcard,
@@ -304,6 +309,11 @@ pub struct StreamSpec {
     pub allow_direct: Option<bool>,
     /// `allow_rollup_hdrs` (server default false).
     pub allow_rollup_hdrs: Option<bool>,
+    /// `consumer_limits.inactive_threshold` (server default none): every consumer of the
+    /// stream, durable or not, is deleted by the server once inactive this long, and a consumer
+    /// asking for a longer threshold is refused (err 10153). See
+    /// [`KvBucketSpec::consumer_inactive_limit`].
+    pub consumer_inactive_limit: Option<Duration>,
     /// `num_replicas` (server default 1).
     pub num_replicas: Option<u32>,
 }
@@ -324,6 +334,7 @@ impl StreamSpec {
             max_age: None,
             allow_direct: None,
             allow_rollup_hdrs: None,
+            consumer_inactive_limit: None,
             num_replicas: None,
         }
     }
@@ -394,6 +405,12 @@ impl StreamSpec {
                 c.insert(key.into(), Value::from(v));
             }
         }
+        if let Some(d) = self.consumer_inactive_limit {
+            c.insert(
+                "consumer_limits".into(),
+                json!({ "inactive_threshold": nanos(d) }),
+            );
+        }
         if let Some(n) = self.num_replicas {
             c.insert("num_replicas".into(), Value::from(n));
         }
@@ -456,6 +473,9 @@ impl KvBucketSpec {
     /// `max_bytes`/`max_msg_size` −1, discard new, `allow_direct`, `allow_rollup_hdrs`, one
     /// replica, and `max_age` = TTL when set. `deny_delete`/`deny_purge` stay at the server
     /// default (false), which is what the reference's buckets hold.
+    ///
+    /// One deliberate difference: the presence bucket refuses rollup headers
+    /// ([`KvBucketSpec::allows_rollup`]).
     pub fn stream(&self) -> StreamSpec {
         StreamSpec {
             name: kv_stream_name(&self.bucket),
@@ -469,9 +489,42 @@ impl KvBucketSpec {
             duplicate_window: None,
             max_age: self.ttl,
             allow_direct: Some(true),
-            allow_rollup_hdrs: Some(true),
+            allow_rollup_hdrs: Some(self.allows_rollup()),
+            consumer_inactive_limit: self.consumer_inactive_limit(),
             num_replicas: Some(1),
         }
+    }
+
+    /// Whether the bucket's stream admits `Nats-Rollup` headers: every bucket but presence, as
+    /// the reference's nats.js buckets do (issue 21 item 3).
+    ///
+    /// Every agent may write its own presence key, and a publish grant cannot restrict headers:
+    /// with rollups allowed, one `Nats-Rollup: all` on one's own key deletes every other agent's
+    /// presence record. No Cotal agent (ours or the reference's) purges a presence key — they
+    /// put, and the TTL expires — and a KV delete is a `KV-Operation: DEL` marker without a
+    /// rollup, which still works; only `purge` (a `Nats-Rollup: sub`) is refused. The other
+    /// buckets are written only by the daemon and the operator, who keep the reference's setting.
+    pub fn allows_rollup(&self) -> bool {
+        !self.bucket.starts_with(KvBucket::Presence.prefix())
+    }
+
+    /// The bound on the inactivity of every consumer of the bucket's stream
+    /// ([`WATCH_CONSUMER_INACTIVE_LIMIT`]) for the two buckets agents may create consumers on to
+    /// watch them, presence and channels; `None` for the others (issue 21 item 4).
+    ///
+    /// An agent's grant must admit `CONSUMER.CREATE.<stream>.<name>.<filter>`, the form both
+    /// async-nats's and nats.js's KV watch use, and that form also creates durables (the body
+    /// decides; nats-server 2.15 refuses a durable only on the bare `CONSUMER.CREATE.<stream>`
+    /// form, which no watch uses). A stream-wide inactive limit is what the broker can enforce:
+    /// any consumer an agent creates there — durable included — is deleted once nothing consumes
+    /// from it, so none outlives its creator's use of it. Their number is bounded by the stream's
+    /// consumer cap (the server's 1,000 default; sizing it for larger spaces is issue 22).
+    pub fn consumer_inactive_limit(&self) -> Option<Duration> {
+        let watched = [KvBucket::Presence, KvBucket::Channels];
+        watched
+            .iter()
+            .any(|b| self.bucket.starts_with(b.prefix()))
+            .then_some(WATCH_CONSUMER_INACTIVE_LIMIT)
     }
 
     /// The KV put subject of `key`: `$KV.<bucket>.<key>`.

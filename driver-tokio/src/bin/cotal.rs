@@ -535,6 +535,7 @@ async fn apply_agent(
             match applied {
                 cotal_driver_tokio::provision::Applied::Created => "created",
                 cotal_driver_tokio::provision::Applied::Unchanged => "unchanged",
+                cotal_driver_tokio::provision::Applied::Updated => "updated",
             }
         ));
     }

@@ -41,7 +41,7 @@ use cotal_core::wire::token::{AgentId, Channel, ConcreteChannel, Space};
 use cotal_driver_tokio::connect::{ConnectConfig, NatsConnection, connect};
 use cotal_driver_tokio::exec::{Executor, ExecutorConfig};
 use cotal_driver_tokio::provision::{apply_consumer, provision_space};
-use cotal_driver_tokio::run::{MachineHandle, Runner, os_seed, wall_clock};
+use cotal_driver_tokio::run::{MachineHandle, Runner, os_key, os_seed, wall_clock};
 use serde_json::{Value, json};
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -472,6 +472,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
             vec![channel.clone()],
             os_seed() ^ (i as u64),
         );
+        config.id_key = Some(os_key());
         config.durable_backstop = true;
         config.create_dlv_consumer = false;
         members.push(
@@ -543,6 +544,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
             Vec::new(),
             os_seed() ^ (0x5e4d << 16) ^ (i as u64),
         );
+        sender_config.id_key = Some(os_key());
         sender_config.durable_backstop = false;
         let sender_conn = connect_as(&cfg, &sender_config).await?;
         let (exec, inputs) = Executor::start(sender_conn, ExecutorConfig::default());

@@ -61,7 +61,7 @@ use cotal_core::wire::records::MembershipRecord;
 use cotal_core::wire::token::{AgentId, Channel, ConcreteChannel, Space};
 use cotal_driver_tokio::connect::{ConnectConfig, connect};
 use cotal_driver_tokio::provision::{SpacePlan, apply};
-use cotal_driver_tokio::run::wall_clock;
+use cotal_driver_tokio::run::{os_key, wall_clock};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, ExitCode};
@@ -461,6 +461,8 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
             },
             args.seed ^ (i as u64 + 1),
         );
+        // The seed picks the faults; ids stay unguessable as in every run on a broker.
+        config.id_key = Some(os_key());
         config.durable_backstop = true;
         config.create_dlv_consumer = false;
         let count = Arc::new(AtomicUsize::new(0));

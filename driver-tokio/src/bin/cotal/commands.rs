@@ -18,7 +18,7 @@ use cotal_core::wire::shard::ShardMap;
 use cotal_core::wire::token::{AgentId, Channel, Role, Space};
 use cotal_driver_tokio::connect::{Auth, ConnectConfig, NatsConnection, connect};
 use cotal_driver_tokio::exec::{Executor, ExecutorConfig};
-use cotal_driver_tokio::run::{AgentCallError, MachineHandle, Runner, os_seed, wall_clock};
+use cotal_driver_tokio::run::{AgentCallError, MachineHandle, Runner, os_key, os_seed, wall_clock};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use std::process::ExitCode;
@@ -419,8 +419,10 @@ fn sender_of(id: &str, name: Option<&str>) -> Result<Sender, String> {
 /// Connects as `me` (inbox prefix `_INBOX_<id>` before any request) and starts `config`.
 async fn start_agent(
     nats: &NatsArgs,
-    config: AgentConfig,
+    mut config: AgentConfig,
 ) -> Result<(Runner<Agent>, ConnectConfig), String> {
+    // Every agent the binary runs draws its message ids from an OS key (unguessable ids).
+    config.id_key = Some(os_key());
     let mut connect_config = nats.config()?;
     connect_config.inbox_prefix = Some(config.me.id.inbox_prefix());
     connect_config.name = Some(format!("cotal-agent-{}", config.me.id.as_str()));
@@ -671,6 +673,12 @@ fn print_agent_event(event: &AgentEvent) {
             "seq": seq,
             "duplicate": duplicate,
         }),
+        AgentEvent::MessageIdCollided { request, old, new } => json!({
+            "event": "message_id_collided",
+            "request": request.0,
+            "old": old,
+            "new": new,
+        }),
         AgentEvent::SendFailed {
             request,
             id,
@@ -889,10 +897,18 @@ async fn run_send(args: SendArgs) -> Result<ExitCode, String> {
             match event {
                 AgentEvent::Sent {
                     request: r,
+                    id: stored,
                     seq,
                     duplicate,
-                    ..
-                } if r == request => return Ok((seq, duplicate)),
+                } if r == request => {
+                    if stored != id {
+                        tracing::warn!(
+                            target: "cotal",
+                            "message id {id} was already taken in the stream; sent as {stored}"
+                        );
+                    }
+                    return Ok((seq, duplicate));
+                }
                 AgentEvent::SendFailed {
                     request: r,
                     error,
