@@ -102,7 +102,7 @@ use crate::delivery::lease::{
     HEALTH_FIELD, Lease, LeaseCommand, LeaseConfig, LeaseEntry, LeaseEvent, LeaseReply, LeaseState,
 };
 use crate::delivery::revoke::{DlvSweeper, SweepEvent};
-use crate::delivery::route::{Routed, route};
+use crate::delivery::route::{MentionSkipReason, Routed, route};
 use crate::io::{
     AckKind, Command, Completion, Connection, Inbound, Input, KvCondition, KvEntry, KvOperation,
     Machine, ReadStart, Reply, StoredMessage, SubId, SubIds,
@@ -129,6 +129,7 @@ use crate::wire::subject::{
 };
 use crate::wire::token::{AgentId, ConcreteChannel, Space};
 use index::{AclIndex, MemberIndex, Roster};
+pub use index::{PresenceFault, PresenceIgnored};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -435,6 +436,15 @@ pub struct DeliveryCounters {
     pub dlv_sweeps: u64,
     /// DLV sweeps that gave up: revoked copies may still wait in the owner's DLV.
     pub dlv_sweeps_failed: u64,
+    /// Presence keys that started to be ignored for `@mention` resolution (a `card.id` that is
+    /// not the key, or a name squatted from another provisioned identity), once per episode
+    /// ([`DeliveryEvent::PresenceIgnored`]).
+    pub presence_ignored: u64,
+    /// Mentions on a live channel whose name matched several owners: nobody got a copy
+    /// ([`DeliveryEvent::MentionUnresolved`]).
+    pub mentions_ambiguous: u64,
+    /// Mentions on a live channel whose name matched nobody ([`DeliveryEvent::MentionUnresolved`]).
+    pub mentions_unknown: u64,
 }
 
 impl DeliveryCounters {
@@ -466,6 +476,9 @@ impl DeliveryCounters {
             dlv_revoked,
             dlv_sweeps,
             dlv_sweeps_failed,
+            presence_ignored,
+            mentions_ambiguous,
+            mentions_unknown,
         } = other;
         self.copies_written += copies_written;
         self.copies_duplicate += copies_duplicate;
@@ -491,6 +504,9 @@ impl DeliveryCounters {
         self.dlv_revoked += dlv_revoked;
         self.dlv_sweeps += dlv_sweeps;
         self.dlv_sweeps_failed += dlv_sweeps_failed;
+        self.presence_ignored += presence_ignored;
+        self.mentions_ambiguous += mentions_ambiguous;
+        self.mentions_unknown += mentions_unknown;
     }
 }
 
@@ -721,6 +737,21 @@ pub enum DeliveryEvent {
     /// The DLV revocation sweep deleted a copy, finished, retries or gave up
     /// ([`crate::delivery::revoke`]).
     DlvRevocation(SweepEvent),
+    /// A presence key is ignored for `@mention` resolution from now on (issues 15 item 3, 21
+    /// item 2): once per episode.
+    PresenceIgnored(PresenceIgnored),
+    /// A mention on a live channel reached nobody: its name matched several owners
+    /// ([`MentionSkipReason::Ambiguous`]) or none ([`MentionSkipReason::Unknown`]).
+    MentionUnresolved {
+        /// The channel.
+        channel: ConcreteChannel,
+        /// The CHAT sequence.
+        seq: u64,
+        /// The mentioned name as written.
+        name: String,
+        /// Ambiguous or unknown.
+        reason: MentionSkipReason,
+    },
     /// A feed failed to open, was refused or ended; it is retried.
     FeedProblem {
         /// The feed.
@@ -1662,7 +1693,7 @@ impl Delivery {
             return;
         };
         match i {
-            Inbound::KvChange { entry, .. } => self.on_kv_change(feed, &entry),
+            Inbound::KvChange { entry, .. } => self.on_kv_change(now, feed, &entry),
             Inbound::Message {
                 subject,
                 reply,
@@ -1702,17 +1733,22 @@ impl Delivery {
         }
     }
 
-    fn on_kv_change(&mut self, feed: Feed, entry: &KvEntry) {
+    fn on_kv_change(&mut self, now: Now, feed: Feed, entry: &KvEntry) {
         match feed {
             Feed::Members => {
                 self.members.apply(entry);
             }
             Feed::Acl => {
-                if self.acls.apply(entry)
-                    && let Ok(owner) = AgentId::new(entry.key.as_str())
-                    && self.config.shard.owns(&owner)
-                {
-                    self.sweeper.request(owner);
+                if self.acls.apply(entry) {
+                    // The reserved names may have moved: a presence can start squatting.
+                    for notice in self.roster.audit(&self.acls) {
+                        self.presence_ignored(notice);
+                    }
+                    if let Ok(owner) = AgentId::new(entry.key.as_str())
+                        && self.config.shard.owns(&owner)
+                    {
+                        self.sweeper.request(owner);
+                    }
                 }
             }
             Feed::Channels => {
@@ -1722,10 +1758,19 @@ impl Delivery {
                 let _ = self.channels.apply(&entry.key, value);
             }
             Feed::Presence => {
-                self.roster.apply(entry);
+                if let Some(notice) = self.roster.apply(entry, now.at, &self.acls) {
+                    self.presence_ignored(notice);
+                }
             }
             _ => {}
         }
+    }
+
+    /// A presence key started to be ignored for `@mention` resolution: counted and reported,
+    /// once per episode ([`Roster::apply`]).
+    fn presence_ignored(&mut self, notice: PresenceIgnored) {
+        self.counters.presence_ignored += 1;
+        self.emit(DeliveryEvent::PresenceIgnored(notice));
     }
 
     // ---- control ----
@@ -2759,9 +2804,27 @@ impl Delivery {
             seq,
             class,
             views.iter().map(|v| v.as_ref()),
-            |name| roster.resolve(name),
+            |name| roster.resolve(name, now.at, acls),
             |owner| acls.get(owner).map(|v| &v.read),
         );
+        // A mention that reaches nobody is reported, by the first shard only (every shard
+        // routes every message) and on the first delivery only (not again on a redelivery).
+        if shard.index() == 0 && delivery_count <= 1 {
+            for skipped in &decision.skipped_mentions {
+                let counter = match skipped.reason {
+                    MentionSkipReason::Ambiguous => &mut self.counters.mentions_ambiguous,
+                    MentionSkipReason::Unknown => &mut self.counters.mentions_unknown,
+                    _ => continue,
+                };
+                *counter += 1;
+                self.emit(DeliveryEvent::MentionUnresolved {
+                    channel: channel.clone(),
+                    seq,
+                    name: skipped.name.clone(),
+                    reason: skipped.reason,
+                });
+            }
+        }
         let entries: Vec<Routed> = decision
             .entries
             .into_iter()
