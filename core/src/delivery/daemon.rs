@@ -224,6 +224,12 @@ pub struct DeliveryConfig {
     /// channel left in DLV (issue 9). Always `false` outside tests.
     #[doc(hidden)]
     pub reference_no_dlv_sweep: bool,
+    /// Test-only: restores the reference's `@mention` resolution (G17) so the simulator can
+    /// prove the oracle sees it: every presence entry ever seen counts, offline ghosts and
+    /// mismatched keys included, and a name the roster never saw is unknown (no provisioned
+    /// directory). Always `false` outside tests.
+    #[doc(hidden)]
+    pub reference_gap_g17: bool,
 }
 
 impl DeliveryConfig {
@@ -241,6 +247,7 @@ impl DeliveryConfig {
             reference_gap_g2: false,
             reference_gap_g23: false,
             reference_no_dlv_sweep: false,
+            reference_gap_g17: false,
         }
     }
 }
@@ -2793,6 +2800,7 @@ impl Delivery {
             .delivery_class;
         let roster = &self.roster;
         let acls = &self.acls;
+        let reference_g17 = self.config.reference_gap_g17;
         let views: Vec<Cow<'_, MembershipRecord>> = self
             .members
             .channel(&channel)
@@ -2804,7 +2812,13 @@ impl Delivery {
             seq,
             class,
             views.iter().map(|v| v.as_ref()),
-            |name| roster.resolve(name, now.at, acls),
+            |name| {
+                if reference_g17 {
+                    roster.resolve_reference(name)
+                } else {
+                    roster.resolve(name, now.at, acls)
+                }
+            },
             |owner| acls.get(owner).map(|v| &v.read),
         );
         // A mention that reaches nobody is reported, by the first shard only (every shard

@@ -435,6 +435,25 @@ impl Roster {
         MentionResolution::Unknown
     }
 
+    /// The reference's resolution (G17), for the simulator's mutation only: every entry ever
+    /// seen counts by `card.id`, offline and ignored ones included; no directory.
+    #[doc(hidden)]
+    pub fn resolve_reference(&self, name: &str) -> MentionResolution {
+        let wanted = name.to_lowercase();
+        let ids: BTreeSet<&AgentId> = self
+            .by_key
+            .values()
+            .filter(|e| e.folded == wanted)
+            .map(|e| &e.id)
+            .collect();
+        let mut ids = ids.into_iter();
+        match (ids.next(), ids.next()) {
+            (Some(one), None) => MentionResolution::Owner(one.clone()),
+            (Some(_), Some(_)) => MentionResolution::Ambiguous,
+            _ => MentionResolution::Unknown,
+        }
+    }
+
     /// How many entries (offline ones and ignored ones included) the roster holds.
     pub fn len(&self) -> usize {
         self.by_key.len()
