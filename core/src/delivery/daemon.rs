@@ -1745,17 +1745,15 @@ impl Delivery {
             Feed::Members => {
                 self.members.apply(entry);
             }
-            Feed::Acl => {
-                if self.acls.apply(entry) {
-                    // The reserved names may have moved: a presence can start squatting.
-                    for notice in self.roster.audit(&self.acls) {
-                        self.presence_ignored(notice);
-                    }
-                    if let Ok(owner) = AgentId::new(entry.key.as_str())
-                        && self.config.shard.owns(&owner)
-                    {
-                        self.sweeper.request(owner);
-                    }
+            Feed::Acl if self.acls.apply(entry) => {
+                // The reserved names may have moved: a presence can start squatting.
+                for notice in self.roster.audit(&self.acls) {
+                    self.presence_ignored(notice);
+                }
+                if let Ok(owner) = AgentId::new(entry.key.as_str())
+                    && self.config.shard.owns(&owner)
+                {
+                    self.sweeper.request(owner);
                 }
             }
             Feed::Channels => {
