@@ -167,7 +167,8 @@ fn action_agent(action: &Action) -> Option<usize> {
         | Action::Post { agent, .. }
         | Action::Narrow { agent, .. }
         | Action::Restart { agent }
-        | Action::Lose { agent } => Some(agent),
+        | Action::Lose { agent }
+        | Action::Away { agent, .. } => Some(agent),
         Action::RestartDaemon { .. } | Action::LoseDaemon { .. } | Action::FreezeHolder { .. } => {
             None
         }

@@ -43,6 +43,7 @@ use crate::oracle::{Oracle, Violation};
 use crate::sched::{FaultConfig, Rng, SimConfig};
 use bytes::Bytes;
 use cotal_core::agent::{Agent, AgentConfig, AgentError, AgentEvent, RequestId};
+use cotal_core::constants::DEFAULT_HEARTBEAT;
 use cotal_core::delivery::daemon::{
     DegradedReason, Delivery, DeliveryConfig, DeliveryEvent, DeliveryHealth,
 };
@@ -102,16 +103,21 @@ pub enum Mutation {
     /// (`DeliveryConfig::reference_no_dlv_sweep`), so copies transferred before an ACL narrowing
     /// stay in the member's DLV and are surfaced.
     NoDlvSweep,
+    /// G17 off: the daemons resolve `@mention`s as the reference does
+    /// (`DeliveryConfig::reference_gap_g17`): offline ghosts count, and a name the roster has
+    /// not seen since the daemon started is unknown.
+    ReferenceG17,
 }
 
 impl Mutation {
     /// Every mutation but [`Mutation::None`].
-    pub const ALL: [Mutation; 5] = [
+    pub const ALL: [Mutation; 6] = [
         Mutation::NoJoinCursor,
         Mutation::ReferenceG2,
         Mutation::ReferenceG10,
         Mutation::ReferenceG23,
         Mutation::NoDlvSweep,
+        Mutation::ReferenceG17,
     ];
 
     /// Its name on the command line (`none` for [`Mutation::None`]).
@@ -123,6 +129,7 @@ impl Mutation {
             Mutation::ReferenceG10 => "reference-g10",
             Mutation::ReferenceG23 => "reference-g23",
             Mutation::NoDlvSweep => "no-dlv-sweep",
+            Mutation::ReferenceG17 => "reference-g17",
         }
     }
 
@@ -253,6 +260,16 @@ pub enum Action {
         /// Agent index.
         agent: usize,
     },
+    /// Presence churn: the agent's process dies and a fresh one with the same id (and name)
+    /// starts `ms` milliseconds later. Meanwhile its presence key stays until the bucket's TTL
+    /// drops it (a gap longer than [`cotal_core::constants::PRESENCE_TTL`] takes it offline);
+    /// the workload's steps for it are skipped while it is away.
+    Away {
+        /// Agent index.
+        agent: usize,
+        /// How long it stays away, in milliseconds.
+        ms: u64,
+    },
     /// A delivery daemon's process dies and a fresh one starts (it must win the lease again).
     RestartDaemon {
         /// Daemon index.
@@ -289,6 +306,7 @@ impl fmt::Display for Action {
             Action::Narrow { agent, channel } => write!(f, "narrow a{agent} c{channel}"),
             Action::Restart { agent } => write!(f, "restart a{agent}"),
             Action::Lose { agent } => write!(f, "lose a{agent}"),
+            Action::Away { agent, ms } => write!(f, "away a{agent} {ms}ms"),
             Action::RestartDaemon { daemon } => write!(f, "restart-daemon d{daemon}"),
             Action::LoseDaemon { daemon } => write!(f, "lose-daemon d{daemon}"),
             Action::FreezeHolder { ms } => write!(f, "freeze-holder {ms}ms"),
@@ -320,7 +338,8 @@ impl Workload {
     /// A workload from the seed: every agent's ACL covers every channel but `secret` for about
     /// half of them; boot channels are a random subset of the ACL; `steps` actions spaced
     /// 0–400 ms apart, mostly posts, with joins, leaves, rejoins, mentions, and rarer
-    /// narrowings, restarts and connection losses.
+    /// narrowings, restarts, presence churn (an agent away for 1–12 s, then back under the same
+    /// name) and connection losses.
     pub fn generate(seed: u64, config: &MeshConfig, steps: usize) -> Self {
         let mut rng = Rng::new(seed ^ 0x776f_726b_0000_0002);
         let n = config.agents;
@@ -351,8 +370,12 @@ impl Workload {
                 },
                 45..=67 => Action::Join { agent, channel: ch },
                 68..=82 => Action::Leave { agent, channel: ch },
-                83..=86 => Action::Lose { agent },
-                87..=92 => Action::Restart { agent },
+                83..=85 => Action::Lose { agent },
+                86..=89 => Action::Restart { agent },
+                90..=92 => Action::Away {
+                    agent,
+                    ms: 1_000 + rng.below(11_001),
+                },
                 93 if config.daemons > 0 => Action::RestartDaemon {
                     daemon: rng.below(config.daemons as u64) as usize,
                 },
@@ -784,6 +807,8 @@ pub struct Mesh {
     workload: Workload,
     host_steps: u64,
     posts: u64,
+    /// Agents away ([`Action::Away`]) and when they come back, in workload order.
+    returns: Vec<(Instant, usize)>,
 }
 
 impl Mesh {
@@ -826,6 +851,7 @@ impl Mesh {
             workload,
             host_steps: 0,
             posts: 0,
+            returns: Vec::new(),
         };
         for d in 0..mesh.config.daemons {
             let proc = mesh.new_daemon(d, 0);
@@ -880,6 +906,7 @@ impl Mesh {
         config.reference_gap_g2 = self.config.mutation == Mutation::ReferenceG2;
         config.reference_gap_g23 = self.config.mutation == Mutation::ReferenceG23;
         config.reference_no_dlv_sweep = self.config.mutation == Mutation::NoDlvSweep;
+        config.reference_gap_g17 = self.config.mutation == Mutation::ReferenceG17;
         Rc::new(RefCell::new(DaemonProc {
             daemon: Delivery::new(config),
             index,
@@ -917,9 +944,9 @@ impl Mesh {
             .wrapping_mul(0x9e37_79b9_7f4a_7c15)
             .wrapping_add((index as u64) << 32 | u64::from(life));
         let mut config = AgentConfig::new(self.space.clone(), me, channels, seed);
-        // Presence (the daemon's mention roster) at connect and every 20 s: slower than the
-        // default 2 s to keep runs small, well inside the presence bucket's TTL.
-        config.heartbeat = Some(Duration::from_secs(20));
+        // Presence (the daemon's mention roster) as deployed: at connect and every
+        // DEFAULT_HEARTBEAT (2 s), inside the presence bucket's PRESENCE_TTL (6 s).
+        config.heartbeat = Some(DEFAULT_HEARTBEAT);
         config.reference_gap_g10 = self.config.mutation == Mutation::ReferenceG10;
         config
     }
@@ -1076,6 +1103,19 @@ impl Mesh {
     pub fn apply(&mut self, action: &Action) {
         let now = self.host.now();
         self.host.note(format!("workload {action}"));
+        // An away agent has no process: the application's steps for it wait for nobody.
+        let target = match *action {
+            Action::Join { agent, .. }
+            | Action::Leave { agent, .. }
+            | Action::Post { agent, .. }
+            | Action::Restart { agent }
+            | Action::Lose { agent }
+            | Action::Away { agent, .. } => Some(agent),
+            _ => None,
+        };
+        if target.is_some_and(|a| self.returns.iter().any(|(_, r)| *r == a)) {
+            return;
+        }
         match *action {
             Action::Join { agent, channel } => {
                 let Some(slot) = self.agents.get(agent) else {
@@ -1182,6 +1222,21 @@ impl Mesh {
                     self.host.lose(client);
                 }
             }
+            Action::Away { agent, ms } => {
+                let Some(slot) = self.agents.get_mut(agent) else {
+                    return;
+                };
+                let (client, life) = (slot.client, slot.life);
+                slot.life += 1;
+                self.journal.borrow_mut().acts.push(Act::Killed {
+                    at: now.at,
+                    agent,
+                    life,
+                });
+                self.host.kill(client);
+                self.returns
+                    .push((now.at + Duration::from_millis(ms), agent));
+            }
             Action::RestartDaemon { daemon } => self.restart_daemon(daemon),
             Action::FreezeHolder { ms } => {
                 let holder = self.daemons.iter().find(|d| {
@@ -1274,15 +1329,37 @@ impl Mesh {
         }
     }
 
+    /// Starts the fresh life of every away agent due back by `until`, each at its time.
+    fn come_back_until(&mut self, until: Instant) -> Result<(), Violation> {
+        while let Some(i) = self
+            .returns
+            .iter()
+            .enumerate()
+            .filter(|(_, (at, _))| *at <= until)
+            .min_by_key(|(i, (at, _))| (*at, *i))
+            .map(|(i, _)| i)
+        {
+            let (at, agent) = self.returns.remove(i);
+            self.run_until(at)?;
+            self.host.note(format!("workload back a{agent}"));
+            self.start_life(agent);
+            let journal = self.journal.borrow();
+            self.oracle.check_step(&self.host, &journal, &self.agents)?;
+        }
+        Ok(())
+    }
+
     fn run_inner(&mut self) -> Result<(), Violation> {
         let steps = self.workload.steps.clone();
         for step in &steps {
+            self.come_back_until(step.at)?;
             self.run_until(step.at)?;
             self.apply(&step.action);
             let journal = self.journal.borrow();
             self.oracle.check_step(&self.host, &journal, &self.agents)?;
         }
         let end = self.workload.last_at() + Duration::from_secs(1) + self.config.heal;
+        self.come_back_until(end)?;
         self.run_until(end)?;
         let journal = self.journal.borrow();
         self.oracle.finish(&self.host, &journal, &self.agents)

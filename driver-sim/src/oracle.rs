@@ -39,6 +39,7 @@
 //! | `S7-complete` | with a daemon: a join reported `durable:true` at watermark `F` (generation `g`) gets every message of its channel with `F < s ≤ L_g` (or the frontier while open) not its own, surfaced at least once in some life, unless the agent reported it lost, a daemon reported it evicted from CHAT before fan-out saw it, or its ACL was narrowed on that channel |
 //! | `I22` | every `handled` call of the application was accepted |
 //! | `ACL-revoke` | with a daemon: an agent's DLV subject holds no copy of a channel its ACL lost (issue 9: the daemon's revocation sweep took them back), unless a daemon reported giving up on that owner's sweep |
+//! | `M1-mention` | with a daemon: a message on a live-class channel that mentions agent `M` (not the sender; every mesh name resolves to exactly one provisioned member, live, offline or unseen), stored after the first daemon was ready, has its mention copy on `M`'s DLV subject (read from the broker), unless `M`'s ACL does not cover the channel or was narrowed on it, or the copy's loss was reported (by `M`, or by a daemon: given up, dropped, shed, evicted before fan-out) |
 //!
 //! A [`Violation`] names the invariant, the agent (with its life), the message (with its
 //! sequence and channel) and the seed.
@@ -47,6 +48,7 @@ use crate::host::Host;
 use crate::mesh::{Act, AgentSlot, Asked, Journal, MeshConfig};
 use cotal_core::agent::{AgentEvent, BackstopState, JoinError};
 use cotal_core::delivery::daemon::DeliveryEvent;
+use cotal_core::delivery::lease::LeaseEvent;
 use cotal_core::delivery::revoke::SweepEvent;
 use cotal_core::io::ReadStart;
 use cotal_core::ledger::SourceKind;
@@ -110,6 +112,8 @@ pub struct ChatMsg {
     pub id: String,
     /// Its mentions.
     pub mentions: Vec<String>,
+    /// When the oracle first saw it stored (the end of the host step that stored it).
+    pub stored_at: Instant,
 }
 
 /// One membership generation as the members bucket recorded it.
@@ -318,6 +322,7 @@ impl Oracle {
                     sender: parsed.sender().as_str().to_owned(),
                     id: msg.id,
                     mentions: msg.mentions,
+                    stored_at: host.now().at,
                 },
             );
         }
@@ -1011,7 +1016,116 @@ impl Oracle {
             }
         }
         self.check_complete(journal, at)?;
+        self.check_mentions(host, journal, agents, at)?;
         self.check_revoked(host, journal, agents, at)
+    }
+
+    /// `M1-mention` (issue 15 item 3): with a daemon, after healing, every CHAT message on a
+    /// live-class channel that mentions agent `M`'s name, posted by another agent after the first
+    /// daemon was ready (its fan-out consumer delivers new messages only), left its mention copy
+    /// on `M`'s DLV subject (ground truth from the broker; online or not, joined or not, the
+    /// daemon writes the copy) — unless `M`'s ACL never covered that channel or was narrowed on it,
+    /// `M` reported it lost, or a daemon reported the copy lost (given up, dropped, shed) or the
+    /// message evicted from CHAT before fan-out saw it.
+    ///
+    /// In the mesh every name is held by exactly one agent id (the slot's, in every life), and
+    /// every agent is provisioned (an ACL record reserves its id as its name), so each such
+    /// mention resolves to exactly one eligible member whether its presence is live, offline
+    /// (away past the TTL, or a killed life's leftover key) or not yet written: that member
+    /// must get its mention copy (a `live-mention` dinbox entry, through its DLV).
+    fn check_mentions(
+        &self,
+        host: &Host,
+        journal: &Journal,
+        agents: &[AgentSlot],
+        at: Instant,
+    ) -> Result<(), Violation> {
+        if self.daemons == 0 {
+            return Ok(());
+        }
+        // Every message id stored on each member's DLV subject (limits retention: a copy stays
+        // after its ack).
+        let dlv = SpaceStream::Dlv.name(&self.space);
+        let got: BTreeSet<(usize, String)> = agents
+            .iter()
+            .enumerate()
+            .flat_map(|(index, slot)| {
+                let subject = Subject::Dlv {
+                    space: self.space.clone(),
+                    owner: slot.id.clone(),
+                }
+                .to_string();
+                host.broker()
+                    .read(&dlv, &subject, ReadStart::Seq(1), None, u32::MAX)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(move |m| {
+                        json::decode::<CotalMessage>(&m.payload)
+                            .ok()
+                            .map(|msg| (index, msg.id))
+                    })
+            })
+            .collect();
+        // The fan-out consumer is created by the first daemon, delivering new messages only: a
+        // message stored before any daemon was ready is routed by nobody (for every class).
+        let Some(first_ready) = journal
+            .daemon_events
+            .iter()
+            .filter(|n| matches!(n.event, DeliveryEvent::Lease(LeaseEvent::Ready)))
+            .map(|n| n.at)
+            .min()
+        else {
+            return Ok(());
+        };
+        let excused = |owner: &str, seq: u64| {
+            journal.daemon_events.iter().any(|n| match &n.event {
+                DeliveryEvent::EvictedBeforeFanout { first, last, .. } => {
+                    (*first..=*last).contains(&seq)
+                }
+                DeliveryEvent::CopyShed {
+                    owner: o, seq: s, ..
+                }
+                | DeliveryEvent::EntryDropped {
+                    owner: o, seq: s, ..
+                } => o.as_str() == owner && *s == seq,
+                DeliveryEvent::EntryLost(g) => g.owner.as_str() == owner && g.seq == seq,
+                _ => false,
+            })
+        };
+        for m in self.chat.values() {
+            if self.durable_channels.contains(&m.channel) || m.stored_at <= first_ready {
+                continue;
+            }
+            for (index, slot) in agents.iter().enumerate() {
+                let me = slot.id.as_str();
+                if me == m.sender || !m.mentions.iter().any(|n| n.eq_ignore_ascii_case(me)) {
+                    continue;
+                }
+                let covered = slot
+                    .acl
+                    .iter()
+                    .any(|c| self.channel_names.get(*c) == Some(&m.channel));
+                if !covered
+                    || self.narrowed.contains(&(index, m.channel.clone()))
+                    || got.contains(&(index, m.id.clone()))
+                    || self.lost.contains(&(index, m.id.clone()))
+                    || excused(me, m.seq)
+                {
+                    continue;
+                }
+                return Err(self.violation(
+                    "M1-mention",
+                    Some(who(&self.names, index, slot.life)),
+                    Some(self.describe_msg(&m.id)),
+                    at,
+                    format!(
+                        "mentioned on live channel {}: no mention copy in its DLV",
+                        m.channel
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// `ACL-revoke` (issue 9): with a daemon, after healing, an agent's DLV subject holds no copy

@@ -362,7 +362,8 @@ fn shrunk_specs_remove_from_the_seed_workload() {
             | Action::Post { agent, .. }
             | Action::Narrow { agent, .. }
             | Action::Restart { agent }
-            | Action::Lose { agent } => agent == 0,
+            | Action::Lose { agent }
+            | Action::Away { agent, .. } => agent == 0,
             _ => true,
         })
         .collect();
@@ -373,4 +374,75 @@ fn shrunk_specs_remove_from_the_seed_workload() {
             .iter()
             .all(|s| !matches!(s.action, Action::Post { mention: Some(m), .. } if m >= 1))
     );
+}
+
+/// The G17 scenario (issue 15 item 3): bob (a1) is away for 60 s from 1 s — longer than the
+/// presence bucket's TTL, so his key expires — and the daemon restarts at 8 s, rebuilding its
+/// roster from the keys the bucket still holds once it wins the lease again (after the killed
+/// holder's lease expires, still within bob's absence). At 9 s alice posts on the live channel
+/// `lobby` mentioning bob. Returns the report and the daemons' unresolved-mention events.
+fn g17_scenario(mutation: Mutation) -> (RunReport, usize) {
+    const LOBBY: usize = 0;
+    let (alice, bob) = (0, 1);
+    let mut config = MeshConfig::new(17);
+    config.agents = 2;
+    config.daemons = 1;
+    config.faults = FaultConfig::default();
+    config.mutation = mutation;
+    let steps = [
+        (
+            1_000,
+            Action::Away {
+                agent: bob,
+                ms: 60_000,
+            },
+        ),
+        (8_000, Action::RestartDaemon { daemon: 0 }),
+        (
+            9_000,
+            Action::Post {
+                agent: alice,
+                channel: LOBBY,
+                mention: Some(bob),
+            },
+        ),
+    ];
+    let workload = Workload {
+        boot: vec![vec![LOBBY], vec![LOBBY]],
+        acl: vec![vec![0, 1], vec![0, 1]],
+        steps: steps
+            .iter()
+            .map(|(ms, action)| Step {
+                at: Instant::from_millis(*ms),
+                action: action.clone(),
+            })
+            .collect(),
+    };
+    let mut mesh = Mesh::new(config, workload);
+    let report = mesh.run();
+    let unresolved = mesh
+        .journal()
+        .daemon_events
+        .iter()
+        .filter(|d| matches!(&d.event, DeliveryEvent::MentionUnresolved { .. }))
+        .count();
+    (report, unresolved)
+}
+
+/// G17: with the reference's resolution, a mention of a member whose presence expired before
+/// the daemon (re)started resolves to nobody and the member never gets its mention copy; the
+/// oracle must see that (`M1-mention`). With the fix (the provisioned directory, offline
+/// matches still resolve) the member gets its copy and nothing is unresolved.
+#[test]
+fn g17_the_oracle_fails_when_a_mention_of_an_offline_member_reaches_nobody() {
+    let (fixed, unresolved) = g17_scenario(Mutation::None);
+    assert_eq!(fixed.violation, None, "passes with the fix");
+    assert_eq!(unresolved, 0);
+    let (report, unresolved) = g17_scenario(Mutation::ReferenceG17);
+    let v = report
+        .violation
+        .expect("the oracle sees the reference's G17");
+    assert_eq!(v.invariant, "M1-mention", "{v}");
+    assert_eq!(unresolved, 1, "the reference's miss is reported as unknown");
+    eprintln!("reference-g17: {v}");
 }

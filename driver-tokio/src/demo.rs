@@ -903,7 +903,8 @@ impl Script {
             Action::Narrow { .. }
             | Action::RestartDaemon { .. }
             | Action::LoseDaemon { .. }
-            | Action::FreezeHolder { .. } => {
+            | Action::FreezeHolder { .. }
+            | Action::Away { .. } => {
                 self.notes
                     .push(format!("{action}: not part of the demo; skipped"));
             }

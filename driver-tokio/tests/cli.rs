@@ -734,3 +734,58 @@ fn cotal_demo_against_a_given_server_with_credentials() {
     assert_eq!(text.lines().count(), 1, "{text}");
     assert!(text.contains("refused the credentials"), "{text}");
 }
+
+/// Issue 21 item 2: `cotal provision agent --name` binds display names to the identity in the
+/// ACL record it prints (and writes with --apply) as the extra field `names`, which the daemon
+/// reserves for that agent; an empty name is refused.
+#[test]
+fn provision_agent_name_binds_display_names_in_the_acl_record() {
+    let out = cotal(&[
+        "provision",
+        "agent",
+        "--space",
+        "main",
+        "--id",
+        "UAKEY",
+        "--read",
+        "general",
+        "--name",
+        "Alice",
+        "--name",
+        "alice.w",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let text = stdout(&out);
+    let record = text
+        .lines()
+        .map(json_line)
+        .find(|v| v["allowSubscribe"].is_array())
+        .unwrap_or_else(|| panic!("no ACL record in {text}"));
+    assert_eq!(
+        record["names"],
+        serde_json::json!(["Alice", "alice.w"]),
+        "{text}"
+    );
+    let out = cotal(&[
+        "provision",
+        "agent",
+        "--space",
+        "main",
+        "--id",
+        "bob",
+        "--read",
+        "general",
+    ]);
+    assert!(!stdout(&out).contains("\"names\""), "{}", stdout(&out));
+    let out = cotal(&[
+        "provision",
+        "agent",
+        "--space",
+        "main",
+        "--id",
+        "bob",
+        "--name",
+        " ",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+}

@@ -2400,3 +2400,171 @@ async fn sec_consumers_an_agent_creates_on_watched_buckets_do_not_outlive_their_
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+// =============================================================================================
+// Issue 21 item 2 / issue 15 item 3: presence identity and name squatting (@mention copies)
+// =============================================================================================
+
+/// The `general` users: alice, bob and mallory each read and post on `general` only, with
+/// exactly the blocks `Permissions::agent` gives; the daemon and the provisioner as above.
+fn general_users() -> Vec<User> {
+    let mut users: Vec<User> = ["alice", "bob", "mallory"]
+        .into_iter()
+        .map(|a| agent_user(a, &["general"], &["general"]))
+        .collect();
+    users.extend([daemon_user(), admin_user()]);
+    users
+}
+
+/// A space whose `general` is a live-class channel (a mention there gets a durable mention
+/// copy through the backstop), with ACL records (each reserves its owner's id as a name) and
+/// DLV consumers for alice, bob and mallory.
+async fn general_space() -> Option<Space9> {
+    let server = NatsServer::start_with_users(general_users())?;
+    let admin = server.config_as("admin", "adminpw");
+    let conn = connect(&admin).await.expect("connect admin");
+    let report = provision_space(&conn.client, &space(), Duration::from_secs(5)).await;
+    assert_eq!(report.failed(), 0, "{report:?}");
+    let s = Space9 { server, admin };
+    for a in ["alice", "bob", "mallory"] {
+        s.put_acl(a, &["general"], 1).await;
+        apply_consumer(
+            &conn.client,
+            &ConsumerSpec::dlv(&space(), &id(a)),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("dlv consumer");
+    }
+    s.kv(KvBucket::Channels)
+        .await
+        .put(
+            "general",
+            Bytes::from(json!({"deliveryClass": "live"}).to_string()),
+        )
+        .await
+        .expect("channel class");
+    Some(s)
+}
+
+/// Writes a presence record as `who` under KV key `key` (a plain JetStream publish on
+/// `$KV.<bucket>.<key>`, as the agent's own write is); the broker's answer.
+async fn put_presence(who: &Probe, key: &str, card_id: &str, name: &str) -> Result<(), String> {
+    let body = json!({"card": {"id": card_id, "name": name, "kind": "agent"},
+                      "status": "idle", "ts": 1});
+    let js = async_nats::jetstream::new(who.client.clone());
+    let subject = format!("$KV.{}.{key}", KvBucket::Presence.name(&space()));
+    match js.publish(subject, Bytes::from(body.to_string())).await {
+        Ok(ack) => tokio::time::timeout(Duration::from_secs(2), ack)
+            .await
+            .map_err(|_| "no PubAck".to_owned())?
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// `from` posts on `general` mentioning `mentions`; returns the message id.
+async fn post_general(from: &Probe, n: u32, mentions: &[&str]) -> String {
+    let mid = format!("00000000-0000-4000-8000-{n:012}");
+    let body = json!({"id": mid, "ts": 1, "space": SPACE,
+                      "from": {"id": from.user, "name": from.user},
+                      "channel": "general", "mentions": mentions,
+                      "parts": [{"kind": "text", "text": format!("hey m{n}")}]});
+    let js = async_nats::jetstream::new(from.client.clone());
+    js.send_publish(
+        subj(&format!("chat.{}.general", from.user)),
+        async_nats::jetstream::message::PublishMessage::build()
+            .payload(Bytes::from(body.to_string()))
+            .message_id(mid.clone()),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
+    mid
+}
+
+/// Waits (bounded) until `owner`'s DLV holds `n` copies.
+async fn until_dlv_stored(s: &Space9, owner: &str, n: u64, daemon: &mut Daemon) {
+    let conn = connect(&s.admin).await.expect("admin");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = dlv_stored(&conn.client, owner).await;
+        if got >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{owner}: {got} DLV copies, want {n}; {:?}; {:#?}",
+            daemon.counters().await,
+            daemon.log
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Mallory, under exactly the permissions `Permissions::agent` gives (read/post on `general`),
+/// cannot write another agent's presence key (the broker refuses `$KV.<presence>.alice`, so a
+/// record whose key is not its `card.id` can only come from an unrestricted writer: the core's
+/// roster tests cover that case). She can write her own key with `card.name: "alice"`: today
+/// that made `@alice` ambiguous and alice got no mention copy, silently. Now the daemon ignores
+/// the squatted name (alice's ACL record reserves it), counts the attempt once, and `@alice`
+/// still gives alice her mention copy; mallory gets none.
+#[tokio::test]
+async fn sec_squatted_display_name_cannot_take_alices_mention_copy() {
+    let Some(s) = general_space().await else {
+        return;
+    };
+    let mut daemon = Daemon::start(&s.server).await;
+    let alice = Probe::connect(&s.server, "alice").await;
+    let bob = Probe::connect(&s.server, "bob").await;
+    let mut mallory = Probe::connect(&s.server, "mallory").await;
+
+    put_presence(&alice, "alice", "alice", "alice")
+        .await
+        .expect("alice writes her own presence");
+    // The key check: the broker refuses mallory's write of alice's key.
+    let denied = put_presence(&mallory, "alice", "alice", "mallory").await;
+    assert!(denied.is_err(), "mallory wrote alice's presence key");
+    mallory
+        .refused(
+            "Publish",
+            &format!("$KV.{}.alice", KvBucket::Presence.name(&space())),
+        )
+        .await;
+    // The squat: her own key, alice's name (heartbeating: three writes, one episode).
+    for _ in 0..3 {
+        put_presence(&mallory, "mallory", "mallory", "Alice")
+            .await
+            .expect("mallory may write her own presence");
+    }
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while daemon.counters().await.presence_ignored < 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the squat was never counted: {:?}; {:#?}",
+            daemon.counters().await,
+            daemon.log
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    post_general(&bob, 1, &["alice"]).await;
+    until_dlv_stored(&s, "alice", 1, &mut daemon).await;
+    // A second post after the mention settled: nothing went to mallory meanwhile.
+    post_general(&bob, 2, &["bob"]).await;
+    tokio::time::sleep(QUIET).await;
+    let conn = connect(&s.admin).await.expect("admin");
+    assert_eq!(dlv_stored(&conn.client, "mallory").await, 0);
+    assert_eq!(dlv_stored(&conn.client, "alice").await, 1);
+    let c = daemon.counters().await;
+    assert_eq!(c.presence_ignored, 1, "{c:?}");
+    assert!(
+        daemon.log.iter().any(|e| matches!(e,
+            DeliveryEvent::PresenceIgnored(n) if n.key == "mallory" && n.name == "Alice")),
+        "{:#?}",
+        daemon.log
+    );
+    daemon.stop().await;
+}

@@ -105,7 +105,7 @@ use crate::delivery::lease::{
     ORPHANS_FIELD,
 };
 use crate::delivery::revoke::{DlvSweeper, SweepEvent};
-use crate::delivery::route::{Routed, route};
+use crate::delivery::route::{MentionSkipReason, Routed, route};
 use crate::io::{
     AckKind, Command, Completion, Connection, Inbound, Input, KvCondition, KvEntry, KvOperation,
     Machine, ReadStart, Reply, StoredMessage, SubId, SubIds,
@@ -132,6 +132,7 @@ use crate::wire::subject::{
 };
 use crate::wire::token::{AgentId, ConcreteChannel, Space};
 use index::{AclIndex, MemberIndex, Roster};
+pub use index::{PresenceFault, PresenceIgnored};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -237,6 +238,12 @@ pub struct DeliveryConfig {
     /// Tombstone orphaned memberships (through the daemon's own leave, fenced as any leave).
     /// Off by default: only an operator opts in.
     pub reap_orphans: bool,
+    /// Test-only: restores the reference's `@mention` resolution (G17) so the simulator can
+    /// prove the oracle sees it: every presence entry ever seen counts, offline ghosts and
+    /// mismatched keys included, and a name the roster never saw is unknown (no provisioned
+    /// directory). Always `false` outside tests.
+    #[doc(hidden)]
+    pub reference_gap_g17: bool,
 }
 
 impl DeliveryConfig {
@@ -256,6 +263,7 @@ impl DeliveryConfig {
             reference_no_dlv_sweep: false,
             orphan_retention: DEFAULT_ORPHAN_RETENTION,
             reap_orphans: false,
+            reference_gap_g17: false,
         }
     }
 }
@@ -458,6 +466,15 @@ pub struct DeliveryCounters {
     /// `durableJoin`s answered `durable:false` because the channel resolves live: no record was
     /// written (G38, [`REASON_LIVE_CLASS`]).
     pub live_class_joins: u64,
+    /// Presence keys that started to be ignored for `@mention` resolution (a `card.id` that is
+    /// not the key, or a name squatted from another provisioned identity), once per episode
+    /// ([`DeliveryEvent::PresenceIgnored`]).
+    pub presence_ignored: u64,
+    /// Mentions on a live channel whose name matched several owners: nobody got a copy
+    /// ([`DeliveryEvent::MentionUnresolved`]).
+    pub mentions_ambiguous: u64,
+    /// Mentions on a live channel whose name matched nobody ([`DeliveryEvent::MentionUnresolved`]).
+    pub mentions_unknown: u64,
 }
 
 impl DeliveryCounters {
@@ -492,6 +509,9 @@ impl DeliveryCounters {
             live_class_joins,
             orphans_found,
             orphans_reaped,
+            presence_ignored,
+            mentions_ambiguous,
+            mentions_unknown,
         } = other;
         self.copies_written += copies_written;
         self.copies_duplicate += copies_duplicate;
@@ -520,6 +540,9 @@ impl DeliveryCounters {
         self.live_class_joins += live_class_joins;
         self.orphans_found += orphans_found;
         self.orphans_reaped += orphans_reaped;
+        self.presence_ignored += presence_ignored;
+        self.mentions_ambiguous += mentions_ambiguous;
+        self.mentions_unknown += mentions_unknown;
     }
 }
 
@@ -765,6 +788,21 @@ pub enum DeliveryEvent {
     /// The DLV revocation sweep deleted a copy, finished, retries or gave up
     /// ([`crate::delivery::revoke`]).
     DlvRevocation(SweepEvent),
+    /// A presence key is ignored for `@mention` resolution from now on (issues 15 item 3, 21
+    /// item 2): once per episode.
+    PresenceIgnored(PresenceIgnored),
+    /// A mention on a live channel reached nobody: its name matched several owners
+    /// ([`MentionSkipReason::Ambiguous`]) or none ([`MentionSkipReason::Unknown`]).
+    MentionUnresolved {
+        /// The channel.
+        channel: ConcreteChannel,
+        /// The CHAT sequence.
+        seq: u64,
+        /// The mentioned name as written.
+        name: String,
+        /// Ambiguous or unknown.
+        reason: MentionSkipReason,
+    },
     /// A feed failed to open, was refused or ended; it is retried.
     FeedProblem {
         /// The feed.
@@ -1726,7 +1764,7 @@ impl Delivery {
             return;
         };
         match i {
-            Inbound::KvChange { entry, .. } => self.on_kv_change(feed, &entry),
+            Inbound::KvChange { entry, .. } => self.on_kv_change(now, feed, &entry),
             Inbound::Message {
                 subject,
                 reply,
@@ -1766,14 +1804,17 @@ impl Delivery {
         }
     }
 
-    fn on_kv_change(&mut self, feed: Feed, entry: &KvEntry) {
+    fn on_kv_change(&mut self, now: Now, feed: Feed, entry: &KvEntry) {
         match feed {
             Feed::Members => {
                 self.members.apply(entry);
             }
-            Feed::Acl => {
-                if self.acls.apply(entry)
-                    && let Ok(owner) = AgentId::new(entry.key.as_str())
+            Feed::Acl if self.acls.apply(entry) => {
+                // The reserved names may have moved: a presence can start squatting.
+                for notice in self.roster.audit(&self.acls) {
+                    self.presence_ignored(notice);
+                }
+                if let Ok(owner) = AgentId::new(entry.key.as_str())
                     && self.config.shard.owns(&owner)
                 {
                     self.sweeper.request(owner);
@@ -1786,11 +1827,20 @@ impl Delivery {
                 let _ = self.channels.apply(&entry.key, value);
             }
             Feed::Presence => {
-                self.roster.apply(entry);
+                if let Some(notice) = self.roster.apply(entry, now.at, &self.acls) {
+                    self.presence_ignored(notice);
+                }
                 self.presence_heartbeat(entry);
             }
             _ => {}
         }
+    }
+
+    /// A presence key started to be ignored for `@mention` resolution: counted and reported,
+    /// once per episode ([`Roster::apply`]).
+    fn presence_ignored(&mut self, notice: PresenceIgnored) {
+        self.counters.presence_ignored += 1;
+        self.emit(DeliveryEvent::PresenceIgnored(notice));
     }
 
     // ---- control ----
@@ -2989,6 +3039,7 @@ impl Delivery {
             .delivery_class;
         let roster = &self.roster;
         let acls = &self.acls;
+        let reference_g17 = self.config.reference_gap_g17;
         let views: Vec<Cow<'_, MembershipRecord>> = self
             .members
             .channel(&channel)
@@ -3000,9 +3051,33 @@ impl Delivery {
             seq,
             class,
             views.iter().map(|v| v.as_ref()),
-            |name| roster.resolve(name),
+            |name| {
+                if reference_g17 {
+                    roster.resolve_reference(name)
+                } else {
+                    roster.resolve(name, now.at, acls)
+                }
+            },
             |owner| acls.get(owner).map(|v| &v.read),
         );
+        // A mention that reaches nobody is reported, by the first shard only (every shard
+        // routes every message) and on the first delivery only (not again on a redelivery).
+        if shard.index() == 0 && delivery_count <= 1 {
+            for skipped in &decision.skipped_mentions {
+                let counter = match skipped.reason {
+                    MentionSkipReason::Ambiguous => &mut self.counters.mentions_ambiguous,
+                    MentionSkipReason::Unknown => &mut self.counters.mentions_unknown,
+                    _ => continue,
+                };
+                *counter += 1;
+                self.emit(DeliveryEvent::MentionUnresolved {
+                    channel: channel.clone(),
+                    seq,
+                    name: skipped.name.clone(),
+                    reason: skipped.reason,
+                });
+            }
+        }
         let entries: Vec<Routed> = decision
             .entries
             .into_iter()

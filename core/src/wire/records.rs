@@ -268,6 +268,39 @@ impl Plane3Entry {
     }
 }
 
+/// The extra ACL field naming the display names an owner is provisioned to present (issue 21
+/// item 2): `"names": ["Alice", …]`. The reference 0.6.0 ignores it (its `readAcl` reads only
+/// `allowSubscribe`), and its `commitAcl` rewrites the record without it.
+pub const ACL_NAMES_FIELD: &str = "names";
+
+impl AclRecord {
+    /// The display names the operator provisioned for the owner (`names`, an extra field):
+    /// absent, not an array, or holding no non-empty string reads as none. Non-string elements
+    /// are skipped.
+    pub fn provisioned_names(&self) -> Vec<String> {
+        match self.extra.get(ACL_NAMES_FIELD) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(Value::as_str)
+                .filter(|s| !s.trim().is_empty())
+                .map(str::to_owned)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Sets (or, with no names, removes) the provisioned display names.
+    pub fn set_provisioned_names(&mut self, names: &[String]) {
+        if names.is_empty() {
+            self.extra.remove(ACL_NAMES_FIELD);
+        } else {
+            let items = names.iter().cloned().map(Value::String).collect();
+            self.extra
+                .insert(ACL_NAMES_FIELD.to_owned(), Value::Array(items));
+        }
+    }
+}
+
 impl Sealed for MembershipRecord {}
 impl WireRecord for MembershipRecord {}
 impl Sealed for AclRecord {}

@@ -218,6 +218,12 @@ enum ProvisionCmd {
         /// Grant the spawn capability (requests on ctl.manager.ID).
         #[arg(long)]
         spawn: bool,
+        /// Display names the agent may present (repeatable or comma-separated), written to the
+        /// ACL record's `names`. Its id is always reserved for it; a name listed here is
+        /// reserved too: another agent presenting it is ignored for @mentions, and this agent
+        /// may present only these names (or its id).
+        #[arg(long = "name", value_delimiter = ',')]
+        names: Vec<String>,
         /// Also write the ACL record to the space's ACL bucket and create the agent's DLV and
         /// `dm_<id>` consumers, and `svc_<role>` with --role, as the reference's provisioner does
         /// (needs a privileged connection and a provisioned space).
@@ -352,6 +358,7 @@ async fn main() -> ExitCode {
             publish,
             role,
             spawn,
+            names,
             apply,
             nats,
         }) => {
@@ -363,6 +370,7 @@ async fn main() -> ExitCode {
                 role.as_deref(),
                 spawn,
                 apply.then_some(&nats),
+                &names,
             )
             .await
         }
@@ -408,6 +416,7 @@ async fn up(space: &str, replicas: u32, nats: &NatsArgs) -> ExitCode {
     }
 }
 
+#[allow(clippy::too_many_arguments)] // one per `provision agent` flag
 async fn provision_agent(
     space: &str,
     id: &str,
@@ -416,6 +425,7 @@ async fn provision_agent(
     role: Option<&str>,
     spawn: bool,
     apply: Option<&NatsArgs>,
+    names: &[String],
 ) -> ExitCode {
     let space = match Space::new(space) {
         Ok(s) => s,
@@ -455,7 +465,11 @@ async fn provision_agent(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0);
-    let record = AclRecord {
+    let names: Vec<String> = names.iter().map(|n| n.trim().to_owned()).collect();
+    if names.iter().any(String::is_empty) {
+        return fail("invalid --name: a display name cannot be empty".to_owned());
+    }
+    let mut record = AclRecord {
         allow_subscribe: policy
             .allow_subscribe
             .iter()
@@ -465,6 +479,7 @@ async fn provision_agent(
         updated_at: UnixMillis(now),
         extra: Default::default(),
     };
+    record.set_provisioned_names(&names);
     let record_json = serde_json::to_string(&record).unwrap_or_default();
     println!(
         "# ACL record: bucket {}, key {}",

@@ -1,6 +1,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod harness;
+mod mentions;
 mod revoke;
 mod transcript;
 
@@ -1871,29 +1872,47 @@ mod index_views {
     #[test]
     fn roster_resolves_case_insensitively_keeps_ghosts_and_flags_ambiguity() {
         let mut r = Roster::new();
+        let acls = AclIndex::new();
+        let at = crate::time::Instant::from_millis;
         let p = |id: &str, name: &str| {
             bytes::Bytes::from(
                 serde_json::json!({"card": {"id": id, "name": name}, "status": "idle", "ts": 1})
                     .to_string(),
             )
         };
-        r.apply(&put("bob", 1, p("bob", "Bob")));
-        assert_eq!(r.resolve("bob"), MentionResolution::Owner(id("bob")));
-        r.apply(&KvEntry {
-            key: "bob".into(),
-            revision: 2,
-            operation: KvOperation::Delete,
-            value: bytes::Bytes::new(),
-        });
+        r.apply(&put("bob", 1, p("bob", "Bob")), at(0), &acls);
         assert_eq!(
-            r.resolve("BOB"),
+            r.resolve("bob", at(1), &acls),
+            MentionResolution::Owner(id("bob"))
+        );
+        r.apply(
+            &KvEntry {
+                key: "bob".into(),
+                revision: 2,
+                operation: KvOperation::Delete,
+                value: bytes::Bytes::new(),
+            },
+            at(2),
+            &acls,
+        );
+        assert_eq!(
+            r.resolve("BOB", at(3), &acls),
             MentionResolution::Owner(id("bob")),
             "ghost kept"
         );
-        r.apply(&put("bob2", 3, p("bob2", "bob")));
-        assert_eq!(r.resolve("bob"), MentionResolution::Ambiguous);
-        assert_eq!(r.resolve("nobody"), MentionResolution::Unknown);
-        assert_eq!(r.len(), 2);
+        r.apply(&put("bob2", 3, p("bob2", "bob")), at(4), &acls);
+        assert_eq!(
+            r.resolve("bob", at(5), &acls),
+            MentionResolution::Owner(id("bob2")),
+            "the live instance wins over the ghost (G17)"
+        );
+        r.apply(&put("bob3", 4, p("bob3", "bob")), at(6), &acls);
+        assert_eq!(r.resolve("bob", at(7), &acls), MentionResolution::Ambiguous);
+        assert_eq!(
+            r.resolve("nobody", at(7), &acls),
+            MentionResolution::Unknown
+        );
+        assert_eq!(r.len(), 3);
     }
 }
 
