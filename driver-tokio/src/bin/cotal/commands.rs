@@ -1,7 +1,7 @@
 //! The running and one-shot subcommands of `cotal`: delivery, agent, send, members, health,
 //! channels.
 
-use crate::{NatsArgs, fail};
+use crate::{Identity, NatsArgs, fail};
 use bytes::Bytes;
 use clap::Args;
 use cotal_core::agent::{Agent, AgentConfig, AgentEvent, Arrival};
@@ -50,7 +50,10 @@ pub(crate) struct DeliveryArgs {
     /// How many shards the space's delivery is split into.
     #[arg(long, default_value_t = 1)]
     shards: u32,
-    /// The daemon id: the lease holder and every record's writerIdentity (default: a fresh id).
+    /// The daemon id: the lease holder and every record's writerIdentity, and its inbox prefix
+    /// `_INBOX_<id>` (the one `cotal provision delivery --id ID` grants). Default: the
+    /// credential's identity (the nkey of --creds / --nkey, the --user name), else a fresh
+    /// `delivery-<hex>`; given with a credential, it must match it.
     #[arg(long)]
     id: Option<String>,
     #[command(flatten)]
@@ -63,9 +66,11 @@ pub(crate) struct AgentArgs {
     /// The space name.
     #[arg(long)]
     space: String,
-    /// The agent's id (its user nkey in auth mode).
+    /// The agent's id (its user nkey in auth mode), and its inbox prefix `_INBOX_<id>`. Default:
+    /// the credential's identity (the nkey of --creds / --nkey, the --user name); given with a
+    /// credential, it must match it.
     #[arg(long)]
-    id: String,
+    id: Option<String>,
     /// Display name (default: the id).
     #[arg(long)]
     name: Option<String>,
@@ -96,9 +101,10 @@ pub(crate) struct SendArgs {
     /// The space name.
     #[arg(long)]
     space: String,
-    /// The sender's id.
+    /// The sender's id (and inbox prefix `_INBOX_<id>`). Default: the credential's identity (the
+    /// nkey of --creds / --nkey, the --user name); given with a credential, it must match it.
     #[arg(long)]
-    id: String,
+    id: Option<String>,
     /// Display name (default: the id).
     #[arg(long)]
     name: Option<String>,
@@ -188,22 +194,27 @@ async fn terminate_signal() {
 // ---------------------------------------------------------------------------------------------
 
 pub(crate) async fn delivery(args: DeliveryArgs) -> ExitCode {
-    match run_delivery(args).await {
+    let id = match args.nats.identity(args.id.as_deref(), false).resolve() {
+        Ok(id) => id,
+        Err(code) => return code,
+    };
+    match run_delivery(args, id).await {
         Ok(code) => code,
         Err(e) => fail(e),
     }
 }
 
-async fn run_delivery(args: DeliveryArgs) -> Result<ExitCode, String> {
+async fn run_delivery(args: DeliveryArgs, id: Option<AgentId>) -> Result<ExitCode, String> {
     let space = space_of(&args.space)?;
     let shard = ShardMap::new(args.shards)
         .and_then(|s| s.shard(args.shard))
         .map_err(|e| format!("invalid shard {} of {}: {e}", args.shard, args.shards))?;
-    let id = args
-        .id
-        .clone()
-        .unwrap_or_else(|| format!("delivery-{:012x}", os_seed() & 0xffff_ffff_ffff));
-    let mut config = args.nats.config()?;
+    let id = match id {
+        Some(id) => id,
+        None => agent_of(&format!("delivery-{:012x}", os_seed() & 0xffff_ffff_ffff))?,
+    };
+    let mut config = args.nats.config_as(Some(&id))?;
+    let id = id.as_str().to_owned();
     config.name = Some(format!("cotal-delivery-{id}"));
     let conn = connect_with(&config).await?;
     check_provisioned(&conn, &space, config.request_timeout).await?;
@@ -362,7 +373,12 @@ impl DaemonReport {
 // ---------------------------------------------------------------------------------------------
 
 pub(crate) async fn agent(args: AgentArgs) -> ExitCode {
-    match run_agent(args).await {
+    let id = match args.nats.identity(args.id.as_deref(), true).resolve() {
+        Ok(Some(id)) => id,
+        Ok(None) => return fail("no agent id"),
+        Err(code) => return code,
+    };
+    match run_agent(args, id).await {
         Ok(code) => code,
         Err(e) => fail(e),
     }
@@ -376,9 +392,9 @@ fn agent_of(id: &str) -> Result<AgentId, String> {
     AgentId::new(id).map_err(|e| format!("invalid agent id '{id}': {e}"))
 }
 
-fn sender_of(id: &str, name: Option<&str>) -> Result<Sender, String> {
-    let agent = AgentId::new(id).map_err(|e| format!("invalid agent id '{id}': {e}"))?;
-    Ok(Sender::new(agent, name.unwrap_or(id)))
+fn sender_of(id: AgentId, name: Option<&str>) -> Sender {
+    let name = name.unwrap_or(id.as_str()).to_owned();
+    Sender::new(id, name)
 }
 
 /// Connects as `me` (inbox prefix `_INBOX_<id>` before any request) and starts `config`.
@@ -400,9 +416,9 @@ async fn start_agent(
     Ok((Runner::spawn(machine, executor, inputs), connect_config))
 }
 
-async fn run_agent(args: AgentArgs) -> Result<ExitCode, String> {
+async fn run_agent(args: AgentArgs, id: AgentId) -> Result<ExitCode, String> {
     let space = space_of(&args.space)?;
-    let mut me = sender_of(&args.id, args.name.as_deref())?;
+    let mut me = sender_of(id, args.name.as_deref());
     let roles = args
         .role
         .iter()
@@ -776,7 +792,12 @@ pub(crate) fn parse_line(line: &str) -> Result<Line, String> {
 // ---------------------------------------------------------------------------------------------
 
 pub(crate) async fn send(args: SendArgs) -> ExitCode {
-    match run_send(args).await {
+    let id = match args.nats.identity(args.id.as_deref(), true).resolve() {
+        Ok(Some(id)) => id,
+        Ok(None) => return fail("no sender id"),
+        Err(code) => return code,
+    };
+    match run_send(args, id).await {
         Ok(code) => code,
         Err(e) => fail(e),
     }
@@ -789,9 +810,9 @@ enum SendRoute {
     Anycast(Role),
 }
 
-async fn run_send(args: SendArgs) -> Result<ExitCode, String> {
+async fn run_send(args: SendArgs, id: AgentId) -> Result<ExitCode, String> {
     let space = space_of(&args.space)?;
-    let me = sender_of(&args.id, args.name.as_deref())?;
+    let me = sender_of(id, args.name.as_deref());
     let route = match (&args.channel, &args.to, &args.role) {
         (Some(name), None, None) => {
             let channel = channel_of(name)?;
@@ -872,13 +893,22 @@ async fn run_send(args: SendArgs) -> Result<ExitCode, String> {
 // cotal members / health / channels: KV reads
 // ---------------------------------------------------------------------------------------------
 
+/// The connect config of an operator's one-shot command: the inbox prefix of the identity the
+/// credential names, if any.
+fn operator_config(nats: &NatsArgs) -> Result<ConnectConfig, String> {
+    match nats.identity(None, false) {
+        Identity::Id(id) => nats.config_as(id.as_ref()),
+        Identity::Mismatch(e) | Identity::Failed(e) => Err(e),
+    }
+}
+
 /// Every live (not deleted) entry of a bucket, by key.
 async fn kv_entries(
     nats: &NatsArgs,
     space: &Space,
     bucket: KvBucket,
 ) -> Result<Vec<(String, Bytes)>, String> {
-    let config = nats.config()?;
+    let config = operator_config(nats)?;
     let conn = connect_with(&config).await?;
     check_provisioned(&conn, space, config.request_timeout).await?;
     let name = bucket.name(space);

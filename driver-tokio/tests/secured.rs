@@ -1,0 +1,326 @@
+//! A secured space end to end through the `cotal` binary only (issue 15 item 1): a nats-server
+//! whose users carry exactly the permission blocks `cotal provision` prints, the quick start run
+//! under them (operator, delivery daemon, two agents), a durable catch-up for an offline member,
+//! and the one-shot commands as the operator. Nothing in-process: every step is the command line
+//! a user types, under the credential it would hold.
+
+mod common;
+
+use common::{NatsServer, Proc, User};
+use serde_json::Value;
+use std::process::Output;
+use std::time::Duration;
+
+const SPACE: &str = "sec";
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json_line(l: &str) -> Value {
+    serde_json::from_str(l).unwrap_or(Value::Null)
+}
+
+/// `cotal ARGS` with no server (the `provision` printers).
+fn cotal(args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_cotal"))
+        .args(args)
+        .output()
+        .expect("run cotal")
+}
+
+/// The permissions block `cotal provision …` printed: the lines from the `{` after the
+/// `# nats-server user permissions` header to its closing `}`.
+fn printed_block(out: &Output) -> String {
+    let text = stdout(out);
+    assert!(out.status.success(), "{text}");
+    let block: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("# nats-server user permissions"))
+        .skip(1)
+        .take_while(|l| !l.starts_with('#'))
+        .collect();
+    assert_eq!(block.first(), Some(&"{"), "{text}");
+    assert_eq!(block.last(), Some(&"}"), "{text}");
+    block.join("\n")
+}
+
+/// A user named `name` with `permissions` (the password is the name reversed, test only).
+fn user(name: &str, permissions: Option<String>) -> User {
+    User {
+        name: name.to_owned(),
+        password: format!("pw-{}", name.chars().rev().collect::<String>()),
+        permissions,
+    }
+}
+
+/// Runs and spawns `cotal` as one user of the server.
+struct As {
+    url: String,
+    user: User,
+}
+
+impl As {
+    fn args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all = args.to_vec();
+        all.extend([
+            "--nats",
+            self.url.as_str(),
+            "--user",
+            self.user.name.as_str(),
+            "--password",
+            self.user.password.as_str(),
+        ]);
+        all
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        cotal(&self.args(args))
+    }
+
+    fn spawn(&self, name: &'static str, args: &[&str]) -> Proc {
+        Proc::spawn(name, &self.args(args))
+    }
+}
+
+fn agent(who: &As, name: &'static str) -> Proc {
+    let mut p = who.spawn(
+        name,
+        &[
+            "agent",
+            "--space",
+            SPACE,
+            "--id",
+            who.user.name.as_str(),
+            "--join",
+            "general",
+        ],
+    );
+    let established = p.expect("an established backstop on general", |l| {
+        let v = json_line(l);
+        (v["event"] == "joined" && v["durable"] == true) || v["event"] == "backstop_established"
+    });
+    assert_eq!(json_line(&established)["channel"], "general");
+    p
+}
+
+/// The quick start on a server configured only from what `cotal provision` prints. Fails on the
+/// old binary: `cotal delivery` never set its inbox prefix, so the broker refused
+/// `SUB _INBOX.<nuid>.*` and the daemon exited with "cannot read stream CHAT_sec: timed out".
+#[test]
+fn quick_start_on_a_secured_space_through_the_binary() {
+    if NatsServer::binary().is_none() {
+        println!("skipping: COTAL_NATS_SERVER is not set");
+        return;
+    }
+    let daemon_block = printed_block(&cotal(&[
+        "provision",
+        "delivery",
+        "--space",
+        SPACE,
+        "--id",
+        "dlv",
+    ]));
+    let agent_block = |id: &str| {
+        printed_block(&cotal(&[
+            "provision",
+            "agent",
+            "--space",
+            SPACE,
+            "--id",
+            id,
+            "--read",
+            "general",
+            "--publish",
+            "general",
+        ]))
+    };
+    let users = vec![
+        user("operator", None),
+        user("dlv", Some(daemon_block)),
+        user("alice", Some(agent_block("alice"))),
+        user("bob", Some(agent_block("bob"))),
+    ];
+    let Some(server) = NatsServer::start_with_users(users.clone()) else {
+        return;
+    };
+    let who = |i: usize| As {
+        url: server.url(),
+        user: users[i].clone(),
+    };
+    let (operator, dlv, alice_user, bob_user) = (who(0), who(1), who(2), who(3));
+
+    let out = operator.run(&["up", "--space", SPACE]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    for id in ["alice", "bob"] {
+        let out = operator.run(&[
+            "provision",
+            "agent",
+            "--space",
+            SPACE,
+            "--id",
+            id,
+            "--read",
+            "general",
+            "--publish",
+            "general",
+            "--apply",
+        ]);
+        assert!(out.status.success(), "{}", stdout(&out));
+    }
+
+    let mut daemon = dlv.spawn("daemon", &["delivery", "--space", SPACE, "--id", "dlv"]);
+    daemon.expect("health active", |l| l.contains("health: active"));
+    let mut alice = agent(&alice_user, "alice");
+    let mut bob = agent(&bob_user, "bob");
+
+    alice.type_line("hello bob");
+    bob.expect("the live message", |l| json_line(l)["text"] == "hello bob");
+
+    // Bob goes offline; Alice posts on the durable channel; Bob comes back and catches up.
+    bob.signal("TERM");
+    assert_eq!(bob.exit_code(), Some(0), "{:#?}", bob.seen);
+    alice.type_line("while you were away");
+    alice.expect("sent", |l| json_line(l)["event"] == "sent");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut bob = agent(&bob_user, "bob again");
+    let got = json_line(&bob.expect("the catch-up", |l| {
+        json_line(l)["text"] == "while you were away"
+    }));
+    assert_eq!(got["from"], "alice", "{got}");
+    assert_eq!(got["durable"], true, "{got}");
+
+    // The one-shot commands as the operator.
+    let out = operator.run(&["members", "--space", SPACE, "--channel", "general"]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("general alice generation=") && text.contains("general bob generation="),
+        "{text}"
+    );
+    let out = operator.run(&["health", "--space", SPACE]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("lease.0: active (holder dlv)"),
+        "{}",
+        stdout(&out)
+    );
+
+    // No permission was refused anywhere on the way.
+    for p in [&mut daemon, &mut alice, &mut bob] {
+        p.settle(Duration::from_millis(200));
+        assert!(
+            !p.seen.iter().any(|l| l.contains("Permissions Violation")),
+            "{:#?}",
+            p.seen
+        );
+    }
+    assert!(
+        !server.log().contains("Permissions Violation"),
+        "{}",
+        server.log()
+    );
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit_code(), Some(0), "{:#?}", daemon.seen);
+}
+
+/// An `--id` the credential contradicts is bad usage: one line, exit code 2, before any
+/// connection (the URL points nowhere). The credential's identity is the public key of the seed
+/// in a `--nkey` or `--creds` file, or the `--user` name. The old binary connected anyway (and
+/// printed "cannot reach NATS server", exit 1, here; on a real server it ran with an inbox its
+/// credential may not use).
+#[test]
+fn an_id_the_credential_contradicts_is_refused_with_exit_code_2() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let key = nkeys::KeyPair::new_user();
+    let seed = key.seed().expect("seed");
+    let nkey_file = dir.path().join("user.nk");
+    std::fs::write(&nkey_file, format!("{seed}\n")).expect("nkey file");
+    let creds_file = dir.path().join("user.creds");
+    std::fs::write(
+        &creds_file,
+        format!(
+            "-----BEGIN NATS USER JWT-----\neyJhbGciOiJlZDI1NTE5In0.e30.sig\n------END NATS USER \
+             JWT------\n\n-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY \
+             SEED------\n"
+        ),
+    )
+    .expect("creds file");
+    let nowhere = "nats://127.0.0.1:1";
+    let nkey_path = nkey_file.display().to_string();
+    let creds_path = creds_file.display().to_string();
+    let public = key.public_key();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "delivery", "--space", SPACE, "--id", "dlv", "--nkey", &nkey_path,
+            ],
+            public.as_str(),
+        ),
+        (
+            vec![
+                "agent",
+                "--space",
+                SPACE,
+                "--id",
+                "bob",
+                "--creds",
+                &creds_path,
+            ],
+            public.as_str(),
+        ),
+        (
+            vec![
+                "send",
+                "--space",
+                SPACE,
+                "--id",
+                "bob",
+                "--channel",
+                "general",
+                "x",
+                "--user",
+                "alice",
+                "--password",
+                "pw",
+            ],
+            "alice",
+        ),
+    ];
+    for (mut args, named) in cases {
+        args.extend(["--nats", nowhere]);
+        let out = cotal(&args);
+        let text = stdout(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {text}");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert!(
+            text.starts_with("cotal: error: --id ")
+                && text.contains("does not match the credential")
+                && text.contains(named),
+            "{text}"
+        );
+    }
+    // The same credential with a matching --id, or none, goes on to connect (and fails there).
+    for args in [
+        vec!["delivery", "--space", SPACE, "--nkey", &nkey_path],
+        vec![
+            "agent",
+            "--space",
+            SPACE,
+            "--id",
+            &public,
+            "--creds",
+            &creds_path,
+        ],
+    ] {
+        let mut args = args.clone();
+        args.extend(["--nats", nowhere]);
+        let out = cotal(&args);
+        assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+        assert!(
+            stdout(&out).contains("cannot reach NATS server"),
+            "{}",
+            stdout(&out)
+        );
+    }
+}
