@@ -150,8 +150,26 @@ fn quick_start_on_a_secured_space_through_the_binary() {
     };
     let (operator, dlv, alice_user, bob_user) = (who(0), who(1), who(2), who(3));
 
+    // A space run with credentials defaults to durable; a second `up` changes nothing.
     let out = operator.run(&["up", "--space", SPACE]);
     assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("set       defaults.deliveryClass durable"),
+        "{}",
+        stdout(&out)
+    );
+    let out = operator.run(&["up", "--space", SPACE]);
+    assert!(
+        stdout(&out).contains("kept      defaults.deliveryClass durable"),
+        "{}",
+        stdout(&out)
+    );
+    let out = operator.run(&["channels", "--space", SPACE]);
+    assert!(
+        stdout(&out).contains("defaults {\"deliveryClass\":\"durable\"}"),
+        "{}",
+        stdout(&out)
+    );
     for id in ["alice", "bob"] {
         let out = operator.run(&[
             "provision",
@@ -323,4 +341,77 @@ fn an_id_the_credential_contradicts_is_refused_with_exit_code_2() {
             stdout(&out)
         );
     }
+}
+
+/// `cotal up` writes the space's default delivery class when unset (issue 15 item 2): `live` for
+/// an open space, so its unconfigured channels are live-class; a second `up` changes nothing; a
+/// value already there wins (here one written by `up --default-class durable`, and the fields of
+/// an operator's `=defaults` are kept). The old `up` wrote nothing: `channels` printed
+/// `defaults (none: durable)`.
+#[tokio::test]
+async fn up_writes_the_default_class_once_and_an_existing_value_wins() {
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let cli = common::Cli::new(server.url());
+    let out = cli.run(&["up", "--space", "open"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("set       defaults.deliveryClass live"),
+        "{}",
+        stdout(&out)
+    );
+    let again = cli.run(&["up", "--space", "open"]);
+    let text = stdout(&again);
+    assert!(again.status.success(), "{text}");
+    assert!(
+        text.contains("kept      defaults.deliveryClass live"),
+        "{text}"
+    );
+    assert!(text.contains("nothing changed"), "{text}");
+    let out = cli.run(&["channels", "--space", "open"]);
+    assert!(
+        stdout(&out).contains("defaults {\"deliveryClass\":\"live\"}"),
+        "{}",
+        stdout(&out)
+    );
+    // A chosen class, then a plain `up`: the chosen one stays.
+    let out = cli.run(&["up", "--space", "chosen", "--default-class", "durable"]);
+    assert!(
+        stdout(&out).contains("set       defaults.deliveryClass durable"),
+        "{}",
+        stdout(&out)
+    );
+    let out = cli.run(&["up", "--space", "chosen"]);
+    assert!(
+        stdout(&out).contains("kept      defaults.deliveryClass durable"),
+        "{}",
+        stdout(&out)
+    );
+    // An operator's `=defaults` without a class: `up` adds the class and keeps the rest.
+    let out = cli.run(&["up", "--space", "merged", "--default-class", "live"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let conn = cotal_driver_tokio::connect::connect(&server.config())
+        .await
+        .expect("connect");
+    let js = async_nats::jetstream::new(conn.client.clone());
+    let kv = js
+        .get_key_value("cotal_channels_merged")
+        .await
+        .expect("bucket");
+    kv.put("=defaults", r#"{"replay":false}"#.into())
+        .await
+        .expect("put");
+    let out = cli.run(&["up", "--space", "merged"]);
+    assert!(
+        stdout(&out).contains("set       defaults.deliveryClass live"),
+        "{}",
+        stdout(&out)
+    );
+    let stored = kv.get("=defaults").await.expect("get").expect("entry");
+    let stored: Value = serde_json::from_slice(&stored).expect("json");
+    assert_eq!(
+        stored,
+        serde_json::json!({"replay": false, "deliveryClass": "live"})
+    );
 }

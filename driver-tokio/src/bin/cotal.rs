@@ -17,13 +17,16 @@
 //! stream, a failed send …), 2 bad usage or not built.
 
 use clap::{Args, Parser, Subcommand};
+use cotal_core::policy::DeliveryClass;
 use cotal_core::time::UnixMillis;
 use cotal_core::wire::keys::{KvBucket, acl_key};
 use cotal_core::wire::permissions::{AgentPolicy, Permissions};
 use cotal_core::wire::records::AclRecord;
 use cotal_core::wire::token::{AgentId, Channel, Role, Space};
 use cotal_driver_tokio::connect::{Auth, ConnectConfig, TlsConfig, connect};
-use cotal_driver_tokio::provision::{SpacePlan, apply, nats_server_permissions};
+use cotal_driver_tokio::provision::{
+    SpacePlan, apply, ensure_default_class, nats_server_permissions,
+};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -250,6 +253,13 @@ enum Cmd {
         /// Replicas of every stream and KV bucket (3 on a 3-node JetStream cluster).
         #[arg(long, default_value_t = 1)]
         replicas: u32,
+        /// The space's default delivery class (`defaults.deliveryClass` in the channel registry),
+        /// written only when unset: a value already there (an operator's, or an earlier `up`'s)
+        /// wins. Default: `durable` when `up` connects with credentials (--creds, --nkey, --user,
+        /// --token: a secured space), `live` without (an open space, whose unconfigured channels
+        /// are then live).
+        #[arg(long, value_parser = ["live", "durable"])]
+        default_class: Option<String>,
         #[command(flatten)]
         nats: NatsArgs,
     },
@@ -450,8 +460,9 @@ async fn main() -> ExitCode {
         Cmd::Up {
             space,
             replicas,
+            default_class,
             nats,
-        } => up(&space, replicas, &nats).await,
+        } => up(&space, replicas, default_class.as_deref(), &nats).await,
         Cmd::Provision(ProvisionCmd::Delivery { space, id }) => provision_delivery(&space, &id),
         Cmd::Provision(ProvisionCmd::Agent {
             space,
@@ -486,7 +497,7 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn up(space: &str, replicas: u32, nats: &NatsArgs) -> ExitCode {
+async fn up(space: &str, replicas: u32, default_class: Option<&str>, nats: &NatsArgs) -> ExitCode {
     let space = match Space::new(space) {
         Ok(s) => s,
         Err(e) => return fail(format!("invalid space name '{space}': {e}")),
@@ -511,8 +522,19 @@ async fn up(space: &str, replicas: u32, nats: &NatsArgs) -> ExitCode {
     for object in &report.objects {
         println!("{object}");
     }
+    let class = match default_class {
+        Some("live") => DeliveryClass::Live,
+        Some(_) => DeliveryClass::Durable,
+        None if matches!(config.auth, Auth::None) => DeliveryClass::Live,
+        None => DeliveryClass::Durable,
+    };
+    let defaults = ensure_default_class(&conn.client, &space, class, config.request_timeout).await;
+    match &defaults {
+        Ok(d) => println!("{d}"),
+        Err(e) => println!("failed    defaults.deliveryClass: {e}"),
+    }
     println!("space {}: {}", space.as_str(), report.summary());
-    if report.failed() > 0 {
+    if report.failed() > 0 || defaults.is_err() {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
