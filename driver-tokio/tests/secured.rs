@@ -415,3 +415,72 @@ async fn up_writes_the_default_class_once_and_an_existing_value_wins() {
         serde_json::json!({"replay": false, "deliveryClass": "live"})
     );
 }
+
+/// `cotal members --channel` with a pattern matches by the protocol's subject rules (issue 15
+/// item 6): `team.>` lists `team.a` and `team.b.c`, not `team` or `general`; `team.*` only
+/// `team.a`; a concrete name itself only; an invalid filter is refused with exit code 2. The old
+/// command compared the pattern as a literal name: `0 membership record(s)`, exit 0.
+#[tokio::test]
+async fn members_filter_matches_patterns_by_subject_rules() {
+    use cotal_core::time::UnixMillis;
+    use cotal_core::wire::keys::member_key;
+    use cotal_core::wire::records::MembershipRecord;
+    use cotal_core::wire::token::{AgentId, ConcreteChannel};
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let cli = common::Cli::new(server.url());
+    let out = cli.run(&["up", "--space", "m"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let conn = cotal_driver_tokio::connect::connect(&server.config())
+        .await
+        .expect("connect");
+    let js = async_nats::jetstream::new(conn.client.clone());
+    let kv = js.get_key_value("cotal_members_m").await.expect("bucket");
+    for ch in ["team", "team.a", "team.b.c", "general"] {
+        let channel = ConcreteChannel::new(ch).expect("channel");
+        let owner = AgentId::new("ann").expect("id");
+        let record =
+            MembershipRecord::fresh_join(channel.clone(), owner.clone(), 0, 1, "d", UnixMillis(1));
+        kv.put(
+            member_key(&channel, &owner),
+            serde_json::to_vec(&record).expect("json").into(),
+        )
+        .await
+        .expect("put");
+    }
+    let listed = |filter: &str| {
+        let out = cli.run(&["members", "--space", "m", "--channel", filter]);
+        let text = stdout(&out);
+        assert!(out.status.success(), "{filter}: {text}");
+        let mut channels: Vec<String> = text
+            .lines()
+            .filter(|l| l.ends_with("state=durable-active"))
+            .filter_map(|l| l.split(' ').next().map(str::to_owned))
+            .collect();
+        channels.sort();
+        (channels, text)
+    };
+    let (got, text) = listed("team.>");
+    assert_eq!(got, ["team.a", "team.b.c"], "{text}");
+    assert!(
+        text.contains("2 membership record(s) on channels matching team.> (4 in the space)"),
+        "{text}"
+    );
+    assert_eq!(listed("team.*").0, ["team.a"]);
+    assert_eq!(listed("team").0, ["team"]);
+    assert_eq!(listed(">").0.len(), 4);
+    let (got, text) = listed("nobody.*");
+    assert!(got.is_empty(), "{text}");
+    assert!(
+        text.contains("0 membership record(s) on channels matching nobody.* (4 in the space)"),
+        "{text}"
+    );
+    let out = cli.run(&["members", "--space", "m", "--channel", "team..a"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(
+        stdout(&out).starts_with("cotal: error: invalid channel 'team..a'"),
+        "{}",
+        stdout(&out)
+    );
+}

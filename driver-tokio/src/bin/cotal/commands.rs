@@ -4,6 +4,7 @@
 use crate::{Identity, NatsArgs, fail};
 use bytes::Bytes;
 use clap::Args;
+use cotal_core::acl::subject_matches;
 use cotal_core::agent::{Agent, AgentConfig, AgentEvent, Arrival};
 use cotal_core::constants::LEASE_TTL;
 use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryEvent, DeliveryHealth};
@@ -129,7 +130,9 @@ pub(crate) struct MembersArgs {
     /// The space name.
     #[arg(long)]
     space: String,
-    /// Only this channel's records.
+    /// Only the records of this channel, or of the channels this pattern matches (`*` one
+    /// token, `>` the rest, as the protocol matches subjects: `team.>` matches `team.a` and
+    /// `team.a.b`, not `team`). An invalid name or pattern is refused (exit code 2).
     #[arg(long)]
     channel: Option<String>,
     #[command(flatten)]
@@ -943,10 +946,14 @@ async fn kv_entries(
 }
 
 pub(crate) async fn members(args: MembersArgs) -> ExitCode {
+    let only = match args.channel.as_deref().map(channel_of).transpose() {
+        Ok(only) => only,
+        Err(e) => return crate::usage(e),
+    };
     let run = async {
         let space = space_of(&args.space)?;
-        let only = args.channel.as_deref().map(channel_of).transpose()?;
         let entries = kv_entries(&args.nats, &space, KvBucket::Members).await?;
+        let total = entries.len();
         let mut shown = 0usize;
         for (key, value) in entries {
             let record: MembershipRecord = match serde_json::from_slice(&value) {
@@ -956,8 +963,9 @@ pub(crate) async fn members(args: MembersArgs) -> ExitCode {
                     continue;
                 }
             };
+            // The protocol's subject matching: a concrete filter matches itself only.
             if let Some(ch) = &only
-                && ch.as_str() != record.channel.as_str()
+                && !subject_matches(ch.as_str(), record.channel.as_str())
             {
                 continue;
             }
@@ -978,7 +986,13 @@ pub(crate) async fn members(args: MembersArgs) -> ExitCode {
                     .unwrap_or_default(),
             );
         }
-        println!("{shown} membership record(s)");
+        match &only {
+            Some(ch) => println!(
+                "{shown} membership record(s) on channels matching {} ({total} in the space)",
+                ch.as_str()
+            ),
+            None => println!("{shown} membership record(s)"),
+        }
         Ok::<_, String>(ExitCode::SUCCESS)
     };
     run.await.unwrap_or_else(fail)
