@@ -334,7 +334,7 @@ pub async fn apply_consumer(
     timeout: Duration,
 ) -> Result<Applied, ProvisionError> {
     let wanted = spec.to_api_config();
-    apply_object(
+    match apply_object(
         client,
         &spec.info_subject(),
         &spec.create_request(),
@@ -342,6 +342,45 @@ pub async fn apply_consumer(
         timeout,
     )
     .await
+    {
+        Ok(Applied::Unchanged) => {
+            // Fields the spec leaves unset must be unset on the server too: a `dm_<id>` made by
+            // an open-mode agent (inactive_threshold 600 s) is not the provisioner's durable.
+            let info = api::request(client, &spec.info_subject(), Bytes::new(), timeout)
+                .await
+                .map_err(ProvisionError::Api)?;
+            let drift = unset_differences(&wanted, &info["config"]);
+            if drift.is_empty() {
+                Ok(Applied::Unchanged)
+            } else {
+                Err(ProvisionError::Drift(drift))
+            }
+        }
+        other => other,
+    }
+}
+
+/// The consumer fields the reference may create that `wanted` leaves unset but `actual` holds
+/// set (`field: wanted none, found X`): `inactive_threshold` (0 is unset), `mem_storage` (false is
+/// unset), and a `deliver_policy` other than the server default `all`.
+pub fn unset_differences(wanted: &Value, actual: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let unset = |key: &str, default: &Value| {
+        wanted.get(key).is_none()
+            && actual
+                .get(key)
+                .is_some_and(|v| !v.is_null() && v != default && v != &Value::from(0))
+    };
+    for (key, default) in [
+        ("inactive_threshold", Value::from(0)),
+        ("mem_storage", Value::Bool(false)),
+        ("deliver_policy", Value::from("all")),
+    ] {
+        if unset(key, &default) {
+            out.push(format!("{key}: wanted none, found {}", actual[key]));
+        }
+    }
+    out
 }
 
 async fn apply_object(

@@ -109,11 +109,75 @@ fn agent(who: &As, name: &'static str) -> Proc {
 /// `SUB _INBOX.<nuid>.*` and the daemon exited with "cannot read stream CHAT_sec: timed out".
 #[test]
 fn quick_start_on_a_secured_space_through_the_binary() {
+    let Some((mut daemon, _server)) = secured_quick_start(false) else {
+        return;
+    };
+    assert!(
+        !daemon.seen.iter().any(|l| l.contains("running without")),
+        "{:#?}",
+        daemon.seen
+    );
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit_code(), Some(0), "{:#?}", daemon.seen);
+}
+
+/// The daemon under the reference's narrower delivery grants (`deliveryPermissions`, without
+/// `delivery_additions`: the DLV revocation sweep and the DLV backlog read) still runs the quick
+/// start, and says once per feature what it runs without and which grants it lacks; no
+/// `BacklogUnverified` WARN per copy. Before: no such line, a `BacklogUnverified` WARN per read
+/// and the sweep's refused retries only at debug.
+#[test]
+fn the_daemon_under_the_reference_grants_says_once_what_it_runs_without() {
+    let Some((mut daemon, _server)) = secured_quick_start(true) else {
+        return;
+    };
+    daemon.settle(Duration::from_millis(300));
+    let count = |needle: &str| daemon.seen.iter().filter(|l| l.contains(needle)).count();
+    assert_eq!(
+        count("running without the DLV revocation sweep"),
+        1,
+        "{:#?}",
+        daemon.seen
+    );
+    assert_eq!(
+        count("running without the per-owner DLV backlog read"),
+        1,
+        "{:#?}",
+        daemon.seen
+    );
+    assert_eq!(count("BacklogUnverified"), 0, "{:#?}", daemon.seen);
+    assert!(
+        daemon
+            .seen
+            .iter()
+            .any(|l| l.contains("the credential lacks $JS.API.CONSUMER.INFO.DLV_sec.*")),
+        "{:#?}",
+        daemon.seen
+    );
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit_code(), Some(0), "{:#?}", daemon.seen);
+}
+
+/// `block` without the grants the reference's delivery credential does not hold.
+fn reference_grants(block: &str) -> String {
+    let space = cotal_core::wire::token::Space::new(SPACE).expect("space");
+    let mut block = block.to_owned();
+    for grant in cotal_core::wire::permissions::delivery_additions(&space) {
+        let quoted = format!("{}, ", serde_json::to_string(&grant).expect("json"));
+        assert!(block.contains(&quoted), "{grant} not in {block}");
+        block = block.replace(&quoted, "");
+    }
+    block
+}
+
+/// Runs the secured quick start (see the tests above); returns the running daemon, or `None`
+/// without a server binary. With `reference`, the daemon's user holds the reference's grants.
+fn secured_quick_start(reference: bool) -> Option<(Proc, NatsServer)> {
     if NatsServer::binary().is_none() {
         println!("skipping: COTAL_NATS_SERVER is not set");
-        return;
+        return None;
     }
-    let daemon_block = printed_block(&cotal(&[
+    let mut daemon_block = printed_block(&cotal(&[
         "provision",
         "delivery",
         "--space",
@@ -121,6 +185,9 @@ fn quick_start_on_a_secured_space_through_the_binary() {
         "--id",
         "dlv",
     ]));
+    if reference {
+        daemon_block = reference_grants(&daemon_block);
+    }
     let agent_block = |id: &str| {
         printed_block(&cotal(&[
             "provision",
@@ -141,9 +208,7 @@ fn quick_start_on_a_secured_space_through_the_binary() {
         user("alice", Some(agent_block("alice"))),
         user("bob", Some(agent_block("bob"))),
     ];
-    let Some(server) = NatsServer::start_with_users(users.clone()) else {
-        return;
-    };
+    let server = NatsServer::start_with_users(users.clone())?;
     let who = |i: usize| As {
         url: server.url(),
         user: users[i].clone(),
@@ -224,22 +289,22 @@ fn quick_start_on_a_secured_space_through_the_binary() {
         stdout(&out)
     );
 
-    // No permission was refused anywhere on the way.
+    // No permission was refused anywhere on the way (with the full grants).
     for p in [&mut daemon, &mut alice, &mut bob] {
         p.settle(Duration::from_millis(200));
         assert!(
-            !p.seen.iter().any(|l| l.contains("Permissions Violation")),
+            reference || !p.seen.iter().any(|l| l.contains("Permissions Violation")),
             "{:#?}",
             p.seen
         );
     }
     assert!(
-        !server.log().contains("Permissions Violation"),
+        reference || !server.log().contains("Permissions Violation"),
         "{}",
         server.log()
     );
-    daemon.signal("TERM");
-    assert_eq!(daemon.exit_code(), Some(0), "{:#?}", daemon.seen);
+    // The server outlives the daemon's checks: hand both back (the server stops on drop).
+    Some((daemon, server))
 }
 
 /// An `--id` the credential contradicts is bad usage: one line, exit code 2, before any
@@ -483,4 +548,72 @@ async fn members_filter_matches_patterns_by_subject_rules() {
         "{}",
         stdout(&out)
     );
+}
+
+/// Open mode (issue 15 item 8): `provision agent --apply` makes `dm_<id>` exactly as a reference
+/// agent creates it (inactive_threshold 600 s), so the agent's own `action: create` of that config
+/// succeeds; the drift check compares the fields a spec leaves unset, so the provisioner's
+/// (threshold-less) `dm_` spec reports the open-mode consumer as drift instead of "unchanged".
+/// Before: the create failed with "consumer already exists", and the drift check said unchanged.
+#[tokio::test]
+async fn open_mode_provisioning_makes_dm_as_the_reference_agent_does() {
+    use bytes::Bytes;
+    use cotal_core::constants::DEFAULT_INACTIVE_THRESHOLD;
+    use cotal_core::wire::config::ConsumerSpec;
+    use cotal_core::wire::token::{AgentId, Space};
+    use cotal_driver_tokio::provision::{ProvisionError, apply_consumer};
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let cli = common::Cli::new(server.url());
+    let provision = [
+        "provision",
+        "agent",
+        "--space",
+        "o",
+        "--id",
+        "ann",
+        "--read",
+        ">",
+        "--apply",
+    ];
+    assert!(cli.run(&["up", "--space", "o"]).status.success());
+    let out = cli.run(&provision);
+    assert!(
+        stdout(&out).contains("applied: consumer DM_o/dm_ann created"),
+        "{}",
+        stdout(&out)
+    );
+    // The reference agent's own create: action `create`, its config.
+    let conn = cotal_driver_tokio::connect::connect(&server.config())
+        .await
+        .expect("connect");
+    let (space, ann) = (Space::new("o").unwrap(), AgentId::new("ann").unwrap());
+    let reference =
+        ConsumerSpec::dm(&space, &ann).with_inactive_threshold(DEFAULT_INACTIVE_THRESHOLD);
+    let req = reference.create_request();
+    let t = Duration::from_secs(5);
+    let created = cotal_driver_tokio::api::request(
+        &conn.client,
+        &req.subject,
+        Bytes::from(req.body_bytes()),
+        t,
+    )
+    .await;
+    assert!(created.is_ok(), "the reference agent's create: {created:?}");
+    let out = cli.run(&provision);
+    assert!(
+        stdout(&out).contains("applied: consumer DM_o/dm_ann unchanged"),
+        "{}",
+        stdout(&out)
+    );
+    // The auth-mode spec (no threshold) against the open-mode consumer: drift, named.
+    match apply_consumer(&conn.client, &ConsumerSpec::dm(&space, &ann), t).await {
+        Err(ProvisionError::Drift(d)) => assert_eq!(
+            d,
+            ["inactive_threshold: wanted none, found 600000000000"],
+            "{d:?}"
+        ),
+        other => panic!("expected drift, got {other:?}"),
+    }
 }

@@ -340,7 +340,9 @@ enum ProvisionCmd {
         spawn: bool,
         /// Also write the ACL record to the space's ACL bucket and create the agent's DLV and
         /// `dm_<id>` consumers, and `svc_<role>` with --role, as the reference's provisioner does
-        /// (needs a privileged connection and a provisioned space).
+        /// (needs a privileged connection and a provisioned space). Without credentials (an open
+        /// space) `dm_<id>` gets the inactive_threshold (600 s) a reference agent creates it
+        /// with, so the agent's own create finds it identical.
         #[arg(long)]
         apply: bool,
         #[command(flatten)]
@@ -675,7 +677,15 @@ async fn apply_agent(
         .await
         .map_err(|e| format!("cannot write the ACL record: {e}"))?;
     use cotal_core::wire::config::ConsumerSpec;
-    let mut specs = vec![ConsumerSpec::dlv(space, id), ConsumerSpec::dm(space, id)];
+    // In an open space a reference agent creates its own `dm_<id>` with the endpoint's
+    // inactive_threshold (action `create`, which fails on any other config): make it exactly so.
+    let dm = if matches!(config.auth, Auth::None) {
+        ConsumerSpec::dm(space, id)
+            .with_inactive_threshold(cotal_core::constants::DEFAULT_INACTIVE_THRESHOLD)
+    } else {
+        ConsumerSpec::dm(space, id)
+    };
+    let mut specs = vec![ConsumerSpec::dlv(space, id), dm];
     if let Some(role) = role {
         specs.push(ConsumerSpec::svc(space, role));
     }

@@ -9,11 +9,13 @@ use cotal_core::agent::{Agent, AgentConfig, AgentEvent, Arrival};
 use cotal_core::constants::LEASE_TTL;
 use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryEvent, DeliveryHealth};
 use cotal_core::delivery::lease::{HEALTH_FIELD, LeaseEvent, LeaseHealth, judge_health};
+use cotal_core::delivery::revoke::SweepEvent;
 use cotal_core::ledger::Surfaced;
 use cotal_core::policy::{ChannelRegistry, DeliveryClass};
 use cotal_core::wire::config::SpaceStream;
 use cotal_core::wire::keys::KvBucket;
 use cotal_core::wire::message::{Part, Sender};
+use cotal_core::wire::permissions::{delivery_backlog_grants, delivery_revocation_grants};
 use cotal_core::wire::records::{DeliveryLease, MembershipRecord};
 use cotal_core::wire::shard::ShardMap;
 use cotal_core::wire::token::{AgentId, Channel, Role, Space};
@@ -242,7 +244,7 @@ async fn run_delivery(args: DeliveryArgs, id: Option<AgentId>) -> Result<ExitCod
     let signal = terminate_signal();
     tokio::pin!(signal);
     let mut failure: Option<String> = None;
-    let mut report = DaemonReport::default();
+    let mut report = DaemonReport::for_space(&space);
     loop {
         tokio::select! {
             () = &mut signal => {
@@ -290,12 +292,72 @@ struct DaemonReport {
     /// The daemon was active once: from then on every health change is printed (the boot's
     /// step-by-step degraded states only with `-vv`).
     was_active: bool,
+    /// The space, for naming the grants a refused feature lacks.
+    space: Option<Space>,
+    /// The broker refused the DLV revocation sweep's grants: said once, then quiet.
+    without_sweep: bool,
+    /// The broker refused the per-owner DLV backlog read: said once, then quiet.
+    without_dlv_backlog: bool,
+}
+
+/// True when a failure detail is the broker's permission refusal (`Failure::PermissionDenied`).
+fn refused_by_permissions(detail: &str) -> bool {
+    detail.contains("Permissions Violation") || detail.starts_with("permission denied")
 }
 
 impl DaemonReport {
+    fn for_space(space: &Space) -> Self {
+        DaemonReport {
+            space: Some(space.clone()),
+            ..DaemonReport::default()
+        }
+    }
+
+    /// The first permission refusal of a grant the reference's `deliveryPermissions` lacks
+    /// (`delivery_additions`): one WARN line naming the feature and the grants, true; later
+    /// ones: false (logged at debug). The daemon keeps working without the feature.
+    fn without(&mut self, feature: Feature, detail: &str) -> bool {
+        if !refused_by_permissions(detail) {
+            return false;
+        }
+        let (said, what, grants) = match (feature, &self.space) {
+            (Feature::Sweep, Some(space)) => (
+                &mut self.without_sweep,
+                "the DLV revocation sweep (copies already in an agent's DLV stay when its ACL \
+                 narrows)",
+                delivery_revocation_grants(space),
+            ),
+            (Feature::DlvBacklog, Some(space)) => (
+                &mut self.without_dlv_backlog,
+                "the per-owner DLV backlog read (the per-owner DLV cap is not verified)",
+                delivery_backlog_grants(space),
+            ),
+            (_, None) => return false,
+        };
+        if !*said {
+            *said = true;
+            tracing::warn!(
+                target: "cotal",
+                "running without {what}: the credential lacks {} (`cotal provision delivery` \
+                 prints them)",
+                grants.join(", ")
+            );
+        } else {
+            tracing::debug!(target: "cotal", "{feature:?} refused again: {detail}");
+        }
+        true
+    }
+
     /// Logs one daemon event; returns the reason to exit for a lease that is gone for good.
     fn event(&mut self, event: &DeliveryEvent) -> Option<String> {
         match event {
+            DeliveryEvent::DlvRevocation(
+                SweepEvent::Retrying { detail, .. } | SweepEvent::Failed { detail, .. },
+            ) if self.without(Feature::Sweep, detail) => {}
+            DeliveryEvent::BacklogUnverified {
+                owner: Some(_),
+                detail,
+            } if self.without(Feature::DlvBacklog, detail) => {}
             DeliveryEvent::HealthChanged(h) => {
                 let active = matches!(h, DeliveryHealth::Active);
                 if active || self.was_active {
@@ -369,6 +431,15 @@ impl DaemonReport {
         }
         None
     }
+}
+
+/// A daemon feature that needs a grant beyond the reference's delivery credential.
+#[derive(Clone, Copy, Debug)]
+enum Feature {
+    /// The DLV revocation sweep.
+    Sweep,
+    /// The per-owner DLV backlog read.
+    DlvBacklog,
 }
 
 // ---------------------------------------------------------------------------------------------
