@@ -303,6 +303,8 @@ enum Cmd {
     Chaos(chaos::ChaosArgs),
 }
 
+// Parsed once per run: the size of the agent variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum ProvisionCmd {
     /// Print the delivery daemon's nats-server permissions block (`Permissions::delivery`: the
