@@ -617,3 +617,188 @@ async fn open_mode_provisioning_makes_dm_as_the_reference_agent_does() {
         other => panic!("expected drift, got {other:?}"),
     }
 }
+
+/// A nats-server whose config this file writes itself (nkey users), killed by its PID on drop.
+struct NkeyServer {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl NkeyServer {
+    /// `users`: (public user nkey, permissions block or none).
+    fn start(users: &[(String, Option<String>)]) -> Option<Self> {
+        let bin = NatsServer::binary()?;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("port");
+        let mut conf = format!(
+            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {:?} }}\nauthorization {{ users = [\n",
+            dir.path().join("js").display().to_string()
+        );
+        for (key, permissions) in users {
+            conf.push_str(&format!("  {{ nkey: {key:?}"));
+            if let Some(p) = permissions {
+                conf.push_str(&format!(", permissions: {p}"));
+            }
+            conf.push_str(" }\n");
+        }
+        conf.push_str("] }\n");
+        let path = dir.path().join("server.conf");
+        std::fs::write(&path, conf).expect("config");
+        let child = std::process::Command::new(bin)
+            .arg("-c")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn nats-server");
+        let deadline = std::time::Instant::now() + common::WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "nats-server not up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Some(NkeyServer {
+            child,
+            port,
+            _dir: dir,
+        })
+    }
+}
+
+impl Drop for NkeyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The same quick start with nkey users: every id is the public key of the user's seed, and no
+/// command is given `--id` (the daemon, the agents and `provision` take it from the `--nkey`
+/// file; `provision … --id` names the key the blocks are for). Before: the daemon defaulted to
+/// `delivery-<hex>` with the library inbox, and `agent` required `--id`.
+#[test]
+fn quick_start_with_nkey_users_takes_every_id_from_the_seed() {
+    if NatsServer::binary().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    let seed_file = |name: &str, key: &nkeys::KeyPair| {
+        let path = dir.path().join(format!("{name}.nk"));
+        std::fs::write(&path, key.seed().expect("seed")).expect("seed file");
+        path.display().to_string()
+    };
+    let keys: Vec<nkeys::KeyPair> = (0..4).map(|_| nkeys::KeyPair::new_user()).collect();
+    let [op, dlv, ann, ben] = ["operator", "dlv", "ann", "ben"].map(|n| n.to_owned());
+    let files: Vec<String> = [&op, &dlv, &ann, &ben]
+        .iter()
+        .zip(&keys)
+        .map(|(n, k)| seed_file(n, k))
+        .collect();
+    let public: Vec<String> = keys.iter().map(nkeys::KeyPair::public_key).collect();
+    let daemon_block = printed_block(&cotal(&[
+        "provision",
+        "delivery",
+        "--space",
+        SPACE,
+        "--id",
+        &public[1],
+    ]));
+    let agent_block = |key: &str| {
+        printed_block(&cotal(&[
+            "provision",
+            "agent",
+            "--space",
+            SPACE,
+            "--id",
+            key,
+            "--read",
+            "general",
+            "--publish",
+            "general",
+        ]))
+    };
+    let Some(server) = NkeyServer::start(&[
+        (public[0].clone(), None),
+        (public[1].clone(), Some(daemon_block)),
+        (public[2].clone(), Some(agent_block(&public[2]))),
+        (public[3].clone(), Some(agent_block(&public[3]))),
+    ]) else {
+        return;
+    };
+    let url = format!("nats://127.0.0.1:{}", server.port);
+    let with = |file: &str, args: &[&str]| -> Vec<String> {
+        let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        all.extend([
+            "--nats".into(),
+            url.clone(),
+            "--nkey".into(),
+            file.to_owned(),
+        ]);
+        all
+    };
+    let run = |file: &str, args: &[&str]| {
+        let all = with(file, args);
+        cotal(&all.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let spawn = |name: &'static str, file: &str, args: &[&str]| {
+        let all = with(file, args);
+        Proc::spawn(name, &all.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let out = run(&files[0], &["up", "--space", SPACE]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    for key in &public[2..] {
+        let out = run(
+            &files[0],
+            &[
+                "provision",
+                "agent",
+                "--space",
+                SPACE,
+                "--id",
+                key,
+                "--read",
+                "general",
+                "--publish",
+                "general",
+                "--apply",
+            ],
+        );
+        assert!(out.status.success(), "{}", stdout(&out));
+    }
+    let mut daemon = spawn("daemon", &files[1], &["delivery", "--space", SPACE]);
+    daemon.expect("health active", |l| l.contains("health: active"));
+    let member = |name: &'static str, file: &str| {
+        let mut p = spawn(
+            name,
+            file,
+            &["agent", "--space", SPACE, "--join", "general"],
+        );
+        p.expect("an established backstop", |l| {
+            let v = json_line(l);
+            (v["event"] == "joined" && v["durable"] == true) || v["event"] == "backstop_established"
+        });
+        p
+    };
+    let mut ann_p = member("ann", &files[2]);
+    let mut ben_p = member("ben", &files[3]);
+    ben_p.signal("TERM");
+    assert_eq!(ben_p.exit_code(), Some(0), "{:#?}", ben_p.seen);
+    ann_p.type_line("for ben, later");
+    ann_p.expect("sent", |l| json_line(l)["event"] == "sent");
+    std::thread::sleep(Duration::from_millis(300));
+    let mut ben_p = member("ben again", &files[3]);
+    let got =
+        json_line(&ben_p.expect("the catch-up", |l| json_line(l)["text"] == "for ben, later"));
+    assert_eq!(got["from"], public[2].as_str(), "{got}");
+    let out = run(&files[0], &["health", "--space", SPACE]);
+    assert!(
+        stdout(&out).contains(&format!("lease.0: active (holder {})", public[1])),
+        "{}",
+        stdout(&out)
+    );
+    daemon.signal("TERM");
+    assert_eq!(daemon.exit_code(), Some(0), "{:#?}", daemon.seen);
+}
