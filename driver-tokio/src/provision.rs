@@ -23,7 +23,9 @@
 use crate::api::{self, ApiError};
 use async_nats::Client;
 use bytes::Bytes;
+use cotal_core::policy::{ChannelDefaults, DeliveryClass};
 use cotal_core::wire::config::{ApiRequest, ConsumerSpec, KvBucketSpec, SpaceConfig, StreamSpec};
+use cotal_core::wire::keys::{CHANNEL_DEFAULTS_KEY, KvBucket};
 use cotal_core::wire::permissions::Permissions;
 use cotal_core::wire::token::Space;
 use serde_json::Value;
@@ -251,6 +253,100 @@ pub async fn provision_space(client: &Client, space: &Space, timeout: Duration) 
     apply(client, &SpacePlan::new(space), timeout).await
 }
 
+/// What [`ensure_default_class`] found or did to the space's `defaults.deliveryClass`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DefaultClass {
+    /// It was unset and is now this class (the rest of `=defaults`, if any, kept).
+    Set(DeliveryClass),
+    /// It already held this class (an operator's choice, or an earlier bring-up): unchanged.
+    Kept(DeliveryClass),
+}
+
+impl fmt::Display for DefaultClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DefaultClass::Set(c) => write!(f, "set       defaults.deliveryClass {}", c.as_str()),
+            DefaultClass::Kept(c) => write!(f, "kept      defaults.deliveryClass {}", c.as_str()),
+        }
+    }
+}
+
+/// Writes `class` as the space's default delivery class (`defaults.deliveryClass` in the
+/// channels registry's `=defaults` entry) when it is unset, merged over the entry's other fields
+/// (`CHN:writeChannelDefaults`); an existing value wins. Compare-and-set on the entry's revision,
+/// retried a bounded number of times when another writer got in between.
+///
+/// # Errors
+///
+/// A one-line reason: the bucket cannot be opened, read or written, or the entry kept changing.
+pub async fn ensure_default_class(
+    client: &Client,
+    space: &Space,
+    class: DeliveryClass,
+    timeout: Duration,
+) -> Result<DefaultClass, String> {
+    let bucket = KvBucket::Channels.name(space);
+    let work = async {
+        let js = async_nats::jetstream::new(client.clone());
+        let kv = js
+            .get_key_value(&bucket)
+            .await
+            .map_err(|e| format!("cannot open KV bucket {bucket}: {e}"))?;
+        let patch = ChannelDefaults {
+            delivery_class: Some(class),
+            ..ChannelDefaults::default()
+        };
+        for _ in 0..3 {
+            let entry = kv
+                .entry(CHANNEL_DEFAULTS_KEY)
+                .await
+                .map_err(|e| format!("cannot read {bucket}/{CHANNEL_DEFAULTS_KEY}: {e}"))?;
+            let live = entry.filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put);
+            let existing = match &live {
+                Some(e) => Some(serde_json::from_slice::<ChannelDefaults>(&e.value).map_err(
+                    |err| {
+                        format!(
+                            "{bucket}/{CHANNEL_DEFAULTS_KEY} is not a defaults object ({err}): \
+                             left as it is"
+                        )
+                    },
+                )?),
+                None => None,
+            };
+            if let Some(kept) = existing.as_ref().and_then(|d| d.delivery_class) {
+                return Ok(DefaultClass::Kept(kept));
+            }
+            let merged = patch.merged_over(existing.as_ref());
+            let value = Bytes::from(serde_json::to_vec(&merged.to_object()).unwrap_or_default());
+            use async_nats::jetstream::kv::{CreateErrorKind, UpdateErrorKind};
+            // `Ok(false)`: another writer got in between; read again (its value may win).
+            let written = match &live {
+                Some(e) => match kv.update(CHANNEL_DEFAULTS_KEY, value, e.revision).await {
+                    Ok(_) => Ok(true),
+                    Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => Ok(false),
+                    Err(e) => Err(e.to_string()),
+                },
+                None => match kv.create(CHANNEL_DEFAULTS_KEY, value).await {
+                    Ok(_) => Ok(true),
+                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => Ok(false),
+                    Err(e) => Err(e.to_string()),
+                },
+            };
+            match written {
+                Ok(true) => return Ok(DefaultClass::Set(class)),
+                Ok(false) => {}
+                Err(e) => return Err(format!("cannot write {bucket}/{CHANNEL_DEFAULTS_KEY}: {e}")),
+            }
+        }
+        Err(format!(
+            "{bucket}/{CHANNEL_DEFAULTS_KEY} kept changing while bring-up wrote it: left as it is"
+        ))
+    };
+    tokio::time::timeout(timeout * 4, work)
+        .await
+        .unwrap_or_else(|_| Err(format!("writing {bucket}/{CHANNEL_DEFAULTS_KEY} timed out")))
+}
+
 /// Brings one stream to `spec`.
 pub async fn apply_stream(
     client: &Client,
@@ -378,7 +474,7 @@ pub async fn apply_consumer(
     timeout: Duration,
 ) -> Result<Applied, ProvisionError> {
     let wanted = spec.to_api_config();
-    apply_object(
+    match apply_object(
         client,
         &spec.info_subject(),
         &spec.create_request(),
@@ -386,6 +482,45 @@ pub async fn apply_consumer(
         timeout,
     )
     .await
+    {
+        Ok(Applied::Unchanged) => {
+            // Fields the spec leaves unset must be unset on the server too: a `dm_<id>` made by
+            // an open-mode agent (inactive_threshold 600 s) is not the provisioner's durable.
+            let info = api::request(client, &spec.info_subject(), Bytes::new(), timeout)
+                .await
+                .map_err(ProvisionError::Api)?;
+            let drift = unset_differences(&wanted, &info["config"]);
+            if drift.is_empty() {
+                Ok(Applied::Unchanged)
+            } else {
+                Err(ProvisionError::Drift(drift))
+            }
+        }
+        other => other,
+    }
+}
+
+/// The consumer fields the reference may create that `wanted` leaves unset but `actual` holds
+/// set (`field: wanted none, found X`): `inactive_threshold` (0 is unset), `mem_storage` (false is
+/// unset), and a `deliver_policy` other than the server default `all`.
+pub fn unset_differences(wanted: &Value, actual: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let unset = |key: &str, default: &Value| {
+        wanted.get(key).is_none()
+            && actual
+                .get(key)
+                .is_some_and(|v| !v.is_null() && v != default && v != &Value::from(0))
+    };
+    for (key, default) in [
+        ("inactive_threshold", Value::from(0)),
+        ("mem_storage", Value::Bool(false)),
+        ("deliver_policy", Value::from("all")),
+    ] {
+        if unset(key, &default) {
+            out.push(format!("{key}: wanted none, found {}", actual[key]));
+        }
+    }
+    out
 }
 
 async fn apply_object(

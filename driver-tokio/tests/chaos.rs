@@ -201,7 +201,8 @@ fn lease_fight_sigstop_past_ttl_deposed_daemon_writes_nothing() {
     let space = "lease";
     let cli = Cli::new(url.clone());
     let spawn = |name: &'static str, args: &[&str]| cli.spawn(name, args);
-    let up = cli.run(&["up", "--space", space]);
+    // An open space: durable by choice (its default would be live).
+    let up = cli.run(&["up", "--space", space, "--default-class", "durable"]);
     assert!(
         up.status.success(),
         "{}",
@@ -490,7 +491,7 @@ fn agent_crash_between_surfacing_and_ack_resurfaces_only_unacked_copies() {
     let cli = Cli::new(url.clone());
     let spawn = |name: &'static str, args: &[&str]| cli.spawn(name, args);
     for args in [
-        vec!["up", "--space", space],
+        vec!["up", "--space", space, "--default-class", "durable"],
         vec![
             "provision",
             "agent",

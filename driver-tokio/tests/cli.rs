@@ -208,7 +208,8 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
     };
     let cli = Cli::new(server.url());
     let run = |args: &[&str]| cli.run(args);
-    let up = run(&["up", "--space", "demo"]);
+    // An open space whose channels are durable by choice (the README's quick start).
+    let up = run(&["up", "--space", "demo", "--default-class", "durable"]);
     assert!(up.status.success(), "{}", stdout(&up));
     for who in ["alice", "bob"] {
         let out = run(&[

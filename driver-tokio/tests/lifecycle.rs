@@ -35,7 +35,7 @@ fn deprovision_tombstones_through_the_daemon_is_idempotent_and_orphans_are_liste
         return;
     };
     let cli = Cli::new(server.url());
-    let up = cli.run(&["up", "--space", "lc"]);
+    let up = cli.run(&["up", "--space", "lc", "--default-class", "durable"]);
     assert!(up.status.success(), "{}", stdout(&up));
     for who in ["alice", "bob"] {
         let out = cli.run(&[

@@ -93,7 +93,8 @@
 //! durable copy in the one ledger: deduplicated by id, acked only after [`Agent::handled`].
 
 use crate::constants::{
-    DEFAULT_HEARTBEAT, DURABLE_JOIN_TIMEOUT, HISTORY_FETCH_MAX_BATCH, MEMBERSHIP_AUDIT_INTERVAL,
+    DEFAULT_HEARTBEAT, DEFAULT_INACTIVE_THRESHOLD, DURABLE_JOIN_TIMEOUT, HISTORY_FETCH_MAX_BATCH,
+    MEMBERSHIP_AUDIT_INTERVAL,
     REQUEST_DELIVERY_TIMEOUT, backoff,
 };
 use crate::entropy::{IdGen, IdKey};
@@ -1684,6 +1685,12 @@ impl Agent {
     /// The consumer spec of a direct feed.
     fn direct_spec(&self, d: Direct) -> ConsumerSpec {
         match d {
+            // Open-mode self-creation carries the endpoint's inactive_threshold, as the reference
+            // agent's does: both create the same `dm_<id>`.
+            Direct::Dm if self.config.create_direct_consumers => {
+                ConsumerSpec::dm(&self.config.space, &self.config.me.id)
+                    .with_inactive_threshold(DEFAULT_INACTIVE_THRESHOLD)
+            }
             Direct::Dm => ConsumerSpec::dm(&self.config.space, &self.config.me.id),
             Direct::Svc(i) => match self.config.roles.get(i) {
                 Some(role) => ConsumerSpec::svc(&self.config.space, role),

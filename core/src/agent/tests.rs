@@ -2162,6 +2162,44 @@ fn dm_and_svc_consumers_bind_at_every_connect_and_kind_comes_from_the_subject() 
     let _ = (dm, task);
 }
 
+/// Issue 15 item 8: in open mode the agent creates its `dm_<id>` exactly as the reference agent
+/// does (the endpoint's `inactive_threshold`, 600 s), so whichever of the two creates it first,
+/// the other's create finds the same config; bind-only (auth mode) asks for the provisioner's
+/// durable, without one. Failed before: open mode created `dm_bob` without the threshold.
+#[test]
+fn open_mode_creates_dm_as_the_reference_agent_does() {
+    for open in [true, false] {
+        let mut w = direct_world(&[]);
+        let mut config = w.agent.config().clone();
+        config.create_direct_consumers = open;
+        w.agent = Agent::new(config).unwrap();
+        w.hold = Some(|c| matches!(c, Command::Consume { .. }));
+        w.connect();
+        let dm = w
+            .held
+            .iter()
+            .find_map(|c| match c {
+                Command::Consume {
+                    consumer, create, ..
+                } if consumer.name == "dm_bob" => Some((consumer.clone(), *create)),
+                _ => None,
+            })
+            .expect("dm_bob consume");
+        assert_eq!(dm.1, open);
+        let want = if open {
+            ConsumerSpec::dm(&Space::new(SPACE).unwrap(), &AgentId::new("bob").unwrap())
+                .with_inactive_threshold(crate::constants::DEFAULT_INACTIVE_THRESHOLD)
+        } else {
+            ConsumerSpec::dm(&Space::new(SPACE).unwrap(), &AgentId::new("bob").unwrap())
+        };
+        assert_eq!(dm.0, want, "open mode {open}");
+        assert_eq!(
+            dm.0.to_api_config().get("inactive_threshold").is_some(),
+            open
+        );
+    }
+}
+
 #[test]
 fn direct_copies_are_acked_only_after_the_application_handled_them() {
     let mut w = direct_world(&["reviewer"]);

@@ -17,13 +17,16 @@
 //! stream, a failed send …), 2 bad usage or not built.
 
 use clap::{Args, Parser, Subcommand};
+use cotal_core::policy::DeliveryClass;
 use cotal_core::time::UnixMillis;
 use cotal_core::wire::keys::{KvBucket, acl_key};
 use cotal_core::wire::permissions::{AgentPolicy, Permissions};
 use cotal_core::wire::records::AclRecord;
 use cotal_core::wire::token::{AgentId, Channel, Role, Space};
 use cotal_driver_tokio::connect::{Auth, ConnectConfig, TlsConfig, connect};
-use cotal_driver_tokio::provision::{SpacePlan, apply, nats_server_permissions};
+use cotal_driver_tokio::provision::{
+    SpacePlan, apply, ensure_default_class, nats_server_permissions,
+};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -61,13 +64,16 @@ pub(crate) struct NatsArgs {
 /// How to authenticate to NATS (and TLS), without the URL.
 #[derive(Args, Debug, Clone)]
 pub(crate) struct AuthArgs {
-    /// Credentials file (user JWT + seed).
+    /// Credentials file (user JWT + seed). Its user nkey (the public key of the seed) is the
+    /// identity the command acts as: `--id`, when given, must equal it.
     #[arg(long, env = "NATS_CREDS", conflicts_with_all = ["nkey", "user", "token"])]
     creds: Option<PathBuf>,
-    /// File holding an nkey seed (SU…).
+    /// File holding an nkey seed (SU…). Its public user nkey is the identity the command acts
+    /// as: `--id`, when given, must equal it.
     #[arg(long, env = "NATS_NKEY", conflicts_with_all = ["user", "token"])]
     nkey: Option<PathBuf>,
-    /// User name (with --password).
+    /// User name (with --password). It is the identity the command acts as (`cotal provision`
+    /// names a user/password user after the id): `--id`, when given, must equal it.
     #[arg(
         long,
         env = "NATS_USER",
@@ -102,9 +108,109 @@ impl NatsArgs {
     pub(crate) fn config(&self) -> Result<ConnectConfig, String> {
         self.auth.config(&self.nats)
     }
+
+    /// The connect config acting as `id`: its inbox prefix `_INBOX_<id>` is set before the first
+    /// request, the only inbox a scoped credential (agent, delivery, observer, admin profile) may
+    /// subscribe to. `None`: the library's `_INBOX` (open mode, or an allow-all credential that
+    /// names no identity).
+    pub(crate) fn config_as(&self, id: Option<&AgentId>) -> Result<ConnectConfig, String> {
+        let mut config = self.config()?;
+        config.inbox_prefix = id.map(AgentId::inbox_prefix);
+        Ok(config)
+    }
+
+    /// The identity a command acts as: the credential's (see [`AuthArgs::credential_identity`])
+    /// when it names one, else `given` (`--id`). A `given` id that differs from the credential's
+    /// is a usage error ([`Identity::Mismatch`]); `required` commands (an agent, the daemon, a
+    /// send) need an id from one or the other.
+    pub(crate) fn identity(&self, given: Option<&str>, required: bool) -> Identity {
+        let named = match self.auth.credential_identity() {
+            Ok(n) => n,
+            Err(e) => return Identity::Failed(e),
+        };
+        let usage = |msg: String| Identity::Mismatch(msg);
+        match (named, given) {
+            (Some((named, source)), Some(given)) if named != given => usage(format!(
+                "--id {given} does not match the credential: {source} names {named} \
+                 (omit --id, or give --id {named})"
+            )),
+            (Some((named, source)), _) => match AgentId::new(named.as_str()) {
+                Ok(id) => Identity::Id(Some(id)),
+                // An allow-all operator's user name need not be a valid id: the library inbox.
+                Err(_) if !required => Identity::Id(None),
+                Err(e) => usage(format!(
+                    "{source} names '{named}', which is not a valid agent id: {e}"
+                )),
+            },
+            (None, Some(given)) => match AgentId::new(given) {
+                Ok(id) => Identity::Id(Some(id)),
+                Err(e) => usage(format!("invalid agent id '{given}': {e}")),
+            },
+            (None, None) if required => usage(
+                "no identity: give --id ID (or a credential that names one: --creds, --nkey, \
+                 --user)"
+                    .to_owned(),
+            ),
+            (None, None) => Identity::Id(None),
+        }
+    }
+}
+
+/// Who a command acts as, resolved from `--id` and the credential.
+pub(crate) enum Identity {
+    /// The id (`None`: none named, the library's default inbox).
+    Id(Option<AgentId>),
+    /// `--id` contradicts the credential, or no usable id: bad usage, exit code 2.
+    Mismatch(String),
+    /// The credential file could not be read: exit code 1.
+    Failed(String),
+}
+
+impl Identity {
+    /// The id, or the exit code a command returns at once (after printing one line).
+    pub(crate) fn resolve(self) -> Result<Option<AgentId>, ExitCode> {
+        match self {
+            Identity::Id(id) => Ok(id),
+            Identity::Mismatch(msg) => Err(usage(msg)),
+            Identity::Failed(msg) => Err(fail(msg)),
+        }
+    }
 }
 
 impl AuthArgs {
+    /// The identity the credential names, and how it names it: the public user nkey (`U…`) of
+    /// the seed in a `--creds` or `--nkey` file, or the `--user` name (a user/password user is
+    /// provisioned under the agent's id as its name). `None` for a token or no credential.
+    pub(crate) fn credential_identity(&self) -> Result<Option<(String, String)>, String> {
+        fn public_key(seed: &str, path: &std::path::Path) -> Result<String, String> {
+            nkeys::KeyPair::from_seed(seed.trim())
+                .map(|k| k.public_key())
+                .map_err(|e| format!("{}: not a user nkey seed: {e}", path.display()))
+        }
+        if let Some(path) = &self.creds {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read credentials file {}: {e}", path.display()))?;
+            // The seed is the line after `-----BEGIN USER NKEY SEED-----`.
+            let seed = text
+                .lines()
+                .skip_while(|l| !(l.contains("BEGIN") && l.contains("SEED")))
+                .nth(1)
+                .ok_or_else(|| format!("credentials file {} holds no nkey seed", path.display()))?;
+            let key = public_key(seed, path)?;
+            return Ok(Some((key, format!("--creds {}", path.display()))));
+        }
+        if let Some(path) = &self.nkey {
+            let seed = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read nkey seed file {}: {e}", path.display()))?;
+            let key = public_key(&seed, path)?;
+            return Ok(Some((key, format!("--nkey {}", path.display()))));
+        }
+        if let Some(user) = &self.user {
+            return Ok(Some((user.clone(), format!("--user {user}"))));
+        }
+        Ok(None)
+    }
+
     /// The connect config for the comma-separated URL list `urls`.
     pub(crate) fn config(&self, urls: &str) -> Result<ConnectConfig, String> {
         let auth = if let Some(path) = &self.creds {
@@ -149,6 +255,13 @@ enum Cmd {
         /// Replicas of every stream and KV bucket (3 on a 3-node JetStream cluster).
         #[arg(long, default_value_t = 1)]
         replicas: u32,
+        /// The space's default delivery class (`defaults.deliveryClass` in the channel registry),
+        /// written only when unset: a value already there (an operator's, or an earlier `up`'s)
+        /// wins. Default: `durable` when `up` connects with credentials (--creds, --nkey, --user,
+        /// --token: a secured space), `live` without (an open space, whose unconfigured channels
+        /// are then live).
+        #[arg(long, value_parser = ["live", "durable"])]
+        default_class: Option<String>,
         #[command(flatten)]
         nats: NatsArgs,
     },
@@ -196,8 +309,23 @@ enum Cmd {
     Chaos(chaos::ChaosArgs),
 }
 
+// Parsed once per run: the size of the agent variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum ProvisionCmd {
+    /// Print the delivery daemon's nats-server permissions block (`Permissions::delivery`: the
+    /// reference's `deliveryPermissions` plus the DLV revocation sweep and backlog read). The
+    /// daemon runs as `cotal delivery --space S` under a user named ID (or the nkey ID); the
+    /// operator who runs `cotal up`, `provision agent --apply`, `members`, `health` and
+    /// `channels` needs the allow-all manager profile: a user with no permissions block.
+    Delivery {
+        /// The space name.
+        #[arg(long)]
+        space: String,
+        /// The daemon's id: its user name (or user nkey), lease holder and inbox `_INBOX_<id>`.
+        #[arg(long)]
+        id: String,
+    },
     /// Print an agent's ACL record and its nats-server permissions block.
     Agent {
         /// The space name.
@@ -226,7 +354,9 @@ enum ProvisionCmd {
         names: Vec<String>,
         /// Also write the ACL record to the space's ACL bucket and create the agent's DLV and
         /// `dm_<id>` consumers, and `svc_<role>` with --role, as the reference's provisioner does
-        /// (needs a privileged connection and a provisioned space).
+        /// (needs a privileged connection and a provisioned space). Without credentials (an open
+        /// space) `dm_<id>` gets the inactive_threshold (600 s) a reference agent creates it
+        /// with, so the agent's own create finds it identical.
         #[arg(long)]
         apply: bool,
         #[command(flatten)]
@@ -326,6 +456,13 @@ pub(crate) fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(1)
 }
 
+/// Bad usage found after parsing (an `--id` the credential contradicts, a filter that cannot
+/// match): one line, exit code 2.
+pub(crate) fn usage(msg: impl std::fmt::Display) -> ExitCode {
+    println!("cotal: error: {msg}");
+    ExitCode::from(2)
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -349,8 +486,10 @@ async fn main() -> ExitCode {
         Cmd::Up {
             space,
             replicas,
+            default_class,
             nats,
-        } => up(&space, replicas, &nats).await,
+        } => up(&space, replicas, default_class.as_deref(), &nats).await,
+        Cmd::Provision(ProvisionCmd::Delivery { space, id }) => provision_delivery(&space, &id),
         Cmd::Provision(ProvisionCmd::Agent {
             space,
             id,
@@ -387,12 +526,16 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn up(space: &str, replicas: u32, nats: &NatsArgs) -> ExitCode {
+async fn up(space: &str, replicas: u32, default_class: Option<&str>, nats: &NatsArgs) -> ExitCode {
     let space = match Space::new(space) {
         Ok(s) => s,
         Err(e) => return fail(format!("invalid space name '{space}': {e}")),
     };
-    let config = match nats.config() {
+    let id = match nats.identity(None, false).resolve() {
+        Ok(id) => id,
+        Err(code) => return code,
+    };
+    let config = match nats.config_as(id.as_ref()) {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
@@ -408,12 +551,49 @@ async fn up(space: &str, replicas: u32, nats: &NatsArgs) -> ExitCode {
     for object in &report.objects {
         println!("{object}");
     }
+    let class = match default_class {
+        Some("live") => DeliveryClass::Live,
+        Some(_) => DeliveryClass::Durable,
+        None if matches!(config.auth, Auth::None) => DeliveryClass::Live,
+        None => DeliveryClass::Durable,
+    };
+    let defaults = ensure_default_class(&conn.client, &space, class, config.request_timeout).await;
+    match &defaults {
+        Ok(d) => println!("{d}"),
+        Err(e) => println!("failed    defaults.deliveryClass: {e}"),
+    }
     println!("space {}: {}", space.as_str(), report.summary());
-    if report.failed() > 0 {
+    if report.failed() > 0 || defaults.is_err() {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
     }
+}
+
+fn provision_delivery(space: &str, id: &str) -> ExitCode {
+    let space = match Space::new(space) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("invalid space name '{space}': {e}")),
+    };
+    let id = match AgentId::new(id) {
+        Ok(a) => a,
+        Err(e) => return fail(format!("invalid daemon id '{id}': {e}")),
+    };
+    println!(
+        "# nats-server user permissions (authorization.users[].permissions) of the delivery \
+         daemon {} of space {}",
+        id.as_str(),
+        space.as_str()
+    );
+    println!(
+        "{}",
+        nats_server_permissions(&Permissions::delivery(&space, &id))
+    );
+    println!(
+        "# the operator (cotal up, provision agent --apply, members, health, channels): the \
+         allow-all manager profile, a user with no permissions block"
+    );
+    ExitCode::SUCCESS
 }
 
 #[allow(clippy::too_many_arguments)] // one per `provision agent` flag
@@ -514,7 +694,11 @@ async fn apply_agent(
     role: Option<&Role>,
     record_json: &str,
 ) -> Result<Vec<String>, String> {
-    let config = nats.config()?;
+    let me = match nats.identity(None, false) {
+        Identity::Id(id) => id,
+        Identity::Mismatch(e) | Identity::Failed(e) => return Err(e),
+    };
+    let config = nats.config_as(me.as_ref())?;
     let conn = connect(&config).await.map_err(|e| e.to_string())?;
     let js = async_nats::jetstream::new(conn.client.clone());
     let bucket = KvBucket::Acl.name(space);
@@ -527,7 +711,15 @@ async fn apply_agent(
         .await
         .map_err(|e| format!("cannot write the ACL record: {e}"))?;
     use cotal_core::wire::config::ConsumerSpec;
-    let mut specs = vec![ConsumerSpec::dlv(space, id), ConsumerSpec::dm(space, id)];
+    // In an open space a reference agent creates its own `dm_<id>` with the endpoint's
+    // inactive_threshold (action `create`, which fails on any other config): make it exactly so.
+    let dm = if matches!(config.auth, Auth::None) {
+        ConsumerSpec::dm(space, id)
+            .with_inactive_threshold(cotal_core::constants::DEFAULT_INACTIVE_THRESHOLD)
+    } else {
+        ConsumerSpec::dm(space, id)
+    };
+    let mut specs = vec![ConsumerSpec::dlv(space, id), dm];
     if let Some(role) = role {
         specs.push(ConsumerSpec::svc(space, role));
     }

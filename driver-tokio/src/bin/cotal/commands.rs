@@ -1,18 +1,21 @@
 //! The running and one-shot subcommands of `cotal`: delivery, agent, send, members, health,
 //! channels.
 
-use crate::{NatsArgs, fail};
+use crate::{Identity, NatsArgs, fail};
 use bytes::Bytes;
 use clap::Args;
+use cotal_core::acl::subject_matches;
 use cotal_core::agent::{Agent, AgentConfig, AgentEvent, Arrival};
 use cotal_core::constants::LEASE_TTL;
 use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryEvent, DeliveryHealth};
 use cotal_core::delivery::lease::{HEALTH_FIELD, LeaseEvent, LeaseHealth, judge_health};
+use cotal_core::delivery::revoke::SweepEvent;
 use cotal_core::ledger::Surfaced;
 use cotal_core::policy::{ChannelRegistry, DeliveryClass};
 use cotal_core::wire::config::SpaceStream;
 use cotal_core::wire::keys::KvBucket;
 use cotal_core::wire::message::{Part, Sender};
+use cotal_core::wire::permissions::{delivery_backlog_grants, delivery_revocation_grants};
 use cotal_core::wire::records::{DeliveryLease, MembershipRecord};
 use cotal_core::wire::shard::ShardMap;
 use cotal_core::wire::token::{AgentId, Channel, Role, Space};
@@ -50,7 +53,10 @@ pub(crate) struct DeliveryArgs {
     /// How many shards the space's delivery is split into.
     #[arg(long, default_value_t = 1)]
     shards: u32,
-    /// The daemon id: the lease holder and every record's writerIdentity (default: a fresh id).
+    /// The daemon id: the lease holder and every record's writerIdentity, and its inbox prefix
+    /// `_INBOX_<id>` (the one `cotal provision delivery --id ID` grants). Default: the
+    /// credential's identity (the nkey of --creds / --nkey, the --user name), else a fresh
+    /// `delivery-<hex>`; given with a credential, it must match it.
     #[arg(long)]
     id: Option<String>,
     /// How long a member may be offline (no presence heartbeat seen by this daemon) before its
@@ -77,9 +83,11 @@ pub(crate) struct AgentArgs {
     /// The space name.
     #[arg(long)]
     space: String,
-    /// The agent's id (its user nkey in auth mode).
+    /// The agent's id (its user nkey in auth mode), and its inbox prefix `_INBOX_<id>`. Default:
+    /// the credential's identity (the nkey of --creds / --nkey, the --user name); given with a
+    /// credential, it must match it.
     #[arg(long)]
-    id: String,
+    id: Option<String>,
     /// Display name (default: the id).
     #[arg(long)]
     name: Option<String>,
@@ -110,9 +118,10 @@ pub(crate) struct SendArgs {
     /// The space name.
     #[arg(long)]
     space: String,
-    /// The sender's id.
+    /// The sender's id (and inbox prefix `_INBOX_<id>`). Default: the credential's identity (the
+    /// nkey of --creds / --nkey, the --user name); given with a credential, it must match it.
     #[arg(long)]
-    id: String,
+    id: Option<String>,
     /// Display name (default: the id).
     #[arg(long)]
     name: Option<String>,
@@ -137,7 +146,9 @@ pub(crate) struct MembersArgs {
     /// The space name.
     #[arg(long)]
     space: String,
-    /// Only this channel's records.
+    /// Only the records of this channel, or of the channels this pattern matches (`*` one
+    /// token, `>` the rest, as the protocol matches subjects: `team.>` matches `team.a` and
+    /// `team.a.b`, not `team`). An invalid name or pattern is refused (exit code 2).
     #[arg(long)]
     channel: Option<String>,
     /// List the memberships whose owner has been offline beyond the daemon's retention, as each
@@ -206,22 +217,27 @@ async fn terminate_signal() {
 // ---------------------------------------------------------------------------------------------
 
 pub(crate) async fn delivery(args: DeliveryArgs) -> ExitCode {
-    match run_delivery(args).await {
+    let id = match args.nats.identity(args.id.as_deref(), false).resolve() {
+        Ok(id) => id,
+        Err(code) => return code,
+    };
+    match run_delivery(args, id).await {
         Ok(code) => code,
         Err(e) => fail(e),
     }
 }
 
-async fn run_delivery(args: DeliveryArgs) -> Result<ExitCode, String> {
+async fn run_delivery(args: DeliveryArgs, id: Option<AgentId>) -> Result<ExitCode, String> {
     let space = space_of(&args.space)?;
     let shard = ShardMap::new(args.shards)
         .and_then(|s| s.shard(args.shard))
         .map_err(|e| format!("invalid shard {} of {}: {e}", args.shard, args.shards))?;
-    let id = args
-        .id
-        .clone()
-        .unwrap_or_else(|| format!("delivery-{:012x}", os_seed() & 0xffff_ffff_ffff));
-    let mut config = args.nats.config()?;
+    let id = match id {
+        Some(id) => id,
+        None => agent_of(&format!("delivery-{:012x}", os_seed() & 0xffff_ffff_ffff))?,
+    };
+    let mut config = args.nats.config_as(Some(&id))?;
+    let id = id.as_str().to_owned();
     config.name = Some(format!("cotal-delivery-{id}"));
     let conn = connect_with(&config).await?;
     check_provisioned(&conn, &space, config.request_timeout).await?;
@@ -249,7 +265,7 @@ async fn run_delivery(args: DeliveryArgs) -> Result<ExitCode, String> {
     let signal = terminate_signal();
     tokio::pin!(signal);
     let mut failure: Option<String> = None;
-    let mut report = DaemonReport::default();
+    let mut report = DaemonReport::for_space(&space);
     loop {
         tokio::select! {
             () = &mut signal => {
@@ -297,12 +313,72 @@ struct DaemonReport {
     /// The daemon was active once: from then on every health change is printed (the boot's
     /// step-by-step degraded states only with `-vv`).
     was_active: bool,
+    /// The space, for naming the grants a refused feature lacks.
+    space: Option<Space>,
+    /// The broker refused the DLV revocation sweep's grants: said once, then quiet.
+    without_sweep: bool,
+    /// The broker refused the per-owner DLV backlog read: said once, then quiet.
+    without_dlv_backlog: bool,
+}
+
+/// True when a failure detail is the broker's permission refusal (`Failure::PermissionDenied`).
+fn refused_by_permissions(detail: &str) -> bool {
+    detail.contains("Permissions Violation") || detail.starts_with("permission denied")
 }
 
 impl DaemonReport {
+    fn for_space(space: &Space) -> Self {
+        DaemonReport {
+            space: Some(space.clone()),
+            ..DaemonReport::default()
+        }
+    }
+
+    /// The first permission refusal of a grant the reference's `deliveryPermissions` lacks
+    /// (`delivery_additions`): one WARN line naming the feature and the grants, true; later
+    /// ones: false (logged at debug). The daemon keeps working without the feature.
+    fn without(&mut self, feature: Feature, detail: &str) -> bool {
+        if !refused_by_permissions(detail) {
+            return false;
+        }
+        let (said, what, grants) = match (feature, &self.space) {
+            (Feature::Sweep, Some(space)) => (
+                &mut self.without_sweep,
+                "the DLV revocation sweep (copies already in an agent's DLV stay when its ACL \
+                 narrows)",
+                delivery_revocation_grants(space),
+            ),
+            (Feature::DlvBacklog, Some(space)) => (
+                &mut self.without_dlv_backlog,
+                "the per-owner DLV backlog read (the per-owner DLV cap is not verified)",
+                delivery_backlog_grants(space),
+            ),
+            (_, None) => return false,
+        };
+        if !*said {
+            *said = true;
+            tracing::warn!(
+                target: "cotal",
+                "running without {what}: the credential lacks {} (`cotal provision delivery` \
+                 prints them)",
+                grants.join(", ")
+            );
+        } else {
+            tracing::debug!(target: "cotal", "{feature:?} refused again: {detail}");
+        }
+        true
+    }
+
     /// Logs one daemon event; returns the reason to exit for a lease that is gone for good.
     fn event(&mut self, event: &DeliveryEvent) -> Option<String> {
         match event {
+            DeliveryEvent::DlvRevocation(
+                SweepEvent::Retrying { detail, .. } | SweepEvent::Failed { detail, .. },
+            ) if self.without(Feature::Sweep, detail) => {}
+            DeliveryEvent::BacklogUnverified {
+                owner: Some(_),
+                detail,
+            } if self.without(Feature::DlvBacklog, detail) => {}
             DeliveryEvent::HealthChanged(h) => {
                 let active = matches!(h, DeliveryHealth::Active);
                 if active || self.was_active {
@@ -392,12 +468,26 @@ impl DaemonReport {
     }
 }
 
+/// A daemon feature that needs a grant beyond the reference's delivery credential.
+#[derive(Clone, Copy, Debug)]
+enum Feature {
+    /// The DLV revocation sweep.
+    Sweep,
+    /// The per-owner DLV backlog read.
+    DlvBacklog,
+}
+
 // ---------------------------------------------------------------------------------------------
 // cotal agent
 // ---------------------------------------------------------------------------------------------
 
 pub(crate) async fn agent(args: AgentArgs) -> ExitCode {
-    match run_agent(args).await {
+    let id = match args.nats.identity(args.id.as_deref(), true).resolve() {
+        Ok(Some(id)) => id,
+        Ok(None) => return fail("no agent id"),
+        Err(code) => return code,
+    };
+    match run_agent(args, id).await {
         Ok(code) => code,
         Err(e) => fail(e),
     }
@@ -411,9 +501,9 @@ fn agent_of(id: &str) -> Result<AgentId, String> {
     AgentId::new(id).map_err(|e| format!("invalid agent id '{id}': {e}"))
 }
 
-fn sender_of(id: &str, name: Option<&str>) -> Result<Sender, String> {
-    let agent = AgentId::new(id).map_err(|e| format!("invalid agent id '{id}': {e}"))?;
-    Ok(Sender::new(agent, name.unwrap_or(id)))
+fn sender_of(id: AgentId, name: Option<&str>) -> Sender {
+    let name = name.unwrap_or(id.as_str()).to_owned();
+    Sender::new(id, name)
 }
 
 /// Connects as `me` (inbox prefix `_INBOX_<id>` before any request) and starts `config`.
@@ -437,9 +527,9 @@ async fn start_agent(
     Ok((Runner::spawn(machine, executor, inputs), connect_config))
 }
 
-async fn run_agent(args: AgentArgs) -> Result<ExitCode, String> {
+async fn run_agent(args: AgentArgs, id: AgentId) -> Result<ExitCode, String> {
     let space = space_of(&args.space)?;
-    let mut me = sender_of(&args.id, args.name.as_deref())?;
+    let mut me = sender_of(id, args.name.as_deref());
     let roles = args
         .role
         .iter()
@@ -835,7 +925,12 @@ pub(crate) fn parse_line(line: &str) -> Result<Line, String> {
 // ---------------------------------------------------------------------------------------------
 
 pub(crate) async fn send(args: SendArgs) -> ExitCode {
-    match run_send(args).await {
+    let id = match args.nats.identity(args.id.as_deref(), true).resolve() {
+        Ok(Some(id)) => id,
+        Ok(None) => return fail("no sender id"),
+        Err(code) => return code,
+    };
+    match run_send(args, id).await {
         Ok(code) => code,
         Err(e) => fail(e),
     }
@@ -848,9 +943,9 @@ enum SendRoute {
     Anycast(Role),
 }
 
-async fn run_send(args: SendArgs) -> Result<ExitCode, String> {
+async fn run_send(args: SendArgs, id: AgentId) -> Result<ExitCode, String> {
     let space = space_of(&args.space)?;
-    let me = sender_of(&args.id, args.name.as_deref())?;
+    let me = sender_of(id, args.name.as_deref());
     let route = match (&args.channel, &args.to, &args.role) {
         (Some(name), None, None) => {
             let channel = channel_of(name)?;
@@ -939,13 +1034,22 @@ async fn run_send(args: SendArgs) -> Result<ExitCode, String> {
 // cotal members / health / channels: KV reads
 // ---------------------------------------------------------------------------------------------
 
+/// The connect config of an operator's one-shot command: the inbox prefix of the identity the
+/// credential names, if any.
+pub(crate) fn operator_config(nats: &NatsArgs) -> Result<ConnectConfig, String> {
+    match nats.identity(None, false) {
+        Identity::Id(id) => nats.config_as(id.as_ref()),
+        Identity::Mismatch(e) | Identity::Failed(e) => Err(e),
+    }
+}
+
 /// Every live (not deleted) entry of a bucket, by key.
 async fn kv_entries(
     nats: &NatsArgs,
     space: &Space,
     bucket: KvBucket,
 ) -> Result<Vec<(String, Bytes)>, String> {
-    let config = nats.config()?;
+    let config = operator_config(nats)?;
     let conn = connect_with(&config).await?;
     check_provisioned(&conn, space, config.request_timeout).await?;
     let name = bucket.name(space);
@@ -983,10 +1087,14 @@ pub(crate) async fn members(args: MembersArgs) -> ExitCode {
     if args.orphans {
         return crate::lifecycle::members_orphans(&args.nats, &args.space).await;
     }
+    let only = match args.channel.as_deref().map(channel_of).transpose() {
+        Ok(only) => only,
+        Err(e) => return crate::usage(e),
+    };
     let run = async {
         let space = space_of(&args.space)?;
-        let only = args.channel.as_deref().map(channel_of).transpose()?;
         let entries = kv_entries(&args.nats, &space, KvBucket::Members).await?;
+        let total = entries.len();
         let mut shown = 0usize;
         for (key, value) in entries {
             let record: MembershipRecord = match serde_json::from_slice(&value) {
@@ -996,8 +1104,9 @@ pub(crate) async fn members(args: MembersArgs) -> ExitCode {
                     continue;
                 }
             };
+            // The protocol's subject matching: a concrete filter matches itself only.
             if let Some(ch) = &only
-                && ch.as_str() != record.channel.as_str()
+                && !subject_matches(ch.as_str(), record.channel.as_str())
             {
                 continue;
             }
@@ -1018,7 +1127,13 @@ pub(crate) async fn members(args: MembersArgs) -> ExitCode {
                     .unwrap_or_default(),
             );
         }
-        println!("{shown} membership record(s)");
+        match &only {
+            Some(ch) => println!(
+                "{shown} membership record(s) on channels matching {} ({total} in the space)",
+                ch.as_str()
+            ),
+            None => println!("{shown} membership record(s)"),
+        }
         Ok::<_, String>(ExitCode::SUCCESS)
     };
     run.await.unwrap_or_else(fail)
