@@ -3309,7 +3309,7 @@ impl Delivery {
     ) {
         match decision {
             Decision::Transfer { msg_id } => {
-                let (admit, _) = self.dlv.admit(&owner, delivery);
+                let (admit, _) = self.dlv.admit(&owner, &entry.msg.from.id, delivery);
                 let dlv_owner = owner.clone();
                 self.transfers.insert(
                     delivery,

@@ -2319,3 +2319,55 @@ fn a_stop_reports_the_skips_it_could_not_check() {
     w.run();
     assert_eq!(skipped_events(&w), vec![(2, 4, false)], "{}", w.log);
 }
+
+/// Issue 21 item 5: one sender cannot take an offline member's whole DLV. Mallory floods
+/// `general` past the cap while Bob is offline; Alice's three later posts still reach Bob's DLV,
+/// and only Mallory's copies beyond her share are shed (each a reported loss).
+#[test]
+fn one_sender_cannot_crowd_the_other_senders_out_of_an_offline_members_dlv() {
+    use crate::delivery::backlog::SENDER_SHARE;
+    let mut w = served();
+    plant_member(&mut w, &record("general", "bob", 0, 1), None);
+    w.acl("bob", &["general"]);
+    let flood = OWNER_CAP + 10;
+    let mut posts: Vec<u64> = (0..flood)
+        .map(|_| w.post("mallory", "general", &[]))
+        .collect();
+    posts.extend((0..3).map(|_| w.post("alice", "general", &[])));
+    let mut read = 0usize;
+    for s in posts {
+        w.fanout_unlogged(s, 1);
+        // Bob's agent is offline, the reader keeps up with the dinbox.
+        while read < w.b.inbox.len() {
+            let seq = w.b.inbox[read].0;
+            read += 1;
+            w.reader(seq, 1);
+        }
+    }
+    let mut by_sender: BTreeMap<String, u64> = BTreeMap::new();
+    for e in w.b.dlv.iter().filter(|e| e.1 == "cotal.main.dlv.bob") {
+        let m: CotalMessage = json::decode(&e.3).unwrap();
+        *by_sender.entry(m.from.id.as_str().to_owned()).or_default() += 1;
+    }
+    assert_eq!(by_sender.get("alice"), Some(&3), "{by_sender:?}");
+    assert_eq!(
+        by_sender.get("mallory"),
+        Some(&SENDER_SHARE),
+        "{by_sender:?}"
+    );
+    let shed: Vec<u64> = w
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            DeliveryEvent::CopyShed { owner, seq, .. } if owner.as_str() == "bob" => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(shed.len() as u64, flood - SENDER_SHARE);
+    assert_eq!(
+        shed.first(),
+        Some(&(SENDER_SHARE + 1)),
+        "the newest of hers are shed"
+    );
+    assert_eq!(w.d.counters().dlv_shed, flood - SENDER_SHARE);
+}
