@@ -61,7 +61,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::io::KvCondition;
 use crate::time::Duration;
+use crate::wire::AgentId;
 
 /// The most ranges a ledger keeps; past it ranges are folded or pushed out into `more`.
 pub const LOSS_RANGES_MAX: usize = 64;
@@ -310,6 +312,179 @@ impl LossLedger {
     }
 }
 
+/// What the daemon must do next for one owner's record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NoticeStep {
+    /// Read the owner's stored record (KV get of `<owner>` in the losses bucket).
+    Read {
+        /// The owner.
+        owner: AgentId,
+    },
+    /// Write the owner's record: `value` under `condition`.
+    Write {
+        /// The owner.
+        owner: AgentId,
+        /// The record's bytes.
+        value: bytes::Bytes,
+        /// Create when the key held nothing, else the revision read.
+        condition: KvCondition,
+    },
+}
+
+/// How a read or write of an owner's record ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NoticeOutcome {
+    /// Read: the stored record and its revision (`None`: the key holds nothing).
+    Read(Option<(bytes::Bytes, u64)>),
+    /// Written at this revision.
+    Written(u64),
+    /// Refused or unknown (a CAS conflict included): read again before the next write.
+    Failed,
+}
+
+/// How many read/write rounds in a row may fail before an owner's losses wait for its next loss
+/// (each such round is counted and reported by the daemon).
+pub const NOTICE_ATTEMPTS: u32 = 3;
+
+#[derive(Clone, Debug, Default)]
+struct OwnerNotice {
+    /// Losses not written yet.
+    pending: LossLedger,
+    /// The stored record and its revision, once read in this life (`None` revision: absent).
+    stored: Option<(LossLedger, Option<u64>)>,
+    /// While a write is in flight: the ledger written, and the pending losses it carries.
+    writing: Option<(LossLedger, LossLedger)>,
+    reading: bool,
+    failures: u32,
+}
+
+/// The daemon's side of the carrier: per owner, the losses not yet written and the one read or
+/// write in flight. Pure: it says which step comes next ([`NoticeStep`]) and is told how each
+/// ended ([`NoticeOutcome`]). At most one step per owner is in flight; losses that arrive
+/// meanwhile wait in the owner's pending ledger (bounded like any ledger) and go out with the
+/// next write. A write is always a CAS on the revision read in this life, so a record another
+/// writer (a predecessor that was still finishing, a successor) changed is read and folded
+/// again; an unknown outcome is read again too, and folding the same exact ranges twice counts
+/// them once.
+#[derive(Clone, Debug, Default)]
+pub struct LossNotices {
+    owners: BTreeMap<AgentId, OwnerNotice>,
+}
+
+impl LossNotices {
+    /// `count` copies of `first..=last` on `channel` were lost to `owner` for `reason`. Returns
+    /// the step to take now, if none is in flight for the owner.
+    pub fn lost(
+        &mut self,
+        owner: &AgentId,
+        channel: &str,
+        first: u64,
+        last: u64,
+        count: u64,
+        reason: LossReason,
+    ) -> Option<NoticeStep> {
+        let o = self.owners.entry(owner.clone()).or_default();
+        if o.pending.owner.is_empty() {
+            o.pending.owner = owner.as_str().to_owned();
+        }
+        o.pending.record_range(channel, first, last, count, reason);
+        o.failures = 0;
+        Self::next(owner, o)
+    }
+
+    /// The step in flight for `owner` ended.
+    pub fn ended(&mut self, owner: &AgentId, outcome: NoticeOutcome) -> Option<NoticeStep> {
+        let o = self.owners.get_mut(owner)?;
+        match outcome {
+            NoticeOutcome::Read(stored) => {
+                o.reading = false;
+                let ledger = stored
+                    .as_ref()
+                    .and_then(|(b, _)| LossLedger::decode(b))
+                    .unwrap_or_else(|| LossLedger::new(owner.as_str()));
+                o.stored = Some((ledger, stored.map(|(_, rev)| rev)));
+            }
+            NoticeOutcome::Written(rev) => {
+                if let Some((written, _)) = o.writing.take() {
+                    o.stored = Some((written, Some(rev)));
+                }
+                o.failures = 0;
+            }
+            NoticeOutcome::Failed => {
+                o.reading = false;
+                if let Some((_, carried)) = o.writing.take() {
+                    // Put back what this write carried, oldest first.
+                    let newer = std::mem::replace(&mut o.pending, carried);
+                    o.pending.absorb(&newer);
+                }
+                o.stored = None;
+                o.failures += 1;
+                if o.failures >= NOTICE_ATTEMPTS {
+                    return None;
+                }
+            }
+        }
+        Self::next(owner, o)
+    }
+
+    fn next(owner: &AgentId, o: &mut OwnerNotice) -> Option<NoticeStep> {
+        if o.reading || o.writing.is_some() || o.pending.is_empty() {
+            return None;
+        }
+        let Some((stored, revision)) = &o.stored else {
+            o.reading = true;
+            return Some(NoticeStep::Read {
+                owner: owner.clone(),
+            });
+        };
+        let mut next = stored.clone();
+        next.owner = owner.as_str().to_owned();
+        let pending = std::mem::replace(&mut o.pending, LossLedger::new(owner.as_str()));
+        next.absorb(&pending);
+        let condition = match revision {
+            Some(r) => KvCondition::Revision(*r),
+            None => KvCondition::CreateOnly,
+        };
+        let value = next.encode();
+        o.writing = Some((next, pending));
+        Some(NoticeStep::Write {
+            owner: owner.clone(),
+            value,
+            condition,
+        })
+    }
+
+    /// The connection or the lease was lost: every step in flight is forgotten (its completion
+    /// will not come) and every stored record must be read again; unwritten losses stay.
+    pub fn interrupt(&mut self) {
+        for o in self.owners.values_mut() {
+            o.reading = false;
+            if let Some((_, carried)) = o.writing.take() {
+                let newer = std::mem::replace(&mut o.pending, carried);
+                o.pending.absorb(&newer);
+            }
+            o.stored = None;
+        }
+    }
+
+    /// Owners with losses not written yet, with the steps to retry them (after a reconnect).
+    pub fn resume(&mut self) -> Vec<NoticeStep> {
+        let mut steps = Vec::new();
+        for (owner, o) in &mut self.owners {
+            o.failures = 0;
+            if let Some(s) = Self::next(owner, o) {
+                steps.push(s);
+            }
+        }
+        steps
+    }
+
+    /// Copies lost and not yet written, over all owners.
+    pub fn unwritten(&self) -> u64 {
+        self.owners.values().map(|o| o.pending.total()).sum()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -390,6 +565,83 @@ mod tests {
         assert_eq!(stored.total(), 4);
         assert_eq!(stored.since(before).len(), 2);
         assert_eq!(stored.ranges.len(), 3);
+    }
+
+    fn bob() -> AgentId {
+        AgentId::new("bob").unwrap()
+    }
+
+    #[test]
+    fn notices_read_before_the_first_write_and_fold_onto_the_stored_record() {
+        let mut n = LossNotices::default();
+        assert_eq!(
+            n.lost(&bob(), "general", 5, 5, 1, LossReason::DlvFull),
+            Some(NoticeStep::Read { owner: bob() })
+        );
+        // Losses while the read is in flight wait.
+        assert_eq!(n.lost(&bob(), "general", 6, 6, 1, LossReason::DlvFull), None);
+        let mut before = LossLedger::new("bob");
+        before.record("team", 1, LossReason::RedeliveryCeiling);
+        let Some(NoticeStep::Write { value, condition, .. }) =
+            n.ended(&bob(), NoticeOutcome::Read(Some((before.encode(), 40))))
+        else {
+            panic!("a write");
+        };
+        assert_eq!(condition, KvCondition::Revision(40));
+        let written = LossLedger::decode(&value).unwrap();
+        assert_eq!(written.total(), 3);
+        assert_eq!(written.ranges.len(), 2);
+        assert_eq!(n.ended(&bob(), NoticeOutcome::Written(41)), None);
+        // The next loss writes at once, at the new revision.
+        let Some(NoticeStep::Write { condition, .. }) =
+            n.lost(&bob(), "general", 7, 7, 1, LossReason::DlvFull)
+        else {
+            panic!("a write");
+        };
+        assert_eq!(condition, KvCondition::Revision(41));
+    }
+
+    #[test]
+    fn a_failed_write_reads_again_and_keeps_every_loss() {
+        let mut n = LossNotices::default();
+        n.lost(&bob(), "general", 5, 5, 1, LossReason::DlvFull);
+        let Some(NoticeStep::Write { condition, .. }) = n.ended(&bob(), NoticeOutcome::Read(None))
+        else {
+            panic!("a write");
+        };
+        assert_eq!(condition, KvCondition::CreateOnly);
+        n.lost(&bob(), "general", 6, 6, 1, LossReason::DlvFull);
+        // Someone else wrote: read again, fold both losses onto what is there.
+        assert_eq!(
+            n.ended(&bob(), NoticeOutcome::Failed),
+            Some(NoticeStep::Read { owner: bob() })
+        );
+        let mut other = LossLedger::new("bob");
+        other.record("general", 5, LossReason::DlvFull);
+        let Some(NoticeStep::Write { value, .. }) =
+            n.ended(&bob(), NoticeOutcome::Read(Some((other.encode(), 3))))
+        else {
+            panic!("a write");
+        };
+        let l = LossLedger::decode(&value).unwrap();
+        assert_eq!((l.total(), l.ranges.len()), (2, 1), "{l:?}");
+        assert_eq!(n.unwritten(), 0);
+        // A connection loss forgets the write in flight; the losses wait for the reconnect.
+        n.interrupt();
+        assert_eq!(n.unwritten(), 2);
+        assert_eq!(n.resume(), vec![NoticeStep::Read { owner: bob() }]);
+    }
+
+    #[test]
+    fn notices_stop_after_repeated_failures_until_the_next_loss() {
+        let mut n = LossNotices::default();
+        n.lost(&bob(), "general", 5, 5, 1, LossReason::DlvFull);
+        for _ in 1..NOTICE_ATTEMPTS {
+            assert!(n.ended(&bob(), NoticeOutcome::Failed).is_some());
+        }
+        assert_eq!(n.ended(&bob(), NoticeOutcome::Failed), None);
+        assert_eq!(n.unwritten(), 1);
+        assert!(n.lost(&bob(), "general", 9, 9, 1, LossReason::DlvFull).is_some());
     }
 
     proptest! {
