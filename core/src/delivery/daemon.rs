@@ -98,6 +98,7 @@ use crate::delivery::control::{
     encode_reply, failure_reply, list_memberships_reply,
 };
 use crate::delivery::gap::{SeqRange, SequenceCursor, missing};
+use crate::delivery::losses::{LossNotices, LossReason, NoticeOutcome, NoticeStep};
 use crate::delivery::lease::{
     HEALTH_FIELD, Lease, LeaseCommand, LeaseConfig, LeaseEntry, LeaseEvent, LeaseReply, LeaseState,
 };
@@ -435,6 +436,10 @@ pub struct DeliveryCounters {
     pub dlv_sweeps: u64,
     /// DLV sweeps that gave up: revoked copies may still wait in the owner's DLV.
     pub dlv_sweeps_failed: u64,
+    /// Writes of a member's loss record ([`crate::delivery::losses`]).
+    pub loss_notices_written: u64,
+    /// Reads or writes of a loss record that failed (CAS conflicts included; each retried).
+    pub loss_notices_failed: u64,
 }
 
 impl DeliveryCounters {
@@ -466,6 +471,8 @@ impl DeliveryCounters {
             dlv_revoked,
             dlv_sweeps,
             dlv_sweeps_failed,
+            loss_notices_written,
+            loss_notices_failed,
         } = other;
         self.copies_written += copies_written;
         self.copies_duplicate += copies_duplicate;
@@ -491,6 +498,8 @@ impl DeliveryCounters {
         self.dlv_revoked += dlv_revoked;
         self.dlv_sweeps += dlv_sweeps;
         self.dlv_sweeps_failed += dlv_sweeps_failed;
+        self.loss_notices_written += loss_notices_written;
+        self.loss_notices_failed += loss_notices_failed;
     }
 }
 
@@ -718,6 +727,14 @@ pub enum DeliveryEvent {
         /// Why.
         detail: String,
     },
+    /// A read or write of a member's loss record failed ([`crate::delivery::losses`]); it is
+    /// read again and retried, and after repeated failures waits for the member's next loss.
+    LossNoticeFailed {
+        /// The member.
+        owner: AgentId,
+        /// Why.
+        detail: String,
+    },
     /// The DLV revocation sweep deleted a copy, finished, retries or gave up
     /// ([`crate::delivery::revoke`]).
     DlvRevocation(SweepEvent),
@@ -798,6 +815,10 @@ enum Pending {
     },
     Sweep,
     Settle,
+    /// A read or write of an owner's loss record.
+    LossNotice {
+        owner: AgentId,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -955,6 +976,8 @@ pub struct Delivery {
     held_requests: usize,
     inbox: InboxBacklog,
     dlv: DlvBacklog<DeliveryId>,
+    /// Each member's losses on their way to its loss record ([`crate::delivery::losses`]).
+    notices: LossNotices,
     /// Owners whose fan-out copies are held back (for one event per episode).
     backpressured: BTreeSet<AgentId>,
     /// The fan-out batches holding a copy for each owner, oldest first.
@@ -1007,6 +1030,7 @@ impl Delivery {
             held_requests: 0,
             inbox: InboxBacklog::default(),
             dlv: DlvBacklog::default(),
+            notices: LossNotices::default(),
             backpressured: BTreeSet::new(),
             held_for: BTreeMap::new(),
             counters: DeliveryCounters::default(),
@@ -1365,6 +1389,7 @@ impl Delivery {
         self.timers.cancel(&Timer::HeldCopies);
         self.transfers.clear();
         self.dlv.reset();
+        self.notices.interrupt();
         self.give_up_gap_checks("the daemon stopped before checking");
         self.sweeper.interrupt();
         if self.connected {
@@ -1584,6 +1609,7 @@ impl Delivery {
                 self.timers.cancel(&Timer::HeldCopies);
                 self.transfers.clear();
                 self.dlv.reset();
+                self.notices.interrupt();
                 self.inbox.check_abandoned();
                 if let Some(check) = self.take_gap_check_in_flight() {
                     self.gap_queue.push_front(check);
@@ -1606,6 +1632,9 @@ impl Delivery {
                     LeaseState::Held | LeaseState::Ready => {
                         self.open_feeds(now);
                         self.next_gap_check();
+                        for step in self.notices.resume() {
+                            self.issue_notice(step);
+                        }
                     }
                     _ => {}
                 }
@@ -1640,6 +1669,7 @@ impl Delivery {
             }
             Pending::Sweep => self.sweeper.on_completion(c.op, c.outcome, &self.acls),
             Pending::Settle => {}
+            Pending::LossNotice { owner } => self.on_loss_notice(owner, c.outcome),
         }
     }
 
@@ -3046,6 +3076,7 @@ impl Delivery {
             self.counters.lost += 1;
             self.count_settled(&t.owner);
             self.settle(delivery, AckKind::Ack);
+            self.tell_loss(&t.owner, &t.entry.channel, t.entry.seq, LossReason::DlvFull);
             self.emit(DeliveryEvent::CopyShed {
                 owner: t.owner,
                 channel: t.entry.channel,
@@ -3350,6 +3381,12 @@ impl Delivery {
                 self.counters.dropped += 1;
                 if reason.is_loss() {
                     self.counters.lost += 1;
+                    self.tell_loss(
+                        &owner,
+                        &entry.channel,
+                        entry.seq,
+                        LossReason::IntervalForgotten,
+                    );
                 }
                 self.count_settled(&owner);
                 self.settle(delivery, AckKind::Ack);
@@ -3370,6 +3407,7 @@ impl Delivery {
                 self.counters.lost += 1;
                 self.count_settled(&owner);
                 self.settle(delivery, AckKind::Term);
+                self.tell_loss(&g.owner, &g.channel, g.seq, LossReason::RedeliveryCeiling);
                 self.emit(DeliveryEvent::EntryLost(g));
             }
             Decision::Terminate(anomaly) => {
@@ -3385,6 +3423,77 @@ impl Delivery {
                     anomaly,
                 });
             }
+        }
+    }
+
+    /// A copy of `seq` on `channel` is lost to `owner`: fold it into the owner's loss record
+    /// ([`crate::delivery::losses`]), written now or after the read or write in flight.
+    fn tell_loss(
+        &mut self,
+        owner: &AgentId,
+        channel: &ConcreteChannel,
+        seq: u64,
+        reason: LossReason,
+    ) {
+        let step = self
+            .notices
+            .lost(owner, channel.as_str(), seq, seq, 1, reason);
+        if !self.connected || self.stopped {
+            // Written after the reconnect ([`LossNotices::resume`]).
+            self.notices.interrupt();
+            return;
+        }
+        if let Some(step) = step {
+            self.issue_notice(step);
+        }
+    }
+
+    fn issue_notice(&mut self, step: NoticeStep) {
+        let bucket = KvBucket::Losses.name(&self.config.space);
+        match step {
+            NoticeStep::Read { owner } => {
+                let key = owner.as_str().to_owned();
+                let op = self.op(Pending::LossNotice { owner });
+                self.commands.push_back(Command::KvGet { op, bucket, key });
+            }
+            NoticeStep::Write {
+                owner,
+                value,
+                condition,
+            } => {
+                let key = owner.as_str().to_owned();
+                let op = self.op(Pending::LossNotice { owner });
+                self.commands.push_back(Command::KvPut {
+                    op,
+                    bucket,
+                    key,
+                    value,
+                    condition,
+                });
+            }
+        }
+    }
+
+    fn on_loss_notice(&mut self, owner: AgentId, outcome: Outcome<Reply>) {
+        let ended = match outcome {
+            Outcome::Success(Reply::Kv(entry)) => {
+                NoticeOutcome::Read(entry.map(|e| (e.value, e.revision)))
+            }
+            Outcome::Success(Reply::KvWritten { revision }) => {
+                self.counters.loss_notices_written += 1;
+                NoticeOutcome::Written(revision)
+            }
+            other => {
+                self.counters.loss_notices_failed += 1;
+                self.emit(DeliveryEvent::LossNoticeFailed {
+                    owner: owner.clone(),
+                    detail: outcome_detail(&other),
+                });
+                NoticeOutcome::Failed
+            }
+        };
+        if let Some(step) = self.notices.ended(&owner, ended) {
+            self.issue_notice(step);
         }
     }
 
