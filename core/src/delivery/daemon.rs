@@ -98,10 +98,10 @@ use crate::delivery::control::{
     encode_reply, failure_reply, list_memberships_reply,
 };
 use crate::delivery::gap::{SeqRange, SequenceCursor, missing};
-use crate::delivery::losses::{LossNotices, LossReason, NoticeOutcome, NoticeStep};
 use crate::delivery::lease::{
     HEALTH_FIELD, Lease, LeaseCommand, LeaseConfig, LeaseEntry, LeaseEvent, LeaseReply, LeaseState,
 };
+use crate::delivery::losses::{LossNotices, LossReason, NoticeOutcome, NoticeStep};
 use crate::delivery::revoke::{DlvSweeper, SweepEvent};
 use crate::delivery::route::{Routed, route};
 use crate::io::{

@@ -205,7 +205,10 @@ impl LossLedger {
         let exact_new = count == len;
         if exact_new
             && self.ranges.iter().any(|r| {
-                r.exact && r.channel == channel && r.reason == reason && r.first <= first
+                r.exact
+                    && r.channel == channel
+                    && r.reason == reason
+                    && r.first <= first
                     && last <= r.last
             })
         {
@@ -524,7 +527,11 @@ mod tests {
         }
         // Same kind as the newest: folded, inexact.
         let last = (LOSS_RANGES_MAX as u64 - 1) * 10;
-        l.record(&format!("c{}", LOSS_RANGES_MAX - 1), last + 5, LossReason::DlvFull);
+        l.record(
+            &format!("c{}", LOSS_RANGES_MAX - 1),
+            last + 5,
+            LossReason::DlvFull,
+        );
         assert_eq!(l.ranges.len(), LOSS_RANGES_MAX);
         let r = l.ranges.last().unwrap();
         assert_eq!((r.first, r.last, r.count), (last, last + 5, 2));
@@ -532,7 +539,13 @@ mod tests {
         // A new kind: the oldest range goes to `more`.
         l.record("fresh", 1, LossReason::DlvFull);
         assert_eq!(l.ranges.len(), LOSS_RANGES_MAX);
-        assert_eq!(l.more, LossOverflow { ranges: 1, count: 1 });
+        assert_eq!(
+            l.more,
+            LossOverflow {
+                ranges: 1,
+                count: 1
+            }
+        );
         assert_eq!(l.total(), LOSS_RANGES_MAX as u64 + 2);
     }
 
@@ -579,11 +592,15 @@ mod tests {
             Some(NoticeStep::Read { owner: bob() })
         );
         // Losses while the read is in flight wait.
-        assert_eq!(n.lost(&bob(), "general", 6, 6, 1, LossReason::DlvFull), None);
+        assert_eq!(
+            n.lost(&bob(), "general", 6, 6, 1, LossReason::DlvFull),
+            None
+        );
         let mut before = LossLedger::new("bob");
         before.record("team", 1, LossReason::RedeliveryCeiling);
-        let Some(NoticeStep::Write { value, condition, .. }) =
-            n.ended(&bob(), NoticeOutcome::Read(Some((before.encode(), 40))))
+        let Some(NoticeStep::Write {
+            value, condition, ..
+        }) = n.ended(&bob(), NoticeOutcome::Read(Some((before.encode(), 40))))
         else {
             panic!("a write");
         };
@@ -641,7 +658,10 @@ mod tests {
         }
         assert_eq!(n.ended(&bob(), NoticeOutcome::Failed), None);
         assert_eq!(n.unwritten(), 1);
-        assert!(n.lost(&bob(), "general", 9, 9, 1, LossReason::DlvFull).is_some());
+        assert!(
+            n.lost(&bob(), "general", 9, 9, 1, LossReason::DlvFull)
+                .is_some()
+        );
     }
 
     proptest! {

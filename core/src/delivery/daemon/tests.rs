@@ -2371,13 +2371,21 @@ fn one_sender_cannot_crowd_the_other_senders_out_of_an_offline_members_dlv() {
     );
     assert_eq!(w.d.counters().dlv_shed, flood - SENDER_SHARE);
     // Bob is told: his loss record holds exactly Mallory's shed range.
-    let record = w.b.kv_value("cotal_losses_main", "bob").expect("a loss record");
+    let record =
+        w.b.kv_value("cotal_losses_main", "bob")
+            .expect("a loss record");
     let ledger = crate::delivery::losses::LossLedger::decode(&record.value).unwrap();
     assert_eq!(ledger.ranges.len(), 1, "{ledger:?}");
     let r = &ledger.ranges[0];
     assert_eq!(
         (r.channel.as_str(), r.first, r.last, r.count, r.exact),
-        ("general", SENDER_SHARE + 1, flood, flood - SENDER_SHARE, true)
+        (
+            "general",
+            SENDER_SHARE + 1,
+            flood,
+            flood - SENDER_SHARE,
+            true
+        )
     );
     assert_eq!(r.reason, crate::delivery::losses::LossReason::DlvFull);
     assert_eq!(w.d.counters().loss_notices_failed, 0);
