@@ -3207,6 +3207,7 @@ impl Delivery {
                 let judged = SeqRange::new(range.first, judged_to).unwrap_or(range);
                 for lost in missing(judged, messages.iter().map(|m| m.seq)) {
                     self.counters.evicted_before_fanout += lost.len();
+                    self.tell_evicted(lost);
                     self.emit(DeliveryEvent::EvictedBeforeFanout {
                         first: lost.first,
                         last: lost.last,
@@ -3241,6 +3242,7 @@ impl Delivery {
     /// silent, and a false alarm is the lesser error.
     fn give_up_gap_check(&mut self, range: SeqRange, detail: &str) {
         self.counters.gaps_unverified += range.len();
+        self.tell_evicted(range);
         self.emit(DeliveryEvent::EvictedBeforeFanout {
             first: range.first,
             last: range.last,
@@ -3445,6 +3447,42 @@ impl Delivery {
         }
         if let Some(step) = step {
             self.issue_notice(step);
+        }
+    }
+
+    /// CHAT messages `range` left the stream before fan-out routed them: every member of this
+    /// shard whose current interval overlaps the range is told the overlap, on that channel.
+    /// Which of those sequences were on the member's channel is unknown (they are gone), so the
+    /// notice names the whole overlap: an upper bound, never an omission.
+    fn tell_evicted(&mut self, range: SeqRange) {
+        let mut told = Vec::new();
+        for rec in self.members.records() {
+            if !self.config.shard.owns(&rec.owner) {
+                continue;
+            }
+            let Some(interval) = current_interval(rec) else {
+                continue;
+            };
+            let lo = range.first.max(interval.join_cursor.saturating_add(1));
+            let hi = range.last.min(interval.leave_cursor.unwrap_or(u64::MAX));
+            if lo <= hi {
+                told.push((rec.owner.clone(), rec.channel.clone(), lo, hi));
+            }
+        }
+        for (owner, channel, lo, hi) in told {
+            let step = self.notices.lost(
+                &owner,
+                channel.as_str(),
+                lo,
+                hi,
+                hi - lo + 1,
+                LossReason::EvictedBeforeFanout,
+            );
+            if !self.connected || self.stopped {
+                self.notices.interrupt();
+            } else if let Some(step) = step {
+                self.issue_notice(step);
+            }
         }
     }
 

@@ -4,7 +4,9 @@
 //! a copy shed because the owner's DLV was full ([`LossReason::DlvFull`],
 //! [`crate::delivery::backlog`]), an entry the reader gave up on at the redelivery ceiling
 //! ([`LossReason::RedeliveryCeiling`], G3), an entry of a generation whose interval the record
-//! forgot ([`LossReason::IntervalForgotten`], G2). Reporting them on the daemon's side is not
+//! forgot ([`LossReason::IntervalForgotten`], G2), CHAT messages the stream evicted before
+//! fan-out routed them, told to every member whose interval overlaps them
+//! ([`LossReason::EvictedBeforeFanout`]). Reporting them on the daemon's side is not
 //! enough: the member must learn what it will never receive. So the daemon also folds each one
 //! into the owner's [`LossLedger`] and writes it to the owner's key in the losses bucket; the
 //! owner's agent reads that key when it connects and every [`LOSS_POLL`] while connected, and
@@ -52,8 +54,10 @@
 //!   one (a range that grew is reported again, whole).
 //! - `more`: ranges pushed out of a full ledger (oldest first) and the copies they counted: the
 //!   "and more" of the notice.
-//! - `reason`: `dlv-full`, `redelivery-ceiling`, `interval-forgotten`; a reader maps any other
-//!   value to `other` (a newer writer's reason is still a loss).
+//! - `reason`: `dlv-full`, `redelivery-ceiling`, `interval-forgotten`, `evicted-before-fanout`
+//!   (CHAT sequences, on any channel, evicted before fan-out saw them, clipped to the member's
+//!   interval: the channel's share of them is unknown, so `count` is an upper bound); a reader
+//!   maps any other value to `other` (a newer writer's reason is still a loss).
 //!
 //! Unknown fields are ignored by the reader, so later versions may add some.
 
@@ -81,6 +85,10 @@ pub enum LossReason {
     RedeliveryCeiling,
     /// The entry's generation was pushed off the record's history cap (G2).
     IntervalForgotten,
+    /// CHAT evicted the messages before fan-out routed them ([`crate::delivery::gap`]); the
+    /// range is the overlap with the member's interval, and which of its sequences were on the
+    /// channel is unknown (an upper bound).
+    EvictedBeforeFanout,
     /// A reason this reader does not know (written by a newer daemon).
     #[serde(other)]
     Other,
@@ -93,6 +101,7 @@ impl LossReason {
             LossReason::DlvFull => "dlv-full",
             LossReason::RedeliveryCeiling => "redelivery-ceiling",
             LossReason::IntervalForgotten => "interval-forgotten",
+            LossReason::EvictedBeforeFanout => "evicted-before-fanout",
             LossReason::Other => "other",
         }
     }

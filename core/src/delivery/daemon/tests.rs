@@ -2390,3 +2390,40 @@ fn one_sender_cannot_crowd_the_other_senders_out_of_an_offline_members_dlv() {
     assert_eq!(r.reason, crate::delivery::losses::LossReason::DlvFull);
     assert_eq!(w.d.counters().loss_notices_failed, 0);
 }
+
+/// Issue 21 item 5: CHAT messages evicted before fan-out are told to each member whose interval
+/// overlaps them (clipped to the interval), in its loss record; a member who joined after them is
+/// not told.
+#[test]
+fn messages_evicted_before_fan_out_are_told_to_the_members_whose_interval_holds_them() {
+    let mut w = served();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    plant_member(&mut w, &record("review", "carol", 3, 1), None);
+    plant_member(&mut w, &record("review", "dave", 9, 1), None);
+    for _ in 0..6 {
+        w.post("bob", "review", &[]);
+    }
+    w.fanout(1, 1);
+    evict_chat(&mut w, 2..=4);
+    w.fanout(5, 1);
+    let told = |w: &World, who: &str| {
+        w.b.kv_value("cotal_losses_main", who).map(|e| {
+            let l = crate::delivery::losses::LossLedger::decode(&e.value).unwrap();
+            l.ranges
+                .iter()
+                .map(|r| (r.channel.clone(), r.first, r.last, r.reason.as_str()))
+                .collect::<Vec<_>>()
+        })
+    };
+    assert_eq!(
+        told(&w, "alice"),
+        Some(vec![("review".into(), 2, 4, "evicted-before-fanout")]),
+        "{}",
+        w.log
+    );
+    assert_eq!(
+        told(&w, "carol"),
+        Some(vec![("review".into(), 4, 4, "evicted-before-fanout")])
+    );
+    assert_eq!(told(&w, "dave"), None);
+}
