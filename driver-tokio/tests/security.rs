@@ -1922,3 +1922,123 @@ async fn sec_a_flooding_sender_cannot_crowd_out_others_and_the_loss_is_told_to_t
         .await;
     daemon.stop().await;
 }
+
+/// Issue 21, "also try": a member that stops acking its DLV (Bob, offline with a full DLV)
+/// while another keeps receiving (Carol, online). Measures Carol's backstop latency (Alice's
+/// publish acknowledged → the daemon's DLV copy for Carol on the wire) for 50 paced posts before
+/// Bob's DLV fills and 50 after (every copy for Bob then costs a DLV read and is shed), and prints
+/// the figures. Asserts only that Carol gets every copy and that the daemon keeps up.
+#[tokio::test]
+async fn a_stalled_member_does_not_delay_the_others() {
+    use cotal_core::delivery::backlog::SENDER_SHARE;
+    let Some(mut s) = Space9::start().await else {
+        return;
+    };
+    let mut with_carol = users(ALICE_READ, BOB_READ);
+    with_carol.push(agent_user("carol", &["team"], &["team"]));
+    s.server.reload_with_users(with_carol);
+    s.put_acl("carol", &["team"], 1).await;
+    let admin = connect(&s.admin).await.expect("admin");
+    apply_consumer(
+        &admin.client,
+        &ConsumerSpec::dlv(&space(), &id("carol")),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("dlv consumer");
+    let mut daemon = Daemon::start(&s.server).await;
+    let alice = Probe::connect(&s.server, "alice").await;
+    let mut bob = Peer::start(&s.server, "bob").await;
+    bob.join_durable("team").await;
+    until_activated(&s, "team", "bob").await;
+    bob.stop().await;
+    let mut carol = Peer::start(&s.server, "carol").await;
+    carol.join_durable("team").await;
+    until_activated(&s, "team", "carol").await;
+    let mut copies = admin
+        .client
+        .subscribe(subj("dlv.carol"))
+        .await
+        .expect("spy on carol's dlv");
+    admin.client.flush().await.expect("flush");
+
+    // Carol's agent keeps acking in the background.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let carol_task = tokio::spawn(async move {
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            carol.pump(Duration::from_millis(50)).await;
+            for m in carol.handle.take_messages(256).await.expect("runner") {
+                carol.handle.handled(m.id).await.expect("handled");
+            }
+        }
+        carol
+    });
+
+    async fn phase(
+        alice: &Probe,
+        copies: &mut async_nats::Subscriber,
+        from: u32,
+        n: u32,
+    ) -> Vec<Duration> {
+        let mut lat = Vec::new();
+        for i in from..from + n {
+            let t0 = tokio::time::Instant::now();
+            post(alice, i).await;
+            let m = tokio::time::timeout(WAIT, copies.next())
+                .await
+                .expect("carol's copy in time")
+                .expect("spy");
+            assert!(
+                String::from_utf8_lossy(&m.payload).contains(&format!("\"m{i}\"")),
+                "copies in order"
+            );
+            lat.push(t0.elapsed());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        lat
+    }
+    fn figures(mut v: Vec<Duration>) -> String {
+        v.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        format!(
+            "p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms",
+            ms(v[v.len() / 2]),
+            ms(v[v.len() * 95 / 100]),
+            ms(v[v.len() - 1])
+        )
+    }
+
+    let before = phase(&alice, &mut copies, 0, 50).await;
+    // Fill Bob's DLV to Alice's share (bob never acks); Carol's copies keep flowing meanwhile.
+    let fill = u32::try_from(SENDER_SHARE).expect("share") + 10;
+    for i in 50..50 + fill {
+        post(&alice, i).await;
+    }
+    for _ in 0..fill {
+        tokio::time::timeout(WAIT, copies.next())
+            .await
+            .expect("carol's copy during the fill")
+            .expect("spy");
+    }
+    let shed_before = daemon.counters().await.dlv_shed;
+    assert!(shed_before >= 10, "bob's DLV is full: {shed_before}");
+    let during = phase(&alice, &mut copies, 50 + fill, 50).await;
+    let c = daemon.counters().await;
+    assert!(
+        c.dlv_shed >= shed_before + 50,
+        "every new copy for bob shed: {c:?}"
+    );
+    println!(
+        "stalled member: carol's backstop latency before bob's DLV filled: {}; while every copy \
+         for bob is read and shed: {}; dlv reads failed {}, shed {}",
+        figures(before),
+        figures(during),
+        c.backlog_unverified,
+        c.dlv_shed
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let carol = carol_task.await.expect("carol task");
+    carol.stop().await;
+    daemon.stop().await;
+}
