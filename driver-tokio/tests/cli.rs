@@ -31,8 +31,10 @@ async fn cotal_up_twice_is_idempotent_and_matches_the_core_specs() {
     let first = cotal(&["up", "--space", "main", "--nats", &url]);
     let text = stdout(&first);
     assert!(first.status.success(), "{text}");
-    assert_eq!(text.matches("created ").count(), 12, "{text}");
+    // Five streams, the reference's five buckets and Cotal's loss records, two consumers.
+    assert_eq!(text.matches("created ").count(), 13, "{text}");
     assert!(text.contains("created   stream CHAT_main"), "{text}");
+    assert!(text.contains("cotal_losses_main"), "{text}");
     assert!(
         text.contains("created   consumer CHAT_main/fanout"),
         "{text}"
@@ -42,7 +44,7 @@ async fn cotal_up_twice_is_idempotent_and_matches_the_core_specs() {
     assert!(second.status.success(), "{text}");
     assert!(!text.contains("created "), "{text}");
     assert!(
-        text.contains("space main: nothing changed: all 12 objects already as specified"),
+        text.contains("space main: nothing changed: all 13 objects already as specified"),
         "{text}"
     );
 
