@@ -2427,3 +2427,42 @@ fn messages_evicted_before_fan_out_are_told_to_the_members_whose_interval_holds_
     );
     assert_eq!(told(&w, "dave"), None);
 }
+
+/// Issue 21 item 5: the loss record survives a daemon restart. A predecessor left Alice's record
+/// with one range; this daemon's first loss for her reads it, folds on top (CAS at its revision),
+/// and keeps the old range (a CAS conflict is covered by the `losses` unit tests).
+#[test]
+fn a_loss_record_left_by_a_predecessor_is_kept_and_added_to() {
+    use crate::delivery::losses::{LossLedger, LossReason};
+    let mut w = served();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    let mut before = LossLedger::new("alice");
+    before.record_range("team", 40, 49, 10, LossReason::DlvFull);
+    w.b.kv_write(
+        "cotal_losses_main",
+        "alice",
+        KvOperation::Put,
+        before.encode(),
+    );
+    for _ in 0..6 {
+        w.post("bob", "review", &[]);
+    }
+    w.fanout(1, 1);
+    evict_chat(&mut w, 2..=4);
+    w.fanout(5, 1);
+    let stored = w.b.kv_value("cotal_losses_main", "alice").expect("record");
+    let l = LossLedger::decode(&stored.value).unwrap();
+    let ranges: Vec<_> = l
+        .ranges
+        .iter()
+        .map(|r| (r.channel.as_str(), r.first, r.last, r.stamp))
+        .collect();
+    assert_eq!(
+        ranges,
+        vec![("team", 40, 49, 1), ("review", 2, 4, 2)],
+        "{}",
+        w.log
+    );
+    assert_eq!(l.total(), 13);
+    assert_eq!(w.d.counters().loss_notices_written, 1);
+}
