@@ -293,6 +293,18 @@ pub enum Command {
         /// Key.
         key: String,
     },
+    /// Read a KV key through a direct get addressed by the key's subject
+    /// (`$JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.<key>`), the one form of read a credential
+    /// can grant for a single key (an agent's own loss record, [`crate::delivery::losses`]).
+    /// Completes with [`Reply::Kv`] (`None` for absent or a delete marker).
+    KvGetDirect {
+        /// Operation id.
+        op: OpId,
+        /// Bucket name.
+        bucket: String,
+        /// Key.
+        key: String,
+    },
     /// Write a KV key. Completes with [`Reply::KvWritten`].
     KvPut {
         /// Operation id.
@@ -353,6 +365,7 @@ impl Command {
             | Command::Consume { op, .. }
             | Command::Settle { op, .. }
             | Command::KvGet { op, .. }
+            | Command::KvGetDirect { op, .. }
             | Command::KvPut { op, .. }
             | Command::KvDelete { op, .. }
             | Command::KvWatch { op, .. } => Some(*op),

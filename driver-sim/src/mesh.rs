@@ -51,7 +51,7 @@ use cotal_core::delivery::lease::LeaseState;
 use cotal_core::io::{Command, Input, Machine};
 use cotal_core::ledger::{MessageId, SourceKind};
 use cotal_core::time::{Duration, Instant, Now};
-use cotal_core::wire::config::{ConsumerSpec, SpaceConfig};
+use cotal_core::wire::config::{ConsumerSpec, KvBucketSpec, SpaceConfig};
 use cotal_core::wire::control::ControlRequest;
 use cotal_core::wire::json;
 use cotal_core::wire::keys::{KvBucket, acl_key};
@@ -820,6 +820,10 @@ impl Mesh {
         let mut host = Host::new(sim, config.keep_transcript);
         host.broker_mut()
             .provision(&SpaceConfig::new(&space))
+            .expect("a fresh broker provisions");
+        // Cotal's loss records, which `cotal up` creates after the reference's five buckets.
+        host.broker_mut()
+            .add_kv_bucket(&KvBucketSpec::for_space(&space, KvBucket::Losses))
             .expect("a fresh broker provisions");
         let channels_bucket = KvBucket::Channels.name(&space);
         for spec in &config.channels {

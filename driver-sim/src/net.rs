@@ -873,7 +873,7 @@ impl Net {
                 };
                 self.complete(client, op, outcome);
             }
-            Command::KvGet { op, bucket, key } => {
+            Command::KvGet { op, bucket, key } | Command::KvGetDirect { op, bucket, key } => {
                 let stream = kv_stream(&bucket);
                 let msg_get = format!("$JS.API.STREAM.MSG.GET.{stream}");
                 let direct = format!("$JS.API.DIRECT.GET.{stream}.$KV.{bucket}.{key}");

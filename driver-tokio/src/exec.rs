@@ -1068,6 +1068,18 @@ impl Actor {
                     }
                 });
             }
+            Command::KvGetDirect { op, bucket, key } => {
+                let js = self.js.clone();
+                let subject = format!("$JS.API.DIRECT.GET.KV_{bucket}.$KV.{bucket}.{key}");
+                self.spawn_op(op, vec![subject], None, async move {
+                    match kv_last_direct(&js, &bucket, &key).await {
+                        Ok(entry) => Outcome::Success(Reply::Kv(
+                            entry.filter(|e| e.operation == KvOperation::Put),
+                        )),
+                        Err(o) => o,
+                    }
+                });
+            }
             Command::KvPut {
                 op,
                 bucket,
@@ -1901,6 +1913,48 @@ fn kv_operation(headers: Option<&HeaderMap>) -> KvOperation {
 
 /// The last entry of a key, markers included; `None` when the key never held anything (or its
 /// history was removed).
+/// [`kv_last`] through a direct get addressed by the key's subject
+/// (`$JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.<key>`, empty body), which a credential can grant
+/// for one key.
+async fn kv_last_direct(
+    js: &jetstream::Context,
+    bucket: &str,
+    key: &str,
+) -> Result<Option<KvEntry>, Outcome<Reply>> {
+    use jetstream::stream::DirectGetErrorKind as K;
+    let stream = js
+        .get_stream_no_info(format!("KV_{bucket}"))
+        .await
+        .map_err(|e| {
+            Outcome::Failed(Failure::Rejected {
+                code: None,
+                description: e.to_string(),
+            })
+        })?;
+    match stream
+        .direct_get_last_for_subject(format!("$KV.{bucket}.{key}"))
+        .await
+    {
+        Ok(m) => Ok(Some(KvEntry {
+            key: key.to_owned(),
+            revision: m.sequence,
+            operation: kv_operation(Some(&m.headers)),
+            value: m.payload,
+        })),
+        Err(e) => match e.kind() {
+            K::NotFound => Ok(None),
+            K::TimedOut => Err(Outcome::Unknown),
+            K::InvalidSubject => Err(Outcome::Failed(Failure::Rejected {
+                code: None,
+                description: format!("invalid key {key:?}"),
+            })),
+            _ => Err(Outcome::Failed(Failure::Other {
+                description: error_chain(&e),
+            })),
+        },
+    }
+}
+
 async fn kv_last(
     js: &jetstream::Context,
     bucket: &str,

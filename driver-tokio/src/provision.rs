@@ -181,7 +181,12 @@ impl SpacePlan {
         let config = SpaceConfig::new(space);
         SpacePlan {
             streams: config.streams,
-            kv_buckets: config.kv_buckets,
+            // The reference's five, then Cotal's loss records (`cotal_core::delivery::losses`).
+            kv_buckets: config
+                .kv_buckets
+                .into_iter()
+                .chain([KvBucketSpec::for_space(space, KvBucket::Losses)])
+                .collect(),
             consumers: vec![
                 ConsumerSpec::fanout(space, 0, 1),
                 ConsumerSpec::reader(space, 0, 1),
@@ -664,10 +669,11 @@ mod tests {
     }
 
     #[test]
-    fn the_plan_holds_five_streams_five_buckets_and_two_consumers() {
+    fn the_plan_holds_five_streams_six_buckets_and_two_consumers() {
         let plan = SpacePlan::new(&Space::new("main").expect("valid space"));
         assert_eq!(plan.streams.len(), 5);
-        assert_eq!(plan.kv_buckets.len(), 5);
+        assert_eq!(plan.kv_buckets.len(), 6);
+        assert_eq!(plan.kv_buckets[5].bucket, "cotal_losses_main");
         let names: Vec<_> = plan.consumers.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["fanout", "reader"]);
     }

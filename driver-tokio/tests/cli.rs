@@ -31,8 +31,10 @@ async fn cotal_up_twice_is_idempotent_and_matches_the_core_specs() {
     let first = cotal(&["up", "--space", "main", "--nats", &url]);
     let text = stdout(&first);
     assert!(first.status.success(), "{text}");
-    assert_eq!(text.matches("created ").count(), 12, "{text}");
+    // Five streams, the reference's five buckets and Cotal's loss records, two consumers.
+    assert_eq!(text.matches("created ").count(), 13, "{text}");
     assert!(text.contains("created   stream CHAT_main"), "{text}");
+    assert!(text.contains("cotal_losses_main"), "{text}");
     assert!(
         text.contains("created   consumer CHAT_main/fanout"),
         "{text}"
@@ -42,7 +44,7 @@ async fn cotal_up_twice_is_idempotent_and_matches_the_core_specs() {
     assert!(second.status.success(), "{text}");
     assert!(!text.contains("created "), "{text}");
     assert!(
-        text.contains("space main: nothing changed: all 12 objects already as specified"),
+        text.contains("space main: nothing changed: all 13 objects already as specified"),
         "{text}"
     );
 
@@ -789,4 +791,98 @@ fn provision_agent_name_binds_display_names_in_the_acl_record() {
         " ",
     ]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+}
+
+/// Issue 21 item 5 on the user's path: `cotal agent`, connected with exactly the permission
+/// block `cotal provision agent` prints for bob, reads bob's loss record (written here as the
+/// daemon would) and prints it as one `copies_lost` JSON line; its health shows nothing failed.
+#[tokio::test]
+async fn cotal_agent_prints_the_losses_recorded_for_it_under_its_provisioned_credentials() {
+    use cotal_core::delivery::losses::{LossLedger, LossReason};
+    use cotal_core::wire::keys::KvBucket;
+    use cotal_core::wire::permissions::{AgentPolicy, Permissions};
+    use cotal_core::wire::token::{AgentId, Channel};
+    use cotal_driver_tokio::provision::nats_server_permissions;
+    let space = Space::new("demo").expect("space");
+    let policy = AgentPolicy {
+        id: AgentId::new("bob").expect("id"),
+        allow_subscribe: vec![Channel::new("general").expect("channel")],
+        allow_publish: vec![Channel::new("general").expect("channel")],
+        role: None,
+        spawn: false,
+    };
+    let Some(server) = NatsServer::start_with_users(vec![
+        common::User {
+            name: "admin".into(),
+            password: "adminpw".into(),
+            permissions: None,
+        },
+        common::User {
+            name: "bob".into(),
+            password: "pw".into(),
+            permissions: Some(nats_server_permissions(&Permissions::agent(
+                &space, &policy,
+            ))),
+        },
+    ]) else {
+        return;
+    };
+    let cli = Cli::new(server.url());
+    let admin = ["--user", "admin", "--password", "adminpw"];
+    let up = cli.run(&[&["up", "--space", "demo"][..], &admin[..]].concat());
+    assert!(up.status.success(), "{}", stdout(&up));
+    let out = cli.run(
+        &[
+            &[
+                "provision",
+                "agent",
+                "--space",
+                "demo",
+                "--id",
+                "bob",
+                "--read",
+                "general",
+                "--publish",
+                "general",
+                "--apply",
+            ][..],
+            &admin[..],
+        ]
+        .concat(),
+    );
+    assert!(out.status.success(), "{}", stdout(&out));
+    let mut ledger = LossLedger::new("bob");
+    ledger.record_range("general", 751, 1010, 260, LossReason::DlvFull);
+    let conn = connect(&server.config_as("admin", "adminpw"))
+        .await
+        .expect("admin");
+    let js = async_nats::jetstream::new(conn.client.clone());
+    js.get_key_value(KvBucket::Losses.name(&space))
+        .await
+        .expect("the loss bucket cotal up created")
+        .put("bob", ledger.encode())
+        .await
+        .expect("put");
+    let mut bob = cli.spawn(
+        "bob",
+        &[
+            "agent",
+            "--space",
+            "demo",
+            "--id",
+            "bob",
+            "--user",
+            "bob",
+            "--password",
+            "pw",
+        ],
+    );
+    let line = json_line(&bob.expect("copies_lost", |l| json_line(l)["event"] == "copies_lost"));
+    assert_eq!(line["total"], 260, "{line}");
+    assert_eq!(
+        line["ranges"],
+        serde_json::json!([{"channel": "general", "first": 751, "last": 1010, "count": 260,
+                            "exact": true, "reason": "dlv-full"}]),
+        "{line}"
+    );
 }

@@ -2568,3 +2568,268 @@ async fn sec_squatted_display_name_cannot_take_alices_mention_copy() {
     );
     daemon.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 21 item 5: a loss is told to the member it concerns; one sender cannot crowd out the rest
+// ---------------------------------------------------------------------------------------------
+
+/// `from`'s post number `n` on `team` through CHAT with its msg-id; returns (message id, CHAT
+/// sequence).
+async fn post_as(p: &Probe, from: &str, n: u32) -> (String, u64) {
+    let tag = if from == "alice" { 0xa } else { 0xb };
+    let mid = format!("00000000-0000-4000-8000-{tag:x}{n:011}");
+    let body = json!({"id": mid, "ts": 1, "space": SPACE, "from": {"id": from, "name": from},
+                      "channel": "team", "parts": [{"kind": "text", "text": format!("m{n}")}]});
+    let js = async_nats::jetstream::new(p.client.clone());
+    let ack = js
+        .send_publish(
+            subj(&format!("chat.{from}.team")),
+            async_nats::jetstream::message::PublishMessage::build()
+                .payload(Bytes::from(body.to_string()))
+                .message_id(mid.clone()),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    (mid, ack.sequence)
+}
+
+/// Mallory (an authenticated member allowed to read and post on `team`, with exactly the
+/// permission block `cotal provision agent` prints) floods `team` with 1,010 posts while Bob is
+/// offline; then Alice posts three. Before: Mallory's first 1,000 filled Bob's DLV and Alice's
+/// three were shed, told to nobody but the daemon's log. Now: Mallory's posts take at most her
+/// share (750) of Bob's DLV, Alice's three reach Bob, and Bob's agent, when it comes back, reports
+/// exactly what of Mallory's he lost (one `CopiesLost` range: her last 260 sequences, dlv-full).
+/// His credential reads his own loss record and no one else's.
+#[tokio::test]
+async fn sec_a_flooding_sender_cannot_crowd_out_others_and_the_loss_is_told_to_the_member() {
+    use cotal_core::delivery::backlog::SENDER_SHARE;
+    use cotal_core::delivery::losses::LossReason;
+    let Some(mut s) = Space9::start().await else {
+        return;
+    };
+    let mut with_mallory = users(ALICE_READ, BOB_READ);
+    with_mallory.push(agent_user("mallory", &["team"], &["team"]));
+    s.server.reload_with_users(with_mallory);
+    let mut daemon = Daemon::start(&s.server).await;
+    let alice = Probe::connect(&s.server, "alice").await;
+    let mallory = Probe::connect(&s.server, "mallory").await;
+    let mut bob = Peer::start(&s.server, "bob").await;
+    bob.join_durable("team").await;
+    until_activated(&s, "team", "bob").await;
+    bob.stop().await;
+
+    const FLOOD: u32 = 1010;
+    let mut flood = Vec::new();
+    for n in 0..FLOOD {
+        flood.push(post_as(&mallory, "mallory", n).await);
+    }
+    let mut few = Vec::new();
+    for n in 0..3 {
+        few.push(post_as(&alice, "alice", n).await.0);
+    }
+    let deadline = tokio::time::Instant::now() + WAIT * 4;
+    loop {
+        let c = daemon.counters().await;
+        if c.transferred + c.dlv_shed >= u64::from(FLOOD) + 3 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{c:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let c = daemon.counters().await;
+    let shed = u64::from(FLOOD) - SENDER_SHARE;
+    assert_eq!(
+        (c.transferred, c.dlv_shed),
+        (SENDER_SHARE + 3, shed),
+        "{c:?}"
+    );
+    assert_eq!(c.backlog_unverified + c.loss_notices_failed, 0, "{c:?}");
+
+    // Bob comes back: Alice's three arrive, and he is told what of Mallory's he lost.
+    let mut bob = Peer::start(&s.server, "bob").await;
+    bob.until("alice's posts and the loss report", |log, got| {
+        few.iter().all(|m| got.contains(m))
+            && log
+                .iter()
+                .any(|e| matches!(e, AgentEvent::CopiesLost { .. }))
+    })
+    .await;
+    let reports: Vec<_> = bob
+        .log
+        .iter()
+        .filter_map(|e| match e {
+            AgentEvent::CopiesLost { ranges, total, .. } => Some((ranges.clone(), *total)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let (ranges, total) = &reports[0];
+    assert_eq!(*total, shed);
+    assert_eq!(ranges.len(), 1, "{ranges:?}");
+    let r = &ranges[0];
+    let first = flood[SENDER_SHARE as usize].1;
+    let last = flood[FLOOD as usize - 1].1;
+    assert_eq!(
+        (
+            r.channel.as_str(),
+            r.first,
+            r.last,
+            r.count,
+            r.exact,
+            r.reason
+        ),
+        ("team", first, last, shed, true, LossReason::DlvFull)
+    );
+    let health = bob.handle.health().await.expect("health");
+    assert_eq!(health.counters.copies_lost, shed);
+    assert_eq!(health.counters.loss_reads_failed, 0);
+    // Bob's DLV holds Mallory's first 750 and Alice's three, nothing more.
+    let admin = connect(&s.admin).await.expect("admin");
+    assert_eq!(dlv_stored(&admin.client, "bob").await, SENDER_SHARE + 3);
+    bob.stop().await;
+
+    // Bob's credential reads his own record, not Alice's; Mallory's reads neither.
+    let losses = KvBucket::Losses.name(&space());
+    let direct = |who: &str| format!("$JS.API.DIRECT.GET.KV_{losses}.$KV.{losses}.{who}");
+    let mut bob_probe = Probe::connect(&s.server, "bob").await;
+    let own = bob_probe
+        .client
+        .request(direct("bob"), Bytes::new())
+        .await
+        .expect("own record");
+    assert!(
+        String::from_utf8_lossy(&own.payload).contains("\"dlv-full\""),
+        "{own:?}"
+    );
+    bob_probe
+        .refused_request(&direct("alice"), Bytes::new())
+        .await;
+    let mut mallory = mallory;
+    mallory.refused_request(&direct("bob"), Bytes::new()).await;
+    mallory
+        .refused_pub(&format!("$KV.{losses}.mallory"), Bytes::from_static(b"{}"))
+        .await;
+    daemon.stop().await;
+}
+
+/// Issue 21, "also try": a member that stops acking its DLV (Bob, offline with a full DLV)
+/// while another keeps receiving (Carol, online). Measures Carol's backstop latency (Alice's
+/// publish acknowledged → the daemon's DLV copy for Carol on the wire) for 50 paced posts before
+/// Bob's DLV fills and 50 after (every copy for Bob then costs a DLV read and is shed), and prints
+/// the figures. Asserts only that Carol gets every copy and that the daemon keeps up.
+#[tokio::test]
+async fn a_stalled_member_does_not_delay_the_others() {
+    use cotal_core::delivery::backlog::SENDER_SHARE;
+    let Some(mut s) = Space9::start().await else {
+        return;
+    };
+    let mut with_carol = users(ALICE_READ, BOB_READ);
+    with_carol.push(agent_user("carol", &["team"], &["team"]));
+    s.server.reload_with_users(with_carol);
+    s.put_acl("carol", &["team"], 1).await;
+    let admin = connect(&s.admin).await.expect("admin");
+    apply_consumer(
+        &admin.client,
+        &ConsumerSpec::dlv(&space(), &id("carol")),
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("dlv consumer");
+    let mut daemon = Daemon::start(&s.server).await;
+    let alice = Probe::connect(&s.server, "alice").await;
+    let mut bob = Peer::start(&s.server, "bob").await;
+    bob.join_durable("team").await;
+    until_activated(&s, "team", "bob").await;
+    bob.stop().await;
+    let mut carol = Peer::start(&s.server, "carol").await;
+    carol.join_durable("team").await;
+    until_activated(&s, "team", "carol").await;
+    let mut copies = admin
+        .client
+        .subscribe(subj("dlv.carol"))
+        .await
+        .expect("spy on carol's dlv");
+    admin.client.flush().await.expect("flush");
+
+    // Carol's agent keeps acking in the background.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let carol_task = tokio::spawn(async move {
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            carol.pump(Duration::from_millis(50)).await;
+            for m in carol.handle.take_messages(256).await.expect("runner") {
+                carol.handle.handled(m.id).await.expect("handled");
+            }
+        }
+        carol
+    });
+
+    async fn phase(
+        alice: &Probe,
+        copies: &mut async_nats::Subscriber,
+        from: u32,
+        n: u32,
+    ) -> Vec<Duration> {
+        let mut lat = Vec::new();
+        for i in from..from + n {
+            let t0 = tokio::time::Instant::now();
+            post(alice, i).await;
+            let m = tokio::time::timeout(WAIT, copies.next())
+                .await
+                .expect("carol's copy in time")
+                .expect("spy");
+            assert!(
+                String::from_utf8_lossy(&m.payload).contains(&format!("\"m{i}\"")),
+                "copies in order"
+            );
+            lat.push(t0.elapsed());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        lat
+    }
+    fn figures(mut v: Vec<Duration>) -> String {
+        v.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        format!(
+            "p50 {:.1} ms, p95 {:.1} ms, max {:.1} ms",
+            ms(v[v.len() / 2]),
+            ms(v[v.len() * 95 / 100]),
+            ms(v[v.len() - 1])
+        )
+    }
+
+    let before = phase(&alice, &mut copies, 0, 50).await;
+    // Fill Bob's DLV to Alice's share (bob never acks); Carol's copies keep flowing meanwhile.
+    let fill = u32::try_from(SENDER_SHARE).expect("share") + 10;
+    for i in 50..50 + fill {
+        post(&alice, i).await;
+    }
+    for _ in 0..fill {
+        tokio::time::timeout(WAIT, copies.next())
+            .await
+            .expect("carol's copy during the fill")
+            .expect("spy");
+    }
+    let shed_before = daemon.counters().await.dlv_shed;
+    assert!(shed_before >= 10, "bob's DLV is full: {shed_before}");
+    let during = phase(&alice, &mut copies, 50 + fill, 50).await;
+    let c = daemon.counters().await;
+    assert!(
+        c.dlv_shed >= shed_before + 50,
+        "every new copy for bob shed: {c:?}"
+    );
+    println!(
+        "stalled member: carol's backstop latency before bob's DLV filled: {}; while every copy \
+         for bob is read and shed: {}; dlv reads failed {}, shed {}",
+        figures(before),
+        figures(during),
+        c.backlog_unverified,
+        c.dlv_shed
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let carol = carol_task.await.expect("carol task");
+    carol.stop().await;
+    daemon.stop().await;
+}

@@ -94,9 +94,9 @@
 
 use crate::constants::{
     DEFAULT_HEARTBEAT, DEFAULT_INACTIVE_THRESHOLD, DURABLE_JOIN_TIMEOUT, HISTORY_FETCH_MAX_BATCH,
-    MEMBERSHIP_AUDIT_INTERVAL,
-    REQUEST_DELIVERY_TIMEOUT, backoff,
+    MEMBERSHIP_AUDIT_INTERVAL, REQUEST_DELIVERY_TIMEOUT, backoff,
 };
+use crate::delivery::losses::{LOSS_POLL, LossLedger, LossOverflow, LossRange};
 use crate::entropy::{IdGen, IdKey};
 use crate::io::{
     AckKind, Command, Completion, Connection, Inbound, Input, KvCondition, KvOperation, Machine,
@@ -436,6 +436,13 @@ pub struct AgentCounters {
     /// Fresh sends the stream answered `duplicate: true` (another publish already held the new
     /// id); each was republished under a new id ([`AgentEvent::MessageIdCollided`]).
     pub message_id_collisions: u64,
+    /// Copies the daemon recorded as lost to us (the loss record's total, as last read;
+    /// [`AgentEvent::CopiesLost`]).
+    pub copies_lost: u64,
+    /// Reads of our loss record that failed or were unknown (retried at the next poll).
+    pub loss_reads_failed: u64,
+    /// Loss records that did not decode (reported, ignored).
+    pub loss_records_malformed: u64,
 }
 
 /// How many times a fresh send is republished under a new id after a `duplicate: true` PubAck
@@ -475,6 +482,9 @@ pub struct AgentHealth {
     pub counters: AgentCounters,
     /// The ledger's counters.
     pub ledger: LedgerCounters,
+    /// Our loss record as last read (`None` until one was read): every range of copies the
+    /// daemon could not deliver to us ([`crate::delivery::losses`]).
+    pub losses: Option<LossLedger>,
 }
 
 /// Where a received copy came from, as the application sees it.
@@ -633,6 +643,17 @@ pub enum AgentEvent {
         /// Why.
         reason: String,
     },
+    /// The daemon recorded copies it could not deliver to us (our DLV was full, the redelivery
+    /// ceiling, a forgotten interval; [`crate::delivery::losses`]): the ranges of our loss
+    /// record not reported before in this life (a range that grew is reported again, whole).
+    CopiesLost {
+        /// The new or grown ranges: channel, CHAT sequences, copies, reason.
+        ranges: Vec<LossRange>,
+        /// Ranges the record pushed out, and the copies they counted ("and more").
+        more: LossOverflow,
+        /// Copies lost in all, per the record.
+        total: u64,
+    },
     /// A full ledger refused a live copy of a channel whose durable backstop is established: not
     /// a loss, the durable copy of the same id is still to come (and the ledger takes it once
     /// the application drains). Counted in [`AgentCounters::live_copies_shed`].
@@ -775,6 +796,8 @@ enum Pending {
         /// new id if the stream answers `duplicate: true`.
         fresh: Option<Box<FreshSend>>,
     },
+    /// A read of our loss record.
+    Losses,
 }
 
 /// A fresh send kept until its PubAck, to republish under a new id on an id collision.
@@ -788,6 +811,8 @@ struct FreshSend {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     Heartbeat,
+    /// Read our loss record again.
+    Losses,
     DlvBind,
     DirectBind(Direct),
     RegistryWatch,
@@ -877,6 +902,11 @@ pub struct Agent {
     stopped: bool,
     dlv: Option<SubId>,
     dlv_bound: bool,
+    /// Our loss record as last read, and whether a read is in flight.
+    losses: Option<LossLedger>,
+    losses_reading: bool,
+    /// The highest loss-record stamp reported in this life.
+    losses_reported: u64,
     dlv_attempts: u32,
     /// The direct consumers configured (`dm_<id>`, `svc_<role>`), fixed at construction.
     direct: BTreeMap<Direct, DirectFeed>,
@@ -951,6 +981,9 @@ impl Agent {
             stopped: false,
             dlv: None,
             dlv_bound: false,
+            losses: None,
+            losses_reading: false,
+            losses_reported: 0,
             dlv_attempts: 0,
             registry_attempts: 0,
             backfill_busy: false,
@@ -1382,6 +1415,7 @@ impl Agent {
                 })
                 .collect(),
             counters: self.counters,
+            losses: self.losses.clone(),
             ledger: *self.ledger.counters(),
         }
     }
@@ -1543,6 +1577,7 @@ impl Agent {
         // The audit in flight is moot (its answer is ignored); the next ready connection audits.
         self.timers.cancel(&Timer::Audit);
         self.audit_in_flight = None;
+        self.timers.cancel(&Timer::Losses);
         // In-flight joins fail closed; joined channels lose their subscription.
         let names: Vec<Channel> = self.channels.keys().cloned().collect();
         for name in names {
@@ -1763,11 +1798,60 @@ impl Agent {
         let first = self.first_connect;
         self.first_connect = false;
         self.events.push_back(AgentEvent::Connected { first });
+        self.read_losses();
         let names: Vec<Channel> = self.channels.keys().cloned().collect();
         for name in names {
             self.maybe_start_post_commit(&name);
         }
         self.start_audit();
+    }
+
+    /// Reads our loss record (at every connect, then every [`LOSS_POLL`]), when the durable
+    /// backstop is on (the daemon writes it).
+    fn read_losses(&mut self) {
+        if !self.config.durable_backstop
+            || self.losses_reading
+            || self.stopped
+            || self.link != Link::Ready
+        {
+            return;
+        }
+        self.losses_reading = true;
+        let op = self.op(Pending::Losses);
+        self.commands.push_back(Command::KvGetDirect {
+            op,
+            bucket: KvBucket::Losses.name(&self.config.space),
+            key: self.config.me.id.as_str().to_owned(),
+        });
+    }
+
+    fn on_losses(&mut self, now: Now, outcome: Outcome<Reply>) {
+        self.losses_reading = false;
+        match outcome {
+            Outcome::Success(Reply::Kv(None)) => {}
+            Outcome::Success(Reply::Kv(Some(entry))) => match LossLedger::decode(&entry.value) {
+                Some(ledger) => {
+                    let ranges = ledger.since(self.losses_reported);
+                    let more_grew = self.losses.as_ref().is_none_or(|l| l.more != ledger.more)
+                        && ledger.more.ranges > 0;
+                    self.counters.copies_lost = ledger.total();
+                    if !ranges.is_empty() || (more_grew && ledger.stamp > self.losses_reported) {
+                        self.events.push_back(AgentEvent::CopiesLost {
+                            ranges,
+                            more: ledger.more,
+                            total: ledger.total(),
+                        });
+                    }
+                    self.losses_reported = self.losses_reported.max(ledger.stamp);
+                    self.losses = Some(ledger);
+                }
+                None => bump(&mut self.counters.loss_records_malformed),
+            },
+            _ => bump(&mut self.counters.loss_reads_failed),
+        }
+        if self.link == Link::Ready && !self.stopped && self.config.durable_backstop {
+            self.timers.set(Timer::Losses, now.at + LOSS_POLL);
+        }
     }
 
     fn heartbeat(&mut self, now: Now) {
@@ -3299,6 +3383,7 @@ impl Agent {
                 channel,
                 generation,
             } => self.on_durable_leave(now, channel, generation, outcome),
+            Pending::Losses => self.on_losses(now, outcome),
             Pending::Settle => {
                 if !outcome.is_success() {
                     // The delivery comes back after ack_wait; the ledger's horizon settles it.
@@ -3410,6 +3495,7 @@ impl Agent {
 
     fn on_timer(&mut self, now: Now, timer: Timer) {
         match timer {
+            Timer::Losses => self.read_losses(),
             Timer::Heartbeat => {
                 if self.link != Link::Down
                     && let Some(every) = self.config.heartbeat

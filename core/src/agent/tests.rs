@@ -173,6 +173,8 @@ struct World {
     chat_subs: BTreeMap<SubId, String>,
     /// Fail `StreamInfo` with this.
     frontier_fails: bool,
+    /// Our loss record (`cotal_losses_<s>`), answered to `KvGetDirect`.
+    losses: Option<Bytes>,
 }
 
 impl World {
@@ -206,6 +208,7 @@ impl World {
             published: Vec::new(),
             chat_subs: BTreeMap::new(),
             frontier_fails: false,
+            losses: None,
         }
     }
 
@@ -335,6 +338,21 @@ impl World {
     fn answer(&mut self, c: &Command) -> Vec<Input> {
         let done = |op| Input::Completed(Completion::success(op, Reply::Done));
         match c {
+            Command::KvGetDirect { op, bucket, key } if self.losses.is_some() => {
+                assert_eq!(
+                    (bucket.as_str(), key.as_str()),
+                    ("cotal_losses_main", "bob")
+                );
+                vec![Input::Completed(Completion::success(
+                    *op,
+                    Reply::Kv(self.losses.clone().map(|value| crate::io::KvEntry {
+                        key: key.clone(),
+                        revision: 1,
+                        operation: KvOperation::Put,
+                        value,
+                    })),
+                ))]
+            }
             Command::KvWatch { op, sub, .. } => {
                 let mut v: Vec<Input> = self
                     .registry
@@ -2847,4 +2865,38 @@ fn repeated_id_collisions_end_in_a_typed_failure() {
         w.agent.health().counters.message_id_collisions,
         u64::from(MAX_ID_COLLISIONS) + 1
     );
+}
+
+/// Issue 21 item 5: the agent reads its loss record at connect and every `LOSS_POLL`, reports
+/// each range once (a grown range again, whole) as `CopiesLost`, and shows the record in health.
+#[test]
+fn losses_recorded_by_the_daemon_are_reported_once_and_shown_in_health() {
+    use crate::delivery::losses::{LOSS_POLL, LossLedger, LossReason};
+    let mut w = World::new(&[]);
+    let mut ledger = LossLedger::new("bob");
+    ledger.record_range("general", 751, 1010, 260, LossReason::DlvFull);
+    w.losses = Some(ledger.encode());
+    w.connect();
+    let lost = |w: &World| w.log.matches("CopiesLost").count();
+    assert_eq!(lost(&w), 1, "{}", w.log);
+    assert!(
+        w.log.contains("first: 751, last: 1010, count: 260"),
+        "{}",
+        w.log
+    );
+    let h = w.agent.health();
+    assert_eq!(h.counters.copies_lost, 260);
+    assert_eq!(h.losses.as_ref(), Some(&ledger));
+    // The next poll reads the same record: nothing new to report.
+    w.advance(LOSS_POLL.as_millis());
+    assert_eq!(lost(&w), 1, "{}", w.log);
+    assert_eq!(w.log.matches("KvGetDirect").count(), 2, "{}", w.log);
+    // The daemon records more: only the new range is reported.
+    ledger.record("team", 5, LossReason::RedeliveryCeiling);
+    w.losses = Some(ledger.encode());
+    w.advance(LOSS_POLL.as_millis());
+    assert_eq!(lost(&w), 2, "{}", w.log);
+    let last = w.log.rsplit("CopiesLost").next().unwrap();
+    assert!(last.contains("\"team\"") && !last.contains("751"), "{last}");
+    assert_eq!(w.agent.health().counters.copies_lost, 261);
 }

@@ -30,6 +30,14 @@
 //! its oldest, silently. The reader never holds an entry for a slow agent, so a member that is
 //! offline for hours costs one consumer read per cap's worth of copies and stalls nobody.
 //!
+//! **Per-sender shares.** One sender may hold at most [`SENDER_SHARE`] (three quarters) of an
+//! owner's unread DLV copies; the rest of the room stays for every other sender, so a member of a
+//! channel who floods it while another member is offline cannot push everyone else's copies out
+//! of that member's backstop: the copies of the flood beyond its share are the ones shed. The
+//! daemon attributes unread copies to senders from its own transfers (the agent acks its DLV in
+//! order, so a read of `unread` keeps the newest `unread` of them); see [`DlvBacklog`] for the
+//! decision and its cost.
+//!
 //! A read that fails (no `dlv_<owner>` consumer, a credential written for the reference daemon
 //! that lacks `CONSUMER.INFO` on DLV, a timeout) cannot prove a loss either way: the waiting
 //! transfers are admitted, the owner is counted as unverified, and the next read is due after
@@ -58,6 +66,10 @@ pub const OWNER_CAP: u64 = MAX_MSGS_PER_SUBJECT as u64;
 /// cap, leaving room for the copies already in flight (at most the fan-out window) and a
 /// catch-up page.
 pub const DINBOX_HIGH_WATER: u64 = OWNER_CAP / 2;
+
+/// The most unread copies of one sender an owner's DLV may hold: a single sender cannot take
+/// the last quarter of the owner's room, which stays for every other sender.
+pub const SENDER_SHARE: u64 = OWNER_CAP * 3 / 4;
 
 /// The least time between two reads of the reader consumer made because an owner is held.
 pub const BACKLOG_RECHECK: Duration = Duration::from_millis(1000);
@@ -177,16 +189,81 @@ pub struct DlvVerdict<T> {
     pub unread: Option<u64>,
 }
 
-#[derive(Clone, Debug)]
-enum DlvOwner<T> {
-    /// Upper bound on unread copies: the last read plus the transfers admitted since.
-    Known(u64),
-    /// A read is in flight; these transfers wait for it, oldest first.
-    Reading(VecDeque<T>),
+/// The senders of the copies this daemon transferred to one owner's DLV, oldest first,
+/// run-length encoded, never more than [`OWNER_CAP`] copies (the stream keeps no more). A read
+/// of the owner's consumer keeps only the newest `unread` of them: the agent acks its DLV in
+/// order, so the copies it acked are the oldest. What a read reports beyond the log (a
+/// predecessor's copies) counts against the cap and against no sender's share.
+#[derive(Clone, Debug, Default)]
+struct SenderLog {
+    runs: VecDeque<(AgentId, u64)>,
+    counts: BTreeMap<AgentId, u64>,
+    total: u64,
 }
 
-/// The DLV side: per-owner upper bounds on unread copies, with the transfers waiting for a read.
-/// `T` is whatever the caller needs to resume a transfer (the daemon uses its delivery id).
+impl SenderLog {
+    fn of(&self, sender: &AgentId) -> u64 {
+        self.counts.get(sender).copied().unwrap_or(0)
+    }
+
+    fn push(&mut self, sender: &AgentId) {
+        match self.runs.back_mut() {
+            Some((s, n)) if s == sender => *n += 1,
+            _ => self.runs.push_back((sender.clone(), 1)),
+        }
+        *self.counts.entry(sender.clone()).or_insert(0) += 1;
+        self.total += 1;
+        self.keep_newest(OWNER_CAP);
+    }
+
+    /// Forgets the oldest copies until at most `n` remain (they were acked, or pushed out).
+    fn keep_newest(&mut self, n: u64) {
+        while self.total > n {
+            let excess = self.total - n;
+            let Some((sender, run)) = self.runs.front_mut() else {
+                self.total = 0;
+                return;
+            };
+            let gone = excess.min(*run);
+            *run -= gone;
+            self.total -= gone;
+            if let Some(c) = self.counts.get_mut(sender) {
+                *c = c.saturating_sub(gone);
+                if *c == 0 {
+                    self.counts.remove(sender);
+                }
+            }
+            if *run == 0 {
+                self.runs.pop_front();
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct DlvOwner<T> {
+    /// Upper bound on unread copies: the last read plus the transfers admitted since.
+    bound: u64,
+    /// A read is in flight; these transfers (with their senders) wait for it, oldest first.
+    reading: Option<VecDeque<(T, AgentId)>>,
+    /// Who sent the unread copies, as far as this daemon knows.
+    senders: SenderLog,
+}
+
+/// The DLV side: per-owner upper bounds on unread copies, per sender and in all, with the
+/// transfers waiting for a read. `T` is whatever the caller needs to resume a transfer (the
+/// daemon uses its delivery id).
+///
+/// **One sender cannot crowd out the others.** A copy is admitted while the owner's bound is
+/// under [`OWNER_CAP`] *and* its sender's unread copies are under [`SENDER_SHARE`]; so a sender
+/// that floods a channel while a member is offline fills at most three quarters of that member's
+/// DLV, and the last quarter stays for everyone else. The copies of the flood beyond its share
+/// are shed (reported losses for that member); a sender whose share is full waits for a read
+/// like a full DLV does, so a member that caught up lets it in again. Why this and not a refill
+/// from CHAT: the share needs no new reads, state or writes beyond what the cap already has, and
+/// it keeps the loss with the sender that caused it. Its cost: a lone sender that posts more
+/// than [`SENDER_SHARE`] copies while a member is away loses its newest quarter earlier than it
+/// would have (reported, like every shed).
 #[derive(Clone, Debug)]
 pub struct DlvBacklog<T> {
     owners: BTreeMap<AgentId, DlvOwner<T>>,
@@ -201,21 +278,37 @@ impl<T> Default for DlvBacklog<T> {
 }
 
 impl<T> DlvBacklog<T> {
-    /// One transfer for the owner was decided: admit it, or park `item` until a read.
-    pub fn admit(&mut self, owner: &AgentId, item: T) -> (DlvAdmit, Option<T>) {
+    /// One transfer for the owner, of a copy `sender` posted, was decided: admit it, or park
+    /// `item` until a read.
+    pub fn admit(&mut self, owner: &AgentId, sender: &AgentId, item: T) -> (DlvAdmit, Option<T>) {
         match self.owners.get_mut(owner) {
-            Some(DlvOwner::Known(n)) if *n < OWNER_CAP => {
-                *n += 1;
-                (DlvAdmit::Transfer, Some(item))
-            }
-            Some(DlvOwner::Reading(waiting)) => {
-                waiting.push_back(item);
+            Some(DlvOwner {
+                reading: Some(waiting),
+                ..
+            }) => {
+                waiting.push_back((item, sender.clone()));
                 (DlvAdmit::Wait { read: false }, None)
             }
-            // First transfer in this life, or at the cap: read before writing.
-            _ => {
-                self.owners
-                    .insert(owner.clone(), DlvOwner::Reading(VecDeque::from([item])));
+            Some(o) if o.bound < OWNER_CAP && o.senders.of(sender) < SENDER_SHARE => {
+                o.bound += 1;
+                o.senders.push(sender);
+                (DlvAdmit::Transfer, Some(item))
+            }
+            // At the cap or at the sender's share: read before writing.
+            Some(o) => {
+                o.reading = Some(VecDeque::from([(item, sender.clone())]));
+                (DlvAdmit::Wait { read: true }, None)
+            }
+            // First transfer in this life: a predecessor's copies may be waiting.
+            None => {
+                self.owners.insert(
+                    owner.clone(),
+                    DlvOwner {
+                        bound: 0,
+                        reading: Some(VecDeque::from([(item, sender.clone())])),
+                        senders: SenderLog::default(),
+                    },
+                );
                 (DlvAdmit::Wait { read: true }, None)
             }
         }
@@ -223,56 +316,54 @@ impl<T> DlvBacklog<T> {
 
     /// The owner's read ended: `Some(unread)` from the consumer, `None` when it failed;
     /// `in_flight` transfers of the owner were published and not yet acknowledged when the read
-    /// was sent (it may not have seen them; no transfer of the owner starts while it reads). The waiting transfers are admitted oldest first while
-    /// they fit; the rest are shed. After a failure every waiting transfer is admitted and the
-    /// next read is due a cap's worth later.
+    /// was sent (it may not have seen them; no transfer of the owner starts while it reads). The
+    /// waiting transfers are admitted oldest first while they fit, in all and in their sender's
+    /// share; the rest are shed. After a failure every waiting transfer is admitted and the next
+    /// read is due a cap's worth later.
     pub fn read(&mut self, owner: &AgentId, unread: Option<u64>, in_flight: u64) -> DlvVerdict<T> {
-        let waiting = match self.owners.remove(owner) {
-            Some(DlvOwner::Reading(w)) => w,
-            other => {
-                // A late answer to a read the daemon forgot (reset at a connection loss): the
-                // owner's state is newer than it, keep that.
-                if let Some(o) = other {
-                    self.owners.insert(owner.clone(), o);
-                }
-                return DlvVerdict {
-                    admitted: Vec::new(),
-                    shed: Vec::new(),
-                    unread,
-                };
-            }
-        };
         let mut verdict = DlvVerdict {
             admitted: Vec::new(),
             shed: Vec::new(),
             unread,
         };
+        // A late answer to a read the daemon forgot (reset at a connection loss) finds no
+        // waiting transfers: the owner's state is newer than it, keep that.
+        let Some(o) = self.owners.get_mut(owner) else {
+            return verdict;
+        };
+        let Some(waiting) = o.reading.take() else {
+            return verdict;
+        };
         let (room, base) = match unread {
             Some(u) => {
                 let taken = u.saturating_add(in_flight);
+                o.senders.keep_newest(taken);
                 (OWNER_CAP.saturating_sub(taken), taken)
             }
             None => (u64::MAX, 0),
         };
         let mut admitted = 0u64;
-        for item in waiting {
-            if admitted < room {
+        for (item, sender) in waiting {
+            let within_share = unread.is_none() || o.senders.of(&sender) < SENDER_SHARE;
+            if admitted < room && within_share {
                 admitted += 1;
+                o.senders.push(&sender);
                 verdict.admitted.push(item);
             } else {
                 verdict.shed.push(item);
             }
         }
-        let bound = base.saturating_add(admitted).min(OWNER_CAP);
-        self.owners.insert(owner.clone(), DlvOwner::Known(bound));
+        o.bound = base.saturating_add(admitted).min(OWNER_CAP);
         verdict
     }
 
     /// A transfer admitted earlier failed to store: one fewer copy waits in DLV (the bound stays
     /// an upper bound either way; this keeps it tight).
     pub fn unstored(&mut self, owner: &AgentId) {
-        if let Some(DlvOwner::Known(n)) = self.owners.get_mut(owner) {
-            *n = n.saturating_sub(1);
+        if let Some(o) = self.owners.get_mut(owner)
+            && o.reading.is_none()
+        {
+            o.bound = o.bound.saturating_sub(1);
         }
     }
 
@@ -282,10 +373,7 @@ impl<T> DlvBacklog<T> {
         let owners = std::mem::take(&mut self.owners);
         owners
             .into_values()
-            .flat_map(|o| match o {
-                DlvOwner::Reading(w) => w.into_iter().collect::<Vec<_>>(),
-                DlvOwner::Known(_) => Vec::new(),
-            })
+            .flat_map(|o| o.reading.into_iter().flatten().map(|(item, _)| item))
             .collect()
     }
 }
@@ -302,28 +390,37 @@ mod tests {
     #[test]
     fn the_first_transfer_of_an_owner_waits_for_a_read() {
         let mut d = DlvBacklog::default();
-        assert_eq!(d.admit(&a("bob"), 1), (DlvAdmit::Wait { read: true }, None));
         assert_eq!(
-            d.admit(&a("bob"), 2),
+            d.admit(&a("bob"), &a("zed"), 1),
+            (DlvAdmit::Wait { read: true }, None)
+        );
+        assert_eq!(
+            d.admit(&a("bob"), &a("zed"), 2),
             (DlvAdmit::Wait { read: false }, None)
         );
         let v = d.read(&a("bob"), Some(0), 0);
         assert_eq!(v.admitted, vec![1, 2]);
         assert!(v.shed.is_empty());
-        assert_eq!(d.admit(&a("bob"), 3), (DlvAdmit::Transfer, Some(3)));
+        assert_eq!(
+            d.admit(&a("bob"), &a("zed"), 3),
+            (DlvAdmit::Transfer, Some(3))
+        );
     }
 
     #[test]
     fn a_full_dlv_sheds_the_newest_and_keeps_the_room_it_has() {
         let mut d = DlvBacklog::default();
         for i in 0..5 {
-            d.admit(&a("bob"), i);
+            d.admit(&a("bob"), &a("zed"), i);
         }
         let v = d.read(&a("bob"), Some(OWNER_CAP - 2), 0);
         assert_eq!(v.admitted, vec![0, 1]);
         assert_eq!(v.shed, vec![2, 3, 4]);
         // Now at the cap: the next one reads again.
-        assert_eq!(d.admit(&a("bob"), 9), (DlvAdmit::Wait { read: true }, None));
+        assert_eq!(
+            d.admit(&a("bob"), &a("zed"), 9),
+            (DlvAdmit::Wait { read: true }, None)
+        );
         let v = d.read(&a("bob"), Some(10), 0);
         assert_eq!(v.admitted, vec![9]);
     }
@@ -332,7 +429,7 @@ mod tests {
     fn transfers_in_flight_at_the_read_count_against_the_room() {
         let mut d = DlvBacklog::default();
         for i in 0..3 {
-            d.admit(&a("bob"), i);
+            d.admit(&a("bob"), &a("zed"), i);
         }
         // 997 read, 2 more published but maybe not seen: room for one.
         let v = d.read(&a("bob"), Some(OWNER_CAP - 3), 2);
@@ -343,14 +440,20 @@ mod tests {
     #[test]
     fn a_failed_read_admits_and_defers_the_next_read_by_a_cap() {
         let mut d = DlvBacklog::default();
-        d.admit(&a("bob"), 0);
+        d.admit(&a("bob"), &a("zed"), 0);
         let v = d.read(&a("bob"), None, 0);
         assert_eq!(v.admitted, vec![0]);
+        let senders = [a("s0"), a("s1"), a("s2"), a("s3")];
         for i in 1..OWNER_CAP {
-            assert_eq!(d.admit(&a("bob"), i), (DlvAdmit::Transfer, Some(i)), "{i}");
+            let sender = &senders[(i % 4) as usize];
+            assert_eq!(
+                d.admit(&a("bob"), sender, i),
+                (DlvAdmit::Transfer, Some(i)),
+                "{i}"
+            );
         }
         assert_eq!(
-            d.admit(&a("bob"), OWNER_CAP),
+            d.admit(&a("bob"), &a("zed"), OWNER_CAP),
             (DlvAdmit::Wait { read: true }, None)
         );
     }
@@ -358,12 +461,18 @@ mod tests {
     #[test]
     fn owners_are_independent_and_reset_returns_the_waiting() {
         let mut d = DlvBacklog::default();
-        d.admit(&a("bob"), 1);
+        d.admit(&a("bob"), &a("zed"), 1);
         d.read(&a("bob"), Some(0), 0);
-        d.admit(&a("carol"), 2);
-        assert_eq!(d.admit(&a("bob"), 3), (DlvAdmit::Transfer, Some(3)));
+        d.admit(&a("carol"), &a("zed"), 2);
+        assert_eq!(
+            d.admit(&a("bob"), &a("zed"), 3),
+            (DlvAdmit::Transfer, Some(3))
+        );
         assert_eq!(d.reset(), vec![2]);
-        assert_eq!(d.admit(&a("bob"), 4), (DlvAdmit::Wait { read: true }, None));
+        assert_eq!(
+            d.admit(&a("bob"), &a("zed"), 4),
+            (DlvAdmit::Wait { read: true }, None)
+        );
     }
 
     #[test]
@@ -408,24 +517,91 @@ mod tests {
         assert!(b.needs_recheck(t0 + BACKLOG_RECHECK));
     }
 
+    #[test]
+    fn one_sender_fills_at_most_its_share_and_the_rest_stays_for_the_others() {
+        let mut d = DlvBacklog::default();
+        let (bob, mallory, alice) = (a("bob"), a("mallory"), a("alice"));
+        d.admit(&bob, &mallory, 0);
+        d.read(&bob, Some(0), 0);
+        for i in 1..SENDER_SHARE {
+            assert_eq!(
+                d.admit(&bob, &mallory, i),
+                (DlvAdmit::Transfer, Some(i)),
+                "{i}"
+            );
+        }
+        // Her share is full: the next waits for a read, and so does Alice's behind it.
+        assert_eq!(
+            d.admit(&bob, &mallory, 1000),
+            (DlvAdmit::Wait { read: true }, None)
+        );
+        assert_eq!(
+            d.admit(&bob, &alice, 2000),
+            (DlvAdmit::Wait { read: false }, None)
+        );
+        let v = d.read(&bob, Some(SENDER_SHARE), 0);
+        assert_eq!(v.admitted, vec![2000]);
+        assert_eq!(v.shed, vec![1000]);
+        assert_eq!(
+            d.admit(&bob, &alice, 2001),
+            (DlvAdmit::Transfer, Some(2001))
+        );
+        // Bob read 700 of the oldest (all Mallory's): she has room again.
+        assert_eq!(
+            d.admit(&bob, &mallory, 1001),
+            (DlvAdmit::Wait { read: true }, None)
+        );
+        let v = d.read(&bob, Some(SENDER_SHARE + 2 - 700), 0);
+        assert_eq!(v.admitted, vec![1001]);
+    }
+
+    #[test]
+    fn a_predecessors_copies_count_against_the_cap_and_no_share() {
+        let mut d = DlvBacklog::default();
+        d.admit(&a("bob"), &a("mallory"), 0);
+        let v = d.read(&a("bob"), Some(OWNER_CAP - SENDER_SHARE + 5), 0);
+        assert_eq!(v.admitted, vec![0]);
+        for i in 1..SENDER_SHARE - 5 {
+            assert_eq!(
+                d.admit(&a("bob"), &a("mallory"), i).0,
+                DlvAdmit::Transfer,
+                "{i}"
+            );
+        }
+        assert_eq!(
+            d.admit(&a("bob"), &a("alice"), 9).0,
+            DlvAdmit::Wait { read: true },
+            "at the cap"
+        );
+    }
+
     proptest! {
         /// Whatever the order of reads, the admitted transfers never take an owner's DLV past
-        /// the cap as last read, and every waiting transfer is either admitted or shed.
+        /// the cap as last read, nor one sender's unread copies past its share (checked against
+        /// a plain model: the senders of admitted copies in order, of which a read keeps the
+        /// newest `unread`); every waiting transfer is either admitted or shed, and a shed one
+        /// had no room in all or none in its sender's share.
         #[test]
-        fn dlv_never_admits_past_the_cap(
-            steps in proptest::collection::vec((0u8..3, 0u64..=OWNER_CAP), 1..400)
+        fn dlv_never_admits_past_the_cap_nor_past_a_senders_share(
+            steps in proptest::collection::vec((0u8..4, 0u64..=OWNER_CAP), 1..3000)
         ) {
             let mut d = DlvBacklog::default();
             let bob = a("bob");
+            let senders = [a("mallory"), a("alice")];
             let mut next = 0u64;
             let mut waiting = 0usize;
             let mut last_read: Option<u64> = None;
             let mut since_read = 0u64;
+            let mut model: VecDeque<usize> = VecDeque::new();
+            let share = |m: &VecDeque<usize>, s: usize| m.iter().filter(|x| **x == s).count() as u64;
             for (kind, unread) in steps {
-                if kind < 2 {
-                    match d.admit(&bob, next) {
+                // Mostly Mallory, sometimes Alice, sometimes a read.
+                if kind < 3 {
+                    let s = usize::from(kind == 2);
+                    match d.admit(&bob, &senders[s], (next, s)) {
                         (DlvAdmit::Transfer, Some(_)) => {
                             since_read += 1;
+                            model.push_back(s);
                             if let Some(u) = last_read {
                                 prop_assert!(u + since_read <= OWNER_CAP);
                             }
@@ -435,15 +611,31 @@ mod tests {
                     }
                     next += 1;
                 } else if waiting > 0 {
+                    while model.len() as u64 > unread {
+                        model.pop_front();
+                    }
                     let v = d.read(&bob, Some(unread), 0);
                     prop_assert_eq!(v.admitted.len() + v.shed.len(), waiting);
                     prop_assert!(unread + v.admitted.len() as u64 <= OWNER_CAP.max(unread));
-                    if !v.shed.is_empty() {
-                        prop_assert_eq!(unread + v.admitted.len() as u64, OWNER_CAP);
+                    let mut admitted = 0u64;
+                    let mut all = v.admitted.iter().map(|x| (x, true)).chain(v.shed.iter().map(|x| (x, false))).collect::<Vec<_>>();
+                    all.sort();
+                    for ((_, s), ok) in all {
+                        if ok {
+                            admitted += 1;
+                            model.push_back(*s);
+                        } else {
+                            prop_assert!(
+                                unread + admitted >= OWNER_CAP || share(&model, *s) >= SENDER_SHARE
+                            );
+                        }
                     }
                     waiting = 0;
                     last_read = Some(unread);
                     since_read = v.admitted.len() as u64;
+                }
+                for s in 0..2 {
+                    prop_assert!(share(&model, s) <= SENDER_SHARE);
                 }
             }
         }

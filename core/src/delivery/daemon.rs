@@ -104,6 +104,7 @@ use crate::delivery::lease::{
     HEALTH_FIELD, Lease, LeaseCommand, LeaseConfig, LeaseEntry, LeaseEvent, LeaseReply, LeaseState,
     ORPHANS_FIELD,
 };
+use crate::delivery::losses::{LossNotices, LossReason, NoticeOutcome, NoticeStep};
 use crate::delivery::revoke::{DlvSweeper, SweepEvent};
 use crate::delivery::route::{MentionSkipReason, Routed, route};
 use crate::io::{
@@ -475,6 +476,10 @@ pub struct DeliveryCounters {
     pub mentions_ambiguous: u64,
     /// Mentions on a live channel whose name matched nobody ([`DeliveryEvent::MentionUnresolved`]).
     pub mentions_unknown: u64,
+    /// Writes of a member's loss record ([`crate::delivery::losses`]).
+    pub loss_notices_written: u64,
+    /// Reads or writes of a loss record that failed (CAS conflicts included; each retried).
+    pub loss_notices_failed: u64,
 }
 
 impl DeliveryCounters {
@@ -512,6 +517,8 @@ impl DeliveryCounters {
             presence_ignored,
             mentions_ambiguous,
             mentions_unknown,
+            loss_notices_written,
+            loss_notices_failed,
         } = other;
         self.copies_written += copies_written;
         self.copies_duplicate += copies_duplicate;
@@ -543,6 +550,8 @@ impl DeliveryCounters {
         self.presence_ignored += presence_ignored;
         self.mentions_ambiguous += mentions_ambiguous;
         self.mentions_unknown += mentions_unknown;
+        self.loss_notices_written += loss_notices_written;
+        self.loss_notices_failed += loss_notices_failed;
     }
 }
 
@@ -785,6 +794,14 @@ pub enum DeliveryEvent {
         /// Why.
         detail: String,
     },
+    /// A read or write of a member's loss record failed ([`crate::delivery::losses`]); it is
+    /// read again and retried, and after repeated failures waits for the member's next loss.
+    LossNoticeFailed {
+        /// The member.
+        owner: AgentId,
+        /// Why.
+        detail: String,
+    },
     /// The DLV revocation sweep deleted a copy, finished, retries or gave up
     /// ([`crate::delivery::revoke`]).
     DlvRevocation(SweepEvent),
@@ -880,6 +897,10 @@ enum Pending {
     },
     Sweep,
     Settle,
+    /// A read or write of an owner's loss record.
+    LossNotice {
+        owner: AgentId,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1039,6 +1060,8 @@ pub struct Delivery {
     held_requests: usize,
     inbox: InboxBacklog,
     dlv: DlvBacklog<DeliveryId>,
+    /// Each member's losses on their way to its loss record ([`crate::delivery::losses`]).
+    notices: LossNotices,
     /// Owners whose fan-out copies are held back (for one event per episode).
     backpressured: BTreeSet<AgentId>,
     /// The fan-out batches holding a copy for each owner, oldest first.
@@ -1097,6 +1120,7 @@ impl Delivery {
             held_requests: 0,
             inbox: InboxBacklog::default(),
             dlv: DlvBacklog::default(),
+            notices: LossNotices::default(),
             backpressured: BTreeSet::new(),
             held_for: BTreeMap::new(),
             counters: DeliveryCounters::default(),
@@ -1467,6 +1491,7 @@ impl Delivery {
         self.timers.cancel(&Timer::HeldCopies);
         self.transfers.clear();
         self.dlv.reset();
+        self.notices.interrupt();
         self.give_up_gap_checks("the daemon stopped before checking");
         self.sweeper.interrupt();
         if self.connected {
@@ -1686,6 +1711,7 @@ impl Delivery {
                 self.timers.cancel(&Timer::HeldCopies);
                 self.transfers.clear();
                 self.dlv.reset();
+                self.notices.interrupt();
                 self.inbox.check_abandoned();
                 if let Some(check) = self.take_gap_check_in_flight() {
                     self.gap_queue.push_front(check);
@@ -1708,6 +1734,9 @@ impl Delivery {
                     LeaseState::Held | LeaseState::Ready => {
                         self.open_feeds(now);
                         self.next_gap_check();
+                        for step in self.notices.resume() {
+                            self.issue_notice(step);
+                        }
                     }
                     _ => {}
                 }
@@ -1742,6 +1771,7 @@ impl Delivery {
             }
             Pending::Sweep => self.sweeper.on_completion(c.op, c.outcome, &self.acls),
             Pending::Settle => {}
+            Pending::LossNotice { owner } => self.on_loss_notice(owner, c.outcome),
         }
     }
 
@@ -3362,6 +3392,7 @@ impl Delivery {
             self.counters.lost += 1;
             self.count_settled(&t.owner);
             self.settle(delivery, AckKind::Ack);
+            self.tell_loss(&t.owner, &t.entry.channel, t.entry.seq, LossReason::DlvFull);
             self.emit(DeliveryEvent::CopyShed {
                 owner: t.owner,
                 channel: t.entry.channel,
@@ -3492,6 +3523,7 @@ impl Delivery {
                 let judged = SeqRange::new(range.first, judged_to).unwrap_or(range);
                 for lost in missing(judged, messages.iter().map(|m| m.seq)) {
                     self.counters.evicted_before_fanout += lost.len();
+                    self.tell_evicted(lost);
                     self.emit(DeliveryEvent::EvictedBeforeFanout {
                         first: lost.first,
                         last: lost.last,
@@ -3526,6 +3558,7 @@ impl Delivery {
     /// silent, and a false alarm is the lesser error.
     fn give_up_gap_check(&mut self, range: SeqRange, detail: &str) {
         self.counters.gaps_unverified += range.len();
+        self.tell_evicted(range);
         self.emit(DeliveryEvent::EvictedBeforeFanout {
             first: range.first,
             last: range.last,
@@ -3625,7 +3658,7 @@ impl Delivery {
     ) {
         match decision {
             Decision::Transfer { msg_id } => {
-                let (admit, _) = self.dlv.admit(&owner, delivery);
+                let (admit, _) = self.dlv.admit(&owner, &entry.msg.from.id, delivery);
                 let dlv_owner = owner.clone();
                 self.transfers.insert(
                     delivery,
@@ -3666,6 +3699,12 @@ impl Delivery {
                 self.counters.dropped += 1;
                 if reason.is_loss() {
                     self.counters.lost += 1;
+                    self.tell_loss(
+                        &owner,
+                        &entry.channel,
+                        entry.seq,
+                        LossReason::IntervalForgotten,
+                    );
                 }
                 self.count_settled(&owner);
                 self.settle(delivery, AckKind::Ack);
@@ -3686,6 +3725,7 @@ impl Delivery {
                 self.counters.lost += 1;
                 self.count_settled(&owner);
                 self.settle(delivery, AckKind::Term);
+                self.tell_loss(&g.owner, &g.channel, g.seq, LossReason::RedeliveryCeiling);
                 self.emit(DeliveryEvent::EntryLost(g));
             }
             Decision::Terminate(anomaly) => {
@@ -3701,6 +3741,113 @@ impl Delivery {
                     anomaly,
                 });
             }
+        }
+    }
+
+    /// A copy of `seq` on `channel` is lost to `owner`: fold it into the owner's loss record
+    /// ([`crate::delivery::losses`]), written now or after the read or write in flight.
+    fn tell_loss(
+        &mut self,
+        owner: &AgentId,
+        channel: &ConcreteChannel,
+        seq: u64,
+        reason: LossReason,
+    ) {
+        let step = self
+            .notices
+            .lost(owner, channel.as_str(), seq, seq, 1, reason);
+        if !self.connected || self.stopped {
+            // Written after the reconnect ([`LossNotices::resume`]).
+            self.notices.interrupt();
+            return;
+        }
+        if let Some(step) = step {
+            self.issue_notice(step);
+        }
+    }
+
+    /// CHAT messages `range` left the stream before fan-out routed them: every member of this
+    /// shard whose current interval overlaps the range is told the overlap, on that channel.
+    /// Which of those sequences were on the member's channel is unknown (they are gone), so the
+    /// notice names the whole overlap: an upper bound, never an omission.
+    fn tell_evicted(&mut self, range: SeqRange) {
+        let mut told = Vec::new();
+        for rec in self.members.records() {
+            if !self.config.shard.owns(&rec.owner) {
+                continue;
+            }
+            let Some(interval) = current_interval(rec) else {
+                continue;
+            };
+            let lo = range.first.max(interval.join_cursor.saturating_add(1));
+            let hi = range.last.min(interval.leave_cursor.unwrap_or(u64::MAX));
+            if lo <= hi {
+                told.push((rec.owner.clone(), rec.channel.clone(), lo, hi));
+            }
+        }
+        for (owner, channel, lo, hi) in told {
+            let step = self.notices.lost(
+                &owner,
+                channel.as_str(),
+                lo,
+                hi,
+                hi - lo + 1,
+                LossReason::EvictedBeforeFanout,
+            );
+            if !self.connected || self.stopped {
+                self.notices.interrupt();
+            } else if let Some(step) = step {
+                self.issue_notice(step);
+            }
+        }
+    }
+
+    fn issue_notice(&mut self, step: NoticeStep) {
+        let bucket = KvBucket::Losses.name(&self.config.space);
+        match step {
+            NoticeStep::Read { owner } => {
+                let key = owner.as_str().to_owned();
+                let op = self.op(Pending::LossNotice { owner });
+                self.commands.push_back(Command::KvGet { op, bucket, key });
+            }
+            NoticeStep::Write {
+                owner,
+                value,
+                condition,
+            } => {
+                let key = owner.as_str().to_owned();
+                let op = self.op(Pending::LossNotice { owner });
+                self.commands.push_back(Command::KvPut {
+                    op,
+                    bucket,
+                    key,
+                    value,
+                    condition,
+                });
+            }
+        }
+    }
+
+    fn on_loss_notice(&mut self, owner: AgentId, outcome: Outcome<Reply>) {
+        let ended = match outcome {
+            Outcome::Success(Reply::Kv(entry)) => {
+                NoticeOutcome::Read(entry.map(|e| (e.value, e.revision)))
+            }
+            Outcome::Success(Reply::KvWritten { revision }) => {
+                self.counters.loss_notices_written += 1;
+                NoticeOutcome::Written(revision)
+            }
+            other => {
+                self.counters.loss_notices_failed += 1;
+                self.emit(DeliveryEvent::LossNoticeFailed {
+                    owner: owner.clone(),
+                    detail: outcome_detail(&other),
+                });
+                NoticeOutcome::Failed
+            }
+        };
+        if let Some(step) = self.notices.ended(&owner, ended) {
+            self.issue_notice(step);
         }
     }
 

@@ -36,6 +36,7 @@ pub mod control;
 pub mod daemon;
 pub mod gap;
 pub mod lease;
+pub mod losses;
 pub mod revoke;
 pub mod route;
 

@@ -451,7 +451,7 @@ impl KvBucketSpec {
         let ttl = match bucket {
             KvBucket::Presence => Some(PRESENCE_TTL),
             KvBucket::Delivery => Some(LEASE_TTL),
-            KvBucket::Channels | KvBucket::Members | KvBucket::Acl => None,
+            KvBucket::Channels | KvBucket::Members | KvBucket::Acl | KvBucket::Losses => None,
         };
         KvBucketSpec {
             bucket: bucket.name(space),

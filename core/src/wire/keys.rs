@@ -42,6 +42,10 @@ pub enum KvBucket {
     Acl,
     /// `cotal_delivery_<space>`: the delivery lease(s) (`SUBJ:deliveryBucket`).
     Delivery,
+    /// `cotal_losses_<space>`: one loss record per member, written by the daemon, read by the
+    /// member's own agent only ([`crate::delivery::losses`]). Not a reference bucket: not in
+    /// [`KvBucket::ALL`]; `cotal up` creates it after the five.
+    Losses,
 }
 
 impl KvBucket {
@@ -62,6 +66,7 @@ impl KvBucket {
             KvBucket::Members => "cotal_members_",
             KvBucket::Acl => "cotal_acl_",
             KvBucket::Delivery => "cotal_delivery_",
+            KvBucket::Losses => "cotal_losses_",
         }
     }
 

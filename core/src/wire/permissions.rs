@@ -83,13 +83,41 @@ pub fn delivery_backlog_grants(space: &Space) -> Vec<String> {
     )]
 }
 
+/// The delivery credential's grants on the loss records ([`crate::delivery::losses`], issue 21):
+/// read (`STREAM.MSG.GET`, what a KV get sends) and write every owner's key of
+/// `cotal_losses_<s>`. Not in the reference's `deliveryPermissions` (the bucket is Cotal's).
+pub fn delivery_loss_grants(space: &Space) -> Vec<String> {
+    vec![
+        api("STREAM.MSG.GET", &KvBucket::Losses.stream_name(space)),
+        format!("$KV.{}.*", KvBucket::Losses.name(space)),
+    ]
+}
+
 /// Every grant of the delivery credential beyond the reference's `deliveryPermissions`:
-/// [`delivery_revocation_grants`] and [`delivery_backlog_grants`]. A daemon run with a credential
-/// the reference wrote lacks them; it still runs, and reports each refused sweep or backlog read.
+/// [`delivery_revocation_grants`], [`delivery_backlog_grants`] and [`delivery_loss_grants`]. A
+/// daemon run with a credential the reference wrote lacks them; it still runs, and reports each
+/// refused sweep, backlog read or loss-record write.
 pub fn delivery_additions(space: &Space) -> Vec<String> {
     let mut grants = delivery_revocation_grants(space);
     grants.extend(delivery_backlog_grants(space));
+    grants.extend(delivery_loss_grants(space));
     grants
+}
+
+/// The agent credential's grants beyond the reference's `permissionsFor`: the read of its own
+/// loss record ([`crate::delivery::losses`], issue 21), a direct get pinned to its key
+/// (`$JS.API.DIRECT.GET.KV_cotal_losses_<s>.$KV.cotal_losses_<s>.<id>`; the subject names the
+/// key, so no other member's record is readable, and nothing of the bucket is writable).
+pub fn agent_additions(space: &Space, id: &AgentId) -> Vec<String> {
+    let bucket = KvBucket::Losses;
+    vec![api(
+        "DIRECT.GET",
+        &format!(
+            "{}.{}",
+            bucket.stream_name(space),
+            bucket.subject(space, &route_token(id.as_str()))
+        ),
+    )]
 }
 
 /// The JetStream API verbs of the grants below.
@@ -144,7 +172,9 @@ impl Permissions {
     /// - INFO, MSG.NEXT and ACK on its own `dm_<id>`, `dlv_<id>` and, with a role, `svc_<role>`;
     /// - KV: watch presence and channels (`CONSUMER.CREATE`/`INFO` on the bucket stream, `$JS.FC.>`),
     ///   write only `$KV.cotal_presence_<s>.<id>`, `STREAM.MSG.GET` on channels, and read-only
-    ///   `STREAM.INFO`/`STREAM.MSG.GET` on the delivery lease bucket.
+    ///   `STREAM.INFO`/`STREAM.MSG.GET` on the delivery lease bucket;
+    /// - beyond the reference ([`agent_additions`]): a direct get of its own key of the loss
+    ///   records, `cotal_losses_<s>/<id>`.
     ///
     /// `pub.deny`: every consumer-create form on DM, TASK and DLV. There is no grant of any kind on
     /// INBOX (I28).
@@ -207,6 +237,7 @@ impl Permissions {
         if let Some(role) = &policy.role {
             publish.extend(bind_only(&ConsumerSpec::svc(space, role)));
         }
+        publish.extend(agent_additions(space, &policy.id));
 
         let deny = [SpaceStream::Dm, SpaceStream::Task, SpaceStream::Dlv]
             .into_iter()

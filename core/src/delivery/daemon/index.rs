@@ -105,6 +105,14 @@ impl MemberIndex {
         Some(self.by_channel.get(channel)?.get(owner)?.revision)
     }
 
+    /// Every record (tombstones included), in channel then owner order.
+    pub fn records(&self) -> impl Iterator<Item = &MembershipRecord> {
+        self.by_channel
+            .values()
+            .flat_map(|m| m.values())
+            .filter_map(|s| s.value.as_ref())
+    }
+
     /// Every record of `channel`, in owner order.
     pub fn channel(&self, channel: &ConcreteChannel) -> impl Iterator<Item = &MembershipRecord> {
         self.by_channel

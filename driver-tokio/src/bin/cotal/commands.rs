@@ -449,6 +449,7 @@ impl DaemonReport {
             | DeliveryEvent::HistoryForgotten { .. }
             | DeliveryEvent::DinboxCapReached { .. }
             | DeliveryEvent::CopyShed { .. }
+            | DeliveryEvent::LossNoticeFailed { .. }
             | DeliveryEvent::CopyWriteFailed { .. }
             | DeliveryEvent::FanoutTerminated { .. }
             | DeliveryEvent::EntryTerminated { .. } => {
@@ -748,6 +749,26 @@ fn print_agent_event(event: &AgentEvent) {
             "rejection": format!("{rejection:?}"),
         }),
         AgentEvent::Lost { id, reason } => json!({"event": "lost", "id": id, "reason": reason}),
+        AgentEvent::CopiesLost {
+            ranges,
+            more,
+            total,
+        } => json!({
+            "event": "copies_lost",
+            "ranges": ranges
+                .iter()
+                .map(|r| json!({
+                    "channel": r.channel,
+                    "first": r.first,
+                    "last": r.last,
+                    "count": r.count,
+                    "exact": r.exact,
+                    "reason": r.reason.as_str(),
+                }))
+                .collect::<Vec<_>>(),
+            "more": {"ranges": more.ranges, "count": more.count},
+            "total": total,
+        }),
         AgentEvent::LiveCopyShed { id, channel } => {
             json!({"event": "live-copy-shed", "id": id, "channel": channel.as_str()})
         }
