@@ -41,7 +41,14 @@ fn explore_500_seeds_with_every_fault() {
         messages as f64 / secs
     );
     assert!(messages > CI_SEEDS * 5, "the workload posts");
-    assert!(surfaced > messages, "messages reach other agents");
+    // Most posts reach another agent. Not every one: agents go away and come back (presence
+    // churn), and a restarted agent tombstones its earlier life's memberships of channels it no
+    // longer joins (G12), so a channel can have no other member left. 500 seeds surface about
+    // 0.99 copies per message; delivery that broke would fall far below this bound.
+    assert!(
+        surfaced * 10 > messages * 8,
+        "messages reach other agents: {surfaced} surfaced for {messages} posts"
+    );
     // Design rule R30: the sweep must reach the hard paths, not only pass.
     for probe in [
         "fault.core-drop",
@@ -104,10 +111,11 @@ fn issue9_the_oracle_fails_when_the_dlv_sweep_is_switched_off() {
 #[test]
 fn g1_the_oracle_fails_when_the_join_cursor_is_switched_off() {
     // The gap needs a post to land inside a join's flight and its live copy to be missed, which
-    // few seeds arrange (about 1 in 200); connection losses make missed live copies common.
+    // few seeds arrange (the first here is seed 968 today; the schedule changes of issues 15
+    // and 21 moved it from within the first 200); connection losses make missed live copies common.
     let faults = FaultSet::parse("loss").unwrap();
     let mut caught = None;
-    for seed in 0..200 {
+    for seed in 0..1500 {
         let mut spec = RunSpec::new(seed, 60, faults.clone());
         spec.mutation = Mutation::NoJoinCursor;
         if let Some(v) = spec.run(false).0.violation {
