@@ -93,6 +93,9 @@ fn deprovision_tombstones_through_the_daemon_is_idempotent_and_orphans_are_liste
     daemon.expect("orphan logged", |l| {
         l.contains("orphaned membership: general alice")
     });
+    // ... and in the space's health.
+    let health = stdout(&cli.run(&["health", "--space", "lc"]));
+    assert!(health.contains("orphaned memberships 2"), "{health}");
 
     // Deprovision alice: the daemon tombstones, the rest is deleted.
     let out = cli.run(&["deprovision", "agent", "--space", "lc", "--id", "alice"]);

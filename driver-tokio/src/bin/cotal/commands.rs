@@ -8,7 +8,9 @@ use cotal_core::acl::subject_matches;
 use cotal_core::agent::{Agent, AgentConfig, AgentEvent, Arrival};
 use cotal_core::constants::LEASE_TTL;
 use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryEvent, DeliveryHealth};
-use cotal_core::delivery::lease::{HEALTH_FIELD, LeaseEvent, LeaseHealth, judge_health};
+use cotal_core::delivery::lease::{
+    HEALTH_FIELD, LeaseEvent, LeaseHealth, ORPHANS_FIELD, judge_health,
+};
 use cotal_core::delivery::revoke::SweepEvent;
 use cotal_core::ledger::Surfaced;
 use cotal_core::policy::{ChannelRegistry, DeliveryClass};
@@ -1189,7 +1191,15 @@ pub(crate) async fn health(args: SpaceArgs) -> ExitCode {
                     format!("{other:?}")
                 }
             };
-            println!("{key}: {text}; published health {published}");
+            // Memberships whose owner is offline beyond the daemon's retention (G12): shown
+            // here as well as by `members --orphans`, never only in the daemon's log.
+            let orphans = record
+                .as_ref()
+                .and_then(|r| r.extra.get(ORPHANS_FIELD))
+                .and_then(|o| o.get("count"))
+                .and_then(Value::as_u64)
+                .map_or_else(String::new, |n| format!("; orphaned memberships {n}"));
+            println!("{key}: {text}; published health {published}{orphans}");
         }
         if shown == 0 {
             println!(
