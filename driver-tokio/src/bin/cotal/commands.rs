@@ -17,7 +17,9 @@ use cotal_core::policy::{ChannelRegistry, DeliveryClass};
 use cotal_core::wire::config::SpaceStream;
 use cotal_core::wire::keys::KvBucket;
 use cotal_core::wire::message::{Part, Sender};
-use cotal_core::wire::permissions::{delivery_backlog_grants, delivery_revocation_grants};
+use cotal_core::wire::permissions::{
+    delivery_backlog_grants, delivery_loss_grants, delivery_revocation_grants,
+};
 use cotal_core::wire::records::{DeliveryLease, MembershipRecord};
 use cotal_core::wire::shard::ShardMap;
 use cotal_core::wire::token::{AgentId, Channel, Role, Space};
@@ -321,6 +323,8 @@ struct DaemonReport {
     without_sweep: bool,
     /// The broker refused the per-owner DLV backlog read: said once, then quiet.
     without_dlv_backlog: bool,
+    /// The broker refused the members' loss records: said once, then quiet.
+    without_loss_records: bool,
 }
 
 /// True when a failure detail is the broker's permission refusal (`Failure::PermissionDenied`).
@@ -355,6 +359,12 @@ impl DaemonReport {
                 "the per-owner DLV backlog read (the per-owner DLV cap is not verified)",
                 delivery_backlog_grants(space),
             ),
+            (Feature::LossRecords, Some(space)) => (
+                &mut self.without_loss_records,
+                "the members' loss records (a member is not told of its losses; they are still \
+                 logged here)",
+                delivery_loss_grants(space),
+            ),
             (_, None) => return false,
         };
         if !*said {
@@ -381,6 +391,8 @@ impl DaemonReport {
                 owner: Some(_),
                 detail,
             } if self.without(Feature::DlvBacklog, detail) => {}
+            DeliveryEvent::LossNoticeFailed { detail, .. }
+                if self.without(Feature::LossRecords, detail) => {}
             DeliveryEvent::HealthChanged(h) => {
                 let active = matches!(h, DeliveryHealth::Active);
                 if active || self.was_active {
@@ -478,6 +490,8 @@ enum Feature {
     Sweep,
     /// The per-owner DLV backlog read.
     DlvBacklog,
+    /// The members' loss records (`cotal_losses_<s>`).
+    LossRecords,
 }
 
 // ---------------------------------------------------------------------------------------------
