@@ -2401,6 +2401,167 @@ async fn sec_consumers_an_agent_creates_on_watched_buckets_do_not_outlive_their_
     }
 }
 
+/// The executor's KV watch on `bucket` as `who` makes it (a named ordered push consumer, the
+/// `watch` job in `exec.rs`): `Ok` once it delivers a put `writer` makes on the bucket, else the
+/// JetStream error code of the refused create (0 for another error).
+async fn executor_watch(who: &Probe, bucket: &str, writer: &Client) -> Result<(), u64> {
+    use async_nats::jetstream::stream::ConsumerErrorKind;
+    let js = async_nats::jetstream::new(who.client.clone());
+    let stream = js
+        .get_stream_no_info(format!("KV_{bucket}"))
+        .await
+        .expect("bucket stream");
+    let created = stream
+        .create_consumer(async_nats::jetstream::consumer::push::OrderedConfig {
+            name: Some(format!("watch_{}_test", who.user)),
+            deliver_subject: who.client.new_inbox(),
+            description: Some("cotal kv watch".to_owned()),
+            filter_subject: format!("$KV.{bucket}.>"),
+            deliver_policy: async_nats::jetstream::consumer::DeliverPolicy::LastPerSubject,
+            ..Default::default()
+        })
+        .await;
+    let watch = match created {
+        Ok(w) => w,
+        Err(e) => match e.kind() {
+            ConsumerErrorKind::JetStream(j) => return Err(j.error_code().0),
+            _ => return Err(0),
+        },
+    };
+    let mut changes = watch.messages().await.expect("watch messages");
+    let key = format!("$KV.{bucket}.{}", who.user);
+    async_nats::jetstream::new(writer.clone())
+        .publish(key.clone(), Bytes::from_static(b"{}"))
+        .await
+        .expect("publish")
+        .await
+        .expect("own put");
+    let change = tokio::time::timeout(WAIT, changes.next())
+        .await
+        .expect("a change in time")
+        .expect("watch open")
+        .expect("message");
+    assert_eq!(change.subject.as_str(), key);
+    Ok(())
+}
+
+/// The count bound of issue 21 item 4. On a space `cotal up` provisioned, mallory (exactly
+/// `Permissions::agent`) creates durables on the presence bucket's stream, in the named form
+/// every KV watch uses, until the broker refuses. The bound is the stream's `max_consumers`
+/// (STREAM.INFO); at -1 or 0 nats-server 2.15 applies its default of 1,000 per stream. The
+/// refusal comes exactly at consumer number bound + 1, counting those already on the stream,
+/// with the server's max-consumers error (10026); the stream then holds exactly `bound`
+/// consumers, and none of them, mallory's included, has an inactivity threshold above
+/// `WATCH_CONSUMER_INACTIVE_LIMIT` (each goes once unused for 5 min). With mallory deleting
+/// nothing, alice's watch on presence (the executor's KV watch) is refused with the same
+/// 10026: a hostile agent can fill the stream and deny the presence watch to new watchers
+/// until its consumers go inactive. The bound is per stream: alice's watch on the channels
+/// bucket, under the same grant, still works.
+#[tokio::test]
+async fn sec_consumers_an_agent_creates_on_watched_buckets_are_bounded_in_number() {
+    use cotal_core::wire::config::WATCH_CONSUMER_INACTIVE_LIMIT;
+    /// nats-server 2.15's consumer cap of a stream whose `max_consumers` is -1 or 0.
+    const SERVER_DEFAULT_MAX_CONSUMERS: u64 = 1_000;
+    /// nats-server's "maximum consumers limit reached".
+    const MAX_CONSUMERS_ERR: u64 = 10026;
+    let started = std::time::Instant::now();
+    let Some(server) = NatsServer::start_with_users(vec![
+        agent_user("alice", &["general"], &["general"]),
+        agent_user("mallory", &["general"], &["general"]),
+        daemon_user(),
+        admin_user(),
+    ]) else {
+        return;
+    };
+    let admin = connect(&server.config_as("admin", "adminpw"))
+        .await
+        .expect("connect admin");
+    let report = provision_space(&admin.client, &space(), Duration::from_secs(5)).await;
+    assert_eq!(report.failed(), 0, "{report:?}");
+    let stream = KvBucket::Presence.stream_name(&space());
+    let stream_info = || async {
+        let reply = tokio::time::timeout(
+            WAIT,
+            admin
+                .client
+                .request(format!("$JS.API.STREAM.INFO.{stream}"), Bytes::new()),
+        )
+        .await
+        .expect("in time")
+        .expect("reply");
+        serde_json::from_slice::<Value>(&reply.payload).expect("json")
+    };
+    let info = stream_info().await;
+    let max_consumers = info["config"]["max_consumers"]
+        .as_i64()
+        .expect("max_consumers");
+    let bound = u64::try_from(max_consumers)
+        .ok()
+        .filter(|&m| m > 0)
+        .unwrap_or(SERVER_DEFAULT_MAX_CONSUMERS);
+    let before = info["state"]["consumer_count"].as_u64().expect("count");
+    let limit_ns = WATCH_CONSUMER_INACTIVE_LIMIT.as_millis() * 1_000_000;
+
+    let mallory = Probe::connect(&server, "mallory").await;
+    let mut refused = None;
+    for n in before + 1..=bound + 5 {
+        let r = create_consumer(&mallory.client, &stream, &format!("fill{n}"), true, None).await;
+        if r.get("error").is_some() {
+            refused = Some((n, r));
+            break;
+        }
+        let threshold = r["config"]["inactive_threshold"].as_u64();
+        assert!(
+            threshold.is_some_and(|t| t > 0 && t <= limit_ns),
+            "consumer {n} outlives its use: {r}"
+        );
+    }
+    let (at, r) = refused.expect("no refusal within bound + 5 creates");
+    assert_eq!(
+        (at, r["error"]["err_code"].as_u64()),
+        (bound + 1, Some(MAX_CONSUMERS_ERR)),
+        "max_consumers {max_consumers}, {before} before: {r}"
+    );
+    // Nothing past the bound, and nothing on the stream outlives its use.
+    let info = stream_info().await;
+    assert_eq!(info["state"]["consumer_count"], json!(bound), "{info}");
+    let mut consumers = async_nats::jetstream::new(admin.client.clone())
+        .get_stream(&stream)
+        .await
+        .expect("stream")
+        .consumers();
+    let mut listed = 0;
+    while let Some(c) = consumers.next().await {
+        let c = c.expect("consumer info");
+        let t = c.config.inactive_threshold;
+        assert!(
+            !t.is_zero() && t.as_nanos() <= u128::from(limit_ns),
+            "{} has inactive_threshold {t:?}",
+            c.name
+        );
+        listed += 1;
+    }
+    assert_eq!(listed, bound);
+
+    // Mallory deletes nothing: the honest presence watch is refused at the bound; the channels
+    // stream, bounded on its own, still takes one.
+    let alice = Probe::connect(&server, "alice").await;
+    assert_eq!(
+        executor_watch(&alice, &KvBucket::Presence.name(&space()), &admin.client).await,
+        Err(MAX_CONSUMERS_ERR),
+        "the presence watch on a full stream"
+    );
+    assert_eq!(
+        executor_watch(&alice, &KvBucket::Channels.name(&space()), &admin.client).await,
+        Ok(()),
+        "the channels watch"
+    );
+    println!(
+        "bound {bound} (max_consumers {max_consumers}, {before} before), refused at {at}, {:?}",
+        started.elapsed()
+    );
+}
+
 // =============================================================================================
 // Issue 21 item 2 / issue 15 item 3: presence identity and name squatting (@mention copies)
 // =============================================================================================
