@@ -134,5 +134,22 @@ for name in sorted(entries)[:8]:
                  f'cotal.main.dlv.{A}']:
         put('reader_entry', f'{subj}\n'.encode() + body)
 
+# Loss records (issue 21 item 5): the daemon writes them, the member's agent reads its own.
+R = lambda stamp, ch, first, last, count, reason, **kw: dict(stamp=stamp, channel=ch, first=first, last=last,
+                                                         count=count, reason=reason, **kw)
+put('loss_record', {'owner': 'bob', 'stamp': 7, 'ranges': [R(7, 'general', 751, 1010, 260, 'dlv-full', exact=True)],
+                    'more': {'ranges': 0, 'count': 0}})
+put('loss_record', {'owner': 'bob', 'stamp': 2, 'ranges': [R(1, 'team.a', 5, 9, 2, 'evicted-before-fanout', exact=False),
+                    R(2, 'team.b', 3, 3, 1, 'a-newer-reason')]})
+put('loss_record', {'owner': 'bob'})
+put('loss_record', {'owner': 'bob', 'stamp': 18446744073709551615,
+                    'ranges': [R(1, 'general', 0, 18446744073709551615, 18446744073709551615, 'dlv-full'),
+                               R(2, 'general', 9, 1, 18446744073709551615, 'redelivery-ceiling')],
+                    'more': {'ranges': 18446744073709551615, 'count': 18446744073709551615}})
+put('loss_record', {'owner': 'bob', 'stamp': 100,
+                    'ranges': [R(i, f'c{i % 3}', i * 10, i * 10 + 4, 5, 'dlv-full') for i in range(100)]})
+put('loss_record', b'{"owner":"bob","ranges":[{"stamp":1}]}')
+put('loss_record', b'[]')
+
 for t in sorted(os.listdir(ROOT)):
     print(t, len(os.listdir(os.path.join(ROOT, t))))

@@ -267,3 +267,23 @@ pub fn reader_entry(data: &[u8]) {
         assert_eq!(parse_dinbox_owner(&subject).as_ref(), Some(&owner));
     }
 }
+
+/// A member's loss record (issue 21 item 5), as its agent reads it and as a daemon folds its own
+/// unwritten losses into it: whatever decodes round-trips, totals without overflow, and folding
+/// it into a ledger keeps the ledger within [`LOSS_RANGES_MAX`] ranges.
+pub fn loss_record(data: &[u8]) {
+    use cotal_core::delivery::losses::{LOSS_RANGES_MAX, LossLedger};
+    let Some(stored) = LossLedger::decode(data) else {
+        return;
+    };
+    let again = LossLedger::decode(&stored.encode())
+        .unwrap_or_else(|| panic!("our own encoding of {stored:?} does not decode"));
+    assert_eq!(again, stored, "decode(encode(v)) != v");
+    let _ = stored.total();
+    let _ = stored.per_channel();
+    let _ = stored.since(0);
+    let mut folded = LossLedger::new(&stored.owner);
+    folded.absorb(&stored);
+    assert!(folded.ranges.len() <= LOSS_RANGES_MAX, "{folded:?}");
+    let _ = folded.total();
+}

@@ -104,3 +104,8 @@ fn control_gate_corpus() {
 fn reader_entry_corpus() {
     replay("reader_entry", fuzz_entry::reader_entry, 15);
 }
+
+#[test]
+fn loss_record_corpus() {
+    replay("loss_record", fuzz_entry::loss_record, 7);
+}

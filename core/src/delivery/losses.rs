@@ -184,11 +184,10 @@ impl LossLedger {
 
     /// Copies lost in all (ranges and overflow).
     pub fn total(&self) -> u64 {
+        // Saturating: a record is read from the bucket, and its counts are not ours to trust.
         self.ranges
             .iter()
-            .map(|r| r.count)
-            .sum::<u64>()
-            .saturating_add(self.more.count)
+            .fold(self.more.count, |sum, r| sum.saturating_add(r.count))
     }
 
     /// One copy of CHAT sequence `seq` on `channel` was lost for `reason`.
@@ -209,7 +208,7 @@ impl LossLedger {
         reason: LossReason,
     ) {
         let (first, last) = (first.min(last), first.max(last));
-        let len = last - first + 1;
+        let len = (last - first).saturating_add(1);
         let count = count.clamp(1, len.max(1));
         let exact_new = count == len;
         if exact_new
@@ -243,7 +242,7 @@ impl LossLedger {
             }
             r.first = f;
             r.last = l;
-            r.count = l - f + 1;
+            r.count = (l - f).saturating_add(1);
             r.stamp = stamp;
             self.stamp = stamp;
             return;
@@ -308,7 +307,8 @@ impl LossLedger {
     pub fn per_channel(&self) -> BTreeMap<String, u64> {
         let mut out = BTreeMap::new();
         for r in &self.ranges {
-            *out.entry(r.channel.clone()).or_insert(0) += r.count;
+            let n: &mut u64 = out.entry(r.channel.clone()).or_insert(0);
+            *n = n.saturating_add(r.count);
         }
         out
     }
@@ -493,7 +493,9 @@ impl LossNotices {
 
     /// Copies lost and not yet written, over all owners.
     pub fn unwritten(&self) -> u64 {
-        self.owners.values().map(|o| o.pending.total()).sum()
+        self.owners
+            .values()
+            .fold(0, |sum, o| sum.saturating_add(o.pending.total()))
     }
 }
 
