@@ -12,7 +12,9 @@
 //! - [`api`]: raw JetStream API requests and their error mapping;
 //! - [`run`]: the [`run::Runner`] that owns one core machine and drives it with an executor;
 //! - [`demo`]: the simulator's demo script run on a real nats-server, with a verdict from real
-//!   checks (`cotal demo --nats`).
+//!   checks (`cotal demo --nats`);
+//! - [`tools`]: `cotal bench` and `cotal chaos`, the fan-out measurement and the fault injection
+//!   run against a real nats-server, each a clap `Args` struct and an entry the binary calls.
 //!
 //! The `cotal` binary (`src/bin/cotal.rs`) is the command line on top.
 
@@ -24,6 +26,7 @@ pub mod demo;
 pub mod exec;
 pub mod provision;
 pub mod run;
+pub mod tools;
 
 pub use connect::{Auth, ConnectConfig, ConnectError, NatsConnection, TlsConfig, connect};
 pub use exec::{Executor, ExecutorConfig, ExecutorStats};

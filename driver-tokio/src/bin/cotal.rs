@@ -6,8 +6,9 @@
 //! - `cotal agent`: run an agent (JSON lines out, commands in on stdin);
 //! - `cotal send`, `cotal members`, `cotal health`, `cotal channels`: one-shot operations.
 //!
-//! `cotal bench` measures durable fan-out end to end (see `cotal/bench.rs`); `cotal chaos` kills
-//! the delivery daemon at seeded points while messages flow (see `cotal/chaos.rs`).
+//! `cotal bench` measures durable fan-out end to end (`cotal_driver_tokio::tools::bench`);
+//! `cotal chaos` kills the delivery daemon at seeded points while messages flow
+//! (`cotal_driver_tokio::tools::chaos`).
 //!
 //! `cotal demo` runs the demo mesh on the embedded simulator (`cotal_driver_sim::demo`); with
 //! `--nats URL` or `--spawn-server` it runs the same script on a real nats-server
@@ -27,14 +28,12 @@ use cotal_driver_tokio::connect::{Auth, ConnectConfig, TlsConfig, connect};
 use cotal_driver_tokio::provision::{
     SpacePlan, apply, ensure_default_class, nats_server_permissions,
 };
+use cotal_driver_tokio::tools::{bench, chaos};
+pub(crate) use cotal_driver_tokio::tools::{fail, usage};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-#[path = "cotal/bench.rs"]
-mod bench;
-#[path = "cotal/chaos.rs"]
-mod chaos;
 #[path = "cotal/commands.rs"]
 mod commands;
 #[path = "cotal/lifecycle.rs"]
@@ -449,18 +448,6 @@ async fn demo(args: &DemoArgs) -> ExitCode {
         }
         Err(e) => fail(e),
     }
-}
-
-pub(crate) fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    println!("cotal: error: {msg}");
-    ExitCode::from(1)
-}
-
-/// Bad usage found after parsing (an `--id` the credential contradicts, a filter that cannot
-/// match): one line, exit code 2.
-pub(crate) fn usage(msg: impl std::fmt::Display) -> ExitCode {
-    println!("cotal: error: {msg}");
-    ExitCode::from(2)
 }
 
 #[tokio::main]

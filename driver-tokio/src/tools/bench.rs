@@ -27,6 +27,10 @@
 //! With `--spawn-server` a nats-server (from `COTAL_NATS_SERVER`, else `.venv/bin/nats-server`)
 //! is started on a free loopback port with a temporary store and killed (by its PID) at the end.
 
+use crate::connect::{ConnectConfig, NatsConnection, connect};
+use crate::exec::{Executor, ExecutorConfig};
+use crate::provision::{apply_consumer, provision_space};
+use crate::run::{MachineHandle, Runner, os_key, os_seed, wall_clock};
 use bytes::Bytes;
 use clap::Args;
 use cotal_core::agent::{Agent, AgentConfig, AgentEvent};
@@ -38,10 +42,6 @@ use cotal_core::wire::message::Sender;
 use cotal_core::wire::records::{AclRecord, MembershipRecord};
 use cotal_core::wire::shard::{Shard, ShardMap};
 use cotal_core::wire::token::{AgentId, Channel, ConcreteChannel, Space};
-use cotal_driver_tokio::connect::{ConnectConfig, NatsConnection, connect};
-use cotal_driver_tokio::exec::{Executor, ExecutorConfig};
-use cotal_driver_tokio::provision::{apply_consumer, provision_space};
-use cotal_driver_tokio::run::{MachineHandle, Runner, os_key, os_seed, wall_clock};
 use serde_json::{Value, json};
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -64,8 +64,10 @@ const CEILING_PUBLISHES: usize = 20_000;
 const SETUP_WAIT: Duration = Duration::from_secs(60);
 
 /// `cotal bench`.
+// The field docs are the `--help` text, printed as written (`/proc/<pid>/status` is no HTML tag).
+#[allow(rustdoc::invalid_html_tags)]
 #[derive(Args, Debug)]
-pub(crate) struct BenchArgs {
+pub struct BenchArgs {
     /// NATS server URL (no authentication: the bench provisions a space and consumers).
     #[arg(long, conflicts_with = "spawn_server")]
     nats: Option<String>,
@@ -121,7 +123,7 @@ pub(crate) struct BenchArgs {
 }
 
 /// A nats-server started for the run, killed by its PID on drop.
-pub(crate) struct SpawnedServer {
+pub struct SpawnedServer {
     child: Child,
     dir: PathBuf,
     port: u16,
@@ -170,12 +172,14 @@ impl SpawnedServer {
         })
     }
 
-    pub(crate) fn start() -> Result<Self, String> {
+    /// Starts a server (JetStream on, its store in a fresh temporary directory) on a free
+    /// loopback port, from `COTAL_NATS_SERVER`, else `.venv/bin/nats-server`.
+    pub fn start() -> Result<Self, String> {
         Self::start_with("")
     }
 
     /// [`SpawnedServer::start`] with `extra` appended to the server config.
-    pub(crate) fn start_with(extra: &str) -> Result<Self, String> {
+    pub fn start_with(extra: &str) -> Result<Self, String> {
         Self::start_with_js("", extra)
     }
 
@@ -298,7 +302,8 @@ impl SpawnedServer {
         }
     }
 
-    pub(crate) fn url(&self) -> String {
+    /// The client URL, `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 }
@@ -343,12 +348,14 @@ fn progress_done() {
     eprintln!();
 }
 
-pub(crate) async fn bench(args: BenchArgs) -> ExitCode {
+/// Runs `cotal bench`: the report on stdout (with `--json`, one JSON object as the last line),
+/// progress on stderr; a setup or run error is one `cotal: error:` line and exit code 1.
+pub async fn bench(args: BenchArgs) -> ExitCode {
     match run(args).await {
         Ok(code) => code,
         Err(e) => {
             progress_done();
-            crate::fail(e)
+            super::fail(e)
         }
     }
 }
@@ -658,24 +665,19 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     for d in &daemons {
         let fanout = ConsumerSpec::fanout(&space, d.shard.index(), d.shard.shards());
         fanout_infos.push(
-            cotal_driver_tokio::api::request(
-                &admin.client,
-                &fanout.info_subject(),
-                Bytes::new(),
-                t,
-            )
-            .await
-            .map(|v| {
-                json!({
-                    "num_pending": v["num_pending"],
-                    "num_ack_pending": v["num_ack_pending"],
-                    "num_redelivered": v["num_redelivered"],
-                    "num_waiting": v["num_waiting"],
-                    "delivered_stream_seq": v["delivered"]["stream_seq"],
-                    "ack_floor_stream_seq": v["ack_floor"]["stream_seq"],
+            crate::api::request(&admin.client, &fanout.info_subject(), Bytes::new(), t)
+                .await
+                .map(|v| {
+                    json!({
+                        "num_pending": v["num_pending"],
+                        "num_ack_pending": v["num_ack_pending"],
+                        "num_redelivered": v["num_redelivered"],
+                        "num_waiting": v["num_waiting"],
+                        "delivered_stream_seq": v["delivered"]["stream_seq"],
+                        "ack_floor_stream_seq": v["ack_floor"]["stream_seq"],
+                    })
                 })
-            })
-            .unwrap_or_else(|e| json!({"error": e.to_string()})),
+                .unwrap_or_else(|e| json!({"error": e.to_string()})),
         );
     }
     let fanout_info = fanout_infos.first().cloned().unwrap_or(Value::Null);

@@ -47,10 +47,13 @@
 //! DLV keeps 1000 copies per member (discard old): once a member's subject is at the cap, owed
 //! copies older than its oldest retained one are counted as `dlv_rotated`, not missing.
 
-use crate::bench::{
+use super::bench::{
     SpawnedServer, durable_channel_for, free_port, spawn_daemon_process, start_member,
     target_server,
 };
+use crate::connect::{ConnectConfig, connect};
+use crate::provision::{SpacePlan, apply};
+use crate::run::{os_key, wall_clock};
 use bytes::Bytes;
 use clap::Args;
 use cotal_core::agent::AgentConfig;
@@ -59,9 +62,6 @@ use cotal_core::wire::keys::{KvBucket, member_key};
 use cotal_core::wire::message::Sender;
 use cotal_core::wire::records::MembershipRecord;
 use cotal_core::wire::token::{AgentId, Channel, ConcreteChannel, Space};
-use cotal_driver_tokio::connect::{ConnectConfig, connect};
-use cotal_driver_tokio::provision::{SpacePlan, apply};
-use cotal_driver_tokio::run::{os_key, wall_clock};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, ExitCode};
@@ -74,7 +74,7 @@ const CHANNEL: &str = "chaos";
 
 /// `cotal chaos`.
 #[derive(Args, Debug)]
-pub(crate) struct ChaosArgs {
+pub struct ChaosArgs {
     /// NATS server URL (no authentication).
     #[arg(long, conflicts_with = "spawn_server")]
     nats: Option<String>,
@@ -180,10 +180,12 @@ impl Drop for DaemonChild {
     }
 }
 
-pub(crate) async fn chaos(args: ChaosArgs) -> ExitCode {
+/// Runs `cotal chaos`: the timeline and the summary table on stdout (with `--json`, one JSON
+/// object as the last line); a setup or run error is one `cotal: error:` line and exit code 1.
+pub async fn chaos(args: ChaosArgs) -> ExitCode {
     match run(args).await {
         Ok(code) => code,
-        Err(e) => crate::fail(e),
+        Err(e) => super::fail(e),
     }
 }
 

@@ -1,0 +1,36 @@
+//! The measuring and fault-injecting tools of the `cotal` binary, as library modules it calls:
+//!
+//! - [`bench`](mod@bench): `cotal bench`, end-to-end durable fan-out throughput and latency (and, with
+//!   `--memory`, the daemon's resident memory) against a real nats-server;
+//! - [`chaos`]: `cotal chaos`, seeded daemon and nats-server faults while messages flow and
+//!   members come and go, then every member's copies checked against its membership intervals.
+//!
+//! Each has a clap `Args` struct ([`bench::BenchArgs`], [`chaos::ChaosArgs`]) that the binary
+//! flattens into its subcommand, and an async entry ([`bench::bench`], [`chaos::chaos`]) that
+//! prints its report on stdout and returns the process exit code. They are here, not in the
+//! binary, so that a tool reads as a module of the driver with its own tests; they still assume
+//! they run inside `cotal`: the daemon child processes they start are the running executable
+//! (`cotal delivery …`).
+//!
+//! [`bench::SpawnedServer`] (a nats-server on a free loopback port, killed on drop) is also what
+//! `cotal demo --spawn-server` starts. [`fail`] and [`usage`] are the binary's one-line error
+//! exits, shared with the tools.
+
+use std::process::ExitCode;
+
+pub mod bench;
+pub mod chaos;
+
+/// A runtime error (unreachable server, refused permission, a failed run …): one line
+/// `cotal: error: …` on stdout, exit code 1.
+pub fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    println!("cotal: error: {msg}");
+    ExitCode::from(1)
+}
+
+/// Bad usage found after parsing (an `--id` the credential contradicts, a filter that cannot
+/// match): one line, exit code 2.
+pub fn usage(msg: impl std::fmt::Display) -> ExitCode {
+    println!("cotal: error: {msg}");
+    ExitCode::from(2)
+}
