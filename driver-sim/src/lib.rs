@@ -52,6 +52,7 @@
 #![warn(missing_docs)]
 
 pub mod broker;
+pub mod cli;
 pub mod demo;
 pub mod explore;
 pub mod host;
