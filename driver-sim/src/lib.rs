@@ -61,3 +61,4 @@ pub mod net;
 pub mod oracle;
 pub mod sched;
 pub mod script;
+pub mod world;
