@@ -5,9 +5,10 @@
 //! daemon, `AGT` = the connector's `MeshAgent`, `CHN` = `channels.ts`, `SUBJ` = `subjects.ts`,
 //! `LEASE` = `lease.ts`, `MEM` = `members.ts`, `ACL` = `acls.ts`, `PROV` = `provision.ts`).
 //! Times are [`Duration`]s (milliseconds). Names, keys and hash parameters that belong to one wire
-//! module are defined there and re-exported here, so each value has exactly one definition.
+//! module are defined there and re-exported here, and so are the channel registry's constants,
+//! defined in [`policy`](crate::policy): each value has exactly one definition, and this module
+//! imports from those modules, never the other way.
 
-use crate::policy::DeliveryClass;
 use crate::time::Duration;
 
 pub use crate::wire::keys::{CHANNEL_DEFAULTS_KEY, LEASE_KEY_PREFIX};
@@ -193,29 +194,11 @@ pub const HANDLED_IDS_WINDOW: usize = 4096;
 
 // ---- Channel registry (`CHN`) ----
 
-/// Longest channel `description`, in UTF-16 code units as JavaScript's `length` counts them;
-/// longer is rejected at write, never clamped (`CHN:MAX_CHANNEL_DESCRIPTION`).
-pub const MAX_CHANNEL_DESCRIPTION: usize = 200;
-
-/// Longest channel `instructions`, in UTF-16 code units; longer is rejected at write, never
-/// clamped (`CHN:MAX_CHANNEL_INSTRUCTIONS`).
-pub const MAX_CHANNEL_INSTRUCTIONS: usize = 2000;
-
-/// The replay-window units of `CHN:parseDuration` (`^(\d+)(s|m|h|d)$` after trim) and what one of
-/// each is worth.
-pub const REPLAY_WINDOW_UNITS: [(char, Duration); 4] = [
-    ('s', Duration::from_millis(1000)),
-    ('m', Duration::from_millis(60_000)),
-    ('h', Duration::from_millis(3_600_000)),
-    ('d', Duration::from_millis(86_400_000)),
-];
-
-/// The replay flag a channel gets when neither its config nor the defaults set one (`CHN`).
-pub const DEFAULT_REPLAY: bool = true;
-
-/// The delivery class a channel gets when neither its config nor the defaults set one, and the
-/// class with no registry at all (`CHN:effectiveDeliveryClass`, `EP:deliveryClassFresh`).
-pub const DEFAULT_DELIVERY_CLASS: DeliveryClass = DeliveryClass::Durable;
+// Defined in `policy`, which owns the channel registry, and re-exported here.
+pub use crate::policy::{
+    DEFAULT_DELIVERY_CLASS, DEFAULT_REPLAY, MAX_CHANNEL_DESCRIPTION, MAX_CHANNEL_INSTRUCTIONS,
+    REPLAY_WINDOW_UNITS,
+};
 
 // ---- Naming and defaults (`EP`, `SUBJ`, `PROV`) ----
 
@@ -251,6 +234,7 @@ pub const PROTOCOL_VERSION: &str = "0.3";
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::DeliveryClass;
 
     #[test]
     fn derived_intervals_match_the_table() {

@@ -33,10 +33,6 @@
 //! the patch as `CHN:validateChannelConfig`/`validateChannelDefaults` do, then merges it over the
 //! existing entry like `writeChannelConfig`'s `{...existing, ...patch}`.
 
-use crate::constants::{
-    DEFAULT_DELIVERY_CLASS, DEFAULT_REPLAY, MAX_CHANNEL_DESCRIPTION, MAX_CHANNEL_INSTRUCTIONS,
-    REPLAY_WINDOW_UNITS,
-};
 use crate::time::Duration;
 use crate::wire::keys::ChannelRegistryKey;
 use crate::wire::token::{Channel, ChannelError, ConcreteChannel};
@@ -88,6 +84,34 @@ impl fmt::Display for DeliveryClass {
         f.write_str(self.as_str())
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The channel registry's constants (`CHN`; re-exported by `constants`)
+// ---------------------------------------------------------------------------------------------
+
+/// Longest channel `description`, in UTF-16 code units as JavaScript's `length` counts them;
+/// longer is rejected at write, never clamped (`CHN:MAX_CHANNEL_DESCRIPTION`).
+pub const MAX_CHANNEL_DESCRIPTION: usize = 200;
+
+/// Longest channel `instructions`, in UTF-16 code units; longer is rejected at write, never
+/// clamped (`CHN:MAX_CHANNEL_INSTRUCTIONS`).
+pub const MAX_CHANNEL_INSTRUCTIONS: usize = 2000;
+
+/// The replay-window units of `CHN:parseDuration` (`^(\d+)(s|m|h|d)$` after trim) and what one of
+/// each is worth.
+pub const REPLAY_WINDOW_UNITS: [(char, Duration); 4] = [
+    ('s', Duration::from_millis(1000)),
+    ('m', Duration::from_millis(60_000)),
+    ('h', Duration::from_millis(3_600_000)),
+    ('d', Duration::from_millis(86_400_000)),
+];
+
+/// The replay flag a channel gets when neither its config nor the defaults set one (`CHN`).
+pub const DEFAULT_REPLAY: bool = true;
+
+/// The delivery class a channel gets when neither its config nor the defaults set one, and the
+/// class with no registry at all (`CHN:effectiveDeliveryClass`, `EP:deliveryClassFresh`).
+pub const DEFAULT_DELIVERY_CLASS: DeliveryClass = DeliveryClass::Durable;
 
 // ---------------------------------------------------------------------------------------------
 // Durations and lengths

@@ -52,6 +52,7 @@
 #![warn(missing_docs)]
 
 pub mod broker;
+pub mod cli;
 pub mod demo;
 pub mod explore;
 pub mod host;
@@ -60,3 +61,4 @@ pub mod net;
 pub mod oracle;
 pub mod sched;
 pub mod script;
+pub mod world;

@@ -7,7 +7,7 @@
 //!   sender and id.
 //! - **The members bucket**, read from the broker revision by revision: every membership
 //!   generation's join cursor `J`, leave cursor `L`, and whether it was ever activated.
-//! - **The journal** the mesh keeps ([`crate::mesh::Journal`]): what each agent life surfaced
+//! - **The journal** the mesh keeps ([`crate::world::Journal`]): what each agent life surfaced
 //!   (id, channel, source, time), every agent event, every accepted application request,
 //!   narrowings and process deaths.
 //!
@@ -45,7 +45,7 @@
 //! sequence and channel) and the seed.
 
 use crate::host::Host;
-use crate::mesh::{Act, AgentSlot, Asked, Journal, MeshConfig};
+use crate::world::{Act, AgentSlot, Asked, Journal, MeshConfig};
 use cotal_core::agent::{AgentEvent, BackstopState, JoinError};
 use cotal_core::delivery::daemon::DeliveryEvent;
 use cotal_core::delivery::lease::LeaseEvent;
@@ -210,7 +210,7 @@ impl Oracle {
         Oracle {
             seed: config.seed,
             space: space.clone(),
-            names: crate::mesh::AGENT_NAMES
+            names: crate::world::AGENT_NAMES
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect(),

@@ -99,8 +99,61 @@ pub enum DecodeError {
     },
     /// Well-formed JSON that breaks a rule of [`CotalMessage`](crate::wire::message::CotalMessage)
     /// (for example zero or two routing fields); returned by `CotalMessage::decode`.
-    Message(crate::wire::message::MessageError),
+    Message(MessageError),
 }
+
+/// Why a JSON object is not a [`CotalMessage`](crate::wire::message::CotalMessage) (also
+/// `wire::message::MessageError`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum MessageError {
+    /// The payload is not a JSON object.
+    NotAnObject,
+    /// A required field is absent (or `null`).
+    MissingField {
+        /// The JSON key.
+        field: &'static str,
+    },
+    /// A field has the wrong type or an invalid value.
+    InvalidField {
+        /// The JSON key.
+        field: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// None of `channel`, `to`, `toService` is present.
+    NoRoutingField,
+    /// More than one routing field is present.
+    MultipleRoutingFields {
+        /// The routing fields found, in
+        /// [`ROUTING_FIELDS`](crate::wire::message::ROUTING_FIELDS) order.
+        fields: Vec<&'static str>,
+    },
+}
+
+impl fmt::Display for MessageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MessageError::NotAnObject => write!(f, "message is not a JSON object"),
+            MessageError::MissingField { field } => write!(f, "message: missing field `{field}`"),
+            MessageError::InvalidField { field, message } => {
+                write!(f, "message: invalid `{field}`: {message}")
+            }
+            MessageError::NoRoutingField => write!(
+                f,
+                "message has no routing field (exactly one of channel, to, toService is required)"
+            ),
+            MessageError::MultipleRoutingFields { fields } => write!(
+                f,
+                "message has {} routing fields ({}); exactly one of channel, to, toService is allowed",
+                fields.len(),
+                fields.join(", ")
+            ),
+        }
+    }
+}
+
+impl std::error::Error for MessageError {}
 
 impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -10,13 +10,14 @@
 
 use crate::time::UnixMillis;
 use crate::wire::json::{self, DecodeError, WireRecord, de_millis, sealed::Sealed};
+// Defined next to `DecodeError`, which wraps it; re-exported here.
+pub use crate::wire::json::MessageError;
 use crate::wire::token::{AgentId, ConcreteChannel, Role, Space};
 use serde::de::{self, Deserializer};
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 
 /// JSON object with the fields a record did not recognise, kept verbatim.
 pub type Extra = Map<String, Value>;
@@ -195,57 +196,6 @@ impl<'de> Deserialize<'de> for Part {
         }
     }
 }
-
-/// Why a JSON object is not a [`CotalMessage`].
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum MessageError {
-    /// The payload is not a JSON object.
-    NotAnObject,
-    /// A required field is absent (or `null`).
-    MissingField {
-        /// The JSON key.
-        field: &'static str,
-    },
-    /// A field has the wrong type or an invalid value.
-    InvalidField {
-        /// The JSON key.
-        field: &'static str,
-        /// What is wrong with it.
-        message: String,
-    },
-    /// None of `channel`, `to`, `toService` is present.
-    NoRoutingField,
-    /// More than one routing field is present.
-    MultipleRoutingFields {
-        /// The routing fields found, in [`ROUTING_FIELDS`] order.
-        fields: Vec<&'static str>,
-    },
-}
-
-impl fmt::Display for MessageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            MessageError::NotAnObject => write!(f, "message is not a JSON object"),
-            MessageError::MissingField { field } => write!(f, "message: missing field `{field}`"),
-            MessageError::InvalidField { field, message } => {
-                write!(f, "message: invalid `{field}`: {message}")
-            }
-            MessageError::NoRoutingField => write!(
-                f,
-                "message has no routing field (exactly one of channel, to, toService is required)"
-            ),
-            MessageError::MultipleRoutingFields { fields } => write!(
-                f,
-                "message has {} routing fields ({}); exactly one of channel, to, toService is allowed",
-                fields.len(),
-                fields.join(", ")
-            ),
-        }
-    }
-}
-
-impl std::error::Error for MessageError {}
 
 /// A delivery message (`TYP:CotalMessage`).
 #[derive(Clone, Debug, PartialEq, Eq)]

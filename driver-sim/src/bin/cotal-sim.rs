@@ -1,101 +1,16 @@
 //! `cotal-sim`: explore seeds, replay one, check determinism, or run the demo mesh.
 //!
-//! ```text
-//! cotal-sim explore --seeds N [--start S] [--steps K] [--faults LIST|none|all] [--daemons D]
-//!                   [--mutation no-join-cursor|reference-g2|reference-g10|reference-g23|no-dlv-sweep] [--no-shrink] [--check-determinism]
-//! cotal-sim replay --seed S [--steps K] [--faults …] [--daemons D] [--skip I,J,…]
-//!                  [--agents A] [--plain I,J,…]
-//!                  [--mutation no-join-cursor|reference-g2|reference-g10|reference-g23|no-dlv-sweep] [--check-determinism]
-//! cotal-sim demo [--seed S]
-//! ```
+//! The command line is [`cotal_driver_sim::cli::Cli`] (`cotal-sim --help`).
 
 #![allow(clippy::print_stderr)]
 
-use cotal_driver_sim::explore::{
-    FaultSet, RunSpec, check_determinism, default_daemons, parse_ranges, shrink,
-};
-use cotal_driver_sim::mesh::Mutation;
+use clap::Parser as _;
+use cotal_driver_sim::cli::{Cli, Command, RunArgs};
+use cotal_driver_sim::explore::{RunSpec, check_determinism, shrink};
 use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::process::ExitCode;
 use std::time::Instant as WallClock;
-
-const USAGE: &str = "usage:
-  cotal-sim explore --seeds N [--start S] [--steps K] [--faults LIST|none|all] [--daemons D]
-                    [--mutation no-join-cursor|reference-g2|reference-g10|reference-g23|no-dlv-sweep] [--no-shrink] [--check-determinism]
-  cotal-sim replay --seed S [--steps K] [--faults LIST|none|all] [--daemons D] [--skip I,J,...]
-                   [--agents A] [--plain I,J,...]
-                   [--mutation no-join-cursor|reference-g2|reference-g10|reference-g23|no-dlv-sweep] [--check-determinism]
-  cotal-sim demo [--seed S]
-faults: drop, loss, slow, kv, ambiguous (comma-separated), none, all, or swarm (a subset per seed)";
-
-struct Args {
-    command: String,
-    values: BTreeMap<String, String>,
-    flags: Vec<String>,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let mut it = std::env::args().skip(1);
-    let command = it.next().ok_or("no command")?;
-    let mut values = BTreeMap::new();
-    let mut flags = Vec::new();
-    while let Some(a) = it.next() {
-        let Some(name) = a.strip_prefix("--") else {
-            return Err(format!("unexpected argument {a:?}"));
-        };
-        match name {
-            "no-shrink" | "check-determinism" => flags.push(name.to_owned()),
-            "seeds" | "start" | "steps" | "faults" | "daemons" | "seed" | "skip" | "mutation"
-            | "agents" | "plain" => {
-                let v = it.next().ok_or(format!("--{name} needs a value"))?;
-                values.insert(name.to_owned(), v);
-            }
-            _ => return Err(format!("unknown option --{name}")),
-        }
-    }
-    Ok(Args {
-        command,
-        values,
-        flags,
-    })
-}
-
-impl Args {
-    fn num(&self, name: &str, default: u64) -> Result<u64, String> {
-        match self.values.get(name) {
-            None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| format!("--{name} wants a number, got {v:?}")),
-        }
-    }
-
-    fn flag(&self, name: &str) -> bool {
-        self.flags.iter().any(|f| f == name)
-    }
-
-    fn spec(&self, seed: u64) -> Result<RunSpec, String> {
-        let steps = self.num("steps", 40)? as usize;
-        let faults = FaultSet::parse(self.values.get("faults").map_or("all", String::as_str))?;
-        let mut spec = RunSpec::new(seed, steps, faults);
-        spec.daemons = self.num("daemons", default_daemons() as u64)? as usize;
-        spec.mutation = match self.values.get("mutation").map(String::as_str) {
-            None => Mutation::None,
-            Some(m) => Mutation::parse(m).ok_or_else(|| format!("unknown mutation {m:?}"))?,
-        };
-        if let Some(skip) = self.values.get("skip") {
-            spec.skip = parse_ranges(skip)?;
-        }
-        if self.values.contains_key("agents") {
-            spec.agents = Some(self.num("agents", 0)? as usize);
-        }
-        if let Some(plain) = self.values.get("plain") {
-            spec.plain = parse_ranges(plain)?;
-        }
-        Ok(spec)
-    }
-}
 
 fn determinism(spec: &RunSpec) -> bool {
     let (a, b) = check_determinism(spec);
@@ -114,18 +29,22 @@ fn determinism(spec: &RunSpec) -> bool {
     }
 }
 
-fn explore(args: &Args) -> Result<ExitCode, String> {
-    let seeds = args.num("seeds", 100)?;
-    let start = args.num("start", 0)?;
+fn explore(
+    seeds: u64,
+    start: u64,
+    no_shrink: bool,
+    check_determinism: bool,
+    run: &RunArgs,
+) -> ExitCode {
     let started = WallClock::now();
     let mut messages = 0u64;
     let mut surfaced = 0u64;
     let mut probes: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut last_progress = -1.0f64;
     for (i, seed) in (start..start.saturating_add(seeds)).enumerate() {
-        let spec = args.spec(seed)?;
-        if args.flag("check-determinism") && !determinism(&spec) {
-            return Ok(ExitCode::FAILURE);
+        let spec = run.spec(seed);
+        if check_determinism && !determinism(&spec) {
+            return ExitCode::FAILURE;
         }
         let (report, _) = spec.run(false);
         messages += report.messages;
@@ -149,7 +68,7 @@ fn explore(args: &Args) -> Result<ExitCode, String> {
             eprintln!();
             println!("VIOLATION {v}");
             let mut spec = spec;
-            if !args.flag("no-shrink") {
+            if !no_shrink {
                 let shrunk = shrink(&spec, v.invariant, 60);
                 if shrunk != spec {
                     println!(
@@ -177,7 +96,7 @@ fn explore(args: &Args) -> Result<ExitCode, String> {
             for l in &lines[lines.len().saturating_sub(40)..] {
                 println!("  {l}");
             }
-            return Ok(ExitCode::FAILURE);
+            return ExitCode::FAILURE;
         }
     }
     eprintln!();
@@ -189,23 +108,12 @@ fn explore(args: &Args) -> Result<ExitCode, String> {
     );
     let probes: Vec<String> = probes.iter().map(|(k, v)| format!("{k}={v}")).collect();
     println!("coverage probes: {}", probes.join(" "));
-    Ok(ExitCode::SUCCESS)
+    ExitCode::SUCCESS
 }
 
-fn replay(args: &Args) -> Result<ExitCode, String> {
-    let seed = args
-        .values
-        .get("seed")
-        .ok_or("replay needs --seed")?
-        .parse::<u64>()
-        .map_err(|_| "--seed wants a number")?;
-    let spec = args.spec(seed)?;
-    if args.flag("check-determinism") {
-        return Ok(if determinism(&spec) {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        });
+fn replay(spec: &RunSpec, check_determinism: bool) -> ExitCode {
+    if check_determinism {
+        return verdict(determinism(spec));
     }
     let (report, mesh) = spec.run(true);
     for l in mesh.host().transcript().lines() {
@@ -222,50 +130,44 @@ fn replay(args: &Args) -> Result<ExitCode, String> {
     match report.violation {
         Some(v) => {
             println!("VIOLATION {v}");
-            Ok(ExitCode::FAILURE)
+            ExitCode::FAILURE
         }
         None => {
             println!("oracle: clean");
-            Ok(ExitCode::SUCCESS)
+            ExitCode::SUCCESS
         }
     }
 }
 
-fn demo(args: &Args) -> Result<ExitCode, String> {
-    let seed = args.num("seed", 7)?;
+fn demo(seed: u64) -> ExitCode {
     let report = cotal_driver_sim::demo::run(seed);
     print!("{report}");
-    Ok(if report.clean() {
+    verdict(report.clean())
+}
+
+fn verdict(ok: bool) -> ExitCode {
+    if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    })
+    }
 }
 
 fn main() -> ExitCode {
-    let result = parse_args().and_then(|args| match args.command.as_str() {
-        "explore" => explore(&args),
-        "replay" => replay(&args),
-        "demo" => demo(&args),
-        "--check-determinism" | "check-determinism" => {
-            let spec = args.spec(args.num("seed", 0)?)?;
-            Ok(if determinism(&spec) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
-        "-h" | "--help" | "help" => {
-            println!("{USAGE}");
-            Ok(ExitCode::SUCCESS)
-        }
-        other => Err(format!("unknown command {other:?}")),
-    });
-    match result {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("cotal-sim: {e}\n{USAGE}");
-            ExitCode::from(2)
-        }
+    match Cli::parse().command {
+        Command::Explore {
+            seeds,
+            start,
+            no_shrink,
+            check_determinism,
+            run,
+        } => explore(seeds, start, no_shrink, check_determinism, &run),
+        Command::Replay {
+            seed,
+            check_determinism,
+            run,
+        } => replay(&run.spec(seed), check_determinism),
+        Command::Demo { seed } => demo(seed),
+        Command::CheckDeterminism { seed, run } => verdict(determinism(&run.spec(seed))),
     }
 }
