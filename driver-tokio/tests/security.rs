@@ -987,26 +987,7 @@ impl Peer {
         config.durable_backstop = true;
         config.create_dlv_consumer = false;
         config.unicast = unicast;
-        let conn = connect(&config_of(server, name)).await.expect("connect");
-        let (exec, inputs) = Executor::start(conn, ExecutorConfig::default());
-        let Runner {
-            handle,
-            events,
-            task,
-        } = Runner::spawn(Agent::new(config).expect("agent"), exec, inputs);
-        let mut p = Peer {
-            handle,
-            events,
-            task,
-            log: Vec::new(),
-            got: Vec::new(),
-        };
-        p.until("connected", |log, _| {
-            log.iter()
-                .any(|e| matches!(e, AgentEvent::Connected { .. }))
-        })
-        .await;
-        p
+        Peer::start_config(server, config).await
     }
 
     async fn pump(&mut self, d: Duration) {
