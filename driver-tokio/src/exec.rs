@@ -1911,8 +1911,21 @@ fn kv_operation(headers: Option<&HeaderMap>) -> KvOperation {
     }
 }
 
-/// The last entry of a key, markers included; `None` when the key never held anything (or its
-/// history was removed).
+/// The stream behind KV bucket `bucket`, without a STREAM.INFO round trip.
+async fn kv_stream(
+    js: &jetstream::Context,
+    bucket: &str,
+) -> Result<jetstream::stream::Stream<()>, Outcome<Reply>> {
+    js.get_stream_no_info(format!("KV_{bucket}"))
+        .await
+        .map_err(|e| {
+            Outcome::Failed(Failure::Rejected {
+                code: None,
+                description: e.to_string(),
+            })
+        })
+}
+
 /// [`kv_last`] through a direct get addressed by the key's subject
 /// (`$JS.API.DIRECT.GET.KV_<bucket>.$KV.<bucket>.<key>`, empty body), which a credential can grant
 /// for one key.
@@ -1922,15 +1935,7 @@ async fn kv_last_direct(
     key: &str,
 ) -> Result<Option<KvEntry>, Outcome<Reply>> {
     use jetstream::stream::DirectGetErrorKind as K;
-    let stream = js
-        .get_stream_no_info(format!("KV_{bucket}"))
-        .await
-        .map_err(|e| {
-            Outcome::Failed(Failure::Rejected {
-                code: None,
-                description: e.to_string(),
-            })
-        })?;
+    let stream = kv_stream(js, bucket).await?;
     match stream
         .direct_get_last_for_subject(format!("$KV.{bucket}.{key}"))
         .await
@@ -1955,21 +1960,15 @@ async fn kv_last_direct(
     }
 }
 
+/// The last entry of a key, markers included; `None` when the key never held anything (or its
+/// history was removed).
 async fn kv_last(
     js: &jetstream::Context,
     bucket: &str,
     key: &str,
 ) -> Result<Option<KvEntry>, Outcome<Reply>> {
     use jetstream::stream::LastRawMessageErrorKind as K;
-    let stream = js
-        .get_stream_no_info(format!("KV_{bucket}"))
-        .await
-        .map_err(|e| {
-            Outcome::Failed(Failure::Rejected {
-                code: None,
-                description: e.to_string(),
-            })
-        })?;
+    let stream = kv_stream(js, bucket).await?;
     match stream
         .get_last_raw_message_by_subject(&format!("$KV.{bucket}.{key}"))
         .await

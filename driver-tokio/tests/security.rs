@@ -2081,12 +2081,7 @@ async fn sec_a_seen_message_id_does_not_let_another_agent_silence_later_sends() 
 #[tokio::test]
 async fn sec_a_rollup_on_ones_own_presence_key_cannot_purge_others_after_cotal_up() {
     use cotal_core::wire::config::KvBucketSpec;
-    let Some(server) = NatsServer::start_with_users(vec![
-        agent_user("alice", &["general"], &["general"]),
-        agent_user("mallory", &["general"], &["general"]),
-        daemon_user(),
-        admin_user(),
-    ]) else {
+    let Some(server) = NatsServer::start_with_users(general_users()) else {
         return;
     };
     let admin = connect(&server.config_as("admin", "adminpw"))
@@ -2226,12 +2221,7 @@ async fn create_consumer(
 async fn sec_consumers_an_agent_creates_on_watched_buckets_do_not_outlive_their_use() {
     use cotal_core::wire::config::{KvBucketSpec, WATCH_CONSUMER_INACTIVE_LIMIT};
     use cotal_driver_tokio::provision::{Applied, apply_stream};
-    let Some(server) = NatsServer::start_with_users(vec![
-        agent_user("alice", &["general"], &["general"]),
-        agent_user("mallory", &["general"], &["general"]),
-        daemon_user(),
-        admin_user(),
-    ]) else {
+    let Some(server) = NatsServer::start_with_users(general_users()) else {
         return;
     };
     let admin = connect(&server.config_as("admin", "adminpw"))
@@ -2446,12 +2436,7 @@ async fn sec_consumers_an_agent_creates_on_watched_buckets_are_bounded_in_number
     /// nats-server's "maximum consumers limit reached".
     const MAX_CONSUMERS_ERR: u64 = 10026;
     let started = std::time::Instant::now();
-    let Some(server) = NatsServer::start_with_users(vec![
-        agent_user("alice", &["general"], &["general"]),
-        agent_user("mallory", &["general"], &["general"]),
-        daemon_user(),
-        admin_user(),
-    ]) else {
+    let Some(server) = NatsServer::start_with_users(general_users()) else {
         return;
     };
     let admin = connect(&server.config_as("admin", "adminpw"))
@@ -2548,7 +2533,8 @@ async fn sec_consumers_an_agent_creates_on_watched_buckets_are_bounded_in_number
 // =============================================================================================
 
 /// The `general` users: alice, bob and mallory each read and post on `general` only, with
-/// exactly the blocks `Permissions::agent` gives; the daemon and the provisioner as above.
+/// exactly the blocks `Permissions::agent` gives; the daemon and the provisioner as above. The
+/// issue 21 tests share them.
 fn general_users() -> Vec<User> {
     let mut users: Vec<User> = ["alice", "bob", "mallory"]
         .into_iter()
