@@ -2,10 +2,10 @@
 //! gaps G23, G36, G40).
 //!
 //! Shard `i` of a space has one lease, the key `lease.<i>` ([`Shard::lease_key`]) in the
-//! `cotal_delivery_<space>` bucket ([`KvBucket::Delivery`]), whose bucket-level `max_age` (the
-//! lease TTL, 30 s) removes an unrenewed holder's last write. A [`Lease`] drives that key for one
-//! daemon: create-only acquisition, the ready flip after Plane-3 is bound, periodic CAS renewal,
-//! and a release that can never delete a successor's lease.
+//! `cotal_delivery_<space>` bucket ([`KvBucket::Delivery`](crate::wire::keys::KvBucket::Delivery)),
+//! whose bucket-level `max_age` (the lease TTL, 30 s) removes an unrenewed holder's last write. A
+//! [`Lease`] drives that key for one daemon: create-only acquisition, the ready flip after Plane-3
+//! is bound, periodic CAS renewal, and a release that can never delete a successor's lease.
 //!
 //! # What it adds to the reference (`EP:acquire/markReady/renew/release`, `DMN:runDelivery`)
 //!
@@ -42,32 +42,19 @@
 //!
 //! The machine keeps **at most one command in flight** for its key: a ready flip, renewal or
 //! release asked for while another command is outstanding waits for its completion.
+//!
+//! Files: this one holds the machine; `lease/config.rs` its timings, `lease/messages.rs` the
+//! commands, replies, events and states it exchanges, `lease/record.rs` how a record is read.
 
-use crate::constants::{BACKOFF_BASE, LEASE_TTL, backoff, lease_renew_interval};
+use crate::constants::backoff;
 use crate::op::{Failure, OpId, OpIds, Outcome, TimerTable};
 use crate::registry::FencingToken;
 use crate::time::{Duration, Instant, UnixMillis};
-use crate::wire::keys::KvBucket;
 use crate::wire::message::Extra;
 use crate::wire::records::DeliveryLease;
 use crate::wire::shard::Shard;
 use serde_json::Value;
 use std::collections::VecDeque;
-use std::fmt;
-
-/// The extra record field carrying the acquisition time (wall-clock ms), written on every write
-/// of this crate. The reference ignores unknown fields and preserves nothing, so it is harmless.
-pub const ACQUIRED_AT_FIELD: &str = "acquiredAt";
-
-/// The extra record field carrying the holder's delivery health (`{"state":"active"}` or
-/// `{"state":"degraded","reasons":[…]}`), written by this crate's daemon with every renew so that
-/// agents, who may read the lease key, can see it ([`judge_health`]). The reference ignores it.
-pub const HEALTH_FIELD: &str = "health";
-
-/// The extra record field carrying the holder's orphaned memberships (`{retentionMs, reap, count,
-/// memberships:[{owner, channel, generation, offlineMs}]}`), for `cotal members --orphans`
-/// (issue 15 item 7). The reference ignores it.
-pub const ORPHANS_FIELD: &str = "orphans";
 
 /// The most create attempts one acquisition makes (R18). With the default window and backoff
 /// (1, 2, 4, 8, 16 s …) far fewer are reached; the cap only bounds odd configurations.
@@ -75,416 +62,19 @@ pub const MAX_ACQUIRE_ATTEMPTS: u32 = 32;
 
 pub use crate::time::Now;
 
-/// Why a [`LeaseConfig`] was refused.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum LeaseConfigError {
-    /// The TTL is zero.
-    ZeroTtl,
-    /// The renew interval is zero.
-    ZeroRenewInterval,
-    /// `renew_interval + safety_margin` must stay below the TTL, or a healthy holder would lose
-    /// its own fencing token before its first renewal.
-    NoRoomToRenew {
-        /// The TTL.
-        ttl: Duration,
-        /// The renew interval.
-        renew_interval: Duration,
-        /// The safety margin.
-        safety_margin: Duration,
-    },
-}
+mod config;
+mod messages;
+mod record;
 
-impl fmt::Display for LeaseConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            LeaseConfigError::ZeroTtl => write!(f, "the lease TTL must be positive"),
-            LeaseConfigError::ZeroRenewInterval => {
-                write!(f, "the lease renew interval must be positive")
-            }
-            LeaseConfigError::NoRoomToRenew {
-                ttl,
-                renew_interval,
-                safety_margin,
-            } => write!(
-                f,
-                "renew interval {renew_interval} + safety margin {safety_margin} must be below the TTL {ttl}"
-            ),
-        }
-    }
-}
-
-impl std::error::Error for LeaseConfigError {}
-
-/// Timing of a [`Lease`].
-///
-/// The **safety margin** is how long before the broker could expire our last write we stop
-/// trusting the lease. The broker measures the TTL from when it *stored* the write, which is no
-/// earlier than when we *sent* it, so `sent + TTL` is already a lower bound of the expiry; the
-/// margin covers what remains: the rate difference between our clock and the broker's over one
-/// TTL, and the time a write fenced just before the deadline takes to reach the registry. The
-/// default is `TTL / 6` (5 s for the 30 s TTL), leaving 10 s of one-second renew retries between
-/// the renew interval (15 s) and the deadline (25 s).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LeaseConfig {
-    ttl: Duration,
-    renew_interval: Duration,
-    safety_margin: Duration,
-    acquire_window: Duration,
-    retry_step: Duration,
-    reference_gap_g23: bool,
-}
-
-impl Default for LeaseConfig {
-    /// The reference's timing: [`LEASE_TTL`] (30 s), renew every 15 s, 5 s margin, 31 s window.
-    fn default() -> Self {
-        LeaseConfig {
-            ttl: LEASE_TTL,
-            renew_interval: lease_renew_interval(LEASE_TTL),
-            safety_margin: Duration::from_millis(LEASE_TTL.as_millis() / 6),
-            acquire_window: LEASE_TTL + BACKOFF_BASE,
-            retry_step: BACKOFF_BASE,
-            reference_gap_g23: false,
-        }
-    }
-}
-
-impl LeaseConfig {
-    /// The timing for a bucket whose TTL is `ttl`: renew at `max(1 s, ttl / 2)` (`DMN`), margin
-    /// `ttl / 6`, acquisition window `ttl + 1 s`, renew retries every second.
-    pub fn for_ttl(ttl: Duration) -> Result<Self, LeaseConfigError> {
-        LeaseConfig::new(
-            ttl,
-            lease_renew_interval(ttl),
-            Duration::from_millis(ttl.as_millis() / 6),
-            ttl + BACKOFF_BASE,
-        )
-    }
-
-    /// A timing with every value given; refused when a healthy holder could not renew before
-    /// its own deadline.
-    pub fn new(
-        ttl: Duration,
-        renew_interval: Duration,
-        safety_margin: Duration,
-        acquire_window: Duration,
-    ) -> Result<Self, LeaseConfigError> {
-        if ttl == Duration::ZERO {
-            return Err(LeaseConfigError::ZeroTtl);
-        }
-        if renew_interval == Duration::ZERO {
-            return Err(LeaseConfigError::ZeroRenewInterval);
-        }
-        if (renew_interval + safety_margin) >= ttl {
-            return Err(LeaseConfigError::NoRoomToRenew {
-                ttl,
-                renew_interval,
-                safety_margin,
-            });
-        }
-        Ok(LeaseConfig {
-            ttl,
-            renew_interval,
-            safety_margin,
-            acquire_window,
-            retry_step: BACKOFF_BASE.min(renew_interval),
-            reference_gap_g23: false,
-        })
-    }
-
-    /// The bucket TTL: an unrenewed write disappears this long after it was stored.
-    pub fn ttl(&self) -> Duration {
-        self.ttl
-    }
-
-    /// Time between renewals, counted from the send time of the last confirmed write.
-    pub fn renew_interval(&self) -> Duration {
-        self.renew_interval
-    }
-
-    /// How long before `last confirmed write + TTL` the fencing token is withdrawn.
-    pub fn safety_margin(&self) -> Duration {
-        self.safety_margin
-    }
-
-    /// How long acquisition keeps retrying a contended create before it gives up.
-    pub fn acquire_window(&self) -> Duration {
-        self.acquire_window
-    }
-
-    /// Delay before retrying a renewal or a re-read that failed transiently.
-    pub fn retry_step(&self) -> Duration {
-        self.retry_step
-    }
-
-    /// Test-only: the same timing with gap G23 restored, as the reference runs its lease: no
-    /// deadline of our own, so the fencing token is never withdrawn by time and the lease is lost
-    /// only when a renew CAS fails. The simulator uses it to prove its oracle sees a deposed
-    /// daemon's writes. Never used outside tests.
-    #[doc(hidden)]
-    pub fn with_reference_gap_g23(self) -> Self {
-        LeaseConfig {
-            reference_gap_g23: true,
-            ..self
-        }
-    }
-
-    fn deadline_after(&self, confirmed: Instant) -> Instant {
-        if self.reference_gap_g23 {
-            // No deadline: far past any run (about 31 years).
-            return confirmed + Duration::from_secs(1_000_000_000);
-        }
-        confirmed + Duration::from_millis(self.ttl.as_millis() - self.safety_margin.as_millis())
-    }
-}
-
-/// One KV effect on the lease key. Every command carries an [`OpId`] to answer with
-/// [`Lease::handle_completion`]; all of them target [`KvBucket::Delivery`] ([`LeaseCommand::bucket`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum LeaseCommand {
-    /// Create-only put (`kv.create`); answer [`LeaseReply::Written`] or
-    /// [`Failure::AlreadyExists`]. A create over a DEL/PURGE marker succeeds.
-    Create {
-        /// The operation id.
-        op: OpId,
-        /// `lease.<i>`.
-        key: String,
-        /// The record to write (`ready:false`).
-        value: DeliveryLease,
-    },
-    /// Compare-and-set put (`kv.update`); answer [`LeaseReply::Written`] or
-    /// [`Failure::WrongLastRevision`] / [`Failure::NotFound`].
-    Update {
-        /// The operation id.
-        op: OpId,
-        /// `lease.<i>`.
-        key: String,
-        /// The record to write.
-        value: DeliveryLease,
-        /// The revision the key must still have.
-        expected_revision: u64,
-    },
-    /// Compare-and-set delete (`kv.delete` with `previousSeq`); answer [`LeaseReply::Deleted`]
-    /// or [`Failure::WrongLastRevision`] / [`Failure::NotFound`].
-    Delete {
-        /// The operation id.
-        op: OpId,
-        /// `lease.<i>`.
-        key: String,
-        /// The revision the key must still have: always our last confirmed revision.
-        expected_revision: u64,
-    },
-    /// Read the key (`kv.get`); answer [`LeaseReply::Entry`].
-    Get {
-        /// The operation id.
-        op: OpId,
-        /// `lease.<i>`.
-        key: String,
-    },
-}
-
-impl LeaseCommand {
-    /// The command's operation id.
-    pub fn op(&self) -> OpId {
-        match self {
-            LeaseCommand::Create { op, .. }
-            | LeaseCommand::Update { op, .. }
-            | LeaseCommand::Delete { op, .. }
-            | LeaseCommand::Get { op, .. } => *op,
-        }
-    }
-
-    /// The key the command touches.
-    pub fn key(&self) -> &str {
-        match self {
-            LeaseCommand::Create { key, .. }
-            | LeaseCommand::Update { key, .. }
-            | LeaseCommand::Delete { key, .. }
-            | LeaseCommand::Get { key, .. } => key,
-        }
-    }
-
-    /// The bucket every lease command targets: `cotal_delivery_<space>`.
-    pub const fn bucket(&self) -> KvBucket {
-        KvBucket::Delivery
-    }
-}
-
-/// A lease record as read, with its revision.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct LeaseEntry {
-    /// The key's revision (the stream sequence of the stored write).
-    pub revision: u64,
-    /// The decoded record; `None` when the bytes did not decode ([`DeliveryLease::from_kv`]).
-    pub record: Option<DeliveryLease>,
-}
-
-/// The result of a successful lease command.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum LeaseReply {
-    /// A create or update was stored at this revision.
-    Written {
-        /// The new revision.
-        revision: u64,
-    },
-    /// The delete was stored.
-    Deleted,
-    /// The read's result: `None` for an absent key or a DEL/PURGE marker.
-    Entry(Option<LeaseEntry>),
-}
-
-/// Driver misuse (R17a); the machine's state is unchanged.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum LeaseUsageError {
-    /// The completion names no command in flight.
-    UnknownOp(OpId),
-    /// The reply does not fit the command (e.g. `Deleted` for a create).
-    ReplyMismatch(OpId),
-    /// `acquire` on a machine that already started.
-    AlreadyStarted,
-    /// `mark_ready` while the lease is not held.
-    NotHeld,
-}
-
-impl fmt::Display for LeaseUsageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            LeaseUsageError::UnknownOp(op) => write!(f, "no lease command {op} is in flight"),
-            LeaseUsageError::ReplyMismatch(op) => {
-                write!(f, "the reply to {op} does not fit its command")
-            }
-            LeaseUsageError::AlreadyStarted => write!(f, "the lease machine already started"),
-            LeaseUsageError::NotHeld => write!(f, "the lease is not held"),
-        }
-    }
-}
-
-impl std::error::Error for LeaseUsageError {}
-
-/// Why the lease is no longer ours.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum LostReason {
-    /// A CAS found another revision: someone else wrote the key.
-    Superseded,
-    /// The key is gone (expired or deleted).
-    Expired,
-    /// A read shows another holder, another acquisition, or nothing.
-    TakenOver {
-        /// The holder read, if any.
-        holder: Option<String>,
-    },
-    /// No write was confirmed before our own deadline (`last confirmed write + TTL − margin`).
-    DeadlinePassed,
-    /// The broker refused our write outright (permissions, a rejection).
-    Refused(Failure),
-}
-
-/// Why acquisition ended without the lease.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum AcquireFailure {
-    /// The key was held for the whole acquisition window.
-    Contended {
-        /// The last holder read, if any read succeeded.
-        holder: Option<String>,
-    },
-    /// The broker refused the create outright (permissions, a rejection).
-    Refused(Failure),
-    /// [`MAX_ACQUIRE_ATTEMPTS`] creates were made.
-    AttemptsExhausted,
-    /// [`Lease::release`] was asked before the lease was acquired.
-    Cancelled,
-}
-
-/// Why a release did not delete the key.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum ReleaseSkipReason {
-    /// We held nothing to release (never acquired, already lost or released).
-    NotHeld,
-    /// The key has another revision: a successor's lease, which is left alone.
-    Superseded,
-    /// The delete failed, or its outcome and the re-read both failed; the TTL removes our write.
-    Unconfirmed,
-}
-
-/// A fact for the daemon. Every state change emits one.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum LeaseEvent {
-    /// The create landed: the lease is ours, not yet ready. Bind Plane-3, then `mark_ready`.
-    Acquired {
-        /// The create's revision: the fencing token for registry writes.
-        token: FencingToken,
-    },
-    /// The lease reads `ready:true` (the ready flip, or a renewal that carried it, landed).
-    Ready,
-    /// A renewal landed.
-    Renewed {
-        /// The new revision.
-        revision: u64,
-    },
-    /// The key is held by someone else; acquisition retries.
-    Contended {
-        /// The holder read (`None` when the read found nothing or failed).
-        holder: Option<String>,
-    },
-    /// Acquisition gave up.
-    AcquireFailed {
-        /// Why.
-        reason: AcquireFailure,
-    },
-    /// The lease is no longer ours: stop every fenced write at once.
-    Lost {
-        /// Why.
-        reason: LostReason,
-    },
-    /// Our lease was deleted.
-    Released,
-    /// A release did not delete the key.
-    ReleaseSkipped {
-        /// Why.
-        reason: ReleaseSkipReason,
-    },
-}
-
-/// Where the machine is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum LeaseState {
-    /// Created; [`Lease::acquire`] not called yet.
-    Idle,
-    /// Creating, reading the holder, or waiting to retry.
-    Acquiring,
-    /// Ours, `ready:false`.
-    Held,
-    /// Ours, `ready:true`.
-    Ready,
-    /// A release was asked; the delete is pending or in flight.
-    Releasing,
-    /// Terminal: lost (see [`LeaseEvent::Lost`]).
-    Lost,
-    /// Terminal: released (deleted or skipped).
-    Released,
-    /// Terminal: acquisition gave up.
-    NotAcquired,
-}
-
-/// Why the machine wants to wake up.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-#[non_exhaustive]
-pub enum LeaseTimer {
-    /// Retry a contended or failed create.
-    AcquireRetry,
-    /// Renew (or re-read after an unknown renewal).
-    Renew,
-    /// Our own deadline: the fencing token is withdrawn here unless a write is confirmed.
-    Deadline,
-}
+pub use config::{LeaseConfig, LeaseConfigError};
+pub use messages::{
+    AcquireFailure, LeaseCommand, LeaseEntry, LeaseEvent, LeaseReply, LeaseState, LeaseTimer,
+    LeaseUsageError, LostReason, ReleaseSkipReason,
+};
+pub use record::{
+    ACQUIRED_AT_FIELD, DegradedReason, HEALTH_FIELD, LeaseHealth, ORPHANS_FIELD, acquired_at_of,
+    judge_health,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum OpKind {
@@ -533,7 +123,8 @@ enum Phase {
     NotAcquired,
 }
 
-/// The delivery lease of one shard, for one daemon. See the [module docs](self) for how to drive it.
+/// The delivery lease of one shard, for one daemon. See the [module docs](self) for how to drive
+/// it.
 #[derive(Clone, Debug)]
 pub struct Lease {
     key: String,
@@ -611,7 +202,7 @@ impl Lease {
             return Err(LeaseUsageError::AlreadyStarted);
         }
         self.phase = Phase::Acquiring(Acquiring {
-            deadline: now.at + self.config.acquire_window,
+            deadline: now.at + self.config.acquire_window(),
             attempts: 0,
             stamps: Vec::new(),
             last_holder: None,
@@ -1031,7 +622,7 @@ impl Lease {
             self.timers.cancel(&LeaseTimer::Renew);
             self.send_update(now);
         } else {
-            let renew_at = h.confirmed_at + self.config.renew_interval;
+            let renew_at = h.confirmed_at + self.config.renew_interval();
             self.timers.set(
                 LeaseTimer::Renew,
                 renew_at.max(now.at + Duration::from_millis(1)),
@@ -1066,7 +657,7 @@ impl Lease {
             self.send_update(now);
         } else {
             self.timers
-                .set(LeaseTimer::Renew, now.at + self.config.retry_step);
+                .set(LeaseTimer::Renew, now.at + self.config.retry_step());
         }
     }
 
@@ -1213,92 +804,5 @@ impl Lease {
     }
 }
 
-/// The acquisition time of a record: [`ACQUIRED_AT_FIELD`] when present and a whole number,
-/// else `since` (a record written by the reference, whose `since` is its last write).
-pub fn acquired_at_of(record: &DeliveryLease) -> UnixMillis {
-    record
-        .extra
-        .get(ACQUIRED_AT_FIELD)
-        .and_then(Value::as_u64)
-        .map_or(record.since, UnixMillis)
-}
-
-/// How an observer judges a shard's delivery (G40, scenario D10).
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum LeaseHealth {
-    /// A holder is ready and wrote within one TTL.
-    Active {
-        /// The holder.
-        holder: String,
-    },
-    /// No working holder can be shown.
-    Degraded(DegradedReason),
-}
-
-/// Why a lease reads as degraded.
-#[derive(Clone, Debug, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum DegradedReason {
-    /// No lease record (absent, deleted, or undecodable): no daemon holds the shard.
-    Absent,
-    /// A daemon holds the lease but has not bound Plane-3 yet (`ready:false`).
-    NotReady,
-    /// The holder is ready but published its own health as degraded ([`HEALTH_FIELD`]).
-    Reported {
-        /// The holder's reasons, as it wrote them (`fanout-down`, `writes-failing` …).
-        reasons: Vec<String>,
-    },
-    /// The last write is older than the TTL: the holder stopped renewing (crashed or stalled),
-    /// and the record is only waiting for the bucket's `max_age` to remove it.
-    Stale {
-        /// `now − since`.
-        age: Duration,
-    },
-}
-
-/// Judges a lease record read by an observer at wall time `now`: active iff
-/// `ready && now − since ≤ ttl`; a `since` in the future (clock skew) counts as age 0.
-///
-/// Unlike the reference's point-in-time check (G40), a crashed holder stops reading as active
-/// one TTL after its last renewal.
-pub fn judge_health(record: Option<&DeliveryLease>, now: UnixMillis, ttl: Duration) -> LeaseHealth {
-    let Some(record) = record else {
-        return LeaseHealth::Degraded(DegradedReason::Absent);
-    };
-    let age = Duration::from_millis(now.0.saturating_sub(record.since.0));
-    if age > ttl {
-        LeaseHealth::Degraded(DegradedReason::Stale { age })
-    } else if !record.ready {
-        LeaseHealth::Degraded(DegradedReason::NotReady)
-    } else if let Some(reasons) = reported_degraded(record) {
-        LeaseHealth::Degraded(DegradedReason::Reported { reasons })
-    } else {
-        LeaseHealth::Active {
-            holder: record.holder.clone(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests;
-
-/// The reasons of a record whose [`HEALTH_FIELD`] says `degraded`; `None` when the field is
-/// absent (a reference daemon), says anything else, or does not parse.
-fn reported_degraded(record: &DeliveryLease) -> Option<Vec<String>> {
-    let health = record.extra.get(HEALTH_FIELD)?;
-    if health.get("state").and_then(Value::as_str) != Some("degraded") {
-        return None;
-    }
-    Some(
-        health
-            .get("reasons")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|r| r.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default(),
-    )
-}

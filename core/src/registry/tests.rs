@@ -2,6 +2,7 @@
 
 use super::*;
 use proptest::prelude::*;
+use serde_json::Value;
 use serde_json::json;
 
 pub(crate) const OWNER: &str = "UDHQN2VXGF5T7O3GSPVKMV6VFFHD3XQTWFY3M5P7ELIK4ICOADTOEJ5S";

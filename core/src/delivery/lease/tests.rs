@@ -1,4 +1,5 @@
 use super::*;
+use crate::constants::LEASE_TTL;
 use crate::wire::shard::ShardMap;
 use proptest::prelude::*;
 
