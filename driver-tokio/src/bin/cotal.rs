@@ -108,6 +108,15 @@ impl NatsArgs {
         self.auth.config(&self.nats)
     }
 
+    /// The connect config of an operator's one-shot command: the inbox prefix of the identity the
+    /// credential names, if any.
+    pub(crate) fn operator_config(&self) -> Result<ConnectConfig, String> {
+        match self.identity(None, false) {
+            Identity::Id(id) => self.config_as(id.as_ref()),
+            Identity::Mismatch(e) | Identity::Failed(e) => Err(e),
+        }
+    }
+
     /// The connect config acting as `id`: its inbox prefix `_INBOX_<id>` is set before the first
     /// request, the only inbox a scoped credential (agent, delivery, observer, admin profile) may
     /// subscribe to. `None`: the library's `_INBOX` (open mode, or an allow-all credential that

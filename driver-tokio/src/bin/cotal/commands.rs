@@ -1,7 +1,7 @@
 //! The running and one-shot subcommands of `cotal`: delivery, agent, send, members, health,
 //! channels.
 
-use crate::{Identity, NatsArgs, fail};
+use crate::{NatsArgs, fail};
 use bytes::Bytes;
 use clap::Args;
 use cotal_core::acl::subject_matches;
@@ -1071,22 +1071,13 @@ async fn run_send(args: SendArgs, id: AgentId) -> Result<ExitCode, String> {
 // cotal members / health / channels: KV reads
 // ---------------------------------------------------------------------------------------------
 
-/// The connect config of an operator's one-shot command: the inbox prefix of the identity the
-/// credential names, if any.
-pub(crate) fn operator_config(nats: &NatsArgs) -> Result<ConnectConfig, String> {
-    match nats.identity(None, false) {
-        Identity::Id(id) => nats.config_as(id.as_ref()),
-        Identity::Mismatch(e) | Identity::Failed(e) => Err(e),
-    }
-}
-
 /// Every live (not deleted) entry of a bucket, by key.
 async fn kv_entries(
     nats: &NatsArgs,
     space: &Space,
     bucket: KvBucket,
 ) -> Result<Vec<(String, Bytes)>, String> {
-    let config = operator_config(nats)?;
+    let config = nats.operator_config()?;
     let conn = connect_with(&config).await?;
     check_provisioned(&conn, space, config.request_timeout).await?;
     let name = bucket.name(space);

@@ -109,7 +109,7 @@ async fn run(
     roles: &[Role],
     changes: &mut usize,
 ) -> Result<(), String> {
-    let config = crate::commands::operator_config(nats)?;
+    let config = nats.operator_config()?;
     let conn = connect(&config).await.map_err(|e| e.to_string())?;
     let js = async_nats::jetstream::new(conn.client.clone());
     let kv = |bucket: KvBucket| {
@@ -342,7 +342,7 @@ async fn other_server_of(
 pub(crate) async fn members_orphans(nats: &NatsArgs, space: &str) -> ExitCode {
     let run = async {
         let space = Space::new(space).map_err(|e| format!("invalid space name '{space}': {e}"))?;
-        let config = crate::commands::operator_config(nats)?;
+        let config = nats.operator_config()?;
         let conn = connect(&config).await.map_err(|e| e.to_string())?;
         let js = async_nats::jetstream::new(conn.client.clone());
         let name = KvBucket::Delivery.name(&space);
