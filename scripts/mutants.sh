@@ -2,13 +2,13 @@
 # Mutation testing of cotal-core with cargo-mutants, against the core's own tests and the
 # simulator's (a mutant survives only if every one of them still passes).
 #
-#   scripts/mutants.sh            a sample: about one mutant in 45, picked by a hash of what the
+#   scripts/mutants.sh            a sample: about one mutant in 90, picked by a hash of what the
 #                                 mutant does (function name, mutation, ordinal), not of where it
 #                                 is, so the same sample is drawn after code moves between files
 #   scripts/mutants.sh --all      every mutant of the crate (hours on two cores)
 #   scripts/mutants.sh --list     print the sample and exit
 #
-# Options: --one-in N (sample density, default 45), --out DIR (default target/mutants).
+# Options: --one-in N (sample density, default 90), --out DIR (default target/mutants).
 # Needs `cargo install --locked cargo-mutants` (not installed by CI; this is not a CI job).
 # It mutates the working tree in place (faster: one incremental build dir) and restores every
 # file after each mutant; do not edit the tree while it runs. The two simulator tests that prove
@@ -17,7 +17,7 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-one_in=45
+one_in=90
 mode=sample
 out="$root/target/mutants"
 while [ $# -gt 0 ]; do
