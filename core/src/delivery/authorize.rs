@@ -98,6 +98,9 @@ pub enum RetryReason {
     TransferFailed,
     /// A KV read (ACL or membership) failed.
     ReadFailed,
+    /// A leave of the entry's `(owner, channel)` is writing its tombstone and the entry lies past
+    /// the leave cursor it chose ([`hold_for_leave`]).
+    LeaveInFlight,
 }
 
 /// A give-up at the redelivery ceiling: everything a loss report needs.
@@ -137,6 +140,11 @@ impl fmt::Display for GiveUp {
             RetryReason::ReadFailed => write!(
                 f,
                 "plane-3 reader: gave up authorizing {} for {owner} after {n} failed reads ({ch} seq {seq})",
+                self.message_id
+            ),
+            RetryReason::LeaveInFlight => write!(
+                f,
+                "plane-3 reader: gave up on {} for {owner} after {n} redeliveries while a leave of {ch} was in flight (seq {seq})",
                 self.message_id
             ),
         }
@@ -269,6 +277,41 @@ pub fn authorize(
     Decision::Transfer {
         msg_id: Plane3MsgId::for_entry(entry, owner),
     }
+}
+
+/// Step 2b: the hold for a leave in flight, applied to an entry [`authorize`] would transfer.
+///
+/// A leave chooses its leave cursor from the CHAT frontier it reads (`leave_frontier`), then
+/// tombstones the record by compare-and-set. Until that write's outcome is known, the reader's
+/// view still holds the open interval, so a `durable-channel` entry of the same
+/// `(owner, channel)` with `seq > leave_frontier` would reach the owner's store past its leave
+/// (seed 4363 of the 10,000-seed exploration: the tombstone lost a CAS race and was re-planned
+/// while the reader transferred such an entry). It is deferred instead: once the tombstone is
+/// confirmed, its redelivery is dropped as outside the interval; if the leave fails, it is
+/// transferred. An entry at or below the frontier lies inside the interval either way, and one
+/// the reader sees before the leave read its frontier is at or below that frontier (it was in
+/// CHAT already). At the redelivery ceiling the entry is given up, reported (G3).
+///
+/// `leave_frontier`: the frontier read by a running leave of the entry's `(owner, channel)`,
+/// `None` when no leave is running or it has not read one yet. Returns `None` when nothing is held.
+pub fn hold_for_leave(
+    entry: &Plane3Entry,
+    owner: &AgentId,
+    leave_frontier: Option<u64>,
+    delivery_count: u64,
+) -> Option<Decision> {
+    let frontier = leave_frontier?;
+    if entry.reason != Plane3Reason::DurableChannel || entry.seq <= frontier {
+        return None;
+    }
+    Some(if at_ceiling(delivery_count) {
+        give_up(entry, owner, RetryReason::LeaveInFlight, delivery_count)
+    } else {
+        Decision::Defer {
+            delay: READER_NAK_DELAY,
+            reason: RetryReason::LeaveInFlight,
+        }
+    })
 }
 
 /// The decision after the DLV publish of a [`Decision::Transfer`] failed (or timed out):

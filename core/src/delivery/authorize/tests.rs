@@ -383,3 +383,39 @@ fn g32_malformed_deliveries_terminate() {
         "the DLV copy is the bare message"
     );
 }
+
+#[test]
+fn an_entry_past_the_frontier_of_a_leave_in_flight_is_held_not_transferred() {
+    let entry = durable_entry(4, 2);
+    // No leave running, or one that has not read its frontier yet: nothing held.
+    assert_eq!(hold_for_leave(&entry, &owner(), None, 1), None);
+    // At or below the leave's frontier the entry is inside the interval either way.
+    assert_eq!(
+        hold_for_leave(&durable_entry(3, 2), &owner(), Some(3), 1),
+        None
+    );
+    // Past it: deferred until the tombstone's outcome is known.
+    assert_eq!(
+        hold_for_leave(&entry, &owner(), Some(3), 1),
+        Some(Decision::Defer {
+            delay: READER_NAK_DELAY,
+            reason: RetryReason::LeaveInFlight,
+        })
+    );
+    // A mention copy is not about membership.
+    assert_eq!(
+        hold_for_leave(&mention_entry(4), &owner(), Some(3), 1),
+        None
+    );
+    // At the ceiling: given up, reported.
+    let Some(Decision::GiveUp(g)) =
+        hold_for_leave(&entry, &owner(), Some(3), READER_MAX_REDELIVERIES)
+    else {
+        panic!("expected a give-up at the ceiling");
+    };
+    assert_eq!((g.reason, g.seq), (RetryReason::LeaveInFlight, 4));
+    assert!(
+        g.to_string().contains("while a leave of c was in flight"),
+        "{g}"
+    );
+}
