@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+pub mod app;
 pub mod connect;
 pub mod demo;
 pub mod exec;
@@ -28,5 +29,9 @@ pub mod provision;
 pub mod run;
 pub mod tools;
 
+pub use app::{
+    AckError, Agent, AgentOptions, DaemonStatus, DaemonStopped, DeliveryDaemon, Events, JoinError,
+    LeaveError, Message, Messages, SendError, Sent, StartError,
+};
 pub use connect::{Auth, ConnectConfig, ConnectError, NatsConnection, TlsConfig, connect};
 pub use exec::{Executor, ExecutorConfig, ExecutorStats};
