@@ -4,62 +4,20 @@
 
 mod common;
 
-use bytes::Bytes;
-use common::{NatsServer, WAIT};
+use common::{NatsServer, WAIT, provision_open_space};
 use cotal_core::agent::{AgentError, AgentEvent, BackstopState};
 use cotal_core::delivery::daemon::DeliveryConfig;
-use cotal_core::policy::DeliveryClass;
-use cotal_core::time::UnixMillis;
-use cotal_core::wire::keys::{KvBucket, acl_key};
-use cotal_core::wire::records::AclRecord;
 use cotal_core::wire::shard::ShardMap;
 use cotal_core::wire::subject::DeliveryKind;
-use cotal_core::wire::token::{AgentId, Space};
-use cotal_driver_tokio::provision::{ensure_default_class, provision_space};
+use cotal_core::wire::token::Space;
 use cotal_driver_tokio::{
-    AckError, Agent, AgentOptions, ConnectConfig, DeliveryDaemon, JoinError, LeaveError, Message,
-    Messages, SendError, StartError, connect,
+    AckError, Agent, AgentOptions, DeliveryDaemon, JoinError, LeaveError, Message, Messages,
+    SendError, StartError,
 };
 use futures::StreamExt;
 use std::time::Duration;
 
 const SPACE: &str = "app";
-
-/// `cotal up --default-class durable` and `cotal provision agent --read '>' --apply` for each of
-/// `agents` (its ACL record; in open mode the agents create their own consumers).
-async fn provision(cfg: &ConnectConfig, agents: &[&str]) {
-    let space = Space::new(SPACE).expect("space");
-    let conn = connect(cfg).await.expect("connect");
-    let report = provision_space(&conn.client, &space, Duration::from_secs(5)).await;
-    assert_eq!(report.failed(), 0, "{report:?}");
-    ensure_default_class(
-        &conn.client,
-        &space,
-        DeliveryClass::Durable,
-        Duration::from_secs(5),
-    )
-    .await
-    .expect("default class");
-    let js = async_nats::jetstream::new(conn.client.clone());
-    let acl = js
-        .get_key_value(KvBucket::Acl.name(&space))
-        .await
-        .expect("acl bucket");
-    for agent in agents {
-        let record = AclRecord {
-            allow_subscribe: vec![">".to_owned()],
-            revision: 1,
-            updated_at: UnixMillis(1),
-            extra: Default::default(),
-        };
-        acl.put(
-            acl_key(&AgentId::new(*agent).expect("id")),
-            Bytes::from(serde_json::to_vec(&record).expect("encode")),
-        )
-        .await
-        .expect("put acl");
-    }
-}
 
 /// The next message within [`WAIT`].
 async fn next(messages: &mut Messages, what: &str) -> Message {
@@ -86,7 +44,7 @@ async fn two_agents_and_a_daemon_through_the_api() {
         return;
     };
     let cfg = server.config();
-    provision(&cfg, &["alice", "bob"]).await;
+    provision_open_space(&cfg, SPACE, &["alice", "bob"]).await;
 
     // A bad space name is refused before anything connects.
     let err = Agent::connect(&cfg, AgentOptions::new("no spaces", "alice"))
