@@ -52,6 +52,10 @@ pub struct AgentOptions {
     /// How long [`Agent::connect`] waits for the agent to be ready (connected, the channel
     /// registry loaded) and for the boot joins' results.
     pub ready_timeout: Duration,
+    /// Whether [`Agent::connect`] waits for that at all (default yes). Without the wait, a
+    /// request made before the agent is ready is refused with [`AgentError::NotReady`]; its
+    /// [`AgentEvent::Connected`] says when it is.
+    pub wait_ready: bool,
     /// How long a request (join, leave, send) waits for its outcome before it resolves as
     /// unknown.
     pub request_timeout: Duration,
@@ -72,6 +76,7 @@ impl AgentOptions {
             durable_backstop: true,
             create_consumers: None,
             ready_timeout: Duration::from_secs(10),
+            wait_ready: true,
             request_timeout: Duration::from_secs(30),
             close_grace: Duration::from_secs(3),
         }
@@ -381,6 +386,22 @@ impl Agent {
         connect: &ConnectConfig,
         options: AgentOptions,
     ) -> Result<Agent, StartError> {
+        Agent::connect_with_events(connect, options)
+            .await
+            .map(|(agent, _)| agent)
+    }
+
+    /// [`Agent::connect`], and the agent's [`Agent::events`] from its very first one (its
+    /// `Connected`, its boot channels' `Joined` …), which a stream asked for after the connect
+    /// may miss.
+    ///
+    /// # Errors
+    ///
+    /// As [`Agent::connect`].
+    pub async fn connect_with_events(
+        connect: &ConnectConfig,
+        options: AgentOptions,
+    ) -> Result<(Agent, Events<AgentEvent>), StartError> {
         let open_mode = matches!(connect.auth, Auth::None);
         let config = options.agent_config(open_mode)?;
         let mut connect_config = connect.clone();
@@ -406,11 +427,13 @@ impl Agent {
             events,
             task,
         } = Runner::spawn(machine, executor, inputs);
+        let mut subscribers = Subscribers::new();
+        let first_events = subscribers.subscribe();
         let shared = Arc::new(Mutex::new(Shared {
             joins: HashMap::new(),
             leaves: HashMap::new(),
             sends: HashMap::new(),
-            subscribers: Subscribers::new(),
+            subscribers,
             boot: Vec::new(),
             ready: false,
             closed: false,
@@ -431,6 +454,9 @@ impl Agent {
                 close_grace: options.close_grace,
             }),
         };
+        if !options.wait_ready {
+            return Ok((agent, first_events));
+        }
         let deadline = Instant::now() + options.ready_timeout;
         let started = agent
             .wait_state(deadline, |s| {
@@ -441,7 +467,7 @@ impl Agent {
             let _ = agent.close().await;
             return Err(StartError::NotReady(options.ready_timeout));
         }
-        Ok(agent)
+        Ok((agent, first_events))
     }
 
     /// Waits until `done` holds of the shared state, or `deadline`. True when it holds.

@@ -119,6 +119,22 @@ impl DeliveryDaemon {
         connect: &ConnectConfig,
         config: DeliveryConfig,
     ) -> Result<DeliveryDaemon, StartError> {
+        DeliveryDaemon::start_with_events(connect, config)
+            .await
+            .map(|(daemon, _)| daemon)
+    }
+
+    /// [`DeliveryDaemon::start`], and the daemon's [`DeliveryDaemon::events`] from its very
+    /// first one (its lease acquisition, its first health changes), which a stream asked for
+    /// after the start may miss.
+    ///
+    /// # Errors
+    ///
+    /// As [`DeliveryDaemon::start`].
+    pub async fn start_with_events(
+        connect: &ConnectConfig,
+        config: DeliveryConfig,
+    ) -> Result<(DeliveryDaemon, Events<DeliveryEvent>), StartError> {
         let mut connect_config = connect.clone();
         if connect_config.inbox_prefix.is_none() {
             connect_config.inbox_prefix = AgentId::new(config.daemon_id.as_str())
@@ -141,8 +157,10 @@ impl DeliveryDaemon {
             events,
             task,
         } = Runner::spawn(Delivery::new(config), executor, inputs);
+        let mut subscribers = Subscribers::new();
+        let first_events = subscribers.subscribe();
         let shared = Arc::new(Mutex::new(Shared {
-            subscribers: Subscribers::new(),
+            subscribers,
             released: false,
             lease_lost: false,
             closed: false,
@@ -150,13 +168,14 @@ impl DeliveryDaemon {
         }));
         let (state_tx, state) = watch::channel(0u64);
         tokio::spawn(dispatch(events, task, shared.clone(), state_tx));
-        Ok(DeliveryDaemon {
+        let daemon = DeliveryDaemon {
             handle,
             shared,
             state,
             grace: Duration::from_secs(3),
             id,
-        })
+        };
+        Ok((daemon, first_events))
     }
 
     /// Sets how long [`DeliveryDaemon::shutdown`] waits for the lease release (default 3 s).
