@@ -1,6 +1,6 @@
 //! [`Agent`]: one Cotal agent on its own connection, every request awaited.
 
-use super::{Events, StartError, Subscribers, check_provisioned, lock};
+use super::shared::{Events, StartError, Subscribers, check_provisioned, lock};
 use crate::connect::{Auth, ConnectConfig};
 use crate::exec::{Executor, ExecutorConfig};
 use crate::run::{MachineHandle, Runner, os_key, os_seed};

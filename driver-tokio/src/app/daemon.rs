@@ -1,6 +1,6 @@
 //! [`DeliveryDaemon`]: one shard's delivery daemon on its own connection.
 
-use super::{Events, StartError, Subscribers, check_provisioned, lock};
+use super::shared::{Events, StartError, Subscribers, check_provisioned, lock};
 use crate::connect::ConnectConfig;
 use crate::exec::{Executor, ExecutorConfig};
 use crate::run::{MachineHandle, Runner};
