@@ -1,24 +1,20 @@
 //! [`Agent`]: one Cotal agent on its own connection, every request awaited.
 
+use super::message::{Messages, messages};
+use super::outcome::{AgentClosed, CloseError, JoinError, LeaveError, Left, SendError, Sent};
 use super::shared::{Events, StartError, Subscribers, check_provisioned, lock};
 use crate::connect::{Auth, ConnectConfig};
 use crate::exec::{Executor, ExecutorConfig};
 use crate::run::{MachineHandle, Runner, os_key, os_seed};
 use cotal_core::agent::{
-    Agent as CoreAgent, AgentConfig, AgentError, AgentEvent, AgentHealth, Arrival,
+    Agent as CoreAgent, AgentConfig, AgentError, AgentEvent, AgentHealth,
     JoinError as CoreJoinError, JoinReport, LeaveError as CoreLeaveError, RequestId,
 };
-use cotal_core::ledger::{MessageId, Surfaced};
 use cotal_core::time::Now;
-use cotal_core::wire::message::{CotalMessage, Part, Sender};
-use cotal_core::wire::subject::DeliveryKind;
-use cotal_core::wire::token::{AgentId, Channel, ConcreteChannel, Role, Space};
-use futures::Stream;
-use serde_json::{Value, json};
-use std::collections::{HashMap, VecDeque};
-use std::pin::Pin;
+use cotal_core::wire::message::{Part, Sender};
+use cotal_core::wire::token::{AgentId, Channel, Role, Space};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
@@ -146,153 +142,6 @@ fn invalid(what: &'static str, value: &str, e: impl std::fmt::Display) -> StartE
         value: value.to_owned(),
         reason: e.to_string(),
     }
-}
-
-/// A join that did not happen, or whose outcome is not known.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum JoinError {
-    /// Bad input: not a channel name. Nothing changed.
-    #[error("invalid channel '{channel}': {reason}")]
-    InvalidChannel {
-        /// The name given.
-        channel: String,
-        /// Why it is refused.
-        reason: String,
-    },
-    /// The agent refused it at once (not ready, a join or leave of it in progress, stopped).
-    /// Nothing changed; [`AgentError::NotReady`] is worth a retry shortly.
-    #[error("{0}")]
-    Refused(AgentError),
-    /// The join failed (refused by the broker's ACL, or not confirmed); nothing of it is left
-    /// behind.
-    #[error("{0}")]
-    Failed(CoreJoinError),
-    /// No outcome within the request timeout: the join may still complete (see
-    /// [`Agent::health`] and the [`AgentEvent::Joined`] event).
-    #[error("join outcome unknown: {detail}")]
-    Unknown {
-        /// Why.
-        detail: String,
-    },
-    /// The agent is closed or gone.
-    #[error("the agent is closed")]
-    Closed,
-}
-
-/// How a leave ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Left {
-    /// The membership generation tombstoned, if the channel had a durable membership.
-    pub tombstoned: Option<u64>,
-}
-
-/// A leave that did not happen, or whose outcome is not known.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum LeaveError {
-    /// Bad input: not a channel name. Nothing changed.
-    #[error("invalid channel '{channel}': {reason}")]
-    InvalidChannel {
-        /// The name given.
-        channel: String,
-        /// Why it is refused.
-        reason: String,
-    },
-    /// Refused at once (not joined, busy, not ready, stopped); nothing changed.
-    #[error("{0}")]
-    Refused(AgentError),
-    /// The leave failed; the channel stays joined (retry).
-    #[error("{0}")]
-    Failed(CoreLeaveError),
-    /// The tombstone's outcome is unknown, or no outcome came within the request timeout.
-    #[error("leave outcome unknown: {detail}")]
-    Unknown {
-        /// Why.
-        detail: String,
-    },
-    /// The agent is closed or gone.
-    #[error("the agent is closed")]
-    Closed,
-}
-
-/// A send the stream stored.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Sent {
-    /// The message id (its `Nats-Msg-Id`).
-    pub id: String,
-    /// Its stream sequence (CHAT for a post, DM for a unicast, TASK for an anycast).
-    pub seq: u64,
-    /// The stream had it already (a resend of an id it holds).
-    pub duplicate: bool,
-}
-
-/// A send that did not happen, or whose outcome is not known.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum SendError {
-    /// Bad input: not a valid channel, agent id or role. Nothing was sent.
-    #[error("invalid {what} '{value}': {reason}")]
-    Invalid {
-        /// What the value names.
-        what: &'static str,
-        /// The value given.
-        value: String,
-        /// Why it is refused.
-        reason: String,
-    },
-    /// Refused at once (not connected, a wildcard channel, stopped). Nothing was sent.
-    #[error("{0}")]
-    Refused(AgentError),
-    /// The stream refused it: not stored.
-    #[error("send {id} failed: {detail}")]
-    Failed {
-        /// The message id.
-        id: String,
-        /// Why.
-        detail: String,
-    },
-    /// Stored or not, nobody knows (timeout, connection lost). Sending the same content again
-    /// may post it twice.
-    #[error("send {id} outcome unknown: {detail}")]
-    Unknown {
-        /// The message id.
-        id: String,
-        /// Why.
-        detail: String,
-    },
-    /// The agent is closed or gone.
-    #[error("the agent is closed")]
-    Closed,
-}
-
-/// A message could not be reported handled or declined.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum AckError {
-    /// The agent refused it: the message is not pending (already handled or declined).
-    #[error("{0}")]
-    Refused(AgentError),
-    /// The agent is closed or gone.
-    #[error("the agent is closed")]
-    Closed,
-}
-
-/// The agent is closed or gone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("the agent is closed")]
-pub struct AgentClosed;
-
-/// [`Agent::close`] did not see the agent end.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum CloseError {
-    /// The agent's task did not end within the grace and a margin.
-    #[error("the agent did not stop within {0:?}")]
-    Timeout(Duration),
-    /// The agent's task ended without its machine (it panicked): no final health.
-    #[error("the agent's task failed")]
-    Lost,
 }
 
 type Reply<T> = oneshot::Sender<T>;
@@ -674,39 +523,13 @@ impl Agent {
         }
     }
 
-    /// The surfaced messages, oldest first, each to be acknowledged with [`Message::handled`]
-    /// (or [`Message::decline`]) once the application is done with it: only then is its
+    /// The surfaced messages, oldest first, each to be acknowledged with [`Message::handled`](super::Message::handled)
+    /// (or [`Message::decline`](super::Message::decline)) once the application is done with it: only then is its
     /// durable copy acked. Several streams share the messages (each message goes to one). The
     /// stream ends when the agent closes.
     pub fn messages(&self) -> Messages {
-        let state = MessagesState {
-            handle: self.inner.handle.clone(),
-            ready: self.inner.ready.clone(),
-            buffer: VecDeque::new(),
-        };
-        let stream = futures::stream::unfold(state, |mut st| async move {
-            loop {
-                if let Some(m) = st.buffer.pop_front() {
-                    return Some((m, st));
-                }
-                st.ready.borrow_and_update();
-                let batch = st.handle.take_messages(64).await.ok()?;
-                if batch.is_empty() {
-                    st.ready.changed().await.ok()?;
-                    continue;
-                }
-                let handle = st.handle.clone();
-                st.buffer.extend(batch.into_iter().map(|s| Message {
-                    surfaced: s,
-                    handle: handle.clone(),
-                }));
-            }
-        });
-        Messages {
-            inner: Box::pin(stream),
-        }
+        messages(self.inner.handle.clone(), self.inner.ready.clone())
     }
-
     /// Every event of the agent from now on ([`AgentEvent`]: joins, leaves, sends, losses,
     /// refusals, backstop changes, connection changes …), in order. Ends when the agent closes.
     pub fn events(&self) -> Events<AgentEvent> {
@@ -866,173 +689,4 @@ fn boot_result(s: &mut Shared, channel: &Channel, result: Result<JoinReport, Cor
     if !s.boot.iter().any(|(c, _)| c == channel) {
         s.boot.push((channel.clone(), result));
     }
-}
-
-struct MessagesState {
-    handle: MachineHandle<CoreAgent>,
-    ready: watch::Receiver<u64>,
-    buffer: VecDeque<Message>,
-}
-
-/// The `Stream` of [`Agent::messages`].
-pub struct Messages {
-    inner: Pin<Box<dyn Stream<Item = Message> + Send>>,
-}
-
-impl std::fmt::Debug for Messages {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Messages").finish_non_exhaustive()
-    }
-}
-
-impl Stream for Messages {
-    type Item = Message;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        self.inner.as_mut().poll_next(cx)
-    }
-}
-
-/// One surfaced message: the first copy of its id (live, backfill, DLV, DM or task), deduped.
-/// Acknowledge it with [`Message::handled`] when done; a message neither handled nor declined
-/// stays pending in the agent's ledger (its durable copy unacked).
-#[derive(Clone)]
-pub struct Message {
-    surfaced: Surfaced<Arrival>,
-    handle: MachineHandle<CoreAgent>,
-}
-
-impl std::fmt::Debug for Message {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Message")
-            .field("surfaced", &self.surfaced)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Message {
-    /// The message id.
-    pub fn id(&self) -> &str {
-        &self.surfaced.item.message.id
-    }
-
-    /// The sender's id.
-    pub fn from(&self) -> &str {
-        self.surfaced.item.message.from.id.as_str()
-    }
-
-    /// Its text parts, joined by newlines.
-    pub fn text(&self) -> String {
-        let text: Vec<&str> = self
-            .surfaced
-            .item
-            .message
-            .parts
-            .iter()
-            .filter_map(|p| match p {
-                Part::Text { text, .. } => Some(text.as_str()),
-                _ => None,
-            })
-            .collect();
-        text.join("\n")
-    }
-
-    /// How it was delivered: `channel` (live, backfill, DLV), `dm` or `anycast`.
-    pub fn kind(&self) -> DeliveryKind {
-        self.surfaced.item.kind
-    }
-
-    /// The channel it was posted to (from the subject), for a channel message.
-    pub fn channel(&self) -> Option<&ConcreteChannel> {
-        self.surfaced.item.channel.as_ref()
-    }
-
-    /// The role an anycast was addressed to.
-    pub fn role(&self) -> Option<&Role> {
-        self.surfaced.item.role.as_ref()
-    }
-
-    /// A historical (backfill) copy.
-    pub fn historical(&self) -> bool {
-        self.surfaced.item.historical
-    }
-
-    /// It holds a durable copy, acked by [`Message::handled`].
-    pub fn durable(&self) -> bool {
-        self.surfaced.durable
-    }
-
-    /// It mentions this agent.
-    pub fn mentions_me(&self) -> bool {
-        self.surfaced.item.mentions_me
-    }
-
-    /// The whole message (parts, mentions, sender card …).
-    pub fn message(&self) -> &CotalMessage {
-        &self.surfaced.item.message
-    }
-
-    /// The core's surfaced entry.
-    pub fn surfaced(&self) -> &Surfaced<Arrival> {
-        &self.surfaced
-    }
-
-    /// The JSON line `cotal agent` prints for it: `id`, `from`, `kind`, `channel`, `role`,
-    /// `text`, `historical`, `durable`.
-    pub fn to_json(&self) -> Value {
-        message_json(&self.surfaced)
-    }
-
-    /// Reports it handled: its durable copy, if any, is acked now (a failed ack is counted in
-    /// the health's `settles_unconfirmed`; the server redelivers and the ledger drops the copy).
-    ///
-    /// # Errors
-    ///
-    /// [`AckError::Refused`] when it is not pending (handled or declined already);
-    /// [`AckError::Closed`].
-    pub async fn handled(&self) -> Result<(), AckError> {
-        let id: MessageId = self.surfaced.id.clone();
-        self.handle
-            .call(move |a, now| a.handled(now, &id))
-            .await
-            .map_err(|_| AckError::Closed)?
-            .map_err(AckError::Refused)
-    }
-
-    /// Declines it (muted, out of focus): acked, remembered, not surfaced again.
-    ///
-    /// # Errors
-    ///
-    /// As [`Message::handled`].
-    pub async fn decline(&self) -> Result<(), AckError> {
-        let id: MessageId = self.surfaced.id.clone();
-        self.handle
-            .call(move |a, now| a.decline(now, &id))
-            .await
-            .map_err(|_| AckError::Closed)?
-            .map_err(AckError::Refused)
-    }
-}
-
-/// One surfaced message as the JSON line `cotal agent` prints.
-pub fn message_json(s: &Surfaced<Arrival>) -> Value {
-    let m = &s.item.message;
-    let text: Vec<&str> = m
-        .parts
-        .iter()
-        .filter_map(|p| match p {
-            Part::Text { text, .. } => Some(text.as_str()),
-            _ => None,
-        })
-        .collect();
-    json!({
-        "id": m.id,
-        "from": m.from.id.as_str(),
-        "kind": s.item.kind.as_str(),
-        "channel": s.item.channel.as_ref().map(|c| c.as_str().to_owned()),
-        "role": s.item.role.as_ref().map(|r| r.as_str().to_owned()),
-        "text": text.join("\n"),
-        "historical": s.item.historical,
-        "durable": s.durable,
-    })
 }

@@ -18,11 +18,14 @@
 
 mod agent;
 mod daemon;
+mod message;
+mod outcome;
 mod shared;
 
-pub use agent::{
-    AckError, Agent, AgentClosed, AgentOptions, CloseError, JoinError, LeaveError, Left, Message,
-    Messages, SendError, Sent, message_json,
-};
+pub use agent::{Agent, AgentOptions};
 pub use daemon::{DaemonError, DaemonStatus, DaemonStopped, DeliveryDaemon};
+pub use message::{Message, Messages, message_json};
+pub use outcome::{
+    AckError, AgentClosed, CloseError, JoinError, LeaveError, Left, SendError, Sent,
+};
 pub use shared::{Events, StartError};

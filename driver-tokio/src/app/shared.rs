@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Why an [`Agent`] or a [`DeliveryDaemon`] did not start. Nothing is left running.
+/// Why an [`Agent`](super::Agent) or a [`DeliveryDaemon`](super::DeliveryDaemon) did not start. Nothing is left running.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StartError {
