@@ -289,3 +289,105 @@ async fn two_agents_and_a_daemon_through_the_api() {
     assert!(stopped.lease_released && !stopped.lease_lost, "{stopped:?}");
     assert!(stopped.counters.copies_written >= 2, "{stopped:?}");
 }
+
+/// While the server is down a request resolves at once or within the request timeout, as a
+/// refusal (`NotReady`), a failure or an unknown outcome, never a success and never a hang; once
+/// the agent is back (its `Connected` event) the same calls succeed. A request racing the close
+/// resolves, and every call after it is `Closed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_resolve_while_the_server_is_down_and_after_close() {
+    let Some(mut server) = NatsServer::start() else {
+        return;
+    };
+    let cfg = server.config();
+    provision_open_space(&cfg, SPACE, &["carol"]).await;
+    let mut options = AgentOptions::new(SPACE, "carol")
+        .join("general")
+        .live_only();
+    options.request_timeout = Duration::from_secs(2);
+    let carol = Agent::connect(&cfg, options).await.expect("carol connects");
+    let mut events = carol.events();
+    server.kill();
+    let started = tokio::time::Instant::now();
+    let err = carol
+        .send("general", "into the void")
+        .await
+        .expect_err("down");
+    // Refused before it left (NotReady), failed by the executor (not connected: nothing was
+    // published), or unknown (published into a dying connection).
+    assert!(
+        matches!(
+            err,
+            SendError::Refused(AgentError::NotReady)
+                | SendError::Failed { .. }
+                | SendError::Unknown { .. }
+        ),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(4), "{err}");
+    // Disconnected: refused at once, nothing changed.
+    tokio::time::timeout(WAIT, async {
+        while let Some(e) = events.next().await {
+            if e == AgentEvent::Disconnected {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("disconnected event");
+    let err = carol.join("other").await.expect_err("down");
+    assert!(
+        matches!(err, JoinError::Refused(AgentError::NotReady)),
+        "{err}"
+    );
+    let err = carol.send_dm("carol", "x").await.expect_err("down");
+    assert!(
+        matches!(err, SendError::Refused(AgentError::NotReady)),
+        "{err}"
+    );
+    let health = carol.health().await.expect("health");
+    assert!(!health.ready, "{health:?}");
+    // Back: the same calls succeed.
+    server.restart();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(e) = events.next().await {
+            if let AgentEvent::Connected { first: false } = e {
+                return;
+            }
+        }
+    })
+    .await
+    .expect("connected again");
+    let sent = carol
+        .send("general", "back")
+        .await
+        .expect("send after reconnect");
+    assert!(sent.seq > 0, "{sent:?}");
+    let report = carol.join("other").await.expect("join after reconnect");
+    assert!(report.joined, "{report:?}");
+    // A request racing the close resolves (closed, or done before it), and after it every
+    // call is refused as closed.
+    let racing = tokio::spawn({
+        let carol = carol.clone();
+        async move { carol.send("general", "racing the close").await }
+    });
+    carol.close().await.expect("close");
+    let raced = tokio::time::timeout(WAIT, racing)
+        .await
+        .expect("the racing send resolved")
+        .expect("task");
+    assert!(
+        matches!(
+            raced,
+            Ok(_)
+                | Err(SendError::Closed
+                    | SendError::Unknown { .. }
+                    | SendError::Refused(AgentError::Stopped))
+        ),
+        "{raced:?}"
+    );
+    assert!(matches!(
+        carol.leave("general").await,
+        Err(LeaveError::Closed)
+    ));
+}
