@@ -7,12 +7,14 @@ mod common;
 use common::{NatsServer, WAIT, provision_open_space};
 use cotal_core::agent::{AgentError, AgentEvent, BackstopState};
 use cotal_core::delivery::daemon::DeliveryConfig;
+use cotal_core::wire::message::Part;
 use cotal_core::wire::shard::ShardMap;
 use cotal_core::wire::subject::DeliveryKind;
 use cotal_core::wire::token::Space;
+use cotal_driver_tokio::app::To;
 use cotal_driver_tokio::{
     AckError, Agent, AgentOptions, DeliveryDaemon, JoinError, LeaveError, Message, Messages,
-    SendError, StartError,
+    SendError, Sent, StartError,
 };
 use futures::StreamExt;
 use std::time::Duration;
@@ -125,6 +127,24 @@ async fn two_agents_and_a_daemon_through_the_api() {
         .await
         .expect("send");
     assert!(sent.seq > 0 && !sent.duplicate, "{sent:?}");
+    // A resend under the same id (what an unknown outcome calls for) is stored once: the
+    // stream answers with the first copy's sequence, marked duplicate.
+    let again = alice
+        .resend(
+            To::Channel("general".to_owned()),
+            vec![Part::text("hello from alice")],
+            &sent.id,
+        )
+        .await
+        .expect("resend");
+    assert_eq!(
+        again,
+        Sent {
+            id: sent.id.clone(),
+            seq: sent.seq,
+            duplicate: true
+        }
+    );
     let m = next(&mut bob_messages, "hello").await;
     assert_eq!(m.id(), sent.id);
     assert_eq!(m.text(), "hello from alice");

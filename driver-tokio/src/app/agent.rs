@@ -183,6 +183,17 @@ impl Drop for Inner {
     }
 }
 
+/// Where a [`Agent::resend`] goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum To {
+    /// A post to this concrete channel.
+    Channel(String),
+    /// A DM to this agent.
+    Agent(String),
+    /// A task for this role.
+    Role(String),
+}
+
 /// A running Cotal agent: cheap to clone, every clone the same agent.
 ///
 /// ```no_run
@@ -493,6 +504,45 @@ impl Agent {
         let parts = vec![Part::text(text.into())];
         self.publish(move |a, now| a.send_anycast(now, &role, parts))
             .await
+    }
+
+    /// Sends `parts` to `to` once more under the id `id` of an earlier send: after
+    /// [`SendError::Unknown`], this is how to make sure it is stored exactly once (the stream's
+    /// duplicate window drops a second copy and the answer says `duplicate: true`).
+    ///
+    /// # Errors
+    ///
+    /// As [`Agent::send`].
+    pub async fn resend(&self, to: To, parts: Vec<Part>, id: &str) -> Result<Sent, SendError> {
+        let id = id.to_owned();
+        match to {
+            To::Channel(channel) => {
+                let ch = Channel::new(channel.as_str())
+                    .map_err(|e| send_invalid("channel", &channel, e))?;
+                self.publish(move |a, now| {
+                    a.send_with_id(now, &ch, parts, &[], id.clone())
+                        .map(|r| (r, id))
+                })
+                .await
+            }
+            To::Agent(agent) => {
+                let to = AgentId::new(agent.as_str())
+                    .map_err(|e| send_invalid("agent id", &agent, e))?;
+                self.publish(move |a, now| {
+                    a.send_dm_with_id(now, &to, parts, id.clone())
+                        .map(|r| (r, id))
+                })
+                .await
+            }
+            To::Role(role) => {
+                let r = Role::new(role.as_str()).map_err(|e| send_invalid("role", &role, e))?;
+                self.publish(move |a, now| {
+                    a.send_anycast_with_id(now, &r, parts, id.clone())
+                        .map(|req| (req, id))
+                })
+                .await
+            }
+        }
     }
 
     async fn publish<F>(&self, send: F) -> Result<Sent, SendError>

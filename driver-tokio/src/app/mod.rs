@@ -22,7 +22,7 @@ mod message;
 mod outcome;
 mod shared;
 
-pub use agent::{Agent, AgentOptions};
+pub use agent::{Agent, AgentOptions, To};
 pub use daemon::{DaemonError, DaemonStatus, DaemonStopped, DeliveryDaemon};
 pub use message::{Message, Messages, message_json};
 pub use outcome::{

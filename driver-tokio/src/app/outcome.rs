@@ -107,8 +107,9 @@ pub enum SendError {
         /// Why.
         detail: String,
     },
-    /// Stored or not, nobody knows (timeout, connection lost). Sending the same content again
-    /// may post it twice.
+    /// Stored or not, nobody knows (timeout, connection lost). Send it again with
+    /// [`Agent::resend`](super::Agent::resend) and this id: stored once either way (a plain
+    /// send again would post it twice).
     #[error("send {id} outcome unknown: {detail}")]
     Unknown {
         /// The message id.
