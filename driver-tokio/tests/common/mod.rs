@@ -495,3 +495,46 @@ impl Drop for Proc {
         }
     }
 }
+
+/// An open space as `cotal up --space SPACE --default-class durable` and `cotal provision agent
+/// --id ID --read '>' --apply` for each of `agents` leave it (each agent's ACL record; in open
+/// mode the agents create their own consumers).
+pub async fn provision_open_space(cfg: &ConnectConfig, space: &str, agents: &[&str]) {
+    use cotal_core::policy::DeliveryClass;
+    use cotal_core::time::UnixMillis;
+    use cotal_core::wire::keys::{KvBucket, acl_key};
+    use cotal_core::wire::records::AclRecord;
+    use cotal_core::wire::token::{AgentId, Space};
+    use cotal_driver_tokio::provision::{ensure_default_class, provision_space};
+    let space = Space::new(space).expect("space");
+    let conn = connect(cfg).await.expect("connect");
+    let report = provision_space(&conn.client, &space, Duration::from_secs(5)).await;
+    assert_eq!(report.failed(), 0, "{report:?}");
+    ensure_default_class(
+        &conn.client,
+        &space,
+        DeliveryClass::Durable,
+        Duration::from_secs(5),
+    )
+    .await
+    .expect("default class");
+    let js = async_nats::jetstream::new(conn.client.clone());
+    let acl = js
+        .get_key_value(KvBucket::Acl.name(&space))
+        .await
+        .expect("acl bucket");
+    for agent in agents {
+        let record = AclRecord {
+            allow_subscribe: vec![">".to_owned()],
+            revision: 1,
+            updated_at: UnixMillis(1),
+            extra: Default::default(),
+        };
+        acl.put(
+            acl_key(&AgentId::new(*agent).expect("id")),
+            bytes::Bytes::from(serde_json::to_vec(&record).expect("encode")),
+        )
+        .await
+        .expect("put acl");
+    }
+}

@@ -5,28 +5,31 @@ use crate::{NatsArgs, fail};
 use bytes::Bytes;
 use clap::Args;
 use cotal_core::acl::subject_matches;
-use cotal_core::agent::{Agent, AgentConfig, AgentEvent, Arrival};
+use cotal_core::agent::{Agent, AgentConfig, AgentEvent};
 use cotal_core::constants::LEASE_TTL;
-use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryEvent, DeliveryHealth};
+use cotal_core::delivery::daemon::{DeliveryConfig, DeliveryEvent, DeliveryHealth};
 use cotal_core::delivery::lease::{
     HEALTH_FIELD, LeaseEvent, LeaseHealth, ORPHANS_FIELD, judge_health,
 };
 use cotal_core::delivery::revoke::SweepEvent;
-use cotal_core::ledger::Surfaced;
 use cotal_core::policy::{ChannelRegistry, DeliveryClass};
 use cotal_core::wire::config::SpaceStream;
 use cotal_core::wire::keys::KvBucket;
-use cotal_core::wire::message::{Part, Sender};
+use cotal_core::wire::message::Sender;
 use cotal_core::wire::permissions::{
     delivery_backlog_grants, delivery_loss_grants, delivery_revocation_grants,
 };
 use cotal_core::wire::records::{DeliveryLease, MembershipRecord};
 use cotal_core::wire::shard::ShardMap;
 use cotal_core::wire::token::{AgentId, Channel, Role, Space};
-use cotal_driver_tokio::connect::{Auth, ConnectConfig, NatsConnection, connect};
+use cotal_driver_tokio::app::{
+    Agent as AppAgent, AgentOptions, DeliveryDaemon, JoinError, LeaveError, SendError,
+    Sent as AppSent,
+};
+use cotal_driver_tokio::connect::{ConnectConfig, NatsConnection, connect};
 use cotal_driver_tokio::exec::{Executor, ExecutorConfig};
-use cotal_driver_tokio::run::{AgentCallError, MachineHandle, Runner, os_key, os_seed, wall_clock};
-use futures::StreamExt;
+use cotal_driver_tokio::run::{Runner, os_key, os_seed, wall_clock};
+use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -243,22 +246,13 @@ async fn run_delivery(args: DeliveryArgs, id: Option<AgentId>) -> Result<ExitCod
     let mut config = args.nats.config_as(Some(&id))?;
     let id = id.as_str().to_owned();
     config.name = Some(format!("cotal-delivery-{id}"));
-    let conn = connect_with(&config).await?;
-    check_provisioned(&conn, &space, config.request_timeout).await?;
     let mut delivery_config = DeliveryConfig::new(space.clone(), shard, id.clone());
     delivery_config.orphan_retention = args.orphan_retention;
     delivery_config.reap_orphans = args.reap_orphans;
-    let machine = Delivery::new(delivery_config);
-    let exec_config = ExecutorConfig {
-        api_timeout: config.request_timeout,
-        ..ExecutorConfig::default()
-    };
-    let (executor, inputs) = Executor::start(conn, exec_config);
-    let Runner {
-        handle,
-        mut events,
-        task,
-    } = Runner::spawn(machine, executor, inputs);
+    let (daemon, mut events) = DeliveryDaemon::start_with_events(&config, delivery_config)
+        .await
+        .map_err(|e| e.to_string())?;
+    let daemon = daemon.with_grace(STOP_GRACE);
     tracing::info!(
         target: "cotal",
         "delivery {id}: space {}, shard {} of {}",
@@ -276,7 +270,7 @@ async fn run_delivery(args: DeliveryArgs, id: Option<AgentId>) -> Result<ExitCod
                 tracing::info!(target: "cotal", "signal: shutting down (releasing the lease)");
                 break;
             }
-            event = events.recv() => match event {
+            event = events.next() => match event {
                 Some(event) => {
                     if let Some(reason) = report.event(&event) {
                         failure = Some(reason);
@@ -290,13 +284,13 @@ async fn run_delivery(args: DeliveryArgs, id: Option<AgentId>) -> Result<ExitCod
             },
         }
     }
-    let _ = handle.shutdown(STOP_GRACE);
-    // The runner answers the release within the grace; drain what it reported meanwhile.
-    let machine = task.await.map_err(|e| format!("daemon task failed: {e}"))?;
-    while let Ok(event) = events.try_recv() {
+    // The runner answers the release within the grace; then report what it said meanwhile.
+    let stopped = daemon.shutdown().await;
+    while let Some(Some(event)) = events.next().now_or_never() {
         let _ = report.event(&event);
     }
-    let counters = machine.counters();
+    let stopped = stopped.map_err(|e| format!("daemon task failed: {e}"))?;
+    let counters = &stopped.counters;
     tracing::info!(
         target: "cotal",
         "stopped: {} copies written, {} transferred, {} lost, {} dropped",
@@ -546,62 +540,78 @@ async fn start_agent(
 
 async fn run_agent(args: AgentArgs, id: AgentId) -> Result<ExitCode, String> {
     let space = space_of(&args.space)?;
-    let mut me = sender_of(id, args.name.as_deref());
-    let roles = args
-        .role
-        .iter()
-        .filter(|r| !r.is_empty())
-        .map(|r| role_of(r))
-        .collect::<Result<Vec<_>, _>>()?;
-    me.role = roles.first().map(|r| r.as_str().to_owned());
     let channels = args
         .join
         .iter()
         .filter(|c| !c.is_empty())
         .map(|c| channel_of(c))
         .collect::<Result<Vec<_>, _>>()?;
-    let open_mode = matches!(args.nats.config()?.auth, Auth::None);
-    let mut config = AgentConfig::new(space, me, channels.clone(), os_seed());
-    config.durable_backstop = !args.live_only;
-    config.create_dlv_consumer = args.create_dlv_consumer.unwrap_or(open_mode);
-    config.unicast = true;
-    config.roles = roles;
-    config.create_direct_consumers = args.create_dlv_consumer.unwrap_or(open_mode);
-    let (runner, _) = start_agent(&args.nats, config).await?;
-    let Runner {
-        handle,
-        mut events,
-        task,
-    } = runner;
-    let mut lines = stdin_lines();
+    let mut options = AgentOptions::new(space.as_str(), id.as_str());
+    options.name = args.name.clone();
+    options.channels = channels.iter().map(|c| c.as_str().to_owned()).collect();
+    options.roles = args
+        .role
+        .iter()
+        .filter(|r| !r.is_empty())
+        .cloned()
+        .collect();
+    for role in &options.roles {
+        role_of(role)?;
+    }
+    options.durable_backstop = !args.live_only;
+    options.create_consumers = args.create_dlv_consumer;
+    options.close_grace = STOP_GRACE;
+    // The agent prints its own `connected` line and refuses a request made before it with
+    // "reconnecting": no wait (and no time limit) for it to be ready.
+    options.wait_ready = false;
+    let mut connect_config = args.nats.config()?;
+    connect_config.inbox_prefix = Some(id.inbox_prefix());
+    connect_config.name = Some(format!("cotal-agent-{}", id.as_str()));
+    let (agent, mut events) = AppAgent::connect_with_events(&connect_config, options)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut messages = agent.messages();
+    // Stdin lines are run one after the other, in order, each to its outcome; the loop below
+    // keeps printing meanwhile. The task ends when stdin does and its last line is done.
+    let mut lines = tokio::spawn({
+        let agent = agent.clone();
+        let mut stdin = stdin_lines();
+        async move {
+            while let Some(line) = stdin.recv().await {
+                agent_line(&agent, &channels, &line).await;
+            }
+        }
+    });
     let signal = terminate_signal();
     tokio::pin!(signal);
-    let mut stdin_open = true;
     loop {
         tokio::select! {
             () = &mut signal => break,
-            event = events.recv() => match event {
-                Some(AgentEvent::MessagesReady { .. }) => surface(&handle).await,
+            _ = &mut lines => break,
+            event = events.next() => match event {
+                Some(AgentEvent::MessagesReady { .. }) => {}
                 Some(event) => print_agent_event(&event),
                 None => return Err("the agent's runner stopped".to_owned()),
             },
-            line = lines.recv(), if stdin_open => match line {
-                Some(line) => agent_line(&handle, &channels, &line).await,
-                None => stdin_open = false,
+            message = messages.next() => match message {
+                Some(m) => {
+                    println!("{}", m.to_json());
+                    if let Err(e) = m.handled().await {
+                        eprintln_line(&format!("cannot report {} handled: {e}", m.id()));
+                    }
+                }
+                None => return Err("the agent's runner stopped".to_owned()),
             },
         }
-        if !stdin_open {
-            break;
-        }
     }
+    lines.abort();
     // Print what already arrived, then stop (offline presence) and wait for it.
-    while let Ok(event) = events.try_recv() {
+    while let Some(Some(event)) = events.next().now_or_never() {
         if !matches!(event, AgentEvent::MessagesReady { .. }) {
             print_agent_event(&event);
         }
     }
-    let _ = handle.stop(STOP_GRACE);
-    let _ = task.await;
+    let _ = agent.close().await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -619,47 +629,6 @@ fn stdin_lines() -> tokio::sync::mpsc::UnboundedReceiver<String> {
         }
     });
     rx
-}
-
-/// Takes every queued message, prints each as one JSON line, and reports it handled.
-async fn surface(handle: &MachineHandle<Agent>) {
-    loop {
-        let Ok(batch) = handle.take_messages(64).await else {
-            return;
-        };
-        if batch.is_empty() {
-            return;
-        }
-        for s in batch {
-            println!("{}", message_line(&s));
-            if let Err(e) = handle.handled(s.id.clone()).await {
-                eprintln_line(&format!("cannot report {} handled: {e}", s.id.as_str()));
-            }
-        }
-    }
-}
-
-/// One surfaced message as the JSON line `cotal agent` prints.
-pub(crate) fn message_line(s: &Surfaced<Arrival>) -> Value {
-    let m = &s.item.message;
-    let text: Vec<&str> = m
-        .parts
-        .iter()
-        .filter_map(|p| match p {
-            Part::Text { text, .. } => Some(text.as_str()),
-            _ => None,
-        })
-        .collect();
-    json!({
-        "id": m.id,
-        "from": m.from.id.as_str(),
-        "kind": s.item.kind.as_str(),
-        "channel": s.item.channel.as_ref().map(|c| c.as_str().to_owned()),
-        "role": s.item.role.as_ref().map(|r| r.as_str().to_owned()),
-        "text": text.join("\n"),
-        "historical": s.item.historical,
-        "durable": s.durable,
-    })
 }
 
 #[allow(clippy::print_stderr)]
@@ -850,37 +819,30 @@ fn print_agent_event(event: &AgentEvent) {
     println!("{line}");
 }
 
-/// One stdin line: a command or a post to the first joined channel.
-async fn agent_line(handle: &MachineHandle<Agent>, boot: &[Channel], line: &str) {
+/// One stdin line: a command or a post to the first joined channel. A refusal is printed here;
+/// an outcome (joined, sent, failed …) comes as the agent's event line.
+async fn agent_line(agent: &AppAgent, boot: &[Channel], line: &str) {
     let line = line.trim();
     if line.is_empty() {
         return;
     }
     let result = match parse_line(line) {
         Err(e) => Err(e),
-        Ok(Line::Join(ch)) => handle.join(ch).await.map(drop).map_err(call_error),
-        Ok(Line::Leave(ch)) => handle.leave(ch).await.map(drop).map_err(call_error),
-        Ok(Line::Send(ch, text)) => handle
-            .send_text(ch, text)
-            .await
-            .map(drop)
-            .map_err(call_error),
-        Ok(Line::Dm(to, text)) => handle
-            .send_dm_text(to, text)
-            .await
-            .map(drop)
-            .map_err(call_error),
-        Ok(Line::Anycast(role, text)) => handle
-            .send_anycast_text(role, text)
-            .await
-            .map(drop)
-            .map_err(call_error),
-        Ok(Line::Post(text)) => match first_joined(handle, boot).await {
-            Some(ch) => handle
-                .send_text(ch, text)
-                .await
-                .map(drop)
-                .map_err(call_error),
+        Ok(Line::Join(ch)) => match agent.join(ch.as_str()).await {
+            Err(JoinError::Refused(e)) => Err(e.to_string()),
+            Err(e @ (JoinError::InvalidChannel { .. } | JoinError::Closed)) => Err(e.to_string()),
+            _ => Ok(()),
+        },
+        Ok(Line::Leave(ch)) => match agent.leave(ch.as_str()).await {
+            Err(LeaveError::Refused(e)) => Err(e.to_string()),
+            Err(e @ (LeaveError::InvalidChannel { .. } | LeaveError::Closed)) => Err(e.to_string()),
+            _ => Ok(()),
+        },
+        Ok(Line::Send(ch, text)) => sent(agent.send(ch.as_str(), text).await),
+        Ok(Line::Dm(to, text)) => sent(agent.send_dm(to.as_str(), text).await),
+        Ok(Line::Anycast(role, text)) => sent(agent.send_anycast(role.as_str(), text).await),
+        Ok(Line::Post(text)) => match first_joined(agent, boot).await {
+            Some(ch) => sent(agent.send(ch.as_str(), text).await),
             None => Err("no joined channel to post to (use /join CH or /send CH text)".into()),
         },
     };
@@ -889,13 +851,25 @@ async fn agent_line(handle: &MachineHandle<Agent>, boot: &[Channel], line: &str)
     }
 }
 
-fn call_error(e: AgentCallError) -> String {
-    e.to_string()
+/// A send's refusal as an error line; its outcome is the `sent` / `send_failed` event line.
+fn sent(result: Result<AppSent, SendError>) -> Result<(), String> {
+    match result {
+        Err(SendError::Refused(e)) => Err(e.to_string()),
+        Err(e @ (SendError::Invalid { .. } | SendError::Closed)) => Err(e.to_string()),
+        _ => Ok(()),
+    }
 }
 
 /// The first of the `--join` channels still joined, else the first joined channel.
-async fn first_joined(handle: &MachineHandle<Agent>, boot: &[Channel]) -> Option<Channel> {
-    let joined = handle.call(|a, _| a.joined()).await.ok()?;
+async fn first_joined(agent: &AppAgent, boot: &[Channel]) -> Option<Channel> {
+    let joined: Vec<Channel> = agent
+        .health()
+        .await
+        .ok()?
+        .channels
+        .into_iter()
+        .map(|c| c.channel)
+        .collect();
     boot.iter()
         .find(|c| joined.contains(c) && c.is_concrete())
         .or_else(|| joined.iter().find(|c| c.is_concrete()))
@@ -1023,7 +997,7 @@ async fn run_send(args: SendArgs, id: AgentId) -> Result<ExitCode, String> {
         SendRoute::Dm(to) => handle.send_dm_text(to, text).await,
         SendRoute::Anycast(role) => handle.send_anycast_text(role, text).await,
     }
-    .map_err(call_error)?;
+    .map_err(|e| e.to_string())?;
     let outcome = tokio::time::timeout(wait, async {
         while let Some(event) = events.recv().await {
             match event {
