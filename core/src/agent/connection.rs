@@ -1,0 +1,175 @@
+//! Connection life: loss, restore, the channel registry watch, presence heartbeats.
+
+use super::*;
+
+impl Agent {
+    pub(super) fn on_connection(&mut self, now: Now, change: Connection) {
+        match change {
+            Connection::Lost => self.on_lost(),
+            Connection::Restored => self.on_restored(now),
+        }
+    }
+
+    pub(super) fn on_lost(&mut self) {
+        if self.link == Link::Down {
+            return;
+        }
+        bump(&mut self.counters.connection_losses);
+        self.link = Link::Down;
+        self.feeds.clear();
+        self.dlv = None;
+        self.dlv_bound = false;
+        for feed in self.direct.values_mut() {
+            feed.sub = None;
+            feed.bound = false;
+        }
+        self.registry_feed = None;
+        self.registry = ChannelRegistry::default();
+        self.timers.cancel(&Timer::Heartbeat);
+        // The audit in flight is moot (its answer is ignored); the next ready connection audits.
+        self.timers.cancel(&Timer::Audit);
+        self.audit_in_flight = None;
+        self.timers.cancel(&Timer::Losses);
+        // In-flight joins fail closed; joined channels lose their subscription.
+        let names: Vec<Channel> = self.channels.keys().cloned().collect();
+        for name in names {
+            let Some(entry) = self.channels.get_mut(&name) else {
+                continue;
+            };
+            entry.sub = None;
+            entry.backfill_next = None;
+            if entry.phase != Phase::Joined {
+                let request = entry.join.as_ref().and_then(|j| j.request);
+                self.channels.remove(&name);
+                self.events.push_back(AgentEvent::JoinFailed {
+                    request,
+                    channel: name,
+                    error: JoinError::Unconfirmed {
+                        detail: "connection lost".into(),
+                    },
+                });
+                continue;
+            }
+            entry.resubscribe = false;
+            if entry.join.as_ref().is_some_and(|j| !j.started) {
+                // Committed before the registry ever loaded (a boot join): its backfill and
+                // durable step have not begun. Keep them for the next ready connection, which
+                // re-subscribes first; the join is reported then, with its original watermark.
+                continue;
+            }
+            if let Some(join) = entry.join.take() {
+                // Committed already: report what we have.
+                let mut report = join.report;
+                if join.backfill_pending && report.reason.is_none() {
+                    report.reason = Some("backfill interrupted: connection lost".into());
+                }
+                self.events.push_back(AgentEvent::Joined {
+                    request: join.request,
+                    channel: name,
+                    report,
+                });
+            }
+        }
+        self.events.push_back(AgentEvent::Disconnected);
+    }
+
+    pub(super) fn on_restored(&mut self, now: Now) {
+        if self.stopped {
+            return;
+        }
+        if self.link != Link::Down {
+            // A restore without a loss: treat as loss + restore (feeds may be gone).
+            self.on_lost();
+        }
+        self.link = Link::Loading;
+        self.registry_attempts = 0;
+        self.timers.cancel(&Timer::RegistryWatch);
+        self.watch_registry();
+        if self.config.durable_backstop {
+            self.dlv_attempts = 0;
+            self.timers.cancel(&Timer::DlvBind);
+            self.bind_dlv();
+        }
+        // The direct consumers are bound at every connect, first or not, and a failed bind is
+        // retried (the reference binds DLV once, G20; we treat DM and TASK the same way as DLV).
+        let directs: Vec<Direct> = self.direct.keys().copied().collect();
+        for d in directs {
+            self.timers.cancel(&Timer::DirectBind(d));
+            if let Some(feed) = self.direct.get_mut(&d) {
+                feed.attempts = 0;
+            }
+            self.bind_direct(d);
+        }
+        // Every channel still held was committed on an earlier connection: re-subscribe it. This
+        // includes a boot channel committed before a loss that came before the registry ever
+        // loaded, so "first connect" is not "nothing to re-subscribe" (found by the simulator,
+        // seed 1979: such a channel stayed joined with no subscription).
+        let names: Vec<Channel> = self.channels.keys().cloned().collect();
+        for name in names {
+            self.resubscribe(&name);
+        }
+        if self.first_connect {
+            let boot: Vec<Channel> = self.config.channels.clone();
+            for channel in boot {
+                if !self.channels.contains_key(&channel) {
+                    self.start_join(channel, None);
+                }
+            }
+        }
+        if let Some(every) = self.config.heartbeat {
+            self.heartbeat(now);
+            self.timers.set(Timer::Heartbeat, now.at + every);
+        }
+    }
+
+    /// Opens the channel registry watch; the endpoint is ready once its initial values loaded.
+    pub(super) fn watch_registry(&mut self) {
+        let sub = self.subs.next_id();
+        self.feeds.insert(sub, Feed::Registry);
+        self.registry_feed = Some(sub);
+        let op = self.op(Pending::RegistryWatch);
+        self.commands.push_back(Command::KvWatch {
+            op,
+            sub,
+            bucket: KvBucket::Channels.name(&self.config.space),
+            filter: ">".into(),
+        });
+    }
+
+    pub(super) fn on_registry_loaded(&mut self) {
+        if self.link != Link::Loading {
+            return;
+        }
+        self.link = Link::Ready;
+        let first = self.first_connect;
+        self.first_connect = false;
+        self.events.push_back(AgentEvent::Connected { first });
+        self.read_losses();
+        let names: Vec<Channel> = self.channels.keys().cloned().collect();
+        for name in names {
+            self.maybe_start_post_commit(&name);
+        }
+        self.start_audit();
+    }
+
+    pub(super) fn heartbeat(&mut self, now: Now) {
+        let record = self.presence(now, PresenceStatus::Idle);
+        let op = self.op(Pending::Presence);
+        self.commands.push_back(Command::KvPut {
+            op,
+            bucket: KvBucket::Presence.name(&self.config.space),
+            key: self.config.me.id.as_str().to_owned(),
+            value: json::encode(&record),
+            condition: KvCondition::Any,
+        });
+    }
+
+    pub(super) fn on_registry_change(&mut self, entry: crate::io::KvEntry) {
+        let value = match entry.operation {
+            KvOperation::Put => Some(entry.value.as_ref()),
+            KvOperation::Delete | KvOperation::Purge => None,
+        };
+        // A key that is neither `=defaults` nor a concrete channel is not ours to judge.
+        let _ = self.registry.apply(&entry.key, value);
+    }
+}

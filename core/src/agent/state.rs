@@ -1,0 +1,216 @@
+//! The agent's internal vocabulary: channel entries, pending operations, timers, feeds.
+
+use super::*;
+
+// ---------------------------------------------------------------------------------------------
+// Internal state
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Phase {
+    Arming,
+    Subscribing,
+    Confirming,
+    Joined,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct JoinProgress {
+    pub(super) request: Option<RequestId>,
+    /// Decided after the commit, once the registry is loaded.
+    pub(super) started: bool,
+    pub(super) backfill_pending: bool,
+    pub(super) durable_pending: bool,
+    pub(super) report: JoinReport,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct ChannelEntry {
+    pub(super) channel: Channel,
+    pub(super) phase: Phase,
+    /// Distinguishes this subscribe attempt from earlier ones (stale completions are ignored).
+    pub(super) epoch: u64,
+    pub(super) sub: Option<SubId>,
+    pub(super) watermark: Option<u64>,
+    pub(super) refused: Option<String>,
+    /// A join (or re-confirm after reconnect) in progress.
+    pub(super) join: Option<JoinProgress>,
+    /// Whether a re-subscribe after reconnect is being confirmed (no report).
+    pub(super) resubscribe: bool,
+    pub(super) backstop: BackstopState,
+    /// A leave in progress.
+    pub(super) leave: Option<RequestId>,
+    /// A backfill page read in flight.
+    pub(super) backfill_next: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Pending {
+    RegistryWatch,
+    DlvConsume,
+    DirectConsume {
+        direct: Direct,
+        sub: SubId,
+    },
+    Presence,
+    Arm {
+        channel: Channel,
+        epoch: u64,
+    },
+    Subscribe {
+        channel: Channel,
+        epoch: u64,
+    },
+    Barrier {
+        channel: Channel,
+        epoch: u64,
+    },
+    Backfill {
+        channel: Channel,
+        epoch: u64,
+        until: u64,
+    },
+    DurableJoin {
+        channel: ConcreteChannel,
+        cursor: Option<u64>,
+    },
+    ListForLeave {
+        channel: Channel,
+    },
+    ListForClose {
+        channel: ConcreteChannel,
+    },
+    ListForAudit {
+        audit: u64,
+    },
+    DurableLeave {
+        channel: ConcreteChannel,
+        generation: u64,
+    },
+    Settle,
+    Send {
+        request: RequestId,
+        id: String,
+        /// For a send whose id we drew (not a caller-chosen resend): what to republish under a
+        /// new id if the stream answers `duplicate: true`.
+        fresh: Option<Box<FreshSend>>,
+    },
+    /// A read of our loss record.
+    Losses,
+}
+
+/// A fresh send kept until its PubAck, to republish under a new id on an id collision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct FreshSend {
+    pub(super) subject: String,
+    pub(super) msg: CotalMessage,
+    pub(super) collisions: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Timer {
+    Heartbeat,
+    /// Read our loss record again.
+    Losses,
+    DlvBind,
+    DirectBind(Direct),
+    RegistryWatch,
+    Reconcile(u64),
+    Close(u64),
+    Audit,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Feed {
+    Registry,
+    Dlv,
+    Direct(Direct),
+    Chat(u64),
+}
+
+/// A direct (JetStream, acked) consumer: the unicast inbox or one role's task queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Direct {
+    /// `dm_<id>` on DM.
+    Dm,
+    /// `svc_<role>` on TASK; the index into [`AgentConfig::roles`].
+    Svc(usize),
+}
+
+/// The binding state of one direct consumer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct DirectFeed {
+    pub(super) sub: Option<SubId>,
+    pub(super) bound: bool,
+    pub(super) attempts: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Link {
+    Down,
+    /// Connected; the registry watch has not loaded yet.
+    Loading,
+    Ready,
+}
+
+pub(super) fn bump(c: &mut u64) {
+    *c = c.saturating_add(1);
+}
+
+pub(super) struct DlvDelivery {
+    pub(super) delivery: DeliveryId,
+    pub(super) stream_seq: u64,
+    pub(super) delivery_count: u64,
+    pub(super) subject: String,
+    pub(super) payload: Bytes,
+}
+
+pub(super) fn control_reply(outcome: Outcome<Reply>) -> Result<ControlReply, String> {
+    match outcome {
+        Outcome::Success(Reply::Response(r)) => {
+            let reply: ControlReply =
+                json::decode(&r.payload).map_err(|e| format!("malformed reply: {e}"))?;
+            if reply.ok {
+                Ok(reply)
+            } else {
+                Err(reply.error.unwrap_or_else(|| "request rejected".to_owned()))
+            }
+        }
+        Outcome::Success(other) => Err(format!("unexpected reply {other:?}")),
+        Outcome::Failed(f) => Err(f.to_string()),
+        Outcome::Unknown => Err(OUTCOME_UNKNOWN.into()),
+    }
+}
+
+/// The error text of a control request whose outcome is unknown.
+pub(super) const OUTCOME_UNKNOWN: &str = "outcome unknown";
+
+pub(super) fn decode_join_reply(outcome: Outcome<Reply>) -> Result<DurableJoinReply, String> {
+    let reply = control_reply(outcome)?;
+    reply
+        .data_as::<DurableJoinReply>()
+        .map_err(|e| format!("malformed durableJoin reply: {e}"))?
+        .ok_or_else(|| "durableJoin reply without data".to_owned())
+}
+
+pub(super) fn decode_list_reply(outcome: Outcome<Reply>) -> Result<ListMembershipsReply, String> {
+    let reply = control_reply(outcome)?;
+    reply
+        .data_as::<ListMembershipsReply>()
+        .map_err(|e| format!("malformed listMemberships reply: {e}"))?
+        .ok_or_else(|| "listMemberships reply without data".to_owned())
+}
+
+pub(super) fn decode_leave_reply(outcome: Outcome<Reply>) -> Result<(), (LeaveError, String)> {
+    let unknown = matches!(outcome, Outcome::Unknown);
+    match control_reply(outcome) {
+        Ok(_) => Ok(()),
+        Err(detail) if unknown => Err((LeaveError::TombstoneUnknown, detail)),
+        Err(detail) => Err((
+            LeaveError::TombstoneFailed {
+                detail: detail.clone(),
+            },
+            detail,
+        )),
+    }
+}
