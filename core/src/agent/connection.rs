@@ -11,11 +11,11 @@ impl Agent {
     }
 
     pub(super) fn on_lost(&mut self) {
-        if self.link == Link::Down {
+        if self.cx.link == Link::Down {
             return;
         }
-        bump(&mut self.counters.connection_losses);
-        self.link = Link::Down;
+        bump(&mut self.cx.counters.connection_losses);
+        self.cx.link = Link::Down;
         self.feeds.clear();
         self.dlv = None;
         self.dlv_bound = false;
@@ -29,7 +29,7 @@ impl Agent {
         // The audit in flight is moot (its answer is ignored); the next ready connection audits.
         self.timers.cancel(&Timer::Audit);
         self.audit_in_flight = None;
-        self.timers.cancel(&Timer::Losses);
+        self.loss_poll.on_lost();
         // In-flight joins fail closed; joined channels lose their subscription.
         let names: Vec<Channel> = self.channels.keys().cloned().collect();
         for name in names {
@@ -41,7 +41,7 @@ impl Agent {
             if entry.phase != Phase::Joined {
                 let request = entry.join.as_ref().and_then(|j| j.request);
                 self.channels.remove(&name);
-                self.events.push_back(AgentEvent::JoinFailed {
+                self.cx.events.push_back(AgentEvent::JoinFailed {
                     request,
                     channel: name,
                     error: JoinError::Unconfirmed {
@@ -63,29 +63,29 @@ impl Agent {
                 if join.backfill_pending && report.reason.is_none() {
                     report.reason = Some("backfill interrupted: connection lost".into());
                 }
-                self.events.push_back(AgentEvent::Joined {
+                self.cx.events.push_back(AgentEvent::Joined {
                     request: join.request,
                     channel: name,
                     report,
                 });
             }
         }
-        self.events.push_back(AgentEvent::Disconnected);
+        self.cx.events.push_back(AgentEvent::Disconnected);
     }
 
     pub(super) fn on_restored(&mut self, now: Now) {
-        if self.stopped {
+        if self.cx.stopped {
             return;
         }
-        if self.link != Link::Down {
+        if self.cx.link != Link::Down {
             // A restore without a loss: treat as loss + restore (feeds may be gone).
             self.on_lost();
         }
-        self.link = Link::Loading;
+        self.cx.link = Link::Loading;
         self.registry_attempts = 0;
         self.timers.cancel(&Timer::RegistryWatch);
         self.watch_registry();
-        if self.config.durable_backstop {
+        if self.cx.config.durable_backstop {
             self.dlv_attempts = 0;
             self.timers.cancel(&Timer::DlvBind);
             self.bind_dlv();
@@ -109,14 +109,14 @@ impl Agent {
             self.resubscribe(&name);
         }
         if self.first_connect {
-            let boot: Vec<Channel> = self.config.channels.clone();
+            let boot: Vec<Channel> = self.cx.config.channels.clone();
             for channel in boot {
                 if !self.channels.contains_key(&channel) {
                     self.start_join(channel, None);
                 }
             }
         }
-        if let Some(every) = self.config.heartbeat {
+        if let Some(every) = self.cx.config.heartbeat {
             self.heartbeat(now);
             self.timers.set(Timer::Heartbeat, now.at + every);
         }
@@ -124,27 +124,27 @@ impl Agent {
 
     /// Opens the channel registry watch; the endpoint is ready once its initial values loaded.
     pub(super) fn watch_registry(&mut self) {
-        let sub = self.subs.next_id();
+        let sub = self.cx.subs.next_id();
         self.feeds.insert(sub, Feed::Registry);
         self.registry_feed = Some(sub);
         let op = self.op(Pending::RegistryWatch);
-        self.commands.push_back(Command::KvWatch {
+        self.cx.commands.push_back(Command::KvWatch {
             op,
             sub,
-            bucket: KvBucket::Channels.name(&self.config.space),
+            bucket: KvBucket::Channels.name(&self.cx.config.space),
             filter: ">".into(),
         });
     }
 
     pub(super) fn on_registry_loaded(&mut self) {
-        if self.link != Link::Loading {
+        if self.cx.link != Link::Loading {
             return;
         }
-        self.link = Link::Ready;
+        self.cx.link = Link::Ready;
         let first = self.first_connect;
         self.first_connect = false;
-        self.events.push_back(AgentEvent::Connected { first });
-        self.read_losses();
+        self.cx.events.push_back(AgentEvent::Connected { first });
+        self.loss_poll.read(&mut self.cx);
         let names: Vec<Channel> = self.channels.keys().cloned().collect();
         for name in names {
             self.maybe_start_post_commit(&name);
@@ -155,10 +155,10 @@ impl Agent {
     pub(super) fn heartbeat(&mut self, now: Now) {
         let record = self.presence(now, PresenceStatus::Idle);
         let op = self.op(Pending::Presence);
-        self.commands.push_back(Command::KvPut {
+        self.cx.commands.push_back(Command::KvPut {
             op,
-            bucket: KvBucket::Presence.name(&self.config.space),
-            key: self.config.me.id.as_str().to_owned(),
+            bucket: KvBucket::Presence.name(&self.cx.config.space),
+            key: self.cx.config.me.id.as_str().to_owned(),
             value: json::encode(&record),
             condition: KvCondition::Any,
         });

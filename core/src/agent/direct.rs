@@ -9,16 +9,16 @@ impl Agent {
         if let Some(old) = self.dlv.take() {
             self.feeds.remove(&old);
         }
-        let sub = self.subs.next_id();
+        let sub = self.cx.subs.next_id();
         self.feeds.insert(sub, Feed::Dlv);
         self.dlv = Some(sub);
         let op = self.op(Pending::DlvConsume);
-        self.commands.push_back(Command::Consume {
+        self.cx.commands.push_back(Command::Consume {
             op,
             sub,
-            consumer: ConsumerSpec::dlv(&self.config.space, &self.config.me.id),
-            create: self.config.create_dlv_consumer,
-            max_in_flight: u32::try_from(self.config.ledger.max_pending).unwrap_or(u32::MAX),
+            consumer: ConsumerSpec::dlv(&self.cx.config.space, &self.cx.config.me.id),
+            create: self.cx.config.create_dlv_consumer,
+            max_in_flight: u32::try_from(self.cx.config.ledger.max_pending).unwrap_or(u32::MAX),
         });
     }
 
@@ -28,9 +28,11 @@ impl Agent {
             self.feeds.remove(&old);
             // The bind may have happened all the same (an unknown outcome): stop that feed before
             // the retry binds another, or it keeps taking deliveries nobody settles.
-            self.commands.push_back(Command::StopConsume { sub: old });
+            self.cx
+                .commands
+                .push_back(Command::StopConsume { sub: old });
         }
-        bump(&mut self.counters.dlv_bind_failures);
+        bump(&mut self.cx.counters.dlv_bind_failures);
         self.timers
             .set(Timer::DlvBind, now.at + backoff(self.dlv_attempts));
         self.dlv_attempts = self.dlv_attempts.saturating_add(1);
@@ -41,16 +43,16 @@ impl Agent {
         match d {
             // Open-mode self-creation carries the endpoint's inactive_threshold, as the reference
             // agent's does: both create the same `dm_<id>`.
-            Direct::Dm if self.config.create_direct_consumers => {
-                ConsumerSpec::dm(&self.config.space, &self.config.me.id)
+            Direct::Dm if self.cx.config.create_direct_consumers => {
+                ConsumerSpec::dm(&self.cx.config.space, &self.cx.config.me.id)
                     .with_inactive_threshold(DEFAULT_INACTIVE_THRESHOLD)
             }
-            Direct::Dm => ConsumerSpec::dm(&self.config.space, &self.config.me.id),
-            Direct::Svc(i) => match self.config.roles.get(i) {
-                Some(role) => ConsumerSpec::svc(&self.config.space, role),
+            Direct::Dm => ConsumerSpec::dm(&self.cx.config.space, &self.cx.config.me.id),
+            Direct::Svc(i) => match self.cx.config.roles.get(i) {
+                Some(role) => ConsumerSpec::svc(&self.cx.config.space, role),
                 None => {
                     debug_assert!(false, "svc feed {i} without a role");
-                    ConsumerSpec::dm(&self.config.space, &self.config.me.id)
+                    ConsumerSpec::dm(&self.cx.config.space, &self.cx.config.me.id)
                 }
             },
         }
@@ -64,7 +66,7 @@ impl Agent {
         if let Some(old) = old {
             self.feeds.remove(&old);
         }
-        let sub = self.subs.next_id();
+        let sub = self.cx.subs.next_id();
         self.feeds.insert(sub, Feed::Direct(d));
         if let Some(feed) = self.direct.get_mut(&d) {
             feed.sub = Some(sub);
@@ -72,12 +74,12 @@ impl Agent {
         }
         let op = self.op(Pending::DirectConsume { direct: d, sub });
         let consumer = self.direct_spec(d);
-        self.commands.push_back(Command::Consume {
+        self.cx.commands.push_back(Command::Consume {
             op,
             sub,
             consumer,
-            create: self.config.create_direct_consumers,
-            max_in_flight: u32::try_from(self.config.ledger.max_pending).unwrap_or(u32::MAX),
+            create: self.cx.config.create_direct_consumers,
+            max_in_flight: u32::try_from(self.cx.config.ledger.max_pending).unwrap_or(u32::MAX),
         });
     }
 
@@ -95,11 +97,13 @@ impl Agent {
         if let Some(old) = old {
             self.feeds.remove(&old);
             // As for DLV: an unknown bind may have happened; stop it before the retry.
-            self.commands.push_back(Command::StopConsume { sub: old });
+            self.cx
+                .commands
+                .push_back(Command::StopConsume { sub: old });
         }
-        bump(&mut self.counters.direct_bind_failures);
+        bump(&mut self.cx.counters.direct_bind_failures);
         if attempts.is_multiple_of(5) {
-            self.events.push_back(AgentEvent::DirectUnbound {
+            self.cx.events.push_back(AgentEvent::DirectUnbound {
                 consumer,
                 attempts: attempts.saturating_add(1),
                 detail,
@@ -116,13 +120,13 @@ impl Agent {
         let msg = match CotalMessage::decode(&d.payload) {
             Ok(m) => m,
             Err(_) => {
-                bump(&mut self.counters.malformed);
+                bump(&mut self.cx.counters.malformed);
                 self.reject(now, d.delivery, &d.subject, Rejection::Malformed);
                 return;
             }
         };
-        if msg.from.id == self.config.me.id {
-            bump(&mut self.counters.own_echoes);
+        if msg.from.id == self.cx.config.me.id {
+            bump(&mut self.cx.counters.own_echoes);
             self.reject(now, d.delivery, &d.subject, Rejection::OwnEcho);
             return;
         }
@@ -156,7 +160,7 @@ impl Agent {
                     sender,
                 }),
                 Direct::Dm,
-            ) if space == self.config.space && target == self.config.me.id => {
+            ) if space == self.cx.config.space && target == self.cx.config.me.id => {
                 Some((sender, DeliveryKind::Dm, None))
             }
             (
@@ -166,35 +170,35 @@ impl Agent {
                     sender,
                 }),
                 Direct::Svc(i),
-            ) if space == self.config.space && self.config.roles.get(i) == Some(&role) => {
+            ) if space == self.cx.config.space && self.cx.config.roles.get(i) == Some(&role) => {
                 Some((sender, DeliveryKind::Anycast, Some(role)))
             }
             _ => None,
         };
         let Some((sender, kind, role)) = expected else {
             // Our consumer's filter never captures this: nothing here can be authenticated.
-            bump(&mut self.counters.malformed);
-            bump(&mut self.counters.direct_malformed);
+            bump(&mut self.cx.counters.malformed);
+            bump(&mut self.cx.counters.direct_malformed);
             self.reject(now, dd.delivery, &dd.subject, Rejection::Malformed);
             return;
         };
         let msg = match CotalMessage::decode(&dd.payload) {
             Ok(m) => m,
             Err(_) => {
-                bump(&mut self.counters.malformed);
-                bump(&mut self.counters.direct_malformed);
+                bump(&mut self.cx.counters.malformed);
+                bump(&mut self.cx.counters.direct_malformed);
                 self.reject(now, dd.delivery, &dd.subject, Rejection::Malformed);
                 return;
             }
         };
         if msg.from.id != sender {
-            bump(&mut self.counters.spoofed);
-            bump(&mut self.counters.direct_spoofed);
+            bump(&mut self.cx.counters.spoofed);
+            bump(&mut self.cx.counters.direct_spoofed);
             self.reject(now, dd.delivery, &dd.subject, Rejection::Spoofed);
             return;
         }
-        if sender == self.config.me.id {
-            bump(&mut self.counters.own_echoes);
+        if sender == self.cx.config.me.id {
+            bump(&mut self.cx.counters.own_echoes);
             self.reject(now, dd.delivery, &dd.subject, Rejection::OwnEcho);
             return;
         }
@@ -228,7 +232,7 @@ impl Agent {
             Err(e) => debug_assert!(false, "ledger misuse: {e}"),
         }
         if rejection != Rejection::OwnEcho {
-            self.events.push_back(AgentEvent::Anomaly {
+            self.cx.events.push_back(AgentEvent::Anomaly {
                 subject: subject.to_owned(),
                 rejection,
             });

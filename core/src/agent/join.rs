@@ -34,7 +34,7 @@ impl Agent {
         };
         self.channels.insert(channel.clone(), entry);
         let op = self.op(Pending::Arm { channel, epoch });
-        self.commands.push_back(Command::StreamInfo {
+        self.cx.commands.push_back(Command::StreamInfo {
             op,
             stream: self.chat_stream(),
         });
@@ -45,9 +45,9 @@ impl Agent {
             return;
         };
         let epoch = entry.epoch;
-        let sub = self.subs.next_id();
+        let sub = self.cx.subs.next_id();
         self.feeds.insert(sub, Feed::Chat(epoch));
-        let subject = chat_subscribe_pattern(&self.config.space, channel);
+        let subject = chat_subscribe_pattern(&self.cx.config.space, channel);
         if let Some(entry) = self.channels.get_mut(channel) {
             entry.sub = Some(sub);
             entry.refused = None;
@@ -59,13 +59,14 @@ impl Agent {
             channel: channel.clone(),
             epoch,
         });
-        self.commands
+        self.cx
+            .commands
             .push_back(Command::Subscribe { op, sub, subject });
         let op = self.op(Pending::Barrier {
             channel: channel.clone(),
             epoch,
         });
-        self.commands.push_back(Command::Barrier { op });
+        self.cx.commands.push_back(Command::Barrier { op });
     }
 
     pub(super) fn resubscribe(&mut self, channel: &Channel) {
@@ -85,10 +86,10 @@ impl Agent {
         };
         if let Some(sub) = entry.sub {
             self.feeds.remove(&sub);
-            self.commands.push_back(Command::Unsubscribe { sub });
+            self.cx.commands.push_back(Command::Unsubscribe { sub });
         }
         let request = entry.join.and_then(|j| j.request);
-        self.events.push_back(AgentEvent::JoinFailed {
+        self.cx.events.push_back(AgentEvent::JoinFailed {
             request,
             channel: channel.clone(),
             error,
@@ -182,12 +183,12 @@ impl Agent {
                 // live (found by the simulator, seed 1677: a later refusal was parked for a
                 // barrier that had already completed, so the channel stayed joined with no
                 // subscription).
-                if self.link != Link::Down {
+                if self.cx.link != Link::Down {
                     let op = self.op(Pending::Barrier {
                         channel: channel.clone(),
                         epoch,
                     });
-                    self.commands.push_back(Command::Barrier { op });
+                    self.cx.commands.push_back(Command::Barrier { op });
                 }
             } else if let Some(entry) = self.channels.get_mut(&channel) {
                 entry.resubscribe = false;
@@ -230,7 +231,7 @@ impl Agent {
 
     /// After the commit, once the registry is loaded: durable step and backfill.
     pub(super) fn maybe_start_post_commit(&mut self, channel: &Channel) {
-        if self.link != Link::Ready {
+        if self.cx.link != Link::Ready {
             return;
         }
         let Some(entry) = self.channels.get(channel) else {
@@ -247,7 +248,7 @@ impl Agent {
         }
         let watermark = entry.watermark;
         let policy = self.registry.policy_for(channel);
-        let durable_class = policy.is_durable() && self.config.durable_backstop;
+        let durable_class = policy.is_durable() && self.cx.config.durable_backstop;
         let concrete = channel.to_concrete();
         // Durable step.
         let mut durable_pending = false;
@@ -297,7 +298,7 @@ impl Agent {
                 Backfill::Skip => None,
                 Backfill::Full => Some(ReadStart::Seq(1)),
                 Backfill::Window(w) => Some(ReadStart::Time(UnixMillis(
-                    self.last_wall.0.saturating_sub(w.as_millis()),
+                    self.cx.last_wall.0.saturating_sub(w.as_millis()),
                 ))),
             };
             if let (Some(start), true) = (start, f > 0) {
@@ -352,10 +353,10 @@ impl Agent {
         until: u64,
     ) {
         self.backfill_busy = true;
-        let filter = chat_subscribe_pattern(&self.config.space, &channel);
+        let filter = chat_subscribe_pattern(&self.cx.config.space, &channel);
         let reader = ConsumerSpec::chathist(
-            &self.config.space,
-            &self.config.me.id,
+            &self.cx.config.space,
+            &self.cx.config.me.id,
             &channel,
             crate::wire::config::DeliverPolicy::All,
         )
@@ -365,9 +366,9 @@ impl Agent {
             epoch,
             until,
         });
-        self.commands.push_back(Command::ReadStream {
+        self.cx.commands.push_back(Command::ReadStream {
             op,
-            stream: SpaceStream::Chat.name(&self.config.space),
+            stream: SpaceStream::Chat.name(&self.cx.config.space),
             filter,
             start,
             last_seq: Some(until),
@@ -380,7 +381,7 @@ impl Agent {
     /// in the same attempt.
     pub(super) fn next_backfill(&mut self) {
         self.backfill_busy = false;
-        if self.link == Link::Down {
+        if self.cx.link == Link::Down {
             // The reads of this connection are over; a restore does not re-backfill.
             self.backfill_queue.clear();
             return;
@@ -453,7 +454,7 @@ impl Agent {
 
     pub(super) fn finish_backfill(&mut self, channel: &Channel, error: Option<String>) {
         if error.is_some() {
-            bump(&mut self.counters.backfill_failures);
+            bump(&mut self.cx.counters.backfill_failures);
         }
         if let Some(entry) = self.channels.get_mut(channel) {
             entry.backfill_next = None;
@@ -484,7 +485,7 @@ impl Agent {
         let Some(join) = entry.join.take() else {
             return;
         };
-        self.events.push_back(AgentEvent::Joined {
+        self.cx.events.push_back(AgentEvent::Joined {
             request: join.request,
             channel: channel.clone(),
             report: join.report,

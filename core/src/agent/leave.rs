@@ -10,8 +10,8 @@ impl Agent {
         let concrete = channel.to_concrete();
         // G10 fix: tombstone whenever a membership is known, whatever the class reads now. The
         // test-only switch restores the reference's stale cached `live`, which skips it.
-        let needs_tombstone = self.config.durable_backstop
-            && !self.config.reference_gap_g10
+        let needs_tombstone = self.cx.config.durable_backstop
+            && !self.cx.config.reference_gap_g10
             && concrete.as_ref().is_some_and(|c| {
                 self.memberships.contains_key(c)
                     || self.maybe_member.contains(c)
@@ -56,7 +56,7 @@ impl Agent {
         };
         if let Some(sub) = entry.sub {
             self.feeds.remove(&sub);
-            self.commands.push_back(Command::Unsubscribe { sub });
+            self.cx.commands.push_back(Command::Unsubscribe { sub });
         }
         if let Some(c) = channel.to_concrete()
             && let Some(slot) = self.slot_of.get(&c).copied()
@@ -64,7 +64,7 @@ impl Agent {
             self.timers.cancel(&Timer::Reconcile(slot));
         }
         if let Some(request) = entry.leave {
-            self.events.push_back(AgentEvent::Left {
+            self.cx.events.push_back(AgentEvent::Left {
                 request,
                 channel: channel.clone(),
                 tombstoned,
@@ -80,7 +80,7 @@ impl Agent {
             return;
         };
         let durable = entry.backstop != BackstopState::NotApplicable;
-        self.events.push_back(AgentEvent::LeaveFailed {
+        self.cx.events.push_back(AgentEvent::LeaveFailed {
             request,
             channel: channel.clone(),
             error,
@@ -100,7 +100,7 @@ impl Agent {
         }
         if durable && !self.memberships.contains_key(&concrete) {
             let slot = self.slot(&concrete);
-            let at = self.last_at + backoff(0);
+            let at = self.cx.last_at + backoff(0);
             self.timers.set(Timer::Reconcile(slot), at);
         }
     }
@@ -188,7 +188,7 @@ impl Agent {
                     if let Some(slot) = self.slot_of.get(&channel).copied() {
                         self.timers.cancel(&Timer::Close(slot));
                     }
-                    self.events.push_back(AgentEvent::MembershipClosed {
+                    self.cx.events.push_back(AgentEvent::MembershipClosed {
                         channel: channel.clone(),
                         generation,
                     });
@@ -221,7 +221,7 @@ impl Agent {
                                 attempts: 0,
                             };
                         }
-                        self.events.push_back(AgentEvent::BackstopDegraded {
+                        self.cx.events.push_back(AgentEvent::BackstopDegraded {
                             channel: channel.clone(),
                             reason: reason.into(),
                         });
@@ -267,16 +267,16 @@ impl Agent {
     }
 
     pub(super) fn late_refusal(&mut self, channel: &Channel, detail: String) {
-        bump(&mut self.counters.late_refusals);
+        bump(&mut self.cx.counters.late_refusals);
         let Some(entry) = self.channels.remove(channel) else {
             return;
         };
         if let Some(sub) = entry.sub {
             self.feeds.remove(&sub);
-            self.commands.push_back(Command::Unsubscribe { sub });
+            self.cx.commands.push_back(Command::Unsubscribe { sub });
         }
         if let Some(request) = entry.leave {
-            self.events.push_back(AgentEvent::LeaveFailed {
+            self.cx.events.push_back(AgentEvent::LeaveFailed {
                 request,
                 channel: channel.clone(),
                 error: LeaveError::TombstoneFailed {
@@ -286,7 +286,7 @@ impl Agent {
             });
         }
         if let Some(join) = entry.join {
-            self.events.push_back(AgentEvent::Joined {
+            self.cx.events.push_back(AgentEvent::Joined {
                 request: join.request,
                 channel: channel.clone(),
                 report: join.report,
@@ -301,7 +301,7 @@ impl Agent {
         let closing = concrete
             .as_ref()
             .and_then(|c| self.memberships.get(c).copied());
-        self.events.push_back(AgentEvent::ChannelRefused {
+        self.cx.events.push_back(AgentEvent::ChannelRefused {
             channel: channel.clone(),
             detail,
             closing,

@@ -66,7 +66,7 @@ impl Agent {
                         join.report.cursor_honoured = honoured;
                     }
                 }
-                self.events.push_back(AgentEvent::BackstopEstablished {
+                self.cx.events.push_back(AgentEvent::BackstopEstablished {
                     channel: channel.clone(),
                     generation,
                 });
@@ -120,7 +120,7 @@ impl Agent {
                     }
                 }
                 if attempts == 0 {
-                    self.events.push_back(AgentEvent::BackstopDegraded {
+                    self.cx.events.push_back(AgentEvent::BackstopDegraded {
                         channel: channel.clone(),
                         reason,
                     });
@@ -144,17 +144,17 @@ impl Agent {
             // by the simulator, seed 409: a reconcile that fired during a retried leave was
             // dropped, and the failed leave left the channel degraded for good).
             let slot = self.slot(&channel);
-            let at = self.last_at + backoff(0);
+            let at = self.cx.last_at + backoff(0);
             self.timers.set(Timer::Reconcile(slot), at);
             return;
         }
         if self.memberships.contains_key(&channel) || self.reconcile_in_flight.contains(&channel) {
             return;
         }
-        if self.link != Link::Ready {
+        if self.cx.link != Link::Ready {
             // Retry after the next backoff step; the connection decides when.
             let slot = self.slot(&channel);
-            let at = self.last_at + backoff(0);
+            let at = self.cx.last_at + backoff(0);
             self.timers.set(Timer::Reconcile(slot), at);
             return;
         }
@@ -166,7 +166,7 @@ impl Agent {
         // The armed watermark is still the right join cursor: everything above it reached us only
         // live (at-most-once), so the daemon's catch-up from it closes that window (G1).
         let join_cursor = entry.watermark;
-        bump(&mut self.counters.reconcile_attempts);
+        bump(&mut self.cx.counters.reconcile_attempts);
         self.reconcile_in_flight.insert(channel.clone());
         let request = DeliveryRequest::DurableJoin {
             channel: channel.clone(),
@@ -185,7 +185,7 @@ impl Agent {
     /// Lists our memberships to re-validate the mirror (at every ready connection and every
     /// [`AgentConfig::membership_audit`]). One audit at a time; a stale one's answer is ignored.
     pub(super) fn start_audit(&mut self) {
-        if !self.config.durable_backstop || self.stopped || self.link != Link::Ready {
+        if !self.cx.config.durable_backstop || self.cx.stopped || self.cx.link != Link::Ready {
             return;
         }
         self.timers.cancel(&Timer::Audit);
@@ -206,19 +206,19 @@ impl Agent {
             return;
         }
         self.audit_in_flight = None;
-        if let Some(every) = self.config.membership_audit
-            && !self.stopped
+        if let Some(every) = self.cx.config.membership_audit
+            && !self.cx.stopped
         {
             self.timers.set(Timer::Audit, now.at + every);
         }
         let list = match self.decode_list(outcome) {
             Ok(list) => list,
             Err(_) => {
-                bump(&mut self.counters.membership_audit_failures);
+                bump(&mut self.cx.counters.membership_audit_failures);
                 return;
             }
         };
-        bump(&mut self.counters.membership_audits);
+        bump(&mut self.cx.counters.membership_audits);
         let open: BTreeMap<ConcreteChannel, u64> = list
             .memberships
             .iter()
@@ -255,9 +255,9 @@ impl Agent {
             .map(|(c, g)| (c.clone(), *g))
             .collect();
         for (channel, generation) in orphans {
-            bump(&mut self.counters.memberships_orphaned);
+            bump(&mut self.cx.counters.memberships_orphaned);
             self.maybe_member.insert(channel.clone());
-            self.events.push_back(AgentEvent::MembershipOrphaned {
+            self.cx.events.push_back(AgentEvent::MembershipOrphaned {
                 channel: channel.clone(),
                 generation,
             });
@@ -269,7 +269,7 @@ impl Agent {
     /// forgets it, the backstop is degraded and reported, and the reconcile opens a new one.
     pub(super) fn membership_lost(&mut self, channel: ConcreteChannel, generation: u64) {
         self.memberships.remove(&channel);
-        bump(&mut self.counters.memberships_lost);
+        bump(&mut self.cx.counters.memberships_lost);
         let reason = format!(
             "membership generation {generation} is gone from the registry (removed out of band); \
              re-establishing"
@@ -280,11 +280,11 @@ impl Agent {
                 attempts: 0,
             };
         }
-        self.events.push_back(AgentEvent::MembershipLost {
+        self.cx.events.push_back(AgentEvent::MembershipLost {
             channel: channel.clone(),
             generation,
         });
-        self.events.push_back(AgentEvent::BackstopDegraded {
+        self.cx.events.push_back(AgentEvent::BackstopDegraded {
             channel: channel.clone(),
             reason,
         });
@@ -361,7 +361,7 @@ impl Agent {
     }
 
     pub(super) fn close_failed(&mut self, now: Now, channel: &ConcreteChannel, detail: String) {
-        bump(&mut self.counters.close_failures);
+        bump(&mut self.cx.counters.close_failures);
         let slot = self.slot(channel);
         let Some(u) = self.unclosed.get_mut(channel) else {
             return;
@@ -373,12 +373,14 @@ impl Agent {
         self.timers
             .set(Timer::Close(slot), now.at + backoff(attempt));
         if attempt == 0 || attempts.is_multiple_of(5) {
-            self.events.push_back(AgentEvent::MembershipCloseRetrying {
-                channel: channel.clone(),
-                generation,
-                attempts,
-                error: detail,
-            });
+            self.cx
+                .events
+                .push_back(AgentEvent::MembershipCloseRetrying {
+                    channel: channel.clone(),
+                    generation,
+                    attempts,
+                    error: detail,
+                });
         }
     }
 }

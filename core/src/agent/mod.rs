@@ -93,20 +93,19 @@
 //! durable copy in the one ledger: deduplicated by id, acked only after [`Agent::handled`].
 
 use crate::constants::{
-    DEFAULT_HEARTBEAT, DEFAULT_INACTIVE_THRESHOLD, DURABLE_JOIN_TIMEOUT, HISTORY_FETCH_MAX_BATCH,
-    MEMBERSHIP_AUDIT_INTERVAL, REQUEST_DELIVERY_TIMEOUT, backoff,
+    DEFAULT_INACTIVE_THRESHOLD, DURABLE_JOIN_TIMEOUT, HISTORY_FETCH_MAX_BATCH,
+    REQUEST_DELIVERY_TIMEOUT, backoff,
 };
-use crate::delivery::losses::{LOSS_POLL, LossLedger, LossOverflow, LossRange};
-use crate::entropy::{IdGen, IdKey};
+use crate::entropy::IdGen;
 use crate::io::{
     AckKind, Command, Completion, Connection, Inbound, Input, KvCondition, KvOperation, Machine,
-    ReadStart, Reply, StoredMessage, SubId, SubIds,
+    ReadStart, Reply, StoredMessage, SubId,
 };
 use crate::ledger::{
-    Action, CopySource, Decision, DeliveryId, DurableDelivery, Ledger, LedgerConfig,
-    LedgerCounters, LedgerError, MessageId, Rejection, Resolution, Settled, Surfaced,
+    Action, CopySource, Decision, DeliveryId, DurableDelivery, Ledger, LedgerError, MessageId,
+    Rejection, Resolution, Settled, Surfaced,
 };
-use crate::op::{Failure, OpId, OpIds, Outcome, TimerTable};
+use crate::op::{Failure, OpId, Outcome, TimerTable};
 use crate::policy::{Backfill, ChannelRegistry};
 use crate::time::{Duration, Instant, Now, UnixMillis};
 use crate::wire::config::{ConsumerSpec, SpaceStream};
@@ -114,17 +113,17 @@ use crate::wire::control::{ControlReply, DeliveryRequest, DurableJoinReply, List
 use crate::wire::json;
 use crate::wire::keys::KvBucket;
 use crate::wire::message::{
-    AgentCard, CotalMessage, Part, Presence, PresenceStatus, Route, Sender, normalize_mentions,
+    AgentCard, CotalMessage, Part, Presence, PresenceStatus, Route, normalize_mentions,
 };
 use crate::wire::subject::{
     DeliveryKind, Subject, chat_subscribe_pattern, delivery_reply_subject, delivery_request_subject,
 };
-use crate::wire::token::{AgentId, Channel, ConcreteChannel, Role, Space};
+use crate::wire::token::{AgentId, Channel, ConcreteChannel, Role};
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::fmt;
 
 mod connection;
+mod ctx;
 mod direct;
 mod join;
 mod leave;
@@ -135,6 +134,8 @@ mod send;
 mod state;
 mod types;
 
+use ctx::{Ctx, Link, bump};
+use losses::LossPoll;
 use state::*;
 pub use types::*;
 
@@ -144,14 +145,10 @@ mod tests;
 /// The agent endpoint machine. See the module docs.
 #[derive(Debug)]
 pub struct Agent {
-    config: AgentConfig,
-    ops: OpIds,
-    subs: SubIds,
-    ids: IdGen,
+    /// What the children are lent: ids, queues, counters, config, connection state.
+    cx: Ctx,
     next_request: u64,
     next_epoch: u64,
-    commands: VecDeque<Command>,
-    events: VecDeque<AgentEvent>,
     timers: TimerTable<Timer>,
     pending: BTreeMap<OpId, Pending>,
     feeds: BTreeMap<SubId, Feed>,
@@ -184,16 +181,11 @@ pub struct Agent {
     close_in_flight: BTreeSet<ConcreteChannel>,
     reconcile_in_flight: BTreeSet<ConcreteChannel>,
     registry: ChannelRegistry,
-    link: Link,
     first_connect: bool,
-    stopped: bool,
     dlv: Option<SubId>,
     dlv_bound: bool,
-    /// Our loss record as last read, and whether a read is in flight.
-    losses: Option<LossLedger>,
-    losses_reading: bool,
-    /// The highest loss-record stamp reported in this life.
-    losses_reported: u64,
+    /// The loss-record poll.
+    loss_poll: LossPoll,
     dlv_attempts: u32,
     /// The direct consumers configured (`dm_<id>`, `svc_<role>`), fixed at construction.
     direct: BTreeMap<Direct, DirectFeed>,
@@ -204,10 +196,6 @@ pub struct Agent {
     backfill_queue: VecDeque<(Channel, u64, ReadStart, u64)>,
     registry_feed: Option<SubId>,
     ledger: Ledger<Arrival>,
-    counters: AgentCounters,
-    /// The latest `now` seen (timers set outside an input use it).
-    last_at: Instant,
-    last_wall: UnixMillis,
 }
 
 impl Agent {
@@ -230,19 +218,15 @@ impl Agent {
                 direct.insert(Direct::Svc(i), DirectFeed::default());
             }
         }
+        let ids = match config.id_key {
+            Some(key) => IdGen::from_key(key),
+            None => IdGen::from_seed(config.seed),
+        };
         Ok(Agent {
+            cx: Ctx::new(config, ids),
             direct,
-            ids: match config.id_key {
-                Some(key) => IdGen::from_key(key),
-                None => IdGen::from_seed(config.seed),
-            },
-            config,
-            ops: OpIds::new(),
-            subs: SubIds::new(),
             next_request: 0,
             next_epoch: 0,
-            commands: VecDeque::new(),
-            events: VecDeque::new(),
             timers: TimerTable::new(),
             pending: BTreeMap::new(),
             feeds: BTreeMap::new(),
@@ -259,29 +243,22 @@ impl Agent {
             close_in_flight: BTreeSet::new(),
             reconcile_in_flight: BTreeSet::new(),
             registry: ChannelRegistry::default(),
-            link: Link::Down,
             first_connect: true,
-            stopped: false,
             dlv: None,
             dlv_bound: false,
-            losses: None,
-            losses_reading: false,
-            losses_reported: 0,
+            loss_poll: LossPoll::default(),
             dlv_attempts: 0,
             registry_attempts: 0,
             backfill_busy: false,
             backfill_queue: VecDeque::new(),
             registry_feed: None,
             ledger,
-            counters: AgentCounters::default(),
-            last_at: Instant::ZERO,
-            last_wall: UnixMillis(0),
         })
     }
 
     /// The configuration.
     pub fn config(&self) -> &AgentConfig {
-        &self.config
+        &self.cx.config
     }
 
     /// Joins `channel` at runtime. The result is [`AgentEvent::Joined`] or
@@ -304,7 +281,7 @@ impl Agent {
                 .to_concrete()
                 .and_then(|c| self.memberships.get(&c).copied());
             let request = self.next_request_id();
-            self.events.push_back(AgentEvent::Joined {
+            self.cx.events.push_back(AgentEvent::Joined {
                 request: Some(request),
                 channel,
                 report: JoinReport {
@@ -374,25 +351,26 @@ impl Agent {
     /// Stops the agent: publishes an offline presence (best effort), closes every feed, clears
     /// timers. Memberships are not tombstoned: a relaunch resumes them (§2(e) `stop()`).
     pub fn stop(&mut self, now: Now) {
-        if self.stopped {
+        if self.cx.stopped {
             return;
         }
-        self.stopped = true;
+        self.cx.stopped = true;
         self.timers = TimerTable::new();
-        if self.link != Link::Down && self.config.heartbeat.is_some() {
+        self.loss_poll.on_lost();
+        if self.cx.link != Link::Down && self.cx.config.heartbeat.is_some() {
             let record = self.presence(now, PresenceStatus::Offline).to_offline();
             let op = self.op(Pending::Presence);
-            self.commands.push_back(Command::KvPut {
+            self.cx.commands.push_back(Command::KvPut {
                 op,
-                bucket: KvBucket::Presence.name(&self.config.space),
-                key: self.config.me.id.as_str().to_owned(),
+                bucket: KvBucket::Presence.name(&self.cx.config.space),
+                key: self.cx.config.me.id.as_str().to_owned(),
                 value: json::encode(&record),
                 condition: KvCondition::Any,
             });
         }
         let feeds: Vec<(SubId, Feed)> = self.feeds.iter().map(|(s, f)| (*s, *f)).collect();
         for (sub, feed) in feeds {
-            self.commands.push_back(match feed {
+            self.cx.commands.push_back(match feed {
                 Feed::Registry => Command::KvUnwatch { sub },
                 Feed::Dlv | Feed::Direct(_) => Command::StopConsume { sub },
                 Feed::Chat(_) => Command::Unsubscribe { sub },
@@ -418,7 +396,7 @@ impl Agent {
     /// The health surface.
     pub fn health(&self) -> AgentHealth {
         AgentHealth {
-            ready: self.link == Link::Ready,
+            ready: self.cx.link == Link::Ready,
             channels: self
                 .channels
                 .values()
@@ -447,8 +425,8 @@ impl Agent {
                     }
                 })
                 .collect(),
-            counters: self.counters,
-            losses: self.losses.clone(),
+            counters: self.cx.counters,
+            losses: self.loss_poll.ledger().cloned(),
             ledger: *self.ledger.counters(),
         }
     }
@@ -459,20 +437,20 @@ impl Agent {
     }
 
     fn check_connected(&self) -> Result<(), AgentError> {
-        if self.stopped {
+        if self.cx.stopped {
             return Err(AgentError::Stopped);
         }
-        if self.link == Link::Down {
+        if self.cx.link == Link::Down {
             return Err(AgentError::NotReady);
         }
         Ok(())
     }
 
     fn check_ready(&self) -> Result<(), AgentError> {
-        if self.stopped {
+        if self.cx.stopped {
             return Err(AgentError::Stopped);
         }
-        if self.link != Link::Ready {
+        if self.cx.link != Link::Ready {
             return Err(AgentError::NotReady);
         }
         Ok(())
@@ -484,7 +462,7 @@ impl Agent {
     }
 
     fn op(&mut self, pending: Pending) -> OpId {
-        let op = self.ops.next_id();
+        let op = self.cx.ops.next_id();
         self.pending.insert(op, pending);
         op
     }
@@ -505,16 +483,16 @@ impl Agent {
     }
 
     fn chat_stream(&self) -> String {
-        SpaceStream::Chat.name(&self.config.space)
+        SpaceStream::Chat.name(&self.cx.config.space)
     }
 
     fn presence(&self, now: Now, status: PresenceStatus) -> Presence {
         Presence {
             card: AgentCard {
-                id: self.config.me.id.clone(),
-                name: self.config.me.name.clone(),
+                id: self.cx.config.me.id.clone(),
+                name: self.cx.config.me.name.clone(),
                 kind: Some("agent".into()),
-                role: self.config.me.role.clone(),
+                role: self.cx.config.me.role.clone(),
                 protocol_version: Some(crate::constants::ADVERTISED_PROTOCOL_VERSION.into()),
                 extra: Default::default(),
             },
@@ -545,7 +523,7 @@ impl Agent {
         let op = self.op(Pending::Settle);
         // Unconfirmed: no decision waits on it. A lost ack brings the copy back after ack_wait,
         // and the dedup ledger's settled horizon acks it again without surfacing it.
-        self.commands.push_back(Command::Settle {
+        self.cx.commands.push_back(Command::Settle {
             op,
             delivery: r.delivery,
             kind,
@@ -554,9 +532,9 @@ impl Agent {
     }
 
     fn control_request(&mut self, request: &DeliveryRequest, pending: Pending, timeout: Duration) {
-        let uuid = self.ids.uuid();
-        let space = self.config.space.clone();
-        let me = self.config.me.id.clone();
+        let uuid = self.cx.ids.uuid();
+        let space = self.cx.config.space.clone();
+        let me = self.cx.config.me.id.clone();
         let reply = match delivery_reply_subject(&space, &me, &uuid) {
             Ok(s) => s.to_string(),
             // A uuid is always one token; this cannot happen.
@@ -565,9 +543,9 @@ impl Agent {
                 return;
             }
         };
-        let payload = json::encode(&request.to_request(self.config.me.clone()));
+        let payload = json::encode(&request.to_request(self.cx.config.me.clone()));
         let op = self.op(pending);
-        self.commands.push_back(Command::Request {
+        self.cx.commands.push_back(Command::Request {
             op,
             subject: delivery_request_subject(&space, &me).to_string(),
             reply,
@@ -577,6 +555,11 @@ impl Agent {
     }
 
     fn on_completion(&mut self, now: Now, completion: Completion) {
+        if self.loss_poll.owns(completion.op) {
+            self.loss_poll
+                .on_read(&mut self.cx, now, completion.outcome);
+            return;
+        }
         let Some(pending) = self.pending.remove(&completion.op) else {
             debug_assert!(false, "completion for an unknown {}", completion.op);
             return;
@@ -594,10 +577,10 @@ impl Agent {
                 // endpoint loading forever (found by the simulator, seed 93: an ambiguous watch
                 // answer kept an agent unable to join, leave or reconcile for good).
                 Outcome::Failed(_) | Outcome::Unknown => {
-                    if self.link == Link::Loading && !self.stopped {
+                    if self.cx.link == Link::Loading && !self.cx.stopped {
                         if let Some(sub) = self.registry_feed.take() {
                             self.feeds.remove(&sub);
-                            self.commands.push_back(Command::KvUnwatch { sub });
+                            self.cx.commands.push_back(Command::KvUnwatch { sub });
                         }
                         self.registry = ChannelRegistry::default();
                         self.timers.set(
@@ -612,7 +595,7 @@ impl Agent {
                 if outcome.is_success() {
                     self.dlv_bound = true;
                     self.dlv_attempts = 0;
-                } else if self.link != Link::Down && !self.stopped {
+                } else if self.cx.link != Link::Down && !self.cx.stopped {
                     self.dlv_unbound(now);
                 }
             }
@@ -628,7 +611,7 @@ impl Agent {
                         feed.bound = true;
                         feed.attempts = 0;
                     }
-                } else if self.link != Link::Down && !self.stopped {
+                } else if self.cx.link != Link::Down && !self.cx.stopped {
                     let detail = match outcome {
                         Outcome::Failed(f) => f.to_string(),
                         _ => "bind outcome unknown".to_owned(),
@@ -658,11 +641,10 @@ impl Agent {
                 channel,
                 generation,
             } => self.on_durable_leave(now, channel, generation, outcome),
-            Pending::Losses => self.on_losses(now, outcome),
             Pending::Settle => {
                 if !outcome.is_success() {
                     // The delivery comes back after ack_wait; the ledger's horizon settles it.
-                    bump(&mut self.counters.settles_unconfirmed);
+                    bump(&mut self.cx.counters.settles_unconfirmed);
                 }
             }
             Pending::Send { request, id, fresh } => match outcome {
@@ -671,25 +653,27 @@ impl Agent {
                         self.on_id_collision(request, id, fresh);
                     }
                 }
-                Outcome::Success(Reply::PubAck(ack)) => self.events.push_back(AgentEvent::Sent {
-                    request,
-                    id,
-                    seq: ack.seq,
-                    duplicate: ack.duplicate,
-                }),
-                Outcome::Success(other) => self.events.push_back(AgentEvent::SendFailed {
+                Outcome::Success(Reply::PubAck(ack)) => {
+                    self.cx.events.push_back(AgentEvent::Sent {
+                        request,
+                        id,
+                        seq: ack.seq,
+                        duplicate: ack.duplicate,
+                    })
+                }
+                Outcome::Success(other) => self.cx.events.push_back(AgentEvent::SendFailed {
                     request,
                     id,
                     error: format!("unexpected reply {other:?}"),
                     unknown: true,
                 }),
-                Outcome::Failed(f) => self.events.push_back(AgentEvent::SendFailed {
+                Outcome::Failed(f) => self.cx.events.push_back(AgentEvent::SendFailed {
                     request,
                     id,
                     error: f.to_string(),
                     unknown: false,
                 }),
-                Outcome::Unknown => self.events.push_back(AgentEvent::SendFailed {
+                Outcome::Unknown => self.cx.events.push_back(AgentEvent::SendFailed {
                     request,
                     id,
                     error: "outcome unknown; resend with the same id".into(),
@@ -751,7 +735,7 @@ impl Agent {
                 },
             ),
             (Feed::Direct(d), Inbound::ConsumerEnded { detail, .. })
-                if self.link != Link::Down && !self.stopped =>
+                if self.cx.link != Link::Down && !self.cx.stopped =>
             {
                 self.direct_unbound(now, d, detail);
             }
@@ -770,27 +754,29 @@ impl Agent {
 
     fn on_timer(&mut self, now: Now, timer: Timer) {
         match timer {
-            Timer::Losses => self.read_losses(),
+            Timer::Losses => self.loss_poll.handle_timeout(&mut self.cx),
             Timer::Heartbeat => {
-                if self.link != Link::Down
-                    && let Some(every) = self.config.heartbeat
+                if self.cx.link != Link::Down
+                    && let Some(every) = self.cx.config.heartbeat
                 {
                     self.heartbeat(now);
                     self.timers.set(Timer::Heartbeat, now.at + every);
                 }
             }
             Timer::RegistryWatch => {
-                if self.link == Link::Loading && !self.stopped && self.registry_feed.is_none() {
+                if self.cx.link == Link::Loading && !self.cx.stopped && self.registry_feed.is_none()
+                {
                     self.watch_registry();
                 }
             }
             Timer::DlvBind => {
-                if self.link != Link::Down && !self.stopped && self.config.durable_backstop {
+                if self.cx.link != Link::Down && !self.cx.stopped && self.cx.config.durable_backstop
+                {
                     self.bind_dlv();
                 }
             }
             Timer::DirectBind(d) => {
-                if self.link != Link::Down && !self.stopped {
+                if self.cx.link != Link::Down && !self.cx.stopped {
                     self.bind_direct(d);
                 }
             }
@@ -802,7 +788,7 @@ impl Agent {
             Timer::Audit => self.start_audit(),
             Timer::Close(slot) => {
                 if let Some(c) = self.slots.get(&slot).cloned() {
-                    if self.link == Link::Ready {
+                    if self.cx.link == Link::Ready {
                         self.try_close(c);
                     } else {
                         self.timers.set(Timer::Close(slot), now.at + backoff(0));
@@ -827,27 +813,55 @@ impl Machine for Agent {
 
     fn handle_timeout(&mut self, now: Now) {
         self.observe(now);
-        while let Some(timer) = self.timers.pop_expired(now.at) {
+        // Every expired deadline, the parent's and the children's, in (deadline, timer) order:
+        // the order one table of all timers would pop them in.
+        while let Some((at, timer)) = self.next_timer() {
+            if at > now.at {
+                break;
+            }
+            self.take_timer(&timer);
             self.on_timer(now, timer);
         }
     }
 
     fn poll_command(&mut self) -> Option<Command> {
-        self.commands.pop_front()
+        self.cx.commands.pop_front()
     }
 
     fn poll_event(&mut self) -> Option<AgentEvent> {
-        self.events.pop_front()
+        self.cx.events.pop_front()
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.next().map(|(at, _)| at)
+        self.next_timer().map(|(at, _)| at)
     }
 }
 
 impl Agent {
+    /// The earliest deadline of the parent and its children, with the timer it names.
+    fn next_timer(&self) -> Option<(Instant, Timer)> {
+        let children = [self.loss_poll.poll_timeout().map(|at| (at, Timer::Losses))];
+        let mut next = self.timers.next().map(|(at, t)| (at, *t));
+        for candidate in children.into_iter().flatten() {
+            if next.is_none_or(|n| candidate < n) {
+                next = Some(candidate);
+            }
+        }
+        next
+    }
+
+    /// Removes a timer from the table of the child (or the parent) that owns it.
+    fn take_timer(&mut self, timer: &Timer) {
+        match timer {
+            Timer::Losses => {}
+            _ => {
+                self.timers.cancel(timer);
+            }
+        }
+    }
+
     fn observe(&mut self, now: Now) {
-        self.last_at = self.last_at.max(now.at);
-        self.last_wall = now.wall;
+        self.cx.last_at = self.cx.last_at.max(now.at);
+        self.cx.last_wall = now.wall;
     }
 }

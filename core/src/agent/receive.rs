@@ -25,8 +25,8 @@ impl Agent {
         let msg = match CotalMessage::decode(payload) {
             Ok(m) => m,
             Err(_) => {
-                bump(&mut self.counters.malformed);
-                self.events.push_back(AgentEvent::Anomaly {
+                bump(&mut self.cx.counters.malformed);
+                self.cx.events.push_back(AgentEvent::Anomaly {
                     subject: subject.to_owned(),
                     rejection: Rejection::Malformed,
                 });
@@ -34,15 +34,15 @@ impl Agent {
             }
         };
         if msg.from.id != sender {
-            bump(&mut self.counters.spoofed);
-            self.events.push_back(AgentEvent::Anomaly {
+            bump(&mut self.cx.counters.spoofed);
+            self.cx.events.push_back(AgentEvent::Anomaly {
                 subject: subject.to_owned(),
                 rejection: Rejection::Spoofed,
             });
             return;
         }
-        if sender == self.config.me.id {
-            bump(&mut self.counters.own_echoes);
+        if sender == self.cx.config.me.id {
+            bump(&mut self.cx.counters.own_echoes);
             return;
         }
         let historical = matches!(source, CopySource::Backfill);
@@ -65,7 +65,7 @@ impl Agent {
         historical: bool,
         source: CopySource,
     ) {
-        let me = self.config.me.name.to_lowercase();
+        let me = self.cx.config.me.name.to_lowercase();
         let mentions_me = msg.mentions.contains(&me);
         let id = MessageId::new(msg.id.clone());
         // A live copy of a channel whose durable backstop is established has a durable twin on
@@ -93,20 +93,20 @@ impl Agent {
                 if decision == Decision::OverflowLost {
                     match shed_channel.filter(|_| twin_coming) {
                         Some(channel) => {
-                            bump(&mut self.counters.live_copies_shed);
-                            self.events.push_back(AgentEvent::LiveCopyShed {
+                            bump(&mut self.cx.counters.live_copies_shed);
+                            self.cx.events.push_back(AgentEvent::LiveCopyShed {
                                 id: id.as_str().to_owned(),
                                 channel,
                             });
                         }
-                        None => self.events.push_back(AgentEvent::Lost {
+                        None => self.cx.events.push_back(AgentEvent::Lost {
                             id: id.as_str().to_owned(),
                             reason: "receiver inbox full".into(),
                         }),
                     }
                 }
                 if decision.is_buffered() {
-                    self.events.push_back(AgentEvent::MessagesReady {
+                    self.cx.events.push_back(AgentEvent::MessagesReady {
                         queued: self.ledger.queued_len(),
                     });
                 }

@@ -17,7 +17,7 @@ impl Agent {
         parts: Vec<Part>,
         mentions: &[String],
     ) -> Result<(RequestId, String), AgentError> {
-        let id = self.ids.uuid();
+        let id = self.cx.ids.uuid();
         let request = self.send_channel(now, channel, parts, mentions, id.clone(), true)?;
         Ok((request, id))
     }
@@ -48,10 +48,10 @@ impl Agent {
         id: String,
         fresh: bool,
     ) -> Result<RequestId, AgentError> {
-        if self.stopped {
+        if self.cx.stopped {
             return Err(AgentError::Stopped);
         }
-        if self.link == Link::Down {
+        if self.cx.link == Link::Down {
             return Err(AgentError::NotReady);
         }
         let Some(concrete) = channel.to_concrete() else {
@@ -77,7 +77,7 @@ impl Agent {
         to: &AgentId,
         parts: Vec<Part>,
     ) -> Result<(RequestId, String), AgentError> {
-        let id = self.ids.uuid();
+        let id = self.cx.ids.uuid();
         self.check_connected()?;
         let request = self.publish(
             now,
@@ -121,7 +121,7 @@ impl Agent {
         role: &Role,
         parts: Vec<Part>,
     ) -> Result<(RequestId, String), AgentError> {
-        let id = self.ids.uuid();
+        let id = self.cx.ids.uuid();
         self.check_connected()?;
         let route = Route::ToService(role.clone());
         let request = self.publish(now, route, parts, Vec::new(), id.clone(), true);
@@ -157,8 +157,8 @@ impl Agent {
         id: String,
         fresh: bool,
     ) -> RequestId {
-        let space = self.config.space.clone();
-        let sender = self.config.me.id.clone();
+        let space = self.cx.config.space.clone();
+        let sender = self.cx.config.me.id.clone();
         let subject = match &route {
             Route::Channel(channel) => Subject::Chat {
                 space,
@@ -179,8 +179,8 @@ impl Agent {
         let mut msg = CotalMessage::new(
             id.clone(),
             now.wall,
-            self.config.space.clone(),
-            self.config.me.clone(),
+            self.cx.config.space.clone(),
+            self.cx.config.me.clone(),
             route,
             parts,
         );
@@ -212,7 +212,7 @@ impl Agent {
             id: msg.id.clone(),
             fresh,
         });
-        self.commands.push_back(Command::JsPublish {
+        self.cx.commands.push_back(Command::JsPublish {
             op,
             subject,
             msg_id: Some(msg.id),
@@ -228,10 +228,10 @@ impl Agent {
         old: String,
         mut fresh: Box<FreshSend>,
     ) {
-        bump(&mut self.counters.message_id_collisions);
+        bump(&mut self.cx.counters.message_id_collisions);
         fresh.collisions += 1;
         if fresh.collisions > MAX_ID_COLLISIONS {
-            self.events.push_back(AgentEvent::SendFailed {
+            self.cx.events.push_back(AgentEvent::SendFailed {
                 request,
                 id: old,
                 error: format!(
@@ -241,8 +241,8 @@ impl Agent {
             });
             return;
         }
-        let new = self.ids.uuid();
-        self.events.push_back(AgentEvent::MessageIdCollided {
+        let new = self.cx.ids.uuid();
+        self.cx.events.push_back(AgentEvent::MessageIdCollided {
             request,
             old,
             new: new.clone(),

@@ -95,8 +95,6 @@ pub(super) enum Pending {
         /// new id if the stream answers `duplicate: true`.
         fresh: Option<Box<FreshSend>>,
     },
-    /// A read of our loss record.
-    Losses,
 }
 
 /// A fresh send kept until its PubAck, to republish under a new id on an id collision.
@@ -143,18 +141,6 @@ pub(super) struct DirectFeed {
     pub(super) sub: Option<SubId>,
     pub(super) bound: bool,
     pub(super) attempts: u32,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) enum Link {
-    Down,
-    /// Connected; the registry watch has not loaded yet.
-    Loading,
-    Ready,
-}
-
-pub(super) fn bump(c: &mut u64) {
-    *c = c.saturating_add(1);
 }
 
 pub(super) struct DlvDelivery {

@@ -3,10 +3,11 @@
 //! tests pin with insta.
 
 use super::*;
+use crate::constants::MEMBERSHIP_AUDIT_INTERVAL;
 use crate::io::{PubAck, Response, StreamState};
 use crate::wire::control::{ControlRequest, DurableLeaveReply, MembershipSummary};
 use crate::wire::message::Sender;
-use crate::wire::token::AgentId;
+use crate::wire::token::{AgentId, Space};
 use std::fmt::Write as _;
 
 const SPACE: &str = "main";

@@ -1,6 +1,14 @@
 //! The agent's public vocabulary: configuration, requests, reports, health, events.
 
-use super::*;
+use crate::constants::{DEFAULT_HEARTBEAT, MEMBERSHIP_AUDIT_INTERVAL};
+use crate::delivery::losses::{LossLedger, LossOverflow, LossRange};
+use crate::entropy::IdKey;
+use crate::ledger::{LedgerConfig, LedgerCounters, LedgerError, Rejection};
+use crate::time::Duration;
+use crate::wire::message::{CotalMessage, Sender};
+use crate::wire::subject::DeliveryKind;
+use crate::wire::token::{Channel, ConcreteChannel, Role, Space};
+use std::fmt;
 
 // ---------------------------------------------------------------------------------------------
 // Configuration

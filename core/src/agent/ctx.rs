@@ -1,0 +1,61 @@
+//! The context the parent [`super::Agent`] lends to its children: one op-id allocator, one
+//! subscription-id allocator, one uuid generator, one command queue, one event queue, the
+//! counters, the configuration and the connection state. Every child takes `&mut Ctx` in its
+//! entry points, so ids are drawn and commands issued in exactly the order the parent drives
+//! them. This module imports neither the parent nor any child.
+
+use super::types::{AgentConfig, AgentCounters, AgentEvent};
+use crate::entropy::IdGen;
+use crate::io::{Command, SubIds};
+use crate::op::OpIds;
+use crate::time::{Instant, UnixMillis};
+use std::collections::VecDeque;
+
+/// The connection as the agent sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Link {
+    Down,
+    /// Connected; the registry watch has not loaded yet.
+    Loading,
+    Ready,
+}
+
+/// What the parent lends its children (see the module docs).
+#[derive(Debug)]
+pub(super) struct Ctx {
+    pub(super) config: AgentConfig,
+    pub(super) ops: OpIds,
+    pub(super) subs: SubIds,
+    pub(super) ids: IdGen,
+    pub(super) commands: VecDeque<Command>,
+    pub(super) events: VecDeque<AgentEvent>,
+    pub(super) counters: AgentCounters,
+    pub(super) link: Link,
+    pub(super) stopped: bool,
+    /// The latest `now` seen (timers set outside an input use it).
+    pub(super) last_at: Instant,
+    pub(super) last_wall: UnixMillis,
+}
+
+impl Ctx {
+    pub(super) fn new(config: AgentConfig, ids: IdGen) -> Self {
+        Ctx {
+            config,
+            ops: OpIds::new(),
+            subs: SubIds::new(),
+            ids,
+            commands: VecDeque::new(),
+            events: VecDeque::new(),
+            counters: AgentCounters::default(),
+            link: Link::Down,
+            stopped: false,
+            last_at: Instant::ZERO,
+            last_wall: UnixMillis(0),
+        }
+    }
+}
+
+/// Adds one to a counter, saturating.
+pub(super) fn bump(c: &mut u64) {
+    *c = c.saturating_add(1);
+}
