@@ -4,7 +4,7 @@
 //! entry points, so ids are drawn and commands issued in exactly the order the parent drives
 //! them. This module imports neither the parent nor any child.
 
-use super::types::{AgentConfig, AgentCounters, AgentEvent};
+use super::types::{AgentConfig, AgentCounters, AgentEvent, RequestId};
 use crate::entropy::IdGen;
 use crate::io::{Command, SubIds};
 use crate::op::OpIds;
@@ -35,6 +35,8 @@ pub(super) struct Ctx {
     /// The latest `now` seen (timers set outside an input use it).
     pub(super) last_at: Instant,
     pub(super) last_wall: UnixMillis,
+    /// Request ids handed out so far.
+    next_request: u64,
 }
 
 impl Ctx {
@@ -51,7 +53,14 @@ impl Ctx {
             stopped: false,
             last_at: Instant::ZERO,
             last_wall: UnixMillis(0),
+            next_request: 0,
         }
+    }
+
+    /// The next application request id (joins, leaves and sends share the sequence).
+    pub(super) fn next_request_id(&mut self) -> RequestId {
+        self.next_request += 1;
+        RequestId(self.next_request)
     }
 }
 

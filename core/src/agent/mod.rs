@@ -136,6 +136,7 @@ mod types;
 
 use ctx::{Ctx, Link, bump};
 use losses::LossPoll;
+use send::{Outgoing, Sends};
 use state::*;
 pub use types::*;
 
@@ -147,7 +148,6 @@ mod tests;
 pub struct Agent {
     /// What the children are lent: ids, queues, counters, config, connection state.
     cx: Ctx,
-    next_request: u64,
     next_epoch: u64,
     timers: TimerTable<Timer>,
     pending: BTreeMap<OpId, Pending>,
@@ -186,6 +186,8 @@ pub struct Agent {
     dlv_bound: bool,
     /// The loss-record poll.
     loss_poll: LossPoll,
+    /// The sends awaiting their PubAck.
+    sends: Sends,
     dlv_attempts: u32,
     /// The direct consumers configured (`dm_<id>`, `svc_<role>`), fixed at construction.
     direct: BTreeMap<Direct, DirectFeed>,
@@ -225,7 +227,6 @@ impl Agent {
         Ok(Agent {
             cx: Ctx::new(config, ids),
             direct,
-            next_request: 0,
             next_epoch: 0,
             timers: TimerTable::new(),
             pending: BTreeMap::new(),
@@ -247,6 +248,7 @@ impl Agent {
             dlv: None,
             dlv_bound: false,
             loss_poll: LossPoll::default(),
+            sends: Sends::default(),
             dlv_attempts: 0,
             registry_attempts: 0,
             backfill_busy: false,
@@ -280,7 +282,7 @@ impl Agent {
             let generation = channel
                 .to_concrete()
                 .and_then(|c| self.memberships.get(&c).copied());
-            let request = self.next_request_id();
+            let request = self.cx.next_request_id();
             self.cx.events.push_back(AgentEvent::Joined {
                 request: Some(request),
                 channel,
@@ -296,7 +298,7 @@ impl Agent {
             });
             return Ok(request);
         }
-        let request = self.next_request_id();
+        let request = self.cx.next_request_id();
         self.start_join(channel, Some(request));
         Ok(request)
     }
@@ -316,9 +318,194 @@ impl Agent {
         if entry.phase != Phase::Joined || entry.leave.is_some() || entry.join.is_some() {
             return Err(AgentError::Busy(channel.clone()));
         }
-        let request = self.next_request_id();
+        let request = self.cx.next_request_id();
         self.start_leave(channel.clone(), request);
         Ok(request)
+    }
+
+    /// Posts `parts` to a concrete channel with the given mentions (normalized here). The message
+    /// id is drawn from the agent's seeded generator; the result is [`AgentEvent::Sent`] or
+    /// [`AgentEvent::SendFailed`].
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError::NotReady`] or [`AgentError::NotConcrete`].
+    pub fn send(
+        &mut self,
+        now: Now,
+        channel: &Channel,
+        parts: Vec<Part>,
+        mentions: &[String],
+    ) -> Result<(RequestId, String), AgentError> {
+        let id = self.cx.ids.uuid();
+        let request = self.send_channel(now, channel, parts, mentions, id.clone(), true)?;
+        Ok((request, id))
+    }
+
+    /// [`Agent::send`] with a caller-chosen id (for a resend after an unknown outcome).
+    ///
+    /// # Errors
+    ///
+    /// As [`Agent::send`].
+    pub fn send_with_id(
+        &mut self,
+        now: Now,
+        channel: &Channel,
+        parts: Vec<Part>,
+        mentions: &[String],
+        id: String,
+    ) -> Result<RequestId, AgentError> {
+        self.send_channel(now, channel, parts, mentions, id, false)
+    }
+
+    /// [`Agent::send_with_id`]; `fresh` when the id was drawn here (a fresh id: a `duplicate: true` answer is a collision).
+    fn send_channel(
+        &mut self,
+        now: Now,
+        channel: &Channel,
+        parts: Vec<Part>,
+        mentions: &[String],
+        id: String,
+        fresh: bool,
+    ) -> Result<RequestId, AgentError> {
+        if self.cx.stopped {
+            return Err(AgentError::Stopped);
+        }
+        if self.cx.link == Link::Down {
+            return Err(AgentError::NotReady);
+        }
+        let Some(concrete) = channel.to_concrete() else {
+            return Err(AgentError::NotConcrete(channel.clone()));
+        };
+        let mentions = normalize_mentions(mentions.iter().map(String::as_str));
+        Ok(self.sends.publish(
+            &mut self.cx,
+            now,
+            Outgoing {
+                route: Route::Channel(concrete),
+                parts,
+                mentions,
+            },
+            id,
+            fresh,
+        ))
+    }
+
+    /// Unicasts `parts` to the instance `to` on `cotal.<s>.inst.<to>.<me>` (captured by
+    /// `DM_<space>`; the target reads it through its `dm_<to>` consumer with kind `dm`). The
+    /// message carries exactly one routing field, `to`, and no mentions. The result is
+    /// [`AgentEvent::Sent`] (with the DM stream's sequence) or [`AgentEvent::SendFailed`].
+    ///
+    /// A DM to ourselves is stored like any other and acked as our own echo on arrival (§2(f)).
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError::NotReady`] while disconnected, [`AgentError::Stopped`].
+    pub fn send_dm(
+        &mut self,
+        now: Now,
+        to: &AgentId,
+        parts: Vec<Part>,
+    ) -> Result<(RequestId, String), AgentError> {
+        let id = self.cx.ids.uuid();
+        self.check_connected()?;
+        let request = self.sends.publish(
+            &mut self.cx,
+            now,
+            Outgoing {
+                route: Route::To(to.clone()),
+                parts,
+                mentions: Vec::new(),
+            },
+            id.clone(),
+            true,
+        );
+        Ok((request, id))
+    }
+
+    /// [`Agent::send_dm`] with a caller-chosen id (for a resend after an unknown outcome: the DM
+    /// stream's duplicate window drops the second copy).
+    ///
+    /// # Errors
+    ///
+    /// As [`Agent::send_dm`].
+    pub fn send_dm_with_id(
+        &mut self,
+        now: Now,
+        to: &AgentId,
+        parts: Vec<Part>,
+        id: String,
+    ) -> Result<RequestId, AgentError> {
+        self.check_connected()?;
+        Ok(self.sends.publish(
+            &mut self.cx,
+            now,
+            Outgoing {
+                route: Route::To(to.clone()),
+                parts,
+                mentions: Vec::new(),
+            },
+            id,
+            false,
+        ))
+    }
+
+    /// Anycasts `parts` to `role` on `cotal.<s>.svc.<role>.<me>` (captured by the work queue
+    /// `TASK_<space>`: exactly one server of the role takes it, with kind `anycast`). The message
+    /// carries exactly one routing field, `toService`. The result is [`AgentEvent::Sent`] or
+    /// [`AgentEvent::SendFailed`].
+    ///
+    /// # Errors
+    ///
+    /// [`AgentError::NotReady`] while disconnected, [`AgentError::Stopped`].
+    pub fn send_anycast(
+        &mut self,
+        now: Now,
+        role: &Role,
+        parts: Vec<Part>,
+    ) -> Result<(RequestId, String), AgentError> {
+        let id = self.cx.ids.uuid();
+        self.check_connected()?;
+        let route = Route::ToService(role.clone());
+        let request = self.sends.publish(
+            &mut self.cx,
+            now,
+            Outgoing {
+                route,
+                parts,
+                mentions: Vec::new(),
+            },
+            id.clone(),
+            true,
+        );
+        Ok((request, id))
+    }
+
+    /// [`Agent::send_anycast`] with a caller-chosen id.
+    ///
+    /// # Errors
+    ///
+    /// As [`Agent::send_anycast`].
+    pub fn send_anycast_with_id(
+        &mut self,
+        now: Now,
+        role: &Role,
+        parts: Vec<Part>,
+        id: String,
+    ) -> Result<RequestId, AgentError> {
+        self.check_connected()?;
+        let route = Route::ToService(role.clone());
+        Ok(self.sends.publish(
+            &mut self.cx,
+            now,
+            Outgoing {
+                route,
+                parts,
+                mentions: Vec::new(),
+            },
+            id,
+            false,
+        ))
     }
 
     /// Takes up to `limit` queued messages, oldest first. Report each with [`Agent::handled`]
@@ -456,11 +643,6 @@ impl Agent {
         Ok(())
     }
 
-    fn next_request_id(&mut self) -> RequestId {
-        self.next_request += 1;
-        RequestId(self.next_request)
-    }
-
     fn op(&mut self, pending: Pending) -> OpId {
         let op = self.cx.ops.next_id();
         self.pending.insert(op, pending);
@@ -555,6 +737,11 @@ impl Agent {
     }
 
     fn on_completion(&mut self, now: Now, completion: Completion) {
+        if self.sends.owns(completion.op) {
+            self.sends
+                .on_completion(&mut self.cx, completion.op, completion.outcome);
+            return;
+        }
         if self.loss_poll.owns(completion.op) {
             self.loss_poll
                 .on_read(&mut self.cx, now, completion.outcome);
@@ -647,39 +834,6 @@ impl Agent {
                     bump(&mut self.cx.counters.settles_unconfirmed);
                 }
             }
-            Pending::Send { request, id, fresh } => match outcome {
-                Outcome::Success(Reply::PubAck(ack)) if ack.duplicate && fresh.is_some() => {
-                    if let Some(fresh) = fresh {
-                        self.on_id_collision(request, id, fresh);
-                    }
-                }
-                Outcome::Success(Reply::PubAck(ack)) => {
-                    self.cx.events.push_back(AgentEvent::Sent {
-                        request,
-                        id,
-                        seq: ack.seq,
-                        duplicate: ack.duplicate,
-                    })
-                }
-                Outcome::Success(other) => self.cx.events.push_back(AgentEvent::SendFailed {
-                    request,
-                    id,
-                    error: format!("unexpected reply {other:?}"),
-                    unknown: true,
-                }),
-                Outcome::Failed(f) => self.cx.events.push_back(AgentEvent::SendFailed {
-                    request,
-                    id,
-                    error: f.to_string(),
-                    unknown: false,
-                }),
-                Outcome::Unknown => self.cx.events.push_back(AgentEvent::SendFailed {
-                    request,
-                    id,
-                    error: "outcome unknown; resend with the same id".into(),
-                    unknown: true,
-                }),
-            },
         }
     }
 

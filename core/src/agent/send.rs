@@ -1,165 +1,77 @@
-//! Sending, with id-collision republish.
+//! Sending, with id-collision republish: [`Sends`] publishes a post, a DM or an anycast through
+//! JetStream with `Nats-Msg-Id` = the message id, on the subject its one route names (SPEC §12
+//! items 2–4: our own sender token, one routing field), and reports [`AgentEvent::Sent`] or
+//! [`AgentEvent::SendFailed`].
+//!
+//! A *fresh* send (an id drawn here, not a caller-chosen resend) answered `duplicate: true` met
+//! an id already in the stream's duplicate window: it is republished under a new id
+//! ([`AgentEvent::MessageIdCollided`]), at most [`MAX_ID_COLLISIONS`] times.
+//!
+//! - **Owns:** the sends awaiting their PubAck (by op id), each with what a republish needs.
+//! - **Issues:** `JsPublish`; draws request ids and (on a collision) uuids from the context.
+//! - **Routed to it:** the PubAck of each of its publishes ([`Sends::owns`]).
 
-use super::*;
+use super::ctx::{Ctx, bump};
+use super::types::{AgentEvent, MAX_ID_COLLISIONS, RequestId};
+use crate::io::{Command, Reply};
+use crate::op::{OpId, Outcome};
+use crate::time::Now;
+use crate::wire::json;
+use crate::wire::message::{CotalMessage, Part, Route};
+use crate::wire::subject::Subject;
+use std::collections::BTreeMap;
 
-impl Agent {
-    /// Posts `parts` to a concrete channel with the given mentions (normalized here). The message
-    /// id is drawn from the agent's seeded generator; the result is [`AgentEvent::Sent`] or
-    /// [`AgentEvent::SendFailed`].
-    ///
-    /// # Errors
-    ///
-    /// [`AgentError::NotReady`] or [`AgentError::NotConcrete`].
-    pub fn send(
-        &mut self,
-        now: Now,
-        channel: &Channel,
-        parts: Vec<Part>,
-        mentions: &[String],
-    ) -> Result<(RequestId, String), AgentError> {
-        let id = self.cx.ids.uuid();
-        let request = self.send_channel(now, channel, parts, mentions, id.clone(), true)?;
-        Ok((request, id))
+/// What to send: the route (one routing field), the parts and the (normalized) mentions.
+#[derive(Debug)]
+pub(super) struct Outgoing {
+    pub(super) route: Route,
+    pub(super) parts: Vec<Part>,
+    pub(super) mentions: Vec<String>,
+}
+
+/// A send awaiting its PubAck.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct PendingSend {
+    request: RequestId,
+    id: String,
+    /// For a send whose id we drew (not a caller-chosen resend): what to republish under a new
+    /// id if the stream answers `duplicate: true`.
+    fresh: Option<Box<FreshSend>>,
+}
+
+/// A fresh send kept until its PubAck, to republish under a new id on an id collision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FreshSend {
+    subject: String,
+    msg: CotalMessage,
+    collisions: u32,
+}
+
+/// The sends in flight. See the module docs.
+#[derive(Debug, Default)]
+pub(super) struct Sends {
+    pending: BTreeMap<OpId, PendingSend>,
+}
+
+impl Sends {
+    /// Whether `op` is one of this child's publishes.
+    pub(super) fn owns(&self, op: OpId) -> bool {
+        self.pending.contains_key(&op)
     }
 
-    /// [`Agent::send`] with a caller-chosen id (for a resend after an unknown outcome).
-    ///
-    /// # Errors
-    ///
-    /// As [`Agent::send`].
-    pub fn send_with_id(
-        &mut self,
-        now: Now,
-        channel: &Channel,
-        parts: Vec<Part>,
-        mentions: &[String],
-        id: String,
-    ) -> Result<RequestId, AgentError> {
-        self.send_channel(now, channel, parts, mentions, id, false)
-    }
-
-    /// [`Agent::send_with_id`]; `fresh` when the id was drawn here (see [`FreshSend`]).
-    pub(super) fn send_channel(
-        &mut self,
-        now: Now,
-        channel: &Channel,
-        parts: Vec<Part>,
-        mentions: &[String],
-        id: String,
-        fresh: bool,
-    ) -> Result<RequestId, AgentError> {
-        if self.cx.stopped {
-            return Err(AgentError::Stopped);
-        }
-        if self.cx.link == Link::Down {
-            return Err(AgentError::NotReady);
-        }
-        let Some(concrete) = channel.to_concrete() else {
-            return Err(AgentError::NotConcrete(channel.clone()));
-        };
-        let mentions = normalize_mentions(mentions.iter().map(String::as_str));
-        Ok(self.publish(now, Route::Channel(concrete), parts, mentions, id, fresh))
-    }
-
-    /// Unicasts `parts` to the instance `to` on `cotal.<s>.inst.<to>.<me>` (captured by
-    /// `DM_<space>`; the target reads it through its `dm_<to>` consumer with kind `dm`). The
-    /// message carries exactly one routing field, `to`, and no mentions. The result is
-    /// [`AgentEvent::Sent`] (with the DM stream's sequence) or [`AgentEvent::SendFailed`].
-    ///
-    /// A DM to ourselves is stored like any other and acked as our own echo on arrival (§2(f)).
-    ///
-    /// # Errors
-    ///
-    /// [`AgentError::NotReady`] while disconnected, [`AgentError::Stopped`].
-    pub fn send_dm(
-        &mut self,
-        now: Now,
-        to: &AgentId,
-        parts: Vec<Part>,
-    ) -> Result<(RequestId, String), AgentError> {
-        let id = self.cx.ids.uuid();
-        self.check_connected()?;
-        let request = self.publish(
-            now,
-            Route::To(to.clone()),
-            parts,
-            Vec::new(),
-            id.clone(),
-            true,
-        );
-        Ok((request, id))
-    }
-
-    /// [`Agent::send_dm`] with a caller-chosen id (for a resend after an unknown outcome: the DM
-    /// stream's duplicate window drops the second copy).
-    ///
-    /// # Errors
-    ///
-    /// As [`Agent::send_dm`].
-    pub fn send_dm_with_id(
-        &mut self,
-        now: Now,
-        to: &AgentId,
-        parts: Vec<Part>,
-        id: String,
-    ) -> Result<RequestId, AgentError> {
-        self.check_connected()?;
-        Ok(self.publish(now, Route::To(to.clone()), parts, Vec::new(), id, false))
-    }
-
-    /// Anycasts `parts` to `role` on `cotal.<s>.svc.<role>.<me>` (captured by the work queue
-    /// `TASK_<space>`: exactly one server of the role takes it, with kind `anycast`). The message
-    /// carries exactly one routing field, `toService`. The result is [`AgentEvent::Sent`] or
-    /// [`AgentEvent::SendFailed`].
-    ///
-    /// # Errors
-    ///
-    /// [`AgentError::NotReady`] while disconnected, [`AgentError::Stopped`].
-    pub fn send_anycast(
-        &mut self,
-        now: Now,
-        role: &Role,
-        parts: Vec<Part>,
-    ) -> Result<(RequestId, String), AgentError> {
-        let id = self.cx.ids.uuid();
-        self.check_connected()?;
-        let route = Route::ToService(role.clone());
-        let request = self.publish(now, route, parts, Vec::new(), id.clone(), true);
-        Ok((request, id))
-    }
-
-    /// [`Agent::send_anycast`] with a caller-chosen id.
-    ///
-    /// # Errors
-    ///
-    /// As [`Agent::send_anycast`].
-    pub fn send_anycast_with_id(
-        &mut self,
-        now: Now,
-        role: &Role,
-        parts: Vec<Part>,
-        id: String,
-    ) -> Result<RequestId, AgentError> {
-        self.check_connected()?;
-        let route = Route::ToService(role.clone());
-        Ok(self.publish(now, route, parts, Vec::new(), id, false))
-    }
-
-    /// Publishes one message through JetStream with `Nats-Msg-Id` = its id, on the subject its
-    /// one route names (SPEC §12 items 2–4: our own sender token, one routing field). `fresh`:
-    /// the id was drawn here, so `duplicate: true` is a collision ([`FreshSend`]).
+    /// Publishes one message with the id `id`; `fresh`: the id was drawn here, so
+    /// `duplicate: true` is a collision. Returns the request id its result event carries.
     pub(super) fn publish(
         &mut self,
+        cx: &mut Ctx,
         now: Now,
-        route: Route,
-        parts: Vec<Part>,
-        mentions: Vec<String>,
+        out: Outgoing,
         id: String,
         fresh: bool,
     ) -> RequestId {
-        let space = self.cx.config.space.clone();
-        let sender = self.cx.config.me.id.clone();
-        let subject = match &route {
+        let space = cx.config.space.clone();
+        let sender = cx.config.me.id.clone();
+        let subject = match &out.route {
             Route::Channel(channel) => Subject::Chat {
                 space,
                 sender,
@@ -179,13 +91,13 @@ impl Agent {
         let mut msg = CotalMessage::new(
             id.clone(),
             now.wall,
-            self.cx.config.space.clone(),
-            self.cx.config.me.clone(),
-            route,
-            parts,
+            cx.config.space.clone(),
+            cx.config.me.clone(),
+            out.route,
+            out.parts,
         );
-        msg.mentions = mentions;
-        let request = self.next_request_id();
+        msg.mentions = out.mentions;
+        let request = cx.next_request_id();
         let subject = subject.to_string();
         let fresh = fresh.then(|| {
             Box::new(FreshSend {
@@ -194,25 +106,30 @@ impl Agent {
                 collisions: 0,
             })
         });
-        self.publish_message(request, subject, msg, fresh);
+        self.publish_message(cx, request, subject, msg, fresh);
         request
     }
 
     /// Sends the `JsPublish` of `msg` (its id is the `Nats-Msg-Id`) for `request`.
-    pub(super) fn publish_message(
+    fn publish_message(
         &mut self,
+        cx: &mut Ctx,
         request: RequestId,
         subject: String,
         msg: CotalMessage,
         fresh: Option<Box<FreshSend>>,
     ) {
         let payload = json::encode(&msg);
-        let op = self.op(Pending::Send {
-            request,
-            id: msg.id.clone(),
-            fresh,
-        });
-        self.cx.commands.push_back(Command::JsPublish {
+        let op = cx.ops.next_id();
+        self.pending.insert(
+            op,
+            PendingSend {
+                request,
+                id: msg.id.clone(),
+                fresh,
+            },
+        );
+        cx.commands.push_back(Command::JsPublish {
             op,
             subject,
             msg_id: Some(msg.id),
@@ -221,17 +138,58 @@ impl Agent {
         });
     }
 
+    /// The PubAck (or failure) of the publish `op`.
+    pub(super) fn on_completion(&mut self, cx: &mut Ctx, op: OpId, outcome: Outcome<Reply>) {
+        let Some(PendingSend { request, id, fresh }) = self.pending.remove(&op) else {
+            return;
+        };
+        let event = match outcome {
+            Outcome::Success(Reply::PubAck(ack)) if ack.duplicate && fresh.is_some() => {
+                if let Some(fresh) = fresh {
+                    self.on_id_collision(cx, request, id, fresh);
+                }
+                return;
+            }
+            Outcome::Success(Reply::PubAck(ack)) => AgentEvent::Sent {
+                request,
+                id,
+                seq: ack.seq,
+                duplicate: ack.duplicate,
+            },
+            Outcome::Success(other) => AgentEvent::SendFailed {
+                request,
+                id,
+                error: format!("unexpected reply {other:?}"),
+                unknown: true,
+            },
+            Outcome::Failed(f) => AgentEvent::SendFailed {
+                request,
+                id,
+                error: f.to_string(),
+                unknown: false,
+            },
+            Outcome::Unknown => AgentEvent::SendFailed {
+                request,
+                id,
+                error: "outcome unknown; resend with the same id".into(),
+                unknown: true,
+            },
+        };
+        cx.events.push_back(event);
+    }
+
     /// A fresh send answered `duplicate: true`: republish under a new id (bounded).
-    pub(super) fn on_id_collision(
+    fn on_id_collision(
         &mut self,
+        cx: &mut Ctx,
         request: RequestId,
         old: String,
         mut fresh: Box<FreshSend>,
     ) {
-        bump(&mut self.cx.counters.message_id_collisions);
+        bump(&mut cx.counters.message_id_collisions);
         fresh.collisions += 1;
         if fresh.collisions > MAX_ID_COLLISIONS {
-            self.cx.events.push_back(AgentEvent::SendFailed {
+            cx.events.push_back(AgentEvent::SendFailed {
                 request,
                 id: old,
                 error: format!(
@@ -241,8 +199,8 @@ impl Agent {
             });
             return;
         }
-        let new = self.cx.ids.uuid();
-        self.cx.events.push_back(AgentEvent::MessageIdCollided {
+        let new = cx.ids.uuid();
+        cx.events.push_back(AgentEvent::MessageIdCollided {
             request,
             old,
             new: new.clone(),
@@ -251,6 +209,6 @@ impl Agent {
         msg.id = new;
         fresh.msg = msg.clone();
         let subject = fresh.subject.clone();
-        self.publish_message(request, subject, msg, Some(fresh));
+        self.publish_message(cx, request, subject, msg, Some(fresh));
     }
 }

@@ -88,21 +88,6 @@ pub(super) enum Pending {
         generation: u64,
     },
     Settle,
-    Send {
-        request: RequestId,
-        id: String,
-        /// For a send whose id we drew (not a caller-chosen resend): what to republish under a
-        /// new id if the stream answers `duplicate: true`.
-        fresh: Option<Box<FreshSend>>,
-    },
-}
-
-/// A fresh send kept until its PubAck, to republish under a new id on an id collision.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct FreshSend {
-    pub(super) subject: String,
-    pub(super) msg: CotalMessage,
-    pub(super) collisions: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
