@@ -17,12 +17,7 @@ impl Agent {
         bump(&mut self.cx.counters.connection_losses);
         self.cx.link = Link::Down;
         self.feeds.clear();
-        self.dlv = None;
-        self.dlv_bound = false;
-        for feed in self.direct.values_mut() {
-            feed.sub = None;
-            feed.bound = false;
-        }
+        self.direct.on_lost();
         self.registry_feed = None;
         self.registry = ChannelRegistry::default();
         self.timers.cancel(&Timer::Heartbeat);
@@ -85,21 +80,7 @@ impl Agent {
         self.registry_attempts = 0;
         self.timers.cancel(&Timer::RegistryWatch);
         self.watch_registry();
-        if self.cx.config.durable_backstop {
-            self.dlv_attempts = 0;
-            self.timers.cancel(&Timer::DlvBind);
-            self.bind_dlv();
-        }
-        // The direct consumers are bound at every connect, first or not, and a failed bind is
-        // retried (the reference binds DLV once, G20; we treat DM and TASK the same way as DLV).
-        let directs: Vec<Direct> = self.direct.keys().copied().collect();
-        for d in directs {
-            self.timers.cancel(&Timer::DirectBind(d));
-            if let Some(feed) = self.direct.get_mut(&d) {
-                feed.attempts = 0;
-            }
-            self.bind_direct(d);
-        }
+        self.direct.on_restored(&mut self.cx);
         // Every channel still held was committed on an earlier connection: re-subscribe it. This
         // includes a boot channel committed before a loss that came before the registry ever
         // loaded, so "first connect" is not "nothing to re-subscribe" (found by the simulator,

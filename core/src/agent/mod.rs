@@ -93,8 +93,7 @@
 //! durable copy in the one ledger: deduplicated by id, acked only after [`Agent::handled`].
 
 use crate::constants::{
-    DEFAULT_INACTIVE_THRESHOLD, DURABLE_JOIN_TIMEOUT, HISTORY_FETCH_MAX_BATCH,
-    REQUEST_DELIVERY_TIMEOUT, backoff,
+    DURABLE_JOIN_TIMEOUT, HISTORY_FETCH_MAX_BATCH, REQUEST_DELIVERY_TIMEOUT, backoff,
 };
 use crate::entropy::IdGen;
 use crate::io::{
@@ -135,6 +134,7 @@ mod state;
 mod types;
 
 use ctx::{Ctx, Link, bump};
+use direct::{Consumer, Direct, DirectFeeds};
 use losses::LossPoll;
 use send::{Outgoing, Sends};
 use state::*;
@@ -182,15 +182,12 @@ pub struct Agent {
     reconcile_in_flight: BTreeSet<ConcreteChannel>,
     registry: ChannelRegistry,
     first_connect: bool,
-    dlv: Option<SubId>,
-    dlv_bound: bool,
     /// The loss-record poll.
     loss_poll: LossPoll,
     /// The sends awaiting their PubAck.
     sends: Sends,
-    dlv_attempts: u32,
-    /// The direct consumers configured (`dm_<id>`, `svc_<role>`), fixed at construction.
-    direct: BTreeMap<Direct, DirectFeed>,
+    /// The DLV and direct consumers' bindings.
+    direct: DirectFeeds,
     /// Registry watches that failed or ended unknown on this connection (retried with backoff).
     registry_attempts: u32,
     /// A history read is in flight (one at a time: one pinned reader name).
@@ -209,17 +206,7 @@ impl Agent {
     /// The ledger's configuration error.
     pub fn new(config: AgentConfig) -> Result<Self, LedgerError> {
         let ledger = Ledger::new(config.ledger)?;
-        let mut direct = BTreeMap::new();
-        if config.unicast {
-            direct.insert(Direct::Dm, DirectFeed::default());
-        }
-        // A role listed twice is served once: one consumer per role.
-        let mut seen = BTreeSet::new();
-        for (i, role) in config.roles.iter().enumerate() {
-            if seen.insert(role.clone()) {
-                direct.insert(Direct::Svc(i), DirectFeed::default());
-            }
-        }
+        let direct = DirectFeeds::new(&config);
         let ids = match config.id_key {
             Some(key) => IdGen::from_key(key),
             None => IdGen::from_seed(config.seed),
@@ -245,11 +232,8 @@ impl Agent {
             reconcile_in_flight: BTreeSet::new(),
             registry: ChannelRegistry::default(),
             first_connect: true,
-            dlv: None,
-            dlv_bound: false,
             loss_poll: LossPoll::default(),
             sends: Sends::default(),
-            dlv_attempts: 0,
             registry_attempts: 0,
             backfill_busy: false,
             backfill_queue: VecDeque::new(),
@@ -544,6 +528,7 @@ impl Agent {
         self.cx.stopped = true;
         self.timers = TimerTable::new();
         self.loss_poll.on_lost();
+        self.direct.clear_timers();
         if self.cx.link != Link::Down && self.cx.config.heartbeat.is_some() {
             let record = self.presence(now, PresenceStatus::Offline).to_offline();
             let op = self.op(Pending::Presence);
@@ -555,15 +540,27 @@ impl Agent {
                 condition: KvCondition::Any,
             });
         }
-        let feeds: Vec<(SubId, Feed)> = self.feeds.iter().map(|(s, f)| (*s, *f)).collect();
-        for (sub, feed) in feeds {
-            self.cx.commands.push_back(match feed {
-                Feed::Registry => Command::KvUnwatch { sub },
-                Feed::Dlv | Feed::Direct(_) => Command::StopConsume { sub },
-                Feed::Chat(_) => Command::Unsubscribe { sub },
-            });
-        }
-        self.feeds.clear();
+        // Every open feed, the parent's and the consumers', closed in subscription order.
+        let mut closes: Vec<(SubId, Command)> = std::mem::take(&mut self.feeds)
+            .into_iter()
+            .map(|(sub, feed)| {
+                let close = match feed {
+                    Feed::Registry => Command::KvUnwatch { sub },
+                    Feed::Chat(_) => Command::Unsubscribe { sub },
+                };
+                (sub, close)
+            })
+            .collect();
+        closes.extend(
+            self.direct
+                .take_feeds()
+                .into_iter()
+                .map(|sub| (sub, Command::StopConsume { sub })),
+        );
+        closes.sort_by_key(|(sub, _)| *sub);
+        self.cx
+            .commands
+            .extend(closes.into_iter().map(|(_, close)| close));
     }
 
     /// The joined channels (committed joins), in order.
@@ -595,23 +592,8 @@ impl Agent {
                 })
                 .collect(),
             unclosed: self.unclosed.values().cloned().collect(),
-            dlv_bound: self.dlv_bound,
-            direct: self
-                .direct
-                .iter()
-                .map(|(d, f)| {
-                    let spec = self.direct_spec(*d);
-                    DirectHealth {
-                        consumer: spec.name,
-                        kind: match d {
-                            Direct::Dm => DeliveryKind::Dm,
-                            Direct::Svc(_) => DeliveryKind::Anycast,
-                        },
-                        bound: f.bound,
-                        attempts: f.attempts,
-                    }
-                })
-                .collect(),
+            dlv_bound: self.direct.dlv_bound(),
+            direct: self.direct.health(&self.cx.config),
             counters: self.cx.counters,
             losses: self.loss_poll.ledger().cloned(),
             ledger: *self.ledger.counters(),
@@ -742,6 +724,11 @@ impl Agent {
                 .on_completion(&mut self.cx, completion.op, completion.outcome);
             return;
         }
+        if self.direct.owns(completion.op) {
+            self.direct
+                .on_completion(&mut self.cx, now, completion.op, completion.outcome);
+            return;
+        }
         if self.loss_poll.owns(completion.op) {
             self.loss_poll
                 .on_read(&mut self.cx, now, completion.outcome);
@@ -778,34 +765,6 @@ impl Agent {
                     }
                 }
             },
-            Pending::DlvConsume => {
-                if outcome.is_success() {
-                    self.dlv_bound = true;
-                    self.dlv_attempts = 0;
-                } else if self.cx.link != Link::Down && !self.cx.stopped {
-                    self.dlv_unbound(now);
-                }
-            }
-            Pending::DirectConsume { direct, sub } => {
-                // A completion for a feed already replaced (a rebind) says nothing of the
-                // current one.
-                let current = self.direct.get(&direct).and_then(|f| f.sub) == Some(sub);
-                if !current {
-                    return;
-                }
-                if outcome.is_success() {
-                    if let Some(feed) = self.direct.get_mut(&direct) {
-                        feed.bound = true;
-                        feed.attempts = 0;
-                    }
-                } else if self.cx.link != Link::Down && !self.cx.stopped {
-                    let detail = match outcome {
-                        Outcome::Failed(f) => f.to_string(),
-                        _ => "bind outcome unknown".to_owned(),
-                    };
-                    self.direct_unbound(now, direct, detail);
-                }
-            }
             Pending::Presence => {}
             Pending::Arm { channel, epoch } => self.on_arm(channel, epoch, outcome),
             Pending::Subscribe { channel, epoch } => self.on_subscribe(channel, epoch, outcome),
@@ -839,6 +798,10 @@ impl Agent {
 
     fn on_inbound(&mut self, now: Now, inbound: Inbound) {
         let sub = inbound.sub();
+        if let Some(consumer) = self.direct.feed(sub) {
+            self.on_consumer_inbound(now, consumer, inbound);
+            return;
+        }
         let Some(feed) = self.feeds.get(&sub).copied() else {
             // A feed we closed: anything still in flight is dropped. A durable delivery on a
             // closed consumer is redelivered after ack_wait.
@@ -846,53 +809,6 @@ impl Agent {
         };
         match (feed, inbound) {
             (Feed::Registry, Inbound::KvChange { entry, .. }) => self.on_registry_change(entry),
-            (
-                Feed::Dlv,
-                Inbound::Delivery {
-                    delivery,
-                    stream_seq,
-                    delivery_count,
-                    subject,
-                    payload,
-                    ..
-                },
-            ) => self.on_delivery(
-                now,
-                DlvDelivery {
-                    delivery,
-                    stream_seq,
-                    delivery_count,
-                    subject,
-                    payload,
-                },
-            ),
-            (Feed::Dlv, Inbound::ConsumerEnded { .. }) => self.dlv_unbound(now),
-            (
-                Feed::Direct(d),
-                Inbound::Delivery {
-                    delivery,
-                    stream_seq,
-                    delivery_count,
-                    subject,
-                    payload,
-                    ..
-                },
-            ) => self.on_direct_delivery(
-                now,
-                d,
-                DlvDelivery {
-                    delivery,
-                    stream_seq,
-                    delivery_count,
-                    subject,
-                    payload,
-                },
-            ),
-            (Feed::Direct(d), Inbound::ConsumerEnded { detail, .. })
-                if self.cx.link != Link::Down && !self.cx.stopped =>
-            {
-                self.direct_unbound(now, d, detail);
-            }
             (
                 Feed::Chat(_),
                 Inbound::Message {
@@ -902,6 +818,40 @@ impl Agent {
                 self.ingest_chat(now, &subject, &payload, CopySource::Live);
             }
             (_, Inbound::Refused { detail, .. }) => self.on_refused(sub, detail),
+            _ => {}
+        }
+    }
+
+    /// An input on a feed of [`DirectFeeds`]: deliveries go through the filter to the ledger,
+    /// the rest to the child.
+    fn on_consumer_inbound(&mut self, now: Now, consumer: Consumer, inbound: Inbound) {
+        match inbound {
+            Inbound::Delivery {
+                delivery,
+                stream_seq,
+                delivery_count,
+                subject,
+                payload,
+                ..
+            } => {
+                let d = DlvDelivery {
+                    delivery,
+                    stream_seq,
+                    delivery_count,
+                    subject,
+                    payload,
+                };
+                match consumer {
+                    Consumer::Dlv => self.on_delivery(now, d),
+                    Consumer::Direct(direct) => self.on_direct_delivery(now, direct, d),
+                }
+            }
+            Inbound::ConsumerEnded { detail, .. } => {
+                self.direct.on_ended(&mut self.cx, now, consumer, detail);
+            }
+            Inbound::Refused { sub, .. } => {
+                self.direct.forget_feed(sub);
+            }
             _ => {}
         }
     }
@@ -923,17 +873,10 @@ impl Agent {
                     self.watch_registry();
                 }
             }
-            Timer::DlvBind => {
-                if self.cx.link != Link::Down && !self.cx.stopped && self.cx.config.durable_backstop
-                {
-                    self.bind_dlv();
-                }
-            }
-            Timer::DirectBind(d) => {
-                if self.cx.link != Link::Down && !self.cx.stopped {
-                    self.bind_direct(d);
-                }
-            }
+            Timer::DlvBind => self.direct.handle_timeout(&mut self.cx, Consumer::Dlv),
+            Timer::DirectBind(d) => self
+                .direct
+                .handle_timeout(&mut self.cx, Consumer::Direct(d)),
             Timer::Reconcile(slot) => {
                 if let Some(c) = self.slots.get(&slot).cloned() {
                     self.reconcile(c);
@@ -994,7 +937,13 @@ impl Machine for Agent {
 impl Agent {
     /// The earliest deadline of the parent and its children, with the timer it names.
     fn next_timer(&self) -> Option<(Instant, Timer)> {
-        let children = [self.loss_poll.poll_timeout().map(|at| (at, Timer::Losses))];
+        let children = [
+            self.loss_poll.poll_timeout().map(|at| (at, Timer::Losses)),
+            self.direct.poll_timeout().map(|(at, c)| match c {
+                Consumer::Dlv => (at, Timer::DlvBind),
+                Consumer::Direct(d) => (at, Timer::DirectBind(d)),
+            }),
+        ];
         let mut next = self.timers.next().map(|(at, t)| (at, *t));
         for candidate in children.into_iter().flatten() {
             if next.is_none_or(|n| candidate < n) {
@@ -1008,6 +957,8 @@ impl Agent {
     fn take_timer(&mut self, timer: &Timer) {
         match timer {
             Timer::Losses => {}
+            Timer::DlvBind => self.direct.take_timer(Consumer::Dlv),
+            Timer::DirectBind(d) => self.direct.take_timer(Consumer::Direct(*d)),
             _ => {
                 self.timers.cancel(timer);
             }

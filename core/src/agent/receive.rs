@@ -116,4 +116,130 @@ impl Agent {
             }
         }
     }
+
+    pub(super) fn on_delivery(&mut self, now: Now, d: DlvDelivery) {
+        let durable = DurableDelivery::new(d.delivery)
+            .with_stream_seq(d.stream_seq)
+            .with_delivery_count(d.delivery_count);
+        let msg = match CotalMessage::decode(&d.payload) {
+            Ok(m) => m,
+            Err(_) => {
+                bump(&mut self.cx.counters.malformed);
+                self.reject(now, d.delivery, &d.subject, Rejection::Malformed);
+                return;
+            }
+        };
+        if msg.from.id == self.cx.config.me.id {
+            bump(&mut self.cx.counters.own_echoes);
+            self.reject(now, d.delivery, &d.subject, Rejection::OwnEcho);
+            return;
+        }
+        // DLV is written only by the daemon: trusted, no spoof check (§2(f)). The channel label
+        // is the payload's route, which the daemon took from the authenticated subject.
+        let channel = match &msg.route {
+            Route::Channel(c) => Some(c.clone()),
+            _ => None,
+        };
+        self.ingest(
+            now,
+            msg,
+            channel,
+            (DeliveryKind::Channel, None),
+            false,
+            CopySource::Durable(durable),
+        );
+    }
+
+    /// A DM or TASK delivery (§2(f) `pump`): the kind and the sender come from the subject, and
+    /// the subject must be the one this consumer's filter captures; bad JSON and a foreign
+    /// subject are terminated as malformed, a spoof (`from.id` ≠ the subject's sender) is
+    /// terminated, our own echo is acked; everything else goes to the ledger as a durable copy
+    /// that is acked only once the application handled it.
+    pub(super) fn on_direct_delivery(&mut self, now: Now, d: Direct, dd: DlvDelivery) {
+        let expected = match (Subject::parse(&dd.subject), d) {
+            (
+                Ok(Subject::Unicast {
+                    space,
+                    target,
+                    sender,
+                }),
+                Direct::Dm,
+            ) if space == self.cx.config.space && target == self.cx.config.me.id => {
+                Some((sender, DeliveryKind::Dm, None))
+            }
+            (
+                Ok(Subject::Anycast {
+                    space,
+                    role,
+                    sender,
+                }),
+                Direct::Svc(i),
+            ) if space == self.cx.config.space && self.cx.config.roles.get(i) == Some(&role) => {
+                Some((sender, DeliveryKind::Anycast, Some(role)))
+            }
+            _ => None,
+        };
+        let Some((sender, kind, role)) = expected else {
+            // Our consumer's filter never captures this: nothing here can be authenticated.
+            bump(&mut self.cx.counters.malformed);
+            bump(&mut self.cx.counters.direct_malformed);
+            self.reject(now, dd.delivery, &dd.subject, Rejection::Malformed);
+            return;
+        };
+        let msg = match CotalMessage::decode(&dd.payload) {
+            Ok(m) => m,
+            Err(_) => {
+                bump(&mut self.cx.counters.malformed);
+                bump(&mut self.cx.counters.direct_malformed);
+                self.reject(now, dd.delivery, &dd.subject, Rejection::Malformed);
+                return;
+            }
+        };
+        if msg.from.id != sender {
+            bump(&mut self.cx.counters.spoofed);
+            bump(&mut self.cx.counters.direct_spoofed);
+            self.reject(now, dd.delivery, &dd.subject, Rejection::Spoofed);
+            return;
+        }
+        if sender == self.cx.config.me.id {
+            bump(&mut self.cx.counters.own_echoes);
+            self.reject(now, dd.delivery, &dd.subject, Rejection::OwnEcho);
+            return;
+        }
+        let durable = DurableDelivery::new(dd.delivery)
+            .with_stream_seq(dd.stream_seq)
+            .with_delivery_count(dd.delivery_count);
+        self.ingest(
+            now,
+            msg,
+            None,
+            (kind, role),
+            false,
+            CopySource::Durable(durable),
+        );
+    }
+
+    pub(super) fn reject(
+        &mut self,
+        now: Now,
+        delivery: DeliveryId,
+        subject: &str,
+        rejection: Rejection,
+    ) {
+        let durable = DurableDelivery::new(delivery);
+        match self
+            .ledger
+            .reject(now.at, CopySource::Durable(durable), rejection)
+        {
+            Ok(Some(r)) => self.resolve(r),
+            Ok(None) => {}
+            Err(e) => debug_assert!(false, "ledger misuse: {e}"),
+        }
+        if rejection != Rejection::OwnEcho {
+            self.cx.events.push_back(AgentEvent::Anomaly {
+                subject: subject.to_owned(),
+                rejection,
+            });
+        }
+    }
 }

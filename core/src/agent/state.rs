@@ -47,11 +47,6 @@ pub(super) struct ChannelEntry {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Pending {
     RegistryWatch,
-    DlvConsume,
-    DirectConsume {
-        direct: Direct,
-        sub: SubId,
-    },
     Presence,
     Arm {
         channel: Channel,
@@ -106,26 +101,7 @@ pub(super) enum Timer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Feed {
     Registry,
-    Dlv,
-    Direct(Direct),
     Chat(u64),
-}
-
-/// A direct (JetStream, acked) consumer: the unicast inbox or one role's task queue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum Direct {
-    /// `dm_<id>` on DM.
-    Dm,
-    /// `svc_<role>` on TASK; the index into [`AgentConfig::roles`].
-    Svc(usize),
-}
-
-/// The binding state of one direct consumer.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(super) struct DirectFeed {
-    pub(super) sub: Option<SubId>,
-    pub(super) bound: bool,
-    pub(super) attempts: u32,
 }
 
 pub(super) struct DlvDelivery {
