@@ -22,8 +22,8 @@ impl Agent {
         self.registry = ChannelRegistry::default();
         self.timers.cancel(&Timer::Heartbeat);
         // The audit in flight is moot (its answer is ignored); the next ready connection audits.
-        self.timers.cancel(&Timer::Audit);
-        self.audit_in_flight = None;
+        self.members.cancel_timer(MemberTimer::Audit);
+        self.members.audit_in_flight = None;
         self.loss_poll.on_lost();
         // In-flight joins fail closed; joined channels lose their subscription.
         let names: Vec<Channel> = self.channels.keys().cloned().collect();

@@ -256,10 +256,13 @@ impl Agent {
         let mut reason = None;
         if durable_class {
             match &concrete {
-                Some(c) if self.memberships.contains_key(c) && !self.unclosed.contains_key(c) => {
+                Some(c)
+                    if self.members.mirror.contains_key(c)
+                        && self.members.unclosed(c).is_none() =>
+                {
                     // Already a member (a relaunch's boot join finds it idempotently too). With a
                     // close pending, the daemon is asked instead: the close may have landed.
-                    let generation = self.memberships[c];
+                    let generation = self.members.mirror[c];
                     backstop = BackstopState::Established { generation };
                 }
                 Some(c) => {

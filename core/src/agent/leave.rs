@@ -13,13 +13,13 @@ impl Agent {
         let needs_tombstone = self.cx.config.durable_backstop
             && !self.cx.config.reference_gap_g10
             && concrete.as_ref().is_some_and(|c| {
-                self.memberships.contains_key(c)
-                    || self.maybe_member.contains(c)
+                self.members.mirror.contains_key(c)
+                    || self.members.is_maybe(c)
                     || self.registry.policy_for(&channel).is_durable()
             });
         match (needs_tombstone, concrete) {
             (true, Some(c)) => {
-                if let Some(generation) = self.memberships.get(&c).copied() {
+                if let Some(generation) = self.members.mirror.get(&c).copied() {
                     self.send_leave(c, generation);
                 } else {
                     self.control_request(
@@ -59,9 +59,9 @@ impl Agent {
             self.cx.commands.push_back(Command::Unsubscribe { sub });
         }
         if let Some(c) = channel.to_concrete()
-            && let Some(slot) = self.slot_of.get(&c).copied()
+            && let Some(slot) = self.members.slot_of(&c)
         {
-            self.timers.cancel(&Timer::Reconcile(slot));
+            self.members.cancel_timer(MemberTimer::Reconcile(slot));
         }
         if let Some(request) = entry.leave {
             self.cx.events.push_back(AgentEvent::Left {
@@ -92,16 +92,16 @@ impl Agent {
         let Some(concrete) = channel.to_concrete() else {
             return;
         };
-        if !self.close_in_flight.contains(&concrete)
-            && self.unclosed.remove(&concrete).is_some()
-            && let Some(slot) = self.slot_of.get(&concrete).copied()
+        if !self.members.close_in_flight(&concrete)
+            && self.members.take_unclosed(&concrete).is_some()
+            && let Some(slot) = self.members.slot_of(&concrete)
         {
-            self.timers.cancel(&Timer::Close(slot));
+            self.members.cancel_timer(MemberTimer::Close(slot));
         }
-        if durable && !self.memberships.contains_key(&concrete) {
-            let slot = self.slot(&concrete);
+        if durable && !self.members.mirror.contains_key(&concrete) {
+            let slot = self.members.slot(&concrete);
             let at = self.cx.last_at + backoff(0);
-            self.timers.set(Timer::Reconcile(slot), at);
+            self.members.set_timer(MemberTimer::Reconcile(slot), at);
         }
     }
 
@@ -118,7 +118,7 @@ impl Agent {
         }
         match outcome {
             Outcome::Failed(Failure::NoResponders)
-                if self.memberships_listed && !self.maybe_member.contains(&concrete) =>
+                if self.members.listed && !self.members.is_maybe(&concrete) =>
             {
                 // No daemon, and every membership that can exist is known: nothing to tombstone
                 // (§2(b)).
@@ -153,27 +153,27 @@ impl Agent {
         generation: u64,
         outcome: Outcome<Reply>,
     ) {
-        self.close_in_flight.remove(&channel);
-        self.touched_since_audit.insert(channel.clone());
+        self.members.set_close_in_flight(&channel, false);
+        self.members.touched_since_audit.insert(channel.clone());
         let result = decode_leave_reply(outcome);
         let key = channel.as_channel();
         let leaving = self.channels.get(&key).is_some_and(|e| e.leave.is_some());
         match result {
             Ok(()) => {
-                let mirrored = self.memberships.get(&channel) == Some(&generation);
+                let mirrored = self.members.mirror.get(&channel) == Some(&generation);
                 if mirrored {
-                    self.memberships.remove(&channel);
+                    self.members.mirror.remove(&channel);
                 }
                 let joined = self
                     .channels
                     .get(&key)
                     .is_some_and(|e| e.phase == Phase::Joined);
-                if !leaving && joined && !self.memberships.contains_key(&channel) {
+                if !leaving && joined && !self.members.mirror.contains_key(&channel) {
                     // A close landed while the channel is joined (a refusal close after a rejoin
                     // adopted the same generation, or a close queued during a leave that then
                     // failed): its membership is gone. Establish a new one now.
-                    let slot = self.slot(&channel);
-                    self.timers.set(Timer::Reconcile(slot), now.at);
+                    let slot = self.members.slot(&channel);
+                    self.members.set_timer(MemberTimer::Reconcile(slot), now.at);
                     if let Some(entry) = self.channels.get_mut(&key) {
                         entry.backstop = BackstopState::Degraded {
                             reason: "membership closed by an earlier refusal; rejoining".into(),
@@ -181,12 +181,12 @@ impl Agent {
                         };
                     }
                 }
-                if let Some(u) = self.unclosed.get(&channel)
+                if let Some(u) = self.members.unclosed(&channel)
                     && u.generation == Some(generation)
                 {
-                    self.unclosed.remove(&channel);
-                    if let Some(slot) = self.slot_of.get(&channel).copied() {
-                        self.timers.cancel(&Timer::Close(slot));
+                    self.members.take_unclosed(&channel);
+                    if let Some(slot) = self.members.slot_of(&channel) {
+                        self.members.cancel_timer(MemberTimer::Close(slot));
                     }
                     self.cx.events.push_back(AgentEvent::MembershipClosed {
                         channel: channel.clone(),
@@ -196,7 +196,7 @@ impl Agent {
                 if leaving {
                     self.finish_leave(&key, Some(generation));
                 }
-                if self.unclosed.contains_key(&channel) {
+                if self.members.unclosed(&channel).is_some() {
                     // A close whose target changed while this leave was in flight (a newer
                     // generation may exist): go on with it.
                     self.try_close(channel);
@@ -205,15 +205,16 @@ impl Agent {
             Err((error, detail)) => {
                 if leaving {
                     if error == LeaveError::TombstoneUnknown
-                        && self.memberships.get(&channel) == Some(&generation)
+                        && self.members.mirror.get(&channel) == Some(&generation)
                     {
                         // The tombstone may have landed: the mirror can no longer vouch for the
                         // membership. The channel stays joined (fail closed) but degraded; a
                         // retried leave lists first, and without one the reconcile re-establishes
                         // the backstop (reported, never silent).
-                        self.memberships.remove(&channel);
-                        let slot = self.slot(&channel);
-                        self.timers.set(Timer::Reconcile(slot), now.at + backoff(0));
+                        self.members.mirror.remove(&channel);
+                        let slot = self.members.slot(&channel);
+                        self.members
+                            .set_timer(MemberTimer::Reconcile(slot), now.at + backoff(0));
                         let reason = "durable leave outcome unknown; the membership may be closed";
                         if let Some(entry) = self.channels.get_mut(&key) {
                             entry.backstop = BackstopState::Degraded {
@@ -228,13 +229,13 @@ impl Agent {
                     }
                     self.fail_leave(&key, error.clone());
                 }
-                if self.unclosed.contains_key(&channel) {
+                if self.members.unclosed(&channel).is_some() {
                     if error == LeaveError::TombstoneUnknown
-                        && self.memberships.get(&channel) == Some(&generation)
+                        && self.members.mirror.get(&channel) == Some(&generation)
                     {
                         // The close may have landed: the mirror can no longer vouch for this
                         // generation (a rejoin must ask the daemon rather than adopt it).
-                        self.memberships.remove(&channel);
+                        self.members.mirror.remove(&channel);
                     }
                     self.close_failed(now, &channel, detail);
                 }
@@ -294,13 +295,13 @@ impl Agent {
         }
         let concrete = channel.to_concrete();
         if let Some(c) = &concrete
-            && let Some(slot) = self.slot_of.get(c).copied()
+            && let Some(slot) = self.members.slot_of(c)
         {
-            self.timers.cancel(&Timer::Reconcile(slot));
+            self.members.cancel_timer(MemberTimer::Reconcile(slot));
         }
         let closing = concrete
             .as_ref()
-            .and_then(|c| self.memberships.get(c).copied());
+            .and_then(|c| self.members.mirror.get(c).copied());
         self.cx.events.push_back(AgentEvent::ChannelRefused {
             channel: channel.clone(),
             detail,
@@ -309,11 +310,11 @@ impl Agent {
         if let Some(c) = concrete {
             if let Some(generation) = closing {
                 self.start_close(c, Some(generation));
-            } else if let Some(u) = self.unclosed.get_mut(&c) {
+            } else if let Some(u) = self.members.unclosed_mut(&c) {
                 // A close is pending already, but a join since may have opened a newer
                 // generation: find out by listing before closing.
                 u.generation = None;
-            } else if self.maybe_member.contains(&c) {
+            } else if self.members.is_maybe(&c) {
                 // Not mirrored, but a membership may exist (G41): list, then close.
                 self.start_close(c, None);
             }

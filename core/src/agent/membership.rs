@@ -10,7 +10,7 @@ impl Agent {
         cursor: Option<u64>,
         outcome: Outcome<Reply>,
     ) {
-        self.reconcile_in_flight.remove(&channel);
+        self.members.set_reconcile_in_flight(&channel, false);
         let result = decode_join_reply(outcome);
         let key = channel.as_channel();
         let joined = self
@@ -27,36 +27,37 @@ impl Agent {
                     return;
                 }
                 if self
-                    .memberships
+                    .members
+                    .mirror
                     .get(&channel)
                     .is_some_and(|current| *current > generation)
                 {
                     // A late answer to an older request: a newer membership is established.
                     return;
                 }
-                self.memberships.insert(channel.clone(), generation);
-                self.maybe_member.insert(channel.clone());
-                self.touched_since_audit.insert(channel.clone());
+                self.members.mirror.insert(channel.clone(), generation);
+                self.members.mark_maybe(&channel);
+                self.members.touched_since_audit.insert(channel.clone());
                 // A rejoin supersedes a pending refusal close: of an older generation (the daemon
                 // already replaced it), and of this very generation (the daemon never closed it,
                 // and it is ours again). A close already in flight may still land; its success
                 // handler re-establishes the membership (see `on_durable_leave`).
                 if self
-                    .unclosed
-                    .get(&channel)
+                    .members
+                    .unclosed(&channel)
                     .is_some_and(|u| u.generation.is_none_or(|g| g <= generation))
                 {
-                    self.unclosed.remove(&channel);
-                    if let Some(slot) = self.slot_of.get(&channel).copied() {
-                        self.timers.cancel(&Timer::Close(slot));
+                    self.members.take_unclosed(&channel);
+                    if let Some(slot) = self.members.slot_of(&channel) {
+                        self.members.cancel_timer(MemberTimer::Close(slot));
                     }
                 }
                 let honoured = match (cursor, reply.join_cursor) {
                     (Some(ours), Some(used)) => Some(ours == used),
                     _ => None,
                 };
-                let slot = self.slot(&channel);
-                self.timers.cancel(&Timer::Reconcile(slot));
+                let slot = self.members.slot(&channel);
+                self.members.cancel_timer(MemberTimer::Reconcile(slot));
                 if let Some(entry) = self.channels.get_mut(&key) {
                     entry.backstop = BackstopState::Established { generation };
                     if let Some(join) = entry.join.as_mut() {
@@ -76,19 +77,19 @@ impl Agent {
                 if other.as_ref().is_err_and(|e| e == OUTCOME_UNKNOWN) {
                     // The daemon may have opened a membership we do not know about; a pending
                     // close must look it up rather than close an older generation only.
-                    self.maybe_member.insert(channel.clone());
-                    if let Some(u) = self.unclosed.get_mut(&channel) {
+                    self.members.mark_maybe(&channel);
+                    if let Some(u) = self.members.unclosed_mut(&channel) {
                         u.generation = None;
                     }
                 }
                 if !joined {
-                    if self.maybe_member.contains(&channel) && !self.unclosed.contains_key(&channel)
+                    if self.members.is_maybe(&channel) && self.members.unclosed(&channel).is_none()
                     {
                         self.start_close(channel, None);
                     }
                     return;
                 }
-                if self.memberships.contains_key(&channel) {
+                if self.members.mirror.contains_key(&channel) {
                     // A late failure of an older request (a reconcile from before a leave and
                     // rejoin, answered after its timeout): a durable join never closes anything,
                     // and the membership the mirror holds was confirmed since. Degrading it here
@@ -106,9 +107,9 @@ impl Agent {
                     Some(BackstopState::Degraded { attempts, .. }) => *attempts,
                     _ => 0,
                 };
-                let slot = self.slot(&channel);
-                self.timers
-                    .set(Timer::Reconcile(slot), now.at + backoff(attempts));
+                let slot = self.members.slot(&channel);
+                self.members
+                    .set_timer(MemberTimer::Reconcile(slot), now.at + backoff(attempts));
                 if let Some(entry) = self.channels.get_mut(&key) {
                     entry.backstop = BackstopState::Degraded {
                         reason: reason.clone(),
@@ -143,19 +144,20 @@ impl Agent {
             // backstop must still be re-established, so look again after the backoff step (found
             // by the simulator, seed 409: a reconcile that fired during a retried leave was
             // dropped, and the failed leave left the channel degraded for good).
-            let slot = self.slot(&channel);
+            let slot = self.members.slot(&channel);
             let at = self.cx.last_at + backoff(0);
-            self.timers.set(Timer::Reconcile(slot), at);
+            self.members.set_timer(MemberTimer::Reconcile(slot), at);
             return;
         }
-        if self.memberships.contains_key(&channel) || self.reconcile_in_flight.contains(&channel) {
+        if self.members.mirror.contains_key(&channel) || self.members.reconcile_in_flight(&channel)
+        {
             return;
         }
         if self.cx.link != Link::Ready {
             // Retry after the next backoff step; the connection decides when.
-            let slot = self.slot(&channel);
+            let slot = self.members.slot(&channel);
             let at = self.cx.last_at + backoff(0);
-            self.timers.set(Timer::Reconcile(slot), at);
+            self.members.set_timer(MemberTimer::Reconcile(slot), at);
             return;
         }
         // The backstop stays `Degraded` (with one more attempt counted) while the request is in
@@ -167,7 +169,7 @@ impl Agent {
         // live (at-most-once), so the daemon's catch-up from it closes that window (G1).
         let join_cursor = entry.watermark;
         bump(&mut self.cx.counters.reconcile_attempts);
-        self.reconcile_in_flight.insert(channel.clone());
+        self.members.set_reconcile_in_flight(&channel, true);
         let request = DeliveryRequest::DurableJoin {
             channel: channel.clone(),
             join_cursor,
@@ -188,11 +190,11 @@ impl Agent {
         if !self.cx.config.durable_backstop || self.cx.stopped || self.cx.link != Link::Ready {
             return;
         }
-        self.timers.cancel(&Timer::Audit);
-        self.audits = self.audits.saturating_add(1);
-        let audit = self.audits;
-        self.audit_in_flight = Some(audit);
-        self.touched_since_audit.clear();
+        self.members.cancel_timer(MemberTimer::Audit);
+        self.members.audits = self.members.audits.saturating_add(1);
+        let audit = self.members.audits;
+        self.members.audit_in_flight = Some(audit);
+        self.members.touched_since_audit.clear();
         self.control_request(
             &DeliveryRequest::ListMemberships,
             Pending::ListForAudit { audit },
@@ -202,14 +204,14 @@ impl Agent {
 
     /// Reconciles the mirror with a `listMemberships` answer (see the module docs).
     pub(super) fn on_audit(&mut self, now: Now, audit: u64, outcome: Outcome<Reply>) {
-        if self.audit_in_flight != Some(audit) {
+        if self.members.audit_in_flight != Some(audit) {
             return;
         }
-        self.audit_in_flight = None;
+        self.members.audit_in_flight = None;
         if let Some(every) = self.cx.config.membership_audit
             && !self.cx.stopped
         {
-            self.timers.set(Timer::Audit, now.at + every);
+            self.members.set_timer(MemberTimer::Audit, now.at + every);
         }
         let list = match self.decode_list(outcome) {
             Ok(list) => list,
@@ -224,16 +226,13 @@ impl Agent {
             .iter()
             .map(|m| (m.channel.clone(), m.generation))
             .collect();
-        let touched = std::mem::take(&mut self.touched_since_audit);
-        let settled = |agent: &Agent, c: &ConcreteChannel| {
-            !touched.contains(c)
-                && !agent.reconcile_in_flight.contains(c)
-                && !agent.close_in_flight.contains(c)
-                && !agent.unclosed.contains_key(c)
-        };
+        let touched = std::mem::take(&mut self.members.touched_since_audit);
+        let settled =
+            |agent: &Agent, c: &ConcreteChannel| !touched.contains(c) && agent.members.settled(c);
         // Mirrored memberships whose record is gone.
         let lost: Vec<(ConcreteChannel, u64)> = self
-            .memberships
+            .members
+            .mirror
             .iter()
             .filter(|(c, g)| {
                 settled(self, c)
@@ -256,7 +255,7 @@ impl Agent {
             .collect();
         for (channel, generation) in orphans {
             bump(&mut self.cx.counters.memberships_orphaned);
-            self.maybe_member.insert(channel.clone());
+            self.members.mark_maybe(&channel);
             self.cx.events.push_back(AgentEvent::MembershipOrphaned {
                 channel: channel.clone(),
                 generation,
@@ -268,7 +267,7 @@ impl Agent {
     /// The audit found the mirrored membership `generation` of a joined channel gone: the mirror
     /// forgets it, the backstop is degraded and reported, and the reconcile opens a new one.
     pub(super) fn membership_lost(&mut self, channel: ConcreteChannel, generation: u64) {
-        self.memberships.remove(&channel);
+        self.members.mirror.remove(&channel);
         bump(&mut self.cx.counters.memberships_lost);
         let reason = format!(
             "membership generation {generation} is gone from the registry (removed out of band); \
@@ -292,27 +291,24 @@ impl Agent {
     }
 
     pub(super) fn start_close(&mut self, channel: ConcreteChannel, generation: Option<u64>) {
-        self.unclosed.insert(
-            channel.clone(),
-            Unclosed {
-                channel: channel.clone(),
-                generation,
-                attempts: 0,
-                last_error: None,
-            },
-        );
+        self.members.set_unclosed(Unclosed {
+            channel: channel.clone(),
+            generation,
+            attempts: 0,
+            last_error: None,
+        });
         self.try_close(channel);
     }
 
     pub(super) fn try_close(&mut self, channel: ConcreteChannel) {
-        let Some(u) = self.unclosed.get(&channel) else {
+        let Some(u) = self.members.unclosed(&channel) else {
             return;
         };
-        if self.close_in_flight.contains(&channel) {
+        if self.members.close_in_flight(&channel) {
             return;
         }
         let generation = u.generation;
-        self.close_in_flight.insert(channel.clone());
+        self.members.set_close_in_flight(&channel, true);
         match generation {
             Some(generation) => self.send_leave(channel, generation),
             None => self.control_request(
@@ -329,7 +325,7 @@ impl Agent {
         outcome: Outcome<Reply>,
     ) -> Result<ListMembershipsReply, String> {
         let list = decode_list_reply(outcome)?;
-        self.memberships_listed = true;
+        self.members.listed = true;
         Ok(list)
     }
 
@@ -339,21 +335,21 @@ impl Agent {
         channel: ConcreteChannel,
         outcome: Outcome<Reply>,
     ) {
-        self.close_in_flight.remove(&channel);
-        if !self.unclosed.contains_key(&channel) {
+        self.members.set_close_in_flight(&channel, false);
+        if self.members.unclosed(&channel).is_none() {
             return;
         }
         match self.decode_list(outcome) {
             Ok(list) => match list.memberships.iter().find(|m| m.channel == channel) {
                 Some(m) => {
-                    if let Some(u) = self.unclosed.get_mut(&channel) {
+                    if let Some(u) = self.members.unclosed_mut(&channel) {
                         u.generation = Some(m.generation);
                     }
                     self.try_close(channel);
                 }
                 None => {
                     // Nothing open: the unknown join was not applied, or was closed already.
-                    self.unclosed.remove(&channel);
+                    self.members.take_unclosed(&channel);
                 }
             },
             Err(detail) => self.close_failed(now, &channel, detail),
@@ -362,16 +358,16 @@ impl Agent {
 
     pub(super) fn close_failed(&mut self, now: Now, channel: &ConcreteChannel, detail: String) {
         bump(&mut self.cx.counters.close_failures);
-        let slot = self.slot(channel);
-        let Some(u) = self.unclosed.get_mut(channel) else {
+        let slot = self.members.slot(channel);
+        let Some(u) = self.members.unclosed_mut(channel) else {
             return;
         };
         let attempt = u.attempts;
         u.attempts = u.attempts.saturating_add(1);
         u.last_error = Some(detail.clone());
         let (generation, attempts) = (u.generation, u.attempts);
-        self.timers
-            .set(Timer::Close(slot), now.at + backoff(attempt));
+        self.members
+            .set_timer(MemberTimer::Close(slot), now.at + backoff(attempt));
         if attempt == 0 || attempts.is_multiple_of(5) {
             self.cx
                 .events

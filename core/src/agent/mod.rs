@@ -119,7 +119,7 @@ use crate::wire::subject::{
 };
 use crate::wire::token::{AgentId, Channel, ConcreteChannel, Role};
 use bytes::Bytes;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 mod connection;
 mod ctx;
@@ -127,6 +127,7 @@ mod direct;
 mod join;
 mod leave;
 mod losses;
+mod members;
 mod membership;
 mod receive;
 mod send;
@@ -136,6 +137,7 @@ mod types;
 use ctx::{Ctx, Link, bump};
 use direct::{Consumer, Direct, DirectFeeds};
 use losses::LossPoll;
+use members::{MemberTimer, Members};
 use send::{Outgoing, Sends};
 use state::*;
 pub use types::*;
@@ -154,32 +156,8 @@ pub struct Agent {
     feeds: BTreeMap<SubId, Feed>,
     /// Channel entries by a stable key (their epoch-independent slot).
     channels: BTreeMap<Channel, ChannelEntry>,
-    /// Timer keys for per-channel timers.
-    slots: BTreeMap<u64, ConcreteChannel>,
-    slot_of: BTreeMap<ConcreteChannel, u64>,
-    /// The local mirror of established memberships (`plane3Channels`).
-    memberships: BTreeMap<ConcreteChannel, u64>,
-    /// Channels that held, or may hold, a membership in this life: established once, or a durable
-    /// join whose outcome was unknown (it may have been applied, R10). A leave never skips their
-    /// tombstone, and a refusal closes them even without a mirrored generation (G41, G42).
-    maybe_member: BTreeSet<ConcreteChannel>,
-    /// A `listMemberships` reply was decoded in this life: from then on every membership that
-    /// can exist is known (listed, or opened by a join of this life and so in `maybe_member`).
-    /// Until then an earlier life's membership may be open, so "no responders" proves nothing
-    /// (G42 across a restart).
-    memberships_listed: bool,
-    /// The membership audit in flight (its number), if any.
-    audit_in_flight: Option<u64>,
-    /// Audits sent so far (numbers the in-flight one).
-    audits: u64,
-    /// Channels whose mirror or membership changed since the audit in flight was sent: its
-    /// snapshot may predate the change, so they are not judged from it.
-    touched_since_audit: BTreeSet<ConcreteChannel>,
-    /// Memberships to close after a refusal (`pendingDurableLeave`).
-    unclosed: BTreeMap<ConcreteChannel, Unclosed>,
-    /// Closes and reconciles with a request in flight.
-    close_in_flight: BTreeSet<ConcreteChannel>,
-    reconcile_in_flight: BTreeSet<ConcreteChannel>,
+    /// The membership book: the mirror and every concrete channel's membership record.
+    members: Members,
     registry: ChannelRegistry,
     first_connect: bool,
     /// The loss-record poll.
@@ -219,17 +197,7 @@ impl Agent {
             pending: BTreeMap::new(),
             feeds: BTreeMap::new(),
             channels: BTreeMap::new(),
-            slots: BTreeMap::new(),
-            slot_of: BTreeMap::new(),
-            memberships: BTreeMap::new(),
-            maybe_member: BTreeSet::new(),
-            memberships_listed: false,
-            audit_in_flight: None,
-            audits: 0,
-            touched_since_audit: BTreeSet::new(),
-            unclosed: BTreeMap::new(),
-            close_in_flight: BTreeSet::new(),
-            reconcile_in_flight: BTreeSet::new(),
+            members: Members::default(),
             registry: ChannelRegistry::default(),
             first_connect: true,
             loss_poll: LossPoll::default(),
@@ -265,7 +233,7 @@ impl Agent {
             // Already joined: an idempotent no-op that reports the mirror (A4).
             let generation = channel
                 .to_concrete()
-                .and_then(|c| self.memberships.get(&c).copied());
+                .and_then(|c| self.members.mirror.get(&c).copied());
             let request = self.cx.next_request_id();
             self.cx.events.push_back(AgentEvent::Joined {
                 request: Some(request),
@@ -529,6 +497,7 @@ impl Agent {
         self.timers = TimerTable::new();
         self.loss_poll.on_lost();
         self.direct.clear_timers();
+        self.members.clear_timers();
         if self.cx.link != Link::Down && self.cx.config.heartbeat.is_some() {
             let record = self.presence(now, PresenceStatus::Offline).to_offline();
             let op = self.op(Pending::Presence);
@@ -574,7 +543,7 @@ impl Agent {
 
     /// The membership mirror: channel → generation.
     pub fn memberships(&self) -> &BTreeMap<ConcreteChannel, u64> {
-        &self.memberships
+        &self.members.mirror
     }
 
     /// The health surface.
@@ -591,7 +560,7 @@ impl Agent {
                     backstop: e.backstop.clone(),
                 })
                 .collect(),
-            unclosed: self.unclosed.values().cloned().collect(),
+            unclosed: self.members.unclosed_all().cloned().collect(),
             dlv_bound: self.direct.dlv_bound(),
             direct: self.direct.health(&self.cx.config),
             counters: self.cx.counters,
@@ -634,16 +603,6 @@ impl Agent {
     fn epoch(&mut self) -> u64 {
         self.next_epoch += 1;
         self.next_epoch
-    }
-
-    fn slot(&mut self, channel: &ConcreteChannel) -> u64 {
-        if let Some(s) = self.slot_of.get(channel) {
-            return *s;
-        }
-        let s = self.slots.len() as u64 + 1;
-        self.slots.insert(s, channel.clone());
-        self.slot_of.insert(channel.clone(), s);
-        s
     }
 
     fn chat_stream(&self) -> String {
@@ -878,17 +837,18 @@ impl Agent {
                 .direct
                 .handle_timeout(&mut self.cx, Consumer::Direct(d)),
             Timer::Reconcile(slot) => {
-                if let Some(c) = self.slots.get(&slot).cloned() {
+                if let Some(c) = self.members.channel_of(slot) {
                     self.reconcile(c);
                 }
             }
             Timer::Audit => self.start_audit(),
             Timer::Close(slot) => {
-                if let Some(c) = self.slots.get(&slot).cloned() {
+                if let Some(c) = self.members.channel_of(slot) {
                     if self.cx.link == Link::Ready {
                         self.try_close(c);
                     } else {
-                        self.timers.set(Timer::Close(slot), now.at + backoff(0));
+                        self.members
+                            .set_timer(MemberTimer::Close(slot), now.at + backoff(0));
                     }
                 }
             }
@@ -943,6 +903,11 @@ impl Agent {
                 Consumer::Dlv => (at, Timer::DlvBind),
                 Consumer::Direct(d) => (at, Timer::DirectBind(d)),
             }),
+            self.members.poll_timeout().map(|(at, t)| match t {
+                MemberTimer::Reconcile(slot) => (at, Timer::Reconcile(slot)),
+                MemberTimer::Close(slot) => (at, Timer::Close(slot)),
+                MemberTimer::Audit => (at, Timer::Audit),
+            }),
         ];
         let mut next = self.timers.next().map(|(at, t)| (at, *t));
         for candidate in children.into_iter().flatten() {
@@ -959,6 +924,9 @@ impl Agent {
             Timer::Losses => {}
             Timer::DlvBind => self.direct.take_timer(Consumer::Dlv),
             Timer::DirectBind(d) => self.direct.take_timer(Consumer::Direct(*d)),
+            Timer::Reconcile(slot) => self.members.cancel_timer(MemberTimer::Reconcile(*slot)),
+            Timer::Close(slot) => self.members.cancel_timer(MemberTimer::Close(*slot)),
+            Timer::Audit => self.members.cancel_timer(MemberTimer::Audit),
             _ => {
                 self.timers.cancel(timer);
             }

@@ -8,6 +8,7 @@ use crate::io::{PubAck, Response, StreamState};
 use crate::wire::control::{ControlRequest, DurableLeaveReply, MembershipSummary};
 use crate::wire::message::Sender;
 use crate::wire::token::{AgentId, Space};
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 const SPACE: &str = "main";
@@ -1387,7 +1388,7 @@ fn g42_no_responders_never_skips_the_tombstone_of_a_known_membership() {
     w.run();
     // The mirror loses the generation (as after a refusal close raced a rejoin) but the agent
     // knows it held a membership in this life.
-    w.agent.memberships.clear();
+    w.agent.members.mirror.clear();
     w.daemon.up = false;
     w.agent.leave(w.now, &ch("review")).unwrap();
     w.run();
