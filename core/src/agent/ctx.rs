@@ -20,6 +20,15 @@ pub(super) enum Link {
     Ready,
 }
 
+/// A direct (JetStream, acked) consumer: the unicast inbox or one role's task queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Direct {
+    /// `dm_<id>` on DM.
+    Dm,
+    /// `svc_<role>` on TASK; the index into [`AgentConfig::roles`].
+    Svc(usize),
+}
+
 /// What the parent lends its children (see the module docs).
 #[derive(Debug)]
 pub(super) struct Ctx {

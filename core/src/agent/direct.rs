@@ -19,7 +19,7 @@
 //!   its feeds go to the parent's authenticity filter and ledger: the parent asks
 //!   [`DirectFeeds::feed`] which consumer a subscription is.
 
-use super::ctx::{Ctx, Link, bump};
+use super::ctx::{Ctx, Direct, Link, bump};
 use super::types::{AgentConfig, AgentEvent, DirectHealth};
 use crate::constants::{DEFAULT_INACTIVE_THRESHOLD, backoff};
 use crate::io::{Command, Reply, SubId};
@@ -28,15 +28,6 @@ use crate::time::{Instant, Now};
 use crate::wire::config::ConsumerSpec;
 use crate::wire::subject::DeliveryKind;
 use std::collections::{BTreeMap, BTreeSet};
-
-/// A direct (JetStream, acked) consumer: the unicast inbox or one role's task queue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(super) enum Direct {
-    /// `dm_<id>` on DM.
-    Dm,
-    /// `svc_<role>` on TASK; the index into [`AgentConfig::roles`].
-    Svc(usize),
-}
 
 /// Which consumer a feed (or a rebind deadline) belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

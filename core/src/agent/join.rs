@@ -426,7 +426,15 @@ impl Agent {
                     }
                     last = Some(m.seq);
                     count += 1;
-                    self.ingest_stored(now, &m);
+                    let channels = &self.channels;
+                    self.receiver.ingest_chat(
+                        &mut self.cx,
+                        now,
+                        &m.subject,
+                        &m.payload,
+                        CopySource::Backfill,
+                        |c| established(channels, c),
+                    );
                 }
                 if let Some(join) = self
                     .channels

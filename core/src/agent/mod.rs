@@ -97,28 +97,22 @@ use crate::constants::{
 };
 use crate::entropy::IdGen;
 use crate::io::{
-    AckKind, Command, Completion, Connection, Inbound, Input, KvCondition, KvOperation, Machine,
-    ReadStart, Reply, StoredMessage, SubId,
+    Command, Completion, Connection, Inbound, Input, KvCondition, KvOperation, Machine, ReadStart,
+    Reply, SubId,
 };
-use crate::ledger::{
-    Action, CopySource, Decision, DeliveryId, DurableDelivery, Ledger, LedgerError, MessageId,
-    Rejection, Resolution, Settled, Surfaced,
-};
+use crate::ledger::{CopySource, Ledger, LedgerError, MessageId, Surfaced};
 use crate::op::{Failure, OpId, Outcome, TimerTable};
 use crate::policy::{Backfill, ChannelRegistry};
 use crate::time::{Duration, Instant, Now, UnixMillis};
 use crate::wire::config::{ConsumerSpec, SpaceStream};
-use crate::wire::control::{ControlReply, DeliveryRequest, DurableJoinReply, ListMembershipsReply};
+use crate::wire::control::{DeliveryRequest, ListMembershipsReply};
 use crate::wire::json;
 use crate::wire::keys::KvBucket;
-use crate::wire::message::{
-    AgentCard, CotalMessage, Part, Presence, PresenceStatus, Route, normalize_mentions,
-};
+use crate::wire::message::{AgentCard, Part, Presence, PresenceStatus, Route, normalize_mentions};
 use crate::wire::subject::{
-    DeliveryKind, Subject, chat_subscribe_pattern, delivery_reply_subject, delivery_request_subject,
+    chat_subscribe_pattern, delivery_reply_subject, delivery_request_subject,
 };
 use crate::wire::token::{AgentId, Channel, ConcreteChannel, Role};
-use bytes::Bytes;
 use std::collections::{BTreeMap, VecDeque};
 
 mod connection;
@@ -135,9 +129,10 @@ mod state;
 mod types;
 
 use ctx::{Ctx, Link, bump};
-use direct::{Consumer, Direct, DirectFeeds};
+use direct::{Consumer, DirectFeeds};
 use losses::LossPoll;
 use members::{MemberTimer, Members};
+use receive::{DlvDelivery, Receiver};
 use send::{Outgoing, Sends};
 use state::*;
 pub use types::*;
@@ -172,7 +167,8 @@ pub struct Agent {
     backfill_busy: bool,
     backfill_queue: VecDeque<(Channel, u64, ReadStart, u64)>,
     registry_feed: Option<SubId>,
-    ledger: Ledger<Arrival>,
+    /// The authenticity filter and the ledger.
+    receiver: Receiver,
 }
 
 impl Agent {
@@ -206,7 +202,7 @@ impl Agent {
             backfill_busy: false,
             backfill_queue: VecDeque::new(),
             registry_feed: None,
-            ledger,
+            receiver: Receiver::new(ledger),
         })
     }
 
@@ -464,7 +460,7 @@ impl Agent {
     /// (or [`Agent::decline`]) once the application is done with it: only then is its durable
     /// copy acked.
     pub fn take_messages(&mut self, now: Now, limit: usize) -> Vec<Surfaced<Arrival>> {
-        self.ledger.surface(now.at, limit)
+        self.receiver.surface(now, limit)
     }
 
     /// Reports a surfaced message as handled: its durable copy, if any, is acked now.
@@ -473,8 +469,7 @@ impl Agent {
     ///
     /// [`AgentError::Ledger`] for an id that is not pending; nothing changes.
     pub fn handled(&mut self, now: Now, id: &MessageId) -> Result<(), AgentError> {
-        let settled = self.ledger.handled(now.at, id);
-        self.ack_settled(settled)
+        self.receiver.handled(&mut self.cx, now, id)
     }
 
     /// Declines a pending message (mute, focus …): acked, remembered, not surfaced again.
@@ -483,8 +478,7 @@ impl Agent {
     ///
     /// [`AgentError::Ledger`] for an id that is not pending.
     pub fn decline(&mut self, now: Now, id: &MessageId) -> Result<(), AgentError> {
-        let settled = self.ledger.decline(now.at, id);
-        self.ack_settled(settled)
+        self.receiver.decline(&mut self.cx, now, id)
     }
 
     /// Stops the agent: publishes an offline presence (best effort), closes every feed, clears
@@ -565,13 +559,13 @@ impl Agent {
             direct: self.direct.health(&self.cx.config),
             counters: self.cx.counters,
             losses: self.loss_poll.ledger().cloned(),
-            ledger: *self.ledger.counters(),
+            ledger: *self.receiver.ledger().counters(),
         }
     }
 
     /// The receiver ledger (read-only), for hosts that persist its horizon.
     pub fn ledger(&self) -> &Ledger<Arrival> {
-        &self.ledger
+        self.receiver.ledger()
     }
 
     fn check_connected(&self) -> Result<(), AgentError> {
@@ -628,32 +622,6 @@ impl Agent {
         }
     }
 
-    /// Sends the ack a settlement carries (the durable copy's, if the entry held one).
-    fn ack_settled(&mut self, settled: Result<Settled, LedgerError>) -> Result<(), AgentError> {
-        if let Some(r) = settled.map_err(AgentError::Ledger)?.ack {
-            self.resolve(r);
-        }
-        Ok(())
-    }
-
-    fn resolve(&mut self, r: Resolution) {
-        let kind = match r.action {
-            Action::Ack => AckKind::Ack,
-            Action::Nak { delay } => AckKind::Nak { delay },
-            Action::Term => AckKind::Term,
-            Action::Forget => return,
-        };
-        let op = self.op(Pending::Settle);
-        // Unconfirmed: no decision waits on it. A lost ack brings the copy back after ack_wait,
-        // and the dedup ledger's settled horizon acks it again without surfacing it.
-        self.cx.commands.push_back(Command::Settle {
-            op,
-            delivery: r.delivery,
-            kind,
-            confirm: false,
-        });
-    }
-
     fn control_request(&mut self, request: &DeliveryRequest, pending: Pending, timeout: Duration) {
         let uuid = self.cx.ids.uuid();
         let space = self.cx.config.space.clone();
@@ -680,6 +648,11 @@ impl Agent {
     fn on_completion(&mut self, now: Now, completion: Completion) {
         if self.sends.owns(completion.op) {
             self.sends
+                .on_completion(&mut self.cx, completion.op, completion.outcome);
+            return;
+        }
+        if self.receiver.owns(completion.op) {
+            self.receiver
                 .on_completion(&mut self.cx, completion.op, completion.outcome);
             return;
         }
@@ -746,12 +719,6 @@ impl Agent {
                 channel,
                 generation,
             } => self.on_durable_leave(now, channel, generation, outcome),
-            Pending::Settle => {
-                if !outcome.is_success() {
-                    // The delivery comes back after ack_wait; the ledger's horizon settles it.
-                    bump(&mut self.cx.counters.settles_unconfirmed);
-                }
-            }
         }
     }
 
@@ -774,7 +741,15 @@ impl Agent {
                     subject, payload, ..
                 },
             ) => {
-                self.ingest_chat(now, &subject, &payload, CopySource::Live);
+                let channels = &self.channels;
+                self.receiver.ingest_chat(
+                    &mut self.cx,
+                    now,
+                    &subject,
+                    &payload,
+                    CopySource::Live,
+                    |c| established(channels, c),
+                );
             }
             (_, Inbound::Refused { detail, .. }) => self.on_refused(sub, detail),
             _ => {}
@@ -801,8 +776,11 @@ impl Agent {
                     payload,
                 };
                 match consumer {
-                    Consumer::Dlv => self.on_delivery(now, d),
-                    Consumer::Direct(direct) => self.on_direct_delivery(now, direct, d),
+                    Consumer::Dlv => self.receiver.on_delivery(&mut self.cx, now, d),
+                    Consumer::Direct(direct) => {
+                        self.receiver
+                            .on_direct_delivery(&mut self.cx, now, direct, d)
+                    }
                 }
             }
             Inbound::ConsumerEnded { detail, .. } => {
@@ -892,6 +870,14 @@ impl Machine for Agent {
     fn poll_timeout(&self) -> Option<Instant> {
         self.next_timer().map(|(at, _)| at)
     }
+}
+
+/// Whether the channel's durable backstop is established (its live copies have a durable twin
+/// coming).
+fn established(channels: &BTreeMap<Channel, ChannelEntry>, channel: &ConcreteChannel) -> bool {
+    channels
+        .get(&channel.as_channel())
+        .is_some_and(|e| matches!(e.backstop, BackstopState::Established { .. }))
 }
 
 impl Agent {

@@ -1,10 +1,16 @@
-//! The agent's internal vocabulary: channel entries, pending operations, timers, feeds.
+//! The parent's internal vocabulary: a channel's join state ([`ChannelEntry`]), the operations
+//! the parent itself has in flight ([`Pending`]), every timer's name ([`Timer`], which orders
+//! the parent's and the children's deadlines alike), the parent's feeds, and the decoders of
+//! the daemon's control replies. It imports neither the parent nor a child, only the shared
+//! [`super::ctx`] and [`super::types`].
 
-use super::*;
-
-// ---------------------------------------------------------------------------------------------
-// Internal state
-// ---------------------------------------------------------------------------------------------
+use super::ctx::Direct;
+use super::types::{BackstopState, JoinReport, LeaveError, RequestId};
+use crate::io::{Reply, SubId};
+use crate::op::Outcome;
+use crate::wire::control::{ControlReply, DurableJoinReply, ListMembershipsReply};
+use crate::wire::json;
+use crate::wire::token::{Channel, ConcreteChannel};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Phase {
@@ -82,7 +88,6 @@ pub(super) enum Pending {
         channel: ConcreteChannel,
         generation: u64,
     },
-    Settle,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -102,14 +107,6 @@ pub(super) enum Timer {
 pub(super) enum Feed {
     Registry,
     Chat(u64),
-}
-
-pub(super) struct DlvDelivery {
-    pub(super) delivery: DeliveryId,
-    pub(super) stream_seq: u64,
-    pub(super) delivery_count: u64,
-    pub(super) subject: String,
-    pub(super) payload: Bytes,
 }
 
 pub(super) fn control_reply(outcome: Outcome<Reply>) -> Result<ControlReply, String> {

@@ -4,10 +4,16 @@
 
 use super::*;
 use crate::constants::MEMBERSHIP_AUDIT_INTERVAL;
-use crate::io::{PubAck, Response, StreamState};
-use crate::wire::control::{ControlRequest, DurableLeaveReply, MembershipSummary};
+use crate::io::{AckKind, PubAck, Response, StoredMessage, StreamState};
+use crate::ledger::DeliveryId;
+use crate::wire::control::{
+    ControlReply, ControlRequest, DurableJoinReply, DurableLeaveReply, MembershipSummary,
+};
+use crate::wire::message::CotalMessage;
 use crate::wire::message::Sender;
+use crate::wire::subject::DeliveryKind;
 use crate::wire::token::{AgentId, Space};
+use bytes::Bytes;
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
