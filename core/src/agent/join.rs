@@ -339,76 +339,26 @@ impl Agent {
         if let ReadStart::Seq(s) = start {
             entry.backfill_next = Some(s);
         }
-        if self.backfill_busy {
-            // One history reader at a time: the agent's credential grants one pinned name.
-            self.backfill_queue
-                .push_back((channel.clone(), epoch, start, until));
-            return;
-        }
-        self.issue_backfill(channel.clone(), epoch, start, until);
+        self.history.read(
+            &mut self.cx,
+            PageRead {
+                channel: channel.clone(),
+                epoch,
+                start,
+                until,
+            },
+        );
     }
 
-    pub(super) fn issue_backfill(
-        &mut self,
-        channel: Channel,
-        epoch: u64,
-        start: ReadStart,
-        until: u64,
-    ) {
-        self.backfill_busy = true;
-        let filter = chat_subscribe_pattern(&self.cx.config.space, &channel);
-        let reader = ConsumerSpec::chathist(
-            &self.cx.config.space,
-            &self.cx.config.me.id,
-            &channel,
-            crate::wire::config::DeliverPolicy::All,
-        )
-        .name;
-        let op = self.op(Pending::Backfill {
+    /// A backfill page's completion (the reader has moved on already): ingest it, and read the
+    /// next page or finish.
+    pub(super) fn on_backfill(&mut self, now: Now, read: PageRead, outcome: Outcome<Reply>) {
+        let PageRead {
             channel,
             epoch,
             until,
-        });
-        self.cx.commands.push_back(Command::ReadStream {
-            op,
-            stream: SpaceStream::Chat.name(&self.cx.config.space),
-            filter,
-            start,
-            last_seq: Some(until),
-            max: HISTORY_FETCH_MAX_BATCH,
-            reader: Some(reader),
-        });
-    }
-
-    /// The history reader is free again: start the next queued page of a channel still joined
-    /// in the same attempt.
-    pub(super) fn next_backfill(&mut self) {
-        self.backfill_busy = false;
-        if self.cx.link == Link::Down {
-            // The reads of this connection are over; a restore does not re-backfill.
-            self.backfill_queue.clear();
-            return;
-        }
-        while let Some((channel, epoch, start, until)) = self.backfill_queue.pop_front() {
-            if self
-                .channels
-                .get(&channel)
-                .is_some_and(|e| e.epoch == epoch && e.phase == Phase::Joined)
-            {
-                self.issue_backfill(channel, epoch, start, until);
-                return;
-            }
-        }
-    }
-
-    pub(super) fn on_backfill(
-        &mut self,
-        now: Now,
-        channel: Channel,
-        epoch: u64,
-        until: u64,
-        outcome: Outcome<Reply>,
-    ) {
+            ..
+        } = read;
         let Some(entry) = self.channels.get(&channel) else {
             return;
         };

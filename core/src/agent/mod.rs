@@ -104,7 +104,7 @@ use crate::ledger::{CopySource, Ledger, LedgerError, MessageId, Surfaced};
 use crate::op::{Failure, OpId, Outcome, TimerTable};
 use crate::policy::{Backfill, ChannelRegistry};
 use crate::time::{Duration, Instant, Now, UnixMillis};
-use crate::wire::config::{ConsumerSpec, SpaceStream};
+use crate::wire::config::SpaceStream;
 use crate::wire::control::{DeliveryRequest, ListMembershipsReply};
 use crate::wire::json;
 use crate::wire::keys::KvBucket;
@@ -113,11 +113,12 @@ use crate::wire::subject::{
     chat_subscribe_pattern, delivery_reply_subject, delivery_request_subject,
 };
 use crate::wire::token::{AgentId, Channel, ConcreteChannel, Role};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
 mod connection;
 mod ctx;
 mod direct;
+mod history;
 mod join;
 mod leave;
 mod losses;
@@ -130,6 +131,7 @@ mod types;
 
 use ctx::{Ctx, Link, bump};
 use direct::{Consumer, DirectFeeds};
+use history::{HistoryReader, PageRead};
 use losses::LossPoll;
 use members::{MemberTimer, Members};
 use receive::{DlvDelivery, Receiver};
@@ -163,9 +165,8 @@ pub struct Agent {
     direct: DirectFeeds,
     /// Registry watches that failed or ended unknown on this connection (retried with backoff).
     registry_attempts: u32,
-    /// A history read is in flight (one at a time: one pinned reader name).
-    backfill_busy: bool,
-    backfill_queue: VecDeque<(Channel, u64, ReadStart, u64)>,
+    /// The backfill's history reader.
+    history: HistoryReader,
     registry_feed: Option<SubId>,
     /// The authenticity filter and the ledger.
     receiver: Receiver,
@@ -199,8 +200,7 @@ impl Agent {
             loss_poll: LossPoll::default(),
             sends: Sends::default(),
             registry_attempts: 0,
-            backfill_busy: false,
-            backfill_queue: VecDeque::new(),
+            history: HistoryReader::default(),
             registry_feed: None,
             receiver: Receiver::new(ledger),
         })
@@ -651,6 +651,20 @@ impl Agent {
                 .on_completion(&mut self.cx, completion.op, completion.outcome);
             return;
         }
+        if self.history.owns(completion.op) {
+            let channels = &self.channels;
+            let done = self
+                .history
+                .on_completion(&mut self.cx, completion.op, |c, epoch| {
+                    channels
+                        .get(c)
+                        .is_some_and(|e| e.epoch == epoch && e.phase == Phase::Joined)
+                });
+            if let Some(read) = done {
+                self.on_backfill(now, read, completion.outcome);
+            }
+            return;
+        }
         if self.receiver.owns(completion.op) {
             self.receiver
                 .on_completion(&mut self.cx, completion.op, completion.outcome);
@@ -701,14 +715,6 @@ impl Agent {
             Pending::Arm { channel, epoch } => self.on_arm(channel, epoch, outcome),
             Pending::Subscribe { channel, epoch } => self.on_subscribe(channel, epoch, outcome),
             Pending::Barrier { channel, epoch } => self.on_barrier(channel, epoch, outcome),
-            Pending::Backfill {
-                channel,
-                epoch,
-                until,
-            } => {
-                self.next_backfill();
-                self.on_backfill(now, channel, epoch, until, outcome)
-            }
             Pending::DurableJoin { channel, cursor } => {
                 self.on_durable_join(now, channel, cursor, outcome)
             }

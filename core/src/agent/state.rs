@@ -66,11 +66,6 @@ pub(super) enum Pending {
         channel: Channel,
         epoch: u64,
     },
-    Backfill {
-        channel: Channel,
-        epoch: u64,
-        until: u64,
-    },
     DurableJoin {
         channel: ConcreteChannel,
         cursor: Option<u64>,
