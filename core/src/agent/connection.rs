@@ -1,4 +1,15 @@
-//! Connection life: loss, restore, the channel registry watch, presence heartbeats.
+//! Connection life (parent code, `impl Agent`): loss, restore, the channel registry watch,
+//! presence heartbeats.
+//!
+//! # Connection (§2(e))
+//!
+//! On [`Connection::Restored`] the first time, the boot channels are joined like runtime joins
+//! (watermark, subscribe, confirm, backfill, durable self-join). On later restores the joined
+//! channels are re-subscribed and confirmed; no watermark, no backfill: durable channels catch up
+//! through DLV, live channels have a gap. The joined set, the membership mirror, pending closes and
+//! reconciles survive; the registry cache, subscriptions and in-flight joins do not (a join in
+//! flight when the connection drops fails closed). The endpoint refuses joins and leaves until the
+//! channel registry watch has loaded: the cache must not answer before it is complete (G10).
 
 use super::*;
 

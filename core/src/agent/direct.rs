@@ -18,6 +18,20 @@
 //!   `ConsumerEnded` of its feeds, its deadlines, connection loss and restore. The deliveries of
 //!   its feeds go to the parent's authenticity filter and ledger: the parent asks
 //!   [`DirectFeeds::feed`] which consumer a subscription is.
+//!
+//! # Unicast and anycast (§1.2, §2(e), §2(f))
+//!
+//! [`super::Agent::send_dm`] publishes on `cotal.<s>.inst.<target>.<me>` (captured by `DM_<s>`) and
+//! [`super::Agent::send_anycast`] on `cotal.<s>.svc.<role>.<me>` (captured by the work queue `TASK_<s>`),
+//! through JetStream with `Nats-Msg-Id` = the message id, each message carrying exactly one
+//! routing field (`to` / `toService`). With [`AgentConfig::unicast`] the agent pumps its
+//! `dm_<id>` consumer, and one `svc_<role>` consumer per [`AgentConfig::roles`] entry; each is
+//! bound at every connect and rebound with backoff after a failed bind or an ended feed (no G20
+//! here), visible in [`super::AgentHealth::direct`]. A delivery's kind (`dm` / `anycast`) and sender come
+//! from its subject only; a subject the consumer never captures and bad JSON are terminated as
+//! malformed, a payload whose `from.id` is not the subject's sender is terminated as spoofed
+//! (both an [`AgentEvent::Anomaly`] and a counter), our own echo is acked, and the rest is a
+//! durable copy in the one ledger: deduplicated by id, acked only after [`super::Agent::handled`].
 
 use super::ctx::{Ctx, Direct, Link, bump};
 use super::types::{AgentConfig, AgentEvent, DirectHealth};

@@ -1,4 +1,24 @@
-//! The join, step by step: arm, subscribe, confirm, commit, durable step, backfill.
+//! The join flow (parent code, `impl Agent`): arm, subscribe, confirm, commit, then the durable
+//! step and the backfill, over the parent's channel map. The backfill pages are read by
+//! [`super::history::HistoryReader`] and ingested by [`super::receive::Receiver`].
+//!
+//! # The join, step by step (§2(a))
+//!
+//! 1. **Arm the watermark**: read the CHAT frontier `F` ([`Command::StreamInfo`]).
+//! 2. **Subscribe live** to `cotal.<s>.chat.*.<ch>`.
+//! 3. **Confirm** with a server round trip ([`Command::Barrier`]). A refusal of the SUB arrives
+//!    before the barrier's completion; a refused or unconfirmable join is undone (unsubscribe,
+//!    watermark dropped) and reported as [`AgentEvent::JoinFailed`]: fail closed, nothing left.
+//! 4. **Commit**: the channel is joined now, and only now (SPEC §12 item 13).
+//! 5. **Durable backstop** for a channel the one resolver ([`ChannelRegistry::policy_for`]) calls
+//!    durable: `ctl.delivery durableJoin {channel, joinCursor: F}`. The cursor is our fix for G1: a
+//!    daemon that honours it echoes it back, and the report says whether it did
+//!    ([`JoinReport::cursor_honoured`]). If the backstop is not established the report carries a
+//!    `reason`, the channel's health is degraded, and a reconcile loop retries with backoff (the
+//!    reference does this for boot joins only, G13).
+//! 6. **Backfill** messages `≤ F` ([`Command::ReadStream`], paged), through the same authenticity
+//!    filter as the live path, as [`CopySource::Backfill`] copies.
+//! 7. Report [`AgentEvent::Joined`] once steps 5 and 6 both finished (they run concurrently).
 
 use super::*;
 

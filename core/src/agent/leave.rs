@@ -1,4 +1,26 @@
-//! Leave (fail closed) and late refusal.
+//! The leave flow and the late refusal (parent code, `impl Agent`): the tombstone before the
+//! unsubscribe, over the parent's channel map and the membership book ([`super::members`]).
+//!
+//! # Leave (§2(b))
+//!
+//! A channel that has, or had in this life of the agent, a durable membership, or that the
+//! resolver calls durable, is tombstoned first: the generation comes from the local mirror, or
+//! from `listMemberships` when the mirror has none. Only a confirmed tombstone unsubscribes. A
+//! refused, failed or unknown tombstone leaves the channel joined and reports
+//! [`AgentEvent::LeaveFailed`]: the caller retries (fail closed). "No responders" counts as
+//! "nothing to tombstone" only when the agent knows every membership that can exist: it listed
+//! its memberships successfully in this life, and no join of this life may have opened one of
+//! the channel. A restarted agent has an empty memory, so until its first successful list an
+//! earlier life's membership may still be open and "no responders" fails the leave (G42 across
+//! a restart).
+
+//!
+//! # Late refusal (§2(c))
+//!
+//! A refusal of an already joined channel's subscription drops the channel at once
+//! ([`AgentEvent::ChannelRefused`]) and, when a membership exists, closes it with
+//! `durableLeave` retried with `min(30 s, 1 s · 2^attempt)` backoff until confirmed, visible in
+//! [`AgentHealth::unclosed`] while pending. A later durable rejoin of the channel supersedes it.
 
 use super::*;
 

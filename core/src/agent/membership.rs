@@ -1,4 +1,24 @@
-//! The durable join and its reconcile, the membership audit, the refusal close.
+//! The membership flows (parent code, `impl Agent`): the durable join and its reconcile, the
+//! membership audit, the refusal close. Their state is the membership book ([`super::members`]);
+//! they issue their control requests through the parent's pending table.
+//!
+//! # Membership audit (issue 15 item 4, G12)
+//!
+//! The mirror is not trusted forever: at every ready connection and every
+//! [`AgentConfig::membership_audit`] the agent lists its memberships (`listMemberships`) and
+//! reconciles:
+//!
+//! - a joined channel whose mirrored generation has no open record any more (purged or
+//!   tombstoned out of band, a registry wipe) leaves the mirror, turns
+//!   [`BackstopState::Degraded`] with a reason, is reported ([`AgentEvent::MembershipLost`],
+//!   [`AgentCounters::memberships_lost`]) and is re-established by the reconcile (a new
+//!   generation, join cursor = the armed watermark, so the gap is caught up). `Established` is
+//!   never shown for a membership the daemon no longer has;
+//! - an open membership of a channel this life does not join (an earlier life's, G12) is
+//!   reported ([`AgentEvent::MembershipOrphaned`]) and tombstoned through the refusal-close path
+//!   (retried, visible in [`AgentHealth::unclosed`], [`AgentEvent::MembershipClosed`] at the end);
+//! - a channel whose mirror or membership changed while the list was in flight is not judged
+//!   from that (possibly older) snapshot; the next audit looks again.
 
 use super::*;
 

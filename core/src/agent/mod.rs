@@ -6,91 +6,48 @@
 //! [`Agent::send`], [`Agent::take_messages`] and [`Agent::handled`], feeds every [`Input`] with
 //! the current [`Now`], executes every [`Command`], and shows every [`AgentEvent`].
 //!
-//! # The join, step by step (§2(a))
+//! # The machine in one screen
 //!
-//! 1. **Arm the watermark**: read the CHAT frontier `F` ([`Command::StreamInfo`]).
-//! 2. **Subscribe live** to `cotal.<s>.chat.*.<ch>`.
-//! 3. **Confirm** with a server round trip ([`Command::Barrier`]). A refusal of the SUB arrives
-//!    before the barrier's completion; a refused or unconfirmable join is undone (unsubscribe,
-//!    watermark dropped) and reported as [`AgentEvent::JoinFailed`]: fail closed, nothing left.
-//! 4. **Commit**: the channel is joined now, and only now (SPEC §12 item 13).
-//! 5. **Durable backstop** for a channel the one resolver ([`ChannelRegistry::policy_for`]) calls
-//!    durable: `ctl.delivery durableJoin {channel, joinCursor: F}`. The cursor is our fix for G1: a
-//!    daemon that honours it echoes it back, and the report says whether it did
-//!    ([`JoinReport::cursor_honoured`]). If the backstop is not established the report carries a
-//!    `reason`, the channel's health is degraded, and a reconcile loop retries with backoff (the
-//!    reference does this for boot joins only, G13).
-//! 6. **Backfill** messages `≤ F` ([`Command::ReadStream`], paged), through the same authenticity
-//!    filter as the live path, as [`CopySource::Backfill`] copies.
-//! 7. Report [`AgentEvent::Joined`] once steps 5 and 6 both finished (they run concurrently).
+//! `Agent` is a parent that owns small children (design/models.md §1.3, R15). It lends them one
+//! context (`ctx.rs`: the one op-id, subscription-id and uuid allocators, the one command and
+//! event queue, the counters, the config and the connection state), so ids are drawn and
+//! commands issued in the order the parent drives them. It routes every completion to the child
+//! that owns the op (each child keeps its ops in flight and answers `owns(op)`; the rest are in
+//! the parent's `Pending` table), every feed input to the child whose feed it is, and every
+//! deadline to its owner: `poll_timeout` is the minimum of the parent's timer table and the
+//! children's, popped in `(deadline, Timer)` order.
 //!
-//! # Leave (§2(b))
+//! | part (file) | owns | issues | routed to it |
+//! | --- | --- | --- | --- |
+//! | parent (`mod.rs`; flows in `connection.rs`, `join.rs`, `leave.rs`, `membership.rs`) | the channel map (per channel: phase, epoch, subscription, watermark, join progress, backstop, leave), the registry cache and watch, presence, the chat and registry feeds, its `Pending` ops | `StreamInfo`, `Subscribe`, `Barrier`, `Unsubscribe`, `KvWatch`/`KvUnwatch`, presence `KvPut`, the control `Request`s (`durableJoin`, `durableLeave`, `listMemberships`) | app calls, connection changes, chat / registry feed inputs, its completions, timers `Heartbeat`, `RegistryWatch` |
+//! | `Members` (`members.rs`) | the membership book: the mirror (channel → generation), one record per concrete channel (maybe-member, unclosed close, close / reconcile in flight, timer slot), the audit's state | nothing itself (the membership flows issue through the parent) | timers `Reconcile`, `Close`, `Audit` |
+//! | `Receiver` (`receive.rs`) | the dedup [`Ledger`], its settles | `Settle` | every copy (live, backfill, DLV, DM, TASK), `handled` / `decline`, settle completions |
+//! | `HistoryReader` (`history.rs`) | the one-at-a-time reader, its queue and reads | `ReadStream` | read completions |
+//! | `DirectFeeds` (`direct.rs`) | the DLV and `dm_<id>` / `svc_<role>` bindings and feeds | `Consume`, `StopConsume` | bind completions, `ConsumerEnded` / `Refused` of its feeds, timers `DlvBind`, `DirectBind`, loss / restore |
+//! | `Sends` (`send.rs`) | publishes awaiting their PubAck (with what an id-collision republish needs) | `JsPublish` | PubAcks |
+//! | `LossPoll` (`losses.rs`) | our loss record as last read, the stamp reported, its read | `KvGetDirect` | its read's completion, timer `Losses`, loss |
 //!
-//! A channel that has, or had in this life of the agent, a durable membership, or that the
-//! resolver calls durable, is tombstoned first: the generation comes from the local mirror, or
-//! from `listMemberships` when the mirror has none. Only a confirmed tombstone unsubscribes. A
-//! refused, failed or unknown tombstone leaves the channel joined and reports
-//! [`AgentEvent::LeaveFailed`]: the caller retries (fail closed). "No responders" counts as
-//! "nothing to tombstone" only when the agent knows every membership that can exist: it listed
-//! its memberships successfully in this life, and no join of this life may have opened one of
-//! the channel. A restarted agent has an empty memory, so until its first successful list an
-//! earlier life's membership may still be open and "no responders" fails the leave (G42 across
-//! a restart).
+//! What crosses between parts goes through the parent, never child to child: a backfill page
+//! that `HistoryReader` read comes back to the parent, which hands its copies to `Receiver`; a
+//! delivery on a `DirectFeeds` feed goes from the parent to `Receiver`; `Receiver` asks the
+//! parent (a function argument) whether a channel's backstop is established, and
+//! `HistoryReader` whether a queued read's join attempt is current.
 //!
-//! # Membership audit (issue 15 item 4, G12)
-//!
-//! The mirror is not trusted forever: at every ready connection and every
-//! [`AgentConfig::membership_audit`] the agent lists its memberships (`listMemberships`) and
-//! reconciles:
-//!
-//! - a joined channel whose mirrored generation has no open record any more (purged or
-//!   tombstoned out of band, a registry wipe) leaves the mirror, turns
-//!   [`BackstopState::Degraded`] with a reason, is reported ([`AgentEvent::MembershipLost`],
-//!   [`AgentCounters::memberships_lost`]) and is re-established by the reconcile (a new
-//!   generation, join cursor = the armed watermark, so the gap is caught up). `Established` is
-//!   never shown for a membership the daemon no longer has;
-//! - an open membership of a channel this life does not join (an earlier life's, G12) is
-//!   reported ([`AgentEvent::MembershipOrphaned`]) and tombstoned through the refusal-close path
-//!   (retried, visible in [`AgentHealth::unclosed`], [`AgentEvent::MembershipClosed`] at the end);
-//! - a channel whose mirror or membership changed while the list was in flight is not judged
-//!   from that (possibly older) snapshot; the next audit looks again.
-//!
-//! # Late refusal (§2(c))
-//!
-//! A refusal of an already joined channel's subscription drops the channel at once
-//! ([`AgentEvent::ChannelRefused`]) and, when a membership exists, closes it with
-//! `durableLeave` retried with `min(30 s, 1 s · 2^attempt)` backoff until confirmed, visible in
-//! [`AgentHealth::unclosed`] while pending. A later durable rejoin of the channel supersedes it.
-//!
-//! # Connection (§2(e))
-//!
-//! On [`Connection::Restored`] the first time, the boot channels are joined like runtime joins
-//! (watermark, subscribe, confirm, backfill, durable self-join). On later restores the joined
-//! channels are re-subscribed and confirmed; no watermark, no backfill: durable channels catch up
-//! through DLV, live channels have a gap. The joined set, the membership mirror, pending closes and
-//! reconciles survive; the registry cache, subscriptions and in-flight joins do not (a join in
-//! flight when the connection drops fails closed). The endpoint refuses joins and leaves until the
-//! channel registry watch has loaded: the cache must not answer before it is complete (G10).
+//! Why two maps per channel, not one: a channel's *join* (the parent's channel map, keyed by
+//! [`Channel`], possibly a wildcard) and its *membership* (the book, keyed by
+//! [`ConcreteChannel`]) have different lives. A membership outlives its join (a refusal close
+//! still to do, a tombstone that failed, a durable join answered after the leave) and can exist
+//! for a channel this life never joined (an earlier life's orphan), so it is not state of the
+//! join: the book keeps it for the life of the agent. The join, step by step, is in `join.rs`;
+//! leave and late refusal in `leave.rs`; the membership audit and the refusal close in
+//! `membership.rs`; connection loss and restore in `connection.rs`; unicast and anycast in
+//! `direct.rs`; receiving in `receive.rs`.
 //!
 //! # Receiving (§2(f))
 //!
 //! Every copy (live, backfill, DLV, DM, TASK) goes through the authenticity filter and then the
 //! [`Ledger`]: one surfacing per id, the durable copy owns the ack, acks only after
-//! [`Agent::handled`], anomalies terminated.
-//!
-//! # Unicast and anycast (§1.2, §2(e), §2(f))
-//!
-//! [`Agent::send_dm`] publishes on `cotal.<s>.inst.<target>.<me>` (captured by `DM_<s>`) and
-//! [`Agent::send_anycast`] on `cotal.<s>.svc.<role>.<me>` (captured by the work queue `TASK_<s>`),
-//! through JetStream with `Nats-Msg-Id` = the message id, each message carrying exactly one
-//! routing field (`to` / `toService`). With [`AgentConfig::unicast`] the agent pumps its
-//! `dm_<id>` consumer, and one `svc_<role>` consumer per [`AgentConfig::roles`] entry; each is
-//! bound at every connect and rebound with backoff after a failed bind or an ended feed (no G20
-//! here), visible in [`AgentHealth::direct`]. A delivery's kind (`dm` / `anycast`) and sender come
-//! from its subject only; a subject the consumer never captures and bad JSON are terminated as
-//! malformed, a payload whose `from.id` is not the subject's sender is terminated as spoofed
-//! (both an [`AgentEvent::Anomaly`] and a counter), our own echo is acked, and the rest is a
-//! durable copy in the one ledger: deduplicated by id, acked only after [`Agent::handled`].
+//! [`Agent::handled`], anomalies terminated (see `receive.rs`).
 
 use crate::constants::{
     DURABLE_JOIN_TIMEOUT, HISTORY_FETCH_MAX_BATCH, REQUEST_DELIVERY_TIMEOUT, backoff,

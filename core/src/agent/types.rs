@@ -507,7 +507,7 @@ pub enum AgentEvent {
         /// The driver's or the server's words.
         detail: String,
     },
-    /// New messages wait in [`Agent::take_messages`].
+    /// New messages wait in [`Agent::take_messages`](crate::agent::Agent::take_messages).
     MessagesReady {
         /// How many are queued.
         queued: usize,
