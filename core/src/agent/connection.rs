@@ -29,8 +29,7 @@ impl Agent {
         self.cx.link = Link::Down;
         self.feeds.clear();
         self.direct.on_lost();
-        self.registry_feed = None;
-        self.registry = ChannelRegistry::default();
+        self.watch.on_lost();
         self.timers.cancel(&Timer::Heartbeat);
         // The audit in flight is moot (its answer is ignored); the next ready connection audits.
         self.members.cancel_timer(MemberTimer::Audit);
@@ -88,9 +87,7 @@ impl Agent {
             self.on_lost();
         }
         self.cx.link = Link::Loading;
-        self.registry_attempts = 0;
-        self.timers.cancel(&Timer::RegistryWatch);
-        self.watch_registry();
+        self.watch.on_restored(&mut self.cx);
         self.direct.on_restored(&mut self.cx);
         // Every channel still held was committed on an earlier connection: re-subscribe it. This
         // includes a boot channel committed before a loss that came before the registry ever
@@ -112,20 +109,6 @@ impl Agent {
             self.heartbeat(now);
             self.timers.set(Timer::Heartbeat, now.at + every);
         }
-    }
-
-    /// Opens the channel registry watch; the endpoint is ready once its initial values loaded.
-    pub(super) fn watch_registry(&mut self) {
-        let sub = self.cx.subs.next_id();
-        self.feeds.insert(sub, Feed::Registry);
-        self.registry_feed = Some(sub);
-        let op = self.op(Pending::RegistryWatch);
-        self.cx.commands.push_back(Command::KvWatch {
-            op,
-            sub,
-            bucket: KvBucket::Channels.name(&self.cx.config.space),
-            filter: ">".into(),
-        });
     }
 
     pub(super) fn on_registry_loaded(&mut self) {
@@ -154,14 +137,5 @@ impl Agent {
             value: json::encode(&record),
             condition: KvCondition::Any,
         });
-    }
-
-    pub(super) fn on_registry_change(&mut self, entry: crate::io::KvEntry) {
-        let value = match entry.operation {
-            KvOperation::Put => Some(entry.value.as_ref()),
-            KvOperation::Delete | KvOperation::Purge => None,
-        };
-        // A key that is neither `=defaults` nor a concrete channel is not ours to judge.
-        let _ = self.registry.apply(&entry.key, value);
     }
 }

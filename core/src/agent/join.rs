@@ -10,7 +10,7 @@
 //!    before the barrier's completion; a refused or unconfirmable join is undone (unsubscribe,
 //!    watermark dropped) and reported as [`AgentEvent::JoinFailed`]: fail closed, nothing left.
 //! 4. **Commit**: the channel is joined now, and only now (SPEC §12 item 13).
-//! 5. **Durable backstop** for a channel the one resolver ([`ChannelRegistry::policy_for`]) calls
+//! 5. **Durable backstop** for a channel the one resolver ([`ChannelRegistry::policy_for`](crate::policy::ChannelRegistry::policy_for)) calls
 //!    durable: `ctl.delivery durableJoin {channel, joinCursor: F}`. The cursor is our fix for G1: a
 //!    daemon that honours it echoes it back, and the report says whether it did
 //!    ([`JoinReport::cursor_honoured`]). If the backstop is not established the report carries a
@@ -267,7 +267,7 @@ impl Agent {
             return;
         }
         let watermark = entry.watermark;
-        let policy = self.registry.policy_for(channel);
+        let policy = self.watch.registry().policy_for(channel);
         let durable_class = policy.is_durable() && self.cx.config.durable_backstop;
         let concrete = channel.to_concrete();
         // Durable step.

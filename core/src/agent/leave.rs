@@ -37,7 +37,7 @@ impl Agent {
             && concrete.as_ref().is_some_and(|c| {
                 self.members.mirror.contains_key(c)
                     || self.members.is_maybe(c)
-                    || self.registry.policy_for(&channel).is_durable()
+                    || self.watch.registry().policy_for(&channel).is_durable()
             });
         match (needs_tombstone, concrete) {
             (true, Some(c)) => {

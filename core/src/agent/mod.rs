@@ -19,7 +19,8 @@
 //!
 //! | part (file) | owns | issues | routed to it |
 //! | --- | --- | --- | --- |
-//! | parent (`mod.rs`; flows in `connection.rs`, `join.rs`, `leave.rs`, `membership.rs`) | the channel map (per channel: phase, epoch, subscription, watermark, join progress, backstop, leave), the registry cache and watch, presence, the chat and registry feeds, its `Pending` ops | `StreamInfo`, `Subscribe`, `Barrier`, `Unsubscribe`, `KvWatch`/`KvUnwatch`, presence `KvPut`, the control `Request`s (`durableJoin`, `durableLeave`, `listMemberships`) | app calls, connection changes, chat / registry feed inputs, its completions, timers `Heartbeat`, `RegistryWatch` |
+//! | parent (`mod.rs`; flows in `connection.rs`, `join.rs`, `leave.rs`, `membership.rs`) | the channel map (per channel: phase, epoch, subscription, watermark, join progress, backstop, leave), presence, the chat feeds, its `Pending` ops | `StreamInfo`, `Subscribe`, `Barrier`, `Unsubscribe`, presence `KvPut`, the control `Request`s (`durableJoin`, `durableLeave`, `listMemberships`) | app calls, connection changes, chat feed inputs, its completions, timer `Heartbeat` |
+//! | `RegistryWatch` (`watch.rs`) | the channel registry cache (the one resolver of a channel's class), its watch and retries | `KvWatch`, `KvUnwatch` | its completions (a load turns the parent ready), its feed's changes, timer `RegistryWatch`, loss / restore |
 //! | `Members` (`members.rs`) | the membership book: the mirror (channel → generation), one record per concrete channel (maybe-member, unclosed close, close / reconcile in flight, timer slot), the audit's state | nothing itself (the membership flows issue through the parent) | timers `Reconcile`, `Close`, `Audit` |
 //! | `Receiver` (`receive.rs`) | the dedup [`Ledger`], its settles | `Settle` | every copy (live, backfill, DLV, DM, TASK), `handled` / `decline`, settle completions |
 //! | `HistoryReader` (`history.rs`) | the one-at-a-time reader, its queue and reads | `ReadStream` | read completions |
@@ -54,12 +55,11 @@ use crate::constants::{
 };
 use crate::entropy::IdGen;
 use crate::io::{
-    Command, Completion, Connection, Inbound, Input, KvCondition, KvOperation, Machine, ReadStart,
-    Reply, SubId,
+    Command, Completion, Connection, Inbound, Input, KvCondition, Machine, ReadStart, Reply, SubId,
 };
 use crate::ledger::{CopySource, Ledger, LedgerError, MessageId, Surfaced};
 use crate::op::{Failure, OpId, Outcome, TimerTable};
-use crate::policy::{Backfill, ChannelRegistry};
+use crate::policy::Backfill;
 use crate::time::{Duration, Instant, Now, UnixMillis};
 use crate::wire::config::SpaceStream;
 use crate::wire::control::{DeliveryRequest, ListMembershipsReply};
@@ -85,6 +85,7 @@ mod receive;
 mod send;
 mod state;
 mod types;
+mod watch;
 
 use ctx::{Ctx, Link, bump};
 use direct::{Consumer, DirectFeeds};
@@ -95,6 +96,7 @@ use receive::{DlvDelivery, Receiver};
 use send::{Outgoing, Sends};
 use state::*;
 pub use types::*;
+use watch::RegistryWatch;
 
 #[cfg(test)]
 mod tests;
@@ -112,7 +114,8 @@ pub struct Agent {
     channels: BTreeMap<Channel, ChannelEntry>,
     /// The membership book: the mirror and every concrete channel's membership record.
     members: Members,
-    registry: ChannelRegistry,
+    /// The channel registry watch and cache.
+    watch: RegistryWatch,
     first_connect: bool,
     /// The loss-record poll.
     loss_poll: LossPoll,
@@ -120,11 +123,8 @@ pub struct Agent {
     sends: Sends,
     /// The DLV and direct consumers' bindings.
     direct: DirectFeeds,
-    /// Registry watches that failed or ended unknown on this connection (retried with backoff).
-    registry_attempts: u32,
     /// The backfill's history reader.
     history: HistoryReader,
-    registry_feed: Option<SubId>,
     /// The authenticity filter and the ledger.
     receiver: Receiver,
 }
@@ -152,13 +152,11 @@ impl Agent {
             feeds: BTreeMap::new(),
             channels: BTreeMap::new(),
             members: Members::default(),
-            registry: ChannelRegistry::default(),
+            watch: RegistryWatch::default(),
             first_connect: true,
             loss_poll: LossPoll::default(),
             sends: Sends::default(),
-            registry_attempts: 0,
             history: HistoryReader::default(),
-            registry_feed: None,
             receiver: Receiver::new(ledger),
         })
     }
@@ -449,6 +447,7 @@ impl Agent {
         self.loss_poll.on_lost();
         self.direct.clear_timers();
         self.members.clear_timers();
+        self.watch.clear_timer();
         if self.cx.link != Link::Down && self.cx.config.heartbeat.is_some() {
             let record = self.presence(now, PresenceStatus::Offline).to_offline();
             let op = self.op(Pending::Presence);
@@ -464,13 +463,15 @@ impl Agent {
         let mut closes: Vec<(SubId, Command)> = std::mem::take(&mut self.feeds)
             .into_iter()
             .map(|(sub, feed)| {
-                let close = match feed {
-                    Feed::Registry => Command::KvUnwatch { sub },
-                    Feed::Chat(_) => Command::Unsubscribe { sub },
-                };
-                (sub, close)
+                let Feed::Chat(_) = feed;
+                (sub, Command::Unsubscribe { sub })
             })
             .collect();
+        closes.extend(
+            self.watch
+                .take_feed()
+                .map(|sub| (sub, Command::KvUnwatch { sub })),
+        );
         closes.extend(
             self.direct
                 .take_feeds()
@@ -608,6 +609,15 @@ impl Agent {
                 .on_completion(&mut self.cx, completion.op, completion.outcome);
             return;
         }
+        if self.watch.owns(completion.op) {
+            let loaded =
+                self.watch
+                    .on_completion(&mut self.cx, now, completion.op, completion.outcome);
+            if loaded {
+                self.on_registry_loaded();
+            }
+            return;
+        }
         if self.history.owns(completion.op) {
             let channels = &self.channels;
             let done = self
@@ -643,31 +653,6 @@ impl Agent {
         };
         let outcome = completion.outcome;
         match pending {
-            Pending::RegistryWatch => match outcome {
-                Outcome::Success(_) => {
-                    self.registry_attempts = 0;
-                    self.on_registry_loaded();
-                }
-                // The watch failed or its outcome is unknown: stay loading (joins are refused
-                // meanwhile, never answered from an incomplete cache), drop what it delivered,
-                // and watch again after a backoff. A connection that stays up must not leave the
-                // endpoint loading forever (found by the simulator, seed 93: an ambiguous watch
-                // answer kept an agent unable to join, leave or reconcile for good).
-                Outcome::Failed(_) | Outcome::Unknown => {
-                    if self.cx.link == Link::Loading && !self.cx.stopped {
-                        if let Some(sub) = self.registry_feed.take() {
-                            self.feeds.remove(&sub);
-                            self.cx.commands.push_back(Command::KvUnwatch { sub });
-                        }
-                        self.registry = ChannelRegistry::default();
-                        self.timers.set(
-                            Timer::RegistryWatch,
-                            now.at + backoff(self.registry_attempts),
-                        );
-                        self.registry_attempts = self.registry_attempts.saturating_add(1);
-                    }
-                }
-            },
             Pending::Presence => {}
             Pending::Arm { channel, epoch } => self.on_arm(channel, epoch, outcome),
             Pending::Subscribe { channel, epoch } => self.on_subscribe(channel, epoch, outcome),
@@ -687,6 +672,14 @@ impl Agent {
 
     fn on_inbound(&mut self, now: Now, inbound: Inbound) {
         let sub = inbound.sub();
+        if self.watch.is_feed(sub) {
+            match inbound {
+                Inbound::KvChange { entry, .. } => self.watch.on_change(entry),
+                Inbound::Refused { .. } => self.watch.forget_feed(),
+                _ => {}
+            }
+            return;
+        }
         if let Some(consumer) = self.direct.feed(sub) {
             self.on_consumer_inbound(now, consumer, inbound);
             return;
@@ -697,7 +690,6 @@ impl Agent {
             return;
         };
         match (feed, inbound) {
-            (Feed::Registry, Inbound::KvChange { entry, .. }) => self.on_registry_change(entry),
             (
                 Feed::Chat(_),
                 Inbound::Message {
@@ -767,12 +759,7 @@ impl Agent {
                     self.timers.set(Timer::Heartbeat, now.at + every);
                 }
             }
-            Timer::RegistryWatch => {
-                if self.cx.link == Link::Loading && !self.cx.stopped && self.registry_feed.is_none()
-                {
-                    self.watch_registry();
-                }
-            }
+            Timer::RegistryWatch => self.watch.handle_timeout(&mut self.cx),
             Timer::DlvBind => self.direct.handle_timeout(&mut self.cx, Consumer::Dlv),
             Timer::DirectBind(d) => self
                 .direct
@@ -852,6 +839,9 @@ impl Agent {
                 Consumer::Dlv => (at, Timer::DlvBind),
                 Consumer::Direct(d) => (at, Timer::DirectBind(d)),
             }),
+            self.watch
+                .poll_timeout()
+                .map(|at| (at, Timer::RegistryWatch)),
             self.members.poll_timeout().map(|(at, t)| match t {
                 MemberTimer::Reconcile(slot) => (at, Timer::Reconcile(slot)),
                 MemberTimer::Close(slot) => (at, Timer::Close(slot)),
@@ -870,7 +860,7 @@ impl Agent {
     /// Removes a timer from the table of the child (or the parent) that owns it.
     fn take_timer(&mut self, timer: &Timer) {
         match timer {
-            Timer::Losses => {}
+            Timer::Losses | Timer::RegistryWatch => {}
             Timer::DlvBind => self.direct.take_timer(Consumer::Dlv),
             Timer::DirectBind(d) => self.direct.take_timer(Consumer::Direct(*d)),
             Timer::Reconcile(slot) => self.members.cancel_timer(MemberTimer::Reconcile(*slot)),

@@ -52,7 +52,6 @@ pub(super) struct ChannelEntry {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Pending {
-    RegistryWatch,
     Presence,
     Arm {
         channel: Channel,
@@ -100,7 +99,6 @@ pub(super) enum Timer {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Feed {
-    Registry,
     Chat(u64),
 }
 
