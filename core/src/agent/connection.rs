@@ -1,5 +1,5 @@
-//! Connection life (parent code, `impl Agent`): loss, restore, the channel registry watch,
-//! presence heartbeats.
+//! Connection life (parent code, `impl Agent`): loss and restore, fanned out to the children
+//! (registry watch, consumers, presence, loss poll) and to the parent's channel map.
 //!
 //! # Connection (§2(e))
 //!
@@ -30,7 +30,7 @@ impl Agent {
         self.feeds.clear();
         self.direct.on_lost();
         self.watch.on_lost();
-        self.timers.cancel(&Timer::Heartbeat);
+        self.presence.on_lost();
         // The audit in flight is moot (its answer is ignored); the next ready connection audits.
         self.members.cancel_timer(MemberTimer::Audit);
         self.members.audit_in_flight = None;
@@ -105,10 +105,7 @@ impl Agent {
                 }
             }
         }
-        if let Some(every) = self.cx.config.heartbeat {
-            self.heartbeat(now);
-            self.timers.set(Timer::Heartbeat, now.at + every);
-        }
+        self.presence.on_restored(&mut self.cx, now);
     }
 
     pub(super) fn on_registry_loaded(&mut self) {
@@ -125,17 +122,5 @@ impl Agent {
             self.maybe_start_post_commit(&name);
         }
         self.start_audit();
-    }
-
-    pub(super) fn heartbeat(&mut self, now: Now) {
-        let record = self.presence(now, PresenceStatus::Idle);
-        let op = self.op(Pending::Presence);
-        self.cx.commands.push_back(Command::KvPut {
-            op,
-            bucket: KvBucket::Presence.name(&self.cx.config.space),
-            key: self.cx.config.me.id.as_str().to_owned(),
-            value: json::encode(&record),
-            condition: KvCondition::Any,
-        });
     }
 }

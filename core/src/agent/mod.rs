@@ -14,18 +14,19 @@
 //! commands issued in the order the parent drives them. It routes every completion to the child
 //! that owns the op (each child keeps its ops in flight and answers `owns(op)`; the rest are in
 //! the parent's `Pending` table), every feed input to the child whose feed it is, and every
-//! deadline to its owner: `poll_timeout` is the minimum of the parent's timer table and the
-//! children's, popped in `(deadline, Timer)` order.
+//! deadline to its owner: `poll_timeout` is the minimum of the children's deadlines, popped in
+//! `(deadline, Timer)` order (the order one table of every timer would pop them in).
 //!
 //! | part (file) | owns | issues | routed to it |
 //! | --- | --- | --- | --- |
-//! | parent (`mod.rs`; flows in `connection.rs`, `join.rs`, `leave.rs`, `membership.rs`) | the channel map (per channel: phase, epoch, subscription, watermark, join progress, backstop, leave), presence, the chat feeds, its `Pending` ops | `StreamInfo`, `Subscribe`, `Barrier`, `Unsubscribe`, presence `KvPut`, the control `Request`s (`durableJoin`, `durableLeave`, `listMemberships`) | app calls, connection changes, chat feed inputs, its completions, timer `Heartbeat` |
+//! | parent (`mod.rs`; flows in `connection.rs`, `join.rs`, `leave.rs`, `membership.rs`) | the channel map (per channel: phase, epoch, subscription, watermark, join progress, backstop, leave), the chat feeds, its `Pending` ops; no timer of its own | `StreamInfo`, `Subscribe`, `Barrier`, `Unsubscribe`, the control `Request`s (`durableJoin`, `durableLeave`, `listMemberships`) | app calls, connection changes, chat feed inputs, its completions |
 //! | `RegistryWatch` (`watch.rs`) | the channel registry cache (the one resolver of a channel's class), its watch and retries | `KvWatch`, `KvUnwatch` | its completions (a load turns the parent ready), its feed's changes, timer `RegistryWatch`, loss / restore |
 //! | `Members` (`members.rs`) | the membership book: the mirror (channel → generation), one record per concrete channel (maybe-member, unclosed close, close / reconcile in flight, timer slot), the audit's state | nothing itself (the membership flows issue through the parent) | timers `Reconcile`, `Close`, `Audit` |
 //! | `Receiver` (`receive.rs`) | the dedup [`Ledger`], its settles | `Settle` | every copy (live, backfill, DLV, DM, TASK), `handled` / `decline`, settle completions |
 //! | `HistoryReader` (`history.rs`) | the one-at-a-time reader, its queue and reads | `ReadStream` | read completions |
 //! | `DirectFeeds` (`direct.rs`) | the DLV and `dm_<id>` / `svc_<role>` bindings and feeds | `Consume`, `StopConsume` | bind completions, `ConsumerEnded` / `Refused` of its feeds, timers `DlvBind`, `DirectBind`, loss / restore |
 //! | `Sends` (`send.rs`) | publishes awaiting their PubAck (with what an id-collision republish needs) | `JsPublish` | PubAcks |
+//! | `Heartbeats` (`presence.rs`) | presence puts, the next heartbeat | presence `KvPut` (`idle`; `offline` at stop) | its completions, timer `Heartbeat`, loss / restore / stop |
 //! | `LossPoll` (`losses.rs`) | our loss record as last read, the stamp reported, its read | `KvGetDirect` | its read's completion, timer `Losses`, loss |
 //!
 //! What crosses between parts goes through the parent, never child to child: a backfill page
@@ -55,17 +56,16 @@ use crate::constants::{
 };
 use crate::entropy::IdGen;
 use crate::io::{
-    Command, Completion, Connection, Inbound, Input, KvCondition, Machine, ReadStart, Reply, SubId,
+    Command, Completion, Connection, Inbound, Input, Machine, ReadStart, Reply, SubId,
 };
 use crate::ledger::{CopySource, Ledger, LedgerError, MessageId, Surfaced};
-use crate::op::{Failure, OpId, Outcome, TimerTable};
+use crate::op::{Failure, OpId, Outcome};
 use crate::policy::Backfill;
 use crate::time::{Duration, Instant, Now, UnixMillis};
 use crate::wire::config::SpaceStream;
 use crate::wire::control::{DeliveryRequest, ListMembershipsReply};
 use crate::wire::json;
-use crate::wire::keys::KvBucket;
-use crate::wire::message::{AgentCard, Part, Presence, PresenceStatus, Route, normalize_mentions};
+use crate::wire::message::{Part, Route, normalize_mentions};
 use crate::wire::subject::{
     chat_subscribe_pattern, delivery_reply_subject, delivery_request_subject,
 };
@@ -81,6 +81,7 @@ mod leave;
 mod losses;
 mod members;
 mod membership;
+mod presence;
 mod receive;
 mod send;
 mod state;
@@ -92,6 +93,7 @@ use direct::{Consumer, DirectFeeds};
 use history::{HistoryReader, PageRead};
 use losses::LossPoll;
 use members::{MemberTimer, Members};
+use presence::Heartbeats;
 use receive::{DlvDelivery, Receiver};
 use send::{Outgoing, Sends};
 use state::*;
@@ -107,7 +109,6 @@ pub struct Agent {
     /// What the children are lent: ids, queues, counters, config, connection state.
     cx: Ctx,
     next_epoch: u64,
-    timers: TimerTable<Timer>,
     pending: BTreeMap<OpId, Pending>,
     feeds: BTreeMap<SubId, Feed>,
     /// Channel entries by a stable key (their epoch-independent slot).
@@ -119,6 +120,8 @@ pub struct Agent {
     first_connect: bool,
     /// The loss-record poll.
     loss_poll: LossPoll,
+    /// Presence heartbeats.
+    presence: Heartbeats,
     /// The sends awaiting their PubAck.
     sends: Sends,
     /// The DLV and direct consumers' bindings.
@@ -147,7 +150,6 @@ impl Agent {
             cx: Ctx::new(config, ids),
             direct,
             next_epoch: 0,
-            timers: TimerTable::new(),
             pending: BTreeMap::new(),
             feeds: BTreeMap::new(),
             channels: BTreeMap::new(),
@@ -155,6 +157,7 @@ impl Agent {
             watch: RegistryWatch::default(),
             first_connect: true,
             loss_poll: LossPoll::default(),
+            presence: Heartbeats::default(),
             sends: Sends::default(),
             history: HistoryReader::default(),
             receiver: Receiver::new(ledger),
@@ -443,22 +446,11 @@ impl Agent {
             return;
         }
         self.cx.stopped = true;
-        self.timers = TimerTable::new();
         self.loss_poll.on_lost();
         self.direct.clear_timers();
         self.members.clear_timers();
         self.watch.clear_timer();
-        if self.cx.link != Link::Down && self.cx.config.heartbeat.is_some() {
-            let record = self.presence(now, PresenceStatus::Offline).to_offline();
-            let op = self.op(Pending::Presence);
-            self.cx.commands.push_back(Command::KvPut {
-                op,
-                bucket: KvBucket::Presence.name(&self.cx.config.space),
-                key: self.cx.config.me.id.as_str().to_owned(),
-                value: json::encode(&record),
-                condition: KvCondition::Any,
-            });
-        }
+        self.presence.stop(&mut self.cx, now);
         // Every open feed, the parent's and the consumers', closed in subscription order.
         let mut closes: Vec<(SubId, Command)> = std::mem::take(&mut self.feeds)
             .into_iter()
@@ -561,25 +553,6 @@ impl Agent {
         SpaceStream::Chat.name(&self.cx.config.space)
     }
 
-    fn presence(&self, now: Now, status: PresenceStatus) -> Presence {
-        Presence {
-            card: AgentCard {
-                id: self.cx.config.me.id.clone(),
-                name: self.cx.config.me.name.clone(),
-                kind: Some("agent".into()),
-                role: self.cx.config.me.role.clone(),
-                protocol_version: Some(crate::constants::ADVERTISED_PROTOCOL_VERSION.into()),
-                extra: Default::default(),
-            },
-            status,
-            activity: None,
-            attention: None,
-            channel_modes: None,
-            ts: now.wall,
-            extra: Default::default(),
-        }
-    }
-
     fn control_request(&mut self, request: &DeliveryRequest, pending: Pending, timeout: Duration) {
         let uuid = self.cx.ids.uuid();
         let space = self.cx.config.space.clone();
@@ -642,6 +615,10 @@ impl Agent {
                 .on_completion(&mut self.cx, now, completion.op, completion.outcome);
             return;
         }
+        if self.presence.owns(completion.op) {
+            self.presence.on_completion(completion.op);
+            return;
+        }
         if self.loss_poll.owns(completion.op) {
             self.loss_poll
                 .on_read(&mut self.cx, now, completion.outcome);
@@ -653,7 +630,6 @@ impl Agent {
         };
         let outcome = completion.outcome;
         match pending {
-            Pending::Presence => {}
             Pending::Arm { channel, epoch } => self.on_arm(channel, epoch, outcome),
             Pending::Subscribe { channel, epoch } => self.on_subscribe(channel, epoch, outcome),
             Pending::Barrier { channel, epoch } => self.on_barrier(channel, epoch, outcome),
@@ -751,14 +727,7 @@ impl Agent {
     fn on_timer(&mut self, now: Now, timer: Timer) {
         match timer {
             Timer::Losses => self.loss_poll.handle_timeout(&mut self.cx),
-            Timer::Heartbeat => {
-                if self.cx.link != Link::Down
-                    && let Some(every) = self.cx.config.heartbeat
-                {
-                    self.heartbeat(now);
-                    self.timers.set(Timer::Heartbeat, now.at + every);
-                }
-            }
+            Timer::Heartbeat => self.presence.handle_timeout(&mut self.cx, now),
             Timer::RegistryWatch => self.watch.handle_timeout(&mut self.cx),
             Timer::DlvBind => self.direct.handle_timeout(&mut self.cx, Consumer::Dlv),
             Timer::DirectBind(d) => self
@@ -798,7 +767,7 @@ impl Machine for Agent {
 
     fn handle_timeout(&mut self, now: Now) {
         self.observe(now);
-        // Every expired deadline, the parent's and the children's, in (deadline, timer) order:
+        // Every expired deadline of the children, in (deadline, timer) order:
         // the order one table of all timers would pop them in.
         while let Some((at, timer)) = self.next_timer() {
             if at > now.at {
@@ -831,9 +800,13 @@ fn established(channels: &BTreeMap<Channel, ChannelEntry>, channel: &ConcreteCha
 }
 
 impl Agent {
-    /// The earliest deadline of the parent and its children, with the timer it names.
+    /// The earliest deadline of the children (the parent has none of its own), with the timer it
+    /// names.
     fn next_timer(&self) -> Option<(Instant, Timer)> {
         let children = [
+            self.presence
+                .poll_timeout()
+                .map(|at| (at, Timer::Heartbeat)),
             self.loss_poll.poll_timeout().map(|at| (at, Timer::Losses)),
             self.direct.poll_timeout().map(|(at, c)| match c {
                 Consumer::Dlv => (at, Timer::DlvBind),
@@ -848,27 +821,18 @@ impl Agent {
                 MemberTimer::Audit => (at, Timer::Audit),
             }),
         ];
-        let mut next = self.timers.next().map(|(at, t)| (at, *t));
-        for candidate in children.into_iter().flatten() {
-            if next.is_none_or(|n| candidate < n) {
-                next = Some(candidate);
-            }
-        }
-        next
+        children.into_iter().flatten().min()
     }
 
-    /// Removes a timer from the table of the child (or the parent) that owns it.
+    /// Removes a timer from the child that owns it.
     fn take_timer(&mut self, timer: &Timer) {
         match timer {
-            Timer::Losses | Timer::RegistryWatch => {}
+            Timer::Heartbeat | Timer::Losses | Timer::RegistryWatch => {}
             Timer::DlvBind => self.direct.take_timer(Consumer::Dlv),
             Timer::DirectBind(d) => self.direct.take_timer(Consumer::Direct(*d)),
             Timer::Reconcile(slot) => self.members.cancel_timer(MemberTimer::Reconcile(*slot)),
             Timer::Close(slot) => self.members.cancel_timer(MemberTimer::Close(*slot)),
             Timer::Audit => self.members.cancel_timer(MemberTimer::Audit),
-            _ => {
-                self.timers.cancel(timer);
-            }
         }
     }
 

@@ -52,7 +52,6 @@ pub(super) struct ChannelEntry {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Pending {
-    Presence,
     Arm {
         channel: Channel,
         epoch: u64,

@@ -10,8 +10,8 @@ use crate::wire::config::ConsumerSpec;
 use crate::wire::control::{
     ControlReply, ControlRequest, DurableJoinReply, DurableLeaveReply, MembershipSummary,
 };
-use crate::wire::message::CotalMessage;
 use crate::wire::message::Sender;
+use crate::wire::message::{CotalMessage, Presence};
 use crate::wire::subject::DeliveryKind;
 use crate::wire::token::{AgentId, Space};
 use bytes::Bytes;
