@@ -45,6 +45,12 @@
 //! `membership.rs`; connection loss and restore in `connection.rs`; unicast and anycast in
 //! `direct.rs`; receiving in `receive.rs`.
 //!
+//! Not yet children: the channel map and the join, leave and membership flows are the parent's
+//! own code, split by flow into those files (`impl Agent` blocks that read the channel map and
+//! the book and issue through the parent's `Pending` table). Turning each channel's join into
+//! its own small machine, and the membership flows into the book's, is the next cut; the book
+//! already separates what a membership needs from what a join needs.
+//!
 //! # Receiving (§2(f))
 //!
 //! Every copy (live, backfill, DLV, DM, TASK) goes through the authenticity filter and then the
