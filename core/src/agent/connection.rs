@@ -32,8 +32,7 @@ impl Agent {
         self.watch.on_lost();
         self.presence.on_lost();
         // The audit in flight is moot (its answer is ignored); the next ready connection audits.
-        self.members.cancel_timer(MemberTimer::Audit);
-        self.members.audit_in_flight = None;
+        self.members.on_lost();
         self.loss_poll.on_lost();
         // In-flight joins fail closed; joined channels lose their subscription.
         let names: Vec<Channel> = self.channels.keys().cloned().collect();
@@ -121,6 +120,6 @@ impl Agent {
         for name in names {
             self.maybe_start_post_commit(&name);
         }
-        self.start_audit();
+        self.members.start_audit(&mut self.cx);
     }
 }

@@ -7,8 +7,11 @@
 use super::types::{AgentConfig, AgentCounters, AgentEvent, RequestId};
 use crate::entropy::IdGen;
 use crate::io::{Command, SubIds};
-use crate::op::OpIds;
-use crate::time::{Instant, UnixMillis};
+use crate::op::{OpId, OpIds};
+use crate::time::{Duration, Instant, UnixMillis};
+use crate::wire::control::DeliveryRequest;
+use crate::wire::json;
+use crate::wire::subject::{delivery_reply_subject, delivery_request_subject};
 use std::collections::VecDeque;
 
 /// The connection as the agent sees it.
@@ -64,6 +67,36 @@ impl Ctx {
             last_wall: UnixMillis(0),
             next_request: 0,
         }
+    }
+
+    /// Sends a control request to the delivery daemon (`ctl.delivery`, a fresh reply subject);
+    /// returns its op id for the caller's pending table.
+    pub(super) fn control_request(
+        &mut self,
+        request: &DeliveryRequest,
+        timeout: Duration,
+    ) -> Option<OpId> {
+        let uuid = self.ids.uuid();
+        let space = self.config.space.clone();
+        let me = self.config.me.id.clone();
+        let reply = match delivery_reply_subject(&space, &me, &uuid) {
+            Ok(s) => s.to_string(),
+            // A uuid is always one token; this cannot happen.
+            Err(_) => {
+                debug_assert!(false, "uuid is not a subject token");
+                return None;
+            }
+        };
+        let payload = json::encode(&request.to_request(self.config.me.clone()));
+        let op = self.ops.next_id();
+        self.commands.push_back(Command::Request {
+            op,
+            subject: delivery_request_subject(&space, &me).to_string(),
+            reply,
+            payload,
+            timeout,
+        });
+        Some(op)
     }
 
     /// The next application request id (joins, leaves and sends share the sequence).

@@ -18,12 +18,21 @@
 //! - the deadlines of the reconciles, the closes and the audit (its own timer table; the parent
 //!   takes the minimum with its own).
 //!
-//! The flows that read and write the book (durable join, reconcile, leave, refusal close, audit)
-//! are in `membership` and `leave`; they issue the control requests through the parent.
+//! The book runs the audit itself ([`Members::start_audit`], [`Members::on_audit`]: it owns
+//! the `listMemberships` requests of the audits and judges the answer against the parent's
+//! channel map, which the parent lends as two functions) and hands the parent a verdict to act
+//! on (re-establish a lost membership, close an orphan). The other flows that read and write the
+//! book (durable join, reconcile, leave, refusal close) are the parent's, in `membership` and
+//! `leave`; they issue their control requests through the parent.
 
+use super::ctx::{Ctx, Link, bump};
+use super::state::decode_list_reply;
 use super::types::Unclosed;
-use crate::op::TimerTable;
-use crate::time::Instant;
+use crate::constants::REQUEST_DELIVERY_TIMEOUT;
+use crate::io::Reply;
+use crate::op::{OpId, Outcome, TimerTable};
+use crate::time::{Instant, Now};
+use crate::wire::control::{DeliveryRequest, ListMembershipsReply};
 use crate::wire::token::ConcreteChannel;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -75,7 +84,18 @@ pub(super) struct Members {
     /// Channels whose mirror or membership changed since the audit in flight was sent: its
     /// snapshot may predate the change, so they are not judged from it.
     pub(super) touched_since_audit: BTreeSet<ConcreteChannel>,
+    /// The audits' `listMemberships` requests in flight, with the audit each belongs to.
+    audit_ops: BTreeMap<OpId, u64>,
     timers: TimerTable<MemberTimer>,
+}
+
+/// What an audit found: mirrored memberships of joined channels whose record is gone (`lost`),
+/// and open memberships of channels this life does not hold (`orphans`), each with its
+/// generation.
+#[derive(Debug, Default)]
+pub(super) struct AuditVerdict {
+    pub(super) lost: Vec<(ConcreteChannel, u64)>,
+    pub(super) orphans: Vec<(ConcreteChannel, u64)>,
 }
 
 impl Members {
@@ -197,5 +217,104 @@ impl Members {
     /// The earliest deadline.
     pub(super) fn poll_timeout(&self) -> Option<(Instant, MemberTimer)> {
         self.timers.next().map(|(at, t)| (at, *t))
+    }
+
+    /// Decodes a `listMemberships` answer; a good one marks this life's memberships as listed.
+    pub(super) fn decode_list(
+        &mut self,
+        outcome: Outcome<Reply>,
+    ) -> Result<ListMembershipsReply, String> {
+        let list = decode_list_reply(outcome)?;
+        self.listed = true;
+        Ok(list)
+    }
+
+    /// Whether `op` is one of the audit's requests.
+    pub(super) fn owns(&self, op: OpId) -> bool {
+        self.audit_ops.contains_key(&op)
+    }
+
+    /// The connection is gone: the audit in flight is moot (its answer is ignored); the next
+    /// ready connection audits.
+    pub(super) fn on_lost(&mut self) {
+        self.timers.cancel(&MemberTimer::Audit);
+        self.audit_in_flight = None;
+    }
+
+    /// Lists our memberships to re-validate the mirror (at every ready connection and every
+    /// [`super::AgentConfig::membership_audit`]). One audit at a time; a stale one's answer is
+    /// ignored.
+    pub(super) fn start_audit(&mut self, cx: &mut Ctx) {
+        if !cx.config.durable_backstop || cx.stopped || cx.link != Link::Ready {
+            return;
+        }
+        self.timers.cancel(&MemberTimer::Audit);
+        self.audits = self.audits.saturating_add(1);
+        let audit = self.audits;
+        self.audit_in_flight = Some(audit);
+        self.touched_since_audit.clear();
+        if let Some(op) =
+            cx.control_request(&DeliveryRequest::ListMemberships, REQUEST_DELIVERY_TIMEOUT)
+        {
+            self.audit_ops.insert(op, audit);
+        }
+    }
+
+    /// The answer to the audit request `op`: schedules the next audit and judges the mirror
+    /// against the list. `joined(c)`: the channel is joined with no leave in progress;
+    /// `held(c)`: the channel has an entry in the parent's channel map. A channel whose mirror or
+    /// membership changed while the list was in flight, or with a reconcile or close in motion,
+    /// is not judged from this snapshot. `None` for a stale or failed audit.
+    pub(super) fn on_audit(
+        &mut self,
+        cx: &mut Ctx,
+        now: Now,
+        op: OpId,
+        outcome: Outcome<Reply>,
+        joined: impl Fn(&ConcreteChannel) -> bool,
+        held: impl Fn(&ConcreteChannel) -> bool,
+    ) -> Option<AuditVerdict> {
+        let audit = self.audit_ops.remove(&op)?;
+        if self.audit_in_flight != Some(audit) {
+            return None;
+        }
+        self.audit_in_flight = None;
+        if let Some(every) = cx.config.membership_audit
+            && !cx.stopped
+        {
+            self.timers.set(MemberTimer::Audit, now.at + every);
+        }
+        let list = match self.decode_list(outcome) {
+            Ok(list) => list,
+            Err(_) => {
+                bump(&mut cx.counters.membership_audit_failures);
+                return None;
+            }
+        };
+        bump(&mut cx.counters.membership_audits);
+        let open: BTreeMap<ConcreteChannel, u64> = list
+            .memberships
+            .iter()
+            .map(|m| (m.channel.clone(), m.generation))
+            .collect();
+        let touched = std::mem::take(&mut self.touched_since_audit);
+        let settled = |c: &ConcreteChannel| !touched.contains(c) && self.settled(c);
+        // Mirrored memberships whose record is gone.
+        let lost = self
+            .mirror
+            .iter()
+            .filter(|(c, g)| {
+                settled(c) && open.get(*c).is_none_or(|listed| *listed < **g) && joined(c)
+            })
+            .map(|(c, g)| (c.clone(), *g))
+            .collect();
+        // Open memberships of channels this life does not hold. (Judging them before the
+        // parent acts on `lost` changes nothing: a lost channel is held, an orphan is not.)
+        let orphans = open
+            .iter()
+            .filter(|(c, _)| settled(c) && !held(c))
+            .map(|(c, g)| (c.clone(), *g))
+            .collect();
+        Some(AuditVerdict { lost, orphans })
     }
 }

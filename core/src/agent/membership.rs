@@ -1,5 +1,6 @@
 //! The membership flows (parent code, `impl Agent`): the durable join and its reconcile, the
-//! membership audit, the refusal close. Their state is the membership book ([`super::members`]);
+//! refusal close, and the parent's half of the membership audit (acting on the verdict of
+//! [`super::members::Members::on_audit`]). Their state is the membership book ([`super::members`]);
 //! they issue their control requests through the parent's pending table.
 //!
 //! # Membership audit (issue 15 item 4, G12)
@@ -204,76 +205,28 @@ impl Agent {
         );
     }
 
-    /// Lists our memberships to re-validate the mirror (at every ready connection and every
-    /// [`AgentConfig::membership_audit`]). One audit at a time; a stale one's answer is ignored.
-    pub(super) fn start_audit(&mut self) {
-        if !self.cx.config.durable_backstop || self.cx.stopped || self.cx.link != Link::Ready {
+    /// A `listMemberships` answer to the audit `op`: [`Members::on_audit`] judges it against
+    /// the channel map, and the parent acts on the verdict (see the module docs).
+    pub(super) fn on_audit(&mut self, now: Now, op: OpId, outcome: Outcome<Reply>) {
+        let channels = &self.channels;
+        let Some(verdict) = self.members.on_audit(
+            &mut self.cx,
+            now,
+            op,
+            outcome,
+            |c| {
+                channels
+                    .get(&c.as_channel())
+                    .is_some_and(|e| e.phase == Phase::Joined && e.leave.is_none())
+            },
+            |c| channels.contains_key(&c.as_channel()),
+        ) else {
             return;
-        }
-        self.members.cancel_timer(MemberTimer::Audit);
-        self.members.audits = self.members.audits.saturating_add(1);
-        let audit = self.members.audits;
-        self.members.audit_in_flight = Some(audit);
-        self.members.touched_since_audit.clear();
-        self.control_request(
-            &DeliveryRequest::ListMemberships,
-            Pending::ListForAudit { audit },
-            REQUEST_DELIVERY_TIMEOUT,
-        );
-    }
-
-    /// Reconciles the mirror with a `listMemberships` answer (see the module docs).
-    pub(super) fn on_audit(&mut self, now: Now, audit: u64, outcome: Outcome<Reply>) {
-        if self.members.audit_in_flight != Some(audit) {
-            return;
-        }
-        self.members.audit_in_flight = None;
-        if let Some(every) = self.cx.config.membership_audit
-            && !self.cx.stopped
-        {
-            self.members.set_timer(MemberTimer::Audit, now.at + every);
-        }
-        let list = match self.decode_list(outcome) {
-            Ok(list) => list,
-            Err(_) => {
-                bump(&mut self.cx.counters.membership_audit_failures);
-                return;
-            }
         };
-        bump(&mut self.cx.counters.membership_audits);
-        let open: BTreeMap<ConcreteChannel, u64> = list
-            .memberships
-            .iter()
-            .map(|m| (m.channel.clone(), m.generation))
-            .collect();
-        let touched = std::mem::take(&mut self.members.touched_since_audit);
-        let settled =
-            |agent: &Agent, c: &ConcreteChannel| !touched.contains(c) && agent.members.settled(c);
-        // Mirrored memberships whose record is gone.
-        let lost: Vec<(ConcreteChannel, u64)> = self
-            .members
-            .mirror
-            .iter()
-            .filter(|(c, g)| {
-                settled(self, c)
-                    && open.get(*c).is_none_or(|listed| *listed < **g)
-                    && self
-                        .channels
-                        .get(&c.as_channel())
-                        .is_some_and(|e| e.phase == Phase::Joined && e.leave.is_none())
-            })
-            .map(|(c, g)| (c.clone(), *g))
-            .collect();
-        for (channel, generation) in lost {
+        for (channel, generation) in verdict.lost {
             self.membership_lost(channel, generation);
         }
-        // Open memberships of channels this life does not join.
-        let orphans: Vec<(ConcreteChannel, u64)> = open
-            .iter()
-            .filter(|(c, _)| settled(self, c) && !self.channels.contains_key(&c.as_channel()))
-            .map(|(c, g)| (c.clone(), *g))
-            .collect();
-        for (channel, generation) in orphans {
+        for (channel, generation) in verdict.orphans {
             bump(&mut self.cx.counters.memberships_orphaned);
             self.members.mark_maybe(&channel);
             self.cx.events.push_back(AgentEvent::MembershipOrphaned {
@@ -344,9 +297,7 @@ impl Agent {
         &mut self,
         outcome: Outcome<Reply>,
     ) -> Result<ListMembershipsReply, String> {
-        let list = decode_list_reply(outcome)?;
-        self.members.listed = true;
-        Ok(list)
+        self.members.decode_list(outcome)
     }
 
     pub(super) fn on_list_for_close(

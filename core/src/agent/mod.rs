@@ -19,9 +19,9 @@
 //!
 //! | part (file) | owns | issues | routed to it |
 //! | --- | --- | --- | --- |
-//! | parent (`mod.rs`; flows in `connection.rs`, `join.rs`, `leave.rs`, `membership.rs`) | the channel map (per channel: phase, epoch, subscription, watermark, join progress, backstop, leave), the chat feeds, its `Pending` ops; no timer of its own | `StreamInfo`, `Subscribe`, `Barrier`, `Unsubscribe`, the control `Request`s (`durableJoin`, `durableLeave`, `listMemberships`) | app calls, connection changes, chat feed inputs, its completions |
+//! | parent (`mod.rs`; flows in `connection.rs`, `join.rs`, `leave.rs`, `membership.rs`) | the channel map (per channel: phase, epoch, subscription, watermark, join progress, backstop, leave), the chat feeds, its `Pending` ops; no timer of its own | `StreamInfo`, `Subscribe`, `Barrier`, `Unsubscribe`, the control `Request`s (`durableJoin`, `durableLeave`, `listMemberships` for a leave or a close; the shared context builds them) | app calls, connection changes, chat feed inputs, its completions |
 //! | `RegistryWatch` (`watch.rs`) | the channel registry cache (the one resolver of a channel's class), its watch and retries | `KvWatch`, `KvUnwatch` | its completions (a load turns the parent ready), its feed's changes, timer `RegistryWatch`, loss / restore |
-//! | `Members` (`members.rs`) | the membership book: the mirror (channel → generation), one record per concrete channel (maybe-member, unclosed close, close / reconcile in flight, timer slot), the audit's state | nothing itself (the membership flows issue through the parent) | timers `Reconcile`, `Close`, `Audit` |
+//! | `Members` (`members.rs`) | the membership book: the mirror (channel → generation), one record per concrete channel (maybe-member, unclosed close, close / reconcile in flight, timer slot), the audit's state and requests | the audit's `listMemberships` (the other membership flows issue through the parent) | its audit answers (it judges them against the channel map, which the parent lends, and returns a verdict the parent acts on), timers `Reconcile`, `Close`, `Audit` |
 //! | `Receiver` (`receive.rs`) | the dedup [`Ledger`], its settles | `Settle` | every copy (live, backfill, DLV, DM, TASK), `handled` / `decline`, settle completions |
 //! | `HistoryReader` (`history.rs`) | the one-at-a-time reader, its queue and reads | `ReadStream` | read completions |
 //! | `DirectFeeds` (`direct.rs`) | the DLV and `dm_<id>` / `svc_<role>` bindings and feeds | `Consume`, `StopConsume` | bind completions, `ConsumerEnded` / `Refused` of its feeds, timers `DlvBind`, `DirectBind`, loss / restore |
@@ -70,11 +70,8 @@ use crate::policy::Backfill;
 use crate::time::{Duration, Instant, Now, UnixMillis};
 use crate::wire::config::SpaceStream;
 use crate::wire::control::{DeliveryRequest, ListMembershipsReply};
-use crate::wire::json;
 use crate::wire::message::{Part, Route, normalize_mentions};
-use crate::wire::subject::{
-    chat_subscribe_pattern, delivery_reply_subject, delivery_request_subject,
-};
+use crate::wire::subject::chat_subscribe_pattern;
 use crate::wire::token::{AgentId, Channel, ConcreteChannel, Role};
 use std::collections::BTreeMap;
 
@@ -560,26 +557,9 @@ impl Agent {
     }
 
     fn control_request(&mut self, request: &DeliveryRequest, pending: Pending, timeout: Duration) {
-        let uuid = self.cx.ids.uuid();
-        let space = self.cx.config.space.clone();
-        let me = self.cx.config.me.id.clone();
-        let reply = match delivery_reply_subject(&space, &me, &uuid) {
-            Ok(s) => s.to_string(),
-            // A uuid is always one token; this cannot happen.
-            Err(_) => {
-                debug_assert!(false, "uuid is not a subject token");
-                return;
-            }
-        };
-        let payload = json::encode(&request.to_request(self.cx.config.me.clone()));
-        let op = self.op(pending);
-        self.cx.commands.push_back(Command::Request {
-            op,
-            subject: delivery_request_subject(&space, &me).to_string(),
-            reply,
-            payload,
-            timeout,
-        });
+        if let Some(op) = self.cx.control_request(request, timeout) {
+            self.pending.insert(op, pending);
+        }
     }
 
     fn on_completion(&mut self, now: Now, completion: Completion) {
@@ -621,6 +601,10 @@ impl Agent {
                 .on_completion(&mut self.cx, now, completion.op, completion.outcome);
             return;
         }
+        if self.members.owns(completion.op) {
+            self.on_audit(now, completion.op, completion.outcome);
+            return;
+        }
         if self.presence.owns(completion.op) {
             self.presence.on_completion(completion.op);
             return;
@@ -644,7 +628,6 @@ impl Agent {
             }
             Pending::ListForLeave { channel } => self.on_list_for_leave(channel, outcome),
             Pending::ListForClose { channel } => self.on_list_for_close(now, channel, outcome),
-            Pending::ListForAudit { audit } => self.on_audit(now, audit, outcome),
             Pending::DurableLeave {
                 channel,
                 generation,
@@ -744,7 +727,7 @@ impl Agent {
                     self.reconcile(c);
                 }
             }
-            Timer::Audit => self.start_audit(),
+            Timer::Audit => self.members.start_audit(&mut self.cx),
             Timer::Close(slot) => {
                 if let Some(c) = self.members.channel_of(slot) {
                     if self.cx.link == Link::Ready {

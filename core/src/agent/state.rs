@@ -74,9 +74,6 @@ pub(super) enum Pending {
     ListForClose {
         channel: ConcreteChannel,
     },
-    ListForAudit {
-        audit: u64,
-    },
     DurableLeave {
         channel: ConcreteChannel,
         generation: u64,

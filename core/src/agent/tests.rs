@@ -10,6 +10,7 @@ use crate::wire::config::ConsumerSpec;
 use crate::wire::control::{
     ControlReply, ControlRequest, DurableJoinReply, DurableLeaveReply, MembershipSummary,
 };
+use crate::wire::json;
 use crate::wire::message::Sender;
 use crate::wire::message::{CotalMessage, Presence};
 use crate::wire::subject::DeliveryKind;
