@@ -3,10 +3,20 @@
 //! tests pin with insta.
 
 use super::*;
-use crate::io::{PubAck, Response, StreamState};
-use crate::wire::control::{ControlRequest, DurableLeaveReply, MembershipSummary};
+use crate::constants::MEMBERSHIP_AUDIT_INTERVAL;
+use crate::io::{AckKind, KvOperation, PubAck, Response, StoredMessage, StreamState};
+use crate::ledger::DeliveryId;
+use crate::wire::config::ConsumerSpec;
+use crate::wire::control::{
+    ControlReply, ControlRequest, DurableJoinReply, DurableLeaveReply, MembershipSummary,
+};
+use crate::wire::json;
 use crate::wire::message::Sender;
-use crate::wire::token::AgentId;
+use crate::wire::message::{CotalMessage, Presence};
+use crate::wire::subject::DeliveryKind;
+use crate::wire::token::{AgentId, Space};
+use bytes::Bytes;
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 const SPACE: &str = "main";
@@ -1386,7 +1396,7 @@ fn g42_no_responders_never_skips_the_tombstone_of_a_known_membership() {
     w.run();
     // The mirror loses the generation (as after a refusal close raced a rejoin) but the agent
     // knows it held a membership in this life.
-    w.agent.memberships.clear();
+    w.agent.members.mirror.clear();
     w.daemon.up = false;
     w.agent.leave(w.now, &ch("review")).unwrap();
     w.run();

@@ -1,0 +1,320 @@
+//! The membership book: everything the agent knows about its durable memberships, one record
+//! per concrete channel, kept for the life of the agent.
+//!
+//! A membership is not a join: it can outlive the join of its channel (an unclosed record after
+//! a refusal, a membership a leave could not tombstone, an earlier life's orphan), and exist for
+//! a channel this life never joined. So it is not kept inside the channel's join state: the
+//! parent's channel map holds what a join holds (phase, epoch, subscription, watermark, join
+//! progress, backfill, backstop), and [`Members`] holds, per concrete channel, what the
+//! membership protocol holds:
+//!
+//! - the **mirror** of established memberships (channel → generation; [`Members::mirror`] is
+//!   the map [`super::Agent::memberships`] returns);
+//! - a [`Member`] record: whether the channel held or may hold a membership in this life
+//!   (`maybe`), the refusal close still to do (`unclosed`), whether a close or a reconcile
+//!   request is in flight, and the channel's timer slot;
+//! - the membership audit's state (the audit in flight, what changed since it was sent, whether
+//!   this life listed its memberships);
+//! - the deadlines of the reconciles, the closes and the audit (its own timer table; the parent
+//!   takes the minimum with its own).
+//!
+//! The book runs the audit itself ([`Members::start_audit`], [`Members::on_audit`]: it owns
+//! the `listMemberships` requests of the audits and judges the answer against the parent's
+//! channel map, which the parent lends as two functions) and hands the parent a verdict to act
+//! on (re-establish a lost membership, close an orphan). The other flows that read and write the
+//! book (durable join, reconcile, leave, refusal close) are the parent's, in `membership` and
+//! `leave`; they issue their control requests through the parent.
+
+use super::ctx::{Ctx, Link, bump};
+use super::state::decode_list_reply;
+use super::types::Unclosed;
+use crate::constants::REQUEST_DELIVERY_TIMEOUT;
+use crate::io::Reply;
+use crate::op::{OpId, Outcome, TimerTable};
+use crate::time::{Instant, Now};
+use crate::wire::control::{DeliveryRequest, ListMembershipsReply};
+use crate::wire::token::ConcreteChannel;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// One concrete channel's membership record (beside its mirrored generation).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Member {
+    /// The channel's timer slot (allocated at its first timer, never reused).
+    slot: Option<u64>,
+    /// The channel held, or may hold, a membership in this life: established once, or a durable
+    /// join whose outcome was unknown (it may have been applied, R10). A leave never skips its
+    /// tombstone, and a refusal closes it even without a mirrored generation (G41, G42).
+    maybe: bool,
+    /// A membership to close after a refusal (`pendingDurableLeave`).
+    unclosed: Option<Unclosed>,
+    /// A close request is in flight.
+    close_in_flight: bool,
+    /// A reconcile (durable join) request is in flight.
+    reconcile_in_flight: bool,
+}
+
+/// The deadlines of the book, in the order the parent's timers name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum MemberTimer {
+    /// Re-establish the backstop of the channel in this slot.
+    Reconcile(u64),
+    /// Retry the refusal close of the channel in this slot.
+    Close(u64),
+    /// Audit the mirror.
+    Audit,
+}
+
+/// The membership book. See the module docs.
+#[derive(Debug, Default)]
+pub(super) struct Members {
+    /// The local mirror of established memberships (`plane3Channels`).
+    pub(super) mirror: BTreeMap<ConcreteChannel, u64>,
+    records: BTreeMap<ConcreteChannel, Member>,
+    /// Slot `s` is `slots[s - 1]`.
+    slots: Vec<ConcreteChannel>,
+    /// A `listMemberships` reply was decoded in this life: from then on every membership that
+    /// can exist is known (listed, or opened by a join of this life and so `maybe`). Until then
+    /// an earlier life's membership may be open, so "no responders" proves nothing (G42 across a
+    /// restart).
+    pub(super) listed: bool,
+    /// The membership audit in flight (its number), if any.
+    pub(super) audit_in_flight: Option<u64>,
+    /// Audits sent so far (numbers the in-flight one).
+    pub(super) audits: u64,
+    /// Channels whose mirror or membership changed since the audit in flight was sent: its
+    /// snapshot may predate the change, so they are not judged from it.
+    pub(super) touched_since_audit: BTreeSet<ConcreteChannel>,
+    /// The audits' `listMemberships` requests in flight, with the audit each belongs to.
+    audit_ops: BTreeMap<OpId, u64>,
+    timers: TimerTable<MemberTimer>,
+}
+
+/// What an audit found: mirrored memberships of joined channels whose record is gone (`lost`),
+/// and open memberships of channels this life does not hold (`orphans`), each with its
+/// generation.
+#[derive(Debug, Default)]
+pub(super) struct AuditVerdict {
+    pub(super) lost: Vec<(ConcreteChannel, u64)>,
+    pub(super) orphans: Vec<(ConcreteChannel, u64)>,
+}
+
+impl Members {
+    fn record(&mut self, channel: &ConcreteChannel) -> &mut Member {
+        self.records.entry(channel.clone()).or_default()
+    }
+
+    /// Whether the channel held, or may hold, a membership in this life.
+    pub(super) fn is_maybe(&self, channel: &ConcreteChannel) -> bool {
+        self.records.get(channel).is_some_and(|m| m.maybe)
+    }
+
+    /// Marks the channel as (possibly) holding a membership in this life.
+    pub(super) fn mark_maybe(&mut self, channel: &ConcreteChannel) {
+        self.record(channel).maybe = true;
+    }
+
+    /// The refusal close pending for the channel.
+    pub(super) fn unclosed(&self, channel: &ConcreteChannel) -> Option<&Unclosed> {
+        self.records.get(channel).and_then(|m| m.unclosed.as_ref())
+    }
+
+    /// The refusal close pending for the channel, to update.
+    pub(super) fn unclosed_mut(&mut self, channel: &ConcreteChannel) -> Option<&mut Unclosed> {
+        self.records
+            .get_mut(channel)
+            .and_then(|m| m.unclosed.as_mut())
+    }
+
+    /// Records a refusal close to do (replacing one pending).
+    pub(super) fn set_unclosed(&mut self, unclosed: Unclosed) {
+        let channel = unclosed.channel.clone();
+        self.record(&channel).unclosed = Some(unclosed);
+    }
+
+    /// Drops the channel's pending refusal close, returning it.
+    pub(super) fn take_unclosed(&mut self, channel: &ConcreteChannel) -> Option<Unclosed> {
+        self.records
+            .get_mut(channel)
+            .and_then(|m| m.unclosed.take())
+    }
+
+    /// Every pending refusal close, by channel.
+    pub(super) fn unclosed_all(&self) -> impl Iterator<Item = &Unclosed> {
+        self.records.values().filter_map(|m| m.unclosed.as_ref())
+    }
+
+    /// Whether a close request of the channel is in flight.
+    pub(super) fn close_in_flight(&self, channel: &ConcreteChannel) -> bool {
+        self.records.get(channel).is_some_and(|m| m.close_in_flight)
+    }
+
+    /// Sets whether a close request of the channel is in flight.
+    pub(super) fn set_close_in_flight(&mut self, channel: &ConcreteChannel, on: bool) {
+        if on || self.records.contains_key(channel) {
+            self.record(channel).close_in_flight = on;
+        }
+    }
+
+    /// Whether a reconcile request of the channel is in flight.
+    pub(super) fn reconcile_in_flight(&self, channel: &ConcreteChannel) -> bool {
+        self.records
+            .get(channel)
+            .is_some_and(|m| m.reconcile_in_flight)
+    }
+
+    /// Sets whether a reconcile request of the channel is in flight.
+    pub(super) fn set_reconcile_in_flight(&mut self, channel: &ConcreteChannel, on: bool) {
+        if on || self.records.contains_key(channel) {
+            self.record(channel).reconcile_in_flight = on;
+        }
+    }
+
+    /// Nothing about the channel is in motion: no reconcile, no close in flight, no close
+    /// pending. The audit judges only such channels.
+    pub(super) fn settled(&self, channel: &ConcreteChannel) -> bool {
+        self.records
+            .get(channel)
+            .is_none_or(|m| !m.reconcile_in_flight && !m.close_in_flight && m.unclosed.is_none())
+    }
+
+    /// The channel's timer slot, allocated at first use.
+    pub(super) fn slot(&mut self, channel: &ConcreteChannel) -> u64 {
+        if let Some(s) = self.slot_of(channel) {
+            return s;
+        }
+        let s = self.slots.len() as u64 + 1;
+        self.slots.push(channel.clone());
+        self.record(channel).slot = Some(s);
+        s
+    }
+
+    /// The channel's timer slot, if it has one.
+    pub(super) fn slot_of(&self, channel: &ConcreteChannel) -> Option<u64> {
+        self.records.get(channel).and_then(|m| m.slot)
+    }
+
+    /// The channel of a timer slot.
+    pub(super) fn channel_of(&self, slot: u64) -> Option<ConcreteChannel> {
+        let index = usize::try_from(slot.checked_sub(1)?).ok()?;
+        self.slots.get(index).cloned()
+    }
+
+    /// Sets (or moves) a deadline.
+    pub(super) fn set_timer(&mut self, timer: MemberTimer, at: Instant) {
+        self.timers.set(timer, at);
+    }
+
+    /// Cancels a deadline.
+    pub(super) fn cancel_timer(&mut self, timer: MemberTimer) {
+        self.timers.cancel(&timer);
+    }
+
+    /// Clears every deadline (the agent stopped).
+    pub(super) fn clear_timers(&mut self) {
+        self.timers = TimerTable::new();
+    }
+
+    /// The earliest deadline.
+    pub(super) fn poll_timeout(&self) -> Option<(Instant, MemberTimer)> {
+        self.timers.next().map(|(at, t)| (at, *t))
+    }
+
+    /// Decodes a `listMemberships` answer; a good one marks this life's memberships as listed.
+    pub(super) fn decode_list(
+        &mut self,
+        outcome: Outcome<Reply>,
+    ) -> Result<ListMembershipsReply, String> {
+        let list = decode_list_reply(outcome)?;
+        self.listed = true;
+        Ok(list)
+    }
+
+    /// Whether `op` is one of the audit's requests.
+    pub(super) fn owns(&self, op: OpId) -> bool {
+        self.audit_ops.contains_key(&op)
+    }
+
+    /// The connection is gone: the audit in flight is moot (its answer is ignored); the next
+    /// ready connection audits.
+    pub(super) fn on_lost(&mut self) {
+        self.timers.cancel(&MemberTimer::Audit);
+        self.audit_in_flight = None;
+    }
+
+    /// Lists our memberships to re-validate the mirror (at every ready connection and every
+    /// [`super::AgentConfig::membership_audit`]). One audit at a time; a stale one's answer is
+    /// ignored.
+    pub(super) fn start_audit(&mut self, cx: &mut Ctx) {
+        if !cx.config.durable_backstop || cx.stopped || cx.link != Link::Ready {
+            return;
+        }
+        self.timers.cancel(&MemberTimer::Audit);
+        self.audits = self.audits.saturating_add(1);
+        let audit = self.audits;
+        self.audit_in_flight = Some(audit);
+        self.touched_since_audit.clear();
+        if let Some(op) =
+            cx.control_request(&DeliveryRequest::ListMemberships, REQUEST_DELIVERY_TIMEOUT)
+        {
+            self.audit_ops.insert(op, audit);
+        }
+    }
+
+    /// The answer to the audit request `op`: schedules the next audit and judges the mirror
+    /// against the list. `joined(c)`: the channel is joined with no leave in progress;
+    /// `held(c)`: the channel has an entry in the parent's channel map. A channel whose mirror or
+    /// membership changed while the list was in flight, or with a reconcile or close in motion,
+    /// is not judged from this snapshot. `None` for a stale or failed audit.
+    pub(super) fn on_audit(
+        &mut self,
+        cx: &mut Ctx,
+        now: Now,
+        op: OpId,
+        outcome: Outcome<Reply>,
+        joined: impl Fn(&ConcreteChannel) -> bool,
+        held: impl Fn(&ConcreteChannel) -> bool,
+    ) -> Option<AuditVerdict> {
+        let audit = self.audit_ops.remove(&op)?;
+        if self.audit_in_flight != Some(audit) {
+            return None;
+        }
+        self.audit_in_flight = None;
+        if let Some(every) = cx.config.membership_audit
+            && !cx.stopped
+        {
+            self.timers.set(MemberTimer::Audit, now.at + every);
+        }
+        let list = match self.decode_list(outcome) {
+            Ok(list) => list,
+            Err(_) => {
+                bump(&mut cx.counters.membership_audit_failures);
+                return None;
+            }
+        };
+        bump(&mut cx.counters.membership_audits);
+        let open: BTreeMap<ConcreteChannel, u64> = list
+            .memberships
+            .iter()
+            .map(|m| (m.channel.clone(), m.generation))
+            .collect();
+        let touched = std::mem::take(&mut self.touched_since_audit);
+        let settled = |c: &ConcreteChannel| !touched.contains(c) && self.settled(c);
+        // Mirrored memberships whose record is gone.
+        let lost = self
+            .mirror
+            .iter()
+            .filter(|(c, g)| {
+                settled(c) && open.get(*c).is_none_or(|listed| *listed < **g) && joined(c)
+            })
+            .map(|(c, g)| (c.clone(), *g))
+            .collect();
+        // Open memberships of channels this life does not hold. (Judging them before the
+        // parent acts on `lost` changes nothing: a lost channel is held, an orphan is not.)
+        let orphans = open
+            .iter()
+            .filter(|(c, _)| settled(c) && !held(c))
+            .map(|(c, g)| (c.clone(), *g))
+            .collect();
+        Some(AuditVerdict { lost, orphans })
+    }
+}
