@@ -735,3 +735,90 @@ fn published_health_rides_on_the_next_renew_and_agents_read_it() {
         LeaseHealth::Active { .. }
     ));
 }
+
+/// A renew whose outcome is unknown is confirmed by reading the key: our own record (same holder
+/// and same acquisition time) keeps the lease, adopts the landed revision and renews at once; the
+/// same holder name with another acquisition time is a successor (a restarted daemon reusing the
+/// id), so the lease is lost. (Mutation survivors of issue 16: `==` → `!=` in the ownership test.)
+#[test]
+fn an_unknown_renew_is_confirmed_only_by_our_own_record() {
+    for successor_reused_the_id in [false, true] {
+        let mut kv = FakeKv::default();
+        let mut l = lease("d1");
+        l.acquire(t(0)).ok();
+        run(&mut l, &mut kv, 0);
+        events(&mut l);
+        l.handle_timeout(t(15_000));
+        let u = one_command(&mut l);
+        // The renew lands, but its answer is lost.
+        let landed = kv.exec(15_000, &u);
+        assert!(matches!(
+            landed,
+            Outcome::Success(LeaseReply::Written { revision: 2 })
+        ));
+        if successor_reused_the_id && let Some((_, record, _)) = kv.entry.as_mut() {
+            record
+                .extra
+                .insert(ACQUIRED_AT_FIELD.to_owned(), Value::from(14_000u64));
+        }
+        l.handle_completion(t(15_000), u.op(), Outcome::Unknown)
+            .ok();
+        let g = one_command(&mut l);
+        assert!(matches!(g, LeaseCommand::Get { .. }));
+        let read = kv.exec(15_010, &g);
+        l.handle_completion(t(15_010), g.op(), read).ok();
+        if successor_reused_the_id {
+            assert_eq!(l.state(), LeaseState::Lost);
+            assert!(matches!(
+                events(&mut l).last(),
+                Some(LeaseEvent::Lost {
+                    reason: LostReason::TakenOver { .. }
+                })
+            ));
+            assert!(l.poll_command().is_none());
+        } else {
+            assert_eq!(l.state(), LeaseState::Held);
+            assert_eq!(events(&mut l), vec![LeaseEvent::Renewed { revision: 2 }]);
+            assert!(matches!(
+                one_command(&mut l),
+                LeaseCommand::Update {
+                    expected_revision: 2,
+                    ..
+                }
+            ));
+        }
+    }
+}
+
+/// A release whose delete outcome is unknown reads the key: a record at another revision is a
+/// successor's, so the release is skipped as superseded and nothing more is sent (deleting again
+/// is only for our own revision). (Mutation survivor of issue 16: the revision guard → `true`.)
+#[test]
+fn an_unknown_release_that_finds_a_successor_sends_nothing_more() {
+    let mut kv = FakeKv::default();
+    let mut l = lease("d1");
+    l.acquire(t(0)).ok();
+    run(&mut l, &mut kv, 0);
+    events(&mut l);
+    l.release(t(20));
+    let d = one_command(&mut l);
+    assert!(matches!(d, LeaseCommand::Delete { .. }));
+    l.handle_completion(t(20), d.op(), Outcome::Unknown).ok();
+    let g = one_command(&mut l);
+    assert!(matches!(g, LeaseCommand::Get { .. }));
+    // Meanwhile our key expired and a successor acquired it.
+    kv.expire(LEASE_TTL.as_millis());
+    let mut d2 = lease("d2");
+    d2.acquire(t(LEASE_TTL.as_millis())).ok();
+    run(&mut d2, &mut kv, LEASE_TTL.as_millis());
+    let read = kv.exec(LEASE_TTL.as_millis() + 1, &g);
+    l.handle_completion(t(21), g.op(), read).ok();
+    assert_eq!(
+        events(&mut l).last(),
+        Some(&LeaseEvent::ReleaseSkipped {
+            reason: ReleaseSkipReason::Superseded
+        })
+    );
+    assert!(l.poll_command().is_none());
+    assert_eq!(kv.entry.as_ref().map(|e| e.1.holder.as_str()), Some("d2"));
+}
