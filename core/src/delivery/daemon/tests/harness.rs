@@ -18,7 +18,8 @@ use crate::time::UnixMillis;
 use crate::wire::control::{ControlReply, DeliveryRequest};
 use crate::wire::message::{Part, Route, Sender};
 use crate::wire::records::{AclRecord, MembershipRecord};
-use crate::wire::shard::ShardMap;
+use crate::wire::shard::{Shard, ShardMap};
+use crate::wire::token::Space;
 use bytes::Bytes;
 use std::fmt::Write;
 

@@ -1,0 +1,202 @@
+//! The daemon's internal state types: pending operations, timers, jobs, batches.
+
+use super::events::Feed;
+use crate::delivery::control::{SerialKey, Work};
+use crate::delivery::gap::SeqRange;
+use crate::delivery::route::Routed;
+use crate::io::SubId;
+use crate::ledger::DeliveryId;
+use crate::op::OpId;
+use crate::registry::{MemberSnapshot, WatermarkUse, WriteIntent};
+use crate::time::Instant;
+use crate::wire::records::Plane3Entry;
+use crate::wire::token::{AgentId, ConcreteChannel};
+use std::collections::{BTreeMap, VecDeque};
+
+pub(super) type JobId = u64;
+pub(super) type BatchId = u64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum LeaseOpKind {
+    Create,
+    Update,
+    Delete,
+    Get,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum JobOp {
+    Acl,
+    Frontier,
+    Member,
+    Write(Box<WriteIntent>),
+    Fence,
+    Read,
+    Publish {
+        seq: u64,
+        subject: String,
+        msg_id: String,
+        payload: bytes::Bytes,
+        attempt: u32,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Pending {
+    Lease {
+        lease_op: OpId,
+        kind: LeaseOpKind,
+    },
+    Open {
+        feed: Feed,
+        sub: SubId,
+    },
+    Job {
+        job: JobId,
+        what: JobOp,
+    },
+    Fanout {
+        batch: BatchId,
+        owner: AgentId,
+        generation: u64,
+    },
+    Transfer {
+        delivery: DeliveryId,
+    },
+    GapCheck {
+        range: SeqRange,
+        attempt: u32,
+    },
+    /// A read of the reader consumer's unread total.
+    InboxBacklog,
+    /// A read of an owner's `dlv_<owner>` consumer; `in_flight` of the owner's transfers were
+    /// published and unacknowledged when it was sent (the read may or may not see them).
+    DlvBacklog {
+        owner: AgentId,
+        in_flight: u64,
+    },
+    Sweep,
+    Settle,
+    /// A read or write of an owner's loss record.
+    LossNotice {
+        owner: AgentId,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum FeedState {
+    Closed,
+    Opening(SubId),
+    Open(SubId),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) enum Timer {
+    Reopen(Feed),
+    GapCheck,
+    /// While fan-out holds copies: reread the reader consumer's total (a hold may rest on an
+    /// over-count) and give up holds older than [`FANOUT_HOLD_LIMIT`].
+    HeldCopies,
+    /// Look for orphaned memberships ([`ORPHAN_SCAN_INTERVAL`]).
+    OrphanScan,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct FanoutBatch {
+    pub(super) delivery: DeliveryId,
+    pub(super) seq: u64,
+    pub(super) delivery_count: u64,
+    pub(super) channel: ConcreteChannel,
+    pub(super) outstanding: usize,
+    pub(super) failed: bool,
+    /// Copies held back because their owner's dinbox backlog is at the high water, written by
+    /// [`Delivery::release_held`] once the reader drained it. The delivery is settled only when
+    /// none is left.
+    pub(super) held: Vec<Routed>,
+    /// When the copies were held ([`FANOUT_HOLD_LIMIT`]).
+    pub(super) held_since: Option<Instant>,
+    /// The hold gave up: nak the message once the others are stored, so its redelivery writes
+    /// the copies that were held.
+    pub(super) deferred: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Transfer {
+    pub(super) delivery_count: u64,
+    pub(super) owner: AgentId,
+    pub(super) entry: Plane3Entry,
+    /// The DLV copy's msg-id (the reader's decision).
+    pub(super) msg_id: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum JoinPhase {
+    ReadAcl,
+    ReadFrontier,
+    ReadMember,
+    Commit,
+    ReadFence,
+    CatchUp,
+    WaitLane,
+    ReadForFinish,
+    WriteFinish,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct JoinJob {
+    pub(super) watermark: Option<u64>,
+    pub(super) phase: JoinPhase,
+    pub(super) attempts: u32,
+    pub(super) frontier: u64,
+    pub(super) generation: u64,
+    pub(super) join_cursor: u64,
+    pub(super) watermark_use: Option<WatermarkUse>,
+    pub(super) fence: u64,
+    pub(super) stream_first: u64,
+    pub(super) next_start: u64,
+    pub(super) exhausted: bool,
+    pub(super) outstanding: usize,
+    pub(super) copied: u64,
+    /// Per sender subject of the channel: (messages in the window, first sequence seen).
+    pub(super) subjects: BTreeMap<String, (u64, u64)>,
+    pub(super) evicted: Option<(u64, u64)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum LeavePhase {
+    ReadMember,
+    ReadFrontier,
+    Write,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct LeaveJob {
+    pub(super) generation: u64,
+    pub(super) phase: LeavePhase,
+    pub(super) attempts: u32,
+    pub(super) snapshot: Option<MemberSnapshot>,
+    pub(super) frontier: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum JobKind {
+    Join(Box<JoinJob>),
+    Leave(Box<LeaveJob>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Job {
+    pub(super) key: SerialKey,
+    pub(super) owner: AgentId,
+    pub(super) channel: ConcreteChannel,
+    pub(super) reply_to: String,
+    pub(super) kind: JobKind,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct Lane {
+    pub(super) active: Option<JobId>,
+    pub(super) catching_up: Option<JobId>,
+    pub(super) finish_waiting: bool,
+    pub(super) queue: VecDeque<Work>,
+}
