@@ -108,7 +108,7 @@ use crate::delivery::control::{
     Admission, SerialKey, Work, admit, durable_join_reply, durable_leave_reply, encode_reply,
     failure_reply, list_memberships_reply, live_class_join_reply,
 };
-use crate::delivery::gap::{SeqRange, SequenceCursor, missing};
+use crate::delivery::gap::SeqRange;
 use crate::delivery::lease::{
     HEALTH_FIELD, Lease, LeaseCommand, LeaseEntry, LeaseEvent, LeaseReply, LeaseState,
     ORPHANS_FIELD,
@@ -121,7 +121,7 @@ use crate::io::{
     Machine, ReadStart, Reply, StoredMessage, SubId, SubIds,
 };
 use crate::ledger::DeliveryId;
-use crate::op::{Failure, OpId, OpIds, Outcome, TimerTable};
+use crate::op::{Failure, OpId, Outcome};
 use crate::registry::{
     ActivatePlan, JoinPlan, MemberSnapshot, Precondition, RegistryError, TombstonePlan,
     WriteIntent, Writer, current_interval, durable_eligible, plan_activate, plan_join,
@@ -136,16 +136,15 @@ use crate::wire::message::CotalMessage;
 use crate::wire::records::{
     DeliveryLease, MemberState, MembershipRecord, Plane3Entry, Plane3Reason,
 };
-use crate::wire::subject::{
-    Subject, chat_subscribe_pattern, chat_wildcard, delivery_control_pattern,
-};
+use crate::wire::subject::{Subject, chat_subscribe_pattern, delivery_control_pattern};
 use crate::wire::token::{AgentId, ConcreteChannel};
 use index::{AclIndex, MemberIndex, Roster};
 pub use index::{PresenceFault, PresenceIgnored};
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 
 mod config;
+mod context;
 mod events;
 mod fanout;
 mod feeds;
@@ -160,7 +159,9 @@ mod types;
 mod views;
 
 pub use config::*;
+use context::Ctx;
 pub use events::*;
+use gaps::Gaps;
 use types::*;
 
 /// The delivery daemon of one shard. See the [module docs](self).
@@ -172,12 +173,10 @@ use types::*;
 pub struct Delivery {
     config: DeliveryConfig,
     lease: Lease,
-    ops: OpIds,
+    /// The shared context lent to the children ([`context`]).
+    cx: Ctx,
     subs: SubIds,
     pending: BTreeMap<OpId, Pending>,
-    commands: VecDeque<Command>,
-    events: VecDeque<DeliveryEvent>,
-    timers: TimerTable<Timer>,
     connected: bool,
     stopped: bool,
     feeds: BTreeMap<Feed, FeedState>,
@@ -188,10 +187,8 @@ pub struct Delivery {
     channels: crate::policy::ChannelRegistry,
     roster: Roster,
     fanout_high: u64,
-    fanout_cursor: SequenceCursor,
-    /// Skipped CHAT ranges still to check, with the attempts made (the one being read is a
-    /// [`Pending::GapCheck`]).
-    gap_queue: VecDeque<(SeqRange, u32)>,
+    /// Sequence continuity: the skipped CHAT ranges and their checks ([`gaps`]).
+    gaps: Gaps,
     next_batch: BatchId,
     batches: BTreeMap<BatchId, FanoutBatch>,
     transfers: BTreeMap<DeliveryId, Transfer>,
@@ -208,7 +205,6 @@ pub struct Delivery {
     backpressured: BTreeSet<AgentId>,
     /// The fan-out batches holding a copy for each owner, oldest first.
     held_for: BTreeMap<AgentId, BTreeSet<BatchId>>,
-    counters: DeliveryCounters,
     health: DeliveryHealth,
     last_now: Option<Instant>,
     /// The DLV revocation sweep ([`crate::delivery::revoke`]).
@@ -231,15 +227,13 @@ impl Delivery {
         };
         let lease = Lease::new(config.shard, config.daemon_id.clone(), lease_config);
         let sweeper = DlvSweeper::new(&config.space, config.shard);
+        let gaps = Gaps::new(config.space.clone(), config.catchup_page);
         let mut d = Delivery {
             config,
             lease,
-            ops: OpIds::new(),
+            cx: Ctx::new(),
             subs: SubIds::new(),
             pending: BTreeMap::new(),
-            commands: VecDeque::new(),
-            events: VecDeque::new(),
-            timers: TimerTable::new(),
             connected: false,
             stopped: false,
             feeds: Feed::ALL.iter().map(|f| (*f, FeedState::Closed)).collect(),
@@ -250,8 +244,7 @@ impl Delivery {
             channels: crate::policy::ChannelRegistry::default(),
             roster: Roster::new(),
             fanout_high: 0,
-            fanout_cursor: SequenceCursor::new(),
-            gap_queue: VecDeque::new(),
+            gaps,
             next_batch: 0,
             batches: BTreeMap::new(),
             transfers: BTreeMap::new(),
@@ -265,7 +258,6 @@ impl Delivery {
             notices: LossNotices::default(),
             backpressured: BTreeSet::new(),
             held_for: BTreeMap::new(),
-            counters: DeliveryCounters::default(),
             health: DeliveryHealth::Degraded(BTreeSet::new()),
             last_now: None,
             sweeper,
@@ -289,7 +281,7 @@ impl Delivery {
 
     /// The counters.
     pub fn counters(&self) -> &DeliveryCounters {
-        &self.counters
+        &self.cx.counters
     }
 
     /// The lease machine's state.
@@ -340,13 +332,13 @@ impl Delivery {
     }
 
     fn op(&mut self, pending: Pending) -> OpId {
-        let op = self.ops.next_id();
+        let op = self.cx.op();
         self.pending.insert(op, pending);
         op
     }
 
     fn emit(&mut self, e: DeliveryEvent) {
-        self.events.push_back(e);
+        self.cx.emit(e);
     }
 
     fn publish_reply(&mut self, subject: &str, payload: bytes::Bytes) {
@@ -354,7 +346,7 @@ impl Delivery {
             // The daemon's own jobs (the orphan reaper's leaves) have no requester to answer.
             return;
         }
-        self.commands.push_back(Command::Publish {
+        self.cx.push(Command::Publish {
             subject: subject.to_owned(),
             headers: Vec::new(),
             payload,
@@ -366,7 +358,7 @@ impl Delivery {
     /// fan-out or a transfer is collapsed by the copy's msg-id.
     fn settle(&mut self, delivery: DeliveryId, kind: AckKind) {
         let op = self.op(Pending::Settle);
-        self.commands.push_back(Command::Settle {
+        self.cx.commands.push_back(Command::Settle {
             op,
             delivery,
             kind,
@@ -414,7 +406,8 @@ impl Delivery {
         self.drive_sweeps(now);
         if self.watching_since.is_none() && self.serving() {
             self.watching_since = Some(now.at);
-            self.timers
+            self.cx
+                .timers
                 .set(Timer::OrphanScan, now.at + self.orphan_scan_interval());
         }
         let health = self.compute_health();
@@ -431,18 +424,18 @@ impl Delivery {
     /// all"), and turns its events into counters.
     fn drive_sweeps(&mut self, now: Now) {
         if self.may_sweep() {
-            for cmd in self.sweeper.pump(now.at, &mut self.ops) {
+            for cmd in self.sweeper.pump(now.at, &mut self.cx.ops) {
                 if let Some(op) = cmd.op() {
                     self.pending.insert(op, Pending::Sweep);
                 }
-                self.commands.push_back(cmd);
+                self.cx.commands.push_back(cmd);
             }
         }
         while let Some(e) = self.sweeper.poll_event() {
             match &e {
-                SweepEvent::Revoked { .. } => self.counters.dlv_revoked += 1,
-                SweepEvent::Finished { .. } => self.counters.dlv_sweeps += 1,
-                SweepEvent::Failed { .. } => self.counters.dlv_sweeps_failed += 1,
+                SweepEvent::Revoked { .. } => self.cx.counters.dlv_revoked += 1,
+                SweepEvent::Finished { .. } => self.cx.counters.dlv_sweeps += 1,
+                SweepEvent::Failed { .. } => self.cx.counters.dlv_sweeps_failed += 1,
                 _ => {}
             }
             self.emit(DeliveryEvent::DlvRevocation(e));
@@ -513,21 +506,19 @@ impl Delivery {
                 self.connected = false;
                 for feed in Feed::ALL {
                     self.feeds.insert(feed, FeedState::Closed);
-                    self.timers.cancel(&Timer::Reopen(feed));
+                    self.cx.timers.cancel(&Timer::Reopen(feed));
                 }
                 self.loaded.clear();
                 self.abandon_jobs(AbandonReason::ConnectionLost);
                 self.sweeper.interrupt();
                 self.batches.clear();
                 self.held_for.clear();
-                self.timers.cancel(&Timer::HeldCopies);
+                self.cx.timers.cancel(&Timer::HeldCopies);
                 self.transfers.clear();
                 self.dlv.reset();
                 self.notices.interrupt();
                 self.inbox.check_abandoned();
-                if let Some(check) = self.take_gap_check_in_flight() {
-                    self.gap_queue.push_front(check);
-                }
+                self.gaps.connection_lost();
                 // Only the lease's completions still matter; the rest are answered Unknown and
                 // ignored.
                 self.pending
@@ -559,6 +550,16 @@ impl Delivery {
     // ---- completions ----
 
     fn on_completion(&mut self, now: Now, c: Completion) {
+        if self.gaps.owns(c.op) {
+            let report = self.gaps.on_completion(&mut self.cx, now, c.op, c.outcome);
+            for range in report.lost {
+                self.tell_evicted(range);
+            }
+            if report.next {
+                self.next_gap_check();
+            }
+            return;
+        }
         let Some(pending) = self.pending.remove(&c.op) else {
             return; // abandoned at a connection loss or a stop
         };
@@ -574,9 +575,6 @@ impl Delivery {
                 generation,
             } => self.on_fanout_publish(batch, owner, generation, c.outcome),
             Pending::Transfer { delivery } => self.on_transfer(delivery, c.outcome),
-            Pending::GapCheck { range, attempt } => {
-                self.on_gap_check(now, range, attempt, c.outcome);
-            }
             Pending::InboxBacklog => self.on_inbox_backlog(now, c.outcome),
             Pending::DlvBacklog { owner, in_flight } => {
                 self.on_dlv_backlog(owner, in_flight, c.outcome);
@@ -646,6 +644,21 @@ impl Delivery {
         }
     }
 
+    // ---- sequence continuity (the [`Gaps`] child) ----
+
+    /// Starts the next check of a skipped range, if the daemon may read.
+    fn next_gap_check(&mut self) {
+        let live = self.connected && !self.stopped;
+        self.gaps.next(&mut self.cx, live);
+    }
+
+    /// Gives up every skipped range still to check; the members concerned are told.
+    fn give_up_gap_checks(&mut self, detail: &str) {
+        for range in self.gaps.give_up_all(&mut self.cx, detail) {
+            self.tell_evicted(range);
+        }
+    }
+
     // ---- timers ----
 
     fn on_timer(&mut self, now: Now, timer: Timer) {
@@ -691,23 +704,23 @@ impl Machine for Delivery {
     fn handle_timeout(&mut self, now: Now) {
         self.observe(now);
         self.lease.handle_timeout(now);
-        while let Some(t) = self.timers.pop_expired(now.at) {
+        while let Some(t) = self.cx.timers.pop_expired(now.at) {
             self.on_timer(now, t);
         }
         self.after(now);
     }
 
     fn poll_command(&mut self) -> Option<Command> {
-        self.commands.pop_front()
+        self.cx.commands.pop_front()
     }
 
     fn poll_event(&mut self) -> Option<DeliveryEvent> {
-        self.events.pop_front()
+        self.cx.events.pop_front()
     }
 
     fn poll_timeout(&self) -> Option<Instant> {
         let lease = self.lease.poll_timeout().map(|(at, _)| at);
-        let own = self.timers.next().map(|(at, _)| at);
+        let own = self.cx.timers.next().map(|(at, _)| at);
         // The sweep's backoff only counts while it may run (else a past deadline spins).
         let sweep = self
             .may_sweep()

@@ -14,8 +14,7 @@ impl Delivery {
         payload: &[u8],
     ) {
         self.fanout_high = self.fanout_high.max(seq);
-        if let Some(skipped) = self.fanout_cursor.offered(seq) {
-            self.gap_queue.push_back((skipped, 0));
+        if self.gaps.offered(seq) {
             self.next_gap_check();
         }
         let space = &self.config.space;
@@ -74,8 +73,8 @@ impl Delivery {
         if shard.index() == 0 && delivery_count <= 1 {
             for skipped in &decision.skipped_mentions {
                 let counter = match skipped.reason {
-                    MentionSkipReason::Ambiguous => &mut self.counters.mentions_ambiguous,
-                    MentionSkipReason::Unknown => &mut self.counters.mentions_unknown,
+                    MentionSkipReason::Ambiguous => &mut self.cx.counters.mentions_ambiguous,
+                    MentionSkipReason::Unknown => &mut self.cx.counters.mentions_unknown,
                     _ => continue,
                 };
                 *counter += 1;
@@ -104,7 +103,7 @@ impl Delivery {
         self.next_batch += 1;
         let batch = self.next_batch;
         if !held.is_empty() {
-            self.counters.fanout_deferred += 1;
+            self.cx.counters.fanout_deferred += 1;
             for r in &held {
                 self.held_for
                     .entry(r.owner.clone())
@@ -118,8 +117,10 @@ impl Delivery {
                     });
                 }
             }
-            if self.timers.get(&Timer::HeldCopies).is_none() {
-                self.timers.set(Timer::HeldCopies, now.at + BACKLOG_RECHECK);
+            if self.cx.timers.get(&Timer::HeldCopies).is_none() {
+                self.cx
+                    .timers
+                    .set(Timer::HeldCopies, now.at + BACKLOG_RECHECK);
             }
             // A hold may rest on an over-count: read the truth (paced).
             if self.inbox.needs_recheck(now.at) {
@@ -164,7 +165,7 @@ impl Delivery {
             owner: routed.owner,
             generation: routed.entry.generation,
         });
-        self.commands.push_back(Command::JsPublish {
+        self.cx.commands.push_back(Command::JsPublish {
             op,
             subject,
             msg_id: Some(msg_id),
@@ -236,7 +237,7 @@ impl Delivery {
             let held = std::mem::take(&mut b.held);
             b.held_since = None;
             b.deferred = true;
-            self.counters.fanout_hold_expired += 1;
+            self.cx.counters.fanout_hold_expired += 1;
             for r in held {
                 if let Some(set) = self.held_for.get_mut(&r.owner) {
                     set.remove(&batch);
@@ -251,7 +252,9 @@ impl Delivery {
             if self.inbox.needs_recheck(now.at) {
                 self.read_inbox_backlog(now);
             }
-            self.timers.set(Timer::HeldCopies, now.at + BACKLOG_RECHECK);
+            self.cx
+                .timers
+                .set(Timer::HeldCopies, now.at + BACKLOG_RECHECK);
         }
     }
 
@@ -262,7 +265,7 @@ impl Delivery {
         subject: &str,
         anomaly: FanoutAnomaly,
     ) {
-        self.counters.fanout_anomalies += 1;
+        self.cx.counters.fanout_anomalies += 1;
         self.settle(delivery, AckKind::Term);
         self.emit(DeliveryEvent::FanoutTerminated {
             seq,
@@ -273,14 +276,14 @@ impl Delivery {
 
     pub(super) fn count_stored(&mut self, owner: &AgentId, duplicate: bool) {
         if duplicate {
-            self.counters.copies_duplicate += 1;
+            self.cx.counters.copies_duplicate += 1;
             return;
         }
-        self.counters.copies_written += 1;
+        self.cx.counters.copies_written += 1;
         let n = self.inbox.stored(owner);
         if n == OWNER_CAP {
             let backlog = n;
-            self.counters.cap_reached += 1;
+            self.cx.counters.cap_reached += 1;
             self.emit(DeliveryEvent::DinboxCapReached {
                 owner: owner.clone(),
                 backlog,
@@ -317,7 +320,7 @@ impl Delivery {
             self.config.shard.index(),
             self.config.shard.shards(),
         );
-        self.commands.push_back(Command::ConsumerInfo {
+        self.cx.commands.push_back(Command::ConsumerInfo {
             op,
             stream: reader.stream,
             consumer: reader.name,
@@ -335,7 +338,7 @@ impl Delivery {
             }
             other => {
                 self.inbox.check_failed();
-                self.counters.backlog_unverified += 1;
+                self.cx.counters.backlog_unverified += 1;
                 self.emit(DeliveryEvent::BacklogUnverified {
                     owner: None,
                     detail: outcome_detail(&other),
@@ -356,7 +359,7 @@ impl Delivery {
         let unread = match outcome {
             Outcome::Success(Reply::ConsumerState(state)) => Some(state.unread()),
             other => {
-                self.counters.backlog_unverified += 1;
+                self.cx.counters.backlog_unverified += 1;
                 self.emit(DeliveryEvent::BacklogUnverified {
                     owner: Some(owner.clone()),
                     detail: outcome_detail(&other),
@@ -372,8 +375,8 @@ impl Delivery {
             let Some(t) = self.transfers.remove(&delivery) else {
                 continue;
             };
-            self.counters.dlv_shed += 1;
-            self.counters.lost += 1;
+            self.cx.counters.dlv_shed += 1;
+            self.cx.counters.lost += 1;
             self.count_settled(&t.owner);
             self.settle(delivery, AckKind::Ack);
             self.tell_loss(&t.owner, &t.entry.channel, t.entry.seq, LossReason::DlvFull);
@@ -409,7 +412,7 @@ impl Delivery {
         if let Some(failure) = ok {
             b.failed = true;
             let (channel, seq) = (b.channel.clone(), b.seq);
-            self.counters.writes_failed += 1;
+            self.cx.counters.writes_failed += 1;
             self.emit(DeliveryEvent::CopyWriteFailed {
                 owner,
                 channel,

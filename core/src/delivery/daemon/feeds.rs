@@ -30,7 +30,7 @@ impl Delivery {
         if self.feeds.get(&feed) != Some(&FeedState::Closed) {
             return;
         }
-        self.timers.cancel(&Timer::Reopen(feed));
+        self.cx.timers.cancel(&Timer::Reopen(feed));
         let sub = self.subs.next_id();
         self.feeds.insert(feed, FeedState::Opening(sub));
         let op = self.op(Pending::Open { feed, sub });
@@ -70,13 +70,13 @@ impl Delivery {
                 max_in_flight: self.config.reader_window,
             },
         };
-        self.commands.push_back(cmd);
+        self.cx.commands.push_back(cmd);
     }
 
     pub(super) fn close_feeds(&mut self) {
         for feed in Feed::ALL {
             let state = self.feeds.insert(feed, FeedState::Closed);
-            self.timers.cancel(&Timer::Reopen(feed));
+            self.cx.timers.cancel(&Timer::Reopen(feed));
             let sub = match state {
                 Some(FeedState::Open(s) | FeedState::Opening(s)) => s,
                 _ => continue,
@@ -84,7 +84,7 @@ impl Delivery {
             if !self.connected {
                 continue;
             }
-            self.commands.push_back(match feed {
+            self.cx.commands.push_back(match feed {
                 Feed::Members | Feed::Acl | Feed::Channels | Feed::Presence => {
                     Command::KvUnwatch { sub }
                 }
@@ -114,7 +114,7 @@ impl Delivery {
                     },
                 ) = (feed, reply)
                 {
-                    self.fanout_cursor.bound(delivered_stream_seq);
+                    self.gaps.bound(delivered_stream_seq);
                 }
                 self.feeds.insert(feed, FeedState::Open(sub));
                 if feed == Feed::Reader {
@@ -146,7 +146,7 @@ impl Delivery {
         if !self.connected {
             return;
         }
-        self.commands.push_back(match feed {
+        self.cx.commands.push_back(match feed {
             Feed::Members | Feed::Acl | Feed::Channels | Feed::Presence => {
                 Command::KvUnwatch { sub }
             }
@@ -165,7 +165,7 @@ impl Delivery {
             let n = self.feed_failures.entry(feed).or_insert(0);
             let wait = backoff(*n);
             *n = n.saturating_add(1);
-            self.timers.set(Timer::Reopen(feed), now.at + wait);
+            self.cx.timers.set(Timer::Reopen(feed), now.at + wait);
         }
     }
 

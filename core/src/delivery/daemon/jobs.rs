@@ -149,7 +149,7 @@ impl Delivery {
 
     pub(super) fn job_cmd(&mut self, job: JobId, what: JobOp, make: impl FnOnce(OpId) -> Command) {
         let op = self.op(Pending::Job { job, what });
-        self.commands.push_back(make(op));
+        self.cx.commands.push_back(make(op));
     }
 
     pub(super) fn read_member(&mut self, id: JobId) {
@@ -205,11 +205,11 @@ impl Delivery {
 
     pub(super) fn abandon(&mut self, now: Now, id: JobId, reason: AbandonReason) {
         if let Some(job) = self.jobs.get(&id) {
-            self.counters.abandoned += 1;
+            self.cx.counters.abandoned += 1;
             if matches!(reason, AbandonReason::Fenced(_)) {
-                self.counters.fenced += 1;
+                self.cx.counters.fenced += 1;
             }
-            self.events.push_back(DeliveryEvent::Abandoned {
+            self.cx.events.push_back(DeliveryEvent::Abandoned {
                 owner: job.owner.clone(),
                 channel: Some(job.channel.clone()),
                 reason,
@@ -221,15 +221,15 @@ impl Delivery {
     pub(super) fn abandon_jobs(&mut self, reason: AbandonReason) {
         let jobs = std::mem::take(&mut self.jobs);
         for job in jobs.into_values() {
-            self.counters.abandoned += 1;
-            self.events.push_back(DeliveryEvent::Abandoned {
+            self.cx.counters.abandoned += 1;
+            self.cx.events.push_back(DeliveryEvent::Abandoned {
                 owner: job.owner,
                 channel: Some(job.channel),
                 reason: reason.clone(),
             });
         }
         let queued: usize = self.lanes.values().map(|l| l.queue.len()).sum();
-        self.counters.abandoned += queued as u64;
+        self.cx.counters.abandoned += queued as u64;
         self.lanes.clear();
         self.held_requests = 0;
         self.pending
@@ -278,7 +278,7 @@ impl Delivery {
         let Some(job) = self.jobs.get(&id) else {
             return;
         };
-        self.counters.live_class_joins += 1;
+        self.cx.counters.live_class_joins += 1;
         let event = DeliveryEvent::Joined {
             owner: job.owner.clone(),
             channel: job.channel.clone(),

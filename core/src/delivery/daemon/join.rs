@@ -183,9 +183,9 @@ impl Delivery {
                 // again from what is really stored (an Unknown that landed re-plans as a resume
                 // or an idempotent no-op).
                 if matches!(outcome, Outcome::Unknown) {
-                    self.counters.writes_failed += 1;
+                    self.cx.counters.writes_failed += 1;
                 } else {
-                    self.counters.cas_retries += 1;
+                    self.cx.counters.cas_retries += 1;
                 }
                 let Some(j) = self.join_mut(id) else {
                     return;
@@ -207,7 +207,7 @@ impl Delivery {
                 self.read_member(id);
             }
             Outcome::Failed(f) => {
-                self.counters.writes_failed += 1;
+                self.cx.counters.writes_failed += 1;
                 self.fail_job(now, id, format!("membership write failed: {f}"));
             }
             Outcome::Success(r) => {
@@ -385,7 +385,7 @@ impl Delivery {
                 }
             }
             other => {
-                self.counters.writes_failed += 1;
+                self.cx.counters.writes_failed += 1;
                 let generation = self.join_mut(id).map_or(0, |j| j.generation);
                 let failure = match other {
                     Outcome::Failed(f) => Some(f),
@@ -505,7 +505,7 @@ impl Delivery {
         };
         match j.evicted {
             Some((from_seq, to_seq)) => {
-                self.counters.evicted_ranges += 1;
+                self.cx.counters.evicted_ranges += 1;
                 let ev = DeliveryEvent::Evicted {
                     owner: job.owner.clone(),
                     channel: job.channel.clone(),

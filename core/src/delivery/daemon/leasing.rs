@@ -52,7 +52,7 @@ impl Delivery {
             ),
         };
         let op = self.op(Pending::Lease { lease_op, kind });
-        self.commands.push_back(make(op));
+        self.cx.commands.push_back(make(op));
     }
 
     pub(super) fn on_lease_completion(
@@ -99,7 +99,7 @@ impl Delivery {
                 return;
             }
             LeaseEvent::Lost { .. } => {
-                self.counters.lease_lost += 1;
+                self.cx.counters.lease_lost += 1;
                 self.stop();
             }
             LeaseEvent::AcquireFailed { .. }
@@ -127,7 +127,7 @@ impl Delivery {
             .collect();
         self.batches.clear();
         self.held_for.clear();
-        self.timers.cancel(&Timer::HeldCopies);
+        self.cx.timers.cancel(&Timer::HeldCopies);
         self.transfers.clear();
         self.dlv.reset();
         self.notices.interrupt();

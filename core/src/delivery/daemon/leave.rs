@@ -52,9 +52,9 @@ impl Delivery {
                 Outcome::Failed(Failure::WrongLastRevision { .. } | Failure::AlreadyExists)
                 | Outcome::Unknown => {
                     if matches!(outcome, Outcome::Unknown) {
-                        self.counters.writes_failed += 1;
+                        self.cx.counters.writes_failed += 1;
                     } else {
-                        self.counters.cas_retries += 1;
+                        self.cx.counters.cas_retries += 1;
                     }
                     let Some(JobKind::Leave(l)) = self.jobs.get_mut(&id).map(|j| &mut j.kind)
                     else {
@@ -73,7 +73,7 @@ impl Delivery {
                     self.read_member(id);
                 }
                 Outcome::Failed(f) => {
-                    self.counters.writes_failed += 1;
+                    self.cx.counters.writes_failed += 1;
                     self.fail_job(now, id, format!("membership write failed: {f}"));
                 }
                 Outcome::Success(r) => {

@@ -67,7 +67,9 @@ impl Delivery {
             NoticeStep::Read { owner } => {
                 let key = owner.as_str().to_owned();
                 let op = self.op(Pending::LossNotice { owner });
-                self.commands.push_back(Command::KvGet { op, bucket, key });
+                self.cx
+                    .commands
+                    .push_back(Command::KvGet { op, bucket, key });
             }
             NoticeStep::Write {
                 owner,
@@ -76,7 +78,7 @@ impl Delivery {
             } => {
                 let key = owner.as_str().to_owned();
                 let op = self.op(Pending::LossNotice { owner });
-                self.commands.push_back(Command::KvPut {
+                self.cx.commands.push_back(Command::KvPut {
                     op,
                     bucket,
                     key,
@@ -93,11 +95,11 @@ impl Delivery {
                 NoticeOutcome::Read(entry.map(|e| (e.value, e.revision)))
             }
             Outcome::Success(Reply::KvWritten { revision }) => {
-                self.counters.loss_notices_written += 1;
+                self.cx.counters.loss_notices_written += 1;
                 NoticeOutcome::Written(revision)
             }
             other => {
-                self.counters.loss_notices_failed += 1;
+                self.cx.counters.loss_notices_failed += 1;
                 self.emit(DeliveryEvent::LossNoticeFailed {
                     owner: owner.clone(),
                     detail: outcome_detail(&other),

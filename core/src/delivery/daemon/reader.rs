@@ -13,7 +13,7 @@ impl Delivery {
         let (owner, entry) = match decode_entry(subject, payload) {
             Ok(x) => x,
             Err(anomaly) => {
-                self.counters.terminated += 1;
+                self.cx.counters.terminated += 1;
                 if let Ok(Subject::Dinbox { owner, .. }) = Subject::parse(subject) {
                     // Settled all the same: one fewer unread entry of that owner.
                     self.count_settled(&owner);
@@ -88,7 +88,7 @@ impl Delivery {
                             owner: dlv_owner,
                             in_flight: u64::try_from(in_flight).unwrap_or(u64::MAX),
                         });
-                        self.commands.push_back(Command::ConsumerInfo {
+                        self.cx.commands.push_back(Command::ConsumerInfo {
                             op,
                             stream: consumer.stream,
                             consumer: consumer.name,
@@ -97,9 +97,9 @@ impl Delivery {
                 }
             }
             Decision::Drop(reason) => {
-                self.counters.dropped += 1;
+                self.cx.counters.dropped += 1;
                 if reason.is_loss() {
-                    self.counters.lost += 1;
+                    self.cx.counters.lost += 1;
                     self.tell_loss(
                         &owner,
                         &entry.channel,
@@ -118,19 +118,19 @@ impl Delivery {
                 });
             }
             Decision::Defer { delay, .. } => {
-                self.counters.deferred += 1;
+                self.cx.counters.deferred += 1;
                 self.settle(delivery, AckKind::Nak { delay });
             }
             Decision::GiveUp(g) => {
-                self.counters.terminated += 1;
-                self.counters.lost += 1;
+                self.cx.counters.terminated += 1;
+                self.cx.counters.lost += 1;
                 self.count_settled(&owner);
                 self.settle(delivery, AckKind::Term);
                 self.tell_loss(&g.owner, &g.channel, g.seq, LossReason::RedeliveryCeiling);
                 self.emit(DeliveryEvent::EntryLost(g));
             }
             Decision::Terminate(anomaly) => {
-                self.counters.terminated += 1;
+                self.cx.counters.terminated += 1;
                 self.count_settled(&owner);
                 self.settle(delivery, AckKind::Term);
                 self.emit(DeliveryEvent::EntryTerminated {
@@ -158,7 +158,7 @@ impl Delivery {
         let payload = dlv_payload(&t.entry);
         let msg_id = t.msg_id.clone();
         let op = self.op(Pending::Transfer { delivery });
-        self.commands.push_back(Command::JsPublish {
+        self.cx.commands.push_back(Command::JsPublish {
             op,
             subject,
             msg_id: Some(msg_id),
@@ -174,12 +174,12 @@ impl Delivery {
         self.sweep_if_revoked(&t.owner, &t.entry.channel);
         match outcome {
             Outcome::Success(Reply::PubAck(_)) => {
-                self.counters.transferred += 1;
+                self.cx.counters.transferred += 1;
                 self.count_settled(&t.owner);
                 self.settle(delivery, AckKind::Ack);
             }
             _ => {
-                self.counters.writes_failed += 1;
+                self.cx.counters.writes_failed += 1;
                 self.dlv.unstored(&t.owner);
                 let decision = after_transfer_failure(&t.entry, &t.owner, t.delivery_count);
                 self.apply_reader_decision(delivery, t.delivery_count, t.owner, t.entry, decision);

@@ -2,7 +2,6 @@
 
 use super::events::Feed;
 use crate::delivery::control::{SerialKey, Work};
-use crate::delivery::gap::SeqRange;
 use crate::delivery::route::Routed;
 use crate::io::SubId;
 use crate::ledger::DeliveryId;
@@ -62,10 +61,6 @@ pub(super) enum Pending {
     },
     Transfer {
         delivery: DeliveryId,
-    },
-    GapCheck {
-        range: SeqRange,
-        attempt: u32,
     },
     /// A read of the reader consumer's unread total.
     InboxBacklog,

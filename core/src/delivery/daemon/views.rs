@@ -39,7 +39,7 @@ impl Delivery {
     /// A presence key started to be ignored for `@mention` resolution: counted and reported,
     /// once per episode ([`Roster::apply`]).
     pub(super) fn presence_ignored(&mut self, notice: PresenceIgnored) {
-        self.counters.presence_ignored += 1;
+        self.cx.counters.presence_ignored += 1;
         self.emit(DeliveryEvent::PresenceIgnored(notice));
     }
 
@@ -67,7 +67,8 @@ impl Delivery {
     /// than the retention; reports each new one, tombstones it when the operator opted in, and
     /// publishes the list in the lease record ([`ORPHANS_FIELD`]).
     pub(super) fn scan_orphans(&mut self, now: Now) {
-        self.timers
+        self.cx
+            .timers
             .set(Timer::OrphanScan, now.at + self.orphan_scan_interval());
         if !self.serving() {
             return;
@@ -98,7 +99,7 @@ impl Delivery {
             if self.orphans.get(&(owner.clone(), channel.clone())) == Some(generation) {
                 continue;
             }
-            self.counters.orphans_found += 1;
+            self.cx.counters.orphans_found += 1;
             self.emit(DeliveryEvent::MembershipOrphaned {
                 owner: owner.clone(),
                 channel: channel.clone(),
@@ -118,7 +119,7 @@ impl Delivery {
                     // scan looks again.
                     continue;
                 }
-                self.counters.orphans_reaped += 1;
+                self.cx.counters.orphans_reaped += 1;
                 self.held_requests += 1;
                 self.lanes
                     .entry(key.clone())

@@ -21,6 +21,7 @@ use crate::wire::records::{AclRecord, MembershipRecord};
 use crate::wire::shard::{Shard, ShardMap};
 use crate::wire::token::Space;
 use bytes::Bytes;
+use std::collections::VecDeque;
 use std::fmt::Write;
 
 pub const BASE_WALL: u64 = 1_700_000_000_000;

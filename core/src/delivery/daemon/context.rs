@@ -1,0 +1,54 @@
+//! The context the parent lends its children: the one op-id allocator, the one command queue,
+//! the one event queue, the one timer table and the counters.
+//!
+//! One allocator and one pair of queues keep op ids and the order of commands and events exactly
+//! what a single machine would produce; one timer table keeps one expiry order. A child gets
+//! `&mut Ctx` for the length of a call and never keeps it.
+
+use super::events::{DeliveryCounters, DeliveryEvent};
+use super::types::Timer;
+use crate::io::Command;
+use crate::op::{OpId, OpIds, TimerTable};
+use std::collections::VecDeque;
+
+/// What every child of [`super::Delivery`] writes into.
+#[derive(Debug)]
+pub(super) struct Ctx {
+    /// The daemon's op-id allocator (every command's op id comes from here).
+    pub(super) ops: OpIds,
+    /// Commands to the driver, in issue order.
+    pub(super) commands: VecDeque<Command>,
+    /// Events for the driver, in emission order.
+    pub(super) events: VecDeque<DeliveryEvent>,
+    /// Every deadline of the daemon (each child sets its own [`Timer`] keys).
+    pub(super) timers: TimerTable<Timer>,
+    /// The daemon's counters.
+    pub(super) counters: DeliveryCounters,
+}
+
+impl Ctx {
+    pub(super) fn new() -> Self {
+        Ctx {
+            ops: OpIds::new(),
+            commands: VecDeque::new(),
+            events: VecDeque::new(),
+            timers: TimerTable::new(),
+            counters: DeliveryCounters::default(),
+        }
+    }
+
+    /// A fresh op id.
+    pub(super) fn op(&mut self) -> OpId {
+        self.ops.next_id()
+    }
+
+    /// Queues a command.
+    pub(super) fn push(&mut self, cmd: Command) {
+        self.commands.push_back(cmd);
+    }
+
+    /// Queues an event.
+    pub(super) fn emit(&mut self, e: DeliveryEvent) {
+        self.events.push_back(e);
+    }
+}
