@@ -113,7 +113,7 @@ use crate::delivery::lease::{
     HEALTH_FIELD, Lease, LeaseCommand, LeaseEntry, LeaseEvent, LeaseReply, LeaseState,
     ORPHANS_FIELD,
 };
-use crate::delivery::losses::{LossNotices, LossReason, NoticeOutcome, NoticeStep};
+use crate::delivery::losses::LossReason;
 use crate::delivery::revoke::{DlvSweeper, SweepEvent};
 use crate::delivery::route::{MentionSkipReason, Routed, route};
 use crate::io::{
@@ -162,6 +162,7 @@ pub use config::*;
 use context::Ctx;
 pub use events::*;
 use gaps::Gaps;
+use notices::Notifier;
 use types::*;
 
 /// The delivery daemon of one shard. See the [module docs](self).
@@ -199,8 +200,8 @@ pub struct Delivery {
     held_requests: usize,
     inbox: InboxBacklog,
     dlv: DlvBacklog<DeliveryId>,
-    /// Each member's losses on their way to its loss record ([`crate::delivery::losses`]).
-    notices: LossNotices,
+    /// Loss notices ([`notices`]).
+    notices: Notifier,
     /// Owners whose fan-out copies are held back (for one event per episode).
     backpressured: BTreeSet<AgentId>,
     /// The fan-out batches holding a copy for each owner, oldest first.
@@ -228,6 +229,7 @@ impl Delivery {
         let lease = Lease::new(config.shard, config.daemon_id.clone(), lease_config);
         let sweeper = DlvSweeper::new(&config.space, config.shard);
         let gaps = Gaps::new(config.space.clone(), config.catchup_page);
+        let notices = Notifier::new(config.space.clone());
         let mut d = Delivery {
             config,
             lease,
@@ -255,7 +257,7 @@ impl Delivery {
             held_requests: 0,
             inbox: InboxBacklog::default(),
             dlv: DlvBacklog::default(),
-            notices: LossNotices::default(),
+            notices,
             backpressured: BTreeSet::new(),
             held_for: BTreeMap::new(),
             health: DeliveryHealth::Degraded(BTreeSet::new()),
@@ -516,7 +518,7 @@ impl Delivery {
                 self.cx.timers.cancel(&Timer::HeldCopies);
                 self.transfers.clear();
                 self.dlv.reset();
-                self.notices.interrupt();
+                self.notices.connection_lost();
                 self.inbox.check_abandoned();
                 self.gaps.connection_lost();
                 // Only the lease's completions still matter; the rest are answered Unknown and
@@ -537,9 +539,7 @@ impl Delivery {
                     LeaseState::Held | LeaseState::Ready => {
                         self.open_feeds(now);
                         self.next_gap_check();
-                        for step in self.notices.resume() {
-                            self.issue_notice(step);
-                        }
+                        self.notices.resume(&mut self.cx);
                     }
                     _ => {}
                 }
@@ -550,6 +550,9 @@ impl Delivery {
     // ---- completions ----
 
     fn on_completion(&mut self, now: Now, c: Completion) {
+        if self.notices.owns(c.op) {
+            return self.notices.on_completion(&mut self.cx, c.op, c.outcome);
+        }
         if self.gaps.owns(c.op) {
             let report = self.gaps.on_completion(&mut self.cx, now, c.op, c.outcome);
             for range in report.lost {
@@ -581,7 +584,6 @@ impl Delivery {
             }
             Pending::Sweep => self.sweeper.on_completion(c.op, c.outcome, &self.acls),
             Pending::Settle => {}
-            Pending::LossNotice { owner } => self.on_loss_notice(owner, c.outcome),
         }
     }
 
@@ -659,6 +661,28 @@ impl Delivery {
         }
     }
 
+    // ---- loss notices (the [`Notifier`] child) ----
+
+    /// A copy of `seq` on `channel` is lost to `owner`: told to its loss record.
+    fn tell_loss(
+        &mut self,
+        owner: &AgentId,
+        channel: &ConcreteChannel,
+        seq: u64,
+        reason: LossReason,
+    ) {
+        let live = self.connected && !self.stopped;
+        self.notices
+            .lost(&mut self.cx, live, owner, channel, seq, reason);
+    }
+
+    /// CHAT `range` left the stream before fan-out: the members concerned are told.
+    fn tell_evicted(&mut self, range: SeqRange) {
+        let live = self.connected && !self.stopped;
+        self.notices
+            .evicted(&mut self.cx, live, &self.members, self.config.shard, range);
+    }
+
     // ---- timers ----
 
     fn on_timer(&mut self, now: Now, timer: Timer) {
@@ -676,15 +700,6 @@ impl Delivery {
                 }
             }
         }
-    }
-}
-
-/// What a failed, unknown or unexpected outcome says, for an event or an error reply.
-fn outcome_detail(outcome: &Outcome<Reply>) -> String {
-    match outcome {
-        Outcome::Failed(f) => f.to_string(),
-        Outcome::Unknown => "outcome unknown".into(),
-        Outcome::Success(r) => format!("unexpected reply {r:?}"),
     }
 }
 

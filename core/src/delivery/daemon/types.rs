@@ -3,9 +3,9 @@
 use super::events::Feed;
 use crate::delivery::control::{SerialKey, Work};
 use crate::delivery::route::Routed;
-use crate::io::SubId;
+use crate::io::{Reply, SubId};
 use crate::ledger::DeliveryId;
-use crate::op::OpId;
+use crate::op::{OpId, Outcome};
 use crate::registry::{MemberSnapshot, WatermarkUse, WriteIntent};
 use crate::time::Instant;
 use crate::wire::records::Plane3Entry;
@@ -72,10 +72,6 @@ pub(super) enum Pending {
     },
     Sweep,
     Settle,
-    /// A read or write of an owner's loss record.
-    LossNotice {
-        owner: AgentId,
-    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -194,4 +190,13 @@ pub(super) struct Lane {
     pub(super) catching_up: Option<JobId>,
     pub(super) finish_waiting: bool,
     pub(super) queue: VecDeque<Work>,
+}
+
+/// What a failed, unknown or unexpected outcome says, for an event or an error reply.
+pub(super) fn outcome_detail(outcome: &Outcome<Reply>) -> String {
+    match outcome {
+        Outcome::Failed(f) => f.to_string(),
+        Outcome::Unknown => "outcome unknown".into(),
+        Outcome::Success(r) => format!("unexpected reply {r:?}"),
+    }
 }
