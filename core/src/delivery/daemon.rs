@@ -118,7 +118,7 @@ use crate::delivery::revoke::{DlvSweeper, SweepEvent};
 use crate::delivery::route::{MentionSkipReason, Routed, route};
 use crate::io::{
     AckKind, Command, Completion, Connection, Inbound, Input, KvCondition, KvEntry, KvOperation,
-    Machine, ReadStart, Reply, StoredMessage, SubId, SubIds,
+    Machine, ReadStart, Reply, StoredMessage, SubId,
 };
 use crate::ledger::DeliveryId;
 use crate::op::{Failure, OpId, Outcome};
@@ -136,7 +136,7 @@ use crate::wire::message::CotalMessage;
 use crate::wire::records::{
     DeliveryLease, MemberState, MembershipRecord, Plane3Entry, Plane3Reason,
 };
-use crate::wire::subject::{Subject, chat_subscribe_pattern, delivery_control_pattern};
+use crate::wire::subject::{Subject, chat_subscribe_pattern};
 use crate::wire::token::{AgentId, ConcreteChannel};
 use index::{AclIndex, MemberIndex, Roster};
 pub use index::{PresenceFault, PresenceIgnored};
@@ -161,6 +161,7 @@ mod views;
 pub use config::*;
 use context::Ctx;
 pub use events::*;
+use feeds::{Feeds, Opened};
 use gaps::Gaps;
 use notices::Notifier;
 use types::*;
@@ -176,13 +177,11 @@ pub struct Delivery {
     lease: Lease,
     /// The shared context lent to the children ([`context`]).
     cx: Ctx,
-    subs: SubIds,
     pending: BTreeMap<OpId, Pending>,
     connected: bool,
     stopped: bool,
-    feeds: BTreeMap<Feed, FeedState>,
-    loaded: BTreeSet<Feed>,
-    feed_failures: BTreeMap<Feed, u32>,
+    /// The watches, the control subscription and the consumers ([`feeds`]).
+    feeds: Feeds,
     members: MemberIndex,
     acls: AclIndex,
     channels: crate::policy::ChannelRegistry,
@@ -234,13 +233,10 @@ impl Delivery {
             config,
             lease,
             cx: Ctx::new(),
-            subs: SubIds::new(),
             pending: BTreeMap::new(),
             connected: false,
             stopped: false,
-            feeds: Feed::ALL.iter().map(|f| (*f, FeedState::Closed)).collect(),
-            loaded: BTreeSet::new(),
-            feed_failures: BTreeMap::new(),
+            feeds: Feeds::new(),
             members: MemberIndex::new(),
             acls: AclIndex::new(),
             channels: crate::policy::ChannelRegistry::default(),
@@ -308,7 +304,7 @@ impl Delivery {
 
     /// True once every feed is open and control requests are served.
     pub fn serving(&self) -> bool {
-        !self.stopped && self.connected && Feed::ALL.iter().all(|f| self.feed_open(*f))
+        !self.stopped && self.connected && self.feeds.all_open()
     }
 
     /// Shuts down: closes every feed, abandons jobs, and releases the lease (a successor's lease
@@ -379,14 +375,11 @@ impl Delivery {
     }
 
     fn feed_open(&self, feed: Feed) -> bool {
-        matches!(self.feeds.get(&feed), Some(FeedState::Open(_)))
+        self.feeds.is_open(feed)
     }
 
     fn feed_of(&self, sub: SubId) -> Option<Feed> {
-        self.feeds.iter().find_map(|(f, s)| match s {
-            FeedState::Open(x) | FeedState::Opening(x) if *x == sub => Some(*f),
-            _ => None,
-        })
+        self.feeds.feed_of(sub)
     }
 
     /// After every input: run the lease's commands and events, then recompute health.
@@ -449,7 +442,7 @@ impl Delivery {
             && self.connected
             && !self.stopped
             && self.lease_held()
-            && self.loaded.contains(&Feed::Acl)
+            && self.feeds.loaded(Feed::Acl)
     }
 
     /// A transfer to `owner`'s DLV completed (in any outcome) for a channel its **current** ACL no
@@ -506,11 +499,7 @@ impl Delivery {
         match c {
             Connection::Lost => {
                 self.connected = false;
-                for feed in Feed::ALL {
-                    self.feeds.insert(feed, FeedState::Closed);
-                    self.cx.timers.cancel(&Timer::Reopen(feed));
-                }
-                self.loaded.clear();
+                self.feeds.connection_lost(&mut self.cx);
                 self.abandon_jobs(AbandonReason::ConnectionLost);
                 self.sweeper.interrupt();
                 self.batches.clear();
@@ -550,6 +539,13 @@ impl Delivery {
     // ---- completions ----
 
     fn on_completion(&mut self, now: Now, c: Completion) {
+        if self.feeds.owns(c.op) {
+            let (connected, live) = (self.connected, self.connected && !self.stopped);
+            let opened =
+                self.feeds
+                    .on_completion(&mut self.cx, now, c.op, c.outcome, connected, live);
+            return self.on_feed_opened(now, opened);
+        }
         if self.notices.owns(c.op) {
             return self.notices.on_completion(&mut self.cx, c.op, c.outcome);
         }
@@ -570,7 +566,6 @@ impl Delivery {
             Pending::Lease { lease_op, kind } => {
                 self.on_lease_completion(now, lease_op, kind, c.outcome);
             }
-            Pending::Open { feed, sub } => self.on_feed_opened(now, feed, sub, c.outcome),
             Pending::Job { job, what } => self.on_job_completion(now, job, what, c.outcome),
             Pending::Fanout {
                 batch,
@@ -643,6 +638,87 @@ impl Delivery {
                 self.feed_failed(now, feed, format!("ended: {detail}"));
             }
             _ => {}
+        }
+    }
+
+    // ---- feeds (the [`Feeds`] child) ----
+
+    fn open_feeds(&mut self, now: Now) {
+        for f in Feed::WATCHES {
+            self.open_feed(now, f);
+        }
+        self.open_feed(now, Feed::Control);
+        self.maybe_open_consumers(now);
+    }
+
+    /// The consumers open once every watch is loaded.
+    fn maybe_open_consumers(&mut self, now: Now) {
+        if self.feeds.watches_loaded() {
+            self.open_feed(now, Feed::Reader);
+            // Fan-out writes dinbox entries: it starts once the reader consumer's unread total
+            // (what a predecessor left) is known ([`crate::delivery::backlog`]).
+            if self.inbox.legacy_known() {
+                self.open_feed(now, Feed::Fanout);
+            }
+        }
+    }
+
+    fn open_feed(&mut self, _now: Now, feed: Feed) {
+        if self.stopped || !self.connected {
+            return;
+        }
+        self.feeds.open(&mut self.cx, &self.config, feed);
+    }
+
+    fn close_feeds(&mut self) {
+        self.feeds.close_all(&mut self.cx, self.connected);
+    }
+
+    fn feed_failed(&mut self, now: Now, feed: Feed, detail: String) {
+        let live = self.connected && !self.stopped;
+        self.feeds.failed(&mut self.cx, now, feed, detail, live);
+    }
+
+    /// A feed opened: the fan-out cursor is bound, the reader's backlog read, the consumers
+    /// opened once every watch is loaded, and the daemon made ready once everything is open.
+    fn on_feed_opened(&mut self, now: Now, opened: Opened) {
+        let Opened::Open { feed, bound } = opened else {
+            return;
+        };
+        if let Some(seq) = bound {
+            self.gaps.bound(seq);
+        }
+        if feed == Feed::Reader {
+            self.read_inbox_backlog(now);
+        }
+        if feed.bucket().is_some() {
+            self.maybe_open_consumers(now);
+        }
+        self.maybe_ready(now);
+    }
+
+    fn maybe_ready(&mut self, now: Now) {
+        if !self.serving() {
+            return;
+        }
+        if self.lease.state() == LeaseState::Held {
+            // The ready write publishes the health the daemon has once ready: without this it
+            // carried the pre-ready health (`lease-not-ready`, feeds down) until the next renew,
+            // and `judge_health` read a freshly ready daemon as degraded for a renew interval.
+            let mut once_ready = self.compute_health();
+            if let DeliveryHealth::Degraded(reasons) = &mut once_ready {
+                reasons.remove(&DegradedReason::LeaseNotReady);
+                if reasons.is_empty() {
+                    once_ready = DeliveryHealth::Active;
+                }
+            }
+            self.lease.annotate(HEALTH_FIELD, once_ready.to_published());
+            let r = self.lease.mark_ready(now);
+            debug_assert!(r.is_ok(), "mark_ready while held: {r:?}");
+        }
+        let keys: Vec<SerialKey> = self.lanes.keys().cloned().collect();
+        for key in keys {
+            self.pump(now, &key);
         }
     }
 

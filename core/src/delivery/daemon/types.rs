@@ -3,7 +3,7 @@
 use super::events::Feed;
 use crate::delivery::control::{SerialKey, Work};
 use crate::delivery::route::Routed;
-use crate::io::{Reply, SubId};
+use crate::io::Reply;
 use crate::ledger::DeliveryId;
 use crate::op::{OpId, Outcome};
 use crate::registry::{MemberSnapshot, WatermarkUse, WriteIntent};
@@ -46,10 +46,6 @@ pub(super) enum Pending {
         lease_op: OpId,
         kind: LeaseOpKind,
     },
-    Open {
-        feed: Feed,
-        sub: SubId,
-    },
     Job {
         job: JobId,
         what: JobOp,
@@ -72,13 +68,6 @@ pub(super) enum Pending {
     },
     Sweep,
     Settle,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum FeedState {
-    Closed,
-    Opening(SubId),
-    Open(SubId),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
