@@ -117,8 +117,8 @@ use crate::delivery::losses::LossReason;
 use crate::delivery::revoke::{DlvSweeper, SweepEvent};
 use crate::delivery::route::{MentionSkipReason, Routed, route};
 use crate::io::{
-    AckKind, Command, Completion, Connection, Inbound, Input, KvCondition, KvEntry, KvOperation,
-    Machine, ReadStart, Reply, StoredMessage, SubId,
+    AckKind, Command, Completion, Connection, Inbound, Input, KvCondition, KvOperation, Machine,
+    ReadStart, Reply, StoredMessage, SubId,
 };
 use crate::ledger::DeliveryId;
 use crate::op::{Failure, OpId, Outcome};
@@ -138,7 +138,7 @@ use crate::wire::records::{
 };
 use crate::wire::subject::{Subject, chat_subscribe_pattern};
 use crate::wire::token::{AgentId, ConcreteChannel};
-use index::{AclIndex, MemberIndex, Roster};
+use index::MemberIndex;
 pub use index::{PresenceFault, PresenceIgnored};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -154,6 +154,7 @@ mod join;
 mod leasing;
 mod leave;
 mod notices;
+mod orphans;
 mod reader;
 mod types;
 mod views;
@@ -165,6 +166,7 @@ use feeds::{Feeds, Opened};
 use gaps::Gaps;
 use notices::Notifier;
 use types::*;
+use views::Views;
 
 /// The delivery daemon of one shard. See the [module docs](self).
 ///
@@ -182,10 +184,8 @@ pub struct Delivery {
     stopped: bool,
     /// The watches, the control subscription and the consumers ([`feeds`]).
     feeds: Feeds,
-    members: MemberIndex,
-    acls: AclIndex,
-    channels: crate::policy::ChannelRegistry,
-    roster: Roster,
+    /// The in-memory views the watches feed ([`views`]).
+    views: Views,
     fanout_high: u64,
     /// Sequence continuity: the skipped CHAT ranges and their checks ([`gaps`]).
     gaps: Gaps,
@@ -211,8 +211,6 @@ pub struct Delivery {
     sweeper: DlvSweeper,
     /// When this daemon started watching presence: an owner never seen is offline since then.
     watching_since: Option<Instant>,
-    /// The last presence heartbeat (a put that is not `offline`) seen per owner key.
-    presence_seen: BTreeMap<AgentId, Instant>,
     /// The orphaned memberships of the last scan: `(owner, channel)` → generation.
     orphans: BTreeMap<(AgentId, ConcreteChannel), u64>,
 }
@@ -237,10 +235,7 @@ impl Delivery {
             connected: false,
             stopped: false,
             feeds: Feeds::new(),
-            members: MemberIndex::new(),
-            acls: AclIndex::new(),
-            channels: crate::policy::ChannelRegistry::default(),
-            roster: Roster::new(),
+            views: Views::new(),
             fanout_high: 0,
             gaps,
             next_batch: 0,
@@ -260,7 +255,6 @@ impl Delivery {
             last_now: None,
             sweeper,
             watching_since: None,
-            presence_seen: BTreeMap::new(),
             orphans: BTreeMap::new(),
         };
         d.health = d.compute_health();
@@ -289,7 +283,7 @@ impl Delivery {
 
     /// The in-memory membership index.
     pub fn members(&self) -> &MemberIndex {
-        &self.members
+        &self.views.members
     }
 
     /// The DLV revocation sweeper (its queue and running sweep).
@@ -450,6 +444,7 @@ impl Delivery {
     /// after a sweep read past it. Sweep again.
     fn sweep_if_revoked(&mut self, owner: &AgentId, channel: &ConcreteChannel) {
         let admitted = self
+            .views
             .acls
             .get(owner)
             .is_some_and(|v| crate::delivery::authorize::acl_admits(&v.read, channel));
@@ -577,7 +572,9 @@ impl Delivery {
             Pending::DlvBacklog { owner, in_flight } => {
                 self.on_dlv_backlog(owner, in_flight, c.outcome);
             }
-            Pending::Sweep => self.sweeper.on_completion(c.op, c.outcome, &self.acls),
+            Pending::Sweep => self
+                .sweeper
+                .on_completion(c.op, c.outcome, &self.views.acls),
             Pending::Settle => {}
         }
     }
@@ -601,7 +598,12 @@ impl Delivery {
             return;
         };
         match i {
-            Inbound::KvChange { entry, .. } => self.on_kv_change(now, feed, &entry),
+            Inbound::KvChange { entry, .. } => {
+                let shard = self.config.shard;
+                if let Some(owner) = self.views.apply(&mut self.cx, now.at, feed, &entry, shard) {
+                    self.sweeper.request(owner);
+                }
+            }
             Inbound::Message {
                 subject,
                 reply,
@@ -755,8 +757,13 @@ impl Delivery {
     /// CHAT `range` left the stream before fan-out: the members concerned are told.
     fn tell_evicted(&mut self, range: SeqRange) {
         let live = self.connected && !self.stopped;
-        self.notices
-            .evicted(&mut self.cx, live, &self.members, self.config.shard, range);
+        self.notices.evicted(
+            &mut self.cx,
+            live,
+            &self.views.members,
+            self.config.shard,
+            range,
+        );
     }
 
     // ---- timers ----

@@ -42,13 +42,15 @@ impl Delivery {
         }
         let shard = self.config.shard;
         let class = self
+            .views
             .channels
             .policy_for(&channel.as_channel())
             .delivery_class;
-        let roster = &self.roster;
-        let acls = &self.acls;
+        let roster = &self.views.roster;
+        let acls = &self.views.acls;
         let reference_g17 = self.config.reference_gap_g17;
         let views: Vec<Cow<'_, MembershipRecord>> = self
+            .views
             .members
             .channel(&channel)
             .map(|r| routing_view(r, seq))

@@ -83,7 +83,8 @@ impl Delivery {
             match work {
                 Work::List(list) => {
                     self.held_requests = self.held_requests.saturating_sub(1);
-                    let reply = list_memberships_reply(self.members.owner_memberships(&list.owner));
+                    let reply =
+                        list_memberships_reply(self.views.members.owner_memberships(&list.owner));
                     self.publish_reply(&list.reply_to, reply);
                 }
                 Work::Join(join) => {
@@ -265,6 +266,7 @@ impl Delivery {
     pub(super) fn join_is_live_class(&self, id: JobId) -> bool {
         self.jobs.get(&id).is_some_and(|job| {
             !self
+                .views
                 .channels
                 .policy_for(&job.channel.as_channel())
                 .is_durable()

@@ -165,7 +165,7 @@ impl Delivery {
         };
         match outcome {
             Outcome::Success(Reply::KvWritten { revision }) => {
-                self.members.put(intent.record().clone(), revision);
+                self.views.members.put(intent.record().clone(), revision);
                 match phase {
                     JoinPhase::Commit => {
                         if let Some(j) = self.join_mut(id) {

@@ -44,7 +44,7 @@ impl Delivery {
             }
             JobOp::Write(intent) => match outcome {
                 Outcome::Success(Reply::KvWritten { revision }) => {
-                    self.members.put(intent.record().clone(), revision);
+                    self.views.members.put(intent.record().clone(), revision);
                     let g = intent.record().generation;
                     let l = intent.record().leave_cursor;
                     self.reply_leave(now, id, false, Some((g, l)));

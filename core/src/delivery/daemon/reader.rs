@@ -29,8 +29,8 @@ impl Delivery {
             // Another shard's reader (its own durable) handles this owner.
             return self.settle(delivery, AckKind::Ack);
         }
-        let acl = self.acls.get(&owner).map(|v| &v.read);
-        let record = self.members.get(&entry.channel, &owner);
+        let acl = self.views.acls.get(&owner).map(|v| &v.read);
+        let record = self.views.members.get(&entry.channel, &owner);
         let mut decision = authorize(&entry, &owner, acl, record, delivery_count);
         if self.config.reference_gap_g2
             && entry.reason == Plane3Reason::DurableChannel

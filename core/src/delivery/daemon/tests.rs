@@ -1810,6 +1810,7 @@ mod index_views {
     use super::*;
     use crate::delivery::daemon::index::{AclIndex, MemberIndex, Roster};
     use crate::delivery::route::MentionResolution;
+    use crate::io::KvEntry;
 
     fn put(key: &str, revision: u64, value: bytes::Bytes) -> KvEntry {
         KvEntry {

@@ -13,7 +13,7 @@
 
 use super::super::*;
 use crate::delivery::lease::LeaseEvent;
-use crate::io::{ConsumerState, PubAck, StreamState};
+use crate::io::{ConsumerState, KvEntry, PubAck, StreamState};
 use crate::time::UnixMillis;
 use crate::wire::control::{ControlReply, DeliveryRequest};
 use crate::wire::message::{Part, Route, Sender};
