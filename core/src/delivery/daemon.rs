@@ -100,10 +100,7 @@
 pub mod index;
 
 use crate::constants::{KV_CAS_ATTEMPTS, MAX_MSGS_PER_SUBJECT, ORPHAN_SCAN_INTERVAL, backoff};
-use crate::delivery::authorize::{
-    Decision, DropReason, after_transfer_failure, authorize, decode_entry, dlv_payload,
-};
-use crate::delivery::backlog::{BACKLOG_RECHECK, DlvAdmit, DlvBacklog, InboxBacklog, OWNER_CAP};
+use crate::delivery::backlog::{BACKLOG_RECHECK, InboxBacklog, OWNER_CAP};
 use crate::delivery::control::{
     Admission, SerialKey, Work, admit, durable_join_reply, durable_leave_reply, encode_reply,
     failure_reply, list_memberships_reply, live_class_join_reply,
@@ -124,8 +121,7 @@ use crate::ledger::DeliveryId;
 use crate::op::{Failure, OpId, Outcome};
 use crate::registry::{
     ActivatePlan, JoinPlan, MemberSnapshot, Precondition, RegistryError, TombstonePlan,
-    WriteIntent, Writer, current_interval, durable_eligible, plan_activate, plan_join,
-    plan_tombstone,
+    WriteIntent, Writer, plan_activate, plan_join, plan_tombstone,
 };
 use crate::time::{Duration, Instant, Now};
 use crate::wire::config::{ConsumerSpec, SpaceStream};
@@ -133,9 +129,7 @@ use crate::wire::control::{REASON_LIVE_CLASS, REASON_PARTIALLY_EVICTED, REASON_S
 use crate::wire::json;
 use crate::wire::keys::{KvBucket, acl_key, member_key};
 use crate::wire::message::CotalMessage;
-use crate::wire::records::{
-    DeliveryLease, MemberState, MembershipRecord, Plane3Entry, Plane3Reason,
-};
+use crate::wire::records::{DeliveryLease, MemberState, MembershipRecord, Plane3Entry};
 use crate::wire::subject::{Subject, chat_subscribe_pattern};
 use crate::wire::token::{AgentId, ConcreteChannel};
 use index::MemberIndex;
@@ -165,6 +159,7 @@ pub use events::*;
 use feeds::{Feeds, Opened};
 use gaps::Gaps;
 use notices::Notifier;
+use reader::{Reader, ReaderStep};
 use types::*;
 use views::Views;
 
@@ -191,14 +186,14 @@ pub struct Delivery {
     gaps: Gaps,
     next_batch: BatchId,
     batches: BTreeMap<BatchId, FanoutBatch>,
-    transfers: BTreeMap<DeliveryId, Transfer>,
     writes_failing: bool,
     next_job: JobId,
     jobs: BTreeMap<JobId, Job>,
     lanes: BTreeMap<SerialKey, Lane>,
     held_requests: usize,
     inbox: InboxBacklog,
-    dlv: DlvBacklog<DeliveryId>,
+    /// The reader: authorization, DLV transfers, DLV backlogs ([`reader`]).
+    reader: Reader,
     /// Loss notices ([`notices`]).
     notices: Notifier,
     /// Owners whose fan-out copies are held back (for one event per episode).
@@ -227,6 +222,7 @@ impl Delivery {
         let sweeper = DlvSweeper::new(&config.space, config.shard);
         let gaps = Gaps::new(config.space.clone(), config.catchup_page);
         let notices = Notifier::new(config.space.clone());
+        let reader = Reader::new(config.space.clone(), config.shard, config.reference_gap_g2);
         let mut d = Delivery {
             config,
             lease,
@@ -240,14 +236,13 @@ impl Delivery {
             gaps,
             next_batch: 0,
             batches: BTreeMap::new(),
-            transfers: BTreeMap::new(),
             writes_failing: false,
             next_job: 0,
             jobs: BTreeMap::new(),
             lanes: BTreeMap::new(),
             held_requests: 0,
             inbox: InboxBacklog::default(),
-            dlv: DlvBacklog::default(),
+            reader,
             notices,
             backpressured: BTreeSet::new(),
             held_for: BTreeMap::new(),
@@ -500,8 +495,7 @@ impl Delivery {
                 self.batches.clear();
                 self.held_for.clear();
                 self.cx.timers.cancel(&Timer::HeldCopies);
-                self.transfers.clear();
-                self.dlv.reset();
+                self.reader.connection_lost();
                 self.notices.connection_lost();
                 self.inbox.check_abandoned();
                 self.gaps.connection_lost();
@@ -541,6 +535,10 @@ impl Delivery {
                     .on_completion(&mut self.cx, now, c.op, c.outcome, connected, live);
             return self.on_feed_opened(now, opened);
         }
+        if self.reader.owns(c.op) {
+            let steps = self.reader.on_completion(&mut self.cx, c.op, c.outcome);
+            return self.reader_steps(steps);
+        }
         if self.notices.owns(c.op) {
             return self.notices.on_completion(&mut self.cx, c.op, c.outcome);
         }
@@ -567,11 +565,7 @@ impl Delivery {
                 owner,
                 generation,
             } => self.on_fanout_publish(batch, owner, generation, c.outcome),
-            Pending::Transfer { delivery } => self.on_transfer(delivery, c.outcome),
             Pending::InboxBacklog => self.on_inbox_backlog(now, c.outcome),
-            Pending::DlvBacklog { owner, in_flight } => {
-                self.on_dlv_backlog(owner, in_flight, c.outcome);
-            }
             Pending::Sweep => self
                 .sweeper
                 .on_completion(c.op, c.outcome, &self.views.acls),
@@ -630,7 +624,18 @@ impl Delivery {
                         &payload,
                     );
                 }
-                Feed::Reader => self.on_reader(delivery, delivery_count, &subject, &payload),
+                Feed::Reader => {
+                    let steps = self.reader.on_delivery(
+                        &mut self.cx,
+                        &self.views.acls,
+                        &self.views.members,
+                        delivery,
+                        delivery_count,
+                        &subject,
+                        &payload,
+                    );
+                    self.reader_steps(steps);
+                }
                 _ => {}
             },
             Inbound::Refused { detail, .. } => {
@@ -736,6 +741,27 @@ impl Delivery {
     fn give_up_gap_checks(&mut self, detail: &str) {
         for range in self.gaps.give_up_all(&mut self.cx, detail) {
             self.tell_evicted(range);
+        }
+    }
+
+    // ---- the reader (the [`Reader`] child) ----
+
+    /// Applies what the reader asked, in its order.
+    fn reader_steps(&mut self, steps: Vec<ReaderStep>) {
+        for step in steps {
+            match step {
+                ReaderStep::Settled(owner) => self.count_settled(&owner),
+                ReaderStep::Settle(delivery, kind) => self.settle(delivery, kind),
+                ReaderStep::Lost {
+                    owner,
+                    channel,
+                    seq,
+                    reason,
+                } => self.tell_loss(&owner, &channel, seq, reason),
+                ReaderStep::SweepIfRevoked { owner, channel } => {
+                    self.sweep_if_revoked(&owner, &channel);
+                }
+            }
         }
     }
 

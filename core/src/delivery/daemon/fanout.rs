@@ -352,46 +352,6 @@ impl Delivery {
         }
     }
 
-    pub(super) fn on_dlv_backlog(
-        &mut self,
-        owner: AgentId,
-        in_flight: u64,
-        outcome: Outcome<Reply>,
-    ) {
-        let unread = match outcome {
-            Outcome::Success(Reply::ConsumerState(state)) => Some(state.unread()),
-            other => {
-                self.cx.counters.backlog_unverified += 1;
-                self.emit(DeliveryEvent::BacklogUnverified {
-                    owner: Some(owner.clone()),
-                    detail: outcome_detail(&other),
-                });
-                None
-            }
-        };
-        let verdict = self.dlv.read(&owner, unread, in_flight);
-        for delivery in verdict.admitted {
-            self.start_transfer(delivery);
-        }
-        for delivery in verdict.shed {
-            let Some(t) = self.transfers.remove(&delivery) else {
-                continue;
-            };
-            self.cx.counters.dlv_shed += 1;
-            self.cx.counters.lost += 1;
-            self.count_settled(&t.owner);
-            self.settle(delivery, AckKind::Ack);
-            self.tell_loss(&t.owner, &t.entry.channel, t.entry.seq, LossReason::DlvFull);
-            self.emit(DeliveryEvent::CopyShed {
-                owner: t.owner,
-                channel: t.entry.channel,
-                seq: t.entry.seq,
-                generation: t.entry.generation,
-                unread: verdict.unread.unwrap_or(0),
-            });
-        }
-    }
-
     pub(super) fn on_fanout_publish(
         &mut self,
         batch: BatchId,

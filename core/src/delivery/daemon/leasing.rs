@@ -119,17 +119,11 @@ impl Delivery {
     pub(super) fn stop(&mut self) {
         self.close_feeds();
         self.abandon_jobs(AbandonReason::LeaseNotHeld);
-        let held: Vec<DeliveryId> = self
-            .batches
-            .values()
-            .map(|b| b.delivery)
-            .chain(self.transfers.keys().copied())
-            .collect();
+        let mut held: Vec<DeliveryId> = self.batches.values().map(|b| b.delivery).collect();
         self.batches.clear();
         self.held_for.clear();
         self.cx.timers.cancel(&Timer::HeldCopies);
-        self.transfers.clear();
-        self.dlv.reset();
+        held.extend(self.reader.stop());
         self.notices.interrupt();
         self.give_up_gap_checks("the daemon stopped before checking");
         self.sweeper.interrupt();

@@ -8,7 +8,6 @@ use crate::ledger::DeliveryId;
 use crate::op::{OpId, Outcome};
 use crate::registry::{MemberSnapshot, WatermarkUse, WriteIntent};
 use crate::time::Instant;
-use crate::wire::records::Plane3Entry;
 use crate::wire::token::{AgentId, ConcreteChannel};
 use std::collections::{BTreeMap, VecDeque};
 
@@ -55,17 +54,8 @@ pub(super) enum Pending {
         owner: AgentId,
         generation: u64,
     },
-    Transfer {
-        delivery: DeliveryId,
-    },
     /// A read of the reader consumer's unread total.
     InboxBacklog,
-    /// A read of an owner's `dlv_<owner>` consumer; `in_flight` of the owner's transfers were
-    /// published and unacknowledged when it was sent (the read may or may not see them).
-    DlvBacklog {
-        owner: AgentId,
-        in_flight: u64,
-    },
     Sweep,
     Settle,
 }
@@ -98,15 +88,6 @@ pub(super) struct FanoutBatch {
     /// The hold gave up: nak the message once the others are stored, so its redelivery writes
     /// the copies that were held.
     pub(super) deferred: bool,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct Transfer {
-    pub(super) delivery_count: u64,
-    pub(super) owner: AgentId,
-    pub(super) entry: Plane3Entry,
-    /// The DLV copy's msg-id (the reader's decision).
-    pub(super) msg_id: String,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
