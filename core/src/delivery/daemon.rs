@@ -99,8 +99,7 @@
 
 pub mod index;
 
-use crate::constants::{KV_CAS_ATTEMPTS, MAX_MSGS_PER_SUBJECT, ORPHAN_SCAN_INTERVAL, backoff};
-use crate::delivery::backlog::{BACKLOG_RECHECK, InboxBacklog, OWNER_CAP};
+use crate::constants::{KV_CAS_ATTEMPTS, MAX_MSGS_PER_SUBJECT, ORPHAN_SCAN_INTERVAL};
 use crate::delivery::control::{
     Admission, SerialKey, Work, admit, durable_join_reply, durable_leave_reply, encode_reply,
     failure_reply, list_memberships_reply, live_class_join_reply,
@@ -112,7 +111,7 @@ use crate::delivery::lease::{
 };
 use crate::delivery::losses::LossReason;
 use crate::delivery::revoke::{DlvSweeper, SweepEvent};
-use crate::delivery::route::{MentionSkipReason, Routed, route};
+use crate::delivery::route::Routed;
 use crate::io::{
     AckKind, Command, Completion, Connection, Inbound, Input, KvCondition, KvOperation, Machine,
     ReadStart, Reply, StoredMessage, SubId,
@@ -124,17 +123,16 @@ use crate::registry::{
     WriteIntent, Writer, plan_activate, plan_join, plan_tombstone,
 };
 use crate::time::{Duration, Instant, Now};
-use crate::wire::config::{ConsumerSpec, SpaceStream};
+use crate::wire::config::SpaceStream;
 use crate::wire::control::{REASON_LIVE_CLASS, REASON_PARTIALLY_EVICTED, REASON_SUPERSEDED};
 use crate::wire::json;
 use crate::wire::keys::{KvBucket, acl_key, member_key};
 use crate::wire::message::CotalMessage;
-use crate::wire::records::{DeliveryLease, MemberState, MembershipRecord, Plane3Entry};
+use crate::wire::records::{DeliveryLease, Plane3Entry};
 use crate::wire::subject::{Subject, chat_subscribe_pattern};
 use crate::wire::token::{AgentId, ConcreteChannel};
 use index::MemberIndex;
 pub use index::{PresenceFault, PresenceIgnored};
-use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 mod config;
@@ -156,6 +154,7 @@ mod views;
 pub use config::*;
 use context::Ctx;
 pub use events::*;
+use fanout::Fanout;
 use feeds::{Feeds, Opened};
 use gaps::Gaps;
 use notices::Notifier;
@@ -181,25 +180,18 @@ pub struct Delivery {
     feeds: Feeds,
     /// The in-memory views the watches feed ([`views`]).
     views: Views,
-    fanout_high: u64,
+    /// Fan-out: batches, held copies, the inbox backlog ([`fanout`]).
+    fanout: Fanout,
     /// Sequence continuity: the skipped CHAT ranges and their checks ([`gaps`]).
     gaps: Gaps,
-    next_batch: BatchId,
-    batches: BTreeMap<BatchId, FanoutBatch>,
-    writes_failing: bool,
     next_job: JobId,
     jobs: BTreeMap<JobId, Job>,
     lanes: BTreeMap<SerialKey, Lane>,
     held_requests: usize,
-    inbox: InboxBacklog,
     /// The reader: authorization, DLV transfers, DLV backlogs ([`reader`]).
     reader: Reader,
     /// Loss notices ([`notices`]).
     notices: Notifier,
-    /// Owners whose fan-out copies are held back (for one event per episode).
-    backpressured: BTreeSet<AgentId>,
-    /// The fan-out batches holding a copy for each owner, oldest first.
-    held_for: BTreeMap<AgentId, BTreeSet<BatchId>>,
     health: DeliveryHealth,
     last_now: Option<Instant>,
     /// The DLV revocation sweep ([`crate::delivery::revoke`]).
@@ -222,6 +214,7 @@ impl Delivery {
         let sweeper = DlvSweeper::new(&config.space, config.shard);
         let gaps = Gaps::new(config.space.clone(), config.catchup_page);
         let notices = Notifier::new(config.space.clone());
+        let fanout = Fanout::new(config.space.clone(), config.shard, config.reference_gap_g17);
         let reader = Reader::new(config.space.clone(), config.shard, config.reference_gap_g2);
         let mut d = Delivery {
             config,
@@ -232,20 +225,14 @@ impl Delivery {
             stopped: false,
             feeds: Feeds::new(),
             views: Views::new(),
-            fanout_high: 0,
+            fanout,
             gaps,
-            next_batch: 0,
-            batches: BTreeMap::new(),
-            writes_failing: false,
             next_job: 0,
             jobs: BTreeMap::new(),
             lanes: BTreeMap::new(),
             held_requests: 0,
-            inbox: InboxBacklog::default(),
             reader,
             notices,
-            backpressured: BTreeSet::new(),
-            held_for: BTreeMap::new(),
             health: DeliveryHealth::Degraded(BTreeSet::new()),
             last_now: None,
             sweeper,
@@ -288,7 +275,7 @@ impl Delivery {
 
     /// The highest CHAT sequence fan-out has received (the fan-out part of the fence).
     pub fn fanout_progress(&self) -> u64 {
-        self.fanout_high
+        self.fanout.high()
     }
 
     /// True once every feed is open and control requests are served.
@@ -344,13 +331,7 @@ impl Delivery {
     /// the outcome. An ack lost on the way means a redelivery after `ack_wait`, and redoing a
     /// fan-out or a transfer is collapsed by the copy's msg-id.
     fn settle(&mut self, delivery: DeliveryId, kind: AckKind) {
-        let op = self.op(Pending::Settle);
-        self.cx.commands.push_back(Command::Settle {
-            op,
-            delivery,
-            kind,
-            confirm: false,
-        });
+        self.cx.settle(delivery, kind);
     }
 
     fn writer(&self, now: Now) -> Option<Writer> {
@@ -473,7 +454,7 @@ impl Delivery {
                 }
             }
         }
-        if self.writes_failing {
+        if self.fanout.writes_failing() {
             reasons.insert(DegradedReason::WritesFailing);
         }
         if reasons.is_empty() {
@@ -492,12 +473,9 @@ impl Delivery {
                 self.feeds.connection_lost(&mut self.cx);
                 self.abandon_jobs(AbandonReason::ConnectionLost);
                 self.sweeper.interrupt();
-                self.batches.clear();
-                self.held_for.clear();
-                self.cx.timers.cancel(&Timer::HeldCopies);
+                self.fanout.connection_lost(&mut self.cx);
                 self.reader.connection_lost();
                 self.notices.connection_lost();
-                self.inbox.check_abandoned();
                 self.gaps.connection_lost();
                 // Only the lease's completions still matter; the rest are answered Unknown and
                 // ignored.
@@ -535,6 +513,12 @@ impl Delivery {
                     .on_completion(&mut self.cx, now, c.op, c.outcome, connected, live);
             return self.on_feed_opened(now, opened);
         }
+        if self.fanout.owns(c.op) {
+            if self.fanout.on_completion(&mut self.cx, c.op, c.outcome) && self.lease_held() {
+                self.maybe_open_consumers(now);
+            }
+            return;
+        }
         if self.reader.owns(c.op) {
             let steps = self.reader.on_completion(&mut self.cx, c.op, c.outcome);
             return self.reader_steps(steps);
@@ -560,16 +544,9 @@ impl Delivery {
                 self.on_lease_completion(now, lease_op, kind, c.outcome);
             }
             Pending::Job { job, what } => self.on_job_completion(now, job, what, c.outcome),
-            Pending::Fanout {
-                batch,
-                owner,
-                generation,
-            } => self.on_fanout_publish(batch, owner, generation, c.outcome),
-            Pending::InboxBacklog => self.on_inbox_backlog(now, c.outcome),
             Pending::Sweep => self
                 .sweeper
                 .on_completion(c.op, c.outcome, &self.views.acls),
-            Pending::Settle => {}
         }
     }
 
@@ -615,7 +592,14 @@ impl Delivery {
                 ..
             } => match feed {
                 Feed::Fanout => {
-                    self.on_fanout(
+                    if self.gaps.offered(stream_seq) {
+                        self.next_gap_check();
+                    }
+                    let live = self.connected && !self.stopped;
+                    self.fanout.on_delivery(
+                        &mut self.cx,
+                        &self.views,
+                        live,
                         now,
                         delivery,
                         stream_seq,
@@ -664,7 +648,7 @@ impl Delivery {
             self.open_feed(now, Feed::Reader);
             // Fan-out writes dinbox entries: it starts once the reader consumer's unread total
             // (what a predecessor left) is known ([`crate::delivery::backlog`]).
-            if self.inbox.legacy_known() {
+            if self.fanout.legacy_known() {
                 self.open_feed(now, Feed::Fanout);
             }
         }
@@ -696,7 +680,8 @@ impl Delivery {
             self.gaps.bound(seq);
         }
         if feed == Feed::Reader {
-            self.read_inbox_backlog(now);
+            let live = self.connected && !self.stopped;
+            self.fanout.read_inbox_backlog(&mut self.cx, now, live);
         }
         if feed.bucket().is_some() {
             self.maybe_open_consumers(now);
@@ -750,7 +735,7 @@ impl Delivery {
     fn reader_steps(&mut self, steps: Vec<ReaderStep>) {
         for step in steps {
             match step {
-                ReaderStep::Settled(owner) => self.count_settled(&owner),
+                ReaderStep::Settled(owner) => self.fanout.settled(&mut self.cx, &owner),
                 ReaderStep::Settle(delivery, kind) => self.settle(delivery, kind),
                 ReaderStep::Lost {
                     owner,
@@ -797,7 +782,10 @@ impl Delivery {
     fn on_timer(&mut self, now: Now, timer: Timer) {
         match timer {
             Timer::GapCheck => self.next_gap_check(),
-            Timer::HeldCopies => self.on_held_timer(now),
+            Timer::HeldCopies => {
+                let live = self.connected && !self.stopped;
+                self.fanout.on_held_timer(&mut self.cx, now, live);
+            }
             Timer::OrphanScan => self.scan_orphans(now),
             Timer::Reopen(feed) => {
                 if self.lease_held() {

@@ -7,7 +7,8 @@
 
 use super::events::{DeliveryCounters, DeliveryEvent};
 use super::types::Timer;
-use crate::io::Command;
+use crate::io::{AckKind, Command};
+use crate::ledger::DeliveryId;
 use crate::op::{OpId, OpIds, TimerTable};
 use std::collections::VecDeque;
 
@@ -50,5 +51,19 @@ impl Ctx {
     /// Queues an event.
     pub(super) fn emit(&mut self, e: DeliveryEvent) {
         self.events.push_back(e);
+    }
+
+    /// Settles a CHAT or dinbox delivery with a plain (unconfirmed) ack: nothing waits on the
+    /// outcome (its op is not tracked; its completion is ignored). An ack lost on the way means a
+    /// redelivery after `ack_wait`, and redoing a fan-out or a transfer is collapsed by the
+    /// copy's msg-id.
+    pub(super) fn settle(&mut self, delivery: DeliveryId, kind: AckKind) {
+        let op = self.op();
+        self.push(Command::Settle {
+            op,
+            delivery,
+            kind,
+            confirm: false,
+        });
     }
 }

@@ -70,7 +70,7 @@ impl Delivery {
                 let Outcome::Success(Reply::StreamState(state)) = &outcome else {
                     return self.read_failed(now, id, "the CHAT fence", &outcome);
                 };
-                let high = self.fanout_high;
+                let high = self.fanout.high();
                 let Some(j) = self.join_mut(id) else {
                     return;
                 };
@@ -372,7 +372,7 @@ impl Delivery {
         let channel = job.channel.clone();
         match outcome {
             Outcome::Success(Reply::PubAck(ack)) => {
-                self.count_stored(&owner, ack.duplicate);
+                self.fanout.stored(&mut self.cx, &owner, ack.duplicate);
                 let Some(j) = self.join_mut(id) else {
                     return;
                 };

@@ -119,10 +119,7 @@ impl Delivery {
     pub(super) fn stop(&mut self) {
         self.close_feeds();
         self.abandon_jobs(AbandonReason::LeaseNotHeld);
-        let mut held: Vec<DeliveryId> = self.batches.values().map(|b| b.delivery).collect();
-        self.batches.clear();
-        self.held_for.clear();
-        self.cx.timers.cancel(&Timer::HeldCopies);
+        let mut held: Vec<DeliveryId> = self.fanout.stop(&mut self.cx);
         held.extend(self.reader.stop());
         self.notices.interrupt();
         self.give_up_gap_checks("the daemon stopped before checking");

@@ -2474,7 +2474,7 @@ fn with_the_operator_opt_in_an_orphaned_membership_is_tombstoned_with_an_event()
 /// and only Mallory's copies beyond her share are shed (each a reported loss).
 #[test]
 fn one_sender_cannot_crowd_the_other_senders_out_of_an_offline_members_dlv() {
-    use crate::delivery::backlog::SENDER_SHARE;
+    use crate::delivery::backlog::{OWNER_CAP, SENDER_SHARE};
     let mut w = served();
     plant_member(&mut w, &record("general", "bob", 0, 1), None);
     w.acl("bob", &["general"]);

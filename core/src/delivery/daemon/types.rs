@@ -2,12 +2,9 @@
 
 use super::events::Feed;
 use crate::delivery::control::{SerialKey, Work};
-use crate::delivery::route::Routed;
 use crate::io::Reply;
-use crate::ledger::DeliveryId;
 use crate::op::{OpId, Outcome};
 use crate::registry::{MemberSnapshot, WatermarkUse, WriteIntent};
-use crate::time::Instant;
 use crate::wire::token::{AgentId, ConcreteChannel};
 use std::collections::{BTreeMap, VecDeque};
 
@@ -41,23 +38,9 @@ pub(super) enum JobOp {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Pending {
-    Lease {
-        lease_op: OpId,
-        kind: LeaseOpKind,
-    },
-    Job {
-        job: JobId,
-        what: JobOp,
-    },
-    Fanout {
-        batch: BatchId,
-        owner: AgentId,
-        generation: u64,
-    },
-    /// A read of the reader consumer's unread total.
-    InboxBacklog,
+    Lease { lease_op: OpId, kind: LeaseOpKind },
+    Job { job: JobId, what: JobOp },
     Sweep,
-    Settle,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -69,25 +52,6 @@ pub(super) enum Timer {
     HeldCopies,
     /// Look for orphaned memberships ([`ORPHAN_SCAN_INTERVAL`]).
     OrphanScan,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct FanoutBatch {
-    pub(super) delivery: DeliveryId,
-    pub(super) seq: u64,
-    pub(super) delivery_count: u64,
-    pub(super) channel: ConcreteChannel,
-    pub(super) outstanding: usize,
-    pub(super) failed: bool,
-    /// Copies held back because their owner's dinbox backlog is at the high water, written by
-    /// [`Delivery::release_held`] once the reader drained it. The delivery is settled only when
-    /// none is left.
-    pub(super) held: Vec<Routed>,
-    /// When the copies were held ([`FANOUT_HOLD_LIMIT`]).
-    pub(super) held_since: Option<Instant>,
-    /// The hold gave up: nak the message once the others are stored, so its redelivery writes
-    /// the copies that were held.
-    pub(super) deferred: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
