@@ -4,20 +4,44 @@
 //!
 //! [`Delivery`] is an [`io::Machine`](crate::io::Machine). It composes the pure pieces of this
 //! module tree: the [`Lease`] machine, the control gate ([`admit`]), the registry plans
-//! ([`crate::registry`]), the fan-out router ([`route()`]) and the reader's decision
-//! ([`authorize()`]).
+//! ([`crate::registry`]), the fan-out router ([`route()`](crate::delivery::route::route)) and the reader's decision
+//! ([`authorize()`](crate::delivery::authorize::authorize)).
 //!
-//! # Layout
+//! # The machine in one screen
 //!
-//! The machine's methods live in one file per concern (each an `impl Delivery` block):
-//! `config.rs` (configuration and constants), `events.rs` (feeds,
-//! health, counters, events), `types.rs` (internal state types), `leasing.rs` (the lease glue and
-//! the stop), `feeds.rs` (watches, subscription, consumers), `views.rs` (what the watches feed,
-//! the orphan scan), `jobs.rs` (control admission, lanes, shared job steps), `join.rs`,
-//! `leave.rs`, `fanout.rs` (batches, held copies, inbox backlog), `gaps.rs` (skipped CHAT
-//! ranges), `reader.rs` (authorization, transfers, DLV backlog) and `notices.rs` (loss notices).
-//! This file keeps the state, the plumbing, the routing of inputs and completions and the
-//! [`Machine`] implementation.
+//! `Delivery` is a parent that owns small children; each child is a struct in its own file with
+//! its own state and the op ids it issued. Every child writes into one shared context
+//! (`Ctx`: the one op-id allocator, command queue, event queue, timer table and counters), lent
+//! as `&mut` for one call, so op ids and the order of commands and events are those of a single
+//! machine. The parent routes each completion by asking the children which one owns its op
+//! (`owns(op)`), and passes what a child needs of a sibling as an argument, never a reference
+//! kept.
+//!
+//! | child (file) | owns | issues | the parent routes to it |
+//! |---|---|---|---|
+//! | [`Lease`] (`lease.rs` one level up; glue in `leasing.rs`) | the shard's lease, fencing token | `KvPut`/`KvDelete`/`KvGet` of `lease.<i>` (ops in the parent's `Pending::Lease`) | its completions, timeouts; its events start or stop everything |
+//! | `Feeds` (`feeds.rs`) | feed states, sub ids, loaded watches, failures | `KvWatch`, `Subscribe`, `Consume`, closes; `Timer::Reopen` | open completions → `Opened` |
+//! | `Views` (`views.rs`) | member and ACL indexes, channel registry, roster, presence heartbeats | nothing | every watched KV change |
+//! | `Fanout` (`fanout.rs`) | batches, highest CHAT seq, inbox backlog, held copies, back-pressure, writes failing | dinbox `JsPublish`, reader `ConsumerInfo`, CHAT settles; `Timer::HeldCopies` | fan-out deliveries (with `&Views`), its completions, the timer, the reader's settles |
+//! | `Gaps` (`gaps.rs`) | fan-out's sequence cursor, skipped ranges, the check in flight | CHAT `ReadStream`; `Timer::GapCheck` | a skipped seq (before fan-out routes it), its completion, the timer |
+//! | `Reader` (`reader.rs`) | transfers, DLV backlog | DLV `JsPublish`, DLV `ConsumerInfo` | reader deliveries (with the ACL and member indexes), its completions |
+//! | `Notifier` (`notices.rs`) | the loss notices, their reads and writes | `KvGet`/`KvPut` of `cotal_losses_<space>` | losses from the reader and the gap checks, its completions |
+//! | [`DlvSweeper`] ([`crate::delivery::revoke`]) | the revocation sweeps | DLV reads and deletes (ops in `Pending::Sweep`) | ACL changes, transfers under a revoked ACL, its completions |
+//! | control jobs (`jobs.rs`, `join.rs`, `leave.rs`; parent state) | jobs, lanes per `(owner, channel)`, held requests | KV reads and CAS writes of members, CHAT info/reads, catch-up `JsPublish`, replies (ops in `Pending::Job`) | control requests, their completions, orphan reaping |
+//!
+//! What crosses between children, always through the parent: fan-out reports a skipped sequence
+//! to `Gaps` first; the lost ranges `Gaps` returns go to `Notifier` with the member index; the
+//! `ReaderStep`s the reader returns are applied in order (`Fanout::settled`, a settle,
+//! `Notifier` for a loss, the sweeper for a transfer under a revoked ACL); a join's fence reads
+//! `Fanout::high`, its catch-up copies count in `Fanout::stored`, and its confirmed writes go into
+//! the member index; an ACL change in `Views` queues a sweep; a loaded watch or a known inbox
+//! backlog lets `Feeds` open the consumers. `poll_timeout` is the minimum of the lease's, the
+//! shared timer table's (every child's deadlines) and the sweeper's.
+//!
+//! The control jobs are still `impl Delivery` blocks over the parent's state (the next child to
+//! cut); `leasing.rs` (the lease glue and the stop) and `orphans.rs` (the orphan scan: views ×
+//! jobs × lease record) are parent glue. Shared types live in leaf modules that import no child:
+//! `config.rs` and `events.rs` (public, re-exported here), `types.rs` and `context.rs`.
 //!
 //! # Life cycle
 //!
@@ -55,34 +79,8 @@
 //!   and abandons the job the same way. Losing the lease stops everything: feeds closed, jobs
 //!   abandoned, health degraded. The machine never re-acquires on its own; a driver that wants
 //!   to try again builds a new [`Delivery`].
-//! - **The fence** is `max(CHAT frontier read after the commit, highest fan-out sequence this
-//!   machine has received)`. Fan-out runs inside this machine, so "fan-out progress" is known
-//!   exactly without a consumer-info read (G9 cannot happen): a message received before the
-//!   commit confirmed is `≤` that maximum and is copied by catch-up; one received after is routed
-//!   from an index that already holds the commit.
-//! - **A leave during catch-up wins (B9/B21, G22).** A join in catch-up releases its key, so a
-//!   leave of the same `(owner, channel)` runs at once (another join of that key still waits).
-//!   When catch-up ends while that leave is running, the activation waits for it, then plans
-//!   from a fresh read: a tombstone makes it [`ActivatePlan::Superseded`] and the join answers
-//!   `durable:false` ("activation superseded …").
-//! - **Eviction (G8, I13).** Catch-up reads the channel's messages in `(J, fence]`. The window
-//!   counts as evicted when (a) the CHAT stream's first stored sequence is above `J + 1`
-//!   (everything in between is gone, whatever its channel), or (b) a sender subject of the channel
-//!   holds at least [`MAX_MSGS_PER_SUBJECT`] messages inside the window and its oldest one is above
-//!   `J + 1` (the subject is at its cap and may have discarded in-window messages). Both are
-//!   conservative: they may report a loss that did not happen, never hide one that did. The
-//!   reported range is `J+1 ..= last possibly evicted sequence`. Copies are still written for
-//!   everything retained; then the record is tombstoned at the fence and the join answers
-//!   `durable:false` with the range in an event.
-//! - **Catch-up write failures (G24).** A dinbox publish of catch-up is retried
-//!   [`CATCHUP_PUBLISH_ATTEMPTS`] times; then the join answers `ok:false` naming the sequence, the
-//!   record stays pending (it routes), and a retry of the join resumes catch-up over the same
-//!   window.
-//! - **Per-owner caps (G6).** The daemon counts, per owner, entries it stored minus entries the
-//!   reader settled since it started. Crossing [`MAX_MSGS_PER_SUBJECT`] reports
-//!   [`DeliveryEvent::DinboxCapReached`]: older entries of that owner are about to be discarded by
-//!   the INBOX stream. The count is a lower bound (entries written before this daemon started are
-//!   not counted).
+//! - **The fence, a leave during catch-up, eviction, catch-up write failures**: see the module docs of `daemon/join.rs`.
+//! - **Per-owner caps (G6)**: see the module docs of `daemon/fanout.rs`.
 //! - **Sharding (G36).** Shard `i` of `N` owns the owners [`Shard::owns`](crate::wire::shard::Shard::owns) picks: it routes only
 //!   to them, answers only their control requests, and its reader (which sees every dinbox entry,
 //!   through its own durable) acks other shards' entries without looking at them.

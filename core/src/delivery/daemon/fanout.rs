@@ -14,12 +14,20 @@
 //! may release held copies). Read by the parent: [`Fanout::high`] (a join's fence),
 //! [`Fanout::legacy_known`] (the fan-out consumer opens once the backlog is known),
 //! [`Fanout::writes_failing`] (health).
+//!
+//! # Decisions
+//!
+//! - **Per-owner caps (G6).** The daemon counts, per owner, entries it stored minus entries the
+//!   reader settled since it started. Crossing [`MAX_MSGS_PER_SUBJECT`](crate::constants::MAX_MSGS_PER_SUBJECT) reports
+//!   [`DeliveryEvent::DinboxCapReached`]: older entries of that owner are about to be discarded by
+//!   the INBOX stream. The count is a lower bound (entries written before this daemon started are
+//!   not counted).
 
+use super::config::{DINBOX_HIGH_WATER, FANOUT_HOLD_LIMIT, backpressure_delay};
 use super::context::Ctx;
 use super::events::{DeliveryEvent, FanoutAnomaly};
 use super::types::{BatchId, Timer, outcome_detail};
 use super::views::Views;
-use super::{DINBOX_HIGH_WATER, FANOUT_HOLD_LIMIT, backpressure_delay};
 use crate::constants::backoff;
 use crate::delivery::backlog::{BACKLOG_RECHECK, InboxBacklog, OWNER_CAP};
 use crate::delivery::route::{MentionSkipReason, Routed, route};

@@ -9,7 +9,7 @@
 //! consumers once every watch is loaded, readiness) is decided by the parent from the
 //! [`Opened`] it returns.
 
-use super::DeliveryConfig;
+use super::config::DeliveryConfig;
 use super::context::Ctx;
 use super::events::{DeliveryEvent, Feed};
 use super::types::Timer;

@@ -8,7 +8,7 @@
 //! ([`DeliveryEvent::EvictedBeforeFanout`]) and handed back to the parent, which tells the
 //! members concerned through the loss notices ([`super::notices`]).
 
-use super::GAP_CHECK_ATTEMPTS;
+use super::config::GAP_CHECK_ATTEMPTS;
 use super::context::Ctx;
 use super::events::{DeliveryEvent, Feed};
 use super::types::Timer;

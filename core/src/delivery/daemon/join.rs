@@ -1,4 +1,33 @@
-//! The join job: read ACL, frontier and member, commit, fence, catch-up, finish.
+//! The join job (life cycle step 3 in [`super`]): read the owner's ACL fresh, the CHAT frontier
+//! and the member key; plan and commit with CAS; read the fence; copy `(J, fence]` into the
+//! owner's dinbox (catch-up, off the lane); check for eviction; then tombstone or activate.
+//! These are `impl Delivery` blocks over the parent's job state (`jobs.rs`).
+//!
+//! # Decisions
+//!
+//! - **The fence** is `max(CHAT frontier read after the commit, highest fan-out sequence this
+//!   machine has received)`. Fan-out runs inside this machine, so "fan-out progress" is known
+//!   exactly without a consumer-info read (G9 cannot happen): a message received before the
+//!   commit confirmed is `≤` that maximum and is copied by catch-up; one received after is routed
+//!   from an index that already holds the commit.
+//! - **A leave during catch-up wins (B9/B21, G22).** A join in catch-up releases its key, so a
+//!   leave of the same `(owner, channel)` runs at once (another join of that key still waits).
+//!   When catch-up ends while that leave is running, the activation waits for it, then plans
+//!   from a fresh read: a tombstone makes it [`ActivatePlan::Superseded`] and the join answers
+//!   `durable:false` ("activation superseded …").
+//! - **Eviction (G8, I13).** Catch-up reads the channel's messages in `(J, fence]`. The window
+//!   counts as evicted when (a) the CHAT stream's first stored sequence is above `J + 1`
+//!   (everything in between is gone, whatever its channel), or (b) a sender subject of the channel
+//!   holds at least [`MAX_MSGS_PER_SUBJECT`] messages inside the window and its oldest one is above
+//!   `J + 1` (the subject is at its cap and may have discarded in-window messages). Both are
+//!   conservative: they may report a loss that did not happen, never hide one that did. The
+//!   reported range is `J+1 ..= last possibly evicted sequence`. Copies are still written for
+//!   everything retained; then the record is tombstoned at the fence and the join answers
+//!   `durable:false` with the range in an event.
+//! - **Catch-up write failures (G24).** A dinbox publish of catch-up is retried
+//!   [`CATCHUP_PUBLISH_ATTEMPTS`] times; then the join answers `ok:false` naming the sequence, the
+//!   record stays pending (it routes), and a retry of the join resumes catch-up over the same
+//!   window.
 
 use super::*;
 

@@ -48,9 +48,9 @@ pub(super) enum Timer {
     Reopen(Feed),
     GapCheck,
     /// While fan-out holds copies: reread the reader consumer's total (a hold may rest on an
-    /// over-count) and give up holds older than [`FANOUT_HOLD_LIMIT`].
+    /// over-count) and give up holds older than [`FANOUT_HOLD_LIMIT`](super::FANOUT_HOLD_LIMIT).
     HeldCopies,
-    /// Look for orphaned memberships ([`ORPHAN_SCAN_INTERVAL`]).
+    /// Look for orphaned memberships ([`ORPHAN_SCAN_INTERVAL`](crate::constants::ORPHAN_SCAN_INTERVAL)).
     OrphanScan,
 }
 
