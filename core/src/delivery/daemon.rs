@@ -27,21 +27,22 @@
 //! | `Reader` (`reader.rs`) | transfers, DLV backlog | DLV `JsPublish`, DLV `ConsumerInfo` | reader deliveries (with the ACL and member indexes), its completions |
 //! | `Notifier` (`notices.rs`) | the loss notices, their reads and writes | `KvGet`/`KvPut` of `cotal_losses_<space>` | losses from the reader and the gap checks, its completions |
 //! | [`DlvSweeper`] ([`crate::delivery::revoke`]) | the revocation sweeps | DLV reads and deletes (ops in `Pending::Sweep`) | ACL changes, transfers under a revoked ACL, its completions |
-//! | control jobs (`jobs.rs`, `join.rs`, `leave.rs`; parent state) | jobs, lanes per `(owner, channel)`, held requests | KV reads and CAS writes of members, CHAT info/reads, catch-up `JsPublish`, replies (ops in `Pending::Job`) | control requests, their completions, orphan reaping |
+//! | `Jobs` (`jobs.rs`, `jobs/join.rs`, `jobs/leave.rs`) | jobs, lanes per `(owner, channel)`, held requests | KV reads and CAS writes of members, ACL reads, CHAT info/reads, catch-up `JsPublish`, replies | control requests, its completions, orphan reaping, readiness (every lane pumped) |
 //!
 //! What crosses between children, always through the parent: fan-out reports a skipped sequence
 //! to `Gaps` first; the lost ranges `Gaps` returns go to `Notifier` with the member index; the
 //! `ReaderStep`s the reader returns are applied in order (`Fanout::settled`, a settle,
 //! `Notifier` for a loss, the sweeper for a transfer under a revoked ACL); a join's fence reads
 //! `Fanout::high`, its catch-up copies count in `Fanout::stored`, and its confirmed writes go into
-//! the member index; an ACL change in `Views` queues a sweep; a loaded watch or a known inbox
+//! the member index (the jobs get these lent for one call in an `Env`, with the lease's writer of
+//! the instant); an ACL change in `Views` queues a sweep; a loaded watch or a known inbox
 //! backlog lets `Feeds` open the consumers. `poll_timeout` is the minimum of the lease's, the
 //! shared timer table's (every child's deadlines) and the sweeper's.
 //!
-//! The control jobs are still `impl Delivery` blocks over the parent's state (the next child to
-//! cut); `leasing.rs` (the lease glue and the stop) and `orphans.rs` (the orphan scan: views ×
-//! jobs × lease record) are parent glue. Shared types live in leaf modules that import no child:
-//! `config.rs` and `events.rs` (public, re-exported here), `types.rs` and `context.rs`.
+//! `leasing.rs` (the lease glue and the stop) and `orphans.rs` (the orphan scan: views × jobs ×
+//! lease record) are parent glue (`impl Delivery` blocks). Shared types live in leaf modules
+//! that import no child: `config.rs` and `events.rs` (public, re-exported here), `types.rs` and
+//! `context.rs`.
 //!
 //! # Life cycle
 //!
@@ -97,11 +98,8 @@
 
 pub mod index;
 
-use crate::constants::{KV_CAS_ATTEMPTS, MAX_MSGS_PER_SUBJECT, ORPHAN_SCAN_INTERVAL};
-use crate::delivery::control::{
-    Admission, SerialKey, Work, admit, durable_join_reply, durable_leave_reply, encode_reply,
-    failure_reply, list_memberships_reply, live_class_join_reply,
-};
+use crate::constants::ORPHAN_SCAN_INTERVAL;
+use crate::delivery::control::SerialKey;
 use crate::delivery::gap::SeqRange;
 use crate::delivery::lease::{
     HEALTH_FIELD, Lease, LeaseCommand, LeaseEntry, LeaseEvent, LeaseReply, LeaseState,
@@ -109,25 +107,17 @@ use crate::delivery::lease::{
 };
 use crate::delivery::losses::LossReason;
 use crate::delivery::revoke::{DlvSweeper, SweepEvent};
-use crate::delivery::route::Routed;
 use crate::io::{
     AckKind, Command, Completion, Connection, Inbound, Input, KvCondition, KvOperation, Machine,
-    ReadStart, Reply, StoredMessage, SubId,
+    Reply, SubId,
 };
 use crate::ledger::DeliveryId;
 use crate::op::{Failure, OpId, Outcome};
-use crate::registry::{
-    ActivatePlan, JoinPlan, MemberSnapshot, Precondition, RegistryError, TombstonePlan,
-    WriteIntent, Writer, plan_activate, plan_join, plan_tombstone,
-};
+use crate::registry::Writer;
 use crate::time::{Duration, Instant, Now};
-use crate::wire::config::SpaceStream;
-use crate::wire::control::{REASON_LIVE_CLASS, REASON_PARTIALLY_EVICTED, REASON_SUPERSEDED};
 use crate::wire::json;
-use crate::wire::keys::{KvBucket, acl_key, member_key};
-use crate::wire::message::CotalMessage;
-use crate::wire::records::{DeliveryLease, Plane3Entry};
-use crate::wire::subject::{Subject, chat_subscribe_pattern};
+use crate::wire::keys::KvBucket;
+use crate::wire::records::DeliveryLease;
 use crate::wire::token::{AgentId, ConcreteChannel};
 use index::MemberIndex;
 pub use index::{PresenceFault, PresenceIgnored};
@@ -140,9 +130,7 @@ mod fanout;
 mod feeds;
 mod gaps;
 mod jobs;
-mod join;
 mod leasing;
-mod leave;
 mod notices;
 mod orphans;
 mod reader;
@@ -155,6 +143,7 @@ pub use events::*;
 use fanout::Fanout;
 use feeds::{Feeds, Opened};
 use gaps::Gaps;
+use jobs::{Env, Jobs};
 use notices::Notifier;
 use reader::{Reader, ReaderStep};
 use types::*;
@@ -182,10 +171,8 @@ pub struct Delivery {
     fanout: Fanout,
     /// Sequence continuity: the skipped CHAT ranges and their checks ([`gaps`]).
     gaps: Gaps,
-    next_job: JobId,
-    jobs: BTreeMap<JobId, Job>,
-    lanes: BTreeMap<SerialKey, Lane>,
-    held_requests: usize,
+    /// The control jobs and their lanes ([`jobs`]).
+    jobs: Jobs,
     /// The reader: authorization, DLV transfers, DLV backlogs ([`reader`]).
     reader: Reader,
     /// Loss notices ([`notices`]).
@@ -225,10 +212,7 @@ impl Delivery {
             views: Views::new(),
             fanout,
             gaps,
-            next_job: 0,
-            jobs: BTreeMap::new(),
-            lanes: BTreeMap::new(),
-            held_requests: 0,
+            jobs: Jobs::default(),
             reader,
             notices,
             health: DeliveryHealth::Degraded(BTreeSet::new()),
@@ -286,7 +270,8 @@ impl Delivery {
     pub fn shutdown(&mut self, now: Now) {
         self.observe(now);
         self.close_feeds();
-        self.abandon_jobs(AbandonReason::LeaseNotHeld);
+        self.jobs
+            .abandon_jobs(&mut self.cx, AbandonReason::LeaseNotHeld);
         self.give_up_gap_checks("the daemon stopped before checking");
         self.stopped = true;
         self.lease.release(now);
@@ -311,18 +296,6 @@ impl Delivery {
 
     fn emit(&mut self, e: DeliveryEvent) {
         self.cx.emit(e);
-    }
-
-    fn publish_reply(&mut self, subject: &str, payload: bytes::Bytes) {
-        if subject.is_empty() {
-            // The daemon's own jobs (the orphan reaper's leaves) have no requester to answer.
-            return;
-        }
-        self.cx.push(Command::Publish {
-            subject: subject.to_owned(),
-            headers: Vec::new(),
-            payload,
-        });
     }
 
     /// Settles a CHAT or dinbox delivery with a plain (unconfirmed) ack: nothing here waits on
@@ -469,7 +442,8 @@ impl Delivery {
             Connection::Lost => {
                 self.connected = false;
                 self.feeds.connection_lost(&mut self.cx);
-                self.abandon_jobs(AbandonReason::ConnectionLost);
+                self.jobs
+                    .abandon_jobs(&mut self.cx, AbandonReason::ConnectionLost);
                 self.sweeper.interrupt();
                 self.fanout.connection_lost(&mut self.cx);
                 self.reader.connection_lost();
@@ -511,6 +485,11 @@ impl Delivery {
                     .on_completion(&mut self.cx, now, c.op, c.outcome, connected, live);
             return self.on_feed_opened(now, opened);
         }
+        if self.jobs.owns(c.op) {
+            return self.with_jobs(now, |jobs, env| {
+                jobs.on_completion(env, now, c.op, c.outcome)
+            });
+        }
         if self.fanout.owns(c.op) {
             if self.fanout.on_completion(&mut self.cx, c.op, c.outcome) && self.lease_held() {
                 self.maybe_open_consumers(now);
@@ -541,7 +520,6 @@ impl Delivery {
             Pending::Lease { lease_op, kind } => {
                 self.on_lease_completion(now, lease_op, kind, c.outcome);
             }
-            Pending::Job { job, what } => self.on_job_completion(now, job, what, c.outcome),
             Pending::Sweep => self
                 .sweeper
                 .on_completion(c.op, c.outcome, &self.views.acls),
@@ -579,7 +557,9 @@ impl Delivery {
                 payload,
                 ..
             } if feed == Feed::Control => {
-                self.on_control(now, &subject, reply.as_deref(), &payload);
+                self.with_jobs(now, |jobs, env| {
+                    jobs.on_control(env, now, &subject, reply.as_deref(), &payload);
+                });
             }
             Inbound::Delivery {
                 delivery,
@@ -628,6 +608,24 @@ impl Delivery {
             }
             _ => {}
         }
+    }
+
+    // ---- control jobs (the [`Jobs`] child) ----
+
+    /// Runs `f` on the jobs with what they may use for this call ([`Env`]).
+    fn with_jobs<R>(&mut self, now: Now, f: impl FnOnce(&mut Jobs, &mut Env<'_>) -> R) -> R {
+        let writer = self.writer(now);
+        let serving = self.serving();
+        let mut env = Env {
+            cx: &mut self.cx,
+            config: &self.config,
+            writer,
+            serving,
+            members: &mut self.views.members,
+            channels: &self.views.channels,
+            fanout: &mut self.fanout,
+        };
+        f(&mut self.jobs, &mut env)
     }
 
     // ---- feeds (the [`Feeds`] child) ----
@@ -706,10 +704,7 @@ impl Delivery {
             let r = self.lease.mark_ready(now);
             debug_assert!(r.is_ok(), "mark_ready while held: {r:?}");
         }
-        let keys: Vec<SerialKey> = self.lanes.keys().cloned().collect();
-        for key in keys {
-            self.pump(now, &key);
-        }
+        self.with_jobs(now, |jobs, env| jobs.pump_all(env, now));
     }
 
     // ---- sequence continuity (the [`Gaps`] child) ----

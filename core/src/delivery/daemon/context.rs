@@ -66,4 +66,17 @@ impl Ctx {
             confirm: false,
         });
     }
+
+    /// Publishes a control reply (core NATS); the daemon's own jobs have no requester.
+    pub(super) fn publish_reply(&mut self, subject: &str, payload: bytes::Bytes) {
+        if subject.is_empty() {
+            // The daemon's own jobs (the orphan reaper's leaves) have no requester to answer.
+            return;
+        }
+        self.push(Command::Publish {
+            subject: subject.to_owned(),
+            headers: Vec::new(),
+            payload,
+        });
+    }
 }

@@ -118,7 +118,8 @@ impl Delivery {
     /// carries its msg-id, so the stream collapses a copy already stored.
     pub(super) fn stop(&mut self) {
         self.close_feeds();
-        self.abandon_jobs(AbandonReason::LeaseNotHeld);
+        self.jobs
+            .abandon_jobs(&mut self.cx, AbandonReason::LeaseNotHeld);
         let mut held: Vec<DeliveryId> = self.fanout.stop(&mut self.cx);
         held.extend(self.reader.stop());
         self.notices.interrupt();

@@ -43,24 +43,15 @@ impl Delivery {
                     owner: owner.clone(),
                     channel: channel.clone(),
                 };
-                if self.lanes.contains_key(&key) {
-                    // A join or leave of this membership is running: it decides first; the next
-                    // scan looks again.
-                    continue;
-                }
-                self.cx.counters.orphans_reaped += 1;
-                self.held_requests += 1;
-                self.lanes
-                    .entry(key.clone())
-                    .or_default()
-                    .queue
-                    .push_back(Work::Leave(crate::delivery::control::LeaveWork {
-                        owner: owner.clone(),
-                        channel: channel.clone(),
-                        generation: *generation,
-                        reply_to: String::new(),
-                    }));
-                self.pump(now, &key);
+                let leave = crate::delivery::control::LeaveWork {
+                    owner: owner.clone(),
+                    channel: channel.clone(),
+                    generation: *generation,
+                    reply_to: String::new(),
+                };
+                // A join or leave of this membership running decides first; the next scan looks
+                // again.
+                self.with_jobs(now, |jobs, env| jobs.reap(env, now, key, leave));
             }
         }
         let orphans: BTreeMap<(AgentId, ConcreteChannel), u64> =

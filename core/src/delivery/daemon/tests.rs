@@ -8,7 +8,10 @@ mod transcript;
 use super::*;
 use crate::delivery::backlog::BACKLOG_RECHECK;
 use crate::time::Duration;
-use crate::wire::records::MembershipRecord;
+use crate::wire::control::{REASON_LIVE_CLASS, REASON_PARTIALLY_EVICTED, REASON_SUPERSEDED};
+use crate::wire::keys::member_key;
+use crate::wire::message::CotalMessage;
+use crate::wire::records::{MembershipRecord, Plane3Entry};
 use bytes::Bytes;
 use harness::*;
 

@@ -39,7 +39,6 @@ pub(super) enum JobOp {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Pending {
     Lease { lease_op: OpId, kind: LeaseOpKind },
-    Job { job: JobId, what: JobOp },
     Sweep,
 }
 

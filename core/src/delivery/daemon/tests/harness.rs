@@ -13,10 +13,10 @@
 
 use super::super::*;
 use crate::delivery::lease::LeaseEvent;
-use crate::io::{ConsumerState, KvEntry, PubAck, StreamState};
+use crate::io::{ConsumerState, KvEntry, PubAck, ReadStart, StoredMessage, StreamState};
 use crate::time::UnixMillis;
 use crate::wire::control::{ControlReply, DeliveryRequest};
-use crate::wire::message::{Part, Route, Sender};
+use crate::wire::message::{CotalMessage, Part, Route, Sender};
 use crate::wire::records::{AclRecord, MembershipRecord};
 use crate::wire::shard::{Shard, ShardMap};
 use crate::wire::token::Space;

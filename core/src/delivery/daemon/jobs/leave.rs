@@ -1,10 +1,12 @@
-//! The leave job: read member and frontier, tombstone.
+//! The leave job: read the member key and the CHAT frontier, plan the tombstone, write it with CAS
+//! (re-read and re-plan on a conflict). `impl Jobs` blocks over the state of [`super::Jobs`].
 
 use super::*;
 
-impl Delivery {
+impl Jobs {
     pub(super) fn on_leave_step(
         &mut self,
+        env: &mut Env<'_>,
         now: Now,
         id: JobId,
         what: JobOp,
@@ -13,14 +15,14 @@ impl Delivery {
         match what {
             JobOp::Member => {
                 let Some(snapshot) = self.snapshot_of(id, &outcome) else {
-                    return self.read_failed(now, id, "the membership record", &outcome);
+                    return self.read_failed(env, now, id, "the membership record", &outcome);
                 };
                 let first = matches!(
                     self.jobs.get(&id).map(|j| &j.kind),
                     Some(JobKind::Leave(l)) if l.attempts == 0
                 );
                 if snapshot.record().is_none() && first {
-                    return self.reply_leave(now, id, true, None);
+                    return self.reply_leave(env, now, id, true, None);
                 }
                 let Some(JobKind::Leave(l)) = self.jobs.get_mut(&id).map(|j| &mut j.kind) else {
                     return;
@@ -28,33 +30,33 @@ impl Delivery {
                 l.snapshot = Some(snapshot);
                 if l.attempts == 0 {
                     l.phase = LeavePhase::ReadFrontier;
-                    self.read_frontier(id, JobOp::Frontier);
+                    self.read_frontier(env, id, JobOp::Frontier);
                 } else {
-                    self.plan_leave(now, id);
+                    self.plan_leave(env, now, id);
                 }
             }
             JobOp::Frontier => {
                 let Outcome::Success(Reply::StreamState(state)) = &outcome else {
-                    return self.read_failed(now, id, "the CHAT frontier", &outcome);
+                    return self.read_failed(env, now, id, "the CHAT frontier", &outcome);
                 };
                 if let Some(JobKind::Leave(l)) = self.jobs.get_mut(&id).map(|j| &mut j.kind) {
                     l.frontier = state.last_seq;
                 }
-                self.plan_leave(now, id);
+                self.plan_leave(env, now, id);
             }
             JobOp::Write(intent) => match outcome {
                 Outcome::Success(Reply::KvWritten { revision }) => {
-                    self.views.members.put(intent.record().clone(), revision);
+                    env.members.put(intent.record().clone(), revision);
                     let g = intent.record().generation;
                     let l = intent.record().leave_cursor;
-                    self.reply_leave(now, id, false, Some((g, l)));
+                    self.reply_leave(env, now, id, false, Some((g, l)));
                 }
                 Outcome::Failed(Failure::WrongLastRevision { .. } | Failure::AlreadyExists)
                 | Outcome::Unknown => {
                     if matches!(outcome, Outcome::Unknown) {
-                        self.cx.counters.writes_failed += 1;
+                        env.cx.counters.writes_failed += 1;
                     } else {
-                        self.cx.counters.cas_retries += 1;
+                        env.cx.counters.cas_retries += 1;
                     }
                     let Some(JobKind::Leave(l)) = self.jobs.get_mut(&id).map(|j| &mut j.kind)
                     else {
@@ -64,20 +66,22 @@ impl Delivery {
                     if l.attempts >= KV_CAS_ATTEMPTS {
                         let key = intent.key().to_owned();
                         return self.fail_job(
+                            env,
                             now,
                             id,
                             RegistryError::CasExhausted { key }.to_string(),
                         );
                     }
                     l.phase = LeavePhase::ReadMember;
-                    self.read_member(id);
+                    self.read_member(env, id);
                 }
                 Outcome::Failed(f) => {
-                    self.cx.counters.writes_failed += 1;
-                    self.fail_job(now, id, format!("membership write failed: {f}"));
+                    env.cx.counters.writes_failed += 1;
+                    self.fail_job(env, now, id, format!("membership write failed: {f}"));
                 }
                 Outcome::Success(r) => {
                     self.fail_job(
+                        env,
                         now,
                         id,
                         format!("unexpected reply to a membership write: {r:?}"),
@@ -88,9 +92,9 @@ impl Delivery {
         }
     }
 
-    pub(super) fn plan_leave(&mut self, now: Now, id: JobId) {
-        let Some(writer) = self.writer(now) else {
-            return self.abandon(now, id, AbandonReason::LeaseNotHeld);
+    pub(super) fn plan_leave(&mut self, env: &mut Env<'_>, now: Now, id: JobId) {
+        let Some(writer) = env.writer.clone() else {
+            return self.abandon(env, now, id, AbandonReason::LeaseNotHeld);
         };
         let Some(JobKind::Leave(l)) = self.jobs.get(&id).map(|j| &j.kind) else {
             return;
@@ -99,23 +103,24 @@ impl Delivery {
             return;
         };
         match plan_tombstone(&snapshot, l.frontier, Some(l.generation), &writer, now.wall) {
-            Ok(TombstonePlan::NoRecord) => self.reply_leave(now, id, true, None),
+            Ok(TombstonePlan::NoRecord) => self.reply_leave(env, now, id, true, None),
             Ok(TombstonePlan::AlreadyTombstoned {
                 generation,
                 leave_cursor,
-            }) => self.reply_leave(now, id, false, Some((generation, Some(leave_cursor)))),
+            }) => self.reply_leave(env, now, id, false, Some((generation, Some(leave_cursor)))),
             Ok(TombstonePlan::Write(intent)) => {
                 if let Some(JobKind::Leave(l)) = self.jobs.get_mut(&id).map(|j| &mut j.kind) {
                     l.phase = LeavePhase::Write;
                 }
-                self.write_intent(id, intent);
+                self.write_intent(env, id, intent);
             }
-            Err(e) => self.registry_error(now, id, e),
+            Err(e) => self.registry_error(env, now, id, e),
         }
     }
 
     pub(super) fn reply_leave(
         &mut self,
+        env: &mut Env<'_>,
         now: Now,
         id: JobId,
         already_left: bool,
@@ -132,8 +137,8 @@ impl Delivery {
             leave_cursor: written.and_then(|w| w.1),
         };
         let payload = durable_leave_reply(&job.channel, already_left);
-        self.publish_reply(&to, payload);
-        self.emit(ev);
-        self.end_job(now, id);
+        env.cx.publish_reply(&to, payload);
+        env.cx.emit(ev);
+        self.end_job(env, now, id);
     }
 }

@@ -1,7 +1,7 @@
 //! The join job (life cycle step 3 in [`super`]): read the owner's ACL fresh, the CHAT frontier
 //! and the member key; plan and commit with CAS; read the fence; copy `(J, fence]` into the
 //! owner's dinbox (catch-up, off the lane); check for eviction; then tombstone or activate.
-//! These are `impl Delivery` blocks over the parent's job state (`jobs.rs`).
+//! These are `impl Jobs` blocks over the state of [`super::Jobs`] (`jobs.rs`).
 //!
 //! # Decisions
 //!
@@ -31,9 +31,10 @@
 
 use super::*;
 
-impl Delivery {
+impl Jobs {
     pub(super) fn on_join_step(
         &mut self,
+        env: &mut Env<'_>,
         now: Now,
         id: JobId,
         what: JobOp,
@@ -42,7 +43,7 @@ impl Delivery {
         match what {
             JobOp::Acl => {
                 let Outcome::Success(Reply::Kv(entry)) = &outcome else {
-                    return self.read_failed(now, id, "the read ACL", &outcome);
+                    return self.read_failed(env, now, id, "the read ACL", &outcome);
                 };
                 let record = entry
                     .as_ref()
@@ -61,45 +62,45 @@ impl Delivery {
                         channel: job.channel.clone(),
                         error,
                     };
-                    self.publish_reply(&to, encode_reply(&reply));
-                    self.emit(ev);
-                    return self.end_job(now, id);
+                    env.cx.publish_reply(&to, encode_reply(&reply));
+                    env.cx.emit(ev);
+                    return self.end_job(env, now, id);
                 }
-                if self.join_is_live_class(id) {
-                    return self.reply_live_class(now, id);
+                if self.join_is_live_class(env.channels, id) {
+                    return self.reply_live_class(env, now, id);
                 }
                 if let Some(j) = self.join_mut(id) {
                     j.phase = JoinPhase::ReadFrontier;
                 }
-                self.read_frontier(id, JobOp::Frontier);
+                self.read_frontier(env, id, JobOp::Frontier);
             }
             JobOp::Frontier => {
                 let Outcome::Success(Reply::StreamState(state)) = &outcome else {
-                    return self.read_failed(now, id, "the CHAT frontier", &outcome);
+                    return self.read_failed(env, now, id, "the CHAT frontier", &outcome);
                 };
                 if let Some(j) = self.join_mut(id) {
                     j.frontier = state.last_seq;
                     j.phase = JoinPhase::ReadMember;
                 }
-                self.read_member(id);
+                self.read_member(env, id);
             }
             JobOp::Member => {
                 let Some(snapshot) = self.snapshot_of(id, &outcome) else {
-                    return self.read_failed(now, id, "the membership record", &outcome);
+                    return self.read_failed(env, now, id, "the membership record", &outcome);
                 };
                 let phase = self.join_mut(id).map(|j| j.phase);
                 match phase {
-                    Some(JoinPhase::ReadMember) => self.plan_join_step(now, id, &snapshot),
-                    Some(JoinPhase::ReadForFinish) => self.plan_finish(now, id, &snapshot),
+                    Some(JoinPhase::ReadMember) => self.plan_join_step(env, now, id, &snapshot),
+                    Some(JoinPhase::ReadForFinish) => self.plan_finish(env, now, id, &snapshot),
                     _ => {}
                 }
             }
-            JobOp::Write(intent) => self.on_join_write(now, id, *intent, outcome),
+            JobOp::Write(intent) => self.on_join_write(env, now, id, *intent, outcome),
             JobOp::Fence => {
                 let Outcome::Success(Reply::StreamState(state)) = &outcome else {
-                    return self.read_failed(now, id, "the CHAT fence", &outcome);
+                    return self.read_failed(env, now, id, "the CHAT fence", &outcome);
                 };
-                let high = self.fanout.high();
+                let high = env.fanout.high();
                 let Some(j) = self.join_mut(id) else {
                     return;
                 };
@@ -111,13 +112,13 @@ impl Delivery {
                     // Nothing to copy; eviction is not checked (§2h 7.1).
                     j.exhausted = true;
                 }
-                self.enter_catch_up(now, id);
+                self.enter_catch_up(env, now, id);
             }
             JobOp::Read => {
                 let Outcome::Success(Reply::Stored(messages)) = outcome else {
-                    return self.read_failed(now, id, "the channel history", &outcome);
+                    return self.read_failed(env, now, id, "the channel history", &outcome);
                 };
-                self.on_catch_up_page(now, id, messages);
+                self.on_catch_up_page(env, now, id, messages);
             }
             JobOp::Publish {
                 seq,
@@ -125,27 +126,35 @@ impl Delivery {
                 msg_id,
                 payload,
                 attempt,
-            } => self.on_catch_up_publish(now, id, seq, subject, msg_id, payload, attempt, outcome),
+            } => self.on_catch_up_publish(
+                env, now, id, seq, subject, msg_id, payload, attempt, outcome,
+            ),
         }
     }
 
-    pub(super) fn plan_join_step(&mut self, now: Now, id: JobId, snapshot: &MemberSnapshot) {
-        let Some(writer) = self.writer(now) else {
-            return self.abandon(now, id, AbandonReason::LeaseNotHeld);
+    pub(super) fn plan_join_step(
+        &mut self,
+        env: &mut Env<'_>,
+        now: Now,
+        id: JobId,
+        snapshot: &MemberSnapshot,
+    ) {
+        let Some(writer) = env.writer.clone() else {
+            return self.abandon(env, now, id, AbandonReason::LeaseNotHeld);
         };
         let Some(j) = self.join_mut(id) else {
             return;
         };
         let (watermark, frontier) = (j.watermark, j.frontier);
         match plan_join(snapshot, watermark, frontier, &writer, now.wall) {
-            Err(e) => self.registry_error(now, id, e),
+            Err(e) => self.registry_error(env, now, id, e),
             Ok(JoinPlan::AlreadyActive { generation }) => {
                 let join_cursor = snapshot.record().map_or(0, |r| r.join_cursor);
                 if let Some(j) = self.join_mut(id) {
                     j.generation = generation;
                     j.join_cursor = join_cursor;
                 }
-                self.reply_join(now, id, true, None);
+                self.reply_join(env, now, id, true, None);
             }
             Ok(JoinPlan::ResumePending {
                 generation,
@@ -156,7 +165,7 @@ impl Delivery {
                     j.join_cursor = join_cursor;
                     j.phase = JoinPhase::ReadFence;
                 }
-                self.read_frontier(id, JobOp::Fence);
+                self.read_frontier(env, id, JobOp::Fence);
             }
             Ok(JoinPlan::Commit(commit)) => {
                 let commit = *commit;
@@ -168,7 +177,7 @@ impl Delivery {
                         channel: job.channel.clone(),
                         intervals: commit.forgotten.clone(),
                     };
-                    self.emit(ev);
+                    env.cx.emit(ev);
                 }
                 if let Some(j) = self.join_mut(id) {
                     j.generation = commit.generation;
@@ -176,7 +185,7 @@ impl Delivery {
                     j.watermark_use = Some(commit.watermark);
                     j.phase = JoinPhase::Commit;
                 }
-                self.write_intent(id, commit.intent);
+                self.write_intent(env, id, commit.intent);
             }
         }
     }
@@ -184,6 +193,7 @@ impl Delivery {
     /// The write of a join step (commit, tombstone after eviction, activation) completed.
     pub(super) fn on_join_write(
         &mut self,
+        env: &mut Env<'_>,
         now: Now,
         id: JobId,
         intent: WriteIntent,
@@ -194,15 +204,15 @@ impl Delivery {
         };
         match outcome {
             Outcome::Success(Reply::KvWritten { revision }) => {
-                self.views.members.put(intent.record().clone(), revision);
+                env.members.put(intent.record().clone(), revision);
                 match phase {
                     JoinPhase::Commit => {
                         if let Some(j) = self.join_mut(id) {
                             j.phase = JoinPhase::ReadFence;
                         }
-                        self.read_frontier(id, JobOp::Fence);
+                        self.read_frontier(env, id, JobOp::Fence);
                     }
-                    JoinPhase::WriteFinish => self.finish_written(now, id),
+                    JoinPhase::WriteFinish => self.finish_written(env, now, id),
                     _ => {}
                 }
             }
@@ -212,9 +222,9 @@ impl Delivery {
                 // again from what is really stored (an Unknown that landed re-plans as a resume
                 // or an idempotent no-op).
                 if matches!(outcome, Outcome::Unknown) {
-                    self.cx.counters.writes_failed += 1;
+                    env.cx.counters.writes_failed += 1;
                 } else {
-                    self.cx.counters.cas_retries += 1;
+                    env.cx.counters.cas_retries += 1;
                 }
                 let Some(j) = self.join_mut(id) else {
                     return;
@@ -223,24 +233,28 @@ impl Delivery {
                 if j.attempts >= KV_CAS_ATTEMPTS {
                     let key = intent.key().to_owned();
                     return match phase {
-                        JoinPhase::WriteFinish => self.finish_exhausted(now, id),
-                        _ => {
-                            self.fail_job(now, id, RegistryError::CasExhausted { key }.to_string())
-                        }
+                        JoinPhase::WriteFinish => self.finish_exhausted(env, now, id),
+                        _ => self.fail_job(
+                            env,
+                            now,
+                            id,
+                            RegistryError::CasExhausted { key }.to_string(),
+                        ),
                     };
                 }
                 j.phase = match phase {
                     JoinPhase::Commit => JoinPhase::ReadMember,
                     _ => JoinPhase::ReadForFinish,
                 };
-                self.read_member(id);
+                self.read_member(env, id);
             }
             Outcome::Failed(f) => {
-                self.cx.counters.writes_failed += 1;
-                self.fail_job(now, id, format!("membership write failed: {f}"));
+                env.cx.counters.writes_failed += 1;
+                self.fail_job(env, now, id, format!("membership write failed: {f}"));
             }
             Outcome::Success(r) => {
                 self.fail_job(
+                    env,
                     now,
                     id,
                     format!("unexpected reply to a membership write: {r:?}"),
@@ -250,7 +264,7 @@ impl Delivery {
     }
 
     /// Catch-up runs off the lane: a leave of the same key may run meanwhile (B9/B21, G22).
-    pub(super) fn enter_catch_up(&mut self, now: Now, id: JobId) {
+    pub(super) fn enter_catch_up(&mut self, env: &mut Env<'_>, now: Now, id: JobId) {
         let Some(job) = self.jobs.get(&id) else {
             return;
         };
@@ -261,11 +275,11 @@ impl Delivery {
             }
             lane.catching_up = Some(id);
         }
-        self.next_catch_up_read(now, id);
-        self.pump(now, &key);
+        self.next_catch_up_read(env, now, id);
+        self.pump(env, now, &key);
     }
 
-    pub(super) fn next_catch_up_read(&mut self, now: Now, id: JobId) {
+    pub(super) fn next_catch_up_read(&mut self, env: &mut Env<'_>, now: Now, id: JobId) {
         let Some(job) = self.jobs.get(&id) else {
             return;
         };
@@ -273,13 +287,13 @@ impl Delivery {
             return;
         };
         if j.exhausted || j.next_start > j.fence {
-            return self.catch_up_done(now, id);
+            return self.catch_up_done(env, now, id);
         }
-        let stream = SpaceStream::Chat.name(&self.config.space);
-        let filter = chat_subscribe_pattern(&self.config.space, &job.channel.as_channel());
+        let stream = SpaceStream::Chat.name(&env.config.space);
+        let filter = chat_subscribe_pattern(&env.config.space, &job.channel.as_channel());
         let (start, last) = (j.next_start, j.fence);
-        let max = self.config.catchup_page.max(1);
-        self.job_cmd(id, JobOp::Read, |op| Command::ReadStream {
+        let max = env.config.catchup_page.max(1);
+        self.job_cmd(env, id, JobOp::Read, |op| Command::ReadStream {
             op,
             stream,
             filter,
@@ -290,9 +304,15 @@ impl Delivery {
         });
     }
 
-    pub(super) fn on_catch_up_page(&mut self, now: Now, id: JobId, messages: Vec<StoredMessage>) {
-        let page = self.config.catchup_page.max(1) as usize;
-        let space = self.config.space.clone();
+    pub(super) fn on_catch_up_page(
+        &mut self,
+        env: &mut Env<'_>,
+        now: Now,
+        id: JobId,
+        messages: Vec<StoredMessage>,
+    ) {
+        let page = env.config.catchup_page.max(1) as usize;
+        let space = env.config.space.clone();
         let Some(job) = self.jobs.get(&id) else {
             return;
         };
@@ -349,16 +369,18 @@ impl Delivery {
         for (seq, routed) in publishes {
             let msg_id = routed.msg_id().to_string();
             let payload = json::encode(&routed.entry);
-            self.catch_up_publish(id, seq, dinbox.clone(), msg_id, payload, 1);
+            self.catch_up_publish(env, id, seq, dinbox.clone(), msg_id, payload, 1);
         }
         let outstanding = self.join_mut(id).map_or(0, |j| j.outstanding);
         if outstanding == 0 {
-            self.next_catch_up_read(now, id);
+            self.next_catch_up_read(env, now, id);
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn catch_up_publish(
         &mut self,
+        env: &mut Env<'_>,
         id: JobId,
         seq: u64,
         subject: String,
@@ -373,7 +395,7 @@ impl Delivery {
             payload: payload.clone(),
             attempt,
         };
-        self.job_cmd(id, what, |op| Command::JsPublish {
+        self.job_cmd(env, id, what, |op| Command::JsPublish {
             op,
             subject,
             msg_id: Some(msg_id),
@@ -385,6 +407,7 @@ impl Delivery {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn on_catch_up_publish(
         &mut self,
+        env: &mut Env<'_>,
         now: Now,
         id: JobId,
         seq: u64,
@@ -401,7 +424,7 @@ impl Delivery {
         let channel = job.channel.clone();
         match outcome {
             Outcome::Success(Reply::PubAck(ack)) => {
-                self.fanout.stored(&mut self.cx, &owner, ack.duplicate);
+                env.fanout.stored(env.cx, &owner, ack.duplicate);
                 let Some(j) = self.join_mut(id) else {
                     return;
                 };
@@ -410,17 +433,17 @@ impl Delivery {
                     j.copied += 1;
                 }
                 if j.outstanding == 0 {
-                    self.next_catch_up_read(now, id);
+                    self.next_catch_up_read(env, now, id);
                 }
             }
             other => {
-                self.cx.counters.writes_failed += 1;
+                env.cx.counters.writes_failed += 1;
                 let generation = self.join_mut(id).map_or(0, |j| j.generation);
                 let failure = match other {
                     Outcome::Failed(f) => Some(f),
                     _ => None,
                 };
-                self.emit(DeliveryEvent::CopyWriteFailed {
+                env.cx.emit(DeliveryEvent::CopyWriteFailed {
                     owner: owner.clone(),
                     channel: channel.clone(),
                     seq,
@@ -428,11 +451,11 @@ impl Delivery {
                     failure: failure.clone(),
                 });
                 if attempt < CATCHUP_PUBLISH_ATTEMPTS {
-                    self.catch_up_publish(id, seq, subject, msg_id, payload, attempt + 1);
+                    self.catch_up_publish(env, id, seq, subject, msg_id, payload, attempt + 1);
                 } else {
                     let why =
                         failure.map_or_else(|| "outcome unknown".to_owned(), |f| f.to_string());
-                    self.fail_job(
+                    self.fail_job(env,
                         now,
                         id,
                         format!(
@@ -444,7 +467,7 @@ impl Delivery {
         }
     }
 
-    pub(super) fn catch_up_done(&mut self, now: Now, id: JobId) {
+    pub(super) fn catch_up_done(&mut self, env: &mut Env<'_>, now: Now, id: JobId) {
         let Some(j) = self.join_mut(id) else {
             return;
         };
@@ -474,22 +497,28 @@ impl Delivery {
         } else {
             lane.catching_up = None;
             lane.active = Some(id);
-            self.start_finish(now, id);
+            self.start_finish(env, now, id);
         }
     }
 
-    pub(super) fn start_finish(&mut self, _now: Now, id: JobId) {
+    pub(super) fn start_finish(&mut self, env: &mut Env<'_>, _now: Now, id: JobId) {
         if let Some(j) = self.join_mut(id) {
             j.phase = JoinPhase::ReadForFinish;
             j.attempts = 0;
         }
-        self.read_member(id);
+        self.read_member(env, id);
     }
 
     /// Tombstone after eviction, or activation, planned from a fresh read.
-    pub(super) fn plan_finish(&mut self, now: Now, id: JobId, snapshot: &MemberSnapshot) {
-        let Some(writer) = self.writer(now) else {
-            return self.abandon(now, id, AbandonReason::LeaseNotHeld);
+    pub(super) fn plan_finish(
+        &mut self,
+        env: &mut Env<'_>,
+        now: Now,
+        id: JobId,
+        snapshot: &MemberSnapshot,
+    ) {
+        let Some(writer) = env.writer.clone() else {
+            return self.abandon(env, now, id, AbandonReason::LeaseNotHeld);
         };
         let Some(j) = self.join_mut(id) else {
             return;
@@ -502,13 +531,13 @@ impl Delivery {
                     if let Some(j) = self.join_mut(id) {
                         j.phase = JoinPhase::WriteFinish;
                     }
-                    self.write_intent(id, intent);
+                    self.write_intent(env, id, intent);
                 }
                 // A newer rejoin won (stale), or nothing left to write: answer durable:false.
                 Ok(_) | Err(RegistryError::StaleMembershipWrite { .. }) => {
-                    self.finish_written(now, id);
+                    self.finish_written(env, now, id);
                 }
-                Err(e) => self.registry_error(now, id, e),
+                Err(e) => self.registry_error(env, now, id, e),
             }
             return;
         }
@@ -517,15 +546,15 @@ impl Delivery {
                 if let Some(j) = self.join_mut(id) {
                     j.phase = JoinPhase::WriteFinish;
                 }
-                self.write_intent(id, intent);
+                self.write_intent(env, id, intent);
             }
-            Ok(ActivatePlan::AlreadyActive) => self.reply_join(now, id, true, None),
-            Ok(_) => self.reply_join(now, id, false, Some(REASON_SUPERSEDED)),
-            Err(e) => self.registry_error(now, id, e),
+            Ok(ActivatePlan::AlreadyActive) => self.reply_join(env, now, id, true, None),
+            Ok(_) => self.reply_join(env, now, id, false, Some(REASON_SUPERSEDED)),
+            Err(e) => self.registry_error(env, now, id, e),
         }
     }
 
-    pub(super) fn finish_written(&mut self, now: Now, id: JobId) {
+    pub(super) fn finish_written(&mut self, env: &mut Env<'_>, now: Now, id: JobId) {
         let Some(job) = self.jobs.get(&id) else {
             return;
         };
@@ -534,7 +563,7 @@ impl Delivery {
         };
         match j.evicted {
             Some((from_seq, to_seq)) => {
-                self.cx.counters.evicted_ranges += 1;
+                env.cx.counters.evicted_ranges += 1;
                 let ev = DeliveryEvent::Evicted {
                     owner: job.owner.clone(),
                     channel: job.channel.clone(),
@@ -542,20 +571,20 @@ impl Delivery {
                     from_seq,
                     to_seq,
                 };
-                self.emit(ev);
-                self.reply_join(now, id, false, Some(REASON_PARTIALLY_EVICTED));
+                env.cx.emit(ev);
+                self.reply_join(env, now, id, false, Some(REASON_PARTIALLY_EVICTED));
             }
-            None => self.reply_join(now, id, true, None),
+            None => self.reply_join(env, now, id, true, None),
         }
     }
 
     /// The finishing write lost every CAS attempt: an honest `durable:false`.
-    pub(super) fn finish_exhausted(&mut self, now: Now, id: JobId) {
+    pub(super) fn finish_exhausted(&mut self, env: &mut Env<'_>, now: Now, id: JobId) {
         let evicted = self.join_mut(id).and_then(|j| j.evicted);
         if evicted.is_some() {
-            self.finish_written(now, id);
+            self.finish_written(env, now, id);
         } else {
-            self.reply_join(now, id, false, Some(REASON_SUPERSEDED));
+            self.reply_join(env, now, id, false, Some(REASON_SUPERSEDED));
         }
     }
 }
