@@ -3,7 +3,7 @@
 //! G40).
 //!
 //! [`Delivery`] is an [`io::Machine`](crate::io::Machine). It composes the pure pieces of this
-//! module tree: the [`Lease`] machine, the control gate ([`admit`]), the registry plans
+//! module tree: the [`Lease`] machine, the control gate ([`admit`](crate::delivery::control::admit)), the registry plans
 //! ([`crate::registry`]), the fan-out router ([`route()`](crate::delivery::route::route)) and the reader's decision
 //! ([`authorize()`](crate::delivery::authorize::authorize)).
 //!
@@ -57,9 +57,9 @@
 //! 3. **Control** ([`super::control`]): each request is admitted by the gate (bound reply first,
 //!    D1/I27), requests of other shards' owners are left to their daemon, and the rest run as
 //!    jobs serialized per `(owner, channel)` (G22). A join reads the owner's ACL **fresh** from KV,
-//!    the CHAT frontier, and the member key, plans with [`plan_join`] (watermark join cursor G1,
+//!    the CHAT frontier, and the member key, plans with [`plan_join`](crate::registry::plan_join) (watermark join cursor G1,
 //!    generation floor G34), writes with CAS (re-read and re-plan on conflict, at most
-//!    [`KV_CAS_ATTEMPTS`]), reads the fence, copies `(J, fence]` from CHAT into the owner's
+//!    [`KV_CAS_ATTEMPTS`](crate::constants::KV_CAS_ATTEMPTS)), reads the fence, copies `(J, fence]` from CHAT into the owner's
 //!    dinbox, checks for eviction, then tombstones (eviction) or activates.
 //! 4. **Fan-out**: every CHAT delivery is routed against the in-memory membership index (fed by
 //!    the watch **and** by our own confirmed writes), every entry is published at once, and the
@@ -76,7 +76,7 @@
 //!
 //! - **Fencing (G23).** Every registry write takes the lease's fencing token at the moment it is
 //!   planned ([`Lease::fencing_token`]); without one the job is abandoned with no reply (the
-//!   successor daemon answers the same request). A [`RegistryError::Fenced`] refusal is reported
+//!   successor daemon answers the same request). A [`RegistryError::Fenced`](crate::registry::RegistryError::Fenced) refusal is reported
 //!   and abandons the job the same way. Losing the lease stops everything: feeds closed, jobs
 //!   abandoned, health degraded. The machine never re-acquires on its own; a driver that wants
 //!   to try again builds a new [`Delivery`].
