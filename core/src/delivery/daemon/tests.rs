@@ -8,7 +8,10 @@ mod transcript;
 use super::*;
 use crate::delivery::backlog::BACKLOG_RECHECK;
 use crate::time::Duration;
-use crate::wire::records::MembershipRecord;
+use crate::wire::control::{REASON_LIVE_CLASS, REASON_PARTIALLY_EVICTED, REASON_SUPERSEDED};
+use crate::wire::keys::member_key;
+use crate::wire::message::CotalMessage;
+use crate::wire::records::{MembershipRecord, Plane3Entry};
 use bytes::Bytes;
 use harness::*;
 
@@ -1810,6 +1813,7 @@ mod index_views {
     use super::*;
     use crate::delivery::daemon::index::{AclIndex, MemberIndex, Roster};
     use crate::delivery::route::MentionResolution;
+    use crate::io::KvEntry;
 
     fn put(key: &str, revision: u64, value: bytes::Bytes) -> KvEntry {
         KvEntry {
@@ -2473,7 +2477,7 @@ fn with_the_operator_opt_in_an_orphaned_membership_is_tombstoned_with_an_event()
 /// and only Mallory's copies beyond her share are shed (each a reported loss).
 #[test]
 fn one_sender_cannot_crowd_the_other_senders_out_of_an_offline_members_dlv() {
-    use crate::delivery::backlog::SENDER_SHARE;
+    use crate::delivery::backlog::{OWNER_CAP, SENDER_SHARE};
     let mut w = served();
     plant_member(&mut w, &record("general", "bob", 0, 1), None);
     w.acl("bob", &["general"]);

@@ -13,13 +13,15 @@
 
 use super::super::*;
 use crate::delivery::lease::LeaseEvent;
-use crate::io::{ConsumerState, PubAck, StreamState};
+use crate::io::{ConsumerState, KvEntry, PubAck, ReadStart, StoredMessage, StreamState};
 use crate::time::UnixMillis;
 use crate::wire::control::{ControlReply, DeliveryRequest};
-use crate::wire::message::{Part, Route, Sender};
+use crate::wire::message::{CotalMessage, Part, Route, Sender};
 use crate::wire::records::{AclRecord, MembershipRecord};
-use crate::wire::shard::ShardMap;
+use crate::wire::shard::{Shard, ShardMap};
+use crate::wire::token::Space;
 use bytes::Bytes;
+use std::collections::VecDeque;
 use std::fmt::Write;
 
 pub const BASE_WALL: u64 = 1_700_000_000_000;

@@ -5,6 +5,7 @@ use super::super::*;
 use super::harness::*;
 use super::served;
 use crate::delivery::daemon::index::{PresenceFault, PresenceIgnored};
+use crate::delivery::route::MentionSkipReason;
 use bytes::Bytes;
 
 /// Writes a raw presence record under `key` (the KV key the broker let the writer use).

@@ -2,6 +2,7 @@
 
 use super::super::*;
 use super::harness::*;
+use crate::wire::message::CotalMessage;
 use crate::wire::records::{DeliveryLease, Plane3Entry};
 
 fn served() -> World {

@@ -1,0 +1,140 @@
+//! The lease glue: the [`Lease`] machine's commands issued as KV operations, its completions
+//! and events routed back, and the stop when the lease is gone.
+
+use super::*;
+
+impl Delivery {
+    pub(super) fn issue_lease(&mut self, cmd: LeaseCommand) {
+        let bucket = KvBucket::Delivery.name(&self.config.space);
+        let lease_op = cmd.op();
+        let (kind, make): (LeaseOpKind, Box<dyn FnOnce(OpId) -> Command>) = match cmd {
+            LeaseCommand::Create { key, value, .. } => (
+                LeaseOpKind::Create,
+                Box::new(move |op| Command::KvPut {
+                    op,
+                    bucket,
+                    key,
+                    value: json::encode(&value),
+                    condition: KvCondition::CreateOnly,
+                }),
+            ),
+            LeaseCommand::Update {
+                key,
+                value,
+                expected_revision,
+                ..
+            } => (
+                LeaseOpKind::Update,
+                Box::new(move |op| Command::KvPut {
+                    op,
+                    bucket,
+                    key,
+                    value: json::encode(&value),
+                    condition: KvCondition::Revision(expected_revision),
+                }),
+            ),
+            LeaseCommand::Delete {
+                key,
+                expected_revision,
+                ..
+            } => (
+                LeaseOpKind::Delete,
+                Box::new(move |op| Command::KvDelete {
+                    op,
+                    bucket,
+                    key,
+                    expected_revision: Some(expected_revision),
+                }),
+            ),
+            LeaseCommand::Get { key, .. } => (
+                LeaseOpKind::Get,
+                Box::new(move |op| Command::KvGet { op, bucket, key }),
+            ),
+        };
+        let op = self.op(Pending::Lease { lease_op, kind });
+        self.cx.commands.push_back(make(op));
+    }
+
+    pub(super) fn on_lease_completion(
+        &mut self,
+        now: Now,
+        lease_op: OpId,
+        kind: LeaseOpKind,
+        outcome: Outcome<Reply>,
+    ) {
+        let translated = match outcome {
+            Outcome::Success(reply) => match (kind, reply) {
+                (LeaseOpKind::Create | LeaseOpKind::Update, Reply::KvWritten { revision }) => {
+                    Outcome::Success(LeaseReply::Written { revision })
+                }
+                (LeaseOpKind::Delete, Reply::KvWritten { .. } | Reply::Done) => {
+                    Outcome::Success(LeaseReply::Deleted)
+                }
+                (LeaseOpKind::Get, Reply::Kv(entry)) => {
+                    Outcome::Success(LeaseReply::Entry(entry.and_then(|e| {
+                        (e.operation == KvOperation::Put).then(|| LeaseEntry {
+                            revision: e.revision,
+                            record: DeliveryLease::from_kv(Some(&e.value)),
+                        })
+                    })))
+                }
+                (_, other) => Outcome::Failed(Failure::Other {
+                    description: format!("unexpected reply to a lease command: {other:?}"),
+                }),
+            },
+            Outcome::Failed(f) => Outcome::Failed(f),
+            Outcome::Unknown => Outcome::Unknown,
+        };
+        let result = self.lease.handle_completion(now, lease_op, translated);
+        debug_assert!(result.is_ok(), "lease completion refused: {result:?}");
+    }
+
+    pub(super) fn on_lease_event(&mut self, now: Now, ev: LeaseEvent) {
+        match &ev {
+            LeaseEvent::Acquired { .. } => {
+                self.emit(DeliveryEvent::Lease(ev));
+                if self.connected && !self.stopped {
+                    self.open_feeds(now);
+                }
+                return;
+            }
+            LeaseEvent::Lost { .. } => {
+                self.cx.counters.lease_lost += 1;
+                self.stop();
+            }
+            LeaseEvent::AcquireFailed { .. }
+            | LeaseEvent::Released
+            | LeaseEvent::ReleaseSkipped { .. } => self.stop(),
+            _ => {}
+        }
+        self.emit(DeliveryEvent::Lease(ev));
+    }
+
+    /// Stops every piece of work: the lease is gone.
+    ///
+    /// Deliveries still held (a fan-out whose copies are not all stored, a transfer whose DLV
+    /// PubAck has not come) are handed back with a nak after [`HAND_BACK_DELAY`], so the successor
+    /// gets them within a second instead of after the consumer's `ack_wait` (60 s). Redoing them is safe: every copy
+    /// carries its msg-id, so the stream collapses a copy already stored.
+    pub(super) fn stop(&mut self) {
+        self.close_feeds();
+        self.jobs
+            .abandon_jobs(&mut self.cx, AbandonReason::LeaseNotHeld);
+        let mut held: Vec<DeliveryId> = self.fanout.stop(&mut self.cx);
+        held.extend(self.reader.stop());
+        self.notices.interrupt();
+        self.give_up_gap_checks("the daemon stopped before checking");
+        self.sweeper.interrupt();
+        if self.connected {
+            for delivery in held {
+                self.settle(
+                    delivery,
+                    AckKind::Nak {
+                        delay: HAND_BACK_DELAY,
+                    },
+                );
+            }
+        }
+        self.stopped = true;
+    }
+}

@@ -1,0 +1,421 @@
+//! The reader: every dinbox entry of this shard's owners is authorized against the in-memory
+//! ACL and membership views ([`authorize()`]), transferred to `dlv.<owner>` and acked only after
+//! the DLV PubAck (I21); an owner whose DLV backlog is full waits, or is shed ([`DlvBacklog`]).
+//!
+//! [`Reader`] owns the transfers in flight (by dinbox delivery), the DLV backlog bookkeeping and
+//! the op ids it issued: the DLV publishes (`JsPublish`) and the DLV consumer reads
+//! (`ConsumerInfo`). It emits its own events. What touches the rest of the daemon comes back to
+//! the parent as [`ReaderStep`]s, applied in order: a settle of the dinbox delivery, an entry
+//! settled for an owner (the fan-out's inbox backlog, which may release held copies), a loss for
+//! the loss notices, a transfer to check against the current ACL (the sweeper).
+//!
+//! Order: within one call the reader issues its own commands before any step that issues one,
+//! so the parent applying the steps afterwards issues every command in the order a single
+//! machine did.
+
+use super::context::Ctx;
+use super::events::DeliveryEvent;
+use super::index::{AclIndex, MemberIndex};
+use super::types::outcome_detail;
+use crate::delivery::authorize::{
+    Decision, DropReason, after_transfer_failure, authorize, decode_entry, dlv_payload,
+};
+use crate::delivery::backlog::{DlvAdmit, DlvBacklog};
+use crate::delivery::losses::LossReason;
+use crate::io::{AckKind, Command, Reply};
+use crate::ledger::DeliveryId;
+use crate::op::{OpId, Outcome};
+use crate::registry::{current_interval, durable_eligible};
+use crate::wire::config::ConsumerSpec;
+use crate::wire::records::{Plane3Entry, Plane3Reason};
+use crate::wire::shard::Shard;
+use crate::wire::subject::Subject;
+use crate::wire::token::{AgentId, ConcreteChannel, Space};
+use std::collections::BTreeMap;
+
+/// A transfer in flight (or waiting for room in the owner's DLV).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Transfer {
+    delivery_count: u64,
+    owner: AgentId,
+    entry: Plane3Entry,
+    /// The DLV copy's msg-id (the reader's decision).
+    msg_id: String,
+}
+
+/// An op the reader issued.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum ReaderOp {
+    /// The DLV publish of a transfer.
+    Transfer { delivery: DeliveryId },
+    /// A read of an owner's `dlv_<owner>` consumer; `in_flight` of the owner's transfers were
+    /// published and unacknowledged when it was sent (the read may or may not see them).
+    DlvBacklog { owner: AgentId, in_flight: u64 },
+}
+
+/// What the reader asks of the parent, in order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum ReaderStep {
+    /// An entry of `owner`'s dinbox is settled (one fewer unread): fan-out's inbox backlog.
+    Settled(AgentId),
+    /// Settle the dinbox delivery.
+    Settle(DeliveryId, AckKind),
+    /// A copy is lost to its owner: the loss notices.
+    Lost {
+        owner: AgentId,
+        channel: ConcreteChannel,
+        seq: u64,
+        reason: LossReason,
+    },
+    /// A transfer to `owner`'s DLV completed: sweep again if the current ACL no longer admits
+    /// `channel`.
+    SweepIfRevoked {
+        owner: AgentId,
+        channel: ConcreteChannel,
+    },
+}
+
+/// The reader child of [`super::Delivery`].
+#[derive(Debug)]
+pub(super) struct Reader {
+    space: Space,
+    shard: Shard,
+    /// [`super::DeliveryConfig::reference_gap_g2`].
+    reference_gap_g2: bool,
+    transfers: BTreeMap<DeliveryId, Transfer>,
+    dlv: DlvBacklog<DeliveryId>,
+    pending: BTreeMap<OpId, ReaderOp>,
+}
+
+impl Reader {
+    pub(super) fn new(space: Space, shard: Shard, reference_gap_g2: bool) -> Self {
+        Reader {
+            space,
+            shard,
+            reference_gap_g2,
+            transfers: BTreeMap::new(),
+            dlv: DlvBacklog::default(),
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Whether `op` is one of the reader's publishes or reads.
+    pub(super) fn owns(&self, op: OpId) -> bool {
+        self.pending.contains_key(&op)
+    }
+
+    /// The lease is gone: the deliveries of the transfers still held, in order (the parent hands
+    /// them back). Answers in flight still arrive (and find no transfer).
+    pub(super) fn stop(&mut self) -> Vec<DeliveryId> {
+        let held = self.transfers.keys().copied().collect();
+        self.transfers.clear();
+        self.dlv.reset();
+        held
+    }
+
+    /// The connection is gone: the broker redelivers every unsettled entry; answers in flight
+    /// are forgotten.
+    pub(super) fn connection_lost(&mut self) {
+        self.transfers.clear();
+        self.dlv.reset();
+        self.pending.clear();
+    }
+
+    /// A dinbox delivery of the reader consumer.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn on_delivery(
+        &mut self,
+        cx: &mut Ctx,
+        acls: &AclIndex,
+        members: &MemberIndex,
+        delivery: DeliveryId,
+        delivery_count: u64,
+        subject: &str,
+        payload: &[u8],
+    ) -> Vec<ReaderStep> {
+        let mut steps = Vec::new();
+        let (owner, entry) = match decode_entry(subject, payload) {
+            Ok(x) => x,
+            Err(anomaly) => {
+                cx.counters.terminated += 1;
+                if let Ok(Subject::Dinbox { owner, .. }) = Subject::parse(subject) {
+                    // Settled all the same: one fewer unread entry of that owner.
+                    steps.push(ReaderStep::Settled(owner));
+                }
+                steps.push(ReaderStep::Settle(delivery, AckKind::Term));
+                cx.emit(DeliveryEvent::EntryTerminated {
+                    subject: subject.to_owned(),
+                    anomaly,
+                });
+                return steps;
+            }
+        };
+        if !self.shard.owns(&owner) {
+            // Another shard's reader (its own durable) handles this owner.
+            steps.push(ReaderStep::Settle(delivery, AckKind::Ack));
+            return steps;
+        }
+        let acl = acls.get(&owner).map(|v| &v.read);
+        let record = members.get(&entry.channel, &owner);
+        let mut decision = authorize(&entry, &owner, acl, record, delivery_count);
+        if self.reference_gap_g2
+            && entry.reason == Plane3Reason::DurableChannel
+            && matches!(decision, Decision::Transfer { .. })
+            && let Some(rec) = record
+            && !durable_eligible(rec, entry.seq)
+        {
+            // The reference's reader: the current interval only (G2 switched back on).
+            decision = Decision::Drop(match current_interval(rec) {
+                Some(interval) => DropReason::OutsideInterval(interval),
+                None => DropReason::InertGeneration {
+                    generation: rec.generation,
+                },
+            });
+        }
+        self.apply(
+            cx,
+            &mut steps,
+            delivery,
+            delivery_count,
+            owner,
+            entry,
+            decision,
+        );
+        steps
+    }
+
+    /// A DLV publish or a DLV consumer read completed.
+    pub(super) fn on_completion(
+        &mut self,
+        cx: &mut Ctx,
+        op: OpId,
+        outcome: Outcome<Reply>,
+    ) -> Vec<ReaderStep> {
+        let mut steps = Vec::new();
+        match self.pending.remove(&op) {
+            Some(ReaderOp::Transfer { delivery }) => {
+                self.on_transfer(cx, &mut steps, delivery, outcome);
+            }
+            Some(ReaderOp::DlvBacklog { owner, in_flight }) => {
+                self.on_dlv_backlog(cx, &mut steps, owner, in_flight, outcome);
+            }
+            None => {}
+        }
+        steps
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn apply(
+        &mut self,
+        cx: &mut Ctx,
+        steps: &mut Vec<ReaderStep>,
+        delivery: DeliveryId,
+        delivery_count: u64,
+        owner: AgentId,
+        entry: Plane3Entry,
+        decision: Decision,
+    ) {
+        match decision {
+            Decision::Transfer { msg_id } => {
+                let (admit, _) = self.dlv.admit(&owner, &entry.msg.from.id, delivery);
+                let dlv_owner = owner.clone();
+                self.transfers.insert(
+                    delivery,
+                    Transfer {
+                        delivery_count,
+                        owner,
+                        entry,
+                        msg_id: msg_id.to_string(),
+                    },
+                );
+                match admit {
+                    DlvAdmit::Transfer => self.start_transfer(cx, delivery),
+                    DlvAdmit::Wait { read: false } => {}
+                    DlvAdmit::Wait { read: true } => {
+                        let consumer = ConsumerSpec::dlv(&self.space, &dlv_owner);
+                        let transfers = &self.transfers;
+                        let in_flight = self
+                            .pending
+                            .values()
+                            .filter(|p| {
+                                matches!(p, ReaderOp::Transfer { delivery }
+                                    if transfers.get(delivery).is_some_and(|t| t.owner == dlv_owner))
+                            })
+                            .count();
+                        let op = cx.op();
+                        self.pending.insert(
+                            op,
+                            ReaderOp::DlvBacklog {
+                                owner: dlv_owner,
+                                in_flight: u64::try_from(in_flight).unwrap_or(u64::MAX),
+                            },
+                        );
+                        cx.push(Command::ConsumerInfo {
+                            op,
+                            stream: consumer.stream,
+                            consumer: consumer.name,
+                        });
+                    }
+                }
+            }
+            Decision::Drop(reason) => {
+                cx.counters.dropped += 1;
+                if reason.is_loss() {
+                    cx.counters.lost += 1;
+                    steps.push(ReaderStep::Lost {
+                        owner: owner.clone(),
+                        channel: entry.channel.clone(),
+                        seq: entry.seq,
+                        reason: LossReason::IntervalForgotten,
+                    });
+                }
+                steps.push(ReaderStep::Settled(owner.clone()));
+                steps.push(ReaderStep::Settle(delivery, AckKind::Ack));
+                cx.emit(DeliveryEvent::EntryDropped {
+                    owner,
+                    channel: entry.channel,
+                    seq: entry.seq,
+                    generation: entry.generation,
+                    reason,
+                });
+            }
+            Decision::Defer { delay, .. } => {
+                cx.counters.deferred += 1;
+                steps.push(ReaderStep::Settle(delivery, AckKind::Nak { delay }));
+            }
+            Decision::GiveUp(g) => {
+                cx.counters.terminated += 1;
+                cx.counters.lost += 1;
+                steps.push(ReaderStep::Settled(owner));
+                steps.push(ReaderStep::Settle(delivery, AckKind::Term));
+                steps.push(ReaderStep::Lost {
+                    owner: g.owner.clone(),
+                    channel: g.channel.clone(),
+                    seq: g.seq,
+                    reason: LossReason::RedeliveryCeiling,
+                });
+                cx.emit(DeliveryEvent::EntryLost(g));
+            }
+            Decision::Terminate(anomaly) => {
+                cx.counters.terminated += 1;
+                steps.push(ReaderStep::Settled(owner.clone()));
+                steps.push(ReaderStep::Settle(delivery, AckKind::Term));
+                cx.emit(DeliveryEvent::EntryTerminated {
+                    subject: Subject::Dinbox {
+                        space: self.space.clone(),
+                        owner,
+                    }
+                    .to_string(),
+                    anomaly,
+                });
+            }
+        }
+    }
+
+    /// Publishes an admitted transfer's DLV copy.
+    fn start_transfer(&mut self, cx: &mut Ctx, delivery: DeliveryId) {
+        let Some(t) = self.transfers.get(&delivery) else {
+            return;
+        };
+        let subject = Subject::Dlv {
+            space: self.space.clone(),
+            owner: t.owner.clone(),
+        }
+        .to_string();
+        let payload = dlv_payload(&t.entry);
+        let msg_id = t.msg_id.clone();
+        let op = cx.op();
+        self.pending.insert(op, ReaderOp::Transfer { delivery });
+        cx.push(Command::JsPublish {
+            op,
+            subject,
+            msg_id: Some(msg_id),
+            headers: Vec::new(),
+            payload,
+        });
+    }
+
+    fn on_transfer(
+        &mut self,
+        cx: &mut Ctx,
+        steps: &mut Vec<ReaderStep>,
+        delivery: DeliveryId,
+        outcome: Outcome<Reply>,
+    ) {
+        let Some(t) = self.transfers.remove(&delivery) else {
+            return;
+        };
+        steps.push(ReaderStep::SweepIfRevoked {
+            owner: t.owner.clone(),
+            channel: t.entry.channel.clone(),
+        });
+        match outcome {
+            Outcome::Success(Reply::PubAck(_)) => {
+                cx.counters.transferred += 1;
+                steps.push(ReaderStep::Settled(t.owner));
+                steps.push(ReaderStep::Settle(delivery, AckKind::Ack));
+            }
+            _ => {
+                cx.counters.writes_failed += 1;
+                self.dlv.unstored(&t.owner);
+                let decision = after_transfer_failure(&t.entry, &t.owner, t.delivery_count);
+                self.apply(
+                    cx,
+                    steps,
+                    delivery,
+                    t.delivery_count,
+                    t.owner,
+                    t.entry,
+                    decision,
+                );
+            }
+        }
+    }
+
+    fn on_dlv_backlog(
+        &mut self,
+        cx: &mut Ctx,
+        steps: &mut Vec<ReaderStep>,
+        owner: AgentId,
+        in_flight: u64,
+        outcome: Outcome<Reply>,
+    ) {
+        let unread = match outcome {
+            Outcome::Success(Reply::ConsumerState(state)) => Some(state.unread()),
+            other => {
+                cx.counters.backlog_unverified += 1;
+                cx.emit(DeliveryEvent::BacklogUnverified {
+                    owner: Some(owner.clone()),
+                    detail: outcome_detail(&other),
+                });
+                None
+            }
+        };
+        let verdict = self.dlv.read(&owner, unread, in_flight);
+        for delivery in verdict.admitted {
+            self.start_transfer(cx, delivery);
+        }
+        for delivery in verdict.shed {
+            let Some(t) = self.transfers.remove(&delivery) else {
+                continue;
+            };
+            cx.counters.dlv_shed += 1;
+            cx.counters.lost += 1;
+            steps.push(ReaderStep::Settled(t.owner.clone()));
+            steps.push(ReaderStep::Settle(delivery, AckKind::Ack));
+            steps.push(ReaderStep::Lost {
+                owner: t.owner.clone(),
+                channel: t.entry.channel.clone(),
+                seq: t.entry.seq,
+                reason: LossReason::DlvFull,
+            });
+            cx.emit(DeliveryEvent::CopyShed {
+                owner: t.owner,
+                channel: t.entry.channel,
+                seq: t.entry.seq,
+                generation: t.entry.generation,
+                unread: verdict.unread.unwrap_or(0),
+            });
+        }
+    }
+}
