@@ -587,10 +587,12 @@ impl Delivery {
                     );
                 }
                 Feed::Reader => {
+                    let jobs = &self.jobs;
                     let steps = self.reader.on_delivery(
                         &mut self.cx,
                         &self.views.acls,
                         &self.views.members,
+                        &|owner, channel| jobs.leave_frontier(owner, channel),
                         delivery,
                         delivery_count,
                         &subject,

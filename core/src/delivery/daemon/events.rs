@@ -158,6 +158,9 @@ pub struct DeliveryCounters {
     pub dropped: u64,
     /// Entries the reader deferred (nak).
     pub deferred: u64,
+    /// Of those, entries held because a leave of their `(owner, channel)` was writing its
+    /// tombstone and they lay past its frontier ([`crate::delivery::authorize::hold_for_leave`]).
+    pub held_for_leave: u64,
     /// Entries terminated: give-ups after the redelivery ceiling (G3) and anomalies (G32).
     pub terminated: u64,
     /// Copies lost: give-ups plus drops of possibly valid copies (forgotten intervals).
@@ -234,6 +237,7 @@ impl DeliveryCounters {
             transferred,
             dropped,
             deferred,
+            held_for_leave,
             terminated,
             lost,
             evicted_ranges,
@@ -267,6 +271,7 @@ impl DeliveryCounters {
         self.transferred += transferred;
         self.dropped += dropped;
         self.deferred += deferred;
+        self.held_for_leave += held_for_leave;
         self.terminated += terminated;
         self.lost += lost;
         self.evicted_ranges += evicted_ranges;

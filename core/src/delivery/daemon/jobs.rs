@@ -43,6 +43,7 @@ use crate::wire::keys::{KvBucket, acl_key, member_key};
 use crate::wire::message::CotalMessage;
 use crate::wire::records::Plane3Entry;
 use crate::wire::subject::{Subject, chat_subscribe_pattern};
+use crate::wire::token::{AgentId, ConcreteChannel};
 use std::collections::BTreeMap;
 
 mod join;
@@ -74,6 +75,22 @@ pub(super) struct Jobs {
 }
 
 impl Jobs {
+    /// The CHAT frontier read by a running leave of `(owner, channel)` that is writing (or about
+    /// to write, or re-planning) its tombstone; `None` when no leave of that key has read one.
+    /// The reader holds entries past it ([`crate::delivery::authorize::hold_for_leave`]).
+    pub(super) fn leave_frontier(&self, owner: &AgentId, channel: &ConcreteChannel) -> Option<u64> {
+        self.jobs
+            .values()
+            .filter(|j| &j.owner == owner && &j.channel == channel)
+            .filter_map(|j| match &j.kind {
+                JobKind::Leave(l) if l.phase == LeavePhase::Write || l.attempts > 0 => {
+                    Some(l.frontier)
+                }
+                _ => None,
+            })
+            .min()
+    }
+
     /// Whether `op` is one of the jobs' ops.
     pub(super) fn owns(&self, op: OpId) -> bool {
         self.pending.contains_key(&op)

@@ -19,6 +19,7 @@ use super::index::{AclIndex, MemberIndex};
 use super::types::outcome_detail;
 use crate::delivery::authorize::{
     Decision, DropReason, after_transfer_failure, authorize, decode_entry, dlv_payload,
+    hold_for_leave,
 };
 use crate::delivery::backlog::{DlvAdmit, DlvBacklog};
 use crate::delivery::losses::LossReason;
@@ -128,6 +129,7 @@ impl Reader {
         cx: &mut Ctx,
         acls: &AclIndex,
         members: &MemberIndex,
+        leave_frontier: &dyn Fn(&AgentId, &ConcreteChannel) -> Option<u64>,
         delivery: DeliveryId,
         delivery_count: u64,
         subject: &str,
@@ -171,6 +173,19 @@ impl Reader {
                     generation: rec.generation,
                 },
             });
+        }
+        if matches!(decision, Decision::Transfer { .. })
+            && let Some(held) = hold_for_leave(
+                &entry,
+                &owner,
+                leave_frontier(&owner, &entry.channel),
+                delivery_count,
+            )
+        {
+            if matches!(held, Decision::Defer { .. }) {
+                cx.counters.held_for_leave += 1;
+            }
+            decision = held;
         }
         self.apply(
             cx,
