@@ -653,6 +653,9 @@ impl Delivery {
     }
 
     fn open_feed(&mut self, _now: Now, feed: Feed) {
+        // Defence in depth: every caller already holds the lease on a live connection (a loss
+        // cancels the reopen timers and forgets the feeds' and fan-out's ops; stopping ends the
+        // lease), so this guard never fires today (its `&&` mutant survives, equivalent).
         if self.stopped || !self.connected {
             return;
         }

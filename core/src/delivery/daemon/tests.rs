@@ -2648,3 +2648,92 @@ fn a_loss_record_left_by_a_predecessor_is_kept_and_added_to() {
     assert_eq!(l.total(), 13);
     assert_eq!(w.d.counters().loss_notices_written, 1);
 }
+
+/// Merging counters adds every field. (Mutation survivor of issue 16: one `+=` → `*=`.)
+#[test]
+fn counters_add_every_field() {
+    let mut total = DeliveryCounters::default();
+    let mut one = DeliveryCounters::default();
+    set_every_counter(&mut one, 1);
+    total.add(&one);
+    total.add(&one);
+    let mut two = DeliveryCounters::default();
+    set_every_counter(&mut two, 2);
+    assert_eq!(total, two);
+}
+
+/// Sets every counter to `v`; the destructuring fails to compile when a field is added.
+fn set_every_counter(c: &mut DeliveryCounters, v: u64) {
+    let DeliveryCounters {
+        copies_written,
+        copies_duplicate,
+        transferred,
+        dropped,
+        deferred,
+        held_for_leave,
+        terminated,
+        lost,
+        evicted_ranges,
+        writes_failed,
+        cas_retries,
+        fenced,
+        lease_lost,
+        cap_reached,
+        fanout_deferred,
+        fanout_hold_expired,
+        dlv_shed,
+        backlog_unverified,
+        evicted_before_fanout,
+        gaps_unverified,
+        fanout_anomalies,
+        abandoned,
+        dlv_revoked,
+        dlv_sweeps,
+        dlv_sweeps_failed,
+        orphans_found,
+        orphans_reaped,
+        live_class_joins,
+        presence_ignored,
+        mentions_ambiguous,
+        mentions_unknown,
+        loss_notices_written,
+        loss_notices_failed,
+    } = c;
+    for f in [
+        copies_written,
+        copies_duplicate,
+        transferred,
+        dropped,
+        deferred,
+        held_for_leave,
+        terminated,
+        lost,
+        evicted_ranges,
+        writes_failed,
+        cas_retries,
+        fenced,
+        lease_lost,
+        cap_reached,
+        fanout_deferred,
+        fanout_hold_expired,
+        dlv_shed,
+        backlog_unverified,
+        evicted_before_fanout,
+        gaps_unverified,
+        fanout_anomalies,
+        abandoned,
+        dlv_revoked,
+        dlv_sweeps,
+        dlv_sweeps_failed,
+        orphans_found,
+        orphans_reaped,
+        live_class_joins,
+        presence_ignored,
+        mentions_ambiguous,
+        mentions_unknown,
+        loss_notices_written,
+        loss_notices_failed,
+    ] {
+        *f = v;
+    }
+}
