@@ -44,7 +44,7 @@ impl Agent {
             entry.backfill_next = None;
             if entry.phase != Phase::Joined {
                 let request = entry.join.as_ref().and_then(|j| j.request);
-                self.channels.remove(&name);
+                self.remove_channel(&name);
                 self.cx.events.push_back(AgentEvent::JoinFailed {
                     request,
                     channel: name,

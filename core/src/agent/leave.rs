@@ -73,7 +73,7 @@ impl Agent {
     }
 
     pub(super) fn finish_leave(&mut self, channel: &Channel, tombstoned: Option<u64>) {
-        let Some(entry) = self.channels.remove(channel) else {
+        let Some(entry) = self.remove_channel(channel) else {
             return;
         };
         if let Some(sub) = entry.sub {
@@ -291,7 +291,7 @@ impl Agent {
 
     pub(super) fn late_refusal(&mut self, channel: &Channel, detail: String) {
         bump(&mut self.cx.counters.late_refusals);
-        let Some(entry) = self.channels.remove(channel) else {
+        let Some(entry) = self.remove_channel(channel) else {
             return;
         };
         if let Some(sub) = entry.sub {

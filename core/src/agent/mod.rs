@@ -19,7 +19,8 @@
 //!
 //! | part (file) | owns | issues | routed to it |
 //! | --- | --- | --- | --- |
-//! | parent (`mod.rs`; flows in `connection.rs`, `join.rs`, `leave.rs`, `membership.rs`) | the channel map (per channel: phase, epoch, subscription, watermark, join progress, backstop, leave), the chat feeds, its `Pending` ops; no timer of its own | `StreamInfo`, `Subscribe`, `Barrier`, `Unsubscribe`, the control `Request`s (`durableJoin`, `durableLeave`, `listMemberships` for a leave or a close; the shared context builds them) | app calls, connection changes, chat feed inputs, its completions |
+//! | parent (`mod.rs`; flows in `connection.rs`, `leave.rs`, `membership.rs`) | the channel map (one `ChannelMachine` per channel), the chat feeds, its `Pending` ops, the retired ops of dropped machines; no timer of its own | `Unsubscribe`, the control `Request`s (`durableJoin`, `durableLeave`, `listMemberships` for a leave or a close; the shared context builds them) | app calls, connection changes, chat feed inputs, its completions |
+//! | `ChannelMachine` (`channel/`) | one channel's join: phase, epoch, subscription, watermark, join progress and report, backstop state, leave, backfill position, its ops | `StreamInfo`, `Subscribe`, `Barrier` (and `Unsubscribe` of a failed join) | its completions (it returns a `JoinStep` the parent acts on: register the feed, drop a failed join, start the post-commit steps, a late refusal) |
 //! | `RegistryWatch` (`watch.rs`) | the channel registry cache (the one resolver of a channel's class), its watch and retries | `KvWatch`, `KvUnwatch` | its completions (a load turns the parent ready), its feed's changes, timer `RegistryWatch`, loss / restore |
 //! | `Members` (`members.rs`) | the membership book: the mirror (channel → generation), one record per concrete channel (maybe-member, unclosed close, close / reconcile in flight, timer slot), the audit's state and requests | the audit's `listMemberships` (the other membership flows issue through the parent) | its audit answers (it judges them against the channel map, which the parent lends, and returns a verdict the parent acts on), timers `Reconcile`, `Close`, `Audit` |
 //! | `Receiver` (`receive.rs`) | the dedup [`Ledger`], its settles | `Settle` | every copy (live, backfill, DLV, DM, TASK), `handled` / `decline`, settle completions |
@@ -40,16 +41,14 @@
 //! [`ConcreteChannel`]) have different lives. A membership outlives its join (a refusal close
 //! still to do, a tombstone that failed, a durable join answered after the leave) and can exist
 //! for a channel this life never joined (an earlier life's orphan), so it is not state of the
-//! join: the book keeps it for the life of the agent. The join, step by step, is in `join.rs`;
+//! join: the book keeps it for the life of the agent. The join, step by step, is in `channel/join.rs`;
 //! leave and late refusal in `leave.rs`; the membership audit and the refusal close in
 //! `membership.rs`; connection loss and restore in `connection.rs`; unicast and anycast in
 //! `direct.rs`; receiving in `receive.rs`.
 //!
-//! Not yet children: the channel map and the join, leave and membership flows are the parent's
-//! own code, split by flow into those files (`impl Agent` blocks that read the channel map and
-//! the book and issue through the parent's `Pending` table). Turning each channel's join into
-//! its own small machine, and the membership flows into the book's, is the next cut; the book
-//! already separates what a membership needs from what a join needs.
+//! Not yet children: the leave and membership flows are the parent's own code, split by flow
+//! into `leave.rs`, `membership.rs` and `connection.rs` (`impl Agent` blocks that read the
+//! channel machines and the book and issue through the parent's `Pending` table).
 //!
 //! # Receiving (§2(f))
 //!
@@ -66,20 +65,17 @@ use crate::io::{
 };
 use crate::ledger::{CopySource, Ledger, LedgerError, MessageId, Surfaced};
 use crate::op::{Failure, OpId, Outcome};
-use crate::policy::Backfill;
-use crate::time::{Duration, Instant, Now, UnixMillis};
-use crate::wire::config::SpaceStream;
+use crate::time::{Duration, Instant, Now};
 use crate::wire::control::{DeliveryRequest, ListMembershipsReply};
 use crate::wire::message::{Part, Route, normalize_mentions};
-use crate::wire::subject::chat_subscribe_pattern;
 use crate::wire::token::{AgentId, Channel, ConcreteChannel, Role};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+mod channel;
 mod connection;
 mod ctx;
 mod direct;
 mod history;
-mod join;
 mod leave;
 mod losses;
 mod members;
@@ -91,6 +87,7 @@ mod state;
 mod types;
 mod watch;
 
+use channel::{ChannelMachine, JoinStep};
 use ctx::{Ctx, Link, bump};
 use direct::{Consumer, DirectFeeds};
 use history::{HistoryReader, PageRead};
@@ -115,7 +112,9 @@ pub struct Agent {
     pending: BTreeMap<OpId, Pending>,
     feeds: BTreeMap<SubId, Feed>,
     /// Channel entries by a stable key (their epoch-independent slot).
-    channels: BTreeMap<Channel, ChannelEntry>,
+    channels: BTreeMap<Channel, ChannelMachine>,
+    /// The ops of dropped channel machines still in flight: their completions are ignored.
+    retired: BTreeSet<OpId>,
     /// The membership book: the mirror and every concrete channel's membership record.
     members: Members,
     /// The channel registry watch and cache.
@@ -156,6 +155,7 @@ impl Agent {
             pending: BTreeMap::new(),
             feeds: BTreeMap::new(),
             channels: BTreeMap::new(),
+            retired: BTreeSet::new(),
             members: Members::default(),
             watch: RegistryWatch::default(),
             first_connect: true,
@@ -541,19 +541,9 @@ impl Agent {
         Ok(())
     }
 
-    fn op(&mut self, pending: Pending) -> OpId {
-        let op = self.cx.ops.next_id();
-        self.pending.insert(op, pending);
-        op
-    }
-
     fn epoch(&mut self) -> u64 {
         self.next_epoch += 1;
         self.next_epoch
-    }
-
-    fn chat_stream(&self) -> String {
-        SpaceStream::Chat.name(&self.cx.config.space)
     }
 
     fn control_request(&mut self, request: &DeliveryRequest, pending: Pending, timeout: Duration) {
@@ -614,15 +604,25 @@ impl Agent {
                 .on_read(&mut self.cx, now, completion.outcome);
             return;
         }
+        if let Some(channel) = self
+            .channels
+            .iter()
+            .find(|(_, m)| m.owns(completion.op))
+            .map(|(c, _)| c.clone())
+        {
+            self.on_channel_completion(channel, completion.op, completion.outcome);
+            return;
+        }
+        if self.retired.remove(&completion.op) {
+            // An op of a channel machine dropped since: its completion is moot.
+            return;
+        }
         let Some(pending) = self.pending.remove(&completion.op) else {
             debug_assert!(false, "completion for an unknown {}", completion.op);
             return;
         };
         let outcome = completion.outcome;
         match pending {
-            Pending::Arm { channel, epoch } => self.on_arm(channel, epoch, outcome),
-            Pending::Subscribe { channel, epoch } => self.on_subscribe(channel, epoch, outcome),
-            Pending::Barrier { channel, epoch } => self.on_barrier(channel, epoch, outcome),
             Pending::DurableJoin { channel, cursor } => {
                 self.on_durable_join(now, channel, cursor, outcome)
             }
@@ -782,7 +782,7 @@ impl Machine for Agent {
 
 /// Whether the channel's durable backstop is established (its live copies have a durable twin
 /// coming).
-fn established(channels: &BTreeMap<Channel, ChannelEntry>, channel: &ConcreteChannel) -> bool {
+fn established(channels: &BTreeMap<Channel, ChannelMachine>, channel: &ConcreteChannel) -> bool {
     channels
         .get(&channel.as_channel())
         .is_some_and(|e| matches!(e.backstop, BackstopState::Established { .. }))
@@ -828,5 +828,170 @@ impl Agent {
     fn observe(&mut self, now: Now) {
         self.cx.last_at = self.cx.last_at.max(now.at);
         self.cx.last_wall = now.wall;
+    }
+}
+
+/// The join's routing glue: the channel machines do the join (`channel/`); the parent registers
+/// their feeds, drops failed ones, and hands their post-commit steps to the membership requests,
+/// the history reader and the receiver.
+impl Agent {
+    fn start_join(&mut self, channel: Channel, request: Option<RequestId>) {
+        let epoch = self.epoch();
+        let machine = ChannelMachine::start(&mut self.cx, channel.clone(), epoch, request);
+        self.channels.insert(channel, machine);
+    }
+
+    fn resubscribe(&mut self, channel: &Channel) {
+        let epoch = self.epoch();
+        if let Some(machine) = self.channels.get_mut(channel) {
+            let sub = machine.resubscribe(&mut self.cx, epoch);
+            self.feeds.insert(sub, Feed::Chat(epoch));
+        }
+    }
+
+    /// Drops a channel's machine; its ops still in flight are retired.
+    fn remove_channel(&mut self, channel: &Channel) -> Option<ChannelMachine> {
+        let machine = self.channels.remove(channel)?;
+        self.retired.extend(machine.ops());
+        Some(machine)
+    }
+
+    /// A join attempt failed before its commit: drop the machine, which undoes it and reports.
+    fn fail_join(&mut self, channel: &Channel, error: JoinError) {
+        if let Some(machine) = self.remove_channel(channel)
+            && let Some(sub) = machine.fail(&mut self.cx, error)
+        {
+            self.feeds.remove(&sub);
+        }
+    }
+
+    fn on_channel_completion(&mut self, channel: Channel, op: OpId, outcome: Outcome<Reply>) {
+        let Some(machine) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        match machine.on_completion(&mut self.cx, op, outcome) {
+            JoinStep::Nothing => {}
+            JoinStep::Subscribed(sub) => {
+                let epoch = machine.epoch;
+                self.feeds.insert(sub, Feed::Chat(epoch));
+            }
+            JoinStep::Failed(error) => self.fail_join(&channel, error),
+            JoinStep::Committed => self.maybe_start_post_commit(&channel),
+            JoinStep::LateRefusal(detail) => self.late_refusal(&channel, detail),
+        }
+    }
+
+    /// After the commit, once the registry is loaded: the durable step and the backfill.
+    fn maybe_start_post_commit(&mut self, channel: &Channel) {
+        if self.cx.link != Link::Ready {
+            return;
+        }
+        let Some(machine) = self.channels.get_mut(channel) else {
+            return;
+        };
+        if !machine.post_commit_due() {
+            return;
+        }
+        let policy = self.watch.registry().policy_for(channel);
+        let member = channel
+            .to_concrete()
+            .filter(|c| self.members.unclosed(c).is_none())
+            .and_then(|c| self.members.mirror.get(&c).copied());
+        let plan = machine.start_post_commit(&self.cx, &policy, member);
+        if let Some((c, cursor)) = plan.durable_join {
+            let request = DeliveryRequest::DurableJoin {
+                channel: c.clone(),
+                join_cursor: cursor,
+            };
+            self.control_request(
+                &request,
+                Pending::DurableJoin { channel: c, cursor },
+                DURABLE_JOIN_TIMEOUT,
+            );
+        }
+        if let Some((start, until)) = plan.backfill {
+            self.read_backfill(channel, start, until);
+        }
+        self.maybe_report_join(channel);
+    }
+
+    fn maybe_report_join(&mut self, channel: &Channel) {
+        if let Some(machine) = self.channels.get_mut(channel) {
+            machine.maybe_report(&mut self.cx);
+        }
+    }
+
+    fn read_backfill(&mut self, channel: &Channel, start: ReadStart, until: u64) {
+        let Some(machine) = self.channels.get_mut(channel) else {
+            return;
+        };
+        machine.read_page(start);
+        let epoch = machine.epoch;
+        self.history.read(
+            &mut self.cx,
+            PageRead {
+                channel: channel.clone(),
+                epoch,
+                start,
+                until,
+            },
+        );
+    }
+
+    /// A backfill page's completion (the reader has moved on already): its copies go to the
+    /// receiver; the machine reads the next page or finishes.
+    fn on_backfill(&mut self, now: Now, read: PageRead, outcome: Outcome<Reply>) {
+        let PageRead {
+            channel,
+            epoch,
+            until,
+            ..
+        } = read;
+        if !self
+            .channels
+            .get(&channel)
+            .is_some_and(|m| m.page_current(epoch))
+        {
+            return;
+        }
+        let error = match outcome {
+            Outcome::Success(Reply::Stored(messages)) => {
+                let full = messages.len() >= HISTORY_FETCH_MAX_BATCH as usize;
+                let mut last = None;
+                let mut count = 0u64;
+                for m in messages {
+                    if m.seq > until {
+                        break;
+                    }
+                    last = Some(m.seq);
+                    count += 1;
+                    let channels = &self.channels;
+                    self.receiver.ingest_chat(
+                        &mut self.cx,
+                        now,
+                        &m.subject,
+                        &m.payload,
+                        CopySource::Backfill,
+                        |c| established(channels, c),
+                    );
+                }
+                if let Some(machine) = self.channels.get_mut(&channel) {
+                    machine.backfilled(count);
+                }
+                match last {
+                    Some(l) if full && l < until => {
+                        self.read_backfill(&channel, ReadStart::Seq(l + 1), until);
+                        return;
+                    }
+                    _ => None,
+                }
+            }
+            Outcome::Success(other) => Some(format!("backfill failed: unexpected reply {other:?}")),
+            Outcome::Failed(f) => Some(format!("backfill failed: {f}")),
+            Outcome::Unknown => Some("backfill interrupted".to_owned()),
+        };
+        if let Some(machine) = self.channels.get_mut(&channel) {
+            machine.finish_backfill(&mut self.cx, error);
+        }
     }
 }
