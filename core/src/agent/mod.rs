@@ -20,7 +20,7 @@
 //! | part (file) | owns | issues | routed to it |
 //! | --- | --- | --- | --- |
 //! | parent (`mod.rs`; flows in `connection.rs`, `leave.rs`, `membership.rs`) | the channel map (one `ChannelMachine` per channel), the chat feeds, its `Pending` ops, the retired ops of dropped machines; no timer of its own | `Unsubscribe`, the control `Request`s (`durableJoin`, `durableLeave`, `listMemberships` for a leave or a close; the shared context builds them) | app calls, connection changes, chat feed inputs, its completions |
-//! | `ChannelMachine` (`channel/`) | one channel's join: phase, epoch, subscription, watermark, join progress and report, backstop state, leave, backfill position, its ops | `StreamInfo`, `Subscribe`, `Barrier` (and `Unsubscribe` of a failed join) | its completions (it returns a `JoinStep` the parent acts on: register the feed, drop a failed join, start the post-commit steps, a late refusal) |
+//! | `ChannelMachine` (`channel/`) | one channel's join and leave: phase, epoch, subscription, watermark, join progress and report, backstop state, leave request, backfill position, its ops | `StreamInfo`, `Subscribe`, `Barrier`, a leave's `listMemberships`, `Unsubscribe` (failed join, finished leave, refusal) | its completions (it returns a `JoinStep`: register the feed, drop a failed join, start the post-commit steps, a late refusal, a leave's list answer for the book), refusals of its feed, connection loss |
 //! | `RegistryWatch` (`watch.rs`) | the channel registry cache (the one resolver of a channel's class), its watch and retries | `KvWatch`, `KvUnwatch` | its completions (a load turns the parent ready), its feed's changes, timer `RegistryWatch`, loss / restore |
 //! | `Members` (`members.rs`) | the membership book: the mirror (channel → generation), one record per concrete channel (maybe-member, unclosed close, close / reconcile in flight, timer slot), the audit's state and requests | the audit's `listMemberships` (the other membership flows issue through the parent) | its audit answers (it judges them against the channel map, which the parent lends, and returns a verdict the parent acts on), timers `Reconcile`, `Close`, `Audit` |
 //! | `Receiver` (`receive.rs`) | the dedup [`Ledger`], its settles | `Settle` | every copy (live, backfill, DLV, DM, TASK), `handled` / `decline`, settle completions |
@@ -87,7 +87,7 @@ mod state;
 mod types;
 mod watch;
 
-use channel::{ChannelMachine, JoinStep};
+use channel::{ChannelMachine, ChannelOp, JoinStep, LeaveStep};
 use ctx::{Ctx, Link, bump};
 use direct::{Consumer, DirectFeeds};
 use history::{HistoryReader, PageRead};
@@ -184,7 +184,7 @@ impl Agent {
         let _ = now;
         self.check_ready()?;
         if let Some(entry) = self.channels.get(&channel) {
-            if entry.phase != Phase::Joined || entry.join.is_some() || entry.leave.is_some() {
+            if !entry.idle() {
                 return Err(AgentError::Busy(channel));
             }
             // Already joined: an idempotent no-op that reports the mirror (A4).
@@ -224,7 +224,7 @@ impl Agent {
         let Some(entry) = self.channels.get(channel) else {
             return Err(AgentError::NotJoined(channel.clone()));
         };
-        if entry.phase != Phase::Joined || entry.leave.is_some() || entry.join.is_some() {
+        if !entry.idle() {
             return Err(AgentError::Busy(channel.clone()));
         }
         let request = self.cx.next_request_id();
@@ -852,7 +852,15 @@ impl Agent {
     /// Drops a channel's machine; its ops still in flight are retired.
     fn remove_channel(&mut self, channel: &Channel) -> Option<ChannelMachine> {
         let machine = self.channels.remove(channel)?;
-        self.retired.extend(machine.ops());
+        for (op, kind) in machine.ops() {
+            if kind == ChannelOp::ListForLeave {
+                // Routed by channel name, as a leave's list always was.
+                let channel = channel.clone();
+                self.pending.insert(op, Pending::ListForLeave { channel });
+            } else {
+                self.retired.insert(op);
+            }
+        }
         Some(machine)
     }
 
@@ -878,6 +886,7 @@ impl Agent {
             JoinStep::Failed(error) => self.fail_join(&channel, error),
             JoinStep::Committed => self.maybe_start_post_commit(&channel),
             JoinStep::LateRefusal(detail) => self.late_refusal(&channel, detail),
+            JoinStep::ListForLeave(outcome) => self.on_list_for_leave(channel, outcome),
         }
     }
 

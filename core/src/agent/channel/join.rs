@@ -45,6 +45,8 @@ pub(in crate::agent) enum JoinStep {
     Committed,
     /// A re-subscribe after reconnect was refused: a late refusal.
     LateRefusal(String),
+    /// The answer to the leave's `listMemberships`, for the parent to judge with the book.
+    ListForLeave(Outcome<Reply>),
 }
 
 /// The post-commit steps the parent must start for the machine, in this order.
@@ -74,6 +76,7 @@ impl ChannelMachine {
                 JoinStep::Nothing
             }
             ChannelOp::Barrier => self.on_barrier(cx, epoch, outcome),
+            ChannelOp::ListForLeave => JoinStep::ListForLeave(outcome),
         }
     }
 

@@ -6,7 +6,8 @@
 //!   a re-subscribe is being confirmed, the durable backstop's state as the channel shows it, a
 //!   leave in progress, the backfill's next page, and its own ops in flight (the frontier read,
 //!   the subscribe and the barriers, keyed by [`OpId`] with the attempt each belongs to).
-//! - **Issues:** `StreamInfo`, `Subscribe`, `Barrier`, and `Unsubscribe` when a join fails.
+//! - **Issues:** `StreamInfo`, `Subscribe`, `Barrier`, a leave's `listMemberships`, and
+//!   `Unsubscribe` when a join fails, a leave finishes or a refusal drops the channel.
 //! - **Routed to it:** the completions of its ops ([`ChannelMachine::owns`]).
 //! - **Returns to the parent** what other parts must do ([`JoinStep`]): register the new
 //!   subscription as a feed, undo a failed join, start the post-commit steps, or treat a refusal
@@ -16,7 +17,8 @@
 //!
 //! The machine never reads the membership book, the registry or a sibling: the parent passes
 //! what it needs (the channel's policy, a membership it may adopt) as arguments. The join's
-//! protocol, step by step, is in `join.rs`.
+//! protocol, step by step, is in `join.rs`; the channel's side of the leave, the late refusal
+//! and a connection loss in `leave.rs`.
 
 use super::ctx::Ctx;
 use super::state::{JoinProgress, Phase};
@@ -29,8 +31,10 @@ use crate::wire::token::Channel;
 use std::collections::BTreeMap;
 
 mod join;
+mod leave;
 
 pub(super) use join::JoinStep;
+pub(super) use leave::LeaveStep;
 
 /// What one of the machine's ops is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,6 +45,9 @@ pub(super) enum ChannelOp {
     Subscribe,
     /// The server round trip that confirms it.
     Barrier,
+    /// A leave's `listMemberships` (its answer is routed by channel name, also after the
+    /// machine is dropped: the parent keeps it then).
+    ListForLeave,
 }
 
 /// One channel's join state (see the module docs).
@@ -117,8 +124,8 @@ impl ChannelMachine {
 
     /// Its ops in flight (the parent retires them when it drops the machine: their late
     /// completions are ignored).
-    pub(super) fn ops(&self) -> impl Iterator<Item = OpId> + '_ {
-        self.ops.keys().copied()
+    pub(super) fn ops(&self) -> impl Iterator<Item = (OpId, ChannelOp)> + '_ {
+        self.ops.iter().map(|(op, (kind, _))| (*op, *kind))
     }
 
     fn op(&mut self, cx: &mut Ctx, kind: ChannelOp) -> OpId {
