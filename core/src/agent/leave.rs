@@ -101,11 +101,7 @@ impl Agent {
         let Some(concrete) = channel.to_concrete() else {
             return;
         };
-        if self
-            .channels
-            .get(&channel)
-            .is_none_or(|e| e.leave.is_none())
-        {
+        if self.channels.get(&channel).is_none_or(|e| !e.leaving()) {
             return;
         }
         match outcome {
@@ -149,28 +145,23 @@ impl Agent {
         self.members.touched_since_audit.insert(channel.clone());
         let result = decode_leave_reply(outcome);
         let key = channel.as_channel();
-        let leaving = self.channels.get(&key).is_some_and(|e| e.leave.is_some());
+        let leaving = self.channels.get(&key).is_some_and(ChannelMachine::leaving);
         match result {
             Ok(()) => {
                 let mirrored = self.members.mirror.get(&channel) == Some(&generation);
                 if mirrored {
                     self.members.mirror.remove(&channel);
                 }
-                let joined = self
-                    .channels
-                    .get(&key)
-                    .is_some_and(|e| e.phase == Phase::Joined);
+                let joined = self.channels.get(&key).is_some_and(ChannelMachine::joined);
                 if !leaving && joined && !self.members.mirror.contains_key(&channel) {
                     // A close landed while the channel is joined (a refusal close after a rejoin
                     // adopted the same generation, or a close queued during a leave that then
                     // failed): its membership is gone. Establish a new one now.
                     let slot = self.members.slot(&channel);
                     self.members.set_timer(MemberTimer::Reconcile(slot), now.at);
-                    if let Some(entry) = self.channels.get_mut(&key) {
-                        entry.backstop = BackstopState::Degraded {
-                            reason: "membership closed by an earlier refusal; rejoining".into(),
-                            attempts: 0,
-                        };
+                    if let Some(machine) = self.channels.get_mut(&key) {
+                        let reason = "membership closed by an earlier refusal; rejoining";
+                        machine.degrade(reason.into(), 0);
                     }
                 }
                 if let Some(u) = self.members.unclosed(&channel)
@@ -208,11 +199,8 @@ impl Agent {
                         self.members
                             .set_timer(MemberTimer::Reconcile(slot), now.at + backoff(0));
                         let reason = "durable leave outcome unknown; the membership may be closed";
-                        if let Some(entry) = self.channels.get_mut(&key) {
-                            entry.backstop = BackstopState::Degraded {
-                                reason: reason.into(),
-                                attempts: 0,
-                            };
+                        if let Some(machine) = self.channels.get_mut(&key) {
+                            machine.degrade(reason.into(), 0);
                         }
                         self.cx.events.push_back(AgentEvent::BackstopDegraded {
                             channel: channel.clone(),
@@ -242,7 +230,7 @@ impl Agent {
         let Some(channel) = self
             .channels
             .iter()
-            .find(|(_, e)| e.epoch == epoch && e.sub == Some(sub))
+            .find(|(_, e)| e.is_feed(epoch, sub))
             .map(|(c, _)| c.clone())
         else {
             return;

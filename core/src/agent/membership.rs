@@ -34,10 +34,7 @@ impl Agent {
         self.members.set_reconcile_in_flight(&channel, false);
         let result = decode_join_reply(outcome);
         let key = channel.as_channel();
-        let joined = self
-            .channels
-            .get(&key)
-            .is_some_and(|e| e.phase == Phase::Joined && e.leave.is_none());
+        let joined = self.channels.get(&key).is_some_and(ChannelMachine::staying);
         match result {
             Ok(reply) if reply.durable => {
                 let generation = reply.generation.unwrap_or(0);
@@ -79,14 +76,8 @@ impl Agent {
                 };
                 let slot = self.members.slot(&channel);
                 self.members.cancel_timer(MemberTimer::Reconcile(slot));
-                if let Some(entry) = self.channels.get_mut(&key) {
-                    entry.backstop = BackstopState::Established { generation };
-                    if let Some(join) = entry.join.as_mut() {
-                        join.durable_pending = false;
-                        join.report.durable = true;
-                        join.report.generation = Some(generation);
-                        join.report.cursor_honoured = honoured;
-                    }
+                if let Some(machine) = self.channels.get_mut(&key) {
+                    machine.backstop_established(generation, honoured);
                 }
                 self.cx.events.push_back(AgentEvent::BackstopEstablished {
                     channel: channel.clone(),
@@ -124,22 +115,15 @@ impl Agent {
                         .unwrap_or_else(|| "durable backstop unavailable".to_owned()),
                     Err(e) => format!("durable backstop unavailable ({e})"),
                 };
-                let attempts = match self.channels.get(&key).map(|e| &e.backstop) {
-                    Some(BackstopState::Degraded { attempts, .. }) => *attempts,
-                    _ => 0,
-                };
+                let attempts = self
+                    .channels
+                    .get(&key)
+                    .map_or(0, ChannelMachine::degraded_attempts);
                 let slot = self.members.slot(&channel);
                 self.members
                     .set_timer(MemberTimer::Reconcile(slot), now.at + backoff(attempts));
-                if let Some(entry) = self.channels.get_mut(&key) {
-                    entry.backstop = BackstopState::Degraded {
-                        reason: reason.clone(),
-                        attempts,
-                    };
-                    if let Some(join) = entry.join.as_mut() {
-                        join.durable_pending = false;
-                        join.report.reason = Some(reason.clone());
-                    }
+                if let Some(machine) = self.channels.get_mut(&key) {
+                    machine.backstop_unavailable(&reason, attempts);
                 }
                 if attempts == 0 {
                     self.cx.events.push_back(AgentEvent::BackstopDegraded {
@@ -154,13 +138,13 @@ impl Agent {
 
     pub(super) fn reconcile(&mut self, channel: ConcreteChannel) {
         let key = channel.as_channel();
-        let Some(entry) = self.channels.get_mut(&key) else {
+        let Some(machine) = self.channels.get_mut(&key) else {
             return;
         };
-        if entry.phase != Phase::Joined {
+        if !machine.joined() {
             return;
         }
-        if entry.leave.is_some() {
+        if machine.leaving() {
             // A leave is in flight: it decides. If it fails, the channel stays joined and the
             // backstop must still be re-established, so look again after the backoff step (found
             // by the simulator, seed 409: a reconcile that fired during a retried leave was
@@ -181,14 +165,8 @@ impl Agent {
             self.members.set_timer(MemberTimer::Reconcile(slot), at);
             return;
         }
-        // The backstop stays `Degraded` (with one more attempt counted) while the request is in
-        // flight: the channel is not protected until the daemon says so.
-        if let BackstopState::Degraded { attempts, .. } = &mut entry.backstop {
-            *attempts = attempts.saturating_add(1);
-        }
-        // The armed watermark is still the right join cursor: everything above it reached us only
-        // live (at-most-once), so the daemon's catch-up from it closes that window (G1).
-        let join_cursor = entry.watermark;
+        // One more attempt counted; the cursor is the armed watermark (G1).
+        let join_cursor = machine.reconcile_attempt();
         bump(&mut self.cx.counters.reconcile_attempts);
         self.members.set_reconcile_in_flight(&channel, true);
         let request = DeliveryRequest::DurableJoin {
@@ -217,7 +195,7 @@ impl Agent {
             |c| {
                 channels
                     .get(&c.as_channel())
-                    .is_some_and(|e| e.phase == Phase::Joined && e.leave.is_none())
+                    .is_some_and(ChannelMachine::staying)
             },
             |c| channels.contains_key(&c.as_channel()),
         ) else {
@@ -246,11 +224,8 @@ impl Agent {
             "membership generation {generation} is gone from the registry (removed out of band); \
              re-establishing"
         );
-        if let Some(entry) = self.channels.get_mut(&channel.as_channel()) {
-            entry.backstop = BackstopState::Degraded {
-                reason: reason.clone(),
-                attempts: 0,
-            };
+        if let Some(machine) = self.channels.get_mut(&channel.as_channel()) {
+            machine.degrade(reason.clone(), 0);
         }
         self.cx.events.push_back(AgentEvent::MembershipLost {
             channel: channel.clone(),

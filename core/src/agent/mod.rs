@@ -483,8 +483,8 @@ impl Agent {
     pub fn joined(&self) -> Vec<Channel> {
         self.channels
             .values()
-            .filter(|e| e.phase == Phase::Joined)
-            .map(|e| e.channel.clone())
+            .filter(|e| e.joined())
+            .map(|e| e.channel().clone())
             .collect()
     }
 
@@ -500,12 +500,8 @@ impl Agent {
             channels: self
                 .channels
                 .values()
-                .filter(|e| e.phase == Phase::Joined)
-                .map(|e| ChannelHealth {
-                    channel: e.channel.clone(),
-                    live: e.sub.is_some() && !e.resubscribe,
-                    backstop: e.backstop.clone(),
-                })
+                .filter(|e| e.joined())
+                .map(ChannelMachine::health)
                 .collect(),
             unclosed: self.members.unclosed_all().cloned().collect(),
             dlv_bound: self.direct.dlv_bound(),
@@ -572,9 +568,7 @@ impl Agent {
             let done = self
                 .history
                 .on_completion(&mut self.cx, completion.op, |c, epoch| {
-                    channels
-                        .get(c)
-                        .is_some_and(|e| e.epoch == epoch && e.phase == Phase::Joined)
+                    channels.get(c).is_some_and(|e| e.page_current(epoch))
                 });
             if let Some(read) = done {
                 self.on_backfill(now, read, completion.outcome);
@@ -785,7 +779,7 @@ impl Machine for Agent {
 fn established(channels: &BTreeMap<Channel, ChannelMachine>, channel: &ConcreteChannel) -> bool {
     channels
         .get(&channel.as_channel())
-        .is_some_and(|e| matches!(e.backstop, BackstopState::Established { .. }))
+        .is_some_and(ChannelMachine::established)
 }
 
 impl Agent {
@@ -880,7 +874,7 @@ impl Agent {
         match machine.on_completion(&mut self.cx, op, outcome) {
             JoinStep::Nothing => {}
             JoinStep::Subscribed(sub) => {
-                let epoch = machine.epoch;
+                let epoch = machine.epoch();
                 self.feeds.insert(sub, Feed::Chat(epoch));
             }
             JoinStep::Failed(error) => self.fail_join(&channel, error),
@@ -935,7 +929,7 @@ impl Agent {
             return;
         };
         machine.read_page(start);
-        let epoch = machine.epoch;
+        let epoch = machine.epoch();
         self.history.read(
             &mut self.cx,
             PageRead {

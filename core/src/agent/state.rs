@@ -1,34 +1,15 @@
-//! The parent's internal vocabulary: a channel's join phase and progress, the operations
-//! the parent itself has in flight ([`Pending`]), every timer's name ([`Timer`], which orders
-//! the parent's and the children's deadlines alike), the parent's feeds, and the decoders of
-//! the daemon's control replies. It imports neither the parent nor a child, only the shared
+//! The parent's internal vocabulary: the operations the parent itself has in flight
+//! ([`Pending`]), every timer's name ([`Timer`], which orders the parent's and the children's
+//! deadlines alike), the parent's feeds, and the decoders of the daemon's control replies. It imports neither the parent nor a child, only the shared
 //! [`super::ctx`] and [`super::types`].
 
 use super::ctx::Direct;
-use super::types::{JoinReport, LeaveError, RequestId};
+use super::types::LeaveError;
 use crate::io::Reply;
 use crate::op::Outcome;
 use crate::wire::control::{ControlReply, DurableJoinReply, ListMembershipsReply};
 use crate::wire::json;
 use crate::wire::token::{Channel, ConcreteChannel};
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Phase {
-    Arming,
-    Subscribing,
-    Confirming,
-    Joined,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct JoinProgress {
-    pub(super) request: Option<RequestId>,
-    /// Decided after the commit, once the registry is loaded.
-    pub(super) started: bool,
-    pub(super) backfill_pending: bool,
-    pub(super) durable_pending: bool,
-    pub(super) report: JoinReport,
-}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Pending {

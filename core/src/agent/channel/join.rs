@@ -21,9 +21,8 @@
 //!    filter as the live path, as [`CopySource::Backfill`](crate::ledger::CopySource::Backfill) copies.
 //! 7. Report [`AgentEvent::Joined`] once steps 5 and 6 both finished (they run concurrently).
 
-use super::{ChannelMachine, ChannelOp};
+use super::{ChannelMachine, ChannelOp, Phase};
 use crate::agent::ctx::{Ctx, Link, bump};
-use crate::agent::state::Phase;
 use crate::agent::types::{AgentEvent, BackstopState, JoinError};
 use crate::io::{Command, ReadStart, Reply, SubId};
 use crate::op::{OpId, Outcome};

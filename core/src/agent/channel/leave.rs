@@ -17,9 +17,8 @@
 //! earlier life's membership may still be open and "no responders" fails the leave (G42 across
 //! a restart).
 
-use super::{ChannelMachine, ChannelOp};
+use super::{ChannelMachine, ChannelOp, Phase};
 use crate::agent::ctx::Ctx;
-use crate::agent::state::Phase;
 use crate::agent::types::{AgentEvent, BackstopState, JoinError, LeaveError, RequestId};
 use crate::constants::REQUEST_DELIVERY_TIMEOUT;
 use crate::io::{Command, SubId};

@@ -21,7 +21,6 @@
 //! and a connection loss in `leave.rs`.
 
 use super::ctx::Ctx;
-use super::state::{JoinProgress, Phase};
 use super::types::{AgentEvent, BackstopState, JoinError, JoinReport, RequestId};
 use crate::io::{Command, SubId};
 use crate::op::OpId;
@@ -30,11 +29,32 @@ use crate::wire::subject::chat_subscribe_pattern;
 use crate::wire::token::Channel;
 use std::collections::BTreeMap;
 
+mod backstop;
 mod join;
 mod leave;
 
 pub(super) use join::JoinStep;
 pub(super) use leave::LeaveStep;
+
+/// Where a join stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Arming,
+    Subscribing,
+    Confirming,
+    Joined,
+}
+
+/// A join in progress (until it is reported).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct JoinProgress {
+    request: Option<RequestId>,
+    /// Decided after the commit, once the registry is loaded.
+    started: bool,
+    backfill_pending: bool,
+    durable_pending: bool,
+    report: JoinReport,
+}
 
 /// What one of the machine's ops is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,22 +73,22 @@ pub(super) enum ChannelOp {
 /// One channel's join state (see the module docs).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) struct ChannelMachine {
-    pub(super) channel: Channel,
-    pub(super) phase: Phase,
+    channel: Channel,
+    phase: Phase,
     /// Distinguishes this subscribe attempt from earlier ones (stale completions are ignored).
-    pub(super) epoch: u64,
-    pub(super) sub: Option<SubId>,
-    pub(super) watermark: Option<u64>,
-    pub(super) refused: Option<String>,
+    epoch: u64,
+    sub: Option<SubId>,
+    watermark: Option<u64>,
+    refused: Option<String>,
     /// A join (or re-confirm after reconnect) in progress.
-    pub(super) join: Option<JoinProgress>,
+    join: Option<JoinProgress>,
     /// Whether a re-subscribe after reconnect is being confirmed (no report).
-    pub(super) resubscribe: bool,
-    pub(super) backstop: BackstopState,
+    resubscribe: bool,
+    backstop: BackstopState,
     /// A leave in progress.
-    pub(super) leave: Option<RequestId>,
+    leave: Option<RequestId>,
     /// A backfill page read in flight.
-    pub(super) backfill_next: Option<u64>,
+    backfill_next: Option<u64>,
     /// Its ops in flight, with the attempt (epoch) each was issued in.
     ops: BTreeMap<OpId, (ChannelOp, u64)>,
 }
