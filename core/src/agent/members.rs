@@ -4,8 +4,8 @@
 //! A membership is not a join: it can outlive the join of its channel (an unclosed record after
 //! a refusal, a membership a leave could not tombstone, an earlier life's orphan), and exist for
 //! a channel this life never joined. So it is not kept inside the channel's join state: the
-//! parent's channel map holds what a join holds (phase, epoch, subscription, watermark, join
-//! progress, backfill, backstop), and [`Members`] holds, per concrete channel, what the
+//! channel machines (`channel/`) hold what a join holds (phase, epoch, subscription, watermark,
+//! join progress, backfill, backstop), and [`Members`] holds, per concrete channel, what the
 //! membership protocol holds:
 //!
 //! - the **mirror** of established memberships (channel → generation; [`Members::mirror`] is

@@ -30,26 +30,31 @@
 //! | `Heartbeats` (`presence.rs`) | presence puts, the next heartbeat | presence `KvPut` (`idle`; `offline` at stop) | its completions, timer `Heartbeat`, loss / restore / stop |
 //! | `LossPoll` (`losses.rs`) | our loss record as last read, the stamp reported, its read | `KvGetDirect` | its read's completion, timer `Losses`, loss |
 //!
-//! What crosses between parts goes through the parent, never child to child: a backfill page
-//! that `HistoryReader` read comes back to the parent, which hands its copies to `Receiver`; a
-//! delivery on a `DirectFeeds` feed goes from the parent to `Receiver`; `Receiver` asks the
-//! parent (a function argument) whether a channel's backstop is established, and
-//! `HistoryReader` whether a queued read's join attempt is current.
+//! What crosses between parts goes through the parent, never child to child. A
+//! `ChannelMachine`'s commit returns a post-commit plan: the parent passes it the book's
+//! adoptable membership, issues the plan's `durableJoin` (whose answer the membership flows judge
+//! with the book, then tell the machine `backstop_established` / `backstop_unavailable`), and
+//! hands its backfill pages to `HistoryReader` and their copies to `Receiver`. A leave gets the
+//! membership to tombstone from the book (through the parent); its list answer comes back from
+//! the machine to the parent, which judges it with the book. `Receiver` asks the parent (a
+//! function argument) whether a channel's backstop is established, and `HistoryReader` whether
+//! a queued read's join attempt is current; DLV / DM / TASK deliveries go from the parent to
+//! `Receiver`.
 //!
-//! Why two maps per channel, not one: a channel's *join* (the parent's channel map, keyed by
-//! [`Channel`], possibly a wildcard) and its *membership* (the book, keyed by
-//! [`ConcreteChannel`]) have different lives. A membership outlives its join (a refusal close
-//! still to do, a tombstone that failed, a durable join answered after the leave) and can exist
-//! for a channel this life never joined (an earlier life's orphan), so it is not state of the
-//! join: the book keeps it for the life of the agent. The join, step by step, is in `channel/join.rs`;
-//! leave and late refusal in `leave.rs`; the membership audit and the refusal close in
-//! `membership.rs`; connection loss and restore in `connection.rs`; unicast and anycast in
-//! `direct.rs`; receiving in `receive.rs`.
+//! A `ChannelMachine` and the book are two maps, not one: a channel's *join* (keyed by
+//! [`Channel`], possibly a wildcard) and its *membership* (keyed by [`ConcreteChannel`]) have
+//! different lives. A membership outlives its join (a refusal close still to do, a tombstone
+//! that failed, a durable join answered after the leave) and can exist for a channel this life
+//! never joined (an earlier life's orphan), so the book keeps it for the life of the agent while
+//! the machine is dropped when its join fails, its leave finishes or a refusal ends it. The
+//! join, step by step, and the leave are in `channel/join.rs` and `channel/leave.rs`; unicast
+//! and anycast in `direct.rs`; receiving in `receive.rs`.
 //!
-//! Not yet children: the leave and membership flows are the parent's own code, split by flow
-//! into `leave.rs`, `membership.rs` and `connection.rs` (`impl Agent` blocks that read the
-//! channel machines and the book and issue through the parent's `Pending` table).
-//!
+//! Not yet children: the membership side of the flows is the parent's own code, split by flow
+//! into `membership.rs` (durable join answer, reconcile, audit verdict, refusal close),
+//! `leave.rs` (tombstone, its answer, late refusal's close) and `connection.rs` (loss, restore):
+//! `impl Agent` blocks over the book and the machines' methods, issuing through `Pending`.
+
 //! # Receiving (§2(f))
 //!
 //! Every copy (live, backfill, DLV, DM, TASK) goes through the authenticity filter and then the
@@ -192,19 +197,7 @@ impl Agent {
                 .to_concrete()
                 .and_then(|c| self.members.mirror.get(&c).copied());
             let request = self.cx.next_request_id();
-            self.cx.events.push_back(AgentEvent::Joined {
-                request: Some(request),
-                channel,
-                report: JoinReport {
-                    joined: false,
-                    watermark: None,
-                    backfilled: 0,
-                    durable: generation.is_some(),
-                    generation,
-                    cursor_honoured: None,
-                    reason: None,
-                },
-            });
+            entry.report_joined(&mut self.cx, request, generation);
             return Ok(request);
         }
         let request = self.cx.next_request_id();

@@ -23,7 +23,7 @@
 
 use super::{ChannelMachine, ChannelOp, Phase};
 use crate::agent::ctx::{Ctx, Link, bump};
-use crate::agent::types::{AgentEvent, BackstopState, JoinError};
+use crate::agent::types::{AgentEvent, BackstopState, JoinError, JoinReport, RequestId};
 use crate::io::{Command, ReadStart, Reply, SubId};
 use crate::op::{OpId, Outcome};
 use crate::policy::{Backfill, EffectivePolicy};
@@ -173,6 +173,29 @@ impl ChannelMachine {
                 detail: "confirmation outcome unknown".into(),
             }),
         }
+    }
+
+    /// A join of the channel while it is joined: an idempotent no-op that reports the mirror's
+    /// `generation` (A4).
+    pub(in crate::agent) fn report_joined(
+        &self,
+        cx: &mut Ctx,
+        request: RequestId,
+        generation: Option<u64>,
+    ) {
+        cx.events.push_back(AgentEvent::Joined {
+            request: Some(request),
+            channel: self.channel.clone(),
+            report: JoinReport {
+                joined: false,
+                watermark: None,
+                backfilled: 0,
+                durable: generation.is_some(),
+                generation,
+                cursor_honoured: None,
+                reason: None,
+            },
+        });
     }
 
     /// Whether the post-commit steps are due: committed, a join in progress, not begun.

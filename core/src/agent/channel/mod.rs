@@ -18,7 +18,8 @@
 //! The machine never reads the membership book, the registry or a sibling: the parent passes
 //! what it needs (the channel's policy, a membership it may adopt) as arguments. The join's
 //! protocol, step by step, is in `join.rs`; the channel's side of the leave, the late refusal
-//! and a connection loss in `leave.rs`.
+//! and a connection loss in `leave.rs`; what the parent may ask or tell it about its state (its
+//! fields are private to this module) in `backstop.rs`.
 
 use super::ctx::Ctx;
 use super::types::{AgentEvent, BackstopState, JoinError, JoinReport, RequestId};
