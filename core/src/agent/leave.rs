@@ -124,7 +124,7 @@ impl Agent {
                     },
                 );
             }
-            outcome => match self.decode_list(outcome) {
+            outcome => match self.members.decode_list(outcome) {
                 Ok(list) => match list.memberships.iter().find(|m| m.channel == concrete) {
                     Some(m) => self.send_leave(concrete, m.generation),
                     None => self.finish_leave(&channel, None),
@@ -182,7 +182,7 @@ impl Agent {
                 if self.members.unclosed(&channel).is_some() {
                     // A close whose target changed while this leave was in flight (a newer
                     // generation may exist): go on with it.
-                    self.try_close(channel);
+                    self.members.try_close(&mut self.cx, channel);
                 }
             }
             Err((error, detail)) => {
@@ -217,7 +217,8 @@ impl Agent {
                         // generation (a rejoin must ask the daemon rather than adopt it).
                         self.members.mirror.remove(&channel);
                     }
-                    self.close_failed(now, &channel, detail);
+                    self.members
+                        .close_failed(&mut self.cx, now, &channel, detail);
                 }
             }
         }
@@ -267,14 +268,14 @@ impl Agent {
         });
         if let Some(c) = concrete {
             if let Some(generation) = closing {
-                self.start_close(c, Some(generation));
+                self.members.start_close(&mut self.cx, c, Some(generation));
             } else if let Some(u) = self.members.unclosed_mut(&c) {
                 // A close is pending already, but a join since may have opened a newer
                 // generation: find out by listing before closing.
                 u.generation = None;
             } else if self.members.is_maybe(&c) {
                 // Not mirrored, but a membership may exist (G41): list, then close.
-                self.start_close(c, None);
+                self.members.start_close(&mut self.cx, c, None);
             }
         }
     }

@@ -1,6 +1,7 @@
-//! The membership flows (parent code, `impl Agent`): the durable join and its reconcile, the
-//! refusal close, and the parent's half of the membership audit (acting on the verdict of
-//! [`super::members::Members::on_audit`]). Their state is the membership book ([`super::members`]);
+//! The membership flows (parent code, `impl Agent`): the durable join and its reconcile, and the
+//! parent's half of the membership audit (acting on the verdict of
+//! [`super::members::Members::on_audit`]). Their state is the membership book
+//! ([`super::members`]), which also runs the refusal close ([`super::members::Members::start_close`]);
 //! they issue their control requests through the parent's pending table.
 //!
 //! # Membership audit (issue 15 item 4, G12)
@@ -41,7 +42,8 @@ impl Agent {
                 if !joined {
                     // Left or refused while the request was in flight: the membership the daemon
                     // just opened must be closed (G11), not mirrored.
-                    self.start_close(channel, Some(generation));
+                    self.members
+                        .start_close(&mut self.cx, channel, Some(generation));
                     return;
                 }
                 if self
@@ -97,7 +99,7 @@ impl Agent {
                 if !joined {
                     if self.members.is_maybe(&channel) && self.members.unclosed(&channel).is_none()
                     {
-                        self.start_close(channel, None);
+                        self.members.start_close(&mut self.cx, channel, None);
                     }
                     return;
                 }
@@ -211,7 +213,8 @@ impl Agent {
                 channel: channel.clone(),
                 generation,
             });
-            self.start_close(channel, Some(generation));
+            self.members
+                .start_close(&mut self.cx, channel, Some(generation));
         }
     }
 
@@ -236,93 +239,5 @@ impl Agent {
             reason,
         });
         self.reconcile(channel);
-    }
-
-    pub(super) fn start_close(&mut self, channel: ConcreteChannel, generation: Option<u64>) {
-        self.members.set_unclosed(Unclosed {
-            channel: channel.clone(),
-            generation,
-            attempts: 0,
-            last_error: None,
-        });
-        self.try_close(channel);
-    }
-
-    pub(super) fn try_close(&mut self, channel: ConcreteChannel) {
-        let Some(u) = self.members.unclosed(&channel) else {
-            return;
-        };
-        if self.members.close_in_flight(&channel) {
-            return;
-        }
-        let generation = u.generation;
-        self.members.set_close_in_flight(&channel, true);
-        match generation {
-            Some(generation) => self.send_leave(channel, generation),
-            None => self.control_request(
-                &DeliveryRequest::ListMemberships,
-                Pending::ListForClose { channel },
-                REQUEST_DELIVERY_TIMEOUT,
-            ),
-        }
-    }
-
-    /// Decodes a `listMemberships` answer; a good one marks this life's memberships as listed.
-    pub(super) fn decode_list(
-        &mut self,
-        outcome: Outcome<Reply>,
-    ) -> Result<ListMembershipsReply, String> {
-        self.members.decode_list(outcome)
-    }
-
-    pub(super) fn on_list_for_close(
-        &mut self,
-        now: Now,
-        channel: ConcreteChannel,
-        outcome: Outcome<Reply>,
-    ) {
-        self.members.set_close_in_flight(&channel, false);
-        if self.members.unclosed(&channel).is_none() {
-            return;
-        }
-        match self.decode_list(outcome) {
-            Ok(list) => match list.memberships.iter().find(|m| m.channel == channel) {
-                Some(m) => {
-                    if let Some(u) = self.members.unclosed_mut(&channel) {
-                        u.generation = Some(m.generation);
-                    }
-                    self.try_close(channel);
-                }
-                None => {
-                    // Nothing open: the unknown join was not applied, or was closed already.
-                    self.members.take_unclosed(&channel);
-                }
-            },
-            Err(detail) => self.close_failed(now, &channel, detail),
-        }
-    }
-
-    pub(super) fn close_failed(&mut self, now: Now, channel: &ConcreteChannel, detail: String) {
-        bump(&mut self.cx.counters.close_failures);
-        let slot = self.members.slot(channel);
-        let Some(u) = self.members.unclosed_mut(channel) else {
-            return;
-        };
-        let attempt = u.attempts;
-        u.attempts = u.attempts.saturating_add(1);
-        u.last_error = Some(detail.clone());
-        let (generation, attempts) = (u.generation, u.attempts);
-        self.members
-            .set_timer(MemberTimer::Close(slot), now.at + backoff(attempt));
-        if attempt == 0 || attempts.is_multiple_of(5) {
-            self.cx
-                .events
-                .push_back(AgentEvent::MembershipCloseRetrying {
-                    channel: channel.clone(),
-                    generation,
-                    attempts,
-                    error: detail,
-                });
-        }
     }
 }

@@ -22,7 +22,7 @@
 //! | parent (`mod.rs`; flows in `connection.rs`, `leave.rs`, `membership.rs`) | the channel map (one `ChannelMachine` per channel), the chat feeds, its `Pending` ops, the retired ops of dropped machines; no timer of its own | `Unsubscribe`, the control `Request`s (`durableJoin`, `durableLeave`, `listMemberships` for a leave or a close; the shared context builds them) | app calls, connection changes, chat feed inputs, its completions |
 //! | `ChannelMachine` (`channel/`) | one channel's join and leave: phase, epoch, subscription, watermark, join progress and report, backstop state, leave request, backfill position, its ops | `StreamInfo`, `Subscribe`, `Barrier`, a leave's `listMemberships`, `Unsubscribe` (failed join, finished leave, refusal) | its completions (it returns a `JoinStep`: register the feed, drop a failed join, start the post-commit steps, a late refusal, a leave's list answer for the book), refusals of its feed, connection loss |
 //! | `RegistryWatch` (`watch.rs`) | the channel registry cache (the one resolver of a channel's class), its watch and retries | `KvWatch`, `KvUnwatch` | its completions (a load turns the parent ready), its feed's changes, timer `RegistryWatch`, loss / restore |
-//! | `Members` (`members.rs`) | the membership book: the mirror (channel → generation), one record per concrete channel (maybe-member, unclosed close, close / reconcile in flight, timer slot), the audit's state and requests | the audit's `listMemberships` (the other membership flows issue through the parent) | its audit answers (it judges them against the channel map, which the parent lends, and returns a verdict the parent acts on), timers `Reconcile`, `Close`, `Audit` |
+//! | `Members` (`members.rs`) | the membership book: the mirror (channel → generation), one record per concrete channel (maybe-member, unclosed close, close / reconcile in flight, timer slot), the audit's state and requests | the audit's `listMemberships`; the refusal close's `listMemberships` and `durableLeave` (the durable join, reconcile and leave issue through the parent) | its audit answers (it judges them against the channel map, which the parent lends, and returns a verdict the parent acts on), its close's list answers (a close's `durableLeave` answer it hands back: the parent judges it with a leave's), timers `Reconcile`, `Close`, `Audit` |
 //! | `Receiver` (`receive.rs`) | the dedup [`Ledger`], its settles | `Settle` | every copy (live, backfill, DLV, DM, TASK), `handled` / `decline`, settle completions |
 //! | `HistoryReader` (`history.rs`) | the one-at-a-time reader, its queue and reads | `ReadStream` | read completions |
 //! | `DirectFeeds` (`direct.rs`) | the DLV and `dm_<id>` / `svc_<role>` bindings and feeds | `Consume`, `StopConsume` | bind completions, `ConsumerEnded` / `Refused` of its feeds, timers `DlvBind`, `DirectBind`, loss / restore |
@@ -51,8 +51,8 @@
 //! and anycast in `direct.rs`; receiving in `receive.rs`.
 //!
 //! Not yet children: the membership side of the flows is the parent's own code, split by flow
-//! into `membership.rs` (durable join answer, reconcile, audit verdict, refusal close),
-//! `leave.rs` (tombstone, its answer, late refusal's close) and `connection.rs` (loss, restore):
+//! into `membership.rs` (durable join answer, reconcile, audit verdict),
+//! `leave.rs` (tombstone, its answer and a close's, late refusal) and `connection.rs` (loss, restore):
 //! `impl Agent` blocks over the book and the machines' methods, issuing through `Pending`.
 
 //! # Receiving (§2(f))
@@ -71,7 +71,7 @@ use crate::io::{
 use crate::ledger::{CopySource, Ledger, LedgerError, MessageId, Surfaced};
 use crate::op::{Failure, OpId, Outcome};
 use crate::time::{Duration, Instant, Now};
-use crate::wire::control::{DeliveryRequest, ListMembershipsReply};
+use crate::wire::control::DeliveryRequest;
 use crate::wire::message::{Part, Route, normalize_mentions};
 use crate::wire::token::{AgentId, Channel, ConcreteChannel, Role};
 use std::collections::{BTreeMap, BTreeSet};
@@ -97,7 +97,7 @@ use ctx::{Ctx, Link, bump};
 use direct::{Consumer, DirectFeeds};
 use history::{HistoryReader, PageRead};
 use losses::LossPoll;
-use members::{MemberTimer, Members};
+use members::{CloseOp, MemberTimer, Members};
 use presence::Heartbeats;
 use receive::{DlvDelivery, Receiver};
 use send::{Outgoing, Sends};
@@ -578,6 +578,16 @@ impl Agent {
                 .on_completion(&mut self.cx, now, completion.op, completion.outcome);
             return;
         }
+        if let Some(close) = self.members.take_close_op(completion.op) {
+            match close {
+                CloseOp::List(c) => {
+                    self.members
+                        .on_list_for_close(&mut self.cx, now, c, completion.outcome)
+                }
+                CloseOp::Leave(c, g) => self.on_durable_leave(now, c, g, completion.outcome),
+            }
+            return;
+        }
         if self.members.owns(completion.op) {
             self.on_audit(now, completion.op, completion.outcome);
             return;
@@ -614,7 +624,6 @@ impl Agent {
                 self.on_durable_join(now, channel, cursor, outcome)
             }
             Pending::ListForLeave { channel } => self.on_list_for_leave(channel, outcome),
-            Pending::ListForClose { channel } => self.on_list_for_close(now, channel, outcome),
             Pending::DurableLeave {
                 channel,
                 generation,
@@ -718,7 +727,7 @@ impl Agent {
             Timer::Close(slot) => {
                 if let Some(c) = self.members.channel_of(slot) {
                     if self.cx.link == Link::Ready {
-                        self.try_close(c);
+                        self.members.try_close(&mut self.cx, c);
                     } else {
                         self.members
                             .set_timer(MemberTimer::Close(slot), now.at + backoff(0));

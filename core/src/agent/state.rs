@@ -20,9 +20,6 @@ pub(super) enum Pending {
     ListForLeave {
         channel: Channel,
     },
-    ListForClose {
-        channel: ConcreteChannel,
-    },
     DurableLeave {
         channel: ConcreteChannel,
         generation: u64,

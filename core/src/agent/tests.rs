@@ -9,7 +9,8 @@ use crate::ledger::DeliveryId;
 use crate::time::UnixMillis;
 use crate::wire::config::ConsumerSpec;
 use crate::wire::control::{
-    ControlReply, ControlRequest, DurableJoinReply, DurableLeaveReply, MembershipSummary,
+    ControlReply, ControlRequest, DurableJoinReply, DurableLeaveReply, ListMembershipsReply,
+    MembershipSummary,
 };
 use crate::wire::json;
 use crate::wire::message::Sender;
