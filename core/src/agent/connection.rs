@@ -37,41 +37,11 @@ impl Agent {
         // In-flight joins fail closed; joined channels lose their subscription.
         let names: Vec<Channel> = self.channels.keys().cloned().collect();
         for name in names {
-            let Some(entry) = self.channels.get_mut(&name) else {
+            let Some(machine) = self.channels.get_mut(&name) else {
                 continue;
             };
-            entry.sub = None;
-            entry.backfill_next = None;
-            if entry.phase != Phase::Joined {
-                let request = entry.join.as_ref().and_then(|j| j.request);
-                self.channels.remove(&name);
-                self.cx.events.push_back(AgentEvent::JoinFailed {
-                    request,
-                    channel: name,
-                    error: JoinError::Unconfirmed {
-                        detail: "connection lost".into(),
-                    },
-                });
-                continue;
-            }
-            entry.resubscribe = false;
-            if entry.join.as_ref().is_some_and(|j| !j.started) {
-                // Committed before the registry ever loaded (a boot join): its backfill and
-                // durable step have not begun. Keep them for the next ready connection, which
-                // re-subscribes first; the join is reported then, with its original watermark.
-                continue;
-            }
-            if let Some(join) = entry.join.take() {
-                // Committed already: report what we have.
-                let mut report = join.report;
-                if join.backfill_pending && report.reason.is_none() {
-                    report.reason = Some("backfill interrupted: connection lost".into());
-                }
-                self.cx.events.push_back(AgentEvent::Joined {
-                    request: join.request,
-                    channel: name,
-                    report,
-                });
+            if !machine.on_lost(&mut self.cx) {
+                self.remove_channel(&name);
             }
         }
         self.cx.events.push_back(AgentEvent::Disconnected);

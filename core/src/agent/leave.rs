@@ -1,19 +1,10 @@
-//! The leave flow and the late refusal (parent code, `impl Agent`): the tombstone before the
-//! unsubscribe, over the parent's channel map and the membership book ([`super::members`]).
+//! The leave flow and the late refusal, membership side (parent code, `impl Agent`): the
+//! tombstone before the unsubscribe, the late refusal's close, over the channel machines
+//! ([`super::channel`]) and the membership book ([`super::members`]).
 //!
 //! # Leave (§2(b))
 //!
-//! A channel that has, or had in this life of the agent, a durable membership, or that the
-//! resolver calls durable, is tombstoned first: the generation comes from the local mirror, or
-//! from `listMemberships` when the mirror has none. Only a confirmed tombstone unsubscribes. A
-//! refused, failed or unknown tombstone leaves the channel joined and reports
-//! [`AgentEvent::LeaveFailed`]: the caller retries (fail closed). "No responders" counts as
-//! "nothing to tombstone" only when the agent knows every membership that can exist: it listed
-//! its memberships successfully in this life, and no join of this life may have opened one of
-//! the channel. A restarted agent has an empty memory, so until its first successful list an
-//! earlier life's membership may still be open and "no responders" fails the leave (G42 across
-//! a restart).
-
+//! The leave's protocol is described with the channel's side of it, in `channel/leave.rs`.
 //!
 //! # Late refusal (§2(c))
 //!
@@ -26,9 +17,6 @@ use super::*;
 
 impl Agent {
     pub(super) fn start_leave(&mut self, channel: Channel, request: RequestId) {
-        if let Some(entry) = self.channels.get_mut(&channel) {
-            entry.leave = Some(request);
-        }
         let concrete = channel.to_concrete();
         // G10 fix: tombstone whenever a membership is known, whatever the class reads now. The
         // test-only switch restores the reference's stale cached `live`, which skips it.
@@ -39,21 +27,16 @@ impl Agent {
                     || self.members.is_maybe(c)
                     || self.watch.registry().policy_for(&channel).is_durable()
             });
-        match (needs_tombstone, concrete) {
-            (true, Some(c)) => {
-                if let Some(generation) = self.members.mirror.get(&c).copied() {
-                    self.send_leave(c, generation);
-                } else {
-                    self.control_request(
-                        &DeliveryRequest::ListMemberships,
-                        Pending::ListForLeave {
-                            channel: channel.clone(),
-                        },
-                        REQUEST_DELIVERY_TIMEOUT,
-                    );
-                }
-            }
-            _ => self.finish_leave(&channel, None),
+        let tombstone = concrete
+            .filter(|_| needs_tombstone)
+            .map(|c| (c.clone(), self.members.mirror.get(&c).copied()));
+        let Some(machine) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        match machine.start_leave(&mut self.cx, request, tombstone) {
+            LeaveStep::Tombstone(c, generation) => self.send_leave(c, generation),
+            LeaveStep::Listing => {}
+            LeaveStep::Finish => self.finish_leave(&channel, None),
         }
     }
 
@@ -73,40 +56,27 @@ impl Agent {
     }
 
     pub(super) fn finish_leave(&mut self, channel: &Channel, tombstoned: Option<u64>) {
-        let Some(entry) = self.channels.remove(channel) else {
+        let Some(machine) = self.remove_channel(channel) else {
             return;
         };
-        if let Some(sub) = entry.sub {
+        if let Some(sub) = machine.finish_leave(&mut self.cx, tombstoned) {
             self.feeds.remove(&sub);
-            self.cx.commands.push_back(Command::Unsubscribe { sub });
         }
         if let Some(c) = channel.to_concrete()
             && let Some(slot) = self.members.slot_of(&c)
         {
             self.members.cancel_timer(MemberTimer::Reconcile(slot));
         }
-        if let Some(request) = entry.leave {
-            self.cx.events.push_back(AgentEvent::Left {
-                request,
-                channel: channel.clone(),
-                tombstoned,
-            });
-        }
     }
 
     pub(super) fn fail_leave(&mut self, channel: &Channel, error: LeaveError) {
-        let Some(entry) = self.channels.get_mut(channel) else {
+        let Some(durable) = self
+            .channels
+            .get_mut(channel)
+            .and_then(|machine| machine.fail_leave(&mut self.cx, error))
+        else {
             return;
         };
-        let Some(request) = entry.leave.take() else {
-            return;
-        };
-        let durable = entry.backstop != BackstopState::NotApplicable;
-        self.cx.events.push_back(AgentEvent::LeaveFailed {
-            request,
-            channel: channel.clone(),
-            error,
-        });
         // The channel stays joined, so it keeps (or gets back) its membership: a close queued
         // while the leave was in flight (a join reply that came back during it, G11) must not
         // tombstone the backstop of a joined channel, and a reconcile re-establishes a membership
@@ -131,11 +101,7 @@ impl Agent {
         let Some(concrete) = channel.to_concrete() else {
             return;
         };
-        if self
-            .channels
-            .get(&channel)
-            .is_none_or(|e| e.leave.is_none())
-        {
+        if self.channels.get(&channel).is_none_or(|e| !e.leaving()) {
             return;
         }
         match outcome {
@@ -158,7 +124,7 @@ impl Agent {
                     },
                 );
             }
-            outcome => match self.decode_list(outcome) {
+            outcome => match self.members.decode_list(outcome) {
                 Ok(list) => match list.memberships.iter().find(|m| m.channel == concrete) {
                     Some(m) => self.send_leave(concrete, m.generation),
                     None => self.finish_leave(&channel, None),
@@ -179,28 +145,23 @@ impl Agent {
         self.members.touched_since_audit.insert(channel.clone());
         let result = decode_leave_reply(outcome);
         let key = channel.as_channel();
-        let leaving = self.channels.get(&key).is_some_and(|e| e.leave.is_some());
+        let leaving = self.channels.get(&key).is_some_and(ChannelMachine::leaving);
         match result {
             Ok(()) => {
                 let mirrored = self.members.mirror.get(&channel) == Some(&generation);
                 if mirrored {
                     self.members.mirror.remove(&channel);
                 }
-                let joined = self
-                    .channels
-                    .get(&key)
-                    .is_some_and(|e| e.phase == Phase::Joined);
+                let joined = self.channels.get(&key).is_some_and(ChannelMachine::joined);
                 if !leaving && joined && !self.members.mirror.contains_key(&channel) {
                     // A close landed while the channel is joined (a refusal close after a rejoin
                     // adopted the same generation, or a close queued during a leave that then
                     // failed): its membership is gone. Establish a new one now.
                     let slot = self.members.slot(&channel);
                     self.members.set_timer(MemberTimer::Reconcile(slot), now.at);
-                    if let Some(entry) = self.channels.get_mut(&key) {
-                        entry.backstop = BackstopState::Degraded {
-                            reason: "membership closed by an earlier refusal; rejoining".into(),
-                            attempts: 0,
-                        };
+                    if let Some(machine) = self.channels.get_mut(&key) {
+                        let reason = "membership closed by an earlier refusal; rejoining";
+                        machine.degrade(reason.into(), 0);
                     }
                 }
                 if let Some(u) = self.members.unclosed(&channel)
@@ -221,7 +182,7 @@ impl Agent {
                 if self.members.unclosed(&channel).is_some() {
                     // A close whose target changed while this leave was in flight (a newer
                     // generation may exist): go on with it.
-                    self.try_close(channel);
+                    self.members.try_close(&mut self.cx, channel);
                 }
             }
             Err((error, detail)) => {
@@ -238,11 +199,8 @@ impl Agent {
                         self.members
                             .set_timer(MemberTimer::Reconcile(slot), now.at + backoff(0));
                         let reason = "durable leave outcome unknown; the membership may be closed";
-                        if let Some(entry) = self.channels.get_mut(&key) {
-                            entry.backstop = BackstopState::Degraded {
-                                reason: reason.into(),
-                                attempts: 0,
-                            };
+                        if let Some(machine) = self.channels.get_mut(&key) {
+                            machine.degrade(reason.into(), 0);
                         }
                         self.cx.events.push_back(AgentEvent::BackstopDegraded {
                             channel: channel.clone(),
@@ -259,7 +217,8 @@ impl Agent {
                         // generation (a rejoin must ask the daemon rather than adopt it).
                         self.members.mirror.remove(&channel);
                     }
-                    self.close_failed(now, &channel, detail);
+                    self.members
+                        .close_failed(&mut self.cx, now, &channel, detail);
                 }
             }
         }
@@ -272,48 +231,26 @@ impl Agent {
         let Some(channel) = self
             .channels
             .iter()
-            .find(|(_, e)| e.epoch == epoch && e.sub == Some(sub))
+            .find(|(_, e)| e.is_feed(epoch, sub))
             .map(|(c, _)| c.clone())
         else {
             return;
         };
-        let Some(entry) = self.channels.get_mut(&channel) else {
+        let Some(machine) = self.channels.get_mut(&channel) else {
             return;
         };
-        entry.sub = None;
-        if entry.phase == Phase::Joined && !entry.resubscribe {
+        if let Some(detail) = machine.on_refused(detail) {
             self.late_refusal(&channel, detail);
-        } else {
-            // During a join's (or re-subscribe's) confirm window: the barrier decides.
-            entry.refused = Some(detail);
         }
     }
 
     pub(super) fn late_refusal(&mut self, channel: &Channel, detail: String) {
         bump(&mut self.cx.counters.late_refusals);
-        let Some(entry) = self.channels.remove(channel) else {
+        let Some(machine) = self.remove_channel(channel) else {
             return;
         };
-        if let Some(sub) = entry.sub {
+        if let Some(sub) = machine.refuse(&mut self.cx) {
             self.feeds.remove(&sub);
-            self.cx.commands.push_back(Command::Unsubscribe { sub });
-        }
-        if let Some(request) = entry.leave {
-            self.cx.events.push_back(AgentEvent::LeaveFailed {
-                request,
-                channel: channel.clone(),
-                error: LeaveError::TombstoneFailed {
-                    detail: "the live subscription was refused; the membership is being closed"
-                        .into(),
-                },
-            });
-        }
-        if let Some(join) = entry.join {
-            self.cx.events.push_back(AgentEvent::Joined {
-                request: join.request,
-                channel: channel.clone(),
-                report: join.report,
-            });
         }
         let concrete = channel.to_concrete();
         if let Some(c) = &concrete
@@ -331,14 +268,14 @@ impl Agent {
         });
         if let Some(c) = concrete {
             if let Some(generation) = closing {
-                self.start_close(c, Some(generation));
+                self.members.start_close(&mut self.cx, c, Some(generation));
             } else if let Some(u) = self.members.unclosed_mut(&c) {
                 // A close is pending already, but a join since may have opened a newer
                 // generation: find out by listing before closing.
                 u.generation = None;
             } else if self.members.is_maybe(&c) {
                 // Not mirrored, but a membership may exist (G41): list, then close.
-                self.start_close(c, None);
+                self.members.start_close(&mut self.cx, c, None);
             }
         }
     }

@@ -4,8 +4,8 @@
 //! A membership is not a join: it can outlive the join of its channel (an unclosed record after
 //! a refusal, a membership a leave could not tombstone, an earlier life's orphan), and exist for
 //! a channel this life never joined. So it is not kept inside the channel's join state: the
-//! parent's channel map holds what a join holds (phase, epoch, subscription, watermark, join
-//! progress, backfill, backstop), and [`Members`] holds, per concrete channel, what the
+//! channel machines (`channel/`) hold what a join holds (phase, epoch, subscription, watermark,
+//! join progress, backfill, backstop), and [`Members`] holds, per concrete channel, what the
 //! membership protocol holds:
 //!
 //! - the **mirror** of established memberships (channel → generation; [`Members::mirror`] is
@@ -22,13 +22,18 @@
 //! the `listMemberships` requests of the audits and judges the answer against the parent's
 //! channel map, which the parent lends as two functions) and hands the parent a verdict to act
 //! on (re-establish a lost membership, close an orphan). The other flows that read and write the
-//! book (durable join, reconcile, leave, refusal close) are the parent's, in `membership` and
-//! `leave`; they issue their control requests through the parent.
+//! book (durable join, reconcile, leave) are the parent's, in `membership` and `leave`; they
+//! issue their control requests through the parent.
+//!
+//! The book runs the refusal close too ([`Members::start_close`], [`Members::try_close`]): it
+//! issues and owns the close's `listMemberships` and `durableLeave`, answers the list itself,
+//! and hands the `durableLeave` answer back to the parent ([`Members::take_close_op`]), which
+//! judges it together with a leave's tombstone (both may concern a joined channel).
 
 use super::ctx::{Ctx, Link, bump};
 use super::state::decode_list_reply;
-use super::types::Unclosed;
-use crate::constants::REQUEST_DELIVERY_TIMEOUT;
+use super::types::{AgentEvent, Unclosed};
+use crate::constants::{REQUEST_DELIVERY_TIMEOUT, backoff};
 use crate::io::Reply;
 use crate::op::{OpId, Outcome, TimerTable};
 use crate::time::{Instant, Now};
@@ -64,6 +69,15 @@ pub(super) enum MemberTimer {
     Audit,
 }
 
+/// A refusal close's request in flight.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum CloseOp {
+    /// `listMemberships`, to learn the generation to close.
+    List(ConcreteChannel),
+    /// `durableLeave` of this generation (its answer is judged by the parent, with a leave's).
+    Leave(ConcreteChannel, u64),
+}
+
 /// The membership book. See the module docs.
 #[derive(Debug, Default)]
 pub(super) struct Members {
@@ -86,6 +100,8 @@ pub(super) struct Members {
     pub(super) touched_since_audit: BTreeSet<ConcreteChannel>,
     /// The audits' `listMemberships` requests in flight, with the audit each belongs to.
     audit_ops: BTreeMap<OpId, u64>,
+    /// The refusal closes' requests in flight.
+    close_ops: BTreeMap<OpId, CloseOp>,
     timers: TimerTable<MemberTimer>,
 }
 
@@ -316,5 +332,110 @@ impl Members {
             .map(|(c, g)| (c.clone(), *g))
             .collect();
         Some(AuditVerdict { lost, orphans })
+    }
+
+    /// Whether `op` is one of the refusal closes' requests: taken, with what it was.
+    pub(super) fn take_close_op(&mut self, op: OpId) -> Option<CloseOp> {
+        self.close_ops.remove(&op)
+    }
+
+    /// Records a refusal close of the channel's membership (`generation`, or `None` to list
+    /// first) and starts it.
+    pub(super) fn start_close(
+        &mut self,
+        cx: &mut Ctx,
+        channel: ConcreteChannel,
+        generation: Option<u64>,
+    ) {
+        self.set_unclosed(Unclosed {
+            channel: channel.clone(),
+            generation,
+            attempts: 0,
+            last_error: None,
+        });
+        self.try_close(cx, channel);
+    }
+
+    /// Sends the channel's pending close, unless one is in flight: `durableLeave` of the known
+    /// generation, or `listMemberships` to learn it.
+    pub(super) fn try_close(&mut self, cx: &mut Ctx, channel: ConcreteChannel) {
+        let Some(u) = self.unclosed(&channel) else {
+            return;
+        };
+        if self.close_in_flight(&channel) {
+            return;
+        }
+        let generation = u.generation;
+        self.set_close_in_flight(&channel, true);
+        let (request, kind) = match generation {
+            Some(generation) => (
+                DeliveryRequest::DurableLeave {
+                    channel: channel.clone(),
+                    generation,
+                },
+                CloseOp::Leave(channel, generation),
+            ),
+            None => (DeliveryRequest::ListMemberships, CloseOp::List(channel)),
+        };
+        if let Some(op) = cx.control_request(&request, REQUEST_DELIVERY_TIMEOUT) {
+            self.close_ops.insert(op, kind);
+        }
+    }
+
+    /// The answer to a close's `listMemberships`: close the generation found, or nothing.
+    pub(super) fn on_list_for_close(
+        &mut self,
+        cx: &mut Ctx,
+        now: Now,
+        channel: ConcreteChannel,
+        outcome: Outcome<Reply>,
+    ) {
+        self.set_close_in_flight(&channel, false);
+        if self.unclosed(&channel).is_none() {
+            return;
+        }
+        match self.decode_list(outcome) {
+            Ok(list) => match list.memberships.iter().find(|m| m.channel == channel) {
+                Some(m) => {
+                    if let Some(u) = self.unclosed_mut(&channel) {
+                        u.generation = Some(m.generation);
+                    }
+                    self.try_close(cx, channel);
+                }
+                None => {
+                    // Nothing open: the unknown join was not applied, or was closed already.
+                    self.take_unclosed(&channel);
+                }
+            },
+            Err(detail) => self.close_failed(cx, now, &channel, detail),
+        }
+    }
+
+    /// A close failed: retried with backoff, reported at the first and every fifth attempt.
+    pub(super) fn close_failed(
+        &mut self,
+        cx: &mut Ctx,
+        now: Now,
+        channel: &ConcreteChannel,
+        detail: String,
+    ) {
+        bump(&mut cx.counters.close_failures);
+        let slot = self.slot(channel);
+        let Some(u) = self.unclosed_mut(channel) else {
+            return;
+        };
+        let attempt = u.attempts;
+        u.attempts = u.attempts.saturating_add(1);
+        u.last_error = Some(detail.clone());
+        let (generation, attempts) = (u.generation, u.attempts);
+        self.set_timer(MemberTimer::Close(slot), now.at + backoff(attempt));
+        if attempt == 0 || attempts.is_multiple_of(5) {
+            cx.events.push_back(AgentEvent::MembershipCloseRetrying {
+                channel: channel.clone(),
+                generation,
+                attempts,
+                error: detail,
+            });
+        }
     }
 }

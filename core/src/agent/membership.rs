@@ -1,6 +1,7 @@
-//! The membership flows (parent code, `impl Agent`): the durable join and its reconcile, the
-//! refusal close, and the parent's half of the membership audit (acting on the verdict of
-//! [`super::members::Members::on_audit`]). Their state is the membership book ([`super::members`]);
+//! The membership flows (parent code, `impl Agent`): the durable join and its reconcile, and the
+//! parent's half of the membership audit (acting on the verdict of
+//! [`super::members::Members::on_audit`]). Their state is the membership book
+//! ([`super::members`]), which also runs the refusal close ([`super::members::Members::start_close`]);
 //! they issue their control requests through the parent's pending table.
 //!
 //! # Membership audit (issue 15 item 4, G12)
@@ -34,17 +35,15 @@ impl Agent {
         self.members.set_reconcile_in_flight(&channel, false);
         let result = decode_join_reply(outcome);
         let key = channel.as_channel();
-        let joined = self
-            .channels
-            .get(&key)
-            .is_some_and(|e| e.phase == Phase::Joined && e.leave.is_none());
+        let joined = self.channels.get(&key).is_some_and(ChannelMachine::staying);
         match result {
             Ok(reply) if reply.durable => {
                 let generation = reply.generation.unwrap_or(0);
                 if !joined {
                     // Left or refused while the request was in flight: the membership the daemon
                     // just opened must be closed (G11), not mirrored.
-                    self.start_close(channel, Some(generation));
+                    self.members
+                        .start_close(&mut self.cx, channel, Some(generation));
                     return;
                 }
                 if self
@@ -79,14 +78,8 @@ impl Agent {
                 };
                 let slot = self.members.slot(&channel);
                 self.members.cancel_timer(MemberTimer::Reconcile(slot));
-                if let Some(entry) = self.channels.get_mut(&key) {
-                    entry.backstop = BackstopState::Established { generation };
-                    if let Some(join) = entry.join.as_mut() {
-                        join.durable_pending = false;
-                        join.report.durable = true;
-                        join.report.generation = Some(generation);
-                        join.report.cursor_honoured = honoured;
-                    }
+                if let Some(machine) = self.channels.get_mut(&key) {
+                    machine.backstop_established(generation, honoured);
                 }
                 self.cx.events.push_back(AgentEvent::BackstopEstablished {
                     channel: channel.clone(),
@@ -106,7 +99,7 @@ impl Agent {
                 if !joined {
                     if self.members.is_maybe(&channel) && self.members.unclosed(&channel).is_none()
                     {
-                        self.start_close(channel, None);
+                        self.members.start_close(&mut self.cx, channel, None);
                     }
                     return;
                 }
@@ -124,22 +117,15 @@ impl Agent {
                         .unwrap_or_else(|| "durable backstop unavailable".to_owned()),
                     Err(e) => format!("durable backstop unavailable ({e})"),
                 };
-                let attempts = match self.channels.get(&key).map(|e| &e.backstop) {
-                    Some(BackstopState::Degraded { attempts, .. }) => *attempts,
-                    _ => 0,
-                };
+                let attempts = self
+                    .channels
+                    .get(&key)
+                    .map_or(0, ChannelMachine::degraded_attempts);
                 let slot = self.members.slot(&channel);
                 self.members
                     .set_timer(MemberTimer::Reconcile(slot), now.at + backoff(attempts));
-                if let Some(entry) = self.channels.get_mut(&key) {
-                    entry.backstop = BackstopState::Degraded {
-                        reason: reason.clone(),
-                        attempts,
-                    };
-                    if let Some(join) = entry.join.as_mut() {
-                        join.durable_pending = false;
-                        join.report.reason = Some(reason.clone());
-                    }
+                if let Some(machine) = self.channels.get_mut(&key) {
+                    machine.backstop_unavailable(&reason, attempts);
                 }
                 if attempts == 0 {
                     self.cx.events.push_back(AgentEvent::BackstopDegraded {
@@ -154,13 +140,13 @@ impl Agent {
 
     pub(super) fn reconcile(&mut self, channel: ConcreteChannel) {
         let key = channel.as_channel();
-        let Some(entry) = self.channels.get_mut(&key) else {
+        let Some(machine) = self.channels.get_mut(&key) else {
             return;
         };
-        if entry.phase != Phase::Joined {
+        if !machine.joined() {
             return;
         }
-        if entry.leave.is_some() {
+        if machine.leaving() {
             // A leave is in flight: it decides. If it fails, the channel stays joined and the
             // backstop must still be re-established, so look again after the backoff step (found
             // by the simulator, seed 409: a reconcile that fired during a retried leave was
@@ -181,14 +167,8 @@ impl Agent {
             self.members.set_timer(MemberTimer::Reconcile(slot), at);
             return;
         }
-        // The backstop stays `Degraded` (with one more attempt counted) while the request is in
-        // flight: the channel is not protected until the daemon says so.
-        if let BackstopState::Degraded { attempts, .. } = &mut entry.backstop {
-            *attempts = attempts.saturating_add(1);
-        }
-        // The armed watermark is still the right join cursor: everything above it reached us only
-        // live (at-most-once), so the daemon's catch-up from it closes that window (G1).
-        let join_cursor = entry.watermark;
+        // One more attempt counted; the cursor is the armed watermark (G1).
+        let join_cursor = machine.reconcile_attempt();
         bump(&mut self.cx.counters.reconcile_attempts);
         self.members.set_reconcile_in_flight(&channel, true);
         let request = DeliveryRequest::DurableJoin {
@@ -217,7 +197,7 @@ impl Agent {
             |c| {
                 channels
                     .get(&c.as_channel())
-                    .is_some_and(|e| e.phase == Phase::Joined && e.leave.is_none())
+                    .is_some_and(ChannelMachine::staying)
             },
             |c| channels.contains_key(&c.as_channel()),
         ) else {
@@ -233,7 +213,8 @@ impl Agent {
                 channel: channel.clone(),
                 generation,
             });
-            self.start_close(channel, Some(generation));
+            self.members
+                .start_close(&mut self.cx, channel, Some(generation));
         }
     }
 
@@ -246,11 +227,8 @@ impl Agent {
             "membership generation {generation} is gone from the registry (removed out of band); \
              re-establishing"
         );
-        if let Some(entry) = self.channels.get_mut(&channel.as_channel()) {
-            entry.backstop = BackstopState::Degraded {
-                reason: reason.clone(),
-                attempts: 0,
-            };
+        if let Some(machine) = self.channels.get_mut(&channel.as_channel()) {
+            machine.degrade(reason.clone(), 0);
         }
         self.cx.events.push_back(AgentEvent::MembershipLost {
             channel: channel.clone(),
@@ -261,93 +239,5 @@ impl Agent {
             reason,
         });
         self.reconcile(channel);
-    }
-
-    pub(super) fn start_close(&mut self, channel: ConcreteChannel, generation: Option<u64>) {
-        self.members.set_unclosed(Unclosed {
-            channel: channel.clone(),
-            generation,
-            attempts: 0,
-            last_error: None,
-        });
-        self.try_close(channel);
-    }
-
-    pub(super) fn try_close(&mut self, channel: ConcreteChannel) {
-        let Some(u) = self.members.unclosed(&channel) else {
-            return;
-        };
-        if self.members.close_in_flight(&channel) {
-            return;
-        }
-        let generation = u.generation;
-        self.members.set_close_in_flight(&channel, true);
-        match generation {
-            Some(generation) => self.send_leave(channel, generation),
-            None => self.control_request(
-                &DeliveryRequest::ListMemberships,
-                Pending::ListForClose { channel },
-                REQUEST_DELIVERY_TIMEOUT,
-            ),
-        }
-    }
-
-    /// Decodes a `listMemberships` answer; a good one marks this life's memberships as listed.
-    pub(super) fn decode_list(
-        &mut self,
-        outcome: Outcome<Reply>,
-    ) -> Result<ListMembershipsReply, String> {
-        self.members.decode_list(outcome)
-    }
-
-    pub(super) fn on_list_for_close(
-        &mut self,
-        now: Now,
-        channel: ConcreteChannel,
-        outcome: Outcome<Reply>,
-    ) {
-        self.members.set_close_in_flight(&channel, false);
-        if self.members.unclosed(&channel).is_none() {
-            return;
-        }
-        match self.decode_list(outcome) {
-            Ok(list) => match list.memberships.iter().find(|m| m.channel == channel) {
-                Some(m) => {
-                    if let Some(u) = self.members.unclosed_mut(&channel) {
-                        u.generation = Some(m.generation);
-                    }
-                    self.try_close(channel);
-                }
-                None => {
-                    // Nothing open: the unknown join was not applied, or was closed already.
-                    self.members.take_unclosed(&channel);
-                }
-            },
-            Err(detail) => self.close_failed(now, &channel, detail),
-        }
-    }
-
-    pub(super) fn close_failed(&mut self, now: Now, channel: &ConcreteChannel, detail: String) {
-        bump(&mut self.cx.counters.close_failures);
-        let slot = self.members.slot(channel);
-        let Some(u) = self.members.unclosed_mut(channel) else {
-            return;
-        };
-        let attempt = u.attempts;
-        u.attempts = u.attempts.saturating_add(1);
-        u.last_error = Some(detail.clone());
-        let (generation, attempts) = (u.generation, u.attempts);
-        self.members
-            .set_timer(MemberTimer::Close(slot), now.at + backoff(attempt));
-        if attempt == 0 || attempts.is_multiple_of(5) {
-            self.cx
-                .events
-                .push_back(AgentEvent::MembershipCloseRetrying {
-                    channel: channel.clone(),
-                    generation,
-                    attempts,
-                    error: detail,
-                });
-        }
     }
 }

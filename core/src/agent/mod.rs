@@ -19,9 +19,10 @@
 //!
 //! | part (file) | owns | issues | routed to it |
 //! | --- | --- | --- | --- |
-//! | parent (`mod.rs`; flows in `connection.rs`, `join.rs`, `leave.rs`, `membership.rs`) | the channel map (per channel: phase, epoch, subscription, watermark, join progress, backstop, leave), the chat feeds, its `Pending` ops; no timer of its own | `StreamInfo`, `Subscribe`, `Barrier`, `Unsubscribe`, the control `Request`s (`durableJoin`, `durableLeave`, `listMemberships` for a leave or a close; the shared context builds them) | app calls, connection changes, chat feed inputs, its completions |
+//! | parent (`mod.rs`; flows in `connection.rs`, `leave.rs`, `membership.rs`) | the channel map (one `ChannelMachine` per channel), the chat feeds, its `Pending` ops, the retired ops of dropped machines; no timer of its own | `Unsubscribe`, the control `Request`s (`durableJoin`, `durableLeave`, `listMemberships` for a leave or a close; the shared context builds them) | app calls, connection changes, chat feed inputs, its completions |
+//! | `ChannelMachine` (`channel/`) | one channel's join and leave: phase, epoch, subscription, watermark, join progress and report, backstop state, leave request, backfill position, its ops | `StreamInfo`, `Subscribe`, `Barrier`, a leave's `listMemberships`, `Unsubscribe` (failed join, finished leave, refusal) | its completions (it returns a `JoinStep`: register the feed, drop a failed join, start the post-commit steps, a late refusal, a leave's list answer for the book), refusals of its feed, connection loss |
 //! | `RegistryWatch` (`watch.rs`) | the channel registry cache (the one resolver of a channel's class), its watch and retries | `KvWatch`, `KvUnwatch` | its completions (a load turns the parent ready), its feed's changes, timer `RegistryWatch`, loss / restore |
-//! | `Members` (`members.rs`) | the membership book: the mirror (channel → generation), one record per concrete channel (maybe-member, unclosed close, close / reconcile in flight, timer slot), the audit's state and requests | the audit's `listMemberships` (the other membership flows issue through the parent) | its audit answers (it judges them against the channel map, which the parent lends, and returns a verdict the parent acts on), timers `Reconcile`, `Close`, `Audit` |
+//! | `Members` (`members.rs`) | the membership book: the mirror (channel → generation), one record per concrete channel (maybe-member, unclosed close, close / reconcile in flight, timer slot), the audit's state and requests | the audit's `listMemberships`; the refusal close's `listMemberships` and `durableLeave` (the durable join, reconcile and leave issue through the parent) | its audit answers (it judges them against the channel map, which the parent lends, and returns a verdict the parent acts on), its close's list answers (a close's `durableLeave` answer it hands back: the parent judges it with a leave's), timers `Reconcile`, `Close`, `Audit` |
 //! | `Receiver` (`receive.rs`) | the dedup [`Ledger`], its settles | `Settle` | every copy (live, backfill, DLV, DM, TASK), `handled` / `decline`, settle completions |
 //! | `HistoryReader` (`history.rs`) | the one-at-a-time reader, its queue and reads | `ReadStream` | read completions |
 //! | `DirectFeeds` (`direct.rs`) | the DLV and `dm_<id>` / `svc_<role>` bindings and feeds | `Consume`, `StopConsume` | bind completions, `ConsumerEnded` / `Refused` of its feeds, timers `DlvBind`, `DirectBind`, loss / restore |
@@ -29,28 +30,31 @@
 //! | `Heartbeats` (`presence.rs`) | presence puts, the next heartbeat | presence `KvPut` (`idle`; `offline` at stop) | its completions, timer `Heartbeat`, loss / restore / stop |
 //! | `LossPoll` (`losses.rs`) | our loss record as last read, the stamp reported, its read | `KvGetDirect` | its read's completion, timer `Losses`, loss |
 //!
-//! What crosses between parts goes through the parent, never child to child: a backfill page
-//! that `HistoryReader` read comes back to the parent, which hands its copies to `Receiver`; a
-//! delivery on a `DirectFeeds` feed goes from the parent to `Receiver`; `Receiver` asks the
-//! parent (a function argument) whether a channel's backstop is established, and
-//! `HistoryReader` whether a queued read's join attempt is current.
+//! What crosses between parts goes through the parent, never child to child. A
+//! `ChannelMachine`'s commit returns a post-commit plan: the parent passes it the book's
+//! adoptable membership, issues the plan's `durableJoin` (whose answer the membership flows judge
+//! with the book, then tell the machine `backstop_established` / `backstop_unavailable`), and
+//! hands its backfill pages to `HistoryReader` and their copies to `Receiver`. A leave gets the
+//! membership to tombstone from the book (through the parent); its list answer comes back from
+//! the machine to the parent, which judges it with the book. `Receiver` asks the parent (a
+//! function argument) whether a channel's backstop is established, and `HistoryReader` whether
+//! a queued read's join attempt is current; DLV / DM / TASK deliveries go from the parent to
+//! `Receiver`.
 //!
-//! Why two maps per channel, not one: a channel's *join* (the parent's channel map, keyed by
-//! [`Channel`], possibly a wildcard) and its *membership* (the book, keyed by
-//! [`ConcreteChannel`]) have different lives. A membership outlives its join (a refusal close
-//! still to do, a tombstone that failed, a durable join answered after the leave) and can exist
-//! for a channel this life never joined (an earlier life's orphan), so it is not state of the
-//! join: the book keeps it for the life of the agent. The join, step by step, is in `join.rs`;
-//! leave and late refusal in `leave.rs`; the membership audit and the refusal close in
-//! `membership.rs`; connection loss and restore in `connection.rs`; unicast and anycast in
-//! `direct.rs`; receiving in `receive.rs`.
+//! A `ChannelMachine` and the book are two maps, not one: a channel's *join* (keyed by
+//! [`Channel`], possibly a wildcard) and its *membership* (keyed by [`ConcreteChannel`]) have
+//! different lives. A membership outlives its join (a refusal close still to do, a tombstone
+//! that failed, a durable join answered after the leave) and can exist for a channel this life
+//! never joined (an earlier life's orphan), so the book keeps it for the life of the agent while
+//! the machine is dropped when its join fails, its leave finishes or a refusal ends it. The
+//! join, step by step, and the leave are in `channel/join.rs` and `channel/leave.rs`; unicast
+//! and anycast in `direct.rs`; receiving in `receive.rs`.
 //!
-//! Not yet children: the channel map and the join, leave and membership flows are the parent's
-//! own code, split by flow into those files (`impl Agent` blocks that read the channel map and
-//! the book and issue through the parent's `Pending` table). Turning each channel's join into
-//! its own small machine, and the membership flows into the book's, is the next cut; the book
-//! already separates what a membership needs from what a join needs.
-//!
+//! Not yet children: the membership side of the flows is the parent's own code, split by flow
+//! into `membership.rs` (durable join answer, reconcile, audit verdict),
+//! `leave.rs` (tombstone, its answer and a close's, late refusal) and `connection.rs` (loss, restore):
+//! `impl Agent` blocks over the book and the machines' methods, issuing through `Pending`.
+
 //! # Receiving (§2(f))
 //!
 //! Every copy (live, backfill, DLV, DM, TASK) goes through the authenticity filter and then the
@@ -66,20 +70,17 @@ use crate::io::{
 };
 use crate::ledger::{CopySource, Ledger, LedgerError, MessageId, Surfaced};
 use crate::op::{Failure, OpId, Outcome};
-use crate::policy::Backfill;
-use crate::time::{Duration, Instant, Now, UnixMillis};
-use crate::wire::config::SpaceStream;
-use crate::wire::control::{DeliveryRequest, ListMembershipsReply};
+use crate::time::{Duration, Instant, Now};
+use crate::wire::control::DeliveryRequest;
 use crate::wire::message::{Part, Route, normalize_mentions};
-use crate::wire::subject::chat_subscribe_pattern;
 use crate::wire::token::{AgentId, Channel, ConcreteChannel, Role};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+mod channel;
 mod connection;
 mod ctx;
 mod direct;
 mod history;
-mod join;
 mod leave;
 mod losses;
 mod members;
@@ -91,11 +92,12 @@ mod state;
 mod types;
 mod watch;
 
+use channel::{ChannelMachine, ChannelOp, JoinStep, LeaveStep};
 use ctx::{Ctx, Link, bump};
 use direct::{Consumer, DirectFeeds};
 use history::{HistoryReader, PageRead};
 use losses::LossPoll;
-use members::{MemberTimer, Members};
+use members::{CloseOp, MemberTimer, Members};
 use presence::Heartbeats;
 use receive::{DlvDelivery, Receiver};
 use send::{Outgoing, Sends};
@@ -115,7 +117,9 @@ pub struct Agent {
     pending: BTreeMap<OpId, Pending>,
     feeds: BTreeMap<SubId, Feed>,
     /// Channel entries by a stable key (their epoch-independent slot).
-    channels: BTreeMap<Channel, ChannelEntry>,
+    channels: BTreeMap<Channel, ChannelMachine>,
+    /// The ops of dropped channel machines still in flight: their completions are ignored.
+    retired: BTreeSet<OpId>,
     /// The membership book: the mirror and every concrete channel's membership record.
     members: Members,
     /// The channel registry watch and cache.
@@ -156,6 +160,7 @@ impl Agent {
             pending: BTreeMap::new(),
             feeds: BTreeMap::new(),
             channels: BTreeMap::new(),
+            retired: BTreeSet::new(),
             members: Members::default(),
             watch: RegistryWatch::default(),
             first_connect: true,
@@ -184,7 +189,7 @@ impl Agent {
         let _ = now;
         self.check_ready()?;
         if let Some(entry) = self.channels.get(&channel) {
-            if entry.phase != Phase::Joined || entry.join.is_some() || entry.leave.is_some() {
+            if !entry.idle() {
                 return Err(AgentError::Busy(channel));
             }
             // Already joined: an idempotent no-op that reports the mirror (A4).
@@ -192,19 +197,7 @@ impl Agent {
                 .to_concrete()
                 .and_then(|c| self.members.mirror.get(&c).copied());
             let request = self.cx.next_request_id();
-            self.cx.events.push_back(AgentEvent::Joined {
-                request: Some(request),
-                channel,
-                report: JoinReport {
-                    joined: false,
-                    watermark: None,
-                    backfilled: 0,
-                    durable: generation.is_some(),
-                    generation,
-                    cursor_honoured: None,
-                    reason: None,
-                },
-            });
+            entry.report_joined(&mut self.cx, request, generation);
             return Ok(request);
         }
         let request = self.cx.next_request_id();
@@ -224,7 +217,7 @@ impl Agent {
         let Some(entry) = self.channels.get(channel) else {
             return Err(AgentError::NotJoined(channel.clone()));
         };
-        if entry.phase != Phase::Joined || entry.leave.is_some() || entry.join.is_some() {
+        if !entry.idle() {
             return Err(AgentError::Busy(channel.clone()));
         }
         let request = self.cx.next_request_id();
@@ -483,8 +476,8 @@ impl Agent {
     pub fn joined(&self) -> Vec<Channel> {
         self.channels
             .values()
-            .filter(|e| e.phase == Phase::Joined)
-            .map(|e| e.channel.clone())
+            .filter(|e| e.joined())
+            .map(|e| e.channel().clone())
             .collect()
     }
 
@@ -500,12 +493,8 @@ impl Agent {
             channels: self
                 .channels
                 .values()
-                .filter(|e| e.phase == Phase::Joined)
-                .map(|e| ChannelHealth {
-                    channel: e.channel.clone(),
-                    live: e.sub.is_some() && !e.resubscribe,
-                    backstop: e.backstop.clone(),
-                })
+                .filter(|e| e.joined())
+                .map(ChannelMachine::health)
                 .collect(),
             unclosed: self.members.unclosed_all().cloned().collect(),
             dlv_bound: self.direct.dlv_bound(),
@@ -541,19 +530,9 @@ impl Agent {
         Ok(())
     }
 
-    fn op(&mut self, pending: Pending) -> OpId {
-        let op = self.cx.ops.next_id();
-        self.pending.insert(op, pending);
-        op
-    }
-
     fn epoch(&mut self) -> u64 {
         self.next_epoch += 1;
         self.next_epoch
-    }
-
-    fn chat_stream(&self) -> String {
-        SpaceStream::Chat.name(&self.cx.config.space)
     }
 
     fn control_request(&mut self, request: &DeliveryRequest, pending: Pending, timeout: Duration) {
@@ -582,9 +561,7 @@ impl Agent {
             let done = self
                 .history
                 .on_completion(&mut self.cx, completion.op, |c, epoch| {
-                    channels
-                        .get(c)
-                        .is_some_and(|e| e.epoch == epoch && e.phase == Phase::Joined)
+                    channels.get(c).is_some_and(|e| e.page_current(epoch))
                 });
             if let Some(read) = done {
                 self.on_backfill(now, read, completion.outcome);
@@ -601,6 +578,16 @@ impl Agent {
                 .on_completion(&mut self.cx, now, completion.op, completion.outcome);
             return;
         }
+        if let Some(close) = self.members.take_close_op(completion.op) {
+            match close {
+                CloseOp::List(c) => {
+                    self.members
+                        .on_list_for_close(&mut self.cx, now, c, completion.outcome)
+                }
+                CloseOp::Leave(c, g) => self.on_durable_leave(now, c, g, completion.outcome),
+            }
+            return;
+        }
         if self.members.owns(completion.op) {
             self.on_audit(now, completion.op, completion.outcome);
             return;
@@ -614,20 +601,29 @@ impl Agent {
                 .on_read(&mut self.cx, now, completion.outcome);
             return;
         }
+        if let Some(channel) = self
+            .channels
+            .iter()
+            .find(|(_, m)| m.owns(completion.op))
+            .map(|(c, _)| c.clone())
+        {
+            self.on_channel_completion(channel, completion.op, completion.outcome);
+            return;
+        }
+        if self.retired.remove(&completion.op) {
+            // An op of a channel machine dropped since: its completion is moot.
+            return;
+        }
         let Some(pending) = self.pending.remove(&completion.op) else {
             debug_assert!(false, "completion for an unknown {}", completion.op);
             return;
         };
         let outcome = completion.outcome;
         match pending {
-            Pending::Arm { channel, epoch } => self.on_arm(channel, epoch, outcome),
-            Pending::Subscribe { channel, epoch } => self.on_subscribe(channel, epoch, outcome),
-            Pending::Barrier { channel, epoch } => self.on_barrier(channel, epoch, outcome),
             Pending::DurableJoin { channel, cursor } => {
                 self.on_durable_join(now, channel, cursor, outcome)
             }
             Pending::ListForLeave { channel } => self.on_list_for_leave(channel, outcome),
-            Pending::ListForClose { channel } => self.on_list_for_close(now, channel, outcome),
             Pending::DurableLeave {
                 channel,
                 generation,
@@ -731,7 +727,7 @@ impl Agent {
             Timer::Close(slot) => {
                 if let Some(c) = self.members.channel_of(slot) {
                     if self.cx.link == Link::Ready {
-                        self.try_close(c);
+                        self.members.try_close(&mut self.cx, c);
                     } else {
                         self.members
                             .set_timer(MemberTimer::Close(slot), now.at + backoff(0));
@@ -782,10 +778,10 @@ impl Machine for Agent {
 
 /// Whether the channel's durable backstop is established (its live copies have a durable twin
 /// coming).
-fn established(channels: &BTreeMap<Channel, ChannelEntry>, channel: &ConcreteChannel) -> bool {
+fn established(channels: &BTreeMap<Channel, ChannelMachine>, channel: &ConcreteChannel) -> bool {
     channels
         .get(&channel.as_channel())
-        .is_some_and(|e| matches!(e.backstop, BackstopState::Established { .. }))
+        .is_some_and(ChannelMachine::established)
 }
 
 impl Agent {
@@ -828,5 +824,179 @@ impl Agent {
     fn observe(&mut self, now: Now) {
         self.cx.last_at = self.cx.last_at.max(now.at);
         self.cx.last_wall = now.wall;
+    }
+}
+
+/// The join's routing glue: the channel machines do the join (`channel/`); the parent registers
+/// their feeds, drops failed ones, and hands their post-commit steps to the membership requests,
+/// the history reader and the receiver.
+impl Agent {
+    fn start_join(&mut self, channel: Channel, request: Option<RequestId>) {
+        let epoch = self.epoch();
+        let machine = ChannelMachine::start(&mut self.cx, channel.clone(), epoch, request);
+        self.channels.insert(channel, machine);
+    }
+
+    fn resubscribe(&mut self, channel: &Channel) {
+        let epoch = self.epoch();
+        if let Some(machine) = self.channels.get_mut(channel) {
+            let sub = machine.resubscribe(&mut self.cx, epoch);
+            self.feeds.insert(sub, Feed::Chat(epoch));
+        }
+    }
+
+    /// Drops a channel's machine; its ops still in flight are retired.
+    fn remove_channel(&mut self, channel: &Channel) -> Option<ChannelMachine> {
+        let machine = self.channels.remove(channel)?;
+        for (op, kind) in machine.ops() {
+            if kind == ChannelOp::ListForLeave {
+                // Routed by channel name, as a leave's list always was.
+                let channel = channel.clone();
+                self.pending.insert(op, Pending::ListForLeave { channel });
+            } else {
+                self.retired.insert(op);
+            }
+        }
+        Some(machine)
+    }
+
+    /// A join attempt failed before its commit: drop the machine, which undoes it and reports.
+    fn fail_join(&mut self, channel: &Channel, error: JoinError) {
+        if let Some(machine) = self.remove_channel(channel)
+            && let Some(sub) = machine.fail(&mut self.cx, error)
+        {
+            self.feeds.remove(&sub);
+        }
+    }
+
+    fn on_channel_completion(&mut self, channel: Channel, op: OpId, outcome: Outcome<Reply>) {
+        let Some(machine) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        match machine.on_completion(&mut self.cx, op, outcome) {
+            JoinStep::Nothing => {}
+            JoinStep::Subscribed(sub) => {
+                let epoch = machine.epoch();
+                self.feeds.insert(sub, Feed::Chat(epoch));
+            }
+            JoinStep::Failed(error) => self.fail_join(&channel, error),
+            JoinStep::Committed => self.maybe_start_post_commit(&channel),
+            JoinStep::LateRefusal(detail) => self.late_refusal(&channel, detail),
+            JoinStep::ListForLeave(outcome) => self.on_list_for_leave(channel, outcome),
+        }
+    }
+
+    /// After the commit, once the registry is loaded: the durable step and the backfill.
+    fn maybe_start_post_commit(&mut self, channel: &Channel) {
+        if self.cx.link != Link::Ready {
+            return;
+        }
+        let Some(machine) = self.channels.get_mut(channel) else {
+            return;
+        };
+        if !machine.post_commit_due() {
+            return;
+        }
+        let policy = self.watch.registry().policy_for(channel);
+        let member = channel
+            .to_concrete()
+            .filter(|c| self.members.unclosed(c).is_none())
+            .and_then(|c| self.members.mirror.get(&c).copied());
+        let plan = machine.start_post_commit(&self.cx, &policy, member);
+        if let Some((c, cursor)) = plan.durable_join {
+            let request = DeliveryRequest::DurableJoin {
+                channel: c.clone(),
+                join_cursor: cursor,
+            };
+            self.control_request(
+                &request,
+                Pending::DurableJoin { channel: c, cursor },
+                DURABLE_JOIN_TIMEOUT,
+            );
+        }
+        if let Some((start, until)) = plan.backfill {
+            self.read_backfill(channel, start, until);
+        }
+        self.maybe_report_join(channel);
+    }
+
+    fn maybe_report_join(&mut self, channel: &Channel) {
+        if let Some(machine) = self.channels.get_mut(channel) {
+            machine.maybe_report(&mut self.cx);
+        }
+    }
+
+    fn read_backfill(&mut self, channel: &Channel, start: ReadStart, until: u64) {
+        let Some(machine) = self.channels.get_mut(channel) else {
+            return;
+        };
+        machine.read_page(start);
+        let epoch = machine.epoch();
+        self.history.read(
+            &mut self.cx,
+            PageRead {
+                channel: channel.clone(),
+                epoch,
+                start,
+                until,
+            },
+        );
+    }
+
+    /// A backfill page's completion (the reader has moved on already): its copies go to the
+    /// receiver; the machine reads the next page or finishes.
+    fn on_backfill(&mut self, now: Now, read: PageRead, outcome: Outcome<Reply>) {
+        let PageRead {
+            channel,
+            epoch,
+            until,
+            ..
+        } = read;
+        if !self
+            .channels
+            .get(&channel)
+            .is_some_and(|m| m.page_current(epoch))
+        {
+            return;
+        }
+        let error = match outcome {
+            Outcome::Success(Reply::Stored(messages)) => {
+                let full = messages.len() >= HISTORY_FETCH_MAX_BATCH as usize;
+                let mut last = None;
+                let mut count = 0u64;
+                for m in messages {
+                    if m.seq > until {
+                        break;
+                    }
+                    last = Some(m.seq);
+                    count += 1;
+                    let channels = &self.channels;
+                    self.receiver.ingest_chat(
+                        &mut self.cx,
+                        now,
+                        &m.subject,
+                        &m.payload,
+                        CopySource::Backfill,
+                        |c| established(channels, c),
+                    );
+                }
+                if let Some(machine) = self.channels.get_mut(&channel) {
+                    machine.backfilled(count);
+                }
+                match last {
+                    Some(l) if full && l < until => {
+                        self.read_backfill(&channel, ReadStart::Seq(l + 1), until);
+                        return;
+                    }
+                    _ => None,
+                }
+            }
+            Outcome::Success(other) => Some(format!("backfill failed: unexpected reply {other:?}")),
+            Outcome::Failed(f) => Some(format!("backfill failed: {f}")),
+            Outcome::Unknown => Some("backfill interrupted".to_owned()),
+        };
+        if let Some(machine) = self.channels.get_mut(&channel) {
+            machine.finish_backfill(&mut self.cx, error);
+        }
     }
 }

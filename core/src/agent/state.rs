@@ -1,78 +1,24 @@
-//! The parent's internal vocabulary: a channel's join state ([`ChannelEntry`]), the operations
-//! the parent itself has in flight ([`Pending`]), every timer's name ([`Timer`], which orders
-//! the parent's and the children's deadlines alike), the parent's feeds, and the decoders of
-//! the daemon's control replies. It imports neither the parent nor a child, only the shared
+//! The parent's internal vocabulary: the operations the parent itself has in flight
+//! ([`Pending`]), every timer's name ([`Timer`], which orders the parent's and the children's
+//! deadlines alike), the parent's feeds, and the decoders of the daemon's control replies. It imports neither the parent nor a child, only the shared
 //! [`super::ctx`] and [`super::types`].
 
 use super::ctx::Direct;
-use super::types::{BackstopState, JoinReport, LeaveError, RequestId};
-use crate::io::{Reply, SubId};
+use super::types::LeaveError;
+use crate::io::Reply;
 use crate::op::Outcome;
 use crate::wire::control::{ControlReply, DurableJoinReply, ListMembershipsReply};
 use crate::wire::json;
 use crate::wire::token::{Channel, ConcreteChannel};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Phase {
-    Arming,
-    Subscribing,
-    Confirming,
-    Joined,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct JoinProgress {
-    pub(super) request: Option<RequestId>,
-    /// Decided after the commit, once the registry is loaded.
-    pub(super) started: bool,
-    pub(super) backfill_pending: bool,
-    pub(super) durable_pending: bool,
-    pub(super) report: JoinReport,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct ChannelEntry {
-    pub(super) channel: Channel,
-    pub(super) phase: Phase,
-    /// Distinguishes this subscribe attempt from earlier ones (stale completions are ignored).
-    pub(super) epoch: u64,
-    pub(super) sub: Option<SubId>,
-    pub(super) watermark: Option<u64>,
-    pub(super) refused: Option<String>,
-    /// A join (or re-confirm after reconnect) in progress.
-    pub(super) join: Option<JoinProgress>,
-    /// Whether a re-subscribe after reconnect is being confirmed (no report).
-    pub(super) resubscribe: bool,
-    pub(super) backstop: BackstopState,
-    /// A leave in progress.
-    pub(super) leave: Option<RequestId>,
-    /// A backfill page read in flight.
-    pub(super) backfill_next: Option<u64>,
-}
-
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Pending {
-    Arm {
-        channel: Channel,
-        epoch: u64,
-    },
-    Subscribe {
-        channel: Channel,
-        epoch: u64,
-    },
-    Barrier {
-        channel: Channel,
-        epoch: u64,
-    },
     DurableJoin {
         channel: ConcreteChannel,
         cursor: Option<u64>,
     },
     ListForLeave {
         channel: Channel,
-    },
-    ListForClose {
-        channel: ConcreteChannel,
     },
     DurableLeave {
         channel: ConcreteChannel,

@@ -6,9 +6,11 @@ use super::*;
 use crate::constants::MEMBERSHIP_AUDIT_INTERVAL;
 use crate::io::{AckKind, KvOperation, PubAck, Response, StoredMessage, StreamState};
 use crate::ledger::DeliveryId;
+use crate::time::UnixMillis;
 use crate::wire::config::ConsumerSpec;
 use crate::wire::control::{
-    ControlReply, ControlRequest, DurableJoinReply, DurableLeaveReply, MembershipSummary,
+    ControlReply, ControlRequest, DurableJoinReply, DurableLeaveReply, ListMembershipsReply,
+    MembershipSummary,
 };
 use crate::wire::json;
 use crate::wire::message::Sender;
