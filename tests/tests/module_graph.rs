@@ -134,8 +134,11 @@ fn code_of(text: &str) -> String {
     out
 }
 
-/// Every path the code names: expanded `use` trees and inline `crate::`/`super::`/`self::` paths.
+/// Every path the code names: expanded `use` trees and inline `crate::`/`super::`/`self::` paths
+/// (a visibility such as `pub(in crate::agent)` names no import and is left out).
 fn paths_in(code: &str) -> Vec<String> {
+    let stripped = strip_visibility_paths(code);
+    let code = stripped.as_str();
     let mut out = Vec::new();
     let mut rest = code;
     while let Some(i) = rest.find("use ") {
@@ -172,6 +175,20 @@ fn paths_in(code: &str) -> Vec<String> {
             out.push(code[at..end].trim_end_matches(':').to_owned());
         }
     }
+    out
+}
+
+/// The code with every `pub(in <path>)` visibility reduced to `pub`.
+fn strip_visibility_paths(code: &str) -> String {
+    let mut out = String::with_capacity(code.len());
+    let mut rest = code;
+    while let Some(i) = rest.find("pub(in ") {
+        out.push_str(&rest[..i]);
+        out.push_str("pub");
+        rest = &rest[i..];
+        rest = rest.find(')').map_or("", |j| &rest[j + 1..]);
+    }
+    out.push_str(rest);
     out
 }
 
@@ -358,4 +375,5 @@ fn the_graph_reader_sees_a_circle_when_there_is_one() {
         "use super::x; // crate::y\nlet s = \"crate::z\";\n#[cfg(test)]\nmod tests {\nuse crate::w;\n}\n",
     );
     assert!(paths_in(&code).iter().all(|p| p == "super::x"));
+    assert!(paths_in("pub(in crate::agent) fn f() {}\n").is_empty());
 }

@@ -92,7 +92,9 @@ mod state;
 mod types;
 mod watch;
 
-use channel::{ChannelMachine, ChannelOp, JoinStep, LeaveStep};
+use channel::join::JoinStep;
+use channel::leave::LeaveStep;
+use channel::{ChannelMachine, ChannelOp};
 use ctx::{Ctx, Link, bump};
 use direct::{Consumer, DirectFeeds};
 use history::{HistoryReader, PageRead};

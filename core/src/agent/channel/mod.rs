@@ -31,11 +31,8 @@ use crate::wire::token::Channel;
 use std::collections::BTreeMap;
 
 mod backstop;
-mod join;
-mod leave;
-
-pub(super) use join::JoinStep;
-pub(super) use leave::LeaveStep;
+pub(super) mod join;
+pub(super) mod leave;
 
 /// Where a join stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
