@@ -406,7 +406,17 @@ fn fanout_terminates_spoofs_garbage_and_non_chat_g32() {
         "cotal.main.chat.bob.review",
         bytes::Bytes::from_static(b"{"),
     );
-    let c = w.post_raw("cotal.other.chat.bob.review", json::encode(&spoof));
+    // Another space's subject, with a message its sender really sent: only the space check
+    // stops it (a mutation survivor of issue 16 while this case reused the spoof).
+    let honest = CotalMessage::new(
+        "y",
+        crate::time::UnixMillis(1),
+        space(),
+        crate::wire::message::Sender::new(id("bob"), "bob"),
+        crate::wire::message::Route::Channel(ch("review")),
+        vec![],
+    );
+    let c = w.post_raw("cotal.other.chat.bob.review", json::encode(&honest));
     for s in [a, b, c] {
         let d = w.fanout(s, 1);
         assert_eq!(w.settled(d), vec![AckKind::Term]);
