@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Mutation testing of cotal-core with cargo-mutants, against the core's own tests and the
-# simulator's (a mutant survives only if every one of them still passes).
+# Mutation testing of cotal-core with cargo-mutants, against the core's own tests, the simulator's
+# and the wire-fixture tests of `tests/` (a mutant survives only if every one of them still
+# passes). The real-broker tests of driver-tokio are not run: too slow per mutant.
 #
 #   scripts/mutants.sh            a sample: about one mutant in 90, picked by a hash of what the
 #                                 mutant does (function name, mutation, ordinal), not of where it
@@ -38,6 +39,7 @@ done
 command -v cargo-mutants >/dev/null || { echo "mutants.sh: cargo install --locked cargo-mutants" >&2; exit 2; }
 
 run=(cargo mutants -p cotal-core --in-place --test-package cotal-core --test-package cotal-driver-sim
+  --test-package cotal-tests
   --output "$out" --minimum-test-timeout 240 "${files[@]}")
 skip=(-- -- --skip g1_the_oracle_fails_when --skip issue9_the_oracle_fails_when)
 
