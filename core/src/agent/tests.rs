@@ -2912,3 +2912,25 @@ fn losses_recorded_by_the_daemon_are_reported_once_and_shown_in_health() {
     assert!(last.contains("\"team\"") && !last.contains("751"), "{last}");
     assert_eq!(w.agent.health().counters.copies_lost, 261);
 }
+
+/// The subscribe and its barrier go out together; a driver may complete the barrier first. The
+/// join is confirmed by the barrier (its success in `Subscribing` counts), and the late subscribe
+/// completion changes nothing. (Mutation survivor
+/// of issue 16: `phase != Subscribing` → `==` in the barrier's phase check.)
+#[test]
+fn a_barrier_answered_before_its_subscribe_still_confirms_the_join() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.hold = Some(|c| matches!(c, Command::Subscribe { .. }));
+    w.agent.join(w.now, ch("ops")).unwrap();
+    w.run();
+    // The barrier's success confirms the subscription (a refusal would have come before it).
+    assert_eq!(w.agent.joined(), vec![ch("ops")], "{}", w.log);
+    w.hold = None;
+    for c in std::mem::take(&mut w.held) {
+        for i in w.answer(&c) {
+            w.input(i);
+        }
+    }
+    assert_eq!(w.agent.joined(), vec![ch("ops")], "{}", w.log);
+}
