@@ -46,7 +46,9 @@ use crate::sched::{Rng, SimConfig};
 use bytes::Bytes;
 use cotal_core::agent::{Agent, AgentConfig, AgentError, RequestId};
 use cotal_core::constants::DEFAULT_HEARTBEAT;
-use cotal_core::delivery::daemon::{DegradedReason, Delivery, DeliveryConfig, DeliveryHealth};
+use cotal_core::delivery::daemon::{
+    DegradedReason, Delivery, DeliveryConfig, DeliveryCounters, DeliveryHealth,
+};
 use cotal_core::delivery::lease::LeaseState;
 use cotal_core::time::{Duration, Instant};
 use cotal_core::wire::config::{ConsumerSpec, KvBucketSpec, SpaceConfig};
@@ -106,6 +108,8 @@ pub struct Mesh {
     posts: u64,
     /// Agents away ([`Action::Away`]) and when they come back, in workload order.
     returns: Vec<(Instant, usize)>,
+    /// The counters of daemon lives that ended (restarted or replaced).
+    retired: DeliveryCounters,
 }
 
 impl Mesh {
@@ -153,6 +157,7 @@ impl Mesh {
             host_steps: 0,
             posts: 0,
             returns: Vec::new(),
+            retired: DeliveryCounters::default(),
         };
         for d in 0..mesh.config.daemons {
             let proc = mesh.new_daemon(d, 0);
@@ -564,6 +569,7 @@ impl Mesh {
             return;
         };
         let (client, life) = (slot.client, slot.life + 1);
+        self.retired.add(slot.proc.borrow().daemon().counters());
         self.host.kill(client);
         let proc = self.new_daemon(daemon, life);
         let client = self.start_daemon(daemon, life, &proc);
@@ -626,8 +632,29 @@ impl Mesh {
             surfaced: journal.surfacings.len() as u64,
             hash: self.host.transcript().hash(),
             end: self.host.now().at,
-            probes: self.host.probes().clone(),
+            probes: self.probes(),
         }
+    }
+
+    /// The host's probes, and the daemons' paths of every copy: `daemon.direct` (fan-out wrote
+    /// it straight to DLV), `daemon.via-reader` (the reader transferred a dinbox entry),
+    /// `daemon.dinbox` (dinbox entries written: spilled, caught up).
+    fn probes(&self) -> BTreeMap<&'static str, u64> {
+        let mut probes = self.host.probes().clone();
+        let mut c = self.retired.clone();
+        for d in &self.daemons {
+            c.add(d.proc.borrow().daemon().counters());
+        }
+        for (name, n) in [
+            ("daemon.direct", c.transferred_direct),
+            ("daemon.via-reader", c.transferred - c.transferred_direct),
+            ("daemon.dinbox", c.copies_written),
+        ] {
+            if n > 0 {
+                probes.insert(name, n);
+            }
+        }
+        probes
     }
 
     /// Starts the fresh life of every away agent due back by `until`, each at its time.

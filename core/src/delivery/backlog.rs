@@ -96,6 +96,11 @@ impl InboxBacklog {
         own.saturating_add(self.legacy.unwrap_or(0))
     }
 
+    /// The predecessor's unread entries still counted against every owner (0 until known).
+    pub fn legacy(&self) -> u64 {
+        self.legacy.unwrap_or(0)
+    }
+
     /// Whether fan-out may write one more entry for the owner now.
     pub fn admits(&self, owner: &AgentId) -> bool {
         self.bound(owner) < DINBOX_HIGH_WATER
@@ -311,6 +316,26 @@ impl<T> DlvBacklog<T> {
                 );
                 (DlvAdmit::Wait { read: true }, None)
             }
+        }
+    }
+
+    /// A copy of `sender`'s for the owner that fan-out would write straight to DLV: admitted
+    /// (counted like [`DlvBacklog::admit`]'s transfer) only when it fits now, without a read.
+    /// Never parks anything: an owner this life has not read yet, a read in flight, the cap or
+    /// the sender's share all answer false, and the caller sends the copy the long way (the
+    /// dinbox), where [`DlvBacklog::admit`] reads and waits as it must.
+    pub fn try_admit(&mut self, owner: &AgentId, sender: &AgentId) -> bool {
+        match self.owners.get_mut(owner) {
+            Some(o)
+                if o.reading.is_none()
+                    && o.bound < OWNER_CAP
+                    && o.senders.of(sender) < SENDER_SHARE =>
+            {
+                o.bound += 1;
+                o.senders.push(sender);
+                true
+            }
+            _ => false,
         }
     }
 

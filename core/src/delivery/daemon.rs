@@ -22,15 +22,17 @@
 //! | [`Lease`] (`lease.rs` one level up; glue in `leasing.rs`) | the shard's lease, fencing token | `KvPut`/`KvDelete`/`KvGet` of `lease.<i>` (ops in the parent's `Pending::Lease`) | its completions, timeouts; its events start or stop everything |
 //! | `Feeds` (`feeds.rs`) | feed states, sub ids, loaded watches, failures | `KvWatch`, `Subscribe`, `Consume`, closes; `Timer::Reopen` | open completions → `Opened` |
 //! | `Views` (`views.rs`) | member and ACL indexes, channel registry, roster, presence heartbeats | nothing | every watched KV change |
-//! | `Fanout` (`fanout.rs`) | batches, highest CHAT seq, inbox backlog, held copies, back-pressure, writes failing | dinbox `JsPublish`, reader `ConsumerInfo`, CHAT settles; `Timer::HeldCopies` | fan-out deliveries (with `&Views`), its completions, the timer, the reader's settles |
+//! | `Fanout` (`fanout.rs`) | batches, highest CHAT seq, spilled copies in flight, inbox backlog, held copies, back-pressure, writes failing | DLV and dinbox `JsPublish`, reader `ConsumerInfo`, CHAT settles; `Timer::HeldCopies` | fan-out deliveries (with `Lent`: the views, leave frontiers, the DLV gate), its completions, the timer, the reader's settles |
 //! | `Gaps` (`gaps.rs`) | fan-out's sequence cursor, skipped ranges, the check in flight | CHAT `ReadStream`; `Timer::GapCheck` | a skipped seq (before fan-out routes it), its completion, the timer |
-//! | `Reader` (`reader.rs`) | transfers, DLV backlog | DLV `JsPublish`, DLV `ConsumerInfo` | reader deliveries (with the ACL and member indexes), its completions |
+//! | `Reader` (`reader.rs`) | transfers, DLV backlog (the DLV gate fan-out's direct copies pass too), the one copy decision (`judge`) | DLV `JsPublish`, DLV `ConsumerInfo` | reader deliveries (with the ACL and member indexes), its completions, fan-out's direct copies at the gate |
 //! | `Notifier` (`notices.rs`) | the loss notices, their reads and writes | `KvGet`/`KvPut` of `cotal_losses_<space>` | losses from the reader and the gap checks, its completions |
 //! | [`DlvSweeper`] ([`crate::delivery::revoke`]) | the revocation sweeps | DLV reads and deletes (ops in `Pending::Sweep`) | ACL changes, transfers under a revoked ACL, its completions |
 //! | `Jobs` (`jobs.rs`, `jobs/join.rs`, `jobs/leave.rs`) | jobs, lanes per `(owner, channel)`, held requests | KV reads and CAS writes of members, ACL reads, CHAT info/reads, catch-up `JsPublish`, replies | control requests, its completions, orphan reaping, readiness (every lane pumped) |
 //!
 //! What crosses between children, always through the parent: fan-out reports a skipped sequence
-//! to `Gaps` first; the lost ranges `Gaps` returns go to `Notifier` with the member index; the
+//! to `Gaps` first; fan-out asks the reader's DLV gate before it writes a copy straight to DLV
+//! (a closure the parent lends), a direct copy that failed gives its place back to the gate, and
+//! one that landed goes to the sweeper like a reader transfer (`FanoutStep`); the lost ranges `Gaps` returns go to `Notifier` with the member index; the
 //! `ReaderStep`s the reader returns are applied in order (`Fanout::settled`, a settle,
 //! `Notifier` for a loss, the sweeper for a transfer under a revoked ACL); a join's fence reads
 //! `Fanout::high`, its catch-up copies count in `Fanout::stored`, and its confirmed writes go into
@@ -62,15 +64,18 @@
 //!    [`KV_CAS_ATTEMPTS`](crate::constants::KV_CAS_ATTEMPTS)), reads the fence, copies `(J, fence]` from CHAT into the owner's
 //!    dinbox, checks for eviction, then tombstones (eviction) or activates.
 //! 4. **Fan-out**: every CHAT delivery is routed against the in-memory membership index (fed by
-//!    the watch **and** by our own confirmed writes), every entry is published at once, and the
-//!    CHAT delivery is acked only after every PubAck; any failure naks it with backoff. A copy
+//!    the watch **and** by our own confirmed writes) and each copy judged as the reader would;
+//!    a copy it may transfer goes straight to the owner's DLV (one write per copy), the rest
+//!    spill to the owner's dinbox (see `daemon/fanout.rs`). Every copy is published at once, and
+//!    the CHAT delivery is acked only after every PubAck; any failure naks it with backoff. A copy
 //!    whose owner's dinbox backlog is at [`DINBOX_HIGH_WATER`] is **held** in memory with its
 //!    CHAT delivery unsettled and written, in CHAT order, as soon as the reader has drained the
 //!    owner below the mark; the held deliveries fill the fan-out window, which pauses fan-out.
 //!    A hold older than [`FANOUT_HOLD_LIMIT`] gives up and naks the message instead (its
 //!    redelivery writes the held copies).
-//! 5. **Reader**: every dinbox entry is authorized against the in-memory ACL and membership views,
-//!    transferred to `dlv.<owner>` and acked only after the DLV PubAck (I21).
+//! 5. **Reader**: every dinbox entry (spilled, caught up, or left by an earlier daemon) is
+//!    authorized against the in-memory ACL and membership views, transferred to `dlv.<owner>` and
+//!    acked only after the DLV PubAck (I21).
 //!
 //! # Decisions
 //!
@@ -140,7 +145,7 @@ mod views;
 pub use config::*;
 use context::Ctx;
 pub use events::*;
-use fanout::Fanout;
+use fanout::{Fanout, FanoutStep, Lent};
 use feeds::{Feeds, Opened};
 use gaps::Gaps;
 use jobs::{Env, Jobs};
@@ -199,7 +204,7 @@ impl Delivery {
         let sweeper = DlvSweeper::new(&config.space, config.shard);
         let gaps = Gaps::new(config.space.clone(), config.catchup_page);
         let notices = Notifier::new(config.space.clone());
-        let fanout = Fanout::new(config.space.clone(), config.shard, config.reference_gap_g17);
+        let fanout = Fanout::new(config.space.clone(), config.shard, &config);
         let reader = Reader::new(config.space.clone(), config.shard, config.reference_gap_g2);
         let mut d = Delivery {
             config,
@@ -491,8 +496,15 @@ impl Delivery {
             });
         }
         if self.fanout.owns(c.op) {
-            if self.fanout.on_completion(&mut self.cx, c.op, c.outcome) && self.lease_held() {
-                self.maybe_open_consumers(now);
+            match self.fanout.on_completion(&mut self.cx, c.op, c.outcome) {
+                Some(FanoutStep::InboxBacklogRead) if self.lease_held() => {
+                    self.maybe_open_consumers(now);
+                }
+                Some(FanoutStep::Transferred { owner, channel }) => {
+                    self.sweep_if_revoked(&owner, &channel);
+                }
+                Some(FanoutStep::DirectUnstored(owner)) => self.reader.direct_unstored(&owner),
+                _ => {}
             }
             return;
         }
@@ -574,9 +586,15 @@ impl Delivery {
                         self.next_gap_check();
                     }
                     let live = self.connected && !self.stopped;
+                    let (jobs, reader) = (&self.jobs, &mut self.reader);
+                    let lent = Lent {
+                        views: &self.views,
+                        leave_frontier: &|owner, channel| jobs.leave_frontier(owner, channel),
+                        dlv_gate: &mut |owner, sender| reader.admit_direct(owner, sender),
+                    };
                     self.fanout.on_delivery(
                         &mut self.cx,
-                        &self.views,
+                        lent,
                         live,
                         now,
                         delivery,

@@ -80,6 +80,11 @@ pub struct DeliveryConfig {
     pub reader_window: u32,
     /// Bound on control requests held at once.
     pub max_requests: usize,
+    /// Send every copy the reference's two hops: fan-out writes it to the owner's dinbox and the
+    /// reader transfers it to DLV. Off by default: fan-out writes a copy it may transfer straight
+    /// to DLV and spills only the rest (see `daemon/fanout.rs`). For comparisons (`cotal bench
+    /// --two-hop`) and tests of the reader's path.
+    pub two_hop: bool,
     /// Test-only: restores the reference behaviour of gap G2 so the simulator can prove the
     /// oracle sees it. The reader then judges a `durable-channel` entry by the record's
     /// **current** interval only, ignoring `entry.generation`: after a leave and a rejoin, the
@@ -127,6 +132,7 @@ impl DeliveryConfig {
             fanout_window: DEFAULT_FANOUT_WINDOW,
             reader_window: DEFAULT_READER_WINDOW,
             max_requests: DEFAULT_MAX_REQUESTS,
+            two_hop: false,
             reference_gap_g2: false,
             reference_gap_g23: false,
             reference_no_dlv_sweep: false,

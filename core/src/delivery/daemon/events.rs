@@ -152,8 +152,11 @@ pub struct DeliveryCounters {
     pub copies_written: u64,
     /// Dinbox publishes the duplicate window collapsed.
     pub copies_duplicate: u64,
-    /// Copies handed off to DLV.
+    /// Copies handed off to DLV (by the reader, and by fan-out straight from CHAT).
     pub transferred: u64,
+    /// Of those, copies fan-out wrote straight to DLV (one write per copy); the rest went
+    /// through the dinbox (spilled, caught up, or left by an earlier daemon).
+    pub transferred_direct: u64,
     /// Entries the reader dropped (deny).
     pub dropped: u64,
     /// Entries the reader deferred (nak).
@@ -235,6 +238,7 @@ impl DeliveryCounters {
             copies_written,
             copies_duplicate,
             transferred,
+            transferred_direct,
             dropped,
             deferred,
             held_for_leave,
@@ -269,6 +273,7 @@ impl DeliveryCounters {
         self.copies_written += copies_written;
         self.copies_duplicate += copies_duplicate;
         self.transferred += transferred;
+        self.transferred_direct += transferred_direct;
         self.dropped += dropped;
         self.deferred += deferred;
         self.held_for_leave += held_for_leave;

@@ -1,19 +1,54 @@
-//! Fan-out: every CHAT delivery is routed against the in-memory views ([`route()`]) into dinbox
-//! copies, one batch per delivery, acked once every copy is stored (semantics §2, life cycle
-//! step 4 in [`super`]).
+//! Fan-out: every CHAT delivery is routed against the in-memory views ([`route()`]); each copy
+//! is written straight to its owner's DLV or spilled to the owner's dinbox, one batch per
+//! delivery, acked once every copy is stored (semantics §2, life cycle step 4 in [`super`]).
 //!
 //! [`Fanout`] owns the batches, the highest CHAT sequence received (the fan-out part of a join's
-//! fence), the per-owner back-pressure (the reader consumer's backlog, [`InboxBacklog`]; the
-//! copies held for an owner at [`DINBOX_HIGH_WATER`]; the owners in a back-pressure episode),
-//! whether writes are failing (health), and the op ids it issued: the dinbox publishes
-//! (`JsPublish`) and the reads of the reader consumer's unread total (`ConsumerInfo`). It settles
-//! CHAT deliveries itself ([`Ctx::settle`]) and sets [`Timer::HeldCopies`].
+//! fence), the spilled copies in flight per owner, the per-owner back-pressure (the reader
+//! consumer's backlog, [`InboxBacklog`]; the copies held for an owner at [`DINBOX_HIGH_WATER`];
+//! the owners in a back-pressure episode), whether writes are failing (health), and the op ids
+//! it issued: the DLV and dinbox publishes (`JsPublish`) and the reads of the reader consumer's
+//! unread total (`ConsumerInfo`). It settles CHAT deliveries itself ([`Ctx::settle`]) and sets
+//! [`Timer::HeldCopies`].
 //!
-//! Inputs from the parent: a fan-out delivery (with the views lent), a completion of one of its
-//! ops, the timer, and [`Fanout::settled`] when the reader settled an owner's dinbox entry (which
-//! may release held copies). Read by the parent: [`Fanout::high`] (a join's fence),
-//! [`Fanout::legacy_known`] (the fan-out consumer opens once the backlog is known),
+//! Inputs from the parent: a fan-out delivery (with [`Lent`]: the views, a running leave's
+//! frontier, the reader's DLV gate), a completion of one of its ops (it answers a
+//! [`FanoutStep`]), the timer, and [`Fanout::settled`] when the reader settled an owner's
+//! dinbox entry (which may release held copies). Read by the parent: [`Fanout::high`] (a join's
+//! fence), [`Fanout::legacy_known`] (the fan-out consumer opens once the backlog is known),
 //! [`Fanout::writes_failing`] (health).
+//!
+//! # One write per copy (issue 17)
+//!
+//! Fan-out and the reader run in one daemon over the same views, so a copy can be judged when it
+//! is routed. Each copy gets the reader's own decision ([`judge`]: the owner's current ACL, the
+//! interval of the copy's own generation (G2), the hold for a leave in flight). A copy it would
+//! transfer is published straight to `cotal.<s>.dlv.<owner>` under the msg-id and payload the
+//! reader would have used (`<msg.id>:<owner>:<generation>`, the message itself, encoded once
+//! per message), when
+//!
+//! - nothing of the owner's is in the dinbox or on its way there (no spilled copy in flight,
+//!   the inbox backlog's bound is 0, a predecessor's unread entries included), so the owner's
+//!   DLV keeps CHAT order; and
+//! - the owner's DLV has room now ([`DlvBacklog::try_admit`](crate::delivery::backlog::DlvBacklog::try_admit) through the reader: known to this life,
+//!   no read in flight, under the cap and the sender's share).
+//!
+//! Every other copy **spills** to the dinbox and the reader decides it as before: the first copy
+//! of each owner in a daemon's life (its DLV backlog is unknown), copies of an owner whose DLV is
+//! full or being read (the reader waits or sheds for that owner alone, so one slow member does
+//! not hold fan-out for everyone), copies the decision does not transfer (unknown ACL, a leave in
+//! flight, drops), and copies behind a spilled one. Catch-up copies and entries an earlier
+//! daemon left in INBOX (ours or the reference's) are transferred by the reader too, and
+//! [`super::DeliveryConfig::two_hop`] spills everything (the reference's two hops). A failed or
+//! unknown direct write naks the message like a failed dinbox write; its redelivery collapses
+//! on the DLV msg-id (the DLV stream's 2 h duplicate window).
+//!
+//! **The revocation window.** A copy is judged against the ACL as this daemon's watch last
+//! delivered it. A narrowing the watch has not delivered yet, or one that arrives while the
+//! copy's write is in flight, lets the copy land. Both are taken back: the narrowing's watch
+//! event queues a sweep of the owner's DLV, and the copy's PubAck asks for one more when the
+//! current ACL no longer admits its channel ([`FanoutStep::Transferred`]). A narrowed copy
+//! stays in DLV from its landing to the end of that sweep pass: the window the reader's
+//! transfers had.
 //!
 //! # Decisions
 //!
@@ -26,9 +61,11 @@
 use super::config::{DINBOX_HIGH_WATER, FANOUT_HOLD_LIMIT, backpressure_delay};
 use super::context::Ctx;
 use super::events::{DeliveryEvent, FanoutAnomaly};
+use super::reader::judge;
 use super::types::{BatchId, Timer, outcome_detail};
 use super::views::Views;
 use crate::constants::backoff;
+use crate::delivery::authorize::{Decision, dlv_payload};
 use crate::delivery::backlog::{BACKLOG_RECHECK, InboxBacklog, OWNER_CAP};
 use crate::delivery::route::{MentionSkipReason, Routed, route};
 use crate::io::{AckKind, Command, Reply};
@@ -38,10 +75,12 @@ use crate::time::{Instant, Now};
 use crate::wire::config::ConsumerSpec;
 use crate::wire::json;
 use crate::wire::message::CotalMessage;
+use crate::wire::msgid::Plane3MsgId;
 use crate::wire::records::{MemberState, MembershipRecord};
 use crate::wire::shard::Shard;
 use crate::wire::subject::Subject;
 use crate::wire::token::{AgentId, ConcreteChannel, Space};
+use bytes::Bytes;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -65,17 +104,62 @@ struct FanoutBatch {
     deferred: bool,
 }
 
+/// Where a copy is written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CopyPath {
+    /// Straight to the owner's DLV (one write per copy).
+    Direct,
+    /// To the owner's dinbox, for the reader (the spill, and every copy with
+    /// [`super::DeliveryConfig::two_hop`]).
+    Spill,
+}
+
+/// How one routed copy is written: straight to DLV with this msg-id and payload, or spilled.
+enum Write {
+    Direct { msg_id: String, payload: Bytes },
+    Spill,
+}
+
+/// A routed copy and how it is written.
+type RoutedCopy = (Routed, Write);
+
 /// An op fan-out issued.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum FanoutOp {
-    /// A dinbox copy of a batch.
+    /// A copy of a batch, written to the owner's DLV or dinbox.
     Copy {
         batch: BatchId,
         owner: AgentId,
+        channel: ConcreteChannel,
         generation: u64,
+        path: CopyPath,
     },
     /// A read of the reader consumer's unread total.
     InboxBacklog,
+}
+
+/// What a completion of one of fan-out's ops asks of the parent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum FanoutStep {
+    /// The reader consumer's unread total was read: the fan-out consumer may open now.
+    InboxBacklogRead,
+    /// A copy reached `owner`'s DLV straight from fan-out: sweep again if the current ACL no
+    /// longer admits `channel` (the revocation window, see the module docs).
+    Transferred {
+        owner: AgentId,
+        channel: ConcreteChannel,
+    },
+    /// A copy written straight to `owner`'s DLV was not stored: one fewer in its DLV bound.
+    DirectUnstored(AgentId),
+}
+
+/// What the parent lends fan-out for one delivery: the views to route and judge by, the
+/// frontier of a running leave per `(owner, channel)`, and the DLV gate of the reader.
+pub(super) struct Lent<'a> {
+    pub(super) views: &'a Views,
+    pub(super) leave_frontier: &'a dyn Fn(&AgentId, &ConcreteChannel) -> Option<u64>,
+    /// `(owner, sender)`: whether the owner's DLV has room for a copy now (counted if so).
+    pub(super) dlv_gate: &'a mut dyn FnMut(&AgentId, &AgentId) -> bool,
 }
 
 /// The fan-out child of [`super::Delivery`].
@@ -85,6 +169,14 @@ pub(super) struct Fanout {
     shard: Shard,
     /// [`super::DeliveryConfig::reference_gap_g17`].
     reference_gap_g17: bool,
+    /// [`super::DeliveryConfig::reference_gap_g2`] (for the decision it shares with the reader).
+    reference_gap_g2: bool,
+    /// [`super::DeliveryConfig::two_hop`]: every copy goes through the dinbox.
+    two_hop: bool,
+    /// Spilled copies in flight per owner (not yet in the inbox backlog, which counts stored
+    /// ones): a copy goes straight to DLV only when none of its owner's is in the dinbox or on
+    /// its way there.
+    spilling: BTreeMap<AgentId, u64>,
     /// The highest CHAT sequence received.
     high: u64,
     next_batch: BatchId,
@@ -99,11 +191,14 @@ pub(super) struct Fanout {
 }
 
 impl Fanout {
-    pub(super) fn new(space: Space, shard: Shard, reference_gap_g17: bool) -> Self {
+    pub(super) fn new(space: Space, shard: Shard, config: &super::DeliveryConfig) -> Self {
         Fanout {
             space,
             shard,
-            reference_gap_g17,
+            reference_gap_g17: config.reference_gap_g17,
+            reference_gap_g2: config.reference_gap_g2,
+            two_hop: config.two_hop,
+            spilling: BTreeMap::new(),
             high: 0,
             next_batch: 0,
             batches: BTreeMap::new(),
@@ -135,28 +230,26 @@ impl Fanout {
         self.pending.contains_key(&op)
     }
 
-    /// A completion of one of fan-out's ops. True when it was the read of the reader
-    /// consumer's unread total (the parent may open the fan-out consumer now).
+    /// A completion of one of fan-out's ops, and what it asks of the parent.
     pub(super) fn on_completion(
         &mut self,
         cx: &mut Ctx,
         op: OpId,
         outcome: Outcome<Reply>,
-    ) -> bool {
+    ) -> Option<FanoutStep> {
         match self.pending.remove(&op) {
             Some(FanoutOp::Copy {
                 batch,
                 owner,
+                channel,
                 generation,
-            }) => {
-                self.on_copy_stored(cx, batch, owner, generation, outcome);
-                false
-            }
+                path,
+            }) => self.on_copy_stored(cx, batch, owner, channel, generation, path, outcome),
             Some(FanoutOp::InboxBacklog) => {
                 self.on_inbox_backlog(cx, outcome);
-                true
+                Some(FanoutStep::InboxBacklogRead)
             }
-            None => false,
+            None => None,
         }
     }
 
@@ -178,15 +271,17 @@ impl Fanout {
         cx.timers.cancel(&Timer::HeldCopies);
         self.inbox.check_abandoned();
         self.pending.clear();
+        self.spilling.clear();
     }
 
-    /// A CHAT delivery of the fan-out consumer: routed against `views`, its copies written (or
-    /// held for an owner at the high water), settled once all are stored.
+    /// A CHAT delivery of the fan-out consumer: routed against the views, each copy judged and
+    /// written straight to DLV or spilled to the dinbox (or held for an owner at the high
+    /// water), settled once all are stored.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn on_delivery(
         &mut self,
         cx: &mut Ctx,
-        views: &Views,
+        mut lent: Lent<'_>,
         live: bool,
         now: Now,
         delivery: DeliveryId,
@@ -196,6 +291,7 @@ impl Fanout {
         payload: &[u8],
     ) {
         self.high = self.high.max(seq);
+        let views = lent.views;
         let space = &self.space;
         let (sender, channel) = match Subject::parse(subject) {
             Ok(Subject::Chat {
@@ -227,7 +323,7 @@ impl Fanout {
         let roster = &views.roster;
         let acls = &views.acls;
         let reference_g17 = self.reference_gap_g17;
-        let views: Vec<Cow<'_, MembershipRecord>> = views
+        let records: Vec<Cow<'_, MembershipRecord>> = views
             .members
             .channel(&channel)
             .map(|r| routing_view(r, seq))
@@ -237,7 +333,7 @@ impl Fanout {
             &channel,
             seq,
             class,
-            views.iter().map(|v| v.as_ref()),
+            records.iter().map(|v| v.as_ref()),
             |name| {
                 if reference_g17 {
                     roster.resolve_reference(name)
@@ -273,12 +369,23 @@ impl Fanout {
         if entries.is_empty() {
             return cx.settle(delivery, AckKind::Ack);
         }
+        // One write per copy: each copy is judged now, as the reader would judge its entry, and
+        // one it would transfer goes straight to the owner's DLV when nothing of the owner's is
+        // in the dinbox or on its way there (so DLV keeps CHAT order) and the owner's DLV has
+        // room now. Every other copy spills to the dinbox, where the reader decides it.
+        let mut payload: Option<Bytes> = None;
+        let mut writes: Vec<RoutedCopy> = Vec::with_capacity(entries.len());
+        for routed in entries {
+            let write = self.direct_write(cx, &mut lent, now, live, &routed, &mut payload);
+            writes.push((routed, write));
+        }
         // Per-owner back-pressure (G6): INBOX keeps the newest 1000 entries of an owner, so a
         // copy written while 1000 newer ones wait for the reader is discarded unread. An owner at
         // the high water gets its copy from this very delivery, held until the reader drained.
-        let (entries, held): (Vec<Routed>, Vec<Routed>) = entries
+        let (writes, held): (Vec<RoutedCopy>, Vec<RoutedCopy>) = writes
             .into_iter()
-            .partition(|r| self.inbox.admits(&r.owner));
+            .partition(|(r, w)| matches!(w, Write::Direct { .. }) || self.inbox.admits(&r.owner));
+        let held: Vec<Routed> = held.into_iter().map(|(r, _)| r).collect();
         self.next_batch += 1;
         let batch = self.next_batch;
         if !held.is_empty() {
@@ -319,31 +426,101 @@ impl Fanout {
                 deferred: false,
             },
         );
-        for routed in entries {
-            self.publish_copy(cx, batch, routed);
+        for (routed, write) in writes {
+            self.publish_copy(cx, batch, routed, write);
         }
     }
 
-    /// Writes one routed copy of fan-out batch `batch` to its owner's dinbox.
-    fn publish_copy(&mut self, cx: &mut Ctx, batch: BatchId, routed: Routed) {
+    /// How `routed` is written: [`Write::Direct`] when the reader's decision ([`judge`]) is a
+    /// transfer, no copy of the owner's is in the dinbox or on its way there, and the owner's
+    /// DLV admits it now (the gate counts it then); else [`Write::Spill`]. `payload` is the
+    /// message's DLV payload, encoded once per message.
+    fn direct_write(
+        &mut self,
+        cx: &mut Ctx,
+        lent: &mut Lent<'_>,
+        now: Now,
+        live: bool,
+        routed: &Routed,
+        payload: &mut Option<Bytes>,
+    ) -> Write {
+        if self.two_hop {
+            return Write::Spill;
+        }
+        let owner = &routed.owner;
+        let entry = &routed.entry;
+        let leave = (lent.leave_frontier)(owner, &entry.channel);
+        // A first look, as on the entry's first delivery: anything but a transfer is the
+        // reader's to decide (and to count), with its own delivery count.
+        let (decision, _) = judge(
+            &lent.views.acls,
+            &lent.views.members,
+            leave,
+            self.reference_gap_g2,
+            owner,
+            entry,
+            1,
+        );
+        let Decision::Transfer { msg_id } = decision else {
+            return Write::Spill;
+        };
+        if self.spilling.contains_key(owner) || self.inbox.bound(owner) > 0 {
+            if self.inbox.legacy() > 0 && self.inbox.needs_recheck(now.at) {
+                // A predecessor's unread entries bound every owner until a read shows them gone.
+                self.read_inbox_backlog(cx, now, live);
+            }
+            return Write::Spill;
+        }
+        if !(lent.dlv_gate)(owner, &entry.msg.from.id) {
+            return Write::Spill;
+        }
+        let payload = payload.get_or_insert_with(|| dlv_payload(entry)).clone();
+        Write::Direct {
+            msg_id: msg_id.to_string(),
+            payload,
+        }
+    }
+
+    /// Writes one routed copy of fan-out batch `batch`: to its owner's DLV, or to its dinbox.
+    fn publish_copy(&mut self, cx: &mut Ctx, batch: BatchId, routed: Routed, write: Write) {
         let Some(b) = self.batches.get_mut(&batch) else {
             return;
         };
         b.outstanding += 1;
-        let subject = Subject::Dinbox {
-            space: self.space.clone(),
-            owner: routed.owner.clone(),
-        }
-        .to_string();
-        let msg_id = routed.msg_id().to_string();
-        let payload = json::encode(&routed.entry);
+        let owner = routed.owner;
+        let (path, subject, msg_id, payload) = match write {
+            Write::Direct { msg_id, payload } => {
+                let subject = Subject::Dlv {
+                    space: self.space.clone(),
+                    owner: owner.clone(),
+                };
+                (CopyPath::Direct, subject, msg_id, payload)
+            }
+            Write::Spill => {
+                *self.spilling.entry(owner.clone()).or_insert(0) += 1;
+                let subject = Subject::Dinbox {
+                    space: self.space.clone(),
+                    owner: owner.clone(),
+                };
+                let msg_id = Plane3MsgId::for_entry(&routed.entry, &owner).to_string();
+                (
+                    CopyPath::Spill,
+                    subject,
+                    msg_id,
+                    json::encode(&routed.entry),
+                )
+            }
+        };
+        let subject = subject.to_string();
         let op = cx.op();
         self.pending.insert(
             op,
             FanoutOp::Copy {
                 batch,
-                owner: routed.owner,
+                owner,
+                channel: routed.entry.channel,
                 generation: routed.entry.generation,
+                path,
             },
         );
         cx.commands.push_back(Command::JsPublish {
@@ -381,7 +558,7 @@ impl Fanout {
             if b.held.is_empty() {
                 b.held_since = None;
             }
-            self.publish_copy(cx, batch, routed);
+            self.publish_copy(cx, batch, routed, Write::Spill);
         }
     }
 
@@ -526,24 +703,44 @@ impl Fanout {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn on_copy_stored(
         &mut self,
         cx: &mut Ctx,
         batch: BatchId,
         owner: AgentId,
+        channel: ConcreteChannel,
         generation: u64,
+        path: CopyPath,
         outcome: Outcome<Reply>,
-    ) {
-        let ok = match outcome {
-            Outcome::Success(Reply::PubAck(ack)) => {
-                self.stored(cx, &owner, ack.duplicate);
-                None
+    ) -> Option<FanoutStep> {
+        if path == CopyPath::Spill
+            && let Some(n) = self.spilling.get_mut(&owner)
+        {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.spilling.remove(&owner);
             }
-            Outcome::Failed(f) => Some(Some(f)),
-            _ => Some(None),
+        }
+        let (ok, step) = match (outcome, path) {
+            (Outcome::Success(Reply::PubAck(ack)), CopyPath::Spill) => {
+                self.stored(cx, &owner, ack.duplicate);
+                (None, None)
+            }
+            (Outcome::Success(Reply::PubAck(_)), CopyPath::Direct) => {
+                cx.counters.transferred += 1;
+                cx.counters.transferred_direct += 1;
+                let step = FanoutStep::Transferred {
+                    owner: owner.clone(),
+                    channel,
+                };
+                (None, Some(step))
+            }
+            (Outcome::Failed(f), path) => (Some(Some(f)), unstored(path, &owner)),
+            (_, path) => (Some(None), unstored(path, &owner)),
         };
         let Some(b) = self.batches.get_mut(&batch) else {
-            return;
+            return step;
         };
         b.outstanding = b.outstanding.saturating_sub(1);
         if let Some(failure) = ok {
@@ -559,6 +756,7 @@ impl Fanout {
             });
         }
         self.finish_batch_if_done(cx, batch);
+        step
     }
 
     /// Settles a fan-out batch's CHAT delivery once no copy is in flight or held: acked when
@@ -605,6 +803,11 @@ impl Fanout {
             cx.settle(b.delivery, AckKind::Ack);
         }
     }
+}
+
+/// A direct copy that was not stored frees its place in the owner's DLV bound.
+fn unstored(path: CopyPath, owner: &AgentId) -> Option<FanoutStep> {
+    (path == CopyPath::Direct).then(|| FanoutStep::DirectUnstored(owner.clone()))
 }
 
 /// The record fan-out routes `seq` by: the record itself when its current interval admits `seq`,

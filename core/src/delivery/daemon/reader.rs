@@ -1,6 +1,10 @@
 //! The reader: every dinbox entry of this shard's owners is authorized against the in-memory
-//! ACL and membership views ([`authorize()`]), transferred to `dlv.<owner>` and acked only after
-//! the DLV PubAck (I21); an owner whose DLV backlog is full waits, or is shed ([`DlvBacklog`]).
+//! ACL and membership views ([`judge`], around [`authorize()`]), transferred to `dlv.<owner>`
+//! and acked only after the DLV PubAck (I21); an owner whose DLV backlog is full waits, or is
+//! shed ([`DlvBacklog`]). Since fan-out writes the copies it may transfer straight to DLV
+//! (`fanout.rs`), the dinbox holds the spill, catch-up copies and what an earlier daemon left;
+//! the DLV gate is the reader's still, and fan-out's direct copies pass it too
+//! ([`Reader::admit_direct`]).
 //!
 //! [`Reader`] owns the transfers in flight (by dinbox delivery), the DLV backlog bookkeeping and
 //! the op ids it issued: the DLV publishes (`JsPublish`) and the DLV consumer reads
@@ -122,6 +126,17 @@ impl Reader {
         self.pending.clear();
     }
 
+    /// Fan-out would write a copy of `sender`'s straight to `owner`'s DLV: whether the owner's
+    /// DLV has room for it now ([`DlvBacklog::try_admit`]; counted if so).
+    pub(super) fn admit_direct(&mut self, owner: &AgentId, sender: &AgentId) -> bool {
+        self.dlv.try_admit(owner, sender)
+    }
+
+    /// A direct copy admitted by [`Reader::admit_direct`] failed to store.
+    pub(super) fn direct_unstored(&mut self, owner: &AgentId) {
+        self.dlv.unstored(owner);
+    }
+
     /// A dinbox delivery of the reader consumer.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn on_delivery(
@@ -157,35 +172,18 @@ impl Reader {
             steps.push(ReaderStep::Settle(delivery, AckKind::Ack));
             return steps;
         }
-        let acl = acls.get(&owner).map(|v| &v.read);
-        let record = members.get(&entry.channel, &owner);
-        let mut decision = authorize(&entry, &owner, acl, record, delivery_count);
-        if self.reference_gap_g2
-            && entry.reason == Plane3Reason::DurableChannel
-            && matches!(decision, Decision::Transfer { .. })
-            && let Some(rec) = record
-            && !durable_eligible(rec, entry.seq)
-        {
-            // The reference's reader: the current interval only (G2 switched back on).
-            decision = Decision::Drop(match current_interval(rec) {
-                Some(interval) => DropReason::OutsideInterval(interval),
-                None => DropReason::InertGeneration {
-                    generation: rec.generation,
-                },
-            });
-        }
-        if matches!(decision, Decision::Transfer { .. })
-            && let Some(held) = hold_for_leave(
-                &entry,
-                &owner,
-                leave_frontier(&owner, &entry.channel),
-                delivery_count,
-            )
-        {
-            if matches!(held, Decision::Defer { .. }) {
-                cx.counters.held_for_leave += 1;
-            }
-            decision = held;
+        let leave = leave_frontier(&owner, &entry.channel);
+        let (decision, held_for_leave) = judge(
+            acls,
+            members,
+            leave,
+            self.reference_gap_g2,
+            &owner,
+            &entry,
+            delivery_count,
+        );
+        if held_for_leave {
+            cx.counters.held_for_leave += 1;
         }
         self.apply(
             cx,
@@ -433,4 +431,49 @@ impl Reader {
             });
         }
     }
+}
+
+/// The one decision for a copy of `owner`'s, in one place for both hops: [`authorize`] against
+/// the owner's current ACL and the membership record of the entry's channel as the views hold
+/// them now (the interval of the entry's own generation, G2), the reference's current-interval
+/// rule when switched back on (test only), then the hold for a leave whose tombstone is in
+/// flight ([`hold_for_leave`], `leave_frontier`). Returns the decision and whether it is such a
+/// hold (a deferral, counted by the reader in `held_for_leave`).
+///
+/// The reader applies it to every dinbox entry. Fan-out applies it to every copy it routes and
+/// writes straight to DLV only a copy it would transfer; every other copy goes to the dinbox,
+/// where the reader decides it again with its own delivery count.
+pub(super) fn judge(
+    acls: &AclIndex,
+    members: &MemberIndex,
+    leave_frontier: Option<u64>,
+    reference_gap_g2: bool,
+    owner: &AgentId,
+    entry: &Plane3Entry,
+    delivery_count: u64,
+) -> (Decision, bool) {
+    let acl = acls.get(owner).map(|v| &v.read);
+    let record = members.get(&entry.channel, owner);
+    let mut decision = authorize(entry, owner, acl, record, delivery_count);
+    if reference_gap_g2
+        && entry.reason == Plane3Reason::DurableChannel
+        && matches!(decision, Decision::Transfer { .. })
+        && let Some(rec) = record
+        && !durable_eligible(rec, entry.seq)
+    {
+        // The reference's reader: the current interval only (G2 switched back on).
+        decision = Decision::Drop(match current_interval(rec) {
+            Some(interval) => DropReason::OutsideInterval(interval),
+            None => DropReason::InertGeneration {
+                generation: rec.generation,
+            },
+        });
+    }
+    if matches!(decision, Decision::Transfer { .. })
+        && let Some(held) = hold_for_leave(entry, owner, leave_frontier, delivery_count)
+    {
+        let deferred = matches!(held, Decision::Defer { .. });
+        return (held, deferred);
+    }
+    (decision, false)
 }

@@ -1,5 +1,6 @@
 #![allow(clippy::unwrap_used)]
 
+mod direct;
 mod harness;
 mod mentions;
 mod revoke;
@@ -2678,6 +2679,7 @@ fn set_every_counter(c: &mut DeliveryCounters, v: u64) {
         copies_written: v,
         copies_duplicate: v,
         transferred: v,
+        transferred_direct: v,
         dropped: v,
         deferred: v,
         held_for_leave: v,

@@ -1,0 +1,250 @@
+//! One write per copy (issue 17): fan-out judges each copy as the reader would and writes the
+//! ones it may transfer straight to the owner's DLV; everything else spills into the dinbox,
+//! where the reader decides it. Driven through the machine with the fake broker.
+
+use super::super::*;
+use super::harness::*;
+use super::{chat_msg, is_dlv_pub, is_member_put, plant_member, record, served};
+use crate::time::Duration;
+use bytes::Bytes;
+
+/// The INBOX sequences not yet given to the reader.
+fn unread_inbox(w: &World, from: usize) -> Vec<u64> {
+    w.b.inbox.iter().skip(from).map(|e| e.0).collect()
+}
+
+/// Fans out a first message to every member (it spills: this daemon has not read their DLV
+/// consumers yet) and lets the reader transfer it, so the owners' DLV gate is open.
+fn warm(w: &mut World) -> u64 {
+    let from = w.b.inbox.len();
+    let s = w.post("bob", "review", &[]);
+    let d = w.fanout(s, 1);
+    assert_eq!(w.settled(d), vec![AckKind::Ack], "{}", w.log);
+    for e in unread_inbox(w, from) {
+        let r = w.reader(e, 1);
+        assert_eq!(w.settled(r), vec![AckKind::Ack], "{}", w.log);
+    }
+    assert_eq!(
+        w.d.counters().transferred_direct,
+        0,
+        "the first copy spills"
+    );
+    s
+}
+
+fn members(w: &mut World, owners: &[&str]) {
+    for o in owners {
+        plant_member(w, &record("review", o, 0, 1), None);
+        w.acl(o, &["review"]);
+    }
+}
+
+fn dlv_payload_of(w: &World, id: &str) -> Bytes {
+    w.b.dlv
+        .iter()
+        .find(|e| e.2 == id)
+        .map(|e| e.3.clone())
+        .unwrap_or_else(|| panic!("no DLV copy {id}\n{}", w.log))
+}
+
+#[test]
+fn in_steady_state_each_copy_is_one_dlv_write_and_the_message_is_acked_after_every_pub_ack() {
+    let mut w = served();
+    members(&mut w, &["alice", "carol"]);
+    warm(&mut w);
+    let inbox_before = w.b.inbox.len();
+    let s = w.post("bob", "review", &[]);
+    w.rule(is_dlv_pub, Effect::Hold, 2);
+    let d = w.fanout(s, 1);
+    assert_eq!(w.held.len(), 2, "both copies pipelined\n{}", w.log);
+    assert!(w.settled(d).is_empty(), "not before the PubAcks");
+    w.release(0, None);
+    assert!(w.settled(d).is_empty(), "not before the last PubAck");
+    w.release(0, None);
+    assert_eq!(w.settled(d), vec![AckKind::Ack]);
+    assert_eq!(
+        w.b.inbox.len(),
+        inbox_before,
+        "nothing went through the dinbox"
+    );
+    for o in ["alice", "carol"] {
+        let id = format!("m{s}:{o}:1");
+        assert!(w.dlv_ids(o).contains(&id), "{}", w.log);
+        // The record reference agents read: the message itself, as the reader writes it.
+        assert_eq!(dlv_payload_of(&w, &id), json::encode(&chat_msg(&w, s)));
+    }
+    let c = w.d.counters();
+    assert_eq!((c.transferred_direct, c.transferred), (2, 4));
+}
+
+#[test]
+fn a_copy_spills_while_its_owner_has_dinbox_entries_so_dlv_keeps_chat_order() {
+    let mut w = served();
+    members(&mut w, &["alice"]);
+    // Two copies spill before the reader ran (this daemon has not read alice's DLV yet).
+    let s1 = w.post("bob", "review", &[]);
+    let s2 = w.post("bob", "review", &[]);
+    w.fanout(s1, 1);
+    w.fanout(s2, 1);
+    let waiting = unread_inbox(&w, 0);
+    assert_eq!(waiting.len(), 2, "{}", w.log);
+    w.reader(waiting[0], 1);
+    // Alice's DLV is open now, but her second entry still waits: the next copy spills behind it.
+    let s3 = w.post("bob", "review", &[]);
+    w.fanout(s3, 1);
+    assert_eq!(w.d.counters().transferred_direct, 0, "{}", w.log);
+    let waiting = unread_inbox(&w, 1);
+    assert_eq!(waiting.len(), 2, "{}", w.log);
+    for e in waiting {
+        w.reader(e, 1);
+    }
+    // Nothing of alice's is in the dinbox any more: straight to DLV.
+    let s4 = w.post("bob", "review", &[]);
+    w.fanout(s4, 1);
+    assert_eq!(w.d.counters().transferred_direct, 1, "{}", w.log);
+    let order: Vec<String> = [s1, s2, s3, s4]
+        .iter()
+        .map(|s| format!("m{s}:alice:1"))
+        .collect();
+    assert_eq!(w.dlv_ids("alice"), order, "CHAT order\n{}", w.log);
+}
+
+#[test]
+fn two_hop_sends_every_copy_through_the_dinbox() {
+    let mut config = DeliveryConfig::new(space(), shard0(), "D1");
+    config.two_hop = true;
+    let mut w = World::with_config(config);
+    w.boot();
+    members(&mut w, &["alice"]);
+    warm(&mut w);
+    let s = w.post("bob", "review", &[]);
+    let d = w.fanout(s, 1);
+    assert_eq!(w.settled(d), vec![AckKind::Ack]);
+    assert_eq!(w.inbox_ids("alice").last(), Some(&format!("m{s}:alice:1")));
+    assert_eq!(w.d.counters().transferred_direct, 0);
+}
+
+#[test]
+fn a_failed_direct_write_naks_the_message_and_its_redelivery_collapses_on_the_msg_id() {
+    let mut w = served();
+    members(&mut w, &["alice", "carol"]);
+    warm(&mut w);
+    let s = w.post("bob", "review", &[]);
+    w.rule(is_dlv_pub, Effect::ExecuteThenUnknown, 1);
+    let d = w.fanout(s, 1);
+    assert_eq!(
+        w.settled(d),
+        vec![AckKind::Nak {
+            delay: Duration::from_millis(1000)
+        }]
+    );
+    assert!(
+        w.events
+            .iter()
+            .any(|e| matches!(e, DeliveryEvent::CopyWriteFailed { seq, .. } if *seq == s)),
+        "{}",
+        w.log
+    );
+    let d2 = w.fanout(s, 2);
+    assert_eq!(w.settled(d2), vec![AckKind::Ack], "{}", w.log);
+    for o in ["alice", "carol"] {
+        let id = format!("m{s}:{o}:1");
+        assert_eq!(
+            w.dlv_ids(o).iter().filter(|i| **i == id).count(),
+            1,
+            "one copy per owner\n{}",
+            w.log
+        );
+    }
+    assert_eq!(w.d.health(), &DeliveryHealth::Active);
+}
+
+#[test]
+fn a_full_dlv_spills_the_copy_and_the_reader_sheds_it_reported() {
+    let mut w = served();
+    members(&mut w, &["alice"]);
+    // Alice's agent is far behind: 998 unread copies wait in her DLV; the warm-up adds one.
+    for i in 0..998u64 {
+        w.b.dlv.push((
+            i + 1,
+            "cotal.main.dlv.alice".into(),
+            format!("old-{i}"),
+            Bytes::new(),
+        ));
+    }
+    warm(&mut w);
+    assert_eq!(w.dlv_ids("alice").len(), 999);
+    let s = w.post("bob", "review", &[]);
+    let d = w.fanout(s, 1);
+    assert_eq!(w.settled(d), vec![AckKind::Ack]);
+    assert_eq!(w.d.counters().transferred_direct, 1, "room for exactly one");
+    let from = w.b.inbox.len();
+    let s2 = w.post("bob", "review", &[]);
+    let d2 = w.fanout(s2, 1);
+    assert_eq!(w.settled(d2), vec![AckKind::Ack]);
+    assert_eq!(
+        w.inbox_ids("alice").last(),
+        Some(&format!("m{s2}:alice:1")),
+        "spilled, not written past the cap\n{}",
+        w.log
+    );
+    let e = unread_inbox(&w, from);
+    let r = w.reader(e[0], 1);
+    assert_eq!(w.settled(r), vec![AckKind::Ack]);
+    assert_eq!(w.dlv_ids("alice").len(), 1000, "no unread copy pushed out");
+    assert_eq!(w.d.counters().dlv_shed, 1);
+}
+
+#[test]
+fn a_copy_past_the_frontier_of_a_running_leave_is_not_written_straight_to_dlv() {
+    let mut w = served();
+    members(&mut w, &["alice"]);
+    warm(&mut w);
+    let before = w.post("bob", "review", &[]);
+    // Alice leaves; her tombstone's compare-and-set is in flight.
+    w.rule(is_member_put, Effect::Hold, 1);
+    w.leave("alice", "review", 1, "L1");
+    assert_eq!(w.held.len(), 1, "{}", w.log);
+    let after = w.post("bob", "review", &[]);
+    let d = w.fanout(before, 1);
+    assert_eq!(w.settled(d), vec![AckKind::Ack]);
+    assert!(
+        w.dlv_ids("alice").contains(&format!("m{before}:alice:1")),
+        "inside the interval either way\n{}",
+        w.log
+    );
+    let from = w.b.inbox.len();
+    let d = w.fanout(after, 1);
+    assert_eq!(w.settled(d), vec![AckKind::Ack]);
+    assert!(!w.dlv_ids("alice").contains(&format!("m{after}:alice:1")));
+    assert_eq!(unread_inbox(&w, from).len(), 1, "spilled for the reader");
+    // The tombstone lands: the reader drops the spilled copy as past the leave.
+    w.release(0, None);
+    let e = unread_inbox(&w, from);
+    let r = w.reader(e[0], 1);
+    assert_eq!(w.settled(r), vec![AckKind::Ack], "{}", w.log);
+    assert!(!w.dlv_ids("alice").contains(&format!("m{after}:alice:1")));
+    assert!(w.d.counters().dropped >= 1);
+}
+
+#[test]
+fn a_narrowing_that_races_a_direct_write_is_swept_after_it_lands() {
+    let mut w = served();
+    members(&mut w, &["alice"]);
+    warm(&mut w);
+    let s = w.post("bob", "review", &[]);
+    w.rule(is_dlv_pub, Effect::Hold, 1);
+    let d = w.fanout(s, 1);
+    assert_eq!(w.held.len(), 1);
+    w.note("fan-out judged under the old ACL; the narrowing is swept before the copy lands");
+    w.acl("alice", &[]);
+    w.release(0, None);
+    assert_eq!(w.settled(d), vec![AckKind::Ack]);
+    assert!(
+        !w.dlv_ids("alice").contains(&format!("m{s}:alice:1")),
+        "taken back by the sweep\n{}",
+        w.log
+    );
+    // The warm-up copy by the first sweep, this one by the sweep its landing asked for.
+    assert_eq!(w.d.counters().dlv_revoked, 2, "{}", w.log);
+}
