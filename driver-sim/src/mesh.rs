@@ -648,7 +648,10 @@ impl Mesh {
         for (name, n) in [
             ("daemon.direct", c.transferred_direct),
             ("daemon.via-reader", c.transferred - c.transferred_direct),
-            ("daemon.dinbox", c.copies_written),
+            (
+                "daemon.dinbox",
+                c.copies_written.saturating_sub(c.transferred_direct),
+            ),
         ] {
             if n > 0 {
                 probes.insert(name, n);

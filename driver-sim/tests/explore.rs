@@ -61,6 +61,11 @@ fn explore_500_seeds_with_every_fault() {
         "in.unknown",
         "in.no-responders",
         "in.wrong-last-revision",
+        // Both paths of a durable copy (issue 17): straight to DLV, and spilled to the dinbox
+        // for the reader.
+        "daemon.direct",
+        "daemon.via-reader",
+        "daemon.dinbox",
     ] {
         assert!(
             probes.get(probe).copied().unwrap_or(0) > 0,

@@ -1242,35 +1242,61 @@ impl FeedSink {
     }
 }
 
+/// The JetStream publish lane: one task that sends every `JsPublish` in command order and
+/// awaits their PubAcks together (a `FuturesUnordered` in the same task, not a task per PubAck),
+/// reporting each completion as it arrives. Publishes stay pipelined: a send does not wait for
+/// an earlier PubAck. PubAcks are still collected while a send waits (the context's
+/// `max_ack_inflight` permits are freed only as their PubAcks are taken).
 fn spawn_publish_lane(
     js: jetstream::Context,
     internal: mpsc::UnboundedSender<Internal>,
 ) -> mpsc::UnboundedSender<LaneJob> {
     let (tx, mut rx) = mpsc::unbounded_channel::<LaneJob>();
     tokio::spawn(async move {
-        while let Some(job) = rx.recv().await {
-            match js.send_publish(job.subject, job.publish).await {
-                Ok(ack) => {
-                    let internal = internal.clone();
-                    let op = job.op;
-                    tokio::spawn(async move {
-                        let outcome = match ack.await {
-                            Ok(ack) => Outcome::Success(Reply::PubAck(PubAck {
-                                stream: ack.stream,
-                                seq: ack.sequence,
-                                duplicate: ack.duplicate,
-                            })),
-                            Err(e) => publish_failure(&e),
-                        };
-                        let _ = internal.send(Internal::Done { op, outcome });
-                    });
+        let report = |op: OpId, result: Result<jetstream::publish::PublishAck, _>| {
+            let outcome = match result {
+                Ok(ack) => Outcome::Success(Reply::PubAck(PubAck {
+                    stream: ack.stream,
+                    seq: ack.sequence,
+                    duplicate: ack.duplicate,
+                })),
+                Err(e) => publish_failure(&e),
+            };
+            let _ = internal.send(Internal::Done { op, outcome });
+        };
+        let mut acks = futures::stream::FuturesUnordered::new();
+        let mut open = true;
+        while open || !acks.is_empty() {
+            tokio::select! {
+                job = rx.recv(), if open => {
+                    let Some(job) = job else {
+                        open = false;
+                        continue;
+                    };
+                    let send = js.send_publish(job.subject, job.publish);
+                    tokio::pin!(send);
+                    let sent = loop {
+                        tokio::select! {
+                            sent = &mut send => break sent,
+                            Some((op, result)) = acks.next(), if !acks.is_empty() => {
+                                report(op, result);
+                            }
+                        }
+                    };
+                    match sent {
+                        Ok(ack) => {
+                            let op = job.op;
+                            acks.push(async move { (op, ack.await) });
+                        }
+                        Err(e) => {
+                            let _ = internal.send(Internal::Done {
+                                op: job.op,
+                                outcome: publish_failure(&e),
+                            });
+                        }
+                    }
                 }
-                Err(e) => {
-                    let _ = internal.send(Internal::Done {
-                        op: job.op,
-                        outcome: publish_failure(&e),
-                    });
-                }
+                Some((op, result)) = acks.next(), if !acks.is_empty() => report(op, result),
             }
         }
     });

@@ -148,9 +148,10 @@ impl DeliveryHealth {
 /// Counters of everything the daemon did and lost since it was built.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct DeliveryCounters {
-    /// Dinbox copies newly stored (fan-out and catch-up).
+    /// Copies newly stored by fan-out and catch-up: straight in the owner's DLV
+    /// (`transferred_direct`) or in its dinbox (the rest).
     pub copies_written: u64,
-    /// Dinbox publishes the duplicate window collapsed.
+    /// Copy publishes (DLV or dinbox) the duplicate window collapsed.
     pub copies_duplicate: u64,
     /// Copies handed off to DLV (by the reader, and by fan-out straight from CHAT).
     pub transferred: u64,

@@ -58,7 +58,7 @@
 //!   the INBOX stream. The count is a lower bound (entries written before this daemon started are
 //!   not counted).
 
-use super::config::{DINBOX_HIGH_WATER, FANOUT_HOLD_LIMIT, backpressure_delay};
+use super::config::{DINBOX_HIGH_WATER, DeliveryConfig, FANOUT_HOLD_LIMIT, backpressure_delay};
 use super::context::Ctx;
 use super::events::{DeliveryEvent, FanoutAnomaly};
 use super::reader::judge;
@@ -191,7 +191,7 @@ pub(super) struct Fanout {
 }
 
 impl Fanout {
-    pub(super) fn new(space: Space, shard: Shard, config: &super::DeliveryConfig) -> Self {
+    pub(super) fn new(space: Space, shard: Shard, config: &DeliveryConfig) -> Self {
         Fanout {
             space,
             shard,
@@ -727,7 +727,12 @@ impl Fanout {
                 self.stored(cx, &owner, ack.duplicate);
                 (None, None)
             }
-            (Outcome::Success(Reply::PubAck(_)), CopyPath::Direct) => {
+            (Outcome::Success(Reply::PubAck(ack)), CopyPath::Direct) => {
+                if ack.duplicate {
+                    cx.counters.copies_duplicate += 1;
+                } else {
+                    cx.counters.copies_written += 1;
+                }
                 cx.counters.transferred += 1;
                 cx.counters.transferred_direct += 1;
                 let step = FanoutStep::Transferred {

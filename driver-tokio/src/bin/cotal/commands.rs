@@ -75,6 +75,10 @@ pub(crate) struct DeliveryArgs {
     /// default: they are only reported.
     #[arg(long)]
     reap_orphans: bool,
+    /// Send every durable copy through the dinbox and the reader (the reference daemon's two
+    /// hops), instead of writing the copies it may transfer straight to DLV. For comparisons.
+    #[arg(long)]
+    two_hop: bool,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -249,6 +253,7 @@ async fn run_delivery(args: DeliveryArgs, id: Option<AgentId>) -> Result<ExitCod
     let mut delivery_config = DeliveryConfig::new(space.clone(), shard, id.clone());
     delivery_config.orphan_retention = args.orphan_retention;
     delivery_config.reap_orphans = args.reap_orphans;
+    delivery_config.two_hop = args.two_hop;
     let (daemon, mut events) = DeliveryDaemon::start_with_events(&config, delivery_config)
         .await
         .map_err(|e| e.to_string())?;

@@ -74,7 +74,11 @@ fn in_steady_state_each_copy_is_one_dlv_write_and_the_message_is_acked_after_eve
         assert_eq!(dlv_payload_of(&w, &id), json::encode(&chat_msg(&w, s)));
     }
     let c = w.d.counters();
-    assert_eq!((c.transferred_direct, c.transferred), (2, 4));
+    // Written: two spilled (the warm-up) and two straight; all four handed off to DLV.
+    assert_eq!(
+        (c.transferred_direct, c.transferred, c.copies_written),
+        (2, 4, 4)
+    );
 }
 
 #[test]
