@@ -319,26 +319,6 @@ impl<T> DlvBacklog<T> {
         }
     }
 
-    /// A copy of `sender`'s for the owner that fan-out would write straight to DLV: admitted
-    /// (counted like [`DlvBacklog::admit`]'s transfer) only when it fits now, without a read.
-    /// Never parks anything: an owner this life has not read yet, a read in flight, the cap or
-    /// the sender's share all answer false, and the caller sends the copy the long way (the
-    /// dinbox), where [`DlvBacklog::admit`] reads and waits as it must.
-    pub fn try_admit(&mut self, owner: &AgentId, sender: &AgentId) -> bool {
-        match self.owners.get_mut(owner) {
-            Some(o)
-                if o.reading.is_none()
-                    && o.bound < OWNER_CAP
-                    && o.senders.of(sender) < SENDER_SHARE =>
-            {
-                o.bound += 1;
-                o.senders.push(sender);
-                true
-            }
-            _ => false,
-        }
-    }
-
     /// The owner's read ended: `Some(unread)` from the consumer, `None` when it failed;
     /// `in_flight` transfers of the owner were published and not yet acknowledged when the read
     /// was sent (it may not have seen them; no transfer of the owner starts while it reads). The

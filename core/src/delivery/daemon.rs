@@ -501,9 +501,10 @@ impl Delivery {
                     self.maybe_open_consumers(now);
                 }
                 Some(FanoutStep::Transferred { owner, channel }) => {
+                    self.reader.direct_done(&owner, true);
                     self.sweep_if_revoked(&owner, &channel);
                 }
-                Some(FanoutStep::DirectUnstored(owner)) => self.reader.direct_unstored(&owner),
+                Some(FanoutStep::DirectUnstored(owner)) => self.reader.direct_done(&owner, false),
                 _ => {}
             }
             return;
@@ -590,7 +591,9 @@ impl Delivery {
                     let lent = Lent {
                         views: &self.views,
                         leave_frontier: &|owner, channel| jobs.leave_frontier(owner, channel),
-                        dlv_gate: &mut |owner, sender| reader.admit_direct(owner, sender),
+                        dlv_gate: &mut |cx, owner, sender, batch| {
+                            reader.admit_direct(cx, owner, sender, batch)
+                        },
                     };
                     self.fanout.on_delivery(
                         &mut self.cx,
@@ -761,6 +764,22 @@ impl Delivery {
                 } => self.tell_loss(&owner, &channel, seq, reason),
                 ReaderStep::SweepIfRevoked { owner, channel } => {
                     self.sweep_if_revoked(&owner, &channel);
+                }
+                ReaderStep::WriteDirect { batch, owner } => {
+                    if !self.fanout.release_parked(&mut self.cx, batch, &owner) {
+                        self.reader.direct_done(&owner, false);
+                    }
+                }
+                ReaderStep::ShedDirect {
+                    batch,
+                    owner,
+                    unread,
+                } => {
+                    if let Some((channel, seq)) =
+                        self.fanout.shed_parked(&mut self.cx, batch, &owner, unread)
+                    {
+                        self.tell_loss(&owner, &channel, seq, LossReason::DlvFull);
+                    }
                 }
             }
         }

@@ -103,6 +103,10 @@ pub struct BenchArgs {
     /// senders publish `--messages` more on it).
     #[arg(long)]
     no_live: bool,
+    /// Run the daemons with every durable copy through the dinbox and the reader (the reference's
+    /// two hops, `cotal delivery --two-hop`) instead of one DLV write per copy: the A/B of issue 17.
+    #[arg(long)]
+    two_hop: bool,
     /// Delivery daemons run in this process, shard i of N each (one lease per shard, as
     /// `cotal delivery --shard i --shards N` runs them).
     #[arg(long, default_value_t = 1)]
@@ -464,7 +468,15 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     //    kind for the report (where copies went when they did not arrive).
     let daemon_tally: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let evicted_ranges: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
-    let daemons = start_daemons(&cfg, &space, args.shards, &daemon_tally, &evicted_ranges).await?;
+    let daemons = start_daemons(
+        &cfg,
+        &space,
+        args.shards,
+        args.two_hop,
+        &daemon_tally,
+        &evicted_ranges,
+    )
+    .await?;
 
     // 4. The members, each on its own connection, and their tasks.
     let surfaced = Arc::new(AtomicUsize::new(0));
@@ -962,6 +974,13 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
             "fanout_consumers": fanout_infos,
         });
         let mut line = line;
+        if let Some(obj) = line.as_object_mut() {
+            obj.insert("two_hop".into(), json!(args.two_hop));
+            obj.insert(
+                "daemon_transferred_direct".into(),
+                json!(counters.as_ref().map(|c| c.transferred_direct)),
+            );
+        }
         if let (Some(l), Some(obj)) = (&live, line.as_object_mut()) {
             obj.insert(
                 "live_messages_per_s".into(),
@@ -1213,6 +1232,7 @@ async fn start_daemons(
     cfg: &ConnectConfig,
     space: &Space,
     shards: u32,
+    two_hop: bool,
     tally: &Arc<Mutex<BTreeMap<String, u64>>>,
     evicted: &Arc<Mutex<Vec<(u64, u64)>>>,
 ) -> Result<Vec<BenchDaemon>, String> {
@@ -1228,11 +1248,15 @@ async fn start_daemons(
             mut events,
             task,
         } = Runner::spawn(
-            Delivery::new(DeliveryConfig::new(
-                space.clone(),
-                shard,
-                format!("bench-daemon-{}", shard.index()),
-            )),
+            Delivery::new({
+                let mut config = DeliveryConfig::new(
+                    space.clone(),
+                    shard,
+                    format!("bench-daemon-{}", shard.index()),
+                );
+                config.two_hop = two_hop;
+                config
+            }),
             exec,
             inputs,
         );

@@ -29,8 +29,11 @@
 //! - nothing of the owner's is in the dinbox or on its way there (no spilled copy in flight,
 //!   the inbox backlog's bound is 0, a predecessor's unread entries included), so the owner's
 //!   DLV keeps CHAT order; and
-//! - the owner's DLV has room now ([`DlvBacklog::try_admit`](crate::delivery::backlog::DlvBacklog::try_admit) through the reader: known to this life,
-//!   no read in flight, under the cap and the sender's share).
+//! - the reader's DLV gate admits it ([`super::reader::Reader::admit_direct`]): under the
+//!   owner's cap and the sender's share. When the gate must read the owner's consumer first
+//!   (the owner's first copy in this life, the cap or the share reached), the copy is **parked**
+//!   in the gate, in order with the owner's other waiting copies, and written once the read
+//!   lets it in, or shed as a reported loss when the owner's DLV is full (as the reader sheds).
 //!
 //! Every other copy **spills** to the dinbox and the reader decides it as before: the first copy
 //! of each owner in a daemon's life (its DLV backlog is unknown), copies of an owner whose DLV is
@@ -61,7 +64,7 @@
 use super::config::{DINBOX_HIGH_WATER, DeliveryConfig, FANOUT_HOLD_LIMIT, backpressure_delay};
 use super::context::Ctx;
 use super::events::{DeliveryEvent, FanoutAnomaly};
-use super::reader::judge;
+use super::reader::{DirectAdmit, judge};
 use super::types::{BatchId, Timer, outcome_detail};
 use super::views::Views;
 use crate::constants::backoff;
@@ -102,6 +105,8 @@ struct FanoutBatch {
     /// The hold gave up: nak the message once the others are stored, so its redelivery writes
     /// the copies that were held.
     deferred: bool,
+    /// Copies parked in the DLV gate, by owner (counted in `outstanding`).
+    parked: BTreeMap<AgentId, ParkedCopy>,
 }
 
 /// Where a copy is written.
@@ -114,10 +119,20 @@ enum CopyPath {
     Spill,
 }
 
-/// How one routed copy is written: straight to DLV with this msg-id and payload, or spilled.
+/// How one routed copy is written: straight to DLV with this msg-id and payload (now, or once
+/// the DLV gate's read of the owner's consumer let it in), or spilled.
 enum Write {
     Direct { msg_id: String, payload: Bytes },
+    Parked { msg_id: String, payload: Bytes },
     Spill,
+}
+
+/// A copy parked in the DLV gate, written when the read lets it in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ParkedCopy {
+    msg_id: String,
+    payload: Bytes,
+    generation: u64,
 }
 
 /// A routed copy and how it is written.
@@ -158,8 +173,9 @@ pub(super) enum FanoutStep {
 pub(super) struct Lent<'a> {
     pub(super) views: &'a Views,
     pub(super) leave_frontier: &'a dyn Fn(&AgentId, &ConcreteChannel) -> Option<u64>,
-    /// `(owner, sender)`: whether the owner's DLV has room for a copy now (counted if so).
-    pub(super) dlv_gate: &'a mut dyn FnMut(&AgentId, &AgentId) -> bool,
+    /// `(owner, sender, batch)`: the reader's DLV gate for a copy of `batch` (see
+    /// [`DirectAdmit`]).
+    pub(super) dlv_gate: &'a mut dyn FnMut(&mut Ctx, &AgentId, &AgentId, BatchId) -> DirectAdmit,
 }
 
 /// The fan-out child of [`super::Delivery`].
@@ -373,10 +389,12 @@ impl Fanout {
         // one it would transfer goes straight to the owner's DLV when nothing of the owner's is
         // in the dinbox or on its way there (so DLV keeps CHAT order) and the owner's DLV has
         // room now. Every other copy spills to the dinbox, where the reader decides it.
+        self.next_batch += 1;
+        let batch = self.next_batch;
         let mut payload: Option<Bytes> = None;
         let mut writes: Vec<RoutedCopy> = Vec::with_capacity(entries.len());
         for routed in entries {
-            let write = self.direct_write(cx, &mut lent, now, live, &routed, &mut payload);
+            let write = self.direct_write(cx, &mut lent, batch, now, live, &routed, &mut payload);
             writes.push((routed, write));
         }
         // Per-owner back-pressure (G6): INBOX keeps the newest 1000 entries of an owner, so a
@@ -384,10 +402,8 @@ impl Fanout {
         // the high water gets its copy from this very delivery, held until the reader drained.
         let (writes, held): (Vec<RoutedCopy>, Vec<RoutedCopy>) = writes
             .into_iter()
-            .partition(|(r, w)| matches!(w, Write::Direct { .. }) || self.inbox.admits(&r.owner));
+            .partition(|(r, w)| !matches!(w, Write::Spill) || self.inbox.admits(&r.owner));
         let held: Vec<Routed> = held.into_iter().map(|(r, _)| r).collect();
-        self.next_batch += 1;
-        let batch = self.next_batch;
         if !held.is_empty() {
             cx.counters.fanout_deferred += 1;
             for r in &held {
@@ -424,6 +440,7 @@ impl Fanout {
                 held,
                 held_since,
                 deferred: false,
+                parked: BTreeMap::new(),
             },
         );
         for (routed, write) in writes {
@@ -435,10 +452,12 @@ impl Fanout {
     /// transfer, no copy of the owner's is in the dinbox or on its way there, and the owner's
     /// DLV admits it now (the gate counts it then); else [`Write::Spill`]. `payload` is the
     /// message's DLV payload, encoded once per message.
+    #[allow(clippy::too_many_arguments)]
     fn direct_write(
         &mut self,
         cx: &mut Ctx,
         lent: &mut Lent<'_>,
+        batch: BatchId,
         now: Now,
         live: bool,
         routed: &Routed,
@@ -471,13 +490,12 @@ impl Fanout {
             }
             return Write::Spill;
         }
-        if !(lent.dlv_gate)(owner, &entry.msg.from.id) {
-            return Write::Spill;
-        }
+        let admit = (lent.dlv_gate)(cx, owner, &entry.msg.from.id, batch);
         let payload = payload.get_or_insert_with(|| dlv_payload(entry)).clone();
-        Write::Direct {
-            msg_id: msg_id.to_string(),
-            payload,
+        let msg_id = msg_id.to_string();
+        match admit {
+            DirectAdmit::Write => Write::Direct { msg_id, payload },
+            DirectAdmit::Parked => Write::Parked { msg_id, payload },
         }
     }
 
@@ -489,6 +507,16 @@ impl Fanout {
         b.outstanding += 1;
         let owner = routed.owner;
         let (path, subject, msg_id, payload) = match write {
+            Write::Parked { msg_id, payload } => {
+                let generation = routed.entry.generation;
+                let parked = ParkedCopy {
+                    msg_id,
+                    payload,
+                    generation,
+                };
+                b.parked.insert(owner, parked);
+                return;
+            }
             Write::Direct { msg_id, payload } => {
                 let subject = Subject::Dlv {
                     space: self.space.clone(),
@@ -530,6 +558,68 @@ impl Fanout {
             headers: Vec::new(),
             payload,
         });
+    }
+
+    /// The DLV gate's read let the copy of `batch` parked for `owner` in: write it now. False
+    /// when nothing is parked there any more (the batch ended with the lease or the
+    /// connection): the gate's place is to be given back.
+    pub(super) fn release_parked(&mut self, cx: &mut Ctx, batch: BatchId, owner: &AgentId) -> bool {
+        let Some(b) = self.batches.get_mut(&batch) else {
+            return false;
+        };
+        let Some(p) = b.parked.remove(owner) else {
+            return false;
+        };
+        let op = cx.op();
+        self.pending.insert(
+            op,
+            FanoutOp::Copy {
+                batch,
+                owner: owner.clone(),
+                channel: b.channel.clone(),
+                generation: p.generation,
+                path: CopyPath::Direct,
+            },
+        );
+        let subject = Subject::Dlv {
+            space: self.space.clone(),
+            owner: owner.clone(),
+        };
+        cx.commands.push_back(Command::JsPublish {
+            op,
+            subject: subject.to_string(),
+            msg_id: Some(p.msg_id),
+            headers: Vec::new(),
+            payload: p.payload,
+        });
+        true
+    }
+
+    /// The DLV gate's read found no room in `owner`'s DLV for the copy of `batch` parked there
+    /// (the owner's DLV holds `unread` unread copies): it is shed, a reported loss, as the reader
+    /// sheds a transfer. Returns the channel and sequence lost, for the loss notices.
+    pub(super) fn shed_parked(
+        &mut self,
+        cx: &mut Ctx,
+        batch: BatchId,
+        owner: &AgentId,
+        unread: u64,
+    ) -> Option<(ConcreteChannel, u64)> {
+        let b = self.batches.get_mut(&batch)?;
+        let p = b.parked.remove(owner)?;
+        b.outstanding = b.outstanding.saturating_sub(1);
+        let (channel, seq) = (b.channel.clone(), b.seq);
+        cx.counters.dlv_shed += 1;
+        cx.counters.lost += 1;
+        cx.emit(DeliveryEvent::CopyShed {
+            owner: owner.clone(),
+            channel: channel.clone(),
+            seq,
+            generation: p.generation,
+            unread,
+        });
+        self.finish_batch_if_done(cx, batch);
+        Some((channel, seq))
     }
 
     /// Writes the copies held for `owner`, oldest CHAT message first, as many as its backlog has

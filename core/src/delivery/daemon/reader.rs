@@ -20,7 +20,7 @@
 use super::context::Ctx;
 use super::events::DeliveryEvent;
 use super::index::{AclIndex, MemberIndex};
-use super::types::outcome_detail;
+use super::types::{BatchId, outcome_detail};
 use crate::delivery::authorize::{
     Decision, DropReason, after_transfer_failure, authorize, decode_entry, dlv_payload,
     hold_for_leave,
@@ -58,6 +58,24 @@ enum ReaderOp {
     DlvBacklog { owner: AgentId, in_flight: u64 },
 }
 
+/// What waits in the DLV gate for a read of the owner's consumer: a reader transfer, or a copy
+/// fan-out parked there (its batch) before writing it straight to DLV.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Waiter {
+    Transfer(DeliveryId),
+    Direct(BatchId),
+}
+
+/// The gate's answer to a copy fan-out would write straight to DLV.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum DirectAdmit {
+    /// Write it now (counted in the owner's DLV bound and as in flight).
+    Write,
+    /// Parked until the owner's consumer was read: [`ReaderStep::WriteDirect`] or
+    /// [`ReaderStep::ShedDirect`] follows.
+    Parked,
+}
+
 /// What the reader asks of the parent, in order.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum ReaderStep {
@@ -78,6 +96,15 @@ pub(super) enum ReaderStep {
         owner: AgentId,
         channel: ConcreteChannel,
     },
+    /// The read let fan-out's parked copy of `batch` for `owner` in: write it now.
+    WriteDirect { batch: BatchId, owner: AgentId },
+    /// The read found no room for fan-out's parked copy of `batch` for `owner`: shed it (a
+    /// reported loss; the owner's DLV holds `unread` unread copies).
+    ShedDirect {
+        batch: BatchId,
+        owner: AgentId,
+        unread: u64,
+    },
 }
 
 /// The reader child of [`super::Delivery`].
@@ -88,7 +115,12 @@ pub(super) struct Reader {
     /// [`super::DeliveryConfig::reference_gap_g2`].
     reference_gap_g2: bool,
     transfers: BTreeMap<DeliveryId, Transfer>,
-    dlv: DlvBacklog<DeliveryId>,
+    /// The DLV gate: per-owner bounds, and what waits for a read (transfers and fan-out's
+    /// parked copies, in order).
+    dlv: DlvBacklog<Waiter>,
+    /// Fan-out's copies admitted by the gate and not yet stored, per owner (a read counts them
+    /// as possibly unseen).
+    direct_in_flight: BTreeMap<AgentId, u64>,
     pending: BTreeMap<OpId, ReaderOp>,
 }
 
@@ -100,6 +132,7 @@ impl Reader {
             reference_gap_g2,
             transfers: BTreeMap::new(),
             dlv: DlvBacklog::default(),
+            direct_in_flight: BTreeMap::new(),
             pending: BTreeMap::new(),
         }
     }
@@ -115,6 +148,7 @@ impl Reader {
         let held = self.transfers.keys().copied().collect();
         self.transfers.clear();
         self.dlv.reset();
+        self.direct_in_flight.clear();
         held
     }
 
@@ -123,18 +157,46 @@ impl Reader {
     pub(super) fn connection_lost(&mut self) {
         self.transfers.clear();
         self.dlv.reset();
+        self.direct_in_flight.clear();
         self.pending.clear();
     }
 
-    /// Fan-out would write a copy of `sender`'s straight to `owner`'s DLV: whether the owner's
-    /// DLV has room for it now ([`DlvBacklog::try_admit`]; counted if so).
-    pub(super) fn admit_direct(&mut self, owner: &AgentId, sender: &AgentId) -> bool {
-        self.dlv.try_admit(owner, sender)
+    /// Fan-out would write its copy of `batch`, posted by `sender`, straight to `owner`'s DLV:
+    /// the gate admits it now, or parks it behind a read of the owner's consumer (issued here
+    /// when none is in flight), in order with the owner's other waiting copies.
+    pub(super) fn admit_direct(
+        &mut self,
+        cx: &mut Ctx,
+        owner: &AgentId,
+        sender: &AgentId,
+        batch: BatchId,
+    ) -> DirectAdmit {
+        match self.dlv.admit(owner, sender, Waiter::Direct(batch)).0 {
+            DlvAdmit::Transfer => {
+                *self.direct_in_flight.entry(owner.clone()).or_insert(0) += 1;
+                DirectAdmit::Write
+            }
+            DlvAdmit::Wait { read } => {
+                if read {
+                    self.read_dlv(cx, owner.clone());
+                }
+                DirectAdmit::Parked
+            }
+        }
     }
 
-    /// A direct copy admitted by [`Reader::admit_direct`] failed to store.
-    pub(super) fn direct_unstored(&mut self, owner: &AgentId) {
-        self.dlv.unstored(owner);
+    /// A copy admitted for fan-out ([`DirectAdmit::Write`], [`ReaderStep::WriteDirect`]) is
+    /// settled: stored, or not (its place in the owner's bound is given back).
+    pub(super) fn direct_done(&mut self, owner: &AgentId, stored: bool) {
+        if let Some(n) = self.direct_in_flight.get_mut(owner) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.direct_in_flight.remove(owner);
+            }
+        }
+        if !stored {
+            self.dlv.unstored(owner);
+        }
     }
 
     /// A dinbox delivery of the reader consumer.
@@ -230,7 +292,8 @@ impl Reader {
     ) {
         match decision {
             Decision::Transfer { msg_id } => {
-                let (admit, _) = self.dlv.admit(&owner, &entry.msg.from.id, delivery);
+                let sender = entry.msg.from.id.clone();
+                let (admit, _) = self.dlv.admit(&owner, &sender, Waiter::Transfer(delivery));
                 let dlv_owner = owner.clone();
                 self.transfers.insert(
                     delivery,
@@ -244,31 +307,7 @@ impl Reader {
                 match admit {
                     DlvAdmit::Transfer => self.start_transfer(cx, delivery),
                     DlvAdmit::Wait { read: false } => {}
-                    DlvAdmit::Wait { read: true } => {
-                        let consumer = ConsumerSpec::dlv(&self.space, &dlv_owner);
-                        let transfers = &self.transfers;
-                        let in_flight = self
-                            .pending
-                            .values()
-                            .filter(|p| {
-                                matches!(p, ReaderOp::Transfer { delivery }
-                                    if transfers.get(delivery).is_some_and(|t| t.owner == dlv_owner))
-                            })
-                            .count();
-                        let op = cx.op();
-                        self.pending.insert(
-                            op,
-                            ReaderOp::DlvBacklog {
-                                owner: dlv_owner,
-                                in_flight: u64::try_from(in_flight).unwrap_or(u64::MAX),
-                            },
-                        );
-                        cx.push(Command::ConsumerInfo {
-                            op,
-                            stream: consumer.stream,
-                            consumer: consumer.name,
-                        });
-                    }
+                    DlvAdmit::Wait { read: true } => self.read_dlv(cx, dlv_owner),
                 }
             }
             Decision::Drop(reason) => {
@@ -323,6 +362,34 @@ impl Reader {
                 });
             }
         }
+    }
+
+    /// Reads `owner`'s `dlv_<owner>` consumer for the gate. The copies of the owner published
+    /// and not yet acknowledged (the reader's transfers and fan-out's direct copies) go with it:
+    /// the read may not have seen them.
+    fn read_dlv(&mut self, cx: &mut Ctx, owner: AgentId) {
+        let consumer = ConsumerSpec::dlv(&self.space, &owner);
+        let transfers = &self.transfers;
+        let transferring = self
+            .pending
+            .values()
+            .filter(|p| {
+                matches!(p, ReaderOp::Transfer { delivery }
+                    if transfers.get(delivery).is_some_and(|t| t.owner == owner))
+            })
+            .count();
+        let direct = self.direct_in_flight.get(&owner).copied().unwrap_or(0);
+        let in_flight = u64::try_from(transferring)
+            .unwrap_or(u64::MAX)
+            .saturating_add(direct);
+        let op = cx.op();
+        self.pending
+            .insert(op, ReaderOp::DlvBacklog { owner, in_flight });
+        cx.push(Command::ConsumerInfo {
+            op,
+            stream: consumer.stream,
+            consumer: consumer.name,
+        });
     }
 
     /// Publishes an admitted transfer's DLV copy.
@@ -405,10 +472,30 @@ impl Reader {
             }
         };
         let verdict = self.dlv.read(&owner, unread, in_flight);
-        for delivery in verdict.admitted {
-            self.start_transfer(cx, delivery);
+        for waiter in verdict.admitted {
+            match waiter {
+                Waiter::Transfer(delivery) => self.start_transfer(cx, delivery),
+                Waiter::Direct(batch) => {
+                    *self.direct_in_flight.entry(owner.clone()).or_insert(0) += 1;
+                    steps.push(ReaderStep::WriteDirect {
+                        batch,
+                        owner: owner.clone(),
+                    });
+                }
+            }
         }
-        for delivery in verdict.shed {
+        for waiter in verdict.shed {
+            let delivery = match waiter {
+                Waiter::Transfer(delivery) => delivery,
+                Waiter::Direct(batch) => {
+                    steps.push(ReaderStep::ShedDirect {
+                        batch,
+                        owner: owner.clone(),
+                        unread: verdict.unread.unwrap_or(0),
+                    });
+                    continue;
+                }
+            };
             let Some(t) = self.transfers.remove(&delivery) else {
                 continue;
             };

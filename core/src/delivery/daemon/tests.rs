@@ -23,6 +23,15 @@ fn served() -> World {
     w
 }
 
+/// [`served`] with every copy through the dinbox and the reader ([`World::two_hop`]): the tests
+/// of the reader's path (spilled copies, catch-up copies and a predecessor's entries take it).
+fn served_two_hop() -> World {
+    let mut w = World::two_hop();
+    w.boot();
+    assert!(w.d.serving(), "{}", w.log);
+    w
+}
+
 #[test]
 fn boot_acquires_the_lease_before_anything_else_and_ready_after_binding() {
     let mut w = World::new();
@@ -317,15 +326,13 @@ fn b8_b15_fanout_and_reader_route_by_interval_not_by_activation() {
         let d = w.fanout(s, 1);
         assert_eq!(w.settled(d), vec![AckKind::Ack]);
     }
-    assert_eq!(w.inbox_ids("alice").len(), 3);
+    assert_eq!(w.copy_ids("alice").len(), 3);
     assert_eq!(
-        w.inbox_ids("dave"),
+        w.copy_ids("dave"),
         vec!["m1:dave:1".to_owned(), "m2:dave:1".to_owned()],
         "the tombstone routes its pre-leave window only"
     );
-    for seq in 1..=5 {
-        w.reader(seq, 1);
-    }
+    w.drain_reader();
     assert_eq!(w.dlv_ids("alice").len(), 3, "{}", w.log);
     assert_eq!(w.dlv_ids("dave").len(), 2);
 }
@@ -437,9 +444,9 @@ fn c8_live_channel_mentions_route_within_the_acl_only() {
     let s = w.post("alice", "lobby", &["bob", "carol"]);
     let d = w.fanout(s, 1);
     assert_eq!(w.settled(d), vec![AckKind::Ack]);
-    assert_eq!(w.inbox_ids("bob"), vec![format!("m{s}:bob:0")]);
-    assert!(w.inbox_ids("carol").is_empty());
-    assert!(w.inbox_ids("dave").is_empty());
+    assert_eq!(w.copy_ids("bob"), vec![format!("m{s}:bob:0")]);
+    assert!(w.copy_ids("carol").is_empty());
+    assert!(w.copy_ids("dave").is_empty());
 }
 
 /// Stores a dinbox entry directly; returns its INBOX sequence.
@@ -639,7 +646,7 @@ fn g36_a_shard_routes_and_answers_only_its_own_owners() {
 
 #[test]
 fn g2_rejoin_over_a_tombstone_keeps_pending_entries_of_the_previous_generation() {
-    let mut w = served();
+    let mut w = served_two_hop();
     w.acl("alice", &["review"]);
     w.join("alice", "review", None, "j1");
     let g1 = ok_data(&w, "j1")["generation"].as_u64().unwrap();
@@ -1218,7 +1225,7 @@ fn fan_out_starts_after_the_reader_consumers_total_and_counts_a_predecessors_ent
 
 #[test]
 fn a_full_dlv_sheds_the_newest_copy_with_a_reported_loss_instead_of_evicting_an_unread_one_g6() {
-    let mut w = served();
+    let mut w = served_two_hop();
     plant_member(&mut w, &record("review", "alice", 0, 1), None);
     w.acl("alice", &["review"]);
     // Alice's agent is far behind: 999 unread copies already wait in her DLV.
@@ -1260,7 +1267,7 @@ fn a_full_dlv_sheds_the_newest_copy_with_a_reported_loss_instead_of_evicting_an_
 #[test]
 fn a_dlv_read_that_fails_transfers_and_reports_the_cap_as_unverified() {
     // A credential written for the reference daemon has no CONSUMER.INFO on DLV.
-    let mut w = served();
+    let mut w = served_two_hop();
     plant_member(&mut w, &record("review", "alice", 0, 1), None);
     w.acl("alice", &["review"]);
     w.rule(
@@ -1663,7 +1670,7 @@ fn a27_a_shutdown_hands_held_deliveries_back_at_once() {
     // Found end to end (driver-tokio e2e a27): a fan-out delivery whose dinbox copy was still
     // unconfirmed when the daemon shut down was neither acked nor naked, so the successor got it
     // only after the fan-out consumer's ack_wait (60 s).
-    let mut w = served();
+    let mut w = served_two_hop();
     plant_member(&mut w, &record("review", "alice", 0, 1), None);
     w.acl("alice", &["review"]);
     let s = w.post("bob", "review", &[]);
@@ -1826,7 +1833,7 @@ fn own_writes_feed_the_index_before_the_watch_echo_arrives() {
     assert!(rec.is_activated());
     let s = w.post("bob", "review", &[]);
     w.fanout(s, 1);
-    assert_eq!(w.inbox_ids("alice").len(), 1);
+    assert_eq!(w.copy_ids("alice").len(), 1);
 }
 
 #[test]

@@ -413,6 +413,8 @@ pub struct World {
     pub quiet_lease: bool,
     /// Chooses an effect for commands no rule matched (fault injection).
     pub chaos: Option<Chaos>,
+    /// The INBOX sequences given to the reader so far.
+    pub fed_to_reader: BTreeSet<u64>,
 }
 
 pub fn now_at(t: u64) -> Now {
@@ -436,7 +438,16 @@ impl World {
             log: String::new(),
             quiet_lease: true,
             chaos: None,
+            fed_to_reader: BTreeSet::new(),
         }
+    }
+
+    /// A daemon that sends every copy the reference's two hops (dinbox, then the reader): for
+    /// the tests of the reader's own path ([`DeliveryConfig::two_hop`]).
+    pub fn two_hop() -> Self {
+        let mut config = DeliveryConfig::new(space(), shard0(), "D1");
+        config.two_hop = true;
+        World::with_config(config)
     }
 
     pub fn now(&self) -> Now {
@@ -744,6 +755,7 @@ impl World {
     ) -> DeliveryId {
         let sub = self.b.consumer("reader");
         let delivery = self.next_delivery();
+        self.fed_to_reader.insert(seq);
         self.b.reader_open.insert(delivery);
         self.line(
             "in",
@@ -845,6 +857,32 @@ impl World {
     }
 
     /// The msg-ids still stored on `owner`'s DLV subject (revoked copies are gone).
+    /// Every copy written for `owner`, wherever it went: its dinbox entries, then its DLV
+    /// copies (fan-out writes a copy it may transfer straight to DLV, the rest to the dinbox).
+    pub fn copy_ids(&self, owner: &str) -> Vec<String> {
+        let mut ids = self.inbox_ids(owner);
+        for id in self.dlv_ids(owner) {
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+        ids
+    }
+
+    /// Gives the reader every INBOX entry it has not been given yet, in order.
+    pub fn drain_reader(&mut self) {
+        let seqs: Vec<u64> = self
+            .b
+            .inbox
+            .iter()
+            .map(|e| e.0)
+            .filter(|s| !self.fed_to_reader.contains(s))
+            .collect();
+        for seq in seqs {
+            self.reader(seq, 1);
+        }
+    }
+
     pub fn dlv_ids(&self, owner: &str) -> Vec<String> {
         let subject = format!("cotal.main.dlv.{owner}");
         self.b

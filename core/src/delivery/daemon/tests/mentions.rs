@@ -64,8 +64,8 @@ fn a_squatted_name_still_routes_the_mention_to_its_provisioned_owner() {
     let s = w.post("bob", "lobby", &["alice"]);
     let d = w.fanout(s, 1);
     assert_eq!(w.settled(d), vec![AckKind::Ack]);
-    assert_eq!(w.inbox_ids("alice"), vec![format!("m{s}:alice:0")]);
-    assert!(w.inbox_ids("mallory").is_empty());
+    assert_eq!(w.copy_ids("alice"), vec![format!("m{s}:alice:0")]);
+    assert!(w.copy_ids("mallory").is_empty());
     assert_eq!(
         ignored(&w),
         vec![PresenceIgnored {
@@ -92,7 +92,7 @@ fn a_presence_key_that_is_not_its_card_id_cannot_take_a_mention() {
     let s = w.post("alice", "lobby", &["bob"]);
     let d = w.fanout(s, 1);
     assert_eq!(w.settled(d), vec![AckKind::Ack]);
-    assert_eq!(w.inbox_ids("bob"), vec![format!("m{s}:bob:0")]);
+    assert_eq!(w.copy_ids("bob"), vec![format!("m{s}:bob:0")]);
     assert_eq!(ignored(&w).len(), 1, "{:?}", w.events);
     assert_eq!(w.d.counters().presence_ignored, 1);
 }
@@ -110,7 +110,7 @@ fn an_ambiguous_or_unknown_mention_is_an_event_and_a_count() {
     let s = w.post("alice", "lobby", &["bob", "nobody"]);
     let d = w.fanout(s, 1);
     assert_eq!(w.settled(d), vec![AckKind::Ack]);
-    assert!(w.inbox_ids("b1").is_empty() && w.inbox_ids("b2").is_empty());
+    assert!(w.copy_ids("b1").is_empty() && w.copy_ids("b2").is_empty());
     assert_eq!(
         unresolved(&w),
         vec![

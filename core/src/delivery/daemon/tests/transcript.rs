@@ -30,7 +30,10 @@ fn join_catch_up_active() {
 
 #[test]
 fn rejoin_over_a_tombstone() {
-    let mut w = served();
+    // The reader's G2 judgment of a pending entry: every copy through the dinbox.
+    let mut w = World::two_hop();
+    w.boot();
+    w.log.clear();
     w.acl("alice", &["review"]);
     w.join("alice", "review", None, "j1");
     let s1 = w.post("bob", "review", &[]);
