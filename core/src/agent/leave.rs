@@ -62,10 +62,8 @@ impl Agent {
         if let Some(sub) = machine.finish_leave(&mut self.cx, tombstoned) {
             self.feeds.remove(&sub);
         }
-        if let Some(c) = channel.to_concrete()
-            && let Some(slot) = self.members.slot_of(&c)
-        {
-            self.members.cancel_timer(MemberTimer::Reconcile(slot));
+        if let Some(c) = channel.to_concrete() {
+            self.members.cancel_reconcile(&c);
         }
     }
 
@@ -253,10 +251,8 @@ impl Agent {
             self.feeds.remove(&sub);
         }
         let concrete = channel.to_concrete();
-        if let Some(c) = &concrete
-            && let Some(slot) = self.members.slot_of(c)
-        {
-            self.members.cancel_timer(MemberTimer::Reconcile(slot));
+        if let Some(c) = &concrete {
+            self.members.cancel_reconcile(c);
         }
         let closing = concrete
             .as_ref()

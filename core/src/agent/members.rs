@@ -18,17 +18,38 @@
 //! - the deadlines of the reconciles, the closes and the audit (its own timer table; the parent
 //!   takes the minimum with its own).
 //!
+//! The book's side of the durable join, the reconcile and a lost membership is in `join`; of
+//! the leave's tombstone and the late refusal in `leave`.
+//!
 //! The book runs the audit itself ([`Members::start_audit`], [`Members::on_audit`]: it owns
 //! the `listMemberships` requests of the audits and judges the answer against the parent's
 //! channel map, which the parent lends as two functions) and hands the parent a verdict to act
-//! on (re-establish a lost membership, close an orphan). The other flows that read and write the
-//! book (durable join, reconcile, leave) are the parent's, in `membership` and `leave`; they
-//! issue their control requests through the parent.
+//! on (re-establish a lost membership, close an orphan).
 //!
 //! The book runs the refusal close too ([`Members::start_close`], [`Members::try_close`]): it
 //! issues and owns the close's `listMemberships` and `durableLeave`, answers the list itself,
 //! and hands the `durableLeave` answer back to the parent ([`Members::take_close_op`]), which
 //! judges it together with a leave's tombstone (both may concern a joined channel).
+//!
+//! # Membership audit (issue 15 item 4, G12)
+//!
+//! The mirror is not trusted forever: at every ready connection and every
+//! [`AgentConfig::membership_audit`](super::AgentConfig::membership_audit) the agent lists its
+//! memberships (`listMemberships`) and reconciles:
+//!
+//! - a joined channel whose mirrored generation has no open record any more (purged or
+//!   tombstoned out of band, a registry wipe) leaves the mirror, turns
+//!   [`BackstopState::Degraded`](super::BackstopState::Degraded) with a reason, is reported
+//!   ([`AgentEvent::MembershipLost`], [`AgentCounters::memberships_lost`](super::AgentCounters::memberships_lost))
+//!   and is re-established by the reconcile (a new generation, join cursor = the armed
+//!   watermark, so the gap is caught up). `Established` is never shown for a membership the
+//!   daemon no longer has;
+//! - an open membership of a channel this life does not join (an earlier life's, G12) is
+//!   reported ([`AgentEvent::MembershipOrphaned`]) and tombstoned through the refusal-close path
+//!   (retried, visible in [`AgentHealth::unclosed`](super::AgentHealth::unclosed),
+//!   [`AgentEvent::MembershipClosed`] at the end);
+//! - a channel whose mirror or membership changed while the list was in flight is not judged
+//!   from that (possibly older) snapshot; the next audit looks again.
 
 use super::ctx::{Ctx, Link, bump};
 use super::state::decode_list_reply;
@@ -40,6 +61,8 @@ use crate::time::{Instant, Now};
 use crate::wire::control::{DeliveryRequest, ListMembershipsReply};
 use crate::wire::token::ConcreteChannel;
 use std::collections::{BTreeMap, BTreeSet};
+
+pub(super) mod join;
 
 /// One concrete channel's membership record (beside its mirrored generation).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -102,6 +125,9 @@ pub(super) struct Members {
     audit_ops: BTreeMap<OpId, u64>,
     /// The refusal closes' requests in flight.
     close_ops: BTreeMap<OpId, CloseOp>,
+    /// The durable joins in flight (a post-commit plan's or a reconcile's), with their channel
+    /// and join cursor.
+    join_ops: BTreeMap<OpId, (ConcreteChannel, Option<u64>)>,
     timers: TimerTable<MemberTimer>,
 }
 
@@ -408,6 +434,19 @@ impl Members {
                 }
             },
             Err(detail) => self.close_failed(cx, now, &channel, detail),
+        }
+    }
+
+    /// The close timer of `slot` fired: retry the channel's close once the connection is
+    /// ready, else look again after the backoff step.
+    pub(super) fn on_close_timer(&mut self, cx: &mut Ctx, now: Now, slot: u64) {
+        let Some(channel) = self.channel_of(slot) else {
+            return;
+        };
+        if cx.link == Link::Ready {
+            self.try_close(cx, channel);
+        } else {
+            self.set_timer(MemberTimer::Close(slot), now.at + backoff(0));
         }
     }
 

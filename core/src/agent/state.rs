@@ -13,10 +13,6 @@ use crate::wire::token::{Channel, ConcreteChannel};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Pending {
-    DurableJoin {
-        channel: ConcreteChannel,
-        cursor: Option<u64>,
-    },
     ListForLeave {
         channel: Channel,
     },

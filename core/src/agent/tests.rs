@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::constants::MEMBERSHIP_AUDIT_INTERVAL;
-use crate::io::{AckKind, KvOperation, PubAck, Response, StoredMessage, StreamState};
+use crate::io::{AckKind, KvOperation, PubAck, ReadStart, Response, StoredMessage, StreamState};
 use crate::ledger::DeliveryId;
 use crate::time::UnixMillis;
 use crate::wire::config::ConsumerSpec;
