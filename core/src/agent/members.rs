@@ -63,6 +63,7 @@ use crate::wire::token::ConcreteChannel;
 use std::collections::{BTreeMap, BTreeSet};
 
 pub(super) mod join;
+pub(super) mod leave;
 
 /// One concrete channel's membership record (beside its mirrored generation).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -128,6 +129,8 @@ pub(super) struct Members {
     /// The durable joins in flight (a post-commit plan's or a reconcile's), with their channel
     /// and join cursor.
     join_ops: BTreeMap<OpId, (ConcreteChannel, Option<u64>)>,
+    /// The leaves' `durableLeave`s in flight, with their channel and generation.
+    tombstone_ops: BTreeMap<OpId, (ConcreteChannel, u64)>,
     timers: TimerTable<MemberTimer>,
 }
 

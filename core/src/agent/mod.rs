@@ -19,10 +19,10 @@
 //!
 //! | part (file) | owns | issues | routed to it |
 //! | --- | --- | --- | --- |
-//! | parent (`mod.rs`; routing in `join.rs`, `leave.rs`, `connection.rs`) | the channel map (one `ChannelMachine` per channel), the chat feeds, its `Pending` ops, the retired ops of dropped machines; no timer of its own | `Unsubscribe`, a leave's `durableLeave` (the shared context builds it) | app calls, connection changes, chat feed inputs, its completions |
+//! | parent (`mod.rs`; routing in `join.rs`, `leave.rs`, `connection.rs`) | the channel map (one `ChannelMachine` per channel), the chat feeds, its `Pending` ops, the retired ops of dropped machines; no timer of its own | `Unsubscribe` (at stop) | app calls, connection changes, chat feed inputs, its completions |
 //! | `ChannelMachine` (`channel/`) | one channel's join and leave: phase, epoch, subscription, watermark, join progress and report, backstop state, leave request, backfill position, its ops | `StreamInfo`, `Subscribe`, `Barrier`, a leave's `listMemberships`, `Unsubscribe` (failed join, finished leave, refusal) | its completions (it returns a `JoinStep`: register the feed, drop a failed join, start the post-commit steps, a late refusal, a leave's list answer for the book), refusals of its feed, connection loss |
 //! | `RegistryWatch` (`watch.rs`) | the channel registry cache (the one resolver of a channel's class), its watch and retries | `KvWatch`, `KvUnwatch` | its completions (a load turns the parent ready), its feed's changes, timer `RegistryWatch`, loss / restore |
-//! | `Members` (`members.rs`) | the membership book: the mirror (channel → generation), one record per concrete channel (maybe-member, unclosed close, close / reconcile in flight, timer slot), the audit's state and requests | `durableJoin` (a post-commit plan's, a reconcile's), the audit's `listMemberships`; the refusal close's `listMemberships` and `durableLeave` | its durable joins' answers and its audit answers (it judges them with what the parent passes or lends about the channel machines, and returns a verdict the parent applies), its close's list answers (a close's `durableLeave` answer it hands back: the parent judges it with a leave's), timers `Reconcile`, `Close`, `Audit` |
+//! | `Members` (`members.rs`) | the membership book: the mirror (channel → generation), one record per concrete channel (maybe-member, unclosed close, close / reconcile in flight, timer slot), the audit's state and requests | `durableJoin` (a post-commit plan's, a reconcile's), a leave's `durableLeave`, the audit's `listMemberships`; the refusal close's `listMemberships` and `durableLeave` | its durable joins' answers and its audit answers (it judges them with what the parent passes or lends about the channel machines, and returns a verdict the parent applies), its close's list answers (a close's `durableLeave` answer it hands back: the parent judges it with a leave's), timers `Reconcile`, `Close`, `Audit` |
 //! | `Receiver` (`receive.rs`) | the dedup [`Ledger`], its settles | `Settle` | every copy (live, backfill, DLV, DM, TASK), `handled` / `decline`, settle completions |
 //! | `HistoryReader` (`history.rs`) | the one-at-a-time reader, its queue and reads | `ReadStream` | read completions |
 //! | `DirectFeeds` (`direct.rs`) | the DLV and `dm_<id>` / `svc_<role>` bindings and feeds | `Consume`, `StopConsume` | bind completions, `ConsumerEnded` / `Refused` of its feeds, timers `DlvBind`, `DirectBind`, loss / restore |
@@ -50,10 +50,10 @@
 //! join, step by step, and the leave are in `channel/join.rs` and `channel/leave.rs`; unicast
 //! and anycast in `direct.rs`; receiving in `receive.rs`.
 //!
-//! Not yet children: the leave's membership side is the parent's own code in `leave.rs`
-//! (tombstone, its answer and a close's, late refusal). `join.rs` is the parent's routing of a
-//! join (post-commit plan, backfill pages, the book's verdicts on a durable join answer, a
-//! reconcile and an audit) and `connection.rs` its fan-out of a connection change.
+//! The parent's own files: `join.rs` routes a join (post-commit plan, backfill pages, the
+//! book's verdicts on a durable join answer, a reconcile and an audit), `leave.rs` a leave and a
+//! late refusal (the book's tombstone choice, its verdicts on the list and `durableLeave`
+//! answers), and `connection.rs` fans a connection change out to every part.
 
 //! # Receiving (§2(f))
 //!
@@ -61,13 +61,11 @@
 //! [`Ledger`]: one surfacing per id, the durable copy owns the ack, acks only after
 //! [`Agent::handled`], anomalies terminated (see `receive.rs`).
 
-use crate::constants::{REQUEST_DELIVERY_TIMEOUT, backoff};
 use crate::entropy::IdGen;
-use crate::io::{Command, Completion, Connection, Inbound, Input, Machine, Reply, SubId};
+use crate::io::{Command, Completion, Connection, Inbound, Input, Machine, SubId};
 use crate::ledger::{CopySource, Ledger, LedgerError, MessageId, Surfaced};
-use crate::op::{Failure, OpId, Outcome};
-use crate::time::{Duration, Instant, Now};
-use crate::wire::control::DeliveryRequest;
+use crate::op::OpId;
+use crate::time::{Instant, Now};
 use crate::wire::message::{Part, Route, normalize_mentions};
 use crate::wire::token::{AgentId, Channel, ConcreteChannel, Role};
 use std::collections::{BTreeMap, BTreeSet};
@@ -89,7 +87,6 @@ mod types;
 mod watch;
 
 use channel::ChannelMachine;
-use channel::leave::LeaveStep;
 use ctx::{Ctx, Link, bump};
 use direct::{Consumer, DirectFeeds};
 use history::HistoryReader;
@@ -532,12 +529,6 @@ impl Agent {
         self.next_epoch
     }
 
-    fn control_request(&mut self, request: &DeliveryRequest, pending: Pending, timeout: Duration) {
-        if let Some(op) = self.cx.control_request(request, timeout) {
-            self.pending.insert(op, pending);
-        }
-    }
-
     fn on_completion(&mut self, now: Now, completion: Completion) {
         if self.sends.owns(completion.op) {
             self.sends
@@ -585,6 +576,10 @@ impl Agent {
             }
             return;
         }
+        if let Some((c, g)) = self.members.take_tombstone_op(completion.op) {
+            self.on_durable_leave(now, c, g, completion.outcome);
+            return;
+        }
         if let Some((channel, cursor)) = self.members.take_join_op(completion.op) {
             self.on_durable_join(now, channel, cursor, completion.outcome);
             return;
@@ -622,10 +617,6 @@ impl Agent {
         let outcome = completion.outcome;
         match pending {
             Pending::ListForLeave { channel } => self.on_list_for_leave(channel, outcome),
-            Pending::DurableLeave {
-                channel,
-                generation,
-            } => self.on_durable_leave(now, channel, generation, outcome),
         }
     }
 
