@@ -19,10 +19,10 @@
 //!
 //! | part (file) | owns | issues | routed to it |
 //! | --- | --- | --- | --- |
-//! | parent (`mod.rs`; routing in `join.rs`, `leave.rs`, `connection.rs`) | the channel map (one `ChannelMachine` per channel), the chat feeds, its `Pending` ops, the retired ops of dropped machines; no timer of its own | `Unsubscribe` (at stop) | app calls, connection changes, chat feed inputs, its completions |
+//! | parent (`mod.rs`: API, dispatch, timers; `join.rs`, `leave.rs`: routing between the parts; `connection.rs`: fan-out of a connection change) | the channel map (one `ChannelMachine` per channel), the chat feeds, the epochs, a dropped machine's leave list (`Pending`), the retired ops of dropped machines; no decision about a membership and no timer of its own | `Unsubscribe` (at stop) | app calls, connection changes, chat feed inputs, a dropped machine's leave list answer |
 //! | `ChannelMachine` (`channel/`) | one channel's join and leave: phase, epoch, subscription, watermark, join progress and report, backstop state, leave request, backfill position, its ops | `StreamInfo`, `Subscribe`, `Barrier`, a leave's `listMemberships`, `Unsubscribe` (failed join, finished leave, refusal) | its completions (it returns a `JoinStep`: register the feed, drop a failed join, start the post-commit steps, a late refusal, a leave's list answer for the book), refusals of its feed, connection loss |
 //! | `RegistryWatch` (`watch.rs`) | the channel registry cache (the one resolver of a channel's class), its watch and retries | `KvWatch`, `KvUnwatch` | its completions (a load turns the parent ready), its feed's changes, timer `RegistryWatch`, loss / restore |
-//! | `Members` (`members.rs`) | the membership book: the mirror (channel → generation), one record per concrete channel (maybe-member, unclosed close, close / reconcile in flight, timer slot), the audit's state and requests | `durableJoin` (a post-commit plan's, a reconcile's), a leave's `durableLeave`, the audit's `listMemberships`; the refusal close's `listMemberships` and `durableLeave` | its durable joins' answers and its audit answers (it judges them with what the parent passes or lends about the channel machines, and returns a verdict the parent applies), its close's list answers (a close's `durableLeave` answer it hands back: the parent judges it with a leave's), timers `Reconcile`, `Close`, `Audit` |
+//! | `Members` (`members.rs`; its side of the join in `members/join.rs`, of the leave and refusal in `members/leave.rs`) | the membership book: the mirror (channel → generation), one record per concrete channel (maybe-member, unclosed close, close / reconcile in flight, timer slot), the audit's state, its ops | `durableJoin` (a post-commit plan's, a reconcile's), a leave's `durableLeave`, the audit's `listMemberships`, the refusal close's `listMemberships` and `durableLeave` | the answers to its ops: it decides, with what the parent passes about the channel's machine (staying, leaving, joined, attempts), and returns a verdict the parent applies to the machine (`JoinVerdict`, `ListVerdict`, `TombstoneVerdict`, `AuditVerdict`); a leave's list answer (from the machine, via the parent); the reconcile's and a leave's questions; timers `Reconcile`, `Close`, `Audit` |
 //! | `Receiver` (`receive.rs`) | the dedup [`Ledger`], its settles | `Settle` | every copy (live, backfill, DLV, DM, TASK), `handled` / `decline`, settle completions |
 //! | `HistoryReader` (`history.rs`) | the one-at-a-time reader, its queue and reads | `ReadStream` | read completions |
 //! | `DirectFeeds` (`direct.rs`) | the DLV and `dm_<id>` / `svc_<role>` bindings and feeds | `Consume`, `StopConsume` | bind completions, `ConsumerEnded` / `Refused` of its feeds, timers `DlvBind`, `DirectBind`, loss / restore |
@@ -30,13 +30,18 @@
 //! | `Heartbeats` (`presence.rs`) | presence puts, the next heartbeat | presence `KvPut` (`idle`; `offline` at stop) | its completions, timer `Heartbeat`, loss / restore / stop |
 //! | `LossPoll` (`losses.rs`) | our loss record as last read, the stamp reported, its read | `KvGetDirect` | its read's completion, timer `Losses`, loss |
 //!
-//! What crosses between parts goes through the parent, never child to child. A
-//! `ChannelMachine`'s commit returns a post-commit plan: the parent passes it the book's
-//! adoptable membership, issues the plan's `durableJoin` (whose answer the membership flows judge
-//! with the book, then tell the machine `backstop_established` / `backstop_unavailable`), and
-//! hands its backfill pages to `HistoryReader` and their copies to `Receiver`. A leave gets the
-//! membership to tombstone from the book (through the parent); its list answer comes back from
-//! the machine to the parent, which judges it with the book. `Receiver` asks the parent (a
+//! What crosses between parts goes through the parent, never child to child: the parent asks
+//! one part and passes the answer to another. A `ChannelMachine`'s commit returns a post-commit
+//! plan: the parent passes it the book's adoptable membership, hands the plan's `durableJoin`
+//! to the book (whose verdict on the answer the parent applies to the machine:
+//! `backstop_established` / `backstop_unavailable`, then the join's report), and its backfill
+//! pages to `HistoryReader` and their copies to `Receiver`. A reconcile asks the book whether it
+//! is due, the machine for the attempt and cursor, then the book to send it. A leave gets the
+//! membership to tombstone from the book and passes it to the machine; the machine's list
+//! answer goes to the book, whose verdict (tombstone, finish, fail) the parent carries out; the
+//! book's verdict on a `durableLeave` answer tells the parent to degrade, finish or fail the
+//! machine. A late refusal drops the machine, then the book closes the membership. An audit
+//! verdict's lost memberships degrade their machines and are reconciled. `Receiver` asks the parent (a
 //! function argument) whether a channel's backstop is established, and `HistoryReader` whether
 //! a queued read's join attempt is current; DLV / DM / TASK deliveries go from the parent to
 //! `Receiver`.
@@ -50,10 +55,12 @@
 //! join, step by step, and the leave are in `channel/join.rs` and `channel/leave.rs`; unicast
 //! and anycast in `direct.rs`; receiving in `receive.rs`.
 //!
-//! The parent's own files: `join.rs` routes a join (post-commit plan, backfill pages, the
-//! book's verdicts on a durable join answer, a reconcile and an audit), `leave.rs` a leave and a
-//! late refusal (the book's tombstone choice, its verdicts on the list and `durableLeave`
-//! answers), and `connection.rs` fans a connection change out to every part.
+//! The parent is `mod.rs` plus three files of its own `impl Agent` code, each importing by
+//! name: `join.rs` routes a join (post-commit plan, backfill pages, the book's verdicts on a
+//! durable join answer, a reconcile and an audit), `leave.rs` a leave and a late refusal (the
+//! book's tombstone choice, its verdicts on the list and `durableLeave` answers), and
+//! `connection.rs` fans a connection change out to every part. They decide nothing about a
+//! channel or a membership: every such decision is a child's (the machine's or the book's).
 
 //! # Receiving (§2(f))
 //!
@@ -62,7 +69,7 @@
 //! [`Agent::handled`], anomalies terminated (see `receive.rs`).
 
 use crate::entropy::IdGen;
-use crate::io::{Command, Completion, Connection, Inbound, Input, Machine, SubId};
+use crate::io::{Command, Completion, Inbound, Input, Machine, SubId};
 use crate::ledger::{CopySource, Ledger, LedgerError, MessageId, Surfaced};
 use crate::op::OpId;
 use crate::time::{Instant, Now};
@@ -87,7 +94,7 @@ mod types;
 mod watch;
 
 use channel::ChannelMachine;
-use ctx::{Ctx, Link, bump};
+use ctx::{Ctx, Link};
 use direct::{Consumer, DirectFeeds};
 use history::HistoryReader;
 use losses::LossPoll;
@@ -95,7 +102,7 @@ use members::{CloseOp, MemberTimer, Members};
 use presence::Heartbeats;
 use receive::{DlvDelivery, Receiver};
 use send::{Outgoing, Sends};
-use state::*;
+use state::{Feed, Pending, Timer};
 pub use types::*;
 use watch::RegistryWatch;
 
@@ -135,7 +142,7 @@ pub struct Agent {
 
 impl Agent {
     /// A new agent, disconnected. The boot channels are joined at the first
-    /// [`Connection::Restored`].
+    /// [`Connection::Restored`](crate::io::Connection::Restored).
     ///
     /// # Errors
     ///

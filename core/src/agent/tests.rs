@@ -5,7 +5,8 @@
 use super::*;
 use crate::constants::MEMBERSHIP_AUDIT_INTERVAL;
 use crate::io::{
-    AckKind, KvOperation, PubAck, ReadStart, Reply, Response, StoredMessage, StreamState,
+    AckKind, Connection, KvOperation, PubAck, ReadStart, Reply, Response, StoredMessage,
+    StreamState,
 };
 use crate::ledger::DeliveryId;
 use crate::op::{Failure, Outcome};
