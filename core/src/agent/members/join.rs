@@ -215,13 +215,6 @@ impl Members {
         self.request_durable_join(cx, channel, cursor);
     }
 
-    /// Cancels the channel's reconcile (its join ended).
-    pub(in crate::agent) fn cancel_reconcile(&mut self, channel: &ConcreteChannel) {
-        if let Some(slot) = self.slot_of(channel) {
-            self.cancel_timer(MemberTimer::Reconcile(slot));
-        }
-    }
-
     /// The audit found the mirrored membership `generation` of a joined channel gone: the
     /// mirror forgets it, and it is reported. Returns the reason the parent degrades the
     /// channel's backstop with (and then reconciles, which opens a new membership).
