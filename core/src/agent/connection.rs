@@ -1,5 +1,7 @@
-//! Connection life (parent code, `impl Agent`): loss and restore, fanned out to the children
-//! (registry watch, consumers, presence, loss poll) and to the parent's channel map.
+//! Connection life (parent code, `impl Agent`): loss, restore and the registry's load, fanned
+//! out to every part (registry watch, direct feeds, presence, loss poll, the book's audit) and to
+//! the parent's channel map (each machine re-subscribes, fails closed, or starts its post-commit
+//! steps). This is the parent's own job: no part owns the connection.
 //!
 //! # Connection (§2(e))
 //!
@@ -11,7 +13,12 @@
 //! flight when the connection drops fails closed). The endpoint refuses joins and leaves until the
 //! channel registry watch has loaded: the cache must not answer before it is complete (G10).
 
-use super::*;
+use super::Agent;
+use super::ctx::{Link, bump};
+use super::types::AgentEvent;
+use crate::io::Connection;
+use crate::time::Now;
+use crate::wire::token::Channel;
 
 impl Agent {
     pub(super) fn on_connection(&mut self, now: Now, change: Connection) {

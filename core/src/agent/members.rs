@@ -18,17 +18,47 @@
 //! - the deadlines of the reconciles, the closes and the audit (its own timer table; the parent
 //!   takes the minimum with its own).
 //!
+//! The book decides everything about a membership; the parent routes. What the parent calls,
+//! and what comes back (the record helpers are private to the book and its two files):
+//!
+//! | flow (file) | the parent calls | the book answers |
+//! | --- | --- | --- |
+//! | durable join (`join`) | `adoptable`, `request_durable_join`, `on_durable_join` (with the machine's staying / attempts) | the membership a commit adopts; a `JoinVerdict` (`Ignore`, `Established`, `Unavailable`) the parent applies to the machine |
+//! | reconcile (`join`) | `reconcile_due` (with the machine's leaving), `reconcile` (with its cursor), `cancel_reconcile` | whether to ask the machine for an attempt; the durable join is sent by the book |
+//! | audit (here) | `start_audit`, `on_audit` (lending the channel map as two functions), `membership_lost`, `close_orphan` | an `AuditVerdict`; the reason to degrade a lost channel's machine with |
+//! | leave (`leave`) | `tombstone_for`, `request_tombstone`, `on_list_for_leave`, `on_durable_leave` (with the machine's leaving / joined), `tombstone_failed`, `leave_failed` | the membership to tombstone; a `ListVerdict` (`Tombstone`, `Finish`, `Fail`); a `TombstoneVerdict` (`Closed`, `Failed`, each with a reason to degrade the machine) |
+//! | late refusal (`leave`) | `refused`, then `close_refused` | the generation being closed (reported by the parent with the refusal) |
+//! | refusal close (here) | `try_close`, `on_list_for_close`, `on_close_timer` | nothing: the book retries and reports it itself |
+//!
 //! The book runs the audit itself ([`Members::start_audit`], [`Members::on_audit`]: it owns
 //! the `listMemberships` requests of the audits and judges the answer against the parent's
 //! channel map, which the parent lends as two functions) and hands the parent a verdict to act
-//! on (re-establish a lost membership, close an orphan). The other flows that read and write the
-//! book (durable join, reconcile, leave) are the parent's, in `membership` and `leave`; they
-//! issue their control requests through the parent.
+//! on (re-establish a lost membership, close an orphan).
 //!
-//! The book runs the refusal close too ([`Members::start_close`], [`Members::try_close`]): it
-//! issues and owns the close's `listMemberships` and `durableLeave`, answers the list itself,
-//! and hands the `durableLeave` answer back to the parent ([`Members::take_close_op`]), which
-//! judges it together with a leave's tombstone (both may concern a joined channel).
+//! The book runs the refusal close too (`start_close`, [`Members::try_close`]): it issues and
+//! owns the close's `listMemberships` and `durableLeave`, answers the list itself, and judges
+//! the `durableLeave` answer together with a leave's tombstone (both may concern a joined
+//! channel, `leave`): the parent takes the op ([`Members::take_close_op`]) and routes it there.
+//!
+//! # Membership audit (issue 15 item 4, G12)
+//!
+//! The mirror is not trusted forever: at every ready connection and every
+//! [`AgentConfig::membership_audit`](super::AgentConfig::membership_audit) the agent lists its
+//! memberships (`listMemberships`) and reconciles:
+//!
+//! - a joined channel whose mirrored generation has no open record any more (purged or
+//!   tombstoned out of band, a registry wipe) leaves the mirror, turns
+//!   [`BackstopState::Degraded`](super::BackstopState::Degraded) with a reason, is reported
+//!   ([`AgentEvent::MembershipLost`], [`AgentCounters::memberships_lost`](super::AgentCounters::memberships_lost))
+//!   and is re-established by the reconcile (a new generation, join cursor = the armed
+//!   watermark, so the gap is caught up). `Established` is never shown for a membership the
+//!   daemon no longer has;
+//! - an open membership of a channel this life does not join (an earlier life's, G12) is
+//!   reported ([`AgentEvent::MembershipOrphaned`]) and tombstoned through the refusal-close path
+//!   (retried, visible in [`AgentHealth::unclosed`](super::AgentHealth::unclosed),
+//!   [`AgentEvent::MembershipClosed`] at the end);
+//! - a channel whose mirror or membership changed while the list was in flight is not judged
+//!   from that (possibly older) snapshot; the next audit looks again.
 
 use super::ctx::{Ctx, Link, bump};
 use super::state::decode_list_reply;
@@ -40,6 +70,9 @@ use crate::time::{Instant, Now};
 use crate::wire::control::{DeliveryRequest, ListMembershipsReply};
 use crate::wire::token::ConcreteChannel;
 use std::collections::{BTreeMap, BTreeSet};
+
+pub(super) mod join;
+pub(super) mod leave;
 
 /// One concrete channel's membership record (beside its mirrored generation).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -90,18 +123,23 @@ pub(super) struct Members {
     /// can exist is known (listed, or opened by a join of this life and so `maybe`). Until then
     /// an earlier life's membership may be open, so "no responders" proves nothing (G42 across a
     /// restart).
-    pub(super) listed: bool,
+    listed: bool,
     /// The membership audit in flight (its number), if any.
-    pub(super) audit_in_flight: Option<u64>,
+    audit_in_flight: Option<u64>,
     /// Audits sent so far (numbers the in-flight one).
-    pub(super) audits: u64,
+    audits: u64,
     /// Channels whose mirror or membership changed since the audit in flight was sent: its
     /// snapshot may predate the change, so they are not judged from it.
-    pub(super) touched_since_audit: BTreeSet<ConcreteChannel>,
+    touched_since_audit: BTreeSet<ConcreteChannel>,
     /// The audits' `listMemberships` requests in flight, with the audit each belongs to.
     audit_ops: BTreeMap<OpId, u64>,
     /// The refusal closes' requests in flight.
     close_ops: BTreeMap<OpId, CloseOp>,
+    /// The durable joins in flight (a post-commit plan's or a reconcile's), with their channel
+    /// and join cursor.
+    join_ops: BTreeMap<OpId, (ConcreteChannel, Option<u64>)>,
+    /// The leaves' `durableLeave`s in flight, with their channel and generation.
+    tombstone_ops: BTreeMap<OpId, (ConcreteChannel, u64)>,
     timers: TimerTable<MemberTimer>,
 }
 
@@ -120,35 +158,35 @@ impl Members {
     }
 
     /// Whether the channel held, or may hold, a membership in this life.
-    pub(super) fn is_maybe(&self, channel: &ConcreteChannel) -> bool {
+    fn is_maybe(&self, channel: &ConcreteChannel) -> bool {
         self.records.get(channel).is_some_and(|m| m.maybe)
     }
 
     /// Marks the channel as (possibly) holding a membership in this life.
-    pub(super) fn mark_maybe(&mut self, channel: &ConcreteChannel) {
+    fn mark_maybe(&mut self, channel: &ConcreteChannel) {
         self.record(channel).maybe = true;
     }
 
     /// The refusal close pending for the channel.
-    pub(super) fn unclosed(&self, channel: &ConcreteChannel) -> Option<&Unclosed> {
+    fn unclosed(&self, channel: &ConcreteChannel) -> Option<&Unclosed> {
         self.records.get(channel).and_then(|m| m.unclosed.as_ref())
     }
 
     /// The refusal close pending for the channel, to update.
-    pub(super) fn unclosed_mut(&mut self, channel: &ConcreteChannel) -> Option<&mut Unclosed> {
+    fn unclosed_mut(&mut self, channel: &ConcreteChannel) -> Option<&mut Unclosed> {
         self.records
             .get_mut(channel)
             .and_then(|m| m.unclosed.as_mut())
     }
 
     /// Records a refusal close to do (replacing one pending).
-    pub(super) fn set_unclosed(&mut self, unclosed: Unclosed) {
+    fn set_unclosed(&mut self, unclosed: Unclosed) {
         let channel = unclosed.channel.clone();
         self.record(&channel).unclosed = Some(unclosed);
     }
 
     /// Drops the channel's pending refusal close, returning it.
-    pub(super) fn take_unclosed(&mut self, channel: &ConcreteChannel) -> Option<Unclosed> {
+    fn take_unclosed(&mut self, channel: &ConcreteChannel) -> Option<Unclosed> {
         self.records
             .get_mut(channel)
             .and_then(|m| m.unclosed.take())
@@ -160,26 +198,26 @@ impl Members {
     }
 
     /// Whether a close request of the channel is in flight.
-    pub(super) fn close_in_flight(&self, channel: &ConcreteChannel) -> bool {
+    fn close_in_flight(&self, channel: &ConcreteChannel) -> bool {
         self.records.get(channel).is_some_and(|m| m.close_in_flight)
     }
 
     /// Sets whether a close request of the channel is in flight.
-    pub(super) fn set_close_in_flight(&mut self, channel: &ConcreteChannel, on: bool) {
+    fn set_close_in_flight(&mut self, channel: &ConcreteChannel, on: bool) {
         if on || self.records.contains_key(channel) {
             self.record(channel).close_in_flight = on;
         }
     }
 
     /// Whether a reconcile request of the channel is in flight.
-    pub(super) fn reconcile_in_flight(&self, channel: &ConcreteChannel) -> bool {
+    fn reconcile_in_flight(&self, channel: &ConcreteChannel) -> bool {
         self.records
             .get(channel)
             .is_some_and(|m| m.reconcile_in_flight)
     }
 
     /// Sets whether a reconcile request of the channel is in flight.
-    pub(super) fn set_reconcile_in_flight(&mut self, channel: &ConcreteChannel, on: bool) {
+    fn set_reconcile_in_flight(&mut self, channel: &ConcreteChannel, on: bool) {
         if on || self.records.contains_key(channel) {
             self.record(channel).reconcile_in_flight = on;
         }
@@ -187,14 +225,14 @@ impl Members {
 
     /// Nothing about the channel is in motion: no reconcile, no close in flight, no close
     /// pending. The audit judges only such channels.
-    pub(super) fn settled(&self, channel: &ConcreteChannel) -> bool {
+    fn settled(&self, channel: &ConcreteChannel) -> bool {
         self.records
             .get(channel)
             .is_none_or(|m| !m.reconcile_in_flight && !m.close_in_flight && m.unclosed.is_none())
     }
 
     /// The channel's timer slot, allocated at first use.
-    pub(super) fn slot(&mut self, channel: &ConcreteChannel) -> u64 {
+    fn slot(&mut self, channel: &ConcreteChannel) -> u64 {
         if let Some(s) = self.slot_of(channel) {
             return s;
         }
@@ -205,7 +243,7 @@ impl Members {
     }
 
     /// The channel's timer slot, if it has one.
-    pub(super) fn slot_of(&self, channel: &ConcreteChannel) -> Option<u64> {
+    fn slot_of(&self, channel: &ConcreteChannel) -> Option<u64> {
         self.records.get(channel).and_then(|m| m.slot)
     }
 
@@ -216,13 +254,20 @@ impl Members {
     }
 
     /// Sets (or moves) a deadline.
-    pub(super) fn set_timer(&mut self, timer: MemberTimer, at: Instant) {
+    fn set_timer(&mut self, timer: MemberTimer, at: Instant) {
         self.timers.set(timer, at);
     }
 
     /// Cancels a deadline.
     pub(super) fn cancel_timer(&mut self, timer: MemberTimer) {
         self.timers.cancel(&timer);
+    }
+
+    /// Cancels the channel's reconcile (its join ended).
+    pub(super) fn cancel_reconcile(&mut self, channel: &ConcreteChannel) {
+        if let Some(slot) = self.slot_of(channel) {
+            self.cancel_timer(MemberTimer::Reconcile(slot));
+        }
     }
 
     /// Clears every deadline (the agent stopped).
@@ -236,10 +281,7 @@ impl Members {
     }
 
     /// Decodes a `listMemberships` answer; a good one marks this life's memberships as listed.
-    pub(super) fn decode_list(
-        &mut self,
-        outcome: Outcome<Reply>,
-    ) -> Result<ListMembershipsReply, String> {
+    fn decode_list(&mut self, outcome: Outcome<Reply>) -> Result<ListMembershipsReply, String> {
         let list = decode_list_reply(outcome)?;
         self.listed = true;
         Ok(list)
@@ -341,12 +383,7 @@ impl Members {
 
     /// Records a refusal close of the channel's membership (`generation`, or `None` to list
     /// first) and starts it.
-    pub(super) fn start_close(
-        &mut self,
-        cx: &mut Ctx,
-        channel: ConcreteChannel,
-        generation: Option<u64>,
-    ) {
+    fn start_close(&mut self, cx: &mut Ctx, channel: ConcreteChannel, generation: Option<u64>) {
         self.set_unclosed(Unclosed {
             channel: channel.clone(),
             generation,
@@ -411,14 +448,21 @@ impl Members {
         }
     }
 
+    /// The close timer of `slot` fired: retry the channel's close once the connection is
+    /// ready, else look again after the backoff step.
+    pub(super) fn on_close_timer(&mut self, cx: &mut Ctx, now: Now, slot: u64) {
+        let Some(channel) = self.channel_of(slot) else {
+            return;
+        };
+        if cx.link == Link::Ready {
+            self.try_close(cx, channel);
+        } else {
+            self.set_timer(MemberTimer::Close(slot), now.at + backoff(0));
+        }
+    }
+
     /// A close failed: retried with backoff, reported at the first and every fifth attempt.
-    pub(super) fn close_failed(
-        &mut self,
-        cx: &mut Ctx,
-        now: Now,
-        channel: &ConcreteChannel,
-        detail: String,
-    ) {
+    fn close_failed(&mut self, cx: &mut Ctx, now: Now, channel: &ConcreteChannel, detail: String) {
         bump(&mut cx.counters.close_failures);
         let slot = self.slot(channel);
         let Some(u) = self.unclosed_mut(channel) else {

@@ -19,10 +19,10 @@
 //!
 //! | part (file) | owns | issues | routed to it |
 //! | --- | --- | --- | --- |
-//! | parent (`mod.rs`; flows in `connection.rs`, `leave.rs`, `membership.rs`) | the channel map (one `ChannelMachine` per channel), the chat feeds, its `Pending` ops, the retired ops of dropped machines; no timer of its own | `Unsubscribe`, the control `Request`s (`durableJoin`, `durableLeave`, `listMemberships` for a leave or a close; the shared context builds them) | app calls, connection changes, chat feed inputs, its completions |
+//! | parent (`mod.rs`: API, dispatch, timers; `join.rs`, `leave.rs`: routing between the parts; `connection.rs`: fan-out of a connection change) | the channel map (one `ChannelMachine` per channel), the chat feeds, the epochs, a dropped machine's leave list (`Pending`), the retired ops of dropped machines; no decision about a membership and no timer of its own | `Unsubscribe` (at stop) | app calls, connection changes, chat feed inputs, a dropped machine's leave list answer |
 //! | `ChannelMachine` (`channel/`) | one channel's join and leave: phase, epoch, subscription, watermark, join progress and report, backstop state, leave request, backfill position, its ops | `StreamInfo`, `Subscribe`, `Barrier`, a leave's `listMemberships`, `Unsubscribe` (failed join, finished leave, refusal) | its completions (it returns a `JoinStep`: register the feed, drop a failed join, start the post-commit steps, a late refusal, a leave's list answer for the book), refusals of its feed, connection loss |
 //! | `RegistryWatch` (`watch.rs`) | the channel registry cache (the one resolver of a channel's class), its watch and retries | `KvWatch`, `KvUnwatch` | its completions (a load turns the parent ready), its feed's changes, timer `RegistryWatch`, loss / restore |
-//! | `Members` (`members.rs`) | the membership book: the mirror (channel → generation), one record per concrete channel (maybe-member, unclosed close, close / reconcile in flight, timer slot), the audit's state and requests | the audit's `listMemberships`; the refusal close's `listMemberships` and `durableLeave` (the durable join, reconcile and leave issue through the parent) | its audit answers (it judges them against the channel map, which the parent lends, and returns a verdict the parent acts on), its close's list answers (a close's `durableLeave` answer it hands back: the parent judges it with a leave's), timers `Reconcile`, `Close`, `Audit` |
+//! | `Members` (`members.rs`; its side of the join in `members/join.rs`, of the leave and refusal in `members/leave.rs`) | the membership book: the mirror (channel → generation), one record per concrete channel (maybe-member, unclosed close, close / reconcile in flight, timer slot), the audit's state, its ops | `durableJoin` (a post-commit plan's, a reconcile's), a leave's `durableLeave`, the audit's `listMemberships`, the refusal close's `listMemberships` and `durableLeave` | the answers to its ops: it decides, with what the parent passes about the channel's machine (staying, leaving, joined, attempts), and returns a verdict the parent applies to the machine (`JoinVerdict`, `ListVerdict`, `TombstoneVerdict`, `AuditVerdict`); a leave's list answer (from the machine, via the parent); the reconcile's and a leave's questions; timers `Reconcile`, `Close`, `Audit` |
 //! | `Receiver` (`receive.rs`) | the dedup [`Ledger`], its settles | `Settle` | every copy (live, backfill, DLV, DM, TASK), `handled` / `decline`, settle completions |
 //! | `HistoryReader` (`history.rs`) | the one-at-a-time reader, its queue and reads | `ReadStream` | read completions |
 //! | `DirectFeeds` (`direct.rs`) | the DLV and `dm_<id>` / `svc_<role>` bindings and feeds | `Consume`, `StopConsume` | bind completions, `ConsumerEnded` / `Refused` of its feeds, timers `DlvBind`, `DirectBind`, loss / restore |
@@ -30,13 +30,18 @@
 //! | `Heartbeats` (`presence.rs`) | presence puts, the next heartbeat | presence `KvPut` (`idle`; `offline` at stop) | its completions, timer `Heartbeat`, loss / restore / stop |
 //! | `LossPoll` (`losses.rs`) | our loss record as last read, the stamp reported, its read | `KvGetDirect` | its read's completion, timer `Losses`, loss |
 //!
-//! What crosses between parts goes through the parent, never child to child. A
-//! `ChannelMachine`'s commit returns a post-commit plan: the parent passes it the book's
-//! adoptable membership, issues the plan's `durableJoin` (whose answer the membership flows judge
-//! with the book, then tell the machine `backstop_established` / `backstop_unavailable`), and
-//! hands its backfill pages to `HistoryReader` and their copies to `Receiver`. A leave gets the
-//! membership to tombstone from the book (through the parent); its list answer comes back from
-//! the machine to the parent, which judges it with the book. `Receiver` asks the parent (a
+//! What crosses between parts goes through the parent, never child to child: the parent asks
+//! one part and passes the answer to another. A `ChannelMachine`'s commit returns a post-commit
+//! plan: the parent passes it the book's adoptable membership, hands the plan's `durableJoin`
+//! to the book (whose verdict on the answer the parent applies to the machine:
+//! `backstop_established` / `backstop_unavailable`, then the join's report), and its backfill
+//! pages to `HistoryReader` and their copies to `Receiver`. A reconcile asks the book whether it
+//! is due, the machine for the attempt and cursor, then the book to send it. A leave gets the
+//! membership to tombstone from the book and passes it to the machine; the machine's list
+//! answer goes to the book, whose verdict (tombstone, finish, fail) the parent carries out; the
+//! book's verdict on a `durableLeave` answer tells the parent to degrade, finish or fail the
+//! machine. A late refusal drops the machine, then the book closes the membership. An audit
+//! verdict's lost memberships degrade their machines and are reconciled. `Receiver` asks the parent (a
 //! function argument) whether a channel's backstop is established, and `HistoryReader` whether
 //! a queued read's join attempt is current; DLV / DM / TASK deliveries go from the parent to
 //! `Receiver`.
@@ -50,10 +55,12 @@
 //! join, step by step, and the leave are in `channel/join.rs` and `channel/leave.rs`; unicast
 //! and anycast in `direct.rs`; receiving in `receive.rs`.
 //!
-//! Not yet children: the membership side of the flows is the parent's own code, split by flow
-//! into `membership.rs` (durable join answer, reconcile, audit verdict),
-//! `leave.rs` (tombstone, its answer and a close's, late refusal) and `connection.rs` (loss, restore):
-//! `impl Agent` blocks over the book and the machines' methods, issuing through `Pending`.
+//! The parent is `mod.rs` plus three files of its own `impl Agent` code, each importing by
+//! name: `join.rs` routes a join (post-commit plan, backfill pages, the book's verdicts on a
+//! durable join answer, a reconcile and an audit), `leave.rs` a leave and a late refusal (the
+//! book's tombstone choice, its verdicts on the list and `durableLeave` answers), and
+//! `connection.rs` fans a connection change out to every part. They decide nothing about a
+//! channel or a membership: every such decision is a child's (the machine's or the book's).
 
 //! # Receiving (§2(f))
 //!
@@ -61,17 +68,11 @@
 //! [`Ledger`]: one surfacing per id, the durable copy owns the ack, acks only after
 //! [`Agent::handled`], anomalies terminated (see `receive.rs`).
 
-use crate::constants::{
-    DURABLE_JOIN_TIMEOUT, HISTORY_FETCH_MAX_BATCH, REQUEST_DELIVERY_TIMEOUT, backoff,
-};
 use crate::entropy::IdGen;
-use crate::io::{
-    Command, Completion, Connection, Inbound, Input, Machine, ReadStart, Reply, SubId,
-};
+use crate::io::{Command, Completion, Inbound, Input, Machine, SubId};
 use crate::ledger::{CopySource, Ledger, LedgerError, MessageId, Surfaced};
-use crate::op::{Failure, OpId, Outcome};
-use crate::time::{Duration, Instant, Now};
-use crate::wire::control::DeliveryRequest;
+use crate::op::OpId;
+use crate::time::{Instant, Now};
 use crate::wire::message::{Part, Route, normalize_mentions};
 use crate::wire::token::{AgentId, Channel, ConcreteChannel, Role};
 use std::collections::{BTreeMap, BTreeSet};
@@ -81,10 +82,10 @@ mod connection;
 mod ctx;
 mod direct;
 mod history;
+mod join;
 mod leave;
 mod losses;
 mod members;
-mod membership;
 mod presence;
 mod receive;
 mod send;
@@ -92,18 +93,16 @@ mod state;
 mod types;
 mod watch;
 
-use channel::join::JoinStep;
-use channel::leave::LeaveStep;
-use channel::{ChannelMachine, ChannelOp};
-use ctx::{Ctx, Link, bump};
+use channel::ChannelMachine;
+use ctx::{Ctx, Link};
 use direct::{Consumer, DirectFeeds};
-use history::{HistoryReader, PageRead};
+use history::HistoryReader;
 use losses::LossPoll;
 use members::{CloseOp, MemberTimer, Members};
 use presence::Heartbeats;
 use receive::{DlvDelivery, Receiver};
 use send::{Outgoing, Sends};
-use state::*;
+use state::{Feed, Pending, Timer};
 pub use types::*;
 use watch::RegistryWatch;
 
@@ -143,7 +142,7 @@ pub struct Agent {
 
 impl Agent {
     /// A new agent, disconnected. The boot channels are joined at the first
-    /// [`Connection::Restored`].
+    /// [`Connection::Restored`](crate::io::Connection::Restored).
     ///
     /// # Errors
     ///
@@ -537,12 +536,6 @@ impl Agent {
         self.next_epoch
     }
 
-    fn control_request(&mut self, request: &DeliveryRequest, pending: Pending, timeout: Duration) {
-        if let Some(op) = self.cx.control_request(request, timeout) {
-            self.pending.insert(op, pending);
-        }
-    }
-
     fn on_completion(&mut self, now: Now, completion: Completion) {
         if self.sends.owns(completion.op) {
             self.sends
@@ -590,6 +583,14 @@ impl Agent {
             }
             return;
         }
+        if let Some((c, g)) = self.members.take_tombstone_op(completion.op) {
+            self.on_durable_leave(now, c, g, completion.outcome);
+            return;
+        }
+        if let Some((channel, cursor)) = self.members.take_join_op(completion.op) {
+            self.on_durable_join(now, channel, cursor, completion.outcome);
+            return;
+        }
         if self.members.owns(completion.op) {
             self.on_audit(now, completion.op, completion.outcome);
             return;
@@ -622,14 +623,7 @@ impl Agent {
         };
         let outcome = completion.outcome;
         match pending {
-            Pending::DurableJoin { channel, cursor } => {
-                self.on_durable_join(now, channel, cursor, outcome)
-            }
             Pending::ListForLeave { channel } => self.on_list_for_leave(channel, outcome),
-            Pending::DurableLeave {
-                channel,
-                generation,
-            } => self.on_durable_leave(now, channel, generation, outcome),
         }
     }
 
@@ -726,16 +720,7 @@ impl Agent {
                 }
             }
             Timer::Audit => self.members.start_audit(&mut self.cx),
-            Timer::Close(slot) => {
-                if let Some(c) = self.members.channel_of(slot) {
-                    if self.cx.link == Link::Ready {
-                        self.members.try_close(&mut self.cx, c);
-                    } else {
-                        self.members
-                            .set_timer(MemberTimer::Close(slot), now.at + backoff(0));
-                    }
-                }
-            }
+            Timer::Close(slot) => self.members.on_close_timer(&mut self.cx, now, slot),
         }
     }
 }
@@ -826,179 +811,5 @@ impl Agent {
     fn observe(&mut self, now: Now) {
         self.cx.last_at = self.cx.last_at.max(now.at);
         self.cx.last_wall = now.wall;
-    }
-}
-
-/// The join's routing glue: the channel machines do the join (`channel/`); the parent registers
-/// their feeds, drops failed ones, and hands their post-commit steps to the membership requests,
-/// the history reader and the receiver.
-impl Agent {
-    fn start_join(&mut self, channel: Channel, request: Option<RequestId>) {
-        let epoch = self.epoch();
-        let machine = ChannelMachine::start(&mut self.cx, channel.clone(), epoch, request);
-        self.channels.insert(channel, machine);
-    }
-
-    fn resubscribe(&mut self, channel: &Channel) {
-        let epoch = self.epoch();
-        if let Some(machine) = self.channels.get_mut(channel) {
-            let sub = machine.resubscribe(&mut self.cx, epoch);
-            self.feeds.insert(sub, Feed::Chat(epoch));
-        }
-    }
-
-    /// Drops a channel's machine; its ops still in flight are retired.
-    fn remove_channel(&mut self, channel: &Channel) -> Option<ChannelMachine> {
-        let machine = self.channels.remove(channel)?;
-        for (op, kind) in machine.ops() {
-            if kind == ChannelOp::ListForLeave {
-                // Routed by channel name, as a leave's list always was.
-                let channel = channel.clone();
-                self.pending.insert(op, Pending::ListForLeave { channel });
-            } else {
-                self.retired.insert(op);
-            }
-        }
-        Some(machine)
-    }
-
-    /// A join attempt failed before its commit: drop the machine, which undoes it and reports.
-    fn fail_join(&mut self, channel: &Channel, error: JoinError) {
-        if let Some(machine) = self.remove_channel(channel)
-            && let Some(sub) = machine.fail(&mut self.cx, error)
-        {
-            self.feeds.remove(&sub);
-        }
-    }
-
-    fn on_channel_completion(&mut self, channel: Channel, op: OpId, outcome: Outcome<Reply>) {
-        let Some(machine) = self.channels.get_mut(&channel) else {
-            return;
-        };
-        match machine.on_completion(&mut self.cx, op, outcome) {
-            JoinStep::Nothing => {}
-            JoinStep::Subscribed(sub) => {
-                let epoch = machine.epoch();
-                self.feeds.insert(sub, Feed::Chat(epoch));
-            }
-            JoinStep::Failed(error) => self.fail_join(&channel, error),
-            JoinStep::Committed => self.maybe_start_post_commit(&channel),
-            JoinStep::LateRefusal(detail) => self.late_refusal(&channel, detail),
-            JoinStep::ListForLeave(outcome) => self.on_list_for_leave(channel, outcome),
-        }
-    }
-
-    /// After the commit, once the registry is loaded: the durable step and the backfill.
-    fn maybe_start_post_commit(&mut self, channel: &Channel) {
-        if self.cx.link != Link::Ready {
-            return;
-        }
-        let Some(machine) = self.channels.get_mut(channel) else {
-            return;
-        };
-        if !machine.post_commit_due() {
-            return;
-        }
-        let policy = self.watch.registry().policy_for(channel);
-        let member = channel
-            .to_concrete()
-            .filter(|c| self.members.unclosed(c).is_none())
-            .and_then(|c| self.members.mirror.get(&c).copied());
-        let plan = machine.start_post_commit(&self.cx, &policy, member);
-        if let Some((c, cursor)) = plan.durable_join {
-            let request = DeliveryRequest::DurableJoin {
-                channel: c.clone(),
-                join_cursor: cursor,
-            };
-            self.control_request(
-                &request,
-                Pending::DurableJoin { channel: c, cursor },
-                DURABLE_JOIN_TIMEOUT,
-            );
-        }
-        if let Some((start, until)) = plan.backfill {
-            self.read_backfill(channel, start, until);
-        }
-        self.maybe_report_join(channel);
-    }
-
-    fn maybe_report_join(&mut self, channel: &Channel) {
-        if let Some(machine) = self.channels.get_mut(channel) {
-            machine.maybe_report(&mut self.cx);
-        }
-    }
-
-    fn read_backfill(&mut self, channel: &Channel, start: ReadStart, until: u64) {
-        let Some(machine) = self.channels.get_mut(channel) else {
-            return;
-        };
-        machine.read_page(start);
-        let epoch = machine.epoch();
-        self.history.read(
-            &mut self.cx,
-            PageRead {
-                channel: channel.clone(),
-                epoch,
-                start,
-                until,
-            },
-        );
-    }
-
-    /// A backfill page's completion (the reader has moved on already): its copies go to the
-    /// receiver; the machine reads the next page or finishes.
-    fn on_backfill(&mut self, now: Now, read: PageRead, outcome: Outcome<Reply>) {
-        let PageRead {
-            channel,
-            epoch,
-            until,
-            ..
-        } = read;
-        if !self
-            .channels
-            .get(&channel)
-            .is_some_and(|m| m.page_current(epoch))
-        {
-            return;
-        }
-        let error = match outcome {
-            Outcome::Success(Reply::Stored(messages)) => {
-                let full = messages.len() >= HISTORY_FETCH_MAX_BATCH as usize;
-                let mut last = None;
-                let mut count = 0u64;
-                for m in messages {
-                    if m.seq > until {
-                        break;
-                    }
-                    last = Some(m.seq);
-                    count += 1;
-                    let channels = &self.channels;
-                    self.receiver.ingest_chat(
-                        &mut self.cx,
-                        now,
-                        &m.subject,
-                        &m.payload,
-                        CopySource::Backfill,
-                        |c| established(channels, c),
-                    );
-                }
-                if let Some(machine) = self.channels.get_mut(&channel) {
-                    machine.backfilled(count);
-                }
-                match last {
-                    Some(l) if full && l < until => {
-                        self.read_backfill(&channel, ReadStart::Seq(l + 1), until);
-                        return;
-                    }
-                    _ => None,
-                }
-            }
-            Outcome::Success(other) => Some(format!("backfill failed: unexpected reply {other:?}")),
-            Outcome::Failed(f) => Some(format!("backfill failed: {f}")),
-            Outcome::Unknown => Some("backfill interrupted".to_owned()),
-        };
-        if let Some(machine) = self.channels.get_mut(&channel) {
-            machine.finish_backfill(&mut self.cx, error);
-        }
     }
 }

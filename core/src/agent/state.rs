@@ -9,21 +9,11 @@ use crate::io::Reply;
 use crate::op::Outcome;
 use crate::wire::control::{ControlReply, DurableJoinReply, ListMembershipsReply};
 use crate::wire::json;
-use crate::wire::token::{Channel, ConcreteChannel};
+use crate::wire::token::Channel;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Pending {
-    DurableJoin {
-        channel: ConcreteChannel,
-        cursor: Option<u64>,
-    },
-    ListForLeave {
-        channel: Channel,
-    },
-    DurableLeave {
-        channel: ConcreteChannel,
-        generation: u64,
-    },
+    ListForLeave { channel: Channel },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -4,13 +4,17 @@
 
 use super::*;
 use crate::constants::MEMBERSHIP_AUDIT_INTERVAL;
-use crate::io::{AckKind, KvOperation, PubAck, Response, StoredMessage, StreamState};
+use crate::io::{
+    AckKind, Connection, KvOperation, PubAck, ReadStart, Reply, Response, StoredMessage,
+    StreamState,
+};
 use crate::ledger::DeliveryId;
-use crate::time::UnixMillis;
+use crate::op::{Failure, Outcome};
+use crate::time::{Duration, UnixMillis};
 use crate::wire::config::ConsumerSpec;
 use crate::wire::control::{
-    ControlReply, ControlRequest, DurableJoinReply, DurableLeaveReply, ListMembershipsReply,
-    MembershipSummary,
+    ControlReply, ControlRequest, DeliveryRequest, DurableJoinReply, DurableLeaveReply,
+    ListMembershipsReply, MembershipSummary,
 };
 use crate::wire::json;
 use crate::wire::message::Sender;

@@ -1,6 +1,6 @@
 //! What the rest of the agent may ask or tell a [`ChannelMachine`] about its state: whether it
-//! is joined or leaving, its health, and the durable backstop as the membership flows (the
-//! parent, with the book) decide it. The machine's fields are its own; these are the only ways
+//! is joined or leaving, its health, and the durable backstop as the membership book decides it
+//! (the parent applies the book's verdicts through these). The machine's fields are its own; these are the only ways
 //! in.
 
 use super::{ChannelMachine, Phase};

@@ -1,7 +1,7 @@
 //! The join, as [`ChannelMachine`] runs it: arm, subscribe, confirm, commit, then the durable
-//! step and the backfill. The parent issues the durable join (its answer is the membership
-//! flows') and hands the backfill pages to the history reader and their copies to the receiver;
-//! the machine keeps the join's progress and reports it.
+//! step and the backfill. The parent hands the durable join to the membership book (which sends
+//! it and decides on its answer, `members/join.rs`) and the backfill pages to the history reader
+//! and their copies to the receiver; the machine keeps the join's progress and reports it.
 //!
 //! # The join, step by step (§2(a))
 //!

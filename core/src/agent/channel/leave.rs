@@ -1,8 +1,8 @@
 //! The channel's side of the leave, the late refusal and a connection loss, as
 //! [`ChannelMachine`] runs it. The membership side (which generation to tombstone, the
-//! `durableLeave` and its answer, the refusal close) is the membership book's and the parent's:
-//! the parent decides whether a tombstone is needed and passes it in, and calls back with the
-//! answer.
+//! `durableLeave` and its answer, the refusal close) is the membership book's
+//! (`members/leave.rs`): the parent asks the book whether a tombstone is needed and passes it
+//! in, and calls back with what the book decided on the answers.
 //!
 //! # Leave (§2(b))
 //!

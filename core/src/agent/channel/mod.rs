@@ -12,7 +12,8 @@
 //! - **Returns to the parent** what other parts must do ([`JoinStep`]): register the new
 //!   subscription as a feed, undo a failed join, start the post-commit steps, or treat a refusal
 //!   of a re-subscribe as a late refusal. The post-commit plan ([`join::PostCommit`]) names the durable
-//!   join to request (the parent issues it; the membership book decides with it) and the first
+//!   join to request (the parent hands it to the membership book, which sends it and decides on
+//!   its answer) and the first
 //!   backfill page to read (the parent hands it to the history reader).
 //!
 //! The machine never reads the membership book, the registry or a sibling: the parent passes
