@@ -14,11 +14,13 @@
 //!   report). End of stdin (the parent is gone) stops the child too.
 //!
 //! **One clock.** Latency is a surfacing time in the child minus a publish time in the parent.
-//! A child reports each surfacing as wall-clock nanoseconds (`SystemTime`, converted from its
-//! `Instant` through one anchor pair taken at its start) and the parent converts them back to
-//! its own `Instant`s through its anchor pair. Both processes read the same system clock, so on
-//! one machine the difference is exact up to the anchors' sub-microsecond skew (a wall-clock
-//! step during the run would shift it; across machines it would need synchronized clocks).
+//! A child reports each surfacing as wall-clock nanoseconds (`SystemTime`): its `Instant` plus
+//! the offset of one (`Instant`, `SystemTime`) pair read when it writes its report, and the
+//! parent turns them back into its own `Instant`s through a pair it reads when the report
+//! arrives. Both processes are on one machine and read the same clocks, so the result is the
+//! child's monotonic instant itself, off only by how far the wall clock moved against the
+//! monotonic one in the milliseconds between the two pairs (nothing, unless the wall clock is
+//! stepped in that moment). Across machines this would need synchronized clocks.
 //!
 //! Every wait is bounded: a child that exits before `"done"` (or reports an error) fails the run
 //! with its exit status and the last lines of its stderr (kept in a temporary file), and a child
@@ -195,7 +197,6 @@ pub async fn bench_agents(args: BenchAgentsArgs) -> ExitCode {
 }
 
 async fn run_child(args: BenchAgentsArgs) -> Result<(), String> {
-    let anchor = WallAnchor::now();
     let space = Space::new(args.space).map_err(|e| format!("space: {e}"))?;
     let channel = Channel::new(CHANNEL).map_err(|e| format!("channel: {e}"))?;
     let live = Channel::new(LIVE_CHANNEL).map_err(|e| format!("live channel: {e}"))?;
@@ -261,7 +262,9 @@ async fn run_child(args: BenchAgentsArgs) -> Result<(), String> {
         surfaced: surfaced_n,
     });
     let _ = stop_tx.send(true);
-    for log in finish_members(members).await? {
+    let logs = finish_members(members).await?;
+    let anchor = WallAnchor::now();
+    for log in logs {
         emit(&ChildLine::Member(MemberReport::from_log(&log, anchor)));
     }
     emit(&ChildLine::Done);
@@ -342,8 +345,15 @@ impl AgentProc {
             .and_then(|mut c| c.try_wait().ok().flatten())
             .map_or_else(|| "still running".to_owned(), |s| s.to_string());
         let stderr = std::fs::read_to_string(&self.stderr_log).unwrap_or_default();
-        let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        // Its last lines (progress lines end in a carriage return), each cut to 300 characters.
+        let mut tail: Vec<String> = stderr
+            .split(['\n', '\r'])
+            .filter(|l| !l.trim().is_empty())
+            .rev()
+            .take(5)
+            .map(|l| l.chars().take(300).collect())
+            .collect();
+        tail.reverse();
         Err(format!(
             "agent process {} (pid {}, {status}): {failure}{}",
             self.index,
@@ -375,7 +385,6 @@ impl AgentProcs {
         joined: &Arc<AtomicUsize>,
     ) -> Result<Self, String> {
         let exe = std::env::current_exe().map_err(|e| format!("own binary: {e}"))?;
-        let anchor = WallAnchor::now();
         let k = k.clamp(1, ids.len().max(1));
         let mut procs = Vec::with_capacity(k);
         for c in 0..k {
@@ -414,7 +423,7 @@ impl AgentProcs {
             };
             let stdout = stdout.ok_or_else(|| format!("agent process {c}: no stdout pipe"))?;
             let (surfaced, joined) = (Arc::clone(surfaced), Arc::clone(joined));
-            std::thread::spawn(move || read_child(stdout, &state, anchor, &surfaced, &joined));
+            std::thread::spawn(move || read_child(stdout, &state, &surfaced, &joined));
             procs.push(proc);
         }
         Ok(AgentProcs { procs })
@@ -516,10 +525,11 @@ impl AgentProcs {
 fn read_child(
     stdout: std::process::ChildStdout,
     state: &Mutex<ProcState>,
-    anchor: WallAnchor,
     surfaced: &AtomicUsize,
     joined: &AtomicUsize,
 ) {
+    // Read when the first member's report arrives, right after the child read its own.
+    let mut anchor: Option<WallAnchor> = None;
     for line in BufReader::new(stdout).lines() {
         let Ok(line) = line else { break };
         let parsed = serde_json::from_str::<ChildLine>(&line);
@@ -535,7 +545,10 @@ fn read_child(
                 s.surfaced = s.surfaced.max(n);
             }
             Ok(ChildLine::LiveJoined { .. }) => s.live_joined = true,
-            Ok(ChildLine::Member(report)) => s.logs.push(report.into_log(anchor)),
+            Ok(ChildLine::Member(report)) => {
+                let anchor = *anchor.get_or_insert_with(WallAnchor::now);
+                s.logs.push(report.into_log(anchor));
+            }
             Ok(ChildLine::Done) => s.done = true,
             Ok(ChildLine::Error { error }) => {
                 s.error.get_or_insert(error);
