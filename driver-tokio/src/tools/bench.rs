@@ -1,7 +1,8 @@
 //! `cotal bench`: end-to-end durable fan-out throughput and latency against a real nats-server.
 //!
-//! Everything it runs is in this process and visible in the report: a scratch stream for the
-//! raw ceiling (pipelined JetStream publishes per second), a fresh space, one delivery daemon,
+//! Everything it runs is in this process (the members in child processes with `--agent-procs`)
+//! and visible in the report: a scratch stream for the raw ceiling (pipelined JetStream
+//! publishes per second), a fresh space, one delivery daemon,
 //! M member agents (each with its own connection, ACL record and DLV consumer, provisioned as
 //! `cotal provision agent --apply` does) joined to one durable channel, and one sender agent that
 //! publishes N messages on that channel without being a member.
@@ -17,10 +18,10 @@
 //! is at-most-once) but not a failure of the run.
 //!
 //! `--agent-procs K` runs the M members in K child processes instead (this binary, `cotal
-//! bench-agents`, see [`agents`](mod@agents)), so the bench process holds only the daemons and
+//! bench-agents`, see [`bench_agents`]), so the bench process holds only the daemons and
 //! the senders and the CPU of each side is measured apart. Before the durable phase (unless
 //! `--no-ideal`) the run measures the ideal pipeline on a scratch stream: raw JetStream, one
-//! write per copy, M filtered pull consumers (see [`ideal`](mod@ideal)).
+//! write per copy, M filtered pull consumers (module `bench::ideal`).
 //!
 //! `--shards N` runs N daemons, shard i of N each (own connection, lease, fan-out and reader
 //! durables); their counters are summed where the report uses them and also given per shard.
