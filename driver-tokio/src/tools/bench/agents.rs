@@ -442,6 +442,7 @@ impl AgentProcs {
     /// Tells every child to join the live channel and waits (at most [`SETUP_WAIT`]) until
     /// every one reported its members joined.
     pub(super) async fn join_live(&self) -> Result<(), String> {
+        self.check()?;
         for p in &self.procs {
             p.send("live")?;
         }
@@ -473,6 +474,8 @@ impl AgentProcs {
     /// Tells every child to stop, waits (at most [`FINISH_WAIT`]) for every member's log, and
     /// (at most [`EXIT_WAIT`]) for each child to exit; a child still running then is killed.
     pub(super) async fn finish(self) -> Result<Vec<MemberLog>, String> {
+        // A child that already died says why, rather than a broken pipe.
+        self.check()?;
         for p in &self.procs {
             p.send("stop")?;
             // End of stdin as well: a child stuck before reading `stop` still ends.
