@@ -667,6 +667,33 @@ fn cotal_bench_with_agent_processes_measures_cpu_apart_and_the_ideal_pipeline() 
         assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {text}");
     }
     assert!(started.elapsed() < Duration::from_secs(60), "{text}");
+    // With two daemon shards and no live phase: every copy handed off once, nothing lost.
+    let (v, text) = bench_json(&[
+        "bench",
+        "--spawn-server",
+        "--agent-procs",
+        "2",
+        "--members",
+        "4",
+        "--messages",
+        "20",
+        "--shards",
+        "2",
+        "--no-live",
+        "--no-ideal",
+        "--timeout-s",
+        "20",
+        "--json",
+    ]);
+    assert_eq!(
+        (v["agent_procs"].clone(), v["shards"].clone()),
+        (2.into(), 2.into()),
+        "{text}"
+    );
+    assert_eq!(v["lost"], 0, "{text}");
+    assert_eq!(v["duplicates"], 0, "{text}");
+    assert_eq!(v["daemon_transferred"], 80, "{text}");
+    assert!(v.get("live_lost").is_none(), "{text}");
     // In-process members (the default) have no agent processes to measure, and --no-ideal
     // skips the ideal pipeline: those keys are null.
     let (v, text) = bench_json(&[

@@ -573,6 +573,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn clock_ticks_come_from_the_auxiliary_vector_on_linux() {
+        if std::path::Path::new("/proc/self/auxv").exists() {
+            let ticks = super::super::auxv_clock_ticks().expect("AT_CLKTCK in /proc/self/auxv");
+            assert!(ticks >= 1.0, "{ticks}");
+            assert!(cpu_seconds(None).is_some_and(|s| s >= 0.0));
+        }
+    }
+
+    #[test]
     fn the_wall_anchor_round_trips_instants_on_both_sides() {
         let a = WallAnchor::now();
         let later = a.at + Duration::from_millis(1500);
