@@ -616,6 +616,109 @@ fn cotal_bench_with_two_shards_delivers_every_copy_once() {
     }
 }
 
+/// `cotal bench --agent-procs 2`: the four members run in two `cotal bench-agents` children that
+/// report back; nothing is lost or duplicated on either path, the CPU of the server, the bench
+/// process and the agent processes is measured apart, and the ideal pipeline ran first. Paced
+/// (100 msgs/s, so the durable phase lasts about half a second): CPU time is read in 10 ms clock
+/// ticks, and a 0.1 s burst can read 0 ticks for a share.
+#[test]
+fn cotal_bench_with_agent_processes_measures_cpu_apart_and_the_ideal_pipeline() {
+    if NatsServer::binary().is_none() || !std::path::Path::new("/proc/self/stat").exists() {
+        println!("skipping: COTAL_NATS_SERVER is not set or no /proc (Linux only)");
+        return;
+    }
+    let started = std::time::Instant::now();
+    let (v, text) = bench_json(&[
+        "bench",
+        "--spawn-server",
+        "--agent-procs",
+        "2",
+        "--members",
+        "4",
+        "--messages",
+        "50",
+        "--rate",
+        "100",
+        "--timeout-s",
+        "20",
+        "--json",
+    ]);
+    assert_eq!(v["agent_procs"], 2, "{text}");
+    assert_eq!(v["members"], 4, "{text}");
+    assert_eq!(v["lost"], 0, "{text}");
+    assert_eq!(v["duplicates"], 0, "{text}");
+    assert_eq!(v["durable_complete"], true, "{text}");
+    assert_eq!(v["daemon_transferred"], 200, "{text}");
+    assert_eq!(v["live_copies"], 200, "{text}");
+    assert_eq!(v["live_duplicates"], 0, "{text}");
+    for key in [
+        "server_cpu_us_per_copy",
+        "daemon_cpu_us_per_copy",
+        "agents_cpu_us_per_copy",
+        "process_cpu_us_per_copy",
+        "ideal_copies_per_s",
+        "ratio_to_ideal",
+        "ceiling_publish_per_s",
+        "ratio_to_half_ceiling",
+        "durable_copies_per_s",
+        "p50_ms",
+        "p99_ms",
+    ] {
+        assert!(v[key].as_f64().is_some_and(|x| x > 0.0), "{key}: {text}");
+    }
+    assert!(started.elapsed() < Duration::from_secs(60), "{text}");
+    // With two daemon shards and no live phase: every copy handed off once, nothing lost.
+    let (v, text) = bench_json(&[
+        "bench",
+        "--spawn-server",
+        "--agent-procs",
+        "2",
+        "--members",
+        "4",
+        "--messages",
+        "20",
+        "--shards",
+        "2",
+        "--no-live",
+        "--no-ideal",
+        "--timeout-s",
+        "20",
+        "--json",
+    ]);
+    assert_eq!(
+        (v["agent_procs"].clone(), v["shards"].clone()),
+        (2.into(), 2.into()),
+        "{text}"
+    );
+    assert_eq!(v["lost"], 0, "{text}");
+    assert_eq!(v["duplicates"], 0, "{text}");
+    assert_eq!(v["daemon_transferred"], 80, "{text}");
+    assert!(v.get("live_lost").is_none(), "{text}");
+    // In-process members (the default) have no agent processes to measure, and --no-ideal
+    // skips the ideal pipeline: those keys are null.
+    let (v, text) = bench_json(&[
+        "bench",
+        "--spawn-server",
+        "--members",
+        "1",
+        "--messages",
+        "10",
+        "--no-live",
+        "--no-ideal",
+        "--json",
+    ]);
+    assert_eq!(v["agent_procs"], 0, "{text}");
+    for key in [
+        "agents_cpu_us_per_copy",
+        "daemon_cpu_us_per_copy",
+        "ideal_copies_per_s",
+        "ratio_to_ideal",
+    ] {
+        assert!(v[key].is_null(), "{key}: {text}");
+    }
+    assert_eq!(v["lost"], 0, "{text}");
+}
+
 /// `cotal bench --memory`: a daemon child on a space with 500 members in 20 channels holds more
 /// resident memory than one on an empty space, and both are measured.
 #[test]

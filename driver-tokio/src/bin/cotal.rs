@@ -311,6 +311,10 @@ enum Cmd {
     /// on a live channel; copies/s, latency, losses. --memory: the daemon's resident memory on a
     /// large provisioned space (Linux only).
     Bench(bench::BenchArgs),
+    /// `cotal bench --agent-procs K` runs its member agents in K of these (internal: JSON
+    /// lines to the parent on stdout, its commands on stdin).
+    #[command(hide = true)]
+    BenchAgents(bench::BenchAgentsArgs),
     /// Inject seeded faults while messages flow and members leave and rejoin: SIGKILL of the
     /// delivery daemon (a child process), SIGTERM / SIGKILL and restart of nats-server; then
     /// check every member's copies against its membership intervals: a summary table.
@@ -518,6 +522,7 @@ async fn main() -> ExitCode {
         Cmd::Channels(args) => commands::channels(args).await,
         Cmd::Demo(args) => demo(&args).await,
         Cmd::Bench(args) => bench::bench(args).await,
+        Cmd::BenchAgents(args) => bench::bench_agents(args).await,
         Cmd::Chaos(args) => chaos::chaos(args).await,
     }
 }

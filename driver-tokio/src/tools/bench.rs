@@ -1,7 +1,8 @@
 //! `cotal bench`: end-to-end durable fan-out throughput and latency against a real nats-server.
 //!
-//! Everything it runs is in this process and visible in the report: a scratch stream for the
-//! raw ceiling (pipelined JetStream publishes per second), a fresh space, one delivery daemon,
+//! Everything it runs is in this process (the members in child processes with `--agent-procs`)
+//! and visible in the report: a scratch stream for the raw ceiling (pipelined JetStream
+//! publishes per second), a fresh space, one delivery daemon,
 //! M member agents (each with its own connection, ACL record and DLV consumer, provisioned as
 //! `cotal provision agent --apply` does) joined to one durable channel, and one sender agent that
 //! publishes N messages on that channel without being a member.
@@ -15,6 +16,12 @@
 //! backstop, no backfill), the same senders publish N more messages on it, and the same surfacing
 //! counts; what did not surface when no copy came for `--stall-s` is a live loss, reported (live
 //! is at-most-once) but not a failure of the run.
+//!
+//! `--agent-procs K` runs the M members in K child processes instead (this binary, `cotal
+//! bench-agents`, see [`bench_agents`]), so the bench process holds only the daemons and
+//! the senders and the CPU of each side is measured apart. Before the durable phase (unless
+//! `--no-ideal`) the run measures the ideal pipeline on a scratch stream: raw JetStream, one
+//! write per copy, M filtered pull consumers (module `bench::ideal`).
 //!
 //! `--shards N` runs N daemons, shard i of N each (own connection, lease, fan-out and reader
 //! durables); their counters are summed where the report uses them and also given per shard.
@@ -51,6 +58,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+
+mod agents;
+mod ideal;
+
+pub use agents::{BenchAgentsArgs, bench_agents};
 
 /// The channel every member joins.
 const CHANNEL: &str = "bench";
@@ -111,6 +123,16 @@ pub struct BenchArgs {
     /// `cotal delivery --shard i --shards N` runs them).
     #[arg(long, default_value_t = 1)]
     shards: u32,
+    /// Run the member agents in K child processes (this binary re-executed as the hidden
+    /// `cotal bench-agents`), the members split over them in contiguous shares; 0 (the default)
+    /// runs them in this process. The daemons and senders stay here, so the CPU of the bench
+    /// process, the agents and the server is measured apart.
+    #[arg(long, default_value_t = 0)]
+    agent_procs: usize,
+    /// Skip the ideal-pipeline measurement (raw JetStream: one write per copy to M per-member
+    /// subjects, M filtered pull consumers) before the durable phase.
+    #[arg(long)]
+    no_ideal: bool,
     /// Memory mode (Linux only: reads /proc/<pid>/status), instead of the throughput run:
     /// provision a space with `--members` agents (default 10,000), `--channels` durable channels
     /// and their membership records, start `cotal delivery` on it as a child process, and report
@@ -143,8 +165,8 @@ async fn pace(start: Instant, i: usize, rate: u32) {
 }
 
 /// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat` (Linux; `None`
-/// elsewhere). Clock ticks are taken as 100 per second, the value of every Linux target we run.
-fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
+/// elsewhere, or when the process is gone or the line does not parse).
+pub(crate) fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     let path = match pid {
         Some(p) => format!("/proc/{p}/stat"),
         None => "/proc/self/stat".to_owned(),
@@ -156,7 +178,34 @@ fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
     let utime: f64 = fields.get(11)?.parse().ok()?;
     let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / 100.0)
+    Some((utime + stime) / clock_ticks_per_s())
+}
+
+/// The kernel's clock ticks per second (`sysconf(_SC_CLK_TCK)`), which `/proc/<pid>/stat`
+/// counts CPU time in: read from this process's auxiliary vector (`AT_CLKTCK` in
+/// `/proc/self/auxv`, which is where libc's `sysconf` gets it), else 100, the value of every
+/// Linux target we run.
+fn clock_ticks_per_s() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| auxv_clock_ticks().unwrap_or(100.0))
+}
+
+/// `AT_CLKTCK` (17) from `/proc/self/auxv`: (key, value) pairs of native words, ended by key 0.
+fn auxv_clock_ticks() -> Option<f64> {
+    const AT_NULL: usize = 0;
+    const AT_CLKTCK: usize = 17;
+    const W: usize = std::mem::size_of::<usize>();
+    let bytes = std::fs::read("/proc/self/auxv").ok()?;
+    for pair in bytes.chunks_exact(2 * W) {
+        let key = usize::from_ne_bytes(pair.get(..W)?.try_into().ok()?);
+        let value = usize::from_ne_bytes(pair.get(W..)?.try_into().ok()?);
+        match key {
+            AT_NULL => break,
+            AT_CLKTCK if value > 0 => return Some(value as f64),
+            _ => {}
+        }
+    }
+    None
 }
 
 impl SpawnedServer {
@@ -440,6 +489,23 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     // 1. The raw ceiling on a scratch stream.
     progress("bench: measuring the JetStream publish ceiling");
     let ceiling = measure_ceiling(&admin, &tag).await?;
+    // 1b. The ideal pipeline: M×N raw copies on a scratch stream, consumed by M pull consumers.
+    let ideal = if args.no_ideal {
+        None
+    } else {
+        progress("bench: measuring the ideal pipeline (raw JetStream, one write per copy)");
+        Some(
+            ideal::measure_ideal(
+                &cfg,
+                &admin,
+                &tag,
+                n_members,
+                args.messages,
+                Duration::from_secs(args.timeout_s),
+            )
+            .await?,
+        )
+    };
 
     // 2. A fresh space, a durable channel, every agent's ACL record and DLV consumer.
     progress(&format!("bench: provisioning space {}", space.as_str()));
@@ -478,35 +544,47 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     )
     .await?;
 
-    // 4. The members, each on its own connection, and their tasks.
+    // 4. The members, each on its own connection, and their tasks: in this process, or in
+    //    `--agent-procs` child processes that report their surfacings back.
     let surfaced = Arc::new(AtomicUsize::new(0));
     let joined = Arc::new(AtomicUsize::new(0));
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut members = Vec::with_capacity(n_members);
-    for (i, id) in ids.iter().take(n_members).enumerate() {
-        progress(&format!("bench: starting member {}/{}", i + 1, n_members));
-        let mut config = AgentConfig::new(
-            space.clone(),
-            Sender::new(id.clone(), id.as_str()),
-            vec![channel.clone()],
-            os_seed() ^ (i as u64),
-        );
-        config.id_key = Some(os_key());
-        config.durable_backstop = true;
-        config.create_dlv_consumer = false;
-        members.push(
-            start_member(
-                &cfg,
-                config,
-                Arc::clone(&surfaced),
-                Arc::clone(&joined),
-                stop_rx.clone(),
-            )
-            .await?,
-        );
-    }
+    let agent_procs = args.agent_procs.min(n_members);
+    let agents = if agent_procs == 0 {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut members = Vec::with_capacity(n_members);
+        for (i, id) in ids.iter().take(n_members).enumerate() {
+            progress(&format!("bench: starting member {}/{}", i + 1, n_members));
+            members.push(
+                start_member(
+                    &cfg,
+                    member_config(&space, &channel, id, i),
+                    Arc::clone(&surfaced),
+                    Arc::clone(&joined),
+                    stop_rx.clone(),
+                )
+                .await?,
+            );
+        }
+        MemberAgents::InProc {
+            members,
+            stop: stop_tx,
+        }
+    } else {
+        progress(&format!(
+            "bench: starting {n_members} members in {agent_procs} agent processes"
+        ));
+        MemberAgents::Procs(agents::AgentProcs::spawn(
+            &url,
+            &space,
+            &ids[..n_members],
+            agent_procs,
+            &surfaced,
+            &joined,
+        )?)
+    };
     let deadline = Instant::now() + SETUP_WAIT;
     while joined.load(Ordering::Relaxed) < n_members {
+        agents.check()?;
         if Instant::now() > deadline {
             return Err(format!(
                 "only {} of {} members joined within {SETUP_WAIT:?}",
@@ -603,10 +681,15 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     }
     let total = n_members * args.messages;
     let mut published: BTreeMap<String, Instant> = BTreeMap::new();
-    // CPU used during the durable phase, by the server (when this run spawned it) and by this
-    // process (daemon, members and senders): where the time goes, per copy.
+    // CPU used during the durable phase, by the server (when this run spawned it), by this
+    // process (daemons and senders, and the members unless they run in agent processes) and by
+    // the agent processes together: where the time goes, per copy.
     let server_pid = server.as_ref().map(SpawnedServer::pid);
-    let cpu_at_start = (cpu_seconds(server_pid), cpu_seconds(None));
+    let cpu_at_start = (
+        cpu_seconds(server_pid),
+        cpu_seconds(None),
+        agents.cpu_seconds(),
+    );
     let start = Instant::now();
     for i in 0..args.messages {
         pace(start, i, args.rate).await;
@@ -628,6 +711,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let publish_done = start.elapsed();
     let timeout = Duration::from_secs(args.timeout_s);
     while surfaced.load(Ordering::Relaxed) < total && start.elapsed() < timeout {
+        agents.check()?;
         progress(&format!(
             "bench: published {}/{}, surfaced {}/{total} copies, {:.1} s",
             args.messages,
@@ -644,6 +728,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let mut progress_at = (0u64, Instant::now());
     let stall = Duration::from_secs(args.stall_s);
     while start.elapsed() < timeout {
+        agents.check()?;
         let c = status_sum(&daemons).await?;
         // Copies of messages CHAT evicted before fan-out saw them can never be transferred.
         let unreachable = c.evicted_before_fanout + c.gaps_unverified;
@@ -701,6 +786,9 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     };
     let server_cpu_us_per_copy = per_copy_us(cpu_at_start.0, cpu_seconds(server_pid));
     let process_cpu_us_per_copy = per_copy_us(cpu_at_start.1, cpu_seconds(None));
+    let agents_cpu_us_per_copy = per_copy_us(cpu_at_start.2, agents.cpu_seconds());
+    // The bench process without the members only when they run elsewhere.
+    let daemon_cpu_us_per_copy = process_cpu_us_per_copy.filter(|_| agent_procs > 0);
     // A short grace to see duplicates that would follow the last copy.
     tokio::time::sleep(Duration::from_millis(300)).await;
     progress_done();
@@ -711,7 +799,8 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     } else {
         Some(
             live_phase(
-                &members,
+                &agents,
+                n_members,
                 &senders,
                 &surfaced,
                 args.messages,
@@ -722,17 +811,10 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
             .await?,
         )
     };
-    let _ = stop_tx.send(true);
     progress_done();
 
     // 7. Figures.
-    let mut logs = Vec::with_capacity(members.len());
-    for m in members {
-        let log = m.task.await.map_err(|e| format!("member task: {e}"))?;
-        let _ = m.handle.stop(Duration::from_secs(2));
-        let _ = tokio::time::timeout(Duration::from_secs(5), m.agent).await;
-        logs.push(log);
-    }
+    let logs = agents.finish().await?;
     for (sender, task) in senders {
         let _ = sender.stop(Duration::from_secs(2));
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -819,6 +901,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     };
     let via_dlv: u64 = logs.iter().map(|l| l.via_dlv).sum();
     let ratio = copies_per_s / (ceiling / 2.0);
+    let ratio_to_ideal = ideal.map(|i| copies_per_s / i.max(1e-9));
     let counters: Option<DeliveryCounters> = shard_counters
         .iter()
         .map(Option::as_ref)
@@ -840,6 +923,17 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     println!("  durable copies/s                       {copies_per_s:>12.0} /s");
     println!("  messages/s (every member)              {messages_per_s:>12.1} /s");
     println!("  copies/s / (ceiling / 2)               {ratio:>12.3}");
+    if let (Some(i), Some(r)) = (ideal, ratio_to_ideal) {
+        println!("  ideal pipeline copies/s (raw JetStream) {i:>11.0} /s");
+        println!("  durable copies/s / ideal               {r:>12.3}");
+    }
+    let us = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |x| format!("{x:.0}"));
+    println!(
+        "  CPU µs/copy server / bench process / agent processes  {} / {} / {}",
+        us(server_cpu_us_per_copy),
+        us(process_cpu_us_per_copy),
+        us(agents_cpu_us_per_copy)
+    );
     println!(
         "  publishing took                        {:>12.3} s",
         publish_done.as_secs_f64()
@@ -980,6 +1074,20 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
                 "daemon_transferred_direct".into(),
                 json!(counters.as_ref().map(|c| c.transferred_direct)),
             );
+            obj.insert("ideal_copies_per_s".into(), json!(ideal.map(f64::round)));
+            obj.insert(
+                "ratio_to_ideal".into(),
+                json!(ratio_to_ideal.map(|r| (r * 1000.0).round() / 1000.0)),
+            );
+            obj.insert("agent_procs".into(), json!(agent_procs));
+            obj.insert(
+                "daemon_cpu_us_per_copy".into(),
+                json!(daemon_cpu_us_per_copy),
+            );
+            obj.insert(
+                "agents_cpu_us_per_copy".into(),
+                json!(agents_cpu_us_per_copy),
+            );
         }
         if let (Some(l), Some(obj)) = (&live, line.as_object_mut()) {
             obj.insert(
@@ -1007,6 +1115,118 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     } else {
         Ok(ExitCode::from(1))
     }
+}
+
+/// The configuration of bench member number `i`, `id`: joined to `channel` with a durable
+/// backstop, its DLV consumer provisioned by the bench (the agent does not create it).
+pub(crate) fn member_config(
+    space: &Space,
+    channel: &Channel,
+    id: &AgentId,
+    i: usize,
+) -> AgentConfig {
+    let mut config = AgentConfig::new(
+        space.clone(),
+        Sender::new(id.clone(), id.as_str()),
+        vec![channel.clone()],
+        os_seed() ^ (i as u64),
+    );
+    config.id_key = Some(os_key());
+    config.durable_backstop = true;
+    config.create_dlv_consumer = false;
+    config
+}
+
+/// Where the run's member agents are: tasks of this process, or `--agent-procs` child
+/// processes. Either way they count their durable joins and first surfacings into the run's
+/// `joined` and `surfaced` counters, and hand back one [`MemberLog`] per member at the end.
+enum MemberAgents {
+    /// In this process; `stop` ends their surfacing tasks.
+    InProc {
+        members: Vec<Member>,
+        stop: watch::Sender<bool>,
+    },
+    /// In child processes.
+    Procs(agents::AgentProcs),
+}
+
+impl MemberAgents {
+    /// An error when an agent process died or reported one (never for in-process members).
+    fn check(&self) -> Result<(), String> {
+        match self {
+            MemberAgents::InProc { .. } => Ok(()),
+            MemberAgents::Procs(p) => p.check(),
+        }
+    }
+
+    /// CPU seconds the agent processes used so far, summed; `None` for in-process members (or
+    /// when a process could not be read).
+    fn cpu_seconds(&self) -> Option<f64> {
+        match self {
+            MemberAgents::InProc { .. } => None,
+            MemberAgents::Procs(p) => p.cpu_seconds(),
+        }
+    }
+
+    /// Joins every member to `live` and waits (at most [`SETUP_WAIT`]) until each joined.
+    async fn join_live(&self, live: &Channel) -> Result<(), String> {
+        match self {
+            MemberAgents::InProc { members, .. } => join_live_in_proc(members, live).await,
+            MemberAgents::Procs(p) => p.join_live().await,
+        }
+    }
+
+    /// Stops the members and returns what each saw.
+    async fn finish(self) -> Result<Vec<MemberLog>, String> {
+        match self {
+            MemberAgents::InProc { members, stop } => {
+                let _ = stop.send(true);
+                finish_members(members).await
+            }
+            MemberAgents::Procs(p) => p.finish().await,
+        }
+    }
+}
+
+/// Joins every member of this process to `live` and waits (at most [`SETUP_WAIT`]) until
+/// each reported the join.
+pub(crate) async fn join_live_in_proc(members: &[Member], live: &Channel) -> Result<(), String> {
+    for m in members {
+        m.handle
+            .join(live.clone())
+            .await
+            .map_err(|e| format!("live join: {e:?}"))?;
+    }
+    let deadline = Instant::now() + SETUP_WAIT;
+    for (i, m) in members.iter().enumerate() {
+        progress(&format!("bench: live join {}/{}", i + 1, members.len()));
+        while !m
+            .joined_channels
+            .lock()
+            .is_ok_and(|s| s.contains(live.as_str()))
+        {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "member {i} did not join the live channel within {SETUP_WAIT:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Collects every member's log once its surfacing task stopped (the run's stop signal was
+/// sent), and stops its agent (bounded waits).
+pub(crate) async fn finish_members(members: Vec<Member>) -> Result<Vec<MemberLog>, String> {
+    let mut logs = Vec::with_capacity(members.len());
+    for m in members {
+        let log = m.task.await.map_err(|e| format!("member task: {e}"))?;
+        let _ = m.handle.stop(Duration::from_secs(2));
+        let _ = tokio::time::timeout(Duration::from_secs(5), m.agent).await;
+        logs.push(log);
+    }
+    Ok(logs)
 }
 
 /// Connects as the agent of `config` (inbox prefix `_INBOX_<id>`).
@@ -1339,8 +1559,10 @@ struct LiveRun {
 /// the senders round robin and waits until every member surfaced every one, or no copy surfaced
 /// for `stall`, or `timeout`. Live is at-most-once: what is missing then counts as lost, and is
 /// reported, not an error.
+#[allow(clippy::too_many_arguments)]
 async fn live_phase(
-    members: &[Member],
+    agents: &MemberAgents,
+    n_members: usize,
     senders: &[(MachineHandle<Agent>, tokio::task::JoinHandle<Agent>)],
     surfaced: &AtomicUsize,
     messages: usize,
@@ -1349,30 +1571,9 @@ async fn live_phase(
     stall: Duration,
 ) -> Result<LiveRun, String> {
     let live = Channel::new(LIVE_CHANNEL).map_err(|e| format!("live channel: {e}"))?;
-    for m in members {
-        m.handle
-            .join(live.clone())
-            .await
-            .map_err(|e| format!("live join: {e:?}"))?;
-    }
-    let deadline = Instant::now() + SETUP_WAIT;
-    for (i, m) in members.iter().enumerate() {
-        progress(&format!("bench: live join {}/{}", i + 1, members.len()));
-        while !m
-            .joined_channels
-            .lock()
-            .is_ok_and(|s| s.contains(LIVE_CHANNEL))
-        {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "member {i} did not join the live channel within {SETUP_WAIT:?}"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
+    agents.join_live(&live).await?;
     let base = surfaced.load(Ordering::Relaxed);
-    let total = members.len() * messages;
+    let total = n_members * messages;
     let mut published = BTreeMap::new();
     let start = Instant::now();
     for i in 0..messages {
@@ -1393,6 +1594,7 @@ async fn live_phase(
     }
     let mut seen = (0usize, Instant::now());
     loop {
+        agents.check()?;
         let n = surfaced.load(Ordering::Relaxed).saturating_sub(base);
         if n >= total || start.elapsed() > timeout {
             break;

@@ -9,8 +9,8 @@
 //! flattens into its subcommand, and an async entry ([`bench::bench`], [`chaos::chaos`]) that
 //! prints its report on stdout and returns the process exit code. They are here, not in the
 //! binary, so that a tool reads as a module of the driver with its own tests; they still assume
-//! they run inside `cotal`: the daemon child processes they start are the running executable
-//! (`cotal delivery …`).
+//! they run inside `cotal`: the child processes they start are the running executable (`cotal
+//! delivery …` for a daemon, the hidden `cotal bench-agents …` for `cotal bench --agent-procs`).
 //!
 //! [`bench::SpawnedServer`] (a nats-server on a free loopback port, killed on drop) is also what
 //! `cotal demo --spawn-server` starts. [`fail`] and [`usage`] are the binary's one-line error
