@@ -410,9 +410,16 @@ struct Daemon {
 impl Daemon {
     /// Starts a daemon for shard 0 of 1 and waits until it serves.
     async fn start(cfg: &ConnectConfig, daemon_id: &str) -> Daemon {
+        Daemon::start_with(cfg, daemon_id, false).await
+    }
+
+    /// [`Daemon::start`], with every copy sent the reference's two hops when `two_hop`.
+    async fn start_with(cfg: &ConnectConfig, daemon_id: &str, two_hop: bool) -> Daemon {
         let conn = connect(cfg).await.expect("connect");
         let shard = ShardMap::new(1).and_then(|m| m.shard(0)).expect("shard");
-        let machine = Delivery::new(DeliveryConfig::new(space(), shard, daemon_id));
+        let mut config = DeliveryConfig::new(space(), shard, daemon_id);
+        config.two_hop = two_hop;
+        let machine = Delivery::new(config);
         let (exec, inputs) = Executor::start(conn, ExecutorConfig::default());
         let Runner {
             handle,
@@ -1077,6 +1084,19 @@ async fn read_all(d: &mut Driver, stream: SpaceStream, filter: &str) -> Vec<Stor
 /// the core's wire types and have the key sets of the reference's recorded ones (values differ).
 #[tokio::test]
 async fn wire_records_written_by_our_daemon_match_the_reference_shapes() {
+    wire_records(true).await;
+}
+
+/// The same, with the daemon's default path: the DLV copy is written straight by fan-out (one
+/// write per copy, issue 17) and must be the record the reader writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wire_records_of_the_one_write_path_match_the_reference_shapes() {
+    wire_records(false).await;
+}
+
+/// The records our daemon writes, against the reference's recorded shapes. With `two_hop` the
+/// copy goes through the dinbox (its entry is checked too); else straight to DLV.
+async fn wire_records(two_hop: bool) {
     let Some(server) = NatsServer::start() else {
         return;
     };
@@ -1085,7 +1105,7 @@ async fn wire_records_written_by_our_daemon_match_the_reference_shapes() {
     for a in ["alice", "bob"] {
         provision_agent(&cfg, &id(a), &[">"]).await;
     }
-    let daemon = Daemon::start(&cfg, "daemon-1").await;
+    let daemon = Daemon::start_with(&cfg, "daemon-1", two_hop).await;
     let mut alice = Peer::start(cfg.clone(), agent_config("alice", &["general"], true, true)).await;
     let mut bob = Peer::start(cfg.clone(), agent_config("bob", &["general"], true, true)).await;
     for p in [&mut alice, &mut bob] {
@@ -1152,24 +1172,26 @@ async fn wire_records_written_by_our_daemon_match_the_reference_shapes() {
         &format!("cotal.{SPACE}.dinbox.>"),
     )
     .await;
-    let entry_msg = dinbox
-        .iter()
-        .find(|m| m.subject.ends_with(".bob"))
-        .expect("a dinbox entry for bob");
-    let entry: Plane3Entry = serde_json::from_slice(&entry_msg.payload).expect("entry decodes");
-    assert_eq!(entry.msg.id, sent_id);
-    let ours: Value = serde_json::from_slice(&entry_msg.payload).expect("json");
-    let theirs = &fixture("dinbox-entries.json")["messages"][0]["data"];
-    assert_eq!(keys(&ours), keys(theirs), "dinbox entry keys: {ours}");
-    assert_eq!(
-        keys(&ours["msg"]),
-        keys(&theirs["msg"]),
-        "message keys: {ours}"
-    );
-    assert_eq!(
-        msg_id_parts(&msg_id(entry_msg)),
-        (sent_id.clone(), "bob".to_owned(), member.generation)
-    );
+    let entry_msg = dinbox.iter().find(|m| m.subject.ends_with(".bob"));
+    if two_hop {
+        let entry_msg = entry_msg.expect("a dinbox entry for bob");
+        let entry: Plane3Entry = serde_json::from_slice(&entry_msg.payload).expect("entry decodes");
+        assert_eq!(entry.msg.id, sent_id);
+        let ours: Value = serde_json::from_slice(&entry_msg.payload).expect("json");
+        let theirs = &fixture("dinbox-entries.json")["messages"][0]["data"];
+        assert_eq!(keys(&ours), keys(theirs), "dinbox entry keys: {ours}");
+        assert_eq!(
+            keys(&ours["msg"]),
+            keys(&theirs["msg"]),
+            "message keys: {ours}"
+        );
+        assert_eq!(
+            msg_id_parts(&msg_id(entry_msg)),
+            (sent_id.clone(), "bob".to_owned(), member.generation)
+        );
+    } else {
+        assert!(entry_msg.is_none(), "one write per copy: no dinbox entry");
+    }
     let dlv = read_all(&mut d, SpaceStream::Dlv, &format!("cotal.{SPACE}.dlv.bob")).await;
     let copy = dlv
         .iter()
@@ -1180,10 +1202,11 @@ async fn wire_records_written_by_our_daemon_match_the_reference_shapes() {
     let ours: Value = serde_json::from_slice(&copy.payload).expect("json");
     let theirs = &fixture("dlv-messages.json")["messages"][0]["data"];
     assert_eq!(keys(&ours), keys(theirs), "dlv copy keys: {ours}");
+    // The DLV copy's msg-id is the entry's, whichever path wrote it.
     assert_eq!(
-        msg_id(copy),
-        msg_id(entry_msg),
-        "the DLV copy keeps the entry's msg-id"
+        msg_id_parts(&msg_id(copy)),
+        (sent_id.clone(), "bob".to_owned(), member.generation),
+        "the DLV copy's msg-id"
     );
     alice.stop().await;
     bob.stop().await;

@@ -42,7 +42,6 @@ use bytes::Bytes;
 use clap::Args;
 use cotal_core::agent::{Agent, AgentConfig, AgentEvent};
 use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryCounters, DeliveryEvent};
-use cotal_core::ledger::SourceKind;
 use cotal_core::wire::config::ConsumerSpec;
 use cotal_core::wire::keys::{KvBucket, acl_key, member_key};
 use cotal_core::wire::message::Sender;
@@ -50,8 +49,7 @@ use cotal_core::wire::records::{AclRecord, MembershipRecord};
 use cotal_core::wire::shard::{Shard, ShardMap};
 use cotal_core::wire::token::{AgentId, Channel, ConcreteChannel, Space};
 use serde_json::{Value, json};
-use std::collections::btree_map::Entry;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::process::{Child, ExitCode, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -61,19 +59,19 @@ use tokio::sync::watch;
 
 mod agents;
 mod ideal;
+mod member;
+
+pub(crate) use member::{
+    CHANNEL, LIVE_CHANNEL, Member, MemberLog, SETUP_WAIT, connect_as, cpu_seconds, finish_members,
+    join_live_in_proc, member_config, progress, progress_done, start_member,
+};
 
 pub use agents::{BenchAgentsArgs, bench_agents};
 
-/// The channel every member joins.
-const CHANNEL: &str = "bench";
-/// The live channel the members join after the durable phase.
-const LIVE_CHANNEL: &str = "benchlive";
 /// Publishes in flight while measuring the ceiling.
 const CEILING_WINDOW: usize = 1024;
 /// Publishes measured for the ceiling.
 const CEILING_PUBLISHES: usize = 20_000;
-/// Every setup wait (server start, joins, activation) is bounded by this.
-const SETUP_WAIT: Duration = Duration::from_secs(60);
 
 /// `cotal bench`.
 // The field docs are the `--help` text, printed as written (`/proc/<pid>/status` is no HTML tag).
@@ -162,50 +160,6 @@ async fn pace(start: Instant, i: usize, rate: u32) {
         let due = start + Duration::from_secs_f64(i as f64 / f64::from(rate));
         tokio::time::sleep_until(due.into()).await;
     }
-}
-
-/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat` (Linux; `None`
-/// elsewhere, or when the process is gone or the line does not parse).
-pub(crate) fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/stat"),
-        None => "/proc/self/stat".to_owned(),
-    };
-    let text = std::fs::read_to_string(path).ok()?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let rest = text.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line, 12 and 13 after the name.
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / clock_ticks_per_s())
-}
-
-/// The kernel's clock ticks per second (`sysconf(_SC_CLK_TCK)`), which `/proc/<pid>/stat`
-/// counts CPU time in: read from this process's auxiliary vector (`AT_CLKTCK` in
-/// `/proc/self/auxv`, which is where libc's `sysconf` gets it), else 100, the value of every
-/// Linux target we run.
-fn clock_ticks_per_s() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| auxv_clock_ticks().unwrap_or(100.0))
-}
-
-/// `AT_CLKTCK` (17) from `/proc/self/auxv`: (key, value) pairs of native words, ended by key 0.
-fn auxv_clock_ticks() -> Option<f64> {
-    const AT_NULL: usize = 0;
-    const AT_CLKTCK: usize = 17;
-    const W: usize = std::mem::size_of::<usize>();
-    let bytes = std::fs::read("/proc/self/auxv").ok()?;
-    for pair in bytes.chunks_exact(2 * W) {
-        let key = usize::from_ne_bytes(pair.get(..W)?.try_into().ok()?);
-        let value = usize::from_ne_bytes(pair.get(W..)?.try_into().ok()?);
-        match key {
-            AT_NULL => break,
-            AT_CLKTCK if value > 0 => return Some(value as f64),
-            _ => {}
-        }
-    }
-    None
 }
 
 impl SpawnedServer {
@@ -391,16 +345,6 @@ impl Drop for SpawnedServer {
     }
 }
 
-#[allow(clippy::print_stderr)]
-fn progress(line: &str) {
-    eprint!("\r{line}\x1b[K");
-}
-
-#[allow(clippy::print_stderr)]
-fn progress_done() {
-    eprintln!();
-}
-
 /// Runs `cotal bench`: the report on stdout (with `--json`, one JSON object as the last line),
 /// progress on stderr; a setup or run error is one `cotal: error:` line and exit code 1.
 pub async fn bench(args: BenchArgs) -> ExitCode {
@@ -411,36 +355,6 @@ pub async fn bench(args: BenchArgs) -> ExitCode {
             super::fail(e)
         }
     }
-}
-
-/// What one member task saw.
-#[derive(Default)]
-pub(crate) struct MemberLog {
-    /// First surfacing of each message id.
-    pub(crate) first: BTreeMap<String, Instant>,
-    /// Second (and later) surfacings.
-    pub(crate) duplicates: u64,
-    /// The ids of those duplicates, with how often each came again (to tell the durable
-    /// phase's duplicates from the live phase's).
-    duplicate_ids: BTreeMap<String, u64>,
-    /// Loss events the agent reported.
-    pub(crate) lost_events: u64,
-    /// The message ids of those loss events.
-    pub(crate) lost_ids: BTreeSet<String>,
-    /// First surfacings whose copy came through DLV (the live copy did not arrive first).
-    pub(crate) via_dlv: u64,
-    /// Every loss event as (message id, reason), to split them by phase.
-    lost_log: Vec<(String, String)>,
-    /// Live copies a full ledger shed on the durable channel (their DLV copy follows).
-    shed: u64,
-}
-
-pub(crate) struct Member {
-    pub(crate) handle: MachineHandle<Agent>,
-    pub(crate) task: tokio::task::JoinHandle<MemberLog>,
-    pub(crate) agent: tokio::task::JoinHandle<Agent>,
-    /// Every channel the agent reported [`AgentEvent::Joined`] for (live or durable).
-    pub(crate) joined_channels: Arc<Mutex<BTreeSet<String>>>,
 }
 
 /// The server a run talks to and its URL: one spawned for the run, else `--nats`, else
@@ -1117,26 +1031,6 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     }
 }
 
-/// The configuration of bench member number `i`, `id`: joined to `channel` with a durable
-/// backstop, its DLV consumer provisioned by the bench (the agent does not create it).
-pub(crate) fn member_config(
-    space: &Space,
-    channel: &Channel,
-    id: &AgentId,
-    i: usize,
-) -> AgentConfig {
-    let mut config = AgentConfig::new(
-        space.clone(),
-        Sender::new(id.clone(), id.as_str()),
-        vec![channel.clone()],
-        os_seed() ^ (i as u64),
-    );
-    config.id_key = Some(os_key());
-    config.durable_backstop = true;
-    config.create_dlv_consumer = false;
-    config
-}
-
 /// Where the run's member agents are: tasks of this process, or `--agent-procs` child
 /// processes. Either way they count their durable joins and first surfacings into the run's
 /// `joined` and `surfaced` counters, and hand back one [`MemberLog`] per member at the end.
@@ -1186,152 +1080,6 @@ impl MemberAgents {
             MemberAgents::Procs(p) => p.finish().await,
         }
     }
-}
-
-/// Joins every member of this process to `live` and waits (at most [`SETUP_WAIT`]) until
-/// each reported the join.
-pub(crate) async fn join_live_in_proc(members: &[Member], live: &Channel) -> Result<(), String> {
-    for m in members {
-        m.handle
-            .join(live.clone())
-            .await
-            .map_err(|e| format!("live join: {e:?}"))?;
-    }
-    let deadline = Instant::now() + SETUP_WAIT;
-    for (i, m) in members.iter().enumerate() {
-        progress(&format!("bench: live join {}/{}", i + 1, members.len()));
-        while !m
-            .joined_channels
-            .lock()
-            .is_ok_and(|s| s.contains(live.as_str()))
-        {
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "member {i} did not join the live channel within {SETUP_WAIT:?}"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-    Ok(())
-}
-
-/// Collects every member's log once its surfacing task stopped (the run's stop signal was
-/// sent), and stops its agent (bounded waits).
-pub(crate) async fn finish_members(members: Vec<Member>) -> Result<Vec<MemberLog>, String> {
-    let mut logs = Vec::with_capacity(members.len());
-    for m in members {
-        let log = m.task.await.map_err(|e| format!("member task: {e}"))?;
-        let _ = m.handle.stop(Duration::from_secs(2));
-        let _ = tokio::time::timeout(Duration::from_secs(5), m.agent).await;
-        logs.push(log);
-    }
-    Ok(logs)
-}
-
-/// Connects as the agent of `config` (inbox prefix `_INBOX_<id>`).
-async fn connect_as(cfg: &ConnectConfig, config: &AgentConfig) -> Result<NatsConnection, String> {
-    let mut cfg = cfg.clone();
-    cfg.inbox_prefix = Some(config.me.id.inbox_prefix());
-    cfg.name = Some(format!("cotal-bench-{}", config.me.id.as_str()));
-    connect(&cfg).await.map_err(|e| e.to_string())
-}
-
-/// Starts one member and the task that surfaces its messages until `stop`.
-pub(crate) async fn start_member(
-    cfg: &ConnectConfig,
-    config: AgentConfig,
-    surfaced: Arc<AtomicUsize>,
-    joined: Arc<AtomicUsize>,
-    mut stop: watch::Receiver<bool>,
-) -> Result<Member, String> {
-    let conn = connect_as(cfg, &config).await?;
-    let machine = Agent::new(config).map_err(|e| format!("agent config: {e:?}"))?;
-    let (exec, inputs) = Executor::start(conn, ExecutorConfig::default());
-    let Runner {
-        handle,
-        mut events,
-        task: agent,
-    } = Runner::spawn(machine, exec, inputs);
-    let h = handle.clone();
-    let joined_channels: Arc<Mutex<BTreeSet<String>>> = Arc::default();
-    let channels_seen = Arc::clone(&joined_channels);
-    let task = tokio::spawn(async move {
-        let mut log = MemberLog::default();
-        // Counted in `joined` once, at its first established backstop: a join whose durableJoin
-        // failed (no daemon answering yet) reports `durable: false`, and the reconcile that
-        // establishes it later says so only with `BackstopEstablished`.
-        let mut established = false;
-        loop {
-            tokio::select! {
-                _ = stop.changed() => break,
-                event = events.recv() => {
-                if let Some(AgentEvent::Joined { channel, .. }) = &event
-                    && let Ok(mut seen) = channels_seen.lock()
-                {
-                    seen.insert(channel.as_str().to_owned());
-                }
-                match event {
-                    Some(AgentEvent::MessagesReady { .. }) => loop {
-                        let Ok(batch) = h.take_messages(1024).await else { break };
-                        if batch.is_empty() {
-                            break;
-                        }
-                        let now = Instant::now();
-                        let mut done = Vec::with_capacity(batch.len());
-                        for s in batch {
-                            let id = s.item.message.id.clone();
-                            match log.first.entry(id) {
-                                Entry::Occupied(o) => {
-                                    log.duplicates += 1;
-                                    *log.duplicate_ids.entry(o.key().clone()).or_default() += 1;
-                                }
-                                Entry::Vacant(v) => {
-                                    v.insert(now);
-                                    if s.origin == SourceKind::Durable {
-                                        log.via_dlv += 1;
-                                    }
-                                    surfaced.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                            done.push(s.id);
-                        }
-                        // One trip into the machine for the whole batch.
-                        let _ = h.cast(move |a, now| {
-                            for mid in &done {
-                                let _ = a.handled(now, mid);
-                            }
-                        });
-                    },
-                    Some(AgentEvent::Joined { report, .. }) if report.durable && !established => {
-                        established = true;
-                        joined.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Some(AgentEvent::BackstopEstablished { .. }) if !established => {
-                        established = true;
-                        joined.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Some(AgentEvent::LiveCopyShed { .. }) => log.shed += 1,
-                    Some(AgentEvent::Lost { id, reason }) => {
-                        log.lost_events += 1;
-                        log.lost_ids.insert(id.clone());
-
-                        log.lost_log.push((id, reason));
-                    }
-                    Some(_) => {}
-                    None => break,
-                }
-                }
-            }
-        }
-        log
-    });
-    Ok(Member {
-        handle,
-        task,
-        agent,
-        joined_channels,
-    })
 }
 
 /// Pipelined publishes per second on a scratch file stream (deleted afterwards).

@@ -26,9 +26,9 @@
 //! with its exit status and the last lines of its stderr (kept in a temporary file), and a child
 //! still running when the parent drops it is killed by its PID.
 
-use super::{
+use super::member::{
     CHANNEL, LIVE_CHANNEL, Member, MemberLog, SETUP_WAIT, cpu_seconds, finish_members,
-    join_live_in_proc, member_config, start_member,
+    join_live_in_proc, member_config, progress, start_member,
 };
 use crate::connect::ConnectConfig;
 use clap::Args;
@@ -454,7 +454,7 @@ impl AgentProcs {
                 .iter()
                 .filter(|p| p.state.lock().is_ok_and(|s| s.live_joined))
                 .count();
-            super::progress(&format!(
+            progress(&format!(
                 "bench: live join, {joined}/{} agent processes",
                 self.procs.len()
             ));
@@ -575,7 +575,8 @@ mod tests {
     #[test]
     fn clock_ticks_come_from_the_auxiliary_vector_on_linux() {
         if std::path::Path::new("/proc/self/auxv").exists() {
-            let ticks = super::super::auxv_clock_ticks().expect("AT_CLKTCK in /proc/self/auxv");
+            let ticks =
+                super::super::member::auxv_clock_ticks().expect("AT_CLKTCK in /proc/self/auxv");
             assert!(ticks >= 1.0, "{ticks}");
             assert!(cpu_seconds(None).is_some_and(|s| s >= 0.0));
         }

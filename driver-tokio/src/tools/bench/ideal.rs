@@ -10,7 +10,7 @@
 //! a `Nats-Msg-Id` as the daemon's DLV writes carry), pipelined with at most [`IDEAL_WINDOW`]
 //! acknowledgements outstanding. The figure is M×N ÷ (first publish → last copy consumed).
 
-use super::SETUP_WAIT;
+use super::member::{SETUP_WAIT, progress};
 use crate::connect::{ConnectConfig, NatsConnection, connect};
 use async_nats::jetstream::{self, consumer, stream};
 use bytes::Bytes;
@@ -120,7 +120,7 @@ async fn run_ideal(
                 }
             }
             if m % 100 == 0 {
-                super::progress(&format!(
+                progress(&format!(
                     "bench: ideal pipeline, {}/{total} copies written, {}/{total} consumed",
                     m * members,
                     consumed.load(Ordering::Relaxed)
