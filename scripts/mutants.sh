@@ -45,6 +45,10 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
+# Every mutant meets the proptest cases the unmutated baseline met: a fixed seed, and no failure
+# persisted into the regressions files (a random new find, or a mutant's own failure written
+# there, would otherwise fail every later mutant and count it as caught).
+export PROPTEST_RNG_SEED="${PROPTEST_RNG_SEED:-20261207}" PROPTEST_DISABLE_FAILURE_PERSISTENCE=1
 command -v cargo-mutants >/dev/null || { echo "mutants.sh: cargo install --locked cargo-mutants" >&2; exit 2; }
 
 if [ ${#packages[@]} -eq 0 ]; then
