@@ -1589,24 +1589,32 @@ mod model {
                 }
             }
             let dlv: BTreeSet<String> = w.b.dlv.iter().map(|e| e.2.clone()).collect();
-            for o in OWNERS {
-                for c in CHANNELS {
+            for (oi, o) in OWNERS.iter().enumerate() {
+                for (ci, c) in CHANNELS.iter().enumerate() {
                     let Some(rec) = w.b.member(c, o) else { continue };
-                    // A generation tombstoned before it was ever activated had its join answered
-                    // `ok:false` and was left before a retry: no durable membership was promised
-                    // for it, so its window before the commit is not owed (the test once failed
-                    // here: m1 missing for such a generation).
-                    let never_activated = rec.state == MemberState::LiveConfirmed
-                        && rec.activated == Some(false);
-                    let owed: Vec<_> = if never_activated {
-                        crate::registry::closed_intervals(&rec).iter().map(|c| c.interval()).collect()
-                    } else {
-                        intervals(&rec)
-                    };
+                    // Only a generation the daemon activated was promised (its join answered
+                    // `durable:true`, S7-complete). One whose join answered `ok:false` and that
+                    // was tombstoned before a retry is owed nothing, also once a rejoin put its
+                    // window in the record's history (the test once failed here twice: m1 missing
+                    // for such a generation, as the current record and then as a closed interval
+                    // under a rejoin raised to its leave cursor). Every record each op left in
+                    // the KV is in `history`; the heal's retries are in `rec`.
+                    let activated: BTreeSet<u64> = history
+                        .get(&(oi, ci))
+                        .into_iter()
+                        .flatten()
+                        .chain(std::iter::once(&rec))
+                        .filter(|r| r.activated == Some(true))
+                        .map(|r| r.generation)
+                        .collect();
+                    let owed: Vec<_> = intervals(&rec)
+                        .into_iter()
+                        .filter(|i| activated.contains(&i.generation))
+                        .collect();
                     for i in owed {
                         for m in &w.b.chat {
                             let from_subject = m.subject.split('.').nth(3).unwrap();
-                            if !m.subject.ends_with(&format!(".{c}")) || from_subject == o || !i.contains(m.seq) {
+                            if !m.subject.ends_with(&format!(".{c}")) || from_subject == *o || !i.contains(m.seq) {
                                 continue;
                             }
                             let want = format!("m{}:{o}:{}", m.seq, i.generation);
