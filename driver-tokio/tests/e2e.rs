@@ -568,14 +568,23 @@ async fn a0_interop_scenario_spec_12() {
         direct(agent_config("dave", &[], true, false), Some("reviewer")),
     )
     .await;
+    // The direct consumers bind after the connection is up (a bounded wait: a loaded machine
+    // binds later; CI once saw dave's still at attempt 0 when it looked at once).
     for p in [&alice, &bob, &dave] {
-        let health = p.handle.health().await.expect("health");
-        assert!(
-            health.direct.iter().all(|d| d.bound),
-            "{}: {:?}",
-            p.name,
-            health.direct
-        );
+        let until = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let health = p.handle.health().await.expect("health");
+            if health.direct.iter().all(|d| d.bound) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < until,
+                "{}: {:?}",
+                p.name,
+                health.direct
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
     for p in [&mut alice, &mut bob] {
         let joined = p.join(team).await;
