@@ -863,6 +863,22 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 mod tests {
     use super::*;
 
+    /// Open mode creates the presence bucket with the endpoint's own TTL (mutation survivor of
+    /// issue 16: deleting the override left the default 6 s and no test saw it).
+    #[test]
+    fn the_presence_bucket_takes_the_ttl_it_is_given() {
+        let space = Space::new("s").unwrap();
+        let ttl = Duration::from_millis(15_000);
+        let spec = KvBucketSpec::presence_with_ttl(&space, ttl);
+        let default = KvBucketSpec::for_space(&space, KvBucket::Presence);
+        assert_eq!(spec.ttl, Some(ttl));
+        assert_ne!(default.ttl, Some(ttl));
+        assert_eq!(
+            (spec.bucket, spec.history),
+            (default.bucket, default.history)
+        );
+    }
+
     fn space() -> Space {
         Space::new("main").unwrap()
     }
