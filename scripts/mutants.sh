@@ -14,8 +14,11 @@
 # --test-package P (repeatable: test with these packages only, instead of the three),
 # --names FILE (only the mutants named in FILE, one per line as cargo-mutants prints them: a
 # second stage for the survivors of a quick first one).
-# A quick two-stage run gives the same verdicts: `--test-package cotal-core` first, then the
-# survivors with every package: `--names survivors.txt`.
+# Caution, seen in cargo-mutants 27's own logs (`cargo test --package=cotal-core` only): with
+# `-p cotal-core` it runs the core's tests alone, whatever --test-package says. So every run is
+# in effect a core-tests run, and each survivor must then be checked by hand against the
+# simulator's and the wire-fixture tests (apply it, `cargo test -p cotal-driver-sim` and
+# `cargo test -p cotal-tests`): the second stage of the session-9 figures was done that way.
 # cargo-mutants 27 lets "delete field from struct expression" mutants through --re, so the
 # sample also holds every such mutant of the files examined (18 in the whole core).
 # Needs `cargo install --locked cargo-mutants` (not installed by CI; this is not a CI job).
