@@ -128,6 +128,7 @@ fn setup(host: &mut Host) {
             allow_rollup_hdrs: None,
             consumer_inactive_limit: None,
             num_replicas: None,
+            max_consumers: None,
         })
         .unwrap();
     host.broker_mut()
@@ -135,6 +136,7 @@ fn setup(host: &mut Host) {
             bucket: "b".into(),
             history: 1,
             ttl: None,
+            max_consumers: None,
         })
         .unwrap();
 }

@@ -193,6 +193,7 @@ fn run(seed: u64) -> Run {
             allow_rollup_hdrs: None,
             consumer_inactive_limit: None,
             num_replicas: None,
+            max_consumers: None,
         })
         .unwrap();
     host.broker_mut()
@@ -200,6 +201,7 @@ fn run(seed: u64) -> Run {
             bucket: "state".into(),
             history: 1,
             ttl: None,
+            max_consumers: None,
         })
         .unwrap();
     for name in ["ann", "bob", "cy"] {

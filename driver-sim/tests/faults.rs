@@ -22,6 +22,7 @@ fn host(faults: FaultConfig) -> Host {
             bucket: "b".into(),
             history: 1,
             ttl: None,
+            max_consumers: None,
         })
         .unwrap();
     h
@@ -207,6 +208,7 @@ fn a_slow_consumer_holds_deliveries_back() {
             allow_rollup_hdrs: None,
             consumer_inactive_limit: None,
             num_replicas: None,
+            max_consumers: None,
         })
         .unwrap();
     h.broker_mut()

@@ -287,6 +287,7 @@ fn stream(name: &str, subject: &str) -> StreamSpec {
         allow_rollup_hdrs: None,
         consumer_inactive_limit: None,
         num_replicas: None,
+        max_consumers: None,
     }
 }
 
@@ -325,6 +326,7 @@ fn connection_loss_answers_in_flight_commands_unknown_and_drops_feeds() {
                 bucket: "b".into(),
                 history: 1,
                 ttl: None,
+                max_consumers: None,
             })
             .unwrap();
         let a_script = Script::new()
@@ -494,6 +496,7 @@ fn kv_watch_delivers_current_values_then_done_then_changes() {
             bucket: "b".into(),
             history: 1,
             ttl: None,
+            max_consumers: None,
         })
         .unwrap();
     let writer = add(

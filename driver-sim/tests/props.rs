@@ -84,12 +84,14 @@ fn setup() -> Broker {
         allow_rollup_hdrs: None,
         consumer_inactive_limit: None,
         num_replicas: None,
+        max_consumers: None,
     })
     .unwrap();
     b.add_kv_bucket(&KvBucketSpec {
         bucket: "kv".into(),
         history: 2,
         ttl: None,
+        max_consumers: None,
     })
     .unwrap();
     for (i, filter) in FILTERS.iter().enumerate() {

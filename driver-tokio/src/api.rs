@@ -34,6 +34,9 @@ pub const SEQUENCE_NOT_FOUND: u32 = 10043;
 pub const WRONG_LAST_SEQUENCE: u32 = 10071;
 /// JetStream `err_code`: stream name already in use with a different configuration.
 pub const STREAM_NAME_IN_USE: u32 = 10058;
+/// JetStream `err_code`: maximum consumers limit reached (the stream's `max_consumers`, or the
+/// server's default cap when the stream set none).
+pub const MAX_CONSUMERS_REACHED: u32 = 10026;
 
 /// Why a JetStream API request failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

@@ -24,6 +24,7 @@ use crate::api::{self, ApiError};
 use async_nats::Client;
 use bytes::Bytes;
 use cotal_core::policy::{ChannelDefaults, DeliveryClass};
+use cotal_core::wire::capacity::{ConsumerBudget, Headroom};
 use cotal_core::wire::config::{ApiRequest, ConsumerSpec, KvBucketSpec, SpaceConfig, StreamSpec};
 use cotal_core::wire::keys::{CHANNEL_DEFAULTS_KEY, KvBucket};
 use cotal_core::wire::permissions::Permissions;
@@ -71,7 +72,11 @@ pub enum Applied {
 /// `consumer_limits` bounds the life of consumers agents create on the presence and channels
 /// buckets (issue 21 item 4; the server adds it to an existing stream, and it applies to
 /// consumers created after it).
-pub const MIGRATED_STREAM_FIELDS: &[&str] = &["allow_rollup_hdrs", "consumer_limits"];
+/// `max_consumers` is the space's consumer cap (issue 22): raised on a space provisioned
+/// before it (−1: the server's 1,000), and set by `cotal up --max-agents` (lowering keeps the
+/// consumers there and refuses new ones until the count falls under it).
+pub const MIGRATED_STREAM_FIELDS: &[&str] =
+    &["allow_rollup_hdrs", "consumer_limits", "max_consumers"];
 
 /// Why an object could not be brought to its specification.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -82,6 +87,150 @@ pub enum ProvisionError {
     /// The server refused or failed the request.
     #[error("{0}")]
     Api(ApiError),
+    /// A stream has no room for another consumer: the space holds as many agents as its
+    /// consumer caps were sized for (`cotal up --max-agents`), or the server's default cap
+    /// applies to a stream `cotal up` never sized.
+    #[error("{}", full_message(space, stream, headroom))]
+    Full {
+        /// The space.
+        space: String,
+        /// The full stream.
+        stream: String,
+        /// Its room, as the server reported it (or as the refusal implies).
+        headroom: Headroom,
+    },
+}
+
+fn full_message(space: &str, stream: &str, h: &Headroom) -> String {
+    let cap = if h.server_default {
+        format!(
+            "the server's default cap ({} on nats-server 2.15: `cotal up` never sized this stream)",
+            h.cap
+        )
+    } else {
+        format!("its cap of {}, sized by `cotal up --max-agents`", h.cap)
+    };
+    format!(
+        "stream {stream} is full: {} consumers under {cap}; the space admits no more agents \
+         until it is raised: `cotal up --space {space} --max-agents <more>`",
+        h.consumers
+    )
+}
+
+/// Checks that each stream `specs` would add a consumer to has room for it (`STREAM.INFO`): a
+/// consumer that already exists needs none. Errors with [`ProvisionError::Full`] naming the
+/// first full stream, before anything is written; a consumer create refused with
+/// [`api::MAX_CONSUMERS_REACHED`] later (a race) is mapped to the same error by
+/// [`full_on_refusal`].
+pub async fn check_room(
+    client: &Client,
+    space: &Space,
+    specs: &[ConsumerSpec],
+    timeout: Duration,
+) -> Result<(), ProvisionError> {
+    let mut needed: std::collections::BTreeMap<&str, u64> = std::collections::BTreeMap::new();
+    for spec in specs {
+        match api::request(client, &spec.info_subject(), Bytes::new(), timeout).await {
+            Ok(_) => {}
+            Err(e) if e.err_code() == Some(api::CONSUMER_NOT_FOUND) => {
+                *needed.entry(spec.stream.as_str()).or_default() += 1;
+            }
+            Err(e) => return Err(ProvisionError::Api(e)),
+        }
+    }
+    for (stream, n) in needed {
+        let info = api::request(
+            client,
+            &format!("$JS.API.STREAM.INFO.{stream}"),
+            Bytes::new(),
+            timeout,
+        )
+        .await
+        .map_err(ProvisionError::Api)?;
+        let headroom = Headroom::judge(
+            info["state"]["consumer_count"].as_u64().unwrap_or(0),
+            info["config"]["max_consumers"].as_i64().unwrap_or(-1),
+        );
+        if !headroom.admits(n) {
+            return Err(ProvisionError::Full {
+                space: space.as_str().to_owned(),
+                stream: stream.to_owned(),
+                headroom,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The consumer headroom of every stream of `space` (the five space streams, then each bucket's),
+/// from `STREAM.INFO`: `cotal health` reports the streams whose [`Headroom::is_low`].
+pub async fn space_headroom(
+    client: &Client,
+    space: &Space,
+    timeout: Duration,
+) -> Vec<(String, Result<Headroom, ApiError>)> {
+    let plan = SpacePlan::new(space);
+    let names: Vec<String> = plan
+        .streams
+        .iter()
+        .map(|s| s.name.clone())
+        .chain(plan.kv_buckets.iter().map(|b| b.stream().name))
+        .collect();
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let info = api::request(
+            client,
+            &format!("$JS.API.STREAM.INFO.{name}"),
+            Bytes::new(),
+            timeout,
+        )
+        .await;
+        let headroom = info.map(|v| {
+            Headroom::judge(
+                v["state"]["consumer_count"].as_u64().unwrap_or(0),
+                v["config"]["max_consumers"].as_i64().unwrap_or(-1),
+            )
+        });
+        out.push((name, headroom));
+    }
+    out
+}
+
+/// `e` as [`ProvisionError::Full`] when it is the server's max-consumers refusal of a create on
+/// `stream`; the headroom is read again for the message when it can be.
+pub async fn full_on_refusal(
+    client: &Client,
+    space: &Space,
+    stream: &str,
+    e: ProvisionError,
+    timeout: Duration,
+) -> ProvisionError {
+    let ProvisionError::Api(api_error) = &e else {
+        return e;
+    };
+    if api_error.err_code() != Some(api::MAX_CONSUMERS_REACHED) {
+        return e;
+    }
+    let info = api::request(
+        client,
+        &format!("$JS.API.STREAM.INFO.{stream}"),
+        Bytes::new(),
+        timeout,
+    )
+    .await
+    .unwrap_or(Value::Null);
+    let max = info["config"]["max_consumers"].as_i64().unwrap_or(-1);
+    let headroom = Headroom::judge(0, max);
+    ProvisionError::Full {
+        space: space.as_str().to_owned(),
+        stream: stream.to_owned(),
+        headroom: Headroom {
+            consumers: info["state"]["consumer_count"]
+                .as_u64()
+                .unwrap_or(headroom.cap),
+            ..headroom
+        },
+    }
 }
 
 /// The result for one object.
@@ -173,25 +322,49 @@ pub struct SpacePlan {
     /// Replicas of every stream and KV bucket (`num_replicas`); `None` keeps the specs' own
     /// (one replica). Consumers follow their stream's replica count.
     pub replicas: Option<u32>,
+    /// The agents the consumer caps are sized for (`max_consumers`, issue 22).
+    pub budget: ConsumerBudget,
+    /// The operator gave the budget (`cotal up --max-agents`): an existing stream's cap is set
+    /// to it, lowered included. Otherwise (the default budget) a larger cap already on a stream
+    /// is kept: re-running `cotal up` never shrinks a space behind its operator's back.
+    pub budget_given: bool,
 }
 
 impl SpacePlan {
-    /// The plan of `space`.
+    /// The plan of `space`, sized for the default number of agents
+    /// ([`cotal_core::wire::capacity::DEFAULT_MAX_AGENTS`]).
     pub fn new(space: &Space) -> Self {
-        let config = SpaceConfig::new(space);
+        let mut plan = SpacePlan::sized(space, ConsumerBudget::default());
+        plan.budget_given = false;
+        plan
+    }
+
+    /// The plan of `space` with its consumer caps sized for `max_agents` agents (`cotal up
+    /// --max-agents`).
+    pub fn for_agents(space: &Space, max_agents: u32) -> Self {
+        SpacePlan::sized(space, ConsumerBudget::for_agents(max_agents))
+    }
+
+    fn sized(space: &Space, budget: ConsumerBudget) -> Self {
+        let config = SpaceConfig::sized(space, budget);
         SpacePlan {
             streams: config.streams,
             // The reference's five, then Cotal's loss records (`cotal_core::delivery::losses`).
             kv_buckets: config
                 .kv_buckets
                 .into_iter()
-                .chain([KvBucketSpec::for_space(space, KvBucket::Losses)])
+                .chain([KvBucketSpec {
+                    max_consumers: budget.bucket_cap(KvBucket::Losses),
+                    ..KvBucketSpec::for_space(space, KvBucket::Losses)
+                }])
                 .collect(),
             consumers: vec![
                 ConsumerSpec::fanout(space, 0, 1),
                 ConsumerSpec::reader(space, 0, 1),
             ],
             replicas: None,
+            budget,
+            budget_given: true,
         }
     }
 
@@ -218,8 +391,13 @@ impl SpacePlan {
 /// Applies `plan`, object by object.
 pub async fn apply(client: &Client, plan: &SpacePlan, timeout: Duration) -> ProvisionReport {
     let mut report = ProvisionReport::default();
+    let cap = if plan.budget_given {
+        CapRule::Exact
+    } else {
+        CapRule::KeepLarger
+    };
     for s in &plan.streams {
-        let result = apply_stream(client, s, timeout).await;
+        let result = apply_stream_with(client, s, cap, timeout).await;
         report.objects.push(ObjectReport {
             kind: ObjectKind::Stream,
             name: s.name.clone(),
@@ -228,7 +406,7 @@ pub async fn apply(client: &Client, plan: &SpacePlan, timeout: Duration) -> Prov
     }
     for b in &plan.kv_buckets {
         let stream = plan.bucket_stream(b);
-        let mut result = apply_stream(client, &stream, timeout).await;
+        let mut result = apply_stream_with(client, &stream, cap, timeout).await;
         if result.is_ok() {
             match reap_unbounded_consumers(client, &stream, timeout).await {
                 Ok(0) => {}
@@ -352,10 +530,28 @@ pub async fn ensure_default_class(
         .unwrap_or_else(|_| Err(format!("writing {bucket}/{CHANNEL_DEFAULTS_KEY} timed out")))
 }
 
-/// Brings one stream to `spec`.
+/// How `cotal up` treats an existing stream's `max_consumers` that differs from the plan's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CapRule {
+    /// Set it to the plan's (the operator gave `--max-agents`).
+    Exact,
+    /// Raise it to the plan's, keep it when larger (the default budget).
+    KeepLarger,
+}
+
+/// Brings one stream to `spec` (its `max_consumers` exactly as the spec says).
 pub async fn apply_stream(
     client: &Client,
     spec: &StreamSpec,
+    timeout: Duration,
+) -> Result<Applied, ProvisionError> {
+    apply_stream_with(client, spec, CapRule::Exact, timeout).await
+}
+
+async fn apply_stream_with(
+    client: &Client,
+    spec: &StreamSpec,
+    cap: CapRule,
     timeout: Duration,
 ) -> Result<Applied, ProvisionError> {
     let wanted = spec.to_api_config();
@@ -369,7 +565,7 @@ pub async fn apply_stream(
     .await
     {
         Err(ProvisionError::Drift(drift)) => {
-            migrate_stream(client, spec, &wanted, drift, timeout).await
+            migrate_stream(client, spec, &wanted, drift, cap, timeout).await
         }
         other => other,
     }
@@ -382,6 +578,7 @@ async fn migrate_stream(
     spec: &StreamSpec,
     wanted: &Value,
     drift: Vec<String>,
+    cap: CapRule,
     timeout: Duration,
 ) -> Result<Applied, ProvisionError> {
     let info = api::request(client, &spec.info_subject(), Bytes::new(), timeout)
@@ -390,6 +587,16 @@ async fn migrate_stream(
     let (Some(actual), Some(wanted)) = (info["config"].as_object(), wanted.as_object()) else {
         return Err(ProvisionError::Drift(drift));
     };
+    let mut wanted = wanted.clone();
+    if cap == CapRule::KeepLarger
+        && let (Some(want), Some(found)) = (
+            wanted.get("max_consumers").and_then(Value::as_i64),
+            actual.get("max_consumers").and_then(Value::as_i64),
+        )
+        && found > want
+    {
+        wanted.insert("max_consumers".into(), Value::from(found));
+    }
     let drifting: Vec<&String> = wanted
         .iter()
         .filter(|(k, w)| !same(w, actual.get(*k).unwrap_or(&Value::Null)))

@@ -989,3 +989,207 @@ async fn cotal_agent_prints_the_losses_recorded_for_it_under_its_provisioned_cre
         "{line}"
     );
 }
+
+/// Issue 22 on the operator's path: a space past nats-server 2.15's default of 1,000 consumers
+/// per stream, sized by `cotal up --max-agents`, with the clear refusal beyond its cap.
+///
+/// On a secured server (the operator is the allow-all manager user, as `cotal provision
+/// delivery` says), a space is first provisioned the reference's way (no `max_consumers`: the
+/// server's 1,000 applies). `cotal up --max-agents 1010` raises the caps in place (DLV and DM to
+/// 1,010 + 64 = 1,074). 1,072 agents' `dlv_` and `dm_` consumers are created here (what `cotal
+/// provision agent --apply` creates, made concurrently to keep the test quick); then the binary
+/// provisions agents 1,073 and 1,074, past the old wall, and refuses the 1,075th with an error
+/// naming the stream and `--max-agents`, before writing its ACL record. `cotal health` names the
+/// full streams (exit 3). `cotal up` without the option keeps a larger cap an operator set;
+/// `cotal up --max-agents 1300` raises it, and the refused agent is then provisioned.
+#[tokio::test]
+async fn cotal_up_max_agents_sizes_the_space_past_the_servers_default_cap() {
+    use cotal_core::wire::config::ConsumerSpec;
+    use cotal_core::wire::keys::{KvBucket, acl_key};
+    use cotal_core::wire::token::AgentId;
+    use cotal_driver_tokio::provision::{apply, apply_consumer};
+    use futures::StreamExt;
+    let started = std::time::Instant::now();
+    let Some(server) = NatsServer::start_with_users(vec![common::User {
+        name: "admin".into(),
+        password: "adminpw".into(),
+        permissions: None,
+    }]) else {
+        return;
+    };
+    let space = Space::new("big").expect("space");
+    let t = Duration::from_secs(10);
+    let conn = connect(&server.config_as("admin", "adminpw"))
+        .await
+        .expect("connect");
+    let stream_info = |name: String| {
+        let client = conn.client.clone();
+        async move {
+            api::request(
+                &client,
+                &format!("$JS.API.STREAM.INFO.{name}"),
+                Bytes::new(),
+                t,
+            )
+            .await
+            .expect("stream info")
+        }
+    };
+    let dlv = format!("DLV_{}", space.as_str());
+
+    // A space as the reference provisions it: no cap of its own on any stream.
+    let mut plan = SpacePlan::new(&space);
+    for s in &mut plan.streams {
+        s.max_consumers = None;
+    }
+    for b in &mut plan.kv_buckets {
+        b.max_consumers = None;
+    }
+    let report = apply(&conn.client, &plan, t).await;
+    assert_eq!(report.failed(), 0, "{report:?}");
+    assert_eq!(
+        stream_info(dlv.clone()).await["config"]["max_consumers"],
+        serde_json::json!(-1)
+    );
+
+    let cli = Cli::new(server.url());
+    let admin = ["--user", "admin", "--password", "adminpw"];
+    let up = |extra: &[&str]| {
+        let out = cli.run(&[&["up", "--space", "big"][..], extra, &admin[..]].concat());
+        assert!(out.status.success(), "{}", stdout(&out));
+        stdout(&out)
+    };
+    let text = up(&["--max-agents", "1010"]);
+    for stream in ["CHAT_big", "DM_big", "TASK_big", "DLV_big"] {
+        assert!(
+            text.contains(&format!("updated   stream {stream}\n")),
+            "{text}"
+        );
+    }
+    for bucket in ["cotal_presence_big", "cotal_channels_big"] {
+        assert!(
+            text.contains(&format!("updated   kv bucket {bucket}\n")),
+            "{text}"
+        );
+    }
+    assert!(text.contains("unchanged stream INBOX_big"), "{text}");
+    assert!(
+        text.contains("consumer caps sized for 1010 agents\n"),
+        "{text}"
+    );
+    assert_eq!(
+        stream_info(dlv.clone()).await["config"]["max_consumers"],
+        serde_json::json!(1074)
+    );
+    assert_eq!(
+        stream_info("CHAT_big".into()).await["config"]["max_consumers"],
+        serde_json::json!(2084)
+    );
+
+    // 1,072 agents' consumers, past the server's 1,000.
+    let ids: Vec<AgentId> = (0..1072)
+        .map(|i| AgentId::new(format!("a{i}")).expect("id"))
+        .collect();
+    let specs: Vec<ConsumerSpec> = ids
+        .iter()
+        .flat_map(|id| [ConsumerSpec::dlv(&space, id), ConsumerSpec::dm(&space, id)])
+        .collect();
+    let made: Vec<_> = futures::stream::iter(&specs)
+        .map(|s| apply_consumer(&conn.client, s, t))
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    assert!(
+        made.iter().all(Result::is_ok),
+        "{:?}",
+        made.iter().find(|r| r.is_err())
+    );
+    let provision = |id: &str| {
+        cli.run(
+            &[
+                &[
+                    "provision",
+                    "agent",
+                    "--space",
+                    "big",
+                    "--id",
+                    id,
+                    "--read",
+                    "general",
+                    "--apply",
+                ][..],
+                &admin[..],
+            ]
+            .concat(),
+        )
+    };
+    for id in ["late1", "late2"] {
+        let out = provision(id);
+        assert!(out.status.success(), "{id}: {}", stdout(&out));
+    }
+    assert_eq!(
+        stream_info(dlv.clone()).await["state"]["consumer_count"],
+        serde_json::json!(1074)
+    );
+
+    // The 1,075th is refused, clearly, and nothing of it is written.
+    let out = provision("late3");
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(
+            "stream DLV_big is full: 1074 consumers under its cap of 1074, sized by `cotal up \
+             --max-agents`; the space admits no more agents until it is raised: `cotal up \
+             --space big --max-agents <more>`"
+        ),
+        "{text}"
+    );
+    let kv = async_nats::jetstream::new(conn.client.clone())
+        .get_key_value(KvBucket::Acl.name(&space))
+        .await
+        .expect("acl bucket");
+    let late3 = AgentId::new("late3").expect("id");
+    assert!(kv.get(acl_key(&late3)).await.expect("get").is_none());
+    assert!(
+        kv.get(acl_key(&AgentId::new("late2").expect("id")))
+            .await
+            .expect("get")
+            .is_some()
+    );
+
+    // Health names both full streams.
+    let health = cli.run(&[&["health", "--space", "big"][..], &admin[..]].concat());
+    let text = stdout(&health);
+    assert_eq!(health.status.code(), Some(3), "{text}");
+    for stream in ["DLV_big", "DM_big"] {
+        assert!(
+            text.contains(&format!(
+                "stream {stream}: consumer headroom low: 1074 of 1074 used, 0 free; raise it"
+            )),
+            "{text}"
+        );
+    }
+    assert!(!text.contains("stream CHAT_big"), "{text}");
+
+    // Without the option a larger cap stays; with it the space grows and late3 fits.
+    let text = up(&["--max-agents", "6000"]);
+    assert!(text.contains("updated   stream DLV_big"), "{text}");
+    let text = up(&[]);
+    assert!(text.contains("unchanged stream DLV_big"), "{text}");
+    assert_eq!(
+        stream_info(dlv.clone()).await["config"]["max_consumers"],
+        serde_json::json!(6064)
+    );
+    let text = up(&["--max-agents", "1300"]);
+    assert!(text.contains("updated   stream DLV_big"), "{text}");
+    let out = provision("late3");
+    assert!(out.status.success(), "{}", stdout(&out));
+    let health = cli.run(&[&["health", "--space", "big"][..], &admin[..]].concat());
+    assert!(
+        stdout(&health)
+            .contains("consumer headroom: every stream has at least 10 % of its cap free"),
+        "{}",
+        stdout(&health)
+    );
+    println!("took {:?}", started.elapsed());
+}

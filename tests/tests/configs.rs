@@ -92,6 +92,25 @@ fn with_our_hardening(name: &str, mut config: serde_json::Value) -> serde_json::
     if name.starts_with("KV_cotal_presence_") || name.starts_with("KV_cotal_channels_") {
         config["consumer_limits"] = json!({"inactive_threshold": 300_000_000_000u64});
     }
+    // Every stream with per-agent consumers has its consumer cap sized for the default 5,000
+    // agents (issue 22, `cotal_core::wire::capacity`): two per agent on CHAT (history reader,
+    // catch-up in flight) and on the watched buckets (a watch, one left by a reconnect), one on
+    // DM, TASK and DLV, plus 64 for the daemons and operators. The reference sends none.
+    let cap = match name.split('_').next() {
+        Some("CHAT") => Some(10_064),
+        Some("DM" | "TASK" | "DLV") => Some(5_064),
+        _ if name.starts_with("KV_cotal_presence_") || name.starts_with("KV_cotal_channels_") => {
+            Some(10_064)
+        }
+        _ => None,
+    };
+    if let Some(cap) = cap {
+        assert!(
+            config.get("max_consumers").is_none_or(|v| v == &json!(-1)),
+            "{name}"
+        );
+        config["max_consumers"] = json!(cap);
+    }
     config
 }
 

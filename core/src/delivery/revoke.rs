@@ -93,7 +93,7 @@ use crate::wire::message::CotalMessage;
 use crate::wire::shard::{Shard, dlv_sweep_reader};
 use crate::wire::subject::Subject;
 use crate::wire::token::{AgentId, ConcreteChannel, Space};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
 /// Passes of one owner's sweep before it is reported as failed.
@@ -300,6 +300,10 @@ pub struct DlvSweeper {
     reader: String,
     page: u32,
     queue: VecDeque<AgentId>,
+    /// The owners in `queue`, for the idempotence check: a daemon loading 100,000 ACL records
+    /// requests 100,000 sweeps, and a scan of the queue per request made that quadratic (found
+    /// by `cotal bench --memory --members 100000`, issue 22).
+    queued_owners: BTreeSet<AgentId>,
     active: Option<Sweep>,
     events: VecDeque<SweepEvent>,
 }
@@ -313,6 +317,7 @@ impl DlvSweeper {
             reader: dlv_sweep_reader(shard.index(), shard.shards()),
             page: SWEEP_PAGE,
             queue: VecDeque::new(),
+            queued_owners: BTreeSet::new(),
             active: None,
             events: VecDeque::new(),
         }
@@ -333,7 +338,7 @@ impl DlvSweeper {
             s.again = true;
             return;
         }
-        if !self.queue.contains(&owner) {
+        if self.queued_owners.insert(owner.clone()) {
             self.queue.push_back(owner);
         }
     }
@@ -362,6 +367,7 @@ impl DlvSweeper {
                 let Some(owner) = self.queue.pop_front() else {
                     return out;
                 };
+                self.queued_owners.remove(&owner);
                 self.active = Some(Sweep::new(&self.space, owner));
                 continue;
             };

@@ -29,6 +29,7 @@ use crate::constants::{
     DEFAULT_ACK_WAIT, DINBOX_MAX_ACK_PENDING, HISTORY_INACTIVE_THRESHOLD, LEASE_TTL,
     MAX_MSGS_PER_SUBJECT, PLANE3_DEDUP_WINDOW, PRESENCE_TTL,
 };
+use crate::wire::capacity::ConsumerBudget;
 use crate::wire::keys::{KvBucket, kv_stream_name};
 
 /// `consumer_limits.inactive_threshold` of the presence and channels KV streams: 5 min, the
@@ -316,6 +317,11 @@ pub struct StreamSpec {
     pub consumer_inactive_limit: Option<Duration>,
     /// `num_replicas` (server default 1).
     pub num_replicas: Option<u32>,
+    /// `max_consumers` (server default −1, which nats-server 2.15 caps at its
+    /// `default_max_consumers`, 1,000): set from the space's
+    /// [`ConsumerBudget`](crate::wire::capacity::ConsumerBudget) on every stream that carries
+    /// per-agent consumers (issue 22).
+    pub max_consumers: Option<i64>,
 }
 
 impl StreamSpec {
@@ -336,6 +342,7 @@ impl StreamSpec {
             allow_rollup_hdrs: None,
             consumer_inactive_limit: None,
             num_replicas: None,
+            max_consumers: None,
         }
     }
 
@@ -379,6 +386,7 @@ impl StreamSpec {
             ("max_msgs_per_subject", self.max_msgs_per_subject),
             ("max_bytes", self.max_bytes),
             ("max_msg_size", self.max_msg_size),
+            ("max_consumers", self.max_consumers),
         ];
         for (key, v) in ints {
             if let Some(v) = v {
@@ -441,6 +449,9 @@ pub struct KvBucketSpec {
     pub history: i64,
     /// Bucket-wide TTL (`max_age`), if any.
     pub ttl: Option<Duration>,
+    /// The backing stream's `max_consumers`, if set ([`SpaceConfig::sized`]); `None` leaves the
+    /// server's default, as the reference does.
+    pub max_consumers: Option<i64>,
 }
 
 impl KvBucketSpec {
@@ -457,6 +468,7 @@ impl KvBucketSpec {
             bucket: bucket.name(space),
             history: 1,
             ttl,
+            max_consumers: None,
         }
     }
 
@@ -492,6 +504,7 @@ impl KvBucketSpec {
             allow_rollup_hdrs: Some(self.allows_rollup()),
             consumer_inactive_limit: self.consumer_inactive_limit(),
             num_replicas: Some(1),
+            max_consumers: self.max_consumers,
         }
     }
 
@@ -792,16 +805,31 @@ pub struct SpaceConfig {
 }
 
 impl SpaceConfig {
-    /// The streams and buckets of `space`.
+    /// The streams and buckets of `space`, sized for [`DEFAULT_MAX_AGENTS`]
+    /// (`crate::wire::capacity`).
+    ///
+    /// [`DEFAULT_MAX_AGENTS`]: crate::wire::capacity::DEFAULT_MAX_AGENTS
     pub fn new(space: &Space) -> Self {
+        SpaceConfig::sized(space, ConsumerBudget::default())
+    }
+
+    /// The streams and buckets of `space`, each stream that carries per-agent consumers capped
+    /// by `budget` (`max_consumers`); everything else is the reference's.
+    pub fn sized(space: &Space, budget: ConsumerBudget) -> Self {
         SpaceConfig {
             streams: SpaceStream::ALL
                 .iter()
-                .map(|s| StreamSpec::for_space(space, *s))
+                .map(|s| StreamSpec {
+                    max_consumers: budget.stream_cap(*s),
+                    ..StreamSpec::for_space(space, *s)
+                })
                 .collect(),
             kv_buckets: KvBucket::ALL
                 .iter()
-                .map(|b| KvBucketSpec::for_space(space, *b))
+                .map(|b| KvBucketSpec {
+                    max_consumers: budget.bucket_cap(*b),
+                    ..KvBucketSpec::for_space(space, *b)
+                })
                 .collect(),
         }
     }

@@ -5,6 +5,7 @@
 //! streams, consumers, KV buckets and permission sets a driver applies. Decoders accept unknown
 //! JSON fields (SPEC §11) and never panic on hostile input; they return typed errors.
 
+pub mod capacity;
 pub mod config;
 pub mod control;
 pub mod json;

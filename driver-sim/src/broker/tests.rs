@@ -23,6 +23,7 @@ fn stream(name: &str, subject: &str) -> StreamSpec {
         allow_rollup_hdrs: None,
         consumer_inactive_limit: None,
         num_replicas: None,
+        max_consumers: None,
     }
 }
 
@@ -59,6 +60,7 @@ fn bucket(b: &mut Broker, name: &str, ttl: Option<Duration>) {
         bucket: name.into(),
         history: 1,
         ttl,
+        max_consumers: None,
     })
     .expect("bucket");
 }
@@ -246,6 +248,7 @@ fn purge_removes_every_earlier_revision() {
         bucket: "h".into(),
         history: 5,
         ttl: None,
+        max_consumers: None,
     })
     .unwrap();
     for v in ["1", "2", "3"] {

@@ -270,6 +270,14 @@ enum Cmd {
         /// are then live).
         #[arg(long, value_parser = ["live", "durable"])]
         default_class: Option<String>,
+        /// The agents the space admits: every stream that carries per-agent consumers gets a
+        /// `max_consumers` sized for them (DLV, DM, TASK: one per agent; CHAT and the presence
+        /// and channels buckets: two; each plus 64 for daemons and operators). Default 5,000.
+        /// Given, it is set on an existing space's streams as well (raising, or lowering: the
+        /// consumers already there stay, new ones are refused); not given, a larger cap already
+        /// set is kept. `provision agent --apply` refuses an agent once a stream is full.
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        max_agents: Option<u32>,
         #[command(flatten)]
         nats: NatsArgs,
     },
@@ -297,7 +305,8 @@ enum Cmd {
     Send(commands::SendArgs),
     /// List the durable membership records of a space (from KV).
     Members(commands::MembersArgs),
-    /// Show the delivery health of each shard (from the lease records).
+    /// Show the delivery health of each shard (from the lease records), and each stream whose
+    /// consumer headroom is under 10 % of its cap (exit 3 then, as for a shard not active).
     Health(commands::SpaceArgs),
     /// List the channel registry entries and each channel's effective class.
     Channels(commands::SpaceArgs),
@@ -487,8 +496,18 @@ async fn main() -> ExitCode {
             space,
             replicas,
             default_class,
+            max_agents,
             nats,
-        } => up(&space, replicas, default_class.as_deref(), &nats).await,
+        } => {
+            up(
+                &space,
+                replicas,
+                default_class.as_deref(),
+                max_agents,
+                &nats,
+            )
+            .await
+        }
         Cmd::Provision(ProvisionCmd::Delivery { space, id }) => provision_delivery(&space, &id),
         Cmd::Provision(ProvisionCmd::Agent {
             space,
@@ -527,7 +546,13 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn up(space: &str, replicas: u32, default_class: Option<&str>, nats: &NatsArgs) -> ExitCode {
+async fn up(
+    space: &str,
+    replicas: u32,
+    default_class: Option<&str>,
+    max_agents: Option<u32>,
+    nats: &NatsArgs,
+) -> ExitCode {
     let space = match Space::new(space) {
         Ok(s) => s,
         Err(e) => return fail(format!("invalid space name '{space}': {e}")),
@@ -544,7 +569,10 @@ async fn up(space: &str, replicas: u32, default_class: Option<&str>, nats: &Nats
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let mut plan = SpacePlan::new(&space);
+    let mut plan = match max_agents {
+        Some(n) => SpacePlan::for_agents(&space, n),
+        None => SpacePlan::new(&space),
+    };
     if replicas != 1 {
         plan = plan.with_replicas(replicas);
     }
@@ -563,6 +591,15 @@ async fn up(space: &str, replicas: u32, default_class: Option<&str>, nats: &Nats
         Ok(d) => println!("{d}"),
         Err(e) => println!("failed    defaults.deliveryClass: {e}"),
     }
+    println!(
+        "consumer caps sized for {} agents{}",
+        plan.budget.max_agents(),
+        if plan.budget_given {
+            ""
+        } else {
+            " (the default; a larger cap already set is kept; --max-agents sets it)"
+        }
+    );
     println!("space {}: {}", space.as_str(), report.summary());
     if report.failed() > 0 || defaults.is_err() {
         ExitCode::from(1)
@@ -702,15 +739,6 @@ async fn apply_agent(
     let config = nats.config_as(me.as_ref())?;
     let conn = connect(&config).await.map_err(|e| e.to_string())?;
     let js = async_nats::jetstream::new(conn.client.clone());
-    let bucket = KvBucket::Acl.name(space);
-    let kv = js
-        .get_key_value(&bucket)
-        .await
-        .map_err(|e| format!("cannot open KV bucket {bucket} (run `cotal up` first): {e}"))?;
-    let revision = kv
-        .put(acl_key(id), bytes::Bytes::from(record_json.to_owned()))
-        .await
-        .map_err(|e| format!("cannot write the ACL record: {e}"))?;
     use cotal_core::wire::config::ConsumerSpec;
     // In an open space a reference agent creates its own `dm_<id>` with the endpoint's
     // inactive_threshold (action `create`, which fails on any other config): make it exactly so.
@@ -724,18 +752,44 @@ async fn apply_agent(
     if let Some(role) = role {
         specs.push(ConsumerSpec::svc(space, role));
     }
+    // A full space refuses the agent before anything is written (issue 22).
+    cotal_driver_tokio::provision::check_room(&conn.client, space, &specs, config.request_timeout)
+        .await
+        .map_err(|e| e.to_string())?;
+    let bucket = KvBucket::Acl.name(space);
+    let kv = js
+        .get_key_value(&bucket)
+        .await
+        .map_err(|e| format!("cannot open KV bucket {bucket} (run `cotal up` first): {e}"))?;
+    let revision = kv
+        .put(acl_key(id), bytes::Bytes::from(record_json.to_owned()))
+        .await
+        .map_err(|e| format!("cannot write the ACL record: {e}"))?;
     let mut lines = vec![format!(
         "applied: ACL record {bucket}/{} revision {revision}",
         acl_key(id)
     )];
     for spec in specs {
-        let applied = cotal_driver_tokio::provision::apply_consumer(
+        let applied = match cotal_driver_tokio::provision::apply_consumer(
             &conn.client,
             &spec,
             config.request_timeout,
         )
         .await
-        .map_err(|e| format!("consumer {}/{}: {e}", spec.stream, spec.name))?;
+        {
+            Ok(a) => a,
+            Err(e) => {
+                let e = cotal_driver_tokio::provision::full_on_refusal(
+                    &conn.client,
+                    space,
+                    &spec.stream,
+                    e,
+                    config.request_timeout,
+                )
+                .await;
+                return Err(format!("consumer {}/{}: {e}", spec.stream, spec.name));
+            }
+        };
         lines.push(format!(
             "applied: consumer {}/{} {}",
             spec.stream,

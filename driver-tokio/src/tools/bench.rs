@@ -36,7 +36,7 @@
 
 use crate::connect::{ConnectConfig, NatsConnection, connect};
 use crate::exec::{Executor, ExecutorConfig};
-use crate::provision::{apply_consumer, provision_space};
+use crate::provision::{SpacePlan, apply, apply_consumer, provision_space};
 use crate::run::{MachineHandle, Runner, os_key, os_seed, wall_clock};
 use bytes::Bytes;
 use clap::Args;
@@ -422,8 +422,10 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     };
 
     // 2. A fresh space, a durable channel, every agent's ACL record and DLV consumer.
+    // Its consumer caps sized for the run's agents, as `cotal up --max-agents` does (issue 22).
     progress(&format!("bench: provisioning space {}", space.as_str()));
-    let report = provision_space(&admin.client, &space, t).await;
+    let agents = u32::try_from(n_members + args.senders).unwrap_or(u32::MAX);
+    let report = apply(&admin.client, &SpacePlan::for_agents(&space, agents), t).await;
     if report.failed() > 0 {
         return Err(format!("provisioning failed: {}", report.summary()));
     }
@@ -1662,7 +1664,8 @@ async fn run_memory(args: &BenchArgs) -> Result<ExitCode, String> {
     // The loaded space: ACL records, durable channels, membership records.
     let space = Space::new(format!("benchmem{tag}")).map_err(|e| format!("space: {e}"))?;
     progress(&format!("bench: provisioning space {}", space.as_str()));
-    let report = provision_space(&admin.client, &space, t).await;
+    let agents = u32::try_from(members).unwrap_or(u32::MAX);
+    let report = apply(&admin.client, &SpacePlan::for_agents(&space, agents), t).await;
     if report.failed() > 0 {
         return Err(format!("provisioning failed: {}", report.summary()));
     }

@@ -13,6 +13,7 @@ use cotal_core::delivery::lease::{
 };
 use cotal_core::delivery::revoke::SweepEvent;
 use cotal_core::policy::{ChannelRegistry, DeliveryClass};
+use cotal_core::wire::capacity::LOW_HEADROOM_PERCENT;
 use cotal_core::wire::config::SpaceStream;
 use cotal_core::wire::keys::KvBucket;
 use cotal_core::wire::message::Sender;
@@ -28,6 +29,7 @@ use cotal_driver_tokio::app::{
 };
 use cotal_driver_tokio::connect::{ConnectConfig, NatsConnection, connect};
 use cotal_driver_tokio::exec::{Executor, ExecutorConfig};
+use cotal_driver_tokio::provision::space_headroom;
 use cotal_driver_tokio::run::{Runner, os_key, os_seed, wall_clock};
 use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
@@ -1191,6 +1193,43 @@ pub(crate) async fn health(args: SpaceArgs) -> ExitCode {
                 space.as_str()
             );
             all_active = false;
+        }
+        // Consumer headroom (issue 22): each stream under 10 % free is named.
+        let config = args.nats.operator_config()?;
+        let conn = connect_with(&config).await?;
+        let mut low = 0usize;
+        for (stream, headroom) in space_headroom(&conn.client, &space, config.request_timeout).await
+        {
+            match headroom {
+                Ok(h) if h.is_low() => {
+                    low += 1;
+                    all_active = false;
+                    println!(
+                        "stream {stream}: consumer headroom low: {} of {} used, {} free{}; \
+                         raise it with `cotal up --space {} --max-agents <more>`",
+                        h.consumers,
+                        h.cap,
+                        h.free(),
+                        if h.server_default {
+                            " (the server's default cap: the stream has none of its own)"
+                        } else {
+                            ""
+                        },
+                        space.as_str()
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    all_active = false;
+                    println!("stream {stream}: cannot read its consumer count: {e}");
+                }
+            }
+        }
+        if low == 0 {
+            println!(
+                "consumer headroom: every stream has at least {LOW_HEADROOM_PERCENT} % of its \
+                 cap free"
+            );
         }
         Ok::<_, String>(if all_active {
             ExitCode::SUCCESS
