@@ -57,6 +57,8 @@ impl ToyBroker {
                     first_seq: 1,
                     last_seq: self.chat.len() as u64,
                     messages: self.chat.len() as u64,
+                    consumers: 0,
+                    max_consumers: -1,
                 }),
             ))),
             Command::Subscribe { op, sub, subject } => {

@@ -144,6 +144,10 @@ pub const DEFAULT_ORPHAN_RETENTION: Duration = Duration::from_millis(7 * 24 * 36
 /// How often the daemon looks for orphaned memberships.
 pub const ORPHAN_SCAN_INTERVAL: Duration = Duration::from_millis(60_000);
 
+/// How often the daemon reads the consumer headroom of CHAT and DLV (issue 22,
+/// [`crate::wire::capacity::Headroom`]).
+pub const CONSUMER_HEADROOM_INTERVAL: Duration = Duration::from_millis(60_000);
+
 /// First step of the refusal-close / boot-reconcile backoff (`EP:closeRefusedMembership`,
 /// `EP:reconcileBootJoin`).
 pub const BACKOFF_BASE: Duration = Duration::from_millis(1000);

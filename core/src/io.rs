@@ -406,6 +406,11 @@ pub struct StreamState {
     pub last_seq: u64,
     /// Messages stored.
     pub messages: u64,
+    /// Consumers on the stream (`state.consumer_count`).
+    pub consumers: u64,
+    /// The stream's own consumer cap (`config.max_consumers`; −1 or 0: none, the server's
+    /// default applies). Judged by [`Headroom::judge`](crate::wire::capacity::Headroom::judge).
+    pub max_consumers: i64,
 }
 
 /// A durable consumer's state, as `CONSUMER.INFO` reports it.

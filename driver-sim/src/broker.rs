@@ -255,6 +255,8 @@ impl Stream {
                 .unwrap_or(self.last_seq.saturating_add(1)),
             last_seq: self.last_seq,
             messages: self.messages.len() as u64,
+            consumers: self.consumers.len() as u64,
+            max_consumers: self.spec.max_consumers.unwrap_or(-1),
         }
     }
 

@@ -1463,6 +1463,8 @@ async fn stream_info(client: Client, subject: String, timeout: Duration) -> Outc
                 first_seq,
                 last_seq,
                 messages,
+                consumers: n("consumer_count"),
+                max_consumers: v["config"]["max_consumers"].as_i64().unwrap_or(-1),
             }))
         }
         Err(e) => e.into_failure(false),

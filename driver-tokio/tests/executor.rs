@@ -360,7 +360,10 @@ async fn js_publish_dedups_by_msg_id_and_stream_info_reports_the_frontier() {
         Reply::StreamState(StreamState {
             first_seq: 1,
             last_seq: 0,
-            messages: 0
+            messages: 0,
+            // The daemon's `fanout`; the cap `cotal up` sizes for 5,000 agents (issue 22).
+            consumers: 1,
+            max_consumers: 10_064,
         })
     );
     let subj = "cotal.main.chat.alice.general";
@@ -384,7 +387,10 @@ async fn js_publish_dedups_by_msg_id_and_stream_info_reports_the_frontier() {
         Reply::StreamState(StreamState {
             first_seq: 1,
             last_seq: 2,
-            messages: 2
+            messages: 2,
+            // The daemon's `fanout`; the cap `cotal up` sizes for 5,000 agents (issue 22).
+            consumers: 1,
+            max_consumers: 10_064,
         })
     );
     let missing = d

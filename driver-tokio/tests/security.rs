@@ -2419,7 +2419,8 @@ async fn executor_watch(who: &Probe, bucket: &str, writer: &Client) -> Result<()
 /// The count bound of issue 21 item 4. On a space `cotal up` provisioned, mallory (exactly
 /// `Permissions::agent`) creates durables on the presence bucket's stream, in the named form
 /// every KV watch uses, until the broker refuses. The bound is the stream's `max_consumers`
-/// (STREAM.INFO); at -1 or 0 nats-server 2.15 applies its default of 1,000 per stream. The
+/// (STREAM.INFO): `cotal up` sizes it for the space's agents (issue 22; here 100 agents, so
+/// 2 · 100 + 64); at -1 or 0 nats-server 2.15 would apply its default of 1,000 per stream. The
 /// refusal comes exactly at consumer number bound + 1, counting those already on the stream,
 /// with the server's max-consumers error (10026); the stream then holds exactly `bound`
 /// consumers, and none of them, mallory's included, has an inactivity threshold above
@@ -2442,7 +2443,10 @@ async fn sec_consumers_an_agent_creates_on_watched_buckets_are_bounded_in_number
     let admin = connect(&server.config_as("admin", "adminpw"))
         .await
         .expect("connect admin");
-    let report = provision_space(&admin.client, &space(), Duration::from_secs(5)).await;
+    // Sized for 100 agents (`cotal up --max-agents 100`): the presence cap is 2 · 100 + 64.
+    let plan = cotal_driver_tokio::provision::SpacePlan::for_agents(&space(), 100);
+    let report =
+        cotal_driver_tokio::provision::apply(&admin.client, &plan, Duration::from_secs(5)).await;
     assert_eq!(report.failed(), 0, "{report:?}");
     let stream = KvBucket::Presence.stream_name(&space());
     let stream_info = || async {
@@ -2461,6 +2465,7 @@ async fn sec_consumers_an_agent_creates_on_watched_buckets_are_bounded_in_number
     let max_consumers = info["config"]["max_consumers"]
         .as_i64()
         .expect("max_consumers");
+    assert_eq!(max_consumers, 264, "the cap cotal up sized");
     let bound = u64::try_from(max_consumers)
         .ok()
         .filter(|&m| m > 0)

@@ -411,6 +411,8 @@ impl World {
                         first_seq: 1,
                         last_seq: self.chat.len() as u64,
                         messages: self.chat.len() as u64,
+                        consumers: 0,
+                        max_consumers: -1,
                     }),
                 ))]
             }

@@ -27,6 +27,7 @@
 //! | `Reader` (`reader.rs`) | transfers, DLV backlog (the DLV gate fan-out's direct copies pass too), the one copy decision (`judge`) | DLV `JsPublish`, DLV `ConsumerInfo` | reader deliveries (with the ACL and member indexes), its completions, fan-out's direct copies at the gate |
 //! | `Notifier` (`notices.rs`) | the loss notices, their reads and writes | `KvGet`/`KvPut` of `cotal_losses_<space>` | losses from the reader and the gap checks, its completions |
 //! | [`DlvSweeper`] ([`crate::delivery::revoke`]) | the revocation sweeps | DLV reads and deletes (ops in `Pending::Sweep`) | ACL changes, transfers under a revoked ACL, its completions |
+//! | (parent, `headroom.rs`) | the last consumer-headroom reading of CHAT and DLV | `StreamInfo` (ops in `Pending::Headroom`); `Timer::HeadroomCheck` | its completions: a crossing of the low mark is an event, the reading goes into the lease record |
 //! | `Jobs` (`jobs.rs`, `jobs/join.rs`, `jobs/leave.rs`) | jobs, lanes per `(owner, channel)`, held requests | KV reads and CAS writes of members, ACL reads, CHAT info/reads, catch-up `JsPublish`, replies | control requests, its completions, orphan reaping, readiness (every lane pumped) |
 //!
 //! What crosses between children, always through the parent: fan-out reports a skipped sequence
@@ -103,12 +104,12 @@
 
 pub mod index;
 
-use crate::constants::ORPHAN_SCAN_INTERVAL;
+use crate::constants::{CONSUMER_HEADROOM_INTERVAL, ORPHAN_SCAN_INTERVAL};
 use crate::delivery::control::SerialKey;
 use crate::delivery::gap::SeqRange;
 use crate::delivery::lease::{
-    HEALTH_FIELD, Lease, LeaseCommand, LeaseEntry, LeaseEvent, LeaseReply, LeaseState,
-    ORPHANS_FIELD,
+    CONSUMERS_FIELD, HEALTH_FIELD, Lease, LeaseCommand, LeaseEntry, LeaseEvent, LeaseReply,
+    LeaseState, ORPHANS_FIELD,
 };
 use crate::delivery::losses::LossReason;
 use crate::delivery::revoke::{DlvSweeper, SweepEvent};
@@ -134,6 +135,7 @@ mod events;
 mod fanout;
 mod feeds;
 mod gaps;
+mod headroom;
 mod jobs;
 mod leasing;
 mod notices;
@@ -190,6 +192,8 @@ pub struct Delivery {
     watching_since: Option<Instant>,
     /// The orphaned memberships of the last scan: `(owner, channel)` → generation.
     orphans: BTreeMap<(AgentId, ConcreteChannel), u64>,
+    /// The last consumer-headroom reading of CHAT and DLV ([`headroom`]).
+    headroom: BTreeMap<String, crate::wire::capacity::Headroom>,
 }
 
 impl Delivery {
@@ -225,6 +229,7 @@ impl Delivery {
             sweeper,
             watching_since: None,
             orphans: BTreeMap::new(),
+            headroom: BTreeMap::new(),
         };
         d.health = d.compute_health();
         d
@@ -350,6 +355,11 @@ impl Delivery {
             self.cx
                 .timers
                 .set(Timer::OrphanScan, now.at + self.orphan_scan_interval());
+            // The first headroom reading one interval after the daemon starts serving, then
+            // every interval (`cotal health` reads the streams itself at any time).
+            self.cx
+                .timers
+                .set(Timer::HeadroomCheck, now.at + CONSUMER_HEADROOM_INTERVAL);
         }
         let health = self.compute_health();
         if health != self.health {
@@ -536,6 +546,7 @@ impl Delivery {
             Pending::Sweep => self
                 .sweeper
                 .on_completion(c.op, c.outcome, &self.views.acls),
+            Pending::Headroom(stream) => self.on_headroom(stream, c.outcome),
         }
     }
 
@@ -822,6 +833,7 @@ impl Delivery {
                 self.fanout.on_held_timer(&mut self.cx, now, live);
             }
             Timer::OrphanScan => self.scan_orphans(now),
+            Timer::HeadroomCheck => self.check_headroom(now),
             Timer::Reopen(feed) => {
                 if self.lease_held() {
                     if feed == Feed::Fanout || feed == Feed::Reader {

@@ -72,8 +72,8 @@ pub use messages::{
     LeaseUsageError, LostReason, ReleaseSkipReason,
 };
 pub use record::{
-    ACQUIRED_AT_FIELD, DegradedReason, HEALTH_FIELD, LeaseHealth, ORPHANS_FIELD, acquired_at_of,
-    judge_health,
+    ACQUIRED_AT_FIELD, CONSUMERS_FIELD, DegradedReason, HEALTH_FIELD, LeaseHealth, ORPHANS_FIELD,
+    acquired_at_of, judge_health,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]

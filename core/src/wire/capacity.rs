@@ -207,7 +207,8 @@ mod tests {
                 );
             }
         }
-        assert_eq!(ConsumerBudget::agents_admitted(100, 1), 0);
+        assert_eq!(ConsumerBudget::agents_admitted(50, 1), 0);
+        assert_eq!(ConsumerBudget::agents_admitted(100, 1), 36);
     }
 
     #[test]

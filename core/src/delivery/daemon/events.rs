@@ -211,6 +211,9 @@ pub struct DeliveryCounters {
     pub dlv_sweeps_failed: u64,
     /// Memberships found orphaned: the owner offline beyond [`DeliveryConfig::orphan_retention`](super::DeliveryConfig::orphan_retention).
     pub orphans_found: u64,
+    /// Times a stream's consumer headroom was found to have fallen under
+    /// [`LOW_HEADROOM_PERCENT`](crate::wire::capacity::LOW_HEADROOM_PERCENT) (issue 22).
+    pub consumer_headroom_low: u64,
     /// Orphaned memberships this daemon tombstoned ([`DeliveryConfig::reap_orphans`](super::DeliveryConfig::reap_orphans)).
     pub orphans_reaped: u64,
     /// `durableJoin`s answered `durable:false` because the channel resolves live: no record was
@@ -264,6 +267,7 @@ impl DeliveryCounters {
             dlv_sweeps_failed,
             live_class_joins,
             orphans_found,
+            consumer_headroom_low,
             orphans_reaped,
             presence_ignored,
             mentions_ambiguous,
@@ -299,6 +303,7 @@ impl DeliveryCounters {
         self.dlv_sweeps_failed += dlv_sweeps_failed;
         self.live_class_joins += live_class_joins;
         self.orphans_found += orphans_found;
+        self.consumer_headroom_low += consumer_headroom_low;
         self.orphans_reaped += orphans_reaped;
         self.presence_ignored += presence_ignored;
         self.mentions_ambiguous += mentions_ambiguous;
@@ -368,6 +373,19 @@ pub enum DeliveryEvent {
         offline_for: Duration,
         /// Whether it is being tombstoned ([`DeliveryConfig::reap_orphans`](super::DeliveryConfig::reap_orphans)).
         reaping: bool,
+    },
+    /// A stream's consumer headroom crossed [`LOW_HEADROOM_PERCENT`] (issue 22): `low` when
+    /// less is free (agents can no longer be provisioned once it is full, and on CHAT the
+    /// catch-up readers of joins are refused), not `low` when it is back above.
+    ///
+    /// [`LOW_HEADROOM_PERCENT`]: crate::wire::capacity::LOW_HEADROOM_PERCENT
+    ConsumerHeadroom {
+        /// The stream (`CHAT_<space>`, `DLV_<space>`).
+        stream: String,
+        /// Its headroom as `STREAM.INFO` reported it.
+        headroom: crate::wire::capacity::Headroom,
+        /// Whether it is low now.
+        low: bool,
     },
     /// A durable join answered.
     Joined {

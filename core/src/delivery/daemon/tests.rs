@@ -2,6 +2,7 @@
 
 mod direct;
 mod harness;
+mod headroom;
 mod mentions;
 mod revoke;
 mod transcript;
@@ -1320,6 +1321,8 @@ fn the_fence_covers_what_fan_out_received_before_the_commit_i10() {
                 first_seq: 1,
                 last_seq: 0,
                 messages: 2,
+                consumers: 0,
+                max_consumers: -1,
             },
         ))),
         2,
@@ -2718,6 +2721,7 @@ fn set_every_counter(c: &mut DeliveryCounters, v: u64) {
         dlv_sweeps: v,
         dlv_sweeps_failed: v,
         orphans_found: v,
+        consumer_headroom_low: v,
         orphans_reaped: v,
         live_class_joins: v,
         presence_ignored: v,

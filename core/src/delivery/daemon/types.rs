@@ -38,8 +38,13 @@ pub(super) enum JobOp {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(super) enum Pending {
-    Lease { lease_op: OpId, kind: LeaseOpKind },
+    Lease {
+        lease_op: OpId,
+        kind: LeaseOpKind,
+    },
     Sweep,
+    /// A `STREAM.INFO` of the consumer-headroom check, of this stream.
+    Headroom(String),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -51,6 +56,9 @@ pub(super) enum Timer {
     HeldCopies,
     /// Look for orphaned memberships ([`ORPHAN_SCAN_INTERVAL`](crate::constants::ORPHAN_SCAN_INTERVAL)).
     OrphanScan,
+    /// Read the consumer headroom of CHAT and DLV
+    /// ([`CONSUMER_HEADROOM_INTERVAL`](crate::constants::CONSUMER_HEADROOM_INTERVAL)).
+    HeadroomCheck,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

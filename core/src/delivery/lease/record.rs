@@ -22,6 +22,11 @@ pub const HEALTH_FIELD: &str = "health";
 /// (issue 15 item 7). The reference ignores it.
 pub const ORPHANS_FIELD: &str = "orphans";
 
+/// The extra record field carrying the consumer headroom of the streams the holder watches
+/// (`{"<stream>": {consumers, cap, serverDefault, low}}`, issue 22), for `cotal health`. The
+/// reference ignores it.
+pub const CONSUMERS_FIELD: &str = "consumerHeadroom";
+
 /// The acquisition time of a record: [`ACQUIRED_AT_FIELD`] when present and a whole number,
 /// else `since` (a record written by the reference, whose `since` is its last write).
 pub fn acquired_at_of(record: &DeliveryLease) -> UnixMillis {

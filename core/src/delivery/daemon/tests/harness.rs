@@ -96,6 +96,9 @@ pub struct Broker {
     pub reader_done: u64,
     /// DLV copies each owner's agent acked (unread = stored for the owner minus these).
     pub dlv_acked: BTreeMap<String, u64>,
+    /// Per stream: its consumer count and `max_consumers` as `STREAM.INFO` reports them
+    /// (absent: 0 and −1).
+    pub stream_consumers: BTreeMap<String, (u64, i64)>,
 }
 
 impl Broker {
@@ -275,7 +278,7 @@ impl Broker {
                     }),
                 )
             }
-            Command::StreamInfo { op, .. } => done(
+            Command::StreamInfo { op, stream } => done(
                 *op,
                 Reply::StreamState(StreamState {
                     first_seq: self
@@ -283,6 +286,8 @@ impl Broker {
                         .unwrap_or_else(|| self.chat.first().map_or(self.chat_last + 1, |m| m.seq)),
                     last_seq: self.chat_last,
                     messages: self.chat.len() as u64,
+                    consumers: self.stream_consumers.get(stream).map_or(0, |c| c.0),
+                    max_consumers: self.stream_consumers.get(stream).map_or(-1, |c| c.1),
                 }),
             ),
             Command::ReadStream {
