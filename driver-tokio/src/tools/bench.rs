@@ -42,7 +42,7 @@ use bytes::Bytes;
 use clap::Args;
 use cotal_core::agent::{Agent, AgentConfig, AgentEvent};
 use cotal_core::delivery::daemon::{Delivery, DeliveryConfig, DeliveryCounters, DeliveryEvent};
-use cotal_core::wire::config::ConsumerSpec;
+use cotal_core::wire::config::{ConsumerSpec, SpaceStream};
 use cotal_core::wire::keys::{KvBucket, acl_key, member_key};
 use cotal_core::wire::message::Sender;
 use cotal_core::wire::records::{AclRecord, MembershipRecord};
@@ -310,6 +310,7 @@ impl SpawnedServer {
     }
 
     /// The client URL, `nats://127.0.0.1:<port>`.
+    /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
@@ -498,14 +499,21 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
             &joined,
         )?)
     };
-    let deadline = Instant::now() + SETUP_WAIT;
+    // Setup gives up when it stalls (no member joined for SETUP_WAIT), not after a fixed time:
+    // thousands of members take minutes to connect and join on this machine.
+    let mut deadline = Instant::now() + SETUP_WAIT;
+    let mut seen = 0;
     while joined.load(Ordering::Relaxed) < n_members {
         agents.check()?;
+        let now_joined = joined.load(Ordering::Relaxed);
+        if now_joined > seen {
+            seen = now_joined;
+            deadline = Instant::now() + SETUP_WAIT;
+            progress(&format!("bench: {seen}/{n_members} members joined"));
+        }
         if Instant::now() > deadline {
             return Err(format!(
-                "only {} of {} members joined within {SETUP_WAIT:?}",
-                joined.load(Ordering::Relaxed),
-                n_members
+                "only {now_joined} of {n_members} members joined, none in the last {SETUP_WAIT:?}"
             ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -534,6 +542,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
                 .and_then(|v| serde_json::from_slice::<MembershipRecord>(&v).ok())
                 .is_some_and(|r| r.activated == Some(true));
             if activated {
+                deadline = Instant::now() + SETUP_WAIT;
                 break;
             }
             if Instant::now() > deadline {
@@ -705,6 +714,16 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let agents_cpu_us_per_copy = per_copy_us(cpu_at_start.2, agents.cpu_seconds());
     // The bench process without the members only when they run elsewhere.
     let daemon_cpu_us_per_copy = process_cpu_us_per_copy.filter(|_| agent_procs > 0);
+    // Resident memory at the end of the durable phase: the server (when this run started it)
+    // and this process (the daemons and senders, plus the members without `--agent-procs`);
+    // the consumers on DLV and the connections the run holds.
+    let server_mem = server_pid.and_then(|pid| proc_memory(pid).ok());
+    let process_mem = proc_memory(std::process::id()).ok();
+    let dlv_consumers = consumer_count(&admin.client, &SpaceStream::Dlv.name(&space))
+        .await
+        .ok();
+    // One per member, sender and daemon, and the admin connection.
+    let connections = n_members + args.senders + daemons_n + 1;
     // A short grace to see duplicates that would follow the last copy.
     tokio::time::sleep(Duration::from_millis(300)).await;
     progress_done();
@@ -850,6 +869,21 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         us(process_cpu_us_per_copy),
         us(agents_cpu_us_per_copy)
     );
+    let kib = |m: Option<(u64, u64)>| {
+        m.map_or_else(
+            || "-".to_owned(),
+            |(rss, hwm)| format!("{rss} KiB (peak {hwm})"),
+        )
+    };
+    println!(
+        "  RSS server / bench process             {} / {}",
+        kib(server_mem),
+        kib(process_mem)
+    );
+    println!(
+        "  connections / DLV consumers            {connections:>12} / {}",
+        dlv_consumers.map_or_else(|| "-".to_owned(), |n| n.to_string())
+    );
     println!(
         "  publishing took                        {:>12.3} s",
         publish_done.as_secs_f64()
@@ -978,12 +1012,19 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
             "shards": daemons_n,
             "server_cpu_us_per_copy": server_cpu_us_per_copy,
             "process_cpu_us_per_copy": process_cpu_us_per_copy,
+
             "shard_owners": shard_owners,
             "shard_copies_written": shard_counters.iter().map(|c| c.as_ref().map(|c| c.copies_written)).collect::<Vec<_>>(),
             "shard_transferred": shard_counters.iter().map(|c| c.as_ref().map(|c| c.transferred)).collect::<Vec<_>>(),
             "fanout_consumers": fanout_infos,
         });
         let mut line = line;
+        line["server_rss_kib"] = json!(server_mem.map(|m| m.0));
+        line["server_hwm_kib"] = json!(server_mem.map(|m| m.1));
+        line["process_rss_kib"] = json!(process_mem.map(|m| m.0));
+        line["process_hwm_kib"] = json!(process_mem.map(|m| m.1));
+        line["connections"] = json!(connections);
+        line["dlv_consumers"] = json!(dlv_consumers);
         if let Some(obj) = line.as_object_mut() {
             obj.insert("two_hop".into(), json!(args.two_hop));
             obj.insert(
@@ -1239,10 +1280,23 @@ async fn start_daemons(
                     v.push((first, last));
                 }
                 let text = format!("{e:?}");
-                let kind: String = text
+                let mut kind: String = text
                     .chars()
                     .take_while(|c| c.is_alphanumeric() || *c == '_')
                     .collect();
+                // Why writes failed matters at scale: the failure's kind goes into the key.
+                if let DeliveryEvent::CopyWriteFailed { failure, .. } = &e {
+                    let why = failure.as_ref().map_or_else(
+                        || "Unknown".to_owned(),
+                        |f| {
+                            format!("{f:?}")
+                                .chars()
+                                .take_while(|c| c.is_alphanumeric())
+                                .collect()
+                        },
+                    );
+                    kind = format!("{kind}:{why}");
+                }
                 if let Ok(mut t) = tally.lock() {
                     *t.entry(kind).or_default() += 1;
                 }
@@ -1628,6 +1682,52 @@ async fn pipelined_puts(
     Ok(n)
 }
 
+/// Consumer creates in flight while provisioning the memory space.
+const CONSUMER_CREATE_WINDOW: usize = 128;
+
+/// Creates every agent's `dlv_<id>` and `dm_<id>` as `cotal provision agent --apply` does (its
+/// exact create requests), `CONSUMER_CREATE_WINDOW` in flight; returns how many.
+async fn pipelined_consumers(
+    client: &async_nats::Client,
+    space: &Space,
+    ids: &[AgentId],
+) -> Result<usize, String> {
+    use futures::StreamExt;
+    let t = Duration::from_secs(30);
+    let requests = ids.iter().flat_map(|id| {
+        [ConsumerSpec::dlv(space, id), ConsumerSpec::dm(space, id)].map(|c| c.create_request())
+    });
+    let mut made = futures::stream::iter(requests)
+        .map(|r| async move {
+            crate::api::request(client, &r.subject, Bytes::from(r.body_bytes()), t)
+                .await
+                .map_err(|e| format!("{}: {e}", r.subject))
+        })
+        .buffer_unordered(CONSUMER_CREATE_WINDOW);
+    let mut n = 0usize;
+    while let Some(r) = made.next().await {
+        r?;
+        n += 1;
+        if n.is_multiple_of(1000) {
+            progress(&format!("bench: {n} agent consumers created"));
+        }
+    }
+    Ok(n)
+}
+
+/// `state.consumer_count` of `stream`.
+async fn consumer_count(client: &async_nats::Client, stream: &str) -> Result<u64, String> {
+    let info = crate::api::request(
+        client,
+        &format!("$JS.API.STREAM.INFO.{stream}"),
+        Bytes::new(),
+        Duration::from_secs(10),
+    )
+    .await
+    .map_err(|e| format!("stream info {stream}: {e}"))?;
+    Ok(info["state"]["consumer_count"].as_u64().unwrap_or(0))
+}
+
 /// `cotal bench --memory`.
 async fn run_memory(args: &BenchArgs) -> Result<ExitCode, String> {
     let members = args.members.unwrap_or(10_000);
@@ -1729,8 +1829,22 @@ async fn run_memory(args: &BenchArgs) -> Result<ExitCode, String> {
         "membership records",
     )
     .await?;
+    // Every agent's consumers, as `provision agent --apply` makes them; the server's resident
+    // memory before and after (when this run started the server).
+    let server_pid = server.as_ref().map(SpawnedServer::pid);
+    let server_before = server_pid.map(proc_memory).transpose()?;
+    let created = Instant::now();
+    let consumers = pipelined_consumers(&admin.client, &space, &ids).await?;
+    let consumers_s = created.elapsed().as_secs_f64();
+    let server_after = server_pid.map(proc_memory).transpose()?;
+    let dlv_consumers = consumer_count(&admin.client, &SpaceStream::Dlv.name(&space)).await?;
+    let dm_consumers = consumer_count(&admin.client, &SpaceStream::Dm.name(&space)).await?;
     let loaded = measure_daemon(&url, &space, "loaded").await?;
+    let server_loaded = server_pid.map(proc_memory).transpose()?;
     progress_done();
+    let per_consumer = server_before
+        .zip(server_after)
+        .map(|(b, a)| (a.0.saturating_sub(b.0) as f64 * 1024.0) / consumers.max(1) as f64);
 
     let per_record =
         (loaded.rss_kib.saturating_sub(empty.rss_kib) as f64 * 1024.0) / memberships.max(1) as f64;
@@ -1762,6 +1876,24 @@ async fn run_memory(args: &BenchArgs) -> Result<ExitCode, String> {
         }
     );
     println!("  bytes per membership record            {per_record:>12.0}");
+    println!(
+        "  agent consumers created                {consumers:>12} in {consumers_s:.1} s (DLV \
+         holds {dlv_consumers}, DM {dm_consumers})"
+    );
+    match (server_before, server_after, server_loaded, per_consumer) {
+        (Some(b), Some(a), Some(l), Some(per)) => {
+            println!(
+                "  server RSS before / after consumers    {:>12} / {} KiB (peak {} KiB; with the \
+                 daemon {} KiB)",
+                b.0, a.0, a.1, l.0
+            );
+            println!("  server bytes per consumer              {per:>12.0}");
+        }
+        _ => println!(
+            "  server RSS                             (not started by this run: not measured)"
+        ),
+    }
+    println!("  connections                            2 (this run's admin, the daemon)");
     if args.json {
         println!(
             "{}",
@@ -1779,6 +1911,16 @@ async fn run_memory(args: &BenchArgs) -> Result<ExitCode, String> {
                 "empty_daemon_hwm_kib": empty.hwm_kib,
                 "empty_daemon_settled": empty.settled,
                 "bytes_per_membership": per_record.round(),
+                "agent_consumers": consumers,
+                "agent_consumers_s": consumers_s,
+                "dlv_consumers": dlv_consumers,
+                "dm_consumers": dm_consumers,
+                "server_rss_kib_before_consumers": server_before.map(|m| m.0),
+                "server_rss_kib_after_consumers": server_after.map(|m| m.0),
+                "server_hwm_kib_after_consumers": server_after.map(|m| m.1),
+                "server_rss_kib_with_daemon": server_loaded.map(|m| m.0),
+                "server_bytes_per_consumer": per_consumer.map(f64::round),
+                "connections": 2,
             })
         );
     }

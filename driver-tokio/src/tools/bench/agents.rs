@@ -214,6 +214,28 @@ async fn run_child(args: BenchAgentsArgs) -> Result<(), String> {
     let surfaced = Arc::new(AtomicUsize::new(0));
     let joined = Arc::new(AtomicUsize::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
+    // Progress goes to the parent from the first member on: thousands of members take minutes
+    // to start, and the parent's setup wait gives up only when nothing moves.
+    let (report_stop, mut report_stopped) = watch::channel(false);
+    let reporter = {
+        let (joined, surfaced) = (Arc::clone(&joined), Arc::clone(&surfaced));
+        tokio::spawn(async move {
+            let mut reported = None;
+            let mut tick = tokio::time::interval(PROGRESS_EVERY);
+            loop {
+                tokio::select! {
+                    _ = report_stopped.changed() => break,
+                    _ = tick.tick() => {
+                        let now = (joined.load(Ordering::Relaxed), surfaced.load(Ordering::Relaxed));
+                        if reported != Some(now) {
+                            reported = Some(now);
+                            emit(&ChildLine::Progress { joined: now.0, surfaced: now.1 });
+                        }
+                    }
+                }
+            }
+        })
+    };
     let mut members: Vec<Member> = Vec::with_capacity(args.ids.len());
     for (k, id) in args.ids.iter().enumerate() {
         let id = AgentId::new(id.clone()).map_err(|e| format!("agent id {id}: {e}"))?;
@@ -235,27 +257,20 @@ async fn run_child(args: BenchAgentsArgs) -> Result<(), String> {
             surfaced.load(Ordering::Relaxed),
         )
     };
-    let mut reported = None;
-    let mut tick = tokio::time::interval(PROGRESS_EVERY);
     loop {
-        tokio::select! {
-            command = commands.recv() => match command.as_deref() {
-                Some("live") => {
-                    join_live_in_proc(&members, &live).await?;
-                    emit(&ChildLine::LiveJoined { members: members.len() });
-                }
-                Some("stop") | None => break,
-                Some(other) => return Err(format!("unknown command from the bench: {other:?}")),
-            },
-            _ = tick.tick() => {
-                let now = counts();
-                if reported != Some(now) {
-                    reported = Some(now);
-                    emit(&ChildLine::Progress { joined: now.0, surfaced: now.1 });
-                }
+        match commands.recv().await.as_deref() {
+            Some("live") => {
+                join_live_in_proc(&members, &live).await?;
+                emit(&ChildLine::LiveJoined {
+                    members: members.len(),
+                });
             }
+            Some("stop") | None => break,
+            Some(other) => return Err(format!("unknown command from the bench: {other:?}")),
         }
     }
+    let _ = report_stop.send(true);
+    let _ = reporter.await;
     let (joined_n, surfaced_n) = counts();
     emit(&ChildLine::Progress {
         joined: joined_n,
