@@ -319,7 +319,7 @@ pub struct StreamSpec {
     pub num_replicas: Option<u32>,
     /// `max_consumers` (server default −1, which nats-server 2.15 caps at its
     /// `default_max_consumers`, 1,000): set from the space's
-    /// [`ConsumerBudget`](crate::wire::capacity::ConsumerBudget) on every stream that carries
+    /// [`ConsumerBudget`] on every stream that carries
     /// per-agent consumers (issue 22).
     pub max_consumers: Option<i64>,
 }

@@ -459,6 +459,29 @@ impl DaemonReport {
                 offline_for.as_millis() / 1000,
                 if *reaping { "; tombstoning it" } else { "; kept (no --reap-orphans)" }
             ),
+            DeliveryEvent::ConsumerHeadroom {
+                stream,
+                headroom,
+                low,
+            } => {
+                if *low {
+                    tracing::warn!(
+                        target: "cotal",
+                        "consumer headroom low: stream {stream} holds {} of {} consumers ({} \
+                         free); raise it with `cotal up --max-agents`",
+                        headroom.consumers,
+                        headroom.cap,
+                        headroom.free()
+                    );
+                } else {
+                    tracing::info!(
+                        target: "cotal",
+                        "consumer headroom back: stream {stream} holds {} of {} consumers",
+                        headroom.consumers,
+                        headroom.cap
+                    );
+                }
+            }
             DeliveryEvent::Evicted { .. }
             | DeliveryEvent::EntryLost(_)
             | DeliveryEvent::HistoryForgotten { .. }
