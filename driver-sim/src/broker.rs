@@ -49,6 +49,7 @@ use cotal_core::io::{AckKind, Header, KvCondition, KvEntry, KvOperation, PubAck,
 use cotal_core::io::{StoredMessage, StreamState};
 use cotal_core::op::Failure;
 use cotal_core::time::{Duration, Instant, Now, UnixMillis};
+use cotal_core::wire::capacity::Headroom;
 use cotal_core::wire::config::ConsumerSpec;
 use cotal_core::wire::config::{
     AckPolicy, DeliverPolicy, DiscardPolicy, KvBucketSpec, RetentionPolicy, SpaceConfig, StreamSpec,
@@ -78,6 +79,9 @@ pub mod err_code {
     pub const CONSUMER_START_UPDATE: u32 = 10012;
     /// Filtered consumer not unique on a work-queue stream.
     pub const WORKQUEUE_NOT_UNIQUE: u32 = 10100;
+    /// Maximum consumers limit reached (the stream's `max_consumers`, or the server's default
+    /// cap when it set none).
+    pub const MAX_CONSUMERS_REACHED: u32 = 10026;
 }
 
 /// Limits of a consumer that a [`ConsumerSpec`] does not carry (the server's `max_deliver`).
@@ -699,7 +703,8 @@ impl Broker {
     /// Creates or updates a consumer (`CONSUMER.CREATE`). The same spec again is a no-op; a
     /// changed deliver policy is refused (10012); other changes (filter, ack wait, max ack
     /// pending) apply. On a work-queue stream a filter overlapping another consumer's is refused
-    /// (10100).
+    /// (10100). A new consumer on a stream holding its cap is refused (10026): the stream's
+    /// `max_consumers`, or nats-server 2.15's default of 1,000 when it set none.
     pub fn add_consumer(&mut self, spec: ConsumerSpec) -> Result<(), Failure> {
         let limits = self
             .limits
@@ -732,6 +737,13 @@ impl Broker {
             }
             c.spec = spec;
             return Ok(());
+        }
+        let cap = Headroom::judge(s.consumers.len() as u64, s.spec.max_consumers.unwrap_or(-1));
+        if !cap.admits(1) {
+            return Err(Failure::Rejected {
+                code: Some(err_code::MAX_CONSUMERS_REACHED),
+                description: "maximum consumers limit reached".into(),
+            });
         }
         let last = s.last_seq;
         let matching = |m: &&Msg| subject_matches(&spec.filter_subject, &m.stored.subject);

@@ -51,7 +51,7 @@ use cotal_core::delivery::daemon::{
 };
 use cotal_core::delivery::lease::LeaseState;
 use cotal_core::time::{Duration, Instant};
-use cotal_core::wire::config::{ConsumerSpec, KvBucketSpec, SpaceConfig};
+use cotal_core::wire::config::{ConsumerSpec, KvBucketSpec};
 use cotal_core::wire::json;
 use cotal_core::wire::keys::{KvBucket, acl_key};
 use cotal_core::wire::message::{Part, Sender};
@@ -120,7 +120,7 @@ impl Mesh {
         let sim = SimConfig::new(config.seed).with_faults(config.faults.clone(), fault_end);
         let mut host = Host::new(sim, config.keep_transcript);
         host.broker_mut()
-            .provision(&SpaceConfig::new(&space))
+            .provision(&cotal_core::wire::capacity::ConsumerBudget::default().space_config(&space))
             .expect("a fresh broker provisions");
         // Cotal's loss records, which `cotal up` creates after the reference's five buckets.
         host.broker_mut()

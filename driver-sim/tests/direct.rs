@@ -13,7 +13,7 @@
 use cotal_core::agent::{Agent, AgentConfig};
 use cotal_core::io::{Command, Input, Machine};
 use cotal_core::time::{Duration, Instant, Now};
-use cotal_core::wire::config::{ConsumerSpec, SpaceConfig, SpaceStream};
+use cotal_core::wire::config::{ConsumerSpec, SpaceStream};
 use cotal_core::wire::message::{Part, Sender};
 use cotal_core::wire::permissions::{AgentPolicy, Permissions};
 use cotal_core::wire::subject::DeliveryKind;
@@ -93,7 +93,9 @@ impl World {
         }
         let mut host = Host::new(config, false);
         host.broker_mut()
-            .provision(&SpaceConfig::new(&space()))
+            .provision(
+                &cotal_core::wire::capacity::ConsumerBudget::default().space_config(&space()),
+            )
             .unwrap();
         let mut world = World {
             host,

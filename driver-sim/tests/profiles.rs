@@ -7,7 +7,7 @@ use bytes::Bytes;
 use cotal_core::io::{Command, Completion, Inbound, Input, KvCondition, ReadStart, Reply, SubId};
 use cotal_core::op::{Failure, OpId, Outcome};
 use cotal_core::time::Instant;
-use cotal_core::wire::config::{ConsumerSpec, SpaceConfig};
+use cotal_core::wire::config::ConsumerSpec;
 use cotal_core::wire::keys::KvBucket;
 use cotal_core::wire::permissions::{AgentPolicy, Permissions};
 use cotal_core::wire::token::{AgentId, Channel, Space};
@@ -54,7 +54,7 @@ fn agent_and_daemon_profiles_grant_what_semantics_1_10_says() {
     let daemon = Permissions::delivery(&space, &AgentId::new("dmn").unwrap());
     let mut host = Host::new(SimConfig::new(21), false);
     host.broker_mut()
-        .provision(&SpaceConfig::new(&space))
+        .provision(&cotal_core::wire::capacity::ConsumerBudget::default().space_config(&space))
         .unwrap();
 
     let op = OpId::from_raw;

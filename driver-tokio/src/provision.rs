@@ -25,7 +25,7 @@ use async_nats::Client;
 use bytes::Bytes;
 use cotal_core::policy::{ChannelDefaults, DeliveryClass};
 use cotal_core::wire::capacity::{ConsumerBudget, Headroom};
-use cotal_core::wire::config::{ApiRequest, ConsumerSpec, KvBucketSpec, SpaceConfig, StreamSpec};
+use cotal_core::wire::config::{ApiRequest, ConsumerSpec, KvBucketSpec, StreamSpec};
 use cotal_core::wire::keys::{CHANNEL_DEFAULTS_KEY, KvBucket};
 use cotal_core::wire::permissions::Permissions;
 use cotal_core::wire::token::Space;
@@ -139,18 +139,9 @@ pub async fn check_room(
         }
     }
     for (stream, n) in needed {
-        let info = api::request(
-            client,
-            &format!("$JS.API.STREAM.INFO.{stream}"),
-            Bytes::new(),
-            timeout,
-        )
-        .await
-        .map_err(ProvisionError::Api)?;
-        let headroom = Headroom::judge(
-            info["state"]["consumer_count"].as_u64().unwrap_or(0),
-            info["config"]["max_consumers"].as_i64().unwrap_or(-1),
-        );
+        let headroom = stream_headroom(client, stream, timeout)
+            .await
+            .map_err(ProvisionError::Api)?;
         if !headroom.admits(n) {
             return Err(ProvisionError::Full {
                 space: space.as_str().to_owned(),
@@ -178,22 +169,30 @@ pub async fn space_headroom(
         .collect();
     let mut out = Vec::with_capacity(names.len());
     for name in names {
-        let info = api::request(
-            client,
-            &format!("$JS.API.STREAM.INFO.{name}"),
-            Bytes::new(),
-            timeout,
-        )
-        .await;
-        let headroom = info.map(|v| {
-            Headroom::judge(
-                v["state"]["consumer_count"].as_u64().unwrap_or(0),
-                v["config"]["max_consumers"].as_i64().unwrap_or(-1),
-            )
-        });
+        let headroom = stream_headroom(client, &name, timeout).await;
         out.push((name, headroom));
     }
     out
+}
+
+/// The consumer headroom of `stream` (`STREAM.INFO`: `state.consumer_count` under
+/// `config.max_consumers`, judged by [`Headroom::judge`]).
+pub async fn stream_headroom(
+    client: &Client,
+    stream: &str,
+    timeout: Duration,
+) -> Result<Headroom, ApiError> {
+    let info = api::request(
+        client,
+        &format!("$JS.API.STREAM.INFO.{stream}"),
+        Bytes::new(),
+        timeout,
+    )
+    .await?;
+    Ok(Headroom::judge(
+        info["state"]["consumer_count"].as_u64().unwrap_or(0),
+        info["config"]["max_consumers"].as_i64().unwrap_or(-1),
+    ))
 }
 
 /// `e` as [`ProvisionError::Full`] when it is the server's max-consumers refusal of a create on
@@ -211,25 +210,21 @@ pub async fn full_on_refusal(
     if api_error.err_code() != Some(api::MAX_CONSUMERS_REACHED) {
         return e;
     }
-    let info = api::request(
-        client,
-        &format!("$JS.API.STREAM.INFO.{stream}"),
-        Bytes::new(),
-        timeout,
-    )
-    .await
-    .unwrap_or(Value::Null);
-    let max = info["config"]["max_consumers"].as_i64().unwrap_or(-1);
-    let headroom = Headroom::judge(0, max);
+    // The refusal says the stream is full; when its state cannot be read, the server's default
+    // cap is the best guess of what it holds.
+    let headroom = stream_headroom(client, stream, timeout)
+        .await
+        .unwrap_or_else(|_| {
+            let h = Headroom::judge(0, -1);
+            Headroom {
+                consumers: h.cap,
+                ..h
+            }
+        });
     ProvisionError::Full {
         space: space.as_str().to_owned(),
         stream: stream.to_owned(),
-        headroom: Headroom {
-            consumers: info["state"]["consumer_count"]
-                .as_u64()
-                .unwrap_or(headroom.cap),
-            ..headroom
-        },
+        headroom,
     }
 }
 
@@ -346,7 +341,7 @@ impl SpacePlan {
     }
 
     fn sized(space: &Space, budget: ConsumerBudget) -> Self {
-        let config = SpaceConfig::sized(space, budget);
+        let config = budget.space_config(space);
         SpacePlan {
             streams: config.streams,
             // The reference's five, then Cotal's loss records (`cotal_core::delivery::losses`).

@@ -1059,6 +1059,31 @@ async fn cotal_up_max_agents_sizes_the_space_past_the_servers_default_cap() {
         assert!(out.status.success(), "{}", stdout(&out));
         stdout(&out)
     };
+    // An agent of a space nobody provisioned: told to run `cotal up`, nothing written.
+    let out = cli.run(
+        &[
+            &[
+                "provision",
+                "agent",
+                "--space",
+                "nospace",
+                "--id",
+                "x",
+                "--read",
+                "general",
+                "--apply",
+            ][..],
+            &admin[..],
+        ]
+        .concat(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("space 'nospace' is not provisioned (run `cotal up` first)"),
+        "{}",
+        stdout(&out)
+    );
+
     let text = up(&["--max-agents", "1010"]);
     for stream in ["CHAT_big", "DM_big", "TASK_big", "DLV_big"] {
         assert!(

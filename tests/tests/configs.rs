@@ -24,8 +24,9 @@
 #![allow(clippy::unwrap_used)]
 
 use cotal_core::time::{Duration, UnixMillis};
+use cotal_core::wire::capacity::ConsumerBudget;
 use cotal_core::wire::config::{
-    ApiRequest, ConsumerSpec, DeliverPolicy, KvBucketSpec, SpaceConfig, SpaceStream, StreamSpec,
+    ApiRequest, ConsumerSpec, DeliverPolicy, KvBucketSpec, SpaceStream, StreamSpec,
 };
 use cotal_core::wire::keys::KvBucket;
 use cotal_core::wire::{AgentId, Channel, ConcreteChannel, Role, Space};
@@ -70,7 +71,7 @@ const CONSUMER_DEFAULTS: &[(&str, &str)] = &[
 const CONSUMER_IGNORED: &[&str] = &["metadata"];
 
 fn all_stream_specs(space: &Space) -> Vec<StreamSpec> {
-    let cfg = SpaceConfig::new(space);
+    let cfg = ConsumerBudget::default().space_config(space);
     cfg.streams
         .iter()
         .cloned()
@@ -118,7 +119,9 @@ fn with_our_hardening(name: &str, mut config: serde_json::Value) -> serde_json::
 fn stream_create_requests_equal_the_recorded_ones() {
     let recorded = fixture_json("js-api-requests.json");
     let recorded = recorded.as_object().unwrap();
-    let ours = SpaceConfig::new(&wirefix()).create_requests();
+    let ours = ConsumerBudget::default()
+        .space_config(&wirefix())
+        .create_requests();
     assert_eq!(ours.len(), 10);
     let recorded_creates: Vec<&String> = recorded
         .keys()
@@ -476,7 +479,8 @@ fn snapshot_space_main() {
         ),
         ConsumerSpec::catchup(&space, &alice, 1, &backend, 41),
     ];
-    let requests: Vec<ApiRequest> = SpaceConfig::new(&space)
+    let requests: Vec<ApiRequest> = ConsumerBudget::default()
+        .space_config(&space)
         .create_requests()
         .into_iter()
         .chain(consumers.iter().map(ConsumerSpec::create_request))

@@ -20,8 +20,9 @@
 //! provisioner (an agent is admitted only while each of its streams has room) and the daemon's
 //! health.
 
-use crate::wire::config::SpaceStream;
+use crate::wire::config::{KvBucketSpec, SpaceConfig, SpaceStream, StreamSpec};
 use crate::wire::keys::KvBucket;
+use crate::wire::token::Space;
 use serde::Serialize;
 
 /// Agents a space is sized for when the operator does not say (`cotal up --max-agents`).
@@ -102,6 +103,33 @@ impl ConsumerBudget {
     /// `max_consumers` of the stream of bucket `bucket`, or `None` (the server's default).
     pub fn bucket_cap(&self, bucket: KvBucket) -> Option<i64> {
         self.cap(per_agent_bucket_consumers(bucket))
+    }
+
+    /// The streams and buckets of `space` as `cotal up` creates them: the reference's
+    /// ([`SpaceConfig::new`]) with each stream that carries per-agent consumers capped by this
+    /// budget.
+    pub fn space_config(&self, space: &Space) -> SpaceConfig {
+        let reference = SpaceConfig::new(space);
+        SpaceConfig {
+            streams: reference
+                .streams
+                .into_iter()
+                .zip(SpaceStream::ALL)
+                .map(|(spec, kind)| StreamSpec {
+                    max_consumers: self.stream_cap(kind),
+                    ..spec
+                })
+                .collect(),
+            kv_buckets: reference
+                .kv_buckets
+                .into_iter()
+                .zip(KvBucket::ALL)
+                .map(|(spec, kind)| KvBucketSpec {
+                    max_consumers: self.bucket_cap(kind),
+                    ..spec
+                })
+                .collect(),
+        }
     }
 
     fn cap(&self, per_agent: u32) -> Option<i64> {

@@ -29,7 +29,6 @@ use crate::constants::{
     DEFAULT_ACK_WAIT, DINBOX_MAX_ACK_PENDING, HISTORY_INACTIVE_THRESHOLD, LEASE_TTL,
     MAX_MSGS_PER_SUBJECT, PLANE3_DEDUP_WINDOW, PRESENCE_TTL,
 };
-use crate::wire::capacity::ConsumerBudget;
 use crate::wire::keys::{KvBucket, kv_stream_name};
 
 /// `consumer_limits.inactive_threshold` of the presence and channels KV streams: 5 min, the
@@ -319,7 +318,7 @@ pub struct StreamSpec {
     pub num_replicas: Option<u32>,
     /// `max_consumers` (server default −1, which nats-server 2.15 caps at its
     /// `default_max_consumers`, 1,000): set from the space's
-    /// [`ConsumerBudget`] on every stream that carries
+    /// [`ConsumerBudget`](crate::wire::capacity::ConsumerBudget) on every stream that carries
     /// per-agent consumers (issue 22).
     pub max_consumers: Option<i64>,
 }
@@ -449,7 +448,9 @@ pub struct KvBucketSpec {
     pub history: i64,
     /// Bucket-wide TTL (`max_age`), if any.
     pub ttl: Option<Duration>,
-    /// The backing stream's `max_consumers`, if set ([`SpaceConfig::sized`]); `None` leaves the
+    /// The backing stream's `max_consumers`, if set
+    /// ([`ConsumerBudget::space_config`](crate::wire::capacity::ConsumerBudget::space_config));
+    /// `None` leaves the
     /// server's default, as the reference does.
     pub max_consumers: Option<i64>,
 }
@@ -805,31 +806,18 @@ pub struct SpaceConfig {
 }
 
 impl SpaceConfig {
-    /// The streams and buckets of `space`, sized for [`DEFAULT_MAX_AGENTS`]
-    /// (`crate::wire::capacity`).
-    ///
-    /// [`DEFAULT_MAX_AGENTS`]: crate::wire::capacity::DEFAULT_MAX_AGENTS
+    /// The streams and buckets of `space` as the reference creates them (no consumer caps:
+    /// `cotal up` sizes them with
+    /// [`ConsumerBudget::space_config`](crate::wire::capacity::ConsumerBudget::space_config)).
     pub fn new(space: &Space) -> Self {
-        SpaceConfig::sized(space, ConsumerBudget::default())
-    }
-
-    /// The streams and buckets of `space`, each stream that carries per-agent consumers capped
-    /// by `budget` (`max_consumers`); everything else is the reference's.
-    pub fn sized(space: &Space, budget: ConsumerBudget) -> Self {
         SpaceConfig {
             streams: SpaceStream::ALL
                 .iter()
-                .map(|s| StreamSpec {
-                    max_consumers: budget.stream_cap(*s),
-                    ..StreamSpec::for_space(space, *s)
-                })
+                .map(|s| StreamSpec::for_space(space, *s))
                 .collect(),
             kv_buckets: KvBucket::ALL
                 .iter()
-                .map(|b| KvBucketSpec {
-                    max_consumers: budget.bucket_cap(*b),
-                    ..KvBucketSpec::for_space(space, *b)
-                })
+                .map(|b| KvBucketSpec::for_space(space, *b))
                 .collect(),
         }
     }

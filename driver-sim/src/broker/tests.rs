@@ -566,3 +566,52 @@ fn overlap_and_key_helpers() {
     assert!(!valid_kv_key(".a"));
     assert!(!valid_kv_key("a b"));
 }
+
+/// Issue 22: a stream's consumer cap, as nats-server 2.15 enforces it. With `max_consumers` set,
+/// a new consumer past it is refused (10026) while an existing one still updates; the count and
+/// the cap are what `STREAM.INFO` reports. Without one, the server's default of 1,000 applies.
+#[test]
+fn a_stream_refuses_a_new_consumer_past_its_cap() {
+    let mut b = Broker::default();
+    b.add_stream(StreamSpec {
+        max_consumers: Some(2),
+        ..stream("CAP", "cap.>")
+    })
+    .unwrap();
+    for name in ["a", "b"] {
+        b.add_consumer(consumer("CAP", name, "cap.>", DeliverPolicy::All))
+            .unwrap();
+    }
+    let refused = b
+        .add_consumer(consumer("CAP", "c", "cap.>", DeliverPolicy::All))
+        .unwrap_err();
+    assert_eq!(
+        refused,
+        Failure::Rejected {
+            code: Some(err_code::MAX_CONSUMERS_REACHED),
+            description: "maximum consumers limit reached".into(),
+        }
+    );
+    let mut update = consumer("CAP", "a", "cap.x", DeliverPolicy::All);
+    update.max_ack_pending = Some(5);
+    b.add_consumer(update).unwrap();
+    let state = b.stream_state("CAP").unwrap();
+    assert_eq!((state.consumers, state.max_consumers), (2, 2));
+
+    b.add_stream(stream("DEF", "def.>")).unwrap();
+    for i in 0..1_000 {
+        b.add_consumer(consumer(
+            "DEF",
+            &format!("c{i}"),
+            "def.>",
+            DeliverPolicy::All,
+        ))
+        .unwrap();
+    }
+    assert!(
+        b.add_consumer(consumer("DEF", "one-more", "def.>", DeliverPolicy::All))
+            .is_err()
+    );
+    let state = b.stream_state("DEF").unwrap();
+    assert_eq!((state.consumers, state.max_consumers), (1_000, -1));
+}

@@ -755,7 +755,17 @@ async fn apply_agent(
     // A full space refuses the agent before anything is written (issue 22).
     cotal_driver_tokio::provision::check_room(&conn.client, space, &specs, config.request_timeout)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| match e {
+            cotal_driver_tokio::provision::ProvisionError::Api(a)
+                if a.err_code() == Some(cotal_driver_tokio::api::STREAM_NOT_FOUND) =>
+            {
+                format!(
+                    "space '{}' is not provisioned (run `cotal up` first): {a}",
+                    space.as_str()
+                )
+            }
+            other => other.to_string(),
+        })?;
     let bucket = KvBucket::Acl.name(space);
     let kv = js
         .get_key_value(&bucket)
