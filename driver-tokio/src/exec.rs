@@ -43,6 +43,14 @@
 //! 6. **Order and concurrency.** Subscribes, unsubscribes and core publishes are handed to the
 //!    client inline, in command order. JetStream publishes go through one ordered publish lane
 //!    and their acks are awaited concurrently (pipelined). Everything else runs as its own task.
+//! 7. **The publish window.** At most [`ExecutorConfig::publish_window`] PubAcks are awaited at
+//!    once; further publishes wait in the lane (in order) until one settles, so the wait for a
+//!    PubAck measures the broker, not our own backlog, and [`ExecutorConfig::publish_ack_timeout`]
+//!    (after which the outcome is `Unknown`) can be honest. With async-nats' defaults (5,000 in
+//!    flight, a 5 s timeout) a daemon writing 2,000 copies/s to a busy broker saw up to 12 % of
+//!    its DLV writes end `Unknown` and fanned those messages out again. At a connection loss the
+//!    lane drops its window (every op in it is already answered `Unknown`) and starts a fresh one,
+//!    so PubAcks the broker will never send do not hold the window after the reconnect.
 //!
 //! Durable consumers ([`Command::Consume`]) pull in batches sized by the free part of
 //! `max_in_flight`: a batch never asks for more messages than the machine may still hold
@@ -99,6 +107,12 @@ pub struct ExecutorConfig {
     pub api_timeout: Duration,
     /// `expires` of each pull request of a durable consumer.
     pub pull_expires: Duration,
+    /// How long a JetStream publish waits for its PubAck before its outcome is `Unknown`. Keep it
+    /// below the `ack_wait` of any consumer whose delivery a publish settles (fan-out's 60 s),
+    /// so an unknown write is naked, not redelivered behind our back.
+    pub publish_ack_timeout: Duration,
+    /// How many JetStream publishes may await their PubAck at once (see module docs, 7).
+    pub publish_window: usize,
 }
 
 impl Default for ExecutorConfig {
@@ -110,6 +124,8 @@ impl Default for ExecutorConfig {
             refusal_sentinel: None,
             api_timeout: Duration::from_secs(5),
             pull_expires: Duration::from_secs(30),
+            publish_ack_timeout: Duration::from_secs(20),
+            publish_window: 1024,
         }
     }
 }
@@ -122,6 +138,7 @@ struct Stats {
     slow_consumer_events: AtomicU64,
     disconnects: AtomicU64,
     unknown_on_loss: AtomicU64,
+    publish_ack_timeouts: AtomicU64,
     rejected_while_disconnected: AtomicU64,
     stale_feed_items: AtomicU64,
     consumers_ended: AtomicU64,
@@ -141,6 +158,9 @@ pub struct ExecutorStats {
     pub disconnects: u64,
     /// Operations answered `Unknown` because the connection was lost while they were in flight.
     pub unknown_on_loss: u64,
+    /// JetStream publishes whose PubAck did not arrive within `publish_ack_timeout` (or whose
+    /// answer was lost) while the connection stayed up: each is an `Unknown` write.
+    pub publish_ack_timeouts: u64,
     /// Commands refused (or best-effort ones dropped) because the connection was down.
     pub rejected_while_disconnected: u64,
     /// Feed items dropped because their feed had been closed or replaced.
@@ -160,6 +180,7 @@ impl Stats {
             slow_consumer_events: g(&self.slow_consumer_events),
             disconnects: g(&self.disconnects),
             unknown_on_loss: g(&self.unknown_on_loss),
+            publish_ack_timeouts: g(&self.publish_ack_timeouts),
             rejected_while_disconnected: g(&self.rejected_while_disconnected),
             stale_feed_items: g(&self.stale_feed_items),
             consumers_ended: g(&self.consumers_ended),
@@ -198,7 +219,12 @@ impl Executor {
         let (internal_tx, internal_rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
         let js = jetstream::new(conn.client.clone());
-        let lane = spawn_publish_lane(js.clone(), internal_tx.clone());
+        let lane = PublishLane::spawn(
+            conn.client.clone(),
+            &config,
+            stats.clone(),
+            internal_tx.clone(),
+        );
         let actor = Actor {
             client: conn.client.clone(),
             js,
@@ -330,7 +356,7 @@ struct Actor {
     stats: Arc<Stats>,
     out: mpsc::UnboundedSender<Input>,
     internal_tx: mpsc::UnboundedSender<Internal>,
-    lane: mpsc::UnboundedSender<LaneJob>,
+    lane: PublishLane,
     connected: bool,
     inflight: HashMap<OpId, InFlight>,
     feeds: HashMap<SubId, Feed>,
@@ -559,6 +585,7 @@ impl Actor {
                     tracing::warn!("NATS connection lost");
                     self.emit(Input::Connection(Connection::Lost));
                     self.lose_everything();
+                    self.lane.reset();
                 }
             }
             Event::ServerError(ServerError::Other(text)) => match parse_violation(&text) {
@@ -941,6 +968,7 @@ impl Actor {
                 );
                 if self
                     .lane
+                    .jobs
                     .send(LaneJob {
                         op,
                         subject,
@@ -1245,62 +1273,132 @@ impl FeedSink {
 /// The JetStream publish lane: one task that sends every `JsPublish` in command order and
 /// awaits their PubAcks together (a `FuturesUnordered` in the same task, not a task per PubAck),
 /// reporting each completion as it arrives. Publishes stay pipelined: a send does not wait for
-/// an earlier PubAck. PubAcks are still collected while a send waits (the context's
-/// `max_ack_inflight` permits are freed only as their PubAcks are taken).
-fn spawn_publish_lane(
-    js: jetstream::Context,
-    internal: mpsc::UnboundedSender<Internal>,
-) -> mpsc::UnboundedSender<LaneJob> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<LaneJob>();
-    tokio::spawn(async move {
-        let report = |op: OpId, result: Result<jetstream::publish::PublishAck, _>| {
-            let outcome = match result {
-                Ok(ack) => Outcome::Success(Reply::PubAck(PubAck {
-                    stream: ack.stream,
-                    seq: ack.sequence,
-                    duplicate: ack.duplicate,
-                })),
-                Err(e) => publish_failure(&e),
-            };
-            let _ = internal.send(Internal::Done { op, outcome });
+/// an earlier PubAck, only for room in the window (`publish_window` PubAcks awaited at once; the
+/// permits are freed only as PubAcks are taken, so they are still collected while a send waits).
+struct PublishLane {
+    jobs: mpsc::UnboundedSender<LaneJob>,
+    /// Bumped at every connection loss: the lane drops its window and starts a fresh one.
+    epoch: tokio::sync::watch::Sender<u64>,
+}
+
+impl PublishLane {
+    fn spawn(
+        client: Client,
+        config: &ExecutorConfig,
+        stats: Arc<Stats>,
+        internal: mpsc::UnboundedSender<Internal>,
+    ) -> PublishLane {
+        let (jobs, rx) = mpsc::unbounded_channel::<LaneJob>();
+        let (epoch, epoch_rx) = tokio::sync::watch::channel(0);
+        let window = LaneWindow {
+            client,
+            ack_timeout: config.publish_ack_timeout,
+            size: config.publish_window.max(1),
         };
-        let mut acks = futures::stream::FuturesUnordered::new();
-        let mut open = true;
-        while open || !acks.is_empty() {
-            tokio::select! {
-                job = rx.recv(), if open => {
-                    let Some(job) = job else {
-                        open = false;
-                        continue;
-                    };
+        tokio::spawn(run_publish_lane(window, rx, epoch_rx, stats, internal));
+        PublishLane { jobs, epoch }
+    }
+
+    /// Drops the window: every op in it has been answered `Unknown` already.
+    fn reset(&self) {
+        self.epoch.send_modify(|e| *e += 1);
+    }
+}
+
+/// What a fresh publish window is made of.
+struct LaneWindow {
+    client: Client,
+    ack_timeout: Duration,
+    size: usize,
+}
+
+impl LaneWindow {
+    fn open(&self) -> jetstream::Context {
+        jetstream::ContextBuilder::new()
+            .timeout(self.ack_timeout)
+            .max_ack_inflight(self.size)
+            .build(self.client.clone())
+    }
+}
+
+async fn run_publish_lane(
+    window: LaneWindow,
+    mut rx: mpsc::UnboundedReceiver<LaneJob>,
+    mut epoch: tokio::sync::watch::Receiver<u64>,
+    stats: Arc<Stats>,
+    internal: mpsc::UnboundedSender<Internal>,
+) {
+    let report = |op: OpId, result: Result<jetstream::publish::PublishAck, _>| {
+        let outcome = match result {
+            Ok(ack) => Outcome::Success(Reply::PubAck(PubAck {
+                stream: ack.stream,
+                seq: ack.sequence,
+                duplicate: ack.duplicate,
+            })),
+            Err(e) => {
+                let outcome = publish_failure(&e);
+                if matches!(outcome, Outcome::Unknown) {
+                    bump(&stats.publish_ack_timeouts);
+                }
+                outcome
+            }
+        };
+        let _ = internal.send(Internal::Done { op, outcome });
+    };
+    let mut js = window.open();
+    let mut acks = futures::stream::FuturesUnordered::new();
+    let mut open = true;
+    let mut epoch_open = true;
+    while open || !acks.is_empty() {
+        tokio::select! {
+            changed = epoch.changed(), if epoch_open => {
+                epoch_open = changed.is_ok();
+                js = window.open();
+                acks = futures::stream::FuturesUnordered::new();
+            }
+            job = rx.recv(), if open => {
+                let Some(job) = job else {
+                    open = false;
+                    continue;
+                };
+                let sent = {
                     let send = js.send_publish(job.subject, job.publish);
                     tokio::pin!(send);
-                    let sent = loop {
+                    loop {
                         tokio::select! {
-                            sent = &mut send => break sent,
+                            sent = &mut send => break Some(sent),
                             Some((op, result)) = acks.next(), if !acks.is_empty() => {
                                 report(op, result);
                             }
-                        }
-                    };
-                    match sent {
-                        Ok(ack) => {
-                            let op = job.op;
-                            acks.push(async move { (op, ack.await) });
-                        }
-                        Err(e) => {
-                            let _ = internal.send(Internal::Done {
-                                op: job.op,
-                                outcome: publish_failure(&e),
-                            });
+                            changed = epoch.changed(), if epoch_open => {
+                                epoch_open = changed.is_ok();
+                                break None;
+                            }
                         }
                     }
+                };
+                match sent {
+                    // The connection was lost while this publish waited for room: its op is
+                    // answered `Unknown` already, and the window is renewed.
+                    None => {
+                        js = window.open();
+                        acks = futures::stream::FuturesUnordered::new();
+                    }
+                    Some(Ok(ack)) => {
+                        let op = job.op;
+                        acks.push(async move { (op, ack.await) });
+                    }
+                    Some(Err(e)) => {
+                        let _ = internal.send(Internal::Done {
+                            op: job.op,
+                            outcome: publish_failure(&e),
+                        });
+                    }
                 }
-                Some((op, result)) = acks.next(), if !acks.is_empty() => report(op, result),
             }
+            Some((op, result)) = acks.next(), if !acks.is_empty() => report(op, result),
         }
-    });
-    tx
+    }
 }
 
 /// Maps a JetStream publish error.

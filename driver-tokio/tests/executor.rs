@@ -1075,3 +1075,93 @@ async fn deliveries_held_at_a_connection_loss_are_handed_back_at_the_reconnect()
     assert_eq!((seq, count), (1, 2), "redelivered after the hand-back");
     assert_eq!(d.exec.stats().handed_back, 1);
 }
+
+/// A JetStream publish to a subject a silent core subscriber holds: the broker routes it there,
+/// nobody answers, so its PubAck never arrives.
+const SILENT: &str = "hold.silent";
+
+#[tokio::test]
+async fn a_pub_ack_that_never_arrives_is_unknown_after_the_publish_ack_timeout() {
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let silent = connect(&server.config()).await.expect("connect");
+    let _held = silent.client.subscribe(SILENT).await.expect("sub");
+    silent.client.flush().await.expect("flush");
+    let exec_config = ExecutorConfig {
+        publish_ack_timeout: Duration::from_millis(300),
+        ..ExecutorConfig::default()
+    };
+    let mut d = Driver::start_with(server.config(), exec_config).await;
+    let started = tokio::time::Instant::now();
+    let outcome = d.run(|op| js_publish(op, SILENT, None, "x")).await;
+    assert_eq!(outcome, Outcome::Unknown);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+        "the publish waited {waited:?} for a 300 ms PubAck timeout"
+    );
+    assert_eq!(d.exec.stats().publish_ack_timeouts, 1);
+    assert_eq!(d.exec.stats().unknown_on_loss, 0);
+}
+
+/// The window holds at most `publish_window` PubAcks; the next publish waits for room. At a
+/// connection loss the window's PubAcks can never arrive: the lane starts a fresh window, so the
+/// first publish after the reconnect does not wait out their timeout.
+#[tokio::test]
+async fn the_publish_window_holds_its_size_and_is_renewed_at_a_connection_loss() {
+    let Some(mut server) = NatsServer::start() else {
+        return;
+    };
+    provision(&server).await;
+    let silent = connect(&server.config()).await.expect("connect");
+    let _held = silent.client.subscribe(SILENT).await.expect("sub");
+    silent.client.flush().await.expect("flush");
+    let exec_config = ExecutorConfig {
+        publish_window: 2,
+        publish_ack_timeout: Duration::from_secs(60),
+        ..ExecutorConfig::default()
+    };
+    let mut d = Driver::start_with(server.config(), exec_config).await;
+    let subj = "cotal.main.chat.alice.general";
+    let held: Vec<_> = (0..2)
+        .map(|i| {
+            let op = d.op();
+            d.send(js_publish(op, SILENT, None, &format!("held {i}")));
+            op
+        })
+        .collect();
+    let waiting = d.op();
+    d.send(js_publish(waiting, subj, Some("w-1"), "waits for room"));
+    // The window is full of PubAcks that never come: the third publish is not even sent.
+    assert_eq!(d.recv(Duration::from_millis(500)).await, None);
+    server.kill();
+    let mut unknown = Vec::new();
+    let mut lost = false;
+    while unknown.len() < 3 {
+        match d.next().await {
+            Input::Connection(Connection::Lost) => lost = true,
+            Input::Completed(c) => {
+                assert_eq!(c.outcome, Outcome::Unknown, "{c:?}");
+                unknown.push(c.op);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(lost);
+    unknown.sort();
+    let mut expected = held.clone();
+    expected.push(waiting);
+    assert_eq!(unknown, expected);
+    server.restart();
+    assert_eq!(d.next().await, Input::Connection(Connection::Restored));
+    let after = tokio::time::Instant::now();
+    let ack = pub_ack(d.run(|op| js_publish(op, subj, Some("w-2"), "after")).await);
+    assert_eq!(ack.stream, "CHAT_main");
+    assert!(
+        after.elapsed() < Duration::from_secs(10),
+        "the first publish after the reconnect waited {:?}: the old window still held it",
+        after.elapsed()
+    );
+    assert_eq!(d.exec.stats().publish_ack_timeouts, 0);
+}
