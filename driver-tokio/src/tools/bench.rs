@@ -63,7 +63,7 @@ mod member;
 
 pub(crate) use member::{
     CHANNEL, LIVE_CHANNEL, Member, MemberLog, SETUP_WAIT, connect_as, cpu_seconds, finish_members,
-    join_live_in_proc, member_config, progress, progress_done, start_member,
+    join_live_in_proc, member_config, progress, progress_done, start_member, thread_cpu_seconds,
 };
 
 pub use agents::{BenchAgentsArgs, bench_agents};
@@ -451,15 +451,20 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     //    kind for the report (where copies went when they did not arrive).
     let daemon_tally: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let evicted_ranges: Arc<Mutex<Vec<(u64, u64)>>> = Arc::default();
-    let daemons = start_daemons(
-        &cfg,
-        &space,
-        args.shards,
-        args.two_hop,
-        &daemon_tally,
-        &evicted_ranges,
-    )
-    .await?;
+    // They run on a runtime of their own (threads named `DAEMON_THREADS`), so their CPU is
+    // measured apart from the senders' and the bench's.
+    let daemon_rt = DaemonRuntime::start()?;
+    let daemons = daemon_rt
+        .spawn(start_daemons(
+            cfg.clone(),
+            space.clone(),
+            args.shards,
+            args.two_hop,
+            Arc::clone(&daemon_tally),
+            Arc::clone(&evicted_ranges),
+        ))
+        .await
+        .map_err(|e| format!("daemon start task: {e}"))??;
 
     // 4. The members, each on its own connection, and their tasks: in this process, or in
     //    `--agent-procs` child processes that report their surfacings back.
@@ -614,6 +619,7 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         cpu_seconds(server_pid),
         cpu_seconds(None),
         agents.cpu_seconds(),
+        thread_cpu_seconds(DAEMON_THREADS),
     );
     let start = Instant::now();
     for i in 0..args.messages {
@@ -680,7 +686,9 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
                 start.elapsed().as_secs_f64()
             ));
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        // Each poll is a status request the daemons answer on their own threads: often enough
+        // to time the end within 5 ms, seldom enough to cost them little.
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     // Where each shard's fan-out consumer stands (for a stall: pending, unacked, redelivered).
     let mut fanout_infos = Vec::with_capacity(daemons.len());
@@ -712,8 +720,8 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     let server_cpu_us_per_copy = per_copy_us(cpu_at_start.0, cpu_seconds(server_pid));
     let process_cpu_us_per_copy = per_copy_us(cpu_at_start.1, cpu_seconds(None));
     let agents_cpu_us_per_copy = per_copy_us(cpu_at_start.2, agents.cpu_seconds());
-    // The bench process without the members only when they run elsewhere.
-    let daemon_cpu_us_per_copy = process_cpu_us_per_copy.filter(|_| agent_procs > 0);
+    // The daemons' own threads: not the senders, the bench's bookkeeping or in-process members.
+    let daemon_cpu_us_per_copy = per_copy_us(cpu_at_start.3, thread_cpu_seconds(DAEMON_THREADS));
     // Resident memory at the end of the durable phase: the server (when this run started it)
     // and this process (the daemons and senders, plus the members without `--agent-procs`);
     // the consumers on DLV and the connections the run holds.
@@ -864,9 +872,10 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
     }
     let us = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |x| format!("{x:.0}"));
     println!(
-        "  CPU µs/copy server / bench process / agent processes  {} / {} / {}",
+        "  CPU µs/copy server / bench process (its daemon threads) / agent processes  {} / {} ({}) / {}",
         us(server_cpu_us_per_copy),
         us(process_cpu_us_per_copy),
+        us(daemon_cpu_us_per_copy),
         us(agents_cpu_us_per_copy)
     );
     let kib = |m: Option<(u64, u64)>| {
@@ -1228,6 +1237,44 @@ async fn live_channel_for(
 // Daemons (one per shard)
 // ---------------------------------------------------------------------------------------------
 
+/// The name of the daemons' runtime threads.
+const DAEMON_THREADS: &str = "cotal-daemon";
+
+/// The runtime the daemons run on: two worker threads named [`DAEMON_THREADS`]. Shut down in the
+/// background when dropped (a runtime may not be dropped inside another one).
+struct DaemonRuntime(Option<tokio::runtime::Runtime>);
+
+impl DaemonRuntime {
+    fn start() -> Result<Self, String> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name(DAEMON_THREADS)
+            .enable_all()
+            .build()
+            .map(|rt| DaemonRuntime(Some(rt)))
+            .map_err(|e| format!("daemon runtime: {e}"))
+    }
+
+    fn spawn<F>(&self, work: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match &self.0 {
+            Some(rt) => rt.spawn(work),
+            None => tokio::spawn(work),
+        }
+    }
+}
+
+impl Drop for DaemonRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// One in-process delivery daemon of the run.
 struct BenchDaemon {
     /// The shard it holds the lease of.
@@ -1240,12 +1287,12 @@ struct BenchDaemon {
 /// --shard i --shards N` would), drains their events into `tally` and `evicted`, and waits
 /// (at most [`SETUP_WAIT`]) until every one serves.
 async fn start_daemons(
-    cfg: &ConnectConfig,
-    space: &Space,
+    cfg: ConnectConfig,
+    space: Space,
     shards: u32,
     two_hop: bool,
-    tally: &Arc<Mutex<BTreeMap<String, u64>>>,
-    evicted: &Arc<Mutex<Vec<(u64, u64)>>>,
+    tally: Arc<Mutex<BTreeMap<String, u64>>>,
+    evicted: Arc<Mutex<Vec<(u64, u64)>>>,
 ) -> Result<Vec<BenchDaemon>, String> {
     let map = ShardMap::new(shards).map_err(|e| format!("shards: {e}"))?;
     let mut daemons = Vec::with_capacity(shards as usize);
@@ -1271,7 +1318,7 @@ async fn start_daemons(
             exec,
             inputs,
         );
-        let (tally, evicted) = (Arc::clone(tally), Arc::clone(evicted));
+        let (tally, evicted) = (Arc::clone(&tally), Arc::clone(&evicted));
         tokio::spawn(async move {
             while let Some(e) = events.recv().await {
                 if let DeliveryEvent::EvictedBeforeFanout { first, last, .. } = e

@@ -43,6 +43,35 @@ pub(crate) fn cpu_seconds(pid: Option<u32>) -> Option<f64> {
     Some((utime + stime) / clock_ticks_per_s())
 }
 
+/// CPU seconds (user + system) used so far by this process's threads named `name` (Linux:
+/// `/proc/self/task/<tid>/comm` and `…/stat`); `None` when no such thread exists or `/proc` is
+/// unreadable. The bench runs its daemons on a runtime of their own, whose worker threads carry
+/// one name, so their CPU is measured apart from the senders' and the bench's own.
+pub(crate) fn thread_cpu_seconds(name: &str) -> Option<f64> {
+    let mut total = 0.0;
+    let mut found = false;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let dir = task.path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let Ok(text) = std::fs::read_to_string(dir.join("stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = text.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+        if let (Some(u), Some(s)) = (ticks(11), ticks(12)) {
+            total += u + s;
+            found = true;
+        }
+    }
+    found.then(|| total / clock_ticks_per_s())
+}
+
 /// The kernel's clock ticks per second (`sysconf(_SC_CLK_TCK)`), which `/proc/<pid>/stat`
 /// counts CPU time in: read from this process's auxiliary vector (`AT_CLKTCK` in
 /// `/proc/self/auxv`, which is where libc's `sysconf` gets it), else 100, the value of every
