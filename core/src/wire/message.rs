@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
 
+mod one_pass;
+
 /// JSON object with the fields a record did not recognise, kept verbatim.
 pub type Extra = Map<String, Value>;
 
@@ -368,6 +370,17 @@ impl CotalMessage {
     ///
     /// Any [`DecodeError`] of [`json::decode`], or [`DecodeError::Message`].
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        // The one-pass decode takes every well-formed message; the tree decode below decides
+        // the rest and names their errors (the two agree wherever both succeed: `one_pass`).
+        if let Some(message) = one_pass::decode(bytes) {
+            return Ok(message);
+        }
+        Self::decode_tree(bytes)
+    }
+
+    /// The tree decode: the whole payload into a JSON [`Value`], then
+    /// [`CotalMessage::from_object`]. The reference for [`CotalMessage::decode`]'s answers.
+    fn decode_tree(bytes: &[u8]) -> Result<Self, DecodeError> {
         let value: Value = json::decode(bytes)?;
         match value {
             Value::Object(map) => CotalMessage::from_object(map).map_err(DecodeError::Message),
