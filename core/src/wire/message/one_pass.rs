@@ -201,9 +201,9 @@ mod tests {
             (dm.reply_to.as_deref(), dm.context_id.as_deref()),
             (Some("m1"), Some("c"))
         );
-        let task = taken(&format!(
-            r#"{{"id":"m3","ts":2,"space":"main","from":{{"id":"alice","name":"A","role":"r","x":[1]}},"toService":"reviewer","mentions":["bob"],"parts":[{{"kind":"data","data":{{"k":1}}}},{{"kind":"org.x","y":2}}],"future":{{"a":[1,2,{{"b":null}}]}}}}"#
-        ));
+        let task = taken(
+            r#"{"id":"m3","ts":2,"space":"main","from":{"id":"alice","name":"A","role":"r","x":[1]},"toService":"reviewer","mentions":["bob"],"parts":[{"kind":"data","data":{"k":1}},{"kind":"org.x","y":2}],"future":{"a":[1,2,{"b":null}]}}"#,
+        );
         assert_eq!(task.mentions, vec!["bob".to_owned()]);
         assert_eq!(task.from.role.as_deref(), Some("r"));
         assert_eq!(task.extra["future"]["a"][2]["b"], Value::Null);
