@@ -169,9 +169,10 @@ fn action_agent(action: &Action) -> Option<usize> {
         | Action::Restart { agent }
         | Action::Lose { agent }
         | Action::Away { agent, .. } => Some(agent),
-        Action::RestartDaemon { .. } | Action::LoseDaemon { .. } | Action::FreezeHolder { .. } => {
-            None
-        }
+        Action::RestartDaemon { .. }
+        | Action::LoseDaemon { .. }
+        | Action::FreezeHolder { .. }
+        | Action::CutHolder { .. } => None,
     }
 }
 

@@ -545,6 +545,17 @@ impl Host {
     /// way up reach the server or not as the seed says, then the connection is gone and a
     /// reconnect is scheduled after [`crate::sched::FaultConfig::restore_after`].
     pub fn lose(&mut self, client: ClientId) {
+        self.cut(client, None);
+    }
+
+    /// The same with the reconnect `down` after the loss: an outage of a chosen length.
+    pub fn lose_for(&mut self, client: ClientId, down: cotal_core::time::Duration) {
+        self.cut(client, Some(down));
+    }
+
+    /// A connection loss; the reconnect `down` later, or after a delay drawn from
+    /// `restore_after` (drawn after the in-flight commands' fates, as always: seeds replay).
+    fn cut(&mut self, client: ClientId, down: Option<cotal_core::time::Duration>) {
         if !self.net.is_connected(client) {
             return;
         }
@@ -576,8 +587,11 @@ impl Host {
         self.net.lose_connection(client);
         self.queue.reset_lane(Lane::Down(client.0));
         self.flush_outgoing();
-        let (lo, hi) = self.config.faults.restore_after;
-        let at = now.at + self.chooser.faults.between(lo, hi);
+        let down = down.unwrap_or_else(|| {
+            let (lo, hi) = self.config.faults.restore_after;
+            self.chooser.faults.between(lo, hi)
+        });
+        let at = now.at + down;
         self.queue
             .push(Lane::Control, at, SimEvent::Restore(client));
     }

@@ -545,14 +545,13 @@ impl Mesh {
             }
             Action::RestartDaemon { daemon } => self.restart_daemon(daemon),
             Action::FreezeHolder { ms } => {
-                let holder = self.daemons.iter().find(|d| {
-                    matches!(
-                        d.proc.borrow().daemon().lease_state(),
-                        LeaseState::Held | LeaseState::Ready
-                    )
-                });
-                if let Some(client) = holder.map(|d| d.client) {
+                if let Some(client) = self.lease_holder() {
                     self.host.freeze(client, Duration::from_millis(ms));
+                }
+            }
+            Action::CutHolder { ms } => {
+                if let Some(client) = self.lease_holder() {
+                    self.host.lose_for(client, Duration::from_millis(ms));
                 }
             }
             Action::LoseDaemon { daemon } => {
@@ -562,6 +561,19 @@ impl Mesh {
                 }
             }
         }
+    }
+
+    /// The client of the daemon that holds the lease now, if any.
+    fn lease_holder(&self) -> Option<ClientId> {
+        self.daemons
+            .iter()
+            .find(|d| {
+                matches!(
+                    d.proc.borrow().daemon().lease_state(),
+                    LeaseState::Held | LeaseState::Ready
+                )
+            })
+            .map(|d| d.client)
     }
 
     fn restart_daemon(&mut self, daemon: usize) {

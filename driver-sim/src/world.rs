@@ -238,6 +238,13 @@ pub enum Action {
         /// Daemon index.
         daemon: usize,
     },
+    /// The daemon that holds the lease now (if any) is cut off the broker for `ms` milliseconds
+    /// (an outage; its process lives on and reconnects after it). Longer than the lease window,
+    /// it loses the lease and must ride that out in process (issue 19). Scripted scenarios only.
+    CutHolder {
+        /// How long, in milliseconds.
+        ms: u64,
+    },
     /// The daemon that holds the lease now (if any) stalls for `ms` milliseconds
     /// ([`Host::freeze`](crate::host::Host::freeze)): its in-flight commands complete while it
     /// sleeps, and it resumes with whatever it had in hands. Scripted scenarios only.
@@ -267,6 +274,7 @@ impl fmt::Display for Action {
             Action::RestartDaemon { daemon } => write!(f, "restart-daemon d{daemon}"),
             Action::LoseDaemon { daemon } => write!(f, "lose-daemon d{daemon}"),
             Action::FreezeHolder { ms } => write!(f, "freeze-holder {ms}ms"),
+            Action::CutHolder { ms } => write!(f, "cut-holder {ms}ms"),
         }
     }
 }

@@ -556,3 +556,80 @@ fn g42_leave_after_restart_while_the_daemon_is_down_closes_the_old_membership() 
         "nothing past the leave reaches bob"
     );
 }
+
+/// Issue 19: the daemon holding the lease is cut off the broker for 45 s, longer than the lease
+/// window (30 s TTL). Its process lives on: it stops writing when its lease deadline passes,
+/// and after the reconnect it starts over in process with a fresh lease and delivers what was
+/// posted meanwhile. The oracle's I30 (every registry write made by the lease holder of that
+/// moment) and S7-complete (every copy owed, after healing) are checked throughout.
+#[test]
+fn an_outage_longer_than_the_lease_is_ridden_out_in_process() {
+    use cotal_core::delivery::daemon::DeliveryEvent;
+    let r = run(
+        19,
+        1,
+        [&[], &[OPS], &[]],
+        None,
+        &[
+            (1_000, Action::CutHolder { ms: 45_000 }),
+            (1_500, Action::Lose { agent: BOB }),
+            (2_000, post(ALICE, OPS)),
+            (50_000, post(CAROL, OPS)),
+        ],
+    );
+    let daemon = r.mesh.daemons()[0].proc.borrow();
+    let counters = daemon.daemon().counters();
+    assert_eq!(counters.lease_lost, 1, "the outage outlived the lease");
+    assert!(counters.lease_reacquisitions >= 1);
+    assert_eq!(r.mesh.daemons()[0].life, 0, "the same process throughout");
+    assert!(daemon.daemon().serving(), "serving again after the outage");
+    drop(daemon);
+    let reincarnated = r
+        .mesh
+        .journal()
+        .daemon_events
+        .iter()
+        .any(|e| matches!(e.event, DeliveryEvent::Reincarnated { .. }));
+    assert!(reincarnated);
+    assert!(
+        r.received(BOB, 1).is_some(),
+        "posted while the daemon was cut off"
+    );
+    assert!(r.received(BOB, 2).is_some(), "posted after it came back");
+}
+
+/// Issue 19 with a standby: two daemons; the holder is cut off for 45 s. The standby takes the
+/// lease once the holder's last write expires; the deposed daemon reconnects, starts over and
+/// contends, and never writes while the standby holds the lease (I30, checked after every step).
+#[test]
+fn a_deposed_daemon_contends_after_its_outage_and_never_writes_beside_the_new_holder() {
+    let r = run(
+        23,
+        2,
+        [&[], &[OPS], &[]],
+        None,
+        &[
+            (1_000, Action::CutHolder { ms: 45_000 }),
+            (1_500, Action::Lose { agent: BOB }),
+            (2_000, post(ALICE, OPS)),
+            (60_000, post(CAROL, OPS)),
+            (61_000, join(ALICE, SECRET)),
+        ],
+    );
+    let lost: u64 = r
+        .mesh
+        .daemons()
+        .iter()
+        .map(|d| d.proc.borrow().daemon().counters().lease_lost)
+        .sum();
+    assert_eq!(lost, 1, "only the cut-off holder lost the lease");
+    let serving = r
+        .mesh
+        .daemons()
+        .iter()
+        .filter(|d| d.proc.borrow().daemon().serving())
+        .count();
+    assert_eq!(serving, 1, "one daemon serves; the other contends");
+    assert!(r.received(BOB, 1).is_some());
+    assert!(r.received(BOB, 2).is_some());
+}

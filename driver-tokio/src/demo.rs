@@ -904,6 +904,7 @@ impl Script {
             | Action::RestartDaemon { .. }
             | Action::LoseDaemon { .. }
             | Action::FreezeHolder { .. }
+            | Action::CutHolder { .. }
             | Action::Away { .. } => {
                 self.notes
                     .push(format!("{action}: not part of the demo; skipped"));

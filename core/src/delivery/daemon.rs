@@ -170,6 +170,12 @@ pub struct Delivery {
     pending: BTreeMap<OpId, Pending>,
     connected: bool,
     stopped: bool,
+    /// [`Delivery::shutdown`] was called: the daemon ends, whatever happens to its lease.
+    shut_down: bool,
+    /// A new incarnation is due at the next reconnect (its timer fired while disconnected).
+    reacquire_due: bool,
+    /// How many times this daemon started over with a fresh lease (0: the first incarnation).
+    incarnation: u64,
     /// The watches, the control subscription and the consumers ([`feeds`]).
     feeds: Feeds,
     /// The in-memory views the watches feed ([`views`]).
@@ -217,6 +223,9 @@ impl Delivery {
             pending: BTreeMap::new(),
             connected: false,
             stopped: false,
+            shut_down: false,
+            reacquire_due: false,
+            incarnation: 0,
             feeds: Feeds::new(),
             views: Views::new(),
             fanout,
@@ -270,6 +279,17 @@ impl Delivery {
         self.fanout.high()
     }
 
+    /// How many times this daemon started over with a fresh lease after losing one (0: never).
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// Stopped at a lost lease, with a new incarnation to come (its health reads
+    /// `lease-not-held`, not `stopped`).
+    fn starting_over(&self) -> bool {
+        self.reacquire_due || self.cx.timers.get(&Timer::Reacquire).is_some()
+    }
+
     /// True once every feed is open and control requests are served.
     pub fn serving(&self) -> bool {
         !self.stopped && self.connected && self.feeds.all_open()
@@ -279,6 +299,8 @@ impl Delivery {
     /// is never deleted, D6).
     pub fn shutdown(&mut self, now: Now) {
         self.observe(now);
+        self.shut_down = true;
+        self.cx.timers.cancel(&Timer::Reacquire);
         self.close_feeds();
         self.jobs
             .abandon_jobs(&mut self.cx, AbandonReason::LeaseNotHeld);
@@ -417,7 +439,7 @@ impl Delivery {
 
     fn compute_health(&self) -> DeliveryHealth {
         let mut reasons = BTreeSet::new();
-        if self.stopped {
+        if self.stopped && !self.starting_over() {
             reasons.insert(DegradedReason::Stopped);
             return DeliveryHealth::Degraded(reasons);
         }
@@ -472,6 +494,9 @@ impl Delivery {
             Connection::Restored => {
                 self.connected = true;
                 if self.stopped {
+                    if self.reacquire_due {
+                        self.reincarnate(now);
+                    }
                     return;
                 }
                 match self.lease.state() {
@@ -834,6 +859,7 @@ impl Delivery {
             }
             Timer::OrphanScan => self.scan_orphans(now),
             Timer::HeadroomCheck => self.check_headroom(now),
+            Timer::Reacquire => self.on_reacquire_timer(now),
             Timer::Reopen(feed) => {
                 if self.lease_held() {
                     if feed == Feed::Fanout || feed == Feed::Reader {

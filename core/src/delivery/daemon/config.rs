@@ -54,6 +54,11 @@ pub const DEFAULT_READER_WINDOW: u32 = 256;
 /// the consumer's whole `ack_wait`); short next to that `ack_wait` (60 s).
 pub const HAND_BACK_DELAY: crate::time::Duration = crate::time::Duration::from_millis(1000);
 
+/// How long a daemon whose lease was lost (or could not be acquired) waits before it tries again
+/// with a fresh lease ([`DeliveryConfig::reacquire_lease`]). The acquisition itself retries with
+/// the shared backoff for one lease TTL; this only spaces the rounds.
+pub const REACQUIRE_DELAY: crate::time::Duration = crate::time::Duration::from_millis(1000);
+
 /// Default bound on control requests held at once (running and queued, R18). A request over it is
 /// refused with an error reply.
 pub const DEFAULT_MAX_REQUESTS: usize = 1024;
@@ -118,6 +123,15 @@ pub struct DeliveryConfig {
     /// directory). Always `false` outside tests.
     #[doc(hidden)]
     pub reference_gap_g17: bool,
+    /// Ride out a lost lease in process (issue 19). When the lease is lost (an outage longer
+    /// than the lease window, a successor that took over) or cannot be acquired, the daemon stops
+    /// every write at once, as before (its fencing token is gone), and [`REACQUIRE_DELAY`] later
+    /// starts over as a new incarnation: a fresh lease with a new fencing token, the views
+    /// reloaded, the feeds reopened. It never writes while another daemon holds the lease (I30):
+    /// the new lease is a create-only write that succeeds only once the key is free. Loss notices
+    /// still waiting are carried over. `false` ends the daemon at the loss, as the reference does
+    /// (the embedding then restarts it).
+    pub reacquire_lease: bool,
 }
 
 impl DeliveryConfig {
@@ -139,6 +153,7 @@ impl DeliveryConfig {
             orphan_retention: DEFAULT_ORPHAN_RETENTION,
             reap_orphans: false,
             reference_gap_g17: false,
+            reacquire_lease: true,
         }
     }
 }

@@ -179,6 +179,8 @@ pub struct DeliveryCounters {
     pub fenced: u64,
     /// Times the lease was lost.
     pub lease_lost: u64,
+    /// Times the daemon started over with a fresh lease after losing one (or failing to get one).
+    pub lease_reacquisitions: u64,
     /// Times an owner's dinbox backlog crossed the per-owner cap (G6).
     pub cap_reached: u64,
     /// CHAT deliveries with a copy held back because its owner's dinbox backlog was at
@@ -253,6 +255,7 @@ impl DeliveryCounters {
             cas_retries,
             fenced,
             lease_lost,
+            lease_reacquisitions,
             cap_reached,
             fanout_deferred,
             fanout_hold_expired,
@@ -289,6 +292,7 @@ impl DeliveryCounters {
         self.cas_retries += cas_retries;
         self.fenced += fenced;
         self.lease_lost += lease_lost;
+        self.lease_reacquisitions += lease_reacquisitions;
         self.cap_reached += cap_reached;
         self.fanout_deferred += fanout_deferred;
         self.fanout_hold_expired += fanout_hold_expired;
@@ -348,6 +352,12 @@ pub enum AbandonReason {
 pub enum DeliveryEvent {
     /// A lease fact (acquired, ready, renewed, lost, released …).
     Lease(LeaseEvent),
+    /// The daemon started over after a lost lease (or one it could not acquire): a new
+    /// incarnation, acquiring a fresh lease ([`DeliveryConfig::reacquire_lease`](super::DeliveryConfig::reacquire_lease)).
+    Reincarnated {
+        /// 1 for the first start-over, then 2 …
+        incarnation: u64,
+    },
     /// The health surface changed.
     HealthChanged(DeliveryHealth),
     /// A control message got no reply at all (D1: unbound reply, not a request of this space).

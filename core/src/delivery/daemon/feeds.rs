@@ -51,6 +51,16 @@ pub(super) enum Opened {
 }
 
 impl Feeds {
+    /// The feeds of a new incarnation of the daemon: all closed, with subscription ids that
+    /// continue this one's (a late delivery on an old subscription is never taken for a new
+    /// feed's).
+    pub(super) fn successor(&self) -> Self {
+        Feeds {
+            subs: self.subs.clone(),
+            ..Feeds::new()
+        }
+    }
+
     pub(super) fn new() -> Self {
         Feeds {
             subs: SubIds::new(),

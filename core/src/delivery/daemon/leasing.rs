@@ -95,19 +95,70 @@ impl Delivery {
                 self.emit(DeliveryEvent::Lease(ev));
                 if self.connected && !self.stopped {
                     self.open_feeds(now);
+                    // Losses an earlier incarnation could not write yet.
+                    self.notices.resume(&mut self.cx);
                 }
                 return;
             }
             LeaseEvent::Lost { .. } => {
                 self.cx.counters.lease_lost += 1;
                 self.stop();
+                self.schedule_reacquire(now);
             }
-            LeaseEvent::AcquireFailed { .. }
-            | LeaseEvent::Released
-            | LeaseEvent::ReleaseSkipped { .. } => self.stop(),
+            LeaseEvent::AcquireFailed { .. } => {
+                self.stop();
+                self.schedule_reacquire(now);
+            }
+            LeaseEvent::Released | LeaseEvent::ReleaseSkipped { .. } => self.stop(),
             _ => {}
         }
         self.emit(DeliveryEvent::Lease(ev));
+    }
+
+    /// After a lost lease (or one not acquired): a new incarnation [`REACQUIRE_DELAY`] later,
+    /// unless the daemon is shutting down or the configuration ends it here.
+    fn schedule_reacquire(&mut self, now: Now) {
+        if self.config.reacquire_lease && !self.shut_down {
+            self.cx
+                .timers
+                .set(Timer::Reacquire, now.at + REACQUIRE_DELAY);
+        }
+    }
+
+    /// The reacquire timer fired: start over now, or at the reconnect.
+    pub(super) fn on_reacquire_timer(&mut self, now: Now) {
+        if self.shut_down {
+            return;
+        }
+        if self.connected {
+            self.reincarnate(now);
+        } else {
+            self.reacquire_due = true;
+        }
+    }
+
+    /// Starts over as a new incarnation: everything the old one held is dropped (it stopped at the
+    /// loss: feeds closed, jobs abandoned, held deliveries handed back), except what must outlive
+    /// it: the op-id allocator and the commands and events not yet taken (so no op id is reused
+    /// and no late completion is misrouted), the subscription ids, the counters, and the loss
+    /// notices still waiting (loss is never silent). Then a fresh lease is acquired; its
+    /// `Acquired` opens the feeds and reloads the views as at boot.
+    pub(super) fn reincarnate(&mut self, now: Now) {
+        let mut next = Delivery::new(self.config.clone());
+        std::mem::swap(&mut next.cx, &mut self.cx);
+        next.cx.timers = crate::op::TimerTable::new();
+        next.feeds = self.feeds.successor();
+        next.notices =
+            std::mem::replace(&mut self.notices, Notifier::new(self.config.space.clone()));
+        next.connected = self.connected;
+        next.incarnation = self.incarnation + 1;
+        next.cx.counters.lease_reacquisitions += 1;
+        *self = next;
+        self.emit(DeliveryEvent::Reincarnated {
+            incarnation: self.incarnation,
+        });
+        let r = self.lease.acquire(now);
+        debug_assert!(r.is_ok(), "acquire of a fresh lease: {r:?}");
     }
 
     /// Stops every piece of work: the lease is gone.

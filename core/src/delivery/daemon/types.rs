@@ -59,6 +59,8 @@ pub(super) enum Timer {
     /// Read the consumer headroom of CHAT and DLV
     /// ([`CONSUMER_HEADROOM_INTERVAL`](crate::constants::CONSUMER_HEADROOM_INTERVAL)).
     HeadroomCheck,
+    /// Start a new incarnation with a fresh lease ([`DeliveryConfig::reacquire_lease`](super::DeliveryConfig::reacquire_lease)).
+    Reacquire,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

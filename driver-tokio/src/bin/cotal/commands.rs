@@ -81,6 +81,12 @@ pub(crate) struct DeliveryArgs {
     /// hops), instead of writing the copies it may transfer straight to DLV. For comparisons.
     #[arg(long)]
     two_hop: bool,
+    /// Exit (code 1) when the delivery lease is lost or cannot be acquired, for a supervisor to
+    /// restart the process. By default the daemon rides that out in process: it stops writing
+    /// at once, then contends for a fresh lease until it holds one again (a second daemon of
+    /// the same shard is a standby that takes over when the holder's lease expires).
+    #[arg(long)]
+    exit_on_lease_loss: bool,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -256,6 +262,7 @@ async fn run_delivery(args: DeliveryArgs, id: Option<AgentId>) -> Result<ExitCod
     delivery_config.orphan_retention = args.orphan_retention;
     delivery_config.reap_orphans = args.reap_orphans;
     delivery_config.two_hop = args.two_hop;
+    delivery_config.reacquire_lease = !args.exit_on_lease_loss;
     let (daemon, mut events) = DeliveryDaemon::start_with_events(&config, delivery_config)
         .await
         .map_err(|e| e.to_string())?;
@@ -271,6 +278,7 @@ async fn run_delivery(args: DeliveryArgs, id: Option<AgentId>) -> Result<ExitCod
     tokio::pin!(signal);
     let mut failure: Option<String> = None;
     let mut report = DaemonReport::for_space(&space);
+    report.exit_on_lease_loss = args.exit_on_lease_loss;
     loop {
         tokio::select! {
             () = &mut signal => {
@@ -326,6 +334,8 @@ struct DaemonReport {
     without_dlv_backlog: bool,
     /// The broker refused the members' loss records: said once, then quiet.
     without_loss_records: bool,
+    /// `--exit-on-lease-loss`: a lost (or unacquired) lease ends the run.
+    exit_on_lease_loss: bool,
 }
 
 /// True when a failure detail is the broker's permission refusal (`Failure::PermissionDenied`).
@@ -403,14 +413,26 @@ impl DaemonReport {
                 }
                 self.was_active |= active;
             }
-            DeliveryEvent::Lease(LeaseEvent::Lost { .. }) => {
+            DeliveryEvent::Lease(LeaseEvent::Lost { .. }) if self.exit_on_lease_loss => {
                 tracing::error!(target: "cotal", "lease: {event:?}");
                 return Some("the delivery lease was lost".to_owned());
             }
-            DeliveryEvent::Lease(LeaseEvent::AcquireFailed { .. }) => {
+            DeliveryEvent::Lease(LeaseEvent::AcquireFailed { .. }) if self.exit_on_lease_loss => {
                 tracing::error!(target: "cotal", "lease: {event:?}");
                 return Some(format!("could not acquire the delivery lease: {event:?}"));
             }
+            DeliveryEvent::Lease(LeaseEvent::Lost { .. }) => tracing::error!(
+                target: "cotal",
+                "lease: {event:?}: writes stopped; starting over with a fresh lease"
+            ),
+            DeliveryEvent::Lease(LeaseEvent::AcquireFailed { .. }) => tracing::warn!(
+                target: "cotal",
+                "lease: {event:?}: another daemon holds it; standing by"
+            ),
+            DeliveryEvent::Reincarnated { incarnation } => tracing::info!(
+                target: "cotal",
+                "starting over (incarnation {incarnation}): acquiring a fresh lease"
+            ),
             DeliveryEvent::Lease(e @ LeaseEvent::Renewed { .. }) => {
                 tracing::debug!(target: "cotal", "lease: {e:?}");
             }
