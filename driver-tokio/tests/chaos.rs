@@ -629,3 +629,95 @@ fn agent_crash_between_surfacing_and_ack_resurfaces_only_unacked_copies() {
     daemon.signal("TERM");
     assert_eq!(daemon.exit_code(), Some(0), "{:#?}", daemon.seen);
 }
+
+/// Issue 19: a broker outage longer than the daemon's lease window. `cotal delivery` must not
+/// exit: its lease deadline passes while the server is down (it stops writing), and after the
+/// restart it starts over in process with a fresh lease and serves again. An agent that was
+/// offline through the outage then gets a message posted after it, durably.
+///
+/// Takes about 45 s (the outage must outlast the protocol's 30 s lease TTL).
+#[test]
+fn a_broker_outage_longer_than_the_lease_is_ridden_out_by_the_running_daemon() {
+    let Some(mut server) = NatsServer::start() else {
+        return;
+    };
+    let cli = Cli::new(server.url());
+    let space = "outage";
+    let up = cli.run(&["up", "--space", space, "--default-class", "durable"]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stdout)
+    );
+    for who in ["a1", "a2"] {
+        let out = cli.run(&[
+            "provision",
+            "agent",
+            "--space",
+            space,
+            "--id",
+            who,
+            "--read",
+            ">",
+            "--apply",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let mut d1 = cli.spawn("d1", &["delivery", "--space", space, "--id", "d1"]);
+    d1.expect("d1 active", |l| l.contains("health: active"));
+    // a2 joins `general` durably, then goes away.
+    let mut a2 = cli.spawn(
+        "a2",
+        &["agent", "--space", space, "--id", "a2", "--join", "general"],
+    );
+    let joined = a2.expect("a2 joined", |l| l.contains("\"event\":\"joined\""));
+    assert!(joined.contains("\"durable\":true"), "{joined}");
+    a2.signal("TERM");
+    assert_eq!(a2.exit_code(), Some(0), "{:#?}", a2.seen);
+
+    server.kill();
+    let lost = d1.wait_for(Duration::from_secs(40), |l| l.contains("Lost {"));
+    assert!(
+        lost.is_some(),
+        "the lease outlived a 40 s outage? {:#?}",
+        d1.seen
+    );
+    // Past the lease deadline, and past the TTL of the daemon's last lease write.
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(d1.running(), "d1 exited during the outage: {:#?}", d1.seen);
+    server.restart();
+    let restarted = std::time::Instant::now();
+    let over = d1.wait_for(Duration::from_secs(30), |l| l.contains("starting over"));
+    assert!(over.is_some(), "{:#?}", d1.seen);
+    let active = d1.wait_for(Duration::from_secs(60), |l| l.contains("health: active"));
+    assert!(active.is_some(), "d1 never served again: {:#?}", d1.seen);
+    println!(
+        "daemon serving again {:.1} s after the server accepted connections",
+        restarted.elapsed().as_secs_f64()
+    );
+
+    let sent = cli.run(&[
+        "send",
+        "--space",
+        space,
+        "--id",
+        "a1",
+        "--channel",
+        "general",
+        "after the outage",
+    ]);
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stdout)
+    );
+    let mut a2 = cli.spawn("a2-back", &["agent", "--space", space, "--id", "a2"]);
+    let got = a2.wait_for(Duration::from_secs(30), |l| l.contains("after the outage"));
+    assert!(got.is_some(), "a2 got no durable copy: {:#?}", a2.seen);
+    d1.signal("TERM");
+    assert_eq!(d1.exit_code(), Some(0), "{:#?}", d1.seen);
+}

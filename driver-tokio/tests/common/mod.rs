@@ -469,6 +469,12 @@ impl Proc {
         assert!(status.success());
     }
 
+    /// Whether the process is still running (does not wait).
+    #[allow(dead_code)]
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Waits (bounded) for the exit code.
     pub fn exit_code(&mut self) -> Option<i32> {
         let deadline = std::time::Instant::now() + WAIT;
