@@ -52,6 +52,13 @@ fn chaos_smoke_daemon_sigkill_leaves_no_unreported_loss() {
     for key in ["delivered", "duplicates_suppressed", "losses_reported"] {
         assert!(v[key].is_u64(), "{key}: {text}");
     }
+    // The recovery figures: one takeover (the kill to the successor's first DLV write, which
+    // waits out the dead holder's lease), no server fault to heal from.
+    let takeovers = v["takeovers_s"].as_array().expect("takeovers_s");
+    assert_eq!(takeovers.len(), 1, "{text}");
+    assert!(takeovers[0].as_f64().is_some_and(|t| t > 0.0), "{text}");
+    assert!(v["heal_s"].is_null(), "{text}");
+    assert!(v["stall_s"].as_f64().is_some_and(|s| s > 0.0), "{text}");
 }
 
 /// Fifteen seconds of traffic with nats-server stopped (SIGTERM) or killed (SIGKILL) and
@@ -99,6 +106,11 @@ fn chaos_smoke_server_restarts_leave_no_unreported_loss() {
     let expected = v["copies_expected"].as_u64().expect("copies expected");
     assert!(expected >= 100, "{text}");
     assert_eq!(v["delivered"].as_u64(), Some(expected), "{text}");
+    // One heal per server restart, measured from when the server accepted connections again.
+    assert_eq!(v["heals_s"].as_array().map(Vec::len), Some(2), "{text}");
+    assert!(v["takeover_s"].is_null(), "{text}");
+    // The daemon rode both restarts out: it never exited.
+    assert_eq!(v["daemon_exits"], 0, "{text}");
 }
 
 /// The members bucket as a KV watch sees it: every put, in order, with the time it arrived.

@@ -13,7 +13,9 @@
 //! - `server-stop`: SIGTERM of nats-server (clean shutdown), restarted after 1–5 s on the same
 //!   port and file store;
 //! - `server-kill`: SIGKILL of nats-server, restarted the same way. The spawned server runs with
-//!   `sync_interval: always`, so an acked publish is on disk before its ack.
+//!   `sync_interval: always`, so an acked publish is on disk before its ack;
+//! - `long-outage` (only when asked for): SIGKILL of nats-server, restarted 35–40 s later, past
+//!   the daemon's lease window: the daemon must ride it out in process (issue 19).
 //!
 //! and membership churn (`--churn`): a seeded member leaves the channel and rejoins 1–5 s later
 //! (a request the agent refuses, e.g. during an outage, is shown in the timeline and changes
@@ -46,6 +48,12 @@
 //!
 //! DLV keeps 1000 copies per member (discard old): once a member's subject is at the cap, owed
 //! copies older than its oldest retained one are counted as `dlv_rotated`, not missing.
+//!
+//! How fast durable delivery recovered ([`Recovery`], from each owed copy's ack time and its DLV
+//! store time): `heal_s`, the longest per server fault from the restart to the last copy owed
+//! then; `takeover_s`, the longest per daemon kill from the kill to the next DLV write; `stall_s`,
+//! the longest time with an owed copy outstanding and no DLV write. `heal_phase_s` is how long
+//! the final heal phase waited.
 
 use super::bench::{
     SpawnedServer, durable_channel_for, free_port, spawn_daemon_process, start_member,
@@ -98,9 +106,11 @@ pub struct ChaosArgs {
     heal_s: u64,
     /// The fault kinds, comma-separated: daemon-kill, server-stop (SIGTERM), server-kill
     /// (SIGKILL); with --cluster also node-stop (SIGTERM of a node that does not lead CHAT) and
-    /// leader-kill (SIGKILL of the node leading CHAT). Each fault point picks one kind with the
-    /// seed. Server faults need --spawn-server. Default: all that apply (daemon-kill alone with
-    /// --nats).
+    /// leader-kill (SIGKILL of the node leading CHAT); long-outage (SIGKILL of the one server,
+    /// restarted after 35–40 s, past the daemon's lease window; not in the default mix, and it
+    /// needs 41 s of run per fault). Each fault point picks one kind with the seed. Server faults
+    /// need --spawn-server. Default: daemon-kill, server-stop, server-kill (node-stop and
+    /// leader-kill with --cluster; daemon-kill alone with --nats).
     #[arg(long)]
     faults: Option<String>,
     /// Spawn a JetStream cluster of this many nodes (routes on loopback) instead of one server,
@@ -202,6 +212,9 @@ enum Fault {
     NodeStop,
     /// SIGKILL of the cluster node leading the CHAT stream, restarted.
     LeaderKill,
+    /// SIGKILL of nats-server, restarted after 35–40 s: longer than the daemon's lease window,
+    /// which it must ride out in process (issue 19).
+    LongOutage,
 }
 
 impl Fault {
@@ -214,10 +227,11 @@ impl Fault {
                 "server-kill" => Fault::ServerKill,
                 "node-stop" => Fault::NodeStop,
                 "leader-kill" => Fault::LeaderKill,
+                "long-outage" => Fault::LongOutage,
                 other => {
                     return Err(format!(
                         "unknown fault {other:?} (daemon-kill, server-stop, server-kill, \
-                         node-stop, leader-kill)"
+                         node-stop, leader-kill, long-outage)"
                     ));
                 }
             };
@@ -238,7 +252,13 @@ impl Fault {
             Fault::ServerKill => "server-kill",
             Fault::NodeStop => "node-stop",
             Fault::LeaderKill => "leader-kill",
+            Fault::LongOutage => "long-outage",
         }
+    }
+
+    /// A fault of the broker (the run restarts it), not of the daemon.
+    fn of_the_server(self) -> bool {
+        self != Fault::DaemonKill
     }
 }
 
@@ -259,6 +279,8 @@ enum Step {
 struct Published {
     id: String,
     seq: u64,
+    /// When the ack arrived (Unix ms).
+    acked_ms: u64,
 }
 
 /// What the publisher task hands back.
@@ -303,6 +325,7 @@ async fn publisher(
             Ok(a) if !a.duplicate => log.acked.push(Published {
                 id,
                 seq: a.sequence,
+                acked_ms: wall_clock().0,
             }),
             _ => log.failed += 1,
         }
@@ -328,15 +351,19 @@ fn schedule(args: &ChaosArgs, kinds: &[Fault]) -> Vec<(u64, Step)> {
         .max(1);
     let slot = span / faults;
     for k in 0..faults {
-        let at = 5_000 + k * slot + rng.below(slot / 2);
+        let mut at = 5_000 + k * slot + rng.below(slot / 2);
         let kind = kinds[rng.below(kinds.len() as u64) as usize];
         let pause = match kind {
-            Fault::DaemonKill => rng.below(3000),
+            Fault::DaemonKill => rng.below(3000).min(slot / 2),
             Fault::ServerStop | Fault::ServerKill | Fault::NodeStop | Fault::LeaderKill => {
-                1000 + rng.below(4000)
+                (1000 + rng.below(4000)).min(slot / 2)
             }
-        }
-        .min(slot / 2);
+            // From the start of its slot, so the long outage ends inside it.
+            Fault::LongOutage => {
+                at = 5_000 + k * slot;
+                (LONG_OUTAGE_MS + rng.below(5000)).min(slot.saturating_sub(1000))
+            }
+        };
         steps.push((at, Step::Inject(kind)));
         steps.push((at + pause, Step::Restore(kind)));
     }
@@ -361,6 +388,10 @@ fn schedule(args: &ChaosArgs, kinds: &[Fault]) -> Vec<(u64, Step)> {
     steps.sort_by_key(|(at, _)| *at);
     steps
 }
+
+/// The shortest `long-outage`: past the lease deadline (TTL 30 s minus its margin) and past the
+/// TTL of the daemon's last lease write.
+const LONG_OUTAGE_MS: u64 = 35_000;
 
 /// How many of the members start unjoined (at most all but one).
 fn late_joiners(args: &ChaosArgs) -> usize {
@@ -388,7 +419,23 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     {
         return Err("node-stop and leader-kill need --cluster".into());
     }
-    let server_faults = kinds.iter().any(|k| *k != Fault::DaemonKill);
+    if kinds.contains(&Fault::LongOutage) {
+        if args.cluster.is_some() {
+            return Err("long-outage stops the one server; it does not take --cluster".into());
+        }
+        let faults = args
+            .fault_count
+            .unwrap_or((args.duration / 30).max(1))
+            .max(1);
+        if args.duration.saturating_sub(10) * 1000 / faults < LONG_OUTAGE_MS + 6_000 {
+            return Err(format!(
+                "long-outage needs {} s per fault: --duration at least {} for {faults} fault(s)",
+                (LONG_OUTAGE_MS + 6_000) / 1000,
+                10 + faults * (LONG_OUTAGE_MS + 6_000) / 1000
+            ));
+        }
+    }
+    let server_faults = kinds.iter().any(|k| k.of_the_server());
     if server_faults && !args.spawn_server {
         return Err(
             "server-stop and server-kill need --spawn-server (the run owns the process); \
@@ -499,6 +546,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         pub_stop_rx,
     ));
     let mut faults_injected = 0u64;
+    let mut marks: Vec<FaultMark> = Vec::new();
     let mut fault_counts: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut churn_steps = 0u64;
     let mut timeline: Vec<String> = Vec::new();
@@ -558,6 +606,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
                 ));
                 faults_injected += 1;
                 *fault_counts.entry(Fault::DaemonKill.name()).or_default() += 1;
+                marks.push(FaultMark::injected(Fault::DaemonKill));
             }
             Step::Restore(Fault::DaemonKill) => {
                 if daemon.is_none() {
@@ -568,8 +617,11 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
                 }
             }
             Step::Inject(
-                kind
-                @ (Fault::ServerStop | Fault::ServerKill | Fault::NodeStop | Fault::LeaderKill),
+                kind @ (Fault::ServerStop
+                | Fault::ServerKill
+                | Fault::NodeStop
+                | Fault::LeaderKill
+                | Fault::LongOutage),
             ) => {
                 if servers.is_empty() || server_down.is_some() {
                     continue;
@@ -592,7 +644,10 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
                     continue;
                 };
                 let pid = s.pid();
-                let kill = matches!(kind, Fault::ServerKill | Fault::LeaderKill);
+                let kill = matches!(
+                    kind,
+                    Fault::ServerKill | Fault::LeaderKill | Fault::LongOutage
+                );
                 tokio::task::block_in_place(|| s.stop(kill))?;
                 server_down = Some(index);
                 timeline.push(format!(
@@ -607,9 +662,14 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
                 ));
                 faults_injected += 1;
                 *fault_counts.entry(kind.name()).or_default() += 1;
+                marks.push(FaultMark::injected(kind));
             }
             Step::Restore(
-                Fault::ServerStop | Fault::ServerKill | Fault::NodeStop | Fault::LeaderKill,
+                Fault::ServerStop
+                | Fault::ServerKill
+                | Fault::NodeStop
+                | Fault::LeaderKill
+                | Fault::LongOutage,
             ) => {
                 let Some(index) = server_down.take() else {
                     continue;
@@ -618,6 +678,9 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
                     continue;
                 };
                 tokio::task::block_in_place(|| s.restart())?;
+                if let Some(mark) = marks.last_mut() {
+                    mark.restored(wall_clock().0);
+                }
                 timeline.push(format!(
                     "{} nats-server n{index} restarted (pid {})",
                     stamp(start),
@@ -673,6 +736,9 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         && let Some(s) = servers.get_mut(index)
     {
         tokio::task::block_in_place(|| s.restart())?;
+        if let Some(mark) = marks.last_mut() {
+            mark.restored(wall_clock().0);
+        }
         timeline.push(format!("{} heal: nats-server restarted", stamp(start)));
     }
     if daemon.is_none() {
@@ -754,7 +820,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
             - owe
                 .expected
                 .iter()
-                .filter(|(id, _)| copies.contains(id))
+                .filter(|(id, _)| copies.contains_key(id))
                 .count() as u64
             - not_in_dlv.len() as u64;
         if !not_in_dlv.is_empty() {
@@ -768,7 +834,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         durable_outside += published
             .acked
             .iter()
-            .filter(|p| copies.contains(&p.id) && !owed_ids.contains(&p.id))
+            .filter(|p| copies.contains_key(&p.id) && !owed_ids.contains(&p.id))
             .count() as u64;
         if !missing.is_empty() {
             missing_lines.push(format!(
@@ -788,7 +854,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
             .flat_map(|(o, d)| {
                 o.expected
                     .iter()
-                    .filter(|(id, _)| !d.contains(id))
+                    .filter(|(id, _)| !d.contains_key(id))
                     .map(|(_, seq)| *seq)
             })
             .collect();
@@ -799,6 +865,22 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     }
     drop(daemon);
     let duplicates_suppressed = durable_total.saturating_sub(via_dlv);
+    // Recovery, from when each owed copy was acked and when DLV stored it.
+    let acked_at: BTreeMap<&str, u64> = published
+        .acked
+        .iter()
+        .map(|p| (p.id.as_str(), p.acked_ms))
+        .collect();
+    let pairs: Vec<(u64, u64)> = owed
+        .iter()
+        .zip(&durable)
+        .flat_map(|(o, d)| {
+            o.expected
+                .iter()
+                .filter_map(|(id, _)| Some((*acked_at.get(id.as_str())?, *d.get(id)?)))
+        })
+        .collect();
+    let recovery = Recovery::measure(&marks, &pairs);
 
     let kinds_text: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
     println!(
@@ -868,7 +950,15 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     for (name, value) in &rows {
         println!("| {name} | {value} |");
     }
-    println!("heal took {:.1} s", heal_time.as_secs_f64());
+    println!("heal phase took {:.1} s", heal_time.as_secs_f64());
+    println!(
+        "recovery: heal {} s (per server fault {:?}), takeover {} s (per daemon kill {:?}), longest stall {:.1} s",
+        secs(recovery.heal_s()),
+        recovery.heals_s,
+        secs(recovery.takeover_s()),
+        recovery.takeovers_s,
+        recovery.stall_s
+    );
     if args.json {
         println!(
             "{}",
@@ -889,7 +979,12 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
                    "losses_reported": losses_reported,
                    "losses_unreported": losses_unreported,
                    "intervals_forgotten": forgotten,
-                   "heal_s": heal_time.as_secs_f64()})
+                   "heal_s": recovery.heal_s(),
+                   "heals_s": recovery.heals_s,
+                   "takeover_s": recovery.takeover_s(),
+                   "takeovers_s": recovery.takeovers_s,
+                   "stall_s": recovery.stall_s,
+                   "heal_phase_s": heal_time.as_secs_f64()})
         );
     }
     drop(servers);
@@ -898,6 +993,102 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// One injected fault's moments (Unix ms).
+#[derive(Clone, Copy, Debug)]
+struct FaultMark {
+    kind: Fault,
+    injected_ms: u64,
+    /// When the server accepted connections again (server faults).
+    restored_ms: Option<u64>,
+}
+
+impl FaultMark {
+    fn injected(kind: Fault) -> Self {
+        FaultMark {
+            kind,
+            injected_ms: wall_clock().0,
+            restored_ms: None,
+        }
+    }
+
+    fn restored(&mut self, at_ms: u64) {
+        if self.kind.of_the_server() && self.restored_ms.is_none() {
+            self.restored_ms = Some(at_ms);
+        }
+    }
+}
+
+/// How long durable delivery took to recover, from the owed copies' ack and DLV store times:
+/// - per server fault, **heal**: from the server accepting connections again to the DLV write of
+///   the last copy owed then (acked by then, not yet stored); 0 when none was owed;
+/// - per daemon kill, **takeover**: from the kill to the next DLV write (the successor's first);
+/// - **stall**: the longest time with an owed copy outstanding (acked, not yet stored) and no
+///   DLV write at all.
+///
+/// Copies without a DLV store time (rotated out, missing) do not take part.
+#[derive(Debug, Default, PartialEq)]
+struct Recovery {
+    heals_s: Vec<f64>,
+    takeovers_s: Vec<f64>,
+    stall_s: f64,
+}
+
+impl Recovery {
+    fn measure(marks: &[FaultMark], pairs: &[(u64, u64)]) -> Recovery {
+        let mut writes: Vec<u64> = pairs.iter().map(|(_, stored)| *stored).collect();
+        writes.sort_unstable();
+        writes.dedup();
+        let s = |ms: u64| ms as f64 / 1000.0;
+        let mut out = Recovery::default();
+        for m in marks {
+            match (m.kind, m.restored_ms) {
+                (Fault::DaemonKill, _) => {
+                    if let Some(next) = writes.iter().find(|w| **w > m.injected_ms) {
+                        out.takeovers_s.push(s(next - m.injected_ms));
+                    }
+                }
+                (_, Some(restored)) => {
+                    let last = pairs
+                        .iter()
+                        .filter(|(acked, stored)| *acked <= restored && *stored > restored)
+                        .map(|(_, stored)| *stored)
+                        .max();
+                    out.heals_s.push(last.map_or(0.0, |l| s(l - restored)));
+                }
+                _ => {}
+            }
+        }
+        // Each owed copy sees the gaps between DLV writes from its ack to its own write; the
+        // longest of those over every copy is the stall.
+        let mut stall = 0u64;
+        for (acked, stored) in pairs {
+            let mut from = *acked;
+            let first = writes.partition_point(|w| *w <= *acked);
+            for w in &writes[first..] {
+                if *w > *stored {
+                    break;
+                }
+                stall = stall.max(w - from);
+                from = *w;
+            }
+        }
+        out.stall_s = s(stall);
+        out
+    }
+
+    fn heal_s(&self) -> Option<f64> {
+        self.heals_s.iter().copied().reduce(f64::max)
+    }
+
+    fn takeover_s(&self) -> Option<f64> {
+        self.takeovers_s.iter().copied().reduce(f64::max)
+    }
+}
+
+fn secs(v: Option<f64>) -> String {
+    v.map_or_else(|| "-".to_owned(), |x| format!("{x:.1}"))
 }
 
 /// Starts `n` nats-server nodes `n0..` on loopback, each routed to all others (cluster
@@ -948,12 +1139,12 @@ async fn chat_leader(js: &async_nats::jetstream::Context, space: &Space) -> Opti
 /// The CHAT sequences of the copies owed to a member that have no DLV copy, leaving out those
 /// older than its oldest retained DLV copy when its DLV subject is at the stream's 1000-copy cap
 /// (rotated out with discard-old after their transfer, not missing).
-fn no_dlv_copy(owe: &Owed, copies: &BTreeSet<String>) -> Vec<u64> {
+fn no_dlv_copy(owe: &Owed, copies: &DlvCopies) -> Vec<u64> {
     let at_cap = copies.len() >= DLV_CAP;
     let oldest = owe
         .expected
         .iter()
-        .filter(|(id, _)| copies.contains(id))
+        .filter(|(id, _)| copies.contains_key(id))
         .map(|(_, seq)| *seq)
         .min()
         .unwrap_or(0);
@@ -961,7 +1152,7 @@ fn no_dlv_copy(owe: &Owed, copies: &BTreeSet<String>) -> Vec<u64> {
         .iter()
         .filter(|(id, seq)| {
             let rotated = at_cap && *seq < oldest;
-            !copies.contains(id) && !rotated
+            !copies.contains_key(id) && !rotated
         })
         .map(|(_, seq)| *seq)
         .collect()
@@ -969,6 +1160,10 @@ fn no_dlv_copy(owe: &Owed, copies: &BTreeSet<String>) -> Vec<u64> {
 
 /// Copies `DLV_<space>` keeps per member subject (limits, discard old).
 const DLV_CAP: usize = 1000;
+
+/// One member's DLV copies: message id → when the stream stored it (Unix ms, the server's clock,
+/// which is this machine's).
+type DlvCopies = BTreeMap<String, u64>;
 
 /// What one member is owed, from its membership record.
 struct Owed {
@@ -1125,7 +1320,7 @@ async fn dlv_ids(
     js: &async_nats::jetstream::Context,
     space: &Space,
     ids: &[AgentId],
-) -> Result<Vec<BTreeSet<String>>, String> {
+) -> Result<Vec<DlvCopies>, String> {
     use async_nats::jetstream::consumer;
     use futures::StreamExt;
     let name = format!("DLV_{}", space.as_str());
@@ -1139,7 +1334,7 @@ async fn dlv_ids(
         .map_err(|e| format!("{name} info: {e}"))?
         .state
         .messages;
-    let mut out = vec![BTreeSet::new(); ids.len()];
+    let mut out = vec![DlvCopies::new(); ids.len()];
     if total == 0 {
         return Ok(out);
     }
@@ -1176,8 +1371,11 @@ async fn dlv_ids(
         let id = serde_json::from_slice::<serde_json::Value>(&m.payload)
             .ok()
             .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_owned));
+        let stored_ms = m.info().map_or(0, |i| {
+            u64::try_from(i.published.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+        });
         if let Some(id) = id {
-            out[slot].insert(id);
+            out[slot].entry(id).or_insert(stored_ms);
         }
     }
     Ok(out)
@@ -1282,6 +1480,72 @@ mod tests {
             late_joiners(&args(&["--members", "2", "--late-joiners", "5"])),
             1
         );
+    }
+
+    fn mark(kind: Fault, injected_ms: u64, restored_ms: Option<u64>) -> FaultMark {
+        FaultMark {
+            kind,
+            injected_ms,
+            restored_ms,
+        }
+    }
+
+    #[test]
+    fn recovery_measures_heal_takeover_and_stall_from_ack_and_store_times() {
+        // Steady copies (acked then stored 10 ms later) with a server outage 1,000–4,000 and a
+        // daemon kill at 10,000.
+        let mut pairs = vec![(100, 110), (900, 910)];
+        // Acked before the outage, stored 2.5 s after the restart: the heal.
+        pairs.push((950, 6_500));
+        pairs.push((4_500, 4_600));
+        // The kill: the next write 3.2 s later.
+        pairs.push((9_900, 13_200));
+        pairs.push((13_000, 13_210));
+        let marks = [
+            mark(Fault::ServerKill, 1_000, Some(4_000)),
+            mark(Fault::DaemonKill, 10_000, None),
+        ];
+        let r = Recovery::measure(&marks, &pairs);
+        assert_eq!(r.heals_s, vec![2.5]);
+        assert_eq!(r.takeovers_s, vec![3.2]);
+        // Longest gap with a copy outstanding: 6,500 → 13,200 (the copy acked at 9,900 waits
+        // from its ack, 9,900, to 13,200: 3.3 s) vs 950 → 4,600 (3.65 s).
+        assert_eq!(r.stall_s, 3.65);
+        assert_eq!(r.heal_s(), Some(2.5));
+        // Nothing owed at a restart: a heal of 0; no daemon kill: no takeover.
+        let r = Recovery::measure(
+            &[mark(Fault::ServerStop, 1_000, Some(2_000))],
+            &[(100, 110)],
+        );
+        assert_eq!((r.heals_s.clone(), r.takeover_s()), (vec![0.0], None));
+    }
+
+    #[test]
+    fn long_outages_start_their_slot_and_end_inside_it() {
+        let steps = plan(&[
+            "--faults",
+            "long-outage",
+            "--duration",
+            "100",
+            "--fault-count",
+            "2",
+        ]);
+        let outages: Vec<(u64, u64)> = steps
+            .iter()
+            .filter_map(|(at, s)| match s {
+                Step::Inject(Fault::LongOutage) => Some(*at),
+                _ => None,
+            })
+            .zip(steps.iter().filter_map(|(at, s)| match s {
+                Step::Restore(Fault::LongOutage) => Some(*at),
+                _ => None,
+            }))
+            .collect();
+        assert_eq!(outages.len(), 2, "{}", render(&steps));
+        for (inject, restore) in &outages {
+            assert!(restore - inject >= LONG_OUTAGE_MS, "{}", render(&steps));
+        }
+        assert!(outages[0].1 < outages[1].0, "{}", render(&steps));
     }
 
     #[test]
