@@ -194,6 +194,77 @@ fn unreachable_server_and_stub_commands_fail_clearly() {
         "{text}"
     );
     assert!(text.contains("\"_INBOX_alice.>\""), "{text}");
+
+    // `--json`: the same documents, parsed; an error is `{"error"}` with the same exit code.
+    let doc = |o: &Output| -> serde_json::Value {
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("not one JSON document ({e}): {}", stdout(o)))
+    };
+    let out = cotal(&[
+        "provision",
+        "agent",
+        "--space",
+        "main",
+        "--id",
+        "alice",
+        "--read",
+        "general",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let v = doc(&out);
+    assert_eq!(v["acl"]["bucket"], "cotal_acl_main", "{v}");
+    assert_eq!(
+        v["acl"]["record"]["allowSubscribe"],
+        serde_json::json!(["general"])
+    );
+    let sub = v["permissions"]["subscribe"]["allow"]
+        .as_array()
+        .expect("list");
+    assert!(sub.iter().any(|s| s == "_INBOX_alice.>"), "{v}");
+    assert!(v.get("applied").is_none(), "{v}");
+    let out = cotal(&[
+        "provision",
+        "delivery",
+        "--space",
+        "main",
+        "--id",
+        "d1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let v = doc(&out);
+    assert_eq!(v["id"], "d1", "{v}");
+    assert!(v["permissions"]["publish"]["allow"].is_array(), "{v}");
+    let unreachable = format!("nats://127.0.0.1:{port}");
+    for args in [
+        &["up", "--space", "main", "--json"][..],
+        &["members", "--space", "main", "--json"],
+        &["health", "--space", "main", "--json"],
+        &["channels", "--space", "main", "--json"],
+        &[
+            "send",
+            "--space",
+            "main",
+            "--id",
+            "a",
+            "--channel",
+            "x",
+            "y",
+            "--json",
+        ],
+    ] {
+        let mut all = args.to_vec();
+        all.extend(["--nats", unreachable.as_str()]);
+        let out = cotal(&all);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stdout(&out));
+        let v = doc(&out);
+        let e = v["error"].as_str().unwrap_or_default();
+        assert!(e.starts_with("cannot reach NATS server"), "{args:?}: {v}");
+    }
+    let out = cotal(&["members", "--space", "main", "--channel", "a..b", "--json"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(doc(&out)["error"].is_string(), "{}", stdout(&out));
 }
 
 fn json_line(line: &str) -> serde_json::Value {
@@ -213,6 +284,26 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
     // An open space whose channels are durable by choice (the README's quick start).
     let up = run(&["up", "--space", "demo", "--default-class", "durable"]);
     assert!(up.status.success(), "{}", stdout(&up));
+    // `up --json` again: every object unchanged, as one document.
+    let up = run(&["up", "--space", "demo", "--json"]);
+    assert!(up.status.success(), "{}", stdout(&up));
+    let v: serde_json::Value = serde_json::from_slice(&up.stdout).expect("up JSON");
+    assert_eq!(v["created"], 0, "{v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    assert_eq!(v["unchanged"], 13, "{v}");
+    let objects = v["objects"].as_array().expect("objects");
+    assert_eq!(objects.len(), 13, "{v}");
+    assert!(
+        objects.iter().any(|o| o["kind"] == "stream"
+            && o["name"] == "CHAT_demo"
+            && o["result"] == "unchanged"),
+        "{v}"
+    );
+    assert_eq!(
+        v["defaultClass"],
+        serde_json::json!({"result": "kept", "class": "durable"})
+    );
+    assert_eq!(v["maxAgentsGiven"], false, "{v}");
     for who in ["alice", "bob"] {
         let out = run(&[
             "provision",
@@ -232,6 +323,30 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
             stdout(&out)
         );
     }
+    // `provision agent --apply --json`: the writes as `applied` entries.
+    let out = run(&[
+        "provision",
+        "agent",
+        "--space",
+        "demo",
+        "--id",
+        "bob",
+        "--read",
+        ">",
+        "--apply",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("provision JSON");
+    let applied = v["applied"].as_array().expect("applied");
+    assert_eq!(applied[0]["what"], "acl", "{v}");
+    assert!(applied[0]["revision"].is_u64(), "{v}");
+    assert!(
+        applied[1..]
+            .iter()
+            .all(|a| a["what"] == "consumer" && a["result"] == "unchanged"),
+        "{v}"
+    );
     let spawn = |name: &'static str, args: &[&str]| cli.spawn(name, args);
     let mut daemon = spawn("daemon", &["delivery", "--space", "demo", "--id", "d1"]);
     daemon.expect("health active", |l| l.contains("health: active"));
@@ -289,6 +404,26 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
     bob.expect("shell message", |l| {
         json_line(l)["text"] == "from the shell"
     });
+    let out = run(&[
+        "send",
+        "--space",
+        "demo",
+        "--id",
+        "carol",
+        "--channel",
+        "general",
+        "--json",
+        "json from the shell",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let sent: serde_json::Value = serde_json::from_slice(&out.stdout).expect("send JSON");
+    assert_eq!(sent["stream"], "CHAT_demo", "{sent}");
+    assert_eq!(sent["duplicate"], false, "{sent}");
+    assert!(sent["seq"].as_u64().is_some_and(|s| s > 0), "{sent}");
+    let got = json_line(&bob.expect("json message", |l| {
+        json_line(l)["text"] == "json from the shell"
+    }));
+    assert_eq!(got["id"], sent["id"], "{got}");
     let out = run(&["members", "--space", "demo", "--channel", "general"]);
     let text = stdout(&out);
     assert!(
@@ -296,6 +431,46 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
         "{text}"
     );
     assert!(text.contains("2 membership record(s)"), "{text}");
+    let out = run(&[
+        "members",
+        "--space",
+        "demo",
+        "--channel",
+        "general",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let records: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let mut owners: Vec<&str> = records.iter().filter_map(|r| r["owner"].as_str()).collect();
+    owners.sort_unstable();
+    assert_eq!(owners, ["alice", "bob"], "{records:?}");
+    assert!(
+        records
+            .iter()
+            .all(|r| r["channel"] == "general" && r["generation"].is_u64() && r["key"].is_string()),
+        "{records:?}"
+    );
+    let out = run(&["health", "--space", "demo", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("health JSON");
+    assert_eq!(v["healthy"], true, "{v}");
+    assert_eq!(v["shards"][0]["state"], "active", "{v}");
+    assert_eq!(v["shards"][0]["holder"], "d1", "{v}");
+    assert_eq!(v["shards"][0]["published"]["state"], "active", "{v}");
+    assert!(
+        v["streams"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty() && s.iter().all(|s| s["low"] == false)),
+        "{v}"
+    );
+    let out = run(&["channels", "--space", "demo", "--json"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("channels JSON");
+    assert_eq!(v["channels"], serde_json::json!([]), "{v}");
+    assert_eq!(v["defaults"]["deliveryClass"], "durable", "{v}");
     let out = run(&["health", "--space", "demo"]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
     assert!(
@@ -333,6 +508,11 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
         "{}",
         stdout(&out)
     );
+    let out = run(&["health", "--space", "demo", "--json"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("health JSON");
+    assert_eq!(v["healthy"], false, "{v}");
+    assert_eq!(v["shards"], serde_json::json!([]), "{v}");
 }
 
 /// Unicast and anycast over the CLI (SPEC §12 items 5 and 6): `provision agent --role` prints

@@ -93,9 +93,27 @@ fn deprovision_tombstones_through_the_daemon_is_idempotent_and_orphans_are_liste
     daemon.expect("orphan logged", |l| {
         l.contains("orphaned membership: general alice")
     });
+    // `--json`: one object per orphaned membership.
+    let out = cli.run(&["members", "--space", "lc", "--orphans", "--json"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let mut owners: Vec<&str> = lines.iter().filter_map(|l| l["owner"].as_str()).collect();
+    owners.sort_unstable();
+    assert_eq!(owners, ["alice", "bob"], "{lines:?}");
+    for l in &lines {
+        assert_eq!(l["channel"], "general", "{l}");
+        assert_eq!(l["shard"], "lease.0", "{l}");
+        assert!(l["generation"].is_u64() && l["offlineMs"].is_u64(), "{l}");
+    }
     // ... and in the space's health.
     let health = stdout(&cli.run(&["health", "--space", "lc"]));
     assert!(health.contains("orphaned memberships 2"), "{health}");
+    let out = cli.run(&["health", "--space", "lc", "--json"]);
+    let health: serde_json::Value = serde_json::from_slice(&out.stdout).expect("health JSON");
+    assert_eq!(health["shards"][0]["orphans"], 2, "{health}");
 
     // Deprovision alice: the daemon tombstones, the rest is deleted.
     let out = cli.run(&["deprovision", "agent", "--space", "lc", "--id", "alice"]);

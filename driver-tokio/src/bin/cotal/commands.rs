@@ -13,7 +13,7 @@ use cotal_core::delivery::lease::{
 };
 use cotal_core::delivery::revoke::SweepEvent;
 use cotal_core::policy::{ChannelRegistry, DeliveryClass};
-use cotal_core::wire::capacity::LOW_HEADROOM_PERCENT;
+use cotal_core::wire::capacity::{Headroom, LOW_HEADROOM_PERCENT};
 use cotal_core::wire::config::SpaceStream;
 use cotal_core::wire::keys::KvBucket;
 use cotal_core::wire::message::Sender;
@@ -23,6 +23,7 @@ use cotal_core::wire::permissions::{
 use cotal_core::wire::records::{DeliveryLease, MembershipRecord};
 use cotal_core::wire::shard::ShardMap;
 use cotal_core::wire::token::{AgentId, Channel, Role, Space};
+use cotal_driver_tokio::api::ApiError;
 use cotal_driver_tokio::app::{
     Agent as AppAgent, AgentOptions, DeliveryDaemon, JoinError, LeaveError, SendError,
     Sent as AppSent,
@@ -46,6 +47,10 @@ pub(crate) struct SpaceArgs {
     /// The space name.
     #[arg(long)]
     space: String,
+    /// Print one JSON document instead of the text (its fields are in the command's
+    /// description above). Same exit codes; an error is `{"error": "…"}`.
+    #[arg(long)]
+    pub(crate) json: bool,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -149,6 +154,11 @@ pub(crate) struct SendArgs {
     role: Option<String>,
     /// The text.
     text: String,
+    /// Print one JSON document instead of the sequence: `{"id", "seq", "duplicate", "stream"}`
+    /// (the message id, its stream sequence, whether the stream had it already, and the stream:
+    /// CHAT_, DM_ or TASK_<space>). Same exit codes; an error is `{"error": "…"}`.
+    #[arg(long)]
+    pub(crate) json: bool,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -168,6 +178,13 @@ pub(crate) struct MembersArgs {
     /// shard's daemon publishes them (see `cotal delivery --orphan-retention`).
     #[arg(long, conflicts_with = "channel")]
     orphans: bool,
+    /// Print one JSON object per line instead of the text: each membership record as stored
+    /// (`{"key", "channel", "owner", "generation", "joinCursor", "leaveCursor", "state", …}`;
+    /// an undecodable one as `{"key", "error"}`), no summary line. With --orphans, one line per
+    /// orphaned membership: `{"shard", "channel", "owner", "generation", "offlineMs"}`. Nothing
+    /// is printed for none. Same exit codes; an error is `{"error": "…"}`.
+    #[arg(long)]
+    pub(crate) json: bool,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -999,7 +1016,7 @@ async fn run_send(args: SendArgs, id: AgentId) -> Result<ExitCode, String> {
         (None, None, Some(role)) => SendRoute::Anycast(role_of(role)?),
         _ => return Err("give exactly one of --channel, --to, --role".to_owned()),
     };
-    let mut config = AgentConfig::new(space, me, Vec::new(), os_seed());
+    let mut config = AgentConfig::new(space.clone(), me, Vec::new(), os_seed());
     config.durable_backstop = false;
     config.heartbeat = None;
     let (runner, connect_config) = start_agent(&args.nats, config).await?;
@@ -1022,6 +1039,12 @@ async fn run_send(args: SendArgs, id: AgentId) -> Result<ExitCode, String> {
         return Err(format!("the agent was not ready within {wait:?}"));
     }
     let text = args.text.clone();
+    let stream = match &route {
+        SendRoute::Channel(_) => SpaceStream::Chat,
+        SendRoute::Dm(_) => SpaceStream::Dm,
+        SendRoute::Anycast(_) => SpaceStream::Task,
+    }
+    .name(&space);
     let (request, id) = match route {
         SendRoute::Channel(channel) => handle.send_text(channel, text).await,
         SendRoute::Dm(to) => handle.send_dm_text(to, text).await,
@@ -1043,7 +1066,7 @@ async fn run_send(args: SendArgs, id: AgentId) -> Result<ExitCode, String> {
                             "message id {id} was already taken in the stream; sent as {stored}"
                         );
                     }
-                    return Ok((seq, duplicate));
+                    return Ok((stored, seq, duplicate));
                 }
                 AgentEvent::SendFailed {
                     request: r,
@@ -1066,8 +1089,15 @@ async fn run_send(args: SendArgs, id: AgentId) -> Result<ExitCode, String> {
     .unwrap_or_else(|_| Err(format!("send of {id}: no acknowledgement within {wait:?}")));
     let _ = handle.stop(STOP_GRACE);
     let _ = task.await;
-    let (seq, duplicate) = outcome?;
-    println!("{seq}{}", if duplicate { " (duplicate)" } else { "" });
+    let (stored, seq, duplicate) = outcome?;
+    if args.json {
+        println!(
+            "{}",
+            json!({"id": stored, "seq": seq, "duplicate": duplicate, "stream": stream})
+        );
+    } else {
+        println!("{seq}{}", if duplicate { " (duplicate)" } else { "" });
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1117,7 +1147,7 @@ async fn kv_entries(
 
 pub(crate) async fn members(args: MembersArgs) -> ExitCode {
     if args.orphans {
-        return crate::lifecycle::members_orphans(&args.nats, &args.space).await;
+        return crate::lifecycle::members_orphans(&args.nats, &args.space, args.json).await;
     }
     let only = match args.channel.as_deref().map(channel_of).transpose() {
         Ok(only) => only,
@@ -1131,6 +1161,13 @@ pub(crate) async fn members(args: MembersArgs) -> ExitCode {
         for (key, value) in entries {
             let record: MembershipRecord = match serde_json::from_slice(&value) {
                 Ok(r) => r,
+                Err(e) if args.json => {
+                    println!(
+                        "{}",
+                        json!({"key": key, "error": format!("undecodable: {e}")})
+                    );
+                    continue;
+                }
                 Err(e) => {
                     println!("{key}: undecodable record: {e}");
                     continue;
@@ -1143,6 +1180,16 @@ pub(crate) async fn members(args: MembersArgs) -> ExitCode {
                 continue;
             }
             shown += 1;
+            if args.json {
+                let mut line = json!({"key": key});
+                if let (Some(line), Ok(Value::Object(fields))) =
+                    (line.as_object_mut(), serde_json::to_value(&record))
+                {
+                    line.extend(fields);
+                }
+                println!("{line}");
+                continue;
+            }
             println!(
                 "{} {} generation={} joinCursor={} leaveCursor={} activated={} state={}",
                 record.channel.as_str(),
@@ -1160,6 +1207,7 @@ pub(crate) async fn members(args: MembersArgs) -> ExitCode {
             );
         }
         match &only {
+            _ if args.json => {}
             Some(ch) => println!(
                 "{shown} membership record(s) on channels matching {} ({total} in the space)",
                 ch.as_str()
@@ -1177,82 +1225,44 @@ pub(crate) async fn health(args: SpaceArgs) -> ExitCode {
         let entries = kv_entries(&args.nats, &space, KvBucket::Delivery).await?;
         let now = wall_clock();
         let mut all_active = true;
-        let mut shown = 0usize;
+        let mut shards = Vec::new();
         for (key, value) in entries {
             if !key.starts_with(cotal_core::constants::LEASE_KEY_PREFIX) {
                 continue;
             }
-            shown += 1;
             let record: Option<DeliveryLease> = serde_json::from_slice(&value).ok();
             let verdict = judge_health(record.as_ref(), now, LEASE_TTL);
+            all_active &= matches!(verdict, LeaseHealth::Active { .. });
             let published = record
                 .as_ref()
                 .and_then(|r| r.extra.get(HEALTH_FIELD))
-                .map_or_else(|| "-".to_owned(), Value::to_string);
-            let text = match &verdict {
-                LeaseHealth::Active { holder } => format!("active (holder {holder})"),
-                LeaseHealth::Degraded(reason) => {
-                    all_active = false;
-                    format!("degraded: {reason:?}")
-                }
-                other => {
-                    all_active = false;
-                    format!("{other:?}")
-                }
-            };
+                .cloned();
             // Memberships whose owner is offline beyond the daemon's retention (G12): shown
             // here as well as by `members --orphans`, never only in the daemon's log.
             let orphans = record
                 .as_ref()
                 .and_then(|r| r.extra.get(ORPHANS_FIELD))
                 .and_then(|o| o.get("count"))
-                .and_then(Value::as_u64)
-                .map_or_else(String::new, |n| format!("; orphaned memberships {n}"));
-            println!("{key}: {text}; published health {published}{orphans}");
+                .and_then(Value::as_u64);
+            shards.push((key, verdict, published, orphans));
         }
-        if shown == 0 {
-            println!(
-                "no delivery lease: no daemon serves space '{}'",
-                space.as_str()
-            );
+        if shards.is_empty() {
             all_active = false;
         }
         // Consumer headroom (issue 22): each stream under 10 % free is named.
         let config = args.nats.operator_config()?;
         let conn = connect_with(&config).await?;
-        let mut low = 0usize;
-        for (stream, headroom) in space_headroom(&conn.client, &space, config.request_timeout).await
+        let headroom = space_headroom(&conn.client, &space, config.request_timeout).await;
+        if headroom
+            .iter()
+            .any(|(_, h)| h.as_ref().map_or(true, |h| h.is_low()))
         {
-            match headroom {
-                Ok(h) if h.is_low() => {
-                    low += 1;
-                    all_active = false;
-                    println!(
-                        "stream {stream}: consumer headroom low: {} of {} used, {} free{}; \
-                         raise it with `cotal up --space {} --max-agents <more>`",
-                        h.consumers,
-                        h.cap,
-                        h.free(),
-                        if h.server_default {
-                            " (the server's default cap: the stream has none of its own)"
-                        } else {
-                            ""
-                        },
-                        space.as_str()
-                    );
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    all_active = false;
-                    println!("stream {stream}: cannot read its consumer count: {e}");
-                }
-            }
+            all_active = false;
         }
-        if low == 0 {
-            println!(
-                "consumer headroom: every stream has at least {LOW_HEADROOM_PERCENT} % of its \
-                 cap free"
-            );
+        if args.json {
+            println!("{}", health_json(&space, all_active, &shards, &headroom));
+        } else {
+            print_health(&space, &shards, &headroom);
         }
         Ok::<_, String>(if all_active {
             ExitCode::SUCCESS
@@ -1263,37 +1273,171 @@ pub(crate) async fn health(args: SpaceArgs) -> ExitCode {
     run.await.unwrap_or_else(fail)
 }
 
+/// One lease key of `cotal health`: its verdict, its published health and orphan count.
+type ShardHealth = (String, LeaseHealth, Option<Value>, Option<u64>);
+
+/// Each stream's consumer headroom, or why it could not be read.
+type StreamHeadroom = Vec<(String, Result<Headroom, ApiError>)>;
+
+fn print_health(space: &Space, shards: &[ShardHealth], headroom: &StreamHeadroom) {
+    for (key, verdict, published, orphans) in shards {
+        let text = match verdict {
+            LeaseHealth::Active { holder } => format!("active (holder {holder})"),
+            LeaseHealth::Degraded(reason) => format!("degraded: {reason:?}"),
+            other => format!("{other:?}"),
+        };
+        let published = published
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), Value::to_string);
+        let orphans = orphans.map_or_else(String::new, |n| format!("; orphaned memberships {n}"));
+        println!("{key}: {text}; published health {published}{orphans}");
+    }
+    if shards.is_empty() {
+        println!(
+            "no delivery lease: no daemon serves space '{}'",
+            space.as_str()
+        );
+    }
+    let mut low = 0usize;
+    for (stream, headroom) in headroom {
+        match headroom {
+            Ok(h) if h.is_low() => {
+                low += 1;
+                println!(
+                    "stream {stream}: consumer headroom low: {} of {} used, {} free{}; \
+                     raise it with `cotal up --space {} --max-agents <more>`",
+                    h.consumers,
+                    h.cap,
+                    h.free(),
+                    if h.server_default {
+                        " (the server's default cap: the stream has none of its own)"
+                    } else {
+                        ""
+                    },
+                    space.as_str()
+                );
+            }
+            Ok(_) => {}
+            Err(e) => println!("stream {stream}: cannot read its consumer count: {e}"),
+        }
+    }
+    if low == 0 {
+        println!(
+            "consumer headroom: every stream has at least {LOW_HEADROOM_PERCENT} % of its \
+             cap free"
+        );
+    }
+}
+
+/// `cotal health --json`: `{"space", "healthy", "shards": [{"key", "state", "holder"?,
+/// "detail"?, "published", "orphans"}], "streams": [{"stream", "consumers", "cap", "free",
+/// "low", "serverDefault"} or {"stream", "error"}]}`.
+fn health_json(
+    space: &Space,
+    healthy: bool,
+    shards: &[ShardHealth],
+    headroom: &StreamHeadroom,
+) -> Value {
+    let shards: Vec<Value> = shards
+        .iter()
+        .map(|(key, verdict, published, orphans)| {
+            let mut v = json!({"key": key, "published": published, "orphans": orphans});
+            match verdict {
+                LeaseHealth::Active { holder } => {
+                    v["state"] = json!("active");
+                    v["holder"] = json!(holder);
+                }
+                LeaseHealth::Degraded(reason) => {
+                    v["state"] = json!("degraded");
+                    v["detail"] = json!(format!("{reason:?}"));
+                }
+                other => {
+                    v["state"] = json!("not-active");
+                    v["detail"] = json!(format!("{other:?}"));
+                }
+            }
+            v
+        })
+        .collect();
+    let streams: Vec<Value> = headroom
+        .iter()
+        .map(|(stream, h)| match h {
+            Ok(h) => json!({
+                "stream": stream,
+                "consumers": h.consumers,
+                "cap": h.cap,
+                "free": h.free(),
+                "low": h.is_low(),
+                "serverDefault": h.server_default,
+            }),
+            Err(e) => json!({"stream": stream, "error": e.to_string()}),
+        })
+        .collect();
+    json!({
+        "space": space.as_str(),
+        "healthy": healthy,
+        "shards": shards,
+        "streams": streams,
+    })
+}
+
 pub(crate) async fn channels(args: SpaceArgs) -> ExitCode {
     let run = async {
         let space = space_of(&args.space)?;
         let entries = kv_entries(&args.nats, &space, KvBucket::Channels).await?;
         let mut registry = ChannelRegistry::default();
+        let mut ignored = Vec::new();
         for (key, value) in &entries {
             if let Err(e) = registry.apply(key, Some(value)) {
-                println!("{key}: ignored: {e}");
+                ignored.push(json!({"key": key, "error": e.to_string()}));
+                if !args.json {
+                    println!("{key}: ignored: {e}");
+                }
             }
         }
         let class = |c: DeliveryClass| match c {
             DeliveryClass::Live => "live",
             DeliveryClass::Durable => "durable",
         };
-        let defaults = registry.defaults.as_ref().map_or_else(
-            || "(none: durable)".to_owned(),
-            |d| serde_json::to_string(&d.to_object()).unwrap_or_default(),
-        );
-        println!("defaults {defaults}");
+        let defaults = registry.defaults.as_ref().map(|d| d.to_object());
+        let mut channels = Vec::new();
         for (channel, config) in &registry.channels {
             // A concrete channel is always a valid channel name.
             let Ok(as_channel) = channel_of(channel.as_str()) else {
                 continue;
             };
             let policy = registry.policy_for(&as_channel);
+            channels.push(json!({
+                "channel": channel.as_str(),
+                "class": class(policy.delivery_class),
+                "replay": policy.replay,
+                "config": config.to_object(),
+            }));
+        }
+        if args.json {
+            println!(
+                "{}",
+                json!({
+                    "space": space.as_str(),
+                    "defaults": defaults,
+                    "channels": channels,
+                    "ignored": ignored,
+                })
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        let defaults = defaults.map_or_else(
+            || "(none: durable)".to_owned(),
+            |d| serde_json::to_string(&d).unwrap_or_default(),
+        );
+        println!("defaults {defaults}");
+        for c in &channels {
             println!(
                 "{} class={} replay={} config={}",
-                channel.as_str(),
-                class(policy.delivery_class),
-                policy.replay,
-                serde_json::to_string(&config.to_object()).unwrap_or_default()
+                c["channel"].as_str().unwrap_or_default(),
+                c["class"].as_str().unwrap_or_default(),
+                c["replay"],
+                c["config"]
             );
         }
         println!("{} channel(s)", registry.channels.len());

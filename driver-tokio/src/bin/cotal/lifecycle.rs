@@ -339,7 +339,7 @@ async fn other_server_of(
 
 /// `cotal members --orphans`: what each shard's daemon published in its lease record
 /// ([`ORPHANS_FIELD`]): memberships whose owner has been offline beyond the daemon's retention.
-pub(crate) async fn members_orphans(nats: &NatsArgs, space: &str) -> ExitCode {
+pub(crate) async fn members_orphans(nats: &NatsArgs, space: &str, json: bool) -> ExitCode {
     let run = async {
         let space = Space::new(space).map_err(|e| format!("invalid space name '{space}': {e}"))?;
         let config = nats.operator_config()?;
@@ -369,12 +369,30 @@ pub(crate) async fn members_orphans(nats: &NatsArgs, space: &str) -> ExitCode {
             };
             let record: Value = serde_json::from_slice(&value).unwrap_or(Value::Null);
             let Some(orphans) = record.get(ORPHANS_FIELD) else {
+                if json {
+                    continue;
+                }
                 println!("{key}: no orphan list published yet (the daemon scans after start)");
                 continue;
             };
             published += 1;
             let count = orphans["count"].as_u64().unwrap_or(0);
             total += count;
+            if json {
+                for m in orphans["memberships"].as_array().into_iter().flatten() {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "shard": key,
+                            "channel": m["channel"],
+                            "owner": m["owner"],
+                            "generation": m["generation"],
+                            "offlineMs": m["offlineMs"],
+                        })
+                    );
+                }
+                continue;
+            }
             println!(
                 "{key}: {count} orphaned membership(s) (owner offline > {} ms; {})",
                 orphans["retentionMs"],
@@ -402,7 +420,9 @@ pub(crate) async fn members_orphans(nats: &NatsArgs, space: &str) -> ExitCode {
                 space.as_str()
             ));
         }
-        println!("{total} orphaned membership(s) in {published} shard(s) reporting");
+        if !json {
+            println!("{total} orphaned membership(s) in {published} shard(s) reporting");
+        }
         Ok::<_, String>(ExitCode::SUCCESS)
     };
     run.await.unwrap_or_else(fail)
