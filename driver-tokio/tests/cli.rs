@@ -262,6 +262,38 @@ fn unreachable_server_and_stub_commands_fail_clearly() {
         let e = v["error"].as_str().unwrap_or_default();
         assert!(e.starts_with("cannot reach NATS server"), "{args:?}: {v}");
     }
+    // `--metrics` on an address already taken fails at once, before connecting.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = taken.local_addr().expect("addr").to_string();
+    for command in ["agent", "delivery"] {
+        let out = cotal(&[
+            command,
+            "--space",
+            "main",
+            "--id",
+            "a",
+            "--metrics",
+            &taken,
+            "--nats",
+            unreachable.as_str(),
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+        assert!(
+            stdout(&out).starts_with(&format!("cotal: error: cannot serve metrics on {taken}")),
+            "{}",
+            stdout(&out)
+        );
+    }
+    let out = cotal(&[
+        "agent",
+        "--space",
+        "main",
+        "--id",
+        "a",
+        "--metrics",
+        "nowhere",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
     let out = cotal(&["members", "--space", "main", "--channel", "a..b", "--json"]);
     assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
     assert!(doc(&out)["error"].is_string(), "{}", stdout(&out));
@@ -269,6 +301,41 @@ fn unreachable_server_and_stub_commands_fail_clearly() {
 
 fn json_line(line: &str) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or(serde_json::Value::Null)
+}
+
+/// Sends `request` to `addr` over loopback and returns the whole answer (bounded wait).
+fn http(addr: &str, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(common::WAIT)).expect("timeout");
+    let _ = s.write_all(request);
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read the answer");
+    out
+}
+
+/// `GET /metrics` from `addr`: each sample line `name{labels} value` as name+labels → value.
+fn scrape(addr: &str) -> std::collections::BTreeMap<String, f64> {
+    let answer = http(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(
+        head.contains("Content-Type: application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// One sample of a scrape, 0 when absent.
+fn sample(m: &std::collections::BTreeMap<String, f64>, name: &str) -> f64 {
+    m.get(name).copied().unwrap_or(0.0)
 }
 
 /// The README's quick start, as a new user runs it: a server, `cotal up`, the agents' ACL
@@ -348,8 +415,46 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
         "{v}"
     );
     let spawn = |name: &'static str, args: &[&str]| cli.spawn(name, args);
-    let mut daemon = spawn("daemon", &["delivery", "--space", "demo", "--id", "d1"]);
+    // The daemon and bob serve metrics (scraped below as traffic flows).
+    let daemon_metrics = format!("127.0.0.1:{}", common::free_port());
+    let bob_metrics = format!("127.0.0.1:{}", common::free_port());
+    let mut daemon = spawn(
+        "daemon",
+        &[
+            "delivery",
+            "--space",
+            "demo",
+            "--id",
+            "d1",
+            "--metrics",
+            &daemon_metrics,
+        ],
+    );
     daemon.expect("health active", |l| l.contains("health: active"));
+    daemon.expect("metrics address", |l| {
+        l.contains(&format!("metrics: http://{daemon_metrics}/metrics"))
+    });
+    let before = scrape(&daemon_metrics);
+    assert_eq!(
+        sample(&before, "cotal_delivery_healthy"),
+        1.0,
+        "{before:#?}"
+    );
+    assert_eq!(
+        sample(&before, "cotal_delivery_lease_state{state=\"ready\"}"),
+        1.0,
+        "{before:#?}"
+    );
+    assert!(
+        sample(&before, "cotal_delivery_lease_fencing_token") > 0.0,
+        "{before:#?}"
+    );
+    for feed in [
+        "members", "acl", "channels", "presence", "control", "fanout", "reader",
+    ] {
+        let key = format!("cotal_delivery_feed_up{{feed=\"{feed}\"}}");
+        assert_eq!(sample(&before, &key), 1.0, "{key}: {before:#?}");
+    }
     let mut alice = spawn(
         "alice",
         &[
@@ -359,7 +464,15 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
     let mut bob = spawn(
         "bob",
         &[
-            "agent", "--space", "demo", "--id", "bob", "--join", "general",
+            "agent",
+            "--space",
+            "demo",
+            "--id",
+            "bob",
+            "--join",
+            "general",
+            "--metrics",
+            &bob_metrics,
         ],
     );
     for p in [&mut alice, &mut bob] {
@@ -377,6 +490,71 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
     assert_eq!(got["channel"], "general");
     assert_eq!(got["historical"], false);
     assert_eq!(got["id"], sent["id"]);
+    // The daemon's counters moved with the joins and the message: one copy, bob's (the sender
+    // gets none). Bounded wait: the copy write and transfer follow the live delivery.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let after = loop {
+        let m = scrape(&daemon_metrics);
+        let moved = sample(&m, "cotal_delivery_copies_written_total")
+            > sample(&before, "cotal_delivery_copies_written_total")
+            && sample(&m, "cotal_delivery_transferred_total{path=\"direct\"}")
+                + sample(&m, "cotal_delivery_transferred_total{path=\"reader\"}")
+                > 0.0;
+        if moved || std::time::Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        sample(&after, "cotal_delivery_copies_written_total"),
+        sample(&before, "cotal_delivery_copies_written_total") + 1.0,
+        "{after:#?}"
+    );
+    assert_eq!(
+        sample(&after, "cotal_delivery_transferred_total{path=\"direct\"}")
+            + sample(&after, "cotal_delivery_transferred_total{path=\"reader\"}"),
+        1.0,
+        "{after:#?}"
+    );
+    let joins = sample(&after, "cotal_delivery_joins_total{result=\"durable\"}");
+    assert!(joins >= 2.0, "{after:#?}");
+    // Every answered join was timed from its request.
+    assert_eq!(
+        sample(&after, "cotal_delivery_join_duration_seconds_count"),
+        joins,
+        "{after:#?}"
+    );
+    assert!(
+        sample(&after, "cotal_delivery_join_duration_seconds_sum") > 0.0,
+        "{after:#?}"
+    );
+    assert_eq!(
+        sample(&after, "cotal_delivery_copies_lost_total{cause=\"shed\"}"),
+        0.0,
+        "{after:#?}"
+    );
+    // Bad requests get an answer and change nothing.
+    assert!(http(&daemon_metrics, b"BREW /pot HTCPCP/1.0\r\n\r\n").starts_with("HTTP/1.1 400 "));
+    assert!(http(&daemon_metrics, b"GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404 "));
+    let mut huge = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 64 * 1024));
+    assert!(http(&daemon_metrics, &huge).starts_with("HTTP/1.1 431 "));
+    // Bob's: connected, the durable backstop of general established, the message surfaced.
+    let bob_m = scrape(&bob_metrics);
+    assert_eq!(sample(&bob_m, "cotal_agent_connected"), 1.0, "{bob_m:#?}");
+    assert_eq!(
+        sample(
+            &bob_m,
+            "cotal_agent_channel_backstop{channel=\"general\",state=\"established\"}"
+        ),
+        1.0,
+        "{bob_m:#?}"
+    );
+    assert!(
+        sample(&bob_m, "cotal_agent_ledger_surfaced_total") >= 1.0,
+        "{bob_m:#?}"
+    );
+    assert_eq!(sample(&bob_m, "cotal_agent_losses_reported_total"), 0.0);
     // Commands and a malformed line.
     bob.type_line("/frobnicate");
     bob.expect("error line", |l| {

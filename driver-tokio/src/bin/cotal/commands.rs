@@ -30,11 +30,14 @@ use cotal_driver_tokio::app::{
 };
 use cotal_driver_tokio::connect::{ConnectConfig, NatsConnection, connect};
 use cotal_driver_tokio::exec::{Executor, ExecutorConfig};
+use cotal_driver_tokio::metrics::{AgentMetrics, DaemonMetrics, Render, serve};
 use cotal_driver_tokio::provision::space_headroom;
 use cotal_driver_tokio::run::{Runner, os_key, os_seed, wall_clock};
 use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a stopping agent or daemon waits for its last writes (offline presence, lease
@@ -86,6 +89,12 @@ pub(crate) struct DeliveryArgs {
     /// hops), instead of writing the copies it may transfer straight to DLV. For comparisons.
     #[arg(long)]
     two_hop: bool,
+    /// Serve the daemon's metrics as OpenMetrics text on http://ADDR/metrics (e.g.
+    /// `127.0.0.1:9464`): copies written, transferred, shed, lost by cause, revoked,
+    /// back-pressure, lease state and fencing token, feeds, joins and leaves with their
+    /// latencies. Bind to loopback or a private address: the endpoint has no authentication.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -125,6 +134,11 @@ pub(crate) struct AgentArgs {
     /// creates them; an agent credential may not).
     #[arg(long)]
     create_dlv_consumer: Option<bool>,
+    /// Serve the agent's metrics as OpenMetrics text on http://ADDR/metrics (e.g.
+    /// `127.0.0.1:9465`): connection, each channel's backstop, losses reported to it, dedup
+    /// and delivery counters. Bind to loopback or a private address: no authentication.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -220,6 +234,22 @@ async fn check_provisioned(
     }
 }
 
+/// Binds the `--metrics` address before anything else starts: a busy or bad address fails the
+/// command at once.
+async fn metrics_listener(
+    addr: Option<SocketAddr>,
+) -> Result<Option<tokio::net::TcpListener>, String> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(target: "cotal", "metrics: http://{bound}/metrics");
+    Ok(Some(listener))
+}
+
 async fn terminate_signal() {
     #[cfg(unix)]
     {
@@ -273,10 +303,31 @@ async fn run_delivery(args: DeliveryArgs, id: Option<AgentId>) -> Result<ExitCod
     delivery_config.orphan_retention = args.orphan_retention;
     delivery_config.reap_orphans = args.reap_orphans;
     delivery_config.two_hop = args.two_hop;
-    let (daemon, mut events) = DeliveryDaemon::start_with_events(&config, delivery_config)
+    let listener = metrics_listener(args.metrics).await?;
+    let metrics = listener.as_ref().map(|_| {
+        Arc::new(DaemonMetrics::new(
+            space.as_str(),
+            shard.index(),
+            shard.shards(),
+            &id,
+        ))
+    });
+    let tap = metrics.clone().map(|m| {
+        Box::new(move |input: &cotal_core::io::Input| m.input(input))
+            as cotal_driver_tokio::app::InputTap
+    });
+    let (daemon, mut events) = DeliveryDaemon::start_tapped(&config, delivery_config, tap)
         .await
         .map_err(|e| e.to_string())?;
     let daemon = daemon.with_grace(STOP_GRACE);
+    let server = listener.zip(metrics.clone()).map(|(listener, metrics)| {
+        let monitor = daemon.monitor();
+        let render: Render = Arc::new(move || {
+            let (monitor, metrics) = (monitor.clone(), metrics.clone());
+            Box::pin(async move { metrics.render(monitor.status().await.ok().as_ref()) })
+        });
+        serve(listener, render)
+    });
     tracing::info!(
         target: "cotal",
         "delivery {id}: space {}, shard {} of {}",
@@ -296,6 +347,9 @@ async fn run_delivery(args: DeliveryArgs, id: Option<AgentId>) -> Result<ExitCod
             }
             event = events.next() => match event {
                 Some(event) => {
+                    if let Some(m) = &metrics {
+                        m.event(&event);
+                    }
                     if let Some(reason) = report.event(&event) {
                         failure = Some(reason);
                         break;
@@ -312,6 +366,9 @@ async fn run_delivery(args: DeliveryArgs, id: Option<AgentId>) -> Result<ExitCod
     let stopped = daemon.shutdown().await;
     while let Some(Some(event)) = events.next().now_or_never() {
         let _ = report.event(&event);
+    }
+    if let Some(server) = server {
+        server.abort();
     }
     let stopped = stopped.map_err(|e| format!("daemon task failed: {e}"))?;
     let counters = &stopped.counters;
@@ -614,9 +671,19 @@ async fn run_agent(args: AgentArgs, id: AgentId) -> Result<ExitCode, String> {
     let mut connect_config = args.nats.config()?;
     connect_config.inbox_prefix = Some(id.inbox_prefix());
     connect_config.name = Some(format!("cotal-agent-{}", id.as_str()));
+    let listener = metrics_listener(args.metrics).await?;
     let (agent, mut events) = AppAgent::connect_with_events(&connect_config, options)
         .await
         .map_err(|e| e.to_string())?;
+    let server = listener.map(|listener| {
+        let metrics = Arc::new(AgentMetrics::new(space.as_str(), id.as_str()));
+        let agent = agent.clone();
+        let render: Render = Arc::new(move || {
+            let (agent, metrics) = (agent.clone(), metrics.clone());
+            Box::pin(async move { metrics.render(agent.health().await.ok().as_ref()) })
+        });
+        serve(listener, render)
+    });
     let mut messages = agent.messages();
     // Stdin lines are run one after the other, in order, each to its outcome; the loop below
     // keeps printing meanwhile. The task ends when stdin does and its last line is done.
@@ -657,6 +724,9 @@ async fn run_agent(args: AgentArgs, id: AgentId) -> Result<ExitCode, String> {
         if !matches!(event, AgentEvent::MessagesReady { .. }) {
             print_agent_event(&event);
         }
+    }
+    if let Some(server) = server {
+        server.abort();
     }
     let _ = agent.close().await;
     Ok(ExitCode::SUCCESS)
