@@ -262,6 +262,47 @@ fn unreachable_server_and_stub_commands_fail_clearly() {
         let e = v["error"].as_str().unwrap_or_default();
         assert!(e.starts_with("cannot reach NATS server"), "{args:?}: {v}");
     }
+    // `--log-format json`: every stderr line is a JSON object (here the agent's metrics line,
+    // logged before its connection fails); the text logs carry no colour off a terminal.
+    let args = |format: &str| {
+        cotal(&[
+            "-v",
+            "--log-format",
+            format,
+            "agent",
+            "--space",
+            "main",
+            "--id",
+            "a",
+            "--metrics",
+            "127.0.0.1:0",
+            "--nats",
+            unreachable.as_str(),
+        ])
+    };
+    let out = args("json");
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["level"] == "INFO"
+            && l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("metrics: http://127.0.0.1:"))),
+        "{stderr}"
+    );
+    let out = args("text");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("metrics: http://127.0.0.1:"), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "ANSI escapes off a terminal: {stderr:?}"
+    );
+    let out = cotal(&["--log-format", "yaml", "members", "--space", "main"]);
+    assert_eq!(out.status.code(), Some(2));
     // `--metrics` on an address already taken fails at once, before connecting.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let taken = taken.local_addr().expect("addr").to_string();

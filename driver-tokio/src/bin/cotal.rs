@@ -48,8 +48,22 @@ struct Cli {
     /// More log output on stderr (-v info, -vv debug, -vvv trace). `RUST_LOG` overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// The log lines on stderr: `text` for people (colours only when stderr is a terminal), or
+    /// `json` for a log pipeline: one JSON object per line (`timestamp`, `level`, `target`,
+    /// `fields.message`, …).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// `--log-format`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    /// One line of text per event.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// How to reach and authenticate to NATS.
@@ -532,14 +546,21 @@ async fn main() -> ExitCode {
         (2, _) => "debug",
         _ => "trace",
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(base)),
         )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            logs.with_target(false)
+                .with_ansi(std::io::stderr().is_terminal())
+                .init();
+        }
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
     match cli.command {
         Cmd::Up {
             space,
