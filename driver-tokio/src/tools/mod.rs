@@ -12,6 +12,9 @@
 //! they run inside `cotal`: the child processes they start are the running executable (`cotal
 //! delivery …` for a daemon, the hidden `cotal bench-agents …` for `cotal bench --agent-procs`).
 //!
+//! [`progress`] shows their progress as an `indicatif` bar when stderr is a terminal, and
+//! nothing more when it is not (bench keeps its plain progress line there, as before).
+//!
 //! [`bench::SpawnedServer`] (a nats-server on a free loopback port, killed on drop) is also what
 //! `cotal demo --spawn-server` starts. [`fail`] and [`usage`] are the binary's one-line error
 //! exits, shared with the tools.
@@ -21,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 pub mod bench;
 pub mod chaos;
+pub mod progress;
 
 /// `--json` was given: [`fail`] and [`usage`] print their line as a JSON object.
 static JSON_ERRORS: AtomicBool = AtomicBool::new(false);
