@@ -13,50 +13,50 @@ type Labels = Vec<(&'static str, String)>;
 
 /// The agent's own counters exported one to one (`cotal_agent_<name>_total`).
 const AGENT_COUNTERS: &[Exported<AgentCounters>] = &[
-    ("connection_losses", "Times the connection was lost.", |c| {
+    ("connection_losses", "Times the connection was lost", |c| {
         c.connection_losses
     }),
     (
         "spoofed",
-        "Messages dropped because their sender did not match the subject.",
+        "Messages dropped because their sender did not match the subject",
         |c| c.spoofed,
     ),
-    ("malformed", "Messages dropped as undecodable.", |c| {
+    ("malformed", "Messages dropped as undecodable", |c| {
         c.malformed
     }),
     (
         "settles_unconfirmed",
-        "Acks or naks whose outcome the broker did not confirm.",
+        "Acks or naks whose outcome the broker did not confirm",
         |c| c.settles_unconfirmed,
     ),
     (
         "backfill_failures",
-        "Backfills of a joined channel that failed.",
+        "Backfills of a joined channel that failed",
         |c| c.backfill_failures,
     ),
     (
         "reconcile_attempts",
-        "Attempts to re-establish a degraded durable backstop.",
+        "Attempts to re-establish a degraded durable backstop",
         |c| c.reconcile_attempts,
     ),
     (
         "dlv_bind_failures",
-        "Failed binds of the DLV consumer.",
+        "Failed binds of the DLV consumer",
         |c| c.dlv_bind_failures,
     ),
     (
         "live_copies_shed",
-        "Live copies shed because the inbox was full (lost to this agent unless a durable copy follows).",
+        "Live copies shed because the inbox was full (lost to this agent unless a durable copy follows)",
         |c| c.live_copies_shed,
     ),
     (
         "direct_bind_failures",
-        "Failed binds of a direct (dm_, svc_) consumer.",
+        "Failed binds of a direct (dm_, svc_) consumer",
         |c| c.direct_bind_failures,
     ),
     (
         "memberships_lost",
-        "Durable memberships found gone (tombstoned or deleted by someone else).",
+        "Durable memberships found gone (tombstoned or deleted by someone else)",
         |c| c.memberships_lost,
     ),
 ];
@@ -66,50 +66,50 @@ const AGENT_COUNTERS: &[Exported<AgentCounters>] = &[
 const LEDGER_COUNTERS: &[Exported<LedgerCounters>] = &[
     (
         "copies_ingested",
-        "Copies received (live, backfill and durable).",
+        "Copies received (live, backfill and durable)",
         |c| c.copies_ingested,
     ),
     (
         "duplicates_dropped",
-        "Live or backfill copies of a message already pending, dropped (dedup).",
+        "Live or backfill copies of a message already pending, dropped (dedup)",
         |c| c.duplicates_dropped,
     ),
     (
         "settled_duplicates_acked",
-        "Durable copies of an already settled message, acked and dropped (dedup).",
+        "Durable copies of an already settled message, acked and dropped (dedup)",
         |c| c.settled_duplicates_acked,
     ),
     (
         "settled_duplicates_dropped",
-        "Live or backfill copies of an already settled message, dropped (dedup).",
+        "Live or backfill copies of an already settled message, dropped (dedup)",
         |c| c.settled_duplicates_dropped,
     ),
     (
         "durable_redeliveries",
-        "Durable copies delivered more than once by the broker.",
+        "Durable copies delivered more than once by the broker",
         |c| c.durable_redeliveries,
     ),
-    ("surfaced", "Messages handed to the application.", |c| {
+    ("surfaced", "Messages handed to the application", |c| {
         c.surfaced
     }),
     (
         "handled",
-        "Messages the application reported handled.",
+        "Messages the application reported handled",
         |c| c.handled,
     ),
     (
         "overflow_deferred",
-        "Durable copies refused by a full inbox and nakked (deferred, not lost).",
+        "Durable copies refused by a full inbox and nakked (deferred, not lost)",
         |c| c.overflow_deferred,
     ),
     (
         "overflow_lost",
-        "Live or backfill copies refused by a full inbox (lost).",
+        "Live or backfill copies refused by a full inbox (lost)",
         |c| c.overflow_lost,
     ),
     (
         "anomalies_terminated",
-        "Durable anomalies terminated.",
+        "Durable anomalies terminated",
         |c| c.anomalies_terminated,
     ),
 ];
@@ -163,7 +163,7 @@ impl AgentMetrics {
         let mut root = Registry::default();
         let r = root.sub_registry_with_prefix("cotal_agent");
         let info = Family::<Labels, Gauge>::default();
-        r.register("info", "The agent: space and id (always 1).", info.clone());
+        r.register("info", "The agent: space and id (always 1)", info.clone());
         info.get_or_create(&vec![("space", space.to_owned()), ("agent", id.to_owned())])
             .set(1);
         let mut agent = Vec::new();
@@ -181,49 +181,49 @@ impl AgentMetrics {
         let losses = Counter::default();
         r.register(
             "losses_reported",
-            "Copies the delivery daemon reported it could not deliver to this agent (its loss record).",
+            "Copies the delivery daemon reported it could not deliver to this agent (its loss record)",
             losses.clone(),
         );
         let loss_ranges = Gauge::default();
         r.register(
             "loss_ranges",
-            "Ranges listed in the agent's loss record.",
+            "Ranges listed in the agent's loss record",
             loss_ranges.clone(),
         );
         let ready = Gauge::default();
         r.register(
             "connected",
-            "1 when connected and the channel registry is loaded.",
+            "1 when connected and the channel registry is loaded",
             ready.clone(),
         );
         let dlv_bound = Gauge::default();
         r.register(
             "dlv_bound",
-            "1 when the DLV consumer (the durable backstop) is bound.",
+            "1 when the DLV consumer (the durable backstop) is bound",
             dlv_bound.clone(),
         );
         let direct_bound = Family::<Labels, Gauge>::default();
         r.register(
             "direct_bound",
-            "1 when the direct consumer (dm_<id>, svc_<role>) is bound.",
+            "1 when the direct consumer (dm_<id>, svc_<role>) is bound",
             direct_bound.clone(),
         );
         let backstop = Family::<Labels, Gauge>::default();
         r.register(
             "channel_backstop",
-            "1 for each joined channel's backstop state now, 0 for the others.",
+            "1 for each joined channel's backstop state now, 0 for the others",
             backstop.clone(),
         );
         let generation = Family::<Labels, Gauge>::default();
         r.register(
             "channel_generation",
-            "The membership generation of each channel whose backstop is established.",
+            "The membership generation of each channel whose backstop is established",
             generation.clone(),
         );
         let unclosed = Gauge::default();
         r.register(
             "memberships_unclosed",
-            "Memberships still to close after a refusal.",
+            "Memberships still to close after a refusal",
             unclosed.clone(),
         );
         AgentMetrics {

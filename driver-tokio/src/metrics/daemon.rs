@@ -35,126 +35,126 @@ struct CoreCounter {
 const CORE_COUNTERS: &[Exported<DeliveryCounters>] = &[
     (
         "copies_written",
-        "Copies stored by fan-out and catch-up (in DLV directly, or in the dinbox).",
+        "Copies stored by fan-out and catch-up (in DLV directly, or in the dinbox)",
         |c| c.copies_written,
     ),
     (
         "copies_duplicate",
-        "Copy publishes the stream's duplicate window collapsed.",
+        "Copy publishes the stream's duplicate window collapsed",
         |c| c.copies_duplicate,
     ),
     (
         "dropped",
-        "Dinbox entries the reader dropped (not admitted).",
+        "Dinbox entries the reader dropped (not admitted)",
         |c| c.dropped,
     ),
     (
         "deferred",
-        "Dinbox entries the reader deferred (nak).",
+        "Dinbox entries the reader deferred (nak)",
         |c| c.deferred,
     ),
     (
         "held_for_leave",
-        "Entries held while a leave of their membership wrote its tombstone.",
+        "Entries held while a leave of their membership wrote its tombstone",
         |c| c.held_for_leave,
     ),
     (
         "terminated",
-        "Dinbox entries terminated (give-ups after the redelivery ceiling, anomalies).",
+        "Dinbox entries terminated (give-ups after the redelivery ceiling, anomalies)",
         |c| c.terminated,
     ),
     (
         "shed",
-        "Copies shed because the owner's DLV held its cap of unread copies (each also lost).",
+        "Copies shed because the owner's DLV held its cap of unread copies (each also lost)",
         |c| c.dlv_shed,
     ),
     (
         "catchup_evicted_ranges",
-        "Catch-up windows found evicted (the join answered durable:false).",
+        "Catch-up windows found evicted (the join answered durable:false)",
         |c| c.evicted_ranges,
     ),
     (
         "writes_failed",
-        "Failed or unknown dinbox, DLV and registry writes.",
+        "Failed or unknown dinbox, DLV and registry writes",
         |c| c.writes_failed,
     ),
     (
         "cas_retries",
-        "Compare-and-set conflicts that made a job re-read.",
+        "Compare-and-set conflicts that made a job re-read",
         |c| c.cas_retries,
     ),
     (
         "fenced",
-        "Registry writes refused because a newer daemon wrote the record.",
+        "Registry writes refused because a newer daemon wrote the record",
         |c| c.fenced,
     ),
-    ("lease_lost", "Times the lease was lost.", |c| c.lease_lost),
+    ("lease_lost", "Times the lease was lost", |c| c.lease_lost),
     (
         "dinbox_cap_reached",
-        "Times an owner's dinbox backlog reached the per-owner cap.",
+        "Times an owner's dinbox backlog reached the per-owner cap",
         |c| c.cap_reached,
     ),
     (
         "fanout_held",
-        "CHAT deliveries held back because an owner's dinbox backlog was at its high water (back-pressure).",
+        "CHAT deliveries held back because an owner's dinbox backlog was at its high water (back-pressure)",
         |c| c.fanout_deferred,
     ),
     (
         "fanout_hold_expired",
-        "Held CHAT deliveries released (nak) at the hold limit.",
+        "Held CHAT deliveries released (nak) at the hold limit",
         |c| c.fanout_hold_expired,
     ),
     (
         "backlog_unverified",
-        "Backlog reads that failed (a per-owner cap unverified for a while).",
+        "Backlog reads that failed (a per-owner cap unverified for a while)",
         |c| c.backlog_unverified,
     ),
     (
         "fanout_anomalies",
-        "CHAT messages fan-out terminated as anomalies.",
+        "CHAT messages fan-out terminated as anomalies",
         |c| c.fanout_anomalies,
     ),
     (
         "abandoned",
-        "Control requests abandoned without a reply (lease or connection lost).",
+        "Control requests abandoned without a reply (lease or connection lost)",
         |c| c.abandoned,
     ),
     (
         "revoked",
-        "DLV copies deleted by the revocation sweep (their owner's ACL no longer admits them).",
+        "DLV copies deleted by the revocation sweep (their owner's ACL no longer admits them)",
         |c| c.dlv_revoked,
     ),
     (
         "orphans_found",
-        "Memberships found orphaned (owner offline beyond the retention).",
+        "Memberships found orphaned (owner offline beyond the retention)",
         |c| c.orphans_found,
     ),
-    ("orphans_reaped", "Orphaned memberships tombstoned.", |c| {
+    ("orphans_reaped", "Orphaned memberships tombstoned", |c| {
         c.orphans_reaped
     }),
     (
         "live_class_joins",
-        "Durable joins answered durable:false because the channel is live.",
+        "Durable joins answered durable:false because the channel is live",
         |c| c.live_class_joins,
     ),
     (
         "consumer_headroom_low",
-        "Times a stream's consumer headroom fell under 10 % of its cap.",
+        "Times a stream's consumer headroom fell under 10 % of its cap",
         |c| c.consumer_headroom_low,
     ),
     (
         "presence_ignored",
-        "Presence keys ignored for @mention resolution (once per episode).",
+        "Presence keys ignored for @mention resolution (once per episode)",
         |c| c.presence_ignored,
     ),
     (
         "loss_notices_written",
-        "Writes of a member's loss record.",
+        "Writes of a member's loss record",
         |c| c.loss_notices_written,
     ),
     (
         "loss_notices_failed",
-        "Loss record reads or writes that failed (each retried).",
+        "Loss record reads or writes that failed (each retried)",
         |c| c.loss_notices_failed,
     ),
 ];
@@ -256,7 +256,7 @@ impl DaemonMetrics {
         let r = root.sub_registry_with_prefix("cotal_delivery");
         r.register(
             "info",
-            "The daemon: space, shard and id (always 1).",
+            "The daemon: space, shard and id (always 1)",
             info.clone(),
         );
         info.get_or_create(&vec![
@@ -280,75 +280,75 @@ impl DaemonMetrics {
         let transferred = Family::<Labels, Counter>::default();
         r.register(
             "transferred",
-            "Copies handed to DLV: path=direct by fan-out straight from CHAT, path=reader through the dinbox and the reader.",
+            "Copies handed to DLV: path=direct by fan-out straight from CHAT, path=reader through the dinbox and the reader",
             transferred.clone(),
         );
         let copies_lost = Family::<Labels, Counter>::default();
         r.register(
             "copies_lost",
-            "Copies lost, by cause: shed (the owner's DLV full), given_up_or_forgotten (the redelivery ceiling, or an interval pushed off the history cap).",
+            "Copies lost, by cause: shed (the owner's DLV full), given_up_or_forgotten (the redelivery ceiling, or an interval pushed off the history cap)",
             copies_lost.clone(),
         );
         let messages_lost = Family::<Labels, Counter>::default();
         r.register(
             "messages_lost",
-            "CHAT messages nobody got a durable copy of, by cause: evicted_before_fanout (verified), gap_unverified (possibly lost).",
+            "CHAT messages nobody got a durable copy of, by cause: evicted_before_fanout (verified), gap_unverified (possibly lost)",
             messages_lost.clone(),
         );
         let sweeps = Family::<Labels, Counter>::default();
         r.register(
             "revocation_sweeps",
-            "DLV revocation sweeps (one owner each), by result: done, failed.",
+            "DLV revocation sweeps (one owner each), by result: done, failed",
             sweeps.clone(),
         );
         let backpressure = Counter::default();
         r.register(
             "backpressure_episodes",
-            "Episodes of an owner's dinbox backlog at its high water (fan-out holds its copies back), counted from the daemon's DinboxBackpressure events.",
+            "Episodes of an owner's dinbox backlog at its high water (fan-out holds its copies back), counted from the daemon's DinboxBackpressure events",
             backpressure.clone(),
         );
         let healthy = Gauge::default();
         r.register(
             "healthy",
-            "1 when the daemon is active: lease ready, every feed open, writes succeeding.",
+            "1 when the daemon is active: lease ready, every feed open, writes succeeding",
             healthy.clone(),
         );
         let serving = Gauge::default();
         r.register(
             "serving",
-            "1 when every feed is open and control requests are served.",
+            "1 when every feed is open and control requests are served",
             serving.clone(),
         );
         let degraded = Family::<Labels, Gauge>::default();
-        r.register("degraded", "1 for each reason the daemon is degraded now (lease-not-held, fanout-down, writes-failing …).", degraded.clone());
+        r.register("degraded", "1 for each reason the daemon is degraded now (lease-not-held, fanout-down, writes-failing …)", degraded.clone());
         let feed_up = Family::<Labels, Gauge>::default();
-        r.register("feed_up", "1 when the feed is open as the daemon's health tells (0 when it is down, disconnected, or the lease is not held).", feed_up.clone());
+        r.register("feed_up", "1 when the feed is open as the daemon's health tells (0 when it is down, disconnected, or the lease is not held)", feed_up.clone());
         let lease = Family::<Labels, Gauge>::default();
         r.register(
             "lease_state",
-            "1 for the lease machine's state now, 0 for the others.",
+            "1 for the lease machine's state now, 0 for the others",
             lease.clone(),
         );
         let fencing_token = Gauge::default();
-        r.register("lease_fencing_token", "The fencing token (the lease create's revision) of the lease last acquired; 0 before one.", fencing_token.clone());
+        r.register("lease_fencing_token", "The fencing token (the lease create's revision) of the lease last acquired; 0 before one", fencing_token.clone());
         let joins = Family::<Labels, Counter>::default();
-        r.register("joins", "Durable joins answered, by result: durable, not_durable (live class, evicted window …), failed.", joins.clone());
+        r.register("joins", "Durable joins answered, by result: durable, not_durable (live class, evicted window …), failed", joins.clone());
         let leaves = Family::<Labels, Counter>::default();
         r.register(
             "leaves",
-            "Durable leaves answered, by result: ok, failed.",
+            "Durable leaves answered, by result: ok, failed",
             leaves.clone(),
         );
         let join_seconds = latency();
         r.register(
             "join_duration_seconds",
-            "From a durableJoin request's arrival to its answer.",
+            "From a durableJoin request's arrival to its answer",
             join_seconds.clone(),
         );
         let leave_seconds = latency();
         r.register(
             "leave_duration_seconds",
-            "From a durableLeave request's arrival to its answer.",
+            "From a durableLeave request's arrival to its answer",
             leave_seconds.clone(),
         );
         for feed in FEEDS {
