@@ -371,6 +371,7 @@ impl Cmd {
                 ProvisionCmd::Delivery { json, .. } | ProvisionCmd::Agent { json, .. },
             ) => *json,
             Cmd::Send(args) => args.json,
+            Cmd::Deprovision(DeprovisionCmd::Agent(args)) => args.json,
             Cmd::Members(args) => args.json,
             Cmd::Health(args) | Cmd::Channels(args) => args.json,
             _ => false,
