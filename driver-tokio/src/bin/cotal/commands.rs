@@ -170,7 +170,8 @@ pub(crate) struct SendArgs {
     text: String,
     /// Print one JSON document instead of the sequence: `{"id", "seq", "duplicate", "stream"}`
     /// (the message id, its stream sequence, whether the stream had it already, and the stream:
-    /// CHAT_, DM_ or TASK_<space>). Same exit codes; an error is `{"error": "…"}`.
+    /// `CHAT_<space>`, `DM_<space>` or `TASK_<space>`). Same exit codes; an error is
+    /// `{"error": "…"}`.
     #[arg(long)]
     pub(crate) json: bool,
     #[command(flatten)]
