@@ -29,6 +29,24 @@ fn help_succeeds() {
     }
 }
 
+/// Off a terminal (here a pipe, as in CI) `explore` shows no progress bar: its stderr is the
+/// plain progress line rewritten in place, as before the bar, with no escape sequence.
+#[test]
+fn explore_progress_off_a_terminal_is_the_plain_line() {
+    let out = cotal_sim(&["explore", "--seeds", "3"]);
+    assert!(out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("\rexplore: 1/3 seeds  "), "{stderr:?}");
+    assert!(stderr.contains("\rexplore: 3/3 seeds  "), "{stderr:?}");
+    assert!(stderr.ends_with("surfaced  \n"), "{stderr:?}");
+    assert!(!stderr.contains('\x1b'), "{stderr:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("explored 3 seeds from 0 in "),
+        "{stdout}"
+    );
+}
+
 #[test]
 fn unknown_option_fails() {
     for args in [

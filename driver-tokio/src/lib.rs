@@ -96,6 +96,7 @@
 //! - [`provision`]: idempotent creation of a space's streams, KV buckets and the daemon's
 //!   consumers from the core's config data (`cotal up`);
 //! - [`app`]: the application API, [`Agent`] and [`DeliveryDaemon`];
+//! - [`metrics`]: the OpenMetrics endpoint of `cotal delivery --metrics` and `cotal agent --metrics`;
 //! - [`api`]: raw JetStream API requests and their error mapping;
 //! - [`run`]: the [`run::Runner`] that owns one core machine and drives it with an executor;
 //! - [`demo`]: the simulator's demo script run on a real nats-server, with a verdict from real
@@ -112,6 +113,7 @@ pub mod app;
 pub mod connect;
 pub mod demo;
 pub mod exec;
+pub mod metrics;
 pub mod provision;
 pub mod run;
 pub mod tools;

@@ -194,10 +194,189 @@ fn unreachable_server_and_stub_commands_fail_clearly() {
         "{text}"
     );
     assert!(text.contains("\"_INBOX_alice.>\""), "{text}");
+
+    // `--json`: the same documents, parsed; an error is `{"error"}` with the same exit code.
+    let doc = |o: &Output| -> serde_json::Value {
+        serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("not one JSON document ({e}): {}", stdout(o)))
+    };
+    let out = cotal(&[
+        "provision",
+        "agent",
+        "--space",
+        "main",
+        "--id",
+        "alice",
+        "--read",
+        "general",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let v = doc(&out);
+    assert_eq!(v["acl"]["bucket"], "cotal_acl_main", "{v}");
+    assert_eq!(
+        v["acl"]["record"]["allowSubscribe"],
+        serde_json::json!(["general"])
+    );
+    let sub = v["permissions"]["subscribe"]["allow"]
+        .as_array()
+        .expect("list");
+    assert!(sub.iter().any(|s| s == "_INBOX_alice.>"), "{v}");
+    assert!(v.get("applied").is_none(), "{v}");
+    let out = cotal(&[
+        "provision",
+        "delivery",
+        "--space",
+        "main",
+        "--id",
+        "d1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let v = doc(&out);
+    assert_eq!(v["id"], "d1", "{v}");
+    assert!(v["permissions"]["publish"]["allow"].is_array(), "{v}");
+    let unreachable = format!("nats://127.0.0.1:{port}");
+    for args in [
+        &["up", "--space", "main", "--json"][..],
+        &["members", "--space", "main", "--json"],
+        &["health", "--space", "main", "--json"],
+        &["channels", "--space", "main", "--json"],
+        &[
+            "send",
+            "--space",
+            "main",
+            "--id",
+            "a",
+            "--channel",
+            "x",
+            "y",
+            "--json",
+        ],
+    ] {
+        let mut all = args.to_vec();
+        all.extend(["--nats", unreachable.as_str()]);
+        let out = cotal(&all);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", stdout(&out));
+        let v = doc(&out);
+        let e = v["error"].as_str().unwrap_or_default();
+        assert!(e.starts_with("cannot reach NATS server"), "{args:?}: {v}");
+    }
+    // `--log-format json`: every stderr line is a JSON object (here the agent's metrics line,
+    // logged before its connection fails); the text logs carry no colour off a terminal.
+    let args = |format: &str| {
+        cotal(&[
+            "-v",
+            "--log-format",
+            format,
+            "agent",
+            "--space",
+            "main",
+            "--id",
+            "a",
+            "--metrics",
+            "127.0.0.1:0",
+            "--nats",
+            unreachable.as_str(),
+        ])
+    };
+    let out = args("json");
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["level"] == "INFO"
+            && l["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("metrics: http://127.0.0.1:"))),
+        "{stderr}"
+    );
+    let out = args("text");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("metrics: http://127.0.0.1:"), "{stderr}");
+    assert!(
+        !stderr.contains('\x1b'),
+        "ANSI escapes off a terminal: {stderr:?}"
+    );
+    let out = cotal(&["--log-format", "yaml", "members", "--space", "main"]);
+    assert_eq!(out.status.code(), Some(2));
+    // `--metrics` on an address already taken fails at once, before connecting.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let taken = taken.local_addr().expect("addr").to_string();
+    for command in ["agent", "delivery"] {
+        let out = cotal(&[
+            command,
+            "--space",
+            "main",
+            "--id",
+            "a",
+            "--metrics",
+            &taken,
+            "--nats",
+            unreachable.as_str(),
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+        assert!(
+            stdout(&out).starts_with(&format!("cotal: error: cannot serve metrics on {taken}")),
+            "{}",
+            stdout(&out)
+        );
+    }
+    let out = cotal(&[
+        "agent",
+        "--space",
+        "main",
+        "--id",
+        "a",
+        "--metrics",
+        "nowhere",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    let out = cotal(&["members", "--space", "main", "--channel", "a..b", "--json"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    assert!(doc(&out)["error"].is_string(), "{}", stdout(&out));
 }
 
 fn json_line(line: &str) -> serde_json::Value {
     serde_json::from_str(line).unwrap_or(serde_json::Value::Null)
+}
+
+/// Sends `request` to `addr` over loopback and returns the whole answer (bounded wait).
+fn http(addr: &str, request: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.set_read_timeout(Some(common::WAIT)).expect("timeout");
+    let _ = s.write_all(request);
+    let mut out = String::new();
+    s.read_to_string(&mut out).expect("read the answer");
+    out
+}
+
+/// `GET /metrics` from `addr`: each sample line `name{labels} value` as name+labels → value.
+fn scrape(addr: &str) -> std::collections::BTreeMap<String, f64> {
+    let answer = http(addr, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(
+        head.contains("Content-Type: application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
+    assert!(body.ends_with("# EOF\n"), "{body}");
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// One sample of a scrape, 0 when absent.
+fn sample(m: &std::collections::BTreeMap<String, f64>, name: &str) -> f64 {
+    m.get(name).copied().unwrap_or(0.0)
 }
 
 /// The README's quick start, as a new user runs it: a server, `cotal up`, the agents' ACL
@@ -213,6 +392,26 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
     // An open space whose channels are durable by choice (the README's quick start).
     let up = run(&["up", "--space", "demo", "--default-class", "durable"]);
     assert!(up.status.success(), "{}", stdout(&up));
+    // `up --json` again: every object unchanged, as one document.
+    let up = run(&["up", "--space", "demo", "--json"]);
+    assert!(up.status.success(), "{}", stdout(&up));
+    let v: serde_json::Value = serde_json::from_slice(&up.stdout).expect("up JSON");
+    assert_eq!(v["created"], 0, "{v}");
+    assert_eq!(v["failed"], 0, "{v}");
+    assert_eq!(v["unchanged"], 13, "{v}");
+    let objects = v["objects"].as_array().expect("objects");
+    assert_eq!(objects.len(), 13, "{v}");
+    assert!(
+        objects.iter().any(|o| o["kind"] == "stream"
+            && o["name"] == "CHAT_demo"
+            && o["result"] == "unchanged"),
+        "{v}"
+    );
+    assert_eq!(
+        v["defaultClass"],
+        serde_json::json!({"result": "kept", "class": "durable"})
+    );
+    assert_eq!(v["maxAgentsGiven"], false, "{v}");
     for who in ["alice", "bob"] {
         let out = run(&[
             "provision",
@@ -232,9 +431,71 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
             stdout(&out)
         );
     }
+    // `provision agent --apply --json`: the writes as `applied` entries.
+    let out = run(&[
+        "provision",
+        "agent",
+        "--space",
+        "demo",
+        "--id",
+        "bob",
+        "--read",
+        ">",
+        "--apply",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("provision JSON");
+    let applied = v["applied"].as_array().expect("applied");
+    assert_eq!(applied[0]["what"], "acl", "{v}");
+    assert!(applied[0]["revision"].is_u64(), "{v}");
+    assert!(
+        applied[1..]
+            .iter()
+            .all(|a| a["what"] == "consumer" && a["result"] == "unchanged"),
+        "{v}"
+    );
     let spawn = |name: &'static str, args: &[&str]| cli.spawn(name, args);
-    let mut daemon = spawn("daemon", &["delivery", "--space", "demo", "--id", "d1"]);
+    // The daemon and bob serve metrics (scraped below as traffic flows).
+    let daemon_metrics = format!("127.0.0.1:{}", common::free_port());
+    let bob_metrics = format!("127.0.0.1:{}", common::free_port());
+    let mut daemon = spawn(
+        "daemon",
+        &[
+            "delivery",
+            "--space",
+            "demo",
+            "--id",
+            "d1",
+            "--metrics",
+            &daemon_metrics,
+        ],
+    );
     daemon.expect("health active", |l| l.contains("health: active"));
+    daemon.expect("metrics address", |l| {
+        l.contains(&format!("metrics: http://{daemon_metrics}/metrics"))
+    });
+    let before = scrape(&daemon_metrics);
+    assert_eq!(
+        sample(&before, "cotal_delivery_healthy"),
+        1.0,
+        "{before:#?}"
+    );
+    assert_eq!(
+        sample(&before, "cotal_delivery_lease_state{state=\"ready\"}"),
+        1.0,
+        "{before:#?}"
+    );
+    assert!(
+        sample(&before, "cotal_delivery_lease_fencing_token") > 0.0,
+        "{before:#?}"
+    );
+    for feed in [
+        "members", "acl", "channels", "presence", "control", "fanout", "reader",
+    ] {
+        let key = format!("cotal_delivery_feed_up{{feed=\"{feed}\"}}");
+        assert_eq!(sample(&before, &key), 1.0, "{key}: {before:#?}");
+    }
     let mut alice = spawn(
         "alice",
         &[
@@ -244,7 +505,15 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
     let mut bob = spawn(
         "bob",
         &[
-            "agent", "--space", "demo", "--id", "bob", "--join", "general",
+            "agent",
+            "--space",
+            "demo",
+            "--id",
+            "bob",
+            "--join",
+            "general",
+            "--metrics",
+            &bob_metrics,
         ],
     );
     for p in [&mut alice, &mut bob] {
@@ -262,6 +531,71 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
     assert_eq!(got["channel"], "general");
     assert_eq!(got["historical"], false);
     assert_eq!(got["id"], sent["id"]);
+    // The daemon's counters moved with the joins and the message: one copy, bob's (the sender
+    // gets none). Bounded wait: the copy write and transfer follow the live delivery.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let after = loop {
+        let m = scrape(&daemon_metrics);
+        let moved = sample(&m, "cotal_delivery_copies_written_total")
+            > sample(&before, "cotal_delivery_copies_written_total")
+            && sample(&m, "cotal_delivery_transferred_total{path=\"direct\"}")
+                + sample(&m, "cotal_delivery_transferred_total{path=\"reader\"}")
+                > 0.0;
+        if moved || std::time::Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(
+        sample(&after, "cotal_delivery_copies_written_total"),
+        sample(&before, "cotal_delivery_copies_written_total") + 1.0,
+        "{after:#?}"
+    );
+    assert_eq!(
+        sample(&after, "cotal_delivery_transferred_total{path=\"direct\"}")
+            + sample(&after, "cotal_delivery_transferred_total{path=\"reader\"}"),
+        1.0,
+        "{after:#?}"
+    );
+    let joins = sample(&after, "cotal_delivery_joins_total{result=\"durable\"}");
+    assert!(joins >= 2.0, "{after:#?}");
+    // Every answered join was timed from its request.
+    assert_eq!(
+        sample(&after, "cotal_delivery_join_duration_seconds_count"),
+        joins,
+        "{after:#?}"
+    );
+    assert!(
+        sample(&after, "cotal_delivery_join_duration_seconds_sum") > 0.0,
+        "{after:#?}"
+    );
+    assert_eq!(
+        sample(&after, "cotal_delivery_copies_lost_total{cause=\"shed\"}"),
+        0.0,
+        "{after:#?}"
+    );
+    // Bad requests get an answer and change nothing.
+    assert!(http(&daemon_metrics, b"BREW /pot HTCPCP/1.0\r\n\r\n").starts_with("HTTP/1.1 400 "));
+    assert!(http(&daemon_metrics, b"GET /nope HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404 "));
+    let mut huge = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 64 * 1024));
+    assert!(http(&daemon_metrics, &huge).starts_with("HTTP/1.1 431 "));
+    // Bob's: connected, the durable backstop of general established, the message surfaced.
+    let bob_m = scrape(&bob_metrics);
+    assert_eq!(sample(&bob_m, "cotal_agent_connected"), 1.0, "{bob_m:#?}");
+    assert_eq!(
+        sample(
+            &bob_m,
+            "cotal_agent_channel_backstop{channel=\"general\",state=\"established\"}"
+        ),
+        1.0,
+        "{bob_m:#?}"
+    );
+    assert!(
+        sample(&bob_m, "cotal_agent_ledger_surfaced_total") >= 1.0,
+        "{bob_m:#?}"
+    );
+    assert_eq!(sample(&bob_m, "cotal_agent_losses_reported_total"), 0.0);
     // Commands and a malformed line.
     bob.type_line("/frobnicate");
     bob.expect("error line", |l| {
@@ -289,6 +623,26 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
     bob.expect("shell message", |l| {
         json_line(l)["text"] == "from the shell"
     });
+    let out = run(&[
+        "send",
+        "--space",
+        "demo",
+        "--id",
+        "carol",
+        "--channel",
+        "general",
+        "--json",
+        "json from the shell",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let sent: serde_json::Value = serde_json::from_slice(&out.stdout).expect("send JSON");
+    assert_eq!(sent["stream"], "CHAT_demo", "{sent}");
+    assert_eq!(sent["duplicate"], false, "{sent}");
+    assert!(sent["seq"].as_u64().is_some_and(|s| s > 0), "{sent}");
+    let got = json_line(&bob.expect("json message", |l| {
+        json_line(l)["text"] == "json from the shell"
+    }));
+    assert_eq!(got["id"], sent["id"], "{got}");
     let out = run(&["members", "--space", "demo", "--channel", "general"]);
     let text = stdout(&out);
     assert!(
@@ -296,6 +650,46 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
         "{text}"
     );
     assert!(text.contains("2 membership record(s)"), "{text}");
+    let out = run(&[
+        "members",
+        "--space",
+        "demo",
+        "--channel",
+        "general",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let records: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    let mut owners: Vec<&str> = records.iter().filter_map(|r| r["owner"].as_str()).collect();
+    owners.sort_unstable();
+    assert_eq!(owners, ["alice", "bob"], "{records:?}");
+    assert!(
+        records
+            .iter()
+            .all(|r| r["channel"] == "general" && r["generation"].is_u64() && r["key"].is_string()),
+        "{records:?}"
+    );
+    let out = run(&["health", "--space", "demo", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("health JSON");
+    assert_eq!(v["healthy"], true, "{v}");
+    assert_eq!(v["shards"][0]["state"], "active", "{v}");
+    assert_eq!(v["shards"][0]["holder"], "d1", "{v}");
+    assert_eq!(v["shards"][0]["published"]["state"], "active", "{v}");
+    assert!(
+        v["streams"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty() && s.iter().all(|s| s["low"] == false)),
+        "{v}"
+    );
+    let out = run(&["channels", "--space", "demo", "--json"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("channels JSON");
+    assert_eq!(v["channels"], serde_json::json!([]), "{v}");
+    assert_eq!(v["defaults"]["deliveryClass"], "durable", "{v}");
     let out = run(&["health", "--space", "demo"]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
     assert!(
@@ -333,6 +727,11 @@ fn quick_start_daemon_and_two_agents_over_the_cli() {
         "{}",
         stdout(&out)
     );
+    let out = run(&["health", "--space", "demo", "--json"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stdout(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("health JSON");
+    assert_eq!(v["healthy"], false, "{v}");
+    assert_eq!(v["shards"], serde_json::json!([]), "{v}");
 }
 
 /// Unicast and anycast over the CLI (SPEC §12 items 5 and 6): `provision agent --role` prints

@@ -37,7 +37,8 @@ fn deprovision_tombstones_through_the_daemon_is_idempotent_and_orphans_are_liste
     let cli = Cli::new(server.url());
     let up = cli.run(&["up", "--space", "lc", "--default-class", "durable"]);
     assert!(up.status.success(), "{}", stdout(&up));
-    for who in ["alice", "bob"] {
+    // carol is provisioned only (no membership): deprovisioned below with --json.
+    for who in ["alice", "bob", "carol"] {
         let out = cli.run(&[
             "provision",
             "agent",
@@ -93,9 +94,27 @@ fn deprovision_tombstones_through_the_daemon_is_idempotent_and_orphans_are_liste
     daemon.expect("orphan logged", |l| {
         l.contains("orphaned membership: general alice")
     });
+    // `--json`: one object per orphaned membership.
+    let out = cli.run(&["members", "--space", "lc", "--orphans", "--json"]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let mut owners: Vec<&str> = lines.iter().filter_map(|l| l["owner"].as_str()).collect();
+    owners.sort_unstable();
+    assert_eq!(owners, ["alice", "bob"], "{lines:?}");
+    for l in &lines {
+        assert_eq!(l["channel"], "general", "{l}");
+        assert_eq!(l["shard"], "lease.0", "{l}");
+        assert!(l["generation"].is_u64() && l["offlineMs"].is_u64(), "{l}");
+    }
     // ... and in the space's health.
     let health = stdout(&cli.run(&["health", "--space", "lc"]));
     assert!(health.contains("orphaned memberships 2"), "{health}");
+    let out = cli.run(&["health", "--space", "lc", "--json"]);
+    let health: serde_json::Value = serde_json::from_slice(&out.stdout).expect("health JSON");
+    assert_eq!(health["shards"][0]["orphans"], 2, "{health}");
 
     // Deprovision alice: the daemon tombstones, the rest is deleted.
     let out = cli.run(&["deprovision", "agent", "--space", "lc", "--id", "alice"]);
@@ -126,6 +145,31 @@ fn deprovision_tombstones_through_the_daemon_is_idempotent_and_orphans_are_liste
         .unwrap_or_else(|| panic!("{members}"));
     assert!(!alice.contains("leaveCursor=-"), "tombstoned: {alice}");
 
+    // `--json`: one object per change, then the summary.
+    let out = cli.run(&[
+        "deprovision",
+        "agent",
+        "--space",
+        "lc",
+        "--id",
+        "carol",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(
+        lines,
+        [
+            serde_json::json!({"action": "deleted", "what": "acl", "name": "cotal_acl_lc/carol"}),
+            serde_json::json!({"action": "deleted", "what": "consumer", "name": "DLV_lc/dlv_carol"}),
+            serde_json::json!({"action": "deleted", "what": "consumer", "name": "DM_lc/dm_carol"}),
+            serde_json::json!({"done": true, "changes": 3}),
+        ]
+    );
+
     // Idempotent: the second run finds nothing.
     let out = cli.run(&["deprovision", "agent", "--space", "lc", "--id", "alice"]);
     let text = stdout(&out);
@@ -135,6 +179,18 @@ fn deprovision_tombstones_through_the_daemon_is_idempotent_and_orphans_are_liste
         !text.contains("deleted:") && !text.contains("tombstoned:"),
         "{text}"
     );
+    let out = cli.run(&[
+        "deprovision",
+        "agent",
+        "--space",
+        "lc",
+        "--id",
+        "alice",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let done: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    assert_eq!(done, serde_json::json!({"done": true, "changes": 0}));
     let text = poll(&cli, &args, |t| t.contains("1 orphaned membership(s) in 1"));
     assert!(
         !text.contains(" alice "),
@@ -153,6 +209,27 @@ fn deprovision_tombstones_through_the_daemon_is_idempotent_and_orphans_are_liste
         "{text}"
     );
     assert!(text.contains("stopped after 0 change(s)"), "{text}");
+    let out = cli.run(&[
+        "deprovision",
+        "agent",
+        "--space",
+        "lc",
+        "--id",
+        "bob",
+        "--json",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let lines: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0], serde_json::json!({"done": false, "changes": 0}));
+    let error = lines[1]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("no delivery daemon answered the leave"),
+        "{error}"
+    );
     let members = stdout(&cli.run(&["members", "--space", "lc"]));
     assert!(
         members

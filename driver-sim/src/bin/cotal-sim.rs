@@ -7,8 +7,9 @@
 use clap::Parser as _;
 use cotal_driver_sim::cli::{Cli, Command, RunArgs};
 use cotal_driver_sim::explore::{RunSpec, check_determinism, shrink};
+use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::process::ExitCode;
 use std::time::Instant as WallClock;
 
@@ -29,6 +30,14 @@ fn determinism(spec: &RunSpec) -> bool {
     }
 }
 
+/// Ends the progress: clears the bar, or ends the plain line.
+fn end_progress(bar: Option<&ProgressBar>) {
+    match bar {
+        Some(bar) => bar.finish_and_clear(),
+        None => eprintln!(),
+    }
+}
+
 fn explore(
     seeds: u64,
     start: u64,
@@ -44,6 +53,16 @@ fn explore(
     // Every seed's transcript hash folded in order: two builds that print the same digest behaved
     // the same on these seeds, command for command (the check a refactor must pass).
     let mut digest = 0xcbf2_9ce4_8422_2325u64;
+    // On a terminal an `indicatif` bar; off one (a pipe, a CI log) the plain line as before.
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new(seeds);
+        if let Ok(style) = ProgressStyle::with_template(
+            "explore {elapsed:>4} [{bar:30}] {pos}/{len} seeds  {wide_msg}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar
+    });
     for (i, seed) in (start..start.saturating_add(seeds)).enumerate() {
         let spec = run.spec(seed);
         if check_determinism && !determinism(&spec) {
@@ -60,16 +79,25 @@ fn explore(
         let due = secs - last_progress >= 0.2 || i as u64 + 1 == seeds;
         if due || report.violation.is_some() {
             last_progress = secs;
-            eprint!(
-                "\rexplore: {}/{seeds} seeds  {:.1} seeds/s  {messages} messages ({:.0}/s)  {surfaced} surfaced  ",
-                i + 1,
-                (i + 1) as f64 / secs,
-                messages as f64 / secs,
-            );
-            let _ = std::io::stderr().flush();
+            if let Some(bar) = &bar {
+                bar.set_position(i as u64 + 1);
+                bar.set_message(format!(
+                    "{:.1} seeds/s  {messages} messages ({:.0}/s)  {surfaced} surfaced",
+                    (i + 1) as f64 / secs,
+                    messages as f64 / secs,
+                ));
+            } else {
+                eprint!(
+                    "\rexplore: {}/{seeds} seeds  {:.1} seeds/s  {messages} messages ({:.0}/s)  {surfaced} surfaced  ",
+                    i + 1,
+                    (i + 1) as f64 / secs,
+                    messages as f64 / secs,
+                );
+                let _ = std::io::stderr().flush();
+            }
         }
         if let Some(v) = report.violation {
-            eprintln!();
+            end_progress(bar.as_ref());
             println!("VIOLATION {v}");
             let mut spec = spec;
             if !no_shrink {
@@ -103,7 +131,7 @@ fn explore(
             return ExitCode::FAILURE;
         }
     }
-    eprintln!();
+    end_progress(bar.as_ref());
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     println!(
         "explored {seeds} seeds from {start} in {secs:.2} s: {:.1} seeds/s, {messages} CHAT messages ({:.0} simulated messages/s), {surfaced} surfaced; no violation",

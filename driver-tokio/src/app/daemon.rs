@@ -7,7 +7,8 @@ use crate::run::{MachineHandle, Runner};
 use cotal_core::delivery::daemon::{
     Delivery, DeliveryConfig, DeliveryCounters, DeliveryEvent, DeliveryHealth,
 };
-use cotal_core::delivery::lease::LeaseEvent;
+use cotal_core::delivery::lease::{LeaseEvent, LeaseState};
+use cotal_core::io::Input;
 use cotal_core::wire::token::AgentId;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -23,6 +24,8 @@ pub struct DaemonStatus {
     pub counters: DeliveryCounters,
     /// Every feed open and control requests served.
     pub serving: bool,
+    /// The lease machine's state (acquiring, held, ready, lost, released …).
+    pub lease: LeaseState,
 }
 
 /// How a daemon ended ([`DeliveryDaemon::shutdown`]).
@@ -135,6 +138,23 @@ impl DeliveryDaemon {
         connect: &ConnectConfig,
         config: DeliveryConfig,
     ) -> Result<(DeliveryDaemon, Events<DeliveryEvent>), StartError> {
+        DeliveryDaemon::start_tapped(connect, config, None).await
+    }
+
+    /// [`DeliveryDaemon::start_with_events`], with `tap` called on every input of the daemon's
+    /// machine (each message, delivery and completion the connection brings) before the machine
+    /// sees it: for instrumentation, such as the latency of a control request
+    /// ([`DaemonMetrics::input`](crate::metrics::DaemonMetrics::input)). Keep it quick: it runs
+    /// on the input path. `None`: no tap, and no extra hop.
+    ///
+    /// # Errors
+    ///
+    /// As [`DeliveryDaemon::start`].
+    pub async fn start_tapped(
+        connect: &ConnectConfig,
+        config: DeliveryConfig,
+        tap: Option<InputTap>,
+    ) -> Result<(DeliveryDaemon, Events<DeliveryEvent>), StartError> {
         let mut connect_config = connect.clone();
         if connect_config.inbox_prefix.is_none() {
             connect_config.inbox_prefix = AgentId::new(config.daemon_id.as_str())
@@ -152,6 +172,10 @@ impl DeliveryDaemon {
             ..ExecutorConfig::default()
         };
         let (executor, inputs) = Executor::start(conn, exec_config);
+        let inputs = match tap {
+            None => inputs,
+            Some(tap) => tapped(inputs, tap),
+        };
         let Runner {
             handle,
             events,
@@ -190,22 +214,21 @@ impl DeliveryDaemon {
         &self.id
     }
 
-    /// The health, counters and serving state now.
+    /// The health, counters, serving and lease state now.
     ///
     /// # Errors
     ///
     /// [`DaemonError::Stopped`].
     pub async fn status(&self) -> Result<DaemonStatus, DaemonError> {
-        let (health, counters, serving) = self
-            .handle
-            .status()
-            .await
-            .map_err(|_| DaemonError::Stopped)?;
-        Ok(DaemonStatus {
-            health,
-            counters,
-            serving,
-        })
+        self.monitor().status().await
+    }
+
+    /// A cloneable handle that reads [`DeliveryDaemon::status`] from elsewhere (a metrics
+    /// endpoint, a health check) while the owner keeps the daemon.
+    pub fn monitor(&self) -> DaemonMonitor {
+        DaemonMonitor {
+            handle: self.handle.clone(),
+        }
     }
 
     /// Waits until the daemon is active (lease ready, every feed open) and serving.
@@ -274,6 +297,52 @@ impl DeliveryDaemon {
     }
 }
 
+/// Called on every input of a daemon's machine ([`DeliveryDaemon::start_tapped`]).
+pub type InputTap = Box<dyn Fn(&Input) + Send + Sync>;
+
+/// Forwards `inputs` to the returned receiver, calling `tap` on each first.
+fn tapped(
+    mut inputs: tokio::sync::mpsc::UnboundedReceiver<Input>,
+    tap: InputTap,
+) -> tokio::sync::mpsc::UnboundedReceiver<Input> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(input) = inputs.recv().await {
+            tap(&input);
+            if tx.send(input).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Reads a running daemon's status ([`DeliveryDaemon::monitor`]); cloneable. Once the daemon
+/// has stopped, every read is [`DaemonError::Stopped`].
+#[derive(Clone, Debug)]
+pub struct DaemonMonitor {
+    handle: MachineHandle<Delivery>,
+}
+
+impl DaemonMonitor {
+    /// [`DeliveryDaemon::status`].
+    ///
+    /// # Errors
+    ///
+    /// [`DaemonError::Stopped`].
+    pub async fn status(&self) -> Result<DaemonStatus, DaemonError> {
+        self.handle
+            .call(|d, _| DaemonStatus {
+                health: d.health().clone(),
+                counters: d.counters().clone(),
+                serving: d.serving(),
+                lease: d.lease_state(),
+            })
+            .await
+            .map_err(|_| DaemonError::Stopped)
+    }
+}
+
 impl Drop for DeliveryDaemon {
     /// Dropped without [`DeliveryDaemon::shutdown`]: shut down all the same (best effort).
     fn drop(&mut self) {
@@ -303,6 +372,7 @@ async fn dispatch(
         health: d.health().clone(),
         counters: d.counters().clone(),
         serving: d.serving(),
+        lease: d.lease_state(),
     });
     {
         let mut s = lock(&shared);

@@ -23,7 +23,9 @@ mod outcome;
 mod shared;
 
 pub use agent::{Agent, AgentOptions, To};
-pub use daemon::{DaemonError, DaemonStatus, DaemonStopped, DeliveryDaemon};
+pub use daemon::{
+    DaemonError, DaemonMonitor, DaemonStatus, DaemonStopped, DeliveryDaemon, InputTap,
+};
 pub use message::{Message, Messages, message_json};
 pub use outcome::{
     AckError, AgentClosed, CloseError, JoinError, LeaveError, Left, SendError, Sent,

@@ -26,10 +26,12 @@ use cotal_core::wire::records::AclRecord;
 use cotal_core::wire::token::{AgentId, Channel, Role, Space};
 use cotal_driver_tokio::connect::{Auth, ConnectConfig, TlsConfig, connect};
 use cotal_driver_tokio::provision::{
-    SpacePlan, apply, ensure_default_class, nats_server_permissions,
+    Applied, DefaultClass, ProvisionReport, SpacePlan, apply, ensure_default_class,
+    nats_server_permissions,
 };
 use cotal_driver_tokio::tools::{bench, chaos};
 pub(crate) use cotal_driver_tokio::tools::{fail, usage};
+use serde_json::json;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -46,8 +48,22 @@ struct Cli {
     /// More log output on stderr (-v info, -vv debug, -vvv trace). `RUST_LOG` overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// The log lines on stderr: `text` for people (colours only when stderr is a terminal), or
+    /// `json` for a log pipeline: one JSON object per line (`timestamp`, `level`, `target`,
+    /// `fields.message`, …).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// `--log-format`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    /// One line of text per event.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// How to reach and authenticate to NATS.
@@ -278,6 +294,13 @@ enum Cmd {
         /// set is kept. `provision agent --apply` refuses an agent once a stream is full.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         max_agents: Option<u32>,
+        /// Print one JSON document instead of the text: `{"space", "objects": [{"kind",
+        /// "name", "result": "created"|"unchanged"|"updated"|"failed", "error"?}],
+        /// "defaultClass": {"result": "set"|"kept"|"failed", "class"?, "error"?}, "maxAgents",
+        /// "maxAgentsGiven", "created", "updated", "unchanged", "failed", "summary"}`. Same exit
+        /// codes; an error before the run is `{"error": "…"}`.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         nats: NatsArgs,
     },
@@ -307,8 +330,17 @@ enum Cmd {
     Members(commands::MembersArgs),
     /// Show the delivery health of each shard (from the lease records), and each stream whose
     /// consumer headroom is under 10 % of its cap (exit 3 then, as for a shard not active).
+    ///
+    /// --json prints one document: `{"space", "healthy", "shards": [{"key", "state":
+    /// "active"|"degraded"|"not-active", "holder"?, "detail"?, "published", "orphans"}],
+    /// "streams": [{"stream", "consumers", "cap", "free", "low", "serverDefault"} or {"stream",
+    /// "error"}]}`; `healthy` is false exactly when the exit code is 3.
     Health(commands::SpaceArgs),
     /// List the channel registry entries and each channel's effective class.
+    ///
+    /// --json prints one document: `{"space", "defaults" (the `=defaults` entry, or null),
+    /// "channels": [{"channel", "class": "live"|"durable", "replay", "config"}], "ignored":
+    /// [{"key", "error"}]}`.
     Channels(commands::SpaceArgs),
     /// Run a demo mesh (a delivery daemon and four agents on a live and a durable channel, with a
     /// leave, a rejoin, a restart, a connection loss and a refused join) on the embedded
@@ -330,6 +362,23 @@ enum Cmd {
     Chaos(chaos::ChaosArgs),
 }
 
+impl Cmd {
+    /// `--json` was given: the command's output, errors included, is JSON.
+    fn json(&self) -> bool {
+        match self {
+            Cmd::Up { json, .. }
+            | Cmd::Provision(
+                ProvisionCmd::Delivery { json, .. } | ProvisionCmd::Agent { json, .. },
+            ) => *json,
+            Cmd::Send(args) => args.json,
+            Cmd::Deprovision(DeprovisionCmd::Agent(args)) => args.json,
+            Cmd::Members(args) => args.json,
+            Cmd::Health(args) | Cmd::Channels(args) => args.json,
+            _ => false,
+        }
+    }
+}
+
 // Parsed once per run: the size of the agent variant does not matter.
 #[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
@@ -346,6 +395,11 @@ enum ProvisionCmd {
         /// The daemon's id: its user name (or user nkey), lease holder and inbox `_INBOX_<id>`.
         #[arg(long)]
         id: String,
+        /// Print one JSON document instead of the text: `{"space", "id", "permissions":
+        /// {"publish": {"allow", "deny"}, "subscribe": {"allow", "deny"}}}` (the nats-server
+        /// permissions block as JSON, which nats-server's config also accepts).
+        #[arg(long)]
+        json: bool,
     },
     /// Print an agent's ACL record and its nats-server permissions block.
     Agent {
@@ -380,6 +434,13 @@ enum ProvisionCmd {
         /// with, so the agent's own create finds it identical.
         #[arg(long)]
         apply: bool,
+        /// Print one JSON document instead of the text: `{"space", "id", "acl": {"bucket",
+        /// "key", "record"}, "permissions": {"publish": {"allow", "deny"}, "subscribe":
+        /// {"allow", "deny"}}, "applied": [{"what": "acl"|"consumer", "name", "result"?,
+        /// "revision"?}]}` (`applied` only with --apply). Same exit codes; an error is
+        /// `{"error": "…"}`.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         nats: NatsArgs,
     },
@@ -475,6 +536,9 @@ async fn demo(args: &DemoArgs) -> ExitCode {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.command.json() {
+        cotal_driver_tokio::tools::json_errors(true);
+    }
     // Quiet by default: warnings only, except that the daemon reports its health changes (info).
     let base = match (cli.verbose, &cli.command) {
         (0, Cmd::Delivery(_)) => "warn,cotal=info",
@@ -483,20 +547,28 @@ async fn main() -> ExitCode {
         (2, _) => "debug",
         _ => "trace",
     };
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(base)),
         )
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => {
+            use std::io::IsTerminal;
+            logs.with_target(false)
+                .with_ansi(std::io::stderr().is_terminal())
+                .init();
+        }
+        LogFormat::Json => logs.json().with_ansi(false).init(),
+    }
     match cli.command {
         Cmd::Up {
             space,
             replicas,
             default_class,
             max_agents,
+            json,
             nats,
         } => {
             up(
@@ -504,11 +576,14 @@ async fn main() -> ExitCode {
                 replicas,
                 default_class.as_deref(),
                 max_agents,
+                json,
                 &nats,
             )
             .await
         }
-        Cmd::Provision(ProvisionCmd::Delivery { space, id }) => provision_delivery(&space, &id),
+        Cmd::Provision(ProvisionCmd::Delivery { space, id, json }) => {
+            provision_delivery(&space, &id, json)
+        }
         Cmd::Provision(ProvisionCmd::Agent {
             space,
             id,
@@ -518,6 +593,7 @@ async fn main() -> ExitCode {
             spawn,
             names,
             apply,
+            json,
             nats,
         }) => {
             provision_agent(
@@ -529,6 +605,7 @@ async fn main() -> ExitCode {
                 spawn,
                 apply.then_some(&nats),
                 &names,
+                json,
             )
             .await
         }
@@ -551,6 +628,7 @@ async fn up(
     replicas: u32,
     default_class: Option<&str>,
     max_agents: Option<u32>,
+    json: bool,
     nats: &NatsArgs,
 ) -> ExitCode {
     let space = match Space::new(space) {
@@ -577,9 +655,6 @@ async fn up(
         plan = plan.with_replicas(replicas);
     }
     let report = apply(&conn.client, &plan, config.request_timeout).await;
-    for object in &report.objects {
-        println!("{object}");
-    }
     let class = match default_class {
         Some("live") => DeliveryClass::Live,
         Some(_) => DeliveryClass::Durable,
@@ -587,6 +662,18 @@ async fn up(
         None => DeliveryClass::Durable,
     };
     let defaults = ensure_default_class(&conn.client, &space, class, config.request_timeout).await;
+    let code = if report.failed() > 0 || defaults.is_err() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    };
+    if json {
+        println!("{}", up_json(&space, &plan, &report, &defaults));
+        return code;
+    }
+    for object in &report.objects {
+        println!("{object}");
+    }
     match &defaults {
         Ok(d) => println!("{d}"),
         Err(e) => println!("failed    defaults.deliveryClass: {e}"),
@@ -601,14 +688,62 @@ async fn up(
         }
     );
     println!("space {}: {}", space.as_str(), report.summary());
-    if report.failed() > 0 || defaults.is_err() {
-        ExitCode::from(1)
-    } else {
-        ExitCode::SUCCESS
-    }
+    code
 }
 
-fn provision_delivery(space: &str, id: &str) -> ExitCode {
+/// `cotal up --json`: the run as one document.
+fn up_json(
+    space: &Space,
+    plan: &SpacePlan,
+    report: &ProvisionReport,
+    defaults: &Result<DefaultClass, String>,
+) -> serde_json::Value {
+    let objects: Vec<serde_json::Value> = report
+        .objects
+        .iter()
+        .map(|o| {
+            let (result, error) = match &o.result {
+                Ok(Applied::Created) => ("created", None),
+                Ok(Applied::Unchanged) => ("unchanged", None),
+                Ok(Applied::Updated) => ("updated", None),
+                Err(e) => ("failed", Some(e.to_string())),
+            };
+            let mut v = json!({"kind": o.kind.to_string(), "name": o.name, "result": result});
+            if let Some(e) = error {
+                v["error"] = json!(e);
+            }
+            v
+        })
+        .collect();
+    let default_class = match defaults {
+        Ok(DefaultClass::Set(c)) => json!({"result": "set", "class": c.as_str()}),
+        Ok(DefaultClass::Kept(c)) => json!({"result": "kept", "class": c.as_str()}),
+        Err(e) => json!({"result": "failed", "error": e}),
+    };
+    json!({
+        "space": space.as_str(),
+        "objects": objects,
+        "defaultClass": default_class,
+        "maxAgents": plan.budget.max_agents(),
+        "maxAgentsGiven": plan.budget_given,
+        "created": report.created(),
+        "updated": report.updated(),
+        "unchanged": report.unchanged(),
+        "failed": report.failed(),
+        "summary": report.summary(),
+    })
+}
+
+/// A permissions block as nats-server's JSON form: `{"publish": {"allow": […], "deny": […]},
+/// "subscribe": {…}}`.
+fn permissions_json(p: &Permissions) -> serde_json::Value {
+    json!({
+        "publish": {"allow": p.publish_allow, "deny": p.publish_deny},
+        "subscribe": {"allow": p.subscribe_allow, "deny": p.subscribe_deny},
+    })
+}
+
+fn provision_delivery(space: &str, id: &str, json: bool) -> ExitCode {
     let space = match Space::new(space) {
         Ok(s) => s,
         Err(e) => return fail(format!("invalid space name '{space}': {e}")),
@@ -617,16 +752,25 @@ fn provision_delivery(space: &str, id: &str) -> ExitCode {
         Ok(a) => a,
         Err(e) => return fail(format!("invalid daemon id '{id}': {e}")),
     };
+    let permissions = Permissions::delivery(&space, &id);
+    if json {
+        println!(
+            "{}",
+            json!({
+                "space": space.as_str(),
+                "id": id.as_str(),
+                "permissions": permissions_json(&permissions),
+            })
+        );
+        return ExitCode::SUCCESS;
+    }
     println!(
         "# nats-server user permissions (authorization.users[].permissions) of the delivery \
          daemon {} of space {}",
         id.as_str(),
         space.as_str()
     );
-    println!(
-        "{}",
-        nats_server_permissions(&Permissions::delivery(&space, &id))
-    );
+    println!("{}", nats_server_permissions(&permissions));
     println!(
         "# the operator (cotal up, provision agent --apply, members, health, channels): the \
          allow-all manager profile, a user with no permissions block"
@@ -644,6 +788,7 @@ async fn provision_agent(
     spawn: bool,
     apply: Option<&NatsArgs>,
     names: &[String],
+    json: bool,
 ) -> ExitCode {
     let space = match Space::new(space) {
         Ok(s) => s,
@@ -699,6 +844,34 @@ async fn provision_agent(
     };
     record.set_provisioned_names(&names);
     let record_json = serde_json::to_string(&record).unwrap_or_default();
+    let applied = match apply {
+        None => None,
+        Some(nats) => {
+            Some(apply_agent(nats, &space, &id, policy.role.as_ref(), &record_json).await)
+        }
+    };
+    if json {
+        let mut doc = json!({
+            "space": space.as_str(),
+            "id": id.as_str(),
+            "acl": {
+                "bucket": KvBucket::Acl.name(&space),
+                "key": acl_key(&id),
+                "record": serde_json::to_value(&record).unwrap_or_default(),
+            },
+            "permissions": permissions_json(&permissions),
+        });
+        match applied {
+            None => {}
+            Some(Ok(steps)) => {
+                doc["applied"] = steps.iter().map(AppliedStep::to_json).collect();
+            }
+            // The error as `{"error"}`, alone: what was printed before it was not applied.
+            Some(Err(e)) => return fail(e),
+        }
+        println!("{doc}");
+        return ExitCode::SUCCESS;
+    }
     println!(
         "# ACL record: bucket {}, key {}",
         KvBucket::Acl.name(&space),
@@ -707,17 +880,55 @@ async fn provision_agent(
     println!("{record_json}");
     println!("# nats-server user permissions (authorization.users[].permissions)");
     println!("{}", nats_server_permissions(&permissions));
-    match apply {
+    match applied {
         None => ExitCode::SUCCESS,
-        Some(nats) => {
-            match apply_agent(nats, &space, &id, policy.role.as_ref(), &record_json).await {
-                Ok(lines) => {
-                    for l in lines {
-                        println!("{l}");
-                    }
-                    ExitCode::SUCCESS
-                }
-                Err(e) => fail(e),
+        Some(Ok(steps)) => {
+            for step in steps {
+                println!("{step}");
+            }
+            ExitCode::SUCCESS
+        }
+        Some(Err(e)) => fail(e),
+    }
+}
+
+/// One write of `provision agent --apply`.
+enum AppliedStep {
+    /// The ACL record, at this KV revision.
+    Acl { name: String, revision: u64 },
+    /// A consumer (`STREAM/NAME`) and what was done to it.
+    Consumer { name: String, result: Applied },
+}
+
+fn applied_word(a: Applied) -> &'static str {
+    match a {
+        Applied::Created => "created",
+        Applied::Unchanged => "unchanged",
+        Applied::Updated => "updated",
+    }
+}
+
+impl AppliedStep {
+    fn to_json(&self) -> serde_json::Value {
+        match self {
+            AppliedStep::Acl { name, revision } => {
+                json!({"what": "acl", "name": name, "revision": revision})
+            }
+            AppliedStep::Consumer { name, result } => {
+                json!({"what": "consumer", "name": name, "result": applied_word(*result)})
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for AppliedStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AppliedStep::Acl { name, revision } => {
+                write!(f, "applied: ACL record {name} revision {revision}")
+            }
+            AppliedStep::Consumer { name, result } => {
+                write!(f, "applied: consumer {name} {}", applied_word(*result))
             }
         }
     }
@@ -731,7 +942,7 @@ async fn apply_agent(
     id: &AgentId,
     role: Option<&Role>,
     record_json: &str,
-) -> Result<Vec<String>, String> {
+) -> Result<Vec<AppliedStep>, String> {
     let me = match nats.identity(None, false) {
         Identity::Id(id) => id,
         Identity::Mismatch(e) | Identity::Failed(e) => return Err(e),
@@ -775,10 +986,10 @@ async fn apply_agent(
         .put(acl_key(id), bytes::Bytes::from(record_json.to_owned()))
         .await
         .map_err(|e| format!("cannot write the ACL record: {e}"))?;
-    let mut lines = vec![format!(
-        "applied: ACL record {bucket}/{} revision {revision}",
-        acl_key(id)
-    )];
+    let mut lines = vec![AppliedStep::Acl {
+        name: format!("{bucket}/{}", acl_key(id)),
+        revision,
+    }];
     for spec in specs {
         let applied = match cotal_driver_tokio::provision::apply_consumer(
             &conn.client,
@@ -800,16 +1011,10 @@ async fn apply_agent(
                 return Err(format!("consumer {}/{}: {e}", spec.stream, spec.name));
             }
         };
-        lines.push(format!(
-            "applied: consumer {}/{} {}",
-            spec.stream,
-            spec.name,
-            match applied {
-                cotal_driver_tokio::provision::Applied::Created => "created",
-                cotal_driver_tokio::provision::Applied::Unchanged => "unchanged",
-                cotal_driver_tokio::provision::Applied::Updated => "updated",
-            }
-        ));
+        lines.push(AppliedStep::Consumer {
+            name: format!("{}/{}", spec.stream, spec.name),
+            result: applied,
+        });
     }
     Ok(lines)
 }

@@ -63,7 +63,8 @@ mod member;
 
 pub(crate) use member::{
     CHANNEL, LIVE_CHANNEL, Member, MemberLog, SETUP_WAIT, connect_as, cpu_seconds, finish_members,
-    join_live_in_proc, member_config, progress, progress_done, start_member, thread_cpu_seconds,
+    join_live_in_proc, member_config, progress, progress_done, progress_of, start_member,
+    thread_cpu_seconds,
 };
 
 pub use agents::{BenchAgentsArgs, bench_agents};
@@ -632,24 +633,34 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
             .map_err(|e| format!("send {i}: {e}"))?;
         published.insert(id, at);
         if i % 100 == 0 {
-            progress(&format!(
-                "bench: published {i}/{}, surfaced {}/{total} copies",
-                args.messages,
-                surfaced.load(Ordering::Relaxed)
-            ));
+            let n = surfaced.load(Ordering::Relaxed);
+            progress_of(
+                n as u64,
+                total as u64,
+                "copies",
+                &format!(
+                    "bench: published {i}/{}, surfaced {n}/{total} copies",
+                    args.messages
+                ),
+            );
         }
     }
     let publish_done = start.elapsed();
     let timeout = Duration::from_secs(args.timeout_s);
     while surfaced.load(Ordering::Relaxed) < total && start.elapsed() < timeout {
         agents.check()?;
-        progress(&format!(
-            "bench: published {}/{}, surfaced {}/{total} copies, {:.1} s",
-            args.messages,
-            args.messages,
-            surfaced.load(Ordering::Relaxed),
-            start.elapsed().as_secs_f64()
-        ));
+        let n = surfaced.load(Ordering::Relaxed);
+        progress_of(
+            n as u64,
+            total as u64,
+            "copies",
+            &format!(
+                "bench: published {}/{}, surfaced {n}/{total} copies, {:.1} s",
+                args.messages,
+                args.messages,
+                start.elapsed().as_secs_f64()
+            ),
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The durable side: every copy written to a dinbox and handed off to DLV (the surfacing
@@ -679,12 +690,17 @@ async fn run(args: BenchArgs) -> Result<ExitCode, String> {
         }
         daemon_polls += 1;
         if daemon_polls.is_multiple_of(10) {
-            progress(&format!(
-                "bench: daemon wrote {}/{total} dinbox copies, transferred {}/{total}, {:.1} s",
-                c.copies_written,
+            progress_of(
                 c.transferred,
-                start.elapsed().as_secs_f64()
-            ));
+                total as u64,
+                "copies",
+                &format!(
+                    "bench: daemon wrote {}/{total} dinbox copies, transferred {}/{total}, {:.1} s",
+                    c.copies_written,
+                    c.transferred,
+                    start.elapsed().as_secs_f64()
+                ),
+            );
         }
         // Each poll is a status request the daemons answer on their own threads: often enough
         // to time the end within 5 ms, seldom enough to cost them little.
@@ -1437,10 +1453,13 @@ async fn live_phase(
             .map_err(|e| format!("live send {i}: {e}"))?;
         published.insert(id, at);
         if i % 100 == 0 {
-            progress(&format!(
-                "bench: live published {i}/{messages}, surfaced {}/{total} copies",
-                surfaced.load(Ordering::Relaxed).saturating_sub(base)
-            ));
+            let n = surfaced.load(Ordering::Relaxed).saturating_sub(base);
+            progress_of(
+                n as u64,
+                total as u64,
+                "copies",
+                &format!("bench: live published {i}/{messages}, surfaced {n}/{total} copies"),
+            );
         }
     }
     let mut seen = (0usize, Instant::now());
@@ -1455,10 +1474,15 @@ async fn live_phase(
         } else if seen.1.elapsed() > stall {
             break;
         }
-        progress(&format!(
-            "bench: live published {messages}/{messages}, surfaced {n}/{total} copies, {:.1} s",
-            start.elapsed().as_secs_f64()
-        ));
+        progress_of(
+            n as u64,
+            total as u64,
+            "copies",
+            &format!(
+                "bench: live published {messages}/{messages}, surfaced {n}/{total} copies, {:.1} s",
+                start.elapsed().as_secs_f64()
+            ),
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // A short grace to see duplicates that would follow the last copy.

@@ -59,6 +59,7 @@ use super::bench::{
     SpawnedServer, durable_channel_for, free_port, spawn_daemon_process, start_member,
     target_server,
 };
+use super::progress::Progress;
 use crate::connect::{ConnectConfig, connect};
 use crate::provision::{SpacePlan, apply};
 use crate::run::{os_key, wall_clock};
@@ -585,10 +586,19 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         }
         Ok(())
     };
+    // On a terminal: a bar over the run's seconds, with the last thing done.
+    let bar = Progress::bar(args.duration, "s");
+    let show = |timeline: &[String]| {
+        bar.set(start.elapsed().as_secs());
+        if let Some(last) = timeline.last() {
+            bar.message(last.trim_start().to_owned());
+        }
+    };
     for (at, step) in steps {
         let when = start + Duration::from_millis(at);
         while Instant::now() < when {
             supervise(&mut daemon, &mut spawned, &mut timeline)?;
+            show(&timeline);
             tokio::time::sleep(Duration::from_millis(100).min(when - Instant::now())).await;
         }
         match step {
@@ -722,6 +732,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     let end = start + Duration::from_secs(args.duration);
     while Instant::now() < end {
         supervise(&mut daemon, &mut spawned, &mut timeline)?;
+        show(&timeline);
         tokio::time::sleep(
             Duration::from_millis(100).min(end.saturating_duration_since(Instant::now())),
         )
@@ -745,6 +756,9 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         daemon = Some(spawn_daemon(&url, &space, spawned)?);
         timeline.push(format!("{} heal: daemon started", stamp(start)));
     }
+    drop(bar);
+    let heal = Progress::spinner();
+    heal.message("heal: waiting for every member's copies");
     let heal_start = Instant::now();
     let mut owed = owed_copies(&js, &space, &concrete, &ids, &published.acked).await?;
     let mut last: Vec<usize> = Vec::new();
@@ -761,6 +775,11 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
             continue;
         }
         let caught_up = owed.iter().zip(&last).all(|(o, n)| *n >= o.expected.len());
+        heal.message(format!(
+            "heal: {} of {} owed copies surfaced",
+            last.iter().sum::<usize>(),
+            owed.iter().map(|o| o.expected.len()).sum::<usize>()
+        ));
         if caught_up && still_since.elapsed() >= Duration::from_secs(3) {
             // The application view is complete; the durable path must be too (a live copy
             // can hide a durable copy the daemon has not written yet, or never will).
@@ -776,6 +795,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         }
     }
     let heal_time = heal_start.elapsed();
+    drop(heal);
     owed = owed_copies(&js, &space, &concrete, &ids, &published.acked).await?;
     let durable = dlv_ids(&js, &space, &ids).await?;
     let _ = stop_tx.send(true);

@@ -13,7 +13,7 @@ use cotal_core::delivery::lease::{
 };
 use cotal_core::delivery::revoke::SweepEvent;
 use cotal_core::policy::{ChannelRegistry, DeliveryClass};
-use cotal_core::wire::capacity::LOW_HEADROOM_PERCENT;
+use cotal_core::wire::capacity::{Headroom, LOW_HEADROOM_PERCENT};
 use cotal_core::wire::config::SpaceStream;
 use cotal_core::wire::keys::KvBucket;
 use cotal_core::wire::message::Sender;
@@ -23,17 +23,21 @@ use cotal_core::wire::permissions::{
 use cotal_core::wire::records::{DeliveryLease, MembershipRecord};
 use cotal_core::wire::shard::ShardMap;
 use cotal_core::wire::token::{AgentId, Channel, Role, Space};
+use cotal_driver_tokio::api::ApiError;
 use cotal_driver_tokio::app::{
     Agent as AppAgent, AgentOptions, DeliveryDaemon, JoinError, LeaveError, SendError,
     Sent as AppSent,
 };
 use cotal_driver_tokio::connect::{ConnectConfig, NatsConnection, connect};
 use cotal_driver_tokio::exec::{Executor, ExecutorConfig};
+use cotal_driver_tokio::metrics::{AgentMetrics, DaemonMetrics, Render, serve};
 use cotal_driver_tokio::provision::space_headroom;
 use cotal_driver_tokio::run::{Runner, os_key, os_seed, wall_clock};
 use futures::{FutureExt, StreamExt};
 use serde_json::{Value, json};
+use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long a stopping agent or daemon waits for its last writes (offline presence, lease
@@ -46,6 +50,10 @@ pub(crate) struct SpaceArgs {
     /// The space name.
     #[arg(long)]
     space: String,
+    /// Print one JSON document instead of the text (its fields are in the command's
+    /// description above). Same exit codes; an error is `{"error": "…"}`.
+    #[arg(long)]
+    pub(crate) json: bool,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -87,6 +95,12 @@ pub(crate) struct DeliveryArgs {
     /// the same shard is a standby that takes over when the holder's lease expires).
     #[arg(long)]
     exit_on_lease_loss: bool,
+    /// Serve the daemon's metrics as OpenMetrics text on http://ADDR/metrics (e.g.
+    /// `127.0.0.1:9464`): copies written, transferred, shed, lost by cause, revoked,
+    /// back-pressure, lease state and fencing token, feeds, joins and leaves with their
+    /// latencies. Bind to loopback or a private address: the endpoint has no authentication.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -126,6 +140,11 @@ pub(crate) struct AgentArgs {
     /// creates them; an agent credential may not).
     #[arg(long)]
     create_dlv_consumer: Option<bool>,
+    /// Serve the agent's metrics as OpenMetrics text on http://ADDR/metrics (e.g.
+    /// `127.0.0.1:9465`): connection, each channel's backstop, losses reported to it, dedup
+    /// and delivery counters. Bind to loopback or a private address: no authentication.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -155,6 +174,12 @@ pub(crate) struct SendArgs {
     role: Option<String>,
     /// The text.
     text: String,
+    /// Print one JSON document instead of the sequence: `{"id", "seq", "duplicate", "stream"}`
+    /// (the message id, its stream sequence, whether the stream had it already, and the stream:
+    /// `CHAT_<space>`, `DM_<space>` or `TASK_<space>`). Same exit codes; an error is
+    /// `{"error": "…"}`.
+    #[arg(long)]
+    pub(crate) json: bool,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -174,6 +199,13 @@ pub(crate) struct MembersArgs {
     /// shard's daemon publishes them (see `cotal delivery --orphan-retention`).
     #[arg(long, conflicts_with = "channel")]
     orphans: bool,
+    /// Print one JSON object per line instead of the text: each membership record as stored
+    /// (`{"key", "channel", "owner", "generation", "joinCursor", "leaveCursor", "state", …}`;
+    /// an undecodable one as `{"key", "error"}`), no summary line. With --orphans, one line per
+    /// orphaned membership: `{"shard", "channel", "owner", "generation", "offlineMs"}`. Nothing
+    /// is printed for none. Same exit codes; an error is `{"error": "…"}`.
+    #[arg(long)]
+    pub(crate) json: bool,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -207,6 +239,22 @@ async fn check_provisioned(
         )),
         Err(e) => Err(format!("cannot read stream {stream}: {e}")),
     }
+}
+
+/// Binds the `--metrics` address before anything else starts: a busy or bad address fails the
+/// command at once.
+async fn metrics_listener(
+    addr: Option<SocketAddr>,
+) -> Result<Option<tokio::net::TcpListener>, String> {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(target: "cotal", "metrics: http://{bound}/metrics");
+    Ok(Some(listener))
 }
 
 async fn terminate_signal() {
@@ -263,10 +311,31 @@ async fn run_delivery(args: DeliveryArgs, id: Option<AgentId>) -> Result<ExitCod
     delivery_config.reap_orphans = args.reap_orphans;
     delivery_config.two_hop = args.two_hop;
     delivery_config.reacquire_lease = !args.exit_on_lease_loss;
-    let (daemon, mut events) = DeliveryDaemon::start_with_events(&config, delivery_config)
+    let listener = metrics_listener(args.metrics).await?;
+    let metrics = listener.as_ref().map(|_| {
+        Arc::new(DaemonMetrics::new(
+            space.as_str(),
+            shard.index(),
+            shard.shards(),
+            &id,
+        ))
+    });
+    let tap = metrics.clone().map(|m| {
+        Box::new(move |input: &cotal_core::io::Input| m.input(input))
+            as cotal_driver_tokio::app::InputTap
+    });
+    let (daemon, mut events) = DeliveryDaemon::start_tapped(&config, delivery_config, tap)
         .await
         .map_err(|e| e.to_string())?;
     let daemon = daemon.with_grace(STOP_GRACE);
+    let server = listener.zip(metrics.clone()).map(|(listener, metrics)| {
+        let monitor = daemon.monitor();
+        let render: Render = Arc::new(move || {
+            let (monitor, metrics) = (monitor.clone(), metrics.clone());
+            Box::pin(async move { metrics.render(monitor.status().await.ok().as_ref()) })
+        });
+        serve(listener, render)
+    });
     tracing::info!(
         target: "cotal",
         "delivery {id}: space {}, shard {} of {}",
@@ -287,6 +356,9 @@ async fn run_delivery(args: DeliveryArgs, id: Option<AgentId>) -> Result<ExitCod
             }
             event = events.next() => match event {
                 Some(event) => {
+                    if let Some(m) = &metrics {
+                        m.event(&event);
+                    }
                     if let Some(reason) = report.event(&event) {
                         failure = Some(reason);
                         break;
@@ -303,6 +375,9 @@ async fn run_delivery(args: DeliveryArgs, id: Option<AgentId>) -> Result<ExitCod
     let stopped = daemon.shutdown().await;
     while let Some(Some(event)) = events.next().now_or_never() {
         let _ = report.event(&event);
+    }
+    if let Some(server) = server {
+        server.abort();
     }
     let stopped = stopped.map_err(|e| format!("daemon task failed: {e}"))?;
     let counters = &stopped.counters;
@@ -619,9 +694,19 @@ async fn run_agent(args: AgentArgs, id: AgentId) -> Result<ExitCode, String> {
     let mut connect_config = args.nats.config()?;
     connect_config.inbox_prefix = Some(id.inbox_prefix());
     connect_config.name = Some(format!("cotal-agent-{}", id.as_str()));
+    let listener = metrics_listener(args.metrics).await?;
     let (agent, mut events) = AppAgent::connect_with_events(&connect_config, options)
         .await
         .map_err(|e| e.to_string())?;
+    let server = listener.map(|listener| {
+        let metrics = Arc::new(AgentMetrics::new(space.as_str(), id.as_str()));
+        let agent = agent.clone();
+        let render: Render = Arc::new(move || {
+            let (agent, metrics) = (agent.clone(), metrics.clone());
+            Box::pin(async move { metrics.render(agent.health().await.ok().as_ref()) })
+        });
+        serve(listener, render)
+    });
     let mut messages = agent.messages();
     // Stdin lines are run one after the other, in order, each to its outcome; the loop below
     // keeps printing meanwhile. The task ends when stdin does and its last line is done.
@@ -662,6 +747,9 @@ async fn run_agent(args: AgentArgs, id: AgentId) -> Result<ExitCode, String> {
         if !matches!(event, AgentEvent::MessagesReady { .. }) {
             print_agent_event(&event);
         }
+    }
+    if let Some(server) = server {
+        server.abort();
     }
     let _ = agent.close().await;
     Ok(ExitCode::SUCCESS)
@@ -1021,7 +1109,7 @@ async fn run_send(args: SendArgs, id: AgentId) -> Result<ExitCode, String> {
         (None, None, Some(role)) => SendRoute::Anycast(role_of(role)?),
         _ => return Err("give exactly one of --channel, --to, --role".to_owned()),
     };
-    let mut config = AgentConfig::new(space, me, Vec::new(), os_seed());
+    let mut config = AgentConfig::new(space.clone(), me, Vec::new(), os_seed());
     config.durable_backstop = false;
     config.heartbeat = None;
     let (runner, connect_config) = start_agent(&args.nats, config).await?;
@@ -1044,6 +1132,12 @@ async fn run_send(args: SendArgs, id: AgentId) -> Result<ExitCode, String> {
         return Err(format!("the agent was not ready within {wait:?}"));
     }
     let text = args.text.clone();
+    let stream = match &route {
+        SendRoute::Channel(_) => SpaceStream::Chat,
+        SendRoute::Dm(_) => SpaceStream::Dm,
+        SendRoute::Anycast(_) => SpaceStream::Task,
+    }
+    .name(&space);
     let (request, id) = match route {
         SendRoute::Channel(channel) => handle.send_text(channel, text).await,
         SendRoute::Dm(to) => handle.send_dm_text(to, text).await,
@@ -1065,7 +1159,7 @@ async fn run_send(args: SendArgs, id: AgentId) -> Result<ExitCode, String> {
                             "message id {id} was already taken in the stream; sent as {stored}"
                         );
                     }
-                    return Ok((seq, duplicate));
+                    return Ok((stored, seq, duplicate));
                 }
                 AgentEvent::SendFailed {
                     request: r,
@@ -1088,8 +1182,15 @@ async fn run_send(args: SendArgs, id: AgentId) -> Result<ExitCode, String> {
     .unwrap_or_else(|_| Err(format!("send of {id}: no acknowledgement within {wait:?}")));
     let _ = handle.stop(STOP_GRACE);
     let _ = task.await;
-    let (seq, duplicate) = outcome?;
-    println!("{seq}{}", if duplicate { " (duplicate)" } else { "" });
+    let (stored, seq, duplicate) = outcome?;
+    if args.json {
+        println!(
+            "{}",
+            json!({"id": stored, "seq": seq, "duplicate": duplicate, "stream": stream})
+        );
+    } else {
+        println!("{seq}{}", if duplicate { " (duplicate)" } else { "" });
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1139,7 +1240,7 @@ async fn kv_entries(
 
 pub(crate) async fn members(args: MembersArgs) -> ExitCode {
     if args.orphans {
-        return crate::lifecycle::members_orphans(&args.nats, &args.space).await;
+        return crate::lifecycle::members_orphans(&args.nats, &args.space, args.json).await;
     }
     let only = match args.channel.as_deref().map(channel_of).transpose() {
         Ok(only) => only,
@@ -1153,6 +1254,13 @@ pub(crate) async fn members(args: MembersArgs) -> ExitCode {
         for (key, value) in entries {
             let record: MembershipRecord = match serde_json::from_slice(&value) {
                 Ok(r) => r,
+                Err(e) if args.json => {
+                    println!(
+                        "{}",
+                        json!({"key": key, "error": format!("undecodable: {e}")})
+                    );
+                    continue;
+                }
                 Err(e) => {
                     println!("{key}: undecodable record: {e}");
                     continue;
@@ -1165,6 +1273,16 @@ pub(crate) async fn members(args: MembersArgs) -> ExitCode {
                 continue;
             }
             shown += 1;
+            if args.json {
+                let mut line = json!({"key": key});
+                if let (Some(line), Ok(Value::Object(fields))) =
+                    (line.as_object_mut(), serde_json::to_value(&record))
+                {
+                    line.extend(fields);
+                }
+                println!("{line}");
+                continue;
+            }
             println!(
                 "{} {} generation={} joinCursor={} leaveCursor={} activated={} state={}",
                 record.channel.as_str(),
@@ -1182,6 +1300,7 @@ pub(crate) async fn members(args: MembersArgs) -> ExitCode {
             );
         }
         match &only {
+            _ if args.json => {}
             Some(ch) => println!(
                 "{shown} membership record(s) on channels matching {} ({total} in the space)",
                 ch.as_str()
@@ -1199,82 +1318,44 @@ pub(crate) async fn health(args: SpaceArgs) -> ExitCode {
         let entries = kv_entries(&args.nats, &space, KvBucket::Delivery).await?;
         let now = wall_clock();
         let mut all_active = true;
-        let mut shown = 0usize;
+        let mut shards = Vec::new();
         for (key, value) in entries {
             if !key.starts_with(cotal_core::constants::LEASE_KEY_PREFIX) {
                 continue;
             }
-            shown += 1;
             let record: Option<DeliveryLease> = serde_json::from_slice(&value).ok();
             let verdict = judge_health(record.as_ref(), now, LEASE_TTL);
+            all_active &= matches!(verdict, LeaseHealth::Active { .. });
             let published = record
                 .as_ref()
                 .and_then(|r| r.extra.get(HEALTH_FIELD))
-                .map_or_else(|| "-".to_owned(), Value::to_string);
-            let text = match &verdict {
-                LeaseHealth::Active { holder } => format!("active (holder {holder})"),
-                LeaseHealth::Degraded(reason) => {
-                    all_active = false;
-                    format!("degraded: {reason:?}")
-                }
-                other => {
-                    all_active = false;
-                    format!("{other:?}")
-                }
-            };
+                .cloned();
             // Memberships whose owner is offline beyond the daemon's retention (G12): shown
             // here as well as by `members --orphans`, never only in the daemon's log.
             let orphans = record
                 .as_ref()
                 .and_then(|r| r.extra.get(ORPHANS_FIELD))
                 .and_then(|o| o.get("count"))
-                .and_then(Value::as_u64)
-                .map_or_else(String::new, |n| format!("; orphaned memberships {n}"));
-            println!("{key}: {text}; published health {published}{orphans}");
+                .and_then(Value::as_u64);
+            shards.push((key, verdict, published, orphans));
         }
-        if shown == 0 {
-            println!(
-                "no delivery lease: no daemon serves space '{}'",
-                space.as_str()
-            );
+        if shards.is_empty() {
             all_active = false;
         }
         // Consumer headroom (issue 22): each stream under 10 % free is named.
         let config = args.nats.operator_config()?;
         let conn = connect_with(&config).await?;
-        let mut low = 0usize;
-        for (stream, headroom) in space_headroom(&conn.client, &space, config.request_timeout).await
+        let headroom = space_headroom(&conn.client, &space, config.request_timeout).await;
+        if headroom
+            .iter()
+            .any(|(_, h)| h.as_ref().map_or(true, |h| h.is_low()))
         {
-            match headroom {
-                Ok(h) if h.is_low() => {
-                    low += 1;
-                    all_active = false;
-                    println!(
-                        "stream {stream}: consumer headroom low: {} of {} used, {} free{}; \
-                         raise it with `cotal up --space {} --max-agents <more>`",
-                        h.consumers,
-                        h.cap,
-                        h.free(),
-                        if h.server_default {
-                            " (the server's default cap: the stream has none of its own)"
-                        } else {
-                            ""
-                        },
-                        space.as_str()
-                    );
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    all_active = false;
-                    println!("stream {stream}: cannot read its consumer count: {e}");
-                }
-            }
+            all_active = false;
         }
-        if low == 0 {
-            println!(
-                "consumer headroom: every stream has at least {LOW_HEADROOM_PERCENT} % of its \
-                 cap free"
-            );
+        if args.json {
+            println!("{}", health_json(&space, all_active, &shards, &headroom));
+        } else {
+            print_health(&space, &shards, &headroom);
         }
         Ok::<_, String>(if all_active {
             ExitCode::SUCCESS
@@ -1285,37 +1366,171 @@ pub(crate) async fn health(args: SpaceArgs) -> ExitCode {
     run.await.unwrap_or_else(fail)
 }
 
+/// One lease key of `cotal health`: its verdict, its published health and orphan count.
+type ShardHealth = (String, LeaseHealth, Option<Value>, Option<u64>);
+
+/// Each stream's consumer headroom, or why it could not be read.
+type StreamHeadroom = Vec<(String, Result<Headroom, ApiError>)>;
+
+fn print_health(space: &Space, shards: &[ShardHealth], headroom: &StreamHeadroom) {
+    for (key, verdict, published, orphans) in shards {
+        let text = match verdict {
+            LeaseHealth::Active { holder } => format!("active (holder {holder})"),
+            LeaseHealth::Degraded(reason) => format!("degraded: {reason:?}"),
+            other => format!("{other:?}"),
+        };
+        let published = published
+            .as_ref()
+            .map_or_else(|| "-".to_owned(), Value::to_string);
+        let orphans = orphans.map_or_else(String::new, |n| format!("; orphaned memberships {n}"));
+        println!("{key}: {text}; published health {published}{orphans}");
+    }
+    if shards.is_empty() {
+        println!(
+            "no delivery lease: no daemon serves space '{}'",
+            space.as_str()
+        );
+    }
+    let mut low = 0usize;
+    for (stream, headroom) in headroom {
+        match headroom {
+            Ok(h) if h.is_low() => {
+                low += 1;
+                println!(
+                    "stream {stream}: consumer headroom low: {} of {} used, {} free{}; \
+                     raise it with `cotal up --space {} --max-agents <more>`",
+                    h.consumers,
+                    h.cap,
+                    h.free(),
+                    if h.server_default {
+                        " (the server's default cap: the stream has none of its own)"
+                    } else {
+                        ""
+                    },
+                    space.as_str()
+                );
+            }
+            Ok(_) => {}
+            Err(e) => println!("stream {stream}: cannot read its consumer count: {e}"),
+        }
+    }
+    if low == 0 {
+        println!(
+            "consumer headroom: every stream has at least {LOW_HEADROOM_PERCENT} % of its \
+             cap free"
+        );
+    }
+}
+
+/// `cotal health --json`: `{"space", "healthy", "shards": [{"key", "state", "holder"?,
+/// "detail"?, "published", "orphans"}], "streams": [{"stream", "consumers", "cap", "free",
+/// "low", "serverDefault"} or {"stream", "error"}]}`.
+fn health_json(
+    space: &Space,
+    healthy: bool,
+    shards: &[ShardHealth],
+    headroom: &StreamHeadroom,
+) -> Value {
+    let shards: Vec<Value> = shards
+        .iter()
+        .map(|(key, verdict, published, orphans)| {
+            let mut v = json!({"key": key, "published": published, "orphans": orphans});
+            match verdict {
+                LeaseHealth::Active { holder } => {
+                    v["state"] = json!("active");
+                    v["holder"] = json!(holder);
+                }
+                LeaseHealth::Degraded(reason) => {
+                    v["state"] = json!("degraded");
+                    v["detail"] = json!(format!("{reason:?}"));
+                }
+                other => {
+                    v["state"] = json!("not-active");
+                    v["detail"] = json!(format!("{other:?}"));
+                }
+            }
+            v
+        })
+        .collect();
+    let streams: Vec<Value> = headroom
+        .iter()
+        .map(|(stream, h)| match h {
+            Ok(h) => json!({
+                "stream": stream,
+                "consumers": h.consumers,
+                "cap": h.cap,
+                "free": h.free(),
+                "low": h.is_low(),
+                "serverDefault": h.server_default,
+            }),
+            Err(e) => json!({"stream": stream, "error": e.to_string()}),
+        })
+        .collect();
+    json!({
+        "space": space.as_str(),
+        "healthy": healthy,
+        "shards": shards,
+        "streams": streams,
+    })
+}
+
 pub(crate) async fn channels(args: SpaceArgs) -> ExitCode {
     let run = async {
         let space = space_of(&args.space)?;
         let entries = kv_entries(&args.nats, &space, KvBucket::Channels).await?;
         let mut registry = ChannelRegistry::default();
+        let mut ignored = Vec::new();
         for (key, value) in &entries {
             if let Err(e) = registry.apply(key, Some(value)) {
-                println!("{key}: ignored: {e}");
+                ignored.push(json!({"key": key, "error": e.to_string()}));
+                if !args.json {
+                    println!("{key}: ignored: {e}");
+                }
             }
         }
         let class = |c: DeliveryClass| match c {
             DeliveryClass::Live => "live",
             DeliveryClass::Durable => "durable",
         };
-        let defaults = registry.defaults.as_ref().map_or_else(
-            || "(none: durable)".to_owned(),
-            |d| serde_json::to_string(&d.to_object()).unwrap_or_default(),
-        );
-        println!("defaults {defaults}");
+        let defaults = registry.defaults.as_ref().map(|d| d.to_object());
+        let mut channels = Vec::new();
         for (channel, config) in &registry.channels {
             // A concrete channel is always a valid channel name.
             let Ok(as_channel) = channel_of(channel.as_str()) else {
                 continue;
             };
             let policy = registry.policy_for(&as_channel);
+            channels.push(json!({
+                "channel": channel.as_str(),
+                "class": class(policy.delivery_class),
+                "replay": policy.replay,
+                "config": config.to_object(),
+            }));
+        }
+        if args.json {
+            println!(
+                "{}",
+                json!({
+                    "space": space.as_str(),
+                    "defaults": defaults,
+                    "channels": channels,
+                    "ignored": ignored,
+                })
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        let defaults = defaults.map_or_else(
+            || "(none: durable)".to_owned(),
+            |d| serde_json::to_string(&d).unwrap_or_default(),
+        );
+        println!("defaults {defaults}");
+        for c in &channels {
             println!(
                 "{} class={} replay={} config={}",
-                channel.as_str(),
-                class(policy.delivery_class),
-                policy.replay,
-                serde_json::to_string(&config.to_object()).unwrap_or_default()
+                c["channel"].as_str().unwrap_or_default(),
+                c["class"].as_str().unwrap_or_default(),
+                c["replay"],
+                c["config"]
             );
         }
         println!("{} channel(s)", registry.channels.len());

@@ -53,8 +53,23 @@ pub(crate) struct DeprovisionAgentArgs {
     /// co-server is not visible: name a role only when this agent was its last server.
     #[arg(long)]
     role: Vec<String>,
+    /// Print one JSON object per line instead of the text: one per change, `{"action":
+    /// "tombstoned"|"deleted"|"kept", "what": "membership"|"acl"|"consumer"|"presence", "name",
+    /// "generation"?, "reason"?}`, then `{"done": true|false, "changes": N}` (`changes` 0: nothing
+    /// to do); after `"done": false` comes `{"error": "…"}`. Same exit codes.
+    #[arg(long)]
+    pub(crate) json: bool,
     #[command(flatten)]
     nats: NatsArgs,
+}
+
+/// One change of `deprovision agent`: its text line, or its JSON object with `--json`.
+fn step(json: bool, text: String, object: Value) {
+    if json {
+        println!("{object}");
+    } else {
+        println!("{text}");
+    }
 }
 
 pub(crate) async fn deprovision_agent(args: DeprovisionAgentArgs) -> ExitCode {
@@ -76,7 +91,15 @@ pub(crate) async fn deprovision_agent(args: DeprovisionAgentArgs) -> ExitCode {
         Err(e) => return fail(e),
     };
     let mut changes = 0usize;
-    let result = run(&args.nats, &space, &id, &roles, &mut changes).await;
+    let json = args.json;
+    let result = run(&args.nats, &space, &id, &roles, &mut changes, json).await;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"done": result.is_ok(), "changes": changes})
+        );
+        return result.map_or_else(fail, |()| ExitCode::SUCCESS);
+    }
     match result {
         Ok(()) if changes == 0 => {
             println!(
@@ -108,6 +131,7 @@ async fn run(
     id: &AgentId,
     roles: &[Role],
     changes: &mut usize,
+    json: bool,
 ) -> Result<(), String> {
     let config = nats.operator_config()?;
     let conn = connect(&config).await.map_err(|e| e.to_string())?;
@@ -127,10 +151,19 @@ async fn run(
     for record in open_memberships(&members, id).await? {
         leave_through_daemon(&conn, space, id, &record).await?;
         *changes += 1;
-        println!(
-            "tombstoned: membership {} generation {} (by the delivery daemon)",
-            record.channel.as_str(),
-            record.generation
+        step(
+            json,
+            format!(
+                "tombstoned: membership {} generation {} (by the delivery daemon)",
+                record.channel.as_str(),
+                record.generation
+            ),
+            serde_json::json!({
+                "action": "tombstoned",
+                "what": "membership",
+                "name": record.channel.as_str(),
+                "generation": record.generation,
+            }),
         );
     }
 
@@ -147,7 +180,12 @@ async fn run(
             .await
             .map_err(|e| format!("cannot delete the ACL record {key}: {e}"))?;
         *changes += 1;
-        println!("deleted: ACL record {}/{key}", KvBucket::Acl.name(space));
+        let name = format!("{}/{key}", KvBucket::Acl.name(space));
+        step(
+            json,
+            format!("deleted: ACL record {name}"),
+            serde_json::json!({"action": "deleted", "what": "acl", "name": name}),
+        );
     }
 
     // 3. Consumers only this agent used.
@@ -155,11 +193,20 @@ async fn run(
     let mut consumers = vec![ConsumerSpec::dlv(space, id), ConsumerSpec::dm(space, id)];
     for role in roles {
         match other_server_of(&presence, id, role).await? {
-            Some(other) => println!(
-                "kept: consumer svc_{} (agent {} also serves role {})",
-                role.as_str(),
-                other,
-                role.as_str()
+            Some(other) => step(
+                json,
+                format!(
+                    "kept: consumer svc_{} (agent {} also serves role {})",
+                    role.as_str(),
+                    other,
+                    role.as_str()
+                ),
+                serde_json::json!({
+                    "action": "kept",
+                    "what": "consumer",
+                    "name": format!("svc_{}", role.as_str()),
+                    "reason": format!("agent {other} also serves role {}", role.as_str()),
+                }),
             ),
             None => consumers.push(ConsumerSpec::svc(space, role)),
         }
@@ -176,7 +223,12 @@ async fn run(
         {
             Ok(_) => {
                 *changes += 1;
-                println!("deleted: consumer {}/{}", spec.stream, spec.name);
+                let name = format!("{}/{}", spec.stream, spec.name);
+                step(
+                    json,
+                    format!("deleted: consumer {name}"),
+                    serde_json::json!({"action": "deleted", "what": "consumer", "name": name}),
+                );
             }
             Err(e)
                 if matches!(
@@ -208,9 +260,11 @@ async fn run(
             .await
             .map_err(|e| format!("cannot delete the presence record {key}: {e}"))?;
         *changes += 1;
-        println!(
-            "deleted: presence record {}/{key}",
-            KvBucket::Presence.name(space)
+        let name = format!("{}/{key}", KvBucket::Presence.name(space));
+        step(
+            json,
+            format!("deleted: presence record {name}"),
+            serde_json::json!({"action": "deleted", "what": "presence", "name": name}),
         );
     }
     Ok(())
@@ -339,7 +393,7 @@ async fn other_server_of(
 
 /// `cotal members --orphans`: what each shard's daemon published in its lease record
 /// ([`ORPHANS_FIELD`]): memberships whose owner has been offline beyond the daemon's retention.
-pub(crate) async fn members_orphans(nats: &NatsArgs, space: &str) -> ExitCode {
+pub(crate) async fn members_orphans(nats: &NatsArgs, space: &str, json: bool) -> ExitCode {
     let run = async {
         let space = Space::new(space).map_err(|e| format!("invalid space name '{space}': {e}"))?;
         let config = nats.operator_config()?;
@@ -369,12 +423,30 @@ pub(crate) async fn members_orphans(nats: &NatsArgs, space: &str) -> ExitCode {
             };
             let record: Value = serde_json::from_slice(&value).unwrap_or(Value::Null);
             let Some(orphans) = record.get(ORPHANS_FIELD) else {
+                if json {
+                    continue;
+                }
                 println!("{key}: no orphan list published yet (the daemon scans after start)");
                 continue;
             };
             published += 1;
             let count = orphans["count"].as_u64().unwrap_or(0);
             total += count;
+            if json {
+                for m in orphans["memberships"].as_array().into_iter().flatten() {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "shard": key,
+                            "channel": m["channel"],
+                            "owner": m["owner"],
+                            "generation": m["generation"],
+                            "offlineMs": m["offlineMs"],
+                        })
+                    );
+                }
+                continue;
+            }
             println!(
                 "{key}: {count} orphaned membership(s) (owner offline > {} ms; {})",
                 orphans["retentionMs"],
@@ -402,7 +474,9 @@ pub(crate) async fn members_orphans(nats: &NatsArgs, space: &str) -> ExitCode {
                 space.as_str()
             ));
         }
-        println!("{total} orphaned membership(s) in {published} shard(s) reporting");
+        if !json {
+            println!("{total} orphaned membership(s) in {published} shard(s) reporting");
+        }
         Ok::<_, String>(ExitCode::SUCCESS)
     };
     run.await.unwrap_or_else(fail)

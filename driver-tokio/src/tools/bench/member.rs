@@ -6,6 +6,7 @@
 use crate::connect::{ConnectConfig, NatsConnection, connect};
 use crate::exec::{Executor, ExecutorConfig};
 use crate::run::{MachineHandle, Runner, os_key, os_seed};
+use crate::tools::progress::{Progress, on_terminal};
 use cotal_core::agent::{Agent, AgentConfig, AgentEvent};
 use cotal_core::ledger::SourceKind;
 use cotal_core::wire::message::Sender;
@@ -99,14 +100,57 @@ pub(crate) fn auxv_clock_ticks() -> Option<f64> {
     None
 }
 
-#[allow(clippy::print_stderr)]
-pub(crate) fn progress(line: &str) {
-    eprint!("\r{line}\x1b[K");
+/// The progress shown now on a terminal: a spinner, or a bar toward a known total.
+static SHOWN: Mutex<Option<(Progress, Option<u64>)>> = Mutex::new(None);
+
+fn shown() -> std::sync::MutexGuard<'static, Option<(Progress, Option<u64>)>> {
+    SHOWN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// One progress line: on a terminal the message of an `indicatif` spinner; off one (a pipe, a
+/// CI log) the plain line rewritten in place, as before.
+#[allow(clippy::print_stderr)]
+pub(crate) fn progress(line: &str) {
+    if !on_terminal() {
+        eprint!("\r{line}\x1b[K");
+        return;
+    }
+    let mut shown = shown();
+    if !matches!(*shown, Some((_, None))) {
+        *shown = Some((Progress::spinner(), None));
+    }
+    if let Some((p, _)) = shown.as_ref() {
+        p.message(line.to_owned());
+    }
+}
+
+/// [`progress`] with a count toward a total: on a terminal a bar of `unit`s at `done`.
+#[allow(clippy::print_stderr)]
+pub(crate) fn progress_of(done: u64, total: u64, unit: &str, line: &str) {
+    if !on_terminal() {
+        eprint!("\r{line}\x1b[K");
+        return;
+    }
+    let mut shown = shown();
+    if !matches!(*shown, Some((_, Some(t))) if t == total) {
+        *shown = Some((Progress::bar(total, unit), Some(total)));
+    }
+    if let Some((p, _)) = shown.as_ref() {
+        p.set(done);
+        p.message(line.to_owned());
+    }
+}
+
+/// Ends the progress: the spinner or bar is cleared (on a terminal), the line ended (off one).
 #[allow(clippy::print_stderr)]
 pub(crate) fn progress_done() {
-    eprintln!();
+    if on_terminal() {
+        *shown() = None;
+    } else {
+        eprintln!();
+    }
 }
 
 /// What one member task saw.
