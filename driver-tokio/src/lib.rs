@@ -96,6 +96,8 @@
 //! - [`provision`]: idempotent creation of a space's streams, KV buckets and the daemon's
 //!   consumers from the core's config data (`cotal up`);
 //! - [`app`]: the application API, [`Agent`] and [`DeliveryDaemon`];
+//! - [`mcp`]: `cotal mcp`, one agent as a Model Context Protocol server on stdio (its tools, the
+//!   inbox between the agent and the model, the roster);
 //! - [`api`]: raw JetStream API requests and their error mapping;
 //! - [`run`]: the [`run::Runner`] that owns one core machine and drives it with an executor;
 //! - [`demo`]: the simulator's demo script run on a real nats-server, with a verdict from real
@@ -112,6 +114,7 @@ pub mod app;
 pub mod connect;
 pub mod demo;
 pub mod exec;
+pub mod mcp;
 pub mod provision;
 pub mod run;
 pub mod tools;
