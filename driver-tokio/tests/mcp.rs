@@ -337,6 +337,10 @@ async fn two_agents_meet_through_cotal_mcp_on_a_secured_space() {
         "{got:?}"
     );
     assert!(got.iter().all(|m| m["from"] == "alice"), "{got:?}");
+    // `limit` bounds a result; the rest wait.
+    let first = ok(&b, "cotal_inbox", json!({"peek": true, "limit": 1})).await;
+    assert_eq!(first["messages"], json!([got[0]]), "{first}");
+    assert_eq!(first["remaining"], 2, "{first}");
     // A peek acknowledged nothing: the DM and the task are delivered and unacked.
     let space = Space::new(SPACE).expect("space");
     let bob_id = AgentId::new("bob").expect("id");

@@ -74,7 +74,7 @@ struct State {
 pub struct Taken {
     /// The messages, oldest first.
     pub messages: Vec<Value>,
-    /// Messages still waiting after these.
+    /// Messages waiting beyond these.
     pub remaining: usize,
     /// The notices since the last non-peek call.
     pub notices: Vec<Value>,
@@ -129,6 +129,7 @@ impl Inbox {
     pub fn take(&self, limit: usize, request: Option<String>) -> Taken {
         let mut s = lock(&self.state);
         let n = limit.min(s.waiting.len());
+        let peeking = request.is_none();
         let messages: Vec<Message> = match &request {
             None => s.waiting.iter().take(n).cloned().collect(),
             Some(_) => s.waiting.drain(..n).collect(),
@@ -147,9 +148,11 @@ impl Inbox {
                 (s.notices.drain(..).collect(), dropped)
             }
         };
+        // A peek left its messages waiting: they are not "remaining" after it.
+        let remaining = s.waiting.len() - if peeking { n } else { 0 };
         Taken {
             messages: rendered,
-            remaining: s.waiting.len(),
+            remaining,
             notices,
             notices_dropped,
         }

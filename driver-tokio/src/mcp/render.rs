@@ -18,7 +18,6 @@ pub fn message(m: &Message) -> Value {
         "text": m.text(),
         "historical": m.historical(),
         "mentions_me": m.mentions_me(),
-        "durable": m.durable(),
     })
 }
 
