@@ -57,8 +57,6 @@ pub struct Counters {
     pub ack_failures: u64,
     /// Results carrying messages that could not be written: the messages went back to waiting.
     pub unwritten: u64,
-    /// Connected now.
-    pub connected: bool,
 }
 
 #[derive(Default)]
@@ -102,13 +100,7 @@ impl Inbox {
     /// Starts reading `agent`'s messages and `events` (the stream from the agent's start, so the
     /// boot joins' failures are seen). The sender is the transport's: each response's outcome.
     pub fn start(agent: &Agent, events: Events<AgentEvent>) -> (Inbox, WrittenReports) {
-        let state = Arc::new(Mutex::new(State {
-            counters: Counters {
-                connected: true,
-                ..Counters::default()
-            },
-            ..State::default()
-        }));
+        let state = Arc::new(Mutex::new(State::default()));
         let (written, outcomes) = mpsc::unbounded_channel();
         let readers = vec![
             tokio::spawn(read_messages(agent.messages(), state.clone())),
@@ -222,8 +214,6 @@ async fn read_events(mut events: Events<AgentEvent>, state: Arc<Mutex<State>>) {
             }
             AgentEvent::CopiesLost { total, .. } => c.copies_lost = *total,
             AgentEvent::LiveCopyShed { .. } => c.shed += 1,
-            AgentEvent::Connected { .. } => c.connected = true,
-            AgentEvent::Disconnected => c.connected = false,
             _ => {}
         }
         if let Some(notice) = render::notice(&event) {

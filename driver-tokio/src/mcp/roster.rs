@@ -209,6 +209,32 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_name_is_marked_so_a_dm_can_pick_an_id() {
+        let roster = [p("a1", "Bob"), p("a2", "carol"), p("a3", "Carol")];
+        let json = roster_json(&roster, "a1");
+        let shared: Vec<(&str, bool, bool)> = json["agents"]
+            .as_array()
+            .expect("agents")
+            .iter()
+            .map(|a| {
+                (
+                    a["id"].as_str().unwrap_or_default(),
+                    a["shared_name"] == true,
+                    a["me"] == true,
+                )
+            })
+            .collect();
+        assert_eq!(
+            shared,
+            [
+                ("a1", false, true),
+                ("a2", true, false),
+                ("a3", true, false)
+            ]
+        );
+    }
+
+    #[test]
     fn an_offline_or_spoofed_record_is_not_present() {
         let record = |id: &str, status: &str| {
             format!(r#"{{"card":{{"id":"{id}","name":"n"}},"status":"{status}","ts":1}}"#)
