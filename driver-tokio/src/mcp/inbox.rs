@@ -19,9 +19,11 @@
 //! A non-peek `cotal_inbox` call moves what it returns from `waiting` to `delivering`, under the
 //! call's JSON-RPC request id. Only when the transport reports that response written to stdout
 //! ([`Inbox::written`]) are those messages reported handled (their durable copies acked). A
-//! response that failed to go out puts them back at the head of `waiting`; a server that stops
-//! first acks nothing, so the server redelivers the durable copies to the next run. A peek call
-//! copies `waiting` and changes nothing.
+//! response that failed to go out puts them back at the head of `waiting`; so does a response
+//! never reported within [`UNWRITTEN_AFTER`] (the SDK drops the response of a request the client
+//! cancelled after it was answered): they are returned again rather than held forever. A server
+//! that stops first acks nothing, so the server redelivers the durable copies to the next run. A
+//! peek call copies `waiting` and changes nothing.
 
 use super::render;
 use crate::app::{Agent, Events, Message};
@@ -32,9 +34,13 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// The most notices kept between two `cotal_inbox` calls; older ones are dropped and counted.
 pub const MAX_NOTICES: usize = 100;
+/// How long the messages of a result may wait for its written report before they are taken back
+/// (returned again by a later call).
+pub const UNWRITTEN_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 /// The most recent live losses whose ids `cotal_status` lists.
 const RECENT_LOSSES: usize = 20;
 
@@ -55,14 +61,16 @@ pub struct Counters {
     pub acked: u64,
     /// Messages whose handled report failed (the agent closed): the server redelivers them.
     pub ack_failures: u64,
-    /// Results carrying messages that could not be written: the messages went back to waiting.
+    /// Results whose messages went back to waiting: not written, or not reported written within
+    /// [`UNWRITTEN_AFTER`].
     pub unwritten: u64,
 }
 
 #[derive(Default)]
 struct State {
     waiting: VecDeque<Message>,
-    delivering: HashMap<String, Vec<Message>>,
+    /// By request key: when the result was made, and its messages.
+    delivering: HashMap<String, (Instant, Vec<Message>)>,
     notices: VecDeque<Value>,
     counters: Counters,
 }
@@ -120,6 +128,7 @@ impl Inbox {
     /// notices consumed.
     pub fn take(&self, limit: usize, request: Option<String>) -> Taken {
         let mut s = lock(&self.state);
+        take_back_unwritten(&mut s, Instant::now());
         let n = limit.min(s.waiting.len());
         let peeking = request.is_none();
         let messages: Vec<Message> = match &request {
@@ -134,7 +143,7 @@ impl Inbox {
             ),
             Some(id) => {
                 if !messages.is_empty() {
-                    s.delivering.entry(id).or_default().extend(messages);
+                    s.delivering.insert(id, (Instant::now(), messages));
                 }
                 let dropped = std::mem::take(&mut s.counters.notices_dropped);
                 (s.notices.drain(..).collect(), dropped)
@@ -153,7 +162,7 @@ impl Inbox {
     /// The counters, and how many messages wait and how many await their result's write.
     pub fn counters(&self) -> (Counters, usize, usize) {
         let s = lock(&self.state);
-        let delivering = s.delivering.values().map(Vec::len).sum();
+        let delivering = s.delivering.values().map(|(_, m)| m.len()).sum();
         (s.counters.clone(), s.waiting.len(), delivering)
     }
 
@@ -190,6 +199,26 @@ impl Drop for Inbox {
             .take()
         {
             a.abort();
+        }
+    }
+}
+
+/// Puts the messages of results not reported written within [`UNWRITTEN_AFTER`] back at the head
+/// of `waiting`, oldest result first.
+fn take_back_unwritten(s: &mut State, now: Instant) {
+    let mut late: Vec<(Instant, String)> = s
+        .delivering
+        .iter()
+        .filter(|(_, (at, _))| now.duration_since(*at) >= UNWRITTEN_AFTER)
+        .map(|(k, (at, _))| (*at, k.clone()))
+        .collect();
+    late.sort();
+    for (_, key) in late.into_iter().rev() {
+        if let Some((_, messages)) = s.delivering.remove(&key) {
+            s.counters.unwritten += 1;
+            for m in messages.into_iter().rev() {
+                s.waiting.push_front(m);
+            }
         }
     }
 }
@@ -233,7 +262,7 @@ async fn acknowledge(
     state: Arc<Mutex<State>>,
 ) {
     while let Some((id, ok)) = outcomes.recv().await {
-        let Some(messages) = lock(&state).delivering.remove(&id) else {
+        let Some((_, messages)) = lock(&state).delivering.remove(&id) else {
             continue;
         };
         if !ok {

@@ -260,7 +260,7 @@ impl CotalMcp {
                     "awaiting_delivery": delivering,
                     "acknowledged": c.acked,
                     "ack_failures": c.ack_failures,
-                    "results_not_written": c.unwritten,
+                    "results_taken_back": c.unwritten,
                 }),
             );
         }
