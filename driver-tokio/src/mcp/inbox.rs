@@ -55,8 +55,11 @@ pub struct Counters {
     pub copies_lost: u64,
     /// Live copies shed while a backstop held them: delayed, not lost.
     pub shed: u64,
-    /// Notices dropped because more than [`MAX_NOTICES`] piled up between two calls.
+    /// Notices dropped because more than [`MAX_NOTICES`] piled up between two calls, since the
+    /// last non-peek call (which reports and resets it).
     pub notices_dropped: u64,
+    /// Notices dropped in all.
+    pub notices_dropped_total: u64,
     /// Messages reported handled after their result was written.
     pub acked: u64,
     /// Messages whose handled report failed (the agent closed): the server redelivers them.
@@ -250,6 +253,7 @@ async fn read_events(mut events: Events<AgentEvent>, state: Arc<Mutex<State>>) {
             if s.notices.len() >= MAX_NOTICES {
                 s.notices.pop_front();
                 s.counters.notices_dropped += 1;
+                s.counters.notices_dropped_total += 1;
             }
             s.notices.push_back(notice);
         }

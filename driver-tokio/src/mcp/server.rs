@@ -250,7 +250,7 @@ impl CotalMcp {
                     })).collect::<Vec<_>>(),
                     "daemon_recorded_copies_lost": c.copies_lost,
                     "live_copies_delayed": c.shed,
-                    "notices_dropped": c.notices_dropped,
+                    "notices_dropped": c.notices_dropped_total,
                 }),
             );
             o.insert(
