@@ -18,12 +18,12 @@
 //!
 //! A non-peek `cotal_inbox` call moves what it returns from `waiting` to `delivering`, under the
 //! call's JSON-RPC request id. Only when the transport reports that response written to stdout
-//! ([`Inbox::written`]) are those messages reported handled (their durable copies acked). A
-//! response that failed to go out puts them back at the head of `waiting`; so does a response
-//! never reported within [`UNWRITTEN_AFTER`] (the SDK drops the response of a request the client
-//! cancelled after it was answered): they are returned again rather than held forever. A server
-//! that stops first acks nothing, so the server redelivers the durable copies to the next run. A
-//! peek call copies `waiting` and changes nothing.
+//! (through the [`WrittenReports`] sender [`Inbox::start`] returns) are those messages reported
+//! handled (their durable copies acked). A response that failed to go out puts them back at the
+//! head of `waiting`; so does a response never reported within [`UNWRITTEN_AFTER`] (the SDK drops
+//! the response of a request the client cancelled after it was answered): they are returned again
+//! rather than held forever. A server that stops first acks nothing, so the server redelivers the
+//! durable copies to the next run. A peek call copies `waiting` and changes nothing.
 
 use super::render;
 use crate::app::{Agent, Events, Message};

@@ -4,7 +4,8 @@
 //! handed the message.
 //!
 //! - [`tools`]: what the model sees (names, descriptions, input schemas) and the argument types;
-//! - [`server`]: the [`CotalMcp`] handler, which runs each call on the [`Agent`](crate::app::Agent);
+//! - [`server`]: the [`CotalMcp`] handler, which runs each call on the
+//!   [`Agent`](crate::app::Agent);
 //! - [`inbox`]: the messages and notices between the agent and the model, and when a message is
 //!   acknowledged (its module docs say what the buffer holds and what happens when it is full);
 //! - [`roster`]: who is present (the presence bucket) and how a DM recipient resolves;
