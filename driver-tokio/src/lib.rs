@@ -97,6 +97,8 @@
 //!   consumers from the core's config data (`cotal up`);
 //! - [`app`]: the application API, [`Agent`] and [`DeliveryDaemon`];
 //! - [`metrics`]: the OpenMetrics endpoint of `cotal delivery --metrics` and `cotal agent --metrics`;
+//! - [`mcp`]: `cotal mcp`, one agent as a Model Context Protocol server on stdio (its tools, the
+//!   inbox between the agent and the model, the roster);
 //! - [`api`]: raw JetStream API requests and their error mapping;
 //! - [`run`]: the [`run::Runner`] that owns one core machine and drives it with an executor;
 //! - [`demo`]: the simulator's demo script run on a real nats-server, with a verdict from real
@@ -113,6 +115,7 @@ pub mod app;
 pub mod connect;
 pub mod demo;
 pub mod exec;
+pub mod mcp;
 pub mod metrics;
 pub mod provision;
 pub mod run;

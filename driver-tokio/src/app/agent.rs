@@ -173,6 +173,8 @@ struct Inner {
     space: Space,
     request_timeout: Duration,
     close_grace: Duration,
+    /// The agent's connection, for reads the machine does not make (the MCP server's roster).
+    client: async_nats::Client,
 }
 
 impl Drop for Inner {
@@ -281,6 +283,7 @@ impl Agent {
             api_timeout: connect_config.request_timeout,
             ..ExecutorConfig::default()
         };
+        let client = conn.client.clone();
         let (executor, inputs) = Executor::start(conn, exec_config);
         let Runner {
             handle,
@@ -312,6 +315,7 @@ impl Agent {
                 space,
                 request_timeout: options.request_timeout,
                 close_grace: options.close_grace,
+                client,
             }),
         };
         if !options.wait_ready {
@@ -355,6 +359,11 @@ impl Agent {
     /// The space.
     pub fn space(&self) -> &Space {
         &self.inner.space
+    }
+
+    /// The agent's NATS connection (its inbox prefix `_INBOX_<id>`), for reads of its own.
+    pub(crate) fn client(&self) -> &async_nats::Client {
+        &self.inner.client
     }
 
     /// The results of the joins of [`AgentOptions::channels`], in the order they completed.

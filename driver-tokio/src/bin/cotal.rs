@@ -3,7 +3,8 @@
 //! - `cotal up`: provision a space; `cotal provision agent`: an agent's ACL record and its
 //!   nats-server permissions;
 //! - `cotal delivery`: run the delivery daemon until SIGINT / SIGTERM (releases its lease);
-//! - `cotal agent`: run an agent (JSON lines out, commands in on stdin);
+//! - `cotal agent`: run an agent (JSON lines out, commands in on stdin); `cotal mcp`: the same
+//!   agent as an MCP server on stdio (`cotal_driver_tokio::mcp`);
 //! - `cotal send`, `cotal members`, `cotal health`, `cotal channels`: one-shot operations.
 //!
 //! `cotal bench` measures durable fan-out end to end (`cotal_driver_tokio::tools::bench`);
@@ -323,6 +324,10 @@ enum Cmd {
     ///   `/join CH`, `/leave CH` join or leave a channel.
     #[command(verbatim_doc_comment)]
     Agent(commands::AgentArgs),
+    /// Run an agent as an MCP server on stdio (for a coding agent's MCP client): its tools
+    /// read the inbox, post, DM, anycast, join, leave, and show the channels, roster and status.
+    /// Takes the options of `cotal agent`; logs go to stderr, stdout carries the protocol only.
+    Mcp(commands::AgentArgs),
     /// Send one message (to a channel, an instance with --to, or a role with --role) and print
     /// its stream sequence (CHAT, DM or TASK).
     Send(commands::SendArgs),
@@ -612,6 +617,7 @@ async fn main() -> ExitCode {
         Cmd::Deprovision(DeprovisionCmd::Agent(args)) => lifecycle::deprovision_agent(args).await,
         Cmd::Delivery(args) => commands::delivery(args).await,
         Cmd::Agent(args) => commands::agent(args).await,
+        Cmd::Mcp(args) => commands::mcp(args).await,
         Cmd::Send(args) => commands::send(args).await,
         Cmd::Members(args) => commands::members(args).await,
         Cmd::Health(args) => commands::health(args).await,

@@ -665,7 +665,12 @@ async fn start_agent(
     Ok((Runner::spawn(machine, executor, inputs), connect_config))
 }
 
-async fn run_agent(args: AgentArgs, id: AgentId) -> Result<ExitCode, String> {
+/// The agent options and connect config `cotal agent` and `cotal mcp` run with, and the boot
+/// channels.
+fn agent_options(
+    args: &AgentArgs,
+    id: &AgentId,
+) -> Result<(AgentOptions, ConnectConfig, Vec<Channel>), String> {
     let space = space_of(&args.space)?;
     let channels = args
         .join
@@ -688,18 +693,23 @@ async fn run_agent(args: AgentArgs, id: AgentId) -> Result<ExitCode, String> {
     options.durable_backstop = !args.live_only;
     options.create_consumers = args.create_dlv_consumer;
     options.close_grace = STOP_GRACE;
-    // The agent prints its own `connected` line and refuses a request made before it with
-    // "reconnecting": no wait (and no time limit) for it to be ready.
-    options.wait_ready = false;
     let mut connect_config = args.nats.config()?;
     connect_config.inbox_prefix = Some(id.inbox_prefix());
     connect_config.name = Some(format!("cotal-agent-{}", id.as_str()));
+    Ok((options, connect_config, channels))
+}
+
+async fn run_agent(args: AgentArgs, id: AgentId) -> Result<ExitCode, String> {
+    let (mut options, connect_config, channels) = agent_options(&args, &id)?;
+    // The agent prints its own `connected` line and refuses a request made before it with
+    // "reconnecting": no wait (and no time limit) for it to be ready.
+    options.wait_ready = false;
     let listener = metrics_listener(args.metrics).await?;
     let (agent, mut events) = AppAgent::connect_with_events(&connect_config, options)
         .await
         .map_err(|e| e.to_string())?;
     let server = listener.map(|listener| {
-        let metrics = Arc::new(AgentMetrics::new(space.as_str(), id.as_str()));
+        let metrics = Arc::new(AgentMetrics::new(&args.space, id.as_str()));
         let agent = agent.clone();
         let render: Render = Arc::new(move || {
             let (agent, metrics) = (agent.clone(), metrics.clone());
@@ -753,6 +763,39 @@ async fn run_agent(args: AgentArgs, id: AgentId) -> Result<ExitCode, String> {
     }
     let _ = agent.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `cotal mcp`: the agent of `args` as an MCP server on stdio until the client leaves or a
+/// signal; stdout carries the protocol only.
+pub(crate) async fn mcp(args: AgentArgs) -> ExitCode {
+    let id = match args.nats.identity(args.id.as_deref(), true).resolve() {
+        Ok(Some(id)) => id,
+        Ok(None) => return fail("no agent id"),
+        Err(code) => return code,
+    };
+    let run = async {
+        let (options, connect_config, _) = agent_options(&args, &id)?;
+        // Ready (connected, registry loaded, boot joins answered) before the first tool call.
+        let (agent, events) = AppAgent::connect_with_events(&connect_config, options)
+            .await
+            .map_err(|e| e.to_string())?;
+        for (channel, result) in agent.boot_joins() {
+            if let Err(e) = result {
+                tracing::warn!(target: "cotal", "join of {}: {e}", channel.as_str());
+            }
+        }
+        cotal_driver_tokio::mcp::serve_stdio(
+            agent,
+            events,
+            cotal_driver_tokio::mcp::ServeOptions::default(),
+            terminate_signal(),
+        )
+        .await
+    };
+    match run.await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
 }
 
 /// Lines of stdin, read on a plain thread (a blocking read cannot be cancelled, and a thread of
