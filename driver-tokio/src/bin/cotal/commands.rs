@@ -708,15 +708,7 @@ async fn run_agent(args: AgentArgs, id: AgentId) -> Result<ExitCode, String> {
     let (agent, mut events) = AppAgent::connect_with_events(&connect_config, options)
         .await
         .map_err(|e| e.to_string())?;
-    let server = listener.map(|listener| {
-        let metrics = Arc::new(AgentMetrics::new(&args.space, id.as_str()));
-        let agent = agent.clone();
-        let render: Render = Arc::new(move || {
-            let (agent, metrics) = (agent.clone(), metrics.clone());
-            Box::pin(async move { metrics.render(agent.health().await.ok().as_ref()) })
-        });
-        serve(listener, render)
-    });
+    let server = listener.map(|listener| serve_agent_metrics(listener, &args.space, &id, &agent));
     let mut messages = agent.messages();
     // Stdin lines are run one after the other, in order, each to its outcome; the loop below
     // keeps printing meanwhile. The task ends when stdin does and its last line is done.
@@ -765,8 +757,34 @@ async fn run_agent(args: AgentArgs, id: AgentId) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `--metrics` of an agent: its OpenMetrics endpoint on `listener`, rendered at each scrape.
+fn serve_agent_metrics(
+    listener: tokio::net::TcpListener,
+    space: &str,
+    id: &AgentId,
+    agent: &AppAgent,
+) -> tokio::task::JoinHandle<()> {
+    let metrics = Arc::new(AgentMetrics::new(space, id.as_str()));
+    let agent = agent.clone();
+    let render: Render = Arc::new(move || {
+        let (agent, metrics) = (agent.clone(), metrics.clone());
+        Box::pin(async move { metrics.render(agent.health().await.ok().as_ref()) })
+    });
+    serve(listener, render)
+}
+
 /// `cotal mcp`: the agent of `args` as an MCP server on stdio until the client leaves or a
-/// signal; stdout carries the protocol only.
+/// signal; stdout carries the protocol only. `--metrics` serves the agent's metrics as `cotal
+/// agent --metrics` does.
 pub(crate) async fn mcp(args: AgentArgs) -> ExitCode {
     let id = match args.nats.identity(args.id.as_deref(), true).resolve() {
         Ok(Some(id)) => id,
@@ -775,10 +793,13 @@ pub(crate) async fn mcp(args: AgentArgs) -> ExitCode {
     };
     let run = async {
         let (options, connect_config, _) = agent_options(&args, &id)?;
+        let listener = metrics_listener(args.metrics).await?;
         // Ready (connected, registry loaded, boot joins answered) before the first tool call.
         let (agent, events) = AppAgent::connect_with_events(&connect_config, options)
             .await
             .map_err(|e| e.to_string())?;
+        let _metrics = listener
+            .map(|listener| AbortOnDrop(serve_agent_metrics(listener, &args.space, &id, &agent)));
         for (channel, result) in agent.boot_joins() {
             if let Err(e) = result {
                 tracing::warn!(target: "cotal", "join of {}: {e}", channel.as_str());
