@@ -113,6 +113,35 @@ fn chaos_smoke_server_restarts_leave_no_unreported_loss() {
     assert_eq!(v["daemon_exits"], 0, "{text}");
 }
 
+/// An open space, durable by choice (its default would be live), and `agents` provisioned to
+/// read every channel, through the binary.
+fn open_durable_space(cli: &Cli, space: &str, agents: &[&str]) {
+    let up = cli.run(&["up", "--space", space, "--default-class", "durable"]);
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stdout)
+    );
+    for who in agents {
+        let out = cli.run(&[
+            "provision",
+            "agent",
+            "--space",
+            space,
+            "--id",
+            who,
+            "--read",
+            ">",
+            "--apply",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+}
+
 /// The members bucket as a KV watch sees it: every put, in order, with the time it arrived.
 struct Revision {
     at: std::time::Instant,
@@ -215,31 +244,7 @@ fn lease_fight_sigstop_past_ttl_deposed_daemon_writes_nothing() {
     let space = "lease";
     let cli = Cli::new(url.clone());
     let spawn = |name: &'static str, args: &[&str]| cli.spawn(name, args);
-    // An open space: durable by choice (its default would be live).
-    let up = cli.run(&["up", "--space", space, "--default-class", "durable"]);
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stdout)
-    );
-    for who in ["a1", "a2", "a3"] {
-        let out = cli.run(&[
-            "provision",
-            "agent",
-            "--space",
-            space,
-            "--id",
-            who,
-            "--read",
-            ">",
-            "--apply",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
+    open_durable_space(&cli, space, &["a1", "a2", "a3"]);
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     let records = watch_members(&rt, url.clone(), space.to_owned());
 
@@ -655,30 +660,7 @@ fn a_broker_outage_longer_than_the_lease_is_ridden_out_by_the_running_daemon() {
     };
     let cli = Cli::new(server.url());
     let space = "outage";
-    let up = cli.run(&["up", "--space", space, "--default-class", "durable"]);
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stdout)
-    );
-    for who in ["a1", "a2"] {
-        let out = cli.run(&[
-            "provision",
-            "agent",
-            "--space",
-            space,
-            "--id",
-            who,
-            "--read",
-            ">",
-            "--apply",
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-    }
+    open_durable_space(&cli, space, &["a1", "a2"]);
     let mut d1 = cli.spawn("d1", &["delivery", "--space", space, "--id", "d1"]);
     d1.expect("d1 active", |l| l.contains("health: active"));
     // a2 joins `general` durably, then goes away.

@@ -911,6 +911,12 @@ fn g23_a_record_fenced_by_a_newer_daemon_is_never_written_and_never_answered() {
     assert_eq!(w.d.counters().fenced, 1);
 }
 
+fn lease_lost_reported(w: &World) -> bool {
+    w.events
+        .iter()
+        .any(|e| matches!(e, DeliveryEvent::Lease(LeaseEvent::Lost { .. })))
+}
+
 #[test]
 fn losing_the_lease_stops_all_work_and_withdraws_the_fencing_token() {
     let mut w = served();
@@ -928,13 +934,7 @@ fn losing_the_lease_stops_all_work_and_withdraws_the_fencing_token() {
         json::encode(&successor),
     );
     w.advance(15_000);
-    assert!(
-        w.events
-            .iter()
-            .any(|e| matches!(e, DeliveryEvent::Lease(LeaseEvent::Lost { .. }))),
-        "{}",
-        w.log
-    );
+    assert!(lease_lost_reported(&w), "{}", w.log);
     // A new incarnation contends for the key the successor holds: no lease, no writes.
     assert!(
         !matches!(w.d.lease_state(), LeaseState::Held | LeaseState::Ready),
@@ -976,13 +976,7 @@ fn a_job_past_the_lease_deadline_abandons_instead_of_writing() {
     for _ in 0..30 {
         w.advance(1_000);
     }
-    assert!(
-        w.events
-            .iter()
-            .any(|e| matches!(e, DeliveryEvent::Lease(LeaseEvent::Lost { .. }))),
-        "{}",
-        w.log
-    );
+    assert!(lease_lost_reported(&w), "{}", w.log);
     assert!(w.events.iter().any(|e| matches!(
         e,
         DeliveryEvent::Abandoned {

@@ -308,25 +308,16 @@ mod tests {
         .prop_map(str::to_owned)
     }
 
-    const KEYS: [&str; 14] = [
-        "id",
-        "ts",
-        "space",
-        "from",
-        "channel",
-        "to",
-        "toService",
-        "mentions",
-        "parts",
-        "replyTo",
-        "contextId",
-        "x",
-        "y",
-        "zz",
-    ];
+    /// Every field the message knows, and three it does not.
+    fn keys() -> Vec<&'static str> {
+        super::super::MESSAGE_FIELDS
+            .into_iter()
+            .chain(["x", "y", "zz"])
+            .collect()
+    }
 
     fn entry() -> impl Strategy<Value = String> {
-        proptest::sample::select(KEYS.to_vec())
+        proptest::sample::select(keys())
             .prop_flat_map(|k| value_for(k).prop_map(move |v| format!("\"{k}\":{v}")))
     }
 
