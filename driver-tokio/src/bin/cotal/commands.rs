@@ -294,6 +294,10 @@ pub(crate) async fn delivery(args: DeliveryArgs) -> ExitCode {
     }
 }
 
+/// The reconnect backoff cap of `cotal delivery` (issue 19: the default 5 s cap cost 3 s of the
+/// heal after a 3.3 s server outage).
+const DAEMON_RECONNECT_MAX_DELAY: Duration = Duration::from_secs(1);
+
 async fn run_delivery(args: DeliveryArgs, id: Option<AgentId>) -> Result<ExitCode, String> {
     let space = space_of(&args.space)?;
     let shard = ShardMap::new(args.shards)
@@ -306,6 +310,10 @@ async fn run_delivery(args: DeliveryArgs, id: Option<AgentId>) -> Result<ExitCod
     let mut config = args.nats.config_as(Some(&id))?;
     let id = id.as_str().to_owned();
     config.name = Some(format!("cotal-delivery-{id}"));
+    // One daemon per shard reconnects at least every second: a broker back after an outage
+    // costs durable delivery at most a second of backoff (agents, thousands of them, keep the
+    // default cap so a restart is not met by all of them at once).
+    config.reconnect_max_delay = DAEMON_RECONNECT_MAX_DELAY;
     let mut delivery_config = DeliveryConfig::new(space.clone(), shard, id.clone());
     delivery_config.orphan_retention = args.orphan_retention;
     delivery_config.reap_orphans = args.reap_orphans;
