@@ -665,8 +665,11 @@ async fn start_agent(
     let conn = connect_with(&connect_config).await?;
     check_provisioned(&conn, &config.space, connect_config.request_timeout).await?;
     let machine = Agent::new(config).map_err(|e| format!("agent config: {e:?}"))?;
+    // A one-shot publish answers within the request timeout: a PubAck later than that is an
+    // `Unknown` send, reported before the command's own wait ends.
     let exec_config = ExecutorConfig {
         api_timeout: connect_config.request_timeout,
+        publish_ack_timeout: connect_config.request_timeout,
         ..ExecutorConfig::default()
     };
     let (executor, inputs) = Executor::start(conn, exec_config);
