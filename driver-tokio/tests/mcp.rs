@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{NatsServer, User, WAIT};
+use common::{NatsServer, User, WAIT, printed_block};
 use cotal_core::wire::config::ConsumerSpec;
 use cotal_core::wire::token::{AgentId, Role, Space};
 use rmcp::model::{CallToolRequestParams, CallToolResult};
@@ -36,20 +36,6 @@ fn cotal(args: &[&str]) -> Output {
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// The permissions block `cotal provision …` printed.
-fn printed_block(out: &Output) -> String {
-    let text = stdout(out);
-    assert!(out.status.success(), "{text}");
-    let block: Vec<&str> = text
-        .lines()
-        .skip_while(|l| !l.starts_with("# nats-server user permissions"))
-        .skip(1)
-        .take_while(|l| !l.starts_with('#'))
-        .collect();
-    assert_eq!(block.first(), Some(&"{"), "{text}");
-    block.join("\n")
 }
 
 /// `cotal provision agent` for `id`: reads and posts on `general`, serves `role`.

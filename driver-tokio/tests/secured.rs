@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{NatsServer, Proc, User};
+use common::{NatsServer, Proc, User, printed_block};
 use serde_json::Value;
 use std::process::Output;
 use std::time::Duration;
@@ -27,22 +27,6 @@ fn cotal(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run cotal")
-}
-
-/// The permissions block `cotal provision …` printed: the lines from the `{` after the
-/// `# nats-server user permissions` header to its closing `}`.
-fn printed_block(out: &Output) -> String {
-    let text = stdout(out);
-    assert!(out.status.success(), "{text}");
-    let block: Vec<&str> = text
-        .lines()
-        .skip_while(|l| !l.starts_with("# nats-server user permissions"))
-        .skip(1)
-        .take_while(|l| !l.starts_with('#'))
-        .collect();
-    assert_eq!(block.first(), Some(&"{"), "{text}");
-    assert_eq!(block.last(), Some(&"}"), "{text}");
-    block.join("\n")
 }
 
 /// A user named `name` with `permissions` (the password is the name reversed, test only).

@@ -164,17 +164,6 @@ const CORE_COUNTERS: &[Exported<DeliveryCounters>] = &[
     ),
 ];
 
-/// The daemon's feeds, as their health reasons name them.
-const FEEDS: [Feed; 7] = [
-    Feed::Members,
-    Feed::Acl,
-    Feed::Channels,
-    Feed::Presence,
-    Feed::Control,
-    Feed::Fanout,
-    Feed::Reader,
-];
-
 /// The lease states, as the `state` label spells them.
 const LEASE_STATES: [&str; 8] = [
     "idle",
@@ -356,7 +345,7 @@ impl DaemonMetrics {
             "From a durableLeave request's arrival to its answer",
             leave_seconds.clone(),
         );
-        for feed in FEEDS {
+        for feed in Feed::ALL {
             feed_up
                 .get_or_create(&label("feed", feed.to_string()))
                 .set(0);
@@ -565,7 +554,7 @@ impl DaemonMetrics {
                     | DegradedReason::Stopped
             )
         });
-        for feed in FEEDS {
+        for feed in Feed::ALL {
             let down = everything_down || reasons.contains(&DegradedReason::FeedDown(feed));
             self.feed_up
                 .get_or_create(&label("feed", feed.to_string()))

@@ -545,3 +545,20 @@ pub async fn provision_open_space(cfg: &ConnectConfig, space: &str, agents: &[&s
         .expect("put acl");
     }
 }
+
+/// The permissions block `cotal provision …` printed: the lines from the `{` after the
+/// `# nats-server user permissions` header to its closing `}`.
+#[allow(dead_code)]
+pub fn printed_block(out: &std::process::Output) -> String {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    let block: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("# nats-server user permissions"))
+        .skip(1)
+        .take_while(|l| !l.starts_with('#'))
+        .collect();
+    assert_eq!(block.first(), Some(&"{"), "{text}");
+    assert_eq!(block.last(), Some(&"}"), "{text}");
+    block.join("\n")
+}

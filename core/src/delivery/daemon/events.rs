@@ -37,7 +37,8 @@ pub enum Feed {
 impl Feed {
     pub(super) const WATCHES: [Feed; 4] =
         [Feed::Members, Feed::Acl, Feed::Channels, Feed::Presence];
-    pub(super) const ALL: [Feed; 7] = [
+    /// Every feed, in the order health reports them.
+    pub const ALL: [Feed; 7] = [
         Feed::Members,
         Feed::Acl,
         Feed::Channels,
