@@ -59,6 +59,7 @@ impl ToyBroker {
                     messages: self.chat.len() as u64,
                     consumers: 0,
                     max_consumers: -1,
+                    max_age_ms: 0,
                 }),
             ))),
             Command::Subscribe { op, sub, subject } => {

@@ -411,6 +411,9 @@ pub struct StreamState {
     /// The stream's own consumer cap (`config.max_consumers`; −1 or 0: none, the server's
     /// default applies). Judged by [`Headroom::judge`](crate::wire::capacity::Headroom::judge).
     pub max_consumers: i64,
+    /// The stream's `config.max_age` in milliseconds (0: none). For a KV bucket, its TTL: the
+    /// delivery lease's comes from here.
+    pub max_age_ms: u64,
 }
 
 /// A durable consumer's state, as `CONSUMER.INFO` reports it.
@@ -498,10 +501,17 @@ pub enum Reply {
     },
     /// A durable consumer bound: `delivered_stream_seq` is the last stream sequence it had
     /// offered to anyone (its `delivered.stream_seq`; 0 when none). The next first delivery is
-    /// above it; see [`crate::delivery::gap`].
+    /// above it; see [`crate::delivery::gap`]. `ack_floor_stream_seq` and `num_ack_pending` say
+    /// what it offered that nobody settled yet: those come back only after the consumer's
+    /// `ack_wait`, unless the binder reads them itself (the daemon's stranded deliveries,
+    /// [`crate::delivery::stranded`]).
     ConsumerBound {
         /// The consumer's delivery pointer.
         delivered_stream_seq: u64,
+        /// Its ack floor (`ack_floor.stream_seq`): every sequence at or below it is settled.
+        ack_floor_stream_seq: u64,
+        /// How many deliveries above the floor are neither acked nor terminated.
+        num_ack_pending: u64,
     },
 }
 

@@ -261,6 +261,7 @@ impl Stream {
             messages: self.messages.len() as u64,
             consumers: self.consumers.len() as u64,
             max_consumers: self.spec.max_consumers.unwrap_or(-1),
+            max_age_ms: self.spec.max_age.map_or(0, |a| a.as_millis()),
         }
     }
 

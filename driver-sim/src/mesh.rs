@@ -650,7 +650,8 @@ impl Mesh {
 
     /// The host's probes, and the daemons' paths of every copy: `daemon.direct` (fan-out wrote
     /// it straight to DLV), `daemon.via-reader` (the reader transferred a dinbox entry),
-    /// `daemon.dinbox` (dinbox entries written: spilled, caught up).
+    /// `daemon.dinbox` (dinbox entries written: spilled, caught up), `daemon.read-back` (CHAT
+    /// messages read back because the fan-out consumer had offered them to a feed that is gone).
     fn probes(&self) -> BTreeMap<&'static str, u64> {
         let mut probes = self.host.probes().clone();
         let mut c = self.retired.clone();
@@ -664,6 +665,7 @@ impl Mesh {
                 "daemon.dinbox",
                 c.copies_written.saturating_sub(c.transferred_direct),
             ),
+            ("daemon.read-back", c.stranded_read_back),
         ] {
             if n > 0 {
                 probes.insert(name, n);

@@ -994,10 +994,12 @@ impl Net {
             .is_some_and(|s| s.ack_policy != AckPolicy::None);
         self.idle.remove(&(spec.stream.clone(), spec.name.clone()));
         self.unbind((client, sub));
-        let delivered_stream_seq = self
+        let (delivered_stream_seq, ack_floor_stream_seq, num_ack_pending) = self
             .broker
             .consumer_info(&spec.stream, &spec.name)
-            .map_or(0, |i| i.delivered_stream_seq);
+            .map_or((0, 0, 0), |i| {
+                (i.delivered_stream_seq, i.ack_floor, i.num_ack_pending)
+            });
         self.feeds.insert(
             (client, sub),
             Feed {
@@ -1010,6 +1012,8 @@ impl Net {
         );
         Outcome::Success(Reply::ConsumerBound {
             delivered_stream_seq,
+            ack_floor_stream_seq,
+            num_ack_pending,
         })
     }
 

@@ -1563,6 +1563,8 @@ async fn stream_info(client: Client, subject: String, timeout: Duration) -> Outc
                 messages,
                 consumers: n("consumer_count"),
                 max_consumers: v["config"]["max_consumers"].as_i64().unwrap_or(-1),
+                // The server reports `max_age` in nanoseconds.
+                max_age_ms: v["config"]["max_age"].as_u64().unwrap_or(0) / 1_000_000,
             }))
         }
         Err(e) => e.into_failure(false),
@@ -1784,10 +1786,13 @@ async fn consume(job: ConsumeJob, sink: FeedSink) {
             return;
         }
     };
-    // The delivery pointer as the bind read it: the machine's gap check starts there.
-    let delivered_stream_seq = consumer.cached_info().delivered.stream_sequence;
+    // Where the consumer stood at the bind: the machine's gap check starts at the delivery
+    // pointer, and what sits between the ack floor and it unsettled may be stranded.
+    let info = consumer.cached_info();
     sink.done(Outcome::Success(Reply::ConsumerBound {
-        delivered_stream_seq,
+        delivered_stream_seq: info.delivered.stream_sequence,
+        ack_floor_stream_seq: info.ack_floor.stream_sequence,
+        num_ack_pending: u64::try_from(info.num_ack_pending).unwrap_or(0),
     }));
     let needs_ack = job.flow.is_some();
     loop {

@@ -323,6 +323,12 @@ pub struct SpacePlan {
     /// to it, lowered included. Otherwise (the default budget) a larger cap already on a stream
     /// is kept: re-running `cotal up` never shrinks a space behind its operator's back.
     pub budget_given: bool,
+    /// The operator gave the delivery lease's TTL (`cotal up --lease-ttl`): a new space's lease
+    /// bucket gets it, and an existing one with another TTL is reported as drift and left as it
+    /// is (a daemon times its lease by the TTL it read when it acquired: shortening it under a
+    /// running holder could let a successor write beside it). Not given, an existing bucket keeps
+    /// its TTL and a new one gets the reference's 30 s.
+    pub lease_ttl_given: bool,
 }
 
 impl SpacePlan {
@@ -360,7 +366,20 @@ impl SpacePlan {
             replicas: None,
             budget,
             budget_given: true,
+            lease_ttl_given: false,
         }
+    }
+
+    /// The plan with the delivery lease bucket's TTL set to `ttl` (`cotal up --lease-ttl`).
+    pub fn with_lease_ttl(mut self, ttl: std::time::Duration) -> Self {
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        for b in &mut self.kv_buckets {
+            if is_lease_bucket(b) {
+                b.ttl = Some(cotal_core::time::Duration::from_millis(ms));
+            }
+        }
+        self.lease_ttl_given = true;
+        self
     }
 
     /// The plan with `n` replicas for every stream and KV bucket (a JetStream cluster of at least
@@ -383,6 +402,24 @@ impl SpacePlan {
     }
 }
 
+/// Whether `b` is the delivery lease bucket (`cotal_delivery_<space>`).
+fn is_lease_bucket(b: &KvBucketSpec) -> bool {
+    b.bucket.starts_with(KvBucket::Delivery.prefix())
+}
+
+/// An existing stream's `max_age` (none when it has none, does not exist or cannot be read).
+async fn existing_max_age(
+    client: &Client,
+    stream: &StreamSpec,
+    timeout: Duration,
+) -> Option<cotal_core::time::Duration> {
+    let info = api::request(client, &stream.info_subject(), Bytes::new(), timeout)
+        .await
+        .ok()?;
+    let ns = info["config"]["max_age"].as_u64().filter(|n| *n > 0)?;
+    Some(cotal_core::time::Duration::from_millis(ns / 1_000_000))
+}
+
 /// Applies `plan`, object by object.
 pub async fn apply(client: &Client, plan: &SpacePlan, timeout: Duration) -> ProvisionReport {
     let mut report = ProvisionReport::default();
@@ -400,7 +437,14 @@ pub async fn apply(client: &Client, plan: &SpacePlan, timeout: Duration) -> Prov
         });
     }
     for b in &plan.kv_buckets {
-        let stream = plan.bucket_stream(b);
+        let mut stream = plan.bucket_stream(b);
+        if is_lease_bucket(b)
+            && !plan.lease_ttl_given
+            && let Some(ttl) = existing_max_age(client, &stream, timeout).await
+        {
+            // An existing lease bucket keeps the TTL its space was made with.
+            stream.max_age = Some(ttl);
+        }
         let mut result = apply_stream_with(client, &stream, cap, timeout).await;
         if result.is_ok() {
             match reap_unbounded_consumers(client, &stream, timeout).await {

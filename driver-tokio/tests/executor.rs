@@ -364,6 +364,7 @@ async fn js_publish_dedups_by_msg_id_and_stream_info_reports_the_frontier() {
             // The daemon's `fanout`; the cap `cotal up` sizes for 5,000 agents (issue 22).
             consumers: 1,
             max_consumers: 10_064,
+            max_age_ms: 0,
         })
     );
     let subj = "cotal.main.chat.alice.general";
@@ -391,6 +392,7 @@ async fn js_publish_dedups_by_msg_id_and_stream_info_reports_the_frontier() {
             // The daemon's `fanout`; the cap `cotal up` sizes for 5,000 agents (issue 22).
             consumers: 1,
             max_consumers: 10_064,
+            max_age_ms: 0,
         })
     );
     let missing = d
@@ -616,7 +618,9 @@ async fn consume_and_settle_ack_nak_with_delay_and_term() {
     assert_eq!(
         bound,
         Outcome::Success(Reply::ConsumerBound {
-            delivered_stream_seq: 0
+            delivered_stream_seq: 0,
+            ack_floor_stream_seq: 0,
+            num_ack_pending: 0,
         }),
         "a fresh consumer has offered nothing yet"
     );
@@ -688,7 +692,9 @@ async fn consume_and_settle_ack_nak_with_delay_and_term() {
     assert_eq!(
         rebound,
         Outcome::Success(Reply::ConsumerBound {
-            delivered_stream_seq: 3
+            delivered_stream_seq: 3,
+            ack_floor_stream_seq: 3,
+            num_ack_pending: 0,
         })
     );
     // Binding (create: false) a consumer that does not exist.
@@ -702,6 +708,61 @@ async fn consume_and_settle_ack_nak_with_delay_and_term() {
         })
         .await;
     assert_eq!(missing, Outcome::Failed(Failure::NotFound));
+}
+
+/// Deliveries a feed took and never settled stay pending on the consumer after the feed is
+/// gone; the next bind says where they are (above the ack floor, up to the pointer), which is
+/// what the daemon reads back instead of waiting out the `ack_wait`.
+#[tokio::test]
+async fn a_rebind_reports_what_a_gone_feed_left_unsettled() {
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    provision(&server).await;
+    let mut d = Driver::start(server.config()).await;
+    let owner = AgentId::new("carol").expect("id");
+    for i in 1..=3 {
+        pub_ack(
+            d.run(|op| js_publish(op, "cotal.main.dlv.carol", None, &format!("m{i}")))
+                .await,
+        );
+    }
+    let spec = ConsumerSpec::dlv(&space(), &owner);
+    let consume = |sub: u64, create: bool| {
+        let spec = spec.clone();
+        move |op| Command::Consume {
+            op,
+            sub: SubId::from_raw(sub),
+            consumer: spec,
+            create,
+            max_in_flight: 2,
+        }
+    };
+    assert!(matches!(
+        d.run(consume(1, true)).await,
+        Outcome::Success(Reply::ConsumerBound { .. })
+    ));
+    let (a, b) = (
+        delivery(d.inbound(WAIT).await),
+        delivery(d.inbound(WAIT).await),
+    );
+    assert_eq!((a.1, b.1), (1, 2));
+    d.send(Command::StopConsume {
+        sub: SubId::from_raw(1),
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        d.run(consume(2, false)).await,
+        Outcome::Success(Reply::ConsumerBound {
+            delivered_stream_seq: 2,
+            ack_floor_stream_seq: 0,
+            num_ack_pending: 2,
+        }),
+        "both deliveries of the gone feed are pending above the floor"
+    );
+    // The new feed gets the third message; the stranded two wait for the ack_wait (60 s).
+    assert_eq!(delivery(d.inbound(WAIT).await).1, 3);
+    assert_eq!(d.inbound(Duration::from_millis(500)).await, None);
 }
 
 #[tokio::test]
@@ -731,7 +792,9 @@ async fn consume_holds_at_most_max_in_flight_unsettled() {
     assert_eq!(
         bound,
         Outcome::Success(Reply::ConsumerBound {
-            delivered_stream_seq: 0
+            delivered_stream_seq: 0,
+            ack_floor_stream_seq: 0,
+            num_ack_pending: 0,
         }),
         "a fresh consumer has offered nothing yet"
     );

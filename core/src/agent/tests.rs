@@ -413,6 +413,7 @@ impl World {
                         messages: self.chat.len() as u64,
                         consumers: 0,
                         max_consumers: -1,
+                        max_age_ms: 0,
                     }),
                 ))]
             }

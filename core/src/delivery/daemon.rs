@@ -24,6 +24,7 @@
 //! | `Views` (`views.rs`) | member and ACL indexes, channel registry, roster, presence heartbeats | nothing | every watched KV change |
 //! | `Fanout` (`fanout.rs`) | batches, highest CHAT seq, spilled copies in flight, inbox backlog, held copies, back-pressure, writes failing | DLV and dinbox `JsPublish`, reader `ConsumerInfo`, CHAT settles; `Timer::HeldCopies` | fan-out deliveries (with `Lent`: the views, leave frontiers, the DLV gate), its completions, the timer, the reader's settles |
 //! | `Gaps` (`gaps.rs`) | fan-out's sequence cursor, skipped ranges, the check in flight | CHAT `ReadStream`; `Timer::GapCheck` | a skipped seq (before fan-out routes it), its completion, the timer |
+//! | `Stranded` (`stranded.rs`) | the CHAT range the fan-out consumer offered to a feed that is gone, the read in flight | CHAT `ReadStream` | the fan-out bind (its ack floor, pointer, pending count), its completions (the messages go to `Fanout` as read-backs) |
 //! | `Reader` (`reader.rs`) | transfers, DLV backlog (the DLV gate fan-out's direct copies pass too), the one copy decision (`judge`) | DLV `JsPublish`, DLV `ConsumerInfo` | reader deliveries (with the ACL and member indexes), its completions, fan-out's direct copies at the gate |
 //! | `Notifier` (`notices.rs`) | the loss notices, their reads and writes | `KvGet`/`KvPut` of `cotal_losses_<space>` | losses from the reader and the gap checks, its completions |
 //! | [`DlvSweeper`] ([`crate::delivery::revoke`]) | the revocation sweeps | DLV reads and deletes (ops in `Pending::Sweep`) | ACL changes, transfers under a revoked ACL, its completions |
@@ -113,9 +114,10 @@ use crate::delivery::lease::{
 };
 use crate::delivery::losses::LossReason;
 use crate::delivery::revoke::{DlvSweeper, SweepEvent};
+use crate::delivery::stranded::stranded_range;
 use crate::io::{
     AckKind, Command, Completion, Connection, Inbound, Input, KvCondition, KvOperation, Machine,
-    Reply, SubId,
+    Reply, StoredMessage, SubId,
 };
 use crate::ledger::DeliveryId;
 use crate::op::{Failure, OpId, Outcome};
@@ -141,18 +143,20 @@ mod leasing;
 mod notices;
 mod orphans;
 mod reader;
+mod stranded;
 mod types;
 mod views;
 
 pub use config::*;
 use context::Ctx;
 pub use events::*;
-use fanout::{Fanout, FanoutStep, Lent};
+use fanout::{Fanout, FanoutStep, Lent, Offer};
 use feeds::{Feeds, Opened};
 use gaps::Gaps;
 use jobs::{Env, Jobs};
 use notices::Notifier;
 use reader::{Reader, ReaderStep};
+use stranded::Stranded;
 use types::*;
 use views::Views;
 
@@ -184,6 +188,8 @@ pub struct Delivery {
     fanout: Fanout,
     /// Sequence continuity: the skipped CHAT ranges and their checks ([`gaps`]).
     gaps: Gaps,
+    /// What the fan-out consumer offered to a feed that is gone, read back ([`stranded`]).
+    stranded: Stranded,
     /// The control jobs and their lanes ([`jobs`]).
     jobs: Jobs,
     /// The reader: authorization, DLV transfers, DLV backlogs ([`reader`]).
@@ -213,6 +219,7 @@ impl Delivery {
         let lease = Lease::new(config.shard, config.daemon_id.clone(), lease_config);
         let sweeper = DlvSweeper::new(&config.space, config.shard);
         let gaps = Gaps::new(config.space.clone(), config.catchup_page);
+        let stranded = Stranded::new(config.space.clone(), config.catchup_page);
         let notices = Notifier::new(config.space.clone());
         let fanout = Fanout::new(config.space.clone(), config.shard, &config);
         let reader = Reader::new(config.space.clone(), config.shard, config.reference_gap_g2);
@@ -230,6 +237,7 @@ impl Delivery {
             views: Views::new(),
             fanout,
             gaps,
+            stranded,
             jobs: Jobs::default(),
             reader,
             notices,
@@ -262,6 +270,12 @@ impl Delivery {
     /// The lease machine's state.
     pub fn lease_state(&self) -> LeaseState {
         self.lease.state()
+    }
+
+    /// The lease's timing in use: the lease bucket's TTL once read
+    /// ([`DeliveryConfig::lease_ttl_from_bucket`]).
+    pub fn lease_config(&self) -> &crate::delivery::lease::LeaseConfig {
+        self.lease.config()
     }
 
     /// The in-memory membership index.
@@ -486,6 +500,7 @@ impl Delivery {
                 self.reader.connection_lost();
                 self.notices.connection_lost();
                 self.gaps.connection_lost();
+                self.stranded.connection_lost();
                 // Only the lease's completions still matter; the rest are answered Unknown and
                 // ignored.
                 self.pending
@@ -500,10 +515,7 @@ impl Delivery {
                     return;
                 }
                 match self.lease.state() {
-                    LeaseState::Idle => {
-                        let r = self.lease.acquire(now);
-                        debug_assert!(r.is_ok(), "acquire from idle: {r:?}");
-                    }
+                    LeaseState::Idle => self.acquire_lease(now),
                     LeaseState::Held | LeaseState::Ready => {
                         self.open_feeds(now);
                         self.next_gap_check();
@@ -551,6 +563,10 @@ impl Delivery {
         if self.notices.owns(c.op) {
             return self.notices.on_completion(&mut self.cx, c.op, c.outcome);
         }
+        if self.stranded.owns(c.op) {
+            let messages = self.stranded.on_completion(&mut self.cx, c.op, c.outcome);
+            return self.fan_out_read_back(now, messages);
+        }
         if self.gaps.owns(c.op) {
             let report = self.gaps.on_completion(&mut self.cx, now, c.op, c.outcome);
             for range in report.lost {
@@ -572,6 +588,7 @@ impl Delivery {
                 .sweeper
                 .on_completion(c.op, c.outcome, &self.views.acls),
             Pending::Headroom(stream) => self.on_headroom(stream, c.outcome),
+            Pending::LeaseTtl => self.on_lease_ttl(now, c.outcome),
         }
     }
 
@@ -622,26 +639,8 @@ impl Delivery {
                     if self.gaps.offered(stream_seq) {
                         self.next_gap_check();
                     }
-                    let live = self.connected && !self.stopped;
-                    let (jobs, reader) = (&self.jobs, &mut self.reader);
-                    let lent = Lent {
-                        views: &self.views,
-                        leave_frontier: &|owner, channel| jobs.leave_frontier(owner, channel),
-                        dlv_gate: &mut |cx, owner, sender, batch| {
-                            reader.admit_direct(cx, owner, sender, batch)
-                        },
-                    };
-                    self.fanout.on_delivery(
-                        &mut self.cx,
-                        lent,
-                        live,
-                        now,
-                        delivery,
-                        stream_seq,
-                        delivery_count,
-                        &subject,
-                        &payload,
-                    );
+                    let offer = Offer::Delivery(delivery);
+                    self.fan_out(now, offer, stream_seq, delivery_count, &subject, &payload);
                 }
                 Feed::Reader => {
                     let jobs = &self.jobs;
@@ -734,8 +733,12 @@ impl Delivery {
         let Opened::Open { feed, bound } = opened else {
             return;
         };
-        if let Some(seq) = bound {
-            self.gaps.bound(seq);
+        if let Some(at) = bound {
+            self.gaps.bound(at.delivered);
+            self.stranded
+                .bound(stranded_range(at.delivered, at.ack_floor, at.ack_pending));
+            let live = self.connected && !self.stopped;
+            self.stranded.next(&mut self.cx, live);
         }
         if feed == Feed::Reader {
             let live = self.connected && !self.stopped;
@@ -767,6 +770,56 @@ impl Delivery {
             debug_assert!(r.is_ok(), "mark_ready while held: {r:?}");
         }
         self.with_jobs(now, |jobs, env| jobs.pump_all(env, now));
+    }
+
+    // ---- fan-out (the [`Fanout`] child) ----
+
+    /// Fans one CHAT message out: a delivery of the fan-out consumer, or a stranded one read
+    /// back.
+    fn fan_out(
+        &mut self,
+        now: Now,
+        offer: Offer,
+        seq: u64,
+        delivery_count: u64,
+        subject: &str,
+        payload: &[u8],
+    ) {
+        let live = self.connected && !self.stopped;
+        let (jobs, reader) = (&self.jobs, &mut self.reader);
+        let lent = Lent {
+            views: &self.views,
+            leave_frontier: &|owner, channel| jobs.leave_frontier(owner, channel),
+            dlv_gate: &mut |cx, owner, sender, batch| reader.admit_direct(cx, owner, sender, batch),
+        };
+        self.fanout.on_delivery(
+            &mut self.cx,
+            lent,
+            live,
+            now,
+            offer,
+            seq,
+            delivery_count,
+            subject,
+            payload,
+        );
+    }
+
+    /// Fans out the stranded messages a read brought back (unless the daemon stopped meanwhile
+    /// or fan-out holds the message already), then reads the next page. Each counts as offered
+    /// before (`delivery_count` 2): a mention it leaves unresolved was reported when the
+    /// consumer first offered it.
+    fn fan_out_read_back(&mut self, now: Now, messages: Vec<StoredMessage>) {
+        if self.stopped {
+            return;
+        }
+        for m in messages {
+            if !self.fanout.holds(m.seq) {
+                self.fan_out(now, Offer::ReadBack, m.seq, 2, &m.subject, &m.payload);
+            }
+        }
+        let live = self.connected && !self.stopped;
+        self.stranded.next(&mut self.cx, live);
     }
 
     // ---- sequence continuity (the [`Gaps`] child) ----
@@ -860,6 +913,11 @@ impl Delivery {
             Timer::OrphanScan => self.scan_orphans(now),
             Timer::HeadroomCheck => self.check_headroom(now),
             Timer::Reacquire => self.on_reacquire_timer(now),
+            Timer::LeaseTtlRead => {
+                if self.connected && !self.stopped && self.lease.state() == LeaseState::Idle {
+                    self.acquire_lease(now);
+                }
+            }
             Timer::Reopen(feed) => {
                 if self.lease_held() {
                     if feed == Feed::Fanout || feed == Feed::Reader {

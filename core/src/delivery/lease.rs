@@ -196,6 +196,21 @@ impl Lease {
         &self.config
     }
 
+    /// Replaces the timing while idle (before an acquisition): the daemon reads the lease
+    /// bucket's TTL before each one ([`super::daemon::DeliveryConfig::lease_ttl_from_bucket`]).
+    /// Refused once started: a holder's deadline must not move under it.
+    pub fn retime(&mut self, config: LeaseConfig) -> Result<(), LeaseUsageError> {
+        if self.phase != Phase::Idle {
+            return Err(LeaseUsageError::AlreadyStarted);
+        }
+        self.config = if self.config.reference_gap_g23() {
+            config.with_reference_gap_g23()
+        } else {
+            config
+        };
+        Ok(())
+    }
+
     /// Starts acquisition: a create-only write of `{holder, since, ready:false}`.
     pub fn acquire(&mut self, now: Now) -> Result<(), LeaseUsageError> {
         if self.phase != Phase::Idle {

@@ -15,7 +15,8 @@
 //!
 //! 3. **Sequence continuity** ([`gap`]): the fan-out is offered every CHAT sequence once; a jump
 //!    is checked against CHAT, and what the stream evicted before fan-out saw it is a reported
-//!    loss.
+//!    loss. What the consumer offered to a feed that is gone is read back when it is bound
+//!    ([`stranded`]), not left to its `ack_wait`.
 //! 4. **Per-owner caps** ([`backlog`]): INBOX and DLV keep 1000 entries per owner and discard
 //!    the oldest. Fan-out holds an owner's copies while its dinbox backlog is high, and the
 //!    reader sheds a copy (a reported loss) rather than push an unread DLV copy out.
@@ -39,6 +40,7 @@ pub mod lease;
 pub mod losses;
 pub mod revoke;
 pub mod route;
+pub mod stranded;
 
 pub use authorize::{Decision, authorize};
 pub use route::{RouteDecision, Routed, route};

@@ -295,6 +295,14 @@ enum Cmd {
         /// set is kept. `provision agent --apply` refuses an agent once a stream is full.
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         max_agents: Option<u32>,
+        /// Seconds an unrenewed delivery lease lives (the lease bucket's TTL), so how long a
+        /// standby daemon waits after the holder died before it takes over. Default 30, the
+        /// reference's; reference daemons assume 30 and cannot serve a space with another. Every
+        /// Cotal daemon reads it from the bucket before it acquires. Fixed when the space is
+        /// created: given with another value for an existing space, the bucket is reported as
+        /// drift and left as it is (stop every daemon and recreate the bucket to change it).
+        #[arg(long, value_parser = clap::value_parser!(u64).range(2..=3600))]
+        lease_ttl: Option<u64>,
         /// Print one JSON document instead of the text: `{"space", "objects": [{"kind",
         /// "name", "result": "created"|"unchanged"|"updated"|"failed", "error"?}],
         /// "defaultClass": {"result": "set"|"kept"|"failed", "class"?, "error"?}, "maxAgents",
@@ -573,18 +581,16 @@ async fn main() -> ExitCode {
             replicas,
             default_class,
             max_agents,
+            lease_ttl,
             json,
             nats,
         } => {
-            up(
-                &space,
+            let sizing = UpSizing {
                 replicas,
-                default_class.as_deref(),
                 max_agents,
-                json,
-                &nats,
-            )
-            .await
+                lease_ttl: lease_ttl.map(Duration::from_secs),
+            };
+            up(&space, &sizing, default_class.as_deref(), json, &nats).await
         }
         Cmd::Provision(ProvisionCmd::Delivery { space, id, json }) => {
             provision_delivery(&space, &id, json)
@@ -629,14 +635,26 @@ async fn main() -> ExitCode {
     }
 }
 
+/// What `cotal up` sizes: replicas, consumer caps, the lease TTL.
+#[derive(Clone, Copy)]
+struct UpSizing {
+    replicas: u32,
+    max_agents: Option<u32>,
+    lease_ttl: Option<Duration>,
+}
+
 async fn up(
     space: &str,
-    replicas: u32,
+    sizing: &UpSizing,
     default_class: Option<&str>,
-    max_agents: Option<u32>,
     json: bool,
     nats: &NatsArgs,
 ) -> ExitCode {
+    let UpSizing {
+        replicas,
+        max_agents,
+        lease_ttl,
+    } = *sizing;
     let space = match Space::new(space) {
         Ok(s) => s,
         Err(e) => return fail(format!("invalid space name '{space}': {e}")),
@@ -659,6 +677,9 @@ async fn up(
     };
     if replicas != 1 {
         plan = plan.with_replicas(replicas);
+    }
+    if let Some(ttl) = lease_ttl {
+        plan = plan.with_lease_ttl(ttl);
     }
     let report = apply(&conn.client, &plan, config.request_timeout).await;
     let class = match default_class {

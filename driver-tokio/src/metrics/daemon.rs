@@ -120,6 +120,16 @@ const CORE_COUNTERS: &[Exported<DeliveryCounters>] = &[
         |c| c.fanout_anomalies,
     ),
     (
+        "stranded_read_back",
+        "CHAT messages read back because the fan-out consumer had offered them to a feed that is gone",
+        |c| c.stranded_read_back,
+    ),
+    (
+        "stranded_reads_failed",
+        "Read-backs of stranded CHAT messages that failed (left to the redelivery)",
+        |c| c.stranded_reads_failed,
+    ),
+    (
         "abandoned",
         "Control requests abandoned without a reply (lease or connection lost)",
         |c| c.abandoned,

@@ -66,6 +66,7 @@ use crate::run::{os_key, wall_clock};
 use bytes::Bytes;
 use clap::Args;
 use cotal_core::agent::AgentConfig;
+use cotal_core::constants::LEASE_TTL;
 use cotal_core::registry::{closed_intervals, current_interval, forgotten_intervals};
 use cotal_core::wire::keys::{KvBucket, member_key};
 use cotal_core::wire::message::Sender;
@@ -128,6 +129,15 @@ pub struct ChaosArgs {
     /// of the run (default: one per three members).
     #[arg(long)]
     late_joiners: Option<usize>,
+    /// Run a standby daemon beside the serving one (`cotal delivery` started twice for the
+    /// shard): a `daemon-kill` kills whichever holds the lease, the standby takes over once the
+    /// dead holder's lease expires, and the restarted process becomes the next standby.
+    #[arg(long)]
+    standby: bool,
+    /// Provision the space with this delivery lease TTL in seconds (`cotal up --lease-ttl`):
+    /// how long a dead holder's lease blocks its successor. Default: the reference's 30.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(2..=3600))]
+    lease_ttl: Option<u64>,
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -164,6 +174,17 @@ fn spawn_daemon(url: &str, space: &Space, n: usize) -> Result<DaemonChild, Strin
     let log = log_dir()?.join(format!("{}-{id}.log", space.as_str()));
     let child = spawn_daemon_process(url, space, &id, &log)?;
     Ok(DaemonChild { child, id, log })
+}
+
+/// The daemon id in the shard's lease record (`lease.0`), if one holds it.
+async fn lease_holder(js: &async_nats::jetstream::Context, space: &Space) -> Option<String> {
+    let kv = js
+        .get_key_value(KvBucket::Delivery.name(space))
+        .await
+        .ok()?;
+    let value = kv.get("lease.0").await.ok()??;
+    let record: serde_json::Value = serde_json::from_slice(&value).ok()?;
+    record["holder"].as_str().map(str::to_owned)
 }
 
 /// The last ERROR line of a daemon log (why it exited), or its last line.
@@ -473,6 +494,9 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     if let Some(n) = args.cluster {
         plan = plan.with_replicas(n.min(3) as u32);
     }
+    if let Some(secs) = args.lease_ttl {
+        plan = plan.with_lease_ttl(Duration::from_secs(secs));
+    }
     // A fresh cluster elects its JetStream meta leader a few seconds after it accepts clients.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -495,6 +519,14 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     let mut spawned = 0usize;
     let mut daemon = Some(spawn_daemon(&url, &space, spawned)?);
     spawned += 1;
+    // With --standby, a second process that watches the lease; `daemon` is the one believed to
+    // hold it (checked against the lease record before a kill).
+    let mut standby = if args.standby {
+        spawned += 1;
+        Some(spawn_daemon(&url, &space, spawned - 1)?)
+    } else {
+        None
+    };
 
     let joined = Arc::new(AtomicUsize::new(0));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -598,14 +630,22 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         let when = start + Duration::from_millis(at);
         while Instant::now() < when {
             supervise(&mut daemon, &mut spawned, &mut timeline)?;
+            supervise(&mut standby, &mut spawned, &mut timeline)?;
             show(&timeline);
             tokio::time::sleep(Duration::from_millis(100).min(when - Instant::now())).await;
         }
         match step {
             Step::Inject(Fault::DaemonKill) => {
+                // The holder dies; the standby, if any, is the one expected to take over.
+                if let Some(s) = &standby
+                    && lease_holder(&js, &space).await.as_deref() == Some(s.id.as_str())
+                {
+                    std::mem::swap(&mut daemon, &mut standby);
+                }
                 let Some(mut d) = daemon.take() else {
                     continue;
                 };
+                daemon = standby.take();
                 let _ = d.child.kill();
                 let _ = d.child.wait();
                 timeline.push(format!(
@@ -624,6 +664,11 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
                     spawned += 1;
                     timeline.push(format!("{} start {}", stamp(start), d.id));
                     daemon = Some(d);
+                } else if args.standby && standby.is_none() {
+                    let d = spawn_daemon(&url, &space, spawned)?;
+                    spawned += 1;
+                    timeline.push(format!("{} start {} (standby)", stamp(start), d.id));
+                    standby = Some(d);
                 }
             }
             Step::Inject(
@@ -732,6 +777,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     let end = start + Duration::from_secs(args.duration);
     while Instant::now() < end {
         supervise(&mut daemon, &mut spawned, &mut timeline)?;
+        supervise(&mut standby, &mut spawned, &mut timeline)?;
         show(&timeline);
         tokio::time::sleep(
             Duration::from_millis(100).min(end.saturating_duration_since(Instant::now())),
@@ -884,6 +930,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         }
     }
     drop(daemon);
+    drop(standby);
     let duplicates_suppressed = durable_total.saturating_sub(via_dlv);
     // Recovery, from when each owed copy was acked and when DLV stored it.
     let acked_at: BTreeMap<&str, u64> = published
@@ -987,6 +1034,8 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
                    "fault_counts": fault_counts,
                    "membership_changes": churn_steps,
                    "daemon_exits": daemon_exits,
+                   "standby": args.standby,
+                   "lease_ttl_s": args.lease_ttl.unwrap_or(LEASE_TTL.as_millis() / 1000),
                    "messages": published.acked.len(),
                    "publishes_failed": published.failed,
                    "copies_expected": expected, "delivered": delivered,

@@ -132,6 +132,13 @@ pub struct DeliveryConfig {
     /// still waiting are carried over. `false` ends the daemon at the loss, as the reference does
     /// (the embedding then restarts it).
     pub reacquire_lease: bool,
+    /// Read the lease bucket's TTL (its stream's `max_age`) before every acquisition and time
+    /// the lease by it ([`LeaseConfig::for_ttl`]), in place of [`DeliveryConfig::lease`]'s
+    /// (default true). The TTL is the space's: `cotal up --lease-ttl` sets it, and a daemon
+    /// that assumed a longer one than the bucket's would still trust its lease after the broker
+    /// expired it, so a successor could write beside it. A bucket without a TTL keeps the
+    /// configured timing.
+    pub lease_ttl_from_bucket: bool,
 }
 
 impl DeliveryConfig {
@@ -154,6 +161,7 @@ impl DeliveryConfig {
             reap_orphans: false,
             reference_gap_g17: false,
             reacquire_lease: true,
+            lease_ttl_from_bucket: true,
         }
     }
 }

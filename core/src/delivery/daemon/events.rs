@@ -203,6 +203,11 @@ pub struct DeliveryCounters {
     pub gaps_unverified: u64,
     /// CHAT messages fan-out terminated as anomalies (not chat, undecodable, spoofed).
     pub fanout_anomalies: u64,
+    /// CHAT messages read back and fanned out because the fan-out consumer had offered them to
+    /// a feed that is gone ([`crate::delivery::stranded`]).
+    pub stranded_read_back: u64,
+    /// Read-backs of stranded CHAT messages that failed (the consumer's redelivery serves them).
+    pub stranded_reads_failed: u64,
     /// Control requests abandoned without a reply (lease or connection lost).
     pub abandoned: u64,
     /// DLV copies deleted by the revocation sweep: their owner's ACL no longer admits them
@@ -265,6 +270,8 @@ impl DeliveryCounters {
             evicted_before_fanout,
             gaps_unverified,
             fanout_anomalies,
+            stranded_read_back,
+            stranded_reads_failed,
             abandoned,
             dlv_revoked,
             dlv_sweeps,
@@ -302,6 +309,8 @@ impl DeliveryCounters {
         self.evicted_before_fanout += evicted_before_fanout;
         self.gaps_unverified += gaps_unverified;
         self.fanout_anomalies += fanout_anomalies;
+        self.stranded_read_back += stranded_read_back;
+        self.stranded_reads_failed += stranded_reads_failed;
         self.abandoned += abandoned;
         self.dlv_revoked += dlv_revoked;
         self.dlv_sweeps += dlv_sweeps;
@@ -358,6 +367,18 @@ pub enum DeliveryEvent {
     Reincarnated {
         /// 1 for the first start-over, then 2 …
         incarnation: u64,
+    },
+    /// The lease is timed by the lease bucket's TTL, which differs from the configured one
+    /// ([`DeliveryConfig::lease_ttl_from_bucket`](super::DeliveryConfig::lease_ttl_from_bucket)).
+    LeaseTtl {
+        /// The bucket's TTL.
+        ttl: crate::time::Duration,
+    },
+    /// The lease bucket's TTL could not be read or cannot time a lease (too short to renew in):
+    /// no acquisition until a read gives a usable one (retried).
+    LeaseTtlUnusable {
+        /// What went wrong.
+        detail: String,
     },
     /// The health surface changed.
     HealthChanged(DeliveryHealth),

@@ -87,10 +87,30 @@ use bytes::Bytes;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
+/// Where a fanned-out CHAT message came from, and so what settles it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Offer {
+    /// A delivery of the fan-out consumer: settled once its copies are stored.
+    Delivery(DeliveryId),
+    /// A stranded message read back from CHAT ([`crate::delivery::stranded`]): nothing to
+    /// settle; the consumer's own redelivery of it is settled, its copies collapsing on their
+    /// msg-ids.
+    ReadBack,
+}
+
+impl Offer {
+    /// Settles the delivery, if there is one.
+    fn settle(self, cx: &mut Ctx, kind: AckKind) {
+        if let Offer::Delivery(delivery) = self {
+            cx.settle(delivery, kind);
+        }
+    }
+}
+
 /// One CHAT delivery being fanned out.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct FanoutBatch {
-    delivery: DeliveryId,
+    offer: Offer,
     seq: u64,
     delivery_count: u64,
     channel: ConcreteChannel,
@@ -226,6 +246,11 @@ impl Fanout {
         }
     }
 
+    /// Whether a batch of CHAT sequence `seq` is being fanned out now.
+    pub(super) fn holds(&self, seq: u64) -> bool {
+        self.batches.values().any(|b| b.seq == seq)
+    }
+
     /// The highest CHAT sequence fan-out has received.
     pub(super) fn high(&self) -> u64 {
         self.high
@@ -272,7 +297,14 @@ impl Fanout {
     /// The lease is gone: the deliveries of the batches still held, in order (the parent hands
     /// them back). Answers in flight still arrive (and find no batch).
     pub(super) fn stop(&mut self, cx: &mut Ctx) -> Vec<DeliveryId> {
-        let held = self.batches.values().map(|b| b.delivery).collect();
+        let held = self
+            .batches
+            .values()
+            .filter_map(|b| match b.offer {
+                Offer::Delivery(d) => Some(d),
+                Offer::ReadBack => None,
+            })
+            .collect();
         self.batches.clear();
         self.held_for.clear();
         cx.timers.cancel(&Timer::HeldCopies);
@@ -300,7 +332,7 @@ impl Fanout {
         mut lent: Lent<'_>,
         live: bool,
         now: Now,
-        delivery: DeliveryId,
+        offer: Offer,
         seq: u64,
         delivery_count: u64,
         subject: &str,
@@ -315,13 +347,13 @@ impl Fanout {
                 sender,
                 channel,
             }) if &s == space => (sender, channel),
-            _ => return self.fanout_anomaly(cx, delivery, seq, subject, FanoutAnomaly::NotChat),
+            _ => return self.fanout_anomaly(cx, offer, seq, subject, FanoutAnomaly::NotChat),
         };
         let msg = match CotalMessage::decode(payload) {
             Ok(m) => m,
             Err(e) => {
                 let a = FanoutAnomaly::Undecodable(e.to_string());
-                return self.fanout_anomaly(cx, delivery, seq, subject, a);
+                return self.fanout_anomaly(cx, offer, seq, subject, a);
             }
         };
         if msg.from.id != sender {
@@ -329,7 +361,7 @@ impl Fanout {
                 sender,
                 claimed: msg.from.id.clone(),
             };
-            return self.fanout_anomaly(cx, delivery, seq, subject, a);
+            return self.fanout_anomaly(cx, offer, seq, subject, a);
         }
         let shard = self.shard;
         let class = views
@@ -383,7 +415,7 @@ impl Fanout {
             .filter(|r| shard.owns(&r.owner))
             .collect();
         if entries.is_empty() {
-            return cx.settle(delivery, AckKind::Ack);
+            return offer.settle(cx, AckKind::Ack);
         }
         // One write per copy: each copy is judged now, as the reader would judge its entry, and
         // one it would transfer goes straight to the owner's DLV when nothing of the owner's is
@@ -431,7 +463,7 @@ impl Fanout {
         self.batches.insert(
             batch,
             FanoutBatch {
-                delivery,
+                offer,
                 seq,
                 delivery_count,
                 channel,
@@ -707,11 +739,14 @@ impl Fanout {
     fn fanout_anomaly(
         &mut self,
         cx: &mut Ctx,
-        delivery: DeliveryId,
+        offer: Offer,
         seq: u64,
         subject: &str,
         anomaly: FanoutAnomaly,
     ) {
+        let Offer::Delivery(delivery) = offer else {
+            return; // counted and terminated when the consumer delivers it
+        };
         cx.counters.fanout_anomalies += 1;
         cx.settle(delivery, AckKind::Term);
         cx.emit(DeliveryEvent::FanoutTerminated {
@@ -879,23 +914,23 @@ impl Fanout {
         if b.failed {
             self.writes_failing = true;
             let attempt = u32::try_from(b.delivery_count.saturating_sub(1)).unwrap_or(u32::MAX);
-            cx.settle(
-                b.delivery,
+            b.offer.settle(
+                cx,
                 AckKind::Nak {
                     delay: backoff(attempt),
                 },
             );
         } else if b.deferred {
             self.writes_failing = false;
-            cx.settle(
-                b.delivery,
+            b.offer.settle(
+                cx,
                 AckKind::Nak {
                     delay: backpressure_delay(b.delivery_count),
                 },
             );
         } else {
             self.writes_failing = false;
-            cx.settle(b.delivery, AckKind::Ack);
+            b.offer.settle(cx, AckKind::Ack);
         }
     }
 }

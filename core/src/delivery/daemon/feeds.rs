@@ -41,11 +41,22 @@ pub(super) struct Feeds {
     pending: BTreeMap<OpId, (Feed, SubId)>,
 }
 
+/// Where the fan-out consumer stood when it was bound ([`Reply::ConsumerBound`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct BoundAt {
+    /// Its delivery pointer.
+    pub(super) delivered: u64,
+    /// Its ack floor.
+    pub(super) ack_floor: u64,
+    /// Deliveries above the floor nobody settled.
+    pub(super) ack_pending: u64,
+}
+
 /// A feed's open completed: what the parent does next.
 #[derive(Debug)]
 pub(super) enum Opened {
-    /// The feed is open. `bound` is the fan-out consumer's delivered stream sequence.
-    Open { feed: Feed, bound: Option<u64> },
+    /// The feed is open. `bound` is where the fan-out consumer stood, when the driver told.
+    Open { feed: Feed, bound: Option<BoundAt> },
     /// Superseded (a reconnect or a stop) or failed (a reopen is scheduled).
     Not,
 }
@@ -203,8 +214,14 @@ impl Feeds {
                         Feed::Fanout,
                         Reply::ConsumerBound {
                             delivered_stream_seq,
+                            ack_floor_stream_seq,
+                            num_ack_pending,
                         },
-                    ) => Some(delivered_stream_seq),
+                    ) => Some(BoundAt {
+                        delivered: delivered_stream_seq,
+                        ack_floor: ack_floor_stream_seq,
+                        ack_pending: num_ack_pending,
+                    }),
                     _ => None,
                 };
                 self.state.insert(feed, FeedState::Open(sub));

@@ -2,6 +2,8 @@
 //! and events routed back, and the stop when the lease is gone.
 
 use super::*;
+use crate::delivery::lease::LeaseConfig;
+use crate::time::Duration;
 
 impl Delivery {
     pub(super) fn issue_lease(&mut self, cmd: LeaseCommand) {
@@ -115,6 +117,66 @@ impl Delivery {
         self.emit(DeliveryEvent::Lease(ev));
     }
 
+    /// Starts an acquisition: with [`DeliveryConfig::lease_ttl_from_bucket`], once the lease
+    /// bucket's TTL is read ([`Delivery::on_lease_ttl`]); else at once. Called with the lease
+    /// idle and the daemon connected.
+    pub(super) fn acquire_lease(&mut self, now: Now) {
+        if !self.config.lease_ttl_from_bucket {
+            let r = self.lease.acquire(now);
+            debug_assert!(r.is_ok(), "acquire from idle: {r:?}");
+            return;
+        }
+        if self.pending.values().any(|p| *p == Pending::LeaseTtl) {
+            return;
+        }
+        let stream = KvBucket::Delivery.stream_name(&self.config.space);
+        let op = self.op(Pending::LeaseTtl);
+        self.cx.push(Command::StreamInfo { op, stream });
+    }
+
+    /// The lease bucket's `STREAM.INFO` came back: the lease is retimed by its TTL when that
+    /// differs from the timing in use, then acquired. A failed read, or a TTL too short to renew
+    /// in, is reported and read again after [`REACQUIRE_DELAY`]: acquiring on a guess could
+    /// trust a lease the broker already expired.
+    pub(super) fn on_lease_ttl(&mut self, now: Now, outcome: Outcome<Reply>) {
+        if self.stopped || !self.connected || self.lease.state() != LeaseState::Idle {
+            return;
+        }
+        let unusable = match outcome {
+            Outcome::Success(Reply::StreamState(state)) => {
+                let ttl = Duration::from_millis(state.max_age_ms);
+                if state.max_age_ms == 0 || ttl == self.lease.config().ttl() {
+                    None
+                } else {
+                    match LeaseConfig::for_ttl(ttl) {
+                        Ok(timing) => {
+                            let r = self.lease.retime(timing);
+                            debug_assert!(r.is_ok(), "retime while idle: {r:?}");
+                            self.emit(DeliveryEvent::LeaseTtl { ttl });
+                            None
+                        }
+                        Err(e) => Some(format!("the lease bucket's TTL {ttl}: {e}")),
+                    }
+                }
+            }
+            Outcome::Success(other) => Some(format!("unexpected reply {other:?}")),
+            Outcome::Failed(f) => Some(format!("reading the lease bucket's TTL: {f}")),
+            Outcome::Unknown => Some("reading the lease bucket's TTL: outcome unknown".into()),
+        };
+        match unusable {
+            None => {
+                let r = self.lease.acquire(now);
+                debug_assert!(r.is_ok(), "acquire from idle: {r:?}");
+            }
+            Some(detail) => {
+                self.emit(DeliveryEvent::LeaseTtlUnusable { detail });
+                self.cx
+                    .timers
+                    .set(Timer::LeaseTtlRead, now.at + REACQUIRE_DELAY);
+            }
+        }
+    }
+
     /// After a lost lease (or one not acquired): a new incarnation [`REACQUIRE_DELAY`] later,
     /// unless the daemon is shutting down or the configuration ends it here.
     fn schedule_reacquire(&mut self, now: Now) {
@@ -157,8 +219,7 @@ impl Delivery {
         self.emit(DeliveryEvent::Reincarnated {
             incarnation: self.incarnation,
         });
-        let r = self.lease.acquire(now);
-        debug_assert!(r.is_ok(), "acquire of a fresh lease: {r:?}");
+        self.acquire_lease(now);
     }
 
     /// Stops every piece of work: the lease is gone.

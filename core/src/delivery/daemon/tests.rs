@@ -3,9 +3,11 @@
 mod direct;
 mod harness;
 mod headroom;
+mod lease_ttl;
 mod mentions;
 mod reacquire;
 mod revoke;
+mod stranded;
 mod transcript;
 
 use super::*;
@@ -44,8 +46,13 @@ fn boot_acquires_the_lease_before_anything_else_and_ready_after_binding() {
         .filter(|l| l.contains(" cmd "))
         .map(|l| l.split_once(" cmd ").unwrap().1.trim())
         .collect();
+    assert_eq!(
+        cmds[0], "stream.info KV_cotal_delivery_main",
+        "its TTL first\n{}",
+        w.log
+    );
     assert!(
-        cmds[0].starts_with("kv.put delivery/lease.0 create"),
+        cmds[1].starts_with("kv.put delivery/lease.0 create"),
         "{}",
         w.log
     );
@@ -1336,6 +1343,7 @@ fn the_fence_covers_what_fan_out_received_before_the_commit_i10() {
                 messages: 2,
                 consumers: 0,
                 max_consumers: -1,
+                max_age_ms: 0,
             },
         ))),
         2,
@@ -2731,6 +2739,8 @@ fn set_every_counter(c: &mut DeliveryCounters, v: u64) {
         evicted_before_fanout: v,
         gaps_unverified: v,
         fanout_anomalies: v,
+        stranded_read_back: v,
+        stranded_reads_failed: v,
         abandoned: v,
         dlv_revoked: v,
         dlv_sweeps: v,

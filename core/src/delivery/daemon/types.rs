@@ -45,6 +45,8 @@ pub(super) enum Pending {
     Sweep,
     /// A `STREAM.INFO` of the consumer-headroom check, of this stream.
     Headroom(String),
+    /// The `STREAM.INFO` of the lease bucket read before an acquisition (its TTL).
+    LeaseTtl,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -61,6 +63,8 @@ pub(super) enum Timer {
     HeadroomCheck,
     /// Start a new incarnation with a fresh lease ([`DeliveryConfig::reacquire_lease`](super::DeliveryConfig::reacquire_lease)).
     Reacquire,
+    /// Read the lease bucket's TTL again (the last read failed, or the TTL was unusable).
+    LeaseTtlRead,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

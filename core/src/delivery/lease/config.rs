@@ -159,6 +159,11 @@ impl LeaseConfig {
         }
     }
 
+    /// Whether gap G23 is restored ([`LeaseConfig::with_reference_gap_g23`]).
+    pub(super) fn reference_gap_g23(&self) -> bool {
+        self.reference_gap_g23
+    }
+
     pub(super) fn deadline_after(&self, confirmed: Instant) -> Instant {
         if self.reference_gap_g23 {
             // No deadline: far past any run (about 31 years).

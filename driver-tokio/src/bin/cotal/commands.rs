@@ -512,6 +512,14 @@ impl DaemonReport {
                 target: "cotal",
                 "lease: {event:?}: another daemon holds it; standing by"
             ),
+            DeliveryEvent::LeaseTtl { ttl } => tracing::info!(
+                target: "cotal",
+                "lease: timed by the lease bucket's TTL of {ttl}"
+            ),
+            DeliveryEvent::LeaseTtlUnusable { detail } => tracing::warn!(
+                target: "cotal",
+                "lease: not acquired: {detail}; reading it again"
+            ),
             DeliveryEvent::Reincarnated { incarnation } => tracing::info!(
                 target: "cotal",
                 "starting over (incarnation {incarnation}): acquiring a fresh lease"

@@ -87,6 +87,11 @@ pub struct Broker {
     /// The fan-out consumer's delivery pointer reported at bind (`None`: answer `Done`, as a
     /// driver that cannot tell).
     pub fanout_pointer: Option<u64>,
+    /// The fan-out consumer's ack floor and unsettled count reported with the pointer (`None`:
+    /// everything up to the pointer settled).
+    pub fanout_unsettled: Option<(u64, u64)>,
+    /// The lease bucket's TTL a `STREAM.INFO` reports, in ms (`None`: the reference's 30 s).
+    pub lease_bucket_ttl_ms: Option<u64>,
     /// The reader consumer's unread total a `CONSUMER.INFO` reports; `None`: INBOX entries
     /// minus the reader deliveries acked or terminated.
     pub reader_unread: Option<u64>,
@@ -252,6 +257,8 @@ impl Broker {
                         *op,
                         Reply::ConsumerBound {
                             delivered_stream_seq: p,
+                            ack_floor_stream_seq: self.fanout_unsettled.map_or(p, |u| u.0),
+                            num_ack_pending: self.fanout_unsettled.map_or(0, |u| u.1),
                         },
                     ),
                     _ => done(*op, Reply::Done),
@@ -288,6 +295,12 @@ impl Broker {
                     messages: self.chat.len() as u64,
                     consumers: self.stream_consumers.get(stream).map_or(0, |c| c.0),
                     max_consumers: self.stream_consumers.get(stream).map_or(-1, |c| c.1),
+                    max_age_ms: if stream == "KV_cotal_delivery_main" {
+                        self.lease_bucket_ttl_ms
+                            .unwrap_or(crate::constants::LEASE_TTL.as_millis())
+                    } else {
+                        0
+                    },
                 }),
             ),
             Command::ReadStream {

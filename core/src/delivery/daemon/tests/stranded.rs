@@ -1,0 +1,169 @@
+//! Stranded deliveries read back (issue 19): what the fan-out consumer offered to a feed that is
+//! gone is read from CHAT at the bind and fanned out at once, not after the consumer's
+//! `ack_wait`; its redelivery collapses on the copies' msg-ids and is the one acked.
+
+use super::super::*;
+use super::harness::*;
+use super::{plant_member, record, served};
+
+fn is_read_back(c: &Command) -> bool {
+    matches!(c, Command::ReadStream { filter, .. } if filter == "cotal.main.chat.>")
+}
+
+/// A world whose fan-out durable, at the first bind, has offered `1..=pointer` and settled up
+/// to `floor`, with `pending` deliveries unsettled; alice is a member of `review` and bob posted
+/// `pointer + 1` messages there.
+fn bound_with(pointer: u64, floor: u64, pending: u64) -> World {
+    let mut w = World::new();
+    w.b.fanout_pointer = Some(pointer);
+    w.b.fanout_unsettled = Some((floor, pending));
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    w.acl("alice", &["review"]);
+    for _ in 0..=pointer {
+        w.post("bob", "review", &[]);
+    }
+    w
+}
+
+fn copies_of(w: &World, seq: u64) -> usize {
+    let prefix = format!("m{seq}:");
+    w.copy_ids("alice")
+        .iter()
+        .filter(|i| i.starts_with(&prefix))
+        .count()
+}
+
+#[test]
+fn a_bind_with_unsettled_deliveries_writes_their_copies_at_once_and_settles_nothing() {
+    let mut w = bound_with(4, 2, 2);
+    w.boot();
+    assert!(w.d.serving(), "{}", w.log);
+    assert!(
+        w.log.contains("read cotal.main.chat.> from=3 to=4"),
+        "the range above the floor is read back\n{}",
+        w.log
+    );
+    assert_eq!(
+        (1..=5).map(|s| copies_of(&w, s)).collect::<Vec<_>>(),
+        vec![0, 0, 1, 1, 0],
+        "copies of the stranded 3 and 4 only\n{}",
+        w.log
+    );
+    assert!(
+        w.b.settled.is_empty(),
+        "nothing to settle: {:?}",
+        w.b.settled
+    );
+    assert_eq!(w.d.counters().stranded_read_back, 2);
+    // The consumer's own redelivery comes after its ack_wait: the copy collapses on its msg-id
+    // and the redelivery is acked.
+    let before = w.d.counters().copies_duplicate;
+    let d = w.fanout(3, 2);
+    assert_eq!(w.settled(d), vec![AckKind::Ack], "{}", w.log);
+    assert_eq!(copies_of(&w, 3), 1);
+    assert!(w.d.counters().copies_duplicate > before, "{}", w.log);
+    // The message past the pointer comes as a first delivery, as before.
+    let d = w.fanout(5, 1);
+    assert_eq!(w.settled(d), vec![AckKind::Ack], "{}", w.log);
+    assert_eq!(copies_of(&w, 5), 1);
+}
+
+#[test]
+fn a_bind_with_everything_settled_reads_nothing_back() {
+    let mut w = bound_with(4, 4, 0);
+    w.boot();
+    assert!(w.d.serving(), "{}", w.log);
+    assert!(!w.log.contains("read cotal.main.chat.>"), "{}", w.log);
+    assert_eq!(w.d.counters().stranded_read_back, 0);
+    // Pending deliveries reported at the floor itself: nothing above it to read.
+    let mut w = bound_with(4, 4, 3);
+    w.boot();
+    assert!(!w.log.contains("read cotal.main.chat.>"), "{}", w.log);
+}
+
+#[test]
+fn a_failed_read_back_is_reported_and_leaves_the_messages_to_the_redelivery() {
+    let mut w = bound_with(4, 2, 2);
+    w.rule(
+        is_read_back,
+        Effect::Answer(Outcome::Failed(Failure::Timeout)),
+        1,
+    );
+    w.boot();
+    assert!(w.d.serving(), "{}", w.log);
+    assert_eq!(w.d.counters().stranded_reads_failed, 1);
+    assert_eq!(copies_of(&w, 3), 0);
+    assert!(
+        w.events.iter().any(|e| matches!(
+            e,
+            DeliveryEvent::FeedProblem { feed: Feed::Fanout, detail } if detail.contains("3..=4")
+        )),
+        "{:?}",
+        w.events
+    );
+    let c = w.d.counters();
+    assert_eq!(
+        (c.lost, c.gaps_unverified, c.evicted_before_fanout),
+        (0, 0, 0),
+        "no loss: the redelivery serves them"
+    );
+    let d = w.fanout(3, 2);
+    assert_eq!(w.settled(d), vec![AckKind::Ack], "{}", w.log);
+    assert_eq!(copies_of(&w, 3), 1);
+}
+
+#[test]
+fn deliveries_lost_with_the_connection_are_read_back_at_the_rebind() {
+    let mut w = served();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    w.acl("alice", &["review"]);
+    let s1 = w.post("bob", "review", &[]);
+    w.fanout(s1, 1);
+    // 2 and 3 were on their way to the daemon when the server stopped: the daemon never saw
+    // them; the consumer holds them pending.
+    let s2 = w.post("bob", "review", &[]);
+    let s3 = w.post("bob", "review", &[]);
+    w.feed(Input::Connection(Connection::Lost));
+    w.run();
+    w.b.fanout_pointer = Some(s3);
+    w.b.fanout_unsettled = Some((s1, 2));
+    w.feed(Input::Connection(Connection::Restored));
+    w.run();
+    assert!(
+        w.log
+            .contains(&format!("read cotal.main.chat.> from={s2} to={s3}")),
+        "{}",
+        w.log
+    );
+    assert_eq!((copies_of(&w, s2), copies_of(&w, s3)), (1, 1), "{}", w.log);
+}
+
+#[test]
+fn a_long_read_back_is_read_in_pages() {
+    let mut config = DeliveryConfig::new(space(), shard0(), "D1");
+    config.catchup_page = 2;
+    let mut w = World::with_config(config);
+    w.b.fanout_pointer = Some(5);
+    w.b.fanout_unsettled = Some((0, 5));
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    w.acl("alice", &["review"]);
+    for _ in 0..6 {
+        w.post("bob", "review", &[]);
+    }
+    w.boot();
+    for (from, to) in [(1, 5), (3, 5), (5, 5)] {
+        assert!(
+            w.log
+                .contains(&format!("read cotal.main.chat.> from={from} to={to}")),
+            "pages of 2\n{}",
+            w.log
+        );
+    }
+    assert_eq!(
+        (1..=6).map(|s| copies_of(&w, s)).collect::<Vec<_>>(),
+        vec![1, 1, 1, 1, 1, 0],
+        "{}",
+        w.log
+    );
+    assert_eq!(w.d.counters().stranded_read_back, 5);
+}
