@@ -22,6 +22,45 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// `cotal up --lease-ttl` (issue 19): a new space's lease bucket gets the TTL; `up` without it
+/// keeps what the space was made with; another TTL for an existing space is refused as drift and
+/// changes nothing.
+#[tokio::test]
+async fn cotal_up_lease_ttl_is_set_at_creation_and_kept_after() {
+    let Some(server) = NatsServer::start() else {
+        return;
+    };
+    let url = server.url();
+    let conn = connect(&server.config()).await.expect("connect");
+    let max_age_ms = || async {
+        let info = api::request(
+            &conn.client,
+            "$JS.API.STREAM.INFO.KV_cotal_delivery_ttl",
+            Bytes::new(),
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("stream info");
+        info["config"]["max_age"].as_u64().expect("max_age") / 1_000_000
+    };
+    let first = cotal(&["up", "--space", "ttl", "--lease-ttl", "5", "--nats", &url]);
+    assert!(first.status.success(), "{}", stdout(&first));
+    assert_eq!(max_age_ms().await, 5_000);
+    let again = cotal(&["up", "--space", "ttl", "--nats", &url]);
+    let text = stdout(&again);
+    assert!(again.status.success(), "{text}");
+    assert!(text.contains("nothing changed"), "{text}");
+    assert_eq!(max_age_ms().await, 5_000, "kept without --lease-ttl");
+    let other = cotal(&["up", "--space", "ttl", "--lease-ttl", "9", "--nats", &url]);
+    let text = stdout(&other);
+    assert_eq!(other.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("cotal_delivery_ttl") && text.contains("max_age"),
+        "the drift names the bucket and the field\n{text}"
+    );
+    assert_eq!(max_age_ms().await, 5_000, "left as it is");
+}
+
 #[tokio::test]
 async fn cotal_up_twice_is_idempotent_and_matches_the_core_specs() {
     let Some(server) = NatsServer::start() else {
