@@ -1604,7 +1604,7 @@ impl Drop for DaemonProcess {
 }
 
 /// `(VmRSS, VmHWM)` in KiB of process `pid`.
-fn proc_memory(pid: u32) -> Result<(u64, u64), String> {
+pub(super) fn proc_memory(pid: u32) -> Result<(u64, u64), String> {
     let path = format!("/proc/{pid}/status");
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
     let field = |name: &str| {

@@ -590,6 +590,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         .collect();
     let stamp = |start: Instant| format!("{:>6.1}s", start.elapsed().as_secs_f64());
     let mut daemon_exits = 0u64;
+    let mut memory = Memory::default();
     // The harness supervises the daemon as systemd would: a daemon that exits on its own (it
     // does when its lease is lost, for example after a long server outage) is restarted and the
     // exit is counted and shown.
@@ -631,6 +632,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         while Instant::now() < when {
             supervise(&mut daemon, &mut spawned, &mut timeline)?;
             supervise(&mut standby, &mut spawned, &mut timeline)?;
+            memory.sample(daemon.as_ref(), servers.first());
             show(&timeline);
             tokio::time::sleep(Duration::from_millis(100).min(when - Instant::now())).await;
         }
@@ -778,6 +780,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     while Instant::now() < end {
         supervise(&mut daemon, &mut spawned, &mut timeline)?;
         supervise(&mut standby, &mut spawned, &mut timeline)?;
+        memory.sample(daemon.as_ref(), servers.first());
         show(&timeline);
         tokio::time::sleep(
             Duration::from_millis(100).min(end.saturating_duration_since(Instant::now())),
@@ -1026,10 +1029,12 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         recovery.takeovers_s,
         recovery.stall_s
     );
+    println!("{}", memory.summary());
     if args.json {
         println!(
             "{}",
             json!({"seed": args.seed, "duration_s": args.duration, "members": args.members,
+                   "memory": memory.to_json(),
                    "faults": kinds_text, "faults_injected": faults_injected,
                    "fault_counts": fault_counts,
                    "membership_changes": churn_steps,
@@ -1448,6 +1453,144 @@ async fn dlv_ids(
         }
     }
     Ok(out)
+}
+
+/// How often the run samples resident memory.
+const MEMORY_EVERY: Duration = Duration::from_secs(10);
+
+/// Resident memory of the serving daemon (whichever process holds that role) and of the first
+/// server over the run, sampled every [`MEMORY_EVERY`] from `/proc/<pid>/status` (`VmRSS`).
+/// A fault restarts a process and its memory with it, so beside the role's first and last
+/// samples the longest-lived process of each is reported: its growth over its own life.
+#[derive(Default)]
+struct Memory {
+    last_at: Option<Instant>,
+    daemon: RssTrack,
+    server: RssTrack,
+}
+
+/// The samples of one role: the first and the last, and per process its first and last.
+#[derive(Default)]
+struct RssTrack {
+    first_kib: Option<u64>,
+    last_kib: Option<u64>,
+    /// The process sampled last: pid, first seen, its first and last sample.
+    current: Option<Life>,
+    /// The longest-lived process so far.
+    longest: Option<Life>,
+}
+
+#[derive(Clone, Copy)]
+struct Life {
+    pid: u32,
+    since: Instant,
+    until: Instant,
+    first_kib: u64,
+    last_kib: u64,
+}
+
+impl Life {
+    fn lived(&self) -> Duration {
+        self.until.saturating_duration_since(self.since)
+    }
+}
+
+impl RssTrack {
+    fn sample(&mut self, pid: u32, now: Instant) {
+        let Ok((rss, _)) = super::bench::proc_memory(pid) else {
+            return;
+        };
+        self.first_kib.get_or_insert(rss);
+        self.last_kib = Some(rss);
+        match &mut self.current {
+            Some(life) if life.pid == pid => {
+                life.until = now;
+                life.last_kib = rss;
+            }
+            _ => {
+                self.current = Some(Life {
+                    pid,
+                    since: now,
+                    until: now,
+                    first_kib: rss,
+                    last_kib: rss,
+                });
+            }
+        }
+        if let Some(life) = self.current
+            && self
+                .longest
+                .is_none_or(|l| l.pid == pid || life.lived() > l.lived())
+        {
+            self.longest = Some(life);
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "rss_kib_first": self.first_kib,
+            "rss_kib_last": self.last_kib,
+            "longest_life": self.longest.map(|l| json!({
+                "pid": l.pid,
+                "lived_s": l.lived().as_secs(),
+                "rss_kib_first": l.first_kib,
+                "rss_kib_last": l.last_kib,
+                "growth_pct": growth_pct(l.first_kib, l.last_kib),
+            })),
+        })
+    }
+
+    fn line(&self, role: &str) -> String {
+        match self.longest {
+            Some(l) => format!(
+                "{role} RSS first/last {}/{} KiB; longest-lived process (pid {}, {} s): {} -> {} KiB ({:+.1} %)",
+                self.first_kib.unwrap_or(0),
+                self.last_kib.unwrap_or(0),
+                l.pid,
+                l.lived().as_secs(),
+                l.first_kib,
+                l.last_kib,
+                growth_pct(l.first_kib, l.last_kib)
+            ),
+            None => format!("{role} RSS not sampled"),
+        }
+    }
+}
+
+fn growth_pct(first: u64, last: u64) -> f64 {
+    if first == 0 {
+        return 0.0;
+    }
+    (last as f64 - first as f64) * 100.0 / first as f64
+}
+
+impl Memory {
+    /// Samples the serving daemon and the first server, at most every [`MEMORY_EVERY`].
+    fn sample(&mut self, daemon: Option<&DaemonChild>, server: Option<&SpawnedServer>) {
+        let now = Instant::now();
+        if self.last_at.is_some_and(|t| now < t + MEMORY_EVERY) {
+            return;
+        }
+        self.last_at = Some(now);
+        if let Some(d) = daemon {
+            self.daemon.sample(d.child.id(), now);
+        }
+        if let Some(s) = server {
+            self.server.sample(s.pid(), now);
+        }
+    }
+
+    fn to_json(&self) -> serde_json::Value {
+        json!({"daemon": self.daemon.to_json(), "server": self.server.to_json()})
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "memory: {}; {}",
+            self.daemon.line("daemon"),
+            self.server.line("server")
+        )
+    }
 }
 
 #[cfg(test)]
