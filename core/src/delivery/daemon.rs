@@ -24,7 +24,7 @@
 //! | `Views` (`views.rs`) | member and ACL indexes, channel registry, roster, presence heartbeats | nothing | every watched KV change |
 //! | `Fanout` (`fanout.rs`) | batches, highest CHAT seq, spilled copies in flight, inbox backlog, held copies, back-pressure, writes failing | DLV and dinbox `JsPublish`, reader `ConsumerInfo`, CHAT settles; `Timer::HeldCopies` | fan-out deliveries (with `Lent`: the views, leave frontiers, the DLV gate), its completions, the timer, the reader's settles |
 //! | `Gaps` (`gaps.rs`) | fan-out's sequence cursor, skipped ranges, the check in flight | CHAT `ReadStream`; `Timer::GapCheck` | a skipped seq (before fan-out routes it), its completion, the timer |
-//! | `Stranded` (`stranded.rs`) | the CHAT range the fan-out consumer offered to a feed that is gone, the read in flight | CHAT `ReadStream` | the fan-out bind (its ack floor, pointer, pending count), its completions (the messages go to `Fanout` as read-backs) |
+//! | `Stranded` (`stranded.rs`), one per consumer | the range the fan-out (CHAT) or reader (INBOX) consumer offered to a feed that is gone, the read in flight | `ReadStream` of CHAT or INBOX | the consumer's bind (its ack floor, pointer, pending count), its completions (CHAT messages go to `Fanout` as read-backs, dinbox entries to `Reader::on_read_back`) |
 //! | `Reader` (`reader.rs`) | transfers, DLV backlog (the DLV gate fan-out's direct copies pass too), the one copy decision (`judge`) | DLV `JsPublish`, DLV `ConsumerInfo` | reader deliveries (with the ACL and member indexes), its completions, fan-out's direct copies at the gate |
 //! | `Notifier` (`notices.rs`) | the loss notices, their reads and writes | `KvGet`/`KvPut` of `cotal_losses_<space>` | losses from the reader and the gap checks, its completions |
 //! | [`DlvSweeper`] ([`crate::delivery::revoke`]) | the revocation sweeps | DLV reads and deletes (ops in `Pending::Sweep`) | ACL changes, transfers under a revoked ACL, its completions |
@@ -123,9 +123,11 @@ use crate::ledger::DeliveryId;
 use crate::op::{Failure, OpId, Outcome};
 use crate::registry::Writer;
 use crate::time::{Duration, Instant, Now};
+use crate::wire::config::{ConsumerSpec, SpaceStream};
 use crate::wire::json;
 use crate::wire::keys::KvBucket;
 use crate::wire::records::DeliveryLease;
+use crate::wire::subject::chat_wildcard;
 use crate::wire::token::{AgentId, ConcreteChannel};
 use index::MemberIndex;
 pub use index::{PresenceFault, PresenceIgnored};
@@ -190,6 +192,8 @@ pub struct Delivery {
     gaps: Gaps,
     /// What the fan-out consumer offered to a feed that is gone, read back ([`stranded`]).
     stranded: Stranded,
+    /// What the reader consumer offered to a feed that is gone, read back ([`stranded`]).
+    stranded_inbox: Stranded,
     /// The control jobs and their lanes ([`jobs`]).
     jobs: Jobs,
     /// The reader: authorization, DLV transfers, DLV backlogs ([`reader`]).
@@ -219,7 +223,20 @@ impl Delivery {
         let lease = Lease::new(config.shard, config.daemon_id.clone(), lease_config);
         let sweeper = DlvSweeper::new(&config.space, config.shard);
         let gaps = Gaps::new(config.space.clone(), config.catchup_page);
-        let stranded = Stranded::new(config.space.clone(), config.catchup_page);
+        let stranded = Stranded::new(
+            Feed::Fanout,
+            SpaceStream::Chat.name(&config.space),
+            chat_wildcard(&config.space),
+            config.catchup_page,
+        );
+        let reader_spec =
+            ConsumerSpec::reader(&config.space, config.shard.index(), config.shard.shards());
+        let stranded_inbox = Stranded::new(
+            Feed::Reader,
+            reader_spec.stream,
+            reader_spec.filter_subject,
+            config.catchup_page,
+        );
         let notices = Notifier::new(config.space.clone());
         let fanout = Fanout::new(config.space.clone(), config.shard, &config);
         let reader = Reader::new(config.space.clone(), config.shard, config.reference_gap_g2);
@@ -238,6 +255,7 @@ impl Delivery {
             fanout,
             gaps,
             stranded,
+            stranded_inbox,
             jobs: Jobs::default(),
             reader,
             notices,
@@ -501,6 +519,7 @@ impl Delivery {
                 self.notices.connection_lost();
                 self.gaps.connection_lost();
                 self.stranded.connection_lost();
+                self.stranded_inbox.connection_lost();
                 // Only the lease's completions still matter; the rest are answered Unknown and
                 // ignored.
                 self.pending
@@ -566,6 +585,12 @@ impl Delivery {
         if self.stranded.owns(c.op) {
             let messages = self.stranded.on_completion(&mut self.cx, c.op, c.outcome);
             return self.fan_out_read_back(now, messages);
+        }
+        if self.stranded_inbox.owns(c.op) {
+            let entries = self
+                .stranded_inbox
+                .on_completion(&mut self.cx, c.op, c.outcome);
+            return self.transfer_read_back(entries);
         }
         if self.gaps.owns(c.op) {
             let report = self.gaps.on_completion(&mut self.cx, now, c.op, c.outcome);
@@ -734,11 +759,16 @@ impl Delivery {
             return;
         };
         if let Some(at) = bound {
-            self.gaps.bound(at.delivered);
-            self.stranded
-                .bound(stranded_range(at.delivered, at.ack_floor, at.ack_pending));
+            let range = stranded_range(at.delivered, at.ack_floor, at.ack_pending);
             let live = self.connected && !self.stopped;
-            self.stranded.next(&mut self.cx, live);
+            if feed == Feed::Fanout {
+                self.gaps.bound(at.delivered);
+                self.stranded.bound(range);
+                self.stranded.next(&mut self.cx, live);
+            } else if feed == Feed::Reader {
+                self.stranded_inbox.bound(range);
+                self.stranded_inbox.next(&mut self.cx, live);
+            }
         }
         if feed == Feed::Reader {
             let live = self.connected && !self.stopped;
@@ -820,6 +850,27 @@ impl Delivery {
         }
         let live = self.connected && !self.stopped;
         self.stranded.next(&mut self.cx, live);
+    }
+
+    /// Hands the dinbox entries a read brought back to the reader (unless the daemon stopped
+    /// meanwhile), then reads the next page.
+    fn transfer_read_back(&mut self, entries: Vec<StoredMessage>) {
+        if self.stopped {
+            return;
+        }
+        for e in entries {
+            let jobs = &self.jobs;
+            self.reader.on_read_back(
+                &mut self.cx,
+                &self.views.acls,
+                &self.views.members,
+                &|owner, channel| jobs.leave_frontier(owner, channel),
+                &e.subject,
+                &e.payload,
+            );
+        }
+        let live = self.connected && !self.stopped;
+        self.stranded_inbox.next(&mut self.cx, live);
     }
 
     // ---- sequence continuity (the [`Gaps`] child) ----

@@ -203,10 +203,11 @@ pub struct DeliveryCounters {
     pub gaps_unverified: u64,
     /// CHAT messages fan-out terminated as anomalies (not chat, undecodable, spoofed).
     pub fanout_anomalies: u64,
-    /// CHAT messages read back and fanned out because the fan-out consumer had offered them to
-    /// a feed that is gone ([`crate::delivery::stranded`]).
+    /// Messages read back because the fan-out consumer (CHAT) or the reader consumer (INBOX)
+    /// had offered them to a feed that is gone ([`crate::delivery::stranded`]).
     pub stranded_read_back: u64,
-    /// Read-backs of stranded CHAT messages that failed (the consumer's redelivery serves them).
+    /// Read-backs that failed, reading the stream or writing a read-back entry's DLV copy (the
+    /// consumer's redelivery serves them).
     pub stranded_reads_failed: u64,
     /// Control requests abandoned without a reply (lease or connection lost).
     pub abandoned: u64,

@@ -41,7 +41,7 @@ pub(super) struct Feeds {
     pending: BTreeMap<OpId, (Feed, SubId)>,
 }
 
-/// Where the fan-out consumer stood when it was bound ([`Reply::ConsumerBound`]).
+/// Where a consumer (fan-out or reader) stood when it was bound ([`Reply::ConsumerBound`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct BoundAt {
     /// Its delivery pointer.
@@ -55,7 +55,7 @@ pub(super) struct BoundAt {
 /// A feed's open completed: what the parent does next.
 #[derive(Debug)]
 pub(super) enum Opened {
-    /// The feed is open. `bound` is where the fan-out consumer stood, when the driver told.
+    /// The feed is open. `bound` is where its consumer stood, when the driver told.
     Open { feed: Feed, bound: Option<BoundAt> },
     /// Superseded (a reconnect or a stop) or failed (a reopen is scheduled).
     Not,
@@ -211,7 +211,7 @@ impl Feeds {
             Outcome::Success(reply) => {
                 let bound = match (feed, reply) {
                     (
-                        Feed::Fanout,
+                        Feed::Fanout | Feed::Reader,
                         Reply::ConsumerBound {
                             delivered_stream_seq,
                             ack_floor_stream_seq,

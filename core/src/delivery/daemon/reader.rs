@@ -48,11 +48,24 @@ struct Transfer {
     msg_id: String,
 }
 
+/// A dinbox entry read back from INBOX because the reader consumer had offered it to a feed
+/// that is gone ([`crate::delivery::stranded`]): transferred if the decision and the DLV gate
+/// let it, with nothing to settle, counted or reported. The consumer's redelivery of the entry
+/// is decided as any delivery, and its copy collapses on the msg-id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct ReadBack {
+    owner: AgentId,
+    entry: Plane3Entry,
+    msg_id: String,
+}
+
 /// An op the reader issued.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum ReaderOp {
     /// The DLV publish of a transfer.
     Transfer { delivery: DeliveryId },
+    /// The DLV publish of a read-back entry.
+    ReadBack { id: u64 },
     /// A read of an owner's `dlv_<owner>` consumer; `in_flight` of the owner's transfers were
     /// published and unacknowledged when it was sent (the read may or may not see them).
     DlvBacklog { owner: AgentId, in_flight: u64 },
@@ -64,6 +77,7 @@ enum ReaderOp {
 enum Waiter {
     Transfer(DeliveryId),
     Direct(BatchId),
+    ReadBack(u64),
 }
 
 /// The gate's answer to a copy fan-out would write straight to DLV.
@@ -121,6 +135,9 @@ pub(super) struct Reader {
     /// Fan-out's copies admitted by the gate and not yet stored, per owner (a read counts them
     /// as possibly unseen).
     direct_in_flight: BTreeMap<AgentId, u64>,
+    /// Entries read back, waiting in the gate or published, by their own id.
+    read_backs: BTreeMap<u64, ReadBack>,
+    next_read_back: u64,
     pending: BTreeMap<OpId, ReaderOp>,
 }
 
@@ -133,6 +150,8 @@ impl Reader {
             transfers: BTreeMap::new(),
             dlv: DlvBacklog::default(),
             direct_in_flight: BTreeMap::new(),
+            read_backs: BTreeMap::new(),
+            next_read_back: 0,
             pending: BTreeMap::new(),
         }
     }
@@ -149,6 +168,7 @@ impl Reader {
         self.transfers.clear();
         self.dlv.reset();
         self.direct_in_flight.clear();
+        self.read_backs.clear();
         held
     }
 
@@ -158,6 +178,7 @@ impl Reader {
         self.transfers.clear();
         self.dlv.reset();
         self.direct_in_flight.clear();
+        self.read_backs.clear();
         self.pending.clear();
     }
 
@@ -259,6 +280,106 @@ impl Reader {
         steps
     }
 
+    /// A dinbox entry read back from INBOX ([`ReadBack`]): judged as its redelivery would be
+    /// judged, and transferred when that is the decision and the gate admits it (parked behind
+    /// a read like a transfer). Anything else is left to the redelivery: an anomaly, another
+    /// shard's owner, a drop, a deferral, a shed copy.
+    pub(super) fn on_read_back(
+        &mut self,
+        cx: &mut Ctx,
+        acls: &AclIndex,
+        members: &MemberIndex,
+        leave_frontier: &dyn Fn(&AgentId, &ConcreteChannel) -> Option<u64>,
+        subject: &str,
+        payload: &[u8],
+    ) {
+        let Ok((owner, entry)) = decode_entry(subject, payload) else {
+            return;
+        };
+        if !self.shard.owns(&owner) {
+            return;
+        }
+        let leave = leave_frontier(&owner, &entry.channel);
+        let (decision, _) = judge(
+            acls,
+            members,
+            leave,
+            self.reference_gap_g2,
+            &owner,
+            &entry,
+            2,
+        );
+        let Decision::Transfer { msg_id } = decision else {
+            return;
+        };
+        self.next_read_back += 1;
+        let id = self.next_read_back;
+        let sender = entry.msg.from.id.clone();
+        let (admit, _) = self.dlv.admit(&owner, &sender, Waiter::ReadBack(id));
+        let dlv_owner = owner.clone();
+        self.read_backs.insert(
+            id,
+            ReadBack {
+                owner,
+                entry,
+                msg_id: msg_id.to_string(),
+            },
+        );
+        match admit {
+            DlvAdmit::Transfer => self.publish_read_back(cx, id),
+            DlvAdmit::Wait { read: false } => {}
+            DlvAdmit::Wait { read: true } => self.read_dlv(cx, dlv_owner),
+        }
+    }
+
+    /// Publishes an admitted read-back entry's DLV copy.
+    fn publish_read_back(&mut self, cx: &mut Ctx, id: u64) {
+        let Some(r) = self.read_backs.get(&id) else {
+            return;
+        };
+        let subject = Subject::Dlv {
+            space: self.space.clone(),
+            owner: r.owner.clone(),
+        }
+        .to_string();
+        let payload = dlv_payload(&r.entry);
+        let msg_id = r.msg_id.clone();
+        let op = cx.op();
+        self.pending.insert(op, ReaderOp::ReadBack { id });
+        cx.push(Command::JsPublish {
+            op,
+            subject,
+            msg_id: Some(msg_id),
+            headers: Vec::new(),
+            payload,
+        });
+    }
+
+    /// A read-back entry's DLV publish completed: a copy that landed goes to the sweeper like a
+    /// transfer (the revocation window); one that did not gives its place in the owner's bound
+    /// back. Nothing is counted as transferred: the entry's redelivery is.
+    fn on_read_back_published(
+        &mut self,
+        cx: &mut Ctx,
+        steps: &mut Vec<ReaderStep>,
+        id: u64,
+        outcome: Outcome<Reply>,
+    ) {
+        let Some(r) = self.read_backs.remove(&id) else {
+            return;
+        };
+        match outcome {
+            Outcome::Success(Reply::PubAck(_)) => steps.push(ReaderStep::SweepIfRevoked {
+                owner: r.owner,
+                channel: r.entry.channel,
+            }),
+            _ => {
+                cx.counters.stranded_reads_failed += 1;
+                self.dlv.unstored(&r.owner);
+            }
+        }
+    }
+
     /// A DLV publish or a DLV consumer read completed.
     pub(super) fn on_completion(
         &mut self,
@@ -273,6 +394,9 @@ impl Reader {
             }
             Some(ReaderOp::DlvBacklog { owner, in_flight }) => {
                 self.on_dlv_backlog(cx, &mut steps, owner, in_flight, outcome);
+            }
+            Some(ReaderOp::ReadBack { id }) => {
+                self.on_read_back_published(cx, &mut steps, id, outcome);
             }
             None => {}
         }
@@ -369,13 +493,16 @@ impl Reader {
     /// the read may not have seen them.
     fn read_dlv(&mut self, cx: &mut Ctx, owner: AgentId) {
         let consumer = ConsumerSpec::dlv(&self.space, &owner);
-        let transfers = &self.transfers;
+        let (transfers, read_backs) = (&self.transfers, &self.read_backs);
         let transferring = self
             .pending
             .values()
-            .filter(|p| {
-                matches!(p, ReaderOp::Transfer { delivery }
-                    if transfers.get(delivery).is_some_and(|t| t.owner == owner))
+            .filter(|p| match p {
+                ReaderOp::Transfer { delivery } => {
+                    transfers.get(delivery).is_some_and(|t| t.owner == owner)
+                }
+                ReaderOp::ReadBack { id } => read_backs.get(id).is_some_and(|r| r.owner == owner),
+                ReaderOp::DlvBacklog { .. } => false,
             })
             .count();
         let direct = self.direct_in_flight.get(&owner).copied().unwrap_or(0);
@@ -475,6 +602,7 @@ impl Reader {
         for waiter in verdict.admitted {
             match waiter {
                 Waiter::Transfer(delivery) => self.start_transfer(cx, delivery),
+                Waiter::ReadBack(id) => self.publish_read_back(cx, id),
                 Waiter::Direct(batch) => {
                     *self.direct_in_flight.entry(owner.clone()).or_insert(0) += 1;
                     steps.push(ReaderStep::WriteDirect {
@@ -487,6 +615,11 @@ impl Reader {
         for waiter in verdict.shed {
             let delivery = match waiter {
                 Waiter::Transfer(delivery) => delivery,
+                Waiter::ReadBack(id) => {
+                    // No room now: the entry's redelivery decides (and reports a shed).
+                    self.read_backs.remove(&id);
+                    continue;
+                }
                 Waiter::Direct(batch) => {
                     steps.push(ReaderStep::ShedDirect {
                         batch,

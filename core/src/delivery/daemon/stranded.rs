@@ -1,27 +1,30 @@
-//! Stranded deliveries read back: what the fan-out consumer offered to a feed that is gone is
-//! read from CHAT when the consumer is bound, and fanned out at once rather than after the
-//! consumer's `ack_wait` ([`crate::delivery::stranded`] has the rule and why it is safe).
+//! Stranded deliveries read back: what a consumer of the daemon's offered to a feed that is gone
+//! is read from its stream when the consumer is bound, and handled at once rather than after
+//! the consumer's `ack_wait` ([`crate::delivery::stranded`] has the rule and why it is safe).
+//! One [`Stranded`] per consumer: the fan-out's (CHAT; its messages are fanned out as
+//! [`super::fanout::Offer::ReadBack`]) and the reader's (INBOX; its entries go to
+//! [`super::reader::Reader::on_read_back`]).
 //!
 //! [`Stranded`] owns the range still to read and the one read in flight (its op id). It issues
-//! `ReadStream` commands of CHAT, a page at a time, and hands the messages each page returns to
-//! the parent, which fans them out as [`super::fanout::Offer::ReadBack`]. It sets no timer: a
-//! read that fails ends the read-back (reported, counted), and the consumer's redelivery serves
-//! what it would have read. A new bind replaces the range; a connection loss forgets it (the
-//! bind that follows the reconnect sets the next one).
+//! `ReadStream` commands, a page at a time, and hands the messages each page returns to the
+//! parent. It sets no timer: a read that fails ends the read-back (reported, counted), and the
+//! consumer's redelivery serves what it would have read. A new bind replaces the range; a
+//! connection loss forgets it (the bind that follows the reconnect sets the next one).
 
 use super::context::Ctx;
 use super::events::{DeliveryEvent, Feed};
 use crate::delivery::gap::SeqRange;
 use crate::io::{Command, ReadStart, Reply, StoredMessage};
 use crate::op::{OpId, Outcome};
-use crate::wire::config::SpaceStream;
-use crate::wire::subject::chat_wildcard;
-use crate::wire::token::Space;
 
 /// The read-back child of [`super::Delivery`].
 #[derive(Debug)]
 pub(super) struct Stranded {
-    space: Space,
+    /// The feed whose consumer this reads behind (named in reports).
+    feed: Feed,
+    /// The stream and the consumer's filter.
+    stream: String,
+    filter: String,
     /// The most messages one read returns ([`super::DeliveryConfig::catchup_page`]).
     page: u32,
     /// What is still to read.
@@ -31,9 +34,11 @@ pub(super) struct Stranded {
 }
 
 impl Stranded {
-    pub(super) fn new(space: Space, page: u32) -> Self {
+    pub(super) fn new(feed: Feed, stream: String, filter: String, page: u32) -> Self {
         Stranded {
-            space,
+            feed,
+            stream,
+            filter,
             page: page.max(1),
             range: None,
             in_flight: None,
@@ -66,8 +71,8 @@ impl Stranded {
         self.in_flight = Some((op, range));
         cx.push(Command::ReadStream {
             op,
-            stream: SpaceStream::Chat.name(&self.space),
-            filter: chat_wildcard(&self.space),
+            stream: self.stream.clone(),
+            filter: self.filter.clone(),
             start: ReadStart::Seq(range.first),
             last_seq: Some(range.last),
             max: self.page,
@@ -105,11 +110,11 @@ impl Stranded {
                 };
                 cx.counters.stranded_reads_failed += 1;
                 cx.emit(DeliveryEvent::FeedProblem {
-                    feed: Feed::Fanout,
+                    feed: self.feed,
                     detail: format!(
-                        "reading back CHAT {}..={} (offered to a feed that is gone) failed: \
+                        "reading back {} {}..={} (offered to a feed that is gone) failed: \
                          {detail}; the consumer redelivers it after its ack_wait",
-                        range.first, range.last
+                        self.stream, range.first, range.last
                     ),
                 });
                 Vec::new()

@@ -90,6 +90,9 @@ pub struct Broker {
     /// The fan-out consumer's ack floor and unsettled count reported with the pointer (`None`:
     /// everything up to the pointer settled).
     pub fanout_unsettled: Option<(u64, u64)>,
+    /// The reader consumer's pointer, ack floor and unsettled count reported at bind (`None`:
+    /// answer `Done`, as a driver that cannot tell).
+    pub reader_bound: Option<(u64, u64, u64)>,
     /// The lease bucket's TTL a `STREAM.INFO` reports, in ms (`None`: the reference's 30 s).
     pub lease_bucket_ttl_ms: Option<u64>,
     /// The reader consumer's unread total a `CONSUMER.INFO` reports; `None`: INBOX entries
@@ -253,6 +256,17 @@ impl Broker {
             } => {
                 self.consumers.insert(consumer.name.clone(), *sub);
                 match self.fanout_pointer {
+                    _ if consumer.name.starts_with("reader") && self.reader_bound.is_some() => {
+                        let (p, floor, pending) = self.reader_bound.unwrap_or_default();
+                        done(
+                            *op,
+                            Reply::ConsumerBound {
+                                delivered_stream_seq: p,
+                                ack_floor_stream_seq: floor,
+                                num_ack_pending: pending,
+                            },
+                        )
+                    }
                     Some(p) if consumer.name.starts_with("fanout") => done(
                         *op,
                         Reply::ConsumerBound {
@@ -310,14 +324,19 @@ impl Broker {
                 start,
                 max,
                 ..
-            } if stream == "DLV_main" => {
+            } if stream == "DLV_main" || stream == "INBOX_main" => {
                 let ReadStart::Seq(from) = start else {
                     panic!("time starts are not modelled")
                 };
-                let stored: Vec<StoredMessage> = self
-                    .dlv
+                let none = BTreeSet::new();
+                let (entries, deleted) = if stream == "DLV_main" {
+                    (&self.dlv, &self.dlv_deleted)
+                } else {
+                    (&self.inbox, &none)
+                };
+                let stored: Vec<StoredMessage> = entries
                     .iter()
-                    .filter(|e| e.0 >= *from && !self.dlv_deleted.contains(&e.0))
+                    .filter(|e| e.0 >= *from && !deleted.contains(&e.0))
                     .filter(|e| crate::acl::subject_matches(filter, &e.1))
                     .take(*max as usize)
                     .map(|e| StoredMessage {

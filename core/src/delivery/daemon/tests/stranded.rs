@@ -4,7 +4,7 @@
 
 use super::super::*;
 use super::harness::*;
-use super::{plant_member, record, served};
+use super::{plant_member, record, served, served_two_hop};
 
 fn is_read_back(c: &Command) -> bool {
     matches!(c, Command::ReadStream { filter, .. } if filter == "cotal.main.chat.>")
@@ -166,4 +166,75 @@ fn a_long_read_back_is_read_in_pages() {
         w.log
     );
     assert_eq!(w.d.counters().stranded_read_back, 5);
+}
+
+/// The reader consumer (INBOX) the same way: a dinbox entry offered to a reader feed that died
+/// with the connection is read back at the rebind and transferred to DLV at once (through the
+/// DLV gate), settling nothing; its redelivery collapses on the DLV msg-id and is the one acked
+/// and counted.
+#[test]
+fn dinbox_entries_lost_with_the_connection_are_transferred_at_the_rebind() {
+    let mut w = served_two_hop();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    w.acl("alice", &["review"]);
+    let s = w.post("bob", "review", &[]);
+    let d = w.fanout(s, 1);
+    assert_eq!(w.settled(d), vec![AckKind::Ack], "{}", w.log);
+    assert_eq!(w.b.inbox.len(), 1, "spilled to the dinbox\n{}", w.log);
+    assert!(w.dlv_ids("alice").is_empty());
+    // The reader consumer handed INBOX 1 to the daemon's feed as the connection dropped.
+    w.feed(Input::Connection(Connection::Lost));
+    w.run();
+    w.b.reader_bound = Some((1, 0, 1));
+    w.b.fanout_unsettled = None;
+    w.feed(Input::Connection(Connection::Restored));
+    w.run();
+    assert!(
+        w.log.contains("read cotal.main.dinbox.> from=1 to=1"),
+        "{}",
+        w.log
+    );
+    assert_eq!(
+        w.dlv_ids("alice").len(),
+        1,
+        "transferred at once\n{}",
+        w.log
+    );
+    let transferred = w.d.counters().transferred;
+    assert_eq!(w.d.counters().stranded_read_back, 1);
+    // The redelivery, a minute later: collapses on the msg-id, acked, counted once.
+    let r = w.reader(1, 2);
+    assert_eq!(w.settled(r), vec![AckKind::Ack], "{}", w.log);
+    assert_eq!(w.dlv_ids("alice").len(), 1);
+    assert_eq!(w.d.counters().transferred, transferred + 1);
+}
+
+/// A read-back entry the decision would not transfer (alice left: her record is tombstoned) is
+/// left to its redelivery: nothing written, counted or reported by the read-back.
+#[test]
+fn a_read_back_entry_not_to_transfer_is_left_to_the_redelivery() {
+    let mut w = served_two_hop();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    w.acl("alice", &["review"]);
+    let s = w.post("bob", "review", &[]);
+    w.fanout(s, 1);
+    w.acl("alice", &[]);
+    let before = w.d.counters().clone();
+    w.feed(Input::Connection(Connection::Lost));
+    w.run();
+    w.b.reader_bound = Some((1, 0, 1));
+    w.feed(Input::Connection(Connection::Restored));
+    w.run();
+    assert!(
+        w.log.contains("read cotal.main.dinbox.> from=1 to=1"),
+        "{}",
+        w.log
+    );
+    assert!(w.dlv_ids("alice").is_empty(), "{}", w.log);
+    let after = w.d.counters();
+    assert_eq!(
+        (after.dropped, after.lost, after.transferred),
+        (before.dropped, before.lost, before.transferred),
+        "the redelivery decides and counts"
+    );
 }
