@@ -956,6 +956,50 @@ fn cotal_bench_small_run_loses_nothing() {
     }
 }
 
+/// `cotal bench --two-hop` (issue 17's A/B): every copy takes the reference's two hops (the
+/// dinbox, then the reader's transfer), none is written straight to DLV, and every copy still
+/// arrives once.
+#[test]
+fn cotal_bench_two_hop_sends_every_copy_through_the_reader() {
+    if NatsServer::binary().is_none() {
+        println!("skipping: COTAL_NATS_SERVER is not set (scripts/test.sh sets it)");
+        return;
+    }
+    let args = |two_hop: bool| {
+        let mut a = vec![
+            "bench",
+            "--spawn-server",
+            "--members",
+            "2",
+            "--messages",
+            "40",
+            "--no-live",
+            "--timeout-s",
+            "30",
+            "--json",
+        ];
+        if two_hop {
+            a.push("--two-hop");
+        }
+        a
+    };
+    let (v, text) = bench_json(&args(true));
+    assert_eq!(v["two_hop"], true, "{text}");
+    assert_eq!(v["lost"], 0, "{text}");
+    assert_eq!(v["duplicates"], 0, "{text}");
+    assert_eq!(v["durable_complete"], true, "{text}");
+    assert_eq!(v["daemon_transferred_direct"], 0, "{text}");
+    // The same run without it writes straight to DLV.
+    let (v, text) = bench_json(&args(false));
+    assert_eq!(v["two_hop"], false, "{text}");
+    assert!(
+        v["daemon_transferred_direct"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{text}"
+    );
+}
+
 /// The JSON object on the last line of a `cotal bench` run that exited 0.
 fn bench_json(args: &[&str]) -> (serde_json::Value, String) {
     let out = cotal(args);
