@@ -120,3 +120,27 @@ fn without_the_bucket_read_the_configured_timing_is_used() {
     );
     assert_eq!(w.d.lease_config().ttl(), crate::constants::LEASE_TTL);
 }
+
+#[test]
+fn a_retry_timer_due_while_a_read_is_in_flight_does_not_read_twice() {
+    let mut w = World::new();
+    // The first read fails (a retry is timed 1 s later), the connection drops and comes back,
+    // and the read the reconnect issues is still unanswered when the retry comes due.
+    w.rule(
+        is_ttl_read,
+        Effect::Answer(Outcome::Failed(Failure::Timeout)),
+        1,
+    );
+    w.boot();
+    w.feed(Input::Connection(Connection::Lost));
+    w.run();
+    w.rule(is_ttl_read, Effect::Hold, 1);
+    w.feed(Input::Connection(Connection::Restored));
+    w.run();
+    assert_eq!(w.held.len(), 1, "{}", w.log);
+    w.advance(1_500);
+    let reads = w.log.matches("stream.info KV_cotal_delivery_main").count();
+    assert_eq!(reads, 2, "one read per attempt, none doubled\n{}", w.log);
+    w.release(0, None);
+    assert!(w.d.serving(), "{}", w.log);
+}
