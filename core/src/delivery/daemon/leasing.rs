@@ -139,7 +139,9 @@ impl Delivery {
     /// in, is reported and read again after [`REACQUIRE_DELAY`]: acquiring on a guess could
     /// trust a lease the broker already expired.
     pub(super) fn on_lease_ttl(&mut self, now: Now, outcome: Outcome<Reply>) {
-        if self.stopped || !self.connected || self.lease.state() != LeaseState::Idle {
+        // Only an idle lease is acquired: a shutdown meanwhile released it (a connection loss
+        // dropped the read: its answer never comes here).
+        if self.lease.state() != LeaseState::Idle {
             return;
         }
         let unusable = match outcome {

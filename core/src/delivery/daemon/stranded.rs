@@ -58,10 +58,11 @@ impl Stranded {
         self.in_flight.is_some_and(|(o, _)| o == op)
     }
 
-    /// Reads the next page, unless one is in flight, nothing is left, or the daemon may not
-    /// read (`live` false).
+    /// Reads the next page, unless nothing is left or the daemon may not read (`live` false).
+    /// Called at the bind and after a page was handled: never with a page in flight.
     pub(super) fn next(&mut self, cx: &mut Ctx, live: bool) {
-        if self.in_flight.is_some() || !live {
+        debug_assert!(self.in_flight.is_none(), "one read-back page at a time");
+        if !live {
             return;
         }
         let Some(range) = self.range.take() else {

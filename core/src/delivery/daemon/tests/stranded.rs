@@ -238,3 +238,121 @@ fn a_read_back_entry_not_to_transfer_is_left_to_the_redelivery() {
         "the redelivery decides and counts"
     );
 }
+
+/// A short page (the stream no longer holds the top of the range) ends the read-back: no read
+/// past what came back.
+#[test]
+fn a_short_page_ends_the_read_back() {
+    let mut w = bound_with(5, 2, 3);
+    w.b.chat.retain(|m| m.seq != 5);
+    w.boot();
+    assert_eq!(
+        w.log.matches("read cotal.main.chat.>").count(),
+        1,
+        "{}",
+        w.log
+    );
+    assert_eq!((copies_of(&w, 3), copies_of(&w, 4)), (1, 1), "{}", w.log);
+}
+
+/// A read cut by a connection loss is forgotten: its late answer is neither fanned out nor
+/// counted as a failed read-back.
+#[test]
+fn a_read_back_cut_by_a_connection_loss_is_forgotten() {
+    let mut w = bound_with(4, 2, 2);
+    w.rule(is_read_back, Effect::Hold, 1);
+    w.boot();
+    assert_eq!(w.held.len(), 1, "{}", w.log);
+    w.feed(Input::Connection(Connection::Lost));
+    w.run();
+    w.release(0, Some(Outcome::Unknown));
+    assert_eq!(w.d.counters().stranded_reads_failed, 0, "{}", w.log);
+    assert_eq!(copies_of(&w, 3), 0, "{}", w.log);
+}
+
+/// Two entries of one owner read back together wait in the DLV gate behind one read of the
+/// owner's consumer, and both are written.
+#[test]
+fn several_read_back_entries_of_one_owner_are_all_transferred() {
+    let mut w = served_two_hop();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    w.acl("alice", &["review"]);
+    for _ in 0..2 {
+        let s = w.post("bob", "review", &[]);
+        w.fanout(s, 1);
+    }
+    assert_eq!(w.b.inbox.len(), 2, "{}", w.log);
+    w.feed(Input::Connection(Connection::Lost));
+    w.run();
+    w.b.reader_bound = Some((2, 0, 2));
+    w.feed(Input::Connection(Connection::Restored));
+    w.run();
+    assert_eq!(w.dlv_ids("alice").len(), 2, "{}", w.log);
+}
+
+fn is_dlv_publish(c: &Command) -> bool {
+    matches!(c, Command::JsPublish { subject, .. } if subject.contains(".dlv."))
+}
+
+/// A read-back entry whose DLV write fails is counted (the redelivery serves it, nothing is
+/// lost); one written under an ACL narrowed while it was in flight is swept away, as a reader
+/// transfer is (the revocation window).
+#[test]
+fn a_read_back_write_is_counted_when_it_fails_and_swept_when_revoked() {
+    let stranded_entry = |w: &mut World| {
+        plant_member(w, &record("review", "alice", 0, 1), None);
+        w.acl("alice", &["review"]);
+        let s = w.post("bob", "review", &[]);
+        w.fanout(s, 1);
+        w.feed(Input::Connection(Connection::Lost));
+        w.run();
+        w.b.reader_bound = Some((1, 0, 1));
+        w.rule(is_dlv_publish, Effect::Hold, 1);
+        w.feed(Input::Connection(Connection::Restored));
+        w.run();
+        assert_eq!(w.held.len(), 1, "{}", w.log);
+    };
+    let mut w = served_two_hop();
+    stranded_entry(&mut w);
+    w.release(0, Some(Outcome::Failed(Failure::Timeout)));
+    assert_eq!(w.d.counters().stranded_reads_failed, 1, "{}", w.log);
+    assert_eq!(w.d.counters().lost, 0);
+
+    let mut w = served_two_hop();
+    stranded_entry(&mut w);
+    w.acl("alice", &[]);
+    w.release(0, None);
+    w.run();
+    for _ in 0..5 {
+        w.advance(1_000);
+    }
+    assert!(
+        w.dlv_ids("alice").is_empty(),
+        "the copy that landed under the narrowed ACL was swept\n{}",
+        w.log
+    );
+}
+
+/// A daemon shut down while its lease bucket's TTL is being read does not acquire when the
+/// answer comes.
+#[test]
+fn a_shutdown_during_the_ttl_read_acquires_nothing() {
+    let mut w = World::new();
+    w.rule(
+        |c| matches!(c, Command::StreamInfo { stream, .. } if stream == "KV_cotal_delivery_main"),
+        Effect::Hold,
+        1,
+    );
+    w.boot();
+    assert_eq!(w.held.len(), 1, "{}", w.log);
+    w.d.shutdown(w.now());
+    w.collect();
+    w.run();
+    w.release(0, None);
+    w.run();
+    assert!(
+        !w.log.contains("kv.put delivery/lease.0 create"),
+        "{}",
+        w.log
+    );
+}
