@@ -209,6 +209,11 @@ impl Delivery {
     /// `Acquired` opens the feeds and reloads the views as at boot.
     pub(super) fn reincarnate(&mut self, now: Now) {
         let mut next = Delivery::new(self.config.clone());
+        // The timing read from the lease bucket carries over (it is read again before the
+        // acquisition; an unchanged TTL is not reported again).
+        let r = next.lease.retime(*self.lease.config());
+        debug_assert!(r.is_ok(), "retime of a fresh lease: {r:?}");
+
         std::mem::swap(&mut next.cx, &mut self.cx);
         next.cx.timers = crate::op::TimerTable::new();
         next.feeds = self.feeds.successor();

@@ -144,3 +144,41 @@ fn a_retry_timer_due_while_a_read_is_in_flight_does_not_read_twice() {
     w.release(0, None);
     assert!(w.d.serving(), "{}", w.log);
 }
+
+#[test]
+fn a_new_incarnation_keeps_the_bucket_timing_and_does_not_report_it_again() {
+    let mut w = World::new();
+    w.b.lease_bucket_ttl_ms = Some(6_000);
+    w.boot();
+    assert!(w.d.serving(), "{}", w.log);
+    // Another daemon's record replaces ours: the next renewal fails, the lease is lost, and the
+    // daemon starts over, reading the TTL again before it contends.
+    let successor =
+        crate::wire::records::DeliveryLease::new("D2", crate::time::UnixMillis(1), true);
+    let echo = w.b.kv_write(
+        "cotal_delivery_main",
+        "lease.0",
+        KvOperation::Put,
+        json::encode(&successor),
+    );
+    for input in echo {
+        w.feed(input);
+    }
+    w.run();
+    for _ in 0..20 {
+        w.advance(500);
+    }
+    assert!(w.d.incarnation() >= 1, "{}", w.log);
+    assert!(
+        w.log.matches("stream.info KV_cotal_delivery_main").count() >= 2,
+        "read again\n{}",
+        w.log
+    );
+    assert_eq!(
+        ttl_events(&w).len(),
+        1,
+        "reported once: {:?}",
+        ttl_events(&w)
+    );
+    assert_eq!(w.d.lease_config().ttl(), Duration::from_millis(6_000));
+}
