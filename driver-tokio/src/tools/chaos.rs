@@ -15,7 +15,22 @@
 //! - `server-kill`: SIGKILL of nats-server, restarted the same way. The spawned server runs with
 //!   `sync_interval: always`, so an acked publish is on disk before its ack;
 //! - `long-outage` (only when asked for): SIGKILL of nats-server, restarted 35–40 s later, past
-//!   the daemon's lease window: the daemon must ride it out in process (issue 19).
+//!   the daemon's lease window: the daemon must ride it out in process (issue 19);
+//! - `partition` (only when asked for, with `--spawn-server`, not `--cluster`): the daemon is cut
+//!   off the network while it and the server live. The run makes a network namespace
+//!   `cotal-chaos-<pid>` and a veth pair to it on a /30 of 198.18.0.0/15 picked from the PID
+//!   ([`Netns`]), the spawned server listens on every interface (the harness and the members
+//!   still connect on loopback), and every daemon is started inside the namespace (`ip netns
+//!   exec`) on the root side's address. A partition takes the root side of the pair down for a
+//!   seeded 5–15 s (at most half the slot), then up. The namespace and the pair are removed at
+//!   the end of the run, also when it fails; where `ip` or the kernel refuses them the run fails
+//!   at once saying partitions are unavailable here (issue 19);
+//! - `stuck-member` (only when asked for): a seeded member (one that starts joined) hangs: its
+//!   application loop takes no message and calls no `handled` for min(60 s, half the slot), so
+//!   its agent, which acks a durable copy only after `handled`, acks none of its DLV copies
+//!   (its DLV consumer stops delivering at `max_ack_pending`) while the agent machine itself
+//!   runs on; then the loop resumes and takes everything ready. The stall lies in the second
+//!   part of its slot, so the window of equal length before it is in the same slot (issue 19).
 //!
 //! and membership churn (`--churn`): a seeded member leaves the channel and rejoins 1–5 s later
 //! (a request the agent refuses, e.g. during an outage, is shown in the timeline and changes
@@ -53,7 +68,18 @@
 //! store time): `heal_s`, the longest per server fault from the restart to the last copy owed
 //! then; `takeover_s`, the longest per daemon kill from the kill to the next DLV write; `stall_s`,
 //! the longest time with an owed copy outstanding and no DLV write. `heal_phase_s` is how long
-//! the final heal phase waited.
+//! the final heal phase waited. A partition counts as a server fault here: its heal runs from
+//! the moment the link is up again.
+//!
+//! A `stuck-member` stall is judged from every DLV copy as it is stored (a tap on DLV from the
+//! run's start; the subjects keep too few copies to count at the end): `stuck_member` (the
+//! stall with the lowest ratio; every stall in `stuck_members`) gives the others' DLV copies
+//! per second during the stall and in the window of equal length before it, their `ratio`
+//! (issue 19's target: at least 0.8), what the acks in each window owed the others (churn and
+//! late joins move it), the stalled member's DLV consumer at the resume (copies left unacked:
+//! the stall was real) and after the heal, and its catch-up: every copy owed to it by the
+//! resume surfaced or reported lost (`caught_up`), and `catch_up_s` from the resume to the
+//! surfacing of the last of them.
 
 use super::bench::{
     SpawnedServer, durable_channel_for, free_port, spawn_daemon_process_in, start_member_pausable,
@@ -110,8 +136,13 @@ pub struct ChaosArgs {
     /// (SIGKILL); with --cluster also node-stop (SIGTERM of a node that does not lead CHAT) and
     /// leader-kill (SIGKILL of the node leading CHAT); long-outage (SIGKILL of the one server,
     /// restarted after 35–40 s, past the daemon's lease window; not in the default mix, and it
-    /// needs 41 s of run per fault). Each fault point picks one kind with the seed. Server faults
-    /// need --spawn-server. Default: daemon-kill, server-stop, server-kill (node-stop and
+    /// needs 41 s of run per fault); partition (the daemon runs in a network namespace of its
+    /// own, cut off for 5–15 s while it and the server live; needs root, `ip` and
+    /// --spawn-server, whose server then listens on every interface; not in the default mix);
+    /// stuck-member (a seeded member's application takes and acks nothing for min(60 s, half
+    /// the slot), then resumes; the others' DLV rate is compared with the window before; not in
+    /// the default mix). Each fault point picks one kind with the seed. Server faults need
+    /// --spawn-server. Default: daemon-kill, server-stop, server-kill (node-stop and
     /// leader-kill with --cluster; daemon-kill alone with --nats).
     #[arg(long)]
     faults: Option<String>,
@@ -2067,6 +2098,7 @@ mod tests {
                         assert_eq!(open.take(), Some(*k), "seed {seed}");
                     }
                     Step::Leave(i) | Step::Rejoin(i) => assert!(*i < 4),
+                    Step::Stall(_) | Step::Resume(_) => panic!("no stuck-member asked for"),
                 }
             }
             assert_eq!(injected, 6, "seed {seed}");
@@ -2171,7 +2203,116 @@ mod tests {
     }
 
     #[test]
+    fn partitions_last_5_to_15_s_and_stalls_have_their_window_before_them_in_the_slot() {
+        for seed in 0..50u64 {
+            let seed = seed.to_string();
+            let steps = plan(&[
+                "--faults",
+                "partition,stuck-member",
+                "--duration",
+                "250",
+                "--fault-count",
+                "4",
+                "--members",
+                "4",
+                "--churn",
+                "0",
+                "--seed",
+                &seed,
+            ]);
+            // Slots of 60 s from 5 s on: a stall of min(60 s, (slot - 1 s) / 2) = 29.5 s.
+            let slot = 60_000;
+            let mut open: Option<(u64, Step)> = None;
+            let mut faults = 0;
+            for (at, step) in &steps {
+                match (step, open.take()) {
+                    (Step::Inject(Fault::Partition) | Step::Stall(_), None) => {
+                        open = Some((*at, *step));
+                        faults += 1;
+                    }
+                    (Step::Restore(Fault::Partition), Some((from, Step::Inject(_)))) => {
+                        let pause = at - from;
+                        assert!((5_000..=15_000).contains(&pause), "seed {seed}: {pause}");
+                    }
+                    (Step::Resume(m), Some((from, Step::Stall(n)))) => {
+                        assert_eq!(*m, n, "seed {seed}");
+                        // Late joiners (the last of four) are never stalled.
+                        assert!(n < 3, "seed {seed}: {n}");
+                        assert_eq!(at - from, stuck_stall_ms(slot), "seed {seed}");
+                        let k = (from - 5_000) / slot;
+                        assert!(
+                            from - stuck_stall_ms(slot) >= 5_000 + k * slot,
+                            "seed {seed}"
+                        );
+                        assert!(*at <= 5_000 + (k + 1) * slot, "seed {seed}");
+                    }
+                    (Step::Leave(_) | Step::Rejoin(_), o) => open = o,
+                    (s, o) => panic!("seed {seed}: {s:?} with {o:?} open"),
+                }
+            }
+            assert_eq!(faults, 4, "seed {seed}");
+            assert!(open.is_none(), "seed {seed}");
+        }
+        assert_eq!(stuck_stall_ms(200_000), STUCK_MAX_MS);
+        assert_eq!(stuck_stall_ms(21_000), 10_000);
+        assert_eq!(stuck_stall_ms(500), 0);
+    }
+
+    #[test]
+    fn stuck_rates_compare_the_others_dlv_copies_with_the_window_before() {
+        // A 10 s stall of member 0 at 20,000: the other member got 40 copies in the 10 s
+        // before and 30 during; the stalled member's own copies do not count.
+        let stall = StallMark {
+            member: 0,
+            stalled_ms: 20_000,
+            resumed_ms: Some(30_000),
+            resumed_at: None,
+            backlog_at_resume: None,
+            backlog_after_heal: None,
+        };
+        let mut tap: Vec<(usize, u64)> = (0..40).map(|i| (1, 10_000 + i * 250)).collect();
+        tap.extend((0..30).map(|i| (1, 20_000 + i * 300)));
+        tap.extend((0..99).map(|i| (0, 10_000 + i * 200)));
+        let acked: Vec<Published> = (0..5)
+            .map(|i| Published {
+                id: format!("a{i}"),
+                seq: i + 1,
+                acked_ms: 12_000 + i * 4_000,
+            })
+            .collect();
+        let acked_at: BTreeMap<&str, u64> =
+            acked.iter().map(|p| (p.id.as_str(), p.acked_ms)).collect();
+        let owe = |member: &str, ids: &[&str]| Owed {
+            member: AgentId::new(member).expect("id"),
+            intervals: Vec::new(),
+            forgotten: 0,
+            expected: ids.iter().map(|i| ((*i).to_owned(), 0)).collect(),
+        };
+        // a0 (12 s), a1 (16 s) before; a2 (20 s), a3 (24 s), a4 (28 s) during.
+        let owed = [
+            owe("m0", &["a0", "a1", "a2", "a3", "a4"]),
+            owe("m1", &["a0", "a1", "a2", "a3", "a4"]),
+        ];
+        let mut f = StuckFigures::default();
+        stuck_rates(&stall, &tap, &owed, &acked_at, &mut f);
+        assert_eq!((f.stall_s, f.window_s, f.others), (10.0, 10.0, 1));
+        assert_eq!((f.others_before, f.others_during), (4.0, 3.0));
+        assert_eq!(f.ratio(), Some(0.75));
+        assert_eq!((f.owed_before, f.owed_during), (0.2, 0.3));
+        // No copy before the stall: no ratio.
+        let mut f = StuckFigures::default();
+        stuck_rates(&stall, &[], &owed, &acked_at, &mut f);
+        assert_eq!(f.ratio(), None);
+    }
+
+    #[test]
     fn fault_lists_parse_and_refuse_unknown_names() {
+        assert_eq!(
+            Fault::parse("partition,stuck-member").expect("valid"),
+            [Fault::Partition, Fault::StuckMember]
+        );
+        assert!(Fault::Partition.heals() && !Fault::Partition.of_the_server());
+        assert!(!Fault::StuckMember.heals() && !Fault::DaemonKill.heals());
         assert_eq!(
             Fault::parse("server-kill, daemon-kill,server-kill").expect("valid"),
             [Fault::ServerKill, Fault::DaemonKill]
