@@ -53,8 +53,11 @@
 //!
 //! - `copies_expected`: owed (message, member) pairs;
 //! - `delivered`: owed pairs the member surfaced (live, history or DLV);
-//! - `losses_reported`: loss events the members raised; `losses_unreported`: owed pairs neither
-//!   surfaced nor reported lost by id. Must be 0 (the exit code says so);
+//! - `losses_reported`: owed pairs reported lost: the members' loss events (by id) and the owed
+//!   copies inside the loss ranges the daemon recorded and the agents reported (`CopiesLost`,
+//!   by CHAT sequence; also alone as `losses_reported_by_daemon`: a copy shed at an owner's cap
+//!   or share, for example); `losses_unreported`: owed pairs neither surfaced nor reported
+//!   lost. Must be 0 (the exit code says so);
 //! - `durable_missing`: owed pairs with no DLV copy (the durable path alone, which a live copy
 //!   can hide), with a diagnosis of where the path stopped (CHAT, INBOX, the fan-out consumer);
 //!   `durable_outside_intervals`: DLV copies of acked messages outside every interval (a leak);
@@ -1045,6 +1048,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     let mut app_duplicates = 0u64;
     let mut via_dlv = 0u64;
     let mut losses_reported = 0u64;
+    let mut losses_by_daemon = 0u64;
     let mut losses_unreported = 0u64;
     let mut forgotten = 0u64;
     let mut missing_lines = Vec::new();
@@ -1075,22 +1079,24 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
             if stall.member != i {
                 continue;
             }
-            let due: Vec<&String> = owe
+            let due: Vec<&(String, u64)> = owe
                 .expected
                 .iter()
                 .filter(|(id, _)| acked_at.get(id.as_str()).is_some_and(|a| *a <= resumed_ms))
-                .map(|(id, _)| id)
                 .collect();
+            let lost = |(id, seq): &(String, u64)| {
+                !log.first.contains_key(id)
+                    && (log.lost_ids.contains(id) || log.range_lost(CHANNEL, *seq))
+            };
             f.owed_at_resume = due.len();
+            f.live_shed = log.shed;
             f.backlog_at_resume = stall.backlog_at_resume;
             f.backlog_after_heal = stall.backlog_after_heal;
-            f.lost_reported = due.iter().filter(|id| log.lost_ids.contains(**id)).count();
-            f.caught_up = due
-                .iter()
-                .all(|id| log.first.contains_key(*id) || log.lost_ids.contains(*id));
+            f.lost_reported = due.iter().filter(|c| lost(c)).count();
+            f.caught_up = due.iter().all(|c| log.first.contains_key(&c.0) || lost(c));
             f.catch_up_s = due
                 .iter()
-                .filter_map(|id| log.first.get(*id))
+                .filter_map(|(id, _)| log.first.get(id))
                 .map(|at| at.saturating_duration_since(resumed_at).as_secs_f64())
                 .reduce(f64::max);
         }
@@ -1105,7 +1111,13 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         for (id, seq) in &owe.expected {
             if log.first.contains_key(id) {
                 delivered += 1;
-            } else if !log.lost_ids.contains(id) {
+            } else if log.lost_ids.contains(id) {
+                // Counted in the member's loss events.
+            } else if log.range_lost(CHANNEL, *seq) {
+                // The daemon recorded it lost (a shed copy, a full DLV) and the agent
+                // reported the range.
+                losses_by_daemon += 1;
+            } else {
                 missing.push(*seq);
             }
         }
@@ -1148,15 +1160,11 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         }
     }
     if durable_missing > 0 {
+        // The copies counted missing (not those rotated out by the cap).
         let seqs: BTreeSet<u64> = owed
             .iter()
             .zip(&durable)
-            .flat_map(|(o, d)| {
-                o.expected
-                    .iter()
-                    .filter(|(id, _)| !d.contains_key(id))
-                    .map(|(_, seq)| *seq)
-            })
+            .flat_map(|(o, d)| no_dlv_copy(o, d))
             .collect();
         missing_lines.extend(durable_diagnosis(&js, &space, &seqs).await);
         if let Some(d) = &daemon {
@@ -1250,7 +1258,14 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
             "duplicates surfaced to the application".to_owned(),
             app_duplicates,
         ),
-        ("losses reported".to_owned(), losses_reported),
+        (
+            "losses reported (events and the daemon's ranges)".to_owned(),
+            losses_reported + losses_by_daemon,
+        ),
+        (
+            "  of which copies in the daemon's loss ranges".to_owned(),
+            losses_by_daemon,
+        ),
         ("losses unreported".to_owned(), losses_unreported),
         ("intervals forgotten by the records".to_owned(), forgotten),
     ]);
@@ -1262,8 +1277,8 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         println!(
             "stuck member {}: {:.1} s stalled; the others' DLV copies/s {:.1} before, {:.1} \
              during (ratio {}; owed {:.1} and {:.1}/s); caught up {} ({} copies owed by the \
-             resume, {} reported lost, the last surfaced {} s after the resume; DLV consumer \
-             after the heal: {})",
+             resume, {} reported lost, the last surfaced {} s after the resume; {} live copies \
+             shed by its full ledger; DLV consumer after the heal: {})",
             f.member,
             f.stall_s,
             f.others_before,
@@ -1276,6 +1291,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
             f.owed_at_resume,
             f.lost_reported,
             secs(f.catch_up_s),
+            f.live_shed,
             backlog_text(f.backlog_after_heal)
         );
     }
@@ -1304,7 +1320,8 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
                    "durable_outside_intervals": durable_outside,
                    "duplicates_suppressed": duplicates_suppressed,
                    "duplicates_surfaced": app_duplicates,
-                   "losses_reported": losses_reported,
+                   "losses_reported": losses_reported + losses_by_daemon,
+                   "losses_reported_by_daemon": losses_by_daemon,
                    "losses_unreported": losses_unreported,
                    "intervals_forgotten": forgotten,
                    "heal_s": recovery.heal_s(),
@@ -1572,6 +1589,8 @@ struct StuckFigures {
     caught_up: bool,
     owed_at_resume: usize,
     lost_reported: usize,
+    /// Live copies the member's full ledger shed over the run (their DLV copies follow).
+    live_shed: u64,
     backlog_at_resume: Option<DlvBacklog>,
     backlog_after_heal: Option<DlvBacklog>,
 }
@@ -1596,6 +1615,7 @@ impl StuckFigures {
                "caught_up": self.caught_up,
                "owed_at_resume": self.owed_at_resume,
                "losses_reported": self.lost_reported,
+               "live_copies_shed": self.live_shed,
                "dlv_unacked_at_resume": self.backlog_at_resume.map(|b| b.ack_pending),
                "dlv_undelivered_at_resume": self.backlog_at_resume.map(|b| b.pending),
                "dlv_unacked_after_heal": self.backlog_after_heal.map(|b| b.ack_pending),

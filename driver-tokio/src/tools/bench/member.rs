@@ -173,6 +173,20 @@ pub(crate) struct MemberLog {
     pub(crate) lost_log: Vec<(String, String)>,
     /// Live copies a full ledger shed on the durable channel (their DLV copy follows).
     pub(crate) shed: u64,
+    /// The loss ranges the daemon recorded for this member and the agent reported
+    /// ([`AgentEvent::CopiesLost`]): `(channel, first CHAT seq, last CHAT seq)`, as reported
+    /// (a range that grew comes again, whole).
+    pub(crate) lost_ranges: Vec<(String, u64, u64)>,
+}
+
+impl MemberLog {
+    /// Whether the daemon reported the copy of CHAT sequence `seq` on `channel` lost (it lies
+    /// in one of the reported ranges).
+    pub(crate) fn range_lost(&self, channel: &str, seq: u64) -> bool {
+        self.lost_ranges
+            .iter()
+            .any(|(c, first, last)| c == channel && (*first..=*last).contains(&seq))
+    }
 }
 
 pub(crate) struct Member {
@@ -340,6 +354,11 @@ pub(crate) async fn start_member_pausable(
                         joined.fetch_add(1, Ordering::Relaxed);
                     }
                     Some(AgentEvent::LiveCopyShed { .. }) => log.shed += 1,
+                    Some(AgentEvent::CopiesLost { ranges, .. }) => {
+                        log.lost_ranges.extend(
+                            ranges.into_iter().map(|r| (r.channel, r.first, r.last)),
+                        );
+                    }
                     Some(AgentEvent::Lost { id, reason }) => {
                         log.lost_events += 1;
                         log.lost_ids.insert(id.clone());
