@@ -1346,7 +1346,9 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
 /// to the root namespace by a veth pair on a /30 of 198.18.0.0/15 (RFC 2544's benchmarking
 /// range) picked from the PID (the next free block when an address is in use), so two runs do
 /// not clash. A partition takes the root side of the pair down; lifting it brings it up. Drop
-/// deletes the pair and the namespace (also when the run fails).
+/// deletes the pair and the namespace (also when the run fails); a run killed by a signal
+/// leaves them, and the next partition run removes every `cotal-chaos-<pid>` whose process is
+/// gone.
 struct Netns {
     name: String,
     /// The root side of the veth pair (`cch<pid>r`).
@@ -1378,9 +1380,11 @@ impl Netns {
         let name = format!("cotal-chaos-{pid}");
         let root_link = format!("cch{pid}r");
         let ns_link = format!("cch{pid}n");
-        // What an earlier run with this PID left (killed before its cleanup).
+        // What an earlier run with this PID left (killed before its cleanup), and the
+        // namespaces of runs whose process is gone (interrupted: no drop ran).
         let _ = ip(&["link", "del", &root_link]);
         let _ = ip(&["netns", "del", &name]);
+        Netns::remove_stale();
         ip(&["netns", "add", &name]).map_err(unavailable)?;
         // From here on, drop removes whatever exists.
         let ns = Netns {
@@ -1414,6 +1418,26 @@ impl Netns {
             ip(args).map_err(unavailable)?;
         }
         Ok(ns)
+    }
+
+    /// Removes `cotal-chaos-<pid>` namespaces (and their pairs) whose run process is gone.
+    fn remove_stale() {
+        let Ok(list) = ip_output(&["netns", "list"]) else {
+            return;
+        };
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            let Some(pid) = name
+                .strip_prefix("cotal-chaos-")
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let _ = ip(&["link", "del", &format!("cch{pid}r")]);
+            let _ = ip(&["netns", "del", name]);
+        }
     }
 
     /// The partition: the root side of the pair down (the daemon's packets go nowhere).
