@@ -1,5 +1,6 @@
 //! The CI smoke of `cotal chaos` (issue 9, faults half): a short run on a spawned server with
-//! one SIGKILL of the delivery daemon and a successor. The long runs are opt-in:
+//! one SIGKILL of the delivery daemon and a successor; short runs with server restarts, with a
+//! network partition of the daemon and with a stuck member (issue 19). The long runs are opt-in:
 //! `cotal chaos --spawn-server --seed S --duration 300 --json`.
 
 mod common;
@@ -177,6 +178,147 @@ fn chaos_smoke_server_restarts_leave_no_unreported_loss() {
     assert!(v["takeover_s"].is_null(), "{text}");
     // The daemon rode both restarts out: it never exited.
     assert_eq!(v["daemon_exits"], 0, "{text}");
+}
+
+/// Twenty-five seconds of traffic with the daemon cut off the network once (its namespace's
+/// veth link down for 5–10 s while it and the server live, then up): every owed copy is
+/// surfaced or reported lost, nothing is surfaced twice, the daemon rode the partition out, and
+/// the partition has its heal. Skipped, with the reason printed, where network namespaces or
+/// veth pairs are refused (not root, no `ip`).
+#[test]
+fn chaos_smoke_partition_leaves_no_unreported_loss() {
+    if std::env::var_os("COTAL_NATS_SERVER").is_none() {
+        println!("skipping: COTAL_NATS_SERVER is not set (scripts/test.sh sets it)");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_cotal"))
+        .args([
+            "chaos",
+            "--spawn-server",
+            "--seed",
+            "3",
+            "--duration",
+            "25",
+            "--members",
+            "2",
+            "--rate",
+            "10",
+            "--faults",
+            "partition",
+            "--fault-count",
+            "1",
+            "--churn",
+            "0",
+            "--heal-s",
+            "40",
+            "--json",
+        ])
+        .output()
+        .expect("run cotal chaos");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // The run's one error line (on stdout) says why namespaces are refused here.
+    if !out.status.success()
+        && let Some(why) = text
+            .lines()
+            .chain(err.lines())
+            .find(|l| l.contains("partitions are unavailable here"))
+    {
+        println!("skipping: {}", why.trim());
+        return;
+    }
+    assert!(out.status.success(), "{text}\n{err}");
+    let last = text.lines().last().expect("a last line");
+    let v: serde_json::Value = serde_json::from_str(last).expect("JSON last line");
+    assert_eq!(v["fault_counts"]["partition"], 1, "{text}");
+    assert_eq!(v["losses_unreported"], 0, "{text}");
+    assert_eq!(v["duplicates_surfaced"], 0, "{text}");
+    assert_eq!(v["durable_outside_intervals"], 0, "{text}");
+    assert_eq!(v["daemon_exits"], 0, "{text}");
+    let expected = v["copies_expected"].as_u64().expect("copies expected");
+    assert!(expected >= 200, "{text}");
+    assert_eq!(v["delivered"].as_u64(), Some(expected), "{text}");
+    // The partition's heal: from the link up to the DLV write of the last copy owed then.
+    let heals = v["heals_s"].as_array().expect("heals_s");
+    assert_eq!(heals.len(), 1, "{text}");
+    assert!(heals[0].as_f64().is_some_and(|h| h >= 0.0), "{text}");
+    assert!(v["takeover_s"].is_null(), "{text}");
+}
+
+/// Thirty seconds of traffic with one member stuck for 9.5 s (its application takes and acks
+/// nothing, so its DLV copies pile up unacked) while two others keep receiving: nothing is lost
+/// unreported or surfaced twice, the stuck member caught up after its resume, and the others'
+/// DLV rate during the stall is compared with the window before it.
+#[test]
+fn chaos_smoke_stuck_member_catches_up_and_the_others_keep_receiving() {
+    if std::env::var_os("COTAL_NATS_SERVER").is_none() {
+        println!("skipping: COTAL_NATS_SERVER is not set (scripts/test.sh sets it)");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_cotal"))
+        .args([
+            "chaos",
+            "--spawn-server",
+            "--seed",
+            "3",
+            "--duration",
+            "30",
+            "--members",
+            "3",
+            "--faults",
+            "stuck-member",
+            "--fault-count",
+            "1",
+            "--churn",
+            "0",
+            "--late-joiners",
+            "0",
+            "--heal-s",
+            "40",
+            "--json",
+        ])
+        .output()
+        .expect("run cotal chaos");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    let last = text.lines().last().expect("a last line");
+    let v: serde_json::Value = serde_json::from_str(last).expect("JSON last line");
+    assert_eq!(v["fault_counts"]["stuck-member"], 1, "{text}");
+    assert_eq!(v["losses_unreported"], 0, "{text}");
+    assert_eq!(v["duplicates_surfaced"], 0, "{text}");
+    assert_eq!(v["daemon_exits"], 0, "{text}");
+    let expected = v["copies_expected"].as_u64().expect("copies expected");
+    assert_eq!(v["delivered"].as_u64(), Some(expected), "{text}");
+    let stuck = &v["stuck_member"];
+    // A 20 s slot: a stall of (20 − 1) / 2 = 9.5 s.
+    assert!(
+        stuck["stall_s"]
+            .as_f64()
+            .is_some_and(|s| (9.0..=10.5).contains(&s)),
+        "{text}"
+    );
+    assert_eq!(stuck["others"], 2, "{text}");
+    // The stall was real: copies were left unacked on the member's DLV consumer at the resume,
+    // and none after the heal.
+    assert!(
+        stuck["dlv_unacked_at_resume"]
+            .as_u64()
+            .is_some_and(|n| n > 0),
+        "{text}"
+    );
+    assert_eq!(stuck["dlv_unacked_after_heal"], 0, "{text}");
+    assert_eq!(stuck["caught_up"], true, "{text}");
+    assert!(stuck["catch_up_s"].is_f64(), "{text}");
+    // The others kept receiving: about the rate of the window before (issue 19 asks ≥ 0.8 at
+    // 60 s; this short stall stays far below every cap, so the bound here is only a sanity one).
+    assert!(
+        stuck["others_copies_per_s_before"]
+            .as_f64()
+            .is_some_and(|r| r > 10.0),
+        "{text}"
+    );
+    let ratio = stuck["ratio"].as_f64().expect("ratio");
+    assert!((0.5..=2.0).contains(&ratio), "{text}");
 }
 
 /// An open space, durable by choice (its default would be live), and `agents` provisioned to

@@ -64,7 +64,7 @@ mod member;
 pub(crate) use member::{
     CHANNEL, LIVE_CHANNEL, Member, MemberLog, SETUP_WAIT, connect_as, cpu_seconds, finish_members,
     join_live_in_proc, member_config, progress, progress_done, progress_of, start_member,
-    thread_cpu_seconds,
+    start_member_pausable, thread_cpu_seconds,
 };
 
 pub use agents::{BenchAgentsArgs, bench_agents};
@@ -205,6 +205,18 @@ impl SpawnedServer {
         js_extra: &str,
         extra: &str,
     ) -> Result<Self, String> {
+        Self::start_node_on("127.0.0.1", port, name, js_extra, extra)
+    }
+
+    /// [`SpawnedServer::start_node`] listening on `host` (`0.0.0.0`: every interface, for
+    /// clients in another network namespace; the harness itself still connects on loopback).
+    pub(crate) fn start_node_on(
+        host: &str,
+        port: u16,
+        name: &str,
+        js_extra: &str,
+        extra: &str,
+    ) -> Result<Self, String> {
         let dir = std::env::temp_dir().join(format!(
             "cotal-bench-{}-{name}-{:x}",
             std::process::id(),
@@ -218,7 +230,7 @@ impl SpawnedServer {
             format!(", {js_extra}")
         };
         let text = format!(
-            "listen: \"127.0.0.1:{port}\"\nserver_name: {name}\njetstream {{ store_dir: {:?}, max_memory_store: 256MB, max_file_store: 4GB{js_extra} }}\nmax_payload: 8MB\n{extra}",
+            "listen: \"{host}:{port}\"\nserver_name: {name}\njetstream {{ store_dir: {:?}, max_memory_store: 256MB, max_file_store: 4GB{js_extra} }}\nmax_payload: 8MB\n{extra}",
             dir.join("js").display().to_string()
         );
         std::fs::write(&conf, text).map_err(|e| format!("server config: {e}"))?;
@@ -310,8 +322,12 @@ impl SpawnedServer {
         }
     }
 
+    /// The client port.
+    pub(crate) fn port(&self) -> u16 {
+        self.port
+    }
+
     /// The client URL, `nats://127.0.0.1:<port>`.
-    /// `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
@@ -1626,9 +1642,30 @@ pub(crate) fn spawn_daemon_process(
     id: &str,
     log: &std::path::Path,
 ) -> Result<std::process::Child, String> {
+    spawn_daemon_process_in(None, url, space, id, log)
+}
+
+/// [`spawn_daemon_process`] inside the network namespace `netns` when given (`ip netns exec
+/// <netns> <this binary> delivery …`; `ip` execs the daemon in place, so the child's PID is the
+/// daemon's): how `cotal chaos --faults partition` runs a daemon it can cut off the network.
+pub(crate) fn spawn_daemon_process_in(
+    netns: Option<&str>,
+    url: &str,
+    space: &Space,
+    id: &str,
+    log: &std::path::Path,
+) -> Result<std::process::Child, String> {
     let exe = std::env::current_exe().map_err(|e| format!("own binary: {e}"))?;
     let file = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-    std::process::Command::new(exe)
+    let mut command = match netns {
+        Some(ns) => {
+            let mut c = std::process::Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(exe);
+            c
+        }
+        None => std::process::Command::new(exe),
+    };
+    command
         .args([
             "delivery",
             "--space",

@@ -15,7 +15,22 @@
 //! - `server-kill`: SIGKILL of nats-server, restarted the same way. The spawned server runs with
 //!   `sync_interval: always`, so an acked publish is on disk before its ack;
 //! - `long-outage` (only when asked for): SIGKILL of nats-server, restarted 35–40 s later, past
-//!   the daemon's lease window: the daemon must ride it out in process (issue 19).
+//!   the daemon's lease window: the daemon must ride it out in process (issue 19);
+//! - `partition` (only when asked for, with `--spawn-server`, not `--cluster`): the daemon is cut
+//!   off the network while it and the server live. The run makes a network namespace
+//!   `cotal-chaos-<pid>` and a veth pair to it on a /30 of 198.18.0.0/15 picked from the PID
+//!   ([`Netns`]), the spawned server listens on every interface (the harness and the members
+//!   still connect on loopback), and every daemon is started inside the namespace (`ip netns
+//!   exec`) on the root side's address. A partition takes the root side of the pair down for a
+//!   seeded 5–15 s (at most half the slot), then up. The namespace and the pair are removed at
+//!   the end of the run, also when it fails; where `ip` or the kernel refuses them the run fails
+//!   at once saying partitions are unavailable here (issue 19);
+//! - `stuck-member` (only when asked for): a seeded member (one that starts joined) hangs: its
+//!   application loop takes no message and calls no `handled` for min(60 s, half the slot), so
+//!   its agent, which acks a durable copy only after `handled`, acks none of its DLV copies
+//!   (its DLV consumer stops delivering at `max_ack_pending`) while the agent machine itself
+//!   runs on; then the loop resumes and takes everything ready. The stall lies in the second
+//!   part of its slot, so the window of equal length before it is in the same slot (issue 19).
 //!
 //! and membership churn (`--churn`): a seeded member leaves the channel and rejoins 1–5 s later
 //! (a request the agent refuses, e.g. during an outage, is shown in the timeline and changes
@@ -38,8 +53,11 @@
 //!
 //! - `copies_expected`: owed (message, member) pairs;
 //! - `delivered`: owed pairs the member surfaced (live, history or DLV);
-//! - `losses_reported`: loss events the members raised; `losses_unreported`: owed pairs neither
-//!   surfaced nor reported lost by id. Must be 0 (the exit code says so);
+//! - `losses_reported`: owed pairs reported lost: the members' loss events (by id) and the owed
+//!   copies inside the loss ranges the daemon recorded and the agents reported (`CopiesLost`,
+//!   by CHAT sequence; also alone as `losses_reported_by_daemon`: a copy shed at an owner's cap
+//!   or share, for example); `losses_unreported`: owed pairs neither surfaced nor reported
+//!   lost. Must be 0 (the exit code says so);
 //! - `durable_missing`: owed pairs with no DLV copy (the durable path alone, which a live copy
 //!   can hide), with a diagnosis of where the path stopped (CHAT, INBOX, the fan-out consumer);
 //!   `durable_outside_intervals`: DLV copies of acked messages outside every interval (a leak);
@@ -53,10 +71,21 @@
 //! store time): `heal_s`, the longest per server fault from the restart to the last copy owed
 //! then; `takeover_s`, the longest per daemon kill from the kill to the next DLV write; `stall_s`,
 //! the longest time with an owed copy outstanding and no DLV write. `heal_phase_s` is how long
-//! the final heal phase waited.
+//! the final heal phase waited. A partition counts as a server fault here: its heal runs from
+//! the moment the link is up again.
+//!
+//! A `stuck-member` stall is judged from every DLV copy as it is stored (a tap on DLV from the
+//! run's start; the subjects keep too few copies to count at the end): `stuck_member` (the
+//! stall with the lowest ratio; every stall in `stuck_members`) gives the others' DLV copies
+//! per second during the stall and in the window of equal length before it, their `ratio`
+//! (issue 19's target: at least 0.8), what the acks in each window owed the others (churn and
+//! late joins move it), the stalled member's DLV consumer at the resume (copies left unacked:
+//! the stall was real) and after the heal, and its catch-up: every copy owed to it by the
+//! resume surfaced or reported lost (`caught_up`), and `catch_up_s` from the resume to the
+//! surfacing of the last of them.
 
 use super::bench::{
-    SpawnedServer, durable_channel_for, free_port, spawn_daemon_process, start_member,
+    SpawnedServer, durable_channel_for, free_port, spawn_daemon_process_in, start_member_pausable,
     target_server,
 };
 use super::progress::Progress;
@@ -68,6 +97,7 @@ use clap::Args;
 use cotal_core::agent::AgentConfig;
 use cotal_core::constants::LEASE_TTL;
 use cotal_core::registry::{closed_intervals, current_interval, forgotten_intervals};
+use cotal_core::wire::config::ConsumerSpec;
 use cotal_core::wire::keys::{KvBucket, member_key};
 use cotal_core::wire::message::Sender;
 use cotal_core::wire::records::MembershipRecord;
@@ -110,8 +140,13 @@ pub struct ChaosArgs {
     /// (SIGKILL); with --cluster also node-stop (SIGTERM of a node that does not lead CHAT) and
     /// leader-kill (SIGKILL of the node leading CHAT); long-outage (SIGKILL of the one server,
     /// restarted after 35–40 s, past the daemon's lease window; not in the default mix, and it
-    /// needs 41 s of run per fault). Each fault point picks one kind with the seed. Server faults
-    /// need --spawn-server. Default: daemon-kill, server-stop, server-kill (node-stop and
+    /// needs 41 s of run per fault); partition (the daemon runs in a network namespace of its
+    /// own, cut off for 5–15 s while it and the server live; needs root, `ip` and
+    /// --spawn-server, whose server then listens on every interface; not in the default mix);
+    /// stuck-member (a seeded member's application takes and acks nothing for min(60 s, half
+    /// the slot), then resumes; the others' DLV rate is compared with the window before; not in
+    /// the default mix). Each fault point picks one kind with the seed. Server faults need
+    /// --spawn-server. Default: daemon-kill, server-stop, server-kill (node-stop and
     /// leader-kill with --cluster; daemon-kill alone with --nats).
     #[arg(long)]
     faults: Option<String>,
@@ -169,10 +204,16 @@ struct DaemonChild {
     log: std::path::PathBuf,
 }
 
-fn spawn_daemon(url: &str, space: &Space, n: usize) -> Result<DaemonChild, String> {
+/// Starts daemon number `n` on `url`, inside the network namespace `netns` when given.
+fn spawn_daemon(
+    url: &str,
+    netns: Option<&str>,
+    space: &Space,
+    n: usize,
+) -> Result<DaemonChild, String> {
     let id = format!("chaos-daemon-{n}");
     let log = log_dir()?.join(format!("{}-{id}.log", space.as_str()));
-    let child = spawn_daemon_process(url, space, &id, &log)?;
+    let child = spawn_daemon_process_in(netns, url, space, &id, &log)?;
     Ok(DaemonChild { child, id, log })
 }
 
@@ -237,6 +278,12 @@ enum Fault {
     /// SIGKILL of nats-server, restarted after 35–40 s: longer than the daemon's lease window,
     /// which it must ride out in process (issue 19).
     LongOutage,
+    /// The daemon's network namespace cut off (its veth link down) for 5–15 s while the daemon
+    /// and the server live, then restored (issue 19).
+    Partition,
+    /// One member's application stops taking and handling messages (so its agent acks no DLV
+    /// copy) for min(60 s, half the slot), then resumes and catches up (issue 19).
+    StuckMember,
 }
 
 impl Fault {
@@ -250,10 +297,12 @@ impl Fault {
                 "node-stop" => Fault::NodeStop,
                 "leader-kill" => Fault::LeaderKill,
                 "long-outage" => Fault::LongOutage,
+                "partition" => Fault::Partition,
+                "stuck-member" => Fault::StuckMember,
                 other => {
                     return Err(format!(
                         "unknown fault {other:?} (daemon-kill, server-stop, server-kill, \
-                         node-stop, leader-kill, long-outage)"
+                         node-stop, leader-kill, long-outage, partition, stuck-member)"
                     ));
                 }
             };
@@ -275,12 +324,27 @@ impl Fault {
             Fault::NodeStop => "node-stop",
             Fault::LeaderKill => "leader-kill",
             Fault::LongOutage => "long-outage",
+            Fault::Partition => "partition",
+            Fault::StuckMember => "stuck-member",
         }
     }
 
-    /// A fault of the broker (the run restarts it), not of the daemon.
+    /// A fault of the broker (the run restarts it), not of the daemon or a member.
     fn of_the_server(self) -> bool {
-        self != Fault::DaemonKill
+        matches!(
+            self,
+            Fault::ServerStop
+                | Fault::ServerKill
+                | Fault::NodeStop
+                | Fault::LeaderKill
+                | Fault::LongOutage
+        )
+    }
+
+    /// An outage the run ends at a known moment (the server accepts again, the partition is
+    /// lifted), from which [`Recovery`] measures a heal.
+    fn heals(self) -> bool {
+        self.of_the_server() || self == Fault::Partition
     }
 }
 
@@ -295,6 +359,10 @@ enum Step {
     Leave(usize),
     /// Member `i` joins the channel (again, or for the first time if it is a late joiner).
     Rejoin(usize),
+    /// Member `i`'s application stops taking messages (`stuck-member`).
+    Stall(usize),
+    /// Member `i`'s application takes messages again.
+    Resume(usize),
 }
 
 /// One acked publish: the message id and its CHAT sequence.
@@ -385,6 +453,17 @@ fn schedule(args: &ChaosArgs, kinds: &[Fault]) -> Vec<(u64, Step)> {
                 at = 5_000 + k * slot;
                 (LONG_OUTAGE_MS + rng.below(5000)).min(slot.saturating_sub(1000))
             }
+            Fault::Partition => (PARTITION_MIN_MS + rng.below(10_001)).min(slot / 2),
+            // The stall in the second part of its slot, so the window of equal length before
+            // it (the rate it is compared with) lies in the same slot, clear of other faults.
+            Fault::StuckMember => {
+                let stall = stuck_stall_ms(slot);
+                at = 5_000 + k * slot + stall + rng.below(slot.saturating_sub(2 * stall) + 1);
+                let member = rng.below((args.members - late_joiners(args)) as u64) as usize;
+                steps.push((at, Step::Stall(member)));
+                steps.push((at + stall, Step::Resume(member)));
+                continue;
+            }
         };
         steps.push((at, Step::Inject(kind)));
         steps.push((at + pause, Step::Restore(kind)));
@@ -414,6 +493,18 @@ fn schedule(args: &ChaosArgs, kinds: &[Fault]) -> Vec<(u64, Step)> {
 /// The shortest `long-outage`: past the lease deadline (TTL 30 s minus its margin) and past the
 /// TTL of the daemon's last lease write.
 const LONG_OUTAGE_MS: u64 = 35_000;
+
+/// The shortest `partition` (the longest is 10 s more, each at most half its slot).
+const PARTITION_MIN_MS: u64 = 5_000;
+
+/// The longest `stuck-member` stall.
+const STUCK_MAX_MS: u64 = 60_000;
+
+/// How long a `stuck-member` stall lasts in a slot of `slot` ms: 60 s, or less when the slot
+/// cannot hold the stall and the window of equal length before it (one second to spare).
+fn stuck_stall_ms(slot: u64) -> u64 {
+    STUCK_MAX_MS.min(slot.saturating_sub(1000) / 2)
+}
 
 /// How many of the members start unjoined (at most all but one).
 fn late_joiners(args: &ChaosArgs) -> usize {
@@ -457,14 +548,29 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
             ));
         }
     }
-    let server_faults = kinds.iter().any(|k| k.of_the_server());
+    let server_faults = kinds
+        .iter()
+        .any(|k| k.of_the_server() || *k == Fault::Partition);
     if server_faults && !args.spawn_server {
         return Err(
-            "server-stop and server-kill need --spawn-server (the run owns the process); \
-                    use --faults daemon-kill with --nats"
+            "server-stop, server-kill and partition need --spawn-server (the run owns the \
+             process); use --faults daemon-kill or stuck-member with --nats"
                 .into(),
         );
     }
+    let partitions = kinds.contains(&Fault::Partition);
+    if partitions && args.cluster.is_some() {
+        return Err(
+            "partition cuts the daemon off the one server; it does not take --cluster".into(),
+        );
+    }
+    // Before the server: with partitions it must listen where the namespace reaches it. Made
+    // first, dropped last (after the daemons in it and the server).
+    let netns = if partitions {
+        Some(tokio::task::block_in_place(Netns::create)?)
+    } else {
+        None
+    };
     // `sync_interval: always`: an acked publish is on disk before the ack, so a SIGKILL of the
     // server cannot take back a message the harness already counts as published (the default
     // two-minute fsync would let it, by design of nats-server, not of Cotal).
@@ -475,7 +581,20 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
             (nodes, urls.join(","))
         }
         (true, None) => {
-            let s = SpawnedServer::start_with_js("sync_interval: always", "")?;
+            // With partitions on every interface (the daemon's namespace reaches it over the
+            // veth pair); the harness and the members still connect on loopback.
+            let host = if netns.is_some() {
+                "0.0.0.0"
+            } else {
+                "127.0.0.1"
+            };
+            let s = SpawnedServer::start_node_on(
+                host,
+                free_port()?,
+                "cotal_bench",
+                "sync_interval: always",
+                "",
+            )?;
             let url = s.url();
             (vec![s], url)
         }
@@ -516,14 +635,22 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     durable_channel_for(&admin.client, &space, CHANNEL, &ids, t).await?;
     let js = async_nats::jetstream::new(admin.client.clone());
 
+    // The daemons of a partition run reach the server over the veth pair.
+    let (daemon_url, daemon_ns) = match (&netns, servers.first()) {
+        (Some(ns), Some(s)) => (
+            format!("nats://{}:{}", ns.root_addr, s.port()),
+            Some(ns.name.as_str()),
+        ),
+        _ => (url.clone(), None),
+    };
     let mut spawned = 0usize;
-    let mut daemon = Some(spawn_daemon(&url, &space, spawned)?);
+    let mut daemon = Some(spawn_daemon(&daemon_url, daemon_ns, &space, spawned)?);
     spawned += 1;
     // With --standby, a second process that watches the lease; `daemon` is the one believed to
     // hold it (checked against the lease record before a kill).
     let mut standby = if args.standby {
         spawned += 1;
-        Some(spawn_daemon(&url, &space, spawned - 1)?)
+        Some(spawn_daemon(&daemon_url, daemon_ns, &space, spawned - 1)?)
     } else {
         None
     };
@@ -532,6 +659,8 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut members = Vec::new();
     let mut surfaced = Vec::new();
+    // A `stuck-member` stall pauses the member's application loop through its sender.
+    let mut pauses = Vec::new();
     for (i, id) in ids.iter().enumerate() {
         let mut config = AgentConfig::new(
             space.clone(),
@@ -548,17 +677,20 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         config.durable_backstop = true;
         config.create_dlv_consumer = false;
         let count = Arc::new(AtomicUsize::new(0));
+        let (pause_tx, pause_rx) = watch::channel(false);
         members.push(
-            start_member(
+            start_member_pausable(
                 &cfg,
                 config,
                 Arc::clone(&count),
                 Arc::clone(&joined),
                 stop_rx.clone(),
+                Some(pause_rx),
             )
             .await?,
         );
         surfaced.push(count);
+        pauses.push(pause_tx);
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while joined.load(Ordering::Relaxed) < args.members - late_joiners(&args) {
@@ -569,6 +701,13 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     }
 
     let steps = schedule(&args, &kinds);
+    // With stuck-member, every DLV write as it is stored (the subjects keep only 1000 copies,
+    // too few to judge the rates at the end of the run).
+    let tap = if kinds.contains(&Fault::StuckMember) {
+        Some(DlvTap::start(&js, &space, &ids, stop_rx.clone()).await?)
+    } else {
+        None
+    };
     let start = Instant::now();
     let (pub_stop_tx, pub_stop_rx) = watch::channel(false);
     let pub_task = tokio::spawn(publisher(
@@ -584,6 +723,8 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     let mut churn_steps = 0u64;
     let mut timeline: Vec<String> = Vec::new();
     let mut server_down: Option<usize> = None;
+    let mut partitioned = false;
+    let mut stalls: Vec<StallMark> = Vec::new();
     // A late joiner counts as "left" until its first join.
     let mut left: Vec<bool> = (0..args.members)
         .map(|i| i >= args.members - late_joiners(&args))
@@ -612,7 +753,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
                 d.id,
                 last_error(&d.log)
             ));
-            let next = spawn_daemon(&url, &space, *spawned)?;
+            let next = spawn_daemon(&daemon_url, daemon_ns, &space, *spawned)?;
             *spawned += 1;
             timeline.push(format!("{} supervisor starts {}", stamp(start), next.id));
             *daemon = Some(next);
@@ -662,12 +803,12 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
             }
             Step::Restore(Fault::DaemonKill) => {
                 if daemon.is_none() {
-                    let d = spawn_daemon(&url, &space, spawned)?;
+                    let d = spawn_daemon(&daemon_url, daemon_ns, &space, spawned)?;
                     spawned += 1;
                     timeline.push(format!("{} start {}", stamp(start), d.id));
                     daemon = Some(d);
                 } else if args.standby && standby.is_none() {
-                    let d = spawn_daemon(&url, &space, spawned)?;
+                    let d = spawn_daemon(&daemon_url, daemon_ns, &space, spawned)?;
                     spawned += 1;
                     timeline.push(format!("{} start {} (standby)", stamp(start), d.id));
                     standby = Some(d);
@@ -744,6 +885,85 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
                     s.pid()
                 ));
             }
+            Step::Inject(Fault::Partition) => {
+                let Some(ns) = &netns else {
+                    continue;
+                };
+                if partitioned {
+                    continue;
+                }
+                tokio::task::block_in_place(|| ns.cut())?;
+                partitioned = true;
+                timeline.push(format!(
+                    "{} partition: {} down, the daemon's namespace {} cut off",
+                    stamp(start),
+                    ns.root_link,
+                    ns.name
+                ));
+                faults_injected += 1;
+                *fault_counts.entry(Fault::Partition.name()).or_default() += 1;
+                marks.push(FaultMark::injected(Fault::Partition));
+            }
+            Step::Restore(Fault::Partition) => {
+                let Some(ns) = &netns else {
+                    continue;
+                };
+                if !partitioned {
+                    continue;
+                }
+                tokio::task::block_in_place(|| ns.restore())?;
+                partitioned = false;
+                if let Some(mark) = marks.last_mut() {
+                    mark.restored(wall_clock().0);
+                }
+                timeline.push(format!(
+                    "{} partition lifted: {} up",
+                    stamp(start),
+                    ns.root_link
+                ));
+            }
+            // Stalls are their own steps (Stall, Resume).
+            Step::Inject(Fault::StuckMember) | Step::Restore(Fault::StuckMember) => {}
+            Step::Stall(i) => {
+                if stalls.last().is_some_and(|s| s.resumed_ms.is_none()) {
+                    continue;
+                }
+                let _ = pauses[i].send(true);
+                timeline.push(format!(
+                    "{} {} stuck: its application takes and acks nothing",
+                    stamp(start),
+                    ids[i]
+                ));
+                faults_injected += 1;
+                *fault_counts.entry(Fault::StuckMember.name()).or_default() += 1;
+                stalls.push(StallMark {
+                    member: i,
+                    stalled_ms: wall_clock().0,
+                    resumed_ms: None,
+                    resumed_at: None,
+                    backlog_at_resume: None,
+                    backlog_after_heal: None,
+                });
+            }
+            Step::Resume(i) => {
+                let Some(stall) = stalls.last_mut().filter(|s| s.member == i) else {
+                    continue;
+                };
+                if stall.resumed_ms.is_some() {
+                    continue;
+                }
+                // What the stall left on the member's DLV consumer: the proof it acked nothing.
+                stall.backlog_at_resume = dlv_backlog(&js, &space, &ids[i]).await;
+                stall.resumed_ms = Some(wall_clock().0);
+                stall.resumed_at = Some(Instant::now());
+                let _ = pauses[i].send(false);
+                timeline.push(format!(
+                    "{} {} resumes (its DLV consumer: {})",
+                    stamp(start),
+                    ids[i],
+                    backlog_text(stall.backlog_at_resume)
+                ));
+            }
             Step::Leave(i) => {
                 if left[i] {
                     continue;
@@ -801,8 +1021,28 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         }
         timeline.push(format!("{} heal: nats-server restarted", stamp(start)));
     }
+    if partitioned && let Some(ns) = &netns {
+        tokio::task::block_in_place(|| ns.restore())?;
+        if let Some(mark) = marks.last_mut() {
+            mark.restored(wall_clock().0);
+        }
+        timeline.push(format!("{} heal: partition lifted", stamp(start)));
+    }
+    if let Some(stall) = stalls.last_mut()
+        && stall.resumed_ms.is_none()
+    {
+        stall.backlog_at_resume = dlv_backlog(&js, &space, &ids[stall.member]).await;
+        stall.resumed_ms = Some(wall_clock().0);
+        stall.resumed_at = Some(Instant::now());
+        let _ = pauses[stall.member].send(false);
+        timeline.push(format!(
+            "{} heal: {} resumes",
+            stamp(start),
+            ids[stall.member]
+        ));
+    }
     if daemon.is_none() {
-        daemon = Some(spawn_daemon(&url, &space, spawned)?);
+        daemon = Some(spawn_daemon(&daemon_url, daemon_ns, &space, spawned)?);
         timeline.push(format!("{} heal: daemon started", stamp(start)));
     }
     drop(bar);
@@ -847,6 +1087,9 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     drop(heal);
     owed = owed_copies(&js, &space, &concrete, &ids, &published.acked).await?;
     let durable = dlv_ids(&js, &space, &ids).await?;
+    for stall in &mut stalls {
+        stall.backlog_after_heal = dlv_backlog(&js, &space, &ids[stall.member]).await;
+    }
     let _ = stop_tx.send(true);
 
     let mut expected = 0u64;
@@ -854,6 +1097,7 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     let mut app_duplicates = 0u64;
     let mut via_dlv = 0u64;
     let mut losses_reported = 0u64;
+    let mut losses_by_daemon = 0u64;
     let mut losses_unreported = 0u64;
     let mut forgotten = 0u64;
     let mut missing_lines = Vec::new();
@@ -861,8 +1105,50 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     let mut dlv_rotated = 0u64;
     let mut durable_outside = 0u64;
     let mut durable_total = 0u64;
-    for ((m, owe), copies) in members.into_iter().zip(&owed).zip(&durable) {
+    let acked_at: BTreeMap<&str, u64> = published
+        .acked
+        .iter()
+        .map(|p| (p.id.as_str(), p.acked_ms))
+        .collect();
+    let mut stuck: Vec<StuckFigures> = stalls
+        .iter()
+        .map(|s| StuckFigures {
+            member: ids[s.member].as_str().to_owned(),
+            ..StuckFigures::default()
+        })
+        .collect();
+    for (i, ((m, owe), copies)) in members.into_iter().zip(&owed).zip(&durable).enumerate() {
         let log = m.task.await.map_err(|e| format!("member task: {e}"))?;
+        // A stalled member's catch-up: every copy owed to it by its resume, surfaced (when) or
+        // reported lost.
+        for (stall, f) in stalls.iter().zip(stuck.iter_mut()) {
+            let (Some(resumed_ms), Some(resumed_at)) = (stall.resumed_ms, stall.resumed_at) else {
+                continue;
+            };
+            if stall.member != i {
+                continue;
+            }
+            let due: Vec<&(String, u64)> = owe
+                .expected
+                .iter()
+                .filter(|(id, _)| acked_at.get(id.as_str()).is_some_and(|a| *a <= resumed_ms))
+                .collect();
+            let lost = |(id, seq): &(String, u64)| {
+                !log.first.contains_key(id)
+                    && (log.lost_ids.contains(id) || log.range_lost(CHANNEL, *seq))
+            };
+            f.owed_at_resume = due.len();
+            f.live_shed = log.shed;
+            f.backlog_at_resume = stall.backlog_at_resume;
+            f.backlog_after_heal = stall.backlog_after_heal;
+            f.lost_reported = due.iter().filter(|c| lost(c)).count();
+            f.caught_up = due.iter().all(|c| log.first.contains_key(&c.0) || lost(c));
+            f.catch_up_s = due
+                .iter()
+                .filter_map(|(id, _)| log.first.get(id))
+                .map(|at| at.saturating_duration_since(resumed_at).as_secs_f64())
+                .reduce(f64::max);
+        }
         let _ = m.handle.stop(Duration::from_secs(2));
         let _ = tokio::time::timeout(Duration::from_secs(5), m.agent).await;
         expected += owe.expected.len() as u64;
@@ -874,7 +1160,13 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         for (id, seq) in &owe.expected {
             if log.first.contains_key(id) {
                 delivered += 1;
-            } else if !log.lost_ids.contains(id) {
+            } else if log.lost_ids.contains(id) {
+                // Counted in the member's loss events.
+            } else if log.range_lost(CHANNEL, *seq) {
+                // The daemon recorded it lost (a shed copy, a full DLV) and the agent
+                // reported the range.
+                losses_by_daemon += 1;
+            } else {
                 missing.push(*seq);
             }
         }
@@ -917,15 +1209,11 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         }
     }
     if durable_missing > 0 {
+        // The copies counted missing (not those rotated out by the cap).
         let seqs: BTreeSet<u64> = owed
             .iter()
             .zip(&durable)
-            .flat_map(|(o, d)| {
-                o.expected
-                    .iter()
-                    .filter(|(id, _)| !d.contains_key(id))
-                    .map(|(_, seq)| *seq)
-            })
+            .flat_map(|(o, d)| no_dlv_copy(o, d))
             .collect();
         missing_lines.extend(durable_diagnosis(&js, &space, &seqs).await);
         if let Some(d) = &daemon {
@@ -936,11 +1224,6 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     drop(standby);
     let duplicates_suppressed = durable_total.saturating_sub(via_dlv);
     // Recovery, from when each owed copy was acked and when DLV stored it.
-    let acked_at: BTreeMap<&str, u64> = published
-        .acked
-        .iter()
-        .map(|p| (p.id.as_str(), p.acked_ms))
-        .collect();
     let pairs: Vec<(u64, u64)> = owed
         .iter()
         .zip(&durable)
@@ -951,6 +1234,18 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         })
         .collect();
     let recovery = Recovery::measure(&marks, &pairs);
+    if let Some(tap) = tap {
+        let stored = tap.task.await.map_err(|e| format!("DLV tap: {e}"))?;
+        for (stall, f) in stalls.iter().zip(stuck.iter_mut()) {
+            stuck_rates(stall, &stored, &owed, &acked_at, f);
+        }
+    }
+    // The stall that hurt the others most (the lowest ratio) is the headline.
+    let worst = stuck.iter().min_by(|a, b| {
+        a.ratio()
+            .unwrap_or(f64::MAX)
+            .total_cmp(&b.ratio().unwrap_or(f64::MAX))
+    });
 
     let kinds_text: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
     println!(
@@ -1013,7 +1308,14 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
             "duplicates surfaced to the application".to_owned(),
             app_duplicates,
         ),
-        ("losses reported".to_owned(), losses_reported),
+        (
+            "losses reported (events and the daemon's ranges)".to_owned(),
+            losses_reported + losses_by_daemon,
+        ),
+        (
+            "  of which copies in the daemon's loss ranges".to_owned(),
+            losses_by_daemon,
+        ),
         ("losses unreported".to_owned(), losses_unreported),
         ("intervals forgotten by the records".to_owned(), forgotten),
     ]);
@@ -1021,8 +1323,30 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
         println!("| {name} | {value} |");
     }
     println!("heal phase took {:.1} s", heal_time.as_secs_f64());
+    for f in &stuck {
+        println!(
+            "stuck member {}: {:.1} s stalled; the others' DLV copies/s {:.1} before, {:.1} \
+             during (ratio {}; owed {:.1} and {:.1}/s); caught up {} ({} copies owed by the \
+             resume, {} reported lost, the last surfaced {} s after the resume; {} live copies \
+             shed by its full ledger; DLV consumer after the heal: {})",
+            f.member,
+            f.stall_s,
+            f.others_before,
+            f.others_during,
+            f.ratio()
+                .map_or_else(|| "-".to_owned(), |r| format!("{r:.2}")),
+            f.owed_before,
+            f.owed_during,
+            if f.caught_up { "yes" } else { "NO" },
+            f.owed_at_resume,
+            f.lost_reported,
+            secs(f.catch_up_s),
+            f.live_shed,
+            backlog_text(f.backlog_after_heal)
+        );
+    }
     println!(
-        "recovery: heal {} s (per server fault {:?}), takeover {} s (per daemon kill {:?}), longest stall {:.1} s",
+        "recovery: heal {} s (per server fault or partition {:?}), takeover {} s (per daemon kill {:?}), longest stall {:.1} s",
         secs(recovery.heal_s()),
         recovery.heals_s,
         secs(recovery.takeover_s()),
@@ -1050,7 +1374,8 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
                    "durable_outside_intervals": durable_outside,
                    "duplicates_suppressed": duplicates_suppressed,
                    "duplicates_surfaced": app_duplicates,
-                   "losses_reported": losses_reported,
+                   "losses_reported": losses_reported + losses_by_daemon,
+                   "losses_reported_by_daemon": losses_by_daemon,
                    "losses_unreported": losses_unreported,
                    "intervals_forgotten": forgotten,
                    "heal_s": recovery.heal_s(),
@@ -1058,6 +1383,8 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
                    "takeover_s": recovery.takeover_s(),
                    "takeovers_s": recovery.takeovers_s,
                    "stall_s": recovery.stall_s,
+                   "stuck_member": worst.map(StuckFigures::json),
+                   "stuck_members": stuck.iter().map(StuckFigures::json).collect::<Vec<_>>(),
                    "heal_phase_s": heal_time.as_secs_f64()})
         );
     }
@@ -1067,6 +1394,356 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// The network namespace a `partition` run starts its daemons in: `cotal-chaos-<pid>`, joined
+/// to the root namespace by a veth pair on a /30 of 198.18.0.0/15 (RFC 2544's benchmarking
+/// range) picked from the PID (the next free block when an address is in use), so two runs do
+/// not clash. A partition takes the root side of the pair down; lifting it brings it up. Drop
+/// deletes the pair and the namespace (also when the run fails); a run killed by a signal
+/// leaves them, and the next partition run removes every `cotal-chaos-<pid>` whose process is
+/// gone.
+struct Netns {
+    name: String,
+    /// The root side of the veth pair (`cch<pid>r`).
+    root_link: String,
+    /// Its address: where the daemons reach the server.
+    root_addr: std::net::Ipv4Addr,
+}
+
+impl Netns {
+    /// Creates the namespace and the pair, or says that partitions are unavailable here (no
+    /// `ip`, or the kernel refuses namespaces or veth pairs).
+    fn create() -> Result<Netns, String> {
+        let unavailable = |e: String| format!("partitions are unavailable here: {e}");
+        let pid = std::process::id();
+        let used = ip_output(&["-o", "-4", "addr", "show"]).map_err(unavailable)?;
+        let in_use = |a: std::net::Ipv4Addr| used.contains(&format!(" {a}/"));
+        let base = u32::from(std::net::Ipv4Addr::new(198, 18, 0, 0));
+        let blocks = 1u32 << 15;
+        let (root_addr, ns_addr) = (0..blocks)
+            .map(|k| (pid + k) % blocks)
+            .map(|b| {
+                (
+                    std::net::Ipv4Addr::from(base + 4 * b + 1),
+                    std::net::Ipv4Addr::from(base + 4 * b + 2),
+                )
+            })
+            .find(|(r, n)| !in_use(*r) && !in_use(*n))
+            .ok_or_else(|| unavailable("no free /30 in 198.18.0.0/15".into()))?;
+        let name = format!("cotal-chaos-{pid}");
+        let root_link = format!("cch{pid}r");
+        let ns_link = format!("cch{pid}n");
+        // What an earlier run with this PID left (killed before its cleanup), and the
+        // namespaces of runs whose process is gone (interrupted: no drop ran).
+        let _ = ip(&["link", "del", &root_link]);
+        let _ = ip(&["netns", "del", &name]);
+        Netns::remove_stale();
+        ip(&["netns", "add", &name]).map_err(unavailable)?;
+        // From here on, drop removes whatever exists.
+        let ns = Netns {
+            name,
+            root_link,
+            root_addr,
+        };
+        let (name, root) = (ns.name.as_str(), ns.root_link.as_str());
+        let steps: [&[&str]; 8] = [
+            &[
+                "link", "add", root, "type", "veth", "peer", "name", &ns_link,
+            ],
+            &["link", "set", &ns_link, "netns", name],
+            &["addr", "add", &format!("{root_addr}/30"), "dev", root],
+            &["link", "set", root, "up"],
+            &[
+                "-n",
+                name,
+                "addr",
+                "add",
+                &format!("{ns_addr}/30"),
+                "dev",
+                &ns_link,
+            ],
+            &["-n", name, "link", "set", &ns_link, "up"],
+            &["-n", name, "link", "set", "lo", "up"],
+            // `ip netns exec` must work too (it mounts a /sys of its own).
+            &["netns", "exec", name, "true"],
+        ];
+        for args in steps {
+            ip(args).map_err(unavailable)?;
+        }
+        Ok(ns)
+    }
+
+    /// Removes `cotal-chaos-<pid>` namespaces (and their pairs) whose run process is gone.
+    fn remove_stale() {
+        let Ok(list) = ip_output(&["netns", "list"]) else {
+            return;
+        };
+        for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+            let Some(pid) = name
+                .strip_prefix("cotal-chaos-")
+                .and_then(|p| p.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let _ = ip(&["link", "del", &format!("cch{pid}r")]);
+            let _ = ip(&["netns", "del", name]);
+        }
+    }
+
+    /// The partition: the root side of the pair down (the daemon's packets go nowhere).
+    fn cut(&self) -> Result<(), String> {
+        ip(&["link", "set", &self.root_link, "down"])
+    }
+
+    /// Lifts the partition.
+    fn restore(&self) -> Result<(), String> {
+        ip(&["link", "set", &self.root_link, "up"])
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Deleting one side of a veth pair deletes both.
+        let _ = ip(&["link", "del", &self.root_link]);
+        let _ = ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Runs `ip <args>`; its stderr is the error.
+fn ip(args: &[&str]) -> Result<(), String> {
+    ip_output(args).map(drop)
+}
+
+/// Runs `ip <args>` and returns its stdout.
+fn ip_output(args: &[&str]) -> Result<String, String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(format!(
+            "ip {}: {} ({})",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim(),
+            out.status
+        ))
+    }
+}
+
+/// One `stuck-member` stall: who, when (Unix ms), and how the member caught up.
+#[derive(Debug)]
+struct StallMark {
+    member: usize,
+    stalled_ms: u64,
+    resumed_ms: Option<u64>,
+    resumed_at: Option<Instant>,
+    /// The member's DLV consumer at the resume and after the heal.
+    backlog_at_resume: Option<DlvBacklog>,
+    backlog_after_heal: Option<DlvBacklog>,
+}
+
+/// A member's DLV consumer: copies not yet delivered, and delivered but not acked.
+#[derive(Clone, Copy, Debug)]
+struct DlvBacklog {
+    pending: u64,
+    ack_pending: usize,
+}
+
+/// Reads member `id`'s DLV consumer (`None` when the read fails).
+async fn dlv_backlog(
+    js: &async_nats::jetstream::Context,
+    space: &Space,
+    id: &AgentId,
+) -> Option<DlvBacklog> {
+    let spec = ConsumerSpec::dlv(space, id);
+    let stream = js.get_stream(&spec.stream).await.ok()?;
+    let mut consumer = stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&spec.name)
+        .await
+        .ok()?;
+    let info = consumer.info().await.ok()?;
+    Some(DlvBacklog {
+        pending: info.num_pending,
+        ack_pending: info.num_ack_pending,
+    })
+}
+
+fn backlog_text(b: Option<DlvBacklog>) -> String {
+    b.map_or_else(
+        || "not read".to_owned(),
+        |b| format!("{} unacked, {} undelivered", b.ack_pending, b.pending),
+    )
+}
+
+/// Every DLV copy stored during the run, as `(member index, store time in Unix ms)`, read as it
+/// is stored (an ordered push consumer from the run's start): what the `stuck-member` rates are
+/// counted from.
+struct DlvTap {
+    task: tokio::task::JoinHandle<Vec<(usize, u64)>>,
+}
+
+impl DlvTap {
+    async fn start(
+        js: &async_nats::jetstream::Context,
+        space: &Space,
+        ids: &[AgentId],
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<DlvTap, String> {
+        use async_nats::jetstream::consumer;
+        use futures::StreamExt;
+        let name = format!("DLV_{}", space.as_str());
+        let stream = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| format!("{name}: {e}"))?;
+        let prefix = format!("cotal.{}.dlv.", space.as_str());
+        let config = consumer::push::OrderedConfig {
+            deliver_subject: js.client().new_inbox(),
+            filter_subject: format!("{prefix}>"),
+            deliver_policy: consumer::DeliverPolicy::New,
+            ..Default::default()
+        };
+        let reader = stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| format!("{name} tap: {e}"))?;
+        let mut messages = reader
+            .messages()
+            .await
+            .map_err(|e| format!("{name} tap: {e}"))?;
+        let ids: Vec<String> = ids.iter().map(|i| i.as_str().to_owned()).collect();
+        let task = tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    next = messages.next() => match next {
+                        Some(Ok(m)) => {
+                            let owner = m.subject.as_str().strip_prefix(&prefix).unwrap_or_default();
+                            let stored_ms = m.info().map_or(0, |i| {
+                                u64::try_from(i.published.unix_timestamp_nanos() / 1_000_000)
+                                    .unwrap_or(0)
+                            });
+                            if let Some(slot) = ids.iter().position(|id| id == owner) {
+                                out.push((slot, stored_ms));
+                            }
+                        }
+                        // The ordered consumer recreates itself after an error.
+                        Some(Err(_)) => {}
+                        None => break,
+                    },
+                }
+            }
+            out
+        });
+        Ok(DlvTap { task })
+    }
+}
+
+/// The figures of one `stuck-member` stall (the `stuck_member` JSON object).
+#[derive(Debug, Default)]
+struct StuckFigures {
+    member: String,
+    stall_s: f64,
+    /// The window before the stall the rates are compared with (as long as the stall).
+    window_s: f64,
+    others: usize,
+    others_before: f64,
+    others_during: f64,
+    /// Copies owed to the others by the acks in each window (what the publisher and the churn
+    /// gave them to receive), per second.
+    owed_before: f64,
+    owed_during: f64,
+    /// From the resume to the first surfacing of the last copy owed to the member by then.
+    catch_up_s: Option<f64>,
+    /// Every copy owed to the member by the resume surfaced or reported lost.
+    caught_up: bool,
+    owed_at_resume: usize,
+    lost_reported: usize,
+    /// Live copies the member's full ledger shed over the run (their DLV copies follow).
+    live_shed: u64,
+    backlog_at_resume: Option<DlvBacklog>,
+    backlog_after_heal: Option<DlvBacklog>,
+}
+
+impl StuckFigures {
+    fn ratio(&self) -> Option<f64> {
+        (self.others_before > 0.0).then(|| self.others_during / self.others_before)
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
+        json!({"member": self.member, "stall_s": r3(self.stall_s),
+               "window_s": r3(self.window_s),
+               "rate_basis": "DLV copies stored for the other members",
+               "others": self.others,
+               "others_copies_per_s_before": r3(self.others_before),
+               "others_copies_per_s_during": r3(self.others_during),
+               "ratio": self.ratio().map(r3),
+               "others_owed_per_s_before": r3(self.owed_before),
+               "others_owed_per_s_during": r3(self.owed_during),
+               "catch_up_s": self.catch_up_s.map(r3),
+               "caught_up": self.caught_up,
+               "owed_at_resume": self.owed_at_resume,
+               "losses_reported": self.lost_reported,
+               "live_copies_shed": self.live_shed,
+               "dlv_unacked_at_resume": self.backlog_at_resume.map(|b| b.ack_pending),
+               "dlv_undelivered_at_resume": self.backlog_at_resume.map(|b| b.pending),
+               "dlv_unacked_after_heal": self.backlog_after_heal.map(|b| b.ack_pending),
+               "dlv_undelivered_after_heal": self.backlog_after_heal.map(|b| b.pending)})
+    }
+}
+
+/// The others' DLV rate during a stall against the window of equal length before it (from the
+/// tap's store times), and what the acks in each window owed them.
+fn stuck_rates(
+    stall: &StallMark,
+    tap: &[(usize, u64)],
+    owed: &[Owed],
+    acked_at: &BTreeMap<&str, u64>,
+    f: &mut StuckFigures,
+) {
+    let Some(resumed) = stall.resumed_ms else {
+        return;
+    };
+    let len = resumed.saturating_sub(stall.stalled_ms);
+    let before = (stall.stalled_ms.saturating_sub(len), stall.stalled_ms);
+    let during = (stall.stalled_ms, resumed);
+    let per_s = |n: usize| {
+        if len == 0 {
+            0.0
+        } else {
+            n as f64 * 1000.0 / len as f64
+        }
+    };
+    let stored_in = |(from, to): (u64, u64)| {
+        tap.iter()
+            .filter(|(m, at)| *m != stall.member && *at >= from && *at < to)
+            .count()
+    };
+    let owed_in = |(from, to): (u64, u64)| {
+        owed.iter()
+            .enumerate()
+            .filter(|(m, _)| *m != stall.member)
+            .flat_map(|(_, o)| &o.expected)
+            .filter_map(|(id, _)| acked_at.get(id.as_str()))
+            .filter(|at| **at >= from && **at < to)
+            .count()
+    };
+    f.stall_s = len as f64 / 1000.0;
+    f.window_s = f.stall_s;
+    f.others = owed.len().saturating_sub(1);
+    f.others_before = per_s(stored_in(before));
+    f.others_during = per_s(stored_in(during));
+    f.owed_before = per_s(owed_in(before));
+    f.owed_during = per_s(owed_in(during));
 }
 
 /// One injected fault's moments (Unix ms).
@@ -1088,7 +1765,7 @@ impl FaultMark {
     }
 
     fn restored(&mut self, at_ms: u64) {
-        if self.kind.of_the_server() && self.restored_ms.is_none() {
+        if self.kind.heals() && self.restored_ms.is_none() {
             self.restored_ms = Some(at_ms);
         }
     }
@@ -1657,6 +2334,7 @@ mod tests {
                         assert_eq!(open.take(), Some(*k), "seed {seed}");
                     }
                     Step::Leave(i) | Step::Rejoin(i) => assert!(*i < 4),
+                    Step::Stall(_) | Step::Resume(_) => panic!("no stuck-member asked for"),
                 }
             }
             assert_eq!(injected, 6, "seed {seed}");
@@ -1761,7 +2439,116 @@ mod tests {
     }
 
     #[test]
+    fn partitions_last_5_to_15_s_and_stalls_have_their_window_before_them_in_the_slot() {
+        for seed in 0..50u64 {
+            let seed = seed.to_string();
+            let steps = plan(&[
+                "--faults",
+                "partition,stuck-member",
+                "--duration",
+                "250",
+                "--fault-count",
+                "4",
+                "--members",
+                "4",
+                "--churn",
+                "0",
+                "--seed",
+                &seed,
+            ]);
+            // Slots of 60 s from 5 s on: a stall of min(60 s, (slot - 1 s) / 2) = 29.5 s.
+            let slot = 60_000;
+            let mut open: Option<(u64, Step)> = None;
+            let mut faults = 0;
+            for (at, step) in &steps {
+                match (step, open.take()) {
+                    (Step::Inject(Fault::Partition) | Step::Stall(_), None) => {
+                        open = Some((*at, *step));
+                        faults += 1;
+                    }
+                    (Step::Restore(Fault::Partition), Some((from, Step::Inject(_)))) => {
+                        let pause = at - from;
+                        assert!((5_000..=15_000).contains(&pause), "seed {seed}: {pause}");
+                    }
+                    (Step::Resume(m), Some((from, Step::Stall(n)))) => {
+                        assert_eq!(*m, n, "seed {seed}");
+                        // Late joiners (the last of four) are never stalled.
+                        assert!(n < 3, "seed {seed}: {n}");
+                        assert_eq!(at - from, stuck_stall_ms(slot), "seed {seed}");
+                        let k = (from - 5_000) / slot;
+                        assert!(
+                            from - stuck_stall_ms(slot) >= 5_000 + k * slot,
+                            "seed {seed}"
+                        );
+                        assert!(*at <= 5_000 + (k + 1) * slot, "seed {seed}");
+                    }
+                    (Step::Leave(_) | Step::Rejoin(_), o) => open = o,
+                    (s, o) => panic!("seed {seed}: {s:?} with {o:?} open"),
+                }
+            }
+            assert_eq!(faults, 4, "seed {seed}");
+            assert!(open.is_none(), "seed {seed}");
+        }
+        assert_eq!(stuck_stall_ms(200_000), STUCK_MAX_MS);
+        assert_eq!(stuck_stall_ms(21_000), 10_000);
+        assert_eq!(stuck_stall_ms(500), 0);
+    }
+
+    #[test]
+    fn stuck_rates_compare_the_others_dlv_copies_with_the_window_before() {
+        // A 10 s stall of member 0 at 20,000: the other member got 40 copies in the 10 s
+        // before and 30 during; the stalled member's own copies do not count.
+        let stall = StallMark {
+            member: 0,
+            stalled_ms: 20_000,
+            resumed_ms: Some(30_000),
+            resumed_at: None,
+            backlog_at_resume: None,
+            backlog_after_heal: None,
+        };
+        let mut tap: Vec<(usize, u64)> = (0..40).map(|i| (1, 10_000 + i * 250)).collect();
+        tap.extend((0..30).map(|i| (1, 20_000 + i * 300)));
+        tap.extend((0..99).map(|i| (0, 10_000 + i * 200)));
+        let acked: Vec<Published> = (0..5)
+            .map(|i| Published {
+                id: format!("a{i}"),
+                seq: i + 1,
+                acked_ms: 12_000 + i * 4_000,
+            })
+            .collect();
+        let acked_at: BTreeMap<&str, u64> =
+            acked.iter().map(|p| (p.id.as_str(), p.acked_ms)).collect();
+        let owe = |member: &str, ids: &[&str]| Owed {
+            member: AgentId::new(member).expect("id"),
+            intervals: Vec::new(),
+            forgotten: 0,
+            expected: ids.iter().map(|i| ((*i).to_owned(), 0)).collect(),
+        };
+        // a0 (12 s), a1 (16 s) before; a2 (20 s), a3 (24 s), a4 (28 s) during.
+        let owed = [
+            owe("m0", &["a0", "a1", "a2", "a3", "a4"]),
+            owe("m1", &["a0", "a1", "a2", "a3", "a4"]),
+        ];
+        let mut f = StuckFigures::default();
+        stuck_rates(&stall, &tap, &owed, &acked_at, &mut f);
+        assert_eq!((f.stall_s, f.window_s, f.others), (10.0, 10.0, 1));
+        assert_eq!((f.others_before, f.others_during), (4.0, 3.0));
+        assert_eq!(f.ratio(), Some(0.75));
+        assert_eq!((f.owed_before, f.owed_during), (0.2, 0.3));
+        // No copy before the stall: no ratio.
+        let mut f = StuckFigures::default();
+        stuck_rates(&stall, &[], &owed, &acked_at, &mut f);
+        assert_eq!(f.ratio(), None);
+    }
+
+    #[test]
     fn fault_lists_parse_and_refuse_unknown_names() {
+        assert_eq!(
+            Fault::parse("partition,stuck-member").expect("valid"),
+            [Fault::Partition, Fault::StuckMember]
+        );
+        assert!(Fault::Partition.heals() && !Fault::Partition.of_the_server());
+        assert!(!Fault::StuckMember.heals() && !Fault::DaemonKill.heals());
         assert_eq!(
             Fault::parse("server-kill, daemon-kill,server-kill").expect("valid"),
             [Fault::ServerKill, Fault::DaemonKill]

@@ -167,6 +167,9 @@ impl MemberReport {
             via_dlv: self.via_dlv,
             lost_log: self.lost_log,
             shed: self.shed,
+            // Only `cotal chaos` reads the daemon's loss ranges; the bench's children do not
+            // send them.
+            lost_ranges: Vec::new(),
         }
     }
 }

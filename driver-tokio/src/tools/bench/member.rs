@@ -173,6 +173,20 @@ pub(crate) struct MemberLog {
     pub(crate) lost_log: Vec<(String, String)>,
     /// Live copies a full ledger shed on the durable channel (their DLV copy follows).
     pub(crate) shed: u64,
+    /// The loss ranges the daemon recorded for this member and the agent reported
+    /// ([`AgentEvent::CopiesLost`]): `(channel, first CHAT seq, last CHAT seq)`, as reported
+    /// (a range that grew comes again, whole).
+    pub(crate) lost_ranges: Vec<(String, u64, u64)>,
+}
+
+impl MemberLog {
+    /// Whether the daemon reported the copy of CHAT sequence `seq` on `channel` lost (it lies
+    /// in one of the reported ranges).
+    pub(crate) fn range_lost(&self, channel: &str, seq: u64) -> bool {
+        self.lost_ranges
+            .iter()
+            .any(|(c, first, last)| c == channel && (*first..=*last).contains(&seq))
+    }
 }
 
 pub(crate) struct Member {
@@ -261,7 +275,25 @@ pub(crate) async fn start_member(
     config: AgentConfig,
     surfaced: Arc<AtomicUsize>,
     joined: Arc<AtomicUsize>,
+    stop: watch::Receiver<bool>,
+) -> Result<Member, String> {
+    start_member_pausable(cfg, config, surfaced, joined, stop, None).await
+}
+
+/// [`start_member`] whose application loop `pause` can stop (`cotal chaos --faults
+/// stuck-member`): while `pause` holds `true` the loop takes no message from the agent and
+/// calls no `handled`, so the agent acks none of its DLV copies (a durable copy is acked only
+/// after `handled`) and its DLV consumer stops delivering once `max_ack_pending` copies are
+/// unacked, as with an application that hangs. The agent machine itself keeps running
+/// (heartbeats, live copies into its ledger, joins and leaves); its other events are still
+/// read. When `pause` turns `false` the loop takes everything that became ready meanwhile.
+pub(crate) async fn start_member_pausable(
+    cfg: &ConnectConfig,
+    config: AgentConfig,
+    surfaced: Arc<AtomicUsize>,
+    joined: Arc<AtomicUsize>,
     mut stop: watch::Receiver<bool>,
+    pause: Option<watch::Receiver<bool>>,
 ) -> Result<Member, String> {
     let conn = connect_as(cfg, &config).await?;
     let machine = Agent::new(config).map_err(|e| format!("agent config: {e:?}"))?;
@@ -280,9 +312,28 @@ pub(crate) async fn start_member(
         // failed (no daemon answering yet) reports `durable: false`, and the reconcile that
         // establishes it later says so only with `BackstopEstablished`.
         let mut established = false;
+        let (mut pause, mut pausable) = match pause {
+            Some(p) => (p, true),
+            None => (watch::channel(false).1, false),
+        };
+        let mut paused = false;
+        // Messages became ready while paused: take them at the resume.
+        let mut ready = false;
         loop {
             tokio::select! {
                 _ = stop.changed() => break,
+                changed = pause.changed(), if pausable => {
+                    if changed.is_err() {
+                        pausable = false;
+                        paused = false;
+                    } else {
+                        paused = *pause.borrow_and_update();
+                    }
+                    if !paused && ready {
+                        ready = false;
+                        take_ready(&h, &mut log, &surfaced).await;
+                    }
+                }
                 event = events.recv() => {
                 if let Some(AgentEvent::Joined { channel, .. }) = &event
                     && let Ok(mut seen) = channels_seen.lock()
@@ -290,37 +341,10 @@ pub(crate) async fn start_member(
                     seen.insert(channel.as_str().to_owned());
                 }
                 match event {
-                    Some(AgentEvent::MessagesReady { .. }) => loop {
-                        let Ok(batch) = h.take_messages(1024).await else { break };
-                        if batch.is_empty() {
-                            break;
-                        }
-                        let now = Instant::now();
-                        let mut done = Vec::with_capacity(batch.len());
-                        for s in batch {
-                            let id = s.item.message.id.clone();
-                            match log.first.entry(id) {
-                                Entry::Occupied(o) => {
-                                    log.duplicates += 1;
-                                    *log.duplicate_ids.entry(o.key().clone()).or_default() += 1;
-                                }
-                                Entry::Vacant(v) => {
-                                    v.insert(now);
-                                    if s.origin == SourceKind::Durable {
-                                        log.via_dlv += 1;
-                                    }
-                                    surfaced.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                            done.push(s.id);
-                        }
-                        // One trip into the machine for the whole batch.
-                        let _ = h.cast(move |a, now| {
-                            for mid in &done {
-                                let _ = a.handled(now, mid);
-                            }
-                        });
-                    },
+                    Some(AgentEvent::MessagesReady { .. }) if paused => ready = true,
+                    Some(AgentEvent::MessagesReady { .. }) => {
+                        take_ready(&h, &mut log, &surfaced).await;
+                    }
                     Some(AgentEvent::Joined { report, .. }) if report.durable && !established => {
                         established = true;
                         joined.fetch_add(1, Ordering::Relaxed);
@@ -330,6 +354,11 @@ pub(crate) async fn start_member(
                         joined.fetch_add(1, Ordering::Relaxed);
                     }
                     Some(AgentEvent::LiveCopyShed { .. }) => log.shed += 1,
+                    Some(AgentEvent::CopiesLost { ranges, .. }) => {
+                        log.lost_ranges.extend(
+                            ranges.into_iter().map(|r| (r.channel, r.first, r.last)),
+                        );
+                    }
                     Some(AgentEvent::Lost { id, reason }) => {
                         log.lost_events += 1;
                         log.lost_ids.insert(id.clone());
@@ -350,4 +379,42 @@ pub(crate) async fn start_member(
         agent,
         joined_channels,
     })
+}
+
+/// Takes every message the agent has ready, logs its first surfacings and duplicates, and marks
+/// each one handled (one trip into the machine per batch).
+async fn take_ready(h: &MachineHandle<Agent>, log: &mut MemberLog, surfaced: &AtomicUsize) {
+    loop {
+        let Ok(batch) = h.take_messages(1024).await else {
+            break;
+        };
+        if batch.is_empty() {
+            break;
+        }
+        let now = Instant::now();
+        let mut done = Vec::with_capacity(batch.len());
+        for s in batch {
+            let id = s.item.message.id.clone();
+            match log.first.entry(id) {
+                Entry::Occupied(o) => {
+                    log.duplicates += 1;
+                    *log.duplicate_ids.entry(o.key().clone()).or_default() += 1;
+                }
+                Entry::Vacant(v) => {
+                    v.insert(now);
+                    if s.origin == SourceKind::Durable {
+                        log.via_dlv += 1;
+                    }
+                    surfaced.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            done.push(s.id);
+        }
+        // One trip into the machine for the whole batch.
+        let _ = h.cast(move |a, now| {
+            for mid in &done {
+                let _ = a.handled(now, mid);
+            }
+        });
+    }
 }
