@@ -356,3 +356,24 @@ fn a_shutdown_during_the_ttl_read_acquires_nothing() {
         w.log
     );
 }
+
+/// A page holding messages outside the range asked for (a driver that ignored the bound) is
+/// cut to the range: only what the consumer may have stranded is fanned out.
+#[test]
+fn a_page_is_cut_to_the_range_asked_for() {
+    let mut w = bound_with(4, 2, 2);
+    let page: Vec<StoredMessage> = w.b.chat.clone();
+    w.rule(
+        is_read_back,
+        Effect::Answer(Outcome::Success(Reply::Stored(page))),
+        1,
+    );
+    w.boot();
+    assert_eq!(
+        (1..=5).map(|s| copies_of(&w, s)).collect::<Vec<_>>(),
+        vec![0, 0, 1, 1, 0],
+        "{}",
+        w.log
+    );
+    assert_eq!(w.d.counters().stranded_read_back, 2);
+}
