@@ -107,6 +107,12 @@ pub struct ExecutorConfig {
     pub api_timeout: Duration,
     /// `expires` of each pull request of a durable consumer.
     pub pull_expires: Duration,
+    /// The idle heartbeat each pull request asks the server for (zero: none, below half of
+    /// `pull_expires`). Two missed in a row end the feed (`ConsumerEnded`): the pull request is
+    /// gone with a consumer leader that moved (a cluster node killed), which would otherwise
+    /// hold the feed silent until `pull_expires`. The machine reopens the feed, and the daemon
+    /// reads back what the lost pull had taken (`cotal_core::delivery::stranded`).
+    pub pull_heartbeat: Duration,
     /// How long a JetStream publish waits for its PubAck before its outcome is `Unknown`. Keep it
     /// below the `ack_wait` of any consumer whose delivery a publish settles (fan-out's 60 s),
     /// so an unknown write is naked, not redelivered behind our back.
@@ -124,6 +130,7 @@ impl Default for ExecutorConfig {
             refusal_sentinel: None,
             api_timeout: Duration::from_secs(5),
             pull_expires: Duration::from_secs(30),
+            pull_heartbeat: Duration::from_secs(5),
             publish_ack_timeout: Duration::from_secs(20),
             publish_window: 1024,
         }
@@ -1072,6 +1079,7 @@ impl Actor {
                     flow: flow.clone(),
                     api_timeout: self.config.api_timeout,
                     pull_expires: self.config.pull_expires,
+                    pull_heartbeat: self.config.pull_heartbeat,
                 };
                 let pubs = vec![job.spec.create_request().subject, job.spec.info_subject()];
                 self.spawn_feed(op, sub, FeedKind::Consumer, flow, pubs, move |sink| {
@@ -1759,6 +1767,7 @@ struct ConsumeJob {
     flow: Option<Arc<Semaphore>>,
     api_timeout: Duration,
     pull_expires: Duration,
+    pull_heartbeat: Duration,
 }
 
 async fn consume(job: ConsumeJob, sink: FeedSink) {
@@ -1829,12 +1838,14 @@ async fn consume(job: ConsumeJob, sink: FeedSink) {
             None => job.window,
         };
         let started = tokio::time::Instant::now();
-        let batch = consumer
+        let mut pull = consumer
             .batch()
             .max_messages(asked)
-            .expires(job.pull_expires)
-            .messages()
-            .await;
+            .expires(job.pull_expires);
+        if !job.pull_heartbeat.is_zero() && job.pull_heartbeat < job.pull_expires / 2 {
+            pull = pull.heartbeat(job.pull_heartbeat);
+        }
+        let batch = pull.messages().await;
         let mut got = 0;
         let mut ended: Option<String> = None;
         match batch {
