@@ -425,6 +425,8 @@ pub struct ConsumerState {
     pub num_pending: u64,
     /// Delivered and not yet acked (`num_ack_pending`).
     pub num_ack_pending: u64,
+    /// Its ack floor (`ack_floor.stream_seq`): every sequence at or below it is settled.
+    pub ack_floor_stream_seq: u64,
 }
 
 impl ConsumerState {

@@ -784,6 +784,7 @@ impl Net {
                             delivered_stream_seq: i.delivered_stream_seq,
                             num_pending: i.num_pending,
                             num_ack_pending: i.num_ack_pending,
+                            ack_floor_stream_seq: i.ack_floor,
                         })
                     }))
                 } else {

@@ -1591,6 +1591,10 @@ async fn consumer_info(client: Client, subject: String, timeout: Duration) -> Ou
                 delivered_stream_seq,
                 num_pending: n("num_pending"),
                 num_ack_pending: n("num_ack_pending"),
+                ack_floor_stream_seq: v["ack_floor"]
+                    .get("stream_seq")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0),
             }))
         }
         Err(e) => e.into_failure(false),

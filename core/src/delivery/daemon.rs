@@ -158,7 +158,7 @@ use gaps::Gaps;
 use jobs::{Env, Jobs};
 use notices::Notifier;
 use reader::{Reader, ReaderStep};
-use stranded::Stranded;
+use stranded::{STRAND_CHECK_INTERVAL, Stranded};
 use types::*;
 use views::Views;
 
@@ -223,12 +223,15 @@ impl Delivery {
         let lease = Lease::new(config.shard, config.daemon_id.clone(), lease_config);
         let sweeper = DlvSweeper::new(&config.space, config.shard);
         let gaps = Gaps::new(config.space.clone(), config.catchup_page);
+        let fanout_spec =
+            ConsumerSpec::fanout(&config.space, config.shard.index(), config.shard.shards());
         let stranded = Stranded::new(
             Feed::Fanout,
             SpaceStream::Chat.name(&config.space),
             chat_wildcard(&config.space),
             config.catchup_page,
-        );
+        )
+        .checking(fanout_spec.stream, fanout_spec.name);
         let reader_spec =
             ConsumerSpec::reader(&config.space, config.shard.index(), config.shard.shards());
         let stranded_inbox = Stranded::new(
@@ -586,6 +589,17 @@ impl Delivery {
             let messages = self.stranded.on_completion(&mut self.cx, c.op, c.outcome);
             return self.fan_out_read_back(now, messages);
         }
+        if self.stranded.owns_check(c.op) {
+            let fanout = &self.fanout;
+            if self
+                .stranded
+                .on_check(c.op, c.outcome, &|seq| fanout.holds(seq))
+            {
+                let live = self.connected && !self.stopped;
+                self.stranded.next(&mut self.cx, live);
+            }
+            return;
+        }
         if self.stranded_inbox.owns(c.op) {
             let entries = self
                 .stranded_inbox
@@ -596,6 +610,12 @@ impl Delivery {
             let report = self.gaps.on_completion(&mut self.cx, now, c.op, c.outcome);
             for range in report.lost {
                 self.tell_evicted(range);
+            }
+            // What the skipped range still holds went to a feed that is gone: fanned out now,
+            // not after the consumer's ack_wait (`delivery::stranded`).
+            if !self.stopped {
+                self.cx.counters.stranded_read_back += report.present.len() as u64;
+                self.fan_out_stranded(now, report.present);
             }
             if report.next {
                 self.next_gap_check();
@@ -758,6 +778,11 @@ impl Delivery {
         let Opened::Open { feed, bound } = opened else {
             return;
         };
+        if feed == Feed::Fanout {
+            self.cx
+                .timers
+                .set(Timer::StrandCheck, now.at + STRAND_CHECK_INTERVAL);
+        }
         if let Some(at) = bound {
             let range = stranded_range(at.delivered, at.ack_floor, at.ack_pending);
             let live = self.connected && !self.stopped;
@@ -843,13 +868,19 @@ impl Delivery {
         if self.stopped {
             return;
         }
+        self.fan_out_stranded(now, messages);
+        let live = self.connected && !self.stopped;
+        self.stranded.next(&mut self.cx, live);
+    }
+
+    /// Fans out CHAT messages the consumer offered to a feed that is gone (read back, or found
+    /// by a gap check), except those fan-out holds now.
+    fn fan_out_stranded(&mut self, now: Now, messages: Vec<StoredMessage>) {
         for m in messages {
             if !self.fanout.holds(m.seq) {
                 self.fan_out(now, Offer::ReadBack, m.seq, 2, &m.subject, &m.payload);
             }
         }
-        let live = self.connected && !self.stopped;
-        self.stranded.next(&mut self.cx, live);
     }
 
     /// Hands the dinbox entries a read brought back to the reader (unless the daemon stopped
@@ -964,6 +995,14 @@ impl Delivery {
             Timer::OrphanScan => self.scan_orphans(now),
             Timer::HeadroomCheck => self.check_headroom(now),
             Timer::Reacquire => self.on_reacquire_timer(now),
+            Timer::StrandCheck => {
+                if self.connected && !self.stopped && self.feeds.is_open(Feed::Fanout) {
+                    self.stranded.check(&mut self.cx);
+                    self.cx
+                        .timers
+                        .set(Timer::StrandCheck, now.at + STRAND_CHECK_INTERVAL);
+                }
+            }
             Timer::LeaseTtlRead => {
                 if self.connected && !self.stopped && self.lease.state() == LeaseState::Idle {
                     self.acquire_lease(now);

@@ -13,9 +13,11 @@
 //!
 //! [`SequenceCursor`] is the one place that notices: it remembers the lowest sequence fan-out has
 //! not been offered yet, and a delivery above it reveals the range in between as *skipped*. A skip
-//! is not yet a loss: a pull of an earlier feed session may have taken those messages, and they
-//! come back as redeliveries. So the daemon reads the skipped range from CHAT, and every sequence
-//! CHAT no longer holds is a loss ([`missing`]), reported as
+//! is not yet a loss: a pull of an earlier feed session (or of a consumer leader that moved) may
+//! have taken those messages, and they come back as redeliveries after the consumer's
+//! `ack_wait`. So the daemon reads the skipped range from CHAT; what CHAT still holds is fanned
+//! out at once, as a read-back ([`super::stranded`]), and every sequence CHAT no longer holds is
+//! a loss ([`missing`]), reported as
 //! [`DeliveryEvent::EvictedBeforeFanout`](super::daemon::DeliveryEvent::EvictedBeforeFanout) and
 //! counted. A check that cannot be made is reported as possibly lost, never dropped.
 //!

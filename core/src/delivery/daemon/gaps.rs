@@ -43,6 +43,9 @@ pub(super) struct GapReport {
     pub(super) lost: Vec<SeqRange>,
     /// Start the next check ([`Gaps::next`]) once they are told.
     pub(super) next: bool,
+    /// The messages of the range CHAT still holds: offered to a feed that is gone, never seen
+    /// here; the parent fans them out ([`crate::delivery::stranded`]).
+    pub(super) present: Vec<crate::io::StoredMessage>,
 }
 
 impl Gaps {
@@ -133,6 +136,10 @@ impl Gaps {
                 if let Some(rest) = SeqRange::new(judged.last + 1, range.last) {
                     self.queue.push_front((rest, 0));
                 }
+                report.present = messages
+                    .into_iter()
+                    .filter(|m| m.seq >= judged.first && m.seq <= judged.last)
+                    .collect();
             }
             other => {
                 let detail = match other {

@@ -10,12 +10,25 @@
 //! parent. It sets no timer: a read that fails ends the read-back (reported, counted), and the
 //! consumer's redelivery serves what it would have read. A new bind replaces the range; a
 //! connection loss forgets it (the bind that follows the reconnect sets the next one).
+//!
+//! **Without a bind.** A consumer whose leader moved to another cluster node (the old one
+//! killed) loses what the old leader had sent and nobody received, while this daemon's
+//! connection and feed live on: no bind follows. So the fan-out's `Stranded` also looks at its
+//! consumer every [`STRAND_CHECK_INTERVAL`] while the feed is open ([`Stranded::check`]): an ack
+//! floor that did not move between two looks, with deliveries pending and the sequence above it
+//! not in fan-out's hands, is stranded there; the range above it is read back, once per floor
+//! (a floor held by a message fan-out holds, or by a traffic too slow to move it, is not).
 
 use super::context::Ctx;
 use super::events::{DeliveryEvent, Feed};
 use crate::delivery::gap::SeqRange;
+use crate::delivery::stranded::stranded_range;
 use crate::io::{Command, ReadStart, Reply, StoredMessage};
 use crate::op::{OpId, Outcome};
+use crate::time::Duration;
+
+/// How often the fan-out consumer is looked at for deliveries stranded without a bind.
+pub(super) const STRAND_CHECK_INTERVAL: Duration = Duration::from_millis(5_000);
 
 /// The read-back child of [`super::Delivery`].
 #[derive(Debug)]
@@ -31,6 +44,14 @@ pub(super) struct Stranded {
     range: Option<SeqRange>,
     /// The read in flight: its op and the range it reads.
     in_flight: Option<(OpId, SeqRange)>,
+    /// The consumer looked at by [`Stranded::check`]: its stream and name (`None`: never).
+    consumer: Option<(String, String)>,
+    /// The look in flight.
+    check_in_flight: Option<OpId>,
+    /// The ack floor the last look found.
+    last_floor: Option<u64>,
+    /// The floor a look already read back above (once per floor).
+    read_back_floor: Option<u64>,
 }
 
 impl Stranded {
@@ -42,7 +63,73 @@ impl Stranded {
             page: page.max(1),
             range: None,
             in_flight: None,
+            consumer: None,
+            check_in_flight: None,
+            last_floor: None,
+            read_back_floor: None,
         }
+    }
+
+    /// Also looks at `consumer` (stream, name) every [`STRAND_CHECK_INTERVAL`].
+    pub(super) fn checking(mut self, stream: String, name: String) -> Self {
+        self.consumer = Some((stream, name));
+        self
+    }
+
+    /// Looks at the consumer (`CONSUMER.INFO`), unless one look is in flight or this child
+    /// does not look. The answer goes to [`Stranded::on_check`].
+    pub(super) fn check(&mut self, cx: &mut Ctx) {
+        let Some((stream, consumer)) = &self.consumer else {
+            return;
+        };
+        if self.check_in_flight.is_some() {
+            return;
+        }
+        let op = cx.op();
+        self.check_in_flight = Some(op);
+        cx.push(Command::ConsumerInfo {
+            op,
+            stream: stream.clone(),
+            consumer: consumer.clone(),
+        });
+    }
+
+    /// Whether `op` is this child's look.
+    pub(super) fn owns_check(&self, op: OpId) -> bool {
+        self.check_in_flight == Some(op)
+    }
+
+    /// A look came back: when the floor stood still since the last look with deliveries pending,
+    /// the sequence above it not in fan-out's hands (`held`) and nothing read back above it yet,
+    /// the range above it is to be read: true, and the parent calls [`Stranded::next`]. A
+    /// failed look changes nothing (the next one comes).
+    pub(super) fn on_check(
+        &mut self,
+        op: OpId,
+        outcome: Outcome<Reply>,
+        held: &dyn Fn(u64) -> bool,
+    ) -> bool {
+        if self.check_in_flight.take_if(|o| *o == op).is_none() {
+            return false;
+        }
+        let Outcome::Success(Reply::ConsumerState(state)) = outcome else {
+            return false;
+        };
+        let floor = state.ack_floor_stream_seq;
+        let stood_still = self.last_floor.replace(floor) == Some(floor);
+        if stood_still
+            && self.read_back_floor != Some(floor)
+            && self.range.is_none()
+            && self.in_flight.is_none()
+            && !held(floor.saturating_add(1))
+            && let Some(range) =
+                stranded_range(state.delivered_stream_seq, floor, state.num_ack_pending)
+        {
+            self.read_back_floor = Some(floor);
+            self.range = Some(range);
+            return true;
+        }
+        false
     }
 
     /// The fan-out consumer was bound with `range` possibly stranded
@@ -123,9 +210,11 @@ impl Stranded {
         }
     }
 
-    /// The connection is gone: the range and the read in flight are forgotten.
+    /// The connection is gone: the range, the read and the look in flight are forgotten.
     pub(super) fn connection_lost(&mut self) {
         self.range = None;
         self.in_flight = None;
+        self.check_in_flight = None;
+        self.last_floor = None;
     }
 }

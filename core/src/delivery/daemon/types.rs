@@ -65,6 +65,8 @@ pub(super) enum Timer {
     Reacquire,
     /// Read the lease bucket's TTL again (the last read failed, or the TTL was unusable).
     LeaseTtlRead,
+    /// Look at the fan-out consumer for deliveries stranded without a bind.
+    StrandCheck,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

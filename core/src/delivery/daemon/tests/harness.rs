@@ -93,6 +93,9 @@ pub struct Broker {
     /// The reader consumer's pointer, ack floor and unsettled count reported at bind (`None`:
     /// answer `Done`, as a driver that cannot tell).
     pub reader_bound: Option<(u64, u64, u64)>,
+    /// What a `CONSUMER.INFO` of the fan-out consumer reports (`None`: everything up to the
+    /// CHAT frontier delivered and acked).
+    pub fanout_state: Option<ConsumerState>,
     /// The lease bucket's TTL a `STREAM.INFO` reports, in ms (`None`: the reference's 30 s).
     pub lease_bucket_ttl_ms: Option<u64>,
     /// The reader consumer's unread total a `CONSUMER.INFO` reports; `None`: INBOX entries
@@ -278,6 +281,15 @@ impl Broker {
                     _ => done(*op, Reply::Done),
                 }
             }
+            Command::ConsumerInfo { op, consumer, .. } if consumer.starts_with("fanout") => done(
+                *op,
+                Reply::ConsumerState(self.fanout_state.unwrap_or(ConsumerState {
+                    delivered_stream_seq: self.chat_last,
+                    num_pending: 0,
+                    num_ack_pending: 0,
+                    ack_floor_stream_seq: self.chat_last,
+                })),
+            ),
             Command::ConsumerInfo { op, consumer, .. } => {
                 let unread = match consumer.strip_prefix("dlv_") {
                     Some(owner) => {
@@ -296,6 +308,7 @@ impl Broker {
                         delivered_stream_seq: 0,
                         num_pending: unread,
                         num_ack_pending: 0,
+                        ack_floor_stream_seq: 0,
                     }),
                 )
             }

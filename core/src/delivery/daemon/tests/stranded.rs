@@ -377,3 +377,110 @@ fn a_page_is_cut_to_the_range_asked_for() {
     );
     assert_eq!(w.d.counters().stranded_read_back, 2);
 }
+
+fn fanout_state(delivered: u64, floor: u64, pending: u64) -> crate::io::ConsumerState {
+    crate::io::ConsumerState {
+        delivered_stream_seq: delivered,
+        num_pending: 0,
+        num_ack_pending: pending,
+        ack_floor_stream_seq: floor,
+    }
+}
+
+/// Stranded without a bind (issue 19: a consumer leader killed on a cluster while this daemon's
+/// connection lives), found by the sequence cursor: the next delivery skips what the lost pull
+/// had taken; the gap check that reads the skipped range fans out what CHAT still holds at once.
+#[test]
+fn a_skipped_delivery_chat_still_holds_is_fanned_out_by_the_gap_check() {
+    let mut w = served();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    w.acl("alice", &["review"]);
+    let s1 = w.post("bob", "review", &[]);
+    w.fanout(s1, 1);
+    let s2 = w.post("bob", "review", &[]);
+    let s3 = w.post("bob", "review", &[]);
+    w.fanout(s3, 1);
+    assert!(
+        w.log
+            .contains(&format!("read cotal.main.chat.> from={s2} to={s2}")),
+        "{}",
+        w.log
+    );
+    assert_eq!(copies_of(&w, s2), 1, "{}", w.log);
+    assert_eq!(w.d.counters().stranded_read_back, 1);
+    // Its redelivery, after the ack_wait, collapses and is acked.
+    let d = w.fanout(s2, 2);
+    assert_eq!(w.settled(d), vec![AckKind::Ack], "{}", w.log);
+    assert_eq!(copies_of(&w, s2), 1);
+}
+
+/// The same with no later delivery to reveal the skip: the fan-out consumer's ack floor stands
+/// still between two looks with a delivery pending that fan-out never saw, so the range above it
+/// is read back, once per floor.
+#[test]
+fn a_floor_that_stands_still_over_a_stranded_delivery_is_read_back_once() {
+    let mut w = served();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    w.acl("alice", &["review"]);
+    let s1 = w.post("bob", "review", &[]);
+    w.fanout(s1, 1);
+    let s2 = w.post("bob", "review", &[]);
+    w.b.fanout_state = Some(fanout_state(s2, s1, 1));
+    for _ in 0..11 {
+        w.advance(1_000);
+    }
+    assert!(
+        w.log
+            .contains(&format!("read cotal.main.chat.> from={s2} to={s2}")),
+        "{}",
+        w.log
+    );
+    assert_eq!(copies_of(&w, s2), 1, "{}", w.log);
+    // The floor still stands (the redelivery comes after ack_wait): not read again.
+    for _ in 0..20 {
+        w.advance(1_000);
+    }
+    assert_eq!(
+        w.log.matches("read cotal.main.chat.>").count(),
+        1,
+        "{}",
+        w.log
+    );
+}
+
+#[test]
+fn a_moving_floor_or_a_held_delivery_is_not_read_back() {
+    // The floor moves between looks: traffic, not a stranding.
+    let mut w = served();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    w.acl("alice", &["review"]);
+    for _ in 0..4 {
+        w.post("bob", "review", &[]);
+    }
+    for floor in 0..4 {
+        w.b.fanout_state = Some(fanout_state(4, floor, 1));
+        for _ in 0..5 {
+            w.advance(1_000);
+        }
+    }
+    assert!(!w.log.contains("read cotal.main.chat.>"), "{}", w.log);
+    // The floor stands still over a delivery fan-out holds (its copy's write in flight).
+    let mut w = served();
+    plant_member(&mut w, &record("review", "alice", 0, 1), None);
+    w.acl("alice", &["review"]);
+    let s1 = w.post("bob", "review", &[]);
+    w.fanout(s1, 1);
+    let s2 = w.post("bob", "review", &[]);
+    w.rule(
+        |c| matches!(c, Command::JsPublish { subject, .. } if subject.contains(".dlv.")),
+        Effect::Hold,
+        1,
+    );
+    w.fanout(s2, 1);
+    assert_eq!(w.held.len(), 1, "{}", w.log);
+    w.b.fanout_state = Some(fanout_state(s2, s1, 1));
+    for _ in 0..12 {
+        w.advance(1_000);
+    }
+    assert!(!w.log.contains("read cotal.main.chat.>"), "{}", w.log);
+}
