@@ -9,41 +9,55 @@ use common::{Cli, NatsServer, Proc};
 use std::process::Command;
 use std::time::Duration;
 
+/// `cotal chaos --spawn-server <args> --json`, or `None` (said on stdout) without a server
+/// binary.
+fn chaos(args: &[&str]) -> Option<std::process::Output> {
+    if std::env::var_os("COTAL_NATS_SERVER").is_none() {
+        println!("skipping: COTAL_NATS_SERVER is not set (scripts/test.sh sets it)");
+        return None;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_cotal"))
+        .args(["chaos", "--spawn-server"])
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run cotal chaos");
+    Some(out)
+}
+
+/// The JSON object on the last line of a run that exited 0, and the run's text.
+fn verdict(out: &std::process::Output) -> (serde_json::Value, String) {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    let last = text.lines().last().expect("a last line");
+    let v: serde_json::Value = serde_json::from_str(last).expect("JSON last line");
+    (v, text)
+}
+
 /// Ten seconds of traffic, one daemon kill: every expected durable copy lands in DLV or is
 /// reported lost (losses unreported = 0), nothing is surfaced twice, and the last line is the
 /// JSON object with the fields.
 #[test]
 fn chaos_smoke_daemon_sigkill_leaves_no_unreported_loss() {
-    if std::env::var_os("COTAL_NATS_SERVER").is_none() {
-        println!("skipping: COTAL_NATS_SERVER is not set (scripts/test.sh sets it)");
+    let Some(out) = chaos(&[
+        "--seed",
+        "3",
+        "--duration",
+        "10",
+        "--members",
+        "2",
+        "--rate",
+        "10",
+        "--faults",
+        "daemon-kill",
+        "--churn",
+        "0",
+        "--heal-s",
+        "90",
+    ]) else {
         return;
-    }
-    let out = Command::new(env!("CARGO_BIN_EXE_cotal"))
-        .args([
-            "chaos",
-            "--spawn-server",
-            "--seed",
-            "3",
-            "--duration",
-            "10",
-            "--members",
-            "2",
-            "--rate",
-            "10",
-            "--faults",
-            "daemon-kill",
-            "--churn",
-            "0",
-            "--heal-s",
-            "90",
-            "--json",
-        ])
-        .output()
-        .expect("run cotal chaos");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{text}");
-    let last = text.lines().last().expect("a last line");
-    let v: serde_json::Value = serde_json::from_str(last).expect("JSON last line");
+    };
+    let (v, text) = verdict(&out);
     assert_eq!(v["faults_injected"], 1, "{text}");
     assert_eq!(v["losses_unreported"], 0, "{text}");
     assert_eq!(v["duplicates_surfaced"], 0, "{text}");
@@ -67,39 +81,28 @@ fn chaos_smoke_daemon_sigkill_leaves_no_unreported_loss() {
 /// 30 s; the daemon read the TTL from the lease bucket the run provisioned.
 #[test]
 fn chaos_smoke_a_standby_takes_over_within_the_lease_ttl() {
-    if std::env::var_os("COTAL_NATS_SERVER").is_none() {
-        println!("skipping: COTAL_NATS_SERVER is not set (scripts/test.sh sets it)");
+    let Some(out) = chaos(&[
+        "--seed",
+        "3",
+        "--duration",
+        "12",
+        "--members",
+        "2",
+        "--rate",
+        "10",
+        "--faults",
+        "daemon-kill",
+        "--churn",
+        "0",
+        "--standby",
+        "--lease-ttl",
+        "4",
+        "--heal-s",
+        "60",
+    ]) else {
         return;
-    }
-    let out = Command::new(env!("CARGO_BIN_EXE_cotal"))
-        .args([
-            "chaos",
-            "--spawn-server",
-            "--seed",
-            "3",
-            "--duration",
-            "12",
-            "--members",
-            "2",
-            "--rate",
-            "10",
-            "--faults",
-            "daemon-kill",
-            "--churn",
-            "0",
-            "--standby",
-            "--lease-ttl",
-            "4",
-            "--heal-s",
-            "60",
-            "--json",
-        ])
-        .output()
-        .expect("run cotal chaos");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{text}");
-    let last = text.lines().last().expect("a last line");
-    let v: serde_json::Value = serde_json::from_str(last).expect("JSON last line");
+    };
+    let (v, text) = verdict(&out);
     assert_eq!(
         (v["standby"].as_bool(), v["lease_ttl_s"].as_u64()),
         (Some(true), Some(4))
@@ -127,38 +130,27 @@ fn chaos_smoke_a_standby_takes_over_within_the_lease_ttl() {
 /// surfaced or reported lost, and nothing is surfaced twice.
 #[test]
 fn chaos_smoke_server_restarts_leave_no_unreported_loss() {
-    if std::env::var_os("COTAL_NATS_SERVER").is_none() {
-        println!("skipping: COTAL_NATS_SERVER is not set (scripts/test.sh sets it)");
+    let Some(out) = chaos(&[
+        "--seed",
+        "4",
+        "--duration",
+        "15",
+        "--members",
+        "2",
+        "--rate",
+        "10",
+        "--faults",
+        "server-stop,server-kill",
+        "--fault-count",
+        "2",
+        "--churn",
+        "1",
+        "--heal-s",
+        "15",
+    ]) else {
         return;
-    }
-    let out = Command::new(env!("CARGO_BIN_EXE_cotal"))
-        .args([
-            "chaos",
-            "--spawn-server",
-            "--seed",
-            "4",
-            "--duration",
-            "15",
-            "--members",
-            "2",
-            "--rate",
-            "10",
-            "--faults",
-            "server-stop,server-kill",
-            "--fault-count",
-            "2",
-            "--churn",
-            "1",
-            "--heal-s",
-            "15",
-            "--json",
-        ])
-        .output()
-        .expect("run cotal chaos");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{text}");
-    let last = text.lines().last().expect("a last line");
-    let v: serde_json::Value = serde_json::from_str(last).expect("JSON last line");
+    };
+    let (v, text) = verdict(&out);
     assert_eq!(v["faults_injected"], 2, "{text}");
     assert_eq!(v["losses_unreported"], 0, "{text}");
     assert_eq!(v["duplicates_surfaced"], 0, "{text}");
@@ -187,34 +179,26 @@ fn chaos_smoke_server_restarts_leave_no_unreported_loss() {
 /// veth pairs are refused (not root, no `ip`).
 #[test]
 fn chaos_smoke_partition_leaves_no_unreported_loss() {
-    if std::env::var_os("COTAL_NATS_SERVER").is_none() {
-        println!("skipping: COTAL_NATS_SERVER is not set (scripts/test.sh sets it)");
+    let Some(out) = chaos(&[
+        "--seed",
+        "3",
+        "--duration",
+        "25",
+        "--members",
+        "2",
+        "--rate",
+        "10",
+        "--faults",
+        "partition",
+        "--fault-count",
+        "1",
+        "--churn",
+        "0",
+        "--heal-s",
+        "40",
+    ]) else {
         return;
-    }
-    let out = Command::new(env!("CARGO_BIN_EXE_cotal"))
-        .args([
-            "chaos",
-            "--spawn-server",
-            "--seed",
-            "3",
-            "--duration",
-            "25",
-            "--members",
-            "2",
-            "--rate",
-            "10",
-            "--faults",
-            "partition",
-            "--fault-count",
-            "1",
-            "--churn",
-            "0",
-            "--heal-s",
-            "40",
-            "--json",
-        ])
-        .output()
-        .expect("run cotal chaos");
+    };
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let err = String::from_utf8_lossy(&out.stderr);
     // The run's one error line (on stdout) says why namespaces are refused here.
@@ -251,38 +235,27 @@ fn chaos_smoke_partition_leaves_no_unreported_loss() {
 /// DLV rate during the stall is compared with the window before it.
 #[test]
 fn chaos_smoke_stuck_member_catches_up_and_the_others_keep_receiving() {
-    if std::env::var_os("COTAL_NATS_SERVER").is_none() {
-        println!("skipping: COTAL_NATS_SERVER is not set (scripts/test.sh sets it)");
+    let Some(out) = chaos(&[
+        "--seed",
+        "3",
+        "--duration",
+        "30",
+        "--members",
+        "3",
+        "--faults",
+        "stuck-member",
+        "--fault-count",
+        "1",
+        "--churn",
+        "0",
+        "--late-joiners",
+        "0",
+        "--heal-s",
+        "40",
+    ]) else {
         return;
-    }
-    let out = Command::new(env!("CARGO_BIN_EXE_cotal"))
-        .args([
-            "chaos",
-            "--spawn-server",
-            "--seed",
-            "3",
-            "--duration",
-            "30",
-            "--members",
-            "3",
-            "--faults",
-            "stuck-member",
-            "--fault-count",
-            "1",
-            "--churn",
-            "0",
-            "--late-joiners",
-            "0",
-            "--heal-s",
-            "40",
-            "--json",
-        ])
-        .output()
-        .expect("run cotal chaos");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "{text}");
-    let last = text.lines().last().expect("a last line");
-    let v: serde_json::Value = serde_json::from_str(last).expect("JSON last line");
+    };
+    let (v, text) = verdict(&out);
     assert_eq!(v["fault_counts"]["stuck-member"], 1, "{text}");
     assert_eq!(v["losses_unreported"], 0, "{text}");
     assert_eq!(v["duplicates_surfaced"], 0, "{text}");

@@ -337,22 +337,10 @@ impl Reader {
         let Some(r) = self.read_backs.get(&id) else {
             return;
         };
-        let subject = Subject::Dlv {
-            space: self.space.clone(),
-            owner: r.owner.clone(),
-        }
-        .to_string();
-        let payload = dlv_payload(&r.entry);
-        let msg_id = r.msg_id.clone();
+        let command = dlv_publish(&self.space, &r.owner, &r.entry, &r.msg_id);
         let op = cx.op();
         self.pending.insert(op, ReaderOp::ReadBack { id });
-        cx.push(Command::JsPublish {
-            op,
-            subject,
-            msg_id: Some(msg_id),
-            headers: Vec::new(),
-            payload,
-        });
+        cx.push(command(op));
     }
 
     /// A read-back entry's DLV publish completed: a copy that landed goes to the sweeper like a
@@ -524,22 +512,10 @@ impl Reader {
         let Some(t) = self.transfers.get(&delivery) else {
             return;
         };
-        let subject = Subject::Dlv {
-            space: self.space.clone(),
-            owner: t.owner.clone(),
-        }
-        .to_string();
-        let payload = dlv_payload(&t.entry);
-        let msg_id = t.msg_id.clone();
+        let command = dlv_publish(&self.space, &t.owner, &t.entry, &t.msg_id);
         let op = cx.op();
         self.pending.insert(op, ReaderOp::Transfer { delivery });
-        cx.push(Command::JsPublish {
-            op,
-            subject,
-            msg_id: Some(msg_id),
-            headers: Vec::new(),
-            payload,
-        });
+        cx.push(command(op));
     }
 
     fn on_transfer(
@@ -650,6 +626,30 @@ impl Reader {
                 unread: verdict.unread.unwrap_or(0),
             });
         }
+    }
+}
+
+/// The DLV publish of a dinbox entry's copy for `owner` under `msg_id` (a transfer or a
+/// read-back), given its op id.
+fn dlv_publish(
+    space: &Space,
+    owner: &AgentId,
+    entry: &Plane3Entry,
+    msg_id: &str,
+) -> impl FnOnce(OpId) -> Command {
+    let subject = Subject::Dlv {
+        space: space.clone(),
+        owner: owner.clone(),
+    }
+    .to_string();
+    let payload = dlv_payload(entry);
+    let msg_id = msg_id.to_owned();
+    move |op| Command::JsPublish {
+        op,
+        subject,
+        msg_id: Some(msg_id),
+        headers: Vec::new(),
+        payload,
     }
 }
 

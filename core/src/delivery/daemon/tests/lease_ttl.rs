@@ -153,18 +153,7 @@ fn a_new_incarnation_keeps_the_bucket_timing_and_does_not_report_it_again() {
     assert!(w.d.serving(), "{}", w.log);
     // Another daemon's record replaces ours: the next renewal fails, the lease is lost, and the
     // daemon starts over, reading the TTL again before it contends.
-    let successor =
-        crate::wire::records::DeliveryLease::new("D2", crate::time::UnixMillis(1), true);
-    let echo = w.b.kv_write(
-        "cotal_delivery_main",
-        "lease.0",
-        KvOperation::Put,
-        json::encode(&successor),
-    );
-    for input in echo {
-        w.feed(input);
-    }
-    w.run();
+    super::reacquire::successor_takes_the_key(&mut w);
     for _ in 0..20 {
         w.advance(500);
     }

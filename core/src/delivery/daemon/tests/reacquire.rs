@@ -9,7 +9,7 @@ use super::{lease_bucket, member_bucket, served};
 use bytes::Bytes;
 
 /// A successor's lease record in the key.
-fn successor_takes_the_key(w: &mut World) {
+pub(super) fn successor_takes_the_key(w: &mut World) {
     let successor =
         crate::wire::records::DeliveryLease::new("D2", crate::time::UnixMillis(1), true);
     let echo = w.b.kv_write(

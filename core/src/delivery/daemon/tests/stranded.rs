@@ -17,12 +17,17 @@ fn bound_with(pointer: u64, floor: u64, pending: u64) -> World {
     let mut w = World::new();
     w.b.fanout_pointer = Some(pointer);
     w.b.fanout_unsettled = Some((floor, pending));
-    plant_member(&mut w, &record("review", "alice", 0, 1), None);
-    w.acl("alice", &["review"]);
+    alice_reads_review(&mut w);
     for _ in 0..=pointer {
         w.post("bob", "review", &[]);
     }
     w
+}
+
+/// alice is a member of `review` and may read it.
+fn alice_reads_review(w: &mut World) {
+    plant_member(w, &record("review", "alice", 0, 1), None);
+    w.acl("alice", &["review"]);
 }
 
 fn copies_of(w: &World, seq: u64) -> usize {
@@ -115,8 +120,7 @@ fn a_failed_read_back_is_reported_and_leaves_the_messages_to_the_redelivery() {
 #[test]
 fn deliveries_lost_with_the_connection_are_read_back_at_the_rebind() {
     let mut w = served();
-    plant_member(&mut w, &record("review", "alice", 0, 1), None);
-    w.acl("alice", &["review"]);
+    alice_reads_review(&mut w);
     let s1 = w.post("bob", "review", &[]);
     w.fanout(s1, 1);
     // 2 and 3 were on their way to the daemon when the server stopped: the daemon never saw
@@ -145,8 +149,7 @@ fn a_long_read_back_is_read_in_pages() {
     let mut w = World::with_config(config);
     w.b.fanout_pointer = Some(5);
     w.b.fanout_unsettled = Some((0, 5));
-    plant_member(&mut w, &record("review", "alice", 0, 1), None);
-    w.acl("alice", &["review"]);
+    alice_reads_review(&mut w);
     for _ in 0..6 {
         w.post("bob", "review", &[]);
     }
@@ -175,8 +178,7 @@ fn a_long_read_back_is_read_in_pages() {
 #[test]
 fn dinbox_entries_lost_with_the_connection_are_transferred_at_the_rebind() {
     let mut w = served_two_hop();
-    plant_member(&mut w, &record("review", "alice", 0, 1), None);
-    w.acl("alice", &["review"]);
+    alice_reads_review(&mut w);
     let s = w.post("bob", "review", &[]);
     let d = w.fanout(s, 1);
     assert_eq!(w.settled(d), vec![AckKind::Ack], "{}", w.log);
@@ -214,8 +216,7 @@ fn dinbox_entries_lost_with_the_connection_are_transferred_at_the_rebind() {
 #[test]
 fn a_read_back_entry_not_to_transfer_is_left_to_the_redelivery() {
     let mut w = served_two_hop();
-    plant_member(&mut w, &record("review", "alice", 0, 1), None);
-    w.acl("alice", &["review"]);
+    alice_reads_review(&mut w);
     let s = w.post("bob", "review", &[]);
     w.fanout(s, 1);
     w.acl("alice", &[]);
@@ -275,8 +276,7 @@ fn a_read_back_cut_by_a_connection_loss_is_forgotten() {
 #[test]
 fn several_read_back_entries_of_one_owner_are_all_transferred() {
     let mut w = served_two_hop();
-    plant_member(&mut w, &record("review", "alice", 0, 1), None);
-    w.acl("alice", &["review"]);
+    alice_reads_review(&mut w);
     for _ in 0..2 {
         let s = w.post("bob", "review", &[]);
         w.fanout(s, 1);
@@ -300,8 +300,7 @@ fn is_dlv_publish(c: &Command) -> bool {
 #[test]
 fn a_read_back_write_is_counted_when_it_fails_and_swept_when_revoked() {
     let stranded_entry = |w: &mut World| {
-        plant_member(w, &record("review", "alice", 0, 1), None);
-        w.acl("alice", &["review"]);
+        alice_reads_review(w);
         let s = w.post("bob", "review", &[]);
         w.fanout(s, 1);
         w.feed(Input::Connection(Connection::Lost));
@@ -393,8 +392,7 @@ fn fanout_state(delivered: u64, floor: u64, pending: u64) -> crate::io::Consumer
 #[test]
 fn a_skipped_delivery_chat_still_holds_is_fanned_out_by_the_gap_check() {
     let mut w = served();
-    plant_member(&mut w, &record("review", "alice", 0, 1), None);
-    w.acl("alice", &["review"]);
+    alice_reads_review(&mut w);
     let s1 = w.post("bob", "review", &[]);
     w.fanout(s1, 1);
     let s2 = w.post("bob", "review", &[]);
@@ -420,8 +418,7 @@ fn a_skipped_delivery_chat_still_holds_is_fanned_out_by_the_gap_check() {
 #[test]
 fn a_floor_that_stands_still_over_a_stranded_delivery_is_read_back_once() {
     let mut w = served();
-    plant_member(&mut w, &record("review", "alice", 0, 1), None);
-    w.acl("alice", &["review"]);
+    alice_reads_review(&mut w);
     let s1 = w.post("bob", "review", &[]);
     w.fanout(s1, 1);
     let s2 = w.post("bob", "review", &[]);
@@ -452,8 +449,7 @@ fn a_floor_that_stands_still_over_a_stranded_delivery_is_read_back_once() {
 fn a_moving_floor_or_a_held_delivery_is_not_read_back() {
     // The floor moves between looks: traffic, not a stranding.
     let mut w = served();
-    plant_member(&mut w, &record("review", "alice", 0, 1), None);
-    w.acl("alice", &["review"]);
+    alice_reads_review(&mut w);
     for _ in 0..4 {
         w.post("bob", "review", &[]);
     }
@@ -466,8 +462,7 @@ fn a_moving_floor_or_a_held_delivery_is_not_read_back() {
     assert!(!w.log.contains("read cotal.main.chat.>"), "{}", w.log);
     // The floor stands still over a delivery fan-out holds (its copy's write in flight).
     let mut w = served();
-    plant_member(&mut w, &record("review", "alice", 0, 1), None);
-    w.acl("alice", &["review"]);
+    alice_reads_review(&mut w);
     let s1 = w.post("bob", "review", &[]);
     w.fanout(s1, 1);
     let s2 = w.post("bob", "review", &[]);
