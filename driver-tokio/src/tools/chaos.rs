@@ -2164,7 +2164,12 @@ struct Life {
     until: Instant,
     first_kib: u64,
     last_kib: u64,
+    /// The first sample once it had lived [`MEMORY_WARM`]: growth after it is not warm-up.
+    warm_kib: Option<u64>,
 }
+
+/// How long a process runs before its memory counts as warmed up.
+const MEMORY_WARM: Duration = Duration::from_secs(600);
 
 impl Life {
     fn lived(&self) -> Duration {
@@ -2183,6 +2188,9 @@ impl RssTrack {
             Some(life) if life.pid == pid => {
                 life.until = now;
                 life.last_kib = rss;
+                if life.warm_kib.is_none() && life.lived() >= MEMORY_WARM {
+                    life.warm_kib = Some(rss);
+                }
             }
             _ => {
                 self.current = Some(Life {
@@ -2191,6 +2199,7 @@ impl RssTrack {
                     until: now,
                     first_kib: rss,
                     last_kib: rss,
+                    warm_kib: None,
                 });
             }
         }
@@ -2213,6 +2222,8 @@ impl RssTrack {
                 "rss_kib_first": l.first_kib,
                 "rss_kib_last": l.last_kib,
                 "growth_pct": growth_pct(l.first_kib, l.last_kib),
+                "rss_kib_after_10_min": l.warm_kib,
+                "growth_after_10_min_pct": l.warm_kib.map(|w| growth_pct(w, l.last_kib)),
             })),
         })
     }
