@@ -210,6 +210,9 @@ impl Mesh {
         let mut config =
             DeliveryConfig::new(self.space.clone(), shard, Self::daemon_id(index, life));
         config.reference_gap_g2 = self.config.mutation == Mutation::ReferenceG2;
+        // The reference reads nothing back: its reader meets a stranded entry at the redelivery.
+        config.read_back_stranded = self.config.mutation != Mutation::ReferenceG2;
+        config.lease_ttl_from_bucket = self.config.lease_ttl_from_bucket;
         config.reference_gap_g23 = self.config.mutation == Mutation::ReferenceG23;
         config.reference_no_dlv_sweep = self.config.mutation == Mutation::NoDlvSweep;
         config.reference_gap_g17 = self.config.mutation == Mutation::ReferenceG17;

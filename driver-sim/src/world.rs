@@ -47,7 +47,9 @@ pub enum Mutation {
     NoJoinCursor,
     /// G2 off: the daemons' readers judge an entry by the record's current interval only
     /// (`DeliveryConfig::reference_gap_g2`), so a rejoin drops the pending entries of the
-    /// previous generation.
+    /// previous generation. Like the reference, they read nothing back
+    /// (`DeliveryConfig::read_back_stranded` off): a stranded entry meets the reader only at its
+    /// redelivery, after the rejoin.
     ReferenceG2,
     /// G10 off: the agents' leaves skip the tombstone as the reference does when its cached
     /// class reads `live` (`AgentConfig::reference_gap_g10`), so the membership stays open.
@@ -117,6 +119,10 @@ pub struct MeshConfig {
     pub mutation: Mutation,
     /// Keep transcript lines in memory (replay, the explorer's report).
     pub keep_transcript: bool,
+    /// The daemons read the lease bucket's TTL before each acquisition
+    /// (`DeliveryConfig::lease_ttl_from_bucket`, default true). `false` replays a seed found
+    /// before they did: one round trip fewer at boot, so every later step where it was.
+    pub lease_ttl_from_bucket: bool,
 }
 
 impl MeshConfig {
@@ -134,6 +140,7 @@ impl MeshConfig {
             heal: Duration::from_secs(150),
             mutation: Mutation::None,
             keep_transcript: false,
+            lease_ttl_from_bucket: true,
         }
     }
 

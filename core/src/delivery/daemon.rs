@@ -613,7 +613,7 @@ impl Delivery {
             }
             // What the skipped range still holds went to a feed that is gone: fanned out now,
             // not after the consumer's ack_wait (`delivery::stranded`).
-            if !self.stopped {
+            if !self.stopped && self.config.read_back_stranded {
                 self.cx.counters.stranded_read_back += report.present.len() as u64;
                 self.fan_out_stranded(now, report.present);
             }
@@ -778,13 +778,15 @@ impl Delivery {
         let Opened::Open { feed, bound } = opened else {
             return;
         };
-        if feed == Feed::Fanout {
+        let read_back = self.config.read_back_stranded;
+        if feed == Feed::Fanout && read_back {
             self.cx
                 .timers
                 .set(Timer::StrandCheck, now.at + STRAND_CHECK_INTERVAL);
         }
         if let Some(at) = bound {
-            let range = stranded_range(at.delivered, at.ack_floor, at.ack_pending);
+            let range =
+                stranded_range(at.delivered, at.ack_floor, at.ack_pending).filter(|_| read_back);
             let live = self.connected && !self.stopped;
             if feed == Feed::Fanout {
                 self.gaps.bound(at.delivered);

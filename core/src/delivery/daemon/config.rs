@@ -139,6 +139,11 @@ pub struct DeliveryConfig {
     /// expired it, so a successor could write beside it. A bucket without a TTL keeps the
     /// configured timing.
     pub lease_ttl_from_bucket: bool,
+    /// Read back what the fan-out and reader consumers offered to a feed that is gone, rather
+    /// than wait for their redelivery after `ack_wait` ([`crate::delivery::stranded`]; default
+    /// true). `false` is the reference's way: the simulator's G2 scenario needs a dinbox entry
+    /// whose redelivery comes after a rejoin, as the reference's reader sees it.
+    pub read_back_stranded: bool,
 }
 
 impl DeliveryConfig {
@@ -162,6 +167,7 @@ impl DeliveryConfig {
             reference_gap_g17: false,
             reacquire_lease: true,
             lease_ttl_from_bucket: true,
+            read_back_stranded: true,
         }
     }
 }
