@@ -633,3 +633,54 @@ fn a_deposed_daemon_contends_after_its_outage_and_never_writes_beside_the_new_ho
     assert!(r.received(BOB, 1).is_some());
     assert!(r.received(BOB, 2).is_some());
 }
+
+/// Issue 19, the cluster case: the holder is cut off past its own lease deadline but reconnects
+/// before its last write expires on the server. The new incarnation writes over its own record at
+/// once (`Lease::reclaim`) instead of contending a TTL against itself; a standby, which sees the
+/// key taken throughout, never holds beside it (I30, checked after every step).
+#[test]
+fn a_holder_back_before_its_record_expires_reclaims_it_at_once() {
+    for daemons in [1, 2] {
+        let r = run(
+            29,
+            daemons,
+            [&[], &[OPS], &[]],
+            None,
+            &[
+                (
+                    1_000,
+                    Action::CutHolder {
+                        ms: CUT_PAST_DEADLINE_MS,
+                    },
+                ),
+                (1_500, Action::Lose { agent: BOB }),
+                (2_000, post(ALICE, OPS)),
+                (40_000, post(CAROL, OPS)),
+            ],
+        );
+        let counters: Vec<_> = r
+            .mesh
+            .daemons()
+            .iter()
+            .map(|d| d.proc.borrow().daemon().counters().clone())
+            .collect();
+        let lost: u64 = counters.iter().map(|c| c.lease_lost).sum();
+        let reclaims: u64 = counters.iter().map(|c| c.lease_reclaims).sum();
+        assert_eq!(
+            lost, 1,
+            "{daemons} daemon(s): the cut-off holder lost the lease"
+        );
+        assert_eq!(reclaims, 1, "{daemons} daemon(s): and reclaimed its record");
+        assert!(
+            counters.iter().all(|c| c.lease_reclaims == c.lease_lost),
+            "the holder itself reclaimed"
+        );
+        assert!(r.received(BOB, 1).is_some());
+        assert!(r.received(BOB, 2).is_some());
+    }
+}
+
+/// Past the 25 s lease deadline (TTL 30 s − margin) from the last renewal, before the record's
+/// 30 s expiry: renewals come every 10 s, so a cut of 27 s ends in that window when the last
+/// renewal was 2–3 s before it.
+const CUT_PAST_DEADLINE_MS: u64 = 27_000;

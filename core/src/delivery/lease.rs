@@ -23,6 +23,10 @@
 //!   on every write, as the reference does, and the acquisition time travels in the extra field
 //!   [`ACQUIRED_AT_FIELD`] (`acquiredAt`), which older peers ignore.
 //! - **Health that ages** (G40): [`judge_health`] also checks `since` against the TTL.
+//! - **No TTL's wait for ourselves** (issue 19): a process whose lease was lost by its own clock
+//!   (the broker unreachable past the deadline) starts over with a new machine that may write
+//!   over its earlier hold's record, when nobody wrote the key since ([`Lease::reclaim`]). The
+//!   reference would contend a whole TTL against its own last write.
 //!
 //! # Driving it
 //!
@@ -78,12 +82,25 @@ pub use record::{
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum OpKind {
-    Create { stamp: UnixMillis },
+    Create {
+        stamp: UnixMillis,
+    },
+    /// A compare-and-set write over our own earlier hold's record (see [`Lease::reclaim`]).
+    Reclaim {
+        stamp: UnixMillis,
+        over: u64,
+    },
     CreateRead,
-    Update { ready: bool },
+    Update {
+        ready: bool,
+    },
     ConfirmRead,
-    Delete { revision: u64 },
-    ReleaseRead { revision: u64 },
+    Delete {
+        revision: u64,
+    },
+    ReleaseRead {
+        revision: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,6 +158,11 @@ pub struct Lease {
     release_wanted: bool,
     /// Extra fields written with every lease record (see [`Lease::annotate`]).
     annotations: Extra,
+    /// The `acquiredAt` of an earlier hold of this key by this very process, whose record this
+    /// machine may write over ([`Lease::reclaim`]).
+    reclaimable: Option<UnixMillis>,
+    /// The `acquiredAt` of the last hold this machine took (kept after a loss).
+    last_acquired: Option<UnixMillis>,
 }
 
 impl Lease {
@@ -161,6 +183,8 @@ impl Lease {
             ready_wanted: false,
             release_wanted: false,
             annotations: Extra::new(),
+            reclaimable: None,
+            last_acquired: None,
         }
     }
 
@@ -209,6 +233,38 @@ impl Lease {
             config
         };
         Ok(())
+    }
+
+    /// Lets the next acquisition write over the record of an earlier hold **by this same process**
+    /// (a lease it lost by its own clock: a deadline passed while the broker was unreachable),
+    /// instead of waiting up to a TTL for that record to expire. `acquired_at` is the earlier
+    /// hold's `acquiredAt` ([`Lease::prior_hold`] of the machine that held it).
+    ///
+    /// A create that finds the key taken reads it. When the record's `holder` is ours and its
+    /// `acquiredAt` is `acquired_at`, nobody has written the key since our last write: no
+    /// successor can hold it, and the earlier hold stopped writing at its loss. The machine then
+    /// writes a fresh record (`ready:false`, a new `acquiredAt`) with a compare-and-set on the
+    /// revision it read, and takes the hold with that write's revision as the fencing token
+    /// (greater than any earlier token of the key). Any other write in between fails the
+    /// compare-and-set, and acquisition goes on as contended. A record under our daemon id that
+    /// carries another `acquiredAt` (a second process started with the same id) is never written
+    /// over.
+    ///
+    /// Only the host may vouch that `acquired_at` is its own: it must come from this process's
+    /// own earlier [`Lease`] for this key. Refused once started.
+    pub fn reclaim(&mut self, acquired_at: UnixMillis) -> Result<(), LeaseUsageError> {
+        if self.phase != Phase::Idle {
+            return Err(LeaseUsageError::AlreadyStarted);
+        }
+        self.reclaimable = Some(acquired_at);
+        Ok(())
+    }
+
+    /// The `acquiredAt` of the last hold this machine took, kept after the hold is lost (or the
+    /// one it was allowed to [`Lease::reclaim`], when it never held): what a successor machine in
+    /// this process may reclaim.
+    pub fn prior_hold(&self) -> Option<UnixMillis> {
+        self.last_acquired.or(self.reclaimable)
     }
 
     /// Starts acquisition: a create-only write of `{holder, since, ready:false}`.
@@ -417,7 +473,10 @@ impl Lease {
             return Err(LeaseUsageError::UnknownOp(op));
         };
         let fits = match (&flight.kind, &outcome) {
-            (OpKind::Create { .. } | OpKind::Update { .. }, Outcome::Success(r)) => {
+            (
+                OpKind::Create { .. } | OpKind::Reclaim { .. } | OpKind::Update { .. },
+                Outcome::Success(r),
+            ) => {
                 matches!(r, LeaseReply::Written { .. })
             }
             (OpKind::Delete { .. }, Outcome::Success(r)) => matches!(r, LeaseReply::Deleted),
@@ -435,6 +494,9 @@ impl Lease {
         };
         match flight.kind {
             OpKind::Create { stamp } => self.on_create(now, flight.sent, stamp, outcome),
+            OpKind::Reclaim { stamp, over } => {
+                self.on_reclaim(now, flight.sent, stamp, over, outcome);
+            }
             OpKind::CreateRead => self.on_create_read(now, outcome),
             OpKind::Update { ready } => self.on_update(now, flight.sent, ready, outcome),
             OpKind::ConfirmRead => self.on_confirm_read(now, outcome),
@@ -481,9 +543,15 @@ impl Lease {
                     let acquired = acquired_at_of(r);
                     a.stamps.iter().find(|(s, _)| *s == acquired).copied()
                 });
+                let reclaimable = record.as_ref().is_some_and(|r| {
+                    r.holder == self.holder && Some(acquired_at_of(r)) == self.reclaimable
+                });
                 if let Some((stamp, sent)) = ours {
                     // One of our creates landed after all: adopt its revision.
                     self.take_hold(now, entry.revision, stamp, sent);
+                } else if reclaimable {
+                    // Our own earlier hold's record, untouched since: write over it.
+                    self.send_reclaim(now, entry.revision);
                 } else {
                     a.last_holder.clone_from(&holder);
                     self.events.push_back(LeaseEvent::Contended { holder });
@@ -495,6 +563,38 @@ impl Lease {
                 self.retry_acquire(now);
             }
             Outcome::Failed(_) | Outcome::Unknown => self.retry_acquire(now),
+        }
+    }
+
+    fn on_reclaim(
+        &mut self,
+        now: Now,
+        sent: Instant,
+        stamp: UnixMillis,
+        over: u64,
+        o: Outcome<LeaseReply>,
+    ) {
+        if !matches!(self.phase, Phase::Acquiring(_)) {
+            return;
+        }
+        match o {
+            Outcome::Success(LeaseReply::Written { revision }) => {
+                self.events.push_back(LeaseEvent::Reclaimed {
+                    over_revision: over,
+                });
+                self.take_hold(now, revision, stamp, sent);
+            }
+            Outcome::Success(_) => {}
+            Outcome::Unknown => {
+                // It may have landed: the read adopts it by its stamp.
+                self.send_get(now, OpKind::CreateRead);
+            }
+            Outcome::Failed(f) if f.is_transient() => self.retry_acquire(now),
+            Outcome::Failed(Failure::WrongLastRevision { .. } | Failure::NotFound) => {
+                // Someone wrote (or the record expired) in between: contend as usual.
+                self.retry_acquire(now);
+            }
+            Outcome::Failed(f) => self.give_up(AcquireFailure::Refused(f)),
         }
     }
 
@@ -529,6 +629,7 @@ impl Lease {
 
     fn take_hold(&mut self, now: Now, revision: u64, stamp: UnixMillis, sent: Instant) {
         self.timers.cancel(&LeaseTimer::AcquireRetry);
+        self.last_acquired = Some(stamp);
         let token = FencingToken(revision);
         self.phase = Phase::Held(Held {
             token,
@@ -765,6 +866,28 @@ impl Lease {
         self.issue(now, OpKind::Create { stamp: now.wall }, |op, key| {
             LeaseCommand::Create { op, key, value }
         });
+    }
+
+    fn send_reclaim(&mut self, now: Now, over: u64) {
+        let Phase::Acquiring(a) = &mut self.phase else {
+            return;
+        };
+        a.attempts = a.attempts.saturating_add(1);
+        a.stamps.push((now.wall, now.at));
+        let value = self.record(now.wall, now.wall, false);
+        self.issue(
+            now,
+            OpKind::Reclaim {
+                stamp: now.wall,
+                over,
+            },
+            |op, key| LeaseCommand::Update {
+                op,
+                key,
+                value,
+                expected_revision: over,
+            },
+        );
     }
 
     fn send_update(&mut self, now: Now) {

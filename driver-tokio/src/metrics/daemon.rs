@@ -95,6 +95,11 @@ const CORE_COUNTERS: &[Exported<DeliveryCounters>] = &[
         |c| c.lease_reacquisitions,
     ),
     (
+        "lease_reclaims",
+        "Times a new incarnation wrote over its own earlier, unexpired lease record",
+        |c| c.lease_reclaims,
+    ),
+    (
         "dinbox_cap_reached",
         "Times an owner's dinbox backlog reached the per-owner cap",
         |c| c.cap_reached,

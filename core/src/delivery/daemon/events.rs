@@ -182,6 +182,9 @@ pub struct DeliveryCounters {
     pub lease_lost: u64,
     /// Times the daemon started over with a fresh lease after losing one (or failing to get one).
     pub lease_reacquisitions: u64,
+    /// Times a new incarnation wrote over its own earlier hold's unexpired record instead of
+    /// waiting for it to expire ([`Lease::reclaim`](crate::delivery::lease::Lease::reclaim)).
+    pub lease_reclaims: u64,
     /// Times an owner's dinbox backlog crossed the per-owner cap (G6).
     pub cap_reached: u64,
     /// CHAT deliveries with a copy held back because its owner's dinbox backlog was at
@@ -263,6 +266,7 @@ impl DeliveryCounters {
             fenced,
             lease_lost,
             lease_reacquisitions,
+            lease_reclaims,
             cap_reached,
             fanout_deferred,
             fanout_hold_expired,
@@ -302,6 +306,7 @@ impl DeliveryCounters {
         self.fenced += fenced;
         self.lease_lost += lease_lost;
         self.lease_reacquisitions += lease_reacquisitions;
+        self.lease_reclaims += lease_reclaims;
         self.cap_reached += cap_reached;
         self.fanout_deferred += fanout_deferred;
         self.fanout_hold_expired += fanout_hold_expired;

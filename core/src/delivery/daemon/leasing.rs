@@ -111,6 +111,7 @@ impl Delivery {
                 self.stop();
                 self.schedule_reacquire(now);
             }
+            LeaseEvent::Reclaimed { .. } => self.cx.counters.lease_reclaims += 1,
             LeaseEvent::Released | LeaseEvent::ReleaseSkipped { .. } => self.stop(),
             _ => {}
         }
@@ -213,6 +214,12 @@ impl Delivery {
         // acquisition; an unchanged TTL is not reported again).
         let r = next.lease.retime(*self.lease.config());
         debug_assert!(r.is_ok(), "retime of a fresh lease: {r:?}");
+        // The record of our own last hold may be written over at once (it stopped writing at
+        // the loss): no TTL's wait for ourselves.
+        if let Some(prior) = self.lease.prior_hold() {
+            let r = next.lease.reclaim(prior);
+            debug_assert!(r.is_ok(), "reclaim on a fresh lease: {r:?}");
+        }
 
         std::mem::swap(&mut next.cx, &mut self.cx);
         next.cx.timers = crate::op::TimerTable::new();

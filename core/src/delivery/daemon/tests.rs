@@ -2731,6 +2731,7 @@ fn set_every_counter(c: &mut DeliveryCounters, v: u64) {
         fenced: v,
         lease_lost: v,
         lease_reacquisitions: v,
+        lease_reclaims: v,
         cap_reached: v,
         fanout_deferred: v,
         fanout_hold_expired: v,

@@ -192,6 +192,12 @@ pub enum LeaseEvent {
         /// The create's revision: the fencing token for registry writes.
         token: FencingToken,
     },
+    /// The acquisition wrote over our own earlier hold's record ([`Lease::reclaim`](super::Lease::reclaim)),
+    /// which had not expired yet. [`LeaseEvent::Acquired`] follows at once.
+    Reclaimed {
+        /// The revision of the record written over.
+        over_revision: u64,
+    },
     /// The lease reads `ready:true` (the ready flip, or a renewal that carried it, landed).
     Ready,
     /// A renewal landed.

@@ -822,3 +822,163 @@ fn an_unknown_release_that_finds_a_successor_sends_nothing_more() {
     assert!(l.poll_command().is_none());
     assert_eq!(kv.entry.as_ref().map(|e| e.1.holder.as_str()), Some("d2"));
 }
+
+/// d1 acquires at 0 and is cut off: its own deadline (25 s) passes, the record (TTL 30 s) is still
+/// on the server.
+fn held_then_lost_by_the_deadline(kv: &mut FakeKv) -> Lease {
+    let mut d1 = lease("d1");
+    d1.acquire(t(0)).ok();
+    run(&mut d1, kv, 0);
+    events(&mut d1);
+    d1.handle_timeout(t(25_000));
+    while d1.poll_command().is_some() {}
+    assert_eq!(d1.state(), LeaseState::Lost);
+    d1
+}
+
+#[test]
+fn a_successor_machine_reclaims_its_own_earlier_record_without_waiting_for_the_ttl() {
+    let mut kv = FakeKv::default();
+    let old = held_then_lost_by_the_deadline(&mut kv);
+    assert_eq!(old.prior_hold(), Some(UnixMillis(BASE_WALL)));
+    let mut next = lease("d1");
+    assert_eq!(next.prior_hold(), None);
+    next.reclaim(UnixMillis(BASE_WALL)).ok();
+    assert_eq!(next.prior_hold(), Some(UnixMillis(BASE_WALL)));
+    next.acquire(t(26_000)).ok();
+    // The create finds the key taken, the read finds our own record, the CAS writes over it.
+    let create = one_command(&mut next);
+    assert!(matches!(create, LeaseCommand::Create { .. }));
+    let out = kv.exec(26_000, &create);
+    next.handle_completion(t(26_001), create.op(), out).ok();
+    let get = one_command(&mut next);
+    assert!(matches!(get, LeaseCommand::Get { .. }));
+    let out = kv.exec(26_001, &get);
+    next.handle_completion(t(26_002), get.op(), out).ok();
+    let cmd = one_command(&mut next);
+    let LeaseCommand::Update {
+        ref value,
+        expected_revision,
+        ..
+    } = cmd
+    else {
+        panic!("expected a compare-and-set over our record, got {cmd:?}")
+    };
+    assert_eq!(expected_revision, 1);
+    assert!(!value.ready, "a reclaimed hold is not ready until bound");
+    assert_eq!(acquired_at_of(value), UnixMillis(BASE_WALL + 26_002));
+    let out = kv.exec(26_002, &cmd);
+    next.handle_completion(t(26_003), cmd.op(), out).ok();
+    assert_eq!(
+        events(&mut next),
+        vec![
+            LeaseEvent::Reclaimed { over_revision: 1 },
+            LeaseEvent::Acquired {
+                token: FencingToken(2)
+            },
+        ]
+    );
+    assert_eq!(next.state(), LeaseState::Held);
+    assert_eq!(next.prior_hold(), Some(UnixMillis(BASE_WALL + 26_002)));
+    // Its deadline counts from the reclaiming write's send time.
+    assert_eq!(next.deadline(), Some(Instant::from_millis(51_002)));
+}
+
+#[test]
+fn a_record_under_our_id_from_another_hold_is_never_written_over() {
+    let mut kv = FakeKv::default();
+    // Another process started with the id d1 holds the key (acquiredAt 0 + 5).
+    let mut other = lease("d1");
+    other.acquire(t(5)).ok();
+    run(&mut other, &mut kv, 5);
+    let mut next = lease("d1");
+    next.reclaim(UnixMillis(BASE_WALL)).ok();
+    next.acquire(t(100)).ok();
+    run(&mut next, &mut kv, 100);
+    assert_eq!(
+        events(&mut next),
+        vec![LeaseEvent::Contended {
+            holder: Some("d1".into())
+        }]
+    );
+    assert_eq!(next.state(), LeaseState::Acquiring);
+    assert_eq!(kv.entry.as_ref().map(|e| e.0), Some(1), "untouched");
+}
+
+#[test]
+fn a_write_between_the_read_and_the_reclaim_fails_it_and_acquisition_contends() {
+    let mut kv = FakeKv::default();
+    let _old = held_then_lost_by_the_deadline(&mut kv);
+    let mut next = lease("d1");
+    next.reclaim(UnixMillis(BASE_WALL)).ok();
+    next.acquire(t(26_000)).ok();
+    let create = one_command(&mut next);
+    let out = kv.exec(26_000, &create);
+    next.handle_completion(t(26_000), create.op(), out).ok();
+    let get = one_command(&mut next);
+    let out = kv.exec(26_000, &get);
+    next.handle_completion(t(26_000), get.op(), out).ok();
+    let reclaim = one_command(&mut next);
+    // The key expires and another daemon takes it before our CAS lands.
+    kv.expire(30_000);
+    let mut d2 = lease("d2");
+    d2.acquire(t(30_000)).ok();
+    run(&mut d2, &mut kv, 30_000);
+    let out = kv.exec(30_001, &reclaim);
+    assert!(matches!(
+        out,
+        Outcome::Failed(Failure::WrongLastRevision { .. })
+    ));
+    next.handle_completion(t(30_002), reclaim.op(), out).ok();
+    assert_eq!(next.state(), LeaseState::Acquiring);
+    assert!(!events(&mut next).iter().any(|e| matches!(
+        e,
+        LeaseEvent::Acquired { .. } | LeaseEvent::Reclaimed { .. }
+    )));
+    // The retry reads d2's record, which it does not reclaim.
+    let (at, _) = next.poll_timeout().expect("a retry");
+    next.handle_timeout(t(at.as_millis()));
+    run(&mut next, &mut kv, at.as_millis());
+    assert_eq!(next.state(), LeaseState::Acquiring);
+    assert_eq!(
+        kv.entry.as_ref().map(|e| e.1.holder.clone()),
+        Some("d2".into())
+    );
+}
+
+#[test]
+fn an_unknown_reclaim_outcome_is_adopted_by_its_stamp() {
+    let mut kv = FakeKv::default();
+    let _old = held_then_lost_by_the_deadline(&mut kv);
+    let mut next = lease("d1");
+    next.reclaim(UnixMillis(BASE_WALL)).ok();
+    next.acquire(t(26_000)).ok();
+    for _ in 0..2 {
+        let cmd = one_command(&mut next);
+        let out = kv.exec(26_000, &cmd);
+        next.handle_completion(t(26_000), cmd.op(), out).ok();
+    }
+    let reclaim = one_command(&mut next);
+    let _landed = kv.exec(26_000, &reclaim);
+    next.handle_completion(t(26_010), reclaim.op(), Outcome::Unknown)
+        .ok();
+    run(&mut next, &mut kv, 26_020);
+    let evs = events(&mut next);
+    assert_eq!(
+        evs.last(),
+        Some(&LeaseEvent::Acquired {
+            token: FencingToken(2)
+        })
+    );
+    assert_eq!(next.state(), LeaseState::Held);
+}
+
+#[test]
+fn reclaim_is_refused_once_started() {
+    let mut l = lease("d1");
+    l.acquire(t(0)).ok();
+    assert_eq!(
+        l.reclaim(UnixMillis(1)),
+        Err(LeaseUsageError::AlreadyStarted)
+    );
+}

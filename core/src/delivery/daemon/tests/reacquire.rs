@@ -164,3 +164,67 @@ fn a_shut_down_daemon_never_starts_over() {
     assert_eq!(w.d.incarnation(), 0, "{}", w.log);
     assert_eq!(acquired(&w), 1, "{}", w.log);
 }
+
+/// The outage of `an_outage_longer_than_the_lease_window…`, but the server still holds our last
+/// write at the reconnect (a cluster whose KV could not be reached, whose TTL had not run out):
+/// the new incarnation writes over its own record at once instead of waiting for it to expire.
+#[test]
+fn a_new_incarnation_reclaims_its_own_unexpired_record_at_once() {
+    let mut w = served();
+    w.acl("alice", &["review"]);
+    let first_token = w.d.lease.fencing_token(w.now().at).expect("held");
+    w.rule(
+        |_| true,
+        Effect::Answer(Outcome::Failed(Failure::Other {
+            description: "not connected".into(),
+        })),
+        u32::MAX,
+    );
+    w.feed(Input::Connection(Connection::Lost));
+    w.run();
+    run_for(&mut w, 26_000);
+    assert_eq!(w.d.counters().lease_lost, 1, "{}", w.log);
+    w.rules.clear();
+    w.feed(Input::Connection(Connection::Restored));
+    w.run();
+    run_for(&mut w, 2_000);
+    assert_eq!(w.d.incarnation(), 1, "{}", w.log);
+    assert_eq!(w.d.counters().lease_reclaims, 1, "{}", w.log);
+    assert_eq!(acquired(&w), 2, "reclaimed within 2 s: {}", w.log);
+    assert!(w.d.serving(), "{}", w.log);
+    let token = w.d.lease.fencing_token(w.now().at).expect("held again");
+    assert!(
+        token > first_token,
+        "the reclaim's revision is a newer token"
+    );
+    w.join("alice", "review", Some(0), "after");
+    assert!(w.reply("after").is_some_and(|r| r.ok), "{}", w.log);
+}
+
+/// A record under our own daemon id but from another hold (a second process started with the
+/// same id) is never written over: the new incarnation contends until it expires.
+#[test]
+fn a_record_under_our_id_from_another_hold_is_not_reclaimed() {
+    let mut w = served();
+    let impostor = crate::wire::records::DeliveryLease::new("D1", crate::time::UnixMillis(1), true);
+    let echo = w.b.kv_write(
+        &lease_bucket(),
+        "lease.0",
+        KvOperation::Put,
+        json::encode(&impostor),
+    );
+    for input in echo {
+        w.feed(input);
+    }
+    w.run();
+    run_for(&mut w, 40_000);
+    assert_eq!(w.d.counters().lease_lost, 1, "{}", w.log);
+    assert!(w.d.incarnation() >= 1, "{}", w.log);
+    assert_eq!(w.d.counters().lease_reclaims, 0, "{}", w.log);
+    assert_eq!(acquired(&w), 1, "{}", w.log);
+    assert!(!w.d.serving());
+    key_expires(&mut w);
+    run_for(&mut w, 20_000);
+    assert_eq!(acquired(&w), 2, "{}", w.log);
+    assert_eq!(w.d.counters().lease_reclaims, 0, "{}", w.log);
+}
