@@ -939,7 +939,15 @@ impl Delivery {
                     self.sweep_if_revoked(&owner, &channel);
                 }
                 ReaderStep::WriteDirect { batch, owner } => {
-                    if !self.fanout.release_parked(&mut self.cx, batch, &owner) {
+                    let jobs = &self.jobs;
+                    let released = self.fanout.release_parked(
+                        &mut self.cx,
+                        &self.views,
+                        &|owner, channel| jobs.leave_frontier(owner, channel),
+                        batch,
+                        &owner,
+                    );
+                    if released != fanout::Released::Written {
                         self.reader.direct_done(&owner, false);
                     }
                 }

@@ -79,7 +79,7 @@ use crate::wire::config::ConsumerSpec;
 use crate::wire::json;
 use crate::wire::message::CotalMessage;
 use crate::wire::msgid::Plane3MsgId;
-use crate::wire::records::{MemberState, MembershipRecord};
+use crate::wire::records::{MemberState, MembershipRecord, Plane3Entry};
 use crate::wire::shard::Shard;
 use crate::wire::subject::Subject;
 use crate::wire::token::{AgentId, ConcreteChannel, Space};
@@ -147,12 +147,25 @@ enum Write {
     Spill,
 }
 
-/// A copy parked in the DLV gate, written when the read lets it in.
+/// A copy parked in the DLV gate, written when the read lets it in (and the decision, taken
+/// again then, still transfers it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct ParkedCopy {
     msg_id: String,
     payload: Bytes,
-    generation: u64,
+    entry: Plane3Entry,
+}
+
+/// What became of a parked copy when the DLV gate let it in ([`Fanout::release_parked`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Released {
+    /// Written to the owner's DLV.
+    Written,
+    /// The decision no longer transfers it (the owner's ACL narrowed, a leave began, … while it
+    /// waited): spilled to the dinbox, where the reader decides it and counts what it drops.
+    Spilled,
+    /// Nothing parked there any more (the batch ended with the lease or the connection).
+    Gone,
 }
 
 /// A routed copy and how it is written.
@@ -540,11 +553,10 @@ impl Fanout {
         let owner = routed.owner;
         let (path, subject, msg_id, payload) = match write {
             Write::Parked { msg_id, payload } => {
-                let generation = routed.entry.generation;
                 let parked = ParkedCopy {
                     msg_id,
                     payload,
-                    generation,
+                    entry: routed.entry,
                 };
                 b.parked.insert(owner, parked);
                 return;
@@ -592,16 +604,45 @@ impl Fanout {
         });
     }
 
-    /// The DLV gate's read let the copy of `batch` parked for `owner` in: write it now. False
-    /// when nothing is parked there any more (the batch ended with the lease or the
-    /// connection): the gate's place is to be given back.
-    pub(super) fn release_parked(&mut self, cx: &mut Ctx, batch: BatchId, owner: &AgentId) -> bool {
+    /// The DLV gate's read let the copy of `batch` parked for `owner` in: the decision
+    /// ([`judge`]) is taken again on the views of now, and a copy it still transfers is written.
+    /// The views may have moved while the copy waited for the read: a narrowing of the owner's
+    /// ACL, a leave, a new generation. A copy it no longer transfers is spilled to the dinbox,
+    /// where the reader decides it as any spilled copy. Anything but [`Released::Written`] gives
+    /// the gate's place back (the caller's part).
+    pub(super) fn release_parked(
+        &mut self,
+        cx: &mut Ctx,
+        views: &Views,
+        leave_frontier: &dyn Fn(&AgentId, &ConcreteChannel) -> Option<u64>,
+        batch: BatchId,
+        owner: &AgentId,
+    ) -> Released {
         let Some(b) = self.batches.get_mut(&batch) else {
-            return false;
+            return Released::Gone;
         };
         let Some(p) = b.parked.remove(owner) else {
-            return false;
+            return Released::Gone;
         };
+        let (decision, _) = judge(
+            &views.acls,
+            &views.members,
+            leave_frontier(owner, &p.entry.channel),
+            self.reference_gap_g2,
+            owner,
+            &p.entry,
+            1,
+        );
+        if !matches!(decision, Decision::Transfer { .. }) {
+            // Counted once already (at the park); `publish_copy` counts it again.
+            b.outstanding = b.outstanding.saturating_sub(1);
+            let routed = Routed {
+                owner: owner.clone(),
+                entry: p.entry,
+            };
+            self.publish_copy(cx, batch, routed, Write::Spill);
+            return Released::Spilled;
+        }
         let op = cx.op();
         self.pending.insert(
             op,
@@ -609,7 +650,7 @@ impl Fanout {
                 batch,
                 owner: owner.clone(),
                 channel: b.channel.clone(),
-                generation: p.generation,
+                generation: p.entry.generation,
                 path: CopyPath::Direct,
             },
         );
@@ -624,7 +665,7 @@ impl Fanout {
             headers: Vec::new(),
             payload: p.payload,
         });
-        true
+        Released::Written
     }
 
     /// The DLV gate's read found no room in `owner`'s DLV for the copy of `batch` parked there
@@ -647,7 +688,7 @@ impl Fanout {
             owner: owner.clone(),
             channel: channel.clone(),
             seq,
-            generation: p.generation,
+            generation: p.entry.generation,
             unread,
         });
         self.finish_batch_if_done(cx, batch);

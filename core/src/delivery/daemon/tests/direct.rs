@@ -286,3 +286,38 @@ fn a_narrowing_that_races_a_direct_write_is_swept_after_it_lands() {
     // The warm-up copy by the first sweep, this one by the sweep its landing asked for.
     assert_eq!(w.d.counters().dlv_revoked, 2, "{}", w.log);
 }
+
+/// The decision is taken again when the DLV gate lets a parked copy in: a narrowing that arrived
+/// while the copy waited for the owner's consumer read sends it to the reader, which drops it.
+/// The copy never lands in DLV, so no sweep has to take it back.
+#[test]
+fn a_narrowing_while_a_copy_is_parked_is_decided_again_and_the_copy_never_lands() {
+    let mut w = served();
+    members(&mut w, &["alice", "carol"]);
+    let s = w.post("bob", "review", &[]);
+    w.rule(is_dlv_read, Effect::Hold, 2);
+    let d = w.fanout(s, 1);
+    assert_eq!(w.held.len(), 2, "both first copies parked\n{}", w.log);
+    w.note("alice's ACL narrows while her copy is parked");
+    w.acl("alice", &[]);
+    w.release(0, None);
+    w.release(0, None);
+    w.drain_reader();
+    assert_eq!(w.settled(d), vec![AckKind::Ack], "{}", w.log);
+    let alice = format!("m{s}:alice:1");
+    assert!(
+        !w.dlv_ids("alice").contains(&alice),
+        "never written\n{}",
+        w.log
+    );
+    assert!(w.inbox_ids("alice").contains(&alice), "spilled\n{}", w.log);
+    assert!(
+        w.dlv_ids("carol").contains(&format!("m{s}:carol:1")),
+        "carol's copy is written as before\n{}",
+        w.log
+    );
+    let c = w.d.counters();
+    assert_eq!(c.transferred_direct, 1, "carol's only");
+    assert_eq!(c.dropped, 1, "the reader dropped alice's");
+    assert_eq!(c.dlv_revoked, 0, "nothing to take back");
+}
