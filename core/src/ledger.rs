@@ -53,11 +53,19 @@
 //! - a durable copy of a new id is refused and **nakked** with
 //!   [`LedgerConfig::overflow_nak_delay`] ([`Decision::OverflowDeferred`]); JetStream redelivers it
 //!   later, so nothing is lost;
+//! - unless it is itself a **redelivery**: then it takes the place of the newest queued first
+//!   delivery, which is nakked instead ([`Decision::BufferedDisplacing`]). A copy refused once is
+//!   older than the first deliveries that arrive while it waits; refusing it at every redelivery
+//!   would let newer copies take each slot as it frees, and the owner's DLV, capped at 1000 per
+//!   owner with discard-old, would rotate the old copy out before it was ever surfaced: a silent
+//!   loss (G6). Found by `cotal bench` at 200 members (2,000 messages, 2–8 copies of 400,000 in
+//!   every run);
 //! - a live or backfill copy of a new id cannot be asked for again. If some *queued* (not yet
-//!   surfaced) pending entry holds a durable handle, the newest such entry is displaced instead:
-//!   its delivery is nakked (it comes back later) and the live copy takes its place
-//!   ([`Decision::BufferedDisplacing`]). Only when no such entry exists is the live copy dropped,
-//!   and that is reported as a loss ([`Decision::OverflowLost`], [`LedgerCounters::overflow_lost`]).
+//!   surfaced) pending entry holds a durable handle, the newest such entry is displaced instead
+//!   (a first delivery when one is queued): its delivery is nakked (it comes back later) and the
+//!   live copy takes its place ([`Decision::BufferedDisplacing`]). Only when no such entry exists
+//!   is the live copy dropped, and that is reported as a loss ([`Decision::OverflowLost`],
+//!   [`LedgerCounters::overflow_lost`]).
 //!
 //! The bound covers surfaced-but-unsettled ids too: they still hold durable deliveries. An
 //! application that never reports back therefore exerts back-pressure rather than making the ledger
@@ -567,6 +575,28 @@ impl<T> Ledger<T> {
 
         // 4. Full inbox (G31): never ack what was not surfaced.
         if let Some(d) = durable {
+            // A redelivered copy is older than any first delivery queued behind it (a consumer
+            // delivers in stream order, redeliveries first): it takes the place of the newest
+            // queued first delivery. Without this an old copy, refused and nakked, could be
+            // refused again at every redelivery while newer copies take each slot as it frees,
+            // and the owner's DLV cap would rotate it out unread (G6).
+            if d.is_redelivery()
+                && let Some((displaced, handle)) =
+                    self.displace_newest_queued_durable(|h| !h.is_redelivery())
+            {
+                self.push_pending(now, id, source.kind(), Some(d), item);
+                bump(&mut self.counters.overflow_displaced);
+                bump(&mut self.counters.buffered);
+                return Ok(Decision::BufferedDisplacing {
+                    displaced,
+                    nak: Resolution::new(
+                        handle,
+                        Action::Nak {
+                            delay: self.config.overflow_nak_delay,
+                        },
+                    ),
+                });
+            }
             bump(&mut self.counters.overflow_deferred);
             return Ok(Decision::OverflowDeferred {
                 nak: Resolution::new(
@@ -577,7 +607,11 @@ impl<T> Ledger<T> {
                 ),
             });
         }
-        match self.displace_newest_queued_durable() {
+        // A first delivery goes first (it comes back; a redelivered copy has waited already).
+        let victim = self
+            .displace_newest_queued_durable(|h| !h.is_redelivery())
+            .or_else(|| self.displace_newest_queued_durable(|_| true));
+        match victim {
             Some((displaced, handle)) => {
                 self.push_pending(now, id, source.kind(), None, item);
                 bump(&mut self.counters.overflow_displaced);
@@ -630,12 +664,17 @@ impl<T> Ledger<T> {
         debug_assert_eq!(self.order.len(), self.pending.len(), "order index broken");
     }
 
-    /// Removes the newest queued entry that holds a durable handle; returns its id and handle.
-    fn displace_newest_queued_durable(&mut self) -> Option<(MessageId, DeliveryId)> {
+    /// Removes the newest queued entry whose durable handle `may_displace`; returns its id and
+    /// handle.
+    fn displace_newest_queued_durable(
+        &mut self,
+        may_displace: impl Fn(&DurableDelivery) -> bool,
+    ) -> Option<(MessageId, DeliveryId)> {
         let (seq, id) = self.order.iter().rev().find_map(|(seq, id)| {
             let entry = self.pending.get(id)?;
-            (matches!(entry.stage, Stage::Queued(_)) && entry.handle.is_some())
-                .then(|| (*seq, id.clone()))
+            (matches!(entry.stage, Stage::Queued(_))
+                && entry.handle.as_ref().is_some_and(&may_displace))
+            .then(|| (*seq, id.clone()))
         })?;
         self.order.remove(&seq);
         let entry = self.pending.remove(&id)?;

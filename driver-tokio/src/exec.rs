@@ -106,13 +106,16 @@ pub struct ExecutorConfig {
     /// Timeout of JetStream API calls (info, get, consumer create, double ack).
     pub api_timeout: Duration,
     /// `expires` of each pull request of a durable consumer.
+    ///
+    /// A pull asks for **no idle heartbeat**. async-nats 0.51's one-shot `Batch` (the pull used
+    /// here) never notices a missed heartbeat, and when a heartbeat status does arrive it returns
+    /// `Pending` without registering a wake-up: the messages that follow sit unread until the
+    /// batch's own timer (`expires` + 5 s) ends it, and whatever it still buffers then is dropped
+    /// with its subscription, so the server redelivers it only after the consumer's `ack_wait`.
+    /// Session 12 asked for a 5 s heartbeat; `cotal bench` at 200 members then lost 2–8 copies of
+    /// 400,000 in every run (copies waiting out `ack_wait` while newer ones rotated them out of
+    /// the owner's DLV), and none with the heartbeat removed.
     pub pull_expires: Duration,
-    /// The idle heartbeat each pull request asks the server for (zero: none, below half of
-    /// `pull_expires`). Two missed in a row end the feed (`ConsumerEnded`): the pull request is
-    /// gone with a consumer leader that moved (a cluster node killed), which would otherwise
-    /// hold the feed silent until `pull_expires`. The machine reopens the feed, and the daemon
-    /// reads back what the lost pull had taken (`cotal_core::delivery::stranded`).
-    pub pull_heartbeat: Duration,
     /// How long a JetStream publish waits for its PubAck before its outcome is `Unknown`. Keep it
     /// below the `ack_wait` of any consumer whose delivery a publish settles (fan-out's 60 s),
     /// so an unknown write is naked, not redelivered behind our back.
@@ -130,7 +133,6 @@ impl Default for ExecutorConfig {
             refusal_sentinel: None,
             api_timeout: Duration::from_secs(5),
             pull_expires: Duration::from_secs(30),
-            pull_heartbeat: Duration::from_secs(5),
             publish_ack_timeout: Duration::from_secs(20),
             publish_window: 1024,
         }
@@ -1079,7 +1081,6 @@ impl Actor {
                     flow: flow.clone(),
                     api_timeout: self.config.api_timeout,
                     pull_expires: self.config.pull_expires,
-                    pull_heartbeat: self.config.pull_heartbeat,
                 };
                 let pubs = vec![job.spec.create_request().subject, job.spec.info_subject()];
                 self.spawn_feed(op, sub, FeedKind::Consumer, flow, pubs, move |sink| {
@@ -1771,7 +1772,6 @@ struct ConsumeJob {
     flow: Option<Arc<Semaphore>>,
     api_timeout: Duration,
     pull_expires: Duration,
-    pull_heartbeat: Duration,
 }
 
 async fn consume(job: ConsumeJob, sink: FeedSink) {
@@ -1842,14 +1842,12 @@ async fn consume(job: ConsumeJob, sink: FeedSink) {
             None => job.window,
         };
         let started = tokio::time::Instant::now();
-        let mut pull = consumer
+        let batch = consumer
             .batch()
             .max_messages(asked)
-            .expires(job.pull_expires);
-        if !job.pull_heartbeat.is_zero() && job.pull_heartbeat < job.pull_expires / 2 {
-            pull = pull.heartbeat(job.pull_heartbeat);
-        }
-        let batch = pull.messages().await;
+            .expires(job.pull_expires)
+            .messages()
+            .await;
         let mut got = 0;
         let mut ended: Option<String> = None;
         match batch {

@@ -72,9 +72,11 @@ pub enum Decision {
     /// A new id: the copy is pending and will be returned by
     /// [`Ledger::surface`](super::Ledger::surface).
     Buffered,
-    /// A new id from a live or backfill copy, admitted to a full inbox by deferring the newest
-    /// queued entry that holds a durable handle: that entry is dropped unsurfaced and its delivery
-    /// nakked, so JetStream brings it back later.
+    /// A new id admitted to a full inbox by deferring the newest queued entry that holds a durable
+    /// handle: that entry is dropped unsurfaced and its delivery nakked, so JetStream brings it
+    /// back later. The copy admitted is a live or backfill copy (the victim is a first delivery
+    /// when one is queued, else any), or a redelivered durable copy (the victim is a first
+    /// delivery only).
     BufferedDisplacing {
         /// The id whose queued entry was deferred.
         displaced: MessageId,

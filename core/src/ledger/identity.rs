@@ -100,6 +100,11 @@ impl DurableDelivery {
         }
     }
 
+    /// Whether JetStream says this is a redelivery (a delivery count above 1).
+    pub fn is_redelivery(&self) -> bool {
+        self.delivery_count.is_some_and(|n| n > 1)
+    }
+
     /// Whether `self` and `other` are certainly different stream messages.
     pub(super) fn distinct_message_from(&self, other: &DurableDelivery) -> bool {
         matches!((self.stream_seq, other.stream_seq), (Some(a), Some(b)) if a != b)

@@ -637,3 +637,140 @@ fn restore_rejects_unknown_versions_and_repeated_ids() {
         LedgerError::SnapshotDuplicate { id: mid("a") }
     );
 }
+
+// ---- Overflow fairness: a redelivered copy is not refused forever (G6) ----
+
+/// A durable copy of stream message `seq`, delivered for the `count`th time.
+fn dlv_nth(h: u64, seq: u64, count: u64) -> CopySource {
+    CopySource::Durable(
+        DurableDelivery::new(DeliveryId(h))
+            .with_stream_seq(seq)
+            .with_delivery_count(count),
+    )
+}
+
+#[test]
+fn a_redelivered_copy_takes_the_place_of_the_newest_queued_first_delivery() {
+    let mut l = small(3, 10);
+    let _ = l.ingest(t(1), mid("b"), dlv_nth(2, 20, 1), "x").unwrap();
+    let _ = l.ingest(t(2), mid("c"), dlv_nth(3, 30, 1), "x").unwrap();
+    let _ = l.ingest(t(3), mid("d"), dlv_nth(4, 40, 1), "x").unwrap();
+    // "a" (stream seq 10) was refused before, while the inbox was full; it comes back.
+    let d = l.ingest(t(4), mid("a"), dlv_nth(1, 10, 2), "x").unwrap();
+    assert_eq!(
+        d,
+        Decision::BufferedDisplacing {
+            displaced: mid("d"),
+            nak: Resolution::new(
+                DeliveryId(4),
+                Action::Nak {
+                    delay: Duration::from_millis(250)
+                }
+            )
+        }
+    );
+    assert!(l.is_pending(&mid("a")));
+    assert_eq!(l.held_handle(&mid("a")), Some(DeliveryId(1)));
+    // "d" comes back as a redelivery: it displaces "c", the newest first delivery left.
+    let d = l.ingest(t(5), mid("d"), dlv_nth(5, 40, 2), "x").unwrap();
+    assert!(matches!(
+        d,
+        Decision::BufferedDisplacing { ref displaced, .. } if *displaced == mid("c")
+    ));
+    // "c" comes back: only redeliveries and "b" are queued; "b" goes.
+    let d = l.ingest(t(6), mid("c"), dlv_nth(6, 30, 2), "x").unwrap();
+    assert!(matches!(
+        d,
+        Decision::BufferedDisplacing { ref displaced, .. } if *displaced == mid("b")
+    ));
+    // Now every queued entry is a redelivery: a redelivery is refused, never displacing one.
+    let d = l.ingest(t(7), mid("b"), dlv_nth(7, 20, 2), "x").unwrap();
+    assert!(matches!(d, Decision::OverflowDeferred { .. }), "{d:?}");
+    assert_eq!(l.counters().overflow_displaced, 3);
+}
+
+#[test]
+fn a_first_delivery_never_displaces_anything() {
+    let mut l = small(2, 10);
+    let _ = l.ingest(t(1), mid("a"), dlv_nth(1, 10, 1), "x").unwrap();
+    let _ = l.ingest(t(2), mid("b"), dlv_nth(2, 20, 1), "x").unwrap();
+    let d = l.ingest(t(3), mid("c"), dlv_nth(3, 30, 1), "x").unwrap();
+    assert!(matches!(d, Decision::OverflowDeferred { .. }), "{d:?}");
+}
+
+#[test]
+fn a_live_copy_displaces_a_first_delivery_before_a_redelivered_one() {
+    let mut l = small(2, 10);
+    let _ = l.ingest(t(1), mid("a"), dlv_nth(1, 10, 1), "x").unwrap();
+    let _ = l.ingest(t(2), mid("b"), dlv_nth(2, 20, 3), "x").unwrap();
+    let d = l.ingest(t(3), mid("c"), CopySource::Live, "x").unwrap();
+    assert!(matches!(
+        d,
+        Decision::BufferedDisplacing { ref displaced, .. } if *displaced == mid("a")
+    ));
+    // Only a redelivered entry is queued now: it is displaced rather than the live copy lost.
+    let d = l.ingest(t(4), mid("e"), CopySource::Live, "x").unwrap();
+    assert!(matches!(
+        d,
+        Decision::BufferedDisplacing { ref displaced, .. } if *displaced == mid("b")
+    ));
+}
+
+/// The starvation the rule removes: an inbox kept full by a steady flow of first deliveries
+/// (each slot taken as it frees), and one old copy refused at the full inbox. It is admitted at
+/// its first redelivery, and surfaced within one inbox's worth of surfacings.
+#[test]
+fn an_old_copy_is_admitted_at_its_redelivery_under_a_steady_flow_of_newer_ones() {
+    let max = 4;
+    let mut l = small(max, 64);
+    let mut next_seq = 100;
+    let mut h = 1000;
+    for _ in 0..max {
+        next_seq += 1;
+        h += 1;
+        let _ = l
+            .ingest(
+                t(1),
+                mid(&format!("n{next_seq}")),
+                dlv_nth(h, next_seq, 1),
+                "x",
+            )
+            .unwrap();
+    }
+    let old = mid("old");
+    let d = l.ingest(t(2), old.clone(), dlv_nth(1, 1, 1), "x").unwrap();
+    assert!(matches!(d, Decision::OverflowDeferred { .. }));
+    let mut surfaced_old_at = None;
+    for round in 0..20u64 {
+        let now = t(10 + round);
+        // The application takes one copy and handles it; a newer copy takes the slot at once.
+        let items = l.surface(now, 1);
+        for it in &items {
+            if it.id == old {
+                surfaced_old_at = Some(round);
+            }
+            let _ = l.handled(now, &it.id).unwrap();
+        }
+        next_seq += 1;
+        h += 1;
+        let _ = l
+            .ingest(
+                now,
+                mid(&format!("n{next_seq}")),
+                dlv_nth(h, next_seq, 1),
+                "x",
+            )
+            .unwrap();
+        if round == 2 {
+            // The old copy's redelivery, while the inbox is full again.
+            assert_eq!(l.pending_len(), max);
+            let d = l.ingest(now, old.clone(), dlv_nth(2, 1, 2), "x").unwrap();
+            assert!(
+                matches!(d, Decision::BufferedDisplacing { .. }),
+                "admitted at its redelivery: {d:?}"
+            );
+        }
+    }
+    let at = surfaced_old_at.expect("the old copy surfaced");
+    assert!(at <= 2 + max as u64, "surfaced at round {at}");
+}

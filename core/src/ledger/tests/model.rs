@@ -26,7 +26,7 @@ enum Src {
     Backfill,
     /// A durable copy with a fresh handle and, maybe, a stream sequence from a small pool (so both
     /// "same message" and "distinct message" supersessions happen).
-    Durable(Option<u8>),
+    Durable(Option<u8>, bool),
 }
 
 #[derive(Clone, Debug)]
@@ -44,7 +44,8 @@ fn src() -> impl Strategy<Value = Src> {
     prop_oneof![
         3 => Just(Src::Live),
         1 => Just(Src::Backfill),
-        4 => proptest::option::of(0u8..3).prop_map(Src::Durable),
+        4 => (proptest::option::of(0u8..3), proptest::bool::weighted(0.3))
+            .prop_map(|(seq, redelivered)| Src::Durable(seq, redelivered)),
     ]
 }
 
@@ -82,8 +83,8 @@ struct MEntry {
     item: u32,
     surfaced: bool,
     origin: SourceKind,
-    /// (handle, stream seq) of the latest durable copy since the entry was created.
-    handle: Option<(DeliveryId, Option<u8>)>,
+    /// (handle, stream seq, redelivered) of the latest durable copy since the entry was created.
+    handle: Option<(DeliveryId, Option<u8>, bool)>,
 }
 
 /// The model: the documented rules, with vectors and linear scans.
@@ -108,12 +109,12 @@ impl Model {
         &mut self,
         id: u8,
         kind: SourceKind,
-        d: Option<(DeliveryId, Option<u8>)>,
+        d: Option<(DeliveryId, Option<u8>, bool)>,
         item: u32,
     ) -> Decision {
         if self.settled(id) {
             return Decision::SettledDuplicate {
-                ack: d.map(|(h, _)| Resolution::new(h, Action::Ack)),
+                ack: d.map(|(h, _, _)| Resolution::new(h, Action::Ack)),
             };
         }
         if let Some(p) = self.pos(id) {
@@ -123,7 +124,7 @@ impl Model {
             let old = self.pending[p].handle.replace(fresh);
             return match old {
                 None => Decision::HandleUpgraded,
-                Some((oh, oseq)) => {
+                Some((oh, oseq, _)) => {
                     let distinct = matches!((oseq, fresh.1), (Some(a), Some(b)) if a != b);
                     Decision::HandleReplaced {
                         superseded: Resolution::new(
@@ -149,14 +150,32 @@ impl Model {
             self.pending.push(entry);
             return Decision::Buffered;
         }
-        if let Some((h, _)) = d {
+        // The newest queued entry with a durable handle that is a first delivery (`Some(false)`)
+        // or any (`None`).
+        let newest_queued = |pending: &[MEntry], redelivered: Option<bool>| {
+            (0..pending.len()).rev().find(|&i| {
+                !pending[i].surfaced
+                    && pending[i]
+                        .handle
+                        .is_some_and(|(_, _, r)| redelivered.is_none_or(|want| r == want))
+            })
+        };
+        if let Some((h, _, redelivered)) = d {
+            // A redelivery takes the place of the newest queued first delivery, if any.
+            if redelivered && let Some(i) = newest_queued(&self.pending, Some(false)) {
+                let v = self.pending.remove(i);
+                self.pending.push(entry);
+                return Decision::BufferedDisplacing {
+                    displaced: name(v.id),
+                    nak: Resolution::new(v.handle.unwrap().0, Action::Nak { delay: NAK }),
+                };
+            }
             return Decision::OverflowDeferred {
                 nak: Resolution::new(h, Action::Nak { delay: NAK }),
             };
         }
-        let victim = (0..self.pending.len())
-            .rev()
-            .find(|&i| !self.pending[i].surfaced && self.pending[i].handle.is_some());
+        let victim = newest_queued(&self.pending, Some(false))
+            .or_else(|| newest_queued(&self.pending, None));
         match victim {
             Some(i) => {
                 let v = self.pending.remove(i);
@@ -192,7 +211,7 @@ impl Model {
         Ok(Settled {
             id: name(id),
             settlement: how,
-            ack: e.handle.map(|(h, _)| Resolution::new(h, Action::Ack)),
+            ack: e.handle.map(|(h, _, _)| Resolution::new(h, Action::Ack)),
             evicted,
         })
     }
@@ -233,7 +252,7 @@ impl Book {
                     model.settled(id)
                         || model.pos(id).is_some_and(|p| {
                             matches!(model.pending[p].handle,
-                                Some((h, s)) if h != r.delivery
+                                Some((h, s, _)) if h != r.delivery
                                     && matches!((s, seq), (Some(a), Some(b)) if a != b))
                         })
                 });
@@ -263,7 +282,7 @@ fn check(ledger: &Ledger<u32>, model: &Model, book: &Book) {
     for e in &model.pending {
         assert_eq!(
             ledger.held_handle(&name(e.id)),
-            e.handle.map(|(h, _)| h),
+            e.handle.map(|(h, _, _)| h),
             "I24 for m{}",
             e.id
         );
@@ -301,13 +320,14 @@ fn run(max: usize, cap: usize, ops: &[Op]) {
                 let (source, d) = match s {
                     Src::Live => (CopySource::Live, None),
                     Src::Backfill => (CopySource::Backfill, None),
-                    Src::Durable(seq) => {
+                    Src::Durable(seq, redelivered) => {
                         let h = book.fresh(Some(i), seq);
-                        let mut dd = DurableDelivery::new(h).with_delivery_count(1);
+                        let count = if redelivered { 2 } else { 1 };
+                        let mut dd = DurableDelivery::new(h).with_delivery_count(count);
                         if let Some(seq) = seq {
                             dd = dd.with_stream_seq(u64::from(seq));
                         }
-                        (CopySource::Durable(dd), Some((h, seq)))
+                        (CopySource::Durable(dd), Some((h, seq, redelivered)))
                     }
                 };
                 let got = ledger.ingest(now, name(i), source, item).unwrap();
