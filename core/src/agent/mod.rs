@@ -503,6 +503,7 @@ impl Agent {
             counters: self.cx.counters,
             losses: self.loss_poll.ledger().cloned(),
             ledger: *self.receiver.ledger().counters(),
+            waiting: self.receiver.waiting_len(),
         }
     }
 

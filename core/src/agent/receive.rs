@@ -11,8 +11,19 @@
 //!   consumer's filter captures; bad JSON and a foreign subject are terminated as malformed, a
 //!   spoof is terminated, our own echo is acked.
 //! - A live copy a full ledger refuses is a loss ([`AgentEvent::Lost`]) unless its channel's
-//!   backstop is established: then its durable twin is coming ([`AgentEvent::LiveCopyShed`]).
-//!   The parent says which channels are established (the `established` argument).
+//!   backstop is established: then its durable twin is coming ([`AgentEvent::LiveCopyShed`]),
+//!   and it is shed without displacing anything. The parent says which channels are established
+//!   (the `established` argument).
+//! - **The waiting room.** A durable copy of a new id that a full ledger cannot take is not
+//!   nakked: it waits here, unsettled and oldest first, and enters the ledger as soon as the
+//!   application settles something (at most one ledger's worth wait; past that the ledger naks).
+//!   An unsettled delivery keeps its slot in the consumer's window, so the consumer stops
+//!   delivering to a member whose application is behind, and its acks stay in stream order.
+//!   A nak would let the consumer move on: newer copies acked while an older one waits out the
+//!   nak delay. An owner's DLV keeps 1000 copies (discard-old), and the daemon's DLV gate counts
+//!   only unread copies, so at a few hundred copies per second the older copy was rotated out
+//!   unread before it came back: a silent loss (G6; `cotal bench` at 50 members lost up to 237
+//!   copies of 100,000).
 //!
 //! - **Owns:** the ledger, and the settles in flight (by op id).
 //! - **Issues:** `Settle` (ack / nak / term, unconfirmed: no decision waits on it).
@@ -33,7 +44,7 @@ use crate::wire::message::{CotalMessage, Route};
 use crate::wire::subject::{DeliveryKind, Subject};
 use crate::wire::token::{ConcreteChannel, Role};
 use bytes::Bytes;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 
 /// A durable delivery as the parent's feed received it.
 pub(super) struct DlvDelivery {
@@ -44,12 +55,22 @@ pub(super) struct DlvDelivery {
     pub(super) payload: Bytes,
 }
 
+/// A durable copy the full ledger could not take yet (see the module docs).
+#[derive(Debug)]
+struct Waiting {
+    id: MessageId,
+    source: CopySource,
+    arrival: Arrival,
+}
+
 /// The receiving side. See the module docs.
 #[derive(Debug)]
 pub(super) struct Receiver {
     ledger: Ledger<Arrival>,
     /// Settles in flight.
     settles: BTreeSet<OpId>,
+    /// Durable copies waiting for room in the ledger, oldest first (at most `max_pending`).
+    waiting: VecDeque<Waiting>,
 }
 
 impl Receiver {
@@ -58,6 +79,29 @@ impl Receiver {
         Receiver {
             ledger,
             settles: BTreeSet::new(),
+            waiting: VecDeque::new(),
+        }
+    }
+
+    /// Durable copies waiting for room in the ledger.
+    pub(super) fn waiting_len(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Whether the ledger would refuse a copy of `id` for want of room (a new id, a full ledger).
+    fn no_room_for(&self, id: &MessageId) -> bool {
+        self.ledger.pending_len() >= self.ledger.config().max_pending
+            && !self.ledger.is_pending(id)
+            && self.ledger.settlement(id).is_none()
+    }
+
+    /// Moves waiting copies into the ledger, oldest first, while it has room.
+    fn admit_waiting(&mut self, cx: &mut Ctx, now: Now) {
+        while self.ledger.pending_len() < self.ledger.config().max_pending {
+            let Some(w) = self.waiting.pop_front() else {
+                break;
+            };
+            self.to_ledger(cx, now, w.id, w.source, w.arrival, false);
         }
     }
 
@@ -93,7 +137,9 @@ impl Receiver {
         id: &MessageId,
     ) -> Result<(), AgentError> {
         let settled = self.ledger.handled(now.at, id);
-        self.ack_settled(cx, settled)
+        self.ack_settled(cx, settled)?;
+        self.admit_waiting(cx, now);
+        Ok(())
     }
 
     /// The application declined `id`: ack it, remember it, never surface it again.
@@ -104,7 +150,9 @@ impl Receiver {
         id: &MessageId,
     ) -> Result<(), AgentError> {
         let settled = self.ledger.decline(now.at, id);
-        self.ack_settled(cx, settled)
+        self.ack_settled(cx, settled)?;
+        self.admit_waiting(cx, now);
+        Ok(())
     }
 
     /// Sends the ack a settlement carries (the durable copy's, if the entry held one).
@@ -206,7 +254,6 @@ impl Receiver {
         // it, I5): shedding it under overflow costs latency, not the message.
         let twin_coming =
             matches!(source, CopySource::Live) && channel.as_ref().is_some_and(established);
-        let shed_channel = channel.clone();
         let arrival = Arrival {
             message: msg,
             channel,
@@ -215,24 +262,63 @@ impl Receiver {
             kind,
             role,
         };
+        if self.no_room_for(&id) {
+            if twin_coming {
+                // Its durable twin is coming: shed it, displacing nothing.
+                self.shed_live(cx, &id, arrival.channel);
+                return;
+            }
+            if matches!(source, CopySource::Durable(_))
+                && self.waiting.len() < self.ledger.config().max_pending
+            {
+                bump(&mut cx.counters.durable_copies_waited);
+                self.waiting.push_back(Waiting {
+                    id,
+                    source,
+                    arrival,
+                });
+                return;
+            }
+        }
+        self.to_ledger(cx, now, id, source, arrival, twin_coming);
+    }
+
+    /// A live copy refused for want of room whose durable twin is coming.
+    fn shed_live(&mut self, cx: &mut Ctx, id: &MessageId, channel: Option<ConcreteChannel>) {
+        let Some(channel) = channel else {
+            return;
+        };
+        bump(&mut cx.counters.live_copies_shed);
+        cx.events.push_back(AgentEvent::LiveCopyShed {
+            id: id.as_str().to_owned(),
+            channel,
+        });
+    }
+
+    /// Hands one copy to the ledger and carries out its decision.
+    fn to_ledger(
+        &mut self,
+        cx: &mut Ctx,
+        now: Now,
+        id: MessageId,
+        source: CopySource,
+        arrival: Arrival,
+        twin_coming: bool,
+    ) {
+        let shed_channel = arrival.channel.clone();
         match self.ledger.ingest(now.at, id.clone(), source, arrival) {
             Ok(decision) => {
                 if let Some(r) = decision.resolution() {
                     self.resolve(cx, r);
                 }
                 if decision == Decision::OverflowLost {
-                    match shed_channel.filter(|_| twin_coming) {
-                        Some(channel) => {
-                            bump(&mut cx.counters.live_copies_shed);
-                            cx.events.push_back(AgentEvent::LiveCopyShed {
-                                id: id.as_str().to_owned(),
-                                channel,
-                            });
-                        }
-                        None => cx.events.push_back(AgentEvent::Lost {
+                    if twin_coming {
+                        self.shed_live(cx, &id, shed_channel);
+                    } else {
+                        cx.events.push_back(AgentEvent::Lost {
                             id: id.as_str().to_owned(),
                             reason: "receiver inbox full".into(),
-                        }),
+                        });
                     }
                 }
                 if decision.is_buffered() {

@@ -2941,3 +2941,99 @@ fn a_barrier_answered_before_its_subscribe_still_confirms_the_join() {
     }
     assert_eq!(w.agent.joined(), vec![ch("ops")], "{}", w.log);
 }
+
+/// The waiting room (issue 17, G6): durable copies a full ledger cannot take are held unsettled,
+/// oldest first, and taken as the application settles: never nakked, so the consumer cannot
+/// move past them (a nak let newer copies be acked while an older one waited out the nak delay,
+/// and the owner's DLV cap rotated it out unread).
+#[test]
+fn durable_copies_a_full_ledger_cannot_take_wait_unsettled_and_enter_oldest_first() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.agent.join(w.now, ch("review.db")).unwrap();
+    w.run();
+    let max = crate::constants::MAX_INBOX;
+    for i in 0..max {
+        let m = w.post("alice", "review.db", &format!("fill{i}"));
+        w.live(&m);
+    }
+    let settles_before = w.settles.len();
+    let late: Vec<_> = (0..3)
+        .map(|i| w.post("alice", "review.db", &format!("late{i}")))
+        .collect();
+    let deliveries: Vec<_> = late.iter().map(|m| w.dlv(m, 1)).collect();
+    assert_eq!(
+        w.settles.len(),
+        settles_before,
+        "nothing nakked: {:?}",
+        &w.settles[settles_before..]
+    );
+    let h = w.agent.health();
+    assert_eq!(h.waiting, 3);
+    assert_eq!(h.counters.durable_copies_waited, 3);
+    assert_eq!(h.ledger.overflow_deferred, 0);
+    // A live copy of a waiting id (its twin) is shed, displacing nothing.
+    let mark = w.log.len();
+    w.live(&late[0]);
+    assert!(
+        w.events_since(mark)
+            .contains(r#"LiveCopyShed { id: "late0""#)
+    );
+    assert_eq!(w.settles.len(), settles_before, "no displacement nak");
+    // The application takes and handles two: the two oldest waiting copies enter.
+    let items = w.agent.take_messages(w.now, 2);
+    for it in &items {
+        w.agent.handled(w.now, &it.id).unwrap();
+    }
+    w.run();
+    assert_eq!(w.agent.health().waiting, 1);
+    let rest = w.agent.take_messages(w.now, 10_000);
+    let ids: Vec<&str> = rest.iter().map(|it| it.id.as_str()).collect();
+    let pos = |id: &str| ids.iter().position(|x| *x == id);
+    assert!(pos("late0").is_some() && pos("late1").is_some(), "{ids:?}");
+    assert!(pos("late0") < pos("late1"), "oldest first: {ids:?}");
+    assert!(pos("late2").is_none(), "still waiting: {ids:?}");
+    for it in &rest {
+        w.agent.handled(w.now, &it.id).unwrap();
+    }
+    w.run();
+    assert_eq!(w.agent.health().waiting, 0);
+    let last = w.agent.take_messages(w.now, 10);
+    assert_eq!(
+        last.iter().map(|it| it.id.as_str()).collect::<Vec<_>>(),
+        ["late2"]
+    );
+    w.agent.handled(w.now, &last[0].id).unwrap();
+    w.run();
+    // Every waiting copy was acked once, after it was handled.
+    for d in deliveries {
+        let acks: Vec<_> = w.settles.iter().filter(|(x, _)| *x == d).collect();
+        assert_eq!(acks, [&(d, AckKind::Ack)], "{:?}", w.settles);
+    }
+}
+
+/// Past one ledger's worth of waiting copies the ledger naks as before (the memory bound).
+#[test]
+fn the_waiting_room_holds_at_most_one_ledgers_worth_then_the_ledger_naks() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.agent.join(w.now, ch("review.db")).unwrap();
+    w.run();
+    let max = crate::constants::MAX_INBOX;
+    for i in 0..max {
+        let m = w.post("alice", "review.db", &format!("fill{i}"));
+        w.live(&m);
+    }
+    for i in 0..=max {
+        let m = w.post("alice", "review.db", &format!("late{i}"));
+        w.dlv(&m, 1);
+    }
+    let h = w.agent.health();
+    assert_eq!(h.waiting, max);
+    assert_eq!(h.ledger.overflow_deferred, 1);
+    assert!(
+        matches!(w.settles.last(), Some((_, AckKind::Nak { .. }))),
+        "{:?}",
+        w.settles.last()
+    );
+}

@@ -298,6 +298,10 @@ pub struct AgentCounters {
     /// Live copies a full ledger refused on a channel with an established backstop
     /// ([`AgentEvent::LiveCopyShed`]): delayed, not lost.
     pub live_copies_shed: u64,
+    /// Durable copies a full ledger could not take at once: held unsettled in the receiver's
+    /// waiting room, oldest first, until the application made room (no nak: their consumer
+    /// waits, and acks stay in stream order).
+    pub durable_copies_waited: u64,
     /// `dm_<id>` / `svc_<role>` binds that failed, or consumers that ended (each retried with
     /// backoff, unlike the reference's bind-once, G20).
     pub direct_bind_failures: u64,
@@ -365,6 +369,9 @@ pub struct AgentHealth {
     pub counters: AgentCounters,
     /// The ledger's counters.
     pub ledger: LedgerCounters,
+    /// Durable copies waiting, unsettled, for room in the full ledger (the receiver's waiting
+    /// room, at most the ledger's `max_pending`).
+    pub waiting: usize,
     /// Our loss record as last read (`None` until one was read): every range of copies the
     /// daemon could not deliver to us ([`crate::delivery::losses`]).
     pub losses: Option<LossLedger>,
