@@ -101,7 +101,7 @@ impl Receiver {
             let Some(w) = self.waiting.pop_front() else {
                 break;
             };
-            self.to_ledger(cx, now, w.id, w.source, w.arrival, false);
+            self.hand_to_ledger(cx, now, w.id, w.source, w.arrival, false);
         }
     }
 
@@ -280,7 +280,7 @@ impl Receiver {
                 return;
             }
         }
-        self.to_ledger(cx, now, id, source, arrival, twin_coming);
+        self.hand_to_ledger(cx, now, id, source, arrival, twin_coming);
     }
 
     /// A live copy refused for want of room whose durable twin is coming.
@@ -296,7 +296,7 @@ impl Receiver {
     }
 
     /// Hands one copy to the ledger and carries out its decision.
-    fn to_ledger(
+    fn hand_to_ledger(
         &mut self,
         cx: &mut Ctx,
         now: Now,
