@@ -3037,3 +3037,33 @@ fn the_waiting_room_holds_at_most_one_ledgers_worth_then_the_ledger_naks() {
         w.settles.last()
     );
 }
+
+/// A decline settles as a handle does: the declined copy is acked, and a waiting durable copy
+/// takes its place in the ledger.
+#[test]
+fn a_decline_acks_the_copy_and_lets_a_waiting_copy_in() {
+    let mut w = World::new(&[]);
+    w.connect();
+    w.agent.join(w.now, ch("review.db")).unwrap();
+    w.run();
+    let max = crate::constants::MAX_INBOX;
+    let fills: Vec<_> = (0..max)
+        .map(|i| w.post("alice", "review.db", &format!("fill{i}")))
+        .collect();
+    let first = w.dlv(&fills[0], 1);
+    for m in &fills[1..] {
+        w.live(m);
+    }
+    let late = w.post("alice", "review.db", "late");
+    w.dlv(&late, 1);
+    assert_eq!(w.agent.health().waiting, 1);
+    w.agent.decline(w.now, &MessageId::from("fill0")).unwrap();
+    w.run();
+    assert_eq!(w.agent.health().waiting, 0, "the waiting copy entered");
+    assert!(
+        w.settles.contains(&(first, AckKind::Ack)),
+        "the declined durable copy is acked: {:?}",
+        w.settles
+    );
+    assert_eq!(w.agent.health().ledger.declined, 1);
+}

@@ -701,13 +701,11 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     }
 
     let steps = schedule(&args, &kinds);
-    // With stuck-member, every DLV write as it is stored (the subjects keep only 1000 copies,
-    // too few to judge the rates at the end of the run).
-    let tap = if kinds.contains(&Fault::StuckMember) {
-        Some(DlvTap::start(&js, &space, &ids, stop_rx.clone()).await?)
-    } else {
-        None
-    };
+    // Every DLV write as it is stored: the subjects keep only 1000 copies each, too few at the
+    // end of a long run to judge a stuck member's rates or to time the recovery from faults
+    // early in the run (session 13: an hour's soak had lost the store times of all but its last
+    // faults' copies, so their heals read 0.0).
+    let tap = DlvTap::start(&js, &space, &ids, stop_rx.clone()).await?;
     let start = Instant::now();
     let (pub_stop_tx, pub_stop_rx) = watch::channel(false);
     let pub_task = tokio::spawn(publisher(
@@ -1223,22 +1221,34 @@ async fn run(args: ChaosArgs) -> Result<ExitCode, String> {
     drop(daemon);
     drop(standby);
     let duplicates_suppressed = durable_total.saturating_sub(via_dlv);
-    // Recovery, from when each owed copy was acked and when DLV stored it.
+    let tapped = tap.task.await.map_err(|e| format!("DLV tap: {e}"))?;
+    // Recovery, from when each owed copy was acked and when DLV first stored it (the tap's time,
+    // else the end read's, for the copies the cap has not rotated out).
+    let first_stored = |slot: usize, id: &str| -> Option<u64> {
+        let tapped = tapped
+            .first_stored
+            .get(slot)
+            .and_then(|d| d.get(id).copied());
+        let read = durable.get(slot).and_then(|d| d.get(id).copied());
+        match (tapped, read) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    };
+    let acked = &acked_at;
+    let first_stored = &first_stored;
     let pairs: Vec<(u64, u64)> = owed
         .iter()
-        .zip(&durable)
-        .flat_map(|(o, d)| {
-            o.expected
-                .iter()
-                .filter_map(|(id, _)| Some((*acked_at.get(id.as_str())?, *d.get(id)?)))
+        .enumerate()
+        .flat_map(|(slot, o)| {
+            o.expected.iter().filter_map(move |(id, _)| {
+                Some((*acked.get(id.as_str())?, first_stored(slot, id)?))
+            })
         })
         .collect();
     let recovery = Recovery::measure(&marks, &pairs);
-    if let Some(tap) = tap {
-        let stored = tap.task.await.map_err(|e| format!("DLV tap: {e}"))?;
-        for (stall, f) in stalls.iter().zip(stuck.iter_mut()) {
-            stuck_rates(stall, &stored, &owed, &acked_at, f);
-        }
+    for (stall, f) in stalls.iter().zip(stuck.iter_mut()) {
+        stuck_rates(stall, &tapped.writes, &owed, &acked_at, f);
     }
     // The stall that hurt the others most (the lowest ratio) is the headline.
     let worst = stuck.iter().min_by(|a, b| {
@@ -1586,7 +1596,14 @@ fn backlog_text(b: Option<DlvBacklog>) -> String {
 /// is stored (an ordered push consumer from the run's start): what the `stuck-member` rates are
 /// counted from.
 struct DlvTap {
-    task: tokio::task::JoinHandle<Vec<(usize, u64)>>,
+    task: tokio::task::JoinHandle<Tapped>,
+}
+
+/// What the DLV tap saw: every write as `(member slot, store ms)`, and per member the first
+/// store time of each message id.
+struct Tapped {
+    writes: Vec<(usize, u64)>,
+    first_stored: Vec<DlvCopies>,
 }
 
 impl DlvTap {
@@ -1620,7 +1637,10 @@ impl DlvTap {
             .map_err(|e| format!("{name} tap: {e}"))?;
         let ids: Vec<String> = ids.iter().map(|i| i.as_str().to_owned()).collect();
         let task = tokio::spawn(async move {
-            let mut out = Vec::new();
+            let mut out = Tapped {
+                writes: Vec::new(),
+                first_stored: vec![DlvCopies::new(); ids.len()],
+            };
             loop {
                 tokio::select! {
                     _ = stop.changed() => break,
@@ -1632,7 +1652,13 @@ impl DlvTap {
                                     .unwrap_or(0)
                             });
                             if let Some(slot) = ids.iter().position(|id| id == owner) {
-                                out.push((slot, stored_ms));
+                                out.writes.push((slot, stored_ms));
+                                let id = serde_json::from_slice::<serde_json::Value>(&m.payload)
+                                    .ok()
+                                    .and_then(|v| v.get("id")?.as_str().map(str::to_owned));
+                                if let (Some(id), Some(first)) = (id, out.first_stored.get_mut(slot)) {
+                                    first.entry(id).or_insert(stored_ms);
+                                }
                             }
                         }
                         // The ordered consumer recreates itself after an error.
