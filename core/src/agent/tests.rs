@@ -2942,12 +2942,9 @@ fn a_barrier_answered_before_its_subscribe_still_confirms_the_join() {
     assert_eq!(w.agent.joined(), vec![ch("ops")], "{}", w.log);
 }
 
-/// The waiting room (issue 17, G6): durable copies a full ledger cannot take are held unsettled,
-/// oldest first, and taken as the application settles: never nakked, so the consumer cannot
-/// move past them (a nak let newer copies be acked while an older one waited out the nak delay,
-/// and the owner's DLV cap rotated it out unread).
-#[test]
-fn durable_copies_a_full_ledger_cannot_take_wait_unsettled_and_enter_oldest_first() {
+/// An agent joined to `review.db` whose ledger is full of live copies (`fill0`…), and the
+/// ledger's size.
+fn with_a_full_ledger() -> (World, usize) {
     let mut w = World::new(&[]);
     w.connect();
     w.agent.join(w.now, ch("review.db")).unwrap();
@@ -2957,6 +2954,16 @@ fn durable_copies_a_full_ledger_cannot_take_wait_unsettled_and_enter_oldest_firs
         let m = w.post("alice", "review.db", &format!("fill{i}"));
         w.live(&m);
     }
+    (w, max)
+}
+
+/// The waiting room (issue 17, G6): durable copies a full ledger cannot take are held unsettled,
+/// oldest first, and taken as the application settles: never nakked, so the consumer cannot
+/// move past them (a nak let newer copies be acked while an older one waited out the nak delay,
+/// and the owner's DLV cap rotated it out unread).
+#[test]
+fn durable_copies_a_full_ledger_cannot_take_wait_unsettled_and_enter_oldest_first() {
+    let (mut w, _) = with_a_full_ledger();
     let settles_before = w.settles.len();
     let late: Vec<_> = (0..3)
         .map(|i| w.post("alice", "review.db", &format!("late{i}")))
@@ -3015,15 +3022,7 @@ fn durable_copies_a_full_ledger_cannot_take_wait_unsettled_and_enter_oldest_firs
 /// Past one ledger's worth of waiting copies the ledger naks as before (the memory bound).
 #[test]
 fn the_waiting_room_holds_at_most_one_ledgers_worth_then_the_ledger_naks() {
-    let mut w = World::new(&[]);
-    w.connect();
-    w.agent.join(w.now, ch("review.db")).unwrap();
-    w.run();
-    let max = crate::constants::MAX_INBOX;
-    for i in 0..max {
-        let m = w.post("alice", "review.db", &format!("fill{i}"));
-        w.live(&m);
-    }
+    let (mut w, max) = with_a_full_ledger();
     for i in 0..=max {
         let m = w.post("alice", "review.db", &format!("late{i}"));
         w.dlv(&m, 1);
