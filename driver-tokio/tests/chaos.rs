@@ -222,10 +222,15 @@ fn chaos_smoke_partition_leaves_no_unreported_loss() {
     let expected = v["copies_expected"].as_u64().expect("copies expected");
     assert!(expected >= 200, "{text}");
     assert_eq!(v["delivered"].as_u64(), Some(expected), "{text}");
-    // The partition's heal: from the link up to the DLV write of the last copy owed then.
+    // The partition's heal: from the link up to the DLV write of the last copy owed then (seen:
+    // 5.8 s on this seed, 1.2 s on seed 4); the bound is the server restarts' one.
     let heals = v["heals_s"].as_array().expect("heals_s");
     assert_eq!(heals.len(), 1, "{text}");
-    assert!(heals[0].as_f64().is_some_and(|h| h >= 0.0), "{text}");
+    assert!(
+        heals[0].as_f64().is_some_and(|h| (0.0..15.0).contains(&h)),
+        "heal {}: {text}",
+        heals[0]
+    );
     assert!(v["takeover_s"].is_null(), "{text}");
 }
 

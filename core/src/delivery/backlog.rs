@@ -30,6 +30,21 @@
 //! its oldest, silently. The reader never holds an entry for a slow agent, so a member that is
 //! offline for hours costs one consumer read per cap's worth of copies and stalls nobody.
 //!
+//! **Acked out of order.** The cap rotates out an owner's oldest *stored* copy, read or not,
+//! so counting unread copies is a correct bound only while the member acks in stream order: one
+//! copy left unacked while a cap's worth of newer ones are acked is the oldest stored copy, and
+//! the next write pushes it out with nothing said (the server forgets an evicted ack-pending
+//! copy at once: its ack floor moves past it; nats-server 2.15, the tokio driver's
+//! `tests/server_facts.rs`). That copy is lost when the member needs the server's copy again
+//! (it dies holding it, or naks it).
+//! So the gate counts the owner's **span**: the stored copies above the consumer's ack floor,
+//! acked or not. The daemon keeps the stream sequences of the copies it stored for the owner
+//! ([`DlvBacklog::stored`]) and counts those above the floor a read reports; the span is at
+//! least that and at least the unread total, and is exactly the larger of the two when a
+//! predecessor's copies above the floor are all unread (its own are tracked). So a member whose
+//! application sits on one copy while it handles a cap's worth after it is treated as full: its
+//! newest copies are shed, reported, and the copy it sits on stays in its backstop.
+//!
 //! **Per-sender shares.** One sender may hold at most [`SENDER_SHARE`] (three quarters) of an
 //! owner's unread DLV copies; the rest of the room stays for every other sender, so a member of a
 //! channel who floods it while another member is offline cannot push everyone else's copies out
@@ -188,10 +203,11 @@ pub enum DlvAdmit {
 pub struct DlvVerdict<T> {
     /// Transfer these.
     pub admitted: Vec<T>,
-    /// These do not fit: the owner's DLV holds `unread` unread copies. Report each as lost.
+    /// These do not fit: the owner's DLV holds `span` copies above its ack floor. Report each
+    /// as lost.
     pub shed: Vec<T>,
-    /// The owner's unread copies as read (`None` when the read failed).
-    pub unread: Option<u64>,
+    /// The owner's span as read (`None` when the read failed; see the module docs).
+    pub span: Option<u64>,
 }
 
 /// The senders of the copies this daemon transferred to one owner's DLV, oldest first,
@@ -245,6 +261,54 @@ impl SenderLog {
     }
 }
 
+/// What a read of an owner's `dlv_<owner>` consumer reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DlvRead {
+    /// Undelivered plus delivered and unacked ([`ConsumerState::unread`]).
+    ///
+    /// [`ConsumerState::unread`]: crate::io::ConsumerState::unread
+    pub unread: u64,
+    /// The consumer's ack floor: every copy at or below it is acked.
+    pub ack_floor: u64,
+}
+
+impl From<&crate::io::ConsumerState> for DlvRead {
+    fn from(s: &crate::io::ConsumerState) -> Self {
+        DlvRead {
+            unread: s.unread(),
+            ack_floor: s.ack_floor_stream_seq,
+        }
+    }
+}
+
+/// The stream sequences of the copies this daemon stored for one owner and has not yet seen at
+/// or below the owner's ack floor, ascending (at most [`OWNER_CAP`]: a longer run is past the
+/// cap whatever the floor).
+#[derive(Clone, Debug, Default)]
+struct StoredAbove(VecDeque<u64>);
+
+impl StoredAbove {
+    fn record(&mut self, seq: u64) {
+        // PubAcks may complete out of order within the publish window: keep the order.
+        let at = self.0.partition_point(|s| *s < seq);
+        if self.0.get(at) == Some(&seq) {
+            return;
+        }
+        self.0.insert(at, seq);
+        if self.0.len() as u64 > OWNER_CAP {
+            self.0.pop_front();
+        }
+    }
+
+    /// Forgets what is at or below `floor`; returns how many stay above it.
+    fn above(&mut self, floor: u64) -> u64 {
+        while self.0.front().is_some_and(|s| *s <= floor) {
+            self.0.pop_front();
+        }
+        self.0.len() as u64
+    }
+}
+
 #[derive(Clone, Debug)]
 struct DlvOwner<T> {
     /// Upper bound on unread copies: the last read plus the transfers admitted since.
@@ -272,12 +336,16 @@ struct DlvOwner<T> {
 #[derive(Clone, Debug)]
 pub struct DlvBacklog<T> {
     owners: BTreeMap<AgentId, DlvOwner<T>>,
+    /// Per owner, the copies this daemon stored above the last floor read (kept across
+    /// [`DlvBacklog::reset`]: the copies are stored whoever holds the lease next).
+    stored: BTreeMap<AgentId, StoredAbove>,
 }
 
 impl<T> Default for DlvBacklog<T> {
     fn default() -> Self {
         DlvBacklog {
             owners: BTreeMap::new(),
+            stored: BTreeMap::new(),
         }
     }
 }
@@ -319,17 +387,42 @@ impl<T> DlvBacklog<T> {
         }
     }
 
-    /// The owner's read ended: `Some(unread)` from the consumer, `None` when it failed;
-    /// `in_flight` transfers of the owner were published and not yet acknowledged when the read
-    /// was sent (it may not have seen them; no transfer of the owner starts while it reads). The
-    /// waiting transfers are admitted oldest first while they fit, in all and in their sender's
-    /// share; the rest are shed. After a failure every waiting transfer is admitted and the next
-    /// read is due a cap's worth later.
-    pub fn read(&mut self, owner: &AgentId, unread: Option<u64>, in_flight: u64) -> DlvVerdict<T> {
+    /// A copy for the owner was stored at stream sequence `seq` (a new one, not a duplicate).
+    pub fn stored(&mut self, owner: &AgentId, seq: u64) {
+        self.stored.entry(owner.clone()).or_default().record(seq);
+    }
+
+    /// The owner's read ended: `Some` from the consumer, `None` when it failed; `in_flight`
+    /// transfers of the owner were published and not yet acknowledged when the read was sent (it
+    /// may not have seen them; no transfer of the owner starts while it reads). The room is the
+    /// cap less the owner's span (see the module docs: the larger of the unread total and this
+    /// daemon's stored copies above the ack floor) and what is in flight. The waiting transfers
+    /// are admitted oldest first while they fit, in all and in their sender's share; the rest
+    /// are shed. After a failure every waiting transfer is admitted and the next read is due a
+    /// cap's worth later.
+    pub fn read(
+        &mut self,
+        owner: &AgentId,
+        read: Option<DlvRead>,
+        in_flight: u64,
+    ) -> DlvVerdict<T> {
+        let span = read.map(|r| {
+            let above = match self.stored.get_mut(owner) {
+                Some(s) => {
+                    let n = s.above(r.ack_floor);
+                    if n == 0 {
+                        self.stored.remove(owner);
+                    }
+                    n
+                }
+                None => 0,
+            };
+            r.unread.max(above)
+        });
         let mut verdict = DlvVerdict {
             admitted: Vec::new(),
             shed: Vec::new(),
-            unread,
+            span,
         };
         // A late answer to a read the daemon forgot (reset at a connection loss) finds no
         // waiting transfers: the owner's state is newer than it, keep that.
@@ -339,7 +432,7 @@ impl<T> DlvBacklog<T> {
         let Some(waiting) = o.reading.take() else {
             return verdict;
         };
-        let (room, base) = match unread {
+        let (room, base) = match span {
             Some(u) => {
                 let taken = u.saturating_add(in_flight);
                 o.senders.keep_newest(taken);
@@ -349,7 +442,7 @@ impl<T> DlvBacklog<T> {
         };
         let mut admitted = 0u64;
         for (item, sender) in waiting {
-            let within_share = unread.is_none() || o.senders.of(&sender) < SENDER_SHARE;
+            let within_share = span.is_none() || o.senders.of(&sender) < SENDER_SHARE;
             if admitted < room && within_share {
                 admitted += 1;
                 o.senders.push(&sender);
@@ -392,6 +485,14 @@ mod tests {
         AgentId::new(s).expect("valid id")
     }
 
+    /// A read of `unread` copies, nothing acked yet (the ack floor at 0).
+    fn r(unread: u64) -> Option<DlvRead> {
+        Some(DlvRead {
+            unread,
+            ack_floor: 0,
+        })
+    }
+
     #[test]
     fn the_first_transfer_of_an_owner_waits_for_a_read() {
         let mut d = DlvBacklog::default();
@@ -403,7 +504,7 @@ mod tests {
             d.admit(&a("bob"), &a("zed"), 2),
             (DlvAdmit::Wait { read: false }, None)
         );
-        let v = d.read(&a("bob"), Some(0), 0);
+        let v = d.read(&a("bob"), r(0), 0);
         assert_eq!(v.admitted, vec![1, 2]);
         assert!(v.shed.is_empty());
         assert_eq!(
@@ -418,7 +519,7 @@ mod tests {
         for i in 0..5 {
             d.admit(&a("bob"), &a("zed"), i);
         }
-        let v = d.read(&a("bob"), Some(OWNER_CAP - 2), 0);
+        let v = d.read(&a("bob"), r(OWNER_CAP - 2), 0);
         assert_eq!(v.admitted, vec![0, 1]);
         assert_eq!(v.shed, vec![2, 3, 4]);
         // Now at the cap: the next one reads again.
@@ -426,7 +527,7 @@ mod tests {
             d.admit(&a("bob"), &a("zed"), 9),
             (DlvAdmit::Wait { read: true }, None)
         );
-        let v = d.read(&a("bob"), Some(10), 0);
+        let v = d.read(&a("bob"), r(10), 0);
         assert_eq!(v.admitted, vec![9]);
     }
 
@@ -437,7 +538,7 @@ mod tests {
             d.admit(&a("bob"), &a("zed"), i);
         }
         // 997 read, 2 more published but maybe not seen: room for one.
-        let v = d.read(&a("bob"), Some(OWNER_CAP - 3), 2);
+        let v = d.read(&a("bob"), r(OWNER_CAP - 3), 2);
         assert_eq!(v.admitted, vec![0]);
         assert_eq!(v.shed, vec![1, 2]);
     }
@@ -467,7 +568,7 @@ mod tests {
     fn owners_are_independent_and_reset_returns_the_waiting() {
         let mut d = DlvBacklog::default();
         d.admit(&a("bob"), &a("zed"), 1);
-        d.read(&a("bob"), Some(0), 0);
+        d.read(&a("bob"), r(0), 0);
         d.admit(&a("carol"), &a("zed"), 2);
         assert_eq!(
             d.admit(&a("bob"), &a("zed"), 3),
@@ -527,7 +628,7 @@ mod tests {
         let mut d = DlvBacklog::default();
         let (bob, mallory, alice) = (a("bob"), a("mallory"), a("alice"));
         d.admit(&bob, &mallory, 0);
-        d.read(&bob, Some(0), 0);
+        d.read(&bob, r(0), 0);
         for i in 1..SENDER_SHARE {
             assert_eq!(
                 d.admit(&bob, &mallory, i),
@@ -544,7 +645,7 @@ mod tests {
             d.admit(&bob, &alice, 2000),
             (DlvAdmit::Wait { read: false }, None)
         );
-        let v = d.read(&bob, Some(SENDER_SHARE), 0);
+        let v = d.read(&bob, r(SENDER_SHARE), 0);
         assert_eq!(v.admitted, vec![2000]);
         assert_eq!(v.shed, vec![1000]);
         assert_eq!(
@@ -556,7 +657,7 @@ mod tests {
             d.admit(&bob, &mallory, 1001),
             (DlvAdmit::Wait { read: true }, None)
         );
-        let v = d.read(&bob, Some(SENDER_SHARE + 2 - 700), 0);
+        let v = d.read(&bob, r(SENDER_SHARE + 2 - 700), 0);
         assert_eq!(v.admitted, vec![1001]);
     }
 
@@ -564,7 +665,7 @@ mod tests {
     fn a_predecessors_copies_count_against_the_cap_and_no_share() {
         let mut d = DlvBacklog::default();
         d.admit(&a("bob"), &a("mallory"), 0);
-        let v = d.read(&a("bob"), Some(OWNER_CAP - SENDER_SHARE + 5), 0);
+        let v = d.read(&a("bob"), r(OWNER_CAP - SENDER_SHARE + 5), 0);
         assert_eq!(v.admitted, vec![0]);
         for i in 1..SENDER_SHARE - 5 {
             assert_eq!(
@@ -580,7 +681,132 @@ mod tests {
         );
     }
 
+    /// G6 with acks out of order: the member acked every copy but the oldest. Counting unread
+    /// copies (1) would let 999 more in, and the first would push the unacked copy out of the
+    /// owner's DLV unread; the span (1000 stored above the floor) sheds instead, and lets copies
+    /// in again once the old one is acked.
+    #[test]
+    fn copies_acked_after_an_unacked_one_count_until_the_floor_passes_it() {
+        let mut d = DlvBacklog::default();
+        let (bob, zed) = (a("bob"), a("zed"));
+        d.admit(&bob, &zed, 0);
+        assert_eq!(d.read(&bob, r(0), 0).admitted, vec![0]);
+        d.stored(&bob, 1);
+        for i in 1..OWNER_CAP {
+            let s = [a("s0"), a("s1"), a("s2")][(i % 3) as usize].clone();
+            assert_eq!(d.admit(&bob, &s, i).0, DlvAdmit::Transfer, "{i}");
+            d.stored(&bob, i + 1);
+        }
+        assert_eq!(d.admit(&bob, &zed, 5000).0, DlvAdmit::Wait { read: true });
+        // Everything but sequence 1 acked: one unread, the floor still at 0.
+        let v = d.read(&bob, r(1), 0);
+        assert_eq!(v.shed, vec![5000]);
+        assert_eq!(v.span, Some(OWNER_CAP));
+        // Sequence 1 acked: the floor moves past every copy.
+        assert_eq!(d.admit(&bob, &zed, 5001).0, DlvAdmit::Wait { read: true });
+        let done = Some(DlvRead {
+            unread: 0,
+            ack_floor: OWNER_CAP,
+        });
+        let v = d.read(&bob, done, 0);
+        assert_eq!((v.admitted, v.span), (vec![5001], Some(0)));
+    }
+
+    #[test]
+    fn stored_copies_keep_stream_order_and_survive_a_reset() {
+        let mut d: DlvBacklog<u64> = DlvBacklog::default();
+        let bob = a("bob");
+        for seq in [5, 3, 9, 7, 7] {
+            d.stored(&bob, seq);
+        }
+        assert_eq!(d.stored[&bob].0, VecDeque::from([3, 5, 7, 9]));
+        d.reset();
+        d.admit(&bob, &a("zed"), 1);
+        let v = d.read(
+            &bob,
+            Some(DlvRead {
+                unread: 0,
+                ack_floor: 5,
+            }),
+            0,
+        );
+        assert_eq!(v.span, Some(2), "7 and 9 above the floor");
+    }
+
     proptest! {
+        /// Whatever the member acks, in any order, and whenever the daemon reads: a copy
+        /// written through the gate never pushes an unacked copy out of the owner's DLV (a model
+        /// of the subject: the newest [`OWNER_CAP`] copies stored, discard-old; every write
+        /// stored at once; reads report the unread total and the ack floor).
+        #[test]
+        fn the_gate_never_lets_the_cap_rotate_out_an_unacked_copy(
+            steps in proptest::collection::vec((0u8..10, any::<u16>()), 1..6000)
+        ) {
+            let mut d = DlvBacklog::default();
+            let bob = a("bob");
+            let senders = [a("s0"), a("s1"), a("s2"), a("s3")];
+            // (seq, acked), oldest first.
+            let mut subject: VecDeque<(u64, bool)> = VecDeque::new();
+            let mut waiting = 0usize;
+            let store = |d: &mut DlvBacklog<u64>, subject: &mut VecDeque<(u64, bool)>| {
+                let seq = subject.back().map_or(1, |(s, _)| s + 1);
+                d.stored(&bob, seq);
+                subject.push_back((seq, false));
+                if subject.len() as u64 > OWNER_CAP {
+                    let (seq, acked) = subject.pop_front().expect("non-empty");
+                    return Some((seq, acked));
+                }
+                None
+            };
+            for (kind, x) in steps {
+                match kind {
+                    // Writes, from four senders.
+                    0..=4 => match d.admit(&bob, &senders[usize::from(x % 4)], 0) {
+                        (DlvAdmit::Transfer, Some(_)) => {
+                            if let Some((seq, acked)) = store(&mut d, &mut subject) {
+                                prop_assert!(acked, "unacked {seq} rotated out");
+                            }
+                        }
+                        _ => waiting += 1,
+                    },
+                    // Acks: mostly the oldest unacked, sometimes any (out of order).
+                    5..=7 => {
+                        let unacked: Vec<usize> = subject
+                            .iter()
+                            .enumerate()
+                            .filter(|(_, (_, a))| !a)
+                            .map(|(i, _)| i)
+                            .collect();
+                        if !unacked.is_empty() {
+                            let i = if kind == 7 {
+                                unacked[usize::from(x) % unacked.len()]
+                            } else {
+                                unacked[0]
+                            };
+                            subject[i].1 = true;
+                        }
+                    }
+                    // A read, when transfers wait for one.
+                    _ if waiting > 0 => {
+                        let unread = subject.iter().filter(|(_, a)| !a).count() as u64;
+                        let ack_floor = match subject.iter().find(|(_, a)| !a) {
+                            Some((seq, _)) => seq - 1,
+                            None => subject.back().map_or(0, |(s, _)| *s),
+                        };
+                        let v = d.read(&bob, Some(DlvRead { unread, ack_floor }), 0);
+                        prop_assert_eq!(v.admitted.len() + v.shed.len(), waiting);
+                        waiting = 0;
+                        for _ in v.admitted {
+                            if let Some((seq, acked)) = store(&mut d, &mut subject) {
+                                prop_assert!(acked, "unacked {seq} rotated out at a read");
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+
         /// Whatever the order of reads, the admitted transfers never take an owner's DLV past
         /// the cap as last read, nor one sender's unread copies past its share (checked against
         /// a plain model: the senders of admitted copies in order, of which a read keeps the
@@ -619,7 +845,7 @@ mod tests {
                     while model.len() as u64 > unread {
                         model.pop_front();
                     }
-                    let v = d.read(&bob, Some(unread), 0);
+                    let v = d.read(&bob, r(unread), 0);
                     prop_assert_eq!(v.admitted.len() + v.shed.len(), waiting);
                     prop_assert!(unread + v.admitted.len() as u64 <= OWNER_CAP.max(unread));
                     let mut admitted = 0u64;

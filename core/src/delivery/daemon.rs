@@ -569,11 +569,17 @@ impl Delivery {
                 Some(FanoutStep::InboxBacklogRead) if self.lease_held() => {
                     self.maybe_open_consumers(now);
                 }
-                Some(FanoutStep::Transferred { owner, channel }) => {
-                    self.reader.direct_done(&owner, true);
+                Some(FanoutStep::Transferred {
+                    owner,
+                    channel,
+                    seq,
+                }) => {
+                    self.reader.direct_done(&owner, true, seq);
                     self.sweep_if_revoked(&owner, &channel);
                 }
-                Some(FanoutStep::DirectUnstored(owner)) => self.reader.direct_done(&owner, false),
+                Some(FanoutStep::DirectUnstored(owner)) => {
+                    self.reader.direct_done(&owner, false, None)
+                }
                 _ => {}
             }
             return;
@@ -948,16 +954,12 @@ impl Delivery {
                         &owner,
                     );
                     if released != fanout::Released::Written {
-                        self.reader.direct_done(&owner, false);
+                        self.reader.direct_done(&owner, false, None);
                     }
                 }
-                ReaderStep::ShedDirect {
-                    batch,
-                    owner,
-                    unread,
-                } => {
+                ReaderStep::ShedDirect { batch, owner, span } => {
                     if let Some((channel, seq)) =
-                        self.fanout.shed_parked(&mut self.cx, batch, &owner, unread)
+                        self.fanout.shed_parked(&mut self.cx, batch, &owner, span)
                     {
                         self.tell_loss(&owner, &channel, seq, LossReason::DlvFull);
                     }

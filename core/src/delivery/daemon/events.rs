@@ -579,8 +579,9 @@ pub enum DeliveryEvent {
         /// Entries stored and not yet settled, as counted by this daemon.
         backlog: u64,
     },
-    /// The owner's DLV already holds the per-owner cap of unread copies: this copy was not
-    /// transferred (storing it would have pushed out an older unread one) and is lost, reported
+    /// The owner's DLV already holds the per-owner cap of copies above its ack floor (unread, or
+    /// acked out of order after an unread one): this copy was not transferred (storing it would
+    /// have pushed out an older unread one) and is lost, reported
     /// ([`crate::delivery::backlog`]). The dinbox entry is acked.
     CopyShed {
         /// The owner.
@@ -591,8 +592,8 @@ pub enum DeliveryEvent {
         seq: u64,
         /// The membership generation of the copy.
         generation: u64,
-        /// The owner's unread DLV copies as read.
-        unread: u64,
+        /// The owner's span as read: its stored DLV copies above the ack floor.
+        span: u64,
     },
     /// A backlog read failed, so a per-owner cap is not verified for now: `owner` is the DLV
     /// owner, or `None` for the reader consumer (INBOX). Transfers and fan-out go on; the next

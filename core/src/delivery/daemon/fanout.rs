@@ -196,6 +196,8 @@ pub(super) enum FanoutStep {
     Transferred {
         owner: AgentId,
         channel: ConcreteChannel,
+        /// Where the copy was stored, when it is a new one (not a duplicate).
+        seq: Option<u64>,
     },
     /// A copy written straight to `owner`'s DLV was not stored: one fewer in its DLV bound.
     DirectUnstored(AgentId),
@@ -669,14 +671,14 @@ impl Fanout {
     }
 
     /// The DLV gate's read found no room in `owner`'s DLV for the copy of `batch` parked there
-    /// (the owner's DLV holds `unread` unread copies): it is shed, a reported loss, as the reader
+    /// (the owner's DLV holds `span` copies above its ack floor): it is shed, a reported loss, as the reader
     /// sheds a transfer. Returns the channel and sequence lost, for the loss notices.
     pub(super) fn shed_parked(
         &mut self,
         cx: &mut Ctx,
         batch: BatchId,
         owner: &AgentId,
-        unread: u64,
+        span: u64,
     ) -> Option<(ConcreteChannel, u64)> {
         let b = self.batches.get_mut(&batch)?;
         let p = b.parked.remove(owner)?;
@@ -689,7 +691,7 @@ impl Fanout {
             channel: channel.clone(),
             seq,
             generation: p.entry.generation,
-            unread,
+            span,
         });
         self.finish_batch_if_done(cx, batch);
         Some((channel, seq))
@@ -904,6 +906,7 @@ impl Fanout {
                 let step = FanoutStep::Transferred {
                     owner: owner.clone(),
                     channel,
+                    seq: (!ack.duplicate).then_some(ack.seq),
                 };
                 (None, Some(step))
             }

@@ -25,7 +25,7 @@ use crate::delivery::authorize::{
     Decision, DropReason, after_transfer_failure, authorize, decode_entry, dlv_payload,
     hold_for_leave,
 };
-use crate::delivery::backlog::{DlvAdmit, DlvBacklog};
+use crate::delivery::backlog::{DlvAdmit, DlvBacklog, DlvRead};
 use crate::delivery::losses::LossReason;
 use crate::io::{AckKind, Command, Reply};
 use crate::ledger::DeliveryId;
@@ -113,11 +113,11 @@ pub(super) enum ReaderStep {
     /// The read let fan-out's parked copy of `batch` for `owner` in: write it now.
     WriteDirect { batch: BatchId, owner: AgentId },
     /// The read found no room for fan-out's parked copy of `batch` for `owner`: shed it (a
-    /// reported loss; the owner's DLV holds `unread` unread copies).
+    /// reported loss; the owner's DLV holds `span` copies above its ack floor).
     ShedDirect {
         batch: BatchId,
         owner: AgentId,
-        unread: u64,
+        span: u64,
     },
 }
 
@@ -207,8 +207,12 @@ impl Reader {
     }
 
     /// A copy admitted for fan-out ([`DirectAdmit::Write`], [`ReaderStep::WriteDirect`]) is
-    /// settled: stored, or not (its place in the owner's bound is given back).
-    pub(super) fn direct_done(&mut self, owner: &AgentId, stored: bool) {
+    /// settled: stored (at `Some(seq)` when it is a new copy), or not (its place in the owner's
+    /// bound is given back).
+    pub(super) fn direct_done(&mut self, owner: &AgentId, stored: bool, seq: Option<u64>) {
+        if let Some(seq) = seq {
+            self.dlv.stored(owner, seq);
+        }
         if let Some(n) = self.direct_in_flight.get_mut(owner) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -357,10 +361,15 @@ impl Reader {
             return;
         };
         match outcome {
-            Outcome::Success(Reply::PubAck(_)) => steps.push(ReaderStep::SweepIfRevoked {
-                owner: r.owner,
-                channel: r.entry.channel,
-            }),
+            Outcome::Success(Reply::PubAck(ack)) => {
+                if !ack.duplicate {
+                    self.dlv.stored(&r.owner, ack.seq);
+                }
+                steps.push(ReaderStep::SweepIfRevoked {
+                    owner: r.owner,
+                    channel: r.entry.channel,
+                });
+            }
             _ => {
                 cx.counters.stranded_reads_failed += 1;
                 self.dlv.unstored(&r.owner);
@@ -533,7 +542,10 @@ impl Reader {
             channel: t.entry.channel.clone(),
         });
         match outcome {
-            Outcome::Success(Reply::PubAck(_)) => {
+            Outcome::Success(Reply::PubAck(ack)) => {
+                if !ack.duplicate {
+                    self.dlv.stored(&t.owner, ack.seq);
+                }
                 cx.counters.transferred += 1;
                 steps.push(ReaderStep::Settled(t.owner));
                 steps.push(ReaderStep::Settle(delivery, AckKind::Ack));
@@ -563,8 +575,8 @@ impl Reader {
         in_flight: u64,
         outcome: Outcome<Reply>,
     ) {
-        let unread = match outcome {
-            Outcome::Success(Reply::ConsumerState(state)) => Some(state.unread()),
+        let read = match outcome {
+            Outcome::Success(Reply::ConsumerState(state)) => Some(DlvRead::from(&state)),
             other => {
                 cx.counters.backlog_unverified += 1;
                 cx.emit(DeliveryEvent::BacklogUnverified {
@@ -574,7 +586,7 @@ impl Reader {
                 None
             }
         };
-        let verdict = self.dlv.read(&owner, unread, in_flight);
+        let verdict = self.dlv.read(&owner, read, in_flight);
         for waiter in verdict.admitted {
             match waiter {
                 Waiter::Transfer(delivery) => self.start_transfer(cx, delivery),
@@ -600,7 +612,7 @@ impl Reader {
                     steps.push(ReaderStep::ShedDirect {
                         batch,
                         owner: owner.clone(),
-                        unread: verdict.unread.unwrap_or(0),
+                        span: verdict.span.unwrap_or(0),
                     });
                     continue;
                 }
@@ -623,7 +635,7 @@ impl Reader {
                 channel: t.entry.channel,
                 seq: t.entry.seq,
                 generation: t.entry.generation,
-                unread: verdict.unread.unwrap_or(0),
+                span: verdict.span.unwrap_or(0),
             });
         }
     }

@@ -1272,8 +1272,8 @@ fn a_full_dlv_sheds_the_newest_copy_with_a_reported_loss_instead_of_evicting_an_
     assert_eq!(w.d.counters().lost, 1);
     assert!(
         w.events.iter().any(|e| matches!(e,
-            DeliveryEvent::CopyShed { owner, seq, unread, .. }
-                if owner.as_str() == "alice" && *seq == seqs[1] && *unread == 1000)),
+            DeliveryEvent::CopyShed { owner, seq, span, .. }
+                if owner.as_str() == "alice" && *seq == seqs[1] && *span == 1000)),
         "{}",
         w.log
     );

@@ -213,8 +213,8 @@ fn a_full_dlv_sheds_the_parked_copy_with_a_reported_loss() {
     assert_eq!((w.d.counters().dlv_shed, w.d.counters().lost), (1, 1));
     assert!(
         w.events.iter().any(|e| matches!(e,
-            DeliveryEvent::CopyShed { owner, seq, unread, .. }
-                if owner.as_str() == "alice" && *seq == s2 && *unread == 1000)),
+            DeliveryEvent::CopyShed { owner, seq, span, .. }
+                if owner.as_str() == "alice" && *seq == s2 && *span == 1000)),
         "{}",
         w.log
     );
