@@ -546,6 +546,11 @@ async fn demo(args: &DemoArgs) -> ExitCode {
     }
 }
 
+/// See `Cargo.toml`: freed pages go back to the system, so a long-running daemon's resident
+/// memory follows what it holds, not the highest it ever held.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
