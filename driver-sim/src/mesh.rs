@@ -585,6 +585,9 @@ impl Mesh {
         };
         let (client, life) = (slot.client, slot.life + 1);
         self.retired.add(slot.proc.borrow().daemon().counters());
+        self.journal.borrow_mut().acts.push(Act::DaemonRestarted {
+            at: self.host.now().at,
+        });
         self.host.kill(client);
         let proc = self.new_daemon(daemon, life);
         let client = self.start_daemon(daemon, life, &proc);
@@ -654,7 +657,8 @@ impl Mesh {
     /// The host's probes, and the daemons' paths of every copy: `daemon.direct` (fan-out wrote
     /// it straight to DLV), `daemon.via-reader` (the reader transferred a dinbox entry),
     /// `daemon.dinbox` (dinbox entries written: spilled, caught up), `daemon.read-back` (CHAT
-    /// messages read back because the fan-out consumer had offered them to a feed that is gone).
+    /// messages read back because the fan-out consumer had offered them to a feed that is gone),
+    /// and `oracle.revoke-window` (narrowings whose `ACL-revoke-window` the oracle checked).
     fn probes(&self) -> BTreeMap<&'static str, u64> {
         let mut probes = self.host.probes().clone();
         let mut c = self.retired.clone();
@@ -669,6 +673,7 @@ impl Mesh {
                 c.copies_written.saturating_sub(c.transferred_direct),
             ),
             ("daemon.read-back", c.stranded_read_back),
+            ("oracle.revoke-window", self.oracle.revoke_windows_checked()),
         ] {
             if n > 0 {
                 probes.insert(name, n);

@@ -26,6 +26,7 @@
 //! | `I17` | within one generation the join cursor never changes and a leave cursor is never cleared or raised |
 //! | `API1` | an application request gets at most one answer event, and only a request the agent accepted |
 //! | `I1` | a `Sent` event names the CHAT sequence that stored that id |
+//! | `ACL-revoke-window` | with a daemon, in a run without network faults: once a daemon has been ready (holding the lease, feeds open) for [`REVOKE_WINDOW`] after a channel left an agent's read ACL, the agent's DLV subject holds no copy of it (the daemon's watch saw the narrowing and its sweep took back what had landed, including copies whose writes were in flight), unless a daemon reported giving up on that owner's sweep |
 //! | `I15` | a leave of a channel whose membership this life learnt of (durable join report, established backstop) is answered (`Left`) only once the member key's latest generation carries a leave cursor: a known membership is tombstoned before the agent lets the channel go |
 //!
 //! # Checks at the end of the heal phase (liveness)
@@ -52,6 +53,7 @@ use cotal_core::delivery::lease::LeaseEvent;
 use cotal_core::delivery::revoke::SweepEvent;
 use cotal_core::io::ReadStart;
 use cotal_core::ledger::SourceKind;
+use cotal_core::time::Duration;
 use cotal_core::time::Instant;
 use cotal_core::wire::config::SpaceStream;
 use cotal_core::wire::json;
@@ -62,6 +64,11 @@ use cotal_core::wire::subject::{Subject, SubjectKind, chat_subscribe_pattern, pa
 use cotal_core::wire::token::Space;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+
+/// How long after a narrowing a fault-free run may still hold a copy of the channel in the
+/// agent's DLV (`ACL-revoke-window`): the ACL watch's delivery, the sweep's read of the owner's
+/// DLV and its deletes take a few round trips of simulated time; this leaves a wide margin.
+pub const REVOKE_WINDOW: Duration = Duration::from_secs(10);
 
 /// A broken invariant.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -183,6 +190,12 @@ pub struct Oracle {
     requests: BTreeMap<(usize, u32, u64), ReqState>,
     killed: BTreeSet<(usize, u32)>,
     narrowed: BTreeSet<(usize, String)>,
+    /// Narrowings whose window is still open: (when, agent, channel).
+    revoke_due: Vec<(Instant, usize, String)>,
+    /// Whether the run's fault config injects no network fault (the window check applies).
+    calm: bool,
+    daemon_restarts: Vec<Instant>,
+    revoke_windows_checked: u64,
     lost: BTreeSet<(usize, String)>,
     durable_joins: Vec<DurableJoin>,
     ever_joined: BTreeSet<(usize, String)>,
@@ -242,6 +255,17 @@ impl Oracle {
             requests: BTreeMap::new(),
             killed: BTreeSet::new(),
             narrowed: BTreeSet::new(),
+            revoke_due: Vec::new(),
+            calm: {
+                let f = &config.faults;
+                f.core_drop_ppm == 0
+                    && f.connection_loss_every.is_none()
+                    && f.slow_consumer_ppm == 0
+                    && f.kv_conflict_ppm == 0
+                    && f.ambiguous_ppm == 0
+            },
+            daemon_restarts: Vec::new(),
+            revoke_windows_checked: 0,
             lost: BTreeSet::new(),
             durable_joins: Vec::new(),
             ever_joined: BTreeSet::new(),
@@ -252,6 +276,11 @@ impl Oracle {
             seen_requests: 0,
             seen_acts: 0,
         }
+    }
+
+    /// Narrowings whose `ACL-revoke-window` was checked (a window closed with a daemon ready).
+    pub fn revoke_windows_checked(&self) -> u64 {
+        self.revoke_windows_checked
     }
 
     /// How many CHAT messages the oracle has seen stored.
@@ -493,9 +522,11 @@ impl Oracle {
         // Acts first: a kill or narrowing is noted before anything that follows it.
         while self.seen_acts < journal.acts.len() {
             match &journal.acts[self.seen_acts] {
-                Act::Narrowed { agent, channel, .. } => {
+                Act::Narrowed { agent, channel, at } => {
                     self.narrowed.insert((*agent, channel.clone()));
+                    self.revoke_due.push((*at, *agent, channel.clone()));
                 }
+                Act::DaemonRestarted { at } => self.daemon_restarts.push(*at),
                 Act::Killed { agent, life, .. } => {
                     self.killed.insert((*agent, *life));
                 }
@@ -544,6 +575,121 @@ impl Oracle {
                     self.check_event(journal, self.seen_events - 1)?;
                 }
                 (None, None) => break,
+            }
+        }
+        self.check_revoke_window(host, journal, agents)
+    }
+
+    /// `ACL-revoke-window`: see the module docs. A narrowing's window opens when it happened
+    /// with a daemon ready (holding the lease, its feeds open), or else when one next became
+    /// ready, and closes [`REVOKE_WINDOW`] later; a daemon restart or a lost or released lease
+    /// inside it opens a new one at the next ready. Each narrowing is checked once, when its
+    /// window closes.
+    fn check_revoke_window(
+        &mut self,
+        host: &Host,
+        journal: &Journal,
+        agents: &[AgentSlot],
+    ) -> Result<(), Violation> {
+        let now = host.now().at;
+        if self.daemons == 0 || !self.calm {
+            self.revoke_due.clear();
+            return Ok(());
+        }
+        if self
+            .revoke_due
+            .iter()
+            .all(|(at, ..)| now < *at + REVOKE_WINDOW)
+        {
+            return Ok(());
+        }
+        // When a daemon became ready (true) or stopped being sure to be (false), in time order.
+        let mut turns: Vec<(Instant, bool)> = journal
+            .daemon_events
+            .iter()
+            .filter_map(|n| match &n.event {
+                DeliveryEvent::Lease(LeaseEvent::Ready) => Some((n.at, true)),
+                DeliveryEvent::Lease(LeaseEvent::Lost { .. } | LeaseEvent::Released) => {
+                    Some((n.at, false))
+                }
+                _ => None,
+            })
+            .chain(self.daemon_restarts.iter().map(|at| (*at, false)))
+            .collect();
+        turns.sort_by_key(|(at, ready)| (*at, *ready));
+        // The end of the first full window of a ready daemon from `at` on, if it has closed.
+        let closes = |at: Instant| -> Option<Instant> {
+            let mut ready = turns
+                .iter()
+                .take_while(|(t, _)| *t <= at)
+                .last()
+                .is_some_and(|(_, r)| *r);
+            let mut start = ready.then_some(at);
+            for (t, r) in turns.iter().filter(|(t, _)| *t > at) {
+                if let Some(s) = start
+                    && *t > s + REVOKE_WINDOW
+                {
+                    break;
+                }
+                if *r && !ready {
+                    start = Some(*t);
+                } else if !*r {
+                    start = None;
+                }
+                ready = *r;
+            }
+            start.map(|s| s + REVOKE_WINDOW).filter(|end| *end <= now)
+        };
+        let mut closed = Vec::new();
+        let mut open = Vec::new();
+        for item in std::mem::take(&mut self.revoke_due) {
+            if closes(item.0).is_some() {
+                closed.push(item);
+            } else {
+                open.push(item);
+            }
+        }
+        self.revoke_due = open;
+        let dlv = SpaceStream::Dlv.name(&self.space);
+        for (at, index, channel) in closed {
+            let Some(slot) = agents.get(index) else {
+                continue;
+            };
+            let gave_up = journal.daemon_events.iter().any(|n| {
+                matches!(&n.event, DeliveryEvent::DlvRevocation(SweepEvent::Failed { owner, .. })
+                    if *owner == slot.id)
+            });
+            if gave_up {
+                continue;
+            }
+            self.revoke_windows_checked += 1;
+            let subject = Subject::Dlv {
+                space: self.space.clone(),
+                owner: slot.id.clone(),
+            }
+            .to_string();
+            let stored = host
+                .broker()
+                .read(&dlv, &subject, ReadStart::Seq(1), None, u32::MAX)
+                .unwrap_or_default();
+            for m in stored {
+                let Ok(msg) = json::decode::<CotalMessage>(&m.payload) else {
+                    continue;
+                };
+                if msg.channel().map(|c| c.as_str()) == Some(channel.as_str()) {
+                    return Err(self.violation(
+                        "ACL-revoke-window",
+                        Some(who(&self.names, index, slot.life)),
+                        Some(self.describe_msg(&msg.id)),
+                        now,
+                        format!(
+                            "DLV seq {} still holds a copy of {channel} {} ms after the ACL lost it (narrowed at {} ms)",
+                            m.seq,
+                            (now - at).as_millis(),
+                            at.as_millis()
+                        ),
+                    ));
+                }
             }
         }
         Ok(())

@@ -447,6 +447,11 @@ pub enum Act {
         /// The channel.
         channel: String,
     },
+    /// A delivery daemon's process was killed and a fresh one started.
+    DaemonRestarted {
+        /// When.
+        at: Instant,
+    },
     /// An agent's life ended (its process was killed).
     Killed {
         /// When.

@@ -86,9 +86,35 @@ fn the_same_seed_gives_the_same_transcript() {
     assert_ne!(a, b, "different seeds explore different runs");
 }
 
+/// Without network faults, the oracle also times every narrowing's sweep (`ACL-revoke-window`,
+/// issue 17): once a daemon has been ready for the window, no copy of the channel is left in the
+/// member's DLV. The check must run, not only pass.
+#[test]
+fn calm_seeds_take_every_narrowed_copy_back_within_the_revocation_window() {
+    let mut checked = 0u64;
+    for seed in 0..300 {
+        let spec = RunSpec::new(seed, CI_STEPS, FaultSet::default());
+        let (report, _) = spec.run(false);
+        if let Some(v) = report.violation {
+            panic!(
+                "{v}\nreplay: cargo run --release -p cotal-driver-sim --bin cotal-sim -- {}",
+                spec.replay_args()
+            );
+        }
+        checked += report
+            .probes
+            .get("oracle.revoke-window")
+            .copied()
+            .unwrap_or(0);
+    }
+    assert!(checked > 100, "{checked} narrowings checked");
+}
+
 /// Issue 9: with the daemons' DLV revocation sweep switched off, copies transferred to a member's
-/// DLV before its ACL lost the channel stay there; the oracle must see that (ACL-revoke). With
-/// the sweep on, the same seed passes.
+/// DLV before its ACL lost the channel stay there; the oracle must see that, and without network
+/// faults it sees it while the run goes on, once the revocation window has passed
+/// (ACL-revoke-window, before the end-of-run ACL-revoke). With the sweep on, the same seed
+/// passes.
 #[test]
 fn issue9_the_oracle_fails_when_the_dlv_sweep_is_switched_off() {
     let mut caught = None;
@@ -101,7 +127,7 @@ fn issue9_the_oracle_fails_when_the_dlv_sweep_is_switched_off() {
         }
     }
     let (seed, v) = caught.expect("the oracle sees copies left in DLV within 200 seeds");
-    assert_eq!(v.invariant, "ACL-revoke", "{v}");
+    assert_eq!(v.invariant, "ACL-revoke-window", "{v}");
     let fixed = RunSpec::new(seed, 60, FaultSet::default());
     assert_eq!(
         fixed.run(false).0.violation,
