@@ -17,7 +17,8 @@
 //! consumer every [`STRAND_CHECK_INTERVAL`] while the feed is open ([`Stranded::check`]): an ack
 //! floor that did not move between two looks, with deliveries pending and the sequence above it
 //! not in fan-out's hands, is stranded there; the range above it is read back, once per floor
-//! (a floor held by a message fan-out holds, or by a traffic too slow to move it, is not).
+//! (a floor held by a message fan-out holds, or by a traffic too slow to move it, is not). A
+//! read-back that fails lets the next look read above the same floor again.
 
 use super::context::Ctx;
 use super::events::{DeliveryEvent, Feed};
@@ -197,6 +198,9 @@ impl Stranded {
                     Outcome::Success(r) => format!("unexpected reply {r:?}"),
                 };
                 cx.counters.stranded_reads_failed += 1;
+                // The next look may read above this floor again (a read lost while a cluster
+                // elects a stream leader must not leave the range to the `ack_wait`).
+                self.read_back_floor = None;
                 cx.emit(DeliveryEvent::FeedProblem {
                     feed: self.feed,
                     detail: format!(

@@ -445,6 +445,39 @@ fn a_floor_that_stands_still_over_a_stranded_delivery_is_read_back_once() {
     );
 }
 
+/// A read-back a look asked for fails (on a cluster, the stream may be electing a leader): the
+/// next looks read above the same floor again, so the stranded message does not wait out the
+/// consumer's `ack_wait`.
+#[test]
+fn a_floor_read_back_that_fails_is_tried_again_at_a_later_look() {
+    let mut w = served();
+    alice_reads_review(&mut w);
+    let s1 = w.post("bob", "review", &[]);
+    w.fanout(s1, 1);
+    let s2 = w.post("bob", "review", &[]);
+    w.rule(
+        is_read_back,
+        Effect::Answer(Outcome::Failed(Failure::Timeout)),
+        1,
+    );
+    w.b.fanout_state = Some(fanout_state(s2, s1, 1));
+    for _ in 0..11 {
+        w.advance(1_000);
+    }
+    assert_eq!(w.d.counters().stranded_reads_failed, 1, "{}", w.log);
+    assert_eq!(copies_of(&w, s2), 0, "{}", w.log);
+    for _ in 0..11 {
+        w.advance(1_000);
+    }
+    assert_eq!(
+        w.log.matches("read cotal.main.chat.>").count(),
+        2,
+        "{}",
+        w.log
+    );
+    assert_eq!(copies_of(&w, s2), 1, "{}", w.log);
+}
+
 #[test]
 fn a_moving_floor_or_a_held_delivery_is_not_read_back() {
     // The floor moves between looks: traffic, not a stranding.
