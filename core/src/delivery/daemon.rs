@@ -236,10 +236,11 @@ impl Delivery {
             ConsumerSpec::reader(&config.space, config.shard.index(), config.shard.shards());
         let stranded_inbox = Stranded::new(
             Feed::Reader,
-            reader_spec.stream,
+            reader_spec.stream.clone(),
             reader_spec.filter_subject,
             config.catchup_page,
-        );
+        )
+        .checking(reader_spec.stream, reader_spec.name);
         let notices = Notifier::new(config.space.clone());
         let fanout = Fanout::new(config.space.clone(), config.shard, &config);
         let reader = Reader::new(config.space.clone(), config.shard, config.reference_gap_g2);
@@ -606,6 +607,17 @@ impl Delivery {
             }
             return;
         }
+        if self.stranded_inbox.owns_check(c.op) {
+            let reader = &self.reader;
+            if self
+                .stranded_inbox
+                .on_check(c.op, c.outcome, &|seq| reader.holds(seq))
+            {
+                let live = self.connected && !self.stopped;
+                self.stranded_inbox.next(&mut self.cx, live);
+            }
+            return;
+        }
         if self.stranded_inbox.owns(c.op) {
             let entries = self
                 .stranded_inbox
@@ -701,6 +713,7 @@ impl Delivery {
                         &self.views.members,
                         &|owner, channel| jobs.leave_frontier(owner, channel),
                         delivery,
+                        stream_seq,
                         delivery_count,
                         &subject,
                         &payload,
@@ -785,7 +798,7 @@ impl Delivery {
             return;
         };
         let read_back = self.config.read_back_stranded;
-        if feed == Feed::Fanout && read_back {
+        if matches!(feed, Feed::Fanout | Feed::Reader) && read_back {
             self.cx
                 .timers
                 .set(Timer::StrandCheck, now.at + STRAND_CHECK_INTERVAL);
@@ -934,7 +947,10 @@ impl Delivery {
         for step in steps {
             match step {
                 ReaderStep::Settled(owner) => self.fanout.settled(&mut self.cx, &owner),
-                ReaderStep::Settle(delivery, kind) => self.settle(delivery, kind),
+                ReaderStep::Settle(delivery, kind) => {
+                    self.reader.delivery_settled(delivery);
+                    self.settle(delivery, kind);
+                }
                 ReaderStep::Lost {
                     owner,
                     channel,
@@ -1008,8 +1024,17 @@ impl Delivery {
             Timer::HeadroomCheck => self.check_headroom(now),
             Timer::Reacquire => self.on_reacquire_timer(now),
             Timer::StrandCheck => {
-                if self.connected && !self.stopped && self.feeds.is_open(Feed::Fanout) {
-                    self.stranded.check(&mut self.cx);
+                let (fanout, reader) = (
+                    self.feeds.is_open(Feed::Fanout),
+                    self.feeds.is_open(Feed::Reader),
+                );
+                if self.connected && !self.stopped && (fanout || reader) {
+                    if fanout {
+                        self.stranded.check(&mut self.cx);
+                    }
+                    if reader {
+                        self.stranded_inbox.check(&mut self.cx);
+                    }
                     self.cx
                         .timers
                         .set(Timer::StrandCheck, now.at + STRAND_CHECK_INTERVAL);

@@ -139,6 +139,9 @@ pub(super) struct Reader {
     read_backs: BTreeMap<u64, ReadBack>,
     next_read_back: u64,
     pending: BTreeMap<OpId, ReaderOp>,
+    /// The INBOX sequence of every delivery of the reader consumer not yet settled (what the
+    /// consumer's floor check must not read back).
+    in_hand: BTreeMap<DeliveryId, u64>,
 }
 
 impl Reader {
@@ -153,7 +156,18 @@ impl Reader {
             read_backs: BTreeMap::new(),
             next_read_back: 0,
             pending: BTreeMap::new(),
+            in_hand: BTreeMap::new(),
         }
+    }
+
+    /// Whether the reader holds the delivery of INBOX sequence `seq` unsettled.
+    pub(super) fn holds(&self, seq: u64) -> bool {
+        self.in_hand.values().any(|s| *s == seq)
+    }
+
+    /// The parent settled `delivery` (a [`ReaderStep::Settle`], or a hand-back).
+    pub(super) fn delivery_settled(&mut self, delivery: DeliveryId) {
+        self.in_hand.remove(&delivery);
     }
 
     /// Whether `op` is one of the reader's publishes or reads.
@@ -166,6 +180,7 @@ impl Reader {
     pub(super) fn stop(&mut self) -> Vec<DeliveryId> {
         let held = self.transfers.keys().copied().collect();
         self.transfers.clear();
+        self.in_hand.clear();
         self.dlv.reset();
         self.direct_in_flight.clear();
         self.read_backs.clear();
@@ -176,6 +191,7 @@ impl Reader {
     /// are forgotten.
     pub(super) fn connection_lost(&mut self) {
         self.transfers.clear();
+        self.in_hand.clear();
         self.dlv.reset();
         self.direct_in_flight.clear();
         self.read_backs.clear();
@@ -233,11 +249,13 @@ impl Reader {
         members: &MemberIndex,
         leave_frontier: &dyn Fn(&AgentId, &ConcreteChannel) -> Option<u64>,
         delivery: DeliveryId,
+        stream_seq: u64,
         delivery_count: u64,
         subject: &str,
         payload: &[u8],
     ) -> Vec<ReaderStep> {
         let mut steps = Vec::new();
+        self.in_hand.insert(delivery, stream_seq);
         let (owner, entry) = match decode_entry(subject, payload) {
             Ok(x) => x,
             Err(anomaly) => {

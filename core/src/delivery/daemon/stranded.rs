@@ -13,10 +13,10 @@
 //!
 //! **Without a bind.** A consumer whose leader moved to another cluster node (the old one
 //! killed) loses what the old leader had sent and nobody received, while this daemon's
-//! connection and feed live on: no bind follows. So the fan-out's `Stranded` also looks at its
-//! consumer every [`STRAND_CHECK_INTERVAL`] while the feed is open ([`Stranded::check`]): an ack
-//! floor that did not move between two looks, with deliveries pending and the sequence above it
-//! not in fan-out's hands, is stranded there; the range above it is read back, once per floor
+//! connection and feed live on: no bind follows. So each `Stranded` also looks at its consumer
+//! every [`STRAND_CHECK_INTERVAL`] while the feed is open ([`Stranded::check`]): an ack floor
+//! that did not move between two looks, with deliveries pending and the sequence above it not
+//! in the hands of fan-out (CHAT) or of the reader (INBOX), is stranded there; the range above it is read back, once per floor
 //! (a floor held by a message fan-out holds, or by a traffic too slow to move it, is not). A
 //! read-back that fails lets the next look read above the same floor again.
 

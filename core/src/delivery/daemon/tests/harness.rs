@@ -101,6 +101,8 @@ pub struct Broker {
     /// The reader consumer's unread total a `CONSUMER.INFO` reports; `None`: INBOX entries
     /// minus the reader deliveries acked or terminated.
     pub reader_unread: Option<u64>,
+    /// What a `CONSUMER.INFO` of the reader consumer reports, when set (else `reader_unread`).
+    pub reader_state: Option<ConsumerState>,
     /// Reader deliveries not yet acked or terminated.
     pub reader_open: BTreeSet<DeliveryId>,
     /// Reader deliveries acked or terminated.
@@ -290,6 +292,12 @@ impl Broker {
                     ack_floor_stream_seq: self.chat_last,
                 })),
             ),
+            Command::ConsumerInfo { op, consumer, .. }
+                if consumer.starts_with("reader")
+                    && let Some(state) = self.reader_state =>
+            {
+                done(*op, Reply::ConsumerState(state))
+            }
             Command::ConsumerInfo { op, consumer, .. } => {
                 let unread = match consumer.strip_prefix("dlv_") {
                     Some(owner) => {

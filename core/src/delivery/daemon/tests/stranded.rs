@@ -478,6 +478,42 @@ fn a_floor_read_back_that_fails_is_tried_again_at_a_later_look() {
     assert_eq!(copies_of(&w, s2), 1, "{}", w.log);
 }
 
+/// The reader consumer (INBOX) is looked at the same way: a dinbox entry its pull took and lost
+/// (no bind follows, the connection lives) is read back once the floor stood still over it, and
+/// transferred at once; one the reader holds is not read.
+#[test]
+fn a_reader_floor_that_stands_still_over_a_lost_entry_is_read_back() {
+    let mut w = served_two_hop();
+    alice_reads_review(&mut w);
+    let s = w.post("bob", "review", &[]);
+    w.fanout(s, 1);
+    assert_eq!(w.b.inbox.len(), 1, "spilled to the dinbox\n{}", w.log);
+    w.b.reader_state = Some(fanout_state(1, 0, 1));
+    for _ in 0..11 {
+        w.advance(1_000);
+    }
+    assert!(
+        w.log.contains("read cotal.main.dinbox.> from=1 to=1"),
+        "{}",
+        w.log
+    );
+    assert_eq!(w.dlv_ids("alice").len(), 1, "{}", w.log);
+
+    // Held: the reader has the delivery, its DLV write in flight.
+    let mut w = served_two_hop();
+    alice_reads_review(&mut w);
+    let s = w.post("bob", "review", &[]);
+    w.fanout(s, 1);
+    w.rule(is_dlv_publish, Effect::Hold, 1);
+    w.reader(1, 1);
+    assert_eq!(w.held.len(), 1, "{}", w.log);
+    w.b.reader_state = Some(fanout_state(1, 0, 1));
+    for _ in 0..11 {
+        w.advance(1_000);
+    }
+    assert!(!w.log.contains("read cotal.main.dinbox.>"), "{}", w.log);
+}
+
 #[test]
 fn a_moving_floor_or_a_held_delivery_is_not_read_back() {
     // The floor moves between looks: traffic, not a stranding.
