@@ -973,6 +973,54 @@ fn an_unknown_reclaim_outcome_is_adopted_by_its_stamp() {
     assert_eq!(next.state(), LeaseState::Held);
 }
 
+/// A reclaim write that times out is tried again (the retry reads the record, still ours, and
+/// reclaims it); one the broker refuses (no permission) ends the acquisition.
+#[test]
+fn a_reclaim_that_times_out_is_retried_and_a_refused_one_gives_up() {
+    let start = |kv: &mut FakeKv| {
+        let _old = held_then_lost_by_the_deadline(kv);
+        let mut next = lease("d1");
+        next.reclaim(UnixMillis(BASE_WALL)).ok();
+        next.acquire(t(26_000)).ok();
+        for _ in 0..2 {
+            let cmd = one_command(&mut next);
+            let out = kv.exec(26_000, &cmd);
+            next.handle_completion(t(26_000), cmd.op(), out).ok();
+        }
+        let reclaim = one_command(&mut next);
+        (next, reclaim)
+    };
+    let mut kv = FakeKv::default();
+    let (mut next, reclaim) = start(&mut kv);
+    next.handle_completion(t(26_010), reclaim.op(), Outcome::Failed(Failure::Timeout))
+        .ok();
+    assert_eq!(next.state(), LeaseState::Acquiring);
+    let (at, _) = next.poll_timeout().expect("a retry");
+    next.handle_timeout(t(at.as_millis()));
+    run(&mut next, &mut kv, at.as_millis());
+    assert_eq!(next.state(), LeaseState::Held);
+    assert!(
+        events(&mut next)
+            .iter()
+            .any(|e| matches!(e, LeaseEvent::Reclaimed { .. }))
+    );
+
+    let mut kv = FakeKv::default();
+    let (mut next, reclaim) = start(&mut kv);
+    let refused = Failure::PermissionDenied {
+        detail: "no".into(),
+    };
+    next.handle_completion(t(26_010), reclaim.op(), Outcome::Failed(refused.clone()))
+        .ok();
+    assert_eq!(
+        events(&mut next).last(),
+        Some(&LeaseEvent::AcquireFailed {
+            reason: AcquireFailure::Refused(refused)
+        })
+    );
+    assert_ne!(next.state(), LeaseState::Acquiring);
+}
+
 #[test]
 fn reclaim_is_refused_once_started() {
     let mut l = lease("d1");

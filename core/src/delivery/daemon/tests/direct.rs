@@ -181,6 +181,35 @@ fn a_failed_direct_write_naks_the_message_and_its_redelivery_collapses_on_the_ms
     assert_eq!(w.d.health(), &DeliveryHealth::Active);
 }
 
+/// Acks out of order (G6): alice's agent acked every copy fan-out wrote her but the first, so
+/// her consumer's ack floor stays below it (the fake reports a floor of 0). One copy is unread,
+/// yet the daemon's own copies above the floor fill the cap: the next copy is shed, reported,
+/// and the unacked first copy is not rotated out.
+#[test]
+fn direct_copies_acked_out_of_order_count_against_the_cap() {
+    let mut w = served();
+    members(&mut w, &["alice"]);
+    // Two senders, so neither reaches its share of alice's DLV.
+    for i in 0..1000 {
+        let s = w.post(["bob", "carol"][i % 2], "review", &[]);
+        let d = w.fanout(s, 1);
+        assert_eq!(w.settled(d), vec![AckKind::Ack], "{}", w.log);
+    }
+    assert_eq!(w.dlv_ids("alice").len(), 1000, "{}", w.log);
+    w.b.dlv_acked.insert("alice".into(), 999);
+    let s = w.post("bob", "review", &[]);
+    let d = w.fanout(s, 1);
+    assert_eq!(w.settled(d), vec![AckKind::Ack], "{}", w.log);
+    assert_eq!(w.dlv_ids("alice").len(), 1000, "{}", w.log);
+    assert!(
+        w.events.iter().any(|e| matches!(e,
+            DeliveryEvent::CopyShed { owner, seq, span, .. }
+                if owner.as_str() == "alice" && *seq == s && *span == 1000)),
+        "{}",
+        w.log
+    );
+}
+
 #[test]
 fn a_full_dlv_sheds_the_parked_copy_with_a_reported_loss() {
     let mut w = served();
