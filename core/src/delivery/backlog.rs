@@ -30,20 +30,23 @@
 //! its oldest, silently. The reader never holds an entry for a slow agent, so a member that is
 //! offline for hours costs one consumer read per cap's worth of copies and stalls nobody.
 //!
-//! **Acked out of order.** The cap rotates out an owner's oldest *stored* copy, read or not,
-//! so counting unread copies is a correct bound only while the member acks in stream order: one
-//! copy left unacked while a cap's worth of newer ones are acked is the oldest stored copy, and
-//! the next write pushes it out with nothing said (the server forgets an evicted ack-pending
-//! copy at once: its ack floor moves past it; nats-server 2.15, the tokio driver's
-//! `tests/server_facts.rs`). That copy is lost when the member needs the server's copy again
-//! (it dies holding it, or naks it).
-//! So the gate counts the owner's **span**: the stored copies above the consumer's ack floor,
-//! acked or not. The daemon keeps the stream sequences of the copies it stored for the owner
-//! ([`DlvBacklog::stored`]) and counts those above the floor a read reports; the span is at
-//! least that and at least the unread total, and is exactly the larger of the two when a
-//! predecessor's copies above the floor are all unread (its own are tracked). So a member whose
-//! application sits on one copy while it handles a cap's worth after it is treated as full: its
-//! newest copies are shed, reported, and the copy it sits on stays in its backstop.
+//! **Acked out of order (reported, not prevented).** The cap rotates out an owner's oldest
+//! *stored* copy, read or not, so counting unread copies bounds the rotation only while the
+//! member acks in stream order: one copy left unacked while a cap's worth of newer ones are
+//! acked is the oldest stored copy, and the next writes push it out (the server forgets an
+//! evicted ack-pending copy at once: its ack floor moves past it; nats-server 2.15, the tokio
+//! driver's `tests/server_facts.rs`). That copy is lost if the member needs the server's copy
+//! again (it dies holding it, or naks it). The daemon keeps the stream sequences of the copies
+//! it stored for the owner ([`DlvBacklog::stored`]) and, at every read, counts those above the
+//! ack floor: the owner's **span** is the larger of that and the unread total. A span above
+//! the unread total (and what is in flight) means copies were acked past an unacked one, and
+//! the writes the unread count admits may rotate it out: the read reports the owner **at
+//! risk** ([`DlvVerdict::at_risk`], once per episode), so the possible loss is never silent.
+//! Admission stays on the unread count. A gate on the span was built and measured first: it
+//! shed, as reported losses, thousands of copies of members that were keeping up in the hour's
+//! chaos soaks (a delivery held unacked for a while holds the floor, and everything acked past
+//! it filled the span), against none with the unread gate on the same seed; so the span only
+//! reports.
 //!
 //! **Per-sender shares.** One sender may hold at most [`SENDER_SHARE`] (three quarters) of an
 //! owner's unread DLV copies; the rest of the room stays for every other sender, so a member of a
@@ -203,11 +206,13 @@ pub enum DlvAdmit {
 pub struct DlvVerdict<T> {
     /// Transfer these.
     pub admitted: Vec<T>,
-    /// These do not fit: the owner's DLV holds `span` copies above its ack floor. Report each
-    /// as lost.
+    /// These do not fit: the owner's DLV holds `unread` unread copies. Report each as lost.
     pub shed: Vec<T>,
-    /// The owner's span as read (`None` when the read failed; see the module docs).
-    pub span: Option<u64>,
+    /// The owner's unread copies as read (`None` when the read failed).
+    pub unread: Option<u64>,
+    /// The owner is at risk (see the module docs): its span as read, and whether this read
+    /// began the episode (the one to report).
+    pub at_risk: Option<AtRisk>,
 }
 
 /// The senders of the copies this daemon transferred to one owner's DLV, oldest first,
@@ -259,6 +264,16 @@ impl SenderLog {
             }
         }
     }
+}
+
+/// An owner whose consumer has copies acked past an unacked one: further writes may rotate the
+/// unacked one out of its DLV (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AtRisk {
+    /// The owner's stored copies above its ack floor (at least its unread total).
+    pub span: u64,
+    /// This read found the owner at risk and the one before did not.
+    pub began: bool,
 }
 
 /// What a read of an owner's `dlv_<owner>` consumer reported.
@@ -339,6 +354,8 @@ pub struct DlvBacklog<T> {
     /// Per owner, the copies this daemon stored above the last floor read (kept across
     /// [`DlvBacklog::reset`]: the copies are stored whoever holds the lease next).
     stored: BTreeMap<AgentId, StoredAbove>,
+    /// Owners the last read found at risk.
+    at_risk: std::collections::BTreeSet<AgentId>,
 }
 
 impl<T> Default for DlvBacklog<T> {
@@ -346,6 +363,7 @@ impl<T> Default for DlvBacklog<T> {
         DlvBacklog {
             owners: BTreeMap::new(),
             stored: BTreeMap::new(),
+            at_risk: std::collections::BTreeSet::new(),
         }
     }
 }
@@ -395,17 +413,18 @@ impl<T> DlvBacklog<T> {
     /// The owner's read ended: `Some` from the consumer, `None` when it failed; `in_flight`
     /// transfers of the owner were published and not yet acknowledged when the read was sent (it
     /// may not have seen them; no transfer of the owner starts while it reads). The room is the
-    /// cap less the owner's span (see the module docs: the larger of the unread total and this
-    /// daemon's stored copies above the ack floor) and what is in flight. The waiting transfers
-    /// are admitted oldest first while they fit, in all and in their sender's share; the rest
-    /// are shed. After a failure every waiting transfer is admitted and the next read is due a
-    /// cap's worth later.
+    /// cap less the unread total and what is in flight. The waiting transfers are admitted
+    /// oldest first while they fit, in all and in their sender's share; the rest are shed. After
+    /// a failure every waiting transfer is admitted and the next read is due a cap's worth later.
+    /// The owner's span is measured too (see the module docs): above the unread total and what
+    /// is in flight, the owner is at risk.
     pub fn read(
         &mut self,
         owner: &AgentId,
         read: Option<DlvRead>,
         in_flight: u64,
     ) -> DlvVerdict<T> {
+        let unread = read.map(|r| r.unread);
         let span = read.map(|r| {
             let above = match self.stored.get_mut(owner) {
                 Some(s) => {
@@ -419,10 +438,24 @@ impl<T> DlvBacklog<T> {
             };
             r.unread.max(above)
         });
+        let at_risk = match (span, unread) {
+            (Some(s), Some(u)) if s > u.saturating_add(in_flight) => Some(s),
+            _ => None,
+        };
+        let began = match (at_risk, read) {
+            (Some(_), _) => self.at_risk.insert(owner.clone()),
+            // A failed read says nothing either way.
+            (None, Some(_)) => {
+                self.at_risk.remove(owner);
+                false
+            }
+            (None, None) => false,
+        };
         let mut verdict = DlvVerdict {
             admitted: Vec::new(),
             shed: Vec::new(),
-            span,
+            unread,
+            at_risk: at_risk.map(|span| AtRisk { span, began }),
         };
         // A late answer to a read the daemon forgot (reset at a connection loss) finds no
         // waiting transfers: the owner's state is newer than it, keep that.
@@ -432,7 +465,7 @@ impl<T> DlvBacklog<T> {
         let Some(waiting) = o.reading.take() else {
             return verdict;
         };
-        let (room, base) = match span {
+        let (room, base) = match unread {
             Some(u) => {
                 let taken = u.saturating_add(in_flight);
                 o.senders.keep_newest(taken);
@@ -442,7 +475,7 @@ impl<T> DlvBacklog<T> {
         };
         let mut admitted = 0u64;
         for (item, sender) in waiting {
-            let within_share = span.is_none() || o.senders.of(&sender) < SENDER_SHARE;
+            let within_share = unread.is_none() || o.senders.of(&sender) < SENDER_SHARE;
             if admitted < room && within_share {
                 admitted += 1;
                 o.senders.push(&sender);
@@ -681,35 +714,48 @@ mod tests {
         );
     }
 
-    /// G6 with acks out of order: the member acked every copy but the oldest. Counting unread
-    /// copies (1) would let 999 more in, and the first would push the unacked copy out of the
-    /// owner's DLV unread; the span (1000 stored above the floor) sheds instead, and lets copies
-    /// in again once the old one is acked.
+    /// G6 with acks out of order: the member acked every copy but the oldest. The unread count
+    /// (1) admits more, and the next writes may push the unacked copy out: the read reports the
+    /// owner at risk (span 1000), once per episode, until the floor passes it.
     #[test]
-    fn copies_acked_after_an_unacked_one_count_until_the_floor_passes_it() {
+    fn copies_acked_past_an_unacked_one_put_the_owner_at_risk_once_per_episode() {
         let mut d = DlvBacklog::default();
         let (bob, zed) = (a("bob"), a("zed"));
         d.admit(&bob, &zed, 0);
-        assert_eq!(d.read(&bob, r(0), 0).admitted, vec![0]);
+        let v = d.read(&bob, r(0), 0);
+        assert_eq!((v.admitted, v.at_risk), (vec![0], None));
         d.stored(&bob, 1);
         for i in 1..OWNER_CAP {
             let s = [a("s0"), a("s1"), a("s2")][(i % 3) as usize].clone();
             assert_eq!(d.admit(&bob, &s, i).0, DlvAdmit::Transfer, "{i}");
             d.stored(&bob, i + 1);
         }
-        assert_eq!(d.admit(&bob, &zed, 5000).0, DlvAdmit::Wait { read: true });
         // Everything but sequence 1 acked: one unread, the floor still at 0.
+        assert_eq!(d.admit(&bob, &zed, 5000).0, DlvAdmit::Wait { read: true });
         let v = d.read(&bob, r(1), 0);
-        assert_eq!(v.shed, vec![5000]);
-        assert_eq!(v.span, Some(OWNER_CAP));
+        assert_eq!(v.admitted, vec![5000], "admission counts unread copies");
+        assert_eq!(
+            v.at_risk,
+            Some(AtRisk {
+                span: OWNER_CAP,
+                began: true
+            })
+        );
+        // Still held at the next read: at risk, not a new episode.
+        d.reset();
+        d.admit(&bob, &zed, 5001);
+        let v = d.read(&bob, r(1), 0);
+        assert_eq!(v.at_risk.map(|r| r.began), Some(false));
         // Sequence 1 acked: the floor moves past every copy.
-        assert_eq!(d.admit(&bob, &zed, 5001).0, DlvAdmit::Wait { read: true });
+        d.admit(&bob, &zed, 5002);
+        d.reset();
+        d.admit(&bob, &zed, 5003);
         let done = Some(DlvRead {
             unread: 0,
             ack_floor: OWNER_CAP,
         });
         let v = d.read(&bob, done, 0);
-        assert_eq!((v.admitted, v.span), (vec![5001], Some(0)));
+        assert_eq!((v.admitted, v.at_risk), (vec![5003], None));
     }
 
     #[test]
@@ -730,16 +776,21 @@ mod tests {
             }),
             0,
         );
-        assert_eq!(v.span, Some(2), "7 and 9 above the floor");
+        assert_eq!(
+            v.at_risk.map(|r| r.span),
+            Some(2),
+            "7 and 9 above the floor, nothing unread"
+        );
     }
 
     proptest! {
         /// Whatever the member acks, in any order, and whenever the daemon reads: a copy
-        /// written through the gate never pushes an unacked copy out of the owner's DLV (a model
-        /// of the subject: the newest [`OWNER_CAP`] copies stored, discard-old; every write
-        /// stored at once; reads report the unread total and the ack floor).
+        /// written through the gate pushes an unacked copy out of the owner's DLV only after a
+        /// read that reported the owner at risk (a model of the subject: the newest
+        /// [`OWNER_CAP`] copies stored, discard-old; every write stored at once; reads report
+        /// the unread total and the ack floor). So the possible loss is never silent.
         #[test]
-        fn the_gate_never_lets_the_cap_rotate_out_an_unacked_copy(
+        fn the_cap_rotates_out_an_unacked_copy_only_after_the_owner_was_reported_at_risk(
             steps in proptest::collection::vec((0u8..10, any::<u16>()), 1..6000)
         ) {
             let mut d = DlvBacklog::default();
@@ -748,6 +799,8 @@ mod tests {
             // (seq, acked), oldest first.
             let mut subject: VecDeque<(u64, bool)> = VecDeque::new();
             let mut waiting = 0usize;
+            // Whether the last read found the owner at risk.
+            let mut at_risk = false;
             let store = |d: &mut DlvBacklog<u64>, subject: &mut VecDeque<(u64, bool)>| {
                 let seq = subject.back().map_or(1, |(s, _)| s + 1);
                 d.stored(&bob, seq);
@@ -764,7 +817,7 @@ mod tests {
                     0..=4 => match d.admit(&bob, &senders[usize::from(x % 4)], 0) {
                         (DlvAdmit::Transfer, Some(_)) => {
                             if let Some((seq, acked)) = store(&mut d, &mut subject) {
-                                prop_assert!(acked, "unacked {seq} rotated out");
+                                prop_assert!(acked || at_risk, "unacked {seq} rotated out unreported");
                             }
                         }
                         _ => waiting += 1,
@@ -796,9 +849,10 @@ mod tests {
                         let v = d.read(&bob, Some(DlvRead { unread, ack_floor }), 0);
                         prop_assert_eq!(v.admitted.len() + v.shed.len(), waiting);
                         waiting = 0;
+                        at_risk = v.at_risk.is_some();
                         for _ in v.admitted {
                             if let Some((seq, acked)) = store(&mut d, &mut subject) {
-                                prop_assert!(acked, "unacked {seq} rotated out at a read");
+                                prop_assert!(acked || at_risk, "unacked {seq} rotated out unreported at a read");
                             }
                         }
                     }

@@ -973,9 +973,13 @@ impl Delivery {
                         self.reader.direct_done(&owner, false, None);
                     }
                 }
-                ReaderStep::ShedDirect { batch, owner, span } => {
+                ReaderStep::ShedDirect {
+                    batch,
+                    owner,
+                    unread,
+                } => {
                     if let Some((channel, seq)) =
-                        self.fanout.shed_parked(&mut self.cx, batch, &owner, span)
+                        self.fanout.shed_parked(&mut self.cx, batch, &owner, unread)
                     {
                         self.tell_loss(&owner, &channel, seq, LossReason::DlvFull);
                     }

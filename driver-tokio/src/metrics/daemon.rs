@@ -69,6 +69,11 @@ const CORE_COUNTERS: &[Exported<DeliveryCounters>] = &[
         |c| c.dlv_shed,
     ),
     (
+        "backstop_at_risk",
+        "Episodes in which an owner's DLV had copies acked past an unacked one that further writes could rotate out (G6)",
+        |c| c.dlv_at_risk,
+    ),
+    (
         "catchup_evicted_ranges",
         "Catch-up windows found evicted (the join answered durable:false)",
         |c| c.evicted_ranges,

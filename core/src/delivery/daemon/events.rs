@@ -195,6 +195,9 @@ pub struct DeliveryCounters {
     /// Copies the reader shed because the owner's DLV held the per-owner cap of unread copies
     /// (each also counted in `lost` and reported as [`DeliveryEvent::CopyShed`]).
     pub dlv_shed: u64,
+    /// Episodes in which an owner's DLV had copies acked past an unacked one that further writes
+    /// could rotate out ([`DeliveryEvent::BackstopAtRisk`]).
+    pub dlv_at_risk: u64,
     /// Reads of an owner's DLV consumer (or of the reader consumer) that failed: the backlog
     /// they would have checked is unverified ([`DeliveryEvent::BacklogUnverified`]).
     pub backlog_unverified: u64,
@@ -271,6 +274,7 @@ impl DeliveryCounters {
             fanout_deferred,
             fanout_hold_expired,
             dlv_shed,
+            dlv_at_risk,
             backlog_unverified,
             evicted_before_fanout,
             gaps_unverified,
@@ -311,6 +315,7 @@ impl DeliveryCounters {
         self.fanout_deferred += fanout_deferred;
         self.fanout_hold_expired += fanout_hold_expired;
         self.dlv_shed += dlv_shed;
+        self.dlv_at_risk += dlv_at_risk;
         self.backlog_unverified += backlog_unverified;
         self.evicted_before_fanout += evicted_before_fanout;
         self.gaps_unverified += gaps_unverified;
@@ -579,9 +584,8 @@ pub enum DeliveryEvent {
         /// Entries stored and not yet settled, as counted by this daemon.
         backlog: u64,
     },
-    /// The owner's DLV already holds the per-owner cap of copies above its ack floor (unread, or
-    /// acked out of order after an unread one): this copy was not transferred (storing it would
-    /// have pushed out an older unread one) and is lost, reported
+    /// The owner's DLV already holds the per-owner cap of unread copies: this copy was not
+    /// transferred (storing it would have pushed out an older unread one) and is lost, reported
     /// ([`crate::delivery::backlog`]). The dinbox entry is acked.
     CopyShed {
         /// The owner.
@@ -592,8 +596,22 @@ pub enum DeliveryEvent {
         seq: u64,
         /// The membership generation of the copy.
         generation: u64,
-        /// The owner's span as read: its stored DLV copies above the ack floor.
+        /// The owner's unread DLV copies as read.
+        unread: u64,
+    },
+    /// The owner's consumer has copies acked past an unacked one (its ack floor is held): `span`
+    /// of this daemon's copies are stored above the floor, `unread` are unread. Writes the
+    /// unread count admits may push the unacked copy out of the owner's DLV (the cap rotates
+    /// the oldest stored copy out, acked or not); if the member then needs it again (it dies
+    /// holding it, or naks it), it is lost. Reported once per episode
+    /// ([`crate::delivery::backlog`], G6).
+    BackstopAtRisk {
+        /// The owner.
+        owner: AgentId,
+        /// Stored copies above the ack floor.
         span: u64,
+        /// Unread copies.
+        unread: u64,
     },
     /// A backlog read failed, so a per-owner cap is not verified for now: `owner` is the DLV
     /// owner, or `None` for the reader consumer (INBOX). Transfers and fan-out go on; the next

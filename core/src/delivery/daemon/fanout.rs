@@ -671,14 +671,14 @@ impl Fanout {
     }
 
     /// The DLV gate's read found no room in `owner`'s DLV for the copy of `batch` parked there
-    /// (the owner's DLV holds `span` copies above its ack floor): it is shed, a reported loss, as the reader
+    /// (the owner's DLV holds `unread` unread copies): it is shed, a reported loss, as the reader
     /// sheds a transfer. Returns the channel and sequence lost, for the loss notices.
     pub(super) fn shed_parked(
         &mut self,
         cx: &mut Ctx,
         batch: BatchId,
         owner: &AgentId,
-        span: u64,
+        unread: u64,
     ) -> Option<(ConcreteChannel, u64)> {
         let b = self.batches.get_mut(&batch)?;
         let p = b.parked.remove(owner)?;
@@ -691,7 +691,7 @@ impl Fanout {
             channel: channel.clone(),
             seq,
             generation: p.entry.generation,
-            span,
+            unread,
         });
         self.finish_batch_if_done(cx, batch);
         Some((channel, seq))

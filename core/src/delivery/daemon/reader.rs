@@ -113,11 +113,11 @@ pub(super) enum ReaderStep {
     /// The read let fan-out's parked copy of `batch` for `owner` in: write it now.
     WriteDirect { batch: BatchId, owner: AgentId },
     /// The read found no room for fan-out's parked copy of `batch` for `owner`: shed it (a
-    /// reported loss; the owner's DLV holds `span` copies above its ack floor).
+    /// reported loss; the owner's DLV holds `unread` unread copies).
     ShedDirect {
         batch: BatchId,
         owner: AgentId,
-        span: u64,
+        unread: u64,
     },
 }
 
@@ -605,6 +605,16 @@ impl Reader {
             }
         };
         let verdict = self.dlv.read(&owner, read, in_flight);
+        if let Some(risk) = verdict.at_risk
+            && risk.began
+        {
+            cx.counters.dlv_at_risk += 1;
+            cx.emit(DeliveryEvent::BackstopAtRisk {
+                owner: owner.clone(),
+                span: risk.span,
+                unread: verdict.unread.unwrap_or(0),
+            });
+        }
         for waiter in verdict.admitted {
             match waiter {
                 Waiter::Transfer(delivery) => self.start_transfer(cx, delivery),
@@ -630,7 +640,7 @@ impl Reader {
                     steps.push(ReaderStep::ShedDirect {
                         batch,
                         owner: owner.clone(),
-                        span: verdict.span.unwrap_or(0),
+                        unread: verdict.unread.unwrap_or(0),
                     });
                     continue;
                 }
@@ -653,7 +663,7 @@ impl Reader {
                 channel: t.entry.channel,
                 seq: t.entry.seq,
                 generation: t.entry.generation,
-                span: verdict.span.unwrap_or(0),
+                unread: verdict.unread.unwrap_or(0),
             });
         }
     }

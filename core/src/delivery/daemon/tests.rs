@@ -1272,8 +1272,8 @@ fn a_full_dlv_sheds_the_newest_copy_with_a_reported_loss_instead_of_evicting_an_
     assert_eq!(w.d.counters().lost, 1);
     assert!(
         w.events.iter().any(|e| matches!(e,
-            DeliveryEvent::CopyShed { owner, seq, span, .. }
-                if owner.as_str() == "alice" && *seq == seqs[1] && *span == 1000)),
+            DeliveryEvent::CopyShed { owner, seq, unread, .. }
+                if owner.as_str() == "alice" && *seq == seqs[1] && *unread == 1000)),
         "{}",
         w.log
     );
@@ -2736,6 +2736,7 @@ fn set_every_counter(c: &mut DeliveryCounters, v: u64) {
         fanout_deferred: v,
         fanout_hold_expired: v,
         dlv_shed: v,
+        dlv_at_risk: v,
         backlog_unverified: v,
         evicted_before_fanout: v,
         gaps_unverified: v,

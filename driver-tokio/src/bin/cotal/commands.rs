@@ -611,7 +611,8 @@ impl DaemonReport {
             | DeliveryEvent::JoinFailed { .. }
             | DeliveryEvent::LeaveFailed { .. }
             | DeliveryEvent::ControlRefused { .. }
-            | DeliveryEvent::BacklogUnverified { .. } => {
+            | DeliveryEvent::BacklogUnverified { .. }
+            | DeliveryEvent::BackstopAtRisk { .. } => {
                 tracing::warn!(target: "cotal", "{event:?}");
             }
             other => tracing::debug!(target: "cotal", "{other:?}"),

@@ -183,10 +183,10 @@ fn a_failed_direct_write_naks_the_message_and_its_redelivery_collapses_on_the_ms
 
 /// Acks out of order (G6): alice's agent acked every copy fan-out wrote her but the first, so
 /// her consumer's ack floor stays below it (the fake reports a floor of 0). One copy is unread,
-/// yet the daemon's own copies above the floor fill the cap: the next copy is shed, reported,
-/// and the unacked first copy is not rotated out.
+/// so the next copy is written; the daemon's own copies above the floor fill the cap, so the
+/// read reports alice at risk (the next writes may rotate the unacked first copy out), once.
 #[test]
-fn direct_copies_acked_out_of_order_count_against_the_cap() {
+fn direct_copies_acked_out_of_order_put_the_owner_at_risk() {
     let mut w = served();
     members(&mut w, &["alice"]);
     // Two senders, so neither reaches its share of alice's DLV.
@@ -200,14 +200,22 @@ fn direct_copies_acked_out_of_order_count_against_the_cap() {
     let s = w.post("bob", "review", &[]);
     let d = w.fanout(s, 1);
     assert_eq!(w.settled(d), vec![AckKind::Ack], "{}", w.log);
-    assert_eq!(w.dlv_ids("alice").len(), 1000, "{}", w.log);
-    assert!(
-        w.events.iter().any(|e| matches!(e,
-            DeliveryEvent::CopyShed { owner, seq, span, .. }
-                if owner.as_str() == "alice" && *seq == s && *span == 1000)),
-        "{}",
-        w.log
-    );
+    assert_eq!(w.dlv_ids("alice").len(), 1001, "written: {}", w.log);
+    let risks: Vec<_> = w
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            DeliveryEvent::BackstopAtRisk {
+                owner,
+                span,
+                unread,
+            } if owner.as_str() == "alice" => Some((*span, *unread)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(risks, vec![(1000, 1)], "{}", w.log);
+    assert_eq!(w.d.counters().dlv_at_risk, 1);
+    assert_eq!(w.d.counters().dlv_shed, 0);
 }
 
 #[test]
@@ -242,8 +250,8 @@ fn a_full_dlv_sheds_the_parked_copy_with_a_reported_loss() {
     assert_eq!((w.d.counters().dlv_shed, w.d.counters().lost), (1, 1));
     assert!(
         w.events.iter().any(|e| matches!(e,
-            DeliveryEvent::CopyShed { owner, seq, span, .. }
-                if owner.as_str() == "alice" && *seq == s2 && *span == 1000)),
+            DeliveryEvent::CopyShed { owner, seq, unread, .. }
+                if owner.as_str() == "alice" && *seq == s2 && *unread == 1000)),
         "{}",
         w.log
     );
