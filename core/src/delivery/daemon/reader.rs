@@ -165,7 +165,7 @@ impl Reader {
         self.in_hand.values().any(|s| *s == seq)
     }
 
-    /// The parent settled `delivery` (a [`ReaderStep::Settle`], or a hand-back).
+    /// The parent settled `delivery` (a [`ReaderStep::Settle`]).
     pub(super) fn delivery_settled(&mut self, delivery: DeliveryId) {
         self.in_hand.remove(&delivery);
     }
