@@ -207,6 +207,14 @@ pub struct Oracle {
     seen_acts: usize,
 }
 
+/// Whether a daemon reported giving up on the agent's DLV revocation sweep.
+fn sweep_gave_up(journal: &Journal, slot: &AgentSlot) -> bool {
+    journal.daemon_events.iter().any(|n| {
+        matches!(&n.event, DeliveryEvent::DlvRevocation(SweepEvent::Failed { owner, .. })
+            if *owner == slot.id)
+    })
+}
+
 fn who(names: &[String], agent: usize, life: u32) -> String {
     let name = names.get(agent).map_or("?", String::as_str);
     if life == 0 {
@@ -650,49 +658,58 @@ impl Oracle {
             }
         }
         self.revoke_due = open;
-        let dlv = SpaceStream::Dlv.name(&self.space);
         for (at, index, channel) in closed {
             let Some(slot) = agents.get(index) else {
                 continue;
             };
-            let gave_up = journal.daemon_events.iter().any(|n| {
-                matches!(&n.event, DeliveryEvent::DlvRevocation(SweepEvent::Failed { owner, .. })
-                    if *owner == slot.id)
-            });
-            if gave_up {
+            if sweep_gave_up(journal, slot) {
                 continue;
             }
             self.revoke_windows_checked += 1;
-            let subject = Subject::Dlv {
-                space: self.space.clone(),
-                owner: slot.id.clone(),
-            }
-            .to_string();
-            let stored = host
-                .broker()
-                .read(&dlv, &subject, ReadStart::Seq(1), None, u32::MAX)
-                .unwrap_or_default();
-            for m in stored {
-                let Ok(msg) = json::decode::<CotalMessage>(&m.payload) else {
-                    continue;
-                };
-                if msg.channel().map(|c| c.as_str()) == Some(channel.as_str()) {
-                    return Err(self.violation(
-                        "ACL-revoke-window",
-                        Some(who(&self.names, index, slot.life)),
-                        Some(self.describe_msg(&msg.id)),
-                        now,
-                        format!(
-                            "DLV seq {} still holds a copy of {channel} {} ms after the ACL lost it (narrowed at {} ms)",
-                            m.seq,
-                            (now - at).as_millis(),
-                            at.as_millis()
-                        ),
-                    ));
-                }
+            if let Some((seq, msg)) = self.dlv_copy_of(host, slot, &channel) {
+                return Err(self.violation(
+                    "ACL-revoke-window",
+                    Some(who(&self.names, index, slot.life)),
+                    Some(self.describe_msg(&msg.id)),
+                    now,
+                    format!(
+                        "DLV seq {seq} still holds a copy of {channel} {} ms after the ACL lost it (narrowed at {} ms)",
+                        (now - at).as_millis(),
+                        at.as_millis()
+                    ),
+                ));
             }
         }
         Ok(())
+    }
+
+    /// The first copy of `channel` stored on the agent's DLV subject (its sequence and message),
+    /// read from the broker.
+    fn dlv_copy_of(
+        &self,
+        host: &Host,
+        slot: &AgentSlot,
+        channel: &str,
+    ) -> Option<(u64, CotalMessage)> {
+        let subject = Subject::Dlv {
+            space: self.space.clone(),
+            owner: slot.id.clone(),
+        }
+        .to_string();
+        host.broker()
+            .read(
+                &SpaceStream::Dlv.name(&self.space),
+                &subject,
+                ReadStart::Seq(1),
+                None,
+                u32::MAX,
+            )
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|m| {
+                let msg = json::decode::<CotalMessage>(&m.payload).ok()?;
+                (msg.channel().map(|c| c.as_str()) == Some(channel)).then_some((m.seq, msg))
+            })
     }
 
     fn check_surfacing(&mut self, journal: &Journal, index: usize) -> Result<(), Violation> {
@@ -1286,43 +1303,21 @@ impl Oracle {
         if self.daemons == 0 {
             return Ok(());
         }
-        let dlv = SpaceStream::Dlv.name(&self.space);
         for (index, channel) in &self.narrowed {
             let Some(slot) = agents.get(*index) else {
                 continue;
             };
-            let gave_up = journal.daemon_events.iter().any(|n| {
-                matches!(&n.event, DeliveryEvent::DlvRevocation(SweepEvent::Failed { owner, .. })
-                    if *owner == slot.id)
-            });
-            if gave_up {
+            if sweep_gave_up(journal, slot) {
                 continue;
             }
-            let subject = Subject::Dlv {
-                space: self.space.clone(),
-                owner: slot.id.clone(),
-            }
-            .to_string();
-            let stored = host
-                .broker()
-                .read(&dlv, &subject, ReadStart::Seq(1), None, u32::MAX)
-                .unwrap_or_default();
-            for m in stored {
-                let Ok(msg) = json::decode::<CotalMessage>(&m.payload) else {
-                    continue;
-                };
-                if msg.channel().map(|c| c.as_str()) == Some(channel.as_str()) {
-                    return Err(self.violation(
-                        "ACL-revoke",
-                        Some(who(&self.names, *index, slot.life)),
-                        Some(self.describe_msg(&msg.id)),
-                        at,
-                        format!(
-                            "DLV seq {} still holds a copy of {channel} after the ACL lost it",
-                            m.seq
-                        ),
-                    ));
-                }
+            if let Some((seq, msg)) = self.dlv_copy_of(host, slot, channel) {
+                return Err(self.violation(
+                    "ACL-revoke",
+                    Some(who(&self.names, *index, slot.life)),
+                    Some(self.describe_msg(&msg.id)),
+                    at,
+                    format!("DLV seq {seq} still holds a copy of {channel} after the ACL lost it"),
+                ));
             }
         }
         Ok(())
