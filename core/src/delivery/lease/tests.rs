@@ -946,10 +946,10 @@ fn a_write_between_the_read_and_the_reclaim_fails_it_and_acquisition_contends() 
     );
 }
 
-#[test]
-fn an_unknown_reclaim_outcome_is_adopted_by_its_stamp() {
-    let mut kv = FakeKv::default();
-    let _old = held_then_lost_by_the_deadline(&mut kv);
+/// d1's earlier hold lost by its deadline, and its next incarnation's reclaim of that record
+/// sent (the create and the read answered): the lease and the reclaim write, not yet executed.
+fn reclaim_sent(kv: &mut FakeKv) -> (Lease, LeaseCommand) {
+    let _old = held_then_lost_by_the_deadline(kv);
     let mut next = lease("d1");
     next.reclaim(UnixMillis(BASE_WALL)).ok();
     next.acquire(t(26_000)).ok();
@@ -959,6 +959,13 @@ fn an_unknown_reclaim_outcome_is_adopted_by_its_stamp() {
         next.handle_completion(t(26_000), cmd.op(), out).ok();
     }
     let reclaim = one_command(&mut next);
+    (next, reclaim)
+}
+
+#[test]
+fn an_unknown_reclaim_outcome_is_adopted_by_its_stamp() {
+    let mut kv = FakeKv::default();
+    let (mut next, reclaim) = reclaim_sent(&mut kv);
     let _landed = kv.exec(26_000, &reclaim);
     next.handle_completion(t(26_010), reclaim.op(), Outcome::Unknown)
         .ok();
@@ -977,21 +984,8 @@ fn an_unknown_reclaim_outcome_is_adopted_by_its_stamp() {
 /// reclaims it); one the broker refuses (no permission) ends the acquisition.
 #[test]
 fn a_reclaim_that_times_out_is_retried_and_a_refused_one_gives_up() {
-    let start = |kv: &mut FakeKv| {
-        let _old = held_then_lost_by_the_deadline(kv);
-        let mut next = lease("d1");
-        next.reclaim(UnixMillis(BASE_WALL)).ok();
-        next.acquire(t(26_000)).ok();
-        for _ in 0..2 {
-            let cmd = one_command(&mut next);
-            let out = kv.exec(26_000, &cmd);
-            next.handle_completion(t(26_000), cmd.op(), out).ok();
-        }
-        let reclaim = one_command(&mut next);
-        (next, reclaim)
-    };
     let mut kv = FakeKv::default();
-    let (mut next, reclaim) = start(&mut kv);
+    let (mut next, reclaim) = reclaim_sent(&mut kv);
     next.handle_completion(t(26_010), reclaim.op(), Outcome::Failed(Failure::Timeout))
         .ok();
     assert_eq!(next.state(), LeaseState::Acquiring);
@@ -1006,7 +1000,7 @@ fn a_reclaim_that_times_out_is_retried_and_a_refused_one_gives_up() {
     );
 
     let mut kv = FakeKv::default();
-    let (mut next, reclaim) = start(&mut kv);
+    let (mut next, reclaim) = reclaim_sent(&mut kv);
     let refused = Failure::PermissionDenied {
         detail: "no".into(),
     };

@@ -391,11 +391,7 @@ fn fanout_state(delivered: u64, floor: u64, pending: u64) -> crate::io::Consumer
 /// had taken; the gap check that reads the skipped range fans out what CHAT still holds at once.
 #[test]
 fn a_skipped_delivery_chat_still_holds_is_fanned_out_by_the_gap_check() {
-    let mut w = served();
-    alice_reads_review(&mut w);
-    let s1 = w.post("bob", "review", &[]);
-    w.fanout(s1, 1);
-    let s2 = w.post("bob", "review", &[]);
+    let (mut w, _, s2) = one_fanned_out_one_not();
     let s3 = w.post("bob", "review", &[]);
     w.fanout(s3, 1);
     assert!(
@@ -412,16 +408,23 @@ fn a_skipped_delivery_chat_still_holds_is_fanned_out_by_the_gap_check() {
     assert_eq!(copies_of(&w, s2), 1);
 }
 
-/// The same with no later delivery to reveal the skip: the fan-out consumer's ack floor stands
-/// still between two looks with a delivery pending that fan-out never saw, so the range above it
-/// is read back, once per floor.
-#[test]
-fn a_floor_that_stands_still_over_a_stranded_delivery_is_read_back_once() {
+/// A served world where alice reads `review`, bob posted twice, and fan-out got only the first:
+/// `(world, first, second)`.
+fn one_fanned_out_one_not() -> (World, u64, u64) {
     let mut w = served();
     alice_reads_review(&mut w);
     let s1 = w.post("bob", "review", &[]);
     w.fanout(s1, 1);
     let s2 = w.post("bob", "review", &[]);
+    (w, s1, s2)
+}
+
+/// The same with no later delivery to reveal the skip: the fan-out consumer's ack floor stands
+/// still between two looks with a delivery pending that fan-out never saw, so the range above it
+/// is read back, once per floor.
+#[test]
+fn a_floor_that_stands_still_over_a_stranded_delivery_is_read_back_once() {
+    let (mut w, s1, s2) = one_fanned_out_one_not();
     w.b.fanout_state = Some(fanout_state(s2, s1, 1));
     for _ in 0..11 {
         w.advance(1_000);
@@ -450,11 +453,7 @@ fn a_floor_that_stands_still_over_a_stranded_delivery_is_read_back_once() {
 /// consumer's `ack_wait`.
 #[test]
 fn a_floor_read_back_that_fails_is_tried_again_at_a_later_look() {
-    let mut w = served();
-    alice_reads_review(&mut w);
-    let s1 = w.post("bob", "review", &[]);
-    w.fanout(s1, 1);
-    let s2 = w.post("bob", "review", &[]);
+    let (mut w, s1, s2) = one_fanned_out_one_not();
     w.rule(
         is_read_back,
         Effect::Answer(Outcome::Failed(Failure::Timeout)),
@@ -530,11 +529,7 @@ fn a_moving_floor_or_a_held_delivery_is_not_read_back() {
     }
     assert!(!w.log.contains("read cotal.main.chat.>"), "{}", w.log);
     // The floor stands still over a delivery fan-out holds (its copy's write in flight).
-    let mut w = served();
-    alice_reads_review(&mut w);
-    let s1 = w.post("bob", "review", &[]);
-    w.fanout(s1, 1);
-    let s2 = w.post("bob", "review", &[]);
+    let (mut w, s1, s2) = one_fanned_out_one_not();
     w.rule(
         |c| matches!(c, Command::JsPublish { subject, .. } if subject.contains(".dlv.")),
         Effect::Hold,
